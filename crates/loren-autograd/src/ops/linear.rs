@@ -1,0 +1,133 @@
+use std::sync::Arc;
+
+use loren_tensor::ops::linear::{Needs, linear_backward, linear_forward};
+use loren_tensor::ops::lora::{lora_backward, lora_forward};
+use loren_tensor::{Result, Tensor};
+
+use crate::tape::{Backward, GradSink, NodeId, Tape, Var};
+
+/// `y = x·Wᵀ + b`, with W shared ([1, N, K]) or per member ([M, N, K]).
+pub fn linear(tape: &Tape, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
+    let y = linear_forward(x.value(), w.value(), b.map(|b| b.value()))?;
+    let needs_grad = tape.needs_grad(&[Some(x), Some(w), b]);
+    Ok(tape.record(
+        y,
+        needs_grad,
+        LinearBackward {
+            x: x.keep(),
+            w: w.keep(),
+            x_node: x.node(),
+            w_node: w.node(),
+            b_node: b.and_then(|b| b.node()),
+            has_bias: b.is_some(),
+        },
+    ))
+}
+
+struct LinearBackward {
+    x: Arc<Tensor>,
+    w: Arc<Tensor>,
+    x_node: Option<NodeId>,
+    w_node: Option<NodeId>,
+    b_node: Option<NodeId>,
+    has_bias: bool,
+}
+
+impl Backward for LinearBackward {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn backward(self: Box<Self>, dy: Tensor, grads: &mut GradSink) -> Result<()> {
+        let needs = Needs {
+            dx: self.x_node.is_some(),
+            dw: self.w_node.is_some(),
+            db: self.b_node.is_some(),
+        };
+        let g = linear_backward(&dy, &self.x, &self.w, self.has_bias, needs)?;
+        drop(dy);
+        if let Some(dx) = g.dx {
+            grads.add(self.x_node, dx)?;
+        }
+        if let Some(dw) = g.dw {
+            grads.add(self.w_node, dw)?;
+        }
+        if let Some(db) = g.db {
+            grads.add(self.b_node, db)?;
+        }
+        Ok(())
+    }
+}
+
+/// `y[m] = x[m]·Wᵀ + b + s·(x[m]·A[m]ᵀ)·B[m]ᵀ` with W and b frozen. `x` may be shared (group 1).
+pub fn lora_linear(
+    tape: &Tape,
+    x: &Var,
+    w: &Var,
+    bias: Option<&Var>,
+    a: &Var,
+    b: &Var,
+    scale: f32,
+) -> Result<Var> {
+    let out = lora_forward(x.value(), w.value(), bias.map(|t| t.value()), a.value(), b.value(), scale)?;
+    let needs_grad = tape.needs_grad(&[Some(x), Some(a), Some(b)]);
+    Ok(tape.record(
+        out.y,
+        needs_grad,
+        LoraBackward {
+            x: x.keep(),
+            w: w.keep(),
+            a: a.keep(),
+            b: b.keep(),
+            u: out.u,
+            scale,
+            x_node: x.node(),
+            a_node: a.node(),
+            b_node: b.node(),
+        },
+    ))
+}
+
+struct LoraBackward {
+    x: Arc<Tensor>,
+    w: Arc<Tensor>,
+    a: Arc<Tensor>,
+    b: Arc<Tensor>,
+    u: Tensor,
+    scale: f32,
+    x_node: Option<NodeId>,
+    a_node: Option<NodeId>,
+    b_node: Option<NodeId>,
+}
+
+impl Backward for LoraBackward {
+    fn name(&self) -> &'static str {
+        "lora_linear"
+    }
+
+    fn backward(self: Box<Self>, dy: Tensor, grads: &mut GradSink) -> Result<()> {
+        let need_adapters = self.a_node.is_some() || self.b_node.is_some();
+        let g = lora_backward(
+            &dy,
+            &self.x,
+            &self.w,
+            &self.a,
+            &self.b,
+            &self.u,
+            self.scale,
+            self.x_node.is_some(),
+            need_adapters,
+        )?;
+        drop(dy);
+        if let Some(dx) = g.dx {
+            grads.add(self.x_node, dx)?;
+        }
+        if let Some(da) = g.da {
+            grads.add(self.a_node, da)?;
+        }
+        if let Some(db) = g.db {
+            grads.add(self.b_node, db)?;
+        }
+        Ok(())
+    }
+}

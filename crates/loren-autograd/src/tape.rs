@@ -1,0 +1,211 @@
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use loren_tensor::ops::elementwise::add_assign;
+use loren_tensor::{Error, MemTag, Result, Shape, Tensor};
+
+use crate::params::{Grads, ParamId, Params};
+
+/// Index of a value that needs a gradient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeId(usize);
+
+/// A value in the forward pass: a tensor, and the node whose gradient it gets if it needs one.
+#[derive(Clone)]
+pub struct Var {
+    value: Arc<Tensor>,
+    node: Option<NodeId>,
+}
+
+impl Var {
+    /// A value that needs no gradient.
+    pub fn constant(t: Tensor) -> Var {
+        Var {
+            value: Arc::new(t),
+            node: None,
+        }
+    }
+
+    pub fn value(&self) -> &Tensor {
+        &self.value
+    }
+
+    /// A shared handle on the value, for an op to keep for its backward.
+    pub fn keep(&self) -> Arc<Tensor> {
+        Arc::clone(&self.value)
+    }
+
+    pub fn shape(&self) -> &Shape {
+        self.value.shape()
+    }
+
+    pub fn node(&self) -> Option<NodeId> {
+        self.node
+    }
+
+    pub fn requires_grad(&self) -> bool {
+        self.node.is_some()
+    }
+}
+
+impl std::fmt::Debug for Var {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Var({:?}, {:?})", self.value, self.node)
+    }
+}
+
+/// One op's backward. It owns what it kept from the forward and is consumed when it runs.
+pub trait Backward {
+    fn name(&self) -> &'static str;
+
+    /// Given the gradient of the op's output, add the gradients of its inputs to `grads`.
+    fn backward(self: Box<Self>, dy: Tensor, grads: &mut GradSink) -> Result<()>;
+}
+
+struct Record {
+    output: NodeId,
+    op: Box<dyn Backward>,
+}
+
+#[derive(Default)]
+struct Inner {
+    nodes: usize,
+    records: Vec<Record>,
+    leaves: Vec<(NodeId, ParamId)>,
+}
+
+/// Records the forward pass so it can be run backward.
+///
+/// A tape made with [`Tape::inference`] records nothing: ops keep nothing for a backward, and
+/// intermediate values are freed as soon as the caller drops them.
+pub struct Tape {
+    enabled: bool,
+    inner: RefCell<Inner>,
+}
+
+impl Default for Tape {
+    fn default() -> Self {
+        Tape::new()
+    }
+}
+
+impl Tape {
+    pub fn new() -> Tape {
+        Tape {
+            enabled: true,
+            inner: RefCell::default(),
+        }
+    }
+
+    pub fn inference() -> Tape {
+        Tape {
+            enabled: false,
+            inner: RefCell::default(),
+        }
+    }
+
+    pub fn is_recording(&self) -> bool {
+        self.enabled
+    }
+
+    fn new_node(&self) -> NodeId {
+        let mut inner = self.inner.borrow_mut();
+        inner.nodes += 1;
+        NodeId(inner.nodes - 1)
+    }
+
+    /// A parameter as a value. Trainable parameters on a recording tape get a gradient.
+    pub fn param(&self, params: &Params, id: ParamId) -> Var {
+        let p = params.param(id);
+        let node = if self.enabled && p.trainable() {
+            let node = self.new_node();
+            self.inner.borrow_mut().leaves.push((node, id));
+            Some(node)
+        } else {
+            None
+        };
+        Var {
+            value: p.shared_value(),
+            node,
+        }
+    }
+
+    /// The result of an op. `needs_grad` says whether any input needs a gradient; when it does
+    /// and the tape records, `backward` is kept, else it is dropped with what it holds.
+    pub fn record(&self, output: Tensor, needs_grad: bool, backward: impl Backward + 'static) -> Var {
+        let node = if self.enabled && needs_grad {
+            let node = self.new_node();
+            self.inner.borrow_mut().records.push(Record {
+                output: node,
+                op: Box::new(backward),
+            });
+            Some(node)
+        } else {
+            None
+        };
+        Var {
+            value: Arc::new(output),
+            node,
+        }
+    }
+
+    /// Whether an op with these inputs must record a backward.
+    pub fn needs_grad(&self, inputs: &[Option<&Var>]) -> bool {
+        self.enabled && inputs.iter().flatten().any(|v| v.requires_grad())
+    }
+
+    /// Run the tape backward from the scalar `loss`, adding parameter gradients into `grads`.
+    pub fn backward(self, loss: &Var, grads: &mut Grads) -> Result<()> {
+        let Some(root) = loss.node else {
+            return Err(Error::invalid(
+                "backward",
+                "the loss does not depend on any trainable parameter",
+            ));
+        };
+        if loss.value.numel() != 1 {
+            return Err(Error::invalid(
+                "backward",
+                format!("the loss must be a scalar, got shape {}", loss.shape()),
+            ));
+        }
+        let inner = self.inner.into_inner();
+        let mut sink = GradSink {
+            grads: (0..inner.nodes).map(|_| None).collect(),
+        };
+        let seed = Tensor::full(1.0, loss.shape().clone(), MemTag::Workspace, loss.value.device())?;
+        sink.grads[root.0] = Some(seed);
+        for rec in inner.records.into_iter().rev() {
+            match sink.grads[rec.output.0].take() {
+                Some(dy) => rec.op.backward(dy, &mut sink)?,
+                None => drop(rec.op),
+            }
+        }
+        for (node, pid) in inner.leaves {
+            if let Some(g) = sink.grads[node.0].take() {
+                grads.accumulate(pid, &g)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where ops deposit the gradients of their inputs during backward.
+pub struct GradSink {
+    grads: Vec<Option<Tensor>>,
+}
+
+impl GradSink {
+    /// Add `g` to the gradient of `var`. A var without a node needs none: `g` is dropped.
+    pub fn add(&mut self, var: Option<NodeId>, g: Tensor) -> Result<()> {
+        let Some(node) = var else { return Ok(()) };
+        match &mut self.grads[node.0] {
+            Some(acc) => add_assign(acc, &g),
+            slot @ None => {
+                let mut g = g;
+                g.set_tag(MemTag::Workspace);
+                *slot = Some(g);
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,119 @@
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::memory::MemoryTracker;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    Cpu,
+    Cuda(usize),
+}
+
+/// A handle to where tensors live, with that place's memory accounting.
+///
+/// Cloning is cheap and shares the accounting. Two calls to [`Device::cpu`] give two devices with
+/// separate accounting, so independent runs (the methods of `loren compare`, or tests running in
+/// parallel) measure their own peaks.
+#[derive(Clone)]
+pub struct Device {
+    inner: Arc<DeviceInner>,
+}
+
+struct DeviceInner {
+    kind: DeviceKind,
+    memory: MemoryTracker,
+}
+
+impl Device {
+    pub fn cpu() -> Device {
+        Device {
+            inner: Arc::new(DeviceInner {
+                kind: DeviceKind::Cpu,
+                memory: MemoryTracker::default(),
+            }),
+        }
+    }
+
+    pub fn kind(&self) -> DeviceKind {
+        self.inner.kind
+    }
+
+    pub fn is_cpu(&self) -> bool {
+        self.inner.kind == DeviceKind::Cpu
+    }
+
+    pub fn memory(&self) -> &MemoryTracker {
+        &self.inner.memory
+    }
+
+    /// Whether two handles are the same device with the same accounting.
+    pub fn same(&self, other: &Device) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.inner.kind {
+            DeviceKind::Cpu => f.write_str("cpu"),
+            DeviceKind::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl fmt::Debug for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// What the user asked for on the command line: `auto`, `cpu`, `cuda` or `cuda:N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let t = s.trim().to_ascii_lowercase();
+        match t.as_str() {
+            "auto" => Ok(DeviceSpec::Auto),
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
+            _ => match t.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(i)) => Ok(DeviceSpec::Cuda(i)),
+                _ => Err(Error::Device(format!(
+                    "unknown device '{s}': expected auto, cpu, cuda or cuda:N"
+                ))),
+            },
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Auto => f.write_str("auto"),
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// Open the device. `auto` takes a GPU when one can be used and the CPU otherwise.
+    pub fn open(self) -> Result<Device> {
+        match self {
+            DeviceSpec::Cpu | DeviceSpec::Auto => Ok(Device::cpu()),
+            DeviceSpec::Cuda(_) => Err(Error::Device(
+                "this build of loren has no CUDA backend yet; use --device cpu".into(),
+            )),
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! Residual adds, gradient accumulation and reductions over the group axis.
+
+use rayon::prelude::*;
+
+use super::{broadcast_groups, same_device};
+use crate::error::{Error, Result};
+use crate::memory::MemTag;
+use crate::tensor::Tensor;
+
+const PAR_MIN: usize = 1 << 14;
+
+/// `a + b`, broadcasting a group of 1 (the residual add where the stream turns per-member).
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    const OP: &str = "add";
+    same_device(OP, &[a, b])?;
+    let groups = broadcast_groups(OP, &[a.shape(), b.shape()])?;
+    if a.dims()[1..] != b.dims()[1..] {
+        return Err(Error::shape(OP, a.shape(), b.shape()));
+    }
+    let per = a.numel() / a.shape().groups().max(1);
+    let mut out = Tensor::zeros(a.shape().with_groups(groups), MemTag::Activations, a.device())?;
+    let (av, bv) = (a.as_slice()?, b.as_slice()?);
+    let (ga, gb) = (a.shape().groups(), b.shape().groups());
+    out.as_mut_slice()?
+        .par_chunks_mut(per)
+        .enumerate()
+        .for_each(|(g, o)| {
+            let x = &av[super::group_index(g, ga) * per..][..per];
+            let y = &bv[super::group_index(g, gb) * per..][..per];
+            for ((o, x), y) in o.iter_mut().zip(x).zip(y) {
+                *o = x + y;
+            }
+        });
+    Ok(out)
+}
+
+/// `dst += src`, same shapes.
+pub fn add_assign(dst: &mut Tensor, src: &Tensor) -> Result<()> {
+    const OP: &str = "add_assign";
+    if dst.shape() != src.shape() {
+        return Err(Error::shape(OP, dst.shape(), src.shape()));
+    }
+    same_device(OP, &[dst, src])?;
+    let s = src.as_slice()?;
+    let d = dst.as_mut_slice()?;
+    if d.len() >= PAR_MIN {
+        d.par_chunks_mut(PAR_MIN)
+            .zip(s.par_chunks(PAR_MIN))
+            .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d += s));
+    } else {
+        d.iter_mut().zip(s).for_each(|(d, s)| *d += s);
+    }
+    Ok(())
+}
+
+/// `t *= alpha`, in place.
+pub fn scale_(t: &mut Tensor, alpha: f32) -> Result<()> {
+    t.as_mut_slice()?.par_iter_mut().for_each(|v| *v *= alpha);
+    Ok(())
+}
+
+/// Sum over the group axis, keeping it with size 1: the gradient of a broadcast input.
+pub fn sum_groups(t: &Tensor) -> Result<Tensor> {
+    let g = t.shape().groups();
+    let per = t.numel() / g.max(1);
+    let mut out = Tensor::zeros(t.shape().with_groups(1), MemTag::Workspace, t.device())?;
+    let src = t.as_slice()?;
+    let o = out.as_mut_slice()?;
+    // Fixed order over groups, so the result does not depend on the thread count.
+    o.par_chunks_mut(4096).enumerate().for_each(|(c, oc)| {
+        let start = c * 4096;
+        for gi in 0..g {
+            let s = &src[gi * per + start..][..oc.len()];
+            oc.iter_mut().zip(s).for_each(|(o, s)| *o += s);
+        }
+    });
+    Ok(out)
+}
+
+/// Reduce a gradient to the group count of the input it belongs to.
+pub fn reduce_to_groups(t: Tensor, groups: usize) -> Result<Tensor> {
+    if t.shape().groups() == groups {
+        Ok(t)
+    } else if groups == 1 {
+        sum_groups(&t)
+    } else {
+        Err(Error::invalid(
+            "reduce_to_groups",
+            format!("cannot reduce {} to {groups} groups", t.shape()),
+        ))
+    }
+}
+
+/// Sum of squares of all elements, in f64.
+pub fn sum_squares(t: &Tensor) -> Result<f64> {
+    Ok(t
+        .as_slice()?
+        .par_chunks(4096)
+        .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
+        .collect::<Vec<_>>()
+        .iter()
+        .sum())
+}
+
+/// Whether every element is finite.
+pub fn all_finite(t: &Tensor) -> Result<bool> {
+    Ok(t.as_slice()?.par_iter().all(|v| v.is_finite()))
+}

@@ -1,0 +1,227 @@
+//! The LoRA-Ensemble projection: `y[m] = x[m]·Wᵀ + b + s·(x[m]·A[m]ᵀ)·B[m]ᵀ` for every member m.
+//!
+//! W [1, N, K] and b [1, N] are shared and frozen; A [M, r, K] and B [M, N, r] are each member's
+//! adapters. The input is either per member, x [M, ..., K], or shared, x [1, ..., K] (the
+//! identical-input prefix), in which case the shared product is computed once.
+
+use rayon::prelude::*;
+
+use super::gemm::{Trans, matmul, pool_threads};
+use super::linear::{fill_rows, for_each_group};
+use super::{expect_rank, group_index, same_device};
+use crate::error::{Error, Result};
+use crate::memory::MemTag;
+use crate::tensor::Tensor;
+
+const OP: &str = "lora_linear";
+
+/// The forward's outputs: `y`, and `u = x·Aᵀ` [M, ..., r], which the backward needs.
+#[derive(Debug)]
+pub struct LoraOutput {
+    pub y: Tensor,
+    pub u: Tensor,
+}
+
+/// Gradients of the input and of the adapters.
+#[derive(Debug, Default)]
+pub struct LoraGrads {
+    pub dx: Option<Tensor>,
+    pub da: Option<Tensor>,
+    pub db: Option<Tensor>,
+}
+
+struct Dims {
+    members: usize,
+    gx: usize,
+    rows: usize,
+    k: usize,
+    n: usize,
+    r: usize,
+}
+
+fn check(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, a: &Tensor, b: &Tensor) -> Result<Dims> {
+    if x.shape().rank() < 2 {
+        return Err(Error::invalid(
+            OP,
+            format!("input must be [groups, ..., features], got {}", x.shape()),
+        ));
+    }
+    expect_rank(OP, w, 3, "shared weight W")?;
+    expect_rank(OP, a, 3, "adapter A")?;
+    expect_rank(OP, b, 3, "adapter B")?;
+    let (n, k) = (w.dims()[1], w.dims()[2]);
+    if w.dims()[0] != 1 {
+        return Err(Error::invalid(
+            OP,
+            format!("the shared weight must have one group, got {}", w.shape()),
+        ));
+    }
+    let (members, r) = (a.dims()[0], a.dims()[1]);
+    if x.shape().last() != k {
+        return Err(Error::shape(OP, x.shape(), w.shape()));
+    }
+    if a.dims()[2] != k {
+        return Err(Error::shape(OP, a.shape(), w.shape()));
+    }
+    if b.dims() != [members, n, r] {
+        return Err(Error::shape(OP, b.shape(), a.shape()));
+    }
+    let gx = x.shape().groups();
+    if gx != 1 && gx != members {
+        return Err(Error::shape(OP, x.shape(), a.shape()));
+    }
+    if let Some(bias) = bias {
+        if bias.dims() != [1, n] {
+            return Err(Error::shape(OP, bias.shape(), w.shape()));
+        }
+        same_device(OP, &[x, w, a, b, bias])?;
+    } else {
+        same_device(OP, &[x, w, a, b])?;
+    }
+    if r == 0 {
+        return Err(Error::invalid(OP, "rank must be at least 1"));
+    }
+    Ok(Dims {
+        members,
+        gx,
+        rows: x.shape().rows_per_group(),
+        k,
+        n,
+        r,
+    })
+}
+
+/// The forward pass. `scale` is s.
+pub fn lora_forward(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f32,
+) -> Result<LoraOutput> {
+    let d = check(x, w, bias, a, b)?;
+    let (m, rows, k, n, r) = (d.members, d.rows, d.k, d.n, d.r);
+    let dev = x.device();
+    let mut y = Tensor::zeros(x.shape().with_groups(m).with_last(n), MemTag::Activations, dev)?;
+    let mut u = Tensor::zeros(x.shape().with_groups(m).with_last(r), MemTag::Activations, dev)?;
+    let (xs, ws, as_, bs) = (x.as_slice()?, w.as_slice()?, a.as_slice()?, b.as_slice()?);
+    let bias = bias.map(|t| t.as_slice()).transpose()?;
+    let ys = y.as_mut_slice()?;
+
+    // The shared product: once over all M·rows rows, or once over the shared rows and copied.
+    let base_rows = if d.gx == 1 { rows } else { m * rows };
+    {
+        let base = &mut ys[..base_rows * n];
+        if let Some(bv) = bias {
+            fill_rows(base, bv);
+        }
+        matmul(base, xs, Trans::N, ws, Trans::T, base_rows, n, k, 1.0, bias.is_some(), pool_threads());
+    }
+    if d.gx == 1 {
+        let (first, rest) = ys.split_at_mut(rows * n);
+        rest.par_chunks_mut(rows * n).for_each(|c| c.copy_from_slice(first));
+    }
+
+    // The low-rank path, member by member: u = x·Aᵀ, then y += s·u·Bᵀ.
+    let us = u.as_mut_slice()?;
+    for_each_group(us, m, |g, ug, threads| {
+        let xg = &xs[group_index(g, d.gx) * rows * k..][..rows * k];
+        matmul(ug, xg, Trans::N, &as_[g * r * k..][..r * k], Trans::T, rows, r, k, 1.0, false, threads);
+    });
+    let us = u.as_slice()?;
+    for_each_group(ys, m, |g, yg, threads| {
+        let ug = &us[g * rows * r..][..rows * r];
+        matmul(yg, ug, Trans::N, &bs[g * n * r..][..n * r], Trans::T, rows, n, r, scale, true, threads);
+    });
+    Ok(LoraOutput { y, u })
+}
+
+/// The backward pass. No gradient is formed for the frozen W and bias.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_backward(
+    dy: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    u: &Tensor,
+    scale: f32,
+    need_dx: bool,
+    need_adapters: bool,
+) -> Result<LoraGrads> {
+    let d = check(x, w, None, a, b)?;
+    let (m, rows, k, n, r) = (d.members, d.rows, d.k, d.n, d.r);
+    let y_shape = x.shape().with_groups(m).with_last(n);
+    if dy.shape() != &y_shape {
+        return Err(Error::shape("lora_backward", dy.shape(), &y_shape));
+    }
+    let u_shape = x.shape().with_groups(m).with_last(r);
+    if u.shape() != &u_shape {
+        return Err(Error::shape("lora_backward", u.shape(), &u_shape));
+    }
+    let dev = x.device();
+    let (dys, xs, ws, as_, bs, us) = (
+        dy.as_slice()?,
+        x.as_slice()?,
+        w.as_slice()?,
+        a.as_slice()?,
+        b.as_slice()?,
+        u.as_slice()?,
+    );
+    let mut out = LoraGrads::default();
+
+    // v = s·dy·B: the gradient reaching u, shared by dA and dx.
+    let mut v = Tensor::zeros(u_shape, MemTag::Workspace, dev)?;
+    let vs = v.as_mut_slice()?;
+    for_each_group(vs, m, |g, vg, threads| {
+        let dyg = &dys[g * rows * n..][..rows * n];
+        matmul(vg, dyg, Trans::N, &bs[g * n * r..][..n * r], Trans::N, rows, r, n, scale, false, threads);
+    });
+    let vs = v.as_slice()?;
+
+    if need_adapters {
+        let mut db = Tensor::zeros(b.shape().clone(), MemTag::Workspace, dev)?;
+        for_each_group(db.as_mut_slice()?, m, |g, dbg, threads| {
+            let dyg = &dys[g * rows * n..][..rows * n];
+            let ug = &us[g * rows * r..][..rows * r];
+            matmul(dbg, dyg, Trans::T, ug, Trans::N, n, r, rows, scale, false, threads);
+        });
+        let mut da = Tensor::zeros(a.shape().clone(), MemTag::Workspace, dev)?;
+        for_each_group(da.as_mut_slice()?, m, |g, dag, threads| {
+            let vg = &vs[g * rows * r..][..rows * r];
+            let xg = &xs[group_index(g, d.gx) * rows * k..][..rows * k];
+            matmul(dag, vg, Trans::T, xg, Trans::N, r, k, rows, 1.0, false, threads);
+        });
+        out.da = Some(da);
+        out.db = Some(db);
+    }
+
+    if need_dx {
+        let mut dx = Tensor::zeros(x.shape().clone(), MemTag::Workspace, dev)?;
+        let dxs = dx.as_mut_slice()?;
+        if d.gx == m {
+            matmul(dxs, dys, Trans::N, ws, Trans::N, m * rows, k, n, 1.0, false, pool_threads());
+            for_each_group(dxs, m, |g, dxg, threads| {
+                let vg = &vs[g * rows * r..][..rows * r];
+                matmul(dxg, vg, Trans::N, &as_[g * r * k..][..r * k], Trans::N, rows, k, r, 1.0, true, threads);
+            });
+        } else {
+            // A shared input: dx = (Σ_m dy[m])·W + Σ_m v[m]·A[m], summing dy before the big product.
+            let mut dy_sum = Tensor::zeros([rows, n], MemTag::Workspace, dev)?;
+            let dy_sum = dy_sum.as_mut_slice()?;
+            for g in 0..m {
+                for (s, v) in dy_sum.iter_mut().zip(&dys[g * rows * n..][..rows * n]) {
+                    *s += v;
+                }
+            }
+            matmul(dxs, dy_sum, Trans::N, ws, Trans::N, rows, k, n, 1.0, false, pool_threads());
+            for g in 0..m {
+                let vg = &vs[g * rows * r..][..rows * r];
+                matmul(dxs, vg, Trans::N, &as_[g * r * k..][..r * k], Trans::N, rows, k, r, 1.0, true, pool_threads());
+            }
+        }
+        out.dx = Some(dx);
+    }
+    Ok(out)
+}

@@ -1,0 +1,59 @@
+//! The ops, one module per family. Each public function checks shapes and devices, allocates its
+//! outputs and runs the CPU code beside it, which is the reference for the matching CUDA kernel.
+//!
+//! Group broadcasting: dimension 0 is the group axis. An op given tensors whose groups are 1 and
+//! M computes M output groups, reading the group-1 tensor for every one of them. In backward the
+//! gradient of a group-1 input is the sum over the M groups.
+
+pub mod attention;
+pub mod elementwise;
+pub mod embed;
+pub mod gemm;
+pub mod linear;
+pub mod lora;
+pub mod loss;
+pub mod norm;
+pub mod optim;
+
+use crate::error::{Error, Result};
+use crate::shape::Shape;
+use crate::tensor::Tensor;
+
+/// The output group count of tensors with the given groups: each must be 1 or the largest.
+pub(crate) fn broadcast_groups(op: &'static str, shapes: &[&Shape]) -> Result<usize> {
+    let g = shapes.iter().map(|s| s.groups()).max().unwrap_or(1);
+    for s in shapes {
+        if s.groups() != 1 && s.groups() != g {
+            let other = shapes.iter().find(|t| t.groups() == g).unwrap_or(s);
+            return Err(Error::shape(op, s, other));
+        }
+    }
+    Ok(g)
+}
+
+/// Which slice of a tensor with `groups` groups output group `g` reads.
+#[inline]
+pub(crate) fn group_index(g: usize, groups: usize) -> usize {
+    if groups == 1 { 0 } else { g }
+}
+
+/// Require that the tensors all live on one device.
+pub(crate) fn same_device(op: &'static str, tensors: &[&Tensor]) -> Result<()> {
+    if let Some((first, rest)) = tensors.split_first() {
+        for t in rest {
+            first.same_device(t, op)?;
+        }
+    }
+    Ok(())
+}
+
+/// Require an exact rank.
+pub(crate) fn expect_rank(op: &'static str, t: &Tensor, rank: usize, what: &str) -> Result<()> {
+    if t.shape().rank() != rank {
+        return Err(Error::invalid(
+            op,
+            format!("{what} must have rank {rank}, got shape {}", t.shape()),
+        ));
+    }
+    Ok(())
+}
