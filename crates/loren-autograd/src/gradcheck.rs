@@ -153,7 +153,10 @@ where
             continue;
         }
         let id = ids[i];
-        let analytic = grads.get(id).expect("trainable input has a gradient").to_vec()?;
+        let analytic = grads
+            .get(id)
+            .expect("trainable input has a gradient")
+            .to_vec()?;
         let n = analytic.len();
         let mut positions: Vec<usize> = (0..n).collect();
         if n > opts.samples {
@@ -193,7 +196,10 @@ where
     // Frozen inputs must not have received a gradient buffer at all.
     for (i, (name, trainable)) in names.iter().enumerate() {
         if !trainable && grads.get(ids[i]).is_some() {
-            return Err(Error::invalid("gradcheck", format!("frozen input '{name}' has a gradient")));
+            return Err(Error::invalid(
+                "gradcheck",
+                format!("frozen input '{name}' has a gradient"),
+            ));
         }
     }
     Ok(reports)

@@ -16,4 +16,4 @@ pub mod tape;
 
 pub use loren_tensor::{Error, Result};
 pub use params::{Grads, ParamId, Params};
-pub use tape::{Backward, GradSink, Tape, Var};
+pub use tape::{Backward, GradSink, NodeId, Tape, Var};

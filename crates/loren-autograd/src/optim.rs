@@ -1,1 +1,172 @@
-//! (being written)
+//! Optimizers over the trainable parameters, with their state tagged as optimizer memory.
+//! Every step is one fused pass over all parameters (`loren_tensor::ops::optim`).
+
+use loren_tensor::ops::elementwise::scale_;
+use loren_tensor::ops::optim::{AdamW, Sgd, Slot, adamw_step, sgd_step};
+use loren_tensor::{Error, MemTag, Result, Tensor};
+
+use crate::params::{Grads, ParamId, Params};
+
+/// Which update rule, with its hyperparameters (the learning rate comes per step).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum OptimizerKind {
+    AdamW {
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+    },
+    Sgd {
+        momentum: f32,
+        weight_decay: f32,
+    },
+}
+
+impl OptimizerKind {
+    /// PyTorch's AdamW defaults, with the given weight decay.
+    pub fn adamw(weight_decay: f32) -> Self {
+        OptimizerKind::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+        }
+    }
+}
+
+/// Per-parameter state: Adam's two moments, or SGD's momentum buffer.
+pub struct State {
+    pub m: Tensor,
+    pub v: Option<Tensor>,
+}
+
+pub struct Optimizer {
+    kind: OptimizerKind,
+    state: Vec<(ParamId, State)>,
+    step: u64,
+}
+
+impl Optimizer {
+    /// Zeroed state for every trainable parameter.
+    pub fn new(kind: OptimizerKind, params: &Params) -> Result<Optimizer> {
+        let adam = matches!(kind, OptimizerKind::AdamW { .. });
+        let state = params
+            .trainable_ids()
+            .into_iter()
+            .map(|id| {
+                let p = params.get(id);
+                let zeros = || Tensor::zeros(p.shape().clone(), MemTag::OptimizerState, p.device());
+                Ok((
+                    id,
+                    State {
+                        m: zeros()?,
+                        v: adam.then(zeros).transpose()?,
+                    },
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Optimizer {
+            kind,
+            state,
+            step: 0,
+        })
+    }
+
+    pub fn kind(&self) -> OptimizerKind {
+        self.kind
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// Update every trainable parameter from its gradient with learning rate `lr`.
+    pub fn step(&mut self, params: &mut Params, grads: &Grads, lr: f32) -> Result<()> {
+        self.step += 1;
+        let mut targets = params.trainable_mut()?;
+        if targets.len() != self.state.len() {
+            return Err(Error::invalid(
+                "optimizer",
+                "the trainable parameters changed since the optimizer was made",
+            ));
+        }
+        let mut slots = Vec::with_capacity(self.state.len());
+        for ((id, param, decay), (sid, st)) in targets.iter_mut().zip(self.state.iter_mut()) {
+            debug_assert_eq!(id, sid);
+            let grad = grads.get(*id).ok_or_else(|| {
+                Error::invalid("optimizer", format!("no gradient for parameter #{}", id.0))
+            })?;
+            slots.push(Slot {
+                param,
+                grad,
+                m: &mut st.m,
+                v: st.v.as_mut(),
+                decay: *decay,
+            });
+        }
+        match self.kind {
+            OptimizerKind::AdamW {
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            } => adamw_step(
+                &mut slots,
+                &AdamW {
+                    lr,
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                    step: self.step,
+                },
+            ),
+            OptimizerKind::Sgd {
+                momentum,
+                weight_decay,
+            } => sgd_step(
+                &mut slots,
+                &Sgd {
+                    lr,
+                    momentum,
+                    weight_decay,
+                },
+            ),
+        }
+    }
+
+    /// The state, for checkpoints: (parameter, state) in parameter order.
+    pub fn state(&self) -> &[(ParamId, State)] {
+        &self.state
+    }
+
+    /// Restore the step count and the state tensors' values, for resuming.
+    pub fn restore(
+        &mut self,
+        step: u64,
+        values: impl Fn(ParamId, &str, &mut Tensor) -> Result<()>,
+    ) -> Result<()> {
+        for (id, st) in &mut self.state {
+            values(*id, "m", &mut st.m)?;
+            if let Some(v) = &mut st.v {
+                values(*id, "v", v)?;
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// Scale all gradients so their global L2 norm is at most `max_norm`; returns the norm before.
+pub fn clip_grad_norm(grads: &mut Grads, max_norm: f64) -> Result<f64> {
+    let norm = grads.global_norm()?;
+    // The same rule as torch.nn.utils.clip_grad_norm_.
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        for (_, g) in grads.iter_mut() {
+            scale_(g, coef as f32)?;
+        }
+    }
+    Ok(norm)
+}

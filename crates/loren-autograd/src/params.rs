@@ -66,7 +66,10 @@ impl Params {
     ) -> Result<ParamId> {
         let name = name.into();
         if self.id(&name).is_some() {
-            return Err(Error::invalid("params", format!("duplicate parameter '{name}'")));
+            return Err(Error::invalid(
+                "params",
+                format!("duplicate parameter '{name}'"),
+            ));
         }
         if !value.device().same(&self.device) {
             return Err(Error::DeviceMismatch {
@@ -122,7 +125,11 @@ impl Params {
 
     /// Number of trainable scalars.
     pub fn num_trainable(&self) -> usize {
-        self.list.iter().filter(|p| p.trainable).map(|p| p.value.numel()).sum()
+        self.list
+            .iter()
+            .filter(|p| p.trainable)
+            .map(|p| p.value.numel())
+            .sum()
     }
 
     /// Number of scalars in all weights.
@@ -137,9 +144,32 @@ impl Params {
         Arc::get_mut(&mut p.value).ok_or_else(|| {
             Error::invalid(
                 "params",
-                format!("'{}' is still held by a tape; drop it before updating", p.name),
+                format!(
+                    "'{}' is still held by a tape; drop it before updating",
+                    p.name
+                ),
             )
         })
+    }
+
+    /// Every trainable weight, mutably, with its id and whether weight decay applies. Fails
+    /// while a tape still holds any of them.
+    pub fn trainable_mut(&mut self) -> Result<Vec<(ParamId, &mut Tensor, bool)>> {
+        self.list
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, p)| p.trainable)
+            .map(|(i, p)| {
+                let (name, decay) = (&p.name, p.decay);
+                let t = Arc::get_mut(&mut p.value).ok_or_else(|| {
+                    Error::invalid(
+                        "params",
+                        format!("'{name}' is still held by a tape; drop it before updating"),
+                    )
+                })?;
+                Ok((ParamId(i), t, decay))
+            })
+            .collect()
     }
 
     /// Replace a weight's values with `data`, which must have its shape.
@@ -168,7 +198,9 @@ impl Grads {
             .iter()
             .map(|(_, p)| {
                 p.trainable
-                    .then(|| Tensor::zeros(p.value.shape().clone(), MemTag::Gradients, p.value.device()))
+                    .then(|| {
+                        Tensor::zeros(p.value.shape().clone(), MemTag::Gradients, p.value.device())
+                    })
                     .transpose()
             })
             .collect::<Result<_>>()?;

@@ -1,1 +1,47 @@
-//! (being written)
+//! Learning-rate schedules.
+
+/// Linear warmup from 0 to `base_lr` over `warmup` steps, then cosine decay to `min_lr` at
+/// `total` steps (and `min_lr` after).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WarmupCosine {
+    pub base_lr: f32,
+    pub min_lr: f32,
+    pub warmup: u64,
+    pub total: u64,
+}
+
+impl WarmupCosine {
+    /// The learning rate for the 0-based step `step`.
+    pub fn lr(&self, step: u64) -> f32 {
+        if step < self.warmup {
+            return self.base_lr * (step + 1) as f32 / self.warmup as f32;
+        }
+        let span = self.total.saturating_sub(self.warmup).max(1);
+        let t = ((step - self.warmup) as f64 / span as f64).min(1.0);
+        let cos = 0.5 * (1.0 + (std::f64::consts::PI * t).cos());
+        (self.min_lr as f64 + (self.base_lr - self.min_lr) as f64 * cos) as f32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warms_up_linearly_then_decays_by_cosine() {
+        let s = WarmupCosine {
+            base_lr: 1.0,
+            min_lr: 0.1,
+            warmup: 4,
+            total: 14,
+        };
+        assert_eq!(s.lr(0), 0.25);
+        assert_eq!(s.lr(3), 1.0);
+        assert_eq!(s.lr(4), 1.0);
+        assert!((s.lr(9) - 0.55).abs() < 1e-6, "midpoint {}", s.lr(9));
+        assert!((s.lr(14) - 0.1).abs() < 1e-6);
+        assert!((s.lr(100) - 0.1).abs() < 1e-6);
+        let lrs: Vec<f32> = (4..=14).map(|i| s.lr(i)).collect();
+        assert!(lrs.windows(2).all(|w| w[1] <= w[0]), "{lrs:?}");
+    }
+}

@@ -132,7 +132,12 @@ impl Tape {
 
     /// The result of an op. `needs_grad` says whether any input needs a gradient; when it does
     /// and the tape records, `backward` is kept, else it is dropped with what it holds.
-    pub fn record(&self, output: Tensor, needs_grad: bool, backward: impl Backward + 'static) -> Var {
+    pub fn record(
+        &self,
+        output: Tensor,
+        needs_grad: bool,
+        backward: impl Backward + 'static,
+    ) -> Var {
         let node = if self.enabled && needs_grad {
             let node = self.new_node();
             self.inner.borrow_mut().records.push(Record {
@@ -172,7 +177,12 @@ impl Tape {
         let mut sink = GradSink {
             grads: (0..inner.nodes).map(|_| None).collect(),
         };
-        let seed = Tensor::full(1.0, loss.shape().clone(), MemTag::Workspace, loss.value.device())?;
+        let seed = Tensor::full(
+            1.0,
+            loss.shape().clone(),
+            MemTag::Workspace,
+            loss.value.device(),
+        )?;
         sink.grads[root.0] = Some(seed);
         for rec in inner.records.into_iter().rev() {
             match sink.grads[rec.output.0].take() {
@@ -195,6 +205,14 @@ pub struct GradSink {
 }
 
 impl GradSink {
+    /// [`GradSink::add`] for a gradient an op may not have formed.
+    pub fn add_opt(&mut self, var: Option<NodeId>, g: Option<Tensor>) -> Result<()> {
+        match g {
+            Some(g) => self.add(var, g),
+            None => Ok(()),
+        }
+    }
+
     /// Add `g` to the gradient of `var`. A var without a node needs none: `g` is dropped.
     pub fn add(&mut self, var: Option<NodeId>, g: Tensor) -> Result<()> {
         let Some(node) = var else { return Ok(()) };

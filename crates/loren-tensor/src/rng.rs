@@ -28,7 +28,8 @@ impl Rng {
 
     /// An independent stream derived from this seed and a label, without advancing `self`.
     pub fn fork(&self, label: u64) -> Rng {
-        let mut x = self.s[0] ^ label.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ self.s[3].rotate_left(17);
+        let mut x =
+            self.s[0] ^ label.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ self.s[3].rotate_left(17);
         Rng::new(splitmix64(&mut x))
     }
 

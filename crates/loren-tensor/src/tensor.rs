@@ -61,7 +61,12 @@ impl Tensor {
         Tensor::full(0.0, shape, tag, device)
     }
 
-    pub fn full(value: f32, shape: impl Into<Shape>, tag: MemTag, device: &Device) -> Result<Tensor> {
+    pub fn full(
+        value: f32,
+        shape: impl Into<Shape>,
+        tag: MemTag,
+        device: &Device,
+    ) -> Result<Tensor> {
         let shape = shape.into();
         Tensor::from_vec(vec![value; shape.numel()], shape, tag, device)
     }

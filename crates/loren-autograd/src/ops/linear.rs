@@ -46,16 +46,9 @@ impl Backward for LinearBackward {
         };
         let g = linear_backward(&dy, &self.x, &self.w, self.has_bias, needs)?;
         drop(dy);
-        if let Some(dx) = g.dx {
-            grads.add(self.x_node, dx)?;
-        }
-        if let Some(dw) = g.dw {
-            grads.add(self.w_node, dw)?;
-        }
-        if let Some(db) = g.db {
-            grads.add(self.b_node, db)?;
-        }
-        Ok(())
+        grads.add_opt(self.x_node, g.dx)?;
+        grads.add_opt(self.w_node, g.dw)?;
+        grads.add_opt(self.b_node, g.db)
     }
 }
 
@@ -69,7 +62,14 @@ pub fn lora_linear(
     b: &Var,
     scale: f32,
 ) -> Result<Var> {
-    let out = lora_forward(x.value(), w.value(), bias.map(|t| t.value()), a.value(), b.value(), scale)?;
+    let out = lora_forward(
+        x.value(),
+        w.value(),
+        bias.map(|t| t.value()),
+        a.value(),
+        b.value(),
+        scale,
+    )?;
     let needs_grad = tape.needs_grad(&[Some(x), Some(a), Some(b)]);
     Ok(tape.record(
         out.y,
@@ -119,15 +119,8 @@ impl Backward for LoraBackward {
             need_adapters,
         )?;
         drop(dy);
-        if let Some(dx) = g.dx {
-            grads.add(self.x_node, dx)?;
-        }
-        if let Some(da) = g.da {
-            grads.add(self.a_node, da)?;
-        }
-        if let Some(db) = g.db {
-            grads.add(self.b_node, db)?;
-        }
-        Ok(())
+        grads.add_opt(self.x_node, g.dx)?;
+        grads.add_opt(self.a_node, g.da)?;
+        grads.add_opt(self.b_node, g.db)
     }
 }

@@ -18,7 +18,11 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         return Err(Error::shape(OP, a.shape(), b.shape()));
     }
     let per = a.numel() / a.shape().groups().max(1);
-    let mut out = Tensor::zeros(a.shape().with_groups(groups), MemTag::Activations, a.device())?;
+    let mut out = Tensor::zeros(
+        a.shape().with_groups(groups),
+        MemTag::Activations,
+        a.device(),
+    )?;
     let (av, bv) = (a.as_slice()?, b.as_slice()?);
     let (ga, gb) = (a.shape().groups(), b.shape().groups());
     out.as_mut_slice()?
@@ -93,8 +97,7 @@ pub fn reduce_to_groups(t: Tensor, groups: usize) -> Result<Tensor> {
 
 /// Sum of squares of all elements, in f64.
 pub fn sum_squares(t: &Tensor) -> Result<f64> {
-    Ok(t
-        .as_slice()?
+    Ok(t.as_slice()?
         .par_chunks(4096)
         .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
         .collect::<Vec<_>>()
@@ -105,4 +108,41 @@ pub fn sum_squares(t: &Tensor) -> Result<f64> {
 /// Whether every element is finite.
 pub fn all_finite(t: &Tensor) -> Result<bool> {
     Ok(t.as_slice()?.par_iter().all(|v| v.is_finite()))
+}
+
+/// Rows per partial sum in [`sum_rows`].
+const ROW_BLOCK: usize = 256;
+
+/// Sum the rows of `src`, laid out [groups, rows, n], into [out_groups, n]: per group when
+/// `out_groups == groups`, over every group's rows when `out_groups == 1`.
+///
+/// Rows are summed in fixed blocks that are then added in order, so the result does not depend on
+/// the thread count: training resumes bit-exactly.
+pub(crate) fn sum_rows(
+    src: &[f32],
+    groups: usize,
+    rows: usize,
+    n: usize,
+    out_groups: usize,
+) -> Vec<f32> {
+    debug_assert!(out_groups == groups || out_groups == 1);
+    let per_out = if out_groups == 1 { groups * rows } else { rows };
+    let mut out = vec![0.0f32; out_groups * n];
+    for (og, o) in out.chunks_mut(n).enumerate() {
+        let block = &src[og * per_out * n..][..per_out * n];
+        let partials: Vec<Vec<f32>> = block
+            .par_chunks(ROW_BLOCK * n)
+            .map(|rows| {
+                let mut acc = vec![0.0f32; n];
+                for row in rows.chunks(n) {
+                    acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+                }
+                acc
+            })
+            .collect();
+        for p in &partials {
+            o.iter_mut().zip(p).for_each(|(o, v)| *o += v);
+        }
+    }
+    out
 }

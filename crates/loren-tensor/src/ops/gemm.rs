@@ -98,8 +98,16 @@ mod tests {
             for j in 0..n {
                 let mut s = 0.0f64;
                 for p in 0..k {
-                    let av = if ta == Trans::N { a[i * k + p] } else { a[p * m + i] };
-                    let bv = if tb == Trans::N { b[p * n + j] } else { b[j * k + p] };
+                    let av = if ta == Trans::N {
+                        a[i * k + p]
+                    } else {
+                        a[p * m + i]
+                    };
+                    let bv = if tb == Trans::N {
+                        b[p * n + j]
+                    } else {
+                        b[j * k + p]
+                    };
                     s += av as f64 * bv as f64;
                 }
                 c[i * n + j] = s as f32;
@@ -123,7 +131,10 @@ mod tests {
                         matmul(&mut c, &a, ta, &b, tb, m, n, k, 0.5, true, threads);
                         for i in 0..m * n {
                             let w = c0[i] + 0.5 * want[i];
-                            assert!((c[i] - w).abs() < 1e-4 * (1.0 + w.abs()), "{ta:?}{tb:?} {i}");
+                            assert!(
+                                (c[i] - w).abs() < 1e-4 * (1.0 + w.abs()),
+                                "{ta:?}{tb:?} {i}"
+                            );
                         }
                         matmul(&mut c, &a, ta, &b, tb, m, n, k, 1.0, false, threads);
                         for i in 0..m * n {

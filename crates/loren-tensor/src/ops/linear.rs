@@ -3,6 +3,7 @@
 
 use rayon::prelude::*;
 
+use super::elementwise::sum_rows;
 use super::gemm::{Trans, matmul, pool_threads};
 use super::{broadcast_groups, expect_rank, group_index, same_device};
 use crate::error::{Error, Result};
@@ -98,15 +99,6 @@ pub(crate) fn fill_rows(y: &mut [f32], bias: &[f32]) {
     }
 }
 
-/// Add up the rows of `m` (rows × n) into `out` (n).
-pub(crate) fn sum_rows_into(out: &mut [f32], m: &[f32]) {
-    for row in m.chunks(out.len()) {
-        for (o, v) in out.iter_mut().zip(row) {
-            *o += v;
-        }
-    }
-}
-
 /// `y[g] = x[g]·W[g]ᵀ + b[g]`, broadcasting groups of 1.
 pub fn linear_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let d = check(x, w, bias)?;
@@ -124,7 +116,19 @@ pub fn linear_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<T
         }
         // With a group-1 weight the input's groups are the output's.
         let total = d.groups * rows;
-        matmul(ys, xs, Trans::N, ws, Trans::T, total, n, k, 1.0, bs.is_some(), pool_threads());
+        matmul(
+            ys,
+            xs,
+            Trans::N,
+            ws,
+            Trans::T,
+            total,
+            n,
+            k,
+            1.0,
+            bs.is_some(),
+            pool_threads(),
+        );
     } else {
         for_each_group(ys, d.groups, |g, yg, threads| {
             let xg = &xs[group_index(g, d.gx) * rows * k..][..rows * k];
@@ -132,7 +136,19 @@ pub fn linear_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<T
             if let Some(b) = bs {
                 fill_rows(yg, &b[g * n..][..n]);
             }
-            matmul(yg, xg, Trans::N, wg, Trans::T, rows, n, k, 1.0, bs.is_some(), threads);
+            matmul(
+                yg,
+                xg,
+                Trans::N,
+                wg,
+                Trans::T,
+                rows,
+                n,
+                k,
+                1.0,
+                bs.is_some(),
+                threads,
+            );
         });
     }
     Ok(y)
@@ -162,19 +178,55 @@ pub fn linear_backward(
         let mut dx = Tensor::zeros(x.shape().clone(), MemTag::Workspace, dev)?;
         let dxs = dx.as_mut_slice()?;
         if d.gw == 1 {
-            matmul(dxs, dys, Trans::N, ws, Trans::N, groups * rows, k, n, 1.0, false, pool_threads());
+            matmul(
+                dxs,
+                dys,
+                Trans::N,
+                ws,
+                Trans::N,
+                groups * rows,
+                k,
+                n,
+                1.0,
+                false,
+                pool_threads(),
+            );
         } else if d.gx == groups {
             for_each_group(dxs, groups, |g, dxg, threads| {
                 let dyg = &dys[g * rows * n..][..rows * n];
                 let wg = &ws[g * n * k..][..n * k];
-                matmul(dxg, dyg, Trans::N, wg, Trans::N, rows, k, n, 1.0, false, threads);
+                matmul(
+                    dxg,
+                    dyg,
+                    Trans::N,
+                    wg,
+                    Trans::N,
+                    rows,
+                    k,
+                    n,
+                    1.0,
+                    false,
+                    threads,
+                );
             });
         } else {
             // A shared input feeds every member: its gradient is the sum over members.
             for g in 0..groups {
                 let dyg = &dys[g * rows * n..][..rows * n];
                 let wg = &ws[g * n * k..][..n * k];
-                matmul(dxs, dyg, Trans::N, wg, Trans::N, rows, k, n, 1.0, g > 0, pool_threads());
+                matmul(
+                    dxs,
+                    dyg,
+                    Trans::N,
+                    wg,
+                    Trans::N,
+                    rows,
+                    k,
+                    n,
+                    1.0,
+                    g > 0,
+                    pool_threads(),
+                );
             }
         }
         out.dx = Some(dx);
@@ -185,28 +237,44 @@ pub fn linear_backward(
         let dws = dw.as_mut_slice()?;
         if d.gw == 1 {
             // Every group's rows contribute to the one shared weight: one product over all rows.
-            matmul(dws, dys, Trans::T, xs, Trans::N, n, k, groups * rows, 1.0, false, pool_threads());
+            matmul(
+                dws,
+                dys,
+                Trans::T,
+                xs,
+                Trans::N,
+                n,
+                k,
+                groups * rows,
+                1.0,
+                false,
+                pool_threads(),
+            );
         } else {
             for_each_group(dws, groups, |g, dwg, threads| {
                 let dyg = &dys[g * rows * n..][..rows * n];
                 let xg = &xs[group_index(g, d.gx) * rows * k..][..rows * k];
-                matmul(dwg, dyg, Trans::T, xg, Trans::N, n, k, rows, 1.0, false, threads);
+                matmul(
+                    dwg,
+                    dyg,
+                    Trans::T,
+                    xg,
+                    Trans::N,
+                    n,
+                    k,
+                    rows,
+                    1.0,
+                    false,
+                    threads,
+                );
             });
         }
         out.dw = Some(dw);
     }
 
     if needs.db && has_bias {
-        let mut db = Tensor::zeros([d.gw, n], MemTag::Workspace, dev)?;
-        let dbs = db.as_mut_slice()?;
-        if d.gw == 1 {
-            sum_rows_into(dbs, dys);
-        } else {
-            dbs.par_chunks_mut(n).enumerate().for_each(|(g, dbg)| {
-                sum_rows_into(dbg, &dys[g * rows * n..][..rows * n]);
-            });
-        }
-        out.db = Some(db);
+        let sums = sum_rows(dys, groups, rows, n, d.gw);
+        out.db = Some(Tensor::from_vec(sums, [d.gw, n], MemTag::Workspace, dev)?);
     }
     Ok(out)
 }

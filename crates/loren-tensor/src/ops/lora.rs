@@ -103,8 +103,16 @@ pub fn lora_forward(
     let d = check(x, w, bias, a, b)?;
     let (m, rows, k, n, r) = (d.members, d.rows, d.k, d.n, d.r);
     let dev = x.device();
-    let mut y = Tensor::zeros(x.shape().with_groups(m).with_last(n), MemTag::Activations, dev)?;
-    let mut u = Tensor::zeros(x.shape().with_groups(m).with_last(r), MemTag::Activations, dev)?;
+    let mut y = Tensor::zeros(
+        x.shape().with_groups(m).with_last(n),
+        MemTag::Activations,
+        dev,
+    )?;
+    let mut u = Tensor::zeros(
+        x.shape().with_groups(m).with_last(r),
+        MemTag::Activations,
+        dev,
+    )?;
     let (xs, ws, as_, bs) = (x.as_slice()?, w.as_slice()?, a.as_slice()?, b.as_slice()?);
     let bias = bias.map(|t| t.as_slice()).transpose()?;
     let ys = y.as_mut_slice()?;
@@ -116,23 +124,60 @@ pub fn lora_forward(
         if let Some(bv) = bias {
             fill_rows(base, bv);
         }
-        matmul(base, xs, Trans::N, ws, Trans::T, base_rows, n, k, 1.0, bias.is_some(), pool_threads());
+        matmul(
+            base,
+            xs,
+            Trans::N,
+            ws,
+            Trans::T,
+            base_rows,
+            n,
+            k,
+            1.0,
+            bias.is_some(),
+            pool_threads(),
+        );
     }
     if d.gx == 1 {
         let (first, rest) = ys.split_at_mut(rows * n);
-        rest.par_chunks_mut(rows * n).for_each(|c| c.copy_from_slice(first));
+        rest.par_chunks_mut(rows * n)
+            .for_each(|c| c.copy_from_slice(first));
     }
 
     // The low-rank path, member by member: u = x·Aᵀ, then y += s·u·Bᵀ.
     let us = u.as_mut_slice()?;
     for_each_group(us, m, |g, ug, threads| {
         let xg = &xs[group_index(g, d.gx) * rows * k..][..rows * k];
-        matmul(ug, xg, Trans::N, &as_[g * r * k..][..r * k], Trans::T, rows, r, k, 1.0, false, threads);
+        matmul(
+            ug,
+            xg,
+            Trans::N,
+            &as_[g * r * k..][..r * k],
+            Trans::T,
+            rows,
+            r,
+            k,
+            1.0,
+            false,
+            threads,
+        );
     });
     let us = u.as_slice()?;
     for_each_group(ys, m, |g, yg, threads| {
         let ug = &us[g * rows * r..][..rows * r];
-        matmul(yg, ug, Trans::N, &bs[g * n * r..][..n * r], Trans::T, rows, n, r, scale, true, threads);
+        matmul(
+            yg,
+            ug,
+            Trans::N,
+            &bs[g * n * r..][..n * r],
+            Trans::T,
+            rows,
+            n,
+            r,
+            scale,
+            true,
+            threads,
+        );
     });
     Ok(LoraOutput { y, u })
 }
@@ -176,7 +221,19 @@ pub fn lora_backward(
     let vs = v.as_mut_slice()?;
     for_each_group(vs, m, |g, vg, threads| {
         let dyg = &dys[g * rows * n..][..rows * n];
-        matmul(vg, dyg, Trans::N, &bs[g * n * r..][..n * r], Trans::N, rows, r, n, scale, false, threads);
+        matmul(
+            vg,
+            dyg,
+            Trans::N,
+            &bs[g * n * r..][..n * r],
+            Trans::N,
+            rows,
+            r,
+            n,
+            scale,
+            false,
+            threads,
+        );
     });
     let vs = v.as_slice()?;
 
@@ -185,13 +242,37 @@ pub fn lora_backward(
         for_each_group(db.as_mut_slice()?, m, |g, dbg, threads| {
             let dyg = &dys[g * rows * n..][..rows * n];
             let ug = &us[g * rows * r..][..rows * r];
-            matmul(dbg, dyg, Trans::T, ug, Trans::N, n, r, rows, scale, false, threads);
+            matmul(
+                dbg,
+                dyg,
+                Trans::T,
+                ug,
+                Trans::N,
+                n,
+                r,
+                rows,
+                scale,
+                false,
+                threads,
+            );
         });
         let mut da = Tensor::zeros(a.shape().clone(), MemTag::Workspace, dev)?;
         for_each_group(da.as_mut_slice()?, m, |g, dag, threads| {
             let vg = &vs[g * rows * r..][..rows * r];
             let xg = &xs[group_index(g, d.gx) * rows * k..][..rows * k];
-            matmul(dag, vg, Trans::T, xg, Trans::N, r, k, rows, 1.0, false, threads);
+            matmul(
+                dag,
+                vg,
+                Trans::T,
+                xg,
+                Trans::N,
+                r,
+                k,
+                rows,
+                1.0,
+                false,
+                threads,
+            );
         });
         out.da = Some(da);
         out.db = Some(db);
@@ -201,10 +282,34 @@ pub fn lora_backward(
         let mut dx = Tensor::zeros(x.shape().clone(), MemTag::Workspace, dev)?;
         let dxs = dx.as_mut_slice()?;
         if d.gx == m {
-            matmul(dxs, dys, Trans::N, ws, Trans::N, m * rows, k, n, 1.0, false, pool_threads());
+            matmul(
+                dxs,
+                dys,
+                Trans::N,
+                ws,
+                Trans::N,
+                m * rows,
+                k,
+                n,
+                1.0,
+                false,
+                pool_threads(),
+            );
             for_each_group(dxs, m, |g, dxg, threads| {
                 let vg = &vs[g * rows * r..][..rows * r];
-                matmul(dxg, vg, Trans::N, &as_[g * r * k..][..r * k], Trans::N, rows, k, r, 1.0, true, threads);
+                matmul(
+                    dxg,
+                    vg,
+                    Trans::N,
+                    &as_[g * r * k..][..r * k],
+                    Trans::N,
+                    rows,
+                    k,
+                    r,
+                    1.0,
+                    true,
+                    threads,
+                );
             });
         } else {
             // A shared input: dx = (Σ_m dy[m])·W + Σ_m v[m]·A[m], summing dy before the big product.
@@ -215,10 +320,34 @@ pub fn lora_backward(
                     *s += v;
                 }
             }
-            matmul(dxs, dy_sum, Trans::N, ws, Trans::N, rows, k, n, 1.0, false, pool_threads());
+            matmul(
+                dxs,
+                dy_sum,
+                Trans::N,
+                ws,
+                Trans::N,
+                rows,
+                k,
+                n,
+                1.0,
+                false,
+                pool_threads(),
+            );
             for g in 0..m {
                 let vg = &vs[g * rows * r..][..rows * r];
-                matmul(dxs, vg, Trans::N, &as_[g * r * k..][..r * k], Trans::N, rows, k, r, 1.0, true, pool_threads());
+                matmul(
+                    dxs,
+                    vg,
+                    Trans::N,
+                    &as_[g * r * k..][..r * k],
+                    Trans::N,
+                    rows,
+                    k,
+                    r,
+                    1.0,
+                    true,
+                    pool_threads(),
+                );
             }
         }
         out.dx = Some(dx);

@@ -5,6 +5,7 @@
 //! M computes M output groups, reading the group-1 tensor for every one of them. In backward the
 //! gradient of a group-1 input is the sum over the M groups.
 
+pub mod activation;
 pub mod attention;
 pub mod elementwise;
 pub mod embed;

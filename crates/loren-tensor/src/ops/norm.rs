@@ -1,1 +1,200 @@
-//! (being written)
+//! LayerNorm over the feature axis, with group broadcasting: a shared input normalised by each
+//! member's own affine (the explicit ensemble), or every member's rows by one shared affine.
+
+use rayon::prelude::*;
+
+use super::elementwise::{reduce_to_groups, sum_rows};
+use super::{broadcast_groups, expect_rank, group_index, same_device};
+use crate::error::{Error, Result};
+use crate::memory::MemTag;
+use crate::tensor::Tensor;
+
+const OP: &str = "layernorm";
+
+/// The forward's outputs: `y` and the per-row statistics the backward reads.
+#[derive(Debug)]
+pub struct NormOutput {
+    pub y: Tensor,
+    /// Mean of each input row, [Gx, rows].
+    pub mean: Tensor,
+    /// 1/sqrt(var + eps) of each input row, [Gx, rows].
+    pub rstd: Tensor,
+}
+
+#[derive(Debug, Default)]
+pub struct NormGrads {
+    pub dx: Option<Tensor>,
+    pub dgamma: Option<Tensor>,
+    pub dbeta: Option<Tensor>,
+}
+
+struct Dims {
+    groups: usize,
+    gx: usize,
+    gw: usize,
+    rows: usize,
+    d: usize,
+}
+
+fn check(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Dims> {
+    if x.shape().rank() < 2 {
+        return Err(Error::invalid(
+            OP,
+            format!("input must be [groups, ..., features], got {}", x.shape()),
+        ));
+    }
+    expect_rank(OP, gamma, 2, "gamma")?;
+    if beta.shape() != gamma.shape() {
+        return Err(Error::shape(OP, beta.shape(), gamma.shape()));
+    }
+    let d = x.shape().last();
+    if gamma.dims()[1] != d {
+        return Err(Error::shape(OP, x.shape(), gamma.shape()));
+    }
+    same_device(OP, &[x, gamma, beta])?;
+    Ok(Dims {
+        groups: broadcast_groups(OP, &[x.shape(), gamma.shape()])?,
+        gx: x.shape().groups(),
+        gw: gamma.dims()[0],
+        rows: x.shape().rows_per_group(),
+        d,
+    })
+}
+
+/// Mean and 1/sqrt(var + eps) of one row, computed in f64 so the statistics are exact to f32.
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f64;
+    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
+}
+
+/// `y = (x − mean)·rstd·gamma + beta` per row.
+pub fn layernorm_forward(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+) -> Result<NormOutput> {
+    let dm = check(x, gamma, beta)?;
+    let (rows, d) = (dm.rows, dm.d);
+    let dev = x.device();
+    let mut mean = Tensor::zeros([dm.gx, rows], MemTag::Activations, dev)?;
+    let mut rstd = Tensor::zeros([dm.gx, rows], MemTag::Activations, dev)?;
+    let xs = x.as_slice()?;
+    mean.as_mut_slice()?
+        .par_iter_mut()
+        .zip(rstd.as_mut_slice()?.par_iter_mut())
+        .zip(xs.par_chunks(d))
+        .for_each(|((m, r), row)| (*m, *r) = row_stats(row, eps));
+
+    let mut y = Tensor::zeros(x.shape().with_groups(dm.groups), MemTag::Activations, dev)?;
+    let (ms, rs, gs, bs) = (
+        mean.as_slice()?,
+        rstd.as_slice()?,
+        gamma.as_slice()?,
+        beta.as_slice()?,
+    );
+    y.as_mut_slice()?
+        .par_chunks_mut(d)
+        .enumerate()
+        .for_each(|(i, out)| {
+            let (g, row) = (i / rows, i % rows);
+            let src = group_index(g, dm.gx) * rows + row;
+            let w = group_index(g, dm.gw) * d;
+            let (m, r) = (ms[src], rs[src]);
+            let xr = &xs[src * d..][..d];
+            for j in 0..d {
+                out[j] = (xr[j] - m) * r * gs[w + j] + bs[w + j];
+            }
+        });
+    Ok(NormOutput { y, mean, rstd })
+}
+
+/// Gradients of [`layernorm_forward`]: `need_x` for dx, `need_affine` for dgamma and dbeta.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward(
+    dy: &Tensor,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    rstd: &Tensor,
+    need_x: bool,
+    need_affine: bool,
+) -> Result<NormGrads> {
+    let dm = check(x, gamma, beta)?;
+    let (groups, rows, d) = (dm.groups, dm.rows, dm.d);
+    let want = x.shape().with_groups(groups);
+    if dy.shape() != &want {
+        return Err(Error::shape("layernorm_backward", dy.shape(), &want));
+    }
+    let dev = x.device();
+    let (dys, xs, gs, ms, rs) = (
+        dy.as_slice()?,
+        x.as_slice()?,
+        gamma.as_slice()?,
+        mean.as_slice()?,
+        rstd.as_slice()?,
+    );
+    let mut out = NormGrads::default();
+
+    if need_x {
+        // Each output group's contribution, then a sum over groups when x is shared.
+        let mut dx_all = Tensor::zeros(want.clone(), MemTag::Workspace, dev)?;
+        dx_all
+            .as_mut_slice()?
+            .par_chunks_mut(d)
+            .enumerate()
+            .for_each(|(i, dxr)| {
+                let (g, row) = (i / rows, i % rows);
+                let src = group_index(g, dm.gx) * rows + row;
+                let w = &gs[group_index(g, dm.gw) * d..][..d];
+                let (m, r) = (ms[src], rs[src]);
+                let xr = &xs[src * d..][..d];
+                let dyr = &dys[i * d..][..d];
+                let (mut s1, mut s2) = (0.0f64, 0.0f64);
+                for j in 0..d {
+                    let dxhat = (dyr[j] * w[j]) as f64;
+                    s1 += dxhat;
+                    s2 += dxhat * ((xr[j] - m) * r) as f64;
+                }
+                let (c1, c2) = ((s1 / d as f64) as f32, (s2 / d as f64) as f32);
+                for j in 0..d {
+                    let xhat = (xr[j] - m) * r;
+                    dxr[j] = r * (dyr[j] * w[j] - c1 - xhat * c2);
+                }
+            });
+        out.dx = Some(reduce_to_groups(dx_all, dm.gx)?);
+    }
+
+    if need_affine {
+        // dgamma sums dy·x̂ over the rows that used each affine row; dbeta sums dy.
+        let mut dy_xhat = vec![0.0f32; dys.len()];
+        dy_xhat.par_chunks_mut(d).enumerate().for_each(|(i, out)| {
+            let (g, row) = (i / rows, i % rows);
+            let src = group_index(g, dm.gx) * rows + row;
+            let (m, r) = (ms[src], rs[src]);
+            let xr = &xs[src * d..][..d];
+            let dyr = &dys[i * d..][..d];
+            for j in 0..d {
+                out[j] = dyr[j] * (xr[j] - m) * r;
+            }
+        });
+        let dgamma = sum_rows(&dy_xhat, groups, rows, d, dm.gw);
+        let dbeta = sum_rows(dys, groups, rows, d, dm.gw);
+        out.dgamma = Some(Tensor::from_vec(
+            dgamma,
+            gamma.shape().clone(),
+            MemTag::Workspace,
+            dev,
+        )?);
+        out.dbeta = Some(Tensor::from_vec(
+            dbeta,
+            gamma.shape().clone(),
+            MemTag::Workspace,
+            dev,
+        )?);
+    }
+    Ok(out)
+}

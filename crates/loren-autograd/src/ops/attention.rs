@@ -1,0 +1,48 @@
+use std::sync::Arc;
+
+use loren_tensor::ops::attention::{attention_backward, attention_forward};
+use loren_tensor::{Result, Tensor};
+
+use crate::tape::{Backward, GradSink, NodeId, Tape, Var};
+
+/// `softmax(Q·Kᵀ/√dh)·V` per group, batch item and head; Q, K, V are [G, B, T, D].
+pub fn attention(tape: &Tape, q: &Var, k: &Var, v: &Var, heads: usize) -> Result<Var> {
+    let out = attention_forward(q.value(), k.value(), v.value(), heads)?;
+    let needs_grad = tape.needs_grad(&[Some(q), Some(k), Some(v)]);
+    Ok(tape.record(
+        out.o,
+        needs_grad,
+        AttentionBackward {
+            q: q.keep(),
+            k: k.keep(),
+            v: v.keep(),
+            lse: out.lse,
+            heads,
+            nodes: [q.node(), k.node(), v.node()],
+        },
+    ))
+}
+
+struct AttentionBackward {
+    q: Arc<Tensor>,
+    k: Arc<Tensor>,
+    v: Arc<Tensor>,
+    lse: Tensor,
+    heads: usize,
+    nodes: [Option<NodeId>; 3],
+}
+
+impl Backward for AttentionBackward {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn backward(self: Box<Self>, d_o: Tensor, grads: &mut GradSink) -> Result<()> {
+        let g = attention_backward(&d_o, &self.q, &self.k, &self.v, &self.lse, self.heads)?;
+        drop(d_o);
+        let [q, k, v] = self.nodes;
+        grads.add_opt(q, g.dq)?;
+        grads.add_opt(k, g.dk)?;
+        grads.add_opt(v, g.dv)
+    }
+}

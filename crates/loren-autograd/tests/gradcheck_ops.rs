@@ -1,0 +1,312 @@
+//! Every op's backward against central finite differences, on fresh random inputs at odd sizes
+//! (T = 17, r = 1 and 5, M = 3), including the group-broadcast cases the ensembles use.
+
+use loren_autograd::gradcheck::{CheckOptions, Input, assert_gradients, check, randn};
+use loren_autograd::ops;
+use loren_autograd::{Backward, GradSink, Tape, Var};
+use loren_tensor::{Device, Result, Rng, Tensor};
+
+const M: usize = 3;
+const B: usize = 2;
+const T: usize = 17;
+
+fn opts() -> CheckOptions {
+    CheckOptions::default()
+}
+
+/// Random inputs named and shaped by `spec`; those named in `frozen` get no gradient.
+fn inputs(dev: &Device, rng: &mut Rng, spec: &[(&str, &[usize])], frozen: &[&str]) -> Vec<Input> {
+    spec.iter()
+        .map(|(name, shape)| Input::new(name, randn(shape, rng, dev), !frozen.contains(name)))
+        .collect()
+}
+
+#[test]
+fn linear_shared_weight_over_member_rows() {
+    let (dev, mut rng) = (Device::cpu(), Rng::new(1));
+    let ins = inputs(
+        &dev,
+        &mut rng,
+        &[("x", &[M, B, T, 7]), ("w", &[1, 5, 7]), ("b", &[1, 5])],
+        &[],
+    );
+    assert_gradients(
+        ins,
+        |t, v| ops::linear(t, &v[0], &v[1], Some(&v[2])),
+        &opts(),
+    );
+}
+
+#[test]
+fn linear_per_member_weight_on_shared_input() {
+    let (dev, mut rng) = (Device::cpu(), Rng::new(2));
+    let ins = inputs(
+        &dev,
+        &mut rng,
+        &[("x", &[1, B, T, 6]), ("w", &[M, 4, 6]), ("b", &[M, 4])],
+        &[],
+    );
+    assert_gradients(
+        ins,
+        |t, v| ops::linear(t, &v[0], &v[1], Some(&v[2])),
+        &opts(),
+    );
+}
+
+#[test]
+fn linear_per_member_weight_on_member_input_without_bias() {
+    let (dev, mut rng) = (Device::cpu(), Rng::new(3));
+    let ins = inputs(&dev, &mut rng, &[("x", &[M, B, 5]), ("w", &[M, 4, 5])], &[]);
+    assert_gradients(ins, |t, v| ops::linear(t, &v[0], &v[1], None), &opts());
+}
+
+fn lora_case(gx: usize, r: usize, seed: u64) {
+    let (dev, mut rng) = (Device::cpu(), Rng::new(seed));
+    let (k, n) = (6, 5);
+    let ins = inputs(
+        &dev,
+        &mut rng,
+        &[
+            ("x", &[gx, B, T, k]),
+            ("w", &[1, n, k]),
+            ("bias", &[1, n]),
+            ("a", &[M, r, k]),
+            ("b", &[M, n, r]),
+        ],
+        &["w", "bias"],
+    );
+    assert_gradients(
+        ins,
+        |t, v| ops::lora_linear(t, &v[0], &v[1], Some(&v[2]), &v[3], &v[4], 0.7),
+        &opts(),
+    );
+}
+
+#[test]
+fn lora_linear_member_input_rank_1() {
+    lora_case(M, 1, 4);
+}
+
+#[test]
+fn lora_linear_member_input_rank_5() {
+    lora_case(M, 5, 5);
+}
+
+#[test]
+fn lora_linear_shared_input_rank_5() {
+    lora_case(1, 5, 6);
+}
+
+#[test]
+fn lora_linear_shared_input_rank_1() {
+    lora_case(1, 1, 7);
+}
+
+#[test]
+fn layernorm_shared_affine_over_members() {
+    let (dev, mut rng) = (Device::cpu(), Rng::new(8));
+    let ins = inputs(
+        &dev,
+        &mut rng,
+        &[("x", &[M, B, T, 9]), ("gamma", &[1, 9]), ("beta", &[1, 9])],
+        &[],
+    );
+    assert_gradients(
+        ins,
+        |t, v| ops::layernorm(t, &v[0], &v[1], &v[2], 1e-5),
+        &opts(),
+    );
+}
+
+#[test]
+fn layernorm_member_affine_on_shared_input() {
+    let (dev, mut rng) = (Device::cpu(), Rng::new(9));
+    let ins = inputs(
+        &dev,
+        &mut rng,
+        &[("x", &[1, B, T, 9]), ("gamma", &[M, 9]), ("beta", &[M, 9])],
+        &[],
+    );
+    assert_gradients(
+        ins,
+        |t, v| ops::layernorm(t, &v[0], &v[1], &v[2], 1e-5),
+        &opts(),
+    );
+}
+
+#[test]
+fn layernorm_input_only_with_frozen_affine() {
+    let (dev, mut rng) = (Device::cpu(), Rng::new(10));
+    let ins = inputs(
+        &dev,
+        &mut rng,
+        &[("x", &[M, T, 9]), ("gamma", &[1, 9]), ("beta", &[1, 9])],
+        &["gamma", "beta"],
+    );
+    assert_gradients(
+        ins,
+        |t, v| ops::layernorm(t, &v[0], &v[1], &v[2], 1e-5),
+        &opts(),
+    );
+}
+
+#[test]
+fn attention_members_batch_heads() {
+    let (dev, mut rng) = (Device::cpu(), Rng::new(11));
+    let ins = inputs(
+        &dev,
+        &mut rng,
+        &[
+            ("q", &[M, B, T, 8]),
+            ("k", &[M, B, T, 8]),
+            ("v", &[M, B, T, 8]),
+        ],
+        &[],
+    );
+    assert_gradients(
+        ins,
+        |t, v| ops::attention(t, &v[0], &v[1], &v[2], 2),
+        &opts(),
+    );
+}
+
+#[test]
+fn attention_member_queries_on_shared_keys_and_values() {
+    let (dev, mut rng) = (Device::cpu(), Rng::new(12));
+    let ins = inputs(
+        &dev,
+        &mut rng,
+        &[
+            ("q", &[M, B, T, 6]),
+            ("k", &[1, B, T, 6]),
+            ("v", &[1, B, T, 6]),
+        ],
+        &[],
+    );
+    assert_gradients(
+        ins,
+        |t, v| ops::attention(t, &v[0], &v[1], &v[2], 3),
+        &opts(),
+    );
+}
+
+#[test]
+fn bias_gelu_member_input_shared_bias() {
+    let (dev, mut rng) = (Device::cpu(), Rng::new(13));
+    let ins = inputs(&dev, &mut rng, &[("x", &[M, B, T, 5]), ("b", &[1, 5])], &[]);
+    assert_gradients(ins, |t, v| ops::bias_gelu(t, &v[0], &v[1]), &opts());
+}
+
+#[test]
+fn bias_gelu_shared_input_member_bias() {
+    let (dev, mut rng) = (Device::cpu(), Rng::new(14));
+    let ins = inputs(&dev, &mut rng, &[("x", &[1, B, T, 5]), ("b", &[M, 5])], &[]);
+    assert_gradients(ins, |t, v| ops::bias_gelu(t, &v[0], &v[1]), &opts());
+}
+
+#[test]
+fn residual_add_broadcasts_the_shared_stream() {
+    let (dev, mut rng) = (Device::cpu(), Rng::new(15));
+    let ins = inputs(
+        &dev,
+        &mut rng,
+        &[("a", &[1, B, T, 4]), ("b", &[M, B, T, 4])],
+        &[],
+    );
+    assert_gradients(ins, |t, v| ops::add(t, &v[0], &v[1]), &opts());
+}
+
+#[test]
+fn embed_tokens_shared_and_member_embeddings() {
+    let (dev, mut rng) = (Device::cpu(), Rng::new(16));
+    let p = T - 1;
+    let ins = inputs(
+        &dev,
+        &mut rng,
+        &[("pe", &[M, B, p, 4]), ("cls", &[1, 4]), ("pos", &[M, T, 4])],
+        &[],
+    );
+    assert_gradients(
+        ins,
+        |t, v| ops::embed_tokens(t, &v[0], &v[1], &v[2]),
+        &opts(),
+    );
+}
+
+#[test]
+fn class_token_then_per_member_head() {
+    let (dev, mut rng) = (Device::cpu(), Rng::new(17));
+    let ins = inputs(
+        &dev,
+        &mut rng,
+        &[("x", &[M, B, T, 6]), ("head", &[M, 10, 6])],
+        &[],
+    );
+    assert_gradients(
+        ins,
+        |t, v| {
+            let c = ops::class_token(t, &v[0])?;
+            ops::linear(t, &c, &v[1], None)
+        },
+        &opts(),
+    );
+}
+
+#[test]
+fn softmax_cross_entropy_shared_targets() {
+    let (dev, mut rng) = (Device::cpu(), Rng::new(18));
+    let targets = [3u32, 0, 9, 9, 1];
+    let ins = inputs(&dev, &mut rng, &[("logits", &[M, 5, 10])], &[]);
+    assert_gradients(
+        ins,
+        |t, v| ops::softmax_cross_entropy(t, &v[0], &targets),
+        &opts(),
+    );
+}
+
+/// An op whose backward is deliberately wrong by 5%: the check must catch it, or it proves
+/// nothing about the real ops.
+struct WrongBackward(Option<loren_autograd::NodeId>);
+
+impl Backward for WrongBackward {
+    fn name(&self) -> &'static str {
+        "planted_wrong"
+    }
+
+    fn backward(self: Box<Self>, dy: Tensor, grads: &mut GradSink) -> Result<()> {
+        let mut g = dy;
+        loren_tensor::ops::elementwise::scale_(&mut g, 1.05)?;
+        grads.add(self.0, g)
+    }
+}
+
+fn planted_identity(tape: &Tape, x: &Var) -> Result<Var> {
+    let y = x.value().copy(loren_tensor::MemTag::Activations)?;
+    Ok(tape.record(y, tape.needs_grad(&[Some(x)]), WrongBackward(x.node())))
+}
+
+#[test]
+fn a_planted_wrong_gradient_fails_the_check() {
+    let (dev, mut rng) = (Device::cpu(), Rng::new(19));
+    let ins = inputs(&dev, &mut rng, &[("x", &[M, B, 5])], &[]);
+    let reports = check(ins, |t, v| planted_identity(t, &v[0]), &opts()).unwrap();
+    assert!(
+        reports[0].rel_err > opts().rel_tol,
+        "rel err {}",
+        reports[0].rel_err
+    );
+}
+
+#[test]
+fn frozen_inputs_get_no_gradient_buffer() {
+    let (dev, mut rng) = (Device::cpu(), Rng::new(20));
+    let ins = inputs(
+        &dev,
+        &mut rng,
+        &[("x", &[M, B, 4]), ("w", &[1, 3, 4])],
+        &["w"],
+    );
+    let reports = check(ins, |t, v| ops::linear(t, &v[0], &v[1], None), &opts()).unwrap();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].name, "x");
+}
