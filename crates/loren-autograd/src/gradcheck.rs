@@ -95,7 +95,7 @@ fn dot(out: &Tensor, r: &Tensor) -> Result<f64> {
         .sum())
 }
 
-/// Run the check and return one report per trainable input.
+/// Run the check on standalone inputs and return one report per trainable input.
 pub fn check<F>(inputs: Vec<Input>, f: F, opts: &CheckOptions) -> Result<Vec<InputReport>>
 where
     F: Fn(&Tape, &[Var]) -> Result<Var>,
@@ -105,27 +105,37 @@ where
         .map(|i| i.value.device().clone())
         .ok_or_else(|| Error::invalid("gradcheck", "no inputs"))?;
     let mut params = Params::new(&dev);
-    let mut names = Vec::new();
     for inp in inputs {
-        names.push((inp.name.clone(), inp.trainable));
         params.add(inp.name, inp.value, inp.trainable, false)?;
     }
-    let ids: Vec<ParamId> = (0..names.len()).map(ParamId).collect();
+    let ids: Vec<ParamId> = (0..params.len()).map(ParamId).collect();
+    check_params(
+        &mut params,
+        |p| p,
+        |tape, params| {
+            let vars: Vec<Var> = ids.iter().map(|&id| tape.param(params, id)).collect();
+            f(tape, &vars)
+        },
+        opts,
+    )
+}
+
+/// Run the check over the parameters of any holder `state` (a whole model, say): `params`
+/// reaches its parameters, `f` runs its forward.
+pub fn check_params<S, P, F>(state: &mut S, params: P, f: F, opts: &CheckOptions) -> Result<Vec<InputReport>>
+where
+    P: Fn(&mut S) -> &mut Params,
+    F: Fn(&Tape, &S) -> Result<Var>,
+{
     let mut rng = Rng::new(opts.seed);
 
     // Analytic gradients from the tape.
-    let mut grads = Grads::new(&params)?;
+    let mut grads = Grads::new(params(state))?;
     let r = {
         let tape = Tape::new();
-        let vars: Vec<Var> = ids.iter().map(|&id| tape.param(&params, id)).collect();
-        let out = f(&tape, &vars)?;
-        let r = Arc::new(Tensor::randn(
-            out.shape().clone(),
-            1.0,
-            &mut rng,
-            MemTag::Workspace,
-            &dev,
-        )?);
+        let out = f(&tape, state)?;
+        let dev = out.value().device().clone();
+        let r = Arc::new(Tensor::randn(out.shape().clone(), 1.0, &mut rng, MemTag::Workspace, &dev)?);
         let value = dot(out.value(), &r)?;
         let loss_t = Tensor::full(value as f32, [1], MemTag::Workspace, &dev)?;
         let loss = tape.record(
@@ -140,23 +150,27 @@ where
         r
     };
 
-    let eval = |params: &Params| -> Result<f64> {
+    let eval = |state: &S| -> Result<f64> {
         let tape = Tape::inference();
-        let vars: Vec<Var> = ids.iter().map(|&id| tape.param(params, id)).collect();
-        let out = f(&tape, &vars)?;
+        let out = f(&tape, state)?;
         dot(out.value(), &r)
     };
 
+    let list: Vec<(ParamId, String, bool)> = params(state)
+        .iter()
+        .map(|(id, p)| (id, p.name().to_string(), p.trainable()))
+        .collect();
     let mut reports = Vec::new();
-    for (i, (name, trainable)) in names.iter().enumerate() {
+    for (id, name, trainable) in &list {
+        let id = *id;
         if !trainable {
+            // Frozen inputs must not have received a gradient buffer at all.
+            if grads.get(id).is_some() {
+                return Err(Error::invalid("gradcheck", format!("frozen input '{name}' has a gradient")));
+            }
             continue;
         }
-        let id = ids[i];
-        let analytic = grads
-            .get(id)
-            .expect("trainable input has a gradient")
-            .to_vec()?;
+        let analytic = grads.get(id).expect("trainable input has a gradient").to_vec()?;
         let n = analytic.len();
         let mut positions: Vec<usize> = (0..n).collect();
         if n > opts.samples {
@@ -164,18 +178,18 @@ where
             positions.truncate(opts.samples.saturating_sub(2));
             positions.extend([0, n - 1]);
         }
-        let base = params.get(id).to_vec()?;
+        let base = params(state).get(id).to_vec()?;
         let (mut diff2, mut num2) = (0.0f64, 0.0f64);
         let mut worst: Option<(usize, f64, f64)> = None;
         for &j in &positions {
             let mut v = base.clone();
             v[j] = base[j] + opts.eps;
-            params.set(id, &v)?;
-            let lp = eval(&params)?;
+            params(state).set(id, &v)?;
+            let lp = eval(state)?;
             v[j] = base[j] - opts.eps;
-            params.set(id, &v)?;
-            let lm = eval(&params)?;
-            params.set(id, &base)?;
+            params(state).set(id, &v)?;
+            let lm = eval(state)?;
+            params(state).set(id, &base)?;
             let numeric = (lp - lm) / (2.0 * (opts.eps as f64));
             let a = analytic[j] as f64;
             diff2 += (a - numeric).powi(2);
@@ -192,15 +206,6 @@ where
             worst,
             grad_norm,
         });
-    }
-    // Frozen inputs must not have received a gradient buffer at all.
-    for (i, (name, trainable)) in names.iter().enumerate() {
-        if !trainable && grads.get(ids[i]).is_some() {
-            return Err(Error::invalid(
-                "gradcheck",
-                format!("frozen input '{name}' has a gradient"),
-            ));
-        }
     }
     Ok(reports)
 }

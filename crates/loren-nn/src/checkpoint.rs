@@ -1,0 +1,216 @@
+//! Named f32 tensors in safetensors files: written atomically, read with every problem named.
+//!
+//! Files may hold f32, f16 or bf16 tensors; all are read as f32. Writes go to a temporary file
+//! beside the target that is synced and then renamed over it, so a crash never leaves half a file.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use crate::error::{NnError, Result};
+
+/// One tensor read from a file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// The tensors and metadata of one safetensors file.
+#[derive(Debug)]
+pub struct TensorFile {
+    path: PathBuf,
+    tensors: BTreeMap<String, Entry>,
+    metadata: HashMap<String, String>,
+}
+
+impl TensorFile {
+    pub fn read(path: &Path) -> Result<TensorFile> {
+        let bytes = fs::read(path).map_err(|e| NnError::io(path, e))?;
+        TensorFile::parse(&bytes, path)
+    }
+
+    /// Parse file contents; `path` only names the file in errors.
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<TensorFile> {
+        let st = SafeTensors::deserialize(bytes)
+            .map_err(|e| NnError::checkpoint(path, format!("not a valid safetensors file ({e})")))?;
+        let (_, meta) = SafeTensors::read_metadata(bytes)
+            .map_err(|e| NnError::checkpoint(path, format!("unreadable header ({e})")))?;
+        let mut tensors = BTreeMap::new();
+        for (name, view) in st.iter() {
+            let data = to_f32(&view).map_err(|msg| NnError::checkpoint(path, format!("tensor '{name}': {msg}")))?;
+            tensors.insert(name.to_string(), Entry { shape: view.shape().to_vec(), data });
+        }
+        Ok(TensorFile {
+            path: path.to_path_buf(),
+            tensors,
+            metadata: meta.metadata().clone().unwrap_or_default(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
+    /// A metadata value, or an error naming the missing key.
+    pub fn meta(&self, key: &str) -> Result<&str> {
+        self.metadata
+            .get(key)
+            .map(String::as_str)
+            .ok_or_else(|| NnError::checkpoint(&self.path, format!("metadata '{key}' is missing")))
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// A tensor by name, or an error naming the file and the tensor.
+    pub fn get(&self, name: &str) -> Result<&Entry> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| NnError::checkpoint(&self.path, format!("tensor '{name}' is missing")))
+    }
+
+    /// A tensor that must have `shape`; a mismatch names the tensor and both shapes.
+    pub fn get_shaped(&self, name: &str, shape: &[usize]) -> Result<&[f32]> {
+        let e = self.get(name)?;
+        if e.shape != shape {
+            return Err(NnError::checkpoint(
+                &self.path,
+                format!("tensor '{name}' has shape {:?}, expected {:?}", e.shape, shape),
+            ));
+        }
+        Ok(&e.data)
+    }
+
+    /// Take a tensor out, for importers that rearrange weights.
+    pub fn take(&mut self, name: &str) -> Result<Entry> {
+        self.tensors
+            .remove(name)
+            .ok_or_else(|| NnError::checkpoint(&self.path, format!("tensor '{name}' is missing")))
+    }
+}
+
+fn to_f32(view: &TensorView<'_>) -> std::result::Result<Vec<f32>, String> {
+    let raw = view.data();
+    let words = |n: usize| raw.chunks_exact(n);
+    Ok(match view.dtype() {
+        Dtype::F32 => words(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F16 => words(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::BF16 => words(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        other => return Err(format!("dtype {other:?} is not supported (f32, f16 or bf16)")),
+    })
+}
+
+/// Write `tensors` (name, shape, values) and `metadata` to `path` atomically.
+pub fn write(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)], metadata: HashMap<String, String>) -> Result<()> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, shape, values), b)| {
+            if shape.iter().product::<usize>() != values.len() {
+                return Err(NnError::checkpoint(
+                    path,
+                    format!("tensor '{name}': {} values for shape {shape:?}", values.len()),
+                ));
+            }
+            let view = TensorView::new(Dtype::F32, shape.clone(), b)
+                .map_err(|e| NnError::checkpoint(path, format!("tensor '{name}': {e}")))?;
+            Ok((name.as_str(), view))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let buffer = safetensors::serialize(views, Some(metadata)).map_err(|e| NnError::checkpoint(path, e.to_string()))?;
+    write_atomic(path, &buffer)
+}
+
+/// Write `bytes` to `path` through a synced temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(|e| NnError::io(dir, e))?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    result.map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        NnError::io(path, e)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("loren-ckpt-{}-{name}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        dir.join("t.safetensors")
+    }
+
+    #[test]
+    fn round_trips_tensors_and_metadata() {
+        let p = temp("round");
+        let meta = HashMap::from([("step".to_string(), "7".to_string())]);
+        write(&p, &[("a".into(), vec![2, 3], (0..6).map(|i| i as f32 * 0.5).collect()), ("b".into(), vec![1], vec![-1.0])], meta).unwrap();
+        let f = TensorFile::read(&p).unwrap();
+        assert_eq!(f.get_shaped("a", &[2, 3]).unwrap(), &[0.0, 0.5, 1.0, 1.5, 2.0, 2.5]);
+        assert_eq!(f.meta("step").unwrap(), "7");
+        assert!(!p.with_extension("safetensors.tmp").exists());
+    }
+
+    #[test]
+    fn problems_name_the_file_and_the_tensor() {
+        let p = temp("bad");
+        write(&p, &[("w".into(), vec![2, 2], vec![1.0; 4])], HashMap::new()).unwrap();
+        let f = TensorFile::read(&p).unwrap();
+        let e = f.get_shaped("w", &[4, 1]).unwrap_err().to_string();
+        assert!(e.contains("'w'") && e.contains("[2, 2]") && e.contains("[4, 1]") && e.contains("t.safetensors"), "{e}");
+        let e = f.get("nope").unwrap_err().to_string();
+        assert!(e.contains("'nope'") && e.contains("missing"), "{e}");
+
+        let bytes = fs::read(&p).unwrap();
+        let e = TensorFile::parse(&bytes[..bytes.len() - 3], &p).unwrap_err().to_string();
+        assert!(e.contains("t.safetensors") && e.contains("not a valid safetensors"), "{e}");
+        let e = TensorFile::parse(b"garbage", &p).unwrap_err().to_string();
+        assert!(e.contains("not a valid safetensors"), "{e}");
+        let e = TensorFile::read(&p.with_file_name("absent.safetensors")).unwrap_err().to_string();
+        assert!(e.contains("absent.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn reads_half_precision_files() {
+        let vals = [1.5f32, -2.25, 0.125];
+        let h: Vec<u8> = vals.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect();
+        let b: Vec<u8> = vals.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect();
+        let views = vec![
+            ("h", TensorView::new(Dtype::F16, vec![3], &h).unwrap()),
+            ("b", TensorView::new(Dtype::BF16, vec![3], &b).unwrap()),
+        ];
+        let bytes = safetensors::serialize(views, None).unwrap();
+        let f = TensorFile::parse(&bytes, Path::new("mem")).unwrap();
+        assert_eq!(f.get("h").unwrap().data, vals);
+        assert_eq!(f.get("b").unwrap().data, vals);
+    }
+}

@@ -1,0 +1,319 @@
+//! Model and ensemble configurations, validated before anything is allocated.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{NnError, Result};
+
+/// The shape of a Vision Transformer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VitConfig {
+    pub name: String,
+    pub image_size: usize,
+    pub channels: usize,
+    pub patch: usize,
+    pub dim: usize,
+    pub depth: usize,
+    pub heads: usize,
+    pub mlp_dim: usize,
+    pub ln_eps: f32,
+}
+
+impl VitConfig {
+    /// The model for the bundled 8×8 digits: 16 patches of 2×2 plus the class token, 17 tokens.
+    /// Kept exactly so, because other engines are compared on it.
+    pub fn tiny() -> Self {
+        VitConfig {
+            name: "tiny".into(),
+            image_size: 8,
+            channels: 1,
+            patch: 2,
+            dim: 64,
+            depth: 4,
+            heads: 4,
+            mlp_dim: 128,
+            ln_eps: 1e-6,
+        }
+    }
+
+    /// ViT-B/32 at 224×224: 49 patches plus the class token, 50 tokens.
+    pub fn vit_b_32() -> Self {
+        VitConfig {
+            name: "vit-b-32".into(),
+            image_size: 224,
+            channels: 3,
+            patch: 32,
+            dim: 768,
+            depth: 12,
+            heads: 12,
+            mlp_dim: 3072,
+            ln_eps: 1e-6,
+        }
+    }
+
+    /// ViT-B/16 at 224×224: 196 patches plus the class token, 197 tokens.
+    pub fn vit_b_16() -> Self {
+        VitConfig {
+            name: "vit-b-16".into(),
+            patch: 16,
+            ..VitConfig::vit_b_32()
+        }
+    }
+
+    pub const NAMES: [&'static str; 3] = ["tiny", "vit-b-32", "vit-b-16"];
+
+    pub fn by_name(name: &str) -> Result<Self> {
+        match name {
+            "tiny" => Ok(VitConfig::tiny()),
+            "vit-b-32" => Ok(VitConfig::vit_b_32()),
+            "vit-b-16" => Ok(VitConfig::vit_b_16()),
+            _ => Err(NnError::Config(format!(
+                "unknown model config '{name}': expected one of {}",
+                VitConfig::NAMES.join(", ")
+            ))),
+        }
+    }
+
+    pub fn patches(&self) -> usize {
+        (self.image_size / self.patch).pow(2)
+    }
+
+    /// Sequence length: the patches plus the class token.
+    pub fn tokens(&self) -> usize {
+        self.patches() + 1
+    }
+
+    pub fn patch_features(&self) -> usize {
+        self.channels * self.patch * self.patch
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.dim / self.heads
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(NnError::Config(format!("model '{}': {msg}", self.name)));
+        let dims = [
+            ("image_size", self.image_size),
+            ("channels", self.channels),
+            ("patch", self.patch),
+            ("dim", self.dim),
+            ("depth", self.depth),
+            ("heads", self.heads),
+            ("mlp_dim", self.mlp_dim),
+        ];
+        if let Some((what, _)) = dims.iter().find(|(_, v)| *v == 0) {
+            return bad(format!("{what} must be at least 1"));
+        }
+        if self.image_size % self.patch != 0 {
+            return bad(format!("patch {} does not tile image size {}", self.patch, self.image_size));
+        }
+        if self.dim % self.heads != 0 {
+            return bad(format!("{} heads do not divide dim {}", self.heads, self.dim));
+        }
+        Ok(())
+    }
+}
+
+/// How the members are made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// LoRA-Ensemble: one frozen backbone, per-member adapters and heads.
+    Lora,
+    /// M full copies of the network, every weight trained.
+    Explicit,
+    /// One network, every weight trained.
+    Single,
+    /// One network with LoRA adapters and a head trained, the backbone frozen.
+    SingleLora,
+}
+
+impl Method {
+    pub const ALL: [Method; 4] = [Method::Single, Method::SingleLora, Method::Explicit, Method::Lora];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Lora => "lora",
+            Method::Explicit => "explicit",
+            Method::Single => "single",
+            Method::SingleLora => "single-lora",
+        }
+    }
+
+    /// Whether the backbone is frozen and adapted by LoRA.
+    pub fn uses_lora(self) -> bool {
+        matches!(self, Method::Lora | Method::SingleLora)
+    }
+
+    /// Whether the method has one member whatever `--members` says.
+    pub fn is_single(self) -> bool {
+        matches!(self, Method::Single | Method::SingleLora)
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Method {
+    type Err = NnError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Method::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| NnError::Config(format!("unknown method '{s}': expected lora, explicit, single or single-lora")))
+    }
+}
+
+/// Which attention projections carry adapters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Targets {
+    pub q: bool,
+    pub k: bool,
+    pub v: bool,
+    pub o: bool,
+}
+
+impl Targets {
+    pub const ALL: Targets = Targets { q: true, k: true, v: true, o: true };
+
+    pub fn contains(&self, proj: Proj) -> bool {
+        match proj {
+            Proj::Q => self.q,
+            Proj::K => self.k,
+            Proj::V => self.v,
+            Proj::O => self.o,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !(self.q || self.k || self.v || self.o)
+    }
+}
+
+impl FromStr for Targets {
+    type Err = NnError;
+
+    /// A subset of "qkvo", e.g. "qv".
+    fn from_str(s: &str) -> Result<Self> {
+        let mut t = Targets { q: false, k: false, v: false, o: false };
+        for c in s.chars() {
+            match c {
+                'q' => t.q = true,
+                'k' => t.k = true,
+                'v' => t.v = true,
+                'o' => t.o = true,
+                _ => return Err(NnError::Config(format!("LoRA targets '{s}': '{c}' is not one of q, k, v, o"))),
+            }
+        }
+        if t.is_empty() {
+            return Err(NnError::Config("LoRA targets: name at least one of q, k, v, o".into()));
+        }
+        Ok(t)
+    }
+}
+
+impl fmt::Display for Targets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for p in Proj::ALL {
+            if self.contains(p) {
+                f.write_str(p.name())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The four attention projections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proj {
+    Q,
+    K,
+    V,
+    O,
+}
+
+impl Proj {
+    pub const ALL: [Proj; 4] = [Proj::Q, Proj::K, Proj::V, Proj::O];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Proj::Q => "q",
+            Proj::K => "k",
+            Proj::V => "v",
+            Proj::O => "o",
+        }
+    }
+}
+
+/// The adapters: `y = x·Wᵀ + scale·(x·Aᵀ)·Bᵀ`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub scale: f32,
+    pub targets: Targets,
+    /// Gain of A's Xavier-uniform start; large, so the members start apart.
+    pub init_gain: f32,
+}
+
+impl Default for LoraConfig {
+    /// The method's reference setup: rank 8, scale 1, all four projections, gain 10.
+    fn default() -> Self {
+        LoraConfig {
+            rank: 8,
+            scale: 1.0,
+            targets: Targets::ALL,
+            init_gain: 10.0,
+        }
+    }
+}
+
+/// What to build: a method, its member count and its adapters, for a number of classes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EnsembleConfig {
+    pub method: Method,
+    pub members: usize,
+    pub classes: usize,
+    pub lora: LoraConfig,
+}
+
+impl EnsembleConfig {
+    /// Check the ensemble against the model it adapts.
+    pub fn validate(&self, model: &VitConfig) -> Result<()> {
+        model.validate()?;
+        if self.members == 0 {
+            return Err(NnError::Config("the ensemble needs at least 1 member (--members)".into()));
+        }
+        if self.method.is_single() && self.members != 1 {
+            return Err(NnError::Config(format!(
+                "method {} has exactly 1 member, not {}",
+                self.method, self.members
+            )));
+        }
+        if self.classes < 2 {
+            return Err(NnError::Config(format!("a classifier needs at least 2 classes, got {}", self.classes)));
+        }
+        if self.method.uses_lora() {
+            let r = self.lora.rank;
+            if r == 0 {
+                return Err(NnError::Config("LoRA rank must be at least 1 (--rank)".into()));
+            }
+            if r > model.dim {
+                return Err(NnError::Config(format!(
+                    "LoRA rank {r} is above the model width {} (--rank must be at most {})",
+                    model.dim, model.dim
+                )));
+            }
+            if !self.lora.scale.is_finite() || !self.lora.init_gain.is_finite() || self.lora.init_gain <= 0.0 {
+                return Err(NnError::Config("LoRA scale and init gain must be finite, the gain positive".into()));
+            }
+        }
+        Ok(())
+    }
+}

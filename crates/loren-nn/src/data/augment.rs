@@ -1,0 +1,184 @@
+//! Per-image training augmentation, applied inside [`Dataset::batch`](super::Dataset::batch).
+
+use loren_tensor::Rng;
+
+use super::DataError;
+use super::affine::{Motion, flip_horizontal, flip_vertical, warp};
+
+/// Random flips, rotation and translation, drawn afresh for each image.
+///
+/// Flips happen with probability 1/2 each when enabled; the angle is uniform in
+/// `±max_rotation_deg` and each translation component uniform in `±max_translate_px`. The
+/// geometric part uses the same bilinear, zero-fill sampler as the Rotation shift.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Augment {
+    pub hflip: bool,
+    pub vflip: bool,
+    pub max_rotation_deg: f32,
+    pub max_translate_px: f32,
+}
+
+impl Augment {
+    /// No augmentation: images pass through untouched.
+    pub fn none() -> Augment {
+        Augment {
+            hflip: false,
+            vflip: false,
+            max_rotation_deg: 0.0,
+            max_translate_px: 0.0,
+        }
+    }
+
+    /// For the 8×8 digits: no flips, since a mirrored 2 or 7 is not a 2 or 7; small rotations
+    /// (±10°) and translations (±1 px), which keep digits legible at this resolution.
+    pub fn digits() -> Augment {
+        Augment {
+            hflip: false,
+            vflip: false,
+            max_rotation_deg: 10.0,
+            max_translate_px: 1.0,
+        }
+    }
+
+    /// The LoRA-Ensemble paper's CIFAR setup: horizontal and vertical flips, rotation ±15°, no
+    /// translation.
+    pub fn paper() -> Augment {
+        Augment {
+            hflip: true,
+            vflip: true,
+            max_rotation_deg: 15.0,
+            max_translate_px: 0.0,
+        }
+    }
+
+    /// Rejects negative or non-finite ranges, which would otherwise silently produce NaN images.
+    pub fn validate(&self) -> Result<(), DataError> {
+        let ranges = [
+            ("max_rotation_deg", self.max_rotation_deg),
+            ("max_translate_px", self.max_translate_px),
+        ];
+        match ranges.iter().find(|(_, v)| !(v.is_finite() && *v >= 0.0)) {
+            Some(&(field, value)) => Err(DataError::BadAugment { field, value }),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes an augmented copy of `image` (`[C, H, W]`) into `out`.
+    ///
+    /// Draws from `rng` only for the enabled parts, so [`Augment::none`] leaves it untouched.
+    pub fn apply(&self, image: &[f32], shape: [usize; 3], rng: &mut Rng, out: &mut [f32]) {
+        let motion = self.draw_motion(rng);
+        warp(image, shape, motion, out);
+        if self.hflip && rng.next_f32() < 0.5 {
+            flip_horizontal(out, shape);
+        }
+        if self.vflip && rng.next_f32() < 0.5 {
+            flip_vertical(out, shape);
+        }
+    }
+
+    fn draw_motion(&self, rng: &mut Rng) -> Motion {
+        let symmetric = |rng: &mut Rng, max: f32| {
+            if max > 0.0 {
+                rng.uniform(-max, max)
+            } else {
+                0.0
+            }
+        };
+        let angle_deg = symmetric(rng, self.max_rotation_deg);
+        let tx = symmetric(rng, self.max_translate_px);
+        let ty = symmetric(rng, self.max_translate_px);
+        Motion { angle_deg, tx, ty }
+    }
+}
+
+impl Default for Augment {
+    fn default() -> Augment {
+        Augment::none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image() -> Vec<f32> {
+        (0..64).map(|i| i as f32 / 64.0).collect()
+    }
+
+    fn augmented(aug: &Augment, rng: &mut Rng) -> Vec<f32> {
+        let mut out = vec![0.0; 64];
+        aug.apply(&image(), [1, 8, 8], rng, &mut out);
+        out
+    }
+
+    #[test]
+    fn data_augment_none_is_identity_and_draws_nothing() {
+        let mut rng = Rng::new(5);
+        assert_eq!(augmented(&Augment::none(), &mut rng), image());
+        assert_eq!(rng, Rng::new(5));
+    }
+
+    #[test]
+    fn data_augment_is_deterministic_per_rng_and_varies_per_image() {
+        for aug in [Augment::digits(), Augment::paper()] {
+            let (mut a, mut b) = (Rng::new(9), Rng::new(9));
+            let first = augmented(&aug, &mut a);
+            assert_eq!(first, augmented(&aug, &mut b));
+            assert_ne!(first, image());
+            assert_ne!(first, augmented(&aug, &mut a));
+            assert!(first.iter().all(|x| (0.0..=1.0).contains(x)));
+        }
+    }
+
+    #[test]
+    fn data_flip_only_augment_gives_both_orientations() {
+        let aug = Augment {
+            hflip: true,
+            ..Augment::none()
+        };
+        let mut mirrored = image();
+        flip_horizontal(&mut mirrored, [1, 8, 8]);
+        let mut rng = Rng::new(1);
+        let (mut plain, mut flipped) = (0, 0);
+        for _ in 0..200 {
+            let out = augmented(&aug, &mut rng);
+            if out == image() {
+                plain += 1;
+            } else {
+                assert_eq!(out, mirrored);
+                flipped += 1;
+            }
+        }
+        assert!(
+            plain > 70 && flipped > 70,
+            "{plain} plain, {flipped} flipped"
+        );
+    }
+
+    #[test]
+    fn data_augment_validation_rejects_bad_ranges() {
+        assert!(Augment::digits().validate().is_ok());
+        assert!(Augment::paper().validate().is_ok());
+        let bad = Augment {
+            max_rotation_deg: f32::NAN,
+            ..Augment::none()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("max_rotation_deg")
+        );
+        let bad = Augment {
+            max_translate_px: -1.0,
+            ..Augment::none()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("max_translate_px")
+        );
+    }
+}

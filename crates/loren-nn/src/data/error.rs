@@ -1,0 +1,139 @@
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// What went wrong reading, building, splitting or transforming a dataset.
+///
+/// File errors name the file and, where it applies, the 1-based line and field.
+#[derive(Debug, Error)]
+pub enum DataError {
+    #[error("{}: cannot read: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: the file is empty", path.display())]
+    EmptyFile { path: PathBuf },
+    #[error("{}: not a gzip file (it does not start with the gzip magic bytes 1f 8b)", path.display())]
+    NotGzip { path: PathBuf },
+    #[error("{}: corrupt gzip data: {source}", path.display())]
+    CorruptGzip {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: decompresses to more than {limit} bytes; refusing to read further", path.display())]
+    TooLarge { path: PathBuf, limit: u64 },
+    #[error("{}: no images: the data holds no rows", path.display())]
+    NoRows { path: PathBuf },
+    #[error("{}: line {line}: not valid UTF-8 text", path.display())]
+    NotText { path: PathBuf, line: usize },
+    #[error(
+        "{}: line {line}: expected {expected} comma-separated fields (the pixels, then the label), found {found}",
+        path.display()
+    )]
+    FieldCount {
+        path: PathBuf,
+        line: usize,
+        expected: usize,
+        found: usize,
+    },
+    #[error("{}: line {line}, field {field}: `{value}` is not a whole number", path.display())]
+    NotNumeric {
+        path: PathBuf,
+        line: usize,
+        field: usize,
+        value: String,
+    },
+    #[error("{}: line {line}, field {field}: pixel value {value} is outside 0..=16", path.display())]
+    PixelRange {
+        path: PathBuf,
+        line: usize,
+        field: usize,
+        value: i64,
+    },
+    #[error("{}: line {line}: label {value} is outside 0..=9", path.display())]
+    LabelRange {
+        path: PathBuf,
+        line: usize,
+        value: i64,
+    },
+
+    #[error("dataset `{name}`: channels, height and width must be positive, got {}x{}x{}", shape[0], shape[1], shape[2])]
+    EmptyShape { name: String, shape: [usize; 3] },
+    #[error(
+        "dataset `{name}`: {labels} labels of {}x{}x{} images need {} pixel values, found {found}",
+        shape[0], shape[1], shape[2],
+        pixel_count(*labels, *shape).map_or("more than usize::MAX".into(), |n| n.to_string())
+    )]
+    ImageCount {
+        name: String,
+        labels: usize,
+        shape: [usize; 3],
+        found: usize,
+    },
+    #[error(
+        "dataset `{name}`: needs at least one class and one name per class: {classes} classes, {found} class names"
+    )]
+    ClassNames {
+        name: String,
+        classes: usize,
+        found: usize,
+    },
+    #[error(
+        "dataset `{name}`: label {label} at index {index} is not below the class count {classes}"
+    )]
+    LabelOutOfRange {
+        name: String,
+        index: usize,
+        label: u32,
+        classes: usize,
+    },
+    #[error("dataset `{name}`: pixel value {value} at flat index {index} is outside [0, 1]")]
+    PixelOutOfRange {
+        name: String,
+        index: usize,
+        value: f32,
+    },
+    #[error(
+        "dataset `{name}`: norm_mean and norm_std need {channels} finite values each (one per channel), std > 0; got mean {mean:?}, std {std:?}"
+    )]
+    Normalization {
+        name: String,
+        channels: usize,
+        mean: Vec<f32>,
+        std: Vec<f32>,
+    },
+    #[error("{op}: image shapes differ: expected {expected:?}, found {found:?} (in `{name}`)")]
+    ShapeMismatch {
+        op: &'static str,
+        name: String,
+        expected: [usize; 3],
+        found: [usize; 3],
+    },
+
+    #[error("split fractions {fractions:?} (pretrain, train, val, test) {reason}")]
+    BadFractions {
+        fractions: [f64; 4],
+        reason: &'static str,
+    },
+    #[error("holdout class {class} does not exist: the dataset has classes 0..{classes}")]
+    UnknownHoldoutClass { class: u32, classes: usize },
+    #[error("holding out {held_out} of {classes} classes leaves fewer than 2 to classify")]
+    TooFewClassesLeft { held_out: usize, classes: usize },
+    #[error(
+        "split part `{part}` of `{name}` would be empty; use larger fractions or a larger dataset"
+    )]
+    EmptySplit { name: String, part: &'static str },
+
+    #[error("shift severity {severity} is outside 1..=5")]
+    BadSeverity { severity: u8 },
+    #[error("augmentation {field} = {value} must be finite and non-negative")]
+    BadAugment { field: &'static str, value: f32 },
+    #[error("batch size must be positive, got 0")]
+    ZeroBatchSize,
+}
+
+/// `n · C · H · W`, or `None` if it overflows.
+pub(crate) fn pixel_count(n: usize, shape: [usize; 3]) -> Option<usize> {
+    shape.iter().try_fold(n, |acc, &d| acc.checked_mul(d))
+}

@@ -1,0 +1,40 @@
+use std::path::Path;
+
+use crate::data::DataError;
+
+/// Everything that can go wrong building, training, evaluating or saving a model.
+#[derive(Debug, thiserror::Error)]
+pub enum NnError {
+    #[error(transparent)]
+    Tensor(#[from] loren_tensor::Error),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error("{0}")]
+    Config(String),
+    /// A checkpoint that cannot be read or used, naming the file (and the tensor, when one).
+    #[error("checkpoint {file}: {msg}")]
+    Checkpoint { file: String, msg: String },
+    #[error("{file}: {source}")]
+    Io { file: String, source: std::io::Error },
+    /// The loss stopped being a number.
+    #[error("training stopped: the loss is {loss} at step {step}; {kept}")]
+    NonFinite { step: u64, loss: f32, kept: String },
+}
+
+pub type Result<T, E = NnError> = std::result::Result<T, E>;
+
+impl NnError {
+    pub fn checkpoint(file: &Path, msg: impl Into<String>) -> Self {
+        NnError::Checkpoint {
+            file: file.display().to_string(),
+            msg: msg.into(),
+        }
+    }
+
+    pub fn io(file: &Path, source: std::io::Error) -> Self {
+        NnError::Io {
+            file: file.display().to_string(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! The Vision Transformer as named parameters plus one forward pass that serves every method.
+//!
+//! Every backbone weight carries a leading group axis: 1 when the members share it (LoRA,
+//! single) and M when each member owns a copy (explicit). Adapters and heads are always [M, ...].
+//! The ops broadcast a group of 1 against M, so under LoRA everything before the first adapted
+//! projection (patch and token embedding, the first LayerNorm) runs once on B·T rows, and the
+//! stream turns per-member where the first adapter's output joins it.
+
+use loren_autograd::{ParamId, Params, Tape, Var, ops};
+use loren_tensor::ops::embed::patchify;
+use loren_tensor::ops::loss::softmax;
+use loren_tensor::{Device, MemTag, Rng, Tensor};
+
+use crate::checkpoint::TensorFile;
+use crate::config::{EnsembleConfig, Method, Proj, VitConfig};
+use crate::error::{NnError, Result};
+
+/// `y = x·Wᵀ + b`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: ParamId,
+    pub bias: Option<ParamId>,
+}
+
+/// A member's low-rank pair: A [M, r, in], B [M, out, r].
+#[derive(Clone, Debug)]
+pub struct Adapter {
+    pub a: ParamId,
+    pub b: ParamId,
+}
+
+/// An attention projection, with adapters when LoRA targets it.
+#[derive(Clone, Debug)]
+pub struct Projection {
+    pub linear: Linear,
+    pub adapter: Option<Adapter>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Norm {
+    pub gamma: ParamId,
+    pub beta: ParamId,
+}
+
+#[derive(Clone, Debug)]
+pub struct Block {
+    pub norm1: Norm,
+    /// q, k, v, o in that order.
+    pub attn: [Projection; 4],
+    pub norm2: Norm,
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+/// A ViT with its parameters, laid out for one method and member count.
+pub struct Vit {
+    pub config: VitConfig,
+    pub ensemble: EnsembleConfig,
+    params: Params,
+    patch_embed: Linear,
+    cls: ParamId,
+    pos: ParamId,
+    blocks: Vec<Block>,
+    norm: Norm,
+    head: Linear,
+}
+
+/// Adds parameters in a fixed order from one seeded stream, so a model is reproducible.
+struct Builder<'a> {
+    params: &'a mut Params,
+    rng: Rng,
+    dev: Device,
+    /// The backbone's group count: 1 shared, or M per member.
+    groups: usize,
+    members: usize,
+    train_backbone: bool,
+}
+
+impl Builder<'_> {
+    fn add(&mut self, name: String, t: Tensor, trainable: bool, decay: bool) -> Result<ParamId> {
+        Ok(self.params.add(name, t, trainable, decay)?)
+    }
+
+    fn normal(&mut self, shape: Vec<usize>, std: f32) -> Result<Tensor> {
+        Ok(Tensor::randn(shape, std, &mut self.rng, MemTag::Trainable, &self.dev)?)
+    }
+
+    fn full(&self, shape: Vec<usize>, v: f32) -> Result<Tensor> {
+        Ok(Tensor::full(v, shape, MemTag::Trainable, &self.dev)?)
+    }
+
+    /// A backbone linear layer, normal(0.02) weights and zero bias, as timm starts a ViT.
+    fn linear(&mut self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let (g, train) = (self.groups, self.train_backbone);
+        let w = self.normal(vec![g, out, inp], 0.02)?;
+        let weight = self.add(format!("{name}.weight"), w, train, true)?;
+        let bias = if bias {
+            let b = self.full(vec![g, out], 0.0)?;
+            Some(self.add(format!("{name}.bias"), b, train, false)?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    fn norm(&mut self, name: &str, d: usize) -> Result<Norm> {
+        let (g, train) = (self.groups, self.train_backbone);
+        let gamma = self.full(vec![g, d], 1.0)?;
+        let gamma = self.add(format!("{name}.weight"), gamma, train, false)?;
+        let beta = self.full(vec![g, d], 0.0)?;
+        let beta = self.add(format!("{name}.bias"), beta, train, false)?;
+        Ok(Norm { gamma, beta })
+    }
+
+    /// A: Xavier-uniform with a gain, different for every member; B: zero, so every member
+    /// starts as the pretrained network.
+    fn adapter(&mut self, name: &str, out: usize, inp: usize, rank: usize, gain: f32) -> Result<Adapter> {
+        let m = self.members;
+        let bound = gain * (6.0 / (inp + rank) as f32).sqrt();
+        let a = Tensor::uniform(vec![m, rank, inp], -bound, bound, &mut self.rng, MemTag::Trainable, &self.dev)?;
+        let a = self.add(format!("{name}.lora_a"), a, true, true)?;
+        let b = self.full(vec![m, out, rank], 0.0)?;
+        let b = self.add(format!("{name}.lora_b"), b, true, true)?;
+        Ok(Adapter { a, b })
+    }
+
+    /// One head per member, each started as PyTorch starts a Linear: U(±1/√in).
+    fn head(&mut self, classes: usize, d: usize) -> Result<Linear> {
+        let m = self.members;
+        let bound = 1.0 / (d as f32).sqrt();
+        let w = Tensor::uniform(vec![m, classes, d], -bound, bound, &mut self.rng, MemTag::Trainable, &self.dev)?;
+        let weight = self.add("head.weight".into(), w, true, true)?;
+        let b = Tensor::uniform(vec![m, classes], -bound, bound, &mut self.rng, MemTag::Trainable, &self.dev)?;
+        let bias = Some(self.add("head.bias".into(), b, true, false)?);
+        Ok(Linear { weight, bias })
+    }
+}
+
+impl Vit {
+    /// A freshly started model: a random backbone (replace it with [`Vit::load_backbone`] to
+    /// fine-tune), random adapters and heads.
+    pub fn new(config: &VitConfig, ensemble: &EnsembleConfig, device: &Device, seed: u64) -> Result<Vit> {
+        ensemble.validate(config)?;
+        let (d, m) = (config.dim, ensemble.members);
+        let explicit = ensemble.method == Method::Explicit;
+        let mut params = Params::new(device);
+        let mut bld = Builder {
+            params: &mut params,
+            rng: Rng::new(seed),
+            dev: device.clone(),
+            groups: if explicit { m } else { 1 },
+            members: m,
+            train_backbone: matches!(ensemble.method, Method::Explicit | Method::Single),
+        };
+        let patch_embed = bld.linear("patch_embed", d, config.patch_features(), true)?;
+        let g = bld.groups;
+        let cls = bld.normal(vec![g, d], 0.02)?;
+        let train = bld.train_backbone;
+        let cls = bld.add("cls_token".into(), cls, train, false)?;
+        let pos = bld.normal(vec![g, config.tokens(), d], 0.02)?;
+        let pos = bld.add("pos_embed".into(), pos, train, false)?;
+        let mut blocks = Vec::with_capacity(config.depth);
+        for i in 0..config.depth {
+            let p = format!("blocks.{i}");
+            let norm1 = bld.norm(&format!("{p}.norm1"), d)?;
+            let attn = Proj::ALL.map(|proj| -> Result<Projection> {
+                let name = format!("{p}.attn.{}", proj.name());
+                let linear = bld.linear(&name, d, d, true)?;
+                let lora = &ensemble.lora;
+                let adapter = (ensemble.method.uses_lora() && lora.targets.contains(proj))
+                    .then(|| bld.adapter(&name, d, d, lora.rank, lora.init_gain))
+                    .transpose()?;
+                Ok(Projection { linear, adapter })
+            });
+            let [q, k, v, o] = attn;
+            let attn = [q?, k?, v?, o?];
+            let norm2 = bld.norm(&format!("{p}.norm2"), d)?;
+            let fc1 = bld.linear(&format!("{p}.mlp.fc1"), config.mlp_dim, d, true)?;
+            let fc2 = bld.linear(&format!("{p}.mlp.fc2"), d, config.mlp_dim, true)?;
+            blocks.push(Block { norm1, attn, norm2, fc1, fc2 });
+        }
+        let norm = bld.norm("norm", d)?;
+        let head = bld.head(ensemble.classes, d)?;
+        Ok(Vit {
+            config: config.clone(),
+            ensemble: ensemble.clone(),
+            params,
+            patch_embed,
+            cls,
+            pos,
+            blocks,
+            norm,
+            head,
+        })
+    }
+
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    pub fn params_mut(&mut self) -> &mut Params {
+        &mut self.params
+    }
+
+    pub fn members(&self) -> usize {
+        self.ensemble.members
+    }
+
+    pub fn device(&self) -> &Device {
+        self.params.device()
+    }
+
+    /// Whether a parameter belongs to the backbone (everything but adapters and heads).
+    pub fn is_backbone(name: &str) -> bool {
+        !(name.starts_with("head.") || name.ends_with(".lora_a") || name.ends_with(".lora_b"))
+    }
+
+    /// The parameters `keep` selects, as (name, shape, values) for a checkpoint.
+    pub fn tensors(&self, keep: impl Fn(&str, bool) -> bool) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+        self.params
+            .iter()
+            .filter(|(_, p)| keep(p.name(), p.trainable()))
+            .map(|(_, p)| Ok((p.name().to_string(), p.value().dims().to_vec(), p.value().to_vec()?)))
+            .collect()
+    }
+
+    /// The shared backbone without its group axis, as a pretrained checkpoint holds it.
+    pub fn backbone_tensors(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+        if self.ensemble.method == Method::Explicit {
+            return Err(NnError::Config("an explicit ensemble has one backbone per member, not a shared one".into()));
+        }
+        let mut t = self.tensors(|name, _| Vit::is_backbone(name))?;
+        for (_, shape, _) in &mut t {
+            shape.remove(0);
+        }
+        Ok(t)
+    }
+
+    /// Replace the backbone with a pretrained one: tensors without the group axis, copied to
+    /// every group. A missing or misshapen tensor is an error naming it.
+    pub fn load_backbone(&mut self, file: &TensorFile) -> Result<()> {
+        let ids: Vec<(ParamId, String, Vec<usize>)> = self
+            .params
+            .iter()
+            .filter(|(_, p)| Vit::is_backbone(p.name()))
+            .map(|(id, p)| (id, p.name().to_string(), p.value().dims().to_vec()))
+            .collect();
+        for (id, name, dims) in ids {
+            let one = file.get_shaped(&name, &dims[1..])?;
+            let tiled = one.repeat(dims[0]);
+            self.params.set(id, &tiled)?;
+        }
+        Ok(())
+    }
+
+    /// Load the parameters `keep` selects from a checkpoint written by [`Vit::tensors`].
+    pub fn load_tensors(&mut self, file: &TensorFile, keep: impl Fn(&str, bool) -> bool) -> Result<()> {
+        let ids: Vec<(ParamId, String, Vec<usize>)> = self
+            .params
+            .iter()
+            .filter(|(_, p)| keep(p.name(), p.trainable()))
+            .map(|(id, p)| (id, p.name().to_string(), p.value().dims().to_vec()))
+            .collect();
+        for (id, name, dims) in ids {
+            let values = file.get_shaped(&name, &dims)?;
+            self.params.set(id, values)?;
+        }
+        Ok(())
+    }
+
+    /// Check that `images` is a batch this model takes: [B, C, H, W].
+    fn check_images(&self, images: &Tensor) -> Result<()> {
+        let c = &self.config;
+        let d = images.dims();
+        if d.len() != 4 || d[1] != c.channels || d[2] != c.image_size || d[3] != c.image_size || d[0] == 0 {
+            return Err(NnError::Config(format!(
+                "model '{}' takes images [B, {}, {}, {}], got {}",
+                c.name,
+                c.channels,
+                c.image_size,
+                c.image_size,
+                images.shape()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The members' logits [M, B, classes] for images [B, C, H, W].
+    pub fn forward(&self, tape: &Tape, images: &Tensor) -> Result<Var> {
+        self.check_images(images)?;
+        let patches = Var::constant(patchify(images, self.config.patch)?);
+        let pe = self.linear(tape, &patches, &self.patch_embed)?;
+        let mut x = ops::embed_tokens(tape, &pe, &self.param(tape, self.cls), &self.param(tape, self.pos))?;
+        for blk in &self.blocks {
+            let h = self.layernorm(tape, &x, &blk.norm1)?;
+            let [q, k, v] = [0, 1, 2].map(|i| self.project(tape, &h, &blk.attn[i]));
+            let a = ops::attention(tape, &q?, &k?, &v?, self.config.heads)?;
+            let o = self.project(tape, &a, &blk.attn[3])?;
+            x = ops::add(tape, &x, &o)?;
+            let h = self.layernorm(tape, &x, &blk.norm2)?;
+            let h = ops::linear(tape, &h, &self.param(tape, blk.fc1.weight), None)?;
+            let fc1_bias = blk.fc1.bias.expect("fc1 is built with a bias");
+            let h = ops::bias_gelu(tape, &h, &self.param(tape, fc1_bias))?;
+            let h = self.linear(tape, &h, &blk.fc2)?;
+            x = ops::add(tape, &x, &h)?;
+        }
+        let c = ops::class_token(tape, &x)?;
+        let c = self.layernorm(tape, &c, &self.norm)?;
+        self.linear(tape, &c, &self.head)
+    }
+
+    /// Every member's class probabilities [M, B, classes], without recording anything.
+    pub fn predict(&self, images: &Tensor) -> Result<Tensor> {
+        let tape = Tape::inference();
+        let logits = self.forward(&tape, images)?;
+        Ok(softmax(logits.value())?)
+    }
+
+    fn param(&self, tape: &Tape, id: ParamId) -> Var {
+        tape.param(&self.params, id)
+    }
+
+    fn linear(&self, tape: &Tape, x: &Var, l: &Linear) -> Result<Var> {
+        let b = l.bias.map(|b| self.param(tape, b));
+        Ok(ops::linear(tape, x, &self.param(tape, l.weight), b.as_ref())?)
+    }
+
+    fn layernorm(&self, tape: &Tape, x: &Var, n: &Norm) -> Result<Var> {
+        let (g, b) = (self.param(tape, n.gamma), self.param(tape, n.beta));
+        Ok(ops::layernorm(tape, x, &g, &b, self.config.ln_eps)?)
+    }
+
+    fn project(&self, tape: &Tape, x: &Var, p: &Projection) -> Result<Var> {
+        let Some(ad) = &p.adapter else {
+            return self.linear(tape, x, &p.linear);
+        };
+        let w = self.param(tape, p.linear.weight);
+        let bias = p.linear.bias.map(|b| self.param(tape, b));
+        let (a, b) = (self.param(tape, ad.a), self.param(tape, ad.b));
+        Ok(ops::lora_linear(tape, x, &w, bias.as_ref(), &a, &b, self.ensemble.lora.scale)?)
+    }
+}
