@@ -114,16 +114,16 @@ fn to_f32(view: &TensorView<'_>) -> std::result::Result<Vec<f32>, String> {
     })
 }
 
-/// Write `tensors` (name, shape, values) and `metadata` to `path` atomically.
-pub fn write(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)], metadata: HashMap<String, String>) -> Result<()> {
+/// Write named tensors and `metadata` to `path` atomically.
+pub fn write(path: &Path, tensors: &[(String, Entry)], metadata: HashMap<String, String>) -> Result<()> {
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
-        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .map(|(_, e)| e.data.iter().flat_map(|x| x.to_le_bytes()).collect())
         .collect();
     let views = tensors
         .iter()
         .zip(&bytes)
-        .map(|((name, shape, values), b)| {
+        .map(|((name, Entry { shape, data: values }), b)| {
             if shape.iter().product::<usize>() != values.len() {
                 return Err(NnError::checkpoint(
                     path,
@@ -173,7 +173,9 @@ mod tests {
     fn round_trips_tensors_and_metadata() {
         let p = temp("round");
         let meta = HashMap::from([("step".to_string(), "7".to_string())]);
-        write(&p, &[("a".into(), vec![2, 3], (0..6).map(|i| i as f32 * 0.5).collect()), ("b".into(), vec![1], vec![-1.0])], meta).unwrap();
+        let a = Entry { shape: vec![2, 3], data: (0..6).map(|i| i as f32 * 0.5).collect() };
+        let b = Entry { shape: vec![1], data: vec![-1.0] };
+        write(&p, &[("a".into(), a), ("b".into(), b)], meta).unwrap();
         let f = TensorFile::read(&p).unwrap();
         assert_eq!(f.get_shaped("a", &[2, 3]).unwrap(), &[0.0, 0.5, 1.0, 1.5, 2.0, 2.5]);
         assert_eq!(f.meta("step").unwrap(), "7");
@@ -183,7 +185,7 @@ mod tests {
     #[test]
     fn problems_name_the_file_and_the_tensor() {
         let p = temp("bad");
-        write(&p, &[("w".into(), vec![2, 2], vec![1.0; 4])], HashMap::new()).unwrap();
+        write(&p, &[("w".into(), Entry { shape: vec![2, 2], data: vec![1.0; 4] })], HashMap::new()).unwrap();
         let f = TensorFile::read(&p).unwrap();
         let e = f.get_shaped("w", &[4, 1]).unwrap_err().to_string();
         assert!(e.contains("'w'") && e.contains("[2, 2]") && e.contains("[4, 1]") && e.contains("t.safetensors"), "{e}");

@@ -107,10 +107,10 @@ impl VitConfig {
         if let Some((what, _)) = dims.iter().find(|(_, v)| *v == 0) {
             return bad(format!("{what} must be at least 1"));
         }
-        if self.image_size % self.patch != 0 {
+        if !self.image_size.is_multiple_of(self.patch) {
             return bad(format!("patch {} does not tile image size {}", self.patch, self.image_size));
         }
-        if self.dim % self.heads != 0 {
+        if !self.dim.is_multiple_of(self.heads) {
             return bad(format!("{} heads do not divide dim {}", self.heads, self.dim));
         }
         Ok(())

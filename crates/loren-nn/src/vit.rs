@@ -11,7 +11,7 @@ use loren_tensor::ops::embed::patchify;
 use loren_tensor::ops::loss::softmax;
 use loren_tensor::{Device, MemTag, Rng, Tensor};
 
-use crate::checkpoint::TensorFile;
+use crate::checkpoint::{Entry, TensorFile};
 use crate::config::{EnsembleConfig, Method, Proj, VitConfig};
 use crate::error::{NnError, Result};
 
@@ -216,22 +216,28 @@ impl Vit {
     }
 
     /// The parameters `keep` selects, as (name, shape, values) for a checkpoint.
-    pub fn tensors(&self, keep: impl Fn(&str, bool) -> bool) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    pub fn tensors(&self, keep: impl Fn(&str, bool) -> bool) -> Result<Vec<(String, Entry)>> {
         self.params
             .iter()
             .filter(|(_, p)| keep(p.name(), p.trainable()))
-            .map(|(_, p)| Ok((p.name().to_string(), p.value().dims().to_vec(), p.value().to_vec()?)))
+            .map(|(_, p)| {
+                let entry = Entry {
+                    shape: p.value().dims().to_vec(),
+                    data: p.value().to_vec()?,
+                };
+                Ok((p.name().to_string(), entry))
+            })
             .collect()
     }
 
     /// The shared backbone without its group axis, as a pretrained checkpoint holds it.
-    pub fn backbone_tensors(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    pub fn backbone_tensors(&self) -> Result<Vec<(String, Entry)>> {
         if self.ensemble.method == Method::Explicit {
             return Err(NnError::Config("an explicit ensemble has one backbone per member, not a shared one".into()));
         }
         let mut t = self.tensors(|name, _| Vit::is_backbone(name))?;
-        for (_, shape, _) in &mut t {
-            shape.remove(0);
+        for (_, e) in &mut t {
+            e.shape.remove(0);
         }
         Ok(t)
     }
@@ -239,13 +245,7 @@ impl Vit {
     /// Replace the backbone with a pretrained one: tensors without the group axis, copied to
     /// every group. A missing or misshapen tensor is an error naming it.
     pub fn load_backbone(&mut self, file: &TensorFile) -> Result<()> {
-        let ids: Vec<(ParamId, String, Vec<usize>)> = self
-            .params
-            .iter()
-            .filter(|(_, p)| Vit::is_backbone(p.name()))
-            .map(|(id, p)| (id, p.name().to_string(), p.value().dims().to_vec()))
-            .collect();
-        for (id, name, dims) in ids {
+        for (id, name, dims) in self.select(|name, _| Vit::is_backbone(name)) {
             let one = file.get_shaped(&name, &dims[1..])?;
             let tiled = one.repeat(dims[0]);
             self.params.set(id, &tiled)?;
@@ -255,17 +255,20 @@ impl Vit {
 
     /// Load the parameters `keep` selects from a checkpoint written by [`Vit::tensors`].
     pub fn load_tensors(&mut self, file: &TensorFile, keep: impl Fn(&str, bool) -> bool) -> Result<()> {
-        let ids: Vec<(ParamId, String, Vec<usize>)> = self
-            .params
-            .iter()
-            .filter(|(_, p)| keep(p.name(), p.trainable()))
-            .map(|(id, p)| (id, p.name().to_string(), p.value().dims().to_vec()))
-            .collect();
-        for (id, name, dims) in ids {
+        for (id, name, dims) in self.select(keep) {
             let values = file.get_shaped(&name, &dims)?;
             self.params.set(id, values)?;
         }
         Ok(())
+    }
+
+    /// The id, name and shape of each parameter `keep` selects (by name and trainability).
+    fn select(&self, keep: impl Fn(&str, bool) -> bool) -> Vec<(ParamId, String, Vec<usize>)> {
+        self.params
+            .iter()
+            .filter(|(_, p)| keep(p.name(), p.trainable()))
+            .map(|(id, p)| (id, p.name().to_string(), p.value().dims().to_vec()))
+            .collect()
     }
 
     /// Check that `images` is a batch this model takes: [B, C, H, W].

@@ -42,7 +42,7 @@ const CHUNK: usize = 1 << 14;
 fn check(slots: &[Slot<'_>], adam: bool) -> Result<()> {
     const OP: &str = "optimizer_step";
     for s in slots {
-        for other in [Some(&*s.grad), Some(&*s.m), s.v.as_deref()]
+        for other in [Some(s.grad), Some(&*s.m), s.v.as_deref()]
             .into_iter()
             .flatten()
         {
