@@ -1,1 +1,20 @@
+//! loren: LoRA-Ensembles for Vision Transformers, on the CPU and on NVIDIA GPUs.
+//!
+//! A LoRA-Ensemble gives a ViT calibrated uncertainty at a fraction of a deep ensemble's cost:
+//! M members share one frozen pretrained backbone, each trains low-rank adapters on the
+//! attention projections plus its own head, and the prediction is the mean of the members'
+//! softmax probabilities.
+//!
+//! The crates underneath: `loren_tensor` (tensors, devices, memory accounting, CPU ops),
+//! `loren_autograd` (tape, optimizers, schedules), `loren_nn` (the ViT, ensembles, data,
+//! metrics, checkpoints, training). This crate holds what the `loren` binary runs: training and
+//! evaluating one method, comparing methods, pretraining the bundled backbone.
 
+pub mod backbone;
+pub mod progress;
+pub mod report;
+pub mod run;
+
+pub use loren_autograd as autograd;
+pub use loren_nn as nn;
+pub use loren_tensor as tensor;

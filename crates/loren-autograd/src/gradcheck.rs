@@ -122,7 +122,12 @@ where
 
 /// Run the check over the parameters of any holder `state` (a whole model, say): `params`
 /// reaches its parameters, `f` runs its forward.
-pub fn check_params<S, P, F>(state: &mut S, params: P, f: F, opts: &CheckOptions) -> Result<Vec<InputReport>>
+pub fn check_params<S, P, F>(
+    state: &mut S,
+    params: P,
+    f: F,
+    opts: &CheckOptions,
+) -> Result<Vec<InputReport>>
 where
     P: Fn(&mut S) -> &mut Params,
     F: Fn(&Tape, &S) -> Result<Var>,
@@ -135,7 +140,13 @@ where
         let tape = Tape::new();
         let out = f(&tape, state)?;
         let dev = out.value().device().clone();
-        let r = Arc::new(Tensor::randn(out.shape().clone(), 1.0, &mut rng, MemTag::Workspace, &dev)?);
+        let r = Arc::new(Tensor::randn(
+            out.shape().clone(),
+            1.0,
+            &mut rng,
+            MemTag::Workspace,
+            &dev,
+        )?);
         let value = dot(out.value(), &r)?;
         let loss_t = Tensor::full(value as f32, [1], MemTag::Workspace, &dev)?;
         let loss = tape.record(
@@ -166,11 +177,17 @@ where
         if !trainable {
             // Frozen inputs must not have received a gradient buffer at all.
             if grads.get(id).is_some() {
-                return Err(Error::invalid("gradcheck", format!("frozen input '{name}' has a gradient")));
+                return Err(Error::invalid(
+                    "gradcheck",
+                    format!("frozen input '{name}' has a gradient"),
+                ));
             }
             continue;
         }
-        let analytic = grads.get(id).expect("trainable input has a gradient").to_vec()?;
+        let analytic = grads
+            .get(id)
+            .expect("trainable input has a gradient")
+            .to_vec()?;
         let n = analytic.len();
         let mut positions: Vec<usize> = (0..n).collect();
         if n > opts.samples {

@@ -8,7 +8,8 @@ use loren_tensor::{Error, MemTag, Result, Tensor};
 use crate::params::{Grads, ParamId, Params};
 
 /// Which update rule, with its hyperparameters (the learning rate comes per step).
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum OptimizerKind {
     AdamW {
         beta1: f32,

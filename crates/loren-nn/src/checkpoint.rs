@@ -36,14 +36,22 @@ impl TensorFile {
 
     /// Parse file contents; `path` only names the file in errors.
     pub fn parse(bytes: &[u8], path: &Path) -> Result<TensorFile> {
-        let st = SafeTensors::deserialize(bytes)
-            .map_err(|e| NnError::checkpoint(path, format!("not a valid safetensors file ({e})")))?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| {
+            NnError::checkpoint(path, format!("not a valid safetensors file ({e})"))
+        })?;
         let (_, meta) = SafeTensors::read_metadata(bytes)
             .map_err(|e| NnError::checkpoint(path, format!("unreadable header ({e})")))?;
         let mut tensors = BTreeMap::new();
         for (name, view) in st.iter() {
-            let data = to_f32(&view).map_err(|msg| NnError::checkpoint(path, format!("tensor '{name}': {msg}")))?;
-            tensors.insert(name.to_string(), Entry { shape: view.shape().to_vec(), data });
+            let data = to_f32(&view)
+                .map_err(|msg| NnError::checkpoint(path, format!("tensor '{name}': {msg}")))?;
+            tensors.insert(
+                name.to_string(),
+                Entry {
+                    shape: view.shape().to_vec(),
+                    data,
+                },
+            );
         }
         Ok(TensorFile {
             path: path.to_path_buf(),
@@ -89,7 +97,10 @@ impl TensorFile {
         if e.shape != shape {
             return Err(NnError::checkpoint(
                 &self.path,
-                format!("tensor '{name}' has shape {:?}, expected {:?}", e.shape, shape),
+                format!(
+                    "tensor '{name}' has shape {:?}, expected {:?}",
+                    e.shape, shape
+                ),
             ));
         }
         Ok(&e.data)
@@ -107,15 +118,29 @@ fn to_f32(view: &TensorView<'_>) -> std::result::Result<Vec<f32>, String> {
     let raw = view.data();
     let words = |n: usize| raw.chunks_exact(n);
     Ok(match view.dtype() {
-        Dtype::F32 => words(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::F16 => words(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::BF16 => words(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        other => return Err(format!("dtype {other:?} is not supported (f32, f16 or bf16)")),
+        Dtype::F32 => words(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => words(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => words(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(format!(
+                "dtype {other:?} is not supported (f32, f16 or bf16)"
+            ));
+        }
     })
 }
 
 /// Write named tensors and `metadata` to `path` atomically.
-pub fn write(path: &Path, tensors: &[(String, Entry)], metadata: HashMap<String, String>) -> Result<()> {
+pub fn write(
+    path: &Path,
+    tensors: &[(String, Entry)],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
         .map(|(_, e)| e.data.iter().flat_map(|x| x.to_le_bytes()).collect())
@@ -123,19 +148,34 @@ pub fn write(path: &Path, tensors: &[(String, Entry)], metadata: HashMap<String,
     let views = tensors
         .iter()
         .zip(&bytes)
-        .map(|((name, Entry { shape, data: values }), b)| {
-            if shape.iter().product::<usize>() != values.len() {
-                return Err(NnError::checkpoint(
-                    path,
-                    format!("tensor '{name}': {} values for shape {shape:?}", values.len()),
-                ));
-            }
-            let view = TensorView::new(Dtype::F32, shape.clone(), b)
-                .map_err(|e| NnError::checkpoint(path, format!("tensor '{name}': {e}")))?;
-            Ok((name.as_str(), view))
-        })
+        .map(
+            |(
+                (
+                    name,
+                    Entry {
+                        shape,
+                        data: values,
+                    },
+                ),
+                b,
+            )| {
+                if shape.iter().product::<usize>() != values.len() {
+                    return Err(NnError::checkpoint(
+                        path,
+                        format!(
+                            "tensor '{name}': {} values for shape {shape:?}",
+                            values.len()
+                        ),
+                    ));
+                }
+                let view = TensorView::new(Dtype::F32, shape.clone(), b)
+                    .map_err(|e| NnError::checkpoint(path, format!("tensor '{name}': {e}")))?;
+                Ok((name.as_str(), view))
+            },
+        )
         .collect::<Result<Vec<_>>>()?;
-    let buffer = safetensors::serialize(views, Some(metadata)).map_err(|e| NnError::checkpoint(path, e.to_string()))?;
+    let buffer = safetensors::serialize(views, Some(metadata))
+        .map_err(|e| NnError::checkpoint(path, e.to_string()))?;
     write_atomic(path, &buffer)
 }
 
@@ -173,11 +213,20 @@ mod tests {
     fn round_trips_tensors_and_metadata() {
         let p = temp("round");
         let meta = HashMap::from([("step".to_string(), "7".to_string())]);
-        let a = Entry { shape: vec![2, 3], data: (0..6).map(|i| i as f32 * 0.5).collect() };
-        let b = Entry { shape: vec![1], data: vec![-1.0] };
+        let a = Entry {
+            shape: vec![2, 3],
+            data: (0..6).map(|i| i as f32 * 0.5).collect(),
+        };
+        let b = Entry {
+            shape: vec![1],
+            data: vec![-1.0],
+        };
         write(&p, &[("a".into(), a), ("b".into(), b)], meta).unwrap();
         let f = TensorFile::read(&p).unwrap();
-        assert_eq!(f.get_shaped("a", &[2, 3]).unwrap(), &[0.0, 0.5, 1.0, 1.5, 2.0, 2.5]);
+        assert_eq!(
+            f.get_shaped("a", &[2, 3]).unwrap(),
+            &[0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+        );
         assert_eq!(f.meta("step").unwrap(), "7");
         assert!(!p.with_extension("safetensors.tmp").exists());
     }
@@ -185,27 +234,57 @@ mod tests {
     #[test]
     fn problems_name_the_file_and_the_tensor() {
         let p = temp("bad");
-        write(&p, &[("w".into(), Entry { shape: vec![2, 2], data: vec![1.0; 4] })], HashMap::new()).unwrap();
+        write(
+            &p,
+            &[(
+                "w".into(),
+                Entry {
+                    shape: vec![2, 2],
+                    data: vec![1.0; 4],
+                },
+            )],
+            HashMap::new(),
+        )
+        .unwrap();
         let f = TensorFile::read(&p).unwrap();
         let e = f.get_shaped("w", &[4, 1]).unwrap_err().to_string();
-        assert!(e.contains("'w'") && e.contains("[2, 2]") && e.contains("[4, 1]") && e.contains("t.safetensors"), "{e}");
+        assert!(
+            e.contains("'w'")
+                && e.contains("[2, 2]")
+                && e.contains("[4, 1]")
+                && e.contains("t.safetensors"),
+            "{e}"
+        );
         let e = f.get("nope").unwrap_err().to_string();
         assert!(e.contains("'nope'") && e.contains("missing"), "{e}");
 
         let bytes = fs::read(&p).unwrap();
-        let e = TensorFile::parse(&bytes[..bytes.len() - 3], &p).unwrap_err().to_string();
-        assert!(e.contains("t.safetensors") && e.contains("not a valid safetensors"), "{e}");
+        let e = TensorFile::parse(&bytes[..bytes.len() - 3], &p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("t.safetensors") && e.contains("not a valid safetensors"),
+            "{e}"
+        );
         let e = TensorFile::parse(b"garbage", &p).unwrap_err().to_string();
         assert!(e.contains("not a valid safetensors"), "{e}");
-        let e = TensorFile::read(&p.with_file_name("absent.safetensors")).unwrap_err().to_string();
+        let e = TensorFile::read(&p.with_file_name("absent.safetensors"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("absent.safetensors"), "{e}");
     }
 
     #[test]
     fn reads_half_precision_files() {
         let vals = [1.5f32, -2.25, 0.125];
-        let h: Vec<u8> = vals.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect();
-        let b: Vec<u8> = vals.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect();
+        let h: Vec<u8> = vals
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect();
+        let b: Vec<u8> = vals
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect();
         let views = vec![
             ("h", TensorView::new(Dtype::F16, vec![3], &h).unwrap()),
             ("b", TensorView::new(Dtype::BF16, vec![3], &b).unwrap()),

@@ -108,10 +108,16 @@ impl VitConfig {
             return bad(format!("{what} must be at least 1"));
         }
         if !self.image_size.is_multiple_of(self.patch) {
-            return bad(format!("patch {} does not tile image size {}", self.patch, self.image_size));
+            return bad(format!(
+                "patch {} does not tile image size {}",
+                self.patch, self.image_size
+            ));
         }
         if !self.dim.is_multiple_of(self.heads) {
-            return bad(format!("{} heads do not divide dim {}", self.heads, self.dim));
+            return bad(format!(
+                "{} heads do not divide dim {}",
+                self.heads, self.dim
+            ));
         }
         Ok(())
     }
@@ -132,7 +138,12 @@ pub enum Method {
 }
 
 impl Method {
-    pub const ALL: [Method; 4] = [Method::Single, Method::SingleLora, Method::Explicit, Method::Lora];
+    pub const ALL: [Method; 4] = [
+        Method::Single,
+        Method::SingleLora,
+        Method::Explicit,
+        Method::Lora,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -167,7 +178,11 @@ impl FromStr for Method {
         Method::ALL
             .into_iter()
             .find(|m| m.name() == s)
-            .ok_or_else(|| NnError::Config(format!("unknown method '{s}': expected lora, explicit, single or single-lora")))
+            .ok_or_else(|| {
+                NnError::Config(format!(
+                    "unknown method '{s}': expected lora, explicit, single or single-lora"
+                ))
+            })
     }
 }
 
@@ -181,7 +196,12 @@ pub struct Targets {
 }
 
 impl Targets {
-    pub const ALL: Targets = Targets { q: true, k: true, v: true, o: true };
+    pub const ALL: Targets = Targets {
+        q: true,
+        k: true,
+        v: true,
+        o: true,
+    };
 
     pub fn contains(&self, proj: Proj) -> bool {
         match proj {
@@ -202,18 +222,29 @@ impl FromStr for Targets {
 
     /// A subset of "qkvo", e.g. "qv".
     fn from_str(s: &str) -> Result<Self> {
-        let mut t = Targets { q: false, k: false, v: false, o: false };
+        let mut t = Targets {
+            q: false,
+            k: false,
+            v: false,
+            o: false,
+        };
         for c in s.chars() {
             match c {
                 'q' => t.q = true,
                 'k' => t.k = true,
                 'v' => t.v = true,
                 'o' => t.o = true,
-                _ => return Err(NnError::Config(format!("LoRA targets '{s}': '{c}' is not one of q, k, v, o"))),
+                _ => {
+                    return Err(NnError::Config(format!(
+                        "LoRA targets '{s}': '{c}' is not one of q, k, v, o"
+                    )));
+                }
             }
         }
         if t.is_empty() {
-            return Err(NnError::Config("LoRA targets: name at least one of q, k, v, o".into()));
+            return Err(NnError::Config(
+                "LoRA targets: name at least one of q, k, v, o".into(),
+            ));
         }
         Ok(t)
     }
@@ -288,7 +319,9 @@ impl EnsembleConfig {
     pub fn validate(&self, model: &VitConfig) -> Result<()> {
         model.validate()?;
         if self.members == 0 {
-            return Err(NnError::Config("the ensemble needs at least 1 member (--members)".into()));
+            return Err(NnError::Config(
+                "the ensemble needs at least 1 member (--members)".into(),
+            ));
         }
         if self.method.is_single() && self.members != 1 {
             return Err(NnError::Config(format!(
@@ -297,12 +330,17 @@ impl EnsembleConfig {
             )));
         }
         if self.classes < 2 {
-            return Err(NnError::Config(format!("a classifier needs at least 2 classes, got {}", self.classes)));
+            return Err(NnError::Config(format!(
+                "a classifier needs at least 2 classes, got {}",
+                self.classes
+            )));
         }
         if self.method.uses_lora() {
             let r = self.lora.rank;
             if r == 0 {
-                return Err(NnError::Config("LoRA rank must be at least 1 (--rank)".into()));
+                return Err(NnError::Config(
+                    "LoRA rank must be at least 1 (--rank)".into(),
+                ));
             }
             if r > model.dim {
                 return Err(NnError::Config(format!(
@@ -310,8 +348,13 @@ impl EnsembleConfig {
                     model.dim, model.dim
                 )));
             }
-            if !self.lora.scale.is_finite() || !self.lora.init_gain.is_finite() || self.lora.init_gain <= 0.0 {
-                return Err(NnError::Config("LoRA scale and init gain must be finite, the gain positive".into()));
+            if !self.lora.scale.is_finite()
+                || !self.lora.init_gain.is_finite()
+                || self.lora.init_gain <= 0.0
+            {
+                return Err(NnError::Config(
+                    "LoRA scale and init gain must be finite, the gain positive".into(),
+                ));
             }
         }
         Ok(())

@@ -9,13 +9,18 @@ pub enum NnError {
     Tensor(#[from] loren_tensor::Error),
     #[error(transparent)]
     Data(#[from] DataError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error("{0}")]
     Config(String),
     /// A checkpoint that cannot be read or used, naming the file (and the tensor, when one).
     #[error("checkpoint {file}: {msg}")]
     Checkpoint { file: String, msg: String },
     #[error("{file}: {source}")]
-    Io { file: String, source: std::io::Error },
+    Io {
+        file: String,
+        source: std::io::Error,
+    },
     /// The loss stopped being a number.
     #[error("training stopped: the loss is {loss} at step {step}; {kept}")]
     NonFinite { step: u64, loss: f32, kept: String },

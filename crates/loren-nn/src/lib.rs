@@ -5,8 +5,10 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod metrics;
 pub mod reliability;
+pub mod train;
 pub mod vit;
 
 pub use config::{EnsembleConfig, LoraConfig, Method, Targets, VitConfig};

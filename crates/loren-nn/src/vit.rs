@@ -82,7 +82,13 @@ impl Builder<'_> {
     }
 
     fn normal(&mut self, shape: Vec<usize>, std: f32) -> Result<Tensor> {
-        Ok(Tensor::randn(shape, std, &mut self.rng, MemTag::Trainable, &self.dev)?)
+        Ok(Tensor::randn(
+            shape,
+            std,
+            &mut self.rng,
+            MemTag::Trainable,
+            &self.dev,
+        )?)
     }
 
     fn full(&self, shape: Vec<usize>, v: f32) -> Result<Tensor> {
@@ -114,10 +120,24 @@ impl Builder<'_> {
 
     /// A: Xavier-uniform with a gain, different for every member; B: zero, so every member
     /// starts as the pretrained network.
-    fn adapter(&mut self, name: &str, out: usize, inp: usize, rank: usize, gain: f32) -> Result<Adapter> {
+    fn adapter(
+        &mut self,
+        name: &str,
+        out: usize,
+        inp: usize,
+        rank: usize,
+        gain: f32,
+    ) -> Result<Adapter> {
         let m = self.members;
         let bound = gain * (6.0 / (inp + rank) as f32).sqrt();
-        let a = Tensor::uniform(vec![m, rank, inp], -bound, bound, &mut self.rng, MemTag::Trainable, &self.dev)?;
+        let a = Tensor::uniform(
+            vec![m, rank, inp],
+            -bound,
+            bound,
+            &mut self.rng,
+            MemTag::Trainable,
+            &self.dev,
+        )?;
         let a = self.add(format!("{name}.lora_a"), a, true, true)?;
         let b = self.full(vec![m, out, rank], 0.0)?;
         let b = self.add(format!("{name}.lora_b"), b, true, true)?;
@@ -128,9 +148,23 @@ impl Builder<'_> {
     fn head(&mut self, classes: usize, d: usize) -> Result<Linear> {
         let m = self.members;
         let bound = 1.0 / (d as f32).sqrt();
-        let w = Tensor::uniform(vec![m, classes, d], -bound, bound, &mut self.rng, MemTag::Trainable, &self.dev)?;
+        let w = Tensor::uniform(
+            vec![m, classes, d],
+            -bound,
+            bound,
+            &mut self.rng,
+            MemTag::Trainable,
+            &self.dev,
+        )?;
         let weight = self.add("head.weight".into(), w, true, true)?;
-        let b = Tensor::uniform(vec![m, classes], -bound, bound, &mut self.rng, MemTag::Trainable, &self.dev)?;
+        let b = Tensor::uniform(
+            vec![m, classes],
+            -bound,
+            bound,
+            &mut self.rng,
+            MemTag::Trainable,
+            &self.dev,
+        )?;
         let bias = Some(self.add("head.bias".into(), b, true, false)?);
         Ok(Linear { weight, bias })
     }
@@ -139,7 +173,12 @@ impl Builder<'_> {
 impl Vit {
     /// A freshly started model: a random backbone (replace it with [`Vit::load_backbone`] to
     /// fine-tune), random adapters and heads.
-    pub fn new(config: &VitConfig, ensemble: &EnsembleConfig, device: &Device, seed: u64) -> Result<Vit> {
+    pub fn new(
+        config: &VitConfig,
+        ensemble: &EnsembleConfig,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Vit> {
         ensemble.validate(config)?;
         let (d, m) = (config.dim, ensemble.members);
         let explicit = ensemble.method == Method::Explicit;
@@ -177,7 +216,13 @@ impl Vit {
             let norm2 = bld.norm(&format!("{p}.norm2"), d)?;
             let fc1 = bld.linear(&format!("{p}.mlp.fc1"), config.mlp_dim, d, true)?;
             let fc2 = bld.linear(&format!("{p}.mlp.fc2"), d, config.mlp_dim, true)?;
-            blocks.push(Block { norm1, attn, norm2, fc1, fc2 });
+            blocks.push(Block {
+                norm1,
+                attn,
+                norm2,
+                fc1,
+                fc2,
+            });
         }
         let norm = bld.norm("norm", d)?;
         let head = bld.head(ensemble.classes, d)?;
@@ -233,7 +278,9 @@ impl Vit {
     /// The shared backbone without its group axis, as a pretrained checkpoint holds it.
     pub fn backbone_tensors(&self) -> Result<Vec<(String, Entry)>> {
         if self.ensemble.method == Method::Explicit {
-            return Err(NnError::Config("an explicit ensemble has one backbone per member, not a shared one".into()));
+            return Err(NnError::Config(
+                "an explicit ensemble has one backbone per member, not a shared one".into(),
+            ));
         }
         let mut t = self.tensors(|name, _| Vit::is_backbone(name))?;
         for (_, e) in &mut t {
@@ -254,7 +301,11 @@ impl Vit {
     }
 
     /// Load the parameters `keep` selects from a checkpoint written by [`Vit::tensors`].
-    pub fn load_tensors(&mut self, file: &TensorFile, keep: impl Fn(&str, bool) -> bool) -> Result<()> {
+    pub fn load_tensors(
+        &mut self,
+        file: &TensorFile,
+        keep: impl Fn(&str, bool) -> bool,
+    ) -> Result<()> {
         for (id, name, dims) in self.select(keep) {
             let values = file.get_shaped(&name, &dims)?;
             self.params.set(id, values)?;
@@ -275,7 +326,12 @@ impl Vit {
     fn check_images(&self, images: &Tensor) -> Result<()> {
         let c = &self.config;
         let d = images.dims();
-        if d.len() != 4 || d[1] != c.channels || d[2] != c.image_size || d[3] != c.image_size || d[0] == 0 {
+        if d.len() != 4
+            || d[1] != c.channels
+            || d[2] != c.image_size
+            || d[3] != c.image_size
+            || d[0] == 0
+        {
             return Err(NnError::Config(format!(
                 "model '{}' takes images [B, {}, {}, {}], got {}",
                 c.name,
@@ -293,7 +349,12 @@ impl Vit {
         self.check_images(images)?;
         let patches = Var::constant(patchify(images, self.config.patch)?);
         let pe = self.linear(tape, &patches, &self.patch_embed)?;
-        let mut x = ops::embed_tokens(tape, &pe, &self.param(tape, self.cls), &self.param(tape, self.pos))?;
+        let mut x = ops::embed_tokens(
+            tape,
+            &pe,
+            &self.param(tape, self.cls),
+            &self.param(tape, self.pos),
+        )?;
         for blk in &self.blocks {
             let h = self.layernorm(tape, &x, &blk.norm1)?;
             let [q, k, v] = [0, 1, 2].map(|i| self.project(tape, &h, &blk.attn[i]));
@@ -325,7 +386,12 @@ impl Vit {
 
     fn linear(&self, tape: &Tape, x: &Var, l: &Linear) -> Result<Var> {
         let b = l.bias.map(|b| self.param(tape, b));
-        Ok(ops::linear(tape, x, &self.param(tape, l.weight), b.as_ref())?)
+        Ok(ops::linear(
+            tape,
+            x,
+            &self.param(tape, l.weight),
+            b.as_ref(),
+        )?)
     }
 
     fn layernorm(&self, tape: &Tape, x: &Var, n: &Norm) -> Result<Var> {
@@ -340,6 +406,14 @@ impl Vit {
         let w = self.param(tape, p.linear.weight);
         let bias = p.linear.bias.map(|b| self.param(tape, b));
         let (a, b) = (self.param(tape, ad.a), self.param(tape, ad.b));
-        Ok(ops::lora_linear(tape, x, &w, bias.as_ref(), &a, &b, self.ensemble.lora.scale)?)
+        Ok(ops::lora_linear(
+            tape,
+            x,
+            &w,
+            bias.as_ref(),
+            &a,
+            &b,
+            self.ensemble.lora.scale,
+        )?)
     }
 }

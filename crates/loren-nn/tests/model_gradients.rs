@@ -28,14 +28,24 @@ fn model(method: Method, members: usize, rank: usize, seed: u64) -> Vit {
         method,
         members,
         classes: 3,
-        lora: LoraConfig { rank, init_gain: 1.0, ..LoraConfig::default() },
+        lora: LoraConfig {
+            rank,
+            init_gain: 1.0,
+            ..LoraConfig::default()
+        },
     };
     let mut vit = Vit::new(&micro(), &ens, &Device::cpu(), seed).unwrap();
     let mut rng = Rng::new(seed + 100);
     let params = vit.params_mut();
     let ids: Vec<_> = params.iter().map(|(id, _)| id).collect();
     for id in ids {
-        let v: Vec<f32> = params.get(id).to_vec().unwrap().iter().map(|x| x + 0.3 * rng.normal()).collect();
+        let v: Vec<f32> = params
+            .get(id)
+            .to_vec()
+            .unwrap()
+            .iter()
+            .map(|x| x + 0.3 * rng.normal())
+            .collect();
         params.set(id, &v).unwrap();
     }
     vit
@@ -47,29 +57,52 @@ fn check_method(method: Method, members: usize, rank: usize) {
     let mut rng = Rng::new(1);
     let images = Tensor::randn([3, 2, 4, 4], 1.0, &mut rng, MemTag::Workspace, &dev).unwrap();
     let labels = [2u32, 0, 1];
-    let opts = CheckOptions { samples: 12, ..CheckOptions::default() };
+    let opts = CheckOptions {
+        samples: 12,
+        ..CheckOptions::default()
+    };
     let reports = check_params(
         &mut vit,
         |v: &mut Vit| -> &mut Params { v.params_mut() },
         |tape: &Tape, v: &Vit| {
-            let logits = v.forward(tape, &images).map_err(|e| loren_tensor::Error::invalid("model", e.to_string()))?;
+            let logits = v
+                .forward(tape, &images)
+                .map_err(|e| loren_tensor::Error::invalid("model", e.to_string()))?;
             ops::softmax_cross_entropy(tape, &logits, &labels)
         },
         &opts,
     )
     .unwrap();
     let trainable = vit.params().trainable_ids().len();
-    assert_eq!(reports.len(), trainable, "every trainable tensor is checked");
+    assert_eq!(
+        reports.len(),
+        trainable,
+        "every trainable tensor is checked"
+    );
     for r in &reports {
         if r.name.ends_with("attn.k.bias") {
             // The key bias adds q·b to every score of a row, which softmax cancels: its true
             // gradient is exactly zero, so both sides must be at the noise floor.
             let (_, analytic, numeric) = r.worst.unwrap();
-            assert!(analytic.abs() < 1e-6 && numeric.abs() < 1e-4, "{method}: {} = {analytic}, {numeric}", r.name);
+            assert!(
+                analytic.abs() < 1e-6 && numeric.abs() < 1e-4,
+                "{method}: {} = {analytic}, {numeric}",
+                r.name
+            );
             continue;
         }
-        assert!(r.grad_norm > 1e-7, "{method}: {} has a vanishing gradient", r.name);
-        assert!(r.rel_err < opts.rel_tol, "{method}: {} relative error {:.3e}, worst {:?}", r.name, r.rel_err, r.worst);
+        assert!(
+            r.grad_norm > 1e-7,
+            "{method}: {} has a vanishing gradient",
+            r.name
+        );
+        assert!(
+            r.rel_err < opts.rel_tol,
+            "{method}: {} relative error {:.3e}, worst {:?}",
+            r.name,
+            r.rel_err,
+            r.worst
+        );
     }
 }
 

@@ -1,6 +1,7 @@
+use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::memory::MemoryTracker;
@@ -24,7 +25,21 @@ pub struct Device {
 struct DeviceInner {
     kind: DeviceKind,
     memory: MemoryTracker,
+    pool: Mutex<BufferPool>,
 }
+
+/// Freed CPU buffers kept for reuse by length. A training step allocates the same sizes every
+/// time, so after the first step allocation costs neither a page fault nor a trip to the OS.
+/// The pool holds at most as many bytes as the device's peak accounted use, so the process never
+/// keeps more than twice its working set.
+#[derive(Default)]
+struct BufferPool {
+    free: HashMap<usize, Vec<Vec<f32>>>,
+    bytes: u64,
+}
+
+/// The pool may always hold this much, whatever the peak.
+const POOL_FLOOR: u64 = 64 << 20;
 
 impl Device {
     pub fn cpu() -> Device {
@@ -32,6 +47,7 @@ impl Device {
             inner: Arc::new(DeviceInner {
                 kind: DeviceKind::Cpu,
                 memory: MemoryTracker::default(),
+                pool: Mutex::default(),
             }),
         }
     }
@@ -46,6 +62,34 @@ impl Device {
 
     pub fn memory(&self) -> &MemoryTracker {
         &self.inner.memory
+    }
+
+    /// A host buffer of `len` elements, reused from the pool when one is free. Its contents are
+    /// whatever was there: the caller overwrites them.
+    pub(crate) fn host_buffer(&self, len: usize) -> Vec<f32> {
+        let reused = {
+            let mut pool = self.inner.pool.lock().unwrap_or_else(|e| e.into_inner());
+            let v = pool.free.get_mut(&len).and_then(Vec::pop);
+            if v.is_some() {
+                pool.bytes -= (len * 4) as u64;
+            }
+            v
+        };
+        reused.unwrap_or_else(|| vec![0.0; len])
+    }
+
+    /// Give a host buffer back for reuse, or drop it when the pool is full.
+    pub(crate) fn recycle(&self, v: Vec<f32>) {
+        let bytes = (v.len() * 4) as u64;
+        if bytes == 0 {
+            return;
+        }
+        let cap = self.inner.memory.report().total_peak.max(POOL_FLOOR);
+        let mut pool = self.inner.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.bytes + bytes <= cap {
+            pool.bytes += bytes;
+            pool.free.entry(v.len()).or_default().push(v);
+        }
     }
 
     /// Whether two handles are the same device with the same accounting.

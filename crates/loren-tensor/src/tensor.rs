@@ -68,7 +68,9 @@ impl Tensor {
         device: &Device,
     ) -> Result<Tensor> {
         let shape = shape.into();
-        Tensor::from_vec(vec![value; shape.numel()], shape, tag, device)
+        let mut data = device.host_buffer(shape.numel());
+        data.fill(value);
+        Tensor::from_vec(data, shape, tag, device)
     }
 
     /// Normal with mean 0 and standard deviation `std`.
@@ -198,6 +200,8 @@ impl Tensor {
 impl Drop for Tensor {
     fn drop(&mut self) {
         self.device.memory().free(self.tag, self.size_in_bytes());
+        let Storage::Cpu(v) = std::mem::replace(&mut self.storage, Storage::Cpu(Vec::new()));
+        self.device.recycle(v);
     }
 }
 

@@ -10,7 +10,7 @@ use super::affine::{Motion, flip_horizontal, flip_vertical, warp};
 /// Flips happen with probability 1/2 each when enabled; the angle is uniform in
 /// `±max_rotation_deg` and each translation component uniform in `±max_translate_px`. The
 /// geometric part uses the same bilinear, zero-fill sampler as the Rotation shift.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Augment {
     pub hflip: bool,
     pub vflip: bool,

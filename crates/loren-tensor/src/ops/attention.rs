@@ -6,6 +6,7 @@
 
 use rayon::prelude::*;
 
+use super::math::exp;
 use super::{broadcast_groups, expect_rank, group_index, same_device};
 use crate::error::{Error, Result};
 use crate::memory::MemTag;
@@ -79,14 +80,47 @@ fn check(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Dims> {
     })
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+/// One head of one sequence, gathered so every inner loop is a contiguous axpy the compiler
+/// vectorises: K and V transposed to [dh, T] for the row-times-matrix products.
+struct Head {
+    kt: Vec<f32>,
+    vt: Vec<f32>,
 }
 
-/// Scaled scores of query row `i` against every key of one head, into `s`.
-fn scores(s: &mut [f32], qi: &[f32], k: &[f32], dm: &Dims, h: usize) {
-    for (j, sj) in s.iter_mut().enumerate() {
-        *sj = dm.scale() * dot(qi, &k[j * dm.d + h * dm.dh..][..dm.dh]);
+impl Head {
+    fn new(t: usize, dh: usize) -> Head {
+        Head {
+            kt: vec![0.0; dh * t],
+            vt: vec![0.0; dh * t],
+        }
+    }
+
+    /// Transpose head `h`'s slice of `src` ([T, D]) into `dst` ([dh, T]).
+    fn gather(dst: &mut [f32], src: &[f32], dm: &Dims, h: usize) {
+        for j in 0..dm.t {
+            for (d, &v) in src[j * dm.d + h * dm.dh..][..dm.dh].iter().enumerate() {
+                dst[d * dm.t + j] = v;
+            }
+        }
+    }
+}
+
+/// `out[j] = scale · Σ_d row[d]·mt[d, j]` for a row [dh] and a matrix [dh, T].
+fn row_times(out: &mut [f32], row: &[f32], mt: &[f32], scale: f32) {
+    out.fill(0.0);
+    let t = out.len();
+    for (d, &r) in row.iter().enumerate() {
+        let c = r * scale;
+        for (o, &m) in out.iter_mut().zip(&mt[d * t..][..t]) {
+            *o += c * m;
+        }
+    }
+}
+
+/// `y += a·x`.
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y += a * x;
     }
 }
 
@@ -111,19 +145,19 @@ pub fn attention_forward(
             let qg = &qs[dm.base(g, dm.gq, b)..][..t * d];
             let kg = &ks[dm.base(g, dm.gk, b)..][..t * d];
             let vg = &vs[dm.base(g, dm.gv, b)..][..t * d];
+            let mut head = Head::new(t, dh);
             let mut s = vec![0.0f32; t];
             for h in 0..heads {
+                Head::gather(&mut head.kt, kg, &dm, h);
                 for i in 0..t {
-                    scores(&mut s, &qg[i * d + h * dh..][..dh], kg, &dm, h);
+                    row_times(&mut s, &qg[i * d + h * dh..][..dh], &head.kt, dm.scale());
                     let mx = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let sum: f32 = s.iter().map(|x| (x - mx).exp()).sum();
-                    let l = mx + sum.ln();
-                    lse[h * t + i] = l;
+                    s.iter_mut().for_each(|x| *x = exp(*x - mx));
+                    let sum: f32 = s.iter().sum();
+                    lse[h * t + i] = mx + sum.ln();
                     let oi = &mut o[i * d + h * dh..][..dh];
-                    for (j, sj) in s.iter().enumerate() {
-                        let p = (sj - l).exp();
-                        let vj = &vg[j * d + h * dh..][..dh];
-                        oi.iter_mut().zip(vj).for_each(|(o, v)| *o += p * v);
+                    for (j, &e) in s.iter().enumerate() {
+                        axpy(oi, e / sum, &vg[j * d + h * dh..][..dh]);
                     }
                 }
             }
@@ -178,35 +212,25 @@ pub fn attention_backward(
             let vg = &vs[dm.base(g, dm.gv, b)..][..t * d];
             let dog = &dos[gb * t * d..][..t * d];
             let lg = &ls[gb * heads * t..][..heads * t];
-            let mut p = vec![0.0f32; t];
-            let mut dp = vec![0.0f32; t];
+            let mut head = Head::new(t, dh);
+            let (mut p, mut dp) = (vec![0.0f32; t], vec![0.0f32; t]);
             for h in 0..heads {
                 let at = |i: usize| i * d + h * dh;
+                Head::gather(&mut head.kt, kg, &dm, h);
+                Head::gather(&mut head.vt, vg, &dm, h);
                 for i in 0..t {
-                    let qi = &qg[at(i)..][..dh];
-                    let doi = &dog[at(i)..][..dh];
-                    scores(&mut p, qi, kg, &dm, h);
-                    for j in 0..t {
-                        p[j] = (p[j] - lg[h * t + i]).exp();
-                        dp[j] = dot(doi, &vg[at(j)..][..dh]);
-                    }
+                    let (qi, doi) = (&qg[at(i)..][..dh], &dog[at(i)..][..dh]);
+                    row_times(&mut p, qi, &head.kt, scale);
+                    let l = lg[h * t + i];
+                    p.iter_mut().for_each(|x| *x = exp(*x - l));
+                    row_times(&mut dp, doi, &head.vt, 1.0);
                     // Δ_i = Σ_j P_ij·dP_ij equals dO_i·O_i, without keeping O.
                     let delta: f32 = p.iter().zip(&dp).map(|(p, dp)| p * dp).sum();
                     for j in 0..t {
                         let ds = p[j] * (dp[j] - delta) * scale;
-                        let kj = &kg[at(j)..][..dh];
-                        dq[at(i)..][..dh]
-                            .iter_mut()
-                            .zip(kj)
-                            .for_each(|(o, k)| *o += ds * k);
-                        dk[at(j)..][..dh]
-                            .iter_mut()
-                            .zip(qi)
-                            .for_each(|(o, q)| *o += ds * q);
-                        dv[at(j)..][..dh]
-                            .iter_mut()
-                            .zip(doi)
-                            .for_each(|(o, g)| *o += p[j] * g);
+                        axpy(&mut dq[at(i)..][..dh], ds, &kg[at(j)..][..dh]);
+                        axpy(&mut dk[at(j)..][..dh], ds, qi);
+                        axpy(&mut dv[at(j)..][..dh], p[j], doi);
                     }
                 }
             }

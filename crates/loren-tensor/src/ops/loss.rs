@@ -54,7 +54,7 @@ fn softmax_row(p: &mut [f32], z: &[f32]) -> f32 {
     let mx = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0f32;
     for (p, z) in p.iter_mut().zip(z) {
-        *p = (z - mx).exp();
+        *p = super::math::exp(z - mx);
         sum += *p;
     }
     p.iter_mut().for_each(|p| *p /= sum);

@@ -13,6 +13,7 @@ pub mod gemm;
 pub mod linear;
 pub mod lora;
 pub mod loss;
+pub mod math;
 pub mod norm;
 pub mod optim;
 

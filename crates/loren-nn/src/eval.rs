@@ -1,0 +1,121 @@
+//! Evaluation: every member's probabilities on a dataset, and the calibration, shift and
+//! out-of-distribution report built from them.
+
+use loren_tensor::{MemTag, Tensor};
+use serde::Serialize;
+
+use crate::data::{Dataset, ShiftKind, batches, ood_set, shift_suite};
+use crate::error::{NnError, Result};
+use crate::metrics::{
+    CalibrationReport, OodReport, Predictions, ShiftRow, calibration, ood_detection,
+};
+use crate::vit::Vit;
+
+/// The shifted and OOD sets are drawn with this seed, never the user's, so every method and
+/// every run is scored on the same images.
+pub const EVAL_SEED: u64 = 0x4556_414c_2d73_6574;
+
+/// Every member's class probabilities on `data`, [M, N, C], in `batch_size` chunks.
+/// `progress` hears how many images each chunk held.
+pub fn predict(
+    model: &Vit,
+    data: &Dataset,
+    batch_size: usize,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Predictions> {
+    let (m, n, c) = (model.members(), data.len(), model.ensemble.classes);
+    let dev = model.device();
+    let mut probs = vec![0.0f32; m * n * c];
+    let order: Vec<usize> = (0..n).collect();
+    let mut done = 0;
+    for idx in batches(&order, batch_size)? {
+        let batch = data.batch(idx, None);
+        let shape = [batch.batch, batch.channels, batch.height, batch.width];
+        let images = Tensor::from_vec(batch.images, shape, MemTag::Workspace, dev)?;
+        let p = model.predict(&images)?.to_vec()?;
+        let b = idx.len();
+        for member in 0..m {
+            let src = &p[member * b * c..][..b * c];
+            probs[(member * n + done) * c..][..b * c].copy_from_slice(src);
+        }
+        done += b;
+        progress(b);
+    }
+    Ok(Predictions::new(m, n, c, probs)?)
+}
+
+/// How much to evaluate.
+#[derive(Clone, Debug)]
+pub struct EvalOptions {
+    pub batch_size: usize,
+    pub shift: bool,
+    pub ood: bool,
+}
+
+/// The full report for one model.
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalReport {
+    pub method: String,
+    pub members: usize,
+    pub test: CalibrationReport,
+    /// Accuracy and ECE per shift kind and severity.
+    pub shift: Vec<ShiftRow>,
+    pub ood: Option<OodReport>,
+}
+
+/// Images `evaluate` will predict on, for sizing a progress bar.
+pub fn eval_images(test: &Dataset, held_out: Option<&Dataset>, opts: &EvalOptions) -> usize {
+    let mut n = test.len();
+    if opts.shift {
+        n += ShiftKind::ALL.len() * 5 * test.len();
+    }
+    if opts.ood {
+        // The OOD set: every test image inverted, as many noise images, and the held-out classes.
+        n += 2 * test.len() + held_out.map_or(0, Dataset::len);
+    }
+    n
+}
+
+/// Score `model` on the test set, its shifted copies and the OOD set (inverted and noise
+/// images, plus `held_out` classes when given).
+pub fn evaluate(
+    model: &Vit,
+    test: &Dataset,
+    held_out: Option<&Dataset>,
+    opts: &EvalOptions,
+    progress: &mut dyn FnMut(usize),
+) -> Result<EvalReport> {
+    if test.classes != model.ensemble.classes {
+        return Err(NnError::Config(format!(
+            "the model has {} classes but the test set {}",
+            model.ensemble.classes, test.classes
+        )));
+    }
+    let preds = predict(model, test, opts.batch_size, progress)?;
+    let report = calibration(&preds, &test.labels)?;
+    let mut shift = Vec::new();
+    if opts.shift {
+        for (kind, severity, data) in shift_suite(test, EVAL_SEED) {
+            let p = predict(model, &data, opts.batch_size, progress)?;
+            shift.push(ShiftRow::from_report(
+                kind.name(),
+                severity,
+                &calibration(&p, &data.labels)?,
+            ));
+        }
+    }
+    let ood = if opts.ood {
+        let data = ood_set(test, held_out, EVAL_SEED)?;
+        let p = predict(model, &data, opts.batch_size, progress)?;
+        Some(ood_detection(&preds, &p)?)
+    } else {
+        None
+    };
+    Ok(EvalReport {
+        method: model.ensemble.method.name().to_string(),
+        members: model.members(),
+        test: report,
+        shift,
+        ood,
+    })
+}

@@ -1,0 +1,378 @@
+//! The training loop: batches in a seeded order, forward and backward on the tape, clipping,
+//! the optimizer step on a warmup-cosine schedule; checkpoints at epoch ends, from which a run
+//! resumes bit-exactly on the CPU; and a stop with the step number when the loss turns NaN.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use loren_autograd::optim::{Optimizer, OptimizerKind, clip_grad_norm};
+use loren_autograd::schedule::WarmupCosine;
+use loren_autograd::{Grads, Tape, ops};
+use loren_tensor::{MemTag, Rng, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, Entry, TensorFile};
+use crate::data::{Augment, Batch, Dataset, batches, epoch_order, num_batches};
+use crate::error::{NnError, Result};
+use crate::vit::Vit;
+
+/// How to train. Everything a resumed run must repeat to continue bit-exactly.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Peak learning rate, reached after the warmup.
+    pub lr: f32,
+    /// Where the cosine decay ends.
+    pub min_lr: f32,
+    pub warmup_steps: u64,
+    pub optimizer: OptimizerKind,
+    /// Clip the global gradient norm to this, when set.
+    pub grad_clip: Option<f64>,
+    pub augment: Augment,
+    /// Seeds the data order and augmentation (the model's start has its own seed).
+    pub seed: u64,
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(NnError::Config(m.to_string()));
+        if self.epochs == 0 {
+            return bad("train for at least 1 epoch (--epochs)");
+        }
+        if self.batch_size == 0 {
+            return bad("the batch size must be at least 1 (--batch-size)");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0)
+            || !(self.min_lr.is_finite() && self.min_lr >= 0.0)
+        {
+            return bad("the learning rate must be positive and finite (--lr)");
+        }
+        if self.grad_clip.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
+            return bad("the gradient clip must be positive and finite (--grad-clip)");
+        }
+        self.augment.validate()?;
+        Ok(())
+    }
+}
+
+/// What a step reports to an [`Observer`].
+#[derive(Clone, Copy, Debug)]
+pub struct StepInfo {
+    pub epoch: usize,
+    /// Global 0-based step.
+    pub step: u64,
+    pub total_steps: u64,
+    pub loss: f32,
+    pub lr: f32,
+    pub images: usize,
+    pub seconds: f64,
+}
+
+/// What an epoch reports.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct EpochInfo {
+    pub epoch: usize,
+    pub mean_loss: f64,
+    pub seconds: f64,
+}
+
+/// Watches training: the CLI draws progress bars with it.
+pub trait Observer {
+    fn start(&mut self, _total_steps: u64, _first_step: u64) {}
+    fn step(&mut self, _info: &StepInfo) {}
+    fn epoch(&mut self, _info: &EpochInfo) {}
+}
+
+/// An observer that watches nothing.
+pub struct Quiet;
+
+impl Observer for Quiet {}
+
+/// Where training keeps its checkpoint, and what to put in its metadata besides its own.
+#[derive(Clone, Debug, Default)]
+pub struct CheckpointSpec {
+    pub path: Option<PathBuf>,
+    pub metadata: HashMap<String, String>,
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainSummary {
+    pub epochs: Vec<EpochInfo>,
+    pub steps: u64,
+    pub seconds: f64,
+    pub images_per_second: f64,
+}
+
+/// A model being trained, with its optimizer, gradients and schedule.
+pub struct Trainer<'m> {
+    model: &'m mut Vit,
+    config: TrainConfig,
+    optimizer: Optimizer,
+    grads: Grads,
+    schedule: WarmupCosine,
+    step: u64,
+    epoch: usize,
+    steps_per_epoch: u64,
+}
+
+const FORMAT: &str = "loren-train-v1";
+
+impl<'m> Trainer<'m> {
+    /// A trainer for `train_len` training images.
+    pub fn new(model: &'m mut Vit, config: &TrainConfig, train_len: usize) -> Result<Trainer<'m>> {
+        config.validate()?;
+        let steps_per_epoch = num_batches(train_len, config.batch_size)? as u64;
+        if steps_per_epoch == 0 {
+            return Err(NnError::Config("the training set is empty".into()));
+        }
+        let total = steps_per_epoch * config.epochs as u64;
+        let optimizer = Optimizer::new(config.optimizer, model.params())?;
+        let grads = Grads::new(model.params())?;
+        Ok(Trainer {
+            model,
+            optimizer,
+            grads,
+            schedule: WarmupCosine {
+                base_lr: config.lr,
+                min_lr: config.min_lr,
+                warmup: config.warmup_steps.min(total),
+                total,
+            },
+            config: config.clone(),
+            step: 0,
+            epoch: 0,
+            steps_per_epoch,
+        })
+    }
+
+    pub fn model(&self) -> &Vit {
+        self.model
+    }
+
+    /// The next epoch to run (0-based).
+    pub fn epoch(&self) -> usize {
+        self.epoch
+    }
+
+    /// One optimizer step on a batch; returns the loss.
+    pub fn step(&mut self, batch: &Batch) -> Result<f32> {
+        let dev = self.model.device().clone();
+        let shape = [batch.batch, batch.channels, batch.height, batch.width];
+        let images = Tensor::from_vec(batch.images.clone(), shape, MemTag::Workspace, &dev)?;
+        self.grads.zero()?;
+        let loss = {
+            let tape = Tape::new();
+            let logits = self.model.forward(&tape, &images)?;
+            let loss = ops::softmax_cross_entropy(&tape, &logits, &batch.labels)?;
+            drop(logits);
+            let value = loss.value().scalar()?;
+            if !value.is_finite() {
+                return Err(self.non_finite(value));
+            }
+            tape.backward(&loss, &mut self.grads)?;
+            value
+        };
+        if let Some(max) = self.config.grad_clip {
+            let norm = clip_grad_norm(&mut self.grads, max)?;
+            if !norm.is_finite() {
+                return Err(self.non_finite(norm as f32));
+            }
+        }
+        let lr = self.schedule.lr(self.step);
+        self.optimizer
+            .step(self.model.params_mut(), &self.grads, lr)?;
+        self.step += 1;
+        Ok(loss)
+    }
+
+    fn non_finite(&self, value: f32) -> NnError {
+        NnError::NonFinite {
+            step: self.step,
+            loss: value,
+            kept: String::new(),
+        }
+    }
+
+    /// Run one epoch over `data` in its seeded order.
+    pub fn run_epoch(&mut self, data: &Dataset, observer: &mut dyn Observer) -> Result<EpochInfo> {
+        let start = Instant::now();
+        let order = epoch_order(data.len(), self.config.seed, self.epoch as u64);
+        let (mut sum, mut count) = (0.0f64, 0usize);
+        for (i, idx) in batches(&order, self.config.batch_size)?.enumerate() {
+            let t0 = Instant::now();
+            // One augmentation stream per (seed, epoch, batch): resuming needs no saved state.
+            let mut rng = Rng::new(self.config.seed)
+                .fork(AUGMENT_STREAM)
+                .fork(self.epoch as u64)
+                .fork(i as u64);
+            let batch = data.batch(idx, Some((&self.config.augment, &mut rng)));
+            let lr = self.schedule.lr(self.step);
+            let loss = self.step(&batch)?;
+            sum += loss as f64 * idx.len() as f64;
+            count += idx.len();
+            observer.step(&StepInfo {
+                epoch: self.epoch,
+                step: self.step - 1,
+                total_steps: self.total_steps(),
+                loss,
+                lr,
+                images: idx.len(),
+                seconds: t0.elapsed().as_secs_f64(),
+            });
+        }
+        let info = EpochInfo {
+            epoch: self.epoch,
+            mean_loss: sum / count.max(1) as f64,
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        self.epoch += 1;
+        observer.epoch(&info);
+        Ok(info)
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        self.steps_per_epoch * self.config.epochs as u64
+    }
+
+    /// Train the remaining epochs, checkpointing after each. On a NaN loss the error names the
+    /// step and the checkpoint of the last good epoch, which is left as it was.
+    pub fn fit(
+        &mut self,
+        data: &Dataset,
+        ckpt: &CheckpointSpec,
+        observer: &mut dyn Observer,
+    ) -> Result<TrainSummary> {
+        let start = Instant::now();
+        let first_step = self.step;
+        observer.start(self.total_steps(), first_step);
+        let mut epochs = Vec::new();
+        while self.epoch < self.config.epochs {
+            match self.run_epoch(data, observer) {
+                Ok(info) => epochs.push(info),
+                Err(NnError::NonFinite { step, loss, .. }) => {
+                    let kept = match &ckpt.path {
+                        Some(p) if p.exists() => {
+                            format!("the last good checkpoint is kept at {}", p.display())
+                        }
+                        _ => "no checkpoint had been written yet".to_string(),
+                    };
+                    return Err(NnError::NonFinite { step, loss, kept });
+                }
+                Err(e) => return Err(e),
+            }
+            if let Some(path) = &ckpt.path {
+                self.save(path, &ckpt.metadata)?;
+            }
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        let images = (self.step - first_step) as f64 * self.config.batch_size as f64;
+        Ok(TrainSummary {
+            epochs,
+            steps: self.step,
+            seconds,
+            images_per_second: images / seconds.max(1e-9),
+        })
+    }
+
+    /// Write the trainable tensors, the optimizer state and the position in training.
+    pub fn save(&self, path: &Path, extra: &HashMap<String, String>) -> Result<()> {
+        let mut tensors = self.model.tensors(|_, trainable| trainable)?;
+        for (id, st) in self.optimizer.state() {
+            let name = self.model.params().param(*id).name().to_string();
+            tensors.push((format!("optim.m.{name}"), entry(&st.m)?));
+            if let Some(v) = &st.v {
+                tensors.push((format!("optim.v.{name}"), entry(v)?));
+            }
+        }
+        let mut meta = extra.clone();
+        meta.extend([
+            ("format".to_string(), FORMAT.to_string()),
+            ("vit".to_string(), json(&self.model.config)),
+            ("ensemble".to_string(), json(&self.model.ensemble)),
+            ("train".to_string(), json(&self.config)),
+            ("epoch".to_string(), self.epoch.to_string()),
+            ("step".to_string(), self.step.to_string()),
+            (
+                "optimizer_steps".to_string(),
+                self.optimizer.steps().to_string(),
+            ),
+        ]);
+        checkpoint::write(path, &tensors, meta)
+    }
+
+    /// Continue from a checkpoint written by [`Trainer::save`] for this same model.
+    pub fn resume(&mut self, file: &TensorFile) -> Result<()> {
+        if file.meta("format")? != FORMAT {
+            return Err(NnError::checkpoint(
+                file.path(),
+                "not a loren training checkpoint",
+            ));
+        }
+        check_matches(file, "vit", &self.model.config)?;
+        check_matches(file, "ensemble", &self.model.ensemble)?;
+        let number = |key: &str| -> Result<u64> {
+            file.meta(key)?.parse().map_err(|_| {
+                NnError::checkpoint(file.path(), format!("metadata '{key}' is not a number"))
+            })
+        };
+        let (epoch, step, opt_steps) = (
+            number("epoch")?,
+            number("step")?,
+            number("optimizer_steps")?,
+        );
+        self.model.load_tensors(file, |_, trainable| trainable)?;
+        let names: HashMap<_, _> = self
+            .model
+            .params()
+            .iter()
+            .map(|(id, p)| (id, p.name().to_string()))
+            .collect();
+        self.optimizer.restore(opt_steps, |id, which, t| {
+            let name = format!("optim.{which}.{}", names[&id]);
+            let values = file
+                .get_shaped(&name, t.dims())
+                .map_err(|e| loren_tensor::Error::invalid("resume", e.to_string()))?;
+            t.as_mut_slice()?.copy_from_slice(values);
+            Ok(())
+        })?;
+        self.epoch = epoch as usize;
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// Separates the augmentation stream from the data order's.
+const AUGMENT_STREAM: u64 = 0x4155_474D_0000_0004;
+
+fn entry(t: &Tensor) -> Result<Entry> {
+    Ok(Entry {
+        shape: t.dims().to_vec(),
+        data: t.to_vec()?,
+    })
+}
+
+/// The checkpoint's `key` metadata must describe the same thing as `ours`.
+fn check_matches<T: Serialize + for<'de> Deserialize<'de> + PartialEq + std::fmt::Debug>(
+    file: &TensorFile,
+    key: &str,
+    ours: &T,
+) -> Result<()> {
+    let theirs: T = serde_json::from_str(file.meta(key)?).map_err(|e| {
+        NnError::checkpoint(file.path(), format!("metadata '{key}' is unreadable: {e}"))
+    })?;
+    if &theirs != ours {
+        return Err(NnError::checkpoint(
+            file.path(),
+            format!("it was made for {key} {theirs:?}, not {ours:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A config as JSON, for checkpoint metadata.
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("configs are plain data and always serialize")
+}

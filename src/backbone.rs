@@ -1,0 +1,142 @@
+//! The pretrained backbone that fine-tuning starts from: where the bundled one lives, how
+//! `loren pretrain` makes it, and how a run finds (or first makes) it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use loren_nn::checkpoint::{self, TensorFile};
+use loren_nn::config::{EnsembleConfig, LoraConfig, Method, VitConfig};
+use loren_nn::data::Splits;
+use loren_nn::eval::predict;
+use loren_nn::metrics::calibration;
+use loren_nn::train::{CheckpointSpec, TrainConfig, TrainSummary, Trainer};
+use loren_nn::vit::Vit;
+use loren_tensor::DeviceSpec;
+use serde::Serialize;
+
+use crate::progress::{TrainBar, Verbosity};
+
+/// Marks a file written by [`pretrain`].
+pub const FORMAT: &str = "loren-backbone-v1";
+
+/// Where the repository keeps the pretrained backbone of a config.
+pub fn default_path(vit: &VitConfig) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("assets")
+        .join(format!("backbone-{}.safetensors", vit.name))
+}
+
+/// How `loren pretrain` trains a backbone: a single network, every weight trained from a random
+/// start, on the pretrain split.
+#[derive(Clone, Debug)]
+pub struct PretrainSpec {
+    pub vit: VitConfig,
+    pub train: TrainConfig,
+    pub seed: u64,
+    pub device: DeviceSpec,
+    pub out: PathBuf,
+}
+
+impl PretrainSpec {
+    /// The recipe that made the bundled tiny backbone.
+    pub fn bundled(out: PathBuf) -> PretrainSpec {
+        PretrainSpec {
+            vit: VitConfig::tiny(),
+            train: TrainConfig {
+                epochs: 120,
+                batch_size: 64,
+                lr: 1e-3,
+                min_lr: 1e-5,
+                warmup_steps: 100,
+                optimizer: loren_autograd::optim::OptimizerKind::adamw(0.05),
+                grad_clip: Some(1.0),
+                augment: loren_nn::data::Augment::digits(),
+                seed: 0,
+            },
+            seed: 0,
+            device: DeviceSpec::Auto,
+            out,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PretrainResult {
+    pub path: PathBuf,
+    pub val_accuracy: f64,
+    pub summary: TrainSummary,
+}
+
+/// Train a backbone on the pretrain split and write it, without its group axis, to `spec.out`.
+pub fn pretrain(
+    spec: &PretrainSpec,
+    data: &Splits,
+    verbosity: Verbosity,
+) -> Result<PretrainResult> {
+    let device = spec.device.open()?;
+    let ens = EnsembleConfig {
+        method: Method::Single,
+        members: 1,
+        classes: data.pretrain.classes,
+        lora: LoraConfig::default(),
+    };
+    let mut model = Vit::new(&spec.vit, &ens, &device, spec.seed)?;
+    let summary = {
+        let mut trainer = Trainer::new(&mut model, &spec.train, data.pretrain.len())?;
+        let mut bar = TrainBar::new("pretrain", verbosity);
+        trainer.fit(&data.pretrain, &CheckpointSpec::default(), &mut bar)?
+    };
+    let val = predict(&model, &data.val, 256, &mut |_| {})?;
+    let val_accuracy = calibration(&val, &data.val.labels)?.accuracy;
+    let mut tensors = model.backbone_tensors()?;
+    // The pretraining head comes along for reference; fine-tuning starts new heads.
+    for (name, e) in model.tensors(|name, _| name.starts_with("head."))? {
+        tensors.push((format!("pretrain_{name}"), e));
+    }
+    let meta = HashMap::from([
+        ("format".to_string(), FORMAT.to_string()),
+        ("vit".to_string(), serde_json::to_string(&spec.vit)?),
+        ("train".to_string(), serde_json::to_string(&spec.train)?),
+        ("seed".to_string(), spec.seed.to_string()),
+        ("data".to_string(), "digits pretrain split".to_string()),
+        ("val_accuracy".to_string(), format!("{val_accuracy:.4}")),
+    ]);
+    checkpoint::write(&spec.out, &tensors, meta)?;
+    Ok(PretrainResult {
+        path: spec.out.clone(),
+        val_accuracy,
+        summary,
+    })
+}
+
+/// The backbone a run starts from: `given` when set (it must exist), else the config's bundled
+/// one, which is pretrained first when it is missing and the config is `tiny`.
+pub fn resolve(
+    given: Option<&Path>,
+    vit: &VitConfig,
+    data: &Splits,
+    verbosity: Verbosity,
+) -> Result<TensorFile> {
+    if let Some(path) = given {
+        return Ok(TensorFile::read(path)?);
+    }
+    let path = default_path(vit);
+    if !path.exists() {
+        if vit != &VitConfig::tiny() {
+            bail!(
+                "no pretrained backbone for '{}': pass --backbone FILE (the README shows how to import timm, Hugging Face or torchvision weights)",
+                vit.name
+            );
+        }
+        if verbosity == Verbosity::Normal {
+            eprintln!(
+                "no backbone at {}: pretraining one first (loren pretrain)",
+                path.display()
+            );
+        }
+        let spec = PretrainSpec::bundled(path.clone());
+        pretrain(&spec, data, verbosity).context("pretraining the backbone")?;
+    }
+    Ok(TensorFile::read(&path)?)
+}

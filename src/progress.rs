@@ -1,0 +1,95 @@
+//! Progress bars for training and evaluation. They draw on stderr and hide themselves when it
+//! is not a terminal, so logs stay clean.
+
+use indicatif::{ProgressBar, ProgressStyle};
+use loren_nn::train::{EpochInfo, Observer, StepInfo};
+
+/// How the run shows its progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verbosity {
+    /// Bars on a terminal, epoch lines.
+    Normal,
+    /// Nothing but errors.
+    Quiet,
+}
+
+fn bar(len: u64, template: &str, verbosity: Verbosity) -> ProgressBar {
+    if verbosity == Verbosity::Quiet {
+        return ProgressBar::hidden();
+    }
+    let style = ProgressStyle::with_template(template)
+        .expect("the templates are fixed and valid")
+        .progress_chars("=> ");
+    ProgressBar::new(len).with_style(style)
+}
+
+/// Draws one bar over all training steps, with loss, learning rate and throughput.
+pub struct TrainBar {
+    bar: ProgressBar,
+    label: String,
+    verbosity: Verbosity,
+    /// Exponential moving averages of the loss and of images per second.
+    loss: Option<f64>,
+    rate: Option<f64>,
+}
+
+impl TrainBar {
+    pub fn new(label: &str, verbosity: Verbosity) -> TrainBar {
+        TrainBar {
+            bar: ProgressBar::hidden(),
+            label: label.to_string(),
+            verbosity,
+            loss: None,
+            rate: None,
+        }
+    }
+}
+
+fn ema(prev: Option<f64>, x: f64, keep: f64) -> f64 {
+    prev.map_or(x, |p| keep * p + (1.0 - keep) * x)
+}
+
+impl Observer for TrainBar {
+    fn start(&mut self, total_steps: u64, first_step: u64) {
+        let template = "{prefix:>12} [{bar:30}] {pos}/{len} steps {msg} ({elapsed} < {eta})";
+        self.bar = bar(total_steps, template, self.verbosity).with_prefix(self.label.clone());
+        self.bar.set_position(first_step);
+    }
+
+    fn step(&mut self, s: &StepInfo) {
+        let loss = ema(self.loss, s.loss as f64, 0.9);
+        let rate = ema(self.rate, s.images as f64 / s.seconds.max(1e-9), 0.9);
+        (self.loss, self.rate) = (Some(loss), Some(rate));
+        self.bar.set_message(format!(
+            "epoch {} loss {loss:.4} lr {:.2e} {rate:.0} img/s",
+            s.epoch + 1,
+            s.lr
+        ));
+        self.bar.set_position(s.step + 1);
+    }
+
+    fn epoch(&mut self, e: &EpochInfo) {
+        if self.verbosity == Verbosity::Normal && self.bar.is_hidden() {
+            // No terminal: one line per epoch instead of a bar.
+            eprintln!(
+                "{}: epoch {} mean loss {:.4} ({:.1}s)",
+                self.label,
+                e.epoch + 1,
+                e.mean_loss,
+                e.seconds
+            );
+        }
+    }
+}
+
+impl Drop for TrainBar {
+    fn drop(&mut self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// A bar over images evaluated.
+pub fn eval_bar(label: &str, images: usize, verbosity: Verbosity) -> ProgressBar {
+    let template = "{prefix:>12} [{bar:30}] {pos}/{len} images ({per_sec}, {eta})";
+    bar(images as u64, template, verbosity).with_prefix(label.to_string())
+}
