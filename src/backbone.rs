@@ -44,7 +44,7 @@ impl PretrainSpec {
         PretrainSpec {
             vit: VitConfig::tiny(),
             train: TrainConfig {
-                epochs: 120,
+                epochs: 300,
                 batch_size: 64,
                 lr: 1e-3,
                 min_lr: 1e-5,

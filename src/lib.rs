@@ -11,6 +11,7 @@
 //! evaluating one method, comparing methods, pretraining the bundled backbone.
 
 pub mod backbone;
+pub mod dataset;
 pub mod progress;
 pub mod report;
 pub mod run;

@@ -1,21 +1,25 @@
 //! The `loren` command line: train, evaluate and compare LoRA-Ensembles.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use loren::backbone::{self, PretrainSpec};
+use loren::dataset::DataSource;
 use loren::progress::Verbosity;
-use loren::report::{calibration_report, comparison_table};
+use loren::progress::eval_bar;
+use loren::report::{calibration_report, comparison_table, method_title, training_line};
 use loren::run::{RunResult, RunSpec, run};
 use loren_autograd::optim::OptimizerKind;
+use loren_nn::checkpoint::TensorFile;
 use loren_nn::checkpoint::write_atomic;
 use loren_nn::config::{EnsembleConfig, LoraConfig, Method, Targets, VitConfig};
-use loren_nn::data::{Augment, SplitOptions, Splits, bundled_digits, split_digits};
-use loren_nn::eval::EvalOptions;
+use loren_nn::data::{Augment, Splits};
+use loren_nn::eval::{EvalOptions, eval_images, evaluate};
 use loren_nn::reliability::reliability_svg;
-use loren_nn::train::TrainConfig;
+use loren_nn::train::{TrainConfig, load_trained};
 use loren_tensor::DeviceSpec;
 
 const ABOUT: &str = "LoRA-Ensembles: calibrated uncertainty for Vision Transformers at a fraction of a deep ensemble's cost";
@@ -146,13 +150,18 @@ struct OptimArgs {
     /// Clip the global gradient norm to this; 0 turns clipping off.
     #[arg(long, default_value_t = 1.0)]
     grad_clip: f64,
-    /// Train without augmentation (default: rotation ±10° and translation ±1 px).
-    #[arg(long)]
-    no_augment: bool,
+    /// Training augmentation: none; digits (rotation ±10°, translation ±1 px); or paper (the
+    /// LoRA-Ensemble paper's CIFAR setup: horizontal and vertical flips, rotation ±15°).
+    #[arg(long, default_value = "none")]
+    augment: String,
 }
 
 #[derive(Args, Clone)]
 struct DataArgs {
+    /// The dataset: digits (the bundled 8x8 digits) or digits:PATH (the same gzipped CSV format).
+    /// Default: digits; for eval, the data the checkpoint was trained on.
+    #[arg(long)]
+    data: Option<String>,
     /// Classes to hold out of fine-tuning and test, and score as out-of-distribution (e.g. 8,9).
     #[arg(long, value_delimiter = ',')]
     holdout_classes: Vec<u32>,
@@ -194,9 +203,12 @@ struct EvalArgs {
     /// A checkpoint written by `loren train`.
     #[arg(long)]
     checkpoint: PathBuf,
+    /// The backbone the checkpoint was trained from (default: the path recorded in it).
+    #[arg(long)]
+    backbone: Option<PathBuf>,
     #[command(flatten)]
     data: DataArgs,
-    /// Output folder for report.json and reliability.svg (default: the checkpoint's folder).
+    /// Output folder for eval.json and eval-reliability.svg (default: the checkpoint's folder).
     #[arg(long)]
     out: Option<PathBuf>,
 }
@@ -232,7 +244,7 @@ struct PretrainArgs {
     /// Where to write the backbone (default: the repository's assets/backbone-tiny.safetensors).
     #[arg(long)]
     out: Option<PathBuf>,
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = 300)]
     epochs: usize,
 }
 
@@ -267,12 +279,20 @@ impl TrainArgs {
 }
 
 fn splits(data: &DataArgs) -> Result<Splits> {
-    let all = bundled_digits()?;
-    let opts = SplitOptions {
-        holdout_classes: data.holdout_classes.clone(),
-        ..SplitOptions::default()
-    };
-    Ok(split_digits(&all, &opts)?)
+    let source: DataSource = data.data.as_deref().unwrap_or("digits").parse()?;
+    source.splits(&data.holdout_classes)
+}
+
+/// What `eval` needs to rebuild the same data: the source and the held-out classes.
+fn data_metadata(data: &DataArgs) -> HashMap<String, String> {
+    let holdout: Vec<String> = data.holdout_classes.iter().map(u32::to_string).collect();
+    HashMap::from([
+        (
+            "data".to_string(),
+            data.data.clone().unwrap_or_else(|| "digits".into()),
+        ),
+        ("holdout_classes".to_string(), holdout.join(",")),
+    ])
 }
 
 fn eval_options(data: &DataArgs) -> EvalOptions {
@@ -315,10 +335,13 @@ fn train_config(o: &OptimArgs, method: Method, seed: u64) -> Result<TrainConfig>
         warmup_steps: o.warmup,
         optimizer,
         grad_clip: (o.grad_clip > 0.0).then_some(o.grad_clip),
-        augment: if o.no_augment {
-            Augment::none()
-        } else {
-            Augment::digits()
+        augment: match o.augment.as_str() {
+            "none" => Augment::none(),
+            "digits" => Augment::digits(),
+            "paper" => Augment::paper(),
+            other => {
+                anyhow::bail!("unknown augmentation '{other}': expected none, digits or paper")
+            }
         },
         seed,
     })
@@ -335,16 +358,23 @@ fn run_spec(
     classes: usize,
     checkpoint: Option<PathBuf>,
 ) -> Result<RunSpec> {
+    let vit = VitConfig::by_name(&model.config)?;
+    let ensemble = ensemble_config(ens, method, classes)?;
+    let train = train_config(optim, method, common.seed)?;
+    // Settle every setting before anything slow (loading, pretraining) starts.
+    ensemble.validate(&vit)?;
+    train.validate()?;
     Ok(RunSpec {
-        vit: VitConfig::by_name(&model.config)?,
-        ensemble: ensemble_config(ens, method, classes)?,
-        train: train_config(optim, method, common.seed)?,
+        vit,
+        ensemble,
+        train,
         model_seed: common.seed,
         device: common.device()?,
         checkpoint,
         resume: None,
         eval: eval_options(data),
         verbosity: common.verbosity(),
+        metadata: data_metadata(data),
     })
 }
 
@@ -383,7 +413,12 @@ fn train(a: &TrainArgs) -> Result<()> {
         spec.verbosity,
     )?;
     let result = run(&spec, &data, &backbone)?;
-    print!("{}", calibration_report(&result));
+    let title = method_title(result.method, result.members, result.rank);
+    print!(
+        "{}{}",
+        calibration_report(&title, &result.report),
+        training_line(&result)
+    );
     let written = write_outputs(&a.out, &result)?;
     println!(
         "wrote {}, {}, {}",
@@ -394,8 +429,64 @@ fn train(a: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn eval(_a: &EvalArgs) -> Result<()> {
-    anyhow::bail!("eval is not written yet")
+fn eval(a: &EvalArgs) -> Result<()> {
+    let file = TensorFile::read(&a.checkpoint)?;
+    // The data it was trained on, unless the command line says otherwise.
+    let meta = file.metadata();
+    let mut data_args = a.data.clone();
+    data_args.data = data_args.data.or_else(|| meta.get("data").cloned());
+    let recorded = meta.get("holdout_classes").filter(|h| !h.is_empty());
+    if let (true, Some(h)) = (data_args.holdout_classes.is_empty(), recorded) {
+        data_args.holdout_classes = h
+            .split(',')
+            .map(|c| {
+                c.parse::<u32>()
+                    .with_context(|| format!("checkpoint metadata holdout_classes '{h}'"))
+            })
+            .collect::<Result<_>>()?;
+    }
+    let data = splits(&data_args)?;
+    let backbone = match (&a.backbone, file.metadata().get("backbone")) {
+        (Some(p), _) => Some(TensorFile::read(p)?),
+        (None, Some(p)) => Some(TensorFile::read(Path::new(p)).context(
+            "the backbone the checkpoint was trained from (pass --backbone to name another)",
+        )?),
+        (None, None) => None,
+    };
+    let device = a.common.device()?.open()?;
+    let model = load_trained(&file, backbone.as_ref(), &device)?;
+    let opts = eval_options(&data_args);
+    let held_out = data.held_out.as_ref();
+    let bar = eval_bar(
+        "eval",
+        eval_images(&data.test, held_out, &opts),
+        a.common.verbosity(),
+    );
+    let report = evaluate(&model, &data.test, held_out, &opts, &mut |n| {
+        bar.inc(n as u64)
+    })?;
+    bar.finish_and_clear();
+    let ens = &model.ensemble;
+    let title = method_title(
+        ens.method,
+        ens.members,
+        ens.method.uses_lora().then_some(ens.lora.rank),
+    );
+    print!("{}", calibration_report(&title, &report));
+    let out = match &a.out {
+        Some(o) => o.clone(),
+        None => a
+            .checkpoint
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default(),
+    };
+    let json = out.join("eval.json");
+    write_atomic(&json, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    let svg = out.join("eval-reliability.svg");
+    write_atomic(&svg, reliability_svg(&report.test, &title).as_bytes())?;
+    println!("wrote {}, {}", json.display(), svg.display());
+    Ok(())
 }
 
 fn compare(a: &CompareArgs) -> Result<()> {
@@ -441,6 +532,7 @@ fn compare(a: &CompareArgs) -> Result<()> {
 
 fn pretrain(a: &PretrainArgs) -> Result<()> {
     let data = splits(&DataArgs {
+        data: None,
         holdout_classes: vec![],
         no_shift: true,
         no_ood: true,

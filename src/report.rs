@@ -2,6 +2,8 @@
 
 use std::fmt::Write;
 
+use loren_nn::Method;
+use loren_nn::eval::EvalReport;
 use loren_nn::metrics::ShiftRow;
 
 use crate::run::RunResult;
@@ -27,7 +29,7 @@ pub fn count(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -35,30 +37,25 @@ pub fn count(n: usize) -> String {
     out
 }
 
-fn method_title(r: &RunResult) -> String {
-    let name = match r.method {
-        loren_nn::Method::Lora => "LoRA-Ensemble",
-        loren_nn::Method::Explicit => "Explicit ensemble",
-        loren_nn::Method::Single => "Single network",
-        loren_nn::Method::SingleLora => "Single network with LoRA",
+/// "LoRA-Ensemble (M=8, rank 8)" and the like.
+pub fn method_title(method: Method, members: usize, rank: Option<usize>) -> String {
+    let name = match method {
+        Method::Lora => "LoRA-Ensemble",
+        Method::Explicit => "Explicit ensemble",
+        Method::Single => "Single network",
+        Method::SingleLora => "Single network with LoRA",
     };
-    match r.rank {
-        Some(rank) => format!("{name} (M={}, rank {rank})", r.members),
-        None => format!("{name} (M={})", r.members),
+    match rank {
+        Some(rank) => format!("{name} (M={members}, rank {rank})"),
+        None => format!("{name} (M={members})"),
     }
 }
 
-/// The calibration report of one run.
-pub fn calibration_report(r: &RunResult) -> String {
-    let t = &r.report.test;
+/// The calibration report: test metrics, then shift and OOD detection when evaluated.
+pub fn calibration_report(title: &str, report: &EvalReport) -> String {
+    let t = &report.test;
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "{} on the digits test split ({} images), {}",
-        method_title(r),
-        t.samples,
-        r.device
-    );
+    let _ = writeln!(s, "{title} on the digits test split ({} images)", t.samples);
     let _ = writeln!(s, "  accuracy             {:>7.2}%", 100.0 * t.accuracy);
     let _ = writeln!(s, "  ECE (15 bins)        {:>8.4}", t.ece);
     let _ = writeln!(s, "  adaptive ECE         {:>8.4}", t.adaptive_ece);
@@ -87,11 +84,10 @@ pub fn calibration_report(r: &RunResult) -> String {
         "  predictive entropy   {:>8.4}   mutual information {:.4}",
         t.predictive_entropy, t.mutual_information
     );
-    if !r.report.shift.is_empty() {
+    if !report.shift.is_empty() {
         let _ = writeln!(s, "  under shift, accuracy % / ECE by severity 1..5:");
-        for kind in unique_kinds(&r.report.shift) {
-            let cells: Vec<String> = r
-                .report
+        for kind in unique_kinds(&report.shift) {
+            let cells: Vec<String> = report
                 .shift
                 .iter()
                 .filter(|row| row.kind == kind)
@@ -100,7 +96,7 @@ pub fn calibration_report(r: &RunResult) -> String {
             let _ = writeln!(s, "    {kind:<15} {}", cells.join("  "));
         }
     }
-    if let Some(o) = &r.report.ood {
+    if let Some(o) = &report.ood {
         let _ = writeln!(
             s,
             "  OOD detection ({} in, {} out; OOD positive): AUROC / AUPR / FPR@95%TPR",
@@ -118,16 +114,20 @@ pub fn calibration_report(r: &RunResult) -> String {
             );
         }
     }
-    let _ = writeln!(
-        s,
-        "  trainable parameters {:>10}   of {}; peak memory {} (training {:.1}s, eval {:.1}s)",
+    s
+}
+
+/// What training cost: parameters, memory and time.
+pub fn training_line(r: &RunResult) -> String {
+    format!(
+        "  trainable parameters {} of {}; peak memory {} on {}; training {:.1}s, evaluation {:.1}s\n",
         count(r.trainable_params),
         count(r.total_params),
         bytes(r.memory.total_peak),
+        r.device,
         r.train_seconds,
         r.eval_seconds
-    );
-    s
+    )
 }
 
 fn unique_kinds(rows: &[ShiftRow]) -> Vec<String> {

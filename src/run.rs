@@ -32,6 +32,8 @@ pub struct RunSpec {
     pub resume: Option<PathBuf>,
     pub eval: EvalOptions,
     pub verbosity: Verbosity,
+    /// Written into the checkpoint beside the run's own metadata (the data, for `eval`).
+    pub metadata: HashMap<String, String>,
 }
 
 /// Peak bytes per memory tag, and the peak of their sum.
@@ -68,6 +70,7 @@ pub struct RunResult {
     /// Accuracy and NLL on the validation split: the split to choose settings by.
     pub val_accuracy: f64,
     pub val_nll: f64,
+    pub val_ece: f64,
     pub report: EvalReport,
     pub train_seconds: f64,
     pub eval_seconds: f64,
@@ -130,6 +133,7 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
         train: summary,
         val_accuracy: val_report.accuracy,
         val_nll: val_report.nll,
+        val_ece: val_report.ece,
         report,
         train_seconds,
         eval_seconds: t1.elapsed().as_secs_f64(),

@@ -76,6 +76,13 @@ impl TensorFile {
             .ok_or_else(|| NnError::checkpoint(&self.path, format!("metadata '{key}' is missing")))
     }
 
+    /// A metadata value holding JSON, parsed.
+    pub fn meta_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<T> {
+        serde_json::from_str(self.meta(key)?).map_err(|e| {
+            NnError::checkpoint(&self.path, format!("metadata '{key}' is unreadable: {e}"))
+        })
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)
     }

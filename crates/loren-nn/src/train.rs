@@ -44,10 +44,11 @@ impl TrainConfig {
         if self.batch_size == 0 {
             return bad("the batch size must be at least 1 (--batch-size)");
         }
-        if !(self.lr.is_finite() && self.lr > 0.0)
-            || !(self.min_lr.is_finite() && self.min_lr >= 0.0)
-        {
+        if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad("the learning rate must be positive and finite (--lr)");
+        }
+        if !(self.min_lr.is_finite() && self.min_lr >= 0.0) {
+            return bad("the final learning rate must be finite and not negative (--min-lr)");
         }
         if self.grad_clip.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
             return bad("the gradient clip must be positive and finite (--grad-clip)");
@@ -355,14 +356,12 @@ fn entry(t: &Tensor) -> Result<Entry> {
 }
 
 /// The checkpoint's `key` metadata must describe the same thing as `ours`.
-fn check_matches<T: Serialize + for<'de> Deserialize<'de> + PartialEq + std::fmt::Debug>(
+fn check_matches<T: serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(
     file: &TensorFile,
     key: &str,
     ours: &T,
 ) -> Result<()> {
-    let theirs: T = serde_json::from_str(file.meta(key)?).map_err(|e| {
-        NnError::checkpoint(file.path(), format!("metadata '{key}' is unreadable: {e}"))
-    })?;
+    let theirs: T = file.meta_json(key)?;
     if &theirs != ours {
         return Err(NnError::checkpoint(
             file.path(),
@@ -370,6 +369,36 @@ fn check_matches<T: Serialize + for<'de> Deserialize<'de> + PartialEq + std::fmt
         ));
     }
     Ok(())
+}
+
+/// Rebuild the model a training checkpoint holds. Its frozen backbone, when it has one, comes
+/// from `backbone`; the trainable tensors from the checkpoint.
+pub fn load_trained(
+    file: &TensorFile,
+    backbone: Option<&TensorFile>,
+    device: &loren_tensor::Device,
+) -> Result<Vit> {
+    if file.meta("format")? != FORMAT {
+        return Err(NnError::checkpoint(
+            file.path(),
+            "not a loren training checkpoint",
+        ));
+    }
+    let (vit, ens) = (file.meta_json("vit")?, file.meta_json("ensemble")?);
+    let mut model = Vit::new(&vit, &ens, device, 0)?;
+    let frozen_backbone = model.params().iter().any(|(_, p)| !p.trainable());
+    match backbone {
+        Some(b) => model.load_backbone(b)?,
+        None if frozen_backbone => {
+            return Err(NnError::checkpoint(
+                file.path(),
+                "its frozen backbone is needed too",
+            ));
+        }
+        None => {}
+    }
+    model.load_tensors(file, |_, trainable| trainable)?;
+    Ok(model)
 }
 
 /// A config as JSON, for checkpoint metadata.

@@ -57,6 +57,18 @@ impl Tensor {
         })
     }
 
+    /// A tensor whose contents are unspecified (stale values from reused memory, never
+    /// uninitialised): for outputs the op writes in full, so nothing is spent zeroing them.
+    pub fn empty(shape: impl Into<Shape>, tag: MemTag, device: &Device) -> Result<Tensor> {
+        let shape = shape.into();
+        let mut data = device.host_buffer(shape.numel());
+        if cfg!(debug_assertions) {
+            // Poisoned in test builds, so an element an op forgets to write shows as NaN.
+            data.fill(f32::NAN);
+        }
+        Tensor::from_vec(data, shape, tag, device)
+    }
+
     pub fn zeros(shape: impl Into<Shape>, tag: MemTag, device: &Device) -> Result<Tensor> {
         Tensor::full(0.0, shape, tag, device)
     }

@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use loren_tensor::ops::linear::{Needs, linear_backward, linear_forward};
 use loren_tensor::ops::lora::{lora_backward, lora_forward};
-use loren_tensor::{Result, Tensor};
+use loren_tensor::{Result, Shape, Tensor};
 
 use crate::tape::{Backward, GradSink, NodeId, Tape, Var};
 
@@ -14,7 +14,9 @@ pub fn linear(tape: &Tape, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
         y,
         needs_grad,
         LinearBackward {
-            x: x.keep(),
+            // Only dW reads the input: a frozen weight's backward keeps none.
+            x: w.requires_grad().then(|| x.keep()),
+            x_shape: x.shape().clone(),
             w: w.keep(),
             x_node: x.node(),
             w_node: w.node(),
@@ -25,7 +27,8 @@ pub fn linear(tape: &Tape, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
 }
 
 struct LinearBackward {
-    x: Arc<Tensor>,
+    x: Option<Arc<Tensor>>,
+    x_shape: Shape,
     w: Arc<Tensor>,
     x_node: Option<NodeId>,
     w_node: Option<NodeId>,
@@ -44,7 +47,14 @@ impl Backward for LinearBackward {
             dw: self.w_node.is_some(),
             db: self.b_node.is_some(),
         };
-        let g = linear_backward(&dy, &self.x, &self.w, self.has_bias, needs)?;
+        let g = linear_backward(
+            &dy,
+            &self.x_shape,
+            self.x.as_deref(),
+            &self.w,
+            self.has_bias,
+            needs,
+        )?;
         drop(dy);
         grads.add_opt(self.x_node, g.dx)?;
         grads.add_opt(self.w_node, g.dw)?;

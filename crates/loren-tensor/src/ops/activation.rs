@@ -74,7 +74,7 @@ where
 
 pub fn bias_gelu_forward(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     let dm = check(x, b)?;
-    let mut y = Tensor::zeros(
+    let mut y = Tensor::empty(
         x.shape().with_groups(dm.groups),
         MemTag::Activations,
         x.device(),
@@ -114,7 +114,7 @@ pub fn bias_gelu_backward(
     }
     let dev = x.device();
     let dys = dy.as_slice()?;
-    let mut dz = Tensor::zeros(want, MemTag::Workspace, dev)?;
+    let mut dz = Tensor::empty(want, MemTag::Workspace, dev)?;
     let n = dm.n;
     map_rows(
         dz.as_mut_slice()?,

@@ -134,7 +134,7 @@ pub fn attention_forward(
     let (t, d, dh) = (dm.t, dm.d, dm.dh);
     let dev = q.device();
     let mut o = Tensor::zeros([dm.groups, dm.batch, t, d], MemTag::Activations, dev)?;
-    let mut lse = Tensor::zeros([dm.groups, dm.batch, heads, t], MemTag::Activations, dev)?;
+    let mut lse = Tensor::empty([dm.groups, dm.batch, heads, t], MemTag::Activations, dev)?;
     let (qs, ks, vs) = (q.as_slice()?, k.as_slice()?, v.as_slice()?);
     o.as_mut_slice()?
         .par_chunks_mut(t * d)

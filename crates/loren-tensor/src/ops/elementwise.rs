@@ -18,7 +18,7 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         return Err(Error::shape(OP, a.shape(), b.shape()));
     }
     let per = a.numel() / a.shape().groups().max(1);
-    let mut out = Tensor::zeros(
+    let mut out = Tensor::empty(
         a.shape().with_groups(groups),
         MemTag::Activations,
         a.device(),

@@ -30,7 +30,7 @@ pub fn patchify(images: &Tensor, p: usize) -> Result<Tensor> {
     }
     let (gh, gw) = (h / p, w / p);
     let feat = c * p * p;
-    let mut out = Tensor::zeros([1, b, gh * gw, feat], MemTag::Activations, images.device())?;
+    let mut out = Tensor::empty([1, b, gh * gw, feat], MemTag::Activations, images.device())?;
     let src = images.as_slice()?;
     out.as_mut_slice()?
         .par_chunks_mut(feat)
@@ -87,7 +87,7 @@ fn check_tokens(pe: &Tensor, cls: &Tensor, pos: &Tensor) -> Result<TokenDims> {
 pub fn embed_tokens_forward(pe: &Tensor, cls: &Tensor, pos: &Tensor) -> Result<Tensor> {
     let dm = check_tokens(pe, cls, pos)?;
     let (t, d) = (dm.patches + 1, dm.d);
-    let mut x = Tensor::zeros(
+    let mut x = Tensor::empty(
         [dm.groups, dm.batch, t, d],
         MemTag::Activations,
         pe.device(),
@@ -140,7 +140,7 @@ pub fn embed_tokens_backward(
     let dxs = dx.as_slice()?;
     let mut out = TokenGrads::default();
     if need[0] {
-        let mut dpe = Tensor::zeros([dm.groups, batch, dm.patches, d], MemTag::Workspace, dev)?;
+        let mut dpe = Tensor::empty([dm.groups, batch, dm.patches, d], MemTag::Workspace, dev)?;
         dpe.as_mut_slice()?
             .par_chunks_mut(dm.patches * d)
             .zip(dxs.par_chunks(t * d))

@@ -8,6 +8,7 @@ use super::gemm::{Trans, matmul, pool_threads};
 use super::{broadcast_groups, expect_rank, group_index, same_device};
 use crate::error::{Error, Result};
 use crate::memory::MemTag;
+use crate::shape::Shape;
 use crate::tensor::Tensor;
 
 const OP: &str = "linear";
@@ -38,33 +39,35 @@ struct Dims {
 }
 
 fn check(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Dims> {
-    if x.shape().rank() < 2 {
+    match bias {
+        Some(b) => same_device(OP, &[x, w, b])?,
+        None => same_device(OP, &[x, w])?,
+    }
+    dims(x.shape(), w, bias)
+}
+
+/// The product's dimensions from the input's shape alone, so a backward that kept no input
+/// (a frozen weight needs none) can still check its shapes.
+fn dims(x: &Shape, w: &Tensor, bias: Option<&Tensor>) -> Result<Dims> {
+    if x.rank() < 2 {
         return Err(Error::invalid(
             OP,
-            format!("input must be [groups, ..., features], got {}", x.shape()),
+            format!("input must be [groups, ..., features], got {x}"),
         ));
     }
     expect_rank(OP, w, 3, "weight")?;
     let (gw, n, k) = (w.dims()[0], w.dims()[1], w.dims()[2]);
-    if x.shape().last() != k {
-        return Err(Error::shape(OP, x.shape(), w.shape()));
+    if x.last() != k {
+        return Err(Error::shape(OP, x, w.shape()));
     }
-    let mut shapes = vec![x.shape(), w.shape()];
-    if let Some(b) = bias {
-        if b.dims() != [gw, n] {
-            return Err(Error::shape(OP, b.shape(), w.shape()));
-        }
-        shapes.push(b.shape());
-        same_device(OP, &[x, w, b])?;
-    } else {
-        same_device(OP, &[x, w])?;
+    if let Some(b) = bias.filter(|b| b.dims() != [gw, n]) {
+        return Err(Error::shape(OP, b.shape(), w.shape()));
     }
-    let groups = broadcast_groups(OP, &shapes[..2])?;
     Ok(Dims {
-        groups,
-        gx: x.shape().groups(),
+        groups: broadcast_groups(OP, &[x, w.shape()])?,
+        gx: x.groups(),
         gw,
-        rows: x.shape().rows_per_group(),
+        rows: x.rows_per_group(),
         k,
         n,
     })
@@ -103,7 +106,7 @@ pub(crate) fn fill_rows(y: &mut [f32], bias: &[f32]) {
 pub fn linear_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let d = check(x, w, bias)?;
     let out_shape = x.shape().with_groups(d.groups).with_last(d.n);
-    let mut y = Tensor::zeros(out_shape, MemTag::Activations, x.device())?;
+    let mut y = Tensor::empty(out_shape, MemTag::Activations, x.device())?;
     let xs = x.as_slice()?;
     let ws = w.as_slice()?;
     let bs = bias.map(|b| b.as_slice()).transpose()?;
@@ -154,28 +157,31 @@ pub fn linear_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<T
     Ok(y)
 }
 
-/// Gradients of [`linear_forward`] given the output gradient `dy`.
+/// Gradients of [`linear_forward`] given the output gradient `dy`. The input `x` (of shape
+/// `x_shape`) is read only for dW, so a frozen weight's backward passes `None`.
 pub fn linear_backward(
     dy: &Tensor,
-    x: &Tensor,
+    x_shape: &Shape,
+    x: Option<&Tensor>,
     w: &Tensor,
     has_bias: bool,
     needs: Needs,
 ) -> Result<LinearGrads> {
-    let d = check(x, w, None)?;
-    let want = x.shape().with_groups(d.groups).with_last(d.n);
+    const BWD: &str = "linear_backward";
+    same_device(BWD, &[dy, w])?;
+    let d = dims(x_shape, w, None)?;
+    let want = x_shape.with_groups(d.groups).with_last(d.n);
     if dy.shape() != &want {
-        return Err(Error::shape("linear_backward", dy.shape(), &want));
+        return Err(Error::shape(BWD, dy.shape(), &want));
     }
     let (rows, k, n, groups) = (d.rows, d.k, d.n, d.groups);
     let dys = dy.as_slice()?;
-    let xs = x.as_slice()?;
     let ws = w.as_slice()?;
-    let dev = x.device();
+    let dev = dy.device();
     let mut out = LinearGrads::default();
 
     if needs.dx {
-        let mut dx = Tensor::zeros(x.shape().clone(), MemTag::Workspace, dev)?;
+        let mut dx = Tensor::empty(x_shape.clone(), MemTag::Workspace, dev)?;
         let dxs = dx.as_mut_slice()?;
         if d.gw == 1 {
             matmul(
@@ -233,7 +239,18 @@ pub fn linear_backward(
     }
 
     if needs.dw {
-        let mut dw = Tensor::zeros(w.shape().clone(), MemTag::Workspace, dev)?;
+        let x = x.ok_or_else(|| {
+            Error::invalid(
+                BWD,
+                "the weight's gradient needs the input, which was not kept",
+            )
+        })?;
+        if x.shape() != x_shape {
+            return Err(Error::shape(BWD, x.shape(), x_shape));
+        }
+        same_device(BWD, &[x, w])?;
+        let xs = x.as_slice()?;
+        let mut dw = Tensor::empty(w.shape().clone(), MemTag::Workspace, dev)?;
         let dws = dw.as_mut_slice()?;
         if d.gw == 1 {
             // Every group's rows contribute to the one shared weight: one product over all rows.

@@ -103,12 +103,12 @@ pub fn lora_forward(
     let d = check(x, w, bias, a, b)?;
     let (m, rows, k, n, r) = (d.members, d.rows, d.k, d.n, d.r);
     let dev = x.device();
-    let mut y = Tensor::zeros(
+    let mut y = Tensor::empty(
         x.shape().with_groups(m).with_last(n),
         MemTag::Activations,
         dev,
     )?;
-    let mut u = Tensor::zeros(
+    let mut u = Tensor::empty(
         x.shape().with_groups(m).with_last(r),
         MemTag::Activations,
         dev,
@@ -217,7 +217,7 @@ pub fn lora_backward(
     let mut out = LoraGrads::default();
 
     // v = s·dy·B: the gradient reaching u, shared by dA and dx.
-    let mut v = Tensor::zeros(u_shape, MemTag::Workspace, dev)?;
+    let mut v = Tensor::empty(u_shape, MemTag::Workspace, dev)?;
     let vs = v.as_mut_slice()?;
     for_each_group(vs, m, |g, vg, threads| {
         let dyg = &dys[g * rows * n..][..rows * n];
@@ -238,7 +238,7 @@ pub fn lora_backward(
     let vs = v.as_slice()?;
 
     if need_adapters {
-        let mut db = Tensor::zeros(b.shape().clone(), MemTag::Workspace, dev)?;
+        let mut db = Tensor::empty(b.shape().clone(), MemTag::Workspace, dev)?;
         for_each_group(db.as_mut_slice()?, m, |g, dbg, threads| {
             let dyg = &dys[g * rows * n..][..rows * n];
             let ug = &us[g * rows * r..][..rows * r];
@@ -256,7 +256,7 @@ pub fn lora_backward(
                 threads,
             );
         });
-        let mut da = Tensor::zeros(a.shape().clone(), MemTag::Workspace, dev)?;
+        let mut da = Tensor::empty(a.shape().clone(), MemTag::Workspace, dev)?;
         for_each_group(da.as_mut_slice()?, m, |g, dag, threads| {
             let vg = &vs[g * rows * r..][..rows * r];
             let xg = &xs[group_index(g, d.gx) * rows * k..][..rows * k];
@@ -279,7 +279,7 @@ pub fn lora_backward(
     }
 
     if need_dx {
-        let mut dx = Tensor::zeros(x.shape().clone(), MemTag::Workspace, dev)?;
+        let mut dx = Tensor::empty(x.shape().clone(), MemTag::Workspace, dev)?;
         let dxs = dx.as_mut_slice()?;
         if d.gx == m {
             matmul(

@@ -65,7 +65,7 @@ pub fn softmax_cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<LossOut
     let (m, b, c) = check(logits, targets)?;
     let dev = logits.device();
     let zs = logits.as_slice()?;
-    let mut dlogits = Tensor::zeros([m, b, c], MemTag::Workspace, dev)?;
+    let mut dlogits = Tensor::empty([m, b, c], MemTag::Workspace, dev)?;
     let inv = 1.0 / (m * b) as f32;
     let losses: Vec<f32> = dlogits
         .as_mut_slice()?
@@ -97,7 +97,7 @@ pub fn softmax(logits: &Tensor) -> Result<Tensor> {
             format!("no classes in {}", logits.shape()),
         ));
     }
-    let mut p = Tensor::zeros(logits.shape().clone(), MemTag::Activations, logits.device())?;
+    let mut p = Tensor::empty(logits.shape().clone(), MemTag::Activations, logits.device())?;
     p.as_mut_slice()?
         .par_chunks_mut(c)
         .zip(logits.as_slice()?.par_chunks(c))

@@ -79,8 +79,8 @@ pub fn layernorm_forward(
     let dm = check(x, gamma, beta)?;
     let (rows, d) = (dm.rows, dm.d);
     let dev = x.device();
-    let mut mean = Tensor::zeros([dm.gx, rows], MemTag::Activations, dev)?;
-    let mut rstd = Tensor::zeros([dm.gx, rows], MemTag::Activations, dev)?;
+    let mut mean = Tensor::empty([dm.gx, rows], MemTag::Activations, dev)?;
+    let mut rstd = Tensor::empty([dm.gx, rows], MemTag::Activations, dev)?;
     let xs = x.as_slice()?;
     mean.as_mut_slice()?
         .par_iter_mut()
@@ -88,7 +88,7 @@ pub fn layernorm_forward(
         .zip(xs.par_chunks(d))
         .for_each(|((m, r), row)| (*m, *r) = row_stats(row, eps));
 
-    let mut y = Tensor::zeros(x.shape().with_groups(dm.groups), MemTag::Activations, dev)?;
+    let mut y = Tensor::empty(x.shape().with_groups(dm.groups), MemTag::Activations, dev)?;
     let (ms, rs, gs, bs) = (
         mean.as_slice()?,
         rstd.as_slice()?,
@@ -141,7 +141,7 @@ pub fn layernorm_backward(
 
     if need_x {
         // Each output group's contribution, then a sum over groups when x is shared.
-        let mut dx_all = Tensor::zeros(want.clone(), MemTag::Workspace, dev)?;
+        let mut dx_all = Tensor::empty(want.clone(), MemTag::Workspace, dev)?;
         dx_all
             .as_mut_slice()?
             .par_chunks_mut(d)

@@ -1,0 +1,197 @@
+//! Training end to end on the bundled digits: resuming from a checkpoint continues bit-exactly,
+//! and a loss that turns NaN stops training with the step, keeping the last good checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use loren_autograd::optim::OptimizerKind;
+use loren_nn::checkpoint::TensorFile;
+use loren_nn::config::{EnsembleConfig, LoraConfig, Method, VitConfig};
+use loren_nn::data::{Augment, Dataset, SplitOptions, bundled_digits, split_digits};
+use loren_nn::error::NnError;
+use loren_nn::train::{CheckpointSpec, Quiet, TrainConfig, Trainer};
+use loren_nn::vit::Vit;
+use loren_tensor::Device;
+
+fn train_split() -> Dataset {
+    let all = bundled_digits().unwrap();
+    split_digits(&all, &SplitOptions::default()).unwrap().train
+}
+
+fn config(epochs: usize) -> TrainConfig {
+    TrainConfig {
+        epochs,
+        batch_size: 64,
+        lr: 1e-3,
+        min_lr: 1e-5,
+        warmup_steps: 5,
+        optimizer: OptimizerKind::adamw(0.01),
+        grad_clip: Some(1.0),
+        augment: Augment::digits(),
+        seed: 3,
+    }
+}
+
+fn model(method: Method) -> Vit {
+    let ens = EnsembleConfig {
+        method,
+        members: 2,
+        classes: 10,
+        lora: LoraConfig {
+            rank: 4,
+            ..LoraConfig::default()
+        },
+    };
+    Vit::new(&VitConfig::tiny(), &ens, &Device::cpu(), 11).unwrap()
+}
+
+fn temp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("loren-training-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("checkpoint.safetensors")
+}
+
+fn trained_tensors(path: &Path) -> Vec<(String, Vec<u32>)> {
+    let f = TensorFile::read(path).unwrap();
+    f.names()
+        .map(|n| {
+            (
+                n.to_string(),
+                f.get(n).unwrap().data.iter().map(|v| v.to_bits()).collect(),
+            )
+        })
+        .collect()
+}
+
+fn resume_is_bit_exact(method: Method) {
+    let data = train_split();
+    // Straight through two epochs.
+    let straight = temp(&format!("straight-{method}"));
+    let mut a = model(method);
+    Trainer::new(&mut a, &config(2), data.len())
+        .unwrap()
+        .fit(
+            &data,
+            &CheckpointSpec {
+                path: Some(straight.clone()),
+                ..Default::default()
+            },
+            &mut Quiet,
+        )
+        .unwrap();
+
+    // One epoch, a checkpoint, and a fresh process-alike picking up from it.
+    let halfway = temp(&format!("halfway-{method}"));
+    let mut b = model(method);
+    let mut tb = Trainer::new(&mut b, &config(2), data.len()).unwrap();
+    tb.run_epoch(&data, &mut Quiet).unwrap();
+    tb.save(&halfway, &Default::default()).unwrap();
+
+    let resumed = temp(&format!("resumed-{method}"));
+    let mut c = model(method);
+    let mut tc = Trainer::new(&mut c, &config(2), data.len()).unwrap();
+    tc.resume(&TensorFile::read(&halfway).unwrap()).unwrap();
+    assert_eq!(tc.epoch(), 1);
+    tc.fit(
+        &data,
+        &CheckpointSpec {
+            path: Some(resumed.clone()),
+            ..Default::default()
+        },
+        &mut Quiet,
+    )
+    .unwrap();
+
+    let (x, y) = (trained_tensors(&straight), trained_tensors(&resumed));
+    assert_eq!(x.len(), y.len());
+    assert!(
+        x.iter().any(|(n, _)| n.starts_with("optim.v.")),
+        "the optimizer state is checkpointed"
+    );
+    for ((na, va), (nb, vb)) in x.iter().zip(&y) {
+        assert_eq!(na, nb);
+        assert!(va == vb, "{method}: tensor {na} differs after resuming");
+    }
+}
+
+#[test]
+fn lora_ensemble_resumes_bit_exactly() {
+    resume_is_bit_exact(Method::Lora);
+}
+
+#[test]
+fn explicit_ensemble_resumes_bit_exactly() {
+    resume_is_bit_exact(Method::Explicit);
+}
+
+#[test]
+fn resuming_a_different_model_is_refused() {
+    let data = train_split();
+    let path = temp("mismatch");
+    let mut a = model(Method::Lora);
+    let ta = Trainer::new(&mut a, &config(1), data.len()).unwrap();
+    ta.save(&path, &Default::default()).unwrap();
+    let mut b = model(Method::Explicit);
+    let mut tb = Trainer::new(&mut b, &config(1), data.len()).unwrap();
+    let e = tb
+        .resume(&TensorFile::read(&path).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("checkpoint.safetensors") && e.contains("ensemble"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint() {
+    let data = train_split();
+    let path = temp("nan");
+    let mut a = model(Method::Lora);
+    Trainer::new(&mut a, &config(1), data.len())
+        .unwrap()
+        .fit(
+            &data,
+            &CheckpointSpec {
+                path: Some(path.clone()),
+                ..Default::default()
+            },
+            &mut Quiet,
+        )
+        .unwrap();
+    let good = std::fs::read(&path).unwrap();
+
+    // Resume for more epochs at an absurd learning rate: the weights overflow within steps.
+    let mut wild = config(3);
+    wild.lr = 1e30;
+    let mut b = model(Method::Lora);
+    let mut tb = Trainer::new(&mut b, &wild, data.len()).unwrap();
+    tb.resume(&TensorFile::read(&path).unwrap()).unwrap();
+    let err = tb
+        .fit(
+            &data,
+            &CheckpointSpec {
+                path: Some(path.clone()),
+                ..Default::default()
+            },
+            &mut Quiet,
+        )
+        .unwrap_err();
+    let NnError::NonFinite { step, ref kept, .. } = err else {
+        panic!("expected a non-finite loss, got {err}");
+    };
+    let steps_per_epoch = data.len().div_ceil(64) as u64;
+    assert!(
+        step >= steps_per_epoch,
+        "stopped at step {step}, before the resumed epoch"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!("step {step}")) && kept.contains("kept"),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        good,
+        "the last good checkpoint is untouched"
+    );
+}
