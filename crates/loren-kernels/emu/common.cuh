@@ -1,0 +1,296 @@
+// A CPU stand-in for kernels/common.cuh and the bits of CUDA the kernels use, so the real kernel
+// sources run on the host (tests/emulate.rs). One OS thread per CUDA thread, blocks one at a
+// time; __syncthreads, __syncwarp and the warp collectives are barriers.
+//
+// What it models, from the PTX ISA:
+// - mma.sync.m16n8k16 bf16 fragments (A: a0 (g,2q) a1 (g+8,2q) a2 (g,2q+8) a3 (g+8,2q+8);
+//   B: b0 (k=2q..2q+1, n=g) b1 (k=2q+8.., n=g); C/D: (g, 2q..) and (g+8, 2q..)), products exact,
+//   sums in double;
+// - ldmatrix .x4 and .x4.trans (lanes 8i..8i+7 address the rows of matrix i);
+// - cp.async: copies are queued per thread and only happen at cp.async.wait_group, so a read of
+//   a stage before its wait sees stale (poisoned) shared memory, as a real race could;
+// - dynamic shared memory is poisoned with 0xFF bytes (bf16 NaN) before each block.
+// Not modelled: timing, bank conflicts, memory-model subtleties beyond barrier ordering.
+#pragma once
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __restrict__ __restrict
+#define __align__(n) alignas(n)
+#define __shared__ static
+
+struct __nv_bfloat16 {
+    uint16_t x;
+};
+struct __nv_bfloat162 {
+    __nv_bfloat16 x, y;
+};
+struct float2 {
+    float x, y;
+};
+
+inline float __bfloat162float(__nv_bfloat16 h) {
+    uint32_t u = uint32_t(h.x) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return {uint16_t((u >> 16) | 0x40)};
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return {uint16_t(u >> 16)};
+}
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
+    return {__float2bfloat16_rn(a), __float2bfloat16_rn(b)};
+}
+inline float2 __bfloat1622float2(__nv_bfloat162 v) {
+    return {__bfloat162float(v.x), __bfloat162float(v.y)};
+}
+inline float __int_as_float(int i) {
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
+}
+template <class T>
+inline T min(T a, T b) {
+    return a < b ? a : b;
+}
+
+typedef __nv_bfloat16 bf16;
+typedef __nv_bfloat162 bf162;
+typedef unsigned long long u64;
+
+#define WARP 32
+#define FULL_MASK 0xffffffffu
+#define INF_F __int_as_float(0x7f800000)
+
+// ---- the emulated block -------------------------------------------------------------------------
+
+struct EmuWarp {
+    std::unique_ptr<std::barrier<>> bar;
+    const void* ptr[32];
+    unsigned a[32][4];
+    unsigned b[32][2];
+    double v[32];
+};
+struct EmuBlock {
+    std::unique_ptr<std::barrier<>> bar;
+    std::vector<EmuWarp> warps;
+    std::vector<unsigned char> dyn;
+};
+inline EmuBlock* emu_block = nullptr;
+
+inline unsigned char* emu_dynamic_smem() { return emu_block->dyn.data(); }
+inline EmuWarp& emu_warp() { return emu_block->warps[threadIdx.x / 32]; }
+inline int emu_lane() { return threadIdx.x % 32; }
+
+inline void __syncthreads() { emu_block->bar->arrive_and_wait(); }
+inline void __syncwarp(unsigned = FULL_MASK) { emu_warp().bar->arrive_and_wait(); }
+
+template <class T>
+inline T __shfl_xor_sync(unsigned, T v, int mask) {
+    EmuWarp& w = emu_warp();
+    w.v[emu_lane()] = (double)v;
+    __syncwarp();
+    T r = (T)w.v[emu_lane() ^ mask];
+    __syncwarp();
+    return r;
+}
+
+struct EmuCopy {
+    void* dst;
+    const void* src;
+    int bytes;
+};
+inline thread_local std::vector<EmuCopy> emu_open;
+inline thread_local std::vector<std::vector<EmuCopy>> emu_groups;
+
+// Launch `kernel(args...)` over `grid` blocks of `block` threads, one block at a time, on a pool
+// of block-size threads that stays up for the whole launch (fresh barriers for every block).
+template <class F, class... A>
+void emu_launch(F kernel, dim3 grid, dim3 block, size_t smem, A... args) {
+    gridDim = grid;
+    blockDim = block;
+    const unsigned n = block.x * block.y * block.z;
+    std::barrier<> control(n + 1);
+    EmuBlock b;
+    dim3 current;
+    bool done = false;
+    std::vector<std::thread> threads;
+    threads.reserve(n);
+    for (unsigned t = 0; t < n; ++t)
+        threads.emplace_back([&, t] {
+            for (;;) {
+                control.arrive_and_wait();  // the block is set up
+                if (done) return;
+                threadIdx = {t, 0, 0};
+                blockIdx = current;
+                emu_open.clear();
+                emu_groups.clear();
+                kernel(args...);
+                b.warps[t / 32].bar->arrive_and_drop();
+                b.bar->arrive_and_drop();
+                control.arrive_and_wait();  // every thread is done with it
+            }
+        });
+    for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+            for (unsigned x = 0; x < grid.x; ++x) {
+                b.bar = std::make_unique<std::barrier<>>(n);
+                b.warps.clear();
+                b.warps.resize((n + 31) / 32);
+                for (unsigned w = 0; w < b.warps.size(); ++w)
+                    b.warps[w].bar = std::make_unique<std::barrier<>>(std::min(32u, n - 32 * w));
+                b.dyn.assign(smem + 16, 0xff);
+                emu_block = &b;
+                current = {x, y, z};
+                control.arrive_and_wait();
+                control.arrive_and_wait();
+            }
+    done = true;
+    control.arrive_and_wait();
+    for (auto& t : threads) t.join();
+    emu_block = nullptr;
+}
+
+// ---- common.cuh's helpers -----------------------------------------------------------------------
+
+inline float to_f32(bf16 x) { return __bfloat162float(x); }
+inline float to_f32(float x) { return x; }
+inline bf16 to_bf16(float x) { return __float2bfloat16_rn(x); }
+template <typename T> T from_f32(float x);
+template <> inline float from_f32<float>(float x) { return x; }
+template <> inline bf16 from_f32<bf16>(float x) { return to_bf16(x); }
+
+inline float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+inline double warp_sum_f64(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+inline float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+    return v;
+}
+inline unsigned pack_bf16x2(float lo, float hi) {
+    return unsigned(to_bf16(lo).x) | (unsigned(to_bf16(hi).x) << 16);
+}
+
+inline float emu_lo(unsigned r) { return __bfloat162float({uint16_t(r & 0xffff)}); }
+inline float emu_hi(unsigned r) { return __bfloat162float({uint16_t(r >> 16)}); }
+
+inline void mma_bf16_16816(float d[4], const unsigned a[4], unsigned b0, unsigned b1) {
+    EmuWarp& w = emu_warp();
+    const int lane = emu_lane();
+    for (int i = 0; i < 4; ++i) w.a[lane][i] = a[i];
+    w.b[lane][0] = b0;
+    w.b[lane][1] = b1;
+    __syncwarp();
+    double A[16][16], B[16][8];
+    for (int t = 0; t < 32; ++t) {
+        const int g = t / 4, q = t % 4;
+        const unsigned* at = w.a[t];
+        A[g][2 * q] = emu_lo(at[0]);
+        A[g][2 * q + 1] = emu_hi(at[0]);
+        A[g + 8][2 * q] = emu_lo(at[1]);
+        A[g + 8][2 * q + 1] = emu_hi(at[1]);
+        A[g][2 * q + 8] = emu_lo(at[2]);
+        A[g][2 * q + 9] = emu_hi(at[2]);
+        A[g + 8][2 * q + 8] = emu_lo(at[3]);
+        A[g + 8][2 * q + 9] = emu_hi(at[3]);
+        B[2 * q][g] = emu_lo(w.b[t][0]);
+        B[2 * q + 1][g] = emu_hi(w.b[t][0]);
+        B[2 * q + 8][g] = emu_lo(w.b[t][1]);
+        B[2 * q + 9][g] = emu_hi(w.b[t][1]);
+    }
+    __syncwarp();
+    const int g = lane / 4, q = lane % 4;
+    for (int e = 0; e < 4; ++e) {
+        const int row = g + (e >= 2 ? 8 : 0), col = 2 * q + (e & 1);
+        double s = d[e];
+        for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
+        d[e] = (float)s;
+    }
+}
+
+inline void ldmatrix_x4(unsigned r[4], const void* p) {
+    EmuWarp& w = emu_warp();
+    const int lane = emu_lane();
+    w.ptr[lane] = p;
+    __syncwarp();
+    for (int i = 0; i < 4; ++i) {
+        const uint16_t* row = static_cast<const uint16_t*>(w.ptr[8 * i + lane / 4]);
+        r[i] = unsigned(row[2 * (lane % 4)]) | (unsigned(row[2 * (lane % 4) + 1]) << 16);
+    }
+    __syncwarp();
+}
+
+inline void ldmatrix_x4_trans(unsigned r[4], const void* p) {
+    EmuWarp& w = emu_warp();
+    const int lane = emu_lane();
+    w.ptr[lane] = p;
+    __syncwarp();
+    for (int i = 0; i < 4; ++i) {
+        const uint16_t* r0 = static_cast<const uint16_t*>(w.ptr[8 * i + 2 * (lane % 4)]);
+        const uint16_t* r1 = static_cast<const uint16_t*>(w.ptr[8 * i + 2 * (lane % 4) + 1]);
+        r[i] = unsigned(r0[lane / 4]) | (unsigned(r1[lane / 4]) << 16);
+    }
+    __syncwarp();
+}
+
+inline void cp_async_16(void* dst, const void* src, int src_bytes) {
+    if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) % 16 != 0) {
+        std::fprintf(stderr, "cp.async with a misaligned address\n");
+        std::abort();
+    }
+    emu_open.push_back({dst, src, src_bytes});
+}
+inline void cp_async_commit() {
+    emu_groups.push_back(std::move(emu_open));
+    emu_open.clear();
+}
+template <int N> inline void cp_async_wait() {
+    while (emu_groups.size() > (size_t)N) {
+        for (const EmuCopy& c : emu_groups.front()) {
+            if (c.bytes > 0) std::memcpy(c.dst, c.src, c.bytes);
+            std::memset(static_cast<char*>(c.dst) + c.bytes, 0, 16 - c.bytes);
+        }
+        emu_groups.erase(emu_groups.begin());
+    }
+}
+
+inline float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    const int warps = (blockDim.x + WARP - 1) / WARP;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float t = 0.0f;
+    for (int i = 0; i < warps; ++i) t += scratch[i];
+    return t;
+}
+
+inline int group_index(int g, int groups) { return groups == 1 ? 0 : g; }

@@ -1,0 +1,659 @@
+// Runs the real lora.cu and attention.cu on the CPU emulator (common.cuh here) against f64
+// references. Launch shapes mirror src/launch/{lora,attention}.rs. Built and run by
+// tests/emulate.rs; exits non-zero on any mismatch.
+#include <math.h>
+
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common.cuh"
+#include "lora.cu"
+#include "attention.cu"
+#include "norm.cu"
+#include "activation.cu"
+#include "loss.cu"
+#include "optim.cu"
+#include "embed.cu"
+#undef GRID_STRIDE  // elementwise.cu defines its own
+#include "elementwise.cu"
+
+static int failures = 0;
+
+struct Rng {
+    std::mt19937_64 g;
+    explicit Rng(uint64_t seed) : g(seed) {}
+    double uni(double s) { return std::uniform_real_distribution<double>(-s, s)(g); }
+    std::vector<bf16> bf16s(size_t n, double s) {
+        std::vector<bf16> v(n);
+        for (auto& x : v) x = to_bf16((float)uni(s));
+        return v;
+    }
+    std::vector<float> f32s(size_t n, double s) {
+        std::vector<float> v(n);
+        for (auto& x : v) x = (float)uni(s);
+        return v;
+    }
+};
+
+static std::vector<double> d(const std::vector<bf16>& v) {
+    std::vector<double> o(v.size());
+    for (size_t i = 0; i < v.size(); ++i) o[i] = to_f32(v[i]);
+    return o;
+}
+static std::vector<double> d(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
+
+static void check(const std::string& what, const std::vector<double>& got, const std::vector<double>& want,
+                  double tol) {
+    double num = 0, den = 0;
+    bool finite = true;
+    for (size_t i = 0; i < got.size(); ++i) {
+        if (!std::isfinite(got[i])) finite = false;
+        num += (got[i] - want[i]) * (got[i] - want[i]);
+        den += want[i] * want[i];
+    }
+    const double e = finite ? std::sqrt(num / std::max(den, 1e-300)) : INFINITY;
+    const bool ok = e < tol;
+    std::printf("%-4s %-44s relative error %.3e (bound %.0e)\n", ok ? "ok" : "FAIL", what.c_str(), e, tol);
+    if (!ok) ++failures;
+}
+
+// The root mean square of `got`, for results whose exact value is zero.
+static void check_small(const std::string& what, const std::vector<double>& got, double tol) {
+    double sq = 0;
+    bool finite = true;
+    for (double v : got) {
+        if (!std::isfinite(v)) finite = false;
+        sq += v * v;
+    }
+    const double rms = finite ? std::sqrt(sq / got.size()) : INFINITY;
+    const bool ok = rms < tol;
+    std::printf("%-4s %-44s rms %.3e (exact 0, bound %.0e)\n", ok ? "ok" : "FAIL", what.c_str(), rms, tol);
+    if (!ok) ++failures;
+}
+
+static int gi(int g, int groups) { return groups == 1 ? 0 : g; }
+
+// ---- LoRA -----------------------------------------------------------------------------------------
+
+static void lora_case(int M, int gx, int rows, int K, int N, int r, uint64_t seed) {
+    Rng rng(seed);
+    const float s = 0.75f;
+    auto x = rng.bf16s((size_t)gx * rows * K, 1.0);
+    auto w = rng.bf16s((size_t)N * K, 0.1);
+    auto bias = rng.bf16s(N, 0.5);
+    auto a = rng.f32s((size_t)M * r * K, 0.3);
+    auto b = rng.f32s((size_t)M * N * r, 0.3);
+    auto dy = rng.bf16s((size_t)M * rows * N, 1.0);
+    auto xf = d(x), wf = d(w), bf = d(bias), af = d(a), bbf = d(b), dyf = d(dy);
+
+    std::vector<double> u_ref((size_t)M * rows * r), y_ref((size_t)M * rows * N);
+    for (int m = 0; m < M; ++m)
+        for (int i = 0; i < rows; ++i) {
+            const double* xr = &xf[((size_t)gi(m, gx) * rows + i) * K];
+            for (int j = 0; j < r; ++j) {
+                double acc = 0;
+                for (int c = 0; c < K; ++c) acc += xr[c] * af[((size_t)m * r + j) * K + c];
+                u_ref[((size_t)m * rows + i) * r + j] = acc;
+            }
+            for (int o = 0; o < N; ++o) {
+                double acc = 0, low = 0;
+                for (int c = 0; c < K; ++c) acc += xr[c] * wf[(size_t)o * K + c];
+                for (int j = 0; j < r; ++j) low += u_ref[((size_t)m * rows + i) * r + j] * bbf[((size_t)m * N + o) * r + j];
+                y_ref[((size_t)m * rows + i) * N + o] = acc + bf[o] + s * low;
+            }
+        }
+
+    std::vector<float> u((size_t)M * rows * r, NAN);
+    std::vector<bf16> y((size_t)M * rows * N, to_bf16(NAN));
+    const bool prefix = gx == 1 && M > 1;
+    const int vec = (K % 8 == 0 && N % 8 == 0) ? 1 : 0;
+    const dim3 blk{256, 1, 1};
+    // lora_project_u: grid (ceil(rows/64), ceil(r/TN), M)
+    if (r <= 8)
+        emu_launch(lora_u_r8, dim3{(unsigned)((rows + 63) / 64), (unsigned)((r + 7) / 8), (unsigned)M}, blk, 0,
+                   x.data(), gx, a.data(), u.data(), rows, K, r);
+    else
+        emu_launch(lora_u_r32, dim3{(unsigned)((rows + 63) / 64), (unsigned)((r + 31) / 32), (unsigned)M}, blk, 0,
+                   x.data(), gx, a.data(), u.data(), rows, K, r);
+    const unsigned tiles = (rows + 127) / 128;
+    if (prefix)
+        emu_launch(lora_fwd_gemm_prefix, dim3{(unsigned)((N + 127) / 128), tiles, 1}, blk, 61440, x.data(), w.data(),
+                   bias.data(), u.data(), b.data(), y.data(), M, rows, N, K, r, s, vec);
+    else
+        emu_launch(lora_fwd_gemm, dim3{(unsigned)((N + 127) / 128), M * tiles, 1}, blk, 61440, x.data(), w.data(),
+                   bias.data(), u.data(), b.data(), y.data(), rows, N, K, r, s, vec);
+    char tag[128];
+    std::snprintf(tag, sizeof tag, "M=%d gx=%d rows=%d K=%d N=%d r=%d", M, gx, rows, K, N, r);
+    check(std::string("lora U ") + tag, d(u), u_ref, 1e-5);
+    check(std::string("lora Y ") + tag, d(y), y_ref, 1e-2);
+
+    // Backward on the emulated U.
+    auto uf = d(u);
+    std::vector<double> v_ref((size_t)M * rows * r), dx_ref((size_t)gx * rows * K, 0.0), da_ref((size_t)M * r * K),
+        db_ref((size_t)M * N * r);
+    for (int m = 0; m < M; ++m)
+        for (int i = 0; i < rows; ++i)
+            for (int j = 0; j < r; ++j) {
+                double acc = 0;
+                for (int o = 0; o < N; ++o) acc += dyf[((size_t)m * rows + i) * N + o] * bbf[((size_t)m * N + o) * r + j];
+                v_ref[((size_t)m * rows + i) * r + j] = s * acc;
+            }
+    for (int m = 0; m < M; ++m) {
+        const size_t xg = (size_t)gi(m, gx) * rows * K;
+        for (int i = 0; i < rows; ++i)
+            for (int c = 0; c < K; ++c) {
+                double acc = 0;
+                for (int o = 0; o < N; ++o) acc += dyf[((size_t)m * rows + i) * N + o] * wf[(size_t)o * K + c];
+                for (int j = 0; j < r; ++j) acc += v_ref[((size_t)m * rows + i) * r + j] * af[((size_t)m * r + j) * K + c];
+                dx_ref[xg + (size_t)i * K + c] += acc;
+            }
+        for (int j = 0; j < r; ++j)
+            for (int c = 0; c < K; ++c) {
+                double acc = 0;
+                for (int i = 0; i < rows; ++i) acc += v_ref[((size_t)m * rows + i) * r + j] * xf[xg + (size_t)i * K + c];
+                da_ref[((size_t)m * r + j) * K + c] = acc;
+            }
+        for (int o = 0; o < N; ++o)
+            for (int j = 0; j < r; ++j) {
+                double acc = 0;
+                for (int i = 0; i < rows; ++i) acc += dyf[((size_t)m * rows + i) * N + o] * uf[((size_t)m * rows + i) * r + j];
+                db_ref[((size_t)m * N + o) * r + j] = s * acc;
+            }
+    }
+    std::vector<float> v((size_t)M * rows * r, NAN), da((size_t)M * r * K, NAN), db((size_t)M * N * r, NAN);
+    std::vector<bf16> dx((size_t)gx * rows * K, to_bf16(NAN));
+    if (r <= 8)
+        emu_launch(lora_v_r8, dim3{(unsigned)((rows + 63) / 64), (unsigned)((r + 7) / 8), (unsigned)M}, blk, 0,
+                   dy.data(), b.data(), v.data(), rows, N, r, s);
+    else
+        emu_launch(lora_v_r32, dim3{(unsigned)((rows + 63) / 64), (unsigned)((r + 31) / 32), (unsigned)M}, blk, 0,
+                   dy.data(), b.data(), v.data(), rows, N, r, s);
+    const int pairs_a = K % 2 == 0, pairs_b = N % 2 == 0;
+    emu_launch(lora_grad_a, dim3{(unsigned)((K + 63) / 64), (unsigned)((r + 15) / 16), (unsigned)M}, blk, 0,
+               v.data(), x.data(), gx, da.data(), rows, K, r, pairs_a);
+    emu_launch(lora_grad_b, dim3{(unsigned)((N + 63) / 64), (unsigned)((r + 15) / 16), (unsigned)M}, blk, 0,
+               dy.data(), u.data(), db.data(), rows, N, r, s, pairs_b);
+    if (prefix)
+        emu_launch(lora_bwd_dx_gemm_prefix, dim3{(unsigned)((K + 127) / 128), tiles, 1}, blk, 61440, dy.data(),
+                   w.data(), v.data(), a.data(), dx.data(), M, rows, N, K, r, vec);
+    else
+        emu_launch(lora_bwd_dx_gemm, dim3{(unsigned)((K + 127) / 128), M * tiles, 1}, blk, 61440, dy.data(),
+                   w.data(), v.data(), a.data(), dx.data(), rows, N, K, r, vec);
+    check(std::string("lora V ") + tag, d(v), v_ref, 1e-5);
+    check(std::string("lora dA ") + tag, d(da), da_ref, 1e-5);
+    check(std::string("lora dB ") + tag, d(db), db_ref, 1e-5);
+    check(std::string("lora dX ") + tag, d(dx), dx_ref, 1e-2);
+}
+
+// ---- Attention ------------------------------------------------------------------------------------
+
+template <int DH>
+static void attention_case(int G, int gq, int gk, int gv, int B, int T, int H, uint64_t seed) {
+    Rng rng(seed);
+    const int W = H * DH;
+    auto len = [&](int groups) { return (size_t)groups * B * T * W; };
+    auto q = rng.bf16s(len(gq), 1.0), k = rng.bf16s(len(gk), 1.0), v = rng.bf16s(len(gv), 1.0);
+    auto dO = rng.bf16s(len(G), 1.0);
+    auto qf = d(q), kf = d(k), vf = d(v), dof = d(dO);
+    const double scale = 1.0 / std::sqrt((double)DH);
+    std::vector<double> o_ref(len(G)), lse_ref((size_t)G * B * H * T), dq_ref(len(G), 0.0), dk_ref(len(G), 0.0),
+        dv_ref(len(G), 0.0);
+    for (int g = 0; g < G; ++g)
+        for (int b = 0; b < B; ++b) {
+            auto base = [&](int groups) { return ((size_t)gi(g, groups) * B + b) * T * W; };
+            const size_t bq = base(gq), bk = base(gk), bv = base(gv), bo = ((size_t)g * B + b) * T * W;
+            for (int h = 0; h < H; ++h) {
+                auto at = [&](int row) { return (size_t)row * W + h * DH; };
+                std::vector<std::vector<double>> p(T, std::vector<double>(T));
+                for (int i = 0; i < T; ++i) {
+                    std::vector<double> sc(T);
+                    double mx = -INFINITY;
+                    for (int j = 0; j < T; ++j) {
+                        double acc = 0;
+                        for (int c = 0; c < DH; ++c) acc += qf[bq + at(i) + c] * kf[bk + at(j) + c];
+                        sc[j] = acc * scale;
+                        mx = std::max(mx, sc[j]);
+                    }
+                    double sum = 0;
+                    for (int j = 0; j < T; ++j) sum += std::exp(sc[j] - mx);
+                    lse_ref[(((size_t)g * B + b) * H + h) * T + i] = mx + std::log(sum);
+                    for (int j = 0; j < T; ++j) p[i][j] = std::exp(sc[j] - mx) / sum;
+                    for (int c = 0; c < DH; ++c) {
+                        double acc = 0;
+                        for (int j = 0; j < T; ++j) acc += p[i][j] * vf[bv + at(j) + c];
+                        o_ref[bo + at(i) + c] = acc;
+                    }
+                }
+                for (int i = 0; i < T; ++i) {
+                    std::vector<double> dp(T);
+                    double delta = 0;
+                    for (int j = 0; j < T; ++j) {
+                        double acc = 0;
+                        for (int c = 0; c < DH; ++c) acc += dof[bo + at(i) + c] * vf[bv + at(j) + c];
+                        dp[j] = acc;
+                        delta += p[i][j] * acc;
+                    }
+                    for (int j = 0; j < T; ++j) {
+                        const double ds = p[i][j] * (dp[j] - delta) * scale;
+                        for (int c = 0; c < DH; ++c) {
+                            dq_ref[bo + at(i) + c] += ds * kf[bk + at(j) + c];
+                            dk_ref[bo + at(j) + c] += ds * qf[bq + at(i) + c];
+                            dv_ref[bo + at(j) + c] += p[i][j] * dof[bo + at(i) + c];
+                        }
+                    }
+                }
+            }
+        }
+
+    std::vector<bf16> o(len(G), to_bf16(NAN)), dq(len(G), to_bf16(NAN)), dk(len(G), to_bf16(NAN)),
+        dv(len(G), to_bf16(NAN));
+    std::vector<float> lse((size_t)G * B * H * T, NAN), delta((size_t)G * B * H * T, NAN);
+    const dim3 grid{(unsigned)((T + 63) / 64), (unsigned)H, (unsigned)(G * B)}, blk{128, 1, 1};
+    const float sc = (float)scale;
+    using S = attn::Smem<DH>;
+    void (*fwd)(const bf16*, const bf16*, const bf16*, bf16*, float*, int, int, int, int, int, int, float);
+    void (*bdq)(const bf16*, const bf16*, const bf16*, const bf16*, const bf16*, const float*, float*, bf16*, int, int,
+                int, int, int, int, float);
+    void (*bdkv)(const bf16*, const bf16*, const bf16*, const bf16*, const float*, const float*, bf16*, bf16*, int,
+                 int, int, int, int, int, float);
+    if (DH == 32) {
+        fwd = attention_fwd_d32, bdq = attention_bwd_dq_d32, bdkv = attention_bwd_dkv_d32;
+    } else if (DH == 64) {
+        fwd = attention_fwd_d64, bdq = attention_bwd_dq_d64, bdkv = attention_bwd_dkv_d64;
+    } else {
+        fwd = attention_fwd_d128, bdq = attention_bwd_dq_d128, bdkv = attention_bwd_dkv_d128;
+    }
+    emu_launch(fwd, grid, blk, S::FWD, (const bf16*)q.data(), (const bf16*)k.data(), (const bf16*)v.data(), o.data(),
+               lse.data(), B, T, H, gq, gk, gv, sc);
+    emu_launch(bdq, grid, blk, S::DQ, (const bf16*)dO.data(), (const bf16*)q.data(), (const bf16*)k.data(),
+               (const bf16*)v.data(), (const bf16*)o.data(), (const float*)lse.data(), delta.data(), dq.data(), B, T, H,
+               gq, gk, gv, sc);
+    emu_launch(bdkv, grid, blk, S::DKV, (const bf16*)dO.data(), (const bf16*)q.data(), (const bf16*)k.data(),
+               (const bf16*)v.data(), (const float*)lse.data(), (const float*)delta.data(), dk.data(), dv.data(), B, T,
+               H, gq, gk, gv, sc);
+    char tag[128];
+    std::snprintf(tag, sizeof tag, "G=%d q%d k%d v%d B=%d T=%d H=%d dh=%d", G, gq, gk, gv, B, T, H, DH);
+    check(std::string("attention O ") + tag, d(o), o_ref, 1e-2);
+    check(std::string("attention LSE ") + tag, d(lse), lse_ref, 1e-5);
+    if (T == 1) {
+        // One key: P = 1 and dS = dP − DELTA = 0 exactly, so the reference is 0 and only the
+        // rounding of DELTA (from the bf16 O) is left: check it absolutely.
+        check_small(std::string("attention dQ ") + tag, d(dq), 1e-2);
+        check_small(std::string("attention dK ") + tag, d(dk), 1e-2);
+    } else {
+        check(std::string("attention dQ ") + tag, d(dq), dq_ref, 1e-2);
+        check(std::string("attention dK ") + tag, d(dk), dk_ref, 1e-2);
+    }
+    check(std::string("attention dV ") + tag, d(dv), dv_ref, 1e-2);
+}
+
+// ---- LayerNorm, bias + GELU, column sums ----------------------------------------------------------
+
+static void reduce(const std::vector<float>& part, size_t offset, std::vector<float>& out, int outs, int chunks,
+                   int n) {
+    emu_launch(reduce_partials, dim3{(unsigned)((outs * n + 255) / 256), 1, 1}, dim3{256, 1, 1}, 0,
+               part.data() + offset, out.data(), outs, chunks, n, 0);
+}
+
+static void layernorm_case(int G, int gx, int gw, int rows, int D, uint64_t seed) {
+    Rng rng(seed);
+    auto x = rng.bf16s((size_t)gx * rows * D, 2.0);
+    auto gamma = rng.f32s((size_t)gw * D, 1.0), beta = rng.f32s((size_t)gw * D, 1.0);
+    auto dy = rng.bf16s((size_t)G * rows * D, 1.0);
+    auto xf = d(x), gf = d(gamma), bf = d(beta), dyf = d(dy);
+    const float eps = 1e-6f;
+    std::vector<double> mean_ref((size_t)gx * rows), rstd_ref((size_t)gx * rows), y_ref((size_t)G * rows * D),
+        dx_ref((size_t)gx * rows * D, 0.0), dg_ref((size_t)gw * D, 0.0), db_ref((size_t)gw * D, 0.0);
+    for (int r = 0; r < gx * rows; ++r) {
+        double m = 0, v = 0;
+        for (int c = 0; c < D; ++c) m += xf[(size_t)r * D + c];
+        m /= D;
+        for (int c = 0; c < D; ++c) v += (xf[(size_t)r * D + c] - m) * (xf[(size_t)r * D + c] - m);
+        mean_ref[r] = m;
+        rstd_ref[r] = 1.0 / std::sqrt(v / D + eps);
+    }
+    for (int g = 0; g < G; ++g)
+        for (int r = 0; r < rows; ++r) {
+            const size_t src = (size_t)gi(g, gx) * rows + r, wo = (size_t)gi(g, gw) * D, o = ((size_t)g * rows + r) * D;
+            std::vector<double> xh(D), dxh(D);
+            double c1 = 0, c2 = 0;
+            for (int c = 0; c < D; ++c) {
+                xh[c] = (xf[src * D + c] - mean_ref[src]) * rstd_ref[src];
+                y_ref[o + c] = xh[c] * gf[wo + c] + bf[wo + c];
+                dg_ref[wo + c] += dyf[o + c] * xh[c];
+                db_ref[wo + c] += dyf[o + c];
+                dxh[c] = dyf[o + c] * gf[wo + c];
+                c1 += dxh[c];
+                c2 += dxh[c] * xh[c];
+            }
+            c1 /= D;
+            c2 /= D;
+            for (int c = 0; c < D; ++c) dx_ref[src * D + c] += rstd_ref[src] * (dxh[c] - c1 - xh[c] * c2);
+        }
+    std::vector<bf16> y((size_t)G * rows * D, to_bf16(NAN)), dx((size_t)gx * rows * D, to_bf16(NAN));
+    std::vector<float> mean((size_t)gx * rows, NAN), rstd((size_t)gx * rows, NAN);
+    const dim3 rgrid{(unsigned)((gx * rows + 7) / 8), 1, 1}, blk{256, 1, 1};
+    emu_launch(layernorm_fwd, rgrid, blk, 0, x.data(), gamma.data(), beta.data(), y.data(), mean.data(), rstd.data(),
+               gx, gw, G, rows, D, eps);
+    emu_launch(layernorm_bwd_dx, rgrid, blk, 0, dy.data(), x.data(), gamma.data(), mean.data(), rstd.data(),
+               dx.data(), gx, gw, G, rows, D);
+    const int chunk_rows = 256, chunks = (rows + chunk_rows - 1) / chunk_rows;
+    std::vector<float> part((size_t)2 * gw * chunks * D, NAN), dgam((size_t)gw * D, NAN), dbet((size_t)gw * D, NAN);
+    emu_launch(layernorm_bwd_params_partial, dim3{(unsigned)((D + 31) / 32), (unsigned)chunks, (unsigned)gw}, blk, 0,
+               dy.data(), x.data(), mean.data(), rstd.data(), part.data(), gx, gw, G, rows, D, chunk_rows);
+    reduce(part, 0, dgam, gw, chunks, D);
+    reduce(part, (size_t)gw * chunks * D, dbet, gw, chunks, D);
+    char tag[96];
+    std::snprintf(tag, sizeof tag, "G=%d gx=%d gw=%d rows=%d D=%d", G, gx, gw, rows, D);
+    check(std::string("layernorm y ") + tag, d(y), y_ref, 1e-2);
+    check(std::string("layernorm mean ") + tag, d(mean), mean_ref, 1e-5);
+    check(std::string("layernorm rstd ") + tag, d(rstd), rstd_ref, 1e-5);
+    check(std::string("layernorm dx ") + tag, d(dx), dx_ref, 1e-2);
+    check(std::string("layernorm dgamma ") + tag, d(dgam), dg_ref, 1e-5);
+    check(std::string("layernorm dbeta ") + tag, d(dbet), db_ref, 1e-5);
+}
+
+static void bias_gelu_case(int G, int gx, int gb, int rows, int N, uint64_t seed) {
+    Rng rng(seed);
+    auto x = rng.bf16s((size_t)gx * rows * N, 3.0);
+    auto b = rng.f32s((size_t)gb * N, 1.0);
+    auto dy = rng.bf16s((size_t)G * rows * N, 1.0);
+    auto xf = d(x), bf = d(b), dyf = d(dy);
+    std::vector<double> y_ref((size_t)G * rows * N), dx_ref((size_t)gx * rows * N, 0.0), db_ref((size_t)gb * N, 0.0);
+    for (int g = 0; g < G; ++g)
+        for (int r = 0; r < rows; ++r)
+            for (int c = 0; c < N; ++c) {
+                const size_t xi = ((size_t)gi(g, gx) * rows + r) * N + c, bi = (size_t)gi(g, gb) * N + c;
+                const size_t o = ((size_t)g * rows + r) * N + c;
+                const double z = xf[xi] + bf[bi];
+                y_ref[o] = 0.5 * z * (1.0 + std::erf(z / std::sqrt(2.0)));
+                const double gr = 0.5 * (1.0 + std::erf(z / std::sqrt(2.0))) + z * std::exp(-0.5 * z * z) / std::sqrt(2.0 * M_PI);
+                dx_ref[xi] += dyf[o] * gr;
+                db_ref[bi] += dyf[o] * gr;
+            }
+    std::vector<bf16> y((size_t)G * rows * N, to_bf16(NAN)), dx((size_t)gx * rows * N, to_bf16(NAN));
+    const dim3 blk{256, 1, 1};
+    emu_launch(bias_gelu_fwd, dim3{(unsigned)((G * rows * N + 255) / 256), 1, 1}, blk, 0, x.data(), b.data(), y.data(),
+               gx, gb, G, rows, N);
+    emu_launch(bias_gelu_bwd_dx, dim3{(unsigned)((gx * rows * N + 255) / 256), 1, 1}, blk, 0, dy.data(), x.data(),
+               b.data(), dx.data(), gx, gb, G, rows, N);
+    const int chunks = (rows + 255) / 256;
+    std::vector<float> part((size_t)gb * chunks * N, NAN), db((size_t)gb * N, NAN);
+    emu_launch(bias_gelu_bwd_db_partial, dim3{(unsigned)((N + 31) / 32), (unsigned)chunks, (unsigned)gb}, blk, 0,
+               dy.data(), x.data(), b.data(), part.data(), gx, gb, G, rows, N, 256);
+    reduce(part, 0, db, gb, chunks, N);
+    char tag[96];
+    std::snprintf(tag, sizeof tag, "G=%d gx=%d gb=%d rows=%d N=%d", G, gx, gb, rows, N);
+    check(std::string("bias_gelu y ") + tag, d(y), y_ref, 1e-2);
+    check(std::string("bias_gelu dx ") + tag, d(dx), dx_ref, 1e-2);
+    check(std::string("bias_gelu db ") + tag, d(db), db_ref, 1e-5);
+}
+
+static void sum_rows_case(int groups, int rows, int n, int ld, int out_groups, uint64_t seed) {
+    Rng rng(seed);
+    auto src = rng.bf16s((size_t)groups * rows * ld, 1.0);
+    auto sf = d(src);
+    std::vector<double> want((size_t)out_groups * n, 0.0);
+    for (int g = 0; g < groups; ++g)
+        for (int r = 0; r < rows; ++r)
+            for (int c = 0; c < n; ++c) want[(size_t)gi(g, out_groups) * n + c] += sf[((size_t)g * rows + r) * ld + c];
+    const int chunks = (rows + 255) / 256;
+    std::vector<float> part((size_t)out_groups * chunks * n, NAN), out((size_t)out_groups * n, NAN);
+    emu_launch(sum_rows_partial_bf16, dim3{(unsigned)((n + 31) / 32), (unsigned)chunks, (unsigned)out_groups},
+               dim3{256, 1, 1}, 0, src.data(), part.data(), groups, rows, n, (u64)ld, out_groups, 256);
+    reduce(part, 0, out, out_groups, chunks, n);
+    char tag[96];
+    std::snprintf(tag, sizeof tag, "groups=%d rows=%d n=%d ld=%d -> %d", groups, rows, n, ld, out_groups);
+    check(std::string("sum_rows ") + tag, d(out), want, 1e-5);
+}
+
+// ---- Loss, optimizer ----------------------------------------------------------------------------------
+
+static void loss_case(int M, int B, int C, uint64_t seed) {
+    Rng rng(seed);
+    auto z = rng.f32s((size_t)M * B * C, 4.0);
+    std::vector<unsigned> t(B);
+    for (auto& v : t) v = (unsigned)(rng.g() % C);
+    const double inv = 1.0 / (M * B);
+    std::vector<double> grad_ref((size_t)M * B * C), prob_ref((size_t)M * B * C);
+    double loss_ref = 0;
+    for (int row = 0; row < M * B; ++row) {
+        double mx = -INFINITY, sum = 0;
+        for (int c = 0; c < C; ++c) mx = std::max(mx, (double)z[(size_t)row * C + c]);
+        for (int c = 0; c < C; ++c) sum += std::exp(z[(size_t)row * C + c] - mx);
+        const unsigned y = t[row % B];
+        loss_ref += mx + std::log(sum) - z[(size_t)row * C + y];
+        for (int c = 0; c < C; ++c) {
+            const double p = std::exp(z[(size_t)row * C + c] - mx) / sum;
+            prob_ref[(size_t)row * C + c] = p;
+            grad_ref[(size_t)row * C + c] = (p - (c == (int)y ? 1.0 : 0.0)) * inv;
+        }
+    }
+    std::vector<float> losses((size_t)M * B, NAN), grad((size_t)M * B * C, NAN), loss(1, NAN), probs((size_t)M * B * C, NAN);
+    const dim3 rg{(unsigned)((M * B + 7) / 8), 1, 1}, blk{256, 1, 1};
+    emu_launch(softmax_xent_rows, rg, blk, 0, z.data(), t.data(), losses.data(), grad.data(), M * B, B, C,
+               1.0f / (float)(M * B));
+    emu_launch(softmax_xent_mean, dim3{1, 1, 1}, blk, 0, losses.data(), loss.data(), M * B);
+    emu_launch(softmax_rows, rg, blk, 0, z.data(), probs.data(), M * B, C);
+    check("cross-entropy loss", d(loss), {loss_ref * inv}, 1e-5);
+    check("cross-entropy dlogits", d(grad), grad_ref, 1e-5);
+    check("softmax", d(probs), prob_ref, 1e-5);
+}
+
+static void adamw_case(uint64_t seed) {
+    Rng rng(seed);
+    const std::vector<size_t> sizes = {5000, 17, 9000};
+    const bool decay[3] = {true, false, true};
+    const float lr = 1e-2f, b1 = 0.9f, b2 = 0.999f, eps = 1e-8f, wd = 0.05f;
+    std::vector<std::vector<float>> p, g, m, v, p_ref, m_ref, v_ref;
+    for (size_t n : sizes) {
+        p.push_back(rng.f32s(n, 1.0));
+        g.push_back(rng.f32s(n, 0.1));
+        m.emplace_back(n, 0.0f);
+        v.emplace_back(n, 0.0f);
+    }
+    p_ref = p, m_ref = m, v_ref = v;
+    std::vector<bf16> copy(sizes[2], to_bf16(NAN));
+    std::vector<TensorSlot> slots;
+    unsigned start = 0;
+    for (size_t t = 0; t < sizes.size(); ++t) {
+        slots.push_back({p[t].data(), g[t].data(), m[t].data(), v[t].data(), t == 2 ? copy.data() : nullptr,
+                         (u64)sizes[t], start, decay[t] ? 1u : 0u});
+        start += (unsigned)((sizes[t] + optim::CHUNK - 1) / optim::CHUNK);
+    }
+    for (int step = 1; step <= 2; ++step) {
+        const double c1 = 1.0 - std::pow((double)b1, step), c2 = 1.0 - std::pow((double)b2, step);
+        const float step_size = (float)(lr / c1), sqrt_c2 = (float)std::sqrt(c2);
+        emu_launch(adamw_multi, dim3{start, 1, 1}, dim3{256, 1, 1}, 0, (const TensorSlot*)slots.data(),
+                   (int)slots.size(), (const float*)nullptr, lr, b1, b2, eps, wd, step_size, sqrt_c2);
+        for (size_t t = 0; t < sizes.size(); ++t) {
+            const float shrink = decay[t] ? 1.0f - lr * wd : 1.0f;
+            for (size_t i = 0; i < sizes[t]; ++i) {
+                const float gr = g[t][i];
+                m_ref[t][i] = b1 * m_ref[t][i] + (1.0f - b1) * gr;
+                v_ref[t][i] = b2 * v_ref[t][i] + (1.0f - b2) * gr * gr;
+                const float denom = std::sqrt(v_ref[t][i]) / sqrt_c2 + eps;
+                p_ref[t][i] = p_ref[t][i] * shrink - step_size * m_ref[t][i] / denom;
+            }
+        }
+    }
+    for (size_t t = 0; t < sizes.size(); ++t) check("adamw param " + std::to_string(t), d(p[t]), d(p_ref[t]), 1e-5);
+    std::vector<double> want(sizes[2]);
+    for (size_t i = 0; i < sizes[2]; ++i) want[i] = to_f32(to_bf16(p_ref[2][i]));
+    check("adamw bf16 copy", d(copy), want, 1e-2);
+}
+
+// ---- Optimizer extras, embedding, elementwise ----------------------------------------------------
+
+static void sgd_and_clip_case(uint64_t seed) {
+    Rng rng(seed);
+    const std::vector<size_t> sizes = {4097, 3};
+    std::vector<std::vector<float>> p, g, m;
+    for (size_t n : sizes) {
+        p.push_back(rng.f32s(n, 1.0));
+        g.push_back(rng.f32s(n, 1.0));
+        m.emplace_back(n, 0.5f);
+    }
+    auto p0 = p, g0 = g;
+    std::vector<TensorSlot> slots;
+    unsigned start = 0;
+    for (size_t t = 0; t < sizes.size(); ++t) {
+        slots.push_back({p[t].data(), g[t].data(), m[t].data(), nullptr, nullptr, (u64)sizes[t], start, 1u});
+        start += (unsigned)((sizes[t] + optim::CHUNK - 1) / optim::CHUNK);
+    }
+    double ss = 0;
+    for (auto& v : g0)
+        for (float x : v) ss += (double)x * x;
+    std::vector<double> partials(start, NAN), sumsq(1, NAN), norm(1, NAN);
+    std::vector<float> coef(1, NAN);
+    const dim3 grid{start, 1, 1}, blk{256, 1, 1};
+    emu_launch(grad_sumsq_multi, grid, blk, 0, (const TensorSlot*)slots.data(), (int)slots.size(), partials.data());
+    emu_launch(sumsq_finish, dim3{1, 1, 1}, blk, 0, (const double*)partials.data(), (int)start, sumsq.data());
+    emu_launch(clip_coef, dim3{1, 1, 1}, dim3{1, 1, 1}, 0, (const double*)sumsq.data(), 1.0, coef.data(), norm.data());
+    emu_launch(grad_scale_multi, grid, blk, 0, (const TensorSlot*)slots.data(), (int)slots.size(), (const float*)coef.data());
+    const double c = std::min(1.0, 1.0 / (std::sqrt(ss) + 1e-6));
+    check("grad sum of squares", {sumsq[0]}, {ss}, 1e-12);
+    check("clip coefficient", d(coef), {c}, 1e-6);
+    std::vector<double> want;
+    for (auto& v : g0)
+        for (float x : v) want.push_back(x * (float)c);
+    std::vector<double> got;
+    for (auto& v : g) got.insert(got.end(), v.begin(), v.end());
+    check("clipped gradients", got, want, 1e-6);
+    const float lr = 0.1f, mom = 0.9f, wd = 0.01f;
+    emu_launch(sgd_multi, grid, blk, 0, (const TensorSlot*)slots.data(), (int)slots.size(), (const float*)nullptr, lr,
+               mom, wd);
+    std::vector<double> pw, pg;
+    for (size_t t = 0; t < sizes.size(); ++t)
+        for (size_t i = 0; i < sizes[t]; ++i) {
+            const float dd = g[t][i] + wd * p0[t][i];
+            const float b = mom * 0.5f + dd;
+            pw.push_back(p0[t][i] - lr * b);
+            pg.push_back(p[t][i]);
+        }
+    check("sgd parameters", pg, pw, 1e-6);
+}
+
+static void embed_case(uint64_t seed) {
+    Rng rng(seed);
+    const int B = 2, C = 3, H = 12, Wd = 8, P = 4, gh = H / P, gw = Wd / P, feat = C * P * P, np = gh * gw;
+    auto img = rng.f32s((size_t)B * C * H * Wd, 1.0);
+    std::vector<bf16> patches((size_t)B * np * feat, to_bf16(NAN));
+    emu_launch(patchify, dim3{(unsigned)((patches.size() + 255) / 256), 1, 1}, dim3{256, 1, 1}, 0, img.data(),
+               patches.data(), B, C, H, Wd, P);
+    std::vector<double> want(patches.size());
+    for (int b = 0; b < B; ++b)
+        for (int py = 0; py < gh; ++py)
+            for (int px = 0; px < gw; ++px)
+                for (int ch = 0; ch < C; ++ch)
+                    for (int i = 0; i < P; ++i)
+                        for (int j = 0; j < P; ++j)
+                            want[((size_t)b * np + py * gw + px) * feat + (ch * P + i) * P + j] =
+                                to_f32(to_bf16(img[(((size_t)b * C + ch) * H + py * P + i) * Wd + px * P + j]));
+    check("patchify", d(patches), want, 1e-7);
+
+    // Tokens: G = 3 from a shared pe and pos and a per-member cls.
+    const int G = 3, ge = 1, gc = 3, gp = 1, T = np + 1, D = feat;
+    auto cls = rng.f32s((size_t)gc * D, 1.0), pos = rng.f32s((size_t)gp * T * D, 1.0);
+    std::vector<bf16> x((size_t)G * B * T * D, to_bf16(NAN));
+    emu_launch(embed_tokens_fwd, dim3{(unsigned)((x.size() + 255) / 256), 1, 1}, dim3{256, 1, 1}, 0,
+               (const bf16*)patches.data(), (const float*)cls.data(), (const float*)pos.data(), x.data(), ge, gc, gp,
+               G, B, np, D);
+    std::vector<double> xw(x.size());
+    for (int g = 0; g < G; ++g)
+        for (int b = 0; b < B; ++b)
+            for (int t = 0; t < T; ++t)
+                for (int c = 0; c < D; ++c) {
+                    const double pv = pos[(size_t)t * D + c];
+                    const double v = t == 0 ? cls[(size_t)g * D + c] : to_f32(patches[((size_t)b * np + t - 1) * D + c]);
+                    xw[(((size_t)g * B + b) * T + t) * D + c] = v + pv;
+                }
+    check("embed_tokens x", d(x), xw, 1e-2);
+    auto dx = rng.bf16s(x.size(), 1.0);
+    auto dxf = d(dx);
+    std::vector<bf16> dpe(patches.size(), to_bf16(NAN));
+    emu_launch(embed_tokens_bwd_patches, dim3{(unsigned)((dpe.size() + 255) / 256), 1, 1}, dim3{256, 1, 1}, 0,
+               (const bf16*)dx.data(), dpe.data(), ge, G, B, np, D);
+    std::vector<double> dpw(dpe.size(), 0.0);
+    for (int g = 0; g < G; ++g)
+        for (int b = 0; b < B; ++b)
+            for (int t = 1; t < T; ++t)
+                for (int c = 0; c < D; ++c)
+                    dpw[((size_t)b * np + t - 1) * D + c] += dxf[(((size_t)g * B + b) * T + t) * D + c];
+    check("embed_tokens dpe", d(dpe), dpw, 1e-2);
+    std::vector<bf16> y((size_t)G * B * D, to_bf16(NAN)), back(x.size(), to_bf16(NAN));
+    emu_launch(class_token_fwd, dim3{(unsigned)((y.size() + 255) / 256), 1, 1}, dim3{256, 1, 1}, 0,
+               (const bf16*)x.data(), y.data(), G * B, T, D);
+    emu_launch(class_token_bwd, dim3{(unsigned)((back.size() + 255) / 256), 1, 1}, dim3{256, 1, 1}, 0,
+               (const bf16*)y.data(), back.data(), G * B, T, D);
+    std::vector<double> yw(y.size()), bw(back.size(), 0.0);
+    for (int s = 0; s < G * B; ++s)
+        for (int c = 0; c < D; ++c) {
+            yw[(size_t)s * D + c] = to_f32(x[(size_t)s * T * D + c]);
+            bw[(size_t)s * T * D + c] = yw[(size_t)s * D + c];
+        }
+    check("class_token forward", d(y), yw, 1e-7);
+    check("class_token backward", d(back), bw, 1e-7);
+}
+
+static void elementwise_case(uint64_t seed) {
+    Rng rng(seed);
+    const u64 per = 1000;
+    const int G = 3;
+    auto a = rng.bf16s(per, 1.0), b = rng.bf16s(G * per, 1.0);
+    auto af = d(a), bf = d(b);
+    std::vector<bf16> out(G * per, to_bf16(NAN)), sum(per, to_bf16(NAN));
+    const dim3 blk{256, 1, 1};
+    emu_launch(add_bf16, dim3{(unsigned)((G * per + 255) / 256), 1, 1}, blk, 0, (const bf16*)a.data(),
+               (const bf16*)b.data(), out.data(), per, G, 1, G);
+    emu_launch(sum_groups_bf16, dim3{(unsigned)((per + 255) / 256), 1, 1}, blk, 0, (const bf16*)b.data(), sum.data(),
+               per, G);
+    std::vector<double> ow(G * per), sw(per, 0.0);
+    for (u64 i = 0; i < G * per; ++i) {
+        ow[i] = af[i % per] + bf[i];
+        sw[i % per] += bf[i];
+    }
+    check("add_bf16 broadcast", d(out), ow, 1e-2);
+    check("sum_groups_bf16", d(sum), sw, 1e-2);
+    auto x = rng.f32s(5000, 2.0);
+    std::vector<double> part(20, NAN), ss(1, NAN);
+    emu_launch(sumsq_partial_f32, dim3{20, 1, 1}, blk, 0, (const float*)x.data(), (u64)x.size(), part.data());
+    emu_launch(sumsq_finish, dim3{1, 1, 1}, blk, 0, (const double*)part.data(), 20, ss.data());
+    double want = 0;
+    for (float v : x) want += (double)v * v;
+    check("sum of squares", ss, {want}, 1e-12);
+}
+
+int main(int argc, char** argv) {
+    const std::string only = argc > 1 ? argv[1] : "";
+    if (only.empty() || only == "lora") {
+        lora_case(2, 2, 150, 160, 136, 8, 1);  // 2 row tiles, 2 column tiles, 5 K steps
+        lora_case(3, 1, 40, 64, 72, 4, 2);     // shared input (prefix kernels)
+        lora_case(2, 2, 17, 50, 30, 1, 3);     // ragged K and N: the scalar load path, rank 1
+        lora_case(2, 2, 20, 64, 48, 40, 4);    // rank 40: two low-rank steps, r32 projections
+        lora_case(3, 1, 33, 36, 20, 16, 5);    // prefix, ragged
+    }
+    if (only.empty() || only == "attention") {
+        attention_case<32>(2, 2, 2, 2, 1, 17, 2, 11);
+        attention_case<64>(2, 2, 1, 1, 1, 70, 1, 12);  // two tiles, broadcast K and V
+        attention_case<128>(1, 1, 1, 1, 1, 1, 1, 13);
+        attention_case<128>(1, 1, 1, 1, 1, 130, 1, 14);
+    }
+    if (only.empty() || only == "rest") {
+        layernorm_case(3, 3, 1, 300, 192, 21);
+        layernorm_case(3, 1, 3, 50, 37, 22);
+        bias_gelu_case(3, 3, 1, 300, 77, 31);
+        bias_gelu_case(3, 1, 3, 17, 64, 32);
+        sum_rows_case(3, 300, 37, 37, 1, 41);
+        sum_rows_case(3, 5, 24, 17 * 24, 3, 42);  // the dcls shape: first D of each T·D row
+        loss_case(3, 17, 10, 51);
+        adamw_case(61);
+        sgd_and_clip_case(62);
+        embed_case(63);
+        elementwise_case(64);
+    }
+    std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "passed", failures);
+    return failures ? 1 : 0;
+}

@@ -1,0 +1,410 @@
+//! [`Gpu`]: one device, one stream, every kernel module loaded.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute, cudaError_enum};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+    SyncOnDrop,
+};
+
+use crate::compile::{self, Arch, ParamKind};
+use crate::error::{KernelError, Result};
+use crate::probe;
+use crate::sources::{Kernel, SOURCES};
+
+/// One CUDA device with loren's kernels loaded, and the single stream every launcher uses.
+///
+/// All modules are compiled (or read from the PTX cache) and loaded when the `Gpu` is opened,
+/// not lazily: a kernel that fails to build or load is reported at start-up rather than in the
+/// middle of a training step, and no launcher ever stalls the host on NVRTC. A cold compile of
+/// every file takes a few seconds (the files compile in parallel); afterwards the disk cache makes
+/// it instant.
+///
+/// Launchers are asynchronous: they validate shapes and buffer lengths on the host, enqueue on
+/// [`Gpu::stream`], and return. None synchronises. cudarc's cross-stream event tracking is turned
+/// off for this context (one stream needs none, and it would add event records to every launch),
+/// so buffers used with a `Gpu` must be allocated on its stream, after it was opened.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    name: String,
+    compute_capability: (i32, i32),
+    arch: Arch,
+    functions: HashMap<Kernel, CudaFunction>,
+    /// Each kernel's parameter types, read from its PTX: every launch is checked against them.
+    signatures: HashMap<Kernel, Vec<ParamKind>>,
+    blas: OnceLock<std::result::Result<CudaBlas, String>>,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu")
+            .field("ordinal", &self.ctx.ordinal())
+            .field("name", &self.name)
+            .field("compute_capability", &self.compute_capability)
+            .field("arch", &self.arch)
+            .finish()
+    }
+}
+
+impl Gpu {
+    /// Open device `ordinal`: probe the driver and NVRTC, create the context and stream, pick
+    /// the arch from the compute capability, and build and load every kernel module.
+    pub fn new(ordinal: usize) -> Result<Gpu> {
+        let count = probe::driver()?;
+        if ordinal >= count {
+            return Err(KernelError::Unavailable(format!(
+                "there is no CUDA device {ordinal} ({count} found)"
+            )));
+        }
+        let nvrtc = probe::nvrtc()?;
+        let ctx = CudaContext::new(ordinal).map_err(KernelError::driver("opening the device"))?;
+        // SAFETY: no CudaSlice exists on this context object yet, and loren uses one stream.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx
+            .new_stream()
+            .map_err(KernelError::driver("creating the stream"))?;
+        let name = ctx
+            .name()
+            .unwrap_or_else(|_| format!("CUDA device {ordinal}"));
+        let cc = ctx
+            .compute_capability()
+            .map_err(KernelError::driver("reading the compute capability"))?;
+        if cc.0 < 8 {
+            return Err(KernelError::Unavailable(format!(
+                "{name} has compute capability {}.{}; loren's kernels need 8.0 (Ampere) or newer",
+                cc.0, cc.1
+            )));
+        }
+        let arch = compile::arch_for_device(cc)?;
+
+        let ptxs = std::thread::scope(|s| {
+            let handles: Vec<_> = SOURCES
+                .iter()
+                .map(|src| s.spawn(move || compile::compile(src, arch)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(KernelError::Unavailable(
+                            "a kernel compile thread panicked".into(),
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
+
+        let mut functions = HashMap::new();
+        let mut signatures = HashMap::new();
+        for (src, ptx) in SOURCES.iter().zip(ptxs) {
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_src(ptx.text.clone()))
+                .map_err(|e| load_error(e, src.file, arch, nvrtc.version))?;
+            for kernel in src.kernels() {
+                let f =
+                    module
+                        .load_function(kernel.name())
+                        .map_err(|_| KernelError::MissingEntry {
+                            file: src.file,
+                            name: kernel.name(),
+                        })?;
+                functions.insert(kernel, f);
+                let params = ptx.params(kernel.name()).ok_or(KernelError::MissingEntry {
+                    file: src.file,
+                    name: kernel.name(),
+                })?;
+                signatures.insert(kernel, params);
+            }
+        }
+
+        let optin = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(KernelError::driver("reading the shared memory limit"))?
+            as usize;
+        for (kernel, bytes) in crate::launch::dynamic_smem() {
+            if bytes > optin {
+                return Err(KernelError::Unavailable(format!(
+                    "{} needs {bytes} bytes of shared memory per block; {name} allows {optin}",
+                    kernel.name()
+                )));
+            }
+            functions[&kernel]
+                .set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                )
+                .map_err(KernelError::driver(format!(
+                    "raising the shared memory limit of {}",
+                    kernel.name()
+                )))?;
+        }
+
+        Ok(Gpu {
+            ctx,
+            stream,
+            name,
+            compute_capability: cc,
+            arch,
+            functions,
+            signatures,
+            blas: OnceLock::new(),
+        })
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The one stream every launcher enqueues on. Allocate and copy on it too.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ctx.ordinal()
+    }
+
+    /// The device's name, e.g. "NVIDIA H100 80GB HBM3".
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
+    }
+
+    /// The arch the kernels were compiled for.
+    pub fn arch(&self) -> Arch {
+        self.arch
+    }
+
+    /// Wait for everything enqueued so far (the only synchronising call in this crate).
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(KernelError::driver("synchronising the stream"))
+    }
+
+    /// cuBLAS on this stream, created on first use.
+    pub(crate) fn blas(&self) -> Result<&CudaBlas> {
+        self.blas
+            .get_or_init(|| {
+                // SAFETY: only probes dlopen with cudarc's candidate names.
+                if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+                    return Err("the cuBLAS library (libcublas) was not found".to_string());
+                }
+                CudaBlas::new(self.stream.clone()).map_err(|e| format!("cublasCreate: {e:?}"))
+            })
+            .as_ref()
+            .map_err(|msg| KernelError::Blas {
+                what: "opening cuBLAS",
+                msg: msg.clone(),
+            })
+    }
+
+    pub(crate) fn function(&self, kernel: Kernel) -> Result<&CudaFunction> {
+        self.functions
+            .get(&kernel)
+            .ok_or(KernelError::MissingEntry {
+                file: kernel.file(),
+                name: kernel.name(),
+            })
+    }
+
+    /// A buffer a kernel reads: checks it is on this device and holds at least `need` elements.
+    pub(crate) fn input<'a, T>(
+        &'a self,
+        op: &'static str,
+        what: &str,
+        buf: &'a dyn DevicePtr<T>,
+        need: usize,
+    ) -> Result<Ptr<'a>> {
+        self.check_buffer(op, what, buf.len(), buf.stream(), need)?;
+        let (ptr, guard) = buf.device_ptr(&self.stream);
+        Ok(Ptr {
+            ptr,
+            _guard: Some(guard),
+        })
+    }
+
+    /// As [`Gpu::input`], for a buffer the kernel writes.
+    pub(crate) fn output<'a, T>(
+        &'a self,
+        op: &'static str,
+        what: &str,
+        buf: &'a mut dyn DevicePtrMut<T>,
+        need: usize,
+    ) -> Result<Ptr<'a>> {
+        self.check_buffer(op, what, buf.len(), buf.stream(), need)?;
+        let (ptr, guard) = buf.device_ptr_mut(&self.stream);
+        Ok(Ptr {
+            ptr,
+            _guard: Some(guard),
+        })
+    }
+
+    /// An optional input: a null pointer when absent.
+    pub(crate) fn input_opt<'a, T>(
+        &'a self,
+        op: &'static str,
+        what: &str,
+        buf: Option<&'a dyn DevicePtr<T>>,
+        need: usize,
+    ) -> Result<Ptr<'a>> {
+        match buf {
+            Some(b) => self.input(op, what, b, need),
+            None => Ok(Ptr::null()),
+        }
+    }
+
+    fn check_buffer(
+        &self,
+        op: &'static str,
+        what: &str,
+        len: usize,
+        stream: &Arc<CudaStream>,
+        need: usize,
+    ) -> Result<()> {
+        if stream.context().cu_ctx() != self.ctx.cu_ctx() {
+            return Err(KernelError::invalid(
+                op,
+                format!("{what} lives on another device"),
+            ));
+        }
+        if len < need {
+            return Err(KernelError::invalid(
+                op,
+                format!("{what} holds {len} elements, needs {need}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Enqueue `kernel` with `args`, after checking their number and types against the kernel's
+    /// PTX signature (a launcher out of step with its kernel is an error, not a corrupt launch).
+    pub(crate) fn launch(&self, kernel: Kernel, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        let f = self.function(kernel)?;
+        if let Some(sig) = self.signatures.get(&kernel) {
+            let kinds: Vec<ParamKind> = args.iter().map(Arg::kind).collect();
+            if &kinds != sig {
+                return Err(KernelError::invalid(
+                    "launch",
+                    format!(
+                        "{} takes {sig:?}, the launcher passed {kinds:?}",
+                        kernel.name()
+                    ),
+                ));
+            }
+        }
+        let mut builder = self.stream.launch_builder(f);
+        for a in args {
+            match a {
+                Arg::U64(v) => builder.arg(v),
+                Arg::I32(v) => builder.arg(v),
+                Arg::F32(v) => builder.arg(v),
+                Arg::F64(v) => builder.arg(v),
+            };
+        }
+        // SAFETY: the launchers check dimensions against buffer lengths, and the arguments match
+        // the kernel's parameter list in number and type (checked above).
+        unsafe { builder.launch(cfg) }
+            .map(|_| ())
+            .map_err(KernelError::driver(format!("launching {}", kernel.name())))
+    }
+}
+
+/// One kernel argument. Pointers travel as `U64` device addresses.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Arg {
+    U64(u64),
+    I32(i32),
+    F32(f32),
+    F64(f64),
+}
+
+impl Arg {
+    fn kind(&self) -> ParamKind {
+        match self {
+            Arg::U64(_) => ParamKind::U64,
+            Arg::I32(_) => ParamKind::U32,
+            Arg::F32(_) => ParamKind::F32,
+            Arg::F64(_) => ParamKind::F64,
+        }
+    }
+}
+
+impl From<u64> for Arg {
+    fn from(v: u64) -> Arg {
+        Arg::U64(v)
+    }
+}
+impl From<i32> for Arg {
+    fn from(v: i32) -> Arg {
+        Arg::I32(v)
+    }
+}
+impl From<f32> for Arg {
+    fn from(v: f32) -> Arg {
+        Arg::F32(v)
+    }
+}
+impl From<f64> for Arg {
+    fn from(v: f64) -> Arg {
+        Arg::F64(v)
+    }
+}
+
+/// A raw device pointer for a kernel argument, holding cudarc's borrow of the buffer until the
+/// launch is enqueued.
+pub(crate) struct Ptr<'a> {
+    pub ptr: u64,
+    _guard: Option<SyncOnDrop<'a>>,
+}
+
+impl Ptr<'_> {
+    pub fn null() -> Self {
+        Ptr {
+            ptr: 0,
+            _guard: None,
+        }
+    }
+
+    /// The pointer as a kernel argument.
+    pub fn arg(&self) -> Arg {
+        Arg::U64(self.ptr)
+    }
+
+    /// Whether the address is a multiple of `bytes`.
+    pub fn aligned(&self, bytes: u64) -> bool {
+        self.ptr.is_multiple_of(bytes)
+    }
+}
+
+fn load_error(
+    e: cudarc::driver::DriverError,
+    file: &'static str,
+    arch: Arch,
+    nvrtc: (i32, i32),
+) -> KernelError {
+    if e.0 == cudaError_enum::CUDA_ERROR_UNSUPPORTED_PTX_VERSION {
+        let mut v = 0;
+        // SAFETY: the driver is initialised; `v` is a valid out pointer.
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+        return KernelError::Unavailable(format!(
+            "the driver (CUDA {}.{}) is older than NVRTC {}.{} and cannot load its PTX for {file}; \
+             update the driver or point LOREN_NVRTC_LIB at an NVRTC no newer than the driver",
+            v / 1000,
+            (v % 1000) / 10,
+            nvrtc.0,
+            nvrtc.1
+        ));
+    }
+    KernelError::Driver {
+        what: format!("loading the {arch} module of {file}"),
+        source: e,
+    }
+}

@@ -1,0 +1,474 @@
+//! Launchers for `kernels/lora.cu`: the LoRA-Ensemble projection over all members at once.
+//!
+//! Shapes (row-major; M members, gx = 1 for the shared-input prefix or M):
+//! X [gx, rows, K] bf16, W [N, K] bf16, bias [N] bf16, A [M, r, K] f32, B [M, N, r] f32,
+//! Y, dY [M, rows, N] bf16, U, V [M, rows, r] f32, dX [gx, rows, K] bf16, dA, dB like A, B.
+
+use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
+use half::bf16;
+
+use super::{GRID_X, GRID_YZ, grid_dim, groups_ok, int, positive, product};
+use crate::error::{KernelError, Result};
+use crate::gpu::{Arg, Gpu};
+use crate::sources::Kernel;
+
+/// Dynamic shared memory of the fused GEMMs: 3 stages × (128×40 + 128×40) bf16. Mirrors
+/// `gemm::SMEM_BYTES` in lora.cu (a static_assert there pins the number).
+pub const GEMM_SMEM: usize = 61440;
+const GEMM_TILE: usize = 128;
+const GEMM_THREADS: u32 = 256;
+
+/// The largest adapter rank the launchers accept.
+pub const MAX_RANK: usize = 1024;
+
+/// The shapes of one LoRA projection call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoraDims {
+    /// M, the ensemble size.
+    pub members: usize,
+    /// Groups of X and dX: 1 (one input shared by all members) or M.
+    pub x_groups: usize,
+    /// Rows per member (B·T).
+    pub rows: usize,
+    /// Input features K (d_in).
+    pub k: usize,
+    /// Output features N (d_out).
+    pub n: usize,
+    /// Adapter rank r.
+    pub rank: usize,
+}
+
+impl LoraDims {
+    fn check(&self, op: &'static str) -> Result<()> {
+        positive(op, "members", self.members)?;
+        positive(op, "rows", self.rows)?;
+        positive(op, "K", self.k)?;
+        positive(op, "N", self.n)?;
+        positive(op, "rank", self.rank)?;
+        if self.rank > MAX_RANK {
+            return Err(KernelError::invalid(
+                op,
+                format!("rank {} exceeds {MAX_RANK}", self.rank),
+            ));
+        }
+        groups_ok(op, "X", self.x_groups, self.members)?;
+        // Every index the kernels form in `int` stays below these.
+        int(op, "members·rows", product(op, &[self.members, self.rows])?)?;
+        int(op, "rank·K", product(op, &[self.rank, self.k])?)?;
+        int(op, "N·rank", product(op, &[self.n, self.rank])?)?;
+        Ok(())
+    }
+
+    fn x_len(&self) -> usize {
+        self.x_groups * self.rows * self.k
+    }
+    fn y_len(&self) -> usize {
+        self.members * self.rows * self.n
+    }
+    fn u_len(&self) -> usize {
+        self.members * self.rows * self.rank
+    }
+    fn a_len(&self) -> usize {
+        self.members * self.rank * self.k
+    }
+    fn b_len(&self) -> usize {
+        self.members * self.n * self.rank
+    }
+    fn prefix(&self) -> bool {
+        self.x_groups == 1 && self.members > 1
+    }
+    fn row_tiles(&self) -> usize {
+        self.rows.div_ceil(GEMM_TILE)
+    }
+}
+
+/// The launch of the U/V projection: tile 64 rows × TN ranks (TN = 8 when r <= 8, else 32).
+fn project_cfg(op: &'static str, d: &LoraDims) -> Result<(LaunchConfig, bool)> {
+    let narrow = d.rank <= 8;
+    let tn = if narrow { 8 } else { 32 };
+    let cfg = LaunchConfig {
+        grid_dim: (
+            grid_dim(op, "row tiles", d.rows.div_ceil(64), GRID_X)?,
+            grid_dim(op, "rank tiles", d.rank.div_ceil(tn), GRID_YZ)?,
+            grid_dim(op, "members", d.members, GRID_YZ)?,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    Ok((cfg, narrow))
+}
+
+/// The launch of a fused GEMM with `out_cols` output columns: tiles of 128×128, per member unless
+/// the prefix variant covers all members in one tile.
+fn gemm_cfg(op: &'static str, d: &LoraDims, out_cols: usize, prefix: bool) -> Result<LaunchConfig> {
+    let tiles = if prefix {
+        d.row_tiles()
+    } else {
+        product(op, &[d.members, d.row_tiles()])?
+    };
+    Ok(LaunchConfig {
+        grid_dim: (
+            grid_dim(op, "column tiles", out_cols.div_ceil(GEMM_TILE), GRID_X)?,
+            grid_dim(op, "row tiles", tiles, GRID_YZ)?,
+            1,
+        ),
+        block_dim: (GEMM_THREADS, 1, 1),
+        shared_mem_bytes: GEMM_SMEM as u32,
+    })
+}
+
+impl Gpu {
+    /// `U[m] = X[g(m)]·A_mᵀ` for every member: U [M, rows, r] f32, exact f32 products of the bf16
+    /// input (U feeds dB). g(m) = m, or 0 for a shared X.
+    pub fn lora_project_u(
+        &self,
+        d: &LoraDims,
+        x: &dyn DevicePtr<bf16>,
+        a: &dyn DevicePtr<f32>,
+        u: &mut dyn DevicePtrMut<f32>,
+    ) -> Result<()> {
+        const OP: &str = "lora_project_u";
+        d.check(OP)?;
+        let x = self.input(OP, "X", x, d.x_len())?;
+        let a = self.input(OP, "A", a, d.a_len())?;
+        let u = self.output(OP, "U", u, d.u_len())?;
+        let (cfg, narrow) = project_cfg(OP, d)?;
+        let kernel = if narrow {
+            Kernel::LoraUR8
+        } else {
+            Kernel::LoraUR32
+        };
+        let (xg, rows, k, r) = (d.x_groups as i32, d.rows as i32, d.k as i32, d.rank as i32);
+        self.launch(
+            kernel,
+            cfg,
+            &[
+                x.arg(),
+                Arg::from(xg),
+                a.arg(),
+                u.arg(),
+                Arg::from(rows),
+                Arg::from(k),
+                Arg::from(r),
+            ],
+        )
+    }
+
+    /// The fused GEMM of the forward: `Y[m] = X[g(m)]·Wᵀ + bias + s·U[m]·B_mᵀ`, the low-rank term
+    /// an extra K-segment of the tensor-core GEMM over all M·rows rows. With a shared X
+    /// (x_groups = 1, M > 1) the X·Wᵀ tile is computed once and each member's segment is added to
+    /// a copy of it. Needs U from [`Gpu::lora_project_u`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_forward_gemm(
+        &self,
+        d: &LoraDims,
+        x: &dyn DevicePtr<bf16>,
+        w: &dyn DevicePtr<bf16>,
+        bias: Option<&dyn DevicePtr<bf16>>,
+        u: &dyn DevicePtr<f32>,
+        b: &dyn DevicePtr<f32>,
+        scale: f32,
+        y: &mut dyn DevicePtrMut<bf16>,
+    ) -> Result<()> {
+        const OP: &str = "lora_forward_gemm";
+        d.check(OP)?;
+        let x = self.input(OP, "X", x, d.x_len())?;
+        let w = self.input(OP, "W", w, d.n * d.k)?;
+        let bias = self.input_opt(OP, "bias", bias, d.n)?;
+        let u = self.input(OP, "U", u, d.u_len())?;
+        let bm = self.input(OP, "B", b, d.b_len())?;
+        let y = self.output(OP, "Y", y, d.y_len())?;
+        // 16-byte cp.async needs 16-byte aligned rows: K and N multiples of 8, aligned bases.
+        let vec = (d.k.is_multiple_of(8)
+            && d.n.is_multiple_of(8)
+            && x.aligned(16)
+            && w.aligned(16)
+            && y.aligned(16)) as i32;
+        let prefix = d.prefix();
+        let cfg = gemm_cfg(OP, d, d.n, prefix)?;
+        let (mm, rows, n, k, r) = (
+            d.members as i32,
+            d.rows as i32,
+            d.n as i32,
+            d.k as i32,
+            d.rank as i32,
+        );
+        if prefix {
+            self.launch(
+                Kernel::LoraFwdGemmPrefix,
+                cfg,
+                &[
+                    x.arg(),
+                    w.arg(),
+                    bias.arg(),
+                    u.arg(),
+                    bm.arg(),
+                    y.arg(),
+                    Arg::from(mm),
+                    Arg::from(rows),
+                    Arg::from(n),
+                    Arg::from(k),
+                    Arg::from(r),
+                    Arg::from(scale),
+                    Arg::from(vec),
+                ],
+            )
+        } else {
+            self.launch(
+                Kernel::LoraFwdGemm,
+                cfg,
+                &[
+                    x.arg(),
+                    w.arg(),
+                    bias.arg(),
+                    u.arg(),
+                    bm.arg(),
+                    y.arg(),
+                    Arg::from(rows),
+                    Arg::from(n),
+                    Arg::from(k),
+                    Arg::from(r),
+                    Arg::from(scale),
+                    Arg::from(vec),
+                ],
+            )
+        }
+    }
+
+    /// The whole forward, two launches: [`Gpu::lora_project_u`] then [`Gpu::lora_forward_gemm`].
+    /// Writes Y [M, rows, N] bf16 and U [M, rows, r] f32 (kept for the backward).
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_forward(
+        &self,
+        d: &LoraDims,
+        x: &dyn DevicePtr<bf16>,
+        w: &dyn DevicePtr<bf16>,
+        bias: Option<&dyn DevicePtr<bf16>>,
+        a: &dyn DevicePtr<f32>,
+        b: &dyn DevicePtr<f32>,
+        scale: f32,
+        y: &mut dyn DevicePtrMut<bf16>,
+        u: &mut (impl DevicePtr<f32> + DevicePtrMut<f32>),
+    ) -> Result<()> {
+        self.lora_project_u(d, x, a, u)?;
+        self.lora_forward_gemm(d, x, w, bias, &*u, b, scale, y)
+    }
+
+    /// `V[m] = s·dY[m]·B_m`: V [M, rows, r] f32, the gradient reaching U, shared by dA and dX.
+    pub fn lora_project_v(
+        &self,
+        d: &LoraDims,
+        dy: &dyn DevicePtr<bf16>,
+        b: &dyn DevicePtr<f32>,
+        scale: f32,
+        v: &mut dyn DevicePtrMut<f32>,
+    ) -> Result<()> {
+        const OP: &str = "lora_project_v";
+        d.check(OP)?;
+        let dy = self.input(OP, "dY", dy, d.y_len())?;
+        let bm = self.input(OP, "B", b, d.b_len())?;
+        let v = self.output(OP, "V", v, d.u_len())?;
+        let (cfg, narrow) = project_cfg(OP, d)?;
+        let kernel = if narrow {
+            Kernel::LoraVR8
+        } else {
+            Kernel::LoraVR32
+        };
+        let (rows, n, r) = (d.rows as i32, d.n as i32, d.rank as i32);
+        self.launch(
+            kernel,
+            cfg,
+            &[
+                dy.arg(),
+                bm.arg(),
+                v.arg(),
+                Arg::from(rows),
+                Arg::from(n),
+                Arg::from(r),
+                Arg::from(scale),
+            ],
+        )
+    }
+
+    /// The fused GEMM of the backward: `dX[m] = dY[m]·W + V[m]·A_m` (W read [N, K] as the
+    /// reduction-major operand), or with a shared X, `dX = (Σ_m dY[m])·W + Σ_m V[m]·A_m` with the
+    /// member sum of dY taken while loading tiles, so the big product runs once. dX is bf16.
+    pub fn lora_backward_dx_gemm(
+        &self,
+        d: &LoraDims,
+        dy: &dyn DevicePtr<bf16>,
+        w: &dyn DevicePtr<bf16>,
+        v: &dyn DevicePtr<f32>,
+        a: &dyn DevicePtr<f32>,
+        dx: &mut dyn DevicePtrMut<bf16>,
+    ) -> Result<()> {
+        const OP: &str = "lora_backward_dx_gemm";
+        d.check(OP)?;
+        let dy = self.input(OP, "dY", dy, d.y_len())?;
+        let w = self.input(OP, "W", w, d.n * d.k)?;
+        let v = self.input(OP, "V", v, d.u_len())?;
+        let am = self.input(OP, "A", a, d.a_len())?;
+        let dx = self.output(OP, "dX", dx, d.x_len())?;
+        let vec = (d.k.is_multiple_of(8)
+            && d.n.is_multiple_of(8)
+            && dy.aligned(16)
+            && w.aligned(16)
+            && dx.aligned(16)) as i32;
+        let prefix = d.prefix();
+        let cfg = gemm_cfg(OP, d, d.k, prefix)?;
+        let (mm, rows, n, k, r) = (
+            d.members as i32,
+            d.rows as i32,
+            d.n as i32,
+            d.k as i32,
+            d.rank as i32,
+        );
+        if prefix {
+            self.launch(
+                Kernel::LoraBwdDxGemmPrefix,
+                cfg,
+                &[
+                    dy.arg(),
+                    w.arg(),
+                    v.arg(),
+                    am.arg(),
+                    dx.arg(),
+                    Arg::from(mm),
+                    Arg::from(rows),
+                    Arg::from(n),
+                    Arg::from(k),
+                    Arg::from(r),
+                    Arg::from(vec),
+                ],
+            )
+        } else {
+            self.launch(
+                Kernel::LoraBwdDxGemm,
+                cfg,
+                &[
+                    dy.arg(),
+                    w.arg(),
+                    v.arg(),
+                    am.arg(),
+                    dx.arg(),
+                    Arg::from(rows),
+                    Arg::from(n),
+                    Arg::from(k),
+                    Arg::from(r),
+                    Arg::from(vec),
+                ],
+            )
+        }
+    }
+
+    /// `dA[m] = V[m]ᵀ·X[g(m)]`: dA [M, r, K] f32, summed over rows in a fixed order (no atomics).
+    pub fn lora_grad_a(
+        &self,
+        d: &LoraDims,
+        v: &dyn DevicePtr<f32>,
+        x: &dyn DevicePtr<bf16>,
+        da: &mut dyn DevicePtrMut<f32>,
+    ) -> Result<()> {
+        const OP: &str = "lora_grad_a";
+        d.check(OP)?;
+        let v = self.input(OP, "V", v, d.u_len())?;
+        let x = self.input(OP, "X", x, d.x_len())?;
+        let da = self.output(OP, "dA", da, d.a_len())?;
+        // 8 warps share a 16 (rank) × 64 (K) output tile and split the rows.
+        let cfg = LaunchConfig {
+            grid_dim: (
+                grid_dim(OP, "K tiles", d.k.div_ceil(64), GRID_X)?,
+                grid_dim(OP, "rank tiles", d.rank.div_ceil(16), GRID_YZ)?,
+                grid_dim(OP, "members", d.members, GRID_YZ)?,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let pairs = (d.k.is_multiple_of(2) && x.aligned(4)) as i32;
+        let (xg, rows, k, r) = (d.x_groups as i32, d.rows as i32, d.k as i32, d.rank as i32);
+        self.launch(
+            Kernel::LoraGradA,
+            cfg,
+            &[
+                v.arg(),
+                x.arg(),
+                Arg::from(xg),
+                da.arg(),
+                Arg::from(rows),
+                Arg::from(k),
+                Arg::from(r),
+                Arg::from(pairs),
+            ],
+        )
+    }
+
+    /// `dB[m] = s·dY[m]ᵀ·U[m]`: dB [M, N, r] f32, summed over rows in a fixed order.
+    pub fn lora_grad_b(
+        &self,
+        d: &LoraDims,
+        dy: &dyn DevicePtr<bf16>,
+        u: &dyn DevicePtr<f32>,
+        scale: f32,
+        db: &mut dyn DevicePtrMut<f32>,
+    ) -> Result<()> {
+        const OP: &str = "lora_grad_b";
+        d.check(OP)?;
+        let dy = self.input(OP, "dY", dy, d.y_len())?;
+        let u = self.input(OP, "U", u, d.u_len())?;
+        let db = self.output(OP, "dB", db, d.b_len())?;
+        // 8 warps share a 16 (rank) × 64 (N) output tile and split the rows.
+        let cfg = LaunchConfig {
+            grid_dim: (
+                grid_dim(OP, "N tiles", d.n.div_ceil(64), GRID_X)?,
+                grid_dim(OP, "rank tiles", d.rank.div_ceil(16), GRID_YZ)?,
+                grid_dim(OP, "members", d.members, GRID_YZ)?,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let pairs = (d.n.is_multiple_of(2) && dy.aligned(4)) as i32;
+        let (rows, n, r) = (d.rows as i32, d.n as i32, d.rank as i32);
+        self.launch(
+            Kernel::LoraGradB,
+            cfg,
+            &[
+                dy.arg(),
+                u.arg(),
+                db.arg(),
+                Arg::from(rows),
+                Arg::from(n),
+                Arg::from(r),
+                Arg::from(scale),
+                Arg::from(pairs),
+            ],
+        )
+    }
+
+    /// The whole backward: V (into the workspace `v`, [M, rows, r] f32), then dA and dB when
+    /// `grads` is given, then dX when `dx` is given. No gradient for the frozen W and bias.
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_backward(
+        &self,
+        d: &LoraDims,
+        dy: &dyn DevicePtr<bf16>,
+        x: &dyn DevicePtr<bf16>,
+        w: &dyn DevicePtr<bf16>,
+        a: &dyn DevicePtr<f32>,
+        b: &dyn DevicePtr<f32>,
+        u: &dyn DevicePtr<f32>,
+        scale: f32,
+        v: &mut (impl DevicePtr<f32> + DevicePtrMut<f32>),
+        grads: Option<(&mut dyn DevicePtrMut<f32>, &mut dyn DevicePtrMut<f32>)>,
+        dx: Option<&mut dyn DevicePtrMut<bf16>>,
+    ) -> Result<()> {
+        self.lora_project_v(d, dy, b, scale, v)?;
+        if let Some((da, db)) = grads {
+            self.lora_grad_a(d, &*v, x, da)?;
+            self.lora_grad_b(d, dy, u, scale, db)?;
+        }
+        if let Some(dx) = dx {
+            self.lora_backward_dx_gemm(d, dy, w, &*v, a, dx)?;
+        }
+        Ok(())
+    }
+}

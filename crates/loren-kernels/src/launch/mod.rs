@@ -1,0 +1,110 @@
+//! The typed launchers, one `impl Gpu` block per kernel file. Each launcher states the exact
+//! semantics, validates dimensions and buffer lengths (returning [`KernelError::Invalid`] instead
+//! of launching out of bounds), computes the launch shape beside the call, and enqueues without
+//! synchronising.
+//!
+//! Buffers are passed as `&dyn DevicePtr<T>` (read) and `&mut dyn DevicePtrMut<T>` (written), so a
+//! `CudaSlice<T>`, a `CudaView<T>` or a `CudaViewMut<T>` all work. Lengths must be at least what
+//! the shapes need. Element types: `half::bf16` for activations and frozen weights, `f32` for
+//! trainable parameters, gradients, optimizer state and statistics.
+
+pub mod activation;
+pub mod attention;
+pub mod blas;
+pub mod elementwise;
+pub mod embed;
+pub mod lora;
+pub mod loss;
+pub mod norm;
+pub mod optim;
+
+use cudarc::driver::LaunchConfig;
+
+use crate::error::{KernelError, Result};
+use crate::sources::Kernel;
+
+/// Threads per block of the elementwise and row kernels.
+pub(crate) const BLOCK: u32 = 256;
+
+/// Rows per first-stage chunk of the two-stage column sums (bias, LayerNorm and embedding
+/// gradients). A constant, so the summation order depends on the shapes alone.
+pub const CHUNK_ROWS: usize = 256;
+
+/// `v` as the kernels' `int`.
+pub(crate) fn int(op: &'static str, what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| KernelError::invalid(op, format!("{what} = {v} exceeds i32")))
+}
+
+/// Require `v >= 1`.
+pub(crate) fn positive(op: &'static str, what: &str, v: usize) -> Result<()> {
+    if v == 0 {
+        return Err(KernelError::invalid(
+            op,
+            format!("{what} must be at least 1"),
+        ));
+    }
+    Ok(())
+}
+
+/// Require a group count of 1 or `groups`.
+pub(crate) fn groups_ok(op: &'static str, what: &str, g: usize, groups: usize) -> Result<()> {
+    if g != 1 && g != groups {
+        return Err(KernelError::invalid(
+            op,
+            format!("{what} has {g} groups; must be 1 or {groups}"),
+        ));
+    }
+    Ok(())
+}
+
+/// `a · b · ...` with overflow reported as an error.
+pub(crate) fn product(op: &'static str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| KernelError::invalid(op, format!("{dims:?} overflows")))
+}
+
+/// A grid dimension, checked against the hardware limit (`y` and `z` are at most 65535).
+pub(crate) fn grid_dim(op: &'static str, what: &str, v: usize, limit: usize) -> Result<u32> {
+    if v == 0 || v > limit {
+        return Err(KernelError::invalid(
+            op,
+            format!("{what} needs {v} blocks; the limit is {limit}"),
+        ));
+    }
+    Ok(v as u32)
+}
+
+pub(crate) const GRID_X: usize = i32::MAX as usize;
+pub(crate) const GRID_YZ: usize = 65535;
+
+/// A 1-D grid-stride launch over `n` elements (at most 65536 blocks; the kernels loop).
+pub(crate) fn elementwise_cfg(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(BLOCK as usize).clamp(1, 1 << 16) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Every kernel that takes dynamic shared memory, and the most it asks for; `Gpu::new` raises
+/// each kernel's limit to this (past the default 48 KiB where needed).
+pub(crate) fn dynamic_smem() -> Vec<(Kernel, usize)> {
+    let mut v: Vec<(Kernel, usize)> = [
+        Kernel::LoraFwdGemm,
+        Kernel::LoraFwdGemmPrefix,
+        Kernel::LoraBwdDxGemm,
+        Kernel::LoraBwdDxGemmPrefix,
+    ]
+    .into_iter()
+    .map(|k| (k, lora::GEMM_SMEM))
+    .collect();
+    for dh in attention::HEAD_DIMS {
+        let [fwd, dq, dkv] = attention::kernels(dh).expect("a supported head dim");
+        v.push((fwd, attention::fwd_smem(dh)));
+        v.push((dq, attention::dq_smem(dh)));
+        v.push((dkv, attention::dkv_smem(dh)));
+    }
+    v
+}

@@ -1,0 +1,138 @@
+//! The kernel sources (`kernels/*.cu`, compiled into the binary) and the registry of every
+//! kernel a launcher may call. Launchers name kernels only through [`Kernel`], and the compile
+//! check asserts each one is an `.entry` of its file's PTX, so a renamed kernel cannot slip by.
+
+/// One `kernels/*.cu` file.
+#[derive(Debug)]
+pub struct KernelSource {
+    /// The file name under `kernels/`, e.g. `lora.cu`.
+    pub file: &'static str,
+    /// The CUDA C source.
+    pub code: &'static str,
+}
+
+impl KernelSource {
+    /// The registered kernels of this file.
+    pub fn kernels(&self) -> impl Iterator<Item = Kernel> + '_ {
+        Kernel::ALL
+            .iter()
+            .copied()
+            .filter(move |k| k.file() == self.file)
+    }
+}
+
+/// `kernels/common.cuh`, given to NVRTC as an in-memory header named `common.cuh`.
+pub const COMMON_HEADER: &str = include_str!("../../../kernels/common.cuh");
+pub const COMMON_HEADER_NAME: &str = "common.cuh";
+
+macro_rules! sources {
+    ($($file:literal => $path:literal { $($variant:ident = $name:literal,)* })*) => {
+        /// Every kernel source, in a fixed order.
+        pub static SOURCES: &[KernelSource] = &[
+            $(KernelSource { file: $file, code: include_str!($path) },)*
+        ];
+
+        /// Every kernel (entry point) a launcher uses.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Kernel {
+            $($($variant,)*)*
+        }
+
+        impl Kernel {
+            pub const ALL: &'static [Kernel] = &[$($(Kernel::$variant,)*)*];
+
+            /// The `extern "C"` name of the kernel.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $($(Kernel::$variant => $name,)*)*
+                }
+            }
+
+            /// The file under `kernels/` that defines it.
+            pub fn file(self) -> &'static str {
+                match self {
+                    $($(Kernel::$variant => $file,)*)*
+                }
+            }
+        }
+    };
+}
+
+sources! {
+    "lora.cu" => "../../../kernels/lora.cu" {
+        LoraUR8 = "lora_u_r8",
+        LoraUR32 = "lora_u_r32",
+        LoraVR8 = "lora_v_r8",
+        LoraVR32 = "lora_v_r32",
+        LoraFwdGemm = "lora_fwd_gemm",
+        LoraFwdGemmPrefix = "lora_fwd_gemm_prefix",
+        LoraBwdDxGemm = "lora_bwd_dx_gemm",
+        LoraBwdDxGemmPrefix = "lora_bwd_dx_gemm_prefix",
+        LoraGradA = "lora_grad_a",
+        LoraGradB = "lora_grad_b",
+    }
+    "attention.cu" => "../../../kernels/attention.cu" {
+        AttentionFwdD32 = "attention_fwd_d32",
+        AttentionFwdD64 = "attention_fwd_d64",
+        AttentionFwdD128 = "attention_fwd_d128",
+        AttentionBwdDqD32 = "attention_bwd_dq_d32",
+        AttentionBwdDqD64 = "attention_bwd_dq_d64",
+        AttentionBwdDqD128 = "attention_bwd_dq_d128",
+        AttentionBwdDkvD32 = "attention_bwd_dkv_d32",
+        AttentionBwdDkvD64 = "attention_bwd_dkv_d64",
+        AttentionBwdDkvD128 = "attention_bwd_dkv_d128",
+    }
+    "norm.cu" => "../../../kernels/norm.cu" {
+        LayernormFwd = "layernorm_fwd",
+        LayernormBwdDx = "layernorm_bwd_dx",
+        LayernormBwdParamsPartial = "layernorm_bwd_params_partial",
+    }
+    "activation.cu" => "../../../kernels/activation.cu" {
+        BiasGeluFwd = "bias_gelu_fwd",
+        BiasGeluBwdDx = "bias_gelu_bwd_dx",
+        BiasGeluBwdDbPartial = "bias_gelu_bwd_db_partial",
+    }
+    "embed.cu" => "../../../kernels/embed.cu" {
+        Patchify = "patchify",
+        EmbedTokensFwd = "embed_tokens_fwd",
+        EmbedTokensBwdPatches = "embed_tokens_bwd_patches",
+        ClassTokenFwd = "class_token_fwd",
+        ClassTokenBwd = "class_token_bwd",
+    }
+    "loss.cu" => "../../../kernels/loss.cu" {
+        SoftmaxXentRows = "softmax_xent_rows",
+        SoftmaxXentMean = "softmax_xent_mean",
+        SoftmaxRows = "softmax_rows",
+    }
+    "optim.cu" => "../../../kernels/optim.cu" {
+        AdamwMulti = "adamw_multi",
+        SgdMulti = "sgd_multi",
+        GradSumsqMulti = "grad_sumsq_multi",
+        ClipCoef = "clip_coef",
+        GradScaleMulti = "grad_scale_multi",
+    }
+    "elementwise.cu" => "../../../kernels/elementwise.cu" {
+        AddBf16 = "add_bf16",
+        AddF32 = "add_f32",
+        AddAssignBf16 = "add_assign_bf16",
+        AddAssignF32 = "add_assign_f32",
+        ScaleBf16 = "scale_bf16",
+        ScaleF32 = "scale_f32",
+        SumGroupsBf16 = "sum_groups_bf16",
+        SumGroupsF32 = "sum_groups_f32",
+        SumRowsPartialBf16 = "sum_rows_partial_bf16",
+        SumRowsPartialF32 = "sum_rows_partial_f32",
+        ReducePartials = "reduce_partials",
+        SumsqPartialF32 = "sumsq_partial_f32",
+        SumsqFinish = "sumsq_finish",
+        F32ToBf16 = "f32_to_bf16",
+        Bf16ToF32 = "bf16_to_f32",
+        FillF32 = "fill_f32",
+        FillBf16 = "fill_bf16",
+    }
+}
+
+/// The source of one file, by name.
+pub fn source(file: &str) -> Option<&'static KernelSource> {
+    SOURCES.iter().find(|s| s.file == file)
+}

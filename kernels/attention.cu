@@ -1,0 +1,387 @@
+// Fused multi-head attention for short sequences (T <= 256), FlashAttention-2 style on mma.sync.
+//
+//   O = softmax(Q·Kᵀ·scale)·V  per (group g, batch b, head h), scale = 1/sqrt(dh)
+//
+// Q, K, V [Gx, B, T, D] bf16 with the heads side by side in D = H·dh; each of Q, K, V has 1 or G
+// groups (a group-1 tensor is read by every output group). O, dO [G, B, T, D] bf16.
+// LSE, DELTA [G, B, H, T] f32. dQ, dK, dV are written per output group, [G, B, T, D] bf16; the
+// sum over groups for a broadcast input is a separate reduction (elementwise.cu sum_groups_bf16).
+//
+// Every block owns 64 rows (4 warps × 16) of one (g, b, h) and walks the other side in tiles of
+// 64, so nothing T×T is ever stored. The forward keeps only LSE. The backward recomputes
+// P = exp(S − LSE) and runs as two deterministic kernels (no atomics): dQ over query tiles (it also
+// computes DELTA = rowsum(dO∘O), which the dK/dV kernel reads), then dK, dV over key tiles.
+// Scores are carried in log2 units (scale·log2 e folded in) so exponentials are exp2f.
+#include "common.cuh"
+
+namespace attn {
+constexpr int TILE = 64, THREADS = 128;
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
+
+// Shared-memory row stride LD: +8 elements (16 bytes) keeps ldmatrix conflict-free. The dynamic
+// shared memory of each kernel (bytes) is mirrored by launch/attention.rs.
+template <int DH> struct Smem {
+    static constexpr int LD = DH + 8;
+    static constexpr int FWD = 3 * TILE * LD * 2;
+    static constexpr int DQ = 4 * TILE * LD * 2 + TILE * 4;
+    static constexpr int DKV = 4 * TILE * LD * 2 + 2 * TILE * 4;
+};
+template <int DH> __device__ __forceinline__ constexpr int ld() { return Smem<DH>::LD; }
+
+struct Dims {
+    int B, T, H, gq, gk, gv;
+};
+
+// Offset of (group g, batch b) in a [groups, B, T, D] tensor.
+__device__ __forceinline__ size_t seq_offset(int g, int groups, int b, const Dims& d, int D) {
+    return ((size_t)group_index(g, groups) * d.B + b) * d.T * D;
+}
+
+// Rows [row0, row0+64) of one head, [T, DH] with row stride D, into shared [64][DH+8]; rows past
+// T are zero-filled (so masked keys and padded queries contribute exact zeros, never NaN).
+template <int DH>
+__device__ __forceinline__ void load_tile(bf16* dst, const bf16* src, int D, int row0, int T) {
+    constexpr int CH = DH / 8;  // 16-byte chunks per row
+    for (int c = threadIdx.x; c < TILE * CH; c += THREADS) {
+        const int r = c / CH, col = (c % CH) * 8;
+        const bool ok = row0 + r < T;
+        cp_async_16(dst + r * ld<DH>() + col, ok ? src + (size_t)(row0 + r) * D + col : src,
+                    ok ? 16 : 0);
+    }
+}
+
+// acc[16 × 64] = Xrows·Yᵀ over DH: X = this warp's 16 rows of `xs`, Y = all 64 rows of `ys`
+// (both [64][DH+8], DH contiguous). acc is 8 n-tiles of 8 columns.
+template <int DH>
+__device__ __forceinline__ void rows_dot_rows(float acc[8][4], const bf16* xs, const bf16* ys,
+                                              int warp, int lane) {
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < DH / 16; ++ks) {
+        unsigned a[4];
+        ldmatrix_x4(a, xs + (warp * 16 + lane % 16) * ld<DH>() + ks * 16 + (lane / 16) * 8);
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+            unsigned b[4];
+            ldmatrix_x4(b, ys + (np * 16 + lane % 8 + (lane / 16) * 8) * ld<DH>() + ks * 16 +
+                               ((lane / 8) % 2) * 8);
+            mma_bf16_16816(acc[2 * np], a, b[0], b[1]);
+            mma_bf16_16816(acc[2 * np + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+// out[16 × DH] += P·Z: P = 16 × 64 in the mma accumulator layout (f32, rounded to bf16 here),
+// Z = shared [64][DH+8] whose rows are P's columns (ldmatrix.trans gives the B operand).
+template <int DH>
+__device__ __forceinline__ void probs_times_rows(float out[DH / 8][4], const float p[8][4],
+                                                 const bf16* zs, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+        // The accumulator layout of two 8-column tiles is the A layout of one 16-wide k step.
+        const unsigned a[4] = {pack_bf16x2(p[2 * kk][0], p[2 * kk][1]),
+                               pack_bf16x2(p[2 * kk][2], p[2 * kk][3]),
+                               pack_bf16x2(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+                               pack_bf16x2(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+#pragma unroll
+        for (int dp = 0; dp < DH / 16; ++dp) {
+            unsigned b[4];
+            ldmatrix_x4_trans(b, zs + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * ld<DH>() +
+                                     dp * 16 + (lane / 16) * 8);
+            mma_bf16_16816(out[2 * dp], a, b[0], b[1]);
+            mma_bf16_16816(out[2 * dp + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+template <int N>
+__device__ __forceinline__ void zero(float a[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) a[i][0] = a[i][1] = a[i][2] = a[i][3] = 0.0f;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward. grid (ceil(T/64), H, G·B), block 128, dynamic smem Smem<DH>::FWD.
+// ---------------------------------------------------------------------------------------------
+template <int DH>
+__device__ void forward(const bf16* Q, const bf16* K, const bf16* V, bf16* O, float* LSE, Dims d,
+                        float scale) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* Qs = reinterpret_cast<bf16*>(smem_raw);
+    bf16* Ks = Qs + TILE * ld<DH>();
+    bf16* Vs = Ks + TILE * ld<DH>();
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    const int q0 = blockIdx.x * TILE, h = blockIdx.y, gb = blockIdx.z;
+    const int g = gb / d.B, b = gb % d.B, D = d.H * DH;
+    const bf16* q = Q + seq_offset(g, d.gq, b, d, D) + h * DH;
+    const bf16* k = K + seq_offset(g, d.gk, b, d, D) + h * DH;
+    const bf16* v = V + seq_offset(g, d.gv, b, d, D) + h * DH;
+    const float sl2 = scale * LOG2E;
+
+    load_tile<DH>(Qs, q, D, q0, d.T);
+    cp_async_commit();
+
+    float o[DH / 8][4];
+    zero<DH / 8>(o);
+    float m_run[2] = {-INF_F, -INF_F}, l_run[2] = {0.0f, 0.0f};
+    for (int k0 = 0; k0 < d.T; k0 += TILE) {
+        __syncthreads();  // every warp is done with the previous K and V tiles
+        load_tile<DH>(Ks, k, D, k0, d.T);
+        cp_async_commit();
+        load_tile<DH>(Vs, v, D, k0, d.T);
+        cp_async_commit();
+        cp_async_wait<1>();  // Q and K have landed; V may still be in flight
+        __syncthreads();
+
+        float s[8][4];
+        rows_dot_rows<DH>(s, Qs, Ks, warp, lane);
+        // Thread holds rows lane/4 (elements 0,1) and lane/4+8 (2,3), columns 2(lane%4)+{0,1}.
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+            float mx = -INF_F;
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int key = k0 + nt * 8 + (lane % 4) * 2 + e;
+                    float& x = s[nt][2 * hr + e];
+                    x = key < d.T ? x * sl2 : -INF_F;
+                    mx = fmaxf(mx, x);
+                }
+            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
+            // Each tile has a valid key, so mx is finite; exp2f(-inf) = 0 on the first tile.
+            const float m_new = fmaxf(m_run[hr], mx);
+            const float alpha = exp2f(m_run[hr] - m_new);
+            m_run[hr] = m_new;
+            float sum = 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    float& x = s[nt][2 * hr + e];
+                    x = exp2f(x - m_new);
+                    sum += x;
+                }
+            // l_run is this thread's partial row sum; the quad's partials are added at the end.
+            l_run[hr] = l_run[hr] * alpha + sum;
+#pragma unroll
+            for (int dt = 0; dt < DH / 8; ++dt) {
+                o[dt][2 * hr] *= alpha;
+                o[dt][2 * hr + 1] *= alpha;
+            }
+        }
+        cp_async_wait<0>();
+        __syncthreads();
+        probs_times_rows<DH>(o, s, Vs, lane);
+    }
+
+    bf16* out = O + ((size_t)gb * d.T) * D + h * DH;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        float l = l_run[hr];
+        l += __shfl_xor_sync(FULL_MASK, l, 1);
+        l += __shfl_xor_sync(FULL_MASK, l, 2);
+        const int row = q0 + warp * 16 + lane / 4 + hr * 8;
+        if (row >= d.T) continue;
+        const float inv = 1.0f / l;
+#pragma unroll
+        for (int dt = 0; dt < DH / 8; ++dt)
+            *reinterpret_cast<bf162*>(out + (size_t)row * D + dt * 8 + (lane % 4) * 2) =
+                __floats2bfloat162_rn(o[dt][2 * hr] * inv, o[dt][2 * hr + 1] * inv);
+        if (lane % 4 == 0) LSE[((size_t)gb * d.H + h) * d.T + row] = (m_run[hr] + log2f(l)) * LN2;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward, dQ (and DELTA). grid (ceil(T/64), H, G·B), block 128, dynamic smem Smem<DH>::DQ.
+//   DELTA_i = Σ_d dO_id·O_id;  dS = P∘(dO·Vᵀ − DELTA);  dQ = scale·dS·K
+// ---------------------------------------------------------------------------------------------
+template <int DH>
+__device__ void backward_dq(const bf16* dO, const bf16* Q, const bf16* K, const bf16* V,
+                            const bf16* O, const float* LSE, float* DELTA, bf16* dQ, Dims d,
+                            float scale) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* Qs = reinterpret_cast<bf16*>(smem_raw);
+    bf16* dOs = Qs + TILE * ld<DH>();
+    bf16* Ks = dOs + TILE * ld<DH>();
+    bf16* Vs = Ks + TILE * ld<DH>();
+    float* delta_s = reinterpret_cast<float*>(Vs + TILE * ld<DH>());
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    const int q0 = blockIdx.x * TILE, h = blockIdx.y, gb = blockIdx.z;
+    const int g = gb / d.B, b = gb % d.B, D = d.H * DH;
+    const bf16* q = Q + seq_offset(g, d.gq, b, d, D) + h * DH;
+    const bf16* k = K + seq_offset(g, d.gk, b, d, D) + h * DH;
+    const bf16* v = V + seq_offset(g, d.gv, b, d, D) + h * DH;
+    const size_t own = (size_t)gb * d.T * D + h * DH;  // this (g, b, h) in O, dO, dQ
+    const size_t stat = ((size_t)gb * d.H + h) * d.T;  // ... and in LSE, DELTA
+    const float sl2 = scale * LOG2E;
+
+    load_tile<DH>(Qs, q, D, q0, d.T);
+    load_tile<DH>(dOs, dO + own, D, q0, d.T);
+    cp_async_commit();
+
+    // DELTA for this warp's 16 rows, straight from global memory.
+    for (int i = 0; i < 16; ++i) {
+        const int r = warp * 16 + i, row = q0 + r;
+        float acc = 0.0f;
+        if (row < d.T)
+            for (int c = lane; c < DH; c += WARP)
+                acc += to_f32(dO[own + (size_t)row * D + c]) * to_f32(O[own + (size_t)row * D + c]);
+        acc = warp_sum(acc);
+        if (lane == 0) {
+            delta_s[r] = acc;
+            if (row < d.T) DELTA[stat + row] = acc;
+        }
+    }
+    float lse2[2], delta[2];
+    __syncwarp();
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        const int r = warp * 16 + lane / 4 + hr * 8, row = q0 + r;
+        lse2[hr] = row < d.T ? LSE[stat + row] * LOG2E : 0.0f;
+        delta[hr] = delta_s[r];
+    }
+
+    float dq[DH / 8][4];
+    zero<DH / 8>(dq);
+    for (int k0 = 0; k0 < d.T; k0 += TILE) {
+        __syncthreads();
+        load_tile<DH>(Ks, k, D, k0, d.T);
+        load_tile<DH>(Vs, v, D, k0, d.T);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+
+        float p[8][4], dp[8][4];
+        rows_dot_rows<DH>(p, Qs, Ks, warp, lane);
+        rows_dot_rows<DH>(dp, dOs, Vs, warp, lane);
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = k0 + nt * 8 + (lane % 4) * 2 + (e & 1);
+                const float pr = key < d.T ? exp2f(p[nt][e] * sl2 - lse2[e / 2]) : 0.0f;
+                p[nt][e] = pr * (dp[nt][e] - delta[e / 2]);  // dS, reusing p
+            }
+        probs_times_rows<DH>(dq, p, Ks, lane);
+    }
+
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        const int row = q0 + warp * 16 + lane / 4 + hr * 8;
+        if (row >= d.T) continue;
+#pragma unroll
+        for (int dt = 0; dt < DH / 8; ++dt)
+            *reinterpret_cast<bf162*>(dQ + own + (size_t)row * D + dt * 8 + (lane % 4) * 2) =
+                __floats2bfloat162_rn(dq[dt][2 * hr] * scale, dq[dt][2 * hr + 1] * scale);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward, dK and dV. grid (ceil(T/64) key tiles, H, G·B), block 128, dynamic smem
+// Smem<DH>::DKV. Each warp owns 16 keys and works with transposed scores:
+//   Pᵀ = exp(K·Qᵀ − LSE),  dV = Pᵀ·dO,  dSᵀ = Pᵀ∘(V·dOᵀ − DELTA),  dK = scale·dSᵀ·Q
+// ---------------------------------------------------------------------------------------------
+template <int DH>
+__device__ void backward_dkv(const bf16* dO, const bf16* Q, const bf16* K, const bf16* V,
+                             const float* LSE, const float* DELTA, bf16* dK, bf16* dV, Dims d,
+                             float scale) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* Ks = reinterpret_cast<bf16*>(smem_raw);
+    bf16* Vs = Ks + TILE * ld<DH>();
+    bf16* Qs = Vs + TILE * ld<DH>();
+    bf16* dOs = Qs + TILE * ld<DH>();
+    float* lse_s = reinterpret_cast<float*>(dOs + TILE * ld<DH>());
+    float* delta_s = lse_s + TILE;
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    const int k0 = blockIdx.x * TILE, h = blockIdx.y, gb = blockIdx.z;
+    const int g = gb / d.B, b = gb % d.B, D = d.H * DH;
+    const bf16* q = Q + seq_offset(g, d.gq, b, d, D) + h * DH;
+    const bf16* k = K + seq_offset(g, d.gk, b, d, D) + h * DH;
+    const bf16* v = V + seq_offset(g, d.gv, b, d, D) + h * DH;
+    const size_t own = (size_t)gb * d.T * D + h * DH;
+    const size_t stat = ((size_t)gb * d.H + h) * d.T;
+    const float sl2 = scale * LOG2E;
+
+    load_tile<DH>(Ks, k, D, k0, d.T);
+    load_tile<DH>(Vs, v, D, k0, d.T);
+    cp_async_commit();
+
+    float dk[DH / 8][4], dv[DH / 8][4];
+    zero<DH / 8>(dk);
+    zero<DH / 8>(dv);
+    for (int q0 = 0; q0 < d.T; q0 += TILE) {
+        __syncthreads();
+        load_tile<DH>(Qs, q, D, q0, d.T);
+        load_tile<DH>(dOs, dO + own, D, q0, d.T);
+        cp_async_commit();
+        if (threadIdx.x < TILE) {
+            const int row = q0 + threadIdx.x;
+            lse_s[threadIdx.x] = row < d.T ? LSE[stat + row] * LOG2E : 0.0f;
+            delta_s[threadIdx.x] = row < d.T ? DELTA[stat + row] : 0.0f;
+        }
+        cp_async_wait<0>();
+        __syncthreads();
+
+        float p[8][4], dp[8][4];
+        rows_dot_rows<DH>(p, Ks, Qs, warp, lane);   // Sᵀ: rows = keys, columns = queries
+        rows_dot_rows<DH>(dp, Vs, dOs, warp, lane);  // dPᵀ
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int c = nt * 8 + (lane % 4) * 2 + (e & 1);
+                const float pr = q0 + c < d.T ? exp2f(p[nt][e] * sl2 - lse_s[c]) : 0.0f;
+                p[nt][e] = pr;
+                dp[nt][e] = pr * (dp[nt][e] - delta_s[c]);  // dSᵀ
+            }
+        probs_times_rows<DH>(dv, p, dOs, lane);
+        probs_times_rows<DH>(dk, dp, Qs, lane);
+    }
+
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        const int row = k0 + warp * 16 + lane / 4 + hr * 8;
+        if (row >= d.T) continue;
+#pragma unroll
+        for (int dt = 0; dt < DH / 8; ++dt) {
+            const size_t at = own + (size_t)row * D + dt * 8 + (lane % 4) * 2;
+            *reinterpret_cast<bf162*>(dK + at) =
+                __floats2bfloat162_rn(dk[dt][2 * hr] * scale, dk[dt][2 * hr + 1] * scale);
+            *reinterpret_cast<bf162*>(dV + at) = __floats2bfloat162_rn(dv[dt][2 * hr], dv[dt][2 * hr + 1]);
+        }
+    }
+}
+}  // namespace attn
+
+#define ATTENTION_ENTRIES(DH)                                                                     \
+    extern "C" __global__ void __launch_bounds__(attn::THREADS)                                   \
+        attention_fwd_d##DH(const bf16* Q, const bf16* K, const bf16* V, bf16* O, float* LSE,     \
+                            int B, int T, int H, int gq, int gk, int gv, float scale) {           \
+        attn::forward<DH>(Q, K, V, O, LSE, attn::Dims{B, T, H, gq, gk, gv}, scale);               \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(attn::THREADS)                                   \
+        attention_bwd_dq_d##DH(const bf16* dO, const bf16* Q, const bf16* K, const bf16* V,       \
+                               const bf16* O, const float* LSE, float* DELTA, bf16* dQ, int B,    \
+                               int T, int H, int gq, int gk, int gv, float scale) {               \
+        attn::backward_dq<DH>(dO, Q, K, V, O, LSE, DELTA, dQ, attn::Dims{B, T, H, gq, gk, gv},    \
+                              scale);                                                             \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(attn::THREADS)                                   \
+        attention_bwd_dkv_d##DH(const bf16* dO, const bf16* Q, const bf16* K, const bf16* V,      \
+                                const float* LSE, const float* DELTA, bf16* dK, bf16* dV, int B,  \
+                                int T, int H, int gq, int gk, int gv, float scale) {              \
+        attn::backward_dkv<DH>(dO, Q, K, V, LSE, DELTA, dK, dV, attn::Dims{B, T, H, gq, gk, gv},  \
+                               scale);                                                            \
+    }
+
+ATTENTION_ENTRIES(32)
+ATTENTION_ENTRIES(64)
+ATTENTION_ENTRIES(128)
+
+static_assert(attn::Smem<128>::FWD == 52224, "launch/attention.rs mirrors these sizes");
+static_assert(attn::Smem<128>::DQ == 69888, "launch/attention.rs mirrors these sizes");
+static_assert(attn::Smem<128>::DKV == 70144, "launch/attention.rs mirrors these sizes");

@@ -1,0 +1,158 @@
+// Residual adds, gradient accumulation, reductions over groups and rows, conversions, fills
+// (CPU twin: loren-tensor ops/elementwise.rs). Every reduction runs in a fixed order, with no
+// atomics, so results are bit-reproducible run to run.
+//
+// Elementwise kernels: one thread per element, grid-stride, block 256; sizes are 64-bit.
+#include "common.cuh"
+
+#define GRID_STRIDE(i, total)                                                                 \
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < (total);                     \
+         i += (u64)gridDim.x * blockDim.x)
+
+// out[g] = a[ga(g)] + b[gb(g)] for g < G, each group `per` elements (group broadcasting: a group-1
+// operand is read by every output group).
+template <typename T>
+__device__ void add(const T* a, const T* b, T* out, u64 per, int G, int ga, int gb) {
+    GRID_STRIDE(i, per * G) {
+        const int g = (int)(i / per);
+        const u64 e = i % per;
+        out[i] = from_f32<T>(to_f32(a[group_index(g, ga) * per + e]) + to_f32(b[group_index(g, gb) * per + e]));
+    }
+}
+extern "C" __global__ void __launch_bounds__(256)
+    add_bf16(const bf16* a, const bf16* b, bf16* out, u64 per, int G, int ga, int gb) {
+    add(a, b, out, per, G, ga, gb);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    add_f32(const float* a, const float* b, float* out, u64 per, int G, int ga, int gb) {
+    add(a, b, out, per, G, ga, gb);
+}
+
+// dst += src
+extern "C" __global__ void __launch_bounds__(256) add_assign_bf16(bf16* dst, const bf16* src, u64 n) {
+    GRID_STRIDE(i, n) dst[i] = to_bf16(to_f32(dst[i]) + to_f32(src[i]));
+}
+extern "C" __global__ void __launch_bounds__(256) add_assign_f32(float* dst, const float* src, u64 n) {
+    GRID_STRIDE(i, n) dst[i] += src[i];
+}
+
+// x *= alpha
+extern "C" __global__ void __launch_bounds__(256) scale_bf16(bf16* x, u64 n, float alpha) {
+    GRID_STRIDE(i, n) x[i] = to_bf16(to_f32(x[i]) * alpha);
+}
+extern "C" __global__ void __launch_bounds__(256) scale_f32(float* x, u64 n, float alpha) {
+    GRID_STRIDE(i, n) x[i] *= alpha;
+}
+
+// out[e] = Σ_g src[g·per + e], g = 0..G-1 in order, in f32: the gradient of a broadcast input.
+template <typename T>
+__device__ void sum_groups(const T* src, T* out, u64 per, int G) {
+    GRID_STRIDE(i, per) {
+        float acc = 0.0f;
+        for (int g = 0; g < G; ++g) acc += to_f32(src[g * per + i]);
+        out[i] = from_f32<T>(acc);
+    }
+}
+extern "C" __global__ void __launch_bounds__(256)
+    sum_groups_bf16(const bf16* src, bf16* out, u64 per, int G) {
+    sum_groups(src, out, per, G);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    sum_groups_f32(const float* src, float* out, u64 per, int G) {
+    sum_groups(src, out, per, G);
+}
+
+// First stage of column sums (bias gradients, dcls, dpos): for output group o,
+//   part[o][chunk][c] = Σ_{g → o} Σ_{row in chunk} src[(g·rows + row)·ld + c],  c < n <= ld
+// where g → o means g == o when out_groups == groups, every g when out_groups == 1.
+// Block (column strip of 32, chunk, o): lane = column, warp = rows, warp partials added in order.
+// grid (ceil(n/32), ceil(rows/chunk_rows), out_groups), block 256.
+template <typename T>
+__device__ void sum_rows_partial(const T* src, float* part, int groups, int rows, int n, u64 ld,
+                                 int out_groups, int chunk_rows) {
+    constexpr int WARPS = 8;
+    __shared__ float red[WARPS][WARP];
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    const int c = blockIdx.x * WARP + lane, chunk = blockIdx.y, o = blockIdx.z;
+    const int row_begin = chunk * chunk_rows, row_end = min(rows, row_begin + chunk_rows);
+    const int g_begin = out_groups == groups ? o : 0, g_end = out_groups == groups ? o + 1 : groups;
+    float acc = 0.0f;
+    if (c < n)
+        for (int g = g_begin; g < g_end; ++g)
+            for (int row = row_begin + warp; row < row_end; row += WARPS)
+                acc += to_f32(src[((u64)g * rows + row) * ld + c]);
+    red[warp][lane] = acc;
+    __syncthreads();
+    if (warp == 0 && c < n) {
+        float t = 0.0f;
+        for (int i = 0; i < WARPS; ++i) t += red[i][lane];
+        part[((u64)o * gridDim.y + chunk) * n + c] = t;
+    }
+}
+extern "C" __global__ void __launch_bounds__(256)
+    sum_rows_partial_bf16(const bf16* src, float* part, int groups, int rows, int n, u64 ld,
+                          int out_groups, int chunk_rows) {
+    sum_rows_partial(src, part, groups, rows, n, ld, out_groups, chunk_rows);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    sum_rows_partial_f32(const float* src, float* part, int groups, int rows, int n, u64 ld,
+                         int out_groups, int chunk_rows) {
+    sum_rows_partial(src, part, groups, rows, n, ld, out_groups, chunk_rows);
+}
+
+// Second stage: out[o][c] (+)= Σ_chunk part[o][chunk][c], chunks in order. `accumulate` adds to
+// out (gradient accumulation) instead of overwriting it. One thread per output element.
+extern "C" __global__ void __launch_bounds__(256)
+    reduce_partials(const float* part, float* out, int outs, int chunks, int n, int accumulate) {
+    GRID_STRIDE(i, (u64)outs * n) {
+        const u64 o = i / n, c = i % n;
+        float acc = 0.0f;
+        for (int k = 0; k < chunks; ++k) acc += part[(o * chunks + k) * n + c];
+        out[i] = accumulate ? out[i] + acc : acc;
+    }
+}
+
+// partials[b] = Σ x² over the elements b, b + grid·256, ... (f64). The launcher fixes the grid
+// from n alone, so the partition, and with it the rounding, never changes. block 256.
+extern "C" __global__ void __launch_bounds__(256) sumsq_partial_f32(const float* x, u64 n, double* partials) {
+    __shared__ double red[256];
+    double acc = 0.0;
+    GRID_STRIDE(i, n) {
+        const double v = x[i];
+        acc += v * v;
+    }
+    red[threadIdx.x] = acc;
+    __syncthreads();
+    for (int stride = 128; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) red[threadIdx.x] += red[threadIdx.x + stride];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) partials[blockIdx.x] = red[0];
+}
+
+// out[0] = Σ partials in a fixed order (each thread a strided run, then a tree). grid 1, block 256.
+extern "C" __global__ void __launch_bounds__(256) sumsq_finish(const double* partials, int n, double* out) {
+    __shared__ double red[256];
+    double acc = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) acc += partials[i];
+    red[threadIdx.x] = acc;
+    __syncthreads();
+    for (int stride = 128; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) red[threadIdx.x] += red[threadIdx.x + stride];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[0] = red[0];
+}
+
+extern "C" __global__ void __launch_bounds__(256) f32_to_bf16(const float* src, bf16* dst, u64 n) {
+    GRID_STRIDE(i, n) dst[i] = to_bf16(src[i]);
+}
+extern "C" __global__ void __launch_bounds__(256) bf16_to_f32(const bf16* src, float* dst, u64 n) {
+    GRID_STRIDE(i, n) dst[i] = to_f32(src[i]);
+}
+extern "C" __global__ void __launch_bounds__(256) fill_f32(float* dst, u64 n, float value) {
+    GRID_STRIDE(i, n) dst[i] = value;
+}
+extern "C" __global__ void __launch_bounds__(256) fill_bf16(bf16* dst, u64 n, float value) {
+    GRID_STRIDE(i, n) dst[i] = to_bf16(value);
+}

@@ -1,0 +1,495 @@
+// The LoRA-Ensemble projection, all members in one launch per kernel:
+//
+//   forward   Y[m]  = X[g(m)]·Wᵀ + bias + s·(X[g(m)]·A_mᵀ)·B_mᵀ      U[m] = X[g(m)]·A_mᵀ
+//   backward  V[m]  = s·dY[m]·B_m
+//             dX[m] = dY[m]·W + V[m]·A_m          (shared X: dX = (Σ_m dY[m])·W + Σ_m V[m]·A_m)
+//             dA_m  = V[m]ᵀ·X[g(m)]               dB_m = s·dY[m]ᵀ·U[m]
+//
+// g(m) = m for a per-member input, 0 for the shared-input prefix. Layouts (row-major):
+//   X [gx, rows, K] bf16    W [N, K] bf16     bias [N] bf16     Y, dY [M, rows, N] bf16
+//   A [M, r, K] f32         B [M, N, r] f32   U, V [M, rows, r] f32    dA, dB like A, B (f32)
+//
+// The shared-W product is one tensor-core GEMM over all M·rows rows (tiles never straddle two
+// members, so every tile has one B_m). The low-rank term is fused into that GEMM as an extra
+// K-segment: after the K loop over [X | W] the same accumulators run over [s·U_m | B_m]
+// (forward) or [V_m | A_m] (backward), so Y/dX are written once, with no pass over them.
+// U and V are small f32 products on the CUDA cores (exact to f32: they feed the f32 gradients).
+#include "common.cuh"
+
+// ---------------------------------------------------------------------------------------------
+// U = X·A_mᵀ and V = s·dY·B_m: out[m][row][j] = scale · Σ_k P[g(m)][row][k] · Q_m(j, k)
+// Q_m is A_m [outs, red] when Q_OUT_MAJOR, else B_m [red, outs]. f32 throughout (P is bf16).
+// Tile: 64 rows × TN outputs per block of 256 threads, reduction in steps of 32.
+// ---------------------------------------------------------------------------------------------
+namespace proj {
+constexpr int TR = 64, BK = 32, THREADS = 256;
+
+template <int TN, bool Q_OUT_MAJOR>
+__device__ void project(const bf16* __restrict__ P, int p_groups, const float* __restrict__ Q,
+                        float* __restrict__ out, int rows, int red, int outs, float scale) {
+    constexpr int TY = THREADS / TN;  // threads along rows
+    constexpr int PR = TR / TY;       // rows per thread
+    __shared__ float Ps[TR][BK + 1];  // +1: the row-strided reads hit distinct banks
+    __shared__ float Qs[TN][BK + 1];
+    const int m = blockIdx.z;
+    const int row0 = blockIdx.x * TR, j0 = blockIdx.y * TN;
+    const bf16* p = P + (size_t)group_index(m, p_groups) * rows * red;
+    const float* q = Q + (size_t)m * outs * red;
+    const int tx = threadIdx.x % TN, ty = threadIdx.x / TN;
+    float acc[PR];
+#pragma unroll
+    for (int i = 0; i < PR; ++i) acc[i] = 0.0f;
+
+    for (int k0 = 0; k0 < red; k0 += BK) {
+        for (int i = threadIdx.x; i < TR * BK; i += THREADS) {
+            const int r = i / BK, kk = i % BK, row = row0 + r, k = k0 + kk;
+            Ps[r][kk] = (row < rows && k < red) ? to_f32(p[(size_t)row * red + k]) : 0.0f;
+        }
+        for (int i = threadIdx.x; i < TN * BK; i += THREADS) {
+            // Walk the contiguous axis of Q with consecutive threads.
+            const int j = Q_OUT_MAJOR ? i / BK : i % TN;
+            const int kk = Q_OUT_MAJOR ? i % BK : i / TN;
+            const int jj = j0 + j, k = k0 + kk;
+            float v = 0.0f;
+            if (jj < outs && k < red)
+                v = Q_OUT_MAJOR ? q[(size_t)jj * red + k] : q[(size_t)k * outs + jj];
+            Qs[j][kk] = v;
+        }
+        __syncthreads();
+#pragma unroll 8
+        for (int kk = 0; kk < BK; ++kk) {
+            const float qv = Qs[tx][kk];
+#pragma unroll
+            for (int i = 0; i < PR; ++i) acc[i] = fmaf(Ps[ty + i * TY][kk], qv, acc[i]);
+        }
+        __syncthreads();
+    }
+    float* o = out + (size_t)m * rows * outs;
+    const int j = j0 + tx;
+#pragma unroll
+    for (int i = 0; i < PR; ++i) {
+        const int row = row0 + ty + i * TY;
+        if (row < rows && j < outs) o[(size_t)row * outs + j] = scale * acc[i];
+    }
+}
+}  // namespace proj
+
+// U[m] = X[g(m)]·A_mᵀ. grid (ceil(rows/64), ceil(r/TN), M), block 256. TN = 8 for r <= 8.
+extern "C" __global__ void __launch_bounds__(256) lora_u_r8(const bf16* X, int x_groups,
+                                                            const float* A, float* U, int rows,
+                                                            int K, int r) {
+    proj::project<8, true>(X, x_groups, A, U, rows, K, r, 1.0f);
+}
+extern "C" __global__ void __launch_bounds__(256) lora_u_r32(const bf16* X, int x_groups,
+                                                             const float* A, float* U, int rows,
+                                                             int K, int r) {
+    proj::project<32, true>(X, x_groups, A, U, rows, K, r, 1.0f);
+}
+// V[m] = s·dY[m]·B_m. grid (ceil(rows/64), ceil(r/TN), M), block 256.
+extern "C" __global__ void __launch_bounds__(256) lora_v_r8(const bf16* dY, const float* B,
+                                                            float* V, int rows, int N, int r,
+                                                            float s) {
+    proj::project<8, false>(dY, gridDim.z, B, V, rows, N, r, s);
+}
+extern "C" __global__ void __launch_bounds__(256) lora_v_r32(const bf16* dY, const float* B,
+                                                             float* V, int rows, int N, int r,
+                                                             float s) {
+    proj::project<32, false>(dY, gridDim.z, B, V, rows, N, r, s);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fused tensor-core GEMM. Block tile 128×128, K step 32, 3-stage cp.async pipeline, 8 warps
+// each owning a 64×32 warp tile (4×4 mma tiles of 16×8). A tiles are [BM][BK] (K contiguous).
+// B tiles are [BN][BK] when the operand is stored [out][red] (W in the forward: ldmatrix) and
+// [BK][BN] when stored [red][out] (W in the backward: ldmatrix.trans). Rows are padded by 8
+// elements (16 bytes), which makes every ldmatrix phase conflict-free.
+// ---------------------------------------------------------------------------------------------
+namespace gemm {
+constexpr int BM = 128, BN = 128, BK = 32, STAGES = 3, THREADS = 256;
+constexpr int A_LD = BK + 8;
+constexpr int BNT_LD = BK + 8;  // B stored [BN][BK]
+constexpr int BT_LD = BN + 8;   // B stored [BK][BN]
+constexpr int A_STAGE = BM * A_LD;
+constexpr int B_STAGE = (BN * BNT_LD > BK * BT_LD) ? BN * BNT_LD : BK * BT_LD;
+constexpr int STAGE = A_STAGE + B_STAGE;
+// Dynamic shared memory per block, in bytes (the launcher uses the same number).
+constexpr int SMEM_BYTES = STAGES * STAGE * 2;
+static_assert(SMEM_BYTES == 61440, "the launcher (launch/lora.rs) assumes 61440 bytes");
+
+typedef float Acc[4][4][4];
+
+// dst[r][c] = src[r·lds + c] for r < rows_valid, c < cols_valid; zero elsewhere. `vec`: lds and
+// the valid column count are multiples of 8 and src is 16-byte aligned, so 16-byte cp.async
+// chunks are either wholly inside or wholly outside; otherwise a scalar path.
+template <int ROWS, int COLS, int LD>
+__device__ __forceinline__ void load_tile_async(bf16* dst, const bf16* src, int lds,
+                                                int rows_valid, int cols_valid, bool vec) {
+    constexpr int CHUNKS = ROWS * COLS / 8;
+    for (int c = threadIdx.x; c < CHUNKS; c += THREADS) {
+        const int r = c / (COLS / 8), col = (c % (COLS / 8)) * 8;
+        bf16* d = dst + r * LD + col;
+        if (vec) {
+            const bool ok = r < rows_valid && col < cols_valid;
+            cp_async_16(d, ok ? src + (size_t)r * lds + col : src, ok ? 16 : 0);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+                d[e] = (r < rows_valid && col + e < cols_valid) ? src[(size_t)r * lds + col + e]
+                                                                : to_bf16(0.0f);
+        }
+    }
+}
+
+// As load_tile_async from an f32 source, times `scale`, rounded to bf16 (register-staged).
+template <int ROWS, int COLS, int LD>
+__device__ __forceinline__ void load_tile_f32(bf16* dst, const float* src, int lds, int rows_valid,
+                                              int cols_valid, float scale) {
+    for (int i = threadIdx.x; i < ROWS * COLS; i += THREADS) {
+        const int r = i / COLS, c = i % COLS;
+        const float v = (r < rows_valid && c < cols_valid) ? scale * src[(size_t)r * lds + c] : 0.0f;
+        dst[r * LD + c] = to_bf16(v);
+    }
+}
+
+// dst[r][c] = Σ_m src[m·member_stride + r·lds + c], summed in f32 then rounded: the shared-input
+// backward, where every member's dY multiplies the same W.
+template <int ROWS, int COLS, int LD>
+__device__ __forceinline__ void load_tile_member_sum(bf16* dst, const bf16* src,
+                                                     size_t member_stride, int members, int lds,
+                                                     int rows_valid, int cols_valid) {
+    for (int i = threadIdx.x; i < ROWS * COLS; i += THREADS) {
+        const int r = i / COLS, c = i % COLS;
+        float v = 0.0f;
+        if (r < rows_valid && c < cols_valid)
+            for (int m = 0; m < members; ++m)
+                v += to_f32(src[m * member_stride + (size_t)r * lds + c]);
+        dst[r * LD + c] = to_bf16(v);
+    }
+}
+
+// acc += As·Bsᵀ over one BK slab of shared memory, for this warp's 64×32 tile.
+template <bool B_TRANS>
+__device__ __forceinline__ void mma_slab(Acc acc, const bf16* As, const bf16* Bs) {
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    const int wm = (warp / 4) * 64, wn = (warp % 4) * 32;
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+        unsigned a[4][4], b[4][2];
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt)
+            ldmatrix_x4(a[mt], As + (wm + mt * 16 + lane % 16) * A_LD + kk + (lane / 16) * 8);
+#pragma unroll
+        for (int np = 0; np < 2; ++np) {
+            const int n0 = wn + np * 16;
+            unsigned r[4];
+            if (!B_TRANS) {
+                // matrices: (n0, kk) (n0, kk+8) (n0+8, kk) (n0+8, kk+8)
+                ldmatrix_x4(r, Bs + (n0 + lane % 8 + (lane / 16) * 8) * BNT_LD + kk +
+                                   ((lane / 8) % 2) * 8);
+            } else {
+                // matrices: (kk, n0) (kk+8, n0) (kk, n0+8) (kk+8, n0+8), transposed on load
+                ldmatrix_x4_trans(r, Bs + (kk + lane % 8 + ((lane / 8) % 2) * 8) * BT_LD + n0 +
+                                         (lane / 16) * 8);
+            }
+            b[np * 2][0] = r[0];
+            b[np * 2][1] = r[1];
+            b[np * 2 + 1][0] = r[2];
+            b[np * 2 + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) mma_bf16_16816(acc[mt][nt], a[mt], b[nt][0], b[nt][1]);
+    }
+}
+
+// The main K loop: acc += A_tile·B_tileᵀ over `kred`. A rows start at `a` (row stride lda; with
+// SUM_A the tile is the sum over `members` copies `a_member_stride` apart). B starts at the
+// tile's first output column: b[n·ldb + k] when !B_TRANS, b[k·ldb + n] when B_TRANS.
+template <bool B_TRANS, bool SUM_A>
+__device__ void main_loop(Acc acc, bf16* smem, const bf16* a, int lda, size_t a_member_stride,
+                          int members, int rows_valid, const bf16* b, int ldb, int cols_valid,
+                          int kred, bool vec) {
+    const int ktiles = (kred + BK - 1) / BK;
+    auto load = [&](int stage, int kt) {
+        bf16* As = smem + stage * STAGE;
+        bf16* Bs = As + A_STAGE;
+        const int k0 = kt * BK;
+        if (SUM_A)
+            load_tile_member_sum<BM, BK, A_LD>(As, a + k0, a_member_stride, members, lda,
+                                               rows_valid, kred - k0);
+        else
+            load_tile_async<BM, BK, A_LD>(As, a + k0, lda, rows_valid, kred - k0, vec);
+        if (!B_TRANS)
+            load_tile_async<BN, BK, BNT_LD>(Bs, b + k0, ldb, cols_valid, kred - k0, vec);
+        else
+            load_tile_async<BK, BN, BT_LD>(Bs, b + (size_t)k0 * ldb, ldb, kred - k0, cols_valid,
+                                           vec);
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < ktiles) load(s, s);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < ktiles; ++kt) {
+        cp_async_wait<STAGES - 2>();  // tile kt has landed (this thread's copies) ...
+        __syncthreads();              // ... for every thread; and stage kt-1 is free again
+        const int next = kt + STAGES - 1;
+        if (next < ktiles) load(next % STAGES, next);
+        cp_async_commit();  // possibly empty: keeps the group count in step
+        const bf16* As = smem + (kt % STAGES) * STAGE;
+        mma_slab<B_TRANS>(acc, As, As + A_STAGE);
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // shared memory is free for the low-rank segment
+}
+
+// The low-rank K-segment: acc += (a_scale·P)·Qᵀ over the rank, both operands f32 in memory and
+// rounded to bf16 in shared memory. P rows start at `p` ([rows, r], row stride r); Q starts at
+// the tile's first output column: q[n·ldq + j] when !B_TRANS, q[j·ldq + n] when B_TRANS.
+template <bool B_TRANS>
+__device__ void lowrank_segment(Acc acc, bf16* smem, const float* p, int rows_valid,
+                                float p_scale, const float* q, int ldq, int cols_valid, int r) {
+    bf16* As = smem;
+    bf16* Bs = smem + A_STAGE;
+    for (int j0 = 0; j0 < r; j0 += BK) {
+        load_tile_f32<BM, BK, A_LD>(As, p + j0, r, rows_valid, r - j0, p_scale);
+        if (!B_TRANS)
+            load_tile_f32<BN, BK, BNT_LD>(Bs, q + j0, ldq, cols_valid, r - j0, 1.0f);
+        else
+            load_tile_f32<BK, BN, BT_LD>(Bs, q + (size_t)j0 * ldq, ldq, r - j0, cols_valid, 1.0f);
+        __syncthreads();
+        mma_slab<B_TRANS>(acc, As, Bs);
+        __syncthreads();
+    }
+}
+
+// y[r·ldy + c] = bf16(acc + bias[c]) for the valid part of the tile. `pairs`: ldy even and y
+// 4-byte aligned, so two neighbouring columns go out as one bf16x2 store.
+__device__ __forceinline__ void store_tile(bf16* y, int ldy, int rows_valid, int cols_valid,
+                                           const Acc acc, const bf16* bias, bool pairs) {
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    const int wm = (warp / 4) * 64, wn = (warp % 4) * 32;
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int r = wm + mt * 16 + lane / 4 + h * 8;
+                const int c = wn + nt * 8 + (lane % 4) * 2;
+                if (r >= rows_valid || c >= cols_valid) continue;
+                float v0 = acc[mt][nt][2 * h], v1 = acc[mt][nt][2 * h + 1];
+                const bool two = c + 1 < cols_valid;
+                if (bias) {
+                    v0 += to_f32(bias[c]);
+                    if (two) v1 += to_f32(bias[c + 1]);
+                }
+                bf16* dst = y + (size_t)r * ldy + c;
+                if (two && pairs) {
+                    *reinterpret_cast<bf162*>(dst) = __floats2bfloat162_rn(v0, v1);
+                } else {
+                    dst[0] = to_bf16(v0);
+                    if (two) dst[1] = to_bf16(v1);
+                }
+            }
+}
+
+__device__ __forceinline__ void zero(Acc acc) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.0f;
+}
+
+__device__ __forceinline__ void copy(Acc dst, const Acc src) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) dst[i][j][k] = src[i][j][k];
+}
+}  // namespace gemm
+
+// Forward. grid (ceil(N/128), M·ceil(rows/128)), block 256, dynamic smem gemm::SMEM_BYTES.
+// blockIdx.y = member·tiles + row tile. X is per member ([M, rows, K]).
+extern "C" __global__ void __launch_bounds__(256)
+    lora_fwd_gemm(const bf16* X, const bf16* W, const bf16* bias, const float* U, const float* B,
+                  bf16* Y, int rows, int N, int K, int r, float s, int vec) {
+    using namespace gemm;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* smem = reinterpret_cast<bf16*>(smem_raw);
+    const int tiles = (rows + BM - 1) / BM;
+    const int m = blockIdx.y / tiles, row0 = (blockIdx.y % tiles) * BM, n0 = blockIdx.x * BN;
+    const int rows_valid = min(BM, rows - row0);
+    const size_t row_base = (size_t)m * rows + row0;
+    Acc acc;
+    zero(acc);
+    main_loop<false, false>(acc, smem, X + row_base * K, K, 0, 1, rows_valid, W + (size_t)n0 * K,
+                            K, N - n0, K, vec);
+    lowrank_segment<false>(acc, smem, U + row_base * r, rows_valid, s,
+                           B + ((size_t)m * N + n0) * r, r, N - n0, r);
+    store_tile(Y + row_base * N + n0, N, rows_valid, N - n0, acc, bias ? bias + n0 : nullptr, vec);
+}
+
+// Forward with one shared input X [1, rows, K]: the X·Wᵀ tile is computed once and kept in
+// registers, then each member adds its own low-rank segment and stores its Y[m].
+// grid (ceil(N/128), ceil(rows/128)), block 256, dynamic smem gemm::SMEM_BYTES.
+extern "C" __global__ void __launch_bounds__(256)
+    lora_fwd_gemm_prefix(const bf16* X, const bf16* W, const bf16* bias, const float* U,
+                         const float* B, bf16* Y, int members, int rows, int N, int K, int r,
+                         float s, int vec) {
+    using namespace gemm;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* smem = reinterpret_cast<bf16*>(smem_raw);
+    const int row0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    const int rows_valid = min(BM, rows - row0);
+    Acc base, acc;
+    zero(base);
+    main_loop<false, false>(base, smem, X + (size_t)row0 * K, K, 0, 1, rows_valid,
+                            W + (size_t)n0 * K, K, N - n0, K, vec);
+    for (int m = 0; m < members; ++m) {
+        const size_t row_base = (size_t)m * rows + row0;
+        copy(acc, base);
+        lowrank_segment<false>(acc, smem, U + row_base * r, rows_valid, s,
+                               B + ((size_t)m * N + n0) * r, r, N - n0, r);
+        store_tile(Y + row_base * N + n0, N, rows_valid, N - n0, acc, bias ? bias + n0 : nullptr,
+                   vec);
+    }
+}
+
+// Backward dX[m] = dY[m]·W + V[m]·A_m. grid (ceil(K/128), M·ceil(rows/128)), block 256.
+extern "C" __global__ void __launch_bounds__(256)
+    lora_bwd_dx_gemm(const bf16* dY, const bf16* W, const float* V, const float* A, bf16* dX,
+                     int rows, int N, int K, int r, int vec) {
+    using namespace gemm;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* smem = reinterpret_cast<bf16*>(smem_raw);
+    const int tiles = (rows + BM - 1) / BM;
+    const int m = blockIdx.y / tiles, row0 = (blockIdx.y % tiles) * BM, n0 = blockIdx.x * BN;
+    const int rows_valid = min(BM, rows - row0);
+    const size_t row_base = (size_t)m * rows + row0;
+    Acc acc;
+    zero(acc);
+    main_loop<true, false>(acc, smem, dY + row_base * N, N, 0, 1, rows_valid, W + n0, K, K - n0,
+                           N, vec);
+    lowrank_segment<true>(acc, smem, V + row_base * r, rows_valid, 1.0f,
+                          A + (size_t)m * r * K + n0, K, K - n0, r);
+    store_tile(dX + row_base * K + n0, K, rows_valid, K - n0, acc, nullptr, vec);
+}
+
+// Backward with a shared input: dX = (Σ_m dY[m])·W + Σ_m V[m]·A_m. The member sum of dY happens
+// while loading the A tiles, so the big product runs once. grid (ceil(K/128), ceil(rows/128)).
+extern "C" __global__ void __launch_bounds__(256)
+    lora_bwd_dx_gemm_prefix(const bf16* dY, const bf16* W, const float* V, const float* A,
+                            bf16* dX, int members, int rows, int N, int K, int r, int vec) {
+    using namespace gemm;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* smem = reinterpret_cast<bf16*>(smem_raw);
+    const int row0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    const int rows_valid = min(BM, rows - row0);
+    Acc acc;
+    zero(acc);
+    main_loop<true, true>(acc, smem, dY + (size_t)row0 * N, N, (size_t)rows * N, members,
+                          rows_valid, W + n0, K, K - n0, N, vec);
+    for (int m = 0; m < members; ++m)
+        lowrank_segment<true>(acc, smem, V + ((size_t)m * rows + row0) * r, rows_valid, 1.0f,
+                              A + (size_t)m * r * K + n0, K, K - n0, r);
+    store_tile(dX + (size_t)row0 * K + n0, K, rows_valid, K - n0, acc, nullptr, vec);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Adapter gradients, a reduction over rows per member:
+//   out[m] = scale · Σ_row Bc[m][row][j] · St[g][row][c]     j < J (f32), c < C (bf16)
+// written out[m][j][c] (OUT_JC: dA = Vᵀ·X) or out[m][c][j] (dB = s·dYᵀ·U).
+// Block: 8 warps share a 16 (j) × 64 (c) output tile; lane l owns columns c0+2l, c0+2l+1; warp w
+// takes rows w, w+8, ... Per-warp sums go through shared memory and are added in warp order, so
+// the result is deterministic (no atomics). Rows are summed in chunks of 32 before joining the
+// running total, which keeps the f32 rounding error near that of a blocked sum.
+// grid (ceil(C/64), ceil(J/16), M), block 256.
+// ---------------------------------------------------------------------------------------------
+namespace outer {
+constexpr int TJ = 16, TC = 64, WARPS = 8, CHUNK = 32;
+
+template <bool OUT_JC>
+__device__ void grad(const float* __restrict__ Bc, int bc_groups, const bf16* __restrict__ St,
+                     int st_groups, float* __restrict__ out, int rows, int J, int C, float scale,
+                     bool pairs) {
+    __shared__ float red[WARPS][TJ][TC];
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    const int m = blockIdx.z, j0 = blockIdx.y * TJ, c0 = blockIdx.x * TC;
+    const float* bc = Bc + (size_t)group_index(m, bc_groups) * rows * J;
+    const bf16* st = St + (size_t)group_index(m, st_groups) * rows * C;
+    const int c = c0 + 2 * lane;
+    const int jn = min(TJ, J - j0);
+    float acc[TJ][2], part[TJ][2];
+#pragma unroll
+    for (int j = 0; j < TJ; ++j) acc[j][0] = acc[j][1] = 0.0f;
+
+    for (int start = warp; start < rows; start += WARPS * CHUNK) {
+#pragma unroll
+        for (int j = 0; j < TJ; ++j) part[j][0] = part[j][1] = 0.0f;
+        const int end = min(rows, start + WARPS * CHUNK);
+        for (int row = start; row < end; row += WARPS) {
+            const bf16* s = st + (size_t)row * C + c;
+            float x0 = 0.0f, x1 = 0.0f;
+            if (pairs && c + 1 < C) {
+                const float2 x = __bfloat1622float2(*reinterpret_cast<const bf162*>(s));
+                x0 = x.x;
+                x1 = x.y;
+            } else {
+                if (c < C) x0 = to_f32(s[0]);
+                if (c + 1 < C) x1 = to_f32(s[1]);
+            }
+            const float* b = bc + (size_t)row * J + j0;
+#pragma unroll
+            for (int j = 0; j < TJ; ++j) {
+                const float bv = j < jn ? b[j] : 0.0f;
+                part[j][0] = fmaf(bv, x0, part[j][0]);
+                part[j][1] = fmaf(bv, x1, part[j][1]);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < TJ; ++j) {
+            acc[j][0] += part[j][0];
+            acc[j][1] += part[j][1];
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < TJ; ++j) {
+        red[warp][j][2 * lane] = acc[j][0];
+        red[warp][j][2 * lane + 1] = acc[j][1];
+    }
+    __syncthreads();
+    float* o = out + (size_t)m * J * C;
+    for (int i = threadIdx.x; i < TJ * TC; i += blockDim.x) {
+        const int j = i / TC, cc = i % TC;
+        float v = 0.0f;
+        for (int w = 0; w < WARPS; ++w) v += red[w][j][cc];
+        const int jj = j0 + j, col = c0 + cc;
+        if (jj < J && col < C) {
+            if (OUT_JC)
+                o[(size_t)jj * C + col] = scale * v;
+            else
+                o[(size_t)col * J + jj] = scale * v;
+        }
+    }
+}
+}  // namespace outer
+
+// dA[m] = V[m]ᵀ·X[g(m)]: [r, K]. grid (ceil(K/64), ceil(r/16), M), block 256.
+extern "C" __global__ void __launch_bounds__(256)
+    lora_grad_a(const float* V, const bf16* X, int x_groups, float* dA, int rows, int K, int r,
+                int pairs) {
+    outer::grad<true>(V, gridDim.z, X, x_groups, dA, rows, r, K, 1.0f, pairs);
+}
+
+// dB[m] = s·dY[m]ᵀ·U[m]: [N, r]. grid (ceil(N/64), ceil(r/16), M), block 256.
+extern "C" __global__ void __launch_bounds__(256)
+    lora_grad_b(const bf16* dY, const float* U, float* dB, int rows, int N, int r, float s,
+                int pairs) {
+    outer::grad<false>(U, gridDim.z, dY, gridDim.z, dB, rows, r, N, s, pairs);
+}

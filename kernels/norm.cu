@@ -1,0 +1,130 @@
+// LayerNorm over the last axis, with group broadcasting (CPU twin: loren-tensor ops/norm.rs).
+//
+//   x [gx, rows, D] bf16    gamma, beta [gw, D] f32    y, dy [G, rows, D] bf16
+//   mean, rstd [gx, rows] f32 (statistics of x, shared by every output group that reads it)
+//   dx [gx, rows, D] bf16   dgamma, dbeta [gw, D] f32
+//
+// One warp per x row. The statistics are two f32 passes (mean, then the centred sum of squares,
+// the second reading the row again from cache), which is as accurate as the CPU's f64 at f32.
+#include "common.cuh"
+
+namespace ln {
+constexpr int THREADS = 256, WARPS = THREADS / WARP;
+// The largest group count the backward accepts (per-warp scratch for the per-group constants).
+constexpr int MAX_GROUPS = 64;
+}  // namespace ln
+
+// grid ceil(gx·rows / 8), block 256.
+extern "C" __global__ void __launch_bounds__(256)
+    layernorm_fwd(const bf16* X, const float* gamma, const float* beta, bf16* Y, float* mean,
+                  float* rstd, int gx, int gw, int G, int rows, int D, float eps) {
+    const int lane = threadIdx.x % WARP;
+    const int src = blockIdx.x * ln::WARPS + threadIdx.x / WARP;  // x row in [0, gx·rows)
+    if (src >= gx * rows) return;
+    const bf16* x = X + (size_t)src * D;
+    float s = 0.0f;
+    for (int c = lane; c < D; c += WARP) s += to_f32(x[c]);
+    const float mu = warp_sum(s) / D;
+    float v = 0.0f;
+    for (int c = lane; c < D; c += WARP) {
+        const float d = to_f32(x[c]) - mu;
+        v = fmaf(d, d, v);
+    }
+    const float r = 1.0f / sqrtf(warp_sum(v) / D + eps);
+    if (lane == 0) {
+        mean[src] = mu;
+        rstd[src] = r;
+    }
+    // Output groups that read this row: its own, or all G when x is shared.
+    const int sg = src / rows, row = src % rows;
+    const int g_begin = gx == G ? sg : 0, g_end = gx == G ? sg + 1 : G;
+    for (int g = g_begin; g < g_end; ++g) {
+        const float* gm = gamma + (size_t)group_index(g, gw) * D;
+        const float* bt = beta + (size_t)group_index(g, gw) * D;
+        bf16* y = Y + ((size_t)g * rows + row) * D;
+        for (int c = lane; c < D; c += WARP) y[c] = to_bf16((to_f32(x[c]) - mu) * r * gm[c] + bt[c]);
+    }
+}
+
+// dx = Σ_g rstd·(dŷ_g − mean(dŷ_g) − x̂·mean(dŷ_g·x̂)),  dŷ_g = dy[g]·gamma[g], over the output
+// groups g that read the x row (one, or all G when x is shared: the sum stays in the kernel).
+// grid ceil(gx·rows / 8), block 256. G <= 64 when gx == 1.
+extern "C" __global__ void __launch_bounds__(256)
+    layernorm_bwd_dx(const bf16* dY, const bf16* X, const float* gamma, const float* mean,
+                     const float* rstd, bf16* dX, int gx, int gw, int G, int rows, int D) {
+    __shared__ float consts[ln::WARPS][ln::MAX_GROUPS][2];
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    const int src = blockIdx.x * ln::WARPS + warp;
+    if (src >= gx * rows) return;
+    const bf16* x = X + (size_t)src * D;
+    const float mu = mean[src], r = rstd[src];
+    const int sg = src / rows, row = src % rows;
+    const int g_begin = gx == G ? sg : 0, g_end = gx == G ? sg + 1 : G;
+    // Pass 1: the two row means per output group.
+    for (int g = g_begin; g < g_end; ++g) {
+        const float* gm = gamma + (size_t)group_index(g, gw) * D;
+        const bf16* dy = dY + ((size_t)g * rows + row) * D;
+        float s1 = 0.0f, s2 = 0.0f;
+        for (int c = lane; c < D; c += WARP) {
+            const float dxh = to_f32(dy[c]) * gm[c];
+            s1 += dxh;
+            s2 = fmaf(dxh, (to_f32(x[c]) - mu) * r, s2);
+        }
+        s1 = warp_sum(s1);
+        s2 = warp_sum(s2);
+        if (lane == 0) {
+            consts[warp][g - g_begin][0] = s1 / D;
+            consts[warp][g - g_begin][1] = s2 / D;
+        }
+    }
+    __syncwarp();
+    // Pass 2: the gradient, summed over groups in order.
+    for (int c = lane; c < D; c += WARP) {
+        const float xh = (to_f32(x[c]) - mu) * r;
+        float acc = 0.0f;
+        for (int g = g_begin; g < g_end; ++g) {
+            const float dxh = to_f32(dY[((size_t)g * rows + row) * D + c]) *
+                              gamma[(size_t)group_index(g, gw) * D + c];
+            acc += r * (dxh - consts[warp][g - g_begin][0] - xh * consts[warp][g - g_begin][1]);
+        }
+        dX[(size_t)src * D + c] = to_bf16(acc);
+    }
+}
+
+// First stage of dgamma = Σ dy·x̂ and dbeta = Σ dy over the rows that use each affine row w (its
+// own group's rows, or every group's when gamma is shared). Block (column strip of 32, row chunk,
+// w): lane = column, warp = rows; warp partials are added in warp order.
+//   part[which][w][chunk][c], which 0 = dgamma, 1 = dbeta; part is [2, gw, chunks, D].
+// The second stage (elementwise.cu reduce_partials) adds the chunks in order: deterministic.
+// grid (ceil(D/32), chunks = ceil(rows/chunk_rows), gw), block 256.
+extern "C" __global__ void __launch_bounds__(256)
+    layernorm_bwd_params_partial(const bf16* dY, const bf16* X, const float* mean,
+                                 const float* rstd, float* part, int gx, int gw, int G, int rows,
+                                 int D, int chunk_rows) {
+    __shared__ float red[2][ln::WARPS][WARP];
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    const int c = blockIdx.x * WARP + lane, chunk = blockIdx.y, w = blockIdx.z;
+    const int chunks = gridDim.y;
+    const int row_begin = chunk * chunk_rows, row_end = min(rows, row_begin + chunk_rows);
+    const int g_begin = gw == G ? w : 0, g_end = gw == G ? w + 1 : G;
+    float dg = 0.0f, db = 0.0f;
+    if (c < D) {
+        for (int g = g_begin; g < g_end; ++g) {
+            const int sg = group_index(g, gx);
+            for (int row = row_begin + warp; row < row_end; row += ln::WARPS) {
+                const size_t s = (size_t)sg * rows + row;
+                const float dy = to_f32(dY[((size_t)g * rows + row) * D + c]);
+                dg = fmaf(dy, (to_f32(X[s * D + c]) - mean[s]) * rstd[s], dg);
+                db += dy;
+            }
+        }
+    }
+    red[0][warp][lane] = dg;
+    red[1][warp][lane] = db;
+    __syncthreads();
+    if (warp < 2 && c < D) {
+        float t = 0.0f;
+        for (int i = 0; i < ln::WARPS; ++i) t += red[warp][i][lane];
+        part[(((size_t)warp * gw + w) * chunks + chunk) * D + c] = t;
+    }
+}

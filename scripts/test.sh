@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite, as README.md gives it and CI runs it.
+#
+# The kernel compile check needs NVIDIA's NVRTC and CUDA headers, which come as pip wheels
+# pinned to the 13.0 line: scripts/cuda-wheels.sh installs them into .cache/cuda-wheels the
+# first time. Every kernel is then compiled for sm_80 and sm_90; a kernel that does not
+# compile fails the run. Tests that need a GPU say plainly when they are skipped.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+scripts/cuda-wheels.sh
+# shellcheck source=/dev/null
+. .cache/cuda-wheels/env.sh
+
+cargo test --workspace "$@"
