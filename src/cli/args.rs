@@ -1,0 +1,243 @@
+//! The argument groups commands share, and how they become configs.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use clap::Args;
+use loren::dataset::DataSource;
+use loren::progress::Verbosity;
+use loren::run::{RunResult, RunSpec};
+use loren_autograd::optim::OptimizerKind;
+use loren_nn::checkpoint::write_atomic;
+use loren_nn::config::{EnsembleConfig, LoraConfig, Method, Targets, VitConfig};
+use loren_nn::data::{Augment, Splits};
+use loren_nn::eval::EvalOptions;
+use loren_nn::reliability::reliability_svg;
+use loren_nn::train::TrainConfig;
+use loren_tensor::DeviceSpec;
+
+#[derive(Args, Clone)]
+pub struct Common {
+    /// Where to run: auto (a GPU when one can be used, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Seeds the members' start, the data order and augmentation. The data split is fixed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print only the report: no progress bars or epoch lines.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+impl Common {
+    pub fn device(&self) -> Result<DeviceSpec> {
+        Ok(self.device.parse::<DeviceSpec>()?)
+    }
+
+    pub fn verbosity(&self) -> Verbosity {
+        if self.quiet {
+            Verbosity::Quiet
+        } else {
+            Verbosity::Normal
+        }
+    }
+}
+
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// The ViT: tiny (the bundled digits: 8x8 images, 17 tokens, width 64, depth 4), vit-b-32 or vit-b-16.
+    #[arg(long, default_value = "tiny")]
+    pub config: String,
+    /// Pretrained backbone (safetensors). Default: the repository's assets/backbone-<config>.safetensors,
+    /// pretrained first when missing.
+    #[arg(long)]
+    pub backbone: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+pub struct EnsembleArgs {
+    /// lora (LoRA-Ensemble), explicit (M fully fine-tuned copies), single, or single-lora.
+    #[arg(long, default_value = "lora")]
+    pub method: String,
+    /// Ensemble members (single and single-lora always have 1).
+    #[arg(long, short = 'm', default_value_t = 8)]
+    pub members: usize,
+    /// LoRA rank r of each adapter.
+    #[arg(long, short = 'r', default_value_t = 8)]
+    pub rank: usize,
+    /// LoRA scale s in y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ.
+    #[arg(long, default_value_t = 1.0)]
+    pub lora_scale: f32,
+    /// Which attention projections get adapters: any of q, k, v, o.
+    #[arg(long, default_value = "qkvo")]
+    pub lora_targets: String,
+    /// Gain of the Xavier-uniform start of A; large gains start the members far apart.
+    #[arg(long, default_value_t = 10.0)]
+    pub lora_gain: f32,
+}
+
+#[derive(Args, Clone)]
+pub struct OptimArgs {
+    #[arg(long, default_value_t = 20)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Peak learning rate (default: 1e-3 for LoRA methods, 3e-4 for full fine-tuning).
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// Learning rate at the end of the cosine decay.
+    #[arg(long, default_value_t = 1e-5)]
+    pub min_lr: f32,
+    /// Linear warmup steps before the cosine decay.
+    #[arg(long, default_value_t = 50)]
+    pub warmup: u64,
+    /// AdamW's decoupled weight decay (or SGD's L2 penalty), on weight matrices only.
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f32,
+    /// adamw or sgd (with --momentum).
+    #[arg(long, default_value = "adamw")]
+    pub optimizer: String,
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f32,
+    /// Clip the global gradient norm to this; 0 turns clipping off.
+    #[arg(long, default_value_t = 1.0)]
+    pub grad_clip: f64,
+    /// Training augmentation: none; digits (rotation ±10°, translation ±1 px); or paper (the
+    /// LoRA-Ensemble paper's CIFAR setup: horizontal and vertical flips, rotation ±15°).
+    #[arg(long, default_value = "none")]
+    pub augment: String,
+}
+
+#[derive(Args, Clone)]
+pub struct DataArgs {
+    /// The dataset: digits (the bundled 8x8 digits) or digits:PATH (the same gzipped CSV format).
+    /// Default: digits; for eval, the data the checkpoint was trained on.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Classes to hold out of fine-tuning and test, and score as out-of-distribution (e.g. 8,9).
+    #[arg(long, value_delimiter = ',')]
+    pub holdout_classes: Vec<u32>,
+    /// Skip the shifted test sets.
+    #[arg(long)]
+    pub no_shift: bool,
+    /// Skip out-of-distribution detection.
+    #[arg(long)]
+    pub no_ood: bool,
+    /// Batch size for evaluation.
+    #[arg(long, default_value_t = 256)]
+    pub eval_batch_size: usize,
+}
+
+pub fn splits(data: &DataArgs) -> Result<Splits> {
+    let source: DataSource = data.data.as_deref().unwrap_or("digits").parse()?;
+    source.splits(&data.holdout_classes)
+}
+
+/// What `eval` needs to rebuild the same data: the source and the held-out classes.
+pub fn data_metadata(data: &DataArgs) -> HashMap<String, String> {
+    let holdout: Vec<String> = data.holdout_classes.iter().map(u32::to_string).collect();
+    HashMap::from([
+        (
+            "data".to_string(),
+            data.data.clone().unwrap_or_else(|| "digits".into()),
+        ),
+        ("holdout_classes".to_string(), holdout.join(",")),
+    ])
+}
+
+pub fn eval_options(data: &DataArgs) -> EvalOptions {
+    EvalOptions {
+        batch_size: data.eval_batch_size,
+        shift: !data.no_shift,
+        ood: !data.no_ood,
+    }
+}
+
+pub fn ensemble_config(e: &EnsembleArgs, method: Method, classes: usize) -> Result<EnsembleConfig> {
+    Ok(EnsembleConfig {
+        method,
+        members: if method.is_single() { 1 } else { e.members },
+        classes,
+        lora: LoraConfig {
+            rank: e.rank,
+            scale: e.lora_scale,
+            targets: e.lora_targets.parse::<Targets>()?,
+            init_gain: e.lora_gain,
+        },
+    })
+}
+
+pub fn train_config(o: &OptimArgs, method: Method, seed: u64) -> Result<TrainConfig> {
+    let optimizer = match o.optimizer.as_str() {
+        "adamw" => OptimizerKind::adamw(o.weight_decay),
+        "sgd" => OptimizerKind::Sgd {
+            momentum: o.momentum,
+            weight_decay: o.weight_decay,
+        },
+        other => anyhow::bail!("unknown optimizer '{other}': expected adamw or sgd"),
+    };
+    let default_lr = if method.uses_lora() { 1e-3 } else { 3e-4 };
+    Ok(TrainConfig {
+        epochs: o.epochs,
+        batch_size: o.batch_size,
+        lr: o.lr.unwrap_or(default_lr),
+        min_lr: o.min_lr,
+        warmup_steps: o.warmup,
+        optimizer,
+        grad_clip: (o.grad_clip > 0.0).then_some(o.grad_clip),
+        augment: match o.augment.as_str() {
+            "none" => Augment::none(),
+            "digits" => Augment::digits(),
+            "paper" => Augment::paper(),
+            other => {
+                anyhow::bail!("unknown augmentation '{other}': expected none, digits or paper")
+            }
+        },
+        seed,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn run_spec(
+    common: &Common,
+    model: &ModelArgs,
+    ens: &EnsembleArgs,
+    optim: &OptimArgs,
+    data: &DataArgs,
+    method: Method,
+    classes: usize,
+    checkpoint: Option<PathBuf>,
+) -> Result<RunSpec> {
+    let vit = VitConfig::by_name(&model.config)?;
+    let ensemble = ensemble_config(ens, method, classes)?;
+    let train = train_config(optim, method, common.seed)?;
+    // Settle every setting before anything slow (loading, pretraining) starts.
+    ensemble.validate(&vit)?;
+    train.validate()?;
+    Ok(RunSpec {
+        vit,
+        ensemble,
+        train,
+        model_seed: common.seed,
+        device: common.device()?,
+        checkpoint,
+        resume: None,
+        eval: eval_options(data),
+        verbosity: common.verbosity(),
+        metadata: data_metadata(data),
+    })
+}
+
+/// Write the report as JSON and its reliability diagram beside it.
+pub fn write_outputs(out: &Path, result: &RunResult) -> Result<Vec<PathBuf>> {
+    let json = out.join("report.json");
+    write_atomic(&json, serde_json::to_string_pretty(result)?.as_bytes())?;
+    let svg = out.join("reliability.svg");
+    let title = format!("{} (M={}) on digits test", result.method, result.members);
+    write_atomic(
+        &svg,
+        reliability_svg(&result.report.test, &title).as_bytes(),
+    )?;
+    Ok(vec![json, svg])
+}

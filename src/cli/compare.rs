@@ -1,0 +1,80 @@
+//! `loren compare`: the methods side by side on the same backbone, data, seed and budget.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use loren::backbone;
+use loren::report::comparison_table;
+use loren::run::run;
+use loren_nn::checkpoint::write_atomic;
+use loren_nn::config::{Method, VitConfig};
+
+use super::args::{
+    Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, run_spec, splits, write_outputs,
+};
+
+#[derive(Args, Clone)]
+pub struct CompareArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub ensemble: EnsembleArgs,
+    #[command(flatten)]
+    pub optim: OptimArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Methods to compare, in order.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "single,single-lora,explicit,lora"
+    )]
+    pub methods: Vec<String>,
+    /// Output folder.
+    #[arg(long, default_value = "runs/compare")]
+    pub out: PathBuf,
+}
+
+pub fn compare(a: &CompareArgs) -> Result<()> {
+    let methods = a
+        .methods
+        .iter()
+        .map(|m| m.parse::<Method>().map_err(anyhow::Error::from))
+        .collect::<Result<Vec<_>>>()?;
+    let data = splits(&a.data)?;
+    let vit = VitConfig::by_name(&a.model.config)?;
+    let backbone = backbone::resolve(
+        a.model.backbone.as_deref(),
+        &vit,
+        &data,
+        a.common.verbosity(),
+    )?;
+    let mut results = Vec::new();
+    for method in methods {
+        let spec = run_spec(
+            &a.common,
+            &a.model,
+            &a.ensemble,
+            &a.optim,
+            &a.data,
+            method,
+            data.train.classes,
+            None,
+        )?;
+        let r = run(&spec, &data, &backbone).with_context(|| format!("method {method}"))?;
+        write_outputs(&a.out.join(method.name()), &r)?;
+        results.push(r);
+    }
+    print!("{}", comparison_table(&results));
+    let json = a.out.join("compare.json");
+    write_atomic(&json, serde_json::to_string_pretty(&results)?.as_bytes())?;
+    println!(
+        "wrote {} and a report.json and reliability.svg per method under {}",
+        json.display(),
+        a.out.display()
+    );
+    Ok(())
+}

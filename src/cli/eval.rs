@@ -1,0 +1,91 @@
+//! `loren eval`: a training checkpoint scored again.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use loren::progress::eval_bar;
+use loren::report::{calibration_report, method_title};
+use loren_nn::checkpoint::{TensorFile, write_atomic};
+use loren_nn::eval::{eval_images, evaluate};
+use loren_nn::reliability::reliability_svg;
+use loren_nn::train::load_trained;
+
+use super::args::{Common, DataArgs, eval_options, splits};
+
+#[derive(Args, Clone)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// A checkpoint written by `loren train`.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// The backbone the checkpoint was trained from (default: the path recorded in it).
+    #[arg(long)]
+    pub backbone: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Output folder for eval.json and eval-reliability.svg (default: the checkpoint's folder).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+pub fn eval(a: &EvalArgs) -> Result<()> {
+    let file = TensorFile::read(&a.checkpoint)?;
+    // The data it was trained on, unless the command line says otherwise.
+    let meta = file.metadata();
+    let mut data_args = a.data.clone();
+    data_args.data = data_args.data.or_else(|| meta.get("data").cloned());
+    let recorded = meta.get("holdout_classes").filter(|h| !h.is_empty());
+    if let (true, Some(h)) = (data_args.holdout_classes.is_empty(), recorded) {
+        data_args.holdout_classes = h
+            .split(',')
+            .map(|c| {
+                c.parse::<u32>()
+                    .with_context(|| format!("checkpoint metadata holdout_classes '{h}'"))
+            })
+            .collect::<Result<_>>()?;
+    }
+    let data = splits(&data_args)?;
+    let backbone = match (&a.backbone, file.metadata().get("backbone")) {
+        (Some(p), _) => Some(TensorFile::read(p)?),
+        (None, Some(p)) => Some(TensorFile::read(Path::new(p)).context(
+            "the backbone the checkpoint was trained from (pass --backbone to name another)",
+        )?),
+        (None, None) => None,
+    };
+    let device = a.common.device()?.open()?;
+    let model = load_trained(&file, backbone.as_ref(), &device)?;
+    let opts = eval_options(&data_args);
+    let held_out = data.held_out.as_ref();
+    let bar = eval_bar(
+        "eval",
+        eval_images(&data.test, held_out, &opts),
+        a.common.verbosity(),
+    );
+    let report = evaluate(&model, &data.test, held_out, &opts, &mut |n| {
+        bar.inc(n as u64)
+    })?;
+    bar.finish_and_clear();
+    let ens = &model.ensemble;
+    let title = method_title(
+        ens.method,
+        ens.members,
+        ens.method.uses_lora().then_some(ens.lora.rank),
+    );
+    print!("{}", calibration_report(&title, &report));
+    let out = match &a.out {
+        Some(o) => o.clone(),
+        None => a
+            .checkpoint
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default(),
+    };
+    let json = out.join("eval.json");
+    write_atomic(&json, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    let svg = out.join("eval-reliability.svg");
+    write_atomic(&svg, reliability_svg(&report.test, &title).as_bytes())?;
+    println!("wrote {}, {}", json.display(), svg.display());
+    Ok(())
+}

@@ -1,0 +1,84 @@
+//! `loren train` (and `loren` with no command).
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Parser};
+use loren::backbone;
+use loren::report::{calibration_report, method_title, training_line};
+use loren::run::run;
+use loren_nn::config::Method;
+
+use super::args::{
+    Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, run_spec, splits, write_outputs,
+};
+
+#[derive(Args, Clone)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub ensemble: EnsembleArgs,
+    #[command(flatten)]
+    pub optim: OptimArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Output folder.
+    #[arg(long, default_value = "runs/train")]
+    pub out: PathBuf,
+    /// Continue from a checkpoint written by an earlier `train` with the same settings.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+}
+
+/// Lets a flattened argument group parse on its own, for the no-command default.
+impl TrainArgs {
+    pub fn parse_from<const N: usize>(args: [&str; N]) -> TrainArgs {
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            args: TrainArgs,
+        }
+        Only::parse_from(args).args
+    }
+}
+
+pub fn train(a: &TrainArgs) -> Result<()> {
+    let method: Method = a.ensemble.method.parse()?;
+    let data = splits(&a.data)?;
+    let ckpt = a.out.join("checkpoint.safetensors");
+    let mut spec = run_spec(
+        &a.common,
+        &a.model,
+        &a.ensemble,
+        &a.optim,
+        &a.data,
+        method,
+        data.train.classes,
+        Some(ckpt.clone()),
+    )?;
+    spec.resume = a.resume.clone();
+    let backbone = backbone::resolve(
+        a.model.backbone.as_deref(),
+        &spec.vit,
+        &data,
+        spec.verbosity,
+    )?;
+    let result = run(&spec, &data, &backbone)?;
+    let title = method_title(result.method, result.members, result.rank);
+    print!(
+        "{}{}",
+        calibration_report(&title, &result.report),
+        training_line(&result)
+    );
+    let written = write_outputs(&a.out, &result)?;
+    println!(
+        "wrote {}, {}, {}",
+        written[0].display(),
+        written[1].display(),
+        ckpt.display()
+    );
+    Ok(())
+}
