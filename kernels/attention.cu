@@ -378,6 +378,7 @@ __device__ void backward_dkv(const bf16* dO, const bf16* Q, const bf16* K, const
                                scale);                                                            \
     }
 
+ATTENTION_ENTRIES(16)
 ATTENTION_ENTRIES(32)
 ATTENTION_ENTRIES(64)
 ATTENTION_ENTRIES(128)

@@ -156,3 +156,22 @@ extern "C" __global__ void __launch_bounds__(256) fill_f32(float* dst, u64 n, fl
 extern "C" __global__ void __launch_bounds__(256) fill_bf16(bf16* dst, u64 n, float value) {
     GRID_STRIDE(i, n) dst[i] = to_bf16(value);
 }
+
+// y[g][row][c] += bias[gb(g)][c]: the bias of a cuBLAS product, added in place (the hand-written
+// kernels fuse their biases; cuBLAS output needs this one pass). bias is f32.
+template <typename T>
+__device__ void add_bias_rows(T* y, const float* bias, u64 rows, int n, int G, int gb) {
+    GRID_STRIDE(i, rows * n * G) {
+        const int g = (int)(i / (rows * n));
+        const int c = (int)(i % n);
+        y[i] = from_f32<T>(to_f32(y[i]) + bias[group_index(g, gb) * n + c]);
+    }
+}
+extern "C" __global__ void __launch_bounds__(256)
+    add_bias_rows_bf16(bf16* y, const float* bias, u64 rows, int n, int G, int gb) {
+    add_bias_rows(y, bias, rows, n, G, gb);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    add_bias_rows_f32(float* y, const float* bias, u64 rows, int n, int G, int gb) {
+    add_bias_rows(y, bias, rows, n, G, gb);
+}

@@ -9,6 +9,7 @@ use loren_nn::checkpoint::{self, TensorFile};
 use loren_nn::config::{EnsembleConfig, LoraConfig, Method, VitConfig};
 use loren_nn::data::Splits;
 use loren_nn::eval::predict;
+use loren_nn::import::{Imported, Scheme, import_backbone};
 use loren_nn::metrics::calibration;
 use loren_nn::train::{CheckpointSpec, TrainConfig, TrainSummary, Trainer};
 use loren_nn::vit::Vit;
@@ -21,10 +22,14 @@ use crate::progress::{TrainBar, Verbosity};
 pub const FORMAT: &str = "loren-backbone-v1";
 
 /// Where the repository keeps the pretrained backbone of a config.
+/// `assets/` under the working directory when the binary runs from a checkout (a copied
+/// tree, a GPU machine), else the repository it was built from.
 pub fn default_path(vit: &VitConfig) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("assets")
-        .join(format!("backbone-{}.safetensors", vit.name))
+    let file = Path::new("assets").join(format!("backbone-{}.safetensors", vit.name));
+    if file.exists() {
+        return file;
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(file)
 }
 
 /// How `loren pretrain` trains a backbone: a single network, every weight trained from a random
@@ -74,6 +79,12 @@ pub fn pretrain(
     data: &Splits,
     verbosity: Verbosity,
 ) -> Result<PretrainResult> {
+    if data.pretrain.is_empty() {
+        bail!(
+            "{} has no pretraining split: loren pretrain trains on the bundled digits; for CIFAR or an image folder, import pretrained weights with --backbone",
+            data.train.name
+        );
+    }
     let device = spec.device.open()?;
     let ens = EnsembleConfig {
         method: Method::Single,
@@ -110,33 +121,72 @@ pub fn pretrain(
     })
 }
 
-/// The backbone a run starts from: `given` when set (it must exist), else the config's bundled
-/// one, which is pretrained first when it is missing and the config is `tiny`.
+/// The backbone a run starts from, in loren's names: `given` when set (it must exist), else
+/// the config's bundled one, which is pretrained first when it is missing and the config is
+/// `tiny`. Weights in timm, Hugging Face or torchvision naming are converted
+/// ([`loren_nn::import`]), and `vit.ln_eps` is set to the epsilon their library trains with.
 pub fn resolve(
     given: Option<&Path>,
-    vit: &VitConfig,
+    vit: &mut VitConfig,
     data: &Splits,
     verbosity: Verbosity,
 ) -> Result<TensorFile> {
-    if let Some(path) = given {
-        return Ok(TensorFile::read(path)?);
+    let path = match given {
+        Some(path) => path.to_path_buf(),
+        None => bundled_or_pretrained(vit, data, verbosity)?,
+    };
+    let imported = read_backbone(&path, vit)?;
+    if let Some(eps) = imported.ln_eps {
+        vit.ln_eps = eps;
     }
+    if verbosity == Verbosity::Normal && imported.scheme != Scheme::Loren {
+        let resampled = if imported.interpolated {
+            ", position embeddings resampled to the config's patch grid"
+        } else {
+            ""
+        };
+        eprintln!(
+            "backbone {}: {} weights{resampled}",
+            path.display(),
+            imported.scheme
+        );
+    }
+    Ok(imported.file)
+}
+
+/// Read a backbone file in any naming scheme and convert it for `vit`.
+pub fn read_backbone(path: &Path, vit: &VitConfig) -> Result<Imported> {
+    let file = TensorFile::read(path)?;
+    Ok(import_backbone(file, vit)
+        .with_context(|| format!("importing the backbone for config '{}'", vit.name))?)
+}
+
+/// The config's bundled backbone, pretrained first when it is `tiny`'s and missing.
+fn bundled_or_pretrained(vit: &VitConfig, data: &Splits, verbosity: Verbosity) -> Result<PathBuf> {
     let path = default_path(vit);
-    if !path.exists() {
-        if vit != &VitConfig::tiny() {
-            bail!(
-                "no pretrained backbone for '{}': pass --backbone FILE (the README shows how to import timm, Hugging Face or torchvision weights)",
-                vit.name
-            );
-        }
-        if verbosity == Verbosity::Normal {
-            eprintln!(
-                "no backbone at {}: pretraining one first (loren pretrain)",
-                path.display()
-            );
-        }
-        let spec = PretrainSpec::bundled(path.clone());
-        pretrain(&spec, data, verbosity).context("pretraining the backbone")?;
+    if path.exists() {
+        return Ok(path);
     }
-    Ok(TensorFile::read(&path)?)
+    if vit != &VitConfig::tiny() {
+        bail!(
+            "no pretrained backbone for '{}': pass --backbone FILE (the README shows how to import timm, Hugging Face or torchvision weights)",
+            vit.name
+        );
+    }
+    if data.pretrain.is_empty() {
+        bail!(
+            "no backbone at {} and {} has no pretraining split to make one: pass --backbone FILE, or run loren pretrain first",
+            path.display(),
+            data.train.name
+        );
+    }
+    if verbosity == Verbosity::Normal {
+        eprintln!(
+            "no backbone at {}: pretraining one first (loren pretrain)",
+            path.display()
+        );
+    }
+    let spec = PretrainSpec::bundled(path.clone());
+    pretrain(&spec, data, verbosity).context("pretraining the backbone")?;
+    Ok(path)
 }

@@ -4,12 +4,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
+use loren::backbone::read_backbone;
 use loren::progress::eval_bar;
 use loren::report::{calibration_report, method_title};
 use loren_nn::checkpoint::{TensorFile, write_atomic};
+use loren_nn::config::VitConfig;
 use loren_nn::eval::{eval_images, evaluate};
 use loren_nn::reliability::reliability_svg;
-use loren_nn::train::load_trained;
+use loren_nn::train::{check_format, load_trained};
 
 use super::args::{Common, DataArgs, eval_options, splits};
 
@@ -32,6 +34,7 @@ pub struct EvalArgs {
 
 pub fn eval(a: &EvalArgs) -> Result<()> {
     let file = TensorFile::read(&a.checkpoint)?;
+    check_format(&file)?;
     // The data it was trained on, unless the command line says otherwise.
     let meta = file.metadata();
     let mut data_args = a.data.clone();
@@ -46,12 +49,13 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             })
             .collect::<Result<_>>()?;
     }
-    let data = splits(&data_args)?;
+    let vit: VitConfig = file.meta_json("vit")?;
+    let data = splits(&data_args, &vit)?;
     let backbone = match (&a.backbone, file.metadata().get("backbone")) {
-        (Some(p), _) => Some(TensorFile::read(p)?),
-        (None, Some(p)) => Some(TensorFile::read(Path::new(p)).context(
+        (Some(p), _) => Some(read_backbone(p, &vit)?.file),
+        (None, Some(p)) => Some(read_backbone(Path::new(p), &vit).context(
             "the backbone the checkpoint was trained from (pass --backbone to name another)",
-        )?),
+        )?.file),
         (None, None) => None,
     };
     let device = a.common.device()?.open()?;

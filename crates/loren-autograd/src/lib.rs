@@ -15,5 +15,5 @@ pub mod schedule;
 pub mod tape;
 
 pub use loren_tensor::{Error, Result};
-pub use params::{Grads, ParamId, Params};
+pub use params::{Grads, ParamId, Params, TrainableMut};
 pub use tape::{Backward, GradSink, NodeId, Tape, Var};

@@ -2,7 +2,7 @@
 //! Every step is one fused pass over all parameters (`loren_tensor::ops::optim`).
 
 use loren_tensor::ops::elementwise::scale_;
-use loren_tensor::ops::optim::{AdamW, Sgd, Slot, adamw_step, sgd_step};
+use loren_tensor::ops::optim::{AdamW, FusedTable, GpuSlot, Sgd, Slot, adamw_step, sgd_step};
 use loren_tensor::{Error, MemTag, Result, Tensor};
 
 use crate::params::{Grads, ParamId, Params};
@@ -45,6 +45,8 @@ pub struct Optimizer {
     kind: OptimizerKind,
     state: Vec<(ParamId, State)>,
     step: u64,
+    /// The GPU's device table of every trainable tensor, built at the first step.
+    fused: Option<FusedTable>,
 }
 
 impl Optimizer {
@@ -57,20 +59,10 @@ impl Optimizer {
             .map(|id| {
                 let p = params.get(id);
                 let zeros = || Tensor::zeros(p.shape().clone(), MemTag::OptimizerState, p.device());
-                Ok((
-                    id,
-                    State {
-                        m: zeros()?,
-                        v: adam.then(zeros).transpose()?,
-                    },
-                ))
+                Ok((id, State { m: zeros()?, v: adam.then(zeros).transpose()? }))
             })
             .collect::<Result<_>>()?;
-        Ok(Optimizer {
-            kind,
-            state,
-            step: 0,
-        })
+        Ok(Optimizer { kind, state, step: 0, fused: None })
     }
 
     pub fn kind(&self) -> OptimizerKind {
@@ -82,58 +74,74 @@ impl Optimizer {
         self.step
     }
 
-    /// Update every trainable parameter from its gradient with learning rate `lr`.
-    pub fn step(&mut self, params: &mut Params, grads: &Grads, lr: f32) -> Result<()> {
+    /// Update every trainable parameter from its gradient with learning rate `lr`, after
+    /// clipping the global gradient norm to `max_norm` when given. On a GPU this is two launches
+    /// over all parameters (the norm, then the update), with nothing read back; on the CPU the
+    /// gradients are scaled in place first, as torch.nn.utils.clip_grad_norm_ does.
+    pub fn step(&mut self, params: &mut Params, grads: &mut Grads, lr: f32, max_norm: Option<f64>) -> Result<()> {
         self.step += 1;
+        let dev = params.device().clone();
+        if dev.is_cpu() {
+            if let Some(max) = max_norm {
+                clip_grad_norm(grads, max)?;
+            }
+            return self.step_cpu(params, grads, lr);
+        }
         let mut targets = params.trainable_mut()?;
         if targets.len() != self.state.len() {
-            return Err(Error::invalid(
-                "optimizer",
-                "the trainable parameters changed since the optimizer was made",
-            ));
+            return Err(changed());
+        }
+        let mut grad_refs: Vec<(ParamId, &mut Tensor)> = grads.iter_mut().collect();
+        let mut slots = Vec::with_capacity(self.state.len());
+        for ((t, (sid, st)), (gid, g)) in targets.iter_mut().zip(self.state.iter_mut()).zip(grad_refs.iter_mut()) {
+            if t.id != *sid || t.id != *gid {
+                return Err(changed());
+            }
+            slots.push(GpuSlot {
+                param: &mut *t.value,
+                grad: &mut **g,
+                m: &mut st.m,
+                v: st.v.as_mut(),
+                shadow: t.shadow.as_deref_mut(),
+                decay: t.decay,
+            });
+        }
+        let mut fused = FusedTable::refresh(self.fused.take(), &dev, &mut slots)?;
+        let result = match self.kind {
+            OptimizerKind::AdamW { beta1, beta2, eps, weight_decay } => {
+                fused.step_adamw(&dev, &AdamW { lr, beta1, beta2, eps, weight_decay, step: self.step }, max_norm)
+            }
+            OptimizerKind::Sgd { momentum, weight_decay } => fused.step_sgd(&dev, &Sgd { lr, momentum, weight_decay }, max_norm),
+        };
+        self.fused = Some(fused);
+        result
+    }
+
+    fn step_cpu(&mut self, params: &mut Params, grads: &Grads, lr: f32) -> Result<()> {
+        let mut targets = params.trainable_mut()?;
+        if targets.len() != self.state.len() {
+            return Err(changed());
         }
         let mut slots = Vec::with_capacity(self.state.len());
-        for ((id, param, decay), (sid, st)) in targets.iter_mut().zip(self.state.iter_mut()) {
-            debug_assert_eq!(id, sid);
-            let grad = grads.get(*id).ok_or_else(|| {
-                Error::invalid("optimizer", format!("no gradient for parameter #{}", id.0))
-            })?;
+        for (t, (sid, st)) in targets.iter_mut().zip(self.state.iter_mut()) {
+            debug_assert_eq!(t.id, *sid);
+            let grad = grads
+                .get(t.id)
+                .ok_or_else(|| Error::invalid("optimizer", format!("no gradient for parameter #{}", t.id.0)))?;
             slots.push(Slot {
-                param,
+                param: &mut *t.value,
                 grad,
                 m: &mut st.m,
                 v: st.v.as_mut(),
-                decay: *decay,
+                decay: t.decay,
             });
         }
         match self.kind {
-            OptimizerKind::AdamW {
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-            } => adamw_step(
+            OptimizerKind::AdamW { beta1, beta2, eps, weight_decay } => adamw_step(
                 &mut slots,
-                &AdamW {
-                    lr,
-                    beta1,
-                    beta2,
-                    eps,
-                    weight_decay,
-                    step: self.step,
-                },
+                &AdamW { lr, beta1, beta2, eps, weight_decay, step: self.step },
             ),
-            OptimizerKind::Sgd {
-                momentum,
-                weight_decay,
-            } => sgd_step(
-                &mut slots,
-                &Sgd {
-                    lr,
-                    momentum,
-                    weight_decay,
-                },
-            ),
+            OptimizerKind::Sgd { momentum, weight_decay } => sgd_step(&mut slots, &Sgd { lr, momentum, weight_decay }),
         }
     }
 
@@ -143,11 +151,7 @@ impl Optimizer {
     }
 
     /// Restore the step count and the state tensors' values, for resuming.
-    pub fn restore(
-        &mut self,
-        step: u64,
-        values: impl Fn(ParamId, &str, &mut Tensor) -> Result<()>,
-    ) -> Result<()> {
+    pub fn restore(&mut self, step: u64, values: impl Fn(ParamId, &str, &mut Tensor) -> Result<()>) -> Result<()> {
         for (id, st) in &mut self.state {
             values(*id, "m", &mut st.m)?;
             if let Some(v) = &mut st.v {
@@ -157,6 +161,10 @@ impl Optimizer {
         self.step = step;
         Ok(())
     }
+}
+
+fn changed() -> Error {
+    Error::invalid("optimizer", "the trainable parameters changed since the optimizer was made")
 }
 
 /// Scale all gradients so their global L2 norm is at most `max_norm`; returns the norm before.

@@ -1,16 +1,21 @@
 use std::sync::Arc;
 
 use loren_tensor::ops::elementwise::{add_assign, sum_squares};
-use loren_tensor::{Device, Error, MemTag, Result, Tensor};
+use loren_tensor::{DType, Device, Error, MemTag, Result, Tensor};
 
 /// A parameter's index in its [`Params`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ParamId(pub usize);
 
 /// A named weight: frozen (shared, never updated) or trainable.
+///
+/// On a GPU a GEMM weight is stored in bf16: a frozen one only so, a trainable one as an f32
+/// master that the optimizer updates plus a bf16 shadow it refreshes, which the ops read.
+/// Everything else (adapters, norms, biases, embeddings) is f32 everywhere.
 pub struct Param {
     name: String,
     value: Arc<Tensor>,
+    shadow: Option<Arc<Tensor>>,
     trainable: bool,
     decay: bool,
 }
@@ -33,8 +38,9 @@ impl Param {
         self.decay
     }
 
-    pub(crate) fn shared_value(&self) -> Arc<Tensor> {
-        Arc::clone(&self.value)
+    /// What the ops read: the bf16 shadow of a trainable GEMM weight on a GPU, else the value.
+    pub(crate) fn operand(&self) -> Arc<Tensor> {
+        Arc::clone(self.shadow.as_ref().unwrap_or(&self.value))
     }
 }
 
@@ -56,15 +62,33 @@ impl Params {
         &self.device
     }
 
-    /// Add a weight. Its memory is re-tagged as frozen or trainable.
-    pub fn add(
+    /// Add a weight that GEMMs read (bf16 on a GPU; see [`Param`]).
+    pub fn add_gemm_weight(&mut self, name: impl Into<String>, value: Tensor, trainable: bool, decay: bool) -> Result<ParamId> {
+        let bf16 = !self.device.is_cpu();
+        let (value, shadow) = match (bf16, trainable) {
+            (false, _) => (value, None),
+            (true, false) => (value.copy_as(DType::BF16, MemTag::FrozenWeights)?, None),
+            (true, true) => {
+                let shadow = value.copy_as(DType::BF16, MemTag::Trainable)?;
+                (value, Some(Arc::new(shadow)))
+            }
+        };
+        self.insert(name.into(), value, shadow, trainable, decay)
+    }
+
+    /// Add a weight kept in f32 on every device. Its memory is re-tagged as frozen or trainable.
+    pub fn add(&mut self, name: impl Into<String>, value: Tensor, trainable: bool, decay: bool) -> Result<ParamId> {
+        self.insert(name.into(), value, None, trainable, decay)
+    }
+
+    fn insert(
         &mut self,
-        name: impl Into<String>,
+        name: String,
         mut value: Tensor,
+        shadow: Option<Arc<Tensor>>,
         trainable: bool,
         decay: bool,
     ) -> Result<ParamId> {
-        let name = name.into();
         if self.id(&name).is_some() {
             return Err(Error::invalid(
                 "params",
@@ -86,6 +110,7 @@ impl Params {
         self.list.push(Param {
             name,
             value: Arc::new(value),
+            shadow,
             trainable,
             decay,
         });
@@ -137,53 +162,47 @@ impl Params {
         self.list.iter().map(|p| p.value.numel()).sum()
     }
 
-    /// Mutable access to a weight, for optimizers and checkpoint loading. Fails while a tape
-    /// still holds the weight.
-    pub fn value_mut(&mut self, id: ParamId) -> Result<&mut Tensor> {
-        let p = &mut self.list[id.0];
-        Arc::get_mut(&mut p.value).ok_or_else(|| {
-            Error::invalid(
-                "params",
-                format!(
-                    "'{}' is still held by a tape; drop it before updating",
-                    p.name
-                ),
-            )
-        })
-    }
 
-    /// Every trainable weight, mutably, with its id and whether weight decay applies. Fails
-    /// while a tape still holds any of them.
-    pub fn trainable_mut(&mut self) -> Result<Vec<(ParamId, &mut Tensor, bool)>> {
+    /// Every trainable weight, mutably, for the optimizer: its f32 value, its bf16 shadow on a
+    /// GPU, and whether weight decay applies. Fails while a tape still holds any of them.
+    pub fn trainable_mut(&mut self) -> Result<Vec<TrainableMut<'_>>> {
         self.list
             .iter_mut()
             .enumerate()
             .filter(|(_, p)| p.trainable)
             .map(|(i, p)| {
-                let (name, decay) = (&p.name, p.decay);
-                let t = Arc::get_mut(&mut p.value).ok_or_else(|| {
-                    Error::invalid(
-                        "params",
-                        format!("'{name}' is still held by a tape; drop it before updating"),
-                    )
-                })?;
-                Ok((ParamId(i), t, decay))
+                let held = || Error::invalid("params", format!("'{}' is still held by a tape; drop it before updating", p.name));
+                let decay = p.decay;
+                let shadow = match &mut p.shadow {
+                    Some(s) => Some(Arc::get_mut(s).ok_or_else(held)?),
+                    None => None,
+                };
+                let value = Arc::get_mut(&mut p.value).ok_or_else(held)?;
+                Ok(TrainableMut { id: ParamId(i), value, shadow, decay })
             })
             .collect()
     }
 
-    /// Replace a weight's values with `data`, which must have its shape.
+    /// Replace a weight's values with `data`, which must have its shape (and refresh its
+    /// shadow).
     pub fn set(&mut self, id: ParamId, data: &[f32]) -> Result<()> {
-        let t = self.value_mut(id)?;
-        if data.len() != t.numel() {
-            return Err(Error::invalid(
-                "params",
-                format!("{} values for a weight of shape {}", data.len(), t.shape()),
-            ));
+        let p = &mut self.list[id.0];
+        let held = || Error::invalid("params", format!("'{}' is still held by a tape; drop it before updating", p.name));
+        Arc::get_mut(&mut p.value).ok_or_else(held)?.copy_from_host(data)?;
+        if let Some(s) = &mut p.shadow {
+            Arc::get_mut(s).ok_or_else(held)?.copy_from_host(data)?;
         }
-        t.as_mut_slice()?.copy_from_slice(data);
         Ok(())
     }
+}
+
+/// One trainable weight as the optimizer updates it.
+pub struct TrainableMut<'a> {
+    pub id: ParamId,
+    pub value: &'a mut Tensor,
+    /// The bf16 copy the ops read, on a GPU; the optimizer rewrites it from `value`.
+    pub shadow: Option<&'a mut Tensor>,
+    pub decay: bool,
 }
 
 /// Gradient buffers for the trainable parameters, kept across steps and accumulated into.
@@ -241,7 +260,7 @@ impl Grads {
 
     pub fn zero(&mut self) -> Result<()> {
         for (_, g) in self.iter_mut() {
-            g.as_mut_slice()?.fill(0.0);
+            g.fill(0.0)?;
         }
         Ok(())
     }

@@ -125,7 +125,7 @@ impl Tape {
             None
         };
         Var {
-            value: p.shared_value(),
+            value: p.operand(),
             node,
         }
     }
@@ -154,6 +154,26 @@ impl Tape {
         }
     }
 
+    /// [`Tape::record`] for an op whose backward keeps its own output (attention keeps O):
+    /// `backward` is built from the output once it is shared.
+    pub fn record_with<B: Backward + 'static>(
+        &self,
+        output: Tensor,
+        needs_grad: bool,
+        backward: impl FnOnce(&Arc<Tensor>) -> B,
+    ) -> Var {
+        let value = Arc::new(output);
+        let node = if self.enabled && needs_grad {
+            let node = self.new_node();
+            let op = Box::new(backward(&value));
+            self.inner.borrow_mut().records.push(Record { output: node, op });
+            Some(node)
+        } else {
+            None
+        };
+        Var { value, node }
+    }
+
     /// Whether an op with these inputs must record a backward.
     pub fn needs_grad(&self, inputs: &[Option<&Var>]) -> bool {
         self.enabled && inputs.iter().flatten().any(|v| v.requires_grad())
@@ -176,6 +196,7 @@ impl Tape {
         let inner = self.inner.into_inner();
         let mut sink = GradSink {
             grads: (0..inner.nodes).map(|_| None).collect(),
+            running_root: false,
         };
         let seed = Tensor::full(
             1.0,
@@ -186,7 +207,11 @@ impl Tape {
         sink.grads[root.0] = Some(seed);
         for rec in inner.records.into_iter().rev() {
             match sink.grads[rec.output.0].take() {
-                Some(dy) => rec.op.backward(dy, &mut sink)?,
+                Some(dy) => {
+                    sink.running_root = rec.output == root;
+                    rec.op.backward(dy, &mut sink)?;
+                    sink.running_root = false;
+                }
                 None => drop(rec.op),
             }
         }
@@ -202,9 +227,16 @@ impl Tape {
 /// Where ops deposit the gradients of their inputs during backward.
 pub struct GradSink {
     grads: Vec<Option<Tensor>>,
+    running_root: bool,
 }
 
 impl GradSink {
+    /// Whether the backward now running belongs to the loss itself, so its `dy` is the seed of
+    /// ones: the op can skip scaling by it (and a GPU reading it back).
+    pub fn dy_is_one(&self) -> bool {
+        self.running_root
+    }
+
     /// [`GradSink::add`] for a gradient an op may not have formed.
     pub fn add_opt(&mut self, var: Option<NodeId>, g: Option<Tensor>) -> Result<()> {
         match g {

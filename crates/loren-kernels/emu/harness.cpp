@@ -258,7 +258,9 @@ static void attention_case(int G, int gq, int gk, int gv, int B, int T, int H, u
                 int, int, int, int, float);
     void (*bdkv)(const bf16*, const bf16*, const bf16*, const bf16*, const float*, const float*, bf16*, bf16*, int,
                  int, int, int, int, int, float);
-    if (DH == 32) {
+    if (DH == 16) {
+        fwd = attention_fwd_d16, bdq = attention_bwd_dq_d16, bdkv = attention_bwd_dkv_d16;
+    } else if (DH == 32) {
         fwd = attention_fwd_d32, bdq = attention_bwd_dq_d32, bdkv = attention_bwd_dkv_d32;
     } else if (DH == 64) {
         fwd = attention_fwd_d64, bdq = attention_bwd_dq_d64, bdkv = attention_bwd_dkv_d64;
@@ -636,6 +638,7 @@ int main(int argc, char** argv) {
         lora_case(3, 1, 33, 36, 20, 16, 5);    // prefix, ragged
     }
     if (only.empty() || only == "attention") {
+        attention_case<16>(3, 3, 1, 3, 2, 17, 4, 10);  // the tiny ViT: T=17, 4 heads of 16
         attention_case<32>(2, 2, 2, 2, 1, 17, 2, 11);
         attention_case<64>(2, 2, 1, 1, 1, 70, 1, 12);  // two tiles, broadcast K and V
         attention_case<128>(1, 1, 1, 1, 1, 1, 1, 13);

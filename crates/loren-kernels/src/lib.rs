@@ -25,7 +25,7 @@
 //! | file | kernels |
 //! |---|---|
 //! | lora.cu | U/V projections, fused forward and dX GEMMs (per member and shared input), dA, dB |
-//! | attention.cu | fused forward, backward dQ (+ DELTA), backward dK/dV; dh 32, 64, 128 |
+//! | attention.cu | fused forward, backward dQ (+ DELTA), backward dK/dV; dh 16, 32, 64, 128 |
 //! | norm.cu | LayerNorm forward, dx, dgamma/dbeta first stage |
 //! | activation.cu | bias + GELU forward, dx, db first stage |
 //! | embed.cu | patchify, token embedding forward and dpe, class token out and back |
@@ -63,5 +63,6 @@ pub use sources::{COMMON_HEADER, Kernel, KernelSource, SOURCES, source};
 /// Re-exported so callers name the same types the launchers take.
 pub use cudarc::driver::{
     CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
+    DriverError,
 };
 pub use half::bf16;

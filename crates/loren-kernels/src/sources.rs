@@ -72,12 +72,15 @@ sources! {
         LoraGradB = "lora_grad_b",
     }
     "attention.cu" => "../../../kernels/attention.cu" {
+        AttentionFwdD16 = "attention_fwd_d16",
         AttentionFwdD32 = "attention_fwd_d32",
         AttentionFwdD64 = "attention_fwd_d64",
         AttentionFwdD128 = "attention_fwd_d128",
+        AttentionBwdDqD16 = "attention_bwd_dq_d16",
         AttentionBwdDqD32 = "attention_bwd_dq_d32",
         AttentionBwdDqD64 = "attention_bwd_dq_d64",
         AttentionBwdDqD128 = "attention_bwd_dq_d128",
+        AttentionBwdDkvD16 = "attention_bwd_dkv_d16",
         AttentionBwdDkvD32 = "attention_bwd_dkv_d32",
         AttentionBwdDkvD64 = "attention_bwd_dkv_d64",
         AttentionBwdDkvD128 = "attention_bwd_dkv_d128",
@@ -129,6 +132,8 @@ sources! {
         Bf16ToF32 = "bf16_to_f32",
         FillF32 = "fill_f32",
         FillBf16 = "fill_bf16",
+        AddBiasRowsBf16 = "add_bias_rows_bf16",
+        AddBiasRowsF32 = "add_bias_rows_f32",
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use loren_autograd::optim::{Optimizer, OptimizerKind, clip_grad_norm};
+use loren_autograd::optim::{Optimizer, OptimizerKind};
 use loren_autograd::schedule::WarmupCosine;
 use loren_autograd::{Grads, Tape, ops};
 use loren_tensor::{MemTag, Rng, Tensor};
@@ -153,6 +153,11 @@ impl<'m> Trainer<'m> {
         self.model
     }
 
+    /// The gradients of the last step (before the optimizer used them).
+    pub fn grads(&self) -> &Grads {
+        &self.grads
+    }
+
     /// The next epoch to run (0-based).
     pub fn epoch(&self) -> usize {
         self.epoch
@@ -176,15 +181,9 @@ impl<'m> Trainer<'m> {
             tape.backward(&loss, &mut self.grads)?;
             value
         };
-        if let Some(max) = self.config.grad_clip {
-            let norm = clip_grad_norm(&mut self.grads, max)?;
-            if !norm.is_finite() {
-                return Err(self.non_finite(norm as f32));
-            }
-        }
         let lr = self.schedule.lr(self.step);
         self.optimizer
-            .step(self.model.params_mut(), &self.grads, lr)?;
+            .step(self.model.params_mut(), &mut self.grads, lr, self.config.grad_clip)?;
         self.step += 1;
         Ok(loss)
     }
@@ -202,28 +201,44 @@ impl<'m> Trainer<'m> {
         let start = Instant::now();
         let order = epoch_order(data.len(), self.config.seed, self.epoch as u64);
         let (mut sum, mut count) = (0.0f64, 0usize);
-        for (i, idx) in batches(&order, self.config.batch_size)?.enumerate() {
-            let t0 = Instant::now();
-            // One augmentation stream per (seed, epoch, batch): resuming needs no saved state.
-            let mut rng = Rng::new(self.config.seed)
-                .fork(AUGMENT_STREAM)
-                .fork(self.epoch as u64)
-                .fork(i as u64);
-            let batch = data.batch(idx, Some((&self.config.augment, &mut rng)));
-            let lr = self.schedule.lr(self.step);
-            let loss = self.step(&batch)?;
-            sum += loss as f64 * idx.len() as f64;
-            count += idx.len();
-            observer.step(&StepInfo {
-                epoch: self.epoch,
-                step: self.step - 1,
-                total_steps: self.total_steps(),
-                loss,
-                lr,
-                images: idx.len(),
-                seconds: t0.elapsed().as_secs_f64(),
-            });
-        }
+        // --- prefetch (issue 5): batches are made on a background thread, in the same order and
+        // from the same streams as before, while the previous step computes.
+        let chunks: Vec<&[usize]> = batches(&order, self.config.batch_size)?.collect();
+        let (seed, epoch) = (self.config.seed, self.epoch as u64);
+        let augment = self.config.augment.clone();
+        std::thread::scope(|scope| -> Result<()> {
+            let chunks = &chunks;
+            let make = move |i: usize| {
+                // One augmentation stream per (seed, epoch, batch): resuming needs no saved state.
+                let mut rng = Rng::new(seed)
+                    .fork(AUGMENT_STREAM)
+                    .fork(epoch)
+                    .fork(i as u64);
+                data.batch(chunks[i], Some((&augment, &mut rng)))
+            };
+            let depth = crate::data::prefetch::DEPTH;
+            let mut made = crate::data::prefetch::prefetch(scope, chunks.len(), depth, make);
+            for idx in chunks {
+                // The step's time includes any wait for its batch.
+                let t0 = Instant::now();
+                let batch = made.next().expect("one batch per chunk");
+                let lr = self.schedule.lr(self.step);
+                let loss = self.step(&batch)?;
+                sum += loss as f64 * idx.len() as f64;
+                count += idx.len();
+                observer.step(&StepInfo {
+                    epoch: self.epoch,
+                    step: self.step - 1,
+                    total_steps: self.total_steps(),
+                    loss,
+                    lr,
+                    images: idx.len(),
+                    seconds: t0.elapsed().as_secs_f64(),
+                });
+            }
+            Ok(())
+        })?;
+        // --- end prefetch
         let info = EpochInfo {
             epoch: self.epoch,
             mean_loss: sum / count.max(1) as f64,
@@ -336,12 +351,19 @@ impl<'m> Trainer<'m> {
             let values = file
                 .get_shaped(&name, t.dims())
                 .map_err(|e| loren_tensor::Error::invalid("resume", e.to_string()))?;
-            t.as_mut_slice()?.copy_from_slice(values);
-            Ok(())
+            t.copy_from_host(values)
         })?;
         self.epoch = epoch as usize;
         self.step = step;
         Ok(())
+    }
+}
+
+/// Require a training checkpoint written by [`Trainer::save`].
+pub fn check_format(file: &TensorFile) -> Result<()> {
+    match file.metadata().get("format") {
+        Some(f) if f == FORMAT => Ok(()),
+        _ => Err(NnError::checkpoint(file.path(), "not a loren training checkpoint")),
     }
 }
 

@@ -81,6 +81,11 @@ impl Builder<'_> {
         Ok(self.params.add(name, t, trainable, decay)?)
     }
 
+    /// A weight matrix the GEMMs read: bf16 on a GPU.
+    fn add_matrix(&mut self, name: String, t: Tensor, trainable: bool) -> Result<ParamId> {
+        Ok(self.params.add_gemm_weight(name, t, trainable, true)?)
+    }
+
     fn normal(&mut self, shape: Vec<usize>, std: f32) -> Result<Tensor> {
         Ok(Tensor::randn(
             shape,
@@ -99,7 +104,7 @@ impl Builder<'_> {
     fn linear(&mut self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
         let (g, train) = (self.groups, self.train_backbone);
         let w = self.normal(vec![g, out, inp], 0.02)?;
-        let weight = self.add(format!("{name}.weight"), w, train, true)?;
+        let weight = self.add_matrix(format!("{name}.weight"), w, train)?;
         let bias = if bias {
             let b = self.full(vec![g, out], 0.0)?;
             Some(self.add(format!("{name}.bias"), b, train, false)?)
@@ -156,7 +161,7 @@ impl Builder<'_> {
             MemTag::Trainable,
             &self.dev,
         )?;
-        let weight = self.add("head.weight".into(), w, true, true)?;
+        let weight = self.add_matrix("head.weight".into(), w, true)?;
         let b = Tensor::uniform(
             vec![m, classes],
             -bound,
@@ -370,7 +375,8 @@ impl Vit {
         }
         let c = ops::class_token(tape, &x)?;
         let c = self.layernorm(tape, &c, &self.norm)?;
-        self.linear(tape, &c, &self.head)
+        let b = self.head.bias.map(|b| self.param(tape, b));
+        Ok(ops::logits(tape, &c, &self.param(tape, self.head.weight), b.as_ref())?)
     }
 
     /// Every member's class probabilities [M, B, classes], without recording anything.

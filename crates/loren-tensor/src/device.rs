@@ -1,8 +1,11 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
+use loren_kernels::Gpu;
+
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::memory::MemoryTracker;
 
@@ -26,6 +29,7 @@ struct DeviceInner {
     kind: DeviceKind,
     memory: MemoryTracker,
     pool: Mutex<BufferPool>,
+    gpu: Option<Arc<Gpu>>,
 }
 
 /// Freed CPU buffers kept for reuse by length. A training step allocates the same sizes every
@@ -48,7 +52,69 @@ impl Device {
                 kind: DeviceKind::Cpu,
                 memory: MemoryTracker::default(),
                 pool: Mutex::default(),
+                gpu: None,
             }),
+        }
+    }
+
+    /// CUDA device `ordinal`, with accounting of its own. The GPU itself (its context, stream
+    /// and loaded kernels) is opened once per process and shared by every `Device` on it.
+    pub fn cuda(ordinal: usize) -> Result<Device> {
+        Ok(Device {
+            inner: Arc::new(DeviceInner {
+                kind: DeviceKind::Cuda(ordinal),
+                memory: MemoryTracker::default(),
+                pool: Mutex::default(),
+                gpu: Some(shared_gpu(ordinal)?),
+            }),
+        })
+    }
+
+    /// The same hardware with fresh accounting, for a run that measures its own peaks.
+    pub fn fresh(&self) -> Device {
+        Device {
+            inner: Arc::new(DeviceInner {
+                kind: self.inner.kind,
+                memory: MemoryTracker::default(),
+                pool: Mutex::default(),
+                gpu: self.inner.gpu.clone(),
+            }),
+        }
+    }
+
+    /// The GPU behind a CUDA device.
+    pub fn gpu(&self) -> Option<&Arc<Gpu>> {
+        self.inner.gpu.as_ref()
+    }
+
+    /// The GPU, or an error naming `op` for a CPU device.
+    pub(crate) fn require_gpu(&self, op: &'static str) -> Result<&Gpu> {
+        self.inner.gpu.as_deref().ok_or_else(|| Error::Unsupported {
+            op,
+            device: self.to_string(),
+        })
+    }
+
+    /// What activations and GEMM weights are stored in here: f32 on the CPU, bf16 on a GPU.
+    pub fn compute_dtype(&self) -> DType {
+        if self.is_cpu() { DType::F32 } else { DType::BF16 }
+    }
+
+    /// The dtype a tensor asked for as `want` gets: the CPU computes everything in f32.
+    pub fn storage_dtype(&self, want: DType) -> DType {
+        if self.is_cpu() { DType::F32 } else { want }
+    }
+
+    /// The device's own free and total bytes (cuMemGetInfo), on a GPU.
+    pub fn mem_info(&self) -> Option<(usize, usize)> {
+        self.gpu().and_then(|g| g.context().mem_get_info().ok())
+    }
+
+    /// The device's name: "cpu", or the GPU's.
+    pub fn name(&self) -> String {
+        match self.gpu() {
+            Some(g) => g.name().to_string(),
+            None => "cpu".to_string(),
         }
     }
 
@@ -95,7 +161,10 @@ impl Device {
     /// Wait until every queued operation has finished: a no-op on the CPU, where ops run as they
     /// are called. Timers call it before reading the clock.
     pub fn synchronize(&self) -> Result<()> {
-        Ok(())
+        match self.gpu() {
+            Some(g) => Ok(g.synchronize()?),
+            None => Ok(()),
+        }
     }
 
     /// Whether two handles are the same device with the same accounting.
@@ -157,13 +226,27 @@ impl fmt::Display for DeviceSpec {
 }
 
 impl DeviceSpec {
-    /// Open the device. `auto` takes a GPU when one can be used and the CPU otherwise.
+    /// Open the device. `auto` takes GPU 0 when one can be used and the CPU otherwise.
     pub fn open(self) -> Result<Device> {
         match self {
-            DeviceSpec::Cpu | DeviceSpec::Auto => Ok(Device::cpu()),
-            DeviceSpec::Cuda(_) => Err(Error::Device(
-                "this build of loren has no CUDA backend yet; use --device cpu".into(),
-            )),
+            DeviceSpec::Cpu => Ok(Device::cpu()),
+            DeviceSpec::Cuda(i) => Device::cuda(i),
+            DeviceSpec::Auto => match loren_kernels::cuda_available() {
+                Ok(()) => Device::cuda(0).or_else(|_| Ok(Device::cpu())),
+                Err(_) => Ok(Device::cpu()),
+            },
         }
     }
+}
+
+/// Each GPU is opened once per process: opening loads every kernel module, which costs seconds.
+fn shared_gpu(ordinal: usize) -> Result<Arc<Gpu>> {
+    static GPUS: OnceLock<Mutex<HashMap<usize, Arc<Gpu>>>> = OnceLock::new();
+    let mut gpus = GPUS.get_or_init(Mutex::default).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(g) = gpus.get(&ordinal) {
+        return Ok(Arc::clone(g));
+    }
+    let gpu = Arc::new(Gpu::new(ordinal)?);
+    gpus.insert(ordinal, Arc::clone(&gpu));
+    Ok(gpu)
 }

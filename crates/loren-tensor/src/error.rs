@@ -21,6 +21,9 @@ pub enum Error {
     Unsupported { op: &'static str, device: String },
     #[error("device: {0}")]
     Device(String),
+    /// A CUDA failure, or CUDA missing: the kernels crate's one-line reason.
+    #[error(transparent)]
+    Cuda(#[from] loren_kernels::KernelError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,5 +1,8 @@
 use std::fmt;
 
+use half::bf16;
+use loren_kernels::{CudaSlice, Gpu};
+
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -9,10 +12,20 @@ use crate::shape::Shape;
 
 enum Storage {
     Cpu(Vec<f32>),
+    Cuda(CudaBuf),
+}
+
+/// A tensor's memory on a GPU, in its dtype.
+pub(crate) enum CudaBuf {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<bf16>),
 }
 
 /// A contiguous, row-major tensor that owns its memory and accounts for it on its device under
 /// its [`MemTag`] for as long as it lives.
+///
+/// On the CPU every tensor is f32. On a GPU a tensor is f32 or bf16, as its op asked
+/// ([`Device::storage_dtype`]); the host sees f32 either way ([`Tensor::to_vec`]).
 pub struct Tensor {
     shape: Shape,
     dtype: DType,
@@ -22,91 +35,107 @@ pub struct Tensor {
 }
 
 impl Tensor {
-    /// Adopt `data` as a tensor of `shape` on `device`.
-    pub fn from_vec(
-        data: Vec<f32>,
-        shape: impl Into<Shape>,
-        tag: MemTag,
-        device: &Device,
-    ) -> Result<Tensor> {
+    /// Adopt `data` as an f32 tensor of `shape` on `device` (copied there for a GPU).
+    pub fn from_vec(data: Vec<f32>, shape: impl Into<Shape>, tag: MemTag, device: &Device) -> Result<Tensor> {
+        Tensor::from_vec_as(data, shape, DType::F32, tag, device)
+    }
+
+    /// `data` as a tensor of `dtype` (bf16 rounds to nearest even; the CPU keeps f32).
+    pub fn from_vec_as(data: Vec<f32>, shape: impl Into<Shape>, dtype: DType, tag: MemTag, device: &Device) -> Result<Tensor> {
         let shape = shape.into();
         if data.len() != shape.numel() {
             return Err(Error::invalid(
                 "from_vec",
-                format!(
-                    "{} values do not fill shape {shape} ({} elements)",
-                    data.len(),
-                    shape.numel()
-                ),
+                format!("{} values do not fill shape {shape} ({} elements)", data.len(), shape.numel()),
             ));
         }
-        if !device.is_cpu() {
-            return Err(Error::Unsupported {
-                op: "from_vec",
-                device: device.to_string(),
-            });
-        }
-        let bytes = (data.len() * DType::F32.size_in_bytes()) as u64;
-        device.memory().alloc(tag, bytes);
-        Ok(Tensor {
-            shape,
-            dtype: DType::F32,
-            tag,
-            storage: Storage::Cpu(data),
-            device: device.clone(),
-        })
+        let dtype = device.storage_dtype(dtype);
+        let storage = match device.gpu() {
+            None => Storage::Cpu(data),
+            Some(gpu) => Storage::Cuda(upload(gpu, &data, dtype)?),
+        };
+        Ok(Tensor::adopt(storage, shape, dtype, tag, device))
     }
 
-    /// A tensor whose contents are unspecified (stale values from reused memory, never
+    fn adopt(storage: Storage, shape: Shape, dtype: DType, tag: MemTag, device: &Device) -> Tensor {
+        device.memory().alloc(tag, (shape.numel() * dtype.size_in_bytes()) as u64);
+        Tensor {
+            shape,
+            dtype,
+            tag,
+            storage,
+            device: device.clone(),
+        }
+    }
+
+    /// An f32 tensor whose contents are unspecified (stale values from reused memory, never
     /// uninitialised): for outputs the op writes in full, so nothing is spent zeroing them.
     pub fn empty(shape: impl Into<Shape>, tag: MemTag, device: &Device) -> Result<Tensor> {
+        Tensor::empty_as(shape, DType::F32, tag, device)
+    }
+
+    /// [`Tensor::empty`] of `dtype`. In test builds the contents are NaN, so an element an op
+    /// forgets to write shows in the results (on a GPU as on the CPU).
+    pub fn empty_as(shape: impl Into<Shape>, dtype: DType, tag: MemTag, device: &Device) -> Result<Tensor> {
         let shape = shape.into();
-        let mut data = device.host_buffer(shape.numel());
-        if cfg!(debug_assertions) {
-            // Poisoned in test builds, so an element an op forgets to write shows as NaN.
-            data.fill(f32::NAN);
-        }
-        Tensor::from_vec(data, shape, tag, device)
+        let dtype = device.storage_dtype(dtype);
+        let n = shape.numel();
+        let storage = match device.gpu() {
+            None => {
+                let mut data = device.host_buffer(n);
+                if cfg!(debug_assertions) {
+                    data.fill(f32::NAN);
+                }
+                Storage::Cpu(data)
+            }
+            Some(gpu) => {
+                let mut buf = alloc(gpu, n, dtype)?;
+                if cfg!(debug_assertions) {
+                    buf.fill(gpu, n, f32::NAN)?;
+                }
+                Storage::Cuda(buf)
+            }
+        };
+        Ok(Tensor::adopt(storage, shape, dtype, tag, device))
     }
 
     pub fn zeros(shape: impl Into<Shape>, tag: MemTag, device: &Device) -> Result<Tensor> {
-        Tensor::full(0.0, shape, tag, device)
+        Tensor::full_as(0.0, shape, DType::F32, tag, device)
     }
 
-    pub fn full(
-        value: f32,
-        shape: impl Into<Shape>,
-        tag: MemTag,
-        device: &Device,
-    ) -> Result<Tensor> {
-        let shape = shape.into();
-        let mut data = device.host_buffer(shape.numel());
-        data.fill(value);
-        Tensor::from_vec(data, shape, tag, device)
+    pub fn zeros_as(shape: impl Into<Shape>, dtype: DType, tag: MemTag, device: &Device) -> Result<Tensor> {
+        Tensor::full_as(0.0, shape, dtype, tag, device)
     }
 
-    /// Normal with mean 0 and standard deviation `std`.
-    pub fn randn(
-        shape: impl Into<Shape>,
-        std: f32,
-        rng: &mut Rng,
-        tag: MemTag,
-        device: &Device,
-    ) -> Result<Tensor> {
+    pub fn full(value: f32, shape: impl Into<Shape>, tag: MemTag, device: &Device) -> Result<Tensor> {
+        Tensor::full_as(value, shape, DType::F32, tag, device)
+    }
+
+    pub fn full_as(value: f32, shape: impl Into<Shape>, dtype: DType, tag: MemTag, device: &Device) -> Result<Tensor> {
+        let mut t = Tensor::empty_as(shape, dtype, tag, device)?;
+        t.fill(value)?;
+        Ok(t)
+    }
+
+    /// Set every element to `value`.
+    pub fn fill(&mut self, value: f32) -> Result<()> {
+        let n = self.numel();
+        match &mut self.storage {
+            Storage::Cpu(v) => v.fill(value),
+            Storage::Cuda(buf) => buf.fill(self.device.require_gpu("fill")?, n, value)?,
+        }
+        Ok(())
+    }
+
+    /// Normal with mean 0 and standard deviation `std`, drawn on the host.
+    pub fn randn(shape: impl Into<Shape>, std: f32, rng: &mut Rng, tag: MemTag, device: &Device) -> Result<Tensor> {
         let shape = shape.into();
         let data = (0..shape.numel()).map(|_| std * rng.normal()).collect();
         Tensor::from_vec(data, shape, tag, device)
     }
 
-    /// Uniform in [lo, hi).
-    pub fn uniform(
-        shape: impl Into<Shape>,
-        lo: f32,
-        hi: f32,
-        rng: &mut Rng,
-        tag: MemTag,
-        device: &Device,
-    ) -> Result<Tensor> {
+    /// Uniform in [lo, hi), drawn on the host.
+    pub fn uniform(shape: impl Into<Shape>, lo: f32, hi: f32, rng: &mut Rng, tag: MemTag, device: &Device) -> Result<Tensor> {
         let shape = shape.into();
         let data = (0..shape.numel()).map(|_| rng.uniform(lo, hi)).collect();
         Tensor::from_vec(data, shape, tag, device)
@@ -158,15 +187,71 @@ impl Tensor {
         Ok(self)
     }
 
-    /// A deep copy, accounted under `tag`.
+    /// A deep copy on the same device, in the same dtype, accounted under `tag`.
     pub fn copy(&self, tag: MemTag) -> Result<Tensor> {
-        Tensor::from_vec(self.to_vec()?, self.shape.clone(), tag, &self.device)
+        self.copy_as(self.dtype, tag)
     }
 
-    /// The elements, copied to the host.
+    /// A deep copy in `dtype` (a cast when it differs), accounted under `tag`.
+    pub fn copy_as(&self, dtype: DType, tag: MemTag) -> Result<Tensor> {
+        match &self.storage {
+            Storage::Cpu(v) => Tensor::from_vec_as(v.clone(), self.shape.clone(), dtype, tag, &self.device),
+            Storage::Cuda(src) => {
+                let gpu = self.device.require_gpu("copy")?;
+                let mut out = Tensor::empty_as(self.shape.clone(), dtype, tag, &self.device)?;
+                let n = self.numel();
+                let Storage::Cuda(dst) = &mut out.storage else { unreachable!("a GPU tensor") };
+                match (src, dst) {
+                    (CudaBuf::F32(s), CudaBuf::F32(d)) => gpu.stream().memcpy_dtod(s, d).map_err(cuda("copy"))?,
+                    (CudaBuf::Bf16(s), CudaBuf::Bf16(d)) => gpu.stream().memcpy_dtod(s, d).map_err(cuda("copy"))?,
+                    (CudaBuf::F32(s), CudaBuf::Bf16(d)) => gpu.f32_to_bf16(n, s, d)?,
+                    (CudaBuf::Bf16(s), CudaBuf::F32(d)) => gpu.bf16_to_f32(n, s, d)?,
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// Overwrite the elements from the host (converted to the tensor's dtype).
+    pub fn copy_from_host(&mut self, data: &[f32]) -> Result<()> {
+        if data.len() != self.numel() {
+            return Err(Error::invalid(
+                "copy_from_host",
+                format!("{} values for a tensor of shape {}", data.len(), self.shape),
+            ));
+        }
+        match &mut self.storage {
+            Storage::Cpu(v) => v.copy_from_slice(data),
+            Storage::Cuda(buf) => {
+                let stream = self.device.require_gpu("copy_from_host")?.stream();
+                match buf {
+                    CudaBuf::F32(d) => stream.memcpy_htod(data, d).map_err(cuda("copy_from_host"))?,
+                    CudaBuf::Bf16(d) => {
+                        let h: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+                        stream.memcpy_htod(&h, d).map_err(cuda("copy_from_host"))?
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The elements, copied to the host as f32 (waiting for the GPU).
     pub fn to_vec(&self) -> Result<Vec<f32>> {
         match &self.storage {
             Storage::Cpu(v) => Ok(v.clone()),
+            Storage::Cuda(buf) => {
+                let stream = self.device.require_gpu("to_vec")?.stream();
+                match buf {
+                    CudaBuf::F32(s) => stream.clone_dtoh(s).map_err(cuda("to_vec")),
+                    CudaBuf::Bf16(s) => Ok(stream
+                        .clone_dtoh(s)
+                        .map_err(cuda("to_vec"))?
+                        .into_iter()
+                        .map(bf16::to_f32)
+                        .collect()),
+                }
+            }
         }
     }
 
@@ -174,6 +259,7 @@ impl Tensor {
     pub fn as_slice(&self) -> Result<&[f32]> {
         match &self.storage {
             Storage::Cpu(v) => Ok(v),
+            Storage::Cuda(_) => Err(self.on_gpu("as_slice")),
         }
     }
 
@@ -181,16 +267,75 @@ impl Tensor {
     pub fn as_mut_slice(&mut self) -> Result<&mut [f32]> {
         match &mut self.storage {
             Storage::Cpu(v) => Ok(v),
+            Storage::Cuda(_) => Err(Error::Unsupported {
+                op: "as_mut_slice",
+                device: self.device.to_string(),
+            }),
         }
+    }
+
+    fn on_gpu(&self, op: &'static str) -> Error {
+        Error::Unsupported {
+            op,
+            device: self.device.to_string(),
+        }
+    }
+
+    /// The f32 memory of a GPU tensor.
+    pub(crate) fn cu_f32(&self, op: &'static str) -> Result<&CudaSlice<f32>> {
+        match &self.storage {
+            Storage::Cuda(CudaBuf::F32(s)) => Ok(s),
+            _ => Err(self.wrong_storage(op, DType::F32)),
+        }
+    }
+
+    pub(crate) fn cu_f32_mut(&mut self, op: &'static str) -> Result<&mut CudaSlice<f32>> {
+        if !matches!(self.storage, Storage::Cuda(CudaBuf::F32(_))) {
+            return Err(self.wrong_storage(op, DType::F32));
+        }
+        match &mut self.storage {
+            Storage::Cuda(CudaBuf::F32(s)) => Ok(s),
+            _ => unreachable!("checked above"),
+        }
+    }
+
+    /// The bf16 memory of a GPU tensor.
+    pub(crate) fn cu_bf16(&self, op: &'static str) -> Result<&CudaSlice<bf16>> {
+        match &self.storage {
+            Storage::Cuda(CudaBuf::Bf16(s)) => Ok(s),
+            _ => Err(self.wrong_storage(op, DType::BF16)),
+        }
+    }
+
+    pub(crate) fn cu_bf16_mut(&mut self, op: &'static str) -> Result<&mut CudaSlice<bf16>> {
+        if !matches!(self.storage, Storage::Cuda(CudaBuf::Bf16(_))) {
+            return Err(self.wrong_storage(op, DType::BF16));
+        }
+        match &mut self.storage {
+            Storage::Cuda(CudaBuf::Bf16(s)) => Ok(s),
+            _ => unreachable!("checked above"),
+        }
+    }
+
+    fn wrong_storage(&self, op: &'static str, want: DType) -> Error {
+        Error::invalid(op, format!("needs a {} tensor on a GPU, got {self:?}", want.name()))
+    }
+
+    /// Where a GPU tensor's memory starts on the device; None on the CPU.
+    pub(crate) fn device_address(&self) -> Option<u64> {
+        use loren_kernels::DevicePtr;
+        let Storage::Cuda(buf) = &self.storage else { return None };
+        let stream = self.device.gpu()?.stream();
+        Some(match buf {
+            CudaBuf::F32(s) => s.device_ptr(stream).0,
+            CudaBuf::Bf16(s) => s.device_ptr(stream).0,
+        })
     }
 
     /// The single value of a one-element tensor.
     pub fn scalar(&self) -> Result<f32> {
         if self.numel() != 1 {
-            return Err(Error::invalid(
-                "scalar",
-                format!("tensor of shape {} is not a scalar", self.shape),
-            ));
+            return Err(Error::invalid("scalar", format!("tensor of shape {} is not a scalar", self.shape)));
         }
         Ok(self.to_vec()?[0])
     }
@@ -209,11 +354,51 @@ impl Tensor {
     }
 }
 
+/// Map a driver error to a tensor error naming the op.
+pub(crate) fn cuda(op: &'static str) -> impl Fn(loren_kernels::DriverError) -> Error {
+    move |e| Error::invalid(op, format!("CUDA driver error: {e}"))
+}
+
+fn alloc(gpu: &Gpu, n: usize, dtype: DType) -> Result<CudaBuf> {
+    let stream = gpu.stream();
+    // SAFETY: the contents are unspecified, as `Tensor::empty_as` documents; every constructor
+    // that hands the tensor out either fills it or is an op that writes every element.
+    let buf = unsafe {
+        match dtype {
+            DType::F32 => CudaBuf::F32(stream.alloc::<f32>(n).map_err(cuda("alloc"))?),
+            DType::BF16 => CudaBuf::Bf16(stream.alloc::<bf16>(n).map_err(cuda("alloc"))?),
+        }
+    };
+    Ok(buf)
+}
+
+fn upload(gpu: &Gpu, data: &[f32], dtype: DType) -> Result<CudaBuf> {
+    let stream = gpu.stream();
+    Ok(match dtype {
+        DType::F32 => CudaBuf::F32(stream.clone_htod(data).map_err(cuda("upload"))?),
+        DType::BF16 => {
+            let h: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+            CudaBuf::Bf16(stream.clone_htod(&h).map_err(cuda("upload"))?)
+        }
+    })
+}
+
+impl CudaBuf {
+    fn fill(&mut self, gpu: &Gpu, n: usize, value: f32) -> Result<()> {
+        match self {
+            CudaBuf::F32(s) => gpu.fill_f32(n, s, value)?,
+            CudaBuf::Bf16(s) => gpu.fill_bf16(n, s, value)?,
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Tensor {
     fn drop(&mut self) {
         self.device.memory().free(self.tag, self.size_in_bytes());
-        let Storage::Cpu(v) = std::mem::replace(&mut self.storage, Storage::Cpu(Vec::new()));
-        self.device.recycle(v);
+        if let Storage::Cpu(v) = std::mem::replace(&mut self.storage, Storage::Cpu(Vec::new())) {
+            self.device.recycle(v);
+        }
     }
 }
 

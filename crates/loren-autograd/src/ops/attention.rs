@@ -9,24 +9,23 @@ use crate::tape::{Backward, GradSink, NodeId, Tape, Var};
 pub fn attention(tape: &Tape, q: &Var, k: &Var, v: &Var, heads: usize) -> Result<Var> {
     let out = attention_forward(q.value(), k.value(), v.value(), heads)?;
     let needs_grad = tape.needs_grad(&[Some(q), Some(k), Some(v)]);
-    Ok(tape.record(
-        out.o,
-        needs_grad,
-        AttentionBackward {
-            q: q.keep(),
-            k: k.keep(),
-            v: v.keep(),
-            lse: out.lse,
-            heads,
-            nodes: [q.node(), k.node(), v.node()],
-        },
-    ))
+    let lse = out.lse;
+    Ok(tape.record_with(out.o, needs_grad, |o| AttentionBackward {
+        q: q.keep(),
+        k: k.keep(),
+        v: v.keep(),
+        o: Arc::clone(o),
+        lse,
+        heads,
+        nodes: [q.node(), k.node(), v.node()],
+    }))
 }
 
 struct AttentionBackward {
     q: Arc<Tensor>,
     k: Arc<Tensor>,
     v: Arc<Tensor>,
+    o: Arc<Tensor>,
     lse: Tensor,
     heads: usize,
     nodes: [Option<NodeId>; 3],
@@ -38,7 +37,7 @@ impl Backward for AttentionBackward {
     }
 
     fn backward(self: Box<Self>, d_o: Tensor, grads: &mut GradSink) -> Result<()> {
-        let g = attention_backward(&d_o, &self.q, &self.k, &self.v, &self.lse, self.heads)?;
+        let g = attention_backward(&d_o, &self.q, &self.k, &self.v, &self.o, &self.lse, self.heads)?;
         drop(d_o);
         let [q, k, v] = self.nodes;
         grads.add_opt(q, g.dq)?;

@@ -2,13 +2,24 @@ use std::sync::Arc;
 
 use loren_tensor::ops::linear::{Needs, linear_backward, linear_forward};
 use loren_tensor::ops::lora::{lora_backward, lora_forward};
-use loren_tensor::{Result, Shape, Tensor};
+use loren_tensor::{DType, Result, Shape, Tensor};
 
 use crate::tape::{Backward, GradSink, NodeId, Tape, Var};
 
 /// `y = x·Wᵀ + b`, with W shared ([1, N, K]) or per member ([M, N, K]).
 pub fn linear(tape: &Tape, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
-    let y = linear_forward(x.value(), w.value(), b.map(|b| b.value()))?;
+    let dtype = x.value().device().compute_dtype();
+    product(tape, x, w, b, dtype)
+}
+
+/// [`linear`] with an f32 output on every device: the logits, which the loss and the
+/// probabilities read in full precision.
+pub fn logits(tape: &Tape, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
+    product(tape, x, w, b, DType::F32)
+}
+
+fn product(tape: &Tape, x: &Var, w: &Var, b: Option<&Var>, out: DType) -> Result<Var> {
+    let y = linear_forward(x.value(), w.value(), b.map(|b| b.value()), out)?;
     let needs_grad = tape.needs_grad(&[Some(x), Some(w), b]);
     Ok(tape.record(
         y,

@@ -31,10 +31,8 @@ impl Backward for CrossEntropyBackward {
 
     fn backward(self: Box<Self>, dy: Tensor, grads: &mut GradSink) -> Result<()> {
         let mut g = self.dlogits;
-        let s = dy.scalar()?;
-        // The loss is the root of the tape, so dy is 1 there and the scaling is skipped.
-        if s != 1.0 {
-            scale_(&mut g, s)?;
+        if !grads.dy_is_one() {
+            scale_(&mut g, dy.scalar()?)?;
         }
         grads.add(self.node, g)
     }

@@ -13,6 +13,6 @@ pub use activation::bias_gelu;
 pub use attention::attention;
 pub use elementwise::add;
 pub use embed::{class_token, embed_tokens};
-pub use linear::{linear, lora_linear};
+pub use linear::{linear, logits, lora_linear};
 pub use loss::softmax_cross_entropy;
 pub use norm::layernorm;

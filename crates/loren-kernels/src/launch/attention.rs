@@ -12,7 +12,7 @@ use crate::gpu::{Arg, Gpu};
 use crate::sources::Kernel;
 
 /// The head dims with a compiled kernel.
-pub const HEAD_DIMS: [usize; 3] = [32, 64, 128];
+pub const HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 const TILE: usize = 64;
 const THREADS: u32 = 128;
 
@@ -20,6 +20,7 @@ const THREADS: u32 = 128;
 pub(crate) fn kernels(dh: usize) -> Option<[Kernel; 3]> {
     use Kernel::*;
     match dh {
+        16 => Some([AttentionFwdD16, AttentionBwdDqD16, AttentionBwdDkvD16]),
         32 => Some([AttentionFwdD32, AttentionBwdDqD32, AttentionBwdDkvD32]),
         64 => Some([AttentionFwdD64, AttentionBwdDqD64, AttentionBwdDkvD64]),
         128 => Some([AttentionFwdD128, AttentionBwdDqD128, AttentionBwdDkvD128]),
@@ -51,7 +52,7 @@ pub struct AttentionDims {
     /// T, the sequence length (designed for 1..=256; any length is correct, longer ones slower).
     pub seq: usize,
     pub heads: usize,
-    /// dh: 32, 64 or 128.
+    /// dh: 16, 32, 64 or 128.
     pub head_dim: usize,
 }
 
@@ -81,7 +82,7 @@ impl AttentionDims {
         kernels(self.head_dim).ok_or_else(|| {
             KernelError::invalid(
                 op,
-                format!("head dim {} has no kernel (32, 64, 128)", self.head_dim),
+                format!("head dim {} has no kernel (16, 32, 64, 128)", self.head_dim),
             )
         })
     }

@@ -102,6 +102,40 @@ macro_rules! add_launcher {
     };
 }
 
+macro_rules! bias_launcher {
+    ($name:ident, $t:ty, $kernel:ident) => {
+        /// `y[g][row][c] += bias[gb(g)][c]` for y [groups, rows, n] and an f32 bias
+        /// [bias_groups, n] (1 or `groups`): the bias of a cuBLAS product.
+        pub fn $name(
+            &self,
+            groups: usize,
+            rows: usize,
+            n: usize,
+            bias_groups: usize,
+            y: &mut dyn DevicePtrMut<$t>,
+            bias: &dyn DevicePtr<f32>,
+        ) -> Result<()> {
+            const OP: &str = stringify!($name);
+            positive(OP, "groups", groups)?;
+            positive(OP, "rows", rows)?;
+            positive(OP, "n", n)?;
+            groups_ok(OP, "bias", bias_groups, groups)?;
+            let total = product(OP, &[groups, rows, n])?;
+            let bias = self.input(OP, "bias", bias, bias_groups * n)?;
+            let y = self.output(OP, "y", y, total)?;
+            let args = [
+                y.arg(),
+                bias.arg(),
+                Arg::from(rows as u64),
+                Arg::from(int(OP, "n", n)?),
+                Arg::from(int(OP, "groups", groups)?),
+                Arg::from(bias_groups as i32),
+            ];
+            self.launch(Kernel::$kernel, elementwise_cfg(total), &args)
+        }
+    };
+}
+
 macro_rules! binary_inplace {
     ($name:ident, $t:ty, $kernel:ident, $doc:literal) => {
         #[doc = $doc]
@@ -270,6 +304,8 @@ macro_rules! fill_launcher {
 
 impl Gpu {
     add_launcher!(add_bf16, bf16, AddBf16);
+    bias_launcher!(add_bias_rows_bf16, bf16, AddBiasRowsBf16);
+    bias_launcher!(add_bias_rows_f32, f32, AddBiasRowsF32);
     add_launcher!(add_f32, f32, AddF32);
     binary_inplace!(
         add_assign_bf16,

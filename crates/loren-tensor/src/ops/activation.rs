@@ -6,6 +6,7 @@ use rayon::prelude::*;
 
 use super::elementwise::{reduce_to_groups, sum_rows};
 use super::{broadcast_groups, expect_rank, group_index, same_device};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::memory::MemTag;
 use crate::tensor::Tensor;
@@ -74,11 +75,12 @@ where
 
 pub fn bias_gelu_forward(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     let dm = check(x, b)?;
-    let mut y = Tensor::empty(
-        x.shape().with_groups(dm.groups),
-        MemTag::Activations,
-        x.device(),
-    )?;
+    let dev = x.device();
+    let mut y = Tensor::empty_as(x.shape().with_groups(dm.groups), dev.compute_dtype(), MemTag::Activations, dev)?;
+    if let Some(gpu) = dev.gpu() {
+        gpu.bias_gelu_forward(&cuda_dims(&dm), x.cu_bf16(OP)?, b.cu_f32(OP)?, y.cu_bf16_mut(OP)?)?;
+        return Ok(y);
+    }
     map_rows(
         y.as_mut_slice()?,
         x.as_slice()?,
@@ -113,6 +115,26 @@ pub fn bias_gelu_backward(
         return Err(Error::shape("bias_gelu_backward", dy.shape(), &want));
     }
     let dev = x.device();
+    if let Some(gpu) = dev.gpu() {
+        let d = cuda_dims(&dm);
+        let (dyb, xb, bf) = (dy.cu_bf16(OP)?, x.cu_bf16(OP)?, b.cu_f32(OP)?);
+        let dx = need_x
+            .then(|| -> Result<Tensor> {
+                let mut dx = Tensor::empty_as(x.shape().clone(), DType::BF16, MemTag::Workspace, dev)?;
+                gpu.bias_gelu_backward_dx(&d, dyb, xb, bf, dx.cu_bf16_mut(OP)?)?;
+                Ok(dx)
+            })
+            .transpose()?;
+        let db = need_b
+            .then(|| -> Result<Tensor> {
+                let mut db = Tensor::empty(b.shape().clone(), MemTag::Workspace, dev)?;
+                let mut ws = Tensor::empty([loren_kernels::bias_gelu_db_workspace_len(&d)], MemTag::Workspace, dev)?;
+                gpu.bias_gelu_backward_db(&d, dyb, xb, bf, ws.cu_f32_mut(OP)?, db.cu_f32_mut(OP)?, false)?;
+                Ok(db)
+            })
+            .transpose()?;
+        return Ok(BiasGeluGrads { dx, db });
+    }
     let dys = dy.as_slice()?;
     let mut dz = Tensor::empty(want, MemTag::Workspace, dev)?;
     let n = dm.n;
@@ -136,6 +158,16 @@ pub fn bias_gelu_backward(
         .transpose()?;
     let dx = need_x.then(|| reduce_to_groups(dz, dm.gx)).transpose()?;
     Ok(BiasGeluGrads { dx, db })
+}
+
+fn cuda_dims(dm: &Dims) -> loren_kernels::BiasGeluDims {
+    loren_kernels::BiasGeluDims {
+        groups: dm.groups,
+        x_groups: dm.gx,
+        b_groups: dm.gb,
+        rows: dm.rows,
+        n: dm.n,
+    }
 }
 
 #[cfg(test)]

@@ -165,13 +165,15 @@ pub fn attention_forward(
     Ok(AttentionOutput { o, lse })
 }
 
-/// Gradients of Q, K and V, each reduced to its own group count.
+/// Gradients of Q, K and V, each reduced to its own group count. `o` is the forward's output:
+/// Δ_i = Σ_j P_ij·dP_ij is read as dO_i·O_i.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     d_o: &Tensor,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    o: &Tensor,
     lse: &Tensor,
     heads: usize,
 ) -> Result<AttentionGrads> {
@@ -188,15 +190,22 @@ pub fn attention_backward(
     if lse.dims() != [dm.groups, dm.batch, heads, t] {
         return Err(Error::shape("attention_backward", lse.shape(), d_o.shape()));
     }
+    if o.dims() != full {
+        return Err(Error::shape("attention_backward", o.shape(), d_o.shape()));
+    }
     let dev = q.device();
+    if dev.gpu().is_some() {
+        return backward_cuda(&dm, heads, d_o, q, k, v, o, lse);
+    }
     let mut dq = Tensor::zeros(full, MemTag::Workspace, dev)?;
     let mut dk = Tensor::zeros(full, MemTag::Workspace, dev)?;
     let mut dv = Tensor::zeros(full, MemTag::Workspace, dev)?;
-    let (dos, qs, ks, vs, ls) = (
+    let (dos, qs, ks, vs, os, ls) = (
         d_o.as_slice()?,
         q.as_slice()?,
         k.as_slice()?,
         v.as_slice()?,
+        o.as_slice()?,
         lse.as_slice()?,
     );
     let scale = dm.scale();
@@ -211,6 +220,7 @@ pub fn attention_backward(
             let kg = &ks[dm.base(g, dm.gk, b)..][..t * d];
             let vg = &vs[dm.base(g, dm.gv, b)..][..t * d];
             let dog = &dos[gb * t * d..][..t * d];
+            let og = &os[gb * t * d..][..t * d];
             let lg = &ls[gb * heads * t..][..heads * t];
             let mut head = Head::new(t, dh);
             let (mut p, mut dp) = (vec![0.0f32; t], vec![0.0f32; t]);
@@ -224,8 +234,7 @@ pub fn attention_backward(
                     let l = lg[h * t + i];
                     p.iter_mut().for_each(|x| *x = exp(*x - l));
                     row_times(&mut dp, doi, &head.vt, 1.0);
-                    // Δ_i = Σ_j P_ij·dP_ij equals dO_i·O_i, without keeping O.
-                    let delta: f32 = p.iter().zip(&dp).map(|(p, dp)| p * dp).sum();
+                    let delta: f32 = doi.iter().zip(&og[at(i)..][..dh]).map(|(g, o)| g * o).sum();
                     for j in 0..t {
                         let ds = p[j] * (dp[j] - delta) * scale;
                         axpy(&mut dq[at(i)..][..dh], ds, &kg[at(j)..][..dh]);
@@ -236,6 +245,61 @@ pub fn attention_backward(
             }
         });
     use super::elementwise::reduce_to_groups;
+    Ok(AttentionGrads {
+        dq: Some(reduce_to_groups(dq, dm.gq)?),
+        dk: Some(reduce_to_groups(dk, dm.gk)?),
+        dv: Some(reduce_to_groups(dv, dm.gv)?),
+    })
+}
+
+fn cuda_dims(dm: &Dims, heads: usize) -> loren_kernels::AttentionDims {
+    loren_kernels::AttentionDims {
+        groups: dm.groups,
+        q_groups: dm.gq,
+        k_groups: dm.gk,
+        v_groups: dm.gv,
+        batch: dm.batch,
+        seq: dm.t,
+        heads,
+        head_dim: dm.dh,
+    }
+}
+
+/// The GPU backward: the fused dQ and dK/dV kernels write per output group; an input shared by
+/// the groups then gets the sum.
+#[allow(clippy::too_many_arguments)]
+fn backward_cuda(
+    dm: &Dims,
+    heads: usize,
+    d_o: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+) -> Result<AttentionGrads> {
+    use super::elementwise::reduce_to_groups;
+    let dev = q.device();
+    let gpu = dev.require_gpu(OP)?;
+    let full = [dm.groups, dm.batch, dm.t, dm.d];
+    let bf = crate::dtype::DType::BF16;
+    let mut dq = Tensor::empty_as(full, bf, MemTag::Workspace, dev)?;
+    let mut dk = Tensor::empty_as(full, bf, MemTag::Workspace, dev)?;
+    let mut dv = Tensor::empty_as(full, bf, MemTag::Workspace, dev)?;
+    let mut delta = Tensor::empty(lse.shape().clone(), MemTag::Workspace, dev)?;
+    gpu.attention_backward(
+        &cuda_dims(dm, heads),
+        d_o.cu_bf16(OP)?,
+        q.cu_bf16(OP)?,
+        k.cu_bf16(OP)?,
+        v.cu_bf16(OP)?,
+        o.cu_bf16(OP)?,
+        lse.cu_f32(OP)?,
+        delta.cu_f32_mut(OP)?,
+        dq.cu_bf16_mut(OP)?,
+        dk.cu_bf16_mut(OP)?,
+        dv.cu_bf16_mut(OP)?,
+    )?;
     Ok(AttentionGrads {
         dq: Some(reduce_to_groups(dq, dm.gq)?),
         dk: Some(reduce_to_groups(dk, dm.gk)?),

@@ -2,7 +2,8 @@
 
 use rayon::prelude::*;
 
-use super::{broadcast_groups, same_device};
+use super::{broadcast_groups, same_device, same_dtype};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::memory::MemTag;
 use crate::tensor::Tensor;
@@ -17,14 +18,18 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if a.dims()[1..] != b.dims()[1..] {
         return Err(Error::shape(OP, a.shape(), b.shape()));
     }
+    let dtype = same_dtype(OP, &[a, b])?;
     let per = a.numel() / a.shape().groups().max(1);
-    let mut out = Tensor::empty(
-        a.shape().with_groups(groups),
-        MemTag::Activations,
-        a.device(),
-    )?;
-    let (av, bv) = (a.as_slice()?, b.as_slice()?);
+    let mut out = Tensor::empty_as(a.shape().with_groups(groups), dtype, MemTag::Activations, a.device())?;
     let (ga, gb) = (a.shape().groups(), b.shape().groups());
+    if let Some(gpu) = a.device().gpu() {
+        match dtype {
+            DType::BF16 => gpu.add_bf16(per, groups, ga, gb, a.cu_bf16(OP)?, b.cu_bf16(OP)?, out.cu_bf16_mut(OP)?)?,
+            DType::F32 => gpu.add_f32(per, groups, ga, gb, a.cu_f32(OP)?, b.cu_f32(OP)?, out.cu_f32_mut(OP)?)?,
+        }
+        return Ok(out);
+    }
+    let (av, bv) = (a.as_slice()?, b.as_slice()?);
     out.as_mut_slice()?
         .par_chunks_mut(per)
         .enumerate()
@@ -45,6 +50,14 @@ pub fn add_assign(dst: &mut Tensor, src: &Tensor) -> Result<()> {
         return Err(Error::shape(OP, dst.shape(), src.shape()));
     }
     same_device(OP, &[dst, src])?;
+    let n = dst.numel();
+    if let Some(gpu) = src.device().gpu() {
+        match same_dtype(OP, &[dst, src])? {
+            DType::BF16 => gpu.add_assign_bf16(n, dst.cu_bf16_mut(OP)?, src.cu_bf16(OP)?)?,
+            DType::F32 => gpu.add_assign_f32(n, dst.cu_f32_mut(OP)?, src.cu_f32(OP)?)?,
+        }
+        return Ok(());
+    }
     let s = src.as_slice()?;
     let d = dst.as_mut_slice()?;
     if d.len() >= PAR_MIN {
@@ -59,14 +72,32 @@ pub fn add_assign(dst: &mut Tensor, src: &Tensor) -> Result<()> {
 
 /// `t *= alpha`, in place.
 pub fn scale_(t: &mut Tensor, alpha: f32) -> Result<()> {
+    const OP: &str = "scale";
+    if let Some(gpu) = t.device().gpu().cloned() {
+        let n = t.numel();
+        match t.dtype() {
+            DType::BF16 => gpu.scale_bf16(n, t.cu_bf16_mut(OP)?, alpha)?,
+            DType::F32 => gpu.scale_f32(n, t.cu_f32_mut(OP)?, alpha)?,
+        }
+        return Ok(());
+    }
     t.as_mut_slice()?.par_iter_mut().for_each(|v| *v *= alpha);
     Ok(())
 }
 
 /// Sum over the group axis, keeping it with size 1: the gradient of a broadcast input.
 pub fn sum_groups(t: &Tensor) -> Result<Tensor> {
+    const OP: &str = "sum_groups";
     let g = t.shape().groups();
     let per = t.numel() / g.max(1);
+    if let Some(gpu) = t.device().gpu() {
+        let mut out = Tensor::empty_as(t.shape().with_groups(1), t.dtype(), MemTag::Workspace, t.device())?;
+        match t.dtype() {
+            DType::BF16 => gpu.sum_groups_bf16(per, g, t.cu_bf16(OP)?, out.cu_bf16_mut(OP)?)?,
+            DType::F32 => gpu.sum_groups_f32(per, g, t.cu_f32(OP)?, out.cu_f32_mut(OP)?)?,
+        }
+        return Ok(out);
+    }
     let mut out = Tensor::zeros(t.shape().with_groups(1), MemTag::Workspace, t.device())?;
     let src = t.as_slice()?;
     let o = out.as_mut_slice()?;
@@ -95,8 +126,20 @@ pub fn reduce_to_groups(t: Tensor, groups: usize) -> Result<Tensor> {
     }
 }
 
-/// Sum of squares of all elements, in f64.
+/// Sum of squares of all elements, in f64 (read back from a GPU: it waits).
 pub fn sum_squares(t: &Tensor) -> Result<f64> {
+    const OP: &str = "sum_squares";
+    if let Some(gpu) = t.device().gpu() {
+        let x = t.copy_as(DType::F32, MemTag::Workspace)?;
+        let n = t.numel();
+        let stream = gpu.stream();
+        let mut partials = stream
+            .alloc_zeros::<f64>(loren_kernels::sum_squares_partials_len(n))
+            .map_err(crate::tensor::cuda(OP))?;
+        let mut out = stream.alloc_zeros::<f64>(1).map_err(crate::tensor::cuda(OP))?;
+        gpu.sum_squares_f32(n, x.cu_f32(OP)?, &mut partials, &mut out)?;
+        return Ok(stream.clone_dtoh(&out).map_err(crate::tensor::cuda(OP))?[0]);
+    }
     Ok(t.as_slice()?
         .par_chunks(4096)
         .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
@@ -105,8 +148,11 @@ pub fn sum_squares(t: &Tensor) -> Result<f64> {
         .sum())
 }
 
-/// Whether every element is finite.
+/// Whether every element is finite (read back from a GPU).
 pub fn all_finite(t: &Tensor) -> Result<bool> {
+    if t.device().gpu().is_some() {
+        return Ok(t.to_vec()?.iter().all(|v| v.is_finite()));
+    }
     Ok(t.as_slice()?.par_iter().all(|v| v.is_finite()))
 }
 

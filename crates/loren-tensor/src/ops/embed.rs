@@ -6,6 +6,7 @@ use rayon::prelude::*;
 
 use super::elementwise::{reduce_to_groups, sum_rows};
 use super::{broadcast_groups, expect_rank, group_index, same_device};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::memory::MemTag;
 use crate::tensor::Tensor;
@@ -30,7 +31,12 @@ pub fn patchify(images: &Tensor, p: usize) -> Result<Tensor> {
     }
     let (gh, gw) = (h / p, w / p);
     let feat = c * p * p;
-    let mut out = Tensor::empty([1, b, gh * gw, feat], MemTag::Activations, images.device())?;
+    let dev = images.device();
+    let mut out = Tensor::empty_as([1, b, gh * gw, feat], dev.compute_dtype(), MemTag::Activations, dev)?;
+    if let Some(gpu) = dev.gpu() {
+        gpu.patchify(b, c, h, w, p, images.cu_f32(OP)?, out.cu_bf16_mut(OP)?)?;
+        return Ok(out);
+    }
     let src = images.as_slice()?;
     out.as_mut_slice()?
         .par_chunks_mut(feat)
@@ -87,11 +93,13 @@ fn check_tokens(pe: &Tensor, cls: &Tensor, pos: &Tensor) -> Result<TokenDims> {
 pub fn embed_tokens_forward(pe: &Tensor, cls: &Tensor, pos: &Tensor) -> Result<Tensor> {
     let dm = check_tokens(pe, cls, pos)?;
     let (t, d) = (dm.patches + 1, dm.d);
-    let mut x = Tensor::empty(
-        [dm.groups, dm.batch, t, d],
-        MemTag::Activations,
-        pe.device(),
-    )?;
+    let dev = pe.device();
+    let mut x = Tensor::empty_as([dm.groups, dm.batch, t, d], dev.compute_dtype(), MemTag::Activations, dev)?;
+    if let Some(gpu) = dev.gpu() {
+        let (peb, cf, pf) = (pe.cu_bf16(TOKENS)?, cls.cu_f32(TOKENS)?, pos.cu_f32(TOKENS)?);
+        gpu.embed_tokens_forward(&cuda_dims(&dm), peb, cf, pf, x.cu_bf16_mut(TOKENS)?)?;
+        return Ok(x);
+    }
     let (pes, cs, ps) = (pe.as_slice()?, cls.as_slice()?, pos.as_slice()?);
     x.as_mut_slice()?
         .par_chunks_mut(t * d)
@@ -137,6 +145,9 @@ pub fn embed_tokens_backward(
         ));
     }
     let dev = dx.device();
+    if dev.gpu().is_some() {
+        return embed_tokens_backward_cuda(&dm, dx, cls, pos, need);
+    }
     let dxs = dx.as_slice()?;
     let mut out = TokenGrads::default();
     if need[0] {
@@ -179,20 +190,79 @@ pub fn class_token_forward(x: &Tensor) -> Result<Tensor> {
             format!("no class token in {}", x.shape()),
         ));
     }
+    let dev = x.device();
+    if let Some(gpu) = dev.gpu() {
+        let mut y = Tensor::empty_as([g, b, d], dev.compute_dtype(), MemTag::Activations, dev)?;
+        gpu.class_token_forward(g * b, t, d, x.cu_bf16("class_token")?, y.cu_bf16_mut("class_token")?)?;
+        return Ok(y);
+    }
     let xs = x.as_slice()?;
     let data: Vec<f32> = xs.chunks(t * d).flat_map(|s| &s[..d]).copied().collect();
-    Tensor::from_vec(data, [g, b, d], MemTag::Activations, x.device())
+    Tensor::from_vec(data, [g, b, d], MemTag::Activations, dev)
 }
 
 /// The gradient of [`class_token_forward`]: `dy` [G, B, D] placed at token 0 of zeros [G, B, T, D].
 pub fn class_token_backward(dy: &Tensor, tokens: usize) -> Result<Tensor> {
     expect_rank("class_token_backward", dy, 3, "gradient [G, B, D]")?;
     let [g, b, d] = [dy.dims()[0], dy.dims()[1], dy.dims()[2]];
-    let mut dx = Tensor::zeros([g, b, tokens, d], MemTag::Workspace, dy.device())?;
+    let dev = dy.device();
+    if let Some(gpu) = dev.gpu() {
+        let mut dx = Tensor::empty_as([g, b, tokens, d], DType::BF16, MemTag::Workspace, dev)?;
+        const OP: &str = "class_token_backward";
+        gpu.class_token_backward(g * b, tokens, d, dy.cu_bf16(OP)?, dx.cu_bf16_mut(OP)?)?;
+        return Ok(dx);
+    }
+    let mut dx = Tensor::zeros([g, b, tokens, d], MemTag::Workspace, dev)?;
     let dys = dy.as_slice()?;
     dx.as_mut_slice()?
         .par_chunks_mut(tokens * d)
         .zip(dys.par_chunks(d))
         .for_each(|(o, g)| o[..d].copy_from_slice(g));
     Ok(dx)
+}
+
+fn cuda_dims(dm: &TokenDims) -> loren_kernels::EmbedDims {
+    loren_kernels::EmbedDims {
+        groups: dm.groups,
+        pe_groups: dm.ge,
+        cls_groups: dm.gc,
+        pos_groups: dm.gp,
+        batch: dm.batch,
+        patches: dm.patches,
+        dim: dm.d,
+    }
+}
+
+/// The GPU backward: dpe by a kernel summing over groups for a shared pe; dcls and dpos as
+/// deterministic column sums of dx's rows.
+fn embed_tokens_backward_cuda(
+    dm: &TokenDims,
+    dx: &Tensor,
+    cls: &Tensor,
+    pos: &Tensor,
+    need: [bool; 3],
+) -> Result<TokenGrads> {
+    let dev = dx.device();
+    let gpu = dev.require_gpu(TOKENS)?;
+    let d = cuda_dims(dm);
+    let dxb = dx.cu_bf16(TOKENS)?;
+    let column_sums = |rows: loren_kernels::SumRowsDims, shape: &crate::shape::Shape| -> Result<Tensor> {
+        let mut out = Tensor::empty(shape.clone(), MemTag::Workspace, dev)?;
+        let mut ws = Tensor::empty([loren_kernels::sum_rows_workspace_len(&rows)], MemTag::Workspace, dev)?;
+        gpu.sum_rows_bf16(&rows, dxb, ws.cu_f32_mut(TOKENS)?, out.cu_f32_mut(TOKENS)?, false)?;
+        Ok(out)
+    };
+    let mut out = TokenGrads::default();
+    if need[0] {
+        let mut dpe = Tensor::empty_as([dm.ge, dm.batch, dm.patches, dm.d], DType::BF16, MemTag::Workspace, dev)?;
+        gpu.embed_tokens_backward_patches(&d, dxb, dpe.cu_bf16_mut(TOKENS)?)?;
+        out.dpe = Some(dpe);
+    }
+    if need[1] {
+        out.dcls = Some(column_sums(d.dcls_rows(), cls.shape())?);
+    }
+    if need[2] {
+        out.dpos = Some(column_sums(d.dpos_rows(), pos.shape())?);
+    }
+    Ok(out)
 }

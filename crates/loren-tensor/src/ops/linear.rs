@@ -7,6 +7,7 @@ use super::elementwise::sum_rows;
 use super::gemm::{Trans, matmul, pool_threads};
 use super::{broadcast_groups, expect_rank, group_index, same_device};
 use crate::error::{Error, Result};
+use crate::dtype::DType;
 use crate::memory::MemTag;
 use crate::shape::Shape;
 use crate::tensor::Tensor;
@@ -102,11 +103,16 @@ pub(crate) fn fill_rows(y: &mut [f32], bias: &[f32]) {
     }
 }
 
-/// `y[g] = x[g]·W[g]ᵀ + b[g]`, broadcasting groups of 1.
-pub fn linear_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+/// `y[g] = x[g]·W[g]ᵀ + b[g]`, broadcasting groups of 1. The output is stored as `out`
+/// (bf16 activations, or f32 for logits; always f32 on the CPU).
+pub fn linear_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, out: DType) -> Result<Tensor> {
     let d = check(x, w, bias)?;
     let out_shape = x.shape().with_groups(d.groups).with_last(d.n);
-    let mut y = Tensor::empty(out_shape, MemTag::Activations, x.device())?;
+    let mut y = Tensor::empty_as(out_shape, out, MemTag::Activations, x.device())?;
+    if x.device().gpu().is_some() {
+        cuda::forward(&d, x, w, bias, &mut y)?;
+        return Ok(y);
+    }
     let xs = x.as_slice()?;
     let ws = w.as_slice()?;
     let bs = bias.map(|b| b.as_slice()).transpose()?;
@@ -173,6 +179,9 @@ pub fn linear_backward(
     let want = x_shape.with_groups(d.groups).with_last(d.n);
     if dy.shape() != &want {
         return Err(Error::shape(BWD, dy.shape(), &want));
+    }
+    if dy.device().gpu().is_some() {
+        return cuda::backward(&d, dy, x_shape, x, w, has_bias, needs);
     }
     let (rows, k, n, groups) = (d.rows, d.k, d.n, d.groups);
     let dys = dy.as_slice()?;
@@ -294,4 +303,146 @@ pub fn linear_backward(
         out.db = Some(Tensor::from_vec(sums, [d.gw, n], MemTag::Workspace, dev)?);
     }
     Ok(out)
+}
+
+/// The GPU path: cuBLAS bf16 products with f32 accumulation (the frozen MLP, the explicit
+/// ensemble's per-member weights, the heads), the bias added by a row kernel.
+mod cuda {
+    use loren_kernels::{Gemm, GemmOut, SumRowsDims, sum_rows_workspace_len};
+
+    use super::{Dims, LinearGrads, Needs};
+    use crate::dtype::DType;
+    use crate::error::{Error, Result};
+    use crate::memory::MemTag;
+    use crate::shape::Shape;
+    use crate::tensor::Tensor;
+
+    const OP: &str = "linear";
+
+    fn gemm(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Gemm {
+        Gemm {
+            m,
+            n,
+            k,
+            trans_a,
+            trans_b,
+            batch: 1,
+            stride_a: 0,
+            stride_b: 0,
+            stride_c: 0,
+            alpha: 1.0,
+            beta: 0.0,
+        }
+    }
+
+    /// `count` products a stride apart (0 reads one operand for all).
+    fn batched(g: Gemm, count: usize, sa: usize, sb: usize, sc: usize) -> Gemm {
+        Gemm {
+            batch: count,
+            stride_a: sa,
+            stride_b: sb,
+            stride_c: sc,
+            ..g
+        }
+    }
+
+    /// A bf16 copy of an f32 operand (the logits' gradient), for cuBLAS; None when it is bf16.
+    fn bf16_copy(t: &Tensor) -> Result<Option<Tensor>> {
+        (t.dtype() == DType::F32).then(|| t.copy_as(DType::BF16, MemTag::Workspace)).transpose()
+    }
+
+    pub(super) fn forward(d: &Dims, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, y: &mut Tensor) -> Result<()> {
+        let gpu = x.device().require_gpu(OP)?;
+        let (rows, k, n) = (d.rows, d.k, d.n);
+        let g = if d.gw == 1 {
+            // One product over every group's rows: the shared-W GEMM of DESIGN.md.
+            gemm(d.groups * rows, n, k, false, true)
+        } else {
+            let sx = if d.gx == 1 { 0 } else { rows * k };
+            batched(gemm(rows, n, k, false, true), d.groups, sx, n * k, rows * n)
+        };
+        let (xb, wb) = (x.cu_bf16(OP)?, w.cu_bf16(OP)?);
+        match y.dtype() {
+            DType::BF16 => gpu.gemm_bf16(&g, xb, wb, GemmOut::Bf16(y.cu_bf16_mut(OP)?))?,
+            DType::F32 => gpu.gemm_bf16(&g, xb, wb, GemmOut::F32(y.cu_f32_mut(OP)?))?,
+        }
+        if let Some(b) = bias {
+            let bf = b.cu_f32(OP)?;
+            match y.dtype() {
+                DType::BF16 => gpu.add_bias_rows_bf16(d.groups, rows, n, d.gw, y.cu_bf16_mut(OP)?, bf)?,
+                DType::F32 => gpu.add_bias_rows_f32(d.groups, rows, n, d.gw, y.cu_f32_mut(OP)?, bf)?,
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn backward(
+        d: &Dims,
+        dy: &Tensor,
+        x_shape: &Shape,
+        x: Option<&Tensor>,
+        w: &Tensor,
+        has_bias: bool,
+        needs: Needs,
+    ) -> Result<LinearGrads> {
+        let gpu = dy.device().require_gpu(OP)?;
+        let dev = dy.device();
+        let (rows, k, n, groups) = (d.rows, d.k, d.n, d.groups);
+        let cast = bf16_copy(dy)?;
+        let dyb = cast.as_ref().unwrap_or(dy).cu_bf16(OP)?;
+        let mut out = LinearGrads::default();
+
+        if needs.dx {
+            let wb = w.cu_bf16(OP)?;
+            let mut dx = Tensor::empty_as(x_shape.clone(), DType::BF16, MemTag::Workspace, dev)?;
+            if d.gw == 1 {
+                gpu.gemm_bf16(&gemm(groups * rows, k, n, false, false), dyb, wb, GemmOut::Bf16(dx.cu_bf16_mut(OP)?))?;
+            } else {
+                let g = batched(gemm(rows, k, n, false, false), groups, rows * n, n * k, rows * k);
+                if d.gx == groups {
+                    gpu.gemm_bf16(&g, dyb, wb, GemmOut::Bf16(dx.cu_bf16_mut(OP)?))?;
+                } else {
+                    // A shared input feeds every member: its gradient is the sum over members.
+                    let per = x_shape.with_groups(groups);
+                    let mut each = Tensor::empty_as(per, DType::BF16, MemTag::Workspace, dev)?;
+                    gpu.gemm_bf16(&g, dyb, wb, GemmOut::Bf16(each.cu_bf16_mut(OP)?))?;
+                    gpu.sum_groups_bf16(rows * k, groups, each.cu_bf16(OP)?, dx.cu_bf16_mut(OP)?)?;
+                }
+            }
+            out.dx = Some(dx);
+        }
+
+        if needs.dw {
+            let x = x.ok_or_else(|| Error::invalid(OP, "the weight's gradient needs the input, which was not kept"))?;
+            let xb = x.cu_bf16(OP)?;
+            let mut dw = Tensor::empty_as(w.shape().clone(), DType::F32, MemTag::Workspace, dev)?;
+            let g = if d.gw == 1 {
+                // Every group's rows contribute to the one shared weight: one product over all.
+                gemm(n, k, groups * rows, true, false)
+            } else {
+                let sx = if d.gx == 1 { 0 } else { rows * k };
+                batched(gemm(n, k, rows, true, false), groups, rows * n, sx, n * k)
+            };
+            gpu.gemm_bf16(&g, dyb, xb, GemmOut::F32(dw.cu_f32_mut(OP)?))?;
+            out.dw = Some(dw);
+        }
+
+        if needs.db && has_bias {
+            let dims = SumRowsDims {
+                groups,
+                rows,
+                n,
+                ld: n,
+                out_groups: d.gw,
+            };
+            let mut db = Tensor::empty_as([d.gw, n], DType::F32, MemTag::Workspace, dev)?;
+            let mut ws = Tensor::empty_as([sum_rows_workspace_len(&dims)], DType::F32, MemTag::Workspace, dev)?;
+            match dy.dtype() {
+                DType::BF16 => gpu.sum_rows_bf16(&dims, dyb, ws.cu_f32_mut(OP)?, db.cu_f32_mut(OP)?, false)?,
+                DType::F32 => gpu.sum_rows_f32(&dims, dy.cu_f32(OP)?, ws.cu_f32_mut(OP)?, db.cu_f32_mut(OP)?, false)?,
+            }
+            out.db = Some(db);
+        }
+        Ok(out)
+    }
 }

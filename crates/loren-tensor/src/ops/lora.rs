@@ -103,16 +103,12 @@ pub fn lora_forward(
     let d = check(x, w, bias, a, b)?;
     let (m, rows, k, n, r) = (d.members, d.rows, d.k, d.n, d.r);
     let dev = x.device();
-    let mut y = Tensor::empty(
-        x.shape().with_groups(m).with_last(n),
-        MemTag::Activations,
-        dev,
-    )?;
-    let mut u = Tensor::empty(
-        x.shape().with_groups(m).with_last(r),
-        MemTag::Activations,
-        dev,
-    )?;
+    let mut y = Tensor::empty_as(x.shape().with_groups(m).with_last(n), dev.compute_dtype(), MemTag::Activations, dev)?;
+    let mut u = Tensor::empty(x.shape().with_groups(m).with_last(r), MemTag::Activations, dev)?;
+    if dev.gpu().is_some() {
+        cuda::forward(&d, x, w, bias, a, b, scale, &mut y, &mut u)?;
+        return Ok(LoraOutput { y, u });
+    }
     let (xs, ws, as_, bs) = (x.as_slice()?, w.as_slice()?, a.as_slice()?, b.as_slice()?);
     let bias = bias.map(|t| t.as_slice()).transpose()?;
     let ys = y.as_mut_slice()?;
@@ -206,6 +202,9 @@ pub fn lora_backward(
         return Err(Error::shape("lora_backward", u.shape(), &u_shape));
     }
     let dev = x.device();
+    if dev.gpu().is_some() {
+        return cuda::backward(&d, dy, x, w, a, b, u, scale, need_dx, need_adapters);
+    }
     let (dys, xs, ws, as_, bs, us) = (
         dy.as_slice()?,
         x.as_slice()?,
@@ -353,4 +352,104 @@ pub fn lora_backward(
         out.dx = Some(dx);
     }
     Ok(out)
+}
+
+/// The GPU path: the fused tensor-core kernels of `kernels/lora.cu`, every member in one launch.
+mod cuda {
+    use loren_kernels::LoraDims;
+
+    use super::{Dims, LoraGrads, OP};
+    use crate::dtype::DType;
+    use crate::error::Result;
+    use crate::memory::MemTag;
+    use crate::tensor::Tensor;
+
+    fn dims(d: &Dims) -> LoraDims {
+        LoraDims {
+            members: d.members,
+            x_groups: d.gx,
+            rows: d.rows,
+            k: d.k,
+            n: d.n,
+            rank: d.r,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn forward(
+        d: &Dims,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        a: &Tensor,
+        b: &Tensor,
+        scale: f32,
+        y: &mut Tensor,
+        u: &mut Tensor,
+    ) -> Result<()> {
+        let gpu = x.device().require_gpu(OP)?;
+        // The kernel reads a bf16 bias; biases are kept in f32, so this N-element cast is the cost.
+        let bias = bias.map(|t| t.copy_as(DType::BF16, MemTag::Workspace)).transpose()?;
+        let bias = bias.as_ref().map(|t| t.cu_bf16(OP)).transpose()?;
+        gpu.lora_forward(
+            &dims(d),
+            x.cu_bf16(OP)?,
+            w.cu_bf16(OP)?,
+            bias.map(|b| b as &dyn loren_kernels::DevicePtr<loren_kernels::bf16>),
+            a.cu_f32(OP)?,
+            b.cu_f32(OP)?,
+            scale,
+            y.cu_bf16_mut(OP)?,
+            u.cu_f32_mut(OP)?,
+        )?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward(
+        d: &Dims,
+        dy: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        u: &Tensor,
+        scale: f32,
+        need_dx: bool,
+        need_adapters: bool,
+    ) -> Result<LoraGrads> {
+        let dev = x.device();
+        let gpu = dev.require_gpu(OP)?;
+        let mut v = Tensor::empty(u.shape().clone(), MemTag::Workspace, dev)?;
+        let mut da = need_adapters.then(|| Tensor::empty(a.shape().clone(), MemTag::Workspace, dev)).transpose()?;
+        let mut db = need_adapters.then(|| Tensor::empty(b.shape().clone(), MemTag::Workspace, dev)).transpose()?;
+        let mut dx = need_dx
+            .then(|| Tensor::empty_as(x.shape().clone(), DType::BF16, MemTag::Workspace, dev))
+            .transpose()?;
+        let grads = match (&mut da, &mut db) {
+            (Some(da), Some(db)) => Some((
+                da.cu_f32_mut(OP)? as &mut dyn loren_kernels::DevicePtrMut<f32>,
+                db.cu_f32_mut(OP)? as &mut dyn loren_kernels::DevicePtrMut<f32>,
+            )),
+            _ => None,
+        };
+        let dxb = dx
+            .as_mut()
+            .map(|t| t.cu_bf16_mut(OP).map(|s| s as &mut dyn loren_kernels::DevicePtrMut<loren_kernels::bf16>))
+            .transpose()?;
+        gpu.lora_backward(
+            &dims(d),
+            dy.cu_bf16(OP)?,
+            x.cu_bf16(OP)?,
+            w.cu_bf16(OP)?,
+            a.cu_f32(OP)?,
+            b.cu_f32(OP)?,
+            u.cu_f32(OP)?,
+            scale,
+            v.cu_f32_mut(OP)?,
+            grads,
+            dxb,
+        )?;
+        Ok(LoraGrads { dx, da, db })
+    }
 }

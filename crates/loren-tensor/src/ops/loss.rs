@@ -64,6 +64,24 @@ fn softmax_row(p: &mut [f32], z: &[f32]) -> f32 {
 pub fn softmax_cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<LossOutput> {
     let (m, b, c) = check(logits, targets)?;
     let dev = logits.device();
+    if let Some(gpu) = dev.gpu() {
+        // The targets are data: they come in from the host with the batch.
+        let t = gpu.stream().clone_htod(targets).map_err(crate::tensor::cuda(OP))?;
+        let mut dlogits = Tensor::empty([m, b, c], MemTag::Workspace, dev)?;
+        let mut losses = Tensor::empty([m * b], MemTag::Workspace, dev)?;
+        let mut loss = Tensor::empty([1], MemTag::Workspace, dev)?;
+        gpu.softmax_cross_entropy(
+            m,
+            b,
+            c,
+            logits.cu_f32(OP)?,
+            &t,
+            losses.cu_f32_mut(OP)?,
+            dlogits.cu_f32_mut(OP)?,
+            loss.cu_f32_mut(OP)?,
+        )?;
+        return Ok(LossOutput { loss, dlogits });
+    }
     let zs = logits.as_slice()?;
     let mut dlogits = Tensor::empty([m, b, c], MemTag::Workspace, dev)?;
     let inv = 1.0 / (m * b) as f32;
@@ -96,6 +114,11 @@ pub fn softmax(logits: &Tensor) -> Result<Tensor> {
             "softmax",
             format!("no classes in {}", logits.shape()),
         ));
+    }
+    if let Some(gpu) = logits.device().gpu() {
+        let mut p = Tensor::empty(logits.shape().clone(), MemTag::Activations, logits.device())?;
+        gpu.softmax(logits.numel() / c, c, logits.cu_f32("softmax")?, p.cu_f32_mut("softmax")?)?;
+        return Ok(p);
     }
     let mut p = Tensor::empty(logits.shape().clone(), MemTag::Activations, logits.device())?;
     p.as_mut_slice()?

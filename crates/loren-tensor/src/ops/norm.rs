@@ -81,6 +81,20 @@ pub fn layernorm_forward(
     let dev = x.device();
     let mut mean = Tensor::empty([dm.gx, rows], MemTag::Activations, dev)?;
     let mut rstd = Tensor::empty([dm.gx, rows], MemTag::Activations, dev)?;
+    if let Some(gpu) = dev.gpu() {
+        let mut y = Tensor::empty_as(x.shape().with_groups(dm.groups), dev.compute_dtype(), MemTag::Activations, dev)?;
+        gpu.layernorm_forward(
+            &cuda_dims(&dm),
+            x.cu_bf16(OP)?,
+            gamma.cu_f32(OP)?,
+            beta.cu_f32(OP)?,
+            eps,
+            y.cu_bf16_mut(OP)?,
+            mean.cu_f32_mut(OP)?,
+            rstd.cu_f32_mut(OP)?,
+        )?;
+        return Ok(NormOutput { y, mean, rstd });
+    }
     let xs = x.as_slice()?;
     mean.as_mut_slice()?
         .par_iter_mut()
@@ -130,6 +144,9 @@ pub fn layernorm_backward(
         return Err(Error::shape("layernorm_backward", dy.shape(), &want));
     }
     let dev = x.device();
+    if dev.gpu().is_some() {
+        return backward_cuda(&dm, dy, x, gamma, mean, rstd, need_x, need_affine);
+    }
     let (dys, xs, gs, ms, rs) = (
         dy.as_slice()?,
         x.as_slice()?,
@@ -195,6 +212,61 @@ pub fn layernorm_backward(
             MemTag::Workspace,
             dev,
         )?);
+    }
+    Ok(out)
+}
+
+fn cuda_dims(dm: &Dims) -> loren_kernels::NormDims {
+    loren_kernels::NormDims {
+        groups: dm.groups,
+        x_groups: dm.gx,
+        w_groups: dm.gw,
+        rows: dm.rows,
+        dim: dm.d,
+    }
+}
+
+/// The GPU backward: dx in one kernel (summing over groups for a shared input), dgamma and
+/// dbeta by a deterministic two-stage column sum.
+#[allow(clippy::too_many_arguments)]
+fn backward_cuda(
+    dm: &Dims,
+    dy: &Tensor,
+    x: &Tensor,
+    gamma: &Tensor,
+    mean: &Tensor,
+    rstd: &Tensor,
+    need_x: bool,
+    need_affine: bool,
+) -> Result<NormGrads> {
+    let dev = x.device();
+    let gpu = dev.require_gpu(OP)?;
+    let d = cuda_dims(dm);
+    let mut out = NormGrads::default();
+    if need_x {
+        let mut dx = Tensor::empty_as(x.shape().clone(), crate::dtype::DType::BF16, MemTag::Workspace, dev)?;
+        let (m, r) = (mean.cu_f32(OP)?, rstd.cu_f32(OP)?);
+        gpu.layernorm_backward_dx(&d, dy.cu_bf16(OP)?, x.cu_bf16(OP)?, gamma.cu_f32(OP)?, m, r, dx.cu_bf16_mut(OP)?)?;
+        out.dx = Some(dx);
+    }
+    if need_affine {
+        let mut dgamma = Tensor::empty(gamma.shape().clone(), MemTag::Workspace, dev)?;
+        let mut dbeta = Tensor::empty(gamma.shape().clone(), MemTag::Workspace, dev)?;
+        let ws_len = loren_kernels::layernorm_params_workspace_len(&d);
+        let mut ws = Tensor::empty([ws_len], MemTag::Workspace, dev)?;
+        gpu.layernorm_backward_params(
+            &d,
+            dy.cu_bf16(OP)?,
+            x.cu_bf16(OP)?,
+            mean.cu_f32(OP)?,
+            rstd.cu_f32(OP)?,
+            ws.cu_f32_mut(OP)?,
+            dgamma.cu_f32_mut(OP)?,
+            dbeta.cu_f32_mut(OP)?,
+            false,
+        )?;
+        out.dgamma = Some(dgamma);
+        out.dbeta = Some(dbeta);
     }
     Ok(out)
 }

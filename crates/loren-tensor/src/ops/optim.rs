@@ -3,7 +3,11 @@
 
 use rayon::prelude::*;
 
+use loren_kernels::{CudaSlice, OptimTable, SlotSpec};
+
+use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::memory::MemTag;
 use crate::tensor::Tensor;
 
 /// One trainable tensor, its gradient and its optimizer state.
@@ -132,4 +136,156 @@ pub fn sgd_step(slots: &mut [Slot<'_>], h: &Sgd) -> Result<()> {
             }
         });
     Ok(())
+}
+
+/// One trainable tensor of a GPU model for the fused kernels: its f32 master, gradient and
+/// state, and the bf16 copy the GEMMs read, which every step refreshes.
+pub struct GpuSlot<'a> {
+    pub param: &'a mut Tensor,
+    pub grad: &'a mut Tensor,
+    pub m: &'a mut Tensor,
+    pub v: Option<&'a mut Tensor>,
+    pub shadow: Option<&'a mut Tensor>,
+    pub decay: bool,
+}
+
+impl GpuSlot<'_> {
+    /// The device addresses the table stores for this slot.
+    fn addresses(&self) -> Vec<u64> {
+        let opt = |t: &Option<&mut Tensor>| t.as_ref().and_then(|t| t.device_address());
+        [self.param.device_address(), self.grad.device_address(), self.m.device_address(), opt(&self.v), opt(&self.shadow)]
+            .into_iter()
+            .map(|a| a.unwrap_or(0))
+            .collect()
+    }
+}
+
+/// Every trainable tensor of a GPU model as one device table, so an optimizer step (and the
+/// gradient norm for clipping) is one launch however many tensors there are.
+///
+/// The table holds raw device addresses. [`FusedTable::step_adamw`] and friends take the slots
+/// again and rebuild the table whenever any address changed, so a table never points at memory
+/// its tensors no longer own.
+pub struct FusedTable {
+    table: OptimTable,
+    addresses: Vec<u64>,
+    /// f64 scratch of the gradient norm: one partial per block, then the sum.
+    scratch: F64Scratch,
+    coef: Tensor,
+}
+
+/// Device f64 buffers, accounted as optimizer state for as long as they live.
+struct F64Scratch {
+    partials: CudaSlice<f64>,
+    sumsq: CudaSlice<f64>,
+    device: Device,
+}
+
+impl F64Scratch {
+    fn new(dev: &Device, blocks: usize) -> Result<F64Scratch> {
+        let stream = dev.require_gpu("optimizer_step")?.stream();
+        let partials = stream.alloc_zeros::<f64>(blocks.max(1)).map_err(crate::tensor::cuda("optimizer_step"))?;
+        let sumsq = stream.alloc_zeros::<f64>(1).map_err(crate::tensor::cuda("optimizer_step"))?;
+        dev.memory().alloc(MemTag::OptimizerState, F64Scratch::bytes(blocks));
+        Ok(F64Scratch {
+            partials,
+            sumsq,
+            device: dev.clone(),
+        })
+    }
+
+    fn bytes(blocks: usize) -> u64 {
+        (8 * (blocks.max(1) + 1)) as u64
+    }
+}
+
+impl Drop for F64Scratch {
+    fn drop(&mut self) {
+        self.device.memory().free(MemTag::OptimizerState, F64Scratch::bytes(self.partials.len()));
+    }
+}
+
+impl FusedTable {
+    fn addresses(slots: &[GpuSlot<'_>]) -> Vec<u64> {
+        slots.iter().flat_map(GpuSlot::addresses).collect()
+    }
+
+    /// The table for `slots`, kept when `current` already describes them.
+    pub fn refresh(current: Option<FusedTable>, dev: &Device, slots: &mut [GpuSlot<'_>]) -> Result<FusedTable> {
+        const OP: &str = "optimizer_step";
+        let addresses = FusedTable::addresses(slots);
+        if let Some(t) = current.filter(|t| t.addresses == addresses) {
+            return Ok(t);
+        }
+        let gpu = dev.require_gpu(OP)?;
+        let mut specs = Vec::with_capacity(slots.len());
+        for s in slots.iter_mut() {
+            specs.push(SlotSpec {
+                param: s.param.cu_f32_mut(OP)?,
+                grad: s.grad.cu_f32_mut(OP)?,
+                m: s.m.cu_f32_mut(OP)?,
+                v: match s.v.as_deref_mut() {
+                    Some(v) => Some(v.cu_f32_mut(OP)?),
+                    None => None,
+                },
+                param_bf16: match s.shadow.as_deref_mut() {
+                    Some(t) => Some(t.cu_bf16_mut(OP)?),
+                    None => None,
+                },
+                decay: s.decay,
+            });
+        }
+        // SAFETY: the table is used only through the methods below, which take the slots again
+        // and rebuild it when any of their addresses differ from the ones recorded here; every
+        // launch is on the one stream of this device.
+        let table = unsafe { gpu.optim_table(&mut specs)? };
+        Ok(FusedTable {
+            addresses,
+            scratch: F64Scratch::new(dev, table.blocks())?,
+            coef: Tensor::zeros([1], MemTag::OptimizerState, dev)?,
+            table,
+        })
+    }
+
+    /// The clipping factor on the device, when clipping: Σ grad² over every tensor, then
+    /// min(1, max_norm / (norm + 1e-6)), torch.nn.utils.clip_grad_norm_'s rule.
+    fn clip(&mut self, dev: &Device, max_norm: Option<f64>) -> Result<bool> {
+        const OP: &str = "clip_grad_norm";
+        let Some(max_norm) = max_norm else { return Ok(false) };
+        let gpu = dev.require_gpu(OP)?;
+        let s = &mut self.scratch;
+        gpu.grad_sum_squares(&self.table, &mut s.partials, &mut s.sumsq)?;
+        gpu.clip_coef(&s.sumsq, max_norm, self.coef.cu_f32_mut(OP)?, None)?;
+        Ok(true)
+    }
+
+    /// One AdamW step over every slot, clipping the global gradient norm first when asked. No
+    /// value comes back to the host.
+    pub fn step_adamw(&mut self, dev: &Device, h: &AdamW, max_norm: Option<f64>) -> Result<()> {
+        let clipped = self.clip(dev, max_norm)?;
+        let gpu = dev.require_gpu("adamw_step")?;
+        let k = loren_kernels::AdamW {
+            lr: h.lr,
+            beta1: h.beta1,
+            beta2: h.beta2,
+            eps: h.eps,
+            weight_decay: h.weight_decay,
+            step: h.step,
+        };
+        let scale = if clipped { Some(self.coef.cu_f32("adamw_step")? as &dyn loren_kernels::DevicePtr<f32>) } else { None };
+        Ok(gpu.adamw_step(&self.table, &k, scale)?)
+    }
+
+    /// One SGD step, clipping first when asked.
+    pub fn step_sgd(&mut self, dev: &Device, h: &Sgd, max_norm: Option<f64>) -> Result<()> {
+        let clipped = self.clip(dev, max_norm)?;
+        let gpu = dev.require_gpu("sgd_step")?;
+        let k = loren_kernels::Sgd {
+            lr: h.lr,
+            momentum: h.momentum,
+            weight_decay: h.weight_decay,
+        };
+        let scale = if clipped { Some(self.coef.cu_f32("sgd_step")? as &dyn loren_kernels::DevicePtr<f32>) } else { None };
+        Ok(gpu.sgd_step(&self.table, &k, scale)?)
+    }
 }

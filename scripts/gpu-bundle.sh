@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Build here everything the GPU machine runs (it has no cargo) and pack it into .gpu/:
+#   .gpu/bin/{loren, gpu_parity, gpu_training, kernels_gpu}  and  .gpu/run.sh
+# Then, on the GPU machine, from the repository root: `bash .gpu/run.sh` (logs go to $OUT).
+# .gpu/ is listed in .git/info/exclude and .gitignore; pass it in the device tool's `carry`.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+rm -rf .gpu && mkdir -p .gpu/bin
+cargo build --release --bin loren
+cp target/release/loren .gpu/bin/
+
+# The test binaries in the test profile: optimised, with debug assertions on, so every
+# `Tensor::empty` is NaN-poisoned and an unwritten output element fails its parity test.
+tests=(-p loren-tensor --test gpu_parity -p loren-nn --test gpu_training -p loren-kernels --test gpu)
+cargo test --no-run "${tests[@]}"
+cargo test --no-run --message-format=json "${tests[@]}" 2>/dev/null | python3 -c '
+import json, shutil, sys
+names = {"gpu_parity": "gpu_parity", "gpu_training": "gpu_training", "gpu": "kernels_gpu"}
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in names:
+        shutil.copy(m["executable"], ".gpu/bin/" + names[m["target"]["name"]])
+        print("bundled", names[m["target"]["name"]])
+'
+cp scripts/gpu-run.sh .gpu/run.sh
+for b in loren gpu_parity gpu_training kernels_gpu; do
+    [[ -x .gpu/bin/$b ]] || { echo "gpu-bundle: $b is missing" >&2; exit 1; }
+    # The device tool carries 64 MiB at most; debug info is most of a binary.
+    strip --strip-debug ".gpu/bin/$b"
+done
+du -sh .gpu
