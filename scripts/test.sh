@@ -3,8 +3,9 @@
 #
 # The kernel compile check needs NVIDIA's NVRTC and CUDA headers, which come as pip wheels
 # pinned to the 13.0 line: scripts/cuda-wheels.sh installs them into .cache/cuda-wheels the
-# first time. Every kernel is then compiled for sm_80 and sm_90; a kernel that does not
-# compile fails the run. Tests that need a GPU say plainly when they are skipped.
+# first time. Every kernel is then compiled for sm_80 and sm_90, one line per file and arch in
+# the log; a kernel that does not compile fails the run. The kernels also run on a CPU emulator
+# of the GPU (needs a C++20 compiler). Tests that need a GPU say plainly when they are skipped.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -12,4 +13,6 @@ scripts/cuda-wheels.sh
 # shellcheck source=/dev/null
 . .cache/cuda-wheels/env.sh
 
-cargo test --workspace "$@"
+# The kernels crate with its output shown: the compile log is what proves the kernels build.
+cargo test -p loren-kernels "$@" -- --nocapture
+cargo test --workspace --exclude loren-kernels "$@"

@@ -157,8 +157,8 @@ pub fn resolve(
 /// Read a backbone file in any naming scheme and convert it for `vit`.
 pub fn read_backbone(path: &Path, vit: &VitConfig) -> Result<Imported> {
     let file = TensorFile::read(path)?;
-    Ok(import_backbone(file, vit)
-        .with_context(|| format!("importing the backbone for config '{}'", vit.name))?)
+    import_backbone(file, vit)
+        .with_context(|| format!("importing the backbone for config '{}'", vit.name))
 }
 
 /// The config's bundled backbone, pretrained first when it is `tiny`'s and missing.

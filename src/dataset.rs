@@ -5,26 +5,38 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use anyhow::{Result, bail};
+use loren_nn::config::VitConfig;
+use loren_nn::data::cifar::{Cifar, cifar_class_names, load_cifar};
+use loren_nn::data::external::{split_official, split_seeded};
+use loren_nn::data::folder::{folder_class_names, imagenet_normalization, load_folder};
 use loren_nn::data::{SplitOptions, Splits, bundled_digits, load_digits, split_digits};
 
-/// A dataset: `digits` (the bundled 8×8 digits) or `digits:PATH` (the same format from a file).
+/// A dataset: `digits` (the bundled 8×8 digits), `digits:PATH` (the same format from a file),
+/// `cifar10:DIR` and `cifar100:DIR` (the official binary version), or `folder:DIR` (one
+/// subfolder of PNG or JPEG images per class).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DataSource {
     Digits(Option<PathBuf>),
+    Cifar(Cifar, PathBuf),
+    Folder(PathBuf),
 }
+
+const EXPECTED: &str = "expected digits, digits:PATH (a gzipped CSV like the bundled one), \
+    cifar10:DIR, cifar100:DIR (the binary version) or folder:DIR (a subfolder of images per class)";
 
 impl FromStr for DataSource {
     type Err = anyhow::Error;
 
     fn from_str(s: &str) -> Result<Self> {
+        let path = |p: &str| PathBuf::from(p);
         match s.split_once(':') {
             None if s == "digits" => Ok(DataSource::Digits(None)),
-            Some(("digits", path)) if !path.is_empty() => {
-                Ok(DataSource::Digits(Some(PathBuf::from(path))))
-            }
-            _ => bail!(
-                "unknown dataset '{s}': expected digits or digits:PATH (a gzipped CSV like the bundled one)"
-            ),
+            Some((_, "")) => bail!("unknown dataset '{s}': the path is empty; {EXPECTED}"),
+            Some(("digits", p)) => Ok(DataSource::Digits(Some(path(p)))),
+            Some(("cifar10", p)) => Ok(DataSource::Cifar(Cifar::Ten, path(p))),
+            Some(("cifar100", p)) => Ok(DataSource::Cifar(Cifar::Hundred, path(p))),
+            Some(("folder", p)) => Ok(DataSource::Folder(path(p))),
+            _ => bail!("unknown dataset '{s}': {EXPECTED}"),
         }
     }
 }
@@ -34,22 +46,94 @@ impl fmt::Display for DataSource {
         match self {
             DataSource::Digits(None) => f.write_str("digits"),
             DataSource::Digits(Some(p)) => write!(f, "digits:{}", p.display()),
+            DataSource::Cifar(kind, p) => write!(f, "{}:{}", kind.name(), p.display()),
+            DataSource::Folder(p) => write!(f, "folder:{}", p.display()),
         }
     }
 }
 
 impl DataSource {
-    /// Load and split: the fixed, seeded pretrain / train / validation / test split.
-    pub fn splits(&self, holdout_classes: &[u32]) -> Result<Splits> {
+    /// Load and split for a model of config `vit`.
+    ///
+    /// - digits: the fixed, seeded pretrain / train / validation / test split;
+    /// - CIFAR: train and validation (90% / 10%, stratified, seeded) from the official training
+    ///   files, the official test files as test;
+    /// - a folder: train / validation / test (70% / 10% / 20%, stratified, seeded).
+    ///
+    /// CIFAR and folders have no pretraining part: their backbone comes from `--backbone`.
+    /// Images are brought to the model's channels (grey repeated into RGB, or RGB to grey), and
+    /// to its size: folders when read, the others as each batch is made.
+    pub fn splits(&self, holdout_classes: &[u32], vit: &VitConfig) -> Result<Splits> {
+        let splits = match self {
+            DataSource::Digits(source) => {
+                let all = match source {
+                    None => bundled_digits()?,
+                    Some(path) => load_digits(path)?,
+                };
+                let opts = SplitOptions {
+                    holdout_classes: holdout_classes.to_vec(),
+                    ..SplitOptions::default()
+                };
+                split_digits(&all, &opts)?
+            }
+            DataSource::Cifar(kind, dir) => {
+                let parts = load_cifar(dir, *kind)?;
+                split_official(&parts.train, &parts.test, holdout_classes)?
+            }
+            DataSource::Folder(dir) => {
+                let shape = [vit.channels, vit.image_size, vit.image_size];
+                split_seeded(&load_folder(dir, shape)?, holdout_classes)?
+            }
+        };
+        Ok(fit_to_model(splits, vit))
+    }
+
+    /// The names of the classes a model trained on this data predicts, in label order: the
+    /// dataset's classes less `holdout_classes`. Reads only names, never images.
+    pub fn class_names(&self, holdout_classes: &[u32]) -> Result<Vec<String>> {
         let all = match self {
-            DataSource::Digits(None) => bundled_digits()?,
-            DataSource::Digits(Some(path)) => load_digits(path)?,
+            DataSource::Digits(_) => (0..10).map(|c| c.to_string()).collect(),
+            DataSource::Cifar(kind, dir) => cifar_class_names(dir, *kind)?,
+            DataSource::Folder(dir) => folder_class_names(dir)?,
         };
-        let opts = SplitOptions {
-            holdout_classes: holdout_classes.to_vec(),
-            ..SplitOptions::default()
+        Ok(all
+            .into_iter()
+            .enumerate()
+            .filter(|(c, _)| !holdout_classes.contains(&(*c as u32)))
+            .map(|(_, name)| name)
+            .collect())
+    }
+
+    /// Per-channel mean and std the images are normalised with, for `channels` channels:
+    /// digits 0.5 and 0.5; CIFAR its training images' statistics (as the LoRA-Ensemble paper);
+    /// folders ImageNet's. Known without reading the data.
+    pub fn normalization(&self, channels: usize) -> (Vec<f32>, Vec<f32>) {
+        let (mean, std) = match self {
+            DataSource::Digits(_) => (vec![0.5], vec![0.5]),
+            DataSource::Cifar(kind, _) => kind.normalization(),
+            DataSource::Folder(_) => imagenet_normalization(3),
         };
-        Ok(split_digits(&all, &opts)?)
+        let fit = |v: Vec<f32>| match (v.len(), channels) {
+            (a, b) if a == b => v,
+            (1, n) => vec![v[0]; n],
+            (a, n) => vec![v.iter().sum::<f32>() / a as f32; n],
+        };
+        (fit(mean), fit(std))
+    }
+}
+
+/// Every part with the model's channels, resized to its image size as batches are made.
+fn fit_to_model(s: Splits, vit: &VitConfig) -> Splits {
+    let fit = |d: loren_nn::data::Dataset| {
+        d.with_channels(vit.channels)
+            .resized_on_batch(vit.image_size, vit.image_size)
+    };
+    Splits {
+        pretrain: fit(s.pretrain),
+        train: fit(s.train),
+        val: fit(s.val),
+        test: fit(s.test),
+        held_out: s.held_out.map(fit),
     }
 }
 
@@ -59,12 +143,43 @@ mod tests {
 
     #[test]
     fn parses_and_prints_sources() {
-        for s in ["digits", "digits:/tmp/x.csv.gz"] {
+        for s in [
+            "digits",
+            "digits:/tmp/x.csv.gz",
+            "cifar10:/data/cifar-10-batches-bin",
+            "cifar100:/data/c100",
+            "folder:/data/flowers",
+        ] {
             assert_eq!(s.parse::<DataSource>().unwrap().to_string(), s);
         }
-        for bad in ["", "digits:", "cifar", "mnist:/x"] {
+        for bad in ["", "digits:", "cifar", "mnist:/x", "cifar10:", "folder"] {
             let e = bad.parse::<DataSource>().unwrap_err().to_string();
-            assert!(e.contains("unknown dataset"), "{e}");
+            assert!(
+                e.contains("unknown dataset") && e.contains("cifar100:DIR"),
+                "{e}"
+            );
         }
+    }
+
+    #[test]
+    fn digits_for_a_larger_model_are_converted_and_resized_per_batch() {
+        let vit = VitConfig {
+            image_size: 16,
+            channels: 3,
+            ..VitConfig::tiny()
+        };
+        let s = DataSource::Digits(None).splits(&[], &vit).unwrap();
+        assert_eq!(s.train.shape(), [3, 8, 8]);
+        assert_eq!(s.train.batch_shape(), [3, 16, 16]);
+        let b = s.test.batch(&[0, 1], None);
+        assert_eq!((b.channels, b.height, b.width), (3, 16, 16));
+        let plain = DataSource::Digits(None)
+            .splits(&[], &VitConfig::tiny())
+            .unwrap();
+        assert_eq!(plain.train.resize_to, None);
+        assert_eq!(
+            DataSource::Digits(None).normalization(3),
+            (vec![0.5; 3], vec![0.5; 3])
+        );
     }
 }

@@ -11,11 +11,16 @@
 //! evaluating one method, comparing methods, pretraining the bundled backbone.
 
 pub mod backbone;
+pub mod bench;
 pub mod dataset;
+pub mod ensemble;
+pub mod memprofile;
+pub mod plot;
 pub mod progress;
 pub mod report;
 pub mod run;
 
+pub use ensemble::Ensemble;
 pub use loren_autograd as autograd;
 pub use loren_nn as nn;
 pub use loren_tensor as tensor;

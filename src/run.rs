@@ -95,12 +95,15 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
                 .resume(&TensorFile::read(path)?)
                 .context("resuming")?;
         }
+        // The data too (spec.metadata), so eval and export find what it was trained on.
+        let mut metadata = spec.metadata.clone();
+        metadata.insert(
+            "backbone".to_string(),
+            backbone.path().display().to_string(),
+        );
         let ckpt = CheckpointSpec {
             path: spec.checkpoint.clone(),
-            metadata: HashMap::from([(
-                "backbone".to_string(),
-                backbone.path().display().to_string(),
-            )]),
+            metadata,
         };
         let mut bar = TrainBar::new(label, spec.verbosity);
         trainer.fit(&data.train, &ckpt, &mut bar)?

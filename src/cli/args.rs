@@ -111,7 +111,9 @@ pub struct OptimArgs {
 
 #[derive(Args, Clone)]
 pub struct DataArgs {
-    /// The dataset: digits (the bundled 8x8 digits) or digits:PATH (the same gzipped CSV format).
+    /// The dataset: digits (the bundled 8x8 digits), digits:PATH (the same gzipped CSV format),
+    /// cifar10:DIR or cifar100:DIR (the official binary version), or folder:DIR (one subfolder of
+    /// PNG or JPEG images per class). Images are resized to the model's size.
     /// Default: digits; for eval, the data the checkpoint was trained on.
     #[arg(long)]
     pub data: Option<String>,
@@ -129,9 +131,10 @@ pub struct DataArgs {
     pub eval_batch_size: usize,
 }
 
-pub fn splits(data: &DataArgs) -> Result<Splits> {
+/// The data for a model of config `vit` (its channels and image size).
+pub fn splits(data: &DataArgs, vit: &VitConfig) -> Result<Splits> {
     let source: DataSource = data.data.as_deref().unwrap_or("digits").parse()?;
-    source.splits(&data.holdout_classes)
+    source.splits(&data.holdout_classes, vit)
 }
 
 /// What `eval` needs to rebuild the same data: the source and the held-out classes.

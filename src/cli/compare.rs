@@ -44,17 +44,17 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
         .iter()
         .map(|m| m.parse::<Method>().map_err(anyhow::Error::from))
         .collect::<Result<Vec<_>>>()?;
-    let data = splits(&a.data)?;
-    let vit = VitConfig::by_name(&a.model.config)?;
+    let mut vit = VitConfig::by_name(&a.model.config)?;
+    let data = splits(&a.data, &vit)?;
     let backbone = backbone::resolve(
         a.model.backbone.as_deref(),
-        &vit,
+        &mut vit,
         &data,
         a.common.verbosity(),
     )?;
     let mut results = Vec::new();
     for method in methods {
-        let spec = run_spec(
+        let mut spec = run_spec(
             &a.common,
             &a.model,
             &a.ensemble,
@@ -64,6 +64,7 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
             data.train.classes,
             None,
         )?;
+        spec.vit = vit.clone();
         let r = run(&spec, &data, &backbone).with_context(|| format!("method {method}"))?;
         write_outputs(&a.out.join(method.name()), &r)?;
         results.push(r);

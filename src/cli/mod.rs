@@ -1,8 +1,11 @@
 //! The `loren` command line: one module per command, and the argument groups they share.
 
 mod args;
+mod bench;
 mod compare;
 mod eval;
+mod export;
+mod memprofile;
 mod pretrain;
 mod train;
 
@@ -50,6 +53,13 @@ enum Command {
     Compare(compare::CompareArgs),
     /// Pretrain the backbone (a single ViT trained from scratch on the pretrain split).
     Pretrain(pretrain::PretrainArgs),
+    /// Write a trained ensemble as one self-contained safetensors file: shared weights once,
+    /// stacked adapters and heads, the configs in its metadata (read it with loren::Ensemble).
+    Export(export::ExportArgs),
+    /// Time a training step and an inference pass, lora against explicit, per ensemble size.
+    Bench(bench::BenchArgs),
+    /// Memory per ensemble size by tag, measured beside the analytic model.
+    Memprofile(memprofile::MemprofileArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -60,6 +70,9 @@ pub fn main() -> ExitCode {
         Some(Command::Eval(a)) => eval::eval(&a),
         Some(Command::Compare(a)) => compare::compare(&a),
         Some(Command::Pretrain(a)) => pretrain::pretrain(&a),
+        Some(Command::Export(a)) => export::export(&a),
+        Some(Command::Bench(a)) => bench::bench(&a),
+        Some(Command::Memprofile(a)) => memprofile::memprofile(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -21,13 +21,16 @@ pub struct PretrainArgs {
 }
 
 pub fn pretrain(a: &PretrainArgs) -> Result<()> {
-    let data = splits(&DataArgs {
-        data: None,
-        holdout_classes: vec![],
-        no_shift: true,
-        no_ood: true,
-        eval_batch_size: 256,
-    })?;
+    let data = splits(
+        &DataArgs {
+            data: None,
+            holdout_classes: vec![],
+            no_shift: true,
+            no_ood: true,
+            eval_batch_size: 256,
+        },
+        &VitConfig::tiny(),
+    )?;
     let out = a
         .out
         .clone()

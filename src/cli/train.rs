@@ -7,7 +7,7 @@ use clap::{Args, Parser};
 use loren::backbone;
 use loren::report::{calibration_report, method_title, training_line};
 use loren::run::run;
-use loren_nn::config::Method;
+use loren_nn::config::{Method, VitConfig};
 
 use super::args::{
     Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, run_spec, splits, write_outputs,
@@ -47,7 +47,7 @@ impl TrainArgs {
 
 pub fn train(a: &TrainArgs) -> Result<()> {
     let method: Method = a.ensemble.method.parse()?;
-    let data = splits(&a.data)?;
+    let data = splits(&a.data, &VitConfig::by_name(&a.model.config)?)?;
     let ckpt = a.out.join("checkpoint.safetensors");
     let mut spec = run_spec(
         &a.common,
@@ -62,7 +62,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     spec.resume = a.resume.clone();
     let backbone = backbone::resolve(
         a.model.backbone.as_deref(),
-        &spec.vit,
+        &mut spec.vit,
         &data,
         spec.verbosity,
     )?;

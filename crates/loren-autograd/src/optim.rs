@@ -59,10 +59,21 @@ impl Optimizer {
             .map(|id| {
                 let p = params.get(id);
                 let zeros = || Tensor::zeros(p.shape().clone(), MemTag::OptimizerState, p.device());
-                Ok((id, State { m: zeros()?, v: adam.then(zeros).transpose()? }))
+                Ok((
+                    id,
+                    State {
+                        m: zeros()?,
+                        v: adam.then(zeros).transpose()?,
+                    },
+                ))
             })
             .collect::<Result<_>>()?;
-        Ok(Optimizer { kind, state, step: 0, fused: None })
+        Ok(Optimizer {
+            kind,
+            state,
+            step: 0,
+            fused: None,
+        })
     }
 
     pub fn kind(&self) -> OptimizerKind {
@@ -78,7 +89,13 @@ impl Optimizer {
     /// clipping the global gradient norm to `max_norm` when given. On a GPU this is two launches
     /// over all parameters (the norm, then the update), with nothing read back; on the CPU the
     /// gradients are scaled in place first, as torch.nn.utils.clip_grad_norm_ does.
-    pub fn step(&mut self, params: &mut Params, grads: &mut Grads, lr: f32, max_norm: Option<f64>) -> Result<()> {
+    pub fn step(
+        &mut self,
+        params: &mut Params,
+        grads: &mut Grads,
+        lr: f32,
+        max_norm: Option<f64>,
+    ) -> Result<()> {
         self.step += 1;
         let dev = params.device().clone();
         if dev.is_cpu() {
@@ -93,13 +110,17 @@ impl Optimizer {
         }
         let mut grad_refs: Vec<(ParamId, &mut Tensor)> = grads.iter_mut().collect();
         let mut slots = Vec::with_capacity(self.state.len());
-        for ((t, (sid, st)), (gid, g)) in targets.iter_mut().zip(self.state.iter_mut()).zip(grad_refs.iter_mut()) {
+        for ((t, (sid, st)), (gid, g)) in targets
+            .iter_mut()
+            .zip(self.state.iter_mut())
+            .zip(grad_refs.iter_mut())
+        {
             if t.id != *sid || t.id != *gid {
                 return Err(changed());
             }
             slots.push(GpuSlot {
                 param: &mut *t.value,
-                grad: &mut **g,
+                grad: g,
                 m: &mut st.m,
                 v: st.v.as_mut(),
                 shadow: t.shadow.as_deref_mut(),
@@ -108,10 +129,35 @@ impl Optimizer {
         }
         let mut fused = FusedTable::refresh(self.fused.take(), &dev, &mut slots)?;
         let result = match self.kind {
-            OptimizerKind::AdamW { beta1, beta2, eps, weight_decay } => {
-                fused.step_adamw(&dev, &AdamW { lr, beta1, beta2, eps, weight_decay, step: self.step }, max_norm)
-            }
-            OptimizerKind::Sgd { momentum, weight_decay } => fused.step_sgd(&dev, &Sgd { lr, momentum, weight_decay }, max_norm),
+            OptimizerKind::AdamW {
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            } => fused.step_adamw(
+                &dev,
+                &AdamW {
+                    lr,
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                    step: self.step,
+                },
+                max_norm,
+            ),
+            OptimizerKind::Sgd {
+                momentum,
+                weight_decay,
+            } => fused.step_sgd(
+                &dev,
+                &Sgd {
+                    lr,
+                    momentum,
+                    weight_decay,
+                },
+                max_norm,
+            ),
         };
         self.fused = Some(fused);
         result
@@ -125,9 +171,12 @@ impl Optimizer {
         let mut slots = Vec::with_capacity(self.state.len());
         for (t, (sid, st)) in targets.iter_mut().zip(self.state.iter_mut()) {
             debug_assert_eq!(t.id, *sid);
-            let grad = grads
-                .get(t.id)
-                .ok_or_else(|| Error::invalid("optimizer", format!("no gradient for parameter #{}", t.id.0)))?;
+            let grad = grads.get(t.id).ok_or_else(|| {
+                Error::invalid(
+                    "optimizer",
+                    format!("no gradient for parameter #{}", t.id.0),
+                )
+            })?;
             slots.push(Slot {
                 param: &mut *t.value,
                 grad,
@@ -137,11 +186,33 @@ impl Optimizer {
             });
         }
         match self.kind {
-            OptimizerKind::AdamW { beta1, beta2, eps, weight_decay } => adamw_step(
+            OptimizerKind::AdamW {
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            } => adamw_step(
                 &mut slots,
-                &AdamW { lr, beta1, beta2, eps, weight_decay, step: self.step },
+                &AdamW {
+                    lr,
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                    step: self.step,
+                },
             ),
-            OptimizerKind::Sgd { momentum, weight_decay } => sgd_step(&mut slots, &Sgd { lr, momentum, weight_decay }),
+            OptimizerKind::Sgd {
+                momentum,
+                weight_decay,
+            } => sgd_step(
+                &mut slots,
+                &Sgd {
+                    lr,
+                    momentum,
+                    weight_decay,
+                },
+            ),
         }
     }
 
@@ -151,7 +222,11 @@ impl Optimizer {
     }
 
     /// Restore the step count and the state tensors' values, for resuming.
-    pub fn restore(&mut self, step: u64, values: impl Fn(ParamId, &str, &mut Tensor) -> Result<()>) -> Result<()> {
+    pub fn restore(
+        &mut self,
+        step: u64,
+        values: impl Fn(ParamId, &str, &mut Tensor) -> Result<()>,
+    ) -> Result<()> {
         for (id, st) in &mut self.state {
             values(*id, "m", &mut st.m)?;
             if let Some(v) = &mut st.v {
@@ -164,7 +239,10 @@ impl Optimizer {
 }
 
 fn changed() -> Error {
-    Error::invalid("optimizer", "the trainable parameters changed since the optimizer was made")
+    Error::invalid(
+        "optimizer",
+        "the trainable parameters changed since the optimizer was made",
+    )
 }
 
 /// Scale all gradients so their global L2 norm is at most `max_norm`; returns the norm before.

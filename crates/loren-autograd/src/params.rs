@@ -63,7 +63,13 @@ impl Params {
     }
 
     /// Add a weight that GEMMs read (bf16 on a GPU; see [`Param`]).
-    pub fn add_gemm_weight(&mut self, name: impl Into<String>, value: Tensor, trainable: bool, decay: bool) -> Result<ParamId> {
+    pub fn add_gemm_weight(
+        &mut self,
+        name: impl Into<String>,
+        value: Tensor,
+        trainable: bool,
+        decay: bool,
+    ) -> Result<ParamId> {
         let bf16 = !self.device.is_cpu();
         let (value, shadow) = match (bf16, trainable) {
             (false, _) => (value, None),
@@ -77,7 +83,13 @@ impl Params {
     }
 
     /// Add a weight kept in f32 on every device. Its memory is re-tagged as frozen or trainable.
-    pub fn add(&mut self, name: impl Into<String>, value: Tensor, trainable: bool, decay: bool) -> Result<ParamId> {
+    pub fn add(
+        &mut self,
+        name: impl Into<String>,
+        value: Tensor,
+        trainable: bool,
+        decay: bool,
+    ) -> Result<ParamId> {
         self.insert(name.into(), value, None, trainable, decay)
     }
 
@@ -162,7 +174,6 @@ impl Params {
         self.list.iter().map(|p| p.value.numel()).sum()
     }
 
-
     /// Every trainable weight, mutably, for the optimizer: its f32 value, its bf16 shadow on a
     /// GPU, and whether weight decay applies. Fails while a tape still holds any of them.
     pub fn trainable_mut(&mut self) -> Result<Vec<TrainableMut<'_>>> {
@@ -171,14 +182,27 @@ impl Params {
             .enumerate()
             .filter(|(_, p)| p.trainable)
             .map(|(i, p)| {
-                let held = || Error::invalid("params", format!("'{}' is still held by a tape; drop it before updating", p.name));
+                let held = || {
+                    Error::invalid(
+                        "params",
+                        format!(
+                            "'{}' is still held by a tape; drop it before updating",
+                            p.name
+                        ),
+                    )
+                };
                 let decay = p.decay;
                 let shadow = match &mut p.shadow {
                     Some(s) => Some(Arc::get_mut(s).ok_or_else(held)?),
                     None => None,
                 };
                 let value = Arc::get_mut(&mut p.value).ok_or_else(held)?;
-                Ok(TrainableMut { id: ParamId(i), value, shadow, decay })
+                Ok(TrainableMut {
+                    id: ParamId(i),
+                    value,
+                    shadow,
+                    decay,
+                })
             })
             .collect()
     }
@@ -187,8 +211,18 @@ impl Params {
     /// shadow).
     pub fn set(&mut self, id: ParamId, data: &[f32]) -> Result<()> {
         let p = &mut self.list[id.0];
-        let held = || Error::invalid("params", format!("'{}' is still held by a tape; drop it before updating", p.name));
-        Arc::get_mut(&mut p.value).ok_or_else(held)?.copy_from_host(data)?;
+        let held = || {
+            Error::invalid(
+                "params",
+                format!(
+                    "'{}' is still held by a tape; drop it before updating",
+                    p.name
+                ),
+            )
+        };
+        Arc::get_mut(&mut p.value)
+            .ok_or_else(held)?
+            .copy_from_host(data)?;
         if let Some(s) = &mut p.shadow {
             Arc::get_mut(s).ok_or_else(held)?.copy_from_host(data)?;
         }

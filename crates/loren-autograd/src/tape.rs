@@ -166,7 +166,10 @@ impl Tape {
         let node = if self.enabled && needs_grad {
             let node = self.new_node();
             let op = Box::new(backward(&value));
-            self.inner.borrow_mut().records.push(Record { output: node, op });
+            self.inner
+                .borrow_mut()
+                .records
+                .push(Record { output: node, op });
             Some(node)
         } else {
             None

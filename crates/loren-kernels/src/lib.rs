@@ -62,7 +62,6 @@ pub use sources::{COMMON_HEADER, Kernel, KernelSource, SOURCES, source};
 
 /// Re-exported so callers name the same types the launchers take.
 pub use cudarc::driver::{
-    CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
-    DriverError,
+    CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DriverError,
 };
 pub use half::bf16;

@@ -62,7 +62,11 @@ impl TensorFile {
 
     /// A file made in memory (by an importer that renames and reshapes another file's
     /// tensors); `path` names it in errors.
-    pub fn from_entries(path: &Path, tensors: BTreeMap<String, Entry>, metadata: HashMap<String, String>) -> TensorFile {
+    pub fn from_entries(
+        path: &Path,
+        tensors: BTreeMap<String, Entry>,
+        metadata: HashMap<String, String>,
+    ) -> TensorFile {
         TensorFile {
             path: path.to_path_buf(),
             tensors,

@@ -6,6 +6,8 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod import;
+pub mod memory_model;
 pub mod metrics;
 pub mod reliability;
 pub mod train;

@@ -182,8 +182,12 @@ impl<'m> Trainer<'m> {
             value
         };
         let lr = self.schedule.lr(self.step);
-        self.optimizer
-            .step(self.model.params_mut(), &mut self.grads, lr, self.config.grad_clip)?;
+        self.optimizer.step(
+            self.model.params_mut(),
+            &mut self.grads,
+            lr,
+            self.config.grad_clip,
+        )?;
         self.step += 1;
         Ok(loss)
     }
@@ -363,7 +367,10 @@ impl<'m> Trainer<'m> {
 pub fn check_format(file: &TensorFile) -> Result<()> {
     match file.metadata().get("format") {
         Some(f) if f == FORMAT => Ok(()),
-        _ => Err(NnError::checkpoint(file.path(), "not a loren training checkpoint")),
+        _ => Err(NnError::checkpoint(
+            file.path(),
+            "not a loren training checkpoint",
+        )),
     }
 }
 

@@ -376,7 +376,12 @@ impl Vit {
         let c = ops::class_token(tape, &x)?;
         let c = self.layernorm(tape, &c, &self.norm)?;
         let b = self.head.bias.map(|b| self.param(tape, b));
-        Ok(ops::logits(tape, &c, &self.param(tape, self.head.weight), b.as_ref())?)
+        Ok(ops::logits(
+            tape,
+            &c,
+            &self.param(tape, self.head.weight),
+            b.as_ref(),
+        )?)
     }
 
     /// Every member's class probabilities [M, B, classes], without recording anything.

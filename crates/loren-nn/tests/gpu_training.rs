@@ -24,14 +24,27 @@ fn gpu() -> Option<Device> {
 }
 
 fn rel(a: &[f32], b: &[f32]) -> f64 {
-    let d: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+    let d: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
     let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (d / n.max(1e-30)).sqrt()
 }
 
 fn step_matches(method: Method, members: usize) {
     let Some(gdev) = gpu() else { return };
-    let ens = EnsembleConfig { method, members, classes: 10, lora: LoraConfig { rank: 4, init_gain: 1.0, ..LoraConfig::default() } };
+    let ens = EnsembleConfig {
+        method,
+        members,
+        classes: 10,
+        lora: LoraConfig {
+            rank: 4,
+            init_gain: 1.0,
+            ..LoraConfig::default()
+        },
+    };
     let vit = VitConfig::tiny();
     let mut on_gpu = Vit::new(&vit, &ens, &gdev, 5).unwrap();
     let mut on_cpu = Vit::new(&vit, &ens, &Device::cpu(), 5).unwrap();
@@ -41,7 +54,9 @@ fn step_matches(method: Method, members: usize) {
         let v = on_gpu.params().get(id).to_vec().unwrap();
         on_cpu.params_mut().set(id, &v).unwrap();
     }
-    let data = split_digits(&bundled_digits().unwrap(), &SplitOptions::default()).unwrap().train;
+    let data = split_digits(&bundled_digits().unwrap(), &SplitOptions::default())
+        .unwrap()
+        .train;
     let batch = data.batch(&(0..32).collect::<Vec<_>>(), None);
     let cfg = TrainConfig {
         epochs: 1,
@@ -67,8 +82,15 @@ fn step_matches(method: Method, members: usize) {
         assert!(e < 5e-2, "{method}: gradient of {name} differs by {e:e}");
     }
     for (id, p) in tg.model().params().iter() {
-        let e = rel(&p.value().to_vec().unwrap(), &tc.model().params().get(id).to_vec().unwrap());
-        assert!(e < 1e-2, "{method}: parameter {} after the step differs by {e:e}", p.name());
+        let e = rel(
+            &p.value().to_vec().unwrap(),
+            &tc.model().params().get(id).to_vec().unwrap(),
+        );
+        assert!(
+            e < 1e-2,
+            "{method}: parameter {} after the step differs by {e:e}",
+            p.name()
+        );
     }
 }
 

@@ -97,7 +97,11 @@ impl Device {
 
     /// What activations and GEMM weights are stored in here: f32 on the CPU, bf16 on a GPU.
     pub fn compute_dtype(&self) -> DType {
-        if self.is_cpu() { DType::F32 } else { DType::BF16 }
+        if self.is_cpu() {
+            DType::F32
+        } else {
+            DType::BF16
+        }
     }
 
     /// The dtype a tensor asked for as `want` gets: the CPU computes everything in f32.
@@ -242,7 +246,10 @@ impl DeviceSpec {
 /// Each GPU is opened once per process: opening loads every kernel module, which costs seconds.
 fn shared_gpu(ordinal: usize) -> Result<Arc<Gpu>> {
     static GPUS: OnceLock<Mutex<HashMap<usize, Arc<Gpu>>>> = OnceLock::new();
-    let mut gpus = GPUS.get_or_init(Mutex::default).lock().unwrap_or_else(|e| e.into_inner());
+    let mut gpus = GPUS
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     if let Some(g) = gpus.get(&ordinal) {
         return Ok(Arc::clone(g));
     }

@@ -36,17 +36,32 @@ pub struct Tensor {
 
 impl Tensor {
     /// Adopt `data` as an f32 tensor of `shape` on `device` (copied there for a GPU).
-    pub fn from_vec(data: Vec<f32>, shape: impl Into<Shape>, tag: MemTag, device: &Device) -> Result<Tensor> {
+    pub fn from_vec(
+        data: Vec<f32>,
+        shape: impl Into<Shape>,
+        tag: MemTag,
+        device: &Device,
+    ) -> Result<Tensor> {
         Tensor::from_vec_as(data, shape, DType::F32, tag, device)
     }
 
     /// `data` as a tensor of `dtype` (bf16 rounds to nearest even; the CPU keeps f32).
-    pub fn from_vec_as(data: Vec<f32>, shape: impl Into<Shape>, dtype: DType, tag: MemTag, device: &Device) -> Result<Tensor> {
+    pub fn from_vec_as(
+        data: Vec<f32>,
+        shape: impl Into<Shape>,
+        dtype: DType,
+        tag: MemTag,
+        device: &Device,
+    ) -> Result<Tensor> {
         let shape = shape.into();
         if data.len() != shape.numel() {
             return Err(Error::invalid(
                 "from_vec",
-                format!("{} values do not fill shape {shape} ({} elements)", data.len(), shape.numel()),
+                format!(
+                    "{} values do not fill shape {shape} ({} elements)",
+                    data.len(),
+                    shape.numel()
+                ),
             ));
         }
         let dtype = device.storage_dtype(dtype);
@@ -58,7 +73,9 @@ impl Tensor {
     }
 
     fn adopt(storage: Storage, shape: Shape, dtype: DType, tag: MemTag, device: &Device) -> Tensor {
-        device.memory().alloc(tag, (shape.numel() * dtype.size_in_bytes()) as u64);
+        device
+            .memory()
+            .alloc(tag, (shape.numel() * dtype.size_in_bytes()) as u64);
         Tensor {
             shape,
             dtype,
@@ -76,7 +93,12 @@ impl Tensor {
 
     /// [`Tensor::empty`] of `dtype`. In test builds the contents are NaN, so an element an op
     /// forgets to write shows in the results (on a GPU as on the CPU).
-    pub fn empty_as(shape: impl Into<Shape>, dtype: DType, tag: MemTag, device: &Device) -> Result<Tensor> {
+    pub fn empty_as(
+        shape: impl Into<Shape>,
+        dtype: DType,
+        tag: MemTag,
+        device: &Device,
+    ) -> Result<Tensor> {
         let shape = shape.into();
         let dtype = device.storage_dtype(dtype);
         let n = shape.numel();
@@ -103,15 +125,31 @@ impl Tensor {
         Tensor::full_as(0.0, shape, DType::F32, tag, device)
     }
 
-    pub fn zeros_as(shape: impl Into<Shape>, dtype: DType, tag: MemTag, device: &Device) -> Result<Tensor> {
+    pub fn zeros_as(
+        shape: impl Into<Shape>,
+        dtype: DType,
+        tag: MemTag,
+        device: &Device,
+    ) -> Result<Tensor> {
         Tensor::full_as(0.0, shape, dtype, tag, device)
     }
 
-    pub fn full(value: f32, shape: impl Into<Shape>, tag: MemTag, device: &Device) -> Result<Tensor> {
+    pub fn full(
+        value: f32,
+        shape: impl Into<Shape>,
+        tag: MemTag,
+        device: &Device,
+    ) -> Result<Tensor> {
         Tensor::full_as(value, shape, DType::F32, tag, device)
     }
 
-    pub fn full_as(value: f32, shape: impl Into<Shape>, dtype: DType, tag: MemTag, device: &Device) -> Result<Tensor> {
+    pub fn full_as(
+        value: f32,
+        shape: impl Into<Shape>,
+        dtype: DType,
+        tag: MemTag,
+        device: &Device,
+    ) -> Result<Tensor> {
         let mut t = Tensor::empty_as(shape, dtype, tag, device)?;
         t.fill(value)?;
         Ok(t)
@@ -128,14 +166,27 @@ impl Tensor {
     }
 
     /// Normal with mean 0 and standard deviation `std`, drawn on the host.
-    pub fn randn(shape: impl Into<Shape>, std: f32, rng: &mut Rng, tag: MemTag, device: &Device) -> Result<Tensor> {
+    pub fn randn(
+        shape: impl Into<Shape>,
+        std: f32,
+        rng: &mut Rng,
+        tag: MemTag,
+        device: &Device,
+    ) -> Result<Tensor> {
         let shape = shape.into();
         let data = (0..shape.numel()).map(|_| std * rng.normal()).collect();
         Tensor::from_vec(data, shape, tag, device)
     }
 
     /// Uniform in [lo, hi), drawn on the host.
-    pub fn uniform(shape: impl Into<Shape>, lo: f32, hi: f32, rng: &mut Rng, tag: MemTag, device: &Device) -> Result<Tensor> {
+    pub fn uniform(
+        shape: impl Into<Shape>,
+        lo: f32,
+        hi: f32,
+        rng: &mut Rng,
+        tag: MemTag,
+        device: &Device,
+    ) -> Result<Tensor> {
         let shape = shape.into();
         let data = (0..shape.numel()).map(|_| rng.uniform(lo, hi)).collect();
         Tensor::from_vec(data, shape, tag, device)
@@ -195,15 +246,23 @@ impl Tensor {
     /// A deep copy in `dtype` (a cast when it differs), accounted under `tag`.
     pub fn copy_as(&self, dtype: DType, tag: MemTag) -> Result<Tensor> {
         match &self.storage {
-            Storage::Cpu(v) => Tensor::from_vec_as(v.clone(), self.shape.clone(), dtype, tag, &self.device),
+            Storage::Cpu(v) => {
+                Tensor::from_vec_as(v.clone(), self.shape.clone(), dtype, tag, &self.device)
+            }
             Storage::Cuda(src) => {
                 let gpu = self.device.require_gpu("copy")?;
                 let mut out = Tensor::empty_as(self.shape.clone(), dtype, tag, &self.device)?;
                 let n = self.numel();
-                let Storage::Cuda(dst) = &mut out.storage else { unreachable!("a GPU tensor") };
+                let Storage::Cuda(dst) = &mut out.storage else {
+                    unreachable!("a GPU tensor")
+                };
                 match (src, dst) {
-                    (CudaBuf::F32(s), CudaBuf::F32(d)) => gpu.stream().memcpy_dtod(s, d).map_err(cuda("copy"))?,
-                    (CudaBuf::Bf16(s), CudaBuf::Bf16(d)) => gpu.stream().memcpy_dtod(s, d).map_err(cuda("copy"))?,
+                    (CudaBuf::F32(s), CudaBuf::F32(d)) => {
+                        gpu.stream().memcpy_dtod(s, d).map_err(cuda("copy"))?
+                    }
+                    (CudaBuf::Bf16(s), CudaBuf::Bf16(d)) => {
+                        gpu.stream().memcpy_dtod(s, d).map_err(cuda("copy"))?
+                    }
                     (CudaBuf::F32(s), CudaBuf::Bf16(d)) => gpu.f32_to_bf16(n, s, d)?,
                     (CudaBuf::Bf16(s), CudaBuf::F32(d)) => gpu.bf16_to_f32(n, s, d)?,
                 }
@@ -225,7 +284,9 @@ impl Tensor {
             Storage::Cuda(buf) => {
                 let stream = self.device.require_gpu("copy_from_host")?.stream();
                 match buf {
-                    CudaBuf::F32(d) => stream.memcpy_htod(data, d).map_err(cuda("copy_from_host"))?,
+                    CudaBuf::F32(d) => stream
+                        .memcpy_htod(data, d)
+                        .map_err(cuda("copy_from_host"))?,
                     CudaBuf::Bf16(d) => {
                         let h: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
                         stream.memcpy_htod(&h, d).map_err(cuda("copy_from_host"))?
@@ -318,13 +379,18 @@ impl Tensor {
     }
 
     fn wrong_storage(&self, op: &'static str, want: DType) -> Error {
-        Error::invalid(op, format!("needs a {} tensor on a GPU, got {self:?}", want.name()))
+        Error::invalid(
+            op,
+            format!("needs a {} tensor on a GPU, got {self:?}", want.name()),
+        )
     }
 
     /// Where a GPU tensor's memory starts on the device; None on the CPU.
     pub(crate) fn device_address(&self) -> Option<u64> {
         use loren_kernels::DevicePtr;
-        let Storage::Cuda(buf) = &self.storage else { return None };
+        let Storage::Cuda(buf) = &self.storage else {
+            return None;
+        };
         let stream = self.device.gpu()?.stream();
         Some(match buf {
             CudaBuf::F32(s) => s.device_ptr(stream).0,
@@ -335,7 +401,10 @@ impl Tensor {
     /// The single value of a one-element tensor.
     pub fn scalar(&self) -> Result<f32> {
         if self.numel() != 1 {
-            return Err(Error::invalid("scalar", format!("tensor of shape {} is not a scalar", self.shape)));
+            return Err(Error::invalid(
+                "scalar",
+                format!("tensor of shape {} is not a scalar", self.shape),
+            ));
         }
         Ok(self.to_vec()?[0])
     }

@@ -6,7 +6,9 @@
 //! Inputs are rounded to bf16 before both sides see them, so the comparison measures the
 //! kernels, not the rounding of their inputs. With no usable GPU every test says so and passes.
 
-use loren_tensor::ops::{activation, attention, elementwise, embed, linear, lora, loss, norm, optim};
+use loren_tensor::ops::{
+    activation, attention, elementwise, embed, linear, lora, loss, norm, optim,
+};
 use loren_tensor::{DType, Device, MemTag, Rng, Tensor};
 
 const BF16_BOUND: f64 = 1e-2;
@@ -37,16 +39,27 @@ fn pair(shape: &[usize], dtype: DType, rng: &mut Rng, gpu: &Device) -> (Tensor, 
 fn rel_err(gpu: &Tensor, cpu: &Tensor) -> f64 {
     assert_eq!(gpu.dims(), cpu.dims(), "shapes differ");
     let (g, c) = (gpu.to_vec().unwrap(), cpu.to_vec().unwrap());
-    let diff: f64 = g.iter().zip(&c).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
+    let diff: f64 = g
+        .iter()
+        .zip(&c)
+        .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+        .sum();
     let norm: f64 = c.iter().map(|b| (*b as f64).powi(2)).sum();
     (diff / norm.max(1e-30)).sqrt()
 }
 
 /// The GPU result must match the CPU's within the bound for its dtype (NaN fails).
 fn close(what: &str, gpu: &Tensor, cpu: &Tensor) {
-    let bound = if gpu.dtype() == DType::BF16 { BF16_BOUND } else { F32_BOUND };
+    let bound = if gpu.dtype() == DType::BF16 {
+        BF16_BOUND
+    } else {
+        F32_BOUND
+    };
     let e = rel_err(gpu, cpu);
-    println!("{what:<48} {:<5} relative error {e:.3e} (bound {bound:.0e})", gpu.dtype().name());
+    println!(
+        "{what:<48} {:<5} relative error {e:.3e} (bound {bound:.0e})",
+        gpu.dtype().name()
+    );
     assert!(e < bound, "{what}: relative error {e:e} (bound {bound:e})");
 }
 
@@ -56,7 +69,12 @@ fn linear_shared_member_and_broadcast_weights() {
     let mut rng = Rng::new(1);
     let bf = DType::BF16;
     // (x groups, w groups, rows per group dims, k, n)
-    for &(gx, gw, t, k, n) in &[(3, 1, 17, 64, 48), (3, 3, 50, 40, 24), (1, 3, 17, 32, 16), (1, 1, 197, 72, 40)] {
+    for &(gx, gw, t, k, n) in &[
+        (3, 1, 17, 64, 48),
+        (3, 3, 50, 40, 24),
+        (1, 3, 17, 32, 16),
+        (1, 1, 197, 72, 40),
+    ] {
         let (xc, xg) = pair(&[gx, 2, t, k], bf, &mut rng, &g);
         let (wc, wg) = pair(&[gw, n, k], bf, &mut rng, &g);
         let (bc, bg) = pair(&[gw, n], DType::F32, &mut rng, &g);
@@ -68,12 +86,28 @@ fn linear_shared_member_and_broadcast_weights() {
         }
         let groups = gx.max(gw);
         let (dyc, dyg) = pair(&[groups, 2, t, n], bf, &mut rng, &g);
-        let needs = linear::Needs { dx: true, dw: true, db: true };
+        let needs = linear::Needs {
+            dx: true,
+            dw: true,
+            db: true,
+        };
         let c = linear::linear_backward(&dyc, xc.shape(), Some(&xc), &wc, true, needs).unwrap();
         let gg = linear::linear_backward(&dyg, xg.shape(), Some(&xg), &wg, true, needs).unwrap();
-        close(&format!("{tag} dx"), gg.dx.as_ref().unwrap(), c.dx.as_ref().unwrap());
-        close(&format!("{tag} dW"), gg.dw.as_ref().unwrap(), c.dw.as_ref().unwrap());
-        close(&format!("{tag} db"), gg.db.as_ref().unwrap(), c.db.as_ref().unwrap());
+        close(
+            &format!("{tag} dx"),
+            gg.dx.as_ref().unwrap(),
+            c.dx.as_ref().unwrap(),
+        );
+        close(
+            &format!("{tag} dW"),
+            gg.dw.as_ref().unwrap(),
+            c.dw.as_ref().unwrap(),
+        );
+        close(
+            &format!("{tag} db"),
+            gg.db.as_ref().unwrap(),
+            c.db.as_ref().unwrap(),
+        );
     }
 }
 
@@ -104,9 +138,21 @@ fn lora_linear_every_rank_member_count_and_prefix() {
         let (dyc, dyg) = pair(&[m, 2, t, n], bf, &mut rng, &g);
         let c = lora::lora_backward(&dyc, &xc, &wc, &ac, &b2c, &fc.u, 0.7, true, true).unwrap();
         let gg = lora::lora_backward(&dyg, &xg, &wg, &ag, &b2g, &fg.u, 0.7, true, true).unwrap();
-        close(&format!("{tag} dx"), gg.dx.as_ref().unwrap(), c.dx.as_ref().unwrap());
-        close(&format!("{tag} dA"), gg.da.as_ref().unwrap(), c.da.as_ref().unwrap());
-        close(&format!("{tag} dB"), gg.db.as_ref().unwrap(), c.db.as_ref().unwrap());
+        close(
+            &format!("{tag} dx"),
+            gg.dx.as_ref().unwrap(),
+            c.dx.as_ref().unwrap(),
+        );
+        close(
+            &format!("{tag} dA"),
+            gg.da.as_ref().unwrap(),
+            c.da.as_ref().unwrap(),
+        );
+        close(
+            &format!("{tag} dB"),
+            gg.db.as_ref().unwrap(),
+            c.db.as_ref().unwrap(),
+        );
     }
 }
 
@@ -134,12 +180,30 @@ fn attention_every_length_head_dim_and_broadcast() {
         close(&format!("{tag} LSE"), &fg.lse, &fc.lse);
         let (doc, dog) = pair(&[gr, b, t, h * dh], bf, &mut rng, &g);
         // The backward of both reads the GPU's O (rounded to bf16), so Δ agrees.
-        let o_cpu = Tensor::from_vec(fg.o.to_vec().unwrap(), fg.o.dims().to_vec(), MemTag::Workspace, &Device::cpu()).unwrap();
+        let o_cpu = Tensor::from_vec(
+            fg.o.to_vec().unwrap(),
+            fg.o.dims().to_vec(),
+            MemTag::Workspace,
+            &Device::cpu(),
+        )
+        .unwrap();
         let c = attention::attention_backward(&doc, &qc, &kc, &vc, &o_cpu, &fc.lse, h).unwrap();
         let gg = attention::attention_backward(&dog, &qg, &kg, &vg, &fg.o, &fg.lse, h).unwrap();
-        close(&format!("{tag} dQ"), gg.dq.as_ref().unwrap(), c.dq.as_ref().unwrap());
-        close(&format!("{tag} dK"), gg.dk.as_ref().unwrap(), c.dk.as_ref().unwrap());
-        close(&format!("{tag} dV"), gg.dv.as_ref().unwrap(), c.dv.as_ref().unwrap());
+        close(
+            &format!("{tag} dQ"),
+            gg.dq.as_ref().unwrap(),
+            c.dq.as_ref().unwrap(),
+        );
+        close(
+            &format!("{tag} dK"),
+            gg.dk.as_ref().unwrap(),
+            c.dk.as_ref().unwrap(),
+        );
+        close(
+            &format!("{tag} dV"),
+            gg.dv.as_ref().unwrap(),
+            c.dv.as_ref().unwrap(),
+        );
     }
 }
 
@@ -147,7 +211,12 @@ fn attention_every_length_head_dim_and_broadcast() {
 fn layernorm_shared_and_member_affine() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng::new(4);
-    for &(gx, gw, t, d) in &[(3, 1, 17, 64), (1, 3, 50, 96), (16, 16, 17, 64), (1, 1, 197, 768)] {
+    for &(gx, gw, t, d) in &[
+        (3, 1, 17, 64),
+        (1, 3, 50, 96),
+        (16, 16, 17, 64),
+        (1, 1, 197, 768),
+    ] {
         let (xc, xg) = pair(&[gx, 2, t, d], DType::BF16, &mut rng, &g);
         let (gc, gg) = pair(&[gw, d], DType::F32, &mut rng, &g);
         let (bc, bg) = pair(&[gw, d], DType::F32, &mut rng, &g);
@@ -158,11 +227,25 @@ fn layernorm_shared_and_member_affine() {
         close(&format!("{tag} mean"), &fg.mean, &fc.mean);
         close(&format!("{tag} rstd"), &fg.rstd, &fc.rstd);
         let (dyc, dyg) = pair(&[gx.max(gw), 2, t, d], DType::BF16, &mut rng, &g);
-        let c = norm::layernorm_backward(&dyc, &xc, &gc, &bc, &fc.mean, &fc.rstd, true, true).unwrap();
-        let k = norm::layernorm_backward(&dyg, &xg, &gg, &bg, &fg.mean, &fg.rstd, true, true).unwrap();
-        close(&format!("{tag} dx"), k.dx.as_ref().unwrap(), c.dx.as_ref().unwrap());
-        close(&format!("{tag} dgamma"), k.dgamma.as_ref().unwrap(), c.dgamma.as_ref().unwrap());
-        close(&format!("{tag} dbeta"), k.dbeta.as_ref().unwrap(), c.dbeta.as_ref().unwrap());
+        let c =
+            norm::layernorm_backward(&dyc, &xc, &gc, &bc, &fc.mean, &fc.rstd, true, true).unwrap();
+        let k =
+            norm::layernorm_backward(&dyg, &xg, &gg, &bg, &fg.mean, &fg.rstd, true, true).unwrap();
+        close(
+            &format!("{tag} dx"),
+            k.dx.as_ref().unwrap(),
+            c.dx.as_ref().unwrap(),
+        );
+        close(
+            &format!("{tag} dgamma"),
+            k.dgamma.as_ref().unwrap(),
+            c.dgamma.as_ref().unwrap(),
+        );
+        close(
+            &format!("{tag} dbeta"),
+            k.dbeta.as_ref().unwrap(),
+            c.dbeta.as_ref().unwrap(),
+        );
     }
 }
 
@@ -182,8 +265,16 @@ fn bias_gelu_forward_and_backward() {
         let (dyc, dyg) = pair(&[gx.max(gb), 2, t, n], DType::BF16, &mut rng, &g);
         let c = activation::bias_gelu_backward(&dyc, &xc, &bc, true, true).unwrap();
         let k = activation::bias_gelu_backward(&dyg, &xg, &bg, true, true).unwrap();
-        close(&format!("{tag} dx"), k.dx.as_ref().unwrap(), c.dx.as_ref().unwrap());
-        close(&format!("{tag} db"), k.db.as_ref().unwrap(), c.db.as_ref().unwrap());
+        close(
+            &format!("{tag} dx"),
+            k.dx.as_ref().unwrap(),
+            c.dx.as_ref().unwrap(),
+        );
+        close(
+            &format!("{tag} db"),
+            k.db.as_ref().unwrap(),
+            c.db.as_ref().unwrap(),
+        );
     }
 }
 
@@ -193,9 +284,17 @@ fn patch_and_token_embedding_and_class_token() {
     let mut rng = Rng::new(6);
     for &(b, c, hw, p) in &[(3, 1, 8, 2), (2, 3, 32, 16), (1, 3, 64, 32)] {
         let (ic, ig) = pair(&[b, c, hw, hw], DType::F32, &mut rng, &g);
-        close(&format!("patchify B={b} C={c} {hw}x{hw} p={p}"), &embed::patchify(&ig, p).unwrap(), &embed::patchify(&ic, p).unwrap());
+        close(
+            &format!("patchify B={b} C={c} {hw}x{hw} p={p}"),
+            &embed::patchify(&ig, p).unwrap(),
+            &embed::patchify(&ic, p).unwrap(),
+        );
     }
-    for &(ge, gc, gp, b, patches, d) in &[(1, 1, 1, 3, 16, 64), (3, 1, 3, 2, 49, 32), (3, 3, 1, 1, 196, 16)] {
+    for &(ge, gc, gp, b, patches, d) in &[
+        (1, 1, 1, 3, 16, 64),
+        (3, 1, 3, 2, 49, 32),
+        (3, 3, 1, 1, 196, 16),
+    ] {
         let groups = ge.max(gc).max(gp);
         let (pec, peg) = pair(&[ge, b, patches, d], DType::BF16, &mut rng, &g);
         let (cc, cg) = pair(&[gc, d], DType::F32, &mut rng, &g);
@@ -207,10 +306,26 @@ fn patch_and_token_embedding_and_class_token() {
         let (dxc, dxg) = pair(&[groups, b, patches + 1, d], DType::BF16, &mut rng, &g);
         let c = embed::embed_tokens_backward(&dxc, &pec, &cc, &pc, [true; 3]).unwrap();
         let k = embed::embed_tokens_backward(&dxg, &peg, &cg, &pg, [true; 3]).unwrap();
-        close(&format!("{tag} dpe"), k.dpe.as_ref().unwrap(), c.dpe.as_ref().unwrap());
-        close(&format!("{tag} dcls"), k.dcls.as_ref().unwrap(), c.dcls.as_ref().unwrap());
-        close(&format!("{tag} dpos"), k.dpos.as_ref().unwrap(), c.dpos.as_ref().unwrap());
-        close(&format!("class_token G={groups} B={b} T={}", patches + 1), &embed::class_token_forward(&xg).unwrap(), &embed::class_token_forward(&xc).unwrap());
+        close(
+            &format!("{tag} dpe"),
+            k.dpe.as_ref().unwrap(),
+            c.dpe.as_ref().unwrap(),
+        );
+        close(
+            &format!("{tag} dcls"),
+            k.dcls.as_ref().unwrap(),
+            c.dcls.as_ref().unwrap(),
+        );
+        close(
+            &format!("{tag} dpos"),
+            k.dpos.as_ref().unwrap(),
+            c.dpos.as_ref().unwrap(),
+        );
+        close(
+            &format!("class_token G={groups} B={b} T={}", patches + 1),
+            &embed::class_token_forward(&xg).unwrap(),
+            &embed::class_token_forward(&xc).unwrap(),
+        );
         let (dyc, dyg) = pair(&[groups, b, d], DType::BF16, &mut rng, &g);
         close(
             &format!("class_token backward G={groups} B={b}"),
@@ -232,7 +347,11 @@ fn cross_entropy_and_softmax() {
         let tag = format!("cross entropy M={m} B={b} C={c}");
         close(&format!("{tag} loss"), &og.loss, &oc.loss);
         close(&format!("{tag} dlogits"), &og.dlogits, &oc.dlogits);
-        close(&format!("softmax M={m} B={b} C={c}"), &loss::softmax(&lg).unwrap(), &loss::softmax(&lc).unwrap());
+        close(
+            &format!("softmax M={m} B={b} C={c}"),
+            &loss::softmax(&lg).unwrap(),
+            &loss::softmax(&lc).unwrap(),
+        );
     }
 }
 
@@ -244,8 +363,16 @@ fn elementwise_adds_and_reductions() {
         let (ac, ag) = pair(&[1, 2, 17, 64], dtype, &mut rng, &g);
         let (bc, bg) = pair(&[3, 2, 17, 64], dtype, &mut rng, &g);
         let tag = dtype.name();
-        close(&format!("add broadcast {tag}"), &elementwise::add(&ag, &bg).unwrap(), &elementwise::add(&ac, &bc).unwrap());
-        close(&format!("sum_groups {tag}"), &elementwise::sum_groups(&bg).unwrap(), &elementwise::sum_groups(&bc).unwrap());
+        close(
+            &format!("add broadcast {tag}"),
+            &elementwise::add(&ag, &bg).unwrap(),
+            &elementwise::add(&ac, &bc).unwrap(),
+        );
+        close(
+            &format!("sum_groups {tag}"),
+            &elementwise::sum_groups(&bg).unwrap(),
+            &elementwise::sum_groups(&bc).unwrap(),
+        );
         let (mut dc, mut dg) = pair(&[3, 2, 17, 64], dtype, &mut rng, &g);
         elementwise::add_assign(&mut dc, &bc).unwrap();
         elementwise::add_assign(&mut dg, &bg).unwrap();
@@ -254,7 +381,10 @@ fn elementwise_adds_and_reductions() {
         close(&format!("add_assign then scale {tag}"), &dg, &dc);
     }
     let (xc, xg) = pair(&[5, 1000], DType::F32, &mut rng, &g);
-    let (sc, sg) = (elementwise::sum_squares(&xc).unwrap(), elementwise::sum_squares(&xg).unwrap());
+    let (sc, sg) = (
+        elementwise::sum_squares(&xc).unwrap(),
+        elementwise::sum_squares(&xg).unwrap(),
+    );
     let e = (sg - sc).abs() / sc;
     println!("sum of squares relative error {e:.3e}");
     assert!(e < F32_BOUND, "sum of squares: {sg} vs {sc}");
@@ -265,22 +395,43 @@ fn fused_adamw_with_clipping_matches_the_cpu() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng::new(9);
     let shapes: [&[usize]; 3] = [&[3, 64, 8], &[3, 10], &[70000]];
-    let h = optim::AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step: 3 };
+    let h = optim::AdamW {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        step: 3,
+    };
     let mut cpu_t: Vec<[Tensor; 4]> = Vec::new();
     let mut gpu_t: Vec<[Tensor; 4]> = Vec::new();
     for s in shapes {
         // Parameter, gradient, first and second moment (the last positive).
         let values = |scale: f32, rng: &mut Rng| -> Vec<f32> {
-            (0..s.iter().product()).map(|_| scale * rng.normal().abs()).collect()
+            (0..s.iter().product())
+                .map(|_| scale * rng.normal().abs())
+                .collect()
         };
-        let host: [Vec<f32>; 4] = [values(1.0, &mut rng), values(3.0, &mut rng), values(0.1, &mut rng), values(0.01, &mut rng)];
-        let on = |dev: &Device| host.clone().map(|v| Tensor::from_vec(v, s.to_vec(), MemTag::Workspace, dev).unwrap());
+        let host: [Vec<f32>; 4] = [
+            values(1.0, &mut rng),
+            values(3.0, &mut rng),
+            values(0.1, &mut rng),
+            values(0.01, &mut rng),
+        ];
+        let on = |dev: &Device| {
+            host.clone()
+                .map(|v| Tensor::from_vec(v, s.to_vec(), MemTag::Workspace, dev).unwrap())
+        };
         cpu_t.push(on(&Device::cpu()));
         gpu_t.push(on(&g));
     }
     // CPU: clip in place, then the step.
     let max_norm = 1.0;
-    let norm: f64 = cpu_t.iter().map(|t| elementwise::sum_squares(&t[1]).unwrap()).sum::<f64>().sqrt();
+    let norm: f64 = cpu_t
+        .iter()
+        .map(|t| elementwise::sum_squares(&t[1]).unwrap())
+        .sum::<f64>()
+        .sqrt();
     let coef = (max_norm / (norm + 1e-6)).min(1.0);
     assert!(coef < 1.0, "the test must exercise clipping");
     for t in cpu_t.iter_mut() {
@@ -289,15 +440,31 @@ fn fused_adamw_with_clipping_matches_the_cpu() {
     let mut slots: Vec<optim::Slot> = Vec::new();
     for t in cpu_t.iter_mut() {
         let [p, gr, m, v] = t;
-        slots.push(optim::Slot { param: p, grad: gr, m, v: Some(v), decay: true });
+        slots.push(optim::Slot {
+            param: p,
+            grad: gr,
+            m,
+            v: Some(v),
+            decay: true,
+        });
     }
     optim::adamw_step(&mut slots, &h).unwrap();
     // GPU: one table, the norm and the update on the device.
-    let mut shadows: Vec<Tensor> = gpu_t.iter().map(|t| t[0].copy_as(DType::BF16, MemTag::Trainable).unwrap()).collect();
+    let mut shadows: Vec<Tensor> = gpu_t
+        .iter()
+        .map(|t| t[0].copy_as(DType::BF16, MemTag::Trainable).unwrap())
+        .collect();
     let mut gslots: Vec<optim::GpuSlot> = Vec::new();
     for (t, sh) in gpu_t.iter_mut().zip(shadows.iter_mut()) {
         let [p, gr, m, v] = t;
-        gslots.push(optim::GpuSlot { param: p, grad: gr, m, v: Some(v), shadow: Some(sh), decay: true });
+        gslots.push(optim::GpuSlot {
+            param: p,
+            grad: gr,
+            m,
+            v: Some(v),
+            shadow: Some(sh),
+            decay: true,
+        });
     }
     let mut table = optim::FusedTable::refresh(None, &g, &mut gslots).unwrap();
     table.step_adamw(&g, &h, Some(max_norm)).unwrap();

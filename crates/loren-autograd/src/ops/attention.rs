@@ -37,7 +37,9 @@ impl Backward for AttentionBackward {
     }
 
     fn backward(self: Box<Self>, d_o: Tensor, grads: &mut GradSink) -> Result<()> {
-        let g = attention_backward(&d_o, &self.q, &self.k, &self.v, &self.o, &self.lse, self.heads)?;
+        let g = attention_backward(
+            &d_o, &self.q, &self.k, &self.v, &self.o, &self.lse, self.heads,
+        )?;
         drop(d_o);
         let [q, k, v] = self.nodes;
         grads.add_opt(q, g.dq)?;

@@ -57,6 +57,10 @@ pub enum DataError {
         line: usize,
         value: i64,
     },
+    /// A file of an external dataset (CIFAR binaries, an image folder) that cannot be used:
+    /// truncated, an unknown label, an undecodable image, a folder with no images.
+    #[error("{}: {msg}", path.display())]
+    BadFile { path: PathBuf, msg: String },
 
     #[error("dataset `{name}`: channels, height and width must be positive, got {}x{}x{}", shape[0], shape[1], shape[2])]
     EmptyShape { name: String, shape: [usize; 3] },

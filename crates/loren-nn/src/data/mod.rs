@@ -6,9 +6,14 @@
 
 pub mod affine;
 pub mod augment;
+pub mod cifar;
 pub mod digits;
 pub mod error;
+pub mod external;
+pub mod folder;
 pub mod ood;
+pub mod prefetch;
+pub mod resize;
 pub mod shift;
 pub mod split;
 
@@ -40,6 +45,9 @@ pub struct Dataset {
     /// Per channel, applied when batching.
     pub norm_mean: Vec<f32>,
     pub norm_std: Vec<f32>,
+    /// `[height, width]` that [`Dataset::batch`] resizes to after augmenting, when set
+    /// ([`Dataset::resized_on_batch`]): images stay in memory at their own size.
+    pub resize_to: Option<[usize; 2]>,
 }
 
 /// A batch ready for the model: normalised images `[B, C, H, W]` and their labels.
@@ -76,6 +84,7 @@ impl Dataset {
             class_names,
             norm_mean: vec![0.0; channels],
             norm_std: vec![1.0; channels],
+            resize_to: None,
         };
         dataset.validate()?;
         Ok(dataset)
@@ -212,20 +221,31 @@ impl Dataset {
             class_names: self.class_names.clone(),
             norm_mean: self.norm_mean.clone(),
             norm_std: self.norm_std.clone(),
+            resize_to: self.resize_to,
         }
     }
 
     /// The images at `indices`, each augmented when `aug` is given (drawing from its `Rng` in
-    /// index order), then normalised per channel.
+    /// index order), resized when [`Dataset::resize_to`] is set, then normalised per channel.
     ///
     /// Panics if an index is out of range: indices come from the engine, never from a user.
     pub fn batch(&self, indices: &[usize], mut aug: Option<(&Augment, &mut Rng)>) -> Batch {
-        let n = self.image_len();
+        let [channels, height, width] = self.batch_shape();
+        let (n, resampler) = (channels * height * width, self.batch_resampler());
+        // Augmentation works at the stored size: into a staging image when resizing follows.
+        let mut native = vec![0.0; resampler.as_ref().map_or(0, |_| self.image_len())];
         let mut images = vec![0.0; indices.len() * n];
         for (out, &i) in images.chunks_exact_mut(n).zip(indices) {
+            let staged = match resampler {
+                Some(_) => &mut native[..],
+                None => &mut out[..],
+            };
             match aug.as_mut() {
-                Some((augment, rng)) => augment.apply(self.image(i), self.shape(), rng, out),
-                None => out.copy_from_slice(self.image(i)),
+                Some((augment, rng)) => augment.apply(self.image(i), self.shape(), rng, staged),
+                None => staged.copy_from_slice(self.image(i)),
+            }
+            if let Some(r) = &resampler {
+                r.apply(&native, out);
             }
             self.normalize_in_place(out);
         }
@@ -233,14 +253,14 @@ impl Dataset {
             images,
             labels: indices.iter().map(|&i| self.labels[i]).collect(),
             batch: indices.len(),
-            channels: self.channels,
-            height: self.height,
-            width: self.width,
+            channels,
+            height,
+            width,
         }
     }
 
     fn normalize_in_place(&self, image: &mut [f32]) {
-        let plane = self.height * self.width;
+        let plane = image.len() / self.channels;
         for (c, values) in image.chunks_exact_mut(plane).enumerate() {
             let (mean, std) = (self.norm_mean[c], self.norm_std[c]);
             // Divide rather than multiply by 1/std, so the result is the exact quotient.

@@ -76,9 +76,19 @@ where
 pub fn bias_gelu_forward(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     let dm = check(x, b)?;
     let dev = x.device();
-    let mut y = Tensor::empty_as(x.shape().with_groups(dm.groups), dev.compute_dtype(), MemTag::Activations, dev)?;
+    let mut y = Tensor::empty_as(
+        x.shape().with_groups(dm.groups),
+        dev.compute_dtype(),
+        MemTag::Activations,
+        dev,
+    )?;
     if let Some(gpu) = dev.gpu() {
-        gpu.bias_gelu_forward(&cuda_dims(&dm), x.cu_bf16(OP)?, b.cu_f32(OP)?, y.cu_bf16_mut(OP)?)?;
+        gpu.bias_gelu_forward(
+            &cuda_dims(&dm),
+            x.cu_bf16(OP)?,
+            b.cu_f32(OP)?,
+            y.cu_bf16_mut(OP)?,
+        )?;
         return Ok(y);
     }
     map_rows(
@@ -120,7 +130,8 @@ pub fn bias_gelu_backward(
         let (dyb, xb, bf) = (dy.cu_bf16(OP)?, x.cu_bf16(OP)?, b.cu_f32(OP)?);
         let dx = need_x
             .then(|| -> Result<Tensor> {
-                let mut dx = Tensor::empty_as(x.shape().clone(), DType::BF16, MemTag::Workspace, dev)?;
+                let mut dx =
+                    Tensor::empty_as(x.shape().clone(), DType::BF16, MemTag::Workspace, dev)?;
                 gpu.bias_gelu_backward_dx(&d, dyb, xb, bf, dx.cu_bf16_mut(OP)?)?;
                 Ok(dx)
             })
@@ -128,8 +139,20 @@ pub fn bias_gelu_backward(
         let db = need_b
             .then(|| -> Result<Tensor> {
                 let mut db = Tensor::empty(b.shape().clone(), MemTag::Workspace, dev)?;
-                let mut ws = Tensor::empty([loren_kernels::bias_gelu_db_workspace_len(&d)], MemTag::Workspace, dev)?;
-                gpu.bias_gelu_backward_db(&d, dyb, xb, bf, ws.cu_f32_mut(OP)?, db.cu_f32_mut(OP)?, false)?;
+                let mut ws = Tensor::empty(
+                    [loren_kernels::bias_gelu_db_workspace_len(&d)],
+                    MemTag::Workspace,
+                    dev,
+                )?;
+                gpu.bias_gelu_backward_db(
+                    &d,
+                    dyb,
+                    xb,
+                    bf,
+                    ws.cu_f32_mut(OP)?,
+                    db.cu_f32_mut(OP)?,
+                    false,
+                )?;
                 Ok(db)
             })
             .transpose()?;

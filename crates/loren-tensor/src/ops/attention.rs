@@ -81,40 +81,51 @@ fn check(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Dims> {
 }
 
 /// One head of one sequence, gathered so every inner loop is a contiguous axpy the compiler
-/// vectorises: K and V transposed to [dh, T] for the row-times-matrix products.
+/// vectorises: K and V transposed to [dh, T'] for the row-times-matrix products, T' being T
+/// rounded up to the vector width (the padding columns stay zero).
 struct Head {
+    tp: usize,
     kt: Vec<f32>,
     vt: Vec<f32>,
 }
 
 impl Head {
     fn new(t: usize, dh: usize) -> Head {
+        let tp = t.next_multiple_of(8);
         Head {
-            kt: vec![0.0; dh * t],
-            vt: vec![0.0; dh * t],
+            tp,
+            kt: vec![0.0; dh * tp],
+            vt: vec![0.0; dh * tp],
         }
     }
 
-    /// Transpose head `h`'s slice of `src` ([T, D]) into `dst` ([dh, T]).
-    fn gather(dst: &mut [f32], src: &[f32], dm: &Dims, h: usize) {
+    /// Transpose head `h`'s slice of `src` ([T, D]) into `dst` ([dh, T']).
+    fn gather(&self, dst: &mut [f32], src: &[f32], dm: &Dims, h: usize) {
         for j in 0..dm.t {
             for (d, &v) in src[j * dm.d + h * dm.dh..][..dm.dh].iter().enumerate() {
-                dst[d * dm.t + j] = v;
+                dst[d * self.tp + j] = v;
             }
         }
     }
 }
 
-/// `out[j] = scale · Σ_d row[d]·mt[d, j]` for a row [dh] and a matrix [dh, T].
+/// `out[j] = scale · Σ_d row[d]·mt[d, j]` for a row [dh] and a matrix [dh, T'].
 fn row_times(out: &mut [f32], row: &[f32], mt: &[f32], scale: f32) {
     out.fill(0.0);
     let t = out.len();
-    for (d, &r) in row.iter().enumerate() {
+    for (&r, m) in row.iter().zip(mt.chunks_exact(t)) {
         let c = r * scale;
-        for (o, &m) in out.iter_mut().zip(&mt[d * t..][..t]) {
+        for (o, &m) in out.iter_mut().zip(m) {
             *o += c * m;
         }
     }
+}
+
+/// `e^(s − shift)` over the first `t` scores, 0 over the padding.
+fn exp_row(s: &mut [f32], t: usize, shift: f32) {
+    let (real, pad) = s.split_at_mut(t);
+    real.iter_mut().for_each(|x| *x = exp(*x - shift));
+    pad.fill(0.0);
 }
 
 /// `y += a·x`.
@@ -146,18 +157,19 @@ pub fn attention_forward(
             let kg = &ks[dm.base(g, dm.gk, b)..][..t * d];
             let vg = &vs[dm.base(g, dm.gv, b)..][..t * d];
             let mut head = Head::new(t, dh);
-            let mut s = vec![0.0f32; t];
+            let mut kt = std::mem::take(&mut head.kt);
+            let mut s = vec![0.0f32; head.tp];
             for h in 0..heads {
-                Head::gather(&mut head.kt, kg, &dm, h);
+                head.gather(&mut kt, kg, &dm, h);
                 for i in 0..t {
-                    row_times(&mut s, &qg[i * d + h * dh..][..dh], &head.kt, dm.scale());
-                    let mx = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    s.iter_mut().for_each(|x| *x = exp(*x - mx));
+                    row_times(&mut s, &qg[i * d + h * dh..][..dh], &kt, dm.scale());
+                    let mx = s[..t].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    exp_row(&mut s, t, mx);
                     let sum: f32 = s.iter().sum();
                     lse[h * t + i] = mx + sum.ln();
                     let oi = &mut o[i * d + h * dh..][..dh];
-                    for (j, &e) in s.iter().enumerate() {
-                        axpy(oi, e / sum, &vg[j * d + h * dh..][..dh]);
+                    for (vj, &e) in vg.chunks_exact(d).zip(&s[..t]) {
+                        axpy(oi, e / sum, &vj[h * dh..][..dh]);
                     }
                 }
             }
@@ -223,17 +235,17 @@ pub fn attention_backward(
             let og = &os[gb * t * d..][..t * d];
             let lg = &ls[gb * heads * t..][..heads * t];
             let mut head = Head::new(t, dh);
-            let (mut p, mut dp) = (vec![0.0f32; t], vec![0.0f32; t]);
+            let (mut kt, mut vt) = (std::mem::take(&mut head.kt), std::mem::take(&mut head.vt));
+            let (mut p, mut dp) = (vec![0.0f32; head.tp], vec![0.0f32; head.tp]);
             for h in 0..heads {
                 let at = |i: usize| i * d + h * dh;
-                Head::gather(&mut head.kt, kg, &dm, h);
-                Head::gather(&mut head.vt, vg, &dm, h);
+                head.gather(&mut kt, kg, &dm, h);
+                head.gather(&mut vt, vg, &dm, h);
                 for i in 0..t {
                     let (qi, doi) = (&qg[at(i)..][..dh], &dog[at(i)..][..dh]);
-                    row_times(&mut p, qi, &head.kt, scale);
-                    let l = lg[h * t + i];
-                    p.iter_mut().for_each(|x| *x = exp(*x - l));
-                    row_times(&mut dp, doi, &head.vt, 1.0);
+                    row_times(&mut p, qi, &kt, scale);
+                    exp_row(&mut p, t, lg[h * t + i]);
+                    row_times(&mut dp, doi, &vt, 1.0);
                     let delta: f32 = doi.iter().zip(&og[at(i)..][..dh]).map(|(g, o)| g * o).sum();
                     for j in 0..t {
                         let ds = p[j] * (dp[j] - delta) * scale;

@@ -20,12 +20,33 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
     let dtype = same_dtype(OP, &[a, b])?;
     let per = a.numel() / a.shape().groups().max(1);
-    let mut out = Tensor::empty_as(a.shape().with_groups(groups), dtype, MemTag::Activations, a.device())?;
+    let mut out = Tensor::empty_as(
+        a.shape().with_groups(groups),
+        dtype,
+        MemTag::Activations,
+        a.device(),
+    )?;
     let (ga, gb) = (a.shape().groups(), b.shape().groups());
     if let Some(gpu) = a.device().gpu() {
         match dtype {
-            DType::BF16 => gpu.add_bf16(per, groups, ga, gb, a.cu_bf16(OP)?, b.cu_bf16(OP)?, out.cu_bf16_mut(OP)?)?,
-            DType::F32 => gpu.add_f32(per, groups, ga, gb, a.cu_f32(OP)?, b.cu_f32(OP)?, out.cu_f32_mut(OP)?)?,
+            DType::BF16 => gpu.add_bf16(
+                per,
+                groups,
+                ga,
+                gb,
+                a.cu_bf16(OP)?,
+                b.cu_bf16(OP)?,
+                out.cu_bf16_mut(OP)?,
+            )?,
+            DType::F32 => gpu.add_f32(
+                per,
+                groups,
+                ga,
+                gb,
+                a.cu_f32(OP)?,
+                b.cu_f32(OP)?,
+                out.cu_f32_mut(OP)?,
+            )?,
         }
         return Ok(out);
     }
@@ -91,7 +112,12 @@ pub fn sum_groups(t: &Tensor) -> Result<Tensor> {
     let g = t.shape().groups();
     let per = t.numel() / g.max(1);
     if let Some(gpu) = t.device().gpu() {
-        let mut out = Tensor::empty_as(t.shape().with_groups(1), t.dtype(), MemTag::Workspace, t.device())?;
+        let mut out = Tensor::empty_as(
+            t.shape().with_groups(1),
+            t.dtype(),
+            MemTag::Workspace,
+            t.device(),
+        )?;
         match t.dtype() {
             DType::BF16 => gpu.sum_groups_bf16(per, g, t.cu_bf16(OP)?, out.cu_bf16_mut(OP)?)?,
             DType::F32 => gpu.sum_groups_f32(per, g, t.cu_f32(OP)?, out.cu_f32_mut(OP)?)?,
@@ -136,7 +162,9 @@ pub fn sum_squares(t: &Tensor) -> Result<f64> {
         let mut partials = stream
             .alloc_zeros::<f64>(loren_kernels::sum_squares_partials_len(n))
             .map_err(crate::tensor::cuda(OP))?;
-        let mut out = stream.alloc_zeros::<f64>(1).map_err(crate::tensor::cuda(OP))?;
+        let mut out = stream
+            .alloc_zeros::<f64>(1)
+            .map_err(crate::tensor::cuda(OP))?;
         gpu.sum_squares_f32(n, x.cu_f32(OP)?, &mut partials, &mut out)?;
         return Ok(stream.clone_dtoh(&out).map_err(crate::tensor::cuda(OP))?[0]);
     }

@@ -32,7 +32,12 @@ pub fn patchify(images: &Tensor, p: usize) -> Result<Tensor> {
     let (gh, gw) = (h / p, w / p);
     let feat = c * p * p;
     let dev = images.device();
-    let mut out = Tensor::empty_as([1, b, gh * gw, feat], dev.compute_dtype(), MemTag::Activations, dev)?;
+    let mut out = Tensor::empty_as(
+        [1, b, gh * gw, feat],
+        dev.compute_dtype(),
+        MemTag::Activations,
+        dev,
+    )?;
     if let Some(gpu) = dev.gpu() {
         gpu.patchify(b, c, h, w, p, images.cu_f32(OP)?, out.cu_bf16_mut(OP)?)?;
         return Ok(out);
@@ -94,9 +99,18 @@ pub fn embed_tokens_forward(pe: &Tensor, cls: &Tensor, pos: &Tensor) -> Result<T
     let dm = check_tokens(pe, cls, pos)?;
     let (t, d) = (dm.patches + 1, dm.d);
     let dev = pe.device();
-    let mut x = Tensor::empty_as([dm.groups, dm.batch, t, d], dev.compute_dtype(), MemTag::Activations, dev)?;
+    let mut x = Tensor::empty_as(
+        [dm.groups, dm.batch, t, d],
+        dev.compute_dtype(),
+        MemTag::Activations,
+        dev,
+    )?;
     if let Some(gpu) = dev.gpu() {
-        let (peb, cf, pf) = (pe.cu_bf16(TOKENS)?, cls.cu_f32(TOKENS)?, pos.cu_f32(TOKENS)?);
+        let (peb, cf, pf) = (
+            pe.cu_bf16(TOKENS)?,
+            cls.cu_f32(TOKENS)?,
+            pos.cu_f32(TOKENS)?,
+        );
         gpu.embed_tokens_forward(&cuda_dims(&dm), peb, cf, pf, x.cu_bf16_mut(TOKENS)?)?;
         return Ok(x);
     }
@@ -193,7 +207,13 @@ pub fn class_token_forward(x: &Tensor) -> Result<Tensor> {
     let dev = x.device();
     if let Some(gpu) = dev.gpu() {
         let mut y = Tensor::empty_as([g, b, d], dev.compute_dtype(), MemTag::Activations, dev)?;
-        gpu.class_token_forward(g * b, t, d, x.cu_bf16("class_token")?, y.cu_bf16_mut("class_token")?)?;
+        gpu.class_token_forward(
+            g * b,
+            t,
+            d,
+            x.cu_bf16("class_token")?,
+            y.cu_bf16_mut("class_token")?,
+        )?;
         return Ok(y);
     }
     let xs = x.as_slice()?;
@@ -246,15 +266,31 @@ fn embed_tokens_backward_cuda(
     let gpu = dev.require_gpu(TOKENS)?;
     let d = cuda_dims(dm);
     let dxb = dx.cu_bf16(TOKENS)?;
-    let column_sums = |rows: loren_kernels::SumRowsDims, shape: &crate::shape::Shape| -> Result<Tensor> {
-        let mut out = Tensor::empty(shape.clone(), MemTag::Workspace, dev)?;
-        let mut ws = Tensor::empty([loren_kernels::sum_rows_workspace_len(&rows)], MemTag::Workspace, dev)?;
-        gpu.sum_rows_bf16(&rows, dxb, ws.cu_f32_mut(TOKENS)?, out.cu_f32_mut(TOKENS)?, false)?;
-        Ok(out)
-    };
+    let column_sums =
+        |rows: loren_kernels::SumRowsDims, shape: &crate::shape::Shape| -> Result<Tensor> {
+            let mut out = Tensor::empty(shape.clone(), MemTag::Workspace, dev)?;
+            let mut ws = Tensor::empty(
+                [loren_kernels::sum_rows_workspace_len(&rows)],
+                MemTag::Workspace,
+                dev,
+            )?;
+            gpu.sum_rows_bf16(
+                &rows,
+                dxb,
+                ws.cu_f32_mut(TOKENS)?,
+                out.cu_f32_mut(TOKENS)?,
+                false,
+            )?;
+            Ok(out)
+        };
     let mut out = TokenGrads::default();
     if need[0] {
-        let mut dpe = Tensor::empty_as([dm.ge, dm.batch, dm.patches, dm.d], DType::BF16, MemTag::Workspace, dev)?;
+        let mut dpe = Tensor::empty_as(
+            [dm.ge, dm.batch, dm.patches, dm.d],
+            DType::BF16,
+            MemTag::Workspace,
+            dev,
+        )?;
         gpu.embed_tokens_backward_patches(&d, dxb, dpe.cu_bf16_mut(TOKENS)?)?;
         out.dpe = Some(dpe);
     }

@@ -6,8 +6,8 @@ use rayon::prelude::*;
 use super::elementwise::sum_rows;
 use super::gemm::{Trans, matmul, pool_threads};
 use super::{broadcast_groups, expect_rank, group_index, same_device};
-use crate::error::{Error, Result};
 use crate::dtype::DType;
+use crate::error::{Error, Result};
 use crate::memory::MemTag;
 use crate::shape::Shape;
 use crate::tensor::Tensor;
@@ -348,10 +348,18 @@ mod cuda {
 
     /// A bf16 copy of an f32 operand (the logits' gradient), for cuBLAS; None when it is bf16.
     fn bf16_copy(t: &Tensor) -> Result<Option<Tensor>> {
-        (t.dtype() == DType::F32).then(|| t.copy_as(DType::BF16, MemTag::Workspace)).transpose()
+        (t.dtype() == DType::F32)
+            .then(|| t.copy_as(DType::BF16, MemTag::Workspace))
+            .transpose()
     }
 
-    pub(super) fn forward(d: &Dims, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, y: &mut Tensor) -> Result<()> {
+    pub(super) fn forward(
+        d: &Dims,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        y: &mut Tensor,
+    ) -> Result<()> {
         let gpu = x.device().require_gpu(OP)?;
         let (rows, k, n) = (d.rows, d.k, d.n);
         let g = if d.gw == 1 {
@@ -369,8 +377,12 @@ mod cuda {
         if let Some(b) = bias {
             let bf = b.cu_f32(OP)?;
             match y.dtype() {
-                DType::BF16 => gpu.add_bias_rows_bf16(d.groups, rows, n, d.gw, y.cu_bf16_mut(OP)?, bf)?,
-                DType::F32 => gpu.add_bias_rows_f32(d.groups, rows, n, d.gw, y.cu_f32_mut(OP)?, bf)?,
+                DType::BF16 => {
+                    gpu.add_bias_rows_bf16(d.groups, rows, n, d.gw, y.cu_bf16_mut(OP)?, bf)?
+                }
+                DType::F32 => {
+                    gpu.add_bias_rows_f32(d.groups, rows, n, d.gw, y.cu_f32_mut(OP)?, bf)?
+                }
             }
         }
         Ok(())
@@ -396,9 +408,20 @@ mod cuda {
             let wb = w.cu_bf16(OP)?;
             let mut dx = Tensor::empty_as(x_shape.clone(), DType::BF16, MemTag::Workspace, dev)?;
             if d.gw == 1 {
-                gpu.gemm_bf16(&gemm(groups * rows, k, n, false, false), dyb, wb, GemmOut::Bf16(dx.cu_bf16_mut(OP)?))?;
+                gpu.gemm_bf16(
+                    &gemm(groups * rows, k, n, false, false),
+                    dyb,
+                    wb,
+                    GemmOut::Bf16(dx.cu_bf16_mut(OP)?),
+                )?;
             } else {
-                let g = batched(gemm(rows, k, n, false, false), groups, rows * n, n * k, rows * k);
+                let g = batched(
+                    gemm(rows, k, n, false, false),
+                    groups,
+                    rows * n,
+                    n * k,
+                    rows * k,
+                );
                 if d.gx == groups {
                     gpu.gemm_bf16(&g, dyb, wb, GemmOut::Bf16(dx.cu_bf16_mut(OP)?))?;
                 } else {
@@ -413,7 +436,12 @@ mod cuda {
         }
 
         if needs.dw {
-            let x = x.ok_or_else(|| Error::invalid(OP, "the weight's gradient needs the input, which was not kept"))?;
+            let x = x.ok_or_else(|| {
+                Error::invalid(
+                    OP,
+                    "the weight's gradient needs the input, which was not kept",
+                )
+            })?;
             let xb = x.cu_bf16(OP)?;
             let mut dw = Tensor::empty_as(w.shape().clone(), DType::F32, MemTag::Workspace, dev)?;
             let g = if d.gw == 1 {
@@ -436,10 +464,23 @@ mod cuda {
                 out_groups: d.gw,
             };
             let mut db = Tensor::empty_as([d.gw, n], DType::F32, MemTag::Workspace, dev)?;
-            let mut ws = Tensor::empty_as([sum_rows_workspace_len(&dims)], DType::F32, MemTag::Workspace, dev)?;
+            let mut ws = Tensor::empty_as(
+                [sum_rows_workspace_len(&dims)],
+                DType::F32,
+                MemTag::Workspace,
+                dev,
+            )?;
             match dy.dtype() {
-                DType::BF16 => gpu.sum_rows_bf16(&dims, dyb, ws.cu_f32_mut(OP)?, db.cu_f32_mut(OP)?, false)?,
-                DType::F32 => gpu.sum_rows_f32(&dims, dy.cu_f32(OP)?, ws.cu_f32_mut(OP)?, db.cu_f32_mut(OP)?, false)?,
+                DType::BF16 => {
+                    gpu.sum_rows_bf16(&dims, dyb, ws.cu_f32_mut(OP)?, db.cu_f32_mut(OP)?, false)?
+                }
+                DType::F32 => gpu.sum_rows_f32(
+                    &dims,
+                    dy.cu_f32(OP)?,
+                    ws.cu_f32_mut(OP)?,
+                    db.cu_f32_mut(OP)?,
+                    false,
+                )?,
             }
             out.db = Some(db);
         }

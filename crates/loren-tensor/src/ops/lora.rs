@@ -103,8 +103,17 @@ pub fn lora_forward(
     let d = check(x, w, bias, a, b)?;
     let (m, rows, k, n, r) = (d.members, d.rows, d.k, d.n, d.r);
     let dev = x.device();
-    let mut y = Tensor::empty_as(x.shape().with_groups(m).with_last(n), dev.compute_dtype(), MemTag::Activations, dev)?;
-    let mut u = Tensor::empty(x.shape().with_groups(m).with_last(r), MemTag::Activations, dev)?;
+    let mut y = Tensor::empty_as(
+        x.shape().with_groups(m).with_last(n),
+        dev.compute_dtype(),
+        MemTag::Activations,
+        dev,
+    )?;
+    let mut u = Tensor::empty(
+        x.shape().with_groups(m).with_last(r),
+        MemTag::Activations,
+        dev,
+    )?;
     if dev.gpu().is_some() {
         cuda::forward(&d, x, w, bias, a, b, scale, &mut y, &mut u)?;
         return Ok(LoraOutput { y, u });
@@ -389,7 +398,9 @@ mod cuda {
     ) -> Result<()> {
         let gpu = x.device().require_gpu(OP)?;
         // The kernel reads a bf16 bias; biases are kept in f32, so this N-element cast is the cost.
-        let bias = bias.map(|t| t.copy_as(DType::BF16, MemTag::Workspace)).transpose()?;
+        let bias = bias
+            .map(|t| t.copy_as(DType::BF16, MemTag::Workspace))
+            .transpose()?;
         let bias = bias.as_ref().map(|t| t.cu_bf16(OP)).transpose()?;
         gpu.lora_forward(
             &dims(d),
@@ -421,8 +432,12 @@ mod cuda {
         let dev = x.device();
         let gpu = dev.require_gpu(OP)?;
         let mut v = Tensor::empty(u.shape().clone(), MemTag::Workspace, dev)?;
-        let mut da = need_adapters.then(|| Tensor::empty(a.shape().clone(), MemTag::Workspace, dev)).transpose()?;
-        let mut db = need_adapters.then(|| Tensor::empty(b.shape().clone(), MemTag::Workspace, dev)).transpose()?;
+        let mut da = need_adapters
+            .then(|| Tensor::empty(a.shape().clone(), MemTag::Workspace, dev))
+            .transpose()?;
+        let mut db = need_adapters
+            .then(|| Tensor::empty(b.shape().clone(), MemTag::Workspace, dev))
+            .transpose()?;
         let mut dx = need_dx
             .then(|| Tensor::empty_as(x.shape().clone(), DType::BF16, MemTag::Workspace, dev))
             .transpose()?;
@@ -435,7 +450,10 @@ mod cuda {
         };
         let dxb = dx
             .as_mut()
-            .map(|t| t.cu_bf16_mut(OP).map(|s| s as &mut dyn loren_kernels::DevicePtrMut<loren_kernels::bf16>))
+            .map(|t| {
+                t.cu_bf16_mut(OP)
+                    .map(|s| s as &mut dyn loren_kernels::DevicePtrMut<loren_kernels::bf16>)
+            })
             .transpose()?;
         gpu.lora_backward(
             &dims(d),

@@ -66,7 +66,10 @@ pub fn softmax_cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<LossOut
     let dev = logits.device();
     if let Some(gpu) = dev.gpu() {
         // The targets are data: they come in from the host with the batch.
-        let t = gpu.stream().clone_htod(targets).map_err(crate::tensor::cuda(OP))?;
+        let t = gpu
+            .stream()
+            .clone_htod(targets)
+            .map_err(crate::tensor::cuda(OP))?;
         let mut dlogits = Tensor::empty([m, b, c], MemTag::Workspace, dev)?;
         let mut losses = Tensor::empty([m * b], MemTag::Workspace, dev)?;
         let mut loss = Tensor::empty([1], MemTag::Workspace, dev)?;
@@ -117,7 +120,12 @@ pub fn softmax(logits: &Tensor) -> Result<Tensor> {
     }
     if let Some(gpu) = logits.device().gpu() {
         let mut p = Tensor::empty(logits.shape().clone(), MemTag::Activations, logits.device())?;
-        gpu.softmax(logits.numel() / c, c, logits.cu_f32("softmax")?, p.cu_f32_mut("softmax")?)?;
+        gpu.softmax(
+            logits.numel() / c,
+            c,
+            logits.cu_f32("softmax")?,
+            p.cu_f32_mut("softmax")?,
+        )?;
         return Ok(p);
     }
     let mut p = Tensor::empty(logits.shape().clone(), MemTag::Activations, logits.device())?;

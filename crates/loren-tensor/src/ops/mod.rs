@@ -51,9 +51,15 @@ pub(crate) fn same_device(op: &'static str, tensors: &[&Tensor]) -> Result<()> {
 
 /// Require that the tensors share one dtype, and return it.
 pub(crate) fn same_dtype(op: &'static str, tensors: &[&Tensor]) -> Result<crate::dtype::DType> {
-    let d = tensors.first().map(|t| t.dtype()).unwrap_or(crate::dtype::DType::F32);
+    let d = tensors
+        .first()
+        .map(|t| t.dtype())
+        .unwrap_or(crate::dtype::DType::F32);
     match tensors.iter().find(|t| t.dtype() != d) {
-        Some(t) => Err(Error::invalid(op, format!("mixed dtypes: {} and {}", d.name(), t.dtype().name()))),
+        Some(t) => Err(Error::invalid(
+            op,
+            format!("mixed dtypes: {} and {}", d.name(), t.dtype().name()),
+        )),
         None => Ok(d),
     }
 }

@@ -82,7 +82,12 @@ pub fn layernorm_forward(
     let mut mean = Tensor::empty([dm.gx, rows], MemTag::Activations, dev)?;
     let mut rstd = Tensor::empty([dm.gx, rows], MemTag::Activations, dev)?;
     if let Some(gpu) = dev.gpu() {
-        let mut y = Tensor::empty_as(x.shape().with_groups(dm.groups), dev.compute_dtype(), MemTag::Activations, dev)?;
+        let mut y = Tensor::empty_as(
+            x.shape().with_groups(dm.groups),
+            dev.compute_dtype(),
+            MemTag::Activations,
+            dev,
+        )?;
         gpu.layernorm_forward(
             &cuda_dims(&dm),
             x.cu_bf16(OP)?,
@@ -244,9 +249,22 @@ fn backward_cuda(
     let d = cuda_dims(dm);
     let mut out = NormGrads::default();
     if need_x {
-        let mut dx = Tensor::empty_as(x.shape().clone(), crate::dtype::DType::BF16, MemTag::Workspace, dev)?;
+        let mut dx = Tensor::empty_as(
+            x.shape().clone(),
+            crate::dtype::DType::BF16,
+            MemTag::Workspace,
+            dev,
+        )?;
         let (m, r) = (mean.cu_f32(OP)?, rstd.cu_f32(OP)?);
-        gpu.layernorm_backward_dx(&d, dy.cu_bf16(OP)?, x.cu_bf16(OP)?, gamma.cu_f32(OP)?, m, r, dx.cu_bf16_mut(OP)?)?;
+        gpu.layernorm_backward_dx(
+            &d,
+            dy.cu_bf16(OP)?,
+            x.cu_bf16(OP)?,
+            gamma.cu_f32(OP)?,
+            m,
+            r,
+            dx.cu_bf16_mut(OP)?,
+        )?;
         out.dx = Some(dx);
     }
     if need_affine {

@@ -153,10 +153,16 @@ impl GpuSlot<'_> {
     /// The device addresses the table stores for this slot.
     fn addresses(&self) -> Vec<u64> {
         let opt = |t: &Option<&mut Tensor>| t.as_ref().and_then(|t| t.device_address());
-        [self.param.device_address(), self.grad.device_address(), self.m.device_address(), opt(&self.v), opt(&self.shadow)]
-            .into_iter()
-            .map(|a| a.unwrap_or(0))
-            .collect()
+        [
+            self.param.device_address(),
+            self.grad.device_address(),
+            self.m.device_address(),
+            opt(&self.v),
+            opt(&self.shadow),
+        ]
+        .into_iter()
+        .map(|a| a.unwrap_or(0))
+        .collect()
     }
 }
 
@@ -184,9 +190,14 @@ struct F64Scratch {
 impl F64Scratch {
     fn new(dev: &Device, blocks: usize) -> Result<F64Scratch> {
         let stream = dev.require_gpu("optimizer_step")?.stream();
-        let partials = stream.alloc_zeros::<f64>(blocks.max(1)).map_err(crate::tensor::cuda("optimizer_step"))?;
-        let sumsq = stream.alloc_zeros::<f64>(1).map_err(crate::tensor::cuda("optimizer_step"))?;
-        dev.memory().alloc(MemTag::OptimizerState, F64Scratch::bytes(blocks));
+        let partials = stream
+            .alloc_zeros::<f64>(blocks.max(1))
+            .map_err(crate::tensor::cuda("optimizer_step"))?;
+        let sumsq = stream
+            .alloc_zeros::<f64>(1)
+            .map_err(crate::tensor::cuda("optimizer_step"))?;
+        dev.memory()
+            .alloc(MemTag::OptimizerState, F64Scratch::bytes(blocks));
         Ok(F64Scratch {
             partials,
             sumsq,
@@ -201,7 +212,10 @@ impl F64Scratch {
 
 impl Drop for F64Scratch {
     fn drop(&mut self) {
-        self.device.memory().free(MemTag::OptimizerState, F64Scratch::bytes(self.partials.len()));
+        self.device.memory().free(
+            MemTag::OptimizerState,
+            F64Scratch::bytes(self.partials.len()),
+        );
     }
 }
 
@@ -211,7 +225,11 @@ impl FusedTable {
     }
 
     /// The table for `slots`, kept when `current` already describes them.
-    pub fn refresh(current: Option<FusedTable>, dev: &Device, slots: &mut [GpuSlot<'_>]) -> Result<FusedTable> {
+    pub fn refresh(
+        current: Option<FusedTable>,
+        dev: &Device,
+        slots: &mut [GpuSlot<'_>],
+    ) -> Result<FusedTable> {
         const OP: &str = "optimizer_step";
         let addresses = FusedTable::addresses(slots);
         if let Some(t) = current.filter(|t| t.addresses == addresses) {
@@ -251,7 +269,9 @@ impl FusedTable {
     /// min(1, max_norm / (norm + 1e-6)), torch.nn.utils.clip_grad_norm_'s rule.
     fn clip(&mut self, dev: &Device, max_norm: Option<f64>) -> Result<bool> {
         const OP: &str = "clip_grad_norm";
-        let Some(max_norm) = max_norm else { return Ok(false) };
+        let Some(max_norm) = max_norm else {
+            return Ok(false);
+        };
         let gpu = dev.require_gpu(OP)?;
         let s = &mut self.scratch;
         gpu.grad_sum_squares(&self.table, &mut s.partials, &mut s.sumsq)?;
@@ -272,7 +292,11 @@ impl FusedTable {
             weight_decay: h.weight_decay,
             step: h.step,
         };
-        let scale = if clipped { Some(self.coef.cu_f32("adamw_step")? as &dyn loren_kernels::DevicePtr<f32>) } else { None };
+        let scale = if clipped {
+            Some(self.coef.cu_f32("adamw_step")? as &dyn loren_kernels::DevicePtr<f32>)
+        } else {
+            None
+        };
         Ok(gpu.adamw_step(&self.table, &k, scale)?)
     }
 
@@ -285,7 +309,11 @@ impl FusedTable {
             momentum: h.momentum,
             weight_decay: h.weight_decay,
         };
-        let scale = if clipped { Some(self.coef.cu_f32("sgd_step")? as &dyn loren_kernels::DevicePtr<f32>) } else { None };
+        let scale = if clipped {
+            Some(self.coef.cu_f32("sgd_step")? as &dyn loren_kernels::DevicePtr<f32>)
+        } else {
+            None
+        };
         Ok(gpu.sgd_step(&self.table, &k, scale)?)
     }
 }

@@ -1,0 +1,241 @@
+//! Splits of datasets that come from outside (CIFAR, image folders): the backbone is imported,
+//! never pretrained here, so these splits have no pretraining part.
+//!
+//! Like the digits' split, the cut is stratified by class and seeded with [`SPLIT_SEED`], not
+//! the user's seed, so every run trains and is scored on the same images.
+
+use loren_tensor::Rng;
+
+use super::split::SPLIT_SEED;
+use super::{DataError, Dataset, Splits};
+
+/// The share of an official training part held out for validation.
+pub const VAL_FRACTION: f64 = 0.1;
+/// The shares of a dataset with no official test part (an image folder): train, val, test.
+pub const FOLDER_FRACTIONS: [f64; 3] = [0.7, 0.1, 0.2];
+
+/// Train and validation cut from `train_all` (90% / 10% of each class); test is the official
+/// `test`. Classes in `holdout` leave train, val and test, and their test images become
+/// [`Splits::held_out`]. The pretraining part is empty.
+pub fn split_official(
+    train_all: &Dataset,
+    test: &Dataset,
+    holdout: &[u32],
+) -> Result<Splits, DataError> {
+    let [train, val] = stratified(train_all, &[1.0 - VAL_FRACTION, VAL_FRACTION]);
+    let named = |indices: &[usize], part: &str| {
+        let mut d = train_all.subset(indices);
+        d.name = format!("{}/{part}", base_name(&train_all.name));
+        d
+    };
+    assemble(
+        named(&train, "train"),
+        named(&val, "val"),
+        test.clone(),
+        holdout,
+    )
+}
+
+/// Train, validation and test cut from `all` by [`FOLDER_FRACTIONS`] within each class.
+pub fn split_seeded(all: &Dataset, holdout: &[u32]) -> Result<Splits, DataError> {
+    let parts = stratified(all, &FOLDER_FRACTIONS);
+    let [train, val, test] = [0, 1, 2].map(|p| {
+        let mut d = all.subset(&parts[p]);
+        d.name = format!("{}/{}", all.name, ["train", "val", "test"][p]);
+        d
+    });
+    assemble(train, val, test, holdout)
+}
+
+/// "cifar10/train-all" → "cifar10".
+fn base_name(name: &str) -> &str {
+    name.split('/').next().unwrap_or(name)
+}
+
+/// For each fraction, the indices of `all` that fall in it, ascending. Within each class the
+/// order is shuffled with [`SPLIT_SEED`] and cut by [`class_counts`].
+fn stratified<const P: usize>(all: &Dataset, fractions: &[f64; P]) -> [Vec<usize>; P] {
+    let root = Rng::new(SPLIT_SEED).fork(0x4558_5400_0000_0005);
+    let mut parts: [Vec<usize>; P] = std::array::from_fn(|_| Vec::new());
+    for class in 0..all.classes {
+        let mut members: Vec<usize> = (0..all.len())
+            .filter(|&i| all.labels[i] as usize == class)
+            .collect();
+        root.fork(class as u64).shuffle(&mut members);
+        let mut rest = members.as_slice();
+        for (part, count) in parts.iter_mut().zip(class_counts(members.len(), fractions)) {
+            let (taken, left) = rest.split_at(count);
+            part.extend_from_slice(taken);
+            rest = left;
+        }
+    }
+    parts.iter_mut().for_each(|p| p.sort_unstable());
+    parts
+}
+
+/// `n` items cut by `fractions`: every part after the first gets its rounded share (so a
+/// class of 5 still gives validation one image), the first part the rest.
+fn class_counts<const P: usize>(n: usize, fractions: &[f64; P]) -> [usize; P] {
+    let mut counts = [0; P];
+    let mut left = n;
+    for p in 1..P {
+        counts[p] = ((fractions[p] * n as f64).round() as usize).min(left);
+        left -= counts[p];
+    }
+    counts[0] = left;
+    counts
+}
+
+/// The splits with `holdout` applied, after checking no part is empty.
+fn assemble(
+    train: Dataset,
+    val: Dataset,
+    test: Dataset,
+    holdout: &[u32],
+) -> Result<Splits, DataError> {
+    let held = checked_holdout(holdout, train.classes)?;
+    let held_out = (!held.is_empty()).then(|| {
+        let idx = indices_where(&test, |l| held.binary_search(&l).is_ok());
+        let mut d = test.subset(&idx);
+        d.name = format!("{}/held-out", base_name(&test.name));
+        d
+    });
+    let keep = |d: Dataset| without_classes(d, &held);
+    let splits = Splits {
+        pretrain: Dataset {
+            name: format!("{}/pretrain", base_name(&train.name)),
+            ..train.with_no_images()
+        },
+        train: keep(train),
+        val: keep(val),
+        test: keep(test),
+        held_out,
+    };
+    for (d, part) in [
+        (&splits.train, "train"),
+        (&splits.val, "val"),
+        (&splits.test, "test"),
+    ] {
+        if d.is_empty() {
+            return Err(DataError::EmptySplit {
+                name: d.name.clone(),
+                part,
+            });
+        }
+    }
+    Ok(splits)
+}
+
+/// The held-out classes sorted and deduplicated, each existing, at least two classes left.
+fn checked_holdout(holdout: &[u32], classes: usize) -> Result<Vec<u32>, DataError> {
+    let mut held = holdout.to_vec();
+    held.sort_unstable();
+    held.dedup();
+    if let Some(&class) = held.iter().find(|&&c| c as usize >= classes) {
+        return Err(DataError::UnknownHoldoutClass { class, classes });
+    }
+    if classes - held.len() < 2 {
+        return Err(DataError::TooFewClassesLeft {
+            held_out: held.len(),
+            classes,
+        });
+    }
+    Ok(held)
+}
+
+fn indices_where(d: &Dataset, keep: impl Fn(u32) -> bool) -> Vec<usize> {
+    (0..d.len()).filter(|&i| keep(d.labels[i])).collect()
+}
+
+/// `d` without the `held` classes' images, the rest relabelled `0..C-k` in their order.
+fn without_classes(d: Dataset, held: &[u32]) -> Dataset {
+    if held.is_empty() {
+        return d;
+    }
+    let kept: Vec<u32> = (0..d.classes as u32)
+        .filter(|c| held.binary_search(c).is_err())
+        .collect();
+    let mut new_label = vec![u32::MAX; d.classes];
+    for (new, &old) in kept.iter().enumerate() {
+        new_label[old as usize] = new as u32;
+    }
+    let mut out = d.subset(&indices_where(&d, |l| held.binary_search(&l).is_err()));
+    out.labels
+        .iter_mut()
+        .for_each(|l| *l = new_label[*l as usize]);
+    out.class_names = kept
+        .iter()
+        .map(|&c| d.class_names[c as usize].clone())
+        .collect();
+    out.classes = kept.len();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` one-pixel images per class, the pixel encoding the index so images can be traced.
+    fn dataset(name: &str, classes: usize, n: usize) -> Dataset {
+        let total = classes * n;
+        let images = (0..total).map(|i| i as f32 / total as f32).collect();
+        let labels = (0..total).map(|i| (i % classes) as u32).collect();
+        let names = (0..classes).map(|c| format!("c{c}")).collect();
+        Dataset::new(name, [1, 1, 1], images, labels, names).unwrap()
+    }
+
+    fn pixels(d: &Dataset) -> Vec<u32> {
+        d.images.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn data_official_split_is_stratified_disjoint_and_fixed() {
+        let all = dataset("cifar10/train-all", 4, 50);
+        let test = dataset("cifar10/test", 4, 5);
+        let s = split_official(&all, &test, &[]).unwrap();
+        assert_eq!((s.train.len(), s.val.len(), s.test.len()), (180, 20, 20));
+        assert!(s.pretrain.is_empty() && s.held_out.is_none());
+        assert_eq!(s.val.class_counts(), vec![5; 4]);
+        assert_eq!(s.test, test);
+        let mut seen = [pixels(&s.train), pixels(&s.val)].concat();
+        seen.sort_unstable();
+        let mut want = pixels(&all);
+        want.sort_unstable();
+        assert_eq!(seen, want);
+        assert_eq!(split_official(&all, &test, &[]).unwrap(), s);
+        assert_eq!(
+            (s.train.name.as_str(), s.val.name.as_str()),
+            ("cifar10/train", "cifar10/val")
+        );
+    }
+
+    #[test]
+    fn data_small_classes_still_give_every_part_its_share() {
+        assert_eq!(class_counts(5, &[0.9, 0.1]), [4, 1]);
+        assert_eq!(class_counts(10, &FOLDER_FRACTIONS), [7, 1, 2]);
+        assert_eq!(class_counts(5000, &[0.9, 0.1]), [4500, 500]);
+        assert_eq!(class_counts(1, &FOLDER_FRACTIONS), [1, 0, 0]);
+    }
+
+    #[test]
+    fn data_folder_split_and_holdout() {
+        let all = dataset("flowers", 3, 10);
+        let s = split_seeded(&all, &[]).unwrap();
+        assert_eq!((s.train.len(), s.val.len(), s.test.len()), (21, 3, 6));
+        let s = split_seeded(&all, &[1]).unwrap();
+        assert_eq!(s.train.classes, 2);
+        assert_eq!(s.train.class_names, vec!["c0", "c2"]);
+        assert!(s.train.labels.iter().all(|&l| l < 2));
+        let held = s.held_out.unwrap();
+        assert_eq!(held.len(), 2);
+        assert!(held.labels.iter().all(|&l| l == 1));
+        let e = split_seeded(&all, &[3]).unwrap_err().to_string();
+        assert!(e.contains("holdout class 3"), "{e}");
+        let e = split_seeded(&all, &[0, 1]).unwrap_err().to_string();
+        assert!(e.contains("2 of 3"), "{e}");
+        let e = split_seeded(&dataset("tiny", 2, 1), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("empty"), "{e}");
+    }
+}

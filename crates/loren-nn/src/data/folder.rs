@@ -1,0 +1,455 @@
+//! Image folders: one subfolder per class, each holding PNG or JPEG images.
+//!
+//! Classes are the subfolders' names in sorted (byte) order, so label `k` is the `k`-th name;
+//! images within a class are read in sorted file-name order. Files are recognised by their
+//! first bytes, PNG or JPEG, whatever their extension; other files and hidden entries are
+//! skipped. Every image is brought to the requested channels (grey repeated into RGB, or RGB
+//! to grey by luma; alpha dropped), centre-cropped to the requested aspect ratio, and resized
+//! with the antialiased bilinear filter of [`super::resize`].
+
+use std::fs;
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use zune_core::bytestream::ZCursor;
+use zune_core::colorspace::ColorSpace;
+use zune_core::options::DecoderOptions;
+use zune_jpeg::JpegDecoder;
+
+use super::resize::{Filter, convert_channels, resize};
+use super::{DataError, Dataset};
+
+/// ImageNet's per-channel mean and std, which ImageNet-trained backbones (torchvision's
+/// `vit_b_32`, timm's DeiT) expect.
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// A decoded image: interleaved 8-bit samples, `[H, W, channels]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decoded {
+    pub width: usize,
+    pub height: usize,
+    pub channels: usize,
+    pub samples: Vec<u8>,
+}
+
+/// Read the folder at `dir` into images of `shape` (`[channels, height, width]`, channels 1
+/// or 3), normalised with ImageNet's statistics (their average, for one channel).
+pub fn load_folder(dir: &Path, shape: [usize; 3]) -> Result<Dataset, DataError> {
+    let [channels, height, width] = shape;
+    assert!(
+        matches!(channels, 1 | 3) && height > 0 && width > 0,
+        "load_folder: shape {shape:?} must have 1 or 3 channels and a positive size"
+    );
+    let classes = class_folders(dir)?;
+    let mut files = Vec::new();
+    for (label, class_dir) in classes.iter().enumerate() {
+        let images = image_files(class_dir)?;
+        files.extend(images.into_iter().map(|f| (f, label as u32)));
+    }
+    let images: Vec<Vec<f32>> = files
+        .par_iter()
+        .map(|(path, _)| load_image(path, shape))
+        .collect::<Result<_, _>>()?;
+    let names = classes.iter().map(|d| file_name(d)).collect();
+    let (mean, std) = imagenet_normalization(channels);
+    Dataset::new(
+        file_name(dir),
+        shape,
+        images.concat(),
+        files.iter().map(|(_, l)| *l).collect(),
+        names,
+    )?
+    .with_normalization(mean, std)
+}
+
+/// The class names of the image folder at `dir`: its subfolders' names, sorted.
+pub fn folder_class_names(dir: &Path) -> Result<Vec<String>, DataError> {
+    Ok(class_folders(dir)?.iter().map(|d| file_name(d)).collect())
+}
+
+/// ImageNet's statistics for 3 channels, or their averages for 1.
+pub fn imagenet_normalization(channels: usize) -> (Vec<f32>, Vec<f32>) {
+    if channels == 3 {
+        return (IMAGENET_MEAN.to_vec(), IMAGENET_STD.to_vec());
+    }
+    let avg = |v: [f32; 3]| v.iter().sum::<f32>() / 3.0;
+    (
+        vec![avg(IMAGENET_MEAN); channels],
+        vec![avg(IMAGENET_STD); channels],
+    )
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name().map_or_else(
+        || p.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
+fn is_hidden(p: &Path) -> bool {
+    file_name(p).starts_with('.')
+}
+
+/// The entries of `dir`, sorted, hidden ones left out.
+fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
+    let io = |source| DataError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut entries = fs::read_dir(dir)
+        .map_err(io)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(io)?;
+    entries.retain(|p| !is_hidden(p));
+    entries.sort();
+    Ok(entries)
+}
+
+fn class_folders(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
+    let classes: Vec<PathBuf> = sorted_entries(dir)?
+        .into_iter()
+        .filter(|p| p.is_dir())
+        .collect();
+    if classes.len() < 2 {
+        return Err(DataError::BadFile {
+            path: dir.to_path_buf(),
+            msg: format!(
+                "{} class subfolders; an image folder needs at least 2 (DIR/CLASS/IMAGE.png or .jpg)",
+                classes.len()
+            ),
+        });
+    }
+    Ok(classes)
+}
+
+/// The PNG and JPEG files of one class folder, by their first bytes.
+fn image_files(class_dir: &Path) -> Result<Vec<PathBuf>, DataError> {
+    let mut files = Vec::new();
+    for path in sorted_entries(class_dir)? {
+        if path.is_file() && image_kind(&head(&path)?).is_some() {
+            files.push(path);
+        }
+    }
+    if files.is_empty() {
+        return Err(DataError::BadFile {
+            path: class_dir.to_path_buf(),
+            msg: "the class folder holds no PNG or JPEG images".into(),
+        });
+    }
+    Ok(files)
+}
+
+/// The first bytes of a file, enough to tell its format.
+fn head(path: &Path) -> Result<Vec<u8>, DataError> {
+    use std::io::Read;
+    let mut buf = Vec::with_capacity(8);
+    fs::File::open(path)
+        .and_then(|f| f.take(8).read_to_end(&mut buf))
+        .map_err(|source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(buf)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ImageKind {
+    Png,
+    Jpeg,
+}
+
+fn image_kind(bytes: &[u8]) -> Option<ImageKind> {
+    if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        Some(ImageKind::Png)
+    } else if bytes.starts_with(&[0xff, 0xd8, 0xff]) {
+        Some(ImageKind::Jpeg)
+    } else {
+        None
+    }
+}
+
+/// One image file, decoded and brought to `shape` with pixels in `[0, 1]`.
+pub fn load_image(path: &Path, shape: [usize; 3]) -> Result<Vec<f32>, DataError> {
+    let bytes = fs::read(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let decoded = decode(&bytes).map_err(|msg| DataError::BadFile {
+        path: path.to_path_buf(),
+        msg: format!("cannot decode the image: {msg}"),
+    })?;
+    Ok(to_shape(&decoded, shape))
+}
+
+/// Decode PNG or JPEG bytes into 8-bit samples.
+pub fn decode(bytes: &[u8]) -> Result<Decoded, String> {
+    match image_kind(bytes) {
+        Some(ImageKind::Png) => decode_png(bytes),
+        Some(ImageKind::Jpeg) => decode_jpeg(bytes),
+        None => Err("not a PNG or JPEG file".into()),
+    }
+}
+
+fn decode_png(bytes: &[u8]) -> Result<Decoded, String> {
+    let mut decoder = png::Decoder::new(Cursor::new(bytes));
+    // Palettes and low bit depths expand to 8 bits, 16-bit samples keep their high byte.
+    decoder.set_transformations(png::Transformations::normalize_to_color8());
+    let mut reader = decoder.read_info().map_err(|e| e.to_string())?;
+    let size = reader
+        .output_buffer_size()
+        .ok_or("the image is too large to decode")?;
+    let mut samples = vec![0; size];
+    let info = reader.next_frame(&mut samples).map_err(|e| e.to_string())?;
+    samples.truncate(info.buffer_size());
+    Ok(Decoded {
+        width: info.width as usize,
+        height: info.height as usize,
+        channels: info.color_type.samples(),
+        samples,
+    })
+}
+
+fn decode_jpeg(bytes: &[u8]) -> Result<Decoded, String> {
+    let options = DecoderOptions::default().jpeg_set_out_colorspace(ColorSpace::RGB);
+    let mut decoder = JpegDecoder::new_with_options(ZCursor::new(bytes), options);
+    let samples = decoder.decode().map_err(|e| e.to_string())?;
+    let info = decoder.info().ok_or("no JPEG header")?;
+    let (width, height) = (usize::from(info.width), usize::from(info.height));
+    if samples.len() != width * height * 3 {
+        return Err(format!(
+            "{} samples for a {width}x{height} RGB image",
+            samples.len()
+        ));
+    }
+    Ok(Decoded {
+        width,
+        height,
+        channels: 3,
+        samples,
+    })
+}
+
+/// Planar `[C, H, W]` pixels in `[0, 1]` at `shape`: channels converted (alpha dropped), then
+/// the centre crop of the target's aspect ratio resized to it.
+pub fn to_shape(img: &Decoded, shape: [usize; 3]) -> Vec<f32> {
+    let [channels, height, width] = shape;
+    let colour = if img.channels >= 3 { 3 } else { 1 };
+    let [top, left, crop_h, crop_w] = centre_crop([img.height, img.width], [height, width]);
+    let mut planar = vec![0.0f32; colour * crop_h * crop_w];
+    for c in 0..colour {
+        for y in 0..crop_h {
+            for x in 0..crop_w {
+                let at = ((top + y) * img.width + left + x) * img.channels + c;
+                planar[(c * crop_h + y) * crop_w + x] = f32::from(img.samples[at]) / 255.0;
+            }
+        }
+    }
+    let converted = convert_channels(&planar, colour, channels);
+    let mut out = resize(
+        &converted,
+        [crop_h, crop_w],
+        [height, width],
+        Filter::Bilinear,
+    );
+    // Interpolation weights can round a hair past the ends; datasets promise [0, 1].
+    out.iter_mut().for_each(|x| *x = x.clamp(0.0, 1.0));
+    out
+}
+
+/// `[top, left, height, width]` of the largest centred region of `size` with `target`'s
+/// aspect ratio.
+fn centre_crop(size: [usize; 2], target: [usize; 2]) -> [usize; 4] {
+    let [h, w] = size;
+    let [th, tw] = target;
+    // Compare h/w with th/tw without rounding: h·tw against w·th.
+    let (ch, cw) = if h * tw > w * th {
+        ((w * th).div_ceil(tw).min(h), w)
+    } else {
+        (h, (h * tw).div_ceil(th).min(w))
+    };
+    [(h - ch) / 2, (w - cw) / 2, ch, cw]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("loren-folder-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// A distinct 8-bit RGB pattern per seed.
+    fn rgb(seed: usize, w: usize, h: usize) -> Vec<u8> {
+        (0..w * h * 3)
+            .map(|i| ((i * 13 + seed * 57) % 256) as u8)
+            .collect()
+    }
+
+    fn write_png(path: &Path, w: usize, h: usize, color: png::ColorType, samples: &[u8]) {
+        let file = fs::File::create(path).unwrap();
+        let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w as u32, h as u32);
+        enc.set_color(color);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.write_header()
+            .unwrap()
+            .write_image_data(samples)
+            .unwrap();
+    }
+
+    fn write_jpeg(path: &Path, w: usize, h: usize, samples: &[u8]) {
+        let enc = jpeg_encoder::Encoder::new_file(path, 100).unwrap();
+        enc.encode(samples, w as u16, h as u16, jpeg_encoder::ColorType::Rgb)
+            .unwrap();
+    }
+
+    /// Planar [3, H, W] in [0, 1] from interleaved RGB bytes.
+    fn planar(samples: &[u8], w: usize, h: usize) -> Vec<f32> {
+        (0..3)
+            .flat_map(|c| (0..w * h).map(move |p| f32::from(samples[p * 3 + c]) / 255.0))
+            .collect()
+    }
+
+    #[test]
+    fn data_folder_reads_classes_in_order_sample_by_sample() {
+        let dir = temp_dir("read");
+        for class in ["b-dogs", "a-cats"] {
+            fs::create_dir_all(dir.join(class)).unwrap();
+        }
+        let (w, h) = (4, 4);
+        write_png(
+            &dir.join("a-cats/2.png"),
+            w,
+            h,
+            png::ColorType::Rgb,
+            &rgb(2, w, h),
+        );
+        write_png(
+            &dir.join("a-cats/1.png"),
+            w,
+            h,
+            png::ColorType::Rgb,
+            &rgb(1, w, h),
+        );
+        write_png(
+            &dir.join("b-dogs/x.PNG"),
+            w,
+            h,
+            png::ColorType::Rgb,
+            &rgb(3, w, h),
+        );
+        // A smooth JPEG, so quality-100 compression stays within a few levels.
+        let smooth: Vec<u8> = (0..w * h * 3).map(|i| (100 + (i / 3) * 4) as u8).collect();
+        write_jpeg(&dir.join("b-dogs/y.jpg"), w, h, &smooth);
+        fs::write(dir.join("b-dogs/notes.txt"), "not an image").unwrap();
+        fs::create_dir_all(dir.join(".cache")).unwrap();
+
+        let d = load_folder(&dir, [3, h, w]).unwrap();
+        assert_eq!(d.class_names, vec!["a-cats", "b-dogs"]);
+        assert_eq!(d.labels, vec![0, 0, 1, 1]);
+        assert_eq!(d.name, file_name(&dir));
+        for (i, seed) in [(0, 1), (1, 2), (2, 3)] {
+            assert_eq!(
+                d.image(i),
+                planar(&rgb(seed, w, h), w, h).as_slice(),
+                "image {i}"
+            );
+        }
+        let want = planar(&smooth, w, h);
+        let worst = d
+            .image(3)
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(worst < 4.0 / 255.0, "JPEG off by {worst}");
+        assert_eq!(d.norm_mean, IMAGENET_MEAN.to_vec());
+    }
+
+    #[test]
+    fn data_folder_converts_channels_crops_and_resizes() {
+        let dir = temp_dir("convert");
+        for class in ["x", "y"] {
+            fs::create_dir_all(dir.join(class)).unwrap();
+        }
+        // Grey 2x2 -> RGB 4x4: each grey value repeated in all three planes, resized.
+        let grey = [0u8, 255, 255, 0];
+        write_png(&dir.join("x/g.png"), 2, 2, png::ColorType::Grayscale, &grey);
+        // RGBA 6x2 -> the centre 2x2 crop, alpha dropped.
+        let rgba: Vec<u8> = (0..12).flat_map(|p| [p as u8 * 20, 7, 9, 128]).collect();
+        write_png(&dir.join("y/c.png"), 6, 2, png::ColorType::Rgba, &rgba);
+        let d = load_folder(&dir, [3, 4, 4]).unwrap();
+        let g: Vec<f32> = grey.iter().map(|&v| f32::from(v) / 255.0).collect();
+        let want = resize(&g, [2, 2], [4, 4], Filter::Bilinear);
+        for c in 0..3 {
+            assert_eq!(&d.image(0)[c * 16..(c + 1) * 16], want.as_slice());
+        }
+        let centre: Vec<u8> = [2, 3, 8, 9]
+            .iter()
+            .flat_map(|&p| [p as u8 * 20, 7, 9])
+            .collect();
+        let want = resize(&planar(&centre, 2, 2), [2, 2], [4, 4], Filter::Bilinear);
+        assert_eq!(d.image(1), want.as_slice());
+        // One channel asked for: luma of the colour image, the grey image as it is.
+        let d1 = load_folder(&dir, [1, 2, 2]).unwrap();
+        assert_eq!(d1.image(0), g.as_slice());
+        assert_eq!(centre_crop([2, 6], [4, 4]), [0, 2, 2, 2]);
+        assert_eq!(centre_crop([10, 4], [2, 2]), [3, 0, 4, 4]);
+    }
+
+    #[test]
+    fn data_grey_jpegs_become_three_equal_planes() {
+        let dir = temp_dir("grey-jpeg");
+        let grey: Vec<u8> = (0..16).map(|i| 60 + i * 8).collect();
+        let path = dir.join("g.jpg");
+        let enc = jpeg_encoder::Encoder::new_file(&path, 100).unwrap();
+        enc.encode(&grey, 4, 4, jpeg_encoder::ColorType::Luma)
+            .unwrap();
+        let img = load_image(&path, [3, 4, 4]).unwrap();
+        let (r, rest) = img.split_at(16);
+        assert_eq!((r, r), (&rest[..16], &rest[16..]));
+        for (got, want) in r.iter().zip(&grey) {
+            assert!(
+                (got - f32::from(*want) / 255.0).abs() < 4.0 / 255.0,
+                "{got} vs {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn data_folder_errors_name_the_file_or_folder() {
+        let dir = temp_dir("errors");
+        let err = || load_folder(&dir, [3, 4, 4]).unwrap_err().to_string();
+        let missing = dir.join("absent");
+        let e = load_folder(&missing, [3, 4, 4]).unwrap_err().to_string();
+        assert!(e.contains("absent") && e.contains("cannot read"), "{e}");
+        fs::create_dir_all(dir.join("only")).unwrap();
+        let e = err();
+        assert!(e.contains("1 class subfolders"), "{e}");
+        fs::create_dir_all(dir.join("second")).unwrap();
+        write_png(
+            &dir.join("only/a.png"),
+            1,
+            1,
+            png::ColorType::Rgb,
+            &[1, 2, 3],
+        );
+        let e = err();
+        assert!(e.contains("second") && e.contains("no PNG or JPEG"), "{e}");
+        // PNG magic and then garbage; a JPEG cut short.
+        fs::write(dir.join("second/bad.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+        let e = err();
+        assert!(e.contains("bad.png") && e.contains("cannot decode"), "{e}");
+        fs::remove_file(dir.join("second/bad.png")).unwrap();
+        write_jpeg(&dir.join("second/cut.jpg"), 8, 8, &rgb(1, 8, 8));
+        let bytes = fs::read(dir.join("second/cut.jpg")).unwrap();
+        fs::write(dir.join("second/cut.jpg"), &bytes[..bytes.len() / 3]).unwrap();
+        let e = err();
+        assert!(e.contains("cut.jpg") && e.contains("cannot decode"), "{e}");
+    }
+}

@@ -1,0 +1,1096 @@
+//! `loren bench`: the time of a training step and of an inference pass, LoRA-Ensemble against
+//! the explicit ensemble, per model config and ensemble size, with counted FLOPs, utilisation
+//! against a peak measured in the same run, and peak memory.
+//!
+//! Protocol, per (config, method, M): random weights and a random batch (no data needed); the
+//! analytic memory model ([`loren_nn::memory_model`]) first, and a configuration that would not
+//! fit is reported as OOM without allocating anything (on the CPU a failed allocation aborts the
+//! process); then `warmup` untimed training steps, `repeats` timed ones, and the same for
+//! [`Vit::predict`] on the batch. Each sample is one call timed by [`time_on`]: synchronise the
+//! device, read the clock, run, synchronise, read. The median and the spread (min, max,
+//! quartiles) are reported.
+
+use std::fmt::Write as _;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow};
+use loren_autograd::optim::OptimizerKind;
+use loren_nn::checkpoint::write_atomic;
+use loren_nn::config::{EnsembleConfig, LoraConfig, Method, VitConfig};
+use loren_nn::data::{Augment, Batch};
+use loren_nn::memory_model::{self, Flops, Precision, StepModel};
+use loren_nn::train::{TrainConfig, Trainer};
+use loren_nn::vit::Vit;
+use loren_tensor::ops::gemm::{Trans, matmul, pool_threads};
+use loren_tensor::ops::linear::linear_forward;
+use loren_tensor::{DType, Device, DeviceKind, DeviceSpec, MemTag, Rng, Tensor};
+use serde::Serialize;
+
+use crate::plot::{Chart, Series, Units, palette, render};
+use crate::report::bytes;
+use crate::run::MemoryBreakdown;
+
+// ---------------------------------------------------------------------------------------------
+// Timing, peak throughput, memory budget: the device-specific hooks.
+
+/// Seconds `f` takes on `device`: synchronise, read the clock, run `f`, synchronise, read.
+///
+/// The one timer of the bench (and of memprofile's steps). On a GPU the synchronisation makes the
+/// wall clock correct, if a little pessimistic for short calls; CUDA events recorded on the
+/// device's stream around `f` replace it here, and only here, once `loren_tensor::Device` offers
+/// an event timer (this crate does not depend on cudarc to name the event types itself).
+pub fn time_on<T>(device: &Device, f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
+    device.synchronize()?;
+    let t0 = Instant::now();
+    let out = f()?;
+    device.synchronize()?;
+    Ok((out, t0.elapsed().as_secs_f64()))
+}
+
+/// The peak the utilisation is measured against, measured in the same run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Peak {
+    /// What was timed.
+    pub what: String,
+    /// The best rate seen, FLOP/s: the denominator of MFU.
+    pub flops_per_s: f64,
+    /// The median rate, FLOP/s.
+    pub median_flops_per_s: f64,
+    pub samples: usize,
+}
+
+/// Time a square `n`×`n`×`n` product on `device`: the best of `repeats` after one warm-up.
+///
+/// On the CPU it is an f32 GEMM through loren's own `matmul` (the `gemm` crate on the rayon
+/// pool, as every CPU op uses it). On a GPU it is a bf16 cuBLAS GEMM with f32 accumulation: see
+/// [`gpu_gemm_peak`]. This is the one place to change what MFU is measured against.
+pub fn measure_peak(device: &Device, n: usize, repeats: usize) -> Result<Peak> {
+    if n == 0 {
+        return Err(anyhow!(
+            "the peak GEMM size must be at least 1 (--peak-size)"
+        ));
+    }
+    match device.kind() {
+        DeviceKind::Cpu => {
+            let mut rng = Rng::new(7);
+            let a: Vec<f32> = (0..n * n).map(|_| rng.normal()).collect();
+            let b: Vec<f32> = (0..n * n).map(|_| rng.normal()).collect();
+            let mut c = vec![0.0f32; n * n];
+            let flops = 2.0 * (n as f64).powi(3);
+            let threads = pool_threads();
+            let mut rates = Vec::new();
+            for i in 0..=repeats.max(1) {
+                let t0 = Instant::now();
+                matmul(
+                    &mut c,
+                    &a,
+                    Trans::N,
+                    &b,
+                    Trans::N,
+                    n,
+                    n,
+                    n,
+                    1.0,
+                    false,
+                    threads,
+                );
+                let s = t0.elapsed().as_secs_f64();
+                if i > 0 {
+                    rates.push(flops / s.max(1e-12));
+                }
+            }
+            std::hint::black_box(&c);
+            let t = Timing::new(rates.clone());
+            Ok(Peak {
+                what: format!(
+                    "f32 GEMM {n}x{n}x{n} through loren_tensor's matmul on {threads} threads"
+                ),
+                flops_per_s: t.max,
+                median_flops_per_s: t.median,
+                samples: rates.len(),
+            })
+        }
+        DeviceKind::Cuda(_) => gpu_gemm_peak(device, n, repeats),
+    }
+}
+
+/// The GPU peak: a bf16 GEMM with f32 accumulation of `n`×`n`×`n` through loren-tensor's own
+/// `linear_forward` on bf16 operands, which on a GPU is one cuBLAS `gemm_bf16` call. Each sample
+/// times 10 products between two synchronisations, so launch and allocation gaps do not count;
+/// the best of `repeats` samples after a warm-up.
+pub fn gpu_gemm_peak(device: &Device, n: usize, repeats: usize) -> Result<Peak> {
+    let mut rng = Rng::new(7);
+    let mut operand = || -> Result<Tensor> {
+        let data: Vec<f32> = (0..n * n).map(|_| rng.normal()).collect();
+        Ok(Tensor::from_vec_as(
+            data,
+            [1, n, n],
+            DType::BF16,
+            MemTag::Workspace,
+            device,
+        )?)
+    };
+    let (x, w) = (operand()?, operand()?);
+    const ITERS: usize = 10;
+    let run = || -> Result<()> {
+        for _ in 0..ITERS {
+            drop(linear_forward(&x, &w, None, DType::BF16)?);
+        }
+        Ok(())
+    };
+    time_on(device, run)?;
+    let flops = ITERS as f64 * 2.0 * (n as f64).powi(3);
+    let mut rates = Vec::new();
+    for _ in 0..repeats.max(1) {
+        let ((), s) = time_on(device, run)?;
+        rates.push(flops / s.max(1e-12));
+    }
+    let t = Timing::new(rates.clone());
+    Ok(Peak {
+        what: format!(
+            "bf16 GEMM {n}x{n}x{n} (f32 accumulation) through loren_tensor's linear_forward \
+             (cuBLAS) on {}, {ITERS} per sample",
+            device.name()
+        ),
+        flops_per_s: t.max,
+        median_flops_per_s: t.median,
+        samples: rates.len(),
+    })
+}
+
+/// What the device itself reports in use (cuMemGetInfo's total − free on a GPU, every process
+/// and the context included); `None` on the CPU, where the figures are the accounted ones.
+pub fn device_memory_used(device: &Device) -> Option<u64> {
+    device
+        .mem_info()
+        .map(|(free, total)| total.saturating_sub(free) as u64)
+}
+
+/// How much memory a configuration may use, and where the figure came from.
+#[derive(Clone, Debug, Serialize)]
+pub struct Budget {
+    pub bytes: u64,
+    pub source: String,
+}
+
+/// The memory this process can still take: `MemAvailable` from /proc/meminfo, capped by the
+/// cgroup's `memory.max − memory.current` when one is set.
+pub fn available_memory() -> Option<Budget> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    let mut b = Budget {
+        bytes: kib * 1024,
+        source: "MemAvailable in /proc/meminfo".into(),
+    };
+    let read = |f: &str| -> Option<u64> {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/{f}"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    if let (Some(max), Some(cur)) = (read("memory.max"), read("memory.current"))
+        && max.saturating_sub(cur) < b.bytes
+    {
+        b = Budget {
+            bytes: max.saturating_sub(cur),
+            source: "the cgroup's memory.max − memory.current".into(),
+        };
+    }
+    Some(b)
+}
+
+/// The budget: `--memory-budget` when given, else the CPU's available memory or the GPU's free
+/// memory (cuMemGetInfo) now.
+pub fn budget_for(device: &Device, given: Option<u64>) -> Option<Budget> {
+    match given {
+        Some(bytes) => Some(Budget {
+            bytes,
+            source: "--memory-budget".into(),
+        }),
+        None if device.is_cpu() => available_memory(),
+        None => device.mem_info().map(|(free, _)| Budget {
+            bytes: free as u64,
+            source: format!("free memory on {} (cuMemGetInfo)", device.name()),
+        }),
+    }
+}
+
+/// What a CPU run needs beyond its accounted peak: freed buffers are pooled for reuse up to the
+/// accounted peak (`loren_tensor::Device`), so the process may hold up to twice its peak, plus
+/// untracked temporaries.
+pub const CPU_RSS_FACTOR: f64 = 2.0;
+pub const CPU_RSS_MARGIN: u64 = 256 << 20;
+
+/// The bytes a configuration is predicted to need from the budget on `device`.
+pub fn predicted_need(model: &StepModel, device: &Device) -> u64 {
+    let peak = model.train.total_peak.max(model.inference.total_peak);
+    if device.is_cpu() {
+        (peak as f64 * CPU_RSS_FACTOR) as u64 + CPU_RSS_MARGIN
+    } else {
+        peak
+    }
+}
+
+/// The element sizes the analytic model uses on `device`.
+pub fn precision(device: &Device) -> Precision {
+    if device.is_cpu() {
+        Precision::CPU
+    } else {
+        Precision::GPU_BF16
+    }
+}
+
+/// Parse "512MiB", "24G", "1e9" or "1000000" as bytes.
+pub fn parse_bytes(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| c.is_ascii_alphabetic() && c != 'e' && c != 'E')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| anyhow!("'{s}' is not a size: expected e.g. 512MiB, 24GiB or 1000000"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" | "kib" => 1024.0,
+        "m" | "mb" | "mib" => 1024.0 * 1024.0,
+        "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tb" | "tib" => 1024.0f64.powi(4),
+        u => return Err(anyhow!("'{s}': unknown unit '{u}' (B, KiB, MiB, GiB, TiB)")),
+    };
+    if !(v.is_finite() && v >= 0.0) {
+        return Err(anyhow!("'{s}' is not a size"));
+    }
+    Ok((v * mult) as u64)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics and run metadata.
+
+/// Median and spread of samples.
+#[derive(Clone, Debug, Serialize)]
+pub struct Timing {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    /// First and third quartiles (linear interpolation).
+    pub q1: f64,
+    pub q3: f64,
+    pub samples: Vec<f64>,
+}
+
+impl Timing {
+    pub fn new(mut samples: Vec<f64>) -> Timing {
+        samples.retain(|v| v.is_finite());
+        let mut s = samples.clone();
+        s.sort_by(|a, b| a.total_cmp(b));
+        let q = |p: f64| -> f64 {
+            if s.is_empty() {
+                return f64::NAN;
+            }
+            let pos = p * (s.len() - 1) as f64;
+            let (i, f) = (pos.floor() as usize, pos.fract());
+            if i + 1 < s.len() {
+                s[i] + f * (s[i + 1] - s[i])
+            } else {
+                s[i]
+            }
+        };
+        Timing {
+            median: q(0.5),
+            min: q(0.0),
+            max: q(1.0),
+            q1: q(0.25),
+            q3: q(0.75),
+            samples,
+        }
+    }
+}
+
+/// Where and when a result was made.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunInfo {
+    pub command: String,
+    /// UTC, ISO 8601.
+    pub date: String,
+    pub git_commit: Option<String>,
+    pub host_cpu: Option<String>,
+    pub threads: usize,
+}
+
+impl RunInfo {
+    pub fn collect(command: &str) -> RunInfo {
+        let git_commit = std::process::Command::new("git")
+            .args(["rev-parse", "HEAD"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .filter(|s| !s.is_empty());
+        let host_cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        });
+        RunInfo {
+            command: command.to_string(),
+            date: utc_now(),
+            git_commit,
+            host_cpu,
+            threads: pool_threads(),
+        }
+    }
+}
+
+/// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's civil-from-days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+/// FLOP/s in the unit that suits the device: GFLOP/s on a CPU, TFLOP/s on a GPU.
+pub fn rate_unit(device_is_cpu: bool) -> (f64, &'static str) {
+    if device_is_cpu {
+        (1e9, "GFLOP/s")
+    } else {
+        (1e12, "TFLOP/s")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bench.
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub device: DeviceSpec,
+    /// Model configs; `None` takes the device's default (CPU: tiny; GPU: vit-b-32 and vit-b-16).
+    pub configs: Option<Vec<String>>,
+    pub methods: Vec<Method>,
+    pub members: Vec<usize>,
+    pub batch: usize,
+    pub rank: usize,
+    pub classes: usize,
+    pub warmup: usize,
+    pub repeats: usize,
+    /// Override the memory budget (else the device's free memory).
+    pub memory_budget: Option<u64>,
+    /// Side of the square GEMM the peak is measured with (`None`: 2048 on the CPU, 8192 on a
+    /// GPU).
+    pub peak_size: Option<usize>,
+    pub seed: u64,
+    pub command: String,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            device: DeviceSpec::Auto,
+            configs: None,
+            methods: vec![Method::Lora, Method::Explicit],
+            members: vec![1, 2, 4, 8, 16, 32],
+            batch: 32,
+            rank: 8,
+            classes: 10,
+            warmup: 2,
+            repeats: 10,
+            memory_budget: None,
+            peak_size: None,
+            seed: 0,
+            command: "loren bench".into(),
+        }
+    }
+}
+
+/// One (config, method, M).
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchRow {
+    pub config: String,
+    pub method: Method,
+    pub members: usize,
+    pub batch: usize,
+    pub rank: Option<usize>,
+    /// "ok", "oom" or "error".
+    pub status: String,
+    /// Why a row is oom or error.
+    pub note: Option<String>,
+    /// Seconds per training step.
+    pub train: Option<Timing>,
+    /// Seconds per inference pass.
+    pub inference: Option<Timing>,
+    /// Images per second through a training step (median), and images × members.
+    pub images_per_s: Option<f64>,
+    pub member_images_per_s: Option<f64>,
+    pub inference_images_per_s: Option<f64>,
+    /// Counted FLOPs of a training step and of an inference pass.
+    pub train_flops: Flops,
+    pub inference_flops: f64,
+    /// FLOP/s achieved by the median step, and that over the measured peak.
+    pub train_flops_per_s: Option<f64>,
+    pub train_mfu: Option<f64>,
+    pub inference_flops_per_s: Option<f64>,
+    pub inference_mfu: Option<f64>,
+    /// Measured peak accounted bytes over the timed training steps, by tag.
+    pub train_memory: Option<MemoryBreakdown>,
+    /// Measured peak accounted bytes over the timed inference passes.
+    pub inference_peak: Option<u64>,
+    /// The analytic model's peaks.
+    pub predicted_train_peak: u64,
+    pub predicted_inference_peak: u64,
+    /// What the configuration was predicted to need from the budget (see [`predicted_need`]).
+    pub predicted_need: u64,
+    /// The device's own figure (GPU: cuMemGetInfo); `None` on the CPU.
+    pub device_memory_used: Option<u64>,
+    pub trainable_params: usize,
+}
+
+/// The whole bench.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub device: String,
+    pub note: String,
+    pub info: RunInfo,
+    pub configs: Vec<String>,
+    pub batch: usize,
+    pub rank: usize,
+    pub warmup: usize,
+    pub repeats: usize,
+    pub timer: String,
+    pub flop_count: String,
+    pub peak: Option<Peak>,
+    pub peak_error: Option<String>,
+    pub budget: Option<Budget>,
+    pub rows: Vec<BenchRow>,
+}
+
+/// The default configs for a device.
+pub fn default_configs(device: &Device) -> Vec<String> {
+    if device.is_cpu() {
+        vec!["tiny".into()]
+    } else {
+        vec!["vit-b-32".into(), "vit-b-16".into()]
+    }
+}
+
+fn validate(o: &BenchOptions) -> Result<()> {
+    if o.members.is_empty() || o.members.contains(&0) {
+        return Err(anyhow!("--members needs ensemble sizes of at least 1"));
+    }
+    if o.methods.is_empty() {
+        return Err(anyhow!("--methods needs at least one method"));
+    }
+    if let Some(m) = o.methods.iter().find(|m| m.is_single()) {
+        return Err(anyhow!(
+            "method {m} has one member; bench compares lora and explicit ensembles"
+        ));
+    }
+    if o.batch == 0 {
+        return Err(anyhow!("the batch size must be at least 1 (--batch-size)"));
+    }
+    if o.repeats == 0 {
+        return Err(anyhow!("--repeats must be at least 1"));
+    }
+    Ok(())
+}
+
+/// A batch of normal noise with cycling labels: timing and memory need no data.
+pub fn random_batch(vit: &VitConfig, b: usize, classes: usize, seed: u64) -> Batch {
+    let mut rng = Rng::new(seed ^ 0xBE4C);
+    let n = b * vit.channels * vit.image_size * vit.image_size;
+    Batch {
+        images: (0..n).map(|_| rng.normal()).collect(),
+        labels: (0..b).map(|i| (i % classes) as u32).collect(),
+        batch: b,
+        channels: vit.channels,
+        height: vit.image_size,
+        width: vit.image_size,
+    }
+}
+
+fn ensemble(o: &BenchOptions, method: Method, members: usize) -> EnsembleConfig {
+    ensemble_config(method, members, o.classes, o.rank)
+}
+
+/// The ensemble the bench and memprofile build: the reference LoRA setup with rank `rank`.
+pub fn ensemble_config(
+    method: Method,
+    members: usize,
+    classes: usize,
+    rank: usize,
+) -> EnsembleConfig {
+    EnsembleConfig {
+        method,
+        members: if method.is_single() { 1 } else { members },
+        classes,
+        lora: LoraConfig {
+            rank,
+            ..LoraConfig::default()
+        },
+    }
+}
+
+/// The training setup of the bench and memprofile: AdamW, clipping at 1, no schedule to speak of.
+pub fn bench_train_config(batch: usize, seed: u64) -> TrainConfig {
+    TrainConfig {
+        epochs: 1,
+        batch_size: batch,
+        lr: 1e-4,
+        min_lr: 0.0,
+        warmup_steps: 0,
+        optimizer: OptimizerKind::adamw(0.01),
+        grad_clip: Some(1.0),
+        augment: Augment::none(),
+        seed,
+    }
+}
+
+/// Whether an error is the device running out of memory.
+pub fn is_oom(e: &anyhow::Error) -> bool {
+    let s = format!("{e:#}").to_ascii_lowercase();
+    s.contains("out of memory") || s.contains("out_of_memory")
+}
+
+struct Measured {
+    train: Timing,
+    inference: Timing,
+    memory: loren_tensor::MemoryReport,
+    inference_peak: u64,
+    device_used: Option<u64>,
+}
+
+/// Time one configuration on a fresh device (fresh accounting).
+fn measure(
+    o: &BenchOptions,
+    vit: &VitConfig,
+    ens: &EnsembleConfig,
+    device: &Device,
+) -> Result<Measured> {
+    let mut model = Vit::new(vit, ens, device, o.seed)?;
+    let batch = random_batch(vit, o.batch, o.classes, o.seed);
+    let cfg = bench_train_config(o.batch, o.seed);
+    let steps = o.warmup + o.repeats;
+    let (train, memory, device_used) = {
+        let mut trainer = Trainer::new(&mut model, &cfg, steps * o.batch)?;
+        for _ in 0..o.warmup {
+            trainer.step(&batch)?;
+        }
+        device.synchronize()?;
+        device.memory().reset_peaks();
+        let mut samples = Vec::with_capacity(o.repeats);
+        for _ in 0..o.repeats {
+            let (_, s) = time_on(device, || Ok(trainer.step(&batch)?))?;
+            samples.push(s);
+        }
+        (
+            Timing::new(samples),
+            device.memory().report(),
+            device_memory_used(device),
+        )
+    };
+    let shape = [o.batch, vit.channels, vit.image_size, vit.image_size];
+    let images = Tensor::from_vec(batch.images, shape, MemTag::Workspace, device)?;
+    for _ in 0..o.warmup {
+        drop(model.predict(&images)?);
+    }
+    device.synchronize()?;
+    device.memory().reset_peaks();
+    let mut samples = Vec::with_capacity(o.repeats);
+    for _ in 0..o.repeats {
+        let (p, s) = time_on(device, || Ok(model.predict(&images)?))?;
+        drop(p);
+        samples.push(s);
+    }
+    Ok(Measured {
+        train,
+        inference: Timing::new(samples),
+        memory,
+        inference_peak: device.memory().report().total_peak,
+        device_used,
+    })
+}
+
+/// Run the bench. `progress` is told what is about to run.
+pub fn run_bench(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
+    validate(o)?;
+    let probe = o.device.open()?;
+    let is_cpu = probe.is_cpu();
+    let defaulted = o.configs.is_none();
+    let configs = o.configs.clone().unwrap_or_else(|| default_configs(&probe));
+    let vits = configs
+        .iter()
+        .map(|c| VitConfig::by_name(c).map_err(anyhow::Error::from))
+        .collect::<Result<Vec<_>>>()?;
+    let mut members = o.members.clone();
+    members.sort_unstable();
+    members.dedup();
+
+    let note = if is_cpu {
+        let mut n =
+            "CPU figures: f32, accounted bytes, wall clock on a machine that may be shared."
+                .to_string();
+        if defaulted {
+            n.push_str(
+                " Config defaulted to tiny on the CPU (ViT-B takes seconds per member-step \
+                 here); pass --config vit-b-32 to time it.",
+            );
+        }
+        n
+    } else {
+        "GPU figures: bf16 weight matrices and activations, f32 trainable state; wall clock \
+         after device synchronisation."
+            .to_string()
+    };
+
+    let peak_size = o.peak_size.unwrap_or(if is_cpu { 2048 } else { 8192 });
+    progress(&format!("measuring the peak: {0}x{0}x{0} GEMM", peak_size));
+    let (peak, peak_error) = match measure_peak(&probe, peak_size, 5) {
+        Ok(p) => (Some(p), None),
+        Err(e) => (None, Some(format!("{e:#}"))),
+    };
+    let budget = budget_for(&probe, o.memory_budget);
+    let prec = precision(&probe);
+    let device_name = probe.name();
+    drop(probe);
+
+    let mut rows = Vec::new();
+    for vit in &vits {
+        for &method in &o.methods {
+            let mut failed_at: Option<usize> = None;
+            for &m in &members {
+                let ens = ensemble(o, method, m);
+                let model = memory_model::predict(vit, &ens, o.batch, 2, prec)?;
+                let mut row = BenchRow {
+                    config: vit.name.clone(),
+                    method,
+                    members: m,
+                    batch: o.batch,
+                    rank: method.uses_lora().then_some(o.rank),
+                    status: "ok".into(),
+                    note: None,
+                    train: None,
+                    inference: None,
+                    images_per_s: None,
+                    member_images_per_s: None,
+                    inference_images_per_s: None,
+                    train_flops: model.train_flops,
+                    inference_flops: model.inference_flops,
+                    train_flops_per_s: None,
+                    train_mfu: None,
+                    inference_flops_per_s: None,
+                    inference_mfu: None,
+                    train_memory: None,
+                    inference_peak: None,
+                    predicted_train_peak: model.train.total_peak,
+                    predicted_inference_peak: model.inference.total_peak,
+                    predicted_need: 0,
+                    device_memory_used: None,
+                    trainable_params: model.params.trainable,
+                };
+                if let Some(at) = failed_at {
+                    row.status = "oom".into();
+                    row.note = Some(format!("OOM at M={m}: M={at} did not fit already"));
+                    rows.push(row);
+                    continue;
+                }
+                let device = o.device.open()?;
+                let need = predicted_need(&model, &device);
+                row.predicted_need = need;
+                if let Some(b) = budget.as_ref().filter(|b| need > b.bytes) {
+                    row.status = "oom".into();
+                    row.note = Some(format!(
+                        "OOM at M={m}: predicted to need {} ({} accounted peak{}), {} available ({})",
+                        bytes(need),
+                        bytes(model.train.total_peak.max(model.inference.total_peak)),
+                        if device.is_cpu() {
+                            " x2 for the buffer pool, +256 MiB"
+                        } else {
+                            ""
+                        },
+                        bytes(b.bytes),
+                        b.source
+                    ));
+                    failed_at = Some(m);
+                    rows.push(row);
+                    continue;
+                }
+                progress(&format!("{} {method} M={m}", vit.name));
+                let result = catch_unwind(AssertUnwindSafe(|| measure(o, vit, &ens, &device)))
+                    .unwrap_or_else(|p| {
+                        let msg = p
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "unknown panic".into());
+                        Err(anyhow!("panicked: {msg}"))
+                    });
+                match result {
+                    Ok(r) => fill(&mut row, r, peak.as_ref()),
+                    Err(e) if is_oom(&e) => {
+                        row.status = "oom".into();
+                        row.note = Some(format!("OOM at M={m}: {e:#}"));
+                        failed_at = Some(m);
+                    }
+                    Err(e) => {
+                        row.status = "error".into();
+                        row.note = Some(format!("{e:#}"));
+                    }
+                }
+                rows.push(row);
+            }
+        }
+    }
+    let (_, unit) = rate_unit(is_cpu);
+    Ok(BenchReport {
+        device: if is_cpu {
+            "cpu".into()
+        } else {
+            format!("{} ({device_name})", o.device)
+        },
+        note,
+        info: RunInfo::collect(&o.command),
+        configs,
+        batch: o.batch,
+        rank: o.rank,
+        warmup: o.warmup,
+        repeats: o.repeats,
+        timer: "device.synchronize() then the wall clock around each call (bench::time_on)".into(),
+        flop_count: format!(
+            "matrix products only, 2mnk each, as executed (loren_nn::memory_model::Flops); \
+             rates in {unit}"
+        ),
+        peak,
+        peak_error,
+        budget,
+        rows,
+    })
+}
+
+fn fill(row: &mut BenchRow, r: Measured, peak: Option<&Peak>) {
+    let (b, m) = (row.batch as f64, row.members as f64);
+    let t = r.train.median;
+    let ti = r.inference.median;
+    row.images_per_s = Some(b / t);
+    row.member_images_per_s = Some(b * m / t);
+    row.inference_images_per_s = Some(b / ti);
+    let tf = row.train_flops.total() / t;
+    let inf = row.inference_flops / ti;
+    row.train_flops_per_s = Some(tf);
+    row.inference_flops_per_s = Some(inf);
+    if let Some(p) = peak {
+        row.train_mfu = Some(tf / p.flops_per_s);
+        row.inference_mfu = Some(inf / p.flops_per_s);
+    }
+    row.train = Some(r.train);
+    row.inference = Some(r.inference);
+    row.train_memory = Some(r.memory.into());
+    row.inference_peak = Some(r.inference_peak);
+    row.device_memory_used = r.device_used;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output.
+
+fn ms(s: f64) -> String {
+    if s >= 10.0 {
+        format!("{s:.1} s")
+    } else if s >= 1.0 {
+        format!("{:.0} ms", s * 1e3)
+    } else {
+        format!("{:.1} ms", s * 1e3)
+    }
+}
+
+/// The bench as a table for people.
+pub fn table(r: &BenchReport) -> String {
+    let is_cpu = r.device == "cpu";
+    let (scale, unit) = rate_unit(is_cpu);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "loren bench on {} (batch {}, rank {}, {} warm-up + {} timed calls per row)",
+        r.device, r.batch, r.rank, r.warmup, r.repeats
+    );
+    let _ = writeln!(s, "{}", r.note);
+    match (&r.peak, &r.peak_error) {
+        (Some(p), _) => {
+            let _ = writeln!(
+                s,
+                "peak: {:.1} {unit} (best of {}; median {:.1}), {}",
+                p.flops_per_s / scale,
+                p.samples,
+                p.median_flops_per_s / scale,
+                p.what
+            );
+        }
+        (None, Some(e)) => {
+            let _ = writeln!(s, "peak: n/a ({e}); MFU is n/a");
+        }
+        _ => {}
+    }
+    if let Some(b) = &r.budget {
+        let _ = writeln!(s, "memory budget: {} ({})", bytes(b.bytes), b.source);
+    }
+    let _ = writeln!(
+        s,
+        "step and inference: median (min-max) of the timed calls; FLOPs: {}",
+        r.flop_count
+    );
+    let _ = writeln!(s);
+    let head = [
+        "config",
+        "method",
+        "M",
+        "step",
+        "(min-max)",
+        "img/s",
+        "member-img/s",
+        "GFLOP/step",
+        unit,
+        "MFU",
+        "infer",
+        "infer img/s",
+        "peak mem",
+        "predicted",
+    ];
+    let mut lines: Vec<Vec<String>> = vec![head.iter().map(|h| h.to_string()).collect()];
+    let mut notes = Vec::new();
+    for row in &r.rows {
+        let opt =
+            |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map(f).unwrap_or_else(|| "-".into());
+        let mut l = vec![
+            row.config.clone(),
+            row.method.to_string(),
+            row.members.to_string(),
+        ];
+        match (&row.train, &row.inference) {
+            (Some(t), Some(i)) => {
+                l.push(ms(t.median));
+                l.push(format!("({}-{})", ms(t.min), ms(t.max)));
+                l.push(opt(row.images_per_s, &|v| format!("{v:.0}")));
+                l.push(opt(row.member_images_per_s, &|v| format!("{v:.0}")));
+                l.push(format!("{:.2}", row.train_flops.total() / 1e9));
+                l.push(opt(row.train_flops_per_s, &|v| format!("{:.1}", v / scale)));
+                l.push(opt(row.train_mfu, &|v| format!("{:.1}%", 100.0 * v)));
+                l.push(ms(i.median));
+                l.push(opt(row.inference_images_per_s, &|v| format!("{v:.0}")));
+                l.push(
+                    row.train_memory
+                        .as_ref()
+                        .map(|m| bytes(m.total_peak))
+                        .unwrap_or_else(|| "-".into()),
+                );
+                l.push(bytes(row.predicted_train_peak));
+            }
+            _ => {
+                let what = if row.status == "oom" {
+                    format!("OOM at M={}", row.members)
+                } else {
+                    "error".to_string()
+                };
+                l.push(what);
+                l.extend(std::iter::repeat_n("-".to_string(), 3));
+                l.push(format!("{:.2}", row.train_flops.total() / 1e9));
+                l.extend(std::iter::repeat_n("-".to_string(), 5));
+                l.push(bytes(row.predicted_train_peak));
+                if let Some(n) = &row.note {
+                    notes.push(format!(
+                        "{} {} M={}: {n}",
+                        row.config, row.method, row.members
+                    ));
+                }
+            }
+        }
+        lines.push(l);
+    }
+    let widths: Vec<usize> = (0..head.len())
+        .map(|c| {
+            lines
+                .iter()
+                .map(|l| l[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for l in &lines {
+        let cells: Vec<String> = l
+            .iter()
+            .enumerate()
+            .map(|(c, v)| {
+                if c < 2 {
+                    format!("{v:<w$}", w = widths[c])
+                } else {
+                    format!("{v:>w$}", w = widths[c])
+                }
+            })
+            .collect();
+        let _ = writeln!(s, "{}", cells.join("  ").trim_end());
+    }
+    for n in notes {
+        let _ = writeln!(s, "{n}");
+    }
+    s
+}
+
+/// Step time and peak memory against M, both methods, one row of panels per config.
+pub fn svg(r: &BenchReport) -> String {
+    let mut charts = Vec::new();
+    for config in &r.configs {
+        let mut time = Chart::new(
+            format!("{config}: time per call (median)"),
+            "ensemble size M",
+            "seconds",
+        );
+        time.log_x = true;
+        time.log_y = true;
+        time.y_units = Units::Seconds;
+        let mut mem = Chart::new(
+            format!("{config}: peak memory of a training step"),
+            "ensemble size M",
+            "bytes",
+        );
+        mem.log_x = true;
+        mem.log_y = true;
+        mem.y_units = Units::Bytes;
+        let methods: Vec<Method> = {
+            let mut v: Vec<Method> = r
+                .rows
+                .iter()
+                .filter(|x| &x.config == config)
+                .map(|x| x.method)
+                .collect();
+            v.dedup();
+            v
+        };
+        for (i, method) in methods.iter().enumerate() {
+            let rows: Vec<&BenchRow> = r
+                .rows
+                .iter()
+                .filter(|x| &x.config == config && x.method == *method)
+                .collect();
+            let pts = |f: &dyn Fn(&BenchRow) -> Option<f64>| -> Vec<(f64, f64)> {
+                rows.iter()
+                    .filter_map(|x| f(x).map(|y| (x.members as f64, y)))
+                    .collect()
+            };
+            let color = palette(i);
+            time.series.push(Series {
+                name: format!("{method}: training step"),
+                points: pts(&|x| x.train.as_ref().map(|t| t.median)),
+                color: color.clone(),
+                dashed: false,
+            });
+            time.series.push(Series {
+                name: format!("{method}: inference"),
+                points: pts(&|x| x.inference.as_ref().map(|t| t.median)),
+                color: color.clone(),
+                dashed: true,
+            });
+            mem.series.push(Series {
+                name: format!("{method}: measured"),
+                points: pts(&|x| x.train_memory.as_ref().map(|m| m.total_peak as f64)),
+                color: color.clone(),
+                dashed: false,
+            });
+            mem.series.push(Series {
+                name: format!("{method}: predicted"),
+                points: pts(&|x| Some(x.predicted_train_peak as f64)),
+                color: color.clone(),
+                dashed: true,
+            });
+            for x in rows.iter().filter(|x| x.status == "oom") {
+                let mark = (x.members as f64, format!("{method} OOM"), color.clone());
+                time.marks.push(mark.clone());
+                mem.marks.push(mark);
+            }
+        }
+        charts.push(time);
+        charts.push(mem);
+    }
+    let subtitle = format!(
+        "{}; batch {}, rank {}; {}",
+        r.device, r.batch, r.rank, r.info.date
+    );
+    render("loren bench", &subtitle, &charts, 2)
+}
+
+/// Write bench.json and bench.svg under `dir`.
+pub fn write(r: &BenchReport, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    write_atomic(
+        &dir.join("bench.json"),
+        serde_json::to_string_pretty(r)?.as_bytes(),
+    )?;
+    write_atomic(&dir.join("bench.svg"), svg(r).as_bytes())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_bytes("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("2 GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_bytes("1e6").unwrap(), 1_000_000);
+        assert_eq!(parse_bytes("100").unwrap(), 100);
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("3 parsecs").is_err());
+    }
+
+    #[test]
+    fn quartiles_and_median() {
+        let t = Timing::new(vec![4.0, 1.0, 3.0, 2.0, 5.0]);
+        assert_eq!(
+            (t.min, t.q1, t.median, t.q3, t.max),
+            (1.0, 2.0, 3.0, 4.0, 5.0)
+        );
+        let t = Timing::new(vec![2.0]);
+        assert_eq!(t.median, 2.0);
+    }
+
+    #[test]
+    fn dates_are_iso() {
+        let d = utc_now();
+        assert_eq!(d.len(), 20, "{d}");
+        assert!(d.starts_with("20") && d.ends_with('Z'));
+    }
+
+    #[test]
+    fn oom_errors_are_recognised() {
+        assert!(is_oom(&anyhow!(
+            "CUDA driver error during alloc: CUDA_ERROR_OUT_OF_MEMORY"
+        )));
+        assert!(!is_oom(&anyhow!("shape mismatch")));
+    }
+}

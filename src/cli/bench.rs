@@ -1,0 +1,100 @@
+//! `loren bench`: time a training step and an inference pass, LoRA-Ensemble against the
+//! explicit ensemble, per config and ensemble size.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use loren::bench::{BenchOptions, parse_bytes, run_bench, table, write};
+use loren_nn::config::Method;
+
+#[derive(Args, Clone)]
+pub struct BenchArgs {
+    /// Where to run: auto (a GPU when one can be used, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Model configs, comma-separated: tiny, vit-b-32, vit-b-16. Default: vit-b-32,vit-b-16 on a
+    /// GPU; tiny on the CPU (ViT-B takes seconds per member-step there).
+    #[arg(long, value_delimiter = ',')]
+    pub config: Vec<String>,
+    /// Methods to time, comma-separated: lora, explicit.
+    #[arg(long, value_delimiter = ',', default_value = "lora,explicit")]
+    pub methods: Vec<String>,
+    /// Ensemble sizes, comma-separated.
+    #[arg(
+        long,
+        short = 'm',
+        value_delimiter = ',',
+        default_value = "1,2,4,8,16,32"
+    )]
+    pub members: Vec<usize>,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// LoRA rank r.
+    #[arg(long, short = 'r', default_value_t = 8)]
+    pub rank: usize,
+    /// Classes of the members' heads.
+    #[arg(long, default_value_t = 10)]
+    pub classes: usize,
+    /// Untimed calls before the timed ones.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Timed calls per row: the median and spread are over these.
+    #[arg(long, default_value_t = 10)]
+    pub repeats: usize,
+    /// The memory a configuration may use (e.g. 16GiB): default, the device's free memory
+    /// (MemAvailable on the CPU). A configuration the analytic model says will not fit is
+    /// reported as OOM without being run.
+    #[arg(long)]
+    pub memory_budget: Option<String>,
+    /// Side of the square GEMM that measures the peak FLOP/s for MFU (an f32 GEMM through loren's
+    /// matmul on the CPU, a bf16 cuBLAS GEMM on a GPU). Default: 2048 on the CPU, 8192 on a GPU.
+    #[arg(long)]
+    pub peak_size: Option<usize>,
+    /// Seeds the random weights and batch.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output folder for bench.json and bench.svg.
+    #[arg(long, default_value = "runs/bench")]
+    pub out: PathBuf,
+    /// Print only the table.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+pub fn bench(a: &BenchArgs) -> Result<()> {
+    let methods = a
+        .methods
+        .iter()
+        .map(|m| m.parse::<Method>().map_err(anyhow::Error::from))
+        .collect::<Result<Vec<_>>>()?;
+    let opts = BenchOptions {
+        device: a.device.parse()?,
+        configs: (!a.config.is_empty()).then(|| a.config.clone()),
+        methods,
+        members: a.members.clone(),
+        batch: a.batch_size,
+        rank: a.rank,
+        classes: a.classes,
+        warmup: a.warmup,
+        repeats: a.repeats,
+        memory_budget: a.memory_budget.as_deref().map(parse_bytes).transpose()?,
+        peak_size: a.peak_size,
+        seed: a.seed,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+    };
+    let quiet = a.quiet;
+    let report = run_bench(&opts, &mut |what| {
+        if !quiet {
+            eprintln!("bench: {what}");
+        }
+    })?;
+    print!("{}", table(&report));
+    write(&report, &a.out)?;
+    println!(
+        "wrote {} and {}",
+        a.out.join("bench.json").display(),
+        a.out.join("bench.svg").display()
+    );
+    Ok(())
+}

@@ -1,0 +1,35 @@
+//! `loren export`: a trained ensemble as one self-contained safetensors file.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use loren::ensemble::export as write_export;
+
+#[derive(Args, Clone)]
+pub struct ExportArgs {
+    /// A checkpoint written by `loren train`.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Where to write the ensemble (safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The backbone the checkpoint was trained from (default: the path recorded in it).
+    #[arg(long)]
+    pub backbone: Option<PathBuf>,
+}
+
+pub fn export(a: &ExportArgs) -> Result<()> {
+    let s = write_export(&a.checkpoint, a.backbone.as_deref(), &a.out)?;
+    println!(
+        "wrote {}: {} ensemble of {} members, {} classes; {} tensors, {:.1} MB \
+         (read it with loren::Ensemble::load)",
+        s.path.display(),
+        s.method,
+        s.members,
+        s.classes,
+        s.tensors,
+        s.bytes as f64 / 1e6
+    );
+    Ok(())
+}

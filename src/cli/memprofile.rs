@@ -1,0 +1,102 @@
+//! `loren memprofile`: memory per ensemble size, measured by tag beside the analytic model.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use loren::bench::parse_bytes;
+use loren::memprofile::{MemprofileOptions, run_memprofile, table, write};
+use loren_nn::config::Method;
+
+#[derive(Args, Clone)]
+pub struct MemprofileArgs {
+    /// Where to run: auto (a GPU when one can be used, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Model configs, comma-separated: tiny, vit-b-32, vit-b-16. Default: tiny,vit-b-32 on the
+    /// CPU; vit-b-32,vit-b-16 on a GPU.
+    #[arg(long, value_delimiter = ',')]
+    pub config: Vec<String>,
+    /// Methods, comma-separated: lora, explicit (single, single-lora also work).
+    #[arg(long, value_delimiter = ',', default_value = "lora,explicit")]
+    pub methods: Vec<String>,
+    /// Ensemble sizes, comma-separated: every one gets the analytic prediction.
+    #[arg(
+        long,
+        short = 'm',
+        value_delimiter = ',',
+        default_value = "1,2,4,8,16,32"
+    )]
+    pub members: Vec<usize>,
+    /// The sizes to measure too, comma-separated. Default: all of them, except on the CPU for
+    /// ViT-B configs, where only M <= 2 (seconds per member-step on a CPU).
+    #[arg(long, value_delimiter = ',')]
+    pub measure: Vec<usize>,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// LoRA rank r.
+    #[arg(long, short = 'r', default_value_t = 8)]
+    pub rank: usize,
+    /// Classes of the members' heads.
+    #[arg(long, default_value_t = 10)]
+    pub classes: usize,
+    /// Training steps before the measured one. Default: 1, except 0 for ViT-B on the CPU (its
+    /// accounting is deterministic: every step has the same peaks, and a step takes seconds).
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    /// Only the analytic prediction: measure nothing.
+    #[arg(long, conflicts_with = "measure")]
+    pub predict_only: bool,
+    /// The memory a measured configuration may use (e.g. 16GiB): default, the device's free
+    /// memory. Sizes predicted not to fit are reported as OOM and not run.
+    #[arg(long)]
+    pub memory_budget: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output folder for memprofile.json and memprofile.svg.
+    #[arg(long, default_value = "runs/memprofile")]
+    pub out: PathBuf,
+    /// Print only the table.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+pub fn memprofile(a: &MemprofileArgs) -> Result<()> {
+    let methods = a
+        .methods
+        .iter()
+        .map(|m| m.parse::<Method>().map_err(anyhow::Error::from))
+        .collect::<Result<Vec<_>>>()?;
+    let opts = MemprofileOptions {
+        device: a.device.parse()?,
+        configs: (!a.config.is_empty()).then(|| a.config.clone()),
+        methods,
+        members: a.members.clone(),
+        measure: if a.predict_only {
+            Some(Vec::new())
+        } else {
+            (!a.measure.is_empty()).then(|| a.measure.clone())
+        },
+        batch: a.batch_size,
+        rank: a.rank,
+        classes: a.classes,
+        warmup: a.warmup,
+        memory_budget: a.memory_budget.as_deref().map(parse_bytes).transpose()?,
+        seed: a.seed,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+    };
+    let quiet = a.quiet;
+    let report = run_memprofile(&opts, &mut |what| {
+        if !quiet {
+            eprintln!("memprofile: measuring {what}");
+        }
+    })?;
+    print!("{}", table(&report));
+    write(&report, &a.out)?;
+    println!(
+        "wrote {} and {}",
+        a.out.join("memprofile.json").display(),
+        a.out.join("memprofile.svg").display()
+    );
+    Ok(())
+}

@@ -1,0 +1,369 @@
+//! A trained ensemble as one self-contained safetensors file, and the API that predicts with it.
+//!
+//! [`export`] (the `loren export` command) turns a training checkpoint and its backbone into a
+//! file another program can read without loren:
+//!
+//! - **Shared weights once.** For `lora`, `single-lora` and `single`, every backbone tensor is
+//!   stored once, without a member axis, under loren's names: `patch_embed.weight`
+//!   `[D, C·p·p]` (the patch convolution flattened in `(c, i, j)` order), `patch_embed.bias`,
+//!   `cls_token` `[D]`, `pos_embed` `[T, D]`, `blocks.N.norm1.{weight,bias}`,
+//!   `blocks.N.attn.{q,k,v,o}.{weight,bias}` (`[D, D]`, `[D]`), `blocks.N.norm2.*`,
+//!   `blocks.N.mlp.fc1.*` `[mlp, D]`, `blocks.N.mlp.fc2.*` `[D, mlp]`, `norm.{weight,bias}`.
+//!   For `explicit`, each of these is stacked over the members: `[M, ...]`.
+//! - **Stacked adapters and heads.** `blocks.N.attn.P.lora_a` `[M, r, D]` and `.lora_b`
+//!   `[M, D, r]` for each adapted projection P, so member m's projection is
+//!   `y = x·Wᵀ + b + s·(x·A_mᵀ)·B_mᵀ`; `head.weight` `[M, C, D]` and `head.bias` `[M, C]`.
+//! - **Metadata** (strings): `format` = `loren-ensemble-v1`; `vit` and `ensemble`, the configs as
+//!   JSON (width, depth, heads, LayerNorm eps; method, members, rank, scale, targets);
+//!   `layout` = `shared` or `stacked`; `norm_mean` and `norm_std`, JSON arrays, the per-channel
+//!   normalisation the inputs need; `class_names`, a JSON array; `data`, `holdout_classes` and
+//!   `backbone`, where they came from.
+//!
+//! The forward pass is a pre-norm ViT: tokens = [class token; patches·Wᵀ + b] + pos_embed, then
+//! per block `x += o(attn(norm1(x)))`, `x += fc2(gelu(fc1(norm2(x))))` (exact erf GELU), then
+//! `norm` on the class token and each member's head; the prediction is the mean of the
+//! members' softmax probabilities.
+//!
+//! [`Ensemble`] reads such a file back and predicts with loren's own engine, giving the same
+//! probabilities, bit for bit, as `loren eval` computes from the checkpoint.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+use loren_nn::checkpoint::{self, TensorFile};
+use loren_nn::config::{EnsembleConfig, Method, VitConfig};
+use loren_nn::metrics::{Predictions, scores};
+use loren_nn::train::load_trained;
+use loren_nn::vit::Vit;
+use loren_tensor::{DeviceSpec, MemTag, Tensor};
+
+use crate::backbone::read_backbone;
+use crate::dataset::DataSource;
+
+/// Marks a file written by [`export`].
+pub const FORMAT: &str = "loren-ensemble-v1";
+
+/// Images per forward pass when [`Ensemble::predict`] splits its input: `loren eval`'s default
+/// `--eval-batch-size`, so that the same images give bit-for-bit the same probabilities.
+pub const DEFAULT_BATCH: usize = 256;
+
+/// A trained ensemble loaded for prediction.
+///
+/// ```no_run
+/// use loren::Ensemble;
+/// use loren::tensor::DeviceSpec;
+///
+/// # fn main() -> anyhow::Result<()> {
+/// let ens = Ensemble::load("runs/train/ensemble.safetensors", DeviceSpec::Auto)?;
+/// let [c, h, w] = ens.image_shape();
+/// // Two images with pixels in [0, 1], [B, C, H, W] row-major.
+/// let pixels = vec![0.5f32; 2 * c * h * w];
+/// let p = ens.predict_pixels(&pixels)?;
+/// for b in 0..p.batch {
+///     let class = p.predicted(b);
+///     println!(
+///         "image {b}: {} ({:.1}%), entropy {:.3}, mutual information {:.3}",
+///         ens.class_names()[class],
+///         100.0 * p.mean(b)[class],
+///         p.entropy[b],
+///         p.mutual_information[b],
+///     );
+/// }
+/// # Ok(())
+/// # }
+/// ```
+pub struct Ensemble {
+    model: Vit,
+    norm_mean: Vec<f32>,
+    norm_std: Vec<f32>,
+    class_names: Vec<String>,
+    batch_size: usize,
+    metadata: HashMap<String, String>,
+}
+
+/// What an ensemble predicts for a batch of B images.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Prediction {
+    pub members: usize,
+    pub batch: usize,
+    pub classes: usize,
+    /// Every member's softmax probabilities, `[M, B, C]`, member-major.
+    pub probs: Vec<f32>,
+    /// The ensemble's prediction, the members' mean, `[B, C]`.
+    pub mean: Vec<f32>,
+    /// Entropy of the mean prediction per image, in nats: the total uncertainty.
+    pub entropy: Vec<f64>,
+    /// Mutual information between prediction and member per image, in nats: the part of the
+    /// entropy that comes from the members disagreeing (0 for one member).
+    pub mutual_information: Vec<f64>,
+}
+
+impl Prediction {
+    /// Member `m`'s probabilities for image `b`, `[C]`.
+    pub fn member(&self, m: usize, b: usize) -> &[f32] {
+        &self.probs[(m * self.batch + b) * self.classes..][..self.classes]
+    }
+
+    /// The mean prediction for image `b`, `[C]`.
+    pub fn mean(&self, b: usize) -> &[f32] {
+        &self.mean[b * self.classes..][..self.classes]
+    }
+
+    /// The most probable class of image `b` under the mean (the lowest index on ties).
+    pub fn predicted(&self, b: usize) -> usize {
+        let row = self.mean(b);
+        (0..row.len()).fold(0, |best, c| if row[c] > row[best] { c } else { best })
+    }
+}
+
+impl Ensemble {
+    /// Read a file written by [`export`] (`loren export`) onto `device`.
+    pub fn load(path: impl AsRef<Path>, device: DeviceSpec) -> Result<Ensemble> {
+        let path = path.as_ref();
+        let file = TensorFile::read(path)?;
+        if file.metadata().get("format").map(String::as_str) != Some(FORMAT) {
+            bail!(
+                "{}: not an ensemble written by loren export (format {FORMAT})",
+                path.display()
+            );
+        }
+        let vit: VitConfig = file.meta_json("vit")?;
+        let ens: EnsembleConfig = file.meta_json("ensemble")?;
+        let mut model = Vit::new(&vit, &ens, &device.open()?, 0)?;
+        match file.meta("layout")? {
+            "shared" => model.load_backbone(&file)?,
+            "stacked" => model.load_tensors(&file, |name, _| Vit::is_backbone(name))?,
+            other => bail!("{}: unknown layout '{other}'", path.display()),
+        }
+        model.load_tensors(&file, |name, _| !Vit::is_backbone(name))?;
+        let ensemble = Ensemble {
+            norm_mean: file.meta_json("norm_mean")?,
+            norm_std: file.meta_json("norm_std")?,
+            class_names: file.meta_json("class_names")?,
+            model,
+            batch_size: DEFAULT_BATCH,
+            metadata: file.metadata().clone(),
+        };
+        ensemble.check_metadata(path)?;
+        Ok(ensemble)
+    }
+
+    fn check_metadata(&self, path: &Path) -> Result<()> {
+        let (c, classes) = (self.model.config.channels, self.classes());
+        ensure!(
+            self.norm_mean.len() == c
+                && self.norm_std.len() == c
+                && self.norm_std.iter().all(|s| *s > 0.0),
+            "{}: norm_mean and norm_std need {c} values each, std positive",
+            path.display()
+        );
+        ensure!(
+            self.class_names.len() == classes,
+            "{}: {} class names for {classes} classes",
+            path.display(),
+            self.class_names.len()
+        );
+        Ok(())
+    }
+
+    /// Predict in chunks of `n` images (default [`DEFAULT_BATCH`]): smaller needs less memory.
+    /// Chunked as `loren eval --eval-batch-size n` chunks, the probabilities are bit-for-bit
+    /// eval's; other chunkings may differ in the last bits (about 1e-7), because the CPU
+    /// matrix kernels block small batches differently.
+    pub fn set_batch_size(&mut self, n: usize) {
+        self.batch_size = n.max(1);
+    }
+
+    pub fn vit(&self) -> &VitConfig {
+        &self.model.config
+    }
+
+    pub fn config(&self) -> &EnsembleConfig {
+        &self.model.ensemble
+    }
+
+    pub fn members(&self) -> usize {
+        self.model.members()
+    }
+
+    pub fn classes(&self) -> usize {
+        self.model.ensemble.classes
+    }
+
+    pub fn class_names(&self) -> &[String] {
+        &self.class_names
+    }
+
+    /// The file's metadata: the keys the module docs list, e.g. `data` (the `--data` it was
+    /// trained on) and `holdout_classes`.
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
+    /// `[channels, height, width]` of one input image.
+    pub fn image_shape(&self) -> [usize; 3] {
+        let v = &self.model.config;
+        [v.channels, v.image_size, v.image_size]
+    }
+
+    /// Per-channel mean and std the inputs of [`Ensemble::predict`] are normalised by.
+    pub fn normalization(&self) -> (&[f32], &[f32]) {
+        (&self.norm_mean, &self.norm_std)
+    }
+
+    /// Raw pixels in `[0, 1]`, `[B, C, H, W]`, normalised as the model expects:
+    /// `(x - mean[c]) / std[c]`, exactly as training and `loren eval` normalise.
+    pub fn normalize(&self, pixels: &[f32]) -> Vec<f32> {
+        let [c, h, w] = self.image_shape();
+        let plane = h * w;
+        let mut out = pixels.to_vec();
+        for (i, values) in out.chunks_mut(plane).enumerate() {
+            let (mean, std) = (self.norm_mean[i % c], self.norm_std[i % c]);
+            values.iter_mut().for_each(|x| *x = (*x - mean) / std);
+        }
+        out
+    }
+
+    /// [`Ensemble::predict`] on raw pixels in `[0, 1]` at the model's size.
+    pub fn predict_pixels(&self, pixels: &[f32]) -> Result<Prediction> {
+        self.predict(&self.normalize(pixels))
+    }
+
+    /// Every member's probabilities, their mean, and the entropy and mutual information of each
+    /// image, for normalised images `[B, C, H, W]` (row-major; B is any positive number,
+    /// inferred from the length). See [`Ensemble::normalize`] for raw pixels.
+    pub fn predict(&self, images: &[f32]) -> Result<Prediction> {
+        let [c, h, w] = self.image_shape();
+        let per_image = c * h * w;
+        ensure!(
+            !images.is_empty() && images.len().is_multiple_of(per_image),
+            "images must be [B, {c}, {h}, {w}]: a positive multiple of {per_image} values, got {}",
+            images.len()
+        );
+        let (m, n, k) = (self.members(), images.len() / per_image, self.classes());
+        let mut probs = vec![0.0f32; m * n * k];
+        let dev = self.model.device();
+        for (chunk, start) in images
+            .chunks(self.batch_size * per_image)
+            .zip((0..n).step_by(self.batch_size))
+        {
+            let b = chunk.len() / per_image;
+            let x = Tensor::from_vec(chunk.to_vec(), [b, c, h, w], MemTag::Workspace, dev)?;
+            let p = self.model.predict(&x)?.to_vec()?;
+            for member in 0..m {
+                let src = &p[member * b * k..][..b * k];
+                probs[(member * n + start) * k..][..b * k].copy_from_slice(src);
+            }
+        }
+        let preds = Predictions::new(m, n, k, probs)?;
+        let s = scores(&preds)?;
+        Ok(Prediction {
+            members: m,
+            batch: n,
+            classes: k,
+            mean: preds.mean(),
+            probs: preds.probs,
+            entropy: s.entropy,
+            mutual_information: s.mutual_information,
+        })
+    }
+}
+
+/// What [`export`] wrote.
+#[derive(Clone, Debug)]
+pub struct ExportSummary {
+    pub path: PathBuf,
+    pub method: Method,
+    pub members: usize,
+    pub classes: usize,
+    pub tensors: usize,
+    pub bytes: u64,
+}
+
+/// Write the ensemble a training checkpoint holds as one self-contained file (see the module
+/// docs). Its backbone is `backbone`, or the path the checkpoint recorded; its class names and
+/// normalisation come from the data the checkpoint recorded.
+pub fn export(checkpoint: &Path, backbone: Option<&Path>, out: &Path) -> Result<ExportSummary> {
+    let file = TensorFile::read(checkpoint)?;
+    loren_nn::train::check_format(&file)?;
+    let vit: VitConfig = file.meta_json("vit")?;
+    let frozen = match (backbone, file.metadata().get("backbone")) {
+        (Some(p), _) => Some(read_backbone(p, &vit)?.file),
+        (None, Some(p)) => Some(
+            read_backbone(Path::new(p), &vit)
+                .context("the backbone the checkpoint was trained from (pass --backbone)")?
+                .file,
+        ),
+        (None, None) => None,
+    };
+    let model = load_trained(&file, frozen.as_ref(), &loren_tensor::Device::cpu())?;
+    let stacked = model.ensemble.method == Method::Explicit;
+    let mut tensors = if stacked {
+        model.tensors(|name, _| Vit::is_backbone(name))?
+    } else {
+        model.backbone_tensors()?
+    };
+    tensors.extend(model.tensors(|name, _| !Vit::is_backbone(name))?);
+    let meta = export_metadata(&file, &model, stacked)?;
+    checkpoint::write(out, &tensors, meta)?;
+    Ok(ExportSummary {
+        path: out.to_path_buf(),
+        method: model.ensemble.method,
+        members: model.members(),
+        classes: model.ensemble.classes,
+        tensors: tensors.len(),
+        bytes: std::fs::metadata(out).map(|m| m.len()).unwrap_or(0),
+    })
+}
+
+fn export_metadata(
+    file: &TensorFile,
+    model: &Vit,
+    stacked: bool,
+) -> Result<HashMap<String, String>> {
+    let meta = file.metadata();
+    let data = meta.get("data").map_or("digits", String::as_str);
+    let source: DataSource = data.parse()?;
+    let holdout: Vec<u32> = meta
+        .get("holdout_classes")
+        .filter(|h| !h.is_empty())
+        .map(|h| h.split(',').map(str::parse).collect::<Result<_, _>>())
+        .transpose()
+        .context("checkpoint metadata holdout_classes")?
+        .unwrap_or_default();
+    let classes = model.ensemble.classes;
+    // The names need the dataset's meta file or folder; numbers stand in when it has moved.
+    let names = source
+        .class_names(&holdout)
+        .ok()
+        .filter(|n| n.len() == classes)
+        .unwrap_or_else(|| (0..classes).map(|c| c.to_string()).collect());
+    let (mean, std) = source.normalization(model.config.channels);
+    Ok(HashMap::from([
+        ("format".to_string(), FORMAT.to_string()),
+        ("vit".to_string(), json(&model.config)),
+        ("ensemble".to_string(), json(&model.ensemble)),
+        (
+            "layout".to_string(),
+            if stacked { "stacked" } else { "shared" }.to_string(),
+        ),
+        ("norm_mean".to_string(), json(&mean)),
+        ("norm_std".to_string(), json(&std)),
+        ("class_names".to_string(), json(&names)),
+        ("data".to_string(), data.to_string()),
+        (
+            "holdout_classes".to_string(),
+            meta.get("holdout_classes").cloned().unwrap_or_default(),
+        ),
+        (
+            "backbone".to_string(),
+            meta.get("backbone").cloned().unwrap_or_default(),
+        ),
+    ]))
+}
+
+/// A config or list as JSON, for the metadata.
+fn json<T: serde::Serialize + ?Sized>(v: &T) -> String {
+    serde_json::to_string(v).expect("configs and lists always serialize")
+}

@@ -1,0 +1,183 @@
+//! `loren memprofile` on the CPU: measured peaks by tag beside the analytic model, LoRA growing
+//! by adapters and heads alone, the OOM and predict-only paths, and the SVG.
+
+mod svg_check;
+
+use loren::memprofile::{MemprofileOptions, run_memprofile, svg, table, write};
+use loren_nn::config::Method;
+use loren_tensor::{DeviceSpec, MemTag};
+
+fn tiny(members: Vec<usize>) -> MemprofileOptions {
+    MemprofileOptions {
+        device: DeviceSpec::Cpu,
+        configs: Some(vec!["tiny".into()]),
+        members,
+        batch: 8,
+        ..MemprofileOptions::default()
+    }
+}
+
+#[test]
+fn measured_peaks_match_the_analytic_model_and_lora_grows_by_adapters_and_heads() {
+    let r = run_memprofile(&tiny(vec![1, 3, 6]), &mut |_| {}).unwrap();
+    assert_eq!(r.rows.len(), 6);
+    for row in &r.rows {
+        assert_eq!(row.status, "measured", "{row:?}");
+        assert_eq!(row.warmup, 1);
+        let m = row.measured.as_ref().unwrap();
+        for tag in MemTag::ALL {
+            assert_eq!(row.predicted.by_tag.get(tag), m.by_tag.get(tag), "{tag}");
+        }
+        assert!(row.rel_diff_total.unwrap().abs() <= 0.05);
+        assert!(row.device_used.is_none());
+    }
+    assert!(r.max_rel_diff_total.unwrap() <= 0.05);
+
+    // The trainable state grows by the adapters and the head per LoRA member, a whole model per
+    // explicit member; the frozen backbone does not grow.
+    let at = |method: Method, m: usize| {
+        let row = r
+            .rows
+            .iter()
+            .find(|x| x.method == method && x.members == m)
+            .unwrap();
+        row.measured.as_ref().unwrap().by_tag
+    };
+    let lora = r.growth.iter().find(|g| g.method == Method::Lora).unwrap();
+    let explicit = r
+        .growth
+        .iter()
+        .find(|g| g.method == Method::Explicit)
+        .unwrap();
+    let adapters_and_head =
+        4 * (lora.params.adapters_per_member + lora.params.head_per_member) as u64;
+    assert_eq!(lora.trainable_bytes_per_member, adapters_and_head);
+    assert_eq!(
+        explicit.trainable_bytes_per_member,
+        4 * (explicit.params.backbone + explicit.params.head_per_member) as u64
+    );
+    for (g, method) in [(lora, Method::Lora), (explicit, Method::Explicit)] {
+        let (a, b) = (at(method, 1), at(method, 6));
+        assert_eq!(
+            b.get(MemTag::Trainable) - a.get(MemTag::Trainable),
+            5 * g.trainable_bytes_per_member
+        );
+        assert_eq!(
+            b.get(MemTag::OptimizerState) - a.get(MemTag::OptimizerState),
+            5 * 2 * g.trainable_bytes_per_member
+        );
+        assert_eq!(
+            b.get(MemTag::FrozenWeights),
+            a.get(MemTag::FrozenWeights),
+            "{method}"
+        );
+        assert_eq!(
+            g.measured_trainable_bytes_per_member.unwrap(),
+            g.trainable_bytes_per_member as f64
+        );
+    }
+    assert!(lora.trainable_bytes_per_member * 5 < explicit.trainable_bytes_per_member);
+
+    let t = table(&r);
+    assert!(t.contains("n/a on cpu") && t.contains("+0.00%"), "{t}");
+    assert!(t.contains("adapters") && t.contains("a full model"), "{t}");
+    svg_check::check_svg(&svg(&r)).unwrap();
+    let dir = std::env::temp_dir().join(format!("loren-test-memprofile-{}", std::process::id()));
+    write(&r, &dir).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("memprofile.json")).unwrap()).unwrap();
+    assert!(
+        json["rows"][0]["measured"]["by_tag"]["trainable"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    svg_check::check_svg(&std::fs::read_to_string(dir.join("memprofile.svg")).unwrap()).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_cpu_accounting_is_the_same_with_and_without_a_warm_up_step() {
+    let peaks = |warmup| {
+        let o = MemprofileOptions {
+            warmup: Some(warmup),
+            ..tiny(vec![2])
+        };
+        let r = run_memprofile(&o, &mut |_| {}).unwrap();
+        r.rows
+            .iter()
+            .map(|row| {
+                let m = row.measured.as_ref().unwrap();
+                (m.by_tag, m.total)
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(peaks(0), peaks(2));
+}
+
+#[test]
+fn predict_only_and_oom_rows_need_no_measurement() {
+    let o = MemprofileOptions {
+        configs: Some(vec!["tiny".into(), "vit-b-16".into()]),
+        measure: Some(Vec::new()),
+        ..tiny(vec![1, 32])
+    };
+    let mut ran = 0;
+    let r = run_memprofile(&o, &mut |_| ran += 1).unwrap();
+    assert_eq!(ran, 0);
+    assert_eq!(r.rows.len(), 8);
+    assert!(
+        r.rows
+            .iter()
+            .all(|x| x.status == "predicted" && x.measured.is_none())
+    );
+    // ViT-B/16 explicit at M=32 is far beyond this machine; the model still gives its figure.
+    let big = r
+        .rows
+        .iter()
+        .find(|x| x.config == "vit-b-16" && x.method == Method::Explicit && x.members == 32)
+        .unwrap();
+    assert!(big.predicted.total > 32 * 4 * 85_000_000 * 4);
+    // On a GPU the bf16 activations and frozen weights shrink LoRA's peak more than explicit's.
+    let ratio = r.ratios.iter().find(|q| q.config == "vit-b-16").unwrap();
+    assert!(ratio.predicted_gpu < ratio.predicted && ratio.predicted < 1.0);
+    svg_check::check_svg(&svg(&r)).unwrap();
+
+    let o = MemprofileOptions {
+        memory_budget: Some(1 << 20),
+        ..tiny(vec![1, 2])
+    };
+    let r = run_memprofile(&o, &mut |_| panic!("nothing fits: nothing runs")).unwrap();
+    assert!(r.rows.iter().all(|x| x.status == "oom"));
+    assert!(table(&r).contains("OOM at M=2"));
+}
+
+#[test]
+fn the_command_line_profiles_and_rejects_bad_input() {
+    let dir =
+        std::env::temp_dir().join(format!("loren-test-memprofile-cli-{}", std::process::id()));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_loren"))
+        .args([
+            "memprofile",
+            "--device",
+            "cpu",
+            "--config",
+            "tiny",
+            "--members",
+            "1,2",
+        ])
+        .args(["--batch-size", "4", "-q", "--out", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("What one more member adds"), "{stdout}");
+    assert!(dir.join("memprofile.svg").exists());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_loren"))
+        .args(["memprofile", "--config", "tiny", "--members", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error:"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

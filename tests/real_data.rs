@@ -1,0 +1,336 @@
+//! The `loren` binary on pretrained weights in other libraries' names and on CIFAR and image
+//! folders, written here in their formats: runs that work, and errors that name the file.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use loren_nn::checkpoint::{self, Entry, TensorFile};
+use loren_nn::config::VitConfig;
+
+fn loren(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_loren"))
+        .args(args)
+        .output()
+        .expect("the loren binary runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let (ok, out, err) = loren(args);
+    assert!(ok, "loren {args:?} failed: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    out
+}
+
+/// The run failed with one `error:` line holding every needle.
+fn fails_with(args: &[&str], needles: &[&str]) {
+    let (ok, _, err) = loren(args);
+    assert!(!ok, "{args:?} succeeded");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{args:?}: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    for n in needles {
+        assert!(lines[0].contains(n), "{args:?}: '{}' lacks '{n}'", lines[0]);
+    }
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("loren-realdata-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A one-epoch train of a 2-member ensemble, writing to `out`, plus `extra`.
+fn quick_train(out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "train",
+        "--epochs",
+        "1",
+        "--members",
+        "2",
+        "--rank",
+        "2",
+        "--no-shift",
+        "--no-ood",
+        "-q",
+        "--seed",
+        "3",
+        "--out",
+    ]
+    .map(String::from)
+    .into();
+    v.push(out.to_str().unwrap().to_string());
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn bundled_backbone() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/backbone-tiny.safetensors")
+}
+
+/// The bundled tiny backbone renamed as `scheme` ("timm", "torchvision" or "hf") names it.
+fn renamed_backbone(scheme: &str, dir: &Path) -> PathBuf {
+    let f = TensorFile::read(&bundled_backbone()).unwrap();
+    let vit = VitConfig::tiny();
+    let get = |n: &str| f.get(n).unwrap().data.clone();
+    let e = |shape: &[usize], data: Vec<f32>| Entry {
+        shape: shape.to_vec(),
+        data,
+    };
+    let d = vit.dim;
+    let mut out: Vec<(String, Entry)> = Vec::new();
+    let mut put = |name: String, entry: Entry| out.push((name, entry));
+    let conv = [d, vit.channels, vit.patch, vit.patch];
+    let names = |i: usize| -> [String; 10] {
+        match scheme {
+            "timm" => [
+                format!("blocks.{i}.norm1"),
+                format!("blocks.{i}.attn.qkv.weight"),
+                format!("blocks.{i}.attn.qkv.bias"),
+                format!("blocks.{i}.attn.proj"),
+                format!("blocks.{i}.norm2"),
+                format!("blocks.{i}.mlp.fc1"),
+                format!("blocks.{i}.mlp.fc2"),
+                "patch_embed.proj".into(),
+                "cls_token|pos_embed".into(),
+                "norm".into(),
+            ],
+            _ => {
+                let l = format!("encoder.layers.encoder_layer_{i}");
+                [
+                    format!("{l}.ln_1"),
+                    format!("{l}.self_attention.in_proj_weight"),
+                    format!("{l}.self_attention.in_proj_bias"),
+                    format!("{l}.self_attention.out_proj"),
+                    format!("{l}.ln_2"),
+                    format!("{l}.mlp.0"),
+                    format!("{l}.mlp.3"),
+                    "conv_proj".into(),
+                    "class_token|encoder.pos_embedding".into(),
+                    "encoder.ln".into(),
+                ]
+            }
+        }
+    };
+    for i in 0..vit.depth {
+        let n = names(i);
+        let b = format!("blocks.{i}");
+        for (to, from) in [(&n[0], "norm1"), (&n[3], "attn.o"), (&n[4], "norm2")]
+            .into_iter()
+            .chain([(&n[5], "mlp.fc1"), (&n[6], "mlp.fc2")])
+        {
+            for wb in ["weight", "bias"] {
+                let src = f.get(&format!("{b}.{from}.{wb}")).unwrap();
+                put(format!("{to}.{wb}"), e(&src.shape, src.data.clone()));
+            }
+        }
+        let cat = |wb: &str| -> Vec<f32> {
+            ["q", "k", "v"]
+                .iter()
+                .flat_map(|p| get(&format!("{b}.attn.{p}.{wb}")))
+                .collect()
+        };
+        put(n[1].clone(), e(&[3 * d, d], cat("weight")));
+        put(n[2].clone(), e(&[3 * d], cat("bias")));
+    }
+    let n = names(0);
+    put(
+        format!("{}.weight", n[7]),
+        e(&conv, get("patch_embed.weight")),
+    );
+    put(format!("{}.bias", n[7]), e(&[d], get("patch_embed.bias")));
+    let (cls, pos) = n[8].split_once('|').unwrap();
+    put(cls.into(), e(&[1, 1, d], get("cls_token")));
+    put(pos.into(), e(&[1, vit.tokens(), d], get("pos_embed")));
+    put(format!("{}.weight", n[9]), e(&[d], get("norm.weight")));
+    put(format!("{}.bias", n[9]), e(&[d], get("norm.bias")));
+    let path = dir.join(format!("{scheme}.safetensors"));
+    checkpoint::write(&path, &out, Default::default()).unwrap();
+    path
+}
+
+fn trained_bits(dir: &Path) -> Vec<(String, Vec<u32>)> {
+    let f = TensorFile::read(&dir.join("checkpoint.safetensors")).unwrap();
+    f.names()
+        .map(|n| {
+            let bits = f.get(n).unwrap().data.iter().map(|v| v.to_bits()).collect();
+            (n.to_string(), bits)
+        })
+        .collect()
+}
+
+#[test]
+fn timm_and_torchvision_weights_train_exactly_as_the_same_weights_in_loren_names() {
+    let dir = temp_dir("schemes");
+    let reference = dir.join("loren");
+    run_ok(&strs(&quick_train(&reference, &[])));
+    for scheme in ["timm", "torchvision"] {
+        let backbone = renamed_backbone(scheme, &dir);
+        let out = dir.join(scheme);
+        run_ok(&strs(&quick_train(
+            &out,
+            &["--backbone", backbone.to_str().unwrap()],
+        )));
+        assert!(
+            trained_bits(&out) == trained_bits(&reference),
+            "{scheme}: training from the renamed weights differs"
+        );
+        // eval finds and re-imports the backbone the checkpoint names.
+        let ckpt = out.join("checkpoint.safetensors");
+        run_ok(&[
+            "eval",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--no-shift",
+            "--no-ood",
+            "-q",
+        ]);
+    }
+}
+
+/// Write a CIFAR-10 in the official binary format: 10 images of each class spread over the
+/// five training files, 2 of each in the test file.
+fn write_cifar10(dir: &Path) {
+    let record = |label: usize, seed: usize| -> Vec<u8> {
+        let mut r = vec![label as u8];
+        r.extend((0..3072).map(|p| ((p * 7 + seed * 131 + label * 40) % 256) as u8));
+        r
+    };
+    for f in 0..5 {
+        let bytes: Vec<u8> = (0..20).flat_map(|i| record(i % 10, f * 20 + i)).collect();
+        std::fs::write(dir.join(format!("data_batch_{}.bin", f + 1)), bytes).unwrap();
+    }
+    let test: Vec<u8> = (0..20).flat_map(|i| record(i % 10, 1000 + i)).collect();
+    std::fs::write(dir.join("test_batch.bin"), test).unwrap();
+}
+
+#[test]
+fn cifar10_trains_and_evaluates_through_the_cli() {
+    let dir = temp_dir("cifar");
+    let data = dir.join("cifar-10-batches-bin");
+    std::fs::create_dir_all(&data).unwrap();
+    write_cifar10(&data);
+    // The parent folder of the unpacked archive works too.
+    let arg = format!("cifar10:{}", dir.display());
+    let out = dir.join("run");
+    let printed = run_ok(&strs(&quick_train(&out, &["--data", &arg])));
+    assert!(printed.contains("accuracy"), "{printed}");
+    let ckpt = out.join("checkpoint.safetensors");
+    let meta = TensorFile::read(&ckpt).unwrap().metadata().clone();
+    assert_eq!(meta["data"], arg);
+    run_ok(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--no-shift",
+        "-q",
+    ]);
+    assert!(out.join("eval.json").exists());
+}
+
+fn write_png(path: &Path, w: u32, h: u32, seed: usize) {
+    let samples: Vec<u8> = (0..(w * h * 3) as usize)
+        .map(|i| ((i * 11 + seed * 53) % 256) as u8)
+        .collect();
+    let file = std::fs::File::create(path).unwrap();
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w, h);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.write_header()
+        .unwrap()
+        .write_image_data(&samples)
+        .unwrap();
+}
+
+#[test]
+fn an_image_folder_trains_through_the_cli() {
+    let dir = temp_dir("folder");
+    for (c, class) in ["cats", "dogs"].iter().enumerate() {
+        std::fs::create_dir_all(dir.join(class)).unwrap();
+        for i in 0..10 {
+            write_png(
+                &dir.join(class).join(format!("{i}.png")),
+                12,
+                10,
+                c * 10 + i,
+            );
+        }
+    }
+    let out = dir.join("run");
+    let arg = format!("folder:{}", dir.display());
+    let printed = run_ok(&strs(&quick_train(&out, &["--data", &arg])));
+    assert!(printed.contains("accuracy"), "{printed}");
+}
+
+#[test]
+fn bad_datasets_are_named_in_one_line() {
+    let dir = temp_dir("bad");
+    let out = dir.join("run");
+    let missing = format!("cifar10:{}", dir.join("nowhere").display());
+    fails_with(
+        &strs(&quick_train(&out, &["--data", &missing])),
+        &["data_batch_1.bin"],
+    );
+    let c100 = dir.join("c100");
+    std::fs::create_dir_all(&c100).unwrap();
+    std::fs::write(c100.join("train.bin"), vec![1u8; 3074 * 2 + 5]).unwrap();
+    let arg = format!("cifar100:{}", c100.display());
+    fails_with(
+        &strs(&quick_train(&out, &["--data", &arg])),
+        &["train.bin", "3074-byte", "truncated"],
+    );
+    std::fs::write(
+        c100.join("train.bin"),
+        [vec![0u8, 100], vec![0u8; 3072]].concat(),
+    )
+    .unwrap();
+    fails_with(
+        &strs(&quick_train(&out, &["--data", &arg])),
+        &["train.bin", "label 100"],
+    );
+    let folder = dir.join("images");
+    for class in ["a", "b"] {
+        std::fs::create_dir_all(folder.join(class)).unwrap();
+        write_png(&folder.join(class).join("ok.png"), 4, 4, 1);
+    }
+    std::fs::write(
+        folder.join("b/broken.jpg"),
+        [0xff, 0xd8, 0xff, 0xe0, 1, 2, 3],
+    )
+    .unwrap();
+    let arg = format!("folder:{}", folder.display());
+    fails_with(
+        &strs(&quick_train(&out, &["--data", &arg])),
+        &["broken.jpg", "cannot decode"],
+    );
+    fails_with(
+        &strs(&quick_train(&out, &["--data", "imagenet:/x"])),
+        &["unknown dataset", "cifar10:DIR", "folder:DIR"],
+    );
+}
+
+#[test]
+fn real_data_needs_imported_weights() {
+    let dir = temp_dir("weights");
+    write_cifar10(&dir);
+    let arg = format!("cifar10:{}", dir.display());
+    let out = dir.join("run");
+    fails_with(
+        &strs(&quick_train(
+            &out,
+            &["--data", &arg, "--config", "vit-b-32"],
+        )),
+        &["no pretrained backbone for 'vit-b-32'", "--backbone"],
+    );
+    let (ok, _, err) = loren(&["pretrain", "--data", &arg]);
+    assert!(!ok && err.contains("--data"), "{err}");
+}

@@ -1,0 +1,234 @@
+//! Train, export, load through the embedding API, predict: the probabilities are bit-for-bit
+//! those `loren eval` computes from the training checkpoint.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use loren::Ensemble;
+use loren::backbone::read_backbone;
+use loren::dataset::DataSource;
+use loren_nn::checkpoint::TensorFile;
+use loren_nn::config::VitConfig;
+use loren_nn::data::Dataset;
+use loren_nn::eval::predict;
+use loren_nn::metrics::{Predictions, calibration};
+use loren_nn::train::load_trained;
+use loren_tensor::{Device, DeviceSpec};
+
+fn loren(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_loren"))
+        .args(args)
+        .output()
+        .expect("the loren binary runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let (ok, out, err) = loren(args);
+    assert!(ok, "loren {args:?} failed: {err}");
+    out
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("loren-roundtrip-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Train `method` for an epoch with the CLI, score it with `loren eval`, export it.
+fn train_eval_export(method: &str, dir: &Path) -> (PathBuf, PathBuf) {
+    let out = dir.to_str().unwrap();
+    let ckpt = dir.join("checkpoint.safetensors");
+    let quick = [
+        "--epochs",
+        "1",
+        "--no-shift",
+        "--no-ood",
+        "-q",
+        "--seed",
+        "5",
+    ];
+    let mut args = vec![
+        "train",
+        "--method",
+        method,
+        "--members",
+        "3",
+        "--rank",
+        "4",
+        "--out",
+        out,
+    ];
+    args.extend(quick);
+    run_ok(&args);
+    let c = ckpt.to_str().unwrap();
+    run_ok(&["eval", "--checkpoint", c, "--no-shift", "--no-ood", "-q"]);
+    let file = dir.join("ensemble.safetensors");
+    let printed = run_ok(&["export", "--checkpoint", c, "--out", file.to_str().unwrap()]);
+    assert!(printed.contains("3 members"), "{printed}");
+    (ckpt, file)
+}
+
+/// What `loren eval` computes: the model rebuilt from the checkpoint, predicting on test in
+/// chunks of `batch` images (its --eval-batch-size, 256 by default).
+fn eval_probabilities(ckpt: &Path, test: &Dataset, batch: usize) -> Predictions {
+    let file = TensorFile::read(ckpt).unwrap();
+    let vit: VitConfig = file.meta_json("vit").unwrap();
+    let backbone = read_backbone(Path::new(file.meta("backbone").unwrap()), &vit).unwrap();
+    let model = load_trained(&file, Some(&backbone.file), &Device::cpu()).unwrap();
+    predict(&model, test, batch, &mut |_| {}).unwrap()
+}
+
+fn round_trip(method: &str) {
+    let dir = temp_dir(method);
+    let (ckpt, exported) = train_eval_export(method, &dir);
+    let mut ens = Ensemble::load(&exported, DeviceSpec::Cpu).unwrap();
+    assert_eq!((ens.members(), ens.classes()), (3, 10));
+    assert_eq!(ens.class_names()[7], "7");
+    let test = DataSource::Digits(None)
+        .splits(&[], ens.vit())
+        .unwrap()
+        .test;
+    let all: Vec<usize> = (0..test.len()).collect();
+    let images = test.batch(&all, None).images;
+    // The default chunking is eval's default, so the same images give the same bits.
+    let want = eval_probabilities(&ckpt, &test, 256);
+    let got = ens.predict(&images).unwrap();
+    assert_eq!((got.members, got.batch, got.classes), (3, test.len(), 10));
+    assert!(
+        bits(&got.probs) == bits(&want.probs),
+        "{method}: probabilities differ from eval's"
+    );
+    assert_eq!(bits(&got.mean), bits(&want.mean()));
+    for batch in [1, 7, 100] {
+        // Chunked alike (eval --eval-batch-size N), still bit for bit.
+        ens.set_batch_size(batch);
+        let want_b = eval_probabilities(&ckpt, &test, batch);
+        let got_b = ens.predict(&images).unwrap();
+        assert!(
+            bits(&got_b.probs) == bits(&want_b.probs),
+            "{method}, batch {batch}"
+        );
+        // Across chunkings only the last bits may move: the CPU matrix kernels block small
+        // batches differently.
+        let worst = got_b
+            .probs
+            .iter()
+            .zip(&want.probs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(worst < 1e-5, "{method}, batch {batch}: off by {worst}");
+    }
+    ens.set_batch_size(256);
+    // Raw pixels through the normalising helper give the same bits.
+    let from_pixels = ens.predict_pixels(&test.images).unwrap();
+    assert!(
+        bits(&from_pixels.probs) == bits(&want.probs),
+        "{method}: predict_pixels"
+    );
+    // Uncertainty: entropy within [0, ln C], mutual information within [0, entropy].
+    for b in 0..from_pixels.batch {
+        let (h, mi) = (from_pixels.entropy[b], from_pixels.mutual_information[b]);
+        assert!((0.0..=10f64.ln() + 1e-9).contains(&h) && (0.0..=h + 1e-9).contains(&mi));
+    }
+    assert!(from_pixels.mutual_information.iter().any(|&mi| mi > 1e-4));
+    // And the numbers `loren eval` wrote to eval.json are those of these probabilities (to
+    // the last digit serde_json's float parsing keeps).
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("eval.json")).unwrap()).unwrap();
+    let ours = calibration(&want, &test.labels).unwrap();
+    for (key, value) in [
+        ("accuracy", ours.accuracy),
+        ("nll", ours.nll),
+        ("ece", ours.ece),
+    ] {
+        let written = report["test"][key].as_f64().unwrap();
+        assert!(
+            (written - value).abs() <= 1e-15 * value.abs().max(1.0),
+            "{key}"
+        );
+    }
+}
+
+#[test]
+fn lora_ensemble_round_trips_bit_for_bit() {
+    round_trip("lora");
+}
+
+#[test]
+fn explicit_ensemble_round_trips_bit_for_bit() {
+    round_trip("explicit");
+}
+
+#[test]
+fn the_exported_file_holds_shared_weights_once_and_stacked_adapters() {
+    let dir = temp_dir("layout");
+    let (_, exported) = train_eval_export("lora", &dir);
+    let f = TensorFile::read(&exported).unwrap();
+    assert_eq!(f.meta("format").unwrap(), "loren-ensemble-v1");
+    assert_eq!(f.meta("layout").unwrap(), "shared");
+    assert_eq!(f.get("blocks.0.attn.q.weight").unwrap().shape, vec![64, 64]);
+    assert_eq!(f.get("pos_embed").unwrap().shape, vec![17, 64]);
+    assert_eq!(
+        f.get("blocks.3.attn.o.lora_a").unwrap().shape,
+        vec![3, 4, 64]
+    );
+    assert_eq!(
+        f.get("blocks.3.attn.o.lora_b").unwrap().shape,
+        vec![3, 64, 4]
+    );
+    assert_eq!(f.get("head.weight").unwrap().shape, vec![3, 10, 64]);
+    let vit: VitConfig = f.meta_json("vit").unwrap();
+    assert_eq!(vit, VitConfig::tiny());
+    let mean: Vec<f32> = f.meta_json("norm_mean").unwrap();
+    assert_eq!(mean, vec![0.5]);
+    assert!(!f.names().any(|n| n.starts_with("optim.")));
+}
+
+#[test]
+fn export_and_load_refuse_the_wrong_files() {
+    let dir = temp_dir("wrong");
+    let backbone = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/backbone-tiny.safetensors");
+    let out = dir.join("e.safetensors");
+    let (ok, _, err) = loren(&[
+        "export",
+        "--checkpoint",
+        backbone.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("not a loren training checkpoint"),
+        "{err}"
+    );
+    let e = Ensemble::load(&backbone, DeviceSpec::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("not an ensemble written by loren export"), "{e}");
+    let e = Ensemble::load(dir.join("absent.safetensors"), DeviceSpec::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("absent.safetensors"), "{e}");
+}
+
+#[test]
+fn predict_rejects_images_of_the_wrong_size() {
+    let dir = temp_dir("size");
+    let (_, exported) = train_eval_export("lora", &dir);
+    let ens = Ensemble::load(&exported, DeviceSpec::Cpu).unwrap();
+    for bad in [0, 63, 65] {
+        let e = ens.predict(&vec![0.0; bad]).unwrap_err().to_string();
+        assert!(e.contains("[B, 1, 8, 8]"), "{e}");
+    }
+}
