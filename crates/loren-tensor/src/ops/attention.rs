@@ -80,9 +80,110 @@ fn check(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Dims> {
     })
 }
 
-/// One head of one sequence, gathered so every inner loop is a contiguous axpy the compiler
-/// vectorises: K and V transposed to [dh, T'] for the row-times-matrix products, T' being T
-/// rounded up to the vector width (the padding columns stay zero).
+/// Vector width the CPU loops are blocked by (8 f32 lanes of AVX2).
+const W: usize = 8;
+
+/// `out[c] = scale · Σ_k a[k] · rows[k·ld + c]` for every c < out.len(): a row vector (its
+/// elements `a.stride` apart) times a matrix whose rows are `ld` apart. Columns go in blocks of W, up to four blocks per pass over
+/// k, each block's sums in a fixed-size accumulator: the sums stay in registers for the whole
+/// reduction, and the blocks' independent chains of FMAs overlap.
+fn vec_times_rows(out: &mut [f32], a: Strided<'_>, rows: &[f32], ld: usize, scale: f32) {
+    let n = out.len();
+    let mut c0 = 0;
+    while c0 + W <= n {
+        match (n - c0) / W {
+            1 => blocks::<1>(out, a, rows, ld, scale, c0),
+            2 => blocks::<2>(out, a, rows, ld, scale, c0),
+            3 => blocks::<3>(out, a, rows, ld, scale, c0),
+            _ => blocks::<4>(out, a, rows, ld, scale, c0),
+        }
+        c0 += W * ((n - c0) / W).min(4);
+    }
+    for (c, o) in out.iter_mut().enumerate().skip(c0) {
+        *o = scale
+            * a.iter()
+                .enumerate()
+                .map(|(k, ak)| ak * rows[k * ld + c])
+                .sum::<f32>();
+    }
+}
+
+/// A vector read with a stride: a row of a matrix (stride 1) or one of its columns.
+#[derive(Clone, Copy)]
+struct Strided<'a> {
+    data: &'a [f32],
+    len: usize,
+    stride: usize,
+}
+
+impl<'a> Strided<'a> {
+    fn row(data: &'a [f32]) -> Self {
+        Strided {
+            data,
+            len: data.len(),
+            stride: 1,
+        }
+    }
+
+    /// Column `j` of a matrix of `rows` rows, `ld` apart.
+    fn column(data: &'a [f32], j: usize, rows: usize, ld: usize) -> Self {
+        Strided {
+            data: &data[j..],
+            len: rows,
+            stride: ld,
+        }
+    }
+
+    fn iter(self) -> impl Iterator<Item = f32> + 'a {
+        self.data
+            .iter()
+            .step_by(self.stride)
+            .take(self.len)
+            .copied()
+    }
+}
+
+/// B blocks of W columns of [`vec_times_rows`], from column `c0`.
+fn blocks<const B: usize>(
+    out: &mut [f32],
+    a: Strided<'_>,
+    rows: &[f32],
+    ld: usize,
+    scale: f32,
+    c0: usize,
+) {
+    let mut acc = [[0.0f32; W]; B];
+    for (k, ak) in a.iter().enumerate() {
+        let r = &rows[k * ld + c0..][..B * W];
+        for (acc, r) in acc.iter_mut().zip(r.chunks_exact(W)) {
+            for (x, &rv) in acc.iter_mut().zip(r) {
+                *x += ak * rv;
+            }
+        }
+    }
+    for (o, acc) in out[c0..c0 + B * W].chunks_exact_mut(W).zip(acc) {
+        for (o, x) in o.iter_mut().zip(acc) {
+            *o = scale * x;
+        }
+    }
+}
+
+/// Max and sum over a slice in W-wide lanes (lane-wise, then across lanes): the order is fixed,
+/// so results do not depend on threads.
+fn lanes<F: Fn(f32, f32) -> f32>(x: &[f32], init: f32, f: F) -> f32 {
+    let mut acc = [init; W];
+    let mut chunks = x.chunks_exact(W);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = f(*a, v);
+        }
+    }
+    let tail = chunks.remainder().iter().fold(init, |a, &v| f(a, v));
+    acc.iter().fold(tail, |a, &v| f(a, v))
+}
+
+/// One head of one sequence, gathered for [`vec_times_rows`]: K and V transposed to [dh, T'],
+/// T' being T rounded up to W (the padding columns stay zero).
 struct Head {
     tp: usize,
     kt: Vec<f32>,
@@ -91,7 +192,7 @@ struct Head {
 
 impl Head {
     fn new(t: usize, dh: usize) -> Head {
-        let tp = t.next_multiple_of(8);
+        let tp = t.next_multiple_of(W);
         Head {
             tp,
             kt: vec![0.0; dh * tp],
@@ -101,38 +202,23 @@ impl Head {
 
     /// Transpose head `h`'s slice of `src` ([T, D]) into `dst` ([dh, T']).
     fn gather(&self, dst: &mut [f32], src: &[f32], dm: &Dims, h: usize) {
-        for j in 0..dm.t {
-            for (d, &v) in src[j * dm.d + h * dm.dh..][..dm.dh].iter().enumerate() {
+        for (j, row) in src.chunks_exact(dm.d).enumerate() {
+            for (d, &v) in row[h * dm.dh..][..dm.dh].iter().enumerate() {
                 dst[d * self.tp + j] = v;
             }
         }
     }
 }
 
-/// `out[j] = scale · Σ_d row[d]·mt[d, j]` for a row [dh] and a matrix [dh, T'].
-fn row_times(out: &mut [f32], row: &[f32], mt: &[f32], scale: f32) {
-    out.fill(0.0);
-    let t = out.len();
-    for (&r, m) in row.iter().zip(mt.chunks_exact(t)) {
-        let c = r * scale;
-        for (o, &m) in out.iter_mut().zip(m) {
-            *o += c * m;
-        }
-    }
-}
-
-/// `e^(s − shift)` over the first `t` scores, 0 over the padding.
-fn exp_row(s: &mut [f32], t: usize, shift: f32) {
-    let (real, pad) = s.split_at_mut(t);
-    real.iter_mut().for_each(|x| *x = exp(*x - shift));
-    pad.fill(0.0);
-}
-
-/// `y += a·x`.
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (y, &x) in y.iter_mut().zip(x) {
-        *y += a * x;
-    }
+/// Turn scaled scores into probabilities in place (the padding becomes 0); returns the row's
+/// log-sum-exp.
+fn softmax_row(s: &mut [f32], t: usize) -> f32 {
+    let mx = lanes(&s[..t], f32::NEG_INFINITY, f32::max);
+    s[..t].iter_mut().for_each(|x| *x = exp(*x - mx));
+    s[t..].fill(0.0);
+    let sum = lanes(s, 0.0, |a, b| a + b);
+    s.iter_mut().for_each(|x| *x /= sum);
+    mx + sum.ln()
 }
 
 pub fn attention_forward(
@@ -144,7 +230,26 @@ pub fn attention_forward(
     let dm = check(q, k, v, heads)?;
     let (t, d, dh) = (dm.t, dm.d, dm.dh);
     let dev = q.device();
-    let mut o = Tensor::zeros([dm.groups, dm.batch, t, d], MemTag::Activations, dev)?;
+    if let Some(gpu) = dev.gpu() {
+        let mut o = Tensor::empty_as(
+            [dm.groups, dm.batch, t, d],
+            dev.compute_dtype(),
+            MemTag::Activations,
+            dev,
+        )?;
+        let mut lse = Tensor::empty([dm.groups, dm.batch, heads, t], MemTag::Activations, dev)?;
+        let (qb, kb, vb) = (q.cu_bf16(OP)?, k.cu_bf16(OP)?, v.cu_bf16(OP)?);
+        gpu.attention_forward(
+            &cuda_dims(&dm, heads),
+            qb,
+            kb,
+            vb,
+            o.cu_bf16_mut(OP)?,
+            lse.cu_f32_mut(OP)?,
+        )?;
+        return Ok(AttentionOutput { o, lse });
+    }
+    let mut o = Tensor::empty([dm.groups, dm.batch, t, d], MemTag::Activations, dev)?;
     let mut lse = Tensor::empty([dm.groups, dm.batch, heads, t], MemTag::Activations, dev)?;
     let (qs, ks, vs) = (q.as_slice()?, k.as_slice()?, v.as_slice()?);
     o.as_mut_slice()?
@@ -162,15 +267,22 @@ pub fn attention_forward(
             for h in 0..heads {
                 head.gather(&mut kt, kg, &dm, h);
                 for i in 0..t {
-                    row_times(&mut s, &qg[i * d + h * dh..][..dh], &kt, dm.scale());
-                    let mx = s[..t].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    exp_row(&mut s, t, mx);
-                    let sum: f32 = s.iter().sum();
-                    lse[h * t + i] = mx + sum.ln();
-                    let oi = &mut o[i * d + h * dh..][..dh];
-                    for (vj, &e) in vg.chunks_exact(d).zip(&s[..t]) {
-                        axpy(oi, e / sum, &vj[h * dh..][..dh]);
-                    }
+                    vec_times_rows(
+                        &mut s,
+                        Strided::row(&qg[i * d + h * dh..][..dh]),
+                        &kt,
+                        head.tp,
+                        dm.scale(),
+                    );
+                    lse[h * t + i] = softmax_row(&mut s, t);
+                    // O_i = P_i · V_h: V's rows for head h are D apart, starting at h·dh.
+                    vec_times_rows(
+                        &mut o[i * d + h * dh..][..dh],
+                        Strided::row(&s[..t]),
+                        &vg[h * dh..],
+                        d,
+                        1.0,
+                    );
                 }
             }
         });
@@ -209,9 +321,9 @@ pub fn attention_backward(
     if dev.gpu().is_some() {
         return backward_cuda(&dm, heads, d_o, q, k, v, o, lse);
     }
-    let mut dq = Tensor::zeros(full, MemTag::Workspace, dev)?;
-    let mut dk = Tensor::zeros(full, MemTag::Workspace, dev)?;
-    let mut dv = Tensor::zeros(full, MemTag::Workspace, dev)?;
+    let mut dq = Tensor::empty(full, MemTag::Workspace, dev)?;
+    let mut dk = Tensor::empty(full, MemTag::Workspace, dev)?;
+    let mut dv = Tensor::empty(full, MemTag::Workspace, dev)?;
     let (dos, qs, ks, vs, os, ls) = (
         d_o.as_slice()?,
         q.as_slice()?,
@@ -235,24 +347,46 @@ pub fn attention_backward(
             let og = &os[gb * t * d..][..t * d];
             let lg = &ls[gb * heads * t..][..heads * t];
             let mut head = Head::new(t, dh);
+            let tp = head.tp;
             let (mut kt, mut vt) = (std::mem::take(&mut head.kt), std::mem::take(&mut head.vt));
-            let (mut p, mut dp) = (vec![0.0f32; head.tp], vec![0.0f32; head.tp]);
+            // Per head: P and dS, [i][T'], whose columns dK and dV read.
+            let (mut p, mut dp) = (vec![0.0f32; t * tp], vec![0.0f32; tp]);
+            let mut ds = vec![0.0f32; t * tp];
             for h in 0..heads {
                 let at = |i: usize| i * d + h * dh;
                 head.gather(&mut kt, kg, &dm, h);
                 head.gather(&mut vt, vg, &dm, h);
                 for i in 0..t {
-                    let (qi, doi) = (&qg[at(i)..][..dh], &dog[at(i)..][..dh]);
-                    row_times(&mut p, qi, &kt, scale);
-                    exp_row(&mut p, t, lg[h * t + i]);
-                    row_times(&mut dp, doi, &vt, 1.0);
-                    let delta: f32 = doi.iter().zip(&og[at(i)..][..dh]).map(|(g, o)| g * o).sum();
-                    for j in 0..t {
-                        let ds = p[j] * (dp[j] - delta) * scale;
-                        axpy(&mut dq[at(i)..][..dh], ds, &kg[at(j)..][..dh]);
-                        axpy(&mut dk[at(j)..][..dh], ds, qi);
-                        axpy(&mut dv[at(j)..][..dh], p[j], doi);
+                    let (qi, doi, oi) =
+                        (&qg[at(i)..][..dh], &dog[at(i)..][..dh], &og[at(i)..][..dh]);
+                    let pi = &mut p[i * tp..][..tp];
+                    vec_times_rows(pi, Strided::row(qi), &kt, tp, scale);
+                    let l = lg[h * t + i];
+                    pi[..t].iter_mut().for_each(|x| *x = exp(*x - l));
+                    pi[t..].fill(0.0);
+                    vec_times_rows(&mut dp, Strided::row(doi), &vt, tp, 1.0);
+                    let delta: f32 = doi.iter().zip(oi).map(|(g, o)| g * o).sum();
+                    let dsi = &mut ds[i * tp..][..tp];
+                    for ((s, &pj), &dpj) in dsi.iter_mut().zip(pi.iter()).zip(&dp) {
+                        *s = pj * (dpj - delta) * scale;
                     }
+                    // dQ_i = dS_i · K_h.
+                    vec_times_rows(
+                        &mut dq[at(i)..][..dh],
+                        Strided::row(&dsi[..t]),
+                        &kg[h * dh..],
+                        d,
+                        1.0,
+                    );
+                }
+                for j in 0..t {
+                    // dK_j = dS[:, j] · Q_h and dV_j = P[:, j] · dO_h.
+                    let (dsj, pj) = (
+                        Strided::column(&ds, j, t, tp),
+                        Strided::column(&p, j, t, tp),
+                    );
+                    vec_times_rows(&mut dk[at(j)..][..dh], dsj, &qg[h * dh..], d, 1.0);
+                    vec_times_rows(&mut dv[at(j)..][..dh], pj, &dog[h * dh..], d, 1.0);
                 }
             }
         });
