@@ -36,6 +36,7 @@
 // Shapes are written [G, B, T, D] throughout the docs, which rustdoc would take for links.
 #![allow(rustdoc::broken_intra_doc_links)]
 
+mod bfloat16;
 mod compile;
 mod error;
 mod gpu;
@@ -60,8 +61,8 @@ pub use launch::optim::{AdamW, OptimTable, Sgd, SlotSpec};
 pub use probe::{NvrtcInfo, cuda_available, cuda_include_dir, nvrtc};
 pub use sources::{COMMON_HEADER, Kernel, KernelSource, SOURCES, source};
 
+pub use bfloat16::bf16;
 /// Re-exported so callers name the same types the launchers take.
 pub use cudarc::driver::{
     CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DriverError,
 };
-pub use half::bf16;

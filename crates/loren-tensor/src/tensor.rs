@@ -1,6 +1,6 @@
 use std::fmt;
 
-use half::bf16;
+use loren_kernels::bf16;
 use loren_kernels::{CudaSlice, Gpu};
 
 use crate::device::Device;

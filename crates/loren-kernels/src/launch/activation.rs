@@ -3,8 +3,8 @@
 //! x [gx, rows, N] bf16, b [gb, N] f32, y/dy [G, rows, N] bf16, dx [gx, rows, N] bf16,
 //! db [gb, N] f32.
 
+use crate::bf16;
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
-use half::bf16;
 
 use super::{
     BLOCK, CHUNK_ROWS, GRID_X, GRID_YZ, elementwise_cfg, grid_dim, groups_ok, int, positive,

@@ -3,8 +3,8 @@
 //! Q, K, V [gq|gk|gv, B, T, D] bf16 (each with 1 or G groups), heads side by side in D = H·dh;
 //! O, dO, dQ, dK, dV [G, B, T, D] bf16; LSE, DELTA [G, B, H, T] f32. Scale 1/sqrt(dh).
 
+use crate::bf16;
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
-use half::bf16;
 
 use super::{GRID_X, GRID_YZ, grid_dim, groups_ok, int, positive, product};
 use crate::error::{KernelError, Result};

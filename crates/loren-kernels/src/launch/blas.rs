@@ -2,11 +2,11 @@
 //! products and the explicit ensemble's per-member weights (and heads). bf16 inputs, f32
 //! compute, bf16 or f32 output, on the `Gpu`'s stream. cuBLAS is opened on first use.
 
+use crate::bf16;
 use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
 };
 use cudarc::driver::{DevicePtr, DevicePtrMut};
-use half::bf16;
 
 use super::positive;
 use crate::error::{KernelError, Result};

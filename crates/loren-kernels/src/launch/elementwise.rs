@@ -1,8 +1,8 @@
 //! Launchers for `kernels/elementwise.cu`: residual adds, accumulation, scaling, reductions over
 //! groups and rows, sums of squares, conversions and fills. Every reduction is deterministic.
 
+use crate::bf16;
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
-use half::bf16;
 
 use super::{
     BLOCK, CHUNK_ROWS, GRID_X, GRID_YZ, elementwise_cfg, grid_dim, groups_ok, int, positive,

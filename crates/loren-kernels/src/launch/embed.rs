@@ -1,7 +1,7 @@
 //! Launchers for `kernels/embed.cu`: patchify, token embedding, class token.
 
+use crate::bf16;
 use cudarc::driver::{DevicePtr, DevicePtrMut};
-use half::bf16;
 
 use super::elementwise::SumRowsDims;
 use super::{elementwise_cfg, groups_ok, int, positive, product};

@@ -4,8 +4,8 @@
 //! X [gx, rows, K] bf16, W [N, K] bf16, bias [N] bf16, A [M, r, K] f32, B [M, N, r] f32,
 //! Y, dY [M, rows, N] bf16, U, V [M, rows, r] f32, dX [gx, rows, K] bf16, dA, dB like A, B.
 
+use crate::bf16;
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
-use half::bf16;
 
 use super::{GRID_X, GRID_YZ, grid_dim, groups_ok, int, positive, product};
 use crate::error::{KernelError, Result};

@@ -5,7 +5,7 @@
 //!
 //! Buffers are passed as `&dyn DevicePtr<T>` (read) and `&mut dyn DevicePtrMut<T>` (written), so a
 //! `CudaSlice<T>`, a `CudaView<T>` or a `CudaViewMut<T>` all work. Lengths must be at least what
-//! the shapes need. Element types: `half::bf16` for activations and frozen weights, `f32` for
+//! the shapes need. Element types: `bf16` (this crate's, the bits of `half::bf16`) for activations and frozen weights, `f32` for
 //! trainable parameters, gradients, optimizer state and statistics.
 
 pub mod activation;

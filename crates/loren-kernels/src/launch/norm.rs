@@ -3,8 +3,8 @@
 //! x [gx, rows, D] bf16, gamma/beta [gw, D] f32, y/dy [G, rows, D] bf16,
 //! mean/rstd [gx, rows] f32, dx [gx, rows, D] bf16, dgamma/dbeta [gw, D] f32.
 
+use crate::bf16;
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
-use half::bf16;
 
 use super::{BLOCK, CHUNK_ROWS, GRID_X, GRID_YZ, grid_dim, groups_ok, int, positive, product};
 use crate::error::{KernelError, Result};

@@ -4,8 +4,8 @@
 //! The tensors are listed once in an [`OptimTable`] on the device (one upload at set-up); a step
 //! then uploads nothing: the hyper-parameters travel as kernel arguments.
 
+use crate::bf16;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig};
-use half::bf16;
 
 use super::{BLOCK, positive};
 use crate::error::{KernelError, Result};

@@ -1,6 +1,6 @@
-//! Row-major matrix products on the CPU, through the `gemm` crate.
+//! Row-major matrix products on the CPU, through the `gemm-f32` kernels.
 
-use gemm::Parallelism;
+use gemm_common::Parallelism;
 
 /// Whether an operand is read as stored or transposed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,23 +55,27 @@ pub fn matmul(
     } else {
         Parallelism::None
     };
+    // The microkernels want a column-major destination, so hand them Cᵀ = op(B)ᵀ·op(A)ᵀ: for a
+    // row-major C that is the column-major product with the operands (and their strides)
+    // swapped. The gemm facade does the same before dispatching to these kernels.
+    let gemm = gemm_f32::gemm::f32::get_gemm_fn();
     // SAFETY: the asserts above bound every index the strides reach: A spans m*k elements,
-    // B spans k*n and C spans m*n, for either orientation.
+    // B spans k*n and C spans m*n, for either orientation; all strides are positive.
     unsafe {
-        gemm::gemm(
-            m,
+        gemm(
             n,
+            m,
             k,
             c.as_mut_ptr(),
-            1,
             n as isize,
+            1,
             accumulate,
-            a.as_ptr(),
-            a_cs,
-            a_rs,
             b.as_ptr(),
-            b_cs,
             b_rs,
+            b_cs,
+            a.as_ptr(),
+            a_rs,
+            a_cs,
             1.0,
             alpha,
             false,
