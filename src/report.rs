@@ -51,11 +51,21 @@ pub fn method_title(method: Method, members: usize, rank: Option<usize>) -> Stri
     }
 }
 
-/// The calibration report: test metrics, then shift and OOD detection when evaluated.
-pub fn calibration_report(title: &str, report: &EvalReport) -> String {
+/// "the digits test split" for the dataset named "digits/test".
+pub fn split_phrase(dataset: &str) -> String {
+    match dataset.rsplit_once('/') {
+        Some((data, split)) => format!("the {data} {split} split"),
+        None => dataset.to_string(),
+    }
+}
+
+/// The calibration report on `dataset` (a split's name, such as "digits/test"): test metrics,
+/// then shift and OOD detection when evaluated.
+pub fn calibration_report(title: &str, dataset: &str, report: &EvalReport) -> String {
     let t = &report.test;
     let mut s = String::new();
-    let _ = writeln!(s, "{title} on the digits test split ({} images)", t.samples);
+    let on = split_phrase(dataset);
+    let _ = writeln!(s, "{title} on {on} ({} images)", t.samples);
     let _ = writeln!(s, "  accuracy             {:>7.2}%", 100.0 * t.accuracy);
     let _ = writeln!(s, "  ECE (15 bins)        {:>8.4}", t.ece);
     let _ = writeln!(s, "  adaptive ECE         {:>8.4}", t.adaptive_ece);
@@ -213,6 +223,13 @@ pub fn comparison_table(runs: &[RunResult]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_names_read_as_phrases() {
+        assert_eq!(split_phrase("digits/test"), "the digits test split");
+        assert_eq!(split_phrase("cifar100/test"), "the cifar100 test split");
+        assert_eq!(split_phrase("photos"), "photos");
+    }
 
     #[test]
     fn units_and_separators() {

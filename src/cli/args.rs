@@ -7,6 +7,7 @@ use anyhow::Result;
 use clap::Args;
 use loren::dataset::DataSource;
 use loren::progress::Verbosity;
+use loren::report::split_phrase;
 use loren::run::{RunResult, RunSpec};
 use loren_autograd::optim::OptimizerKind;
 use loren_nn::checkpoint::write_atomic;
@@ -233,11 +234,16 @@ pub fn run_spec(
 }
 
 /// Write the report as JSON and its reliability diagram beside it.
-pub fn write_outputs(out: &Path, result: &RunResult) -> Result<Vec<PathBuf>> {
+pub fn write_outputs(out: &Path, result: &RunResult, dataset: &str) -> Result<Vec<PathBuf>> {
     let json = out.join("report.json");
     write_atomic(&json, serde_json::to_string_pretty(result)?.as_bytes())?;
     let svg = out.join("reliability.svg");
-    let title = format!("{} (M={}) on digits test", result.method, result.members);
+    let title = format!(
+        "{} (M={}) on {}",
+        result.method,
+        result.members,
+        split_phrase(dataset)
+    );
     write_atomic(
         &svg,
         reliability_svg(&result.report.test, &title).as_bytes(),

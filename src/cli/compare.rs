@@ -66,7 +66,7 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
         )?;
         spec.vit = vit.clone();
         let r = run(&spec, &data, &backbone).with_context(|| format!("method {method}"))?;
-        write_outputs(&a.out.join(method.name()), &r)?;
+        write_outputs(&a.out.join(method.name()), &r, &data.test.name)?;
         results.push(r);
     }
     print!("{}", comparison_table(&results));

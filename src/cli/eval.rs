@@ -77,7 +77,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         ens.members,
         ens.method.uses_lora().then_some(ens.lora.rank),
     );
-    print!("{}", calibration_report(&title, &report));
+    print!("{}", calibration_report(&title, &data.test.name, &report));
     let out = match &a.out {
         Some(o) => o.clone(),
         None => a

@@ -70,10 +70,10 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     let title = method_title(result.method, result.members, result.rank);
     print!(
         "{}{}",
-        calibration_report(&title, &result.report),
+        calibration_report(&title, &data.test.name, &result.report),
         training_line(&result)
     );
-    let written = write_outputs(&a.out, &result)?;
+    let written = write_outputs(&a.out, &result, &data.test.name)?;
     println!(
         "wrote {}, {}, {}",
         written[0].display(),
