@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Build here everything the GPU machine runs (it has no cargo) and pack it into .gpu/:
-#   .gpu/bin/{loren, gpu_parity, gpu_training, kernels_gpu}  and  .gpu/run.sh
-# Then, on the GPU machine, from the repository root: `bash .gpu/run.sh` (logs go to $OUT).
+#   .gpu/bin/{loren, kernel-bench, gpu_parity, gpu_training, kernels_gpu}  and  .gpu/run.sh
+# Then, on the GPU machine, from the repository root: `bash .gpu/run.sh` for the validation and
+# `bash .gpu/run.sh bench` for the benchmarks (logs and results go to $OUT).
 # .gpu/ is listed in .git/info/exclude and .gitignore; pass it in the device tool's `carry`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 rm -rf .gpu && mkdir -p .gpu/bin
-cargo build --release --bin loren
-cp target/release/loren .gpu/bin/
+cargo build --release --bin loren -p loren-kernels --bin kernel-bench
+cp target/release/loren target/release/kernel-bench .gpu/bin/
 
 # The test binaries in the test profile: optimised, with debug assertions on, so every
 # `Tensor::empty` is NaN-poisoned and an unwritten output element fails its parity test.
@@ -24,7 +25,7 @@ for line in sys.stdin:
         print("bundled", names[m["target"]["name"]])
 '
 cp scripts/gpu-run.sh .gpu/run.sh
-for b in loren gpu_parity gpu_training kernels_gpu; do
+for b in loren kernel-bench gpu_parity gpu_training kernels_gpu; do
     [[ -x .gpu/bin/$b ]] || { echo "gpu-bundle: $b is missing" >&2; exit 1; }
     # The device tool carries 64 MiB at most; debug info is most of a binary.
     strip --strip-debug ".gpu/bin/$b"

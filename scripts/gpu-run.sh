@@ -6,6 +6,8 @@
 #   sanitizer.log compute-sanitizer memcheck and racecheck over the parity suite
 #   train.log     `loren train` on cuda and on cpu, the same run
 #   summary.md    one line per check, and the cuda-vs-cpu accuracy and ECE
+# With `bench` as its argument it runs the benchmarks instead (each fits the device tool's
+# 10-minute call): kernel-bench/, bench/ and memprofile/, each with its JSON, table and log.
 # It exits non-zero when any check fails.
 set -uo pipefail
 bin=.gpu/bin
@@ -29,6 +31,13 @@ check() { # name log command...
     echo "- $name: $([ $rc = 0 ] && echo pass || echo "FAIL (exit $rc)") ($((SECONDS - t0)) s)" | tee -a "$summary"
     [ $rc = 0 ] || failed=1
 }
+
+if [ "${1:-validate}" = bench ]; then
+    check "kernel-bench" "$out/kernel-bench.log" $bin/kernel-bench --out "$out/kernel-bench"
+    check "loren bench" "$out/bench.log" $bin/loren bench --device cuda -q --out "$out/bench"
+    check "loren memprofile" "$out/memprofile.log" $bin/loren memprofile --device cuda -q --out "$out/memprofile"
+    exit $failed
+fi
 
 check "kernel launchers" "$out/parity.log" $bin/kernels_gpu --nocapture --test-threads=1
 check "ops against their CPU twins" "$out/parity.log" $bin/gpu_parity --nocapture --test-threads=1
