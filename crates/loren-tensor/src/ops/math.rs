@@ -21,7 +21,11 @@ pub fn exp(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    // n is an integer in [-126, 127]. Adding 1.5·2²³ puts it in the low mantissa bits, which
+    // reads it out with integer lanes; `n as i32` would be a saturating conversion that LLVM
+    // does lane by lane, and it kept the loops calling exp from vectorising.
+    let n_int = (n + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
+    let scale = f32::from_bits(((n_int + 127) << 23) as u32);
     let y = p * scale;
     // Outside the clamp the true value is 0 (or inf); select without a branch.
     let y = if x < -87.0 { 0.0 } else { y };
