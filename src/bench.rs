@@ -6,8 +6,8 @@
 //! analytic memory model ([`loren_nn::memory_model`]) first, and a configuration that would not
 //! fit is reported as OOM without allocating anything (on the CPU a failed allocation aborts the
 //! process); then `warmup` untimed training steps, `repeats` timed ones, and the same for
-//! [`Vit::predict`] on the batch. Each sample is one call timed by [`time_on`]: synchronise the
-//! device, read the clock, run, synchronise, read. The median and the spread (min, max,
+//! [`Vit::predict`] on the batch. Each sample is one call timed by [`time_on`]: CUDA events on
+//! the stream around it on a GPU, the wall clock on the CPU. The median and the spread (min, max,
 //! quartiles) are reported.
 
 use std::fmt::Write as _;
@@ -35,18 +35,11 @@ use crate::run::MemoryBreakdown;
 // ---------------------------------------------------------------------------------------------
 // Timing, peak throughput, memory budget: the device-specific hooks.
 
-/// Seconds `f` takes on `device`: synchronise, read the clock, run `f`, synchronise, read.
-///
-/// The one timer of the bench (and of memprofile's steps). On a GPU the synchronisation makes the
-/// wall clock correct, if a little pessimistic for short calls; CUDA events recorded on the
-/// device's stream around `f` replace it here, and only here, once `loren_tensor::Device` offers
-/// an event timer (this crate does not depend on cudarc to name the event types itself).
+/// Seconds `f` takes on `device`, by [`Device::time`]: CUDA events around its work on a GPU,
+/// the wall clock on the CPU. The one timer of the bench (and of memprofile's steps).
 pub fn time_on<T>(device: &Device, f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
-    device.synchronize()?;
-    let t0 = Instant::now();
-    let out = f()?;
-    device.synchronize()?;
-    Ok((out, t0.elapsed().as_secs_f64()))
+    let (out, s) = device.time(f)?;
+    Ok((out?, s))
 }
 
 /// The peak the utilisation is measured against, measured in the same run.
@@ -783,7 +776,7 @@ pub fn run_bench(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Ben
         rank: o.rank,
         warmup: o.warmup,
         repeats: o.repeats,
-        timer: "device.synchronize() then the wall clock around each call (bench::time_on)".into(),
+        timer: "Device::time around each call: CUDA events on the stream on a GPU, the wall clock on the CPU (bench::time_on)".into(),
         flop_count: format!(
             "matrix products only, 2mnk each, as executed (loren_nn::memory_model::Flops); \
              rates in {unit}"

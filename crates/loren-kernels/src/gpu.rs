@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute, cudaError_enum};
+use cudarc::driver::sys::{
+    CUdevice_attribute, CUevent_flags, CUfunction_attribute, cudaError_enum,
+};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
     SyncOnDrop,
@@ -187,6 +189,26 @@ impl Gpu {
         self.stream
             .synchronize()
             .map_err(KernelError::driver("synchronising the stream"))
+    }
+
+    /// `f`, and the milliseconds between two timing events recorded on the stream before and
+    /// after the work it enqueues: the device's own clock, without the host's launch latency
+    /// at either end. Waits for the end event.
+    pub fn time_ms<R>(&self, f: impl FnOnce() -> R) -> Result<(R, f32)> {
+        let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self
+            .stream
+            .record_event(timing)
+            .map_err(KernelError::driver("recording the start event"))?;
+        let out = f();
+        let end = self
+            .stream
+            .record_event(timing)
+            .map_err(KernelError::driver("recording the end event"))?;
+        let ms = start
+            .elapsed_ms(&end)
+            .map_err(KernelError::driver("reading the time between events"))?;
+        Ok((out, ms))
     }
 
     /// cuBLAS on this stream, created on first use.

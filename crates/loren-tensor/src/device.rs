@@ -171,6 +171,22 @@ impl Device {
         }
     }
 
+    /// `f`, and the seconds its work takes here: CUDA events on the stream around the work it
+    /// enqueues on a GPU, the wall clock on the CPU (where ops run as they are called).
+    pub fn time<R>(&self, f: impl FnOnce() -> R) -> Result<(R, f64)> {
+        match self.gpu() {
+            Some(g) => {
+                let (out, ms) = g.time_ms(f)?;
+                Ok((out, f64::from(ms) / 1e3))
+            }
+            None => {
+                let t0 = std::time::Instant::now();
+                let out = f();
+                Ok((out, t0.elapsed().as_secs_f64()))
+            }
+        }
+    }
+
     /// Whether two handles are the same device with the same accounting.
     pub fn same(&self, other: &Device) -> bool {
         Arc::ptr_eq(&self.inner, &other.inner)
@@ -256,4 +272,21 @@ fn shared_gpu(ordinal: usize) -> Result<Arc<Gpu>> {
     let gpu = Arc::new(Gpu::new(ordinal)?);
     gpus.insert(ordinal, Arc::clone(&gpu));
     Ok(gpu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_timer_counts_the_work_and_returns_its_result() {
+        let (out, s) = Device::cpu()
+            .time(|| {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                7
+            })
+            .unwrap();
+        assert_eq!(out, 7);
+        assert!((0.02..1.0).contains(&s), "{s} s for a 20 ms sleep");
+    }
 }

@@ -476,3 +476,31 @@ fn fused_adamw_with_clipping_matches_the_cpu() {
         close(&format!("adamw tensor {i} bf16 shadow"), &shadows[i], &c[0]);
     }
 }
+
+/// `Device::time` reads CUDA events around the work: ten products take several times one.
+#[test]
+fn the_event_timer_measures_the_enqueued_work() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(11);
+    let (_, x) = pair(&[1, 1024, 1024], DType::BF16, &mut rng, &g);
+    let (_, w) = pair(&[1, 1024, 1024], DType::BF16, &mut rng, &g);
+    let product = || linear::linear_forward(&x, &w, None, DType::BF16).unwrap();
+    product();
+    let time = |n: usize| {
+        let (ys, s) = g
+            .time(|| (0..n).map(|_| product()).collect::<Vec<_>>())
+            .unwrap();
+        assert_eq!(ys.len(), n);
+        s
+    };
+    let (one, ten) = (time(1), time(10));
+    eprintln!(
+        "event timer: 1 GEMM {:.1} us, 10 GEMMs {:.1} us",
+        one * 1e6,
+        ten * 1e6
+    );
+    assert!(
+        one > 0.0 && ten > 3.0 * one,
+        "1 product {one} s, 10 products {ten} s"
+    );
+}
