@@ -1,4 +1,4 @@
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -36,10 +36,46 @@ struct DeviceInner {
 /// time, so after the first step allocation costs neither a page fault nor a trip to the OS.
 /// The pool holds at most as many bytes as the device's peak accounted use, so the process never
 /// keeps more than twice its working set.
+///
+/// When a freed buffer does not fit, the buffers freed longest ago make room for it: sizes that
+/// stop recurring (the last, shorter batch of an evaluation set, another set's batches) would
+/// otherwise fill the pool for good and leave every new size to the OS.
 #[derive(Default)]
 struct BufferPool {
     free: HashMap<usize, Vec<Vec<f32>>>,
+    /// The length of every free buffer, oldest first.
+    order: VecDeque<usize>,
     bytes: u64,
+}
+
+impl BufferPool {
+    fn take(&mut self, len: usize) -> Option<Vec<f32>> {
+        let v = self.free.get_mut(&len).and_then(Vec::pop)?;
+        if let Some(i) = self.order.iter().rposition(|&l| l == len) {
+            self.order.remove(i);
+        }
+        self.bytes -= (len * 4) as u64;
+        Some(v)
+    }
+
+    /// Keep `v`, evicting the oldest buffers if it would take the pool over `cap`.
+    fn keep(&mut self, v: Vec<f32>, cap: u64) {
+        let bytes = (v.len() * 4) as u64;
+        if bytes > cap {
+            return;
+        }
+        while self.bytes + bytes > cap {
+            let Some(len) = self.order.pop_front() else {
+                return;
+            };
+            if self.free.get_mut(&len).and_then(Vec::pop).is_some() {
+                self.bytes -= (len * 4) as u64;
+            }
+        }
+        self.bytes += bytes;
+        self.order.push_back(v.len());
+        self.free.entry(v.len()).or_default().push(v);
+    }
 }
 
 /// The pool may always hold this much, whatever the peak.
@@ -139,11 +175,7 @@ impl Device {
     pub(crate) fn host_buffer(&self, len: usize) -> Vec<f32> {
         let reused = {
             let mut pool = self.inner.pool.lock().unwrap_or_else(|e| e.into_inner());
-            let v = pool.free.get_mut(&len).and_then(Vec::pop);
-            if v.is_some() {
-                pool.bytes -= (len * 4) as u64;
-            }
-            v
+            pool.take(len)
         };
         reused.unwrap_or_else(|| vec![0.0; len])
     }
@@ -156,10 +188,7 @@ impl Device {
         }
         let cap = self.inner.memory.report().total_peak.max(POOL_FLOOR);
         let mut pool = self.inner.pool.lock().unwrap_or_else(|e| e.into_inner());
-        if pool.bytes + bytes <= cap {
-            pool.bytes += bytes;
-            pool.free.entry(v.len()).or_default().push(v);
-        }
+        pool.keep(v, cap);
     }
 
     /// Wait until every queued operation has finished: a no-op on the CPU, where ops run as they
@@ -277,6 +306,26 @@ fn shared_gpu(ordinal: usize) -> Result<Arc<Gpu>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pool_stays_under_its_cap_by_evicting_the_oldest_buffers() {
+        let mut pool = BufferPool::default();
+        let cap = 4 * 100;
+        pool.keep(vec![0.0; 40], cap);
+        pool.keep(vec![0.0; 30], cap);
+        pool.keep(vec![0.0; 20], cap);
+        assert_eq!(pool.bytes, 4 * 90);
+        // 50 more elements only fit once the oldest (40) is gone; 30 and 20 stay.
+        pool.keep(vec![0.0; 50], cap);
+        assert_eq!(pool.bytes, 4 * 100);
+        assert!(pool.take(40).is_none());
+        assert_eq!(pool.take(30).map(|v| v.len()), Some(30));
+        assert_eq!(pool.order, [20, 50]);
+        // Larger than the whole pool: not kept, nothing evicted.
+        pool.keep(vec![0.0; 101], cap);
+        assert_eq!(pool.bytes, 4 * 70);
+        assert_eq!(pool.order, [20, 50]);
+    }
 
     #[test]
     fn the_cpu_timer_counts_the_work_and_returns_its_result() {
