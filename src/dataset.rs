@@ -53,6 +53,17 @@ impl fmt::Display for DataSource {
 }
 
 impl DataSource {
+    /// The same source with its path made absolute where it exists, for a checkpoint to record:
+    /// `eval` may run from another directory.
+    pub fn absolute(&self) -> DataSource {
+        let abs = |p: &PathBuf| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+        match self {
+            DataSource::Digits(p) => DataSource::Digits(p.as_ref().map(abs)),
+            DataSource::Cifar(kind, p) => DataSource::Cifar(*kind, abs(p)),
+            DataSource::Folder(p) => DataSource::Folder(abs(p)),
+        }
+    }
+
     /// Load and split for a model of config `vit`.
     ///
     /// - digits: the fixed, seeded pretrain / train / validation / test split;

@@ -8,8 +8,14 @@ use loren_nn::checkpoint::{self, Entry, TensorFile};
 use loren_nn::config::VitConfig;
 
 fn loren(args: &[&str]) -> (bool, String, String) {
+    loren_in(Path::new("."), args)
+}
+
+/// `loren` run from the directory `cwd`.
+fn loren_in(cwd: &Path, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_loren"))
         .args(args)
+        .current_dir(cwd)
         .output()
         .expect("the loren binary runs");
     (
@@ -20,7 +26,11 @@ fn loren(args: &[&str]) -> (bool, String, String) {
 }
 
 fn run_ok(args: &[&str]) -> String {
-    let (ok, out, err) = loren(args);
+    run_ok_in(Path::new("."), args)
+}
+
+fn run_ok_in(cwd: &Path, args: &[&str]) -> String {
+    let (ok, out, err) = loren_in(cwd, args);
     assert!(ok, "loren {args:?} failed: {err}");
     assert!(!err.contains("panicked"), "{err}");
     out
@@ -224,9 +234,11 @@ fn cifar10_trains_and_evaluates_through_the_cli() {
     let out = dir.join("run");
     let printed = run_ok(&strs(&quick_train(&out, &["--data", &arg])));
     assert!(printed.contains("accuracy"), "{printed}");
+    assert!(printed.contains("the cifar10 test split"), "{printed}");
     let ckpt = out.join("checkpoint.safetensors");
     let meta = TensorFile::read(&ckpt).unwrap().metadata().clone();
-    assert_eq!(meta["data"], arg);
+    let absolute = std::fs::canonicalize(&dir).unwrap();
+    assert_eq!(meta["data"], format!("cifar10:{}", absolute.display()));
     run_ok(&[
         "eval",
         "--checkpoint",
@@ -235,6 +247,30 @@ fn cifar10_trains_and_evaluates_through_the_cli() {
         "-q",
     ]);
     assert!(out.join("eval.json").exists());
+}
+
+/// A dataset named by a relative path is recorded absolute, so `eval` from elsewhere finds it.
+#[test]
+fn a_relative_data_path_is_found_again_from_another_directory() {
+    let dir = temp_dir("cifar-relative");
+    std::fs::create_dir_all(dir.join("cifar-10-batches-bin")).unwrap();
+    write_cifar10(&dir.join("cifar-10-batches-bin"));
+    let out = dir.join("run");
+    let train = quick_train(&out, &["--data", "cifar10:cifar-10-batches-bin"]);
+    run_ok_in(&dir, &strs(&train));
+    let ckpt = out.join("checkpoint.safetensors");
+    let elsewhere = std::env::temp_dir();
+    let printed = run_ok_in(
+        &elsewhere,
+        &[
+            "eval",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--no-shift",
+            "-q",
+        ],
+    );
+    assert!(printed.contains("accuracy"), "{printed}");
 }
 
 fn write_png(path: &Path, w: u32, h: u32, seed: usize) {

@@ -144,7 +144,12 @@ pub fn data_metadata(data: &DataArgs) -> HashMap<String, String> {
     HashMap::from([
         (
             "data".to_string(),
-            data.data.clone().unwrap_or_else(|| "digits".into()),
+            // Recorded absolute, so `eval` finds it from any directory.
+            match data.data.as_deref().map(str::parse::<DataSource>) {
+                Some(Ok(source)) => source.absolute().to_string(),
+                Some(Err(_)) => data.data.clone().unwrap_or_default(),
+                None => "digits".into(),
+            },
         ),
         ("holdout_classes".to_string(), holdout.join(",")),
     ])
