@@ -150,6 +150,37 @@ fn unique_kinds(rows: &[ShiftRow]) -> Vec<String> {
     kinds
 }
 
+/// For each ensemble method run at two or more sizes, what one more member adds between the
+/// smallest and the largest: trainable parameters and peak memory while training.
+pub fn growth_per_member(runs: &[RunResult]) -> String {
+    let mut s = String::new();
+    for method in [Method::Explicit, Method::Lora] {
+        let rows: Vec<&RunResult> = runs.iter().filter(|r| r.method == method).collect();
+        let (Some(lo), Some(hi)) = (
+            rows.iter().min_by_key(|r| r.members),
+            rows.iter().max_by_key(|r| r.members),
+        ) else {
+            continue;
+        };
+        if hi.members == lo.members {
+            continue;
+        }
+        let steps = (hi.members - lo.members) as f64;
+        let params = (hi.trainable_params as f64 - lo.trainable_params as f64) / steps;
+        let peak = (hi.memory.total_peak as f64 - lo.memory.total_peak as f64) / steps;
+        let _ = writeln!(
+            s,
+            "{:<9} one more member adds {} trainable parameters and {} of peak memory (M={} to M={})",
+            method.name(),
+            count(params.round() as usize),
+            bytes(peak.max(0.0).round() as u64),
+            lo.members,
+            hi.members
+        );
+    }
+    s
+}
+
 /// The side-by-side table of `loren compare`.
 pub fn comparison_table(runs: &[RunResult]) -> String {
     let mut s = String::new();

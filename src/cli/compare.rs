@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use loren::backbone;
-use loren::report::comparison_table;
+use loren::report::{comparison_table, growth_per_member};
 use loren::run::run;
 use loren_nn::checkpoint::write_atomic;
 use loren_nn::config::{Method, VitConfig};
@@ -33,6 +33,11 @@ pub struct CompareArgs {
         default_value = "single,single-lora,explicit,lora"
     )]
     pub methods: Vec<String>,
+    /// Ensemble sizes to run explicit and lora at, in place of --members (e.g. 1,4,16): one row
+    /// per size, then what each method adds per member, to see how parameters and memory grow
+    /// with M.
+    #[arg(long, value_delimiter = ',')]
+    pub sizes: Vec<usize>,
     /// Output folder.
     #[arg(long, default_value = "runs/compare")]
     pub out: PathBuf,
@@ -52,24 +57,42 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
         &data,
         a.common.verbosity(),
     )?;
+    let sizes = if a.sizes.is_empty() {
+        vec![a.ensemble.members]
+    } else {
+        a.sizes.clone()
+    };
     let mut results = Vec::new();
     for method in methods {
-        let mut spec = run_spec(
-            &a.common,
-            &a.model,
-            &a.ensemble,
-            &a.optim,
-            &a.data,
-            method,
-            data.train.classes,
-            None,
-        )?;
-        spec.vit = vit.clone();
-        let r = run(&spec, &data, &backbone).with_context(|| format!("method {method}"))?;
-        write_outputs(&a.out.join(method.name()), &r, &data.test.name)?;
-        results.push(r);
+        let members: &[usize] = if method.is_single() { &[1] } else { &sizes };
+        for &m in members {
+            let ensemble = EnsembleArgs {
+                members: m,
+                ..a.ensemble.clone()
+            };
+            let mut spec = run_spec(
+                &a.common,
+                &a.model,
+                &ensemble,
+                &a.optim,
+                &a.data,
+                method,
+                data.train.classes,
+                None,
+            )?;
+            spec.vit = vit.clone();
+            let r = run(&spec, &data, &backbone)
+                .with_context(|| format!("method {method} with {m} members"))?;
+            let dir = match a.sizes.len() > 1 && !method.is_single() {
+                true => a.out.join(format!("{}-M{m}", method.name())),
+                false => a.out.join(method.name()),
+            };
+            write_outputs(&dir, &r, &data.test.name)?;
+            results.push(r);
+        }
     }
     print!("{}", comparison_table(&results));
+    print!("{}", growth_per_member(&results));
     let json = a.out.join("compare.json");
     write_atomic(&json, serde_json::to_string_pretty(&results)?.as_bytes())?;
     println!(

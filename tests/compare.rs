@@ -1,0 +1,85 @@
+//! `loren compare` end to end, at several ensemble sizes: the table, the JSON, and what each
+//! method adds per member.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+#[test]
+fn compare_at_several_sizes_shows_lora_growing_slower_than_explicit() {
+    let out = std::env::temp_dir().join(format!("loren-compare-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let run = Command::new(env!("CARGO_BIN_EXE_loren"))
+        .args([
+            "compare",
+            "--methods",
+            "single,explicit,lora",
+            "--sizes",
+            "1,3",
+            "--epochs",
+            "1",
+            "--no-shift",
+            "--no-ood",
+            "-q",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .expect("the loren binary runs");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr),
+    );
+    assert!(run.status.success(), "{stderr}");
+
+    // One single network, and each ensemble method at both sizes.
+    let json: Value =
+        serde_json::from_slice(&std::fs::read(out.join("compare.json")).unwrap()).unwrap();
+    let rows: Vec<(String, u64, u64, u64)> = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["method"].as_str().unwrap().to_string(),
+                r["members"].as_u64().unwrap(),
+                r["trainable_params"].as_u64().unwrap(),
+                r["memory"]["total_peak"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let names: Vec<(&str, u64)> = rows.iter().map(|r| (r.0.as_str(), r.1)).collect();
+    assert_eq!(
+        names,
+        [
+            ("single", 1),
+            ("explicit", 1),
+            ("explicit", 3),
+            ("lora", 1),
+            ("lora", 3)
+        ]
+    );
+    for dir in ["single", "explicit-M1", "explicit-M3", "lora-M1", "lora-M3"] {
+        assert!(out.join(dir).join("report.json").exists(), "{dir}");
+    }
+
+    // Per member: a whole model for explicit, adapters and a head for lora.
+    let per_member = |m: &str, field: fn(&(String, u64, u64, u64)) -> u64| {
+        let r: Vec<_> = rows.iter().filter(|r| r.0 == m).collect();
+        (field(r[1]) - field(r[0])) / 2
+    };
+    let (ep, lp) = (per_member("explicit", |r| r.2), per_member("lora", |r| r.2));
+    let (em, lm) = (per_member("explicit", |r| r.3), per_member("lora", |r| r.3));
+    assert!(
+        lp * 4 < ep,
+        "trainable per member: lora {lp}, explicit {ep}"
+    );
+    assert!(lm < em, "peak bytes per member: lora {lm}, explicit {em}");
+    for m in ["explicit", "lora"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(m) && l.contains("one more member adds"))
+            .unwrap_or_else(|| panic!("no growth line for {m}:\n{stdout}"));
+        assert!(line.contains("(M=1 to M=3)"), "{line}");
+    }
+}
