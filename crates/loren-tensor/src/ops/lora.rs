@@ -122,42 +122,26 @@ pub fn lora_forward(
     let bias = bias.map(|t| t.as_slice()).transpose()?;
     let ys = y.as_mut_slice()?;
 
-    // The shared product: once over all M·rows rows, or once over the shared rows and copied.
-    let base_rows = if d.gx == 1 { rows } else { m * rows };
-    {
-        let base = &mut ys[..base_rows * n];
-        if let Some(bv) = bias {
-            fill_rows(base, bv);
-        }
-        matmul(
-            base,
-            xs,
-            Trans::N,
-            ws,
-            Trans::T,
-            base_rows,
-            n,
-            k,
-            1.0,
-            bias.is_some(),
-            pool_threads(),
-        );
-    }
+    // Member by member, while its rows are in cache: y = b + x·Wᵀ, u = x·Aᵀ, then y += s·u·Bᵀ.
+    // A shared input (the prefix) gets its shared product once, copied to every member.
     if d.gx == 1 {
         let (first, rest) = ys.split_at_mut(rows * n);
+        shared_product(first, xs, ws, bias, rows, n, k, pool_threads());
         rest.par_chunks_mut(rows * n)
             .for_each(|c| c.copy_from_slice(first));
     }
-
-    // The low-rank path, member by member: u = x·Aᵀ, then y += s·u·Bᵀ.
     let us = u.as_mut_slice()?;
-    for_each_group(us, m, |g, ug, threads| {
+    let member = |g: usize, yg: &mut [f32], ug: &mut [f32], threads: usize| {
         let xg = &xs[group_index(g, d.gx) * rows * k..][..rows * k];
+        if d.gx != 1 {
+            shared_product(yg, xg, ws, bias, rows, n, k, threads);
+        }
+        let ag = &as_[g * r * k..][..r * k];
         matmul(
             ug,
             xg,
             Trans::N,
-            &as_[g * r * k..][..r * k],
+            ag,
             Trans::T,
             rows,
             r,
@@ -166,15 +150,12 @@ pub fn lora_forward(
             false,
             threads,
         );
-    });
-    let us = u.as_slice()?;
-    for_each_group(ys, m, |g, yg, threads| {
-        let ug = &us[g * rows * r..][..rows * r];
+        let bg = &bs[g * n * r..][..n * r];
         matmul(
             yg,
             ug,
             Trans::N,
-            &bs[g * n * r..][..n * r],
+            bg,
             Trans::T,
             rows,
             n,
@@ -183,8 +164,51 @@ pub fn lora_forward(
             true,
             threads,
         );
-    });
+    };
+    // Members in parallel when there are enough of them, else each product on every thread.
+    let threads = pool_threads();
+    if m >= 2 * threads {
+        ys.par_chunks_mut(rows * n)
+            .zip(us.par_chunks_mut(rows * r))
+            .enumerate()
+            .for_each(|(g, (yg, ug))| member(g, yg, ug, 1));
+    } else {
+        ys.chunks_mut(rows * n)
+            .zip(us.chunks_mut(rows * r))
+            .enumerate()
+            .for_each(|(g, (yg, ug))| member(g, yg, ug, threads));
+    }
     Ok(LoraOutput { y, u })
+}
+
+/// `y = b + x·Wᵀ` over `rows` rows (W is [n, k]).
+#[allow(clippy::too_many_arguments)]
+fn shared_product(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    rows: usize,
+    n: usize,
+    k: usize,
+    threads: usize,
+) {
+    if let Some(bv) = bias {
+        fill_rows(y, bv);
+    }
+    matmul(
+        y,
+        x,
+        Trans::N,
+        w,
+        Trans::T,
+        rows,
+        n,
+        k,
+        1.0,
+        bias.is_some(),
+        threads,
+    );
 }
 
 /// The backward pass. No gradient is formed for the frozen W and bias.
