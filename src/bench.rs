@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow};
 use loren_autograd::optim::OptimizerKind;
+use loren_kernels::provenance::{git_commit, utc_now};
 use loren_nn::checkpoint::write_atomic;
 use loren_nn::config::{EnsembleConfig, LoraConfig, Method, VitConfig};
 use loren_nn::data::{Augment, Batch};
@@ -29,7 +30,7 @@ use loren_tensor::{DType, Device, DeviceKind, DeviceSpec, MemTag, Rng, Tensor};
 use serde::Serialize;
 
 use crate::plot::{Chart, Series, Units, palette, render};
-use crate::report::bytes;
+use crate::report::{aligned_columns, bytes};
 use crate::run::MemoryBreakdown;
 
 // ---------------------------------------------------------------------------------------------
@@ -323,13 +324,7 @@ pub struct RunInfo {
 
 impl RunInfo {
     pub fn collect(command: &str) -> RunInfo {
-        let git_commit = std::process::Command::new("git")
-            .args(["rev-parse", "HEAD"])
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .filter(|s| !s.is_empty());
+        let git_commit = git_commit();
         let host_cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| {
             c.lines()
                 .find(|l| l.starts_with("model name"))
@@ -344,31 +339,6 @@ impl RunInfo {
             threads: pool_threads(),
         }
     }
-}
-
-/// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ`.
-pub fn utc_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Howard Hinnant's civil-from-days.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    )
 }
 
 /// FLOP/s in the unit that suits the device: GFLOP/s on a CPU, TFLOP/s on a GPU.
@@ -925,29 +895,7 @@ pub fn table(r: &BenchReport) -> String {
         }
         lines.push(l);
     }
-    let widths: Vec<usize> = (0..head.len())
-        .map(|c| {
-            lines
-                .iter()
-                .map(|l| l[c].chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    for l in &lines {
-        let cells: Vec<String> = l
-            .iter()
-            .enumerate()
-            .map(|(c, v)| {
-                if c < 2 {
-                    format!("{v:<w$}", w = widths[c])
-                } else {
-                    format!("{v:>w$}", w = widths[c])
-                }
-            })
-            .collect();
-        let _ = writeln!(s, "{}", cells.join("  ").trim_end());
-    }
+    s.push_str(&aligned_columns(&lines, 2));
     for n in notes {
         let _ = writeln!(s, "{n}");
     }

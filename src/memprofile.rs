@@ -23,7 +23,7 @@ use crate::bench::{
     precision, predicted_need, random_batch,
 };
 use crate::plot::{Chart, Series, Units, palette, render};
-use crate::report::{bytes, count};
+use crate::report::{aligned_columns, bytes, count};
 
 /// What to profile.
 #[derive(Clone, Debug)]
@@ -509,29 +509,7 @@ pub fn table(r: &MemprofileReport) -> String {
         }
         lines.push(l);
     }
-    let widths: Vec<usize> = (0..head.len())
-        .map(|c| {
-            lines
-                .iter()
-                .map(|l| l[c].chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    for l in &lines {
-        let cells: Vec<String> = l
-            .iter()
-            .enumerate()
-            .map(|(c, v)| {
-                if c < 2 {
-                    format!("{v:<w$}", w = widths[c])
-                } else {
-                    format!("{v:>w$}", w = widths[c])
-                }
-            })
-            .collect();
-        let _ = writeln!(s, "{}", cells.join("  ").trim_end());
-    }
+    s.push_str(&aligned_columns(&lines, 2));
     for n in notes {
         let _ = writeln!(s, "{n}");
     }

@@ -24,6 +24,38 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
+/// Rows of cells as text columns two spaces apart, each as wide as its widest cell: the first
+/// `left` columns (names) aligned left, the rest (numbers) right.
+pub fn aligned_columns(rows: &[Vec<String>], left: usize) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|v| v.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut s = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(c, (v, &w))| {
+                if c < left {
+                    format!("{v:<w$}")
+                } else {
+                    format!("{v:>w$}")
+                }
+            })
+            .collect();
+        let _ = writeln!(s, "{}", cells.join("  ").trim_end());
+    }
+    s
+}
+
 /// A count with thousands separators.
 pub fn count(n: usize) -> String {
     let s = n.to_string();
@@ -254,6 +286,15 @@ pub fn comparison_table(runs: &[RunResult]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn columns_align_names_left_and_numbers_right() {
+        let rows = vec![
+            vec!["method".to_string(), "ms".to_string()],
+            vec!["lora".to_string(), "12.5".to_string()],
+        ];
+        assert_eq!(aligned_columns(&rows, 1), "method    ms\nlora    12.5\n");
+    }
 
     #[test]
     fn split_names_read_as_phrases() {

@@ -42,6 +42,7 @@ mod error;
 mod gpu;
 pub mod launch;
 pub mod probe;
+pub mod provenance;
 mod sources;
 
 pub use compile::{

@@ -34,6 +34,7 @@ use std::sync::Arc;
 
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use loren_kernels::provenance::{git_commit, utc_now};
 use loren_kernels::{
     AttentionDims, Gemm, GemmOut, Gpu, KernelError, KernelSource, LoraDims, bf16, compile,
     cuda_available, nvrtc_version,
@@ -324,13 +325,7 @@ fn meta(gpu: &Gpu, a: &Args, command: &str) -> Meta {
     let nvrtc = nvrtc_version()
         .map(|(a, b)| format!("{a}.{b}"))
         .unwrap_or_else(|_| "unknown".into());
-    let git_commit = std::process::Command::new("git")
-        .args(["rev-parse", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into());
+    let git_commit = git_commit().unwrap_or_else(|| "unknown".into());
     Meta {
         device: gpu.name().to_string(),
         compute_capability: gpu.compute_capability(),
@@ -343,30 +338,6 @@ fn meta(gpu: &Gpu, a: &Args, command: &str) -> Meta {
         warmup: a.warmup,
         repeats: a.repeats,
     }
-}
-
-/// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days).
-fn utc_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    )
 }
 
 fn table(rows: &[Row]) -> String {
