@@ -6,7 +6,7 @@
 
 use loren_tensor::Rng;
 
-use super::split::SPLIT_SEED;
+use super::split::{self, SPLIT_SEED};
 use super::{DataError, Dataset, Splits};
 
 /// The share of an official training part held out for validation.
@@ -56,21 +56,7 @@ fn base_name(name: &str) -> &str {
 /// order is shuffled with [`SPLIT_SEED`] and cut by [`class_counts`].
 fn stratified<const P: usize>(all: &Dataset, fractions: &[f64; P]) -> [Vec<usize>; P] {
     let root = Rng::new(SPLIT_SEED).fork(0x4558_5400_0000_0005);
-    let mut parts: [Vec<usize>; P] = std::array::from_fn(|_| Vec::new());
-    for class in 0..all.classes {
-        let mut members: Vec<usize> = (0..all.len())
-            .filter(|&i| all.labels[i] as usize == class)
-            .collect();
-        root.fork(class as u64).shuffle(&mut members);
-        let mut rest = members.as_slice();
-        for (part, count) in parts.iter_mut().zip(class_counts(members.len(), fractions)) {
-            let (taken, left) = rest.split_at(count);
-            part.extend_from_slice(taken);
-            rest = left;
-        }
-    }
-    parts.iter_mut().for_each(|p| p.sort_unstable());
-    parts
+    split::stratified(all, &root, |n| class_counts(n, fractions))
 }
 
 /// `n` items cut by `fractions`: every part after the first gets its rounded share (so a

@@ -133,15 +133,24 @@ pub fn split_digits(all: &Dataset, opts: &SplitOptions) -> Result<Splits, DataEr
 
 /// For each part, the indices of `all` that fall in it, ascending.
 fn stratified_indices(all: &Dataset, fractions: &[f64; 4]) -> [Vec<usize>; 4] {
-    let root = Rng::new(SPLIT_SEED);
-    let mut parts: [Vec<usize>; 4] = Default::default();
+    stratified(all, &Rng::new(SPLIT_SEED), |n| allocate(n, fractions))
+}
+
+/// For each part, the indices of `all` that fall in it, ascending: each class is shuffled by
+/// its own fork of `root`, then cut into `counts(class size)` consecutive pieces.
+pub(super) fn stratified<const P: usize>(
+    all: &Dataset,
+    root: &Rng,
+    counts: impl Fn(usize) -> [usize; P],
+) -> [Vec<usize>; P] {
+    let mut parts: [Vec<usize>; P] = std::array::from_fn(|_| Vec::new());
     for class in 0..all.classes {
         let mut members: Vec<usize> = (0..all.len())
             .filter(|&i| all.labels[i] as usize == class)
             .collect();
         root.fork(class as u64).shuffle(&mut members);
         let mut rest = members.as_slice();
-        for (part, count) in parts.iter_mut().zip(allocate(rest.len(), fractions)) {
+        for (part, count) in parts.iter_mut().zip(counts(members.len())) {
             let (taken, left) = rest.split_at(count);
             part.extend_from_slice(taken);
             rest = left;
