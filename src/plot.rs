@@ -4,6 +4,8 @@
 
 use std::fmt::Write;
 
+use loren_nn::reliability::xml_escape;
+
 use crate::report::bytes;
 
 /// How an axis's numbers are written.
@@ -104,22 +106,6 @@ const LEFT: f64 = 78.0;
 const RIGHT: f64 = 16.0;
 const TOP: f64 = 34.0;
 const BOTTOM: f64 = 92.0;
-
-/// Escape text for SVG.
-pub fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            _ => out.push(c),
-        }
-    }
-    out
-}
 
 /// A value to its position along an axis of `len` pixels.
 struct Axis {
@@ -272,7 +258,7 @@ fn panel(out: &mut String, chart: &Chart, ox: f64, oy: f64) {
         r#"<text x="{:.1}" y="{:.1}" font-size="14" font-weight="bold" text-anchor="middle">{}</text>"#,
         px + w / 2.0,
         oy + 20.0,
-        escape(&chart.title)
+        xml_escape(&chart.title)
     );
     let _ = writeln!(
         out,
@@ -290,7 +276,7 @@ fn panel(out: &mut String, chart: &Chart, ox: f64, oy: f64) {
             r#"<text x="{:.1}" y="{:.1}" font-size="10" text-anchor="end">{}</text>"#,
             px - 4.0,
             yy + 3.5,
-            escape(&chart.y_units.format(y))
+            xml_escape(&chart.y_units.format(y))
         );
     }
     for x in x_ticks(&xa, chart) {
@@ -304,7 +290,7 @@ fn panel(out: &mut String, chart: &Chart, ox: f64, oy: f64) {
             out,
             r#"<text x="{xx:.1}" y="{:.1}" font-size="10" text-anchor="middle">{}</text>"#,
             py + h + 13.0,
-            escape(&chart.x_units.format(x))
+            xml_escape(&chart.x_units.format(x))
         );
     }
     let _ = writeln!(
@@ -312,7 +298,7 @@ fn panel(out: &mut String, chart: &Chart, ox: f64, oy: f64) {
         r#"<text x="{:.1}" y="{:.1}" font-size="11" text-anchor="middle">{}</text>"#,
         px + w / 2.0,
         py + h + 28.0,
-        escape(&chart.x_label)
+        xml_escape(&chart.x_label)
     );
     let _ = writeln!(
         out,
@@ -321,7 +307,7 @@ fn panel(out: &mut String, chart: &Chart, ox: f64, oy: f64) {
         py + h / 2.0,
         ox + 14.0,
         py + h / 2.0,
-        escape(&chart.y_label)
+        xml_escape(&chart.y_label)
     );
 
     // Dashed series (predictions) under solid ones (measurements), with larger hollow markers,
@@ -352,7 +338,7 @@ fn panel(out: &mut String, chart: &Chart, ox: f64, oy: f64) {
                 out,
                 r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2"{dash}/>"#,
                 path.join(" "),
-                escape(&s.color)
+                xml_escape(&s.color)
             );
         }
         for (x, y) in &pts {
@@ -366,8 +352,8 @@ fn panel(out: &mut String, chart: &Chart, ox: f64, oy: f64) {
                 r#"<circle cx="{:.1}" cy="{:.1}" r="{r}" fill="{}" stroke="{}" stroke-width="1.5"/>"#,
                 sx(*x),
                 sy(*y),
-                escape(fill),
-                escape(&s.color)
+                xml_escape(fill),
+                xml_escape(&s.color)
             );
         }
     }
@@ -380,8 +366,8 @@ fn panel(out: &mut String, chart: &Chart, ox: f64, oy: f64) {
             r#"<text x="{:.1}" y="{:.1}" font-size="10" font-weight="bold" fill="{}" text-anchor="middle">{}</text>"#,
             sx(*x),
             py + h - 6.0 - 12.0 * (i % 3) as f64,
-            escape(color),
-            escape(text)
+            xml_escape(color),
+            xml_escape(text)
         );
     }
     // The legend, below the axis label, two entries per line.
@@ -397,14 +383,14 @@ fn panel(out: &mut String, chart: &Chart, ox: f64, oy: f64) {
             out,
             r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{}" stroke-width="2"{dash}/>"#,
             lx + 22.0,
-            escape(&s.color)
+            xml_escape(&s.color)
         );
         let _ = writeln!(
             out,
             r#"<text x="{:.1}" y="{:.1}" font-size="10">{}</text>"#,
             lx + 27.0,
             ly + 3.5,
-            escape(&s.name)
+            xml_escape(&s.name)
         );
     }
 }
@@ -428,14 +414,14 @@ pub fn render(title: &str, subtitle: &str, charts: &[Chart], cols: usize) -> Str
         out,
         r#"<text x="{:.1}" y="20" font-size="16" font-weight="bold" text-anchor="middle">{}</text>"#,
         width / 2.0,
-        escape(title)
+        xml_escape(title)
     );
     if !subtitle.is_empty() {
         let _ = writeln!(
             out,
             r##"<text x="{:.1}" y="37" font-size="11" fill="#555" text-anchor="middle">{}</text>"##,
             width / 2.0,
-            escape(subtitle)
+            xml_escape(subtitle)
         );
     }
     for (i, c) in charts.iter().enumerate() {
