@@ -81,6 +81,11 @@ impl Gpu {
         let lda_b = if g.trans_b { k } else { n };
         let ldb_a = if g.trans_a { m } else { k };
         let blas = self.blas()?;
+        // cudarc binds the context before its own calls; this raw cuBLAS call must do so too, or
+        // on a thread with another context current (a device other than 0) it runs in that one.
+        self.context()
+            .bind_to_thread()
+            .map_err(KernelError::driver("binding the context for cuBLAS"))?;
         // SAFETY: the lengths of A, B and C cover every matrix of the batch (checked above), and
         // the handle is bound to this Gpu's stream.
         unsafe {
