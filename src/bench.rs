@@ -341,6 +341,23 @@ impl RunInfo {
     }
 }
 
+impl RunInfo {
+    /// A result as Markdown: where and when it was made, then `table` as it prints.
+    pub fn markdown(&self, title: &str, device: &str, table: &str) -> String {
+        let unknown = || "unknown".to_string();
+        format!(
+            "# {title}\n\n- device: {device}\n- date: {}\n- commit: {}\n- host CPU: {}, {} threads\n\
+             - command: `{}`\n\n```\n{}\n```\n",
+            self.date,
+            self.git_commit.clone().unwrap_or_else(unknown),
+            self.host_cpu.clone().unwrap_or_else(unknown),
+            self.threads,
+            self.command,
+            table.trim_end(),
+        )
+    }
+}
+
 /// FLOP/s in the unit that suits the device: GFLOP/s on a CPU, TFLOP/s on a GPU.
 pub fn rate_unit(device_is_cpu: bool) -> (f64, &'static str) {
     if device_is_cpu {
@@ -984,7 +1001,7 @@ pub fn svg(r: &BenchReport) -> String {
     render("loren bench", &subtitle, &charts, 2)
 }
 
-/// Write bench.json and bench.svg under `dir`.
+/// Write bench.json, bench.svg and bench.md under `dir`.
 pub fn write(r: &BenchReport, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     write_atomic(
@@ -992,6 +1009,8 @@ pub fn write(r: &BenchReport, dir: &Path) -> Result<()> {
         serde_json::to_string_pretty(r)?.as_bytes(),
     )?;
     write_atomic(&dir.join("bench.svg"), svg(r).as_bytes())?;
+    let md = r.info.markdown("loren bench", &r.device, &table(r));
+    write_atomic(&dir.join("bench.md"), md.as_bytes())?;
     Ok(())
 }
 

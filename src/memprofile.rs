@@ -663,7 +663,7 @@ pub fn svg(r: &MemprofileReport) -> String {
     render("loren memprofile", &subtitle, &charts, 2)
 }
 
-/// Write memprofile.json and memprofile.svg under `dir`.
+/// Write memprofile.json, memprofile.svg and memprofile.md under `dir`.
 pub fn write(r: &MemprofileReport, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     write_atomic(
@@ -671,5 +671,7 @@ pub fn write(r: &MemprofileReport, dir: &Path) -> Result<()> {
         serde_json::to_string_pretty(r)?.as_bytes(),
     )?;
     write_atomic(&dir.join("memprofile.svg"), svg(r).as_bytes())?;
+    let md = r.info.markdown("loren memprofile", &r.device, &table(r));
+    write_atomic(&dir.join("memprofile.md"), md.as_bytes())?;
     Ok(())
 }

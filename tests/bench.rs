@@ -79,6 +79,17 @@ fn bench_runs_end_to_end_on_tiny_with_two_members() {
     assert_eq!(json["rows"][0]["status"], "ok");
     assert!(json["info"]["date"].as_str().unwrap().ends_with('Z'));
     svg_check::check_svg(&std::fs::read_to_string(dir.join("bench.svg")).unwrap()).unwrap();
+    // The Markdown copy says where and when, and holds the table as it prints.
+    let md = std::fs::read_to_string(dir.join("bench.md")).unwrap();
+    assert!(md.starts_with("# loren bench\n"), "{md}");
+    assert!(
+        md.contains(&format!(
+            "- date: {}",
+            json["info"]["date"].as_str().unwrap()
+        )),
+        "{md}"
+    );
+    assert!(md.contains(table(&report).trim_end()), "{md}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

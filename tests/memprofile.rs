@@ -93,6 +93,17 @@ fn measured_peaks_match_the_analytic_model_and_lora_grows_by_adapters_and_heads(
             > 0
     );
     svg_check::check_svg(&std::fs::read_to_string(dir.join("memprofile.svg")).unwrap()).unwrap();
+    // The Markdown copy says where and when, and holds the table as it prints.
+    let md = std::fs::read_to_string(dir.join("memprofile.md")).unwrap();
+    assert!(md.starts_with("# loren memprofile\n"), "{md}");
+    assert!(
+        md.contains(&format!(
+            "- date: {}",
+            json["info"]["date"].as_str().unwrap()
+        )),
+        "{md}"
+    );
+    assert!(md.contains(table(&r).trim_end()), "{md}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

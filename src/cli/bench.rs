@@ -54,7 +54,7 @@ pub struct BenchArgs {
     /// Seeds the random weights and batch.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Output folder for bench.json and bench.svg.
+    /// Output folder for bench.json, bench.svg and bench.md (the table with where and when it ran).
     #[arg(long, default_value = "runs/bench")]
     pub out: PathBuf,
     /// Print only the table.
@@ -92,9 +92,10 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
     print!("{}", table(&report));
     write(&report, &a.out)?;
     println!(
-        "wrote {} and {}",
+        "wrote {}, {} and {}",
         a.out.join("bench.json").display(),
-        a.out.join("bench.svg").display()
+        a.out.join("bench.svg").display(),
+        a.out.join("bench.md").display()
     );
     Ok(())
 }

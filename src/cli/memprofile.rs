@@ -53,7 +53,7 @@ pub struct MemprofileArgs {
     pub memory_budget: Option<String>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Output folder for memprofile.json and memprofile.svg.
+    /// Output folder for memprofile.json, memprofile.svg and memprofile.md (the table with where and when it ran).
     #[arg(long, default_value = "runs/memprofile")]
     pub out: PathBuf,
     /// Print only the table.
@@ -94,9 +94,10 @@ pub fn memprofile(a: &MemprofileArgs) -> Result<()> {
     print!("{}", table(&report));
     write(&report, &a.out)?;
     println!(
-        "wrote {} and {}",
+        "wrote {}, {} and {}",
         a.out.join("memprofile.json").display(),
-        a.out.join("memprofile.svg").display()
+        a.out.join("memprofile.svg").display(),
+        a.out.join("memprofile.md").display()
     );
     Ok(())
 }
