@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 rm -rf .gpu && mkdir -p .gpu/bin
-cargo build --release --bin loren -p loren-kernels --bin kernel-bench
+cargo build --release -p loren -p loren-kernels --bin loren --bin kernel-bench
 cp target/release/loren target/release/kernel-bench .gpu/bin/
 
 # The test binaries in the test profile: optimised, with debug assertions on, so every

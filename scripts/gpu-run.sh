@@ -1,87 +1,132 @@
 #!/usr/bin/env bash
-# The GPU validation, run on a machine with an NVIDIA GPU from the repository root with the
-# bundle from scripts/gpu-bundle.sh in .gpu/. Everything it finds goes to $OUT (or .gpu/out):
-#   device.txt    nvidia-smi, nvcc, driver
-#   parity.log    kernel launcher tests, every op against its CPU twin, a whole training step
-#   sanitizer.log compute-sanitizer memcheck and racecheck over the parity suite
-#   train.log     `loren train` on cuda and on cpu, the same run
-#   summary.md    one line per check, and the cuda-vs-cpu accuracy and ECE
-# Its argument picks the stages: parity, train, sanitizer (each alone), validate (the default:
-# parity, then train, then sanitizer, so the most telling logs are written first should the
-# device tool's 10-minute call run out), or bench: kernel-bench/, bench/ and memprofile/, each
-# with its JSON, table and log. It exits non-zero when any check fails.
+# The GPU validation and benchmarks, run on a machine with an NVIDIA GPU from the repository root
+# with the bundle from scripts/gpu-bundle.sh in .gpu/. It is written for the device tool: one call
+# of at most 10 minutes, and at most 8 files back from $OUT, none deeper than two folders.
+#
+#   bash .gpu/run.sh [STAGES] [--budget SECONDS]
+#
+# STAGES, comma-separated, run in the order given (default: all):
+#   parity     kernel launcher tests, every op against its CPU twin, a whole training step
+#   train      `loren train` on cuda and on cpu, the same run, accuracy and ECE compared
+#   sanitizer  compute-sanitizer memcheck and racecheck over the parity suite
+#   bench      kernel-bench, `loren bench` and `loren memprofile` on cuda
+#   all        parity,train,bench,sanitizer: the telling checks first, the slow sanitizer last
+#
+# Every check runs under `timeout`, cut to what is left of --budget (default 540 s, under the
+# device tool's 600 s), so the script always ends by itself and packs what it has. In $OUT (or
+# .gpu/out) it leaves:
+#   summary.md      one line per check (pass, FAIL, or TIMEOUT with the seconds it had)
+#   device.txt      nvidia-smi, nvcc, the driver, the date
+#   parity.log  train.log  bench.log  sanitizer.log
+#   results.tar.gz  kernel-bench/, bench/, memprofile/ (JSON, Markdown, SVG), train-{cuda,cpu}/
+# scripts/gpu-results.sh turns that folder into benches/results/<date>-<gpu>/ here.
+# It exits non-zero when any check fails or runs out of time.
 set -uo pipefail
 bin=.gpu/bin
 out=${OUT:-.gpu/out}
+stages=all
+budget=540
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --budget) budget=$2; shift 2 ;;
+        -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
+        *) stages=$1; shift ;;
+    esac
+done
+[ "$stages" = all ] && stages=parity,train,bench,sanitizer
+[ "$stages" = validate ] && stages=parity,train,sanitizer
+
 mkdir -p "$out"
+work=$(mktemp -d)
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export LOREN_CACHE_DIR=${LOREN_CACHE_DIR:-/tmp/loren-ptx}
+# On the GPU machine a test that finds no usable GPU fails instead of passing as skipped.
+export LOREN_REQUIRE_GPU=1
 summary="$out/summary.md"
 : >"$summary"
 failed=0
+start=$SECONDS
 
-{ nvidia-smi; nvcc --version; date -u; } >"$out/device.txt" 2>&1
+{ nvidia-smi; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; nvcc --version; date -u; } >"$out/device.txt" 2>&1
 
-check() { # name log command...
-    local name=$1 log=$2
-    shift 2
-    echo "== $name: $*" >>"$log"
+# check NAME LOG CAP COMMAND...: run COMMAND into LOG for at most CAP seconds, or what is left of
+# the budget (less 15 s for packing), and write its line in the summary.
+check() {
+    local name=$1 log=$2 cap=$3
+    shift 3
+    local left=$((budget - (SECONDS - start) - 15))
+    local limit=$((cap < left ? cap : left))
+    if [ "$limit" -lt 5 ]; then
+        echo "- $name: not run (budget spent)" | tee -a "$summary"
+        failed=1
+        return
+    fi
+    echo "== $name (at most ${limit} s): $*" >>"$log"
     local t0=$SECONDS
-    "$@" >>"$log" 2>&1
+    timeout --kill-after=5 "$limit" "$@" >>"$log" 2>&1
     local rc=$?
-    echo "- $name: $([ $rc = 0 ] && echo pass || echo "FAIL (exit $rc)") ($((SECONDS - t0)) s)" | tee -a "$summary"
-    [ $rc = 0 ] || failed=1
-}
-
-stage=${1:-validate}
-
-bench() {
-    check "kernel-bench" "$out/kernel-bench.log" $bin/kernel-bench --out "$out/kernel-bench"
-    check "loren bench" "$out/bench.log" $bin/loren bench --device cuda -q --out "$out/bench"
-    check "loren memprofile" "$out/memprofile.log" $bin/loren memprofile --device cuda -q --out "$out/memprofile"
+    local verdict=pass
+    if [ $rc = 124 ] || [ $rc = 137 ]; then
+        verdict="TIMEOUT after ${limit} s"
+    elif [ $rc != 0 ]; then
+        verdict="FAIL (exit $rc)"
+    fi
+    echo "- $name: $verdict ($((SECONDS - t0)) s)" | tee -a "$summary"
+    [ "$verdict" = pass ] || failed=1
 }
 
 parity() {
-    check "kernel launchers" "$out/parity.log" $bin/kernels_gpu --nocapture --test-threads=1
-    check "ops against their CPU twins" "$out/parity.log" $bin/gpu_parity --nocapture --test-threads=1
-    check "training step against the CPU" "$out/parity.log" $bin/gpu_training --nocapture --test-threads=1
-}
-
-sanitizer() {
-    check "memcheck" "$out/sanitizer.log" compute-sanitizer --tool memcheck --error-exitcode 1 $bin/gpu_parity --test-threads=1
-    check "racecheck" "$out/sanitizer.log" compute-sanitizer --tool racecheck --error-exitcode 1 $bin/gpu_parity --test-threads=1
+    check "kernel launchers" "$out/parity.log" 150 $bin/kernels_gpu --nocapture --test-threads=1
+    check "ops against their CPU twins" "$out/parity.log" 150 $bin/gpu_parity --nocapture --test-threads=1
+    check "training step against the CPU" "$out/parity.log" 90 $bin/gpu_training --nocapture --test-threads=1
 }
 
 train() {
-    check "train --device cuda" "$out/train.log" $bin/loren train --device cuda --out /tmp/train-cuda
-    check "train --device cpu" "$out/train.log" $bin/loren train --device cpu --out /tmp/train-cpu
+    check "train --device cuda" "$out/train.log" 90 $bin/loren train --device cuda -q --out "$work/train-cuda"
+    check "train --device cpu" "$out/train.log" 120 $bin/loren train --device cpu -q --out "$work/train-cpu"
     compare_runs
 }
 
+bench() {
+    check "kernel-bench" "$out/bench.log" 120 $bin/kernel-bench --out "$work/kernel-bench"
+    check "loren bench" "$out/bench.log" 180 $bin/loren bench --device cuda -q --members 1,2,4,8,16,32 --out "$work/bench"
+    check "loren memprofile" "$out/bench.log" 120 $bin/loren memprofile --device cuda -q --out "$work/memprofile"
+}
+
+sanitizer() {
+    check "memcheck" "$out/sanitizer.log" 180 compute-sanitizer --tool memcheck --error-exitcode 1 $bin/gpu_parity --test-threads=1
+    check "racecheck" "$out/sanitizer.log" 150 compute-sanitizer --tool racecheck --error-exitcode 1 $bin/gpu_parity --test-threads=1
+}
+
 compare_runs() {
-    python3 - "$summary" <<'PY' || failed=1
+    python3 - "$summary" "$work" <<'PY' || failed=1
 import json, sys
-try:
-    c = json.load(open("/tmp/train-cuda/report.json"))["report"]["test"]
-    p = json.load(open("/tmp/train-cpu/report.json"))["report"]["test"]
-except Exception as e:
-    line = f"- cuda vs cpu: no reports ({e})"
+summary, work = sys.argv[1], sys.argv[2]
+def say(line):
     print(line)
-    open(sys.argv[1], "a").write(line + "\n")
+    open(summary, "a").write(line + "\n")
+try:
+    c = json.load(open(f"{work}/train-cuda/report.json"))["report"]["test"]
+    p = json.load(open(f"{work}/train-cpu/report.json"))["report"]["test"]
+except Exception as e:
+    say(f"- cuda vs cpu: no reports ({e})")
     sys.exit(1)
 da, de = abs(c["accuracy"] - p["accuracy"]) * 100, abs(c["ece"] - p["ece"])
 ok = da <= 1.0 and de <= 0.01
-line = (f"- cuda vs cpu: accuracy {100*c['accuracy']:.2f}% vs {100*p['accuracy']:.2f}% (diff {da:.2f} points), "
-        f"ECE {c['ece']:.4f} vs {p['ece']:.4f} (diff {de:.4f}): {'pass' if ok else 'FAIL'}")
-print(line)
-open(sys.argv[1], "a").write(line + "\n")
+say(f"- cuda vs cpu: accuracy {100*c['accuracy']:.2f}% vs {100*p['accuracy']:.2f}% (diff {da:.2f} points), "
+    f"ECE {c['ece']:.4f} vs {p['ece']:.4f} (diff {de:.4f}): {'pass' if ok else 'FAIL'}")
 sys.exit(0 if ok else 1)
 PY
 }
 
-case "$stage" in
-    parity | train | sanitizer | bench) "$stage" ;;
-    validate) parity; train; sanitizer ;;
-    *) echo "gpu-run: unknown stage '$stage' (parity, train, sanitizer, validate or bench)" >&2; exit 2 ;;
-esac
+for stage in ${stages//,/ }; do
+    case "$stage" in
+        parity | train | sanitizer | bench) "$stage" ;;
+        *) echo "gpu-run: unknown stage '$stage' (parity, train, sanitizer, bench, all)" >&2; exit 2 ;;
+    esac
+done
+
+# One archive for everything with folders, so what comes back stays within the tool's limits.
+tar -czf "$out/results.tar.gz" --exclude='*.safetensors' -C "$work" . && rm -rf "$work"
+echo "- total: $((SECONDS - start)) s of a ${budget} s budget" | tee -a "$summary"
 exit $failed

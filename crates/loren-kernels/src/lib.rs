@@ -59,7 +59,9 @@ pub use launch::embed::EmbedDims;
 pub use launch::lora::LoraDims;
 pub use launch::norm::{NormDims, layernorm_params_workspace_len};
 pub use launch::optim::{AdamW, OptimTable, Sgd, SlotSpec};
-pub use probe::{NvrtcInfo, cuda_available, cuda_include_dir, nvrtc};
+pub use probe::{
+    NvrtcInfo, cuda_available, cuda_include_dir, gpu_required, nvrtc, skip_without_gpu,
+};
 pub use sources::{COMMON_HEADER, Kernel, KernelSource, SOURCES, source};
 
 pub use bfloat16::bf16;

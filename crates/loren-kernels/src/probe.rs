@@ -257,3 +257,18 @@ pub fn cuda_available() -> Result<()> {
     nvrtc()?;
     Ok(())
 }
+
+/// Whether `LOREN_REQUIRE_GPU` is set: GPU tests and benchmarks then fail where they would skip.
+/// The GPU run script sets it, so on a GPU machine a driver or NVRTC that cannot be loaded fails
+/// the run instead of passing it as skipped.
+pub fn gpu_required() -> bool {
+    std::env::var_os("LOREN_REQUIRE_GPU").is_some_and(|v| !v.is_empty())
+}
+
+/// What a GPU test does where there is no GPU: say it skipped, or panic when [`gpu_required`].
+pub fn skip_without_gpu(reason: impl std::fmt::Display) {
+    if gpu_required() {
+        panic!("LOREN_REQUIRE_GPU is set, but the GPU cannot be used: {reason}");
+    }
+    println!("skipped: {reason}");
+}

@@ -28,7 +28,7 @@ fn gpu() -> Option<&'static Gpu> {
     match g {
         Ok(g) => Some(g),
         Err(e) if e.starts_with("CUDA is not available") => {
-            println!("skipped: no CUDA device ({e})");
+            loren_kernels::skip_without_gpu(format!("no CUDA device ({e})"));
             None
         }
         Err(e) => panic!("{e}"),
@@ -1300,7 +1300,7 @@ fn cublas_strided_batched_gemm() {
     let mut c = poisoned_f32(g, batch * m * n);
     match g.gemm_bf16(&gemm, &ad, &wd, GemmOut::F32(&mut c)) {
         Err(e) if e.to_string().contains("libcublas") => {
-            println!("skipped: {e}");
+            loren_kernels::skip_without_gpu(e);
             return;
         }
         r => r.expect("gemm_bf16"),

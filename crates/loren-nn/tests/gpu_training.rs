@@ -17,7 +17,7 @@ fn gpu() -> Option<Device> {
     match loren_kernels::cuda_available() {
         Ok(()) => Some(Device::cuda(0).expect("a usable GPU opens")),
         Err(e) => {
-            eprintln!("skipped: no CUDA device ({e})");
+            loren_kernels::skip_without_gpu(format!("no CUDA device ({e})"));
             None
         }
     }

@@ -37,7 +37,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKern
 use loren_kernels::provenance::{git_commit, utc_now};
 use loren_kernels::{
     AttentionDims, Gemm, GemmOut, Gpu, KernelError, KernelSource, LoraDims, bf16, compile,
-    cuda_available, nvrtc_version,
+    cuda_available, gpu_required, nvrtc_version,
 };
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -143,14 +143,12 @@ fn main() -> ExitCode {
         }
     };
     if let Err(e) = cuda_available() {
-        println!("skipped: {e}");
-        return ExitCode::SUCCESS;
+        return skip(e);
     }
     let gpu = match Gpu::new(0) {
         Ok(g) => g,
         Err(e @ (KernelError::Unavailable(_) | KernelError::HeadersMissing { .. })) => {
-            println!("skipped: {e}");
-            return ExitCode::SUCCESS;
+            return skip(e);
         }
         Err(e) => {
             eprintln!("error: opening GPU 0: {e}");
@@ -164,6 +162,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// No usable GPU: skip, or fail where the run requires one (`LOREN_REQUIRE_GPU`).
+fn skip(reason: KernelError) -> ExitCode {
+    if gpu_required() {
+        eprintln!("error: LOREN_REQUIRE_GPU is set, but the GPU cannot be used: {reason}");
+        return ExitCode::FAILURE;
+    }
+    println!("skipped: {reason}");
+    ExitCode::SUCCESS
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Here, after a GPU run: turn the folder the device tool brought back from `.gpu/run.sh` into
+# benches/results/<date>-<gpu>/, ready to commit:
+#   index.md        device, driver, date, commit, the command, and the summary of every check
+#   summary.md  device.txt  *.log            as they came back
+#   kernel-bench/ bench/ memprofile/ train-*/ unpacked from results.tar.gz (JSON, Markdown, SVG)
+#
+#   scripts/gpu-results.sh FOLDER 'the command that ran there'
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+src=${1:?usage: scripts/gpu-results.sh FOLDER 'COMMAND'}
+command=${2:-bash .gpu/run.sh}
+[ -f "$src/summary.md" ] || { echo "gpu-results: $src/summary.md is missing" >&2; exit 1; }
+
+# The device.txt query line: name, driver_version, memory.total, clocks.max.sm.
+query=$(grep -A1 '^name, driver_version' "$src/device.txt" | tail -n 1 || true)
+gpu=$(echo "$query" | cut -d, -f1 | xargs)
+driver=$(echo "$query" | cut -d, -f2 | xargs)
+gpu=${gpu:-unknown GPU}
+slug=$(echo "$gpu" | tr 'A-Z' 'a-z' | sed 's/nvidia //; s/[^a-z0-9]\+/-/g; s/^-//; s/-$//')
+date=$(date -u +%Y-%m-%d)
+dest=benches/results/gpu-$date-$slug
+mkdir -p "$dest"
+
+cp "$src"/summary.md "$src"/device.txt "$dest"/
+for f in "$src"/*.log; do [ -f "$f" ] && cp "$f" "$dest"/; done
+[ -f "$src/results.tar.gz" ] && tar -xzf "$src/results.tar.gz" -C "$dest"
+
+{
+    echo "# GPU run of $date on $gpu"
+    echo
+    echo "| | |"
+    echo "|---|---|"
+    echo "| device | $gpu |"
+    echo "| driver | ${driver:-see device.txt} |"
+    echo "| date | $date (UTC) |"
+    echo "| commit | $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!benches/results' || echo ' (with uncommitted changes)') |"
+    echo "| command | \`$command\` |"
+    echo
+    echo "## Checks"
+    echo
+    cat "$src/summary.md"
+    for f in kernel-bench/kernel-bench.md bench/bench.md memprofile/memprofile.md; do
+        if [ -f "$dest/$f" ]; then
+            echo
+            echo "## $(dirname "$f")"
+            tail -n +2 "$dest/$f"  # its own title is the heading above
+        fi
+    done
+} >"$dest/index.md"
+echo "wrote $dest"
