@@ -1,5 +1,6 @@
-// Helpers shared by every kernel file: bf16 conversions, warp reductions, and the sm_80 tensor-core
-// primitives (mma.sync m16n8k16, ldmatrix, cp.async) as inline PTX.
+// Helpers shared by every kernel file: bf16 conversions, warp reductions, the sm_80 tensor-core
+// primitives (mma.sync m16n8k16, ldmatrix, cp.async) as inline PTX, and, when compiling for
+// sm_90a (Hopper's arch-specific target), the wgmma primitives.
 //
 // loren-kernels hands this file to NVRTC as the in-memory header "common.cuh"; the .cu files
 // include it and nothing else but cuda_bf16.h.
@@ -111,3 +112,80 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 }
 
 __device__ __forceinline__ int group_index(int g, int groups) { return groups == 1 ? 0 : g; }
+
+// ---- Hopper: wgmma on shared-memory operands (sm_90a only) ----------------------------------
+//
+// A warpgroup (4 consecutive warps, the first a multiple of 4) issues wgmma together; it reads
+// both operands from shared memory through 64-bit matrix descriptors and accumulates in
+// registers, asynchronously, until wgmma_wait. The tiles here are K-major rows of 64 bf16 (128
+// bytes) in the 128-byte swizzle: 16-byte chunk c of row r sits at chunk c ^ (r % 8) of that row.
+// The hardware applies the swizzle to address bits 4-6 from bits 7-9, so a tile must start on a
+// 1024-byte boundary (align_1024).
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL
+
+// p rounded up to the next 1024-byte boundary of the shared address space.
+__device__ __forceinline__ unsigned char* align_1024(unsigned char* p) {
+    return p + ((1024u - (smem_addr(p) & 1023u)) & 1023u);
+}
+
+// The descriptor of a 128-byte-swizzled K-major tile starting at `tile` (1024-byte aligned):
+// start address >> 4 in bits 0-13, leading byte offset 16 (unused by this layout) in bits 16-29,
+// stride byte offset 1024 (from one 8-row group to the next) in bits 32-45, swizzle mode 1
+// (128 bytes) in bits 62-63. Adding 2 advances it by 32 bytes: the next K step of 16.
+__device__ __forceinline__ u64 sw128_desc(const void* tile) {
+    return (u64)((smem_addr(tile) & 0x3FFFF) >> 4) | ((u64)(16 >> 4) << 16) |
+           ((u64)(1024 >> 4) << 32) | (1ull << 62);
+}
+
+// Make this thread's ordinary shared-memory writes (stores, cp.async) visible to the async proxy
+// that wgmma reads through; then a barrier makes every thread's visible.
+__device__ __forceinline__ void fence_proxy_async() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Orders register and shared-memory accesses before the wgmma that follow it.
+__device__ __forceinline__ void wgmma_fence() {
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void wgmma_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+
+// Wait until at most N committed wgmma groups are still running.
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// Pins the accumulators at this point of the program: the compiler may not move their reads or
+// writes across it, and so not across the wgmma_fence/wgmma_wait it stands beside.
+__device__ __forceinline__ void wgmma_fence_operands(float (&d)[64]) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// D[64x128] (+)= A[64x16]·B[128x16]ᵀ for one warpgroup, both operands K-major in shared memory
+// behind descriptors; `scale_d` 0 overwrites D, 1 accumulates. Asynchronous: D is neither read nor
+// written by other code until wgmma_wait says its group is done.
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], u64 desc_a, u64 desc_b,
+                                                 int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "%64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL

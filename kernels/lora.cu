@@ -264,8 +264,27 @@ __device__ void lowrank_segment(Acc acc, bf16* smem, const float* p, int rows_va
     }
 }
 
-// y[r·ldy + c] = bf16(acc + bias[c]) for the valid part of the tile. `pairs`: ldy even and y
-// 4-byte aligned, so two neighbouring columns go out as one bf16x2 store.
+// y[r·ldy + c..c+1] = bf16(v0, v1 + bias) for the valid part; the two columns are neighbours.
+// `pairs`: ldy even and y 4-byte aligned, so they go out as one bf16x2 store.
+__device__ __forceinline__ void store_pair(bf16* y, int ldy, int r, int c, float v0, float v1,
+                                           int rows_valid, int cols_valid, const bf16* bias,
+                                           bool pairs) {
+    if (r >= rows_valid || c >= cols_valid) return;
+    const bool two = c + 1 < cols_valid;
+    if (bias) {
+        v0 += to_f32(bias[c]);
+        if (two) v1 += to_f32(bias[c + 1]);
+    }
+    bf16* dst = y + (size_t)r * ldy + c;
+    if (two && pairs) {
+        *reinterpret_cast<bf162*>(dst) = __floats2bfloat162_rn(v0, v1);
+    } else {
+        dst[0] = to_bf16(v0);
+        if (two) dst[1] = to_bf16(v1);
+    }
+}
+
+// y[r·ldy + c] = bf16(acc + bias[c]) for the valid part of the tile.
 __device__ __forceinline__ void store_tile(bf16* y, int ldy, int rows_valid, int cols_valid,
                                            const Acc acc, const bf16* bias, bool pairs) {
     const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
@@ -275,24 +294,10 @@ __device__ __forceinline__ void store_tile(bf16* y, int ldy, int rows_valid, int
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int r = wm + mt * 16 + lane / 4 + h * 8;
-                const int c = wn + nt * 8 + (lane % 4) * 2;
-                if (r >= rows_valid || c >= cols_valid) continue;
-                float v0 = acc[mt][nt][2 * h], v1 = acc[mt][nt][2 * h + 1];
-                const bool two = c + 1 < cols_valid;
-                if (bias) {
-                    v0 += to_f32(bias[c]);
-                    if (two) v1 += to_f32(bias[c + 1]);
-                }
-                bf16* dst = y + (size_t)r * ldy + c;
-                if (two && pairs) {
-                    *reinterpret_cast<bf162*>(dst) = __floats2bfloat162_rn(v0, v1);
-                } else {
-                    dst[0] = to_bf16(v0);
-                    if (two) dst[1] = to_bf16(v1);
-                }
-            }
+            for (int h = 0; h < 2; ++h)
+                store_pair(y, ldy, wm + mt * 16 + lane / 4 + h * 8, wn + nt * 8 + (lane % 4) * 2,
+                           acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1], rows_valid, cols_valid,
+                           bias, pairs);
 }
 
 __device__ __forceinline__ void zero(Acc acc) {
@@ -493,3 +498,193 @@ extern "C" __global__ void __launch_bounds__(256)
                 int pairs) {
     outer::grad<false>(U, gridDim.z, dY, gridDim.z, dB, rows, r, N, s, pairs);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The forward on Hopper tensor cores (sm_90a): lora_fwd_wgmma and lora_fwd_wgmma_prefix compute
+// what lora_fwd_gemm and lora_fwd_gemm_prefix do, with the same parameters and grids, on wgmma.
+// Block tile 128×128, K steps of 64 (one 128-byte swizzle row), a 3-stage cp.async pipeline;
+// the two warpgroups of the block own 64 rows × 128 columns each (m64n128k16, 64 f32
+// accumulators per thread). The low-rank term is again one more K segment, over [s·U_m | B_m]
+// rounded to bf16, padded with zeros to a multiple of 16.
+// ---------------------------------------------------------------------------------------------
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL
+namespace hopper {
+constexpr int BM = 128, BN = 128, BK = 64, STAGES = 3, THREADS = 256, WG_ROWS = 64;
+constexpr int TILE_A = BM * BK, TILE_B = BN * BK;  // elements
+constexpr int STAGE = TILE_A + TILE_B;
+// Dynamic shared memory per block: the stages, and up to 1024 bytes to align them.
+constexpr int SMEM_BYTES = STAGES * STAGE * 2 + 1024;
+static_assert(SMEM_BYTES == 99328, "the launcher (launch/lora.rs) assumes 99328 bytes");
+
+typedef float Acc[64];
+
+// Where element (row, col) of a tile of rows × 64 bf16 sits in the 128-byte swizzle.
+__device__ __forceinline__ int sw(int row, int col) {
+    return row * BK + ((((col >> 3) ^ row) & 7) << 3) + (col & 7);
+}
+
+// dst = the ROWS × 64 tile at src (row stride lds), zero outside rows_valid × cols_valid. `vec`
+// as in gemm::load_tile_async: 16-byte cp.async chunks, else scalar stores.
+template <int ROWS>
+__device__ __forceinline__ void load_tile(bf16* dst, const bf16* src, int lds, int rows_valid,
+                                          int cols_valid, bool vec) {
+    for (int i = threadIdx.x; i < ROWS * 8; i += THREADS) {
+        const int r = i / 8, col = (i % 8) * 8;
+        bf16* d = dst + sw(r, col);
+        if (vec) {
+            const bool ok = r < rows_valid && col < cols_valid;
+            cp_async_16(d, ok ? src + (size_t)r * lds + col : src, ok ? 16 : 0);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+                d[e] = (r < rows_valid && col + e < cols_valid) ? src[(size_t)r * lds + col + e]
+                                                                : to_bf16(0.0f);
+        }
+    }
+}
+
+// dst = scale·src rounded to bf16 over the first `cols` columns of a ROWS × 64 tile, from an f32
+// matrix with row stride lds; zero outside rows_valid × cols_valid.
+template <int ROWS>
+__device__ __forceinline__ void load_tile_f32(bf16* dst, const float* src, int lds,
+                                              int rows_valid, int cols_valid, int cols,
+                                              float scale) {
+    for (int i = threadIdx.x; i < ROWS * cols; i += THREADS) {
+        const int r = i / cols, c = i % cols;
+        const float v =
+            (r < rows_valid && c < cols_valid) ? scale * src[(size_t)r * lds + c] : 0.0f;
+        dst[sw(r, c)] = to_bf16(v);
+    }
+}
+
+// acc += (this warpgroup's 64 rows of As)·Bsᵀ over KSTEPS K steps of 16, then wait for it.
+// KSTEPS is a constant: a wgmma under a run-time condition makes ptxas serialise them all.
+template <int KSTEPS>
+__device__ __forceinline__ void mma_slab(Acc& acc, const bf16* As, const bf16* Bs) {
+    const u64 da = sw128_desc(As + (threadIdx.x / 128) * WG_ROWS * BK), db = sw128_desc(Bs);
+    wgmma_fence_operands(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks) wgmma_m64n128k16(acc, da + 2 * ks, db + 2 * ks, 1);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operands(acc);
+}
+
+// The main K loop: acc += A_tile·B_tileᵀ over `kred`, A rows from `a` (stride lda), B rows (the
+// tile's output columns) from `b` (stride ldb), both K-contiguous.
+__device__ void main_loop(Acc& acc, bf16* tiles, const bf16* a, int lda, int rows_valid,
+                          const bf16* b, int ldb, int cols_valid, int kred, bool vec) {
+    const int ktiles = (kred + BK - 1) / BK;
+    auto load = [&](int stage, int kt) {
+        bf16* As = tiles + stage * STAGE;
+        const int k0 = kt * BK;
+        load_tile<BM>(As, a + k0, lda, rows_valid, kred - k0, vec);
+        load_tile<BN>(As + TILE_A, b + k0, ldb, cols_valid, kred - k0, vec);
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < ktiles) load(s, s);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < ktiles; ++kt) {
+        cp_async_wait<STAGES - 2>();  // tile kt has landed (this thread's copies) ...
+        fence_proxy_async();          // ... where the tensor cores look ...
+        __syncthreads();  // ... for every thread; and every warpgroup is done with tile kt-1
+        const int next = kt + STAGES - 1;
+        if (next < ktiles) load(next % STAGES, next);  // into tile kt-1's stage
+        cp_async_commit();  // possibly empty: keeps the group count in step
+        const bf16* As = tiles + (kt % STAGES) * STAGE;
+        mma_slab<BK / 16>(acc, As, As + TILE_A);
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // shared memory is free for the low-rank segment
+}
+
+// acc += (p_scale·P)·Qᵀ over the rank: P [rows, r] and Q [cols, r] f32 (row strides r, ldq).
+__device__ void lowrank_segment(Acc& acc, bf16* tiles, const float* p, int rows_valid,
+                                float p_scale, const float* q, int ldq, int cols_valid, int r) {
+    for (int j0 = 0; j0 < r; j0 += BK) {
+        const int width = min(BK, r - j0), cols = (width + 15) / 16 * 16;
+        load_tile_f32<BM>(tiles, p + j0, r, rows_valid, width, cols, p_scale);
+        load_tile_f32<BN>(tiles + TILE_A, q + j0, ldq, cols_valid, width, cols, 1.0f);
+        fence_proxy_async();
+        __syncthreads();
+        switch (cols / 16) {
+            case 1: mma_slab<1>(acc, tiles, tiles + TILE_A); break;
+            case 2: mma_slab<2>(acc, tiles, tiles + TILE_A); break;
+            case 3: mma_slab<3>(acc, tiles, tiles + TILE_A); break;
+            default: mma_slab<4>(acc, tiles, tiles + TILE_A); break;
+        }
+        __syncthreads();
+    }
+}
+
+// Y tile = bf16(acc + bias). Thread t of warpgroup g holds, for each 8-column block j and h in
+// {0, 1}, row 64g + 16·(t/32 % 4) + (t%32)/4 + 8h, columns 8j + 2(t%4) and the next, in
+// acc[4j + 2h] and acc[4j + 2h + 1].
+__device__ __forceinline__ void store_tile(bf16* y, int ldy, int rows_valid, int cols_valid,
+                                           const Acc& acc, const bf16* bias, bool pairs) {
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    const int r0 = (warp / 4) * WG_ROWS + (warp % 4) * 16 + lane / 4;
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+            gemm::store_pair(y, ldy, r0 + 8 * h, 8 * j + 2 * (lane % 4), acc[4 * j + 2 * h],
+                             acc[4 * j + 2 * h + 1], rows_valid, cols_valid, bias, pairs);
+}
+
+__device__ __forceinline__ bf16* tiles(unsigned char* smem_raw) {
+    return reinterpret_cast<bf16*>(align_1024(smem_raw));
+}
+}  // namespace hopper
+
+// As lora_fwd_gemm. grid (ceil(N/128), M·ceil(rows/128)), block 256, smem hopper::SMEM_BYTES.
+extern "C" __global__ void __launch_bounds__(256)
+    lora_fwd_wgmma(const bf16* X, const bf16* W, const bf16* bias, const float* U, const float* B,
+                   bf16* Y, int rows, int N, int K, int r, float s, int vec) {
+    using namespace hopper;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* smem = hopper::tiles(smem_raw);
+    const int row_tiles = (rows + BM - 1) / BM;
+    const int m = blockIdx.y / row_tiles, row0 = (blockIdx.y % row_tiles) * BM;
+    const int n0 = blockIdx.x * BN;
+    const int rows_valid = min(BM, rows - row0);
+    const size_t row_base = (size_t)m * rows + row0;
+    Acc acc;
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+    main_loop(acc, smem, X + row_base * K, K, rows_valid, W + (size_t)n0 * K, K, N - n0, K, vec);
+    lowrank_segment(acc, smem, U + row_base * r, rows_valid, s, B + ((size_t)m * N + n0) * r, r,
+                    N - n0, r);
+    store_tile(Y + row_base * N + n0, N, rows_valid, N - n0, acc, bias ? bias + n0 : nullptr, vec);
+}
+
+// As lora_fwd_gemm_prefix: X [1, rows, K] shared, the X·Wᵀ tile computed once.
+// grid (ceil(N/128), ceil(rows/128)), block 256, smem hopper::SMEM_BYTES.
+extern "C" __global__ void __launch_bounds__(256)
+    lora_fwd_wgmma_prefix(const bf16* X, const bf16* W, const bf16* bias, const float* U,
+                          const float* B, bf16* Y, int members, int rows, int N, int K, int r,
+                          float s, int vec) {
+    using namespace hopper;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* smem = hopper::tiles(smem_raw);
+    const int row0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    const int rows_valid = min(BM, rows - row0);
+    Acc base, acc;
+#pragma unroll
+    for (int i = 0; i < 64; ++i) base[i] = 0.0f;
+    main_loop(base, smem, X + (size_t)row0 * K, K, rows_valid, W + (size_t)n0 * K, K, N - n0, K,
+              vec);
+    for (int m = 0; m < members; ++m) {
+        const size_t row_base = (size_t)m * rows + row0;
+#pragma unroll
+        for (int i = 0; i < 64; ++i) acc[i] = base[i];
+        lowrank_segment(acc, smem, U + row_base * r, rows_valid, s, B + ((size_t)m * N + n0) * r,
+                        r, N - n0, r);
+        store_tile(Y + row_base * N + n0, N, rows_valid, N - n0, acc, bias ? bias + n0 : nullptr,
+                   vec);
+    }
+}
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL

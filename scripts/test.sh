@@ -3,7 +3,7 @@
 #
 # The kernel compile check needs NVIDIA's NVRTC and CUDA headers, which come as pip wheels
 # pinned to the 13.0 line: scripts/cuda-wheels.sh installs them into .cache/cuda-wheels the
-# first time. Every kernel is then compiled for sm_80 and sm_90, one line per file and arch in
+# first time. Every kernel is then compiled for sm_80, sm_90 and sm_90a, one line per file and arch in
 # the log; a kernel that does not compile fails the run. The kernels also run on a CPU emulator
 # of the GPU (needs a C++20 compiler). Tests that need a GPU say plainly when they are skipped.
 set -euo pipefail

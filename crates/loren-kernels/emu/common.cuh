@@ -9,7 +9,15 @@
 // - ldmatrix .x4 and .x4.trans (lanes 8i..8i+7 address the rows of matrix i);
 // - cp.async: copies are queued per thread and only happen at cp.async.wait_group, so a read of
 //   a stage before its wait sees stale (poisoned) shared memory, as a real race could;
-// - dynamic shared memory is poisoned with 0xFF bytes (bf16 NaN) before each block.
+// - dynamic shared memory is poisoned with 0xFF bytes (bf16 NaN) before each block;
+// - Hopper's wgmma.mma_async m64n128k16 bf16 -> f32 with both operands in shared memory behind
+//   128-byte-swizzle K-major descriptors (start address, stride byte offset, swizzle mode
+//   decoded from the 64-bit descriptor; the XOR of address bits 4-6 with bits 7-9 applied to the
+//   address itself); its accumulator fragment (thread t of the warpgroup: row 16·(t/32) + (t%32)/4
+//   (+8), columns 8j + 2(t%4) (+1)); and its asynchrony: the products are formed at
+//   wgmma.wait_group, reading shared memory then, so a stage overwritten before the wait shows.
+//   Shared addresses start at EMU_SMEM_ORIGIN, off a 1024-byte boundary, so a kernel that does
+//   not align its swizzled tiles reads the wrong elements.
 // Not modelled: timing, bank conflicts, memory-model subtleties beyond barrier ordering.
 #pragma once
 #include <barrier>
@@ -294,3 +302,91 @@ inline float block_sum(float v, float* scratch) {
 }
 
 inline int group_index(int g, int groups) { return groups == 1 ? 0 : g; }
+
+// ---- Hopper's wgmma (the kernels' __CUDA_ARCH_FEAT_SM90_ALL parts) ------------------------------
+
+// The made-up shared address of dynamic shared memory's first byte: 16-byte aligned, as the
+// hardware guarantees, but not 1024-byte aligned.
+constexpr unsigned EMU_SMEM_ORIGIN = 0x410;
+
+inline unsigned emu_smem_addr(const void* p) {
+    const auto* c = static_cast<const unsigned char*>(p);
+    const unsigned char* base = emu_block->dyn.data();
+    if (c < base || c >= base + emu_block->dyn.size()) {
+        std::fprintf(stderr, "a wgmma operand outside dynamic shared memory\n");
+        std::abort();
+    }
+    return EMU_SMEM_ORIGIN + unsigned(c - base);
+}
+
+inline unsigned char* align_1024(unsigned char* p) {
+    return p + ((1024u - (emu_smem_addr(p) & 1023u)) & 1023u);
+}
+
+inline u64 sw128_desc(const void* tile) {
+    return (u64)((emu_smem_addr(tile) & 0x3FFFF) >> 4) | ((u64)(16 >> 4) << 16) |
+           ((u64)(1024 >> 4) << 32) | (1ull << 62);
+}
+
+inline void fence_proxy_async() {}
+inline void wgmma_fence() {}
+inline void wgmma_fence_operands(float (&)[64]) {}
+
+// Element (row, k) of a K-major bf16 operand behind a 128-byte-swizzle descriptor.
+inline double emu_desc_read(u64 desc, int row, int k) {
+    if ((desc >> 62) != 1 || ((desc >> 49) & 7) != 0) {
+        std::fprintf(stderr, "wgmma descriptor %016llx: only the 128-byte swizzle at base offset 0 is modelled\n", desc);
+        std::abort();
+    }
+    const unsigned start = unsigned(desc & 0x3FFF) << 4;
+    const unsigned sbo = unsigned((desc >> 32) & 0x3FFF) << 4;
+    unsigned addr = start + unsigned(row / 8) * sbo + unsigned(row % 8) * 128 + unsigned(k) * 2;
+    addr ^= ((addr >> 7) & 7) << 4;
+    if (addr < EMU_SMEM_ORIGIN || addr - EMU_SMEM_ORIGIN + 2 > emu_block->dyn.size()) {
+        std::fprintf(stderr, "wgmma reads shared address %#x, outside dynamic shared memory\n", addr);
+        std::abort();
+    }
+    uint16_t v;
+    std::memcpy(&v, emu_block->dyn.data() + (addr - EMU_SMEM_ORIGIN), 2);
+    return __bfloat162float({v});
+}
+
+struct EmuWgmma {
+    float* d;
+    u64 da, db;
+    int scale_d;
+};
+inline thread_local std::vector<EmuWgmma> emu_wg_open;
+inline thread_local std::vector<std::vector<EmuWgmma>> emu_wg_groups;
+
+inline void wgmma_m64n128k16(float (&d)[64], u64 desc_a, u64 desc_b, int scale_d) {
+    if (blockDim.x % 128 != 0) {
+        std::fprintf(stderr, "wgmma in a block of %u threads: not whole warpgroups\n", blockDim.x);
+        std::abort();
+    }
+    emu_wg_open.push_back({d, desc_a, desc_b, scale_d});
+}
+
+inline void wgmma_commit() {
+    emu_wg_groups.push_back(std::move(emu_wg_open));
+    emu_wg_open.clear();
+}
+
+// This thread's 64 accumulators of D[64x128] = A[64x16]·B[128x16]ᵀ (+ D).
+inline void emu_wgmma_run(const EmuWgmma& op) {
+    const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32;
+    for (int i = 0; i < 64; ++i) {
+        const int row = 16 * warp + lane / 4 + 8 * ((i / 2) % 2);
+        const int col = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
+        double s = op.scale_d ? op.d[i] : 0.0;
+        for (int k = 0; k < 16; ++k) s += emu_desc_read(op.da, row, k) * emu_desc_read(op.db, col, k);
+        op.d[i] = (float)s;
+    }
+}
+
+template <int N> inline void wgmma_wait() {
+    while (emu_wg_groups.size() > (size_t)N) {
+        for (const EmuWgmma& op : emu_wg_groups.front()) emu_wgmma_run(op);
+        emu_wg_groups.erase(emu_wg_groups.begin());
+    }
+}

@@ -124,10 +124,19 @@ static void lora_case(int M, int gx, int rows, int K, int N, int r, uint64_t see
     else
         emu_launch(lora_fwd_gemm, dim3{(unsigned)((N + 127) / 128), M * tiles, 1}, blk, 61440, x.data(), w.data(),
                    bias.data(), u.data(), b.data(), y.data(), rows, N, K, r, s, vec);
+    // The Hopper forward: the same parameters and grid, its own shared memory size.
+    std::vector<bf16> yh((size_t)M * rows * N, to_bf16(NAN));
+    if (prefix)
+        emu_launch(lora_fwd_wgmma_prefix, dim3{(unsigned)((N + 127) / 128), tiles, 1}, blk, 99328, x.data(),
+                   w.data(), bias.data(), u.data(), b.data(), yh.data(), M, rows, N, K, r, s, vec);
+    else
+        emu_launch(lora_fwd_wgmma, dim3{(unsigned)((N + 127) / 128), M * tiles, 1}, blk, 99328, x.data(), w.data(),
+                   bias.data(), u.data(), b.data(), yh.data(), rows, N, K, r, s, vec);
     char tag[128];
     std::snprintf(tag, sizeof tag, "M=%d gx=%d rows=%d K=%d N=%d r=%d", M, gx, rows, K, N, r);
     check(std::string("lora U ") + tag, d(u), u_ref, 1e-5);
     check(std::string("lora Y ") + tag, d(y), y_ref, 1e-2);
+    check(std::string("lora Y wgmma ") + tag, d(yh), y_ref, 1e-2);
 
     // Backward on the emulated U.
     auto uf = d(u);
@@ -636,6 +645,7 @@ int main(int argc, char** argv) {
         lora_case(2, 2, 17, 50, 30, 1, 3);     // ragged K and N: the scalar load path, rank 1
         lora_case(2, 2, 20, 64, 48, 40, 4);    // rank 40: two low-rank steps, r32 projections
         lora_case(3, 1, 33, 36, 20, 16, 5);    // prefix, ragged
+        lora_case(2, 2, 130, 200, 264, 72, 6); // rank 72: two 64-wide low-rank slabs; partial K tile
     }
     if (only.empty() || only == "attention") {
         attention_case<16>(3, 3, 1, 3, 2, 17, 4, 10);  // the tiny ViT: T=17, 4 heads of 16

@@ -1,9 +1,9 @@
 //! NVRTC compilation of the kernel sources to PTX, with an in-process and an on-disk cache.
 //!
 //! Options, the same for every file:
-//! - `--gpu-architecture=sm_XX` for the device's exact arch (plain `sm_90` on Hopper: the kernels
-//!   use `mma.sync`, `ldmatrix` and `cp.async`, all sm_80 features; nothing needs `sm_90a`,
-//!   which only `wgmma`/`setmaxnreg` would);
+//! - `--gpu-architecture=sm_XX` for the device's exact arch, and on Hopper (compute capability
+//!   9.0) `sm_90a`, its arch-specific target: the files then also build their wgmma parts (under
+//!   `__CUDA_ARCH_FEAT_SM90_ALL`), and everything else is what plain `sm_90` gives;
 //! - `-std=c++17`, `--include-path=<dir of cuda_bf16.h>`, `-lineinfo` (for compute-sanitizer);
 //! - precise math: `--fmad=true --ftz=false --prec-div=true --prec-sqrt=true`, and **no**
 //!   `--use_fast_math`. Fast math would flush denormals and approximate division and square root,
@@ -29,24 +29,35 @@ use crate::error::{KernelError, Result};
 use crate::probe;
 use crate::sources::{COMMON_HEADER, COMMON_HEADER_NAME, KernelSource};
 
-/// A GPU architecture, `sm_{major}{minor}`.
+/// A GPU architecture, `sm_{major}{minor}`, or with `specific` its arch-specific target
+/// `sm_{major}{minor}a`, whose code runs on that compute capability alone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Arch {
     pub major: u32,
     pub minor: u32,
+    pub specific: bool,
 }
 
 impl Arch {
-    pub const SM80: Arch = Arch { major: 8, minor: 0 };
-    pub const SM90: Arch = Arch { major: 9, minor: 0 };
+    pub const SM80: Arch = Arch::new(8, 0);
+    pub const SM90: Arch = Arch::new(9, 0);
+    /// Hopper's arch-specific target: what wgmma needs.
+    pub const SM90A: Arch = Arch {
+        specific: true,
+        ..Arch::SM90
+    };
 
     pub const fn new(major: u32, minor: u32) -> Arch {
-        Arch { major, minor }
+        Arch {
+            major,
+            minor,
+            specific: false,
+        }
     }
 
-    /// `sm_80`, `sm_90`, ...
+    /// `sm_80`, `sm_90`, `sm_90a`, ...
     pub fn name(self) -> String {
-        format!("sm_{}{}", self.major, self.minor)
+        self.to_string()
     }
 
     fn code(self) -> u32 {
@@ -56,7 +67,8 @@ impl Arch {
 
 impl std::fmt::Display for Arch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "sm_{}{}", self.major, self.minor)
+        let a = if self.specific { "a" } else { "" };
+        write!(f, "sm_{}{}{a}", self.major, self.minor)
     }
 }
 
@@ -165,10 +177,14 @@ pub fn supported_archs() -> Result<Vec<Arch>> {
 }
 
 /// The arch to compile for on a device of compute capability `cc`: the newest arch NVRTC supports
-/// that is not newer than the device (PTX for an older arch runs on newer devices).
+/// that is not newer than the device (PTX for an older arch runs on newer devices), and on a 9.0
+/// device that NVRTC compiles for, `sm_90a`.
 pub fn arch_for_device(cc: (i32, i32)) -> Result<Arch> {
     let device = Arch::new(cc.0.max(0) as u32, cc.1.max(0) as u32);
     let supported = supported_archs()?;
+    if device == Arch::SM90 && supported.contains(&Arch::SM90) {
+        return Ok(Arch::SM90A);
+    }
     supported
         .iter()
         .copied()
@@ -513,5 +529,6 @@ mod tests {
     fn arch_names() {
         assert_eq!(Arch::SM80.name(), "sm_80");
         assert_eq!(Arch::new(12, 0).to_string(), "sm_120");
+        assert_eq!(Arch::SM90A.name(), "sm_90a");
     }
 }

@@ -14,6 +14,7 @@ use cudarc::driver::{
 
 use crate::compile::{self, Arch, ParamKind};
 use crate::error::{KernelError, Result};
+use crate::launch::lora::ForwardPath;
 use crate::probe;
 use crate::sources::{Kernel, SOURCES};
 
@@ -35,6 +36,8 @@ pub struct Gpu {
     name: String,
     compute_capability: (i32, i32),
     arch: Arch,
+    /// The tensor-core path of the fused LoRA forward (see [`ForwardPath::choose`]).
+    forward_path: ForwardPath,
     functions: HashMap<Kernel, CudaFunction>,
     /// Each kernel's parameter types, read from its PTX: every launch is checked against them.
     signatures: HashMap<Kernel, Vec<ParamKind>>,
@@ -106,7 +109,7 @@ impl Gpu {
             let module = ctx
                 .load_module(cudarc::nvrtc::Ptx::from_src(ptx.text.clone()))
                 .map_err(|e| load_error(e, src.file, arch, nvrtc.version))?;
-            for kernel in src.kernels() {
+            for kernel in src.kernels(arch) {
                 let f =
                     module
                         .load_function(kernel.name())
@@ -128,29 +131,33 @@ impl Gpu {
             .map_err(KernelError::driver("reading the shared memory limit"))?
             as usize;
         for (kernel, bytes) in crate::launch::dynamic_smem() {
+            let Some(f) = functions.get(&kernel) else {
+                continue; // not built for this arch
+            };
             if bytes > optin {
                 return Err(KernelError::Unavailable(format!(
                     "{} needs {bytes} bytes of shared memory per block; {name} allows {optin}",
                     kernel.name()
                 )));
             }
-            functions[&kernel]
-                .set_attribute(
-                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    bytes as i32,
-                )
-                .map_err(KernelError::driver(format!(
-                    "raising the shared memory limit of {}",
-                    kernel.name()
-                )))?;
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+            .map_err(KernelError::driver(format!(
+                "raising the shared memory limit of {}",
+                kernel.name()
+            )))?;
         }
 
+        let forward_path = ForwardPath::choose(arch);
         Ok(Gpu {
             ctx,
             stream,
             name,
             compute_capability: cc,
             arch,
+            forward_path,
             functions,
             signatures,
             blas: OnceLock::new(),
@@ -182,6 +189,16 @@ impl Gpu {
     /// The arch the kernels were compiled for.
     pub fn arch(&self) -> Arch {
         self.arch
+    }
+
+    /// The tensor-core path [`Gpu::lora_forward`] takes.
+    pub fn forward_path(&self) -> ForwardPath {
+        self.forward_path
+    }
+
+    /// Whether this device's build has the wgmma kernels (sm_90a: H100, H200).
+    pub fn has_wgmma(&self) -> bool {
+        self.arch == Arch::SM90A
     }
 
     /// Wait for everything enqueued so far (the only synchronising call in this crate).

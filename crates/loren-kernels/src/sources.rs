@@ -2,6 +2,8 @@
 //! kernel a launcher may call. Launchers name kernels only through [`Kernel`], and the compile
 //! check asserts each one is an `.entry` of its file's PTX, so a renamed kernel cannot slip by.
 
+use crate::compile::Arch;
+
 /// One `kernels/*.cu` file.
 #[derive(Debug)]
 pub struct KernelSource {
@@ -12,12 +14,21 @@ pub struct KernelSource {
 }
 
 impl KernelSource {
-    /// The registered kernels of this file.
-    pub fn kernels(&self) -> impl Iterator<Item = Kernel> + '_ {
+    /// The registered kernels of this file that a build for `arch` holds.
+    pub fn kernels(&self, arch: Arch) -> impl Iterator<Item = Kernel> + '_ {
         Kernel::ALL
             .iter()
             .copied()
-            .filter(move |k| k.file() == self.file)
+            .filter(move |k| k.file() == self.file && k.built_for(arch))
+    }
+}
+
+impl Kernel {
+    /// Whether a build for `arch` holds this kernel: the wgmma kernels exist only in `sm_90a`
+    /// builds (their source is under `__CUDA_ARCH_FEAT_SM90_ALL`).
+    pub fn built_for(self, arch: Arch) -> bool {
+        let wgmma = matches!(self, Kernel::LoraFwdWgmma | Kernel::LoraFwdWgmmaPrefix);
+        !wgmma || arch == Arch::SM90A
     }
 }
 
@@ -66,6 +77,8 @@ sources! {
         LoraVR32 = "lora_v_r32",
         LoraFwdGemm = "lora_fwd_gemm",
         LoraFwdGemmPrefix = "lora_fwd_gemm_prefix",
+        LoraFwdWgmma = "lora_fwd_wgmma",
+        LoraFwdWgmmaPrefix = "lora_fwd_wgmma_prefix",
         LoraBwdDxGemm = "lora_bwd_dx_gemm",
         LoraBwdDxGemmPrefix = "lora_bwd_dx_gemm_prefix",
         LoraGradA = "lora_grad_a",

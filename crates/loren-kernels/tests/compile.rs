@@ -1,5 +1,5 @@
-//! The CI kernel check, no GPU needed: every `kernels/*.cu` compiles with NVRTC for sm_80 and
-//! sm_90, through NVRTC's built-in ptxas (so the PTX is also assembled to machine code, which
+//! The CI kernel check, no GPU needed: every `kernels/*.cu` compiles with NVRTC for sm_80, sm_90
+//! and sm_90a (Hopper's arch-specific target, which adds the wgmma kernels), through NVRTC's built-in ptxas (so the PTX is also assembled to machine code, which
 //! catches PTX the driver would reject), with no compiler warnings; and every kernel a launcher
 //! can call is an `.entry` of its file's PTX (and every entry is one a launcher calls).
 //!
@@ -9,7 +9,7 @@ use loren_kernels::{
     Arch, Kernel, SOURCES, compile, cuda_include_dir, nvrtc, ptxas_resources, warnings_only,
 };
 
-const ARCHS: [Arch; 2] = [Arch::SM80, Arch::SM90];
+const ARCHS: [Arch; 3] = [Arch::SM80, Arch::SM90, Arch::SM90A];
 
 fn require_toolchain() {
     let hint = "The kernel compile check needs NVRTC and the CUDA headers. Run \
@@ -28,7 +28,7 @@ fn require_toolchain() {
 }
 
 #[test]
-fn every_kernel_compiles_for_sm80_and_sm90() {
+fn every_kernel_compiles_for_sm80_sm90_and_sm90a() {
     require_toolchain();
     let mut failures = Vec::new();
     for src in SOURCES {
@@ -66,7 +66,7 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
                     src.file
                 ));
             }
-            for kernel in src.kernels() {
+            for kernel in src.kernels(arch) {
                 if !entries.contains(&kernel.name()) {
                     failures.push(format!(
                         "{} for {arch}: the launchers call {} ({kernel:?}), which is not an entry",
@@ -76,7 +76,7 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
                 }
             }
             for e in &entries {
-                if !src.kernels().any(|k| k.name() == *e) {
+                if !src.kernels(arch).any(|k| k.name() == *e) {
                     failures.push(format!(
                         "{} for {arch}: entry {e} has no launcher (add it to sources.rs)",
                         src.file
@@ -118,5 +118,5 @@ fn compile_caches_in_process() {
     let a = compile(src, Arch::SM80).unwrap_or_else(|e| panic!("{e}"));
     let b = compile(src, Arch::SM80).unwrap_or_else(|e| panic!("{e}"));
     assert!(std::sync::Arc::ptr_eq(&a, &b));
-    assert!(a.entries().len() == src.kernels().count());
+    assert!(a.entries().len() == src.kernels(Arch::SM80).count());
 }

@@ -68,7 +68,15 @@ fn kernels_on_the_cpu_emulator() {
     let exe = dir.join("harness");
     let mut cmd = Command::new(&cxx);
     cmd.current_dir(&dir)
-        .args(["-std=c++20", "-pthread", "-w", "harness.cpp", "-o"])
+        // The kernels' Hopper (sm_90a) parts too, on the emulated wgmma.
+        .args([
+            "-std=c++20",
+            "-pthread",
+            "-w",
+            "-D__CUDA_ARCH_FEAT_SM90_ALL",
+            "harness.cpp",
+            "-o",
+        ])
         .arg(&exe);
     if sanitize {
         cmd.args([

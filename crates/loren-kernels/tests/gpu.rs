@@ -12,8 +12,8 @@ use loren_kernels::launch::activation::bias_gelu_db_workspace_len;
 use loren_kernels::launch::elementwise::{sum_rows_workspace_len, sum_squares_partials_len};
 use loren_kernels::launch::norm::layernorm_params_workspace_len;
 use loren_kernels::{
-    AdamW, AttentionDims, BiasGeluDims, CudaSlice, EmbedDims, Gemm, GemmOut, Gpu, LoraDims,
-    NormDims, Sgd, SlotSpec, SumRowsDims, bf16, cuda_available,
+    AdamW, AttentionDims, BiasGeluDims, CudaSlice, EmbedDims, ForwardPath, Gemm, GemmOut, Gpu,
+    LoraDims, NormDims, Sgd, SlotSpec, SumRowsDims, bf16, cuda_available,
 };
 
 const BF16_TOL: f64 = 1e-2;
@@ -177,28 +177,31 @@ fn lora_case(d: LoraDims, seed: u64) {
         up(g, &b),
         up(g, &dy),
     );
-    let mut y = poisoned_bf16(g, d.members * d.rows * d.n);
     let mut u = poisoned_f32(g, d.members * d.rows * d.rank);
-    g.lora_forward(
-        &d,
-        &xd,
-        &wd,
-        Some(&biasd),
-        &ad,
-        &bd,
-        s as f32,
-        &mut y,
-        &mut u,
-    )
-    .expect("lora_forward");
+    g.lora_project_u(&d, &xd, &ad, &mut u)
+        .expect("lora_project_u");
     let tag = format!("{d:?}");
     check(&format!("lora U {tag}"), &down_f32(g, &u), &want.u, F32_TOL);
-    check(
-        &format!("lora Y {tag}"),
-        &down_bf16(g, &y),
-        &want.y,
-        BF16_TOL,
-    );
+    // Every tensor-core path this device has, each into a freshly poisoned Y.
+    for path in [ForwardPath::MmaSync, ForwardPath::Wgmma] {
+        if path == ForwardPath::Wgmma && !g.has_wgmma() {
+            println!(
+                "skipped: the wgmma forward ({} builds for {})",
+                g.name(),
+                g.arch()
+            );
+            continue;
+        }
+        let mut y = poisoned_bf16(g, d.members * d.rows * d.n);
+        g.lora_forward_gemm(path, &d, &xd, &wd, Some(&biasd), &u, &bd, s as f32, &mut y)
+            .expect("lora_forward_gemm");
+        check(
+            &format!("lora Y {path:?} {tag}"),
+            &down_bf16(g, &y),
+            &want.y,
+            BF16_TOL,
+        );
+    }
 
     // Backward, against the reference built on the GPU's own U (an f32 input to dB).
     let uf = down_f32(g, &u);
@@ -335,6 +338,12 @@ fn lora_rank_40_sixteen_members() {
 #[test]
 fn lora_prefix_sixteen_members_ragged() {
     lora_case(lora_dims(16, 1, 50, 36, 20, 8), 6);
+}
+
+#[test]
+fn lora_rank_72_vit_width() {
+    // Two 64-wide low-rank segments on the wgmma path; K = 768 over 12 K steps of 64.
+    lora_case(lora_dims(2, 2, 130, 768, 264, 72), 7);
 }
 
 #[test]

@@ -8,6 +8,7 @@ use crate::bf16;
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::{GRID_X, GRID_YZ, grid_dim, groups_ok, int, positive, product};
+use crate::compile::Arch;
 use crate::error::{KernelError, Result};
 use crate::gpu::{Arg, Gpu};
 use crate::sources::Kernel;
@@ -15,6 +16,43 @@ use crate::sources::Kernel;
 /// Dynamic shared memory of the fused GEMMs: 3 stages × (128×40 + 128×40) bf16. Mirrors
 /// `gemm::SMEM_BYTES` in lora.cu (a static_assert there pins the number).
 pub const GEMM_SMEM: usize = 61440;
+/// Dynamic shared memory of the wgmma forward: 3 stages × (128×64 + 128×64) bf16, and 1024 bytes
+/// to align them. Mirrors `hopper::SMEM_BYTES` in lora.cu.
+pub const WGMMA_SMEM: usize = 99328;
+
+/// The tensor-core path of the fused forward GEMM. Both compute the same products in the same
+/// precision (bf16 operands, f32 accumulators) with the same tiles, grid and arguments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardPath {
+    /// `mma.sync` m16n8k16 fed by `ldmatrix`: every arch from sm_80.
+    MmaSync,
+    /// Hopper's `wgmma` m64n128k16 on 128-byte-swizzled shared memory: sm_90a builds only.
+    Wgmma,
+}
+
+impl ForwardPath {
+    /// The path for a build for `arch`: wgmma where the build has it and `LOREN_WGMMA=1` asks for
+    /// it. It stays opt-in until the wgmma kernels have passed their parity tests on a Hopper GPU
+    /// (they pass on the CPU emulator); `LOREN_WGMMA=0` or unset keeps mma.sync.
+    pub fn choose(arch: Arch) -> ForwardPath {
+        let asked = std::env::var("LOREN_WGMMA").is_ok_and(|v| v == "1");
+        if asked && Kernel::LoraFwdWgmma.built_for(arch) {
+            ForwardPath::Wgmma
+        } else {
+            ForwardPath::MmaSync
+        }
+    }
+
+    /// The kernel and its dynamic shared memory, for a per-member or a shared (`prefix`) input.
+    fn kernel(self, prefix: bool) -> (Kernel, usize) {
+        match (self, prefix) {
+            (ForwardPath::MmaSync, false) => (Kernel::LoraFwdGemm, GEMM_SMEM),
+            (ForwardPath::MmaSync, true) => (Kernel::LoraFwdGemmPrefix, GEMM_SMEM),
+            (ForwardPath::Wgmma, false) => (Kernel::LoraFwdWgmma, WGMMA_SMEM),
+            (ForwardPath::Wgmma, true) => (Kernel::LoraFwdWgmmaPrefix, WGMMA_SMEM),
+        }
+    }
+}
 const GEMM_TILE: usize = 128;
 const GEMM_THREADS: u32 = 256;
 
@@ -99,8 +137,14 @@ fn project_cfg(op: &'static str, d: &LoraDims) -> Result<(LaunchConfig, bool)> {
 }
 
 /// The launch of a fused GEMM with `out_cols` output columns: tiles of 128×128, per member unless
-/// the prefix variant covers all members in one tile.
-fn gemm_cfg(op: &'static str, d: &LoraDims, out_cols: usize, prefix: bool) -> Result<LaunchConfig> {
+/// the prefix variant covers all members in one tile; `smem` bytes of dynamic shared memory.
+fn gemm_cfg(
+    op: &'static str,
+    d: &LoraDims,
+    out_cols: usize,
+    prefix: bool,
+    smem: usize,
+) -> Result<LaunchConfig> {
     let tiles = if prefix {
         d.row_tiles()
     } else {
@@ -113,7 +157,7 @@ fn gemm_cfg(op: &'static str, d: &LoraDims, out_cols: usize, prefix: bool) -> Re
             1,
         ),
         block_dim: (GEMM_THREADS, 1, 1),
-        shared_mem_bytes: GEMM_SMEM as u32,
+        shared_mem_bytes: smem as u32,
     })
 }
 
@@ -155,12 +199,13 @@ impl Gpu {
     }
 
     /// The fused GEMM of the forward: `Y[m] = X[g(m)]·Wᵀ + bias + s·U[m]·B_mᵀ`, the low-rank term
-    /// an extra K-segment of the tensor-core GEMM over all M·rows rows. With a shared X
-    /// (x_groups = 1, M > 1) the X·Wᵀ tile is computed once and each member's segment is added to
-    /// a copy of it. Needs U from [`Gpu::lora_project_u`].
+    /// an extra K-segment of the tensor-core GEMM over all M·rows rows, on `path`. With a shared
+    /// X (x_groups = 1, M > 1) the X·Wᵀ tile is computed once and each member's segment is added
+    /// to a copy of it. Needs U from [`Gpu::lora_project_u`].
     #[allow(clippy::too_many_arguments)]
     pub fn lora_forward_gemm(
         &self,
+        path: ForwardPath,
         d: &LoraDims,
         x: &dyn DevicePtr<bf16>,
         w: &dyn DevicePtr<bf16>,
@@ -185,7 +230,8 @@ impl Gpu {
             && w.aligned(16)
             && y.aligned(16)) as i32;
         let prefix = d.prefix();
-        let cfg = gemm_cfg(OP, d, d.n, prefix)?;
+        let (kernel, smem) = path.kernel(prefix);
+        let cfg = gemm_cfg(OP, d, d.n, prefix, smem)?;
         let (mm, rows, n, k, r) = (
             d.members as i32,
             d.rows as i32,
@@ -195,7 +241,7 @@ impl Gpu {
         );
         if prefix {
             self.launch(
-                Kernel::LoraFwdGemmPrefix,
+                kernel,
                 cfg,
                 &[
                     x.arg(),
@@ -215,7 +261,7 @@ impl Gpu {
             )
         } else {
             self.launch(
-                Kernel::LoraFwdGemm,
+                kernel,
                 cfg,
                 &[
                     x.arg(),
@@ -235,7 +281,8 @@ impl Gpu {
         }
     }
 
-    /// The whole forward, two launches: [`Gpu::lora_project_u`] then [`Gpu::lora_forward_gemm`].
+    /// The whole forward, two launches: [`Gpu::lora_project_u`] then [`Gpu::lora_forward_gemm`]
+    /// on [`Gpu::forward_path`].
     /// Writes Y [M, rows, N] bf16 and U [M, rows, r] f32 (kept for the backward).
     #[allow(clippy::too_many_arguments)]
     pub fn lora_forward(
@@ -251,7 +298,7 @@ impl Gpu {
         u: &mut (impl DevicePtr<f32> + DevicePtrMut<f32>),
     ) -> Result<()> {
         self.lora_project_u(d, x, a, u)?;
-        self.lora_forward_gemm(d, x, w, bias, &*u, b, scale, y)
+        self.lora_forward_gemm(self.forward_path(), d, x, w, bias, &*u, b, scale, y)
     }
 
     /// `V[m] = s·dY[m]·B_m`: V [M, rows, r] f32, the gradient reaching U, shared by dA and dX.
@@ -315,7 +362,7 @@ impl Gpu {
             && w.aligned(16)
             && dx.aligned(16)) as i32;
         let prefix = d.prefix();
-        let cfg = gemm_cfg(OP, d, d.k, prefix)?;
+        let cfg = gemm_cfg(OP, d, d.k, prefix, GEMM_SMEM)?;
         let (mm, rows, n, k, r) = (
             d.members as i32,
             d.rows as i32,
