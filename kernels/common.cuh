@@ -128,12 +128,14 @@ __device__ __forceinline__ unsigned char* align_1024(unsigned char* p) {
     return p + ((1024u - (smem_addr(p) & 1023u)) & 1023u);
 }
 
-// The descriptor of a 128-byte-swizzled K-major tile starting at `tile` (1024-byte aligned):
-// start address >> 4 in bits 0-13, leading byte offset 16 (unused by this layout) in bits 16-29,
-// stride byte offset 1024 (from one 8-row group to the next) in bits 32-45, swizzle mode 1
-// (128 bytes) in bits 62-63. Adding 2 advances it by 32 bytes: the next K step of 16.
-__device__ __forceinline__ u64 sw128_desc(const void* tile) {
-    return (u64)((smem_addr(tile) & 0x3FFFF) >> 4) | ((u64)(16 >> 4) << 16) |
+// The descriptor of a 128-byte-swizzled tile starting at `tile` (1024-byte aligned): start
+// address >> 4 in bits 0-13; leading byte offset >> 4 in bits 16-29; stride byte offset >> 4 in
+// bits 32-45; swizzle mode 1 (128 bytes) in bits 62-63. K-major: the stride byte offset 1024
+// steps from one 8-row group to the next, the leading one is unused (16, "assumed 1"); adding 2
+// advances one K step of 16 (32 bytes). MN-major: `lbo` steps from one 64-column half to the
+// next, the stride byte offset 1024 from one 8-row K group to the next.
+__device__ __forceinline__ u64 sw128_desc(const void* tile, unsigned lbo = 16) {
+    return (u64)((smem_addr(tile) & 0x3FFFF) >> 4) | ((u64)(lbo >> 4) << 16) |
            ((u64)(1024 >> 4) << 32) | (1ull << 62);
 }
 
@@ -164,9 +166,11 @@ __device__ __forceinline__ void wgmma_fence_operands(float (&d)[64]) {
     for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// D[64x128] (+)= A[64x16]·B[128x16]ᵀ for one warpgroup, both operands K-major in shared memory
-// behind descriptors; `scale_d` 0 overwrites D, 1 accumulates. Asynchronous: D is neither read nor
-// written by other code until wgmma_wait says its group is done.
+// D[64x128] (+)= A[64x16]·B[16x128] for one warpgroup, both operands in shared memory behind
+// descriptors: A K-major; B K-major, or MN-major (its 128 columns contiguous) with B_MN.
+// `scale_d` 0 overwrites D, 1 accumulates. Asynchronous: D is neither read nor written by other
+// code until wgmma_wait says its group is done.
+template <bool B_MN = false>
 __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], u64 desc_a, u64 desc_b,
                                                  int scale_d) {
     asm volatile(
@@ -176,7 +180,7 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], u64 desc_a, u64
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
         "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
         "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "%64, %65, p, 1, 1, 0, 0;\n}\n"
+        "%64, %65, p, 1, 1, 0, %67;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
           "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -185,7 +189,7 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], u64 desc_a, u64
           "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
           "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
           "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(B_MN ? 1 : 0));
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL

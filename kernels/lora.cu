@@ -500,51 +500,92 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // ---------------------------------------------------------------------------------------------
-// The forward on Hopper tensor cores (sm_90a): lora_fwd_wgmma and lora_fwd_wgmma_prefix compute
-// what lora_fwd_gemm and lora_fwd_gemm_prefix do, with the same parameters and grids, on wgmma.
-// Block tile 128×128, K steps of 64 (one 128-byte swizzle row), a 3-stage cp.async pipeline;
-// the two warpgroups of the block own 64 rows × 128 columns each (m64n128k16, 64 f32
-// accumulators per thread). The low-rank term is again one more K segment, over [s·U_m | B_m]
-// rounded to bf16, padded with zeros to a multiple of 16.
+// The fused GEMMs on Hopper tensor cores (sm_90a): lora_fwd_wgmma, lora_fwd_wgmma_prefix,
+// lora_bwd_dx_wgmma and lora_bwd_dx_wgmma_prefix compute what their gemm:: twins above compute,
+// with the same parameters and grids, on wgmma. Block tile 128×128, K steps of 64 (one 128-byte
+// swizzle row), a 3-stage cp.async pipeline; the two warpgroups of the block own 64 rows × 128
+// columns each (m64n128k16, 64 f32 accumulators per thread). The low-rank term is again one more
+// K segment, over [s·U_m | B_m] or [V_m | A_m] rounded to bf16, padded with zeros to a multiple
+// of 16.
+//
+// Shared-memory layouts, all in the 128-byte swizzle (common.cuh):
+// - A, and B in the forward (W [N, K]: K contiguous), are K-major: a row per M or N index, its 64
+//   K values the swizzled 128 bytes (`sw`).
+// - B in the backward (W [N, K] with N the reduction: the output index contiguous) is MN-major:
+//   two halves of 64 output columns, each 64 K rows whose 64 columns are the swizzled 128 bytes
+//   (`sw_mn`); the descriptor's leading byte offset steps from one half to the other.
 // ---------------------------------------------------------------------------------------------
 #ifdef __CUDA_ARCH_FEAT_SM90_ALL
 namespace hopper {
 constexpr int BM = 128, BN = 128, BK = 64, STAGES = 3, THREADS = 256, WG_ROWS = 64;
 constexpr int TILE_A = BM * BK, TILE_B = BN * BK;  // elements
 constexpr int STAGE = TILE_A + TILE_B;
+constexpr int HALF = BK * 64;  // elements of one 64-column half of an MN-major B tile
 // Dynamic shared memory per block: the stages, and up to 1024 bytes to align them.
 constexpr int SMEM_BYTES = STAGES * STAGE * 2 + 1024;
 static_assert(SMEM_BYTES == 99328, "the launcher (launch/lora.rs) assumes 99328 bytes");
 
 typedef float Acc[64];
 
-// Where element (row, col) of a tile of rows × 64 bf16 sits in the 128-byte swizzle.
+// Where element (row, col), col < 64, of a K-major tile sits.
 __device__ __forceinline__ int sw(int row, int col) {
     return row * BK + ((((col >> 3) ^ row) & 7) << 3) + (col & 7);
 }
 
-// dst = the ROWS × 64 tile at src (row stride lds), zero outside rows_valid × cols_valid. `vec`
-// as in gemm::load_tile_async: 16-byte cp.async chunks, else scalar stores.
+// Where element (k, n), n < 128, of an MN-major B tile sits.
+__device__ __forceinline__ int sw_mn(int k, int n) { return (n / 64) * HALF + sw(k, n % 64); }
+
+// The 8 elements src[r·lds + col ..] into d (16 contiguous bytes), zero outside rows_valid ×
+// cols_valid. `vec` as in gemm::load_tile_async: one 16-byte cp.async, else scalar stores.
+__device__ __forceinline__ void copy_chunk(bf16* d, const bf16* src, int lds, int r, int col,
+                                           int rows_valid, int cols_valid, bool vec) {
+    if (vec) {
+        const bool ok = r < rows_valid && col < cols_valid;
+        cp_async_16(d, ok ? src + (size_t)r * lds + col : src, ok ? 16 : 0);
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+            d[e] = (r < rows_valid && col + e < cols_valid) ? src[(size_t)r * lds + col + e]
+                                                            : to_bf16(0.0f);
+    }
+}
+
+// A K-major tile of ROWS rows × 64 from src (row stride lds).
 template <int ROWS>
 __device__ __forceinline__ void load_tile(bf16* dst, const bf16* src, int lds, int rows_valid,
                                           int cols_valid, bool vec) {
     for (int i = threadIdx.x; i < ROWS * 8; i += THREADS) {
         const int r = i / 8, col = (i % 8) * 8;
-        bf16* d = dst + sw(r, col);
-        if (vec) {
-            const bool ok = r < rows_valid && col < cols_valid;
-            cp_async_16(d, ok ? src + (size_t)r * lds + col : src, ok ? 16 : 0);
-        } else {
-#pragma unroll
-            for (int e = 0; e < 8; ++e)
-                d[e] = (r < rows_valid && col + e < cols_valid) ? src[(size_t)r * lds + col + e]
-                                                                : to_bf16(0.0f);
-        }
+        copy_chunk(dst + sw(r, col), src, lds, r, col, rows_valid, cols_valid, vec);
     }
 }
 
-// dst = scale·src rounded to bf16 over the first `cols` columns of a ROWS × 64 tile, from an f32
-// matrix with row stride lds; zero outside rows_valid × cols_valid.
+// An MN-major B tile of 64 K rows × 128 output columns from src stored [K][out] (stride lds).
+__device__ __forceinline__ void load_tile_mn(bf16* dst, const bf16* src, int lds, int rows_valid,
+                                             int cols_valid, bool vec) {
+    for (int i = threadIdx.x; i < BK * (BN / 8); i += THREADS) {
+        const int r = i / (BN / 8), col = (i % (BN / 8)) * 8;
+        copy_chunk(dst + sw_mn(r, col), src, lds, r, col, rows_valid, cols_valid, vec);
+    }
+}
+
+// A K-major A tile of Σ_m src[m·member_stride + ..] (summed in f32, then rounded): the
+// shared-input backward, where every member's dY multiplies the same W.
+__device__ __forceinline__ void load_tile_member_sum(bf16* dst, const bf16* src,
+                                                     size_t member_stride, int members, int lds,
+                                                     int rows_valid, int cols_valid) {
+    for (int i = threadIdx.x; i < BM * BK; i += THREADS) {
+        const int r = i / BK, c = i % BK;
+        float v = 0.0f;
+        if (r < rows_valid && c < cols_valid)
+            for (int m = 0; m < members; ++m)
+                v += to_f32(src[m * member_stride + (size_t)r * lds + c]);
+        dst[sw(r, c)] = to_bf16(v);
+    }
+}
+
+// scale·src rounded to bf16 into a K-major tile of ROWS rows over its first `cols` columns, from
+// an f32 matrix [rows][cols] with row stride lds; zero outside rows_valid × cols_valid.
 template <int ROWS>
 __device__ __forceinline__ void load_tile_f32(bf16* dst, const float* src, int lds,
                                               int rows_valid, int cols_valid, int cols,
@@ -557,30 +598,56 @@ __device__ __forceinline__ void load_tile_f32(bf16* dst, const float* src, int l
     }
 }
 
-// acc += (this warpgroup's 64 rows of As)·Bsᵀ over KSTEPS K steps of 16, then wait for it.
-// KSTEPS is a constant: a wgmma under a run-time condition makes ptxas serialise them all.
-template <int KSTEPS>
+// src rounded to bf16 into the first `rows` K rows of an MN-major B tile, from an f32 matrix
+// stored [K][out] with row stride lds; zero outside rows_valid × cols_valid.
+__device__ __forceinline__ void load_tile_f32_mn(bf16* dst, const float* src, int lds,
+                                                 int rows_valid, int cols_valid, int rows) {
+    for (int i = threadIdx.x; i < rows * BN; i += THREADS) {
+        const int r = i / BN, c = i % BN;
+        const float v = (r < rows_valid && c < cols_valid) ? src[(size_t)r * lds + c] : 0.0f;
+        dst[sw_mn(r, c)] = to_bf16(v);
+    }
+}
+
+// acc += (this warpgroup's 64 rows of As)·Bs over KSTEPS K steps of 16, then wait for it. Bs is
+// K-major, or MN-major with B_MN. KSTEPS is a constant: a wgmma under a run-time condition makes
+// ptxas serialise them all.
+template <int KSTEPS, bool B_MN>
 __device__ __forceinline__ void mma_slab(Acc& acc, const bf16* As, const bf16* Bs) {
-    const u64 da = sw128_desc(As + (threadIdx.x / 128) * WG_ROWS * BK), db = sw128_desc(Bs);
+    const u64 da = sw128_desc(As + (threadIdx.x / 128) * WG_ROWS * BK);
+    // One K step of 16 is 32 bytes along a K-major row, 16 rows of 128 bytes down an MN-major
+    // tile: +2 or +128 in the descriptor's address field (bytes >> 4).
+    const u64 db = B_MN ? sw128_desc(Bs, HALF * 2) : sw128_desc(Bs);
     wgmma_fence_operands(acc);
     wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < KSTEPS; ++ks) wgmma_m64n128k16(acc, da + 2 * ks, db + 2 * ks, 1);
+    for (int ks = 0; ks < KSTEPS; ++ks)
+        wgmma_m64n128k16<B_MN>(acc, da + 2 * ks, db + (B_MN ? 128 : 2) * ks, 1);
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_operands(acc);
 }
 
-// The main K loop: acc += A_tile·B_tileᵀ over `kred`, A rows from `a` (stride lda), B rows (the
-// tile's output columns) from `b` (stride ldb), both K-contiguous.
-__device__ void main_loop(Acc& acc, bf16* tiles, const bf16* a, int lda, int rows_valid,
-                          const bf16* b, int ldb, int cols_valid, int kred, bool vec) {
+// The main K loop: acc += A_tile·B_tile over `kred`. A rows from `a` (stride lda; with SUM_A the
+// sum over `members` copies a_member_stride apart). B from `b` at the tile's first output column:
+// b[n·ldb + k] (K-major), or b[k·ldb + n] with B_MN.
+template <bool B_MN, bool SUM_A>
+__device__ void main_loop(Acc& acc, bf16* tiles, const bf16* a, int lda, size_t a_member_stride,
+                          int members, int rows_valid, const bf16* b, int ldb, int cols_valid,
+                          int kred, bool vec) {
     const int ktiles = (kred + BK - 1) / BK;
     auto load = [&](int stage, int kt) {
         bf16* As = tiles + stage * STAGE;
         const int k0 = kt * BK;
-        load_tile<BM>(As, a + k0, lda, rows_valid, kred - k0, vec);
-        load_tile<BN>(As + TILE_A, b + k0, ldb, cols_valid, kred - k0, vec);
+        if (SUM_A)
+            load_tile_member_sum(As, a + k0, a_member_stride, members, lda, rows_valid,
+                                 kred - k0);
+        else
+            load_tile<BM>(As, a + k0, lda, rows_valid, kred - k0, vec);
+        if (B_MN)
+            load_tile_mn(As + TILE_A, b + (size_t)k0 * ldb, ldb, kred - k0, cols_valid, vec);
+        else
+            load_tile<BN>(As + TILE_A, b + k0, ldb, cols_valid, kred - k0, vec);
     };
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
@@ -595,26 +662,32 @@ __device__ void main_loop(Acc& acc, bf16* tiles, const bf16* a, int lda, int row
         if (next < ktiles) load(next % STAGES, next);  // into tile kt-1's stage
         cp_async_commit();  // possibly empty: keeps the group count in step
         const bf16* As = tiles + (kt % STAGES) * STAGE;
-        mma_slab<BK / 16>(acc, As, As + TILE_A);
+        mma_slab<BK / 16, B_MN>(acc, As, As + TILE_A);
     }
     cp_async_wait<0>();
     __syncthreads();  // shared memory is free for the low-rank segment
 }
 
-// acc += (p_scale·P)·Qᵀ over the rank: P [rows, r] and Q [cols, r] f32 (row strides r, ldq).
+// acc += (p_scale·P)·Q over the rank: P [rows, r] f32 (row stride r); Q f32 at the tile's first
+// output column, q[n·ldq + j] (K-major, the forward's B_m [N, r]) or q[j·ldq + n] with B_MN (the
+// backward's A_m [r, K]).
+template <bool B_MN>
 __device__ void lowrank_segment(Acc& acc, bf16* tiles, const float* p, int rows_valid,
                                 float p_scale, const float* q, int ldq, int cols_valid, int r) {
     for (int j0 = 0; j0 < r; j0 += BK) {
         const int width = min(BK, r - j0), cols = (width + 15) / 16 * 16;
         load_tile_f32<BM>(tiles, p + j0, r, rows_valid, width, cols, p_scale);
-        load_tile_f32<BN>(tiles + TILE_A, q + j0, ldq, cols_valid, width, cols, 1.0f);
+        if (B_MN)
+            load_tile_f32_mn(tiles + TILE_A, q + (size_t)j0 * ldq, ldq, width, cols_valid, cols);
+        else
+            load_tile_f32<BN>(tiles + TILE_A, q + j0, ldq, cols_valid, width, cols, 1.0f);
         fence_proxy_async();
         __syncthreads();
         switch (cols / 16) {
-            case 1: mma_slab<1>(acc, tiles, tiles + TILE_A); break;
-            case 2: mma_slab<2>(acc, tiles, tiles + TILE_A); break;
-            case 3: mma_slab<3>(acc, tiles, tiles + TILE_A); break;
-            default: mma_slab<4>(acc, tiles, tiles + TILE_A); break;
+            case 1: mma_slab<1, B_MN>(acc, tiles, tiles + TILE_A); break;
+            case 2: mma_slab<2, B_MN>(acc, tiles, tiles + TILE_A); break;
+            case 3: mma_slab<3, B_MN>(acc, tiles, tiles + TILE_A); break;
+            default: mma_slab<4, B_MN>(acc, tiles, tiles + TILE_A); break;
         }
         __syncthreads();
     }
@@ -635,6 +708,11 @@ __device__ __forceinline__ void store_tile(bf16* y, int ldy, int rows_valid, int
                              acc[4 * j + 2 * h + 1], rows_valid, cols_valid, bias, pairs);
 }
 
+__device__ __forceinline__ void zero(Acc& acc) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+}
+
 __device__ __forceinline__ bf16* tiles(unsigned char* smem_raw) {
     return reinterpret_cast<bf16*>(align_1024(smem_raw));
 }
@@ -653,11 +731,11 @@ extern "C" __global__ void __launch_bounds__(256)
     const int rows_valid = min(BM, rows - row0);
     const size_t row_base = (size_t)m * rows + row0;
     Acc acc;
-#pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
-    main_loop(acc, smem, X + row_base * K, K, rows_valid, W + (size_t)n0 * K, K, N - n0, K, vec);
-    lowrank_segment(acc, smem, U + row_base * r, rows_valid, s, B + ((size_t)m * N + n0) * r, r,
-                    N - n0, r);
+    zero(acc);
+    main_loop<false, false>(acc, smem, X + row_base * K, K, 0, 1, rows_valid, W + (size_t)n0 * K,
+                            K, N - n0, K, vec);
+    lowrank_segment<false>(acc, smem, U + row_base * r, rows_valid, s,
+                           B + ((size_t)m * N + n0) * r, r, N - n0, r);
     store_tile(Y + row_base * N + n0, N, rows_valid, N - n0, acc, bias ? bias + n0 : nullptr, vec);
 }
 
@@ -673,18 +751,59 @@ extern "C" __global__ void __launch_bounds__(256)
     const int row0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     const int rows_valid = min(BM, rows - row0);
     Acc base, acc;
-#pragma unroll
-    for (int i = 0; i < 64; ++i) base[i] = 0.0f;
-    main_loop(base, smem, X + (size_t)row0 * K, K, rows_valid, W + (size_t)n0 * K, K, N - n0, K,
-              vec);
+    zero(base);
+    main_loop<false, false>(base, smem, X + (size_t)row0 * K, K, 0, 1, rows_valid,
+                            W + (size_t)n0 * K, K, N - n0, K, vec);
     for (int m = 0; m < members; ++m) {
         const size_t row_base = (size_t)m * rows + row0;
 #pragma unroll
         for (int i = 0; i < 64; ++i) acc[i] = base[i];
-        lowrank_segment(acc, smem, U + row_base * r, rows_valid, s, B + ((size_t)m * N + n0) * r,
-                        r, N - n0, r);
+        lowrank_segment<false>(acc, smem, U + row_base * r, rows_valid, s,
+                               B + ((size_t)m * N + n0) * r, r, N - n0, r);
         store_tile(Y + row_base * N + n0, N, rows_valid, N - n0, acc, bias ? bias + n0 : nullptr,
                    vec);
     }
+}
+
+// As lora_bwd_dx_gemm: dX[m] = dY[m]·W + V[m]·A_m. grid (ceil(K/128), M·ceil(rows/128)), block
+// 256, smem hopper::SMEM_BYTES.
+extern "C" __global__ void __launch_bounds__(256)
+    lora_bwd_dx_wgmma(const bf16* dY, const bf16* W, const float* V, const float* A, bf16* dX,
+                      int rows, int N, int K, int r, int vec) {
+    using namespace hopper;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* smem = hopper::tiles(smem_raw);
+    const int row_tiles = (rows + BM - 1) / BM;
+    const int m = blockIdx.y / row_tiles, row0 = (blockIdx.y % row_tiles) * BM;
+    const int n0 = blockIdx.x * BN;
+    const int rows_valid = min(BM, rows - row0);
+    const size_t row_base = (size_t)m * rows + row0;
+    Acc acc;
+    zero(acc);
+    main_loop<true, false>(acc, smem, dY + row_base * N, N, 0, 1, rows_valid, W + n0, K, K - n0,
+                           N, vec);
+    lowrank_segment<true>(acc, smem, V + row_base * r, rows_valid, 1.0f,
+                          A + (size_t)m * r * K + n0, K, K - n0, r);
+    store_tile(dX + row_base * K + n0, K, rows_valid, K - n0, acc, nullptr, vec);
+}
+
+// As lora_bwd_dx_gemm_prefix: dX = (Σ_m dY[m])·W + Σ_m V[m]·A_m.
+// grid (ceil(K/128), ceil(rows/128)), block 256, smem hopper::SMEM_BYTES.
+extern "C" __global__ void __launch_bounds__(256)
+    lora_bwd_dx_wgmma_prefix(const bf16* dY, const bf16* W, const float* V, const float* A,
+                             bf16* dX, int members, int rows, int N, int K, int r, int vec) {
+    using namespace hopper;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* smem = hopper::tiles(smem_raw);
+    const int row0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    const int rows_valid = min(BM, rows - row0);
+    Acc acc;
+    zero(acc);
+    main_loop<true, true>(acc, smem, dY + (size_t)row0 * N, N, (size_t)rows * N, members,
+                          rows_valid, W + n0, K, K - n0, N, vec);
+    for (int m = 0; m < members; ++m)
+        lowrank_segment<true>(acc, smem, V + ((size_t)m * rows + row0) * r, rows_valid, 1.0f,
+                              A + (size_t)m * r * K + n0, K, K - n0, r);
+    store_tile(dX + (size_t)row0 * K + n0, K, rows_valid, K - n0, acc, nullptr, vec);
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL

@@ -80,8 +80,8 @@ parity() {
     check "kernel launchers" "$out/parity.log" 150 $bin/kernels_gpu --nocapture --test-threads=1
     check "ops against their CPU twins" "$out/parity.log" 150 $bin/gpu_parity --nocapture --test-threads=1
     check "training step against the CPU" "$out/parity.log" 90 $bin/gpu_training --nocapture --test-threads=1
-    # The same step with the wgmma forward (sm_90a builds only; elsewhere it repeats the above).
-    check "training step, wgmma forward" "$out/parity.log" 90 env LOREN_WGMMA=1 $bin/gpu_training --nocapture --test-threads=1
+    # The same step with the wgmma GEMMs (sm_90a builds only; elsewhere it repeats the above).
+    check "training step, wgmma GEMMs" "$out/parity.log" 90 env LOREN_WGMMA=1 $bin/gpu_training --nocapture --test-threads=1
 }
 
 train() {
@@ -93,7 +93,7 @@ train() {
 bench() {
     check "kernel-bench" "$out/bench.log" 120 $bin/kernel-bench --out "$work/kernel-bench"
     check "loren bench" "$out/bench.log" 180 $bin/loren bench --device cuda -q --members 1,2,4,8,16,32 --out "$work/bench"
-    check "loren bench, wgmma forward" "$out/bench.log" 90 env LOREN_WGMMA=1 $bin/loren bench --device cuda -q --methods lora --config vit-b-32 --members 1,4,16 --out "$work/bench-wgmma"
+    check "loren bench, wgmma GEMMs" "$out/bench.log" 90 env LOREN_WGMMA=1 $bin/loren bench --device cuda -q --methods lora --config vit-b-32 --members 1,4,16 --out "$work/bench-wgmma"
     check "loren memprofile" "$out/bench.log" 120 $bin/loren memprofile --device cuda -q --out "$work/memprofile"
 }
 

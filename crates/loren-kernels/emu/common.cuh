@@ -13,7 +13,7 @@
 // - Hopper's wgmma.mma_async m64n128k16 bf16 -> f32 with both operands in shared memory behind
 //   128-byte-swizzle K-major descriptors (start address, stride byte offset, swizzle mode
 //   decoded from the 64-bit descriptor; the XOR of address bits 4-6 with bits 7-9 applied to the
-//   address itself); its accumulator fragment (thread t of the warpgroup: row 16·(t/32) + (t%32)/4
+//   address itself; K-major and MN-major B); its accumulator fragment (thread t of the warpgroup: row 16·(t/32) + (t%32)/4
 //   (+8), columns 8j + 2(t%4) (+1)); and its asynchrony: the products are formed at
 //   wgmma.wait_group, reading shared memory then, so a stage overwritten before the wait shows.
 //   Shared addresses start at EMU_SMEM_ORIGIN, off a 1024-byte boundary, so a kernel that does
@@ -323,8 +323,8 @@ inline unsigned char* align_1024(unsigned char* p) {
     return p + ((1024u - (emu_smem_addr(p) & 1023u)) & 1023u);
 }
 
-inline u64 sw128_desc(const void* tile) {
-    return (u64)((emu_smem_addr(tile) & 0x3FFFF) >> 4) | ((u64)(16 >> 4) << 16) |
+inline u64 sw128_desc(const void* tile, unsigned lbo = 16) {
+    return (u64)((emu_smem_addr(tile) & 0x3FFFF) >> 4) | ((u64)(lbo >> 4) << 16) |
            ((u64)(1024 >> 4) << 32) | (1ull << 62);
 }
 
@@ -332,15 +332,22 @@ inline void fence_proxy_async() {}
 inline void wgmma_fence() {}
 inline void wgmma_fence_operands(float (&)[64]) {}
 
-// Element (row, k) of a K-major bf16 operand behind a 128-byte-swizzle descriptor.
-inline double emu_desc_read(u64 desc, int row, int k) {
+// Element (mn, k) of a bf16 operand behind a 128-byte-swizzle descriptor, K-major or MN-major,
+// by the PTX ISA's canonical layouts (in 16-byte units T = 8 elements):
+//   K-major   ((8, m), (T, 2k)) : ((8T, SBO), (1, T))    a row of 64 K values is 128 bytes
+//   MN-major  ((T, 8, m), (8, k)) : ((1, T, LBO), (8T, SBO))   a K row of 64 MN values is 128 bytes
+// then the 128-byte swizzle on the byte address: bits 4-6 ^= bits 7-9.
+inline double emu_desc_read(u64 desc, int mn, int k, bool mn_major) {
     if ((desc >> 62) != 1 || ((desc >> 49) & 7) != 0) {
         std::fprintf(stderr, "wgmma descriptor %016llx: only the 128-byte swizzle at base offset 0 is modelled\n", desc);
         std::abort();
     }
     const unsigned start = unsigned(desc & 0x3FFF) << 4;
+    const unsigned lbo = unsigned((desc >> 16) & 0x3FFF) << 4;
     const unsigned sbo = unsigned((desc >> 32) & 0x3FFF) << 4;
-    unsigned addr = start + unsigned(row / 8) * sbo + unsigned(row % 8) * 128 + unsigned(k) * 2;
+    unsigned addr = mn_major
+        ? start + unsigned(mn / 64) * lbo + unsigned(mn % 64) * 2 + unsigned(k / 8) * sbo + unsigned(k % 8) * 128
+        : start + unsigned(mn / 8) * sbo + unsigned(mn % 8) * 128 + unsigned(k) * 2;
     addr ^= ((addr >> 7) & 7) << 4;
     if (addr < EMU_SMEM_ORIGIN || addr - EMU_SMEM_ORIGIN + 2 > emu_block->dyn.size()) {
         std::fprintf(stderr, "wgmma reads shared address %#x, outside dynamic shared memory\n", addr);
@@ -355,16 +362,18 @@ struct EmuWgmma {
     float* d;
     u64 da, db;
     int scale_d;
+    bool b_mn;
 };
 inline thread_local std::vector<EmuWgmma> emu_wg_open;
 inline thread_local std::vector<std::vector<EmuWgmma>> emu_wg_groups;
 
+template <bool B_MN = false>
 inline void wgmma_m64n128k16(float (&d)[64], u64 desc_a, u64 desc_b, int scale_d) {
     if (blockDim.x % 128 != 0) {
         std::fprintf(stderr, "wgmma in a block of %u threads: not whole warpgroups\n", blockDim.x);
         std::abort();
     }
-    emu_wg_open.push_back({d, desc_a, desc_b, scale_d});
+    emu_wg_open.push_back({d, desc_a, desc_b, scale_d, B_MN});
 }
 
 inline void wgmma_commit() {
@@ -372,14 +381,15 @@ inline void wgmma_commit() {
     emu_wg_open.clear();
 }
 
-// This thread's 64 accumulators of D[64x128] = A[64x16]·B[128x16]ᵀ (+ D).
+// This thread's 64 accumulators of D[64x128] = A[64x16]·B[16x128] (+ D).
 inline void emu_wgmma_run(const EmuWgmma& op) {
     const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32;
     for (int i = 0; i < 64; ++i) {
         const int row = 16 * warp + lane / 4 + 8 * ((i / 2) % 2);
         const int col = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
         double s = op.scale_d ? op.d[i] : 0.0;
-        for (int k = 0; k < 16; ++k) s += emu_desc_read(op.da, row, k) * emu_desc_read(op.db, col, k);
+        for (int k = 0; k < 16; ++k)
+            s += emu_desc_read(op.da, row, k, false) * emu_desc_read(op.db, col, k, op.b_mn);
         op.d[i] = (float)s;
     }
 }

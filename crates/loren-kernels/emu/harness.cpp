@@ -190,10 +190,18 @@ static void lora_case(int M, int gx, int rows, int K, int N, int r, uint64_t see
     else
         emu_launch(lora_bwd_dx_gemm, dim3{(unsigned)((K + 127) / 128), M * tiles, 1}, blk, 61440, dy.data(),
                    w.data(), v.data(), a.data(), dx.data(), rows, N, K, r, vec);
+    std::vector<bf16> dxh((size_t)gx * rows * K, to_bf16(NAN));
+    if (prefix)
+        emu_launch(lora_bwd_dx_wgmma_prefix, dim3{(unsigned)((K + 127) / 128), tiles, 1}, blk, 99328, dy.data(),
+                   w.data(), v.data(), a.data(), dxh.data(), M, rows, N, K, r, vec);
+    else
+        emu_launch(lora_bwd_dx_wgmma, dim3{(unsigned)((K + 127) / 128), M * tiles, 1}, blk, 99328, dy.data(),
+                   w.data(), v.data(), a.data(), dxh.data(), rows, N, K, r, vec);
     check(std::string("lora V ") + tag, d(v), v_ref, 1e-5);
     check(std::string("lora dA ") + tag, d(da), da_ref, 1e-5);
     check(std::string("lora dB ") + tag, d(db), db_ref, 1e-5);
     check(std::string("lora dX ") + tag, d(dx), dx_ref, 1e-2);
+    check(std::string("lora dX wgmma ") + tag, d(dxh), dx_ref, 1e-2);
 }
 
 // ---- Attention ------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ use cudarc::driver::{
 
 use crate::compile::{self, Arch, ParamKind};
 use crate::error::{KernelError, Result};
-use crate::launch::lora::ForwardPath;
+use crate::launch::lora::GemmPath;
 use crate::probe;
 use crate::sources::{Kernel, SOURCES};
 
@@ -36,8 +36,8 @@ pub struct Gpu {
     name: String,
     compute_capability: (i32, i32),
     arch: Arch,
-    /// The tensor-core path of the fused LoRA forward (see [`ForwardPath::choose`]).
-    forward_path: ForwardPath,
+    /// The tensor-core path of the fused LoRA GEMMs (see [`GemmPath::choose`]).
+    gemm_path: GemmPath,
     functions: HashMap<Kernel, CudaFunction>,
     /// Each kernel's parameter types, read from its PTX: every launch is checked against them.
     signatures: HashMap<Kernel, Vec<ParamKind>>,
@@ -150,14 +150,14 @@ impl Gpu {
             )))?;
         }
 
-        let forward_path = ForwardPath::choose(arch);
+        let gemm_path = GemmPath::choose(arch);
         Ok(Gpu {
             ctx,
             stream,
             name,
             compute_capability: cc,
             arch,
-            forward_path,
+            gemm_path,
             functions,
             signatures,
             blas: OnceLock::new(),
@@ -191,9 +191,9 @@ impl Gpu {
         self.arch
     }
 
-    /// The tensor-core path [`Gpu::lora_forward`] takes.
-    pub fn forward_path(&self) -> ForwardPath {
-        self.forward_path
+    /// The tensor-core path [`Gpu::lora_forward`] and [`Gpu::lora_backward`] take.
+    pub fn gemm_path(&self) -> GemmPath {
+        self.gemm_path
     }
 
     /// Whether this device's build has the wgmma kernels (sm_90a: H100, H200).

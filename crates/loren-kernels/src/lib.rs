@@ -56,7 +56,7 @@ pub use launch::attention::AttentionDims;
 pub use launch::blas::{Gemm, GemmOut};
 pub use launch::elementwise::{SumRowsDims, sum_rows_workspace_len, sum_squares_partials_len};
 pub use launch::embed::EmbedDims;
-pub use launch::lora::{ForwardPath, LoraDims};
+pub use launch::lora::{GemmPath, LoraDims};
 pub use launch::norm::{NormDims, layernorm_params_workspace_len};
 pub use launch::optim::{AdamW, OptimTable, Sgd, SlotSpec};
 pub use probe::{

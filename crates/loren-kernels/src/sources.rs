@@ -27,7 +27,13 @@ impl Kernel {
     /// Whether a build for `arch` holds this kernel: the wgmma kernels exist only in `sm_90a`
     /// builds (their source is under `__CUDA_ARCH_FEAT_SM90_ALL`).
     pub fn built_for(self, arch: Arch) -> bool {
-        let wgmma = matches!(self, Kernel::LoraFwdWgmma | Kernel::LoraFwdWgmmaPrefix);
+        let wgmma = matches!(
+            self,
+            Kernel::LoraFwdWgmma
+                | Kernel::LoraFwdWgmmaPrefix
+                | Kernel::LoraBwdDxWgmma
+                | Kernel::LoraBwdDxWgmmaPrefix
+        );
         !wgmma || arch == Arch::SM90A
     }
 }
@@ -81,6 +87,8 @@ sources! {
         LoraFwdWgmmaPrefix = "lora_fwd_wgmma_prefix",
         LoraBwdDxGemm = "lora_bwd_dx_gemm",
         LoraBwdDxGemmPrefix = "lora_bwd_dx_gemm_prefix",
+        LoraBwdDxWgmma = "lora_bwd_dx_wgmma",
+        LoraBwdDxWgmmaPrefix = "lora_bwd_dx_wgmma_prefix",
         LoraGradA = "lora_grad_a",
         LoraGradB = "lora_grad_b",
     }

@@ -12,7 +12,7 @@ use loren_kernels::launch::activation::bias_gelu_db_workspace_len;
 use loren_kernels::launch::elementwise::{sum_rows_workspace_len, sum_squares_partials_len};
 use loren_kernels::launch::norm::layernorm_params_workspace_len;
 use loren_kernels::{
-    AdamW, AttentionDims, BiasGeluDims, CudaSlice, EmbedDims, ForwardPath, Gemm, GemmOut, Gpu,
+    AdamW, AttentionDims, BiasGeluDims, CudaSlice, EmbedDims, Gemm, GemmOut, GemmPath, Gpu,
     LoraDims, NormDims, Sgd, SlotSpec, SumRowsDims, bf16, cuda_available,
 };
 
@@ -183,8 +183,8 @@ fn lora_case(d: LoraDims, seed: u64) {
     let tag = format!("{d:?}");
     check(&format!("lora U {tag}"), &down_f32(g, &u), &want.u, F32_TOL);
     // Every tensor-core path this device has, each into a freshly poisoned Y.
-    for path in [ForwardPath::MmaSync, ForwardPath::Wgmma] {
-        if path == ForwardPath::Wgmma && !g.has_wgmma() {
+    for path in [GemmPath::MmaSync, GemmPath::Wgmma] {
+        if path == GemmPath::Wgmma && !g.has_wgmma() {
             println!(
                 "skipped: the wgmma forward ({} builds for {})",
                 g.name(),
@@ -253,7 +253,6 @@ fn lora_case(d: LoraDims, seed: u64) {
     let mut v = poisoned_f32(g, m * rows * r);
     let mut da = poisoned_f32(g, m * r * k);
     let mut db = poisoned_f32(g, m * n * r);
-    let mut dx = poisoned_bf16(g, d.x_groups * rows * k);
     g.lora_backward(
         &d,
         &dyd,
@@ -265,7 +264,7 @@ fn lora_case(d: LoraDims, seed: u64) {
         s as f32,
         &mut v,
         Some((&mut da, &mut db)),
-        Some(&mut dx),
+        None,
     )
     .expect("lora_backward");
     check(&format!("lora V {tag}"), &down_f32(g, &v), &v_ref, F32_TOL);
@@ -281,12 +280,20 @@ fn lora_case(d: LoraDims, seed: u64) {
         &db_ref,
         F32_TOL,
     );
-    check(
-        &format!("lora dX {tag}"),
-        &down_bf16(g, &dx),
-        &dx_ref,
-        BF16_TOL,
-    );
+    for path in [GemmPath::MmaSync, GemmPath::Wgmma] {
+        if path == GemmPath::Wgmma && !g.has_wgmma() {
+            continue; // said above
+        }
+        let mut dx = poisoned_bf16(g, d.x_groups * rows * k);
+        g.lora_backward_dx_gemm(path, &d, &dyd, &wd, &v, &ad, &mut dx)
+            .expect("lora_backward_dx_gemm");
+        check(
+            &format!("lora dX {path:?} {tag}"),
+            &down_bf16(g, &dx),
+            &dx_ref,
+            BF16_TOL,
+        );
+    }
 }
 
 fn lora_dims(

@@ -36,7 +36,7 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use loren_kernels::provenance::{git_commit, utc_now};
 use loren_kernels::{
-    AttentionDims, ForwardPath, Gemm, GemmOut, Gpu, KernelError, KernelSource, LoraDims, bf16,
+    AttentionDims, Gemm, GemmOut, GemmPath, Gpu, KernelError, KernelSource, LoraDims, bf16,
     compile, cuda_available, gpu_required, nvrtc_version,
 };
 
@@ -576,15 +576,17 @@ fn lora_rows(gpu: &Gpu, a: &Args, k: usize, n: usize, r: usize) -> Result<Vec<Ro
     let fwd_flops = 2.0 * (mm * rows) as f64 * (k * n + k * r + r * n) as f64;
     let shape = format!("M={mm} rows={rows} {k}->{n} r={r}");
 
-    // The fused forward (U projection, then the GEMM) on each tensor-core path the device has.
+    // The tensor-core paths this device has.
+    let paths: Vec<(GemmPath, &str)> = [
+        (GemmPath::MmaSync, "fused (mma.sync)"),
+        (GemmPath::Wgmma, "fused (wgmma)"),
+    ]
+    .into_iter()
+    .filter(|(p, _)| *p == GemmPath::MmaSync || gpu.has_wgmma())
+    .collect();
+    // The fused forward (U projection, then the GEMM) on each.
     let mut fused_f = Vec::new();
-    for (path, name) in [
-        (ForwardPath::MmaSync, "fused (mma.sync)"),
-        (ForwardPath::Wgmma, "fused (wgmma)"),
-    ] {
-        if path == ForwardPath::Wgmma && !gpu.has_wgmma() {
-            continue;
-        }
+    for &(path, name) in &paths {
         let t = time(gpu, a, || {
             gpu.lora_project_u(&d, &x, &am, &mut u)?;
             gpu.lora_forward_gemm(path, &d, &x, &w, Some(&bias), &u, &bm, scale, &mut y)?;
@@ -639,22 +641,28 @@ fn lora_rows(gpu: &Gpu, a: &Args, k: usize, n: usize, r: usize) -> Result<Vec<Ro
         ..gemm(rows, k, r)
     };
     let bwd_flops = 2.0 * (mm * rows) as f64 * (n * k + n * r + r * k + n * r + r * k) as f64;
-    let fused_b = time(gpu, a, || {
-        gpu.lora_backward(
-            &d,
-            &dy,
-            &x,
-            &w,
-            &am,
-            &bm,
-            &u,
-            scale,
-            &mut v,
-            Some((&mut da, &mut db)),
-            Some(&mut dx),
-        )?;
-        Ok(())
-    })?;
+    // The fused backward (V, dA, dB, then the dX GEMM) on each tensor-core path.
+    let mut fused_b = Vec::new();
+    for (path, name) in paths {
+        let t = time(gpu, a, || {
+            gpu.lora_backward(
+                &d,
+                &dy,
+                &x,
+                &w,
+                &am,
+                &bm,
+                &u,
+                scale,
+                &mut v,
+                Some((&mut da, &mut db)),
+                None,
+            )?;
+            gpu.lora_backward_dx_gemm(path, &d, &dy, &w, &v, &am, &mut dx)?;
+            Ok(())
+        })?;
+        fused_b.push((name.to_string(), t));
+    }
     let alone_b = time(gpu, a, || {
         gpu.gemm_bf16(&dx_shared, &dy, &w, GemmOut::Bf16(&mut dx))?;
         Ok(())
@@ -683,11 +691,13 @@ fn lora_rows(gpu: &Gpu, a: &Args, k: usize, n: usize, r: usize) -> Result<Vec<Ro
         Row {
             bench: "lora_linear backward".into(),
             shape,
-            variants: vec![
-                ("fused".into(), fused_b),
-                ("(a) cuBLAS dY·W alone".into(), alone_b),
-                ("(b) cuBLAS dY·W + V, dA, dB, V·A".into(), split_b),
-            ],
+            variants: fused_b
+                .into_iter()
+                .chain([
+                    ("(a) cuBLAS dY·W alone".into(), alone_b),
+                    ("(b) cuBLAS dY·W + V, dA, dB, V·A".into(), split_b),
+                ])
+                .collect(),
             flops: bwd_flops,
         },
     ])

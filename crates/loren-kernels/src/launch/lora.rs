@@ -16,43 +16,10 @@ use crate::sources::Kernel;
 /// Dynamic shared memory of the fused GEMMs: 3 stages × (128×40 + 128×40) bf16. Mirrors
 /// `gemm::SMEM_BYTES` in lora.cu (a static_assert there pins the number).
 pub const GEMM_SMEM: usize = 61440;
-/// Dynamic shared memory of the wgmma forward: 3 stages × (128×64 + 128×64) bf16, and 1024 bytes
+/// Dynamic shared memory of the wgmma GEMMs: 3 stages × (128×64 + 128×64) bf16, and 1024 bytes
 /// to align them. Mirrors `hopper::SMEM_BYTES` in lora.cu.
 pub const WGMMA_SMEM: usize = 99328;
 
-/// The tensor-core path of the fused forward GEMM. Both compute the same products in the same
-/// precision (bf16 operands, f32 accumulators) with the same tiles, grid and arguments.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ForwardPath {
-    /// `mma.sync` m16n8k16 fed by `ldmatrix`: every arch from sm_80.
-    MmaSync,
-    /// Hopper's `wgmma` m64n128k16 on 128-byte-swizzled shared memory: sm_90a builds only.
-    Wgmma,
-}
-
-impl ForwardPath {
-    /// The path for a build for `arch`: wgmma where the build has it and `LOREN_WGMMA=1` asks for
-    /// it. It stays opt-in until the wgmma kernels have passed their parity tests on a Hopper GPU
-    /// (they pass on the CPU emulator); `LOREN_WGMMA=0` or unset keeps mma.sync.
-    pub fn choose(arch: Arch) -> ForwardPath {
-        let asked = std::env::var("LOREN_WGMMA").is_ok_and(|v| v == "1");
-        if asked && Kernel::LoraFwdWgmma.built_for(arch) {
-            ForwardPath::Wgmma
-        } else {
-            ForwardPath::MmaSync
-        }
-    }
-
-    /// The kernel and its dynamic shared memory, for a per-member or a shared (`prefix`) input.
-    fn kernel(self, prefix: bool) -> (Kernel, usize) {
-        match (self, prefix) {
-            (ForwardPath::MmaSync, false) => (Kernel::LoraFwdGemm, GEMM_SMEM),
-            (ForwardPath::MmaSync, true) => (Kernel::LoraFwdGemmPrefix, GEMM_SMEM),
-            (ForwardPath::Wgmma, false) => (Kernel::LoraFwdWgmma, WGMMA_SMEM),
-            (ForwardPath::Wgmma, true) => (Kernel::LoraFwdWgmmaPrefix, WGMMA_SMEM),
-        }
-    }
-}
 const GEMM_TILE: usize = 128;
 const GEMM_THREADS: u32 = 256;
 
@@ -117,6 +84,51 @@ impl LoraDims {
     }
     fn row_tiles(&self) -> usize {
         self.rows.div_ceil(GEMM_TILE)
+    }
+}
+
+/// The tensor-core path of the fused GEMMs (the forward's Y and the backward's dX). Both compute
+/// the same products in the same precision (bf16 operands, f32 accumulators) with the same tiles,
+/// grid and arguments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmPath {
+    /// `mma.sync` m16n8k16 fed by `ldmatrix`: every arch from sm_80.
+    MmaSync,
+    /// Hopper's `wgmma` m64n128k16 on 128-byte-swizzled shared memory: sm_90a builds only.
+    Wgmma,
+}
+
+impl GemmPath {
+    /// The path for a build for `arch`: wgmma where the build has it and `LOREN_WGMMA=1` asks for
+    /// it. It stays opt-in until the wgmma kernels have passed their parity tests on a Hopper GPU
+    /// (they pass on the CPU emulator); `LOREN_WGMMA=0` or unset keeps mma.sync.
+    pub fn choose(arch: Arch) -> GemmPath {
+        let asked = std::env::var("LOREN_WGMMA").is_ok_and(|v| v == "1");
+        if asked && Kernel::LoraFwdWgmma.built_for(arch) {
+            GemmPath::Wgmma
+        } else {
+            GemmPath::MmaSync
+        }
+    }
+
+    /// The forward kernel and its dynamic shared memory, for a per-member or a shared input.
+    fn forward(self, prefix: bool) -> (Kernel, usize) {
+        match (self, prefix) {
+            (GemmPath::MmaSync, false) => (Kernel::LoraFwdGemm, GEMM_SMEM),
+            (GemmPath::MmaSync, true) => (Kernel::LoraFwdGemmPrefix, GEMM_SMEM),
+            (GemmPath::Wgmma, false) => (Kernel::LoraFwdWgmma, WGMMA_SMEM),
+            (GemmPath::Wgmma, true) => (Kernel::LoraFwdWgmmaPrefix, WGMMA_SMEM),
+        }
+    }
+
+    /// The backward's dX kernel and its dynamic shared memory.
+    fn backward_dx(self, prefix: bool) -> (Kernel, usize) {
+        match (self, prefix) {
+            (GemmPath::MmaSync, false) => (Kernel::LoraBwdDxGemm, GEMM_SMEM),
+            (GemmPath::MmaSync, true) => (Kernel::LoraBwdDxGemmPrefix, GEMM_SMEM),
+            (GemmPath::Wgmma, false) => (Kernel::LoraBwdDxWgmma, WGMMA_SMEM),
+            (GemmPath::Wgmma, true) => (Kernel::LoraBwdDxWgmmaPrefix, WGMMA_SMEM),
+        }
     }
 }
 
@@ -205,7 +217,7 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn lora_forward_gemm(
         &self,
-        path: ForwardPath,
+        path: GemmPath,
         d: &LoraDims,
         x: &dyn DevicePtr<bf16>,
         w: &dyn DevicePtr<bf16>,
@@ -230,7 +242,7 @@ impl Gpu {
             && w.aligned(16)
             && y.aligned(16)) as i32;
         let prefix = d.prefix();
-        let (kernel, smem) = path.kernel(prefix);
+        let (kernel, smem) = path.forward(prefix);
         let cfg = gemm_cfg(OP, d, d.n, prefix, smem)?;
         let (mm, rows, n, k, r) = (
             d.members as i32,
@@ -282,7 +294,7 @@ impl Gpu {
     }
 
     /// The whole forward, two launches: [`Gpu::lora_project_u`] then [`Gpu::lora_forward_gemm`]
-    /// on [`Gpu::forward_path`].
+    /// on [`Gpu::gemm_path`].
     /// Writes Y [M, rows, N] bf16 and U [M, rows, r] f32 (kept for the backward).
     #[allow(clippy::too_many_arguments)]
     pub fn lora_forward(
@@ -298,7 +310,7 @@ impl Gpu {
         u: &mut (impl DevicePtr<f32> + DevicePtrMut<f32>),
     ) -> Result<()> {
         self.lora_project_u(d, x, a, u)?;
-        self.lora_forward_gemm(self.forward_path(), d, x, w, bias, &*u, b, scale, y)
+        self.lora_forward_gemm(self.gemm_path(), d, x, w, bias, &*u, b, scale, y)
     }
 
     /// `V[m] = s·dY[m]·B_m`: V [M, rows, r] f32, the gradient reaching U, shared by dA and dX.
@@ -337,11 +349,13 @@ impl Gpu {
         )
     }
 
-    /// The fused GEMM of the backward: `dX[m] = dY[m]·W + V[m]·A_m` (W read [N, K] as the
-    /// reduction-major operand), or with a shared X, `dX = (Σ_m dY[m])·W + Σ_m V[m]·A_m` with the
-    /// member sum of dY taken while loading tiles, so the big product runs once. dX is bf16.
+    /// The fused GEMM of the backward, on `path`: `dX[m] = dY[m]·W + V[m]·A_m` (W read [N, K] as
+    /// the reduction-major operand), or with a shared X, `dX = (Σ_m dY[m])·W + Σ_m V[m]·A_m` with
+    /// the member sum of dY taken while loading tiles, so the big product runs once. dX is bf16.
+    #[allow(clippy::too_many_arguments)]
     pub fn lora_backward_dx_gemm(
         &self,
+        path: GemmPath,
         d: &LoraDims,
         dy: &dyn DevicePtr<bf16>,
         w: &dyn DevicePtr<bf16>,
@@ -362,7 +376,8 @@ impl Gpu {
             && w.aligned(16)
             && dx.aligned(16)) as i32;
         let prefix = d.prefix();
-        let cfg = gemm_cfg(OP, d, d.k, prefix, GEMM_SMEM)?;
+        let (kernel, smem) = path.backward_dx(prefix);
+        let cfg = gemm_cfg(OP, d, d.k, prefix, smem)?;
         let (mm, rows, n, k, r) = (
             d.members as i32,
             d.rows as i32,
@@ -372,7 +387,7 @@ impl Gpu {
         );
         if prefix {
             self.launch(
-                Kernel::LoraBwdDxGemmPrefix,
+                kernel,
                 cfg,
                 &[
                     dy.arg(),
@@ -390,7 +405,7 @@ impl Gpu {
             )
         } else {
             self.launch(
-                Kernel::LoraBwdDxGemm,
+                kernel,
                 cfg,
                 &[
                     dy.arg(),
@@ -492,7 +507,8 @@ impl Gpu {
     }
 
     /// The whole backward: V (into the workspace `v`, [M, rows, r] f32), then dA and dB when
-    /// `grads` is given, then dX when `dx` is given. No gradient for the frozen W and bias.
+    /// `grads` is given, then dX when `dx` is given, on [`Gpu::gemm_path`]. No gradient for the
+    /// frozen W and bias.
     #[allow(clippy::too_many_arguments)]
     pub fn lora_backward(
         &self,
@@ -514,7 +530,7 @@ impl Gpu {
             self.lora_grad_b(d, dy, u, scale, db)?;
         }
         if let Some(dx) = dx {
-            self.lora_backward_dx_gemm(d, dy, w, &*v, a, dx)?;
+            self.lora_backward_dx_gemm(self.gemm_path(), d, dy, w, &*v, a, dx)?;
         }
         Ok(())
     }

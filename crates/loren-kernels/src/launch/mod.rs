@@ -100,8 +100,14 @@ pub(crate) fn dynamic_smem() -> Vec<(Kernel, usize)> {
     .into_iter()
     .map(|k| (k, lora::GEMM_SMEM))
     .collect();
-    v.push((Kernel::LoraFwdWgmma, lora::WGMMA_SMEM));
-    v.push((Kernel::LoraFwdWgmmaPrefix, lora::WGMMA_SMEM));
+    for k in [
+        Kernel::LoraFwdWgmma,
+        Kernel::LoraFwdWgmmaPrefix,
+        Kernel::LoraBwdDxWgmma,
+        Kernel::LoraBwdDxWgmmaPrefix,
+    ] {
+        v.push((k, lora::WGMMA_SMEM));
+    }
     for dh in attention::HEAD_DIMS {
         let [fwd, dq, dkv] = attention::kernels(dh).expect("a supported head dim");
         v.push((fwd, attention::fwd_smem(dh)));
