@@ -104,165 +104,6 @@ extern "C" __global__ void __launch_bounds__(256) lora_v_r32(const bf16* dY, con
 // [BK][BN] when stored [red][out] (W in the backward: ldmatrix.trans). Rows are padded by 8
 // elements (16 bytes), which makes every ldmatrix phase conflict-free.
 // ---------------------------------------------------------------------------------------------
-namespace gemm {
-constexpr int BM = 128, BN = 128, BK = 32, STAGES = 3, THREADS = 256;
-constexpr int A_LD = BK + 8;
-constexpr int BNT_LD = BK + 8;  // B stored [BN][BK]
-constexpr int BT_LD = BN + 8;   // B stored [BK][BN]
-constexpr int A_STAGE = BM * A_LD;
-constexpr int B_STAGE = (BN * BNT_LD > BK * BT_LD) ? BN * BNT_LD : BK * BT_LD;
-constexpr int STAGE = A_STAGE + B_STAGE;
-// Dynamic shared memory per block, in bytes (the launcher uses the same number).
-constexpr int SMEM_BYTES = STAGES * STAGE * 2;
-static_assert(SMEM_BYTES == 61440, "the launcher (launch/lora.rs) assumes 61440 bytes");
-
-typedef float Acc[4][4][4];
-
-// dst[r][c] = src[r·lds + c] for r < rows_valid, c < cols_valid; zero elsewhere. `vec`: lds and
-// the valid column count are multiples of 8 and src is 16-byte aligned, so 16-byte cp.async
-// chunks are either wholly inside or wholly outside; otherwise a scalar path.
-template <int ROWS, int COLS, int LD>
-__device__ __forceinline__ void load_tile_async(bf16* dst, const bf16* src, int lds,
-                                                int rows_valid, int cols_valid, bool vec) {
-    constexpr int CHUNKS = ROWS * COLS / 8;
-    for (int c = threadIdx.x; c < CHUNKS; c += THREADS) {
-        const int r = c / (COLS / 8), col = (c % (COLS / 8)) * 8;
-        bf16* d = dst + r * LD + col;
-        if (vec) {
-            const bool ok = r < rows_valid && col < cols_valid;
-            cp_async_16(d, ok ? src + (size_t)r * lds + col : src, ok ? 16 : 0);
-        } else {
-#pragma unroll
-            for (int e = 0; e < 8; ++e)
-                d[e] = (r < rows_valid && col + e < cols_valid) ? src[(size_t)r * lds + col + e]
-                                                                : to_bf16(0.0f);
-        }
-    }
-}
-
-// As load_tile_async from an f32 source, times `scale`, rounded to bf16 (register-staged).
-template <int ROWS, int COLS, int LD>
-__device__ __forceinline__ void load_tile_f32(bf16* dst, const float* src, int lds, int rows_valid,
-                                              int cols_valid, float scale) {
-    for (int i = threadIdx.x; i < ROWS * COLS; i += THREADS) {
-        const int r = i / COLS, c = i % COLS;
-        const float v = (r < rows_valid && c < cols_valid) ? scale * src[(size_t)r * lds + c] : 0.0f;
-        dst[r * LD + c] = to_bf16(v);
-    }
-}
-
-// dst[r][c] = Σ_m src[m·member_stride + r·lds + c], summed in f32 then rounded: the shared-input
-// backward, where every member's dY multiplies the same W.
-template <int ROWS, int COLS, int LD>
-__device__ __forceinline__ void load_tile_member_sum(bf16* dst, const bf16* src,
-                                                     size_t member_stride, int members, int lds,
-                                                     int rows_valid, int cols_valid) {
-    for (int i = threadIdx.x; i < ROWS * COLS; i += THREADS) {
-        const int r = i / COLS, c = i % COLS;
-        float v = 0.0f;
-        if (r < rows_valid && c < cols_valid)
-            for (int m = 0; m < members; ++m)
-                v += to_f32(src[m * member_stride + (size_t)r * lds + c]);
-        dst[r * LD + c] = to_bf16(v);
-    }
-}
-
-// acc += As·Bsᵀ over one BK slab of shared memory, for this warp's 64×32 tile.
-template <bool B_TRANS>
-__device__ __forceinline__ void mma_slab(Acc acc, const bf16* As, const bf16* Bs) {
-    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    const int wm = (warp / 4) * 64, wn = (warp % 4) * 32;
-#pragma unroll
-    for (int kk = 0; kk < BK; kk += 16) {
-        unsigned a[4][4], b[4][2];
-#pragma unroll
-        for (int mt = 0; mt < 4; ++mt)
-            ldmatrix_x4(a[mt], As + (wm + mt * 16 + lane % 16) * A_LD + kk + (lane / 16) * 8);
-#pragma unroll
-        for (int np = 0; np < 2; ++np) {
-            const int n0 = wn + np * 16;
-            unsigned r[4];
-            if (!B_TRANS) {
-                // matrices: (n0, kk) (n0, kk+8) (n0+8, kk) (n0+8, kk+8)
-                ldmatrix_x4(r, Bs + (n0 + lane % 8 + (lane / 16) * 8) * BNT_LD + kk +
-                                   ((lane / 8) % 2) * 8);
-            } else {
-                // matrices: (kk, n0) (kk+8, n0) (kk, n0+8) (kk+8, n0+8), transposed on load
-                ldmatrix_x4_trans(r, Bs + (kk + lane % 8 + ((lane / 8) % 2) * 8) * BT_LD + n0 +
-                                         (lane / 16) * 8);
-            }
-            b[np * 2][0] = r[0];
-            b[np * 2][1] = r[1];
-            b[np * 2 + 1][0] = r[2];
-            b[np * 2 + 1][1] = r[3];
-        }
-#pragma unroll
-        for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < 4; ++nt) mma_bf16_16816(acc[mt][nt], a[mt], b[nt][0], b[nt][1]);
-    }
-}
-
-// The main K loop: acc += A_tile·B_tileᵀ over `kred`. A rows start at `a` (row stride lda; with
-// SUM_A the tile is the sum over `members` copies `a_member_stride` apart). B starts at the
-// tile's first output column: b[n·ldb + k] when !B_TRANS, b[k·ldb + n] when B_TRANS.
-template <bool B_TRANS, bool SUM_A>
-__device__ void main_loop(Acc acc, bf16* smem, const bf16* a, int lda, size_t a_member_stride,
-                          int members, int rows_valid, const bf16* b, int ldb, int cols_valid,
-                          int kred, bool vec) {
-    const int ktiles = (kred + BK - 1) / BK;
-    auto load = [&](int stage, int kt) {
-        bf16* As = smem + stage * STAGE;
-        bf16* Bs = As + A_STAGE;
-        const int k0 = kt * BK;
-        if (SUM_A)
-            load_tile_member_sum<BM, BK, A_LD>(As, a + k0, a_member_stride, members, lda,
-                                               rows_valid, kred - k0);
-        else
-            load_tile_async<BM, BK, A_LD>(As, a + k0, lda, rows_valid, kred - k0, vec);
-        if (!B_TRANS)
-            load_tile_async<BN, BK, BNT_LD>(Bs, b + k0, ldb, cols_valid, kred - k0, vec);
-        else
-            load_tile_async<BK, BN, BT_LD>(Bs, b + (size_t)k0 * ldb, ldb, kred - k0, cols_valid,
-                                           vec);
-    };
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < ktiles) load(s, s);
-        cp_async_commit();
-    }
-    for (int kt = 0; kt < ktiles; ++kt) {
-        cp_async_wait<STAGES - 2>();  // tile kt has landed (this thread's copies) ...
-        __syncthreads();              // ... for every thread; and stage kt-1 is free again
-        const int next = kt + STAGES - 1;
-        if (next < ktiles) load(next % STAGES, next);
-        cp_async_commit();  // possibly empty: keeps the group count in step
-        const bf16* As = smem + (kt % STAGES) * STAGE;
-        mma_slab<B_TRANS>(acc, As, As + A_STAGE);
-    }
-    cp_async_wait<0>();
-    __syncthreads();  // shared memory is free for the low-rank segment
-}
-
-// The low-rank K-segment: acc += (a_scale·P)·Qᵀ over the rank, both operands f32 in memory and
-// rounded to bf16 in shared memory. P rows start at `p` ([rows, r], row stride r); Q starts at
-// the tile's first output column: q[n·ldq + j] when !B_TRANS, q[j·ldq + n] when B_TRANS.
-template <bool B_TRANS>
-__device__ void lowrank_segment(Acc acc, bf16* smem, const float* p, int rows_valid,
-                                float p_scale, const float* q, int ldq, int cols_valid, int r) {
-    bf16* As = smem;
-    bf16* Bs = smem + A_STAGE;
-    for (int j0 = 0; j0 < r; j0 += BK) {
-        load_tile_f32<BM, BK, A_LD>(As, p + j0, r, rows_valid, r - j0, p_scale);
-        if (!B_TRANS)
-            load_tile_f32<BN, BK, BNT_LD>(Bs, q + j0, ldq, cols_valid, r - j0, 1.0f);
-        else
-            load_tile_f32<BK, BN, BT_LD>(Bs, q + (size_t)j0 * ldq, ldq, r - j0, cols_valid, 1.0f);
-        __syncthreads();
-        mma_slab<B_TRANS>(acc, As, Bs);
-        __syncthreads();
-    }
-}
 
 // y[r·ldy + c..c+1] = bf16(v0, v1 + bias) for the valid part; the two columns are neighbours.
 // `pairs`: ldy even and y 4-byte aligned, so they go out as one bf16x2 store.
@@ -284,126 +125,330 @@ __device__ __forceinline__ void store_pair(bf16* y, int ldy, int r, int c, float
     }
 }
 
-// y[r·ldy + c] = bf16(acc + bias[c]) for the valid part of the tile.
-__device__ __forceinline__ void store_tile(bf16* y, int ldy, int rows_valid, int cols_valid,
-                                           const Acc acc, const bf16* bias, bool pairs) {
-    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    const int wm = (warp / 4) * 64, wn = (warp % 4) * 32;
-#pragma unroll
-    for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-            for (int h = 0; h < 2; ++h)
-                store_pair(y, ldy, wm + mt * 16 + lane / 4 + h * 8, wn + nt * 8 + (lane % 4) * 2,
-                           acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1], rows_valid, cols_valid,
-                           bias, pairs);
-}
+// The mma.sync path: tiles, accumulators and the steps the GEMM bodies below call.
+struct MmaSync {
+    static constexpr int BM = 128, BN = 128, BK = 32, STAGES = 3, THREADS = 256;
+    static constexpr int A_LD = BK + 8;
+    static constexpr int BNT_LD = BK + 8;  // B stored [BN][BK]
+    static constexpr int BT_LD = BN + 8;   // B stored [BK][BN]
+    static constexpr int A_STAGE = BM * A_LD;
+    static constexpr int B_STAGE = (BN * BNT_LD > BK * BT_LD) ? BN * BNT_LD : BK * BT_LD;
+    static constexpr int STAGE = A_STAGE + B_STAGE;
+    // Dynamic shared memory per block, in bytes (the launcher uses the same number).
+    static constexpr int SMEM_BYTES = STAGES * STAGE * 2;
+    static_assert(SMEM_BYTES == 61440, "the launcher (launch/lora.rs) assumes 61440 bytes");
 
-__device__ __forceinline__ void zero(Acc acc) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.0f;
-}
+    typedef float Acc[4][4][4];
 
-__device__ __forceinline__ void copy(Acc dst, const Acc src) {
+    // dst[r][c] = src[r·lds + c] for r < rows_valid, c < cols_valid; zero elsewhere. `vec`: lds and
+    // the valid column count are multiples of 8 and src is 16-byte aligned, so 16-byte cp.async
+    // chunks are either wholly inside or wholly outside; otherwise a scalar path.
+    template <int ROWS, int COLS, int LD>
+    static __device__ __forceinline__ void load_tile_async(bf16* dst, const bf16* src, int lds,
+                                                           int rows_valid, int cols_valid,
+                                                           bool vec) {
+        constexpr int CHUNKS = ROWS * COLS / 8;
+        for (int c = threadIdx.x; c < CHUNKS; c += THREADS) {
+            const int r = c / (COLS / 8), col = (c % (COLS / 8)) * 8;
+            bf16* d = dst + r * LD + col;
+            if (vec) {
+                const bool ok = r < rows_valid && col < cols_valid;
+                cp_async_16(d, ok ? src + (size_t)r * lds + col : src, ok ? 16 : 0);
+            } else {
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int k = 0; k < 4; ++k) dst[i][j][k] = src[i][j][k];
-}
-}  // namespace gemm
+                for (int e = 0; e < 8; ++e)
+                    d[e] = (r < rows_valid && col + e < cols_valid) ? src[(size_t)r * lds + col + e]
+                                                                    : to_bf16(0.0f);
+            }
+        }
+    }
 
-// Forward. grid (ceil(N/128), M·ceil(rows/128)), block 256, dynamic smem gemm::SMEM_BYTES.
-// blockIdx.y = member·tiles + row tile. X is per member ([M, rows, K]).
-extern "C" __global__ void __launch_bounds__(256)
-    lora_fwd_gemm(const bf16* X, const bf16* W, const bf16* bias, const float* U, const float* B,
-                  bf16* Y, int rows, int N, int K, int r, float s, int vec) {
-    using namespace gemm;
+    // As load_tile_async from an f32 source, times `scale`, rounded to bf16 (register-staged).
+    template <int ROWS, int COLS, int LD>
+    static __device__ __forceinline__ void load_tile_f32(bf16* dst, const float* src, int lds,
+                                                         int rows_valid, int cols_valid,
+                                                         float scale) {
+        for (int i = threadIdx.x; i < ROWS * COLS; i += THREADS) {
+            const int r = i / COLS, c = i % COLS;
+            const float v =
+                (r < rows_valid && c < cols_valid) ? scale * src[(size_t)r * lds + c] : 0.0f;
+            dst[r * LD + c] = to_bf16(v);
+        }
+    }
+
+    // dst[r][c] = Σ_m src[m·member_stride + r·lds + c], summed in f32 then rounded: the
+    // shared-input backward, where every member's dY multiplies the same W.
+    template <int ROWS, int COLS, int LD>
+    static __device__ __forceinline__ void load_tile_member_sum(bf16* dst, const bf16* src,
+                                                                size_t member_stride, int members,
+                                                                int lds, int rows_valid,
+                                                                int cols_valid) {
+        for (int i = threadIdx.x; i < ROWS * COLS; i += THREADS) {
+            const int r = i / COLS, c = i % COLS;
+            float v = 0.0f;
+            if (r < rows_valid && c < cols_valid)
+                for (int m = 0; m < members; ++m)
+                    v += to_f32(src[m * member_stride + (size_t)r * lds + c]);
+            dst[r * LD + c] = to_bf16(v);
+        }
+    }
+
+    // acc += As·Bsᵀ over one BK slab of shared memory, for this warp's 64×32 tile.
+    template <bool B_TRANS>
+    static __device__ __forceinline__ void mma_slab(Acc acc, const bf16* As, const bf16* Bs) {
+        const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+        const int wm = (warp / 4) * 64, wn = (warp % 4) * 32;
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+            unsigned a[4][4], b[4][2];
+#pragma unroll
+            for (int mt = 0; mt < 4; ++mt)
+                ldmatrix_x4(a[mt], As + (wm + mt * 16 + lane % 16) * A_LD + kk + (lane / 16) * 8);
+#pragma unroll
+            for (int np = 0; np < 2; ++np) {
+                const int n0 = wn + np * 16;
+                unsigned r[4];
+                if (!B_TRANS) {
+                    // matrices: (n0, kk) (n0, kk+8) (n0+8, kk) (n0+8, kk+8)
+                    ldmatrix_x4(r, Bs + (n0 + lane % 8 + (lane / 16) * 8) * BNT_LD + kk +
+                                       ((lane / 8) % 2) * 8);
+                } else {
+                    // matrices: (kk, n0) (kk+8, n0) (kk, n0+8) (kk+8, n0+8), transposed on load
+                    ldmatrix_x4_trans(r, Bs + (kk + lane % 8 + ((lane / 8) % 2) * 8) * BT_LD + n0 +
+                                             (lane / 16) * 8);
+                }
+                b[np * 2][0] = r[0];
+                b[np * 2][1] = r[1];
+                b[np * 2 + 1][0] = r[2];
+                b[np * 2 + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt)
+                    mma_bf16_16816(acc[mt][nt], a[mt], b[nt][0], b[nt][1]);
+        }
+    }
+
+    // The main K loop: acc += A_tile·B_tileᵀ over `kred`. A rows start at `a` (row stride lda; with
+    // SUM_A the tile is the sum over `members` copies `a_member_stride` apart). B starts at the
+    // tile's first output column: b[n·ldb + k] when !B_TRANS, b[k·ldb + n] when B_TRANS.
+    template <bool B_TRANS, bool SUM_A>
+    static __device__ void main_loop(Acc acc, bf16* smem, const bf16* a, int lda,
+                                     size_t a_member_stride, int members, int rows_valid,
+                                     const bf16* b, int ldb, int cols_valid, int kred, bool vec) {
+        const int ktiles = (kred + BK - 1) / BK;
+        auto load = [&](int stage, int kt) {
+            bf16* As = smem + stage * STAGE;
+            bf16* Bs = As + A_STAGE;
+            const int k0 = kt * BK;
+            if (SUM_A)
+                load_tile_member_sum<BM, BK, A_LD>(As, a + k0, a_member_stride, members, lda,
+                                                   rows_valid, kred - k0);
+            else
+                load_tile_async<BM, BK, A_LD>(As, a + k0, lda, rows_valid, kred - k0, vec);
+            if (!B_TRANS)
+                load_tile_async<BN, BK, BNT_LD>(Bs, b + k0, ldb, cols_valid, kred - k0, vec);
+            else
+                load_tile_async<BK, BN, BT_LD>(Bs, b + (size_t)k0 * ldb, ldb, kred - k0, cols_valid,
+                                               vec);
+        };
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; ++s) {
+            if (s < ktiles) load(s, s);
+            cp_async_commit();
+        }
+        for (int kt = 0; kt < ktiles; ++kt) {
+            cp_async_wait<STAGES - 2>();  // tile kt has landed (this thread's copies) ...
+            __syncthreads();              // ... for every thread; and stage kt-1 is free again
+            const int next = kt + STAGES - 1;
+            if (next < ktiles) load(next % STAGES, next);
+            cp_async_commit();  // possibly empty: keeps the group count in step
+            const bf16* As = smem + (kt % STAGES) * STAGE;
+            mma_slab<B_TRANS>(acc, As, As + A_STAGE);
+        }
+        cp_async_wait<0>();
+        __syncthreads();  // shared memory is free for the low-rank segment
+    }
+
+    // The low-rank K-segment: acc += (a_scale·P)·Qᵀ over the rank, both operands f32 in memory and
+    // rounded to bf16 in shared memory. P rows start at `p` ([rows, r], row stride r); Q starts at
+    // the tile's first output column: q[n·ldq + j] when !B_TRANS, q[j·ldq + n] when B_TRANS.
+    template <bool B_TRANS>
+    static __device__ void lowrank_segment(Acc acc, bf16* smem, const float* p, int rows_valid,
+                                           float p_scale, const float* q, int ldq, int cols_valid,
+                                           int r) {
+        bf16* As = smem;
+        bf16* Bs = smem + A_STAGE;
+        for (int j0 = 0; j0 < r; j0 += BK) {
+            load_tile_f32<BM, BK, A_LD>(As, p + j0, r, rows_valid, r - j0, p_scale);
+            if (!B_TRANS)
+                load_tile_f32<BN, BK, BNT_LD>(Bs, q + j0, ldq, cols_valid, r - j0, 1.0f);
+            else
+                load_tile_f32<BK, BN, BT_LD>(Bs, q + (size_t)j0 * ldq, ldq, r - j0, cols_valid,
+                                             1.0f);
+            __syncthreads();
+            mma_slab<B_TRANS>(acc, As, Bs);
+            __syncthreads();
+        }
+    }
+
+    // y[r·ldy + c] = bf16(acc + bias[c]) for the valid part of the tile.
+    static __device__ __forceinline__ void store_tile(bf16* y, int ldy, int rows_valid,
+                                                      int cols_valid, const Acc acc,
+                                                      const bf16* bias, bool pairs) {
+        const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+        const int wm = (warp / 4) * 64, wn = (warp % 4) * 32;
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                    store_pair(y, ldy, wm + mt * 16 + lane / 4 + h * 8,
+                               wn + nt * 8 + (lane % 4) * 2, acc[mt][nt][2 * h],
+                               acc[mt][nt][2 * h + 1], rows_valid, cols_valid, bias, pairs);
+    }
+
+    static __device__ __forceinline__ void zero(Acc acc) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.0f;
+    }
+
+    static __device__ __forceinline__ void copy(Acc dst, const Acc src) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int k = 0; k < 4; ++k) dst[i][j][k] = src[i][j][k];
+    }
+
+    static __device__ __forceinline__ bf16* tiles(unsigned char* smem_raw) {
+        return reinterpret_cast<bf16*>(smem_raw);
+    }
+};
+
+// The four fused GEMMs, written once for both tensor-core paths P (MmaSync here, Wgmma on
+// Hopper): where the block's tile lies, the main loop, the low-rank segment(s), the store. P
+// gives the tile sizes, the accumulator type and shared-memory layout, and those four steps.
+
+// Forward Y[m] = X[m]·Wᵀ + bias + s·U[m]·B_mᵀ. grid (ceil(N/128), M·ceil(rows/128)), block 256,
+// dynamic smem P::SMEM_BYTES; blockIdx.y = member·row tiles + row tile. X is [M, rows, K].
+template <class P>
+__device__ __forceinline__ void fwd_gemm(const bf16* X, const bf16* W, const bf16* bias,
+                                         const float* U, const float* B, bf16* Y, int rows, int N,
+                                         int K, int r, float s, int vec) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16* smem = reinterpret_cast<bf16*>(smem_raw);
-    const int tiles = (rows + BM - 1) / BM;
-    const int m = blockIdx.y / tiles, row0 = (blockIdx.y % tiles) * BM, n0 = blockIdx.x * BN;
-    const int rows_valid = min(BM, rows - row0);
+    bf16* smem = P::tiles(smem_raw);
+    const int row_tiles = (rows + P::BM - 1) / P::BM;
+    const int m = blockIdx.y / row_tiles, row0 = (blockIdx.y % row_tiles) * P::BM;
+    const int n0 = blockIdx.x * P::BN;
+    const int rows_valid = min(P::BM, rows - row0);
     const size_t row_base = (size_t)m * rows + row0;
-    Acc acc;
-    zero(acc);
-    main_loop<false, false>(acc, smem, X + row_base * K, K, 0, 1, rows_valid, W + (size_t)n0 * K,
-                            K, N - n0, K, vec);
-    lowrank_segment<false>(acc, smem, U + row_base * r, rows_valid, s,
-                           B + ((size_t)m * N + n0) * r, r, N - n0, r);
-    store_tile(Y + row_base * N + n0, N, rows_valid, N - n0, acc, bias ? bias + n0 : nullptr, vec);
+    typename P::Acc acc;
+    P::zero(acc);
+    P::template main_loop<false, false>(acc, smem, X + row_base * K, K, 0, 1, rows_valid,
+                                        W + (size_t)n0 * K, K, N - n0, K, vec);
+    P::template lowrank_segment<false>(acc, smem, U + row_base * r, rows_valid, s,
+                                       B + ((size_t)m * N + n0) * r, r, N - n0, r);
+    P::store_tile(Y + row_base * N + n0, N, rows_valid, N - n0, acc, bias ? bias + n0 : nullptr,
+                  vec);
 }
 
 // Forward with one shared input X [1, rows, K]: the X·Wᵀ tile is computed once and kept in
 // registers, then each member adds its own low-rank segment and stores its Y[m].
-// grid (ceil(N/128), ceil(rows/128)), block 256, dynamic smem gemm::SMEM_BYTES.
-extern "C" __global__ void __launch_bounds__(256)
-    lora_fwd_gemm_prefix(const bf16* X, const bf16* W, const bf16* bias, const float* U,
-                         const float* B, bf16* Y, int members, int rows, int N, int K, int r,
-                         float s, int vec) {
-    using namespace gemm;
+// grid (ceil(N/128), ceil(rows/128)), block 256, dynamic smem P::SMEM_BYTES.
+template <class P>
+__device__ __forceinline__ void fwd_gemm_prefix(const bf16* X, const bf16* W, const bf16* bias,
+                                                const float* U, const float* B, bf16* Y,
+                                                int members, int rows, int N, int K, int r, float s,
+                                                int vec) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16* smem = reinterpret_cast<bf16*>(smem_raw);
-    const int row0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-    const int rows_valid = min(BM, rows - row0);
-    Acc base, acc;
-    zero(base);
-    main_loop<false, false>(base, smem, X + (size_t)row0 * K, K, 0, 1, rows_valid,
-                            W + (size_t)n0 * K, K, N - n0, K, vec);
+    bf16* smem = P::tiles(smem_raw);
+    const int row0 = blockIdx.y * P::BM, n0 = blockIdx.x * P::BN;
+    const int rows_valid = min(P::BM, rows - row0);
+    typename P::Acc base, acc;
+    P::zero(base);
+    P::template main_loop<false, false>(base, smem, X + (size_t)row0 * K, K, 0, 1, rows_valid,
+                                        W + (size_t)n0 * K, K, N - n0, K, vec);
     for (int m = 0; m < members; ++m) {
         const size_t row_base = (size_t)m * rows + row0;
-        copy(acc, base);
-        lowrank_segment<false>(acc, smem, U + row_base * r, rows_valid, s,
-                               B + ((size_t)m * N + n0) * r, r, N - n0, r);
-        store_tile(Y + row_base * N + n0, N, rows_valid, N - n0, acc, bias ? bias + n0 : nullptr,
-                   vec);
+        P::copy(acc, base);
+        P::template lowrank_segment<false>(acc, smem, U + row_base * r, rows_valid, s,
+                                           B + ((size_t)m * N + n0) * r, r, N - n0, r);
+        P::store_tile(Y + row_base * N + n0, N, rows_valid, N - n0, acc, bias ? bias + n0 : nullptr,
+                      vec);
     }
 }
 
-// Backward dX[m] = dY[m]·W + V[m]·A_m. grid (ceil(K/128), M·ceil(rows/128)), block 256.
-extern "C" __global__ void __launch_bounds__(256)
-    lora_bwd_dx_gemm(const bf16* dY, const bf16* W, const float* V, const float* A, bf16* dX,
-                     int rows, int N, int K, int r, int vec) {
-    using namespace gemm;
+// Backward dX[m] = dY[m]·W + V[m]·A_m. grid (ceil(K/128), M·ceil(rows/128)), block 256,
+// dynamic smem P::SMEM_BYTES.
+template <class P>
+__device__ __forceinline__ void bwd_dx_gemm(const bf16* dY, const bf16* W, const float* V,
+                                            const float* A, bf16* dX, int rows, int N, int K, int r,
+                                            int vec) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16* smem = reinterpret_cast<bf16*>(smem_raw);
-    const int tiles = (rows + BM - 1) / BM;
-    const int m = blockIdx.y / tiles, row0 = (blockIdx.y % tiles) * BM, n0 = blockIdx.x * BN;
-    const int rows_valid = min(BM, rows - row0);
+    bf16* smem = P::tiles(smem_raw);
+    const int row_tiles = (rows + P::BM - 1) / P::BM;
+    const int m = blockIdx.y / row_tiles, row0 = (blockIdx.y % row_tiles) * P::BM;
+    const int n0 = blockIdx.x * P::BN;
+    const int rows_valid = min(P::BM, rows - row0);
     const size_t row_base = (size_t)m * rows + row0;
-    Acc acc;
-    zero(acc);
-    main_loop<true, false>(acc, smem, dY + row_base * N, N, 0, 1, rows_valid, W + n0, K, K - n0,
-                           N, vec);
-    lowrank_segment<true>(acc, smem, V + row_base * r, rows_valid, 1.0f,
-                          A + (size_t)m * r * K + n0, K, K - n0, r);
-    store_tile(dX + row_base * K + n0, K, rows_valid, K - n0, acc, nullptr, vec);
+    typename P::Acc acc;
+    P::zero(acc);
+    P::template main_loop<true, false>(acc, smem, dY + row_base * N, N, 0, 1, rows_valid, W + n0, K,
+                                       K - n0, N, vec);
+    P::template lowrank_segment<true>(acc, smem, V + row_base * r, rows_valid, 1.0f,
+                                      A + (size_t)m * r * K + n0, K, K - n0, r);
+    P::store_tile(dX + row_base * K + n0, K, rows_valid, K - n0, acc, nullptr, vec);
 }
 
 // Backward with a shared input: dX = (Σ_m dY[m])·W + Σ_m V[m]·A_m. The member sum of dY happens
 // while loading the A tiles, so the big product runs once. grid (ceil(K/128), ceil(rows/128)).
-extern "C" __global__ void __launch_bounds__(256)
-    lora_bwd_dx_gemm_prefix(const bf16* dY, const bf16* W, const float* V, const float* A,
-                            bf16* dX, int members, int rows, int N, int K, int r, int vec) {
-    using namespace gemm;
+template <class P>
+__device__ __forceinline__ void bwd_dx_gemm_prefix(const bf16* dY, const bf16* W, const float* V,
+                                                   const float* A, bf16* dX, int members, int rows,
+                                                   int N, int K, int r, int vec) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16* smem = reinterpret_cast<bf16*>(smem_raw);
-    const int row0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-    const int rows_valid = min(BM, rows - row0);
-    Acc acc;
-    zero(acc);
-    main_loop<true, true>(acc, smem, dY + (size_t)row0 * N, N, (size_t)rows * N, members,
-                          rows_valid, W + n0, K, K - n0, N, vec);
+    bf16* smem = P::tiles(smem_raw);
+    const int row0 = blockIdx.y * P::BM, n0 = blockIdx.x * P::BN;
+    const int rows_valid = min(P::BM, rows - row0);
+    typename P::Acc acc;
+    P::zero(acc);
+    P::template main_loop<true, true>(acc, smem, dY + (size_t)row0 * N, N, (size_t)rows * N,
+                                      members, rows_valid, W + n0, K, K - n0, N, vec);
     for (int m = 0; m < members; ++m)
-        lowrank_segment<true>(acc, smem, V + ((size_t)m * rows + row0) * r, rows_valid, 1.0f,
-                              A + (size_t)m * r * K + n0, K, K - n0, r);
-    store_tile(dX + (size_t)row0 * K + n0, K, rows_valid, K - n0, acc, nullptr, vec);
+        P::template lowrank_segment<true>(acc, smem, V + ((size_t)m * rows + row0) * r, rows_valid,
+                                          1.0f, A + (size_t)m * r * K + n0, K, K - n0, r);
+    P::store_tile(dX + (size_t)row0 * K + n0, K, rows_valid, K - n0, acc, nullptr, vec);
+}
+
+// The four GEMMs on mma.sync (any arch from sm_80); dynamic smem MmaSync::SMEM_BYTES.
+extern "C" __global__ void __launch_bounds__(256)
+    lora_fwd_gemm(const bf16* X, const bf16* W, const bf16* bias, const float* U, const float* B,
+                  bf16* Y, int rows, int N, int K, int r, float s, int vec) {
+    fwd_gemm<MmaSync>(X, W, bias, U, B, Y, rows, N, K, r, s, vec);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    lora_fwd_gemm_prefix(const bf16* X, const bf16* W, const bf16* bias, const float* U,
+                         const float* B, bf16* Y, int members, int rows, int N, int K, int r,
+                         float s, int vec) {
+    fwd_gemm_prefix<MmaSync>(X, W, bias, U, B, Y, members, rows, N, K, r, s, vec);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    lora_bwd_dx_gemm(const bf16* dY, const bf16* W, const float* V, const float* A, bf16* dX,
+                     int rows, int N, int K, int r, int vec) {
+    bwd_dx_gemm<MmaSync>(dY, W, V, A, dX, rows, N, K, r, vec);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    lora_bwd_dx_gemm_prefix(const bf16* dY, const bf16* W, const float* V, const float* A, bf16* dX,
+                            int members, int rows, int N, int K, int r, int vec) {
+    bwd_dx_gemm_prefix<MmaSync>(dY, W, V, A, dX, members, rows, N, K, r, vec);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -501,7 +546,7 @@ extern "C" __global__ void __launch_bounds__(256)
 
 // ---------------------------------------------------------------------------------------------
 // The fused GEMMs on Hopper tensor cores (sm_90a): lora_fwd_wgmma, lora_fwd_wgmma_prefix,
-// lora_bwd_dx_wgmma and lora_bwd_dx_wgmma_prefix compute what their gemm:: twins above compute,
+// lora_bwd_dx_wgmma and lora_bwd_dx_wgmma_prefix compute what their mma.sync twins above compute,
 // with the same parameters and grids, on wgmma. Block tile 128×128, K steps of 64 (one 128-byte
 // swizzle row), a 3-stage cp.async pipeline; the two warpgroups of the block own 64 rows × 128
 // columns each (m64n128k16, 64 f32 accumulators per thread). The low-rank term is again one more
@@ -516,294 +561,250 @@ extern "C" __global__ void __launch_bounds__(256)
 //   (`sw_mn`); the descriptor's leading byte offset steps from one half to the other.
 // ---------------------------------------------------------------------------------------------
 #ifdef __CUDA_ARCH_FEAT_SM90_ALL
-namespace hopper {
-constexpr int BM = 128, BN = 128, BK = 64, STAGES = 3, THREADS = 256, WG_ROWS = 64;
-constexpr int TILE_A = BM * BK, TILE_B = BN * BK;  // elements
-constexpr int STAGE = TILE_A + TILE_B;
-constexpr int HALF = BK * 64;  // elements of one 64-column half of an MN-major B tile
-// Dynamic shared memory per block: the stages, and up to 1024 bytes to align them.
-constexpr int SMEM_BYTES = STAGES * STAGE * 2 + 1024;
-static_assert(SMEM_BYTES == 99328, "the launcher (launch/lora.rs) assumes 99328 bytes");
+// The wgmma path: the same interface as MmaSync.
+struct Wgmma {
+    static constexpr int BM = 128, BN = 128, BK = 64, STAGES = 3, THREADS = 256, WG_ROWS = 64;
+    static constexpr int TILE_A = BM * BK, TILE_B = BN * BK;  // elements
+    static constexpr int STAGE = TILE_A + TILE_B;
+    static constexpr int HALF = BK * 64;  // elements of one 64-column half of an MN-major B tile
+    // Dynamic shared memory per block: the stages, and up to 1024 bytes to align them.
+    static constexpr int SMEM_BYTES = STAGES * STAGE * 2 + 1024;
+    static_assert(SMEM_BYTES == 99328, "the launcher (launch/lora.rs) assumes 99328 bytes");
 
-typedef float Acc[64];
+    typedef float Acc[64];
 
-// Where element (row, col), col < 64, of a K-major tile sits.
-__device__ __forceinline__ int sw(int row, int col) {
-    return row * BK + ((((col >> 3) ^ row) & 7) << 3) + (col & 7);
-}
+    // Where element (row, col), col < 64, of a K-major tile sits.
+    static __device__ __forceinline__ int sw(int row, int col) {
+        return row * BK + ((((col >> 3) ^ row) & 7) << 3) + (col & 7);
+    }
 
-// Where element (k, n), n < 128, of an MN-major B tile sits.
-__device__ __forceinline__ int sw_mn(int k, int n) { return (n / 64) * HALF + sw(k, n % 64); }
+    // Where element (k, n), n < 128, of an MN-major B tile sits.
+    static __device__ __forceinline__ int sw_mn(int k, int n) {
+        return (n / 64) * HALF + sw(k, n % 64);
+    }
 
-// The 8 elements src[r·lds + col ..] into d (16 contiguous bytes), zero outside rows_valid ×
-// cols_valid. `vec` as in gemm::load_tile_async: one 16-byte cp.async, else scalar stores.
-__device__ __forceinline__ void copy_chunk(bf16* d, const bf16* src, int lds, int r, int col,
-                                           int rows_valid, int cols_valid, bool vec) {
-    if (vec) {
-        const bool ok = r < rows_valid && col < cols_valid;
-        cp_async_16(d, ok ? src + (size_t)r * lds + col : src, ok ? 16 : 0);
-    } else {
+    // The 8 elements src[r·lds + col ..] into d (16 contiguous bytes), zero outside rows_valid ×
+    // cols_valid. `vec` as in MmaSync::load_tile_async: one 16-byte cp.async, else scalar stores.
+    static __device__ __forceinline__ void copy_chunk(bf16* d, const bf16* src, int lds, int r,
+                                                      int col, int rows_valid, int cols_valid,
+                                                      bool vec) {
+        if (vec) {
+            const bool ok = r < rows_valid && col < cols_valid;
+            cp_async_16(d, ok ? src + (size_t)r * lds + col : src, ok ? 16 : 0);
+        } else {
 #pragma unroll
-        for (int e = 0; e < 8; ++e)
-            d[e] = (r < rows_valid && col + e < cols_valid) ? src[(size_t)r * lds + col + e]
-                                                            : to_bf16(0.0f);
-    }
-}
-
-// A K-major tile of ROWS rows × 64 from src (row stride lds).
-template <int ROWS>
-__device__ __forceinline__ void load_tile(bf16* dst, const bf16* src, int lds, int rows_valid,
-                                          int cols_valid, bool vec) {
-    for (int i = threadIdx.x; i < ROWS * 8; i += THREADS) {
-        const int r = i / 8, col = (i % 8) * 8;
-        copy_chunk(dst + sw(r, col), src, lds, r, col, rows_valid, cols_valid, vec);
-    }
-}
-
-// An MN-major B tile of 64 K rows × 128 output columns from src stored [K][out] (stride lds).
-__device__ __forceinline__ void load_tile_mn(bf16* dst, const bf16* src, int lds, int rows_valid,
-                                             int cols_valid, bool vec) {
-    for (int i = threadIdx.x; i < BK * (BN / 8); i += THREADS) {
-        const int r = i / (BN / 8), col = (i % (BN / 8)) * 8;
-        copy_chunk(dst + sw_mn(r, col), src, lds, r, col, rows_valid, cols_valid, vec);
-    }
-}
-
-// A K-major A tile of Σ_m src[m·member_stride + ..] (summed in f32, then rounded): the
-// shared-input backward, where every member's dY multiplies the same W.
-__device__ __forceinline__ void load_tile_member_sum(bf16* dst, const bf16* src,
-                                                     size_t member_stride, int members, int lds,
-                                                     int rows_valid, int cols_valid) {
-    for (int i = threadIdx.x; i < BM * BK; i += THREADS) {
-        const int r = i / BK, c = i % BK;
-        float v = 0.0f;
-        if (r < rows_valid && c < cols_valid)
-            for (int m = 0; m < members; ++m)
-                v += to_f32(src[m * member_stride + (size_t)r * lds + c]);
-        dst[sw(r, c)] = to_bf16(v);
-    }
-}
-
-// scale·src rounded to bf16 into a K-major tile of ROWS rows over its first `cols` columns, from
-// an f32 matrix [rows][cols] with row stride lds; zero outside rows_valid × cols_valid.
-template <int ROWS>
-__device__ __forceinline__ void load_tile_f32(bf16* dst, const float* src, int lds,
-                                              int rows_valid, int cols_valid, int cols,
-                                              float scale) {
-    for (int i = threadIdx.x; i < ROWS * cols; i += THREADS) {
-        const int r = i / cols, c = i % cols;
-        const float v =
-            (r < rows_valid && c < cols_valid) ? scale * src[(size_t)r * lds + c] : 0.0f;
-        dst[sw(r, c)] = to_bf16(v);
-    }
-}
-
-// src rounded to bf16 into the first `rows` K rows of an MN-major B tile, from an f32 matrix
-// stored [K][out] with row stride lds; zero outside rows_valid × cols_valid.
-__device__ __forceinline__ void load_tile_f32_mn(bf16* dst, const float* src, int lds,
-                                                 int rows_valid, int cols_valid, int rows) {
-    for (int i = threadIdx.x; i < rows * BN; i += THREADS) {
-        const int r = i / BN, c = i % BN;
-        const float v = (r < rows_valid && c < cols_valid) ? src[(size_t)r * lds + c] : 0.0f;
-        dst[sw_mn(r, c)] = to_bf16(v);
-    }
-}
-
-// acc += (this warpgroup's 64 rows of As)·Bs over KSTEPS K steps of 16, then wait for it. Bs is
-// K-major, or MN-major with B_MN. KSTEPS is a constant: a wgmma under a run-time condition makes
-// ptxas serialise them all.
-template <int KSTEPS, bool B_MN>
-__device__ __forceinline__ void mma_slab(Acc& acc, const bf16* As, const bf16* Bs) {
-    const u64 da = sw128_desc(As + (threadIdx.x / 128) * WG_ROWS * BK);
-    // One K step of 16 is 32 bytes along a K-major row, 16 rows of 128 bytes down an MN-major
-    // tile: +2 or +128 in the descriptor's address field (bytes >> 4).
-    const u64 db = B_MN ? sw128_desc(Bs, HALF * 2) : sw128_desc(Bs);
-    wgmma_fence_operands(acc);
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < KSTEPS; ++ks)
-        wgmma_m64n128k16<B_MN>(acc, da + 2 * ks, db + (B_MN ? 128 : 2) * ks, 1);
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_operands(acc);
-}
-
-// The main K loop: acc += A_tile·B_tile over `kred`. A rows from `a` (stride lda; with SUM_A the
-// sum over `members` copies a_member_stride apart). B from `b` at the tile's first output column:
-// b[n·ldb + k] (K-major), or b[k·ldb + n] with B_MN.
-template <bool B_MN, bool SUM_A>
-__device__ void main_loop(Acc& acc, bf16* tiles, const bf16* a, int lda, size_t a_member_stride,
-                          int members, int rows_valid, const bf16* b, int ldb, int cols_valid,
-                          int kred, bool vec) {
-    const int ktiles = (kred + BK - 1) / BK;
-    auto load = [&](int stage, int kt) {
-        bf16* As = tiles + stage * STAGE;
-        const int k0 = kt * BK;
-        if (SUM_A)
-            load_tile_member_sum(As, a + k0, a_member_stride, members, lda, rows_valid,
-                                 kred - k0);
-        else
-            load_tile<BM>(As, a + k0, lda, rows_valid, kred - k0, vec);
-        if (B_MN)
-            load_tile_mn(As + TILE_A, b + (size_t)k0 * ldb, ldb, kred - k0, cols_valid, vec);
-        else
-            load_tile<BN>(As + TILE_A, b + k0, ldb, cols_valid, kred - k0, vec);
-    };
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < ktiles) load(s, s);
-        cp_async_commit();
-    }
-    for (int kt = 0; kt < ktiles; ++kt) {
-        cp_async_wait<STAGES - 2>();  // tile kt has landed (this thread's copies) ...
-        fence_proxy_async();          // ... where the tensor cores look ...
-        __syncthreads();  // ... for every thread; and every warpgroup is done with tile kt-1
-        const int next = kt + STAGES - 1;
-        if (next < ktiles) load(next % STAGES, next);  // into tile kt-1's stage
-        cp_async_commit();  // possibly empty: keeps the group count in step
-        const bf16* As = tiles + (kt % STAGES) * STAGE;
-        mma_slab<BK / 16, B_MN>(acc, As, As + TILE_A);
-    }
-    cp_async_wait<0>();
-    __syncthreads();  // shared memory is free for the low-rank segment
-}
-
-// acc += (p_scale·P)·Q over the rank: P [rows, r] f32 (row stride r); Q f32 at the tile's first
-// output column, q[n·ldq + j] (K-major, the forward's B_m [N, r]) or q[j·ldq + n] with B_MN (the
-// backward's A_m [r, K]).
-template <bool B_MN>
-__device__ void lowrank_segment(Acc& acc, bf16* tiles, const float* p, int rows_valid,
-                                float p_scale, const float* q, int ldq, int cols_valid, int r) {
-    for (int j0 = 0; j0 < r; j0 += BK) {
-        const int width = min(BK, r - j0), cols = (width + 15) / 16 * 16;
-        load_tile_f32<BM>(tiles, p + j0, r, rows_valid, width, cols, p_scale);
-        if (B_MN)
-            load_tile_f32_mn(tiles + TILE_A, q + (size_t)j0 * ldq, ldq, width, cols_valid, cols);
-        else
-            load_tile_f32<BN>(tiles + TILE_A, q + j0, ldq, cols_valid, width, cols, 1.0f);
-        fence_proxy_async();
-        __syncthreads();
-        switch (cols / 16) {
-            case 1: mma_slab<1, B_MN>(acc, tiles, tiles + TILE_A); break;
-            case 2: mma_slab<2, B_MN>(acc, tiles, tiles + TILE_A); break;
-            case 3: mma_slab<3, B_MN>(acc, tiles, tiles + TILE_A); break;
-            default: mma_slab<4, B_MN>(acc, tiles, tiles + TILE_A); break;
+            for (int e = 0; e < 8; ++e)
+                d[e] = (r < rows_valid && col + e < cols_valid) ? src[(size_t)r * lds + col + e]
+                                                                : to_bf16(0.0f);
         }
-        __syncthreads();
     }
-}
 
-// Y tile = bf16(acc + bias). Thread t of warpgroup g holds, for each 8-column block j and h in
-// {0, 1}, row 64g + 16·(t/32 % 4) + (t%32)/4 + 8h, columns 8j + 2(t%4) and the next, in
-// acc[4j + 2h] and acc[4j + 2h + 1].
-__device__ __forceinline__ void store_tile(bf16* y, int ldy, int rows_valid, int cols_valid,
-                                           const Acc& acc, const bf16* bias, bool pairs) {
-    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    const int r0 = (warp / 4) * WG_ROWS + (warp % 4) * 16 + lane / 4;
+    // A K-major tile of ROWS rows × 64 from src (row stride lds).
+    template <int ROWS>
+    static __device__ __forceinline__ void load_tile(bf16* dst, const bf16* src, int lds,
+                                                     int rows_valid, int cols_valid, bool vec) {
+        for (int i = threadIdx.x; i < ROWS * 8; i += THREADS) {
+            const int r = i / 8, col = (i % 8) * 8;
+            copy_chunk(dst + sw(r, col), src, lds, r, col, rows_valid, cols_valid, vec);
+        }
+    }
+
+    // An MN-major B tile of 64 K rows × 128 output columns from src stored [K][out] (stride lds).
+    static __device__ __forceinline__ void load_tile_mn(bf16* dst, const bf16* src, int lds,
+                                                        int rows_valid, int cols_valid, bool vec) {
+        for (int i = threadIdx.x; i < BK * (BN / 8); i += THREADS) {
+            const int r = i / (BN / 8), col = (i % (BN / 8)) * 8;
+            copy_chunk(dst + sw_mn(r, col), src, lds, r, col, rows_valid, cols_valid, vec);
+        }
+    }
+
+    // A K-major A tile of Σ_m src[m·member_stride + ..] (summed in f32, then rounded): the
+    // shared-input backward, where every member's dY multiplies the same W.
+    static __device__ __forceinline__ void load_tile_member_sum(bf16* dst, const bf16* src,
+                                                                size_t member_stride, int members,
+                                                                int lds, int rows_valid,
+                                                                int cols_valid) {
+        for (int i = threadIdx.x; i < BM * BK; i += THREADS) {
+            const int r = i / BK, c = i % BK;
+            float v = 0.0f;
+            if (r < rows_valid && c < cols_valid)
+                for (int m = 0; m < members; ++m)
+                    v += to_f32(src[m * member_stride + (size_t)r * lds + c]);
+            dst[sw(r, c)] = to_bf16(v);
+        }
+    }
+
+    // scale·src rounded to bf16 into a K-major tile of ROWS rows over its first `cols` columns,
+    // from an f32 matrix [rows][cols] with row stride lds; zero outside rows_valid × cols_valid.
+    template <int ROWS>
+    static __device__ __forceinline__ void load_tile_f32(bf16* dst, const float* src, int lds,
+                                                         int rows_valid, int cols_valid, int cols,
+                                                         float scale) {
+        for (int i = threadIdx.x; i < ROWS * cols; i += THREADS) {
+            const int r = i / cols, c = i % cols;
+            const float v =
+                (r < rows_valid && c < cols_valid) ? scale * src[(size_t)r * lds + c] : 0.0f;
+            dst[sw(r, c)] = to_bf16(v);
+        }
+    }
+
+    // src rounded to bf16 into the first `rows` K rows of an MN-major B tile, from an f32 matrix
+    // stored [K][out] with row stride lds; zero outside rows_valid × cols_valid.
+    static __device__ __forceinline__ void load_tile_f32_mn(bf16* dst, const float* src, int lds,
+                                                            int rows_valid, int cols_valid,
+                                                            int rows) {
+        for (int i = threadIdx.x; i < rows * BN; i += THREADS) {
+            const int r = i / BN, c = i % BN;
+            const float v = (r < rows_valid && c < cols_valid) ? src[(size_t)r * lds + c] : 0.0f;
+            dst[sw_mn(r, c)] = to_bf16(v);
+        }
+    }
+
+    // acc += (this warpgroup's 64 rows of As)·Bs over KSTEPS K steps of 16, then wait for it. Bs is
+    // K-major, or MN-major with B_MN. KSTEPS is a constant: a wgmma under a run-time condition
+    // makes ptxas serialise them all.
+    template <int KSTEPS, bool B_MN>
+    static __device__ __forceinline__ void mma_slab(Acc& acc, const bf16* As, const bf16* Bs) {
+        const u64 da = sw128_desc(As + (threadIdx.x / 128) * WG_ROWS * BK);
+        // One K step of 16 is 32 bytes along a K-major row, 16 rows of 128 bytes down an MN-major
+        // tile: +2 or +128 in the descriptor's address field (bytes >> 4).
+        const u64 db = B_MN ? sw128_desc(Bs, HALF * 2) : sw128_desc(Bs);
+        wgmma_fence_operands(acc);
+        wgmma_fence();
 #pragma unroll
-    for (int j = 0; j < 16; ++j)
+        for (int ks = 0; ks < KSTEPS; ++ks)
+            wgmma_m64n128k16<B_MN>(acc, da + 2 * ks, db + (B_MN ? 128 : 2) * ks, 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_operands(acc);
+    }
+
+    // The main K loop: acc += A_tile·B_tile over `kred`. A rows from `a` (stride lda; with SUM_A
+    // the sum over `members` copies a_member_stride apart). B from `b` at the tile's first output
+    // column: b[n·ldb + k] (K-major), or b[k·ldb + n] with B_MN.
+    template <bool B_MN, bool SUM_A>
+    static __device__ void main_loop(Acc& acc, bf16* tiles, const bf16* a, int lda,
+                                     size_t a_member_stride, int members, int rows_valid,
+                                     const bf16* b, int ldb, int cols_valid, int kred, bool vec) {
+        const int ktiles = (kred + BK - 1) / BK;
+        auto load = [&](int stage, int kt) {
+            bf16* As = tiles + stage * STAGE;
+            const int k0 = kt * BK;
+            if (SUM_A)
+                load_tile_member_sum(As, a + k0, a_member_stride, members, lda, rows_valid,
+                                     kred - k0);
+            else
+                load_tile<BM>(As, a + k0, lda, rows_valid, kred - k0, vec);
+            if (B_MN)
+                load_tile_mn(As + TILE_A, b + (size_t)k0 * ldb, ldb, kred - k0, cols_valid, vec);
+            else
+                load_tile<BN>(As + TILE_A, b + k0, ldb, cols_valid, kred - k0, vec);
+        };
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-            gemm::store_pair(y, ldy, r0 + 8 * h, 8 * j + 2 * (lane % 4), acc[4 * j + 2 * h],
-                             acc[4 * j + 2 * h + 1], rows_valid, cols_valid, bias, pairs);
-}
+        for (int s = 0; s < STAGES - 1; ++s) {
+            if (s < ktiles) load(s, s);
+            cp_async_commit();
+        }
+        for (int kt = 0; kt < ktiles; ++kt) {
+            cp_async_wait<STAGES - 2>();  // tile kt has landed (this thread's copies) ...
+            fence_proxy_async();          // ... where the tensor cores look ...
+            __syncthreads();  // ... for every thread; and every warpgroup is done with tile kt-1
+            const int next = kt + STAGES - 1;
+            if (next < ktiles) load(next % STAGES, next);  // into tile kt-1's stage
+            cp_async_commit();  // possibly empty: keeps the group count in step
+            const bf16* As = tiles + (kt % STAGES) * STAGE;
+            mma_slab<BK / 16, B_MN>(acc, As, As + TILE_A);
+        }
+        cp_async_wait<0>();
+        __syncthreads();  // shared memory is free for the low-rank segment
+    }
 
-__device__ __forceinline__ void zero(Acc& acc) {
+    // acc += (p_scale·P)·Q over the rank: P [rows, r] f32 (row stride r); Q f32 at the tile's first
+    // output column, q[n·ldq + j] (K-major, the forward's B_m [N, r]) or q[j·ldq + n] with B_MN
+    // (the backward's A_m [r, K]).
+    template <bool B_MN>
+    static __device__ void lowrank_segment(Acc& acc, bf16* tiles, const float* p, int rows_valid,
+                                           float p_scale, const float* q, int ldq, int cols_valid,
+                                           int r) {
+        for (int j0 = 0; j0 < r; j0 += BK) {
+            const int width = min(BK, r - j0), cols = (width + 15) / 16 * 16;
+            load_tile_f32<BM>(tiles, p + j0, r, rows_valid, width, cols, p_scale);
+            if (B_MN)
+                load_tile_f32_mn(tiles + TILE_A, q + (size_t)j0 * ldq, ldq, width, cols_valid,
+                                 cols);
+            else
+                load_tile_f32<BN>(tiles + TILE_A, q + j0, ldq, cols_valid, width, cols, 1.0f);
+            fence_proxy_async();
+            __syncthreads();
+            switch (cols / 16) {
+                case 1:
+                    mma_slab<1, B_MN>(acc, tiles, tiles + TILE_A);
+                    break;
+                case 2:
+                    mma_slab<2, B_MN>(acc, tiles, tiles + TILE_A);
+                    break;
+                case 3:
+                    mma_slab<3, B_MN>(acc, tiles, tiles + TILE_A);
+                    break;
+                default:
+                    mma_slab<4, B_MN>(acc, tiles, tiles + TILE_A);
+                    break;
+            }
+            __syncthreads();
+        }
+    }
+
+    // Y tile = bf16(acc + bias). Thread t of warpgroup g holds, for each 8-column block j and h in
+    // {0, 1}, row 64g + 16·(t/32 % 4) + (t%32)/4 + 8h, columns 8j + 2(t%4) and the next, in
+    // acc[4j + 2h] and acc[4j + 2h + 1].
+    static __device__ __forceinline__ void store_tile(bf16* y, int ldy, int rows_valid,
+                                                      int cols_valid, const Acc& acc,
+                                                      const bf16* bias, bool pairs) {
+        const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+        const int r0 = (warp / 4) * WG_ROWS + (warp % 4) * 16 + lane / 4;
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
-}
+        for (int j = 0; j < 16; ++j)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+                store_pair(y, ldy, r0 + 8 * h, 8 * j + 2 * (lane % 4), acc[4 * j + 2 * h],
+                           acc[4 * j + 2 * h + 1], rows_valid, cols_valid, bias, pairs);
+    }
 
-__device__ __forceinline__ bf16* tiles(unsigned char* smem_raw) {
-    return reinterpret_cast<bf16*>(align_1024(smem_raw));
-}
-}  // namespace hopper
+    static __device__ __forceinline__ void zero(Acc& acc) {
+#pragma unroll
+        for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+    }
 
-// As lora_fwd_gemm. grid (ceil(N/128), M·ceil(rows/128)), block 256, smem hopper::SMEM_BYTES.
+    static __device__ __forceinline__ void copy(Acc& dst, const Acc& src) {
+#pragma unroll
+        for (int i = 0; i < 64; ++i) dst[i] = src[i];
+    }
+
+    static __device__ __forceinline__ bf16* tiles(unsigned char* smem_raw) {
+        return reinterpret_cast<bf16*>(align_1024(smem_raw));
+    }
+};
+
+// The four GEMMs on wgmma; dynamic smem Wgmma::SMEM_BYTES.
 extern "C" __global__ void __launch_bounds__(256)
     lora_fwd_wgmma(const bf16* X, const bf16* W, const bf16* bias, const float* U, const float* B,
                    bf16* Y, int rows, int N, int K, int r, float s, int vec) {
-    using namespace hopper;
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16* smem = hopper::tiles(smem_raw);
-    const int row_tiles = (rows + BM - 1) / BM;
-    const int m = blockIdx.y / row_tiles, row0 = (blockIdx.y % row_tiles) * BM;
-    const int n0 = blockIdx.x * BN;
-    const int rows_valid = min(BM, rows - row0);
-    const size_t row_base = (size_t)m * rows + row0;
-    Acc acc;
-    zero(acc);
-    main_loop<false, false>(acc, smem, X + row_base * K, K, 0, 1, rows_valid, W + (size_t)n0 * K,
-                            K, N - n0, K, vec);
-    lowrank_segment<false>(acc, smem, U + row_base * r, rows_valid, s,
-                           B + ((size_t)m * N + n0) * r, r, N - n0, r);
-    store_tile(Y + row_base * N + n0, N, rows_valid, N - n0, acc, bias ? bias + n0 : nullptr, vec);
+    fwd_gemm<Wgmma>(X, W, bias, U, B, Y, rows, N, K, r, s, vec);
 }
-
-// As lora_fwd_gemm_prefix: X [1, rows, K] shared, the X·Wᵀ tile computed once.
-// grid (ceil(N/128), ceil(rows/128)), block 256, smem hopper::SMEM_BYTES.
 extern "C" __global__ void __launch_bounds__(256)
     lora_fwd_wgmma_prefix(const bf16* X, const bf16* W, const bf16* bias, const float* U,
                           const float* B, bf16* Y, int members, int rows, int N, int K, int r,
                           float s, int vec) {
-    using namespace hopper;
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16* smem = hopper::tiles(smem_raw);
-    const int row0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-    const int rows_valid = min(BM, rows - row0);
-    Acc base, acc;
-    zero(base);
-    main_loop<false, false>(base, smem, X + (size_t)row0 * K, K, 0, 1, rows_valid,
-                            W + (size_t)n0 * K, K, N - n0, K, vec);
-    for (int m = 0; m < members; ++m) {
-        const size_t row_base = (size_t)m * rows + row0;
-#pragma unroll
-        for (int i = 0; i < 64; ++i) acc[i] = base[i];
-        lowrank_segment<false>(acc, smem, U + row_base * r, rows_valid, s,
-                               B + ((size_t)m * N + n0) * r, r, N - n0, r);
-        store_tile(Y + row_base * N + n0, N, rows_valid, N - n0, acc, bias ? bias + n0 : nullptr,
-                   vec);
-    }
+    fwd_gemm_prefix<Wgmma>(X, W, bias, U, B, Y, members, rows, N, K, r, s, vec);
 }
-
-// As lora_bwd_dx_gemm: dX[m] = dY[m]·W + V[m]·A_m. grid (ceil(K/128), M·ceil(rows/128)), block
-// 256, smem hopper::SMEM_BYTES.
 extern "C" __global__ void __launch_bounds__(256)
     lora_bwd_dx_wgmma(const bf16* dY, const bf16* W, const float* V, const float* A, bf16* dX,
                       int rows, int N, int K, int r, int vec) {
-    using namespace hopper;
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16* smem = hopper::tiles(smem_raw);
-    const int row_tiles = (rows + BM - 1) / BM;
-    const int m = blockIdx.y / row_tiles, row0 = (blockIdx.y % row_tiles) * BM;
-    const int n0 = blockIdx.x * BN;
-    const int rows_valid = min(BM, rows - row0);
-    const size_t row_base = (size_t)m * rows + row0;
-    Acc acc;
-    zero(acc);
-    main_loop<true, false>(acc, smem, dY + row_base * N, N, 0, 1, rows_valid, W + n0, K, K - n0,
-                           N, vec);
-    lowrank_segment<true>(acc, smem, V + row_base * r, rows_valid, 1.0f,
-                          A + (size_t)m * r * K + n0, K, K - n0, r);
-    store_tile(dX + row_base * K + n0, K, rows_valid, K - n0, acc, nullptr, vec);
+    bwd_dx_gemm<Wgmma>(dY, W, V, A, dX, rows, N, K, r, vec);
 }
-
-// As lora_bwd_dx_gemm_prefix: dX = (Σ_m dY[m])·W + Σ_m V[m]·A_m.
-// grid (ceil(K/128), ceil(rows/128)), block 256, smem hopper::SMEM_BYTES.
 extern "C" __global__ void __launch_bounds__(256)
     lora_bwd_dx_wgmma_prefix(const bf16* dY, const bf16* W, const float* V, const float* A,
                              bf16* dX, int members, int rows, int N, int K, int r, int vec) {
-    using namespace hopper;
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16* smem = hopper::tiles(smem_raw);
-    const int row0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-    const int rows_valid = min(BM, rows - row0);
-    Acc acc;
-    zero(acc);
-    main_loop<true, true>(acc, smem, dY + (size_t)row0 * N, N, (size_t)rows * N, members,
-                          rows_valid, W + n0, K, K - n0, N, vec);
-    for (int m = 0; m < members; ++m)
-        lowrank_segment<true>(acc, smem, V + ((size_t)m * rows + row0) * r, rows_valid, 1.0f,
-                              A + (size_t)m * r * K + n0, K, K - n0, r);
-    store_tile(dX + (size_t)row0 * K + n0, K, rows_valid, K - n0, acc, nullptr, vec);
+    bwd_dx_gemm_prefix<Wgmma>(dY, W, V, A, dX, members, rows, N, K, r, vec);
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL

@@ -14,10 +14,10 @@ use crate::gpu::{Arg, Gpu};
 use crate::sources::Kernel;
 
 /// Dynamic shared memory of the fused GEMMs: 3 stages × (128×40 + 128×40) bf16. Mirrors
-/// `gemm::SMEM_BYTES` in lora.cu (a static_assert there pins the number).
+/// `MmaSync::SMEM_BYTES` in lora.cu (a static_assert there pins the number).
 pub const GEMM_SMEM: usize = 61440;
 /// Dynamic shared memory of the wgmma GEMMs: 3 stages × (128×64 + 128×64) bf16, and 1024 bytes
-/// to align them. Mirrors `hopper::SMEM_BYTES` in lora.cu.
+/// to align them. Mirrors `Wgmma::SMEM_BYTES` in lora.cu.
 pub const WGMMA_SMEM: usize = 99328;
 
 const GEMM_TILE: usize = 128;
