@@ -428,28 +428,32 @@ __device__ __forceinline__ void bwd_dx_gemm_prefix(const bf16* dY, const bf16* W
     P::store_tile(dX + (size_t)row0 * K + n0, K, rows_valid, K - n0, acc, nullptr, vec);
 }
 
-// The four GEMMs on mma.sync (any arch from sm_80); dynamic smem MmaSync::SMEM_BYTES.
-extern "C" __global__ void __launch_bounds__(256)
-    lora_fwd_gemm(const bf16* X, const bf16* W, const bf16* bias, const float* U, const float* B,
-                  bf16* Y, int rows, int N, int K, int r, float s, int vec) {
-    fwd_gemm<MmaSync>(X, W, bias, U, B, Y, rows, N, K, r, s, vec);
-}
-extern "C" __global__ void __launch_bounds__(256)
-    lora_fwd_gemm_prefix(const bf16* X, const bf16* W, const bf16* bias, const float* U,
-                         const float* B, bf16* Y, int members, int rows, int N, int K, int r,
-                         float s, int vec) {
-    fwd_gemm_prefix<MmaSync>(X, W, bias, U, B, Y, members, rows, N, K, r, s, vec);
-}
-extern "C" __global__ void __launch_bounds__(256)
-    lora_bwd_dx_gemm(const bf16* dY, const bf16* W, const float* V, const float* A, bf16* dX,
-                     int rows, int N, int K, int r, int vec) {
-    bwd_dx_gemm<MmaSync>(dY, W, V, A, dX, rows, N, K, r, vec);
-}
-extern "C" __global__ void __launch_bounds__(256)
-    lora_bwd_dx_gemm_prefix(const bf16* dY, const bf16* W, const float* V, const float* A, bf16* dX,
-                            int members, int rows, int N, int K, int r, int vec) {
-    bwd_dx_gemm_prefix<MmaSync>(dY, W, V, A, dX, members, rows, N, K, r, vec);
-}
+// The four GEMM entry points of a tensor-core path P: lora_fwd_NAME, lora_fwd_NAME_prefix,
+// lora_bwd_dx_NAME and lora_bwd_dx_NAME_prefix, grids as above, dynamic smem P::SMEM_BYTES.
+#define LORA_GEMM_ENTRIES(NAME, P)                                                                 \
+    extern "C" __global__ void __launch_bounds__(256)                                              \
+        lora_fwd_##NAME(const bf16* X, const bf16* W, const bf16* bias, const float* U,            \
+                        const float* B, bf16* Y, int rows, int N, int K, int r, float s, int vec) {\
+        fwd_gemm<P>(X, W, bias, U, B, Y, rows, N, K, r, s, vec);                                   \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(256) lora_fwd_##NAME##_prefix(                    \
+        const bf16* X, const bf16* W, const bf16* bias, const float* U, const float* B, bf16* Y,   \
+        int members, int rows, int N, int K, int r, float s, int vec) {                            \
+        fwd_gemm_prefix<P>(X, W, bias, U, B, Y, members, rows, N, K, r, s, vec);                   \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(256)                                              \
+        lora_bwd_dx_##NAME(const bf16* dY, const bf16* W, const float* V, const float* A,          \
+                           bf16* dX, int rows, int N, int K, int r, int vec) {                     \
+        bwd_dx_gemm<P>(dY, W, V, A, dX, rows, N, K, r, vec);                                       \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(256) lora_bwd_dx_##NAME##_prefix(                 \
+        const bf16* dY, const bf16* W, const float* V, const float* A, bf16* dX, int members,      \
+        int rows, int N, int K, int r, int vec) {                                                  \
+        bwd_dx_gemm_prefix<P>(dY, W, V, A, dX, members, rows, N, K, r, vec);                       \
+    }
+
+// On mma.sync: any arch from sm_80.
+LORA_GEMM_ENTRIES(gemm, MmaSync)
 
 // ---------------------------------------------------------------------------------------------
 // Adapter gradients, a reduction over rows per member:
@@ -785,26 +789,6 @@ struct Wgmma {
     }
 };
 
-// The four GEMMs on wgmma; dynamic smem Wgmma::SMEM_BYTES.
-extern "C" __global__ void __launch_bounds__(256)
-    lora_fwd_wgmma(const bf16* X, const bf16* W, const bf16* bias, const float* U, const float* B,
-                   bf16* Y, int rows, int N, int K, int r, float s, int vec) {
-    fwd_gemm<Wgmma>(X, W, bias, U, B, Y, rows, N, K, r, s, vec);
-}
-extern "C" __global__ void __launch_bounds__(256)
-    lora_fwd_wgmma_prefix(const bf16* X, const bf16* W, const bf16* bias, const float* U,
-                          const float* B, bf16* Y, int members, int rows, int N, int K, int r,
-                          float s, int vec) {
-    fwd_gemm_prefix<Wgmma>(X, W, bias, U, B, Y, members, rows, N, K, r, s, vec);
-}
-extern "C" __global__ void __launch_bounds__(256)
-    lora_bwd_dx_wgmma(const bf16* dY, const bf16* W, const float* V, const float* A, bf16* dX,
-                      int rows, int N, int K, int r, int vec) {
-    bwd_dx_gemm<Wgmma>(dY, W, V, A, dX, rows, N, K, r, vec);
-}
-extern "C" __global__ void __launch_bounds__(256)
-    lora_bwd_dx_wgmma_prefix(const bf16* dY, const bf16* W, const float* V, const float* A,
-                             bf16* dX, int members, int rows, int N, int K, int r, int vec) {
-    bwd_dx_gemm_prefix<Wgmma>(dY, W, V, A, dX, members, rows, N, K, r, vec);
-}
+// On wgmma: sm_90a.
+LORA_GEMM_ENTRIES(wgmma, Wgmma)
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
