@@ -337,18 +337,33 @@ struct MmaSync {
 // Hopper): where the block's tile lies, the main loop, the low-rank segment(s), the store. P
 // gives the tile sizes, the accumulator type and shared-memory layout, and those four steps.
 
+// This block's dynamic shared memory, laid out as the path P wants it.
+template <class P>
+__device__ __forceinline__ bf16* block_smem() {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    return P::tiles(smem_raw);
+}
+
+// Where this block's tile lies: blockIdx.x is the column tile, blockIdx.y = member·row tiles +
+// row tile (member 0 on a shared-input grid, which has the row tiles alone).
+struct BlockTile {
+    int m, row0, n0, rows_valid;
+};
+template <class P>
+__device__ __forceinline__ BlockTile block_tile(int rows) {
+    const int row_tiles = (rows + P::BM - 1) / P::BM;
+    const int row0 = (blockIdx.y % row_tiles) * P::BM;
+    return {(int)(blockIdx.y / row_tiles), row0, (int)blockIdx.x * P::BN, min(P::BM, rows - row0)};
+}
+
 // Forward Y[m] = X[m]·Wᵀ + bias + s·U[m]·B_mᵀ. grid (ceil(N/128), M·ceil(rows/128)), block 256,
 // dynamic smem P::SMEM_BYTES; blockIdx.y = member·row tiles + row tile. X is [M, rows, K].
 template <class P>
 __device__ __forceinline__ void fwd_gemm(const bf16* X, const bf16* W, const bf16* bias,
                                          const float* U, const float* B, bf16* Y, int rows, int N,
                                          int K, int r, float s, int vec) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16* smem = P::tiles(smem_raw);
-    const int row_tiles = (rows + P::BM - 1) / P::BM;
-    const int m = blockIdx.y / row_tiles, row0 = (blockIdx.y % row_tiles) * P::BM;
-    const int n0 = blockIdx.x * P::BN;
-    const int rows_valid = min(P::BM, rows - row0);
+    bf16* smem = block_smem<P>();
+    const auto [m, row0, n0, rows_valid] = block_tile<P>(rows);
     const size_t row_base = (size_t)m * rows + row0;
     typename P::Acc acc;
     P::zero(acc);
@@ -368,10 +383,8 @@ __device__ __forceinline__ void fwd_gemm_prefix(const bf16* X, const bf16* W, co
                                                 const float* U, const float* B, bf16* Y,
                                                 int members, int rows, int N, int K, int r, float s,
                                                 int vec) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16* smem = P::tiles(smem_raw);
-    const int row0 = blockIdx.y * P::BM, n0 = blockIdx.x * P::BN;
-    const int rows_valid = min(P::BM, rows - row0);
+    bf16* smem = block_smem<P>();
+    const auto [m0, row0, n0, rows_valid] = block_tile<P>(rows);  // m0 = 0: one shared input
     typename P::Acc base, acc;
     P::zero(base);
     P::template main_loop<false, false>(base, smem, X + (size_t)row0 * K, K, 0, 1, rows_valid,
@@ -392,12 +405,8 @@ template <class P>
 __device__ __forceinline__ void bwd_dx_gemm(const bf16* dY, const bf16* W, const float* V,
                                             const float* A, bf16* dX, int rows, int N, int K, int r,
                                             int vec) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16* smem = P::tiles(smem_raw);
-    const int row_tiles = (rows + P::BM - 1) / P::BM;
-    const int m = blockIdx.y / row_tiles, row0 = (blockIdx.y % row_tiles) * P::BM;
-    const int n0 = blockIdx.x * P::BN;
-    const int rows_valid = min(P::BM, rows - row0);
+    bf16* smem = block_smem<P>();
+    const auto [m, row0, n0, rows_valid] = block_tile<P>(rows);
     const size_t row_base = (size_t)m * rows + row0;
     typename P::Acc acc;
     P::zero(acc);
@@ -414,10 +423,8 @@ template <class P>
 __device__ __forceinline__ void bwd_dx_gemm_prefix(const bf16* dY, const bf16* W, const float* V,
                                                    const float* A, bf16* dX, int members, int rows,
                                                    int N, int K, int r, int vec) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16* smem = P::tiles(smem_raw);
-    const int row0 = blockIdx.y * P::BM, n0 = blockIdx.x * P::BN;
-    const int rows_valid = min(P::BM, rows - row0);
+    bf16* smem = block_smem<P>();
+    const auto [m0, row0, n0, rows_valid] = block_tile<P>(rows);  // m0 = 0: one shared input
     typename P::Acc acc;
     P::zero(acc);
     P::template main_loop<true, true>(acc, smem, dY + (size_t)row0 * N, N, (size_t)rows * N,
