@@ -272,7 +272,12 @@ fn train_step(c: &mut Criterion) {
     for method in [Method::Lora, Method::Explicit] {
         let ens = ensemble_config(method, m, 10, 8);
         let mut model = Vit::new(&vit, &ens, &Device::cpu(), 0).unwrap();
-        let mut trainer = Trainer::new(&mut model, &bench_train_config(b, 0), 1 << 20).unwrap();
+        let mut trainer = Trainer::new(
+            &mut model,
+            &bench_train_config(b, 0, loren_nn::Activations::Keep),
+            1 << 20,
+        )
+        .unwrap();
         g.bench_function(format!("tiny-{method}-M{m}-B{b}"), |bch| {
             bch.iter(|| trainer.step(black_box(&batch)).unwrap())
         });

@@ -40,6 +40,7 @@ fn main() {
         grad_clip: Some(1.0),
         augment: Augment::none(),
         seed: 0,
+        activations: loren_nn::config::Activations::Keep,
     };
     let mut trainer = Trainer::new(&mut model, &cfg, 1000).unwrap();
     let mut rng = Rng::new(1);

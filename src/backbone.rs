@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use loren_nn::checkpoint::{self, TensorFile};
-use loren_nn::config::{EnsembleConfig, LoraConfig, Method, VitConfig};
+use loren_nn::config::{Activations, EnsembleConfig, LoraConfig, Method, VitConfig};
 use loren_nn::data::Splits;
 use loren_nn::eval::predict;
 use loren_nn::import::{Imported, Scheme, import_backbone};
@@ -58,6 +58,7 @@ impl PretrainSpec {
                 grad_clip: Some(1.0),
                 augment: loren_nn::data::Augment::digits(),
                 seed: 0,
+                activations: Activations::Keep,
             },
             seed: 0,
             device: DeviceSpec::Auto,

@@ -19,7 +19,7 @@ use anyhow::{Context, Result, anyhow};
 use loren_autograd::optim::OptimizerKind;
 use loren_kernels::provenance::{git_commit, utc_now};
 use loren_nn::checkpoint::write_atomic;
-use loren_nn::config::{EnsembleConfig, LoraConfig, Method, VitConfig};
+use loren_nn::config::{Activations, EnsembleConfig, LoraConfig, Method, VitConfig};
 use loren_nn::data::{Augment, Batch};
 use loren_nn::memory_model::{self, Flops, Precision, StepModel};
 use loren_nn::train::{TrainConfig, Trainer};
@@ -389,6 +389,8 @@ pub struct BenchOptions {
     /// GPU).
     pub peak_size: Option<usize>,
     pub seed: u64,
+    /// What the training forward keeps for the backward, for both methods alike.
+    pub activations: Activations,
     pub command: String,
 }
 
@@ -407,6 +409,7 @@ impl Default for BenchOptions {
             memory_budget: None,
             peak_size: None,
             seed: 0,
+            activations: Activations::Keep,
             command: "loren bench".into(),
         }
     }
@@ -463,6 +466,8 @@ pub struct BenchReport {
     pub configs: Vec<String>,
     pub batch: usize,
     pub rank: usize,
+    /// What the training forward kept for the backward, in every row.
+    pub activations: Activations,
     pub warmup: usize,
     pub repeats: usize,
     pub timer: String,
@@ -471,6 +476,14 @@ pub struct BenchReport {
     pub peak_error: Option<String>,
     pub budget: Option<Budget>,
     pub rows: Vec<BenchRow>,
+}
+
+/// How a report's header says that the blocks were recomputed.
+pub fn recompute_phrase(a: Activations) -> &'static str {
+    match a {
+        Activations::Keep => "",
+        Activations::Recompute => "; block activations recomputed in the backward",
+    }
 }
 
 /// The default configs for a device.
@@ -540,7 +553,7 @@ pub fn ensemble_config(
 }
 
 /// The training setup of the bench and memprofile: AdamW, clipping at 1, no schedule to speak of.
-pub fn bench_train_config(batch: usize, seed: u64) -> TrainConfig {
+pub fn bench_train_config(batch: usize, seed: u64, activations: Activations) -> TrainConfig {
     TrainConfig {
         epochs: 1,
         batch_size: batch,
@@ -551,6 +564,7 @@ pub fn bench_train_config(batch: usize, seed: u64) -> TrainConfig {
         grad_clip: Some(1.0),
         augment: Augment::none(),
         seed,
+        activations,
     }
 }
 
@@ -577,7 +591,7 @@ fn measure(
 ) -> Result<Measured> {
     let mut model = Vit::new(vit, ens, device, o.seed)?;
     let batch = random_batch(vit, o.batch, o.classes, o.seed);
-    let cfg = bench_train_config(o.batch, o.seed);
+    let cfg = bench_train_config(o.batch, o.seed, o.activations);
     let steps = o.warmup + o.repeats;
     let (train, memory, device_used) = {
         let mut trainer = Trainer::new(&mut model, &cfg, steps * o.batch)?;
@@ -668,7 +682,7 @@ pub fn run_bench(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Ben
             let mut failed_at: Option<usize> = None;
             for &m in &members {
                 let ens = ensemble(o, method, m);
-                let model = memory_model::predict(vit, &ens, o.batch, 2, prec)?;
+                let model = memory_model::predict(vit, &ens, o.batch, 2, prec, o.activations)?;
                 let mut row = BenchRow {
                     config: vit.name.clone(),
                     method,
@@ -761,12 +775,18 @@ pub fn run_bench(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Ben
         configs,
         batch: o.batch,
         rank: o.rank,
+        activations: o.activations,
         warmup: o.warmup,
         repeats: o.repeats,
         timer: "Device::time around each call: CUDA events on the stream on a GPU, the wall clock on the CPU (bench::time_on)".into(),
         flop_count: format!(
-            "matrix products only, 2mnk each, as executed (loren_nn::memory_model::Flops); \
-             rates in {unit}"
+            "matrix products only, 2mnk each, as executed (loren_nn::memory_model::Flops){}; \
+             rates in {unit}",
+            match o.activations {
+                Activations::Keep => "",
+                Activations::Recompute =>
+                    ", without the blocks' forwards run again in the backward (model FLOPs)",
+            }
         ),
         peak,
         peak_error,
@@ -817,8 +837,13 @@ pub fn table(r: &BenchReport) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "loren bench on {} (batch {}, rank {}, {} warm-up + {} timed calls per row)",
-        r.device, r.batch, r.rank, r.warmup, r.repeats
+        "loren bench on {} (batch {}, rank {}, {} warm-up + {} timed calls per row{})",
+        r.device,
+        r.batch,
+        r.rank,
+        r.warmup,
+        r.repeats,
+        recompute_phrase(r.activations)
     );
     let _ = writeln!(s, "{}", r.note);
     match (&r.peak, &r.peak_error) {

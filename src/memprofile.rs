@@ -11,7 +11,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, anyhow};
 use loren_nn::checkpoint::write_atomic;
-use loren_nn::config::{EnsembleConfig, Method, VitConfig};
+use loren_nn::config::{Activations, EnsembleConfig, Method, VitConfig};
 use loren_nn::memory_model::{self, ParamCounts, Precision, StepModel, TagBytes};
 use loren_nn::train::Trainer;
 use loren_nn::vit::Vit;
@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::bench::{
     Budget, RunInfo, bench_train_config, budget_for, device_memory_used, ensemble_config,
-    precision, predicted_need, random_batch,
+    precision, predicted_need, random_batch, recompute_phrase,
 };
 use crate::plot::{Chart, Series, Units, palette, render};
 use crate::report::{aligned_columns, bytes, count};
@@ -46,6 +46,8 @@ pub struct MemprofileOptions {
     pub warmup: Option<usize>,
     pub memory_budget: Option<u64>,
     pub seed: u64,
+    /// What the training forward keeps for the backward, for both methods alike.
+    pub activations: Activations,
     pub command: String,
 }
 
@@ -63,6 +65,7 @@ impl Default for MemprofileOptions {
             warmup: None,
             memory_budget: None,
             seed: 0,
+            activations: Activations::Keep,
             command: "loren memprofile".into(),
         }
     }
@@ -151,6 +154,8 @@ pub struct MemprofileReport {
     pub configs: Vec<String>,
     pub batch: usize,
     pub rank: usize,
+    /// What the training forward kept for the backward, in every row.
+    pub activations: Activations,
     pub precision: Precision,
     pub budget: Option<Budget>,
     pub rows: Vec<ProfileRow>,
@@ -185,7 +190,7 @@ fn measure_step(
     let batch = random_batch(vit, o.batch, o.classes, o.seed);
     let mut trainer = Trainer::new(
         &mut model,
-        &bench_train_config(o.batch, o.seed),
+        &bench_train_config(o.batch, o.seed, o.activations),
         (warmup + 1) * o.batch,
     )?;
     for _ in 0..warmup {
@@ -262,8 +267,15 @@ pub fn run_memprofile(
                 .unwrap_or(if is_cpu && vit.name != "tiny" { 0 } else { 1 });
             for &m in &members {
                 let ens = ensemble_config(method, m, o.classes, o.rank);
-                let model = memory_model::predict(vit, &ens, o.batch, 2, prec)?;
-                let gpu = memory_model::predict(vit, &ens, o.batch, 2, Precision::GPU_BF16)?;
+                let model = memory_model::predict(vit, &ens, o.batch, 2, prec, o.activations)?;
+                let gpu = memory_model::predict(
+                    vit,
+                    &ens,
+                    o.batch,
+                    2,
+                    Precision::GPU_BF16,
+                    o.activations,
+                )?;
                 let mut row = ProfileRow {
                     config: vit.name.clone(),
                     method,
@@ -343,7 +355,7 @@ pub fn run_memprofile(
                 // shadows on a GPU), their gradients and the optimizer state.
                 let at = |m| {
                     let ens = ensemble_config(method, m, o.classes, o.rank);
-                    memory_model::predict(vit, &ens, o.batch, 2, prec)
+                    memory_model::predict(vit, &ens, o.batch, 2, prec, o.activations)
                 };
                 let (one, two) = (at(1)?, at(if method.is_single() { 1 } else { 2 })?);
                 let step = |tag| two.train.start.get(tag) - one.train.start.get(tag);
@@ -408,6 +420,7 @@ pub fn run_memprofile(
         configs,
         batch: o.batch,
         rank: o.rank,
+        activations: o.activations,
         precision: prec,
         budget,
         rows,
@@ -437,11 +450,12 @@ pub fn table(r: &MemprofileReport) -> String {
     }
     let _ = writeln!(
         s,
-        "loren memprofile on {} (batch {}, rank {}, AdamW): peaks over one training step, after \
-         warm-up steps: {}",
+        "loren memprofile on {} (batch {}, rank {}, AdamW{}): peaks over one training step, \
+         after warm-up steps: {}",
         r.device,
         r.batch,
         r.rank,
+        recompute_phrase(r.activations),
         if warmups.is_empty() {
             "none measured".to_string()
         } else {

@@ -242,6 +242,37 @@ fn the_command_line_runs_and_writes_its_outputs() {
         "{stdout}"
     );
 
+    let out = loren(&[
+        "bench",
+        "--device",
+        "cpu",
+        "--members",
+        "2",
+        "--methods",
+        "lora",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--peak-size",
+        "64",
+        "--recompute",
+        "-q",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("block activations recomputed in the backward"),
+        "{stdout}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("bench.json")).unwrap()).unwrap();
+    assert_eq!(json["activations"], "recompute");
+    let flops = &json["rows"][0]["train_flops"];
+    assert!(flops["recomputed"].as_f64().unwrap() > 0.0, "{flops}");
+
     for bad in [
         vec!["bench", "--members", "0"],
         vec!["bench", "--memory-budget", "lots"],

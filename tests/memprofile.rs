@@ -4,7 +4,7 @@
 mod svg_check;
 
 use loren::memprofile::{MemprofileOptions, run_memprofile, svg, table, write};
-use loren_nn::config::Method;
+use loren_nn::config::{Activations, Method};
 use loren_tensor::{DeviceSpec, MemTag};
 
 fn tiny(members: Vec<usize>) -> MemprofileOptions {
@@ -105,6 +105,36 @@ fn measured_peaks_match_the_analytic_model_and_lora_grows_by_adapters_and_heads(
     );
     assert!(md.contains(table(&r).trim_end()), "{md}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn recomputed_blocks_are_measured_and_predicted_alike_and_keep_less() {
+    let run = |activations| {
+        let o = MemprofileOptions {
+            activations,
+            ..tiny(vec![4])
+        };
+        run_memprofile(&o, &mut |_| {}).unwrap()
+    };
+    let (kept, again) = (run(Activations::Keep), run(Activations::Recompute));
+    assert_eq!(again.activations, Activations::Recompute);
+    assert!(table(&again).contains("block activations recomputed"));
+    assert!(!table(&kept).contains("recomputed"));
+    for (k, a) in kept.rows.iter().zip(&again.rows) {
+        let (km, am) = (k.measured.as_ref().unwrap(), a.measured.as_ref().unwrap());
+        for tag in MemTag::ALL {
+            assert_eq!(a.predicted.by_tag.get(tag), am.by_tag.get(tag), "{tag}");
+        }
+        // The weights and their state do not change; the activations fall.
+        for tag in [MemTag::Trainable, MemTag::Gradients, MemTag::OptimizerState] {
+            assert_eq!(km.by_tag.get(tag), am.by_tag.get(tag), "{tag}");
+        }
+        let (ka, aa) = (
+            km.by_tag.get(MemTag::Activations),
+            am.by_tag.get(MemTag::Activations),
+        );
+        assert!(2 * aa < ka, "{}: {aa} recomputed vs {ka} kept", k.method);
+    }
 }
 
 #[test]

@@ -57,6 +57,10 @@ pub struct BenchArgs {
     /// Output folder for bench.json, bench.svg and bench.md (the table with where and when it ran).
     #[arg(long, default_value = "runs/bench")]
     pub out: PathBuf,
+    /// Time both methods with each block's activations recomputed in the backward (as
+    /// `loren train --recompute`) instead of kept.
+    #[arg(long)]
+    pub recompute: bool,
     /// Print only the table.
     #[arg(long, short)]
     pub quiet: bool,
@@ -81,6 +85,7 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         memory_budget: a.memory_budget.as_deref().map(parse_bytes).transpose()?,
         peak_size: a.peak_size,
         seed: a.seed,
+        activations: crate::cli::args::activations(a.recompute),
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
     let quiet = a.quiet;

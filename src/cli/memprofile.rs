@@ -56,6 +56,10 @@ pub struct MemprofileArgs {
     /// Output folder for memprofile.json, memprofile.svg and memprofile.md (the table with where and when it ran).
     #[arg(long, default_value = "runs/memprofile")]
     pub out: PathBuf,
+    /// Profile both methods with each block's activations recomputed in the backward (as
+    /// `loren train --recompute`) instead of kept.
+    #[arg(long)]
+    pub recompute: bool,
     /// Print only the table.
     #[arg(long, short)]
     pub quiet: bool,
@@ -83,6 +87,7 @@ pub fn memprofile(a: &MemprofileArgs) -> Result<()> {
         warmup: a.warmup,
         memory_budget: a.memory_budget.as_deref().map(parse_bytes).transpose()?,
         seed: a.seed,
+        activations: crate::cli::args::activations(a.recompute),
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
     let quiet = a.quiet;

@@ -26,8 +26,18 @@ impl Var {
         }
     }
 
+    /// A shared value that needs no gradient.
+    pub fn shared(value: Arc<Tensor>) -> Var {
+        Var { value, node: None }
+    }
+
     pub fn value(&self) -> &Tensor {
         &self.value
+    }
+
+    /// The value itself, for a caller that is done with the var.
+    pub fn into_value(self) -> Arc<Tensor> {
+        self.value
     }
 
     /// A shared handle on the value, for an op to keep for its backward.
@@ -182,6 +192,13 @@ impl Tape {
         self.enabled && inputs.iter().flatten().any(|v| v.requires_grad())
     }
 
+    /// A value that gets a gradient without being a parameter: an input of a recomputed block
+    /// (see [`crate::ops::recompute`]), whose gradient [`Tape::gradients`] hands back.
+    pub fn input(&self, value: Arc<Tensor>) -> Var {
+        let node = self.enabled.then(|| self.new_node());
+        Var { value, node }
+    }
+
     /// Run the tape backward from the scalar `loss`, adding parameter gradients into `grads`.
     pub fn backward(self, loss: &Var, grads: &mut Grads) -> Result<()> {
         let Some(root) = loss.node else {
@@ -196,34 +213,64 @@ impl Tape {
                 format!("the loss must be a scalar, got shape {}", loss.shape()),
             ));
         }
-        let inner = self.inner.into_inner();
-        let mut sink = GradSink {
-            grads: (0..inner.nodes).map(|_| None).collect(),
-            running_root: false,
-        };
         let seed = Tensor::full(
             1.0,
             loss.shape().clone(),
             MemTag::Workspace,
             loss.value.device(),
         )?;
+        let (mut sink, leaves) = self.run(root, seed, true)?;
+        for (node, pid) in leaves {
+            if let Some(g) = sink.grads[node.0].take() {
+                grads.accumulate(pid, &g)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Run the tape backward from the value at `root` with gradient `dy`, and return the
+    /// gradients of the values at `wrt` (`None` where a value got none or has no node).
+    pub fn gradients(
+        self,
+        root: NodeId,
+        dy: Tensor,
+        wrt: &[Option<NodeId>],
+    ) -> Result<Vec<Option<Tensor>>> {
+        let (mut sink, _) = self.run(root, dy, false)?;
+        Ok(wrt
+            .iter()
+            .map(|n| n.and_then(|n| sink.grads[n.0].take()))
+            .collect())
+    }
+
+    /// The records in reverse from `root`, seeded with `seed`: the sink then holds the
+    /// gradients of the values no record produced (parameters and inputs).
+    fn run(
+        self,
+        root: NodeId,
+        seed: Tensor,
+        seed_is_one: bool,
+    ) -> Result<(GradSink, Vec<(NodeId, ParamId)>)> {
+        let inner = self.inner.into_inner();
+        if root.0 >= inner.nodes {
+            return Err(Error::invalid("backward", "the root is not on this tape"));
+        }
+        let mut sink = GradSink {
+            grads: (0..inner.nodes).map(|_| None).collect(),
+            running_root: false,
+        };
         sink.grads[root.0] = Some(seed);
         for rec in inner.records.into_iter().rev() {
             match sink.grads[rec.output.0].take() {
                 Some(dy) => {
-                    sink.running_root = rec.output == root;
+                    sink.running_root = seed_is_one && rec.output == root;
                     rec.op.backward(dy, &mut sink)?;
                     sink.running_root = false;
                 }
                 None => drop(rec.op),
             }
         }
-        for (node, pid) in inner.leaves {
-            if let Some(g) = sink.grads[node.0].take() {
-                grads.accumulate(pid, &g)?;
-            }
-        }
-        Ok(())
+        Ok((sink, inner.leaves))
     }
 }
 

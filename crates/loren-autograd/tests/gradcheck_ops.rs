@@ -264,6 +264,97 @@ fn softmax_cross_entropy_shared_targets() {
     );
 }
 
+/// A pre-norm residual sublayer: x + linear(layernorm(x)), the shape of a transformer block.
+fn sublayer(t: &Tape, v: &[Var]) -> Result<Var> {
+    let h = ops::layernorm(t, &v[0], &v[1], &v[2], 1e-5)?;
+    let y = ops::linear(t, &h, &v[3], Some(&v[4]))?;
+    ops::add(t, &v[0], &y)
+}
+
+fn sublayer_inputs(seed: u64, frozen: &[&str]) -> Vec<Input> {
+    let (dev, mut rng) = (Device::cpu(), Rng::new(seed));
+    inputs(
+        &dev,
+        &mut rng,
+        &[
+            ("x", &[M, B, T, 6]),
+            ("gamma", &[1, 6]),
+            ("beta", &[1, 6]),
+            ("w", &[M, 6, 6]),
+            ("b", &[M, 6]),
+        ],
+        frozen,
+    )
+}
+
+#[test]
+fn recomputed_sublayer() {
+    assert_gradients(
+        sublayer_inputs(20, &[]),
+        |t, v| ops::recompute(t, v, sublayer),
+        &opts(),
+    );
+}
+
+#[test]
+fn recomputed_sublayer_with_frozen_norm() {
+    assert_gradients(
+        sublayer_inputs(21, &["gamma", "beta"]),
+        |t, v| ops::recompute(t, v, sublayer),
+        &opts(),
+    );
+}
+
+/// The gradients of every input of `f` over `ins`, from a loss that weighs each output element
+/// differently (so no gradient is a plain sum).
+fn input_gradients(
+    ins: &[Input],
+    f: impl Fn(&Tape, &[Var]) -> Result<Var>,
+) -> Vec<Option<Vec<f32>>> {
+    let tape = Tape::new();
+    let vars: Vec<Var> = ins
+        .iter()
+        .map(|i| {
+            let v = std::sync::Arc::new(i.value.copy(loren_tensor::MemTag::Workspace).unwrap());
+            if i.trainable {
+                tape.input(v)
+            } else {
+                Var::shared(v)
+            }
+        })
+        .collect();
+    let y = f(&tape, &vars).unwrap();
+    let mut rng = Rng::new(99);
+    let dy = randn(y.shape().dims(), &mut rng, y.value().device());
+    let wrt: Vec<_> = vars.iter().map(Var::node).collect();
+    let root = y.node().unwrap();
+    drop((y, vars));
+    tape.gradients(root, dy, &wrt)
+        .unwrap()
+        .into_iter()
+        .map(|g| g.map(|g| g.to_vec().unwrap()))
+        .collect()
+}
+
+#[test]
+fn recompute_gives_the_same_gradients_bit_for_bit() {
+    for frozen in [&[][..], &["gamma", "beta"][..]] {
+        let ins = sublayer_inputs(22, frozen);
+        let kept = input_gradients(&ins, sublayer);
+        let again = input_gradients(&ins, |t, v| ops::recompute(t, v, sublayer));
+        assert_eq!(kept.len(), again.len());
+        for (i, (a, b)) in kept.iter().zip(&again).enumerate() {
+            assert_eq!(
+                a.is_some(),
+                b.is_some(),
+                "input {i}: a gradient on one side only"
+            );
+            assert!(a == b, "input {i}: gradients differ");
+        }
+        assert!(kept[0].is_some(), "x must get a gradient");
+    }
+}
+
 /// An op whose backward is deliberately wrong by 5%: the check must catch it, or it proves
 /// nothing about the real ops.
 struct WrongBackward(Option<loren_autograd::NodeId>);

@@ -360,3 +360,26 @@ impl EnsembleConfig {
         Ok(())
     }
 }
+
+/// What a training forward keeps for the backward.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Activations {
+    /// Everything each op's backward reads: the fastest step.
+    #[default]
+    Keep,
+    /// Only each block's input; the backward runs the block's forward again, one block at a
+    /// time. A LoRA-Ensemble block keeps R·D instead of R·(7D + Dm + 4r + H + 4) elements per
+    /// member (R rows, width D), for one more forward of the blocks' compute; the gradients are
+    /// the same bit for bit.
+    Recompute,
+}
+
+impl Activations {
+    pub fn name(self) -> &'static str {
+        match self {
+            Activations::Keep => "keep",
+            Activations::Recompute => "recompute",
+        }
+    }
+}

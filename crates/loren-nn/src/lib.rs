@@ -13,6 +13,6 @@ pub mod reliability;
 pub mod train;
 pub mod vit;
 
-pub use config::{EnsembleConfig, LoraConfig, Method, Targets, VitConfig};
+pub use config::{Activations, EnsembleConfig, LoraConfig, Method, Targets, VitConfig};
 pub use error::{NnError, Result};
 pub use vit::Vit;

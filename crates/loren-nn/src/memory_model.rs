@@ -29,6 +29,9 @@
 //!   R·Dm, which its trainable weights need); the patches (once, B·P·F) and the patch
 //!   embeddings (B·P·D per member) for the trainable patch embedding; the same end. Altogether
 //!   M·R·L·(8D + 2Dm + H + 4) + B·P·F + M·B·(P·D + 2D + 2 + C).
+//! - With [`Activations::Recompute`] each block keeps only its input (R·D per member; the first
+//!   LoRA block's input is shared, R·D in all), and the backward runs one block's forward again
+//!   at a time, so the peak holds the blocks' inputs plus one block's activations as above.
 //!
 //! During the backward the kept activations are freed op by op while gradient temporaries
 //! (workspace) come and go; the parameter gradients an op forms stay in the tape's sink until the
@@ -57,7 +60,7 @@ use std::rc::Rc;
 use loren_tensor::MemTag;
 use serde::Serialize;
 
-use crate::config::{EnsembleConfig, Method, Proj, VitConfig};
+use crate::config::{Activations, EnsembleConfig, Method, Proj, VitConfig};
 use crate::error::{NnError, Result};
 
 /// What a buffer holds, which sets its element size on a device (see [`Precision`]).
@@ -210,15 +213,24 @@ pub struct MemoryPrediction {
 /// The explicit ensemble runs every product per member: forward 2·M·(B·P·F·D + L·(4·R·D² +
 /// 2·R·D·Dm + 2·B·T²·D) + B·D·C); backward twice each linear layer's forward (dX and dW; the
 /// patch embedding dW only) plus 10·M·B·T²·D per block for attention.
+///
+/// With [`Activations::Recompute`] the backward also runs each block's forward again: those
+/// products are counted apart, in `recomputed`, so `total` stays the model's FLOPs (what model
+/// FLOP utilisation divides by) and `executed` is what the device ran.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct Flops {
     pub forward: f64,
     pub backward: f64,
+    pub recomputed: f64,
 }
 
 impl Flops {
     pub fn total(&self) -> f64 {
         self.forward + self.backward
+    }
+
+    pub fn executed(&self) -> f64 {
+        self.total() + self.recomputed
     }
 }
 
@@ -298,14 +310,15 @@ pub fn predict(
     batch: usize,
     moments: u64,
     precision: Precision,
+    activations: Activations,
 ) -> Result<StepModel> {
     ens.validate(vit)?;
     if batch == 0 {
         return Err(NnError::Config("the batch size must be at least 1".into()));
     }
     let params = ParamCounts::new(vit, ens);
-    let (train, train_flops) = replay(vit, ens, batch, moments, precision, true);
-    let (inference, inference_flops) = replay(vit, ens, batch, moments, precision, false);
+    let (train, train_flops) = replay(vit, ens, batch, moments, precision, Some(activations));
+    let (inference, inference_flops) = replay(vit, ens, batch, moments, precision, None);
     Ok(StepModel {
         config: vit.name.clone(),
         method: ens.method,
@@ -356,6 +369,8 @@ struct Core {
     ledger: RefCell<Ledger>,
     precision: Precision,
     flops: Cell<f64>,
+    /// The products of forwards run again in the backward.
+    recomputed: Cell<f64>,
 }
 
 impl Core {
@@ -525,6 +540,15 @@ enum Rec {
     Loss {
         dlogits: Buf,
         node: Option<usize>,
+    },
+    /// As `ops::recompute` over a block: its input, and the nodes of its trainable parameters
+    /// on the caller's tape.
+    Recompute {
+        x: Rc<Buf>,
+        x_node: Option<usize>,
+        params: Vec<usize>,
+        block: Rc<Block>,
+        heads: usize,
     },
 }
 
@@ -1016,6 +1040,33 @@ fn backward(core: &Rc<Core>, rec: Rec, dy: Buf, sink: &mut Sink) {
             sink.add(node, dlogits);
             drop(dy);
         }
+        Rec::Recompute {
+            x,
+            x_node,
+            params,
+            block,
+            heads,
+        } => {
+            let tape = Tape::new(true);
+            let x = Var {
+                val: x,
+                node: x_node.map(|_| tape.new_node()),
+            };
+            let before = core.flops.get();
+            let out = block_forward(core, &tape, &x, &block, heads);
+            core.recomputed
+                .set(core.recomputed.get() + core.flops.get() - before);
+            core.flops.set(before);
+            let root = out.node.expect("a recomputed block needs a gradient");
+            let sub_x = x.node;
+            drop((out, x));
+            let leaves = tape.leaves.borrow().clone();
+            let mut sub = run_records(core, tape, root, dy);
+            sink.add_opt(x_node, sub_x.and_then(|n| sub.0[n].take()));
+            for (outer, leaf) in params.into_iter().zip(leaves) {
+                sink.add_opt(Some(outer), sub.0[leaf].take());
+            }
+        }
     }
 }
 
@@ -1023,10 +1074,19 @@ fn backward(core: &Rc<Core>, rec: Rec, dy: Buf, sink: &mut Sink) {
 /// added into their buffers.
 fn run_backward(core: &Rc<Core>, tape: Tape, loss: &Var) {
     let Some(root) = loss.node else { return };
-    let mut records = tape.records.into_inner();
-    let leaves = tape.leaves.into_inner();
-    let mut sink = Sink((0..tape.nodes.get()).map(|_| None).collect());
+    let leaves = tape.leaves.borrow().clone();
     let seed = core.tensor(vec![1], MemTag::Workspace, Kind::Stat);
+    let mut sink = run_records(core, tape, root, seed);
+    for leaf in leaves {
+        drop(sink.0[leaf].take());
+    }
+}
+
+/// As `Tape::run`: the records in reverse from `root`, seeded with `seed`; the sink keeps the
+/// gradients of the values no record produced.
+fn run_records(core: &Rc<Core>, tape: Tape, root: usize, seed: Buf) -> Sink {
+    let mut records = tape.records.into_inner();
+    let mut sink = Sink((0..tape.nodes.get()).map(|_| None).collect());
     sink.0[root] = Some(seed);
     while let Some((out, rec)) = records.pop() {
         match sink.0[out].take() {
@@ -1034,9 +1094,7 @@ fn run_backward(core: &Rc<Core>, tape: Tape, loss: &Var) {
             None => drop(rec),
         }
     }
-    for leaf in leaves {
-        drop(sink.0[leaf].take());
-    }
+    sink
 }
 
 // The model.
@@ -1064,11 +1122,31 @@ struct Block {
     fc2: Lin,
 }
 
+impl Block {
+    /// Every weight, in the order of `vit::Block::values`.
+    fn params(&self) -> Vec<&P> {
+        fn lin(l: &Lin) -> impl Iterator<Item = &P> {
+            std::iter::once(&l.w).chain(l.b.as_ref())
+        }
+        let mut out = vec![&self.norm1.g, &self.norm1.b];
+        for p in &self.attn {
+            out.extend(lin(&p.lin));
+            if let Some((a, b)) = &p.adapter {
+                out.extend([a, b]);
+            }
+        }
+        out.extend([&self.norm2.g, &self.norm2.b]);
+        out.extend(lin(&self.fc1));
+        out.extend(lin(&self.fc2));
+        out
+    }
+}
+
 struct Model {
     patch: Lin,
     cls: P,
     pos: P,
-    blocks: Vec<Block>,
+    blocks: Vec<Rc<Block>>,
     norm: Norm,
     head: Lin,
 }
@@ -1159,13 +1237,13 @@ fn build(core: &Rc<Core>, vit: &VitConfig, ens: &EnsembleConfig) -> (Model, Weig
         let norm2 = b.norm(d);
         let fc1 = b.linear(vit.mlp_dim, d, true);
         let fc2 = b.linear(d, vit.mlp_dim, true);
-        blocks.push(Block {
+        blocks.push(Rc::new(Block {
             norm1,
             attn,
             norm2,
             fc1,
             fc2,
-        });
+        }));
     }
     let norm = b.norm(d);
     let head = Lin {
@@ -1204,7 +1282,14 @@ fn project(core: &Rc<Core>, tape: &Tape, x: &Var, p: &Projection) -> Var {
 }
 
 /// As `Vit::forward`, statement by statement: shadowed values live to the end of their scope.
-fn forward(core: &Rc<Core>, tape: &Tape, m: &Model, vit: &VitConfig, batch: usize) -> Var {
+fn forward(
+    core: &Rc<Core>,
+    tape: &Tape,
+    m: &Model,
+    vit: &VitConfig,
+    batch: usize,
+    activations: Activations,
+) -> Var {
     let patches = Var::constant(core.tensor(
         vec![1, batch, vit.patches(), vit.patch_features()],
         MemTag::Activations,
@@ -1213,22 +1298,62 @@ fn forward(core: &Rc<Core>, tape: &Tape, m: &Model, vit: &VitConfig, batch: usiz
     let pe = lin(core, tape, &patches, &m.patch);
     let mut x = embed_tokens(core, tape, &pe, &tape.param(&m.cls), &tape.param(&m.pos));
     for blk in &m.blocks {
-        let h = norm(core, tape, &x, &blk.norm1);
-        let [q, k, v] = [0, 1, 2].map(|i| project(core, tape, &h, &blk.attn[i]));
-        let a = attention(core, tape, &q, &k, &v, vit.heads);
-        drop((q, k, v));
-        let o = project(core, tape, &a, &blk.attn[3]);
-        x = add(core, tape, &x, &o);
-        let h = norm(core, tape, &x, &blk.norm2);
-        let h = linear(core, tape, &h, &tape.param(&blk.fc1.w), None);
-        let fc1_bias = blk.fc1.b.as_ref().expect("fc1 has a bias");
-        let h = bias_gelu(core, tape, &h, &tape.param(fc1_bias));
-        let h = lin(core, tape, &h, &blk.fc2);
-        x = add(core, tape, &x, &h);
+        x = match activations {
+            Activations::Keep => block_forward(core, tape, &x, blk, vit.heads),
+            Activations::Recompute => recompute(core, tape, x, blk, vit.heads),
+        };
     }
     let c = class_token(core, tape, &x);
     let c = norm(core, tape, &c, &m.norm);
     logits(core, tape, &c, &m.head)
+}
+
+/// As `vit::block_forward`.
+fn block_forward(core: &Rc<Core>, tape: &Tape, x: &Var, blk: &Block, heads: usize) -> Var {
+    let h = norm(core, tape, x, &blk.norm1);
+    let [q, k, v] = [0, 1, 2].map(|i| project(core, tape, &h, &blk.attn[i]));
+    let a = attention(core, tape, &q, &k, &v, heads);
+    drop((q, k, v));
+    let o = project(core, tape, &a, &blk.attn[3]);
+    let x = add(core, tape, x, &o);
+    let h = norm(core, tape, &x, &blk.norm2);
+    let h = linear(core, tape, &h, &tape.param(&blk.fc1.w), None);
+    let fc1_bias = blk.fc1.b.as_ref().expect("fc1 has a bias");
+    let h = bias_gelu(core, tape, &h, &tape.param(fc1_bias));
+    let h = lin(core, tape, &h, &blk.fc2);
+    add(core, tape, &x, &h)
+}
+
+/// As `ops::recompute` over a block: run unrecorded, keep only the input.
+fn recompute(core: &Rc<Core>, tape: &Tape, x: Var, blk: &Rc<Block>, heads: usize) -> Var {
+    let params: Vec<usize> = blk
+        .params()
+        .into_iter()
+        .filter_map(|p| tape.param(p).node)
+        .collect();
+    if !(tape.recording && (x.node.is_some() || !params.is_empty())) {
+        return block_forward(core, tape, &x, blk, heads);
+    }
+    let constant = Var {
+        val: Rc::clone(&x.val),
+        node: None,
+    };
+    let out = block_forward(core, &Tape::new(false), &constant, blk, heads);
+    drop(constant);
+    let Ok(out) = Rc::try_unwrap(out.val) else {
+        unreachable!("an unrecorded block keeps nothing of its output")
+    };
+    tape.record(
+        out,
+        true,
+        Rec::Recompute {
+            x: x.val,
+            x_node: x.node,
+            params,
+            block: Rc::clone(blk),
+            heads,
+        },
+    )
 }
 
 fn replay(
@@ -1237,17 +1362,19 @@ fn replay(
     batch: usize,
     moments: u64,
     precision: Precision,
-    train: bool,
+    // A training step that keeps these activations, or an inference pass.
+    train: Option<Activations>,
 ) -> (MemoryPrediction, Flops) {
     let core = Rc::new(Core {
         ledger: RefCell::default(),
         precision,
         flops: Cell::new(0.0),
+        recomputed: Cell::new(0.0),
     });
     let (model, params) = build(&core, vit, ens);
     // The gradient buffers and optimizer state a Trainer makes, one of each per trainable tensor.
     let mut state = Vec::new();
-    if train {
+    if train.is_some() {
         for (p, _) in params.0.iter().filter(|(_, trainable)| *trainable) {
             state.push(core.tensor(p.dims.clone(), MemTag::Gradients, Kind::Param));
             for _ in 0..moments {
@@ -1263,11 +1390,11 @@ fn replay(
         MemTag::Workspace,
         Kind::Input,
     );
-    let tape = Tape::new(train);
-    let logits = forward(&core, &tape, &model, vit, batch);
+    let tape = Tape::new(train.is_some());
+    let logits = forward(&core, &tape, &model, vit, batch, train.unwrap_or_default());
     let kept_activations = core.ledger.borrow().live[tag_index(MemTag::Activations)];
     let forward_flops = core.flops.get();
-    if train {
+    if train.is_some() {
         let loss = cross_entropy(&core, &tape, &logits);
         drop(logits);
         run_backward(&core, tape, &loss);
@@ -1283,6 +1410,7 @@ fn replay(
     let flops = Flops {
         forward: forward_flops,
         backward: core.flops.get() - forward_flops,
+        recomputed: core.recomputed.get(),
     };
     let l = core.ledger.borrow();
     let prediction = MemoryPrediction {
@@ -1331,7 +1459,11 @@ pub fn flops_closed_form(vit: &VitConfig, ens: &EnsembleConfig, batch: usize) ->
                 + l * attn_bwd
                 + l * 4.0 * m * rows * d * dm
                 + 4.0 * m * b * d * c;
-            Some(Flops { forward, backward })
+            Some(Flops {
+                forward,
+                backward,
+                recomputed: 0.0,
+            })
         }
         Method::Explicit => {
             let pe = 2.0 * m * b * p * pf * d;
@@ -1339,7 +1471,11 @@ pub fn flops_closed_form(vit: &VitConfig, ens: &EnsembleConfig, batch: usize) ->
             let head = 2.0 * m * b * d * c;
             let forward = pe + linears + l * attn_fwd + head;
             let backward = pe + 2.0 * (linears + head) + l * attn_bwd;
-            Some(Flops { forward, backward })
+            Some(Flops {
+                forward,
+                backward,
+                recomputed: 0.0,
+            })
         }
         _ => None,
     }
@@ -1383,7 +1519,12 @@ mod tests {
     }
 
     /// Peaks by tag and the total peak of one real training step after a warm-up step.
-    fn measured(vit: &VitConfig, ens: &EnsembleConfig, b: usize) -> (TagBytes, u64) {
+    fn measured(
+        vit: &VitConfig,
+        ens: &EnsembleConfig,
+        b: usize,
+        activations: Activations,
+    ) -> (TagBytes, u64) {
         let dev = Device::cpu();
         let mut model = Vit::new(vit, ens, &dev, 0).unwrap();
         let cfg = TrainConfig {
@@ -1396,6 +1537,7 @@ mod tests {
             grad_clip: Some(1.0),
             augment: Augment::none(),
             seed: 0,
+            activations,
         };
         let mut trainer = Trainer::new(&mut model, &cfg, 10 * b).unwrap();
         let batch = random_batch(vit, b);
@@ -1411,11 +1553,18 @@ mod tests {
     }
 
     fn check(vit: &VitConfig, ens: &EnsembleConfig, b: usize) {
-        let model = predict(vit, ens, b, 2, Precision::CPU).unwrap();
-        let (peaks, total) = measured(vit, ens, b);
+        check_with(vit, ens, b, Activations::Keep);
+    }
+
+    fn check_with(vit: &VitConfig, ens: &EnsembleConfig, b: usize, activations: Activations) {
+        let model = predict(vit, ens, b, 2, Precision::CPU, activations).unwrap();
+        let (peaks, total) = measured(vit, ens, b, activations);
         let label = format!(
-            "{} M={} targets {}",
-            ens.method, ens.members, ens.lora.targets
+            "{} M={} targets {} activations {}",
+            ens.method,
+            ens.members,
+            ens.lora.targets,
+            activations.name()
         );
         for tag in [
             MemTag::FrozenWeights,
@@ -1438,6 +1587,25 @@ mod tests {
             "{label}: total predicted {}, measured {total}",
             model.train.total_peak
         );
+    }
+
+    #[test]
+    fn model_matches_the_cpu_accounting_when_blocks_are_recomputed() {
+        let vit = VitConfig::tiny();
+        for (method, m) in [
+            (Method::Lora, 1),
+            (Method::Lora, 5),
+            (Method::Explicit, 3),
+            (Method::Single, 1),
+            (Method::SingleLora, 1),
+        ] {
+            check_with(
+                &vit,
+                &ensemble(method, m, Targets::ALL),
+                8,
+                Activations::Recompute,
+            );
+        }
     }
 
     #[test]
@@ -1483,7 +1651,7 @@ mod tests {
             dev.memory().reset_peaks();
             drop(model.predict(&images).unwrap());
             let r = dev.memory().report();
-            let p = predict(&vit, &ens, b, 2, Precision::CPU).unwrap();
+            let p = predict(&vit, &ens, b, 2, Precision::CPU, Activations::Keep).unwrap();
             assert_eq!(p.inference.total_peak, r.total_peak, "{method}");
             assert_eq!(
                 p.inference.peak.get(MemTag::Activations),
@@ -1509,7 +1677,7 @@ mod tests {
                         "{method}"
                     );
                 }
-                let p = predict(&vit, &ens, 2, 2, Precision::CPU).unwrap();
+                let p = predict(&vit, &ens, 2, 2, Precision::CPU, Activations::Keep).unwrap();
                 assert_eq!(
                     p.train.start.get(MemTag::Trainable),
                     4 * counts.trainable as u64
@@ -1540,6 +1708,7 @@ mod tests {
                 4,
                 2,
                 Precision::CPU,
+                Activations::Keep,
             )
             .unwrap()
         };
@@ -1572,7 +1741,7 @@ mod tests {
                     * ((l - 1) * (7 * d + dm + 4 * r + h + 4) + 5 * d + dm + 4 * r + h + 2)
                     + rows * d
                     + m * b * (2 * d + 2 + c);
-                let got = predict(&vit, &lora, b, 2, Precision::CPU).unwrap();
+                let got = predict(&vit, &lora, b, 2, Precision::CPU, Activations::Keep).unwrap();
                 assert_eq!(
                     got.train.kept_activations,
                     4 * want as u64,
@@ -1583,7 +1752,8 @@ mod tests {
                 let want = m * rows * l * (8 * d + 2 * dm + h + 4)
                     + b * p * f
                     + m * b * (p * d + 2 * d + 2 + c);
-                let got = predict(&vit, &explicit, b, 2, Precision::CPU).unwrap();
+                let got =
+                    predict(&vit, &explicit, b, 2, Precision::CPU, Activations::Keep).unwrap();
                 assert_eq!(
                     got.train.kept_activations,
                     4 * want as u64,
@@ -1604,7 +1774,7 @@ mod tests {
             for method in [Method::Lora, Method::Explicit] {
                 for m in [1, 4, 16] {
                     let ens = ensemble(method, m, Targets::ALL);
-                    let p = predict(&vit, &ens, 32, 2, Precision::CPU).unwrap();
+                    let p = predict(&vit, &ens, 32, 2, Precision::CPU, Activations::Keep).unwrap();
                     let c = flops_closed_form(&vit, &ens, 32).unwrap();
                     let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b;
                     assert!(
@@ -1624,13 +1794,49 @@ mod tests {
     }
 
     #[test]
+    fn recomputing_runs_the_blocks_forward_again_outside_the_model_flops() {
+        let vit = VitConfig::vit_b_32();
+        let (b, c) = (32.0, 10.0);
+        let (d, p, f) = (
+            vit.dim as f64,
+            vit.patches() as f64,
+            vit.patch_features() as f64,
+        );
+        for (method, m) in [(Method::Lora, 4), (Method::Explicit, 2)] {
+            let ens = ensemble(method, m, Targets::ALL);
+            let at = |a| predict(&vit, &ens, 32, 2, Precision::CPU, a).unwrap();
+            let (kept, again) = (at(Activations::Keep), at(Activations::Recompute));
+            assert_eq!(kept.train_flops.recomputed, 0.0);
+            assert_eq!(
+                kept.train_flops.total(),
+                again.train_flops.total(),
+                "{method}"
+            );
+            // Everything but the patch embedding and the heads runs again.
+            let patch_groups = if method == Method::Explicit {
+                m as f64
+            } else {
+                1.0
+            };
+            let outside = 2.0 * patch_groups * b * p * f * d + 2.0 * m as f64 * b * d * c;
+            let blocks = kept.train_flops.forward - outside;
+            let got = again.train_flops.recomputed;
+            assert!(
+                (got - blocks).abs() <= 1e-9 * blocks,
+                "{method}: {got} vs {blocks}"
+            );
+            assert!(again.train.total_peak < kept.train.total_peak);
+        }
+    }
+
+    #[test]
     fn gpu_precision_halves_weight_matrices_and_adds_shadows() {
         let vit = VitConfig::vit_b_32();
         let (d, dm, l) = (vit.dim, vit.mlp_dim, vit.depth);
         let matrices = (d * vit.patch_features() + l * (4 * d * d + 2 * d * dm)) as u64;
         let ens = ensemble(Method::Lora, 4, Targets::ALL);
-        let cpu = predict(&vit, &ens, 32, 2, Precision::CPU).unwrap();
-        let gpu = predict(&vit, &ens, 32, 2, Precision::GPU_BF16).unwrap();
+        let cpu = predict(&vit, &ens, 32, 2, Precision::CPU, Activations::Keep).unwrap();
+        let gpu = predict(&vit, &ens, 32, 2, Precision::GPU_BF16, Activations::Keep).unwrap();
         let (c, g) = (cpu.train.start, gpu.train.start);
         // Frozen matrices in bf16, frozen biases, norms and embeddings in f32.
         assert_eq!(
@@ -1645,8 +1851,8 @@ mod tests {
         assert_eq!(g.get(MemTag::OptimizerState), c.get(MemTag::OptimizerState));
         assert!(gpu.train.total_peak < cpu.train.total_peak);
         let e = ensemble(Method::Explicit, 2, Targets::ALL);
-        let cpu = predict(&vit, &e, 32, 2, Precision::CPU).unwrap();
-        let gpu = predict(&vit, &e, 32, 2, Precision::GPU_BF16).unwrap();
+        let cpu = predict(&vit, &e, 32, 2, Precision::CPU, Activations::Keep).unwrap();
+        let gpu = predict(&vit, &e, 32, 2, Precision::GPU_BF16, Activations::Keep).unwrap();
         assert_eq!(
             gpu.train.start.get(MemTag::Trainable) - cpu.train.start.get(MemTag::Trainable),
             2 * (2 * matrices + 2 * 10 * 768)

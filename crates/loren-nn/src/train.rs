@@ -13,6 +13,7 @@ use loren_tensor::{MemTag, Rng, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, Entry, TensorFile};
+use crate::config::Activations;
 use crate::data::{Augment, Batch, Dataset, batches, epoch_order, num_batches};
 use crate::error::{NnError, Result};
 use crate::vit::Vit;
@@ -33,6 +34,10 @@ pub struct TrainConfig {
     pub augment: Augment,
     /// Seeds the data order and augmentation (the model's start has its own seed).
     pub seed: u64,
+    /// What the forward keeps for the backward; recomputing gives the same gradients, bit for
+    /// bit, in less memory and more time.
+    #[serde(default)]
+    pub activations: Activations,
 }
 
 impl TrainConfig {
@@ -171,7 +176,9 @@ impl<'m> Trainer<'m> {
         self.grads.zero()?;
         let loss = {
             let tape = Tape::new();
-            let logits = self.model.forward(&tape, &images)?;
+            let logits = self
+                .model
+                .forward(&tape, &images, self.config.activations)?;
             let loss = ops::softmax_cross_entropy(&tape, &logits, &batch.labels)?;
             drop(logits);
             let value = loss.value().scalar()?;

@@ -12,44 +12,120 @@ use loren_tensor::ops::loss::softmax;
 use loren_tensor::{Device, MemTag, Rng, Tensor};
 
 use crate::checkpoint::{Entry, TensorFile};
-use crate::config::{EnsembleConfig, Method, Proj, VitConfig};
+use crate::config::{Activations, EnsembleConfig, Method, Proj, VitConfig};
 use crate::error::{NnError, Result};
 
 /// `y = x·Wᵀ + b`.
+///
+/// The layer structs hold a [`ParamId`] per parameter in the model, and a [`Var`] per parameter
+/// in a forward (see [`Block::map`]).
 #[derive(Clone, Debug)]
-pub struct Linear {
-    pub weight: ParamId,
-    pub bias: Option<ParamId>,
+pub struct Linear<T = ParamId> {
+    pub weight: T,
+    pub bias: Option<T>,
 }
 
 /// A member's low-rank pair: A [M, r, in], B [M, out, r].
 #[derive(Clone, Debug)]
-pub struct Adapter {
-    pub a: ParamId,
-    pub b: ParamId,
+pub struct Adapter<T = ParamId> {
+    pub a: T,
+    pub b: T,
 }
 
 /// An attention projection, with adapters when LoRA targets it.
 #[derive(Clone, Debug)]
-pub struct Projection {
-    pub linear: Linear,
-    pub adapter: Option<Adapter>,
+pub struct Projection<T = ParamId> {
+    pub linear: Linear<T>,
+    pub adapter: Option<Adapter<T>>,
 }
 
 #[derive(Clone, Debug)]
-pub struct Norm {
-    pub gamma: ParamId,
-    pub beta: ParamId,
+pub struct Norm<T = ParamId> {
+    pub gamma: T,
+    pub beta: T,
 }
 
 #[derive(Clone, Debug)]
-pub struct Block {
-    pub norm1: Norm,
+pub struct Block<T = ParamId> {
+    pub norm1: Norm<T>,
     /// q, k, v, o in that order.
-    pub attn: [Projection; 4],
-    pub norm2: Norm,
-    pub fc1: Linear,
-    pub fc2: Linear,
+    pub attn: [Projection<T>; 4],
+    pub norm2: Norm<T>,
+    pub fc1: Linear<T>,
+    pub fc2: Linear<T>,
+}
+
+impl<T> Linear<T> {
+    fn map<'a, U>(&'a self, f: &mut impl FnMut(&'a T) -> U) -> Linear<U> {
+        Linear {
+            weight: f(&self.weight),
+            bias: self.bias.as_ref().map(f),
+        }
+    }
+}
+
+impl<T> Norm<T> {
+    fn map<'a, U>(&'a self, f: &mut impl FnMut(&'a T) -> U) -> Norm<U> {
+        Norm {
+            gamma: f(&self.gamma),
+            beta: f(&self.beta),
+        }
+    }
+}
+
+impl<T> Projection<T> {
+    fn map<'a, U>(&'a self, f: &mut impl FnMut(&'a T) -> U) -> Projection<U> {
+        Projection {
+            linear: self.linear.map(f),
+            adapter: self.adapter.as_ref().map(|ad| Adapter {
+                a: f(&ad.a),
+                b: f(&ad.b),
+            }),
+        }
+    }
+}
+
+impl<T> Block<T> {
+    /// The same block with each parameter replaced by `f` of it, called in a fixed order: that
+    /// of [`Block::values`].
+    pub fn map<'a, U>(&'a self, f: &mut impl FnMut(&'a T) -> U) -> Block<U> {
+        // Struct fields are evaluated in the order written, which fixes the order of the calls.
+        Block {
+            norm1: self.norm1.map(f),
+            attn: [0, 1, 2, 3].map(|i| self.attn[i].map(f)),
+            norm2: self.norm2.map(f),
+            fc1: self.fc1.map(f),
+            fc2: self.fc2.map(f),
+        }
+    }
+
+    /// `values`, one per parameter in the order of [`Block::values`], in this block's layout.
+    pub fn with_values<U: Clone>(&self, values: &[U]) -> loren_tensor::Result<Block<U>> {
+        let n = self.values().len();
+        if values.len() != n {
+            return Err(loren_tensor::Error::invalid(
+                "block",
+                format!("{n} parameters, got {} values", values.len()),
+            ));
+        }
+        let mut it = values.iter().cloned();
+        Ok(self.map(&mut |_| it.next().expect("as many values as parameters")))
+    }
+
+    /// Every parameter of the block, in the order [`Block::map`] visits them.
+    pub fn values(&self) -> Vec<&T> {
+        let mut out = Vec::new();
+        self.map(&mut |t| out.push(t));
+        out
+    }
+}
+
+/// What a block's forward reads besides its input and parameters.
+#[derive(Clone, Copy, Debug)]
+struct BlockShape {
+    heads: usize,
+    ln_eps: f32,
+    lora_scale: f32,
 }
 
 /// A ViT with its parameters, laid out for one method and member count.
@@ -349,82 +425,85 @@ impl Vit {
         Ok(())
     }
 
-    /// The members' logits [M, B, classes] for images [B, C, H, W].
-    pub fn forward(&self, tape: &Tape, images: &Tensor) -> Result<Var> {
+    /// The members' logits [M, B, classes] for images [B, C, H, W]. On a recording tape,
+    /// `activations` says what the blocks keep for the backward.
+    pub fn forward(&self, tape: &Tape, images: &Tensor, activations: Activations) -> Result<Var> {
         self.check_images(images)?;
+        let param = |id: &ParamId| tape.param(&self.params, *id);
         let patches = Var::constant(patchify(images, self.config.patch)?);
-        let pe = self.linear(tape, &patches, &self.patch_embed)?;
-        let mut x = ops::embed_tokens(
-            tape,
-            &pe,
-            &self.param(tape, self.cls),
-            &self.param(tape, self.pos),
-        )?;
+        let pe = linear(tape, &patches, &self.patch_embed.map(&mut { param }))?;
+        let mut x = ops::embed_tokens(tape, &pe, &param(&self.cls), &param(&self.pos))?;
+        let shape = BlockShape {
+            heads: self.config.heads,
+            ln_eps: self.config.ln_eps,
+            lora_scale: self.ensemble.lora.scale,
+        };
         for blk in &self.blocks {
-            let h = self.layernorm(tape, &x, &blk.norm1)?;
-            let [q, k, v] = [0, 1, 2].map(|i| self.project(tape, &h, &blk.attn[i]));
-            let a = ops::attention(tape, &q?, &k?, &v?, self.config.heads)?;
-            let o = self.project(tape, &a, &blk.attn[3])?;
-            x = ops::add(tape, &x, &o)?;
-            let h = self.layernorm(tape, &x, &blk.norm2)?;
-            let h = ops::linear(tape, &h, &self.param(tape, blk.fc1.weight), None)?;
-            let fc1_bias = blk.fc1.bias.expect("fc1 is built with a bias");
-            let h = ops::bias_gelu(tape, &h, &self.param(tape, fc1_bias))?;
-            let h = self.linear(tape, &h, &blk.fc2)?;
-            x = ops::add(tape, &x, &h)?;
+            let p = blk.map(&mut { param });
+            x = match activations {
+                Activations::Keep => block_forward(tape, &x, &p, shape)?,
+                Activations::Recompute => {
+                    let template = blk.clone();
+                    let inputs: Vec<Var> = std::iter::once(x)
+                        .chain(p.values().into_iter().cloned())
+                        .collect();
+                    ops::recompute(tape, &inputs, move |tape, vars| {
+                        let p = template.with_values(&vars[1..])?;
+                        block_forward(tape, &vars[0], &p, shape)
+                    })?
+                }
+            };
         }
         let c = ops::class_token(tape, &x)?;
-        let c = self.layernorm(tape, &c, &self.norm)?;
-        let b = self.head.bias.map(|b| self.param(tape, b));
-        Ok(ops::logits(
-            tape,
-            &c,
-            &self.param(tape, self.head.weight),
-            b.as_ref(),
-        )?)
+        let c = layernorm(tape, &c, &self.norm.map(&mut { param }), self.config.ln_eps)?;
+        let head = self.head.map(&mut { param });
+        Ok(ops::logits(tape, &c, &head.weight, head.bias.as_ref())?)
     }
 
     /// Every member's class probabilities [M, B, classes], without recording anything.
     pub fn predict(&self, images: &Tensor) -> Result<Tensor> {
         let tape = Tape::inference();
-        let logits = self.forward(&tape, images)?;
+        let logits = self.forward(&tape, images, Activations::Keep)?;
         Ok(softmax(logits.value())?)
     }
+}
 
-    fn param(&self, tape: &Tape, id: ParamId) -> Var {
-        tape.param(&self.params, id)
-    }
+/// One encoder block: pre-norm attention and MLP, each added to the residual stream.
+fn block_forward(tape: &Tape, x: &Var, p: &Block<Var>, s: BlockShape) -> loren_tensor::Result<Var> {
+    let h = layernorm(tape, x, &p.norm1, s.ln_eps)?;
+    let [q, k, v] = [0, 1, 2].map(|i| project(tape, &h, &p.attn[i], s.lora_scale));
+    let a = ops::attention(tape, &q?, &k?, &v?, s.heads)?;
+    let o = project(tape, &a, &p.attn[3], s.lora_scale)?;
+    let x = ops::add(tape, x, &o)?;
+    let h = layernorm(tape, &x, &p.norm2, s.ln_eps)?;
+    let h = ops::linear(tape, &h, &p.fc1.weight, None)?;
+    let b = p.fc1.bias.as_ref().ok_or_else(|| {
+        loren_tensor::Error::invalid("block", "fc1 has no bias for the fused bias+GELU")
+    })?;
+    let h = ops::bias_gelu(tape, &h, b)?;
+    let h = linear(tape, &h, &p.fc2)?;
+    ops::add(tape, &x, &h)
+}
 
-    fn linear(&self, tape: &Tape, x: &Var, l: &Linear) -> Result<Var> {
-        let b = l.bias.map(|b| self.param(tape, b));
-        Ok(ops::linear(
+fn linear(tape: &Tape, x: &Var, l: &Linear<Var>) -> loren_tensor::Result<Var> {
+    ops::linear(tape, x, &l.weight, l.bias.as_ref())
+}
+
+fn layernorm(tape: &Tape, x: &Var, n: &Norm<Var>, eps: f32) -> loren_tensor::Result<Var> {
+    ops::layernorm(tape, x, &n.gamma, &n.beta, eps)
+}
+
+fn project(tape: &Tape, x: &Var, p: &Projection<Var>, scale: f32) -> loren_tensor::Result<Var> {
+    match &p.adapter {
+        None => linear(tape, x, &p.linear),
+        Some(ad) => ops::lora_linear(
             tape,
             x,
-            &self.param(tape, l.weight),
-            b.as_ref(),
-        )?)
-    }
-
-    fn layernorm(&self, tape: &Tape, x: &Var, n: &Norm) -> Result<Var> {
-        let (g, b) = (self.param(tape, n.gamma), self.param(tape, n.beta));
-        Ok(ops::layernorm(tape, x, &g, &b, self.config.ln_eps)?)
-    }
-
-    fn project(&self, tape: &Tape, x: &Var, p: &Projection) -> Result<Var> {
-        let Some(ad) = &p.adapter else {
-            return self.linear(tape, x, &p.linear);
-        };
-        let w = self.param(tape, p.linear.weight);
-        let bias = p.linear.bias.map(|b| self.param(tape, b));
-        let (a, b) = (self.param(tape, ad.a), self.param(tape, ad.b));
-        Ok(ops::lora_linear(
-            tape,
-            x,
-            &w,
-            bias.as_ref(),
-            &a,
-            &b,
-            self.ensemble.lora.scale,
-        )?)
+            &p.linear.weight,
+            p.linear.bias.as_ref(),
+            &ad.a,
+            &ad.b,
+            scale,
+        ),
     }
 }

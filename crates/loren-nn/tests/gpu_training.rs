@@ -68,6 +68,7 @@ fn step_matches(method: Method, members: usize) {
         grad_clip: Some(1.0),
         augment: Augment::none(),
         seed: 0,
+        activations: loren_nn::config::Activations::Keep,
     };
     let mut tg = Trainer::new(&mut on_gpu, &cfg, 32).unwrap();
     let mut tc = Trainer::new(&mut on_cpu, &cfg, 32).unwrap();

@@ -28,6 +28,7 @@ fn step_peak(method: Method, members: usize) -> (MemoryReport, usize) {
         grad_clip: None,
         augment: Augment::none(),
         seed: 0,
+        activations: loren_nn::config::Activations::Keep,
     };
     let mut trainer = Trainer::new(&mut model, &cfg, 16).unwrap();
     let mut rng = Rng::new(0);

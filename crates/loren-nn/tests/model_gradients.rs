@@ -3,7 +3,7 @@
 
 use loren_autograd::gradcheck::{CheckOptions, check_params};
 use loren_autograd::{Params, Tape, ops};
-use loren_nn::config::{EnsembleConfig, LoraConfig, Method, VitConfig};
+use loren_nn::config::{Activations, EnsembleConfig, LoraConfig, Method, VitConfig};
 use loren_nn::vit::Vit;
 use loren_tensor::{Device, MemTag, Rng, Tensor};
 
@@ -52,6 +52,10 @@ fn model(method: Method, members: usize, rank: usize, seed: u64) -> Vit {
 }
 
 fn check_method(method: Method, members: usize, rank: usize) {
+    check_with(method, members, rank, Activations::Keep);
+}
+
+fn check_with(method: Method, members: usize, rank: usize, activations: Activations) {
     let mut vit = model(method, members, rank, 7);
     let dev = vit.device().clone();
     let mut rng = Rng::new(1);
@@ -66,7 +70,7 @@ fn check_method(method: Method, members: usize, rank: usize) {
         |v: &mut Vit| -> &mut Params { v.params_mut() },
         |tape: &Tape, v: &Vit| {
             let logits = v
-                .forward(tape, &images)
+                .forward(tape, &images, activations)
                 .map_err(|e| loren_tensor::Error::invalid("model", e.to_string()))?;
             ops::softmax_cross_entropy(tape, &logits, &labels)
         },
@@ -129,4 +133,14 @@ fn single_network_gradients() {
 #[test]
 fn single_lora_gradients() {
     check_method(Method::SingleLora, 1, 4);
+}
+
+#[test]
+fn recomputed_lora_ensemble_gradients() {
+    check_with(Method::Lora, 3, 2, Activations::Recompute);
+}
+
+#[test]
+fn recomputed_explicit_ensemble_gradients() {
+    check_with(Method::Explicit, 2, 0, Activations::Recompute);
 }

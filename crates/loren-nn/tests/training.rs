@@ -28,6 +28,7 @@ fn config(epochs: usize) -> TrainConfig {
         grad_clip: Some(1.0),
         augment: Augment::digits(),
         seed: 3,
+        activations: loren_nn::config::Activations::Keep,
     }
 }
 

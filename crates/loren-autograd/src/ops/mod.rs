@@ -8,6 +8,7 @@ mod embed;
 mod linear;
 mod loss;
 mod norm;
+mod recompute;
 
 pub use activation::bias_gelu;
 pub use attention::attention;
@@ -16,3 +17,4 @@ pub use embed::{class_token, embed_tokens};
 pub use linear::{linear, logits, lora_linear};
 pub use loss::softmax_cross_entropy;
 pub use norm::layernorm;
+pub use recompute::{Recomputed, recompute};
