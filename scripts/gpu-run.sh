@@ -18,7 +18,7 @@
 #   summary.md      one line per check (pass, FAIL, or TIMEOUT with the seconds it had)
 #   device.txt      nvidia-smi, nvcc, the driver, the date
 #   parity.log  train.log  bench.log  sanitizer.log
-#   results.tar.gz  kernel-bench/, bench/, bench-wgmma/, memprofile/ (JSON, Markdown, SVG),
+#   results.tar.gz  kernel-bench/, bench/, bench-wgmma/, memprofile/, memprofile-recompute/ (JSON, Markdown, SVG),
 #                   train-{cuda,cpu}/
 # scripts/gpu-results.sh turns that folder into benches/results/<date>-<gpu>/ here.
 # It exits non-zero when any check fails or runs out of time.
@@ -80,6 +80,7 @@ parity() {
     check "kernel launchers" "$out/parity.log" 150 $bin/kernels_gpu --nocapture --test-threads=1
     check "ops against their CPU twins" "$out/parity.log" 150 $bin/gpu_parity --nocapture --test-threads=1
     check "training step against the CPU" "$out/parity.log" 90 $bin/gpu_training --nocapture --test-threads=1
+    check "recomputed blocks, bit for bit" "$out/parity.log" 60 $bin/recompute --nocapture --test-threads=1 on_a_gpu
     # The same step with the wgmma GEMMs (sm_90a builds only; elsewhere it repeats the above).
     check "training step, wgmma GEMMs" "$out/parity.log" 90 env LOREN_WGMMA=1 $bin/gpu_training --nocapture --test-threads=1
 }
@@ -95,6 +96,7 @@ bench() {
     check "loren bench" "$out/bench.log" 180 $bin/loren bench --device cuda -q --members 1,2,4,8,16,32 --out "$work/bench"
     check "loren bench, wgmma GEMMs" "$out/bench.log" 90 env LOREN_WGMMA=1 $bin/loren bench --device cuda -q --methods lora --config vit-b-32 --members 1,4,16 --out "$work/bench-wgmma"
     check "loren memprofile" "$out/bench.log" 120 $bin/loren memprofile --device cuda -q --out "$work/memprofile"
+    check "loren memprofile --recompute" "$out/bench.log" 60 $bin/loren memprofile --device cuda -q --recompute --config vit-b-16 --members 1,16 --out "$work/memprofile-recompute"
 }
 
 sanitizer() {
