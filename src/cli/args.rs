@@ -109,8 +109,8 @@ pub struct OptimArgs {
     #[arg(long, default_value = "none")]
     pub augment: String,
     /// Keep only each transformer block's input in the forward and run the block again in the
-    /// backward: far less activation memory (for large batches or ViT-B at many members), about
-    /// a third more time per step, the same gradients bit for bit.
+    /// backward: far less activation memory (for large batches or ViT-B at many members), a
+    /// third to a half more time per step, the same gradients bit for bit.
     #[arg(long)]
     pub recompute: bool,
 }

@@ -20,10 +20,7 @@ pub struct Var {
 impl Var {
     /// A value that needs no gradient.
     pub fn constant(t: Tensor) -> Var {
-        Var {
-            value: Arc::new(t),
-            node: None,
-        }
+        Var::shared(Arc::new(t))
     }
 
     /// A shared value that needs no gradient.
