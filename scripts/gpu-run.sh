@@ -10,6 +10,8 @@
 #   train      `loren train` on cuda and on cpu, the same run, accuracy and ECE compared
 #   sanitizer  compute-sanitizer memcheck and racecheck over the parity suite
 #   bench      kernel-bench, `loren bench` and `loren memprofile` on cuda
+#   profile    Nsight Compute (ncu) over the fused lora_* and attention_* kernels at ViT-B shapes:
+#              speed of light, occupancy, launch statistics (not in all; for tuning)
 #   all        parity,train,bench,sanitizer: the telling checks first, the slow sanitizer last
 #
 # Every check runs under `timeout`, cut to what is left of --budget (default 540 s, under the
@@ -19,7 +21,7 @@
 #   device.txt      nvidia-smi, nvcc, the driver, the date
 #   parity.log  train.log  bench.log  sanitizer.log
 #   results.tar.gz  kernel-bench/, bench/, bench-wgmma/, memprofile/, memprofile-recompute/ (JSON, Markdown, SVG),
-#                   train-{cuda,cpu}/
+#                   train-{cuda,cpu}/, profile/ncu.txt
 # scripts/gpu-results.sh turns that folder into benches/results/<date>-<gpu>/ here.
 # It exits non-zero when any check fails or runs out of time.
 set -uo pipefail
@@ -30,7 +32,7 @@ budget=540
 while [ $# -gt 0 ]; do
     case "$1" in
         --budget) budget=$2; shift 2 ;;
-        -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,26p' "$0"; exit 0 ;;
         *) stages=$1; shift ;;
     esac
 done
@@ -99,6 +101,15 @@ bench() {
     check "loren memprofile --recompute" "$out/bench.log" 60 $bin/loren memprofile --device cuda -q --recompute --config vit-b-16 --members 1,16 --out "$work/memprofile-recompute"
 }
 
+profile() {
+    mkdir -p "$work/profile"
+    check "ncu over the fused kernels" "$work/profile/ncu.txt" 240 \
+        ncu --kernel-name "regex:^(lora_|attention_)" --launch-count 40 \
+        --section SpeedOfLight --section Occupancy --section LaunchStats \
+        --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+        $bin/kernel-bench --warmup 0 --repeats 1 --ranks 8
+}
+
 sanitizer() {
     check "memcheck" "$out/sanitizer.log" 180 compute-sanitizer --tool memcheck --error-exitcode 1 $bin/gpu_parity --test-threads=1
     check "racecheck" "$out/sanitizer.log" 150 compute-sanitizer --tool racecheck --error-exitcode 1 $bin/gpu_parity --test-threads=1
@@ -127,8 +138,8 @@ PY
 
 for stage in ${stages//,/ }; do
     case "$stage" in
-        parity | train | sanitizer | bench) "$stage" ;;
-        *) echo "gpu-run: unknown stage '$stage' (parity, train, sanitizer, bench, all)" >&2; exit 2 ;;
+        parity | train | sanitizer | bench | profile) "$stage" ;;
+        *) echo "gpu-run: unknown stage '$stage' (parity, train, sanitizer, bench, profile, all)" >&2; exit 2 ;;
     esac
 done
 
