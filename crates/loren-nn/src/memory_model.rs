@@ -1063,6 +1063,8 @@ fn backward(core: &Rc<Core>, rec: Rec, dy: Buf, sink: &mut Sink) {
             let leaves = tape.leaves.borrow().clone();
             let mut sub = run_records(core, tape, root, dy);
             sink.add_opt(x_node, sub_x.and_then(|n| sub.0[n].take()));
+            // The rerun makes its parameter nodes in the order the block reads them, not the
+            // caller's: which outer node holds which gradient moves no bytes.
             for (outer, leaf) in params.into_iter().zip(leaves) {
                 sink.add_opt(Some(outer), sub.0[leaf].take());
             }

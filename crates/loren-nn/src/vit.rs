@@ -429,9 +429,9 @@ impl Vit {
     /// `activations` says what the blocks keep for the backward.
     pub fn forward(&self, tape: &Tape, images: &Tensor, activations: Activations) -> Result<Var> {
         self.check_images(images)?;
-        let param = |id: &ParamId| tape.param(&self.params, *id);
+        let mut param = |id: &ParamId| tape.param(&self.params, *id);
         let patches = Var::constant(patchify(images, self.config.patch)?);
-        let pe = linear(tape, &patches, &self.patch_embed.map(&mut { param }))?;
+        let pe = linear(tape, &patches, &self.patch_embed.map(&mut param))?;
         let mut x = ops::embed_tokens(tape, &pe, &param(&self.cls), &param(&self.pos))?;
         let shape = BlockShape {
             heads: self.config.heads,
@@ -439,7 +439,7 @@ impl Vit {
             lora_scale: self.ensemble.lora.scale,
         };
         for blk in &self.blocks {
-            let p = blk.map(&mut { param });
+            let p = blk.map(&mut param);
             x = match activations {
                 Activations::Keep => block_forward(tape, &x, &p, shape)?,
                 Activations::Recompute => {
@@ -455,8 +455,8 @@ impl Vit {
             };
         }
         let c = ops::class_token(tape, &x)?;
-        let c = layernorm(tape, &c, &self.norm.map(&mut { param }), self.config.ln_eps)?;
-        let head = self.head.map(&mut { param });
+        let c = layernorm(tape, &c, &self.norm.map(&mut param), self.config.ln_eps)?;
+        let head = self.head.map(&mut param);
         Ok(ops::logits(tape, &c, &head.weight, head.bias.as_ref())?)
     }
 
