@@ -234,6 +234,35 @@ pub fn predicted_need(model: &StepModel, device: &Device) -> u64 {
     }
 }
 
+/// What an OOM note adds when recomputing the blocks would make the configuration fit:
+/// ", fits with --recompute (predicted to need ...)", or nothing.
+pub fn recompute_hint(
+    vit: &VitConfig,
+    ens: &EnsembleConfig,
+    batch: usize,
+    activations: Activations,
+    device: &Device,
+    budget: u64,
+) -> String {
+    if activations == Activations::Recompute {
+        return String::new();
+    }
+    match memory_model::predict(
+        vit,
+        ens,
+        batch,
+        2,
+        precision(device),
+        Activations::Recompute,
+    ) {
+        Ok(model) if predicted_need(&model, device) <= budget => format!(
+            "; fits with --recompute (predicted to need {})",
+            bytes(predicted_need(&model, device))
+        ),
+        _ => String::new(),
+    }
+}
+
 /// The element sizes the analytic model uses on `device`.
 pub fn precision(device: &Device) -> Precision {
     if device.is_cpu() {
@@ -722,7 +751,8 @@ pub fn run_bench(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Ben
                 if let Some(b) = budget.as_ref().filter(|b| need > b.bytes) {
                     row.status = "oom".into();
                     row.note = Some(format!(
-                        "OOM at M={m}: predicted to need {} ({} accounted peak{}), {} available ({})",
+                        "OOM at M={m}: predicted to need {} ({} accounted peak{}), {} available \
+                         ({}){}",
                         bytes(need),
                         bytes(model.train.total_peak.max(model.inference.total_peak)),
                         if device.is_cpu() {
@@ -731,7 +761,8 @@ pub fn run_bench(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Ben
                             ""
                         },
                         bytes(b.bytes),
-                        b.source
+                        b.source,
+                        recompute_hint(vit, &ens, o.batch, o.activations, &device, b.bytes)
                     ));
                     failed_at = Some(m);
                     rows.push(row);

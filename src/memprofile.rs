@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::bench::{
     Budget, RunInfo, bench_train_config, budget_for, device_memory_used, ensemble_config,
-    precision, predicted_need, random_batch, recompute_phrase,
+    precision, predicted_need, random_batch, recompute_hint, recompute_phrase,
 };
 use crate::plot::{Chart, Series, Units, palette, render};
 use crate::report::{aligned_columns, bytes, count};
@@ -305,10 +305,11 @@ pub fn run_memprofile(
                         Some(b) => {
                             row.status = "oom".into();
                             row.note = Some(format!(
-                                "OOM at M={m}: predicted to need {}, {} available ({})",
+                                "OOM at M={m}: predicted to need {}, {} available ({}){}",
                                 bytes(need),
                                 bytes(b.bytes),
-                                b.source
+                                b.source,
+                                recompute_hint(vit, &ens, o.batch, o.activations, &device, b.bytes)
                             ));
                         }
                         None => {

@@ -191,6 +191,30 @@ fn predict_only_and_oom_rows_need_no_measurement() {
     let r = run_memprofile(&o, &mut |_| panic!("nothing fits: nothing runs")).unwrap();
     assert!(r.rows.iter().all(|x| x.status == "oom"));
     assert!(table(&r).contains("OOM at M=2"));
+    assert!(!table(&r).contains("--recompute"), "1 MiB fits neither way");
+
+    // A budget that only recomputed blocks fit: the note says so, with the need.
+    let need = |activations| {
+        let o = MemprofileOptions {
+            activations,
+            measure: Some(Vec::new()),
+            ..tiny(vec![4])
+        };
+        let r = run_memprofile(&o, &mut |_| {}).unwrap();
+        let lora = r.rows.iter().find(|x| x.method == Method::Lora).unwrap();
+        // As bench::predicted_need on the CPU: twice the peak for the pool, and 256 MiB.
+        2 * lora.predicted.total + (256 << 20)
+    };
+    let (kept, recomputed) = (need(Activations::Keep), need(Activations::Recompute));
+    assert!(recomputed < kept);
+    let o = MemprofileOptions {
+        memory_budget: Some((kept + recomputed) / 2),
+        methods: vec![Method::Lora],
+        ..tiny(vec![4])
+    };
+    let r = run_memprofile(&o, &mut |_| panic!("predicted not to fit: nothing runs")).unwrap();
+    let note = r.rows[0].note.as_deref().unwrap();
+    assert!(note.contains("fits with --recompute"), "{note}");
 }
 
 #[test]
