@@ -226,7 +226,14 @@ pub const CPU_RSS_MARGIN: u64 = 256 << 20;
 
 /// The bytes a configuration is predicted to need from the budget on `device`.
 pub fn predicted_need(model: &StepModel, device: &Device) -> u64 {
-    let peak = model.train.total_peak.max(model.inference.total_peak);
+    need_for_peak(
+        model.train.total_peak.max(model.inference.total_peak),
+        device,
+    )
+}
+
+/// The bytes an accounted peak needs from the budget on `device`.
+pub fn need_for_peak(peak: u64, device: &Device) -> u64 {
     if device.is_cpu() {
         (peak as f64 * CPU_RSS_FACTOR) as u64 + CPU_RSS_MARGIN
     } else {

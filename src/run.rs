@@ -4,18 +4,21 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use loren_nn::checkpoint::TensorFile;
-use loren_nn::config::{EnsembleConfig, Method, VitConfig};
+use loren_nn::config::{Activations, EnsembleConfig, Method, VitConfig};
 use loren_nn::data::Splits;
 use loren_nn::eval::{EvalOptions, EvalReport, eval_images, evaluate, predict};
+use loren_nn::memory_model;
 use loren_nn::metrics::calibration;
 use loren_nn::train::{CheckpointSpec, TrainConfig, TrainSummary, Trainer};
 use loren_nn::vit::Vit;
-use loren_tensor::{DeviceSpec, MemTag, MemoryReport};
+use loren_tensor::{Device, DeviceSpec, MemTag, MemoryReport};
 use serde::Serialize;
 
+use crate::bench::{Budget, budget_for, need_for_peak, precision};
 use crate::progress::{TrainBar, Verbosity, eval_bar};
+use crate::report::bytes;
 
 /// Everything that defines a run.
 #[derive(Clone, Debug)]
@@ -79,6 +82,7 @@ pub struct RunResult {
 /// Train `spec.ensemble` from `backbone` on the train split, then evaluate it.
 pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunResult> {
     let device = spec.device.open()?;
+    check_fits(spec, data, &device)?;
     let ens = &spec.ensemble;
     let mut model = Vit::new(&spec.vit, ens, &device, spec.model_seed)?;
     model
@@ -141,4 +145,178 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
         train_seconds,
         eval_seconds: t1.elapsed().as_secs_f64(),
     })
+}
+
+/// Refuse, before anything is allocated, a run that the analytic memory model says will not fit
+/// in what the device has free: on a GPU it would fail part-way, and on the CPU a failed
+/// allocation aborts the process.
+fn check_fits(spec: &RunSpec, data: &Splits, device: &Device) -> Result<()> {
+    match budget_for(device, None) {
+        Some(budget) => check_fits_within(spec, data, device, &budget),
+        None => Ok(()),
+    }
+}
+
+/// [`check_fits`] against a given budget. The error says what would fit.
+pub fn check_fits_within(
+    spec: &RunSpec,
+    data: &Splits,
+    device: &Device,
+    budget: &Budget,
+) -> Result<()> {
+    // No batch is larger than the data it is cut from.
+    let train_batch = spec.train.batch_size.min(data.train.len());
+    let eval_batch = spec
+        .eval
+        .batch_size
+        .min(eval_images(&data.test, data.held_out.as_ref(), &spec.eval).max(data.val.len()));
+    let need = |activations| -> Result<u64> {
+        let at = |batch| {
+            memory_model::predict(
+                &spec.vit,
+                &spec.ensemble,
+                batch,
+                spec.train.optimizer.state_tensors(),
+                precision(device),
+                activations,
+            )
+        };
+        let train = at(train_batch)?.train.total_peak;
+        let eval = at(eval_batch)?.inference.total_peak;
+        Ok(need_for_peak(train.max(eval), device))
+    };
+    let kept = need(spec.train.activations)?;
+    if kept <= budget.bytes {
+        return Ok(());
+    }
+    let ens = &spec.ensemble;
+    let what = format!(
+        "{} with {} members on {} at batch {} (evaluation batch {}) is predicted to need {} of \
+         memory, and {} is available ({})",
+        ens.method.name(),
+        ens.members,
+        spec.vit.name,
+        train_batch,
+        eval_batch,
+        bytes(kept),
+        bytes(budget.bytes),
+        budget.source
+    );
+    let smaller = "fewer --members, a smaller --batch-size or --eval-batch-size";
+    if spec.train.activations == Activations::Keep {
+        let recomputed = need(Activations::Recompute)?;
+        if recomputed <= budget.bytes {
+            bail!(
+                "{what}: pass --recompute (predicted to need {}), or try {smaller}",
+                bytes(recomputed)
+            );
+        }
+    }
+    bail!("{what}: try {smaller}")
+}
+
+#[cfg(test)]
+mod tests {
+    use loren_nn::config::LoraConfig;
+    use loren_nn::eval::EvalOptions;
+
+    use super::*;
+    use crate::dataset::DataSource;
+
+    fn spec(members: usize, activations: Activations) -> RunSpec {
+        let vit = VitConfig::tiny();
+        let ensemble = EnsembleConfig {
+            method: Method::Lora,
+            members,
+            classes: 10,
+            lora: LoraConfig::default(),
+        };
+        let mut train = crate::bench::bench_train_config(32, 0, activations);
+        train.epochs = 1;
+        RunSpec {
+            vit,
+            ensemble,
+            train,
+            model_seed: 0,
+            device: DeviceSpec::Cpu,
+            checkpoint: None,
+            resume: None,
+            eval: EvalOptions {
+                batch_size: 32,
+                shift: false,
+                ood: false,
+            },
+            verbosity: Verbosity::Quiet,
+            metadata: HashMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_run_predicted_not_to_fit_is_refused_with_what_would_fit() {
+        let device = Device::cpu();
+        let data = "digits"
+            .parse::<DataSource>()
+            .unwrap()
+            .splits(&[], &VitConfig::tiny())
+            .unwrap();
+        let nothing = Budget {
+            bytes: 1,
+            source: "test".into(),
+        };
+        let err = check_fits_within(&spec(8, Activations::Keep), &data, &device, &nothing)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("lora with 8 members on tiny at batch 32"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("--recompute"),
+            "1 byte fits neither way: {err}"
+        );
+
+        // Between what keeping and what recomputing need: only --recompute fits, and says so.
+        let kept = predicted(&spec(8, Activations::Keep), &device);
+        let recomputed = predicted(&spec(8, Activations::Recompute), &device);
+        assert!(recomputed < kept);
+        let between = Budget {
+            bytes: (kept + recomputed) / 2,
+            source: "test".into(),
+        };
+        let err = check_fits_within(&spec(8, Activations::Keep), &data, &device, &between)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!(
+                "pass --recompute (predicted to need {})",
+                bytes(recomputed)
+            )),
+            "{err}"
+        );
+        check_fits_within(&spec(8, Activations::Recompute), &data, &device, &between).unwrap();
+        let enough = Budget {
+            bytes: kept,
+            source: "test".into(),
+        };
+        check_fits_within(&spec(8, Activations::Keep), &data, &device, &enough).unwrap();
+    }
+
+    /// What a run of `spec` on the digits needs, from the model directly.
+    fn predicted(spec: &RunSpec, device: &Device) -> u64 {
+        let at = |batch| {
+            memory_model::predict(
+                &spec.vit,
+                &spec.ensemble,
+                batch,
+                2,
+                precision(device),
+                spec.train.activations,
+            )
+            .unwrap()
+        };
+        need_for_peak(
+            at(32).train.total_peak.max(at(32).inference.total_peak),
+            device,
+        )
+    }
 }

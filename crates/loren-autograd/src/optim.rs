@@ -33,6 +33,14 @@ impl OptimizerKind {
             weight_decay,
         }
     }
+
+    /// The state tensors kept per trainable tensor: Adam's two moments, SGD's momentum buffer.
+    pub fn state_tensors(&self) -> u64 {
+        match self {
+            OptimizerKind::AdamW { .. } => 2,
+            OptimizerKind::Sgd { .. } => 1,
+        }
+    }
 }
 
 /// Per-parameter state: Adam's two moments, or SGD's momentum buffer.
