@@ -78,7 +78,11 @@ fn a_run_too_large_for_the_memory_is_refused_before_it_starts() {
     // 100,000 members of the tiny ViT need terabytes, with or without --recompute.
     fails_with(
         &strs(&quick(&["--members", "100000", "--device", "cpu"])),
-        &["lora with 100000 members on tiny", "predicted to need", "is available"],
+        &[
+            "lora with 100000 members on tiny",
+            "predicted to need",
+            "is available",
+        ],
     );
 }
 
