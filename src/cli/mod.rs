@@ -34,7 +34,10 @@ Examples:
   loren train --config vit-b-32 --backbone vit_b_32.safetensors --data cifar100:DIR
                                           real weights and data (README: the paper's setup)
   loren bench --device cuda               step time, throughput and MFU, lora against explicit
-  loren memprofile                        memory per ensemble size by tag, beside the analytic model";
+  loren memprofile                        memory per ensemble size by tag, beside the analytic model
+  loren memprofile --recompute --config vit-b-16
+                                          the same with each block recomputed in the backward
+                                          (--recompute on train too: less memory, more time)";
 
 #[derive(Parser)]
 #[command(name = "loren", version, about = ABOUT, long_about = LONG_ABOUT)]
