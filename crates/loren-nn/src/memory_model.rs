@@ -32,6 +32,8 @@
 //! - With [`Activations::Recompute`] each block keeps only its input (R·D per member; the first
 //!   LoRA block's input is shared, R·D in all), and the backward runs one block's forward again
 //!   at a time, so the peak holds the blocks' inputs plus one block's activations as above.
+//!   Kept: LoRA-Ensemble R·D + M·R·D·(L−1) + M·B·(2D + 2 + C); explicit M·R·D·L + B·P·F +
+//!   M·B·(P·D + 2D + 2 + C).
 //!
 //! During the backward the kept activations are freed op by op while gradient temporaries
 //! (workspace) come and go; the parameter gradients an op forms stay in the tape's sink until the
@@ -1762,6 +1764,24 @@ mod tests {
                     "{} explicit",
                     vit.name
                 );
+
+                // Recomputing: the blocks' inputs and the same end.
+                let end = m * b * (2 * d + 2 + c);
+                let want = rows * d + m * rows * d * (l - 1) + end;
+                let got =
+                    predict(&vit, &lora, b, 2, Precision::CPU, Activations::Recompute).unwrap();
+                assert_eq!(got.train.kept_activations, 4 * want as u64, "{}", vit.name);
+                let want = m * rows * d * l + b * p * f + m * b * p * d + end;
+                let got = predict(
+                    &vit,
+                    &explicit,
+                    b,
+                    2,
+                    Precision::CPU,
+                    Activations::Recompute,
+                )
+                .unwrap();
+                assert_eq!(got.train.kept_activations, 4 * want as u64, "{}", vit.name);
             }
         }
     }
