@@ -251,46 +251,14 @@ impl Gpu {
             d.k as i32,
             d.rank as i32,
         );
+        // The shared-input variant takes the member count before the sizes.
+        let mut args = vec![x.arg(), w.arg(), bias.arg(), u.arg(), bm.arg(), y.arg()];
         if prefix {
-            self.launch(
-                kernel,
-                cfg,
-                &[
-                    x.arg(),
-                    w.arg(),
-                    bias.arg(),
-                    u.arg(),
-                    bm.arg(),
-                    y.arg(),
-                    Arg::from(mm),
-                    Arg::from(rows),
-                    Arg::from(n),
-                    Arg::from(k),
-                    Arg::from(r),
-                    Arg::from(scale),
-                    Arg::from(vec),
-                ],
-            )
-        } else {
-            self.launch(
-                kernel,
-                cfg,
-                &[
-                    x.arg(),
-                    w.arg(),
-                    bias.arg(),
-                    u.arg(),
-                    bm.arg(),
-                    y.arg(),
-                    Arg::from(rows),
-                    Arg::from(n),
-                    Arg::from(k),
-                    Arg::from(r),
-                    Arg::from(scale),
-                    Arg::from(vec),
-                ],
-            )
+            args.push(Arg::from(mm));
         }
+        args.extend([rows, n, k, r].map(Arg::from));
+        args.extend([Arg::from(scale), Arg::from(vec)]);
+        self.launch(kernel, cfg, &args)
     }
 
     /// The whole forward, two launches: [`Gpu::lora_project_u`] then [`Gpu::lora_forward_gemm`]
@@ -385,42 +353,12 @@ impl Gpu {
             d.k as i32,
             d.rank as i32,
         );
+        let mut args = vec![dy.arg(), w.arg(), v.arg(), am.arg(), dx.arg()];
         if prefix {
-            self.launch(
-                kernel,
-                cfg,
-                &[
-                    dy.arg(),
-                    w.arg(),
-                    v.arg(),
-                    am.arg(),
-                    dx.arg(),
-                    Arg::from(mm),
-                    Arg::from(rows),
-                    Arg::from(n),
-                    Arg::from(k),
-                    Arg::from(r),
-                    Arg::from(vec),
-                ],
-            )
-        } else {
-            self.launch(
-                kernel,
-                cfg,
-                &[
-                    dy.arg(),
-                    w.arg(),
-                    v.arg(),
-                    am.arg(),
-                    dx.arg(),
-                    Arg::from(rows),
-                    Arg::from(n),
-                    Arg::from(k),
-                    Arg::from(r),
-                    Arg::from(vec),
-                ],
-            )
+            args.push(Arg::from(mm));
         }
+        args.extend([rows, n, k, r, vec].map(Arg::from));
+        self.launch(kernel, cfg, &args)
     }
 
     /// `dA[m] = V[m]ᵀ·X[g(m)]`: dA [M, r, K] f32, summed over rows in a fixed order (no atomics).
