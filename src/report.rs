@@ -2,9 +2,9 @@
 
 use std::fmt::Write;
 
-use loren_nn::Method;
 use loren_nn::eval::EvalReport;
 use loren_nn::metrics::ShiftRow;
+use loren_nn::{Activations, Method};
 
 use crate::run::RunResult;
 
@@ -162,11 +162,16 @@ pub fn calibration_report(title: &str, dataset: &str, report: &EvalReport) -> St
 /// What training cost: parameters, memory and time.
 pub fn training_line(r: &RunResult) -> String {
     format!(
-        "  trainable parameters {} of {}; peak memory {} on {}; training {:.1}s, evaluation {:.1}s\n",
+        "  trainable parameters {} of {}; peak memory {} on {}{}; training {:.1}s, evaluation \
+         {:.1}s\n",
         count(r.trainable_params),
         count(r.total_params),
         bytes(r.memory.total_peak),
         r.device,
+        match r.activations {
+            Activations::Keep => "",
+            Activations::Recompute => " (blocks recomputed)",
+        },
         r.train_seconds,
         r.eval_seconds
     )

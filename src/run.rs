@@ -69,6 +69,8 @@ pub struct RunResult {
     pub total_params: usize,
     /// Peak memory while training, by tag.
     pub memory: MemoryBreakdown,
+    /// What the training forward kept for the backward.
+    pub activations: Activations,
     pub train: TrainSummary,
     /// Accuracy and NLL on the validation split: the split to choose settings by.
     pub val_accuracy: f64,
@@ -137,6 +139,7 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
         trainable_params: model.params().num_trainable(),
         total_params: model.params().num_total(),
         memory,
+        activations: spec.train.activations,
         train: summary,
         val_accuracy: val_report.accuracy,
         val_nll: val_report.nll,

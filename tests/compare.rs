@@ -83,3 +83,48 @@ fn compare_at_several_sizes_shows_lora_growing_slower_than_explicit() {
         assert!(line.contains("(M=1 to M=3)"), "{line}");
     }
 }
+
+/// `loren train --recompute` trains the same ensemble, to the last digit of the report, in less
+/// memory, and says so.
+#[test]
+fn train_with_recompute_reports_the_same_ensemble_in_less_memory() {
+    let run = |extra: &[&str]| {
+        let out = std::env::temp_dir().join(format!(
+            "loren-train-recompute-{}-{}",
+            std::process::id(),
+            extra.len()
+        ));
+        let _ = std::fs::remove_dir_all(&out);
+        let run = Command::new(env!("CARGO_BIN_EXE_loren"))
+            .args(["train", "--epochs", "2", "--no-shift", "--no-ood", "-q"])
+            .args(extra)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .expect("the loren binary runs");
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let json: Value =
+            serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+        let _ = std::fs::remove_dir_all(&out);
+        (String::from_utf8_lossy(&run.stdout).into_owned(), json)
+    };
+    let (kept_out, kept) = run(&[]);
+    let (again_out, again) = run(&["--recompute"]);
+    assert_eq!(kept["activations"], "keep");
+    assert_eq!(again["activations"], "recompute");
+    assert!(again_out.contains("(blocks recomputed)"), "{again_out}");
+    assert!(!kept_out.contains("recomputed"), "{kept_out}");
+    assert_eq!(kept["report"], again["report"]);
+    assert_eq!(kept["val_nll"], again["val_nll"]);
+    let peak = |j: &Value| j["memory"]["total_peak"].as_u64().unwrap();
+    assert!(
+        peak(&again) < peak(&kept),
+        "{} vs {}",
+        peak(&again),
+        peak(&kept)
+    );
+}
