@@ -95,10 +95,10 @@ train() {
 
 bench() {
     check "kernel-bench" "$out/bench.log" 120 $bin/kernel-bench --out "$work/kernel-bench"
-    check "loren bench" "$out/bench.log" 180 $bin/loren bench --device cuda -q --members 1,2,4,8,16,32 --out "$work/bench"
-    check "loren bench, wgmma GEMMs" "$out/bench.log" 90 env LOREN_WGMMA=1 $bin/loren bench --device cuda -q --methods lora --config vit-b-32 --members 1,4,16 --out "$work/bench-wgmma"
-    check "loren memprofile" "$out/bench.log" 120 $bin/loren memprofile --device cuda -q --out "$work/memprofile"
-    check "loren memprofile --recompute" "$out/bench.log" 60 $bin/loren memprofile --device cuda -q --recompute --config vit-b-16 --members 1,16 --out "$work/memprofile-recompute"
+    check "loren bench" "$out/bench.log" 180 $bin/loren bench --device cuda --members 1,2,4,8,16,32 --out "$work/bench"
+    check "loren bench, wgmma GEMMs" "$out/bench.log" 90 env LOREN_WGMMA=1 $bin/loren bench --device cuda --methods lora --config vit-b-32 --members 1,4,16 --out "$work/bench-wgmma"
+    check "loren memprofile" "$out/bench.log" 120 $bin/loren memprofile --device cuda --out "$work/memprofile"
+    check "loren memprofile --recompute" "$out/bench.log" 60 $bin/loren memprofile --device cuda --recompute --config vit-b-16 --members 1,16 --out "$work/memprofile-recompute"
 }
 
 profile() {

@@ -797,6 +797,21 @@ pub fn run_bench(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Ben
                         row.note = Some(format!("{e:#}"));
                     }
                 }
+                // Each row as it is done, so a run cut short still leaves its figures.
+                progress(&match (&row.train, &row.train_memory) {
+                    (Some(t), Some(mem)) => format!(
+                        "{} {method} M={m}: step {:.2} ms, inference {:.2} ms, peak {}",
+                        vit.name,
+                        1e3 * t.median,
+                        1e3 * row.inference.as_ref().map_or(f64::NAN, |i| i.median),
+                        bytes(mem.total_peak)
+                    ),
+                    _ => format!(
+                        "{} {method} M={m}: {}",
+                        vit.name,
+                        row.note.as_deref().unwrap_or("no figures")
+                    ),
+                });
                 rows.push(row);
             }
         }

@@ -473,17 +473,26 @@ fn run(gpu: &Gpu, a: &Args, command: &str) -> Result<()> {
         "{} (cc {}.{}, {}), {}, NVRTC {}",
         m.device, m.compute_capability.0, m.compute_capability.1, m.arch, m.driver, m.nvrtc
     );
+    // Each group's rows go to stderr as they are done, so a run cut short still leaves them.
     let mut rows = Vec::new();
+    let mut done = |what: String, new: Vec<Row>| {
+        eprint!("done: {what}\n{}", table(&new));
+        rows.extend(new);
+    };
     for &(k, n) in &[(768usize, 768usize), (768, 2304)] {
         for &r in &a.ranks {
-            rows.extend(lora_rows(gpu, a, k, n, r)?);
-            eprintln!("done: lora_linear {k}->{n} r={r}");
+            done(
+                format!("lora_linear {k}->{n} r={r}"),
+                lora_rows(gpu, a, k, n, r)?,
+            );
         }
     }
     let softmax = SoftmaxKernels::load(gpu)?;
     for &t in &a.seqs {
-        rows.extend(attention_rows(gpu, a, &softmax, t)?);
-        eprintln!("done: attention T={t}");
+        done(
+            format!("attention T={t}"),
+            attention_rows(gpu, a, &softmax, t)?,
+        );
     }
     let t = table(&rows);
     print!("{t}");
