@@ -313,7 +313,7 @@ pub fn run_memprofile(
                             ));
                         }
                         None => {
-                            progress(&format!("{} {method} M={m}", vit.name));
+                            progress(&format!("measuring {} {method} M={m}", vit.name));
                             match measure_step(o, vit, &ens, &device, warmup) {
                                 Ok((r, dev_used)) => {
                                     let p = Peaks::from(&r);
@@ -343,6 +343,21 @@ pub fn run_memprofile(
                                     row.note = Some(format!("{e:#}"));
                                 }
                             }
+                            // Each row as it is done, so a run cut short still leaves it.
+                            progress(&match (&row.measured, row.rel_diff_total) {
+                                (Some(p), Some(d)) => format!(
+                                    "{} {method} M={m}: peak {}, predicted {} ({:+.2}%)",
+                                    vit.name,
+                                    bytes(p.total),
+                                    bytes(row.predicted.total),
+                                    100.0 * d
+                                ),
+                                _ => format!(
+                                    "{} {method} M={m}: {}",
+                                    vit.name,
+                                    row.note.as_deref().unwrap_or("no figures")
+                                ),
+                            });
                         }
                     }
                 }

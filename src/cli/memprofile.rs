@@ -93,7 +93,7 @@ pub fn memprofile(a: &MemprofileArgs) -> Result<()> {
     let quiet = a.quiet;
     let report = run_memprofile(&opts, &mut |what| {
         if !quiet {
-            eprintln!("memprofile: measuring {what}");
+            eprintln!("memprofile: {what}");
         }
     })?;
     print!("{}", table(&report));
