@@ -116,6 +116,10 @@ pub struct ProfileRow {
     /// The analytic model's total peak with the GPU's element sizes (bf16 activations and frozen
     /// weights, f32 trainable state), whatever the device.
     pub predicted_gpu_total: u64,
+    /// When the activations were kept: the predicted total peak with `--recompute`, with this
+    /// device's element sizes and with the GPU's.
+    pub predicted_recompute_total: Option<u64>,
+    pub predicted_recompute_gpu_total: Option<u64>,
 }
 
 /// LoRA-Ensemble's peak over the explicit ensemble's at one M.
@@ -129,6 +133,9 @@ pub struct Ratio {
     pub predicted: f64,
     /// Predicted with the GPU's element sizes.
     pub predicted_gpu: f64,
+    /// When the activations were kept: the same predictions with both recomputing the blocks.
+    pub predicted_recompute: Option<f64>,
+    pub predicted_recompute_gpu: Option<f64>,
 }
 
 /// What one more member costs, from the configs.
@@ -164,6 +171,11 @@ pub struct MemprofileReport {
     pub ratios: Vec<Ratio>,
     /// The largest |relative difference| of the total over the measured rows.
     pub max_rel_diff_total: Option<f64>,
+}
+
+/// a / b, when both are there.
+fn ratio(a: Option<u64>, b: Option<u64>) -> Option<f64> {
+    Some(a? as f64 / b? as f64)
 }
 
 fn default_configs(device: &Device) -> Vec<String> {
@@ -267,15 +279,19 @@ pub fn run_memprofile(
                 .unwrap_or(if is_cpu && vit.name != "tiny" { 0 } else { 1 });
             for &m in &members {
                 let ens = ensemble_config(method, m, o.classes, o.rank);
-                let model = memory_model::predict(vit, &ens, o.batch, 2, prec, o.activations)?;
-                let gpu = memory_model::predict(
-                    vit,
-                    &ens,
-                    o.batch,
-                    2,
-                    Precision::GPU_BF16,
-                    o.activations,
-                )?;
+                let at = |precision, activations| {
+                    memory_model::predict(vit, &ens, o.batch, 2, precision, activations)
+                };
+                let model = at(prec, o.activations)?;
+                let gpu = at(Precision::GPU_BF16, o.activations)?;
+                let recompute_total = |precision| -> Result<Option<u64>> {
+                    Ok(match o.activations {
+                        Activations::Keep => {
+                            Some(at(precision, Activations::Recompute)?.train.total_peak)
+                        }
+                        Activations::Recompute => None,
+                    })
+                };
                 let mut row = ProfileRow {
                     config: vit.name.clone(),
                     method,
@@ -293,6 +309,8 @@ pub fn run_memprofile(
                     trainable_params: model.params.trainable,
                     warmup,
                     predicted_gpu_total: gpu.train.total_peak,
+                    predicted_recompute_total: recompute_total(prec)?,
+                    predicted_recompute_gpu_total: recompute_total(Precision::GPU_BF16)?,
                 };
                 let want = match &o.measure {
                     Some(list) => list.contains(&m),
@@ -415,6 +433,14 @@ pub fn run_memprofile(
                 },
                 predicted: l.predicted.total as f64 / e.predicted.total as f64,
                 predicted_gpu: l.predicted_gpu_total as f64 / e.predicted_gpu_total as f64,
+                predicted_recompute: ratio(
+                    l.predicted_recompute_total,
+                    e.predicted_recompute_total,
+                ),
+                predicted_recompute_gpu: ratio(
+                    l.predicted_recompute_gpu_total,
+                    e.predicted_recompute_gpu_total,
+                ),
             });
         }
     }
@@ -482,13 +508,19 @@ pub fn table(r: &MemprofileReport) -> String {
     if let Some(b) = &r.budget {
         let _ = writeln!(s, "memory budget: {} ({})", bytes(b.bytes), b.source);
     }
+    let with_recompute = r.rows.iter().any(|x| x.predicted_recompute_total.is_some());
     let _ = writeln!(
         s,
         "tag columns: measured peak, or the prediction marked * where not measured; diff = \
-         (predicted - measured) / measured of the total peak"
+         (predicted - measured) / measured of the total peak{}",
+        if with_recompute {
+            "; with --recompute = the predicted total peak if the blocks were recomputed"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(s);
-    let head = [
+    let mut head = vec![
         "config",
         "method",
         "M",
@@ -503,6 +535,9 @@ pub fn table(r: &MemprofileReport) -> String {
         "diff",
         "device",
     ];
+    if with_recompute {
+        head.push("with --recompute");
+    }
     let mut lines: Vec<Vec<String>> = vec![head.iter().map(|h| h.to_string()).collect()];
     let mut notes = Vec::new();
     for row in &r.rows {
@@ -531,6 +566,9 @@ pub fn table(r: &MemprofileReport) -> String {
             (None, "cpu") => "n/a on cpu".into(),
             (None, _) => "n/a".into(),
         });
+        if with_recompute {
+            l.push(row.predicted_recompute_total.map_or("-".into(), bytes));
+        }
         if let Some(n) = &row.note {
             notes.push(format!(
                 "{} {} M={}: {n}",
@@ -555,10 +593,16 @@ pub fn table(r: &MemprofileReport) -> String {
             .measured
             .map(|v| format!("measured {v:.2}, "))
             .unwrap_or_default();
+        let recompute = match (q.predicted_recompute, q.predicted_recompute_gpu) {
+            (Some(here), Some(gpu)) => {
+                format!("; both with --recompute: {here:.2} here, {gpu:.2} for a GPU")
+            }
+            _ => String::new(),
+        };
         let _ = writeln!(
             s,
             "{} at M={}: LoRA-Ensemble peak / explicit peak = {measured}predicted {:.2} here, \
-             {:.2} predicted for a GPU (bf16)",
+             {:.2} predicted for a GPU (bf16){recompute}",
             q.config, q.members, q.predicted, q.predicted_gpu
         );
     }

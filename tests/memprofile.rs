@@ -119,8 +119,19 @@ fn recomputed_blocks_are_measured_and_predicted_alike_and_keep_less() {
     let (kept, again) = (run(Activations::Keep), run(Activations::Recompute));
     assert_eq!(again.activations, Activations::Recompute);
     assert!(table(&again).contains("block activations recomputed"));
-    assert!(!table(&kept).contains("recomputed"));
+    assert!(!table(&kept).contains("recomputed in the backward"));
+    // A profile that keeps the activations also predicts what recomputing would take.
+    assert!(table(&kept).contains("with --recompute"));
+    assert!(!table(&again).contains("with --recompute"));
+    assert_eq!(
+        kept.ratios[0].predicted_recompute,
+        Some(again.ratios[0].predicted)
+    );
+    assert_eq!(again.ratios[0].predicted_recompute, None);
     for (k, a) in kept.rows.iter().zip(&again.rows) {
+        assert_eq!(k.predicted_recompute_total, Some(a.predicted.total));
+        assert_eq!(k.predicted_recompute_gpu_total, Some(a.predicted_gpu_total));
+        assert_eq!(a.predicted_recompute_total, None);
         let (km, am) = (k.measured.as_ref().unwrap(), a.measured.as_ref().unwrap());
         for tag in MemTag::ALL {
             assert_eq!(a.predicted.by_tag.get(tag), am.by_tag.get(tag), "{tag}");
@@ -191,7 +202,7 @@ fn predict_only_and_oom_rows_need_no_measurement() {
     let r = run_memprofile(&o, &mut |_| panic!("nothing fits: nothing runs")).unwrap();
     assert!(r.rows.iter().all(|x| x.status == "oom"));
     assert!(table(&r).contains("OOM at M=2"));
-    assert!(!table(&r).contains("--recompute"), "1 MiB fits neither way");
+    assert!(!table(&r).contains("fits with --recompute"), "1 MiB fits neither way");
 
     // A budget that only recomputed blocks fit: the note says so, with the need.
     let need = |activations| {
