@@ -160,7 +160,8 @@ fn check_fits(spec: &RunSpec, data: &Splits, device: &Device) -> Result<()> {
     }
 }
 
-/// [`check_fits`] against a given budget. The error says what would fit.
+/// Refuse a run the analytic memory model says will not fit in `budget`, with an error that
+/// says what it needs and what would fit (`train` and `compare` check against free memory).
 pub fn check_fits_within(
     spec: &RunSpec,
     data: &Splits,

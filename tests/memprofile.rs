@@ -202,7 +202,10 @@ fn predict_only_and_oom_rows_need_no_measurement() {
     let r = run_memprofile(&o, &mut |_| panic!("nothing fits: nothing runs")).unwrap();
     assert!(r.rows.iter().all(|x| x.status == "oom"));
     assert!(table(&r).contains("OOM at M=2"));
-    assert!(!table(&r).contains("fits with --recompute"), "1 MiB fits neither way");
+    assert!(
+        !table(&r).contains("fits with --recompute"),
+        "1 MiB fits neither way"
+    );
 
     // A budget that only recomputed blocks fit: the note says so, with the need.
     let need = |activations| {

@@ -4,7 +4,7 @@ use loren_tensor::{Result, Tensor};
 
 use crate::tape::{Backward, GradSink, NodeId, Tape, Var};
 
-/// Mean softmax cross-entropy of logits [M, B, C] against targets [B] shared by the members.
+/// Mean softmax cross-entropy of logits `[M, B, C]` against targets `[B]` shared by the members.
 /// The result is a one-element loss; the logits' gradient is formed in the same pass.
 pub fn softmax_cross_entropy(tape: &Tape, logits: &Var, targets: &[u32]) -> Result<Var> {
     let out = forward(logits.value(), targets)?;
