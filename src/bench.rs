@@ -254,18 +254,22 @@ pub fn recompute_hint(
     if activations == Activations::Recompute {
         return String::new();
     }
-    match memory_model::predict(
+    let need = memory_model::predict(
         vit,
         ens,
         batch,
         2,
         precision(device),
         Activations::Recompute,
-    ) {
-        Ok(model) if predicted_need(&model, device) <= budget => format!(
-            "; fits with --recompute (predicted to need {})",
-            bytes(predicted_need(&model, device))
-        ),
+    )
+    .map(|model| predicted_need(&model, device));
+    match need {
+        Ok(need) if need <= budget => {
+            format!(
+                "; fits with --recompute (predicted to need {})",
+                bytes(need)
+            )
+        }
         _ => String::new(),
     }
 }

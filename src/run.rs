@@ -307,20 +307,15 @@ mod tests {
 
     /// What a run of `spec` on the digits needs, from the model directly.
     fn predicted(spec: &RunSpec, device: &Device) -> u64 {
-        let at = |batch| {
-            memory_model::predict(
-                &spec.vit,
-                &spec.ensemble,
-                batch,
-                2,
-                precision(device),
-                spec.train.activations,
-            )
-            .unwrap()
-        };
-        need_for_peak(
-            at(32).train.total_peak.max(at(32).inference.total_peak),
-            device,
+        let model = memory_model::predict(
+            &spec.vit,
+            &spec.ensemble,
+            32,
+            2,
+            precision(device),
+            spec.train.activations,
         )
+        .unwrap();
+        crate::bench::predicted_need(&model, device)
     }
 }

@@ -3,9 +3,10 @@
 
 mod svg_check;
 
+use loren::bench::need_for_peak;
 use loren::memprofile::{MemprofileOptions, run_memprofile, svg, table, write};
 use loren_nn::config::{Activations, Method};
-use loren_tensor::{DeviceSpec, MemTag};
+use loren_tensor::{Device, DeviceSpec, MemTag};
 
 fn tiny(members: Vec<usize>) -> MemprofileOptions {
     MemprofileOptions {
@@ -216,8 +217,7 @@ fn predict_only_and_oom_rows_need_no_measurement() {
         };
         let r = run_memprofile(&o, &mut |_| {}).unwrap();
         let lora = r.rows.iter().find(|x| x.method == Method::Lora).unwrap();
-        // As bench::predicted_need on the CPU: twice the peak for the pool, and 256 MiB.
-        2 * lora.predicted.total + (256 << 20)
+        need_for_peak(lora.predicted.total, &Device::cpu())
     };
     let (kept, recomputed) = (need(Activations::Keep), need(Activations::Recompute));
     assert!(recomputed < kept);
