@@ -13,88 +13,198 @@
 // members, so every tile has one B_m). The low-rank term is fused into that GEMM as an extra
 // K-segment: after the K loop over [X | W] the same accumulators run over [s·U_m | B_m]
 // (forward) or [V_m | A_m] (backward), so Y/dX are written once, with no pass over them.
-// U and V are small f32 products on the CUDA cores (exact to f32: they feed the f32 gradients).
+// U, V, dA and dB are thin products on the tensor cores with the f32 operand split into three
+// bf16 planes, so they keep f32 accuracy (they feed the f32 adapter gradients).
 #include "common.cuh"
 
-// ---------------------------------------------------------------------------------------------
-// U = X·A_mᵀ and V = s·dY·B_m: out[m][row][j] = scale · Σ_k P[g(m)][row][k] · Q_m(j, k)
-// Q_m is A_m [outs, red] when Q_OUT_MAJOR, else B_m [red, outs]. f32 throughout (P is bf16).
-// Tile: 64 rows × TN outputs per block of 256 threads, reduction in steps of 32.
-// ---------------------------------------------------------------------------------------------
-namespace proj {
-constexpr int TR = 64, BK = 32, THREADS = 256;
+// dst[r][c] = src[r·lds + c] for r < rows_valid, c < cols_valid; zero elsewhere, copied by a block
+// of THREADS threads. `vec`: lds and the valid column count are multiples of 8 and src is 16-byte
+// aligned, so 16-byte cp.async chunks are either wholly inside or wholly outside; otherwise a
+// scalar path.
+template <int ROWS, int COLS, int LD, int THREADS>
+__device__ __forceinline__ void load_tile_async(bf16* dst, const bf16* src, int lds, int rows_valid,
+                                                int cols_valid, bool vec) {
+    constexpr int CHUNKS = ROWS * COLS / 8;
+    for (int c = threadIdx.x; c < CHUNKS; c += THREADS) {
+        const int r = c / (COLS / 8), col = (c % (COLS / 8)) * 8;
+        bf16* d = dst + r * LD + col;
+        if (vec) {
+            const bool ok = r < rows_valid && col < cols_valid;
+            cp_async_16(d, ok ? src + (size_t)r * lds + col : src, ok ? 16 : 0);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+                d[e] = (r < rows_valid && col + e < cols_valid) ? src[(size_t)r * lds + col + e]
+                                                                : to_bf16(0.0f);
+        }
+    }
+}
 
-template <int TN, bool Q_OUT_MAJOR>
-__device__ void project(const bf16* __restrict__ P, int p_groups, const float* __restrict__ Q,
-                        float* __restrict__ out, int rows, int red, int outs, float scale) {
-    constexpr int TY = THREADS / TN;  // threads along rows
-    constexpr int PR = TR / TY;       // rows per thread
-    __shared__ float Ps[TR][BK + 1];  // +1: the row-strided reads hit distinct banks
-    __shared__ float Qs[TN][BK + 1];
+// ---------------------------------------------------------------------------------------------
+// The adapter products beside the fused GEMM, on tensor cores. Each is
+//   out(i, j) = scale · Σ_k P(i, k) · Q(j, k)          i < outs, j < J = r, k < red
+// with P bf16 and Q f32:
+//   U[m]  = X·A_mᵀ      P(i, k) = X[i][k]       Q(j, k) = A_m[j][k]     out [rows][r]
+//   V[m]  = s·dY[m]·B_m P(i, k) = dY[i][k]      Q(j, k) = B_m[k][j]     out [rows][r]
+//   dA[m] = V[m]ᵀ·X     P(i, k) = X[k][i]       Q(j, k) = V[m][k][j]    out [r][K]
+//   dB[m] = s·dY[m]ᵀ·U  P(i, k) = dY[k][i]      Q(j, k) = U[m][k][j]    out [N][r]
+// Q is split into three bf16 planes that sum to it exactly (hi = bf16(q), mid = bf16(q − hi),
+// lo = bf16(q − hi − mid): 8 + 8 + 8 significand bits), and a bf16 product is exact in the f32
+// accumulator, so three mma.sync per tile give the f32 products of U, V, dA and dB (which feed
+// the f32 adapter gradients) while P streams at memory speed: on the CUDA cores these passes
+// cost one shared-memory load per FMA and ran far below it.
+// Block: 4 warps, a 64 (i) × 32 (j) output tile, the reduction in slabs of 32; warp w owns i
+// rows 16w..16w+15. P slabs arrive by cp.async, STAGES deep; each Q slab is read into registers
+// one slab ahead and split into shared memory. A block sums its whole reduction in a fixed order:
+// deterministic, no atomics. grid (ceil(outs/64), ceil(r/32), M), block 128.
+// ---------------------------------------------------------------------------------------------
+namespace lowrank {
+constexpr int BI = 64, BJ = 32, BK = 32, THREADS = 128;
+constexpr int Q_LD = BK + 8;  // Q planes [BJ][BK], rows padded by 16 bytes: conflict-free ldmatrix
+constexpr int Q_PLANE = BJ * Q_LD;
+constexpr int Q_PER_THREAD = BJ * BK / THREADS;
+
+// P slabs: [BI][BK] (K contiguous), or with P_T, P stored [red][outs]: [BK][BI] (i contiguous),
+// read with ldmatrix.trans. The gradients (P_T) have few blocks, one per 64 outputs of a member,
+// and long reductions, so each keeps more slabs in flight.
+template <bool P_T>
+struct Slab {
+    static constexpr int ROWS = P_T ? BK : BI, COLS = P_T ? BI : BK, LD = COLS + 8;
+    static constexpr int STAGES = P_T ? 6 : 4;
+};
+
+__device__ __forceinline__ void split3(float q, bf16& hi, bf16& mid, bf16& lo) {
+    hi = to_bf16(q);
+    const float r1 = q - to_f32(hi);  // exact: q and hi are within a factor of two
+    mid = to_bf16(r1);
+    lo = to_bf16(r1 - to_f32(mid));  // exact, and at most 8 significand bits remain
+}
+
+// acc += P slab · (hi + mid + lo)ᵀ for this warp's 16 i rows and the first `tiles` 8-wide j tiles.
+template <bool P_T>
+__device__ __forceinline__ void mma_slab(float acc[BJ / 8][4], const bf16* Ps, const bf16* Qs,
+                                         int tiles) {
+    constexpr int LD = Slab<P_T>::LD;
+    const int lane = threadIdx.x % WARP, i0 = (threadIdx.x / WARP) * 16;
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+        unsigned a[4];
+        if (P_T)  // matrices (i0, kk) (i0+8, kk) (i0, kk+8) (i0+8, kk+8), stored k-major
+            ldmatrix_x4_trans(a, Ps + (kk + lane % 8 + (lane / 16) * 8) * LD + i0 +
+                                     ((lane / 8) % 2) * 8);
+        else
+            ldmatrix_x4(a, Ps + (i0 + lane % 16) * LD + kk + (lane / 16) * 8);
+#pragma unroll
+        for (int plane = 0; plane < 3; ++plane)
+#pragma unroll
+            for (int np = 0; np < BJ / 16; ++np) {
+                if (2 * np >= tiles) break;
+                // matrices (j, kk) (j, kk+8) (j+8, kk) (j+8, kk+8), j = 16·np
+                const int j = np * 16 + lane % 8 + (lane / 16) * 8;
+                unsigned b[4];
+                ldmatrix_x4(b, Qs + plane * Q_PLANE + j * Q_LD + kk + ((lane / 8) % 2) * 8);
+                mma_bf16_16816(acc[2 * np], a, b[0], b[1]);
+                if (2 * np + 1 < tiles) mma_bf16_16816(acc[2 * np + 1], a, b[2], b[3]);
+            }
+    }
+}
+
+// out[i·oi + j·oj] = scale · Σ_k P(i, k)·Q(j, k) for this block's tile. P(i, k) = p[i·ldp + k], or
+// p[k·ldp + i] with P_T; Q(j, k) = q[j·qj + k·qk], read with j the fastest thread index when
+// J_FAST (Q stored with j contiguous) so the reads coalesce. `vec` as in load_tile_async, for p.
+template <bool P_T, bool J_FAST>
+__device__ void product(const bf16* __restrict__ p, int ldp, const float* __restrict__ q, int qj,
+                        int qk, float* __restrict__ out, int oi, int oj, int outs, int J, int red,
+                        float scale, bool vec) {
+    using S = Slab<P_T>;
+    __align__(16) __shared__ bf16 Ps[S::STAGES][S::ROWS * S::LD];
+    __align__(16) __shared__ bf16 Qs[2][3 * Q_PLANE];
+    const int i0 = blockIdx.x * BI, j0 = blockIdx.y * BJ;
+    const int iv = min(BI, outs - i0), jv = min(BJ, J - j0);
+    const int ktiles = (red + BK - 1) / BK, tiles = (jv + 7) / 8;
+
+    auto load_p = [&](int stage, int kt) {
+        const int k0 = kt * BK;
+        if (P_T)
+            load_tile_async<BK, BI, S::LD, THREADS>(Ps[stage], p + (size_t)k0 * ldp + i0, ldp,
+                                                    red - k0, iv, vec);
+        else
+            load_tile_async<BI, BK, S::LD, THREADS>(Ps[stage], p + (size_t)i0 * ldp + k0, ldp, iv,
+                                                    red - k0, vec);
+    };
+    float qr[Q_PER_THREAD];
+    auto q_at = [&](int e, int& j, int& kk) {
+        const int idx = threadIdx.x + e * THREADS;
+        j = J_FAST ? idx % BJ : idx / BK;
+        kk = J_FAST ? idx / BJ : idx % BK;
+    };
+    auto load_q = [&](int kt) {
+#pragma unroll
+        for (int e = 0; e < Q_PER_THREAD; ++e) {
+            int j, kk;
+            q_at(e, j, kk);
+            const int k = kt * BK + kk;
+            qr[e] = (j < jv && k < red) ? q[(size_t)(j0 + j) * qj + (size_t)k * qk] : 0.0f;
+        }
+    };
+    auto store_q = [&](bf16* planes) {
+#pragma unroll
+        for (int e = 0; e < Q_PER_THREAD; ++e) {
+            int j, kk;
+            q_at(e, j, kk);
+            const int at = j * Q_LD + kk;
+            split3(qr[e], planes[at], planes[Q_PLANE + at], planes[2 * Q_PLANE + at]);
+        }
+    };
+
+    float acc[BJ / 8][4];
+#pragma unroll
+    for (int t = 0; t < BJ / 8; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
+#pragma unroll
+    for (int s = 0; s < S::STAGES - 1; ++s) {
+        if (s < ktiles) load_p(s, s);
+        cp_async_commit();
+    }
+    if (ktiles > 0) load_q(0);
+    for (int kt = 0; kt < ktiles; ++kt) {
+        // Qs[kt % 2] was last read in step kt − 2, before the barrier of step kt − 1.
+        store_q(Qs[kt % 2]);
+        if (kt + 1 < ktiles) load_q(kt + 1);  // in flight during this step's products
+        cp_async_wait<S::STAGES - 2>();       // P slab kt has landed (this thread's copies) ...
+        __syncthreads();                      // ... for every thread, as has Q slab kt
+        const int next = kt + S::STAGES - 1;  // into the stage read in step kt − 1
+        if (next < ktiles) load_p(next % S::STAGES, next);
+        cp_async_commit();  // possibly empty: keeps the group count in step
+        mma_slab<P_T>(acc, Ps[kt % S::STAGES], Qs[kt % 2], tiles);
+    }
+
+    const int lane = threadIdx.x % WARP, wi = (threadIdx.x / WARP) * 16;
+#pragma unroll
+    for (int t = 0; t < BJ / 8; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int i = wi + lane / 4 + (e / 2) * 8, j = t * 8 + 2 * (lane % 4) + e % 2;
+            if (i < iv && j < jv)
+                out[(size_t)(i0 + i) * oi + (size_t)(j0 + j) * oj] = scale * acc[t][e];
+        }
+}
+}  // namespace lowrank
+
+// U[m] = X[g(m)]·A_mᵀ: [rows, r]. grid (ceil(rows/64), ceil(r/32), M), block 128.
+extern "C" __global__ void __launch_bounds__(128)
+    lora_u(const bf16* X, int x_groups, const float* A, float* U, int rows, int K, int r, int vec) {
     const int m = blockIdx.z;
-    const int row0 = blockIdx.x * TR, j0 = blockIdx.y * TN;
-    const bf16* p = P + (size_t)group_index(m, p_groups) * rows * red;
-    const float* q = Q + (size_t)m * outs * red;
-    const int tx = threadIdx.x % TN, ty = threadIdx.x / TN;
-    float acc[PR];
-#pragma unroll
-    for (int i = 0; i < PR; ++i) acc[i] = 0.0f;
+    lowrank::product<false, false>(X + (size_t)group_index(m, x_groups) * rows * K, K,
+                                   A + (size_t)m * r * K, K, 1, U + (size_t)m * rows * r, r, 1,
+                                   rows, r, K, 1.0f, vec);
+}
 
-    for (int k0 = 0; k0 < red; k0 += BK) {
-        for (int i = threadIdx.x; i < TR * BK; i += THREADS) {
-            const int r = i / BK, kk = i % BK, row = row0 + r, k = k0 + kk;
-            Ps[r][kk] = (row < rows && k < red) ? to_f32(p[(size_t)row * red + k]) : 0.0f;
-        }
-        for (int i = threadIdx.x; i < TN * BK; i += THREADS) {
-            // Walk the contiguous axis of Q with consecutive threads.
-            const int j = Q_OUT_MAJOR ? i / BK : i % TN;
-            const int kk = Q_OUT_MAJOR ? i % BK : i / TN;
-            const int jj = j0 + j, k = k0 + kk;
-            float v = 0.0f;
-            if (jj < outs && k < red)
-                v = Q_OUT_MAJOR ? q[(size_t)jj * red + k] : q[(size_t)k * outs + jj];
-            Qs[j][kk] = v;
-        }
-        __syncthreads();
-#pragma unroll 8
-        for (int kk = 0; kk < BK; ++kk) {
-            const float qv = Qs[tx][kk];
-#pragma unroll
-            for (int i = 0; i < PR; ++i) acc[i] = fmaf(Ps[ty + i * TY][kk], qv, acc[i]);
-        }
-        __syncthreads();
-    }
-    float* o = out + (size_t)m * rows * outs;
-    const int j = j0 + tx;
-#pragma unroll
-    for (int i = 0; i < PR; ++i) {
-        const int row = row0 + ty + i * TY;
-        if (row < rows && j < outs) o[(size_t)row * outs + j] = scale * acc[i];
-    }
-}
-}  // namespace proj
-
-// U[m] = X[g(m)]·A_mᵀ. grid (ceil(rows/64), ceil(r/TN), M), block 256. TN = 8 for r <= 8.
-extern "C" __global__ void __launch_bounds__(256) lora_u_r8(const bf16* X, int x_groups,
-                                                            const float* A, float* U, int rows,
-                                                            int K, int r) {
-    proj::project<8, true>(X, x_groups, A, U, rows, K, r, 1.0f);
-}
-extern "C" __global__ void __launch_bounds__(256) lora_u_r32(const bf16* X, int x_groups,
-                                                             const float* A, float* U, int rows,
-                                                             int K, int r) {
-    proj::project<32, true>(X, x_groups, A, U, rows, K, r, 1.0f);
-}
-// V[m] = s·dY[m]·B_m. grid (ceil(rows/64), ceil(r/TN), M), block 256.
-extern "C" __global__ void __launch_bounds__(256) lora_v_r8(const bf16* dY, const float* B,
-                                                            float* V, int rows, int N, int r,
-                                                            float s) {
-    proj::project<8, false>(dY, gridDim.z, B, V, rows, N, r, s);
-}
-extern "C" __global__ void __launch_bounds__(256) lora_v_r32(const bf16* dY, const float* B,
-                                                             float* V, int rows, int N, int r,
-                                                             float s) {
-    proj::project<32, false>(dY, gridDim.z, B, V, rows, N, r, s);
+// V[m] = s·dY[m]·B_m: [rows, r]. grid (ceil(rows/64), ceil(r/32), M), block 128.
+extern "C" __global__ void __launch_bounds__(128)
+    lora_v(const bf16* dY, const float* B, float* V, int rows, int N, int r, float s, int vec) {
+    const int m = blockIdx.z;
+    lowrank::product<false, true>(dY + (size_t)m * rows * N, N, B + (size_t)m * N * r, 1, r,
+                                  V + (size_t)m * rows * r, r, 1, rows, r, N, s, vec);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -139,29 +249,6 @@ struct MmaSync {
     static_assert(SMEM_BYTES == 61440, "the launcher (launch/lora.rs) assumes 61440 bytes");
 
     typedef float Acc[4][4][4];
-
-    // dst[r][c] = src[r·lds + c] for r < rows_valid, c < cols_valid; zero elsewhere. `vec`: lds and
-    // the valid column count are multiples of 8 and src is 16-byte aligned, so 16-byte cp.async
-    // chunks are either wholly inside or wholly outside; otherwise a scalar path.
-    template <int ROWS, int COLS, int LD>
-    static __device__ __forceinline__ void load_tile_async(bf16* dst, const bf16* src, int lds,
-                                                           int rows_valid, int cols_valid,
-                                                           bool vec) {
-        constexpr int CHUNKS = ROWS * COLS / 8;
-        for (int c = threadIdx.x; c < CHUNKS; c += THREADS) {
-            const int r = c / (COLS / 8), col = (c % (COLS / 8)) * 8;
-            bf16* d = dst + r * LD + col;
-            if (vec) {
-                const bool ok = r < rows_valid && col < cols_valid;
-                cp_async_16(d, ok ? src + (size_t)r * lds + col : src, ok ? 16 : 0);
-            } else {
-#pragma unroll
-                for (int e = 0; e < 8; ++e)
-                    d[e] = (r < rows_valid && col + e < cols_valid) ? src[(size_t)r * lds + col + e]
-                                                                    : to_bf16(0.0f);
-            }
-        }
-    }
 
     // As load_tile_async from an f32 source, times `scale`, rounded to bf16 (register-staged).
     template <int ROWS, int COLS, int LD>
@@ -246,12 +333,13 @@ struct MmaSync {
                 load_tile_member_sum<BM, BK, A_LD>(As, a + k0, a_member_stride, members, lda,
                                                    rows_valid, kred - k0);
             else
-                load_tile_async<BM, BK, A_LD>(As, a + k0, lda, rows_valid, kred - k0, vec);
+                load_tile_async<BM, BK, A_LD, THREADS>(As, a + k0, lda, rows_valid, kred - k0, vec);
             if (!B_TRANS)
-                load_tile_async<BN, BK, BNT_LD>(Bs, b + k0, ldb, cols_valid, kred - k0, vec);
+                load_tile_async<BN, BK, BNT_LD, THREADS>(Bs, b + k0, ldb, cols_valid, kred - k0,
+                                                         vec);
             else
-                load_tile_async<BK, BN, BT_LD>(Bs, b + (size_t)k0 * ldb, ldb, kred - k0, cols_valid,
-                                               vec);
+                load_tile_async<BK, BN, BT_LD, THREADS>(Bs, b + (size_t)k0 * ldb, ldb, kred - k0,
+                                                        cols_valid, vec);
         };
 #pragma unroll
         for (int s = 0; s < STAGES - 1; ++s) {
@@ -462,97 +550,23 @@ __device__ __forceinline__ void bwd_dx_gemm_prefix(const bf16* dY, const bf16* W
 // On mma.sync: any arch from sm_80.
 LORA_GEMM_ENTRIES(gemm, MmaSync)
 
-// ---------------------------------------------------------------------------------------------
-// Adapter gradients, a reduction over rows per member:
-//   out[m] = scale · Σ_row Bc[m][row][j] · St[g][row][c]     j < J (f32), c < C (bf16)
-// written out[m][j][c] (OUT_JC: dA = Vᵀ·X) or out[m][c][j] (dB = s·dYᵀ·U).
-// Block: 8 warps share a 16 (j) × 64 (c) output tile; lane l owns columns c0+2l, c0+2l+1; warp w
-// takes rows w, w+8, ... Per-warp sums go through shared memory and are added in warp order, so
-// the result is deterministic (no atomics). Rows are summed in chunks of 32 before joining the
-// running total, which keeps the f32 rounding error near that of a blocked sum.
-// grid (ceil(C/64), ceil(J/16), M), block 256.
-// ---------------------------------------------------------------------------------------------
-namespace outer {
-constexpr int TJ = 16, TC = 64, WARPS = 8, CHUNK = 32;
-
-template <bool OUT_JC>
-__device__ void grad(const float* __restrict__ Bc, int bc_groups, const bf16* __restrict__ St,
-                     int st_groups, float* __restrict__ out, int rows, int J, int C, float scale,
-                     bool pairs) {
-    __shared__ float red[WARPS][TJ][TC];
-    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    const int m = blockIdx.z, j0 = blockIdx.y * TJ, c0 = blockIdx.x * TC;
-    const float* bc = Bc + (size_t)group_index(m, bc_groups) * rows * J;
-    const bf16* st = St + (size_t)group_index(m, st_groups) * rows * C;
-    const int c = c0 + 2 * lane;
-    const int jn = min(TJ, J - j0);
-    float acc[TJ][2], part[TJ][2];
-#pragma unroll
-    for (int j = 0; j < TJ; ++j) acc[j][0] = acc[j][1] = 0.0f;
-
-    for (int start = warp; start < rows; start += WARPS * CHUNK) {
-#pragma unroll
-        for (int j = 0; j < TJ; ++j) part[j][0] = part[j][1] = 0.0f;
-        const int end = min(rows, start + WARPS * CHUNK);
-        for (int row = start; row < end; row += WARPS) {
-            const bf16* s = st + (size_t)row * C + c;
-            float x0 = 0.0f, x1 = 0.0f;
-            if (pairs && c + 1 < C) {
-                const float2 x = __bfloat1622float2(*reinterpret_cast<const bf162*>(s));
-                x0 = x.x;
-                x1 = x.y;
-            } else {
-                if (c < C) x0 = to_f32(s[0]);
-                if (c + 1 < C) x1 = to_f32(s[1]);
-            }
-            const float* b = bc + (size_t)row * J + j0;
-#pragma unroll
-            for (int j = 0; j < TJ; ++j) {
-                const float bv = j < jn ? b[j] : 0.0f;
-                part[j][0] = fmaf(bv, x0, part[j][0]);
-                part[j][1] = fmaf(bv, x1, part[j][1]);
-            }
-        }
-#pragma unroll
-        for (int j = 0; j < TJ; ++j) {
-            acc[j][0] += part[j][0];
-            acc[j][1] += part[j][1];
-        }
-    }
-#pragma unroll
-    for (int j = 0; j < TJ; ++j) {
-        red[warp][j][2 * lane] = acc[j][0];
-        red[warp][j][2 * lane + 1] = acc[j][1];
-    }
-    __syncthreads();
-    float* o = out + (size_t)m * J * C;
-    for (int i = threadIdx.x; i < TJ * TC; i += blockDim.x) {
-        const int j = i / TC, cc = i % TC;
-        float v = 0.0f;
-        for (int w = 0; w < WARPS; ++w) v += red[w][j][cc];
-        const int jj = j0 + j, col = c0 + cc;
-        if (jj < J && col < C) {
-            if (OUT_JC)
-                o[(size_t)jj * C + col] = scale * v;
-            else
-                o[(size_t)col * J + jj] = scale * v;
-        }
-    }
-}
-}  // namespace outer
-
-// dA[m] = V[m]ᵀ·X[g(m)]: [r, K]. grid (ceil(K/64), ceil(r/16), M), block 256.
-extern "C" __global__ void __launch_bounds__(256)
+// dA[m] = V[m]ᵀ·X[g(m)]: [r, K], summed over rows. grid (ceil(K/64), ceil(r/32), M), block 128.
+extern "C" __global__ void __launch_bounds__(128)
     lora_grad_a(const float* V, const bf16* X, int x_groups, float* dA, int rows, int K, int r,
-                int pairs) {
-    outer::grad<true>(V, gridDim.z, X, x_groups, dA, rows, r, K, 1.0f, pairs);
+                int vec) {
+    const int m = blockIdx.z;
+    lowrank::product<true, true>(X + (size_t)group_index(m, x_groups) * rows * K, K,
+                                 V + (size_t)m * rows * r, 1, r, dA + (size_t)m * r * K, 1, K, K, r,
+                                 rows, 1.0f, vec);
 }
 
-// dB[m] = s·dY[m]ᵀ·U[m]: [N, r]. grid (ceil(N/64), ceil(r/16), M), block 256.
-extern "C" __global__ void __launch_bounds__(256)
+// dB[m] = s·dY[m]ᵀ·U[m]: [N, r], summed over rows. grid (ceil(N/64), ceil(r/32), M), block 128.
+extern "C" __global__ void __launch_bounds__(128)
     lora_grad_b(const bf16* dY, const float* U, float* dB, int rows, int N, int r, float s,
-                int pairs) {
-    outer::grad<false>(U, gridDim.z, dY, gridDim.z, dB, rows, r, N, s, pairs);
+                int vec) {
+    const int m = blockIdx.z;
+    lowrank::product<true, true>(dY + (size_t)m * rows * N, N, U + (size_t)m * rows * r, 1, r,
+                                 dB + (size_t)m * N * r, r, 1, N, r, rows, s, vec);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -595,7 +609,7 @@ struct Wgmma {
     }
 
     // The 8 elements src[r·lds + col ..] into d (16 contiguous bytes), zero outside rows_valid ×
-    // cols_valid. `vec` as in MmaSync::load_tile_async: one 16-byte cp.async, else scalar stores.
+    // cols_valid. `vec` as in load_tile_async: one 16-byte cp.async, else scalar stores.
     static __device__ __forceinline__ void copy_chunk(bf16* d, const bf16* src, int lds, int r,
                                                       int col, int rows_valid, int cols_valid,
                                                       bool vec) {

@@ -75,6 +75,11 @@ static void check_small(const std::string& what, const std::vector<double>& got,
 
 static int gi(int g, int groups) { return groups == 1 ? 0 : g; }
 
+// U, V, dA and dB split their f32 operand into three bf16 planes; on the emulator (products exact,
+// f32 rounding per mma) they land near 1e-7. Two planes give about 3e-6, so 1e-6 (tighter than
+// DESIGN.md's 1e-5) is what shows the split is complete.
+static const double SPLIT_TOL = 1e-6;
+
 // ---- LoRA -----------------------------------------------------------------------------------------
 
 static void lora_case(int M, int gx, int rows, int K, int N, int r, uint64_t seed) {
@@ -110,13 +115,11 @@ static void lora_case(int M, int gx, int rows, int K, int N, int r, uint64_t see
     const bool prefix = gx == 1 && M > 1;
     const int vec = (K % 8 == 0 && N % 8 == 0) ? 1 : 0;
     const dim3 blk{256, 1, 1};
-    // lora_project_u: grid (ceil(rows/64), ceil(r/TN), M)
-    if (r <= 8)
-        emu_launch(lora_u_r8, dim3{(unsigned)((rows + 63) / 64), (unsigned)((r + 7) / 8), (unsigned)M}, blk, 0,
-                   x.data(), gx, a.data(), u.data(), rows, K, r);
-    else
-        emu_launch(lora_u_r32, dim3{(unsigned)((rows + 63) / 64), (unsigned)((r + 31) / 32), (unsigned)M}, blk, 0,
-                   x.data(), gx, a.data(), u.data(), rows, K, r);
+    const dim3 blk_lr{128, 1, 1};
+    const unsigned rank_tiles = (r + 31) / 32;
+    // lora_project_u: grid (ceil(rows/64), ceil(r/32), M), block 128; 16-byte copies when K % 8 == 0
+    emu_launch(lora_u, dim3{(unsigned)((rows + 63) / 64), rank_tiles, (unsigned)M}, blk_lr, 0, x.data(), gx,
+               a.data(), u.data(), rows, K, r, (int)(K % 8 == 0));
     const unsigned tiles = (rows + 127) / 128;
     if (prefix)
         emu_launch(lora_fwd_gemm_prefix, dim3{(unsigned)((N + 127) / 128), tiles, 1}, blk, 61440, x.data(), w.data(),
@@ -134,7 +137,7 @@ static void lora_case(int M, int gx, int rows, int K, int N, int r, uint64_t see
                    bias.data(), u.data(), b.data(), yh.data(), rows, N, K, r, s, vec);
     char tag[128];
     std::snprintf(tag, sizeof tag, "M=%d gx=%d rows=%d K=%d N=%d r=%d", M, gx, rows, K, N, r);
-    check(std::string("lora U ") + tag, d(u), u_ref, 1e-5);
+    check(std::string("lora U ") + tag, d(u), u_ref, SPLIT_TOL);
     check(std::string("lora Y ") + tag, d(y), y_ref, 1e-2);
     check(std::string("lora Y wgmma ") + tag, d(yh), y_ref, 1e-2);
 
@@ -173,17 +176,12 @@ static void lora_case(int M, int gx, int rows, int K, int N, int r, uint64_t see
     }
     std::vector<float> v((size_t)M * rows * r, NAN), da((size_t)M * r * K, NAN), db((size_t)M * N * r, NAN);
     std::vector<bf16> dx((size_t)gx * rows * K, to_bf16(NAN));
-    if (r <= 8)
-        emu_launch(lora_v_r8, dim3{(unsigned)((rows + 63) / 64), (unsigned)((r + 7) / 8), (unsigned)M}, blk, 0,
-                   dy.data(), b.data(), v.data(), rows, N, r, s);
-    else
-        emu_launch(lora_v_r32, dim3{(unsigned)((rows + 63) / 64), (unsigned)((r + 31) / 32), (unsigned)M}, blk, 0,
-                   dy.data(), b.data(), v.data(), rows, N, r, s);
-    const int pairs_a = K % 2 == 0, pairs_b = N % 2 == 0;
-    emu_launch(lora_grad_a, dim3{(unsigned)((K + 63) / 64), (unsigned)((r + 15) / 16), (unsigned)M}, blk, 0,
-               v.data(), x.data(), gx, da.data(), rows, K, r, pairs_a);
-    emu_launch(lora_grad_b, dim3{(unsigned)((N + 63) / 64), (unsigned)((r + 15) / 16), (unsigned)M}, blk, 0,
-               dy.data(), u.data(), db.data(), rows, N, r, s, pairs_b);
+    emu_launch(lora_v, dim3{(unsigned)((rows + 63) / 64), rank_tiles, (unsigned)M}, blk_lr, 0, dy.data(), b.data(),
+               v.data(), rows, N, r, s, (int)(N % 8 == 0));
+    emu_launch(lora_grad_a, dim3{(unsigned)((K + 63) / 64), rank_tiles, (unsigned)M}, blk_lr, 0, v.data(), x.data(),
+               gx, da.data(), rows, K, r, (int)(K % 8 == 0));
+    emu_launch(lora_grad_b, dim3{(unsigned)((N + 63) / 64), rank_tiles, (unsigned)M}, blk_lr, 0, dy.data(), u.data(),
+               db.data(), rows, N, r, s, (int)(N % 8 == 0));
     if (prefix)
         emu_launch(lora_bwd_dx_gemm_prefix, dim3{(unsigned)((K + 127) / 128), tiles, 1}, blk, 61440, dy.data(),
                    w.data(), v.data(), a.data(), dx.data(), M, rows, N, K, r, vec);
@@ -197,9 +195,9 @@ static void lora_case(int M, int gx, int rows, int K, int N, int r, uint64_t see
     else
         emu_launch(lora_bwd_dx_wgmma, dim3{(unsigned)((K + 127) / 128), M * tiles, 1}, blk, 99328, dy.data(),
                    w.data(), v.data(), a.data(), dxh.data(), rows, N, K, r, vec);
-    check(std::string("lora V ") + tag, d(v), v_ref, 1e-5);
-    check(std::string("lora dA ") + tag, d(da), da_ref, 1e-5);
-    check(std::string("lora dB ") + tag, d(db), db_ref, 1e-5);
+    check(std::string("lora V ") + tag, d(v), v_ref, SPLIT_TOL);
+    check(std::string("lora dA ") + tag, d(da), da_ref, SPLIT_TOL);
+    check(std::string("lora dB ") + tag, d(db), db_ref, SPLIT_TOL);
     check(std::string("lora dX ") + tag, d(dx), dx_ref, 1e-2);
     check(std::string("lora dX wgmma ") + tag, d(dxh), dx_ref, 1e-2);
 }
@@ -654,6 +652,7 @@ int main(int argc, char** argv) {
         lora_case(2, 2, 20, 64, 48, 40, 4);    // rank 40: two low-rank steps, r32 projections
         lora_case(3, 1, 33, 36, 20, 16, 5);    // prefix, ragged
         lora_case(2, 2, 130, 200, 264, 72, 6); // rank 72: two 64-wide low-rank slabs; partial K tile
+        lora_case(2, 1, 300, 64, 40, 16, 7);   // prefix; 10 row slabs through the gradients' 6 stages
     }
     if (only.empty() || only == "attention") {
         attention_case<16>(3, 3, 1, 3, 2, 17, 4, 10);  // the tiny ViT: T=17, 4 heads of 16

@@ -77,10 +77,8 @@ macro_rules! sources {
 
 sources! {
     "lora.cu" => "../../../kernels/lora.cu" {
-        LoraUR8 = "lora_u_r8",
-        LoraUR32 = "lora_u_r32",
-        LoraVR8 = "lora_v_r8",
-        LoraVR32 = "lora_v_r32",
+        LoraU = "lora_u",
+        LoraV = "lora_v",
         LoraFwdGemm = "lora_fwd_gemm",
         LoraFwdGemmPrefix = "lora_fwd_gemm_prefix",
         LoraFwdWgmma = "lora_fwd_wgmma",

@@ -10,7 +10,7 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 use super::{GRID_X, GRID_YZ, grid_dim, groups_ok, int, positive, product};
 use crate::compile::Arch;
 use crate::error::{KernelError, Result};
-use crate::gpu::{Arg, Gpu};
+use crate::gpu::{Arg, Gpu, Ptr};
 use crate::sources::Kernel;
 
 /// Dynamic shared memory of the fused GEMMs: 3 stages × (128×40 + 128×40) bf16. Mirrors
@@ -132,20 +132,23 @@ impl GemmPath {
     }
 }
 
-/// The launch of the U/V projection: tile 64 rows × TN ranks (TN = 8 when r <= 8, else 32).
-fn project_cfg(op: &'static str, d: &LoraDims) -> Result<(LaunchConfig, bool)> {
-    let narrow = d.rank <= 8;
-    let tn = if narrow { 8 } else { 32 };
-    let cfg = LaunchConfig {
+/// The launch of the adapter products (U, V, dA, dB): a block of 128 threads per 64 outputs
+/// (`outs`: rows for U and V, K for dA, N for dB) × 32 ranks of one member.
+fn lowrank_cfg(op: &'static str, d: &LoraDims, outs: usize) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
         grid_dim: (
-            grid_dim(op, "row tiles", d.rows.div_ceil(64), GRID_X)?,
-            grid_dim(op, "rank tiles", d.rank.div_ceil(tn), GRID_YZ)?,
+            grid_dim(op, "output tiles", outs.div_ceil(64), GRID_X)?,
+            grid_dim(op, "rank tiles", d.rank.div_ceil(32), GRID_YZ)?,
             grid_dim(op, "members", d.members, GRID_YZ)?,
         ),
-        block_dim: (256, 1, 1),
+        block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
-    };
-    Ok((cfg, narrow))
+    })
+}
+
+/// Whether a bf16 matrix with rows of `cols` elements can be copied in 16-byte chunks.
+fn vec16(cols: usize, ptr: &Ptr) -> i32 {
+    (cols.is_multiple_of(8) && ptr.aligned(16)) as i32
 }
 
 /// The launch of a fused GEMM with `out_cols` output columns: tiles of 128×128, per member unless
@@ -188,15 +191,11 @@ impl Gpu {
         let x = self.input(OP, "X", x, d.x_len())?;
         let a = self.input(OP, "A", a, d.a_len())?;
         let u = self.output(OP, "U", u, d.u_len())?;
-        let (cfg, narrow) = project_cfg(OP, d)?;
-        let kernel = if narrow {
-            Kernel::LoraUR8
-        } else {
-            Kernel::LoraUR32
-        };
+        let cfg = lowrank_cfg(OP, d, d.rows)?;
+        let vec = vec16(d.k, &x);
         let (xg, rows, k, r) = (d.x_groups as i32, d.rows as i32, d.k as i32, d.rank as i32);
         self.launch(
-            kernel,
+            Kernel::LoraU,
             cfg,
             &[
                 x.arg(),
@@ -206,6 +205,7 @@ impl Gpu {
                 Arg::from(rows),
                 Arg::from(k),
                 Arg::from(r),
+                Arg::from(vec),
             ],
         )
     }
@@ -295,15 +295,11 @@ impl Gpu {
         let dy = self.input(OP, "dY", dy, d.y_len())?;
         let bm = self.input(OP, "B", b, d.b_len())?;
         let v = self.output(OP, "V", v, d.u_len())?;
-        let (cfg, narrow) = project_cfg(OP, d)?;
-        let kernel = if narrow {
-            Kernel::LoraVR8
-        } else {
-            Kernel::LoraVR32
-        };
+        let cfg = lowrank_cfg(OP, d, d.rows)?;
+        let vec = vec16(d.n, &dy);
         let (rows, n, r) = (d.rows as i32, d.n as i32, d.rank as i32);
         self.launch(
-            kernel,
+            Kernel::LoraV,
             cfg,
             &[
                 dy.arg(),
@@ -313,6 +309,7 @@ impl Gpu {
                 Arg::from(n),
                 Arg::from(r),
                 Arg::from(scale),
+                Arg::from(vec),
             ],
         )
     }
@@ -374,17 +371,8 @@ impl Gpu {
         let v = self.input(OP, "V", v, d.u_len())?;
         let x = self.input(OP, "X", x, d.x_len())?;
         let da = self.output(OP, "dA", da, d.a_len())?;
-        // 8 warps share a 16 (rank) × 64 (K) output tile and split the rows.
-        let cfg = LaunchConfig {
-            grid_dim: (
-                grid_dim(OP, "K tiles", d.k.div_ceil(64), GRID_X)?,
-                grid_dim(OP, "rank tiles", d.rank.div_ceil(16), GRID_YZ)?,
-                grid_dim(OP, "members", d.members, GRID_YZ)?,
-            ),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let pairs = (d.k.is_multiple_of(2) && x.aligned(4)) as i32;
+        let cfg = lowrank_cfg(OP, d, d.k)?;
+        let vec = vec16(d.k, &x);
         let (xg, rows, k, r) = (d.x_groups as i32, d.rows as i32, d.k as i32, d.rank as i32);
         self.launch(
             Kernel::LoraGradA,
@@ -397,7 +385,7 @@ impl Gpu {
                 Arg::from(rows),
                 Arg::from(k),
                 Arg::from(r),
-                Arg::from(pairs),
+                Arg::from(vec),
             ],
         )
     }
@@ -416,17 +404,8 @@ impl Gpu {
         let dy = self.input(OP, "dY", dy, d.y_len())?;
         let u = self.input(OP, "U", u, d.u_len())?;
         let db = self.output(OP, "dB", db, d.b_len())?;
-        // 8 warps share a 16 (rank) × 64 (N) output tile and split the rows.
-        let cfg = LaunchConfig {
-            grid_dim: (
-                grid_dim(OP, "N tiles", d.n.div_ceil(64), GRID_X)?,
-                grid_dim(OP, "rank tiles", d.rank.div_ceil(16), GRID_YZ)?,
-                grid_dim(OP, "members", d.members, GRID_YZ)?,
-            ),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let pairs = (d.n.is_multiple_of(2) && dy.aligned(4)) as i32;
+        let cfg = lowrank_cfg(OP, d, d.n)?;
+        let vec = vec16(d.n, &dy);
         let (rows, n, r) = (d.rows as i32, d.n as i32, d.rank as i32);
         self.launch(
             Kernel::LoraGradB,
@@ -439,7 +418,7 @@ impl Gpu {
                 Arg::from(n),
                 Arg::from(r),
                 Arg::from(scale),
-                Arg::from(pairs),
+                Arg::from(vec),
             ],
         )
     }
