@@ -276,11 +276,19 @@ struct Row {
     /// forward has two fused paths), which "× fused" divides by.
     variants: Vec<(String, Stats)>,
     flops: f64,
+    /// The bytes a memory-bound kernel must move at least (each input read and each output
+    /// written once), for its achieved bandwidth; None for compute-bound problems.
+    bytes: Option<f64>,
 }
 
 impl Row {
     fn fused(&self) -> Stats {
         self.variants[0].1
+    }
+
+    /// Achieved bandwidth in GB/s at `st`'s median, for a memory-bound row.
+    fn gbps(&self, st: &Stats) -> Option<f64> {
+        self.bytes.map(|b| b / (st.median * 1e-3) / 1e9)
     }
 }
 
@@ -353,15 +361,16 @@ fn table(rows: &[Row]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| bench | shape | variant | median ms | min–max ms | TFLOP/s | × fused |"
+        "| bench | shape | variant | median ms | min–max ms | TFLOP/s | GB/s | × fused |"
     );
-    let _ = writeln!(s, "|---|---|---|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---|---|---|---:|---:|---:|---:|---:|");
     for r in rows {
         let fused = r.fused().median;
         for (label, st) in &r.variants {
+            let gbps = r.gbps(st).map_or("–".into(), |g| format!("{g:.0}"));
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {:.4} | {:.4}–{:.4} | {:.1} | {:.2} |",
+                "| {} | {} | {} | {:.4} | {:.4}–{:.4} | {:.1} | {gbps} | {:.2} |",
                 r.bench,
                 r.shape,
                 label,
@@ -442,22 +451,24 @@ fn json(m: &Meta, rows: &[Row]) -> String {
     for (i, r) in rows.iter().enumerate() {
         let _ = write!(
             s,
-            "    {{\"bench\": {}, \"shape\": {}, \"flops\": {}, \"variants\": [",
+            "    {{\"bench\": {}, \"shape\": {}, \"flops\": {}, \"bytes\": {}, \"variants\": [",
             json_str(&r.bench),
             json_str(&r.shape),
-            json_num(r.flops)
+            json_num(r.flops),
+            r.bytes.map_or("null".into(), json_num)
         );
         for (j, (label, st)) in r.variants.iter().enumerate() {
             let _ = write!(
                 s,
                 "{}{{\"variant\": {}, \"median_ms\": {}, \"min_ms\": {}, \"max_ms\": {}, \
-                 \"tflops\": {}, \"over_fused\": {}}}",
+                 \"tflops\": {}, \"gbps\": {}, \"over_fused\": {}}}",
                 if j > 0 { ", " } else { "" },
                 json_str(label),
                 json_num(st.median),
                 json_num(st.min),
                 json_num(st.max),
                 json_num(r.flops / (st.median * 1e-3) / 1e12),
+                r.gbps(st).map_or("null".into(), json_num),
                 json_num(st.median / r.fused().median)
             );
         }
@@ -603,6 +614,12 @@ fn lora_rows(gpu: &Gpu, a: &Args, k: usize, n: usize, r: usize) -> Result<Vec<Ro
         })?;
         fused_f.push((name.to_string(), t));
     }
+    // Where the fused forward's time goes: the GEMM with U already computed.
+    let gemm_only = time(gpu, a, || {
+        let path = GemmPath::MmaSync;
+        gpu.lora_forward_gemm(path, &d, &x, &w, Some(&bias), &u, &bm, scale, &mut y)?;
+        Ok(())
+    })?;
     let alone_f = time(gpu, a, || {
         gpu.gemm_bf16(&shared, &x, &w, GemmOut::Bf16(&mut y))?;
         Ok(())
@@ -684,6 +701,22 @@ fn lora_rows(gpu: &Gpu, a: &Args, k: usize, n: usize, r: usize) -> Result<Vec<Ro
         gpu.gemm_bf16(&dx_low, &v16, &a16, GemmOut::Bf16(&mut dx))?;
         Ok(())
     })?;
+    // Each adapter product alone, with the bytes it must move: the bf16 matrix read once (the
+    // per-member input here), the f32 factor read and the f32 result written.
+    let (big_x, big_y) = ((mm * rows * k * 2) as f64, (mm * rows * n * 2) as f64);
+    let (f_u, f_a, f_b) = (
+        (mm * rows * r * 4) as f64,
+        (mm * r * k * 4) as f64,
+        (mm * n * r * 4) as f64,
+    );
+    let (u_bytes, v_bytes) = (big_x + f_a + f_u, big_y + f_b + f_u);
+    let (da_bytes, db_bytes) = (big_x + f_u + f_a, big_y + f_u + f_b);
+    let u_t = time(gpu, a, || Ok(gpu.lora_project_u(&d, &x, &am, &mut u)?))?;
+    let v_t = time(gpu, a, || {
+        Ok(gpu.lora_project_v(&d, &dy, &bm, scale, &mut v)?)
+    })?;
+    let da_t = time(gpu, a, || Ok(gpu.lora_grad_a(&d, &v, &x, &mut da)?))?;
+    let db_t = time(gpu, a, || Ok(gpu.lora_grad_b(&d, &dy, &u, scale, &mut db)?))?;
     Ok(vec![
         Row {
             bench: "lora_linear forward".into(),
@@ -693,13 +726,15 @@ fn lora_rows(gpu: &Gpu, a: &Args, k: usize, n: usize, r: usize) -> Result<Vec<Ro
                 .chain([
                     ("(a) cuBLAS X·Wᵀ alone".into(), alone_f),
                     ("(b) cuBLAS X·Wᵀ + shrink + expand".into(), split_f),
+                    ("part: the mma.sync GEMM alone, U given".into(), gemm_only),
                 ])
                 .collect(),
             flops: fwd_flops,
+            bytes: None,
         },
         Row {
             bench: "lora_linear backward".into(),
-            shape,
+            shape: shape.clone(),
             variants: fused_b
                 .into_iter()
                 .chain([
@@ -708,8 +743,43 @@ fn lora_rows(gpu: &Gpu, a: &Args, k: usize, n: usize, r: usize) -> Result<Vec<Ro
                 ])
                 .collect(),
             flops: bwd_flops,
+            bytes: None,
         },
+        pass_row("U = X·Aᵀ", &shape, u_t, (mm * rows * k * r) as f64, u_bytes),
+        pass_row(
+            "V = s·dY·B",
+            &shape,
+            v_t,
+            (mm * rows * n * r) as f64,
+            v_bytes,
+        ),
+        pass_row(
+            "dA = Vᵀ·X",
+            &shape,
+            da_t,
+            (mm * rows * k * r) as f64,
+            da_bytes,
+        ),
+        pass_row(
+            "dB = s·dYᵀ·U",
+            &shape,
+            db_t,
+            (mm * rows * n * r) as f64,
+            db_bytes,
+        ),
     ])
+}
+
+/// One adapter product of the fused path, timed alone: `macs` multiply-adds of the product (the
+/// kernel runs three, one per bf16 plane of its f32 operand) and the `bytes` it must move.
+fn pass_row(what: &str, shape: &str, t: Stats, macs: f64, bytes: f64) -> Row {
+    Row {
+        bench: format!("lora pass {what}"),
+        shape: shape.to_string(),
+        variants: vec![("tensor cores, 3 bf16 planes".into(), t)],
+        flops: 2.0 * macs,
+        bytes: Some(bytes),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -902,6 +972,7 @@ fn attention_rows(gpu: &Gpu, a: &Args, sm: &SoftmaxKernels, t: usize) -> Result<
                 ("naive: cuBLAS Q·Kᵀ, softmax, cuBLAS P·V".into(), naive_f),
             ],
             flops: fwd_flops,
+            bytes: None,
         },
         Row {
             bench: "attention backward".into(),
@@ -911,6 +982,7 @@ fn attention_rows(gpu: &Gpu, a: &Args, sm: &SoftmaxKernels, t: usize) -> Result<
                 ("naive: 4 cuBLAS GEMMs + softmax backward".into(), naive_b),
             ],
             flops: 2.0 * fwd_flops,
+            bytes: None,
         },
     ])
 }
