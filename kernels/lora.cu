@@ -17,26 +17,31 @@
 // bf16 planes, so they keep f32 accuracy (they feed the f32 adapter gradients).
 #include "common.cuh"
 
-// dst[r][c] = src[r·lds + c] for r < rows_valid, c < cols_valid; zero elsewhere, copied by a block
-// of THREADS threads. `vec`: lds and the valid column count are multiples of 8 and src is 16-byte
-// aligned, so 16-byte cp.async chunks are either wholly inside or wholly outside; otherwise a
-// scalar path.
+// The 8 elements src[r·lds + col ..] into d (16 contiguous bytes), zero outside rows_valid ×
+// cols_valid. `vec`: lds and cols_valid are multiples of 8 and src is 16-byte aligned, so the
+// chunk is wholly inside or wholly outside: one 16-byte cp.async; otherwise scalar stores.
+__device__ __forceinline__ void copy_chunk(bf16* d, const bf16* src, int lds, int r, int col,
+                                           int rows_valid, int cols_valid, bool vec) {
+    if (vec) {
+        const bool ok = r < rows_valid && col < cols_valid;
+        cp_async_16(d, ok ? src + (size_t)r * lds + col : src, ok ? 16 : 0);
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+            d[e] = (r < rows_valid && col + e < cols_valid) ? src[(size_t)r * lds + col + e]
+                                                            : to_bf16(0.0f);
+    }
+}
+
+// dst[r][c] = src[r·lds + c] for r < rows_valid, c < cols_valid, zero elsewhere (row stride LD),
+// copied by a block of THREADS threads; `vec` as in copy_chunk.
 template <int ROWS, int COLS, int LD, int THREADS>
 __device__ __forceinline__ void load_tile_async(bf16* dst, const bf16* src, int lds, int rows_valid,
                                                 int cols_valid, bool vec) {
     constexpr int CHUNKS = ROWS * COLS / 8;
     for (int c = threadIdx.x; c < CHUNKS; c += THREADS) {
         const int r = c / (COLS / 8), col = (c % (COLS / 8)) * 8;
-        bf16* d = dst + r * LD + col;
-        if (vec) {
-            const bool ok = r < rows_valid && col < cols_valid;
-            cp_async_16(d, ok ? src + (size_t)r * lds + col : src, ok ? 16 : 0);
-        } else {
-#pragma unroll
-            for (int e = 0; e < 8; ++e)
-                d[e] = (r < rows_valid && col + e < cols_valid) ? src[(size_t)r * lds + col + e]
-                                                                : to_bf16(0.0f);
-        }
+        copy_chunk(dst + r * LD + col, src, lds, r, col, rows_valid, cols_valid, vec);
     }
 }
 
@@ -606,22 +611,6 @@ struct Wgmma {
     // Where element (k, n), n < 128, of an MN-major B tile sits.
     static __device__ __forceinline__ int sw_mn(int k, int n) {
         return (n / 64) * HALF + sw(k, n % 64);
-    }
-
-    // The 8 elements src[r·lds + col ..] into d (16 contiguous bytes), zero outside rows_valid ×
-    // cols_valid. `vec` as in load_tile_async: one 16-byte cp.async, else scalar stores.
-    static __device__ __forceinline__ void copy_chunk(bf16* d, const bf16* src, int lds, int r,
-                                                      int col, int rows_valid, int cols_valid,
-                                                      bool vec) {
-        if (vec) {
-            const bool ok = r < rows_valid && col < cols_valid;
-            cp_async_16(d, ok ? src + (size_t)r * lds + col : src, ok ? 16 : 0);
-        } else {
-#pragma unroll
-            for (int e = 0; e < 8; ++e)
-                d[e] = (r < rows_valid && col + e < cols_valid) ? src[(size_t)r * lds + col + e]
-                                                                : to_bf16(0.0f);
-        }
     }
 
     // A K-major tile of ROWS rows × 64 from src (row stride lds).
