@@ -49,11 +49,14 @@ fn every_kernel_compiles_for_sm80_sm90_and_sm90a() {
                 entries.join(", ")
             );
             for r in &resources {
-                let spill = if r.spill_stores + r.spill_loads > 0 {
-                    format!("  SPILLS {}/{} bytes", r.spill_stores, r.spill_loads)
-                } else {
-                    String::new()
-                };
+                let mut spill = String::new();
+                if r.spill_stores + r.spill_loads > 0 {
+                    spill += &format!("  SPILLS {}/{} bytes", r.spill_stores, r.spill_loads);
+                }
+                // A stack frame without spills is a register array indexed at run time.
+                if r.stack_bytes > 0 {
+                    spill += &format!("  stack frame {} bytes", r.stack_bytes);
+                }
                 println!(
                     "    {:<28} {:>3} registers, {:>5} bytes static smem{spill}",
                     r.kernel, r.registers, r.smem_bytes
