@@ -156,6 +156,8 @@ pub fn gpu_gemm_peak(device: &Device, n: usize, repeats: usize) -> Result<Peak> 
 
 /// What the device itself reports in use (cuMemGetInfo's total − free on a GPU, every process
 /// and the context included); `None` on the CPU, where the figures are the accounted ones.
+/// Freed memory stays with the process for reuse, so after a run that started from
+/// [`Device::release_cached_memory`] this is its peak reserved memory, not what is live now.
 pub fn device_memory_used(device: &Device) -> Option<u64> {
     device
         .mem_info()
@@ -203,7 +205,7 @@ pub fn available_memory() -> Option<Budget> {
 }
 
 /// The budget: `--memory-budget` when given, else the CPU's available memory or the GPU's free
-/// memory (cuMemGetInfo) now.
+/// memory (cuMemGetInfo) now, counting what this process keeps for reuse as free.
 pub fn budget_for(device: &Device, given: Option<u64>) -> Option<Budget> {
     match given {
         Some(bytes) => Some(Budget {
@@ -211,10 +213,14 @@ pub fn budget_for(device: &Device, given: Option<u64>) -> Option<Budget> {
             source: "--memory-budget".into(),
         }),
         None if device.is_cpu() => available_memory(),
-        None => device.mem_info().map(|(free, _)| Budget {
-            bytes: free as u64,
-            source: format!("free memory on {} (cuMemGetInfo)", device.name()),
-        }),
+        None => {
+            // Without the release the figure is only smaller: the check stays on the safe side.
+            let _ = device.release_cached_memory();
+            device.mem_info().map(|(free, _)| Budget {
+                bytes: free as u64,
+                source: format!("free memory on {} (cuMemGetInfo)", device.name()),
+            })
+        }
     }
 }
 
@@ -629,6 +635,8 @@ fn measure(
     ens: &EnsembleConfig,
     device: &Device,
 ) -> Result<Measured> {
+    // The device figure below is then this configuration's own peak.
+    device.release_cached_memory()?;
     let mut model = Vit::new(vit, ens, device, o.seed)?;
     let batch = random_batch(vit, o.batch, o.classes, o.seed);
     let cfg = bench_train_config(o.batch, o.seed, o.activations);

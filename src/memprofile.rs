@@ -108,7 +108,8 @@ pub struct ProfileRow {
     /// (predicted − measured) / measured, for the total and each tag with a measured peak.
     pub rel_diff_total: Option<f64>,
     pub rel_diff: BTreeMap<String, f64>,
-    /// The device's own figure (cuMemGetInfo's used bytes); `None` on the CPU.
+    /// The device's own figure (cuMemGetInfo's used bytes after the step, which hold the
+    /// configuration's peak: freed memory is kept for reuse); `None` on the CPU.
     pub device_used: Option<u64>,
     pub trainable_params: usize,
     /// Training steps run before the measured one.
@@ -198,6 +199,8 @@ fn measure_step(
     device: &Device,
     warmup: usize,
 ) -> Result<(MemoryReport, Option<u64>)> {
+    // The device figure below is then this configuration's own peak.
+    device.release_cached_memory()?;
     let mut model = Vit::new(vit, ens, device, o.seed)?;
     let batch = random_batch(vit, o.batch, o.classes, o.seed);
     let mut trainer = Trainer::new(
@@ -263,7 +266,8 @@ pub fn run_memprofile(
         n
     } else {
         "GPU: bf16 weight matrices and activations, f32 trainable state; the device column is \
-         cuMemGetInfo's used bytes (context and other processes included)."
+         cuMemGetInfo's used bytes after the step (context and other processes included), which \
+         with freed memory kept for reuse is the configuration's peak reserved memory."
             .to_string()
     };
     drop(probe);

@@ -5,7 +5,8 @@ use std::sync::{Arc, OnceLock};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::{
-    CUdevice_attribute, CUevent_flags, CUfunction_attribute, cudaError_enum,
+    self as cu, CUdevice_attribute, CUevent_flags, CUfunction_attribute, CUmemPool_attribute,
+    cudaError_enum,
 };
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
@@ -57,7 +58,9 @@ impl std::fmt::Debug for Gpu {
 
 impl Gpu {
     /// Open device `ordinal`: probe the driver and NVRTC, create the context and stream, pick
-    /// the arch from the compute capability, and build and load every kernel module.
+    /// the arch from the compute capability, and build and load every kernel module. Buffers come
+    /// from the device's stream-ordered pool, which from here on keeps freed memory for reuse
+    /// until [`Gpu::release_cached_memory`].
     pub fn new(ordinal: usize) -> Result<Gpu> {
         let count = probe::driver()?;
         if ordinal >= count {
@@ -150,6 +153,7 @@ impl Gpu {
             )))?;
         }
 
+        keep_freed_memory(&ctx)?;
         let gemm_path = GemmPath::choose(arch);
         Ok(Gpu {
             ctx,
@@ -199,6 +203,21 @@ impl Gpu {
     /// Whether this device's build has the wgmma kernels (sm_90a: H100, H200).
     pub fn has_wgmma(&self) -> bool {
         self.arch == Arch::SM90A
+    }
+
+    /// Hand the memory the stream-ordered pool keeps for reuse (see [`Gpu::new`]) back to the
+    /// driver, so that cuMemGetInfo counts it as free again: before reading free memory for a
+    /// budget, or between measured runs that should not see each other's peaks. Synchronises.
+    pub fn release_cached_memory(&self) -> Result<()> {
+        self.synchronize()?;
+        if let Some(pool) = default_pool(&self.ctx)? {
+            // SAFETY: `pool` is this device's default pool; trimming only releases memory no
+            // allocation holds (and after the synchronisation, no freed buffer is still in use).
+            unsafe { cu::cuMemPoolTrimTo(pool, 0) }
+                .result()
+                .map_err(KernelError::driver("trimming the memory pool"))?;
+        }
+        Ok(())
     }
 
     /// Wait for everything enqueued so far (the only synchronising call in this crate).
@@ -354,6 +373,42 @@ impl Gpu {
             .map(|_| ())
             .map_err(KernelError::driver(format!("launching {}", kernel.name())))
     }
+}
+
+/// The pool cudarc's stream-ordered allocations (cuMemAllocAsync) come from, where the device
+/// has them.
+fn default_pool(ctx: &CudaContext) -> Result<Option<cu::CUmemoryPool>> {
+    if !ctx.has_async_alloc() {
+        return Ok(None);
+    }
+    let mut pool: cu::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: `pool` is a valid out pointer and the device handle comes from the live context.
+    unsafe { cu::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
+        .result()
+        .map_err(KernelError::driver("reading the default memory pool"))?;
+    Ok(Some(pool))
+}
+
+/// Let the pool keep freed memory for reuse. Its default release threshold of 0 hands every
+/// freed byte back to the driver at each synchronisation, so each training step (which reads its
+/// loss) would map and unmap its activations again; a step allocates the same sizes every time.
+fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
+    let Some(pool) = default_pool(ctx)? else {
+        return Ok(());
+    };
+    let mut threshold = u64::MAX;
+    // SAFETY: the release threshold attribute takes a cuuint64_t, which `threshold` is.
+    unsafe {
+        cu::cuMemPoolSetAttribute(
+            pool,
+            CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold) as *mut u64 as *mut std::ffi::c_void,
+        )
+    }
+    .result()
+    .map_err(KernelError::driver(
+        "setting the memory pool's release threshold",
+    ))
 }
 
 /// One kernel argument. Pointers travel as `U64` device addresses.

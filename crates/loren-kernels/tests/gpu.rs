@@ -1327,3 +1327,35 @@ fn cublas_strided_batched_gemm() {
         .expect("gemm_bf16");
     check("cublas bf16 out", &down_bf16(g, &c16), &want, BF16_TOL);
 }
+
+/// Freed device memory stays with the process until `release_cached_memory`: a training step
+/// allocates the same sizes every step, and handing them back at each synchronisation would map
+/// them again every step. Run alone (`--test-threads=1`): other tests' allocations move the
+/// device's free figure.
+#[test]
+fn freed_memory_is_kept_until_released() {
+    let Some(g) = gpu() else { return };
+    if !g.context().has_async_alloc() {
+        println!("skipped: {} has no stream-ordered memory pools", g.name());
+        return;
+    }
+    let free = || g.context().mem_get_info().expect("cuMemGetInfo").0;
+    const BYTES: usize = 256 << 20;
+    const SLACK: usize = 32 << 20;
+    g.release_cached_memory().expect("release");
+    let before = free();
+    let buf = g.stream().alloc_zeros::<u8>(BYTES).expect("alloc");
+    drop(buf);
+    g.synchronize().expect("synchronize");
+    let kept = free();
+    assert!(
+        before.saturating_sub(kept) + SLACK >= BYTES,
+        "free memory went from {before} to {kept} bytes: the pool gave back what was freed"
+    );
+    g.release_cached_memory().expect("release");
+    let released = free();
+    assert!(
+        released.saturating_sub(kept) + SLACK >= BYTES,
+        "free memory went from {kept} to {released} bytes after the release"
+    );
+}

@@ -145,7 +145,18 @@ impl Device {
         if self.is_cpu() { DType::F32 } else { want }
     }
 
-    /// The device's own free and total bytes (cuMemGetInfo), on a GPU.
+    /// Hand the GPU memory kept for reuse back to the driver, so that [`Device::mem_info`]
+    /// counts it as free (freed device memory otherwise stays with the process, as freed host
+    /// buffers stay in this device's pool). Synchronises; a no-op on the CPU.
+    pub fn release_cached_memory(&self) -> Result<()> {
+        match self.gpu() {
+            Some(g) => Ok(g.release_cached_memory()?),
+            None => Ok(()),
+        }
+    }
+
+    /// The device's own free and total bytes (cuMemGetInfo), on a GPU. Memory the process has
+    /// freed but keeps for reuse counts as used (see [`Device::release_cached_memory`]).
     pub fn mem_info(&self) -> Option<(usize, usize)> {
         self.gpu().and_then(|g| g.context().mem_get_info().ok())
     }
