@@ -1,0 +1,382 @@
+// A stand-in for the CUDA driver (libcuda) and cuBLAS (libcublas) that runs loren's kernels on
+// the CPU emulator (common.cuh here), so the whole GPU code path (cudarc, the launchers, the
+// CUDA tensors, a training step) runs on a machine with no GPU. scripts/emulated-gpu.sh builds it
+// twice from this one file, as libcuda.so and as libcublas.so, and puts them first on
+// LD_LIBRARY_PATH; NVRTC is NVIDIA's own (its PTX is read only for the kernel names).
+//
+// What it models: one device ("loren CPU emulator", compute capability from LOREN_FAKE_CC, default
+// 8.0, or 9.0 for the sm_90a build with the wgmma kernels); device memory is host memory, so device
+// pointers are host pointers; the stream runs every call at once, in order (launches are
+// serialised by one lock, as the emulator keeps per-launch globals); events read the host clock.
+// The stream-ordered pool is modelled by its byte counts: freed memory stays reserved until the
+// release threshold lets it go at a synchronisation, or cuMemPoolTrimTo, and cuMemGetInfo's free
+// figure counts what is reserved as used. cublasGemmStridedBatchedEx computes in double from
+// bf16 inputs. Nothing else of either library is there: a call to anything else fails to load
+// (cudarc panics naming the missing symbol), which is the signal to add it.
+#include <chrono>
+#include <cstdarg>
+#include <map>
+#include <mutex>
+#include <string>
+#include <utility>
+
+#include "common.cuh"
+
+#define API extern "C" __attribute__((visibility("default")))
+
+#ifdef FAKE_CUDA_DRIVER
+#include "lora.cu"
+#include "attention.cu"
+#include "norm.cu"
+#include "activation.cu"
+#include "loss.cu"
+#include "optim.cu"
+#include "embed.cu"
+#undef GRID_STRIDE  // elementwise.cu defines its own
+#include "elementwise.cu"
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+enum : int {
+    OK = 0,
+    INVALID_VALUE = 1,
+    OUT_OF_MEMORY = 2,
+    NOT_FOUND = 500,
+};
+
+namespace fake {
+// Opaque handles: addresses of these, never dereferenced by the caller.
+struct Context {
+    int unused;
+};
+struct Stream {
+    int unused;
+};
+struct Event {
+    double ms;
+};
+struct Pool {
+    int unused;
+};
+
+using Invoke = void (*)(dim3, dim3, size_t, void**);
+
+template <class... A, size_t... I>
+void invoke_with(void (*k)(A...), dim3 g, dim3 b, size_t smem, void** p, std::index_sequence<I...>) {
+    emu_launch(k, g, b, smem, *static_cast<std::remove_cv_t<A>*>(p[I])...);
+}
+template <class... A>
+void invoke(void (*k)(A...), dim3 g, dim3 b, size_t smem, void** p) {
+    invoke_with(k, g, b, smem, p, std::index_sequence_for<A...>{});
+}
+
+// Every kernel sources.rs registers: entries.inc is generated from it by scripts/emulated-gpu.sh.
+#define ENTRY(name) {#name, [](dim3 g, dim3 b, size_t s, void** p) { invoke(name, g, b, s, p); }},
+const std::map<std::string, Invoke> kernels = {
+#include "entries.inc"
+};
+#undef ENTRY
+
+struct Function {
+    std::string name;
+    Invoke run;
+};
+
+Context context;
+Pool pool;
+std::mutex lock;
+std::map<CUdeviceptr, size_t> live;  // allocation -> bytes
+size_t live_bytes = 0, cached_bytes = 0;
+unsigned long long release_threshold = 0;
+const size_t total_bytes = size_t(16) << 30;
+
+double now_ms() {
+    using namespace std::chrono;
+    return duration<double, std::milli>(steady_clock::now().time_since_epoch()).count();
+}
+
+// A synchronisation point: the pool hands back what it holds above its release threshold.
+void synchronised() {
+    std::lock_guard<std::mutex> g(lock);
+    if (cached_bytes > release_threshold) cached_bytes = release_threshold;
+}
+
+CUresult alloc(CUdeviceptr* p, size_t bytes) {
+    std::lock_guard<std::mutex> g(lock);
+    const size_t rounded = (bytes + 255) / 256 * 256;
+    if (rounded > total_bytes - live_bytes) return OUT_OF_MEMORY;
+    void* m = std::aligned_alloc(256, rounded ? rounded : 256);
+    if (!m) return OUT_OF_MEMORY;
+    *p = reinterpret_cast<CUdeviceptr>(m);
+    live[*p] = rounded;
+    live_bytes += rounded;
+    cached_bytes -= std::min(cached_bytes, rounded);  // reuse what the pool holds first
+    return OK;
+}
+
+CUresult release(CUdeviceptr p) {
+    std::lock_guard<std::mutex> g(lock);
+    auto it = live.find(p);
+    if (it == live.end()) return INVALID_VALUE;
+    live_bytes -= it->second;
+    cached_bytes += it->second;
+    std::free(reinterpret_cast<void*>(p));
+    live.erase(it);
+    return OK;
+}
+
+int compute_capability_major() {
+    const char* cc = std::getenv("LOREN_FAKE_CC");
+    return cc && std::string(cc) == "9.0" ? 9 : 8;
+}
+}  // namespace fake
+
+// ---- libcuda --------------------------------------------------------------------------------------
+
+API CUresult cuInit(unsigned) { return OK; }
+API CUresult cuDriverGetVersion(int* v) {
+    *v = 13000;
+    return OK;
+}
+API CUresult cuDeviceGetCount(int* n) {
+    *n = 1;
+    return OK;
+}
+API CUresult cuDeviceGet(CUdevice* d, int ordinal) {
+    if (ordinal != 0) return INVALID_VALUE;
+    *d = 0;
+    return OK;
+}
+API CUresult cuDeviceGetName(char* name, int len, CUdevice) {
+    std::snprintf(name, len, "loren CPU emulator (sm_%d0)", fake::compute_capability_major());
+    return OK;
+}
+API CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice) {
+    *bytes = fake::total_bytes;
+    return OK;
+}
+API CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice) {
+    switch (attr) {
+        case 1: *v = 1024; break;             // max threads per block
+        case 2: case 3: *v = 1024; break;     // max block dims x, y
+        case 4: *v = 64; break;               // max block dim z
+        case 5: *v = 2147483647; break;       // max grid dim x
+        case 6: case 7: *v = 65535; break;    // max grid dims y, z
+        case 8: *v = 49152; break;            // shared memory per block
+        case 10: *v = 32; break;              // warp size
+        case 13: *v = 1410000; break;         // clock rate, kHz
+        case 16: *v = 2; break;               // multiprocessors
+        case 36: *v = 1215000; break;         // memory clock, kHz
+        case 37: *v = 5120; break;            // memory bus width
+        case 38: *v = 40 << 20; break;        // L2 cache size
+        case 75: *v = fake::compute_capability_major(); break;
+        case 76: *v = 0; break;
+        case 97: *v = 232448; break;          // shared memory per block, opt-in
+        case 115: *v = 1; break;              // memory pools supported
+        default: *v = 0;
+    }
+    return OK;
+}
+API CUresult cuDevicePrimaryCtxRetain(void** ctx, CUdevice) {
+    *ctx = &fake::context;
+    return OK;
+}
+API CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) { return OK; }
+API CUresult cuCtxSetCurrent(void*) { return OK; }
+API CUresult cuCtxGetCurrent(void** ctx) {
+    *ctx = &fake::context;
+    return OK;
+}
+API CUresult cuCtxGetDevice(CUdevice* d) {
+    *d = 0;
+    return OK;
+}
+API CUresult cuCtxSynchronize() {
+    fake::synchronised();
+    return OK;
+}
+API CUresult cuStreamCreate(void** s, unsigned) {
+    *s = new fake::Stream{};
+    return OK;
+}
+API CUresult cuStreamDestroy_v2(void* s) {
+    delete static_cast<fake::Stream*>(s);
+    return OK;
+}
+API CUresult cuStreamSynchronize(void*) {
+    fake::synchronised();
+    return OK;
+}
+API CUresult cuStreamWaitEvent(void*, void*, unsigned) { return OK; }
+API CUresult cuEventCreate(void** e, unsigned) {
+    *e = new fake::Event{fake::now_ms()};
+    return OK;
+}
+API CUresult cuEventDestroy_v2(void* e) {
+    delete static_cast<fake::Event*>(e);
+    return OK;
+}
+API CUresult cuEventRecord(void* e, void*) {
+    static_cast<fake::Event*>(e)->ms = fake::now_ms();
+    return OK;
+}
+API CUresult cuEventRecordWithFlags(void* e, void* s, unsigned) { return cuEventRecord(e, s); }
+API CUresult cuEventSynchronize(void*) {
+    fake::synchronised();
+    return OK;
+}
+API CUresult cuEventQuery(void*) { return OK; }
+API CUresult cuEventElapsedTime(float* ms, void* a, void* b) {
+    *ms = (float)(static_cast<fake::Event*>(b)->ms - static_cast<fake::Event*>(a)->ms);
+    return OK;
+}
+API CUresult cuEventElapsedTime_v2(float* ms, void* a, void* b) { return cuEventElapsedTime(ms, a, b); }
+API CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) { return fake::alloc(p, bytes); }
+API CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void*) { return fake::alloc(p, bytes); }
+API CUresult cuMemFree_v2(CUdeviceptr p) { return fake::release(p); }
+API CUresult cuMemFreeAsync(CUdeviceptr p, void*) { return fake::release(p); }
+API CUresult cuMemGetInfo_v2(size_t* free, size_t* total) {
+    std::lock_guard<std::mutex> g(fake::lock);
+    *total = fake::total_bytes;
+    *free = fake::total_bytes - fake::live_bytes - fake::cached_bytes;
+    return OK;
+}
+API CUresult cuDeviceGetDefaultMemPool(void** pool, CUdevice) {
+    *pool = &fake::pool;
+    return OK;
+}
+API CUresult cuMemPoolSetAttribute(void*, int attr, void* value) {
+    if (attr == 4) {  // CU_MEMPOOL_ATTR_RELEASE_THRESHOLD
+        std::lock_guard<std::mutex> g(fake::lock);
+        fake::release_threshold = *static_cast<unsigned long long*>(value);
+    }
+    return OK;
+}
+API CUresult cuMemPoolTrimTo(void*, size_t keep) {
+    std::lock_guard<std::mutex> g(fake::lock);
+    fake::cached_bytes = std::min(fake::cached_bytes, keep);
+    return OK;
+}
+API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    std::memcpy(reinterpret_cast<void*>(dst), src, n);
+    return OK;
+}
+API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void*) {
+    return cuMemcpyHtoD_v2(dst, src, n);
+}
+API CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+    std::memcpy(dst, reinterpret_cast<const void*>(src), n);
+    return OK;
+}
+API CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void*) {
+    return cuMemcpyDtoH_v2(dst, src, n);
+}
+API CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
+    return OK;
+}
+API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void*) {
+    return cuMemcpyDtoD_v2(dst, src, n);
+}
+API CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+    std::memset(reinterpret_cast<void*>(dst), v, n);
+    return OK;
+}
+API CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, void*) {
+    return cuMemsetD8_v2(dst, v, n);
+}
+API CUresult cuModuleLoadData(void** module, const void*) {
+    *module = new int(0);
+    return OK;
+}
+API CUresult cuModuleUnload(void* module) {
+    delete static_cast<int*>(module);
+    return OK;
+}
+API CUresult cuModuleGetFunction(void** f, void*, const char* name) {
+    auto it = fake::kernels.find(name);
+    if (it == fake::kernels.end()) return NOT_FOUND;
+    *f = new fake::Function{it->first, it->second};
+    return OK;
+}
+API CUresult cuFuncSetAttribute(void*, int, int) { return OK; }
+API CUresult cuFuncGetAttribute(int* v, int, void*) {
+    *v = 0;
+    return OK;
+}
+API CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                            unsigned bz, unsigned smem, void*, void** params, void**) {
+    if (by != 1 || bz != 1) {
+        std::fprintf(stderr, "fake libcuda: %s: only 1-D blocks are emulated\n",
+                     static_cast<fake::Function*>(f)->name.c_str());
+        return INVALID_VALUE;
+    }
+    std::lock_guard<std::mutex> g(fake::lock);
+    static_cast<fake::Function*>(f)->run(dim3{gx, gy, gz}, dim3{bx, 1, 1}, smem, params);
+    return OK;
+}
+API CUresult cuGetErrorString(CUresult e, const char** s) {
+    *s = e == OUT_OF_MEMORY ? "out of memory (fake libcuda)" : "error (fake libcuda)";
+    return OK;
+}
+API CUresult cuGetErrorName(CUresult e, const char** s) {
+    *s = e == OUT_OF_MEMORY ? "CUDA_ERROR_OUT_OF_MEMORY" : "CUDA_ERROR_FAKE";
+    return OK;
+}
+#endif  // FAKE_CUDA_DRIVER
+
+#ifdef FAKE_CUBLAS
+// ---- libcublas ------------------------------------------------------------------------------------
+
+namespace fake {
+struct Blas {
+    int unused;
+};
+
+double read(const void* p, int type, size_t i) {
+    if (type == 0) return static_cast<const float*>(p)[i];       // CUDA_R_32F
+    return __bfloat162float(static_cast<const bf16*>(p)[i]);      // CUDA_R_16BF
+}
+void write(void* p, int type, size_t i, double v) {
+    if (type == 0)
+        static_cast<float*>(p)[i] = (float)v;
+    else
+        static_cast<bf16*>(p)[i] = __float2bfloat16_rn((float)v);
+}
+}  // namespace fake
+
+API int cublasCreate_v2(void** h) {
+    *h = new fake::Blas{};
+    return 0;
+}
+API int cublasDestroy_v2(void* h) {
+    delete static_cast<fake::Blas*>(h);
+    return 0;
+}
+API int cublasSetStream_v2(void*, void*) { return 0; }
+
+// Column-major C[i + j·ldc] = alpha·Σ_l op(A)[i, l]·op(B)[l, j] + beta·C, per batch entry.
+API int cublasGemmStridedBatchedEx(void*, int transa, int transb, int m, int n, int k,
+                                   const void* alpha, const void* A, int atype, int lda,
+                                   long long sa, const void* B, int btype, int ldb, long long sb,
+                                   const void* beta, void* C, int ctype, int ldc, long long sc,
+                                   int batch, int compute, int) {
+    if (compute != 68) return 7;  // CUBLAS_STATUS_INVALID_VALUE: only CUBLAS_COMPUTE_32F
+    const double al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
+    for (int q = 0; q < batch; ++q)
+        for (int j = 0; j < n; ++j)
+            for (int i = 0; i < m; ++i) {
+                double acc = 0;
+                for (int l = 0; l < k; ++l) {
+                    const size_t ai = transa ? (size_t)l + (size_t)i * lda : (size_t)i + (size_t)l * lda;
+                    const size_t bi = transb ? (size_t)j + (size_t)l * ldb : (size_t)l + (size_t)j * ldb;
+                    acc += fake::read(A, atype, q * sa + ai) * fake::read(B, btype, q * sb + bi);
+                }
+                const size_t ci = q * sc + (size_t)i + (size_t)j * ldc;
+                const double old = be == 0 ? 0 : be * fake::read(C, ctype, ci);
+                fake::write(C, ctype, ci, al * acc + old);
+            }
+    return 0;
+}
+#endif  // FAKE_CUBLAS

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Run loren's GPU tests on the CPU: a fake libcuda and libcublas (crates/loren-kernels/emu/
+# fake_cuda.cpp) that run the real kernel sources on the emulator stand in for the driver, so
+# cudarc, the launchers, the CUDA tensors and whole training steps run here as on a GPU, only
+# far slower. It checks the GPU code path between GPU sessions; it does not replace them (no
+# timing, no real tensor cores, no real memory model).
+#
+#   scripts/emulated-gpu.sh [SUITES] [-- CARGO TEST ARGS]
+#
+# SUITES, comma-separated (default: kernels,parity):
+#   kernels    loren-kernels tests/gpu.rs: every launcher against an f64 reference
+#   parity     loren-tensor tests/gpu_parity.rs: every op against its CPU twin
+#   training   loren-nn tests/gpu_training.rs and the GPU recompute test: whole steps (slow)
+# LOREN_FAKE_CC=9.0 makes the device a Hopper (sm_90a build, wgmma kernels loaded; LOREN_WGMMA=1
+# then runs the fused GEMMs on them).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+suites=kernels,parity
+if [ $# -gt 0 ] && [ "$1" != "--" ]; then
+    suites=$1
+    shift
+fi
+[ "${1:-}" = "--" ] && shift
+
+scripts/cuda-wheels.sh
+# shellcheck source=/dev/null
+. .cache/cuda-wheels/env.sh
+
+build=target/emu-gpu
+mkdir -p "$build"
+cp crates/loren-kernels/emu/common.cuh crates/loren-kernels/emu/fake_cuda.cpp "$build/"
+# Dynamic shared memory is the one declaration plain C++ cannot take as written (as in
+# tests/emulate.rs).
+for f in kernels/*.cu; do
+    sed 's/extern __shared__ __align__(16) unsigned char smem_raw\[\];/unsigned char* smem_raw = emu_dynamic_smem();/' \
+        "$f" >"$build/$(basename "$f")"
+done
+# Every kernel the launchers may call, from the registry in sources.rs.
+grep -oE '^ +[A-Z][A-Za-z0-9]* = "[a-z0-9_]+",' crates/loren-kernels/src/sources.rs |
+    sed -E 's/.*"([a-z0-9_]+)",/ENTRY(\1)/' >"$build/entries.inc"
+cxx=${CXX:-c++}
+flags=(-std=c++20 -O2 -fPIC -shared -pthread -w -D__CUDA_ARCH_FEAT_SM90_ALL)
+(cd "$build" && "$cxx" "${flags[@]}" -DFAKE_CUDA_DRIVER fake_cuda.cpp -o libcuda.so &&
+    "$cxx" "${flags[@]}" -DFAKE_CUBLAS fake_cuda.cpp -o libcublas.so)
+echo "emulated-gpu: built $build/libcuda.so and $build/libcublas.so ($(wc -l <"$build/entries.inc") kernels)"
+
+export LD_LIBRARY_PATH="$PWD/$build${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# A test that finds no usable GPU fails instead of passing as skipped.
+export LOREN_REQUIRE_GPU=1
+for suite in ${suites//,/ }; do
+    case "$suite" in
+        kernels) cargo test --release -p loren-kernels --test gpu "$@" -- --test-threads=1 ;;
+        parity) cargo test --release -p loren-tensor --test gpu_parity "$@" -- --test-threads=1 ;;
+        training)
+            cargo test --release -p loren-nn --test gpu_training "$@" -- --test-threads=1
+            cargo test --release -p loren-nn --test recompute "$@" -- --test-threads=1 on_a_gpu
+            ;;
+        *) echo "emulated-gpu: unknown suite '$suite'" >&2; exit 2 ;;
+    esac
+done
