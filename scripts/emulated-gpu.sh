@@ -50,11 +50,11 @@ export LD_LIBRARY_PATH="$PWD/$build${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export LOREN_REQUIRE_GPU=1
 for suite in ${suites//,/ }; do
     case "$suite" in
-        kernels) cargo test --release -p loren-kernels --test gpu "$@" -- --test-threads=1 ;;
-        parity) cargo test --release -p loren-tensor --test gpu_parity "$@" -- --test-threads=1 ;;
+        kernels) cargo test -p loren-kernels --test gpu "$@" -- --test-threads=1 ;;
+        parity) cargo test -p loren-tensor --test gpu_parity "$@" -- --test-threads=1 ;;
         training)
-            cargo test --release -p loren-nn --test gpu_training "$@" -- --test-threads=1
-            cargo test --release -p loren-nn --test recompute "$@" -- --test-threads=1 on_a_gpu
+            cargo test -p loren-nn --test gpu_training "$@" -- --test-threads=1
+            cargo test -p loren-nn --test recompute "$@" -- --test-threads=1 on_a_gpu
             ;;
         *) echo "emulated-gpu: unknown suite '$suite'" >&2; exit 2 ;;
     esac

@@ -5,7 +5,9 @@
 # pinned to the 13.0 line: scripts/cuda-wheels.sh installs them into .cache/cuda-wheels the
 # first time. Every kernel is then compiled for sm_80, sm_90 and sm_90a, one line per file and arch in
 # the log; a kernel that does not compile fails the run. The kernels also run on a CPU emulator
-# of the GPU (needs a C++20 compiler). Tests that need a GPU say plainly when they are skipped.
+# of the GPU (needs a C++20 compiler), alone and, through a fake CUDA driver and cuBLAS over it,
+# under the GPU test suites of the launchers and of every op (scripts/emulated-gpu.sh). Tests
+# that need a real GPU say plainly when they are skipped.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -16,3 +18,10 @@ scripts/cuda-wheels.sh
 # The kernels crate with its output shown: the compile log is what proves the kernels build.
 cargo test -p loren-kernels "$@" -- --nocapture
 cargo test --workspace --exclude loren-kernels "$@"
+
+# The GPU suites through cudarc on the emulator (the fake libcuda needs a C++20 compiler).
+if command -v "${CXX:-c++}" >/dev/null; then
+    scripts/emulated-gpu.sh kernels,parity "$@"
+else
+    echo "skipped: the emulated GPU suites (scripts/emulated-gpu.sh) need a C++20 compiler (\$CXX or c++)"
+fi

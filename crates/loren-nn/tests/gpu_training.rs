@@ -4,14 +4,29 @@
 //!
 //! Bounds: the GPU runs the whole network in bf16 activations with f32 accumulation, so the
 //! gradients at the end of ~60 ops carry several bf16 roundings (2⁻⁹ each); 5e-2 relative is the
-//! bound for them, 1e-2 for the loss, and the parameters after the step move by at most a few lr.
+//! bound for them and 1e-2 for the loss.
+//!
+//! Two things are not compared as plain relative errors, because their exact values make that
+//! meaningless:
+//! - The key bias's gradient is exactly zero (softmax ignores a shift shared by all keys), so both
+//!   sides hold rounding alone; its size is bounded against the model's gradient instead.
+//! - The first AdamW step moves every element by ±lr by the sign of its gradient alone (m̂/√v̂ =
+//!   g/|g|), so an element whose gradient is within rounding of zero may move either way on the
+//!   two sides. The parameters are therefore checked against the CPU's AdamW replayed on the
+//!   GPU's own gradients (to 1e-5, f32 arithmetic on both sides): with the gradient check, that
+//!   covers the whole step, the optimizer and its clipping included.
+//!
+//! The clipping itself differs in one visible way: the CPU scales the gradients in place (as
+//! torch's clip_grad_norm_ does), the GPU applies the factor inside the update and leaves them as
+//! they were, so the GPU's gradients are compared after scaling them by the same rule.
 
-use loren_autograd::optim::OptimizerKind;
+use loren_autograd::optim::{Optimizer, OptimizerKind};
+use loren_autograd::params::Grads;
 use loren_nn::config::{EnsembleConfig, LoraConfig, Method, VitConfig};
 use loren_nn::data::{Augment, SplitOptions, bundled_digits, split_digits};
 use loren_nn::train::{TrainConfig, Trainer};
 use loren_nn::vit::Vit;
-use loren_tensor::Device;
+use loren_tensor::{Device, MemTag, Tensor};
 
 fn gpu() -> Option<Device> {
     match loren_kernels::cuda_available() {
@@ -21,6 +36,11 @@ fn gpu() -> Option<Device> {
             None
         }
     }
+}
+
+/// `e` under `bound`; NaN is not.
+fn within(e: f64, bound: f64) -> bool {
+    e < bound
 }
 
 fn rel(a: &[f32], b: &[f32]) -> f64 {
@@ -48,6 +68,19 @@ fn step_matches(method: Method, members: usize) {
     let vit = VitConfig::tiny();
     let mut on_gpu = Vit::new(&vit, &ens, &gdev, 5).unwrap();
     let mut on_cpu = Vit::new(&vit, &ens, &Device::cpu(), 5).unwrap();
+    // LoRA's B starts at zero, which would leave dA and the forward's low-rank term zero on both
+    // sides: random values make the step exercise them.
+    let mut rng = loren_tensor::Rng::new(9);
+    let lora_b: Vec<_> = on_gpu
+        .params()
+        .iter()
+        .filter(|(_, p)| p.name().ends_with(".lora_b"))
+        .map(|(id, p)| (id, p.value().numel()))
+        .collect();
+    for (id, n) in lora_b {
+        let v: Vec<f32> = (0..n).map(|_| 0.05 * rng.normal()).collect();
+        on_gpu.params_mut().set(id, &v).unwrap();
+    }
     // The CPU starts from exactly the GPU's weights (bf16-rounded frozen matrices included).
     let ids: Vec<_> = on_gpu.params().iter().map(|(id, _)| id).collect();
     for id in ids {
@@ -70,29 +103,108 @@ fn step_matches(method: Method, members: usize) {
         seed: 0,
         activations: loren_nn::config::Activations::Keep,
     };
+    let start: Vec<Vec<f32>> = on_gpu
+        .params()
+        .iter()
+        .map(|(_, p)| p.value().to_vec().unwrap())
+        .collect();
     let mut tg = Trainer::new(&mut on_gpu, &cfg, 32).unwrap();
     let mut tc = Trainer::new(&mut on_cpu, &cfg, 32).unwrap();
     let (lg, lc) = (tg.step(&batch).unwrap(), tc.step(&batch).unwrap());
     let le = ((lg - lc) / lc).abs() as f64;
     println!("{method} M={members}: loss gpu {lg:.6} cpu {lc:.6}, relative error {le:.3e}");
-    assert!(le < 1e-2, "loss differs: {lg} vs {lc}");
-    for ((id, gg), (_, gc)) in tg.grads().iter().zip(tc.grads().iter()) {
+    // Every gradient and parameter is printed before any is judged: one run shows them all.
+    let mut failures = Vec::new();
+    if !within(le, 1e-2) {
+        failures.push(format!("loss differs: {lg} vs {lc}"));
+    }
+
+    // The GPU's gradients as they were, and scaled as the CPU's clipping scaled its own.
+    let gpu_grads: Vec<Vec<f32>> = tg
+        .grads()
+        .iter()
+        .map(|(_, g)| g.to_vec().unwrap())
+        .collect();
+    let norm = gpu_grads
+        .iter()
+        .flatten()
+        .map(|x| (*x as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let coef = (cfg.grad_clip.unwrap() / (norm + 1e-6)).min(1.0);
+    let cpu_grads: Vec<Vec<f32>> = tc
+        .grads()
+        .iter()
+        .map(|(_, g)| g.to_vec().unwrap())
+        .collect();
+    let cpu_norm = cpu_grads
+        .iter()
+        .flatten()
+        .map(|x| (*x as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let cpu_rms = cpu_norm / (cpu_grads.iter().map(Vec::len).sum::<usize>() as f64).sqrt();
+    println!(
+        "  gradient norm gpu {norm:.4e} (clip factor {coef:.4e}), cpu after clipping {cpu_norm:.4e}"
+    );
+    for (((id, _), g), c) in tg.grads().iter().zip(&gpu_grads).zip(&cpu_grads) {
         let name = tg.model().params().param(id).name().to_string();
-        let e = rel(&gg.to_vec().unwrap(), &gc.to_vec().unwrap());
+        let scaled: Vec<f32> = g.iter().map(|x| (*x as f64 * coef) as f32).collect();
+        if name.ends_with("attn.k.bias") {
+            let rms = (scaled.iter().map(|x| (*x as f64).powi(2)).sum::<f64>()
+                / scaled.len() as f64)
+                .sqrt();
+            let e = rms / cpu_rms;
+            println!("  grad {name:<32} rms {e:.3e} of the model's (exact 0, bound 1e-2)");
+            if !within(e, 1e-2) {
+                failures.push(format!(
+                    "gradient of {name}, exactly 0, has rms {e:e} of the model's"
+                ));
+            }
+            continue;
+        }
+        let e = rel(&scaled, c);
         println!("  grad {name:<32} relative error {e:.3e}");
-        assert!(e < 5e-2, "{method}: gradient of {name} differs by {e:e}");
+        if !within(e, 5e-2) {
+            failures.push(format!("gradient of {name} differs by {e:e}"));
+        }
     }
-    for (id, p) in tg.model().params().iter() {
-        let e = rel(
-            &p.value().to_vec().unwrap(),
-            &tc.model().params().get(id).to_vec().unwrap(),
-        );
-        assert!(
-            e < 1e-2,
-            "{method}: parameter {} after the step differs by {e:e}",
-            p.name()
-        );
+
+    // The CPU's AdamW on the GPU's gradients, from the same start.
+    let cpu = Device::cpu();
+    let mut replay = Vit::new(&vit, &ens, &cpu, 5).unwrap();
+    for ((id, _), v) in tg.model().params().iter().zip(&start) {
+        replay.params_mut().set(id, v).unwrap();
     }
+    let mut grads = Grads::new(replay.params()).unwrap();
+    for ((id, g), v) in tg.grads().iter().zip(&gpu_grads) {
+        let t = Tensor::from_vec(v.clone(), g.dims().to_vec(), MemTag::Workspace, &cpu).unwrap();
+        grads.accumulate(id, &t).unwrap();
+    }
+    let mut opt = Optimizer::new(cfg.optimizer, replay.params()).unwrap();
+    opt.step(replay.params_mut(), &mut grads, cfg.lr, cfg.grad_clip)
+        .unwrap();
+    for ((id, p), p0) in tg.model().params().iter().zip(&start) {
+        let after = p.value().to_vec().unwrap();
+        let e = rel(&after, &replay.params().get(id).to_vec().unwrap());
+        // A step that left a trainable parameter where it was would compare equal trivially.
+        let moved = after.iter().zip(p0).any(|(a, b)| a != b);
+        println!(
+            "  param {:<31} relative error {e:.3e} (AdamW replayed on the CPU){}",
+            p.name(),
+            if moved { "" } else { ", not moved" }
+        );
+        if p.trainable() && !moved {
+            failures.push(format!("parameter {} did not move in the step", p.name()));
+        }
+        if !within(e, 1e-5) {
+            failures.push(format!(
+                "parameter {} after the step differs by {e:e}",
+                p.name()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{method}:\n{}", failures.join("\n"));
 }
 
 #[test]

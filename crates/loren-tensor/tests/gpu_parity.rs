@@ -90,7 +90,10 @@ fn near_zero(what: &str, gpu: &Tensor, scale: &Tensor) {
         "{what:<48} {:<5} rms {e:.3e} of the reference's (exact 0, bound {bound:.0e})",
         gpu.dtype().name()
     );
-    assert!(e < bound, "{what}: rms {e:e} of the reference's (bound {bound:e})");
+    assert!(
+        e < bound,
+        "{what}: rms {e:e} of the reference's (bound {bound:e})"
+    );
 }
 
 #[test]
