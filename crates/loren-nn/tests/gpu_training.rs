@@ -38,6 +38,15 @@ fn gpu() -> Option<Device> {
     }
 }
 
+/// Every gradient, on the host, in the parameters' order.
+fn on_host(grads: &Grads) -> Vec<Vec<f32>> {
+    grads.iter().map(|(_, g)| g.to_vec().unwrap()).collect()
+}
+
+fn sum_sq<'a>(v: impl Iterator<Item = &'a f32>) -> f64 {
+    v.map(|x| (*x as f64).powi(2)).sum()
+}
+
 /// `e` under `bound`; NaN is not.
 fn within(e: f64, bound: f64) -> bool {
     e < bound
@@ -120,29 +129,10 @@ fn step_matches(method: Method, members: usize) {
     }
 
     // The GPU's gradients as they were, and scaled as the CPU's clipping scaled its own.
-    let gpu_grads: Vec<Vec<f32>> = tg
-        .grads()
-        .iter()
-        .map(|(_, g)| g.to_vec().unwrap())
-        .collect();
-    let norm = gpu_grads
-        .iter()
-        .flatten()
-        .map(|x| (*x as f64).powi(2))
-        .sum::<f64>()
-        .sqrt();
+    let (gpu_grads, cpu_grads) = (on_host(tg.grads()), on_host(tc.grads()));
+    let norm = sum_sq(gpu_grads.iter().flatten()).sqrt();
     let coef = (cfg.grad_clip.unwrap() / (norm + 1e-6)).min(1.0);
-    let cpu_grads: Vec<Vec<f32>> = tc
-        .grads()
-        .iter()
-        .map(|(_, g)| g.to_vec().unwrap())
-        .collect();
-    let cpu_norm = cpu_grads
-        .iter()
-        .flatten()
-        .map(|x| (*x as f64).powi(2))
-        .sum::<f64>()
-        .sqrt();
+    let cpu_norm = sum_sq(cpu_grads.iter().flatten()).sqrt();
     let cpu_rms = cpu_norm / (cpu_grads.iter().map(Vec::len).sum::<usize>() as f64).sqrt();
     println!(
         "  gradient norm gpu {norm:.4e} (clip factor {coef:.4e}), cpu after clipping {cpu_norm:.4e}"
@@ -151,9 +141,7 @@ fn step_matches(method: Method, members: usize) {
         let name = tg.model().params().param(id).name().to_string();
         let scaled: Vec<f32> = g.iter().map(|x| (*x as f64 * coef) as f32).collect();
         if name.ends_with("attn.k.bias") {
-            let rms = (scaled.iter().map(|x| (*x as f64).powi(2)).sum::<f64>()
-                / scaled.len() as f64)
-                .sqrt();
+            let rms = (sum_sq(scaled.iter()) / scaled.len() as f64).sqrt();
             let e = rms / cpu_rms;
             println!("  grad {name:<32} rms {e:.3e} of the model's (exact 0, bound 1e-2)");
             if !within(e, 1e-2) {
@@ -192,7 +180,11 @@ fn step_matches(method: Method, members: usize) {
         println!(
             "  param {:<31} relative error {e:.3e} (AdamW replayed on the CPU){}",
             p.name(),
-            if moved { "" } else { ", not moved" }
+            match (p.trainable(), moved) {
+                (false, _) => ", frozen",
+                (true, false) => ", NOT MOVED",
+                (true, true) => "",
+            }
         );
         if p.trainable() && !moved {
             failures.push(format!("parameter {} did not move in the step", p.name()));
