@@ -7,16 +7,19 @@
 #
 #   scripts/emulated-gpu.sh [SUITES] [-- CARGO TEST ARGS]
 #
-# SUITES, comma-separated (default: kernels,parity):
-#   kernels    loren-kernels tests/gpu.rs: every launcher against an f64 reference
-#   parity     loren-tensor tests/gpu_parity.rs: every op against its CPU twin
-#   training   loren-nn tests/gpu_training.rs and the GPU recompute test: whole steps (slow)
+# SUITES, comma-separated (default: kernels,parity,training, what scripts/test.sh runs):
+#   kernels    loren-kernels tests/gpu.rs: every launcher against an f64 reference (~1 min)
+#   parity     loren-tensor tests/gpu_parity.rs: every op against its CPU twin (~1.5 min)
+#   training   loren-nn tests/gpu_training.rs: a whole AdamW step of the tiny ViT, LoRA, explicit
+#              and single, against the CPU (~5 min)
+#   recompute  loren-nn tests/recompute.rs on the GPU: two steps of every method, recomputed
+#              blocks against kept ones, bit for bit (~15 min)
 # LOREN_FAKE_CC=9.0 makes the device a Hopper (sm_90a build, wgmma kernels loaded; LOREN_WGMMA=1
 # then runs the fused GEMMs on them).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-suites=kernels,parity
+suites=kernels,parity,training
 if [ $# -gt 0 ] && [ "$1" != "--" ]; then
     suites=$1
     shift
@@ -52,10 +55,8 @@ for suite in ${suites//,/ }; do
     case "$suite" in
         kernels) cargo test -p loren-kernels --test gpu "$@" -- --test-threads=1 ;;
         parity) cargo test -p loren-tensor --test gpu_parity "$@" -- --test-threads=1 ;;
-        training)
-            cargo test -p loren-nn --test gpu_training "$@" -- --test-threads=1
-            cargo test -p loren-nn --test recompute "$@" -- --test-threads=1 on_a_gpu
-            ;;
+        training) cargo test -p loren-nn --test gpu_training "$@" -- --test-threads=1 ;;
+        recompute) cargo test -p loren-nn --test recompute "$@" -- --test-threads=1 on_a_gpu ;;
         *) echo "emulated-gpu: unknown suite '$suite'" >&2; exit 2 ;;
     esac
 done
