@@ -1,9 +1,8 @@
 //! Median wall time of a training step of the tiny ViT: `cargo run --release --example step_time -- M B`.
 use std::time::Instant;
 
-use loren_autograd::optim::OptimizerKind;
 use loren_nn::config::{EnsembleConfig, LoraConfig, Method, VitConfig};
-use loren_nn::data::{Augment, Batch};
+use loren_nn::data::Batch;
 use loren_nn::train::{TrainConfig, Trainer};
 use loren_nn::vit::Vit;
 use loren_tensor::{Device, Rng};
@@ -30,18 +29,7 @@ fn main() {
         lora: LoraConfig::default(),
     };
     let mut model = Vit::new(&vit, &ens, &Device::cpu(), 0).unwrap();
-    let cfg = TrainConfig {
-        epochs: 1,
-        batch_size: b,
-        lr: 1e-3,
-        min_lr: 0.0,
-        warmup_steps: 0,
-        optimizer: OptimizerKind::adamw(0.01),
-        grad_clip: Some(1.0),
-        augment: Augment::none(),
-        seed: 0,
-        activations: loren_nn::config::Activations::Keep,
-    };
+    let cfg = TrainConfig::plain(b, 1e-3, loren_nn::config::Activations::Keep);
     let mut trainer = Trainer::new(&mut model, &cfg, 1000).unwrap();
     let mut rng = Rng::new(1);
     let batch = Batch {

@@ -16,11 +16,10 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow};
-use loren_autograd::optim::OptimizerKind;
 use loren_kernels::provenance::{git_commit, utc_now};
 use loren_nn::checkpoint::write_atomic;
 use loren_nn::config::{Activations, EnsembleConfig, LoraConfig, Method, VitConfig};
-use loren_nn::data::{Augment, Batch};
+use loren_nn::data::Batch;
 use loren_nn::memory_model::{self, Flops, Precision, StepModel};
 use loren_nn::train::{TrainConfig, Trainer};
 use loren_nn::vit::Vit;
@@ -601,16 +600,8 @@ pub fn ensemble_config(
 /// The training setup of the bench and memprofile: AdamW, clipping at 1, no schedule to speak of.
 pub fn bench_train_config(batch: usize, seed: u64, activations: Activations) -> TrainConfig {
     TrainConfig {
-        epochs: 1,
-        batch_size: batch,
-        lr: 1e-4,
-        min_lr: 0.0,
-        warmup_steps: 0,
-        optimizer: OptimizerKind::adamw(0.01),
-        grad_clip: Some(1.0),
-        augment: Augment::none(),
         seed,
-        activations,
+        ..TrainConfig::plain(batch, 1e-4, activations)
     }
 }
 

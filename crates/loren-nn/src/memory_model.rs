@@ -1487,12 +1487,11 @@ pub fn flops_closed_form(vit: &VitConfig, ens: &EnsembleConfig, batch: usize) ->
 
 #[cfg(test)]
 mod tests {
-    use loren_autograd::optim::OptimizerKind;
     use loren_tensor::{Device, Rng};
 
     use super::*;
     use crate::config::{LoraConfig, Targets};
-    use crate::data::{Augment, Batch};
+    use crate::data::Batch;
     use crate::train::{TrainConfig, Trainer};
     use crate::vit::Vit;
 
@@ -1531,18 +1530,7 @@ mod tests {
     ) -> (TagBytes, u64) {
         let dev = Device::cpu();
         let mut model = Vit::new(vit, ens, &dev, 0).unwrap();
-        let cfg = TrainConfig {
-            epochs: 1,
-            batch_size: b,
-            lr: 1e-3,
-            min_lr: 0.0,
-            warmup_steps: 0,
-            optimizer: OptimizerKind::adamw(0.01),
-            grad_clip: Some(1.0),
-            augment: Augment::none(),
-            seed: 0,
-            activations,
-        };
+        let cfg = TrainConfig::plain(b, 1e-3, activations);
         let mut trainer = Trainer::new(&mut model, &cfg, 10 * b).unwrap();
         let batch = random_batch(vit, b);
         trainer.step(&batch).unwrap();

@@ -41,6 +41,24 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// Plain steps for measuring and checking a step rather than for training well: one epoch,
+    /// AdamW (weight decay 0.01) at `lr` with no warm-up, gradients clipped at norm 1, no
+    /// augmentation, seed 0.
+    pub fn plain(batch_size: usize, lr: f32, activations: Activations) -> TrainConfig {
+        TrainConfig {
+            epochs: 1,
+            batch_size,
+            lr,
+            min_lr: 0.0,
+            warmup_steps: 0,
+            optimizer: OptimizerKind::adamw(0.01),
+            grad_clip: Some(1.0),
+            augment: Augment::none(),
+            seed: 0,
+            activations,
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(NnError::Config(m.to_string()));
         if self.epochs == 0 {

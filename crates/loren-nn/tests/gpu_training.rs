@@ -20,10 +20,10 @@
 //! torch's clip_grad_norm_ does), the GPU applies the factor inside the update and leaves them as
 //! they were, so the GPU's gradients are compared after scaling them by the same rule.
 
-use loren_autograd::optim::{Optimizer, OptimizerKind};
+use loren_autograd::optim::Optimizer;
 use loren_autograd::params::Grads;
 use loren_nn::config::{EnsembleConfig, LoraConfig, Method, VitConfig};
-use loren_nn::data::{Augment, SplitOptions, bundled_digits, split_digits};
+use loren_nn::data::{SplitOptions, bundled_digits, split_digits};
 use loren_nn::train::{TrainConfig, Trainer};
 use loren_nn::vit::Vit;
 use loren_tensor::{Device, MemTag, Tensor};
@@ -100,18 +100,7 @@ fn step_matches(method: Method, members: usize) {
         .unwrap()
         .train;
     let batch = data.batch(&(0..32).collect::<Vec<_>>(), None);
-    let cfg = TrainConfig {
-        epochs: 1,
-        batch_size: 32,
-        lr: 1e-3,
-        min_lr: 0.0,
-        warmup_steps: 0,
-        optimizer: OptimizerKind::adamw(0.01),
-        grad_clip: Some(1.0),
-        augment: Augment::none(),
-        seed: 0,
-        activations: loren_nn::config::Activations::Keep,
-    };
+    let cfg = TrainConfig::plain(32, 1e-3, loren_nn::config::Activations::Keep);
     let start: Vec<Vec<f32>> = on_gpu
         .params()
         .iter()

@@ -3,9 +3,8 @@
 //! bit for bit, for every method, in less activation memory. On the CPU always; on a GPU too
 //! when one is usable (the kernels are deterministic: no atomics, one stream).
 
-use loren_autograd::optim::OptimizerKind;
 use loren_nn::config::{Activations, EnsembleConfig, LoraConfig, Method, VitConfig};
-use loren_nn::data::{Augment, SplitOptions, bundled_digits, split_digits};
+use loren_nn::data::{SplitOptions, bundled_digits, split_digits};
 use loren_nn::train::{TrainConfig, Trainer};
 use loren_nn::vit::Vit;
 use loren_tensor::{Device, MemTag};
@@ -36,18 +35,7 @@ fn two_steps(dev: &Device, method: Method, activations: Activations) -> Run {
     let data = split_digits(&bundled_digits().unwrap(), &SplitOptions::default())
         .unwrap()
         .train;
-    let cfg = TrainConfig {
-        epochs: 1,
-        batch_size: 16,
-        lr: 1e-3,
-        min_lr: 0.0,
-        warmup_steps: 0,
-        optimizer: OptimizerKind::adamw(0.01),
-        grad_clip: Some(1.0),
-        augment: Augment::none(),
-        seed: 0,
-        activations,
-    };
+    let cfg = TrainConfig::plain(16, 1e-3, activations);
     let mut trainer = Trainer::new(&mut model, &cfg, 32).unwrap();
     dev.memory().reset_peaks();
     let losses = (0..2)

@@ -57,13 +57,18 @@ fn rel_err(gpu: &Tensor, cpu: &Tensor) -> f64 {
     (diff / norm.max(1e-30)).sqrt()
 }
 
-/// The GPU result must match the CPU's within the bound for its dtype (NaN fails).
-fn close(what: &str, gpu: &Tensor, cpu: &Tensor) {
-    let bound = if gpu.dtype() == DType::BF16 {
+/// The bound for a result stored as `t` is: bf16 or f32.
+fn bound_for(t: &Tensor) -> f64 {
+    if t.dtype() == DType::BF16 {
         BF16_BOUND
     } else {
         F32_BOUND
-    };
+    }
+}
+
+/// The GPU result must match the CPU's within the bound for its dtype (NaN fails).
+fn close(what: &str, gpu: &Tensor, cpu: &Tensor) {
+    let bound = bound_for(gpu);
     let e = rel_err(gpu, cpu);
     println!(
         "{what:<48} {:<5} relative error {e:.3e} (bound {bound:.0e})",
@@ -80,11 +85,7 @@ fn rms(t: &Tensor) -> f64 {
 /// A result that is exactly zero: its root mean square must be under the bound for its dtype,
 /// relative to that of `scale`, a result of the same computation that is not zero (NaN fails).
 fn near_zero(what: &str, gpu: &Tensor, scale: &Tensor) {
-    let bound = if gpu.dtype() == DType::BF16 {
-        BF16_BOUND
-    } else {
-        F32_BOUND
-    };
+    let bound = bound_for(gpu);
     let e = rms(gpu) / rms(scale).max(1e-30);
     println!(
         "{what:<48} {:<5} rms {e:.3e} of the reference's (exact 0, bound {bound:.0e})",
