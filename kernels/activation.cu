@@ -2,7 +2,7 @@
 // broadcasting.
 //
 //   x [gx, rows, N] bf16    b [gb, N] f32    y, dy [G, rows, N] bf16    dx [gx, rows, N] bf16
-//   db [gb, N] f32 (two stages: bias_gelu_bwd_db_partial here, then reduce_partials)
+//   db [gb, N] f32 (two stages: bias_gelu_bwd here, then reduce_partials)
 //
 // erff and expf are the precise library versions (no fast math: see compile.rs).
 #include "common.cuh"
@@ -20,68 +20,115 @@ __device__ __forceinline__ float gelu_grad(float z) {
 }
 }  // namespace act
 
-// One thread per output element, grid-stride. grid ceil(G·rows·N / 256) (capped), block 256.
-extern "C" __global__ void __launch_bounds__(256)
-    bias_gelu_fwd(const bf16* X, const float* bias, bf16* Y, int gx, int gb, int G, int rows,
-                  int N) {
-    const size_t per = (size_t)rows * N, total = (size_t)G * per;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
-         i += (size_t)gridDim.x * blockDim.x) {
-        const int g = (int)(i / per);
-        const size_t e = i % per;
-        const float z = to_f32(X[group_index(g, gx) * per + e]) + bias[(size_t)group_index(g, gb) * N + e % N];
-        Y[i] = to_bf16(act::gelu(z));
+// Each group of x, y, dy and dx is rows·N < 2^31 elements (the launchers check), so indices within
+// a group, and their columns, are 32-bit: no 64-bit division per element. The group is
+// blockIdx.y. `vec` (launcher's choice): N is a multiple of 8 and every pointer 16-byte aligned.
+
+// One thread per V elements of an output group, grid-stride. grid (blocks, G), block 256.
+template <int V>
+__device__ void bias_gelu_fwd_body(const bf16* X, const float* bias, bf16* Y, int gx, int gb, int rows, int N) {
+    const int g = blockIdx.y;
+    const unsigned per = (unsigned)rows * N;
+    const bf16* x = X + (size_t)group_index(g, gx) * per;
+    const float* b = bias + (size_t)group_index(g, gb) * N;
+    bf16* y = Y + (size_t)g * per;
+    for (unsigned e = (blockIdx.x * blockDim.x + threadIdx.x) * V; e < per; e += gridDim.x * blockDim.x * V) {
+        float z[V], bv[V];
+        load_vec<V>(x + e, z);
+        load_vec<V>(b + e % N, bv);
+#pragma unroll
+        for (int i = 0; i < V; ++i) z[i] = act::gelu(z[i] + bv[i]);
+        store_vec<V>(y + e, z);
     }
+}
+extern "C" __global__ void __launch_bounds__(256)
+    bias_gelu_fwd(const bf16* X, const float* bias, bf16* Y, int gx, int gb, int rows, int N, int vec) {
+    if (vec)
+        bias_gelu_fwd_body<VEC>(X, bias, Y, gx, gb, rows, N);
+    else
+        bias_gelu_fwd_body<1>(X, bias, Y, gx, gb, rows, N);
 }
 
 // dx[x element] = Σ_g dy[g]·gelu'(x + b[g]) over the output groups reading it (one, or all G when
-// x is shared). One thread per x element. grid ceil(gx·rows·N / 256) (capped), block 256.
-extern "C" __global__ void __launch_bounds__(256)
-    bias_gelu_bwd_dx(const bf16* dY, const bf16* X, const float* bias, bf16* dX, int gx, int gb,
-                     int G, int rows, int N) {
-    const size_t per = (size_t)rows * N, total = (size_t)gx * per;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
-         i += (size_t)gridDim.x * blockDim.x) {
-        const int sg = (int)(i / per);
-        const size_t e = i % per;
-        const float x = to_f32(X[i]);
-        const int g_begin = gx == G ? sg : 0, g_end = gx == G ? sg + 1 : G;
-        float acc = 0.0f;
-        for (int g = g_begin; g < g_end; ++g)
-            acc += to_f32(dY[g * per + e]) *
-                   act::gelu_grad(x + bias[(size_t)group_index(g, gb) * N + e % N]);
-        dX[i] = to_bf16(acc);
+// x is shared). One thread per V elements of an x group. grid (blocks, gx), block 256.
+template <int V>
+__device__ void bias_gelu_bwd_dx_body(const bf16* dY, const bf16* X, const float* bias, bf16* dX, int gx, int gb,
+                                      int G, int rows, int N) {
+    const int sg = blockIdx.y;
+    const unsigned per = (unsigned)rows * N;
+    const int g_begin = gx == G ? sg : 0, g_end = gx == G ? sg + 1 : G;
+    for (unsigned e = (blockIdx.x * blockDim.x + threadIdx.x) * V; e < per; e += gridDim.x * blockDim.x * V) {
+        float x[V], acc[V] = {};
+        load_vec<V>(X + (size_t)sg * per + e, x);
+        for (int g = g_begin; g < g_end; ++g) {
+            float dy[V], b[V];
+            load_vec<V>(dY + (size_t)g * per + e, dy);
+            load_vec<V>(bias + (size_t)group_index(g, gb) * N + e % N, b);
+#pragma unroll
+            for (int i = 0; i < V; ++i) acc[i] += dy[i] * act::gelu_grad(x[i] + b[i]);
+        }
+        store_vec<V>(dX + (size_t)sg * per + e, acc);
     }
 }
-
-// First stage of db = Σ_rows dy·gelu'(x + b), per bias row w over the rows that use it. The
-// product is recomputed in f32 here (not read back from the rounded bf16 dx), so db matches the
-// f32 reference. part [gb, chunks, N]. Block (column strip of 32, row chunk, w): lane = column,
-// warp = rows, warp partials added in order. grid (ceil(N/32), ceil(rows/chunk_rows), gb).
 extern "C" __global__ void __launch_bounds__(256)
-    bias_gelu_bwd_db_partial(const bf16* dY, const bf16* X, const float* bias, float* part,
-                             int gx, int gb, int G, int rows, int N, int chunk_rows) {
-    __shared__ float red[act::WARPS][WARP];
+    bias_gelu_bwd_dx(const bf16* dY, const bf16* X, const float* bias, bf16* dX, int gx, int gb, int G, int rows,
+                     int N, int vec) {
+    if (vec)
+        bias_gelu_bwd_dx_body<VEC>(dY, X, bias, dX, gx, gb, G, rows, N);
+    else
+        bias_gelu_bwd_dx_body<1>(dY, X, bias, dX, gx, gb, G, rows, N);
+}
+
+// db = Σ_rows dy·gelu'(x + b), first stage, per bias row w over the rows that use it, and, when dX
+// is not null, dx = dy·gelu'(x + b) in the same pass (x unshared: gx == G, so each dx element has
+// one term), which saves the dx kernel's second read of dy and x. The product is formed in f32
+// once, rounded to bf16 for dx and summed unrounded for db, so db matches the f32 reference.
+// part [gb, chunks, N]. Block (strip of 32·V columns, row chunk, w): lane = V columns, warp =
+// rows, warp partials added in order. grid (ceil(N / (32·V)), ceil(rows / chunk_rows), gb).
+template <int V>
+__device__ void bias_gelu_bwd_body(const bf16* dY, const bf16* X, const float* bias, bf16* dX, float* part,
+                                   int gx, int gb, int G, int rows, int N, int chunk_rows,
+                                   float (*red)[WARP * VEC]) {
     const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    const int c = blockIdx.x * WARP + lane, chunk = blockIdx.y, w = blockIdx.z;
+    const int strip = blockIdx.x * WARP * V, c = strip + lane * V, chunk = blockIdx.y, w = blockIdx.z;
     const int row_begin = chunk * chunk_rows, row_end = min(rows, row_begin + chunk_rows);
     const int g_begin = gb == G ? w : 0, g_end = gb == G ? w + 1 : G;
-    float acc = 0.0f;
+    float acc[V] = {};
     if (c < N) {
-        const float bc = bias[(size_t)w * N + c];
+        float b[V];
+        load_vec<V>(bias + (size_t)w * N + c, b);
         for (int g = g_begin; g < g_end; ++g) {
             const int sg = group_index(g, gx);
             for (int row = row_begin + warp; row < row_end; row += act::WARPS) {
-                const float z = to_f32(X[((size_t)sg * rows + row) * N + c]) + bc;
-                acc = fmaf(to_f32(dY[((size_t)g * rows + row) * N + c]), act::gelu_grad(z), acc);
+                float x[V], dy[V];
+                load_vec<V>(X + ((size_t)sg * rows + row) * N + c, x);
+                load_vec<V>(dY + ((size_t)g * rows + row) * N + c, dy);
+#pragma unroll
+                for (int i = 0; i < V; ++i) {
+                    dy[i] *= act::gelu_grad(x[i] + b[i]);
+                    acc[i] += dy[i];
+                }
+                if (dX) store_vec<V>(dX + ((size_t)g * rows + row) * N + c, dy);
             }
         }
     }
-    red[warp][lane] = acc;
+#pragma unroll
+    for (int i = 0; i < V; ++i) red[warp][lane * V + i] = acc[i];
     __syncthreads();
-    if (warp == 0 && c < N) {
+    const int col = threadIdx.x;  // one column of the strip per thread
+    if (col < WARP * V && strip + col < N) {
         float t = 0.0f;
-        for (int i = 0; i < act::WARPS; ++i) t += red[i][lane];
-        part[((size_t)w * gridDim.y + chunk) * N + c] = t;
+        for (int i = 0; i < act::WARPS; ++i) t += red[i][col];
+        part[((size_t)w * gridDim.y + chunk) * N + strip + col] = t;
     }
+}
+extern "C" __global__ void __launch_bounds__(256)
+    bias_gelu_bwd(const bf16* dY, const bf16* X, const float* bias, bf16* dX, float* part, int gx, int gb, int G,
+                  int rows, int N, int chunk_rows, int vec) {
+    // Per warp, its column sums.
+    __shared__ float red[act::WARPS][WARP * VEC];
+    if (vec)
+        bias_gelu_bwd_body<VEC>(dY, X, bias, dX, part, gx, gb, G, rows, N, chunk_rows, red);
+    else
+        bias_gelu_bwd_body<1>(dY, X, bias, dX, part, gx, gb, G, rows, N, chunk_rows, red);
 }

@@ -113,6 +113,65 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 
 __device__ __forceinline__ int group_index(int g, int groups) { return groups == 1 ? 0 : g; }
 
+// ---- Eight elements per access --------------------------------------------------------------------
+//
+// The memory-bound kernels (elementwise, bias + GELU, LayerNorm) move V consecutive elements per
+// thread access: V = 8 is one 16-byte load or store for bf16 and two for f32, which is what lets
+// them run at memory speed; V = 1 is the scalar path for widths that are not a multiple of 8 or
+// pointers not 16-byte aligned. The launchers choose (their `vec` argument), so every kernel has
+// both paths and the arithmetic is the same in each.
+constexpr int VEC = 8;
+
+template <int V> __device__ __forceinline__ void load_vec(const bf16* p, float (&v)[V]) {
+    if constexpr (V == 8) {
+        const uint4 u = *reinterpret_cast<const uint4*>(p);
+        const bf162* h = reinterpret_cast<const bf162*>(&u);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float2 f = __bfloat1622float2(h[i]);
+            v[2 * i] = f.x;
+            v[2 * i + 1] = f.y;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) v[i] = to_f32(p[i]);
+    }
+}
+
+template <int V> __device__ __forceinline__ void load_vec(const float* p, float (&v)[V]) {
+    if constexpr (V == 8) {
+        const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+        v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) v[i] = p[i];
+    }
+}
+
+template <int V> __device__ __forceinline__ void store_vec(bf16* p, const float (&v)[V]) {
+    if constexpr (V == 8) {
+        uint4 u;
+        bf162* h = reinterpret_cast<bf162*>(&u);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+        *reinterpret_cast<uint4*>(p) = u;
+    } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) p[i] = to_bf16(v[i]);
+    }
+}
+
+template <int V> __device__ __forceinline__ void store_vec(float* p, const float (&v)[V]) {
+    if constexpr (V == 8) {
+        reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+        reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) p[i] = v[i];
+    }
+}
+
 // ---- Hopper: wgmma on shared-memory operands (sm_90a only) ----------------------------------
 //
 // A warpgroup (4 consecutive warps, the first a multiple of 4) issues wgmma together; it reads

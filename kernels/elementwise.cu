@@ -2,64 +2,111 @@
 // (CPU twin: loren-tensor ops/elementwise.rs). Every reduction runs in a fixed order, with no
 // atomics, so results are bit-reproducible run to run.
 //
-// Elementwise kernels: one thread per element, grid-stride, block 256; sizes are 64-bit.
+// Elementwise kernels: grid-stride, block 256, 8 elements per thread where the launcher allows
+// (VEC_STRIDE); sizes are 64-bit.
 #include "common.cuh"
 
 #define GRID_STRIDE(i, total)                                                                 \
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < (total);                     \
          i += (u64)gridDim.x * blockDim.x)
 
+// Each thread takes V elements (VEC = 8 when the launcher passes `vec`: sizes a multiple of 8,
+// pointers 16-byte aligned; else 1), grid-stride from element `i`.
+#define VEC_STRIDE(i, total, V)                                                               \
+    for (u64 i = (blockIdx.x * (u64)blockDim.x + threadIdx.x) * (V); i < (total);             \
+         i += (u64)gridDim.x * blockDim.x * (V))
+
+// Run `body<VEC>` or `body<1>` as the launcher chose.
+#define DISPATCH_VEC(vec, body, ...)     \
+    do {                                 \
+        if (vec)                         \
+            body<VEC>(__VA_ARGS__);      \
+        else                             \
+            body<1>(__VA_ARGS__);        \
+    } while (0)
+
 // out[g] = a[ga(g)] + b[gb(g)] for g < G, each group `per` elements (group broadcasting: a group-1
-// operand is read by every output group).
-template <typename T>
-__device__ void add(const T* a, const T* b, T* out, u64 per, int G, int ga, int gb) {
-    GRID_STRIDE(i, per * G) {
-        const int g = (int)(i / per);
-        const u64 e = i % per;
-        out[i] = from_f32<T>(to_f32(a[group_index(g, ga) * per + e]) + to_f32(b[group_index(g, gb) * per + e]));
+// operand is read by every output group). grid (blocks, G): the group is blockIdx.y.
+template <int V, typename T>
+__device__ void add(const T* a, const T* b, T* out, u64 per, int ga, int gb) {
+    const int g = blockIdx.y;
+    a += group_index(g, ga) * per;
+    b += group_index(g, gb) * per;
+    out += g * per;
+    VEC_STRIDE(i, per, V) {
+        float x[V], y[V];
+        load_vec<V>(a + i, x);
+        load_vec<V>(b + i, y);
+#pragma unroll
+        for (int k = 0; k < V; ++k) x[k] += y[k];
+        store_vec<V>(out + i, x);
     }
 }
 extern "C" __global__ void __launch_bounds__(256)
-    add_bf16(const bf16* a, const bf16* b, bf16* out, u64 per, int G, int ga, int gb) {
-    add(a, b, out, per, G, ga, gb);
+    add_bf16(const bf16* a, const bf16* b, bf16* out, u64 per, int ga, int gb, int vec) {
+    DISPATCH_VEC(vec, add, a, b, out, per, ga, gb);
 }
 extern "C" __global__ void __launch_bounds__(256)
-    add_f32(const float* a, const float* b, float* out, u64 per, int G, int ga, int gb) {
-    add(a, b, out, per, G, ga, gb);
+    add_f32(const float* a, const float* b, float* out, u64 per, int ga, int gb, int vec) {
+    DISPATCH_VEC(vec, add, a, b, out, per, ga, gb);
 }
 
 // dst += src
-extern "C" __global__ void __launch_bounds__(256) add_assign_bf16(bf16* dst, const bf16* src, u64 n) {
-    GRID_STRIDE(i, n) dst[i] = to_bf16(to_f32(dst[i]) + to_f32(src[i]));
+template <int V, typename T> __device__ void add_assign(T* dst, const T* src, u64 n) {
+    VEC_STRIDE(i, n, V) {
+        float x[V], y[V];
+        load_vec<V>(dst + i, x);
+        load_vec<V>(src + i, y);
+#pragma unroll
+        for (int k = 0; k < V; ++k) x[k] += y[k];
+        store_vec<V>(dst + i, x);
+    }
 }
-extern "C" __global__ void __launch_bounds__(256) add_assign_f32(float* dst, const float* src, u64 n) {
-    GRID_STRIDE(i, n) dst[i] += src[i];
+extern "C" __global__ void __launch_bounds__(256) add_assign_bf16(bf16* dst, const bf16* src, u64 n, int vec) {
+    DISPATCH_VEC(vec, add_assign, dst, src, n);
+}
+extern "C" __global__ void __launch_bounds__(256) add_assign_f32(float* dst, const float* src, u64 n, int vec) {
+    DISPATCH_VEC(vec, add_assign, dst, src, n);
 }
 
 // x *= alpha
-extern "C" __global__ void __launch_bounds__(256) scale_bf16(bf16* x, u64 n, float alpha) {
-    GRID_STRIDE(i, n) x[i] = to_bf16(to_f32(x[i]) * alpha);
+template <int V, typename T> __device__ void scale(T* x, u64 n, float alpha) {
+    VEC_STRIDE(i, n, V) {
+        float v[V];
+        load_vec<V>(x + i, v);
+#pragma unroll
+        for (int k = 0; k < V; ++k) v[k] *= alpha;
+        store_vec<V>(x + i, v);
+    }
 }
-extern "C" __global__ void __launch_bounds__(256) scale_f32(float* x, u64 n, float alpha) {
-    GRID_STRIDE(i, n) x[i] *= alpha;
+extern "C" __global__ void __launch_bounds__(256) scale_bf16(bf16* x, u64 n, float alpha, int vec) {
+    DISPATCH_VEC(vec, scale, x, n, alpha);
+}
+extern "C" __global__ void __launch_bounds__(256) scale_f32(float* x, u64 n, float alpha, int vec) {
+    DISPATCH_VEC(vec, scale, x, n, alpha);
 }
 
 // out[e] = Σ_g src[g·per + e], g = 0..G-1 in order, in f32: the gradient of a broadcast input.
-template <typename T>
+template <int V, typename T>
 __device__ void sum_groups(const T* src, T* out, u64 per, int G) {
-    GRID_STRIDE(i, per) {
-        float acc = 0.0f;
-        for (int g = 0; g < G; ++g) acc += to_f32(src[g * per + i]);
-        out[i] = from_f32<T>(acc);
+    VEC_STRIDE(i, per, V) {
+        float acc[V] = {};
+        for (int g = 0; g < G; ++g) {
+            float v[V];
+            load_vec<V>(src + g * per + i, v);
+#pragma unroll
+            for (int k = 0; k < V; ++k) acc[k] += v[k];
+        }
+        store_vec<V>(out + i, acc);
     }
 }
 extern "C" __global__ void __launch_bounds__(256)
-    sum_groups_bf16(const bf16* src, bf16* out, u64 per, int G) {
-    sum_groups(src, out, per, G);
+    sum_groups_bf16(const bf16* src, bf16* out, u64 per, int G, int vec) {
+    DISPATCH_VEC(vec, sum_groups, src, out, per, G);
 }
 extern "C" __global__ void __launch_bounds__(256)
-    sum_groups_f32(const float* src, float* out, u64 per, int G) {
-    sum_groups(src, out, per, G);
+    sum_groups_f32(const float* src, float* out, u64 per, int G, int vec) {
+    DISPATCH_VEC(vec, sum_groups, src, out, per, G);
 }
 
 // First stage of column sums (bias gradients, dcls, dpos): for output group o,
@@ -144,34 +191,57 @@ extern "C" __global__ void __launch_bounds__(256) sumsq_finish(const double* par
     if (threadIdx.x == 0) out[0] = red[0];
 }
 
-extern "C" __global__ void __launch_bounds__(256) f32_to_bf16(const float* src, bf16* dst, u64 n) {
-    GRID_STRIDE(i, n) dst[i] = to_bf16(src[i]);
+// dst = src in dst's type (bf16: rounded to nearest even)
+template <int V, typename S, typename D> __device__ void convert(const S* src, D* dst, u64 n) {
+    VEC_STRIDE(i, n, V) {
+        float v[V];
+        load_vec<V>(src + i, v);
+        store_vec<V>(dst + i, v);
+    }
 }
-extern "C" __global__ void __launch_bounds__(256) bf16_to_f32(const bf16* src, float* dst, u64 n) {
-    GRID_STRIDE(i, n) dst[i] = to_f32(src[i]);
+extern "C" __global__ void __launch_bounds__(256) f32_to_bf16(const float* src, bf16* dst, u64 n, int vec) {
+    DISPATCH_VEC(vec, convert, src, dst, n);
 }
-extern "C" __global__ void __launch_bounds__(256) fill_f32(float* dst, u64 n, float value) {
-    GRID_STRIDE(i, n) dst[i] = value;
+extern "C" __global__ void __launch_bounds__(256) bf16_to_f32(const bf16* src, float* dst, u64 n, int vec) {
+    DISPATCH_VEC(vec, convert, src, dst, n);
 }
-extern "C" __global__ void __launch_bounds__(256) fill_bf16(bf16* dst, u64 n, float value) {
-    GRID_STRIDE(i, n) dst[i] = to_bf16(value);
+
+template <int V, typename T> __device__ void fill(T* dst, u64 n, float value) {
+    float v[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) v[k] = value;
+    VEC_STRIDE(i, n, V) store_vec<V>(dst + i, v);
+}
+extern "C" __global__ void __launch_bounds__(256) fill_f32(float* dst, u64 n, float value, int vec) {
+    DISPATCH_VEC(vec, fill, dst, n, value);
+}
+extern "C" __global__ void __launch_bounds__(256) fill_bf16(bf16* dst, u64 n, float value, int vec) {
+    DISPATCH_VEC(vec, fill, dst, n, value);
 }
 
 // y[g][row][c] += bias[gb(g)][c]: the bias of a cuBLAS product, added in place (the hand-written
-// kernels fuse their biases; cuBLAS output needs this one pass). bias is f32.
-template <typename T>
-__device__ void add_bias_rows(T* y, const float* bias, u64 rows, int n, int G, int gb) {
-    GRID_STRIDE(i, rows * n * G) {
-        const int g = (int)(i / (rows * n));
-        const int c = (int)(i % n);
-        y[i] = from_f32<T>(to_f32(y[i]) + bias[group_index(g, gb) * n + c]);
+// kernels fuse their biases; cuBLAS output needs this one pass). bias is f32. grid (blocks, G);
+// a group is rows·n < 2^31 elements (the launcher checks), so the column is a 32-bit remainder.
+template <int V, typename T>
+__device__ void add_bias_rows(T* y, const float* bias, int rows, int n, int gb) {
+    const int g = blockIdx.y;
+    const unsigned per = (unsigned)rows * n;
+    y += (u64)g * per;
+    bias += (u64)group_index(g, gb) * n;
+    for (unsigned e = (blockIdx.x * blockDim.x + threadIdx.x) * V; e < per; e += gridDim.x * blockDim.x * V) {
+        float v[V], b[V];
+        load_vec<V>(y + e, v);
+        load_vec<V>(bias + e % n, b);
+#pragma unroll
+        for (int k = 0; k < V; ++k) v[k] += b[k];
+        store_vec<V>(y + e, v);
     }
 }
 extern "C" __global__ void __launch_bounds__(256)
-    add_bias_rows_bf16(bf16* y, const float* bias, u64 rows, int n, int G, int gb) {
-    add_bias_rows(y, bias, rows, n, G, gb);
+    add_bias_rows_bf16(bf16* y, const float* bias, int rows, int n, int gb, int vec) {
+    DISPATCH_VEC(vec, add_bias_rows, y, bias, rows, n, gb);
 }
 extern "C" __global__ void __launch_bounds__(256)
-    add_bias_rows_f32(float* y, const float* bias, u64 rows, int n, int G, int gb) {
-    add_bias_rows(y, bias, rows, n, G, gb);
+    add_bias_rows_f32(float* y, const float* bias, int rows, int n, int gb, int vec) {
+    DISPATCH_VEC(vec, add_bias_rows, y, bias, rows, n, gb);
 }

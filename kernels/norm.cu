@@ -14,23 +14,35 @@ constexpr int THREADS = 256, WARPS = THREADS / WARP;
 constexpr int MAX_GROUPS = 64;
 }  // namespace ln
 
+// Lane l of a row's warp takes columns [V·(l + 32j), V·(l + 32j) + V) for j = 0, 1, ...: with
+// V = 8 each access is 16 bytes and a warp reads 512 contiguous bytes (`vec` from the launcher: D
+// a multiple of 8, pointers 16-byte aligned).
+#define ROW_VECTORS(c, D, V) for (int c = lane * (V); c < (D); c += WARP * (V))
+
 // grid ceil(gx·rows / 8), block 256.
-extern "C" __global__ void __launch_bounds__(256)
-    layernorm_fwd(const bf16* X, const float* gamma, const float* beta, bf16* Y, float* mean,
-                  float* rstd, int gx, int gw, int G, int rows, int D, float eps) {
+template <int V>
+__device__ void layernorm_fwd_body(const bf16* X, const float* gamma, const float* beta, bf16* Y, float* mean,
+                                   float* rstd, int gx, int gw, int G, int rows, int D, float eps) {
     const int lane = threadIdx.x % WARP;
     const int src = blockIdx.x * ln::WARPS + threadIdx.x / WARP;  // x row in [0, gx·rows)
     if (src >= gx * rows) return;
     const bf16* x = X + (size_t)src * D;
     float s = 0.0f;
-    for (int c = lane; c < D; c += WARP) s += to_f32(x[c]);
-    const float mu = warp_sum(s) / D;
-    float v = 0.0f;
-    for (int c = lane; c < D; c += WARP) {
-        const float d = to_f32(x[c]) - mu;
-        v = fmaf(d, d, v);
+    ROW_VECTORS(c, D, V) {
+        float v[V];
+        load_vec<V>(x + c, v);
+#pragma unroll
+        for (int i = 0; i < V; ++i) s += v[i];
     }
-    const float r = 1.0f / sqrtf(warp_sum(v) / D + eps);
+    const float mu = warp_sum(s) / D;
+    float var = 0.0f;
+    ROW_VECTORS(c, D, V) {
+        float v[V];
+        load_vec<V>(x + c, v);
+#pragma unroll
+        for (int i = 0; i < V; ++i) var = fmaf(v[i] - mu, v[i] - mu, var);
+    }
+    const float r = 1.0f / sqrtf(warp_sum(var) / D + eps);
     if (lane == 0) {
         mean[src] = mu;
         rstd[src] = r;
@@ -42,17 +54,33 @@ extern "C" __global__ void __launch_bounds__(256)
         const float* gm = gamma + (size_t)group_index(g, gw) * D;
         const float* bt = beta + (size_t)group_index(g, gw) * D;
         bf16* y = Y + ((size_t)g * rows + row) * D;
-        for (int c = lane; c < D; c += WARP) y[c] = to_bf16((to_f32(x[c]) - mu) * r * gm[c] + bt[c]);
+        ROW_VECTORS(c, D, V) {
+            float v[V], gv[V], bv[V];
+            load_vec<V>(x + c, v);
+            load_vec<V>(gm + c, gv);
+            load_vec<V>(bt + c, bv);
+#pragma unroll
+            for (int i = 0; i < V; ++i) v[i] = (v[i] - mu) * r * gv[i] + bv[i];
+            store_vec<V>(y + c, v);
+        }
     }
+}
+extern "C" __global__ void __launch_bounds__(256)
+    layernorm_fwd(const bf16* X, const float* gamma, const float* beta, bf16* Y, float* mean, float* rstd, int gx,
+                  int gw, int G, int rows, int D, float eps, int vec) {
+    if (vec)
+        layernorm_fwd_body<VEC>(X, gamma, beta, Y, mean, rstd, gx, gw, G, rows, D, eps);
+    else
+        layernorm_fwd_body<1>(X, gamma, beta, Y, mean, rstd, gx, gw, G, rows, D, eps);
 }
 
 // dx = Σ_g rstd·(dŷ_g − mean(dŷ_g) − x̂·mean(dŷ_g·x̂)),  dŷ_g = dy[g]·gamma[g], over the output
 // groups g that read the x row (one, or all G when x is shared: the sum stays in the kernel).
 // grid ceil(gx·rows / 8), block 256. G <= 64 when gx == 1.
-extern "C" __global__ void __launch_bounds__(256)
-    layernorm_bwd_dx(const bf16* dY, const bf16* X, const float* gamma, const float* mean,
-                     const float* rstd, bf16* dX, int gx, int gw, int G, int rows, int D) {
-    __shared__ float consts[ln::WARPS][ln::MAX_GROUPS][2];
+template <int V>
+__device__ void layernorm_bwd_dx_body(const bf16* dY, const bf16* X, const float* gamma, const float* mean,
+                                      const float* rstd, bf16* dX, int gx, int gw, int G, int rows, int D,
+                                      float (*consts)[ln::MAX_GROUPS][2]) {
     const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
     const int src = blockIdx.x * ln::WARPS + warp;
     if (src >= gx * rows) return;
@@ -65,10 +93,17 @@ extern "C" __global__ void __launch_bounds__(256)
         const float* gm = gamma + (size_t)group_index(g, gw) * D;
         const bf16* dy = dY + ((size_t)g * rows + row) * D;
         float s1 = 0.0f, s2 = 0.0f;
-        for (int c = lane; c < D; c += WARP) {
-            const float dxh = to_f32(dy[c]) * gm[c];
-            s1 += dxh;
-            s2 = fmaf(dxh, (to_f32(x[c]) - mu) * r, s2);
+        ROW_VECTORS(c, D, V) {
+            float xv[V], dv[V], gv[V];
+            load_vec<V>(x + c, xv);
+            load_vec<V>(dy + c, dv);
+            load_vec<V>(gm + c, gv);
+#pragma unroll
+            for (int i = 0; i < V; ++i) {
+                const float dxh = dv[i] * gv[i];
+                s1 += dxh;
+                s2 = fmaf(dxh, (xv[i] - mu) * r, s2);
+            }
         }
         s1 = warp_sum(s1);
         s2 = warp_sum(s2);
@@ -79,16 +114,34 @@ extern "C" __global__ void __launch_bounds__(256)
     }
     __syncwarp();
     // Pass 2: the gradient, summed over groups in order.
-    for (int c = lane; c < D; c += WARP) {
-        const float xh = (to_f32(x[c]) - mu) * r;
-        float acc = 0.0f;
-        for (int g = g_begin; g < g_end; ++g) {
-            const float dxh = to_f32(dY[((size_t)g * rows + row) * D + c]) *
-                              gamma[(size_t)group_index(g, gw) * D + c];
-            acc += r * (dxh - consts[warp][g - g_begin][0] - xh * consts[warp][g - g_begin][1]);
+    const bf16* dy0 = dY + ((size_t)g_begin * rows + row) * D;
+    const size_t dy_step = (size_t)rows * D;
+    ROW_VECTORS(c, D, V) {
+        float xh[V], acc[V] = {};
+        load_vec<V>(x + c, xh);
+#pragma unroll
+        for (int i = 0; i < V; ++i) xh[i] = (xh[i] - mu) * r;
+        const bf16* dy = dy0 + c;
+        for (int g = g_begin; g < g_end; ++g, dy += dy_step) {
+            const float m1 = consts[warp][g - g_begin][0], m2 = consts[warp][g - g_begin][1];
+            float dv[V], gv[V];
+            load_vec<V>(dy, dv);
+            load_vec<V>(gamma + (size_t)group_index(g, gw) * D + c, gv);
+#pragma unroll
+            for (int i = 0; i < V; ++i) acc[i] += r * (dv[i] * gv[i] - m1 - xh[i] * m2);
         }
-        dX[(size_t)src * D + c] = to_bf16(acc);
+        store_vec<V>(dX + (size_t)src * D + c, acc);
     }
+}
+extern "C" __global__ void __launch_bounds__(256)
+    layernorm_bwd_dx(const bf16* dY, const bf16* X, const float* gamma, const float* mean, const float* rstd,
+                     bf16* dX, int gx, int gw, int G, int rows, int D, int vec) {
+    // Per warp, the two row means of each output group.
+    __shared__ float consts[ln::WARPS][ln::MAX_GROUPS][2];
+    if (vec)
+        layernorm_bwd_dx_body<VEC>(dY, X, gamma, mean, rstd, dX, gx, gw, G, rows, D, consts);
+    else
+        layernorm_bwd_dx_body<1>(dY, X, gamma, mean, rstd, dX, gx, gw, G, rows, D, consts);
 }
 
 // First stage of dgamma = Σ dy·x̂ and dbeta = Σ dy over the rows that use each affine row w (its

@@ -54,6 +54,13 @@ struct __nv_bfloat162 {
 struct float2 {
     float x, y;
 };
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 
 inline float __bfloat162float(__nv_bfloat16 h) {
     uint32_t u = uint32_t(h.x) << 16;
@@ -302,6 +309,35 @@ inline float block_sum(float v, float* scratch) {
 }
 
 inline int group_index(int g, int groups) { return groups == 1 ? 0 : g; }
+
+// As kernels/common.cuh: V = 8 elements per access (one 16-byte unit for bf16, two for f32), or
+// V = 1. The vector path insists on the 16-byte alignment the hardware needs, so a launcher that
+// picks it for an unaligned pointer fails here too.
+constexpr int VEC = 8;
+
+inline void emu_aligned16(const void* p) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
+        std::fprintf(stderr, "emulator: misaligned 16-byte vector access at %p\n", p);
+        std::abort();
+    }
+}
+
+template <int V> inline void load_vec(const bf16* p, float (&v)[V]) {
+    if constexpr (V == 8) emu_aligned16(p);
+    for (int i = 0; i < V; ++i) v[i] = to_f32(p[i]);
+}
+template <int V> inline void load_vec(const float* p, float (&v)[V]) {
+    if constexpr (V == 8) emu_aligned16(p);
+    for (int i = 0; i < V; ++i) v[i] = p[i];
+}
+template <int V> inline void store_vec(bf16* p, const float (&v)[V]) {
+    if constexpr (V == 8) emu_aligned16(p);
+    for (int i = 0; i < V; ++i) p[i] = to_bf16(v[i]);
+}
+template <int V> inline void store_vec(float* p, const float (&v)[V]) {
+    if constexpr (V == 8) emu_aligned16(p);
+    for (int i = 0; i < V; ++i) p[i] = v[i];
+}
 
 // ---- Hopper's wgmma (the kernels' __CUDA_ARCH_FEAT_SM90_ALL parts) ------------------------------
 

@@ -3,6 +3,7 @@
 // tests/emulate.rs; exits non-zero on any mismatch.
 #include <math.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <random>
 #include <string>
@@ -314,6 +315,15 @@ static void reduce(const std::vector<float>& part, size_t offset, std::vector<fl
                part.data() + offset, out.data(), outs, chunks, n, 0);
 }
 
+// As launch/mod.rs: the 16-byte vector path when the width is a multiple of 8 (the harness's
+// buffers are 16-byte aligned), and the grouped grid-stride launch over it.
+static int vec8(int n) { return n % 8 == 0; }
+static dim3 grouped(int groups, size_t per, int vec) {
+    const size_t units = vec ? (per + 7) / 8 : per;
+    const size_t cap = std::max<size_t>(1, 65536 / groups);
+    return dim3{(unsigned)std::min(std::max<size_t>(1, (units + 255) / 256), cap), (unsigned)groups, 1};
+}
+
 static void layernorm_case(int G, int gx, int gw, int rows, int D, uint64_t seed) {
     Rng rng(seed);
     auto x = rng.bf16s((size_t)gx * rows * D, 2.0);
@@ -352,10 +362,11 @@ static void layernorm_case(int G, int gx, int gw, int rows, int D, uint64_t seed
     std::vector<bf16> y((size_t)G * rows * D, to_bf16(NAN)), dx((size_t)gx * rows * D, to_bf16(NAN));
     std::vector<float> mean((size_t)gx * rows, NAN), rstd((size_t)gx * rows, NAN);
     const dim3 rgrid{(unsigned)((gx * rows + 7) / 8), 1, 1}, blk{256, 1, 1};
+    const int vec = vec8(D);
     emu_launch(layernorm_fwd, rgrid, blk, 0, x.data(), gamma.data(), beta.data(), y.data(), mean.data(), rstd.data(),
-               gx, gw, G, rows, D, eps);
+               gx, gw, G, rows, D, eps, vec);
     emu_launch(layernorm_bwd_dx, rgrid, blk, 0, dy.data(), x.data(), gamma.data(), mean.data(), rstd.data(),
-               dx.data(), gx, gw, G, rows, D);
+               dx.data(), gx, gw, G, rows, D, vec);
     const int chunk_rows = 256, chunks = (rows + chunk_rows - 1) / chunk_rows;
     std::vector<float> part((size_t)2 * gw * chunks * D, NAN), dgam((size_t)gw * D, NAN), dbet((size_t)gw * D, NAN);
     emu_launch(layernorm_bwd_params_partial, dim3{(unsigned)((D + 31) / 32), (unsigned)chunks, (unsigned)gw}, blk, 0,
@@ -390,22 +401,35 @@ static void bias_gelu_case(int G, int gx, int gb, int rows, int N, uint64_t seed
                 dx_ref[xi] += dyf[o] * gr;
                 db_ref[bi] += dyf[o] * gr;
             }
-    std::vector<bf16> y((size_t)G * rows * N, to_bf16(NAN)), dx((size_t)gx * rows * N, to_bf16(NAN));
+    std::vector<bf16> y((size_t)G * rows * N, to_bf16(NAN)), dx((size_t)gx * rows * N, to_bf16(NAN)),
+        dx_fused((size_t)gx * rows * N, to_bf16(NAN));
     const dim3 blk{256, 1, 1};
-    emu_launch(bias_gelu_fwd, dim3{(unsigned)((G * rows * N + 255) / 256), 1, 1}, blk, 0, x.data(), b.data(), y.data(),
-               gx, gb, G, rows, N);
-    emu_launch(bias_gelu_bwd_dx, dim3{(unsigned)((gx * rows * N + 255) / 256), 1, 1}, blk, 0, dy.data(), x.data(),
-               b.data(), dx.data(), gx, gb, G, rows, N);
-    const int chunks = (rows + 255) / 256;
-    std::vector<float> part((size_t)gb * chunks * N, NAN), db((size_t)gb * N, NAN);
-    emu_launch(bias_gelu_bwd_db_partial, dim3{(unsigned)((N + 31) / 32), (unsigned)chunks, (unsigned)gb}, blk, 0,
-               dy.data(), x.data(), b.data(), part.data(), gx, gb, G, rows, N, 256);
+    const int vec = vec8(N);
+    const size_t per = (size_t)rows * N;
+    emu_launch(bias_gelu_fwd, grouped(G, per, vec), blk, 0, x.data(), b.data(), y.data(), gx, gb, rows, N, vec);
+    emu_launch(bias_gelu_bwd_dx, grouped(gx, per, vec), blk, 0, dy.data(), x.data(), b.data(), dx.data(), gx, gb, G,
+               rows, N, vec);
+    const int chunks = (rows + 255) / 256, strip = vec ? 256 : 32;
+    const dim3 sgrid{(unsigned)((N + strip - 1) / strip), (unsigned)chunks, (unsigned)gb};
+    std::vector<float> part((size_t)gb * chunks * N, NAN), db((size_t)gb * N, NAN), db_fused((size_t)gb * N, NAN);
+    emu_launch(bias_gelu_bwd, sgrid, blk, 0, dy.data(), x.data(), b.data(), (bf16*)nullptr, part.data(), gx, gb, G,
+               rows, N, 256, vec);
     reduce(part, 0, db, gb, chunks, N);
+    if (gx == G) {  // dx in the same pass
+        part.assign(part.size(), NAN);
+        emu_launch(bias_gelu_bwd, sgrid, blk, 0, dy.data(), x.data(), b.data(), dx_fused.data(), part.data(), gx, gb,
+                   G, rows, N, 256, vec);
+        reduce(part, 0, db_fused, gb, chunks, N);
+    }
     char tag[96];
     std::snprintf(tag, sizeof tag, "G=%d gx=%d gb=%d rows=%d N=%d", G, gx, gb, rows, N);
     check(std::string("bias_gelu y ") + tag, d(y), y_ref, 1e-2);
     check(std::string("bias_gelu dx ") + tag, d(dx), dx_ref, 1e-2);
     check(std::string("bias_gelu db ") + tag, d(db), db_ref, 1e-5);
+    if (gx == G) {
+        check(std::string("bias_gelu dx (with db) ") + tag, d(dx_fused), dx_ref, 1e-2);
+        check(std::string("bias_gelu db (with dx) ") + tag, d(db_fused), db_ref, 1e-5);
+    }
 }
 
 static void sum_rows_case(int groups, int rows, int n, int ld, int out_groups, uint64_t seed) {
@@ -615,25 +639,83 @@ static void embed_case(uint64_t seed) {
     check("class_token backward", d(back), bw, 1e-7);
 }
 
-static void elementwise_case(uint64_t seed) {
+// The elementwise kernels at `per` elements per group: the vector path when per is a multiple of 8.
+static void elementwise_vec_case(u64 per, uint64_t seed) {
     Rng rng(seed);
-    const u64 per = 1000;
-    const int G = 3;
+    const int G = 3, vec = vec8((int)per);
     auto a = rng.bf16s(per, 1.0), b = rng.bf16s(G * per, 1.0);
     auto af = d(a), bf = d(b);
     std::vector<bf16> out(G * per, to_bf16(NAN)), sum(per, to_bf16(NAN));
-    const dim3 blk{256, 1, 1};
-    emu_launch(add_bf16, dim3{(unsigned)((G * per + 255) / 256), 1, 1}, blk, 0, (const bf16*)a.data(),
-               (const bf16*)b.data(), out.data(), per, G, 1, G);
-    emu_launch(sum_groups_bf16, dim3{(unsigned)((per + 255) / 256), 1, 1}, blk, 0, (const bf16*)b.data(), sum.data(),
-               per, G);
+    const dim3 blk{256, 1, 1}, flat = grouped(1, per, vec);
+    emu_launch(add_bf16, grouped(G, per, vec), blk, 0, (const bf16*)a.data(), (const bf16*)b.data(), out.data(), per,
+               1, G, vec);
+    emu_launch(sum_groups_bf16, flat, blk, 0, (const bf16*)b.data(), sum.data(), per, G, vec);
     std::vector<double> ow(G * per), sw(per, 0.0);
     for (u64 i = 0; i < G * per; ++i) {
         ow[i] = af[i % per] + bf[i];
         sw[i % per] += bf[i];
     }
-    check("add_bf16 broadcast", d(out), ow, 1e-2);
-    check("sum_groups_bf16", d(sum), sw, 1e-2);
+    char tag[64];
+    std::snprintf(tag, sizeof tag, " per=%llu vec=%d", (unsigned long long)per, vec);
+    check(std::string("add_bf16 broadcast") + tag, d(out), ow, 1e-2);
+    check(std::string("sum_groups_bf16") + tag, d(sum), sw, 1e-2);
+
+    // dst += src, then x *= alpha, f32 -> bf16 -> f32, fill; on f32 every step is exact in double.
+    auto x = rng.f32s(per, 1.0), y = rng.f32s(per, 1.0);
+    std::vector<double> want(per);
+    for (u64 i = 0; i < per; ++i) want[i] = (double)(float)(x[i] + y[i]) * 0.5;
+    emu_launch(add_assign_f32, flat, blk, 0, x.data(), (const float*)y.data(), per, vec);
+    emu_launch(scale_f32, flat, blk, 0, x.data(), per, 0.5f, vec);
+    check(std::string("add_assign_f32, scale_f32") + tag, d(x), want, 1e-7);
+    std::vector<bf16> xb(per, to_bf16(NAN));
+    std::vector<float> back(per, NAN);
+    emu_launch(f32_to_bf16, flat, blk, 0, (const float*)x.data(), xb.data(), per, vec);
+    emu_launch(bf16_to_f32, flat, blk, 0, (const bf16*)xb.data(), back.data(), per, vec);
+    check(std::string("f32_to_bf16, bf16_to_f32") + tag, d(back), want, 1e-2);
+    auto hb = rng.bf16s(per, 1.0), hs = rng.bf16s(per, 1.0);
+    std::vector<double> hw(per);
+    for (u64 i = 0; i < per; ++i) hw[i] = (double)to_f32(to_bf16((to_f32(hb[i]) + to_f32(hs[i])))) * 2.0;
+    emu_launch(add_assign_bf16, flat, blk, 0, hb.data(), (const bf16*)hs.data(), per, vec);
+    emu_launch(scale_bf16, flat, blk, 0, hb.data(), per, 2.0f, vec);
+    check(std::string("add_assign_bf16, scale_bf16") + tag, d(hb), hw, 1e-7);
+    std::vector<float> filled(per, NAN);
+    emu_launch(fill_f32, flat, blk, 0, filled.data(), per, 0.25f, vec);
+    check(std::string("fill_f32") + tag, d(filled), std::vector<double>(per, 0.25), 1e-7);
+    std::vector<bf16> filled_b(per, to_bf16(NAN));
+    emu_launch(fill_bf16, flat, blk, 0, filled_b.data(), per, -3.0f, vec);
+    check(std::string("fill_bf16") + tag, d(filled_b), std::vector<double>(per, -3.0), 1e-7);
+}
+
+// y[g][row] += bias[gb(g)] over rows of n, bf16 and f32 outputs.
+static void add_bias_rows_case(int G, int gb, int rows, int n, uint64_t seed) {
+    Rng rng(seed);
+    const int vec = vec8(n);
+    auto yb = rng.bf16s((size_t)G * rows * n, 1.0);
+    auto yf = rng.f32s((size_t)G * rows * n, 1.0);
+    auto bias = rng.f32s((size_t)gb * n, 1.0);
+    std::vector<double> wb(yb.size()), wf(yf.size());
+    for (size_t i = 0; i < yb.size(); ++i) {
+        const size_t g = i / ((size_t)rows * n), c = i % n;
+        const double bv = bias[(size_t)gi((int)g, gb) * n + c];
+        wb[i] = to_f32(yb[i]) + bv;
+        wf[i] = (double)yf[i] + bv;
+    }
+    const dim3 grid = grouped(G, (size_t)rows * n, vec), blk{256, 1, 1};
+    emu_launch(add_bias_rows_bf16, grid, blk, 0, yb.data(), (const float*)bias.data(), rows, n, gb, vec);
+    emu_launch(add_bias_rows_f32, grid, blk, 0, yf.data(), (const float*)bias.data(), rows, n, gb, vec);
+    char tag[96];
+    std::snprintf(tag, sizeof tag, " G=%d gb=%d rows=%d n=%d vec=%d", G, gb, rows, n, vec);
+    check(std::string("add_bias_rows_bf16") + tag, d(yb), wb, 1e-2);
+    check(std::string("add_bias_rows_f32") + tag, d(yf), wf, 1e-6);
+}
+
+static void elementwise_case(uint64_t seed) {
+    Rng rng(seed);
+    const dim3 blk{256, 1, 1};
+    elementwise_vec_case(1000, seed);     // vectors
+    elementwise_vec_case(1003, seed + 1); // scalar
+    add_bias_rows_case(3, 1, 70, 264, seed + 2);
+    add_bias_rows_case(2, 2, 9, 37, seed + 3);
     auto x = rng.f32s(5000, 2.0);
     std::vector<double> part(20, NAN), ss(1, NAN);
     emu_launch(sumsq_partial_f32, dim3{20, 1, 1}, blk, 0, (const float*)x.data(), (u64)x.size(), part.data());
@@ -664,8 +746,10 @@ int main(int argc, char** argv) {
     if (only.empty() || only == "rest") {
         layernorm_case(3, 3, 1, 300, 192, 21);
         layernorm_case(3, 1, 3, 50, 37, 22);
+        layernorm_case(2, 2, 2, 20, 264, 23);  // vectors: a second, partial pass over the row
         bias_gelu_case(3, 3, 1, 300, 77, 31);
         bias_gelu_case(3, 1, 3, 17, 64, 32);
+        bias_gelu_case(2, 2, 2, 40, 264, 33);  // vectors; two column strips, the second partial
         sum_rows_case(3, 300, 37, 37, 1, 41);
         sum_rows_case(3, 5, 24, 17 * 24, 3, 42);  // the dcls shape: first D of each T·D row
         loss_case(3, 17, 10, 51);

@@ -112,7 +112,7 @@ sources! {
     "activation.cu" => "../../../kernels/activation.cu" {
         BiasGeluFwd = "bias_gelu_fwd",
         BiasGeluBwdDx = "bias_gelu_bwd_dx",
-        BiasGeluBwdDbPartial = "bias_gelu_bwd_db_partial",
+        BiasGeluBwd = "bias_gelu_bwd",
     }
     "embed.cu" => "../../../kernels/embed.cu" {
         Patchify = "patchify",

@@ -762,10 +762,31 @@ fn bias_gelu_case(d: BiasGeluDims, seed: u64) {
     );
     let mut ws = poisoned_f32(g, bias_gelu_db_workspace_len(&d));
     let mut db = poisoned_f32(g, d.b_groups * n);
-    g.bias_gelu_backward_db(&d, &dyd, &xd, &bd, &mut ws, &mut db, false)
+    g.bias_gelu_backward_db(&d, &dyd, &xd, &bd, &mut ws, &mut db, false, None)
         .expect("bias_gelu_backward_db");
     check(
         &format!("bias_gelu db {tag}"),
+        &down_f32(g, &db),
+        &db_ref,
+        F32_TOL,
+    );
+    // Both gradients in one pass, where x is not shared; elsewhere that is refused.
+    let mut dx = poisoned_bf16(g, d.x_groups * rows * n);
+    let mut db = poisoned_f32(g, d.b_groups * n);
+    let both = g.bias_gelu_backward_db(&d, &dyd, &xd, &bd, &mut ws, &mut db, false, Some(&mut dx));
+    if d.x_groups != d.groups {
+        assert!(both.is_err(), "dx in the db pass accepted a shared x");
+        return;
+    }
+    both.expect("bias_gelu_backward_db with dx");
+    check(
+        &format!("bias_gelu dx (with db) {tag}"),
+        &down_bf16(g, &dx),
+        &dx_ref,
+        BF16_TOL,
+    );
+    check(
+        &format!("bias_gelu db (with dx) {tag}"),
         &down_f32(g, &db),
         &db_ref,
         F32_TOL,
@@ -783,6 +804,21 @@ fn bias_gelu_shared_bias() {
             n: 77,
         },
         31,
+    );
+}
+
+/// A width of 8s: the 16-byte vector path, two column strips of 256 (the second partial).
+#[test]
+fn bias_gelu_member_bias_vectors() {
+    bias_gelu_case(
+        BiasGeluDims {
+            groups: 2,
+            x_groups: 2,
+            b_groups: 2,
+            rows: 40,
+            n: 264,
+        },
+        33,
     );
 }
 

@@ -7,11 +7,11 @@ use crate::bf16;
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::{
-    BLOCK, CHUNK_ROWS, GRID_X, GRID_YZ, elementwise_cfg, grid_dim, groups_ok, int, positive,
-    product,
+    BLOCK, CHUNK_ROWS, GRID_X, GRID_YZ, grid_dim, grouped_cfg, groups_ok, int, positive, product,
+    vec8,
 };
 use crate::error::{KernelError, Result};
-use crate::gpu::{Arg, Gpu};
+use crate::gpu::{Arg, Gpu, Ptr};
 use crate::sources::Kernel;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,29 +77,31 @@ impl Gpu {
     ) -> Result<()> {
         const OP: &str = "bias_gelu_forward";
         d.check(OP)?;
-        let x = self.input(OP, "x", x, d.x_groups * d.rows * d.n)?;
+        let per = d.rows * d.n;
+        let x = self.input(OP, "x", x, d.x_groups * per)?;
         let b = self.input(OP, "bias", b, d.b_groups * d.n)?;
-        let total = d.groups * d.rows * d.n;
-        let y = self.output(OP, "y", y, total)?;
-        let (gx, gb, g, rows, n) = d.ints();
+        let y = self.output(OP, "y", y, d.groups * per)?;
+        let vec = vec8(&[d.n], &[&x, &b, &y]);
+        let (gx, gb, _, rows, n) = d.ints();
         self.launch(
             Kernel::BiasGeluFwd,
-            elementwise_cfg(total),
+            grouped_cfg(OP, d.groups, per, vec)?,
             &[
                 x.arg(),
                 b.arg(),
                 y.arg(),
                 Arg::from(gx),
                 Arg::from(gb),
-                Arg::from(g),
                 Arg::from(rows),
                 Arg::from(n),
+                Arg::from(vec),
             ],
         )
     }
 
     /// `dx = Σ_g dy[g]·gelu'(x + b[gb(g)])` over the output groups reading each x element, from
-    /// the pre-activation input (x + b is recomputed, not stored).
+    /// the pre-activation input (x + b is recomputed, not stored). When db is wanted too and x is
+    /// not shared, [`Gpu::bias_gelu_backward_db`] writes dx in the same pass.
     pub fn bias_gelu_backward_dx(
         &self,
         d: &BiasGeluDims,
@@ -110,15 +112,16 @@ impl Gpu {
     ) -> Result<()> {
         const OP: &str = "bias_gelu_backward_dx";
         d.check(OP)?;
-        let dy = self.input(OP, "dy", dy, d.groups * d.rows * d.n)?;
-        let xlen = d.x_groups * d.rows * d.n;
-        let x = self.input(OP, "x", x, xlen)?;
+        let per = d.rows * d.n;
+        let dy = self.input(OP, "dy", dy, d.groups * per)?;
+        let x = self.input(OP, "x", x, d.x_groups * per)?;
         let b = self.input(OP, "bias", b, d.b_groups * d.n)?;
-        let dx = self.output(OP, "dx", dx, xlen)?;
+        let dx = self.output(OP, "dx", dx, d.x_groups * per)?;
+        let vec = vec8(&[d.n], &[&dy, &x, &b, &dx]);
         let (gx, gb, g, rows, n) = d.ints();
         self.launch(
             Kernel::BiasGeluBwdDx,
-            elementwise_cfg(xlen),
+            grouped_cfg(OP, d.x_groups, per, vec)?,
             &[
                 dy.arg(),
                 x.arg(),
@@ -129,12 +132,15 @@ impl Gpu {
                 Arg::from(g),
                 Arg::from(rows),
                 Arg::from(n),
+                Arg::from(vec),
             ],
         )
     }
 
     /// `db = Σ_rows dy·gelu'(x + b)` per bias row, the product recomputed in f32; deterministic in
     /// two stages through `workspace` ([`bias_gelu_db_workspace_len`] f32). `accumulate` adds to db.
+    /// With `dx`, the same pass also writes `dx = dy·gelu'(x + b)` (bf16), reading dy and x once
+    /// for both gradients; that needs x unshared (`x_groups == groups`).
     #[allow(clippy::too_many_arguments)]
     pub fn bias_gelu_backward_db(
         &self,
@@ -145,18 +151,35 @@ impl Gpu {
         workspace: &mut (impl DevicePtr<f32> + DevicePtrMut<f32>),
         db: &mut dyn DevicePtrMut<f32>,
         accumulate: bool,
+        dx: Option<&mut dyn DevicePtrMut<bf16>>,
     ) -> Result<()> {
         const OP: &str = "bias_gelu_backward_db";
         d.check(OP)?;
+        if dx.is_some() && d.x_groups != d.groups {
+            return Err(KernelError::invalid(
+                OP,
+                format!(
+                    "dx in the same pass needs x unshared; x has {} groups of {}",
+                    d.x_groups, d.groups
+                ),
+            ));
+        }
         {
-            let dy = self.input(OP, "dy", dy, d.groups * d.rows * d.n)?;
-            let x = self.input(OP, "x", x, d.x_groups * d.rows * d.n)?;
+            let per = d.rows * d.n;
+            let dy = self.input(OP, "dy", dy, d.groups * per)?;
+            let x = self.input(OP, "x", x, d.x_groups * per)?;
             let b = self.input(OP, "bias", b, d.b_groups * d.n)?;
+            let dx = match dx {
+                Some(dx) => self.output(OP, "dx", dx, d.x_groups * per)?,
+                None => Ptr::null(),
+            };
             let part = self.output(OP, "workspace", workspace, bias_gelu_db_workspace_len(d))?;
-            // Block (32 columns, 256-row chunk, bias row): lanes = columns, warps = rows.
+            let vec = vec8(&[d.n], &[&dy, &x, &b, &dx]);
+            // Block (32·8 or 32 columns, 256-row chunk, bias row): lanes = columns, warps = rows.
+            let strip = if vec == 1 { 32 * 8 } else { 32 };
             let cfg = LaunchConfig {
                 grid_dim: (
-                    grid_dim(OP, "column strips", d.n.div_ceil(32), GRID_X)?,
+                    grid_dim(OP, "column strips", d.n.div_ceil(strip), GRID_X)?,
                     grid_dim(OP, "row chunks", d.chunks(), GRID_YZ)?,
                     grid_dim(OP, "bias groups", d.b_groups, GRID_YZ)?,
                 ),
@@ -166,12 +189,13 @@ impl Gpu {
             let (gx, gb, g, rows, n) = d.ints();
             let chunk_rows = CHUNK_ROWS as i32;
             self.launch(
-                Kernel::BiasGeluBwdDbPartial,
+                Kernel::BiasGeluBwd,
                 cfg,
                 &[
                     dy.arg(),
                     x.arg(),
                     b.arg(),
+                    dx.arg(),
                     part.arg(),
                     Arg::from(gx),
                     Arg::from(gb),
@@ -179,6 +203,7 @@ impl Gpu {
                     Arg::from(rows),
                     Arg::from(n),
                     Arg::from(chunk_rows),
+                    Arg::from(vec),
                 ],
             )?;
         }

@@ -5,8 +5,8 @@ use crate::bf16;
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::{
-    BLOCK, CHUNK_ROWS, GRID_X, GRID_YZ, elementwise_cfg, grid_dim, groups_ok, int, positive,
-    product,
+    BLOCK, CHUNK_ROWS, GRID_X, GRID_YZ, elementwise_cfg, grid_dim, grouped_cfg, groups_ok, int,
+    positive, product, vec_cfg, vec8,
 };
 use crate::error::{KernelError, Result};
 use crate::gpu::{Arg, Gpu};
@@ -84,18 +84,20 @@ macro_rules! add_launcher {
             let a = self.input(OP, "a", a, a_groups * per)?;
             let b = self.input(OP, "b", b, b_groups * per)?;
             let out = self.output(OP, "out", out, total)?;
-            let (per, g, ga, gb) = (per as u64, groups as i32, a_groups as i32, b_groups as i32);
+            let vec = vec8(&[per], &[&a, &b, &out]);
+            let cfg = grouped_cfg(OP, groups, per, vec)?;
+            let (per, ga, gb) = (per as u64, a_groups as i32, b_groups as i32);
             self.launch(
                 Kernel::$kernel,
-                elementwise_cfg(total),
+                cfg,
                 &[
                     a.arg(),
                     b.arg(),
                     out.arg(),
                     Arg::from(per),
-                    Arg::from(g),
                     Arg::from(ga),
                     Arg::from(gb),
+                    Arg::from(vec),
                 ],
             )
         }
@@ -123,15 +125,20 @@ macro_rules! bias_launcher {
             let total = product(OP, &[groups, rows, n])?;
             let bias = self.input(OP, "bias", bias, bias_groups * n)?;
             let y = self.output(OP, "y", y, total)?;
+            let vec = vec8(&[n], &[&y, &bias]);
             let args = [
                 y.arg(),
                 bias.arg(),
-                Arg::from(rows as u64),
+                Arg::from(int(OP, "rows", rows)?),
                 Arg::from(int(OP, "n", n)?),
-                Arg::from(int(OP, "groups", groups)?),
                 Arg::from(bias_groups as i32),
+                Arg::from(vec),
             ];
-            self.launch(Kernel::$kernel, elementwise_cfg(total), &args)
+            self.launch(
+                Kernel::$kernel,
+                grouped_cfg(OP, groups, rows * n, vec)?,
+                &args,
+            )
         }
     };
 }
@@ -148,11 +155,11 @@ macro_rules! binary_inplace {
             const OP: &str = stringify!($name);
             let src = self.input(OP, "src", src, n)?;
             let dst = self.output(OP, "dst", dst, n)?;
-            let n64 = n as u64;
+            let vec = vec8(&[n], &[&dst, &src]);
             self.launch(
                 Kernel::$kernel,
-                elementwise_cfg(n),
-                &[dst.arg(), src.arg(), Arg::from(n64)],
+                vec_cfg(n, vec),
+                &[dst.arg(), src.arg(), Arg::from(n as u64), Arg::from(vec)],
             )
         }
     };
@@ -164,11 +171,16 @@ macro_rules! scale_launcher {
         pub fn $name(&self, n: usize, x: &mut dyn DevicePtrMut<$t>, alpha: f32) -> Result<()> {
             const OP: &str = stringify!($name);
             let x = self.output(OP, "x", x, n)?;
-            let n64 = n as u64;
+            let vec = vec8(&[n], &[&x]);
             self.launch(
                 Kernel::$kernel,
-                elementwise_cfg(n),
-                &[x.arg(), Arg::from(n64), Arg::from(alpha)],
+                vec_cfg(n, vec),
+                &[
+                    x.arg(),
+                    Arg::from(n as u64),
+                    Arg::from(alpha),
+                    Arg::from(vec),
+                ],
             )
         }
     };
@@ -190,10 +202,17 @@ macro_rules! sum_groups_launcher {
             let src = self.input(OP, "src", src, product(OP, &[per, groups])?)?;
             let out = self.output(OP, "out", out, per)?;
             let (per64, g) = (per as u64, int(OP, "groups", groups)?);
+            let vec = vec8(&[per], &[&src, &out]);
             self.launch(
                 Kernel::$kernel,
-                elementwise_cfg(per),
-                &[src.arg(), out.arg(), Arg::from(per64), Arg::from(g)],
+                vec_cfg(per, vec),
+                &[
+                    src.arg(),
+                    out.arg(),
+                    Arg::from(per64),
+                    Arg::from(g),
+                    Arg::from(vec),
+                ],
             )
         }
     };
@@ -276,11 +295,11 @@ macro_rules! convert_launcher {
             const OP: &str = stringify!($name);
             let src = self.input(OP, "src", src, n)?;
             let dst = self.output(OP, "dst", dst, n)?;
-            let n64 = n as u64;
+            let vec = vec8(&[n], &[&src, &dst]);
             self.launch(
                 Kernel::$kernel,
-                elementwise_cfg(n),
-                &[src.arg(), dst.arg(), Arg::from(n64)],
+                vec_cfg(n, vec),
+                &[src.arg(), dst.arg(), Arg::from(n as u64), Arg::from(vec)],
             )
         }
     };
@@ -292,11 +311,16 @@ macro_rules! fill_launcher {
         pub fn $name(&self, n: usize, dst: &mut dyn DevicePtrMut<$t>, value: f32) -> Result<()> {
             const OP: &str = stringify!($name);
             let dst = self.output(OP, "dst", dst, n)?;
-            let n64 = n as u64;
+            let vec = vec8(&[n], &[&dst]);
             self.launch(
                 Kernel::$kernel,
-                elementwise_cfg(n),
-                &[dst.arg(), Arg::from(n64), Arg::from(value)],
+                vec_cfg(n, vec),
+                &[
+                    dst.arg(),
+                    Arg::from(n as u64),
+                    Arg::from(value),
+                    Arg::from(vec),
+                ],
             )
         }
     };

@@ -7,10 +7,10 @@
 use crate::bf16;
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 
-use super::{GRID_X, GRID_YZ, grid_dim, groups_ok, int, positive, product};
+use super::{GRID_X, GRID_YZ, grid_dim, groups_ok, int, positive, product, vec8};
 use crate::compile::Arch;
 use crate::error::{KernelError, Result};
-use crate::gpu::{Arg, Gpu, Ptr};
+use crate::gpu::{Arg, Gpu};
 use crate::sources::Kernel;
 
 /// Dynamic shared memory of the fused GEMMs: 3 stages × (128×40 + 128×40) bf16. Mirrors
@@ -146,11 +146,6 @@ fn lowrank_cfg(op: &'static str, d: &LoraDims, outs: usize) -> Result<LaunchConf
     })
 }
 
-/// Whether a bf16 matrix with rows of `cols` elements can be copied in 16-byte chunks.
-fn vec16(cols: usize, ptr: &Ptr) -> i32 {
-    (cols.is_multiple_of(8) && ptr.aligned(16)) as i32
-}
-
 /// The launch of a fused GEMM with `out_cols` output columns: tiles of 128×128, per member unless
 /// the prefix variant covers all members in one tile; `smem` bytes of dynamic shared memory.
 fn gemm_cfg(
@@ -192,7 +187,7 @@ impl Gpu {
         let a = self.input(OP, "A", a, d.a_len())?;
         let u = self.output(OP, "U", u, d.u_len())?;
         let cfg = lowrank_cfg(OP, d, d.rows)?;
-        let vec = vec16(d.k, &x);
+        let vec = vec8(&[d.k], &[&x]);
         let (xg, rows, k, r) = (d.x_groups as i32, d.rows as i32, d.k as i32, d.rank as i32);
         self.launch(
             Kernel::LoraU,
@@ -296,7 +291,7 @@ impl Gpu {
         let bm = self.input(OP, "B", b, d.b_len())?;
         let v = self.output(OP, "V", v, d.u_len())?;
         let cfg = lowrank_cfg(OP, d, d.rows)?;
-        let vec = vec16(d.n, &dy);
+        let vec = vec8(&[d.n], &[&dy]);
         let (rows, n, r) = (d.rows as i32, d.n as i32, d.rank as i32);
         self.launch(
             Kernel::LoraV,
@@ -372,7 +367,7 @@ impl Gpu {
         let x = self.input(OP, "X", x, d.x_len())?;
         let da = self.output(OP, "dA", da, d.a_len())?;
         let cfg = lowrank_cfg(OP, d, d.k)?;
-        let vec = vec16(d.k, &x);
+        let vec = vec8(&[d.k], &[&x]);
         let (xg, rows, k, r) = (d.x_groups as i32, d.rows as i32, d.k as i32, d.rank as i32);
         self.launch(
             Kernel::LoraGradA,
@@ -405,7 +400,7 @@ impl Gpu {
         let u = self.input(OP, "U", u, d.u_len())?;
         let db = self.output(OP, "dB", db, d.b_len())?;
         let cfg = lowrank_cfg(OP, d, d.n)?;
-        let vec = vec16(d.n, &dy);
+        let vec = vec8(&[d.n], &[&dy]);
         let (rows, n, r) = (d.rows as i32, d.n as i32, d.rank as i32);
         self.launch(
             Kernel::LoraGradB,

@@ -21,6 +21,7 @@ pub mod optim;
 use cudarc::driver::LaunchConfig;
 
 use crate::error::{KernelError, Result};
+use crate::gpu::Ptr;
 use crate::sources::Kernel;
 
 /// Threads per block of the elementwise and row kernels.
@@ -77,6 +78,41 @@ pub(crate) fn grid_dim(op: &'static str, what: &str, v: usize, limit: usize) -> 
 
 pub(crate) const GRID_X: usize = i32::MAX as usize;
 pub(crate) const GRID_YZ: usize = 65535;
+
+/// The widths and pointers a memory-bound kernel may move in 16-byte vectors of 8 elements (its
+/// `vec` argument): every row width a multiple of 8 and every pointer 16-byte aligned.
+pub(crate) fn vec8(widths: &[usize], ptrs: &[&Ptr]) -> i32 {
+    (widths.iter().all(|w| w.is_multiple_of(8)) && ptrs.iter().all(|p| p.aligned(16))) as i32
+}
+
+/// A grid-stride launch over `groups` groups of `per` elements each, `vec` elements per thread:
+/// blockIdx.y is the group (the kernels need no division to find it), x strides within it. At
+/// most 65536 blocks in all, so the kernels loop.
+pub(crate) fn grouped_cfg(
+    op: &'static str,
+    groups: usize,
+    per: usize,
+    vec: i32,
+) -> Result<LaunchConfig> {
+    // The kernels index within a group in 32 bits.
+    int(op, "elements per group", per)?;
+    let units = if vec == 1 { per.div_ceil(8) } else { per };
+    let cap = ((1usize << 16) / groups).max(1);
+    Ok(LaunchConfig {
+        grid_dim: (
+            units.div_ceil(BLOCK as usize).clamp(1, cap) as u32,
+            grid_dim(op, "groups", groups, GRID_YZ)?,
+            1,
+        ),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// A 1-D grid-stride launch over `n` elements, 8 per thread when `vec` is 1.
+pub(crate) fn vec_cfg(n: usize, vec: i32) -> LaunchConfig {
+    elementwise_cfg(if vec == 1 { n.div_ceil(8) } else { n })
+}
 
 /// A 1-D grid-stride launch over `n` elements (at most 65536 blocks; the kernels loop).
 pub(crate) fn elementwise_cfg(n: usize) -> LaunchConfig {

@@ -6,7 +6,9 @@
 use crate::bf16;
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 
-use super::{BLOCK, CHUNK_ROWS, GRID_X, GRID_YZ, grid_dim, groups_ok, int, positive, product};
+use super::{
+    BLOCK, CHUNK_ROWS, GRID_X, GRID_YZ, grid_dim, groups_ok, int, positive, product, vec8,
+};
 use crate::error::{KernelError, Result};
 use crate::gpu::{Arg, Gpu};
 use crate::sources::Kernel;
@@ -109,6 +111,7 @@ impl Gpu {
         let mean = self.output(OP, "mean", mean, d.x_groups * d.rows)?;
         let rstd = self.output(OP, "rstd", rstd, d.x_groups * d.rows)?;
         let cfg = d.row_cfg(OP)?;
+        let vec = vec8(&[d.dim], &[&x, &gamma, &beta, &y]);
         let (gx, gw, g, rows, dim) = d.ints();
         self.launch(
             Kernel::LayernormFwd,
@@ -126,6 +129,7 @@ impl Gpu {
                 Arg::from(rows),
                 Arg::from(dim),
                 Arg::from(eps),
+                Arg::from(vec),
             ],
         )
     }
@@ -158,6 +162,7 @@ impl Gpu {
         let rstd = self.input(OP, "rstd", rstd, d.x_groups * d.rows)?;
         let dx = self.output(OP, "dx", dx, d.x_groups * d.rows * d.dim)?;
         let cfg = d.row_cfg(OP)?;
+        let vec = vec8(&[d.dim], &[&dy, &x, &gamma, &dx]);
         let (gx, gw, g, rows, dim) = d.ints();
         self.launch(
             Kernel::LayernormBwdDx,
@@ -174,6 +179,7 @@ impl Gpu {
                 Arg::from(g),
                 Arg::from(rows),
                 Arg::from(dim),
+                Arg::from(vec),
             ],
         )
     }

@@ -128,14 +128,14 @@ pub fn bias_gelu_backward(
     if let Some(gpu) = dev.gpu() {
         let d = cuda_dims(&dm);
         let (dyb, xb, bf) = (dy.cu_bf16(OP)?, x.cu_bf16(OP)?, b.cu_f32(OP)?);
-        let dx = need_x
-            .then(|| -> Result<Tensor> {
-                let mut dx =
-                    Tensor::empty_as(x.shape().clone(), DType::BF16, MemTag::Workspace, dev)?;
-                gpu.bias_gelu_backward_dx(&d, dyb, xb, bf, dx.cu_bf16_mut(OP)?)?;
-                Ok(dx)
-            })
+        let mut dx = need_x
+            .then(|| Tensor::empty_as(x.shape().clone(), DType::BF16, MemTag::Workspace, dev))
             .transpose()?;
+        // One pass for both gradients where x is not shared (the explicit ensemble's MLPs).
+        let fused = dx.is_some() && need_b && dm.gx == dm.groups;
+        if let Some(dx) = dx.as_mut().filter(|_| !fused) {
+            gpu.bias_gelu_backward_dx(&d, dyb, xb, bf, dx.cu_bf16_mut(OP)?)?;
+        }
         let db = need_b
             .then(|| -> Result<Tensor> {
                 let mut db = Tensor::empty(b.shape().clone(), MemTag::Workspace, dev)?;
@@ -144,6 +144,10 @@ pub fn bias_gelu_backward(
                     MemTag::Workspace,
                     dev,
                 )?;
+                let dx = match dx.as_mut().filter(|_| fused) {
+                    Some(dx) => Some(dx.cu_bf16_mut(OP)?),
+                    None => None,
+                };
                 gpu.bias_gelu_backward_db(
                     &d,
                     dyb,
@@ -152,6 +156,7 @@ pub fn bias_gelu_backward(
                     ws.cu_f32_mut(OP)?,
                     db.cu_f32_mut(OP)?,
                     false,
+                    dx.map(|p| p as _),
                 )?;
                 Ok(db)
             })
