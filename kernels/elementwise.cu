@@ -112,39 +112,47 @@ extern "C" __global__ void __launch_bounds__(256)
 // First stage of column sums (bias gradients, dcls, dpos): for output group o,
 //   part[o][chunk][c] = Σ_{g → o} Σ_{row in chunk} src[(g·rows + row)·ld + c],  c < n <= ld
 // where g → o means g == o when out_groups == groups, every g when out_groups == 1.
-// Block (column strip of 32, chunk, o): lane = column, warp = rows, warp partials added in order.
-// grid (ceil(n/32), ceil(rows/chunk_rows), out_groups), block 256.
-template <typename T>
-__device__ void sum_rows_partial(const T* src, float* part, int groups, int rows, int n, u64 ld,
-                                 int out_groups, int chunk_rows) {
+// Block (column strip of 32·V, chunk, o): lane = V columns, warp = rows, warp partials added in
+// order (`vec`: n and ld multiples of 8, src 16-byte aligned). grid (ceil(n / (32·V)),
+// ceil(rows/chunk_rows), out_groups), block 256.
+template <int V, typename T>
+__device__ void sum_rows_partial(const T* src, float* part, int groups, int rows, int n, u64 ld, int out_groups,
+                                 int chunk_rows, float (*red)[WARP * VEC]) {
     constexpr int WARPS = 8;
-    __shared__ float red[WARPS][WARP];
     const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    const int c = blockIdx.x * WARP + lane, chunk = blockIdx.y, o = blockIdx.z;
+    const int strip = blockIdx.x * WARP * V, c = strip + lane * V, chunk = blockIdx.y, o = blockIdx.z;
     const int row_begin = chunk * chunk_rows, row_end = min(rows, row_begin + chunk_rows);
     const int g_begin = out_groups == groups ? o : 0, g_end = out_groups == groups ? o + 1 : groups;
-    float acc = 0.0f;
+    float acc[V] = {};
     if (c < n)
         for (int g = g_begin; g < g_end; ++g)
-            for (int row = row_begin + warp; row < row_end; row += WARPS)
-                acc += to_f32(src[((u64)g * rows + row) * ld + c]);
-    red[warp][lane] = acc;
+            for (int row = row_begin + warp; row < row_end; row += WARPS) {
+                float v[V];
+                load_vec<V>(src + ((u64)g * rows + row) * ld + c, v);
+#pragma unroll
+                for (int i = 0; i < V; ++i) acc[i] += v[i];
+            }
+#pragma unroll
+    for (int i = 0; i < V; ++i) red[warp][lane * V + i] = acc[i];
     __syncthreads();
-    if (warp == 0 && c < n) {
+    const int col = threadIdx.x;  // one column of the strip per thread
+    if (col < WARP * V && strip + col < n) {
         float t = 0.0f;
-        for (int i = 0; i < WARPS; ++i) t += red[i][lane];
-        part[((u64)o * gridDim.y + chunk) * n + c] = t;
+        for (int i = 0; i < WARPS; ++i) t += red[i][col];
+        part[((u64)o * gridDim.y + chunk) * n + strip + col] = t;
     }
 }
 extern "C" __global__ void __launch_bounds__(256)
     sum_rows_partial_bf16(const bf16* src, float* part, int groups, int rows, int n, u64 ld,
-                          int out_groups, int chunk_rows) {
-    sum_rows_partial(src, part, groups, rows, n, ld, out_groups, chunk_rows);
+                          int out_groups, int chunk_rows, int vec) {
+    __shared__ float red[8][WARP * VEC];
+    DISPATCH_VEC(vec, sum_rows_partial, src, part, groups, rows, n, ld, out_groups, chunk_rows, red);
 }
 extern "C" __global__ void __launch_bounds__(256)
     sum_rows_partial_f32(const float* src, float* part, int groups, int rows, int n, u64 ld,
-                         int out_groups, int chunk_rows) {
-    sum_rows_partial(src, part, groups, rows, n, ld, out_groups, chunk_rows);
+                         int out_groups, int chunk_rows, int vec) {
+    __shared__ float red[8][WARP * VEC];
+    DISPATCH_VEC(vec, sum_rows_partial, src, part, groups, rows, n, ld, out_groups, chunk_rows, red);
 }
 
 // Second stage: out[o][c] (+)= Σ_chunk part[o][chunk][c], chunks in order. `accumulate` adds to

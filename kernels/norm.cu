@@ -145,39 +145,58 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // First stage of dgamma = Σ dy·x̂ and dbeta = Σ dy over the rows that use each affine row w (its
-// own group's rows, or every group's when gamma is shared). Block (column strip of 32, row chunk,
-// w): lane = column, warp = rows; warp partials are added in warp order.
+// own group's rows, or every group's when gamma is shared). Block (column strip of 32·V, row
+// chunk, w): lane = V columns, warp = rows; warp partials are added in warp order.
 //   part[which][w][chunk][c], which 0 = dgamma, 1 = dbeta; part is [2, gw, chunks, D].
 // The second stage (elementwise.cu reduce_partials) adds the chunks in order: deterministic.
-// grid (ceil(D/32), chunks = ceil(rows/chunk_rows), gw), block 256.
-extern "C" __global__ void __launch_bounds__(256)
-    layernorm_bwd_params_partial(const bf16* dY, const bf16* X, const float* mean,
-                                 const float* rstd, float* part, int gx, int gw, int G, int rows,
-                                 int D, int chunk_rows) {
-    __shared__ float red[2][ln::WARPS][WARP];
+// grid (ceil(D / (32·V)), chunks = ceil(rows/chunk_rows), gw), block 256.
+template <int V>
+__device__ void layernorm_bwd_params_body(const bf16* dY, const bf16* X, const float* mean, const float* rstd,
+                                          float* part, int gx, int gw, int G, int rows, int D, int chunk_rows,
+                                          float (*red)[ln::WARPS][WARP * VEC]) {
     const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    const int c = blockIdx.x * WARP + lane, chunk = blockIdx.y, w = blockIdx.z;
+    const int strip = blockIdx.x * WARP * V, c = strip + lane * V, chunk = blockIdx.y, w = blockIdx.z;
     const int chunks = gridDim.y;
     const int row_begin = chunk * chunk_rows, row_end = min(rows, row_begin + chunk_rows);
     const int g_begin = gw == G ? w : 0, g_end = gw == G ? w + 1 : G;
-    float dg = 0.0f, db = 0.0f;
+    float dg[V] = {}, db[V] = {};
     if (c < D) {
         for (int g = g_begin; g < g_end; ++g) {
             const int sg = group_index(g, gx);
             for (int row = row_begin + warp; row < row_end; row += ln::WARPS) {
                 const size_t s = (size_t)sg * rows + row;
-                const float dy = to_f32(dY[((size_t)g * rows + row) * D + c]);
-                dg = fmaf(dy, (to_f32(X[s * D + c]) - mean[s]) * rstd[s], dg);
-                db += dy;
+                const float mu = mean[s], r = rstd[s];
+                float dy[V], x[V];
+                load_vec<V>(dY + ((size_t)g * rows + row) * D + c, dy);
+                load_vec<V>(X + s * D + c, x);
+#pragma unroll
+                for (int i = 0; i < V; ++i) {
+                    dg[i] = fmaf(dy[i], (x[i] - mu) * r, dg[i]);
+                    db[i] += dy[i];
+                }
             }
         }
     }
-    red[0][warp][lane] = dg;
-    red[1][warp][lane] = db;
-    __syncthreads();
-    if (warp < 2 && c < D) {
-        float t = 0.0f;
-        for (int i = 0; i < ln::WARPS; ++i) t += red[warp][i][lane];
-        part[(((size_t)warp * gw + w) * chunks + chunk) * D + c] = t;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+        red[0][warp][lane * V + i] = dg[i];
+        red[1][warp][lane * V + i] = db[i];
     }
+    __syncthreads();
+    const int col = threadIdx.x;  // one column of the strip per thread, both sums
+    if (col < WARP * V && strip + col < D)
+        for (int which = 0; which < 2; ++which) {
+            float t = 0.0f;
+            for (int i = 0; i < ln::WARPS; ++i) t += red[which][i][col];
+            part[(((size_t)which * gw + w) * chunks + chunk) * D + strip + col] = t;
+        }
+}
+extern "C" __global__ void __launch_bounds__(256)
+    layernorm_bwd_params_partial(const bf16* dY, const bf16* X, const float* mean, const float* rstd, float* part,
+                                 int gx, int gw, int G, int rows, int D, int chunk_rows, int vec) {
+    __shared__ float red[2][ln::WARPS][WARP * VEC];
+    if (vec)
+        layernorm_bwd_params_body<VEC>(dY, X, mean, rstd, part, gx, gw, G, rows, D, chunk_rows, red);
+    else
+        layernorm_bwd_params_body<1>(dY, X, mean, rstd, part, gx, gw, G, rows, D, chunk_rows, red);
 }

@@ -369,8 +369,8 @@ static void layernorm_case(int G, int gx, int gw, int rows, int D, uint64_t seed
                dx.data(), gx, gw, G, rows, D, vec);
     const int chunk_rows = 256, chunks = (rows + chunk_rows - 1) / chunk_rows;
     std::vector<float> part((size_t)2 * gw * chunks * D, NAN), dgam((size_t)gw * D, NAN), dbet((size_t)gw * D, NAN);
-    emu_launch(layernorm_bwd_params_partial, dim3{(unsigned)((D + 31) / 32), (unsigned)chunks, (unsigned)gw}, blk, 0,
-               dy.data(), x.data(), mean.data(), rstd.data(), part.data(), gx, gw, G, rows, D, chunk_rows);
+    emu_launch(layernorm_bwd_params_partial, dim3{(unsigned)((D + (vec ? 255 : 31)) / (vec ? 256 : 32)), (unsigned)chunks, (unsigned)gw}, blk, 0,
+               dy.data(), x.data(), mean.data(), rstd.data(), part.data(), gx, gw, G, rows, D, chunk_rows, vec);
     reduce(part, 0, dgam, gw, chunks, D);
     reduce(part, (size_t)gw * chunks * D, dbet, gw, chunks, D);
     char tag[96];
@@ -442,8 +442,9 @@ static void sum_rows_case(int groups, int rows, int n, int ld, int out_groups, u
             for (int c = 0; c < n; ++c) want[(size_t)gi(g, out_groups) * n + c] += sf[((size_t)g * rows + r) * ld + c];
     const int chunks = (rows + 255) / 256;
     std::vector<float> part((size_t)out_groups * chunks * n, NAN), out((size_t)out_groups * n, NAN);
-    emu_launch(sum_rows_partial_bf16, dim3{(unsigned)((n + 31) / 32), (unsigned)chunks, (unsigned)out_groups},
-               dim3{256, 1, 1}, 0, src.data(), part.data(), groups, rows, n, (u64)ld, out_groups, 256);
+    const int vec = vec8(n) && vec8(ld), strip = vec ? 256 : 32;
+    emu_launch(sum_rows_partial_bf16, dim3{(unsigned)((n + strip - 1) / strip), (unsigned)chunks, (unsigned)out_groups},
+               dim3{256, 1, 1}, 0, src.data(), part.data(), groups, rows, n, (u64)ld, out_groups, 256, vec);
     reduce(part, 0, out, out_groups, chunks, n);
     char tag[96];
     std::snprintf(tag, sizeof tag, "groups=%d rows=%d n=%d ld=%d -> %d", groups, rows, n, ld, out_groups);
@@ -752,6 +753,7 @@ int main(int argc, char** argv) {
         bias_gelu_case(2, 2, 2, 40, 264, 33);  // vectors; two column strips, the second partial
         sum_rows_case(3, 300, 37, 37, 1, 41);
         sum_rows_case(3, 5, 24, 17 * 24, 3, 42);  // the dcls shape: first D of each T·D row
+        sum_rows_case(2, 300, 264, 264, 2, 43);   // vectors, two strips
         loss_case(3, 17, 10, 51);
         adamw_case(61);
         sgd_and_clip_case(62);

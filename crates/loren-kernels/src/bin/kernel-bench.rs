@@ -20,6 +20,11 @@
 //!   small kernels are compiled here with NVRTC through `loren_kernels::compile`. The naive path is
 //!   not charged for the head-major transposes it would need in a model.
 //!
+//! - **memory-bound passes** (M·rows rows of width 768, and 3072 for the MLP's bias+GELU):
+//!   LayerNorm forward and dx, the residual add, gradient accumulation, the bias add after a
+//!   cuBLAS product, bias+GELU forward and backward, each with the bandwidth it reaches for the
+//!   bytes it must move, beside a device-to-device copy of one activation.
+//!
 //! Every number is the median of `--repeats` calls (after `--warmup`), each timed by CUDA events
 //! around the call on the kernels' stream; min and max are kept. Rates use one FLOP count per
 //! problem for all its variants (2·m·n·k per product; attention: forward 4·G·B·T²·D, backward
@@ -36,8 +41,9 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use loren_kernels::provenance::{git_commit, utc_now};
 use loren_kernels::{
-    AttentionDims, Gemm, GemmOut, GemmPath, Gpu, KernelError, KernelSource, LoraDims, bf16,
-    compile, cuda_available, gpu_required, nvrtc_version,
+    AttentionDims, BiasGeluDims, Gemm, GemmOut, GemmPath, Gpu, KernelError, KernelSource, LoraDims,
+    NormDims, bf16, bias_gelu_db_workspace_len, compile, cuda_available, gpu_required,
+    nvrtc_version,
 };
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -368,16 +374,19 @@ fn table(rows: &[Row]) -> String {
         let fused = r.fused().median;
         for (label, st) in &r.variants {
             let gbps = r.gbps(st).map_or("–".into(), |g| format!("{g:.0}"));
+            let tflops = match r.flops {
+                0.0 => "–".to_string(),
+                f => format!("{:.1}", f / (st.median * 1e-3) / 1e12),
+            };
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {:.4} | {:.4}–{:.4} | {:.1} | {gbps} | {:.2} |",
+                "| {} | {} | {} | {:.4} | {:.4}–{:.4} | {tflops} | {gbps} | {:.2} |",
                 r.bench,
                 r.shape,
                 label,
                 st.median,
                 st.min,
                 st.max,
-                r.flops / (st.median * 1e-3) / 1e12,
                 st.median / fused
             );
         }
@@ -498,6 +507,7 @@ fn run(gpu: &Gpu, a: &Args, command: &str) -> Result<()> {
             );
         }
     }
+    done("memory-bound passes".into(), memory_rows(gpu, a)?);
     let softmax = SoftmaxKernels::load(gpu)?;
     for &t in &a.seqs {
         done(
@@ -780,6 +790,144 @@ fn pass_row(what: &str, shape: &str, t: Stats, macs: f64, bytes: f64) -> Row {
         flops: 2.0 * macs,
         bytes: Some(bytes),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory-bound passes.
+
+/// The passes between the GEMMs at the ensemble's activation shapes (M·rows rows, width D = 768
+/// and the MLP's 4·D): each kernel's time and the bandwidth it reaches for the bytes it must move,
+/// beside a device-to-device copy of one activation (the copy's bandwidth is the practical
+/// ceiling). LoRA-Ensemble's frozen MLP bias needs no gradient, so its bias+GELU backward is dx
+/// alone; the explicit ensemble's per-member bias takes dx and db in one pass, shown against the
+/// two passes it replaces.
+fn memory_rows(gpu: &Gpu, a: &Args) -> Result<Vec<Row>> {
+    let (mm, rows) = (a.members, a.rows);
+    let (d, h) = (768usize, 3072usize);
+    let mut al = Alloc {
+        gpu,
+        rng: Rng(0x6d65_6d6f_7279),
+    };
+    let (nd, nh) = (mm * rows * d, mm * rows * h);
+    let shape = |w: usize| format!("M={mm} rows={rows} width={w}");
+    let row = |bench: &str, w: usize, variants: Vec<(String, Stats)>, bytes: usize| Row {
+        bench: bench.into(),
+        shape: shape(w),
+        variants,
+        flops: 0.0,
+        bytes: Some(bytes as f64),
+    };
+    let one = |label: &str, t: Stats| vec![(label.to_string(), t)];
+    let mut out = Vec::new();
+
+    let x = al.bf16(nd, 1.0)?;
+    let mut y = al.zeros_bf16(nd)?;
+    let t = time(gpu, a, || Ok(gpu.stream().memcpy_dtod(&x, &mut y)?))?;
+    out.push(row("device copy (cuMemcpyDtoD)", d, one("copy", t), 4 * nd));
+
+    // LayerNorm on x (per member), affine shared: the frozen norms of LoRA-Ensemble.
+    let nd_dims = NormDims {
+        groups: mm,
+        x_groups: mm,
+        w_groups: 1,
+        rows,
+        dim: d,
+    };
+    let (gamma, beta) = (al.f32(d, 1.0)?, al.f32(d, 0.1)?);
+    let (mut mean, mut rstd) = (al.zeros_f32(mm * rows)?, al.zeros_f32(mm * rows)?);
+    let t = time(gpu, a, || {
+        Ok(gpu.layernorm_forward(
+            &nd_dims, &x, &gamma, &beta, 1e-6, &mut y, &mut mean, &mut rstd,
+        )?)
+    })?;
+    out.push(row("layernorm forward", d, one("vectorized", t), 4 * nd));
+    let dy = al.bf16(nd, 1.0)?;
+    let mut dx = al.zeros_bf16(nd)?;
+    let t = time(gpu, a, || {
+        Ok(gpu.layernorm_backward_dx(&nd_dims, &dy, &x, &gamma, &mean, &rstd, &mut dx)?)
+    })?;
+    out.push(row(
+        "layernorm backward dx",
+        d,
+        one("vectorized", t),
+        6 * nd,
+    ));
+
+    let t = time(gpu, a, || {
+        Ok(gpu.add_bf16(rows * d, mm, mm, mm, &x, &dy, &mut y)?)
+    })?;
+    out.push(row("residual add", d, one("vectorized", t), 6 * nd));
+    let t = time(gpu, a, || Ok(gpu.add_assign_bf16(nd, &mut dx, &dy)?))?;
+    out.push(row("gradient accumulate", d, one("vectorized", t), 6 * nd));
+    let bias_d = al.f32(d, 0.1)?;
+    let t = time(gpu, a, || {
+        Ok(gpu.add_bias_rows_bf16(mm, rows, d, 1, &mut y, &bias_d)?)
+    })?;
+    out.push(row(
+        "bias add (cuBLAS output)",
+        d,
+        one("vectorized", t),
+        4 * nd,
+    ));
+
+    // bias + GELU on the MLP's hidden activation.
+    let xh = al.bf16(nh, 2.0)?;
+    let dyh = al.bf16(nh, 1.0)?;
+    let mut yh = al.zeros_bf16(nh)?;
+    let mut dxh = al.zeros_bf16(nh)?;
+    let shared = BiasGeluDims {
+        groups: mm,
+        x_groups: mm,
+        b_groups: 1,
+        rows,
+        n: h,
+    };
+    let bias_h = al.f32(mm * h, 0.1)?;
+    let t = time(gpu, a, || {
+        Ok(gpu.bias_gelu_forward(&shared, &xh, &bias_h, &mut yh)?)
+    })?;
+    out.push(row("bias+GELU forward", h, one("vectorized", t), 4 * nh));
+    let t = time(gpu, a, || {
+        Ok(gpu.bias_gelu_backward_dx(&shared, &dyh, &xh, &bias_h, &mut dxh)?)
+    })?;
+    out.push(row(
+        "bias+GELU backward dx (LoRA)",
+        h,
+        one("vectorized", t),
+        6 * nh,
+    ));
+    let member = BiasGeluDims {
+        b_groups: mm,
+        ..shared
+    };
+    let mut ws = al.zeros_f32(bias_gelu_db_workspace_len(&member))?;
+    let mut db = al.zeros_f32(mm * h)?;
+    let both = time(gpu, a, || {
+        Ok(gpu.bias_gelu_backward_db(
+            &member,
+            &dyh,
+            &xh,
+            &bias_h,
+            &mut ws,
+            &mut db,
+            false,
+            Some(&mut dxh),
+        )?)
+    })?;
+    let apart = time(gpu, a, || {
+        gpu.bias_gelu_backward_dx(&member, &dyh, &xh, &bias_h, &mut dxh)?;
+        Ok(gpu.bias_gelu_backward_db(&member, &dyh, &xh, &bias_h, &mut ws, &mut db, false, None)?)
+    })?;
+    out.push(row(
+        "bias+GELU backward dx, db (explicit)",
+        h,
+        vec![
+            ("dx and db in one pass".into(), both),
+            ("dx, then db".into(), apart),
+        ],
+        6 * nh,
+    ));
+    Ok(out)
 }
 
 // ---------------------------------------------------------------------------------------------

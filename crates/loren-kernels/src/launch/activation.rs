@@ -4,12 +4,9 @@
 //! db [gb, N] f32.
 
 use crate::bf16;
-use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
+use cudarc::driver::{DevicePtr, DevicePtrMut};
 
-use super::{
-    BLOCK, CHUNK_ROWS, GRID_X, GRID_YZ, grid_dim, grouped_cfg, groups_ok, int, positive, product,
-    vec8,
-};
+use super::{CHUNK_ROWS, grouped_cfg, groups_ok, int, positive, product, strip_cfg, vec8};
 use crate::error::{KernelError, Result};
 use crate::gpu::{Arg, Gpu, Ptr};
 use crate::sources::Kernel;
@@ -175,17 +172,7 @@ impl Gpu {
             };
             let part = self.output(OP, "workspace", workspace, bias_gelu_db_workspace_len(d))?;
             let vec = vec8(&[d.n], &[&dy, &x, &b, &dx]);
-            // Block (32·8 or 32 columns, 256-row chunk, bias row): lanes = columns, warps = rows.
-            let strip = if vec == 1 { 32 * 8 } else { 32 };
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    grid_dim(OP, "column strips", d.n.div_ceil(strip), GRID_X)?,
-                    grid_dim(OP, "row chunks", d.chunks(), GRID_YZ)?,
-                    grid_dim(OP, "bias groups", d.b_groups, GRID_YZ)?,
-                ),
-                block_dim: (BLOCK, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = strip_cfg(OP, d.n, d.chunks(), d.b_groups, vec)?;
             let (gx, gb, g, rows, n) = d.ints();
             let chunk_rows = CHUNK_ROWS as i32;
             self.launch(

@@ -5,8 +5,8 @@ use crate::bf16;
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::{
-    BLOCK, CHUNK_ROWS, GRID_X, GRID_YZ, elementwise_cfg, grid_dim, grouped_cfg, groups_ok, int,
-    positive, product, vec_cfg, vec8,
+    BLOCK, CHUNK_ROWS, elementwise_cfg, grouped_cfg, groups_ok, int, positive, product, strip_cfg,
+    vec_cfg, vec8,
 };
 use crate::error::{KernelError, Result};
 use crate::gpu::{Arg, Gpu};
@@ -236,16 +236,8 @@ macro_rules! sum_rows_launcher {
             {
                 let src = self.input(OP, "src", src, d.src_len())?;
                 let part = self.output(OP, "workspace", workspace, sum_rows_workspace_len(d))?;
-                // Block (32 columns, 256-row chunk, output group): lanes = columns, warps = rows.
-                let cfg = LaunchConfig {
-                    grid_dim: (
-                        grid_dim(OP, "column strips", d.n.div_ceil(32), GRID_X)?,
-                        grid_dim(OP, "row chunks", d.chunks(), GRID_YZ)?,
-                        grid_dim(OP, "output groups", d.out_groups, GRID_YZ)?,
-                    ),
-                    block_dim: (BLOCK, 1, 1),
-                    shared_mem_bytes: 0,
-                };
+                let vec = vec8(&[d.n, d.ld], &[&src]);
+                let cfg = strip_cfg(OP, d.n, d.chunks(), d.out_groups, vec)?;
                 let (g, rows, n, ld, og, cr) = (
                     d.groups as i32,
                     d.rows as i32,
@@ -266,6 +258,7 @@ macro_rules! sum_rows_launcher {
                         Arg::from(ld),
                         Arg::from(og),
                         Arg::from(cr),
+                        Arg::from(vec),
                     ],
                 )?;
             }

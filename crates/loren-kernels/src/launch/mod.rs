@@ -109,6 +109,28 @@ pub(crate) fn grouped_cfg(
     })
 }
 
+/// The first stage of a two-stage column sum over `cols` columns: block (column strip, row chunk,
+/// output group), lanes = columns (8 each when `vec` is 1, so a strip is 256 columns; else 32),
+/// warps = rows.
+pub(crate) fn strip_cfg(
+    op: &'static str,
+    cols: usize,
+    chunks: usize,
+    groups: usize,
+    vec: i32,
+) -> Result<LaunchConfig> {
+    let strip = if vec == 1 { 32 * 8 } else { 32 };
+    Ok(LaunchConfig {
+        grid_dim: (
+            grid_dim(op, "column strips", cols.div_ceil(strip), GRID_X)?,
+            grid_dim(op, "row chunks", chunks, GRID_YZ)?,
+            grid_dim(op, "output groups", groups, GRID_YZ)?,
+        ),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
 /// A 1-D grid-stride launch over `n` elements, 8 per thread when `vec` is 1.
 pub(crate) fn vec_cfg(n: usize, vec: i32) -> LaunchConfig {
     elementwise_cfg(if vec == 1 { n.div_ceil(8) } else { n })

@@ -7,7 +7,7 @@ use crate::bf16;
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::{
-    BLOCK, CHUNK_ROWS, GRID_X, GRID_YZ, grid_dim, groups_ok, int, positive, product, vec8,
+    BLOCK, CHUNK_ROWS, GRID_X, grid_dim, groups_ok, int, positive, product, strip_cfg, vec8,
 };
 use crate::error::{KernelError, Result};
 use crate::gpu::{Arg, Gpu};
@@ -209,16 +209,8 @@ impl Gpu {
             let mean = self.input(OP, "mean", mean, d.x_groups * d.rows)?;
             let rstd = self.input(OP, "rstd", rstd, d.x_groups * d.rows)?;
             let part = self.output(OP, "workspace", workspace, ws_len)?;
-            // Block (32 columns, 256-row chunk, affine row w): lanes = columns, warps = rows.
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    grid_dim(OP, "column strips", d.dim.div_ceil(32), GRID_X)?,
-                    grid_dim(OP, "row chunks", d.chunks(), GRID_YZ)?,
-                    grid_dim(OP, "affine groups", d.w_groups, GRID_YZ)?,
-                ),
-                block_dim: (BLOCK, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let vec = vec8(&[d.dim], &[&dy, &x]);
+            let cfg = strip_cfg(OP, d.dim, d.chunks(), d.w_groups, vec)?;
             let (gx, gw, g, rows, dim) = d.ints();
             let chunk_rows = CHUNK_ROWS as i32;
             self.launch(
@@ -236,6 +228,7 @@ impl Gpu {
                     Arg::from(rows),
                     Arg::from(dim),
                     Arg::from(chunk_rows),
+                    Arg::from(vec),
                 ],
             )?;
         }
