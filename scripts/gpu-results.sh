@@ -3,7 +3,7 @@
 # benches/results/<date>-<gpu>/, ready to commit:
 #   index.md        device, driver, date, commit, the command, and the summary of every check
 #   summary.md  device.txt  *.log            as they came back
-#   kernel-bench/ bench/ bench-wgmma/ memprofile/ memprofile-recompute/ train-*/ from results.tar.gz (JSON, Markdown, SVG)
+#   kernel-bench/ bench/ bench-breakdown/ bench-wgmma/ memprofile/ memprofile-recompute/ train-*/ from results.tar.gz (JSON, Markdown, SVG)
 #
 #   scripts/gpu-results.sh FOLDER 'the command that ran there'
 set -euo pipefail
@@ -40,7 +40,7 @@ for f in "$src"/*.log; do [ -f "$f" ] && cp "$f" "$dest"/; done
     echo "## Checks"
     echo
     cat "$src/summary.md"
-    for f in kernel-bench/kernel-bench.md bench/bench.md bench-wgmma/bench.md memprofile/memprofile.md \
+    for f in kernel-bench/kernel-bench.md bench/bench.md bench-breakdown/bench.md bench-wgmma/bench.md memprofile/memprofile.md \
         memprofile-recompute/memprofile.md; do
         if [ -f "$dest/$f" ]; then
             echo

@@ -20,7 +20,7 @@
 #   summary.md      one line per check (pass, FAIL, or TIMEOUT with the seconds it had)
 #   device.txt      nvidia-smi, nvcc, the driver, the date
 #   parity.log  train.log  bench.log  sanitizer.log
-#   results.tar.gz  kernel-bench/, bench/, bench-wgmma/, memprofile/, memprofile-recompute/ (JSON, Markdown, SVG),
+#   results.tar.gz  kernel-bench/, bench/, bench-breakdown/, bench-wgmma/, memprofile/, memprofile-recompute/ (JSON, Markdown, SVG),
 #                   train-{cuda,cpu}/, profile/ncu.txt
 # scripts/gpu-results.sh turns that folder into benches/results/<date>-<gpu>/ here.
 # It exits non-zero when any check fails or runs out of time.
@@ -96,6 +96,7 @@ train() {
 bench() {
     check "kernel-bench" "$out/bench.log" 120 $bin/kernel-bench --out "$work/kernel-bench"
     check "loren bench" "$out/bench.log" 180 $bin/loren bench --device cuda --members 1,2,4,8,16,32 --out "$work/bench"
+    check "loren bench --breakdown" "$out/bench.log" 60 $bin/loren bench --device cuda --config vit-b-32 --members 16 --breakdown --out "$work/bench-breakdown"
     check "loren bench, wgmma GEMMs" "$out/bench.log" 90 env LOREN_WGMMA=1 $bin/loren bench --device cuda --methods lora --config vit-b-32 --members 1,4,16 --out "$work/bench-wgmma"
     check "loren memprofile" "$out/bench.log" 120 $bin/loren memprofile --device cuda --out "$work/memprofile"
     check "loren memprofile --recompute" "$out/bench.log" 60 $bin/loren memprofile --device cuda --recompute --config vit-b-16 --members 1,16 --out "$work/memprofile-recompute"

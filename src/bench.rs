@@ -10,12 +10,15 @@
 //! the stream around it on a GPU, the wall clock on the CPU. The median and the spread (min, max,
 //! quartiles) are reported.
 
+use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
+use std::rc::Rc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow};
+use loren_autograd::timing::{StepTimer, totals};
 use loren_kernels::provenance::{git_commit, utc_now};
 use loren_nn::checkpoint::write_atomic;
 use loren_nn::config::{Activations, EnsembleConfig, LoraConfig, Method, VitConfig};
@@ -436,6 +439,8 @@ pub struct BenchOptions {
     pub seed: u64,
     /// What the training forward keeps for the backward, for both methods alike.
     pub activations: Activations,
+    /// Also time each op of the training step ([`OpTime`]).
+    pub breakdown: bool,
     pub command: String,
 }
 
@@ -455,6 +460,7 @@ impl Default for BenchOptions {
             peak_size: None,
             seed: 0,
             activations: Activations::Keep,
+            breakdown: false,
             command: "loren bench".into(),
         }
     }
@@ -500,6 +506,22 @@ pub struct BenchRow {
     /// The device's own figure (GPU: cuMemGetInfo); `None` on the CPU.
     pub device_memory_used: Option<u64>,
     pub trainable_params: usize,
+    /// Where the training step's time goes, largest first (with `--breakdown`).
+    pub breakdown: Option<Vec<OpTime>>,
+}
+
+/// One op's (or one stage's) share of a training step: the mean over `repeats` steps timed with
+/// a mark on the device's timeline after every op (see [`loren_autograd::timing`]).
+#[derive(Clone, Debug, Serialize)]
+pub struct OpTime {
+    /// forward, backward or update.
+    pub phase: &'static str,
+    /// The op (its backward's name, e.g. `lora_linear`), or a stage of the step.
+    pub op: &'static str,
+    /// How often it runs per step.
+    pub calls: f64,
+    /// Seconds per step.
+    pub seconds: f64,
 }
 
 /// The whole bench.
@@ -617,6 +639,36 @@ struct Measured {
     memory: loren_tensor::MemoryReport,
     inference_peak: u64,
     device_used: Option<u64>,
+    breakdown: Option<Vec<OpTime>>,
+}
+
+/// `steps` more training steps, each with a mark after every op: the mean time per step of each
+/// op and stage, largest first. After the untimed-by-op steps, so the marks cost them nothing.
+fn op_times(
+    trainer: &mut Trainer<'_>,
+    batch: &Batch,
+    device: &Device,
+    steps: usize,
+) -> Result<Vec<OpTime>> {
+    let mut spans = Vec::new();
+    for _ in 0..steps {
+        let timer = Rc::new(RefCell::new(StepTimer::new(device)?));
+        trainer.step_timed(batch, Some(&timer))?;
+        let timer = Rc::try_unwrap(timer)
+            .map_err(|_| anyhow!("the training step kept its timer"))?
+            .into_inner();
+        spans.extend(timer.finish()?);
+    }
+    let n = steps as f64;
+    Ok(totals(&spans)
+        .into_iter()
+        .map(|t| OpTime {
+            phase: t.phase.name(),
+            op: t.what,
+            calls: t.count as f64 / n,
+            seconds: t.seconds / n,
+        })
+        .collect())
 }
 
 /// Time one configuration on a fresh device (fresh accounting).
@@ -632,7 +684,7 @@ fn measure(
     let batch = random_batch(vit, o.batch, o.classes, o.seed);
     let cfg = bench_train_config(o.batch, o.seed, o.activations);
     let steps = o.warmup + o.repeats;
-    let (train, memory, device_used) = {
+    let (train, memory, device_used, breakdown) = {
         let mut trainer = Trainer::new(&mut model, &cfg, steps * o.batch)?;
         for _ in 0..o.warmup {
             trainer.step(&batch)?;
@@ -644,11 +696,12 @@ fn measure(
             let (_, s) = time_on(device, || Ok(trainer.step(&batch)?))?;
             samples.push(s);
         }
-        (
-            Timing::new(samples),
-            device.memory().report(),
-            device_memory_used(device),
-        )
+        let (memory, used) = (device.memory().report(), device_memory_used(device));
+        let breakdown = o
+            .breakdown
+            .then(|| op_times(&mut trainer, &batch, device, o.repeats))
+            .transpose()?;
+        (Timing::new(samples), memory, used, breakdown)
     };
     let shape = [o.batch, vit.channels, vit.image_size, vit.image_size];
     let images = Tensor::from_vec(batch.images, shape, MemTag::Workspace, device)?;
@@ -669,6 +722,7 @@ fn measure(
         memory,
         inference_peak: device.memory().report().total_peak,
         device_used,
+        breakdown,
     })
 }
 
@@ -748,6 +802,7 @@ pub fn run_bench(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Ben
                     predicted_need: 0,
                     device_memory_used: None,
                     trainable_params: model.params.trainable,
+                    breakdown: None,
                 };
                 if let Some(at) = failed_at {
                     row.status = "oom".into();
@@ -871,6 +926,7 @@ fn fill(row: &mut BenchRow, r: Measured, peak: Option<&Peak>) {
     row.train_memory = Some(r.memory.into());
     row.inference_peak = Some(r.inference_peak);
     row.device_memory_used = r.device_used;
+    row.breakdown = r.breakdown;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -997,6 +1053,55 @@ pub fn table(r: &BenchReport) -> String {
     for n in notes {
         let _ = writeln!(s, "{n}");
     }
+    for row in &r.rows {
+        if let (Some(ops), Some(t)) = (&row.breakdown, &row.train) {
+            s.push_str(&breakdown_table(row, ops, t.median, r.repeats));
+        }
+    }
+    s
+}
+
+/// The ops shown by name in a breakdown; the rest are added up in one line.
+const BREAKDOWN_LINES: usize = 14;
+
+/// Where one row's training step goes, op by op.
+fn breakdown_table(row: &BenchRow, ops: &[OpTime], step: f64, repeats: usize) -> String {
+    let total: f64 = ops.iter().map(|o| o.seconds).sum();
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\nwhere the step goes: {} {} M={} (mean of {repeats} step{} with a mark on the device's \
+         timeline after every op; the spans add to {}, the step without marks took {})",
+        row.config,
+        row.method,
+        row.members,
+        if repeats == 1 { "" } else { "s" },
+        ms(total),
+        ms(step)
+    );
+    let mut lines = vec![
+        ["phase", "op", "calls", "per step", "share"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    let line = |phase: &str, op: &str, calls: String, secs: f64| {
+        vec![
+            phase.to_string(),
+            op.to_string(),
+            calls,
+            ms(secs),
+            format!("{:.1}%", 100.0 * secs / total.max(f64::MIN_POSITIVE)),
+        ]
+    };
+    for o in ops.iter().take(BREAKDOWN_LINES) {
+        lines.push(line(o.phase, o.op, format!("{:.0}", o.calls), o.seconds));
+    }
+    if ops.len() > BREAKDOWN_LINES {
+        let rest = &ops[BREAKDOWN_LINES..];
+        let secs = rest.iter().map(|o| o.seconds).sum();
+        lines.push(line("", &format!("{} more", rest.len()), "".into(), secs));
+    }
+    s.push_str(&aligned_columns(&lines, 2));
     s
 }
 

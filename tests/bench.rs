@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use loren::bench::{BenchOptions, run_bench, svg, table, write};
-use loren_nn::config::Method;
+use loren_nn::config::{Method, VitConfig};
 use loren_tensor::DeviceSpec;
 
 fn quick(members: Vec<usize>) -> BenchOptions {
@@ -91,6 +91,54 @@ fn bench_runs_end_to_end_on_tiny_with_two_members() {
     );
     assert!(md.contains(table(&report).trim_end()), "{md}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--breakdown`: every op of the step is named, as often as the model runs it, and the stages
+/// around the tape are there once.
+#[test]
+fn the_breakdown_names_each_op_as_often_as_the_step_runs_it() {
+    let opts = BenchOptions {
+        breakdown: true,
+        repeats: 2,
+        ..quick(vec![2])
+    };
+    let report = run_bench(&opts, &mut |_| {}).unwrap();
+    let depth = VitConfig::by_name("tiny").unwrap().depth as f64;
+    for row in &report.rows {
+        let ops = row.breakdown.as_ref().expect("a breakdown per row");
+        let calls = |phase: &str, op: &str| {
+            ops.iter()
+                .find(|o| o.phase == phase && o.op == op)
+                .map_or(0.0, |o| o.calls)
+        };
+        let (adapted, plain) = match row.method {
+            // q, k, v and the output projection carry adapters; fc1, fc2, the patch embedding
+            // and the heads do not.
+            Method::Lora => (4.0 * depth, 2.0 * depth + 2.0),
+            _ => (0.0, 6.0 * depth + 2.0),
+        };
+        assert_eq!(calls("forward", "lora_linear"), adapted, "{ops:?}");
+        assert_eq!(calls("forward", "linear"), plain, "{ops:?}");
+        assert_eq!(calls("forward", "attention"), depth, "{ops:?}");
+        assert_eq!(calls("backward", "attention"), depth, "{ops:?}");
+        assert_eq!(calls("backward", "lora_linear"), adapted, "{ops:?}");
+        for stage in [
+            ("forward", "images in, gradients zeroed"),
+            ("forward", "loss read back (host waits)"),
+            ("backward", "gradients into the parameters"),
+            ("update", "optimizer step, clipping"),
+        ] {
+            assert_eq!(calls(stage.0, stage.1), 1.0, "{stage:?} in {ops:?}");
+        }
+        assert!(ops.iter().all(|o| o.seconds >= 0.0), "{ops:?}");
+        assert!(
+            ops.windows(2).all(|w| w[0].seconds >= w[1].seconds),
+            "{ops:?}"
+        );
+    }
+    let t = table(&report);
+    assert!(t.contains("where the step goes: tiny lora M=2"), "{t}");
+    assert!(t.contains("where the step goes: tiny explicit M=2"), "{t}");
 }
 
 #[test]

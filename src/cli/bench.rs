@@ -61,6 +61,11 @@ pub struct BenchArgs {
     /// `loren train --recompute`) instead of kept.
     #[arg(long)]
     pub recompute: bool,
+    /// Also show where each training step's time goes, op by op: `repeats` more steps per row
+    /// with a mark on the device's timeline after every op's forward and backward (CUDA events
+    /// on a GPU, so idle gaps while the host launches show on the op after them).
+    #[arg(long)]
+    pub breakdown: bool,
     /// Print only the table.
     #[arg(long, short)]
     pub quiet: bool,
@@ -86,6 +91,7 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         peak_size: a.peak_size,
         seed: a.seed,
         activations: crate::cli::args::activations(a.recompute),
+        breakdown: a.breakdown,
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
     let quiet = a.quiet;

@@ -13,7 +13,9 @@ pub mod optim;
 pub mod params;
 pub mod schedule;
 pub mod tape;
+pub mod timing;
 
 pub use loren_tensor::{Error, Result};
 pub use params::{Grads, ParamId, Params, TrainableMut};
 pub use tape::{Backward, GradSink, NodeId, Tape, Var};
+pub use timing::{Phase, Span, StepTimer, Total};

@@ -1,10 +1,12 @@
 use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use loren_tensor::ops::elementwise::add_assign;
 use loren_tensor::{Error, MemTag, Result, Shape, Tensor};
 
 use crate::params::{Grads, ParamId, Params};
+use crate::timing::{Phase, StepTimer};
 
 /// Index of a value that needs a gradient.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -88,6 +90,7 @@ struct Inner {
 pub struct Tape {
     enabled: bool,
     inner: RefCell<Inner>,
+    timer: Option<Rc<RefCell<StepTimer>>>,
 }
 
 impl Default for Tape {
@@ -101,6 +104,7 @@ impl Tape {
         Tape {
             enabled: true,
             inner: RefCell::default(),
+            timer: None,
         }
     }
 
@@ -108,11 +112,25 @@ impl Tape {
         Tape {
             enabled: false,
             inner: RefCell::default(),
+            timer: None,
         }
+    }
+
+    /// This tape, marking `timer` after every op's forward and every op's backward (see
+    /// [`crate::timing`]).
+    pub fn timed(mut self, timer: Rc<RefCell<StepTimer>>) -> Tape {
+        self.timer = Some(timer);
+        self
     }
 
     pub fn is_recording(&self) -> bool {
         self.enabled
+    }
+
+    fn mark(&self, phase: Phase, what: &'static str) {
+        if let Some(t) = &self.timer {
+            t.borrow_mut().mark(phase, what);
+        }
     }
 
     fn new_node(&self) -> NodeId {
@@ -145,6 +163,7 @@ impl Tape {
         needs_grad: bool,
         backward: impl Backward + 'static,
     ) -> Var {
+        self.mark(Phase::Forward, backward.name());
         let node = if self.enabled && needs_grad {
             let node = self.new_node();
             self.inner.borrow_mut().records.push(Record {
@@ -170,16 +189,22 @@ impl Tape {
         backward: impl FnOnce(&Arc<Tensor>) -> B,
     ) -> Var {
         let value = Arc::new(output);
-        let node = if self.enabled && needs_grad {
-            let node = self.new_node();
-            let op = Box::new(backward(&value));
-            self.inner
-                .borrow_mut()
-                .records
-                .push(Record { output: node, op });
-            Some(node)
-        } else {
-            None
+        let record = self.enabled && needs_grad;
+        // A timed tape builds the backward just for its name when it keeps none.
+        let op = (record || self.timer.is_some()).then(|| Box::new(backward(&value)));
+        if let Some(op) = &op {
+            self.mark(Phase::Forward, op.name());
+        }
+        let node = match op {
+            Some(op) if record => {
+                let node = self.new_node();
+                self.inner
+                    .borrow_mut()
+                    .records
+                    .push(Record { output: node, op });
+                Some(node)
+            }
+            _ => None,
         };
         Var { value, node }
     }
@@ -216,11 +241,16 @@ impl Tape {
             MemTag::Workspace,
             loss.value.device(),
         )?;
+        let timer = self.timer.clone();
         let (mut sink, leaves) = self.run(root, seed, true)?;
         for (node, pid) in leaves {
             if let Some(g) = sink.grads[node.0].take() {
                 grads.accumulate(pid, &g)?;
             }
+        }
+        if let Some(t) = timer {
+            t.borrow_mut()
+                .mark(Phase::Backward, "gradients into the parameters");
         }
         Ok(())
     }
@@ -261,8 +291,12 @@ impl Tape {
             match sink.grads[rec.output.0].take() {
                 Some(dy) => {
                     sink.running_root = seed_is_one && rec.output == root;
+                    let name = rec.op.name();
                     rec.op.backward(dy, &mut sink)?;
                     sink.running_root = false;
+                    if let Some(t) = &self.timer {
+                        t.borrow_mut().mark(Phase::Backward, name);
+                    }
                 }
                 None => drop(rec.op),
             }

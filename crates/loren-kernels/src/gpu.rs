@@ -9,8 +9,8 @@ use cudarc::driver::sys::{
     cudaError_enum,
 };
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
-    SyncOnDrop,
+    CudaContext, CudaEvent, CudaFunction, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
+    PushKernelArg, SyncOnDrop,
 };
 
 use crate::compile::{self, Arch, ParamKind};
@@ -231,20 +231,28 @@ impl Gpu {
     /// after the work it enqueues: the device's own clock, without the host's launch latency
     /// at either end. Waits for the end event.
     pub fn time_ms<R>(&self, f: impl FnOnce() -> R) -> Result<(R, f32)> {
-        let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
-        let start = self
-            .stream
-            .record_event(timing)
-            .map_err(KernelError::driver("recording the start event"))?;
+        let start = self.mark()?;
         let out = f();
-        let end = self
-            .stream
-            .record_event(timing)
-            .map_err(KernelError::driver("recording the end event"))?;
-        let ms = start
-            .elapsed_ms(&end)
+        let end = self.mark()?;
+        Ok((out, (self.seconds_between(&start, &end)? * 1e3) as f32))
+    }
+
+    /// A timing event recorded on the stream now: the device's clock when the work enqueued so far
+    /// is done. [`Gpu::seconds_between`] reads two of them.
+    pub fn mark(&self) -> Result<GpuMark> {
+        self.stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map(GpuMark)
+            .map_err(KernelError::driver("recording a timing event"))
+    }
+
+    /// Seconds of device time from `earlier` to `later`, waiting for `later`.
+    pub fn seconds_between(&self, earlier: &GpuMark, later: &GpuMark) -> Result<f64> {
+        let ms = earlier
+            .0
+            .elapsed_ms(&later.0)
             .map_err(KernelError::driver("reading the time between events"))?;
-        Ok((out, ms))
+        Ok(f64::from(ms) / 1e3)
     }
 
     /// cuBLAS on this stream, created on first use.
@@ -454,6 +462,9 @@ impl From<f64> for Arg {
 
 /// A raw device pointer for a kernel argument, holding cudarc's borrow of the buffer until the
 /// launch is enqueued.
+/// A point on the stream's timeline ([`Gpu::mark`]).
+pub struct GpuMark(CudaEvent);
+
 pub(crate) struct Ptr<'a> {
     pub ptr: u64,
     _guard: Option<SyncOnDrop<'a>>,

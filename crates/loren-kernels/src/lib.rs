@@ -50,7 +50,7 @@ pub use compile::{
     nvrtc_version, options, ptxas_resources, supported_archs, warnings_only,
 };
 pub use error::{KernelError, Result};
-pub use gpu::Gpu;
+pub use gpu::{Gpu, GpuMark};
 pub use launch::activation::{BiasGeluDims, bias_gelu_db_workspace_len};
 pub use launch::attention::AttentionDims;
 pub use launch::blas::{Gemm, GemmOut};

@@ -2,13 +2,15 @@
 //! the optimizer step on a warmup-cosine schedule; checkpoints at epoch ends, from which a run
 //! resumes bit-exactly on the CPU; and a stop with the step number when the loss turns NaN.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Instant;
 
 use loren_autograd::optim::{Optimizer, OptimizerKind};
 use loren_autograd::schedule::WarmupCosine;
-use loren_autograd::{Grads, Tape, ops};
+use loren_autograd::{Grads, Phase, StepTimer, Tape, ops};
 use loren_tensor::{MemTag, Rng, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -188,18 +190,38 @@ impl<'m> Trainer<'m> {
 
     /// One optimizer step on a batch; returns the loss.
     pub fn step(&mut self, batch: &Batch) -> Result<f32> {
+        self.step_timed(batch, None)
+    }
+
+    /// [`Trainer::step`], marking `timer` after each op and each stage of the step (see
+    /// [`loren_autograd::timing`]): where the step's time goes.
+    pub fn step_timed(
+        &mut self,
+        batch: &Batch,
+        timer: Option<&Rc<RefCell<StepTimer>>>,
+    ) -> Result<f32> {
+        let mark = |phase, what| {
+            if let Some(t) = timer {
+                t.borrow_mut().mark(phase, what);
+            }
+        };
         let dev = self.model.device().clone();
         let shape = [batch.batch, batch.channels, batch.height, batch.width];
         let images = Tensor::from_vec(batch.images.clone(), shape, MemTag::Workspace, &dev)?;
         self.grads.zero()?;
+        mark(Phase::Forward, "images in, gradients zeroed");
         let loss = {
-            let tape = Tape::new();
+            let tape = match timer {
+                Some(t) => Tape::new().timed(t.clone()),
+                None => Tape::new(),
+            };
             let logits = self
                 .model
                 .forward(&tape, &images, self.config.activations)?;
             let loss = ops::softmax_cross_entropy(&tape, &logits, &batch.labels)?;
             drop(logits);
             let value = loss.value().scalar()?;
+            mark(Phase::Forward, "loss read back (host waits)");
             if !value.is_finite() {
                 return Err(self.non_finite(value));
             }
@@ -213,6 +235,7 @@ impl<'m> Trainer<'m> {
             lr,
             self.config.grad_clip,
         )?;
+        mark(Phase::Update, "optimizer step, clipping");
         self.step += 1;
         Ok(loss)
     }

@@ -214,22 +214,52 @@ impl Device {
     /// `f`, and the seconds its work takes here: CUDA events on the stream around the work it
     /// enqueues on a GPU, the wall clock on the CPU (where ops run as they are called).
     pub fn time<R>(&self, f: impl FnOnce() -> R) -> Result<(R, f64)> {
-        match self.gpu() {
-            Some(g) => {
-                let (out, ms) = g.time_ms(f)?;
-                Ok((out, f64::from(ms) / 1e3))
-            }
-            None => {
-                let t0 = std::time::Instant::now();
-                let out = f();
-                Ok((out, t0.elapsed().as_secs_f64()))
-            }
+        let start = self.mark()?;
+        let out = f();
+        let end = self.mark()?;
+        Ok((out, self.seconds_between(&start, &end)?))
+    }
+
+    /// A point on this device's timeline: an event on a GPU's stream, which the device passes
+    /// once the work enqueued before it is done; the wall clock on the CPU.
+    pub fn mark(&self) -> Result<Mark> {
+        Ok(match self.gpu() {
+            Some(g) => Mark::Gpu(g.mark()?),
+            None => Mark::Cpu(std::time::Instant::now()),
+        })
+    }
+
+    /// Seconds of this device's time from `earlier` to `later` (two of its [`Device::mark`]s),
+    /// waiting for `later` on a GPU.
+    pub fn seconds_between(&self, earlier: &Mark, later: &Mark) -> Result<f64> {
+        match (self.gpu(), earlier, later) {
+            (Some(g), Mark::Gpu(a), Mark::Gpu(b)) => Ok(g.seconds_between(a, b)?),
+            (None, Mark::Cpu(a), Mark::Cpu(b)) => Ok(b.saturating_duration_since(*a).as_secs_f64()),
+            _ => Err(Error::invalid(
+                "seconds_between",
+                format!("the marks were not both made on {self}"),
+            )),
         }
     }
 
     /// Whether two handles are the same device with the same accounting.
     pub fn same(&self, other: &Device) -> bool {
         Arc::ptr_eq(&self.inner, &other.inner)
+    }
+}
+
+/// A point on a device's timeline ([`Device::mark`]).
+pub enum Mark {
+    Cpu(std::time::Instant),
+    Gpu(loren_kernels::GpuMark),
+}
+
+impl fmt::Debug for Mark {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Mark::Cpu(t) => write!(f, "Mark::Cpu({t:?})"),
+            Mark::Gpu(_) => f.write_str("Mark::Gpu"),
+        }
     }
 }
 

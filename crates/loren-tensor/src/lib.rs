@@ -17,7 +17,7 @@ pub mod rng;
 pub mod shape;
 pub mod tensor;
 
-pub use device::{Device, DeviceKind, DeviceSpec};
+pub use device::{Device, DeviceKind, DeviceSpec, Mark};
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use memory::{MemTag, MemoryReport, MemoryTracker};

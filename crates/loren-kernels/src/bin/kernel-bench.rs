@@ -52,7 +52,8 @@ const USAGE: &str = "\
 kernel-bench: loren's fused lora_linear and attention kernels against cuBLAS baselines
 
 usage: kernel-bench [--out DIR] [--warmup N] [--repeats N] [--members M] [--rows R]
-                    [--batch B] [--ranks 4,8,16,32] [--seqs 50,197] [--quick]
+                    [--batch B] [--ranks 4,8,16,32] [--seqs 50,197] [--only LIST]
+                    [--quick]
 
   --out DIR      also write kernel-bench.json and kernel-bench.md into DIR
   --warmup N     untimed calls before timing (default 5)
@@ -62,6 +63,7 @@ usage: kernel-bench [--out DIR] [--warmup N] [--repeats N] [--members M] [--rows
   --batch B      images per member for attention (default 32)
   --ranks LIST   adapter ranks (default 4,8,16,32)
   --seqs LIST    attention sequence lengths (default 50,197)
+  --only LIST    which groups to run: lora, memory, attention (default all three)
   --quick        small shapes and few repeats, to check the harness runs";
 
 #[derive(Clone, Debug)]
@@ -74,7 +76,12 @@ struct Args {
     batch: usize,
     ranks: Vec<usize>,
     seqs: Vec<usize>,
+    /// Which groups of rows to run ([`GROUPS`]).
+    only: Vec<&'static str>,
 }
+
+/// The groups of benchmarks, in the order they run.
+const GROUPS: [&str; 3] = ["lora", "memory", "attention"];
 
 fn parse_list(s: &str, what: &str) -> std::result::Result<Vec<usize>, String> {
     s.split(',')
@@ -98,6 +105,7 @@ fn parse_args(argv: &[String]) -> std::result::Result<Args, String> {
         batch: 32,
         ranks: vec![4, 8, 16, 32],
         seqs: vec![50, 197],
+        only: GROUPS.to_vec(),
     };
     let mut it = argv.iter();
     while let Some(flag) = it.next() {
@@ -119,6 +127,19 @@ fn parse_args(argv: &[String]) -> std::result::Result<Args, String> {
             "--batch" => a.batch = number(value()?)?.max(1),
             "--ranks" => a.ranks = parse_list(&value()?, "--ranks")?,
             "--seqs" => a.seqs = parse_list(&value()?, "--seqs")?,
+            "--only" => {
+                let v = value()?;
+                a.only = v
+                    .split(',')
+                    .map(|g| {
+                        GROUPS
+                            .iter()
+                            .find(|&&k| k == g)
+                            .copied()
+                            .ok_or_else(|| format!("--only: '{g}' is not one of {GROUPS:?}"))
+                    })
+                    .collect::<std::result::Result<_, _>>()?;
+            }
             "--quick" => {
                 a.warmup = 1;
                 a.repeats = 3;
@@ -499,21 +520,27 @@ fn run(gpu: &Gpu, a: &Args, command: &str) -> Result<()> {
         eprint!("done: {what}\n{}", table(&new));
         rows.extend(new);
     };
-    for &(k, n) in &[(768usize, 768usize), (768, 2304)] {
-        for &r in &a.ranks {
-            done(
-                format!("lora_linear {k}->{n} r={r}"),
-                lora_rows(gpu, a, k, n, r)?,
-            );
+    if a.only.contains(&"lora") {
+        for &(k, n) in &[(768usize, 768usize), (768, 2304)] {
+            for &r in &a.ranks {
+                done(
+                    format!("lora_linear {k}->{n} r={r}"),
+                    lora_rows(gpu, a, k, n, r)?,
+                );
+            }
         }
     }
-    done("memory-bound passes".into(), memory_rows(gpu, a)?);
-    let softmax = SoftmaxKernels::load(gpu)?;
-    for &t in &a.seqs {
-        done(
-            format!("attention T={t}"),
-            attention_rows(gpu, a, &softmax, t)?,
-        );
+    if a.only.contains(&"memory") {
+        done("memory-bound passes".into(), memory_rows(gpu, a)?);
+    }
+    if a.only.contains(&"attention") {
+        let softmax = SoftmaxKernels::load(gpu)?;
+        for &t in &a.seqs {
+            done(
+                format!("attention T={t}"),
+                attention_rows(gpu, a, &softmax, t)?,
+            );
+        }
     }
     let t = table(&rows);
     print!("{t}");
@@ -1153,6 +1180,12 @@ mod tests {
         assert!(args(&["--bogus"]).is_err());
         assert!(args(&["--out"]).is_err());
         assert_eq!(args(&["--help"]).unwrap_err(), "");
+        assert_eq!(args(&[]).unwrap().only, GROUPS);
+        assert_eq!(
+            args(&["--only", "memory,lora"]).unwrap().only,
+            ["memory", "lora"]
+        );
+        assert!(args(&["--only", "gemm"]).is_err());
     }
 
     #[test]
