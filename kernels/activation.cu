@@ -43,10 +43,7 @@ __device__ void bias_gelu_fwd_body(const bf16* X, const float* bias, bf16* Y, in
 }
 extern "C" __global__ void __launch_bounds__(256)
     bias_gelu_fwd(const bf16* X, const float* bias, bf16* Y, int gx, int gb, int rows, int N, int vec) {
-    if (vec)
-        bias_gelu_fwd_body<VEC>(X, bias, Y, gx, gb, rows, N);
-    else
-        bias_gelu_fwd_body<1>(X, bias, Y, gx, gb, rows, N);
+    DISPATCH_VEC(vec, bias_gelu_fwd_body, X, bias, Y, gx, gb, rows, N);
 }
 
 // dx[x element] = Σ_g dy[g]·gelu'(x + b[g]) over the output groups reading it (one, or all G when
@@ -73,10 +70,7 @@ __device__ void bias_gelu_bwd_dx_body(const bf16* dY, const bf16* X, const float
 extern "C" __global__ void __launch_bounds__(256)
     bias_gelu_bwd_dx(const bf16* dY, const bf16* X, const float* bias, bf16* dX, int gx, int gb, int G, int rows,
                      int N, int vec) {
-    if (vec)
-        bias_gelu_bwd_dx_body<VEC>(dY, X, bias, dX, gx, gb, G, rows, N);
-    else
-        bias_gelu_bwd_dx_body<1>(dY, X, bias, dX, gx, gb, G, rows, N);
+    DISPATCH_VEC(vec, bias_gelu_bwd_dx_body, dY, X, bias, dX, gx, gb, G, rows, N);
 }
 
 // db = Σ_rows dy·gelu'(x + b), first stage, per bias row w over the rows that use it, and, when dX
@@ -127,8 +121,5 @@ extern "C" __global__ void __launch_bounds__(256)
                   int rows, int N, int chunk_rows, int vec) {
     // Per warp, its column sums.
     __shared__ float red[act::WARPS][WARP * VEC];
-    if (vec)
-        bias_gelu_bwd_body<VEC>(dY, X, bias, dX, part, gx, gb, G, rows, N, chunk_rows, red);
-    else
-        bias_gelu_bwd_body<1>(dY, X, bias, dX, part, gx, gb, G, rows, N, chunk_rows, red);
+    DISPATCH_VEC(vec, bias_gelu_bwd_body, dY, X, bias, dX, part, gx, gb, G, rows, N, chunk_rows, red);
 }

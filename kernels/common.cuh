@@ -122,6 +122,15 @@ __device__ __forceinline__ int group_index(int g, int groups) { return groups ==
 // both paths and the arithmetic is the same in each.
 constexpr int VEC = 8;
 
+// Run `body<VEC>` or `body<1>` as the launcher chose (its `vec` argument).
+#define DISPATCH_VEC(vec, body, ...) \
+    do {                             \
+        if (vec)                     \
+            body<VEC>(__VA_ARGS__);  \
+        else                         \
+            body<1>(__VA_ARGS__);    \
+    } while (0)
+
 template <int V> __device__ __forceinline__ void load_vec(const bf16* p, float (&v)[V]) {
     if constexpr (V == 8) {
         const uint4 u = *reinterpret_cast<const uint4*>(p);

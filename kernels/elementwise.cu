@@ -16,17 +16,10 @@
     for (u64 i = (blockIdx.x * (u64)blockDim.x + threadIdx.x) * (V); i < (total);             \
          i += (u64)gridDim.x * blockDim.x * (V))
 
-// Run `body<VEC>` or `body<1>` as the launcher chose.
-#define DISPATCH_VEC(vec, body, ...)     \
-    do {                                 \
-        if (vec)                         \
-            body<VEC>(__VA_ARGS__);      \
-        else                             \
-            body<1>(__VA_ARGS__);        \
-    } while (0)
-
 // out[g] = a[ga(g)] + b[gb(g)] for g < G, each group `per` elements (group broadcasting: a group-1
-// operand is read by every output group). grid (blocks, G): the group is blockIdx.y.
+// operand is read by every output group). grid (blocks, G): the group is blockIdx.y. `out` may be
+// `a` (dst += src is this with one group), as each element is read before it is written, by
+// the one thread that writes it.
 template <int V, typename T>
 __device__ void add(const T* a, const T* b, T* out, u64 per, int ga, int gb) {
     const int g = blockIdx.y;
@@ -49,24 +42,6 @@ extern "C" __global__ void __launch_bounds__(256)
 extern "C" __global__ void __launch_bounds__(256)
     add_f32(const float* a, const float* b, float* out, u64 per, int ga, int gb, int vec) {
     DISPATCH_VEC(vec, add, a, b, out, per, ga, gb);
-}
-
-// dst += src
-template <int V, typename T> __device__ void add_assign(T* dst, const T* src, u64 n) {
-    VEC_STRIDE(i, n, V) {
-        float x[V], y[V];
-        load_vec<V>(dst + i, x);
-        load_vec<V>(src + i, y);
-#pragma unroll
-        for (int k = 0; k < V; ++k) x[k] += y[k];
-        store_vec<V>(dst + i, x);
-    }
-}
-extern "C" __global__ void __launch_bounds__(256) add_assign_bf16(bf16* dst, const bf16* src, u64 n, int vec) {
-    DISPATCH_VEC(vec, add_assign, dst, src, n);
-}
-extern "C" __global__ void __launch_bounds__(256) add_assign_f32(float* dst, const float* src, u64 n, int vec) {
-    DISPATCH_VEC(vec, add_assign, dst, src, n);
 }
 
 // x *= alpha

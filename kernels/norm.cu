@@ -68,10 +68,7 @@ __device__ void layernorm_fwd_body(const bf16* X, const float* gamma, const floa
 extern "C" __global__ void __launch_bounds__(256)
     layernorm_fwd(const bf16* X, const float* gamma, const float* beta, bf16* Y, float* mean, float* rstd, int gx,
                   int gw, int G, int rows, int D, float eps, int vec) {
-    if (vec)
-        layernorm_fwd_body<VEC>(X, gamma, beta, Y, mean, rstd, gx, gw, G, rows, D, eps);
-    else
-        layernorm_fwd_body<1>(X, gamma, beta, Y, mean, rstd, gx, gw, G, rows, D, eps);
+    DISPATCH_VEC(vec, layernorm_fwd_body, X, gamma, beta, Y, mean, rstd, gx, gw, G, rows, D, eps);
 }
 
 // dx = Σ_g rstd·(dŷ_g − mean(dŷ_g) − x̂·mean(dŷ_g·x̂)),  dŷ_g = dy[g]·gamma[g], over the output
@@ -138,10 +135,7 @@ extern "C" __global__ void __launch_bounds__(256)
                      bf16* dX, int gx, int gw, int G, int rows, int D, int vec) {
     // Per warp, the two row means of each output group.
     __shared__ float consts[ln::WARPS][ln::MAX_GROUPS][2];
-    if (vec)
-        layernorm_bwd_dx_body<VEC>(dY, X, gamma, mean, rstd, dX, gx, gw, G, rows, D, consts);
-    else
-        layernorm_bwd_dx_body<1>(dY, X, gamma, mean, rstd, dX, gx, gw, G, rows, D, consts);
+    DISPATCH_VEC(vec, layernorm_bwd_dx_body, dY, X, gamma, mean, rstd, dX, gx, gw, G, rows, D, consts);
 }
 
 // First stage of dgamma = Σ dy·x̂ and dbeta = Σ dy over the rows that use each affine row w (its
@@ -195,8 +189,5 @@ extern "C" __global__ void __launch_bounds__(256)
     layernorm_bwd_params_partial(const bf16* dY, const bf16* X, const float* mean, const float* rstd, float* part,
                                  int gx, int gw, int G, int rows, int D, int chunk_rows, int vec) {
     __shared__ float red[2][ln::WARPS][WARP * VEC];
-    if (vec)
-        layernorm_bwd_params_body<VEC>(dY, X, mean, rstd, part, gx, gw, G, rows, D, chunk_rows, red);
-    else
-        layernorm_bwd_params_body<1>(dY, X, mean, rstd, part, gx, gw, G, rows, D, chunk_rows, red);
+    DISPATCH_VEC(vec, layernorm_bwd_params_body, dY, X, mean, rstd, part, gx, gw, G, rows, D, chunk_rows, red);
 }

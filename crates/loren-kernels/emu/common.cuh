@@ -315,6 +315,15 @@ inline int group_index(int g, int groups) { return groups == 1 ? 0 : g; }
 // picks it for an unaligned pointer fails here too.
 constexpr int VEC = 8;
 
+// Run `body<VEC>` or `body<1>` as the launcher chose (its `vec` argument).
+#define DISPATCH_VEC(vec, body, ...) \
+    do {                             \
+        if (vec)                     \
+            body<VEC>(__VA_ARGS__);  \
+        else                         \
+            body<1>(__VA_ARGS__);    \
+    } while (0)
+
 inline void emu_aligned16(const void* p) {
     if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
         std::fprintf(stderr, "emulator: misaligned 16-byte vector access at %p\n", p);

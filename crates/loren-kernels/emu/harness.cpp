@@ -661,13 +661,14 @@ static void elementwise_vec_case(u64 per, uint64_t seed) {
     check(std::string("add_bf16 broadcast") + tag, d(out), ow, 1e-2);
     check(std::string("sum_groups_bf16") + tag, d(sum), sw, 1e-2);
 
-    // dst += src, then x *= alpha, f32 -> bf16 -> f32, fill; on f32 every step is exact in double.
+    // dst += src (the add in place), then x *= alpha, f32 -> bf16 -> f32, fill; on f32 every step
+    // is exact in double.
     auto x = rng.f32s(per, 1.0), y = rng.f32s(per, 1.0);
     std::vector<double> want(per);
     for (u64 i = 0; i < per; ++i) want[i] = (double)(float)(x[i] + y[i]) * 0.5;
-    emu_launch(add_assign_f32, flat, blk, 0, x.data(), (const float*)y.data(), per, vec);
+    emu_launch(add_f32, flat, blk, 0, (const float*)x.data(), (const float*)y.data(), x.data(), per, 1, 1, vec);
     emu_launch(scale_f32, flat, blk, 0, x.data(), per, 0.5f, vec);
-    check(std::string("add_assign_f32, scale_f32") + tag, d(x), want, 1e-7);
+    check(std::string("add_f32 in place, scale_f32") + tag, d(x), want, 1e-7);
     std::vector<bf16> xb(per, to_bf16(NAN));
     std::vector<float> back(per, NAN);
     emu_launch(f32_to_bf16, flat, blk, 0, (const float*)x.data(), xb.data(), per, vec);
@@ -676,9 +677,9 @@ static void elementwise_vec_case(u64 per, uint64_t seed) {
     auto hb = rng.bf16s(per, 1.0), hs = rng.bf16s(per, 1.0);
     std::vector<double> hw(per);
     for (u64 i = 0; i < per; ++i) hw[i] = (double)to_f32(to_bf16((to_f32(hb[i]) + to_f32(hs[i])))) * 2.0;
-    emu_launch(add_assign_bf16, flat, blk, 0, hb.data(), (const bf16*)hs.data(), per, vec);
+    emu_launch(add_bf16, flat, blk, 0, (const bf16*)hb.data(), (const bf16*)hs.data(), hb.data(), per, 1, 1, vec);
     emu_launch(scale_bf16, flat, blk, 0, hb.data(), per, 2.0f, vec);
-    check(std::string("add_assign_bf16, scale_bf16") + tag, d(hb), hw, 1e-7);
+    check(std::string("add_bf16 in place, scale_bf16") + tag, d(hb), hw, 1e-7);
     std::vector<float> filled(per, NAN);
     emu_launch(fill_f32, flat, blk, 0, filled.data(), per, 0.25f, vec);
     check(std::string("fill_f32") + tag, d(filled), std::vector<double>(per, 0.25), 1e-7);

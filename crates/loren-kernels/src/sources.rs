@@ -136,8 +136,6 @@ sources! {
     "elementwise.cu" => "../../../kernels/elementwise.cu" {
         AddBf16 = "add_bf16",
         AddF32 = "add_f32",
-        AddAssignBf16 = "add_assign_bf16",
-        AddAssignF32 = "add_assign_f32",
         ScaleBf16 = "scale_bf16",
         ScaleF32 = "scale_f32",
         SumGroupsBf16 = "sum_groups_bf16",

@@ -39,7 +39,8 @@ impl BiasGeluDims {
             ));
         }
         int(op, "G·rows", product(op, &[self.groups, self.rows])?)?;
-        int(op, "N", self.n)?;
+        // The kernels index within a group in 32 bits.
+        int(op, "rows·N", product(op, &[self.rows, self.n])?)?;
         Ok(())
     }
 

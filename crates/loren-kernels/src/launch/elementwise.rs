@@ -123,6 +123,8 @@ macro_rules! bias_launcher {
             positive(OP, "n", n)?;
             groups_ok(OP, "bias", bias_groups, groups)?;
             let total = product(OP, &[groups, rows, n])?;
+            // The kernels index within a group in 32 bits.
+            int(OP, "rows·n", rows * n)?;
             let bias = self.input(OP, "bias", bias, bias_groups * n)?;
             let y = self.output(OP, "y", y, total)?;
             let vec = vec8(&[n], &[&y, &bias]);
@@ -143,9 +145,10 @@ macro_rules! bias_launcher {
     };
 }
 
-macro_rules! binary_inplace {
-    ($name:ident, $t:ty, $kernel:ident, $doc:literal) => {
-        #[doc = $doc]
+macro_rules! add_assign_launcher {
+    ($name:ident, $t:ty, $kernel:ident) => {
+        /// `dst += src` over n elements: the add kernel with one group, writing over its first
+        /// operand.
         pub fn $name(
             &self,
             n: usize,
@@ -158,8 +161,16 @@ macro_rules! binary_inplace {
             let vec = vec8(&[n], &[&dst, &src]);
             self.launch(
                 Kernel::$kernel,
-                vec_cfg(n, vec),
-                &[dst.arg(), src.arg(), Arg::from(n as u64), Arg::from(vec)],
+                grouped_cfg(OP, 1, n, vec)?,
+                &[
+                    dst.arg(),
+                    src.arg(),
+                    dst.arg(),
+                    Arg::from(n as u64),
+                    Arg::from(1i32),
+                    Arg::from(1i32),
+                    Arg::from(vec),
+                ],
             )
         }
     };
@@ -324,18 +335,8 @@ impl Gpu {
     bias_launcher!(add_bias_rows_bf16, bf16, AddBiasRowsBf16);
     bias_launcher!(add_bias_rows_f32, f32, AddBiasRowsF32);
     add_launcher!(add_f32, f32, AddF32);
-    binary_inplace!(
-        add_assign_bf16,
-        bf16,
-        AddAssignBf16,
-        "`dst += src` over n elements (f32 sum, rounded)."
-    );
-    binary_inplace!(
-        add_assign_f32,
-        f32,
-        AddAssignF32,
-        "`dst += src` over n elements."
-    );
+    add_assign_launcher!(add_assign_bf16, bf16, AddBf16);
+    add_assign_launcher!(add_assign_f32, f32, AddF32);
     scale_launcher!(scale_bf16, bf16, ScaleBf16);
     scale_launcher!(scale_f32, f32, ScaleF32);
     sum_groups_launcher!(sum_groups_bf16, bf16, SumGroupsBf16);

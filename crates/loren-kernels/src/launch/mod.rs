@@ -94,8 +94,6 @@ pub(crate) fn grouped_cfg(
     per: usize,
     vec: i32,
 ) -> Result<LaunchConfig> {
-    // The kernels index within a group in 32 bits.
-    int(op, "elements per group", per)?;
     let units = if vec == 1 { per.div_ceil(8) } else { per };
     let cap = ((1usize << 16) / groups).max(1);
     Ok(LaunchConfig {
