@@ -106,15 +106,7 @@ __device__ void bias_gelu_bwd_body(const bf16* dY, const bf16* X, const float* b
             }
         }
     }
-#pragma unroll
-    for (int i = 0; i < V; ++i) red[warp][lane * V + i] = acc[i];
-    __syncthreads();
-    const int col = threadIdx.x;  // one column of the strip per thread
-    if (col < WARP * V && strip + col < N) {
-        float t = 0.0f;
-        for (int i = 0; i < act::WARPS; ++i) t += red[i][col];
-        part[((size_t)w * gridDim.y + chunk) * N + strip + col] = t;
-    }
+    strip_sums<V>(acc, red, N - strip, part + ((size_t)w * gridDim.y + chunk) * N + strip);
 }
 extern "C" __global__ void __launch_bounds__(256)
     bias_gelu_bwd(const bf16* dY, const bf16* X, const float* bias, bf16* dX, float* part, int gx, int gb, int G,

@@ -19,11 +19,6 @@ __device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ bf16 to_bf16(float x) { return __float2bfloat16_rn(x); }
 
-// Store an f32 value as T (f32 or bf16, rounding to nearest even).
-template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) { return to_bf16(x); }
-
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
@@ -178,6 +173,25 @@ template <int V> __device__ __forceinline__ void store_vec(float* p, const float
     } else {
 #pragma unroll
         for (int i = 0; i < V; ++i) p[i] = v[i];
+    }
+}
+
+// The first stage's store of a column sum over a strip of 32·V columns (the bias-gradient,
+// LayerNorm-parameter and bias + GELU partials): each warp's `acc` (lane l holds strip columns
+// V·l .. V·l + V − 1, summed over that warp's rows) goes to `red`, then one thread per column adds
+// the warps in order and writes out[col] for the `cols` strip columns that exist. Every thread of
+// the block must call it.
+template <int V>
+__device__ __forceinline__ void strip_sums(const float (&acc)[V], float (*red)[WARP * VEC], int cols, float* out) {
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
+#pragma unroll
+    for (int i = 0; i < V; ++i) red[warp][lane * V + i] = acc[i];
+    __syncthreads();
+    const int col = threadIdx.x;
+    if (col < WARP * V && col < cols) {
+        float t = 0.0f;
+        for (int i = 0; i < warps; ++i) t += red[i][col];
+        out[col] = t;
     }
 }
 

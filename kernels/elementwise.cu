@@ -107,15 +107,7 @@ __device__ void sum_rows_partial(const T* src, float* part, int groups, int rows
 #pragma unroll
                 for (int i = 0; i < V; ++i) acc[i] += v[i];
             }
-#pragma unroll
-    for (int i = 0; i < V; ++i) red[warp][lane * V + i] = acc[i];
-    __syncthreads();
-    const int col = threadIdx.x;  // one column of the strip per thread
-    if (col < WARP * V && strip + col < n) {
-        float t = 0.0f;
-        for (int i = 0; i < WARPS; ++i) t += red[i][col];
-        part[((u64)o * gridDim.y + chunk) * n + strip + col] = t;
-    }
+    strip_sums<V>(acc, red, n - strip, part + ((u64)o * gridDim.y + chunk) * n + strip);
 }
 extern "C" __global__ void __launch_bounds__(256)
     sum_rows_partial_bf16(const bf16* src, float* part, int groups, int rows, int n, u64 ld,

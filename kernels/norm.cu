@@ -171,19 +171,8 @@ __device__ void layernorm_bwd_params_body(const bf16* dY, const bf16* X, const f
             }
         }
     }
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-        red[0][warp][lane * V + i] = dg[i];
-        red[1][warp][lane * V + i] = db[i];
-    }
-    __syncthreads();
-    const int col = threadIdx.x;  // one column of the strip per thread, both sums
-    if (col < WARP * V && strip + col < D)
-        for (int which = 0; which < 2; ++which) {
-            float t = 0.0f;
-            for (int i = 0; i < ln::WARPS; ++i) t += red[which][i][col];
-            part[(((size_t)which * gw + w) * chunks + chunk) * D + strip + col] = t;
-        }
+    strip_sums<V>(dg, red[0], D - strip, part + ((size_t)w * chunks + chunk) * D + strip);
+    strip_sums<V>(db, red[1], D - strip, part + (((size_t)gw + w) * chunks + chunk) * D + strip);
 }
 extern "C" __global__ void __launch_bounds__(256)
     layernorm_bwd_params_partial(const bf16* dY, const bf16* X, const float* mean, const float* rstd, float* part,

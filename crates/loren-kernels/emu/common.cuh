@@ -193,9 +193,6 @@ void emu_launch(F kernel, dim3 grid, dim3 block, size_t smem, A... args) {
 inline float to_f32(bf16 x) { return __bfloat162float(x); }
 inline float to_f32(float x) { return x; }
 inline bf16 to_bf16(float x) { return __float2bfloat16_rn(x); }
-template <typename T> T from_f32(float x);
-template <> inline float from_f32<float>(float x) { return x; }
-template <> inline bf16 from_f32<bf16>(float x) { return to_bf16(x); }
 
 inline float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
@@ -346,6 +343,25 @@ template <int V> inline void store_vec(bf16* p, const float (&v)[V]) {
 template <int V> inline void store_vec(float* p, const float (&v)[V]) {
     if constexpr (V == 8) emu_aligned16(p);
     for (int i = 0; i < V; ++i) p[i] = v[i];
+}
+
+// The first stage's store of a column sum over a strip of 32·V columns (the bias-gradient,
+// LayerNorm-parameter and bias + GELU partials): each warp's `acc` (lane l holds strip columns
+// V·l .. V·l + V − 1, summed over that warp's rows) goes to `red`, then one thread per column adds
+// the warps in order and writes out[col] for the `cols` strip columns that exist. Every thread of
+// the block must call it.
+template <int V>
+inline void strip_sums(const float (&acc)[V], float (*red)[WARP * VEC], int cols, float* out) {
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
+#pragma unroll
+    for (int i = 0; i < V; ++i) red[warp][lane * V + i] = acc[i];
+    __syncthreads();
+    const int col = threadIdx.x;
+    if (col < WARP * V && col < cols) {
+        float t = 0.0f;
+        for (int i = 0; i < warps; ++i) t += red[i][col];
+        out[col] = t;
+    }
 }
 
 // ---- Hopper's wgmma (the kernels' __CUDA_ARCH_FEAT_SM90_ALL parts) ------------------------------

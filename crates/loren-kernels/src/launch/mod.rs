@@ -94,17 +94,10 @@ pub(crate) fn grouped_cfg(
     per: usize,
     vec: i32,
 ) -> Result<LaunchConfig> {
-    let units = if vec == 1 { per.div_ceil(8) } else { per };
-    let cap = ((1usize << 16) / groups).max(1);
-    Ok(LaunchConfig {
-        grid_dim: (
-            units.div_ceil(BLOCK as usize).clamp(1, cap) as u32,
-            grid_dim(op, "groups", groups, GRID_YZ)?,
-            1,
-        ),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    })
+    let mut cfg = vec_cfg(per, vec);
+    cfg.grid_dim.0 = cfg.grid_dim.0.min(((1usize << 16) / groups).max(1) as u32);
+    cfg.grid_dim.1 = grid_dim(op, "groups", groups, GRID_YZ)?;
+    Ok(cfg)
 }
 
 /// The first stage of a two-stage column sum over `cols` columns: block (column strip, row chunk,
