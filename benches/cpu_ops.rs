@@ -124,7 +124,9 @@ fn lora(c: &mut Criterion) {
             let out = lora_forward(&x, &w, Some(&bias), &a, &bm, 1.0).unwrap();
             g.bench_function(format!("bwd/{id}"), |bch| {
                 bch.iter(|| {
-                    lora_backward(black_box(&dy), &x, &w, &a, &bm, &out.u, 1.0, true, true).unwrap()
+                    let u = &out.u;
+                    lora_backward(black_box(&dy), &x, &w, &a, &bm, u, 1.0, true, true, None)
+                        .unwrap()
                 })
             });
             if label == "tiny" {
@@ -147,6 +149,7 @@ fn lora(c: &mut Criterion) {
                             1.0,
                             false,
                             true,
+                            None,
                         )
                         .unwrap()
                     })
@@ -238,6 +241,7 @@ fn layernorm(c: &mut Criterion) {
                     &out.rstd,
                     true,
                     false,
+                    None,
                 )
                 .unwrap()
             })

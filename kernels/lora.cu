@@ -2,7 +2,8 @@
 //
 //   forward   Y[m]  = X[g(m)]·Wᵀ + bias + s·(X[g(m)]·A_mᵀ)·B_mᵀ      U[m] = X[g(m)]·A_mᵀ
 //   backward  V[m]  = s·dY[m]·B_m
-//             dX[m] = dY[m]·W + V[m]·A_m          (shared X: dX = (Σ_m dY[m])·W + Σ_m V[m]·A_m)
+//             dX[m] = dY[m]·W + V[m]·A_m (+ dXplus[m])
+//                                  (shared X: dX = (Σ_m dY[m])·W + Σ_m V[m]·A_m (+ dXplus))
 //             dA_m  = V[m]ᵀ·X[g(m)]               dB_m = s·dY[m]ᵀ·U[m]
 //
 // g(m) = m for a per-member input, 0 for the shared-input prefix. Layouts (row-major):
@@ -220,16 +221,28 @@ extern "C" __global__ void __launch_bounds__(128)
 // elements (16 bytes), which makes every ldmatrix phase conflict-free.
 // ---------------------------------------------------------------------------------------------
 
-// y[r·ldy + c..c+1] = bf16(v0, v1 + bias) for the valid part; the two columns are neighbours.
-// `pairs`: ldy even and y 4-byte aligned, so they go out as one bf16x2 store.
+// y[r·ldy + c..c+1] = bf16(v0, v1 + bias + plus) for the valid part; the two columns are
+// neighbours. `plus` (null, or a tile laid out as y's): a gradient dX already had, joined before
+// the one rounding. `pairs`: ldy even and y, plus 4-byte aligned, so they go as bf16x2 accesses.
 __device__ __forceinline__ void store_pair(bf16* y, int ldy, int r, int c, float v0, float v1,
                                            int rows_valid, int cols_valid, const bf16* bias,
-                                           bool pairs) {
+                                           const bf16* plus, bool pairs) {
     if (r >= rows_valid || c >= cols_valid) return;
     const bool two = c + 1 < cols_valid;
     if (bias) {
         v0 += to_f32(bias[c]);
         if (two) v1 += to_f32(bias[c + 1]);
+    }
+    if (plus) {
+        const bf16* p = plus + (size_t)r * ldy + c;
+        if (two && pairs) {
+            const float2 pv = __bfloat1622float2(*reinterpret_cast<const bf162*>(p));
+            v0 += pv.x;
+            v1 += pv.y;
+        } else {
+            v0 += to_f32(p[0]);
+            if (two) v1 += to_f32(p[1]);
+        }
     }
     bf16* dst = y + (size_t)r * ldy + c;
     if (two && pairs) {
@@ -386,10 +399,11 @@ struct MmaSync {
         }
     }
 
-    // y[r·ldy + c] = bf16(acc + bias[c]) for the valid part of the tile.
+    // y[r·ldy + c] = bf16(acc + bias[c] + plus[r·ldy + c]) for the valid part of the tile.
     static __device__ __forceinline__ void store_tile(bf16* y, int ldy, int rows_valid,
                                                       int cols_valid, const Acc acc,
-                                                      const bf16* bias, bool pairs) {
+                                                      const bf16* bias, const bf16* plus,
+                                                      bool pairs) {
         const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
         const int wm = (warp / 4) * 64, wn = (warp % 4) * 32;
 #pragma unroll
@@ -400,7 +414,8 @@ struct MmaSync {
                 for (int h = 0; h < 2; ++h)
                     store_pair(y, ldy, wm + mt * 16 + lane / 4 + h * 8,
                                wn + nt * 8 + (lane % 4) * 2, acc[mt][nt][2 * h],
-                               acc[mt][nt][2 * h + 1], rows_valid, cols_valid, bias, pairs);
+                               acc[mt][nt][2 * h + 1], rows_valid, cols_valid, bias, plus,
+                               pairs);
     }
 
     static __device__ __forceinline__ void zero(Acc acc) {
@@ -465,7 +480,7 @@ __device__ __forceinline__ void fwd_gemm(const bf16* X, const bf16* W, const bf1
     P::template lowrank_segment<false>(acc, smem, U + row_base * r, rows_valid, s,
                                        B + ((size_t)m * N + n0) * r, r, N - n0, r);
     P::store_tile(Y + row_base * N + n0, N, rows_valid, N - n0, acc, bias ? bias + n0 : nullptr,
-                  vec);
+                  nullptr, vec);
 }
 
 // Forward with one shared input X [1, rows, K]: the X·Wᵀ tile is computed once and kept in
@@ -488,16 +503,17 @@ __device__ __forceinline__ void fwd_gemm_prefix(const bf16* X, const bf16* W, co
         P::template lowrank_segment<false>(acc, smem, U + row_base * r, rows_valid, s,
                                            B + ((size_t)m * N + n0) * r, r, N - n0, r);
         P::store_tile(Y + row_base * N + n0, N, rows_valid, N - n0, acc, bias ? bias + n0 : nullptr,
-                      vec);
+                      nullptr, vec);
     }
 }
 
-// Backward dX[m] = dY[m]·W + V[m]·A_m. grid (ceil(K/128), M·ceil(rows/128)), block 256,
-// dynamic smem P::SMEM_BYTES.
+// Backward dX[m] = dY[m]·W + V[m]·A_m (+ dXplus[m], when not null: the gradient X already had
+// from its other readers, so the q, k and v projections of one input need no adds between them).
+// grid (ceil(K/128), M·ceil(rows/128)), block 256, dynamic smem P::SMEM_BYTES.
 template <class P>
 __device__ __forceinline__ void bwd_dx_gemm(const bf16* dY, const bf16* W, const float* V,
-                                            const float* A, bf16* dX, int rows, int N, int K, int r,
-                                            int vec) {
+                                            const float* A, const bf16* dXplus, bf16* dX, int rows,
+                                            int N, int K, int r, int vec) {
     bf16* smem = block_smem<P>();
     const auto [m, row0, n0, rows_valid] = block_tile<P>(rows);
     const size_t row_base = (size_t)m * rows + row0;
@@ -507,15 +523,18 @@ __device__ __forceinline__ void bwd_dx_gemm(const bf16* dY, const bf16* W, const
                                        K - n0, N, vec);
     P::template lowrank_segment<true>(acc, smem, V + row_base * r, rows_valid, 1.0f,
                                       A + (size_t)m * r * K + n0, K, K - n0, r);
-    P::store_tile(dX + row_base * K + n0, K, rows_valid, K - n0, acc, nullptr, vec);
+    P::store_tile(dX + row_base * K + n0, K, rows_valid, K - n0, acc, nullptr,
+                  dXplus ? dXplus + row_base * K + n0 : nullptr, vec);
 }
 
-// Backward with a shared input: dX = (Σ_m dY[m])·W + Σ_m V[m]·A_m. The member sum of dY happens
-// while loading the A tiles, so the big product runs once. grid (ceil(K/128), ceil(rows/128)).
+// Backward with a shared input: dX = (Σ_m dY[m])·W + Σ_m V[m]·A_m (+ dXplus). The member sum
+// of dY happens while loading the A tiles, so the big product runs once.
+// grid (ceil(K/128), ceil(rows/128)).
 template <class P>
 __device__ __forceinline__ void bwd_dx_gemm_prefix(const bf16* dY, const bf16* W, const float* V,
-                                                   const float* A, bf16* dX, int members, int rows,
-                                                   int N, int K, int r, int vec) {
+                                                   const float* A, const bf16* dXplus, bf16* dX,
+                                                   int members, int rows, int N, int K, int r,
+                                                   int vec) {
     bf16* smem = block_smem<P>();
     const auto [m0, row0, n0, rows_valid] = block_tile<P>(rows);  // m0 = 0: one shared input
     typename P::Acc acc;
@@ -525,7 +544,8 @@ __device__ __forceinline__ void bwd_dx_gemm_prefix(const bf16* dY, const bf16* W
     for (int m = 0; m < members; ++m)
         P::template lowrank_segment<true>(acc, smem, V + ((size_t)m * rows + row0) * r, rows_valid,
                                           1.0f, A + (size_t)m * r * K + n0, K, K - n0, r);
-    P::store_tile(dX + (size_t)row0 * K + n0, K, rows_valid, K - n0, acc, nullptr, vec);
+    P::store_tile(dX + (size_t)row0 * K + n0, K, rows_valid, K - n0, acc, nullptr,
+                  dXplus ? dXplus + (size_t)row0 * K + n0 : nullptr, vec);
 }
 
 // The four GEMM entry points of a tensor-core path P: lora_fwd_NAME, lora_fwd_NAME_prefix,
@@ -543,13 +563,13 @@ __device__ __forceinline__ void bwd_dx_gemm_prefix(const bf16* dY, const bf16* W
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(256)                                              \
         lora_bwd_dx_##NAME(const bf16* dY, const bf16* W, const float* V, const float* A,          \
-                           bf16* dX, int rows, int N, int K, int r, int vec) {                     \
-        bwd_dx_gemm<P>(dY, W, V, A, dX, rows, N, K, r, vec);                                       \
+                           const bf16* dXplus, bf16* dX, int rows, int N, int K, int r, int vec) { \
+        bwd_dx_gemm<P>(dY, W, V, A, dXplus, dX, rows, N, K, r, vec);                               \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(256) lora_bwd_dx_##NAME##_prefix(                 \
-        const bf16* dY, const bf16* W, const float* V, const float* A, bf16* dX, int members,      \
-        int rows, int N, int K, int r, int vec) {                                                  \
-        bwd_dx_gemm_prefix<P>(dY, W, V, A, dX, members, rows, N, K, r, vec);                       \
+        const bf16* dY, const bf16* W, const float* V, const float* A, const bf16* dXplus,         \
+        bf16* dX, int members, int rows, int N, int K, int r, int vec) {                           \
+        bwd_dx_gemm_prefix<P>(dY, W, V, A, dXplus, dX, members, rows, N, K, r, vec);               \
     }
 
 // On mma.sync: any arch from sm_80.
@@ -768,12 +788,13 @@ struct Wgmma {
         }
     }
 
-    // Y tile = bf16(acc + bias). Thread t of warpgroup g holds, for each 8-column block j and h in
-    // {0, 1}, row 64g + 16·(t/32 % 4) + (t%32)/4 + 8h, columns 8j + 2(t%4) and the next, in
-    // acc[4j + 2h] and acc[4j + 2h + 1].
+    // Y tile = bf16(acc + bias + plus). Thread t of warpgroup g holds, for each 8-column block j
+    // and h in {0, 1}, row 64g + 16·(t/32 % 4) + (t%32)/4 + 8h, columns 8j + 2(t%4) and the
+    // next, in acc[4j + 2h] and acc[4j + 2h + 1].
     static __device__ __forceinline__ void store_tile(bf16* y, int ldy, int rows_valid,
                                                       int cols_valid, const Acc& acc,
-                                                      const bf16* bias, bool pairs) {
+                                                      const bf16* bias, const bf16* plus,
+                                                      bool pairs) {
         const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
         const int r0 = (warp / 4) * WG_ROWS + (warp % 4) * 16 + lane / 4;
 #pragma unroll
@@ -781,7 +802,7 @@ struct Wgmma {
 #pragma unroll
             for (int h = 0; h < 2; ++h)
                 store_pair(y, ldy, r0 + 8 * h, 8 * j + 2 * (lane % 4), acc[4 * j + 2 * h],
-                           acc[4 * j + 2 * h + 1], rows_valid, cols_valid, bias, pairs);
+                           acc[4 * j + 2 * h + 1], rows_valid, cols_valid, bias, plus, pairs);
     }
 
     static __device__ __forceinline__ void zero(Acc& acc) {

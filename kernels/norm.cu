@@ -71,13 +71,16 @@ extern "C" __global__ void __launch_bounds__(256)
     DISPATCH_VEC(vec, layernorm_fwd_body, X, gamma, beta, Y, mean, rstd, gx, gw, G, rows, D, eps);
 }
 
-// dx = Σ_g rstd·(dŷ_g − mean(dŷ_g) − x̂·mean(dŷ_g·x̂)),  dŷ_g = dy[g]·gamma[g], over the output
-// groups g that read the x row (one, or all G when x is shared: the sum stays in the kernel).
+// dx = Σ_g rstd·(dŷ_g − mean(dŷ_g) − x̂·mean(dŷ_g·x̂)) + dplus,  dŷ_g = dy[g]·gamma[g], over the
+// output groups g that read the x row (one, or all G when x is shared: the sum stays in the
+// kernel). dplus [gx, rows, D] bf16, or null: the gradient x already has from the residual
+// stream, joined here so that no separate pass adds it. It starts the sum (no live registers
+// beyond the accumulator); with one output group that is the CPU's sum exactly.
 // grid ceil(gx·rows / 8), block 256. G <= 64 when gx == 1.
 template <int V>
 __device__ void layernorm_bwd_dx_body(const bf16* dY, const bf16* X, const float* gamma, const float* mean,
-                                      const float* rstd, bf16* dX, int gx, int gw, int G, int rows, int D,
-                                      float (*consts)[ln::MAX_GROUPS][2]) {
+                                      const float* rstd, const bf16* dPlus, bf16* dX, int gx, int gw, int G,
+                                      int rows, int D, float (*consts)[ln::MAX_GROUPS][2]) {
     const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
     const int src = blockIdx.x * ln::WARPS + warp;
     if (src >= gx * rows) return;
@@ -115,6 +118,7 @@ __device__ void layernorm_bwd_dx_body(const bf16* dY, const bf16* X, const float
     const size_t dy_step = (size_t)rows * D;
     ROW_VECTORS(c, D, V) {
         float xh[V], acc[V] = {};
+        if (dPlus) load_vec<V>(dPlus + (size_t)src * D + c, acc);
         load_vec<V>(x + c, xh);
 #pragma unroll
         for (int i = 0; i < V; ++i) xh[i] = (xh[i] - mu) * r;
@@ -132,10 +136,10 @@ __device__ void layernorm_bwd_dx_body(const bf16* dY, const bf16* X, const float
 }
 extern "C" __global__ void __launch_bounds__(256)
     layernorm_bwd_dx(const bf16* dY, const bf16* X, const float* gamma, const float* mean, const float* rstd,
-                     bf16* dX, int gx, int gw, int G, int rows, int D, int vec) {
+                     const bf16* dPlus, bf16* dX, int gx, int gw, int G, int rows, int D, int vec) {
     // Per warp, the two row means of each output group.
     __shared__ float consts[ln::WARPS][ln::MAX_GROUPS][2];
-    DISPATCH_VEC(vec, layernorm_bwd_dx_body, dY, X, gamma, mean, rstd, dX, gx, gw, G, rows, D, consts);
+    DISPATCH_VEC(vec, layernorm_bwd_dx_body, dY, X, gamma, mean, rstd, dPlus, dX, gx, gw, G, rows, D, consts);
 }
 
 // First stage of dgamma = Σ dy·x̂ and dbeta = Σ dy over the rows that use each affine row w (its

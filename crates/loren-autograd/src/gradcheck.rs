@@ -78,7 +78,7 @@ impl Backward for Dot {
         "gradcheck_dot"
     }
 
-    fn backward(self: Box<Self>, dy: Tensor, grads: &mut GradSink) -> Result<()> {
+    fn backward(self: Box<Self>, dy: Arc<Tensor>, grads: &mut GradSink) -> Result<()> {
         let s = dy.scalar()?;
         let mut g = self.r.copy(MemTag::Workspace)?;
         g.as_mut_slice()?.iter_mut().for_each(|v| *v *= s);

@@ -17,5 +17,5 @@ pub mod timing;
 
 pub use loren_tensor::{Error, Result};
 pub use params::{Grads, ParamId, Params, TrainableMut};
-pub use tape::{Backward, GradSink, NodeId, Tape, Var};
+pub use tape::{Backward, GradSink, NodeId, Tape, Var, unshare};
 pub use timing::{Phase, Span, StepTimer, Total};

@@ -2,7 +2,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use loren_tensor::ops::elementwise::add_assign;
+use loren_tensor::ops::elementwise::{add, add_assign};
 use loren_tensor::{Error, MemTag, Result, Shape, Tensor};
 
 use crate::params::{Grads, ParamId, Params};
@@ -67,8 +67,10 @@ impl std::fmt::Debug for Var {
 pub trait Backward {
     fn name(&self) -> &'static str;
 
-    /// Given the gradient of the op's output, add the gradients of its inputs to `grads`.
-    fn backward(self: Box<Self>, dy: Tensor, grads: &mut GradSink) -> Result<()>;
+    /// Given the gradient of the op's output, add the gradients of its inputs to `grads`. `dy`
+    /// may be shared with other values' gradients (a residual add hands its `dy` to both
+    /// inputs), so an op that wants to write into it takes it with [`unshare`].
+    fn backward(self: Box<Self>, dy: Arc<Tensor>, grads: &mut GradSink) -> Result<()>;
 }
 
 struct Record {
@@ -235,12 +237,12 @@ impl Tape {
                 format!("the loss must be a scalar, got shape {}", loss.shape()),
             ));
         }
-        let seed = Tensor::full(
+        let seed = Arc::new(Tensor::full(
             1.0,
             loss.shape().clone(),
             MemTag::Workspace,
             loss.value.device(),
-        )?;
+        )?);
         let timer = self.timer.clone();
         let (mut sink, leaves) = self.run(root, seed, true)?;
         for (node, pid) in leaves {
@@ -260,9 +262,9 @@ impl Tape {
     pub fn gradients(
         self,
         root: NodeId,
-        dy: Tensor,
+        dy: Arc<Tensor>,
         wrt: &[Option<NodeId>],
-    ) -> Result<Vec<Option<Tensor>>> {
+    ) -> Result<Vec<Option<Arc<Tensor>>>> {
         let (mut sink, _) = self.run(root, dy, false)?;
         Ok(wrt
             .iter()
@@ -275,7 +277,7 @@ impl Tape {
     fn run(
         self,
         root: NodeId,
-        seed: Tensor,
+        seed: Arc<Tensor>,
         seed_is_one: bool,
     ) -> Result<(GradSink, Vec<(NodeId, ParamId)>)> {
         let inner = self.inner.into_inner();
@@ -306,8 +308,12 @@ impl Tape {
 }
 
 /// Where ops deposit the gradients of their inputs during backward.
+///
+/// A gradient may be shared by several values (see [`Backward::backward`]); adding into one
+/// writes in place only where the sink holds the sole reference, so no value sees another's
+/// gradient change.
 pub struct GradSink {
-    grads: Vec<Option<Tensor>>,
+    grads: Vec<Option<Arc<Tensor>>>,
     running_root: bool,
 }
 
@@ -328,15 +334,44 @@ impl GradSink {
 
     /// Add `g` to the gradient of `var`. A var without a node needs none: `g` is dropped.
     pub fn add(&mut self, var: Option<NodeId>, g: Tensor) -> Result<()> {
-        let Some(node) = var else { return Ok(()) };
-        match &mut self.grads[node.0] {
-            Some(acc) => add_assign(acc, &g),
-            slot @ None => {
-                let mut g = g;
-                g.set_tag(MemTag::Workspace);
-                *slot = Some(g);
-                Ok(())
-            }
-        }
+        self.add_shared(var, Arc::new(g))
     }
+
+    /// [`GradSink::add`] for a gradient other values may hold too.
+    pub fn add_shared(&mut self, var: Option<NodeId>, mut g: Arc<Tensor>) -> Result<()> {
+        let Some(node) = var else { return Ok(()) };
+        let Some(acc) = &mut self.grads[node.0] else {
+            if let Some(g) = Arc::get_mut(&mut g) {
+                g.set_tag(MemTag::Workspace);
+            }
+            self.grads[node.0] = Some(g);
+            return Ok(());
+        };
+        // The sum is the same whichever operand it is written into: IEEE addition commutes.
+        if let Some(acc) = Arc::get_mut(acc) {
+            return add_assign(acc, &g);
+        }
+        if let Some(owned) = Arc::get_mut(&mut g) {
+            add_assign(owned, acc)?;
+            owned.set_tag(MemTag::Workspace);
+            *acc = g;
+            return Ok(());
+        }
+        let mut sum = add(acc, &g)?;
+        sum.set_tag(MemTag::Workspace);
+        *acc = Arc::new(sum);
+        Ok(())
+    }
+
+    /// The gradient `var` has so far, taken out of the sink: for an op that adds its own
+    /// contribution to it in the same pass that forms it (LayerNorm's dx), instead of forming
+    /// it apart and adding it after. The op hands the sum back with [`GradSink::add`].
+    pub fn take(&mut self, var: Option<NodeId>) -> Option<Arc<Tensor>> {
+        var.and_then(|node| self.grads[node.0].take())
+    }
+}
+
+/// `t` itself where nothing else holds it, else a copy: for an op that writes into its `dy`.
+pub fn unshare(t: Arc<Tensor>) -> Result<Tensor> {
+    Arc::try_unwrap(t).or_else(|t| t.copy(t.tag()))
 }

@@ -287,6 +287,56 @@ fn sublayer_inputs(seed: u64, frozen: &[&str]) -> Vec<Input> {
     )
 }
 
+/// LayerNorm's backward takes the gradient the residual add gave x and returns dx with it
+/// added (`GradSink::take`); the add hands its one dy to both inputs.
+#[test]
+fn pre_norm_sublayer() {
+    assert_gradients(sublayer_inputs(22, &[]), sublayer, &opts());
+}
+
+/// The same on the members' shared stream, normalised by each member's affine: LayerNorm sums
+/// its members' dx into the shared x before the residual's gradient joins.
+#[test]
+fn pre_norm_sublayer_on_the_shared_stream_with_member_norms() {
+    let (dev, mut rng) = (Device::cpu(), Rng::new(23));
+    let ins = inputs(
+        &dev,
+        &mut rng,
+        &[
+            ("x", &[1, B, T, 6]),
+            ("gamma", &[M, 6]),
+            ("beta", &[M, 6]),
+            ("w", &[M, 6, 6]),
+            ("b", &[M, 6]),
+        ],
+        &[],
+    );
+    assert_gradients(ins, sublayer, &opts());
+}
+
+/// A gradient held by several values is added into without writing through it: x reaches the
+/// output three ways, two of them one shared dy.
+#[test]
+fn a_shared_gradient_is_summed_not_overwritten() {
+    let (dev, mut rng) = (Device::cpu(), Rng::new(24));
+    let ins = inputs(
+        &dev,
+        &mut rng,
+        &[("x", &[M, B, T, 4]), ("z", &[M, B, T, 4]), ("b", &[1, 4])],
+        &["b"],
+    );
+    assert_gradients(
+        ins,
+        |t, v| {
+            let y = ops::add(t, &v[0], &v[1])?;
+            let y = ops::add(t, &y, &v[0])?;
+            let y = ops::add(t, &y, &y)?;
+            ops::bias_gelu(t, &y, &v[2])
+        },
+        &opts(),
+    );
+}
+
 #[test]
 fn recomputed_sublayer() {
     assert_gradients(
@@ -329,7 +379,7 @@ fn input_gradients(
     let wrt: Vec<_> = vars.iter().map(Var::node).collect();
     let root = y.node().unwrap();
     drop((y, vars));
-    tape.gradients(root, dy, &wrt)
+    tape.gradients(root, std::sync::Arc::new(dy), &wrt)
         .unwrap()
         .into_iter()
         .map(|g| g.map(|g| g.to_vec().unwrap()))
@@ -364,8 +414,8 @@ impl Backward for WrongBackward {
         "planted_wrong"
     }
 
-    fn backward(self: Box<Self>, dy: Tensor, grads: &mut GradSink) -> Result<()> {
-        let mut g = dy;
+    fn backward(self: Box<Self>, dy: std::sync::Arc<Tensor>, grads: &mut GradSink) -> Result<()> {
+        let mut g = loren_autograd::unshare(dy)?;
         loren_tensor::ops::elementwise::scale_(&mut g, 1.05)?;
         grads.add(self.0, g)
     }

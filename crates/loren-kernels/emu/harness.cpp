@@ -183,24 +183,35 @@ static void lora_case(int M, int gx, int rows, int K, int N, int r, uint64_t see
                gx, da.data(), rows, K, r, (int)(K % 8 == 0));
     emu_launch(lora_grad_b, dim3{(unsigned)((N + 63) / 64), rank_tiles, (unsigned)M}, blk_lr, 0, dy.data(), u.data(),
                db.data(), rows, N, r, s, (int)(N % 8 == 0));
+    const bf16* none = nullptr;
     if (prefix)
         emu_launch(lora_bwd_dx_gemm_prefix, dim3{(unsigned)((K + 127) / 128), tiles, 1}, blk, 61440, dy.data(),
-                   w.data(), v.data(), a.data(), dx.data(), M, rows, N, K, r, vec);
+                   w.data(), v.data(), a.data(), none, dx.data(), M, rows, N, K, r, vec);
     else
         emu_launch(lora_bwd_dx_gemm, dim3{(unsigned)((K + 127) / 128), M * tiles, 1}, blk, 61440, dy.data(),
-                   w.data(), v.data(), a.data(), dx.data(), rows, N, K, r, vec);
-    std::vector<bf16> dxh((size_t)gx * rows * K, to_bf16(NAN));
-    if (prefix)
+                   w.data(), v.data(), a.data(), none, dx.data(), rows, N, K, r, vec);
+    // dX joined to a gradient X already had, on both paths.
+    auto plus = rng.bf16s((size_t)gx * rows * K, 3.0);
+    std::vector<double> plus_ref = d(plus);
+    for (size_t i = 0; i < plus_ref.size(); ++i) plus_ref[i] += dx_ref[i];
+    std::vector<bf16> dxp((size_t)gx * rows * K, to_bf16(NAN)), dxh((size_t)gx * rows * K, to_bf16(NAN));
+    if (prefix) {
+        emu_launch(lora_bwd_dx_gemm_prefix, dim3{(unsigned)((K + 127) / 128), tiles, 1}, blk, 61440, dy.data(),
+                   w.data(), v.data(), a.data(), plus.data(), dxp.data(), M, rows, N, K, r, vec);
         emu_launch(lora_bwd_dx_wgmma_prefix, dim3{(unsigned)((K + 127) / 128), tiles, 1}, blk, 99328, dy.data(),
-                   w.data(), v.data(), a.data(), dxh.data(), M, rows, N, K, r, vec);
-    else
+                   w.data(), v.data(), a.data(), plus.data(), dxh.data(), M, rows, N, K, r, vec);
+    } else {
+        emu_launch(lora_bwd_dx_gemm, dim3{(unsigned)((K + 127) / 128), M * tiles, 1}, blk, 61440, dy.data(),
+                   w.data(), v.data(), a.data(), plus.data(), dxp.data(), rows, N, K, r, vec);
         emu_launch(lora_bwd_dx_wgmma, dim3{(unsigned)((K + 127) / 128), M * tiles, 1}, blk, 99328, dy.data(),
-                   w.data(), v.data(), a.data(), dxh.data(), rows, N, K, r, vec);
+                   w.data(), v.data(), a.data(), plus.data(), dxh.data(), rows, N, K, r, vec);
+    }
     check(std::string("lora V ") + tag, d(v), v_ref, SPLIT_TOL);
     check(std::string("lora dA ") + tag, d(da), da_ref, SPLIT_TOL);
     check(std::string("lora dB ") + tag, d(db), db_ref, SPLIT_TOL);
     check(std::string("lora dX ") + tag, d(dx), dx_ref, 1e-2);
-    check(std::string("lora dX wgmma ") + tag, d(dxh), dx_ref, 1e-2);
+    check(std::string("lora dX + dX_plus ") + tag, d(dxp), plus_ref, 1e-2);
+    check(std::string("lora dX + dX_plus wgmma ") + tag, d(dxh), plus_ref, 1e-2);
 }
 
 // ---- Attention ------------------------------------------------------------------------------------
@@ -366,7 +377,14 @@ static void layernorm_case(int G, int gx, int gw, int rows, int D, uint64_t seed
     emu_launch(layernorm_fwd, rgrid, blk, 0, x.data(), gamma.data(), beta.data(), y.data(), mean.data(), rstd.data(),
                gx, gw, G, rows, D, eps, vec);
     emu_launch(layernorm_bwd_dx, rgrid, blk, 0, dy.data(), x.data(), gamma.data(), mean.data(), rstd.data(),
-               dx.data(), gx, gw, G, rows, D, vec);
+               (const bf16*)nullptr, dx.data(), gx, gw, G, rows, D, vec);
+    // The residual stream's gradient joined in the same pass.
+    auto plus = rng.bf16s((size_t)gx * rows * D, 3.0);
+    std::vector<double> plus_ref = d(plus);
+    for (size_t i = 0; i < plus_ref.size(); ++i) plus_ref[i] += dx_ref[i];
+    std::vector<bf16> dx_plus((size_t)gx * rows * D, to_bf16(NAN));
+    emu_launch(layernorm_bwd_dx, rgrid, blk, 0, dy.data(), x.data(), gamma.data(), mean.data(), rstd.data(),
+               plus.data(), dx_plus.data(), gx, gw, G, rows, D, vec);
     const int chunk_rows = 256, chunks = (rows + chunk_rows - 1) / chunk_rows;
     std::vector<float> part((size_t)2 * gw * chunks * D, NAN), dgam((size_t)gw * D, NAN), dbet((size_t)gw * D, NAN);
     emu_launch(layernorm_bwd_params_partial, dim3{(unsigned)((D + (vec ? 255 : 31)) / (vec ? 256 : 32)), (unsigned)chunks, (unsigned)gw}, blk, 0,
@@ -379,6 +397,7 @@ static void layernorm_case(int G, int gx, int gw, int rows, int D, uint64_t seed
     check(std::string("layernorm mean ") + tag, d(mean), mean_ref, 1e-5);
     check(std::string("layernorm rstd ") + tag, d(rstd), rstd_ref, 1e-5);
     check(std::string("layernorm dx ") + tag, d(dx), dx_ref, 1e-2);
+    check(std::string("layernorm dx + dx_plus ") + tag, d(dx_plus), plus_ref, 1e-2);
     check(std::string("layernorm dgamma ") + tag, d(dgam), dg_ref, 1e-5);
     check(std::string("layernorm dbeta ") + tag, d(dbet), db_ref, 1e-5);
 }

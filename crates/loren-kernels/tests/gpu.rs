@@ -250,6 +250,13 @@ fn lora_case(d: LoraDims, seed: u64) {
             }
         }
     }
+    let plus = rng.bf16s(d.x_groups * rows * k, 3.0);
+    let plus_ref: Vec<f64> = dx_ref
+        .iter()
+        .zip(f64s_bf16(&plus))
+        .map(|(a, b)| a + b)
+        .collect();
+    let plusd = up(g, &plus);
     let mut v = poisoned_f32(g, m * rows * r);
     let mut da = poisoned_f32(g, m * r * k);
     let mut db = poisoned_f32(g, m * n * r);
@@ -264,6 +271,7 @@ fn lora_case(d: LoraDims, seed: u64) {
         s as f32,
         &mut v,
         Some((&mut da, &mut db)),
+        None,
         None,
     )
     .expect("lora_backward");
@@ -285,12 +293,22 @@ fn lora_case(d: LoraDims, seed: u64) {
             continue; // said above
         }
         let mut dx = poisoned_bf16(g, d.x_groups * rows * k);
-        g.lora_backward_dx_gemm(path, &d, &dyd, &wd, &v, &ad, &mut dx)
+        g.lora_backward_dx_gemm(path, &d, &dyd, &wd, &v, &ad, None, &mut dx)
             .expect("lora_backward_dx_gemm");
         check(
             &format!("lora dX {path:?} {tag}"),
             &down_bf16(g, &dx),
             &dx_ref,
+            BF16_TOL,
+        );
+        // Joined to a gradient X already had, in the GEMM's store.
+        let mut dx = poisoned_bf16(g, d.x_groups * rows * k);
+        g.lora_backward_dx_gemm(path, &d, &dyd, &wd, &v, &ad, Some(&plusd), &mut dx)
+            .expect("lora_backward_dx_gemm with dX_plus");
+        check(
+            &format!("lora dX + dX_plus {path:?} {tag}"),
+            &down_bf16(g, &dx),
+            &plus_ref,
             BF16_TOL,
         );
     }
@@ -620,12 +638,29 @@ fn layernorm_case(d: NormDims, seed: u64) {
         F32_TOL,
     );
     let mut dx = poisoned_bf16(g, d.x_groups * rows * dim);
-    g.layernorm_backward_dx(&d, &dyd, &xd, &gd, &mean, &rstd, &mut dx)
+    g.layernorm_backward_dx(&d, &dyd, &xd, &gd, &mean, &rstd, None, &mut dx)
         .expect("layernorm_backward_dx");
     check(
         &format!("layernorm dx {tag}"),
         &down_bf16(g, &dx),
         &dx_ref,
+        BF16_TOL,
+    );
+    // The residual stream's gradient joined in the same pass.
+    let plus = rng.bf16s(d.x_groups * rows * dim, 3.0);
+    let plus_ref: Vec<f64> = dx_ref
+        .iter()
+        .zip(f64s_bf16(&plus))
+        .map(|(a, b)| a + b)
+        .collect();
+    let mut dx = poisoned_bf16(g, d.x_groups * rows * dim);
+    let plus_d = up(g, &plus);
+    g.layernorm_backward_dx(&d, &dyd, &xd, &gd, &mean, &rstd, Some(&plus_d), &mut dx)
+        .expect("layernorm_backward_dx with dx_plus");
+    check(
+        &format!("layernorm dx + dx_plus {tag}"),
+        &down_bf16(g, &dx),
+        &plus_ref,
         BF16_TOL,
     );
     let mut ws = poisoned_f32(g, layernorm_params_workspace_len(&d));

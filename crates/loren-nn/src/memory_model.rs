@@ -824,18 +824,37 @@ fn cross_entropy(core: &Rc<Core>, tape: &Tape, logits: &Var) -> Var {
 
 // The backward.
 
-/// As `GradSink`: gradients of the values that need one, by node.
-struct Sink(Vec<Option<Buf>>);
+/// As `GradSink`: gradients of the values that need one, by node. A gradient may be shared
+/// (a residual add hands its dy to both inputs), hence the `Rc`.
+struct Sink(Vec<Option<Rc<Buf>>>);
 
 impl Sink {
     fn add(&mut self, node: Option<usize>, g: Buf) {
+        self.add_shared(node, Rc::new(g));
+    }
+
+    /// As `GradSink::add_shared`: the sum goes into whichever of the two only the sink holds,
+    /// or into a new buffer when both are shared.
+    fn add_shared(&mut self, node: Option<usize>, g: Rc<Buf>) {
         let Some(n) = node else { return };
-        match &self.0[n] {
-            // Added into the existing gradient; `g` is freed.
-            Some(_) => {}
+        match &mut self.0[n] {
             None => {
-                g.set_tag(MemTag::Workspace);
+                if Rc::strong_count(&g) == 1 {
+                    g.set_tag(MemTag::Workspace);
+                }
                 self.0[n] = Some(g);
+            }
+            // Added into the existing gradient; `g` is freed.
+            Some(acc) if Rc::strong_count(acc) == 1 => {}
+            Some(acc) if Rc::strong_count(&g) == 1 => {
+                g.set_tag(MemTag::Workspace);
+                *acc = g;
+            }
+            Some(acc) => {
+                let sum = acc
+                    .core
+                    .tensor(acc.dims.clone(), MemTag::Workspace, acc.kind);
+                *acc = Rc::new(sum);
             }
         }
     }
@@ -844,6 +863,11 @@ impl Sink {
         if let Some(g) = g {
             self.add(node, g);
         }
+    }
+
+    /// As `GradSink::take`.
+    fn take(&mut self, node: Option<usize>) -> Option<Rc<Buf>> {
+        node.and_then(|n| self.0[n].take())
     }
 }
 
@@ -858,7 +882,7 @@ fn reduce(core: &Rc<Core>, t: Buf, groups_to: usize) -> Buf {
     }
 }
 
-fn backward(core: &Rc<Core>, rec: Rec, dy: Buf, sink: &mut Sink) {
+fn backward(core: &Rc<Core>, rec: Rec, dy: Rc<Buf>, sink: &mut Sink) {
     let ws = MemTag::Workspace;
     match rec {
         Rec::Linear {
@@ -899,6 +923,7 @@ fn backward(core: &Rc<Core>, rec: Rec, dy: Buf, sink: &mut Sink) {
             let (m, r, k) = (a_dims[0], a_dims[1], a_dims[2]);
             let n = b_dims[1];
             let gx = x.groups();
+            let dx_plus = sink.take(x_node);
             let rows = rows_per_group(&x.dims);
             core.gemm(m, rows, r, n);
             let v = core.tensor(u.dims.clone(), ws, Kind::LowRank);
@@ -922,7 +947,7 @@ fn backward(core: &Rc<Core>, rec: Rec, dy: Buf, sink: &mut Sink) {
                 dx
             });
             drop(v);
-            drop(dy);
+            drop((dy, dx_plus));
             sink.add_opt(x_node, dx);
             sink.add_opt(a_node, da);
             sink.add_opt(b_node, db);
@@ -961,6 +986,7 @@ fn backward(core: &Rc<Core>, rec: Rec, dy: Buf, sink: &mut Sink) {
             nodes: [xn, gn, bn],
         } => {
             let want = dy.dims.clone();
+            let dx_plus = sink.take(xn);
             let dx = xn.map(|_| {
                 let all = core.tensor(want, ws, Kind::ActGrad);
                 reduce(core, all, x.groups())
@@ -970,7 +996,7 @@ fn backward(core: &Rc<Core>, rec: Rec, dy: Buf, sink: &mut Sink) {
                 dg = Some(core.tensor(gamma_dims.clone(), ws, Kind::ParamGrad));
                 dbeta = Some(core.tensor(gamma_dims, ws, Kind::ParamGrad));
             }
-            drop(dy);
+            drop((dy, dx_plus));
             sink.add_opt(xn, dx);
             sink.add_opt(gn, dg);
             sink.add_opt(bn, dbeta);
@@ -995,24 +1021,20 @@ fn backward(core: &Rc<Core>, rec: Rec, dy: Buf, sink: &mut Sink) {
             sink.add_opt(bn, db);
             drop(x);
         }
-        Rec::Add { a, b } => match (a.0, b.0) {
-            (Some(_), Some(_)) => {
-                let copy = core.tensor(dy.dims.clone(), ws, dy.kind);
-                let da = reduce(core, copy, a.1);
-                sink.add(a.0, da);
-                let db = reduce(core, dy, b.1);
-                sink.add(b.0, db);
+        Rec::Add { a, b } => {
+            for (node, groups_to) in [a, b] {
+                if node.is_none() {
+                    continue;
+                }
+                let g = if dy.groups() == groups_to {
+                    Rc::clone(&dy)
+                } else {
+                    Rc::new(core.tensor(with_groups(&dy.dims, 1), ws, dy.kind))
+                };
+                sink.add_shared(node, g);
             }
-            (Some(_), None) => {
-                let da = reduce(core, dy, a.1);
-                sink.add(a.0, da);
-            }
-            (None, Some(_)) => {
-                let db = reduce(core, dy, b.1);
-                sink.add(b.0, db);
-            }
-            (None, None) => drop(dy),
-        },
+            drop(dy);
+        }
         Rec::Embed {
             pe,
             cls_dims,
@@ -1064,11 +1086,15 @@ fn backward(core: &Rc<Core>, rec: Rec, dy: Buf, sink: &mut Sink) {
             drop((out, x));
             let leaves = tape.leaves.borrow().clone();
             let mut sub = run_records(core, tape, root, dy);
-            sink.add_opt(x_node, sub_x.and_then(|n| sub.0[n].take()));
+            if let Some(g) = sub.take(sub_x) {
+                sink.add_shared(x_node, g);
+            }
             // The rerun makes its parameter nodes in the order the block reads them, not the
             // caller's: which outer node holds which gradient moves no bytes.
             for (outer, leaf) in params.into_iter().zip(leaves) {
-                sink.add_opt(Some(outer), sub.0[leaf].take());
+                if let Some(g) = sub.take(Some(leaf)) {
+                    sink.add_shared(Some(outer), g);
+                }
             }
         }
     }
@@ -1080,7 +1106,7 @@ fn run_backward(core: &Rc<Core>, tape: Tape, loss: &Var) {
     let Some(root) = loss.node else { return };
     let leaves = tape.leaves.borrow().clone();
     let seed = core.tensor(vec![1], MemTag::Workspace, Kind::Stat);
-    let mut sink = run_records(core, tape, root, seed);
+    let mut sink = run_records(core, tape, root, Rc::new(seed));
     for leaf in leaves {
         drop(sink.0[leaf].take());
     }
@@ -1088,7 +1114,7 @@ fn run_backward(core: &Rc<Core>, tape: Tape, loss: &Var) {
 
 /// As `Tape::run`: the records in reverse from `root`, seeded with `seed`; the sink keeps the
 /// gradients of the values no record produced.
-fn run_records(core: &Rc<Core>, tape: Tape, root: usize, seed: Buf) -> Sink {
+fn run_records(core: &Rc<Core>, tape: Tape, root: usize, seed: Rc<Buf>) -> Sink {
     let mut records = tape.records.into_inner();
     let mut sink = Sink((0..tape.nodes.get()).map(|_| None).collect());
     sink.0[root] = Some(seed);

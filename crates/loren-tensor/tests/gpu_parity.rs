@@ -150,14 +150,17 @@ fn lora_linear_every_rank_member_count_and_prefix() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng::new(2);
     let bf = DType::BF16;
-    for &(m, prefix, t, r, k, n) in &[
+    for (i, &(m, prefix, t, r, k, n)) in [
         (3, false, 17, 1, 64, 64),
         (3, true, 17, 4, 64, 64),
         (16, false, 50, 8, 96, 80),
         (16, true, 50, 16, 96, 80),
         (1, false, 197, 4, 64, 192),
         (3, false, 197, 16, 72, 40),
-    ] {
+    ]
+    .iter()
+    .enumerate()
+    {
         let gx = if prefix { 1 } else { m };
         let (xc, xg) = pair(&[gx, 2, t, k], bf, &mut rng, &g);
         let (wc, wg) = pair(&[1, n, k], bf, &mut rng, &g);
@@ -170,8 +173,17 @@ fn lora_linear_every_rank_member_count_and_prefix() {
         close(&format!("{tag} y"), &fg.y, &fc.y);
         close(&format!("{tag} u"), &fg.u, &fc.u);
         let (dyc, dyg) = pair(&[m, 2, t, n], bf, &mut rng, &g);
-        let c = lora::lora_backward(&dyc, &xc, &wc, &ac, &b2c, &fc.u, 0.7, true, true).unwrap();
-        let gg = lora::lora_backward(&dyg, &xg, &wg, &ag, &b2g, &fg.u, 0.7, true, true).unwrap();
+        // Every other case joins dx to a gradient x already had (shared and member inputs).
+        let (pc, pg) = pair(&[gx, 2, t, k], bf, &mut rng, &g);
+        let (pc, pg) = if i % 2 == 1 {
+            (Some(&pc), Some(&pg))
+        } else {
+            (None, None)
+        };
+        let (fcu, fgu) = (&fc.u, &fg.u);
+        let c = lora::lora_backward(&dyc, &xc, &wc, &ac, &b2c, fcu, 0.7, true, true, pc).unwrap();
+        let gg = lora::lora_backward(&dyg, &xg, &wg, &ag, &b2g, fgu, 0.7, true, true, pg).unwrap();
+        let tag = format!("{tag} dx_plus={}", pc.is_some());
         close(
             &format!("{tag} dx"),
             gg.dx.as_ref().unwrap(),
@@ -261,14 +273,25 @@ fn layernorm_shared_and_member_affine() {
         close(&format!("{tag} mean"), &fg.mean, &fc.mean);
         close(&format!("{tag} rstd"), &fg.rstd, &fc.rstd);
         let (dyc, dyg) = pair(&[gx.max(gw), 2, t, d], DType::BF16, &mut rng, &g);
-        let c =
-            norm::layernorm_backward(&dyc, &xc, &gc, &bc, &fc.mean, &fc.rstd, true, true).unwrap();
-        let k =
-            norm::layernorm_backward(&dyg, &xg, &gg, &bg, &fg.mean, &fg.rstd, true, true).unwrap();
+        let (pc, pg) = pair(&[gx, 2, t, d], DType::BF16, &mut rng, &g);
+        let (fcm, fcr, fgm, fgr) = (&fc.mean, &fc.rstd, &fg.mean, &fg.rstd);
+        let c = norm::layernorm_backward(&dyc, &xc, &gc, &bc, fcm, fcr, true, true, None).unwrap();
+        let k = norm::layernorm_backward(&dyg, &xg, &gg, &bg, fgm, fgr, true, true, None).unwrap();
         close(
             &format!("{tag} dx"),
             k.dx.as_ref().unwrap(),
             c.dx.as_ref().unwrap(),
+        );
+        let with = |dy, x, g, b, m, r, p| {
+            norm::layernorm_backward(dy, x, g, b, m, r, true, false, Some(p))
+                .unwrap()
+                .dx
+                .unwrap()
+        };
+        close(
+            &format!("{tag} dx + dx_plus"),
+            &with(&dyg, &xg, &gg, &bg, fgm, fgr, &pg),
+            &with(&dyc, &xc, &gc, &bc, fcm, fcr, &pc),
         );
         close(
             &format!("{tag} dgamma"),

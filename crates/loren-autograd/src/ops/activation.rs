@@ -31,7 +31,7 @@ impl Backward for BiasGeluBackward {
         "bias_gelu"
     }
 
-    fn backward(self: Box<Self>, dy: Tensor, grads: &mut GradSink) -> Result<()> {
+    fn backward(self: Box<Self>, dy: Arc<Tensor>, grads: &mut GradSink) -> Result<()> {
         let [x, b] = self.nodes;
         let g = bias_gelu_backward(&dy, &self.x, &self.b, x.is_some(), b.is_some())?;
         drop(dy);

@@ -36,7 +36,7 @@ impl Backward for AttentionBackward {
         "attention"
     }
 
-    fn backward(self: Box<Self>, d_o: Tensor, grads: &mut GradSink) -> Result<()> {
+    fn backward(self: Box<Self>, d_o: Arc<Tensor>, grads: &mut GradSink) -> Result<()> {
         let g = attention_backward(
             &d_o, &self.q, &self.k, &self.v, &self.o, &self.lse, self.heads,
         )?;

@@ -1,4 +1,6 @@
-use loren_tensor::ops::elementwise::{add as add_forward, reduce_to_groups};
+use std::sync::Arc;
+
+use loren_tensor::ops::elementwise::{add as add_forward, sum_to_groups};
 use loren_tensor::{Result, Tensor};
 
 use crate::tape::{Backward, GradSink, NodeId, Tape, Var};
@@ -27,16 +29,19 @@ impl Backward for AddBackward {
         "add"
     }
 
-    fn backward(self: Box<Self>, dy: Tensor, grads: &mut GradSink) -> Result<()> {
-        match (self.a.0, self.b.0) {
-            (Some(_), Some(_)) => {
-                let da = reduce_to_groups(dy.copy(dy.tag())?, self.a.1)?;
-                grads.add(self.a.0, da)?;
-                grads.add(self.b.0, reduce_to_groups(dy, self.b.1)?)
+    fn backward(self: Box<Self>, dy: Arc<Tensor>, grads: &mut GradSink) -> Result<()> {
+        // Both inputs get dy itself where their groups match it: no copy.
+        for (node, groups) in [self.a, self.b] {
+            if node.is_none() {
+                continue;
             }
-            (Some(_), None) => grads.add(self.a.0, reduce_to_groups(dy, self.a.1)?),
-            (None, Some(_)) => grads.add(self.b.0, reduce_to_groups(dy, self.b.1)?),
-            (None, None) => Ok(()),
+            let g = if dy.shape().groups() == groups {
+                Arc::clone(&dy)
+            } else {
+                Arc::new(sum_to_groups(&dy, groups)?)
+            };
+            grads.add_shared(node, g)?;
         }
+        Ok(())
     }
 }

@@ -35,7 +35,7 @@ impl Backward for EmbedTokensBackward {
         "embed_tokens"
     }
 
-    fn backward(self: Box<Self>, dx: Tensor, grads: &mut GradSink) -> Result<()> {
+    fn backward(self: Box<Self>, dx: Arc<Tensor>, grads: &mut GradSink) -> Result<()> {
         let need = self.nodes.map(|n| n.is_some());
         let g = embed_tokens_backward(&dx, &self.pe, &self.cls, &self.pos, need)?;
         drop(dx);
@@ -70,7 +70,7 @@ impl Backward for ClassTokenBackward {
         "class_token"
     }
 
-    fn backward(self: Box<Self>, dy: Tensor, grads: &mut GradSink) -> Result<()> {
+    fn backward(self: Box<Self>, dy: Arc<Tensor>, grads: &mut GradSink) -> Result<()> {
         grads.add(self.node, class_token_backward(&dy, self.tokens)?)
     }
 }

@@ -52,7 +52,7 @@ impl Backward for LinearBackward {
         "linear"
     }
 
-    fn backward(self: Box<Self>, dy: Tensor, grads: &mut GradSink) -> Result<()> {
+    fn backward(self: Box<Self>, dy: Arc<Tensor>, grads: &mut GradSink) -> Result<()> {
         let needs = Needs {
             dx: self.x_node.is_some(),
             dw: self.w_node.is_some(),
@@ -126,8 +126,11 @@ impl Backward for LoraBackward {
         "lora_linear"
     }
 
-    fn backward(self: Box<Self>, dy: Tensor, grads: &mut GradSink) -> Result<()> {
+    fn backward(self: Box<Self>, dy: Arc<Tensor>, grads: &mut GradSink) -> Result<()> {
         let need_adapters = self.a_node.is_some() || self.b_node.is_some();
+        // The q, k and v projections read one input: each after the first joins the gradient
+        // the others gave it into its own dx as it is formed.
+        let dx_plus = grads.take(self.x_node);
         let g = lora_backward(
             &dy,
             &self.x,
@@ -138,8 +141,9 @@ impl Backward for LoraBackward {
             self.scale,
             self.x_node.is_some(),
             need_adapters,
+            dx_plus.as_deref(),
         )?;
-        drop(dy);
+        drop((dy, dx_plus));
         grads.add_opt(self.x_node, g.dx)?;
         grads.add_opt(self.a_node, g.da)?;
         grads.add_opt(self.b_node, g.db)

@@ -1,3 +1,5 @@
+use std::sync::Arc;
+
 use loren_tensor::ops::elementwise::scale_;
 use loren_tensor::ops::loss::softmax_cross_entropy as forward;
 use loren_tensor::{Result, Tensor};
@@ -29,7 +31,7 @@ impl Backward for CrossEntropyBackward {
         "softmax_cross_entropy"
     }
 
-    fn backward(self: Box<Self>, dy: Tensor, grads: &mut GradSink) -> Result<()> {
+    fn backward(self: Box<Self>, dy: Arc<Tensor>, grads: &mut GradSink) -> Result<()> {
         let mut g = self.dlogits;
         if !grads.dy_is_one() {
             scale_(&mut g, dy.scalar()?)?;

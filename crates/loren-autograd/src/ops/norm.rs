@@ -37,9 +37,12 @@ impl Backward for LayerNormBackward {
         "layernorm"
     }
 
-    fn backward(self: Box<Self>, dy: Tensor, grads: &mut GradSink) -> Result<()> {
+    fn backward(self: Box<Self>, dy: Arc<Tensor>, grads: &mut GradSink) -> Result<()> {
         let [x_node, g_node, b_node] = self.nodes;
         let need_affine = g_node.is_some() || b_node.is_some();
+        // A pre-norm block's input also feeds the residual add, whose backward has run: its
+        // gradient joins dx in the kernel that forms dx.
+        let dx_plus = grads.take(x_node);
         let g = layernorm_backward(
             &dy,
             &self.x,
@@ -49,8 +52,9 @@ impl Backward for LayerNormBackward {
             &self.rstd,
             x_node.is_some(),
             need_affine,
+            dx_plus.as_deref(),
         )?;
-        drop(dy);
+        drop((dy, dx_plus));
         grads.add_opt(x_node, g.dx)?;
         grads.add_opt(g_node, g.dgamma)?;
         grads.add_opt(b_node, g.dbeta)

@@ -50,7 +50,7 @@ impl Backward for RecomputeBackward {
         "recompute"
     }
 
-    fn backward(self: Box<Self>, dy: Tensor, grads: &mut GradSink) -> Result<()> {
+    fn backward(self: Box<Self>, dy: Arc<Tensor>, grads: &mut GradSink) -> Result<()> {
         let tape = Tape::new();
         let nodes: Vec<Option<NodeId>> = self.inputs.iter().map(|(_, n)| *n).collect();
         let vars: Vec<Var> = self
@@ -72,7 +72,9 @@ impl Backward for RecomputeBackward {
         drop((out, vars));
         let dx = tape.gradients(root, dy, &wrt)?;
         for (node, g) in nodes.into_iter().zip(dx) {
-            grads.add_opt(node, g)?;
+            if let Some(g) = g {
+                grads.add_shared(node, g)?;
+            }
         }
         Ok(())
     }

@@ -720,8 +720,9 @@ fn lora_rows(gpu: &Gpu, a: &Args, k: usize, n: usize, r: usize) -> Result<Vec<Ro
                 &mut v,
                 Some((&mut da, &mut db)),
                 None,
+                None,
             )?;
-            gpu.lora_backward_dx_gemm(path, &d, &dy, &w, &v, &am, &mut dx)?;
+            gpu.lora_backward_dx_gemm(path, &d, &dy, &w, &v, &am, None, &mut dx)?;
             Ok(())
         })?;
         fused_b.push((name.to_string(), t));
@@ -871,7 +872,7 @@ fn memory_rows(gpu: &Gpu, a: &Args) -> Result<Vec<Row>> {
     let dy = al.bf16(nd, 1.0)?;
     let mut dx = al.zeros_bf16(nd)?;
     let t = time(gpu, a, || {
-        Ok(gpu.layernorm_backward_dx(&nd_dims, &dy, &x, &gamma, &mean, &rstd, &mut dx)?)
+        Ok(gpu.layernorm_backward_dx(&nd_dims, &dy, &x, &gamma, &mean, &rstd, None, &mut dx)?)
     })?;
     out.push(row(
         "layernorm backward dx",

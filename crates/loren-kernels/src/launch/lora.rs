@@ -10,7 +10,7 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 use super::{GRID_X, GRID_YZ, grid_dim, groups_ok, int, positive, product, vec8};
 use crate::compile::Arch;
 use crate::error::{KernelError, Result};
-use crate::gpu::{Arg, Gpu};
+use crate::gpu::{Arg, Gpu, Ptr};
 use crate::sources::Kernel;
 
 /// Dynamic shared memory of the fused GEMMs: 3 stages × (128×40 + 128×40) bf16. Mirrors
@@ -321,6 +321,7 @@ impl Gpu {
         w: &dyn DevicePtr<bf16>,
         v: &dyn DevicePtr<f32>,
         a: &dyn DevicePtr<f32>,
+        dx_plus: Option<&dyn DevicePtr<bf16>>,
         dx: &mut dyn DevicePtrMut<bf16>,
     ) -> Result<()> {
         const OP: &str = "lora_backward_dx_gemm";
@@ -329,11 +330,16 @@ impl Gpu {
         let w = self.input(OP, "W", w, d.n * d.k)?;
         let v = self.input(OP, "V", v, d.u_len())?;
         let am = self.input(OP, "A", a, d.a_len())?;
+        let dx_plus = match dx_plus {
+            Some(p) => self.input(OP, "dX_plus", p, d.x_len())?,
+            None => Ptr::null(),
+        };
         let dx = self.output(OP, "dX", dx, d.x_len())?;
         let vec = (d.k.is_multiple_of(8)
             && d.n.is_multiple_of(8)
             && dy.aligned(16)
             && w.aligned(16)
+            && dx_plus.aligned(16)
             && dx.aligned(16)) as i32;
         let prefix = d.prefix();
         let (kernel, smem) = path.backward_dx(prefix);
@@ -345,7 +351,14 @@ impl Gpu {
             d.k as i32,
             d.rank as i32,
         );
-        let mut args = vec![dy.arg(), w.arg(), v.arg(), am.arg(), dx.arg()];
+        let mut args = vec![
+            dy.arg(),
+            w.arg(),
+            v.arg(),
+            am.arg(),
+            dx_plus.arg(),
+            dx.arg(),
+        ];
         if prefix {
             args.push(Arg::from(mm));
         }
@@ -420,7 +433,8 @@ impl Gpu {
 
     /// The whole backward: V (into the workspace `v`, [M, rows, r] f32), then dA and dB when
     /// `grads` is given, then dX when `dx` is given, on [`Gpu::gemm_path`]. No gradient for the
-    /// frozen W and bias.
+    /// frozen W and bias. With `dx_plus` (X's shape), dX comes back with it added in the GEMM's
+    /// store: a gradient X already had from its other readers.
     #[allow(clippy::too_many_arguments)]
     pub fn lora_backward(
         &self,
@@ -434,15 +448,23 @@ impl Gpu {
         scale: f32,
         v: &mut (impl DevicePtr<f32> + DevicePtrMut<f32>),
         grads: Option<(&mut dyn DevicePtrMut<f32>, &mut dyn DevicePtrMut<f32>)>,
+        dx_plus: Option<&dyn DevicePtr<bf16>>,
         dx: Option<&mut dyn DevicePtrMut<bf16>>,
     ) -> Result<()> {
+        const OP: &str = "lora_backward";
+        if dx_plus.is_some() && dx.is_none() {
+            return Err(KernelError::invalid(
+                OP,
+                "a gradient to add into dX, but no dX",
+            ));
+        }
         self.lora_project_v(d, dy, b, scale, v)?;
         if let Some((da, db)) = grads {
             self.lora_grad_a(d, &*v, x, da)?;
             self.lora_grad_b(d, dy, u, scale, db)?;
         }
         if let Some(dx) = dx {
-            self.lora_backward_dx_gemm(self.gemm_path(), d, dy, w, &*v, a, dx)?;
+            self.lora_backward_dx_gemm(self.gemm_path(), d, dy, w, &*v, a, dx_plus, dx)?;
         }
         Ok(())
     }

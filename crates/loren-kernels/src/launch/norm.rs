@@ -10,7 +10,7 @@ use super::{
     BLOCK, CHUNK_ROWS, GRID_X, grid_dim, groups_ok, int, positive, product, strip_cfg, vec8,
 };
 use crate::error::{KernelError, Result};
-use crate::gpu::{Arg, Gpu};
+use crate::gpu::{Arg, Gpu, Ptr};
 use crate::sources::Kernel;
 
 /// Rows (warps) per block of the row kernels.
@@ -135,7 +135,9 @@ impl Gpu {
     }
 
     /// `dx = rstd·(dŷ − mean(dŷ) − x̂·mean(dŷ·x̂))` with dŷ = dy·gamma, summed over the output
-    /// groups reading each x row (a shared x gets the sum; at most 64 groups then).
+    /// groups reading each x row (a shared x gets the sum; at most 64 groups then). With
+    /// `dx_plus` (x's shape), dx comes back with it added: a gradient x already had, joined in
+    /// the same pass.
     #[allow(clippy::too_many_arguments)]
     pub fn layernorm_backward_dx(
         &self,
@@ -145,6 +147,7 @@ impl Gpu {
         gamma: &dyn DevicePtr<f32>,
         mean: &dyn DevicePtr<f32>,
         rstd: &dyn DevicePtr<f32>,
+        dx_plus: Option<&dyn DevicePtr<bf16>>,
         dx: &mut dyn DevicePtrMut<bf16>,
     ) -> Result<()> {
         const OP: &str = "layernorm_backward_dx";
@@ -160,9 +163,13 @@ impl Gpu {
         let gamma = self.input(OP, "gamma", gamma, d.w_groups * d.dim)?;
         let mean = self.input(OP, "mean", mean, d.x_groups * d.rows)?;
         let rstd = self.input(OP, "rstd", rstd, d.x_groups * d.rows)?;
+        let dx_plus = match dx_plus {
+            Some(p) => self.input(OP, "dx_plus", p, d.x_groups * d.rows * d.dim)?,
+            None => Ptr::null(),
+        };
         let dx = self.output(OP, "dx", dx, d.x_groups * d.rows * d.dim)?;
         let cfg = d.row_cfg(OP)?;
-        let vec = vec8(&[d.dim], &[&dy, &x, &gamma, &dx]);
+        let vec = vec8(&[d.dim], &[&dy, &x, &gamma, &dx_plus, &dx]);
         let (gx, gw, g, rows, dim) = d.ints();
         self.launch(
             Kernel::LayernormBwdDx,
@@ -173,6 +180,7 @@ impl Gpu {
                 gamma.arg(),
                 mean.arg(),
                 rstd.arg(),
+                dx_plus.arg(),
                 dx.arg(),
                 Arg::from(gx),
                 Arg::from(gw),

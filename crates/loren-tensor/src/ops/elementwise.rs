@@ -142,8 +142,16 @@ pub fn sum_groups(t: &Tensor) -> Result<Tensor> {
 pub fn reduce_to_groups(t: Tensor, groups: usize) -> Result<Tensor> {
     if t.shape().groups() == groups {
         Ok(t)
-    } else if groups == 1 {
-        sum_groups(&t)
+    } else {
+        sum_to_groups(&t, groups)
+    }
+}
+
+/// A gradient of more groups summed to `groups`: over all of them, into the one group of an
+/// input the members shared.
+pub fn sum_to_groups(t: &Tensor, groups: usize) -> Result<Tensor> {
+    if groups == 1 {
+        sum_groups(t)
     } else {
         Err(Error::invalid(
             "reduce_to_groups",

@@ -6,6 +6,7 @@
 
 use rayon::prelude::*;
 
+use super::elementwise::add_assign;
 use super::gemm::{Trans, matmul, pool_threads};
 use super::linear::{fill_rows, for_each_group};
 use super::{expect_rank, group_index, same_device};
@@ -212,6 +213,10 @@ fn shared_product(
 }
 
 /// The backward pass. No gradient is formed for the frozen W and bias.
+///
+/// `dx_plus` is a gradient x already has from its other readers (the q, k and v projections
+/// read one input): dx comes back with it added, on a GPU in the GEMM's store rather than a
+/// pass of its own. It needs `need_dx`, and x's shape.
 #[allow(clippy::too_many_arguments)]
 pub fn lora_backward(
     dy: &Tensor,
@@ -223,20 +228,46 @@ pub fn lora_backward(
     scale: f32,
     need_dx: bool,
     need_adapters: bool,
+    dx_plus: Option<&Tensor>,
 ) -> Result<LoraGrads> {
+    const OP: &str = "lora_backward";
     let d = check(x, w, None, a, b)?;
     let (m, rows, k, n, r) = (d.members, d.rows, d.k, d.n, d.r);
     let y_shape = x.shape().with_groups(m).with_last(n);
     if dy.shape() != &y_shape {
-        return Err(Error::shape("lora_backward", dy.shape(), &y_shape));
+        return Err(Error::shape(OP, dy.shape(), &y_shape));
     }
     let u_shape = x.shape().with_groups(m).with_last(r);
     if u.shape() != &u_shape {
-        return Err(Error::shape("lora_backward", u.shape(), &u_shape));
+        return Err(Error::shape(OP, u.shape(), &u_shape));
+    }
+    if let Some(p) = dx_plus {
+        if !need_dx {
+            return Err(Error::invalid(
+                OP,
+                "a gradient to add into dx, but no dx wanted",
+            ));
+        }
+        if p.shape() != x.shape() {
+            return Err(Error::shape(OP, p.shape(), x.shape()));
+        }
+        same_device(OP, &[x, p])?;
     }
     let dev = x.device();
     if dev.gpu().is_some() {
-        return cuda::backward(&d, dy, x, w, a, b, u, scale, need_dx, need_adapters);
+        return cuda::backward(
+            &d,
+            dy,
+            x,
+            w,
+            a,
+            b,
+            u,
+            scale,
+            need_dx,
+            need_adapters,
+            dx_plus,
+        );
     }
     let (dys, xs, ws, as_, bs, us) = (
         dy.as_slice()?,
@@ -382,6 +413,9 @@ pub fn lora_backward(
                 );
             }
         }
+        if let Some(p) = dx_plus {
+            add_assign(&mut dx, p)?;
+        }
         out.dx = Some(dx);
     }
     Ok(out)
@@ -452,6 +486,7 @@ mod cuda {
         scale: f32,
         need_dx: bool,
         need_adapters: bool,
+        dx_plus: Option<&Tensor>,
     ) -> Result<LoraGrads> {
         let dev = x.device();
         let gpu = dev.require_gpu(OP)?;
@@ -490,6 +525,10 @@ mod cuda {
             scale,
             v.cu_f32_mut(OP)?,
             grads,
+            match dx_plus {
+                Some(p) => Some(p.cu_bf16(OP)? as &dyn loren_kernels::DevicePtr<_>),
+                None => None,
+            },
             dxb,
         )?;
         Ok(LoraGrads { dx, da, db })

@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::elementwise::{reduce_to_groups, sum_rows};
+use super::elementwise::{add_assign, reduce_to_groups, sum_rows};
 use super::{broadcast_groups, expect_rank, group_index, same_device};
 use crate::error::{Error, Result};
 use crate::memory::MemTag;
@@ -131,6 +131,10 @@ pub fn layernorm_forward(
 }
 
 /// Gradients of [`layernorm_forward`]: `need_x` for dx, `need_affine` for dgamma and dbeta.
+///
+/// `dx_plus` is a gradient x already has from its other readers (the residual stream's, for a
+/// pre-norm block's input): dx comes back with it added, in the pass that forms dx rather than
+/// a pass of its own after. It needs `need_x`, and x's shape.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward(
     dy: &Tensor,
@@ -141,16 +145,30 @@ pub fn layernorm_backward(
     rstd: &Tensor,
     need_x: bool,
     need_affine: bool,
+    dx_plus: Option<&Tensor>,
 ) -> Result<NormGrads> {
+    const OP: &str = "layernorm_backward";
     let dm = check(x, gamma, beta)?;
     let (groups, rows, d) = (dm.groups, dm.rows, dm.d);
     let want = x.shape().with_groups(groups);
     if dy.shape() != &want {
-        return Err(Error::shape("layernorm_backward", dy.shape(), &want));
+        return Err(Error::shape(OP, dy.shape(), &want));
+    }
+    if let Some(p) = dx_plus {
+        if !need_x {
+            return Err(Error::invalid(
+                OP,
+                "a gradient to add into dx, but no dx wanted",
+            ));
+        }
+        if p.shape() != x.shape() {
+            return Err(Error::shape(OP, p.shape(), x.shape()));
+        }
+        same_device(OP, &[x, p])?;
     }
     let dev = x.device();
     if dev.gpu().is_some() {
-        return backward_cuda(&dm, dy, x, gamma, mean, rstd, need_x, need_affine);
+        return backward_cuda(&dm, dy, x, gamma, mean, rstd, need_x, need_affine, dx_plus);
     }
     let (dys, xs, gs, ms, rs) = (
         dy.as_slice()?,
@@ -162,7 +180,12 @@ pub fn layernorm_backward(
     let mut out = NormGrads::default();
 
     if need_x {
-        // Each output group's contribution, then a sum over groups when x is shared.
+        // Each output group's contribution, then a sum over groups when x is shared; dx_plus
+        // joins each row as it is formed, or the sum.
+        let fold = match dx_plus {
+            Some(p) if dm.gx == groups => Some(p.as_slice()?),
+            _ => None,
+        };
         let mut dx_all = Tensor::empty(want.clone(), MemTag::Workspace, dev)?;
         dx_all
             .as_mut_slice()?
@@ -186,8 +209,17 @@ pub fn layernorm_backward(
                     let xhat = (xr[j] - m) * r;
                     dxr[j] = r * (dyr[j] * w[j] - c1 - xhat * c2);
                 }
+                if let Some(p) = fold {
+                    dxr.iter_mut()
+                        .zip(&p[i * d..][..d])
+                        .for_each(|(o, p)| *o += p);
+                }
             });
-        out.dx = Some(reduce_to_groups(dx_all, dm.gx)?);
+        let mut dx = reduce_to_groups(dx_all, dm.gx)?;
+        if let (Some(p), None) = (dx_plus, fold) {
+            add_assign(&mut dx, p)?;
+        }
+        out.dx = Some(dx);
     }
 
     if need_affine {
@@ -243,6 +275,7 @@ fn backward_cuda(
     rstd: &Tensor,
     need_x: bool,
     need_affine: bool,
+    dx_plus: Option<&Tensor>,
 ) -> Result<NormGrads> {
     let dev = x.device();
     let gpu = dev.require_gpu(OP)?;
@@ -263,6 +296,10 @@ fn backward_cuda(
             gamma.cu_f32(OP)?,
             m,
             r,
+            match dx_plus {
+                Some(p) => Some(p.cu_bf16(OP)? as &dyn loren_kernels::DevicePtr<_>),
+                None => None,
+            },
             dx.cu_bf16_mut(OP)?,
         )?;
         out.dx = Some(dx);
