@@ -119,9 +119,11 @@ fn lora(c: &mut Criterion) {
             let bm = rnd.t(&[m, n, r], 0.1);
             let id = format!("{label}-{k}x{n}-r{r}");
             g.bench_function(format!("fwd/{id}"), |bch| {
-                bch.iter(|| lora_forward(black_box(&x), &w, Some(&bias), &a, &bm, 1.0).unwrap())
+                bch.iter(|| {
+                    lora_forward(black_box(&x), &w, Some(&bias), &a, &bm, 1.0, None).unwrap()
+                })
             });
-            let out = lora_forward(&x, &w, Some(&bias), &a, &bm, 1.0).unwrap();
+            let out = lora_forward(&x, &w, Some(&bias), &a, &bm, 1.0, None).unwrap();
             g.bench_function(format!("bwd/{id}"), |bch| {
                 bch.iter(|| {
                     let u = &out.u;
@@ -133,10 +135,11 @@ fn lora(c: &mut Criterion) {
                 // The first block's q, k, v: one input shared by the members.
                 g.bench_function(format!("fwd/{id}-shared-input"), |bch| {
                     bch.iter(|| {
-                        lora_forward(black_box(&x_shared), &w, Some(&bias), &a, &bm, 1.0).unwrap()
+                        lora_forward(black_box(&x_shared), &w, Some(&bias), &a, &bm, 1.0, None)
+                            .unwrap()
                     })
                 });
-                let out = lora_forward(&x_shared, &w, Some(&bias), &a, &bm, 1.0).unwrap();
+                let out = lora_forward(&x_shared, &w, Some(&bias), &a, &bm, 1.0, None).unwrap();
                 g.bench_function(format!("bwd/{id}-shared-input-no-dx"), |bch| {
                     bch.iter(|| {
                         lora_backward(

@@ -1,6 +1,6 @@
 // The LoRA-Ensemble projection, all members in one launch per kernel:
 //
-//   forward   Y[m]  = X[g(m)]·Wᵀ + bias + s·(X[g(m)]·A_mᵀ)·B_mᵀ      U[m] = X[g(m)]·A_mᵀ
+//   forward   Y[m]  = X[g(m)]·Wᵀ + bias + s·(X[g(m)]·A_mᵀ)·B_mᵀ (+ R[m])  U[m] = X[g(m)]·A_mᵀ
 //   backward  V[m]  = s·dY[m]·B_m
 //             dX[m] = dY[m]·W + V[m]·A_m (+ dXplus[m])
 //                                  (shared X: dX = (Σ_m dY[m])·W + Σ_m V[m]·A_m (+ dXplus))
@@ -464,12 +464,16 @@ __device__ __forceinline__ BlockTile block_tile(int rows) {
     return {(int)(blockIdx.y / row_tiles), row0, (int)blockIdx.x * P::BN, min(P::BM, rows - row0)};
 }
 
-// Forward Y[m] = X[m]·Wᵀ + bias + s·U[m]·B_mᵀ. grid (ceil(N/128), M·ceil(rows/128)), block 256,
-// dynamic smem P::SMEM_BYTES; blockIdx.y = member·row tiles + row tile. X is [M, rows, K].
+// Forward Y[m] = X[m]·Wᵀ + bias + s·U[m]·B_mᵀ (+ R[m], when not null: the residual stream the
+// projection's output joins, read in the store instead of a pass of its own; R_step is 0 for a
+// residual the members share, rows·N for one per member). grid (ceil(N/128), M·ceil(rows/128)),
+// block 256, dynamic smem P::SMEM_BYTES; blockIdx.y = member·row tiles + row tile. X is
+// [M, rows, K].
 template <class P>
 __device__ __forceinline__ void fwd_gemm(const bf16* X, const bf16* W, const bf16* bias,
-                                         const float* U, const float* B, bf16* Y, int rows, int N,
-                                         int K, int r, float s, int vec) {
+                                         const float* U, const float* B, const bf16* R,
+                                         u64 R_step, bf16* Y, int rows, int N, int K, int r,
+                                         float s, int vec) {
     bf16* smem = block_smem<P>();
     const auto [m, row0, n0, rows_valid] = block_tile<P>(rows);
     const size_t row_base = (size_t)m * rows + row0;
@@ -480,17 +484,17 @@ __device__ __forceinline__ void fwd_gemm(const bf16* X, const bf16* W, const bf1
     P::template lowrank_segment<false>(acc, smem, U + row_base * r, rows_valid, s,
                                        B + ((size_t)m * N + n0) * r, r, N - n0, r);
     P::store_tile(Y + row_base * N + n0, N, rows_valid, N - n0, acc, bias ? bias + n0 : nullptr,
-                  nullptr, vec);
+                  R ? R + m * R_step + (size_t)row0 * N + n0 : nullptr, vec);
 }
 
 // Forward with one shared input X [1, rows, K]: the X·Wᵀ tile is computed once and kept in
-// registers, then each member adds its own low-rank segment and stores its Y[m].
+// registers, then each member adds its own low-rank segment (and R[m]) and stores its Y[m].
 // grid (ceil(N/128), ceil(rows/128)), block 256, dynamic smem P::SMEM_BYTES.
 template <class P>
 __device__ __forceinline__ void fwd_gemm_prefix(const bf16* X, const bf16* W, const bf16* bias,
-                                                const float* U, const float* B, bf16* Y,
-                                                int members, int rows, int N, int K, int r, float s,
-                                                int vec) {
+                                                const float* U, const float* B, const bf16* R,
+                                                u64 R_step, bf16* Y, int members, int rows,
+                                                int N, int K, int r, float s, int vec) {
     bf16* smem = block_smem<P>();
     const auto [m0, row0, n0, rows_valid] = block_tile<P>(rows);  // m0 = 0: one shared input
     typename P::Acc base, acc;
@@ -503,7 +507,7 @@ __device__ __forceinline__ void fwd_gemm_prefix(const bf16* X, const bf16* W, co
         P::template lowrank_segment<false>(acc, smem, U + row_base * r, rows_valid, s,
                                            B + ((size_t)m * N + n0) * r, r, N - n0, r);
         P::store_tile(Y + row_base * N + n0, N, rows_valid, N - n0, acc, bias ? bias + n0 : nullptr,
-                      nullptr, vec);
+                      R ? R + m * R_step + (size_t)row0 * N + n0 : nullptr, vec);
     }
 }
 
@@ -553,13 +557,15 @@ __device__ __forceinline__ void bwd_dx_gemm_prefix(const bf16* dY, const bf16* W
 #define LORA_GEMM_ENTRIES(NAME, P)                                                                 \
     extern "C" __global__ void __launch_bounds__(256)                                              \
         lora_fwd_##NAME(const bf16* X, const bf16* W, const bf16* bias, const float* U,            \
-                        const float* B, bf16* Y, int rows, int N, int K, int r, float s, int vec) {\
-        fwd_gemm<P>(X, W, bias, U, B, Y, rows, N, K, r, s, vec);                                   \
+                        const float* B, const bf16* R, u64 R_step, bf16* Y, int rows, int N, \
+                        int K, int r, float s, int vec) {                                          \
+        fwd_gemm<P>(X, W, bias, U, B, R, R_step, Y, rows, N, K, r, s, vec);                        \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(256) lora_fwd_##NAME##_prefix(                    \
-        const bf16* X, const bf16* W, const bf16* bias, const float* U, const float* B, bf16* Y,   \
-        int members, int rows, int N, int K, int r, float s, int vec) {                            \
-        fwd_gemm_prefix<P>(X, W, bias, U, B, Y, members, rows, N, K, r, s, vec);                   \
+        const bf16* X, const bf16* W, const bf16* bias, const float* U, const float* B,            \
+        const bf16* R, u64 R_step, bf16* Y, int members, int rows, int N, int K, int r,      \
+        float s, int vec) {                                                                        \
+        fwd_gemm_prefix<P>(X, W, bias, U, B, R, R_step, Y, members, rows, N, K, r, s, vec);        \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(256)                                              \
         lora_bwd_dx_##NAME(const bf16* dY, const bf16* W, const float* V, const float* A,          \

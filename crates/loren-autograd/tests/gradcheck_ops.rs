@@ -60,46 +60,85 @@ fn linear_per_member_weight_on_member_input_without_bias() {
     assert_gradients(ins, |t, v| ops::linear(t, &v[0], &v[1], None), &opts());
 }
 
-fn lora_case(gx: usize, r: usize, seed: u64) {
+/// `residual`: the groups of a residual added in the store (0: none).
+fn lora_case(gx: usize, r: usize, residual: usize, seed: u64) {
     let (dev, mut rng) = (Device::cpu(), Rng::new(seed));
     let (k, n) = (6, 5);
-    let ins = inputs(
-        &dev,
-        &mut rng,
-        &[
-            ("x", &[gx, B, T, k]),
-            ("w", &[1, n, k]),
-            ("bias", &[1, n]),
-            ("a", &[M, r, k]),
-            ("b", &[M, n, r]),
-        ],
-        &["w", "bias"],
-    );
+    let shapes = [
+        vec![gx, B, T, k],
+        vec![1, n, k],
+        vec![1, n],
+        vec![M, r, k],
+        vec![M, n, r],
+        vec![residual, B, T, n],
+    ];
+    let names = ["x", "w", "bias", "a", "b", "residual"];
+    let used = if residual > 0 { 6 } else { 5 };
+    let spec: Vec<(&str, &[usize])> = (0..used).map(|i| (names[i], &shapes[i][..])).collect();
+    let ins = inputs(&dev, &mut rng, &spec, &["w", "bias"]);
     assert_gradients(
         ins,
-        |t, v| ops::lora_linear(t, &v[0], &v[1], Some(&v[2]), &v[3], &v[4], 0.7),
+        |t, v| ops::lora_linear(t, &v[0], &v[1], Some(&v[2]), &v[3], &v[4], 0.7, v.get(5)),
         &opts(),
     );
 }
 
 #[test]
 fn lora_linear_member_input_rank_1() {
-    lora_case(M, 1, 4);
+    lora_case(M, 1, 0, 4);
 }
 
 #[test]
-fn lora_linear_member_input_rank_5() {
-    lora_case(M, 5, 5);
+fn lora_linear_member_input_rank_5_member_residual() {
+    lora_case(M, 5, M, 5);
 }
 
 #[test]
-fn lora_linear_shared_input_rank_5() {
-    lora_case(1, 5, 6);
+fn lora_linear_shared_input_rank_5_shared_residual() {
+    lora_case(1, 5, 1, 6);
 }
 
 #[test]
 fn lora_linear_shared_input_rank_1() {
-    lora_case(1, 1, 7);
+    lora_case(1, 1, 0, 7);
+}
+
+/// The attention half of a LoRA block: x + lora(layernorm(x)), the residual joined in the
+/// projection's store and its gradient taken by LayerNorm's; on the members' own streams and on
+/// the shared one that the first block reads.
+fn lora_sublayer_case(gx: usize, seed: u64) {
+    let (dev, mut rng) = (Device::cpu(), Rng::new(seed));
+    let ins = inputs(
+        &dev,
+        &mut rng,
+        &[
+            ("x", &[gx, B, T, 6]),
+            ("gamma", &[1, 6]),
+            ("beta", &[1, 6]),
+            ("w", &[1, 6, 6]),
+            ("a", &[M, 2, 6]),
+            ("b", &[M, 6, 2]),
+        ],
+        &["gamma", "beta", "w"],
+    );
+    assert_gradients(
+        ins,
+        |t, v| {
+            let h = ops::layernorm(t, &v[0], &v[1], &v[2], 1e-5)?;
+            ops::lora_linear(t, &h, &v[3], None, &v[4], &v[5], 0.7, Some(&v[0]))
+        },
+        &opts(),
+    );
+}
+
+#[test]
+fn lora_sublayer_on_member_streams() {
+    lora_sublayer_case(M, 8);
+}
+
+#[test]
+fn lora_sublayer_on_the_shared_stream() {
+    lora_sublayer_case(1, 9);
 }
 
 #[test]

@@ -122,25 +122,33 @@ static void lora_case(int M, int gx, int rows, int K, int N, int r, uint64_t see
     emu_launch(lora_u, dim3{(unsigned)((rows + 63) / 64), rank_tiles, (unsigned)M}, blk_lr, 0, x.data(), gx,
                a.data(), u.data(), rows, K, r, (int)(K % 8 == 0));
     const unsigned tiles = (rows + 127) / 128;
-    if (prefix)
-        emu_launch(lora_fwd_gemm_prefix, dim3{(unsigned)((N + 127) / 128), tiles, 1}, blk, 61440, x.data(), w.data(),
-                   bias.data(), u.data(), b.data(), y.data(), M, rows, N, K, r, s, vec);
-    else
-        emu_launch(lora_fwd_gemm, dim3{(unsigned)((N + 127) / 128), M * tiles, 1}, blk, 61440, x.data(), w.data(),
-                   bias.data(), u.data(), b.data(), y.data(), rows, N, K, r, s, vec);
-    // The Hopper forward: the same parameters and grid, its own shared memory size.
-    std::vector<bf16> yh((size_t)M * rows * N, to_bf16(NAN));
-    if (prefix)
-        emu_launch(lora_fwd_wgmma_prefix, dim3{(unsigned)((N + 127) / 128), tiles, 1}, blk, 99328, x.data(),
-                   w.data(), bias.data(), u.data(), b.data(), yh.data(), M, rows, N, K, r, s, vec);
-    else
-        emu_launch(lora_fwd_wgmma, dim3{(unsigned)((N + 127) / 128), M * tiles, 1}, blk, 99328, x.data(), w.data(),
-                   bias.data(), u.data(), b.data(), yh.data(), rows, N, K, r, s, vec);
+    const bf16* none = nullptr;
+    const u64 member_step = (u64)rows * N;
+    auto forward = [&](auto kernel, auto kernel_prefix, int smem, const bf16* res, u64 step, bf16* out) {
+        if (prefix)
+            emu_launch(kernel_prefix, dim3{(unsigned)((N + 127) / 128), tiles, 1}, blk, smem, x.data(), w.data(),
+                       bias.data(), u.data(), b.data(), res, step, out, M, rows, N, K, r, s, vec);
+        else
+            emu_launch(kernel, dim3{(unsigned)((N + 127) / 128), M * tiles, 1}, blk, smem, x.data(), w.data(),
+                       bias.data(), u.data(), b.data(), res, step, out, rows, N, K, r, s, vec);
+    };
+    forward(lora_fwd_gemm, lora_fwd_gemm_prefix, 61440, none, 0, y.data());
+    // Joined to the residual stream in the store: one the members share on mma.sync, one each on
+    // the Hopper forward (the same parameters and grid, its own shared memory size).
+    auto res_shared = rng.bf16s((size_t)rows * N, 2.0), res_member = rng.bf16s((size_t)M * rows * N, 2.0);
+    std::vector<double> y_shared = d(res_shared), y_member = d(res_member);
+    for (size_t i = 0; i < y_member.size(); ++i) y_member[i] += y_ref[i];
+    std::vector<double> y_shared_ref(y_ref);
+    for (size_t i = 0; i < y_shared_ref.size(); ++i) y_shared_ref[i] += y_shared[i % ((size_t)rows * N)];
+    std::vector<bf16> yr((size_t)M * rows * N, to_bf16(NAN)), yh((size_t)M * rows * N, to_bf16(NAN));
+    forward(lora_fwd_gemm, lora_fwd_gemm_prefix, 61440, res_shared.data(), 0, yr.data());
+    forward(lora_fwd_wgmma, lora_fwd_wgmma_prefix, 99328, res_member.data(), member_step, yh.data());
     char tag[128];
     std::snprintf(tag, sizeof tag, "M=%d gx=%d rows=%d K=%d N=%d r=%d", M, gx, rows, K, N, r);
     check(std::string("lora U ") + tag, d(u), u_ref, SPLIT_TOL);
     check(std::string("lora Y ") + tag, d(y), y_ref, 1e-2);
-    check(std::string("lora Y wgmma ") + tag, d(yh), y_ref, 1e-2);
+    check(std::string("lora Y + shared residual ") + tag, d(yr), y_shared_ref, 1e-2);
+    check(std::string("lora Y + member residual wgmma ") + tag, d(yh), y_member, 1e-2);
 
     // Backward on the emulated U.
     auto uf = d(u);
@@ -183,7 +191,6 @@ static void lora_case(int M, int gx, int rows, int K, int N, int r, uint64_t see
                gx, da.data(), rows, K, r, (int)(K % 8 == 0));
     emu_launch(lora_grad_b, dim3{(unsigned)((N + 63) / 64), rank_tiles, (unsigned)M}, blk_lr, 0, dy.data(), u.data(),
                db.data(), rows, N, r, s, (int)(N % 8 == 0));
-    const bf16* none = nullptr;
     if (prefix)
         emu_launch(lora_bwd_dx_gemm_prefix, dim3{(unsigned)((K + 127) / 128), tiles, 1}, blk, 61440, dy.data(),
                    w.data(), v.data(), a.data(), none, dx.data(), M, rows, N, K, r, vec);

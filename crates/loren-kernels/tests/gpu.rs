@@ -12,8 +12,8 @@ use loren_kernels::launch::activation::bias_gelu_db_workspace_len;
 use loren_kernels::launch::elementwise::{sum_rows_workspace_len, sum_squares_partials_len};
 use loren_kernels::launch::norm::layernorm_params_workspace_len;
 use loren_kernels::{
-    AdamW, AttentionDims, BiasGeluDims, CudaSlice, EmbedDims, Gemm, GemmOut, GemmPath, Gpu,
-    LoraDims, NormDims, Sgd, SlotSpec, SumRowsDims, bf16, cuda_available,
+    AdamW, AttentionDims, BiasGeluDims, CudaSlice, DevicePtr, EmbedDims, Gemm, GemmOut, GemmPath,
+    Gpu, LoraDims, NormDims, Sgd, SlotSpec, SumRowsDims, bf16, cuda_available,
 };
 
 const BF16_TOL: f64 = 1e-2;
@@ -193,12 +193,53 @@ fn lora_case(d: LoraDims, seed: u64) {
             continue;
         }
         let mut y = poisoned_bf16(g, d.members * d.rows * d.n);
-        g.lora_forward_gemm(path, &d, &xd, &wd, Some(&biasd), &u, &bd, s as f32, &mut y)
-            .expect("lora_forward_gemm");
+        g.lora_forward_gemm(
+            path,
+            &d,
+            &xd,
+            &wd,
+            Some(&biasd),
+            &u,
+            &bd,
+            s as f32,
+            None,
+            &mut y,
+        )
+        .expect("lora_forward_gemm");
         check(
             &format!("lora Y {path:?} {tag}"),
             &down_bf16(g, &y),
             &want.y,
+            BF16_TOL,
+        );
+        // Joined to the residual stream in the store: shared by the members in odd cases.
+        let r_groups = if seed % 2 == 1 { 1 } else { d.members };
+        let per = d.rows * d.n;
+        let res = rng.bf16s(r_groups * per, 2.0);
+        let resf = f64s_bf16(&res);
+        let with_res: Vec<f64> = (0..d.members * per)
+            .map(|i| want.y[i] + resf[gi(i / per, r_groups) * per + i % per])
+            .collect();
+        let resd = up(g, &res);
+        let mut y = poisoned_bf16(g, d.members * per);
+        let residual = Some((&resd as &dyn DevicePtr<bf16>, r_groups));
+        g.lora_forward_gemm(
+            path,
+            &d,
+            &xd,
+            &wd,
+            Some(&biasd),
+            &u,
+            &bd,
+            s as f32,
+            residual,
+            &mut y,
+        )
+        .expect("lora_forward_gemm with a residual");
+        check(
+            &format!("lora Y + residual[{r_groups}] {path:?} {tag}"),
+            &down_bf16(g, &y),
+            &with_res,
             BF16_TOL,
         );
     }

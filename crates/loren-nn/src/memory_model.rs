@@ -504,6 +504,8 @@ enum Rec {
         a_dims: Vec<usize>,
         b_dims: Vec<usize>,
         nodes: [Option<usize>; 3],
+        /// The residual added in the store: its node and groups.
+        residual: Option<(Option<usize>, usize)>,
     },
     Attention {
         q: Rc<Buf>,
@@ -660,7 +662,14 @@ fn product(core: &Rc<Core>, tape: &Tape, x: &Var, w: &Var, b: Option<&Var>, out:
     )
 }
 
-fn lora_linear(core: &Rc<Core>, tape: &Tape, x: &Var, w: &Var, a: &Var, b: &Var) -> Var {
+fn lora_linear(
+    core: &Rc<Core>,
+    tape: &Tape,
+    x: &Var,
+    w: &Var,
+    (a, b): (&Var, &Var),
+    residual: Option<&Var>,
+) -> Var {
     let (n, k) = (w.dims()[1], w.dims()[2]);
     let (m, r) = (a.dims()[0], a.dims()[1]);
     let gx = groups(x.dims());
@@ -678,7 +687,7 @@ fn lora_linear(core: &Rc<Core>, tape: &Tape, x: &Var, w: &Var, a: &Var, b: &Var)
         MemTag::Activations,
         Kind::LowRank,
     );
-    let needs = tape.needs_grad(&[Some(x), Some(a), Some(b)]);
+    let needs = tape.needs_grad(&[Some(x), Some(a), Some(b), residual]);
     tape.record(
         y,
         needs,
@@ -688,6 +697,7 @@ fn lora_linear(core: &Rc<Core>, tape: &Tape, x: &Var, w: &Var, a: &Var, b: &Var)
             a_dims: a.dims().to_vec(),
             b_dims: b.dims().to_vec(),
             nodes: [x.node, a.node, b.node],
+            residual: residual.map(|r| (r.node, groups(r.dims()))),
         },
     )
 }
@@ -871,6 +881,16 @@ impl Sink {
     }
 }
 
+/// As `ops::elementwise::to_groups`: a sum's dy itself, or summed into one group.
+fn to_groups(core: &Rc<Core>, dy: &Rc<Buf>, groups_to: usize) -> Rc<Buf> {
+    if dy.groups() == groups_to {
+        Rc::clone(dy)
+    } else {
+        let dims = with_groups(&dy.dims, 1);
+        Rc::new(core.tensor(dims, MemTag::Workspace, dy.kind))
+    }
+}
+
 /// As `reduce_to_groups`: a gradient summed over the members when its input was shared.
 fn reduce(core: &Rc<Core>, t: Buf, groups_to: usize) -> Buf {
     if t.groups() == groups_to {
@@ -919,7 +939,11 @@ fn backward(core: &Rc<Core>, rec: Rec, dy: Rc<Buf>, sink: &mut Sink) {
             a_dims,
             b_dims,
             nodes: [x_node, a_node, b_node],
+            residual,
         } => {
+            if let Some((node @ Some(_), groups_to)) = residual {
+                sink.add_shared(node, to_groups(core, &dy, groups_to));
+            }
             let (m, r, k) = (a_dims[0], a_dims[1], a_dims[2]);
             let n = b_dims[1];
             let gx = x.groups();
@@ -1023,15 +1047,9 @@ fn backward(core: &Rc<Core>, rec: Rec, dy: Rc<Buf>, sink: &mut Sink) {
         }
         Rec::Add { a, b } => {
             for (node, groups_to) in [a, b] {
-                if node.is_none() {
-                    continue;
+                if node.is_some() {
+                    sink.add_shared(node, to_groups(core, &dy, groups_to));
                 }
-                let g = if dy.groups() == groups_to {
-                    Rc::clone(&dy)
-                } else {
-                    Rc::new(core.tensor(with_groups(&dy.dims, 1), ws, dy.kind))
-                };
-                sink.add_shared(node, g);
             }
             drop(dy);
         }
@@ -1300,13 +1318,20 @@ fn norm(core: &Rc<Core>, tape: &Tape, x: &Var, n: &Norm) -> Var {
     layernorm(core, tape, x, &tape.param(&n.g), &tape.param(&n.b))
 }
 
-fn project(core: &Rc<Core>, tape: &Tape, x: &Var, p: &Projection) -> Var {
+fn project(core: &Rc<Core>, tape: &Tape, x: &Var, p: &Projection, residual: Option<&Var>) -> Var {
     match &p.adapter {
-        None => lin(core, tape, x, &p.lin),
+        None => {
+            let y = lin(core, tape, x, &p.lin);
+            match residual {
+                Some(r) => add(core, tape, r, &y),
+                None => y,
+            }
+        }
         Some((a, b)) => {
             let w = tape.param(&p.lin.w);
             let _bias = p.lin.b.as_ref().map(|b| tape.param(b));
-            lora_linear(core, tape, x, &w, &tape.param(a), &tape.param(b))
+            let ab = (&tape.param(a), &tape.param(b));
+            lora_linear(core, tape, x, &w, ab, residual)
         }
     }
 }
@@ -1341,11 +1366,10 @@ fn forward(
 /// As `vit::block_forward`.
 fn block_forward(core: &Rc<Core>, tape: &Tape, x: &Var, blk: &Block, heads: usize) -> Var {
     let h = norm(core, tape, x, &blk.norm1);
-    let [q, k, v] = [0, 1, 2].map(|i| project(core, tape, &h, &blk.attn[i]));
+    let [q, k, v] = [0, 1, 2].map(|i| project(core, tape, &h, &blk.attn[i], None));
     let a = attention(core, tape, &q, &k, &v, heads);
     drop((q, k, v));
-    let o = project(core, tape, &a, &blk.attn[3]);
-    let x = add(core, tape, x, &o);
+    let x = project(core, tape, &a, &blk.attn[3], Some(x));
     let h = norm(core, tape, &x, &blk.norm2);
     let h = linear(core, tape, &h, &tape.param(&blk.fc1.w), None);
     let fc1_bias = blk.fc1.b.as_ref().expect("fc1 has a bias");

@@ -471,10 +471,9 @@ impl Vit {
 /// One encoder block: pre-norm attention and MLP, each added to the residual stream.
 fn block_forward(tape: &Tape, x: &Var, p: &Block<Var>, s: BlockShape) -> loren_tensor::Result<Var> {
     let h = layernorm(tape, x, &p.norm1, s.ln_eps)?;
-    let [q, k, v] = [0, 1, 2].map(|i| project(tape, &h, &p.attn[i], s.lora_scale));
+    let [q, k, v] = [0, 1, 2].map(|i| project(tape, &h, &p.attn[i], s.lora_scale, None));
     let a = ops::attention(tape, &q?, &k?, &v?, s.heads)?;
-    let o = project(tape, &a, &p.attn[3], s.lora_scale)?;
-    let x = ops::add(tape, x, &o)?;
+    let x = project(tape, &a, &p.attn[3], s.lora_scale, Some(x))?;
     let h = layernorm(tape, &x, &p.norm2, s.ln_eps)?;
     let h = ops::linear(tape, &h, &p.fc1.weight, None)?;
     let b = p.fc1.bias.as_ref().ok_or_else(|| {
@@ -493,9 +492,23 @@ fn layernorm(tape: &Tape, x: &Var, n: &Norm<Var>, eps: f32) -> loren_tensor::Res
     ops::layernorm(tape, x, &n.gamma, &n.beta, eps)
 }
 
-fn project(tape: &Tape, x: &Var, p: &Projection<Var>, scale: f32) -> loren_tensor::Result<Var> {
+/// An attention projection, added to `residual` when given: an adapted one adds it in its own
+/// store, a plain one by a residual add after.
+fn project(
+    tape: &Tape,
+    x: &Var,
+    p: &Projection<Var>,
+    scale: f32,
+    residual: Option<&Var>,
+) -> loren_tensor::Result<Var> {
     match &p.adapter {
-        None => linear(tape, x, &p.linear),
+        None => {
+            let y = linear(tape, x, &p.linear)?;
+            match residual {
+                Some(r) => ops::add(tape, r, &y),
+                None => Ok(y),
+            }
+        }
         Some(ad) => ops::lora_linear(
             tape,
             x,
@@ -504,6 +517,7 @@ fn project(tape: &Tape, x: &Var, p: &Projection<Var>, scale: f32) -> loren_tenso
             &ad.a,
             &ad.b,
             scale,
+            residual,
         ),
     }
 }

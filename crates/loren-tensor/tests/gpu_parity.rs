@@ -168,8 +168,17 @@ fn lora_linear_every_rank_member_count_and_prefix() {
         let (ac, ag) = pair(&[m, r, k], DType::F32, &mut rng, &g);
         let (b2c, b2g) = pair(&[m, n, r], DType::F32, &mut rng, &g);
         let tag = format!("lora M={m} prefix={prefix} T={t} r={r} {k}->{n}");
-        let fc = lora::lora_forward(&xc, &wc, Some(&bc), &ac, &b2c, 0.7).unwrap();
-        let fg = lora::lora_forward(&xg, &wg, Some(&bg), &ag, &b2g, 0.7).unwrap();
+        // A residual joined in the store: none, shared by the members, one each, in turn.
+        let rg = [0, 1, m][i % 3];
+        let (rc, rgpu) = pair(&[rg.max(1), 2, t, n], bf, &mut rng, &g);
+        let (rc, rgpu) = if rg > 0 {
+            (Some(&rc), Some(&rgpu))
+        } else {
+            (None, None)
+        };
+        let fc = lora::lora_forward(&xc, &wc, Some(&bc), &ac, &b2c, 0.7, rc).unwrap();
+        let fg = lora::lora_forward(&xg, &wg, Some(&bg), &ag, &b2g, 0.7, rgpu).unwrap();
+        let tag = format!("{tag} residual groups {rg}");
         close(&format!("{tag} y"), &fg.y, &fc.y);
         close(&format!("{tag} u"), &fg.u, &fc.u);
         let (dyc, dyg) = pair(&[m, 2, t, n], bf, &mut rng, &g);

@@ -30,18 +30,21 @@ impl Backward for AddBackward {
     }
 
     fn backward(self: Box<Self>, dy: Arc<Tensor>, grads: &mut GradSink) -> Result<()> {
-        // Both inputs get dy itself where their groups match it: no copy.
         for (node, groups) in [self.a, self.b] {
-            if node.is_none() {
-                continue;
+            if node.is_some() {
+                grads.add_shared(node, to_groups(&dy, groups)?)?;
             }
-            let g = if dy.shape().groups() == groups {
-                Arc::clone(&dy)
-            } else {
-                Arc::new(sum_to_groups(&dy, groups)?)
-            };
-            grads.add_shared(node, g)?;
         }
         Ok(())
+    }
+}
+
+/// A sum's gradient for one of its operands: `dy` itself where the groups match (no copy; both
+/// operands may hold it), else summed over the members into the operand's one group.
+pub(crate) fn to_groups(dy: &Arc<Tensor>, groups: usize) -> Result<Arc<Tensor>> {
+    if dy.shape().groups() == groups {
+        Ok(Arc::clone(dy))
+    } else {
+        Ok(Arc::new(sum_to_groups(dy, groups)?))
     }
 }

@@ -4,6 +4,7 @@ use loren_tensor::ops::linear::{Needs, linear_backward, linear_forward};
 use loren_tensor::ops::lora::{lora_backward, lora_forward};
 use loren_tensor::{DType, Result, Shape, Tensor};
 
+use super::elementwise::to_groups;
 use crate::tape::{Backward, GradSink, NodeId, Tape, Var};
 
 /// `y = x·Wᵀ + b`, with W shared ([1, N, K]) or per member ([M, N, K]).
@@ -74,6 +75,10 @@ impl Backward for LinearBackward {
 }
 
 /// `y[m] = x[m]·Wᵀ + b + s·(x[m]·A[m]ᵀ)·B[m]ᵀ` with W and b frozen. `x` may be shared (group 1).
+///
+/// With `residual`, `y[m] += residual[m]` (a residual of group 1 is shared): the attention
+/// output's projection joining the stream in its own store, with no add op after it.
+#[allow(clippy::too_many_arguments)]
 pub fn lora_linear(
     tape: &Tape,
     x: &Var,
@@ -82,6 +87,7 @@ pub fn lora_linear(
     a: &Var,
     b: &Var,
     scale: f32,
+    residual: Option<&Var>,
 ) -> Result<Var> {
     let out = lora_forward(
         x.value(),
@@ -90,8 +96,9 @@ pub fn lora_linear(
         a.value(),
         b.value(),
         scale,
+        residual.map(|t| t.value()),
     )?;
-    let needs_grad = tape.needs_grad(&[Some(x), Some(a), Some(b)]);
+    let needs_grad = tape.needs_grad(&[Some(x), Some(a), Some(b), residual]);
     Ok(tape.record(
         out.y,
         needs_grad,
@@ -105,6 +112,7 @@ pub fn lora_linear(
             x_node: x.node(),
             a_node: a.node(),
             b_node: b.node(),
+            residual: residual.map(|r| (r.node(), r.shape().groups())),
         },
     ))
 }
@@ -119,6 +127,8 @@ struct LoraBackward {
     x_node: Option<NodeId>,
     a_node: Option<NodeId>,
     b_node: Option<NodeId>,
+    /// The residual's node and group count.
+    residual: Option<(Option<NodeId>, usize)>,
 }
 
 impl Backward for LoraBackward {
@@ -127,6 +137,9 @@ impl Backward for LoraBackward {
     }
 
     fn backward(self: Box<Self>, dy: Arc<Tensor>, grads: &mut GradSink) -> Result<()> {
+        if let Some((node @ Some(_), groups)) = self.residual {
+            grads.add_shared(node, to_groups(&dy, groups)?)?;
+        }
         let need_adapters = self.a_node.is_some() || self.b_node.is_some();
         // The q, k and v projections read one input: each after the first joins the gradient
         // the others gave it into its own dx as it is formed.

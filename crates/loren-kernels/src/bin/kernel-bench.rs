@@ -646,7 +646,7 @@ fn lora_rows(gpu: &Gpu, a: &Args, k: usize, n: usize, r: usize) -> Result<Vec<Ro
     for &(path, name) in &paths {
         let t = time(gpu, a, || {
             gpu.lora_project_u(&d, &x, &am, &mut u)?;
-            gpu.lora_forward_gemm(path, &d, &x, &w, Some(&bias), &u, &bm, scale, &mut y)?;
+            gpu.lora_forward_gemm(path, &d, &x, &w, Some(&bias), &u, &bm, scale, None, &mut y)?;
             Ok(())
         })?;
         fused_f.push((name.to_string(), t));
@@ -654,7 +654,7 @@ fn lora_rows(gpu: &Gpu, a: &Args, k: usize, n: usize, r: usize) -> Result<Vec<Ro
     // Where the fused forward's time goes: the GEMM with U already computed.
     let gemm_only = time(gpu, a, || {
         let path = GemmPath::MmaSync;
-        gpu.lora_forward_gemm(path, &d, &x, &w, Some(&bias), &u, &bm, scale, &mut y)?;
+        gpu.lora_forward_gemm(path, &d, &x, &w, Some(&bias), &u, &bm, scale, None, &mut y)?;
         Ok(())
     })?;
     let alone_f = time(gpu, a, || {

@@ -10,7 +10,7 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 use super::{GRID_X, GRID_YZ, grid_dim, groups_ok, int, positive, product, vec8};
 use crate::compile::Arch;
 use crate::error::{KernelError, Result};
-use crate::gpu::{Arg, Gpu, Ptr};
+use crate::gpu::{Arg, Gpu};
 use crate::sources::Kernel;
 
 /// Dynamic shared memory of the fused GEMMs: 3 stages × (128×40 + 128×40) bf16. Mirrors
@@ -208,7 +208,8 @@ impl Gpu {
     /// The fused GEMM of the forward: `Y[m] = X[g(m)]·Wᵀ + bias + s·U[m]·B_mᵀ`, the low-rank term
     /// an extra K-segment of the tensor-core GEMM over all M·rows rows, on `path`. With a shared
     /// X (x_groups = 1, M > 1) the X·Wᵀ tile is computed once and each member's segment is added
-    /// to a copy of it. Needs U from [`Gpu::lora_project_u`].
+    /// to a copy of it. Needs U from [`Gpu::lora_project_u`]. With `residual` = (R, its groups:
+    /// 1 shared or M), `Y[m] += R[m]` in the same store: the residual stream the output joins.
     #[allow(clippy::too_many_arguments)]
     pub fn lora_forward_gemm(
         &self,
@@ -220,21 +221,33 @@ impl Gpu {
         u: &dyn DevicePtr<f32>,
         b: &dyn DevicePtr<f32>,
         scale: f32,
+        residual: Option<(&dyn DevicePtr<bf16>, usize)>,
         y: &mut dyn DevicePtrMut<bf16>,
     ) -> Result<()> {
         const OP: &str = "lora_forward_gemm";
         d.check(OP)?;
+        let per = d.rows * d.n;
+        let r_groups = residual.map_or(1, |(_, g)| g);
+        if r_groups != 1 && r_groups != d.members {
+            return Err(KernelError::invalid(
+                OP,
+                format!("a residual of {r_groups} groups for {} members", d.members),
+            ));
+        }
         let x = self.input(OP, "X", x, d.x_len())?;
         let w = self.input(OP, "W", w, d.n * d.k)?;
         let bias = self.input_opt(OP, "bias", bias, d.n)?;
         let u = self.input(OP, "U", u, d.u_len())?;
         let bm = self.input(OP, "B", b, d.b_len())?;
+        let res = self.input_opt(OP, "residual", residual.map(|(r, _)| r), r_groups * per)?;
+        let r_step = if r_groups == 1 { 0 } else { per as u64 };
         let y = self.output(OP, "Y", y, d.y_len())?;
         // 16-byte cp.async needs 16-byte aligned rows: K and N multiples of 8, aligned bases.
         let vec = (d.k.is_multiple_of(8)
             && d.n.is_multiple_of(8)
             && x.aligned(16)
             && w.aligned(16)
+            && res.aligned(16)
             && y.aligned(16)) as i32;
         let prefix = d.prefix();
         let (kernel, smem) = path.forward(prefix);
@@ -247,7 +260,16 @@ impl Gpu {
             d.rank as i32,
         );
         // The shared-input variant takes the member count before the sizes.
-        let mut args = vec![x.arg(), w.arg(), bias.arg(), u.arg(), bm.arg(), y.arg()];
+        let mut args = vec![
+            x.arg(),
+            w.arg(),
+            bias.arg(),
+            u.arg(),
+            bm.arg(),
+            res.arg(),
+            Arg::from(r_step),
+            y.arg(),
+        ];
         if prefix {
             args.push(Arg::from(mm));
         }
@@ -257,7 +279,7 @@ impl Gpu {
     }
 
     /// The whole forward, two launches: [`Gpu::lora_project_u`] then [`Gpu::lora_forward_gemm`]
-    /// on [`Gpu::gemm_path`].
+    /// on [`Gpu::gemm_path`] (`residual` as there).
     /// Writes Y [M, rows, N] bf16 and U [M, rows, r] f32 (kept for the backward).
     #[allow(clippy::too_many_arguments)]
     pub fn lora_forward(
@@ -269,11 +291,13 @@ impl Gpu {
         a: &dyn DevicePtr<f32>,
         b: &dyn DevicePtr<f32>,
         scale: f32,
+        residual: Option<(&dyn DevicePtr<bf16>, usize)>,
         y: &mut dyn DevicePtrMut<bf16>,
         u: &mut (impl DevicePtr<f32> + DevicePtrMut<f32>),
     ) -> Result<()> {
         self.lora_project_u(d, x, a, u)?;
-        self.lora_forward_gemm(self.gemm_path(), d, x, w, bias, &*u, b, scale, y)
+        let path = self.gemm_path();
+        self.lora_forward_gemm(path, d, x, w, bias, &*u, b, scale, residual, y)
     }
 
     /// `V[m] = s·dY[m]·B_m`: V [M, rows, r] f32, the gradient reaching U, shared by dA and dX.
@@ -330,10 +354,7 @@ impl Gpu {
         let w = self.input(OP, "W", w, d.n * d.k)?;
         let v = self.input(OP, "V", v, d.u_len())?;
         let am = self.input(OP, "A", a, d.a_len())?;
-        let dx_plus = match dx_plus {
-            Some(p) => self.input(OP, "dX_plus", p, d.x_len())?,
-            None => Ptr::null(),
-        };
+        let dx_plus = self.input_opt(OP, "dX_plus", dx_plus, d.x_len())?;
         let dx = self.output(OP, "dX", dx, d.x_len())?;
         let vec = (d.k.is_multiple_of(8)
             && d.n.is_multiple_of(8)

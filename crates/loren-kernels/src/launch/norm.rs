@@ -10,7 +10,7 @@ use super::{
     BLOCK, CHUNK_ROWS, GRID_X, grid_dim, groups_ok, int, positive, product, strip_cfg, vec8,
 };
 use crate::error::{KernelError, Result};
-use crate::gpu::{Arg, Gpu, Ptr};
+use crate::gpu::{Arg, Gpu};
 use crate::sources::Kernel;
 
 /// Rows (warps) per block of the row kernels.
@@ -163,10 +163,7 @@ impl Gpu {
         let gamma = self.input(OP, "gamma", gamma, d.w_groups * d.dim)?;
         let mean = self.input(OP, "mean", mean, d.x_groups * d.rows)?;
         let rstd = self.input(OP, "rstd", rstd, d.x_groups * d.rows)?;
-        let dx_plus = match dx_plus {
-            Some(p) => self.input(OP, "dx_plus", p, d.x_groups * d.rows * d.dim)?,
-            None => Ptr::null(),
-        };
+        let dx_plus = self.input_opt(OP, "dx_plus", dx_plus, d.x_groups * d.rows * d.dim)?;
         let dx = self.output(OP, "dx", dx, d.x_groups * d.rows * d.dim)?;
         let cfg = d.row_cfg(OP)?;
         let vec = vec8(&[d.dim], &[&dy, &x, &gamma, &dx_plus, &dx]);

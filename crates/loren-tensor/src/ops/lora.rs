@@ -93,6 +93,10 @@ fn check(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, a: &Tensor, b: &Tensor) 
 }
 
 /// The forward pass. `scale` is s.
+///
+/// With `residual` ([1 or M, ..., N]: the stream a pre-norm block's projection joins), y comes
+/// back with it added, on a GPU in the GEMM's store rather than a pass of its own.
+#[allow(clippy::too_many_arguments)]
 pub fn lora_forward(
     x: &Tensor,
     w: &Tensor,
@@ -100,25 +104,31 @@ pub fn lora_forward(
     a: &Tensor,
     b: &Tensor,
     scale: f32,
+    residual: Option<&Tensor>,
 ) -> Result<LoraOutput> {
     let d = check(x, w, bias, a, b)?;
     let (m, rows, k, n, r) = (d.members, d.rows, d.k, d.n, d.r);
     let dev = x.device();
-    let mut y = Tensor::empty_as(
-        x.shape().with_groups(m).with_last(n),
-        dev.compute_dtype(),
-        MemTag::Activations,
-        dev,
-    )?;
+    let y_shape = x.shape().with_groups(m).with_last(n);
+    if let Some(res) = residual {
+        let g = res.shape().groups();
+        if (g != 1 && g != m) || res.shape().with_groups(m) != y_shape {
+            return Err(Error::shape(OP, res.shape(), &y_shape));
+        }
+        same_device(OP, &[x, res])?;
+    }
+    let mut y = Tensor::empty_as(y_shape, dev.compute_dtype(), MemTag::Activations, dev)?;
     let mut u = Tensor::empty(
         x.shape().with_groups(m).with_last(r),
         MemTag::Activations,
         dev,
     )?;
     if dev.gpu().is_some() {
-        cuda::forward(&d, x, w, bias, a, b, scale, &mut y, &mut u)?;
+        cuda::forward(&d, x, w, bias, a, b, scale, residual, &mut y, &mut u)?;
         return Ok(LoraOutput { y, u });
     }
+    let residual = residual.map(|t| t.as_slice().map(|s| (s, t.shape().groups())));
+    let residual = residual.transpose()?;
     let (xs, ws, as_, bs) = (x.as_slice()?, w.as_slice()?, a.as_slice()?, b.as_slice()?);
     let bias = bias.map(|t| t.as_slice()).transpose()?;
     let ys = y.as_mut_slice()?;
@@ -165,6 +175,10 @@ pub fn lora_forward(
             true,
             threads,
         );
+        if let Some((res, groups)) = residual {
+            let rg = &res[group_index(g, groups) * rows * n..][..rows * n];
+            yg.iter_mut().zip(rg).for_each(|(y, r)| *y += r);
+        }
     };
     // Members in parallel when there are enough of them, else each product on every thread.
     let threads = pool_threads();
@@ -451,6 +465,7 @@ mod cuda {
         a: &Tensor,
         b: &Tensor,
         scale: f32,
+        residual: Option<&Tensor>,
         y: &mut Tensor,
         u: &mut Tensor,
     ) -> Result<()> {
@@ -468,6 +483,13 @@ mod cuda {
             a.cu_f32(OP)?,
             b.cu_f32(OP)?,
             scale,
+            match residual {
+                Some(t) => Some((
+                    t.cu_bf16(OP)? as &dyn loren_kernels::DevicePtr<_>,
+                    t.shape().groups(),
+                )),
+                None => None,
+            },
             y.cu_bf16_mut(OP)?,
             u.cu_f32_mut(OP)?,
         )?;
