@@ -37,7 +37,7 @@ mod shim {
 
     /// The CPU computes in f32 whatever the output dtype asked for.
     pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-        linear_forward(x, w, b, DType::F32)
+        linear_forward(x, w, b, DType::F32, None)
     }
 
     pub fn attention_bwd(

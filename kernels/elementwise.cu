@@ -194,29 +194,35 @@ extern "C" __global__ void __launch_bounds__(256) fill_bf16(bf16* dst, u64 n, fl
     DISPATCH_VEC(vec, fill, dst, n, value);
 }
 
-// y[g][row][c] += bias[gb(g)][c]: the bias of a cuBLAS product, added in place (the hand-written
-// kernels fuse their biases; cuBLAS output needs this one pass). bias is f32. grid (blocks, G);
-// a group is rows·n < 2^31 elements (the launcher checks), so the column is a 32-bit remainder.
+// Y[g][row][c] = X[gx(g)][row][c] + bias[gb(g)][c]: the bias of a cuBLAS product, in place
+// (X = Y, gx = G), or joined to the residual stream X before the product accumulates onto Y
+// (beta = 1), so the stream costs no pass of its own. bias is f32, or null (a broadcast copy).
+// The hand-written kernels fuse their biases. grid (blocks, G); a group is rows·n < 2^31
+// elements (the launcher checks), so the column is a 32-bit remainder.
 template <int V, typename T>
-__device__ void add_bias_rows(T* y, const float* bias, int rows, int n, int gb) {
+__device__ void add_bias_rows(const T* X, T* Y, const float* bias, int rows, int n, int gx, int gb) {
     const int g = blockIdx.y;
     const unsigned per = (unsigned)rows * n;
-    y += (u64)g * per;
-    bias += (u64)group_index(g, gb) * n;
+    X += (u64)group_index(g, gx) * per;
+    Y += (u64)g * per;
+    if (bias) bias += (u64)group_index(g, gb) * n;
     for (unsigned e = (blockIdx.x * blockDim.x + threadIdx.x) * V; e < per; e += gridDim.x * blockDim.x * V) {
-        float v[V], b[V];
-        load_vec<V>(y + e, v);
-        load_vec<V>(bias + e % n, b);
+        float v[V];
+        load_vec<V>(X + e, v);
+        if (bias) {
+            float b[V];
+            load_vec<V>(bias + e % n, b);
 #pragma unroll
-        for (int k = 0; k < V; ++k) v[k] += b[k];
-        store_vec<V>(y + e, v);
+            for (int k = 0; k < V; ++k) v[k] += b[k];
+        }
+        store_vec<V>(Y + e, v);
     }
 }
 extern "C" __global__ void __launch_bounds__(256)
-    add_bias_rows_bf16(bf16* y, const float* bias, int rows, int n, int gb, int vec) {
-    DISPATCH_VEC(vec, add_bias_rows, y, bias, rows, n, gb);
+    add_bias_rows_bf16(const bf16* X, bf16* Y, const float* bias, int rows, int n, int gx, int gb, int vec) {
+    DISPATCH_VEC(vec, add_bias_rows, X, Y, bias, rows, n, gx, gb);
 }
 extern "C" __global__ void __launch_bounds__(256)
-    add_bias_rows_f32(float* y, const float* bias, int rows, int n, int gb, int vec) {
-    DISPATCH_VEC(vec, add_bias_rows, y, bias, rows, n, gb);
+    add_bias_rows_f32(const float* X, float* Y, const float* bias, int rows, int n, int gx, int gb, int vec) {
+    DISPATCH_VEC(vec, add_bias_rows, X, Y, bias, rows, n, gx, gb);
 }

@@ -132,7 +132,7 @@ pub fn gpu_gemm_peak(device: &Device, n: usize, repeats: usize) -> Result<Peak> 
     const ITERS: usize = 10;
     let run = || -> Result<()> {
         for _ in 0..ITERS {
-            drop(linear_forward(&x, &w, None, DType::BF16)?);
+            drop(linear_forward(&x, &w, None, DType::BF16, None)?);
         }
         Ok(())
     };

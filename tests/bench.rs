@@ -111,14 +111,14 @@ fn the_breakdown_names_each_op_as_often_as_the_step_runs_it() {
                 .find(|o| o.phase == phase && o.op == op)
                 .map_or(0.0, |o| o.calls)
         };
-        let (adapted, plain, adds) = match row.method {
+        let (adapted, plain) = match row.method {
             // q, k, v and the output projection carry adapters; fc1, fc2, the patch embedding
-            // and the heads do not. The adapted output projection joins the residual stream in
-            // its own store, so only the MLP's residual is an add.
-            Method::Lora => (4.0 * depth, 2.0 * depth + 2.0, depth),
-            _ => (0.0, 6.0 * depth + 2.0, 2.0 * depth),
+            // and the heads do not.
+            Method::Lora => (4.0 * depth, 2.0 * depth + 2.0),
+            _ => (0.0, 6.0 * depth + 2.0),
         };
-        assert_eq!(calls("forward", "add"), adds, "{ops:?}");
+        // Both residuals join the stream in the product before them: no add op.
+        assert_eq!(calls("forward", "add"), 0.0, "{ops:?}");
         assert_eq!(calls("forward", "lora_linear"), adapted, "{ops:?}");
         assert_eq!(calls("forward", "linear"), plain, "{ops:?}");
         assert_eq!(calls("forward", "attention"), depth, "{ops:?}");

@@ -32,7 +32,7 @@ fn linear_shared_weight_over_member_rows() {
     );
     assert_gradients(
         ins,
-        |t, v| ops::linear(t, &v[0], &v[1], Some(&v[2])),
+        |t, v| ops::linear(t, &v[0], &v[1], Some(&v[2]), None),
         &opts(),
     );
 }
@@ -48,7 +48,7 @@ fn linear_per_member_weight_on_shared_input() {
     );
     assert_gradients(
         ins,
-        |t, v| ops::linear(t, &v[0], &v[1], Some(&v[2])),
+        |t, v| ops::linear(t, &v[0], &v[1], Some(&v[2]), None),
         &opts(),
     );
 }
@@ -57,7 +57,11 @@ fn linear_per_member_weight_on_shared_input() {
 fn linear_per_member_weight_on_member_input_without_bias() {
     let (dev, mut rng) = (Device::cpu(), Rng::new(3));
     let ins = inputs(&dev, &mut rng, &[("x", &[M, B, 5]), ("w", &[M, 4, 5])], &[]);
-    assert_gradients(ins, |t, v| ops::linear(t, &v[0], &v[1], None), &opts());
+    assert_gradients(
+        ins,
+        |t, v| ops::linear(t, &v[0], &v[1], None, None),
+        &opts(),
+    );
 }
 
 /// `residual`: the groups of a residual added in the store (0: none).
@@ -285,7 +289,7 @@ fn class_token_then_per_member_head() {
         ins,
         |t, v| {
             let c = ops::class_token(t, &v[0])?;
-            ops::linear(t, &c, &v[1], None)
+            ops::linear(t, &c, &v[1], None, None)
         },
         &opts(),
     );
@@ -306,8 +310,14 @@ fn softmax_cross_entropy_shared_targets() {
 /// A pre-norm residual sublayer: x + linear(layernorm(x)), the shape of a transformer block.
 fn sublayer(t: &Tape, v: &[Var]) -> Result<Var> {
     let h = ops::layernorm(t, &v[0], &v[1], &v[2], 1e-5)?;
-    let y = ops::linear(t, &h, &v[3], Some(&v[4]))?;
+    let y = ops::linear(t, &h, &v[3], Some(&v[4]), None)?;
     ops::add(t, &v[0], &y)
+}
+
+/// [`sublayer`] as the ViT runs it: the residual joined in the linear's product.
+fn joined_sublayer(t: &Tape, v: &[Var]) -> Result<Var> {
+    let h = ops::layernorm(t, &v[0], &v[1], &v[2], 1e-5)?;
+    ops::linear(t, &h, &v[3], Some(&v[4]), Some(&v[0]))
 }
 
 fn sublayer_inputs(seed: u64, frozen: &[&str]) -> Vec<Input> {
@@ -333,6 +343,11 @@ fn pre_norm_sublayer() {
     assert_gradients(sublayer_inputs(22, &[]), sublayer, &opts());
 }
 
+#[test]
+fn pre_norm_sublayer_joined_in_the_product() {
+    assert_gradients(sublayer_inputs(25, &[]), joined_sublayer, &opts());
+}
+
 /// The same on the members' shared stream, normalised by each member's affine: LayerNorm sums
 /// its members' dx into the shared x before the residual's gradient joins.
 #[test]
@@ -350,7 +365,18 @@ fn pre_norm_sublayer_on_the_shared_stream_with_member_norms() {
         ],
         &[],
     );
+    let again: Vec<Input> = ins
+        .iter()
+        .map(|i| {
+            Input::new(
+                &i.name,
+                i.value.copy(loren_tensor::MemTag::Workspace).unwrap(),
+                true,
+            )
+        })
+        .collect();
     assert_gradients(ins, sublayer, &opts());
+    assert_gradients(again, joined_sublayer, &opts());
 }
 
 /// A gradient held by several values is added into without writing through it: x reaches the
@@ -486,7 +512,12 @@ fn frozen_inputs_get_no_gradient_buffer() {
         &[("x", &[M, B, 4]), ("w", &[1, 3, 4])],
         &["w"],
     );
-    let reports = check(ins, |t, v| ops::linear(t, &v[0], &v[1], None), &opts()).unwrap();
+    let reports = check(
+        ins,
+        |t, v| ops::linear(t, &v[0], &v[1], None, None),
+        &opts(),
+    )
+    .unwrap();
     assert_eq!(reports.len(), 1);
     assert_eq!(reports[0].name, "x");
 }

@@ -714,27 +714,42 @@ static void elementwise_vec_case(u64 per, uint64_t seed) {
     check(std::string("fill_bf16") + tag, d(filled_b), std::vector<double>(per, -3.0), 1e-7);
 }
 
-// y[g][row] += bias[gb(g)] over rows of n, bf16 and f32 outputs.
-static void add_bias_rows_case(int G, int gb, int rows, int n, uint64_t seed) {
+// y[g][row] += bias[gb(g)] over rows of n, bf16 and f32 outputs, in place; then y = x[gx(g)] +
+// bias (a residual stream as a GEMM's C) and y = x[gx(g)] (no bias: a broadcast copy).
+static void add_bias_rows_case(int G, int gb, int gx, int rows, int n, uint64_t seed) {
     Rng rng(seed);
     const int vec = vec8(n);
     auto yb = rng.bf16s((size_t)G * rows * n, 1.0);
     auto yf = rng.f32s((size_t)G * rows * n, 1.0);
+    auto xb = rng.bf16s((size_t)gx * rows * n, 1.0);
     auto bias = rng.f32s((size_t)gb * n, 1.0);
-    std::vector<double> wb(yb.size()), wf(yf.size());
+    const size_t per = (size_t)rows * n;
+    std::vector<double> wb(yb.size()), wf(yf.size()), wx(yb.size()), wcopy(yb.size());
     for (size_t i = 0; i < yb.size(); ++i) {
-        const size_t g = i / ((size_t)rows * n), c = i % n;
+        const size_t g = i / per, c = i % n;
         const double bv = bias[(size_t)gi((int)g, gb) * n + c];
+        const double xv = to_f32(xb[(size_t)gi((int)g, gx) * per + i % per]);
         wb[i] = to_f32(yb[i]) + bv;
         wf[i] = (double)yf[i] + bv;
+        wx[i] = xv + bv;
+        wcopy[i] = xv;
     }
-    const dim3 grid = grouped(G, (size_t)rows * n, vec), blk{256, 1, 1};
-    emu_launch(add_bias_rows_bf16, grid, blk, 0, yb.data(), (const float*)bias.data(), rows, n, gb, vec);
-    emu_launch(add_bias_rows_f32, grid, blk, 0, yf.data(), (const float*)bias.data(), rows, n, gb, vec);
+    const dim3 grid = grouped(G, per, vec), blk{256, 1, 1};
+    emu_launch(add_bias_rows_bf16, grid, blk, 0, (const bf16*)yb.data(), yb.data(), (const float*)bias.data(), rows,
+               n, G, gb, vec);
+    emu_launch(add_bias_rows_f32, grid, blk, 0, (const float*)yf.data(), yf.data(), (const float*)bias.data(), rows,
+               n, G, gb, vec);
+    std::vector<bf16> yx(yb.size(), to_bf16(NAN)), ycopy(yb.size(), to_bf16(NAN));
+    emu_launch(add_bias_rows_bf16, grid, blk, 0, (const bf16*)xb.data(), yx.data(), (const float*)bias.data(), rows,
+               n, gx, gb, vec);
+    emu_launch(add_bias_rows_bf16, grid, blk, 0, (const bf16*)xb.data(), ycopy.data(), (const float*)nullptr, rows,
+               n, gx, gb, vec);
     char tag[96];
-    std::snprintf(tag, sizeof tag, " G=%d gb=%d rows=%d n=%d vec=%d", G, gb, rows, n, vec);
+    std::snprintf(tag, sizeof tag, " G=%d gb=%d gx=%d rows=%d n=%d vec=%d", G, gb, gx, rows, n, vec);
     check(std::string("add_bias_rows_bf16") + tag, d(yb), wb, 1e-2);
     check(std::string("add_bias_rows_f32") + tag, d(yf), wf, 1e-6);
+    check(std::string("add_bias_rows_bf16 from x") + tag, d(yx), wx, 1e-2);
+    check(std::string("add_bias_rows_bf16 copy of x") + tag, d(ycopy), wcopy, 1e-7);
 }
 
 static void elementwise_case(uint64_t seed) {
@@ -742,8 +757,8 @@ static void elementwise_case(uint64_t seed) {
     const dim3 blk{256, 1, 1};
     elementwise_vec_case(1000, seed);     // vectors
     elementwise_vec_case(1003, seed + 1); // scalar
-    add_bias_rows_case(3, 1, 70, 264, seed + 2);
-    add_bias_rows_case(2, 2, 9, 37, seed + 3);
+    add_bias_rows_case(3, 1, 1, 70, 264, seed + 2);
+    add_bias_rows_case(2, 2, 2, 9, 37, seed + 3);
     auto x = rng.f32s(5000, 2.0);
     std::vector<double> part(20, NAN), ss(1, NAN);
     emu_launch(sumsq_partial_f32, dim3{20, 1, 1}, blk, 0, (const float*)x.data(), (u64)x.size(), part.data());

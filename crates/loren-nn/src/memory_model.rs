@@ -497,6 +497,8 @@ enum Rec {
         w_node: Option<usize>,
         b_node: Option<usize>,
         has_bias: bool,
+        /// The residual added in the product: its node and groups.
+        residual: Option<(Option<usize>, usize)>,
     },
     Lora {
         x: Rc<Buf>,
@@ -526,10 +528,6 @@ enum Rec {
         x: Rc<Buf>,
         b_dims: Vec<usize>,
         nodes: [Option<usize>; 2],
-    },
-    Add {
-        a: (Option<usize>, usize),
-        b: (Option<usize>, usize),
     },
     Embed {
         pe: Rc<Buf>,
@@ -626,17 +624,40 @@ impl Tape {
 // The forward ops: outputs, FLOPs and what each keeps, as loren_tensor::ops and
 // loren_autograd::ops do it.
 
-fn linear(core: &Rc<Core>, tape: &Tape, x: &Var, w: &Var, b: Option<&Var>) -> Var {
-    product(core, tape, x, w, b, Kind::Activation)
+fn linear(
+    core: &Rc<Core>,
+    tape: &Tape,
+    x: &Var,
+    w: &Var,
+    b: Option<&Var>,
+    residual: Option<&Var>,
+) -> Var {
+    product(core, tape, x, w, b, Kind::Activation, residual)
 }
 
 /// As `ops::logits`: the head's product, f32 on every device.
 fn logits(core: &Rc<Core>, tape: &Tape, x: &Var, l: &Lin) -> Var {
     let b = l.b.as_ref().map(|b| tape.param(b));
-    product(core, tape, x, &tape.param(&l.w), b.as_ref(), Kind::Stat)
+    product(
+        core,
+        tape,
+        x,
+        &tape.param(&l.w),
+        b.as_ref(),
+        Kind::Stat,
+        None,
+    )
 }
 
-fn product(core: &Rc<Core>, tape: &Tape, x: &Var, w: &Var, b: Option<&Var>, out: Kind) -> Var {
+fn product(
+    core: &Rc<Core>,
+    tape: &Tape,
+    x: &Var,
+    w: &Var,
+    b: Option<&Var>,
+    out: Kind,
+    residual: Option<&Var>,
+) -> Var {
     let (gw, n, k) = (w.dims()[0], w.dims()[1], w.dims()[2]);
     let g = broadcast(&[groups(x.dims()), gw]);
     let rows = rows_per_group(x.dims());
@@ -646,7 +667,7 @@ fn product(core: &Rc<Core>, tape: &Tape, x: &Var, w: &Var, b: Option<&Var>, out:
         MemTag::Activations,
         out,
     );
-    let needs = tape.needs_grad(&[Some(x), Some(w), b]);
+    let needs = tape.needs_grad(&[Some(x), Some(w), b, residual]);
     tape.record(
         y,
         needs,
@@ -658,6 +679,7 @@ fn product(core: &Rc<Core>, tape: &Tape, x: &Var, w: &Var, b: Option<&Var>, out:
             w_node: w.node,
             b_node: b.and_then(|b| b.node),
             has_bias: b.is_some(),
+            residual: residual.map(|r| (r.node, groups(r.dims()))),
         },
     )
 }
@@ -761,24 +783,6 @@ fn bias_gelu(core: &Rc<Core>, tape: &Tape, x: &Var, b: &Var) -> Var {
             x: Rc::clone(&x.val),
             b_dims: b.dims().to_vec(),
             nodes: [x.node, b.node],
-        },
-    )
-}
-
-fn add(core: &Rc<Core>, tape: &Tape, a: &Var, b: &Var) -> Var {
-    let g = broadcast(&[groups(a.dims()), groups(b.dims())]);
-    let y = core.tensor(
-        with_groups(a.dims(), g),
-        MemTag::Activations,
-        Kind::Activation,
-    );
-    let needs = tape.needs_grad(&[Some(a), Some(b)]);
-    tape.record(
-        y,
-        needs,
-        Rec::Add {
-            a: (a.node, groups(a.dims())),
-            b: (b.node, groups(b.dims())),
         },
     )
 }
@@ -913,7 +917,11 @@ fn backward(core: &Rc<Core>, rec: Rec, dy: Rc<Buf>, sink: &mut Sink) {
             w_node,
             b_node,
             has_bias,
+            residual,
         } => {
+            if let Some((node @ Some(_), groups_to)) = residual {
+                sink.add_shared(node, to_groups(core, &dy, groups_to));
+            }
             let (gw, n, k) = (w_dims[0], w_dims[1], w_dims[2]);
             let g = broadcast(&[groups(&x_dims), gw]);
             let rows = rows_per_group(&x_dims);
@@ -1044,14 +1052,6 @@ fn backward(core: &Rc<Core>, rec: Rec, dy: Rc<Buf>, sink: &mut Sink) {
             sink.add_opt(xn, dx);
             sink.add_opt(bn, db);
             drop(x);
-        }
-        Rec::Add { a, b } => {
-            for (node, groups_to) in [a, b] {
-                if node.is_some() {
-                    sink.add_shared(node, to_groups(core, &dy, groups_to));
-                }
-            }
-            drop(dy);
         }
         Rec::Embed {
             pe,
@@ -1309,9 +1309,9 @@ fn build(core: &Rc<Core>, vit: &VitConfig, ens: &EnsembleConfig) -> (Model, Weig
     (model, (b.all, b.shadows))
 }
 
-fn lin(core: &Rc<Core>, tape: &Tape, x: &Var, l: &Lin) -> Var {
+fn lin(core: &Rc<Core>, tape: &Tape, x: &Var, l: &Lin, residual: Option<&Var>) -> Var {
     let b = l.b.as_ref().map(|b| tape.param(b));
-    linear(core, tape, x, &tape.param(&l.w), b.as_ref())
+    linear(core, tape, x, &tape.param(&l.w), b.as_ref(), residual)
 }
 
 fn norm(core: &Rc<Core>, tape: &Tape, x: &Var, n: &Norm) -> Var {
@@ -1320,13 +1320,7 @@ fn norm(core: &Rc<Core>, tape: &Tape, x: &Var, n: &Norm) -> Var {
 
 fn project(core: &Rc<Core>, tape: &Tape, x: &Var, p: &Projection, residual: Option<&Var>) -> Var {
     match &p.adapter {
-        None => {
-            let y = lin(core, tape, x, &p.lin);
-            match residual {
-                Some(r) => add(core, tape, r, &y),
-                None => y,
-            }
-        }
+        None => lin(core, tape, x, &p.lin, residual),
         Some((a, b)) => {
             let w = tape.param(&p.lin.w);
             let _bias = p.lin.b.as_ref().map(|b| tape.param(b));
@@ -1350,7 +1344,7 @@ fn forward(
         MemTag::Activations,
         Kind::Activation,
     ));
-    let pe = lin(core, tape, &patches, &m.patch);
+    let pe = lin(core, tape, &patches, &m.patch, None);
     let mut x = embed_tokens(core, tape, &pe, &tape.param(&m.cls), &tape.param(&m.pos));
     for blk in &m.blocks {
         x = match activations {
@@ -1371,11 +1365,10 @@ fn block_forward(core: &Rc<Core>, tape: &Tape, x: &Var, blk: &Block, heads: usiz
     drop((q, k, v));
     let x = project(core, tape, &a, &blk.attn[3], Some(x));
     let h = norm(core, tape, &x, &blk.norm2);
-    let h = linear(core, tape, &h, &tape.param(&blk.fc1.w), None);
+    let h = linear(core, tape, &h, &tape.param(&blk.fc1.w), None, None);
     let fc1_bias = blk.fc1.b.as_ref().expect("fc1 has a bias");
     let h = bias_gelu(core, tape, &h, &tape.param(fc1_bias));
-    let h = lin(core, tape, &h, &blk.fc2);
-    add(core, tape, &x, &h)
+    lin(core, tape, &h, &blk.fc2, Some(&x))
 }
 
 /// As `ops::recompute` over a block: run unrecorded, keep only the input.

@@ -431,7 +431,7 @@ impl Vit {
         self.check_images(images)?;
         let mut param = |id: &ParamId| tape.param(&self.params, *id);
         let patches = Var::constant(patchify(images, self.config.patch)?);
-        let pe = linear(tape, &patches, &self.patch_embed.map(&mut param))?;
+        let pe = linear(tape, &patches, &self.patch_embed.map(&mut param), None)?;
         let mut x = ops::embed_tokens(tape, &pe, &param(&self.cls), &param(&self.pos))?;
         let shape = BlockShape {
             heads: self.config.heads,
@@ -475,25 +475,29 @@ fn block_forward(tape: &Tape, x: &Var, p: &Block<Var>, s: BlockShape) -> loren_t
     let a = ops::attention(tape, &q?, &k?, &v?, s.heads)?;
     let x = project(tape, &a, &p.attn[3], s.lora_scale, Some(x))?;
     let h = layernorm(tape, &x, &p.norm2, s.ln_eps)?;
-    let h = ops::linear(tape, &h, &p.fc1.weight, None)?;
+    let h = ops::linear(tape, &h, &p.fc1.weight, None, None)?;
     let b = p.fc1.bias.as_ref().ok_or_else(|| {
         loren_tensor::Error::invalid("block", "fc1 has no bias for the fused bias+GELU")
     })?;
     let h = ops::bias_gelu(tape, &h, b)?;
-    let h = linear(tape, &h, &p.fc2)?;
-    ops::add(tape, &x, &h)
+    linear(tape, &h, &p.fc2, Some(&x))
 }
 
-fn linear(tape: &Tape, x: &Var, l: &Linear<Var>) -> loren_tensor::Result<Var> {
-    ops::linear(tape, x, &l.weight, l.bias.as_ref())
+/// The layer, added to `residual` when given (in its product: see [`ops::linear`]).
+fn linear(
+    tape: &Tape,
+    x: &Var,
+    l: &Linear<Var>,
+    residual: Option<&Var>,
+) -> loren_tensor::Result<Var> {
+    ops::linear(tape, x, &l.weight, l.bias.as_ref(), residual)
 }
 
 fn layernorm(tape: &Tape, x: &Var, n: &Norm<Var>, eps: f32) -> loren_tensor::Result<Var> {
     ops::layernorm(tape, x, &n.gamma, &n.beta, eps)
 }
 
-/// An attention projection, added to `residual` when given: an adapted one adds it in its own
-/// store, a plain one by a residual add after.
+/// An attention projection, added to `residual` when given, in its product.
 fn project(
     tape: &Tape,
     x: &Var,
@@ -502,13 +506,7 @@ fn project(
     residual: Option<&Var>,
 ) -> loren_tensor::Result<Var> {
     match &p.adapter {
-        None => {
-            let y = linear(tape, x, &p.linear)?;
-            match residual {
-                Some(r) => ops::add(tape, r, &y),
-                None => Ok(y),
-            }
-        }
+        None => linear(tape, x, &p.linear, residual),
         Some(ad) => ops::lora_linear(
             tape,
             x,

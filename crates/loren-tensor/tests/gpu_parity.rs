@@ -114,11 +114,22 @@ fn linear_shared_member_and_broadcast_weights() {
         let (bc, bg) = pair(&[gw, n], DType::F32, &mut rng, &g);
         let tag = format!("linear gx={gx} gw={gw} T={t} {k}->{n}");
         for out in [bf, DType::F32] {
-            let yc = linear::linear_forward(&xc, &wc, Some(&bc), DType::F32).unwrap();
-            let yg = linear::linear_forward(&xg, &wg, Some(&bg), out).unwrap();
+            let yc = linear::linear_forward(&xc, &wc, Some(&bc), DType::F32, None).unwrap();
+            let yg = linear::linear_forward(&xg, &wg, Some(&bg), out, None).unwrap();
             close(&format!("{tag} forward"), &yg, &yc);
         }
         let groups = gx.max(gw);
+        // Joined to a residual stream (shared, then one per group) in the product, with and
+        // without the bias.
+        for rg in [1, groups] {
+            let (rc, rgpu) = pair(&[rg, 2, t, n], bf, &mut rng, &g);
+            for bias in [true, false] {
+                let (b_c, b_g) = (bias.then_some(&bc), bias.then_some(&bg));
+                let yc = linear::linear_forward(&xc, &wc, b_c, DType::F32, Some(&rc)).unwrap();
+                let yg = linear::linear_forward(&xg, &wg, b_g, bf, Some(&rgpu)).unwrap();
+                close(&format!("{tag} + residual[{rg}] bias {bias}"), &yg, &yc);
+            }
+        }
         let (dyc, dyg) = pair(&[groups, 2, t, n], bf, &mut rng, &g);
         let needs = linear::Needs {
             dx: true,
@@ -550,7 +561,7 @@ fn the_event_timer_measures_the_enqueued_work() {
     let mut rng = Rng::new(11);
     let (_, x) = pair(&[1, 1024, 1024], DType::BF16, &mut rng, &g);
     let (_, w) = pair(&[1, 1024, 1024], DType::BF16, &mut rng, &g);
-    let product = || linear::linear_forward(&x, &w, None, DType::BF16).unwrap();
+    let product = || linear::linear_forward(&x, &w, None, DType::BF16, None).unwrap();
     product();
     let time = |n: usize| {
         let (ys, s) = g

@@ -8,20 +8,38 @@ use super::elementwise::to_groups;
 use crate::tape::{Backward, GradSink, NodeId, Tape, Var};
 
 /// `y = x·Wᵀ + b`, with W shared ([1, N, K]) or per member ([M, N, K]).
-pub fn linear(tape: &Tape, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
+///
+/// With `residual`, `y += residual` (a residual of group 1 is shared): a sublayer joining the
+/// residual stream in its product (on a GPU the GEMM accumulates onto the stream), with no add
+/// op after it.
+pub fn linear(
+    tape: &Tape,
+    x: &Var,
+    w: &Var,
+    b: Option<&Var>,
+    residual: Option<&Var>,
+) -> Result<Var> {
     let dtype = x.value().device().compute_dtype();
-    product(tape, x, w, b, dtype)
+    product(tape, x, w, b, dtype, residual)
 }
 
 /// [`linear`] with an f32 output on every device: the logits, which the loss and the
 /// probabilities read in full precision.
 pub fn logits(tape: &Tape, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
-    product(tape, x, w, b, DType::F32)
+    product(tape, x, w, b, DType::F32, None)
 }
 
-fn product(tape: &Tape, x: &Var, w: &Var, b: Option<&Var>, out: DType) -> Result<Var> {
-    let y = linear_forward(x.value(), w.value(), b.map(|b| b.value()), out)?;
-    let needs_grad = tape.needs_grad(&[Some(x), Some(w), b]);
+fn product(
+    tape: &Tape,
+    x: &Var,
+    w: &Var,
+    b: Option<&Var>,
+    out: DType,
+    residual: Option<&Var>,
+) -> Result<Var> {
+    let r = residual.map(|r| r.value());
+    let y = linear_forward(x.value(), w.value(), b.map(|b| b.value()), out, r)?;
+    let needs_grad = tape.needs_grad(&[Some(x), Some(w), b, residual]);
     Ok(tape.record(
         y,
         needs_grad,
@@ -34,6 +52,7 @@ fn product(tape: &Tape, x: &Var, w: &Var, b: Option<&Var>, out: DType) -> Result
             w_node: w.node(),
             b_node: b.and_then(|b| b.node()),
             has_bias: b.is_some(),
+            residual: residual.map(|r| (r.node(), r.shape().groups())),
         },
     ))
 }
@@ -46,6 +65,8 @@ struct LinearBackward {
     w_node: Option<NodeId>,
     b_node: Option<NodeId>,
     has_bias: bool,
+    /// The residual's node and group count.
+    residual: Option<(Option<NodeId>, usize)>,
 }
 
 impl Backward for LinearBackward {
@@ -54,6 +75,9 @@ impl Backward for LinearBackward {
     }
 
     fn backward(self: Box<Self>, dy: Arc<Tensor>, grads: &mut GradSink) -> Result<()> {
+        if let Some((node @ Some(_), groups)) = self.residual {
+            grads.add_shared(node, to_groups(&dy, groups)?)?;
+        }
         let needs = Needs {
             dx: self.x_node.is_some(),
             dw: self.w_node.is_some(),

@@ -38,7 +38,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use loren_kernels::provenance::{git_commit, utc_now};
 use loren_kernels::{
     AttentionDims, BiasGeluDims, Gemm, GemmOut, GemmPath, Gpu, KernelError, KernelSource, LoraDims,
@@ -888,11 +888,23 @@ fn memory_rows(gpu: &Gpu, a: &Args) -> Result<Vec<Row>> {
     let t = time(gpu, a, || Ok(gpu.add_assign_bf16(nd, &mut dx, &dy)?))?;
     out.push(row("gradient accumulate", d, one("vectorized", t), 6 * nd));
     let bias_d = al.f32(d, 0.1)?;
+    let bias = Some((&bias_d as &dyn DevicePtr<f32>, 1));
     let t = time(gpu, a, || {
-        Ok(gpu.add_bias_rows_bf16(mm, rows, d, 1, &mut y, &bias_d)?)
+        Ok(gpu.add_bias_rows_bf16(mm, rows, d, None, bias, &mut y)?)
     })?;
     out.push(row(
         "bias add (cuBLAS output)",
+        d,
+        one("vectorized", t),
+        4 * nd,
+    ));
+    // Before a sublayer's beta = 1 GEMM: the stream and the bias written as its C.
+    let t = time(gpu, a, || {
+        let src = Some((&x as &dyn DevicePtr<bf16>, mm));
+        Ok(gpu.add_bias_rows_bf16(mm, rows, d, src, bias, &mut y)?)
+    })?;
+    out.push(row(
+        "residual + bias (as a GEMM's C)",
         d,
         one("vectorized", t),
         4 * nd,

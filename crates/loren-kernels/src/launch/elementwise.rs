@@ -106,33 +106,49 @@ macro_rules! add_launcher {
 
 macro_rules! bias_launcher {
     ($name:ident, $t:ty, $kernel:ident) => {
-        /// `y[g][row][c] += bias[gb(g)][c]` for y [groups, rows, n] and an f32 bias
-        /// [bias_groups, n] (1 or `groups`): the bias of a cuBLAS product.
+        /// `y[g][row][c] = src[gs(g)][row][c] + bias[gb(g)][c]` for y [groups, rows, n], `src`
+        /// = (values, groups: 1 or `groups`) and an f32 `bias` = (values, groups). Without
+        /// `src`, y is the source (in place: the bias of a cuBLAS product); without `bias`, y
+        /// is `src` broadcast. A residual stream as `src` with the bias, then a GEMM with
+        /// beta = 1 onto y, joins the stream without a pass of its own.
         pub fn $name(
             &self,
             groups: usize,
             rows: usize,
             n: usize,
-            bias_groups: usize,
+            src: Option<(&dyn DevicePtr<$t>, usize)>,
+            bias: Option<(&dyn DevicePtr<f32>, usize)>,
             y: &mut dyn DevicePtrMut<$t>,
-            bias: &dyn DevicePtr<f32>,
         ) -> Result<()> {
             const OP: &str = stringify!($name);
             positive(OP, "groups", groups)?;
             positive(OP, "rows", rows)?;
             positive(OP, "n", n)?;
+            if src.is_none() && bias.is_none() {
+                return Err(KernelError::invalid(
+                    OP,
+                    "neither a source nor a bias: nothing to do",
+                ));
+            }
+            let (src_groups, bias_groups) = (src.map_or(groups, |s| s.1), bias.map_or(1, |b| b.1));
+            groups_ok(OP, "src", src_groups, groups)?;
             groups_ok(OP, "bias", bias_groups, groups)?;
             let total = product(OP, &[groups, rows, n])?;
             // The kernels index within a group in 32 bits.
             int(OP, "rows·n", rows * n)?;
-            let bias = self.input(OP, "bias", bias, bias_groups * n)?;
+            let src = self.input_opt(OP, "src", src.map(|s| s.0), src_groups * rows * n)?;
+            let bias = self.input_opt(OP, "bias", bias.map(|b| b.0), bias_groups * n)?;
             let y = self.output(OP, "y", y, total)?;
-            let vec = vec8(&[n], &[&y, &bias]);
+            let vec = vec8(&[n], &[&src, &y, &bias]);
+            // In place, the kernel reads y as its source.
+            let x = if src.ptr == 0 { y.arg() } else { src.arg() };
             let args = [
+                x,
                 y.arg(),
                 bias.arg(),
                 Arg::from(int(OP, "rows", rows)?),
                 Arg::from(int(OP, "n", n)?),
+                Arg::from(src_groups as i32),
                 Arg::from(bias_groups as i32),
                 Arg::from(vec),
             ];

@@ -105,12 +105,35 @@ pub(crate) fn fill_rows(y: &mut [f32], bias: &[f32]) {
 
 /// `y[g] = x[g]·W[g]ᵀ + b[g]`, broadcasting groups of 1. The output is stored as `out`
 /// (bf16 activations, or f32 for logits; always f32 on the CPU).
-pub fn linear_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, out: DType) -> Result<Tensor> {
+///
+/// With `residual` (the stream a pre-norm block's sublayer joins; its groups 1 or the
+/// output's), `y[g] += residual[g]`: on a GPU the residual and bias are written first and the
+/// product accumulates onto them, so the stream costs no pass of its own.
+pub fn linear_forward(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    out: DType,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
     let d = check(x, w, bias)?;
     let out_shape = x.shape().with_groups(d.groups).with_last(d.n);
+    if let Some(res) = residual {
+        let g = res.shape().groups();
+        if (g != 1 && g != d.groups) || res.shape().with_groups(d.groups) != out_shape {
+            return Err(Error::shape(OP, res.shape(), &out_shape));
+        }
+        if x.device().gpu().is_some() && res.dtype() != out {
+            return Err(Error::invalid(
+                OP,
+                "the residual must have the output's dtype",
+            ));
+        }
+        same_device(OP, &[x, res])?;
+    }
     let mut y = Tensor::empty_as(out_shape, out, MemTag::Activations, x.device())?;
     if x.device().gpu().is_some() {
-        cuda::forward(&d, x, w, bias, &mut y)?;
+        cuda::forward(&d, x, w, bias, residual, &mut y)?;
         return Ok(y);
     }
     let xs = x.as_slice()?;
@@ -158,6 +181,13 @@ pub fn linear_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, out: DType)
                 bs.is_some(),
                 threads,
             );
+        });
+    }
+    if let Some(res) = residual {
+        let (rs, per, gr) = (res.as_slice()?, rows * n, res.shape().groups());
+        ys.par_chunks_mut(per).enumerate().for_each(|(g, yg)| {
+            let rg = &rs[group_index(g, gr) * per..][..per];
+            yg.iter_mut().zip(rg).for_each(|(y, r)| *y += r);
         });
     }
     Ok(y)
@@ -358,30 +388,53 @@ mod cuda {
         x: &Tensor,
         w: &Tensor,
         bias: Option<&Tensor>,
+        residual: Option<&Tensor>,
         y: &mut Tensor,
     ) -> Result<()> {
         let gpu = x.device().require_gpu(OP)?;
         let (rows, k, n) = (d.rows, d.k, d.n);
-        let g = if d.gw == 1 {
+        let mut g = if d.gw == 1 {
             // One product over every group's rows: the shared-W GEMM of DESIGN.md.
             gemm(d.groups * rows, n, k, false, true)
         } else {
             let sx = if d.gx == 1 { 0 } else { rows * k };
             batched(gemm(rows, n, k, false, true), d.groups, sx, n * k, rows * n)
         };
+        let bias = match bias {
+            Some(b) => Some((b.cu_f32(OP)? as &dyn loren_kernels::DevicePtr<f32>, d.gw)),
+            None => None,
+        };
+        // y = residual + bias first, the product accumulated onto it; else the bias after.
+        let (before, after) = match residual {
+            Some(r) => (Some((r, bias)), None),
+            None => (None, bias),
+        };
+        if let Some((r, bias)) = before {
+            g.beta = 1.0;
+            let rg = r.shape().groups();
+            match y.dtype() {
+                DType::BF16 => {
+                    let src = Some((r.cu_bf16(OP)? as &dyn loren_kernels::DevicePtr<_>, rg));
+                    gpu.add_bias_rows_bf16(d.groups, rows, n, src, bias, y.cu_bf16_mut(OP)?)?
+                }
+                DType::F32 => {
+                    let src = Some((r.cu_f32(OP)? as &dyn loren_kernels::DevicePtr<_>, rg));
+                    gpu.add_bias_rows_f32(d.groups, rows, n, src, bias, y.cu_f32_mut(OP)?)?
+                }
+            }
+        }
         let (xb, wb) = (x.cu_bf16(OP)?, w.cu_bf16(OP)?);
         match y.dtype() {
             DType::BF16 => gpu.gemm_bf16(&g, xb, wb, GemmOut::Bf16(y.cu_bf16_mut(OP)?))?,
             DType::F32 => gpu.gemm_bf16(&g, xb, wb, GemmOut::F32(y.cu_f32_mut(OP)?))?,
         }
-        if let Some(b) = bias {
-            let bf = b.cu_f32(OP)?;
+        if let Some(b) = after {
             match y.dtype() {
                 DType::BF16 => {
-                    gpu.add_bias_rows_bf16(d.groups, rows, n, d.gw, y.cu_bf16_mut(OP)?, bf)?
+                    gpu.add_bias_rows_bf16(d.groups, rows, n, None, Some(b), y.cu_bf16_mut(OP)?)?
                 }
                 DType::F32 => {
-                    gpu.add_bias_rows_f32(d.groups, rows, n, d.gw, y.cu_f32_mut(OP)?, bf)?
+                    gpu.add_bias_rows_f32(d.groups, rows, n, None, Some(b), y.cu_f32_mut(OP)?)?
                 }
             }
         }
