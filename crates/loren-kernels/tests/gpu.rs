@@ -192,27 +192,8 @@ fn lora_case(d: LoraDims, seed: u64) {
             );
             continue;
         }
-        let mut y = poisoned_bf16(g, d.members * d.rows * d.n);
-        g.lora_forward_gemm(
-            path,
-            &d,
-            &xd,
-            &wd,
-            Some(&biasd),
-            &u,
-            &bd,
-            s as f32,
-            None,
-            &mut y,
-        )
-        .expect("lora_forward_gemm");
-        check(
-            &format!("lora Y {path:?} {tag}"),
-            &down_bf16(g, &y),
-            &want.y,
-            BF16_TOL,
-        );
-        // Joined to the residual stream in the store: shared by the members in odd cases.
+        // Alone, then joined to the residual stream in the store (shared by the members in odd
+        // cases).
         let r_groups = if seed % 2 == 1 { 1 } else { d.members };
         let per = d.rows * d.n;
         let res = rng.bf16s(r_groups * per, 2.0);
@@ -221,27 +202,32 @@ fn lora_case(d: LoraDims, seed: u64) {
             .map(|i| want.y[i] + resf[gi(i / per, r_groups) * per + i % per])
             .collect();
         let resd = up(g, &res);
-        let mut y = poisoned_bf16(g, d.members * per);
-        let residual = Some((&resd as &dyn DevicePtr<bf16>, r_groups));
-        g.lora_forward_gemm(
-            path,
-            &d,
-            &xd,
-            &wd,
-            Some(&biasd),
-            &u,
-            &bd,
-            s as f32,
-            residual,
-            &mut y,
-        )
-        .expect("lora_forward_gemm with a residual");
-        check(
-            &format!("lora Y + residual[{r_groups}] {path:?} {tag}"),
-            &down_bf16(g, &y),
-            &with_res,
-            BF16_TOL,
-        );
+        for residual in [None, Some((&resd as &dyn DevicePtr<bf16>, r_groups))] {
+            let mut y = poisoned_bf16(g, d.members * per);
+            g.lora_forward_gemm(
+                path,
+                &d,
+                &xd,
+                &wd,
+                Some(&biasd),
+                &u,
+                &bd,
+                s as f32,
+                residual,
+                &mut y,
+            )
+            .expect("lora_forward_gemm");
+            let (what, want_y) = match residual {
+                None => ("", &want.y),
+                Some(_) => (" + residual", &with_res),
+            };
+            check(
+                &format!("lora Y{what} {path:?} {tag} residual groups {r_groups}"),
+                &down_bf16(g, &y),
+                want_y,
+                BF16_TOL,
+            );
+        }
     }
 
     // Backward, against the reference built on the GPU's own U (an f32 input to dB).

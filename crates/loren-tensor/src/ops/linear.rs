@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 use super::elementwise::sum_rows;
 use super::gemm::{Trans, matmul, pool_threads};
-use super::{broadcast_groups, expect_rank, group_index, same_device};
+use super::{broadcast_groups, check_residual, expect_rank, group_index, same_device};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::memory::MemTag;
@@ -118,19 +118,7 @@ pub fn linear_forward(
 ) -> Result<Tensor> {
     let d = check(x, w, bias)?;
     let out_shape = x.shape().with_groups(d.groups).with_last(d.n);
-    if let Some(res) = residual {
-        let g = res.shape().groups();
-        if (g != 1 && g != d.groups) || res.shape().with_groups(d.groups) != out_shape {
-            return Err(Error::shape(OP, res.shape(), &out_shape));
-        }
-        if x.device().gpu().is_some() && res.dtype() != out {
-            return Err(Error::invalid(
-                OP,
-                "the residual must have the output's dtype",
-            ));
-        }
-        same_device(OP, &[x, res])?;
-    }
+    check_residual(OP, residual, x, &out_shape, out)?;
     let mut y = Tensor::empty_as(out_shape, out, MemTag::Activations, x.device())?;
     if x.device().gpu().is_some() {
         cuda::forward(&d, x, w, bias, residual, &mut y)?;

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::elementwise::add_assign;
 use super::gemm::{Trans, matmul, pool_threads};
 use super::linear::{fill_rows, for_each_group};
-use super::{expect_rank, group_index, same_device};
+use super::{check_dx_plus, check_residual, expect_rank, group_index, same_device};
 use crate::error::{Error, Result};
 use crate::memory::MemTag;
 use crate::tensor::Tensor;
@@ -110,13 +110,7 @@ pub fn lora_forward(
     let (m, rows, k, n, r) = (d.members, d.rows, d.k, d.n, d.r);
     let dev = x.device();
     let y_shape = x.shape().with_groups(m).with_last(n);
-    if let Some(res) = residual {
-        let g = res.shape().groups();
-        if (g != 1 && g != m) || res.shape().with_groups(m) != y_shape {
-            return Err(Error::shape(OP, res.shape(), &y_shape));
-        }
-        same_device(OP, &[x, res])?;
-    }
+    check_residual(OP, residual, x, &y_shape, dev.compute_dtype())?;
     let mut y = Tensor::empty_as(y_shape, dev.compute_dtype(), MemTag::Activations, dev)?;
     let mut u = Tensor::empty(
         x.shape().with_groups(m).with_last(r),
@@ -255,18 +249,7 @@ pub fn lora_backward(
     if u.shape() != &u_shape {
         return Err(Error::shape(OP, u.shape(), &u_shape));
     }
-    if let Some(p) = dx_plus {
-        if !need_dx {
-            return Err(Error::invalid(
-                OP,
-                "a gradient to add into dx, but no dx wanted",
-            ));
-        }
-        if p.shape() != x.shape() {
-            return Err(Error::shape(OP, p.shape(), x.shape()));
-        }
-        same_device(OP, &[x, p])?;
-    }
+    check_dx_plus(OP, dx_plus, need_dx, x)?;
     let dev = x.device();
     if dev.gpu().is_some() {
         return cuda::backward(

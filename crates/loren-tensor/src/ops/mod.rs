@@ -65,6 +65,51 @@ pub(crate) fn same_dtype(op: &'static str, tensors: &[&Tensor]) -> Result<crate:
 }
 
 /// Require an exact rank.
+/// Check a residual an op adds to its output of shape `out`: the output's shape with 1 group (a
+/// stream the members share) or the output's, on x's device; and on a GPU the output's dtype.
+pub(crate) fn check_residual(
+    op: &'static str,
+    residual: Option<&Tensor>,
+    x: &Tensor,
+    out: &Shape,
+    out_dtype: crate::dtype::DType,
+) -> Result<()> {
+    let Some(res) = residual else { return Ok(()) };
+    let g = res.shape().groups();
+    if (g != 1 && g != out.groups()) || &res.shape().with_groups(out.groups()) != out {
+        return Err(Error::shape(op, res.shape(), out));
+    }
+    same_device(op, &[x, res])?;
+    if x.device().gpu().is_some() && res.dtype() != out_dtype {
+        return Err(Error::invalid(
+            op,
+            "the residual must have the output's dtype",
+        ));
+    }
+    Ok(())
+}
+
+/// Check a gradient a backward adds into the dx it forms: dx must be wanted, and the gradient
+/// have x's shape and device.
+pub(crate) fn check_dx_plus(
+    op: &'static str,
+    dx_plus: Option<&Tensor>,
+    need_dx: bool,
+    x: &Tensor,
+) -> Result<()> {
+    let Some(p) = dx_plus else { return Ok(()) };
+    if !need_dx {
+        return Err(Error::invalid(
+            op,
+            "a gradient to add into dx, but no dx wanted",
+        ));
+    }
+    if p.shape() != x.shape() {
+        return Err(Error::shape(op, p.shape(), x.shape()));
+    }
+    same_device(op, &[x, p])
+}
+
 pub(crate) fn expect_rank(op: &'static str, t: &Tensor, rank: usize, what: &str) -> Result<()> {
     if t.shape().rank() != rank {
         return Err(Error::invalid(

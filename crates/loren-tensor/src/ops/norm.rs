@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use super::elementwise::{add_assign, reduce_to_groups, sum_rows};
-use super::{broadcast_groups, expect_rank, group_index, same_device};
+use super::{broadcast_groups, check_dx_plus, expect_rank, group_index, same_device};
 use crate::error::{Error, Result};
 use crate::memory::MemTag;
 use crate::tensor::Tensor;
@@ -154,18 +154,7 @@ pub fn layernorm_backward(
     if dy.shape() != &want {
         return Err(Error::shape(OP, dy.shape(), &want));
     }
-    if let Some(p) = dx_plus {
-        if !need_x {
-            return Err(Error::invalid(
-                OP,
-                "a gradient to add into dx, but no dx wanted",
-            ));
-        }
-        if p.shape() != x.shape() {
-            return Err(Error::shape(OP, p.shape(), x.shape()));
-        }
-        same_device(OP, &[x, p])?;
-    }
+    check_dx_plus(OP, dx_plus, need_x, x)?;
     let dev = x.device();
     if dev.gpu().is_some() {
         return backward_cuda(&dm, dy, x, gamma, mean, rstd, need_x, need_affine, dx_plus);
