@@ -557,13 +557,13 @@ __device__ __forceinline__ void bwd_dx_gemm_prefix(const bf16* dY, const bf16* W
 #define LORA_GEMM_ENTRIES(NAME, P)                                                                 \
     extern "C" __global__ void __launch_bounds__(256)                                              \
         lora_fwd_##NAME(const bf16* X, const bf16* W, const bf16* bias, const float* U,            \
-                        const float* B, const bf16* R, u64 R_step, bf16* Y, int rows, int N, \
+                        const float* B, const bf16* R, u64 R_step, bf16* Y, int rows, int N,       \
                         int K, int r, float s, int vec) {                                          \
         fwd_gemm<P>(X, W, bias, U, B, R, R_step, Y, rows, N, K, r, s, vec);                        \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(256) lora_fwd_##NAME##_prefix(                    \
         const bf16* X, const bf16* W, const bf16* bias, const float* U, const float* B,            \
-        const bf16* R, u64 R_step, bf16* Y, int members, int rows, int N, int K, int r,      \
+        const bf16* R, u64 R_step, bf16* Y, int members, int rows, int N, int K, int r,            \
         float s, int vec) {                                                                        \
         fwd_gemm_prefix<P>(X, W, bias, U, B, R, R_step, Y, members, rows, N, K, r, s, vec);        \
     }                                                                                              \
