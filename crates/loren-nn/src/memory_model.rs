@@ -885,14 +885,24 @@ impl Sink {
     }
 }
 
-/// As `ops::elementwise::to_groups`: a sum's dy itself, or summed into one group.
-fn to_groups(core: &Rc<Core>, dy: &Rc<Buf>, groups_to: usize) -> Rc<Buf> {
-    if dy.groups() == groups_to {
+/// As `ops::elementwise::add_operand_grad`: a sum's dy itself, or summed into one group.
+fn add_operand_grad(
+    core: &Rc<Core>,
+    sink: &mut Sink,
+    node: Option<usize>,
+    groups_to: usize,
+    dy: &Rc<Buf>,
+) {
+    if node.is_none() {
+        return;
+    }
+    let g = if dy.groups() == groups_to {
         Rc::clone(dy)
     } else {
         let dims = with_groups(&dy.dims, 1);
         Rc::new(core.tensor(dims, MemTag::Workspace, dy.kind))
-    }
+    };
+    sink.add_shared(node, g);
 }
 
 /// As `reduce_to_groups`: a gradient summed over the members when its input was shared.
@@ -919,8 +929,8 @@ fn backward(core: &Rc<Core>, rec: Rec, dy: Rc<Buf>, sink: &mut Sink) {
             has_bias,
             residual,
         } => {
-            if let Some((node @ Some(_), groups_to)) = residual {
-                sink.add_shared(node, to_groups(core, &dy, groups_to));
+            if let Some((node, groups_to)) = residual {
+                add_operand_grad(core, sink, node, groups_to, &dy);
             }
             let (gw, n, k) = (w_dims[0], w_dims[1], w_dims[2]);
             let g = broadcast(&[groups(&x_dims), gw]);
@@ -949,8 +959,8 @@ fn backward(core: &Rc<Core>, rec: Rec, dy: Rc<Buf>, sink: &mut Sink) {
             nodes: [x_node, a_node, b_node],
             residual,
         } => {
-            if let Some((node @ Some(_), groups_to)) = residual {
-                sink.add_shared(node, to_groups(core, &dy, groups_to));
+            if let Some((node, groups_to)) = residual {
+                add_operand_grad(core, sink, node, groups_to, &dy);
             }
             let (m, r, k) = (a_dims[0], a_dims[1], a_dims[2]);
             let n = b_dims[1];

@@ -31,20 +31,28 @@ impl Backward for AddBackward {
 
     fn backward(self: Box<Self>, dy: Arc<Tensor>, grads: &mut GradSink) -> Result<()> {
         for (node, groups) in [self.a, self.b] {
-            if node.is_some() {
-                grads.add_shared(node, to_groups(&dy, groups)?)?;
-            }
+            add_operand_grad(grads, node, groups, &dy)?;
         }
         Ok(())
     }
 }
 
-/// A sum's gradient for one of its operands: `dy` itself where the groups match (no copy; both
-/// operands may hold it), else summed over the members into the operand's one group.
-pub(crate) fn to_groups(dy: &Arc<Tensor>, groups: usize) -> Result<Arc<Tensor>> {
-    if dy.shape().groups() == groups {
-        Ok(Arc::clone(dy))
-    } else {
-        Ok(Arc::new(sum_to_groups(dy, groups)?))
+/// Give one operand of a sum (of `groups` groups, at `node`) its gradient: `dy` itself where
+/// the groups match (no copy; every operand may hold it), else summed over the members into the
+/// operand's one group. Nothing for an operand without a node.
+pub(crate) fn add_operand_grad(
+    grads: &mut GradSink,
+    node: Option<NodeId>,
+    groups: usize,
+    dy: &Arc<Tensor>,
+) -> Result<()> {
+    if node.is_none() {
+        return Ok(());
     }
+    let g = if dy.shape().groups() == groups {
+        Arc::clone(dy)
+    } else {
+        Arc::new(sum_to_groups(dy, groups)?)
+    };
+    grads.add_shared(node, g)
 }

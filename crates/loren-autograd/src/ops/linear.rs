@@ -4,7 +4,7 @@ use loren_tensor::ops::linear::{Needs, linear_backward, linear_forward};
 use loren_tensor::ops::lora::{lora_backward, lora_forward};
 use loren_tensor::{DType, Result, Shape, Tensor};
 
-use super::elementwise::to_groups;
+use super::elementwise::add_operand_grad;
 use crate::tape::{Backward, GradSink, NodeId, Tape, Var};
 
 /// `y = x·Wᵀ + b`, with W shared ([1, N, K]) or per member ([M, N, K]).
@@ -75,8 +75,8 @@ impl Backward for LinearBackward {
     }
 
     fn backward(self: Box<Self>, dy: Arc<Tensor>, grads: &mut GradSink) -> Result<()> {
-        if let Some((node @ Some(_), groups)) = self.residual {
-            grads.add_shared(node, to_groups(&dy, groups)?)?;
+        if let Some((node, groups)) = self.residual {
+            add_operand_grad(grads, node, groups, &dy)?;
         }
         let needs = Needs {
             dx: self.x_node.is_some(),
@@ -161,8 +161,8 @@ impl Backward for LoraBackward {
     }
 
     fn backward(self: Box<Self>, dy: Arc<Tensor>, grads: &mut GradSink) -> Result<()> {
-        if let Some((node @ Some(_), groups)) = self.residual {
-            grads.add_shared(node, to_groups(&dy, groups)?)?;
+        if let Some((node, groups)) = self.residual {
+            add_operand_grad(grads, node, groups, &dy)?;
         }
         let need_adapters = self.a_node.is_some() || self.b_node.is_some();
         // The q, k and v projections read one input: each after the first joins the gradient

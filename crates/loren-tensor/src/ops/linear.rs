@@ -371,6 +371,40 @@ mod cuda {
             .transpose()
     }
 
+    /// `y = src + bias` in y's dtype (`src` None: y itself, in place).
+    fn bias_rows(
+        gpu: &loren_kernels::Gpu,
+        d: &Dims,
+        src: Option<&Tensor>,
+        bias: Option<(&dyn loren_kernels::DevicePtr<f32>, usize)>,
+        y: &mut Tensor,
+    ) -> Result<()> {
+        let (groups, rows, n) = (d.groups, d.rows, d.n);
+        match y.dtype() {
+            DType::BF16 => {
+                let src = match src {
+                    Some(s) => Some((
+                        s.cu_bf16(OP)? as &dyn loren_kernels::DevicePtr<_>,
+                        s.shape().groups(),
+                    )),
+                    None => None,
+                };
+                gpu.add_bias_rows_bf16(groups, rows, n, src, bias, y.cu_bf16_mut(OP)?)?
+            }
+            DType::F32 => {
+                let src = match src {
+                    Some(s) => Some((
+                        s.cu_f32(OP)? as &dyn loren_kernels::DevicePtr<_>,
+                        s.shape().groups(),
+                    )),
+                    None => None,
+                };
+                gpu.add_bias_rows_f32(groups, rows, n, src, bias, y.cu_f32_mut(OP)?)?
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn forward(
         d: &Dims,
         x: &Tensor,
@@ -392,39 +426,18 @@ mod cuda {
             Some(b) => Some((b.cu_f32(OP)? as &dyn loren_kernels::DevicePtr<f32>, d.gw)),
             None => None,
         };
-        // y = residual + bias first, the product accumulated onto it; else the bias after.
-        let (before, after) = match residual {
-            Some(r) => (Some((r, bias)), None),
-            None => (None, bias),
-        };
-        if let Some((r, bias)) = before {
+        // y = residual + bias first and the product accumulated onto it; else the bias after.
+        if residual.is_some() {
             g.beta = 1.0;
-            let rg = r.shape().groups();
-            match y.dtype() {
-                DType::BF16 => {
-                    let src = Some((r.cu_bf16(OP)? as &dyn loren_kernels::DevicePtr<_>, rg));
-                    gpu.add_bias_rows_bf16(d.groups, rows, n, src, bias, y.cu_bf16_mut(OP)?)?
-                }
-                DType::F32 => {
-                    let src = Some((r.cu_f32(OP)? as &dyn loren_kernels::DevicePtr<_>, rg));
-                    gpu.add_bias_rows_f32(d.groups, rows, n, src, bias, y.cu_f32_mut(OP)?)?
-                }
-            }
+            bias_rows(gpu, d, residual, bias, y)?;
         }
         let (xb, wb) = (x.cu_bf16(OP)?, w.cu_bf16(OP)?);
         match y.dtype() {
             DType::BF16 => gpu.gemm_bf16(&g, xb, wb, GemmOut::Bf16(y.cu_bf16_mut(OP)?))?,
             DType::F32 => gpu.gemm_bf16(&g, xb, wb, GemmOut::F32(y.cu_f32_mut(OP)?))?,
         }
-        if let Some(b) = after {
-            match y.dtype() {
-                DType::BF16 => {
-                    gpu.add_bias_rows_bf16(d.groups, rows, n, None, Some(b), y.cu_bf16_mut(OP)?)?
-                }
-                DType::F32 => {
-                    gpu.add_bias_rows_f32(d.groups, rows, n, None, Some(b), y.cu_f32_mut(OP)?)?
-                }
-            }
+        if residual.is_none() && bias.is_some() {
+            bias_rows(gpu, d, None, bias, y)?;
         }
         Ok(())
     }
