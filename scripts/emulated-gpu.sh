@@ -16,6 +16,9 @@
 #              blocks against kept ones, bit for bit (~15 min)
 # LOREN_FAKE_CC=9.0 makes the device a Hopper (sm_90a build, wgmma kernels loaded; LOREN_WGMMA=1
 # then runs the fused GEMMs on them).
+# LOREN_FAKE_NO_COMPUTE=1 makes it issue everything and compute nothing: with the libraries it
+# builds in target/emu-gpu on LD_LIBRARY_PATH, `loren bench --device cuda` then times what the host
+# spends issuing a step (README, "On a GPU").
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

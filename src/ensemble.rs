@@ -249,7 +249,7 @@ impl Ensemble {
             .zip((0..n).step_by(self.batch_size))
         {
             let b = chunk.len() / per_image;
-            let x = Tensor::from_vec(chunk.to_vec(), [b, c, h, w], MemTag::Workspace, dev)?;
+            let x = Tensor::from_slice(chunk, [b, c, h, w], MemTag::Workspace, dev)?;
             let p = self.model.predict(&x)?.to_vec()?;
             for member in 0..m {
                 let src = &p[member * b * k..][..b * k];

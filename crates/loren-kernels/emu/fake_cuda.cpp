@@ -11,9 +11,18 @@
 // The stream-ordered pool is modelled by its byte counts: freed memory stays reserved until the
 // release threshold lets it go at a synchronisation, or cuMemPoolTrimTo, and cuMemGetInfo's free
 // figure counts what is reserved as used. cublasGemmStridedBatchedEx computes in double from
-// bf16 inputs. Nothing else of either library is there: a call to anything else fails to load
+// bf16 inputs. A copy out of page-locked host memory (cuMemHostAlloc) is queued, as the
+// hardware's DMA is, and carried out only when the stream next does anything else or is waited
+// for, so a host that refills its staging buffer before waiting for the copy out of it sends the
+// new contents, as it would on a GPU. Nothing else of either library is there: a call to anything else fails to load
 // (cudarc panics naming the missing symbol), which is the signal to add it.
+//
+// LOREN_FAKE_NO_COMPUTE=1 turns it into a probe of the host's own cost: launches, GEMMs, memsets
+// and device-to-device copies are checked and accepted but not carried out, so a step timed on
+// it (events read the host clock) is the time loren takes to issue the step's work, the part a
+// real GPU cannot hide when the kernels are shorter. The values it leaves are garbage.
 #include <chrono>
+#include <dlfcn.h>
 #include <cstdarg>
 #include <map>
 #include <mutex>
@@ -23,6 +32,17 @@
 #include "common.cuh"
 
 #define API extern "C" __attribute__((visibility("default")))
+
+namespace fake {
+// LOREN_FAKE_NO_COMPUTE (above): issue everything, compute nothing.
+bool no_compute() {
+    static const bool on = [] {
+        const char* v = std::getenv("LOREN_FAKE_NO_COMPUTE");
+        return v && *v && std::string(v) != "0";
+    }();
+    return on;
+}
+}  // namespace fake
 
 #ifdef FAKE_CUDA_DRIVER
 #include "lora.cu"
@@ -87,9 +107,36 @@ Context context;
 Pool pool;
 std::mutex lock;
 std::map<CUdeviceptr, size_t> live;  // allocation -> bytes
+std::multimap<size_t, void*> reusable;  // freed blocks by size, kept under LOREN_FAKE_NO_COMPUTE
 size_t live_bytes = 0, cached_bytes = 0;
 unsigned long long release_threshold = 0;
 const size_t total_bytes = size_t(16) << 30;
+
+// Copies out of page-locked memory, queued until the stream's next operation or a wait.
+struct Dma {
+    void* dst;
+    const void* src;
+    size_t n;
+};
+std::mutex dma_lock;
+std::map<const char*, size_t> pinned;  // page-locked host allocations -> bytes
+std::vector<Dma> queued;
+
+bool is_pinned(const void* p) {
+    std::lock_guard<std::mutex> g(dma_lock);
+    const char* c = static_cast<const char*>(p);
+    auto it = pinned.upper_bound(c);
+    if (it == pinned.begin()) return false;
+    --it;
+    return c < it->first + it->second;
+}
+
+// The stream reaches its next operation: the queued copies happen first, in order.
+void run_queued() {
+    std::lock_guard<std::mutex> g(dma_lock);
+    for (const Dma& d : queued) std::memcpy(d.dst, d.src, d.n);
+    queued.clear();
+}
 
 double now_ms() {
     using namespace std::chrono;
@@ -98,6 +145,7 @@ double now_ms() {
 
 // A synchronisation point: the pool hands back what it holds above its release threshold.
 void synchronised() {
+    run_queued();
     std::lock_guard<std::mutex> g(lock);
     if (cached_bytes > release_threshold) cached_bytes = release_threshold;
 }
@@ -106,7 +154,15 @@ CUresult alloc(CUdeviceptr* p, size_t bytes) {
     std::lock_guard<std::mutex> g(lock);
     const size_t rounded = (bytes + 255) / 256 * 256;
     if (rounded > total_bytes - live_bytes) return OUT_OF_MEMORY;
-    void* m = std::aligned_alloc(256, rounded ? rounded : 256);
+    void* m = nullptr;
+    // Issuing without computing, the host's cost should not include the C library's mmap and
+    // munmap of big blocks, which the driver's pool does not do: reuse a freed block of the size.
+    if (auto it = reusable.find(rounded); it != reusable.end()) {
+        m = it->second;
+        reusable.erase(it);
+    } else {
+        m = std::aligned_alloc(256, rounded ? rounded : 256);
+    }
     if (!m) return OUT_OF_MEMORY;
     *p = reinterpret_cast<CUdeviceptr>(m);
     live[*p] = rounded;
@@ -121,7 +177,10 @@ CUresult release(CUdeviceptr p) {
     if (it == live.end()) return INVALID_VALUE;
     live_bytes -= it->second;
     cached_bytes += it->second;
-    std::free(reinterpret_cast<void*>(p));
+    if (no_compute())
+        reusable.emplace(it->second, reinterpret_cast<void*>(p));
+    else
+        std::free(reinterpret_cast<void*>(p));
     live.erase(it);
     return OK;
 }
@@ -258,14 +317,38 @@ API CUresult cuMemPoolTrimTo(void*, size_t keep) {
     fake::cached_bytes = std::min(fake::cached_bytes, keep);
     return OK;
 }
+// Page-locked host memory is ordinary host memory here (the copies are synchronous anyway).
+API CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
+    *p = std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096);
+    if (!*p) return OUT_OF_MEMORY;
+    std::lock_guard<std::mutex> g(fake::dma_lock);
+    fake::pinned[static_cast<const char*>(*p)] = bytes;
+    return OK;
+}
+API CUresult cuMemFreeHost(void* p) {
+    fake::run_queued();
+    {
+        std::lock_guard<std::mutex> g(fake::dma_lock);
+        fake::pinned.erase(static_cast<const char*>(p));
+    }
+    std::free(p);
+    return OK;
+}
+// For libcublas (built from this file), whose GEMMs are stream operations too.
+API void loren_fake_run_queued() { fake::run_queued(); }
 API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    fake::run_queued();
     std::memcpy(reinterpret_cast<void*>(dst), src, n);
     return OK;
 }
 API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void*) {
-    return cuMemcpyHtoD_v2(dst, src, n);
+    if (!fake::is_pinned(src)) return cuMemcpyHtoD_v2(dst, src, n);
+    std::lock_guard<std::mutex> g(fake::dma_lock);
+    fake::queued.push_back({reinterpret_cast<void*>(dst), src, n});
+    return OK;
 }
 API CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+    fake::run_queued();
     std::memcpy(dst, reinterpret_cast<const void*>(src), n);
     return OK;
 }
@@ -273,6 +356,8 @@ API CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void*) {
     return cuMemcpyDtoH_v2(dst, src, n);
 }
 API CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    fake::run_queued();
+    if (fake::no_compute()) return OK;
     std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
     return OK;
 }
@@ -280,6 +365,8 @@ API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, vo
     return cuMemcpyDtoD_v2(dst, src, n);
 }
 API CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+    fake::run_queued();
+    if (fake::no_compute()) return OK;
     std::memset(reinterpret_cast<void*>(dst), v, n);
     return OK;
 }
@@ -312,6 +399,8 @@ API CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsi
                      static_cast<fake::Function*>(f)->name.c_str());
         return INVALID_VALUE;
     }
+    fake::run_queued();
+    if (fake::no_compute()) return OK;
     std::lock_guard<std::mutex> g(fake::lock);
     static_cast<fake::Function*>(f)->run(dim3{gx, gy, gz}, dim3{bx, 1, 1}, smem, params);
     return OK;
@@ -338,6 +427,20 @@ double read(const void* p, int type, size_t i) {
     if (type == 0) return static_cast<const float*>(p)[i];       // CUDA_R_32F
     return __bfloat162float(static_cast<const bf16*>(p)[i]);      // CUDA_R_16BF
 }
+// The driver's queued copies land before a GEMM reads (see libcuda's loren_fake_run_queued).
+void run_queued() {
+    static void (*f)() = [] {
+        void* h = dlopen("libcuda.so", RTLD_NOW | RTLD_NOLOAD);
+        if (!h) h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+        void* sym = h ? dlsym(h, "loren_fake_run_queued") : nullptr;
+        if (!sym) {
+            std::fprintf(stderr, "fake libcublas: the fake libcuda is not loaded\n");
+            std::abort();
+        }
+        return reinterpret_cast<void (*)()>(sym);
+    }();
+    f();
+}
 void write(void* p, int type, size_t i, double v) {
     if (type == 0)
         static_cast<float*>(p)[i] = (float)v;
@@ -363,6 +466,8 @@ API int cublasGemmStridedBatchedEx(void*, int transa, int transb, int m, int n, 
                                    const void* beta, void* C, int ctype, int ldc, long long sc,
                                    int batch, int compute, int) {
     if (compute != 68) return 7;  // CUBLAS_STATUS_INVALID_VALUE: only CUBLAS_COMPUTE_32F
+    fake::run_queued();
+    if (fake::no_compute()) return 0;
     const double al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
     for (int q = 0; q < batch; ++q)
         for (int j = 0; j < n; ++j)

@@ -18,6 +18,7 @@ use crate::error::{KernelError, Result};
 use crate::launch::lora::GemmPath;
 use crate::probe;
 use crate::sources::{Kernel, SOURCES};
+use crate::staging::Staging;
 
 /// One CUDA device with loren's kernels loaded, and the single stream every launcher uses.
 ///
@@ -43,6 +44,8 @@ pub struct Gpu {
     /// Each kernel's parameter types, read from its PTX: every launch is checked against them.
     signatures: HashMap<Kernel, Vec<ParamKind>>,
     blas: OnceLock<std::result::Result<CudaBlas, String>>,
+    /// The page-locked buffer uploads go through ([`Gpu::upload`]).
+    staging: Staging,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -165,6 +168,7 @@ impl Gpu {
             functions,
             signatures,
             blas: OnceLock::new(),
+            staging: Staging::new(),
         })
     }
 
@@ -220,7 +224,8 @@ impl Gpu {
         Ok(())
     }
 
-    /// Wait for everything enqueued so far (the only synchronising call in this crate).
+    /// Wait for everything enqueued so far (the only synchronising call in this crate, besides
+    /// [`Gpu::upload`]'s wait for the previous copy out of its staging buffer).
     pub fn synchronize(&self) -> Result<()> {
         self.stream
             .synchronize()
@@ -253,6 +258,10 @@ impl Gpu {
             .elapsed_ms(&later.0)
             .map_err(KernelError::driver("reading the time between events"))?;
         Ok(f64::from(ms) / 1e3)
+    }
+
+    pub(crate) fn staging(&self) -> &Staging {
+        &self.staging
     }
 
     /// cuBLAS on this stream, created on first use.

@@ -44,6 +44,7 @@ pub mod launch;
 pub mod probe;
 pub mod provenance;
 mod sources;
+mod staging;
 
 pub use compile::{
     Arch, ParamKind, Ptx, Resources, arch_for_device, cache_dir, compile, compile_uncached,
@@ -63,6 +64,7 @@ pub use probe::{
     NvrtcInfo, cuda_available, cuda_include_dir, gpu_required, nvrtc, skip_without_gpu,
 };
 pub use sources::{COMMON_HEADER, Kernel, KernelSource, SOURCES, source};
+pub use staging::{STAGING_MAX_BYTES, STAGING_MIN_BYTES};
 
 pub use bfloat16::bf16;
 /// Re-exported so callers name the same types the launchers take.

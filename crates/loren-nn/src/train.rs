@@ -207,7 +207,7 @@ impl<'m> Trainer<'m> {
         };
         let dev = self.model.device().clone();
         let shape = [batch.batch, batch.channels, batch.height, batch.width];
-        let images = Tensor::from_vec(batch.images.clone(), shape, MemTag::Workspace, &dev)?;
+        let images = Tensor::from_slice(&batch.images, shape, MemTag::Workspace, &dev)?;
         self.grads.zero()?;
         mark(Phase::Forward, "images in, gradients zeroed");
         let loss = {

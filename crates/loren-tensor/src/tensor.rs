@@ -1,5 +1,7 @@
 use std::fmt;
 
+use rayon::prelude::*;
+
 use loren_kernels::bf16;
 use loren_kernels::{CudaSlice, Gpu};
 
@@ -53,21 +55,33 @@ impl Tensor {
         tag: MemTag,
         device: &Device,
     ) -> Result<Tensor> {
-        let shape = shape.into();
-        if data.len() != shape.numel() {
-            return Err(Error::invalid(
-                "from_vec",
-                format!(
-                    "{} values do not fill shape {shape} ({} elements)",
-                    data.len(),
-                    shape.numel()
-                ),
-            ));
-        }
+        let shape = filled_shape(data.len(), shape.into())?;
         let dtype = device.storage_dtype(dtype);
         let storage = match device.gpu() {
             None => Storage::Cpu(data),
             Some(gpu) => Storage::Cuda(upload(gpu, &data, dtype)?),
+        };
+        Ok(Tensor::adopt(storage, shape, dtype, tag, device))
+    }
+
+    /// A copy of `data` as an f32 tensor of `shape` on `device`: for data the caller keeps (a
+    /// batch's images), without an intermediate vector. On the CPU it lands in a buffer from the
+    /// device's pool, on a GPU it goes up through the staging buffer ([`Gpu::upload`]).
+    pub fn from_slice(
+        data: &[f32],
+        shape: impl Into<Shape>,
+        tag: MemTag,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let shape = filled_shape(data.len(), shape.into())?;
+        let dtype = device.storage_dtype(DType::F32);
+        let storage = match device.gpu() {
+            None => {
+                let mut v = device.host_buffer(data.len());
+                v.copy_from_slice(data);
+                Storage::Cpu(v)
+            }
+            Some(gpu) => Storage::Cuda(upload(gpu, data, dtype)?),
         };
         Ok(Tensor::adopt(storage, shape, dtype, tag, device))
     }
@@ -246,9 +260,8 @@ impl Tensor {
     /// A deep copy in `dtype` (a cast when it differs), accounted under `tag`.
     pub fn copy_as(&self, dtype: DType, tag: MemTag) -> Result<Tensor> {
         match &self.storage {
-            Storage::Cpu(v) => {
-                Tensor::from_vec_as(v.clone(), self.shape.clone(), dtype, tag, &self.device)
-            }
+            // The CPU keeps f32 whatever `dtype` asks.
+            Storage::Cpu(v) => Tensor::from_slice(v, self.shape.clone(), tag, &self.device),
             Storage::Cuda(src) => {
                 let gpu = self.device.require_gpu("copy")?;
                 let mut out = Tensor::empty_as(self.shape.clone(), dtype, tag, &self.device)?;
@@ -441,15 +454,41 @@ fn alloc(gpu: &Gpu, n: usize, dtype: DType) -> Result<CudaBuf> {
     Ok(buf)
 }
 
+/// `data` on the GPU in `dtype`, converted on the host as it is staged. The host's copy into
+/// the staging buffer is the step's one pass over its images on the critical path, so it runs on
+/// the CPU pool's threads, which a GPU run leaves idle.
 fn upload(gpu: &Gpu, data: &[f32], dtype: DType) -> Result<CudaBuf> {
-    let stream = gpu.stream();
+    const CHUNK: usize = 1 << 16;
     Ok(match dtype {
-        DType::F32 => CudaBuf::F32(stream.clone_htod(data).map_err(cuda("upload"))?),
-        DType::BF16 => {
-            let h: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
-            CudaBuf::Bf16(stream.clone_htod(&h).map_err(cuda("upload"))?)
-        }
+        DType::F32 => CudaBuf::F32(gpu.upload(data.len(), |h| {
+            h.par_chunks_mut(CHUNK)
+                .zip(data.par_chunks(CHUNK))
+                .for_each(|(o, i)| o.copy_from_slice(i))
+        })?),
+        DType::BF16 => CudaBuf::Bf16(gpu.upload(data.len(), |h| {
+            h.par_chunks_mut(CHUNK)
+                .zip(data.par_chunks(CHUNK))
+                .for_each(|(o, i)| {
+                    for (o, &x) in o.iter_mut().zip(i) {
+                        *o = bf16::from_f32(x);
+                    }
+                })
+        })?),
     })
+}
+
+/// `shape` when `len` values fill it, else the error naming both.
+fn filled_shape(len: usize, shape: Shape) -> Result<Shape> {
+    if len != shape.numel() {
+        return Err(Error::invalid(
+            "from_vec",
+            format!(
+                "{len} values do not fill shape {shape} ({} elements)",
+                shape.numel()
+            ),
+        ));
+    }
+    Ok(shape)
 }
 
 impl CudaBuf {
@@ -511,10 +550,24 @@ mod tests {
     }
 
     #[test]
+    fn from_slice_copies_into_a_pooled_buffer() {
+        let dev = Device::cpu();
+        let data: Vec<f32> = (0..24).map(|i| i as f32 * 0.5 - 3.0).collect();
+        // A buffer of the size in the pool, dirty: from_slice must overwrite all of it.
+        drop(Tensor::full(f32::NAN, [24], MemTag::Workspace, &dev).unwrap());
+        let t = Tensor::from_slice(&data, [2, 3, 4], MemTag::Activations, &dev).unwrap();
+        assert_eq!(t.dims(), &[2, 3, 4]);
+        assert_eq!(t.to_vec().unwrap(), data);
+        assert_eq!(dev.memory().report().live(MemTag::Activations), 96);
+    }
+
+    #[test]
     fn bad_sizes_are_errors() {
         let dev = Device::cpu();
         let e = Tensor::from_vec(vec![1.0; 5], [2, 3], MemTag::Workspace, &dev).unwrap_err();
         assert!(e.to_string().contains("[2, 3]"), "{e}");
+        let e = Tensor::from_slice(&[1.0; 7], [2, 3], MemTag::Workspace, &dev).unwrap_err();
+        assert!(e.to_string().contains("7 values"), "{e}");
         let t = Tensor::zeros([2, 3], MemTag::Workspace, &dev).unwrap();
         let e = t.reshape([4, 2]).unwrap_err();
         assert!(e.to_string().contains("reshape"), "{e}");
