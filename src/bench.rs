@@ -6,7 +6,9 @@
 //! analytic memory model ([`loren_nn::memory_model`]) first, and a configuration that would not
 //! fit is reported as OOM without allocating anything (on the CPU a failed allocation aborts the
 //! process); then `warmup` untimed training steps, `repeats` timed ones, and the same for
-//! [`Vit::predict`] on the batch. Each sample is one call timed by [`time_on`]: CUDA events on
+//! [`Vit::predict`] on the batch. Before each timed step the batch's images are staged (copied
+//! into the memory they go up from), as `loren train` stages each batch on the thread that makes
+//! it; the step queues their copy to the device. Each sample is one call timed by [`time_on`]: CUDA events on
 //! the stream around it on a GPU, the wall clock on the CPU. The median and the spread (min, max,
 //! quartiles) are reported.
 
@@ -652,8 +654,9 @@ fn op_times(
 ) -> Result<Vec<OpTime>> {
     let mut spans = Vec::new();
     for _ in 0..steps {
+        let images = batch.stage(device)?;
         let timer = Rc::new(RefCell::new(StepTimer::new(device)?));
-        trainer.step_timed(batch, Some(&timer))?;
+        trainer.step_timed(batch, images, Some(&timer))?;
         let timer = Rc::try_unwrap(timer)
             .map_err(|_| anyhow!("the training step kept its timer"))?
             .into_inner();
@@ -693,7 +696,9 @@ fn measure(
         device.memory().reset_peaks();
         let mut samples = Vec::with_capacity(o.repeats);
         for _ in 0..o.repeats {
-            let (_, s) = time_on(device, || Ok(trainer.step(&batch)?))?;
+            // Staged first, as `loren train` stages each batch on the thread that makes it.
+            let images = batch.stage(device)?;
+            let (_, s) = time_on(device, || Ok(trainer.step_staged(&batch, images)?))?;
             samples.push(s);
         }
         let (memory, used) = (device.memory().report(), device_memory_used(device));

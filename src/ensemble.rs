@@ -33,10 +33,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail, ensure};
 use loren_nn::checkpoint::{self, TensorFile};
 use loren_nn::config::{EnsembleConfig, Method, VitConfig};
+use loren_nn::data::prefetch::{DEPTH, prefetch};
 use loren_nn::metrics::{Predictions, scores};
 use loren_nn::train::load_trained;
 use loren_nn::vit::Vit;
-use loren_tensor::{DeviceSpec, MemTag, Tensor};
+use loren_tensor::{DeviceSpec, MemTag, Staged, Tensor};
 
 use crate::backbone::read_backbone;
 use crate::dataset::DataSource;
@@ -244,18 +245,26 @@ impl Ensemble {
         let (m, n, k) = (self.members(), images.len() / per_image, self.classes());
         let mut probs = vec![0.0f32; m * n * k];
         let dev = self.model.device();
-        for (chunk, start) in images
-            .chunks(self.batch_size * per_image)
-            .zip((0..n).step_by(self.batch_size))
-        {
-            let b = chunk.len() / per_image;
-            let x = Tensor::from_slice(chunk, [b, c, h, w], MemTag::Workspace, dev)?;
-            let p = self.model.predict(&x)?.to_vec()?;
-            for member in 0..m {
-                let src = &p[member * b * k..][..b * k];
-                probs[(member * n + start) * k..][..b * k].copy_from_slice(src);
+        let chunks: Vec<&[f32]> = images.chunks(self.batch_size * per_image).collect();
+        std::thread::scope(|scope| -> Result<()> {
+            // Each chunk is staged (copied where it goes to the device from) on a background
+            // thread while the model runs on the one before.
+            let stage = |i: usize| {
+                let chunk = chunks[i];
+                Staged::new(chunk, [chunk.len() / per_image, c, h, w], dev)
+            };
+            let staged = prefetch(scope, chunks.len(), DEPTH, stage);
+            for (x, start) in staged.zip((0..n).step_by(self.batch_size)) {
+                let x = Tensor::from_staged(x?, MemTag::Workspace)?;
+                let b = x.dims()[0];
+                let p = self.model.predict(&x)?.to_vec()?;
+                for member in 0..m {
+                    let src = &p[member * b * k..][..b * k];
+                    probs[(member * n + start) * k..][..b * k].copy_from_slice(src);
+                }
             }
-        }
+            Ok(())
+        })?;
         let preds = Predictions::new(m, n, k, probs)?;
         let s = scores(&preds)?;
         Ok(Prediction {

@@ -17,8 +17,9 @@
 // new contents, as it would on a GPU. Nothing else of either library is there: a call to anything else fails to load
 // (cudarc panics naming the missing symbol), which is the signal to add it.
 //
-// LOREN_FAKE_NO_COMPUTE=1 turns it into a probe of the host's own cost: launches, GEMMs, memsets
-// and device-to-device copies are checked and accepted but not carried out, so a step timed on
+// LOREN_FAKE_NO_COMPUTE=1 turns it into a probe of the host's own cost: launches, GEMMs, memsets,
+// device-to-device copies and copies out of page-locked memory (the DMA engine's work) are
+// accepted but not carried out, so a step timed on
 // it (events read the host clock) is the time loren takes to issue the step's work, the part a
 // real GPU cannot hide when the kernels are shorter. The values it leaves are garbage.
 #include <chrono>
@@ -132,9 +133,11 @@ bool is_pinned(const void* p) {
 }
 
 // The stream reaches its next operation: the queued copies happen first, in order.
+// Issuing without computing, they are the DMA engine's work, not the host's: dropped.
 void run_queued() {
     std::lock_guard<std::mutex> g(dma_lock);
-    for (const Dma& d : queued) std::memcpy(d.dst, d.src, d.n);
+    if (!no_compute())
+        for (const Dma& d : queued) std::memcpy(d.dst, d.src, d.n);
     queued.clear();
 }
 

@@ -44,7 +44,7 @@ pub struct Gpu {
     /// Each kernel's parameter types, read from its PTX: every launch is checked against them.
     signatures: HashMap<Kernel, Vec<ParamKind>>,
     blas: OnceLock<std::result::Result<CudaBlas, String>>,
-    /// The page-locked buffer uploads go through ([`Gpu::upload`]).
+    /// The page-locked buffers staged data goes up from ([`Gpu::stage`]).
     staging: Staging,
 }
 
@@ -225,7 +225,7 @@ impl Gpu {
     }
 
     /// Wait for everything enqueued so far (the only synchronising call in this crate, besides
-    /// [`Gpu::upload`]'s wait for the previous copy out of its staging buffer).
+    /// [`Gpu::stage`]'s wait for the last copy out of the staging buffer it takes).
     pub fn synchronize(&self) -> Result<()> {
         self.stream
             .synchronize()

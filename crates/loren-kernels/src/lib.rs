@@ -64,7 +64,7 @@ pub use probe::{
     NvrtcInfo, cuda_available, cuda_include_dir, gpu_required, nvrtc, skip_without_gpu,
 };
 pub use sources::{COMMON_HEADER, Kernel, KernelSource, SOURCES, source};
-pub use staging::{STAGING_MAX_BYTES, STAGING_MIN_BYTES};
+pub use staging::{STAGING_MAX_BYTES, STAGING_MIN_BYTES, Staged};
 
 pub use bfloat16::bf16;
 /// Re-exported so callers name the same types the launchers take.

@@ -1458,7 +1458,8 @@ fn freed_memory_is_kept_until_released() {
     );
 }
 
-/// `Gpu::upload` at every size class: from pageable memory below STAGING_MIN_BYTES, through the
+/// `Gpu::stage` then `upload_staged` at every size class: from pageable memory below
+/// STAGING_MIN_BYTES, through the
 /// page-locked buffer up to STAGING_MAX_BYTES (growing it, then reusing it for smaller uploads
 /// one after another), and from pageable memory above; f32 and bf16. Nothing is read back until
 /// all are queued, so an upload that refilled the staging buffer before the copy out of it had
@@ -1483,17 +1484,15 @@ fn uploads_round_trip_at_every_size() {
         max + 1,
     ] {
         let v = rng.f32s(len, 1.0);
-        let d = g
-            .upload(len, |h: &mut [f32]| h.copy_from_slice(&v))
-            .expect("upload");
+        let staged = g.stage(len, |h: &mut [f32]| h.copy_from_slice(&v));
+        let d = g.upload_staged(staged.expect("stage")).expect("upload");
         f32s.push((v, d));
     }
     let mut bf16s = Vec::new();
     for len in [7, STAGING_MIN_BYTES / 2 + 3, STAGING_MIN_BYTES / 2 + 3] {
         let v = rng.bf16s(len, 1.0);
-        let d = g
-            .upload(len, |h: &mut [bf16]| h.copy_from_slice(&v))
-            .expect("upload");
+        let staged = g.stage(len, |h: &mut [bf16]| h.copy_from_slice(&v));
+        let d = g.upload_staged(staged.expect("stage")).expect("upload");
         bf16s.push((v, d));
     }
     for (v, d) in &f32s {

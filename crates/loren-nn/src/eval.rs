@@ -4,6 +4,7 @@
 use loren_tensor::{MemTag, Tensor};
 use serde::Serialize;
 
+use crate::data::prefetch::{DEPTH, prefetch};
 use crate::data::{Dataset, ShiftKind, batches, ood_set, shift_suite};
 use crate::error::{NnError, Result};
 use crate::metrics::{
@@ -27,20 +28,26 @@ pub fn predict(
     let dev = model.device();
     let mut probs = vec![0.0f32; m * n * c];
     let order: Vec<usize> = (0..n).collect();
-    let mut done = 0;
-    for idx in batches(&order, batch_size)? {
-        let batch = data.batch(idx, None);
-        let shape = [batch.batch, batch.channels, batch.height, batch.width];
-        let images = Tensor::from_vec(batch.images, shape, MemTag::Workspace, dev)?;
-        let p = model.predict(&images)?.to_vec()?;
-        let b = idx.len();
-        for member in 0..m {
-            let src = &p[member * b * c..][..b * c];
-            probs[(member * n + done) * c..][..b * c].copy_from_slice(src);
+    let chunks: Vec<&[usize]> = batches(&order, batch_size)?.collect();
+    std::thread::scope(|scope| -> Result<()> {
+        // Each chunk is made (resized, normalised) and staged on a background thread while the
+        // model runs on the one before, as in training.
+        let make = |i: usize| data.batch(chunks[i], None).stage(dev);
+        let made = prefetch(scope, chunks.len(), DEPTH, make);
+        let mut done = 0;
+        for (idx, images) in chunks.iter().zip(made) {
+            let images = Tensor::from_staged(images?, MemTag::Workspace)?;
+            let p = model.predict(&images)?.to_vec()?;
+            let b = idx.len();
+            for member in 0..m {
+                let src = &p[member * b * c..][..b * c];
+                probs[(member * n + done) * c..][..b * c].copy_from_slice(src);
+            }
+            done += b;
+            progress(b);
         }
-        done += b;
-        progress(b);
-    }
+        Ok(())
+    })?;
     Ok(Predictions::new(m, n, c, probs)?)
 }
 

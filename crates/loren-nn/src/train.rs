@@ -11,7 +11,7 @@ use std::time::Instant;
 use loren_autograd::optim::{Optimizer, OptimizerKind};
 use loren_autograd::schedule::WarmupCosine;
 use loren_autograd::{Grads, Phase, StepTimer, Tape, ops};
-use loren_tensor::{MemTag, Rng, Tensor};
+use loren_tensor::{MemTag, Rng, Staged, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, Entry, TensorFile};
@@ -190,14 +190,23 @@ impl<'m> Trainer<'m> {
 
     /// One optimizer step on a batch; returns the loss.
     pub fn step(&mut self, batch: &Batch) -> Result<f32> {
-        self.step_timed(batch, None)
+        let images = batch.stage(self.model.device())?;
+        self.step_timed(batch, images, None)
     }
 
-    /// [`Trainer::step`], marking `timer` after each op and each stage of the step (see
+    /// [`Trainer::step`] with the batch's images already staged for the model's device
+    /// ([`Batch::stage`], perhaps on the thread that made the batch), so this thread only queues
+    /// their copy.
+    pub fn step_staged(&mut self, batch: &Batch, images: Staged) -> Result<f32> {
+        self.step_timed(batch, images, None)
+    }
+
+    /// [`Trainer::step_staged`], marking `timer` after each op and each stage of the step (see
     /// [`loren_autograd::timing`]): where the step's time goes.
     pub fn step_timed(
         &mut self,
         batch: &Batch,
+        images: Staged,
         timer: Option<&Rc<RefCell<StepTimer>>>,
     ) -> Result<f32> {
         let mark = |phase, what| {
@@ -205,9 +214,23 @@ impl<'m> Trainer<'m> {
                 t.borrow_mut().mark(phase, what);
             }
         };
-        let dev = self.model.device().clone();
-        let shape = [batch.batch, batch.channels, batch.height, batch.width];
-        let images = Tensor::from_slice(&batch.images, shape, MemTag::Workspace, &dev)?;
+        let shape = batch.image_shape();
+        if !images.device().same(self.model.device()) {
+            return Err(NnError::Config(
+                "the staged images are for another device than the model's".into(),
+            ));
+        }
+        if images.shape().dims() != shape {
+            return Err(NnError::Config(format!(
+                "the staged images are {}, the batch's [{}, {}, {}, {}]",
+                images.shape(),
+                shape[0],
+                shape[1],
+                shape[2],
+                shape[3]
+            )));
+        }
+        let images = Tensor::from_staged(images, MemTag::Workspace)?;
         self.grads.zero()?;
         mark(Phase::Forward, "images in, gradients zeroed");
         let loss = {
@@ -258,6 +281,7 @@ impl<'m> Trainer<'m> {
         let chunks: Vec<&[usize]> = batches(&order, self.config.batch_size)?.collect();
         let (seed, epoch) = (self.config.seed, self.epoch as u64);
         let augment = self.config.augment.clone();
+        let device = self.model.device().clone();
         std::thread::scope(|scope| -> Result<()> {
             let chunks = &chunks;
             let make = move |i: usize| {
@@ -266,16 +290,20 @@ impl<'m> Trainer<'m> {
                     .fork(AUGMENT_STREAM)
                     .fork(epoch)
                     .fork(i as u64);
-                data.batch(chunks[i], Some((&augment, &mut rng)))
+                let batch = data.batch(chunks[i], Some((&augment, &mut rng)));
+                // The host's pass over the images, here rather than on the thread that issues
+                // the step.
+                let images = batch.stage(&device);
+                (batch, images)
             };
             let depth = crate::data::prefetch::DEPTH;
             let mut made = crate::data::prefetch::prefetch(scope, chunks.len(), depth, make);
             for idx in chunks {
                 // The step's time includes any wait for its batch.
                 let t0 = Instant::now();
-                let batch = made.next().expect("one batch per chunk");
+                let (batch, images) = made.next().expect("one batch per chunk");
                 let lr = self.schedule.lr(self.step);
-                let loss = self.step(&batch)?;
+                let loss = self.step_staged(&batch, images?)?;
                 sum += loss as f64 * idx.len() as f64;
                 count += idx.len();
                 observer.step(&StepInfo {

@@ -196,3 +196,50 @@ fn a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint() {
         "the last good checkpoint is untouched"
     );
 }
+
+/// The training loop stages each batch's images on the thread that makes the batches
+/// (`Batch::stage`, then `step_staged`): the same steps, bit for bit, as `step` on the
+/// batch; staged images of another shape are an error, not a step.
+#[test]
+fn images_staged_on_another_thread_give_the_same_step() {
+    let data = train_split();
+    let cfg = config(1);
+    let idx: Vec<usize> = (0..32).collect();
+    let batch = data.batch(&idx, None);
+    let (mut a, mut b) = (model(Method::Lora), model(Method::Lora));
+    let mut ta = Trainer::new(&mut a, &cfg, data.len()).unwrap();
+    let mut tb = Trainer::new(&mut b, &cfg, data.len()).unwrap();
+    let device = tb.model().device().clone();
+    for _ in 0..3 {
+        let la = ta.step(&batch).unwrap();
+        let staged =
+            std::thread::scope(|s| s.spawn(|| batch.stage(&device).unwrap()).join().unwrap());
+        let lb = tb.step_staged(&batch, staged).unwrap();
+        assert_eq!(la.to_bits(), lb.to_bits());
+    }
+    let bits = |t: &Trainer| -> Vec<Vec<u32>> {
+        let p = t.model().params();
+        p.iter()
+            .map(|(_, q)| {
+                q.value()
+                    .to_vec()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect()
+            })
+            .collect()
+    };
+    assert!(
+        bits(&ta) == bits(&tb),
+        "the parameters differ after three steps"
+    );
+
+    let half: Vec<usize> = (0..16).collect();
+    let other = data.batch(&half, None).stage(&device).unwrap();
+    let e = tb.step_staged(&batch, other).unwrap_err().to_string();
+    assert!(e.contains("staged images are [16"), "{e}");
+    let elsewhere = batch.stage(&Device::cpu()).unwrap();
+    let e = tb.step_staged(&batch, elsewhere).unwrap_err().to_string();
+    assert!(e.contains("another device"), "{e}");
+}

@@ -23,4 +23,4 @@ pub use error::{Error, Result};
 pub use memory::{MemTag, MemoryReport, MemoryTracker};
 pub use rng::Rng;
 pub use shape::Shape;
-pub use tensor::Tensor;
+pub use tensor::{Staged, Tensor};

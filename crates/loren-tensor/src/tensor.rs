@@ -36,6 +36,51 @@ pub struct Tensor {
     device: Device,
 }
 
+/// f32 values copied into host memory from which they become a tensor on `device` without another
+/// copy on the host ([`Tensor::from_staged`]): a buffer from the device's pool on the CPU, a
+/// page-locked staging buffer on a GPU ([`Gpu::stage`]). Making one is the host's pass over the
+/// data, and it may run on any thread: the thread that makes the batches stages each one, so the
+/// thread that runs the step only queues the copy.
+pub struct Staged {
+    shape: Shape,
+    device: Device,
+    host: StagedHost,
+}
+
+enum StagedHost {
+    Cpu(Vec<f32>),
+    Cuda(loren_kernels::Staged<f32>),
+}
+
+impl Staged {
+    /// `data`, which must fill `shape`, staged for `device`.
+    pub fn new(data: &[f32], shape: impl Into<Shape>, device: &Device) -> Result<Staged> {
+        let shape = filled_shape(data.len(), shape.into())?;
+        let host = match device.gpu() {
+            None => {
+                let mut v = device.host_buffer(data.len());
+                v.copy_from_slice(data);
+                StagedHost::Cpu(v)
+            }
+            Some(gpu) => StagedHost::Cuda(gpu.stage(data.len(), |h| fill_f32(h, data))?),
+        };
+        Ok(Staged {
+            shape,
+            device: device.clone(),
+            host,
+        })
+    }
+
+    pub fn shape(&self) -> &Shape {
+        &self.shape
+    }
+
+    /// The device the values are staged for.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
 impl Tensor {
     /// Adopt `data` as an f32 tensor of `shape` on `device` (copied there for a GPU).
     pub fn from_vec(
@@ -64,26 +109,33 @@ impl Tensor {
         Ok(Tensor::adopt(storage, shape, dtype, tag, device))
     }
 
-    /// A copy of `data` as an f32 tensor of `shape` on `device`: for data the caller keeps (a
-    /// batch's images), without an intermediate vector. On the CPU it lands in a buffer from the
-    /// device's pool, on a GPU it goes up through the staging buffer ([`Gpu::upload`]).
+    /// A copy of `data` as an f32 tensor of `shape` on `device`, for data the caller keeps:
+    /// [`Staged::new`] then [`Tensor::from_staged`], on this thread.
     pub fn from_slice(
         data: &[f32],
         shape: impl Into<Shape>,
         tag: MemTag,
         device: &Device,
     ) -> Result<Tensor> {
-        let shape = filled_shape(data.len(), shape.into())?;
-        let dtype = device.storage_dtype(DType::F32);
-        let storage = match device.gpu() {
-            None => {
-                let mut v = device.host_buffer(data.len());
-                v.copy_from_slice(data);
-                Storage::Cpu(v)
+        Tensor::from_staged(Staged::new(data, shape, device)?, tag)
+    }
+
+    /// The f32 tensor `staged` holds, on its device: on the CPU the staged buffer itself, on a
+    /// GPU a new buffer with the copy from the staged one queued on the stream.
+    pub fn from_staged(staged: Staged, tag: MemTag) -> Result<Tensor> {
+        let Staged {
+            shape,
+            device,
+            host,
+        } = staged;
+        let storage = match host {
+            StagedHost::Cpu(v) => Storage::Cpu(v),
+            StagedHost::Cuda(s) => {
+                let gpu = device.require_gpu("from_staged")?;
+                Storage::Cuda(CudaBuf::F32(gpu.upload_staged(s)?))
             }
-            Some(gpu) => Storage::Cuda(upload(gpu, data, dtype)?),
         };
-        Ok(Tensor::adopt(storage, shape, dtype, tag, device))
+        Ok(Tensor::adopt(storage, shape, DType::F32, tag, &device))
     }
 
     fn adopt(storage: Storage, shape: Shape, dtype: DType, tag: MemTag, device: &Device) -> Tensor {
@@ -454,27 +506,28 @@ fn alloc(gpu: &Gpu, n: usize, dtype: DType) -> Result<CudaBuf> {
     Ok(buf)
 }
 
-/// `data` on the GPU in `dtype`, converted on the host as it is staged. The host's copy into
-/// the staging buffer is the step's one pass over its images on the critical path, so it runs on
-/// the CPU pool's threads, which a GPU run leaves idle.
+/// `data` on the GPU in `dtype`, from pageable memory: weights, once at load (data to stage goes
+/// through [`Staged`]).
 fn upload(gpu: &Gpu, data: &[f32], dtype: DType) -> Result<CudaBuf> {
-    const CHUNK: usize = 1 << 16;
+    let stream = gpu.stream();
     Ok(match dtype {
-        DType::F32 => CudaBuf::F32(gpu.upload(data.len(), |h| {
-            h.par_chunks_mut(CHUNK)
-                .zip(data.par_chunks(CHUNK))
-                .for_each(|(o, i)| o.copy_from_slice(i))
-        })?),
-        DType::BF16 => CudaBuf::Bf16(gpu.upload(data.len(), |h| {
-            h.par_chunks_mut(CHUNK)
-                .zip(data.par_chunks(CHUNK))
-                .for_each(|(o, i)| {
-                    for (o, &x) in o.iter_mut().zip(i) {
-                        *o = bf16::from_f32(x);
-                    }
-                })
-        })?),
+        DType::F32 => CudaBuf::F32(stream.clone_htod(data).map_err(cuda("upload"))?),
+        DType::BF16 => {
+            let h: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+            CudaBuf::Bf16(stream.clone_htod(&h).map_err(cuda("upload"))?)
+        }
     })
+}
+
+/// Elements per task of a parallel fill of staging memory.
+const FILL_CHUNK: usize = 1 << 16;
+
+/// `h = data`, on the CPU pool's threads: a GPU run leaves them idle, and a batch's images (19 MB
+/// at ViT-B) are the one big pass the host makes over data.
+fn fill_f32(h: &mut [f32], data: &[f32]) {
+    h.par_chunks_mut(FILL_CHUNK)
+        .zip(data.par_chunks(FILL_CHUNK))
+        .for_each(|(o, i)| o.copy_from_slice(i));
 }
 
 /// `shape` when `len` values fill it, else the error naming both.

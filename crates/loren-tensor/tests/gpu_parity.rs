@@ -9,7 +9,7 @@
 use loren_tensor::ops::{
     activation, attention, elementwise, embed, linear, lora, loss, norm, optim,
 };
-use loren_tensor::{DType, Device, MemTag, Rng, Tensor};
+use loren_tensor::{DType, Device, MemTag, Rng, Staged, Tensor};
 
 const BF16_BOUND: f64 = 1e-2;
 const F32_BOUND: f64 = 1e-5;
@@ -580,4 +580,35 @@ fn the_event_timer_measures_the_enqueued_work() {
         one > 0.0 && ten > 3.0 * one,
         "1 product {one} s, 10 products {ten} s"
     );
+}
+
+/// Data staged on another thread (through page-locked memory from 1 MiB up, as a batch's images)
+/// becomes the same f32 tensor on the GPU as on the CPU, element for element; staging two in a
+/// row before either goes up keeps both intact.
+#[test]
+fn staged_data_arrives_whole() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(44);
+    for n in [5usize, loren_kernels::STAGING_MIN_BYTES / 4 + 3] {
+        let a: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+        let b: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+        let (sa, sb) = std::thread::scope(|s| {
+            let sa = s
+                .spawn(|| Staged::new(&a, [n], &g).unwrap())
+                .join()
+                .unwrap();
+            let sb = s
+                .spawn(|| Staged::new(&b, [1, n], &g).unwrap())
+                .join()
+                .unwrap();
+            (sa, sb)
+        });
+        let ta = Tensor::from_staged(sa, MemTag::Workspace).unwrap();
+        let tb = Tensor::from_staged(sb, MemTag::Workspace).unwrap();
+        assert_eq!(tb.dims(), &[1, n]);
+        assert!(ta.to_vec().unwrap() == a, "{n} staged values differ");
+        assert!(tb.to_vec().unwrap() == b, "{n} staged values differ");
+        let on_cpu = Tensor::from_staged(Staged::new(&a, [n], &cpu()).unwrap(), MemTag::Workspace);
+        assert!(on_cpu.unwrap().to_vec().unwrap() == a);
+    }
 }

@@ -17,7 +17,7 @@ pub mod resize;
 pub mod shift;
 pub mod split;
 
-use loren_tensor::Rng;
+use loren_tensor::{Device, Rng, Staged};
 
 pub use augment::Augment;
 pub use digits::{bundled_digits, bundled_digits_path, load_digits};
@@ -60,6 +60,20 @@ pub struct Batch {
     pub channels: usize,
     pub height: usize,
     pub width: usize,
+}
+
+impl Batch {
+    /// `[B, C, H, W]`.
+    pub fn image_shape(&self) -> [usize; 4] {
+        [self.batch, self.channels, self.height, self.width]
+    }
+
+    /// The images copied into the memory they go to `device` from ([`Staged`]): the host's one
+    /// pass over them, made on the thread that makes the batches, so the thread that runs the
+    /// model only queues their copy ([`loren_tensor::Tensor::from_staged`]).
+    pub fn stage(&self, device: &Device) -> loren_tensor::Result<Staged> {
+        Staged::new(&self.images, self.image_shape(), device)
+    }
 }
 
 impl Dataset {

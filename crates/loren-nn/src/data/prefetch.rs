@@ -1,6 +1,7 @@
 //! Batches made on a background thread while the current step computes.
 //!
-//! A producer thread calls `make(0)`, `make(1)`, … in order and hands each batch over a bounded
+//! A producer thread calls `make(0)`, `make(1)`, … in order and hands each result (a batch, and
+//! in training its images staged for the device) over a bounded
 //! channel, staying at most `depth` batches ahead. The consumer receives them in the same
 //! order, so training sees exactly the batches it would have made itself: determinism and
 //! bit-exact resume do not depend on the thread. When the consumer stops early (an error, a NaN
@@ -9,20 +10,19 @@
 use std::sync::mpsc::{Receiver, sync_channel};
 use std::thread::Scope;
 
-use super::Batch;
-
 /// How many batches the producer may have ready ahead of the step that is running.
 pub const DEPTH: usize = 2;
 
-/// The batches `make(0..count)`, made on a thread of `scope` and received in order.
-pub fn prefetch<'scope, F>(
+/// The results of `make(0..count)`, made on a thread of `scope` and received in order.
+pub fn prefetch<'scope, T, F>(
     scope: &'scope Scope<'scope, '_>,
     count: usize,
     depth: usize,
     mut make: F,
-) -> Prefetched
+) -> Prefetched<T>
 where
-    F: FnMut(usize) -> Batch + Send + 'scope,
+    T: Send + 'scope,
+    F: FnMut(usize) -> T + Send + 'scope,
 {
     let (tx, rx) = sync_channel(depth.max(1));
     scope.spawn(move || {
@@ -35,15 +35,15 @@ where
     Prefetched { rx }
 }
 
-/// The receiving end: an iterator over the batches in order.
-pub struct Prefetched {
-    rx: Receiver<Batch>,
+/// The receiving end: an iterator over the results in order.
+pub struct Prefetched<T> {
+    rx: Receiver<T>,
 }
 
-impl Iterator for Prefetched {
-    type Item = Batch;
+impl<T> Iterator for Prefetched<T> {
+    type Item = T;
 
-    fn next(&mut self) -> Option<Batch> {
+    fn next(&mut self) -> Option<T> {
         // An error means the producer is done (or panicked, which the scope re-raises).
         self.rx.recv().ok()
     }
@@ -52,6 +52,7 @@ impl Iterator for Prefetched {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::Batch;
 
     fn batch(i: usize) -> Batch {
         Batch {
