@@ -76,13 +76,17 @@ impl Staging {
     }
 
     fn give_back(&self, p: Pinned) {
-        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        pool.push(p);
-        if pool.len() > POOL_KEEP {
-            // The smallest goes: the sizes that keep coming are the big ones.
-            let smallest = (0..pool.len()).min_by_key(|&i| pool[i].bytes).unwrap_or(0);
-            drop(pool.swap_remove(smallest));
-        }
+        let spare = {
+            let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+            pool.push(p);
+            // Past the limit the smallest goes: the sizes that keep coming are the big ones.
+            (pool.len() > POOL_KEEP).then(|| {
+                let smallest = (0..pool.len()).min_by_key(|&i| pool[i].bytes).unwrap_or(0);
+                pool.swap_remove(smallest)
+            })
+        };
+        // Freed outside the lock: dropping waits for the buffer's last copy.
+        drop(spare);
     }
 }
 

@@ -1460,8 +1460,8 @@ fn freed_memory_is_kept_until_released() {
 
 /// `Gpu::stage` then `upload_staged` at every size class: from pageable memory below
 /// STAGING_MIN_BYTES, through the
-/// page-locked buffer up to STAGING_MAX_BYTES (growing it, then reusing it for smaller uploads
-/// one after another), and from pageable memory above; f32 and bf16. Nothing is read back until
+/// page-locked buffers up to STAGING_MAX_BYTES (new ones, then reused for smaller uploads one
+/// after another, then six at once), and from pageable memory above; f32 and bf16. Nothing is read back until
 /// all are queued, so an upload that refilled the staging buffer before the copy out of it had
 /// run would send the wrong values (the emulator, like the hardware, runs that copy late).
 #[test]
@@ -1494,6 +1494,19 @@ fn uploads_round_trip_at_every_size() {
         let staged = g.stage(len, |h: &mut [bf16]| h.copy_from_slice(&v));
         let d = g.upload_staged(staged.expect("stage")).expect("upload");
         bf16s.push((v, d));
+    }
+    // Six staged at once, more than the pool keeps: each takes a buffer of its own, and the
+    // smallest are freed (after their copies) when they come back.
+    let six: Vec<Vec<f32>> = (1..=6).map(|i| rng.f32s(i * min + i, 1.0)).collect();
+    let staged: Vec<_> = six
+        .iter()
+        .map(|v| {
+            g.stage(v.len(), |h: &mut [f32]| h.copy_from_slice(v))
+                .expect("stage")
+        })
+        .collect();
+    for (v, s) in six.into_iter().zip(staged) {
+        f32s.push((v, g.upload_staged(s).expect("upload")));
     }
     for (v, d) in &f32s {
         let back = g.stream().clone_dtoh(d).expect("download");
