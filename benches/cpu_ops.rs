@@ -192,7 +192,8 @@ fn linear(c: &mut Criterion) {
             };
             g.bench_function(format!("bwd/{id}"), |bch| {
                 bch.iter(|| {
-                    linear_backward(black_box(&dy), x.shape(), Some(&x), &w, true, needs).unwrap()
+                    linear_backward(black_box(&dy), x.shape(), Some(&x), &w, true, needs, None)
+                        .unwrap()
                 })
             });
         }

@@ -136,12 +136,28 @@ fn linear_shared_member_and_broadcast_weights() {
             dw: true,
             db: true,
         };
-        let c = linear::linear_backward(&dyc, xc.shape(), Some(&xc), &wc, true, needs).unwrap();
-        let gg = linear::linear_backward(&dyg, xg.shape(), Some(&xg), &wg, true, needs).unwrap();
+        let c = linear::linear_backward(&dyc, xc.shape(), Some(&xc), &wc, true, needs, None);
+        let gg = linear::linear_backward(&dyg, xg.shape(), Some(&xg), &wg, true, needs, None);
+        let (c, gg) = (c.unwrap(), gg.unwrap());
         close(
             &format!("{tag} dx"),
             gg.dx.as_ref().unwrap(),
             c.dx.as_ref().unwrap(),
+        );
+        // With a gradient x already has: accumulated in the GEMM, or added after it for a
+        // shared input.
+        let (pc, pg) = pair(xc.dims(), bf, &mut rng, &g);
+        let only_dx = linear::Needs {
+            dx: true,
+            dw: false,
+            db: false,
+        };
+        let cp = linear::linear_backward(&dyc, xc.shape(), None, &wc, true, only_dx, Some(pc));
+        let gp = linear::linear_backward(&dyg, xg.shape(), None, &wg, true, only_dx, Some(pg));
+        close(
+            &format!("{tag} dx + dx_plus"),
+            gp.unwrap().dx.as_ref().unwrap(),
+            cp.unwrap().dx.as_ref().unwrap(),
         );
         close(
             &format!("{tag} dW"),

@@ -5,7 +5,7 @@ use loren_tensor::ops::lora::{lora_backward, lora_forward};
 use loren_tensor::{DType, Result, Shape, Tensor};
 
 use super::elementwise::add_operand_grad;
-use crate::tape::{Backward, GradSink, NodeId, Tape, Var};
+use crate::tape::{Backward, GradSink, NodeId, Tape, Var, unshare};
 
 /// `y = x·Wᵀ + b`, with W shared ([1, N, K]) or per member ([M, N, K]).
 ///
@@ -83,6 +83,9 @@ impl Backward for LinearBackward {
             dw: self.w_node.is_some(),
             db: self.b_node.is_some(),
         };
+        // The explicit ensemble's q, k and v projections read one input: each after the first
+        // adds the gradient the others gave it into its own dx (on a GPU, in the GEMM).
+        let dx_plus = grads.take(self.x_node).map(unshare).transpose()?;
         let g = linear_backward(
             &dy,
             &self.x_shape,
@@ -90,6 +93,7 @@ impl Backward for LinearBackward {
             &self.w,
             self.has_bias,
             needs,
+            dx_plus,
         )?;
         drop(dy);
         grads.add_opt(self.x_node, g.dx)?;

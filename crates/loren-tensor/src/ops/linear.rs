@@ -3,9 +3,12 @@
 
 use rayon::prelude::*;
 
+use super::elementwise::add_assign;
 use super::elementwise::sum_rows;
 use super::gemm::{Trans, matmul, pool_threads};
-use super::{broadcast_groups, check_residual, expect_rank, group_index, same_device};
+use super::{
+    broadcast_groups, check_dx_plus, check_residual, expect_rank, group_index, same_device,
+};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::memory::MemTag;
@@ -183,6 +186,11 @@ pub fn linear_forward(
 
 /// Gradients of [`linear_forward`] given the output gradient `dy`. The input `x` (of shape
 /// `x_shape`) is read only for dW, so a frozen weight's backward passes `None`.
+///
+/// `dx_plus` is a gradient x already has from its other readers (the explicit ensemble's q, k
+/// and v projections read one input): dx comes back as `dx_plus + dy·W`, in `dx_plus`'s memory.
+/// On a GPU the product accumulates onto it in the GEMM (beta = 1), so it costs no pass of its
+/// own; on the CPU it is added after the product, as a separate sum would be.
 pub fn linear_backward(
     dy: &Tensor,
     x_shape: &Shape,
@@ -190,6 +198,7 @@ pub fn linear_backward(
     w: &Tensor,
     has_bias: bool,
     needs: Needs,
+    dx_plus: Option<Tensor>,
 ) -> Result<LinearGrads> {
     const BWD: &str = "linear_backward";
     same_device(BWD, &[dy, w])?;
@@ -198,8 +207,9 @@ pub fn linear_backward(
     if dy.shape() != &want {
         return Err(Error::shape(BWD, dy.shape(), &want));
     }
+    check_dx_plus(BWD, dx_plus.as_ref(), needs.dx, x_shape, dy)?;
     if dy.device().gpu().is_some() {
-        return cuda::backward(&d, dy, x_shape, x, w, has_bias, needs);
+        return cuda::backward(&d, dy, x_shape, x, w, has_bias, needs, dx_plus);
     }
     let (rows, k, n, groups) = (d.rows, d.k, d.n, d.groups);
     let dys = dy.as_slice()?;
@@ -262,7 +272,13 @@ pub fn linear_backward(
                 );
             }
         }
-        out.dx = Some(dx);
+        out.dx = Some(match dx_plus {
+            Some(mut plus) => {
+                add_assign(&mut plus, &dx)?;
+                plus
+            }
+            None => dx,
+        });
     }
 
     if needs.dw {
@@ -332,6 +348,7 @@ mod cuda {
     use crate::dtype::DType;
     use crate::error::{Error, Result};
     use crate::memory::MemTag;
+    use crate::ops::elementwise::add_assign;
     use crate::shape::Shape;
     use crate::tensor::Tensor;
 
@@ -442,6 +459,7 @@ mod cuda {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn backward(
         d: &Dims,
         dy: &Tensor,
@@ -450,6 +468,7 @@ mod cuda {
         w: &Tensor,
         has_bias: bool,
         needs: Needs,
+        dx_plus: Option<Tensor>,
     ) -> Result<LinearGrads> {
         let gpu = dy.device().require_gpu(OP)?;
         let dev = dy.device();
@@ -460,23 +479,35 @@ mod cuda {
 
         if needs.dx {
             let wb = w.cu_bf16(OP)?;
-            let mut dx = Tensor::empty_as(x_shape.clone(), DType::BF16, MemTag::Workspace, dev)?;
+            let shared_input = d.gw != 1 && d.gx != groups;
+            // The gradient x already has becomes the GEMM's C, accumulated onto (beta = 1),
+            // where the product is one GEMM into x's shape and that gradient is bf16.
+            let (mut dx, beta, add_after) = match dx_plus {
+                Some(p) if !shared_input && p.dtype() == DType::BF16 => (p, 1.0, None),
+                other => {
+                    let dx =
+                        Tensor::empty_as(x_shape.clone(), DType::BF16, MemTag::Workspace, dev)?;
+                    (dx, 0.0, other)
+                }
+            };
             if d.gw == 1 {
-                gpu.gemm_bf16(
-                    &gemm(groups * rows, k, n, false, false),
-                    dyb,
-                    wb,
-                    GemmOut::Bf16(dx.cu_bf16_mut(OP)?),
-                )?;
+                let g = Gemm {
+                    beta,
+                    ..gemm(groups * rows, k, n, false, false)
+                };
+                gpu.gemm_bf16(&g, dyb, wb, GemmOut::Bf16(dx.cu_bf16_mut(OP)?))?;
             } else {
                 let g = batched(
-                    gemm(rows, k, n, false, false),
+                    Gemm {
+                        beta,
+                        ..gemm(rows, k, n, false, false)
+                    },
                     groups,
                     rows * n,
                     n * k,
                     rows * k,
                 );
-                if d.gx == groups {
+                if !shared_input {
                     gpu.gemm_bf16(&g, dyb, wb, GemmOut::Bf16(dx.cu_bf16_mut(OP)?))?;
                 } else {
                     // A shared input feeds every member: its gradient is the sum over members.
@@ -485,6 +516,14 @@ mod cuda {
                     gpu.gemm_bf16(&g, dyb, wb, GemmOut::Bf16(each.cu_bf16_mut(OP)?))?;
                     gpu.sum_groups_bf16(rows * k, groups, each.cu_bf16(OP)?, dx.cu_bf16_mut(OP)?)?;
                 }
+            }
+            if let Some(p) = add_after {
+                let mut p = match p.dtype() {
+                    DType::BF16 => p,
+                    _ => p.copy_as(DType::BF16, p.tag())?,
+                };
+                add_assign(&mut p, &dx)?;
+                dx = p;
             }
             out.dx = Some(dx);
         }

@@ -249,7 +249,7 @@ pub fn lora_backward(
     if u.shape() != &u_shape {
         return Err(Error::shape(OP, u.shape(), &u_shape));
     }
-    check_dx_plus(OP, dx_plus, need_dx, x)?;
+    check_dx_plus(OP, dx_plus, need_dx, x.shape(), x)?;
     let dev = x.device();
     if dev.gpu().is_some() {
         return cuda::backward(

@@ -95,7 +95,8 @@ pub(crate) fn check_dx_plus(
     op: &'static str,
     dx_plus: Option<&Tensor>,
     need_dx: bool,
-    x: &Tensor,
+    x_shape: &Shape,
+    on: &Tensor,
 ) -> Result<()> {
     let Some(p) = dx_plus else { return Ok(()) };
     if !need_dx {
@@ -104,10 +105,10 @@ pub(crate) fn check_dx_plus(
             "a gradient to add into dx, but no dx wanted",
         ));
     }
-    if p.shape() != x.shape() {
-        return Err(Error::shape(op, p.shape(), x.shape()));
+    if p.shape() != x_shape {
+        return Err(Error::shape(op, p.shape(), x_shape));
     }
-    same_device(op, &[x, p])
+    same_device(op, &[on, p])
 }
 
 pub(crate) fn expect_rank(op: &'static str, t: &Tensor, rank: usize, what: &str) -> Result<()> {

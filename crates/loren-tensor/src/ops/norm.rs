@@ -154,7 +154,7 @@ pub fn layernorm_backward(
     if dy.shape() != &want {
         return Err(Error::shape(OP, dy.shape(), &want));
     }
-    check_dx_plus(OP, dx_plus, need_x, x)?;
+    check_dx_plus(OP, dx_plus, need_x, x.shape(), x)?;
     let dev = x.device();
     if dev.gpu().is_some() {
         return backward_cuda(&dm, dy, x, gamma, mean, rstd, need_x, need_affine, dx_plus);
