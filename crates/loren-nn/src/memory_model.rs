@@ -47,7 +47,8 @@
 //! norms and embeddings, gradients, optimizer state, statistics, logits and LoRA's rank-r
 //! intermediates in f32. On a GPU the ops' small temporaries differ a little from the CPU's
 //! (attention's Δ, column-sum workspaces, a bf16 copy of a bias; LayerNorm and bias+GELU write
-//! dx in the input's groups directly), and the optimizer keeps a few scalars more: the replay
+//! dx in the input's groups directly; a cuBLAS dX that accumulates onto its input's gradient
+//! needs no buffer of its own), and the optimizer keeps a few scalars more: the replay
 //! keeps the CPU's temporaries with the GPU's element sizes, a small difference against peaks
 //! of gigabytes that the GPU run's measured-vs-predicted column shows.
 //!
