@@ -936,10 +936,22 @@ fn backward(core: &Rc<Core>, rec: Rec, dy: Rc<Buf>, sink: &mut Sink) {
             let (gw, n, k) = (w_dims[0], w_dims[1], w_dims[2]);
             let g = broadcast(&[groups(&x_dims), gw]);
             let rows = rows_per_group(&x_dims);
-            let dx = x_node.map(|_| {
+            // The gradient x already has (as `unshare`: a copy when something else holds it).
+            let dx_plus = sink.take(x_node).map(|p| {
+                if Rc::strong_count(&p) == 1 {
+                    p
+                } else {
+                    Rc::new(core.tensor(p.dims.clone(), p.tag.get(), p.kind))
+                }
+            });
+            let mut dx = x_node.map(|_| {
                 core.gemm(g, rows, k, n);
                 core.tensor(x_dims.clone(), ws, Kind::ActGrad)
             });
+            if dx_plus.is_some() {
+                // Added into it and freed before dW and db are formed.
+                drop(dx.take());
+            }
             let dw = w_node.map(|_| {
                 core.gemm(g, n, k, rows);
                 core.tensor(w_dims.clone(), ws, Kind::ParamGrad)
@@ -947,7 +959,10 @@ fn backward(core: &Rc<Core>, rec: Rec, dy: Rc<Buf>, sink: &mut Sink) {
             let db = (b_node.is_some() && has_bias)
                 .then(|| core.tensor(vec![gw, n], ws, Kind::ParamGrad));
             drop(dy);
-            sink.add_opt(x_node, dx);
+            match dx_plus {
+                Some(p) => sink.add_shared(x_node, p),
+                None => sink.add_opt(x_node, dx),
+            }
             sink.add_opt(w_node, dw);
             sink.add_opt(b_node, db);
             drop(x);
