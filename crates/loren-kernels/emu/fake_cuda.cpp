@@ -14,14 +14,15 @@
 // bf16 inputs. A copy out of page-locked host memory (cuMemHostAlloc) is queued, as the
 // hardware's DMA is, and carried out only when the stream next does anything else or is waited
 // for, so a host that refills its staging buffer before waiting for the copy out of it sends the
-// new contents, as it would on a GPU. Nothing else of either library is there: a call to anything else fails to load
-// (cudarc panics naming the missing symbol), which is the signal to add it.
+// new contents, as it would on a GPU. Nothing else of either library is there: a call to
+// anything else fails to load (cudarc panics naming the missing symbol), which is the signal to
+// add it.
 //
 // LOREN_FAKE_NO_COMPUTE=1 turns it into a probe of the host's own cost: launches, GEMMs, memsets,
 // device-to-device copies and copies out of page-locked memory (the DMA engine's work) are
-// accepted but not carried out, so a step timed on
-// it (events read the host clock) is the time loren takes to issue the step's work, the part a
-// real GPU cannot hide when the kernels are shorter. The values it leaves are garbage.
+// accepted but not carried out, so a step timed on it (events read the host clock) is the time
+// loren takes to issue the step's work, the part a real GPU cannot hide when the kernels are
+// shorter. The values it leaves are garbage.
 #include <chrono>
 #include <dlfcn.h>
 #include <cstdarg>
@@ -320,7 +321,8 @@ API CUresult cuMemPoolTrimTo(void*, size_t keep) {
     fake::cached_bytes = std::min(fake::cached_bytes, keep);
     return OK;
 }
-// Page-locked host memory is ordinary host memory here (the copies are synchronous anyway).
+// Page-locked host memory is ordinary host memory here, registered so that copies out of it are
+// queued (see the top).
 API CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
     *p = std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096);
     if (!*p) return OUT_OF_MEMORY;

@@ -103,17 +103,6 @@ enum StagedHost<T> {
     Pageable(Vec<T>),
 }
 
-impl<T> Staged<T> {
-    /// The number of values.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
 impl Gpu {
     /// `len` values written by `fill` (every element of the slice it gets) into host memory ready
     /// for [`Gpu::upload_staged`]: a page-locked buffer from the pool, after waiting for the copy
