@@ -22,6 +22,13 @@ namespace optim {
 constexpr int THREADS = 256;
 constexpr int CHUNK = 4096;  // elements per block (launch/optim.rs uses the same)
 
+// Whether the step may update: the guard (device, nullable; the step's loss) is finite. A step
+// whose loss is NaN or infinite leaves every parameter and moment as it was, with nothing read
+// back in the middle of the step to find out. The comparison is false for NaN as for ±inf.
+__device__ __forceinline__ bool guard_open(const float* guard) {
+    return guard == nullptr || fabsf(*guard) <= 3.402823466e38f;
+}
+
 // The slot that block `b` belongs to (binary search over block_start).
 __device__ __forceinline__ int find_slot(const TensorSlot* slots, int n, unsigned b) {
     int lo = 0, hi = n - 1;
@@ -45,11 +52,13 @@ __device__ __forceinline__ void block_range(const TensorSlot& s, unsigned b, u64
 // PyTorch AdamW: p ← p·(1 − lr·wd·decay) − step_size·m / (sqrt(v)/sqrt_c2 + eps), with
 // step_size = lr / (1 − β1^t) and sqrt_c2 = sqrt(1 − β2^t) computed on the host in f64, exactly
 // as the CPU does. `grad_scale` (device, nullable) multiplies every gradient: the clipping
-// coefficient from clip_coef, applied without a separate pass. grid = total blocks, block 256.
+// coefficient from clip_coef, applied without a separate pass. Nothing changes unless `guard` is
+// finite (optim::guard_open). grid = total blocks, block 256.
 extern "C" __global__ void __launch_bounds__(256)
-    adamw_multi(const TensorSlot* slots, int nslots, const float* grad_scale, float lr,
-                float beta1, float beta2, float eps, float weight_decay, float step_size,
+    adamw_multi(const TensorSlot* slots, int nslots, const float* grad_scale, const float* guard,
+                float lr, float beta1, float beta2, float eps, float weight_decay, float step_size,
                 float sqrt_c2) {
+    if (!optim::guard_open(guard)) return;
     const TensorSlot s = slots[optim::find_slot(slots, nslots, blockIdx.x)];
     u64 begin, end;
     optim::block_range(s, blockIdx.x, &begin, &end);
@@ -69,10 +78,12 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // PyTorch SGD with momentum (no dampening, no Nesterov) and L2 decay:
-// d = g + wd·p·decay;  buf = μ·buf + d;  p -= lr·buf.  grid = total blocks, block 256.
+// d = g + wd·p·decay;  buf = μ·buf + d;  p -= lr·buf. Guarded as adamw_multi. grid = total
+// blocks, block 256.
 extern "C" __global__ void __launch_bounds__(256)
-    sgd_multi(const TensorSlot* slots, int nslots, const float* grad_scale, float lr,
-              float momentum, float weight_decay) {
+    sgd_multi(const TensorSlot* slots, int nslots, const float* grad_scale, const float* guard,
+              float lr, float momentum, float weight_decay) {
+    if (!optim::guard_open(guard)) return;
     const TensorSlot s = slots[optim::find_slot(slots, nslots, blockIdx.x)];
     u64 begin, end;
     optim::block_range(s, blockIdx.x, &begin, &end);

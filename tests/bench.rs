@@ -126,7 +126,7 @@ fn the_breakdown_names_each_op_as_often_as_the_step_runs_it() {
         assert_eq!(calls("backward", "lora_linear"), adapted, "{ops:?}");
         for stage in [
             ("forward", "images in, gradients zeroed"),
-            ("forward", "loss read back (host waits)"),
+            ("forward", "loss copied out"),
             ("backward", "gradients into the parameters"),
             ("update", "optimizer step, clipping"),
         ] {

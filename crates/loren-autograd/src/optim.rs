@@ -97,16 +97,27 @@ impl Optimizer {
     /// clipping the global gradient norm to `max_norm` when given. On a GPU this is two launches
     /// over all parameters (the norm, then the update), with nothing read back; on the CPU the
     /// gradients are scaled in place first, as torch.nn.utils.clip_grad_norm_ does.
+    ///
+    /// With `guard` (a one-element tensor: the step's loss) nothing is updated unless its value is
+    /// finite. On a GPU the kernel reads it, so the update can be queued before the host knows the
+    /// loss; the step is counted either way, and a caller that then finds the loss was not finite
+    /// calls [`Optimizer::uncount_skipped_step`].
     pub fn step(
         &mut self,
         params: &mut Params,
         grads: &mut Grads,
         lr: f32,
         max_norm: Option<f64>,
+        guard: Option<&Tensor>,
     ) -> Result<()> {
         self.step += 1;
         let dev = params.device().clone();
         if dev.is_cpu() {
+            if let Some(g) = guard
+                && !g.scalar()?.is_finite()
+            {
+                return Ok(());
+            }
             if let Some(max) = max_norm {
                 clip_grad_norm(grads, max)?;
             }
@@ -153,6 +164,7 @@ impl Optimizer {
                     step: self.step,
                 },
                 max_norm,
+                guard,
             ),
             OptimizerKind::Sgd {
                 momentum,
@@ -165,10 +177,17 @@ impl Optimizer {
                     weight_decay,
                 },
                 max_norm,
+                guard,
             ),
         };
         self.fused = Some(fused);
         result
+    }
+
+    /// Take back the count of the last [`Optimizer::step`], whose guard turned out not finite
+    /// (so it updated nothing): the next step's bias correction follows the last update made.
+    pub fn uncount_skipped_step(&mut self) {
+        self.step = self.step.saturating_sub(1);
     }
 
     fn step_cpu(&mut self, params: &mut Params, grads: &Grads, lr: f32) -> Result<()> {

@@ -534,8 +534,13 @@ static void adamw_case(uint64_t seed) {
     for (int step = 1; step <= 2; ++step) {
         const double c1 = 1.0 - std::pow((double)b1, step), c2 = 1.0 - std::pow((double)b2, step);
         const float step_size = (float)(lr / c1), sqrt_c2 = (float)std::sqrt(c2);
+        // A step guarded by a non-finite value changes nothing; a finite guard is an ordinary step.
+        const float nan_guard = NAN, finite_guard = 2.5f;
         emu_launch(adamw_multi, dim3{start, 1, 1}, dim3{256, 1, 1}, 0, (const TensorSlot*)slots.data(),
-                   (int)slots.size(), (const float*)nullptr, lr, b1, b2, eps, wd, step_size, sqrt_c2);
+                   (int)slots.size(), (const float*)nullptr, &nan_guard, lr, b1, b2, eps, wd, step_size, sqrt_c2);
+        emu_launch(adamw_multi, dim3{start, 1, 1}, dim3{256, 1, 1}, 0, (const TensorSlot*)slots.data(),
+                   (int)slots.size(), (const float*)nullptr, step == 2 ? &finite_guard : nullptr, lr, b1, b2, eps,
+                   wd, step_size, sqrt_c2);
         for (size_t t = 0; t < sizes.size(); ++t) {
             const float shrink = decay[t] ? 1.0f - lr * wd : 1.0f;
             for (size_t i = 0; i < sizes[t]; ++i) {
@@ -591,8 +596,8 @@ static void sgd_and_clip_case(uint64_t seed) {
     for (auto& v : g) got.insert(got.end(), v.begin(), v.end());
     check("clipped gradients", got, want, 1e-6);
     const float lr = 0.1f, mom = 0.9f, wd = 0.01f;
-    emu_launch(sgd_multi, grid, blk, 0, (const TensorSlot*)slots.data(), (int)slots.size(), (const float*)nullptr, lr,
-               mom, wd);
+    emu_launch(sgd_multi, grid, blk, 0, (const TensorSlot*)slots.data(), (int)slots.size(), (const float*)nullptr,
+               (const float*)nullptr, lr, mom, wd);
     std::vector<double> pw, pg;
     for (size_t t = 0; t < sizes.size(); ++t)
         for (size_t i = 0; i < sizes[t]; ++i) {

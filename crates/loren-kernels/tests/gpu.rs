@@ -1153,8 +1153,20 @@ fn adamw_and_sgd_multi_tensor() {
         }
         // SAFETY: every buffer outlives the table, which is dropped at the end of this block.
         let table = unsafe { g.optim_table(&mut specs) }.expect("optim_table");
+        // A step guarded by a NaN or infinite value (a step's loss) changes nothing; one guarded
+        // by a finite value is an ordinary step.
+        let (nan, inf, finite) = (
+            up(g, &[f32::NAN]),
+            up(g, &[f32::NEG_INFINITY]),
+            up(g, &[2.5f32]),
+        );
         for step in 1..=2 {
-            g.adamw_step(&table, &AdamW { step, ..h }, None)
+            for bad in [&nan, &inf] {
+                g.adamw_step(&table, &AdamW { step, ..h }, None, Some(bad))
+                    .expect("adamw_step");
+            }
+            let guard = (step == 2).then_some(&finite as &dyn DevicePtr<f32>);
+            g.adamw_step(&table, &AdamW { step, ..h }, None, guard)
                 .expect("adamw_step");
         }
         g.synchronize().expect("sync");
@@ -1198,7 +1210,9 @@ fn adamw_and_sgd_multi_tensor() {
         }];
         // SAFETY: as above.
         let table = unsafe { g.optim_table(&mut specs) }.expect("optim_table");
-        g.sgd_step(&table, &h, None).expect("sgd_step");
+        let nan = up(g, &[f32::NAN]);
+        g.sgd_step(&table, &h, None, Some(&nan)).expect("sgd_step");
+        g.sgd_step(&table, &h, None, None).expect("sgd_step");
         assert!(
             g.adamw_step(
                 &table,
@@ -1213,6 +1227,7 @@ fn adamw_and_sgd_multi_tensor() {
                         step: 1
                     }
                 },
+                None,
                 None
             )
             .is_err()

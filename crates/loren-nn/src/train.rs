@@ -11,7 +11,7 @@ use std::time::Instant;
 use loren_autograd::optim::{Optimizer, OptimizerKind};
 use loren_autograd::schedule::WarmupCosine;
 use loren_autograd::{Grads, Phase, StepTimer, Tape, ops};
-use loren_tensor::{MemTag, Rng, Staged, Tensor};
+use loren_tensor::{MemTag, Rng, ScalarReadback, Staged, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, Entry, TensorFile};
@@ -139,6 +139,8 @@ pub struct Trainer<'m> {
     optimizer: Optimizer,
     grads: Grads,
     schedule: WarmupCosine,
+    /// Where each step's loss comes back to the host, read once the step is queued.
+    loss: ScalarReadback,
     step: u64,
     epoch: usize,
     steps_per_epoch: u64,
@@ -157,10 +159,12 @@ impl<'m> Trainer<'m> {
         let total = steps_per_epoch * config.epochs as u64;
         let optimizer = Optimizer::new(config.optimizer, model.params())?;
         let grads = Grads::new(model.params())?;
+        let loss = ScalarReadback::new(model.device())?;
         Ok(Trainer {
             model,
             optimizer,
             grads,
+            loss,
             schedule: WarmupCosine {
                 base_lr: config.lr,
                 min_lr: config.min_lr,
@@ -188,7 +192,8 @@ impl<'m> Trainer<'m> {
         self.epoch
     }
 
-    /// One optimizer step on a batch; returns the loss.
+    /// One optimizer step on a batch; returns the loss. A loss that is not finite is
+    /// [`NnError::NonFinite`], and that step has changed no parameter and no optimizer state.
     pub fn step(&mut self, batch: &Batch) -> Result<f32> {
         let images = batch.stage(self.model.device())?;
         self.step_timed(batch, images, None)
@@ -233,6 +238,9 @@ impl<'m> Trainer<'m> {
         let images = Tensor::from_staged(images, MemTag::Workspace)?;
         self.grads.zero()?;
         mark(Phase::Forward, "images in, gradients zeroed");
+        // Nothing in the step waits for the GPU (`loren_tensor::readback`): the loss is
+        // copied out where it is made and read once the backward and the update are queued
+        // behind it; the update itself reads the loss on the device and skips a non-finite one.
         let loss = {
             let tape = match timer {
                 Some(t) => Tape::new().timed(t.clone()),
@@ -243,13 +251,10 @@ impl<'m> Trainer<'m> {
                 .forward(&tape, &images, self.config.activations)?;
             let loss = ops::softmax_cross_entropy(&tape, &logits, &batch.labels)?;
             drop(logits);
-            let value = loss.value().scalar()?;
-            mark(Phase::Forward, "loss read back (host waits)");
-            if !value.is_finite() {
-                return Err(self.non_finite(value));
-            }
+            self.loss.queue(loss.value())?;
+            mark(Phase::Forward, "loss copied out");
             tape.backward(&loss, &mut self.grads)?;
-            value
+            loss
         };
         let lr = self.schedule.lr(self.step);
         self.optimizer.step(
@@ -257,10 +262,16 @@ impl<'m> Trainer<'m> {
             &mut self.grads,
             lr,
             self.config.grad_clip,
+            Some(loss.value()),
         )?;
         mark(Phase::Update, "optimizer step, clipping");
+        let value = self.loss.wait()?;
+        if !value.is_finite() {
+            self.optimizer.uncount_skipped_step();
+            return Err(self.non_finite(value));
+        }
         self.step += 1;
-        Ok(loss)
+        Ok(value)
     }
 
     fn non_finite(&self, value: f32) -> NnError {

@@ -19,11 +19,15 @@
 //! The clipping itself differs in one visible way: the CPU scales the gradients in place (as
 //! torch's clip_grad_norm_ does), the GPU applies the factor inside the update and leaves them as
 //! they were, so the GPU's gradients are compared after scaling them by the same rule.
+//!
+//! A step whose loss is not finite must change nothing on either device: on the GPU the update is
+//! queued before the host reads the loss, and the kernel skips it (checked here on both).
 
 use loren_autograd::optim::Optimizer;
 use loren_autograd::params::Grads;
 use loren_nn::config::{EnsembleConfig, LoraConfig, Method, VitConfig};
 use loren_nn::data::{SplitOptions, bundled_digits, split_digits};
+use loren_nn::error::NnError;
 use loren_nn::train::{TrainConfig, Trainer};
 use loren_nn::vit::Vit;
 use loren_tensor::{Device, MemTag, Tensor};
@@ -159,7 +163,7 @@ fn step_matches(method: Method, members: usize) {
         grads.accumulate(id, &t).unwrap();
     }
     let mut opt = Optimizer::new(cfg.optimizer, replay.params()).unwrap();
-    opt.step(replay.params_mut(), &mut grads, cfg.lr, cfg.grad_clip)
+    opt.step(replay.params_mut(), &mut grads, cfg.lr, cfg.grad_clip, None)
         .unwrap();
     for ((id, p), p0) in tg.model().params().iter().zip(&start) {
         let after = p.value().to_vec().unwrap();
@@ -201,4 +205,75 @@ fn explicit_ensemble_step_matches_the_cpu() {
 #[test]
 fn single_network_step_matches_the_cpu() {
     step_matches(Method::Single, 1);
+}
+
+/// A batch with one NaN pixel: its step is [`NnError::NonFinite`] and leaves every parameter as
+/// it was, and the optimizer as if it had not been taken: a good step after it leaves the same
+/// parameters, bit for bit, as the first step of a trainer that never saw the bad batch (AdamW's
+/// bias correction tells a first step from a second). A batch of 4 keeps the emulated GPU quick.
+fn non_finite_step_changes_nothing(device: &Device) {
+    let ens = EnsembleConfig {
+        method: Method::Lora,
+        members: 2,
+        classes: 10,
+        lora: LoraConfig {
+            rank: 4,
+            ..LoraConfig::default()
+        },
+    };
+    let vit = VitConfig::tiny();
+    let (mut a, mut b) = (
+        Vit::new(&vit, &ens, device, 5).unwrap(),
+        Vit::new(&vit, &ens, device, 5).unwrap(),
+    );
+    let data = split_digits(&bundled_digits().unwrap(), &SplitOptions::default())
+        .unwrap()
+        .train;
+    let good = data.batch(&(0..4).collect::<Vec<_>>(), None);
+    let mut bad = good.clone();
+    bad.images[100] = f32::NAN;
+    let mut cfg = TrainConfig::plain(4, 1e-2, loren_nn::config::Activations::Keep);
+    cfg.grad_clip = Some(1.0);
+    let bits = |t: &Trainer| -> Vec<Vec<u32>> {
+        t.model()
+            .params()
+            .iter()
+            .map(|(_, p)| {
+                p.value()
+                    .to_vec()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect()
+            })
+            .collect()
+    };
+    let mut ta = Trainer::new(&mut a, &cfg, 4).unwrap();
+    let mut tb = Trainer::new(&mut b, &cfg, 4).unwrap();
+    let before = bits(&tb);
+    match tb.step(&bad) {
+        Err(NnError::NonFinite { step: 0, loss, .. }) => assert!(loss.is_nan(), "{loss}"),
+        other => panic!("{device}: expected a non-finite loss at step 0, got {other:?}"),
+    }
+    assert!(
+        bits(&tb) == before,
+        "{device}: the bad step changed parameters"
+    );
+    let (la, lb) = (ta.step(&good).unwrap(), tb.step(&good).unwrap());
+    assert_eq!(la.to_bits(), lb.to_bits(), "{device}: the good step's loss");
+    assert!(
+        bits(&ta) == bits(&tb),
+        "{device}: the parameters differ after the good step"
+    );
+}
+
+#[test]
+fn a_non_finite_step_changes_nothing_on_the_cpu() {
+    non_finite_step_changes_nothing(&Device::cpu());
+}
+
+#[test]
+fn a_non_finite_step_changes_nothing_on_a_gpu() {
+    let Some(gdev) = gpu() else { return };
+    non_finite_step_changes_nothing(&gdev);
 }

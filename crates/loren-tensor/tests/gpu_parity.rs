@@ -560,7 +560,7 @@ fn fused_adamw_with_clipping_matches_the_cpu() {
         });
     }
     let mut table = optim::FusedTable::refresh(None, &g, &mut gslots).unwrap();
-    table.step_adamw(&g, &h, Some(max_norm)).unwrap();
+    table.step_adamw(&g, &h, Some(max_norm), None).unwrap();
     drop(gslots);
     for (i, (c, k)) in cpu_t.iter().zip(&gpu_t).enumerate() {
         close(&format!("adamw tensor {i} param"), &k[0], &c[0]);

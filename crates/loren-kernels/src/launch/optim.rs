@@ -176,12 +176,15 @@ impl Gpu {
 
     /// One AdamW step over every tensor of `table` (PyTorch's AdamW: decoupled weight decay,
     /// bias correction), refreshing the bf16 copies. `grad_scale` ([1] f32 on the device, e.g.
-    /// from [`Gpu::clip_coef`]) multiplies every gradient when given.
+    /// from [`Gpu::clip_coef`]) multiplies every gradient when given. With `guard` ([1] f32 on the
+    /// device, e.g. the step's loss) the kernel changes nothing unless that value is finite, so
+    /// the host can queue the update before it knows the loss.
     pub fn adamw_step(
         &self,
         table: &OptimTable,
         h: &AdamW,
         grad_scale: Option<&dyn DevicePtr<f32>>,
+        guard: Option<&dyn DevicePtr<f32>>,
     ) -> Result<()> {
         const OP: &str = "adamw_step";
         if h.step == 0 {
@@ -194,6 +197,7 @@ impl Gpu {
             ));
         }
         let scale = self.input_opt(OP, "grad_scale", grad_scale, 1)?;
+        let guard = self.input_opt(OP, "guard", guard, 1)?;
         // The bias corrections as the CPU twin computes them: in f64, then rounded.
         let step = i32::try_from(h.step).unwrap_or(i32::MAX);
         let c1 = 1.0 - (h.beta1 as f64).powi(step);
@@ -209,6 +213,7 @@ impl Gpu {
                 slots.arg(),
                 Arg::from(n),
                 scale.arg(),
+                guard.arg(),
                 Arg::from(h.lr),
                 Arg::from(h.beta1),
                 Arg::from(h.beta2),
@@ -220,15 +225,18 @@ impl Gpu {
         )
     }
 
-    /// One SGD step (momentum buffer in the slots' `m`) over every tensor of `table`.
+    /// One SGD step (momentum buffer in the slots' `m`) over every tensor of `table`; `grad_scale`
+    /// and `guard` as for [`Gpu::adamw_step`].
     pub fn sgd_step(
         &self,
         table: &OptimTable,
         h: &Sgd,
         grad_scale: Option<&dyn DevicePtr<f32>>,
+        guard: Option<&dyn DevicePtr<f32>>,
     ) -> Result<()> {
         const OP: &str = "sgd_step";
         let scale = self.input_opt(OP, "grad_scale", grad_scale, 1)?;
+        let guard = self.input_opt(OP, "guard", guard, 1)?;
         let n = table.count as i32;
         let slots = self.input(OP, "table", &table.slots, table.count)?;
         self.launch(
@@ -238,6 +246,7 @@ impl Gpu {
                 slots.arg(),
                 Arg::from(n),
                 scale.arg(),
+                guard.arg(),
                 Arg::from(h.lr),
                 Arg::from(h.momentum),
                 Arg::from(h.weight_decay),

@@ -280,8 +280,15 @@ impl FusedTable {
     }
 
     /// One AdamW step over every slot, clipping the global gradient norm first when asked. No
-    /// value comes back to the host.
-    pub fn step_adamw(&mut self, dev: &Device, h: &AdamW, max_norm: Option<f64>) -> Result<()> {
+    /// value comes back to the host. With `guard` (a one-element f32 tensor on this device: the
+    /// step's loss) nothing changes unless its value is finite, which the kernel reads.
+    pub fn step_adamw(
+        &mut self,
+        dev: &Device,
+        h: &AdamW,
+        max_norm: Option<f64>,
+        guard: Option<&Tensor>,
+    ) -> Result<()> {
         let clipped = self.clip(dev, max_norm)?;
         let gpu = dev.require_gpu("adamw_step")?;
         let k = loren_kernels::AdamW {
@@ -297,11 +304,18 @@ impl FusedTable {
         } else {
             None
         };
-        Ok(gpu.adamw_step(&self.table, &k, scale)?)
+        let guard = guard_ptr("adamw_step", guard)?;
+        Ok(gpu.adamw_step(&self.table, &k, scale, guard)?)
     }
 
-    /// One SGD step, clipping first when asked.
-    pub fn step_sgd(&mut self, dev: &Device, h: &Sgd, max_norm: Option<f64>) -> Result<()> {
+    /// One SGD step, clipping first when asked; `guard` as for [`FusedTable::step_adamw`].
+    pub fn step_sgd(
+        &mut self,
+        dev: &Device,
+        h: &Sgd,
+        max_norm: Option<f64>,
+        guard: Option<&Tensor>,
+    ) -> Result<()> {
         let clipped = self.clip(dev, max_norm)?;
         let gpu = dev.require_gpu("sgd_step")?;
         let k = loren_kernels::Sgd {
@@ -314,6 +328,22 @@ impl FusedTable {
         } else {
             None
         };
-        Ok(gpu.sgd_step(&self.table, &k, scale)?)
+        let guard = guard_ptr("sgd_step", guard)?;
+        Ok(gpu.sgd_step(&self.table, &k, scale, guard)?)
     }
+}
+
+/// The device value a guarded step reads: one f32 element.
+fn guard_ptr<'a>(
+    op: &'static str,
+    guard: Option<&'a Tensor>,
+) -> Result<Option<&'a dyn loren_kernels::DevicePtr<f32>>> {
+    let Some(t) = guard else { return Ok(None) };
+    if t.numel() != 1 {
+        return Err(Error::invalid(
+            op,
+            format!("the guard is one value, got {}", t.shape()),
+        ));
+    }
+    Ok(Some(t.cu_f32(op)? as &dyn loren_kernels::DevicePtr<f32>))
 }
