@@ -16,6 +16,7 @@ use loren_nn::vit::Vit;
 use loren_tensor::DeviceSpec;
 use serde::Serialize;
 
+use crate::outputs::writable_file;
 use crate::progress::{TrainBar, Verbosity};
 
 /// Marks a file written by [`pretrain`].
@@ -136,6 +137,17 @@ pub fn resolve(
         Some(path) => path.to_path_buf(),
         None => bundled_or_pretrained(vit, data, verbosity)?,
     };
+    // Only the digits have a pretraining split: other data met the digits' backbone.
+    if given.is_none() && data.pretrain.is_empty() && verbosity == Verbosity::Normal {
+        eprintln!(
+            "note: {} starts from {}, pretrained on the 8x8 digits (images are resized to the \
+             config's {}x{}); pass --config vit-b-32 --backbone FILE for real pretrained weights",
+            data.train.name,
+            path.display(),
+            vit.image_size,
+            vit.image_size
+        );
+    }
     let imported = read_backbone(&path, vit)?;
     if let Some(eps) = imported.ln_eps {
         vit.ln_eps = eps;
@@ -181,6 +193,11 @@ fn bundled_or_pretrained(vit: &VitConfig, data: &Splits, verbosity: Verbosity) -
             data.train.name
         );
     }
+    // Pretraining takes minutes: first make sure its result can be kept.
+    writable_file(&path, "the bundled backbone's path").context(
+        "no bundled backbone to start from, and none can be pretrained into its place: \
+         pass --backbone FILE (make one with loren pretrain --out FILE)",
+    )?;
     if verbosity == Verbosity::Normal {
         eprintln!(
             "no backbone at {}: pretraining one first (loren pretrain)",

@@ -293,7 +293,9 @@ pub fn precision(device: &Device) -> Precision {
     }
 }
 
-/// Parse "512MiB", "24G", "1e9" or "1000000" as bytes.
+/// Parse "512MiB", "24GiB", "16GB", "1e9" or "1000000" as bytes: KiB, MiB, GiB and TiB are
+/// binary (2^10, 2^20, ...), kB, MB, GB and TB decimal (10^3, 10^6, ...), as the SI and IEC
+/// define them. A bare K, M, G or T is refused: tools read it both ways.
 pub fn parse_bytes(s: &str) -> Result<u64> {
     let t = s.trim();
     let split = t
@@ -304,13 +306,30 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
         .trim()
         .parse()
         .map_err(|_| anyhow!("'{s}' is not a size: expected e.g. 512MiB, 24GiB or 1000000"))?;
-    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+    let unit = unit.trim().to_ascii_lowercase();
+    let mult = match unit.as_str() {
         "" | "b" => 1.0,
-        "k" | "kb" | "kib" => 1024.0,
-        "m" | "mb" | "mib" => 1024.0 * 1024.0,
-        "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
-        "t" | "tb" | "tib" => 1024.0f64.powi(4),
-        u => return Err(anyhow!("'{s}': unknown unit '{u}' (B, KiB, MiB, GiB, TiB)")),
+        "kib" => 1024.0,
+        "mib" => 1024.0f64.powi(2),
+        "gib" => 1024.0f64.powi(3),
+        "tib" => 1024.0f64.powi(4),
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "k" | "m" | "g" | "t" => {
+            let u = unit.to_ascii_uppercase();
+            return Err(anyhow!(
+                "'{s}': '{u}' is ambiguous: write {num}{u}iB (binary, 1024-based) or {num}{u}B \
+                 (decimal, 1000-based)",
+                num = num.trim()
+            ));
+        }
+        u => {
+            return Err(anyhow!(
+                "'{s}': unknown unit '{u}' (B, KiB, MiB, GiB, TiB, or kB, MB, GB, TB)"
+            ));
+        }
     };
     if !(v.is_finite() && v >= 0.0) {
         return Err(anyhow!("'{s}' is not a size"));
@@ -582,7 +601,46 @@ fn validate(o: &BenchOptions) -> Result<()> {
     if o.repeats == 0 {
         return Err(anyhow!("--repeats must be at least 1"));
     }
+    if o.peak_size == Some(0) {
+        return Err(anyhow!(
+            "--peak-size 0: the peak GEMM needs a side of at least 1"
+        ));
+    }
     Ok(())
+}
+
+/// The largest peak GEMM side on the CPU: 8192 is 1.1 TFLOP a product, already seconds per
+/// sample on a laptop, and the CPU's GEMM rate has levelled off well below it.
+pub const CPU_PEAK_SIZE_MAX: usize = 8192;
+/// The same on a GPU: 32768 is 70 TFLOP a product, far past where the rate levels off.
+pub const GPU_PEAK_SIZE_MAX: usize = 32768;
+
+/// Refuse a peak GEMM side the device cannot hold or would take minutes on, before allocating:
+/// on the CPU a failed allocation aborts the process with no error to report.
+fn check_peak_size(device: &Device, n: usize, budget: Option<&Budget>) -> Result<()> {
+    let (cap, buffers, elem) = match device.is_cpu() {
+        true => (CPU_PEAK_SIZE_MAX, "three f32", 12.0),
+        false => (GPU_PEAK_SIZE_MAX, "three bf16", 6.0),
+    };
+    if n > cap {
+        return Err(anyhow!(
+            "--peak-size {n}: at most {cap} on {} (a larger GEMM takes minutes and measures no \
+             higher a peak)",
+            device.name()
+        ));
+    }
+    let need = elem * (n as f64).powi(2);
+    match budget {
+        Some(b) if need > b.bytes as f64 => Err(anyhow!(
+            "--peak-size {n}: the peak GEMM's {buffers} {n}x{n} buffers need {}, and {} is \
+             available ({}): pass --peak-size {} or less",
+            bytes(need as u64),
+            bytes(b.bytes),
+            b.source,
+            (b.bytes as f64 / elem).sqrt() as usize
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// A batch of normal noise with cycling labels: timing and memory need no data.
@@ -764,6 +822,11 @@ pub fn run_bench(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Ben
     };
 
     let peak_size = o.peak_size.unwrap_or(if is_cpu { 2048 } else { 8192 });
+    check_peak_size(
+        &probe,
+        peak_size,
+        budget_for(&probe, o.memory_budget).as_ref(),
+    )?;
     progress(&format!("measuring the peak: {0}x{0}x{0} GEMM", peak_size));
     let (peak, peak_error) = match measure_peak(&probe, peak_size, 5) {
         Ok(p) => (Some(p), None),
@@ -1213,6 +1276,14 @@ mod tests {
     fn sizes_parse() {
         assert_eq!(parse_bytes("512MiB").unwrap(), 512 << 20);
         assert_eq!(parse_bytes("2 GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_bytes("16GB").unwrap(), 16_000_000_000);
+        assert_eq!(parse_bytes("500 MB").unwrap(), 500_000_000);
+        assert_eq!(parse_bytes("2kb").unwrap(), 2_000);
+        let e = parse_bytes("24G").unwrap_err().to_string();
+        assert!(
+            e.contains("ambiguous") && e.contains("24GiB") && e.contains("24GB"),
+            "{e}"
+        );
         assert_eq!(parse_bytes("1e6").unwrap(), 1_000_000);
         assert_eq!(parse_bytes("100").unwrap(), 100);
         assert!(parse_bytes("lots").is_err());

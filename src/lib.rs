@@ -15,6 +15,7 @@ pub mod bench;
 pub mod dataset;
 pub mod ensemble;
 pub mod memprofile;
+pub mod outputs;
 pub mod plot;
 pub mod progress;
 pub mod report;

@@ -222,6 +222,23 @@ fn rel(p: u64, m: u64) -> Option<f64> {
     (m > 0).then(|| (p as f64 - m as f64) / m as f64)
 }
 
+/// Only sizes in `members` are profiled, so a measured size outside them would quietly measure
+/// nothing.
+fn check_measure(o: &MemprofileOptions) -> Result<()> {
+    let outside = o.measure.iter().flatten().find(|m| !o.members.contains(m));
+    match outside {
+        Some(m) => {
+            let members: Vec<String> = o.members.iter().map(usize::to_string).collect();
+            Err(anyhow!(
+                "--measure {m}: not one of the --members sizes ({}); add it to --members to \
+                 measure it",
+                members.join(",")
+            ))
+        }
+        None => Ok(()),
+    }
+}
+
 /// Run the profile. `progress` is told what is about to be measured.
 pub fn run_memprofile(
     o: &MemprofileOptions,
@@ -236,6 +253,7 @@ pub fn run_memprofile(
     if o.batch == 0 {
         return Err(anyhow!("the batch size must be at least 1 (--batch-size)"));
     }
+    check_measure(o)?;
     let probe = o.device.open()?;
     let is_cpu = probe.is_cpu();
     let configs = o.configs.clone().unwrap_or_else(|| default_configs(&probe));

@@ -11,7 +11,9 @@ use loren_nn::data::Splits;
 use loren_nn::eval::{EvalOptions, EvalReport, eval_images, evaluate, predict};
 use loren_nn::memory_model;
 use loren_nn::metrics::calibration;
-use loren_nn::train::{CheckpointSpec, TrainConfig, TrainSummary, Trainer};
+use loren_nn::train::{
+    BACKBONE_FINGERPRINT, CheckpointSpec, TrainConfig, TrainSummary, Trainer, check_backbone,
+};
 use loren_nn::vit::Vit;
 use loren_tensor::{Device, DeviceSpec, MemTag, MemoryReport};
 use serde::Serialize;
@@ -81,6 +83,24 @@ pub struct RunResult {
     pub eval_seconds: f64,
 }
 
+/// A resumed run must train on the data the checkpoint was trained on: the metadata the run
+/// records of its data (`spec.metadata`: the source and the held-out classes) must match.
+fn check_same_data(file: &TensorFile, ours: &HashMap<String, String>) -> Result<()> {
+    let mut keys: Vec<&String> = ours.keys().collect();
+    keys.sort();
+    for key in keys {
+        let saved = file.metadata().get(key).map_or("(none)", String::as_str);
+        if saved != ours[key] {
+            bail!(
+                "{}: it was trained with {key} '{saved}', not '{}'; resume with the same data",
+                file.path().display(),
+                ours[key]
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Train `spec.ensemble` from `backbone` on the train split, then evaluate it.
 pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunResult> {
     let device = spec.device.open()?;
@@ -97,20 +117,34 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
     let summary = {
         let mut trainer = Trainer::new(&mut model, &spec.train, data.train.len())?;
         if let Some(path) = &spec.resume {
-            trainer
-                .resume(&TensorFile::read(path)?)
-                .context("resuming")?;
+            let file = TensorFile::read(path)?;
+            check_same_data(&file, &spec.metadata)?;
+            check_backbone(&file, backbone)?;
+            trainer.resume(&file).context("resuming")?;
         }
-        // The data too (spec.metadata), so eval and export find what it was trained on.
+        // The data too (spec.metadata), so eval and export find what it was trained on, and
+        // the backbone's fingerprint, so they refuse other weights.
         let mut metadata = spec.metadata.clone();
         metadata.insert(
             "backbone".to_string(),
             backbone.path().display().to_string(),
         );
+        metadata.insert(BACKBONE_FINGERPRINT.to_string(), backbone.fingerprint());
         let ckpt = CheckpointSpec {
             path: spec.checkpoint.clone(),
             metadata,
         };
+        if spec.verbosity == Verbosity::Normal {
+            // The first line of a log, and what a slow first step is slow at.
+            eprintln!(
+                "{label}: M={} on {device}, {} training images, {} epochs of {} steps (batch {})",
+                ens.members,
+                data.train.len(),
+                spec.train.epochs,
+                trainer.total_steps() / spec.train.epochs.max(1) as u64,
+                spec.train.batch_size
+            );
+        }
         let mut bar = TrainBar::new(label, spec.verbosity);
         trainer.fit(&data.train, &ckpt, &mut bar)?
     };

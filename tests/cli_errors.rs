@@ -234,3 +234,290 @@ fn help_teaches() {
         assert!(out.contains(flag), "train --help lacks {flag}");
     }
 }
+
+/// [`fails_with`], and nothing on stdout either: the run stopped before any of its work (an epoch,
+/// a table, a report) got as far as printing.
+fn fails_before_work(args: &[&str], needles: &[&str]) {
+    fails_with(args, needles);
+    let (_, out, _) = loren(args);
+    assert!(out.is_empty(), "{args:?} printed before failing: {out}");
+}
+
+#[test]
+fn pretrain_to_an_unwritable_out_fails_before_the_epochs() {
+    // Not quiet, so an epoch line would show as a second line of stderr.
+    fails_before_work(
+        &[
+            "pretrain",
+            "--epochs",
+            "30",
+            "--out",
+            "/proc/x/a.safetensors",
+        ],
+        &["--out", "/proc/x"],
+    );
+}
+
+#[test]
+fn compare_to_an_unwritable_out_fails_before_training() {
+    fails_before_work(
+        &[
+            "compare",
+            "--epochs",
+            "1",
+            "--no-shift",
+            "--no-ood",
+            "--out",
+            "/proc/x/cmp",
+        ],
+        &["--out /proc/x/cmp"],
+    );
+}
+
+#[test]
+fn bench_and_memprofile_to_an_unwritable_out_fail_before_measuring() {
+    let bench = [
+        "bench",
+        "--device",
+        "cpu",
+        "-m",
+        "1",
+        "--methods",
+        "lora",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--peak-size",
+        "64",
+        "--out",
+        "/proc/x/b",
+    ];
+    fails_before_work(&bench, &["--out /proc/x/b"]);
+    let memprofile = [
+        "memprofile",
+        "--device",
+        "cpu",
+        "--config",
+        "tiny",
+        "-m",
+        "1",
+        "--methods",
+        "lora",
+        "--out",
+        "/proc/x/m",
+    ];
+    fails_before_work(&memprofile, &["--out /proc/x/m"]);
+}
+
+#[test]
+fn compare_refuses_a_size_too_large_before_training_the_others() {
+    let out = temp_dir("compare-sizes");
+    fails_before_work(
+        &[
+            "compare",
+            "--methods",
+            "lora,explicit",
+            "--sizes",
+            "1,2,100000",
+            "--device",
+            "cpu",
+            "--epochs",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["lora with 100000 members", "predicted to need"],
+    );
+    assert!(
+        !out.join("lora-M1").exists(),
+        "lora at M=1 was trained first"
+    );
+}
+
+#[test]
+fn compare_refuses_flags_it_would_ignore() {
+    let (ok, _, err) = loren(&["compare", "-m", "4", "--sizes", "1,2"]);
+    assert!(!ok, "-m with --sizes was accepted");
+    assert!(
+        err.contains("--members") && err.contains("--sizes") && !err.contains("panicked"),
+        "{err}"
+    );
+    fails_with(
+        &["compare", "--method", "lora", "--epochs", "1"],
+        &["--method lora", "--methods"],
+    );
+    let (ok, help, _) = loren(&["compare", "--help"]);
+    assert!(ok);
+    assert!(
+        help.contains("--methods") && !help.contains("--method <"),
+        "{help}"
+    );
+}
+
+#[test]
+fn bad_optimizer_and_adapter_flags_name_the_flag() {
+    for (flag, value, needle) in [
+        ("--lr", "-1", "finite and above 0"),
+        ("--lr", "0", "finite and above 0"),
+        ("--lr", "NaN", "finite and above 0"),
+        ("--min-lr", "-1e-5", "not negative"),
+        ("--min-lr", "inf", "finite"),
+        ("--grad-clip", "NaN", "0 turns clipping off"),
+        ("--grad-clip", "-1", "not negative"),
+        ("--weight-decay", "-0.01", "not negative"),
+        ("--weight-decay", "NaN", "not negative"),
+        ("--momentum", "1", "[0, 1)"),
+        ("--momentum", "-0.5", "[0, 1)"),
+        ("--momentum", "NaN", "[0, 1)"),
+        ("--lora-scale", "inf", "finite"),
+        ("--lora-gain", "0", "above 0"),
+        ("--lora-gain", "-2", "above 0"),
+        ("--lora-targets", "qq", "named twice"),
+        ("--lora-targets", "qx", "'x' is not one of q, k, v, o"),
+        ("--lora-targets", "", "name at least one"),
+    ] {
+        fails_with(&strs(&quick(&[flag, value])), &[flag, needle]);
+    }
+    // 0 is the documented "off" for clipping, and a negative LoRA scale is a scale: both pass,
+    // and the run stops at the next check, the epochs, without training.
+    for [flag, value] in [["--grad-clip", "0"], ["--lora-scale", "-1"]] {
+        fails_with(
+            &["train", "-q", "--epochs", "0", flag, value],
+            &["at least 1 epoch"],
+        );
+    }
+}
+
+#[test]
+fn bench_refuses_a_peak_gemm_that_cannot_fit() {
+    let out = temp_dir("bench-peak");
+    let bench = |peak: &str, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "bench",
+            "--device",
+            "cpu",
+            "-m",
+            "1",
+            "--methods",
+            "lora",
+            "--repeats",
+            "1",
+            "--peak-size",
+            peak,
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .into();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    // This one aborted the process allocating 40 GB.
+    fails_before_work(
+        &strs(&bench("100000", &[])),
+        &["--peak-size 100000", "at most 8192"],
+    );
+    fails_before_work(
+        &strs(&bench("4096", &["--memory-budget", "100MiB"])),
+        &["--peak-size 4096", "100.0 MiB", "or less"],
+    );
+    fails_before_work(&strs(&bench("0", &[])), &["--peak-size 0", "at least 1"]);
+}
+
+#[test]
+fn memory_budgets_read_gb_as_decimal_and_refuse_a_bare_g() {
+    fails_with(
+        &["bench", "--memory-budget", "16G"],
+        &["--memory-budget", "ambiguous", "16GiB", "16GB"],
+    );
+    let out = temp_dir("budget");
+    let (ok, stdout, err) = loren(&[
+        "memprofile",
+        "--device",
+        "cpu",
+        "--config",
+        "tiny",
+        "-m",
+        "1",
+        "--methods",
+        "lora",
+        "--predict-only",
+        "--memory-budget",
+        "16GB",
+        "-q",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    // 16·10^9 bytes; 16 GiB would print as 16.0 GiB.
+    assert!(stdout.contains("memory budget: 14.9 GiB"), "{stdout}");
+}
+
+#[test]
+fn memprofile_refuses_a_measured_size_it_does_not_profile() {
+    fails_before_work(
+        &[
+            "memprofile",
+            "--device",
+            "cpu",
+            "-m",
+            "1",
+            "--measure",
+            "2",
+            "--out",
+            "/tmp",
+        ],
+        &["--measure 2", "--members"],
+    );
+}
+
+/// The flags of `command`'s short help that have no description.
+fn undescribed_flags(command: &str) -> Vec<String> {
+    let (ok, help, _) = loren(&[command, "-h"]);
+    assert!(ok);
+    let lines: Vec<&str> = help.lines().collect();
+    let is_flag = |l: &str| {
+        let t = l.trim_start();
+        (t.starts_with("--") || t.starts_with('-')) && l.len() - t.len() <= 6
+    };
+    let mut bare = Vec::new();
+    for (i, l) in lines.iter().enumerate().filter(|(_, l)| is_flag(l)) {
+        // The flag, its value name, and at most a default: no words of its own.
+        let words: Vec<&str> = l.split_whitespace().collect();
+        let rest = words
+            .iter()
+            .find(|w| !(w.starts_with('-') || w.starts_with('<')))
+            .copied();
+        let described_below = lines
+            .get(i + 1)
+            .is_some_and(|n| !n.trim().is_empty() && !n.trim().starts_with('[') && !is_flag(n));
+        if rest.is_none_or(|w| w.starts_with("[default")) && !described_below {
+            bare.push(l.trim().to_string());
+        }
+    }
+    bare
+}
+
+#[test]
+fn every_flag_has_a_description_that_fits_its_command() {
+    for c in [
+        "train",
+        "eval",
+        "compare",
+        "pretrain",
+        "export",
+        "bench",
+        "memprofile",
+    ] {
+        let bare = undescribed_flags(c);
+        assert!(bare.is_empty(), "loren {c} -h: no description for {bare:?}");
+    }
+    let (_, pretrain, _) = loren(&["pretrain", "--help"]);
+    assert!(
+        !pretrain.contains("members") && !pretrain.contains("report"),
+        "{pretrain}"
+    );
+    let (_, eval, _) = loren(&["eval", "--help"]);
+    assert!(eval.contains("eval does not use it"), "{eval}");
+}

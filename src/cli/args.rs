@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use clap::Args;
 use loren::dataset::DataSource;
 use loren::progress::Verbosity;
@@ -23,7 +23,8 @@ pub struct Common {
     /// Where to run: auto (a GPU when one can be used, else the CPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Seeds the members' start, the data order and augmentation. The data split is fixed.
+    /// Seeds training: the members' start, the data order and augmentation (eval does not use
+    /// it). The data split is fixed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Print only the report: no progress bars or epoch lines.
@@ -68,41 +69,79 @@ pub struct EnsembleArgs {
     #[arg(long, short = 'r', default_value_t = 8)]
     pub rank: usize,
     /// LoRA scale s in y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     pub lora_scale: f32,
-    /// Which attention projections get adapters: any of q, k, v, o.
+    /// Which attention projections get adapters: q, k, v and o, each at most once (e.g. qv).
     #[arg(long, default_value = "qkvo")]
     pub lora_targets: String,
     /// Gain of the Xavier-uniform start of A; large gains start the members far apart.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, allow_hyphen_values = true)]
     pub lora_gain: f32,
 }
 
+impl EnsembleArgs {
+    /// Refuse adapter settings no ensemble can use, naming the flag, before anything slow starts.
+    pub fn check(&self) -> Result<()> {
+        if !self.lora_scale.is_finite() {
+            bail!("--lora-scale {}: must be finite", self.lora_scale);
+        }
+        if !(self.lora_gain.is_finite() && self.lora_gain > 0.0) {
+            bail!("--lora-gain {}: must be finite and above 0", self.lora_gain);
+        }
+        check_targets(&self.lora_targets)
+    }
+}
+
+/// `Targets` takes any string of q, k, v and o, so "qq" would pass for "q": a repeated letter is
+/// more likely a typo for another projection than meant, so it is refused here.
+fn check_targets(t: &str) -> Result<()> {
+    if t.is_empty() {
+        bail!("--lora-targets is empty: name at least one of q, k, v, o (e.g. qv)");
+    }
+    for (i, c) in t.char_indices() {
+        if !"qkvo".contains(c) {
+            bail!("--lora-targets '{t}': '{c}' is not one of q, k, v, o");
+        }
+        if t[..i].contains(c) {
+            bail!(
+                "--lora-targets '{t}': '{c}' is named twice; name each of q, k, v, o at most once"
+            );
+        }
+    }
+    Ok(())
+}
+
+// The numeric flags, here and in EnsembleArgs, take a value with a leading '-' (the floats even
+// one clap would not read as a number, e.g. -1e-5), so `--lr -1` reaches the checks below and
+// gets their error, not clap's "unexpected argument '-1' found".
 #[derive(Args, Clone)]
 pub struct OptimArgs {
-    #[arg(long, default_value_t = 20)]
+    /// Passes over the training split.
+    #[arg(long, default_value_t = 20, allow_negative_numbers = true)]
     pub epochs: usize,
-    #[arg(long, default_value_t = 32)]
+    /// Training images per step (every member sees the same batch).
+    #[arg(long, default_value_t = 32, allow_negative_numbers = true)]
     pub batch_size: usize,
     /// Peak learning rate (default: 1e-3 for LoRA methods, 3e-4 for full fine-tuning).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub lr: Option<f32>,
     /// Learning rate at the end of the cosine decay.
-    #[arg(long, default_value_t = 1e-5)]
+    #[arg(long, default_value_t = 1e-5, allow_hyphen_values = true)]
     pub min_lr: f32,
     /// Linear warmup steps before the cosine decay.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, allow_negative_numbers = true)]
     pub warmup: u64,
     /// AdamW's decoupled weight decay (or SGD's L2 penalty), on weight matrices only.
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, allow_hyphen_values = true)]
     pub weight_decay: f32,
     /// adamw or sgd (with --momentum).
     #[arg(long, default_value = "adamw")]
     pub optimizer: String,
-    #[arg(long, default_value_t = 0.9)]
+    /// SGD's momentum, in [0, 1) (adamw does not use it).
+    #[arg(long, default_value_t = 0.9, allow_hyphen_values = true)]
     pub momentum: f32,
     /// Clip the global gradient norm to this; 0 turns clipping off.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     pub grad_clip: f64,
     /// Training augmentation: none; digits (rotation ±10°, translation ±1 px); or paper (the
     /// LoRA-Ensemble paper's CIFAR setup: horizontal and vertical flips, rotation ±15°).
@@ -113,6 +152,38 @@ pub struct OptimArgs {
     /// third to a half more time per step, the same gradients bit for bit.
     #[arg(long)]
     pub recompute: bool,
+}
+
+impl OptimArgs {
+    /// Refuse optimizer settings no training can use, naming the flag, before anything slow
+    /// starts. NaN fails every comparison, hence the positive forms (`!(x >= 0.0)`).
+    pub fn check(&self) -> Result<()> {
+        if let Some(lr) = self.lr
+            && !(lr.is_finite() && lr > 0.0)
+        {
+            bail!("--lr {lr}: must be finite and above 0");
+        }
+        if !(self.min_lr.is_finite() && self.min_lr >= 0.0) {
+            bail!("--min-lr {}: must be finite and not negative", self.min_lr);
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            bail!(
+                "--weight-decay {}: must be finite and not negative",
+                self.weight_decay
+            );
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            bail!("--momentum {}: must be in [0, 1)", self.momentum);
+        }
+        // 0 is the documented "off"; a negative or NaN clip would silently be off too.
+        if !(self.grad_clip.is_finite() && self.grad_clip >= 0.0) {
+            bail!(
+                "--grad-clip {}: must be finite and not negative (0 turns clipping off)",
+                self.grad_clip
+            );
+        }
+        Ok(())
+    }
 }
 
 #[derive(Args, Clone)]
@@ -169,6 +240,7 @@ pub fn eval_options(data: &DataArgs) -> EvalOptions {
 }
 
 pub fn ensemble_config(e: &EnsembleArgs, method: Method, classes: usize) -> Result<EnsembleConfig> {
+    e.check()?;
     Ok(EnsembleConfig {
         method,
         members: if method.is_single() { 1 } else { e.members },
@@ -183,6 +255,7 @@ pub fn ensemble_config(e: &EnsembleArgs, method: Method, classes: usize) -> Resu
 }
 
 pub fn train_config(o: &OptimArgs, method: Method, seed: u64) -> Result<TrainConfig> {
+    o.check()?;
     let optimizer = match o.optimizer.as_str() {
         "adamw" => OptimizerKind::adamw(o.weight_decay),
         "sgd" => OptimizerKind::Sgd {

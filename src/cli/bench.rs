@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use loren::bench::{BenchOptions, parse_bytes, run_bench, table, write};
 use loren_nn::config::Method;
@@ -28,6 +28,7 @@ pub struct BenchArgs {
         default_value = "1,2,4,8,16,32"
     )]
     pub members: Vec<usize>,
+    /// Images per training step and inference pass (every member sees the same batch).
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
     /// LoRA rank r.
@@ -42,13 +43,14 @@ pub struct BenchArgs {
     /// Timed calls per row: the median and spread are over these.
     #[arg(long, default_value_t = 10)]
     pub repeats: usize,
-    /// The memory a configuration may use (e.g. 16GiB): default, the device's free memory
-    /// (MemAvailable on the CPU). A configuration the analytic model says will not fit is
-    /// reported as OOM without being run.
+    /// The memory a configuration may use (e.g. 16GiB = 16·2^30 bytes, or 16GB = 16·10^9):
+    /// default, the device's free memory (MemAvailable on the CPU). A configuration the analytic
+    /// model says will not fit is reported as OOM without being run.
     #[arg(long)]
     pub memory_budget: Option<String>,
     /// Side of the square GEMM that measures the peak FLOP/s for MFU (an f32 GEMM through loren's
-    /// matmul on the CPU, a bf16 cuBLAS GEMM on a GPU). Default: 2048 on the CPU, 8192 on a GPU.
+    /// matmul on the CPU, a bf16 cuBLAS GEMM on a GPU). Default: 2048 on the CPU, 8192 on a GPU;
+    /// at most 8192 on the CPU, 32768 on a GPU, and its three buffers must fit in memory.
     #[arg(long)]
     pub peak_size: Option<usize>,
     /// Seeds the random weights and batch.
@@ -87,13 +89,20 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         classes: a.classes,
         warmup: a.warmup,
         repeats: a.repeats,
-        memory_budget: a.memory_budget.as_deref().map(parse_bytes).transpose()?,
+        memory_budget: a
+            .memory_budget
+            .as_deref()
+            .map(parse_bytes)
+            .transpose()
+            .context("--memory-budget")?,
         peak_size: a.peak_size,
         seed: a.seed,
         activations: crate::cli::args::activations(a.recompute),
         breakdown: a.breakdown,
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
+    // Checked once the flags parse, before the measuring it would otherwise follow.
+    super::out::writable_dir(&a.out, "--out")?;
     let quiet = a.quiet;
     let report = run_bench(&opts, &mut |what| {
         if !quiet {

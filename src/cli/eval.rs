@@ -14,6 +14,7 @@ use loren_nn::reliability::reliability_svg;
 use loren_nn::train::{check_format, load_trained};
 
 use super::args::{Common, DataArgs, eval_options, splits};
+use super::out::writable_dir;
 
 #[derive(Args, Clone)]
 pub struct EvalArgs {
@@ -33,22 +34,46 @@ pub struct EvalArgs {
 }
 
 pub fn eval(a: &EvalArgs) -> Result<()> {
+    let out = match &a.out {
+        Some(o) => o.clone(),
+        None => a
+            .checkpoint
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default(),
+    };
+    writable_dir(&out, "--out")?;
     let file = TensorFile::read(&a.checkpoint)?;
     check_format(&file)?;
     // The data it was trained on, unless the command line says otherwise.
     let meta = file.metadata();
     let mut data_args = a.data.clone();
     data_args.data = data_args.data.or_else(|| meta.get("data").cloned());
-    let recorded = meta.get("holdout_classes").filter(|h| !h.is_empty());
-    if let (true, Some(h)) = (data_args.holdout_classes.is_empty(), recorded) {
-        data_args.holdout_classes = h
+    let recorded: Vec<u32> = match meta.get("holdout_classes").filter(|h| !h.is_empty()) {
+        Some(h) => h
             .split(',')
             .map(|c| {
                 c.parse::<u32>()
                     .with_context(|| format!("checkpoint metadata holdout_classes '{h}'"))
             })
-            .collect::<Result<_>>()?;
+            .collect::<Result<_>>()?,
+        None => Vec::new(),
+    };
+    // The heads know the classes left after the holdout, in order: other held-out classes would
+    // score them against the wrong labels.
+    if !data_args.holdout_classes.is_empty() && data_args.holdout_classes != recorded {
+        anyhow::bail!(
+            "--holdout-classes {}: {} was trained holding out {}; leave the flag out to use that",
+            join(&data_args.holdout_classes),
+            a.checkpoint.display(),
+            if recorded.is_empty() {
+                "no classes".to_string()
+            } else {
+                format!("classes {}", join(&recorded))
+            }
+        );
     }
+    data_args.holdout_classes = recorded;
     let vit: VitConfig = file.meta_json("vit")?;
     let data = splits(&data_args, &vit)?;
     let backbone = match (&a.backbone, file.metadata().get("backbone")) {
@@ -77,19 +102,20 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         ens.members,
         ens.method.uses_lora().then_some(ens.lora.rank),
     );
-    print!("{}", calibration_report(&title, &data.test.name, &report));
-    let out = match &a.out {
-        Some(o) => o.clone(),
-        None => a
-            .checkpoint
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default(),
-    };
+    // Written before the report is printed: a reader that stops early (| head) loses nothing.
     let json = out.join("eval.json");
     write_atomic(&json, serde_json::to_string_pretty(&report)?.as_bytes())?;
     let svg = out.join("eval-reliability.svg");
     write_atomic(&svg, reliability_svg(&report.test, &title).as_bytes())?;
+    print!("{}", calibration_report(&title, &data.test.name, &report));
     println!("wrote {}, {}", json.display(), svg.display());
     Ok(())
+}
+
+fn join(classes: &[u32]) -> String {
+    classes
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }

@@ -6,6 +6,8 @@ use anyhow::Result;
 use clap::Args;
 use loren::ensemble::export as write_export;
 
+use super::out::{same_file, writable_file};
+
 #[derive(Args, Clone)]
 pub struct ExportArgs {
     /// A checkpoint written by `loren train`.
@@ -20,6 +22,14 @@ pub struct ExportArgs {
 }
 
 pub fn export(a: &ExportArgs) -> Result<()> {
+    if same_file(&a.checkpoint, &a.out) {
+        anyhow::bail!(
+            "--out {} is the checkpoint itself: the export would replace the training checkpoint \
+             it is made from; write it elsewhere",
+            a.out.display()
+        );
+    }
+    writable_file(&a.out, "--out")?;
     let s = write_export(&a.checkpoint, a.backbone.as_deref(), &a.out)?;
     println!(
         "wrote {}: {} ensemble of {} members, {} classes; {} tensors, {:.1} MB \

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use loren::bench::parse_bytes;
 use loren::memprofile::{MemprofileOptions, run_memprofile, table, write};
@@ -28,10 +28,11 @@ pub struct MemprofileArgs {
         default_value = "1,2,4,8,16,32"
     )]
     pub members: Vec<usize>,
-    /// The sizes to measure too, comma-separated. Default: all of them, except on the CPU for
-    /// ViT-B configs, where only M <= 2 (seconds per member-step on a CPU).
+    /// The sizes to measure too, comma-separated, each one of --members. Default: all of them,
+    /// except on the CPU for ViT-B configs, where only M <= 2 (seconds per member-step on a CPU).
     #[arg(long, value_delimiter = ',')]
     pub measure: Vec<usize>,
+    /// Images per training step (every member sees the same batch).
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
     /// LoRA rank r.
@@ -47,10 +48,12 @@ pub struct MemprofileArgs {
     /// Only the analytic prediction: measure nothing.
     #[arg(long, conflicts_with = "measure")]
     pub predict_only: bool,
-    /// The memory a measured configuration may use (e.g. 16GiB): default, the device's free
-    /// memory. Sizes predicted not to fit are reported as OOM and not run.
+    /// The memory a measured configuration may use (e.g. 16GiB = 16·2^30 bytes, or 16GB =
+    /// 16·10^9): default, the device's free memory. Sizes predicted not to fit are reported as
+    /// OOM and not run.
     #[arg(long)]
     pub memory_budget: Option<String>,
+    /// Seeds the random weights and batch of the measured steps.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Output folder for memprofile.json, memprofile.svg and memprofile.md (the table with where and when it ran).
@@ -85,11 +88,18 @@ pub fn memprofile(a: &MemprofileArgs) -> Result<()> {
         rank: a.rank,
         classes: a.classes,
         warmup: a.warmup,
-        memory_budget: a.memory_budget.as_deref().map(parse_bytes).transpose()?,
+        memory_budget: a
+            .memory_budget
+            .as_deref()
+            .map(parse_bytes)
+            .transpose()
+            .context("--memory-budget")?,
         seed: a.seed,
         activations: crate::cli::args::activations(a.recompute),
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
+    // Checked once the flags parse, before the measuring it would otherwise follow.
+    super::out::writable_dir(&a.out, "--out")?;
     let quiet = a.quiet;
     let report = run_memprofile(&opts, &mut |what| {
         if !quiet {

@@ -6,6 +6,7 @@ mod compare;
 mod eval;
 mod export;
 mod memprofile;
+mod out;
 mod pretrain;
 mod train;
 
@@ -70,6 +71,7 @@ enum Command {
 }
 
 pub fn main() -> ExitCode {
+    die_quietly_on_closed_pipe();
     let cli = Cli::parse();
     let result = match cli.command {
         None => train::train(&train::TrainArgs::parse_from(["train"])),
@@ -86,6 +88,24 @@ pub fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `loren ... | head` closes stdout early. Rust ignores SIGPIPE, so the next print would panic;
+/// restoring the default makes loren end silently there, as other command-line tools do (the
+/// files a command writes are written before its report is printed).
+fn die_quietly_on_closed_pipe() {
+    #[cfg(unix)]
+    {
+        const SIGPIPE: i32 = 13;
+        const SIG_DFL: usize = 0;
+        unsafe extern "C" {
+            fn signal(signum: i32, handler: usize) -> usize;
+        }
+        // SAFETY: signal(2) with the default disposition, before any thread is started.
+        unsafe {
+            signal(SIGPIPE, SIG_DFL);
         }
     }
 }

@@ -9,18 +9,30 @@ use loren_nn::config::VitConfig;
 
 use super::args::{Common, DataArgs, splits};
 
+// Common's help speaks of members and a report; pretrain trains one network and prints one line.
 #[derive(Args, Clone)]
+#[command(
+    mut_arg("seed", |a| a.help("Seeds the backbone's random start, the data order and augmentation")),
+    mut_arg("quiet", |a| a.help("No progress bars or epoch lines: print only the closing line")),
+)]
 pub struct PretrainArgs {
     #[command(flatten)]
     pub common: Common,
     /// Where to write the backbone (default: the repository's assets/backbone-tiny.safetensors).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Passes over the pretrain split (the bundled backbone had 300).
     #[arg(long, default_value_t = 300)]
     pub epochs: usize,
 }
 
 pub fn pretrain(a: &PretrainArgs) -> Result<()> {
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| backbone::default_path(&VitConfig::tiny()));
+    // Before the epochs, not after them.
+    super::out::writable_file(&out, "--out")?;
     let data = splits(
         &DataArgs {
             data: None,
@@ -31,10 +43,6 @@ pub fn pretrain(a: &PretrainArgs) -> Result<()> {
         },
         &VitConfig::tiny(),
     )?;
-    let out = a
-        .out
-        .clone()
-        .unwrap_or_else(|| backbone::default_path(&VitConfig::tiny()));
     let mut spec = PretrainSpec::bundled(out);
     spec.train.epochs = a.epochs;
     spec.seed = a.common.seed;

@@ -1,8 +1,8 @@
 //! `loren train` (and `loren` with no command).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser};
 use loren::backbone;
 use loren::report::{calibration_report, method_title, training_line};
@@ -12,6 +12,7 @@ use loren_nn::config::{Method, VitConfig};
 use super::args::{
     Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, run_spec, splits, write_outputs,
 };
+use super::out::writable_dir;
 
 #[derive(Args, Clone)]
 pub struct TrainArgs {
@@ -46,6 +47,9 @@ impl TrainArgs {
 }
 
 pub fn train(a: &TrainArgs) -> Result<()> {
+    a.optim.check()?;
+    a.ensemble.check()?;
+    writable_dir(&a.out, "--out")?;
     let method: Method = a.ensemble.method.parse()?;
     let data = splits(&a.data, &VitConfig::by_name(&a.model.config)?)?;
     let ckpt = a.out.join("checkpoint.safetensors");
@@ -60,6 +64,9 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         Some(ckpt.clone()),
     )?;
     spec.resume = a.resume.clone();
+    if a.resume.is_none() {
+        replace_earlier_run(&a.out)?;
+    }
     let backbone = backbone::resolve(
         a.model.backbone.as_deref(),
         &mut spec.vit,
@@ -67,18 +74,43 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         spec.verbosity,
     )?;
     let result = run(&spec, &data, &backbone)?;
+    // Written before the report is printed: a reader that stops early (| head) loses nothing.
+    let written = write_outputs(&a.out, &result, &data.test.name)?;
     let title = method_title(result.method, result.members, result.rank);
     print!(
         "{}{}",
         calibration_report(&title, &data.test.name, &result.report),
         training_line(&result)
     );
-    let written = write_outputs(&a.out, &result, &data.test.name)?;
     println!(
         "wrote {}, {}, {}",
         written[0].display(),
         written[1].display(),
         ckpt.display()
     );
+    Ok(())
+}
+
+/// A fresh run into a folder that holds an earlier run's results replaces them. Its report and
+/// chart go now, so that a run stopped early never leaves a new checkpoint beside an old report;
+/// the checkpoint is overwritten at the first epoch's end. Said on stderr, even with --quiet.
+fn replace_earlier_run(out: &Path) -> Result<()> {
+    let ckpt = out.join("checkpoint.safetensors");
+    let stale: Vec<PathBuf> = ["report.json", "reliability.svg"]
+        .iter()
+        .map(|f| out.join(f))
+        .filter(|p| p.exists())
+        .collect();
+    if !ckpt.exists() && stale.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "{} holds an earlier run: this one replaces it (--out DIR keeps both; --resume {} continues it)",
+        out.display(),
+        ckpt.display()
+    );
+    for p in stale {
+        std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+    }
     Ok(())
 }

@@ -127,6 +127,23 @@ impl TensorFile {
         Ok(&e.data)
     }
 
+    /// A 64-bit FNV-1a hash of every tensor's name, shape and bits, in name order, as 16 hex
+    /// digits: what a checkpoint records of the backbone it was trained from, so a run resumed,
+    /// evaluated or exported against other weights (a backbone pretrained again, another file)
+    /// is refused rather than silently wrong.
+    pub fn fingerprint(&self) -> String {
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |word: u64| h = (h ^ word).wrapping_mul(PRIME);
+        for (name, e) in &self.tensors {
+            name.bytes().for_each(|b| eat(b as u64));
+            eat(e.shape.len() as u64);
+            e.shape.iter().for_each(|&d| eat(d as u64));
+            e.data.iter().for_each(|v| eat(v.to_bits() as u64));
+        }
+        format!("{h:016x}")
+    }
+
     /// Take a tensor out, for importers that rearrange weights.
     pub fn take(&mut self, name: &str) -> Result<Entry> {
         self.tensors

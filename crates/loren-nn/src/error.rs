@@ -16,10 +16,11 @@ pub enum NnError {
     /// A checkpoint that cannot be read or used, naming the file (and the tensor, when one).
     #[error("checkpoint {file}: {msg}")]
     Checkpoint { file: String, msg: String },
-    #[error("{file}: {source}")]
+    /// The reason is in the message, not a `source`: printed as a chain it would show twice.
+    #[error("{file}: {reason}")]
     Io {
         file: String,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     /// The loss stopped being a number.
     #[error("training stopped: the loss is {loss} at step {step}; {kept}")]
@@ -39,7 +40,7 @@ impl NnError {
     pub fn io(file: &Path, source: std::io::Error) -> Self {
         NnError::Io {
             file: file.display().to_string(),
-            source,
+            reason: source,
         }
     }
 }

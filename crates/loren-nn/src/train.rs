@@ -356,13 +356,19 @@ impl<'m> Trainer<'m> {
         let first_step = self.step;
         observer.start(self.total_steps(), first_step);
         let mut epochs = Vec::new();
+        // Only a checkpoint this run wrote is its last good one: the file at the path may be
+        // another run's.
+        let mut saved = false;
         while self.epoch < self.config.epochs {
             match self.run_epoch(data, observer) {
                 Ok(info) => epochs.push(info),
                 Err(NnError::NonFinite { step, loss, .. }) => {
                     let kept = match &ckpt.path {
-                        Some(p) if p.exists() => {
+                        Some(p) if saved => {
                             format!("the last good checkpoint is kept at {}", p.display())
+                        }
+                        _ if first_step > 0 => {
+                            "the checkpoint it resumed from is the last good one".to_string()
                         }
                         _ => "no checkpoint had been written yet".to_string(),
                     };
@@ -372,6 +378,7 @@ impl<'m> Trainer<'m> {
             }
             if let Some(path) = &ckpt.path {
                 self.save(path, &ckpt.metadata)?;
+                saved = true;
             }
         }
         let seconds = start.elapsed().as_secs_f64();
@@ -420,6 +427,7 @@ impl<'m> Trainer<'m> {
         }
         check_matches(file, "vit", &self.model.config)?;
         check_matches(file, "ensemble", &self.model.ensemble)?;
+        self.check_same_training(file)?;
         let number = |key: &str| -> Result<u64> {
             file.meta(key)?.parse().map_err(|_| {
                 NnError::checkpoint(file.path(), format!("metadata '{key}' is not a number"))
@@ -450,6 +458,68 @@ impl<'m> Trainer<'m> {
     }
 }
 
+impl Trainer<'_> {
+    /// A resumed run must train as the saved one did, or it would not continue it: every setting
+    /// but the epoch count (which may grow) and whether blocks are recomputed (which gives the
+    /// same gradients) must match, and epochs must remain.
+    fn check_same_training(&self, file: &TensorFile) -> Result<()> {
+        let theirs: TrainConfig = file.meta_json("train")?;
+        let free = TrainConfig {
+            epochs: self.config.epochs,
+            activations: self.config.activations,
+            ..theirs.clone()
+        };
+        let diffs = differences(&json_value(&free), &json_value(&self.config));
+        if !diffs.is_empty() {
+            return Err(NnError::checkpoint(
+                file.path(),
+                format!(
+                    "it was trained with other settings; resume with the same ones ({})",
+                    diffs.join("; ")
+                ),
+            ));
+        }
+        let done: usize = file
+            .meta("epoch")?
+            .parse()
+            .map_err(|_| NnError::checkpoint(file.path(), "metadata 'epoch' is not a number"))?;
+        if done >= self.config.epochs {
+            return Err(NnError::checkpoint(
+                file.path(),
+                format!(
+                    "it has already trained {done} of {} epochs, so --epochs {} leaves none to \
+                     run; give more epochs to train on",
+                    theirs.epochs, self.config.epochs
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The metadata key of the backbone's [`TensorFile::fingerprint`] in a training checkpoint.
+pub const BACKBONE_FINGERPRINT: &str = "backbone_fingerprint";
+
+/// A checkpoint that recorded the fingerprint of the backbone it was trained from must be used
+/// with those weights; one that predates the record is taken as it is.
+pub fn check_backbone(file: &TensorFile, backbone: &TensorFile) -> Result<()> {
+    let Some(recorded) = file.metadata().get(BACKBONE_FINGERPRINT) else {
+        return Ok(());
+    };
+    let found = backbone.fingerprint();
+    if recorded != &found {
+        return Err(NnError::checkpoint(
+            file.path(),
+            format!(
+                "it was trained from a backbone with fingerprint {recorded}, and {} has {found}: \
+                 pass --backbone with the weights it was trained from",
+                backbone.path().display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Require a training checkpoint written by [`Trainer::save`].
 pub fn check_format(file: &TensorFile) -> Result<()> {
     match file.metadata().get("format") {
@@ -472,19 +542,63 @@ fn entry(t: &Tensor) -> Result<Entry> {
 }
 
 /// The checkpoint's `key` metadata must describe the same thing as `ours`.
-fn check_matches<T: serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(
+fn check_matches<T: serde::de::DeserializeOwned + Serialize + PartialEq>(
     file: &TensorFile,
     key: &str,
     ours: &T,
 ) -> Result<()> {
     let theirs: T = file.meta_json(key)?;
     if &theirs != ours {
+        let diffs = differences(&json_value(&theirs), &json_value(ours));
         return Err(NnError::checkpoint(
             file.path(),
-            format!("it was made for {key} {theirs:?}, not {ours:?}"),
+            format!("it was made for another {key} ({})", diffs.join("; ")),
         ));
     }
     Ok(())
+}
+
+fn json_value<T: Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).expect("configs are plain data and always serialize")
+}
+
+/// Where two configs differ, one `field: saved X, now Y` per leaf, nested fields dotted.
+pub fn differences(saved: &serde_json::Value, now: &serde_json::Value) -> Vec<String> {
+    fn walk(path: String, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+                let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+                keys.sort();
+                keys.dedup();
+                let null = serde_json::Value::Null;
+                for k in keys {
+                    let sub = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    walk(
+                        sub,
+                        x.get(k).unwrap_or(&null),
+                        y.get(k).unwrap_or(&null),
+                        out,
+                    );
+                }
+            }
+            _ if a != b => out.push(format!("{path}: saved {}, now {}", show(a), show(b))),
+            _ => {}
+        }
+    }
+    // Settings held as f32 serialize widened (0.001 as 0.0010000000474974513): shown as f32.
+    fn show(v: &serde_json::Value) -> String {
+        match v.as_f64() {
+            Some(x) if v.is_f64() && (x as f32) as f64 == x => (x as f32).to_string(),
+            _ => v.to_string(),
+        }
+    }
+    let mut out = Vec::new();
+    walk(String::new(), saved, now, &mut out);
+    out
 }
 
 /// Rebuild the model a training checkpoint holds. Its frozen backbone, when it has one, comes
@@ -504,7 +618,10 @@ pub fn load_trained(
     let mut model = Vit::new(&vit, &ens, device, 0)?;
     let frozen_backbone = model.params().iter().any(|(_, p)| !p.trainable());
     match backbone {
-        Some(b) => model.load_backbone(b)?,
+        Some(b) => {
+            check_backbone(file, b)?;
+            model.load_backbone(b)?
+        }
         None if frozen_backbone => {
             return Err(NnError::checkpoint(
                 file.path(),

@@ -120,13 +120,14 @@ pub enum DataError {
         fractions: [f64; 4],
         reason: &'static str,
     },
-    #[error("holdout class {class} does not exist: the dataset has classes 0..{classes}")]
+    #[error(
+        "holdout class {class} does not exist: the dataset's {classes} classes are 0 to {}",
+        .classes.saturating_sub(1)
+    )]
     UnknownHoldoutClass { class: u32, classes: usize },
     #[error("holding out {held_out} of {classes} classes leaves fewer than 2 to classify")]
     TooFewClassesLeft { held_out: usize, classes: usize },
-    #[error(
-        "split part `{part}` of `{name}` would be empty; use larger fractions or a larger dataset"
-    )]
+    #[error("split part `{part}` of `{name}` would be empty: the dataset is too small to split")]
     EmptySplit { name: String, part: &'static str },
 
     #[error("shift severity {severity} is outside 1..=5")]

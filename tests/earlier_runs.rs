@@ -1,0 +1,257 @@
+//! What a run does with what earlier runs left: a resumed run must continue the same training
+//! (settings, data, backbone), eval and export must use what the checkpoint was trained with, and
+//! nothing a run needs to write is found unwritable only after its training.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use loren_nn::checkpoint::{TensorFile, write};
+
+fn loren(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_loren"))
+        .args(args)
+        .output()
+        .expect("the loren binary runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The command fails with one error line holding every needle, having printed nothing else.
+fn refused(args: &[&str], needles: &[&str]) -> String {
+    let (ok, out, err) = loren(args);
+    assert!(!ok, "loren {args:?} succeeded:\n{out}");
+    for n in needles {
+        assert!(err.contains(n), "loren {args:?}: no '{n}' in\n{err}");
+    }
+    // -q: a run that trained or evaluated first would have printed its report.
+    assert!(
+        out.is_empty(),
+        "loren {args:?} printed before failing:\n{out}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "not one line:\n{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("loren-earlier-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The run's settings but its epochs (two for the trained one) and learning rate (the default).
+const RUN: [&str; 9] = [
+    "-m",
+    "2",
+    "-r",
+    "4",
+    "--no-shift",
+    "--no-ood",
+    "-q",
+    "--seed",
+    "5",
+];
+
+/// One LoRA-Ensemble trained for two epochs, shared by the tests.
+fn trained() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = temp_dir("trained");
+        let mut args = vec!["train", "--out", dir.to_str().unwrap(), "--epochs", "2"];
+        args.extend(RUN);
+        let (ok, _, err) = loren(&args);
+        assert!(ok, "training failed: {err}");
+        dir
+    })
+}
+
+fn checkpoint() -> String {
+    trained()
+        .join("checkpoint.safetensors")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Resume `checkpoint()` into a fresh folder with `RUN` and `extra`.
+fn resume_args(out: &Path, extra: &[&'static str]) -> Vec<String> {
+    let mut args: Vec<String> = ["train", "--out", out.to_str().unwrap(), "--resume"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push(checkpoint());
+    args.extend(RUN.iter().map(|s| s.to_string()));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn resuming_with_other_settings_names_each_one() {
+    let out = temp_dir("other-settings");
+    let args = resume_args(
+        &out,
+        &["--lr", "0.002", "--batch-size", "16", "--epochs", "3"],
+    );
+    refused(
+        &strs(&args),
+        &[
+            "other settings",
+            "lr: saved 0.001, now 0.002",
+            "batch_size: saved 32, now 16",
+        ],
+    );
+}
+
+#[test]
+fn resuming_with_no_epochs_left_says_so() {
+    let out = temp_dir("no-epochs-left");
+    let args = resume_args(&out, &["--epochs", "2"]);
+    refused(
+        &strs(&args),
+        &["already trained 2 of 2 epochs", "--epochs 2"],
+    );
+}
+
+#[test]
+fn resuming_with_more_epochs_continues() {
+    let out = temp_dir("more-epochs");
+    let args = resume_args(&out, &["--epochs", "3"]);
+    let (ok, report, err) = loren(&strs(&args));
+    assert!(ok, "{err}");
+    assert!(report.contains("accuracy"), "{report}");
+}
+
+#[test]
+fn resuming_on_other_data_is_refused() {
+    let out = temp_dir("other-data");
+    let args = resume_args(&out, &["--epochs", "3", "--holdout-classes", "8,9"]);
+    refused(&strs(&args), &["holdout_classes", "same data"]);
+}
+
+/// The bundled backbone with one weight changed, as a backbone pretrained again would differ.
+fn other_backbone(dir: &Path) -> PathBuf {
+    let bundled = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/backbone-tiny.safetensors");
+    let file = TensorFile::read(&bundled).unwrap();
+    let mut tensors: Vec<_> = file
+        .names()
+        .map(|n| (n.to_string(), file.get(n).unwrap().clone()))
+        .collect();
+    tensors[0].1.data[0] += 0.5;
+    let path = dir.join("backbone.safetensors");
+    write(&path, &tensors, file.metadata().clone()).unwrap();
+    path
+}
+
+#[test]
+fn other_backbone_weights_are_refused_by_resume_eval_and_export() {
+    let dir = temp_dir("other-backbone");
+    let b = other_backbone(&dir);
+    let b = b.to_str().unwrap();
+    let c = checkpoint();
+    let needles = ["trained from a backbone with fingerprint", "--backbone"];
+    refused(
+        &[
+            "eval",
+            "--checkpoint",
+            &c,
+            "--backbone",
+            b,
+            "--out",
+            dir.to_str().unwrap(),
+        ],
+        &needles,
+    );
+    let out = dir.join("ensemble.safetensors");
+    refused(
+        &[
+            "export",
+            "--checkpoint",
+            &c,
+            "--backbone",
+            b,
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &needles,
+    );
+    assert!(!out.exists());
+    let mut args = resume_args(&dir, &["--epochs", "3"]);
+    args.extend(["--backbone".to_string(), b.to_string()]);
+    refused(&strs(&args), &needles);
+}
+
+#[test]
+fn eval_with_other_held_out_classes_is_refused() {
+    let dir = temp_dir("eval-holdout");
+    refused(
+        &[
+            "eval",
+            "--checkpoint",
+            &checkpoint(),
+            "--holdout-classes",
+            "7,9",
+            "--out",
+            dir.to_str().unwrap(),
+        ],
+        &["--holdout-classes 7,9", "holding out no classes"],
+    );
+}
+
+#[test]
+fn export_onto_its_own_checkpoint_is_refused() {
+    let dir = temp_dir("export-self");
+    let c = dir.join("checkpoint.safetensors");
+    std::fs::copy(checkpoint(), &c).unwrap();
+    let before = std::fs::read(&c).unwrap();
+    let c = c.to_str().unwrap();
+    refused(
+        &["export", "--checkpoint", c, "--out", c],
+        &["is the checkpoint itself"],
+    );
+    assert_eq!(std::fs::read(c).unwrap(), before, "the checkpoint changed");
+}
+
+#[test]
+fn an_unwritable_out_folder_fails_before_training() {
+    let dir = temp_dir("unwritable");
+    let file = dir.join("a-file");
+    std::fs::write(&file, b"not a folder").unwrap();
+    let under = file.join("out");
+    let mut args = vec!["train", "--out", under.to_str().unwrap(), "--epochs", "1"];
+    args.extend(RUN);
+    refused(&args, &["--out", "cannot write there"]);
+}
+
+/// A fresh run into a folder that holds another run's results says it replaces them, removes
+/// the old report at once, and a NaN loss does not call the older run's checkpoint its own.
+#[test]
+fn a_fresh_run_replaces_an_earlier_one_and_does_not_claim_its_checkpoint() {
+    let dir = temp_dir("replace");
+    for f in ["checkpoint.safetensors", "report.json", "reliability.svg"] {
+        std::fs::copy(trained().join(f), dir.join(f)).unwrap();
+    }
+    let mut args = vec![
+        "train",
+        "--out",
+        dir.to_str().unwrap(),
+        "--lr",
+        "1e30",
+        "--epochs",
+        "2",
+    ];
+    args.extend(RUN);
+    let (ok, _, err) = loren(&args);
+    assert!(!ok, "a learning rate of 1e30 trained");
+    assert!(err.contains("holds an earlier run"), "{err}");
+    assert!(err.contains("no checkpoint had been written yet"), "{err}");
+    assert!(!dir.join("report.json").exists() && !dir.join("reliability.svg").exists());
+}
