@@ -2,43 +2,9 @@
 //! code, and never a panic.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-/// Run loren with `args`; return (exit success, stdout, stderr).
-fn loren(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_loren"))
-        .args(args)
-        .output()
-        .expect("the loren binary runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// The run failed with exactly one `error:` line that contains every one of `needles`.
-fn fails_with(args: &[&str], needles: &[&str]) {
-    let (ok, _, err) = loren(args);
-    assert!(!ok, "{args:?} succeeded");
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "{args:?} should print one line, printed: {err}"
-    );
-    assert!(lines[0].starts_with("error: "), "{err}");
-    for n in needles {
-        assert!(lines[0].contains(n), "{args:?}: '{}' lacks '{n}'", lines[0]);
-    }
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("loren-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+mod common;
+use common::{fails_with, loren, strs, temp_dir};
 
 fn quick(extra: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = ["train", "--epochs", "1", "-q", "--no-shift", "--no-ood"]
@@ -46,10 +12,6 @@ fn quick(extra: &[&str]) -> Vec<String> {
         .into();
     v.extend(extra.iter().map(|s| s.to_string()));
     v
-}
-
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
 }
 
 #[test]

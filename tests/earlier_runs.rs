@@ -3,45 +3,21 @@
 //! nothing a run needs to write is found unwritable only after its training.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
+
+mod common;
+use common::{fails_with, loren, strs, temp_dir};
 
 use loren_nn::checkpoint::{TensorFile, write};
 
-fn loren(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_loren"))
-        .args(args)
-        .output()
-        .expect("the loren binary runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// The command fails with one error line holding every needle, having printed nothing else.
-fn refused(args: &[&str], needles: &[&str]) -> String {
-    let (ok, out, err) = loren(args);
-    assert!(!ok, "loren {args:?} succeeded:\n{out}");
-    for n in needles {
-        assert!(err.contains(n), "loren {args:?}: no '{n}' in\n{err}");
-    }
-    // -q: a run that trained or evaluated first would have printed its report.
+/// The command fails with one error line holding every needle, having printed nothing else
+/// (with -q, a run that trained or evaluated first would have printed its report).
+fn refused(args: &[&str], needles: &[&str]) {
+    let out = fails_with(args, needles);
     assert!(
         out.is_empty(),
         "loren {args:?} printed before failing:\n{out}"
     );
-    assert_eq!(err.trim().lines().count(), 1, "not one line:\n{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    err
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("loren-earlier-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 /// The run's settings but its epochs (two for the trained one) and learning rate (the default).
@@ -88,10 +64,6 @@ fn resume_args(out: &Path, extra: &[&'static str]) -> Vec<String> {
     args.extend(RUN.iter().map(|s| s.to_string()));
     args.extend(extra.iter().map(|s| s.to_string()));
     args
-}
-
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
 }
 
 #[test]

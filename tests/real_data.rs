@@ -2,58 +2,12 @@
 //! folders, written here in their formats: runs that work, and errors that name the file.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+mod common;
+use common::{fails_with, loren, run_ok, run_ok_in, strs, temp_dir};
 
 use loren_nn::checkpoint::{self, Entry, TensorFile};
 use loren_nn::config::VitConfig;
-
-fn loren(args: &[&str]) -> (bool, String, String) {
-    loren_in(Path::new("."), args)
-}
-
-/// `loren` run from the directory `cwd`.
-fn loren_in(cwd: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_loren"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("the loren binary runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn run_ok(args: &[&str]) -> String {
-    run_ok_in(Path::new("."), args)
-}
-
-fn run_ok_in(cwd: &Path, args: &[&str]) -> String {
-    let (ok, out, err) = loren_in(cwd, args);
-    assert!(ok, "loren {args:?} failed: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    out
-}
-
-/// The run failed with one `error:` line holding every needle.
-fn fails_with(args: &[&str], needles: &[&str]) {
-    let (ok, _, err) = loren(args);
-    assert!(!ok, "{args:?} succeeded");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{args:?}: {err}");
-    assert!(lines[0].starts_with("error: "), "{err}");
-    for n in needles {
-        assert!(lines[0].contains(n), "{args:?}: '{}' lacks '{n}'", lines[0]);
-    }
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("loren-realdata-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// A one-epoch train of a 2-member ensemble, writing to `out`, plus `extra`.
 fn quick_train(out: &Path, extra: &[&str]) -> Vec<String> {
@@ -77,10 +31,6 @@ fn quick_train(out: &Path, extra: &[&str]) -> Vec<String> {
     v.push(out.to_str().unwrap().to_string());
     v.extend(extra.iter().map(|s| s.to_string()));
     v
-}
-
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
 }
 
 fn bundled_backbone() -> PathBuf {

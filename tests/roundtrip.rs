@@ -2,7 +2,9 @@
 //! those `loren eval` computes from the training checkpoint.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+mod common;
+use common::{loren, run_ok, temp_dir};
 
 use loren::Ensemble;
 use loren::backbone::read_backbone;
@@ -14,31 +16,6 @@ use loren_nn::eval::predict;
 use loren_nn::metrics::{Predictions, calibration};
 use loren_nn::train::load_trained;
 use loren_tensor::{Device, DeviceSpec};
-
-fn loren(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_loren"))
-        .args(args)
-        .output()
-        .expect("the loren binary runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn run_ok(args: &[&str]) -> String {
-    let (ok, out, err) = loren(args);
-    assert!(ok, "loren {args:?} failed: {err}");
-    out
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("loren-roundtrip-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()

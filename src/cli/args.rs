@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use loren::dataset::DataSource;
 use loren::progress::Verbosity;
@@ -341,4 +341,11 @@ pub fn write_outputs(out: &Path, result: &RunResult, dataset: &str) -> Result<Ve
         reliability_svg(&result.report.test, &title).as_bytes(),
     )?;
     Ok(vec![json, svg])
+}
+
+/// `--memory-budget`, read as bytes (bench and memprofile).
+pub fn memory_budget(arg: Option<&str>) -> Result<Option<u64>> {
+    arg.map(loren::bench::parse_bytes)
+        .transpose()
+        .context("--memory-budget")
 }

@@ -3,9 +3,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
-use loren::bench::{BenchOptions, parse_bytes, run_bench, table, write};
+
+use super::args::memory_budget;
+use loren::bench::{BenchOptions, run_bench, table, write};
 use loren_nn::config::Method;
 
 #[derive(Args, Clone)]
@@ -89,12 +91,7 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         classes: a.classes,
         warmup: a.warmup,
         repeats: a.repeats,
-        memory_budget: a
-            .memory_budget
-            .as_deref()
-            .map(parse_bytes)
-            .transpose()
-            .context("--memory-budget")?,
+        memory_budget: memory_budget(a.memory_budget.as_deref())?,
         peak_size: a.peak_size,
         seed: a.seed,
         activations: crate::cli::args::activations(a.recompute),

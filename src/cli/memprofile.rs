@@ -2,9 +2,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
-use loren::bench::parse_bytes;
+
+use super::args::memory_budget;
 use loren::memprofile::{MemprofileOptions, run_memprofile, table, write};
 use loren_nn::config::Method;
 
@@ -88,12 +89,7 @@ pub fn memprofile(a: &MemprofileArgs) -> Result<()> {
         rank: a.rank,
         classes: a.classes,
         warmup: a.warmup,
-        memory_budget: a
-            .memory_budget
-            .as_deref()
-            .map(parse_bytes)
-            .transpose()
-            .context("--memory-budget")?,
+        memory_budget: memory_budget(a.memory_budget.as_deref())?,
         seed: a.seed,
         activations: crate::cli::args::activations(a.recompute),
         command: std::env::args().collect::<Vec<_>>().join(" "),

@@ -1,0 +1,71 @@
+//! What the tests that run the `loren` binary share: running it, and judging a failure.
+// Each test crate uses its own share of these.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// `loren args` run from `cwd`: whether it succeeded, its stdout and its stderr.
+pub fn loren_in(cwd: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_loren"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("the loren binary runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub fn loren(args: &[&str]) -> (bool, String, String) {
+    loren_in(Path::new("."), args)
+}
+
+/// The stdout of a run that must succeed without a panic.
+pub fn run_ok_in(cwd: &Path, args: &[&str]) -> String {
+    let (ok, out, err) = loren_in(cwd, args);
+    assert!(ok, "loren {args:?} failed: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    out
+}
+
+pub fn run_ok(args: &[&str]) -> String {
+    run_ok_in(Path::new("."), args)
+}
+
+/// The run failed, without a panic, printing exactly one `error:` line that holds every one of
+/// `needles` on stderr; returns its stdout.
+pub fn fails_with(args: &[&str], needles: &[&str]) -> String {
+    let (ok, out, err) = loren(args);
+    assert!(!ok, "{args:?} succeeded");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{args:?} should print one line, printed: {err}"
+    );
+    assert!(lines[0].starts_with("error: "), "{err}");
+    for n in needles {
+        assert!(lines[0].contains(n), "{args:?}: '{}' lacks '{n}'", lines[0]);
+    }
+    out
+}
+
+/// An empty folder of this test crate's and process's own.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "loren-{}-{}-{name}",
+        env!("CARGO_CRATE_NAME"),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
