@@ -259,7 +259,7 @@ pub fn comparison_table(runs: &[RunResult]) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<63}| {:^69} |",
+        "{:<59}| {:^69} |",
         "", "peak memory while training, by tag"
     );
     for r in runs {
@@ -299,6 +299,19 @@ mod tests {
             vec!["lora".to_string(), "12.5".to_string()],
         ];
         assert_eq!(aligned_columns(&rows, 1), "method    ms\nlora    12.5\n");
+    }
+
+    #[test]
+    fn the_comparison_headers_bars_line_up() {
+        let t = comparison_table(&[]);
+        let bars = |line: &str| -> Vec<usize> {
+            line.char_indices()
+                .filter(|&(_, c)| c == '|')
+                .map(|(i, _)| i)
+                .collect()
+        };
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(bars(lines[0]), bars(lines[1]), "\n{t}");
     }
 
     #[test]

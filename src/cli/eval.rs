@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Args;
 use loren::backbone::read_backbone;
-use loren::progress::eval_bar;
+use loren::progress::{Verbosity, eval_bar};
 use loren::report::{calibration_report, method_title};
 use loren_nn::checkpoint::{TensorFile, write_atomic};
 use loren_nn::config::VitConfig;
@@ -87,11 +87,15 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     let model = load_trained(&file, backbone.as_ref(), &device)?;
     let opts = eval_options(&data_args);
     let held_out = data.held_out.as_ref();
-    let bar = eval_bar(
-        "eval",
-        eval_images(&data.test, held_out, &opts),
-        a.common.verbosity(),
-    );
+    let images = eval_images(&data.test, held_out, &opts);
+    if a.common.verbosity() == Verbosity::Normal {
+        // The first line of a log, where the bar (a terminal's only) does not show.
+        eprintln!(
+            "eval: {} on {device}, {images} images to score",
+            a.checkpoint.display()
+        );
+    }
+    let bar = eval_bar("eval", images, a.common.verbosity());
     let report = evaluate(&model, &data.test, held_out, &opts, &mut |n| {
         bar.inc(n as u64)
     })?;

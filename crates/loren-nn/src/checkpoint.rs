@@ -112,7 +112,9 @@ impl TensorFile {
             .ok_or_else(|| NnError::checkpoint(&self.path, format!("tensor '{name}' is missing")))
     }
 
-    /// A tensor that must have `shape`; a mismatch names the tensor and both shapes.
+    /// A tensor that must have `shape` and hold numbers: a mismatch names the tensor and both
+    /// shapes, a NaN or infinity names the tensor and the element (a model loaded with one would
+    /// otherwise fail much later, at a probability that is not a number).
     pub fn get_shaped(&self, name: &str, shape: &[usize]) -> Result<&[f32]> {
         let e = self.get(name)?;
         if e.shape != shape {
@@ -122,6 +124,12 @@ impl TensorFile {
                     "tensor '{name}' has shape {:?}, expected {:?}",
                     e.shape, shape
                 ),
+            ));
+        }
+        if let Some(i) = e.data.iter().position(|v| !v.is_finite()) {
+            return Err(NnError::checkpoint(
+                &self.path,
+                format!("tensor '{name}' holds {} at element {i}", e.data[i]),
             ));
         }
         Ok(&e.data)
@@ -295,6 +303,27 @@ mod tests {
         );
         let e = f.get("nope").unwrap_err().to_string();
         assert!(e.contains("'nope'") && e.contains("missing"), "{e}");
+
+        let nan = temp("nan");
+        let data = vec![1.0, 2.0, f32::NAN, 4.0];
+        write(
+            &nan,
+            &[(
+                "w".into(),
+                Entry {
+                    shape: vec![2, 2],
+                    data,
+                },
+            )],
+            HashMap::new(),
+        )
+        .unwrap();
+        let e = TensorFile::read(&nan)
+            .unwrap()
+            .get_shaped("w", &[2, 2])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'w'") && e.contains("NaN at element 2"), "{e}");
 
         let bytes = fs::read(&p).unwrap();
         let e = TensorFile::parse(&bytes[..bytes.len() - 3], &p)
