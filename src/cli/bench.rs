@@ -106,8 +106,9 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
             eprintln!("bench: {what}");
         }
     })?;
-    print!("{}", table(&report));
+    // Written before the table is printed: a reader that stops early (| head) loses nothing.
     write(&report, &a.out)?;
+    print!("{}", table(&report));
     println!(
         "wrote {}, {} and {}",
         a.out.join("bench.json").display(),

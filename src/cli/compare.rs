@@ -98,10 +98,11 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
         write_outputs(&dir, &r, &data.test.name)?;
         results.push(r);
     }
-    print!("{}", comparison_table(&results));
-    print!("{}", growth_per_member(&results));
+    // Written before the table is printed: a reader that stops early (| head) loses nothing.
     let json = a.out.join("compare.json");
     write_atomic(&json, serde_json::to_string_pretty(&results)?.as_bytes())?;
+    print!("{}", comparison_table(&results));
+    print!("{}", growth_per_member(&results));
     println!(
         "wrote {} and a report.json and reliability.svg per method under {}",
         json.display(),

@@ -102,8 +102,9 @@ pub fn memprofile(a: &MemprofileArgs) -> Result<()> {
             eprintln!("memprofile: {what}");
         }
     })?;
-    print!("{}", table(&report));
+    // Written before the table is printed: a reader that stops early (| head) loses nothing.
     write(&report, &a.out)?;
+    print!("{}", table(&report));
     println!(
         "wrote {}, {} and {}",
         a.out.join("memprofile.json").display(),
