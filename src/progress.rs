@@ -17,8 +17,13 @@ fn bar(len: u64, template: &str, verbosity: Verbosity) -> ProgressBar {
     if verbosity == Verbosity::Quiet {
         return ProgressBar::hidden();
     }
+    // indicatif's own {per_sec} prints four decimals ("3,073.8227/s"): whole images are enough.
+    let rate = |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+        let _ = write!(w, "{:.0}/s", state.per_sec());
+    };
     let style = ProgressStyle::with_template(template)
         .expect("the templates are fixed and valid")
+        .with_key("rate", rate)
         .progress_chars("=> ");
     ProgressBar::new(len).with_style(style)
 }
@@ -90,6 +95,6 @@ impl Drop for TrainBar {
 
 /// A bar over images evaluated.
 pub fn eval_bar(label: &str, images: usize, verbosity: Verbosity) -> ProgressBar {
-    let template = "{prefix:>12} [{bar:30}] {pos}/{len} images ({per_sec}, {eta})";
+    let template = "{prefix:>12} [{bar:30}] {pos}/{len} images ({rate}, {eta})";
     bar(images as u64, template, verbosity).with_prefix(label.to_string())
 }
