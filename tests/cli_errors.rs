@@ -483,3 +483,28 @@ fn every_flag_has_a_description_that_fits_its_command() {
     let (_, eval, _) = loren(&["eval", "--help"]);
     assert!(eval.contains("eval does not use it"), "{eval}");
 }
+
+/// A report printed into a full disk (`> /dev/full`) is a one-line error, not a panic; the files
+/// were written first.
+#[test]
+fn a_full_stdout_is_an_error_not_a_panic() {
+    let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") else {
+        eprintln!("skipped: this system has no /dev/full");
+        return;
+    };
+    let dir = temp_dir("full-stdout");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_loren"))
+        .args(["memprofile", "--predict-only", "-m", "1", "--out"])
+        .arg(&dir)
+        .stdout(full)
+        .output()
+        .expect("the loren binary runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("error: writing to stdout"), "{err}");
+    assert!(
+        dir.join("memprofile.json").exists(),
+        "the files come before the table"
+    );
+}

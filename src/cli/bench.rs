@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
+use super::say;
+
 use super::args::memory_budget;
 use loren::bench::{BenchOptions, run_bench, table, write};
 use loren_nn::config::Method;
@@ -108,12 +110,12 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
     })?;
     // Written before the table is printed: a reader that stops early (| head) loses nothing.
     write(&report, &a.out)?;
-    print!("{}", table(&report));
-    println!(
-        "wrote {}, {} and {}",
+    say(format_args!("{}", table(&report)))?;
+    say(format_args!(
+        "wrote {}, {} and {}\n",
         a.out.join("bench.json").display(),
         a.out.join("bench.svg").display(),
         a.out.join("bench.md").display()
-    );
+    ))?;
     Ok(())
 }

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+
+use super::say;
 use loren::backbone;
 use loren::bench::budget_for;
 use loren::report::{comparison_table, growth_per_member};
@@ -101,13 +103,13 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     // Written before the table is printed: a reader that stops early (| head) loses nothing.
     let json = a.out.join("compare.json");
     write_atomic(&json, serde_json::to_string_pretty(&results)?.as_bytes())?;
-    print!("{}", comparison_table(&results));
-    print!("{}", growth_per_member(&results));
-    println!(
-        "wrote {} and a report.json and reliability.svg per method under {}",
+    say(format_args!("{}", comparison_table(&results)))?;
+    say(format_args!("{}", growth_per_member(&results)))?;
+    say(format_args!(
+        "wrote {} and a report.json and reliability.svg per method under {}\n",
         json.display(),
         a.out.display()
-    );
+    ))?;
     Ok(())
 }
 

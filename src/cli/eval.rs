@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
+
+use super::say;
 use loren::backbone::read_backbone;
 use loren::progress::{Verbosity, eval_bar};
 use loren::report::{calibration_report, method_title};
@@ -111,8 +113,15 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     write_atomic(&json, serde_json::to_string_pretty(&report)?.as_bytes())?;
     let svg = out.join("eval-reliability.svg");
     write_atomic(&svg, reliability_svg(&report.test, &title).as_bytes())?;
-    print!("{}", calibration_report(&title, &data.test.name, &report));
-    println!("wrote {}, {}", json.display(), svg.display());
+    say(format_args!(
+        "{}",
+        calibration_report(&title, &data.test.name, &report)
+    ))?;
+    say(format_args!(
+        "wrote {}, {}\n",
+        json.display(),
+        svg.display()
+    ))?;
     Ok(())
 }
 

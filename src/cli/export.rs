@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
+
+use super::say;
 use loren::ensemble::export as write_export;
 
 use super::out::{same_file, writable_file};
@@ -31,15 +33,15 @@ pub fn export(a: &ExportArgs) -> Result<()> {
     }
     writable_file(&a.out, "--out")?;
     let s = write_export(&a.checkpoint, a.backbone.as_deref(), &a.out)?;
-    println!(
+    say(format_args!(
         "wrote {}: {} ensemble of {} members, {} classes; {} tensors, {:.1} MB \
-         (read it with loren::Ensemble::load)",
+         (read it with loren::Ensemble::load)\n",
         s.path.display(),
         s.method,
         s.members,
         s.classes,
         s.tensors,
         s.bytes as f64 / 1e6
-    );
+    ))?;
     Ok(())
 }

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
+use super::say;
+
 use super::args::memory_budget;
 use loren::memprofile::{MemprofileOptions, run_memprofile, table, write};
 use loren_nn::config::Method;
@@ -104,12 +106,12 @@ pub fn memprofile(a: &MemprofileArgs) -> Result<()> {
     })?;
     // Written before the table is printed: a reader that stops early (| head) loses nothing.
     write(&report, &a.out)?;
-    print!("{}", table(&report));
-    println!(
-        "wrote {}, {} and {}",
+    say(format_args!("{}", table(&report)))?;
+    say(format_args!(
+        "wrote {}, {} and {}\n",
         a.out.join("memprofile.json").display(),
         a.out.join("memprofile.svg").display(),
         a.out.join("memprofile.md").display()
-    );
+    ))?;
     Ok(())
 }

@@ -109,3 +109,14 @@ fn die_quietly_on_closed_pipe() {
         }
     }
 }
+
+/// Print to stdout. A failed write (a full disk behind `>`) is an error, not a panic; a closed
+/// pipe has already ended the process quietly (`die_quietly_on_closed_pipe`).
+fn say(text: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(text)
+        .and_then(|()| out.flush())
+        .context("writing to stdout")
+}

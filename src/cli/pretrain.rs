@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
+
+use super::say;
 use loren::backbone::{self, PretrainSpec};
 use loren_nn::config::VitConfig;
 
@@ -49,12 +51,12 @@ pub fn pretrain(a: &PretrainArgs) -> Result<()> {
     spec.train.seed = a.common.seed;
     spec.device = a.common.device()?;
     let r = backbone::pretrain(&spec, &data, a.common.verbosity())?;
-    println!(
-        "pretrained {} in {:.1}s: validation accuracy {:.2}%; wrote {}",
+    say(format_args!(
+        "pretrained {} in {:.1}s: validation accuracy {:.2}%; wrote {}\n",
         spec.vit.name,
         r.summary.seconds,
         100.0 * r.val_accuracy,
         r.path.display()
-    );
+    ))?;
     Ok(())
 }

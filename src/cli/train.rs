@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser};
+
+use super::say;
 use loren::backbone;
 use loren::report::{calibration_report, method_title, training_line};
 use loren::run::run;
@@ -77,17 +79,17 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     // Written before the report is printed: a reader that stops early (| head) loses nothing.
     let written = write_outputs(&a.out, &result, &data.test.name)?;
     let title = method_title(result.method, result.members, result.rank);
-    print!(
+    say(format_args!(
         "{}{}",
         calibration_report(&title, &data.test.name, &result.report),
         training_line(&result)
-    );
-    println!(
-        "wrote {}, {}, {}",
+    ))?;
+    say(format_args!(
+        "wrote {}, {}, {}\n",
         written[0].display(),
         written[1].display(),
         ckpt.display()
-    );
+    ))?;
     Ok(())
 }
 
