@@ -508,3 +508,18 @@ fn a_full_stdout_is_an_error_not_a_panic() {
         "the files come before the table"
     );
 }
+
+/// `loren pretrain` would otherwise replace the bundled backbone (its default --out) that every
+/// run starts from: an existing file is kept unless --force.
+#[test]
+fn pretrain_keeps_an_existing_backbone_without_force() {
+    let dir = temp_dir("pretrain-exists");
+    let file = dir.join("backbone.safetensors");
+    std::fs::write(&file, b"weights").unwrap();
+    let f = file.to_str().unwrap();
+    fails_with(
+        &["pretrain", "--epochs", "1", "--out", f],
+        &["already holds a backbone", "--force"],
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"weights");
+}

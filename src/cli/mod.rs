@@ -31,7 +31,7 @@ Examples:
   loren train --members 16 --rank 4       a larger ensemble of smaller adapters
   loren compare                           single, single-lora, explicit and lora side by side
   loren eval --checkpoint runs/train/checkpoint.safetensors
-  loren pretrain                          remake the bundled backbone
+  loren pretrain --out FILE               pretrain a backbone like the bundled one (--force: replace it)
   loren train --config vit-b-32 --backbone vit_b_32.safetensors --data cifar100:DIR
                                           real weights and data (README: the paper's setup)
   loren bench --device cuda               step time, throughput and MFU, lora against explicit

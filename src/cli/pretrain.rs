@@ -26,6 +26,10 @@ pub struct PretrainArgs {
     /// Passes over the pretrain split (the bundled backbone had 300).
     #[arg(long, default_value_t = 300)]
     pub epochs: usize,
+    /// Replace the file at --out when there is one (the default --out is the bundled backbone,
+    /// which every run starts from and every checkpoint names by fingerprint).
+    #[arg(long)]
+    pub force: bool,
 }
 
 pub fn pretrain(a: &PretrainArgs) -> Result<()> {
@@ -34,6 +38,13 @@ pub fn pretrain(a: &PretrainArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| backbone::default_path(&VitConfig::tiny()));
     // Before the epochs, not after them.
+    if out.exists() && !a.force {
+        anyhow::bail!(
+            "--out {} already holds a backbone: runs that start from it, and checkpoints trained \
+             from it, would change; pass --out FILE for a new one, or --force to replace it",
+            out.display()
+        );
+    }
     super::out::writable_file(&out, "--out")?;
     let data = splits(
         &DataArgs {
