@@ -41,6 +41,7 @@ use loren_tensor::{DeviceSpec, MemTag, Staged, Tensor};
 
 use crate::backbone::read_backbone;
 use crate::dataset::DataSource;
+use crate::outputs::same_file;
 
 /// Marks a file written by [`export`].
 pub const FORMAT: &str = "loren-ensemble-v1";
@@ -294,13 +295,30 @@ pub struct ExportSummary {
 /// docs). Its backbone is `backbone`, or the path the checkpoint recorded; its class names and
 /// normalisation come from the data the checkpoint recorded.
 pub fn export(checkpoint: &Path, backbone: Option<&Path>, out: &Path) -> Result<ExportSummary> {
+    // The export must not replace what it is made from.
+    if same_file(checkpoint, out) {
+        bail!(
+            "{} is the checkpoint itself: the export would replace the training checkpoint it \
+             is made from; write it elsewhere",
+            out.display()
+        );
+    }
     let file = TensorFile::read(checkpoint)?;
     loren_nn::train::check_format(&file)?;
     let vit: VitConfig = file.meta_json("vit")?;
-    let frozen = match (backbone, file.metadata().get("backbone")) {
+    let recorded = file.metadata().get("backbone").map(Path::new);
+    if let Some(b) = backbone.or(recorded)
+        && same_file(b, out)
+    {
+        bail!(
+            "{} is the backbone the export is made from; write it elsewhere",
+            out.display()
+        );
+    }
+    let frozen = match (backbone, recorded) {
         (Some(p), _) => Some(read_backbone(p, &vit)?.file),
         (None, Some(p)) => Some(
-            read_backbone(Path::new(p), &vit)
+            read_backbone(p, &vit)
                 .context("the backbone the checkpoint was trained from (pass --backbone)")?
                 .file,
         ),

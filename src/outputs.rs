@@ -16,11 +16,23 @@ pub fn writable_dir(dir: &Path, flag: &str) -> Result<()> {
         dir
     };
     let fail = || format!("{flag} {}: cannot write there", dir.display());
-    let made: Vec<&Path> = dir
+    // Outermost first, each folder made here alone, so that only those are removed after: a
+    // path through `..` or a folder another process makes meanwhile is left as it is.
+    let mut made = Vec::new();
+    let missing: Vec<&Path> = dir
         .ancestors()
         .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
         .collect();
-    fs::create_dir_all(dir).with_context(fail)?;
+    for d in missing.into_iter().rev() {
+        match fs::create_dir(d) {
+            Ok(()) => made.push(d),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                remove_made(&made);
+                return Err(e).with_context(fail);
+            }
+        }
+    }
     let probe = dir.join(format!(".loren-write-probe-{}", std::process::id()));
     let written = OpenOptions::new()
         .write(true)
@@ -28,11 +40,15 @@ pub fn writable_dir(dir: &Path, flag: &str) -> Result<()> {
         .open(&probe)
         .map(drop)
         .and_then(|()| fs::remove_file(&probe));
-    // Innermost first; remove_dir leaves a folder something else has filled meanwhile.
-    for d in made {
+    remove_made(&made);
+    written.with_context(fail)
+}
+
+/// Innermost first; `remove_dir` leaves a folder something else has filled meanwhile.
+fn remove_made(made: &[&Path]) {
+    for d in made.iter().rev() {
         let _ = fs::remove_dir(d);
     }
-    written.with_context(fail)
 }
 
 /// [`writable_dir`] for the folder that will hold `file`; a folder of that name is an error.
@@ -48,5 +64,41 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
     match (fs::canonicalize(a), fs::canonicalize(b)) {
         (Ok(x), Ok(y)) => x == y,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("loren-outputs-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_probe_leaves_nothing_and_removes_only_what_it_made() {
+        let base = temp("probe");
+        writable_dir(&base.join("new/deeper"), "--out").unwrap();
+        assert!(!base.join("new").exists(), "the folders it made stay");
+        // Through a folder that is not there and back out: the existing empty folder stays.
+        fs::create_dir(base.join("empty")).unwrap();
+        writable_dir(&base.join("nothere/../empty"), "--out").unwrap();
+        assert!(
+            base.join("empty").is_dir(),
+            "an existing folder was removed"
+        );
+        assert!(!base.join("nothere").exists());
+        assert_eq!(
+            fs::read_dir(&base).unwrap().count(),
+            1,
+            "a probe file stayed"
+        );
+        // Under a regular file: an error naming the flag and the path.
+        fs::write(base.join("file"), b"x").unwrap();
+        let e = writable_dir(&base.join("file/out"), "--out").unwrap_err();
+        assert!(format!("{e:#}").contains("--out") && format!("{e:#}").contains("file/out"));
     }
 }

@@ -1,7 +1,7 @@
 //! One method trained and evaluated end to end, and the side-by-side comparison of methods.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -83,20 +83,59 @@ pub struct RunResult {
     pub eval_seconds: f64,
 }
 
+/// A fresh run whose checkpoint goes where an earlier run's is replaces that run: said on
+/// stderr (even with --quiet), and the earlier report and chart beside it go now, once nothing
+/// can stop the run before it trains, so that one stopped early never leaves a new checkpoint
+/// beside an old report. Nothing is removed from a folder without a checkpoint.
+fn replace_earlier_run(checkpoint: &Path) -> Result<()> {
+    let Some(dir) = checkpoint.parent().filter(|_| checkpoint.exists()) else {
+        return Ok(());
+    };
+    eprintln!(
+        "{} holds an earlier run: this one replaces it (--out DIR keeps both; --resume {} \
+         continues it)",
+        dir.display(),
+        checkpoint.display()
+    );
+    for name in ["report.json", "reliability.svg"] {
+        let p = dir.join(name);
+        if p.exists() {
+            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// A resumed run must train on the data the checkpoint was trained on: the metadata the run
-/// records of its data (`spec.metadata`: the source and the held-out classes) must match.
-fn check_same_data(file: &TensorFile, ours: &HashMap<String, String>) -> Result<()> {
+/// records of its data (`spec.metadata`: the source and the held-out classes) must match. The
+/// same kind of source at another path (a moved dataset, another machine) is taken with a note.
+fn check_same_data(
+    file: &TensorFile,
+    ours: &HashMap<String, String>,
+    verbosity: Verbosity,
+) -> Result<()> {
+    let kind = |source: &str| source.split(':').next().unwrap_or_default().to_string();
     let mut keys: Vec<&String> = ours.keys().collect();
     keys.sort();
     for key in keys {
         let saved = file.metadata().get(key).map_or("(none)", String::as_str);
-        if saved != ours[key] {
-            bail!(
-                "{}: it was trained with {key} '{saved}', not '{}'; resume with the same data",
-                file.path().display(),
-                ours[key]
-            );
+        let now = ours[key].as_str();
+        if saved == now {
+            continue;
         }
+        if key == "data" && kind(saved) == kind(now) {
+            if verbosity == Verbosity::Normal {
+                eprintln!(
+                    "note: {} was trained on {saved}; resuming on {now}, taken to be the same data",
+                    file.path().display()
+                );
+            }
+            continue;
+        }
+        bail!(
+            "{}: it was trained with {key} '{saved}', not '{now}'; resume with the same data",
+            file.path().display()
+        );
     }
     Ok(())
 }
@@ -112,14 +151,18 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
         .context("loading the backbone")?;
     let label = ens.method.name();
 
+    // Only frozen weights come from the backbone after a resume: the others are the checkpoint's.
+    let frozen_backbone = model.params().iter().any(|(_, p)| !p.trainable());
     let t0 = Instant::now();
     device.memory().reset_peaks();
     let summary = {
         let mut trainer = Trainer::new(&mut model, &spec.train, data.train.len())?;
         if let Some(path) = &spec.resume {
             let file = TensorFile::read(path)?;
-            check_same_data(&file, &spec.metadata)?;
-            check_backbone(&file, backbone)?;
+            check_same_data(&file, &spec.metadata, spec.verbosity)?;
+            if frozen_backbone {
+                check_backbone(&file, backbone)?;
+            }
             trainer.resume(&file).context("resuming")?;
         }
         // The data too (spec.metadata), so eval and export find what it was trained on, and
@@ -144,6 +187,9 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
                 trainer.total_steps() / spec.train.epochs.max(1) as u64,
                 spec.train.batch_size
             );
+        }
+        if let (None, Some(path)) = (&spec.resume, &spec.checkpoint) {
+            replace_earlier_run(path)?;
         }
         let mut bar = TrainBar::new(label, spec.verbosity);
         trainer.fit(&data.train, &ckpt, &mut bar)?

@@ -519,7 +519,7 @@ fn pretrain_keeps_an_existing_backbone_without_force() {
     let f = file.to_str().unwrap();
     fails_with(
         &["pretrain", "--epochs", "1", "--out", f],
-        &["already holds a backbone", "--force"],
+        &["exists", "--force"],
     );
     assert_eq!(std::fs::read(&file).unwrap(), b"weights");
 }

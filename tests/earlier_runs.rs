@@ -162,6 +162,75 @@ fn other_backbone_weights_are_refused_by_resume_eval_and_export() {
 }
 
 #[test]
+fn held_out_classes_are_the_same_in_any_order() {
+    let dir = temp_dir("holdout-order");
+    let c = held_out_run().join("checkpoint.safetensors");
+    let (ok, _, err) = loren(&[
+        "eval",
+        "--checkpoint",
+        c.to_str().unwrap(),
+        "--holdout-classes",
+        "8,9",
+        "--no-shift",
+        "-q",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let mut args: Vec<String> = ["train", "--out", dir.to_str().unwrap(), "--resume"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push(c.to_str().unwrap().to_string());
+    args.extend(RUN.iter().map(|s| s.to_string()));
+    args.extend(["--epochs", "2", "--holdout-classes", "8,9,8"].map(String::from));
+    let (ok, _, err) = loren(&strs(&args));
+    assert!(ok, "{err}");
+}
+
+/// A LoRA-Ensemble trained holding out classes 9 and 8 (given in that order), for one epoch.
+fn held_out_run() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = temp_dir("held-out");
+        let mut args = vec!["train", "--out", dir.to_str().unwrap(), "--epochs", "1"];
+        args.extend(RUN);
+        args.extend(["--holdout-classes", "9,8"]);
+        let (ok, _, err) = loren(&args);
+        assert!(ok, "training failed: {err}");
+        dir
+    })
+}
+
+/// The explicit ensemble's checkpoint holds every weight: the backbone it is loaded over does not
+/// matter, and is not refused.
+#[test]
+fn a_checkpoint_without_frozen_weights_takes_any_backbone() {
+    let dir = temp_dir("explicit-backbone");
+    let out = dir.to_str().unwrap();
+    let mut args = vec![
+        "train", "--out", out, "--epochs", "1", "--method", "explicit",
+    ];
+    args.extend(RUN);
+    let (ok, _, err) = loren(&args);
+    assert!(ok, "{err}");
+    let b = other_backbone(&dir);
+    let c = dir.join("checkpoint.safetensors");
+    let (ok, _, err) = loren(&[
+        "eval",
+        "--checkpoint",
+        c.to_str().unwrap(),
+        "--backbone",
+        b.to_str().unwrap(),
+        "--no-shift",
+        "-q",
+        "--out",
+        out,
+    ]);
+    assert!(ok, "{err}");
+}
+
+#[test]
 fn eval_with_other_held_out_classes_is_refused() {
     let dir = temp_dir("eval-holdout");
     refused(
@@ -203,14 +272,23 @@ fn an_unwritable_out_folder_fails_before_training() {
     refused(&args, &["--out", "cannot write there"]);
 }
 
-/// A fresh run into a folder that holds another run's results says it replaces them, removes
-/// the old report at once, and a NaN loss does not call the older run's checkpoint its own.
+/// A fresh run into a folder that holds another run's results says it replaces them and removes
+/// the old report once it is about to train (not when it is refused before), and a NaN loss does
+/// not call the older run's checkpoint its own.
 #[test]
 fn a_fresh_run_replaces_an_earlier_one_and_does_not_claim_its_checkpoint() {
     let dir = temp_dir("replace");
     for f in ["checkpoint.safetensors", "report.json", "reliability.svg"] {
         std::fs::copy(trained().join(f), dir.join(f)).unwrap();
     }
+    // A run refused before it trains leaves the earlier one as it was.
+    let mut args = vec!["train", "--out", dir.to_str().unwrap(), "--epochs", "2"];
+    args.extend(RUN);
+    args.extend(["--backbone", "nowhere.safetensors"]);
+    let (ok, _, err) = loren(&args);
+    assert!(!ok && !err.contains("earlier run"), "{err}");
+    assert!(dir.join("report.json").exists() && dir.join("reliability.svg").exists());
+
     let mut args = vec![
         "train",
         "--out",

@@ -216,7 +216,11 @@ pub fn splits(data: &DataArgs, vit: &VitConfig) -> Result<Splits> {
 
 /// What `eval` needs to rebuild the same data: the source and the held-out classes.
 pub fn data_metadata(data: &DataArgs) -> HashMap<String, String> {
-    let holdout: Vec<String> = data.holdout_classes.iter().map(u32::to_string).collect();
+    // As the splits take them: sorted, once each (8,9 and 9,8 are the same data).
+    let mut classes = data.holdout_classes.clone();
+    classes.sort_unstable();
+    classes.dedup();
+    let holdout: Vec<String> = classes.iter().map(u32::to_string).collect();
     HashMap::from([
         (
             "data".to_string(),

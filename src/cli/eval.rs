@@ -63,7 +63,8 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     };
     // The heads know the classes left after the holdout, in order: other held-out classes would
     // score them against the wrong labels.
-    if !data_args.holdout_classes.is_empty() && data_args.holdout_classes != recorded {
+    let set = |c: &[u32]| std::collections::BTreeSet::from_iter(c.iter().copied());
+    if !data_args.holdout_classes.is_empty() && set(&data_args.holdout_classes) != set(&recorded) {
         anyhow::bail!(
             "--holdout-classes {}: {} was trained holding out {}; leave the flag out to use that",
             join(&data_args.holdout_classes),

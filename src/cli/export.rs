@@ -8,7 +8,7 @@ use clap::Args;
 use super::say;
 use loren::ensemble::export as write_export;
 
-use super::out::{same_file, writable_file};
+use super::out::writable_file;
 
 #[derive(Args, Clone)]
 pub struct ExportArgs {
@@ -24,13 +24,6 @@ pub struct ExportArgs {
 }
 
 pub fn export(a: &ExportArgs) -> Result<()> {
-    if same_file(&a.checkpoint, &a.out) {
-        anyhow::bail!(
-            "--out {} is the checkpoint itself: the export would replace the training checkpoint \
-             it is made from; write it elsewhere",
-            a.out.display()
-        );
-    }
     writable_file(&a.out, "--out")?;
     let s = write_export(&a.checkpoint, a.backbone.as_deref(), &a.out)?;
     say(format_args!(

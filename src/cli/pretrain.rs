@@ -40,8 +40,9 @@ pub fn pretrain(a: &PretrainArgs) -> Result<()> {
     // Before the epochs, not after them.
     if out.exists() && !a.force {
         anyhow::bail!(
-            "--out {} already holds a backbone: runs that start from it, and checkpoints trained \
-             from it, would change; pass --out FILE for a new one, or --force to replace it",
+            "--out {} exists (by default the bundled backbone, which runs start from and \
+             checkpoints name by fingerprint); pass --out FILE for a new one, or --force to \
+             replace it",
             out.display()
         );
     }

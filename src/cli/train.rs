@@ -1,8 +1,8 @@
 //! `loren train` (and `loren` with no command).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Parser};
 
 use super::say;
@@ -66,9 +66,6 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         Some(ckpt.clone()),
     )?;
     spec.resume = a.resume.clone();
-    if a.resume.is_none() {
-        replace_earlier_run(&a.out)?;
-    }
     let backbone = backbone::resolve(
         a.model.backbone.as_deref(),
         &mut spec.vit,
@@ -90,29 +87,5 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         written[1].display(),
         ckpt.display()
     ))?;
-    Ok(())
-}
-
-/// A fresh run into a folder that holds an earlier run's results replaces them. Its report and
-/// chart go now, so that a run stopped early never leaves a new checkpoint beside an old report;
-/// the checkpoint is overwritten at the first epoch's end. Said on stderr, even with --quiet.
-fn replace_earlier_run(out: &Path) -> Result<()> {
-    let ckpt = out.join("checkpoint.safetensors");
-    let stale: Vec<PathBuf> = ["report.json", "reliability.svg"]
-        .iter()
-        .map(|f| out.join(f))
-        .filter(|p| p.exists())
-        .collect();
-    if !ckpt.exists() && stale.is_empty() {
-        return Ok(());
-    }
-    eprintln!(
-        "{} holds an earlier run: this one replaces it (--out DIR keeps both; --resume {} continues it)",
-        out.display(),
-        ckpt.display()
-    );
-    for p in stale {
-        std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
-    }
     Ok(())
 }

@@ -24,12 +24,14 @@
 // loren takes to issue the step's work, the part a real GPU cannot hide when the kernels are
 // shorter. The values it leaves are garbage.
 #include <chrono>
+#include <climits>
 #include <dlfcn.h>
 #include <cstdarg>
 #include <map>
 #include <mutex>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "common.cuh"
 
@@ -77,6 +79,8 @@ struct Stream {
 };
 struct Event {
     double ms;
+    // When it was last recorded, in the order of recordings and copies to the host (-1: never).
+    long long seq;
 };
 struct Pool {
     int unused;
@@ -133,6 +137,30 @@ bool is_pinned(const void* p) {
     return c < it->first + it->second;
 }
 
+// Copies into page-locked memory: the data is taken at the copy's place on the stream, but the
+// host sees it only once it waits for the copy (an event recorded after it, or the stream), as
+// with a DMA engine; waiting on an event never recorded waits for nothing, as on a GPU.
+struct Landing {
+    void* dst;
+    std::vector<char> data;
+    long long seq;
+};
+std::vector<Landing> landing;
+long long seq = 0;  // advanced by every event record and every copy into page-locked memory
+
+// Make visible the copies into page-locked memory issued before `upto` (LLONG_MAX: all of them).
+void land(long long upto) {
+    std::lock_guard<std::mutex> g(dma_lock);
+    std::vector<Landing> later;
+    for (Landing& l : landing) {
+        if (l.seq < upto)
+            std::memcpy(l.dst, l.data.data(), l.data.size());
+        else
+            later.push_back(std::move(l));
+    }
+    landing = std::move(later);
+}
+
 // The stream reaches its next operation: the queued copies happen first, in order.
 // Issuing without computing, they are the DMA engine's work, not the host's: dropped.
 void run_queued() {
@@ -148,10 +176,15 @@ double now_ms() {
 }
 
 // A synchronisation point: the pool hands back what it holds above its release threshold.
-void synchronised() {
-    run_queued();
+void trim_pool() {
     std::lock_guard<std::mutex> g(lock);
     if (cached_bytes > release_threshold) cached_bytes = release_threshold;
+}
+
+void synchronised() {
+    run_queued();
+    land(LLONG_MAX);
+    trim_pool();
 }
 
 CUresult alloc(CUdeviceptr* p, size_t bytes) {
@@ -273,7 +306,7 @@ API CUresult cuStreamSynchronize(void*) {
 }
 API CUresult cuStreamWaitEvent(void*, void*, unsigned) { return OK; }
 API CUresult cuEventCreate(void** e, unsigned) {
-    *e = new fake::Event{fake::now_ms()};
+    *e = new fake::Event{fake::now_ms(), -1};
     return OK;
 }
 API CUresult cuEventDestroy_v2(void* e) {
@@ -281,15 +314,30 @@ API CUresult cuEventDestroy_v2(void* e) {
     return OK;
 }
 API CUresult cuEventRecord(void* e, void*) {
-    static_cast<fake::Event*>(e)->ms = fake::now_ms();
+    auto* ev = static_cast<fake::Event*>(e);
+    ev->ms = fake::now_ms();
+    std::lock_guard<std::mutex> g(fake::dma_lock);
+    ev->seq = ++fake::seq;
     return OK;
 }
 API CUresult cuEventRecordWithFlags(void* e, void* s, unsigned) { return cuEventRecord(e, s); }
-API CUresult cuEventSynchronize(void*) {
-    fake::synchronised();
+API CUresult cuEventSynchronize(void* e) {
+    const long long upto = static_cast<fake::Event*>(e)->seq;
+    if (upto < 0) return OK;  // never recorded: nothing to wait for
+    fake::run_queued();
+    fake::land(upto);
+    fake::trim_pool();
     return OK;
 }
-API CUresult cuEventQuery(void*) { return OK; }
+// Always "complete": what was recorded has landed.
+API CUresult cuEventQuery(void* e) {
+    const long long upto = static_cast<fake::Event*>(e)->seq;
+    if (upto >= 0) {
+        fake::run_queued();
+        fake::land(upto);
+    }
+    return OK;
+}
 API CUresult cuEventElapsedTime(float* ms, void* a, void* b) {
     *ms = (float)(static_cast<fake::Event*>(b)->ms - static_cast<fake::Event*>(a)->ms);
     return OK;
@@ -332,6 +380,7 @@ API CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
 }
 API CUresult cuMemFreeHost(void* p) {
     fake::run_queued();
+    fake::land(LLONG_MAX);
     {
         std::lock_guard<std::mutex> g(fake::dma_lock);
         fake::pinned.erase(static_cast<const char*>(p));
@@ -358,7 +407,13 @@ API CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
     return OK;
 }
 API CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void*) {
-    return cuMemcpyDtoH_v2(dst, src, n);
+    if (!fake::is_pinned(dst)) return cuMemcpyDtoH_v2(dst, src, n);
+    fake::run_queued();
+    if (fake::no_compute()) return OK;
+    const char* from = reinterpret_cast<const char*>(src);
+    std::lock_guard<std::mutex> g(fake::dma_lock);
+    fake::landing.push_back({dst, std::vector<char>(from, from + n), ++fake::seq});
+    return OK;
 }
 API CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
     fake::run_queued();

@@ -68,7 +68,8 @@ pub use staging::{STAGING_MAX_BYTES, STAGING_MIN_BYTES, Staged};
 
 pub use bfloat16::bf16;
 /// Re-exported so callers name the same types the launchers take.
+pub use cudarc::driver::sys::CUevent_flags;
 pub use cudarc::driver::{
-    CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
+    CudaContext, CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
     DriverError, PinnedHostSlice,
 };

@@ -501,7 +501,8 @@ impl Trainer<'_> {
 pub const BACKBONE_FINGERPRINT: &str = "backbone_fingerprint";
 
 /// A checkpoint that recorded the fingerprint of the backbone it was trained from must be used
-/// with those weights; one that predates the record is taken as it is.
+/// with those weights, where the model keeps them frozen (LoRA methods); one that predates the
+/// record is taken as it is.
 pub fn check_backbone(file: &TensorFile, backbone: &TensorFile) -> Result<()> {
     let Some(recorded) = file.metadata().get(BACKBONE_FINGERPRINT) else {
         return Ok(());
@@ -589,10 +590,24 @@ pub fn differences(saved: &serde_json::Value, now: &serde_json::Value) -> Vec<St
             _ => {}
         }
     }
-    // Settings held as f32 serialize widened (0.001 as 0.0010000000474974513): shown as f32.
+    // Settings held as f32 serialize widened (0.001 as 0.0010000000474974513): shown as f32,
+    // inside a nested value too (an optimizer's whole settings when its kind changed).
     fn show(v: &serde_json::Value) -> String {
-        match v.as_f64() {
-            Some(x) if v.is_f64() && (x as f32) as f64 == x => (x as f32).to_string(),
+        use serde_json::Value;
+        match v {
+            Value::Number(_) => match v.as_f64() {
+                Some(x) if v.is_f64() && (x as f32) as f64 == x => (x as f32).to_string(),
+                _ => v.to_string(),
+            },
+            Value::Object(m) => {
+                let fields: Vec<String> =
+                    m.iter().map(|(k, x)| format!("{k}: {}", show(x))).collect();
+                format!("{{{}}}", fields.join(", "))
+            }
+            Value::Array(a) => {
+                let items: Vec<String> = a.iter().map(show).collect();
+                format!("[{}]", items.join(", "))
+            }
             _ => v.to_string(),
         }
     }
@@ -618,8 +633,11 @@ pub fn load_trained(
     let mut model = Vit::new(&vit, &ens, device, 0)?;
     let frozen_backbone = model.params().iter().any(|(_, p)| !p.trainable());
     match backbone {
+        // Without frozen weights the checkpoint holds every tensor: any backbone will do.
         Some(b) => {
-            check_backbone(file, b)?;
+            if frozen_backbone {
+                check_backbone(file, b)?;
+            }
             model.load_backbone(b)?
         }
         None if frozen_backbone => {

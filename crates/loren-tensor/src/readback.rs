@@ -7,7 +7,7 @@
 //! into page-locked memory where the loss is made, queues the backward and the update behind it
 //! (the update guarded on the device by the loss being finite), and reads the copy last.
 
-use loren_kernels::PinnedHostSlice;
+use loren_kernels::{CUevent_flags, CudaEvent, PinnedHostSlice};
 
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -24,8 +24,22 @@ pub struct ScalarReadback {
 
 enum Slot {
     Cpu(f32),
-    /// Not write-combined: the host reads it.
-    Gpu(PinnedHostSlice<f32>),
+    /// Not write-combined: the host reads it. The event is recorded after each copy into it:
+    /// cudarc records the slice's own only with its cross-stream tracking, which `Gpu` turns off.
+    Gpu {
+        host: PinnedHostSlice<f32>,
+        copied: CudaEvent,
+    },
+}
+
+impl Drop for ScalarReadback {
+    fn drop(&mut self) {
+        // A step that failed between `queue` and `wait` may leave the copy running: the page-
+        // locked memory must outlive it. An error here has nowhere to go.
+        if let Slot::Gpu { copied, .. } = &self.slot {
+            let _ = copied.synchronize();
+        }
+    }
 }
 
 impl std::fmt::Debug for ScalarReadback {
@@ -46,7 +60,11 @@ impl ScalarReadback {
                 // SAFETY: the memory starts unset; `wait` reads it only after a copy into it.
                 let host = unsafe { gpu.context().alloc_pinned_with_flags::<f32>(1, 0) }
                     .map_err(crate::tensor::cuda(OP))?;
-                Slot::Gpu(host)
+                let copied = gpu
+                    .context()
+                    .new_event(Some(CUevent_flags::CU_EVENT_BLOCKING_SYNC))
+                    .map_err(crate::tensor::cuda(OP))?;
+                Slot::Gpu { host, copied }
             }
         };
         Ok(ScalarReadback {
@@ -74,11 +92,12 @@ impl ScalarReadback {
         }
         match &mut self.slot {
             Slot::Cpu(v) => *v = t.as_slice()?[0],
-            Slot::Gpu(host) => {
+            Slot::Gpu { host, copied } => {
                 let stream = self.device.require_gpu(OP)?.stream();
                 stream
                     .memcpy_dtoh(t.cu_f32(OP)?, host)
                     .map_err(crate::tensor::cuda(OP))?;
+                copied.record(stream).map_err(crate::tensor::cuda(OP))?;
             }
         }
         self.queued = true;
@@ -93,7 +112,12 @@ impl ScalarReadback {
         }
         match &self.slot {
             Slot::Cpu(v) => Ok(*v),
-            Slot::Gpu(host) => Ok(host.as_slice().map_err(crate::tensor::cuda(OP))?[0]),
+            Slot::Gpu { host, copied } => {
+                copied.synchronize().map_err(crate::tensor::cuda(OP))?;
+                // SAFETY: the copy into the one f32 has finished (the event after it), and no
+                // other copy into it is queued until the next `queue`, which takes `&mut self`.
+                Ok(unsafe { *host.as_ptr().map_err(crate::tensor::cuda(OP))? })
+            }
         }
     }
 }
