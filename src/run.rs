@@ -163,7 +163,7 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
             if frozen_backbone {
                 check_backbone(&file, backbone)?;
             }
-            trainer.resume(&file).context("resuming")?;
+            trainer.resume(&file)?;
         }
         // The data too (spec.metadata), so eval and export find what it was trained on, and
         // the backbone's fingerprint, so they refuse other weights.

@@ -449,7 +449,7 @@ impl<'m> Trainer<'m> {
             let name = format!("optim.{which}.{}", names[&id]);
             let values = file
                 .get_shaped(&name, t.dims())
-                .map_err(|e| loren_tensor::Error::invalid("resume", e.to_string()))?;
+                .map_err(|e| loren_tensor::Error::invalid("resuming", e.to_string()))?;
             t.copy_from_host(values)
         })?;
         self.epoch = epoch as usize;
