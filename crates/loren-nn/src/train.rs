@@ -238,9 +238,10 @@ impl<'m> Trainer<'m> {
         let images = Tensor::from_staged(images, MemTag::Workspace)?;
         self.grads.zero()?;
         mark(Phase::Forward, "images in, gradients zeroed");
-        // Nothing in the step waits for the GPU (`loren_tensor::readback`): the loss is
-        // copied out where it is made and read once the backward and the update are queued
-        // behind it; the update itself reads the loss on the device and skips a non-finite one.
+        // The step waits for the GPU once, at its end, for the loss's copy alone
+        // (`loren_tensor::readback`): the copy is queued where the loss is made and read once the
+        // backward and the update are queued behind it; the update itself reads the loss on the
+        // device and skips a non-finite one.
         let loss = {
             let tape = match timer {
                 Some(t) => Tape::new().timed(t.clone()),
