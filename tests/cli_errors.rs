@@ -236,9 +236,10 @@ fn compare_to_an_unwritable_out_fails_before_training() {
     );
 }
 
-#[test]
-fn bench_and_memprofile_to_an_unwritable_out_fail_before_measuring() {
-    let bench = [
+/// The quickest `loren bench` on the CPU (one LoRA row, one repeat), with a peak GEMM of side
+/// `peak`, writing to `out`, plus `extra`.
+fn quick_bench(peak: &str, out: &str, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
         "bench",
         "--device",
         "cpu",
@@ -251,11 +252,20 @@ fn bench_and_memprofile_to_an_unwritable_out_fail_before_measuring() {
         "--warmup",
         "0",
         "--peak-size",
-        "64",
+        peak,
         "--out",
-        "/proc/x/b",
-    ];
-    fails_before_work(&bench, &["--out /proc/x/b"]);
+        out,
+    ]
+    .map(String::from)
+    .into();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+#[test]
+fn bench_and_memprofile_to_an_unwritable_out_fail_before_measuring() {
+    let bench = quick_bench("64", "/proc/x/b", &[]);
+    fails_before_work(&strs(&bench), &["--out /proc/x/b"]);
     let memprofile = [
         "memprofile",
         "--device",
@@ -354,27 +364,7 @@ fn bad_optimizer_and_adapter_flags_name_the_flag() {
 #[test]
 fn bench_refuses_a_peak_gemm_that_cannot_fit() {
     let out = temp_dir("bench-peak");
-    let bench = |peak: &str, extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "bench",
-            "--device",
-            "cpu",
-            "-m",
-            "1",
-            "--methods",
-            "lora",
-            "--repeats",
-            "1",
-            "--peak-size",
-            peak,
-            "--out",
-            out.to_str().unwrap(),
-        ]
-        .map(String::from)
-        .into();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
+    let bench = |peak: &str, extra: &[&str]| quick_bench(peak, out.to_str().unwrap(), extra);
     // This one aborted the process allocating 40 GB.
     fails_before_work(
         &strs(&bench("100000", &[])),

@@ -101,7 +101,7 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
     // Checked once the flags parse, before the measuring it would otherwise follow.
-    super::out::writable_dir(&a.out, "--out")?;
+    loren::outputs::writable_dir(&a.out, "--out")?;
     let quiet = a.quiet;
     let report = run_bench(&opts, &mut |what| {
         if !quiet {

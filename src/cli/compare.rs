@@ -72,7 +72,7 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     a.optim.check()?;
     a.ensemble.check()?;
-    super::out::writable_dir(&a.out, "--out")?;
+    loren::outputs::writable_dir(&a.out, "--out")?;
     let mut vit = VitConfig::by_name(&a.model.config)?;
     let data = splits(&a.data, &vit)?;
     let plan = plan(a, &methods, &data)?;

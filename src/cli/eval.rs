@@ -16,7 +16,7 @@ use loren_nn::reliability::reliability_svg;
 use loren_nn::train::{check_format, load_trained};
 
 use super::args::{Common, DataArgs, eval_options, splits};
-use super::out::writable_dir;
+use loren::outputs::writable_dir;
 
 #[derive(Args, Clone)]
 pub struct EvalArgs {

@@ -8,7 +8,7 @@ use clap::Args;
 use super::say;
 use loren::ensemble::export as write_export;
 
-use super::out::writable_file;
+use loren::outputs::writable_file;
 
 #[derive(Args, Clone)]
 pub struct ExportArgs {

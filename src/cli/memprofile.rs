@@ -97,7 +97,7 @@ pub fn memprofile(a: &MemprofileArgs) -> Result<()> {
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
     // Checked once the flags parse, before the measuring it would otherwise follow.
-    super::out::writable_dir(&a.out, "--out")?;
+    loren::outputs::writable_dir(&a.out, "--out")?;
     let quiet = a.quiet;
     let report = run_memprofile(&opts, &mut |what| {
         if !quiet {

@@ -6,7 +6,6 @@ mod compare;
 mod eval;
 mod export;
 mod memprofile;
-mod out;
 mod pretrain;
 mod train;
 

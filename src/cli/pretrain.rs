@@ -46,7 +46,7 @@ pub fn pretrain(a: &PretrainArgs) -> Result<()> {
             out.display()
         );
     }
-    super::out::writable_file(&out, "--out")?;
+    loren::outputs::writable_file(&out, "--out")?;
     let data = splits(
         &DataArgs {
             data: None,

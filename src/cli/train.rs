@@ -14,7 +14,7 @@ use loren_nn::config::{Method, VitConfig};
 use super::args::{
     Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, run_spec, splits, write_outputs,
 };
-use super::out::writable_dir;
+use loren::outputs::writable_dir;
 
 #[derive(Args, Clone)]
 pub struct TrainArgs {

@@ -565,7 +565,7 @@ fn json_value<T: Serialize>(v: &T) -> serde_json::Value {
 }
 
 /// Where two configs differ, one `field: saved X, now Y` per leaf, nested fields dotted.
-pub fn differences(saved: &serde_json::Value, now: &serde_json::Value) -> Vec<String> {
+fn differences(saved: &serde_json::Value, now: &serde_json::Value) -> Vec<String> {
     fn walk(path: String, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
         match (a, b) {
             (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {

@@ -32,6 +32,9 @@ use loren_nn::train::{TrainConfig, Trainer};
 use loren_nn::vit::Vit;
 use loren_tensor::{Device, MemTag, Tensor};
 
+mod common;
+use common::param_bits;
+
 fn gpu() -> Option<Device> {
     match loren_kernels::cuda_available() {
         Ok(()) => Some(Device::cuda(0).expect("a usable GPU opens")),
@@ -234,20 +237,7 @@ fn non_finite_step_changes_nothing(device: &Device) {
     bad.images[100] = f32::NAN;
     let mut cfg = TrainConfig::plain(4, 1e-2, loren_nn::config::Activations::Keep);
     cfg.grad_clip = Some(1.0);
-    let bits = |t: &Trainer| -> Vec<Vec<u32>> {
-        t.model()
-            .params()
-            .iter()
-            .map(|(_, p)| {
-                p.value()
-                    .to_vec()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect()
-            })
-            .collect()
-    };
+    let bits = |t: &Trainer| param_bits(t.model());
     let mut ta = Trainer::new(&mut a, &cfg, 4).unwrap();
     let mut tb = Trainer::new(&mut b, &cfg, 4).unwrap();
     let before = bits(&tb);

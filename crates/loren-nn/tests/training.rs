@@ -12,6 +12,9 @@ use loren_nn::train::{CheckpointSpec, Quiet, TrainConfig, Trainer};
 use loren_nn::vit::Vit;
 use loren_tensor::Device;
 
+mod common;
+use common::param_bits;
+
 fn train_split() -> Dataset {
     let all = bundled_digits().unwrap();
     split_digits(&all, &SplitOptions::default()).unwrap().train
@@ -223,19 +226,7 @@ fn images_staged_on_another_thread_give_the_same_step() {
         let lb = tb.step_staged(&batch, staged).unwrap();
         assert_eq!(la.to_bits(), lb.to_bits());
     }
-    let bits = |t: &Trainer| -> Vec<Vec<u32>> {
-        let p = t.model().params();
-        p.iter()
-            .map(|(_, q)| {
-                q.value()
-                    .to_vec()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect()
-            })
-            .collect()
-    };
+    let bits = |t: &Trainer| param_bits(t.model());
     assert!(
         bits(&ta) == bits(&tb),
         "the parameters differ after three steps"
