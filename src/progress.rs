@@ -1,5 +1,7 @@
-//! Progress bars for training and evaluation. They draw on stderr and hide themselves when it
-//! is not a terminal, so logs stay clean.
+//! Progress bars for training and evaluation. They draw on stderr when it is a terminal; in a
+//! log they give way to a plain line every half minute, so a long run still shows it is alive.
+
+use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use loren_nn::train::{EpochInfo, Observer, StepInfo};
@@ -28,11 +30,41 @@ fn bar(len: u64, template: &str, verbosity: Verbosity) -> ProgressBar {
     ProgressBar::new(len).with_style(style)
 }
 
+/// When a run with no bar to draw prints its next progress line.
+struct Heartbeat {
+    every: Duration,
+    last: Instant,
+}
+
+impl Heartbeat {
+    fn new() -> Heartbeat {
+        Heartbeat::every(Duration::from_secs(30))
+    }
+
+    fn every(every: Duration) -> Heartbeat {
+        Heartbeat {
+            every,
+            last: Instant::now(),
+        }
+    }
+
+    /// Whether a line is due: only where `bar` shows nothing on a run that is not quiet.
+    fn due(&mut self, bar: &ProgressBar, verbosity: Verbosity) -> bool {
+        let due =
+            verbosity == Verbosity::Normal && bar.is_hidden() && self.last.elapsed() >= self.every;
+        if due {
+            self.last = Instant::now();
+        }
+        due
+    }
+}
+
 /// Draws one bar over all training steps, with loss, learning rate and throughput.
 pub struct TrainBar {
     bar: ProgressBar,
     label: String,
     verbosity: Verbosity,
+    heartbeat: Heartbeat,
     /// Exponential moving averages of the loss and of images per second.
     loss: Option<f64>,
     rate: Option<f64>,
@@ -44,6 +76,7 @@ impl TrainBar {
             bar: ProgressBar::hidden(),
             label: label.to_string(),
             verbosity,
+            heartbeat: Heartbeat::new(),
             loss: None,
             rate: None,
         }
@@ -65,11 +98,20 @@ impl Observer for TrainBar {
         let loss = ema(self.loss, s.loss as f64, 0.9);
         let rate = ema(self.rate, s.images as f64 / s.seconds.max(1e-9), 0.9);
         (self.loss, self.rate) = (Some(loss), Some(rate));
-        self.bar.set_message(format!(
+        let progress = format!(
             "epoch {} loss {loss:.4} lr {:.2e} {rate:.0} img/s",
             s.epoch + 1,
             s.lr
-        ));
+        );
+        if self.heartbeat.due(&self.bar, self.verbosity) {
+            eprintln!(
+                "{}: step {}/{} {progress}",
+                self.label,
+                s.step + 1,
+                s.total_steps
+            );
+        }
+        self.bar.set_message(progress);
         self.bar.set_position(s.step + 1);
     }
 
@@ -94,7 +136,55 @@ impl Drop for TrainBar {
 }
 
 /// A bar over images evaluated.
-pub fn eval_bar(label: &str, images: usize, verbosity: Verbosity) -> ProgressBar {
-    let template = "{prefix:>12} [{bar:30}] {pos}/{len} images ({rate}, {eta})";
-    bar(images as u64, template, verbosity).with_prefix(label.to_string())
+pub struct EvalBar {
+    bar: ProgressBar,
+    label: String,
+    verbosity: Verbosity,
+    heartbeat: Heartbeat,
+}
+
+impl EvalBar {
+    pub fn new(label: &str, images: usize, verbosity: Verbosity) -> EvalBar {
+        let template = "{prefix:>12} [{bar:30}] {pos}/{len} images ({rate}, {eta})";
+        EvalBar {
+            bar: bar(images as u64, template, verbosity).with_prefix(label.to_string()),
+            label: label.to_string(),
+            verbosity,
+            heartbeat: Heartbeat::new(),
+        }
+    }
+
+    /// `images` more are scored.
+    pub fn inc(&mut self, images: usize) {
+        self.bar.inc(images as u64);
+        if self.heartbeat.due(&self.bar, self.verbosity) {
+            let (done, total) = (self.bar.position(), self.bar.length().unwrap_or(0));
+            eprintln!(
+                "{}: {done}/{total} images scored ({:.0}/s)",
+                self.label,
+                self.bar.per_sec()
+            );
+        }
+    }
+}
+
+impl Drop for EvalBar {
+    fn drop(&mut self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_gets_progress_lines_a_terminal_and_a_quiet_run_do_not() {
+        let hidden = ProgressBar::hidden();
+        let mut now = Heartbeat::every(Duration::ZERO);
+        assert!(now.due(&hidden, Verbosity::Normal));
+        assert!(!now.due(&hidden, Verbosity::Quiet));
+        let mut later = Heartbeat::every(Duration::from_secs(3600));
+        assert!(!later.due(&hidden, Verbosity::Normal));
+    }
 }

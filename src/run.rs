@@ -19,7 +19,7 @@ use loren_tensor::{Device, DeviceSpec, MemTag, MemoryReport};
 use serde::Serialize;
 
 use crate::bench::{Budget, budget_for, need_for_peak, precision};
-use crate::progress::{TrainBar, Verbosity, eval_bar};
+use crate::progress::{EvalBar, TrainBar, Verbosity};
 use crate::report::bytes;
 
 /// Everything that defines a run.
@@ -201,15 +201,15 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
     let val = predict(&model, &data.val, spec.eval.batch_size, &mut |_| {})?;
     let val_report = calibration(&val, &data.val.labels)?;
     let held_out = data.held_out.as_ref();
-    let bar = eval_bar(
+    let mut bar = EvalBar::new(
         label,
         eval_images(&data.test, held_out, &spec.eval),
         spec.verbosity,
     );
     let report = evaluate(&model, &data.test, held_out, &spec.eval, &mut |n| {
-        bar.inc(n as u64)
+        bar.inc(n)
     })?;
-    bar.finish_and_clear();
+    drop(bar);
 
     Ok(RunResult {
         method: ens.method,

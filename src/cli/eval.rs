@@ -7,7 +7,7 @@ use clap::Args;
 
 use super::say;
 use loren::backbone::read_backbone;
-use loren::progress::{Verbosity, eval_bar};
+use loren::progress::{EvalBar, Verbosity};
 use loren::report::{calibration_report, method_title};
 use loren_nn::checkpoint::{TensorFile, write_atomic};
 use loren_nn::config::VitConfig;
@@ -98,11 +98,9 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             a.checkpoint.display()
         );
     }
-    let bar = eval_bar("eval", images, a.common.verbosity());
-    let report = evaluate(&model, &data.test, held_out, &opts, &mut |n| {
-        bar.inc(n as u64)
-    })?;
-    bar.finish_and_clear();
+    let mut bar = EvalBar::new("eval", images, a.common.verbosity());
+    let report = evaluate(&model, &data.test, held_out, &opts, &mut |n| bar.inc(n))?;
+    drop(bar);
     let ens = &model.ensemble;
     let title = method_title(
         ens.method,

@@ -279,6 +279,18 @@ impl FusedTable {
         Ok(true)
     }
 
+    /// The clipping factor a step scales its gradients by, when [`FusedTable::clip`] made one.
+    fn scale(
+        &self,
+        op: &'static str,
+        clipped: bool,
+    ) -> Result<Option<&dyn loren_kernels::DevicePtr<f32>>> {
+        Ok(match clipped {
+            true => Some(self.coef.cu_f32(op)? as &dyn loren_kernels::DevicePtr<f32>),
+            false => None,
+        })
+    }
+
     /// One AdamW step over every slot, clipping the global gradient norm first when asked. No
     /// value comes back to the host. With `guard` (a one-element f32 tensor on this device: the
     /// step's loss) nothing changes unless its value is finite, which the kernel reads.
@@ -299,11 +311,7 @@ impl FusedTable {
             weight_decay: h.weight_decay,
             step: h.step,
         };
-        let scale = if clipped {
-            Some(self.coef.cu_f32("adamw_step")? as &dyn loren_kernels::DevicePtr<f32>)
-        } else {
-            None
-        };
+        let scale = self.scale("adamw_step", clipped)?;
         let guard = guard_ptr("adamw_step", guard)?;
         Ok(gpu.adamw_step(&self.table, &k, scale, guard)?)
     }
@@ -323,11 +331,7 @@ impl FusedTable {
             momentum: h.momentum,
             weight_decay: h.weight_decay,
         };
-        let scale = if clipped {
-            Some(self.coef.cu_f32("sgd_step")? as &dyn loren_kernels::DevicePtr<f32>)
-        } else {
-            None
-        };
+        let scale = self.scale("sgd_step", clipped)?;
         let guard = guard_ptr("sgd_step", guard)?;
         Ok(gpu.sgd_step(&self.table, &k, scale, guard)?)
     }
