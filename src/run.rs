@@ -14,7 +14,7 @@ use loren_nn::metrics::calibration;
 use loren_nn::train::{
     BACKBONE_FINGERPRINT, CheckpointSpec, TrainConfig, TrainSummary, Trainer, check_backbone,
 };
-use loren_nn::vit::Vit;
+use loren_nn::vit::{Vit, fine_tune_seed};
 use loren_tensor::{Device, DeviceSpec, MemTag, MemoryReport};
 use serde::Serialize;
 
@@ -28,7 +28,7 @@ pub struct RunSpec {
     pub vit: VitConfig,
     pub ensemble: EnsembleConfig,
     pub train: TrainConfig,
-    /// Seeds the adapters' and heads' start.
+    /// Seeds the adapters' and heads' start (through [`fine_tune_seed`]).
     pub model_seed: u64,
     pub device: DeviceSpec,
     /// Where to keep the training checkpoint.
@@ -145,7 +145,7 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
     let device = spec.device.open()?;
     check_fits(spec, data, &device)?;
     let ens = &spec.ensemble;
-    let mut model = Vit::new(&spec.vit, ens, &device, spec.model_seed)?;
+    let mut model = Vit::new(&spec.vit, ens, &device, fine_tune_seed(spec.model_seed))?;
     model
         .load_backbone(backbone)
         .context("loading the backbone")?;

@@ -251,9 +251,18 @@ impl Builder<'_> {
     }
 }
 
+/// The seed a model to fine-tune is started with, for a run's seed: a stream of its own. A model
+/// started from the seed itself at the backbone's size draws the very head the backbone was
+/// pretrained with when the seeds agree (the bundled backbone's is 0, the default), so a single
+/// network would start fitted to the backbone's features.
+pub fn fine_tune_seed(seed: u64) -> u64 {
+    const FINE_TUNE: u64 = 0x4649_4E45_5455_4E45;
+    Rng::new(seed).fork(FINE_TUNE).next_u64()
+}
+
 impl Vit {
     /// A freshly started model: a random backbone (replace it with [`Vit::load_backbone`] to
-    /// fine-tune), random adapters and heads.
+    /// fine-tune, starting from [`fine_tune_seed`]), random adapters and heads.
     pub fn new(
         config: &VitConfig,
         ensemble: &EnsembleConfig,
