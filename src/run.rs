@@ -83,27 +83,24 @@ pub struct RunResult {
     pub eval_seconds: f64,
 }
 
-/// A fresh run whose checkpoint goes where an earlier run's is replaces that run: said on
-/// stderr (even with --quiet), and the earlier report and chart beside it go now, once nothing
-/// can stop the run before it trains, so that one stopped early never leaves a new checkpoint
-/// beside an old report. Nothing is removed from a folder without a checkpoint.
-fn replace_earlier_run(checkpoint: &Path) -> Result<()> {
+/// A fresh run whose checkpoint goes where an earlier run's is replaces that run, said on stderr
+/// (even with --quiet): the earlier report and chart beside the checkpoint, which go when the
+/// first checkpoint of this run replaces the earlier one, so that a run stopped before then
+/// leaves the earlier one whole, and one stopped after never leaves a new checkpoint beside an
+/// old report. Nothing is replaced in a folder without a checkpoint.
+fn earlier_run(checkpoint: &Path) -> Vec<PathBuf> {
     let Some(dir) = checkpoint.parent().filter(|_| checkpoint.exists()) else {
-        return Ok(());
+        return Vec::new();
     };
     eprintln!(
-        "{} holds an earlier run: this one replaces it (--out DIR keeps both; --resume {} \
-         continues it)",
+        "{} holds an earlier run: this one replaces it when its first epoch ends (--out DIR \
+         keeps both; --resume {} continues it)",
         dir.display(),
         checkpoint.display()
     );
-    for name in ["report.json", "reliability.svg"] {
-        let p = dir.join(name);
-        if p.exists() {
-            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
-        }
-    }
-    Ok(())
+    ["report.json", "reliability.svg"]
+        .map(|name| dir.join(name))
+        .to_vec()
 }
 
 /// A resumed run must train on the data the checkpoint was trained on: the metadata the run
@@ -173,9 +170,14 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
             backbone.path().display().to_string(),
         );
         metadata.insert(BACKBONE_FINGERPRINT.to_string(), backbone.fingerprint());
+        let replaces = match (&spec.resume, &spec.checkpoint) {
+            (None, Some(path)) => earlier_run(path),
+            _ => Vec::new(),
+        };
         let ckpt = CheckpointSpec {
             path: spec.checkpoint.clone(),
             metadata,
+            replaces,
         };
         if spec.verbosity == Verbosity::Normal {
             // The first line of a log, and what a slow first step is slow at.
@@ -187,9 +189,6 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
                 trainer.total_steps() / spec.train.epochs.max(1) as u64,
                 spec.train.batch_size
             );
-        }
-        if let (None, Some(path)) = (&spec.resume, &spec.checkpoint) {
-            replace_earlier_run(path)?;
         }
         let mut bar = TrainBar::new(label, spec.verbosity);
         trainer.fit(&data.train, &ckpt, &mut bar)?

@@ -272,9 +272,9 @@ fn an_unwritable_out_folder_fails_before_training() {
     refused(&args, &["--out", "cannot write there"]);
 }
 
-/// A fresh run into a folder that holds another run's results says it replaces them and removes
-/// the old report once it is about to train (not when it is refused before), and a NaN loss does
-/// not call the older run's checkpoint its own.
+/// A fresh run into a folder that holds another run's results says it replaces them, and leaves
+/// them whole when it is refused or stops before its first checkpoint; a NaN loss does not call
+/// the older run's checkpoint its own.
 #[test]
 fn a_fresh_run_replaces_an_earlier_one_and_does_not_claim_its_checkpoint() {
     let dir = temp_dir("replace");
@@ -302,6 +302,17 @@ fn a_fresh_run_replaces_an_earlier_one_and_does_not_claim_its_checkpoint() {
     let (ok, _, err) = loren(&args);
     assert!(!ok, "a learning rate of 1e30 trained");
     assert!(err.contains("holds an earlier run"), "{err}");
-    assert!(err.contains("no checkpoint had been written yet"), "{err}");
-    assert!(!dir.join("report.json").exists() && !dir.join("reliability.svg").exists());
+    assert!(
+        err.contains("no checkpoint had been written yet")
+            && err.contains("checkpoint.safetensors is still the earlier run's"),
+        "{err}"
+    );
+    for f in ["checkpoint.safetensors", "report.json", "reliability.svg"] {
+        let (now, was) = (dir.join(f), trained().join(f));
+        assert_eq!(
+            std::fs::read(now).unwrap(),
+            std::fs::read(was).unwrap(),
+            "{f}"
+        );
+    }
 }

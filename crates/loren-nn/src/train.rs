@@ -121,6 +121,9 @@ impl Observer for Quiet {}
 pub struct CheckpointSpec {
     pub path: Option<PathBuf>,
     pub metadata: HashMap<String, String>,
+    /// An earlier run's files beside `path` (its report, say), removed when this run's first
+    /// checkpoint replaces that run's: until then the earlier run stays whole.
+    pub replaces: Vec<PathBuf>,
 }
 
 /// What a finished run reports.
@@ -359,18 +362,24 @@ impl<'m> Trainer<'m> {
         let mut epochs = Vec::new();
         // Only a checkpoint this run wrote is its last good one: the file at the path may be
         // another run's.
+        let earlier = ckpt.path.as_ref().filter(|p| first_step == 0 && p.exists());
         let mut saved = false;
         while self.epoch < self.config.epochs {
             match self.run_epoch(data, observer) {
                 Ok(info) => epochs.push(info),
                 Err(NnError::NonFinite { step, loss, .. }) => {
-                    let kept = match &ckpt.path {
-                        Some(p) if saved => {
+                    let kept = match (&ckpt.path, earlier) {
+                        (Some(p), _) if saved => {
                             format!("the last good checkpoint is kept at {}", p.display())
                         }
                         _ if first_step > 0 => {
                             "the checkpoint it resumed from is the last good one".to_string()
                         }
+                        (_, Some(p)) => format!(
+                            "no checkpoint had been written yet, and {} is still the earlier \
+                             run's",
+                            p.display()
+                        ),
                         _ => "no checkpoint had been written yet".to_string(),
                     };
                     return Err(NnError::NonFinite { step, loss, kept });
@@ -379,6 +388,9 @@ impl<'m> Trainer<'m> {
             }
             if let Some(path) = &ckpt.path {
                 self.save(path, &ckpt.metadata)?;
+                if !saved {
+                    remove_files(&ckpt.replaces)?;
+                }
                 saved = true;
             }
         }
@@ -496,6 +508,13 @@ impl Trainer<'_> {
         }
         Ok(())
     }
+}
+
+fn remove_files(files: &[PathBuf]) -> Result<()> {
+    for f in files.iter().filter(|f| f.exists()) {
+        std::fs::remove_file(f).map_err(|e| NnError::io(f, e))?;
+    }
+    Ok(())
 }
 
 /// The metadata key of the backbone's [`TensorFile::fingerprint`] in a training checkpoint.

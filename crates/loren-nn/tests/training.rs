@@ -147,6 +147,33 @@ fn resuming_a_different_model_is_refused() {
 }
 
 #[test]
+fn an_earlier_runs_report_goes_with_its_checkpoint() {
+    let data = train_split();
+    let path = temp("replaced");
+    std::fs::write(&path, b"an earlier run's checkpoint").unwrap();
+    let report = path.with_extension("json");
+    std::fs::write(&report, b"{}").unwrap();
+    let mut a = model(Method::Lora);
+    Trainer::new(&mut a, &config(1), data.len())
+        .unwrap()
+        .fit(
+            &data,
+            &CheckpointSpec {
+                path: Some(path.clone()),
+                replaces: vec![report.clone()],
+                ..Default::default()
+            },
+            &mut Quiet,
+        )
+        .unwrap();
+    assert!(
+        !report.exists(),
+        "the earlier run's report outlived its checkpoint"
+    );
+    assert!(TensorFile::read(&path).is_ok());
+}
+
+#[test]
 fn a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint() {
     let data = train_split();
     let path = temp("nan");
