@@ -181,7 +181,15 @@ __device__ void product(const bf16* __restrict__ p, int ldp, const float* __rest
         const int next = kt + S::STAGES - 1;  // into the stage read in step kt − 1
         if (next < ktiles) load_p(next % S::STAGES, next);
         cp_async_commit();  // possibly empty: keeps the group count in step
-        mma_slab<P_T>(acc, Ps[kt % S::STAGES], Qs[kt % 2], tiles);
+        // Tensor cores truncate as they accumulate, so a reduction of thousands of rows summed
+        // in one accumulator drifts toward zero by about an ulp per mma; each slab's products
+        // are summed apart and added with a rounded FADD, which keeps the drift to a slab's.
+        float part[BJ / 8][4] = {};
+        mma_slab<P_T>(part, Ps[kt % S::STAGES], Qs[kt % 2], tiles);
+#pragma unroll
+        for (int t = 0; t < BJ / 8; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[t][e] += part[t][e];
     }
 
     const int lane = threadIdx.x % WARP, wi = (threadIdx.x / WARP) * 16;

@@ -42,6 +42,13 @@ done
 mkdir -p "$out"
 work=$(mktemp -d)
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+# NVRTC: the toolkit's when the loader finds it, else the first libnvrtc.so.13 on the machine
+# (the image's pip wheel, for one), named to loren by path.
+if [ -z "${LOREN_NVRTC_LIB:-}" ] && ! ldconfig -p 2>/dev/null | grep -q 'libnvrtc\.so\.13' &&
+    [ ! -e /usr/local/cuda/lib64/libnvrtc.so.13 ]; then
+    nvrtc=$(find /usr /opt -name 'libnvrtc.so.13' 2>/dev/null | head -n 1)
+    [ -n "$nvrtc" ] && export LOREN_NVRTC_LIB=$nvrtc
+fi
 export LOREN_CACHE_DIR=${LOREN_CACHE_DIR:-/tmp/loren-ptx}
 # On the GPU machine a test that finds no usable GPU fails instead of passing as skipped.
 export LOREN_REQUIRE_GPU=1
@@ -50,7 +57,8 @@ summary="$out/summary.md"
 failed=0
 start=$SECONDS
 
-{ nvidia-smi; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; nvcc --version; date -u; } >"$out/device.txt" 2>&1
+{ nvidia-smi; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; nvcc --version; date -u
+  echo "NVRTC: ${LOREN_NVRTC_LIB:-not named: the loader search, then the wheels}"; ldconfig -p | grep nvrtc; ls -l /usr/local/cuda/lib64/libnvrtc* /usr/local/cuda/include/cuda_bf16.h; } >"$out/device.txt" 2>&1
 
 # check NAME LOG CAP COMMAND...: run COMMAND into LOG for at most CAP seconds, or what is left of
 # the budget (less 15 s for packing), and write its line in the summary.

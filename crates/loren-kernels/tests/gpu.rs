@@ -399,6 +399,14 @@ fn lora_rank_72_vit_width() {
 }
 
 #[test]
+fn lora_vit_b_16_batch_reduction() {
+    // dA and dB sum over one ViT-B/16 batch's rows per member (32 images of 197 tokens): where
+    // tensor cores, which truncate as they accumulate, would drift from the f32 reference. The
+    // widths are small only to keep the emulator quick.
+    lora_case(lora_dims(1, 1, 32 * 197, 64, 64, 8), 8);
+}
+
+#[test]
 fn lora_rejects_short_buffers() {
     let Some(g) = gpu() else { return };
     let d = lora_dims(2, 2, 10, 16, 16, 4);
