@@ -161,6 +161,14 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
                 check_backbone(&file, backbone)?;
             }
             trainer.resume(&file)?;
+            let saved: TrainConfig = file.meta_json("train")?;
+            if saved.epochs < spec.train.epochs && spec.verbosity == Verbosity::Normal {
+                eprintln!(
+                    "{label}: extending the run from {} to {} epochs: its learning-rate schedule \
+                     stretches from here on",
+                    saved.epochs, spec.train.epochs
+                );
+            }
         }
         // The data too (spec.metadata), so eval and export find what it was trained on, and
         // the backbone's fingerprint, so they refuse other weights.

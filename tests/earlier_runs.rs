@@ -94,12 +94,24 @@ fn resuming_with_no_epochs_left_says_so() {
 }
 
 #[test]
-fn resuming_with_more_epochs_continues() {
+fn resuming_with_fewer_epochs_than_the_run_was_started_for_is_refused() {
+    let out = temp_dir("fewer-epochs");
+    let args = resume_args(&out, &["--epochs", "1"]);
+    refused(
+        &strs(&args),
+        &["started for 2 epochs", "--epochs 1 would cut", "--epochs 2"],
+    );
+}
+
+#[test]
+fn resuming_with_more_epochs_continues_and_says_the_schedule_stretches() {
     let out = temp_dir("more-epochs");
-    let args = resume_args(&out, &["--epochs", "3"]);
+    let mut args = resume_args(&out, &["--epochs", "3"]);
+    args.retain(|a| a != "-q");
     let (ok, report, err) = loren(&strs(&args));
     assert!(ok, "{err}");
     assert!(report.contains("accuracy"), "{report}");
+    assert!(err.contains("from 2 to 3 epochs"), "{err}");
 }
 
 #[test]

@@ -492,6 +492,16 @@ impl Trainer<'_> {
                 ),
             ));
         }
+        if self.config.epochs < theirs.epochs {
+            return Err(NnError::checkpoint(
+                file.path(),
+                format!(
+                    "it was started for {} epochs, and --epochs {} would cut its learning-rate \
+                     schedule short; resume with --epochs {} (or more, to extend it)",
+                    theirs.epochs, self.config.epochs, theirs.epochs
+                ),
+            ));
+        }
         let done: usize = file
             .meta("epoch")?
             .parse()
