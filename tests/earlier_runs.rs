@@ -260,6 +260,30 @@ fn eval_with_other_held_out_classes_is_refused() {
 }
 
 #[test]
+fn eval_on_other_data_than_it_was_trained_on_says_so() {
+    let dir = temp_dir("eval-other-data");
+    let copy = dir.join("digits-copy.csv.gz");
+    std::fs::copy("assets/digits/digits.csv.gz", &copy).unwrap();
+    let data = format!("digits:{}", copy.display());
+    let (ok, _, err) = loren(&[
+        "eval",
+        "--checkpoint",
+        &checkpoint(),
+        "--data",
+        &data,
+        "--no-shift",
+        "--no-ood",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("was trained on digits") && err.contains(&format!("scoring it on {data}")),
+        "{err}"
+    );
+}
+
+#[test]
 fn export_onto_its_own_checkpoint_is_refused() {
     let dir = temp_dir("export-self");
     let c = dir.join("checkpoint.safetensors");

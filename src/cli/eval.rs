@@ -50,6 +50,15 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     // The data it was trained on, unless the command line says otherwise.
     let meta = file.metadata();
     let mut data_args = a.data.clone();
+    if let (Some(given), Some(trained_on)) = (&a.data.data, meta.get("data")) {
+        // Other data is a fair question (a shifted copy of the same classes, say), asked aloud.
+        if given != trained_on && a.common.verbosity() == Verbosity::Normal {
+            eprintln!(
+                "eval: note: {} was trained on {trained_on}; scoring it on {given}",
+                a.checkpoint.display()
+            );
+        }
+    }
     data_args.data = data_args.data.or_else(|| meta.get("data").cloned());
     let recorded: Vec<u32> = match meta.get("holdout_classes").filter(|h| !h.is_empty()) {
         Some(h) => h
