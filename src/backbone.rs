@@ -139,7 +139,7 @@ pub fn resolve(
     };
     // Only the digits have a pretraining split: other data met the digits' backbone.
     if given.is_none() && data.pretrain.is_empty() && verbosity == Verbosity::Normal {
-        eprintln!(
+        crate::note!(
             "note: {} starts from {}, pretrained on the 8x8 digits (images are resized to the \
              config's {}x{}); pass --config vit-b-32 --backbone FILE for real pretrained weights",
             data.train.name,
@@ -158,7 +158,7 @@ pub fn resolve(
         } else {
             ""
         };
-        eprintln!(
+        crate::note!(
             "backbone {}: {} weights{resampled}",
             path.display(),
             imported.scheme
@@ -199,7 +199,7 @@ fn bundled_or_pretrained(vit: &VitConfig, data: &Splits, verbosity: Verbosity) -
          pass --backbone FILE (make one with loren pretrain --out FILE)",
     )?;
     if verbosity == Verbosity::Normal {
-        eprintln!(
+        crate::note!(
             "no backbone at {}: pretraining one first (loren pretrain)",
             path.display()
         );

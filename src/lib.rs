@@ -10,6 +10,17 @@
 //! metrics, checkpoints, training). This crate holds what the `loren` binary runs: training and
 //! evaluating one method, comparing methods, pretraining the bundled backbone.
 
+/// A line on stderr, as `eprintln!` writes it, that never stops the program: notes and progress
+/// are for whoever watches, and a run whose stderr was closed (`loren 2>&1 | head -1`) goes on to
+/// write its results (`eprintln!` panics on a closed pipe).
+#[macro_export]
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod backbone;
 pub mod bench;
 pub mod dataset;

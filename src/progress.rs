@@ -104,7 +104,7 @@ impl Observer for TrainBar {
             s.lr
         );
         if self.heartbeat.due(&self.bar, self.verbosity) {
-            eprintln!(
+            crate::note!(
                 "{}: step {}/{} {progress}",
                 self.label,
                 s.step + 1,
@@ -118,7 +118,7 @@ impl Observer for TrainBar {
     fn epoch(&mut self, e: &EpochInfo) {
         if self.verbosity == Verbosity::Normal && self.bar.is_hidden() {
             // No terminal: one line per epoch instead of a bar.
-            eprintln!(
+            crate::note!(
                 "{}: epoch {} mean loss {:.4} ({:.1}s)",
                 self.label,
                 e.epoch + 1,
@@ -159,7 +159,7 @@ impl EvalBar {
         self.bar.inc(images as u64);
         if self.heartbeat.due(&self.bar, self.verbosity) {
             let (done, total) = (self.bar.position(), self.bar.length().unwrap_or(0));
-            eprintln!(
+            crate::note!(
                 "{}: {done}/{total} images scored ({:.0}/s)",
                 self.label,
                 self.bar.per_sec()

@@ -92,7 +92,7 @@ fn earlier_run(checkpoint: &Path) -> Vec<PathBuf> {
     let Some(dir) = checkpoint.parent().filter(|_| checkpoint.exists()) else {
         return Vec::new();
     };
-    eprintln!(
+    crate::note!(
         "{} holds an earlier run: this one replaces it when its first epoch ends (--out DIR \
          keeps both; --resume {} continues it)",
         dir.display(),
@@ -122,7 +122,7 @@ fn check_same_data(
         }
         if key == "data" && kind(saved) == kind(now) {
             if verbosity == Verbosity::Normal {
-                eprintln!(
+                crate::note!(
                     "note: {} was trained on {saved}; resuming on {now}, taken to be the same data",
                     file.path().display()
                 );
@@ -163,10 +163,11 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
             trainer.resume(&file)?;
             let saved: TrainConfig = file.meta_json("train")?;
             if saved.epochs < spec.train.epochs && spec.verbosity == Verbosity::Normal {
-                eprintln!(
+                crate::note!(
                     "{label}: extending the run from {} to {} epochs: its learning-rate schedule \
                      stretches from here on",
-                    saved.epochs, spec.train.epochs
+                    saved.epochs,
+                    spec.train.epochs
                 );
             }
         }
@@ -189,11 +190,12 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
         };
         if spec.verbosity == Verbosity::Normal {
             // The first line of a log, and what a slow first step is slow at.
-            eprintln!(
-                "{label}: M={} on {device}, {} training images, {} epochs of {} steps (batch {})",
+            crate::note!(
+                "{label}: M={} on {device}, {} training images, {} epoch{} of {} steps (batch {})",
                 ens.members,
                 data.train.len(),
                 spec.train.epochs,
+                if spec.train.epochs == 1 { "" } else { "s" },
                 trainer.total_steps() / spec.train.epochs.max(1) as u64,
                 spec.train.batch_size
             );

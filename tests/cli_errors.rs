@@ -513,3 +513,32 @@ fn pretrain_keeps_an_existing_backbone_without_force() {
     );
     assert_eq!(std::fs::read(&file).unwrap(), b"weights");
 }
+
+#[test]
+fn a_closed_stderr_does_not_stop_a_run() {
+    // `loren train 2>&1 | head -1`: the progress lines meet a closed pipe, the run goes on.
+    let dir = temp_dir("closed-stderr");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_loren"))
+        .args([
+            "train",
+            "-m",
+            "2",
+            "-r",
+            "4",
+            "--epochs",
+            "1",
+            "--no-shift",
+            "--no-ood",
+        ])
+        .args(["--out", dir.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    for f in ["checkpoint.safetensors", "report.json", "reliability.svg"] {
+        assert!(dir.join(f).exists(), "{f} was not written");
+    }
+}

@@ -105,7 +105,7 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
     let quiet = a.quiet;
     let report = run_bench(&opts, &mut |what| {
         if !quiet {
-            eprintln!("bench: {what}");
+            loren::note!("bench: {what}");
         }
     })?;
     // Written before the table is printed: a reader that stops early (| head) loses nothing.

@@ -53,7 +53,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     if let (Some(given), Some(trained_on)) = (&a.data.data, meta.get("data")) {
         // Other data is a fair question (a shifted copy of the same classes, say), asked aloud.
         if given != trained_on && a.common.verbosity() == Verbosity::Normal {
-            eprintln!(
+            loren::note!(
                 "eval: note: {} was trained on {trained_on}; scoring it on {given}",
                 a.checkpoint.display()
             );
@@ -102,7 +102,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     let images = eval_images(&data.test, held_out, &opts);
     if a.common.verbosity() == Verbosity::Normal {
         // The first line of a log, where the bar (a terminal's only) does not show.
-        eprintln!(
+        loren::note!(
             "eval: {} on {device}, {images} images to score",
             a.checkpoint.display()
         );

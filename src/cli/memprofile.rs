@@ -101,7 +101,7 @@ pub fn memprofile(a: &MemprofileArgs) -> Result<()> {
     let quiet = a.quiet;
     let report = run_memprofile(&opts, &mut |what| {
         if !quiet {
-            eprintln!("memprofile: {what}");
+            loren::note!("memprofile: {what}");
         }
     })?;
     // Written before the table is printed: a reader that stops early (| head) loses nothing.

@@ -70,7 +70,6 @@ enum Command {
 }
 
 pub fn main() -> ExitCode {
-    die_quietly_on_closed_pipe();
     let cli = Cli::parse();
     let result = match cli.command {
         None => train::train(&train::TrainArgs::parse_from(["train"])),
@@ -85,37 +84,21 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            loren::note!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
 
-/// `loren ... | head` closes stdout early. Rust ignores SIGPIPE, so the next print would panic;
-/// restoring the default makes loren end silently there, as other command-line tools do (the
-/// files a command writes are written before its report is printed).
-fn die_quietly_on_closed_pipe() {
-    #[cfg(unix)]
-    {
-        const SIGPIPE: i32 = 13;
-        const SIG_DFL: usize = 0;
-        unsafe extern "C" {
-            fn signal(signum: i32, handler: usize) -> usize;
-        }
-        // SAFETY: signal(2) with the default disposition, before any thread is started.
-        unsafe {
-            signal(SIGPIPE, SIG_DFL);
-        }
-    }
-}
-
-/// Print to stdout. A failed write (a full disk behind `>`) is an error, not a panic; a closed
-/// pipe has already ended the process quietly (`die_quietly_on_closed_pipe`).
+/// Print to stdout. A failed write (a full disk behind `>`) is an error, not a panic. A closed
+/// pipe (`loren | head`) ends loren quietly, as it ends other command-line tools, with SIGPIPE's
+/// status: whatever a command writes to files is written before its report is printed.
 fn say(text: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
     use anyhow::Context;
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    out.write_fmt(text)
-        .and_then(|()| out.flush())
-        .context("writing to stdout")
+    match out.write_fmt(text).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(128 + 13),
+        r => r.context("writing to stdout"),
+    }
 }
