@@ -148,7 +148,10 @@ pub fn resolve(
             vit.image_size
         );
     }
-    let imported = read_backbone(&path, vit)?;
+    let imported = match given {
+        Some(_) => read_backbone(&path, vit).context("--backbone")?,
+        None => read_backbone(&path, vit)?,
+    };
     if let Some(eps) = imported.ln_eps {
         vit.ln_eps = eps;
     }

@@ -303,7 +303,7 @@ pub fn export(checkpoint: &Path, backbone: Option<&Path>, out: &Path) -> Result<
             out.display()
         );
     }
-    let file = TensorFile::read(checkpoint)?;
+    let file = TensorFile::read(checkpoint).context("--checkpoint")?;
     loren_nn::train::check_format(&file)?;
     let vit: VitConfig = file.meta_json("vit")?;
     let recorded = file.metadata().get("backbone").map(Path::new);
@@ -316,7 +316,7 @@ pub fn export(checkpoint: &Path, backbone: Option<&Path>, out: &Path) -> Result<
         );
     }
     let frozen = match (backbone, recorded) {
-        (Some(p), _) => Some(read_backbone(p, &vit)?.file),
+        (Some(p), _) => Some(read_backbone(p, &vit).context("--backbone")?.file),
         (None, Some(p)) => Some(
             read_backbone(p, &vit)
                 .context("the backbone the checkpoint was trained from (pass --backbone)")?

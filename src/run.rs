@@ -155,7 +155,7 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
     let summary = {
         let mut trainer = Trainer::new(&mut model, &spec.train, data.train.len())?;
         if let Some(path) = &spec.resume {
-            let file = TensorFile::read(path)?;
+            let file = TensorFile::read(path).context("--resume")?;
             check_same_data(&file, &spec.metadata, spec.verbosity)?;
             if frozen_backbone {
                 check_backbone(&file, backbone)?;

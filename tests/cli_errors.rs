@@ -166,7 +166,31 @@ fn backbone_with_a_misshapen_tensor() {
 fn resume_from_a_missing_checkpoint() {
     fails_with(
         &strs(&quick(&["--resume", "/no/such/checkpoint.safetensors"])),
-        &["/no/such/checkpoint.safetensors"],
+        &["--resume", "/no/such/checkpoint.safetensors"],
+    );
+}
+
+#[test]
+fn a_missing_backbone_or_checkpoint_names_its_flag() {
+    fails_with(
+        &strs(&quick(&["--backbone", "/no/such/backbone.safetensors"])),
+        &["--backbone: /no/such/backbone.safetensors"],
+    );
+    let empty = temp_dir("no-checkpoint");
+    for command in ["eval", "export"] {
+        let mut args = vec![command, "--checkpoint", empty.to_str().unwrap()];
+        if command == "export" {
+            args.extend(["--out", "/tmp/loren-never-written.safetensors"]);
+        }
+        fails_with(&args, &["--checkpoint: ", "Is a directory"]);
+    }
+}
+
+#[test]
+fn compare_refuses_a_method_named_twice() {
+    fails_with(
+        &["compare", "--methods", "lora,single,lora", "-q"],
+        &["--methods names lora twice"],
     );
 }
 
@@ -343,6 +367,9 @@ fn bad_optimizer_and_adapter_flags_name_the_flag() {
         ("--momentum", "-0.5", "[0, 1)"),
         ("--momentum", "NaN", "[0, 1)"),
         ("--lora-scale", "inf", "finite"),
+        ("--lora-scale", "0", "not 0"),
+        ("--min-lr", "1", "above the peak (--lr 0.001)"),
+        ("--eval-batch-size", "0", "at least 1"),
         ("--lora-gain", "0", "above 0"),
         ("--lora-gain", "-2", "above 0"),
         ("--lora-targets", "qq", "named twice"),

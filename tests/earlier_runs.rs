@@ -260,6 +260,24 @@ fn eval_with_other_held_out_classes_is_refused() {
 }
 
 #[test]
+fn eval_takes_the_folder_a_run_wrote() {
+    let dir = temp_dir("eval-folder");
+    let run = trained();
+    let (ok, report, err) = loren(&[
+        "eval",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--no-shift",
+        "--no-ood",
+        "-q",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(report.contains("accuracy"), "{report}");
+}
+
+#[test]
 fn eval_on_other_data_than_it_was_trained_on_says_so() {
     let dir = temp_dir("eval-other-data");
     let copy = dir.join("digits-copy.csv.gz");

@@ -82,8 +82,12 @@ pub struct EnsembleArgs {
 impl EnsembleArgs {
     /// Refuse adapter settings no ensemble can use, naming the flag, before anything slow starts.
     pub fn check(&self) -> Result<()> {
-        if !self.lora_scale.is_finite() {
-            bail!("--lora-scale {}: must be finite", self.lora_scale);
+        if !(self.lora_scale.is_finite() && self.lora_scale != 0.0) {
+            bail!(
+                "--lora-scale {}: must be finite and not 0 (at 0 the adapters change nothing, and \
+                 learn nothing)",
+                self.lora_scale
+            );
         }
         if !(self.lora_gain.is_finite() && self.lora_gain > 0.0) {
             bail!("--lora-gain {}: must be finite and above 0", self.lora_gain);
@@ -208,6 +212,15 @@ pub struct DataArgs {
     pub eval_batch_size: usize,
 }
 
+impl DataArgs {
+    pub fn check(&self) -> Result<()> {
+        if self.eval_batch_size == 0 {
+            bail!("--eval-batch-size 0: must be at least 1");
+        }
+        Ok(())
+    }
+}
+
 /// The data for a model of config `vit` (its channels and image size).
 pub fn splits(data: &DataArgs, vit: &VitConfig) -> Result<Splits> {
     let source: DataSource = data.data.as_deref().unwrap_or("digits").parse()?;
@@ -310,6 +323,7 @@ pub fn run_spec(
     checkpoint: Option<PathBuf>,
 ) -> Result<RunSpec> {
     let vit = VitConfig::by_name(&model.config)?;
+    data.check()?;
     let ensemble = ensemble_config(ens, method, classes)?;
     let train = train_config(optim, method, common.seed)?;
     // Settle every setting before anything slow (loading, pretraining) starts.
@@ -352,4 +366,15 @@ pub fn memory_budget(arg: Option<&str>) -> Result<Option<u64>> {
     arg.map(loren::bench::parse_bytes)
         .transpose()
         .context("--memory-budget")
+}
+
+/// A checkpoint argument: the file, or the folder `loren train --out` wrote it into.
+pub fn checkpoint_arg(arg: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(arg);
+    let inside = path.join("checkpoint.safetensors");
+    Ok(if path.is_dir() && inside.is_file() {
+        inside
+    } else {
+        path
+    })
 }

@@ -70,6 +70,15 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
         .iter()
         .map(|m| m.parse::<Method>().map_err(anyhow::Error::from))
         .collect::<Result<Vec<_>>>()?;
+    if let Some(twice) = methods
+        .iter()
+        .find(|m| methods.iter().filter(|n| n == m).count() > 1)
+    {
+        bail!(
+            "--methods names {} twice: each method is one run, into its own folder",
+            twice.name()
+        );
+    }
     a.optim.check()?;
     a.ensemble.check()?;
     loren::outputs::writable_dir(&a.out, "--out")?;

@@ -15,15 +15,15 @@ use loren_nn::eval::{eval_images, evaluate};
 use loren_nn::reliability::reliability_svg;
 use loren_nn::train::{check_format, load_trained};
 
-use super::args::{Common, DataArgs, eval_options, splits};
+use super::args::{Common, DataArgs, checkpoint_arg, eval_options, splits};
 use loren::outputs::writable_dir;
 
 #[derive(Args, Clone)]
 pub struct EvalArgs {
     #[command(flatten)]
     pub common: Common,
-    /// A checkpoint written by `loren train`.
-    #[arg(long)]
+    /// A checkpoint written by `loren train`, or the folder it is in.
+    #[arg(long, value_parser = checkpoint_arg)]
     pub checkpoint: PathBuf,
     /// The backbone the checkpoint was trained from (default: the path recorded in it).
     #[arg(long)]
@@ -44,8 +44,9 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             .map(Path::to_path_buf)
             .unwrap_or_default(),
     };
+    a.data.check()?;
     writable_dir(&out, "--out")?;
-    let file = TensorFile::read(&a.checkpoint)?;
+    let file = TensorFile::read(&a.checkpoint).context("--checkpoint")?;
     check_format(&file)?;
     // The data it was trained on, unless the command line says otherwise.
     let meta = file.metadata();
@@ -89,7 +90,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     let vit: VitConfig = file.meta_json("vit")?;
     let data = splits(&data_args, &vit)?;
     let backbone = match (&a.backbone, file.metadata().get("backbone")) {
-        (Some(p), _) => Some(read_backbone(p, &vit)?.file),
+        (Some(p), _) => Some(read_backbone(p, &vit).context("--backbone")?.file),
         (None, Some(p)) => Some(read_backbone(Path::new(p), &vit).context(
             "the backbone the checkpoint was trained from (pass --backbone to name another)",
         )?.file),

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
+use super::args::checkpoint_arg;
 use super::say;
 use loren::ensemble::export as write_export;
 
@@ -12,8 +13,8 @@ use loren::outputs::writable_file;
 
 #[derive(Args, Clone)]
 pub struct ExportArgs {
-    /// A checkpoint written by `loren train`.
-    #[arg(long)]
+    /// A checkpoint written by `loren train`, or the folder it is in.
+    #[arg(long, value_parser = checkpoint_arg)]
     pub checkpoint: PathBuf,
     /// Where to write the ensemble (safetensors).
     #[arg(long)]

@@ -12,7 +12,8 @@ use loren::run::run;
 use loren_nn::config::{Method, VitConfig};
 
 use super::args::{
-    Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, run_spec, splits, write_outputs,
+    Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, checkpoint_arg, run_spec, splits,
+    write_outputs,
 };
 use loren::outputs::writable_dir;
 
@@ -31,8 +32,9 @@ pub struct TrainArgs {
     /// Output folder.
     #[arg(long, default_value = "runs/train")]
     pub out: PathBuf,
-    /// Continue from a checkpoint written by an earlier `train` with the same settings.
-    #[arg(long)]
+    /// Continue from a checkpoint written by an earlier `train` with the same settings (the file,
+    /// or the folder it is in).
+    #[arg(long, value_parser = checkpoint_arg)]
     pub resume: Option<PathBuf>,
 }
 

@@ -31,12 +31,10 @@ pub enum KernelError {
     Invalid { op: &'static str, msg: String },
 
     /// A CUDA driver call failed.
-    #[error("CUDA driver error during {what}: {source}")]
-    Driver {
-        what: String,
-        #[source]
-        source: DriverError,
-    },
+    /// The driver's reason is in the message, not a `source`: printed as a chain it would show
+    /// twice.
+    #[error("CUDA driver error during {what}: {reason}")]
+    Driver { what: String, reason: DriverError },
 
     /// A cuBLAS call failed.
     #[error("cuBLAS error during {what}: {msg}")]
@@ -60,6 +58,6 @@ impl KernelError {
 
     pub(crate) fn driver(what: impl Into<String>) -> impl FnOnce(DriverError) -> Self {
         let what = what.into();
-        move |source| KernelError::Driver { what, source }
+        move |reason| KernelError::Driver { what, reason }
     }
 }

@@ -519,6 +519,6 @@ fn load_error(
     }
     KernelError::Driver {
         what: format!("loading the {arch} module of {file}"),
-        source: e,
+        reason: e,
     }
 }

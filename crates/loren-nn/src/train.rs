@@ -75,6 +75,13 @@ impl TrainConfig {
         if !(self.min_lr.is_finite() && self.min_lr >= 0.0) {
             return bad("the final learning rate must be finite and not negative (--min-lr)");
         }
+        if self.min_lr > self.lr {
+            return Err(NnError::Config(format!(
+                "the final learning rate (--min-lr {}) is above the peak (--lr {}): the schedule \
+                 would rise as it decays",
+                self.min_lr, self.lr
+            )));
+        }
         if self.grad_clip.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
             return bad("the gradient clip must be positive and finite (--grad-clip)");
         }

@@ -162,9 +162,9 @@ fn read_records(
     pixels: &mut Vec<u8>,
     labels: &mut Vec<u32>,
 ) -> Result<(), DataError> {
-    let bytes = fs::read(path).map_err(|source| DataError::Io {
+    let bytes = fs::read(path).map_err(|reason| DataError::Io {
         path: path.to_path_buf(),
-        source,
+        reason,
     })?;
     let (label_bytes, which) = kind.label_layout();
     let record = label_bytes + PIXELS;

@@ -44,9 +44,9 @@ pub fn bundled_digits() -> Result<Dataset, DataError> {
 
 /// Reads a digits file in the format described in the module docs.
 pub fn load_digits(path: &Path) -> Result<Dataset, DataError> {
-    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+    let bytes = std::fs::read(path).map_err(|reason| DataError::Io {
         path: path.to_path_buf(),
-        source,
+        reason,
     })?;
     parse_digits_gz(&bytes, path)
 }
@@ -76,9 +76,9 @@ fn gunzip(bytes: &[u8], path: &Path) -> Result<Vec<u8>, DataError> {
     GzDecoder::new(bytes)
         .take(MAX_DECOMPRESSED + 1)
         .read_to_end(&mut out)
-        .map_err(|source| DataError::CorruptGzip {
+        .map_err(|reason| DataError::CorruptGzip {
             path: path(),
-            source,
+            reason,
         })?;
     if out.len() as u64 > MAX_DECOMPRESSED {
         return Err(DataError::TooLarge {

@@ -7,19 +7,20 @@ use thiserror::Error;
 /// File errors name the file and, where it applies, the 1-based line and field.
 #[derive(Debug, Error)]
 pub enum DataError {
-    #[error("{}: cannot read: {source}", path.display())]
+    // `reason`, not `source`: the message holds it, and a source would print it twice.
+    #[error("{}: cannot read: {reason}", path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     #[error("{}: the file is empty", path.display())]
     EmptyFile { path: PathBuf },
     #[error("{}: not a gzip file (it does not start with the gzip magic bytes 1f 8b)", path.display())]
     NotGzip { path: PathBuf },
-    #[error("{}: corrupt gzip data: {source}", path.display())]
+    #[error("{}: corrupt gzip data: {reason}", path.display())]
     CorruptGzip {
         path: PathBuf,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     #[error("{}: decompresses to more than {limit} bytes; refusing to read further", path.display())]
     TooLarge { path: PathBuf, limit: u64 },

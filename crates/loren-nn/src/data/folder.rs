@@ -94,9 +94,9 @@ fn is_hidden(p: &Path) -> bool {
 
 /// The entries of `dir`, sorted, hidden ones left out.
 fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
-    let io = |source| DataError::Io {
+    let io = |reason| DataError::Io {
         path: dir.to_path_buf(),
-        source,
+        reason,
     };
     let mut entries = fs::read_dir(dir)
         .map_err(io)?
@@ -148,9 +148,9 @@ fn head(path: &Path) -> Result<Vec<u8>, DataError> {
     let mut buf = Vec::with_capacity(8);
     fs::File::open(path)
         .and_then(|f| f.take(8).read_to_end(&mut buf))
-        .map_err(|source| DataError::Io {
+        .map_err(|reason| DataError::Io {
             path: path.to_path_buf(),
-            source,
+            reason,
         })?;
     Ok(buf)
 }
@@ -173,9 +173,9 @@ fn image_kind(bytes: &[u8]) -> Option<ImageKind> {
 
 /// One image file, decoded and brought to `shape` with pixels in `[0, 1]`.
 pub fn load_image(path: &Path, shape: [usize; 3]) -> Result<Vec<f32>, DataError> {
-    let bytes = fs::read(path).map_err(|source| DataError::Io {
+    let bytes = fs::read(path).map_err(|reason| DataError::Io {
         path: path.to_path_buf(),
-        source,
+        reason,
     })?;
     let decoded = decode(&bytes).map_err(|msg| DataError::BadFile {
         path: path.to_path_buf(),
