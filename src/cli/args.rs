@@ -23,13 +23,18 @@ pub struct Common {
     /// Where to run: auto (a GPU when one can be used, else the CPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Seeds training: the members' start, the data order and augmentation (eval does not use
-    /// it). The data split is fixed.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Print only the report: no progress bars or epoch lines.
+    /// Print only the report: no progress bars, progress lines or notes.
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+/// The seed of the commands that train.
+#[derive(Args, Clone)]
+pub struct SeedArgs {
+    /// Seeds training: the members' start, the data order and augmentation. The data split is
+    /// fixed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 impl Common {
@@ -314,6 +319,7 @@ pub fn activations(recompute: bool) -> Activations {
 #[allow(clippy::too_many_arguments)]
 pub fn run_spec(
     common: &Common,
+    seed: u64,
     model: &ModelArgs,
     ens: &EnsembleArgs,
     optim: &OptimArgs,
@@ -325,7 +331,7 @@ pub fn run_spec(
     let vit = VitConfig::by_name(&model.config)?;
     data.check()?;
     let ensemble = ensemble_config(ens, method, classes)?;
-    let train = train_config(optim, method, common.seed)?;
+    let train = train_config(optim, method, seed)?;
     // Settle every setting before anything slow (loading, pretraining) starts.
     ensemble.validate(&vit)?;
     train.validate()?;
@@ -333,7 +339,7 @@ pub fn run_spec(
         vit,
         ensemble,
         train,
-        model_seed: common.seed,
+        model_seed: seed,
         device: common.device()?,
         checkpoint,
         resume: None,

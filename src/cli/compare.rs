@@ -15,7 +15,7 @@ use loren_nn::config::{Method, VitConfig};
 use loren_nn::data::Splits;
 
 use super::args::{
-    Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, run_spec, splits, write_outputs,
+    Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, SeedArgs, run_spec, splits, write_outputs,
 };
 
 // The shared --method is train's: compare runs every one of --methods, so it is hidden here, and
@@ -25,6 +25,8 @@ use super::args::{
 pub struct CompareArgs {
     #[command(flatten)]
     pub common: Common,
+    #[command(flatten)]
+    pub seed: SeedArgs,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -139,6 +141,7 @@ fn plan(a: &CompareArgs, methods: &[Method], data: &Splits) -> Result<Vec<Planne
             };
             let spec = run_spec(
                 &a.common,
+                a.seed.seed,
                 &a.model,
                 &ensemble,
                 &a.optim,

@@ -9,7 +9,7 @@ use super::say;
 use loren::backbone::{self, PretrainSpec};
 use loren_nn::config::VitConfig;
 
-use super::args::{Common, DataArgs, splits};
+use super::args::{Common, DataArgs, SeedArgs, splits};
 
 // Common's help speaks of members and a report; pretrain trains one network and prints one line.
 #[derive(Args, Clone)]
@@ -20,6 +20,8 @@ use super::args::{Common, DataArgs, splits};
 pub struct PretrainArgs {
     #[command(flatten)]
     pub common: Common,
+    #[command(flatten)]
+    pub seed: SeedArgs,
     /// Where to write the backbone (default: the repository's assets/backbone-tiny.safetensors).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -59,8 +61,8 @@ pub fn pretrain(a: &PretrainArgs) -> Result<()> {
     )?;
     let mut spec = PretrainSpec::bundled(out);
     spec.train.epochs = a.epochs;
-    spec.seed = a.common.seed;
-    spec.train.seed = a.common.seed;
+    spec.seed = a.seed.seed;
+    spec.train.seed = a.seed.seed;
     spec.device = a.common.device()?;
     let r = backbone::pretrain(&spec, &data, a.common.verbosity())?;
     say(format_args!(

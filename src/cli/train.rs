@@ -12,8 +12,8 @@ use loren::run::run;
 use loren_nn::config::{Method, VitConfig};
 
 use super::args::{
-    Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, checkpoint_arg, run_spec, splits,
-    write_outputs,
+    Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, SeedArgs, checkpoint_arg, run_spec,
+    splits, write_outputs,
 };
 use loren::outputs::writable_dir;
 
@@ -21,6 +21,8 @@ use loren::outputs::writable_dir;
 pub struct TrainArgs {
     #[command(flatten)]
     pub common: Common,
+    #[command(flatten)]
+    pub seed: SeedArgs,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -59,6 +61,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     let ckpt = a.out.join("checkpoint.safetensors");
     let mut spec = run_spec(
         &a.common,
+        a.seed.seed,
         &a.model,
         &a.ensemble,
         &a.optim,
