@@ -162,7 +162,7 @@ pub fn calibration_report(title: &str, dataset: &str, report: &EvalReport) -> St
 /// What training cost: parameters, memory and time.
 pub fn training_line(r: &RunResult) -> String {
     format!(
-        "  trainable parameters {} of {}; peak memory {} on {}{}; training {:.1}s, evaluation \
+        "  trainable parameters {} of {}; peak tensor memory {} on {}{}; training {:.1}s, evaluation \
          {:.1}s\n",
         count(r.trainable_params),
         count(r.total_params),
@@ -207,7 +207,7 @@ pub fn growth_per_member(runs: &[RunResult]) -> String {
         let peak = (hi.memory.total_peak as f64 - lo.memory.total_peak as f64) / steps;
         let _ = writeln!(
             s,
-            "{:<9} one more member adds {} trainable parameters and {} of peak memory (M={} to M={})",
+            "{:<9} one more member adds {} trainable parameters and {} of peak tensor memory (M={} to M={})",
             method.name(),
             count(params.round() as usize),
             bytes(peak.max(0.0).round() as u64),
@@ -260,7 +260,7 @@ pub fn comparison_table(runs: &[RunResult]) -> String {
     let _ = writeln!(
         s,
         "{:<59}| {:^69} |",
-        "", "peak memory while training, by tag"
+        "", "peak tensor memory while training, by tag"
     );
     for r in runs {
         let t = &r.report.test;

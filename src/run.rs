@@ -18,7 +18,7 @@ use loren_nn::vit::{Vit, fine_tune_seed};
 use loren_tensor::{Device, DeviceSpec, MemTag, MemoryReport};
 use serde::Serialize;
 
-use crate::bench::{Budget, budget_for, need_for_peak, precision};
+use crate::bench::{Budget, CPU_RSS_MARGIN, budget_for, need_for_peak, precision};
 use crate::progress::{EvalBar, TrainBar, Verbosity};
 use crate::report::bytes;
 
@@ -263,11 +263,16 @@ pub fn check_fits_within(
         .eval
         .batch_size
         .min(eval_images(&data.test, data.held_out.as_ref(), &spec.eval).max(data.val.len()));
-    let need = |activations| -> Result<u64> {
+    // The tensors' peak, and what it needs from the budget (on the CPU, room for the buffer pool).
+    let peak = |members, activations| -> Result<u64> {
+        let ensemble = EnsembleConfig {
+            members,
+            ..spec.ensemble.clone()
+        };
         let at = |batch| {
             memory_model::predict(
                 &spec.vit,
-                &spec.ensemble,
+                &ensemble,
                 batch,
                 spec.train.optimizer.state_tensors(),
                 precision(device),
@@ -276,16 +281,29 @@ pub fn check_fits_within(
         };
         let train = at(train_batch)?.train.total_peak;
         let eval = at(eval_batch)?.inference.total_peak;
-        Ok(need_for_peak(train.max(eval), device))
+        Ok(train.max(eval))
     };
-    let kept = need(spec.train.activations)?;
+    let need = |members, activations| {
+        Ok::<_, anyhow::Error>(need_for_peak(peak(members, activations)?, device))
+    };
+    let ens = &spec.ensemble;
+    let activations = spec.train.activations;
+    let kept = need(ens.members, activations)?;
     if kept <= budget.bytes {
         return Ok(());
     }
-    let ens = &spec.ensemble;
+    let cpu_pool = if device.is_cpu() {
+        format!(
+            " (a tensor peak of {}, twice that for the CPU's buffer pool, and {} besides)",
+            bytes(peak(ens.members, activations)?),
+            bytes(CPU_RSS_MARGIN)
+        )
+    } else {
+        String::new()
+    };
     let what = format!(
         "{} with {} members on {} at batch {} (evaluation batch {}) is predicted to need {} of \
-         memory, and {} is available ({})",
+         memory{cpu_pool}, and {} is available ({})",
         ens.method.name(),
         ens.members,
         spec.vit.name,
@@ -295,17 +313,35 @@ pub fn check_fits_within(
         bytes(budget.bytes),
         budget.source
     );
-    let smaller = "fewer --members, a smaller --batch-size or --eval-batch-size";
-    if spec.train.activations == Activations::Keep {
-        let recomputed = need(Activations::Recompute)?;
-        if recomputed <= budget.bytes {
-            bail!(
-                "{what}: pass --recompute (predicted to need {}), or try {smaller}",
-                bytes(recomputed)
-            );
+    // The most members that fit as the run is set (memory grows with M).
+    let (mut lo, mut hi) = (0, ens.members);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if need(mid, activations)? <= budget.bytes {
+            lo = mid;
+        } else {
+            hi = mid - 1;
         }
     }
-    bail!("{what}: try {smaller}")
+    let mut ways = Vec::new();
+    if activations == Activations::Keep {
+        let recomputed = need(ens.members, Activations::Recompute)?;
+        if recomputed <= budget.bytes {
+            ways.push(format!(
+                "pass --recompute (predicted to need {})",
+                bytes(recomputed)
+            ));
+        }
+    }
+    if lo > 0 && !ens.method.is_single() {
+        ways.push(format!("--members {lo} fits"));
+    }
+    ways.push("try a smaller --batch-size or --eval-batch-size".to_string());
+    let last = ways.pop().unwrap_or_default();
+    match ways.is_empty() {
+        true => bail!("{what}: {last}"),
+        false => bail!("{what}: {}, or {last}", ways.join(", ")),
+    }
 }
 
 #[cfg(test)]
@@ -392,6 +428,16 @@ mod tests {
             source: "test".into(),
         };
         check_fits_within(&spec(8, Activations::Keep), &data, &device, &enough).unwrap();
+
+        // Room for five members as they are set: the error says so.
+        let five = Budget {
+            bytes: predicted(&spec(5, Activations::Keep), &device),
+            source: "test".into(),
+        };
+        let err = check_fits_within(&spec(8, Activations::Keep), &data, &device, &five)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--members 5 fits"), "{err}");
     }
 
     /// What a run of `spec` on the digits needs, from the model directly.
