@@ -98,6 +98,7 @@ pub fn pretrain(
     let summary = {
         let mut trainer = Trainer::new(&mut model, &spec.train, data.pretrain.len())?;
         let mut bar = TrainBar::new("pretrain", verbosity);
+        let _ctrl_c = crate::interrupt::Guard::install();
         trainer.fit(&data.pretrain, &CheckpointSpec::default(), &mut bar)?
     };
     let val = predict(&model, &data.val, 256, &mut |_| {})?;

@@ -25,6 +25,7 @@ pub mod backbone;
 pub mod bench;
 pub mod dataset;
 pub mod ensemble;
+pub mod interrupt;
 pub mod memprofile;
 pub mod outputs;
 pub mod plot;

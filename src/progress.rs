@@ -115,6 +115,10 @@ impl Observer for TrainBar {
         self.bar.set_position(s.step + 1);
     }
 
+    fn stop_requested(&self) -> bool {
+        crate::interrupt::requested()
+    }
+
     fn epoch(&mut self, e: &EpochInfo) {
         if self.verbosity == Verbosity::Normal && self.bar.is_hidden() {
             // No terminal: one line per epoch instead of a bar.

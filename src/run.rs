@@ -201,6 +201,7 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
             );
         }
         let mut bar = TrainBar::new(label, spec.verbosity);
+        let _ctrl_c = crate::interrupt::Guard::install();
         trainer.fit(&data.train, &ckpt, &mut bar)?
     };
     let memory = device.memory().report().into();

@@ -570,3 +570,50 @@ fn a_closed_stderr_does_not_stop_a_run() {
         assert!(dir.join(f).exists(), "{f} was not written");
     }
 }
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_stops_training_after_a_step_and_says_how_to_resume() {
+    let dir = temp_dir("ctrl-c");
+    let ckpt = dir.join("checkpoint.safetensors");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_loren"))
+        .args([
+            "train",
+            "-m",
+            "2",
+            "-r",
+            "4",
+            "--epochs",
+            "50",
+            "--no-shift",
+            "--no-ood",
+        ])
+        .args(["--out", dir.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the first epoch's checkpoint is there, the run is inside its second epoch.
+    let start = std::time::Instant::now();
+    while !ckpt.exists() {
+        assert!(
+            start.elapsed().as_secs() < 120,
+            "no checkpoint after two minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    let resume = format!("--resume {}", ckpt.display());
+    assert!(
+        err.contains("training interrupted after step") && err.contains(&resume),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}

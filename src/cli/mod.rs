@@ -85,7 +85,11 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             loren::note!("error: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<loren_nn::NnError>() {
+                // 128 + SIGINT, as a shell reports a command Ctrl-C ended.
+                Some(loren_nn::NnError::Interrupted { .. }) => ExitCode::from(130),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -25,6 +25,9 @@ pub enum NnError {
     /// The loss stopped being a number.
     #[error("training stopped: the loss is {loss} at step {step}; {kept}")]
     NonFinite { step: u64, loss: f32, kept: String },
+    /// The observer asked training to stop (Ctrl-C): it stopped after a whole step.
+    #[error("training interrupted after step {step}; {kept}")]
+    Interrupted { step: u64, kept: String },
 }
 
 pub type Result<T, E = NnError> = std::result::Result<T, E>;

@@ -116,6 +116,10 @@ pub trait Observer {
     fn start(&mut self, _total_steps: u64, _first_step: u64) {}
     fn step(&mut self, _info: &StepInfo) {}
     fn epoch(&mut self, _info: &EpochInfo) {}
+    /// Whether training should stop after the step it has just run ([`NnError::Interrupted`]).
+    fn stop_requested(&self) -> bool {
+        false
+    }
 }
 
 /// An observer that watches nothing.
@@ -337,6 +341,12 @@ impl<'m> Trainer<'m> {
                     images: idx.len(),
                     seconds: t0.elapsed().as_secs_f64(),
                 });
+                if observer.stop_requested() {
+                    return Err(NnError::Interrupted {
+                        step: self.step,
+                        kept: String::new(),
+                    });
+                }
             }
             Ok(())
         })?;
@@ -372,24 +382,32 @@ impl<'m> Trainer<'m> {
         let earlier = ckpt.path.as_ref().filter(|p| first_step == 0 && p.exists());
         let mut saved = false;
         while self.epoch < self.config.epochs {
+            let kept = |saved: bool| match (&ckpt.path, earlier) {
+                (Some(p), _) if saved => {
+                    format!("the last good checkpoint is kept at {}", p.display())
+                }
+                _ if first_step > 0 => {
+                    "the checkpoint it resumed from is the last good one".to_string()
+                }
+                (_, Some(p)) => format!(
+                    "no checkpoint had been written yet, and {} is still the earlier run's",
+                    p.display()
+                ),
+                _ => "no checkpoint had been written yet".to_string(),
+            };
             match self.run_epoch(data, observer) {
                 Ok(info) => epochs.push(info),
                 Err(NnError::NonFinite { step, loss, .. }) => {
-                    let kept = match (&ckpt.path, earlier) {
-                        (Some(p), _) if saved => {
-                            format!("the last good checkpoint is kept at {}", p.display())
-                        }
-                        _ if first_step > 0 => {
-                            "the checkpoint it resumed from is the last good one".to_string()
-                        }
-                        (_, Some(p)) => format!(
-                            "no checkpoint had been written yet, and {} is still the earlier \
-                             run's",
-                            p.display()
-                        ),
-                        _ => "no checkpoint had been written yet".to_string(),
-                    };
+                    let kept = kept(saved);
                     return Err(NnError::NonFinite { step, loss, kept });
+                }
+                Err(NnError::Interrupted { step, .. }) => {
+                    let mut kept = kept(saved);
+                    if let (Some(p), true) = (&ckpt.path, saved) {
+                        kept +=
+                            &format!(" (--resume {} continues from its epoch's end)", p.display());
+                    }
+                    return Err(NnError::Interrupted { step, kept });
                 }
                 Err(e) => return Err(e),
             }
