@@ -803,6 +803,15 @@ pub fn run_bench(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Ben
     let mut members = o.members.clone();
     members.sort_unstable();
     members.dedup();
+    // A bad rank or class count is refused now, not after the peak's measurement.
+    for (vit, &method) in vits
+        .iter()
+        .flat_map(|v| o.methods.iter().map(move |m| (v, m)))
+    {
+        ensemble(o, method, members[0])
+            .validate(vit)
+            .with_context(|| format!("{method} on {}", vit.name))?;
+    }
 
     let note = if is_cpu {
         let mut n =

@@ -187,6 +187,25 @@ fn a_missing_backbone_or_checkpoint_names_its_flag() {
 }
 
 #[test]
+fn bench_refuses_a_bad_rank_or_class_count_before_measuring() {
+    // Not quiet: a "measuring the peak" line before the error would fail the one-line check.
+    for (flag, needle) in [
+        ("--rank", "rank must be at least 1"),
+        ("--classes", "at least 2 classes"),
+    ] {
+        fails_with(&["bench", "--device", "cpu", flag, "0"], &[needle]);
+    }
+}
+
+#[test]
+fn a_single_network_refuses_members() {
+    fails_with(
+        &strs(&quick(&["--method", "single", "-m", "4"])),
+        &["--members 4: single is one network"],
+    );
+}
+
+#[test]
 fn compare_refuses_a_method_named_twice() {
     fails_with(
         &["compare", "--methods", "lora,single,lora", "-q"],

@@ -67,11 +67,11 @@ pub struct EnsembleArgs {
     /// lora (LoRA-Ensemble), explicit (M fully fine-tuned copies), single, or single-lora.
     #[arg(long, default_value = "lora")]
     pub method: String,
-    /// Ensemble members (single and single-lora always have 1).
-    #[arg(long, short = 'm', default_value_t = 8)]
-    pub members: usize,
+    /// Ensemble members (single and single-lora are one network) [default: 8].
+    #[arg(long, short = 'm', allow_negative_numbers = true)]
+    pub members: Option<usize>,
     /// LoRA rank r of each adapter.
-    #[arg(long, short = 'r', default_value_t = 8)]
+    #[arg(long, short = 'r', default_value_t = 8, allow_negative_numbers = true)]
     pub rank: usize,
     /// LoRA scale s in y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ.
     #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
@@ -86,6 +86,10 @@ pub struct EnsembleArgs {
 
 impl EnsembleArgs {
     /// Refuse adapter settings no ensemble can use, naming the flag, before anything slow starts.
+    pub fn members(&self) -> usize {
+        self.members.unwrap_or(8)
+    }
+
     pub fn check(&self) -> Result<()> {
         if !(self.lora_scale.is_finite() && self.lora_scale != 0.0) {
             bail!(
@@ -265,7 +269,7 @@ pub fn ensemble_config(e: &EnsembleArgs, method: Method, classes: usize) -> Resu
     e.check()?;
     Ok(EnsembleConfig {
         method,
-        members: if method.is_single() { 1 } else { e.members },
+        members: if method.is_single() { 1 } else { e.members() },
         classes,
         lora: LoraConfig {
             rank: e.rank,

@@ -127,7 +127,7 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
 /// Every run, in order, each one's settings validated.
 fn plan(a: &CompareArgs, methods: &[Method], data: &Splits) -> Result<Vec<Planned>> {
     let sizes = if a.sizes.is_empty() {
-        vec![a.ensemble.members]
+        vec![a.ensemble.members()]
     } else {
         a.sizes.clone()
     };
@@ -136,7 +136,7 @@ fn plan(a: &CompareArgs, methods: &[Method], data: &Splits) -> Result<Vec<Planne
         let members: &[usize] = if method.is_single() { &[1] } else { &sizes };
         for &m in members {
             let ensemble = EnsembleArgs {
-                members: m,
+                members: Some(m),
                 ..a.ensemble.clone()
             };
             let spec = run_spec(

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use clap::{Args, Parser};
 
 use super::say;
@@ -57,6 +57,15 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     a.ensemble.check()?;
     writable_dir(&a.out, "--out")?;
     let method: Method = a.ensemble.method.parse()?;
+    if let (true, Some(m)) = (method.is_single(), a.ensemble.members)
+        && m != 1
+    {
+        bail!(
+            "--members {m}: {} is one network; leave --members out, or train an ensemble \
+             (--method lora or explicit)",
+            method.name()
+        );
+    }
     let data = splits(&a.data, &VitConfig::by_name(&a.model.config)?)?;
     let ckpt = a.out.join("checkpoint.safetensors");
     let mut spec = run_spec(
