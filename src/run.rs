@@ -199,6 +199,14 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
                 trainer.total_steps() / spec.train.epochs.max(1) as u64,
                 spec.train.batch_size
             );
+            if spec.train.warmup_steps > trainer.total_steps() {
+                crate::note!(
+                    "{label}: note: its {} steps end inside the {}-step learning-rate warm-up \
+                     (--warmup), which then ends at its last step, with no decay",
+                    trainer.total_steps(),
+                    spec.train.warmup_steps
+                );
+            }
         }
         let mut bar = TrainBar::new(label, spec.verbosity);
         let _ctrl_c = crate::interrupt::Guard::install();
