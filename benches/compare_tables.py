@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""The README's comparison figures from `loren compare` outputs (compare.json files).
+
+    benches/compare_tables.py defaults RUN/compare.json
+        each method's mean accuracy and ECE over the shifted sets, and AUROC by entropy
+    benches/compare_tables.py seeds SEED0/compare.json SEED1/compare.json ...
+        single against lora per seed (test accuracy, ECE, NLL; validation ECE), mean ± sd
+    benches/compare_tables.py growth M1/compare.json M2/compare.json ...
+        explicit against lora per M: parameters, trainable + gradients + optimizer state,
+        peak tensor memory, validation ECE
+"""
+import json
+import statistics
+import sys
+
+MIB = 1 << 20
+
+
+def runs(path):
+    with open(path) as f:
+        return {r["method"]: r for r in json.load(f)}
+
+
+def mean_sd(xs, fmt):
+    return f"{fmt.format(statistics.mean(xs))} ± {fmt.format(statistics.stdev(xs))}"
+
+
+def defaults(path):
+    for method, r in runs(path).items():
+        rep = r["report"]
+        shift = rep["shift"]
+        acc = statistics.mean(s["accuracy"] for s in shift) * 100 if shift else float("nan")
+        ece = statistics.mean(s["ece"] for s in shift) if shift else float("nan")
+        auroc = rep["ood"]["entropy"]["auroc"] if rep["ood"] else float("nan")
+        t = rep["test"]
+        print(f"{method:<12} test acc {t['accuracy'] * 100:.2f} ECE {t['ece']:.4f} "
+              f"mean confidence {t['mean_confidence']:.3f} | shift mean acc {acc:.1f} "
+              f"ECE {ece:.3f} | OOD AUROC (entropy) {auroc:.3f} | val ECE {r['val_ece']:.4f}")
+
+
+def seeds(paths):
+    print("| seed | single acc | single ECE | single NLL | LoRA acc | LoRA ECE | LoRA NLL "
+          "| single val ECE | LoRA val ECE |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    cols = []
+    for seed, path in enumerate(paths):
+        rs = runs(path)
+        s, l = rs["single"], rs["lora"]
+        row = [s["report"]["test"]["accuracy"] * 100, s["report"]["test"]["ece"],
+               s["report"]["test"]["nll"], l["report"]["test"]["accuracy"] * 100,
+               l["report"]["test"]["ece"], l["report"]["test"]["nll"], s["val_ece"],
+               l["val_ece"]]
+        cols.append(row)
+        fmts = ["{:.2f}", "{:.4f}", "{:.4f}"] * 2 + ["{:.4f}"] * 2
+        print(f"| {seed} | " + " | ".join(f.format(v) for f, v in zip(fmts, row)) + " |")
+    fmts = ["{:.2f}", "{:.4f}", "{:.4f}"] * 2
+    summary = [mean_sd([c[i] for c in cols], fmts[i]) for i in range(6)]
+    print("| mean ± sd | " + " | ".join(summary) + " | | |")
+
+
+def growth(paths):
+    print("| M | explicit params | LoRA params | explicit trainable+grads+optimizer MiB "
+          "| LoRA trainable+grads+optimizer MiB | explicit peak MiB | LoRA peak MiB "
+          "| LoRA/explicit peak | explicit val ECE | LoRA val ECE |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for path in paths:
+        rs = runs(path)
+        e, l = rs["explicit"], rs["lora"]
+
+        def state(r):
+            p = r["memory"]["peak"]
+            return (p["trainable"] + p["gradients"] + p["optimizer_state"]) / MIB
+
+        pe, pl = e["memory"]["total_peak"] / MIB, l["memory"]["total_peak"] / MIB
+        print(f"| {e['members']} | {e['trainable_params']:,} | {l['trainable_params']:,} "
+              f"| {state(e):.1f} | {state(l):.1f} | {pe:.1f} | {pl:.1f} | {pl / pe:.2f} "
+              f"| {e['val_ece']:.4f} | {l['val_ece']:.4f} |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3 or sys.argv[1] not in ("defaults", "seeds", "growth"):
+        sys.exit(__doc__)
+    {"defaults": lambda p: defaults(p[0]), "seeds": seeds, "growth": growth}[sys.argv[1]](
+        sys.argv[2:])
