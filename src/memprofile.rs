@@ -272,13 +272,12 @@ pub fn run_memprofile(
             "CPU: f32, figures are the device's accounted bytes (deterministic); the device \
              column (cuMemGetInfo) is n/a on the CPU.",
         );
-        if o.measure.is_none() {
+        if o.measure.is_none() && vits.iter().any(|v| v.name != "tiny") {
             let _ = write!(
                 n,
-                " Measured: every M for tiny, M <= {CPU_MEASURE_MAX_LARGE} for ViT-B (a ViT-B \
-                 step takes seconds per member here; 24 GiB would hold explicit up to M=4 and \
-                 LoRA up to M=8-16 at batch 32), without a warm-up step for ViT-B (the \
-                 accounting is deterministic); the analytic model covers every M."
+                " Measured: M <= {CPU_MEASURE_MAX_LARGE} for ViT-B (a ViT-B step takes seconds \
+                 per member here), without a warm-up step (the accounting is deterministic); the \
+                 analytic model covers every M."
             );
         }
         n
@@ -509,19 +508,23 @@ pub fn table(r: &MemprofileReport) -> String {
             .iter()
             .find(|x| &x.config == c && x.measured.is_some())
         {
-            warmups.push(format!("{} {}", c, row.warmup));
+            warmups.push(match row.warmup {
+                0 => format!("no warm-up step for {c}"),
+                1 => format!("after 1 warm-up step for {c}"),
+                n => format!("after {n} warm-up steps for {c}"),
+            });
         }
     }
     let _ = writeln!(
         s,
         "loren memprofile on {} (batch {}, rank {}, AdamW{}): peaks over one training step, \
-         after warm-up steps: {}",
+         {}",
         r.device,
         r.batch,
         r.rank,
         recompute_phrase(r.activations),
         if warmups.is_empty() {
-            "none measured".to_string()
+            "no step measured".to_string()
         } else {
             warmups.join(", ")
         }
@@ -585,7 +588,6 @@ pub fn table(r: &MemprofileReport) -> String {
         l.push(pct(row.rel_diff_total));
         l.push(match (row.device_used, r.device.as_str()) {
             (Some(b), _) => bytes(b),
-            (None, "cpu") => "n/a on cpu".into(),
             (None, _) => "n/a".into(),
         });
         if with_recompute {
