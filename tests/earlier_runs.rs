@@ -94,6 +94,31 @@ fn resuming_with_no_epochs_left_says_so() {
 }
 
 #[test]
+fn resuming_from_the_folder_alone_takes_the_saved_settings() {
+    // The same third epoch with every setting given, and with none but --epochs: bit for bit.
+    let (all, saved) = (temp_dir("resume-all-flags"), temp_dir("resume-saved-flags"));
+    let (ok, _, err) = loren(&strs(&resume_args(&all, &["--epochs", "3"])));
+    assert!(ok, "{err}");
+    let (ok, _, err) = loren(&[
+        "train",
+        "--resume",
+        trained().to_str().unwrap(),
+        "--epochs",
+        "3",
+        "--no-shift",
+        "--no-ood",
+        "-q",
+        "--out",
+        saved.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let read = |d: &Path| TensorFile::read(&d.join("checkpoint.safetensors")).unwrap();
+    let (a, b) = (read(&all), read(&saved));
+    assert_eq!(a.fingerprint(), b.fingerprint(), "the two resumed runs differ");
+    assert_eq!(a.metadata(), b.metadata());
+}
+
+#[test]
 fn resuming_with_fewer_epochs_than_the_run_was_started_for_is_refused() {
     let out = temp_dir("fewer-epochs");
     let args = resume_args(&out, &["--epochs", "1"]);

@@ -257,6 +257,18 @@ pub fn data_metadata(data: &DataArgs) -> HashMap<String, String> {
     ])
 }
 
+/// The held-out classes a checkpoint recorded ([`data_metadata`]).
+pub fn saved_holdout_classes(meta: &HashMap<String, String>) -> Result<Vec<u32>> {
+    match meta.get("holdout_classes").filter(|h| !h.is_empty()) {
+        Some(h) => h
+            .split(',')
+            .map(|c| c.parse::<u32>())
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("checkpoint metadata holdout_classes '{h}'")),
+        None => Ok(Vec::new()),
+    }
+}
+
 pub fn eval_options(data: &DataArgs) -> EvalOptions {
     EvalOptions {
         batch_size: data.eval_batch_size,

@@ -15,7 +15,7 @@ use loren_nn::eval::{eval_images, evaluate};
 use loren_nn::reliability::reliability_svg;
 use loren_nn::train::{check_format, load_trained};
 
-use super::args::{Common, DataArgs, checkpoint_arg, eval_options, splits};
+use super::args::{Common, DataArgs, checkpoint_arg, eval_options, saved_holdout_classes, splits};
 use loren::outputs::writable_dir;
 
 #[derive(Args, Clone)]
@@ -61,16 +61,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         }
     }
     data_args.data = data_args.data.or_else(|| meta.get("data").cloned());
-    let recorded: Vec<u32> = match meta.get("holdout_classes").filter(|h| !h.is_empty()) {
-        Some(h) => h
-            .split(',')
-            .map(|c| {
-                c.parse::<u32>()
-                    .with_context(|| format!("checkpoint metadata holdout_classes '{h}'"))
-            })
-            .collect::<Result<_>>()?,
-        None => Vec::new(),
-    };
+    let recorded = saved_holdout_classes(meta)?;
     // The heads know the classes left after the holdout, in order: other held-out classes would
     // score them against the wrong labels.
     let set = |c: &[u32]| std::collections::BTreeSet::from_iter(c.iter().copied());

@@ -11,7 +11,7 @@ mod train;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 const ABOUT: &str = "LoRA-Ensembles: calibrated uncertainty for Vision Transformers at a fraction of a deep ensemble's cost";
 
@@ -70,10 +70,14 @@ enum Command {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let result = match cli.command {
-        None => train::train(&train::TrainArgs::parse_from(["train"])),
-        Some(Command::Train(a)) => train::train(&a),
+        None => train::train(&train::TrainArgs::parse_from(["train"]), None),
+        Some(Command::Train(a)) => train::train(&a, matches.subcommand_matches("train")),
         Some(Command::Eval(a)) => eval::eval(&a),
         Some(Command::Compare(a)) => compare::compare(&a),
         Some(Command::Pretrain(a)) => pretrain::pretrain(&a),

@@ -1,19 +1,23 @@
 //! `loren train` (and `loren` with no command).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
-use clap::{Args, Parser};
+use anyhow::{Context, Result, bail};
+use clap::{ArgMatches, Args, Parser};
 
 use super::say;
 use loren::backbone;
 use loren::report::{calibration_report, method_title, training_line};
 use loren::run::run;
-use loren_nn::config::{Method, VitConfig};
+use loren_autograd::optim::OptimizerKind;
+use loren_nn::checkpoint::TensorFile;
+use loren_nn::config::{Activations, EnsembleConfig, Method, VitConfig};
+use loren_nn::data::Augment;
+use loren_nn::train::{TrainConfig, check_format};
 
 use super::args::{
     Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, SeedArgs, checkpoint_arg, run_spec,
-    splits, write_outputs,
+    saved_holdout_classes, splits, write_outputs,
 };
 use loren::outputs::writable_dir;
 
@@ -52,7 +56,19 @@ impl TrainArgs {
     }
 }
 
-pub fn train(a: &TrainArgs) -> Result<()> {
+/// `loren train`; `given` holds the command line's own flags (`None`: no flags at all).
+pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
+    let is_given = |id: &str| {
+        given.is_some_and(|m| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+    };
+    let saved;
+    let a = match &a.resume {
+        Some(path) => {
+            saved = with_saved_settings(a, &is_given, path)?;
+            &saved
+        }
+        None => a,
+    };
     a.optim.check()?;
     a.ensemble.check()?;
     writable_dir(&a.out, "--out")?;
@@ -102,4 +118,108 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         ckpt.display()
     ))?;
     Ok(())
+}
+
+/// A resumed run's settings are the checkpoint's: every flag of the settings left off the
+/// command line takes the saved run's value, so `--resume DIR` alone continues it. A flag that is
+/// given stays as given, and the resume check refuses it unless it may change (--epochs,
+/// --recompute) or agrees with the saved run.
+fn with_saved_settings(
+    a: &TrainArgs,
+    given: &dyn Fn(&str) -> bool,
+    path: &Path,
+) -> Result<TrainArgs> {
+    let file = TensorFile::read(path).context("--resume")?;
+    check_format(&file).context("--resume")?;
+    let vit: VitConfig = file.meta_json("vit")?;
+    let ens: EnsembleConfig = file.meta_json("ensemble")?;
+    let train: TrainConfig = file.meta_json("train")?;
+    let meta = file.metadata();
+    let mut r = a.clone();
+    let (m, e, o) = (&mut r.model, &mut r.ensemble, &mut r.optim);
+    let keep = |id: &str| !given(id);
+    if keep("config") {
+        m.config = vit.name.clone();
+    }
+    if keep("backbone") {
+        m.backbone = meta
+            .get("backbone")
+            .map(PathBuf::from)
+            .or(m.backbone.take());
+    }
+    if keep("method") {
+        e.method = ens.method.name().to_string();
+    }
+    if keep("members") && !ens.method.is_single() {
+        e.members = Some(ens.members);
+    }
+    if keep("rank") {
+        e.rank = ens.lora.rank;
+    }
+    if keep("lora_scale") {
+        e.lora_scale = ens.lora.scale;
+    }
+    if keep("lora_targets") {
+        e.lora_targets = ens.lora.targets.to_string();
+    }
+    if keep("lora_gain") {
+        e.lora_gain = ens.lora.init_gain;
+    }
+    if keep("epochs") {
+        o.epochs = train.epochs;
+    }
+    if keep("batch_size") {
+        o.batch_size = train.batch_size;
+    }
+    if keep("lr") {
+        o.lr = Some(train.lr);
+    }
+    if keep("min_lr") {
+        o.min_lr = train.min_lr;
+    }
+    if keep("warmup") {
+        o.warmup = train.warmup_steps;
+    }
+    let (optimizer, weight_decay, momentum) = match train.optimizer {
+        OptimizerKind::AdamW { weight_decay, .. } => ("adamw", weight_decay, o.momentum),
+        OptimizerKind::Sgd {
+            momentum,
+            weight_decay,
+        } => ("sgd", weight_decay, momentum),
+    };
+    if keep("optimizer") {
+        o.optimizer = optimizer.to_string();
+    }
+    if keep("weight_decay") {
+        o.weight_decay = weight_decay;
+    }
+    if keep("momentum") {
+        o.momentum = momentum;
+    }
+    if keep("grad_clip") {
+        o.grad_clip = train.grad_clip.unwrap_or(0.0);
+    }
+    if keep("augment") {
+        let presets = [
+            ("none", Augment::none()),
+            ("digits", Augment::digits()),
+            ("paper", Augment::paper()),
+        ];
+        if let Some((name, _)) = presets.iter().find(|(_, p)| *p == train.augment) {
+            o.augment = name.to_string();
+        }
+    }
+    if keep("recompute") {
+        o.recompute = train.activations == Activations::Recompute;
+    }
+    if keep("seed") {
+        r.seed.seed = train.seed;
+    }
+    if keep("data") {
+        r.data.data = meta.get("data").cloned().or(r.data.data.take());
+    }
+    if keep("holdout_classes") {
+        r.data.holdout_classes = saved_holdout_classes(meta)?;
+    }
+    Ok(r)
 }
