@@ -38,8 +38,9 @@ pub struct TrainArgs {
     /// Output folder.
     #[arg(long, default_value = "runs/train")]
     pub out: PathBuf,
-    /// Continue from a checkpoint written by an earlier `train` with the same settings (the file,
-    /// or the folder it is in).
+    /// Continue an earlier `train` from its checkpoint (the file, or the folder it is in), with
+    /// the settings saved there; a settings flag given must agree with them, but for --epochs
+    /// (more, to extend the run) and --recompute.
     #[arg(long, value_parser = checkpoint_arg)]
     pub resume: Option<PathBuf>,
 }
