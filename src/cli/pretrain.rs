@@ -41,12 +41,17 @@ pub fn pretrain(a: &PretrainArgs) -> Result<()> {
         .unwrap_or_else(|| backbone::default_path(&VitConfig::tiny()));
     // Before the epochs, not after them.
     if out.exists() && !a.force {
-        anyhow::bail!(
-            "--out {} exists (by default the bundled backbone, which runs start from and \
-             checkpoints name by fingerprint); pass --out FILE for a new one, or --force to \
-             replace it",
-            out.display()
-        );
+        match &a.out {
+            None => anyhow::bail!(
+                "{} is the bundled backbone, which runs start from and checkpoints name by \
+                 fingerprint; pass --out FILE for a new one, or --force to replace it",
+                out.display()
+            ),
+            Some(_) => anyhow::bail!(
+                "--out {} exists; name another file, or pass --force to replace it",
+                out.display()
+            ),
+        }
     }
     loren::outputs::writable_file(&out, "--out")?;
     let data = splits(
