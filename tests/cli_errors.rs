@@ -561,27 +561,22 @@ fn pretrain_keeps_an_existing_backbone_without_force() {
     assert_eq!(std::fs::read(&file).unwrap(), b"weights");
 }
 
+/// A small `loren train` into `dir` with its stderr piped, as a shell would run it.
+fn spawn_train(dir: &Path, epochs: &str) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_loren"))
+        .args(["train", "-m", "2", "-r", "4", "--no-shift", "--no-ood"])
+        .args(["--epochs", epochs, "--out", dir.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn a_closed_stderr_does_not_stop_a_run() {
     // `loren train 2>&1 | head -1`: the progress lines meet a closed pipe, the run goes on.
     let dir = temp_dir("closed-stderr");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_loren"))
-        .args([
-            "train",
-            "-m",
-            "2",
-            "-r",
-            "4",
-            "--epochs",
-            "1",
-            "--no-shift",
-            "--no-ood",
-        ])
-        .args(["--out", dir.to_str().unwrap()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_train(&dir, "1");
     drop(child.stderr.take());
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}");
@@ -595,23 +590,7 @@ fn a_closed_stderr_does_not_stop_a_run() {
 fn ctrl_c_stops_training_after_a_step_and_says_how_to_resume() {
     let dir = temp_dir("ctrl-c");
     let ckpt = dir.join("checkpoint.safetensors");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_loren"))
-        .args([
-            "train",
-            "-m",
-            "2",
-            "-r",
-            "4",
-            "--epochs",
-            "50",
-            "--no-shift",
-            "--no-ood",
-        ])
-        .args(["--out", dir.to_str().unwrap()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_train(&dir, "50");
     // Once the first epoch's checkpoint is there, the run is inside its second epoch.
     let start = std::time::Instant::now();
     while !ckpt.exists() {

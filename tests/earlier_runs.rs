@@ -114,7 +114,11 @@ fn resuming_from_the_folder_alone_takes_the_saved_settings() {
     assert!(ok, "{err}");
     let read = |d: &Path| TensorFile::read(&d.join("checkpoint.safetensors")).unwrap();
     let (a, b) = (read(&all), read(&saved));
-    assert_eq!(a.fingerprint(), b.fingerprint(), "the two resumed runs differ");
+    assert_eq!(
+        a.fingerprint(),
+        b.fingerprint(),
+        "the two resumed runs differ"
+    );
     assert_eq!(a.metadata(), b.metadata());
 }
 
