@@ -120,15 +120,20 @@ impl Observer for TrainBar {
     }
 
     fn epoch(&mut self, e: &EpochInfo) {
-        if self.verbosity == Verbosity::Normal && self.bar.is_hidden() {
-            // No terminal: one line per epoch instead of a bar.
-            crate::note!(
-                "{}: epoch {} mean loss {:.4} ({:.1}s)",
-                self.label,
-                e.epoch + 1,
-                e.mean_loss,
-                e.seconds
-            );
+        if self.verbosity == Verbosity::Quiet {
+            return;
+        }
+        let line = format!(
+            "{}: epoch {} mean loss {:.4} ({:.1}s)",
+            self.label,
+            e.epoch + 1,
+            e.mean_loss,
+            e.seconds
+        );
+        // A line per epoch: above the bar on a terminal, so the loss's history stays on screen.
+        match self.bar.is_hidden() {
+            true => crate::note!("{line}"),
+            false => self.bar.println(line),
         }
     }
 }
