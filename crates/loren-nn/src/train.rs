@@ -104,7 +104,7 @@ pub struct StepInfo {
 }
 
 /// What an epoch reports.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct EpochInfo {
     pub epoch: usize,
     pub mean_loss: f64,
@@ -140,6 +140,7 @@ pub struct CheckpointSpec {
 /// What a finished run reports.
 #[derive(Clone, Debug, Serialize)]
 pub struct TrainSummary {
+    /// Every epoch trained, a resumed run's earlier ones included (the rest are this run's).
     pub epochs: Vec<EpochInfo>,
     pub steps: u64,
     pub seconds: f64,
@@ -158,9 +159,13 @@ pub struct Trainer<'m> {
     step: u64,
     epoch: usize,
     steps_per_epoch: u64,
+    /// The epochs trained so far, from the start of the run (kept in the checkpoint).
+    history: Vec<EpochInfo>,
 }
 
 const FORMAT: &str = "loren-train-v1";
+/// The checkpoint's metadata key of the epochs trained so far.
+const HISTORY: &str = "epoch_history";
 
 impl<'m> Trainer<'m> {
     /// A trainer for `train_len` training images.
@@ -189,6 +194,7 @@ impl<'m> Trainer<'m> {
             step: 0,
             epoch: 0,
             steps_per_epoch,
+            history: Vec::new(),
         })
     }
 
@@ -357,6 +363,7 @@ impl<'m> Trainer<'m> {
             seconds: start.elapsed().as_secs_f64(),
         };
         self.epoch += 1;
+        self.history.push(info);
         observer.epoch(&info);
         Ok(info)
     }
@@ -376,7 +383,6 @@ impl<'m> Trainer<'m> {
         let start = Instant::now();
         let first_step = self.step;
         observer.start(self.total_steps(), first_step);
-        let mut epochs = Vec::new();
         // Only a checkpoint this run wrote is its last good one: the file at the path may be
         // another run's.
         let earlier = ckpt.path.as_ref().filter(|p| first_step == 0 && p.exists());
@@ -396,7 +402,7 @@ impl<'m> Trainer<'m> {
                 _ => "no checkpoint had been written yet".to_string(),
             };
             match self.run_epoch(data, observer) {
-                Ok(info) => epochs.push(info),
+                Ok(_) => {}
                 Err(NnError::NonFinite { step, loss, .. }) => {
                     let kept = kept(saved);
                     return Err(NnError::NonFinite { step, loss, kept });
@@ -422,7 +428,7 @@ impl<'m> Trainer<'m> {
         let seconds = start.elapsed().as_secs_f64();
         let images = (self.step - first_step) as f64 * self.config.batch_size as f64;
         Ok(TrainSummary {
-            epochs,
+            epochs: self.history.clone(),
             steps: self.step,
             seconds,
             images_per_second: images / seconds.max(1e-9),
@@ -447,6 +453,7 @@ impl<'m> Trainer<'m> {
             ("train".to_string(), json(&self.config)),
             ("epoch".to_string(), self.epoch.to_string()),
             ("step".to_string(), self.step.to_string()),
+            (HISTORY.to_string(), json(&self.history)),
             (
                 "optimizer_steps".to_string(),
                 self.optimizer.steps().to_string(),
@@ -492,6 +499,11 @@ impl<'m> Trainer<'m> {
         })?;
         self.epoch = epoch as usize;
         self.step = step;
+        // Checkpoints from before the history was kept resume without it.
+        self.history = match file.metadata().get(HISTORY) {
+            Some(_) => file.meta_json(HISTORY)?,
+            None => Vec::new(),
+        };
         Ok(())
     }
 }
