@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -18,7 +19,7 @@ use loren_nn::vit::{Vit, fine_tune_seed};
 use loren_tensor::{Device, DeviceSpec, MemTag, MemoryReport};
 use serde::Serialize;
 
-use crate::bench::{Budget, CPU_RSS_MARGIN, budget_for, need_for_peak, precision};
+use crate::bench::{Budget, CPU_RSS_FACTOR, CPU_RSS_MARGIN, budget_for, need_for_peak, precision};
 use crate::progress::{EvalBar, TrainBar, Verbosity};
 use crate::report::bytes;
 
@@ -33,8 +34,8 @@ pub struct RunSpec {
     pub device: DeviceSpec,
     /// Where to keep the training checkpoint.
     pub checkpoint: Option<PathBuf>,
-    /// A checkpoint to continue from.
-    pub resume: Option<PathBuf>,
+    /// A training checkpoint to continue from (shared: one read serves its settings and state).
+    pub resume: Option<Arc<TensorFile>>,
     pub eval: EvalOptions,
     pub verbosity: Verbosity,
     /// Written into the checkpoint beside the run's own metadata (the data, for `eval`).
@@ -154,13 +155,12 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
     device.memory().reset_peaks();
     let summary = {
         let mut trainer = Trainer::new(&mut model, &spec.train, data.train.len())?;
-        if let Some(path) = &spec.resume {
-            let file = TensorFile::read(path).context("--resume")?;
-            check_same_data(&file, &spec.metadata, spec.verbosity)?;
+        if let Some(file) = spec.resume.as_deref() {
+            check_same_data(file, &spec.metadata, spec.verbosity)?;
             if frozen_backbone {
-                check_backbone(&file, backbone)?;
+                check_backbone(file, backbone)?;
             }
-            trainer.resume(&file)?;
+            trainer.resume(file)?;
             let saved: TrainConfig = file.meta_json("train")?;
             if saved.epochs < spec.train.epochs && spec.verbosity == Verbosity::Normal {
                 crate::note!(
@@ -297,14 +297,16 @@ pub fn check_fits_within(
     };
     let ens = &spec.ensemble;
     let activations = spec.train.activations;
-    let kept = need(ens.members, activations)?;
+    let tensor_peak = peak(ens.members, activations)?;
+    let kept = need_for_peak(tensor_peak, device);
     if kept <= budget.bytes {
         return Ok(());
     }
     let cpu_pool = if device.is_cpu() {
         format!(
-            " (a tensor peak of {}, twice that for the CPU's buffer pool, and {} besides)",
-            bytes(peak(ens.members, activations)?),
+            " (a tensor peak of {}, {CPU_RSS_FACTOR}x that for the CPU's buffer pool, and {} \
+             besides)",
+            bytes(tensor_peak),
             bytes(CPU_RSS_MARGIN)
         )
     } else {

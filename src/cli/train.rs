@@ -1,6 +1,7 @@
 //! `loren train` (and `loren` with no command).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{ArgMatches, Args, Parser};
@@ -62,16 +63,20 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
     let is_given = |id: &str| {
         given.is_some_and(|m| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
     };
+    // Read once: the settings come from it here, the state in `run`.
     let saved;
-    let a = match &a.resume {
+    let (a, resume) = match &a.resume {
         Some(path) => {
-            saved = with_saved_settings(a, &is_given, path)?;
-            &saved
+            let file = TensorFile::read(path).context("--resume")?;
+            check_format(&file).context("--resume")?;
+            saved = with_saved_settings(a, &is_given, &file)?;
+            (&saved, Some(Arc::new(file)))
         }
-        None => a,
+        None => (a, None),
     };
     a.optim.check()?;
     a.ensemble.check()?;
+    a.data.check()?;
     writable_dir(&a.out, "--out")?;
     let method: Method = a.ensemble.method.parse()?;
     if let (true, Some(m)) = (method.is_single(), a.ensemble.members)
@@ -96,7 +101,7 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
         data.train.classes,
         Some(ckpt.clone()),
     )?;
-    spec.resume = a.resume.clone();
+    spec.resume = resume;
     let backbone = backbone::resolve(
         a.model.backbone.as_deref(),
         &mut spec.vit,
@@ -128,10 +133,8 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
 fn with_saved_settings(
     a: &TrainArgs,
     given: &dyn Fn(&str) -> bool,
-    path: &Path,
+    file: &TensorFile,
 ) -> Result<TrainArgs> {
-    let file = TensorFile::read(path).context("--resume")?;
-    check_format(&file).context("--resume")?;
     let vit: VitConfig = file.meta_json("vit")?;
     let ens: EnsembleConfig = file.meta_json("ensemble")?;
     let train: TrainConfig = file.meta_json("train")?;
