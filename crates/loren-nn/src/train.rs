@@ -386,21 +386,21 @@ impl<'m> Trainer<'m> {
         // Only a checkpoint this run wrote is its last good one: the file at the path may be
         // another run's.
         let earlier = ckpt.path.as_ref().filter(|p| first_step == 0 && p.exists());
+        let kept = |saved: bool| match (&ckpt.path, earlier) {
+            (Some(p), _) if saved => {
+                format!("the last good checkpoint is kept at {}", p.display())
+            }
+            _ if first_step > 0 => {
+                "the checkpoint it resumed from is the last good one".to_string()
+            }
+            (_, Some(p)) => format!(
+                "no checkpoint had been written yet, and {} is still the earlier run's",
+                p.display()
+            ),
+            _ => "no checkpoint had been written yet".to_string(),
+        };
         let mut saved = false;
         while self.epoch < self.config.epochs {
-            let kept = |saved: bool| match (&ckpt.path, earlier) {
-                (Some(p), _) if saved => {
-                    format!("the last good checkpoint is kept at {}", p.display())
-                }
-                _ if first_step > 0 => {
-                    "the checkpoint it resumed from is the last good one".to_string()
-                }
-                (_, Some(p)) => format!(
-                    "no checkpoint had been written yet, and {} is still the earlier run's",
-                    p.display()
-                ),
-                _ => "no checkpoint had been written yet".to_string(),
-            };
             match self.run_epoch(data, observer) {
                 Ok(_) => {}
                 Err(NnError::NonFinite { step, loss, .. }) => {
@@ -472,7 +472,6 @@ impl<'m> Trainer<'m> {
         }
         check_matches(file, "vit", &self.model.config)?;
         check_matches(file, "ensemble", &self.model.ensemble)?;
-        self.check_same_training(file)?;
         let number = |key: &str| -> Result<u64> {
             file.meta(key)?.parse().map_err(|_| {
                 NnError::checkpoint(file.path(), format!("metadata '{key}' is not a number"))
@@ -483,6 +482,7 @@ impl<'m> Trainer<'m> {
             number("step")?,
             number("optimizer_steps")?,
         );
+        self.check_same_training(file, epoch as usize)?;
         self.model.load_tensors(file, |_, trainable| trainable)?;
         let names: HashMap<_, _> = self
             .model
@@ -511,8 +511,8 @@ impl<'m> Trainer<'m> {
 impl Trainer<'_> {
     /// A resumed run must train as the saved one did, or it would not continue it: every setting
     /// but the epoch count (which may grow) and whether blocks are recomputed (which gives the
-    /// same gradients) must match, and epochs must remain.
-    fn check_same_training(&self, file: &TensorFile) -> Result<()> {
+    /// same gradients) must match, and epochs must remain after the `done` it has trained.
+    fn check_same_training(&self, file: &TensorFile, done: usize) -> Result<()> {
         let theirs: TrainConfig = file.meta_json("train")?;
         let free = TrainConfig {
             epochs: self.config.epochs,
@@ -539,10 +539,6 @@ impl Trainer<'_> {
                 ),
             ));
         }
-        let done: usize = file
-            .meta("epoch")?
-            .parse()
-            .map_err(|_| NnError::checkpoint(file.path(), "metadata 'epoch' is not a number"))?;
         if done >= self.config.epochs {
             return Err(NnError::checkpoint(
                 file.path(),
