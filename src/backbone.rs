@@ -178,6 +178,28 @@ pub fn read_backbone(path: &Path, vit: &VitConfig) -> Result<Imported> {
         .with_context(|| format!("importing the backbone for config '{}'", vit.name))
 }
 
+/// The frozen weights a training checkpoint is used with (by `eval` and `export`): `given`
+/// (--backbone), else the backbone the checkpoint recorded; none when it recorded none.
+pub fn checkpoint_backbone(
+    file: &TensorFile,
+    given: Option<&Path>,
+    vit: &VitConfig,
+) -> Result<Option<TensorFile>> {
+    let recorded = file.metadata().get("backbone").map(Path::new);
+    Ok(match (given, recorded) {
+        (Some(p), _) => Some(read_backbone(p, vit).context("--backbone")?.file),
+        (None, Some(p)) => Some(
+            read_backbone(p, vit)
+                .context(
+                    "the backbone the checkpoint was trained from (pass --backbone to name \
+                     another)",
+                )?
+                .file,
+        ),
+        (None, None) => None,
+    })
+}
+
 /// The config's bundled backbone, pretrained first when it is `tiny`'s and missing.
 fn bundled_or_pretrained(vit: &VitConfig, data: &Splits, verbosity: Verbosity) -> Result<PathBuf> {
     let path = default_path(vit);

@@ -39,7 +39,7 @@ use loren_nn::train::load_trained;
 use loren_nn::vit::Vit;
 use loren_tensor::{DeviceSpec, MemTag, Staged, Tensor};
 
-use crate::backbone::read_backbone;
+use crate::backbone::checkpoint_backbone;
 use crate::dataset::DataSource;
 use crate::outputs::same_file;
 
@@ -315,15 +315,7 @@ pub fn export(checkpoint: &Path, backbone: Option<&Path>, out: &Path) -> Result<
             out.display()
         );
     }
-    let frozen = match (backbone, recorded) {
-        (Some(p), _) => Some(read_backbone(p, &vit).context("--backbone")?.file),
-        (None, Some(p)) => Some(
-            read_backbone(p, &vit)
-                .context("the backbone the checkpoint was trained from (pass --backbone)")?
-                .file,
-        ),
-        (None, None) => None,
-    };
+    let frozen = checkpoint_backbone(&file, backbone, &vit)?;
     let model = load_trained(&file, frozen.as_ref(), &loren_tensor::Device::cpu())?;
     let stacked = model.ensemble.method == Method::Explicit;
     let mut tensors = if stacked {

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use super::say;
-use loren::backbone::read_backbone;
+use loren::backbone::checkpoint_backbone;
 use loren::progress::{EvalBar, Verbosity};
 use loren::report::{calibration_report, method_title};
 use loren_nn::checkpoint::{TensorFile, write_atomic};
@@ -80,13 +80,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     data_args.holdout_classes = recorded;
     let vit: VitConfig = file.meta_json("vit")?;
     let data = splits(&data_args, &vit)?;
-    let backbone = match (&a.backbone, file.metadata().get("backbone")) {
-        (Some(p), _) => Some(read_backbone(p, &vit).context("--backbone")?.file),
-        (None, Some(p)) => Some(read_backbone(Path::new(p), &vit).context(
-            "the backbone the checkpoint was trained from (pass --backbone to name another)",
-        )?.file),
-        (None, None) => None,
-    };
+    let backbone = checkpoint_backbone(&file, a.backbone.as_deref(), &vit)?;
     let device = a.common.device()?.open()?;
     let model = load_trained(&file, backbone.as_ref(), &device)?;
     let opts = eval_options(&data_args);
