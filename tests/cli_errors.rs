@@ -305,11 +305,10 @@ fn quick_bench(peak: &str, out: &str, extra: &[&str]) -> Vec<String> {
     v
 }
 
-#[test]
-fn bench_and_memprofile_to_an_unwritable_out_fail_before_measuring() {
-    let bench = quick_bench("64", "/proc/x/b", &[]);
-    fails_before_work(&strs(&bench), &["--out /proc/x/b"]);
-    let memprofile = [
+/// The quickest `loren memprofile` on the CPU (tiny, one LoRA row), writing to `out`, plus
+/// `extra`.
+fn quick_memprofile(out: &str, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
         "memprofile",
         "--device",
         "cpu",
@@ -320,9 +319,20 @@ fn bench_and_memprofile_to_an_unwritable_out_fail_before_measuring() {
         "--methods",
         "lora",
         "--out",
-        "/proc/x/m",
-    ];
-    fails_before_work(&memprofile, &["--out /proc/x/m"]);
+        out,
+    ]
+    .map(String::from)
+    .into();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+#[test]
+fn bench_and_memprofile_to_an_unwritable_out_fail_before_measuring() {
+    let bench = quick_bench("64", "/proc/x/b", &[]);
+    fails_before_work(&strs(&bench), &["--out /proc/x/b"]);
+    let memprofile = quick_memprofile("/proc/x/m", &[]);
+    fails_before_work(&strs(&memprofile), &["--out /proc/x/m"]);
 }
 
 #[test]
@@ -430,23 +440,11 @@ fn memory_budgets_read_gb_as_decimal_and_refuse_a_bare_g() {
         &["--memory-budget", "ambiguous", "16GiB", "16GB"],
     );
     let out = temp_dir("budget");
-    let (ok, stdout, err) = loren(&[
-        "memprofile",
-        "--device",
-        "cpu",
-        "--config",
-        "tiny",
-        "-m",
-        "1",
-        "--methods",
-        "lora",
-        "--predict-only",
-        "--memory-budget",
-        "16GB",
-        "-q",
-        "--out",
+    let args = quick_memprofile(
         out.to_str().unwrap(),
-    ]);
+        &["--predict-only", "--memory-budget", "16GB", "-q"],
+    );
+    let (ok, stdout, err) = loren(&strs(&args));
     assert!(ok, "{err}");
     // 16·10^9 bytes; 16 GiB would print as 16.0 GiB.
     assert!(stdout.contains("memory budget: 14.9 GiB"), "{stdout}");

@@ -85,11 +85,11 @@ pub struct EnsembleArgs {
 }
 
 impl EnsembleArgs {
-    /// Refuse adapter settings no ensemble can use, naming the flag, before anything slow starts.
     pub fn members(&self) -> usize {
         self.members.unwrap_or(8)
     }
 
+    /// Refuse adapter settings no ensemble can use, naming the flag, before anything slow starts.
     pub fn check(&self) -> Result<()> {
         if !(self.lora_scale.is_finite() && self.lora_scale != 0.0) {
             bail!(
@@ -278,7 +278,6 @@ pub fn eval_options(data: &DataArgs) -> EvalOptions {
 }
 
 pub fn ensemble_config(e: &EnsembleArgs, method: Method, classes: usize) -> Result<EnsembleConfig> {
-    e.check()?;
     Ok(EnsembleConfig {
         method,
         members: if method.is_single() { 1 } else { e.members() },
@@ -293,7 +292,6 @@ pub fn ensemble_config(e: &EnsembleArgs, method: Method, classes: usize) -> Resu
 }
 
 pub fn train_config(o: &OptimArgs, method: Method, seed: u64) -> Result<TrainConfig> {
-    o.check()?;
     let optimizer = match o.optimizer.as_str() {
         "adamw" => OptimizerKind::adamw(o.weight_decay),
         "sgd" => OptimizerKind::Sgd {
@@ -332,6 +330,8 @@ pub fn activations(recompute: bool) -> Activations {
     }
 }
 
+/// The run the flags describe. The flag groups' own checks (`OptimArgs::check`,
+/// `EnsembleArgs::check`, `DataArgs::check`) come first, in the command, before its data is read.
 #[allow(clippy::too_many_arguments)]
 pub fn run_spec(
     common: &Common,
@@ -345,7 +345,6 @@ pub fn run_spec(
     checkpoint: Option<PathBuf>,
 ) -> Result<RunSpec> {
     let vit = VitConfig::by_name(&model.config)?;
-    data.check()?;
     let ensemble = ensemble_config(ens, method, classes)?;
     let train = train_config(optim, method, seed)?;
     // Settle every setting before anything slow (loading, pretraining) starts.

@@ -83,6 +83,7 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     }
     a.optim.check()?;
     a.ensemble.check()?;
+    a.data.check()?;
     loren::outputs::writable_dir(&a.out, "--out")?;
     let mut vit = VitConfig::by_name(&a.model.config)?;
     let data = splits(&a.data, &vit)?;
