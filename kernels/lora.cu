@@ -62,7 +62,7 @@ __device__ __forceinline__ void load_tile_async(bf16* dst, const bf16* src, int 
 // Block: 4 warps, a 64 (i) × 32 (j) output tile, the reduction in slabs of 32; warp w owns i
 // rows 16w..16w+15. P slabs arrive by cp.async, STAGES deep; each Q slab is read into registers
 // one slab ahead and split into shared memory. A block sums its whole reduction in a fixed order:
-// deterministic, no atomics. grid (ceil(outs/64), ceil(r/32), M), block 128.
+// deterministic, no atomics. Block 128; its output tile (ti, tj) is given by the kernel.
 // ---------------------------------------------------------------------------------------------
 namespace lowrank {
 constexpr int BI = 64, BJ = 32, BK = 32, THREADS = 128;
@@ -115,17 +115,18 @@ __device__ __forceinline__ void mma_slab(float acc[BJ / 8][4], const bf16* Ps, c
     }
 }
 
-// out[i·oi + j·oj] = scale · Σ_k P(i, k)·Q(j, k) for this block's tile. P(i, k) = p[i·ldp + k], or
-// p[k·ldp + i] with P_T; Q(j, k) = q[j·qj + k·qk], read with j the fastest thread index when
-// J_FAST (Q stored with j contiguous) so the reads coalesce. `vec` as in load_tile_async, for p.
+// out[i·oi + j·oj] = scale · Σ_k P(i, k)·Q(j, k) for output tile (ti, tj): i in 64·ti.., j in
+// 32·tj... P(i, k) = p[i·ldp + k], or p[k·ldp + i] with P_T; Q(j, k) = q[j·qj + k·qk], read with
+// j the fastest thread index when J_FAST (Q stored with j contiguous) so the reads coalesce.
+// `vec` as in load_tile_async, for p.
 template <bool P_T, bool J_FAST>
 __device__ void product(const bf16* __restrict__ p, int ldp, const float* __restrict__ q, int qj,
                         int qk, float* __restrict__ out, int oi, int oj, int outs, int J, int red,
-                        float scale, bool vec) {
+                        float scale, bool vec, int ti, int tj) {
     using S = Slab<P_T>;
     __align__(16) __shared__ bf16 Ps[S::STAGES][S::ROWS * S::LD];
     __align__(16) __shared__ bf16 Qs[2][3 * Q_PLANE];
-    const int i0 = blockIdx.x * BI, j0 = blockIdx.y * BJ;
+    const int i0 = ti * BI, j0 = tj * BJ;
     const int iv = min(BI, outs - i0), jv = min(BJ, J - j0);
     const int ktiles = (red + BK - 1) / BK, tiles = (jv + 7) / 8;
 
@@ -210,7 +211,7 @@ extern "C" __global__ void __launch_bounds__(128)
     const int m = blockIdx.z;
     lowrank::product<false, false>(X + (size_t)group_index(m, x_groups) * rows * K, K,
                                    A + (size_t)m * r * K, K, 1, U + (size_t)m * rows * r, r, 1,
-                                   rows, r, K, 1.0f, vec);
+                                   rows, r, K, 1.0f, vec, blockIdx.x, blockIdx.y);
 }
 
 // V[m] = s·dY[m]·B_m: [rows, r]. grid (ceil(rows/64), ceil(r/32), M), block 128.
@@ -218,7 +219,8 @@ extern "C" __global__ void __launch_bounds__(128)
     lora_v(const bf16* dY, const float* B, float* V, int rows, int N, int r, float s, int vec) {
     const int m = blockIdx.z;
     lowrank::product<false, true>(dY + (size_t)m * rows * N, N, B + (size_t)m * N * r, 1, r,
-                                  V + (size_t)m * rows * r, r, 1, rows, r, N, s, vec);
+                                  V + (size_t)m * rows * r, r, 1, rows, r, N, s, vec, blockIdx.x,
+                                  blockIdx.y);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -589,23 +591,39 @@ __device__ __forceinline__ void bwd_dx_gemm_prefix(const bf16* dY, const bf16* W
 // On mma.sync: any arch from sm_80.
 LORA_GEMM_ENTRIES(gemm, MmaSync)
 
-// dA[m] = V[m]ᵀ·X[g(m)]: [r, K], summed over rows. grid (ceil(K/64), ceil(r/32), M), block 128.
+// dA[m] = V[m]ᵀ·X[g(m)] ([r, K]) and dB[m] = s·dY[m]ᵀ·U[m] ([N, r]), both summed over rows, in
+// one launch. Their output tiles are few when M is (12 + 12 for a 768-wide projection at M = 1),
+// so the rows are cut into `splits` ranges of `split_rows` (a multiple of the slab): a block sums
+// one range of one tile in a fixed order. With one range it writes dA and dB; with more it writes
+// the range's partial sums, `part` [splits][M, r, K] then [splits][M, N, r], which the launcher
+// adds in range order (reduce_partials): deterministic, no atomics. The cut depends on the shapes
+// alone, so every device gives the same sums.
+// 1-D grid: ceil(K/64)·M·splits dA tiles, then ceil(N/64)·M·splits dB tiles, each index tile
+// fastest, then member, then range; y: ceil(r/32). Block 128.
 extern "C" __global__ void __launch_bounds__(128)
-    lora_grad_a(const float* V, const bf16* X, int x_groups, float* dA, int rows, int K, int r,
-                int vec) {
-    const int m = blockIdx.z;
-    lowrank::product<true, true>(X + (size_t)group_index(m, x_groups) * rows * K, K,
-                                 V + (size_t)m * rows * r, 1, r, dA + (size_t)m * r * K, 1, K, K, r,
-                                 rows, 1.0f, vec);
-}
-
-// dB[m] = s·dY[m]ᵀ·U[m]: [N, r], summed over rows. grid (ceil(N/64), ceil(r/32), M), block 128.
-extern "C" __global__ void __launch_bounds__(128)
-    lora_grad_b(const bf16* dY, const float* U, float* dB, int rows, int N, int r, float s,
-                int vec) {
-    const int m = blockIdx.z;
-    lowrank::product<true, true>(dY + (size_t)m * rows * N, N, U + (size_t)m * rows * r, 1, r,
-                                 dB + (size_t)m * N * r, r, 1, N, r, rows, s, vec);
+    lora_grads(const float* V, const bf16* X, int x_groups, const bf16* dY, const float* U, float s,
+               float* dA, float* dB, float* part, int members, int rows, int K, int N, int r,
+               int split_rows, int splits, int vec_x, int vec_dy) {
+    using lowrank::BI;
+    const int a_tiles = (K + BI - 1) / BI, b_tiles = (N + BI - 1) / BI;
+    const int a_blocks = a_tiles * members * splits;
+    const bool is_a = (int)blockIdx.x < a_blocks;
+    const int id = is_a ? blockIdx.x : blockIdx.x - a_blocks, tiles = is_a ? a_tiles : b_tiles;
+    const int ti = id % tiles, m = (id / tiles) % members, range = id / (tiles * members);
+    const int row0 = range * split_rows, red = min(split_rows, rows - row0);
+    const size_t a_len = (size_t)members * r * K, b_len = (size_t)members * N * r;
+    const size_t u_at = ((size_t)m * rows + row0) * r;
+    if (is_a) {
+        float* out = splits == 1 ? dA : part + range * a_len;
+        lowrank::product<true, true>(X + ((size_t)group_index(m, x_groups) * rows + row0) * K, K,
+                                     V + u_at, 1, r, out + (size_t)m * r * K, 1, K, K, r, red,
+                                     1.0f, vec_x, ti, blockIdx.y);
+    } else {
+        float* out = splits == 1 ? dB : part + splits * a_len + range * b_len;
+        lowrank::product<true, true>(dY + ((size_t)m * rows + row0) * N, N, U + u_at, 1, r,
+                                     out + (size_t)m * N * r, r, 1, N, r, red, s, vec_dy, ti,
+                                     blockIdx.y);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -125,10 +125,7 @@ impl Observer for TrainBar {
         }
         let line = format!(
             "{}: epoch {} mean loss {:.4} ({:.1}s)",
-            self.label,
-            e.epoch + 1,
-            e.mean_loss,
-            e.seconds
+            self.label, e.epoch, e.mean_loss, e.seconds
         );
         // A line per epoch: above the bar on a terminal, so the loss's history stays on screen.
         match self.bar.is_hidden() {

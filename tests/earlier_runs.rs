@@ -156,7 +156,7 @@ fn resuming_with_more_epochs_continues_and_says_the_schedule_stretches() {
         .iter()
         .map(|e| e["epoch"].as_u64().unwrap())
         .collect();
-    assert_eq!(epochs, [0, 1, 2]);
+    assert_eq!(epochs, [1, 2, 3]);
 }
 
 #[test]

@@ -22,7 +22,7 @@
 // device-to-device copies and copies out of page-locked memory (the DMA engine's work) are
 // accepted but not carried out, so a step timed on it (events read the host clock) is the time
 // loren takes to issue the step's work, the part a real GPU cannot hide when the kernels are
-// shorter. The values it leaves are garbage.
+// shorter. The values it leaves are meaningless, but finite (fresh memory is zeroed).
 #include <chrono>
 #include <climits>
 #include <dlfcn.h>
@@ -199,6 +199,9 @@ CUresult alloc(CUdeviceptr* p, size_t bytes) {
         reusable.erase(it);
     } else {
         m = std::aligned_alloc(256, rounded ? rounded : 256);
+        // Nothing computed, memory holds only zeros and what was uploaded: a loss read back is
+        // finite, so training's NaN guard does not stop a timed run on uninitialised bytes.
+        if (m && no_compute()) std::memset(m, 0, rounded ? rounded : 256);
     }
     if (!m) return OUT_OF_MEMORY;
     *p = reinterpret_cast<CUdeviceptr>(m);
@@ -372,8 +375,12 @@ API CUresult cuMemPoolTrimTo(void*, size_t keep) {
 // Page-locked host memory is ordinary host memory here, registered so that copies out of it are
 // queued (see the top).
 API CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
-    *p = std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096);
+    const size_t rounded = (bytes + 4095) / 4096 * 4096;
+    *p = std::aligned_alloc(4096, rounded);
     if (!*p) return OUT_OF_MEMORY;
+    // The copies into it are not carried out when nothing is computed: what the host reads back
+    // is then zeros, not uninitialised bytes (a NaN loss would stop the timed run).
+    if (fake::no_compute()) std::memset(*p, 0, rounded);
     std::lock_guard<std::mutex> g(fake::dma_lock);
     fake::pinned[static_cast<const char*>(*p)] = bytes;
     return OK;

@@ -187,10 +187,26 @@ static void lora_case(int M, int gx, int rows, int K, int N, int r, uint64_t see
     std::vector<bf16> dx((size_t)gx * rows * K, to_bf16(NAN));
     emu_launch(lora_v, dim3{(unsigned)((rows + 63) / 64), rank_tiles, (unsigned)M}, blk_lr, 0, dy.data(), b.data(),
                v.data(), rows, N, r, s, (int)(N % 8 == 0));
-    emu_launch(lora_grad_a, dim3{(unsigned)((K + 63) / 64), rank_tiles, (unsigned)M}, blk_lr, 0, v.data(), x.data(),
-               gx, da.data(), rows, K, r, (int)(K % 8 == 0));
-    emu_launch(lora_grad_b, dim3{(unsigned)((N + 63) / 64), rank_tiles, (unsigned)M}, blk_lr, 0, dy.data(), u.data(),
-               db.data(), rows, N, r, s, (int)(N % 8 == 0));
+    // lora_grads: 1-D grid of (ceil(K/64) + ceil(N/64))·M·splits tiles, y the rank tiles. Whole, and
+    // cut into ranges of 32 rows whose partial sums reduce_partials adds, dA's then dB's.
+    const size_t a_len = (size_t)M * r * K, b_len = (size_t)M * N * r;
+    auto grads = [&](int split_rows, float* da_out, float* db_out) {
+        const int splits = (rows + split_rows - 1) / split_rows;
+        std::vector<float> part(splits > 1 ? splits * (a_len + b_len) : 0, NAN);
+        const unsigned blocks = (unsigned)(((K + 63) / 64 + (N + 63) / 64) * M * splits);
+        emu_launch(lora_grads, dim3{blocks, rank_tiles, 1}, blk_lr, 0, v.data(), x.data(), gx, dy.data(), u.data(),
+                   s, da_out, db_out, part.data(), M, rows, K, N, r, split_rows, splits, (int)(K % 8 == 0),
+                   (int)(N % 8 == 0));
+        if (splits == 1) return;
+        const dim3 flat{256, 1, 1};
+        emu_launch(reduce_partials, dim3{(unsigned)((a_len + 255) / 256), 1, 1}, flat, 0, part.data(), da_out, 1,
+                   splits, (int)a_len, 0);
+        emu_launch(reduce_partials, dim3{(unsigned)((b_len + 255) / 256), 1, 1}, flat, 0,
+                   part.data() + splits * a_len, db_out, 1, splits, (int)b_len, 0);
+    };
+    grads((rows + 31) / 32 * 32, da.data(), db.data());
+    std::vector<float> da_cut(a_len, NAN), db_cut(b_len, NAN);
+    grads(32, da_cut.data(), db_cut.data());
     if (prefix)
         emu_launch(lora_bwd_dx_gemm_prefix, dim3{(unsigned)((K + 127) / 128), tiles, 1}, blk, 61440, dy.data(),
                    w.data(), v.data(), a.data(), none, dx.data(), M, rows, N, K, r, vec);
@@ -216,6 +232,8 @@ static void lora_case(int M, int gx, int rows, int K, int N, int r, uint64_t see
     check(std::string("lora V ") + tag, d(v), v_ref, SPLIT_TOL);
     check(std::string("lora dA ") + tag, d(da), da_ref, SPLIT_TOL);
     check(std::string("lora dB ") + tag, d(db), db_ref, SPLIT_TOL);
+    check(std::string("lora dA in 32-row ranges ") + tag, d(da_cut), da_ref, SPLIT_TOL);
+    check(std::string("lora dB in 32-row ranges ") + tag, d(db_cut), db_ref, SPLIT_TOL);
     check(std::string("lora dX ") + tag, d(dx), dx_ref, 1e-2);
     check(std::string("lora dX + dX_plus ") + tag, d(dxp), plus_ref, 1e-2);
     check(std::string("lora dX + dX_plus wgmma ") + tag, d(dxh), plus_ref, 1e-2);

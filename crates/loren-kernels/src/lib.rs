@@ -57,7 +57,9 @@ pub use launch::attention::AttentionDims;
 pub use launch::blas::{Gemm, GemmOut};
 pub use launch::elementwise::{SumRowsDims, sum_rows_workspace_len, sum_squares_partials_len};
 pub use launch::embed::EmbedDims;
-pub use launch::lora::{GemmPath, LoraDims};
+pub use launch::lora::{
+    AdapterGrads, GemmPath, GradsSplit, LoraDims, lora_grads_split, lora_grads_workspace_len,
+};
 pub use launch::norm::{NormDims, layernorm_params_workspace_len};
 pub use launch::optim::{AdamW, OptimTable, Sgd, SlotSpec};
 pub use probe::{

@@ -87,8 +87,7 @@ sources! {
         LoraBwdDxGemmPrefix = "lora_bwd_dx_gemm_prefix",
         LoraBwdDxWgmma = "lora_bwd_dx_wgmma",
         LoraBwdDxWgmmaPrefix = "lora_bwd_dx_wgmma_prefix",
-        LoraGradA = "lora_grad_a",
-        LoraGradB = "lora_grad_b",
+        LoraGrads = "lora_grads",
     }
     "attention.cu" => "../../../kernels/attention.cu" {
         AttentionFwdD16 = "attention_fwd_d16",

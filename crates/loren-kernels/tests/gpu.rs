@@ -12,8 +12,9 @@ use loren_kernels::launch::activation::bias_gelu_db_workspace_len;
 use loren_kernels::launch::elementwise::{sum_rows_workspace_len, sum_squares_partials_len};
 use loren_kernels::launch::norm::layernorm_params_workspace_len;
 use loren_kernels::{
-    AdamW, AttentionDims, BiasGeluDims, CudaSlice, DevicePtr, EmbedDims, Gemm, GemmOut, GemmPath,
-    Gpu, LoraDims, NormDims, Sgd, SlotSpec, SumRowsDims, bf16, cuda_available,
+    AdamW, AdapterGrads, AttentionDims, BiasGeluDims, CudaSlice, DevicePtr, EmbedDims, Gemm,
+    GemmOut, GemmPath, Gpu, LoraDims, NormDims, Sgd, SlotSpec, SumRowsDims, bf16, cuda_available,
+    lora_grads_split, lora_grads_workspace_len,
 };
 
 const BF16_TOL: f64 = 1e-2;
@@ -287,6 +288,8 @@ fn lora_case(d: LoraDims, seed: u64) {
     let mut v = poisoned_f32(g, m * rows * r);
     let mut da = poisoned_f32(g, m * r * k);
     let mut db = poisoned_f32(g, m * n * r);
+    let split = lora_grads_split(&d);
+    let mut grads_ws = poisoned_f32(g, lora_grads_workspace_len(&d).max(1));
     g.lora_backward(
         &d,
         &dyd,
@@ -297,20 +300,25 @@ fn lora_case(d: LoraDims, seed: u64) {
         &u,
         s as f32,
         &mut v,
-        Some((&mut da, &mut db)),
+        Some(AdapterGrads {
+            da: &mut da,
+            db: &mut db,
+            workspace: Some(&mut grads_ws),
+        }),
         None,
         None,
     )
     .expect("lora_backward");
     check(&format!("lora V {tag}"), &down_f32(g, &v), &v_ref, F32_TOL);
+    let ranges = format!("{tag} in {} row ranges of {}", split.splits, split.rows);
     check(
-        &format!("lora dA {tag}"),
+        &format!("lora dA {ranges}"),
         &down_f32(g, &da),
         &da_ref,
         F32_TOL,
     );
     check(
-        &format!("lora dB {tag}"),
+        &format!("lora dB {ranges}"),
         &down_f32(g, &db),
         &db_ref,
         F32_TOL,
@@ -404,6 +412,36 @@ fn lora_vit_b_16_batch_reduction() {
     // tensor cores, which truncate as they accumulate, would drift from the f32 reference. The
     // widths are small only to keep the emulator quick.
     lora_case(lora_dims(1, 1, 32 * 197, 64, 64, 8), 8);
+}
+
+#[test]
+fn lora_grads_in_ragged_row_ranges() {
+    // dA and dB cut into row ranges whose last is short, summed apart and added in order; a
+    // shared input, unaligned widths (the scalar loads) and two rank tiles.
+    let d = lora_dims(3, 1, 1000, 50, 30, 40);
+    let split = lora_grads_split(&d);
+    assert!(split.splits > 2 && 1000 % split.rows != 0, "{split:?}");
+    lora_case(d, 9);
+}
+
+#[test]
+fn lora_grads_without_their_workspace_are_refused() {
+    let Some(g) = gpu() else { return };
+    let d = lora_dims(1, 1, 1024, 16, 16, 4);
+    assert!(lora_grads_split(&d).splits > 1);
+    let (v, x, dy) = (
+        up(g, &vec![0f32; 1024 * 4]),
+        up(g, &vec![bf16::ZERO; 1024 * 16]),
+        up(g, &vec![bf16::ZERO; 1024 * 16]),
+    );
+    let (mut da, mut db) = (poisoned_f32(g, 4 * 16), poisoned_f32(g, 16 * 4));
+    let grads = AdapterGrads {
+        da: &mut da,
+        db: &mut db,
+        workspace: None,
+    };
+    let err = g.lora_grads(&d, &v, &x, &dy, &v, 1.0, grads).unwrap_err();
+    assert!(err.to_string().contains("no workspace"), "{err}");
 }
 
 #[test]

@@ -23,14 +23,23 @@ pub enum NnError {
         reason: std::io::Error,
     },
     /// The loss stopped being a number.
-    #[error("training stopped: the loss is {loss} at step {step}; {kept}")]
+    #[error("training stopped: the loss is {loss} at step {step}{}", and_kept(.kept))]
     NonFinite { step: u64, loss: f32, kept: String },
     /// The observer asked training to stop (Ctrl-C): it stopped after a whole step.
-    #[error("training interrupted after step {step}; {kept}")]
+    #[error("training interrupted after step {step}{}", and_kept(.kept))]
     Interrupted { step: u64, kept: String },
 }
 
 pub type Result<T, E = NnError> = std::result::Result<T, E>;
+
+/// What a stopped run kept, after the reason, when there is something to say (a lone step,
+/// as bench and memprofile take, has no checkpoint to speak of).
+fn and_kept(kept: &str) -> String {
+    match kept {
+        "" => String::new(),
+        k => format!("; {k}"),
+    }
+}
 
 impl NnError {
     pub fn checkpoint(file: &Path, msg: impl Into<String>) -> Self {

@@ -106,6 +106,7 @@ pub struct StepInfo {
 /// What an epoch reports.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct EpochInfo {
+    /// Counted from 1, as the progress lines print it and report.json keeps it.
     pub epoch: usize,
     pub mean_loss: f64,
     pub seconds: f64,
@@ -358,7 +359,7 @@ impl<'m> Trainer<'m> {
         })?;
         // --- end prefetch
         let info = EpochInfo {
-            epoch: self.epoch,
+            epoch: self.epoch + 1,
             mean_loss: sum / count.max(1) as f64,
             seconds: start.elapsed().as_secs_f64(),
         };

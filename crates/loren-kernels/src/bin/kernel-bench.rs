@@ -41,9 +41,9 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use loren_kernels::provenance::{git_commit, utc_now};
 use loren_kernels::{
-    AttentionDims, BiasGeluDims, Gemm, GemmOut, GemmPath, Gpu, KernelError, KernelSource, LoraDims,
-    NormDims, bf16, bias_gelu_db_workspace_len, compile, cuda_available, gpu_required,
-    nvrtc_version,
+    AdapterGrads, AttentionDims, BiasGeluDims, Gemm, GemmOut, GemmPath, Gpu, KernelError,
+    KernelSource, LoraDims, NormDims, bf16, bias_gelu_db_workspace_len, compile, cuda_available,
+    gpu_required, lora_grads_workspace_len, nvrtc_version,
 };
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -606,6 +606,7 @@ fn lora_rows(gpu: &Gpu, a: &Args, k: usize, n: usize, r: usize) -> Result<Vec<Ro
     let mut v16 = al.zeros_bf16(mm * rows * r)?;
     let mut da = al.zeros_f32(mm * r * k)?;
     let mut db = al.zeros_f32(mm * n * r)?;
+    let mut grads_ws = al.zeros_f32(lora_grads_workspace_len(&d).max(1))?;
     let mut dx = al.zeros_bf16(mm * rows * k)?;
 
     let shared = Gemm {
@@ -718,7 +719,11 @@ fn lora_rows(gpu: &Gpu, a: &Args, k: usize, n: usize, r: usize) -> Result<Vec<Ro
                 &u,
                 scale,
                 &mut v,
-                Some((&mut da, &mut db)),
+                Some(AdapterGrads {
+                    da: &mut da,
+                    db: &mut db,
+                    workspace: Some(&mut grads_ws),
+                }),
                 None,
                 None,
             )?;
@@ -748,13 +753,19 @@ fn lora_rows(gpu: &Gpu, a: &Args, k: usize, n: usize, r: usize) -> Result<Vec<Ro
         (mm * n * r * 4) as f64,
     );
     let (u_bytes, v_bytes) = (big_x + f_a + f_u, big_y + f_b + f_u);
-    let (da_bytes, db_bytes) = (big_x + f_u + f_a, big_y + f_u + f_b);
+    let grads_bytes = big_x + big_y + 2.0 * f_u + f_a + f_b;
     let u_t = time(gpu, a, || Ok(gpu.lora_project_u(&d, &x, &am, &mut u)?))?;
     let v_t = time(gpu, a, || {
         Ok(gpu.lora_project_v(&d, &dy, &bm, scale, &mut v)?)
     })?;
-    let da_t = time(gpu, a, || Ok(gpu.lora_grad_a(&d, &v, &x, &mut da)?))?;
-    let db_t = time(gpu, a, || Ok(gpu.lora_grad_b(&d, &dy, &u, scale, &mut db)?))?;
+    let grads_t = time(gpu, a, || {
+        let grads = AdapterGrads {
+            da: &mut da,
+            db: &mut db,
+            workspace: Some(&mut grads_ws),
+        };
+        Ok(gpu.lora_grads(&d, &v, &x, &dy, &u, scale, grads)?)
+    })?;
     Ok(vec![
         Row {
             bench: "lora_linear forward".into(),
@@ -792,18 +803,11 @@ fn lora_rows(gpu: &Gpu, a: &Args, k: usize, n: usize, r: usize) -> Result<Vec<Ro
             v_bytes,
         ),
         pass_row(
-            "dA = Vᵀ·X",
+            "dA = Vᵀ·X and dB = s·dYᵀ·U",
             &shape,
-            da_t,
-            (mm * rows * k * r) as f64,
-            da_bytes,
-        ),
-        pass_row(
-            "dB = s·dYᵀ·U",
-            &shape,
-            db_t,
-            (mm * rows * n * r) as f64,
-            db_bytes,
+            grads_t,
+            (mm * rows * (k + n) * r) as f64,
+            grads_bytes,
         ),
     ])
 }

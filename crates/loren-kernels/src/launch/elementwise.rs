@@ -9,7 +9,7 @@ use super::{
     vec_cfg, vec8,
 };
 use crate::error::{KernelError, Result};
-use crate::gpu::{Arg, Gpu};
+use crate::gpu::{Arg, Gpu, Ptr};
 use crate::sources::Kernel;
 
 /// Blocks of the first stage of [`Gpu::sum_squares_f32`] (fixed by n alone).
@@ -447,6 +447,23 @@ impl Gpu {
         let part = self.input(op, "workspace", part, offset + total * chunks)?;
         let out = self.output(op, "out", out, total)?;
         let base = part.ptr + (offset * std::mem::size_of::<f32>()) as u64;
+        self.launch_reduce_partials(op, base, &out, outs, chunks, n, accumulate)
+    }
+
+    /// [`Gpu::reduce_partials`] on pointers already checked: `part` holds `outs·chunks·n` f32 from
+    /// its address on, and `out` `outs·n`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_reduce_partials(
+        &self,
+        op: &'static str,
+        part: u64,
+        out: &Ptr<'_>,
+        outs: usize,
+        chunks: usize,
+        n: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        let total = outs * n;
         let (outs, chunks, n, acc) = (
             int(op, "outs", outs)?,
             int(op, "chunks", chunks)?,
@@ -457,7 +474,7 @@ impl Gpu {
             Kernel::ReducePartials,
             elementwise_cfg(total),
             &[
-                Arg::from(base),
+                Arg::from(part),
                 out.arg(),
                 Arg::from(outs),
                 Arg::from(chunks),

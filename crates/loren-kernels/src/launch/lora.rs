@@ -10,7 +10,7 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 use super::{GRID_X, GRID_YZ, grid_dim, groups_ok, int, positive, product, vec8};
 use crate::compile::Arch;
 use crate::error::{KernelError, Result};
-use crate::gpu::{Arg, Gpu};
+use crate::gpu::{Arg, Gpu, Ptr};
 use crate::sources::Kernel;
 
 /// Dynamic shared memory of the fused GEMMs: 3 stages × (128×40 + 128×40) bf16. Mirrors
@@ -87,6 +87,62 @@ impl LoraDims {
     }
 }
 
+/// Where [`Gpu::lora_grads`] writes: dA and dB, and the partial sums of its row ranges.
+pub struct AdapterGrads<'a> {
+    /// [M, r, K] f32.
+    pub da: &'a mut dyn DevicePtrMut<f32>,
+    /// [M, N, r] f32.
+    pub db: &'a mut dyn DevicePtrMut<f32>,
+    /// [`lora_grads_workspace_len`] f32; needed only where that is not 0.
+    pub workspace: Option<&'a mut dyn DevicePtrMut<f32>>,
+}
+
+/// Blocks that fill an H100 or H200 (132 SMs) about twice, where dA and dB give that many.
+const GRADS_TARGET_BLOCKS: usize = 264;
+/// The fewest rows a range of dA and dB's reduction sums: shorter ones would spend more on their
+/// partial sums than they save.
+const GRADS_MIN_RANGE: usize = 128;
+/// The reduction's slab (lowrank::BK in lora.cu): ranges are whole slabs.
+const GRADS_SLAB: usize = 32;
+
+/// How [`Gpu::lora_grads`] cuts the rows it sums over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GradsSplit {
+    /// Row ranges, each summed by its own blocks (1: no partial sums).
+    pub splits: usize,
+    /// Rows per range (the last may have fewer), a multiple of 32.
+    pub rows: usize,
+}
+
+impl GradsSplit {
+    fn workspace_len(&self, d: &LoraDims) -> usize {
+        match self.splits {
+            1 => 0,
+            s => s * (d.a_len() + d.b_len()),
+        }
+    }
+}
+
+/// The row ranges of dA and dB's sums: few members give few output tiles (24 blocks at M = 1 for
+/// a 768-wide projection, on a GPU of 132 SMs), so the rows are cut until the blocks fill the
+/// GPU, in ranges of at least 128 rows. The cut depends on the shapes alone, so every device
+/// forms the same sums.
+pub fn lora_grads_split(d: &LoraDims) -> GradsSplit {
+    let tiles = (d.k.div_ceil(64) + d.n.div_ceil(64)) * d.rank.div_ceil(32) * d.members;
+    let wanted = GRADS_TARGET_BLOCKS.div_ceil(tiles.max(1));
+    let splits = wanted.min(d.rows / GRADS_MIN_RANGE).max(1);
+    let rows = d.rows.div_ceil(splits).next_multiple_of(GRADS_SLAB);
+    GradsSplit {
+        splits: d.rows.div_ceil(rows).max(1),
+        rows,
+    }
+}
+
+/// The f32 workspace [`Gpu::lora_grads`] needs for its partial sums (0: none).
+pub fn lora_grads_workspace_len(d: &LoraDims) -> usize {
+    lora_grads_split(d).workspace_len(d)
+}
+
 /// The tensor-core path of the fused GEMMs (the forward's Y and the backward's dX). Both compute
 /// the same products in the same precision (bf16 operands, f32 accumulators) with the same tiles,
 /// grid and arguments.
@@ -132,8 +188,8 @@ impl GemmPath {
     }
 }
 
-/// The launch of the adapter products (U, V, dA, dB): a block of 128 threads per 64 outputs
-/// (`outs`: rows for U and V, K for dA, N for dB) × 32 ranks of one member.
+/// The launch of U and V: a block of 128 threads per 64 of the `outs` rows × 32 ranks of one
+/// member.
 fn lowrank_cfg(op: &'static str, d: &LoraDims, outs: usize) -> Result<LaunchConfig> {
     Ok(LaunchConfig {
         grid_dim: (
@@ -387,69 +443,88 @@ impl Gpu {
         self.launch(kernel, cfg, &args)
     }
 
-    /// `dA[m] = V[m]ᵀ·X[g(m)]`: dA [M, r, K] f32, summed over rows in a fixed order (no atomics).
-    pub fn lora_grad_a(
+    /// `dA[m] = V[m]ᵀ·X[g(m)]` (dA [M, r, K] f32) and `dB[m] = s·dY[m]ᵀ·U[m]` (dB [M, N, r] f32) in
+    /// one launch, each summed over rows in a fixed order (no atomics). Where
+    /// [`lora_grads_split`] cuts the rows, the ranges' partial sums go through `grads.workspace`
+    /// and are added in order by a second launch for each of dA and dB.
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_grads(
         &self,
         d: &LoraDims,
         v: &dyn DevicePtr<f32>,
         x: &dyn DevicePtr<bf16>,
-        da: &mut dyn DevicePtrMut<f32>,
+        dy: &dyn DevicePtr<bf16>,
+        u: &dyn DevicePtr<f32>,
+        scale: f32,
+        grads: AdapterGrads<'_>,
     ) -> Result<()> {
-        const OP: &str = "lora_grad_a";
+        const OP: &str = "lora_grads";
         d.check(OP)?;
+        let split = lora_grads_split(d);
         let v = self.input(OP, "V", v, d.u_len())?;
         let x = self.input(OP, "X", x, d.x_len())?;
-        let da = self.output(OP, "dA", da, d.a_len())?;
-        let cfg = lowrank_cfg(OP, d, d.k)?;
-        let vec = vec8(&[d.k], &[&x]);
-        let (xg, rows, k, r) = (d.x_groups as i32, d.rows as i32, d.k as i32, d.rank as i32);
+        let dy = self.input(OP, "dY", dy, d.y_len())?;
+        let u = self.input(OP, "U", u, d.u_len())?;
+        let da = self.output(OP, "dA", grads.da, d.a_len())?;
+        let db = self.output(OP, "dB", grads.db, d.b_len())?;
+        let part = match grads.workspace {
+            Some(w) if split.splits > 1 => {
+                self.output(OP, "workspace", w, split.workspace_len(d))?
+            }
+            None if split.splits > 1 => {
+                return Err(KernelError::invalid(
+                    OP,
+                    format!(
+                        "no workspace for the partial sums of {} row ranges",
+                        split.splits
+                    ),
+                ));
+            }
+            _ => Ptr::null(),
+        };
+        let tiles = d.k.div_ceil(64) + d.n.div_ceil(64);
+        let blocks = product(OP, &[tiles, d.members, split.splits])?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                grid_dim(OP, "output tiles", blocks, GRID_X)?,
+                grid_dim(OP, "rank tiles", d.rank.div_ceil(32), GRID_YZ)?,
+                1,
+            ),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (vec_x, vec_dy) = (vec8(&[d.k], &[&x]), vec8(&[d.n], &[&dy]));
         self.launch(
-            Kernel::LoraGradA,
+            Kernel::LoraGrads,
             cfg,
             &[
                 v.arg(),
                 x.arg(),
-                Arg::from(xg),
-                da.arg(),
-                Arg::from(rows),
-                Arg::from(k),
-                Arg::from(r),
-                Arg::from(vec),
-            ],
-        )
-    }
-
-    /// `dB[m] = s·dY[m]ᵀ·U[m]`: dB [M, N, r] f32, summed over rows in a fixed order.
-    pub fn lora_grad_b(
-        &self,
-        d: &LoraDims,
-        dy: &dyn DevicePtr<bf16>,
-        u: &dyn DevicePtr<f32>,
-        scale: f32,
-        db: &mut dyn DevicePtrMut<f32>,
-    ) -> Result<()> {
-        const OP: &str = "lora_grad_b";
-        d.check(OP)?;
-        let dy = self.input(OP, "dY", dy, d.y_len())?;
-        let u = self.input(OP, "U", u, d.u_len())?;
-        let db = self.output(OP, "dB", db, d.b_len())?;
-        let cfg = lowrank_cfg(OP, d, d.n)?;
-        let vec = vec8(&[d.n], &[&dy]);
-        let (rows, n, r) = (d.rows as i32, d.n as i32, d.rank as i32);
-        self.launch(
-            Kernel::LoraGradB,
-            cfg,
-            &[
+                Arg::from(d.x_groups as i32),
                 dy.arg(),
                 u.arg(),
-                db.arg(),
-                Arg::from(rows),
-                Arg::from(n),
-                Arg::from(r),
                 Arg::from(scale),
-                Arg::from(vec),
+                da.arg(),
+                db.arg(),
+                part.arg(),
+                Arg::from(d.members as i32),
+                Arg::from(d.rows as i32),
+                Arg::from(d.k as i32),
+                Arg::from(d.n as i32),
+                Arg::from(d.rank as i32),
+                Arg::from(split.rows as i32),
+                Arg::from(split.splits as i32),
+                Arg::from(vec_x),
+                Arg::from(vec_dy),
             ],
-        )
+        )?;
+        if split.splits > 1 {
+            let (s, a_len, b_len) = (split.splits, d.a_len(), d.b_len());
+            let b_part = part.ptr + (s * a_len * std::mem::size_of::<f32>()) as u64;
+            self.launch_reduce_partials(OP, part.ptr, &da, 1, s, a_len, false)?;
+            self.launch_reduce_partials(OP, b_part, &db, 1, s, b_len, false)?;
+        }
+        Ok(())
     }
 
     /// The whole backward: V (into the workspace `v`, [M, rows, r] f32), then dA and dB when
@@ -468,7 +543,7 @@ impl Gpu {
         u: &dyn DevicePtr<f32>,
         scale: f32,
         v: &mut (impl DevicePtr<f32> + DevicePtrMut<f32>),
-        grads: Option<(&mut dyn DevicePtrMut<f32>, &mut dyn DevicePtrMut<f32>)>,
+        grads: Option<AdapterGrads<'_>>,
         dx_plus: Option<&dyn DevicePtr<bf16>>,
         dx: Option<&mut dyn DevicePtrMut<bf16>>,
     ) -> Result<()> {
@@ -480,13 +555,71 @@ impl Gpu {
             ));
         }
         self.lora_project_v(d, dy, b, scale, v)?;
-        if let Some((da, db)) = grads {
-            self.lora_grad_a(d, &*v, x, da)?;
-            self.lora_grad_b(d, dy, u, scale, db)?;
+        if let Some(grads) = grads {
+            self.lora_grads(d, &*v, x, dy, u, scale, grads)?;
         }
         if let Some(dx) = dx {
             self.lora_backward_dx_gemm(self.gemm_path(), d, dy, w, &*v, a, dx_plus, dx)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dims(members: usize, rows: usize, k: usize, n: usize, rank: usize) -> LoraDims {
+        LoraDims {
+            members,
+            x_groups: members,
+            rows,
+            k,
+            n,
+            rank,
+        }
+    }
+
+    #[test]
+    fn grads_split_covers_every_row_once_in_whole_slabs() {
+        for d in [
+            dims(1, 32 * 50, 768, 768, 8),
+            dims(1, 32 * 197, 768, 768, 8),
+            dims(3, 1000, 50, 30, 40),
+            dims(2, 129, 64, 64, 4),
+            dims(1, 1, 8, 8, 1),
+        ] {
+            let s = lora_grads_split(&d);
+            assert_eq!(s.rows % GRADS_SLAB, 0, "{d:?} {s:?}");
+            // The ranges cover the rows, and the last one is not empty.
+            assert!(s.splits * s.rows >= d.rows, "{d:?} {s:?}");
+            assert!((s.splits - 1) * s.rows < d.rows, "{d:?} {s:?}");
+            if s.splits > 1 {
+                assert!(s.rows >= GRADS_MIN_RANGE, "{d:?} {s:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn grads_split_cuts_only_where_blocks_are_few() {
+        // ViT-B/32 at M = 1: 24 output tiles, cut into ranges until about 264 blocks.
+        let one = lora_grads_split(&dims(1, 32 * 50, 768, 768, 8));
+        assert_eq!(
+            one,
+            GradsSplit {
+                splits: 10,
+                rows: 160
+            }
+        );
+        assert_eq!(
+            lora_grads_workspace_len(&dims(1, 32 * 50, 768, 768, 8)),
+            10 * 2 * 768 * 8
+        );
+        // At M = 16 the 384 tiles fill the GPU already.
+        let sixteen = dims(16, 32 * 50, 768, 768, 8);
+        assert_eq!(lora_grads_split(&sixteen).splits, 1);
+        assert_eq!(lora_grads_workspace_len(&sixteen), 0);
+        // Too few rows to cut.
+        assert_eq!(lora_grads_split(&dims(1, 200, 64, 64, 8)).splits, 1);
     }
 }

@@ -505,11 +505,20 @@ mod cuda {
         let mut dx = need_dx
             .then(|| Tensor::empty_as(x.shape().clone(), DType::BF16, MemTag::Workspace, dev))
             .transpose()?;
+        // dA and dB's partial sums, where few members leave their rows cut into ranges.
+        let ws_len = loren_kernels::lora_grads_workspace_len(&dims(d));
+        let mut grads_ws = (need_adapters && ws_len > 0)
+            .then(|| Tensor::empty([ws_len], MemTag::Workspace, dev))
+            .transpose()?;
         let grads = match (&mut da, &mut db) {
-            (Some(da), Some(db)) => Some((
-                da.cu_f32_mut(OP)? as &mut dyn loren_kernels::DevicePtrMut<f32>,
-                db.cu_f32_mut(OP)? as &mut dyn loren_kernels::DevicePtrMut<f32>,
-            )),
+            (Some(da), Some(db)) => Some(loren_kernels::AdapterGrads {
+                da: da.cu_f32_mut(OP)?,
+                db: db.cu_f32_mut(OP)?,
+                workspace: match &mut grads_ws {
+                    Some(w) => Some(w.cu_f32_mut(OP)?),
+                    None => None,
+                },
+            }),
             _ => None,
         };
         let dxb = dx
