@@ -88,22 +88,10 @@ __device__ __forceinline__ void cp_async_commit() {
     asm volatile("cp.async.commit_group;\n" ::);
 }
 
+// The "memory" clobber keeps the compiler from moving this thread's shared-memory reads of the
+// landed data above the wait (the barriers after each wait do too, but this holds without them).
 template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-// Sum of one float per thread over the block, in a fixed order (deterministic). `scratch` holds
-// one float per warp. Every thread gets the total.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    const int warps = (blockDim.x + WARP - 1) / WARP;
-    v = warp_sum(v);
-    __syncthreads();  // scratch may still be read by a previous call
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    float t = 0.0f;
-    for (int i = 0; i < warps; ++i) t += scratch[i];
-    return t;
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 __device__ __forceinline__ int group_index(int g, int groups) { return groups == 1 ? 0 : g; }
@@ -180,7 +168,8 @@ template <int V> __device__ __forceinline__ void store_vec(float* p, const float
 // LayerNorm-parameter and bias + GELU partials): each warp's `acc` (lane l holds strip columns
 // V·l .. V·l + V − 1, summed over that warp's rows) goes to `red`, then one thread per column adds
 // the warps in order and writes out[col] for the `cols` strip columns that exist. Every thread of
-// the block must call it.
+// the block must call it. There is no barrier before the stores into `red`, so two calls in one
+// kernel need two buffers (a slow thread may still be reading the first sums).
 template <int V>
 __device__ __forceinline__ void strip_sums(const float (&acc)[V], float (*red)[WARP * VEC], int cols, float* out) {
     const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, warps = blockDim.x / WARP;

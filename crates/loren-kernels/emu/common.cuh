@@ -293,18 +293,6 @@ template <int N> inline void cp_async_wait() {
     }
 }
 
-inline float block_sum(float v, float* scratch) {
-    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    const int warps = (blockDim.x + WARP - 1) / WARP;
-    v = warp_sum(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    float t = 0.0f;
-    for (int i = 0; i < warps; ++i) t += scratch[i];
-    return t;
-}
-
 inline int group_index(int g, int groups) { return groups == 1 ? 0 : g; }
 
 // As kernels/common.cuh: V = 8 elements per access (one 16-byte unit for bf16, two for f32), or

@@ -24,7 +24,8 @@ use crate::error::{KernelError, Result};
 use crate::gpu::Ptr;
 use crate::sources::Kernel;
 
-/// Threads per block of the elementwise and row kernels.
+/// Threads per block of the elementwise and row kernels. Their block reductions are written for
+/// exactly this many (`part[256]` trees, `red[8]` warp rows, `__launch_bounds__(256)`).
 pub(crate) const BLOCK: u32 = 256;
 
 /// Rows per first-stage chunk of the two-stage column sums (bias, LayerNorm and embedding
