@@ -1,6 +1,7 @@
 // The ViT's input and output ends (CPU twin: loren-tensor ops/embed.rs).
 //
-//   patchify       images [B, C, H, W] f32 -> patches [1, B, P, C·p·p] bf16, features (c, i, j)
+//   patchify       images [B, C, H, W] f32 (or bf16: patchify_bf16) -> patches [1, B, P, C·p·p]
+//                  bf16, features (c, i, j)
 //   embed_tokens   x[g,b,0] = cls[g] + pos[g,0];  x[g,b,1+p] = pe[g,b,p] + pos[g,1+p]
 //                  pe [ge, B, P, D] bf16, cls [gc, D] f32, pos [gp, T, D] f32 -> x [G, B, T, D] bf16
 //   class_token    x [G, B, T, D] -> y [G, B, D] (token 0), and back (zeros elsewhere)
@@ -13,8 +14,11 @@
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (total);               \
          i += (size_t)gridDim.x * blockDim.x)
 
-extern "C" __global__ void __launch_bounds__(256)
-    patchify(const float* images, bf16* out, int B, int C, int H, int W, int p) {
+__device__ __forceinline__ bf16 as_bf16(float v) { return to_bf16(v); }
+__device__ __forceinline__ bf16 as_bf16(bf16 v) { return v; }
+
+template <typename T>
+__device__ void patchify_impl(const T* images, bf16* out, int B, int C, int H, int W, int p) {
     const int gw = W / p, patches = (H / p) * gw, feat = C * p * p;
     GRID_STRIDE(i, (size_t)B * patches * feat) {
         const int f = (int)(i % feat);
@@ -22,8 +26,20 @@ extern "C" __global__ void __launch_bounds__(256)
         const int patch = (int)(bp % patches), b = (int)(bp / patches);
         const int py = patch / gw, px = patch % gw;
         const int ch = f / (p * p), ii = (f / p) % p, jj = f % p;
-        out[i] = to_bf16(images[(((size_t)b * C + ch) * H + py * p + ii) * W + px * p + jj]);
+        out[i] = as_bf16(images[(((size_t)b * C + ch) * H + py * p + ii) * W + px * p + jj]);
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    patchify(const float* images, bf16* out, int B, int C, int H, int W, int p) {
+    patchify_impl(images, out, B, C, H, W, p);
+}
+
+// Images rounded to bf16 on the host, as a GPU batch is staged: the patches round to bf16 anyway,
+// so the copy up is half the bytes and the patches the same bits.
+extern "C" __global__ void __launch_bounds__(256)
+    patchify_bf16(const bf16* images, bf16* out, int B, int C, int H, int W, int p) {
+    patchify_impl(images, out, B, C, H, W, p);
 }
 
 extern "C" __global__ void __launch_bounds__(256)

@@ -766,8 +766,8 @@ fn measure(
             .transpose()?;
         (Timing::new(samples), memory, used, breakdown)
     };
-    let shape = [o.batch, vit.channels, vit.image_size, vit.image_size];
-    let images = Tensor::from_vec(batch.images, shape, MemTag::Workspace, device)?;
+    // As `Ensemble::predict` takes them: staged as a batch for training is.
+    let images = Tensor::from_staged(batch.stage(device)?, MemTag::Workspace)?;
     for _ in 0..o.warmup {
         drop(model.predict(&images)?);
     }

@@ -37,7 +37,7 @@ use loren_nn::data::prefetch::{DEPTH, prefetch};
 use loren_nn::metrics::{Predictions, scores};
 use loren_nn::train::load_trained;
 use loren_nn::vit::Vit;
-use loren_tensor::{DeviceSpec, MemTag, Staged, Tensor};
+use loren_tensor::{DeviceSpec, MemTag, Tensor};
 
 use crate::backbone::checkpoint_backbone;
 use crate::dataset::DataSource;
@@ -252,7 +252,7 @@ impl Ensemble {
             // thread while the model runs on the one before.
             let stage = |i: usize| {
                 let chunk = chunks[i];
-                Staged::new(chunk, [chunk.len() / per_image, c, h, w], dev)
+                loren_nn::data::stage_images(chunk, [chunk.len() / per_image, c, h, w], dev)
             };
             let staged = prefetch(scope, chunks.len(), DEPTH, stage);
             for (x, start) in staged.zip((0..n).step_by(self.batch_size)) {

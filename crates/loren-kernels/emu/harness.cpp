@@ -644,6 +644,12 @@ static void embed_case(uint64_t seed) {
                             want[((size_t)b * np + py * gw + px) * feat + (ch * P + i) * P + j] =
                                 to_f32(to_bf16(img[(((size_t)b * C + ch) * H + py * P + i) * Wd + px * P + j]));
     check("patchify", d(patches), want, 1e-7);
+    // From images rounded to bf16 first (a GPU batch as staged): the same patches.
+    std::vector<bf16> img16(img.size()), patches16(patches.size(), to_bf16(NAN));
+    for (size_t i = 0; i < img.size(); ++i) img16[i] = to_bf16(img[i]);
+    emu_launch(patchify_bf16, dim3{(unsigned)((patches.size() + 255) / 256), 1, 1}, dim3{256, 1, 1}, 0,
+               img16.data(), patches16.data(), B, C, H, Wd, P);
+    check("patchify from bf16", d(patches16), want, 1e-7);
 
     // Tokens: G = 3 from a shared pe and pos and a per-member cls.
     const int G = 3, ge = 1, gc = 3, gp = 1, T = np + 1, D = feat;

@@ -56,7 +56,7 @@ pub use launch::activation::{BiasGeluDims, bias_gelu_db_workspace_len};
 pub use launch::attention::AttentionDims;
 pub use launch::blas::{Gemm, GemmOut};
 pub use launch::elementwise::{SumRowsDims, sum_rows_workspace_len, sum_squares_partials_len};
-pub use launch::embed::EmbedDims;
+pub use launch::embed::{EmbedDims, Images};
 pub use launch::lora::{
     AdapterGrads, GemmPath, GradsSplit, LoraDims, lora_grads_split, lora_grads_workspace_len,
 };

@@ -115,6 +115,7 @@ sources! {
     }
     "embed.cu" => "../../../kernels/embed.cu" {
         Patchify = "patchify",
+        PatchifyBf16 = "patchify_bf16",
         EmbedTokensFwd = "embed_tokens_fwd",
         EmbedTokensBwdPatches = "embed_tokens_bwd_patches",
         ClassTokenFwd = "class_token_fwd",

@@ -13,8 +13,8 @@ use loren_kernels::launch::elementwise::{sum_rows_workspace_len, sum_squares_par
 use loren_kernels::launch::norm::layernorm_params_workspace_len;
 use loren_kernels::{
     AdamW, AdapterGrads, AttentionDims, BiasGeluDims, CudaSlice, DevicePtr, EmbedDims, Gemm,
-    GemmOut, GemmPath, Gpu, LoraDims, NormDims, Sgd, SlotSpec, SumRowsDims, bf16, cuda_available,
-    lora_grads_split, lora_grads_workspace_len,
+    GemmOut, GemmPath, Gpu, Images, LoraDims, NormDims, Sgd, SlotSpec, SumRowsDims, bf16,
+    cuda_available, lora_grads_split, lora_grads_workspace_len,
 };
 
 const BF16_TOL: f64 = 1e-2;
@@ -974,8 +974,15 @@ fn patchify_matches_layout() {
     }
     let imgd = up(g, &img);
     let mut out = poisoned_bf16(g, want.len());
-    g.patchify(b, c, h, w, p, &imgd, &mut out)
+    g.patchify(b, c, h, w, p, Images::F32(&imgd), &mut out)
         .expect("patchify");
+    assert_eq!(down_bf16(g, &out), want);
+    // The images rounded to bf16 first, as a GPU batch is staged: the same patches, bit for bit.
+    let img16: Vec<bf16> = img.iter().map(|&v| bf16::from_f32(v)).collect();
+    let img16d = up(g, &img16);
+    let mut out = poisoned_bf16(g, want.len());
+    g.patchify(b, c, h, w, p, Images::Bf16(&img16d), &mut out)
+        .expect("patchify from bf16");
     assert_eq!(down_bf16(g, &out), want);
 }
 

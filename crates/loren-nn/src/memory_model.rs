@@ -88,7 +88,7 @@ pub enum Kind {
     ActGrad,
     /// Parameter gradients as an op forms them, before they are added into the buffers.
     ParamGrad,
-    /// The input images.
+    /// The input images: bf16 on a GPU, staged as the first op rounds them.
     Input,
 }
 
@@ -123,8 +123,9 @@ impl Precision {
         input: 4,
     };
 
-    /// The GPU: bf16 weight matrices and activations; f32 masters of trainable weights (with a
-    /// bf16 shadow of each trainable matrix), gradients, optimizer state, statistics and logits.
+    /// The GPU: bf16 weight matrices, activations and input images; f32 masters of trainable
+    /// weights (with a bf16 shadow of each trainable matrix), gradients, optimizer state,
+    /// statistics and logits.
     pub const GPU_BF16: Precision = Precision {
         name: "bf16 weight matrices and activations, f32 trainable state",
         matrix: 2,
@@ -135,7 +136,7 @@ impl Precision {
         low_rank: 4,
         act_grad: 2,
         param_grad: 4,
-        input: 4,
+        input: 2,
     };
 
     pub fn bytes(&self, kind: Kind) -> u64 {

@@ -36,9 +36,9 @@ pub struct Tensor {
     device: Device,
 }
 
-/// f32 values copied into host memory from which they become a tensor on `device` without another
+/// Values copied into host memory from which they become a tensor on `device` without another
 /// copy on the host ([`Tensor::from_staged`]): a buffer from the device's pool on the CPU, a
-/// page-locked staging buffer on a GPU ([`Gpu::stage`]). Making one is the host's pass over the
+/// page-locked staging buffer on a GPU ([`Gpu::stage`]), in f32 or, on a GPU, bf16. Making one is the host's pass over the
 /// data, and it may run on any thread: the thread that makes the batches stages each one, so the
 /// thread that runs the step only queues the copy.
 pub struct Staged {
@@ -50,19 +50,36 @@ pub struct Staged {
 enum StagedHost {
     Cpu(Vec<f32>),
     Cuda(loren_kernels::Staged<f32>),
+    CudaBf16(loren_kernels::Staged<bf16>),
 }
 
 impl Staged {
-    /// `data`, which must fill `shape`, staged for `device`.
+    /// `data`, which must fill `shape`, staged for `device` as f32.
     pub fn new(data: &[f32], shape: impl Into<Shape>, device: &Device) -> Result<Staged> {
+        Staged::new_as(data, shape, DType::F32, device)
+    }
+
+    /// `data` staged to become a tensor of `dtype`: bf16 rounds to nearest even on the host, so a
+    /// GPU gets half the bytes (the CPU keeps f32).
+    pub fn new_as(
+        data: &[f32],
+        shape: impl Into<Shape>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Staged> {
         let shape = filled_shape(data.len(), shape.into())?;
-        let host = match device.gpu() {
-            None => {
+        let host = match (device.gpu(), device.storage_dtype(dtype)) {
+            (None, _) => {
                 let mut v = device.host_buffer(data.len());
                 v.copy_from_slice(data);
                 StagedHost::Cpu(v)
             }
-            Some(gpu) => StagedHost::Cuda(gpu.stage(data.len(), |h| fill_f32(h, data))?),
+            (Some(gpu), DType::F32) => {
+                StagedHost::Cuda(gpu.stage(data.len(), |h| fill_f32(h, data))?)
+            }
+            (Some(gpu), DType::BF16) => {
+                StagedHost::CudaBf16(gpu.stage(data.len(), |h| fill_bf16(h, data))?)
+            }
         };
         Ok(Staged {
             shape,
@@ -120,22 +137,33 @@ impl Tensor {
         Tensor::from_staged(Staged::new(data, shape, device)?, tag)
     }
 
-    /// The f32 tensor `staged` holds, on its device: on the CPU the staged buffer itself, on a
-    /// GPU a new buffer with the copy from the staged one queued on the stream.
+    /// The tensor `staged` holds, on its device, of the dtype it was staged as: on the CPU the
+    /// staged buffer itself, on a GPU a new buffer with the copy from the staged one queued on
+    /// the stream.
     pub fn from_staged(staged: Staged, tag: MemTag) -> Result<Tensor> {
         let Staged {
             shape,
             device,
             host,
         } = staged;
-        let storage = match host {
-            StagedHost::Cpu(v) => Storage::Cpu(v),
+        let (storage, dtype) = match host {
+            StagedHost::Cpu(v) => (Storage::Cpu(v), DType::F32),
             StagedHost::Cuda(s) => {
                 let gpu = device.require_gpu("from_staged")?;
-                Storage::Cuda(CudaBuf::F32(gpu.upload_staged(s)?))
+                (
+                    Storage::Cuda(CudaBuf::F32(gpu.upload_staged(s)?)),
+                    DType::F32,
+                )
+            }
+            StagedHost::CudaBf16(s) => {
+                let gpu = device.require_gpu("from_staged")?;
+                (
+                    Storage::Cuda(CudaBuf::Bf16(gpu.upload_staged(s)?)),
+                    DType::BF16,
+                )
             }
         };
-        Ok(Tensor::adopt(storage, shape, DType::F32, tag, &device))
+        Ok(Tensor::adopt(storage, shape, dtype, tag, &device))
     }
 
     fn adopt(storage: Storage, shape: Shape, dtype: DType, tag: MemTag, device: &Device) -> Tensor {
@@ -522,12 +550,23 @@ fn upload(gpu: &Gpu, data: &[f32], dtype: DType) -> Result<CudaBuf> {
 /// Elements per task of a parallel fill of staging memory.
 const FILL_CHUNK: usize = 1 << 16;
 
-/// `h = data`, on the CPU pool's threads: a GPU run leaves them idle, and a batch's images (19 MB
-/// at ViT-B) are the one big pass the host makes over data.
+/// `h = data`, on the CPU pool's threads: a GPU run leaves them idle, and staging is the one big
+/// pass the host makes over data (a batch's images: 19 MB of f32 at ViT-B).
 fn fill_f32(h: &mut [f32], data: &[f32]) {
     h.par_chunks_mut(FILL_CHUNK)
         .zip(data.par_chunks(FILL_CHUNK))
         .for_each(|(o, i)| o.copy_from_slice(i));
+}
+
+/// `h = bf16(data)`, rounded to nearest even as the kernels' `to_bf16`, on the CPU pool's threads.
+fn fill_bf16(h: &mut [bf16], data: &[f32]) {
+    h.par_chunks_mut(FILL_CHUNK)
+        .zip(data.par_chunks(FILL_CHUNK))
+        .for_each(|(o, i)| {
+            o.iter_mut()
+                .zip(i)
+                .for_each(|(o, &x)| *o = bf16::from_f32(x))
+        });
 }
 
 /// `shape` when `len` values fill it, else the error naming both.

@@ -382,6 +382,19 @@ fn patch_and_token_embedding_and_class_token() {
             &embed::patchify(&ig, p).unwrap(),
             &embed::patchify(&ic, p).unwrap(),
         );
+        // Staged as a GPU batch is (rounded to bf16 on the host): the same patches, bit for bit,
+        // as from f32 images rounded on the device.
+        let raw: Vec<f32> = (0..b * c * hw * hw).map(|_| rng.normal()).collect();
+        let shape = [b, c, hw, hw];
+        let f32_images = Tensor::from_slice(&raw, shape, MemTag::Workspace, &g).unwrap();
+        let staged = Staged::new_as(&raw, shape, DType::BF16, &g).unwrap();
+        let bf16_images = Tensor::from_staged(staged, MemTag::Workspace).unwrap();
+        assert_eq!(bf16_images.dtype(), DType::BF16);
+        assert_eq!(
+            embed::patchify(&bf16_images, p).unwrap().to_vec().unwrap(),
+            embed::patchify(&f32_images, p).unwrap().to_vec().unwrap(),
+            "patchify of bf16-staged images B={b} C={c} {hw}x{hw} p={p}"
+        );
     }
     for &(ge, gc, gp, b, patches, d) in &[
         (1, 1, 1, 3, 16, 64),

@@ -83,8 +83,15 @@ impl EmbedDims {
     }
 }
 
+/// Images on the device: f32, or bf16 as a GPU batch is staged (the patches round to bf16 anyway,
+/// so rounding on the host halves the copy and gives the same patches).
+pub enum Images<'a> {
+    F32(&'a dyn DevicePtr<f32>),
+    Bf16(&'a dyn DevicePtr<bf16>),
+}
+
 impl Gpu {
-    /// Cut images [B, C, H, W] f32 into p×p patches: out [1, B, P, C·p·p] bf16, patches in
+    /// Cut images [B, C, H, W] (f32 or bf16) into p×p patches: out [1, B, P, C·p·p] bf16, patches in
     /// row-major grid order, features in (channel, row, column) order, so a convolution weight
     /// [D, C, p, p] flattens to the matching [D, C·p·p].
     #[allow(clippy::too_many_arguments)]
@@ -95,7 +102,7 @@ impl Gpu {
         height: usize,
         width: usize,
         patch: usize,
-        images: &dyn DevicePtr<f32>,
+        images: Images<'_>,
         out: &mut dyn DevicePtrMut<bf16>,
     ) -> Result<()> {
         const OP: &str = "patchify";
@@ -114,7 +121,10 @@ impl Gpu {
         }
         let total = product(OP, &[batch, channels, height, width])?;
         int(OP, "B·C·H·W", total)?;
-        let images = self.input(OP, "images", images, total)?;
+        let (kernel, images) = match images {
+            Images::F32(i) => (Kernel::Patchify, self.input(OP, "images", i, total)?),
+            Images::Bf16(i) => (Kernel::PatchifyBf16, self.input(OP, "images", i, total)?),
+        };
         let out = self.output(OP, "patches", out, total)?;
         let (b, c, h, w, p) = (
             batch as i32,
@@ -124,7 +134,7 @@ impl Gpu {
             patch as i32,
         );
         self.launch(
-            Kernel::Patchify,
+            kernel,
             elementwise_cfg(total),
             &[
                 images.arg(),

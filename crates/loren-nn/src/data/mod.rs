@@ -72,8 +72,19 @@ impl Batch {
     /// pass over them, made on the thread that makes the batches, so the thread that runs the
     /// model only queues their copy ([`loren_tensor::Tensor::from_staged`]).
     pub fn stage(&self, device: &Device) -> loren_tensor::Result<Staged> {
-        Staged::new(&self.images, self.image_shape(), device)
+        stage_images(&self.images, self.image_shape(), device)
     }
+}
+
+/// Images [B, C, H, W] staged for `device` as the model's first op (patchify) takes them: bf16 on
+/// a GPU, since the patches round to bf16 there anyway, so the copy up is half the bytes of f32
+/// and the patches the same bits; f32 on the CPU.
+pub fn stage_images(
+    images: &[f32],
+    shape: [usize; 4],
+    device: &Device,
+) -> loren_tensor::Result<Staged> {
+    Staged::new_as(images, shape, device.compute_dtype(), device)
 }
 
 impl Dataset {

@@ -39,7 +39,11 @@ pub fn patchify(images: &Tensor, p: usize) -> Result<Tensor> {
         dev,
     )?;
     if let Some(gpu) = dev.gpu() {
-        gpu.patchify(b, c, h, w, p, images.cu_f32(OP)?, out.cu_bf16_mut(OP)?)?;
+        let images = match images.dtype() {
+            DType::F32 => loren_kernels::Images::F32(images.cu_f32(OP)?),
+            DType::BF16 => loren_kernels::Images::Bf16(images.cu_bf16(OP)?),
+        };
+        gpu.patchify(b, c, h, w, p, images, out.cu_bf16_mut(OP)?)?;
         return Ok(out);
     }
     let src = images.as_slice()?;
