@@ -38,9 +38,9 @@ pub struct Tensor {
 
 /// Values copied into host memory from which they become a tensor on `device` without another
 /// copy on the host ([`Tensor::from_staged`]): a buffer from the device's pool on the CPU, a
-/// page-locked staging buffer on a GPU ([`Gpu::stage`]), in f32 or, on a GPU, bf16. Making one is the host's pass over the
-/// data, and it may run on any thread: the thread that makes the batches stages each one, so the
-/// thread that runs the step only queues the copy.
+/// page-locked staging buffer on a GPU ([`Gpu::stage`]), in f32 or (on a GPU) bf16. Making one
+/// is the host's pass over the data, and it may run on any thread: the thread that makes the
+/// batches stages each one, so the thread that runs the step only queues the copy.
 pub struct Staged {
     shape: Shape,
     device: Device,
