@@ -128,7 +128,7 @@ impl GradsSplit {
 /// GPU, in ranges of at least 128 rows. The cut depends on the shapes alone, so every device
 /// forms the same sums.
 pub fn lora_grads_split(d: &LoraDims) -> GradsSplit {
-    let tiles = (d.k.div_ceil(64) + d.n.div_ceil(64)) * d.rank.div_ceil(32) * d.members;
+    let tiles = grads_tiles(d) * d.rank.div_ceil(32) * d.members;
     let wanted = GRADS_TARGET_BLOCKS.div_ceil(tiles.max(1));
     let splits = wanted.min(d.rows / GRADS_MIN_RANGE).max(1);
     let rows = d.rows.div_ceil(splits).next_multiple_of(GRADS_SLAB);
@@ -136,6 +136,12 @@ pub fn lora_grads_split(d: &LoraDims) -> GradsSplit {
         splits: d.rows.div_ceil(rows).max(1),
         rows,
     }
+}
+
+/// dA's and dB's output tiles of 64 (lowrank::BI in lora.cu) for one member and 32 ranks: the
+/// launch grid's x extent per member and range.
+fn grads_tiles(d: &LoraDims) -> usize {
+    d.k.div_ceil(64) + d.n.div_ceil(64)
 }
 
 /// The f32 workspace [`Gpu::lora_grads`] needs for its partial sums (0: none).
@@ -482,8 +488,7 @@ impl Gpu {
             }
             _ => Ptr::null(),
         };
-        let tiles = d.k.div_ceil(64) + d.n.div_ceil(64);
-        let blocks = product(OP, &[tiles, d.members, split.splits])?;
+        let blocks = product(OP, &[grads_tiles(d), d.members, split.splits])?;
         let cfg = LaunchConfig {
             grid_dim: (
                 grid_dim(OP, "output tiles", blocks, GRID_X)?,
