@@ -8,7 +8,8 @@ use anyhow::{Context, Result};
 
 /// Prove a file can be written in `dir`: make it (with its parents), write and remove a probe
 /// file, and remove again the folders it made, so that nothing is left behind for a run that
-/// then reads its data from around there. `flag` names the option the folder came from.
+/// then reads its data from around there (runs started together under one missing root may leave
+/// that root, empty). `flag` names the option the folder came from.
 pub fn writable_dir(dir: &Path, flag: &str) -> Result<()> {
     let dir = if dir.as_os_str().is_empty() {
         Path::new(".")
@@ -16,6 +17,20 @@ pub fn writable_dir(dir: &Path, flag: &str) -> Result<()> {
         dir
     };
     let fail = || format!("{flag} {}: cannot write there", dir.display());
+    // Two runs started together under one missing root (`runs/a`, `runs/b`) race: one may remove
+    // the `runs` it made just as the other makes its folder inside it. That shows as NotFound,
+    // and trying again from the top makes the root anew; 100 tries outlast any such race.
+    let mut tries = 0;
+    loop {
+        match probe_dir(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 100 => tries += 1,
+            done => return done.with_context(fail),
+        }
+    }
+}
+
+/// One try of [`writable_dir`].
+fn probe_dir(dir: &Path) -> std::io::Result<()> {
     // Outermost first, each folder made here alone, so that only those are removed after: a
     // path through `..` or a folder another process makes meanwhile is left as it is.
     let mut made = Vec::new();
@@ -29,7 +44,7 @@ pub fn writable_dir(dir: &Path, flag: &str) -> Result<()> {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => {
                 remove_made(&made);
-                return Err(e).with_context(fail);
+                return Err(e);
             }
         }
     }
@@ -41,7 +56,7 @@ pub fn writable_dir(dir: &Path, flag: &str) -> Result<()> {
         .map(drop)
         .and_then(|()| fs::remove_file(&probe));
     remove_made(&made);
-    written.with_context(fail)
+    written
 }
 
 /// Innermost first; `remove_dir` leaves a folder something else has filled meanwhile.
@@ -100,5 +115,27 @@ mod tests {
         fs::write(base.join("file"), b"x").unwrap();
         let e = writable_dir(&base.join("file/out"), "--out").unwrap_err();
         assert!(format!("{e:#}").contains("--out") && format!("{e:#}").contains("file/out"));
+    }
+
+    #[test]
+    fn runs_started_together_under_one_missing_root_all_find_it_writable() {
+        let base = temp("together");
+        let root = base.join("runs");
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let out = root.join(format!("run{t}"));
+                s.spawn(move || {
+                    for i in 0..300 {
+                        if let Err(e) = writable_dir(&out, "--out") {
+                            panic!("try {i}: {e:#}");
+                        }
+                    }
+                });
+            }
+        });
+        // The root may stay, empty, when one run made it while another was making its own folder
+        // inside it; the runs' own folders and probe files may not.
+        let left = fs::read_dir(&root).map_or(0, |d| d.count());
+        assert_eq!(left, 0, "a run's folder or a probe file stayed");
     }
 }

@@ -77,7 +77,6 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
     a.optim.check()?;
     a.ensemble.check()?;
     a.data.check()?;
-    writable_dir(&a.out, "--out")?;
     let method: Method = a.ensemble.method.parse()?;
     if let (true, Some(m)) = (method.is_single(), a.ensemble.members)
         && m != 1
@@ -88,7 +87,10 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
             method.name()
         );
     }
-    let data = splits(&a.data, &VitConfig::by_name(&a.model.config)?)?;
+    let config = VitConfig::by_name(&a.model.config)?;
+    // After the flags' own checks, so that a mistyped flag is named as such and not as a folder.
+    writable_dir(&a.out, "--out")?;
+    let data = splits(&a.data, &config)?;
     let ckpt = a.out.join("checkpoint.safetensors");
     let mut spec = run_spec(
         &a.common,
