@@ -101,7 +101,7 @@ pub fn pretrain(
         let _ctrl_c = crate::interrupt::Guard::install();
         trainer.fit(&data.pretrain, &CheckpointSpec::default(), &mut bar)?
     };
-    let val = predict(&model, &data.val, 256, &mut |_| {})?;
+    let val = predict(&model, &data.val, 256, &mut |_| Ok(()))?;
     let val_accuracy = calibration(&val, &data.val.labels)?.accuracy;
     let mut tensors = model.backbone_tensors()?;
     // The pretraining head comes along for reference; fine-tuning starts new heads.

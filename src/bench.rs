@@ -631,14 +631,21 @@ fn check_peak_size(device: &Device, n: usize, budget: Option<&Budget>) -> Result
     }
     let need = elem * (n as f64).powi(2);
     match budget {
-        Some(b) if need > b.bytes as f64 => Err(anyhow!(
-            "--peak-size {n}: the peak GEMM's {buffers} {n}x{n} buffers need {}, and {} is \
-             available ({}): pass --peak-size {} or less",
-            bytes(need as u64),
-            bytes(b.bytes),
-            b.source,
-            (b.bytes as f64 / elem).sqrt() as usize
-        )),
+        Some(b) if need > b.bytes as f64 => {
+            // A suggestion only where one fits: a budget under one element's buffers has none.
+            let fits = (b.bytes as f64 / elem).sqrt() as usize;
+            let advice = match fits {
+                0 => "raise --memory-budget".to_string(),
+                n => format!("pass --peak-size {n} or less"),
+            };
+            Err(anyhow!(
+                "--peak-size {n}: the peak GEMM's {buffers} {n}x{n} buffers need {}, and {} is \
+                 available ({}): {advice}",
+                bytes(need as u64),
+                bytes(b.bytes),
+                b.source,
+            ))
+        }
         _ => Ok(()),
     }
 }
@@ -1323,5 +1330,23 @@ mod tests {
             "CUDA driver error during alloc: CUDA_ERROR_OUT_OF_MEMORY"
         )));
         assert!(!is_oom(&anyhow!("shape mismatch")));
+    }
+
+    #[test]
+    fn a_peak_gemm_over_the_budget_suggests_a_size_that_fits_or_none() {
+        let cpu = Device::cpu();
+        let budget = |bytes| Budget {
+            bytes,
+            source: "--memory-budget".into(),
+        };
+        // 12 bytes per element on the CPU: 1200 bytes hold a 10x10 GEMM.
+        let e = check_peak_size(&cpu, 64, Some(&budget(1200))).unwrap_err();
+        assert!(e.to_string().contains("pass --peak-size 10 or less"), "{e}");
+        assert!(check_peak_size(&cpu, 10, Some(&budget(1200))).is_ok());
+        let e = check_peak_size(&cpu, 64, Some(&budget(0))).unwrap_err();
+        assert!(
+            e.to_string().contains("raise --memory-budget") && !e.to_string().contains("size 0"),
+            "{e}"
+        );
     }
 }

@@ -303,8 +303,7 @@ pub fn export(checkpoint: &Path, backbone: Option<&Path>, out: &Path) -> Result<
             out.display()
         );
     }
-    let file = TensorFile::read(checkpoint).context("--checkpoint")?;
-    loren_nn::train::check_format(&file)?;
+    let file = crate::run::read_checkpoint(checkpoint, "--checkpoint")?;
     let vit: VitConfig = file.meta_json("vit")?;
     let recorded = file.metadata().get("backbone").map(Path::new);
     if let Some(b) = backbone.or(recorded)

@@ -1,5 +1,6 @@
-//! Ctrl-C while training: the first asks the run to stop after its current step, with a line
-//! saying which checkpoint resumes it; a second ends the process at once, as usual.
+//! Ctrl-C while training or scoring: the first asks the run to stop after its current step or
+//! batch, with a line saying which checkpoint resumes (or scores) it; a second ends the process at
+//! once, as usual.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -8,6 +9,17 @@ static REQUESTED: AtomicBool = AtomicBool::new(false);
 /// Whether Ctrl-C was pressed since the [`Guard`] was installed.
 pub fn requested() -> bool {
     REQUESTED.load(Ordering::Relaxed)
+}
+
+/// For scoring's progress callbacks: an error once Ctrl-C was pressed, which ends the scoring after
+/// its current batch, saying what is `kept`.
+pub fn scoring_stop(kept: &str) -> loren_nn::Result<()> {
+    match requested() {
+        true => Err(loren_nn::NnError::EvalInterrupted {
+            kept: kept.to_string(),
+        }),
+        false => Ok(()),
+    }
 }
 
 /// While it lives, Ctrl-C asks training to stop (see [`requested`]); dropped, Ctrl-C ends the

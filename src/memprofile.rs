@@ -405,14 +405,15 @@ pub fn run_memprofile(
                 }
                 rows.push(row);
             }
-            if let Some(model) = first {
+            // A single network has no members to add.
+            if let (Some(model), false) = (first, method.is_single()) {
                 // One member more, from the model: the trainable tensors (with their bf16
                 // shadows on a GPU), their gradients and the optimizer state.
                 let at = |m| {
                     let ens = ensemble_config(method, m, o.classes, o.rank);
                     memory_model::predict(vit, &ens, o.batch, 2, prec, o.activations)
                 };
-                let (one, two) = (at(1)?, at(if method.is_single() { 1 } else { 2 })?);
+                let (one, two) = (at(1)?, at(2)?);
                 let step = |tag| two.train.start.get(tag) - one.train.start.get(tag);
                 let slope = |i: usize| -> Option<f64> {
                     let (a, b) = (measured_pts.first()?, measured_pts.last()?);
@@ -630,8 +631,10 @@ pub fn table(r: &MemprofileReport) -> String {
             q.config, q.members, q.predicted, q.predicted_gpu
         );
     }
-    let _ = writeln!(s);
-    let _ = writeln!(s, "What one more member adds (trainable state, AdamW):");
+    if !r.growth.is_empty() {
+        let _ = writeln!(s);
+        let _ = writeln!(s, "What one more member adds (trainable state, AdamW):");
+    }
     for g in &r.growth {
         let what = if g.method.uses_lora() {
             format!(

@@ -89,7 +89,8 @@ fn ema(prev: Option<f64>, x: f64, keep: f64) -> f64 {
 
 impl Observer for TrainBar {
     fn start(&mut self, total_steps: u64, first_step: u64) {
-        let template = "{prefix:>12} [{bar:30}] {pos}/{len} steps {msg} ({elapsed} < {eta})";
+        // The bar takes what the terminal's width leaves, so that the line fits 80 columns.
+        let template = "{prefix:>11} [{wide_bar}] step {pos}/{len}, {msg}, eta {eta}";
         self.bar = bar(total_steps, template, self.verbosity).with_prefix(self.label.clone());
         self.bar.set_position(first_step);
     }
@@ -98,17 +99,15 @@ impl Observer for TrainBar {
         let loss = ema(self.loss, s.loss as f64, 0.9);
         let rate = ema(self.rate, s.images as f64 / s.seconds.max(1e-9), 0.9);
         (self.loss, self.rate) = (Some(loss), Some(rate));
-        let progress = format!(
-            "epoch {} loss {loss:.4} lr {:.2e} {rate:.0} img/s",
-            s.epoch + 1,
-            s.lr
-        );
+        let progress = format!("epoch {}, loss {loss:.4}, {rate:.0} img/s", s.epoch + 1);
         if self.heartbeat.due(&self.bar, self.verbosity) {
+            // A log has the room a terminal's bar has not: the learning rate too.
             crate::note!(
-                "{}: step {}/{} {progress}",
+                "{}: step {}/{}, {progress}, lr {:.2e}",
                 self.label,
                 s.step + 1,
-                s.total_steps
+                s.total_steps,
+                s.lr
             );
         }
         self.bar.set_message(progress);
@@ -151,7 +150,7 @@ pub struct EvalBar {
 
 impl EvalBar {
     pub fn new(label: &str, images: usize, verbosity: Verbosity) -> EvalBar {
-        let template = "{prefix:>12} [{bar:30}] {pos}/{len} images ({rate}, {eta})";
+        let template = "{prefix:>11} [{wide_bar}] {pos}/{len} images, {rate}, eta {eta}";
         EvalBar {
             bar: bar(images as u64, template, verbosity).with_prefix(label.to_string()),
             label: label.to_string(),

@@ -236,11 +236,12 @@ pub fn comparison_table(runs: &[RunResult]) -> String {
         "activ",
         "work",
         "peak",
-        "time s",
+        "train s",
+        "eval s",
     ];
     let _ = writeln!(
         s,
-        "{:<12} {:>3} {:>6} {:>7} {:>7} {:>7} {:>10} | {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} | {:>6}",
+        "{:<12} {:>3} {:>6} {:>7} {:>7} {:>7} {:>10} | {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} | {:>7} {:>6}",
         header[0],
         header[1],
         header[2],
@@ -255,7 +256,8 @@ pub fn comparison_table(runs: &[RunResult]) -> String {
         header[11],
         header[12],
         header[13],
-        header[14]
+        header[14],
+        header[15]
     );
     let _ = writeln!(
         s,
@@ -267,7 +269,7 @@ pub fn comparison_table(runs: &[RunResult]) -> String {
         let p = |tag: &str| bytes(r.memory.peak.get(tag).copied().unwrap_or(0));
         let _ = writeln!(
             s,
-            "{:<12} {:>3} {:>6.2} {:>7.4} {:>7.4} {:>7.4} {:>10} | {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} | {:>6.1}",
+            "{:<12} {:>3} {:>6.2} {:>7.4} {:>7.4} {:>7.4} {:>10} | {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} | {:>7.1} {:>6.1}",
             r.method.name(),
             r.members,
             100.0 * t.accuracy,
@@ -282,7 +284,8 @@ pub fn comparison_table(runs: &[RunResult]) -> String {
             p("activations"),
             p("workspace"),
             bytes(r.memory.total_peak),
-            r.train_seconds + r.eval_seconds
+            r.train_seconds,
+            r.eval_seconds
         );
     }
     s

@@ -14,6 +14,7 @@ use loren_nn::memory_model;
 use loren_nn::metrics::calibration;
 use loren_nn::train::{
     BACKBONE_FINGERPRINT, CheckpointSpec, TrainConfig, TrainSummary, Trainer, check_backbone,
+    check_format, check_resumable,
 };
 use loren_nn::vit::{Vit, fine_tune_seed};
 use loren_tensor::{Device, DeviceSpec, MemTag, MemoryReport};
@@ -34,7 +35,8 @@ pub struct RunSpec {
     pub device: DeviceSpec,
     /// Where to keep the training checkpoint.
     pub checkpoint: Option<PathBuf>,
-    /// A training checkpoint to continue from (shared: one read serves its settings and state).
+    /// A training checkpoint to continue from (shared: one read serves its settings and state),
+    /// one [`check_resume`] has taken.
     pub resume: Option<Arc<TensorFile>>,
     pub eval: EvalOptions,
     pub verbosity: Verbosity,
@@ -84,24 +86,61 @@ pub struct RunResult {
     pub eval_seconds: f64,
 }
 
-/// A fresh run whose checkpoint goes where an earlier run's is replaces that run, said on stderr
-/// (even with --quiet): the earlier report and chart beside the checkpoint, which go when the
-/// first checkpoint of this run replaces the earlier one, so that a run stopped before then
-/// leaves the earlier one whole, and one stopped after never leaves a new checkpoint beside an
-/// old report. Nothing is replaced in a folder without a checkpoint.
-fn earlier_run(checkpoint: &Path) -> Vec<PathBuf> {
+/// What a run's first checkpoint replaces at `checkpoint`, removed when that checkpoint is
+/// written: so that a run stopped before then leaves the earlier one whole, and one stopped after
+/// never leaves a new checkpoint beside an old report. A run resumed in place replaces only its
+/// own earlier reports; one whose checkpoint goes where another run's is replaces that run, said
+/// on stderr (even with --quiet). Nothing is replaced in a folder without a checkpoint.
+fn replaced_by(checkpoint: &Path, resumed: Option<&Path>) -> Vec<PathBuf> {
     let Some(dir) = checkpoint.parent().filter(|_| checkpoint.exists()) else {
         return Vec::new();
     };
-    crate::note!(
-        "{} holds an earlier run: this one replaces it when its first epoch ends (--out DIR \
-         keeps both; --resume {} continues it)",
-        dir.display(),
-        checkpoint.display()
-    );
-    ["report.json", "reliability.svg"]
-        .map(|name| dir.join(name))
-        .to_vec()
+    let in_place = resumed.is_some_and(|r| crate::outputs::same_file(r, checkpoint));
+    if !in_place {
+        crate::note!(
+            "{} holds an earlier run: this one replaces it when its first epoch ends (--out DIR \
+             keeps both; --resume {} continues it)",
+            dir.display(),
+            checkpoint.display()
+        );
+    }
+    // `loren eval`'s too: they scored the checkpoint being replaced.
+    [
+        "report.json",
+        "reliability.svg",
+        "eval.json",
+        "eval-reliability.svg",
+    ]
+    .map(|name| dir.join(name))
+    .to_vec()
+}
+
+/// The training checkpoint `flag` names (by `--resume`, `--checkpoint`): a folder given for one
+/// is one without a checkpoint.safetensors, the file `loren train` writes.
+pub fn read_checkpoint(path: &Path, flag: &str) -> Result<TensorFile> {
+    if path.is_dir() {
+        bail!(
+            "{flag} {}: a folder with no checkpoint.safetensors in it",
+            path.display()
+        );
+    }
+    let file = TensorFile::read(path).context(flag.to_string())?;
+    check_format(&file).context(flag.to_string())?;
+    Ok(file)
+}
+
+/// Whether `file` continues the run `spec` describes, checked before the backbone is read and
+/// anything allocated: the same data (first: other held-out classes would show as another head
+/// width), then every setting, each difference named. The layer-norm epsilon comes with the
+/// backbone's weights, so the trainer checks it as it resumes.
+pub fn check_resume(spec: &RunSpec, file: &TensorFile) -> Result<()> {
+    check_same_data(file, &spec.metadata, spec.verbosity)?;
+    let vit = VitConfig {
+        ln_eps: file.meta_json::<VitConfig>("vit")?.ln_eps,
+        ..spec.vit.clone()
+    };
+    check_resumable(file, &vit, &spec.ensemble, &spec.train)?;
+    Ok(())
 }
 
 /// A resumed run must train on the data the checkpoint was trained on: the metadata the run
@@ -153,10 +192,11 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
     let frozen_backbone = model.params().iter().any(|(_, p)| !p.trainable());
     let t0 = Instant::now();
     device.memory().reset_peaks();
+    // Training and the evaluation after it both stop at Ctrl-C, each after a whole step or batch.
+    let _ctrl_c = crate::interrupt::Guard::install();
     let summary = {
         let mut trainer = Trainer::new(&mut model, &spec.train, data.train.len())?;
         if let Some(file) = spec.resume.as_deref() {
-            check_same_data(file, &spec.metadata, spec.verbosity)?;
             if frozen_backbone {
                 check_backbone(file, backbone)?;
             }
@@ -174,15 +214,14 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
         // The data too (spec.metadata), so eval and export find what it was trained on, and
         // the backbone's fingerprint, so they refuse other weights.
         let mut metadata = spec.metadata.clone();
-        metadata.insert(
-            "backbone".to_string(),
-            backbone.path().display().to_string(),
-        );
+        // Absolute, as the data is, so that resume, eval and export find it from any directory.
+        let backbone_path =
+            std::fs::canonicalize(backbone.path()).unwrap_or_else(|_| backbone.path().into());
+        metadata.insert("backbone".to_string(), backbone_path.display().to_string());
         metadata.insert(BACKBONE_FINGERPRINT.to_string(), backbone.fingerprint());
-        let replaces = match (&spec.resume, &spec.checkpoint) {
-            (None, Some(path)) => earlier_run(path),
-            _ => Vec::new(),
-        };
+        let replaces = spec.checkpoint.as_deref().map_or_else(Vec::new, |path| {
+            replaced_by(path, spec.resume.as_deref().map(TensorFile::path))
+        });
         let ckpt = CheckpointSpec {
             path: spec.checkpoint.clone(),
             metadata,
@@ -209,23 +248,32 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
             }
         }
         let mut bar = TrainBar::new(label, spec.verbosity);
-        let _ctrl_c = crate::interrupt::Guard::install();
         trainer.fit(&data.train, &ckpt, &mut bar)?
     };
     let memory = device.memory().report().into();
     let train_seconds = t0.elapsed().as_secs_f64();
 
     let t1 = Instant::now();
-    let val = predict(&model, &data.val, spec.eval.batch_size, &mut |_| {})?;
-    let val_report = calibration(&val, &data.val.labels)?;
     let held_out = data.held_out.as_ref();
+    let kept = spec.checkpoint.as_deref().map_or_else(String::new, |c| {
+        format!(
+            "the trained checkpoint {} is whole, and `loren eval --checkpoint {}` scores it",
+            c.display(),
+            c.display()
+        )
+    });
+    let val = predict(&model, &data.val, spec.eval.batch_size, &mut |_| {
+        crate::interrupt::scoring_stop(&kept)
+    })?;
+    let val_report = calibration(&val, &data.val.labels)?;
     let mut bar = EvalBar::new(
         label,
         eval_images(&data.test, held_out, &spec.eval),
         spec.verbosity,
     );
     let report = evaluate(&model, &data.test, held_out, &spec.eval, &mut |n| {
-        bar.inc(n)
+        bar.inc(n);
+        crate::interrupt::scoring_stop(&kept)
     })?;
     drop(bar);
 

@@ -182,7 +182,10 @@ fn a_missing_backbone_or_checkpoint_names_its_flag() {
         if command == "export" {
             args.extend(["--out", "/tmp/loren-never-written.safetensors"]);
         }
-        fails_with(&args, &["--checkpoint: ", "Is a directory"]);
+        fails_with(
+            &args,
+            &["--checkpoint ", "a folder with no checkpoint.safetensors"],
+        );
     }
 }
 
@@ -195,6 +198,60 @@ fn bench_refuses_a_bad_rank_or_class_count_before_measuring() {
     ] {
         fails_with(&["bench", "--device", "cpu", flag, "0"], &[needle]);
     }
+}
+
+#[test]
+fn flags_the_method_or_optimizer_does_not_use_are_named() {
+    let dir = temp_dir("unused-flags");
+    let out = dir.to_str().unwrap();
+    let args = [
+        "train",
+        "--method",
+        "explicit",
+        "-m",
+        "2",
+        "--rank",
+        "4",
+        "--lora-targets",
+        "qv",
+        "--momentum",
+        "0.5",
+        "--epochs",
+        "1",
+        "--no-shift",
+        "--no-ood",
+        "--out",
+        out,
+    ];
+    let (ok, _, err) = loren(&args);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains(
+            "this run does not use --rank (explicit has no adapters), --lora-targets (explicit \
+             has no adapters), --momentum (adamw does not use it)"
+        ),
+        "{err}"
+    );
+    // A LoRA run with SGD uses both.
+    let args = [
+        "train",
+        "-m",
+        "2",
+        "--rank",
+        "4",
+        "--optimizer",
+        "sgd",
+        "--momentum",
+        "0.5",
+        "--epochs",
+        "1",
+        "--no-shift",
+        "--no-ood",
+        "--out",
+        out,
+    ];
+    let (ok, _, err) = loren(&args);
+    assert!(ok && !err.contains("does not use"), "{err}");
 }
 
 #[test]
@@ -260,6 +317,29 @@ fn pretrain_to_an_unwritable_out_fails_before_the_epochs() {
             "/proc/x/a.safetensors",
         ],
         &["--out", "/proc/x"],
+    );
+}
+
+#[test]
+fn pretrain_to_a_folder_asks_for_a_file_with_or_without_force() {
+    let dir = temp_dir("pretrain-folder");
+    let out = dir.to_str().unwrap();
+    for force in [&[][..], &["--force"][..]] {
+        let mut args = vec!["pretrain", "--epochs", "30", "--out", out];
+        args.extend(force);
+        fails_before_work(&args, &["is a folder", "backbone.safetensors"]);
+    }
+}
+
+#[test]
+fn compare_with_a_size_twice_or_of_zero_is_refused() {
+    fails_before_work(
+        &["compare", "--sizes", "2,1,2", "--out", "/tmp/x"],
+        &["--sizes names 2 twice"],
+    );
+    fails_before_work(
+        &["compare", "--sizes", "0,2", "--out", "/tmp/x"],
+        &["--sizes", "at least 1"],
     );
 }
 
@@ -612,4 +692,44 @@ fn ctrl_c_stops_training_after_a_step_and_says_how_to_resume() {
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_while_scoring_stops_and_names_the_checkpoint_to_score() {
+    let dir = temp_dir("ctrl-c-eval");
+    let ckpt = dir.join("checkpoint.safetensors");
+    // One epoch and the whole evaluation (shifted copies and OOD): seconds of scoring.
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_loren"))
+        .args(["train", "-m", "4", "-r", "4", "--epochs", "1"])
+        .args(["--out", dir.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The checkpoint is written when the last epoch ends: from there on the run is scoring.
+    let start = std::time::Instant::now();
+    while !ckpt.exists() {
+        assert!(
+            start.elapsed().as_secs() < 120,
+            "no checkpoint after two minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    let score = format!("loren eval --checkpoint {}", ckpt.display());
+    assert!(
+        err.contains("evaluation interrupted") && err.contains(&score),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty(), "a report was printed");
+    assert!(!dir.join("report.json").exists());
+    assert!(ckpt.exists(), "the trained checkpoint went");
 }

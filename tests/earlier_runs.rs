@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 mod common;
-use common::{fails_with, loren, strs, temp_dir};
+use common::{fails_with, loren, loren_in, strs, temp_dir};
 
 use loren_nn::checkpoint::{TensorFile, write};
 
@@ -79,6 +79,27 @@ fn resuming_with_other_settings_names_each_one() {
             "other settings",
             "lr: saved 0.001, now 0.002",
             "batch_size: saved 32, now 16",
+        ],
+    );
+}
+
+#[test]
+fn resuming_with_another_model_ensemble_and_schedule_names_all_three_before_reading_weights() {
+    let out = temp_dir("other-everything");
+    let ckpt = checkpoint();
+    let out = out.to_str().unwrap();
+    // vit-b-32 has no bundled backbone: naming the config, not the backbone, shows the check
+    // came first.
+    let args = [
+        "train", "--resume", &ckpt, "--out", out, "--config", "vit-b-32", "-m", "3", "--lr",
+        "0.002", "-q",
+    ];
+    refused(
+        &args,
+        &[
+            "config: saved tiny, now vit-b-32",
+            "ensemble.members: saved 2, now 3",
+            "lr: saved 0.001, now 0.002",
         ],
     );
 }
@@ -414,4 +435,63 @@ fn a_fresh_run_replaces_an_earlier_one_and_does_not_claim_its_checkpoint() {
             "{f}"
         );
     }
+}
+
+/// A copy of the trained run in a folder of its own, with an `eval.json` beside it as `loren eval`
+/// leaves one.
+fn copy_of_the_trained_run(name: &str) -> PathBuf {
+    let dir = temp_dir(name);
+    for f in ["checkpoint.safetensors", "report.json", "reliability.svg"] {
+        std::fs::copy(trained().join(f), dir.join(f)).unwrap();
+    }
+    std::fs::write(dir.join("eval.json"), b"{}").unwrap();
+    dir
+}
+
+fn epochs_in_report(dir: &Path) -> usize {
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap();
+    report["train"]["epochs"].as_array().unwrap().len()
+}
+
+#[test]
+fn resuming_without_out_continues_in_the_checkpoints_folder() {
+    let run = copy_of_the_trained_run("in-place");
+    let cwd = temp_dir("in-place-cwd");
+    let args = [
+        "train",
+        "--resume",
+        run.to_str().unwrap(),
+        "--epochs",
+        "3",
+        "--no-shift",
+        "--no-ood",
+        "-q",
+    ];
+    let (ok, _, err) = loren_in(&cwd, &args);
+    assert!(ok, "{err}");
+    assert!(!err.contains("earlier run"), "resumed in place: {err}");
+    assert_eq!(epochs_in_report(&run), 3, "the run's own report");
+    assert!(
+        !run.join("eval.json").exists(),
+        "an eval of the two-epoch checkpoint stayed beside the three-epoch one"
+    );
+    assert_eq!(
+        std::fs::read_dir(&cwd).unwrap().count(),
+        0,
+        "the resumed run wrote into the working folder"
+    );
+}
+
+#[test]
+fn resuming_into_another_runs_folder_says_it_replaces_that_run() {
+    let other = copy_of_the_trained_run("resume-over");
+    let (ok, _, err) = loren(&strs(&resume_args(&other, &["--epochs", "3"])));
+    assert!(ok, "{err}");
+    assert!(err.contains("holds an earlier run"), "{err}");
+    assert_eq!(epochs_in_report(&other), 3);
+    assert!(
+        !other.join("eval.json").exists(),
+        "the other run's eval stayed"
+    );
 }

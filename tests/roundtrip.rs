@@ -62,7 +62,7 @@ fn eval_probabilities(ckpt: &Path, test: &Dataset, batch: usize) -> Predictions 
     let vit: VitConfig = file.meta_json("vit").unwrap();
     let backbone = read_backbone(Path::new(file.meta("backbone").unwrap()), &vit).unwrap();
     let model = load_trained(&file, Some(&backbone.file), &Device::cpu()).unwrap();
-    predict(&model, test, batch, &mut |_| {}).unwrap()
+    predict(&model, test, batch, &mut |_| Ok(())).unwrap()
 }
 
 fn round_trip(method: &str) {

@@ -204,7 +204,7 @@ pub struct DataArgs {
     /// The dataset: digits (the bundled 8x8 digits), digits:PATH (the same gzipped CSV format),
     /// cifar10:DIR or cifar100:DIR (the official binary version), or folder:DIR (one subfolder of
     /// PNG or JPEG images per class). Images are resized to the model's size.
-    /// Default: digits; for eval, the data the checkpoint was trained on.
+    /// Default: digits.
     #[arg(long)]
     pub data: Option<String>,
     /// Classes to hold out of fine-tuning and test, and score as out-of-distribution (e.g. 8,9).

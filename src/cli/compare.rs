@@ -8,6 +8,7 @@ use clap::Args;
 use super::say;
 use loren::backbone;
 use loren::bench::budget_for;
+use loren::progress::Verbosity;
 use loren::report::{comparison_table, growth_per_member};
 use loren::run::{RunSpec, check_fits_within, run};
 use loren_nn::checkpoint::write_atomic;
@@ -57,6 +58,8 @@ struct Planned {
     method: Method,
     members: usize,
     spec: RunSpec,
+    /// Where its report goes.
+    dir: PathBuf,
 }
 
 pub fn compare(a: &CompareArgs) -> Result<()> {
@@ -81,6 +84,7 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
             twice.name()
         );
     }
+    check_sizes(&a.sizes)?;
     a.optim.check()?;
     a.ensemble.check()?;
     a.data.check()?;
@@ -89,6 +93,9 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     let data = splits(&a.data, &vit)?;
     let plan = plan(a, &methods, &data)?;
     check_all_fit(&plan, &data)?;
+    if a.common.verbosity() == Verbosity::Normal {
+        note_earlier_reports(&a.out, &plan);
+    }
     let backbone = backbone::resolve(
         a.model.backbone.as_deref(),
         &mut vit,
@@ -100,15 +107,12 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
         method,
         members: m,
         mut spec,
+        dir,
     } in plan
     {
         spec.vit = vit.clone();
         let r = run(&spec, &data, &backbone)
             .with_context(|| format!("method {method} with {m} members"))?;
-        let dir = match a.sizes.len() > 1 && !method.is_single() {
-            true => a.out.join(format!("{}-M{m}", method.name())),
-            false => a.out.join(method.name()),
-        };
         write_outputs(&dir, &r, &data.test.name)?;
         results.push(r);
     }
@@ -151,14 +155,56 @@ fn plan(a: &CompareArgs, methods: &[Method], data: &Splits) -> Result<Vec<Planne
                 data.train.classes,
                 None,
             )?;
+            let dir = match a.sizes.len() > 1 && !method.is_single() {
+                true => a.out.join(format!("{}-M{m}", method.name())),
+                false => a.out.join(method.name()),
+            };
             plan.push(Planned {
                 method,
                 members: m,
                 spec,
+                dir,
             });
         }
     }
     Ok(plan)
+}
+
+/// Each size once, and at least one member: every size is one run, into its own folder.
+fn check_sizes(sizes: &[usize]) -> Result<()> {
+    if sizes.contains(&0) {
+        bail!("--sizes: an ensemble has at least 1 member");
+    }
+    if let Some(twice) = sizes
+        .iter()
+        .find(|m| sizes.iter().filter(|n| n == m).count() > 1)
+    {
+        bail!("--sizes names {twice} twice: each size is one run, into its own folder");
+    }
+    Ok(())
+}
+
+/// Reports an earlier comparison left in `out` that this one does not rerun stay as they were;
+/// say so, so that the folder is not read as one comparison.
+fn note_earlier_reports(out: &std::path::Path, plan: &[Planned]) {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return;
+    };
+    let mut stale: Vec<String> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|d| d.join("report.json").is_file() && !plan.iter().any(|p| &p.dir == d))
+        .filter_map(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+    if stale.is_empty() {
+        return;
+    }
+    stale.sort();
+    loren::note!(
+        "note: {} holds reports of an earlier comparison that this one does not rerun ({}); \
+         they stay as they were (--out DIR starts a clean one)",
+        out.display(),
+        stale.join(", ")
+    );
 }
 
 /// The memory check each run makes as it starts, made for all of them first: a size too large

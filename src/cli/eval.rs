@@ -2,23 +2,28 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 
 use super::say;
 use loren::backbone::checkpoint_backbone;
 use loren::progress::{EvalBar, Verbosity};
 use loren::report::{calibration_report, method_title};
-use loren_nn::checkpoint::{TensorFile, write_atomic};
+use loren::run::read_checkpoint;
+use loren_nn::checkpoint::write_atomic;
 use loren_nn::config::VitConfig;
 use loren_nn::eval::{eval_images, evaluate};
 use loren_nn::reliability::reliability_svg;
-use loren_nn::train::{check_format, load_trained};
+use loren_nn::train::load_trained;
 
 use super::args::{Common, DataArgs, checkpoint_arg, eval_options, saved_holdout_classes, splits};
 use loren::outputs::writable_dir;
 
+// The shared --data's default is train's; eval's is the checkpoint's own data.
 #[derive(Args, Clone)]
+#[command(mut_arg("data", |a| a.help("The dataset to score on, in train's --data forms \
+    (digits, digits:PATH, cifar10:DIR, cifar100:DIR, folder:DIR). Default: the data the \
+    checkpoint was trained on")))]
 pub struct EvalArgs {
     #[command(flatten)]
     pub common: Common,
@@ -45,9 +50,9 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             .unwrap_or_default(),
     };
     a.data.check()?;
+    // The checkpoint first: a file that is not one is named as such, and its folder left alone.
+    let file = read_checkpoint(&a.checkpoint, "--checkpoint")?;
     writable_dir(&out, "--out")?;
-    let file = TensorFile::read(&a.checkpoint).context("--checkpoint")?;
-    check_format(&file)?;
     // The data it was trained on, unless the command line says otherwise.
     let meta = file.metadata();
     let mut data_args = a.data.clone();
@@ -94,7 +99,11 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         );
     }
     let mut bar = EvalBar::new("eval", images, a.common.verbosity());
-    let report = evaluate(&model, &data.test, held_out, &opts, &mut |n| bar.inc(n))?;
+    let _ctrl_c = loren::interrupt::Guard::install();
+    let report = evaluate(&model, &data.test, held_out, &opts, &mut |n| {
+        bar.inc(n);
+        loren::interrupt::scoring_stop("")
+    })?;
     drop(bar);
     let ens = &model.ensemble;
     let title = method_title(

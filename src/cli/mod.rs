@@ -91,7 +91,10 @@ pub fn main() -> ExitCode {
             loren::note!("error: {e:#}");
             match e.downcast_ref::<loren_nn::NnError>() {
                 // 128 + SIGINT, as a shell reports a command Ctrl-C ended.
-                Some(loren_nn::NnError::Interrupted { .. }) => ExitCode::from(130),
+                Some(
+                    loren_nn::NnError::Interrupted { .. }
+                    | loren_nn::NnError::EvalInterrupted { .. },
+                ) => ExitCode::from(130),
                 _ => ExitCode::FAILURE,
             }
         }

@@ -40,6 +40,13 @@ pub fn pretrain(a: &PretrainArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| backbone::default_path(&VitConfig::tiny()));
     // Before the epochs, not after them.
+    if out.is_dir() {
+        anyhow::bail!(
+            "--out {} is a folder: name the backbone file to write (e.g. {})",
+            out.display(),
+            out.join("backbone.safetensors").display()
+        );
+    }
     if out.exists() && !a.force {
         match &a.out {
             None => anyhow::bail!(

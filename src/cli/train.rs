@@ -3,18 +3,19 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::{ArgMatches, Args, Parser};
 
 use super::say;
 use loren::backbone;
+use loren::progress::Verbosity;
 use loren::report::{calibration_report, method_title, training_line};
-use loren::run::run;
+use loren::run::{check_resume, read_checkpoint, run};
 use loren_autograd::optim::OptimizerKind;
 use loren_nn::checkpoint::TensorFile;
 use loren_nn::config::{Activations, EnsembleConfig, Method, VitConfig};
 use loren_nn::data::Augment;
-use loren_nn::train::{TrainConfig, check_format};
+use loren_nn::train::TrainConfig;
 
 use super::args::{
     Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, SeedArgs, checkpoint_arg, run_spec,
@@ -36,7 +37,8 @@ pub struct TrainArgs {
     pub optim: OptimArgs,
     #[command(flatten)]
     pub data: DataArgs,
-    /// Output folder.
+    /// Output folder (with --resume: default, the resumed checkpoint's folder, so that the run
+    /// continues in place).
     #[arg(long, default_value = "runs/train")]
     pub out: PathBuf,
     /// Continue an earlier `train` from its checkpoint (the file, or the folder it is in), with
@@ -67,8 +69,7 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
     let saved;
     let (a, resume) = match &a.resume {
         Some(path) => {
-            let file = TensorFile::read(path).context("--resume")?;
-            check_format(&file).context("--resume")?;
+            let file = read_checkpoint(path, "--resume")?;
             saved = with_saved_settings(a, &is_given, &file)?;
             (&saved, Some(Arc::new(file)))
         }
@@ -87,6 +88,27 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
             method.name()
         );
     }
+    // A flag that changes nothing is said to, not silently ignored; not refused either, so that
+    // one command line loops over the methods.
+    let lora_flags = ["rank", "lora_scale", "lora_targets", "lora_gain"];
+    let unused = lora_flags
+        .iter()
+        .filter(|f| !method.uses_lora() && is_given(f))
+        .map(|f| {
+            format!(
+                "--{} ({} has no adapters)",
+                f.replace('_', "-"),
+                method.name()
+            )
+        })
+        .chain(
+            (a.optim.optimizer == "adamw" && is_given("momentum"))
+                .then(|| "--momentum (adamw does not use it)".to_string()),
+        )
+        .collect::<Vec<_>>();
+    if !unused.is_empty() && a.common.verbosity() == Verbosity::Normal {
+        loren::note!("note: this run does not use {}", unused.join(", "));
+    }
     let config = VitConfig::by_name(&a.model.config)?;
     // After the flags' own checks, so that a mistyped flag is named as such and not as a folder.
     writable_dir(&a.out, "--out")?;
@@ -103,6 +125,10 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
         data.train.classes,
         Some(ckpt.clone()),
     )?;
+    if let Some(file) = resume.as_deref() {
+        // Before the backbone is read, so that another --config is named as such.
+        check_resume(&spec, file)?;
+    }
     spec.resume = resume;
     let backbone = backbone::resolve(
         a.model.backbone.as_deref(),
@@ -220,6 +246,9 @@ fn with_saved_settings(
     }
     if keep("seed") {
         r.seed.seed = train.seed;
+    }
+    if keep("out") {
+        r.out = file.path().parent().map(PathBuf::from).unwrap_or_default();
     }
     if keep("data") {
         r.data.data = meta.get("data").cloned().or(r.data.data.take());

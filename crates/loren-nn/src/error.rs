@@ -13,8 +13,9 @@ pub enum NnError {
     Metrics(#[from] crate::metrics::MetricsError),
     #[error("{0}")]
     Config(String),
-    /// A checkpoint that cannot be read or used, naming the file (and the tensor, when one).
-    #[error("checkpoint {file}: {msg}")]
+    /// A tensor file (a checkpoint, a backbone) that cannot be read or used, naming the file
+    /// (and the tensor, when one); what kind of file it was meant to be is the caller's context.
+    #[error("{file}: {msg}")]
     Checkpoint { file: String, msg: String },
     /// The reason is in the message, not a `source`: printed as a chain it would show twice.
     #[error("{file}: {reason}")]
@@ -28,6 +29,9 @@ pub enum NnError {
     /// The observer asked training to stop (Ctrl-C): it stopped after a whole step.
     #[error("training interrupted after step {step}{}", and_kept(.kept))]
     Interrupted { step: u64, kept: String },
+    /// Scoring was asked to stop (Ctrl-C): it stopped after a whole batch.
+    #[error("evaluation interrupted{}", and_kept(.kept))]
+    EvalInterrupted { kept: String },
 }
 
 pub type Result<T, E = NnError> = std::result::Result<T, E>;

@@ -17,12 +17,13 @@ use crate::vit::Vit;
 pub const EVAL_SEED: u64 = 0x4556_414c_2d73_6574;
 
 /// Every member's class probabilities on `data`, [M, N, C], in `batch_size` chunks.
-/// `progress` hears how many images each chunk held.
+/// `progress` hears how many images each chunk held; an error from it (a stop asked for) ends the
+/// prediction with that error.
 pub fn predict(
     model: &Vit,
     data: &Dataset,
     batch_size: usize,
-    progress: &mut dyn FnMut(usize),
+    progress: &mut dyn FnMut(usize) -> Result<()>,
 ) -> Result<Predictions> {
     let (m, n, c) = (model.members(), data.len(), model.ensemble.classes);
     let dev = model.device();
@@ -44,7 +45,7 @@ pub fn predict(
                 probs[(member * n + done) * c..][..b * c].copy_from_slice(src);
             }
             done += b;
-            progress(b);
+            progress(b)?;
         }
         Ok(())
     })?;
@@ -90,7 +91,7 @@ pub fn evaluate(
     test: &Dataset,
     held_out: Option<&Dataset>,
     opts: &EvalOptions,
-    progress: &mut dyn FnMut(usize),
+    progress: &mut dyn FnMut(usize) -> Result<()>,
 ) -> Result<EvalReport> {
     if test.classes != model.ensemble.classes {
         return Err(NnError::Config(format!(

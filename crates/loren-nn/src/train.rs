@@ -15,7 +15,7 @@ use loren_tensor::{MemTag, Rng, ScalarReadback, Staged, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, Entry, TensorFile};
-use crate::config::Activations;
+use crate::config::{Activations, EnsembleConfig, VitConfig};
 use crate::data::{Augment, Batch, Dataset, batches, epoch_order, num_batches};
 use crate::error::{NnError, Result};
 use crate::vit::Vit;
@@ -471,8 +471,7 @@ impl<'m> Trainer<'m> {
                 "not a loren training checkpoint",
             ));
         }
-        check_matches(file, "vit", &self.model.config)?;
-        check_matches(file, "ensemble", &self.model.ensemble)?;
+        check_resumable(file, &self.model.config, &self.model.ensemble, &self.config)?;
         let number = |key: &str| -> Result<u64> {
             file.meta(key)?.parse().map_err(|_| {
                 NnError::checkpoint(file.path(), format!("metadata '{key}' is not a number"))
@@ -515,21 +514,6 @@ impl Trainer<'_> {
     /// same gradients) must match, and epochs must remain after the `done` it has trained.
     fn check_same_training(&self, file: &TensorFile, done: usize) -> Result<()> {
         let theirs: TrainConfig = file.meta_json("train")?;
-        let free = TrainConfig {
-            epochs: self.config.epochs,
-            activations: self.config.activations,
-            ..theirs.clone()
-        };
-        let diffs = differences(&json_value(&free), &json_value(&self.config));
-        if !diffs.is_empty() {
-            return Err(NnError::checkpoint(
-                file.path(),
-                format!(
-                    "it was trained with other settings; resume with the same ones ({})",
-                    diffs.join("; ")
-                ),
-            ));
-        }
         if self.config.epochs < theirs.epochs {
             return Err(NnError::checkpoint(
                 file.path(),
@@ -606,29 +590,56 @@ fn entry(t: &Tensor) -> Result<Entry> {
     })
 }
 
-/// The checkpoint's `key` metadata must describe the same thing as `ours`.
-fn check_matches<T: serde::de::DeserializeOwned + Serialize + PartialEq>(
+/// A training checkpoint continues only the run it was saved from: the same model, ensemble and
+/// training settings, but for the epochs (more may be asked for) and whether activations are
+/// recomputed. Every difference is named, in one error.
+pub fn check_resumable(
     file: &TensorFile,
-    key: &str,
-    ours: &T,
+    vit: &VitConfig,
+    ensemble: &EnsembleConfig,
+    train: &TrainConfig,
 ) -> Result<()> {
-    let theirs: T = file.meta_json(key)?;
-    if &theirs != ours {
-        let diffs = differences(&json_value(&theirs), &json_value(ours));
-        return Err(NnError::checkpoint(
+    let saved: TrainConfig = file.meta_json("train")?;
+    let free = TrainConfig {
+        epochs: train.epochs,
+        activations: train.activations,
+        ..saved
+    };
+    // The model's and ensemble's fields under their names (vit.depth), the training's bare (lr);
+    // another named config is one difference, not one per field.
+    let saved_vit: VitConfig = file.meta_json("vit")?;
+    let mut diffs = match saved_vit.name == vit.name {
+        true => differences("vit", &json_value(&saved_vit), &json_value(vit)),
+        false => vec![format!(
+            "config: saved {}, now {}",
+            saved_vit.name, vit.name
+        )],
+    };
+    diffs.extend(differences(
+        "ensemble",
+        &json_value(&file.meta_json::<EnsembleConfig>("ensemble")?),
+        &json_value(ensemble),
+    ));
+    diffs.extend(differences("", &json_value(&free), &json_value(train)));
+    match diffs.is_empty() {
+        true => Ok(()),
+        false => Err(NnError::checkpoint(
             file.path(),
-            format!("it was made for another {key} ({})", diffs.join("; ")),
-        ));
+            format!(
+                "it was trained with other settings; resume with the same ones ({})",
+                diffs.join("; ")
+            ),
+        )),
     }
-    Ok(())
 }
 
 fn json_value<T: Serialize>(v: &T) -> serde_json::Value {
     serde_json::to_value(v).expect("configs are plain data and always serialize")
 }
 
-/// Where two configs differ, one `field: saved X, now Y` per leaf, nested fields dotted.
-fn differences(saved: &serde_json::Value, now: &serde_json::Value) -> Vec<String> {
+/// Where two configs differ, one `field: saved X, now Y` per leaf, nested fields dotted after
+/// `root` (when not empty).
+fn differences(root: &str, saved: &serde_json::Value, now: &serde_json::Value) -> Vec<String> {
     fn walk(path: String, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
         match (a, b) {
             (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
@@ -676,7 +687,7 @@ fn differences(saved: &serde_json::Value, now: &serde_json::Value) -> Vec<String
         }
     }
     let mut out = Vec::new();
-    walk(String::new(), saved, now, &mut out);
+    walk(root.to_string(), saved, now, &mut out);
     out
 }
 
