@@ -23,7 +23,7 @@ the attention projections q, k, v and o, plus its own classification head. The p
 mean of the members' softmax probabilities; how the members disagree measures the uncertainty.
 
 With no command, loren trains a LoRA-Ensemble on the bundled 8x8 digits and prints its
-calibration report (the same as `loren train`).
+calibration report: `loren train` with its defaults (options go after `train`).
 
 Examples:
   loren                                   train the default LoRA-Ensemble (M=8, rank 8)
