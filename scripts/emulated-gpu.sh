@@ -7,13 +7,15 @@
 #
 #   scripts/emulated-gpu.sh [SUITES] [-- CARGO TEST ARGS]
 #
-# SUITES, comma-separated (default: kernels,parity,training, what scripts/test.sh runs):
+# SUITES, comma-separated (default: kernels,parity,training,recompute-lora, what scripts/test.sh
+# runs):
 #   kernels    loren-kernels tests/gpu.rs: every launcher against an f64 reference (~1 min)
 #   parity     loren-tensor tests/gpu_parity.rs: every op against its CPU twin (~1.5 min)
 #   training   loren-nn tests/gpu_training.rs: a whole AdamW step of the tiny ViT, LoRA, explicit
 #              and single, against the CPU (~5 min)
 #   recompute  loren-nn tests/recompute.rs on the GPU: two steps of every method, recomputed
-#              blocks against kept ones, bit for bit (~15 min)
+#              blocks against kept ones, bit for bit (~11 min)
+#   recompute-lora  the same for LoRA-Ensemble alone (~3 min; scripts/test.sh runs it)
 # LOREN_FAKE_CC=9.0 makes the device a Hopper (sm_90a build, wgmma kernels loaded; LOREN_WGMMA=1
 # then runs the fused GEMMs on them).
 # LOREN_FAKE_NO_COMPUTE=1 makes it issue everything and compute nothing: with the libraries it
@@ -22,7 +24,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-suites=kernels,parity,training
+suites=kernels,parity,training,recompute-lora
 if [ $# -gt 0 ] && [ "$1" != "--" ]; then
     suites=$1
     shift
@@ -60,6 +62,7 @@ for suite in ${suites//,/ }; do
         parity) cargo test -p loren-tensor --test gpu_parity "$@" -- --test-threads=1 ;;
         training) cargo test -p loren-nn --test gpu_training "$@" -- --test-threads=1 ;;
         recompute) cargo test -p loren-nn --test recompute "$@" -- --test-threads=1 on_a_gpu ;;
+        recompute-lora) cargo test -p loren-nn --test recompute "$@" -- --test-threads=1 on_a_gpu_lora ;;
         *) echo "emulated-gpu: unknown suite '$suite'" >&2; exit 2 ;;
     esac
 done

@@ -75,6 +75,15 @@ impl DataSource {
     /// Images are brought to the model's channels (grey repeated into RGB, or RGB to grey), and
     /// to its size: folders when read, the others as each batch is made.
     pub fn splits(&self, holdout_classes: &[u32], vit: &VitConfig) -> Result<Splits> {
+        // Images are made grey or colour (convert_channels); a model of other channels (from a
+        // damaged checkpoint, say) is refused here rather than met there.
+        if ![1, 3].contains(&vit.channels) {
+            anyhow::bail!(
+                "model '{}' takes {} channels: the data is made as grey (1) or colour (3) images",
+                vit.name,
+                vit.channels
+            );
+        }
         let splits = match self {
             DataSource::Digits(source) => {
                 let all = match source {
@@ -151,6 +160,21 @@ fn fit_to_model(s: Splits, vit: &VitConfig) -> Splits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_model_of_neither_one_nor_three_channels_is_refused_before_any_image() {
+        let vit = VitConfig {
+            channels: 2,
+            ..VitConfig::tiny()
+        };
+        let e = DataSource::Digits(None).splits(&[], &vit).unwrap_err();
+        assert!(e.to_string().contains("takes 2 channels"), "{e}");
+        assert!(
+            DataSource::Digits(None)
+                .splits(&[], &VitConfig::tiny())
+                .is_ok()
+        );
+    }
 
     #[test]
     fn parses_and_prints_sources() {

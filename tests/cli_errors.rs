@@ -548,7 +548,8 @@ fn memprofile_refuses_a_measured_size_it_does_not_profile() {
     );
 }
 
-/// The flags of `command`'s short help that have no description.
+/// The flags of `command`'s short help that have no description (after checking that the help's
+/// flags were found at all: a format change must not leave nothing to judge).
 fn undescribed_flags(command: &str) -> Vec<String> {
     let (ok, help, _) = loren(&[command, "-h"]);
     assert!(ok);
@@ -557,6 +558,11 @@ fn undescribed_flags(command: &str) -> Vec<String> {
         let t = l.trim_start();
         (t.starts_with("--") || t.starts_with('-')) && l.len() - t.len() <= 6
     };
+    let flags = lines.iter().filter(|l| is_flag(l)).count();
+    assert!(
+        flags >= 3 && lines.iter().any(|l| is_flag(l) && l.contains("--help")),
+        "loren {command} -h: found {flags} flags in\n{help}"
+    );
     let mut bare = Vec::new();
     for (i, l) in lines.iter().enumerate().filter(|(_, l)| is_flag(l)) {
         // The flag, its value name, and at most a default: no words of its own.

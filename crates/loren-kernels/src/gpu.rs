@@ -60,7 +60,7 @@ impl std::fmt::Debug for Gpu {
 }
 
 impl Gpu {
-    /// Open device `ordinal`: probe the driver and NVRTC, create the context and stream, pick
+    /// Open device `ordinal`: probe the driver, NVRTC and cuBLAS, create the context and stream, pick
     /// the arch from the compute capability, and build and load every kernel module. Buffers come
     /// from the device's stream-ordered pool, which from here on keeps freed memory for reuse
     /// until [`Gpu::release_cached_memory`].
@@ -72,6 +72,7 @@ impl Gpu {
             )));
         }
         let nvrtc = probe::nvrtc()?;
+        probe::cublas()?;
         let ctx = CudaContext::new(ordinal).map_err(KernelError::driver("opening the device"))?;
         // SAFETY: no CudaSlice exists on this context object yet, and loren uses one stream.
         unsafe { ctx.disable_event_tracking() };

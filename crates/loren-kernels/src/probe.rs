@@ -250,11 +250,27 @@ pub(crate) fn driver() -> Result<usize> {
     Ok(count as usize)
 }
 
-/// Whether this process can run loren's kernels: a driver library, a device, and NVRTC. The
-/// error carries a one-line reason, e.g. "CUDA is not available: no CUDA device".
+/// cuBLAS, which the frozen MLP products and the explicit ensemble's per-member weights run
+/// through: probed with the rest, so that `--device auto` falls back to the CPU without it
+/// instead of failing at the first product.
+pub(crate) fn cublas() -> Result<()> {
+    // SAFETY: only probes dlopen with cudarc's candidate names.
+    if unsafe { cudarc::cublas::sys::is_culib_present() } {
+        return Ok(());
+    }
+    Err(KernelError::Unavailable(
+        "no cuBLAS library (libcublas.so): install CUDA's cuBLAS, or put the folder holding it \
+         on LD_LIBRARY_PATH"
+            .into(),
+    ))
+}
+
+/// Whether this process can run loren's kernels: a driver library, a device, NVRTC and cuBLAS.
+/// The error carries a one-line reason, e.g. "CUDA is not available: no CUDA device".
 pub fn cuda_available() -> Result<()> {
     driver()?;
     nvrtc()?;
+    cublas()?;
     Ok(())
 }
 

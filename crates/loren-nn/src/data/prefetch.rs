@@ -54,6 +54,9 @@ mod tests {
     use super::*;
     use crate::data::Batch;
 
+    /// Far longer than a batch of four numbers takes: a producer that never ran fails, not hangs.
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
     fn batch(i: usize) -> Batch {
         Batch {
             images: vec![i as f32; 4],
@@ -96,8 +99,18 @@ mod tests {
                 batch(i)
             });
             // Before anything is received, the producer has made the first batches.
-            assert_eq!(started_rx.recv().unwrap(), 0);
-            assert_eq!(started_rx.recv().unwrap(), 1);
+            assert_eq!(
+                started_rx
+                    .recv_timeout(WAIT)
+                    .expect("the producer ran ahead"),
+                0
+            );
+            assert_eq!(
+                started_rx
+                    .recv_timeout(WAIT)
+                    .expect("the producer ran ahead"),
+                1
+            );
             assert_eq!(it.by_ref().count(), 3);
         });
     }

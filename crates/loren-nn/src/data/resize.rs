@@ -226,6 +226,33 @@ mod tests {
     }
 
     #[test]
+    fn data_bicubic_shrinking_is_antialiased_as_pil_computes_it() {
+        // 4 → 2: scale 2, so the kernel widens to support 4 and each output pixel weighs every
+        // input pixel. Output 0 centres at 1; inputs j sit at (j + 0.5 − 1)/2 = −0.25, 0.25,
+        // 0.75, 1.25 of the widened kernel, where Keys' cubic (a = −0.5) is 0.8671875,
+        // 0.8671875, 0.2265625 and −0.0703125 (sum 1.890625). On the ramp 0, 1, 2, 3:
+        // (0.8671875 + 2·0.2265625 − 3·0.0703125) / 1.890625 = 1.109375 / 1.890625; output 1
+        // mirrors it.
+        let first = 1.109375 / 1.890625;
+        let want = [first, 3.0 - first];
+        let out = resize(&[0.0, 1.0, 2.0, 3.0], [1, 4], [1, 2], Filter::Bicubic);
+        for (o, w) in out.iter().zip(want) {
+            assert!((f64::from(*o) - w).abs() < 1e-6, "{out:?} against {want:?}");
+        }
+        // The same along the other axis, one column at a time.
+        let out = resize(
+            &[0.0, 10.0, 1.0, 11.0, 2.0, 12.0, 3.0, 13.0],
+            [4, 2],
+            [2, 2],
+            Filter::Bicubic,
+        );
+        let want = [first, 10.0 + first, 3.0 - first, 13.0 - first];
+        for (o, w) in out.iter().zip(want) {
+            assert!((f64::from(*o) - w).abs() < 1e-5, "{out:?} against {want:?}");
+        }
+    }
+
+    #[test]
     fn data_bilinear_upsampling_matches_pytorch() {
         // F.interpolate([[0, 1]], size=4, mode="bilinear", align_corners=False) on one row:
         // source coords -0.25, 0.25, 0.75, 1.25 clamp to [0, 1]: 0, 0.25, 0.75, 1.
