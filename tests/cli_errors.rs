@@ -669,18 +669,15 @@ fn a_closed_stderr_does_not_stop_a_run() {
     }
 }
 
+/// Ctrl-C to `child` once `file` exists, and what it then printed.
 #[cfg(unix)]
-#[test]
-fn ctrl_c_stops_training_after_a_step_and_says_how_to_resume() {
-    let dir = temp_dir("ctrl-c");
-    let ckpt = dir.join("checkpoint.safetensors");
-    let child = spawn_train(&dir, "50");
-    // Once the first epoch's checkpoint is there, the run is inside its second epoch.
+fn ctrl_c_once_written(child: std::process::Child, file: &Path) -> std::process::Output {
     let start = std::time::Instant::now();
-    while !ckpt.exists() {
+    while !file.exists() {
         assert!(
             start.elapsed().as_secs() < 120,
-            "no checkpoint after two minutes"
+            "no {} after two minutes",
+            file.display()
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
@@ -689,7 +686,17 @@ fn ctrl_c_stops_training_after_a_step_and_says_how_to_resume() {
         .status()
         .unwrap();
     assert!(kill.success());
-    let out = child.wait_with_output().unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_stops_training_after_a_step_and_says_how_to_resume() {
+    let dir = temp_dir("ctrl-c");
+    let ckpt = dir.join("checkpoint.safetensors");
+    let child = spawn_train(&dir, "50");
+    // Once the first epoch's checkpoint is there, the run is inside its second epoch.
+    let out = ctrl_c_once_written(child, &ckpt);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
     let resume = format!("--resume {}", ckpt.display());
@@ -714,20 +721,7 @@ fn ctrl_c_while_scoring_stops_and_names_the_checkpoint_to_score() {
         .spawn()
         .unwrap();
     // The checkpoint is written when the last epoch ends: from there on the run is scoring.
-    let start = std::time::Instant::now();
-    while !ckpt.exists() {
-        assert!(
-            start.elapsed().as_secs() < 120,
-            "no checkpoint after two minutes"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let kill = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let out = child.wait_with_output().unwrap();
+    let out = ctrl_c_once_written(child, &ckpt);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
     let score = format!("loren eval --checkpoint {}", ckpt.display());
