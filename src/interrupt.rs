@@ -22,8 +22,8 @@ pub fn scoring_stop(kept: &str) -> loren_nn::Result<()> {
     }
 }
 
-/// While it lives, Ctrl-C asks training to stop (see [`requested`]); dropped, Ctrl-C ends the
-/// process again.
+/// While it lives, Ctrl-C asks training or scoring to stop (see [`requested`]); dropped, Ctrl-C
+/// ends the process again.
 pub struct Guard(());
 
 impl Guard {

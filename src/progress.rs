@@ -89,7 +89,8 @@ fn ema(prev: Option<f64>, x: f64, keep: f64) -> f64 {
 
 impl Observer for TrainBar {
     fn start(&mut self, total_steps: u64, first_step: u64) {
-        // The bar takes what the terminal's width leaves, so that the line fits 80 columns.
+        // The bar takes the width the rest of the line leaves, so the line fits the terminal (80
+        // columns leave it 15).
         let template = "{prefix:>11} [{wide_bar}] step {pos}/{len}, {msg}, eta {eta}";
         self.bar = bar(total_steps, template, self.verbosity).with_prefix(self.label.clone());
         self.bar.set_position(first_step);

@@ -35,8 +35,8 @@ pub struct RunSpec {
     pub device: DeviceSpec,
     /// Where to keep the training checkpoint.
     pub checkpoint: Option<PathBuf>,
-    /// A training checkpoint to continue from (shared: one read serves its settings and state),
-    /// one [`check_resume`] has taken.
+    /// A training checkpoint to continue from (shared: one read serves its settings and state);
+    /// [`check_resume`] refuses one that does not continue this run before anything is read.
     pub resume: Option<Arc<TensorFile>>,
     pub eval: EvalOptions,
     pub verbosity: Verbosity,
@@ -197,6 +197,8 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
     let summary = {
         let mut trainer = Trainer::new(&mut model, &spec.train, data.train.len())?;
         if let Some(file) = spec.resume.as_deref() {
+            // check_resume said so already (with its note); this keeps run() safe for any caller.
+            check_same_data(file, &spec.metadata, Verbosity::Quiet)?;
             if frozen_backbone {
                 check_backbone(file, backbone)?;
             }

@@ -333,12 +333,14 @@ fn pretrain_to_a_folder_asks_for_a_file_with_or_without_force() {
 
 #[test]
 fn compare_with_a_size_twice_or_of_zero_is_refused() {
+    let dir = temp_dir("compare-sizes");
+    let out = dir.to_str().unwrap();
     fails_before_work(
-        &["compare", "--sizes", "2,1,2", "--out", "/tmp/x"],
+        &["compare", "--sizes", "2,1,2", "--out", out],
         &["--sizes names 2 twice"],
     );
     fails_before_work(
-        &["compare", "--sizes", "0,2", "--out", "/tmp/x"],
+        &["compare", "--sizes", "0,2", "--out", out],
         &["--sizes", "at least 1"],
     );
 }
@@ -645,15 +647,27 @@ fn pretrain_keeps_an_existing_backbone_without_force() {
     assert_eq!(std::fs::read(&file).unwrap(), b"weights");
 }
 
-/// A small `loren train` into `dir` with its stderr piped, as a shell would run it.
-fn spawn_train(dir: &Path, epochs: &str) -> std::process::Child {
+/// A small `loren train` into `dir` with its stderr piped, as a shell would run it. Unless
+/// `scored` (the whole scoring, shifted copies and OOD, with stdout piped too), it scores the test
+/// split alone and drops stdout.
+fn spawn_train_with(dir: &Path, epochs: &str, members: &str, scored: bool) -> std::process::Child {
+    use std::process::Stdio;
+    let (quick, stdout) = match scored {
+        true => (&[][..], Stdio::piped()),
+        false => (&["--no-shift", "--no-ood"][..], Stdio::null()),
+    };
     std::process::Command::new(env!("CARGO_BIN_EXE_loren"))
-        .args(["train", "-m", "2", "-r", "4", "--no-shift", "--no-ood"])
+        .args(["train", "-m", members, "-r", "4"])
+        .args(quick)
         .args(["--epochs", epochs, "--out", dir.to_str().unwrap()])
-        .stdout(std::process::Stdio::null())
+        .stdout(stdout)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap()
+}
+
+fn spawn_train(dir: &Path, epochs: &str) -> std::process::Child {
+    spawn_train_with(dir, epochs, "2", false)
 }
 
 #[test]
@@ -713,13 +727,7 @@ fn ctrl_c_while_scoring_stops_and_names_the_checkpoint_to_score() {
     let dir = temp_dir("ctrl-c-eval");
     let ckpt = dir.join("checkpoint.safetensors");
     // One epoch and the whole evaluation (shifted copies and OOD): seconds of scoring.
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_loren"))
-        .args(["train", "-m", "4", "-r", "4", "--epochs", "1"])
-        .args(["--out", dir.to_str().unwrap()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_train_with(&dir, "1", "4", true);
     // The checkpoint is written when the last epoch ends: from there on the run is scoring.
     let out = ctrl_c_once_written(child, &ckpt);
     let err = String::from_utf8_lossy(&out.stderr);

@@ -88,8 +88,8 @@ fn resuming_with_another_model_ensemble_and_schedule_names_all_three_before_read
     let out = temp_dir("other-everything");
     let ckpt = checkpoint();
     let out = out.to_str().unwrap();
-    // vit-b-32 has no bundled backbone: naming the config, not the backbone, shows the check
-    // came first.
+    // Read first, the recorded tiny backbone would fail on vit-b-32's shapes: naming the config,
+    // not a backbone shape, shows the settings were checked first.
     let args = [
         "train", "--resume", &ckpt, "--out", out, "--config", "vit-b-32", "-m", "3", "--lr",
         "0.002", "-q",
@@ -481,6 +481,48 @@ fn resuming_without_out_continues_in_the_checkpoints_folder() {
         0,
         "the resumed run wrote into the working folder"
     );
+    // From inside the folder, by the file's bare name: the same run again, in place.
+    let args = [
+        "train",
+        "--resume",
+        "checkpoint.safetensors",
+        "--epochs",
+        "4",
+        "--no-shift",
+        "--no-ood",
+        "-q",
+    ];
+    let (ok, _, err) = loren_in(&run, &args);
+    assert!(ok && !err.contains("earlier run"), "{err}");
+    assert_eq!(epochs_in_report(&run), 4);
+}
+
+#[test]
+fn an_explicit_run_resumes_with_lora_flags_it_does_not_use() {
+    let dir = temp_dir("explicit-resume");
+    let out = dir.to_str().unwrap();
+    let quick = ["--no-shift", "--no-ood", "-q"];
+    let mut args = vec!["train", "--method", "explicit", "-m", "2", "--epochs", "1"];
+    args.extend(["--out", out]);
+    args.extend(quick);
+    let (ok, _, err) = loren(&args);
+    assert!(ok, "{err}");
+    // -q keeps the note back; without it the run says it does not use --rank, and resumes.
+    let args = [
+        "train",
+        "--resume",
+        out,
+        "--rank",
+        "4",
+        "--epochs",
+        "2",
+        "--no-shift",
+        "--no-ood",
+    ];
+    let (ok, _, err) = loren(&args);
+    assert!(ok, "{err}");
+    assert!(err.contains("does not use --rank"), "{err}");
+    assert_eq!(epochs_in_report(&dir), 2);
 }
 
 #[test]

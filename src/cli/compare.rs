@@ -75,10 +75,7 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
         .iter()
         .map(|m| m.parse::<Method>().map_err(anyhow::Error::from))
         .collect::<Result<Vec<_>>>()?;
-    if let Some(twice) = methods
-        .iter()
-        .find(|m| methods.iter().filter(|n| n == m).count() > 1)
-    {
+    if let Some(twice) = first_repeated(&methods) {
         bail!(
             "--methods names {} twice: each method is one run, into its own folder",
             twice.name()
@@ -175,13 +172,17 @@ fn check_sizes(sizes: &[usize]) -> Result<()> {
     if sizes.contains(&0) {
         bail!("--sizes: an ensemble has at least 1 member");
     }
-    if let Some(twice) = sizes
-        .iter()
-        .find(|m| sizes.iter().filter(|n| n == m).count() > 1)
-    {
+    if let Some(twice) = first_repeated(sizes) {
         bail!("--sizes names {twice} twice: each size is one run, into its own folder");
     }
     Ok(())
+}
+
+/// The first item given more than once.
+fn first_repeated<T: PartialEq>(items: &[T]) -> Option<&T> {
+    items
+        .iter()
+        .find(|x| items.iter().filter(|y| y == x).count() > 1)
 }
 
 /// Reports an earlier comparison left in `out` that this one does not rerun stay as they were;

@@ -252,10 +252,12 @@ pub(crate) fn driver() -> Result<usize> {
 
 /// cuBLAS, which the frozen MLP products and the explicit ensemble's per-member weights run
 /// through: probed with the rest, so that `--device auto` falls back to the CPU without it
-/// instead of failing at the first product.
+/// instead of failing at the first product. Once per process: the probe loads the library (and
+/// cublasLt behind it) and lets it go again.
 pub(crate) fn cublas() -> Result<()> {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
     // SAFETY: only probes dlopen with cudarc's candidate names.
-    if unsafe { cudarc::cublas::sys::is_culib_present() } {
+    if *PRESENT.get_or_init(|| unsafe { cudarc::cublas::sys::is_culib_present() }) {
         return Ok(());
     }
     Err(KernelError::Unavailable(

@@ -509,9 +509,9 @@ impl<'m> Trainer<'m> {
 }
 
 impl Trainer<'_> {
-    /// A resumed run must train as the saved one did, or it would not continue it: every setting
-    /// but the epoch count (which may grow) and whether blocks are recomputed (which gives the
-    /// same gradients) must match, and epochs must remain after the `done` it has trained.
+    /// The epochs of a resumed run ([`check_resumable`] checks the rest): no fewer than the saved
+    /// run was started for (its schedule would be cut short), and some left after the `done` it
+    /// has trained.
     fn check_same_training(&self, file: &TensorFile, done: usize) -> Result<()> {
         let theirs: TrainConfig = file.meta_json("train")?;
         if self.config.epochs < theirs.epochs {
@@ -615,10 +615,20 @@ pub fn check_resumable(
             saved_vit.name, vit.name
         )],
     };
+    // A method without adapters records LoRA settings it never used: they cannot differ.
+    let saved_ensemble: EnsembleConfig = file.meta_json("ensemble")?;
+    let ours = if ensemble.method.uses_lora() || saved_ensemble.method != ensemble.method {
+        ensemble.clone()
+    } else {
+        EnsembleConfig {
+            lora: saved_ensemble.lora,
+            ..ensemble.clone()
+        }
+    };
     diffs.extend(differences(
         "ensemble",
-        &json_value(&file.meta_json::<EnsembleConfig>("ensemble")?),
-        &json_value(ensemble),
+        &json_value(&saved_ensemble),
+        &json_value(&ours),
     ));
     diffs.extend(differences("", &json_value(&free), &json_value(train)));
     match diffs.is_empty() {

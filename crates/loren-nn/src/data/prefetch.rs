@@ -102,13 +102,13 @@ mod tests {
             assert_eq!(
                 started_rx
                     .recv_timeout(WAIT)
-                    .expect("the producer ran ahead"),
+                    .expect("the producer did not run ahead"),
                 0
             );
             assert_eq!(
                 started_rx
                     .recv_timeout(WAIT)
-                    .expect("the producer ran ahead"),
+                    .expect("the producer did not run ahead"),
                 1
             );
             assert_eq!(it.by_ref().count(), 3);
