@@ -27,6 +27,8 @@ for line in sys.stdin:
         print("bundled", names[m["target"]["name"]])
 '
 cp scripts/gpu-run.sh .gpu/run.sh
+# The results name the commit the binaries were built from, not whatever HEAD is when they are filed.
+echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!benches/results' || echo ' (with uncommitted changes)')" >.gpu/commit
 for b in loren kernel-bench gpu_parity gpu_training recompute kernels_gpu; do
     [[ -x .gpu/bin/$b ]] || { echo "gpu-bundle: $b is missing" >&2; exit 1; }
     # The device tool carries 64 MiB at most; debug info is most of a binary.

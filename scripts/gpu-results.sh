@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Here, after a GPU run: turn the folder the device tool brought back from `.gpu/run.sh` into
 # benches/results/<date>-<gpu>/, ready to commit:
-#   index.md        device, driver, date, commit, the command, and the summary of every check
+#   index.md        device, driver, date, the commit the bundle was built from, the command, and the summary of every check
 #   summary.md  device.txt  *.log            as they came back
 #   kernel-bench/ bench/ bench-breakdown/ bench-wgmma/ memprofile/ memprofile-recompute/ train-*/ from results.tar.gz (JSON, Markdown, SVG)
 #
@@ -17,6 +17,13 @@ query=$(grep -A1 '^name, driver_version' "$src/device.txt" | tail -n 1 || true)
 gpu=$(echo "$query" | cut -d, -f1 | xargs)
 driver=$(echo "$query" | cut -d, -f2 | xargs)
 gpu=${gpu:-unknown GPU}
+# run.sh writes the commit gpu-bundle.sh built from; a run without it is named by HEAD, marked so.
+built=$(sed -n 's/^bundle built from commit: //p' "$src/device.txt" | head -n 1)
+if [ -n "$built" ] && [ "$built" != unknown ]; then
+    built="$built, the bundle's"
+else
+    built="$(git rev-parse --short HEAD)? (not recorded by the run; HEAD now)"
+fi
 slug=$(echo "$gpu" | tr 'A-Z' 'a-z' | sed 's/nvidia //; s/[^a-z0-9]\+/-/g; s/^-//; s/-$//')
 date=$(date -u +%Y-%m-%d)
 dest=benches/results/gpu-$date-$slug
@@ -34,7 +41,7 @@ for f in "$src"/*.log; do [ -f "$f" ] && cp "$f" "$dest"/; done
     echo "| device | $gpu |"
     echo "| driver | ${driver:-see device.txt} |"
     echo "| date | $date (UTC) |"
-    echo "| commit | $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!benches/results' || echo ' (with uncommitted changes)') |"
+    echo "| commit | $built |"
     echo "| command | \`$command\` |"
     echo
     echo "## Checks"

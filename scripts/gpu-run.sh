@@ -57,7 +57,7 @@ summary="$out/summary.md"
 failed=0
 start=$SECONDS
 
-{ nvidia-smi; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; nvcc --version; date -u
+{ echo "bundle built from commit: $(cat .gpu/commit 2>/dev/null || echo unknown)"; nvidia-smi; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; nvcc --version; date -u
   echo "NVRTC: ${LOREN_NVRTC_LIB:-not named: the loader search, then the wheels}"; ldconfig -p | grep nvrtc; ls -l /usr/local/cuda/lib64/libnvrtc* /usr/local/cuda/include/cuda_bf16.h; } >"$out/device.txt" 2>&1
 
 # check NAME LOG CAP COMMAND...: run COMMAND into LOG for at most CAP seconds, or what is left of
