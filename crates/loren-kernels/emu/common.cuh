@@ -7,8 +7,11 @@
 //   B: b0 (k=2q..2q+1, n=g) b1 (k=2q+8.., n=g); C/D: (g, 2q..) and (g+8, 2q..)), products exact,
 //   sums in double;
 // - ldmatrix .x4 and .x4.trans (lanes 8i..8i+7 address the rows of matrix i);
-// - cp.async: copies are queued per thread and only happen at cp.async.wait_group, so a read of
-//   a stage before its wait sees stale (poisoned) shared memory, as a real race could;
+// - cp.async: the destination is poisoned (0xFFFF, bf16 NaN) when the copy is issued, since the
+//   hardware may land it any time from then on, and the copy itself happens at
+//   cp.async.wait_group; so a read of a stage before its wait sees poison, and a stage
+//   overwritten while other threads still read it is a write ThreadSanitizer sees
+//   (tests/emulate.rs builds the emulator with it);
 // - dynamic shared memory is poisoned with 0xFF bytes (bf16 NaN) before each block;
 // - Hopper's wgmma.mma_async m64n128k16 bf16 -> f32 with both operands in shared memory behind
 //   128-byte-swizzle K-major descriptors (start address, stride byte offset, swizzle mode
@@ -18,15 +21,18 @@
 //   wgmma.wait_group, reading shared memory then, so a stage overwritten before the wait shows.
 //   Shared addresses start at EMU_SMEM_ORIGIN, off a 1024-byte boundary, so a kernel that does
 //   not align its swizzled tiles reads the wrong elements.
-// Not modelled: timing, bank conflicts, memory-model subtleties beyond barrier ordering.
+// Not modelled: timing, bank conflicts, memory-model subtleties beyond barrier ordering; the
+// warp collectives order memory within a warp, which real shuffles and mma do not.
 #pragma once
 #include <barrier>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -101,15 +107,57 @@ typedef unsigned long long u64;
 
 // ---- the emulated block -------------------------------------------------------------------------
 
+// Under ThreadSanitizer, a barrier with a mutex of its own, so that the happens-before edges it
+// sees are exactly this barrier's: libstdc++'s std::barrier waits through a process-wide pool of
+// mutexes, which links unrelated barriers and hides real races from it. Elsewhere std::barrier,
+// which is three times faster here (it does not wake every waiter through one mutex).
+#if defined(__SANITIZE_THREAD__)
+#define EMU_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define EMU_TSAN 1
+#endif
+#endif
+#ifndef EMU_TSAN
+using EmuBarrier = std::barrier<>;
+#else
+class EmuBarrier {
+  public:
+    explicit EmuBarrier(long n) : expected_(n) {}
+    void arrive_and_wait() {
+        std::unique_lock<std::mutex> lock(m_);
+        const unsigned long phase = phase_;
+        if (++arrived_ == expected_) return next_phase();
+        cv_.wait(lock, [&] { return phase_ != phase; });
+    }
+    // Leaves for good (a thread that has returned from the kernel).
+    void arrive_and_drop() {
+        std::unique_lock<std::mutex> lock(m_);
+        if (--expected_ > 0 && arrived_ == expected_) next_phase();
+    }
+
+  private:
+    void next_phase() {
+        arrived_ = 0;
+        ++phase_;
+        cv_.notify_all();
+    }
+    std::mutex m_;
+    std::condition_variable cv_;
+    long expected_, arrived_ = 0;
+    unsigned long phase_ = 0;
+};
+#endif
+
 struct EmuWarp {
-    std::unique_ptr<std::barrier<>> bar;
+    std::unique_ptr<EmuBarrier> bar;
     const void* ptr[32];
     unsigned a[32][4];
     unsigned b[32][2];
     double v[32];
 };
 struct EmuBlock {
-    std::unique_ptr<std::barrier<>> bar;
+    std::unique_ptr<EmuBarrier> bar;
     std::vector<EmuWarp> warps;
     std::vector<unsigned char> dyn;
 };
@@ -147,7 +195,7 @@ void emu_launch(F kernel, dim3 grid, dim3 block, size_t smem, A... args) {
     gridDim = grid;
     blockDim = block;
     const unsigned n = block.x * block.y * block.z;
-    std::barrier<> control(n + 1);
+    EmuBarrier control(n + 1);
     EmuBlock b;
     dim3 current;
     bool done = false;
@@ -171,11 +219,11 @@ void emu_launch(F kernel, dim3 grid, dim3 block, size_t smem, A... args) {
     for (unsigned z = 0; z < grid.z; ++z)
         for (unsigned y = 0; y < grid.y; ++y)
             for (unsigned x = 0; x < grid.x; ++x) {
-                b.bar = std::make_unique<std::barrier<>>(n);
+                b.bar = std::make_unique<EmuBarrier>(n);
                 b.warps.clear();
                 b.warps.resize((n + 31) / 32);
                 for (unsigned w = 0; w < b.warps.size(); ++w)
-                    b.warps[w].bar = std::make_unique<std::barrier<>>(std::min(32u, n - 32 * w));
+                    b.warps[w].bar = std::make_unique<EmuBarrier>(std::min(32u, n - 32 * w));
                 b.dyn.assign(smem + 16, 0xff);
                 emu_block = &b;
                 current = {x, y, z};
@@ -277,6 +325,9 @@ inline void cp_async_16(void* dst, const void* src, int src_bytes) {
         std::fprintf(stderr, "cp.async with a misaligned address\n");
         std::abort();
     }
+    // Volatile, so that the compiler keeps every store and ThreadSanitizer sees each one.
+    volatile uint16_t* poison = static_cast<volatile uint16_t*>(dst);
+    for (int i = 0; i < 8; ++i) poison[i] = 0xffff;
     emu_open.push_back({dst, src, src_bytes});
 }
 inline void cp_async_commit() {

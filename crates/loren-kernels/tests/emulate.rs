@@ -1,13 +1,15 @@
 //! Runs the real kernel sources on the CPU, no GPU needed: `emu/common.cuh` stands in for
 //! `kernels/common.cuh` and the CUDA runtime (one OS thread per CUDA thread, barriers for
 //! __syncthreads and the warp collectives, mma.sync/ldmatrix per the PTX fragment layouts,
-//! cp.async deferred to its wait_group), and `emu/harness.cpp` checks every kernel of lora.cu,
+//! cp.async poisoning its destination at issue and copying at its wait_group), and `emu/harness.cpp` checks every kernel of lora.cu,
 //! attention.cu, norm.cu, activation.cu, loss.cu, optim.cu, embed.cu and most of elementwise.cu
 //! against f64 references, with NaN-poisoned outputs and shared memory. Launch shapes in the
 //! harness mirror src/launch/*.rs; the launchers themselves run only in tests/gpu.rs.
 //!
 //! It needs a C++20 compiler (`$CXX`, else c++, g++ or clang++); without one it says so and
-//! passes. `LOREN_EMU_SANITIZE=1` builds with AddressSanitizer and UBSan (slower).
+//! passes. `LOREN_EMU_SANITIZE=1` builds with AddressSanitizer and UBSan (slower). A second
+//! build under ThreadSanitizer runs the same checks and fails on any data race between the
+//! emulated CUDA threads: a shared buffer read and written without a barrier between.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,19 +40,55 @@ fn compiler() -> Option<String> {
     })
 }
 
+/// How the emulator is built.
+#[derive(Clone, Copy, PartialEq)]
+enum Build {
+    Plain,
+    /// AddressSanitizer and UBSan (`LOREN_EMU_SANITIZE=1`).
+    Memory,
+    /// ThreadSanitizer: one OS thread per CUDA thread makes a missing barrier a data race it
+    /// reports, as compute-sanitizer's racecheck would on a GPU.
+    Threads,
+}
+
 #[test]
 fn kernels_on_the_cpu_emulator() {
+    let sanitize = std::env::var("LOREN_EMU_SANITIZE").is_ok_and(|v| v == "1");
+    run_harness(if sanitize {
+        Build::Memory
+    } else {
+        Build::Plain
+    });
+}
+
+#[test]
+fn kernels_have_no_data_races_on_the_cpu_emulator() {
+    run_harness(Build::Threads);
+}
+
+/// Without a C++ compiler (or, for ThreadSanitizer, its runtime) it says so and returns, unless
+/// CI's LOREN_REQUIRE_EMULATOR makes that a failure: there the kernels would go unchecked.
+fn skip(why: &str) {
+    if std::env::var_os("LOREN_REQUIRE_EMULATOR").is_some_and(|v| !v.is_empty()) {
+        panic!("LOREN_REQUIRE_EMULATOR is set, but {why}");
+    }
+    println!("skipped: {why}");
+}
+
+fn run_harness(build: Build) {
     let Some(cxx) = compiler() else {
-        // CI sets it: there a missing compiler would leave the kernels' arithmetic unchecked.
-        if std::env::var_os("LOREN_REQUIRE_EMULATOR").is_some_and(|v| !v.is_empty()) {
-            panic!("LOREN_REQUIRE_EMULATOR is set, but there is no C++ compiler for the emulator");
-        }
-        println!("skipped: no C++ compiler (set CXX, or install c++/g++/clang++)");
-        return;
+        return skip(
+            "there is no C++ compiler for the emulator (set CXX, or install c++/g++/clang++)",
+        );
     };
     let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     let kernels = crate_dir.join("../../kernels");
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("emu");
+    let name = match build {
+        Build::Plain => "emu",
+        Build::Memory => "emu-asan",
+        Build::Threads => "emu-tsan",
+    };
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
     std::fs::create_dir_all(&dir).expect("creating the build folder");
     for f in ["common.cuh", "harness.cpp"] {
         std::fs::copy(crate_dir.join("emu").join(f), dir.join(f)).expect("copying the emulator");
@@ -68,7 +106,6 @@ fn kernels_on_the_cpu_emulator() {
         );
         std::fs::write(dir.join(f), src).expect("writing a kernel copy");
     }
-    let sanitize = std::env::var("LOREN_EMU_SANITIZE").is_ok_and(|v| v == "1");
     let exe = dir.join("harness");
     let mut cmd = Command::new(&cxx);
     cmd.current_dir(&dir)
@@ -82,32 +119,42 @@ fn kernels_on_the_cpu_emulator() {
             "-o",
         ])
         .arg(&exe);
-    if sanitize {
-        cmd.args([
-            "-O1",
-            "-g",
-            "-fsanitize=address,undefined",
-            "-fno-omit-frame-pointer",
-        ]);
-    } else {
-        cmd.arg("-O2");
+    match build {
+        Build::Plain => cmd.arg("-O2"),
+        Build::Memory => cmd.args(["-O1", "-g", "-fsanitize=address,undefined"]),
+        Build::Threads => cmd.args(["-O1", "-g", "-fsanitize=thread"]),
+    };
+    if build != Build::Plain {
+        cmd.arg("-fno-omit-frame-pointer");
     }
     let out = cmd.output().expect("running the C++ compiler");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && build == Build::Threads && stderr.contains("tsan") {
+        return skip(&format!("{cxx} cannot link ThreadSanitizer:\n{stderr}"));
+    }
     assert!(
         out.status.success(),
-        "building the emulator failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        "building the emulator failed:\n{stderr}"
     );
-    let out = Command::new(&exe).output().expect("running the emulator");
+    // Every race, not only the first; ThreadSanitizer's exit code says whether there was one.
+    let out = Command::new(&exe)
+        .env("TSAN_OPTIONS", "halt_on_error=0 exitcode=66")
+        .output()
+        .expect("running the emulator");
     let log = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
     println!("{log}");
     assert!(
+        !stderr.contains("ThreadSanitizer"),
+        "ThreadSanitizer found a data race in the kernels (a missing __syncthreads, \
+         __syncwarp or cp.async wait):\n{stderr}"
+    );
+    assert!(
         out.status.success(),
-        "kernels failed on the emulator:\n{}\n{}",
+        "kernels failed on the emulator:\n{}\n{stderr}",
         log.lines()
             .filter(|l| l.starts_with("FAIL"))
             .collect::<Vec<_>>()
             .join("\n"),
-        String::from_utf8_lossy(&out.stderr)
     );
 }
