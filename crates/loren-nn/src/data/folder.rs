@@ -193,11 +193,29 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, String> {
     }
 }
 
+/// The most pixels an image may have: PIL's limit, past which it refuses an image as a
+/// decompression bomb (twice its `MAX_IMAGE_PIXELS`).
+pub const MAX_PIXELS: usize = 2 * 89_478_485;
+
+/// Refuses an image whose header claims more than [`MAX_PIXELS`]. Decoders size their output
+/// from the header, so a file of a few bytes could otherwise ask for any amount of memory, and
+/// a failed allocation aborts the process rather than returning an error.
+fn check_pixels(width: usize, height: usize) -> Result<(), String> {
+    match width.checked_mul(height) {
+        Some(n) if n <= MAX_PIXELS => Ok(()),
+        _ => Err(format!(
+            "the header says {width}x{height}, more than the {MAX_PIXELS} pixels an image may have"
+        )),
+    }
+}
+
 fn decode_png(bytes: &[u8]) -> Result<Decoded, String> {
     let mut decoder = png::Decoder::new(Cursor::new(bytes));
     // Palettes and low bit depths expand to 8 bits, 16-bit samples keep their high byte.
     decoder.set_transformations(png::Transformations::normalize_to_color8());
     let mut reader = decoder.read_info().map_err(|e| e.to_string())?;
+    let info = reader.info();
+    check_pixels(info.width as usize, info.height as usize)?;
     let size = reader
         .output_buffer_size()
         .ok_or("the image is too large to decode")?;
@@ -215,9 +233,11 @@ fn decode_png(bytes: &[u8]) -> Result<Decoded, String> {
 fn decode_jpeg(bytes: &[u8]) -> Result<Decoded, String> {
     let options = DecoderOptions::default().jpeg_set_out_colorspace(ColorSpace::RGB);
     let mut decoder = JpegDecoder::new_with_options(ZCursor::new(bytes), options);
-    let samples = decoder.decode().map_err(|e| e.to_string())?;
+    decoder.decode_headers().map_err(|e| e.to_string())?;
     let info = decoder.info().ok_or("no JPEG header")?;
     let (width, height) = (usize::from(info.width), usize::from(info.height));
+    check_pixels(width, height)?;
+    let samples = decoder.decode().map_err(|e| e.to_string())?;
     if samples.len() != width * height * 3 {
         return Err(format!(
             "{} samples for a {width}x{height} RGB image",
@@ -419,6 +439,52 @@ mod tests {
                 "{got} vs {want}"
             );
         }
+    }
+
+    /// A valid 1×1 PNG whose header then claims `width` × `height`, its checksum fixed so
+    /// that the decoder believes it.
+    fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        let mut enc = png::Encoder::new(&mut bytes, 1, 1);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.write_header()
+            .unwrap()
+            .write_image_data(&[1, 2, 3])
+            .unwrap();
+        // Signature (8), then IHDR: length (4), type (4), width, height, ..., CRC at 29.
+        bytes[16..20].copy_from_slice(&width.to_be_bytes());
+        bytes[20..24].copy_from_slice(&height.to_be_bytes());
+        let mut crc = flate2::Crc::new();
+        crc.update(&bytes[12..29]);
+        bytes[29..33].copy_from_slice(&crc.sum().to_be_bytes());
+        bytes
+    }
+
+    #[test]
+    fn data_images_too_large_to_hold_are_refused_before_allocating() {
+        // 70-byte files whose headers claim huge images: the output buffer was allocated from
+        // the header, and 100000 × 100000 RGB (30 GB) aborted the whole process ("memory
+        // allocation of 30000000000 bytes failed") where it could not be had.
+        for (w, h) in [(100_000, 100_000), (1 << 20, 1 << 20), (20_000, 20_000)] {
+            let e = decode(&png_claiming(w, h)).unwrap_err();
+            assert!(
+                e.contains(&format!("{w}x{h}")) && e.contains("pixels"),
+                "{e}"
+            );
+        }
+        // A JPEG's header is read before its buffer is made, and held to the same limit.
+        let mut jpeg = Vec::new();
+        jpeg_encoder::Encoder::new(&mut jpeg, 90)
+            .encode(&rgb(0, 16, 16), 16, 16, jpeg_encoder::ColorType::Rgb)
+            .unwrap();
+        // SOF0: marker, length (2), precision (1), then height and width (2 each).
+        let sof = jpeg.windows(2).position(|m| m == [0xff, 0xc0]).unwrap();
+        jpeg[sof + 5..sof + 9].copy_from_slice(&[0x3e, 0x80, 0x3e, 0x80]);
+        let e = decode(&jpeg).unwrap_err();
+        assert!(e.contains("16000x16000") && e.contains("pixels"), "{e}");
+        // Ordinary sizes are untouched.
+        assert_eq!(decode(&png_claiming(1, 1)).unwrap().samples, vec![1, 2, 3]);
     }
 
     #[test]
