@@ -400,6 +400,14 @@ mod tests {
         let b: &[&[f32]] = &[&[2.0 / 3.0, 1.0 / 3.0]];
         let r = calibration(&preds(&[a, b]), &[1]).unwrap();
         assert_eq!(r.bins[10].count, 1, "{:?}", r.bins);
+        // f32(1/3) is above 1/3, so that mean sits above the edge without any snap. Here
+        // f32(0.7) is below 0.7: the f64 mean (0.69999999 + 0.5)/2 falls ~6e-9 under the edge
+        // 9/15, where an f32 mean (which rounds up to 0.60000002) puts it in bin 9. Only the
+        // snap keeps the two agreeing.
+        let c: &[&[f32]] = &[&[0.3, 0.7]];
+        let d: &[&[f32]] = &[&[0.5, 0.5]];
+        let r = calibration(&preds(&[c, d]), &[1]).unwrap();
+        assert_eq!(r.bins[9].count, 1, "{:?}", r.bins);
     }
 
     #[test]
