@@ -7,7 +7,7 @@
 //! | --- | --- | --- | --- |
 //! | loren (`loren pretrain`) | `patch_embed.weight` `[D, C·p·p]` | `blocks.N.attn.{q,k,v,o}` | the config's |
 //! | timm | `patch_embed.proj.weight` `[D, C, p, p]` | `blocks.N.attn.qkv` (fused) and `.proj` | 1e-6 |
-//! | Hugging Face `ViTModel` | `embeddings.patch_embeddings.projection.weight` | `encoder.layer.N.attention.attention.{query,key,value}`, `.attention.output.dense` | 1e-12 |
+//! | Hugging Face `ViTModel` | `embeddings.patch_embeddings.projection.weight` | `encoder.layer.N.attention.attention.{query,key,value}`, `.attention.output.dense` (the hub's files; transformers 5's `state_dict()`: `layers.N.attention.{q,k,v,o}_proj`) | 1e-12 |
 //! | torchvision `vit_b_*` | `conv_proj.weight` | `encoder.layers.encoder_layer_N.self_attention.in_proj_weight` (fused) and `.out_proj` | 1e-6 |
 //!
 //! The conversion:

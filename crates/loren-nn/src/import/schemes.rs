@@ -92,19 +92,24 @@ pub fn block_source(scheme: Scheme, i: usize, rest: &str) -> Source {
             }
         }
         Scheme::HuggingFace => {
-            let p = format!("encoder.layer.{i}");
-            let module = match module {
-                "norm1" => "layernorm_before",
-                "attn.q" => "attention.attention.query",
-                "attn.k" => "attention.attention.key",
-                "attn.v" => "attention.attention.value",
-                "attn.o" => "attention.output.dense",
-                "norm2" => "layernorm_after",
-                "mlp.fc1" => "intermediate.dense",
-                "mlp.fc2" => "output.dense",
-                other => other,
+            // The hub's files (and `save_pretrained`) keep transformers 4's names; transformers
+            // 5 renames them on load, so its `state_dict()` has the second set.
+            let (v4, v5) = match module {
+                "norm1" => ("layernorm_before", "layernorm_before"),
+                "attn.q" => ("attention.attention.query", "attention.q_proj"),
+                "attn.k" => ("attention.attention.key", "attention.k_proj"),
+                "attn.v" => ("attention.attention.value", "attention.v_proj"),
+                "attn.o" => ("attention.output.dense", "attention.o_proj"),
+                "norm2" => ("layernorm_after", "layernorm_after"),
+                "mlp.fc1" => ("intermediate.dense", "mlp.fc1"),
+                "mlp.fc2" => ("output.dense", "mlp.fc2"),
+                other => (other, other),
             };
-            one(format!("{p}.{module}.{wb}"))
+            let names = [
+                format!("encoder.layer.{i}.{v4}.{wb}"),
+                format!("layers.{i}.{v5}.{wb}"),
+            ];
+            Source::new(&names, Layout::Same)
         }
         Scheme::Torchvision => {
             let p = format!("encoder.layers.encoder_layer_{i}");
@@ -151,7 +156,13 @@ mod tests {
         assert_eq!(s.names, vec!["blocks.3.attn.qkv.bias"]);
         assert_eq!(s.layout, Layout::Fused(1));
         let s = block_source(Scheme::HuggingFace, 0, "mlp.fc2.weight");
-        assert_eq!(s.names, vec!["encoder.layer.0.output.dense.weight"]);
+        assert_eq!(
+            s.names,
+            vec![
+                "encoder.layer.0.output.dense.weight",
+                "layers.0.mlp.fc2.weight"
+            ]
+        );
         let s = block_source(Scheme::Torchvision, 11, "attn.v.weight");
         assert_eq!(
             s.names,
