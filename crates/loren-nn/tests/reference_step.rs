@@ -1,0 +1,173 @@
+//! LoRA-Ensemble training steps against PyTorch. `scripts/reference-step.py` ran three steps of
+//! the `tiny` LoRA-Ensemble (3 members, rank 4, batch 5) in PyTorch, with the model and step of
+//! the CPU speed comparison (`benches/pytorch/lora_ensemble_step.py`), and saved the start, the
+//! batches, the losses, every trainable tensor after the steps and the members' probabilities
+//! (`fixtures/reference-step/`). loren's trainer, from the same start on the same batches, must
+//! give the same numbers: forward, loss, every gradient (through the AdamW updates they drive),
+//! clipping, weight decay, bias correction and the learning-rate schedule.
+
+use std::path::PathBuf;
+
+use loren_autograd::optim::OptimizerKind;
+use loren_nn::checkpoint::TensorFile;
+use loren_nn::config::{Activations, EnsembleConfig, LoraConfig, Method, VitConfig};
+use loren_nn::data::Batch;
+use loren_nn::train::{TrainConfig, Trainer};
+use loren_nn::vit::Vit;
+use loren_tensor::{Device, MemTag, Tensor};
+
+const MEMBERS: usize = 3;
+const RANK: usize = 4;
+/// The script's: far above training's 0.01, so that decay where there should be none, or none
+/// where there should be, moves elements by ~1e-3.
+const WEIGHT_DECAY: f32 = 0.5;
+
+fn fixture(name: &str) -> TensorFile {
+    let path: PathBuf = [
+        env!("CARGO_MANIFEST_DIR"),
+        "tests/fixtures/reference-step",
+        name,
+    ]
+    .iter()
+    .collect();
+    TensorFile::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The model PyTorch started from.
+fn start(dev: &Device) -> Vit {
+    let ens = EnsembleConfig {
+        method: Method::Lora,
+        members: MEMBERS,
+        classes: 10,
+        lora: LoraConfig {
+            rank: RANK,
+            ..LoraConfig::default()
+        },
+    };
+    let weights = fixture("weights.safetensors");
+    let mut model = Vit::new(&VitConfig::tiny(), &ens, dev, 1).unwrap();
+    model.load_backbone(&weights).unwrap();
+    model
+        .load_tensors(&weights, |name, _| !Vit::is_backbone(name))
+        .unwrap();
+    model
+}
+
+/// Batch `s` of the fixture's `images` [S, B, 1, 8, 8] and `labels` [S, B].
+fn batch(steps: &TensorFile, s: usize) -> Batch {
+    let images = steps.get("images").unwrap();
+    let [_, b, c, h, w] = images.shape[..] else {
+        panic!("images are {:?}", images.shape)
+    };
+    let n = b * c * h * w;
+    let labels = &steps.get("labels").unwrap().data[s * b..(s + 1) * b];
+    Batch {
+        images: images.data[s * n..(s + 1) * n].to_vec(),
+        labels: labels.iter().map(|&l| l as u32).collect(),
+        batch: b,
+        channels: c,
+        height: h,
+        width: w,
+    }
+}
+
+/// Calls `check(name, id, theirs)` for each of the model's trainable tensors with the fixture's
+/// `PREFIX.name` (same shape); the fixture must hold exactly those under `prefix`.
+fn for_each_trainable(
+    steps: &TensorFile,
+    prefix: &str,
+    model: &Vit,
+    mut check: impl FnMut(&str, loren_autograd::ParamId, &[f32]),
+) {
+    let mut checked = 0;
+    for (id, p) in model.params().iter().filter(|(_, p)| p.trainable()) {
+        let name = p.name();
+        let want = steps
+            .get(&format!("{prefix}{name}"))
+            .unwrap_or_else(|_| panic!("PyTorch has no trainable '{name}'"));
+        assert_eq!(p.value().dims(), &want.shape[..], "{name}");
+        check(name, id, &want.data);
+        checked += 1;
+    }
+    let expected = steps.names().filter(|n| n.starts_with(prefix)).count();
+    assert_eq!(checked, expected, "trainable tensors under '{prefix}'");
+}
+
+/// Largest |ours − theirs|, and theirs' largest magnitude.
+fn max_diff(ours: &[f32], theirs: &[f32]) -> (f32, f32) {
+    assert_eq!(ours.len(), theirs.len());
+    let diff = ours
+        .iter()
+        .zip(theirs)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    (diff, theirs.iter().fold(0.0f32, |m, v| m.max(v.abs())))
+}
+
+#[test]
+fn lora_ensemble_steps_match_pytorch() {
+    let steps = fixture("steps.safetensors");
+    let dev = Device::cpu();
+    let mut model = start(&dev);
+    let lrs = steps.get("lr").unwrap().data.clone();
+    let (s_count, b) = (lrs.len(), steps.get("labels").unwrap().shape[1]);
+    let mut config = TrainConfig::plain(b, lrs[0], Activations::Keep);
+    config.optimizer = OptimizerKind::adamw(WEIGHT_DECAY);
+    config.grad_clip = Some(1.0);
+    // One epoch of S batches: the cosine schedule then spans the S steps, as torch's did.
+    let mut trainer = Trainer::new(&mut model, &config, s_count * b).unwrap();
+    let theirs = steps.get("loss").unwrap().data.clone();
+    for (s, want) in theirs.iter().enumerate() {
+        let loss = trainer.step(&batch(&steps, s)).unwrap();
+        assert!(
+            (loss - want).abs() <= 1e-5 * want.abs(),
+            "step {s}: loss {loss}, PyTorch {want}"
+        );
+        if s == 0 {
+            // Every gradient of the first step, clipped: f32 rounding apart, the same (2.3e-6 of
+            // the largest at most, when written).
+            let model = trainer.model();
+            for_each_trainable(&steps, "grad.", model, |name, ours, theirs| {
+                let grad = trainer.grads().get(ours).unwrap().to_vec().unwrap();
+                let (diff, scale) = max_diff(&grad, theirs);
+
+                assert!(
+                    diff <= 3e-5 * scale,
+                    "{name}: gradient differs from PyTorch's by up to {diff:e} (largest {scale})"
+                );
+            });
+        }
+    }
+    drop(trainer);
+
+    // Every trainable tensor after the steps. Adam moves an element by about the learning rate
+    // per step whatever its gradient's size, so a gradient of the wrong sign, a wrong schedule or
+    // decay (0.5 here: ~1e-3 on these tensors) leaves an error of 1e-3 to 1e-2. Rounding leaves
+    // less than 1e-6 in most elements; in those whose gradient is near 0, Adam's g/(|g| + eps)
+    // magnifies it (4.1e-5 at most when written, against the bound of 2e-4).
+    let lr = lrs[0];
+    for_each_trainable(&steps, "after.", &model, |name, id, theirs| {
+        let ours = model.params().get(id).to_vec().unwrap();
+        let (diff, _) = max_diff(&ours, theirs);
+
+        assert!(
+            diff <= 2e-2 * lr,
+            "{name}: differs from PyTorch's after the steps by up to {diff:e}"
+        );
+    });
+
+    // And what the trained members predict.
+    let x = batch(&steps, 0);
+    let images = Tensor::from_vec(
+        x.images.clone(),
+        x.image_shape().to_vec(),
+        MemTag::Activations,
+        &dev,
+    )
+    .unwrap();
+    let probs = model.predict(&images).unwrap().to_vec().unwrap();
+    let (diff, _) = max_diff(&probs, &steps.get("probs").unwrap().data);
+    assert!(
+        diff <= 1e-5,
+        "probabilities differ from PyTorch by up to {diff:e}"
+    );
+}

@@ -1,0 +1,144 @@
+"""Training steps of a LoRA-Ensemble in PyTorch, for crates/loren-nn/tests/reference_step.rs:
+loren, started from the same weights on the same batches, must give the same losses, the same
+parameters after the steps and the same predictions.
+
+The model and the step are those of benches/pytorch/lora_ensemble_step.py, the PyTorch side of
+the CPU speed comparison: the `tiny` ViT, M members with LoRA on q, k, v and o, the mean
+cross-entropy over members and images, global-norm clipping at 1 and AdamW (weight decay on
+weight matrices only; here 0.5, far above the comparison's 0.01, to be seen). So this also checks that the two sides of that comparison compute the
+same thing. The learning rate follows torch's CosineAnnealingLR over the steps, which is loren's
+warmup-cosine schedule with no warmup.
+
+Run (any recent torch; the version is recorded in each file):
+    python scripts/reference-step.py crates/loren-nn/tests/fixtures/reference-step
+
+It writes:
+    weights.safetensors  the start, in loren's names: the backbone without a member axis, the
+                         adapters `blocks.N.attn.P.lora_{a,b}` [M, r, D] / [M, D, r], the heads
+                         `head.weight` [M, C, D] and `head.bias` [M, C]
+    steps.safetensors    `images` [S, B, 1, 8, 8], `labels` [S, B] (as f32), `lr` [S], `loss`
+                         [S], `grad.NAME` for every trainable tensor's gradient in the first
+                         step (after clipping), `after.NAME` for every trainable tensor after
+                         the S steps, and `probs` [M, B, C], every member's softmax on the first
+                         batch after them
+"""
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benches" / "pytorch"))
+from lora_ensemble_step import CLASSES, DIM, IMAGE, LoraEnsemble, loss_fn  # noqa: E402
+
+MEMBERS, RANK, BATCH, STEPS, LR = 3, 4, 5, 3, 1e-2
+# Far above the comparison's 0.01, so that decay on a tensor that should have none (or none on
+# one that should) moves its elements by ~1e-3, well clear of rounding.
+WEIGHT_DECAY = 0.5
+
+
+def perturb(model: LoraEnsemble) -> None:
+    """Every tensor away from its init: LayerNorm scales near 1, biases and embeddings random,
+    and B non-zero, so that the adapters' A gets a gradient from the first step."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if name.endswith("_g"):
+                p.copy_(1.0 + 0.2 * noise)
+            elif name.endswith("_bb"):
+                p.copy_(0.02 * noise)
+            elif not name.endswith("_a") and not name.startswith("head"):
+                fan_in = p.shape[-1] if p.dim() >= 2 else 1
+                p.copy_(noise * (0.3 if p.dim() < 2 else 1.5 / math.sqrt(fan_in)))
+
+
+def loren_names(model: LoraEnsemble) -> dict:
+    """The model's tensors under loren's names and shapes (crates/loren-nn/src/vit.rs)."""
+    t = {
+        "patch_embed.weight": model.patch_w,
+        "patch_embed.bias": model.patch_b,
+        "cls_token": model.cls.reshape(DIM),
+        "pos_embed": model.pos.reshape(-1, DIM),
+        "norm.weight": model.ln_g,
+        "norm.bias": model.ln_b,
+        "head.weight": model.head_w,
+        "head.bias": model.head_b,
+    }
+    for i, blk in enumerate(model.blocks):
+        b = f"blocks.{i}"
+        for ours, theirs in [("norm1", "ln1"), ("norm2", "ln2")]:
+            t[f"{b}.{ours}.weight"], t[f"{b}.{ours}.bias"] = blk[f"{theirs}_g"], blk[f"{theirs}_b"]
+        for ours, theirs in [("mlp.fc1", "fc1"), ("mlp.fc2", "fc2")]:
+            t[f"{b}.{ours}.weight"], t[f"{b}.{ours}.bias"] = blk[f"{theirs}_w"], blk[f"{theirs}_b"]
+        for p in "qkvo":
+            t[f"{b}.attn.{p}.weight"], t[f"{b}.attn.{p}.bias"] = blk[f"{p}_w"], blk[f"{p}_b"]
+            t[f"{b}.attn.{p}.lora_a"], t[f"{b}.attn.{p}.lora_b"] = blk[f"{p}_a"], blk[f"{p}_bb"]
+    return t
+
+
+def trainable(model: LoraEnsemble, named: dict) -> dict:
+    ids = {id(p) for p in model.parameters() if p.requires_grad}
+    return {k: v for k, v in named.items() if id(v) in ids}
+
+
+def save(tensors: dict, path: Path, what: str) -> None:
+    meta = {"torch": torch.__version__, "made_by": "scripts/reference-step.py", "what": what}
+    save_file({k: v.detach().contiguous().float() for k, v in tensors.items()}, path, meta)
+
+
+def main() -> None:
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "crates/loren-nn/tests/fixtures/reference-step")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = LoraEnsemble(MEMBERS, RANK)
+    perturb(model)
+    named = loren_names(model)
+    save(named, out / "weights.safetensors", "the start, in loren's names")
+
+    gen = torch.Generator().manual_seed(4)
+    images = torch.randn((STEPS, BATCH, 1, IMAGE, IMAGE), generator=gen)
+    labels = torch.randint(0, CLASSES, (STEPS, BATCH), generator=gen)
+
+    # As the speed comparison builds them: decay on weight matrices, not on the heads' biases.
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2 and p is not model.head_b]
+    rest = [p for p in params if not any(p is d for d in decay)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": rest, "weight_decay": 0.0}],
+        lr=LR,
+    )
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=STEPS, eta_min=0.0)
+    lrs, losses, grads = [], [], {}
+    for s in range(STEPS):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model, images[s], labels[s])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if s == 0:
+            grads = {f"grad.{k}": v.grad.clone() for k, v in trainable(model, named).items()}
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+
+    with torch.no_grad():
+        probs = F.softmax(model(images[0]), dim=-1)
+    steps = {
+        "images": images,
+        "labels": labels.float(),
+        "lr": torch.tensor(lrs),
+        "loss": torch.tensor(losses),
+        "probs": probs,
+    }
+    steps.update(grads)
+    steps.update({f"after.{k}": v for k, v in trainable(model, named).items()})
+    save(steps, out / "steps.safetensors", f"{STEPS} AdamW steps from weights.safetensors")
+    print(f"wrote {out}: losses {losses}, lr {lrs}, torch {torch.__version__}")
+
+
+if __name__ == "__main__":
+    main()
