@@ -9,6 +9,11 @@ weight matrices only; here 0.5, far above the comparison's 0.01, to be seen). So
 same thing. The learning rate follows torch's CosineAnnealingLR over the steps, which is loren's
 warmup-cosine schedule with no warmup.
 
+The explicit ensemble gets the same check: M whole ViTs (a smaller one: 8x8x1 images, patch 2,
+width 32, depth 2, 2 heads, MLP 64), every weight trained, written here in plain PyTorch from
+the definition (pre-norm blocks, exact GELU, class token, final LayerNorm, one head each), with
+the same loss, clipping over all members' gradients together, and AdamW.
+
 Run (any recent torch; the version is recorded in each file):
     python scripts/reference-step.py crates/loren-nn/tests/fixtures/reference-step
 
@@ -21,6 +26,9 @@ It writes:
                          step (after clipping), `after.NAME` for every trainable tensor after
                          the S steps, and `probs` [M, B, C], every member's softmax on the first
                          batch after them
+    explicit-weights.safetensors, explicit-steps.safetensors
+                         the same for the explicit ensemble, every tensor with its member axis
+                         [M, ...] as loren stacks them
 """
 
 import math
@@ -138,6 +146,108 @@ def main() -> None:
     steps.update({f"after.{k}": v for k, v in trainable(model, named).items()})
     save(steps, out / "steps.safetensors", f"{STEPS} AdamW steps from weights.safetensors")
     print(f"wrote {out}: losses {losses}, lr {lrs}, torch {torch.__version__}")
+    explicit(out)
+
+
+# The explicit ensemble's ViT: small, so that M full copies stay a small fixture.
+E_IMAGE, E_PATCH, E_DIM, E_DEPTH, E_HEADS, E_MLP, E_MEMBERS, E_BATCH = 8, 2, 32, 2, 2, 64, 2, 4
+E_TOKENS = (E_IMAGE // E_PATCH) ** 2 + 1
+
+
+def explicit_start(gen: torch.Generator) -> dict:
+    """Every member's tensors under loren's names, [M, ...]: random, LayerNorm scales near 1."""
+    m, d, f = E_MEMBERS, E_DIM, E_PATCH * E_PATCH
+
+    def rand(*shape, scale):
+        return (scale * torch.randn((m, *shape), generator=gen)).requires_grad_()
+
+    t = {
+        "patch_embed.weight": rand(d, f, scale=1.5 / math.sqrt(f)),
+        "patch_embed.bias": rand(d, scale=0.3),
+        "cls_token": rand(d, scale=0.3),
+        "pos_embed": rand(E_TOKENS, d, scale=0.3),
+        "norm.weight": (1.0 + 0.2 * torch.randn((m, d), generator=gen)).requires_grad_(),
+        "norm.bias": rand(d, scale=0.3),
+        "head.weight": rand(CLASSES, d, scale=1.0 / math.sqrt(d)),
+        "head.bias": rand(CLASSES, scale=0.3),
+    }
+    for i in range(E_DEPTH):
+        b = f"blocks.{i}"
+        for norm in ("norm1", "norm2"):
+            t[f"{b}.{norm}.weight"] = (1.0 + 0.2 * torch.randn((m, d), generator=gen)).requires_grad_()
+            t[f"{b}.{norm}.bias"] = rand(d, scale=0.3)
+        for name, out, inp in [("attn.q", d, d), ("attn.k", d, d), ("attn.v", d, d),
+                               ("attn.o", d, d), ("mlp.fc1", E_MLP, d), ("mlp.fc2", d, E_MLP)]:
+            t[f"{b}.{name}.weight"] = rand(out, inp, scale=1.5 / math.sqrt(inp))
+            t[f"{b}.{name}.bias"] = rand(out, scale=0.3)
+    return t
+
+
+def explicit_forward(t: dict, images: torch.Tensor) -> torch.Tensor:
+    """Logits [M, B, C] of M separate ViTs on the same images [B, 1, H, W]."""
+    m, b, g, p, d = E_MEMBERS, images.shape[0], E_IMAGE // E_PATCH, E_PATCH, E_DIM
+
+    def linear(x, name):  # x [M, N, in], one weight per member
+        return torch.baddbmm(t[f"{name}.bias"].unsqueeze(1), x, t[f"{name}.weight"].transpose(1, 2))
+
+    def norm(x, name):
+        mu = x.mean(-1, keepdim=True)
+        var = x.var(-1, unbiased=False, keepdim=True)
+        return (x - mu) / torch.sqrt(var + 1e-6) * t[f"{name}.weight"].unsqueeze(1) + t[f"{name}.bias"].unsqueeze(1)
+
+    patches = images.reshape(b, 1, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(1, b * g * g, p * p)
+    x = linear(patches.expand(m, -1, -1), "patch_embed").reshape(m, b, g * g, d)
+    cls = t["cls_token"].reshape(m, 1, 1, d).expand(m, b, 1, d)
+    x = (torch.cat([cls, x], 2) + t["pos_embed"].unsqueeze(1)).reshape(m, b * E_TOKENS, d)
+    heads = lambda y: y.reshape(m * b, E_TOKENS, E_HEADS, d // E_HEADS).transpose(1, 2)
+    for i in range(E_DEPTH):
+        blk = f"blocks.{i}"
+        h = norm(x, f"{blk}.norm1")
+        q, k, v = (heads(linear(h, f"{blk}.attn.{n}")) for n in "qkv")
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(m, b * E_TOKENS, d)
+        x = x + linear(a, f"{blk}.attn.o")
+        h = F.gelu(linear(norm(x, f"{blk}.norm2"), f"{blk}.mlp.fc1"))
+        x = x + linear(h, f"{blk}.mlp.fc2")
+    c = norm(x.reshape(m, b, E_TOKENS, d)[:, :, 0], "norm")
+    return linear(c, "head")
+
+
+def explicit(out: Path) -> None:
+    gen = torch.Generator().manual_seed(6)
+    t = explicit_start(gen)
+    save(t, out / "explicit-weights.safetensors", "the explicit ensemble's start, in loren's names")
+    images = torch.randn((STEPS, E_BATCH, 1, E_IMAGE, E_IMAGE), generator=gen)
+    labels = torch.randint(0, CLASSES, (STEPS, E_BATCH), generator=gen)
+    # Decay on the weight matrices (patch embedding, projections, MLP, heads), not on biases,
+    # LayerNorms, the class token or the position embeddings.
+    matrices = {n for n in t if n.endswith(".weight") and "norm" not in n}
+    opt = torch.optim.AdamW(
+        [{"params": [t[n] for n in t if n in matrices], "weight_decay": WEIGHT_DECAY},
+         {"params": [t[n] for n in t if n not in matrices], "weight_decay": 0.0}],
+        lr=LR,
+    )
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=STEPS, eta_min=0.0)
+    lrs, losses, grads = [], [], {}
+    for s in range(STEPS):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.zero_grad(set_to_none=True)
+        logits = explicit_forward(t, images[s])
+        loss = F.cross_entropy(logits.reshape(-1, CLASSES), labels[s].repeat(E_MEMBERS))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(t.values()), 1.0)
+        if s == 0:
+            grads = {f"grad.{k}": v.grad.clone() for k, v in t.items()}
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        probs = F.softmax(explicit_forward(t, images[0]), dim=-1)
+    steps = {"images": images, "labels": labels.float(), "lr": torch.tensor(lrs),
+             "loss": torch.tensor(losses), "probs": probs}
+    steps.update(grads)
+    steps.update({f"after.{k}": v for k, v in t.items()})
+    save(steps, out / "explicit-steps.safetensors", f"{STEPS} AdamW steps of the explicit ensemble")
+    print(f"explicit: losses {losses}")
 
 
 if __name__ == "__main__":
