@@ -3,7 +3,8 @@ loren, started from the same weights on the same batches, must give the same los
 parameters after the steps and the same predictions.
 
 The model and the step are those of benches/pytorch/lora_ensemble_step.py, the PyTorch side of
-the CPU speed comparison: the `tiny` ViT, M members with LoRA on q, k, v and o, the mean
+the CPU speed comparison, with the adapters scaled by s = 2 (the comparison's s = 1 would hide a
+misplaced scale): the `tiny` ViT, M members with LoRA on q, k, v and o, the mean
 cross-entropy over members and images, global-norm clipping at 1 and AdamW (weight decay on
 weight matrices only; here 0.5, far above the comparison's 0.01, to be seen). So this also checks that the two sides of that comparison compute the
 same thing. The learning rate follows torch's CosineAnnealingLR over the steps, which is loren's
@@ -43,9 +44,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benches" / "pyt
 from lora_ensemble_step import CLASSES, DIM, IMAGE, LoraEnsemble, loss_fn  # noqa: E402
 
 MEMBERS, RANK, BATCH, STEPS, LR = 3, 4, 5, 3, 1e-2
+# The adapters' scale s in y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ: the speed comparison runs s = 1, where a
+# scale applied in the wrong place (or not at all) would not show.
+LORA_SCALE = 2.0
 # Far above the comparison's 0.01, so that decay on a tensor that should have none (or none on
 # one that should) moves its elements by ~1e-3, well clear of rounding.
 WEIGHT_DECAY = 0.5
+
+
+class ScaledLoraEnsemble(LoraEnsemble):
+    """The speed comparison's model with the adapters' scale s."""
+
+    @staticmethod
+    def lora(h, w, b, a, bb):
+        return LoraEnsemble.lora(h, w, b, a, LORA_SCALE * bb)
 
 
 def perturb(model: LoraEnsemble) -> None:
@@ -102,7 +114,7 @@ def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "crates/loren-nn/tests/fixtures/reference-step")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    model = LoraEnsemble(MEMBERS, RANK)
+    model = ScaledLoraEnsemble(MEMBERS, RANK)
     perturb(model)
     named = loren_names(model)
     save(named, out / "weights.safetensors", "the start, in loren's names")

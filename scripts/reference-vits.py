@@ -32,10 +32,10 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
 IMAGE, PATCH, DIM, DEPTH, HEADS, MLP, CLASSES, BATCH = 16, 4, 32, 2, 2, 64, 5, 3
-OTHER_SIZES = (24, 12)
+OTHER_SIZES = (24, 12)  # a finer and a coarser patch grid than the checkpoint's 4 x 4
 # Parameter names (all three libraries) of the patch, class-token and position embeddings.
 EMBEDDINGS = ("patch_embed", "patch_embeddings", "conv_proj", "cls_token", "class_token",
-              "pos_embed", "pos_embedding", "position_embeddings")  # a finer and a coarser patch grid than the checkpoint's 4 x 4
+              "pos_embed", "pos_embedding", "position_embeddings")
 
 VERSIONS = {
     "torch": torch.__version__,
@@ -45,6 +45,12 @@ VERSIONS = {
 }
 
 
+def is_layernorm(name: str) -> bool:
+    """timm's norm1/norm2/norm, transformers' layernorm*, torchvision's ln_1/ln_2/encoder.ln."""
+    parts = name.lower().split(".")
+    return any("norm" in p or p in ("ln", "ln_1", "ln_2") for p in parts)
+
+
 def perturb(model: torch.nn.Module, seed: int) -> None:
     """Every parameter random and away from its init (LayerNorm scales near 1, not 1; biases,
     class token and position embeddings far from 0), so no tensor can be misplaced unseen."""
@@ -52,7 +58,7 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
-            if "norm" in name.lower() and name.endswith("weight"):
+            if is_layernorm(name) and name.endswith("weight"):
                 p.copy_(1.0 + 0.2 * noise)
             else:
                 fan_in = p.shape[-1] if p.dim() >= 2 else 1

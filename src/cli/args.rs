@@ -208,6 +208,8 @@ pub struct DataArgs {
     #[arg(long)]
     pub data: Option<String>,
     /// Classes to hold out of fine-tuning and test, and score as out-of-distribution (e.g. 8,9).
+    /// Fine-tuning never sees them; the backbone may have: the bundled digits backbone was
+    /// pretrained on all ten classes, as an ImageNet-pretrained ViT may have seen a CIFAR class.
     #[arg(long, value_delimiter = ',')]
     pub holdout_classes: Vec<u32>,
     /// Skip the shifted test sets.

@@ -19,6 +19,8 @@ use loren_tensor::{Device, MemTag, Tensor};
 
 const MEMBERS: usize = 3;
 const RANK: usize = 4;
+/// The script's: 1 would hide a scale applied in the wrong place.
+const LORA_SCALE: f32 = 2.0;
 /// The script's: far above training's 0.01, so that decay where there should be none, or none
 /// where there should be, moves elements by ~1e-3.
 const WEIGHT_DECAY: f32 = 0.5;
@@ -42,6 +44,7 @@ fn lora_start(dev: &Device) -> Vit {
         classes: 10,
         lora: LoraConfig {
             rank: RANK,
+            scale: LORA_SCALE,
             ..LoraConfig::default()
         },
     };
@@ -172,15 +175,20 @@ fn check_steps(model: &mut Vit, steps: &TensorFile, dev: &Device) {
             "step {s}: loss {loss}, PyTorch {want}"
         );
         if s == 0 {
-            // Every gradient of the first step, clipped: f32 rounding apart, the same (2.3e-6 of
-            // the largest at most, when written). The 1e-7 beside it is for the key bias, whose
-            // gradient is 0 in exact arithmetic (softmax ignores a shift common to a row), so
-            // both sides hold rounding there; the clipped gradients' norm is 1.
+            // Every gradient of the first step, clipped: f32 rounding apart, the same (7.2e-6 of
+            // the largest at most, when written). The key bias's gradient is 0 in exact
+            // arithmetic (softmax ignores a shift common to a row), so both sides hold rounding
+            // there, measured against the clipped gradients' norm of 1.
             for_each_trainable(steps, "grad.", trainer.model(), |name, id, theirs| {
                 let grad = trainer.grads().get(id).unwrap().to_vec().unwrap();
                 let (diff, scale) = max_diff(&grad, theirs);
+                let bound = if name.ends_with(".attn.k.bias") {
+                    1e-7
+                } else {
+                    3e-5 * scale
+                };
                 assert!(
-                    diff <= 3e-5 * scale + 1e-7,
+                    diff <= bound,
                     "{name}: gradient differs from PyTorch's by up to {diff:e} (largest {scale})"
                 );
             });
@@ -191,7 +199,7 @@ fn check_steps(model: &mut Vit, steps: &TensorFile, dev: &Device) {
     // Every trainable tensor after the steps. Adam moves an element by about the learning rate
     // per step whatever its gradient's size, so a gradient of the wrong sign, a wrong schedule or
     // decay (0.5 here: ~1e-3 on these tensors) leaves errors of 1e-3 to 1e-2 in many elements.
-    // Rounding leaves less than 5e-5 (2e-2·lr is the bound), except where a gradient is within
+    // Rounding leaves less than 6.3e-5 (2e-2·lr is the bound), except where a gradient is within
     // rounding of 0: there Adam's g/(|g| + eps), eps = 1e-8, turns rounding into moves of up to
     // the learning rate, on both sides. So an element past the bound must have had a first-step
     // gradient under 1e-6, and such elements must be rare, but for the key biases, whose gradient
