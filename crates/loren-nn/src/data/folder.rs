@@ -48,16 +48,22 @@ pub fn load_folder(dir: &Path, shape: [usize; 3]) -> Result<Dataset, DataError> 
         let images = image_files(class_dir)?;
         files.extend(images.into_iter().map(|f| (f, label as u32)));
     }
-    let images: Vec<Vec<f32>> = files
-        .par_iter()
-        .map(|(path, _)| load_image(path, shape))
-        .collect::<Result<_, _>>()?;
+    // Each image goes straight to its place: collecting them and concatenating would hold the
+    // whole set twice at the peak.
+    let mut images = vec![0.0f32; files.len() * channels * height * width];
+    images
+        .par_chunks_mut(channels * height * width)
+        .zip(&files)
+        .try_for_each(|(out, (path, _))| -> Result<(), DataError> {
+            out.copy_from_slice(&load_image(path, shape)?);
+            Ok(())
+        })?;
     let names = classes.iter().map(|d| file_name(d)).collect();
     let (mean, std) = imagenet_normalization(channels);
     Dataset::new(
         file_name(dir),
         shape,
-        images.concat(),
+        images,
         files.iter().map(|(_, l)| *l).collect(),
         names,
     )?
