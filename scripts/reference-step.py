@@ -27,6 +27,10 @@ It writes:
                          step (after clipping), `after.NAME` for every trainable tensor after
                          the S steps, and `probs` [M, B, C], every member's softmax on the first
                          batch after them
+    sgd-steps.safetensors
+                         the same for 4 SGD steps (momentum 0.9, L2 decay 0.05) from the same
+                         start, the learning rate warming up over 2 steps to 0.5, then a cosine
+                         towards 0.05
     explicit-weights.safetensors, explicit-steps.safetensors
                          the same for the explicit ensemble, every tensor with its member axis
                          [M, ...] as loren stacks them
@@ -50,6 +54,9 @@ LORA_SCALE = 2.0
 # Far above the comparison's 0.01, so that decay on a tensor that should have none (or none on
 # one that should) moves its elements by ~1e-3, well clear of rounding.
 WEIGHT_DECAY = 0.5
+# SGD (momentum, L2 decay) on a schedule with a warmup and a floor: its steps move each element
+# in proportion to its gradient, so the moves are compared, not their signs.
+SGD_LR, SGD_MIN_LR, SGD_WARMUP, SGD_STEPS, SGD_MOMENTUM, SGD_DECAY = 0.5, 0.05, 2, 4, 0.9, 0.05
 
 
 class ScaledLoraEnsemble(LoraEnsemble):
@@ -110,31 +117,38 @@ def save(tensors: dict, path: Path, what: str) -> None:
     save_file({k: v.detach().contiguous().float() for k, v in tensors.items()}, path, meta)
 
 
-def main() -> None:
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "crates/loren-nn/tests/fixtures/reference-step")
-    out.mkdir(parents=True, exist_ok=True)
+def lora_start() -> ScaledLoraEnsemble:
     torch.manual_seed(0)
     model = ScaledLoraEnsemble(MEMBERS, RANK)
     perturb(model)
-    named = loren_names(model)
-    save(named, out / "weights.safetensors", "the start, in loren's names")
+    return model
 
-    gen = torch.Generator().manual_seed(4)
-    images = torch.randn((STEPS, BATCH, 1, IMAGE, IMAGE), generator=gen)
-    labels = torch.randint(0, CLASSES, (STEPS, BATCH), generator=gen)
 
-    # As the speed comparison builds them: decay on weight matrices, not on the heads' biases.
+def lora_optimizer(model: LoraEnsemble, kind: str) -> torch.optim.Optimizer:
+    """As the speed comparison groups them: decay on weight matrices, not on the heads' biases."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2 and p is not model.head_b]
     rest = [p for p in params if not any(p is d for d in decay)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": rest, "weight_decay": 0.0}],
-        lr=LR,
-    )
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=STEPS, eta_min=0.0)
-    lrs, losses, grads = [], [], {}
-    for s in range(STEPS):
-        lrs.append(opt.param_groups[0]["lr"])
+    if kind == "adamw":
+        groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": rest, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=LR)
+    groups = [{"params": decay, "weight_decay": SGD_DECAY}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=SGD_LR, momentum=SGD_MOMENTUM)
+
+
+def run_lora(out: Path, name: str, kind: str, lrs: list) -> None:
+    """len(lrs) steps of the LoRA-Ensemble from its start with the learning rates given."""
+    model = lora_start()
+    named = loren_names(model)
+    opt = lora_optimizer(model, kind)
+    params = [p for p in model.parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(4)
+    images = torch.randn((len(lrs), BATCH, 1, IMAGE, IMAGE), generator=gen)
+    labels = torch.randint(0, CLASSES, (len(lrs), BATCH), generator=gen)
+    losses, grads = [], {}
+    for s, lr in enumerate(lrs):
+        for group in opt.param_groups:
+            group["lr"] = lr
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model, images[s], labels[s])
         loss.backward()
@@ -142,7 +156,6 @@ def main() -> None:
         if s == 0:
             grads = {f"grad.{k}": v.grad.clone() for k, v in trainable(model, named).items()}
         opt.step()
-        sched.step()
         losses.append(loss.item())
 
     with torch.no_grad():
@@ -156,10 +169,36 @@ def main() -> None:
     }
     steps.update(grads)
     steps.update({f"after.{k}": v for k, v in trainable(model, named).items()})
-    save(steps, out / "steps.safetensors", f"{STEPS} AdamW steps from weights.safetensors")
-    print(f"wrote {out}: losses {losses}, lr {lrs}, torch {torch.__version__}")
-    explicit(out)
+    save(steps, out / name, f"{len(lrs)} {kind} steps from weights.safetensors")
+    print(f"{name}: losses {losses}, lr {lrs}")
 
+
+def warmup_cosine(step: int, base: float, low: float, warmup: int, total: int) -> float:
+    """Linear warmup to `base` over `warmup` steps, then a cosine to `low` at `total`."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return low + (base - low) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def main() -> None:
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "crates/loren-nn/tests/fixtures/reference-step")
+    out.mkdir(parents=True, exist_ok=True)
+    save(loren_names(lora_start()), out / "weights.safetensors", "the start, in loren's names")
+    # AdamW on torch's own CosineAnnealingLR, which is loren's schedule with no warmup.
+    model = lora_start()
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(lora_optimizer(model, "adamw"), T_max=STEPS)
+    lrs = []
+    for _ in range(STEPS):
+        lrs.append(sched.get_last_lr()[0])
+        sched.optimizer.step()
+        sched.step()
+    run_lora(out, "steps.safetensors", "adamw", lrs)
+    # SGD with momentum and L2 decay, on a warmup and a cosine that ends above 0.
+    sgd = [warmup_cosine(s, SGD_LR, SGD_MIN_LR, SGD_WARMUP, SGD_STEPS) for s in range(SGD_STEPS)]
+    run_lora(out, "sgd-steps.safetensors", "sgd", sgd)
+    print(f"torch {torch.__version__}")
+    explicit(out)
 
 # The explicit ensemble's ViT: small, so that M full copies stay a small fixture.
 E_IMAGE, E_PATCH, E_DIM, E_DEPTH, E_HEADS, E_MLP, E_MEMBERS, E_BATCH = 8, 2, 32, 2, 2, 64, 2, 4

@@ -125,7 +125,39 @@ fn max_diff(ours: &[f32], theirs: &[f32]) -> (f32, f32) {
 fn lora_ensemble_steps_match_pytorch() {
     let dev = Device::cpu();
     let mut model = lora_start(&dev);
-    check_steps(&mut model, &fixture("steps.safetensors"), &dev);
+    let steps = fixture("steps.safetensors");
+    check_steps(&mut model, &steps, adamw(&steps), &dev);
+}
+
+/// SGD with momentum and L2 decay, on a schedule with a warmup and a floor: the script's
+/// learning rates 0.25, 0.5, 0.5, 0.275 are loren's warmup-cosine at base 0.5, floor 0.05, 2
+/// warmup steps of 4.
+#[test]
+fn lora_ensemble_sgd_steps_match_pytorch() {
+    let dev = Device::cpu();
+    let mut model = lora_start(&dev);
+    let steps = fixture("sgd-steps.safetensors");
+    let mut config = adamw(&steps);
+    config.lr = 0.5;
+    config.min_lr = 0.05;
+    config.warmup_steps = 2;
+    config.optimizer = OptimizerKind::Sgd {
+        momentum: 0.9,
+        weight_decay: 0.05,
+    };
+    check_steps(&mut model, &steps, config, &dev);
+}
+
+/// The AdamW runs' settings: weight decay 0.5, clipping at 1, torch's cosine over the fixture's
+/// steps from its first learning rate (one epoch of S batches, so that loren's schedule spans
+/// the S steps as torch's did).
+fn adamw(steps: &TensorFile) -> TrainConfig {
+    let lr0 = steps.get("lr").unwrap().data[0];
+    let b = steps.get("labels").unwrap().shape[1];
+    let mut config = TrainConfig::plain(b, lr0, Activations::Keep);
+    config.optimizer = OptimizerKind::adamw(WEIGHT_DECAY);
+    config.grad_clip = Some(1.0);
+    config
 }
 
 /// M whole ViTs, every weight trained: the dW of every layer, the LayerNorms' and embeddings'
@@ -154,19 +186,18 @@ fn explicit_ensemble_steps_match_pytorch() {
     model
         .load_tensors(&fixture("explicit-weights.safetensors"), |_, _| true)
         .unwrap();
-    check_steps(&mut model, &fixture("explicit-steps.safetensors"), &dev);
+    let steps = fixture("explicit-steps.safetensors");
+    check_steps(&mut model, &steps, adamw(&steps), &dev);
 }
 
-/// Trains `model` on the fixture's batches as PyTorch did and compares the losses, the first
-/// step's gradients, the parameters after the steps and the members' probabilities after them.
-fn check_steps(model: &mut Vit, steps: &TensorFile, dev: &Device) {
+/// Trains `model` with `config` on the fixture's batches as PyTorch did and compares the losses,
+/// the first step's gradients, the parameters after the steps and the members' probabilities
+/// after them.
+fn check_steps(model: &mut Vit, steps: &TensorFile, config: TrainConfig, dev: &Device) {
     let lrs = steps.get("lr").unwrap().data.clone();
-    let (s_count, b) = (lrs.len(), steps.get("labels").unwrap().shape[1]);
-    let mut config = TrainConfig::plain(b, lrs[0], Activations::Keep);
-    config.optimizer = OptimizerKind::adamw(WEIGHT_DECAY);
-    config.grad_clip = Some(1.0);
-    // One epoch of S batches: the cosine schedule then spans the S steps, as torch's did.
-    let mut trainer = Trainer::new(model, &config, s_count * b).unwrap();
+    let s_count = lrs.len();
+    let before = trainable_values(model);
+    let mut trainer = Trainer::new(model, &config, s_count * config.batch_size).unwrap();
     let theirs = steps.get("loss").unwrap().data.clone();
     for (s, want) in theirs.iter().enumerate() {
         let loss = trainer.step(&batch(steps, s)).unwrap();
@@ -196,6 +227,35 @@ fn check_steps(model: &mut Vit, steps: &TensorFile, dev: &Device) {
     }
     drop(trainer);
 
+    match config.optimizer {
+        OptimizerKind::AdamW { .. } => check_adam_after(model, steps, lrs[0]),
+        OptimizerKind::Sgd { .. } => check_sgd_after(model, steps, &before),
+    }
+
+    // And what the trained members predict, from PyTorch's trained weights: the parameters
+    // above carry the rounding the steps magnified, which this check of the forward should not.
+    let trained = renamed(steps, "after.");
+    model
+        .load_tensors(&trained, |_, trainable| trainable)
+        .unwrap();
+    let x = batch(steps, 0);
+    let images = Tensor::from_vec(
+        x.images.clone(),
+        x.image_shape().to_vec(),
+        MemTag::Activations,
+        dev,
+    )
+    .unwrap();
+    let probs = model.predict(&images).unwrap().to_vec().unwrap();
+    let (diff, _) = max_diff(&probs, &steps.get("probs").unwrap().data);
+    assert!(
+        diff <= 1e-6,
+        "probabilities differ from PyTorch by up to {diff:e}"
+    );
+}
+
+/// Every trainable tensor after Adam's steps, against PyTorch's.
+fn check_adam_after(model: &Vit, steps: &TensorFile, lr: f32) {
     // Every trainable tensor after the steps. Adam moves an element by about the learning rate
     // per step whatever its gradient's size, so a gradient of the wrong sign, a wrong schedule or
     // decay (0.5 here: ~1e-3 on these tensors) leaves errors of 1e-3 to 1e-2 in many elements.
@@ -205,7 +265,6 @@ fn check_steps(model: &mut Vit, steps: &TensorFile, dev: &Device) {
     // gradient under 1e-6, and such elements must be rare, but for the key biases, whose gradient
     // is 0 in exact arithmetic. When written: 119 key-bias elements, and one weight whose first
     // gradient was -4.2e-9 (5.6e-4 off).
-    let lr = lrs[0];
     let (mut elements, mut near_zero) = (0, 0);
     for_each_trainable(steps, "after.", model, |name, id, theirs| {
         let ours = model.params().get(id).to_vec().unwrap();
@@ -228,25 +287,31 @@ fn check_steps(model: &mut Vit, steps: &TensorFile, dev: &Device) {
         near_zero * 1000 <= elements,
         "{near_zero} of {elements} elements differ from PyTorch's after the steps"
     );
+}
 
-    // And what the trained members predict, from PyTorch's trained weights: the parameters
-    // above carry the rounding Adam magnified, which this check of the forward should not.
-    let trained = renamed(steps, "after.");
+/// Every trainable tensor after SGD's steps, against PyTorch's. SGD moves an element in
+/// proportion to its gradient, so the moves are compared, each tensor's against its largest.
+/// Rounding, grown over four steps at learning rates up to 0.5, left 6.6e-5 of it when written;
+/// a dampened momentum or a decay left out moves elements by ~10%.
+fn check_sgd_after(model: &Vit, steps: &TensorFile, before: &HashMap<String, Vec<f32>>) {
+    for_each_trainable(steps, "after.", model, |name, id, theirs| {
+        let ours = model.params().get(id).to_vec().unwrap();
+        let start = &before[name];
+        let moved = |v: &[f32]| -> Vec<f32> { v.iter().zip(start).map(|(a, b)| a - b).collect() };
+        let (diff, scale) = max_diff(&moved(&ours), &moved(theirs));
+        assert!(
+            diff <= 1e-3 * scale,
+            "{name}: moved differently from PyTorch's, by up to {diff:e} (largest move {scale})"
+        );
+    });
+}
+
+/// Every trainable tensor's values by name.
+fn trainable_values(model: &Vit) -> HashMap<String, Vec<f32>> {
     model
-        .load_tensors(&trained, |_, trainable| trainable)
-        .unwrap();
-    let x = batch(steps, 0);
-    let images = Tensor::from_vec(
-        x.images.clone(),
-        x.image_shape().to_vec(),
-        MemTag::Activations,
-        dev,
-    )
-    .unwrap();
-    let probs = model.predict(&images).unwrap().to_vec().unwrap();
-    let (diff, _) = max_diff(&probs, &steps.get("probs").unwrap().data);
-    assert!(
-        diff <= 1e-6,
-        "probabilities differ from PyTorch by up to {diff:e}"
-    );
+        .params()
+        .iter()
+        .filter(|(_, p)| p.trainable())
+        .map(|(_, p)| (p.name().to_string(), p.value().to_vec().unwrap()))
+        .collect()
 }
