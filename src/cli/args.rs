@@ -157,7 +157,8 @@ pub struct OptimArgs {
     #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     pub grad_clip: f64,
     /// Training augmentation: none; digits (rotation ±10°, translation ±1 px); or paper (the
-    /// LoRA-Ensemble paper's CIFAR setup: horizontal and vertical flips, rotation ±15°).
+    /// LoRA-Ensemble paper's CIFAR setup, as its code has it: horizontal and vertical flips and
+    /// rotation, which together turn images to any angle, mirrored half the time).
     #[arg(long, default_value = "none")]
     pub augment: String,
     /// Keep only each transformer block's input in the forward and run the block again in the
