@@ -125,7 +125,8 @@ impl DataSource {
     }
 
     /// Per-channel mean and std the images are normalised with, for `channels` channels:
-    /// digits 0.5 and 0.5; CIFAR its training images' statistics (as the LoRA-Ensemble paper);
+    /// digits 0.5 and 0.5; CIFAR its training images' statistics (those the LoRA-Ensemble
+    /// paper's configuration lists);
     /// folders ImageNet's. Known without reading the data.
     pub fn normalization(&self, channels: usize) -> (Vec<f32>, Vec<f32>) {
         let (mean, std) = match self {

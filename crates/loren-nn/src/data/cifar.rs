@@ -73,8 +73,8 @@ impl Cifar {
         }
     }
 
-    /// Per-channel mean and std of the training images (on the 0..=1 scale), as the
-    /// LoRA-Ensemble paper normalises them.
+    /// Per-channel mean and std of the training images (on the 0..=1 scale): the statistics the
+    /// LoRA-Ensemble paper's configuration lists (its code, though, only scales to [0, 1]).
     pub fn normalization(self) -> (Vec<f32>, Vec<f32>) {
         let (mean, std) = match self {
             Cifar::Ten => ([125.3069, 122.9501, 113.866], [62.9933, 62.0886, 66.7050]),
