@@ -11,7 +11,7 @@
 
 use anyhow::{Context, Result};
 use loren::Ensemble;
-use loren::dataset::DataSource;
+use loren::dataset::{DataSource, Normalize};
 use loren::tensor::DeviceSpec;
 
 fn main() -> Result<()> {
@@ -32,7 +32,9 @@ fn main() -> Result<()> {
         .map(|h| h.split(',').map(str::parse).collect::<Result<_, _>>())
         .transpose()?
         .unwrap_or_default();
-    let test = source.splits(&holdout, ens.vit())?.test;
+    let test = source
+        .splits(&holdout, ens.vit(), Normalize::recorded(meta)?)?
+        .test;
     let idx: Vec<usize> = (0..n.min(test.len())).collect();
     // Normalised and at the model's size, exactly as `loren eval` feeds the model.
     let batch = test.batch(&idx, None);

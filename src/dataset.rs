@@ -11,6 +11,54 @@ use loren_nn::data::external::{split_official, split_seeded};
 use loren_nn::data::folder::{folder_class_names, imagenet_normalization, load_folder};
 use loren_nn::data::{SplitOptions, Splits, bundled_digits, load_digits, split_digits};
 
+/// How the images are scaled on their way into the model, a setting of the trained model that
+/// its checkpoint records ([`Normalize::KEY`]) for `eval` and `export` to repeat.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Normalize {
+    /// `(x − mean) / std` per channel, with the dataset's statistics
+    /// ([`DataSource::normalization`]).
+    #[default]
+    Dataset,
+    /// Pixels on the 0..=1 scale and nothing more: what the LoRA-Ensemble paper's code feeds its
+    /// ViT (its transform divides by 255 and never applies the statistics it lists).
+    None,
+}
+
+impl Normalize {
+    /// The checkpoint metadata key. Checkpoints from before the setting lack it, and read as
+    /// the default they were trained with.
+    pub const KEY: &'static str = "normalize";
+
+    /// What `meta` (a checkpoint's metadata) recorded.
+    pub fn recorded(meta: &std::collections::HashMap<String, String>) -> Result<Normalize> {
+        meta.get(Self::KEY).map_or(Ok(Normalize::Dataset), |n| {
+            n.parse()
+                .map_err(|e| anyhow::anyhow!("checkpoint metadata {}: {e}", Self::KEY))
+        })
+    }
+}
+
+impl FromStr for Normalize {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "dataset" => Ok(Normalize::Dataset),
+            "none" => Ok(Normalize::None),
+            other => bail!("unknown normalisation '{other}': expected dataset or none"),
+        }
+    }
+}
+
+impl fmt::Display for Normalize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Normalize::Dataset => "dataset",
+            Normalize::None => "none",
+        })
+    }
+}
+
 /// A dataset: `digits` (the bundled 8×8 digits), `digits:PATH` (the same format from a file),
 /// `cifar10:DIR` and `cifar100:DIR` (the official binary version), or `folder:DIR` (one
 /// subfolder of PNG or JPEG images per class).
@@ -73,8 +121,14 @@ impl DataSource {
     ///
     /// CIFAR and folders have no pretraining part: their backbone comes from `--backbone`.
     /// Images are brought to the model's channels (grey repeated into RGB, or RGB to grey), and
-    /// to its size: folders when read, the others as each batch is made.
-    pub fn splits(&self, holdout_classes: &[u32], vit: &VitConfig) -> Result<Splits> {
+    /// to its size: folders when read, the others as each batch is made; then normalised as
+    /// `normalize` says.
+    pub fn splits(
+        &self,
+        holdout_classes: &[u32],
+        vit: &VitConfig,
+        normalize: Normalize,
+    ) -> Result<Splits> {
         // Images are made grey or colour (convert_channels); a model of other channels (from a
         // damaged checkpoint, say) is refused here rather than met there.
         if ![1, 3].contains(&vit.channels) {
@@ -105,7 +159,10 @@ impl DataSource {
                 split_seeded(&load_folder(dir, shape)?, holdout_classes)?
             }
         };
-        Ok(fit_to_model(splits, vit))
+        // The loaders normalise with the dataset's statistics already.
+        let unit =
+            (normalize == Normalize::None).then(|| self.normalization(vit.channels, normalize));
+        fit_to_model(splits, vit, unit)
     }
 
     /// The names of the classes a model trained on this data predicts, in label order: the
@@ -124,11 +181,14 @@ impl DataSource {
             .collect())
     }
 
-    /// Per-channel mean and std the images are normalised with, for `channels` channels:
-    /// digits 0.5 and 0.5; CIFAR its training images' statistics (those the LoRA-Ensemble
-    /// paper's configuration lists);
-    /// folders ImageNet's. Known without reading the data.
-    pub fn normalization(&self, channels: usize) -> (Vec<f32>, Vec<f32>) {
+    /// Per-channel mean and std the images are normalised with, for `channels` channels. With
+    /// [`Normalize::Dataset`]: digits 0.5 and 0.5; CIFAR its training images' statistics (those
+    /// the LoRA-Ensemble paper's configuration lists); folders ImageNet's. With
+    /// [`Normalize::None`], 0 and 1. Known without reading the data.
+    pub fn normalization(&self, channels: usize, normalize: Normalize) -> (Vec<f32>, Vec<f32>) {
+        if normalize == Normalize::None {
+            return (vec![0.0; channels], vec![1.0; channels]);
+        }
         let (mean, std) = match self {
             DataSource::Digits(_) => (vec![0.5], vec![0.5]),
             DataSource::Cifar(kind, _) => kind.normalization(),
@@ -144,18 +204,29 @@ impl DataSource {
 }
 
 /// Every part with the model's channels, resized to its image size as batches are made.
-fn fit_to_model(s: Splits, vit: &VitConfig) -> Splits {
+/// The splits at the model's channels and size, normalised by `normalization` (mean, std) when
+/// given rather than by the loader's statistics.
+fn fit_to_model(
+    s: Splits,
+    vit: &VitConfig,
+    normalization: Option<(Vec<f32>, Vec<f32>)>,
+) -> Result<Splits> {
     let fit = |d: loren_nn::data::Dataset| {
-        d.with_channels(vit.channels)
-            .resized_on_batch(vit.image_size, vit.image_size)
+        let d = d
+            .with_channels(vit.channels)
+            .resized_on_batch(vit.image_size, vit.image_size);
+        match &normalization {
+            Some((mean, std)) => d.with_normalization(mean.clone(), std.clone()),
+            None => Ok(d),
+        }
     };
-    Splits {
-        pretrain: fit(s.pretrain),
-        train: fit(s.train),
-        val: fit(s.val),
-        test: fit(s.test),
-        held_out: s.held_out.map(fit),
-    }
+    Ok(Splits {
+        pretrain: fit(s.pretrain)?,
+        train: fit(s.train)?,
+        val: fit(s.val)?,
+        test: fit(s.test)?,
+        held_out: s.held_out.map(fit).transpose()?,
+    })
 }
 
 #[cfg(test)]
@@ -168,13 +239,40 @@ mod tests {
             channels: 2,
             ..VitConfig::tiny()
         };
-        let e = DataSource::Digits(None).splits(&[], &vit).unwrap_err();
+        let e = DataSource::Digits(None)
+            .splits(&[], &vit, Normalize::Dataset)
+            .unwrap_err();
         assert!(e.to_string().contains("takes 2 channels"), "{e}");
         assert!(
             DataSource::Digits(None)
-                .splits(&[], &VitConfig::tiny())
+                .splits(&[], &VitConfig::tiny(), Normalize::Dataset)
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn unnormalised_splits_batch_pixels_on_the_unit_scale() {
+        let vit = VitConfig::tiny();
+        let plain = DataSource::Digits(None)
+            .splits(&[], &vit, Normalize::None)
+            .unwrap();
+        for d in [&plain.train, &plain.val, &plain.test, &plain.pretrain] {
+            assert_eq!(
+                (&d.norm_mean[..], &d.norm_std[..]),
+                (&[0.0][..], &[1.0][..])
+            );
+        }
+        let raw = plain.test.image(0).to_vec();
+        assert_eq!(plain.test.batch(&[0], None).images, raw);
+        let scaled = DataSource::Digits(None)
+            .splits(&[], &vit, Normalize::Dataset)
+            .unwrap();
+        let want: Vec<f32> = raw.iter().map(|x| (x - 0.5) / 0.5).collect();
+        assert_eq!(scaled.test.batch(&[0], None).images, want);
+        assert_eq!("none".parse::<Normalize>().unwrap(), Normalize::None);
+        assert_eq!(Normalize::None.to_string(), "none");
+        let e = "imagenet".parse::<Normalize>().unwrap_err().to_string();
+        assert!(e.contains("expected dataset or none"), "{e}");
     }
 
     #[test]
@@ -204,17 +302,19 @@ mod tests {
             channels: 3,
             ..VitConfig::tiny()
         };
-        let s = DataSource::Digits(None).splits(&[], &vit).unwrap();
+        let s = DataSource::Digits(None)
+            .splits(&[], &vit, Normalize::Dataset)
+            .unwrap();
         assert_eq!(s.train.shape(), [3, 8, 8]);
         assert_eq!(s.train.batch_shape(), [3, 16, 16]);
         let b = s.test.batch(&[0, 1], None);
         assert_eq!((b.channels, b.height, b.width), (3, 16, 16));
         let plain = DataSource::Digits(None)
-            .splits(&[], &VitConfig::tiny())
+            .splits(&[], &VitConfig::tiny(), Normalize::Dataset)
             .unwrap();
         assert_eq!(plain.train.resize_to, None);
         assert_eq!(
-            DataSource::Digits(None).normalization(3),
+            DataSource::Digits(None).normalization(3, Normalize::Dataset),
             (vec![0.5; 3], vec![0.5; 3])
         );
     }

@@ -40,7 +40,7 @@ use loren_nn::vit::Vit;
 use loren_tensor::{DeviceSpec, MemTag, Tensor};
 
 use crate::backbone::checkpoint_backbone;
-use crate::dataset::DataSource;
+use crate::dataset::{DataSource, Normalize};
 use crate::outputs::same_file;
 
 /// Marks a file written by [`export`].
@@ -357,7 +357,8 @@ fn export_metadata(
         .ok()
         .filter(|n| n.len() == classes)
         .unwrap_or_else(|| (0..classes).map(|c| c.to_string()).collect());
-    let (mean, std) = source.normalization(model.config.channels);
+    let normalize = Normalize::recorded(meta)?;
+    let (mean, std) = source.normalization(model.config.channels, normalize);
     Ok(HashMap::from([
         ("format".to_string(), FORMAT.to_string()),
         ("vit".to_string(), json(&model.config)),
@@ -370,6 +371,7 @@ fn export_metadata(
         ("norm_std".to_string(), json(&std)),
         ("class_names".to_string(), json(&names)),
         ("data".to_string(), data.to_string()),
+        (Normalize::KEY.to_string(), normalize.to_string()),
         (
             "holdout_classes".to_string(),
             meta.get("holdout_classes").cloned().unwrap_or_default(),

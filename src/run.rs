@@ -21,6 +21,7 @@ use loren_tensor::{Device, DeviceSpec, MemTag, MemoryReport};
 use serde::Serialize;
 
 use crate::bench::{Budget, CPU_RSS_FACTOR, CPU_RSS_MARGIN, budget_for, need_for_peak, precision};
+use crate::dataset::Normalize;
 use crate::progress::{EvalBar, TrainBar, Verbosity};
 use crate::report::bytes;
 
@@ -155,7 +156,12 @@ fn check_same_data(
     let mut keys: Vec<&String> = ours.keys().collect();
     keys.sort();
     for key in keys {
-        let saved = file.metadata().get(key).map_or("(none)", String::as_str);
+        let missing = if key == Normalize::KEY {
+            "dataset" // the only normalisation before the setting was recorded
+        } else {
+            "(none)"
+        };
+        let saved = file.metadata().get(key).map_or(missing, String::as_str);
         let now = ours[key].as_str();
         if saved == now {
             continue;
@@ -447,7 +453,7 @@ mod tests {
         let data = "digits"
             .parse::<DataSource>()
             .unwrap()
-            .splits(&[], &VitConfig::tiny())
+            .splits(&[], &VitConfig::tiny(), Normalize::Dataset)
             .unwrap();
         let nothing = Budget {
             bytes: 1,

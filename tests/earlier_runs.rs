@@ -187,6 +187,51 @@ fn resuming_on_other_data_is_refused() {
     refused(&strs(&args), &["holdout_classes", "same data"]);
 }
 
+/// The model was trained on normalised inputs: resuming or evaluating it on raw pixels is
+/// refused; checkpoints from before the setting (which lack its key) read as normalised.
+#[test]
+fn resuming_or_evaluating_with_other_normalisation_is_refused() {
+    let out = temp_dir("other-normalize");
+    let args = resume_args(&out, &["--epochs", "3", "--normalize", "none"]);
+    refused(
+        &strs(&args),
+        &["normalize 'dataset', not 'none'", "same data"],
+    );
+    refused(
+        &[
+            "eval",
+            "--checkpoint",
+            &checkpoint(),
+            "--normalize",
+            "none",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["--normalize none", "was trained with --normalize dataset"],
+    );
+    // A checkpoint that never recorded it resumes as normalised, its default.
+    let copy = copy_of_the_trained_run("before-normalize");
+    let ckpt = copy.join("checkpoint.safetensors");
+    let file = TensorFile::read(&ckpt).unwrap();
+    let mut meta = file.metadata().clone();
+    assert_eq!(meta.remove("normalize").as_deref(), Some("dataset"));
+    let tensors: Vec<_> = file
+        .names()
+        .map(|n| (n.to_string(), file.get(n).unwrap().clone()))
+        .collect();
+    write(&ckpt, &tensors, meta).unwrap();
+    let (ok, _, err) = loren(&[
+        "train",
+        "--resume",
+        ckpt.to_str().unwrap(),
+        "--epochs",
+        "3",
+        "-q",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(epochs_in_report(&copy), 3);
+}
+
 /// The bundled backbone with one weight changed, as a backbone pretrained again would differ.
 fn other_backbone(dir: &Path) -> PathBuf {
     let bundled = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/backbone-tiny.safetensors");

@@ -8,7 +8,7 @@ use common::{loren, run_ok, temp_dir};
 
 use loren::Ensemble;
 use loren::backbone::read_backbone;
-use loren::dataset::DataSource;
+use loren::dataset::{DataSource, Normalize};
 use loren_nn::checkpoint::TensorFile;
 use loren_nn::config::VitConfig;
 use loren_nn::data::Dataset;
@@ -21,8 +21,9 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
-/// Train `method` for an epoch with the CLI, score it with `loren eval`, export it.
-fn train_eval_export(method: &str, dir: &Path) -> (PathBuf, PathBuf) {
+/// Train `method` for an epoch with the CLI (and `extra` flags), score it with `loren eval`,
+/// export it.
+fn train_eval_export(method: &str, dir: &Path, extra: &[&str]) -> (PathBuf, PathBuf) {
     let out = dir.to_str().unwrap();
     let ckpt = dir.join("checkpoint.safetensors");
     let quick = [
@@ -46,6 +47,7 @@ fn train_eval_export(method: &str, dir: &Path) -> (PathBuf, PathBuf) {
         out,
     ];
     args.extend(quick);
+    args.extend(extra);
     run_ok(&args);
     let c = ckpt.to_str().unwrap();
     run_ok(&["eval", "--checkpoint", c, "--no-shift", "--no-ood", "-q"]);
@@ -65,14 +67,15 @@ fn eval_probabilities(ckpt: &Path, test: &Dataset, batch: usize) -> Predictions 
     predict(&model, test, batch, &mut |_| Ok(())).unwrap()
 }
 
-fn round_trip(method: &str) {
-    let dir = temp_dir(method);
-    let (ckpt, exported) = train_eval_export(method, &dir);
+fn round_trip(method: &str, normalize: Normalize) {
+    let dir = temp_dir(&format!("{method}-{normalize}"));
+    let flag = normalize.to_string();
+    let (ckpt, exported) = train_eval_export(method, &dir, &["--normalize", &flag]);
     let mut ens = Ensemble::load(&exported, DeviceSpec::Cpu).unwrap();
     assert_eq!((ens.members(), ens.classes()), (3, 10));
     assert_eq!(ens.class_names()[7], "7");
     let test = DataSource::Digits(None)
-        .splits(&[], ens.vit())
+        .splits(&[], ens.vit(), normalize)
         .unwrap()
         .test;
     let all: Vec<usize> = (0..test.len()).collect();
@@ -138,18 +141,25 @@ fn round_trip(method: &str) {
 
 #[test]
 fn lora_ensemble_round_trips_bit_for_bit() {
-    round_trip("lora");
+    round_trip("lora", Normalize::Dataset);
 }
 
 #[test]
 fn explicit_ensemble_round_trips_bit_for_bit() {
-    round_trip("explicit");
+    round_trip("explicit", Normalize::Dataset);
+}
+
+/// Trained on pixels in [0, 1]: eval takes that from the checkpoint without being told, and
+/// the exported file's normalisation (mean 0, std 1) gives eval's probabilities from raw pixels.
+#[test]
+fn an_unnormalised_ensemble_round_trips_bit_for_bit() {
+    round_trip("lora", Normalize::None);
 }
 
 #[test]
 fn the_exported_file_holds_shared_weights_once_and_stacked_adapters() {
     let dir = temp_dir("layout");
-    let (_, exported) = train_eval_export("lora", &dir);
+    let (_, exported) = train_eval_export("lora", &dir, &[]);
     let f = TensorFile::read(&exported).unwrap();
     assert_eq!(f.meta("format").unwrap(), "loren-ensemble-v1");
     assert_eq!(f.meta("layout").unwrap(), "shared");
@@ -168,6 +178,7 @@ fn the_exported_file_holds_shared_weights_once_and_stacked_adapters() {
     assert_eq!(vit, VitConfig::tiny());
     let mean: Vec<f32> = f.meta_json("norm_mean").unwrap();
     assert_eq!(mean, vec![0.5]);
+    assert_eq!(f.meta("normalize").unwrap(), "dataset");
     assert!(!f.names().any(|n| n.starts_with("optim.")));
 }
 
@@ -202,7 +213,7 @@ fn export_and_load_refuse_the_wrong_files() {
 #[test]
 fn predict_rejects_images_of_the_wrong_size() {
     let dir = temp_dir("size");
-    let (_, exported) = train_eval_export("lora", &dir);
+    let (_, exported) = train_eval_export("lora", &dir, &[]);
     let ens = Ensemble::load(&exported, DeviceSpec::Cpu).unwrap();
     for bad in [0, 63, 65] {
         let e = ens.predict(&vec![0.0; bad]).unwrap_err().to_string();

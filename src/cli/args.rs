@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use loren::dataset::DataSource;
+use loren::dataset::{DataSource, Normalize};
 use loren::progress::Verbosity;
 use loren::report::split_phrase;
 use loren::run::{RunResult, RunSpec};
@@ -222,6 +222,12 @@ pub struct DataArgs {
     /// Batch size for evaluation.
     #[arg(long, default_value_t = 256)]
     pub eval_batch_size: usize,
+    /// How images are scaled for the model: dataset ((x - mean) / std per channel with the
+    /// dataset's statistics: see the README's table of datasets) or none (pixels in [0, 1], as
+    /// the LoRA-Ensemble paper's code feeds them). Default: dataset; a resumed run and `eval`
+    /// take the checkpoint's.
+    #[arg(long)]
+    pub normalize: Option<String>,
 }
 
 impl DataArgs {
@@ -229,17 +235,27 @@ impl DataArgs {
         if self.eval_batch_size == 0 {
             bail!("--eval-batch-size 0: must be at least 1");
         }
+        self.normalize()?;
         Ok(())
+    }
+
+    /// `--normalize`, or the default.
+    pub fn normalize(&self) -> Result<Normalize> {
+        match &self.normalize {
+            Some(n) => n.parse().context("--normalize"),
+            None => Ok(Normalize::default()),
+        }
     }
 }
 
 /// The data for a model of config `vit` (its channels and image size).
 pub fn splits(data: &DataArgs, vit: &VitConfig) -> Result<Splits> {
     let source: DataSource = data.data.as_deref().unwrap_or("digits").parse()?;
-    source.splits(&data.holdout_classes, vit)
+    source.splits(&data.holdout_classes, vit, data.normalize()?)
 }
 
-/// What `eval` needs to rebuild the same data: the source and the held-out classes.
+/// What `eval` needs to rebuild the same data: the source, the held-out classes and the
+/// normalisation.
 pub fn data_metadata(data: &DataArgs) -> HashMap<String, String> {
     // As the splits take them: sorted, once each (8,9 and 9,8 are the same data).
     let mut classes = data.holdout_classes.clone();
@@ -257,6 +273,10 @@ pub fn data_metadata(data: &DataArgs) -> HashMap<String, String> {
             },
         ),
         ("holdout_classes".to_string(), holdout.join(",")),
+        (
+            Normalize::KEY.to_string(),
+            data.normalize().unwrap_or_default().to_string(),
+        ),
     ])
 }
 

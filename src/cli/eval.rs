@@ -7,6 +7,7 @@ use clap::Args;
 
 use super::say;
 use loren::backbone::checkpoint_backbone;
+use loren::dataset::Normalize;
 use loren::progress::{EvalBar, Verbosity};
 use loren::report::{calibration_report, method_title};
 use loren::run::read_checkpoint;
@@ -83,6 +84,18 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         );
     }
     data_args.holdout_classes = recorded;
+    // The scaling the model was trained with is part of the model: another would score it on
+    // inputs it never saw.
+    let trained = Normalize::recorded(meta)?;
+    if a.data.normalize.is_some() && a.data.normalize()? != trained {
+        anyhow::bail!(
+            "--normalize {}: {} was trained with --normalize {trained}; leave the flag out to use \
+             that",
+            a.data.normalize()?,
+            a.checkpoint.display()
+        );
+    }
+    data_args.normalize = Some(trained.to_string());
     let vit: VitConfig = file.meta_json("vit")?;
     let data = splits(&data_args, &vit)?;
     let backbone = checkpoint_backbone(&file, a.backbone.as_deref(), &vit)?;

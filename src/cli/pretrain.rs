@@ -68,6 +68,7 @@ pub fn pretrain(a: &PretrainArgs) -> Result<()> {
             no_shift: true,
             no_ood: true,
             eval_batch_size: 256,
+            normalize: None,
         },
         &VitConfig::tiny(),
     )?;

@@ -8,6 +8,7 @@ use clap::{ArgMatches, Args, Parser};
 
 use super::say;
 use loren::backbone;
+use loren::dataset::Normalize;
 use loren::progress::Verbosity;
 use loren::report::{calibration_report, method_title, training_line};
 use loren::run::{check_resume, read_checkpoint, run};
@@ -255,6 +256,9 @@ fn with_saved_settings(
     }
     if keep("holdout_classes") {
         r.data.holdout_classes = saved_holdout_classes(meta)?;
+    }
+    if keep("normalize") {
+        r.data.normalize = Some(Normalize::recorded(meta)?.to_string());
     }
     Ok(r)
 }
