@@ -203,9 +203,8 @@ impl DataSource {
     }
 }
 
-/// Every part with the model's channels, resized to its image size as batches are made.
-/// The splits at the model's channels and size, normalised by `normalization` (mean, std) when
-/// given rather than by the loader's statistics.
+/// Every part with the model's channels, resized to its image size as batches are made, and
+/// normalised by `normalization` (mean, std) when given rather than by the loader's statistics.
 fn fit_to_model(
     s: Splits,
     vit: &VitConfig,
