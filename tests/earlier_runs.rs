@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 mod common;
 use common::{fails_with, loren, loren_in, strs, temp_dir};
 
-use loren_nn::checkpoint::{TensorFile, write};
+use loren_nn::checkpoint::{Entry, TensorFile, write};
 
 /// The command fails with one error line holding every needle, having printed nothing else
 /// (with -q, a run that trained or evaluated first would have printed its report).
@@ -215,11 +215,7 @@ fn resuming_or_evaluating_with_other_normalisation_is_refused() {
     let file = TensorFile::read(&ckpt).unwrap();
     let mut meta = file.metadata().clone();
     assert_eq!(meta.remove("normalize").as_deref(), Some("dataset"));
-    let tensors: Vec<_> = file
-        .names()
-        .map(|n| (n.to_string(), file.get(n).unwrap().clone()))
-        .collect();
-    write(&ckpt, &tensors, meta).unwrap();
+    write(&ckpt, &all_tensors(&file), meta).unwrap();
     let (ok, _, err) = loren(&[
         "train",
         "--resume",
@@ -232,14 +228,18 @@ fn resuming_or_evaluating_with_other_normalisation_is_refused() {
     assert_eq!(epochs_in_report(&copy), 3);
 }
 
+/// Every tensor of `file`, to write again with a change.
+fn all_tensors(file: &TensorFile) -> Vec<(String, Entry)> {
+    file.names()
+        .map(|n| (n.to_string(), file.get(n).unwrap().clone()))
+        .collect()
+}
+
 /// The bundled backbone with one weight changed, as a backbone pretrained again would differ.
 fn other_backbone(dir: &Path) -> PathBuf {
     let bundled = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/backbone-tiny.safetensors");
     let file = TensorFile::read(&bundled).unwrap();
-    let mut tensors: Vec<_> = file
-        .names()
-        .map(|n| (n.to_string(), file.get(n).unwrap().clone()))
-        .collect();
+    let mut tensors = all_tensors(&file);
     tensors[0].1.data[0] += 0.5;
     let path = dir.join("backbone.safetensors");
     write(&path, &tensors, file.metadata().clone()).unwrap();
