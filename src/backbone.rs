@@ -58,6 +58,7 @@ impl PretrainSpec {
                 optimizer: loren_autograd::optim::OptimizerKind::adamw(0.05),
                 grad_clip: Some(1.0),
                 augment: loren_nn::data::Augment::digits(),
+                shuffle: true,
                 seed: 0,
                 activations: Activations::Keep,
             },

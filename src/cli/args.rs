@@ -161,6 +161,11 @@ pub struct OptimArgs {
     /// rotation, which together turn images to any angle, mirrored half the time).
     #[arg(long, default_value = "none")]
     pub augment: String,
+    /// Train on the images in the dataset's own order every epoch, where the default draws a
+    /// fresh seeded order for each (the LoRA-Ensemble paper's code does not shuffle). That is
+    /// the files' order for CIFAR, and class by class for an image folder.
+    #[arg(long)]
+    pub no_shuffle: bool,
     /// Keep only each transformer block's input in the forward and run the block again in the
     /// backward: far less activation memory (for large batches or ViT-B at many members), a
     /// third to a half more time per step, the same gradients bit for bit.
@@ -340,6 +345,7 @@ pub fn train_config(o: &OptimArgs, method: Method, seed: u64) -> Result<TrainCon
                 anyhow::bail!("unknown augmentation '{other}': expected none, digits or paper")
             }
         },
+        shuffle: !o.no_shuffle,
         seed,
         activations: activations(o.recompute),
     })

@@ -242,6 +242,9 @@ fn with_saved_settings(
             o.augment = name.to_string();
         }
     }
+    if keep("no_shuffle") {
+        o.no_shuffle = !train.shuffle;
+    }
     if keep("recompute") {
         o.recompute = train.activations == Activations::Recompute;
     }

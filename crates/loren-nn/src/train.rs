@@ -34,6 +34,10 @@ pub struct TrainConfig {
     /// Clip the global gradient norm to this, when set.
     pub grad_clip: Option<f64>,
     pub augment: Augment,
+    /// A fresh seeded order of the training images every epoch; false keeps the dataset's own
+    /// order, as the LoRA-Ensemble paper's code does (`shuffle: false`).
+    #[serde(default = "shuffled")]
+    pub shuffle: bool,
     /// Seeds the data order and augmentation (the model's start has its own seed).
     pub seed: u64,
     /// What the forward keeps for the backward; recomputing gives the same gradients, bit for
@@ -56,6 +60,7 @@ impl TrainConfig {
             optimizer: OptimizerKind::adamw(0.01),
             grad_clip: Some(1.0),
             augment: Augment::none(),
+            shuffle: true,
             seed: 0,
             activations,
         }
@@ -88,6 +93,11 @@ impl TrainConfig {
         self.augment.validate()?;
         Ok(())
     }
+}
+
+/// Checkpoints from before [`TrainConfig::shuffle`] shuffled.
+fn shuffled() -> bool {
+    true
 }
 
 /// What a step reports to an [`Observer`].
@@ -307,7 +317,11 @@ impl<'m> Trainer<'m> {
     /// Run one epoch over `data` in its seeded order.
     pub fn run_epoch(&mut self, data: &Dataset, observer: &mut dyn Observer) -> Result<EpochInfo> {
         let start = Instant::now();
-        let order = epoch_order(data.len(), self.config.seed, self.epoch as u64);
+        let order = if self.config.shuffle {
+            epoch_order(data.len(), self.config.seed, self.epoch as u64)
+        } else {
+            (0..data.len()).collect()
+        };
         let (mut sum, mut count) = (0.0f64, 0usize);
         // --- prefetch (issue 5): batches are made on a background thread, in the same order and
         // from the same streams as before, while the previous step computes.

@@ -27,6 +27,7 @@ fn step_peak(method: Method, members: usize) -> (MemoryReport, usize) {
         optimizer: OptimizerKind::adamw(0.0),
         grad_clip: None,
         augment: Augment::none(),
+        shuffle: true,
         seed: 0,
         activations: loren_nn::config::Activations::Keep,
     };
