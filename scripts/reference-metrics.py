@@ -11,7 +11,9 @@ is computed in f64 from them, on the members' mean (the ensemble's prediction):
   that higher means more OOD: AUROC (sklearn roc_auc_score), AUPR (sklearn
   average_precision_score) and FPR at 95% TPR (sklearn roc_curve) for -max probability, entropy
   and mutual information. Some OOD samples are exact copies of in-distribution ones, so scores
-  tie across the two sets and the tie rules are tested too.
+  tie across the two sets and the tie rules are tested too. And the paper's own ECE
+  (prs-eth/LoRA-Ensemble, utils_uncertainty._ECELoss: 10 bins (lower, upper], on the softmax
+  of the members' mean logits), as its code computes it.
 
 Run:  python scripts/reference-metrics.py crates/loren-nn/tests/fixtures/reference-metrics
 It writes metrics.safetensors: `probs` [M, N, C] and `labels` [N] (as f32) for the labelled set,
@@ -30,6 +32,23 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from torchmetrics.classification import MulticlassCalibrationError
 
 MEMBERS, SAMPLES, OOD, CLASSES, COPIES = 4, 600, 400, 7, 60
+
+
+def paper_ece(member_logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 10) -> float:
+    """The LoRA-Ensemble paper's ECE (its utils_uncertainty._ECELoss, which its evaluation feeds
+    the members' mean logits): softmax, top-label confidence, bins (lower, upper]."""
+    softmaxes = torch.softmax(member_logits.mean(0), dim=1)
+    confidences, predictions = torch.max(softmaxes, 1)
+    accuracies = predictions.eq(labels)
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=confidences.dtype)
+    ece = torch.zeros(1, dtype=confidences.dtype)
+    for lower, upper in zip(edges[:-1], edges[1:]):
+        in_bin = confidences.gt(lower.item()) * confidences.le(upper.item())
+        prop = in_bin.double().mean()
+        if prop.item() > 0:
+            gap = confidences[in_bin].mean() - accuracies[in_bin].double().mean()
+            ece += torch.abs(gap) * prop
+    return ece.item()
 
 
 def ensemble(n: int, sharpness: float, gen: torch.Generator) -> torch.Tensor:
@@ -74,6 +93,8 @@ def main() -> None:
     ood[:, :COPIES] = probs[:, :COPIES]  # exact ties between the two sets
 
     figures = {
+        # The members' logits are their log probabilities up to a constant per sample and member.
+        "ece_paper": paper_ece(probs.double().log(), labels),
         "accuracy": (mean.argmax(-1) == labels).double().mean().item(),
         "ece": MulticlassCalibrationError(num_classes=CLASSES, n_bins=15, norm="l1")(mean, labels).item(),
         "nll": torch.nn.functional.nll_loss(mean.clamp_min(1e-12).log(), labels).item(),

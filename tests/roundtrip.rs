@@ -130,6 +130,7 @@ fn round_trip(method: &str, normalize: Normalize) {
         ("accuracy", ours.accuracy),
         ("nll", ours.nll),
         ("ece", ours.ece),
+        ("ece_paper", ours.ece_paper),
     ] {
         let written = report["test"][key].as_f64().unwrap();
         assert!(

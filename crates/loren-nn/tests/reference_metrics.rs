@@ -1,4 +1,5 @@
-//! The calibration report and OOD detection against scikit-learn, torchmetrics and torch.
+//! The calibration report and OOD detection against scikit-learn, torchmetrics and torch, and
+//! the LoRA-Ensemble paper's ECE against its own algorithm.
 //! `scripts/reference-metrics.py` made a random ensemble (4 members, 600 labelled samples, 400
 //! OOD samples of which 60 copy labelled ones exactly, 7 classes) and computed its figures with
 //! those libraries (`fixtures/reference-metrics/`, the figures in the file's metadata). loren's
@@ -55,6 +56,13 @@ fn calibration_report_matches_torchmetrics_and_torch() {
     assert_close("accuracy", r.accuracy, figure(&file, "accuracy"), 1e-12);
     // torchmetrics returns its ECE in f32.
     assert_close("ECE", r.ece, figure(&file, "ece"), 1e-7);
+    // The paper's ECE, its algorithm in torch on the members' mean logits, in f64.
+    assert_close(
+        "the paper's ECE",
+        r.ece_paper,
+        figure(&file, "ece_paper"),
+        1e-12,
+    );
     assert_close("NLL", r.nll, figure(&file, "nll"), 1e-12);
     assert_close("Brier", r.brier, figure(&file, "brier"), 1e-12);
     // torch's Categorical rescales each row to sum to 1 first; the f32 rows sum to 1 within

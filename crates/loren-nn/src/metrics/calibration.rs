@@ -46,6 +46,10 @@ pub struct CalibrationReport {
     pub ece: f64,
     /// The same over [`NUM_BINS`] equal-mass bins.
     pub adaptive_ece: f64,
+    /// ECE as the LoRA-Ensemble paper's code computes it, for comparison with its tables; see
+    /// [`paper_ece`]. Absent from reports written before it (read as 0).
+    #[serde(default)]
+    pub ece_paper: f64,
     /// Mean of −ln max(p̄_y, [`NLL_FLOOR`]), nats.
     pub nll: f64,
     /// Σ_c (p̄_c − 1[y = c])², summed over classes and averaged over samples; in [0, 2].
@@ -137,6 +141,7 @@ pub fn calibration(preds: &Predictions, labels: &[u32]) -> Result<CalibrationRep
         mean_confidence: mean(stats.confidence.iter().copied()),
         ece: binned_calibration_error(&bins, preds.samples),
         adaptive_ece: adaptive_ece(&stats.confidence, &correct, NUM_BINS),
+        ece_paper: paper_ece(preds, labels),
         nll: nll(&stats.mean, labels, preds.classes),
         brier: brier(&stats.mean, labels, preds.classes),
         mean_member_accuracy: mean(member_accuracy.iter().copied()),
@@ -218,6 +223,54 @@ fn binned_calibration_error(bins: &[ReliabilityBin], samples: usize) -> f64 {
         .map(|b| b.count as f64 * (b.accuracy - b.confidence).abs())
         .sum();
     weighted / samples.max(1) as f64
+}
+
+/// ECE as the LoRA-Ensemble paper's code (`utils_uncertainty._ECELoss`, fed the members' mean
+/// logits) computes it: the prediction is the softmax of the members' mean logits, and its
+/// top-label confidences go into 10 bins `(k/10, (k+1)/10]`. A member's logits are its log
+/// probabilities up to a constant per sample, and constants cancel in a softmax, so that
+/// prediction is the members' geometric mean of probabilities, normalised: what is computed
+/// here. A probability that f32 rounded to 0 counts as f32's least positive value, 1e-45: the
+/// logits would give something as small, too small to move the confidence, and the logarithms
+/// stay finite. `preds` and `labels` are valid ([`calibration`]).
+pub fn paper_ece(preds: &Predictions, labels: &[u32]) -> f64 {
+    const BINS: usize = 10;
+    const UNDERFLOW: f64 = 1e-45;
+    let (n, c) = (preds.samples, preds.classes);
+    let mut count = [0usize; BINS];
+    let mut hits = [0usize; BINS];
+    let mut conf_sum = [0.0f64; BINS];
+    let mut log_mean = vec![0.0f64; c];
+    for (s, &label) in labels.iter().enumerate().take(n) {
+        log_mean.fill(0.0);
+        for m in 0..preds.members {
+            let row = &preds.member(m)[s * c..(s + 1) * c];
+            for (acc, &p) in log_mean.iter_mut().zip(row) {
+                *acc += f64::from(p).max(UNDERFLOW).ln();
+            }
+        }
+        let top = log_mean.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        // Lowest index on ties, as torch.max.
+        let predicted = log_mean.iter().position(|&v| v == top).unwrap_or(0);
+        let scale = preds.members as f64;
+        let total: f64 = log_mean.iter().map(|&v| ((v - top) / scale).exp()).sum();
+        let confidence = 1.0 / total;
+        // (k/10, (k+1)/10]: the ceiling, less one; a confidence of 0 is in no bin.
+        if confidence > 0.0 {
+            let b = ((confidence * BINS as f64).ceil() as usize).clamp(1, BINS) - 1;
+            count[b] += 1;
+            hits[b] += usize::from(predicted == label as usize);
+            conf_sum[b] += confidence;
+        }
+    }
+    let weighted: f64 = (0..BINS)
+        .filter(|&b| count[b] > 0)
+        .map(|b| {
+            let k = count[b] as f64;
+            k * (hits[b] as f64 / k - conf_sum[b] / k).abs()
+        })
+        .sum();
+    weighted / n.max(1) as f64
 }
 
 /// ECE over equal-mass bins of the confidence-sorted samples.
@@ -408,6 +461,22 @@ mod tests {
         let d: &[&[f32]] = &[&[0.5, 0.5]];
         let r = calibration(&preds(&[c, d]), &[1]).unwrap();
         assert_eq!(r.bins[9].count, 1, "{:?}", r.bins);
+    }
+
+    #[test]
+    fn the_papers_ece_bins_close_on_the_right_and_average_logits() {
+        // Confidence exactly 0.5 (a tie, class 0, right) is in (0.4, 0.5]; 0.55 (wrong) in
+        // (0.5, 0.6]: two bins, 0.5 and 0.55 off. In one bin they would be 0.025 off.
+        let a: &[&[f32]] = &[&[0.5, 0.5], &[0.55, 0.45]];
+        let e = paper_ece(&preds(&[a]), &[0, 1]);
+        assert!(close(e, (0.5 + f64::from(0.55f32)) / 2.0, 1e-7), "{e}");
+        // Two members at 0.9 and 0.6 for class 0: the softmax of their mean logits is the
+        // normalised geometric mean, sqrt(.54) / (sqrt(.54) + sqrt(.04)) = 0.786.., not 0.75.
+        let m1: &[&[f32]] = &[&[0.9, 0.1]];
+        let m2: &[&[f32]] = &[&[0.6, 0.4]];
+        let g = 0.54f64.sqrt() / (0.54f64.sqrt() + 0.04f64.sqrt());
+        let e = paper_ece(&preds(&[m1, m2]), &[0]);
+        assert!(close(e, 1.0 - g, 1e-7), "{e} against {}", 1.0 - g);
     }
 
     #[test]

@@ -12,7 +12,7 @@ mod ood;
 mod uncertainty;
 
 pub use calibration::{
-    CalibrationReport, NLL_FLOOR, NUM_BINS, ReliabilityBin, ShiftRow, calibration,
+    CalibrationReport, NLL_FLOOR, NUM_BINS, ReliabilityBin, ShiftRow, calibration, paper_ece,
 };
 pub use ood::{DetectionMetrics, OodReport, detection_metrics, ood_detection};
 pub use uncertainty::{Scores, scores};
