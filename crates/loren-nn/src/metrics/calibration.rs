@@ -193,11 +193,22 @@ pub(crate) fn bin_index(confidence: f64, n_bins: usize) -> usize {
 }
 
 fn equal_width_bins(confidence: &[f64], correct: &[bool], n_bins: usize) -> Vec<ReliabilityBin> {
+    binned(confidence, correct, n_bins, |c| Some(bin_index(c, n_bins)))
+}
+
+/// `n_bins` equal-width bins of the samples, each put in bin `bin_of(confidence)` (none: in no
+/// bin).
+fn binned(
+    confidence: &[f64],
+    correct: &[bool],
+    n_bins: usize,
+    bin_of: impl Fn(f64) -> Option<usize>,
+) -> Vec<ReliabilityBin> {
     let mut count = vec![0usize; n_bins];
     let mut hits = vec![0usize; n_bins];
     let mut conf_sum = vec![0.0f64; n_bins];
     for (&c, &ok) in confidence.iter().zip(correct) {
-        let b = bin_index(c, n_bins);
+        let Some(b) = bin_of(c) else { continue };
         count[b] += 1;
         hits[b] += usize::from(ok);
         conf_sum[b] += c;
@@ -237,40 +248,28 @@ pub fn paper_ece(preds: &Predictions, labels: &[u32]) -> f64 {
     const BINS: usize = 10;
     const UNDERFLOW: f64 = 1e-45;
     let (n, c) = (preds.samples, preds.classes);
-    let mut count = [0usize; BINS];
-    let mut hits = [0usize; BINS];
-    let mut conf_sum = [0.0f64; BINS];
-    let mut log_mean = vec![0.0f64; c];
+    let mut confidence = Vec::with_capacity(n);
+    let mut correct = Vec::with_capacity(n);
+    let mut log_sum = vec![0.0f64; c];
     for (s, &label) in labels.iter().enumerate().take(n) {
-        log_mean.fill(0.0);
+        log_sum.fill(0.0);
         for m in 0..preds.members {
             let row = &preds.member(m)[s * c..(s + 1) * c];
-            for (acc, &p) in log_mean.iter_mut().zip(row) {
+            for (acc, &p) in log_sum.iter_mut().zip(row) {
                 *acc += f64::from(p).max(UNDERFLOW).ln();
             }
         }
-        let top = log_mean.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let top = log_sum.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         // Lowest index on ties, as torch.max.
-        let predicted = log_mean.iter().position(|&v| v == top).unwrap_or(0);
-        let scale = preds.members as f64;
-        let total: f64 = log_mean.iter().map(|&v| ((v - top) / scale).exp()).sum();
-        let confidence = 1.0 / total;
-        // (k/10, (k+1)/10]: the ceiling, less one; a confidence of 0 is in no bin.
-        if confidence > 0.0 {
-            let b = ((confidence * BINS as f64).ceil() as usize).clamp(1, BINS) - 1;
-            count[b] += 1;
-            hits[b] += usize::from(predicted == label as usize);
-            conf_sum[b] += confidence;
-        }
+        let predicted = log_sum.iter().position(|&v| v == top).unwrap_or(0);
+        let members = preds.members as f64;
+        let total: f64 = log_sum.iter().map(|&v| ((v - top) / members).exp()).sum();
+        confidence.push(1.0 / total);
+        correct.push(predicted == label as usize);
     }
-    let weighted: f64 = (0..BINS)
-        .filter(|&b| count[b] > 0)
-        .map(|b| {
-            let k = count[b] as f64;
-            k * (hits[b] as f64 / k - conf_sum[b] / k).abs()
-        })
-        .sum();
-    weighted / n.max(1) as f64
+    // (k/10, (k+1)/10]: the ceiling, less one; a confidence of 0 is in no bin.
+    let bin_of = |c: f64| (c > 0.0).then(|| ((c * BINS as f64).ceil() as usize).clamp(1, BINS) - 1);
+    binned_calibration_error(&binned(&confidence, &correct, BINS, bin_of), n)
 }
 
 /// ECE over equal-mass bins of the confidence-sorted samples.
