@@ -241,9 +241,9 @@ fn binned_calibration_error(bins: &[ReliabilityBin], samples: usize) -> f64 {
 /// top-label confidences go into 10 bins `(k/10, (k+1)/10]`. A member's logits are its log
 /// probabilities up to a constant per sample, and constants cancel in a softmax, so that
 /// prediction is the members' geometric mean of probabilities, normalised: what is computed
-/// here. A probability that f32 rounded to 0 counts as f32's least positive value, 1e-45: the
-/// logits would give something as small, too small to move the confidence, and the logarithms
-/// stay finite. `preds` and `labels` are valid ([`calibration`]).
+/// here. A probability that f32 rounded to 0 counts as 1e-45, about f32's least positive
+/// value: the logits would give something as small, too small to move the confidence, and the
+/// logarithms stay finite. `preds` and `labels` are valid ([`calibration`]).
 pub fn paper_ece(preds: &Predictions, labels: &[u32]) -> f64 {
     const BINS: usize = 10;
     const UNDERFLOW: f64 = 1e-45;
