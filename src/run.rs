@@ -156,12 +156,16 @@ fn check_same_data(
     let mut keys: Vec<&String> = ours.keys().collect();
     keys.sort();
     for key in keys {
-        let missing = if key == Normalize::KEY {
-            "dataset" // the only normalisation before the setting was recorded
-        } else {
-            "(none)"
+        // A checkpoint from before the normalisation was recorded reads as its default.
+        let saved = match key.as_str() {
+            Normalize::KEY => Normalize::recorded(file.metadata())?.to_string(),
+            _ => file
+                .metadata()
+                .get(key)
+                .map_or("(none)", String::as_str)
+                .to_string(),
         };
-        let saved = file.metadata().get(key).map_or(missing, String::as_str);
+        let saved = saved.as_str();
         let now = ours[key].as_str();
         if saved == now {
             continue;
