@@ -11,7 +11,7 @@
 
 use anyhow::{Context, Result};
 use loren::Ensemble;
-use loren::dataset::{DataSource, Normalize};
+use loren::dataset::{DataSource, Normalize, recorded_train_on_val};
 use loren::tensor::DeviceSpec;
 
 fn main() -> Result<()> {
@@ -33,7 +33,12 @@ fn main() -> Result<()> {
         .transpose()?
         .unwrap_or_default();
     let test = source
-        .splits(&holdout, ens.vit(), Normalize::recorded(meta)?)?
+        .splits(
+            &holdout,
+            ens.vit(),
+            Normalize::recorded(meta)?,
+            recorded_train_on_val(meta)?,
+        )?
         .test;
     let idx: Vec<usize> = (0..n.min(test.len())).collect();
     // Normalised and at the model's size, exactly as `loren eval` feeds the model.

@@ -102,8 +102,12 @@ pub fn pretrain(
         let _ctrl_c = crate::interrupt::Guard::install();
         trainer.fit(&data.pretrain, &CheckpointSpec::default(), &mut bar)?
     };
-    let val = predict(&model, &data.val, 256, &mut |_| Ok(()))?;
-    let val_accuracy = calibration(&val, &data.val.labels)?.accuracy;
+    let val_set = data
+        .val
+        .as_ref()
+        .context("pretraining scores the backbone on the validation part, and it has none")?;
+    let val = predict(&model, val_set, 256, &mut |_| Ok(()))?;
+    let val_accuracy = calibration(&val, &val_set.labels)?.accuracy;
     let mut tensors = model.backbone_tensors()?;
     // The pretraining head comes along for reference; fine-tuning starts new heads.
     for (name, e) in model.tensors(|name, _| name.starts_with("head."))? {

@@ -59,6 +59,20 @@ impl fmt::Display for Normalize {
     }
 }
 
+/// The checkpoint metadata key that records whether a run trained on the validation part too
+/// (`--train-on-val`): "true" or "false".
+pub const TRAIN_ON_VAL_KEY: &str = "train_on_val";
+
+/// Whether the run whose checkpoint metadata is `meta` trained on its validation part.
+/// Checkpoints from before the setting lack the key, and kept the part apart.
+pub fn recorded_train_on_val(meta: &std::collections::HashMap<String, String>) -> Result<bool> {
+    meta.get(TRAIN_ON_VAL_KEY).map_or(Ok(false), |v| {
+        v.parse().map_err(|_| {
+            anyhow::anyhow!("checkpoint metadata {TRAIN_ON_VAL_KEY} '{v}': expected true or false")
+        })
+    })
+}
+
 /// A dataset: `digits` (the bundled 8×8 digits), `digits:PATH` (the same format from a file),
 /// `cifar10:DIR` and `cifar100:DIR` (the official binary version), or `folder:DIR` (one
 /// subfolder of PNG or JPEG images per class).
@@ -120,6 +134,8 @@ impl DataSource {
     /// - a folder: train / validation / test (70% / 10% / 20%, stratified, seeded).
     ///
     /// CIFAR and folders have no pretraining part: their backbone comes from `--backbone`.
+    /// With `train_on_val` the validation images join the training part (in the files' order)
+    /// and there is no validation part; the other parts stay as they were.
     /// Images are brought to the model's channels (grey repeated into RGB, or RGB to grey), and
     /// to its size: folders when read, the others as each batch is made; then normalised as
     /// `normalize` says.
@@ -128,6 +144,7 @@ impl DataSource {
         holdout_classes: &[u32],
         vit: &VitConfig,
         normalize: Normalize,
+        train_on_val: bool,
     ) -> Result<Splits> {
         // Images are made grey or colour (convert_channels); a model of other channels (from a
         // damaged checkpoint, say) is refused here rather than met there.
@@ -146,17 +163,18 @@ impl DataSource {
                 };
                 let opts = SplitOptions {
                     holdout_classes: holdout_classes.to_vec(),
+                    train_on_val,
                     ..SplitOptions::default()
                 };
                 split_digits(&all, &opts)?
             }
             DataSource::Cifar(kind, dir) => {
                 let parts = load_cifar(dir, *kind)?;
-                split_official(&parts.train, &parts.test, holdout_classes)?
+                split_official(&parts.train, &parts.test, holdout_classes, train_on_val)?
             }
             DataSource::Folder(dir) => {
                 let shape = [vit.channels, vit.image_size, vit.image_size];
-                split_seeded(&load_folder(dir, shape)?, holdout_classes)?
+                split_seeded(&load_folder(dir, shape)?, holdout_classes, train_on_val)?
             }
         };
         // The loaders normalise with the dataset's statistics already.
@@ -222,7 +240,7 @@ fn fit_to_model(
     Ok(Splits {
         pretrain: fit(s.pretrain)?,
         train: fit(s.train)?,
-        val: fit(s.val)?,
+        val: s.val.map(fit).transpose()?,
         test: fit(s.test)?,
         held_out: s.held_out.map(fit).transpose()?,
     })
@@ -239,12 +257,12 @@ mod tests {
             ..VitConfig::tiny()
         };
         let e = DataSource::Digits(None)
-            .splits(&[], &vit, Normalize::Dataset)
+            .splits(&[], &vit, Normalize::Dataset, false)
             .unwrap_err();
         assert!(e.to_string().contains("takes 2 channels"), "{e}");
         assert!(
             DataSource::Digits(None)
-                .splits(&[], &VitConfig::tiny(), Normalize::Dataset)
+                .splits(&[], &VitConfig::tiny(), Normalize::Dataset, false)
                 .is_ok()
         );
     }
@@ -253,9 +271,14 @@ mod tests {
     fn unnormalised_splits_batch_pixels_on_the_unit_scale() {
         let vit = VitConfig::tiny();
         let plain = DataSource::Digits(None)
-            .splits(&[], &vit, Normalize::None)
+            .splits(&[], &vit, Normalize::None, false)
             .unwrap();
-        for d in [&plain.train, &plain.val, &plain.test, &plain.pretrain] {
+        for d in [
+            &plain.train,
+            plain.val.as_ref().unwrap(),
+            &plain.test,
+            &plain.pretrain,
+        ] {
             assert_eq!(
                 (&d.norm_mean[..], &d.norm_std[..]),
                 (&[0.0][..], &[1.0][..])
@@ -264,7 +287,7 @@ mod tests {
         let raw = plain.test.image(0).to_vec();
         assert_eq!(plain.test.batch(&[0], None).images, raw);
         let scaled = DataSource::Digits(None)
-            .splits(&[], &vit, Normalize::Dataset)
+            .splits(&[], &vit, Normalize::Dataset, false)
             .unwrap();
         let want: Vec<f32> = raw.iter().map(|x| (x - 0.5) / 0.5).collect();
         assert_eq!(scaled.test.batch(&[0], None).images, want);
@@ -302,14 +325,14 @@ mod tests {
             ..VitConfig::tiny()
         };
         let s = DataSource::Digits(None)
-            .splits(&[], &vit, Normalize::Dataset)
+            .splits(&[], &vit, Normalize::Dataset, false)
             .unwrap();
         assert_eq!(s.train.shape(), [3, 8, 8]);
         assert_eq!(s.train.batch_shape(), [3, 16, 16]);
         let b = s.test.batch(&[0, 1], None);
         assert_eq!((b.channels, b.height, b.width), (3, 16, 16));
         let plain = DataSource::Digits(None)
-            .splits(&[], &VitConfig::tiny(), Normalize::Dataset)
+            .splits(&[], &VitConfig::tiny(), Normalize::Dataset, false)
             .unwrap();
         assert_eq!(plain.train.resize_to, None);
         assert_eq!(

@@ -40,7 +40,7 @@ use loren_nn::vit::Vit;
 use loren_tensor::{DeviceSpec, MemTag, Tensor};
 
 use crate::backbone::checkpoint_backbone;
-use crate::dataset::{DataSource, Normalize};
+use crate::dataset::{DataSource, Normalize, TRAIN_ON_VAL_KEY, recorded_train_on_val};
 use crate::outputs::same_file;
 
 /// Marks a file written by [`export`].
@@ -372,6 +372,10 @@ fn export_metadata(
         ("class_names".to_string(), json(&names)),
         ("data".to_string(), data.to_string()),
         (Normalize::KEY.to_string(), normalize.to_string()),
+        (
+            TRAIN_ON_VAL_KEY.to_string(),
+            recorded_train_on_val(meta)?.to_string(),
+        ),
         (
             "holdout_classes".to_string(),
             meta.get("holdout_classes").cloned().unwrap_or_default(),

@@ -21,7 +21,7 @@ use loren_tensor::{Device, DeviceSpec, MemTag, MemoryReport};
 use serde::Serialize;
 
 use crate::bench::{Budget, CPU_RSS_FACTOR, CPU_RSS_MARGIN, budget_for, need_for_peak, precision};
-use crate::dataset::Normalize;
+use crate::dataset::{Normalize, TRAIN_ON_VAL_KEY, recorded_train_on_val};
 use crate::progress::{EvalBar, TrainBar, Verbosity};
 use crate::report::bytes;
 
@@ -78,10 +78,11 @@ pub struct RunResult {
     /// What the training forward kept for the backward.
     pub activations: Activations,
     pub train: TrainSummary,
-    /// Accuracy and NLL on the validation split: the split to choose settings by.
-    pub val_accuracy: f64,
-    pub val_nll: f64,
-    pub val_ece: f64,
+    /// Accuracy, NLL and ECE on the validation split, the split to choose settings by; `None`
+    /// when the run trained on it (`--train-on-val`).
+    pub val_accuracy: Option<f64>,
+    pub val_nll: Option<f64>,
+    pub val_ece: Option<f64>,
     pub report: EvalReport,
     pub train_seconds: f64,
     pub eval_seconds: f64,
@@ -156,9 +157,10 @@ fn check_same_data(
     let mut keys: Vec<&String> = ours.keys().collect();
     keys.sort();
     for key in keys {
-        // A checkpoint from before the normalisation was recorded reads as its default.
+        // A checkpoint from before these settings were recorded reads as their defaults.
         let saved = match key.as_str() {
             Normalize::KEY => Normalize::recorded(file.metadata())?.to_string(),
+            TRAIN_ON_VAL_KEY => recorded_train_on_val(file.metadata())?.to_string(),
             _ => file
                 .metadata()
                 .get(key)
@@ -274,10 +276,15 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
             c.display()
         )
     });
-    let val = predict(&model, &data.val, spec.eval.batch_size, &mut |_| {
-        crate::interrupt::scoring_stop(&kept)
-    })?;
-    let val_report = calibration(&val, &data.val.labels)?;
+    let val_report = match &data.val {
+        Some(val) => {
+            let probs = predict(&model, val, spec.eval.batch_size, &mut |_| {
+                crate::interrupt::scoring_stop(&kept)
+            })?;
+            Some(calibration(&probs, &val.labels)?)
+        }
+        None => None,
+    };
     let mut bar = EvalBar::new(
         label,
         eval_images(&data.test, held_out, &spec.eval),
@@ -299,9 +306,9 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
         memory,
         activations: spec.train.activations,
         train: summary,
-        val_accuracy: val_report.accuracy,
-        val_nll: val_report.nll,
-        val_ece: val_report.ece,
+        val_accuracy: val_report.as_ref().map(|r| r.accuracy),
+        val_nll: val_report.as_ref().map(|r| r.nll),
+        val_ece: val_report.as_ref().map(|r| r.ece),
         report,
         train_seconds,
         eval_seconds: t1.elapsed().as_secs_f64(),
@@ -328,10 +335,10 @@ pub fn check_fits_within(
 ) -> Result<()> {
     // No batch is larger than the data it is cut from.
     let train_batch = spec.train.batch_size.min(data.train.len());
-    let eval_batch = spec
-        .eval
-        .batch_size
-        .min(eval_images(&data.test, data.held_out.as_ref(), &spec.eval).max(data.val.len()));
+    let eval_batch = spec.eval.batch_size.min(
+        eval_images(&data.test, data.held_out.as_ref(), &spec.eval)
+            .max(data.val.as_ref().map_or(0, |v| v.len())),
+    );
     // The tensors' peak, and what it needs from the budget (on the CPU, room for the buffer pool).
     let peak = |members, activations| -> Result<u64> {
         let ensemble = EnsembleConfig {
@@ -457,7 +464,7 @@ mod tests {
         let data = "digits"
             .parse::<DataSource>()
             .unwrap()
-            .splits(&[], &VitConfig::tiny(), Normalize::Dataset)
+            .splits(&[], &VitConfig::tiny(), Normalize::Dataset, false)
             .unwrap();
         let nothing = Budget {
             bytes: 1,

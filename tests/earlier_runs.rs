@@ -228,6 +228,70 @@ fn resuming_or_evaluating_with_other_normalisation_is_refused() {
     assert_eq!(epochs_in_report(&copy), 3);
 }
 
+/// Training on the validation part changes the data a run trains on: a resumed run must agree,
+/// takes the setting from the checkpoint when the flag is left out, and still has no validation
+/// figures; a checkpoint from before the setting was recorded kept the part apart.
+#[test]
+fn training_on_the_validation_part_is_recorded_and_resumed() {
+    let out = temp_dir("other-train-on-val");
+    let args = resume_args(&out, &["--epochs", "3", "--train-on-val"]);
+    refused(
+        &strs(&args),
+        &["train_on_val 'false', not 'true'", "same data"],
+    );
+
+    let dir = temp_dir("train-on-val");
+    let mut args = vec![
+        "train",
+        "--out",
+        dir.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--train-on-val",
+    ];
+    args.extend(RUN);
+    let (ok, _, err) = loren(&args);
+    assert!(ok, "{err}");
+    let ckpt = dir.join("checkpoint.safetensors");
+    let file = TensorFile::read(&ckpt).unwrap();
+    assert_eq!(file.metadata()["train_on_val"], "true");
+    let report = |dir: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap()
+    };
+    // The digits' 539 training images and 179 validation images, in batches of 32.
+    assert_eq!(report(&dir)["train"]["steps"], 23);
+    assert!(report(&dir)["val_accuracy"].is_null());
+    assert!(report(trained())["val_accuracy"].is_f64());
+    let (ok, _, err) = loren(&[
+        "train",
+        "--resume",
+        ckpt.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "-q",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(report(&dir)["train"]["steps"], 46);
+    assert!(report(&dir)["val_accuracy"].is_null());
+
+    let copy = copy_of_the_trained_run("before-train-on-val");
+    let ckpt = copy.join("checkpoint.safetensors");
+    let file = TensorFile::read(&ckpt).unwrap();
+    let mut meta = file.metadata().clone();
+    assert_eq!(meta.remove("train_on_val").as_deref(), Some("false"));
+    write(&ckpt, &all_tensors(&file), meta).unwrap();
+    let args = [
+        "train",
+        "--resume",
+        ckpt.to_str().unwrap(),
+        "--epochs",
+        "3",
+        "--train-on-val",
+        "-q",
+    ];
+    refused(&args, &["train_on_val 'false', not 'true'"]);
+}
+
 /// Every tensor of `file`, to write again with a change.
 fn all_tensors(file: &TensorFile) -> Vec<(String, Entry)> {
     file.names()

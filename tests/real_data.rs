@@ -199,6 +199,48 @@ fn cifar10_trains_and_evaluates_through_the_cli() {
     assert!(out.join("eval.json").exists());
 }
 
+/// The paper's data flags: every official training image (100 here, 90 without
+/// `--train-on-val`), in the files' order, nearest-pixel flips and rotation, unnormalised.
+#[test]
+fn cifar10_trains_on_every_training_image_with_the_papers_data_flags() {
+    let dir = temp_dir("cifar-paper");
+    write_cifar10(&dir);
+    let arg = format!("cifar10:{}", dir.display());
+    let steps = |out: &Path| -> u64 {
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+        report["train"]["steps"].as_u64().unwrap()
+    };
+    let paper = [
+        "--data",
+        &arg,
+        "--augment",
+        "paper",
+        "--normalize",
+        "none",
+        "--no-shuffle",
+    ];
+    let kept = dir.join("kept");
+    run_ok(&strs(&quick_train(&kept, &paper)));
+    assert_eq!(steps(&kept), 3);
+    let all = dir.join("all");
+    let mut flags = paper.to_vec();
+    flags.push("--train-on-val");
+    run_ok(&strs(&quick_train(&all, &flags)));
+    assert_eq!(steps(&all), 4);
+    let ckpt = all.join("checkpoint.safetensors");
+    let train: serde_json::Value =
+        serde_json::from_str(TensorFile::read(&ckpt).unwrap().meta("train").unwrap()).unwrap();
+    assert_eq!(train["augment"]["sampling"], "nearest");
+    run_ok(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--no-shift",
+        "-q",
+    ]);
+}
+
 /// A dataset named by a relative path is recorded absolute, so `eval` from elsewhere finds it.
 #[test]
 fn a_relative_data_path_is_found_again_from_another_directory() {

@@ -75,7 +75,7 @@ fn round_trip(method: &str, normalize: Normalize) {
     assert_eq!((ens.members(), ens.classes()), (3, 10));
     assert_eq!(ens.class_names()[7], "7");
     let test = DataSource::Digits(None)
-        .splits(&[], ens.vit(), normalize)
+        .splits(&[], ens.vit(), normalize, false)
         .unwrap()
         .test;
     let all: Vec<usize> = (0..test.len()).collect();
@@ -180,6 +180,7 @@ fn the_exported_file_holds_shared_weights_once_and_stacked_adapters() {
     let mean: Vec<f32> = f.meta_json("norm_mean").unwrap();
     assert_eq!(mean, vec![0.5]);
     assert_eq!(f.meta("normalize").unwrap(), "dataset");
+    assert_eq!(f.meta("train_on_val").unwrap(), "false");
     assert!(!f.names().any(|n| n.starts_with("optim.")));
 }
 

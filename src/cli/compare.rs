@@ -87,7 +87,7 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     a.data.check()?;
     loren::outputs::writable_dir(&a.out, "--out")?;
     let mut vit = VitConfig::by_name(&a.model.config)?;
-    let data = splits(&a.data, &vit)?;
+    let data = splits(&a.data, &vit, a.optim.train_on_val)?;
     let plan = plan(a, &methods, &data)?;
     check_all_fit(&plan, &data)?;
     if a.common.verbosity() == Verbosity::Normal {

@@ -7,7 +7,7 @@ use clap::Args;
 
 use super::say;
 use loren::backbone::checkpoint_backbone;
-use loren::dataset::Normalize;
+use loren::dataset::{Normalize, recorded_train_on_val};
 use loren::progress::{EvalBar, Verbosity};
 use loren::report::{calibration_report, method_title};
 use loren::run::read_checkpoint;
@@ -97,7 +97,8 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     }
     data_args.normalize = Some(trained.to_string());
     let vit: VitConfig = file.meta_json("vit")?;
-    let data = splits(&data_args, &vit)?;
+    // The same cut either way: eval scores only the test part and the held-out classes.
+    let data = splits(&data_args, &vit, recorded_train_on_val(meta)?)?;
     let backbone = checkpoint_backbone(&file, a.backbone.as_deref(), &vit)?;
     let device = a.common.device()?.open()?;
     let model = load_trained(&file, backbone.as_ref(), &device)?;

@@ -71,6 +71,7 @@ pub fn pretrain(a: &PretrainArgs) -> Result<()> {
             normalize: None,
         },
         &VitConfig::tiny(),
+        false,
     )?;
     let mut spec = PretrainSpec::bundled(out);
     spec.train.epochs = a.epochs;

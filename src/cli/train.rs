@@ -8,7 +8,7 @@ use clap::{ArgMatches, Args, Parser};
 
 use super::say;
 use loren::backbone;
-use loren::dataset::Normalize;
+use loren::dataset::{Normalize, recorded_train_on_val};
 use loren::progress::Verbosity;
 use loren::report::{calibration_report, method_title, training_line};
 use loren::run::{check_resume, read_checkpoint, run};
@@ -113,7 +113,7 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
     let config = VitConfig::by_name(&a.model.config)?;
     // After the flags' own checks, so that a mistyped flag is named as such and not as a folder.
     writable_dir(&a.out, "--out")?;
-    let data = splits(&a.data, &config)?;
+    let data = splits(&a.data, &config, a.optim.train_on_val)?;
     let ckpt = a.out.join("checkpoint.safetensors");
     let mut spec = run_spec(
         &a.common,
@@ -244,6 +244,9 @@ fn with_saved_settings(
     }
     if keep("no_shuffle") {
         o.no_shuffle = !train.shuffle;
+    }
+    if keep("train_on_val") {
+        o.train_on_val = recorded_train_on_val(meta)?;
     }
     if keep("recompute") {
         o.recompute = train.activations == Activations::Recompute;

@@ -1,5 +1,6 @@
-//! The one geometric sampler: rotation about the image centre plus translation, bilinear, with
-//! zero fill. Augmentation and the Rotation shift both use it, so they cannot drift apart.
+//! The one geometric sampler: rotation about the image centre plus translation, bilinear or
+//! nearest, with zero fill. Augmentation and the Rotation shift both use it, so they cannot
+//! drift apart.
 
 /// A rigid motion of the image plane.
 ///
@@ -26,11 +27,23 @@ impl Motion {
     }
 }
 
-/// Writes `src` (`[C, H, W]`) moved by `motion` into `dst`, sampling bilinearly; pixels whose
-/// source falls outside the image read as zero.
+/// How [`warp`] reads the source image where an output pixel's source falls between pixels.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sampling {
+    /// The four pixels around, weighted by nearness: smooth edges.
+    #[default]
+    Bilinear,
+    /// The nearest pixel, a half rounding to even: what torchvision's rotation of a tensor does
+    /// with its default `InterpolationMode.NEAREST` (grid_sample rounds with `nearbyint`).
+    Nearest,
+}
+
+/// Writes `src` (`[C, H, W]`) moved by `motion` into `dst`, sampling as `sampling` says; pixels
+/// whose source falls outside the image read as zero.
 ///
 /// Each output pixel pulls from the inverse motion, so there are no holes.
-pub fn warp(src: &[f32], shape: [usize; 3], motion: Motion, dst: &mut [f32]) {
+pub fn warp(src: &[f32], shape: [usize; 3], motion: Motion, sampling: Sampling, dst: &mut [f32]) {
     let [channels, h, w] = shape;
     let plane = h * w;
     debug_assert_eq!(src.len(), channels * plane);
@@ -39,7 +52,7 @@ pub fn warp(src: &[f32], shape: [usize; 3], motion: Motion, dst: &mut [f32]) {
         dst.copy_from_slice(src);
         return;
     }
-    let (sin, cos) = motion.angle_deg.to_radians().sin_cos();
+    let (sin, cos) = sin_cos_degrees(motion.angle_deg);
     let (cx, cy) = ((w as f32 - 1.0) / 2.0, (h as f32 - 1.0) / 2.0);
     for y in 0..h {
         for x in 0..w {
@@ -50,9 +63,37 @@ pub fn warp(src: &[f32], shape: [usize; 3], motion: Motion, dst: &mut [f32]) {
             let sy = sin * dx + cos * dy + cy;
             for c in 0..channels {
                 let plane_src = &src[c * plane..(c + 1) * plane];
-                dst[c * plane + y * w + x] = bilinear(plane_src, h, w, sx, sy);
+                dst[c * plane + y * w + x] = match sampling {
+                    Sampling::Bilinear => bilinear(plane_src, h, w, sx, sy),
+                    Sampling::Nearest => nearest(plane_src, h, w, sx, sy),
+                };
             }
         }
+    }
+}
+
+/// The sine and cosine of `angle_deg` degrees, exact at whole quarter turns: there a turn
+/// maps pixel centres onto pixel centres, or onto the exact midpoints that nearest sampling
+/// rounds to even, and `90f32.to_radians().cos()` (-4.4e-8, not 0) would move them.
+fn sin_cos_degrees(angle_deg: f32) -> (f32, f32) {
+    let angle = f64::from(angle_deg);
+    let quarters = (angle / 90.0).round();
+    let (s, c) = (angle - 90.0 * quarters).to_radians().sin_cos();
+    let (sin, cos) = match quarters.rem_euclid(4.0) as u8 {
+        0 => (s, c),
+        1 => (c, -s),
+        2 => (-s, -c),
+        _ => (-c, s),
+    };
+    (sin as f32, cos as f32)
+}
+
+/// The pixel at `(x, y)` of one `[H, W]` plane, or zero outside it.
+fn pixel_or_zero(plane: &[f32], h: usize, w: usize, x: i64, y: i64) -> f32 {
+    if x < 0 || y < 0 || x >= w as i64 || y >= h as i64 {
+        0.0
+    } else {
+        plane[y as usize * w + x as usize]
     }
 }
 
@@ -62,17 +103,21 @@ fn bilinear(plane: &[f32], h: usize, w: usize, sx: f32, sy: f32) -> f32 {
     let (fx, fy) = (sx - x0, sy - y0);
     // A saturating cast: NaN or huge coordinates land outside the image and read as zero.
     let (x0, y0) = (x0 as i64, y0 as i64);
-    let at = |x: i64, y: i64| -> f32 {
-        if x < 0 || y < 0 || x >= w as i64 || y >= h as i64 {
-            0.0
-        } else {
-            plane[y as usize * w + x as usize]
-        }
-    };
+    let at = |x: i64, y: i64| pixel_or_zero(plane, h, w, x, y);
     let top = at(x0, y0) * (1.0 - fx) + at(x0.saturating_add(1), y0) * fx;
     let y1 = y0.saturating_add(1);
     let bottom = at(x0, y1) * (1.0 - fx) + at(x0.saturating_add(1), y1) * fx;
     top * (1.0 - fy) + bottom * fy
+}
+
+/// The pixel of one `[H, W]` plane nearest `(sx, sy)`, with zero outside.
+fn nearest(plane: &[f32], h: usize, w: usize, sx: f32, sy: f32) -> f32 {
+    if !(sx.is_finite() && sy.is_finite()) {
+        return 0.0;
+    }
+    // Saturating casts: huge coordinates land outside the image.
+    let (x, y) = (sx.round_ties_even() as i64, sy.round_ties_even() as i64);
+    pixel_or_zero(plane, h, w, x, y)
 }
 
 /// Mirrors each row of `[C, H, W]` in place (left ↔ right).
@@ -104,16 +149,13 @@ mod tests {
     }
 
     fn warped(src: &[f32], shape: [usize; 3], motion: Motion) -> Vec<f32> {
-        let mut dst = vec![f32::NAN; src.len()];
-        warp(src, shape, motion, &mut dst);
-        dst
+        sampled(src, shape, motion, Sampling::Bilinear)
     }
 
-    fn assert_close(a: &[f32], b: &[f32]) {
-        assert_eq!(a.len(), b.len());
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!((x - y).abs() < 1e-5, "pixel {i}: {x} vs {y}");
-        }
+    fn sampled(src: &[f32], shape: [usize; 3], motion: Motion, sampling: Sampling) -> Vec<f32> {
+        let mut dst = vec![f32::NAN; src.len()];
+        warp(src, shape, motion, sampling, &mut dst);
+        dst
     }
 
     #[test]
@@ -132,13 +174,49 @@ mod tests {
                 }
             }
         }
-        assert_close(&warped(&src, shape, Motion::rotation(90.0)), &ccw);
-        assert_close(&warped(&src, shape, Motion::rotation(-90.0)), &cw);
+        // Exactly: a quarter turn maps pixel centres onto pixel centres.
+        assert_eq!(warped(&src, shape, Motion::rotation(90.0)), ccw);
+        assert_eq!(warped(&src, shape, Motion::rotation(-90.0)), cw);
+        assert_eq!(warped(&src, shape, Motion::rotation(450.0)), ccw);
         let mut four = src.clone();
         for _ in 0..4 {
             four = warped(&four, shape, Motion::rotation(90.0));
         }
-        assert_close(&four, &src);
+        assert_eq!(four, src);
+        let nearest = |angle| sampled(&src, shape, Motion::rotation(angle), Sampling::Nearest);
+        assert_eq!(nearest(90.0), ccw);
+        assert_eq!(nearest(-90.0), cw);
+    }
+
+    #[test]
+    fn data_nearest_sampling_takes_whole_pixels_and_rounds_halves_to_even() {
+        let shape = [1, 8, 8];
+        let src = asymmetric(1);
+        let moved = |tx: f32| {
+            sampled(
+                &src,
+                shape,
+                Motion {
+                    tx,
+                    ..Motion::default()
+                },
+                Sampling::Nearest,
+            )
+        };
+        // Output column x reads source column x - tx: x - 0.4 rounds to x, x - 0.6 to x - 1.
+        assert_eq!(moved(0.4), src);
+        assert_eq!(moved(0.6), moved(1.0));
+        // x - 0.5 ties: to the even one of x - 1 and x.
+        let half = moved(0.5);
+        for (x, &got) in half.iter().enumerate().take(8).skip(1) {
+            let even = if x % 2 == 0 { x } else { x - 1 };
+            assert_eq!(got, src[even], "column {x}");
+        }
+        assert_eq!(half[0], src[0]);
+        // Every output pixel is a source pixel or the zero fill.
+        let turned = sampled(&src, shape, Motion::rotation(33.0), Sampling::Nearest);
+        assert!(turned.iter().all(|p| *p == 0.0 || src.contains(p)));
+        assert_ne!(turned, warped(&src, shape, Motion::rotation(33.0)));
     }
 
     #[test]
@@ -182,8 +260,10 @@ mod tests {
     fn data_warp_with_nonfinite_motion_does_not_panic() {
         let src = asymmetric(1);
         for angle in [f32::NAN, f32::INFINITY, 1e30] {
-            let out = warped(&src, [1, 8, 8], Motion::rotation(angle));
-            assert_eq!(out.len(), 64);
+            for sampling in [Sampling::Bilinear, Sampling::Nearest] {
+                let out = sampled(&src, [1, 8, 8], Motion::rotation(angle), sampling);
+                assert_eq!(out.len(), 64);
+            }
         }
         let far = warped(
             &src,

@@ -3,19 +3,22 @@
 use loren_tensor::Rng;
 
 use super::DataError;
-use super::affine::{Motion, flip_horizontal, flip_vertical, warp};
+use super::affine::{Motion, Sampling, flip_horizontal, flip_vertical, warp};
 
 /// Random flips, rotation and translation, drawn afresh for each image.
 ///
 /// Flips happen with probability 1/2 each when enabled; the angle is uniform in
 /// `±max_rotation_deg` and each translation component uniform in `±max_translate_px`. The
-/// geometric part uses the same bilinear, zero-fill sampler as the Rotation shift.
+/// geometric part uses the same zero-fill sampler as the Rotation shift.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Augment {
     pub hflip: bool,
     pub vflip: bool,
     pub max_rotation_deg: f32,
     pub max_translate_px: f32,
+    /// Checkpoints from before the choice was recorded augmented bilinearly.
+    #[serde(default)]
+    pub sampling: Sampling,
 }
 
 impl Augment {
@@ -26,6 +29,7 @@ impl Augment {
             vflip: false,
             max_rotation_deg: 0.0,
             max_translate_px: 0.0,
+            sampling: Sampling::Bilinear,
         }
     }
 
@@ -37,6 +41,7 @@ impl Augment {
             vflip: false,
             max_rotation_deg: 10.0,
             max_translate_px: 1.0,
+            sampling: Sampling::Bilinear,
         }
     }
 
@@ -45,13 +50,14 @@ impl Augment {
     /// on the 32×32 images before the resize): flips, and rotation ±90°. With both flips, which
     /// between them turn the image by 180° a quarter of the time, ±90° and the code's 0° to 180°
     /// give the same distribution: a mirror image half the time, at an angle uniform over the
-    /// whole turn. The code samples the nearest pixel where loren's sampler is bilinear.
+    /// whole turn. Like the code's rotation, it takes the nearest pixel.
     pub fn paper() -> Augment {
         Augment {
             hflip: true,
             vflip: true,
             max_rotation_deg: 90.0,
             max_translate_px: 0.0,
+            sampling: Sampling::Nearest,
         }
     }
 
@@ -72,7 +78,7 @@ impl Augment {
     /// Draws from `rng` only for the enabled parts, so [`Augment::none`] leaves it untouched.
     pub fn apply(&self, image: &[f32], shape: [usize; 3], rng: &mut Rng, out: &mut [f32]) {
         let motion = self.draw_motion(rng);
-        warp(image, shape, motion, out);
+        warp(image, shape, motion, self.sampling, out);
         if self.hflip && rng.next_f32() < 0.5 {
             flip_horizontal(out, shape);
         }

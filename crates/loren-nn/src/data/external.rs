@@ -15,12 +15,14 @@ pub const VAL_FRACTION: f64 = 0.1;
 pub const FOLDER_FRACTIONS: [f64; 3] = [0.7, 0.1, 0.2];
 
 /// Train and validation cut from `train_all` (90% / 10% of each class); test is the official
-/// `test`. Classes in `holdout` leave train, val and test, and their test images become
-/// [`Splits::held_out`]. The pretraining part is empty.
+/// `test`. With `train_on_val` the validation images train too, and train is all of
+/// `train_all` in its order. Classes in `holdout` leave train, val and test, and their test
+/// images become [`Splits::held_out`]. The pretraining part is empty.
 pub fn split_official(
     train_all: &Dataset,
     test: &Dataset,
     holdout: &[u32],
+    train_on_val: bool,
 ) -> Result<Splits, DataError> {
     let [train, val] = stratified(train_all, &[1.0 - VAL_FRACTION, VAL_FRACTION]);
     let named = |indices: &[usize], part: &str| {
@@ -28,23 +30,48 @@ pub fn split_official(
         d.name = format!("{}/{part}", base_name(&train_all.name));
         d
     };
+    let (train, val) = with_val(train, val, train_on_val);
     assemble(
         named(&train, "train"),
-        named(&val, "val"),
+        val.map(|v| named(&v, "val")),
         test.clone(),
         holdout,
     )
 }
 
-/// Train, validation and test cut from `all` by [`FOLDER_FRACTIONS`] within each class.
-pub fn split_seeded(all: &Dataset, holdout: &[u32]) -> Result<Splits, DataError> {
-    let parts = stratified(all, &FOLDER_FRACTIONS);
-    let [train, val, test] = [0, 1, 2].map(|p| {
-        let mut d = all.subset(&parts[p]);
-        d.name = format!("{}/{}", all.name, ["train", "val", "test"][p]);
+/// Train, validation and test cut from `all` by [`FOLDER_FRACTIONS`] within each class; with
+/// `train_on_val` the validation images train too.
+pub fn split_seeded(
+    all: &Dataset,
+    holdout: &[u32],
+    train_on_val: bool,
+) -> Result<Splits, DataError> {
+    let [train, val, test] = stratified(all, &FOLDER_FRACTIONS);
+    let named = |indices: &[usize], part: &str| {
+        let mut d = all.subset(indices);
+        d.name = format!("{}/{part}", all.name);
         d
-    });
-    assemble(train, val, test, holdout)
+    };
+    let (train, val) = with_val(train, val, train_on_val);
+    assemble(
+        named(&train, "train"),
+        val.map(|v| named(&v, "val")),
+        named(&test, "test"),
+        holdout,
+    )
+}
+
+/// The train part's indices and the validation part's, or, to train on it, their union.
+fn with_val(
+    train: Vec<usize>,
+    val: Vec<usize>,
+    train_on_val: bool,
+) -> (Vec<usize>, Option<Vec<usize>>) {
+    if train_on_val {
+        (split::merged(&train, &val), None)
+    } else {
+        (train, Some(val))
+    }
 }
 
 /// "cifar10/train-all" → "cifar10".
@@ -75,7 +102,7 @@ fn class_counts<const P: usize>(n: usize, fractions: &[f64; P]) -> [usize; P] {
 /// The splits with `holdout` applied, after checking no part is empty.
 fn assemble(
     train: Dataset,
-    val: Dataset,
+    val: Option<Dataset>,
     test: Dataset,
     holdout: &[u32],
 ) -> Result<Splits, DataError> {
@@ -93,16 +120,16 @@ fn assemble(
             ..train.with_no_images()
         },
         train: keep(train),
-        val: keep(val),
+        val: val.map(keep),
         test: keep(test),
         held_out,
     };
     for (d, part) in [
-        (&splits.train, "train"),
-        (&splits.val, "val"),
-        (&splits.test, "test"),
+        (Some(&splits.train), "train"),
+        (splits.val.as_ref(), "val"),
+        (Some(&splits.test), "test"),
     ] {
-        if d.is_empty() {
+        if let Some(d) = d.filter(|d| d.is_empty()) {
             return Err(DataError::EmptySplit {
                 name: d.name.clone(),
                 part,
@@ -178,21 +205,58 @@ mod tests {
     fn data_official_split_is_stratified_disjoint_and_fixed() {
         let all = dataset("cifar10/train-all", 4, 50);
         let test = dataset("cifar10/test", 4, 5);
-        let s = split_official(&all, &test, &[]).unwrap();
-        assert_eq!((s.train.len(), s.val.len(), s.test.len()), (180, 20, 20));
+        let s = split_official(&all, &test, &[], false).unwrap();
+        let val = s.val.as_ref().unwrap();
+        assert_eq!((s.train.len(), val.len(), s.test.len()), (180, 20, 20));
         assert!(s.pretrain.is_empty() && s.held_out.is_none());
-        assert_eq!(s.val.class_counts(), vec![5; 4]);
+        assert_eq!(val.class_counts(), vec![5; 4]);
         assert_eq!(s.test, test);
-        let mut seen = [pixels(&s.train), pixels(&s.val)].concat();
+        let mut seen = [pixels(&s.train), pixels(val)].concat();
         seen.sort_unstable();
         let mut want = pixels(&all);
         want.sort_unstable();
         assert_eq!(seen, want);
-        assert_eq!(split_official(&all, &test, &[]).unwrap(), s);
+        assert_eq!(split_official(&all, &test, &[], false).unwrap(), s);
         assert_eq!(
-            (s.train.name.as_str(), s.val.name.as_str()),
+            (s.train.name.as_str(), val.name.as_str()),
             ("cifar10/train", "cifar10/val")
         );
+    }
+
+    #[test]
+    fn data_training_on_val_trains_on_every_official_image_in_file_order() {
+        let all = dataset("cifar10/train-all", 4, 50);
+        let test = dataset("cifar10/test", 4, 5);
+        let s = split_official(&all, &test, &[2], true).unwrap();
+        assert!(s.val.is_none());
+        let kept = split_official(&all, &test, &[2], false).unwrap();
+        assert_eq!(
+            (s.test.clone(), s.held_out.clone()),
+            (kept.test, kept.held_out)
+        );
+        // Class 2 held out: the other 150 images, in the file's order, relabelled.
+        let order: Vec<usize> = (0..all.len()).filter(|i| i % 4 != 2).collect();
+        assert_eq!(s.train.images, all.subset(&order).images);
+        assert_eq!(&s.train.labels[..4], &[0, 1, 2, 0]);
+        assert_eq!(s.train.name, "cifar10/train");
+    }
+
+    #[test]
+    fn data_training_on_val_keeps_a_folders_test_part() {
+        let all = dataset("flowers", 3, 10);
+        let (held, trained) = (
+            split_seeded(&all, &[], false).unwrap(),
+            split_seeded(&all, &[], true).unwrap(),
+        );
+        assert_eq!(trained.test, held.test);
+        assert!(trained.val.is_none());
+        let mut train = pixels(&trained.train);
+        train.sort_unstable();
+        let mut want = [pixels(&held.train), pixels(held.val.as_ref().unwrap())].concat();
+        want.sort_unstable();
+        assert_eq!(train, want);
+        let ascending = |d: &Dataset| d.images.windows(2).all(|w| w[0] < w[1]);
+        assert!(ascending(&trained.train), "file order");
     }
 
     #[test]
@@ -206,20 +270,21 @@ mod tests {
     #[test]
     fn data_folder_split_and_holdout() {
         let all = dataset("flowers", 3, 10);
-        let s = split_seeded(&all, &[]).unwrap();
-        assert_eq!((s.train.len(), s.val.len(), s.test.len()), (21, 3, 6));
-        let s = split_seeded(&all, &[1]).unwrap();
+        let s = split_seeded(&all, &[], false).unwrap();
+        let val = s.val.as_ref().unwrap();
+        assert_eq!((s.train.len(), val.len(), s.test.len()), (21, 3, 6));
+        let s = split_seeded(&all, &[1], false).unwrap();
         assert_eq!(s.train.classes, 2);
         assert_eq!(s.train.class_names, vec!["c0", "c2"]);
         assert!(s.train.labels.iter().all(|&l| l < 2));
         let held = s.held_out.unwrap();
         assert_eq!(held.len(), 2);
         assert!(held.labels.iter().all(|&l| l == 1));
-        let e = split_seeded(&all, &[3]).unwrap_err().to_string();
+        let e = split_seeded(&all, &[3], false).unwrap_err().to_string();
         assert!(e.contains("holdout class 3"), "{e}");
-        let e = split_seeded(&all, &[0, 1]).unwrap_err().to_string();
+        let e = split_seeded(&all, &[0, 1], false).unwrap_err().to_string();
         assert!(e.contains("2 of 3"), "{e}");
-        let e = split_seeded(&dataset("tiny", 2, 1), &[])
+        let e = split_seeded(&dataset("tiny", 2, 1), &[], false)
             .unwrap_err()
             .to_string();
         assert!(e.contains("empty"), "{e}");

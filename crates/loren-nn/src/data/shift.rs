@@ -5,7 +5,7 @@ use std::fmt;
 
 use loren_tensor::Rng;
 
-use super::affine::{Motion, warp};
+use super::affine::{Motion, Sampling, warp};
 use super::{DataError, Dataset, stream};
 
 /// A kind of corruption; its strength is set by a severity `1..=5`.
@@ -116,7 +116,13 @@ fn corrupt(
         }
         ShiftKind::Rotation => {
             let sign = if rng.next_f32() < 0.5 { -1.0 } else { 1.0 };
-            warp(src, shape, Motion::rotation(sign * level), out);
+            warp(
+                src,
+                shape,
+                Motion::rotation(sign * level),
+                Sampling::Bilinear,
+                out,
+            );
             // Bilinear weights can round a hair past 1; the dataset promises [0, 1].
             out.iter_mut().for_each(|x| *x = x.clamp(0.0, 1.0));
         }
@@ -214,7 +220,13 @@ mod tests {
         for i in 0..test.len() {
             let turned = |deg: f32| {
                 let mut out = vec![0.0; 64];
-                warp(test.image(i), test.shape(), Motion::rotation(deg), &mut out);
+                warp(
+                    test.image(i),
+                    test.shape(),
+                    Motion::rotation(deg),
+                    Sampling::Bilinear,
+                    &mut out,
+                );
                 out.iter().map(|x| x.clamp(0.0, 1.0)).collect::<Vec<f32>>()
             };
             let got = rotated.image(i).to_vec();

@@ -21,6 +21,9 @@ pub struct SplitOptions {
     /// [`Splits::held_out`]. Pretraining keeps them, because the backbone is pretrained once,
     /// before any holdout is chosen.
     pub holdout_classes: Vec<u32>,
+    /// Train on the validation part too ([`Splits::val`] is then `None`). The cut is the same,
+    /// so test and pretraining keep their images.
+    pub train_on_val: bool,
 }
 
 impl Default for SplitOptions {
@@ -32,6 +35,7 @@ impl Default for SplitOptions {
             val: 0.10,
             test: 0.20,
             holdout_classes: Vec::new(),
+            train_on_val: false,
         }
     }
 }
@@ -78,7 +82,8 @@ impl SplitOptions {
 pub struct Splits {
     pub pretrain: Dataset,
     pub train: Dataset,
-    pub val: Dataset,
+    /// `None` when the run trains on it ([`SplitOptions::train_on_val`]).
+    pub val: Option<Dataset>,
     pub test: Dataset,
     /// The held-out classes' test-part images, with their original labels and class names;
     /// `None` when nothing is held out.
@@ -95,7 +100,11 @@ const PARTS: [&str; 4] = ["pretrain", "train", "val", "test"];
 pub fn split_digits(all: &Dataset, opts: &SplitOptions) -> Result<Splits, DataError> {
     let fractions = opts.validate_fractions()?;
     let held = opts.validate_holdout(all.classes)?;
-    let parts = stratified_indices(all, &fractions);
+    let mut parts = stratified_indices(all, &fractions);
+    if opts.train_on_val {
+        let val = std::mem::take(&mut parts[2]);
+        parts[1] = merged(&parts[1], &val);
+    }
     let named = |part: usize, indices: &[usize]| {
         let mut d = all.subset(indices);
         d.name = format!("{}/{}", all.name, PARTS[part]);
@@ -123,12 +132,20 @@ pub fn split_digits(all: &Dataset, opts: &SplitOptions) -> Result<Splits, DataEr
     let splits = Splits {
         pretrain,
         train,
-        val,
+        val: (!opts.train_on_val).then_some(val),
         test,
         held_out,
     };
     reject_empty(&splits)?;
     Ok(splits)
+}
+
+/// Two parts' indices (each ascending) as one ascending part: an image keeps its place in the
+/// file's order, which an unshuffled run trains in.
+pub(super) fn merged(a: &[usize], b: &[usize]) -> Vec<usize> {
+    let mut all = [a, b].concat();
+    all.sort_unstable();
+    all
 }
 
 /// For each part, the indices of `all` that fall in it, ascending.
@@ -200,8 +217,17 @@ fn relabel_without(mut d: Dataset, held: &[u32]) -> Dataset {
 }
 
 fn reject_empty(s: &Splits) -> Result<(), DataError> {
-    let parts = [&s.pretrain, &s.train, &s.val, &s.test];
-    match parts.iter().zip(PARTS).find(|(d, _)| d.is_empty()) {
+    let parts = [
+        Some(&s.pretrain),
+        Some(&s.train),
+        s.val.as_ref(),
+        Some(&s.test),
+    ];
+    let mut present = parts
+        .into_iter()
+        .zip(PARTS)
+        .filter_map(|(d, p)| Some((d?, p)));
+    match present.find(|(d, _)| d.is_empty()) {
         Some((d, part)) => Err(DataError::EmptySplit {
             name: d.name.clone(),
             part,
@@ -232,7 +258,7 @@ mod tests {
         let opts = SplitOptions::default();
         let s = split_digits(&all, &opts).unwrap();
         assert!(s.held_out.is_none());
-        let parts = [&s.pretrain, &s.train, &s.val, &s.test];
+        let parts = [&s.pretrain, &s.train, s.val.as_ref().unwrap(), &s.test];
         assert_eq!(parts.iter().map(|d| d.len()).sum::<usize>(), all.len());
         assert_eq!(parts.map(|d| d.len()), [720, 539, 179, 359]);
         // Disjoint and covering, checked on the indices the parts were cut from.
@@ -262,10 +288,11 @@ mod tests {
         let s = split_digits(&all, &SplitOptions::default()).unwrap();
         let mut file_keys = keys(&all);
         file_keys.sort();
-        let mut part_keys: Vec<Vec<u32>> = [&s.pretrain, &s.train, &s.val, &s.test]
-            .iter()
-            .flat_map(|d| keys(d))
-            .collect();
+        let mut part_keys: Vec<Vec<u32>> =
+            [&s.pretrain, &s.train, s.val.as_ref().unwrap(), &s.test]
+                .iter()
+                .flat_map(|d| keys(d))
+                .collect();
         part_keys.sort();
         assert_eq!(part_keys, file_keys);
     }
@@ -299,7 +326,7 @@ mod tests {
         };
         let s = split_digits(&all, &opts).unwrap();
         let names = ["0", "1", "2", "4", "5", "6", "8", "9"];
-        for d in [&s.train, &s.val, &s.test] {
+        for d in [&s.train, s.val.as_ref().unwrap(), &s.test] {
             assert_eq!(d.classes, 8);
             assert_eq!(d.class_names, names);
             d.validate().unwrap();
@@ -344,9 +371,41 @@ mod tests {
             val: 0.001,
             test: 0.001,
             holdout_classes: vec![],
+            train_on_val: false,
         };
         let e = split_digits(&all, &tiny).unwrap_err().to_string();
         assert!(e.contains("empty"), "{e}");
+    }
+
+    #[test]
+    fn data_training_on_val_moves_the_val_part_into_train_in_file_order() {
+        let all = digits();
+        let held = split_digits(&all, &SplitOptions::default()).unwrap();
+        let opts = SplitOptions {
+            train_on_val: true,
+            ..SplitOptions::default()
+        };
+        let s = split_digits(&all, &opts).unwrap();
+        assert!(s.val.is_none());
+        assert_eq!((&s.pretrain, &s.test), (&held.pretrain, &held.test));
+        let indices = stratified_indices(&all, &opts.fractions());
+        let train = merged(&indices[1], &indices[2]);
+        assert_eq!(train.len(), 539 + 179);
+        assert!(train.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(s.train.images, all.subset(&train).images);
+        // An empty validation part is an error only when it is kept apart.
+        let mut tiny = SplitOptions {
+            pretrain: 0.4,
+            train: 0.4999,
+            val: 0.0001,
+            test: 0.1,
+            holdout_classes: vec![],
+            train_on_val: false,
+        };
+        let e = split_digits(&all, &tiny).unwrap_err().to_string();
+        assert!(e.contains("empty"), "{e}");
+        tiny.train_on_val = true;
+        assert!(split_digits(&all, &tiny).is_ok());
     }
 
     #[test]
