@@ -2,6 +2,8 @@
 
 use std::fmt::Write;
 
+use serde::Serialize;
+
 use loren_nn::eval::EvalReport;
 use loren_nn::metrics::ShiftRow;
 use loren_nn::{Activations, Method};
@@ -291,6 +293,150 @@ pub fn comparison_table(runs: &[RunResult]) -> String {
     s
 }
 
+/// A figure over seeds: their mean and sample standard deviation (0 for one seed).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct MeanSd {
+    pub mean: f64,
+    pub sd: f64,
+}
+
+impl MeanSd {
+    pub fn of(xs: &[f64]) -> MeanSd {
+        let n = xs.len() as f64;
+        let mean = xs.iter().sum::<f64>() / n;
+        let sd = if xs.len() > 1 {
+            (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+        } else {
+            0.0
+        };
+        MeanSd { mean, sd }
+    }
+
+    /// "98.47 ± 0.16": `scale` times each, to `digits` places.
+    fn cell(self, scale: f64, digits: usize) -> String {
+        format!(
+            "{:.digits$} ± {:.digits$}",
+            scale * self.mean,
+            scale * self.sd
+        )
+    }
+}
+
+/// One method at one ensemble size, over the seeds it was trained with (`loren compare
+/// --seeds`). The test figures are those of the calibration report; the shift figures are the
+/// means over every shifted set; a figure a run did not measure (no validation part, no shift,
+/// no OOD) is absent.
+#[derive(Clone, Debug, Serialize)]
+pub struct SeedSummary {
+    pub method: Method,
+    pub members: usize,
+    pub seeds: Vec<u64>,
+    pub accuracy: MeanSd,
+    pub ece: MeanSd,
+    pub ece_paper: MeanSd,
+    pub nll: MeanSd,
+    pub brier: MeanSd,
+    pub val_ece: Option<MeanSd>,
+    pub shift_accuracy: Option<MeanSd>,
+    pub shift_ece: Option<MeanSd>,
+    pub ood_auroc_entropy: Option<MeanSd>,
+}
+
+/// A summary per method and size, in the order they first appear in `runs`.
+pub fn seed_summaries(runs: &[RunResult]) -> Vec<SeedSummary> {
+    let mut groups: Vec<Vec<&RunResult>> = Vec::new();
+    for r in runs {
+        match groups
+            .iter_mut()
+            .find(|g| (g[0].method, g[0].members) == (r.method, r.members))
+        {
+            Some(g) => g.push(r),
+            None => groups.push(vec![r]),
+        }
+    }
+    groups.iter().map(|g| summarise(g)).collect()
+}
+
+fn summarise(runs: &[&RunResult]) -> SeedSummary {
+    let over =
+        |f: &dyn Fn(&RunResult) -> f64| MeanSd::of(&runs.iter().map(|r| f(r)).collect::<Vec<_>>());
+    // Present only when every run has it: a mean over some of the seeds would read as all.
+    let over_all = |f: &dyn Fn(&RunResult) -> Option<f64>| {
+        runs.iter()
+            .map(|r| f(r))
+            .collect::<Option<Vec<f64>>>()
+            .map(|xs| MeanSd::of(&xs))
+    };
+    let shift_mean = |r: &RunResult, f: fn(&ShiftRow) -> f64| {
+        let rows = &r.report.shift;
+        (!rows.is_empty()).then(|| rows.iter().map(f).sum::<f64>() / rows.len() as f64)
+    };
+    SeedSummary {
+        method: runs[0].method,
+        members: runs[0].members,
+        seeds: runs.iter().map(|r| r.seed).collect(),
+        accuracy: over(&|r| r.report.test.accuracy),
+        ece: over(&|r| r.report.test.ece),
+        ece_paper: over(&|r| r.report.test.ece_paper),
+        nll: over(&|r| r.report.test.nll),
+        brier: over(&|r| r.report.test.brier),
+        val_ece: over_all(&|r| r.val_ece),
+        shift_accuracy: over_all(&|r| shift_mean(r, |row| row.accuracy)),
+        shift_ece: over_all(&|r| shift_mean(r, |row| row.ece)),
+        ood_auroc_entropy: over_all(&|r| r.report.ood.as_ref().map(|o| o.entropy.auroc)),
+    }
+}
+
+/// The summaries as a table: mean ± sd per column, a column only where some row has it.
+pub fn seed_summary_table(summaries: &[SeedSummary]) -> String {
+    type Column = (&'static str, fn(&SeedSummary) -> Option<String>);
+    let columns: [Column; 10] = [
+        ("acc %", |s| Some(s.accuracy.cell(100.0, 2))),
+        ("ECE", |s| Some(s.ece.cell(1.0, 4))),
+        ("NLL", |s| Some(s.nll.cell(1.0, 4))),
+        ("Brier", |s| Some(s.brier.cell(1.0, 4))),
+        ("paper ECE", |s| Some(s.ece_paper.cell(1.0, 4))),
+        ("val ECE", |s| s.val_ece.map(|v| v.cell(1.0, 4))),
+        ("shift acc %", |s| {
+            s.shift_accuracy.map(|v| v.cell(100.0, 1))
+        }),
+        ("shift ECE", |s| s.shift_ece.map(|v| v.cell(1.0, 4))),
+        ("AUROC (entropy)", |s| {
+            s.ood_auroc_entropy.map(|v| v.cell(1.0, 4))
+        }),
+        ("seeds", |s| {
+            Some(
+                s.seeds
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )
+        }),
+    ];
+    let shown: Vec<&Column> = columns
+        .iter()
+        .filter(|(_, cell)| summaries.iter().any(|s| cell(s).is_some()))
+        .collect();
+    let mut rows = vec![
+        ["method", "M"]
+            .into_iter()
+            .chain(shown.iter().map(|(name, _)| *name))
+            .map(String::from)
+            .collect::<Vec<_>>(),
+    ];
+    for s in summaries {
+        let mut row = vec![s.method.name().to_string(), s.members.to_string()];
+        row.extend(
+            shown
+                .iter()
+                .map(|(_, cell)| cell(s).unwrap_or_else(|| "-".into())),
+        );
+        rows.push(row);
+    }
+    aligned_columns(&rows, 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,6 +461,22 @@ mod tests {
         };
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(bars(lines[0]), bars(lines[1]), "\n{t}");
+    }
+
+    #[test]
+    fn mean_and_sample_standard_deviation() {
+        let m = MeanSd::of(&[98.61, 98.33, 98.61, 98.33]);
+        assert!((m.mean - 98.47).abs() < 1e-12);
+        // Divided by n - 1: 0.14 would be the population's.
+        assert!((m.sd - (4.0 * 0.14f64.powi(2) / 3.0).sqrt()).abs() < 1e-12);
+        assert_eq!(m.cell(1.0, 2), "98.47 ± 0.16");
+        assert_eq!(
+            MeanSd::of(&[0.25]),
+            MeanSd {
+                mean: 0.25,
+                sd: 0.0
+            }
+        );
     }
 
     #[test]

@@ -70,6 +70,8 @@ pub struct RunResult {
     pub method: Method,
     pub members: usize,
     pub rank: Option<usize>,
+    /// The training seed (`--seed`).
+    pub seed: u64,
     pub device: String,
     pub trainable_params: usize,
     pub total_params: usize,
@@ -300,6 +302,7 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
         method: ens.method,
         members: ens.members,
         rank: ens.method.uses_lora().then_some(ens.lora.rank),
+        seed: spec.train.seed,
         device: device.to_string(),
         trainable_params: model.params().num_trainable(),
         total_params: model.params().num_total(),

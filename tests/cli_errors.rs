@@ -346,6 +346,23 @@ fn compare_with_a_size_twice_or_of_zero_is_refused() {
 }
 
 #[test]
+fn compare_with_a_seed_twice_or_beside_seed_is_refused() {
+    let dir = temp_dir("compare-seeds");
+    let out = dir.to_str().unwrap();
+    fails_before_work(
+        &["compare", "--seeds", "3,1,3", "--out", out],
+        &["--seeds names 3 twice"],
+    );
+    // A usage error, which clap explains with the usage line.
+    let (ok, _, err) = loren(&["compare", "--seed", "1", "--seeds", "2,3", "--out", out]);
+    assert!(!ok && !err.contains("panicked"), "{err}");
+    assert!(
+        err.starts_with("error: the argument '--seed <SEED>' cannot be used with '--seeds"),
+        "{err}"
+    );
+}
+
+#[test]
 fn compare_to_an_unwritable_out_fails_before_training() {
     fails_before_work(
         &[

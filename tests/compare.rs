@@ -128,3 +128,96 @@ fn train_with_recompute_reports_the_same_ensemble_in_less_memory() {
         peak(&kept)
     );
 }
+
+/// `loren compare --seeds` trains every method at each seed, each seed's run the same as a
+/// compare at that one seed, and summarises each method over them: the mean and the sample
+/// standard deviation of the runs' own figures.
+#[test]
+fn compare_over_seeds_summarises_each_method_over_the_runs() {
+    let compare = |name: &str, extra: &[&str]| {
+        let out = std::env::temp_dir().join(format!("loren-compare-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let run = Command::new(env!("CARGO_BIN_EXE_loren"))
+            .args(["compare", "--methods", "single-lora,lora", "-m", "2"])
+            .args(["--epochs", "1", "--no-shift", "--no-ood", "-q", "--out"])
+            .arg(&out)
+            .args(extra)
+            .output()
+            .expect("the loren binary runs");
+        let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        (out, stdout)
+    };
+    let read = |path: std::path::PathBuf| -> Value {
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    };
+    let (out, stdout) = compare("seeds", &["--seeds", "4,7"]);
+    let runs = read(out.join("compare.json"));
+    let seeds: Vec<(&str, u64)> = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["method"].as_str().unwrap(), r["seed"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        seeds,
+        [
+            ("single-lora", 4),
+            ("lora", 4),
+            ("single-lora", 7),
+            ("lora", 7)
+        ]
+    );
+    for dir in ["single-lora-s4", "lora-s4", "single-lora-s7", "lora-s7"] {
+        assert!(out.join(dir).join("report.json").exists(), "{dir}");
+    }
+    // Seed 7's LoRA-Ensemble is the one a comparison at seed 7 alone trains.
+    let (alone, _) = compare("seed-7", &["--seed", "7"]);
+    let lora7 = &runs[3];
+    assert_eq!(
+        read(alone.join("compare.json"))[1]["report"],
+        lora7["report"]
+    );
+
+    let summary = read(out.join("summary.json"));
+    assert_eq!(summary.as_array().unwrap().len(), 2);
+    let lora = &summary[1];
+    assert_eq!(
+        (lora["method"].as_str(), lora["members"].as_u64()),
+        (Some("lora"), Some(2))
+    );
+    let nll = |r: &Value| r["report"]["test"]["nll"].as_f64().unwrap();
+    let (a, b) = (nll(&runs[1]), nll(lora7));
+    assert_ne!(a, b, "two seeds should train two ensembles");
+    let close = |x: f64, y: f64| (x - y).abs() <= 1e-12 * y.abs().max(1.0);
+    assert!(close(lora["nll"]["mean"].as_f64().unwrap(), (a + b) / 2.0));
+    // Over two runs the sample standard deviation is |a - b| / √2.
+    assert!(close(
+        lora["nll"]["sd"].as_f64().unwrap(),
+        (a - b).abs() / 2f64.sqrt()
+    ));
+    assert!(lora["shift_ece"].is_null() && lora["ood_auroc_entropy"].is_null());
+    assert!(
+        stdout.contains("seed 4\n") && stdout.contains("seed 7\n"),
+        "{stdout}"
+    );
+    let table = stdout
+        .split("over 2 seeds: mean ± standard deviation\n")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no summary:\n{stdout}"));
+    assert!(
+        table.lines().next().unwrap().starts_with("method"),
+        "{table}"
+    );
+    assert!(!table.contains("shift"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("lora") && l.ends_with("4,7")),
+        "{table}"
+    );
+}

@@ -9,7 +9,7 @@ use super::say;
 use loren::backbone;
 use loren::bench::budget_for;
 use loren::progress::Verbosity;
-use loren::report::{comparison_table, growth_per_member};
+use loren::report::{comparison_table, growth_per_member, seed_summaries, seed_summary_table};
 use loren::run::{RunSpec, check_fits_within, run};
 use loren_nn::checkpoint::write_atomic;
 use loren_nn::config::{Method, VitConfig};
@@ -48,15 +48,22 @@ pub struct CompareArgs {
     /// and memory grow with M.
     #[arg(long, value_delimiter = ',', conflicts_with = "members")]
     pub sizes: Vec<usize>,
+    /// Seeds to train every run with, in place of --seed (not with it; e.g. 0,1,2,3): a table
+    /// per seed, then each method's mean ± standard deviation over them (also written to
+    /// DIR/summary.json). The data split is the same for every seed.
+    #[arg(long, value_delimiter = ',', conflicts_with = "seed")]
+    pub seeds: Vec<u64>,
     /// Output folder.
     #[arg(long, default_value = "runs/compare")]
     pub out: PathBuf,
 }
 
-/// One run of the comparison: a method at an ensemble size, settled before any trains.
+/// One run of the comparison: a method at an ensemble size and a seed, settled before any
+/// trains.
 struct Planned {
     method: Method,
     members: usize,
+    seed: u64,
     spec: RunSpec,
     /// Where its report goes.
     dir: PathBuf,
@@ -82,6 +89,9 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
         );
     }
     check_sizes(&a.sizes)?;
+    if let Some(twice) = first_repeated(&a.seeds) {
+        bail!("--seeds names {twice} twice: each seed is one run per method, into its own folder");
+    }
     a.optim.check()?;
     a.ensemble.check()?;
     a.data.check()?;
@@ -103,65 +113,96 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     for Planned {
         method,
         members: m,
+        seed,
         mut spec,
         dir,
     } in plan
     {
         spec.vit = vit.clone();
         let r = run(&spec, &data, &backbone)
-            .with_context(|| format!("method {method} with {m} members"))?;
+            .with_context(|| format!("method {method} with {m} members, seed {seed}"))?;
         write_outputs(&dir, &r, &data.test.name)?;
         results.push(r);
     }
-    // Written before the table is printed: a reader that stops early (| head) loses nothing.
+    // Written before the tables are printed: a reader that stops early (| head) loses nothing.
     let json = a.out.join("compare.json");
     write_atomic(&json, serde_json::to_string_pretty(&results)?.as_bytes())?;
-    say(format_args!("{}", comparison_table(&results)))?;
+    let mut written = vec![json];
+    if a.seeds.len() > 1 {
+        let summaries = seed_summaries(&results);
+        let path = a.out.join("summary.json");
+        write_atomic(&path, serde_json::to_string_pretty(&summaries)?.as_bytes())?;
+        written.push(path);
+        for &seed in &a.seeds {
+            let runs: Vec<_> = results.iter().filter(|r| r.seed == seed).cloned().collect();
+            say(format_args!("seed {seed}\n{}\n", comparison_table(&runs)))?;
+        }
+        say(format_args!(
+            "over {} seeds: mean ± standard deviation\n{}",
+            a.seeds.len(),
+            seed_summary_table(&summaries)
+        ))?;
+    } else {
+        say(format_args!("{}", comparison_table(&results)))?;
+    }
     say(format_args!("{}", growth_per_member(&results)))?;
+    let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
     say(format_args!(
-        "wrote {} and a report.json and reliability.svg per method under {}\n",
-        json.display(),
+        "wrote {} and a report.json and reliability.svg per run under {}\n",
+        names.join(", "),
         a.out.display()
     ))?;
     Ok(())
 }
 
-/// Every run, in order, each one's settings validated.
+/// Every run, in order (seed by seed, each seed's methods in order), each one's settings
+/// validated.
 fn plan(a: &CompareArgs, methods: &[Method], data: &Splits) -> Result<Vec<Planned>> {
     let sizes = if a.sizes.is_empty() {
         vec![a.ensemble.members()]
     } else {
         a.sizes.clone()
     };
+    let seeds = if a.seeds.is_empty() {
+        vec![a.seed.seed]
+    } else {
+        a.seeds.clone()
+    };
     let mut plan = Vec::new();
-    for &method in methods {
-        let members: &[usize] = if method.is_single() { &[1] } else { &sizes };
-        for &m in members {
-            let ensemble = EnsembleArgs {
-                members: Some(m),
-                ..a.ensemble.clone()
-            };
-            let spec = run_spec(
-                &a.common,
-                a.seed.seed,
-                &a.model,
-                &ensemble,
-                &a.optim,
-                &a.data,
-                method,
-                data.train.classes,
-                None,
-            )?;
-            let dir = match a.sizes.len() > 1 && !method.is_single() {
-                true => a.out.join(format!("{}-M{m}", method.name())),
-                false => a.out.join(method.name()),
-            };
-            plan.push(Planned {
-                method,
-                members: m,
-                spec,
-                dir,
-            });
+    for &seed in &seeds {
+        for &method in methods {
+            let members: &[usize] = if method.is_single() { &[1] } else { &sizes };
+            for &m in members {
+                let ensemble = EnsembleArgs {
+                    members: Some(m),
+                    ..a.ensemble.clone()
+                };
+                let spec = run_spec(
+                    &a.common,
+                    seed,
+                    &a.model,
+                    &ensemble,
+                    &a.optim,
+                    &a.data,
+                    method,
+                    data.train.classes,
+                    None,
+                )?;
+                let mut dir = method.name().to_string();
+                if a.sizes.len() > 1 && !method.is_single() {
+                    dir += &format!("-M{m}");
+                }
+                if seeds.len() > 1 {
+                    dir += &format!("-s{seed}");
+                }
+                plan.push(Planned {
+                    method,
+                    members: m,
+                    seed,
+                    spec,
+                    dir: a.out.join(dir),
+                });
+            }
         }
     }
     Ok(plan)
