@@ -161,9 +161,17 @@ pub fn calibration_report(title: &str, dataset: &str, report: &EvalReport) -> St
     s
 }
 
-/// What training cost: parameters, memory and time.
+/// The validation figures, when the run kept a validation part, then what training cost:
+/// parameters, memory and time.
 pub fn training_line(r: &RunResult) -> String {
-    format!(
+    let val = match (r.val_accuracy, r.val_nll, r.val_ece) {
+        (Some(acc), Some(nll), Some(ece)) => format!(
+            "  validation: accuracy {:.2}%, NLL {nll:.4}, ECE {ece:.4}\n",
+            100.0 * acc
+        ),
+        _ => "  validation: none (--train-on-val trained on it)\n".to_string(),
+    };
+    val + &format!(
         "  trainable parameters {} of {}; peak tensor memory {} on {}{}; training {:.1}s, evaluation \
          {:.1}s\n",
         count(r.trainable_params),

@@ -40,8 +40,9 @@ fn trained() -> &'static Path {
         let dir = temp_dir("trained");
         let mut args = vec!["train", "--out", dir.to_str().unwrap(), "--epochs", "2"];
         args.extend(RUN);
-        let (ok, _, err) = loren(&args);
+        let (ok, printed, err) = loren(&args);
         assert!(ok, "training failed: {err}");
+        assert!(printed.contains("\n  validation: accuracy "), "{printed}");
         dir
     })
 }
@@ -250,8 +251,12 @@ fn training_on_the_validation_part_is_recorded_and_resumed() {
         "--train-on-val",
     ];
     args.extend(RUN);
-    let (ok, _, err) = loren(&args);
+    let (ok, printed, err) = loren(&args);
     assert!(ok, "{err}");
+    assert!(
+        printed.contains("\n  validation: none (--train-on-val"),
+        "{printed}"
+    );
     let ckpt = dir.join("checkpoint.safetensors");
     let file = TensorFile::read(&ckpt).unwrap();
     assert_eq!(file.metadata()["train_on_val"], "true");
