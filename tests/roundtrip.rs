@@ -110,7 +110,7 @@ fn round_trip(method: &str, normalize: Normalize) {
     }
     ens.set_batch_size(256);
     // Raw pixels through the normalising helper give the same bits.
-    let from_pixels = ens.predict_pixels(&test.images).unwrap();
+    let from_pixels = ens.predict_pixels(&test.images.to_f32()).unwrap();
     assert!(
         bits(&from_pixels.probs) == bits(&want.probs),
         "{method}: predict_pixels"

@@ -9,7 +9,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::{DataError, Dataset};
+use super::{DataError, Dataset, Pixels};
 
 const SIDE: usize = 32;
 const PIXELS: usize = 3 * SIDE * SIDE;
@@ -101,12 +101,14 @@ pub fn load_cifar(dir: &Path, kind: Cifar) -> Result<OfficialParts, DataError> {
         for f in files {
             read_records(&dir.join(f), kind, &mut pixels, &mut labels)?;
         }
-        let images = pixels.iter().map(|&p| f32::from(p) / 255.0).collect();
         let (mean, std) = kind.normalization();
         Dataset::new(
             format!("{}/{part}", kind.name()),
             [3, SIDE, SIDE],
-            images,
+            Pixels::Steps {
+                bytes: pixels,
+                levels: 255,
+            },
             labels,
             names.clone(),
         )?

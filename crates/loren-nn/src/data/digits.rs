@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use flate2::read::GzDecoder;
 
-use super::{DataError, Dataset};
+use super::{DataError, Dataset, Pixels};
 
 const SIDE: usize = 8;
 const PIXELS: usize = SIDE * SIDE;
@@ -55,10 +55,10 @@ pub fn load_digits(path: &Path) -> Result<Dataset, DataError> {
 fn parse_digits_gz(bytes: &[u8], path: &Path) -> Result<Dataset, DataError> {
     let text = gunzip(bytes, path)?;
     let (pixels, labels) = parse_rows(&text, path)?;
-    let images = pixels
-        .iter()
-        .map(|&p| f32::from(p) / MAX_PIXEL as f32)
-        .collect();
+    let images = Pixels::Steps {
+        bytes: pixels,
+        levels: MAX_PIXEL as u8,
+    };
     let class_names = (0..CLASSES).map(|c| c.to_string()).collect();
     Dataset::new("digits", [1, SIDE, SIDE], images, labels, class_names)?
         .with_normalization(vec![DIGITS_MEAN], vec![DIGITS_STD])
@@ -210,11 +210,17 @@ mod tests {
         assert_eq!(d.images.len(), 1797 * 64);
         assert_eq!(d.class_counts(), CLASS_COUNTS);
         assert_eq!(d.class_names[3], "3");
-        assert!(d.images.iter().all(|x| (0.0..=1.0).contains(x)));
-        assert_eq!(d.images.iter().cloned().fold(f32::MIN, f32::max), 1.0);
-        assert_eq!(d.images.iter().cloned().fold(f32::MAX, f32::min), 0.0);
+        assert!(d.images.to_f32().iter().all(|x| (0.0..=1.0).contains(x)));
+        assert_eq!(
+            d.images.to_f32().iter().cloned().fold(f32::MIN, f32::max),
+            1.0
+        );
+        assert_eq!(
+            d.images.to_f32().iter().cloned().fold(f32::MAX, f32::min),
+            0.0
+        );
         // Every pixel is a multiple of 1/16, as the 0..=16 counts promise.
-        assert!(d.images.iter().all(|x| (x * 16.0).fract() == 0.0));
+        assert!(d.images.to_f32().iter().all(|x| (x * 16.0).fract() == 0.0));
         // The first row of the file, as printed by `zcat | head -1`.
         let first = [0, 0, 5, 13, 9, 1, 0, 0];
         let got: Vec<f32> = d.image(0)[..8].iter().map(|x| x * 16.0).collect();

@@ -191,14 +191,14 @@ mod tests {
     /// `n` one-pixel images per class, the pixel encoding the index so images can be traced.
     fn dataset(name: &str, classes: usize, n: usize) -> Dataset {
         let total = classes * n;
-        let images = (0..total).map(|i| i as f32 / total as f32).collect();
+        let images: Vec<f32> = (0..total).map(|i| i as f32 / total as f32).collect();
         let labels = (0..total).map(|i| (i % classes) as u32).collect();
         let names = (0..classes).map(|c| format!("c{c}")).collect();
         Dataset::new(name, [1, 1, 1], images, labels, names).unwrap()
     }
 
     fn pixels(d: &Dataset) -> Vec<u32> {
-        d.images.iter().map(|x| x.to_bits()).collect()
+        d.images.to_f32().iter().map(|x| x.to_bits()).collect()
     }
 
     #[test]
@@ -255,7 +255,7 @@ mod tests {
         let mut want = [pixels(&held.train), pixels(held.val.as_ref().unwrap())].concat();
         want.sort_unstable();
         assert_eq!(train, want);
-        let ascending = |d: &Dataset| d.images.windows(2).all(|w| w[0] < w[1]);
+        let ascending = |d: &Dataset| d.images.to_f32().windows(2).all(|w| w[0] < w[1]);
         assert!(ascending(&trained.train), "file order");
     }
 

@@ -18,7 +18,7 @@ use zune_core::options::DecoderOptions;
 use zune_jpeg::JpegDecoder;
 
 use super::resize::{Filter, convert_channels, resize};
-use super::{DataError, Dataset};
+use super::{DataError, Dataset, Pixels};
 
 /// ImageNet's per-channel mean and std, which ImageNet-trained backbones (torchvision's
 /// `vit_b_32`, timm's DeiT) expect.
@@ -49,13 +49,14 @@ pub fn load_folder(dir: &Path, shape: [usize; 3]) -> Result<Dataset, DataError> 
         files.extend(images.into_iter().map(|f| (f, label as u32)));
     }
     // Each image goes straight to its place: collecting them and concatenating would hold the
-    // whole set twice at the peak.
-    let mut images = vec![0.0f32; files.len() * channels * height * width];
-    images
+    // whole set twice at the peak. Kept as bytes, a quarter of f32, each pixel rounded to the
+    // nearest 1/255 after the resize, as an 8-bit image resized (PIL's, say) holds it.
+    let mut bytes = vec![0u8; files.len() * channels * height * width];
+    bytes
         .par_chunks_mut(channels * height * width)
         .zip(&files)
         .try_for_each(|(out, (path, _))| -> Result<(), DataError> {
-            out.copy_from_slice(&load_image(path, shape)?);
+            out.copy_from_slice(&Pixels::quantized(&load_image(path, shape)?, 255));
             Ok(())
         })?;
     let names = classes.iter().map(|d| file_name(d)).collect();
@@ -63,7 +64,7 @@ pub fn load_folder(dir: &Path, shape: [usize; 3]) -> Result<Dataset, DataError> 
     Dataset::new(
         file_name(dir),
         shape,
-        images,
+        Pixels::Steps { bytes, levels: 255 },
         files.iter().map(|(_, l)| *l).collect(),
         names,
     )?
@@ -410,8 +411,15 @@ mod tests {
         let rgba: Vec<u8> = (0..12).flat_map(|p| [p as u8 * 20, 7, 9, 128]).collect();
         write_png(&dir.join("y/c.png"), 6, 2, png::ColorType::Rgba, &rgba);
         let d = load_folder(&dir, [3, 4, 4]).unwrap();
+        // Kept as bytes: each resized pixel rounded to the nearest 1/255.
+        assert!(matches!(d.images, Pixels::Steps { levels: 255, .. }));
+        let stepped = |v: Vec<f32>| -> Vec<f32> {
+            let bytes = Pixels::quantized(&v, 255);
+            bytes.iter().map(|&b| f32::from(b) / 255.0).collect()
+        };
         let g: Vec<f32> = grey.iter().map(|&v| f32::from(v) / 255.0).collect();
-        let want = resize(&g, [2, 2], [4, 4], Filter::Bilinear);
+        let want = stepped(resize(&g, [2, 2], [4, 4], Filter::Bilinear));
+        assert_ne!(want, resize(&g, [2, 2], [4, 4], Filter::Bilinear));
         for c in 0..3 {
             assert_eq!(&d.image(0)[c * 16..(c + 1) * 16], want.as_slice());
         }
@@ -419,7 +427,12 @@ mod tests {
             .iter()
             .flat_map(|&p| [p as u8 * 20, 7, 9])
             .collect();
-        let want = resize(&planar(&centre, 2, 2), [2, 2], [4, 4], Filter::Bilinear);
+        let want = stepped(resize(
+            &planar(&centre, 2, 2),
+            [2, 2],
+            [4, 4],
+            Filter::Bilinear,
+        ));
         assert_eq!(d.image(1), want.as_slice());
         // One channel asked for: luma of the colour image, the grey image as it is.
         let d1 = load_folder(&dir, [1, 2, 2]).unwrap();

@@ -12,6 +12,7 @@ pub mod error;
 pub mod external;
 pub mod folder;
 pub mod ood;
+pub mod pixels;
 pub mod prefetch;
 pub mod resize;
 pub mod shift;
@@ -23,6 +24,7 @@ pub use augment::Augment;
 pub use digits::{bundled_digits, bundled_digits_path, load_digits};
 pub use error::DataError;
 pub use ood::ood_set;
+pub use pixels::Pixels;
 pub use shift::{ShiftKind, shift_suite, shifted};
 pub use split::{SPLIT_SEED, SplitOptions, Splits, split_digits};
 
@@ -36,8 +38,9 @@ pub struct Dataset {
     pub channels: usize,
     pub height: usize,
     pub width: usize,
-    /// `[N, C, H, W]`, row-major, pixel values in `[0, 1]`.
-    pub images: Vec<f32>,
+    /// `[N, C, H, W]`, row-major, pixel values in `[0, 1]`: a byte each where the loader read
+    /// bytes ([`Pixels`]).
+    pub images: Pixels,
     /// `[N]`, each `< classes`.
     pub labels: Vec<u32>,
     pub classes: usize,
@@ -89,11 +92,12 @@ pub fn stage_images(
 
 impl Dataset {
     /// A checked dataset with identity normalisation (mean 0, std 1); `classes` is
-    /// `class_names.len()`. `shape` is `[channels, height, width]`.
+    /// `class_names.len()`. `shape` is `[channels, height, width]`; `images` are f32, or
+    /// [`Pixels`] of either kind.
     pub fn new(
         name: impl Into<String>,
         shape: [usize; 3],
-        images: Vec<f32>,
+        images: impl Into<Pixels>,
         labels: Vec<u32>,
         class_names: Vec<String>,
     ) -> Result<Dataset, DataError> {
@@ -103,7 +107,7 @@ impl Dataset {
             channels,
             height,
             width,
-            images,
+            images: images.into(),
             labels,
             classes: class_names.len(),
             class_names,
@@ -159,11 +163,11 @@ impl Dataset {
                 classes: self.classes,
             });
         }
-        if let Some(index) = self.images.iter().position(|x| !(0.0..=1.0).contains(x)) {
+        if let Some((index, value)) = self.images.first_out_of_range() {
             return Err(DataError::PixelOutOfRange {
                 name: name(),
                 index,
-                value: self.images[index],
+                value,
             });
         }
         self.validate_normalization()
@@ -204,9 +208,14 @@ impl Dataset {
     }
 
     /// Image `i`, `[C, H, W]`, unnormalised. Panics if `i >= len()`.
-    pub fn image(&self, i: usize) -> &[f32] {
+    pub fn image(&self, i: usize) -> std::borrow::Cow<'_, [f32]> {
         let n = self.image_len();
-        &self.images[i * n..(i + 1) * n]
+        self.images.range(i * n, (i + 1) * n)
+    }
+
+    /// Image `i` written to `out` (`image_len()` values). Panics if `i >= len()`.
+    pub fn read_image(&self, i: usize, out: &mut [f32]) {
+        self.images.read(i * self.image_len(), out);
     }
 
     /// Number of images of each class, indexed by label.
@@ -222,12 +231,9 @@ impl Dataset {
     ///
     /// Panics if an index is out of range: indices come from the engine, never from a user.
     pub fn subset(&self, indices: &[usize]) -> Dataset {
-        let mut images = Vec::with_capacity(indices.len() * self.image_len());
-        for &i in indices {
-            images.extend_from_slice(self.image(i));
-        }
+        let n = self.image_len();
         Dataset {
-            images,
+            images: self.images.gather(indices.iter().map(|&i| i * n), n),
             labels: indices.iter().map(|&i| self.labels[i]).collect(),
             ..self.with_no_images()
         }
@@ -240,7 +246,7 @@ impl Dataset {
             channels: self.channels,
             height: self.height,
             width: self.width,
-            images: Vec::new(),
+            images: Pixels::F32(Vec::new()),
             labels: Vec::new(),
             classes: self.classes,
             class_names: self.class_names.clone(),
@@ -257,8 +263,11 @@ impl Dataset {
     pub fn batch(&self, indices: &[usize], mut aug: Option<(&Augment, &mut Rng)>) -> Batch {
         let [channels, height, width] = self.batch_shape();
         let (n, resampler) = (channels * height * width, self.batch_resampler());
-        // Augmentation works at the stored size: into a staging image when resizing follows.
-        let mut native = vec![0.0; resampler.as_ref().map_or(0, |_| self.image_len())];
+        // Augmentation works at the stored size: into a staging image when resizing follows,
+        // from a copy of the stored one (as f32) when augmenting.
+        let m = self.image_len();
+        let mut native = vec![0.0; resampler.as_ref().map_or(0, |_| m)];
+        let mut source = vec![0.0; aug.as_ref().map_or(0, |_| m)];
         let mut images = vec![0.0; indices.len() * n];
         for (out, &i) in images.chunks_exact_mut(n).zip(indices) {
             let staged = match resampler {
@@ -266,8 +275,11 @@ impl Dataset {
                 None => &mut out[..],
             };
             match aug.as_mut() {
-                Some((augment, rng)) => augment.apply(self.image(i), self.shape(), rng, staged),
-                None => staged.copy_from_slice(self.image(i)),
+                Some((augment, rng)) => {
+                    self.read_image(i, &mut source);
+                    augment.apply(&source, self.shape(), rng, staged)
+                }
+                None => self.read_image(i, staged),
             }
             if let Some(r) = &resampler {
                 r.apply(&native, out);
@@ -418,6 +430,48 @@ mod tests {
         }
         let none = d.batch(&[0], Some((&Augment::none(), &mut Rng::new(3))));
         assert_eq!(none.images, d.batch(&[0], None).images);
+    }
+
+    /// Bytes are a way of keeping the pixels, not other pixels: the same images kept as f32
+    /// give the same batches, augmented and resized, bit for bit.
+    #[test]
+    fn data_bytes_and_f32_give_the_same_batches() {
+        let bytes: Vec<u8> = (0..6 * 3 * 5 * 5).map(|i| (i * 37 % 256) as u8).collect();
+        let labels = vec![0, 1, 2, 0, 1, 2];
+        let names: Vec<String> = ["a", "b", "c"].map(String::from).into();
+        let stepped = Dataset::new(
+            "b",
+            [3, 5, 5],
+            Pixels::Steps { bytes, levels: 255 },
+            labels.clone(),
+            names.clone(),
+        )
+        .unwrap()
+        .with_normalization(vec![0.4, 0.5, 0.6], vec![0.2, 0.25, 0.3])
+        .unwrap()
+        .resized_on_batch(7, 7);
+        let floats = Dataset {
+            images: Pixels::F32(stepped.images.to_f32().into_owned()),
+            ..stepped.clone()
+        };
+        assert_eq!(
+            stepped.images.memory_bytes() * 4,
+            floats.images.memory_bytes()
+        );
+        let picks = [4, 0, 5, 5, 2];
+        let (mut r1, mut r2) = (Rng::new(3), Rng::new(3));
+        let aug = Augment::paper();
+        let a = stepped
+            .subset(&[5, 1, 2])
+            .batch(&[2, 0, 2], Some((&aug, &mut r1)));
+        let b = floats
+            .subset(&[5, 1, 2])
+            .batch(&[2, 0, 2], Some((&aug, &mut r2)));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a.images), bits(&b.images));
+        let (a, b) = (stepped.batch(&picks, None), floats.batch(&picks, None));
+        assert_eq!(bits(&a.images), bits(&b.images));
+        assert!(matches!(stepped.subset(&[1]).images, Pixels::Steps { .. }));
     }
 
     #[test]

@@ -27,16 +27,16 @@ pub fn ood_set(
             found: h.shape(),
         });
     }
-    let mut images: Vec<f32> = test.images.iter().map(|x| 1.0 - x).collect();
+    let mut images: Vec<f32> = test.images.to_f32().iter().map(|x| 1.0 - x).collect();
     let mut rng = Rng::new(seed).fork(stream::OOD);
     images.extend((0..test.images.len()).map(|_| rng.next_f32()));
     if let Some(h) = held_out {
-        images.extend_from_slice(&h.images);
+        images.extend_from_slice(&h.images.to_f32());
     }
     let count = images.len() / test.image_len();
     Ok(Dataset {
         name: format!("{}/ood", test.name),
-        images,
+        images: images.into(),
         labels: vec![0; count],
         ..test.with_no_images()
     })
@@ -65,7 +65,7 @@ mod tests {
             let inverted: Vec<f32> = s.test.image(i).iter().map(|x| 1.0 - x).collect();
             assert_eq!(ood.image(i), inverted.as_slice());
         }
-        let noise = &ood.images[n * 64..2 * n * 64];
+        let noise = ood.images.range(n * 64, 2 * n * 64);
         let mean = noise.iter().map(|&x| x as f64).sum::<f64>() / noise.len() as f64;
         assert!((mean - 0.5).abs() < 0.01, "noise mean {mean}");
         assert_eq!(ood.image(2 * n), held.image(0));

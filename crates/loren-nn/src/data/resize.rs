@@ -8,7 +8,7 @@
 //! enlarging, [`Filter::Bilinear`] is exactly PyTorch's bilinear upsampling, edges included.
 //! Taps that fall outside the image are dropped and the rest renormalised.
 
-use super::Dataset;
+use super::{Dataset, Pixels};
 
 /// The resampling kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -189,11 +189,23 @@ impl Dataset {
             return self;
         }
         let n = self.image_len();
-        self.images = self
-            .images
-            .chunks_exact(n)
-            .flat_map(|img| convert_channels(img, self.channels, channels))
-            .collect();
+        self.images = match (&self.images, self.channels) {
+            // Grey repeated into colour keeps its steps; luma does not.
+            (Pixels::Steps { bytes, levels }, 1) => Pixels::Steps {
+                bytes: bytes
+                    .chunks_exact(n)
+                    .flat_map(|img| img.repeat(channels))
+                    .collect(),
+                levels: *levels,
+            },
+            (pixels, from) => Pixels::F32(
+                pixels
+                    .to_f32()
+                    .chunks_exact(n)
+                    .flat_map(|img| convert_channels(img, from, channels))
+                    .collect(),
+            ),
+        };
         let mean = self.norm_mean.iter().sum::<f32>() / self.channels as f32;
         let std = self.norm_std.iter().sum::<f32>() / self.channels as f32;
         self.norm_mean = vec![mean; channels];
@@ -330,7 +342,7 @@ mod tests {
         assert_eq!(d.batch_shape(), [2, 4, 4]);
         let b = d.batch(&[1], None);
         assert_eq!((b.batch, b.channels, b.height, b.width), (1, 2, 4, 4));
-        let want = resize(d.image(1), [2, 2], [4, 4], Filter::Bilinear);
+        let want = resize(&d.image(1), [2, 2], [4, 4], Filter::Bilinear);
         for (i, (&got, &raw)) in b.images.iter().zip(&want).enumerate() {
             let c = i / 16;
             assert_eq!(got, (raw - d.norm_mean[c]) / d.norm_std[c]);

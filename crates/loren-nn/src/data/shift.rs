@@ -90,11 +90,11 @@ fn shifted_at(test: &Dataset, kind: ShiftKind, severity: u8, level: f32, seed: u
     let mut images = vec![0.0; test.images.len()];
     for (i, out) in images.chunks_exact_mut(n).enumerate() {
         let mut rng = streams.fork(i as u64);
-        corrupt(test.image(i), test.shape(), kind, level, &mut rng, out);
+        corrupt(&test.image(i), test.shape(), kind, level, &mut rng, out);
     }
     Dataset {
         name: format!("{}+{kind}-{severity}", test.name),
-        images,
+        images: images.into(),
         labels: test.labels.clone(),
         ..test.with_no_images()
     }
@@ -168,8 +168,9 @@ mod tests {
     fn mean_abs_change(a: &Dataset, b: &Dataset) -> f64 {
         let total: f64 = a
             .images
+            .to_f32()
             .iter()
-            .zip(&b.images)
+            .zip(b.images.to_f32().iter())
             .map(|(x, y)| (x - y).abs() as f64)
             .sum();
         total / a.images.len() as f64
@@ -221,7 +222,7 @@ mod tests {
             let turned = |deg: f32| {
                 let mut out = vec![0.0; 64];
                 warp(
-                    test.image(i),
+                    &test.image(i),
                     test.shape(),
                     Motion::rotation(deg),
                     Sampling::Bilinear,
@@ -243,7 +244,12 @@ mod tests {
         let low = shifted(&test, ShiftKind::PixelDropout, 2, 9).unwrap();
         let high = shifted(&test, ShiftKind::PixelDropout, 4, 9).unwrap();
         let (mut dropped_low, mut total) = (0usize, 0usize);
-        for ((&x, &l), &h) in test.images.iter().zip(&low.images).zip(&high.images) {
+        let (test, low, high) = (
+            test.images.to_f32(),
+            low.images.to_f32(),
+            high.images.to_f32(),
+        );
+        for ((&x, &l), &h) in test.iter().zip(low.iter()).zip(high.iter()) {
             assert!(l == x || l == 0.0);
             if l == 0.0 && x != 0.0 {
                 assert_eq!(h, 0.0, "a pixel dropped at severity 2 survived severity 4");
