@@ -9,7 +9,7 @@ use loren_nn::config::VitConfig;
 use loren_nn::data::cifar::{Cifar, cifar_class_names, load_cifar};
 use loren_nn::data::external::{split_official, split_seeded};
 use loren_nn::data::folder::{folder_class_names, imagenet_normalization, load_folder};
-use loren_nn::data::{SplitOptions, Splits, bundled_digits, load_digits, split_digits};
+use loren_nn::data::{Dataset, SplitOptions, Splits, bundled_digits, load_digits, split_digits};
 
 /// How the images are scaled on their way into the model, a setting of the trained model that
 /// its checkpoint records ([`Normalize::KEY`]) for `eval` and `export` to repeat.
@@ -183,6 +183,16 @@ impl DataSource {
         fit_to_model(splits, vit, unit)
     }
 
+    /// This source's test part (digits and folders: their seeded test part; CIFAR: the
+    /// official test file), for scoring a model trained on other data at telling it apart:
+    /// brought to the model's channels and size, and scaled as `like` (the model's own data) is,
+    /// since the model is fed every image the one way. Its labels mean nothing to that model.
+    pub fn ood_set(&self, vit: &VitConfig, like: &Dataset) -> Result<Dataset> {
+        // Nothing is held out and nothing kept for validation: only the test part is used.
+        let test = self.splits(&[], vit, Normalize::None, true)?.test;
+        Ok(test.with_normalization(like.norm_mean.clone(), like.norm_std.clone())?)
+    }
+
     /// The names of the classes a model trained on this data predicts, in label order: the
     /// dataset's classes less `holdout_classes`. Reads only names, never images.
     pub fn class_names(&self, holdout_classes: &[u32]) -> Result<Vec<String>> {
@@ -243,6 +253,7 @@ fn fit_to_model(
         val: s.val.map(fit).transpose()?,
         test: fit(s.test)?,
         held_out: s.held_out.map(fit).transpose()?,
+        ood_sets: s.ood_sets.into_iter().map(fit).collect::<Result<_, _>>()?,
     })
 }
 

@@ -5,7 +5,7 @@ use std::fmt::Write;
 use serde::Serialize;
 
 use loren_nn::eval::EvalReport;
-use loren_nn::metrics::ShiftRow;
+use loren_nn::metrics::{OodReport, ShiftRow};
 use loren_nn::{Activations, Method};
 
 use crate::run::RunResult;
@@ -141,24 +141,33 @@ pub fn calibration_report(title: &str, dataset: &str, report: &EvalReport) -> St
         }
     }
     if let Some(o) = &report.ood {
-        let _ = writeln!(
-            s,
-            "  OOD detection ({} in, {} out; OOD positive): AUROC / AUPR / FPR@95%TPR",
-            o.in_samples, o.ood_samples
-        );
-        for (name, d) in [
-            ("max-probability", &o.max_prob),
-            ("entropy", &o.entropy),
-            ("mutual info", &o.mutual_information),
-        ] {
-            let _ = writeln!(
-                s,
-                "    {name:<15} {:.4} / {:.4} / {:.4}",
-                d.auroc, d.aupr, d.fpr95
-            );
-        }
+        ood_block(&mut s, "OOD detection", o);
+    }
+    for set in &report.ood_sets {
+        let title = format!("OOD detection against {}", split_phrase(&set.dataset));
+        ood_block(&mut s, &title, &set.report);
     }
     s
+}
+
+/// One OOD report: its three scores' AUROC, AUPR and FPR at 95% TPR.
+fn ood_block(s: &mut String, title: &str, o: &OodReport) {
+    let _ = writeln!(
+        s,
+        "  {title} ({} in, {} out; OOD positive): AUROC / AUPR / FPR@95%TPR",
+        o.in_samples, o.ood_samples
+    );
+    for (name, d) in [
+        ("max-probability", &o.max_prob),
+        ("entropy", &o.entropy),
+        ("mutual info", &o.mutual_information),
+    ] {
+        let _ = writeln!(
+            s,
+            "    {name:<15} {:.4} / {:.4} / {:.4}",
+            d.auroc, d.aupr, d.fpr95
+        );
+    }
 }
 
 /// The validation figures, when the run kept a validation part, then what training cost:

@@ -289,13 +289,20 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
     };
     let mut bar = EvalBar::new(
         label,
-        eval_images(&data.test, held_out, &spec.eval),
+        eval_images(&data.test, held_out, &data.ood_sets, &spec.eval),
         spec.verbosity,
     );
-    let report = evaluate(&model, &data.test, held_out, &spec.eval, &mut |n| {
-        bar.inc(n);
-        crate::interrupt::scoring_stop(&kept)
-    })?;
+    let report = evaluate(
+        &model,
+        &data.test,
+        held_out,
+        &data.ood_sets,
+        &spec.eval,
+        &mut |n| {
+            bar.inc(n);
+            crate::interrupt::scoring_stop(&kept)
+        },
+    )?;
     drop(bar);
 
     Ok(RunResult {
@@ -339,8 +346,13 @@ pub fn check_fits_within(
     // No batch is larger than the data it is cut from.
     let train_batch = spec.train.batch_size.min(data.train.len());
     let eval_batch = spec.eval.batch_size.min(
-        eval_images(&data.test, data.held_out.as_ref(), &spec.eval)
-            .max(data.val.as_ref().map_or(0, |v| v.len())),
+        eval_images(
+            &data.test,
+            data.held_out.as_ref(),
+            &data.ood_sets,
+            &spec.eval,
+        )
+        .max(data.val.as_ref().map_or(0, |v| v.len())),
     );
     // The tensors' peak, and what it needs from the budget (on the CPU, room for the buffer pool).
     let peak = |members, activations| -> Result<u64> {

@@ -363,6 +363,26 @@ fn compare_with_a_seed_twice_or_beside_seed_is_refused() {
 }
 
 #[test]
+fn ood_data_that_cannot_be_scored_is_refused_before_training() {
+    let dir = temp_dir("ood-data");
+    let out = dir.to_str().unwrap();
+    fails_before_work(
+        &["train", "--no-ood", "--ood-data", "digits", "--out", out],
+        &["--ood-data with --no-ood"],
+    );
+    fails_before_work(
+        &["train", "--ood-data", "svhn:x", "--out", out],
+        &["--ood-data", "unknown dataset 'svhn:x'"],
+    );
+    let missing = dir.join("missing");
+    let arg = format!("folder:{}", missing.display());
+    fails_before_work(
+        &["compare", "--ood-data", &arg, "--out", out],
+        &["--ood-data folder:", "missing"],
+    );
+}
+
+#[test]
 fn compare_to_an_unwritable_out_fails_before_training() {
     fails_before_work(
         &[

@@ -299,6 +299,53 @@ fn an_image_folder_trains_through_the_cli() {
     assert!(printed.contains("accuracy"), "{printed}");
 }
 
+/// `--ood-data` scores OOD detection against other datasets, each brought to the model: CIFAR's
+/// 32×32 colour test images for the 8×8 grey digits model, and the digits' own test split,
+/// which no score can tell from itself (AUROC 0.5: every image ties with its copy). `eval`
+/// takes the flag too.
+#[test]
+fn ood_data_scores_detection_against_other_datasets() {
+    let dir = temp_dir("ood-data");
+    write_cifar10(&dir);
+    let cifar = format!("cifar10:{}", dir.display());
+    let out = dir.join("run");
+    let args = ["--ood-data", &cifar, "--ood-data", "digits"];
+    let mut train = quick_train(&out, &args);
+    train.retain(|a| a != "--no-ood");
+    let printed = run_ok(&strs(&train));
+    assert!(
+        printed.contains("OOD detection against the cifar10 test split (359 in, 20 out;"),
+        "{printed}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let sets = report["report"]["ood_sets"].as_array().unwrap();
+    let names: Vec<&str> = sets
+        .iter()
+        .map(|s| s["dataset"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["cifar10/test", "digits/test"]);
+    for score in ["max_prob", "entropy", "mutual_information"] {
+        assert_eq!(sets[1][score]["auroc"], 0.5, "{score}");
+        let auroc = sets[0][score]["auroc"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&auroc), "{score}: {auroc}");
+    }
+    let ckpt = out.join("checkpoint.safetensors");
+    let printed = run_ok(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--no-shift",
+        "--ood-data",
+        &cifar,
+        "-q",
+    ]);
+    assert!(
+        printed.contains("against the cifar10 test split"),
+        "{printed}"
+    );
+}
+
 #[test]
 fn bad_datasets_are_named_in_one_line() {
     let dir = temp_dir("bad");

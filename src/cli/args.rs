@@ -230,6 +230,11 @@ pub struct DataArgs {
     /// Skip out-of-distribution detection.
     #[arg(long)]
     pub no_ood: bool,
+    /// Also score OOD detection against this dataset's test images, as --data names one (e.g.
+    /// a CIFAR-10 model against cifar100:DIR, or an image folder): brought to the model's size
+    /// and scaled as the training data is. Repeat the flag for several; each is reported apart.
+    #[arg(long, value_name = "DATA")]
+    pub ood_data: Vec<String>,
     /// Batch size for evaluation.
     #[arg(long, default_value_t = 256)]
     pub eval_batch_size: usize,
@@ -246,6 +251,12 @@ impl DataArgs {
         if self.eval_batch_size == 0 {
             bail!("--eval-batch-size 0: must be at least 1");
         }
+        if self.no_ood && !self.ood_data.is_empty() {
+            bail!("--ood-data with --no-ood: --no-ood skips OOD detection; leave one of them out");
+        }
+        for source in &self.ood_data {
+            source.parse::<DataSource>().context("--ood-data")?;
+        }
         self.normalize()?;
         Ok(())
     }
@@ -261,9 +272,18 @@ impl DataArgs {
 
 /// The data for a model of config `vit` (its channels and image size), with the validation
 /// part trained on when `train_on_val`.
+/// The `--ood-data` sets come with them, in order.
 pub fn splits(data: &DataArgs, vit: &VitConfig, train_on_val: bool) -> Result<Splits> {
     let source: DataSource = data.data.as_deref().unwrap_or("digits").parse()?;
-    source.splits(&data.holdout_classes, vit, data.normalize()?, train_on_val)
+    let mut splits = source.splits(&data.holdout_classes, vit, data.normalize()?, train_on_val)?;
+    for ood in &data.ood_data {
+        let set = ood
+            .parse::<DataSource>()
+            .and_then(|s| s.ood_set(vit, &splits.test))
+            .with_context(|| format!("--ood-data {ood}"))?;
+        splits.ood_sets.push(set);
+    }
+    Ok(splits)
 }
 
 /// What `eval` needs to rebuild the same data, and a resumed run to train on it: the source,

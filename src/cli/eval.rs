@@ -104,7 +104,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     let model = load_trained(&file, backbone.as_ref(), &device)?;
     let opts = eval_options(&data_args);
     let held_out = data.held_out.as_ref();
-    let images = eval_images(&data.test, held_out, &opts);
+    let images = eval_images(&data.test, held_out, &data.ood_sets, &opts);
     if a.common.verbosity() == Verbosity::Normal {
         // The first line of a log, where the bar (a terminal's only) does not show.
         loren::note!(
@@ -114,10 +114,17 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     }
     let mut bar = EvalBar::new("eval", images, a.common.verbosity());
     let _ctrl_c = loren::interrupt::Guard::install();
-    let report = evaluate(&model, &data.test, held_out, &opts, &mut |n| {
-        bar.inc(n);
-        loren::interrupt::scoring_stop("")
-    })?;
+    let report = evaluate(
+        &model,
+        &data.test,
+        held_out,
+        &data.ood_sets,
+        &opts,
+        &mut |n| {
+            bar.inc(n);
+            loren::interrupt::scoring_stop("")
+        },
+    )?;
     drop(bar);
     let ens = &model.ensemble;
     let title = method_title(

@@ -67,6 +67,7 @@ pub fn pretrain(a: &PretrainArgs) -> Result<()> {
             holdout_classes: vec![],
             no_shift: true,
             no_ood: true,
+            ood_data: vec![],
             eval_batch_size: 256,
             normalize: None,
         },

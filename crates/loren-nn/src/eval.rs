@@ -68,11 +68,27 @@ pub struct EvalReport {
     pub test: CalibrationReport,
     /// Accuracy and ECE per shift kind and severity.
     pub shift: Vec<ShiftRow>,
+    /// Against the built-in OOD set: inverted and noise images, and the held-out classes.
     pub ood: Option<OodReport>,
+    /// Against each other dataset given (`--ood-data`), in order.
+    pub ood_sets: Vec<DatasetOodReport>,
+}
+
+/// OOD detection against one whole dataset, named as its images are (`cifar100/test`).
+#[derive(Clone, Debug, Serialize)]
+pub struct DatasetOodReport {
+    pub dataset: String,
+    #[serde(flatten)]
+    pub report: OodReport,
 }
 
 /// Images `evaluate` will predict on, for sizing a progress bar.
-pub fn eval_images(test: &Dataset, held_out: Option<&Dataset>, opts: &EvalOptions) -> usize {
+pub fn eval_images(
+    test: &Dataset,
+    held_out: Option<&Dataset>,
+    ood_sets: &[Dataset],
+    opts: &EvalOptions,
+) -> usize {
     let mut n = test.len();
     if opts.shift {
         n += ShiftKind::ALL.len() * 5 * test.len();
@@ -81,18 +97,31 @@ pub fn eval_images(test: &Dataset, held_out: Option<&Dataset>, opts: &EvalOption
         // The OOD set: every test image inverted, as many noise images, and the held-out classes.
         n += 2 * test.len() + held_out.map_or(0, Dataset::len);
     }
-    n
+    n + ood_sets.iter().map(Dataset::len).sum::<usize>()
 }
 
 /// Score `model` on the test set, its shifted copies and the OOD set (inverted and noise
-/// images, plus `held_out` classes when given).
+/// images, plus `held_out` classes when given), and its OOD detection against each of
+/// `ood_sets` (images of the test set's shape and scaling).
 pub fn evaluate(
     model: &Vit,
     test: &Dataset,
     held_out: Option<&Dataset>,
+    ood_sets: &[Dataset],
     opts: &EvalOptions,
     progress: &mut dyn FnMut(usize) -> Result<()>,
 ) -> Result<EvalReport> {
+    if let Some(d) = ood_sets
+        .iter()
+        .find(|d| d.batch_shape() != test.batch_shape())
+    {
+        return Err(NnError::Config(format!(
+            "the OOD set {} makes images of {:?}, the test set {:?}",
+            d.name,
+            d.batch_shape(),
+            test.batch_shape()
+        )));
+    }
     if test.classes != model.ensemble.classes {
         return Err(NnError::Config(format!(
             "the model has {} classes but the test set {}",
@@ -119,11 +148,20 @@ pub fn evaluate(
     } else {
         None
     };
+    let mut against = Vec::new();
+    for data in ood_sets {
+        let p = predict(model, data, opts.batch_size, progress)?;
+        against.push(DatasetOodReport {
+            dataset: data.name.clone(),
+            report: ood_detection(&preds, &p)?,
+        });
+    }
     Ok(EvalReport {
         method: model.ensemble.method.name().to_string(),
         members: model.members(),
         test: report,
         shift,
         ood,
+        ood_sets: against,
     })
 }

@@ -123,6 +123,7 @@ fn assemble(
         val: val.map(keep),
         test: keep(test),
         held_out,
+        ood_sets: Vec::new(),
     };
     for (d, part) in [
         (Some(&splits.train), "train"),

@@ -88,6 +88,9 @@ pub struct Splits {
     /// The held-out classes' test-part images, with their original labels and class names;
     /// `None` when nothing is held out.
     pub held_out: Option<Dataset>,
+    /// Other datasets scored as out-of-distribution, at the model's size and scaling: none
+    /// from a split; the caller adds them (`--ood-data`).
+    pub ood_sets: Vec<Dataset>,
 }
 
 const PARTS: [&str; 4] = ["pretrain", "train", "val", "test"];
@@ -135,6 +138,7 @@ pub fn split_digits(all: &Dataset, opts: &SplitOptions) -> Result<Splits, DataEr
         val: (!opts.train_on_val).then_some(val),
         test,
         held_out,
+        ood_sets: Vec::new(),
     };
     reject_empty(&splits)?;
     Ok(splits)
