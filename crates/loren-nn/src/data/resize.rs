@@ -198,13 +198,16 @@ impl Dataset {
                     .collect(),
                 levels: *levels,
             },
-            (pixels, from) => Pixels::F32(
-                pixels
-                    .to_f32()
-                    .chunks_exact(n)
-                    .flat_map(|img| convert_channels(img, from, channels))
-                    .collect(),
-            ),
+            // An image at a time: all of them as f32 at once would be four times the bytes.
+            (pixels, from) => {
+                let mut image = vec![0.0; n];
+                let mut out = Vec::with_capacity(self.labels.len() * n / from * channels);
+                for i in 0..self.labels.len() {
+                    pixels.read(i * n, &mut image);
+                    out.extend(convert_channels(&image, from, channels));
+                }
+                Pixels::F32(out)
+            }
         };
         let mean = self.norm_mean.iter().sum::<f32>() / self.channels as f32;
         let std = self.norm_std.iter().sum::<f32>() / self.channels as f32;
