@@ -354,4 +354,34 @@ mod tests {
         assert_eq!(d.subset(&[0]).batch_shape(), [2, 4, 4]);
         assert_eq!(d.clone().resized_on_batch(2, 2).batch_shape(), [2, 2, 2]);
     }
+
+    #[test]
+    fn data_channel_conversion_keeps_bytes_where_it_can() {
+        let names = vec!["a".to_string()];
+        let steps = |bytes: Vec<u8>, channels| {
+            let shape = [channels, 2, 2];
+            let labels = vec![0; bytes.len() / (channels * 4)];
+            let images = Pixels::Steps { bytes, levels: 255 };
+            Dataset::new("t", shape, images, labels, names.clone()).unwrap()
+        };
+        // Grey repeated into colour: the same bytes three times over, image by image.
+        let grey = steps(vec![0, 51, 102, 255, 1, 2, 3, 4], 1);
+        let colour = grey.clone().with_channels(3);
+        let want = [[0, 51, 102, 255].repeat(3), [1, 2, 3, 4].repeat(3)].concat();
+        assert_eq!(
+            colour.images,
+            Pixels::Steps {
+                bytes: want,
+                levels: 255
+            }
+        );
+        // Colour to grey by luma: f32, as converting the f32 pixels gives.
+        let rgb = steps((0..24).map(|i| (i * 10) as u8).collect(), 3);
+        let luma = rgb.clone().with_channels(1);
+        let expected: Vec<f32> = (0..2)
+            .flat_map(|i| convert_channels(&rgb.image(i), 3, 1))
+            .collect();
+        assert_eq!(luma.images, Pixels::F32(expected));
+        assert_eq!(luma.shape(), [1, 2, 2]);
+    }
 }
