@@ -211,12 +211,8 @@ fn resuming_or_evaluating_with_other_normalisation_is_refused() {
         &["--normalize none", "was trained with --normalize dataset"],
     );
     // A checkpoint that never recorded it resumes as normalised, its default.
-    let copy = copy_of_the_trained_run("before-normalize");
+    let copy = trained_run_without("normalize", "dataset");
     let ckpt = copy.join("checkpoint.safetensors");
-    let file = TensorFile::read(&ckpt).unwrap();
-    let mut meta = file.metadata().clone();
-    assert_eq!(meta.remove("normalize").as_deref(), Some("dataset"));
-    write(&ckpt, &all_tensors(&file), meta).unwrap();
     let (ok, _, err) = loren(&[
         "train",
         "--resume",
@@ -279,12 +275,7 @@ fn training_on_the_validation_part_is_recorded_and_resumed() {
     assert_eq!(report(&dir)["train"]["steps"], 46);
     assert!(report(&dir)["val_accuracy"].is_null());
 
-    let copy = copy_of_the_trained_run("before-train-on-val");
-    let ckpt = copy.join("checkpoint.safetensors");
-    let file = TensorFile::read(&ckpt).unwrap();
-    let mut meta = file.metadata().clone();
-    assert_eq!(meta.remove("train_on_val").as_deref(), Some("false"));
-    write(&ckpt, &all_tensors(&file), meta).unwrap();
+    let ckpt = trained_run_without("train_on_val", "false").join("checkpoint.safetensors");
     let args = [
         "train",
         "--resume",
@@ -295,6 +286,18 @@ fn training_on_the_validation_part_is_recorded_and_resumed() {
         "-q",
     ];
     refused(&args, &["train_on_val 'false', not 'true'"]);
+}
+
+/// A copy of the trained run whose checkpoint lacks the metadata `key` (which held `value`), as
+/// one written before the setting was recorded.
+fn trained_run_without(key: &str, value: &str) -> PathBuf {
+    let copy = copy_of_the_trained_run(&format!("before-{key}"));
+    let ckpt = copy.join("checkpoint.safetensors");
+    let file = TensorFile::read(&ckpt).unwrap();
+    let mut meta = file.metadata().clone();
+    assert_eq!(meta.remove(key).as_deref(), Some(value));
+    write(&ckpt, &all_tensors(&file), meta).unwrap();
+    copy
 }
 
 /// Every tensor of `file`, to write again with a change.

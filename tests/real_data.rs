@@ -157,6 +157,19 @@ fn timm_and_torchvision_weights_train_exactly_as_the_same_weights_in_loren_names
     }
 }
 
+/// `loren eval` of `ckpt` without the shifted sets, plus `extra`; its stdout.
+fn eval_ok(ckpt: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--no-shift",
+        "-q",
+    ];
+    args.extend(extra);
+    run_ok(&args)
+}
+
 /// Write a CIFAR-10 in the official binary format: 10 images of each class spread over the
 /// five training files, 2 of each in the test file.
 fn write_cifar10(dir: &Path) {
@@ -189,13 +202,7 @@ fn cifar10_trains_and_evaluates_through_the_cli() {
     let meta = TensorFile::read(&ckpt).unwrap().metadata().clone();
     let absolute = std::fs::canonicalize(&dir).unwrap();
     assert_eq!(meta["data"], format!("cifar10:{}", absolute.display()));
-    run_ok(&[
-        "eval",
-        "--checkpoint",
-        ckpt.to_str().unwrap(),
-        "--no-shift",
-        "-q",
-    ]);
+    eval_ok(&ckpt, &[]);
     assert!(out.join("eval.json").exists());
 }
 
@@ -232,13 +239,7 @@ fn cifar10_trains_on_every_training_image_with_the_papers_data_flags() {
     let train: serde_json::Value =
         serde_json::from_str(TensorFile::read(&ckpt).unwrap().meta("train").unwrap()).unwrap();
     assert_eq!(train["augment"]["sampling"], "nearest");
-    run_ok(&[
-        "eval",
-        "--checkpoint",
-        ckpt.to_str().unwrap(),
-        "--no-shift",
-        "-q",
-    ]);
+    eval_ok(&ckpt, &[]);
 }
 
 /// A dataset named by a relative path is recorded absolute, so `eval` from elsewhere finds it.
@@ -330,16 +331,7 @@ fn ood_data_scores_detection_against_other_datasets() {
         let auroc = sets[0][score]["auroc"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&auroc), "{score}: {auroc}");
     }
-    let ckpt = out.join("checkpoint.safetensors");
-    let printed = run_ok(&[
-        "eval",
-        "--checkpoint",
-        ckpt.to_str().unwrap(),
-        "--no-shift",
-        "--ood-data",
-        &cifar,
-        "-q",
-    ]);
+    let printed = eval_ok(&out.join("checkpoint.safetensors"), &["--ood-data", &cifar]);
     assert!(
         printed.contains("against the cifar10 test split"),
         "{printed}"
