@@ -63,7 +63,6 @@ pub struct CompareArgs {
 struct Planned {
     method: Method,
     members: usize,
-    seed: u64,
     spec: RunSpec,
     /// Where its report goes.
     dir: PathBuf,
@@ -113,12 +112,12 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     for Planned {
         method,
         members: m,
-        seed,
         mut spec,
         dir,
     } in plan
     {
         spec.vit = vit.clone();
+        let seed = spec.train.seed;
         let r = run(&spec, &data, &backbone)
             .with_context(|| format!("method {method} with {m} members, seed {seed}"))?;
         write_outputs(&dir, &r, &data.test.name)?;
@@ -198,7 +197,6 @@ fn plan(a: &CompareArgs, methods: &[Method], data: &Splits) -> Result<Vec<Planne
                 plan.push(Planned {
                     method,
                     members: m,
-                    seed,
                     spec,
                     dir: a.out.join(dir),
                 });
