@@ -300,6 +300,51 @@ fn trained_run_without(key: &str, value: &str) -> PathBuf {
     copy
 }
 
+/// A checkpoint from before the augmentation recorded its sampling reads as bilinear, which
+/// `--augment paper` no longer is: resumed, it continues as it was trained; asked to go on as
+/// today's paper preset, it is refused by name.
+#[test]
+fn a_paper_augmentation_from_before_nearest_sampling_resumes_as_it_was() {
+    let dir = temp_dir("old-paper-augment");
+    let mut args = vec!["train", "--out", dir.to_str().unwrap(), "--epochs", "1"];
+    args.extend(["--augment", "paper"]);
+    args.extend(RUN);
+    let (ok, _, err) = loren(&args);
+    assert!(ok, "{err}");
+    let ckpt = dir.join("checkpoint.safetensors");
+    let train_meta = |ckpt: &Path| -> serde_json::Value {
+        serde_json::from_str(TensorFile::read(ckpt).unwrap().meta("train").unwrap()).unwrap()
+    };
+    let mut train = train_meta(&ckpt);
+    let augment = train["augment"].as_object_mut().unwrap();
+    assert_eq!(augment.remove("sampling").unwrap(), "nearest");
+    let file = TensorFile::read(&ckpt).unwrap();
+    let mut meta = file.metadata().clone();
+    meta.insert("train".into(), train.to_string());
+    write(&ckpt, &all_tensors(&file), meta).unwrap();
+
+    let c = ckpt.to_str().unwrap();
+    refused(
+        &[
+            "train",
+            "--resume",
+            c,
+            "--epochs",
+            "2",
+            "--augment",
+            "paper",
+            "-q",
+        ],
+        &[r#"augment.sampling: saved "bilinear", now "nearest""#],
+    );
+    let (ok, _, err) = loren(&["train", "--resume", c, "--epochs", "2", "-q"]);
+    assert!(ok, "{err}");
+    let resumed = train_meta(&ckpt);
+    assert_eq!(resumed["epochs"], 2);
+    assert_eq!(resumed["augment"]["sampling"], "bilinear");
+    assert_eq!(resumed["augment"]["max_rotation_deg"], 90.0);
+}
+
 /// Every tensor of `file`, to write again with a change.
 fn all_tensors(file: &TensorFile) -> Vec<(String, Entry)> {
     file.names()

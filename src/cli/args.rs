@@ -162,6 +162,10 @@ pub struct OptimArgs {
     /// half the time).
     #[arg(long, default_value = "none")]
     pub augment: String,
+    /// A resumed run's augmentation when it is none of the presets (`--augment paper` from
+    /// before its rotation took the nearest pixel), used in place of `augment`.
+    #[arg(skip)]
+    pub saved_augment: Option<Augment>,
     /// Train on the images in the dataset's own order every epoch, where the default draws a
     /// fresh seeded order for each (the LoRA-Ensemble paper's code does not shuffle). That is
     /// the files' order for CIFAR, and class by class for an image folder.
@@ -365,11 +369,12 @@ pub fn train_config(o: &OptimArgs, method: Method, seed: u64) -> Result<TrainCon
         warmup_steps: o.warmup,
         optimizer,
         grad_clip: (o.grad_clip > 0.0).then_some(o.grad_clip),
-        augment: match o.augment.as_str() {
-            "none" => Augment::none(),
-            "digits" => Augment::digits(),
-            "paper" => Augment::paper(),
-            other => {
+        augment: match (&o.saved_augment, o.augment.as_str()) {
+            (Some(saved), _) => saved.clone(),
+            (None, "none") => Augment::none(),
+            (None, "digits") => Augment::digits(),
+            (None, "paper") => Augment::paper(),
+            (None, other) => {
                 anyhow::bail!("unknown augmentation '{other}': expected none, digits or paper")
             }
         },

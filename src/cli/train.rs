@@ -238,8 +238,10 @@ fn with_saved_settings(
             ("digits", Augment::digits()),
             ("paper", Augment::paper()),
         ];
-        if let Some((name, _)) = presets.iter().find(|(_, p)| *p == train.augment) {
-            o.augment = name.to_string();
+        match presets.iter().find(|(_, p)| *p == train.augment) {
+            Some((name, _)) => o.augment = name.to_string(),
+            // No preset today (one from before a preset changed): continue it as it was.
+            None => o.saved_augment = Some(train.augment.clone()),
         }
     }
     if keep("no_shuffle") {
