@@ -74,18 +74,18 @@ pub fn warp(src: &[f32], shape: [usize; 3], motion: Motion, sampling: Sampling, 
 
 /// The sine and cosine of `angle_deg` degrees, exact at whole quarter turns: there a turn
 /// maps pixel centres onto pixel centres, or onto the exact midpoints that nearest sampling
-/// rounds to even, and `90f32.to_radians().cos()` (-4.4e-8, not 0) would move them.
+/// rounds to even, and `90f32.to_radians().cos()` (-4.4e-8, not 0) would move them. Other
+/// angles take f32's own, as before quarter turns were made exact, so runs stay as they were.
 fn sin_cos_degrees(angle_deg: f32) -> (f32, f32) {
-    let angle = f64::from(angle_deg);
-    let quarters = (angle / 90.0).round();
-    let (s, c) = (angle - 90.0 * quarters).to_radians().sin_cos();
-    let (sin, cos) = match quarters.rem_euclid(4.0) as u8 {
-        0 => (s, c),
-        1 => (c, -s),
-        2 => (-s, -c),
-        _ => (-c, s),
-    };
-    (sin as f32, cos as f32)
+    if angle_deg % 90.0 != 0.0 {
+        return angle_deg.to_radians().sin_cos();
+    }
+    match (angle_deg / 90.0).rem_euclid(4.0) as u8 {
+        0 => (0.0, 1.0),
+        1 => (1.0, 0.0),
+        2 => (0.0, -1.0),
+        _ => (-1.0, 0.0),
+    }
 }
 
 /// The pixel at `(x, y)` of one `[H, W]` plane, or zero outside it.
