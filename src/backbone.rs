@@ -72,7 +72,9 @@ impl PretrainSpec {
 #[derive(Clone, Debug, Serialize)]
 pub struct PretrainResult {
     pub path: PathBuf,
-    pub val_accuracy: f64,
+    /// On the validation part; `None` when the run that asked for the backbone trains on that
+    /// part (`--train-on-val`), so it has none.
+    pub val_accuracy: Option<f64>,
     pub summary: TrainSummary,
 }
 
@@ -102,25 +104,28 @@ pub fn pretrain(
         let _ctrl_c = crate::interrupt::Guard::install();
         trainer.fit(&data.pretrain, &CheckpointSpec::default(), &mut bar)?
     };
-    let val_set = data
-        .val
-        .as_ref()
-        .context("pretraining scores the backbone on the validation part, and it has none")?;
-    let val = predict(&model, val_set, 256, &mut |_| Ok(()))?;
-    let val_accuracy = calibration(&val, &val_set.labels)?.accuracy;
+    let val_accuracy = match &data.val {
+        Some(val) => {
+            let probs = predict(&model, val, 256, &mut |_| Ok(()))?;
+            Some(calibration(&probs, &val.labels)?.accuracy)
+        }
+        None => None,
+    };
     let mut tensors = model.backbone_tensors()?;
     // The pretraining head comes along for reference; fine-tuning starts new heads.
     for (name, e) in model.tensors(|name, _| name.starts_with("head."))? {
         tensors.push((format!("pretrain_{name}"), e));
     }
-    let meta = HashMap::from([
+    let mut meta = HashMap::from([
         ("format".to_string(), FORMAT.to_string()),
         ("vit".to_string(), serde_json::to_string(&spec.vit)?),
         ("train".to_string(), serde_json::to_string(&spec.train)?),
         ("seed".to_string(), spec.seed.to_string()),
         ("data".to_string(), "digits pretrain split".to_string()),
-        ("val_accuracy".to_string(), format!("{val_accuracy:.4}")),
     ]);
+    if let Some(acc) = val_accuracy {
+        meta.insert("val_accuracy".to_string(), format!("{acc:.4}"));
+    }
     checkpoint::write(&spec.out, &tensors, meta)?;
     Ok(PretrainResult {
         path: spec.out.clone(),
@@ -238,4 +243,31 @@ fn bundled_or_pretrained(vit: &VitConfig, data: &Splits, verbosity: Verbosity) -
     let spec = PretrainSpec::bundled(path.clone());
     pretrain(&spec, data, verbosity).context("pretraining the backbone")?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataset::{DataSource, Normalize};
+
+    /// A run that trains on the validation part can still pretrain a missing backbone: the
+    /// backbone just has no validation score. Checked against the same run keeping the part.
+    #[test]
+    fn pretraining_scores_validation_only_where_there_is_a_part() {
+        let dir = std::env::temp_dir().join(format!("loren-pretrain-val-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for train_on_val in [false, true] {
+            let data = DataSource::Digits(None)
+                .splits(&[], &VitConfig::tiny(), Normalize::Dataset, train_on_val)
+                .unwrap();
+            let mut spec = PretrainSpec::bundled(dir.join(format!("b-{train_on_val}.safetensors")));
+            spec.train.epochs = 1;
+            spec.device = DeviceSpec::Cpu;
+            let r = pretrain(&spec, &data, Verbosity::Quiet).unwrap();
+            assert_eq!(r.val_accuracy.is_some(), !train_on_val);
+            let file = TensorFile::read(&r.path).unwrap();
+            assert_eq!(file.meta("val_accuracy").is_ok(), !train_on_val);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

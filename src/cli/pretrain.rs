@@ -80,11 +80,15 @@ pub fn pretrain(a: &PretrainArgs) -> Result<()> {
     spec.train.seed = a.seed.seed;
     spec.device = a.common.device()?;
     let r = backbone::pretrain(&spec, &data, a.common.verbosity())?;
+    // Its own split always keeps the validation part.
+    let val = r.val_accuracy.map_or_else(
+        || "no validation part".to_string(),
+        |acc| format!("validation accuracy {:.2}%", 100.0 * acc),
+    );
     say(format_args!(
-        "pretrained {} in {:.1}s: validation accuracy {:.2}%; wrote {}\n",
+        "pretrained {} in {:.1}s: {val}; wrote {}\n",
         spec.vit.name,
         r.summary.seconds,
-        100.0 * r.val_accuracy,
         r.path.display()
     ))?;
     Ok(())
