@@ -183,8 +183,17 @@ fn check_same_data(
             }
             continue;
         }
+        // A switch is named by its flag.
+        let with = |on: &str| match on {
+            "true" => "with --train-on-val",
+            _ => "without --train-on-val",
+        };
+        let trained = match key.as_str() {
+            TRAIN_ON_VAL_KEY => format!("{}, not {}", with(saved), with(now)),
+            _ => format!("with {key} '{saved}', not '{now}'"),
+        };
         bail!(
-            "{}: it was trained with {key} '{saved}', not '{now}'; resume with the same data",
+            "{}: it was trained {trained}; resume with the same data",
             file.path().display()
         );
     }

@@ -234,7 +234,10 @@ fn training_on_the_validation_part_is_recorded_and_resumed() {
     let args = resume_args(&out, &["--epochs", "3", "--train-on-val"]);
     refused(
         &strs(&args),
-        &["train_on_val 'false', not 'true'", "same data"],
+        &[
+            "trained without --train-on-val, not with --train-on-val",
+            "same data",
+        ],
     );
 
     let dir = temp_dir("train-on-val");
@@ -285,7 +288,7 @@ fn training_on_the_validation_part_is_recorded_and_resumed() {
         "--train-on-val",
         "-q",
     ];
-    refused(&args, &["train_on_val 'false', not 'true'"]);
+    refused(&args, &["trained without --train-on-val, not with"]);
 }
 
 /// A copy of the trained run whose checkpoint lacks the metadata `key` (which held `value`), as
