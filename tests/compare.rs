@@ -220,4 +220,12 @@ fn compare_over_seeds_summarises_each_method_over_the_runs() {
             .any(|l| l.starts_with("lora") && l.ends_with("4,7")),
         "{table}"
     );
+
+    // One seed given is summarised too (sd 0); a comparison without --seeds in the same folder
+    // takes away the summary its compare.json no longer matches.
+    let (one, stdout) = compare("one-seed", &["--seeds", "7"]);
+    assert!(stdout.contains("over 1 seed: mean"), "{stdout}");
+    assert_eq!(read(one.join("summary.json"))[1]["nll"]["sd"], 0.0);
+    compare("one-seed", &["--seed", "7"]);
+    assert!(!one.join("summary.json").exists());
 }

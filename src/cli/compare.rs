@@ -127,21 +127,30 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     let json = a.out.join("compare.json");
     write_atomic(&json, serde_json::to_string_pretty(&results)?.as_bytes())?;
     let mut written = vec![json];
-    if a.seeds.len() > 1 {
+    let summary = a.out.join("summary.json");
+    if !a.seeds.is_empty() {
         let summaries = seed_summaries(&results);
-        let path = a.out.join("summary.json");
-        write_atomic(&path, serde_json::to_string_pretty(&summaries)?.as_bytes())?;
-        written.push(path);
+        write_atomic(
+            &summary,
+            serde_json::to_string_pretty(&summaries)?.as_bytes(),
+        )?;
+        written.push(summary);
         for &seed in &a.seeds {
             let runs: Vec<_> = results.iter().filter(|r| r.seed == seed).cloned().collect();
             say(format_args!("seed {seed}\n{}\n", comparison_table(&runs)))?;
         }
+        let n = a.seeds.len();
         say(format_args!(
-            "over {} seeds: mean ± standard deviation\n{}",
-            a.seeds.len(),
+            "over {n} seed{}: mean ± standard deviation\n{}",
+            if n == 1 { "" } else { "s" },
             seed_summary_table(&summaries)
         ))?;
     } else {
+        // An earlier comparison's summary would now sit beside another compare.json.
+        if summary.is_file() {
+            std::fs::remove_file(&summary)
+                .with_context(|| format!("removing {}", summary.display()))?;
+        }
         say(format_args!("{}", comparison_table(&results)))?;
     }
     say(format_args!("{}", growth_per_member(&results)))?;
