@@ -3,6 +3,7 @@
 
     benches/compare_tables.py defaults RUN/compare.json
         each method's mean accuracy and ECE over the shifted sets, and AUROC by entropy
+    benches/compare_tables.py seeds RUN/compare.json            (from `loren compare --seeds`)
     benches/compare_tables.py seeds SEED0/compare.json SEED1/compare.json ...
         single against lora per seed (test accuracy, ECE, NLL; validation ECE), mean ± sd
     benches/compare_tables.py growth M1/compare.json M2/compare.json ...
@@ -16,9 +17,35 @@ import sys
 MIB = 1 << 20
 
 
-def runs(path):
+def load(path):
     with open(path) as f:
-        return {r["method"]: r for r in json.load(f)}
+        return json.load(f)
+
+
+def runs(path):
+    """The runs of one comparison at one seed, by method."""
+    by_method = {}
+    for r in load(path):
+        if r["method"] in by_method:
+            sys.exit(f"{path} holds several runs of {r['method']} (a --seeds comparison): "
+                     "use `seeds`, or the summary.json beside it")
+        by_method[r["method"]] = r
+    return by_method
+
+
+def by_seed(paths):
+    """{seed: {method: run}} from one --seeds comparison or one file per seed (a file from
+    before runs recorded their seed counts as seed 0, 1, ... in the order given)."""
+    seeds = {}
+    for i, path in enumerate(paths):
+        for r in load(path):
+            seeds.setdefault(r.get("seed", i), {})[r["method"]] = r
+    return dict(sorted(seeds.items()))
+
+
+def opt(fmt, v):
+    """A figure a run may lack (validation ECE after --train-on-val)."""
+    return "-" if v is None else fmt.format(v)
 
 
 def mean_sd(xs, fmt):
@@ -35,7 +62,7 @@ def defaults(path):
         t = rep["test"]
         print(f"{method:<12} test acc {t['accuracy'] * 100:.2f} ECE {t['ece']:.4f} "
               f"mean confidence {t['mean_confidence']:.3f} | shift mean acc {acc:.1f} "
-              f"ECE {ece:.3f} | OOD AUROC (entropy) {auroc:.3f} | val ECE {r['val_ece']:.4f}")
+              f"ECE {ece:.3f} | OOD AUROC (entropy) {auroc:.3f} | val ECE {opt('{:.4f}', r['val_ece'])}")
 
 
 def seeds(paths):
@@ -43,8 +70,7 @@ def seeds(paths):
           "| single val ECE | LoRA val ECE |")
     print("|---|---|---|---|---|---|---|---|---|")
     cols = []
-    for seed, path in enumerate(paths):
-        rs = runs(path)
+    for seed, rs in by_seed(paths).items():
         s, l = rs["single"], rs["lora"]
         row = [s["report"]["test"]["accuracy"] * 100, s["report"]["test"]["ece"],
                s["report"]["test"]["nll"], l["report"]["test"]["accuracy"] * 100,
@@ -52,7 +78,7 @@ def seeds(paths):
                l["val_ece"]]
         cols.append(row)
         fmts = ["{:.2f}", "{:.4f}", "{:.4f}"] * 2 + ["{:.4f}"] * 2
-        print(f"| {seed} | " + " | ".join(f.format(v) for f, v in zip(fmts, row)) + " |")
+        print(f"| {seed} | " + " | ".join(opt(f, v) for f, v in zip(fmts, row)) + " |")
     fmts = ["{:.2f}", "{:.4f}", "{:.4f}"] * 2
     summary = [mean_sd([c[i] for c in cols], fmts[i]) for i in range(6)]
     print("| mean ± sd | " + " | ".join(summary) + " | | |")
@@ -74,7 +100,7 @@ def growth(paths):
         pe, pl = e["memory"]["total_peak"] / MIB, l["memory"]["total_peak"] / MIB
         print(f"| {e['members']} | {e['trainable_params']:,} | {l['trainable_params']:,} "
               f"| {state(e):.1f} | {state(l):.1f} | {pe:.1f} | {pl:.1f} | {pl / pe:.2f} "
-              f"| {e['val_ece']:.4f} | {l['val_ece']:.4f} |")
+              f"| {opt('{:.4f}', e['val_ece'])} | {opt('{:.4f}', l['val_ece'])} |")
 
 
 if __name__ == "__main__":
