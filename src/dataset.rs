@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use anyhow::{Result, bail};
 use loren_nn::config::VitConfig;
-use loren_nn::data::cifar::{Cifar, cifar_class_names, load_cifar};
+use loren_nn::data::cifar::{Cifar, cifar_class_names, load_cifar, load_cifar_test};
 use loren_nn::data::external::{split_official, split_seeded};
 use loren_nn::data::folder::{folder_class_names, imagenet_normalization, load_folder};
 use loren_nn::data::{Dataset, SplitOptions, Splits, bundled_digits, load_digits, split_digits};
@@ -188,8 +188,13 @@ impl DataSource {
     /// brought to the model's channels and size, and scaled as `like` (the model's own data) is,
     /// since the model is fed every image the one way. Its labels mean nothing to that model.
     pub fn ood_set(&self, vit: &VitConfig, like: &Dataset) -> Result<Dataset> {
-        // Nothing is held out and nothing kept for validation: only the test part is used.
-        let test = self.splits(&[], vit, Normalize::None, true)?.test;
+        let test = match self {
+            // The test file alone: the training files would be read only to be dropped.
+            DataSource::Cifar(kind, dir) => fit_dataset(load_cifar_test(dir, *kind)?, vit),
+            // Nothing held out, nothing kept for validation: only the test part is used. A
+            // folder is decoded whole to find it.
+            _ => self.splits(&[], vit, Normalize::None, true)?.test,
+        };
         Ok(test.with_normalization(like.norm_mean.clone(), like.norm_std.clone())?)
     }
 
@@ -238,10 +243,8 @@ fn fit_to_model(
     vit: &VitConfig,
     normalization: Option<(Vec<f32>, Vec<f32>)>,
 ) -> Result<Splits> {
-    let fit = |d: loren_nn::data::Dataset| {
-        let d = d
-            .with_channels(vit.channels)
-            .resized_on_batch(vit.image_size, vit.image_size);
+    let fit = |d: Dataset| {
+        let d = fit_dataset(d, vit);
         match &normalization {
             Some((mean, std)) => d.with_normalization(mean.clone(), std.clone()),
             None => Ok(d),
@@ -255,6 +258,12 @@ fn fit_to_model(
         held_out: s.held_out.map(fit).transpose()?,
         ood_sets: s.ood_sets.into_iter().map(fit).collect::<Result<_, _>>()?,
     })
+}
+
+/// `d` with the model's channels, resized to its image size as batches are made.
+fn fit_dataset(d: Dataset, vit: &VitConfig) -> Dataset {
+    d.with_channels(vit.channels)
+        .resized_on_batch(vit.image_size, vit.image_size)
 }
 
 #[cfg(test)]

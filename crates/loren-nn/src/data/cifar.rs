@@ -94,30 +94,36 @@ pub struct OfficialParts {
 
 /// Read CIFAR from `dir`: the unpacked archive's folder, or a folder holding it.
 pub fn load_cifar(dir: &Path, kind: Cifar) -> Result<OfficialParts, DataError> {
-    let dir = locate(dir, kind);
-    let names = class_names(&dir, kind)?;
-    let part = |files: &[String], part: &str| -> Result<Dataset, DataError> {
-        let (mut pixels, mut labels) = (Vec::new(), Vec::new());
-        for f in files {
-            read_records(&dir.join(f), kind, &mut pixels, &mut labels)?;
-        }
-        let (mean, std) = kind.normalization();
-        Dataset::new(
-            format!("{}/{part}", kind.name()),
-            [3, SIDE, SIDE],
-            Pixels::Steps {
-                bytes: pixels,
-                levels: 255,
-            },
-            labels,
-            names.clone(),
-        )?
-        .with_normalization(mean, std)
-    };
     Ok(OfficialParts {
-        train: part(&kind.train_files(), "train-all")?,
-        test: part(&[kind.test_file().to_string()], "test")?,
+        train: load_part(dir, kind, &kind.train_files(), "train-all")?,
+        test: load_cifar_test(dir, kind)?,
     })
+}
+
+/// The official test part of the CIFAR at `dir` alone, without reading the training files.
+pub fn load_cifar_test(dir: &Path, kind: Cifar) -> Result<Dataset, DataError> {
+    load_part(dir, kind, &[kind.test_file().to_string()], "test")
+}
+
+/// The records of `files` in the CIFAR at `dir`, as the dataset `<kind>/<part>`.
+fn load_part(dir: &Path, kind: Cifar, files: &[String], part: &str) -> Result<Dataset, DataError> {
+    let dir = locate(dir, kind);
+    let (mut pixels, mut labels) = (Vec::new(), Vec::new());
+    for f in files {
+        read_records(&dir.join(f), kind, &mut pixels, &mut labels)?;
+    }
+    let (mean, std) = kind.normalization();
+    Dataset::new(
+        format!("{}/{part}", kind.name()),
+        [3, SIDE, SIDE],
+        Pixels::Steps {
+            bytes: pixels,
+            levels: 255,
+        },
+        labels,
+        class_names(&dir, kind)?,
+    )?
+    .with_normalization(mean, std)
 }
 
 /// The class names of the CIFAR at `dir` (from its meta file, else "0", "1", …), without
