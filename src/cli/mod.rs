@@ -29,7 +29,10 @@ Examples:
   loren                                   train the default LoRA-Ensemble (M=8, rank 8)
   loren train --members 16 --rank 4       a larger ensemble of smaller adapters
   loren compare                           single, single-lora, explicit and lora side by side
+  loren compare --seeds 0,1,2,3           the same at four seeds, then each method's mean ± sd
   loren eval --checkpoint runs/train/checkpoint.safetensors
+  loren eval --checkpoint DIR --ood-data cifar100:DIR
+                                          OOD detection against another dataset too
   loren pretrain --out FILE               pretrain a backbone like the bundled one (--force: replace it)
   loren train --config vit-b-32 --backbone vit_b_32.safetensors --data cifar100:DIR
                                           real weights and data (README: the paper's setup)
