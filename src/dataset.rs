@@ -8,7 +8,9 @@ use anyhow::{Result, bail};
 use loren_nn::config::VitConfig;
 use loren_nn::data::cifar::{Cifar, cifar_class_names, load_cifar, load_cifar_test};
 use loren_nn::data::external::{split_official, split_seeded};
-use loren_nn::data::folder::{folder_class_names, imagenet_normalization, load_folder};
+use loren_nn::data::folder::{
+    folder_class_names, imagenet_normalization, load_folder, load_folder_test,
+};
 use loren_nn::data::{Dataset, SplitOptions, Splits, bundled_digits, load_digits, split_digits};
 
 /// How the images are scaled on their way into the model, a setting of the trained model that
@@ -188,13 +190,16 @@ impl DataSource {
     /// brought to the model's channels and size, and scaled as `like` (the model's own data) is,
     /// since the model is fed every image the one way. Its labels mean nothing to that model.
     pub fn ood_set(&self, vit: &VitConfig, like: &Dataset) -> Result<Dataset> {
+        // The test part alone: the other parts would be read only to be dropped.
         let test = match self {
-            // The test file alone: the training files would be read only to be dropped.
-            DataSource::Cifar(kind, dir) => fit_dataset(load_cifar_test(dir, *kind)?, vit),
-            // Nothing held out, nothing kept for validation: only the test part is used. A
-            // folder is decoded whole to find it.
-            _ => self.splits(&[], vit, Normalize::None, true)?.test,
+            DataSource::Cifar(kind, dir) => load_cifar_test(dir, *kind)?,
+            DataSource::Folder(dir) => {
+                load_folder_test(dir, [vit.channels, vit.image_size, vit.image_size])?
+            }
+            // The digits are small and compiled in: split as always.
+            DataSource::Digits(_) => self.splits(&[], vit, Normalize::None, true)?.test,
         };
+        let test = fit_dataset(test, vit);
         Ok(test.with_normalization(like.norm_mean.clone(), like.norm_std.clone())?)
     }
 

@@ -313,8 +313,29 @@ fn ood_data_scores_detection_against_other_datasets() {
         std::fs::remove_file(dir.join(format!("data_batch_{f}.bin"))).unwrap();
     }
     let cifar = format!("cifar10:{}", dir.display());
+    // An image folder's test part: a fifth of each class's 10 images.
+    let photos = dir.join("photos");
+    for (c, class) in ["cats", "dogs"].iter().enumerate() {
+        std::fs::create_dir_all(photos.join(class)).unwrap();
+        for i in 0..10 {
+            write_png(
+                &photos.join(class).join(format!("{i}.png")),
+                12,
+                10,
+                c * 10 + i,
+            );
+        }
+    }
+    let folder = format!("folder:{}", photos.display());
     let out = dir.join("run");
-    let args = ["--ood-data", &cifar, "--ood-data", "digits"];
+    let args = [
+        "--ood-data",
+        &cifar,
+        "--ood-data",
+        "digits",
+        "--ood-data",
+        &folder,
+    ];
     let mut train = quick_train(&out, &args);
     train.retain(|a| a != "--no-ood");
     let printed = run_ok(&strs(&train));
@@ -329,7 +350,8 @@ fn ood_data_scores_detection_against_other_datasets() {
         .iter()
         .map(|s| s["dataset"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["cifar10/test", "digits/test"]);
+    assert_eq!(names, ["cifar10/test", "digits/test", "photos/test"]);
+    assert_eq!(sets[2]["ood_samples"], 4);
     for score in ["max_prob", "entropy", "mutual_information"] {
         assert_eq!(sets[1][score]["auroc"], 0.5, "{score}");
         let auroc = sets[0][score]["auroc"].as_f64().unwrap();

@@ -82,8 +82,24 @@ fn base_name(name: &str) -> &str {
 /// For each fraction, the indices of `all` that fall in it, ascending. Within each class the
 /// order is shuffled with [`SPLIT_SEED`] and cut by [`class_counts`].
 fn stratified<const P: usize>(all: &Dataset, fractions: &[f64; P]) -> [Vec<usize>; P] {
+    stratified_labels(&all.labels, all.classes, fractions)
+}
+
+/// [`stratified`] from the labels alone.
+fn stratified_labels<const P: usize>(
+    labels: &[u32],
+    classes: usize,
+    fractions: &[f64; P],
+) -> [Vec<usize>; P] {
     let root = Rng::new(SPLIT_SEED).fork(0x4558_5400_0000_0005);
-    split::stratified(all, &root, |n| class_counts(n, fractions))
+    split::stratified(labels, classes, &root, |n| class_counts(n, fractions))
+}
+
+/// The indices, ascending, of the images of a folder labelled `labels` that its split
+/// ([`split_seeded`]) puts in the test part: known before any image is decoded.
+pub fn folder_test_indices(labels: &[u32], classes: usize) -> Vec<usize> {
+    let [_, _, test] = stratified_labels(labels, classes, &FOLDER_FRACTIONS);
+    test
 }
 
 /// `n` items cut by `fractions`: every part after the first gets its rounded share (so a

@@ -17,6 +17,7 @@ use zune_core::colorspace::ColorSpace;
 use zune_core::options::DecoderOptions;
 use zune_jpeg::JpegDecoder;
 
+use super::external::folder_test_indices;
 use super::resize::{Filter, convert_channels, resize};
 use super::{DataError, Dataset, Pixels};
 
@@ -37,32 +38,66 @@ pub struct Decoded {
 /// Read the folder at `dir` into images of `shape` (`[channels, height, width]`, channels 1
 /// or 3), normalised with ImageNet's statistics (their average, for one channel).
 pub fn load_folder(dir: &Path, shape: [usize; 3]) -> Result<Dataset, DataError> {
-    let [channels, height, width] = shape;
-    assert!(
-        matches!(channels, 1 | 3) && height > 0 && width > 0,
-        "load_folder: shape {shape:?} must have 1 or 3 channels and a positive size"
-    );
+    let listing = list_folder(dir)?;
+    decode_files(&listing, &listing.files, shape, file_name(dir))
+}
+
+/// Only the images of the folder at `dir` that its split ([`split_seeded`]) puts in the test
+/// part, named `<folder>/test`, as that part of [`load_folder`] is: the others are never
+/// decoded.
+///
+/// [`split_seeded`]: super::external::split_seeded
+pub fn load_folder_test(dir: &Path, shape: [usize; 3]) -> Result<Dataset, DataError> {
+    let listing = list_folder(dir)?;
+    let labels: Vec<u32> = listing.files.iter().map(|(_, l)| *l).collect();
+    let test = folder_test_indices(&labels, listing.classes.len());
+    let files: Vec<(PathBuf, u32)> = test.iter().map(|&i| listing.files[i].clone()).collect();
+    decode_files(&listing, &files, shape, format!("{}/test", file_name(dir)))
+}
+
+/// A folder's classes (its subfolders, sorted) and image files, each with its label.
+struct Listing {
+    classes: Vec<PathBuf>,
+    files: Vec<(PathBuf, u32)>,
+}
+
+fn list_folder(dir: &Path) -> Result<Listing, DataError> {
     let classes = class_folders(dir)?;
     let mut files = Vec::new();
     for (label, class_dir) in classes.iter().enumerate() {
         let images = image_files(class_dir)?;
         files.extend(images.into_iter().map(|f| (f, label as u32)));
     }
+    Ok(Listing { classes, files })
+}
+
+/// `files` decoded into the dataset `name` of images of `shape`, with `listing`'s classes.
+fn decode_files(
+    listing: &Listing,
+    files: &[(PathBuf, u32)],
+    shape: [usize; 3],
+    name: String,
+) -> Result<Dataset, DataError> {
+    let [channels, height, width] = shape;
+    assert!(
+        matches!(channels, 1 | 3) && height > 0 && width > 0,
+        "load_folder: shape {shape:?} must have 1 or 3 channels and a positive size"
+    );
     // Each image goes straight to its place: collecting them and concatenating would hold the
     // whole set twice at the peak. Kept as bytes, a quarter of f32, each pixel rounded to the
     // nearest 1/255 after the resize, as an 8-bit image resized (PIL's, say) holds it.
     let mut bytes = vec![0u8; files.len() * channels * height * width];
     bytes
         .par_chunks_mut(channels * height * width)
-        .zip(&files)
+        .zip(files)
         .try_for_each(|(out, (path, _))| -> Result<(), DataError> {
             out.copy_from_slice(&Pixels::quantized(&load_image(path, shape)?, 255));
             Ok(())
         })?;
-    let names = classes.iter().map(|d| file_name(d)).collect();
+    let names = listing.classes.iter().map(|d| file_name(d)).collect();
     let (mean, std) = imagenet_normalization(channels);
     Dataset::new(
-        file_name(dir),
+        name,
         shape,
         Pixels::Steps { bytes, levels: 255 },
         files.iter().map(|(_, l)| *l).collect(),
@@ -333,6 +368,36 @@ mod tests {
         let enc = jpeg_encoder::Encoder::new_file(path, 100).unwrap();
         enc.encode(samples, w as u16, h as u16, jpeg_encoder::ColorType::Rgb)
             .unwrap();
+    }
+
+    /// The test part decoded alone is the test part of the whole folder, split: the same
+    /// images, labels, names and scaling. A broken file outside the test part shows that only
+    /// the test part is decoded.
+    #[test]
+    fn data_a_folders_test_part_loads_alone() {
+        let dir = temp_dir("test-part");
+        for (c, class) in ["a", "b", "c"].iter().enumerate() {
+            fs::create_dir_all(dir.join(class)).unwrap();
+            for i in 0..(7 + 2 * c) {
+                let path = dir.join(class).join(format!("{i:02}.png"));
+                write_png(&path, 5, 4, png::ColorType::Rgb, &rgb(c * 20 + i, 5, 4));
+            }
+        }
+        let whole = load_folder(&dir, [3, 3, 3]).unwrap();
+        let want = super::super::external::split_seeded(&whole, &[], false)
+            .unwrap()
+            .test;
+        assert_eq!(load_folder_test(&dir, [3, 3, 3]).unwrap(), want);
+        // A fifth of 7, 9 and 11 images, rounded.
+        assert_eq!(want.len(), 1 + 2 + 2);
+        let labels: Vec<u32> = whole.labels.clone();
+        let test = folder_test_indices(&labels, 3);
+        let outside = (0..whole.len()).find(|i| !test.contains(i)).unwrap();
+        let listing = list_folder(&dir).unwrap();
+        // A PNG by its first bytes, so it is still listed, that does not decode.
+        fs::write(&listing.files[outside].0, b"\x89PNG\r\n\x1a\nbroken").unwrap();
+        assert!(load_folder(&dir, [3, 3, 3]).is_err());
+        assert_eq!(load_folder_test(&dir, [3, 3, 3]).unwrap(), want);
     }
 
     /// Planar [3, H, W] in [0, 1] from interleaved RGB bytes.

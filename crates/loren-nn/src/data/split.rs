@@ -154,20 +154,23 @@ pub(super) fn merged(a: &[usize], b: &[usize]) -> Vec<usize> {
 
 /// For each part, the indices of `all` that fall in it, ascending.
 fn stratified_indices(all: &Dataset, fractions: &[f64; 4]) -> [Vec<usize>; 4] {
-    stratified(all, &Rng::new(SPLIT_SEED), |n| allocate(n, fractions))
+    let root = Rng::new(SPLIT_SEED);
+    stratified(&all.labels, all.classes, &root, |n| allocate(n, fractions))
 }
 
-/// For each part, the indices of `all` that fall in it, ascending: each class is shuffled by
-/// its own fork of `root`, then cut into `counts(class size)` consecutive pieces.
+/// For each part, the indices of the items labelled `labels` (each below `classes`) that fall
+/// in it, ascending: each class is shuffled by its own fork of `root`, then cut into
+/// `counts(class size)` consecutive pieces. Only labels: the images need not be read yet.
 pub(super) fn stratified<const P: usize>(
-    all: &Dataset,
+    labels: &[u32],
+    classes: usize,
     root: &Rng,
     counts: impl Fn(usize) -> [usize; P],
 ) -> [Vec<usize>; P] {
     let mut parts: [Vec<usize>; P] = std::array::from_fn(|_| Vec::new());
-    for class in 0..all.classes {
-        let mut members: Vec<usize> = (0..all.len())
-            .filter(|&i| all.labels[i] as usize == class)
+    for class in 0..classes {
+        let mut members: Vec<usize> = (0..labels.len())
+            .filter(|&i| labels[i] as usize == class)
             .collect();
         root.fork(class as u64).shuffle(&mut members);
         let mut rest = members.as_slice();
