@@ -280,9 +280,8 @@ fn write_png(path: &Path, w: u32, h: u32, seed: usize) {
         .unwrap();
 }
 
-#[test]
-fn an_image_folder_trains_through_the_cli() {
-    let dir = temp_dir("folder");
+/// An image folder in `dir`: classes cats and dogs, 10 distinct 12×10 PNGs each.
+fn write_cats_and_dogs(dir: &Path) {
     for (c, class) in ["cats", "dogs"].iter().enumerate() {
         std::fs::create_dir_all(dir.join(class)).unwrap();
         for i in 0..10 {
@@ -294,6 +293,12 @@ fn an_image_folder_trains_through_the_cli() {
             );
         }
     }
+}
+
+#[test]
+fn an_image_folder_trains_through_the_cli() {
+    let dir = temp_dir("folder");
+    write_cats_and_dogs(&dir);
     let out = dir.join("run");
     let arg = format!("folder:{}", dir.display());
     let printed = run_ok(&strs(&quick_train(&out, &["--data", &arg])));
@@ -315,17 +320,7 @@ fn ood_data_scores_detection_against_other_datasets() {
     let cifar = format!("cifar10:{}", dir.display());
     // An image folder's test part: a fifth of each class's 10 images.
     let photos = dir.join("photos");
-    for (c, class) in ["cats", "dogs"].iter().enumerate() {
-        std::fs::create_dir_all(photos.join(class)).unwrap();
-        for i in 0..10 {
-            write_png(
-                &photos.join(class).join(format!("{i}.png")),
-                12,
-                10,
-                c * 10 + i,
-            );
-        }
-    }
+    write_cats_and_dogs(&photos);
     let folder = format!("folder:{}", photos.display());
     let out = dir.join("run");
     let args = [
