@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 mod common;
-use common::{fails_with, loren, loren_in, strs, temp_dir};
+use common::{fails_with, loren, loren_in, report_json, strs, temp_dir};
 
 use loren_nn::checkpoint::{Entry, TensorFile, write};
 
@@ -170,8 +170,7 @@ fn resuming_with_more_epochs_continues_and_says_the_schedule_stretches() {
     assert!(report.contains("accuracy"), "{report}");
     assert!(err.contains("from 2 to 3 epochs"), "{err}");
     // The report's epochs are the whole run's, the saved two and the resumed third.
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let report = report_json(&out);
     let epochs: Vec<u64> = report["train"]["epochs"]
         .as_array()
         .unwrap()
@@ -259,9 +258,7 @@ fn training_on_the_validation_part_is_recorded_and_resumed() {
     let ckpt = dir.join("checkpoint.safetensors");
     let file = TensorFile::read(&ckpt).unwrap();
     assert_eq!(file.metadata()["train_on_val"], "true");
-    let report = |dir: &Path| -> serde_json::Value {
-        serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap()
-    };
+    let report = report_json;
     // The digits' 539 training images and 179 validation images, in batches of 32.
     assert_eq!(report(&dir)["train"]["steps"], 23);
     assert!(report(&dir)["val_accuracy"].is_null());
@@ -614,9 +611,10 @@ fn copy_of_the_trained_run(name: &str) -> PathBuf {
 }
 
 fn epochs_in_report(dir: &Path) -> usize {
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap();
-    report["train"]["epochs"].as_array().unwrap().len()
+    report_json(dir)["train"]["epochs"]
+        .as_array()
+        .unwrap()
+        .len()
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{fails_with, loren, run_ok, run_ok_in, strs, temp_dir};
+use common::{fails_with, loren, report_json, run_ok, run_ok_in, strs, temp_dir};
 
 use loren_nn::checkpoint::{self, Entry, TensorFile};
 use loren_nn::config::VitConfig;
@@ -213,11 +213,7 @@ fn cifar10_trains_on_every_training_image_with_the_papers_data_flags() {
     let dir = temp_dir("cifar-paper");
     write_cifar10(&dir);
     let arg = format!("cifar10:{}", dir.display());
-    let steps = |out: &Path| -> u64 {
-        let report: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
-        report["train"]["steps"].as_u64().unwrap()
-    };
+    let steps = |out: &Path| report_json(out)["train"]["steps"].as_u64().unwrap();
     let paper = [
         "--data",
         &arg,
@@ -338,8 +334,7 @@ fn ood_data_scores_detection_against_other_datasets() {
         printed.contains("OOD detection against the cifar10 test split (359 in, 20 out;"),
         "{printed}"
     );
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let report = report_json(&out);
     let sets = report["report"]["ood_sets"].as_array().unwrap();
     let names: Vec<&str> = sets
         .iter()

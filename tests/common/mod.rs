@@ -66,6 +66,13 @@ pub fn temp_dir(name: &str) -> PathBuf {
     d
 }
 
+/// The `report.json` a run wrote into `dir`.
+pub fn report_json(dir: &Path) -> serde_json::Value {
+    let path = dir.join("report.json");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_slice(&bytes).unwrap()
+}
+
 pub fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
