@@ -55,6 +55,7 @@ impl PretrainSpec {
                 lr: 1e-3,
                 min_lr: 1e-5,
                 warmup_steps: 100,
+                warmup_from_zero: false,
                 optimizer: loren_autograd::optim::OptimizerKind::adamw(0.05),
                 grad_clip: Some(1.0),
                 augment: loren_nn::data::Augment::digits(),

@@ -72,7 +72,15 @@ fn resuming_with_other_settings_names_each_one() {
     let out = temp_dir("other-settings");
     let args = resume_args(
         &out,
-        &["--lr", "0.002", "--batch-size", "16", "--epochs", "3"],
+        &[
+            "--lr",
+            "0.002",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "3",
+            "--warmup-from-zero",
+        ],
     );
     refused(
         &strs(&args),
@@ -80,6 +88,7 @@ fn resuming_with_other_settings_names_each_one() {
             "other settings",
             "lr: saved 0.001, now 0.002",
             "batch_size: saved 32, now 16",
+            "warmup_from_zero: saved false, now true",
         ],
     );
 }

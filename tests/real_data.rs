@@ -207,7 +207,8 @@ fn cifar10_trains_and_evaluates_through_the_cli() {
 }
 
 /// The paper's data flags: every official training image (100 here, 90 without
-/// `--train-on-val`), in the files' order, nearest-pixel flips and rotation, unnormalised.
+/// `--train-on-val`), in the files' order, nearest-pixel flips and rotation, unnormalised; and
+/// its warmup, from a first step at rate 0, recorded for a resumed run.
 #[test]
 fn cifar10_trains_on_every_training_image_with_the_papers_data_flags() {
     let dir = temp_dir("cifar-paper");
@@ -222,6 +223,7 @@ fn cifar10_trains_on_every_training_image_with_the_papers_data_flags() {
         "--normalize",
         "none",
         "--no-shuffle",
+        "--warmup-from-zero",
     ];
     let kept = dir.join("kept");
     run_ok(&strs(&quick_train(&kept, &paper)));
@@ -235,7 +237,21 @@ fn cifar10_trains_on_every_training_image_with_the_papers_data_flags() {
     let train: serde_json::Value =
         serde_json::from_str(TensorFile::read(&ckpt).unwrap().meta("train").unwrap()).unwrap();
     assert_eq!(train["augment"]["sampling"], "nearest");
+    assert_eq!(train["warmup_from_zero"], true);
     eval_ok(&ckpt, &[]);
+    // Resumed with none of the flags, the run takes them all from the checkpoint.
+    let resume = [
+        "train",
+        "--resume",
+        ckpt.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--no-shift",
+        "--no-ood",
+        "-q",
+    ];
+    run_ok(&resume);
+    assert_eq!(steps(&all), 8);
 }
 
 /// A dataset named by a relative path is recorded absolute, so `eval` from elsewhere finds it.

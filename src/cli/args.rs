@@ -144,6 +144,11 @@ pub struct OptimArgs {
     /// Linear warmup steps before the cosine decay.
     #[arg(long, default_value_t = 50, allow_negative_numbers = true)]
     pub warmup: u64,
+    /// Start the warmup at learning rate 0, as the LoRA-Ensemble paper's code does (step k of
+    /// the warmup at k/warmup of the peak, so its first step moves no weight and only feeds
+    /// AdamW's moments). By default step k is at (k+1)/warmup, and no step is spent.
+    #[arg(long)]
+    pub warmup_from_zero: bool,
     /// AdamW's decoupled weight decay (or SGD's L2 penalty), on weight matrices only.
     #[arg(long, default_value_t = 0.01, allow_hyphen_values = true)]
     pub weight_decay: f32,
@@ -367,6 +372,7 @@ pub fn train_config(o: &OptimArgs, method: Method, seed: u64) -> Result<TrainCon
         lr: o.lr.unwrap_or(default_lr),
         min_lr: o.min_lr,
         warmup_steps: o.warmup,
+        warmup_from_zero: o.warmup_from_zero,
         optimizer,
         grad_clip: (o.grad_clip > 0.0).then_some(o.grad_clip),
         augment: match (&o.saved_augment, o.augment.as_str()) {

@@ -213,6 +213,9 @@ fn with_saved_settings(
     if keep("warmup") {
         o.warmup = train.warmup_steps;
     }
+    if keep("warmup_from_zero") {
+        o.warmup_from_zero = train.warmup_from_zero;
+    }
     let (optimizer, weight_decay, momentum) = match train.optimizer {
         OptimizerKind::AdamW { weight_decay, .. } => ("adamw", weight_decay, o.momentum),
         OptimizerKind::Sgd {

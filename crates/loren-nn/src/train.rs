@@ -30,6 +30,10 @@ pub struct TrainConfig {
     /// Where the cosine decay ends.
     pub min_lr: f32,
     pub warmup_steps: u64,
+    /// The warmup's first step at learning rate 0, as the LoRA-Ensemble paper's code has it
+    /// (see [`WarmupCosine::from_zero`]).
+    #[serde(default)]
+    pub warmup_from_zero: bool,
     pub optimizer: OptimizerKind,
     /// Clip the global gradient norm to this, when set.
     pub grad_clip: Option<f64>,
@@ -57,6 +61,7 @@ impl TrainConfig {
             lr,
             min_lr: 0.0,
             warmup_steps: 0,
+            warmup_from_zero: false,
             optimizer: OptimizerKind::adamw(0.01),
             grad_clip: Some(1.0),
             augment: Augment::none(),
@@ -200,6 +205,7 @@ impl<'m> Trainer<'m> {
                 min_lr: config.min_lr,
                 warmup: config.warmup_steps.min(total),
                 total,
+                from_zero: config.warmup_from_zero,
             },
             config: config.clone(),
             step: 0,

@@ -24,6 +24,7 @@ fn step_peak(method: Method, members: usize) -> (MemoryReport, usize) {
         lr: 1e-3,
         min_lr: 0.0,
         warmup_steps: 0,
+        warmup_from_zero: false,
         optimizer: OptimizerKind::adamw(0.0),
         grad_clip: None,
         augment: Augment::none(),

@@ -27,6 +27,7 @@ fn config(epochs: usize) -> TrainConfig {
         lr: 1e-3,
         min_lr: 1e-5,
         warmup_steps: 5,
+        warmup_from_zero: false,
         optimizer: OptimizerKind::adamw(0.01),
         grad_clip: Some(1.0),
         augment: Augment::digits(),
@@ -289,4 +290,65 @@ fn images_staged_on_another_thread_give_the_same_step() {
     let elsewhere = batch.stage(&Device::cpu()).unwrap();
     let e = tb.step_staged(&batch, elsewhere).unwrap_err().to_string();
     assert!(e.contains("another device"), "{e}");
+}
+
+/// The LoRA-Ensemble paper's warmup (`--warmup-from-zero`): its first step is at learning rate
+/// 0, so it moves no weight (AdamW's decoupled decay included) but feeds AdamW's moments and
+/// counts for its bias correction. Two such steps on one batch therefore move the weights as
+/// the default's one step at the same rate does, up to rounding: the bias-corrected moments are
+/// g and g² either way (with the count left at 1, the move would be 1.9/√1.999 times as large).
+#[test]
+fn a_warmup_from_zero_moves_nothing_on_its_first_step_but_feeds_the_moments() {
+    let data = train_split();
+    let cfg = TrainConfig {
+        augment: Augment::none(),
+        warmup_from_zero: true,
+        ..config(1)
+    };
+    let idx: Vec<usize> = (0..32).collect();
+    let batch = data.batch(&idx, None);
+    let mut paper = model(Method::Lora);
+    let start = param_bits(&paper);
+    let mut t = Trainer::new(&mut paper, &cfg, data.len()).unwrap();
+    t.step(&batch).unwrap();
+    assert!(
+        param_bits(t.model()) == start,
+        "the step at rate 0 moved a weight"
+    );
+    let dir = std::env::temp_dir().join(format!("loren-warmup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ckpt = dir.join("first.safetensors");
+    t.save(&ckpt, &Default::default()).unwrap();
+    let file = TensorFile::read(&ckpt).unwrap();
+    let fed = file
+        .names()
+        .filter(|n| n.starts_with("optim.m."))
+        .any(|n| file.get(n).unwrap().data.iter().any(|&x| x != 0.0));
+    assert!(fed, "the step at rate 0 left AdamW's moments at zero");
+    t.step(&batch).unwrap();
+    let after_two = param_bits(t.model());
+
+    let ours = TrainConfig {
+        warmup_from_zero: false,
+        ..cfg.clone()
+    };
+    let mut default = model(Method::Lora);
+    let mut t = Trainer::new(&mut default, &ours, data.len()).unwrap();
+    t.step(&batch).unwrap();
+    let after_one = param_bits(t.model());
+    let (mut largest, mut moved) = (0f32, false);
+    for ((a, b), s) in after_two.iter().zip(&after_one).zip(&start) {
+        for ((&a, &b), &s) in a.iter().zip(b).zip(s) {
+            let (a, b, s) = (f32::from_bits(a), f32::from_bits(b), f32::from_bits(s));
+            largest = largest.max((a - b).abs());
+            moved |= a != s;
+        }
+    }
+    assert!(moved, "the second step moved nothing");
+    // Each element moves by about the rate, 1e-3/5 here.
+    assert!(
+        largest < 1e-6,
+        "two steps from zero differ from one by {largest}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }
