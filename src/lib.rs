@@ -23,6 +23,7 @@ macro_rules! note {
 
 pub mod backbone;
 pub mod bench;
+pub mod curves;
 pub mod dataset;
 pub mod ensemble;
 pub mod interrupt;

@@ -119,14 +119,28 @@ impl Observer for TrainBar {
         crate::interrupt::requested()
     }
 
+    fn validating(&mut self) {
+        let msg = format!("{}, scoring the validation part", self.bar.message());
+        self.bar.set_message(msg);
+    }
+
     fn epoch(&mut self, e: &EpochInfo) {
         if self.verbosity == Verbosity::Quiet {
             return;
         }
-        let line = format!(
+        let mut line = format!(
             "{}: epoch {} mean loss {:.4} ({:.1}s)",
             self.label, e.epoch, e.mean_loss, e.seconds
         );
+        if let Some(v) = e.val {
+            line += &format!(
+                ", validation accuracy {:.2}% NLL {:.4} ECE {:.4} ({:.1}s)",
+                100.0 * v.accuracy,
+                v.nll,
+                v.ece,
+                v.seconds
+            );
+        }
         // A line per epoch: above the bar on a terminal, so the loss's history stays on screen.
         match self.bar.is_hidden() {
             true => crate::note!("{line}"),

@@ -180,9 +180,13 @@ pub fn training_line(r: &RunResult) -> String {
         ),
         _ => "  validation: none (--train-on-val trained on it)\n".to_string(),
     };
+    let validating = match r.train.validation_seconds {
+        s if s > 0.0 => format!(", validation by epoch {s:.1}s"),
+        _ => String::new(),
+    };
     val + &format!(
-        "  trainable parameters {} of {}; peak tensor memory {} on {}{}; training {:.1}s, evaluation \
-         {:.1}s\n",
+        "  trainable parameters {} of {}; peak tensor memory {} on {}{}; training {:.1}s{validating}, \
+         evaluation {:.1}s\n",
         count(r.trainable_params),
         count(r.total_params),
         bytes(r.memory.total_peak),

@@ -8,13 +8,13 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use loren_nn::checkpoint::TensorFile;
 use loren_nn::config::{Activations, EnsembleConfig, Method, VitConfig};
-use loren_nn::data::Splits;
+use loren_nn::data::{Dataset, Splits};
 use loren_nn::eval::{EvalOptions, EvalReport, eval_images, evaluate, predict};
 use loren_nn::memory_model;
 use loren_nn::metrics::calibration;
 use loren_nn::train::{
-    BACKBONE_FINGERPRINT, CheckpointSpec, TrainConfig, TrainSummary, Trainer, check_backbone,
-    check_format, check_resumable,
+    BACKBONE_FINGERPRINT, CheckpointSpec, EpochVal, TrainConfig, TrainSummary, Trainer,
+    check_backbone, check_format, check_resumable,
 };
 use loren_nn::vit::{Vit, fine_tune_seed};
 use loren_tensor::{Device, DeviceSpec, MemTag, MemoryReport};
@@ -40,6 +40,9 @@ pub struct RunSpec {
     /// [`check_resume`] refuses one that does not continue this run before anything is read.
     pub resume: Option<Arc<TensorFile>>,
     pub eval: EvalOptions,
+    /// Score the validation part after every this many epochs (and the last), for the learning
+    /// curves; 0 scores it only once trained.
+    pub val_every: usize,
     pub verbosity: Verbosity,
     /// Written into the checkpoint beside the run's own metadata (the data, for `eval`).
     pub metadata: HashMap<String, String>,
@@ -112,6 +115,7 @@ fn replaced_by(checkpoint: &Path, resumed: Option<&Path>) -> Vec<PathBuf> {
     [
         "report.json",
         "reliability.svg",
+        "training.svg",
         "eval.json",
         "eval-reliability.svg",
     ]
@@ -272,11 +276,17 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
                 );
             }
         }
+        if let Some(val) = &data.val {
+            // At the training batch size, so that scoring adds nothing to the training's peak.
+            let batch = spec.train.batch_size;
+            let validate = move |model: &Vit| epoch_validation(model, val, batch);
+            trainer.validate_every(spec.val_every, Box::new(validate));
+        }
         let mut bar = TrainBar::new(label, spec.verbosity);
         trainer.fit(&data.train, &ckpt, &mut bar)?
     };
     let memory = device.memory().report().into();
-    let train_seconds = t0.elapsed().as_secs_f64();
+    let train_seconds = t0.elapsed().as_secs_f64() - summary.validation_seconds;
 
     let t1 = Instant::now();
     let held_out = data.held_out.as_ref();
@@ -287,14 +297,16 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
             c.display()
         )
     });
-    let val_report = match &data.val {
-        Some(val) => {
-            let probs = predict(&model, val, spec.eval.batch_size, &mut |_| {
-                crate::interrupt::scoring_stop(&kept)
-            })?;
-            Some(calibration(&probs, &val.labels)?)
-        }
-        None => None,
+    // The last epoch, when it was scored, was scored on the trained model.
+    let val_report = match (&data.val, summary.epochs.last().and_then(|e| e.val)) {
+        (None, _) => None,
+        (Some(_), Some(scored)) => Some(scored),
+        (Some(val), None) => Some(score_validation(
+            &model,
+            val,
+            spec.eval.batch_size,
+            &mut |_| crate::interrupt::scoring_stop(&kept),
+        )?),
     };
     let mut bar = EvalBar::new(
         label,
@@ -325,13 +337,46 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
         memory,
         activations: spec.train.activations,
         train: summary,
-        val_accuracy: val_report.as_ref().map(|r| r.accuracy),
-        val_nll: val_report.as_ref().map(|r| r.nll),
-        val_ece: val_report.as_ref().map(|r| r.ece),
+        val_accuracy: val_report.map(|r| r.accuracy),
+        val_nll: val_report.map(|r| r.nll),
+        val_ece: val_report.map(|r| r.ece),
         report,
         train_seconds,
         eval_seconds: t1.elapsed().as_secs_f64(),
     })
+}
+
+/// The validation part's accuracy, NLL and ECE, predicted in chunks of `batch`.
+fn score_validation(
+    model: &Vit,
+    val: &Dataset,
+    batch: usize,
+    progress: &mut dyn FnMut(usize) -> loren_nn::Result<()>,
+) -> loren_nn::Result<EpochVal> {
+    let t = Instant::now();
+    let probs = predict(model, val, batch, progress)?;
+    let c = calibration(&probs, &val.labels)?;
+    Ok(EpochVal {
+        accuracy: c.accuracy,
+        nll: c.nll,
+        ece: c.ece,
+        seconds: t.elapsed().as_secs_f64(),
+    })
+}
+
+/// [`score_validation`] at an epoch's end: a Ctrl-C meanwhile leaves the epoch unscored, and
+/// training stops after its checkpoint, at the next step.
+fn epoch_validation(
+    model: &Vit,
+    val: &Dataset,
+    batch: usize,
+) -> loren_nn::Result<Option<EpochVal>> {
+    match score_validation(model, val, batch, &mut |_| {
+        crate::interrupt::scoring_stop("")
+    }) {
+        Err(loren_nn::NnError::EvalInterrupted { .. }) => Ok(None),
+        scored => scored.map(Some),
+    }
 }
 
 /// Refuse, before anything is allocated, a run that the analytic memory model says will not fit
@@ -477,6 +522,7 @@ mod tests {
                 shift: false,
                 ood: false,
             },
+            val_every: 0,
             verbosity: Verbosity::Quiet,
             metadata: HashMap::new(),
         }

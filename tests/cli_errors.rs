@@ -715,7 +715,12 @@ fn a_closed_stderr_does_not_stop_a_run() {
     drop(child.stderr.take());
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}");
-    for f in ["checkpoint.safetensors", "report.json", "reliability.svg"] {
+    for f in [
+        "checkpoint.safetensors",
+        "report.json",
+        "reliability.svg",
+        "training.svg",
+    ] {
         assert!(dir.join(f).exists(), "{f} was not written");
     }
 }

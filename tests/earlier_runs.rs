@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 mod common;
+mod svg_check;
 use common::{fails_with, loren, loren_in, report_json, strs, temp_dir};
 
 use loren_nn::checkpoint::{Entry, TensorFile, write};
@@ -297,6 +298,64 @@ fn training_on_the_validation_part_is_recorded_and_resumed() {
     refused(&args, &["trained without --train-on-val, not with"]);
 }
 
+/// Every epoch is scored on the validation part, for the learning curves: in report.json's
+/// epochs, drawn in training.svg, kept through a resume, the last epoch's scores the report's.
+/// Scoring reads the model alone: without it the checkpoint's tensors and the peak memory are the
+/// same.
+#[test]
+fn every_epoch_is_scored_on_the_validation_part_without_changing_the_training() {
+    let report = report_json(trained());
+    let scored = |r: &serde_json::Value, i: usize| r["train"]["epochs"][i]["val"].clone();
+    for i in 0..2 {
+        let acc = scored(&report, i)["accuracy"].as_f64().unwrap();
+        assert!(acc > 0.5 && acc <= 1.0, "epoch {i}: accuracy {acc}");
+        assert!(scored(&report, i)["ece"].as_f64().unwrap() >= 0.0);
+    }
+    assert_eq!(scored(&report, 1)["accuracy"], report["val_accuracy"]);
+    assert_eq!(scored(&report, 1)["nll"], report["val_nll"]);
+    assert_eq!(scored(&report, 1)["ece"], report["val_ece"]);
+    let svg = std::fs::read_to_string(trained().join("training.svg")).unwrap();
+    svg_check::check_svg(&svg).unwrap();
+    assert!(svg.contains(">validation ECE (15 bins)<"), "{svg}");
+
+    let dir = temp_dir("val-every-0");
+    let mut args = vec!["train", "--out", dir.to_str().unwrap(), "--epochs", "2"];
+    args.extend(RUN);
+    args.extend(["--val-every", "0"]);
+    let (ok, _, err) = loren(&args);
+    assert!(ok, "{err}");
+    let unscored = report_json(&dir);
+    assert!(scored(&unscored, 0).is_null() && scored(&unscored, 1).is_null());
+    assert_eq!(unscored["val_accuracy"], report["val_accuracy"]);
+    assert_eq!(unscored["memory"], report["memory"]);
+    let tensors = |d: &Path| {
+        all_tensors(&TensorFile::read(&d.join("checkpoint.safetensors")).unwrap())
+            .into_iter()
+            .map(|(n, e)| (n, e.data.iter().map(|x| x.to_bits()).collect::<Vec<_>>()))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        tensors(&dir) == tensors(trained()),
+        "scoring changed the training"
+    );
+    let svg = std::fs::read_to_string(dir.join("training.svg")).unwrap();
+    assert!(svg.contains("no epoch was scored"), "{svg}");
+
+    // Resumed and scored every second epoch: the first two epochs' scores are the checkpoint's,
+    // the third, the last, is scored.
+    let out = temp_dir("val-every-2");
+    let (ok, _, err) = loren(&strs(&resume_args(
+        &out,
+        &["--epochs", "4", "--val-every", "2"],
+    )));
+    assert!(ok, "{err}");
+    let resumed = report_json(&out);
+    assert_eq!(scored(&resumed, 0), scored(&report, 0));
+    assert_eq!(scored(&resumed, 1), scored(&report, 1));
+    assert!(scored(&resumed, 2).is_null());
+    assert!(scored(&resumed, 3)["accuracy"].is_f64());
+}
+
 /// A copy of the trained run whose checkpoint lacks the metadata `key` (which held `value`), as
 /// one written before the setting was recorded.
 fn trained_run_without(key: &str, value: &str) -> PathBuf {
@@ -569,7 +628,12 @@ fn an_unwritable_out_folder_fails_before_training() {
 #[test]
 fn a_fresh_run_replaces_an_earlier_one_and_does_not_claim_its_checkpoint() {
     let dir = temp_dir("replace");
-    for f in ["checkpoint.safetensors", "report.json", "reliability.svg"] {
+    for f in [
+        "checkpoint.safetensors",
+        "report.json",
+        "reliability.svg",
+        "training.svg",
+    ] {
         std::fs::copy(trained().join(f), dir.join(f)).unwrap();
     }
     // A run refused before it trains leaves the earlier one as it was.
@@ -598,7 +662,12 @@ fn a_fresh_run_replaces_an_earlier_one_and_does_not_claim_its_checkpoint() {
             && err.contains("checkpoint.safetensors is still the earlier run's"),
         "{err}"
     );
-    for f in ["checkpoint.safetensors", "report.json", "reliability.svg"] {
+    for f in [
+        "checkpoint.safetensors",
+        "report.json",
+        "reliability.svg",
+        "training.svg",
+    ] {
         let (now, was) = (dir.join(f), trained().join(f));
         assert_eq!(
             std::fs::read(now).unwrap(),
@@ -612,7 +681,12 @@ fn a_fresh_run_replaces_an_earlier_one_and_does_not_claim_its_checkpoint() {
 /// leaves one.
 fn copy_of_the_trained_run(name: &str) -> PathBuf {
     let dir = temp_dir(name);
-    for f in ["checkpoint.safetensors", "report.json", "reliability.svg"] {
+    for f in [
+        "checkpoint.safetensors",
+        "report.json",
+        "reliability.svg",
+        "training.svg",
+    ] {
         std::fs::copy(trained().join(f), dir.join(f)).unwrap();
     }
     std::fs::write(dir.join("eval.json"), b"{}").unwrap();

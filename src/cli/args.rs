@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use loren::curves::learning_curves_svg;
 use loren::dataset::{DataSource, Normalize, TRAIN_ON_VAL_KEY};
 use loren::progress::Verbosity;
 use loren::report::split_phrase;
@@ -144,6 +145,11 @@ pub struct OptimArgs {
     /// Linear warmup steps before the cosine decay.
     #[arg(long, default_value_t = 50, allow_negative_numbers = true)]
     pub warmup: u64,
+    /// Score the validation part after every N epochs and after the last: accuracy, NLL and
+    /// ECE on each epoch's line, in report.json's train.epochs and in DIR/training.svg, the
+    /// learning curves. 0 scores it only once trained. It changes nothing in the training.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub val_every: usize,
     /// Start the warmup at learning rate 0, as the LoRA-Ensemble paper's code does (step k of
     /// the warmup at k/warmup of the peak, so its first step moves no weight and only feeds
     /// AdamW's moments). By default step k is at (k+1)/warmup, and no step is spent.
@@ -427,12 +433,13 @@ pub fn run_spec(
         checkpoint,
         resume: None,
         eval: eval_options(data),
+        val_every: optim.val_every,
         verbosity: common.verbosity(),
         metadata: data_metadata(data, optim.train_on_val),
     })
 }
 
-/// Write the report as JSON and its reliability diagram beside it.
+/// Write the report as JSON, and beside it its reliability diagram and learning curves.
 pub fn write_outputs(out: &Path, result: &RunResult, dataset: &str) -> Result<Vec<PathBuf>> {
     let json = out.join("report.json");
     write_atomic(&json, serde_json::to_string_pretty(result)?.as_bytes())?;
@@ -447,7 +454,16 @@ pub fn write_outputs(out: &Path, result: &RunResult, dataset: &str) -> Result<Ve
         &svg,
         reliability_svg(&result.report.test, &title).as_bytes(),
     )?;
-    Ok(vec![json, svg])
+    let curves = out.join("training.svg");
+    let title = format!(
+        "{} (M={}): training by epoch",
+        result.method, result.members
+    );
+    write_atomic(
+        &curves,
+        learning_curves_svg(&title, &result.train.epochs).as_bytes(),
+    )?;
+    Ok(vec![json, svg, curves])
 }
 
 /// `--memory-budget`, read as bytes (bench and memprofile).

@@ -156,7 +156,7 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     say(format_args!("{}", growth_per_member(&results)))?;
     let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
     say(format_args!(
-        "wrote {} and a report.json and reliability.svg per run under {}\n",
+        "wrote {} and a report.json, reliability.svg and training.svg per run under {}\n",
         names.join(", "),
         a.out.display()
     ))?;

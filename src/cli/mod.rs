@@ -53,8 +53,9 @@ struct Cli {
 enum Command {
     /// Fine-tune an ensemble from the pretrained backbone, then print its calibration report.
     ///
-    /// Writes DIR/report.json, DIR/reliability.svg and DIR/checkpoint.safetensors (trainable
-    /// weights, optimizer state and position, for --resume and eval).
+    /// Writes DIR/report.json, DIR/reliability.svg, DIR/training.svg (learning curves) and
+    /// DIR/checkpoint.safetensors (trainable weights, optimizer state and position, for --resume
+    /// and eval).
     Train(train::TrainArgs),
     /// Evaluate a checkpoint written by `train`: calibration, shift and OOD detection.
     Eval(eval::EvalArgs),

@@ -146,12 +146,12 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
         calibration_report(&title, &data.test.name, &result.report),
         training_line(&result)
     ))?;
-    say(format_args!(
-        "wrote {}, {}, {}\n",
-        written[0].display(),
-        written[1].display(),
-        ckpt.display()
-    ))?;
+    let written: Vec<String> = written
+        .iter()
+        .chain([&ckpt])
+        .map(|p| p.display().to_string())
+        .collect();
+    say(format_args!("wrote {}\n", written.join(", ")))?;
     Ok(())
 }
 

@@ -124,13 +124,33 @@ pub struct EpochInfo {
     /// Counted from 1, as the progress lines print it and report.json keeps it.
     pub epoch: usize,
     pub mean_loss: f64,
+    /// The epoch's training steps, without its validation.
+    pub seconds: f64,
+    /// The validation part scored at the epoch's end, where it was (see
+    /// [`Trainer::validate_every`]).
+    #[serde(default)]
+    pub val: Option<EpochVal>,
+}
+
+/// The validation part's figures at an epoch's end.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochVal {
+    pub accuracy: f64,
+    pub nll: f64,
+    pub ece: f64,
     pub seconds: f64,
 }
+
+/// Scores the model at an epoch's end; `None` when a stop was asked for meanwhile, so that the
+/// epoch still ends and is checkpointed.
+pub type Validate<'m> = Box<dyn FnMut(&Vit) -> Result<Option<EpochVal>> + 'm>;
 
 /// Watches training: the CLI draws progress bars with it.
 pub trait Observer {
     fn start(&mut self, _total_steps: u64, _first_step: u64) {}
     fn step(&mut self, _info: &StepInfo) {}
+    /// The epoch's steps are done and the validation part is being scored.
+    fn validating(&mut self) {}
     fn epoch(&mut self, _info: &EpochInfo) {}
     /// Whether training should stop after the step it has just run ([`NnError::Interrupted`]).
     fn stop_requested(&self) -> bool {
@@ -159,8 +179,11 @@ pub struct TrainSummary {
     /// Every epoch trained, a resumed run's earlier ones included (the rest are this run's).
     pub epochs: Vec<EpochInfo>,
     pub steps: u64,
+    /// This run's training, without the validation at epoch ends.
     pub seconds: f64,
     pub images_per_second: f64,
+    /// This run's validation at epoch ends.
+    pub validation_seconds: f64,
 }
 
 /// A model being trained, with its optimizer, gradients and schedule.
@@ -177,6 +200,8 @@ pub struct Trainer<'m> {
     steps_per_epoch: u64,
     /// The epochs trained so far, from the start of the run (kept in the checkpoint).
     history: Vec<EpochInfo>,
+    /// Every how many epochs, and how, to score the validation part.
+    validation: Option<(usize, Validate<'m>)>,
 }
 
 const FORMAT: &str = "loren-train-v1";
@@ -212,7 +237,15 @@ impl<'m> Trainer<'m> {
             epoch: 0,
             steps_per_epoch,
             history: Vec::new(),
+            validation: None,
         })
+    }
+
+    /// Score the model with `validate` after every `epochs`-th epoch and after the last, into
+    /// each such epoch's [`EpochInfo::val`]; 0 never does. It reads the model alone, so the
+    /// training is the same bit for bit with or without it.
+    pub fn validate_every(&mut self, epochs: usize, validate: Validate<'m>) {
+        self.validation = (epochs > 0).then_some((epochs, validate));
     }
 
     pub fn model(&self) -> &Vit {
@@ -378,12 +411,19 @@ impl<'m> Trainer<'m> {
             Ok(())
         })?;
         // --- end prefetch
-        let info = EpochInfo {
+        let mut info = EpochInfo {
             epoch: self.epoch + 1,
             mean_loss: sum / count.max(1) as f64,
             seconds: start.elapsed().as_secs_f64(),
+            val: None,
         };
         self.epoch += 1;
+        if let Some((every, validate)) = &mut self.validation
+            && (self.epoch.is_multiple_of(*every) || self.epoch == self.config.epochs)
+        {
+            observer.validating();
+            info.val = validate(self.model)?;
+        }
         self.history.push(info);
         observer.epoch(&info);
         Ok(info)
@@ -402,7 +442,7 @@ impl<'m> Trainer<'m> {
         observer: &mut dyn Observer,
     ) -> Result<TrainSummary> {
         let start = Instant::now();
-        let first_step = self.step;
+        let (first_step, first_epoch) = (self.step, self.history.len());
         observer.start(self.total_steps(), first_step);
         // Only a checkpoint this run wrote is its last good one: the file at the path may be
         // another run's.
@@ -446,13 +486,18 @@ impl<'m> Trainer<'m> {
                 saved = true;
             }
         }
-        let seconds = start.elapsed().as_secs_f64();
+        let validation_seconds: f64 = self.history[first_epoch..]
+            .iter()
+            .filter_map(|e| e.val.map(|v| v.seconds))
+            .sum();
+        let seconds = start.elapsed().as_secs_f64() - validation_seconds;
         let images = (self.step - first_step) as f64 * self.config.batch_size as f64;
         Ok(TrainSummary {
             epochs: self.history.clone(),
             steps: self.step,
             seconds,
             images_per_second: images / seconds.max(1e-9),
+            validation_seconds,
         })
     }
 

@@ -8,7 +8,7 @@ use loren_nn::checkpoint::TensorFile;
 use loren_nn::config::{EnsembleConfig, LoraConfig, Method, VitConfig};
 use loren_nn::data::{Augment, Dataset, SplitOptions, bundled_digits, split_digits};
 use loren_nn::error::NnError;
-use loren_nn::train::{CheckpointSpec, Quiet, TrainConfig, Trainer};
+use loren_nn::train::{CheckpointSpec, EpochVal, Quiet, TrainConfig, Trainer};
 use loren_nn::vit::Vit;
 use loren_tensor::Device;
 
@@ -351,4 +351,43 @@ fn a_warmup_from_zero_moves_nothing_on_its_first_step_but_feeds_the_moments() {
         "two steps from zero differ from one by {largest}"
     );
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `validate_every(2, ..)` over three epochs scores the second and the last; a scoring that was
+/// stopped (`None`) leaves its epoch unscored and training goes on.
+#[test]
+fn validation_runs_every_nth_epoch_and_after_the_last() {
+    let data = train_split();
+    let mut cfg = TrainConfig {
+        augment: Augment::none(),
+        ..config(3)
+    };
+    cfg.batch_size = 256;
+    let mut m = model(Method::Lora);
+    let mut t = Trainer::new(&mut m, &cfg, data.len()).unwrap();
+    let calls = std::rc::Rc::new(std::cell::Cell::new(0));
+    let counted = calls.clone();
+    t.validate_every(
+        2,
+        Box::new(move |_model: &Vit| {
+            counted.set(counted.get() + 1);
+            Ok((counted.get() == 1).then_some(EpochVal {
+                accuracy: 0.5,
+                nll: 1.0,
+                ece: 0.25,
+                seconds: 0.0,
+            }))
+        }),
+    );
+    let summary = t
+        .fit(&data, &CheckpointSpec::default(), &mut Quiet)
+        .unwrap();
+    let scored: Vec<Option<f64>> = summary
+        .epochs
+        .iter()
+        .map(|e| e.val.map(|v| v.accuracy))
+        .collect();
+    assert_eq!(scored, [None, Some(0.5), None]);
+    assert_eq!(calls.get(), 2, "the last epoch was not scored");
+    assert_eq!(summary.steps, 3 * 3);
 }
