@@ -1,9 +1,20 @@
-//! A run's learning curves as SVG (DIR/training.svg): the training loss and the validation
-//! figures by epoch, to see where a run overfits or its calibration drifts.
+//! Learning curves as SVG: the training loss and the validation figures by epoch, to see where a
+//! run overfits or its calibration drifts. One run's (DIR/training.svg), or a comparison's, every
+//! run a line (DIR/curves.svg).
 
+use loren_nn::Method;
 use loren_nn::train::EpochInfo;
 
 use crate::plot::{Chart, Series, palette, render};
+use crate::run::RunResult;
+
+/// One run's line in every panel.
+pub struct Curve<'a> {
+    pub name: String,
+    pub color: String,
+    pub dashed: bool,
+    pub epochs: &'a [EpochInfo],
+}
 
 fn by_epoch(epochs: &[EpochInfo], y: impl Fn(&EpochInfo) -> Option<f64>) -> Vec<(f64, f64)> {
     epochs
@@ -12,47 +23,86 @@ fn by_epoch(epochs: &[EpochInfo], y: impl Fn(&EpochInfo) -> Option<f64>) -> Vec<
         .collect()
 }
 
-fn series(name: &str, color: usize, points: Vec<(f64, f64)>) -> Series {
-    Series {
-        name: name.to_string(),
-        points,
-        color: palette(color),
-        dashed: false,
+/// Four panels: the training loss (each epoch's mean over its steps and the members), and the
+/// validation part's NLL, accuracy and ECE of the ensemble's mean probabilities, where epochs
+/// were scored.
+pub fn learning_curves_svg(title: &str, curves: &[Curve]) -> String {
+    type Figure = fn(&EpochInfo) -> Option<f64>;
+    let panels: [(&str, &str, Figure); 4] = [
+        ("training loss (epoch mean)", "cross-entropy", |e| {
+            Some(e.mean_loss)
+        }),
+        ("validation NLL", "NLL", |e| e.val.map(|v| v.nll)),
+        ("validation accuracy", "accuracy", |e| {
+            e.val.map(|v| v.accuracy)
+        }),
+        ("validation ECE (15 bins)", "ECE", |e| e.val.map(|v| v.ece)),
+    ];
+    let charts: Vec<Chart> = panels
+        .iter()
+        .map(|(name, y_label, y)| {
+            let mut chart = Chart::new(*name, "epoch", *y_label);
+            chart.series = curves
+                .iter()
+                .map(|c| Series {
+                    name: c.name.clone(),
+                    points: by_epoch(c.epochs, y),
+                    color: c.color.clone(),
+                    dashed: c.dashed,
+                })
+                .collect();
+            chart
+        })
+        .collect();
+    let scored = curves
+        .iter()
+        .flat_map(|c| c.epochs)
+        .any(|e| e.val.is_some());
+    let subtitle = match scored {
+        true => "validation: the ensemble's mean probabilities, on the epochs scored (--val-every)",
+        false => "no epoch was scored on a validation part (--val-every, --train-on-val)",
+    };
+    render(title, subtitle, &charts, 2)
+}
+
+/// A run's line, in the `i`th colour of the palette.
+pub fn curve(name: String, i: usize, dashed: bool, epochs: &[EpochInfo]) -> Curve<'_> {
+    Curve {
+        name,
+        color: palette(i),
+        dashed,
+        epochs,
     }
 }
 
-/// The loss panel, and where epochs were scored on the validation part, its accuracy and ECE.
-pub fn learning_curves_svg(title: &str, epochs: &[EpochInfo]) -> String {
-    let mut loss = Chart::new("loss", "epoch", "cross-entropy");
-    loss.series.push(series(
-        "training (the epoch's mean)",
-        0,
-        by_epoch(epochs, |e| Some(e.mean_loss)),
-    ));
-    let val_nll = by_epoch(epochs, |e| e.val.map(|v| v.nll));
-    let mut charts = vec![loss];
-    let subtitle = if val_nll.is_empty() {
-        "no epoch was scored on a validation part (--val-every, --train-on-val)"
-    } else {
-        charts[0]
-            .series
-            .push(series("validation NLL (the ensemble's)", 1, val_nll));
-        let mut accuracy = Chart::new("validation accuracy", "epoch", "accuracy");
-        accuracy.series.push(series(
-            "ensemble",
-            1,
-            by_epoch(epochs, |e| e.val.map(|v| v.accuracy)),
-        ));
-        let mut ece = Chart::new("validation ECE (15 bins)", "epoch", "ECE");
-        ece.series.push(series(
-            "ensemble",
-            1,
-            by_epoch(epochs, |e| e.val.map(|v| v.ece)),
-        ));
-        charts.extend([accuracy, ece]);
-        "validation: the mean of the members' probabilities"
+/// A comparison's runs in one figure: a colour per method and ensemble size, the seeds of one
+/// alike and named once.
+pub fn comparison_curves_svg(runs: &[RunResult]) -> String {
+    let mut groups: Vec<(Method, usize)> = Vec::new();
+    let curves: Vec<Curve> = runs
+        .iter()
+        .map(|r| {
+            let group = (r.method, r.members);
+            let (i, first) = match groups.iter().position(|g| *g == group) {
+                Some(i) => (i, false),
+                None => {
+                    groups.push(group);
+                    (groups.len() - 1, true)
+                }
+            };
+            let name = match first {
+                true => format!("{} M={}", r.method, r.members),
+                false => String::new(),
+            };
+            curve(name, i, false, &r.train.epochs)
+        })
+        .collect();
+    let seeds = runs.len() / groups.len().max(1);
+    let title = match seeds {
+        0 | 1 => "loren compare: training by epoch".to_string(),
+        n => format!("loren compare: training by epoch, {n} seeds each"),
     };
-    render(title, subtitle, &charts, 3)
+    learning_curves_svg(&title, &curves)
 }
 
 #[cfg(test)]
@@ -76,19 +126,29 @@ mod tests {
     }
 
     #[test]
-    fn scored_epochs_get_their_panels_and_unscored_ones_say_so() {
-        let scored = [
+    fn every_run_is_a_line_in_every_panel_and_unscored_runs_say_so() {
+        let a = [
             epoch(1, 2.0, Some(0.5)),
             epoch(2, 1.0, None),
             epoch(3, 0.5, Some(0.25)),
         ];
-        let svg = learning_curves_svg("t", &scored);
-        for panel in ["loss", "validation accuracy", "validation ECE (15 bins)"] {
+        let b = [epoch(1, 3.0, Some(0.75))];
+        let runs = [
+            curve("lora M=8".into(), 0, false, &a),
+            curve("explicit M=8".into(), 1, true, &b),
+        ];
+        let svg = learning_curves_svg("t", &runs);
+        for panel in [
+            "training loss (epoch mean)",
+            "validation NLL",
+            "validation accuracy",
+            "validation ECE (15 bins)",
+        ] {
             assert!(svg.contains(&format!(">{panel}<")), "{panel} missing");
         }
-        assert!(svg.contains("validation NLL"));
-        let none = learning_curves_svg("t", &[epoch(1, 2.0, None)]);
-        assert!(!none.contains("validation accuracy"));
+        assert_eq!(svg.matches(">explicit M=8<").count(), 4, "{svg}");
+        assert!(svg.contains("on the epochs scored"));
+        let none = learning_curves_svg("t", &[curve("x".into(), 0, false, &[epoch(1, 2.0, None)])]);
         assert!(none.contains("no epoch was scored"));
     }
 }

@@ -106,6 +106,7 @@ const LEFT: f64 = 78.0;
 const RIGHT: f64 = 16.0;
 const TOP: f64 = 34.0;
 const BOTTOM: f64 = 92.0;
+const LEGEND_LINE: f64 = 14.0;
 
 /// A value to its position along an axis of `len` pixels.
 struct Axis {
@@ -371,9 +372,9 @@ fn panel(out: &mut String, chart: &Chart, ox: f64, oy: f64) {
         );
     }
     // The legend, below the axis label, two entries per line.
-    for (i, s) in chart.series.iter().enumerate() {
+    for (i, s) in legend(chart).enumerate() {
         let lx = px + (i % 2) as f64 * (w / 2.0);
-        let ly = py + h + 44.0 + (i / 2) as f64 * 14.0;
+        let ly = py + h + 44.0 + (i / 2) as f64 * LEGEND_LINE;
         let dash = if s.dashed {
             r#" stroke-dasharray="6 4""#
         } else {
@@ -395,12 +396,25 @@ fn panel(out: &mut String, chart: &Chart, ox: f64, oy: f64) {
     }
 }
 
-/// Render panels on a grid of `cols` columns under a title and an optional subtitle.
+/// The series a legend names: those with a name (a line that repeats another's, a second seed of
+/// a run say, goes unnamed).
+fn legend(chart: &Chart) -> impl Iterator<Item = &Series> {
+    chart.series.iter().filter(|s| !s.name.is_empty())
+}
+
+/// Render panels on a grid of `cols` columns under a title and an optional subtitle. Panels grow
+/// taller, all alike, where a legend needs more than two lines.
 pub fn render(title: &str, subtitle: &str, charts: &[Chart], cols: usize) -> String {
     let cols = cols.clamp(1, charts.len().max(1));
     let rows = charts.len().div_ceil(cols).max(1);
     let head = if subtitle.is_empty() { 30.0 } else { 46.0 };
-    let (width, height) = (cols as f64 * PANEL_W, head + rows as f64 * PANEL_H);
+    let legend_lines = charts
+        .iter()
+        .map(|c| legend(c).count().div_ceil(2))
+        .max()
+        .unwrap_or(0);
+    let panel_h = PANEL_H + legend_lines.saturating_sub(2) as f64 * LEGEND_LINE;
+    let (width, height) = (cols as f64 * PANEL_W, head + rows as f64 * panel_h);
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -427,7 +441,7 @@ pub fn render(title: &str, subtitle: &str, charts: &[Chart], cols: usize) -> Str
     for (i, c) in charts.iter().enumerate() {
         let (ox, oy) = (
             (i % cols) as f64 * PANEL_W,
-            head + (i / cols) as f64 * PANEL_H,
+            head + (i / cols) as f64 * panel_h,
         );
         panel(&mut out, c, ox, oy);
     }
@@ -458,6 +472,29 @@ mod tests {
         let t = a.ticks(&[], Units::Bytes);
         assert!((3..=8).contains(&t.len()), "{t:?}");
         assert!(t.iter().all(|v| v.log2().fract() == 0.0), "{t:?}");
+    }
+
+    #[test]
+    fn unnamed_lines_stay_out_of_the_legend_and_long_legends_get_room() {
+        let mut c = Chart::new("c", "x", "y");
+        for i in 0..7 {
+            c.series.push(Series {
+                name: if i < 6 {
+                    format!("line {i}")
+                } else {
+                    String::new()
+                },
+                points: vec![(1.0, i as f64), (2.0, 1.0)],
+                color: palette(i),
+                dashed: false,
+            });
+        }
+        let svg = render("t", "", &[c], 1);
+        // Three lines of legend, one more than a panel has room for.
+        let height = 30.0 + PANEL_H + LEGEND_LINE;
+        assert!(svg.contains(&format!(r#"height="{height:.0}""#)), "{svg}");
+        assert_eq!(svg.matches(r#"font-size="10">line "#).count(), 6);
+        assert_eq!(svg.matches(r#"font-size="10"></text>"#).count(), 0);
     }
 
     #[test]

@@ -5,6 +5,8 @@ use std::process::Command;
 
 use serde_json::Value;
 
+mod svg_check;
+
 #[test]
 fn compare_at_several_sizes_shows_lora_growing_slower_than_explicit() {
     let out = std::env::temp_dir().join(format!("loren-compare-{}", std::process::id()));
@@ -174,7 +176,15 @@ fn compare_over_seeds_summarises_each_method_over_the_runs() {
     );
     for dir in ["single-lora-s4", "lora-s4", "single-lora-s7", "lora-s7"] {
         assert!(out.join(dir).join("report.json").exists(), "{dir}");
+        assert!(out.join(dir).join("training.svg").exists(), "{dir}");
     }
+    // The learning curves of all four runs in one figure: a colour per method, its seeds named
+    // once in each of the four panels' legends.
+    let curves = std::fs::read_to_string(out.join("curves.svg")).unwrap();
+    svg_check::check_svg(&curves).unwrap();
+    assert!(curves.contains("2 seeds each"), "{curves}");
+    assert_eq!(curves.matches(">lora M=2<").count(), 4, "{curves}");
+    assert_eq!(curves.matches(">single-lora M=1<").count(), 4, "{curves}");
     // Seed 7's LoRA-Ensemble is the one a comparison at seed 7 alone trains.
     let (alone, _) = compare("seed-7", &["--seed", "7"]);
     let lora7 = &runs[3];

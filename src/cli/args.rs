@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use loren::curves::learning_curves_svg;
+use loren::curves::{curve, learning_curves_svg};
 use loren::dataset::{DataSource, Normalize, TRAIN_ON_VAL_KEY};
 use loren::progress::Verbosity;
 use loren::report::split_phrase;
@@ -459,10 +459,9 @@ pub fn write_outputs(out: &Path, result: &RunResult, dataset: &str) -> Result<Ve
         "{} (M={}): training by epoch",
         result.method, result.members
     );
-    write_atomic(
-        &curves,
-        learning_curves_svg(&title, &result.train.epochs).as_bytes(),
-    )?;
+    let name = format!("{} M={}", result.method, result.members);
+    let line = [curve(name, 0, false, &result.train.epochs)];
+    write_atomic(&curves, learning_curves_svg(&title, &line).as_bytes())?;
     Ok(vec![json, svg, curves])
 }
 

@@ -8,6 +8,7 @@ use clap::Args;
 use super::say;
 use loren::backbone;
 use loren::bench::budget_for;
+use loren::curves::comparison_curves_svg;
 use loren::progress::Verbosity;
 use loren::report::{comparison_table, growth_per_member, seed_summaries, seed_summary_table};
 use loren::run::{RunSpec, check_fits_within, run};
@@ -126,7 +127,9 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     // Written before the tables are printed: a reader that stops early (| head) loses nothing.
     let json = a.out.join("compare.json");
     write_atomic(&json, serde_json::to_string_pretty(&results)?.as_bytes())?;
-    let mut written = vec![json];
+    let curves = a.out.join("curves.svg");
+    write_atomic(&curves, comparison_curves_svg(&results).as_bytes())?;
+    let mut written = vec![json, curves];
     let summary = a.out.join("summary.json");
     if !a.seeds.is_empty() {
         let summaries = seed_summaries(&results);
