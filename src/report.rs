@@ -5,7 +5,7 @@ use std::fmt::Write;
 use serde::Serialize;
 
 use loren_nn::eval::EvalReport;
-use loren_nn::metrics::{OodReport, ShiftRow};
+use loren_nn::metrics::{OodReport, ShiftRow, SizeRow};
 use loren_nn::{Activations, Method};
 
 use crate::run::RunResult;
@@ -128,6 +128,9 @@ pub fn calibration_report(title: &str, dataset: &str, report: &EvalReport) -> St
         "  predictive entropy   {:>8.4}   mutual information {:.4}",
         t.predictive_entropy, t.mutual_information
     );
+    if report.by_size.len() > 1 {
+        size_block(&mut s, &report.by_size);
+    }
     if !report.shift.is_empty() {
         let _ = writeln!(s, "  under shift, accuracy % / ECE by severity 1..5:");
         for kind in unique_kinds(&report.shift) {
@@ -148,6 +151,25 @@ pub fn calibration_report(title: &str, dataset: &str, report: &EvalReport) -> St
         ood_block(&mut s, &title, &set.report);
     }
     s
+}
+
+/// The test scores of smaller ensembles made of the members, a column per size.
+fn size_block(s: &mut String, rows: &[SizeRow]) {
+    let _ = writeln!(
+        s,
+        "  by ensemble size (mean over disjoint groups of that many members):"
+    );
+    type Cell = fn(&SizeRow) -> String;
+    let lines: [(&str, Cell); 4] = [
+        ("members", |r| r.members.to_string()),
+        ("accuracy", |r| format!("{:.2}%", 100.0 * r.accuracy)),
+        ("ECE", |r| format!("{:.4}", r.ece)),
+        ("NLL", |r| format!("{:.4}", r.nll)),
+    ];
+    for (name, cell) in lines {
+        let cells: Vec<String> = rows.iter().map(|r| format!("{:>8}", cell(r))).collect();
+        let _ = writeln!(s, "    {name:<10}{}", cells.concat());
+    }
 }
 
 /// One OOD report: its three scores' AUROC, AUPR and FPR at 95% TPR.

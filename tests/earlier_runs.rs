@@ -44,6 +44,7 @@ fn trained() -> &'static Path {
         let (ok, printed, err) = loren(&args);
         assert!(ok, "training failed: {err}");
         assert!(printed.contains("\n  validation: accuracy "), "{printed}");
+        assert!(printed.contains("\n  by ensemble size "), "{printed}");
         dir
     })
 }
@@ -354,6 +355,31 @@ fn every_epoch_is_scored_on_the_validation_part_without_changing_the_training() 
     assert_eq!(scored(&resumed, 1), scored(&report, 1));
     assert!(scored(&resumed, 2).is_null());
     assert!(scored(&resumed, 3)["accuracy"].is_f64());
+}
+
+/// The report scores the ensembles of fewer members too, from the same predictions: each member
+/// alone (their mean), then the whole ensemble, whose scores are the report's own.
+#[test]
+fn the_report_scores_smaller_ensembles_made_of_the_members() {
+    let report = report_json(trained())["report"].clone();
+    let rows = report["by_size"].as_array().unwrap();
+    let sizes: Vec<(u64, u64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["members"].as_u64().unwrap(),
+                r["groups"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(sizes, [(1, 2), (2, 1)]);
+    let test = &report["test"];
+    for key in ["accuracy", "ece", "nll", "brier"] {
+        assert_eq!(rows[1][key], test[key], "{key}");
+    }
+    let alone = rows[0]["accuracy"].as_f64().unwrap();
+    let members = test["mean_member_accuracy"].as_f64().unwrap();
+    assert!((alone - members).abs() < 1e-12, "{alone} against {members}");
 }
 
 /// A copy of the trained run whose checkpoint lacks the metadata `key` (which held `value`), as

@@ -8,7 +8,8 @@ use crate::data::prefetch::{DEPTH, prefetch};
 use crate::data::{Dataset, ShiftKind, batches, ood_set, shift_suite};
 use crate::error::{NnError, Result};
 use crate::metrics::{
-    CalibrationReport, OodReport, Predictions, ShiftRow, calibration, ood_detection,
+    CalibrationReport, OodReport, Predictions, ShiftRow, SizeRow, by_ensemble_size, calibration,
+    ood_detection,
 };
 use crate::vit::Vit;
 
@@ -66,6 +67,8 @@ pub struct EvalReport {
     pub method: String,
     pub members: usize,
     pub test: CalibrationReport,
+    /// The test scores of smaller ensembles made of the members, by size.
+    pub by_size: Vec<SizeRow>,
     /// Accuracy and ECE per shift kind and severity.
     pub shift: Vec<ShiftRow>,
     /// Against the built-in OOD set: inverted and noise images, and the held-out classes.
@@ -130,6 +133,7 @@ pub fn evaluate(
     }
     let preds = predict(model, test, opts.batch_size, progress)?;
     let report = calibration(&preds, &test.labels)?;
+    let by_size = by_ensemble_size(&preds, &test.labels)?;
     let mut shift = Vec::new();
     if opts.shift {
         for (kind, severity, data) in shift_suite(test, EVAL_SEED) {
@@ -160,6 +164,7 @@ pub fn evaluate(
         method: model.ensemble.method.name().to_string(),
         members: model.members(),
         test: report,
+        by_size,
         shift,
         ood,
         ood_sets: against,

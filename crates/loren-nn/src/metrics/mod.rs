@@ -9,12 +9,14 @@
 
 mod calibration;
 mod ood;
+mod size;
 mod uncertainty;
 
 pub use calibration::{
     CalibrationReport, NLL_FLOOR, NUM_BINS, ReliabilityBin, ShiftRow, calibration, paper_ece,
 };
 pub use ood::{DetectionMetrics, OodReport, detection_metrics, ood_detection};
+pub use size::{SizeRow, by_ensemble_size, ensemble_sizes};
 pub use uncertainty::{Scores, scores};
 
 /// How far a row of probabilities may sum from 1, and how far above 1 a single probability may
