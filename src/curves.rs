@@ -94,7 +94,8 @@ pub fn comparison_curves_svg(runs: &[RunResult]) -> String {
                 true => format!("{} M={}", r.method, r.members),
                 false => String::new(),
             };
-            curve(name, i, false, &r.train.epochs)
+            // Past the palette's eight colours, the lines are dashed.
+            curve(name, i, i >= 8, &r.train.epochs)
         })
         .collect();
     let seeds = runs.len() / groups.len().max(1);

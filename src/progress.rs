@@ -119,9 +119,16 @@ impl Observer for TrainBar {
         crate::interrupt::requested()
     }
 
-    fn validating(&mut self) {
+    fn validating(&mut self, epoch: usize) {
         let msg = format!("{}, scoring the validation part", self.bar.message());
         self.bar.set_message(msg);
+        // In a log, where the step lines stop meanwhile, a long run says what it is doing.
+        if self.heartbeat.due(&self.bar, self.verbosity) {
+            crate::note!(
+                "{}: epoch {epoch} trained, scoring the validation part",
+                self.label
+            );
+        }
     }
 
     fn epoch(&mut self, e: &EpochInfo) {

@@ -128,6 +128,13 @@ pub fn calibration_report(title: &str, dataset: &str, report: &EvalReport) -> St
         "  predictive entropy   {:>8.4}   mutual information {:.4}",
         t.predictive_entropy, t.mutual_information
     );
+    if let Some(t) = &report.tempered {
+        let _ = writeln!(
+            s,
+            "  temperature-scaled   ECE {:.4}, NLL {:.4}, Brier {:.4}   (T = {:.3}, fitted on validation)",
+            t.ece, t.nll, t.brier, t.temperature
+        );
+    }
     if report.by_size.len() > 1 {
         size_block(&mut s, &report.by_size);
     }
@@ -202,8 +209,8 @@ pub fn training_line(r: &RunResult) -> String {
         ),
         _ => "  validation: none (--train-on-val trained on it)\n".to_string(),
     };
-    let validating = match r.train.validation_seconds {
-        s if s > 0.0 => format!(", validation by epoch {s:.1}s"),
+    let validating = match r.validation_seconds {
+        s if s > 0.0 => format!(", validation {s:.1}s"),
         _ => String::new(),
     };
     val + &format!(
@@ -379,6 +386,8 @@ pub struct SeedSummary {
     pub ece_paper: MeanSd,
     pub nll: MeanSd,
     pub brier: MeanSd,
+    /// The test ECE of the prediction scaled by the temperature fitted on validation.
+    pub ece_tempered: Option<MeanSd>,
     pub val_ece: Option<MeanSd>,
     pub shift_accuracy: Option<MeanSd>,
     pub shift_ece: Option<MeanSd>,
@@ -423,6 +432,7 @@ fn summarise(runs: &[&RunResult]) -> SeedSummary {
         ece_paper: over(&|r| r.report.test.ece_paper),
         nll: over(&|r| r.report.test.nll),
         brier: over(&|r| r.report.test.brier),
+        ece_tempered: over_all(&|r| r.report.tempered.as_ref().map(|t| t.ece)),
         val_ece: over_all(&|r| r.val_ece),
         shift_accuracy: over_all(&|r| shift_mean(r, |row| row.accuracy)),
         shift_ece: over_all(&|r| shift_mean(r, |row| row.ece)),
@@ -433,12 +443,13 @@ fn summarise(runs: &[&RunResult]) -> SeedSummary {
 /// The summaries as a table: mean ± sd per column, a column only where some row has it.
 pub fn seed_summary_table(summaries: &[SeedSummary]) -> String {
     type Column = (&'static str, fn(&SeedSummary) -> Option<String>);
-    let columns: [Column; 10] = [
+    let columns: [Column; 11] = [
         ("acc %", |s| Some(s.accuracy.cell(100.0, 2))),
         ("ECE", |s| Some(s.ece.cell(1.0, 4))),
         ("NLL", |s| Some(s.nll.cell(1.0, 4))),
         ("Brier", |s| Some(s.brier.cell(1.0, 4))),
         ("paper ECE", |s| Some(s.ece_paper.cell(1.0, 4))),
+        ("ECE at T", |s| s.ece_tempered.map(|v| v.cell(1.0, 4))),
         ("val ECE", |s| s.val_ece.map(|v| v.cell(1.0, 4))),
         ("shift acc %", |s| {
             s.shift_accuracy.map(|v| v.cell(100.0, 1))

@@ -1,7 +1,9 @@
 //! One method trained and evaluated end to end, and the side-by-side comparison of methods.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -11,7 +13,7 @@ use loren_nn::config::{Activations, EnsembleConfig, Method, VitConfig};
 use loren_nn::data::{Dataset, Splits};
 use loren_nn::eval::{EvalOptions, EvalReport, eval_images, evaluate, predict};
 use loren_nn::memory_model;
-use loren_nn::metrics::calibration;
+use loren_nn::metrics::{Predictions, calibration, fit_temperature};
 use loren_nn::train::{
     BACKBONE_FINGERPRINT, CheckpointSpec, EpochVal, TrainConfig, TrainSummary, Trainer,
     check_backbone, check_format, check_resumable,
@@ -89,7 +91,12 @@ pub struct RunResult {
     pub val_nll: Option<f64>,
     pub val_ece: Option<f64>,
     pub report: EvalReport,
+    /// Training alone: without scoring the validation part.
     pub train_seconds: f64,
+    /// Scoring the validation part, at epoch ends and (when the last was not scored) once
+    /// trained.
+    pub validation_seconds: f64,
+    /// Scoring the test, shifted and OOD sets.
     pub eval_seconds: f64,
 }
 
@@ -208,6 +215,8 @@ fn check_same_data(
 pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunResult> {
     let device = spec.device.open()?;
     check_fits(spec, data, &device)?;
+    // The validation probabilities of the last epoch scored, for fitting the temperature.
+    let last_val_probs: Rc<RefCell<Option<Predictions>>> = Rc::default();
     let ens = &spec.ensemble;
     let mut model = Vit::new(&spec.vit, ens, &device, fine_tune_seed(spec.model_seed))?;
     model
@@ -270,7 +279,7 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
             if spec.train.warmup_steps > trainer.total_steps() {
                 crate::note!(
                     "{label}: note: its {} steps end inside the {}-step learning-rate warm-up \
-                     (--warmup), which then ends at its last step, with no decay",
+                     (--warmup), which then rises toward the peak over the whole run, with no decay",
                     trainer.total_steps(),
                     spec.train.warmup_steps
                 );
@@ -279,7 +288,14 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
         if let Some(val) = &data.val {
             // At the training batch size, so that scoring adds nothing to the training's peak.
             let batch = spec.train.batch_size;
-            let validate = move |model: &Vit| epoch_validation(model, val, batch);
+            let kept = Rc::clone(&last_val_probs);
+            let validate = move |model: &Vit| {
+                let scored = epoch_validation(model, val, batch)?;
+                Ok(scored.map(|(scores, probs)| {
+                    *kept.borrow_mut() = Some(probs);
+                    scores
+                }))
+            };
             trainer.validate_every(spec.val_every, Box::new(validate));
         }
         let mut bar = TrainBar::new(label, spec.verbosity);
@@ -288,7 +304,6 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
     let memory = device.memory().report().into();
     let train_seconds = t0.elapsed().as_secs_f64() - summary.validation_seconds;
 
-    let t1 = Instant::now();
     let held_out = data.held_out.as_ref();
     let kept = spec.checkpoint.as_deref().map_or_else(String::new, |c| {
         format!(
@@ -298,19 +313,31 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
         )
     });
     // The last epoch, when it was scored, was scored on the trained model.
-    let val_report = match (&data.val, summary.epochs.last().and_then(|e| e.val)) {
-        (None, _) => None,
-        (Some(_), Some(scored)) => Some(scored),
-        (Some(val), None) => Some(score_validation(
-            &model,
-            val,
-            spec.eval.batch_size,
-            &mut |_| crate::interrupt::scoring_stop(&kept),
-        )?),
+    let last_scored = summary.epochs.last().and_then(|e| e.val);
+    let mut validation_seconds = summary.validation_seconds;
+    let val_report = match (&data.val, last_scored, last_val_probs.borrow_mut().take()) {
+        (None, ..) => None,
+        (Some(val), Some(scored), Some(probs)) => Some((scored, probs, val)),
+        (Some(val), ..) => {
+            let (scored, probs) = score_validation(&model, val, spec.eval.batch_size, &mut |_| {
+                crate::interrupt::scoring_stop(&kept)
+            })?;
+            validation_seconds += scored.seconds;
+            Some((scored, probs, val))
+        }
     };
+    let eval = EvalOptions {
+        temperature: val_report
+            .as_ref()
+            .map(|(_, probs, val)| fit_temperature(probs, &val.labels))
+            .transpose()?,
+        ..spec.eval.clone()
+    };
+    let val_report = val_report.map(|(scored, ..)| scored);
+    let t1 = Instant::now();
     let mut bar = EvalBar::new(
         label,
-        eval_images(&data.test, held_out, &data.ood_sets, &spec.eval),
+        eval_images(&data.test, held_out, &data.ood_sets, &eval),
         spec.verbosity,
     );
     let report = evaluate(
@@ -318,7 +345,7 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
         &data.test,
         held_out,
         &data.ood_sets,
-        &spec.eval,
+        &eval,
         &mut |n| {
             bar.inc(n);
             crate::interrupt::scoring_stop(&kept)
@@ -340,28 +367,31 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
         val_accuracy: val_report.map(|r| r.accuracy),
         val_nll: val_report.map(|r| r.nll),
         val_ece: val_report.map(|r| r.ece),
+        validation_seconds,
         report,
         train_seconds,
         eval_seconds: t1.elapsed().as_secs_f64(),
     })
 }
 
-/// The validation part's accuracy, NLL and ECE, predicted in chunks of `batch`.
+/// The validation part's accuracy, NLL and ECE, and the probabilities behind them, predicted in
+/// chunks of `batch`.
 fn score_validation(
     model: &Vit,
     val: &Dataset,
     batch: usize,
     progress: &mut dyn FnMut(usize) -> loren_nn::Result<()>,
-) -> loren_nn::Result<EpochVal> {
+) -> loren_nn::Result<(EpochVal, Predictions)> {
     let t = Instant::now();
     let probs = predict(model, val, batch, progress)?;
     let c = calibration(&probs, &val.labels)?;
-    Ok(EpochVal {
+    let scores = EpochVal {
         accuracy: c.accuracy,
         nll: c.nll,
         ece: c.ece,
         seconds: t.elapsed().as_secs_f64(),
-    })
+    };
+    Ok((scores, probs))
 }
 
 /// [`score_validation`] at an epoch's end: a Ctrl-C meanwhile leaves the epoch unscored, and
@@ -370,7 +400,7 @@ fn epoch_validation(
     model: &Vit,
     val: &Dataset,
     batch: usize,
-) -> loren_nn::Result<Option<EpochVal>> {
+) -> loren_nn::Result<Option<(EpochVal, Predictions)>> {
     match score_validation(model, val, batch, &mut |_| {
         crate::interrupt::scoring_stop("")
     }) {
@@ -521,6 +551,7 @@ mod tests {
                 batch_size: 32,
                 shift: false,
                 ood: false,
+                temperature: None,
             },
             val_every: 0,
             verbosity: Verbosity::Quiet,

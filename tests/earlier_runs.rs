@@ -21,6 +21,14 @@ fn refused(args: &[&str], needles: &[&str]) {
     );
 }
 
+/// What `train` writes into its folder.
+const OUTPUTS: [&str; 4] = [
+    "checkpoint.safetensors",
+    "report.json",
+    "reliability.svg",
+    "training.svg",
+];
+
 /// The run's settings but its epochs (two for the trained one) and learning rate (the default).
 const RUN: [&str; 9] = [
     "-m",
@@ -342,12 +350,12 @@ fn every_epoch_is_scored_on_the_validation_part_without_changing_the_training() 
     let svg = std::fs::read_to_string(dir.join("training.svg")).unwrap();
     assert!(svg.contains("no epoch was scored"), "{svg}");
 
-    // Resumed and scored every second epoch: the first two epochs' scores are the checkpoint's,
-    // the third, the last, is scored.
+    // Resumed to five epochs and scored every second: the first two epochs' scores are the
+    // checkpoint's, the third is not scored, the fourth is (every second) and the fifth (the last).
     let out = temp_dir("val-every-2");
     let (ok, _, err) = loren(&strs(&resume_args(
         &out,
-        &["--epochs", "4", "--val-every", "2"],
+        &["--epochs", "5", "--val-every", "2"],
     )));
     assert!(ok, "{err}");
     let resumed = report_json(&out);
@@ -355,6 +363,7 @@ fn every_epoch_is_scored_on_the_validation_part_without_changing_the_training() 
     assert_eq!(scored(&resumed, 1), scored(&report, 1));
     assert!(scored(&resumed, 2).is_null());
     assert!(scored(&resumed, 3)["accuracy"].is_f64());
+    assert!(scored(&resumed, 4)["accuracy"].is_f64());
 }
 
 /// The report scores the ensembles of fewer members too, from the same predictions: each member
@@ -380,6 +389,58 @@ fn the_report_scores_smaller_ensembles_made_of_the_members() {
     let alone = rows[0]["accuracy"].as_f64().unwrap();
     let members = test["mean_member_accuracy"].as_f64().unwrap();
     assert!((alone - members).abs() < 1e-12, "{alone} against {members}");
+}
+
+/// The test prediction is also scored scaled by a temperature fitted on the validation part:
+/// the same after training and in `loren eval` (up to the rounding of another batch size), with
+/// the accuracy untouched; a run that trained on the validation part has none.
+#[test]
+fn the_prediction_is_scored_at_a_temperature_fitted_on_validation() {
+    let report = report_json(trained())["report"].clone();
+    let tempered = &report["tempered"];
+    let t = tempered["temperature"].as_f64().unwrap();
+    assert!(t > 0.01 && t < 100.0, "T = {t}");
+    assert!(tempered["nll"].as_f64().unwrap() > 0.0);
+
+    let out = temp_dir("eval-tempered");
+    let ckpt = checkpoint();
+    let args = [
+        "eval",
+        "--checkpoint",
+        &ckpt,
+        "--out",
+        out.to_str().unwrap(),
+        "--no-shift",
+        "--no-ood",
+        "-q",
+    ];
+    let (ok, printed, err) = loren(&args);
+    assert!(ok, "{err}");
+    assert!(
+        printed.contains("\n  temperature-scaled   ECE "),
+        "{printed}"
+    );
+    let eval: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("eval.json")).unwrap()).unwrap();
+    for key in ["temperature", "ece", "nll", "brier"] {
+        let (a, b) = (
+            tempered[key].as_f64().unwrap(),
+            eval["tempered"][key].as_f64().unwrap(),
+        );
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs().max(1e-3),
+            "{key}: {a} after training, {b} in eval"
+        );
+    }
+    assert_eq!(eval["test"]["accuracy"], report["test"]["accuracy"]);
+
+    let dir = temp_dir("tempered-train-on-val");
+    let mut args = vec!["train", "--out", dir.to_str().unwrap(), "--epochs", "1"];
+    args.extend(RUN);
+    args.push("--train-on-val");
+    let (ok, _, err) = loren(&args);
+    assert!(ok, "{err}");
+    assert!(report_json(&dir)["report"]["tempered"].is_null());
 }
 
 /// A copy of the trained run whose checkpoint lacks the metadata `key` (which held `value`), as
@@ -654,12 +715,7 @@ fn an_unwritable_out_folder_fails_before_training() {
 #[test]
 fn a_fresh_run_replaces_an_earlier_one_and_does_not_claim_its_checkpoint() {
     let dir = temp_dir("replace");
-    for f in [
-        "checkpoint.safetensors",
-        "report.json",
-        "reliability.svg",
-        "training.svg",
-    ] {
+    for f in OUTPUTS {
         std::fs::copy(trained().join(f), dir.join(f)).unwrap();
     }
     // A run refused before it trains leaves the earlier one as it was.
@@ -688,12 +744,7 @@ fn a_fresh_run_replaces_an_earlier_one_and_does_not_claim_its_checkpoint() {
             && err.contains("checkpoint.safetensors is still the earlier run's"),
         "{err}"
     );
-    for f in [
-        "checkpoint.safetensors",
-        "report.json",
-        "reliability.svg",
-        "training.svg",
-    ] {
+    for f in OUTPUTS {
         let (now, was) = (dir.join(f), trained().join(f));
         assert_eq!(
             std::fs::read(now).unwrap(),
@@ -707,12 +758,7 @@ fn a_fresh_run_replaces_an_earlier_one_and_does_not_claim_its_checkpoint() {
 /// leaves one.
 fn copy_of_the_trained_run(name: &str) -> PathBuf {
     let dir = temp_dir(name);
-    for f in [
-        "checkpoint.safetensors",
-        "report.json",
-        "reliability.svg",
-        "training.svg",
-    ] {
+    for f in OUTPUTS {
         std::fs::copy(trained().join(f), dir.join(f)).unwrap();
     }
     std::fs::write(dir.join("eval.json"), b"{}").unwrap();

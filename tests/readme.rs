@@ -1,6 +1,8 @@
-//! The commands the README and `loren --help` show still parse: each is run with `--help`
-//! appended, which clap answers only when every flag and value before it is one loren takes, so a
-//! renamed or removed flag fails here rather than in a reader's shell.
+//! The commands the README and `loren --help` show still parse: each runnable one is run with
+//! `--help` appended, which clap answers only when every flag and value before it is one loren
+//! takes (it does not check flags that conflict or are missing), so a renamed or removed flag
+//! fails here rather than in a reader's shell; and every flag of the README's synopses
+//! (`loren train [--members M] ...`) is one its command's help lists.
 
 use std::path::Path;
 
@@ -55,6 +57,35 @@ fn commands_in_markdown(text: &str) -> Vec<String> {
     found
 }
 
+/// The synopses of the fenced blocks (`loren train [--method ...]` and the indented lines under
+/// it): each command with the flags it names.
+fn synopses(text: &str) -> Vec<(String, Vec<String>)> {
+    let flags = |l: &str| -> Vec<String> {
+        l.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+            .filter(|w| w.starts_with("--") && w.len() > 2)
+            .map(String::from)
+            .collect()
+    };
+    let mut found: Vec<(String, Vec<String>)> = Vec::new();
+    let (mut fenced, mut open) = (false, false);
+    for line in text.lines() {
+        if line.starts_with("```") {
+            (fenced, open) = (!fenced, false);
+        } else if let Some(rest) = line.strip_prefix("loren ").filter(|_| fenced) {
+            open = !runnable(line);
+            if open {
+                let command = rest.split_whitespace().next().unwrap_or("").to_string();
+                found.push((command, flags(rest)));
+            }
+        } else if let (true, Some(last)) = (open && line.starts_with(' '), found.last_mut()) {
+            last.1.extend(flags(line));
+        } else {
+            open = false;
+        }
+    }
+    found
+}
+
 /// The examples of `loren --help`: each a command, then its explanation after a wide gap.
 fn commands_in_help(help: &str) -> Vec<String> {
     help.lines()
@@ -92,6 +123,33 @@ fn every_command_the_readme_shows_parses() {
     }
     let failed: Vec<String> = commands.iter().filter_map(|c| parses(c).err()).collect();
     assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
+#[test]
+fn every_flag_of_the_readmes_synopses_is_one_loren_takes() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README.md");
+    let found = synopses(&readme);
+    let train = found.iter().find(|(c, _)| c == "train");
+    assert!(
+        train.is_some_and(|(_, f)| f.iter().any(|f| f == "--train-on-val")),
+        "{found:?}"
+    );
+    assert!(found.len() >= 6, "{found:?}");
+    let mut missing = Vec::new();
+    for (command, flags) in &found {
+        let (ok, help, err) = loren(&[command, "--help"]);
+        assert!(ok, "loren {command} --help: {err}");
+        for flag in flags {
+            let listed = [' ', '\n', ',']
+                .iter()
+                .any(|end| help.contains(&format!("{flag}{end}")));
+            if !listed {
+                missing.push(format!("loren {command} {flag}"));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "not in the help: {missing:?}");
 }
 
 #[test]

@@ -147,12 +147,14 @@ pub struct OptimArgs {
     pub warmup: u64,
     /// Score the validation part after every N epochs and after the last: accuracy, NLL and
     /// ECE on each epoch's line, in report.json's train.epochs and in DIR/training.svg, the
-    /// learning curves. 0 scores it only once trained. It changes nothing in the training.
+    /// learning curves. 0 scores it only once trained. It changes nothing in the training, so a
+    /// resumed run takes it as given here (the epochs scored before are kept).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub val_every: usize,
-    /// Start the warmup at learning rate 0, as the LoRA-Ensemble paper's code does (step k of
-    /// the warmup at k/warmup of the peak, so its first step moves no weight and only feeds
-    /// AdamW's moments). By default step k is at (k+1)/warmup, and no step is spent.
+    /// Start the warmup (--warmup N, N > 0) at learning rate 0, as the LoRA-Ensemble paper's
+    /// code does: step k of the warmup at k/N of the peak, so its first step moves no weight
+    /// and only feeds the optimizer's state (AdamW's moments, SGD's momentum). By default step
+    /// k is at (k+1)/N, and no step is spent.
     #[arg(long)]
     pub warmup_from_zero: bool,
     /// AdamW's decoupled weight decay (or SGD's L2 penalty), on weight matrices only.
@@ -345,6 +347,8 @@ pub fn eval_options(data: &DataArgs) -> EvalOptions {
         batch_size: data.eval_batch_size,
         shift: !data.no_shift,
         ood: !data.no_ood,
+        // Fitted on the validation part when there is one, by the command.
+        temperature: None,
     }
 }
 

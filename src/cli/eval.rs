@@ -13,7 +13,8 @@ use loren::report::{calibration_report, method_title};
 use loren::run::read_checkpoint;
 use loren_nn::checkpoint::write_atomic;
 use loren_nn::config::VitConfig;
-use loren_nn::eval::{eval_images, evaluate};
+use loren_nn::eval::{eval_images, evaluate, predict};
+use loren_nn::metrics::fit_temperature;
 use loren_nn::reliability::reliability_svg;
 use loren_nn::train::load_trained;
 
@@ -102,9 +103,10 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     let backbone = checkpoint_backbone(&file, a.backbone.as_deref(), &vit)?;
     let device = a.common.device()?.open()?;
     let model = load_trained(&file, backbone.as_ref(), &device)?;
-    let opts = eval_options(&data_args);
+    let mut opts = eval_options(&data_args);
     let held_out = data.held_out.as_ref();
-    let images = eval_images(&data.test, held_out, &data.ood_sets, &opts);
+    let val_images = data.val.as_ref().map_or(0, |v| v.len());
+    let images = val_images + eval_images(&data.test, held_out, &data.ood_sets, &opts);
     if a.common.verbosity() == Verbosity::Normal {
         // The first line of a log, where the bar (a terminal's only) does not show.
         loren::note!(
@@ -114,6 +116,14 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     }
     let mut bar = EvalBar::new("eval", images, a.common.verbosity());
     let _ctrl_c = loren::interrupt::Guard::install();
+    if let Some(val) = &data.val {
+        // The temperature is fitted on the validation part, as after training.
+        let probs = predict(&model, val, opts.batch_size, &mut |n| {
+            bar.inc(n);
+            loren::interrupt::scoring_stop("")
+        })?;
+        opts.temperature = Some(fit_temperature(&probs, &val.labels)?);
+    }
     let report = evaluate(
         &model,
         &data.test,

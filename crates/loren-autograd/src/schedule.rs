@@ -11,7 +11,8 @@ pub struct WarmupCosine {
     /// The warmup's first step at learning rate 0 (`step / warmup`, as PyTorch's `LambdaLR`
     /// gives it in the LoRA-Ensemble paper's code), where the default's first step is already
     /// at `base_lr / warmup` (`(step + 1) / warmup`) so that no step is spent moving nothing.
-    /// Either way the warmup's last step and the decay are the same.
+    /// Each warmup step of the one is the step before's of the other, so from zero the peak
+    /// comes one step later, as the decay's first step; from step `warmup` on the two agree.
     pub from_zero: bool,
 }
 
@@ -67,9 +68,14 @@ mod tests {
         };
         let warm: Vec<f32> = (0..5).map(|i| paper.lr(i)).collect();
         assert_eq!(warm, [0.0, 0.5, 1.0, 1.5, 2.0]);
-        for i in 0..3 {
+        for i in 0..4 {
             assert_eq!(paper.lr(i + 1), ours.lr(i), "step {i}");
         }
+        assert_eq!(
+            paper.lr(3),
+            1.5,
+            "from zero, the warmup's last step is below the peak"
+        );
         for i in 4..12 {
             assert_eq!(paper.lr(i), ours.lr(i), "step {i}");
         }

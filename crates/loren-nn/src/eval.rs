@@ -8,8 +8,8 @@ use crate::data::prefetch::{DEPTH, prefetch};
 use crate::data::{Dataset, ShiftKind, batches, ood_set, shift_suite};
 use crate::error::{NnError, Result};
 use crate::metrics::{
-    CalibrationReport, OodReport, Predictions, ShiftRow, SizeRow, by_ensemble_size, calibration,
-    ood_detection,
+    CalibrationReport, OodReport, Predictions, ShiftRow, SizeRow, TemperedReport, by_ensemble_size,
+    calibration, ood_detection, tempered_report,
 };
 use crate::vit::Vit;
 
@@ -59,6 +59,9 @@ pub struct EvalOptions {
     pub batch_size: usize,
     pub shift: bool,
     pub ood: bool,
+    /// Also score the test prediction scaled by this temperature (fitted on validation data by
+    /// [`fit_temperature`](crate::metrics::fit_temperature)).
+    pub temperature: Option<f64>,
 }
 
 /// The full report for one model.
@@ -69,6 +72,8 @@ pub struct EvalReport {
     pub test: CalibrationReport,
     /// The test scores of smaller ensembles made of the members, by size.
     pub by_size: Vec<SizeRow>,
+    /// The test scores of the prediction scaled by [`EvalOptions::temperature`], when given.
+    pub tempered: Option<TemperedReport>,
     /// Accuracy and ECE per shift kind and severity.
     pub shift: Vec<ShiftRow>,
     /// Against the built-in OOD set: inverted and noise images, and the held-out classes.
@@ -134,6 +139,10 @@ pub fn evaluate(
     let preds = predict(model, test, opts.batch_size, progress)?;
     let report = calibration(&preds, &test.labels)?;
     let by_size = by_ensemble_size(&preds, &test.labels)?;
+    let tempered = opts
+        .temperature
+        .map(|t| tempered_report(&preds, &test.labels, t))
+        .transpose()?;
     let mut shift = Vec::new();
     if opts.shift {
         for (kind, severity, data) in shift_suite(test, EVAL_SEED) {
@@ -165,6 +174,7 @@ pub fn evaluate(
         members: model.members(),
         test: report,
         by_size,
+        tempered,
         shift,
         ood,
         ood_sets: against,

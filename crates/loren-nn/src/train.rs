@@ -149,8 +149,8 @@ pub type Validate<'m> = Box<dyn FnMut(&Vit) -> Result<Option<EpochVal>> + 'm>;
 pub trait Observer {
     fn start(&mut self, _total_steps: u64, _first_step: u64) {}
     fn step(&mut self, _info: &StepInfo) {}
-    /// The epoch's steps are done and the validation part is being scored.
-    fn validating(&mut self) {}
+    /// Epoch `epoch` (counted from 1) has trained, and the validation part is being scored.
+    fn validating(&mut self, _epoch: usize) {}
     fn epoch(&mut self, _info: &EpochInfo) {}
     /// Whether training should stop after the step it has just run ([`NnError::Interrupted`]).
     fn stop_requested(&self) -> bool {
@@ -421,7 +421,7 @@ impl<'m> Trainer<'m> {
         if let Some((every, validate)) = &mut self.validation
             && (self.epoch.is_multiple_of(*every) || self.epoch == self.config.epochs)
         {
-            observer.validating();
+            observer.validating(self.epoch);
             info.val = validate(self.model)?;
         }
         self.history.push(info);
@@ -460,6 +460,13 @@ impl<'m> Trainer<'m> {
             ),
             _ => "no checkpoint had been written yet".to_string(),
         };
+        let interrupted = |step: u64, saved: bool| {
+            let mut kept = kept(saved);
+            if let (Some(p), true) = (&ckpt.path, saved) {
+                kept += &format!(" (--resume {} continues from its epoch's end)", p.display());
+            }
+            NnError::Interrupted { step, kept }
+        };
         let mut saved = false;
         while self.epoch < self.config.epochs {
             match self.run_epoch(data, observer) {
@@ -468,14 +475,7 @@ impl<'m> Trainer<'m> {
                     let kept = kept(saved);
                     return Err(NnError::NonFinite { step, loss, kept });
                 }
-                Err(NnError::Interrupted { step, .. }) => {
-                    let mut kept = kept(saved);
-                    if let (Some(p), true) = (&ckpt.path, saved) {
-                        kept +=
-                            &format!(" (--resume {} continues from its epoch's end)", p.display());
-                    }
-                    return Err(NnError::Interrupted { step, kept });
-                }
+                Err(NnError::Interrupted { step, .. }) => return Err(interrupted(step, saved)),
                 Err(e) => return Err(e),
             }
             if let Some(path) = &ckpt.path {
@@ -484,6 +484,11 @@ impl<'m> Trainer<'m> {
                     remove_files(&ckpt.replaces)?;
                 }
                 saved = true;
+            }
+            // A stop asked for while the epoch's end was scored: the epoch is kept, and no step
+            // of the next is begun (the last epoch ends, and the caller's scoring stops).
+            if observer.stop_requested() && self.epoch < self.config.epochs {
+                return Err(interrupted(self.step, saved));
             }
         }
         let validation_seconds: f64 = self.history[first_epoch..]

@@ -8,7 +8,7 @@ use loren_nn::checkpoint::TensorFile;
 use loren_nn::config::{EnsembleConfig, LoraConfig, Method, VitConfig};
 use loren_nn::data::{Augment, Dataset, SplitOptions, bundled_digits, split_digits};
 use loren_nn::error::NnError;
-use loren_nn::train::{CheckpointSpec, EpochVal, Quiet, TrainConfig, Trainer};
+use loren_nn::train::{CheckpointSpec, EpochVal, Observer, Quiet, TrainConfig, Trainer};
 use loren_nn::vit::Vit;
 use loren_tensor::Device;
 
@@ -390,4 +390,54 @@ fn validation_runs_every_nth_epoch_and_after_the_last() {
     assert_eq!(scored, [None, Some(0.5), None]);
     assert_eq!(calls.get(), 2, "the last epoch was not scored");
     assert_eq!(summary.steps, 3 * 3);
+}
+
+/// Asks to stop once the validation part is being scored, as a Ctrl-C then would.
+struct StopWhileScoring(bool);
+
+impl Observer for StopWhileScoring {
+    fn validating(&mut self, _epoch: usize) {
+        self.0 = true;
+    }
+    fn stop_requested(&self) -> bool {
+        self.0
+    }
+}
+
+/// A stop asked for while an epoch's end is scored keeps that epoch (its checkpoint is
+/// written) and begins no step of the next.
+#[test]
+fn a_stop_while_the_validation_part_is_scored_keeps_the_epoch_and_runs_no_more_steps() {
+    let data = train_split();
+    let cfg = TrainConfig {
+        augment: Augment::none(),
+        ..config(3)
+    };
+    let mut m = model(Method::Lora);
+    let mut t = Trainer::new(&mut m, &cfg, data.len()).unwrap();
+    let per_epoch = t.total_steps() / 3;
+    t.validate_every(1, Box::new(|_: &Vit| Ok(None)));
+    let dir = std::env::temp_dir().join(format!("loren-stop-scoring-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("checkpoint.safetensors");
+    let spec = CheckpointSpec {
+        path: Some(path.clone()),
+        ..Default::default()
+    };
+    let e = t
+        .fit(&data, &spec, &mut StopWhileScoring(false))
+        .unwrap_err();
+    match e {
+        NnError::Interrupted { step, kept } => {
+            assert_eq!(step, per_epoch, "steps run after the stop");
+            assert!(kept.contains("--resume"), "{kept}");
+        }
+        other => panic!("{other}"),
+    }
+    assert_eq!(t.epoch(), 1);
+    assert!(
+        path.exists(),
+        "the scored epoch's checkpoint was not written"
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }

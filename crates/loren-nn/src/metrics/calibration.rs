@@ -154,7 +154,7 @@ pub fn calibration(preds: &Predictions, labels: &[u32]) -> Result<CalibrationRep
     })
 }
 
-fn validate_labels(labels: &[u32], samples: usize, classes: usize) -> Result<()> {
+pub(crate) fn validate_labels(labels: &[u32], samples: usize, classes: usize) -> Result<()> {
     if labels.len() != samples {
         return Err(MetricsError::LabelCount {
             expected: samples,

@@ -10,6 +10,7 @@
 mod calibration;
 mod ood;
 mod size;
+mod temperature;
 mod uncertainty;
 
 pub use calibration::{
@@ -17,6 +18,7 @@ pub use calibration::{
 };
 pub use ood::{DetectionMetrics, OodReport, detection_metrics, ood_detection};
 pub use size::{SizeRow, by_ensemble_size, ensemble_sizes};
+pub use temperature::{TemperedReport, fit_temperature, tempered, tempered_report};
 pub use uncertainty::{Scores, scores};
 
 /// How far a row of probabilities may sum from 1, and how far above 1 a single probability may
@@ -76,6 +78,8 @@ pub enum MetricsError {
         in_dist: usize,
         ood: usize,
     },
+    #[error("temperature {0} is not positive and finite")]
+    BadTemperature(f64),
     #[error("no {what} scores")]
     NoScores { what: &'static str },
     #[error("{what} score {index} is not finite: {value}")]

@@ -29,10 +29,12 @@ pub fn ensemble_sizes(m: usize) -> Vec<usize> {
 
 /// For each size k of [`ensemble_sizes`], the mean accuracy, ECE, NLL and Brier score (as
 /// [`calibration`] scores them) of the ⌊M/k⌋ ensembles made of disjoint runs of k consecutive
-/// members: members 0..k, k..2k, and so on. The members are trained alike from independent
-/// starts, so every such group is an ensemble of k as it would have been trained; averaging over
-/// the groups uses every member at every size (at k = 1, each member alone), and the last row is
-/// the whole ensemble's own scores.
+/// members: members 0..k, k..2k, and so on. The members start independently and are trained
+/// alike, so each group stands in for an ensemble of k (not exactly one trained at that size:
+/// the loss is averaged over all M, and clipping is of all their gradients together). Averaging
+/// over the groups uses every member wherever k divides M (at k = 1, each member alone; for
+/// M = 6 at k = 4, members 4 and 5 sit out), and the last row is the whole ensemble's own
+/// scores.
 ///
 /// # Errors
 /// As [`calibration`].
