@@ -60,9 +60,14 @@ def defaults(path):
         ece = statistics.mean(s["ece"] for s in shift) if shift else float("nan")
         auroc = rep["ood"]["entropy"]["auroc"] if rep["ood"] else float("nan")
         t = rep["test"]
+        # Reports from before temperature scaling have no `tempered`.
+        tempered = rep.get("tempered")
+        at_t = (f" | T {tempered['temperature']:.2f}{' (bound)' if tempered.get('at_bound') else ''} "
+                f"ECE at T {tempered['ece']:.4f}" if tempered else "")
         print(f"{method:<12} test acc {t['accuracy'] * 100:.2f} ECE {t['ece']:.4f} "
               f"mean confidence {t['mean_confidence']:.3f} | shift mean acc {acc:.1f} "
-              f"ECE {ece:.3f} | OOD AUROC (entropy) {auroc:.3f} | val ECE {opt('{:.4f}', r['val_ece'])}")
+              f"ECE {ece:.3f} | OOD AUROC (entropy) {auroc:.3f} | val ECE {opt('{:.4f}', r['val_ece'])}"
+              f"{at_t}")
 
 
 def seeds(paths):

@@ -129,9 +129,13 @@ pub fn calibration_report(title: &str, dataset: &str, report: &EvalReport) -> St
         t.predictive_entropy, t.mutual_information
     );
     if let Some(t) = &report.tempered {
+        let bound = match t.at_bound {
+            true => "; stopped at the search's bound, the validation NLL still falling",
+            false => "",
+        };
         let _ = writeln!(
             s,
-            "  temperature-scaled   ECE {:.4}, NLL {:.4}, Brier {:.4}   (T = {:.3}, fitted on validation)",
+            "  temperature-scaled   ECE {:.4}, NLL {:.4}, Brier {:.4}   (T = {:.3}, fitted on validation{bound})",
             t.ece, t.nll, t.brier, t.temperature
         );
     }

@@ -20,6 +20,11 @@ const UNDERFLOW: f64 = 1e-45;
 pub struct TemperedReport {
     /// T, fitted on the validation part; above 1 softens an overconfident prediction.
     pub temperature: f64,
+    /// Whether the fit stopped at the search's bound (1/100 or 100) rather than at a minimum:
+    /// on a validation part classified without an error the NLL keeps falling as T does, and
+    /// the scaled test prediction is then close to one-hot.
+    #[serde(default)]
+    pub at_bound: bool,
     pub ece: f64,
     pub adaptive_ece: f64,
     pub nll: f64,
@@ -122,6 +127,7 @@ pub fn tempered_report(
     let r = calibration(&tempered(test, temperature)?, labels)?;
     Ok(TemperedReport {
         temperature,
+        at_bound: (temperature.ln().abs() - RANGE.ln()).abs() < 1e-6,
         ece: r.ece,
         adaptive_ece: r.adaptive_ece,
         nll: r.nll,
@@ -176,6 +182,22 @@ mod tests {
             raw.ece
         );
         assert!(scaled.nll < raw.nll);
+        assert!(!scaled.at_bound);
+    }
+
+    /// With no error on the fitting set, sharper is always better: the fit ends at the bound,
+    /// and says so.
+    #[test]
+    fn a_set_without_errors_drives_the_temperature_to_its_bound() {
+        let (preds, _) = overconfident(1.0, 300);
+        let argmax: Vec<u32> = preds
+            .mean_f64()
+            .chunks_exact(5)
+            .map(|row| (0..5).fold(0, |b, c| if row[c] > row[b] { c } else { b }) as u32)
+            .collect();
+        let t = fit_temperature(&preds, &argmax).unwrap();
+        assert!(close(t, 1.0 / RANGE, 1e-6), "{t}");
+        assert!(tempered_report(&preds, &argmax, t).unwrap().at_bound);
     }
 
     #[test]
