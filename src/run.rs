@@ -395,7 +395,7 @@ fn score_validation(
 }
 
 /// [`score_validation`] at an epoch's end: a Ctrl-C meanwhile leaves the epoch unscored, and
-/// training stops after its checkpoint, at the next step.
+/// training stops once its checkpoint is written, before the next epoch's first step.
 fn epoch_validation(
     model: &Vit,
     val: &Dataset,

@@ -152,7 +152,8 @@ pub trait Observer {
     /// Epoch `epoch` (counted from 1) has trained, and the validation part is being scored.
     fn validating(&mut self, _epoch: usize) {}
     fn epoch(&mut self, _info: &EpochInfo) {}
-    /// Whether training should stop after the step it has just run ([`NnError::Interrupted`]).
+    /// Whether training should stop ([`NnError::Interrupted`]): asked after every step, and
+    /// after each epoch's checkpoint (a stop asked for while the epoch's end was scored).
     fn stop_requested(&self) -> bool {
         false
     }
