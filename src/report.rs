@@ -274,7 +274,8 @@ pub fn growth_per_member(runs: &[RunResult]) -> String {
     s
 }
 
-/// The side-by-side table of `loren compare`.
+/// The side-by-side table of `loren compare`. ECE@T is the test ECE after temperature scaling
+/// fitted on validation (see the calibration report).
 pub fn comparison_table(runs: &[RunResult]) -> String {
     let mut s = String::new();
     let header = [
@@ -284,6 +285,7 @@ pub fn comparison_table(runs: &[RunResult]) -> String {
         "ECE",
         "NLL",
         "Brier",
+        "ECE@T",
         "trainable",
         "frozen",
         "trainable",
@@ -297,15 +299,15 @@ pub fn comparison_table(runs: &[RunResult]) -> String {
     ];
     let _ = writeln!(
         s,
-        "{:<12} {:>3} {:>6} {:>7} {:>7} {:>7} {:>10} | {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} | {:>7} {:>6}",
+        "{:<12} {:>3} {:>6} {:>7} {:>7} {:>7} {:>7} {:>10} | {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} | {:>7} {:>6}",
         header[0],
         header[1],
         header[2],
         header[3],
         header[4],
         header[5],
+        header[6],
         "params",
-        header[7],
         header[8],
         header[9],
         header[10],
@@ -313,11 +315,12 @@ pub fn comparison_table(runs: &[RunResult]) -> String {
         header[12],
         header[13],
         header[14],
-        header[15]
+        header[15],
+        header[16]
     );
     let _ = writeln!(
         s,
-        "{:<59}| {:^69} |",
+        "{:<67}| {:^69} |",
         "", "peak tensor memory while training, by tag"
     );
     for r in runs {
@@ -325,13 +328,22 @@ pub fn comparison_table(runs: &[RunResult]) -> String {
         let p = |tag: &str| bytes(r.memory.peak.get(tag).copied().unwrap_or(0));
         let _ = writeln!(
             s,
-            "{:<12} {:>3} {:>6.2} {:>7.4} {:>7.4} {:>7.4} {:>10} | {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} | {:>7.1} {:>6.1}",
+            "{:<12} {:>3} {:>6.2} {:>7.4} {:>7.4} {:>7.4} {:>7} {:>10} | {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} | {:>7.1} {:>6.1}",
             r.method.name(),
             r.members,
             100.0 * t.accuracy,
             t.ece,
             t.nll,
             t.brier,
+            // A fit stopped at its bound is marked: the figure is of a nearly one-hot prediction.
+            r.report
+                .tempered
+                .as_ref()
+                .map_or("-".to_string(), |t| format!(
+                    "{:.4}{}",
+                    t.ece,
+                    if t.at_bound { "*" } else { "" }
+                )),
             count(r.trainable_params),
             p("frozen_weights"),
             p("trainable"),
@@ -342,6 +354,16 @@ pub fn comparison_table(runs: &[RunResult]) -> String {
             bytes(r.memory.total_peak),
             r.train_seconds,
             r.eval_seconds
+        );
+    }
+    if runs
+        .iter()
+        .any(|r| r.report.tempered.as_ref().is_some_and(|t| t.at_bound))
+    {
+        let _ = writeln!(
+            s,
+            "* its temperature fit stopped at the search's bound (no validation error to fit): \
+             the scaled prediction is nearly one-hot"
         );
     }
     s

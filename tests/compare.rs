@@ -34,6 +34,10 @@ fn compare_at_several_sizes_shows_lora_growing_slower_than_explicit() {
     );
     assert!(run.status.success(), "{stderr}");
 
+    assert!(
+        stdout.lines().next().is_some_and(|l| l.contains(" ECE@T ")),
+        "{stdout}"
+    );
     // One single network, and each ensemble method at both sizes.
     let json: Value =
         serde_json::from_slice(&std::fs::read(out.join("compare.json")).unwrap()).unwrap();
