@@ -58,6 +58,9 @@ def defaults(path):
         shift = rep["shift"]
         acc = statistics.mean(s["accuracy"] for s in shift) * 100 if shift else float("nan")
         ece = statistics.mean(s["ece"] for s in shift) if shift else float("nan")
+        shift_at_t = [s.get("ece_tempered") for s in shift]
+        shift_at_t = (f" ({statistics.mean(shift_at_t):.3f} at T)"
+                      if shift and None not in shift_at_t else "")
         auroc = rep["ood"]["entropy"]["auroc"] if rep["ood"] else float("nan")
         t = rep["test"]
         # Reports from before temperature scaling have no `tempered`.
@@ -66,7 +69,7 @@ def defaults(path):
                 f"ECE at T {tempered['ece']:.4f}" if tempered else "")
         print(f"{method:<12} test acc {t['accuracy'] * 100:.2f} ECE {t['ece']:.4f} "
               f"mean confidence {t['mean_confidence']:.3f} | shift mean acc {acc:.1f} "
-              f"ECE {ece:.3f} | OOD AUROC (entropy) {auroc:.3f} | val ECE {opt('{:.4f}', r['val_ece'])}"
+              f"ECE {ece:.3f}{shift_at_t} | OOD AUROC (entropy) {auroc:.3f} | val ECE {opt('{:.4f}', r['val_ece'])}"
               f"{at_t}")
 
 

@@ -153,6 +153,23 @@ pub fn calibration_report(title: &str, dataset: &str, report: &EvalReport) -> St
                 .collect();
             let _ = writeln!(s, "    {kind:<15} {}", cells.join("  "));
         }
+        let rows = &report.shift;
+        let mean =
+            |f: &dyn Fn(&ShiftRow) -> f64| rows.iter().map(f).sum::<f64>() / rows.len() as f64;
+        let tempered: Option<Vec<f64>> = rows.iter().map(|r| r.ece_tempered).collect();
+        let at_t = tempered.map_or(String::new(), |e| {
+            format!(
+                "; {:.3} at the temperature fitted on validation",
+                e.iter().sum::<f64>() / e.len() as f64
+            )
+        });
+        let _ = writeln!(
+            s,
+            "    mean of the {}: accuracy {:.1}%, ECE {:.3}{at_t}",
+            rows.len(),
+            100.0 * mean(&|r| r.accuracy),
+            mean(&|r| r.ece)
+        );
     }
     if let Some(o) = &report.ood {
         ood_block(&mut s, "OOD detection", o);
@@ -417,6 +434,8 @@ pub struct SeedSummary {
     pub val_ece: Option<MeanSd>,
     pub shift_accuracy: Option<MeanSd>,
     pub shift_ece: Option<MeanSd>,
+    /// The shifted sets' mean ECE at the temperature fitted on (unshifted) validation.
+    pub shift_ece_tempered: Option<MeanSd>,
     pub ood_auroc_entropy: Option<MeanSd>,
 }
 
@@ -445,9 +464,12 @@ fn summarise(runs: &[&RunResult]) -> SeedSummary {
             .collect::<Option<Vec<f64>>>()
             .map(|xs| MeanSd::of(&xs))
     };
-    let shift_mean = |r: &RunResult, f: fn(&ShiftRow) -> f64| {
+    let shift_mean = |r: &RunResult, f: fn(&ShiftRow) -> Option<f64>| {
         let rows = &r.report.shift;
-        (!rows.is_empty()).then(|| rows.iter().map(f).sum::<f64>() / rows.len() as f64)
+        let values: Option<Vec<f64>> = rows.iter().map(f).collect();
+        values
+            .filter(|v| !v.is_empty())
+            .map(|v| v.iter().sum::<f64>() / v.len() as f64)
     };
     SeedSummary {
         method: runs[0].method,
@@ -460,8 +482,9 @@ fn summarise(runs: &[&RunResult]) -> SeedSummary {
         brier: over(&|r| r.report.test.brier),
         ece_tempered: over_all(&|r| r.report.tempered.as_ref().map(|t| t.ece)),
         val_ece: over_all(&|r| r.val_ece),
-        shift_accuracy: over_all(&|r| shift_mean(r, |row| row.accuracy)),
-        shift_ece: over_all(&|r| shift_mean(r, |row| row.ece)),
+        shift_accuracy: over_all(&|r| shift_mean(r, |row| Some(row.accuracy))),
+        shift_ece: over_all(&|r| shift_mean(r, |row| Some(row.ece))),
+        shift_ece_tempered: over_all(&|r| shift_mean(r, |row| row.ece_tempered)),
         ood_auroc_entropy: over_all(&|r| r.report.ood.as_ref().map(|o| o.entropy.auroc)),
     }
 }
@@ -469,7 +492,7 @@ fn summarise(runs: &[&RunResult]) -> SeedSummary {
 /// The summaries as a table: mean ± sd per column, a column only where some row has it.
 pub fn seed_summary_table(summaries: &[SeedSummary]) -> String {
     type Column = (&'static str, fn(&SeedSummary) -> Option<String>);
-    let columns: [Column; 11] = [
+    let columns: [Column; 12] = [
         ("acc %", |s| Some(s.accuracy.cell(100.0, 2))),
         ("ECE", |s| Some(s.ece.cell(1.0, 4))),
         ("NLL", |s| Some(s.nll.cell(1.0, 4))),
@@ -481,6 +504,9 @@ pub fn seed_summary_table(summaries: &[SeedSummary]) -> String {
             s.shift_accuracy.map(|v| v.cell(100.0, 1))
         }),
         ("shift ECE", |s| s.shift_ece.map(|v| v.cell(1.0, 4))),
+        ("shift ECE at T", |s| {
+            s.shift_ece_tempered.map(|v| v.cell(1.0, 4))
+        }),
         ("AUROC (entropy)", |s| {
             s.ood_auroc_entropy.map(|v| v.cell(1.0, 4))
         }),

@@ -410,7 +410,6 @@ fn the_prediction_is_scored_at_a_temperature_fitted_on_validation() {
         &ckpt,
         "--out",
         out.to_str().unwrap(),
-        "--no-shift",
         "--no-ood",
         "-q",
     ];
@@ -418,6 +417,11 @@ fn the_prediction_is_scored_at_a_temperature_fitted_on_validation() {
     assert!(ok, "{err}");
     assert!(
         printed.contains("\n  temperature-scaled   ECE "),
+        "{printed}"
+    );
+    // And the shifted sets at the temperature fitted in distribution.
+    assert!(
+        printed.contains(" at the temperature fitted on validation\n"),
         "{printed}"
     );
     let eval: serde_json::Value =
@@ -433,6 +437,9 @@ fn the_prediction_is_scored_at_a_temperature_fitted_on_validation() {
         );
     }
     assert_eq!(eval["test"]["accuracy"], report["test"]["accuracy"]);
+    let shift = eval["shift"].as_array().unwrap();
+    assert_eq!(shift.len(), 15);
+    assert!(shift.iter().all(|r| r["ece_tempered"].as_f64().is_some()));
 
     let dir = temp_dir("tempered-train-on-val");
     let mut args = vec!["train", "--out", dir.to_str().unwrap(), "--epochs", "1"];

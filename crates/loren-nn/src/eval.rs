@@ -147,11 +147,12 @@ pub fn evaluate(
     if opts.shift {
         for (kind, severity, data) in shift_suite(test, EVAL_SEED) {
             let p = predict(model, &data, opts.batch_size, progress)?;
-            shift.push(ShiftRow::from_report(
-                kind.name(),
-                severity,
-                &calibration(&p, &data.labels)?,
-            ));
+            let mut row =
+                ShiftRow::from_report(kind.name(), severity, &calibration(&p, &data.labels)?);
+            if let Some(t) = opts.temperature {
+                row.ece_tempered = Some(tempered_report(&p, &data.labels, t)?.ece);
+            }
+            shift.push(row);
         }
     }
     let ood = if opts.ood {

@@ -79,6 +79,11 @@ pub struct ShiftRow {
     pub severity: u8,
     pub accuracy: f64,
     pub ece: f64,
+    /// The ECE after temperature scaling with the temperature fitted on the (unshifted)
+    /// validation part, when there is one: whether a calibration fitted in distribution holds
+    /// under shift.
+    #[serde(default)]
+    pub ece_tempered: Option<f64>,
 }
 
 impl ShiftRow {
@@ -88,6 +93,7 @@ impl ShiftRow {
             severity,
             accuracy: report.accuracy,
             ece: report.ece,
+            ece_tempered: None,
         }
     }
 }
