@@ -42,15 +42,23 @@ const RUN: [&str; 9] = [
     "5",
 ];
 
+/// `loren train` into `dir` for `epochs` with `RUN` and `extra`, which must succeed: what it
+/// printed.
+fn train_ok(dir: &Path, epochs: &str, extra: &[&str]) -> String {
+    let mut args = vec!["train", "--out", dir.to_str().unwrap(), "--epochs", epochs];
+    args.extend(RUN);
+    args.extend(extra);
+    let (ok, printed, err) = loren(&args);
+    assert!(ok, "training failed: {err}");
+    printed
+}
+
 /// One LoRA-Ensemble trained for two epochs, shared by the tests.
 fn trained() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = temp_dir("trained");
-        let mut args = vec!["train", "--out", dir.to_str().unwrap(), "--epochs", "2"];
-        args.extend(RUN);
-        let (ok, printed, err) = loren(&args);
-        assert!(ok, "training failed: {err}");
+        let printed = train_ok(&dir, "2", &[]);
         assert!(printed.contains("\n  validation: accuracy "), "{printed}");
         assert!(printed.contains("\n  by ensemble size "), "{printed}");
         dir
@@ -259,17 +267,7 @@ fn training_on_the_validation_part_is_recorded_and_resumed() {
     );
 
     let dir = temp_dir("train-on-val");
-    let mut args = vec![
-        "train",
-        "--out",
-        dir.to_str().unwrap(),
-        "--epochs",
-        "1",
-        "--train-on-val",
-    ];
-    args.extend(RUN);
-    let (ok, printed, err) = loren(&args);
-    assert!(ok, "{err}");
+    let printed = train_ok(&dir, "1", &["--train-on-val"]);
     assert!(
         printed.contains("\n  validation: none (--train-on-val"),
         "{printed}"
@@ -328,11 +326,7 @@ fn every_epoch_is_scored_on_the_validation_part_without_changing_the_training() 
     assert!(svg.contains(">validation ECE (15 bins)<"), "{svg}");
 
     let dir = temp_dir("val-every-0");
-    let mut args = vec!["train", "--out", dir.to_str().unwrap(), "--epochs", "2"];
-    args.extend(RUN);
-    args.extend(["--val-every", "0"]);
-    let (ok, _, err) = loren(&args);
-    assert!(ok, "{err}");
+    train_ok(&dir, "2", &["--val-every", "0"]);
     let unscored = report_json(&dir);
     assert!(scored(&unscored, 0).is_null() && scored(&unscored, 1).is_null());
     assert_eq!(unscored["val_accuracy"], report["val_accuracy"]);
@@ -442,11 +436,7 @@ fn the_prediction_is_scored_at_a_temperature_fitted_on_validation() {
     assert!(shift.iter().all(|r| r["ece_tempered"].as_f64().is_some()));
 
     let dir = temp_dir("tempered-train-on-val");
-    let mut args = vec!["train", "--out", dir.to_str().unwrap(), "--epochs", "1"];
-    args.extend(RUN);
-    args.push("--train-on-val");
-    let (ok, _, err) = loren(&args);
-    assert!(ok, "{err}");
+    train_ok(&dir, "1", &["--train-on-val"]);
     assert!(report_json(&dir)["report"]["tempered"].is_null());
 }
 
@@ -468,11 +458,7 @@ fn trained_run_without(key: &str, value: &str) -> PathBuf {
 #[test]
 fn a_paper_augmentation_from_before_nearest_sampling_resumes_as_it_was() {
     let dir = temp_dir("old-paper-augment");
-    let mut args = vec!["train", "--out", dir.to_str().unwrap(), "--epochs", "1"];
-    args.extend(["--augment", "paper"]);
-    args.extend(RUN);
-    let (ok, _, err) = loren(&args);
-    assert!(ok, "{err}");
+    train_ok(&dir, "1", &["--augment", "paper"]);
     let ckpt = dir.join("checkpoint.safetensors");
     let train_meta = |ckpt: &Path| -> serde_json::Value {
         serde_json::from_str(TensorFile::read(ckpt).unwrap().meta("train").unwrap()).unwrap()
@@ -595,11 +581,7 @@ fn held_out_run() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = temp_dir("held-out");
-        let mut args = vec!["train", "--out", dir.to_str().unwrap(), "--epochs", "1"];
-        args.extend(RUN);
-        args.extend(["--holdout-classes", "9,8"]);
-        let (ok, _, err) = loren(&args);
-        assert!(ok, "training failed: {err}");
+        train_ok(&dir, "1", &["--holdout-classes", "9,8"]);
         dir
     })
 }
@@ -609,13 +591,7 @@ fn held_out_run() -> &'static Path {
 #[test]
 fn a_checkpoint_without_frozen_weights_takes_any_backbone() {
     let dir = temp_dir("explicit-backbone");
-    let out = dir.to_str().unwrap();
-    let mut args = vec![
-        "train", "--out", out, "--epochs", "1", "--method", "explicit",
-    ];
-    args.extend(RUN);
-    let (ok, _, err) = loren(&args);
-    assert!(ok, "{err}");
+    train_ok(&dir, "1", &["--method", "explicit"]);
     let b = other_backbone(&dir);
     let c = dir.join("checkpoint.safetensors");
     let (ok, _, err) = loren(&[
@@ -627,7 +603,7 @@ fn a_checkpoint_without_frozen_weights_takes_any_backbone() {
         "--no-shift",
         "-q",
         "--out",
-        out,
+        dir.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
 }
