@@ -154,21 +154,16 @@ pub fn calibration_report(title: &str, dataset: &str, report: &EvalReport) -> St
             let _ = writeln!(s, "    {kind:<15} {}", cells.join("  "));
         }
         let rows = &report.shift;
-        let mean =
-            |f: &dyn Fn(&ShiftRow) -> f64| rows.iter().map(f).sum::<f64>() / rows.len() as f64;
-        let tempered: Option<Vec<f64>> = rows.iter().map(|r| r.ece_tempered).collect();
-        let at_t = tempered.map_or(String::new(), |e| {
-            format!(
-                "; {:.3} at the temperature fitted on validation",
-                e.iter().sum::<f64>() / e.len() as f64
-            )
+        let mean = |f: fn(&ShiftRow) -> Option<f64>| shift_mean(rows, f).unwrap_or(f64::NAN);
+        let at_t = shift_mean(rows, |r| r.ece_tempered).map_or(String::new(), |e| {
+            format!("; {e:.3} at the temperature fitted on validation")
         });
         let _ = writeln!(
             s,
             "    mean of the {}: accuracy {:.1}%, ECE {:.3}{at_t}",
             rows.len(),
-            100.0 * mean(&|r| r.accuracy),
-            mean(&|r| r.ece)
+            100.0 * mean(|r| Some(r.accuracy)),
+            mean(|r| Some(r.ece))
         );
     }
     if let Some(o) = &report.ood {
@@ -198,6 +193,14 @@ fn size_block(s: &mut String, rows: &[SizeRow]) {
         let cells: Vec<String> = rows.iter().map(|r| format!("{:>8}", cell(r))).collect();
         let _ = writeln!(s, "    {name:<10}{}", cells.concat());
     }
+}
+
+/// The mean of `f` over the shifted sets; none without them, or where a set lacks the figure.
+fn shift_mean(rows: &[ShiftRow], f: fn(&ShiftRow) -> Option<f64>) -> Option<f64> {
+    let values: Option<Vec<f64>> = rows.iter().map(f).collect();
+    values
+        .filter(|v| !v.is_empty())
+        .map(|v| v.iter().sum::<f64>() / v.len() as f64)
 }
 
 /// One OOD report: its three scores' AUROC, AUPR and FPR at 95% TPR.
@@ -464,13 +467,7 @@ fn summarise(runs: &[&RunResult]) -> SeedSummary {
             .collect::<Option<Vec<f64>>>()
             .map(|xs| MeanSd::of(&xs))
     };
-    let shift_mean = |r: &RunResult, f: fn(&ShiftRow) -> Option<f64>| {
-        let rows = &r.report.shift;
-        let values: Option<Vec<f64>> = rows.iter().map(f).collect();
-        values
-            .filter(|v| !v.is_empty())
-            .map(|v| v.iter().sum::<f64>() / v.len() as f64)
-    };
+    let shift_mean = |r: &RunResult, f| shift_mean(&r.report.shift, f);
     SeedSummary {
         method: runs[0].method,
         members: runs[0].members,
