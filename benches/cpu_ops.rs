@@ -48,7 +48,7 @@ mod shim {
         fwd: &AttentionOutput,
         heads: usize,
     ) -> Result<AttentionGrads> {
-        attention_backward(d_o, q, k, v, &fwd.o, &fwd.lse, heads)
+        attention_backward(d_o, q, k, v, &fwd.o, &fwd.lse, heads, None)
     }
 }
 
@@ -210,9 +210,9 @@ fn attention(c: &mut Criterion) {
         let d_o = rnd.t(&[m, b, t, d], 0.1);
         let id = format!("{label}-T{t}-D{d}-H{heads}");
         g.bench_function(format!("fwd/{id}"), |bch| {
-            bch.iter(|| attention_forward(black_box(&q), &k, &v, heads).unwrap())
+            bch.iter(|| attention_forward(black_box(&q), &k, &v, heads, None).unwrap())
         });
-        let out = attention_forward(&q, &k, &v, heads).unwrap();
+        let out = attention_forward(&q, &k, &v, heads, None).unwrap();
         g.bench_function(format!("bwd/{id}"), |bch| {
             bch.iter(|| shim::attention_bwd(black_box(&d_o), &q, &k, &v, &out, heads).unwrap())
         });

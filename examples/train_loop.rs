@@ -72,6 +72,7 @@ fn main() -> Result<()> {
 
     let device = DeviceSpec::Auto.open()?;
     let ensemble = EnsembleConfig {
+        drop_key: EnsembleConfig::DROP_KEY,
         method: Method::Lora,
         members: 4,
         classes: train.classes,

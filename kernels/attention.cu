@@ -12,6 +12,13 @@
 // P = exp(S − LSE) and runs as two deterministic kernels (no atomics): dQ over query tiles (it also
 // computes DELTA = rowsum(dO∘O), which the dK/dV kernel reads), then dK, dV over key tiles.
 // Scores are carried in log2 units (scale·log2 e folded in) so exponentials are exp2f.
+//
+// DropKey (MC Dropout), the *_dropkey_* entries: a score whose hash of (drop_seed, g, b, h, query,
+// key) is below drop_threshold drops before the softmax. The hashes are those of
+// loren_tensor::ops::dropkey bit for bit, so the backward draws the forward's mask again. A row
+// with every key dropped averages V and gets LSE = −inf, which tells the backward its scores have
+// no gradient. G may then exceed the inputs' groups: each output group is a member with masks of
+// its own.
 #include "common.cuh"
 
 namespace attn {
@@ -25,13 +32,54 @@ template <int DH> struct Smem {
     static constexpr int LD = DH + 8;
     static constexpr int FWD = 3 * TILE * LD * 2;
     static constexpr int DQ = 4 * TILE * LD * 2 + TILE * 4;
-    static constexpr int DKV = 4 * TILE * LD * 2 + 2 * TILE * 4;
+    static constexpr int DKV = 4 * TILE * LD * 2 + 3 * TILE * 4;
 };
 template <int DH> __device__ __forceinline__ constexpr int ld() { return Smem<DH>::LD; }
 
 struct Dims {
     int B, T, H, gq, gk, gv;
+    unsigned drop_threshold;
+    unsigned long long drop_seed;
 };
+
+// A dropped score in log2 units: exp2f of it minus any kept score's maximum is exactly 0.
+constexpr float DROPPED = -1e30f;
+
+__device__ __forceinline__ unsigned long long mix64(unsigned long long x) {
+    x ^= x >> 30;
+    x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 27;
+    x *= 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+__device__ __forceinline__ unsigned hash32(unsigned x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    return x ^ (x >> 16);
+}
+
+// DropKey::head_stream, DropKey::row and DropKey::dropped. Without DROP nothing drops, and the
+// compiler removes the hashing: the plain entries are the kernels as they were without DropKey.
+__device__ __forceinline__ unsigned drop_stream(const Dims& d, int g, int b, int h) {
+    unsigned long long s = mix64(d.drop_seed ^ mix64((unsigned long long)g ^ 0x6D656D6265720000ull));
+    s = mix64(s ^ mix64((unsigned long long)b ^ 0x6261746368000000ull));
+    return (unsigned)mix64(s ^ mix64((unsigned long long)h ^ 0x6865616400000000ull));
+}
+__device__ __forceinline__ unsigned drop_row(unsigned stream, int i) {
+    return hash32(stream ^ ((unsigned)i * 0x9E3779B9u));
+}
+template <bool DROP>
+__device__ __forceinline__ bool dropped(const Dims& d, unsigned row, int j) {
+    return DROP && hash32(row ^ (unsigned)j) < d.drop_threshold;
+}
+// Whether an LSE says every key of its row was dropped.
+template <bool DROP>
+__device__ __forceinline__ bool all_dropped(float lse) {
+    return DROP && lse == -INF_F;
+}
 
 // Offset of (group g, batch b) in a [groups, B, T, D] tensor.
 __device__ __forceinline__ size_t seq_offset(int g, int groups, int b, const Dims& d, int D) {
@@ -105,7 +153,7 @@ __device__ __forceinline__ void zero(float a[N][4]) {
 // ---------------------------------------------------------------------------------------------
 // Forward. grid (ceil(T/64), H, G·B), block 128, dynamic smem Smem<DH>::FWD.
 // ---------------------------------------------------------------------------------------------
-template <int DH>
+template <int DH, bool DROP>
 __device__ void forward(const bf16* Q, const bf16* K, const bf16* V, bf16* O, float* LSE, Dims d,
                         float scale) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -119,6 +167,10 @@ __device__ void forward(const bf16* Q, const bf16* K, const bf16* V, bf16* O, fl
     const bf16* k = K + seq_offset(g, d.gk, b, d, D) + h * DH;
     const bf16* v = V + seq_offset(g, d.gv, b, d, D) + h * DH;
     const float sl2 = scale * LOG2E;
+    const unsigned stream = drop_stream(d, g, b, h);
+    unsigned row_hash[2];
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) row_hash[hr] = drop_row(stream, q0 + warp * 16 + lane / 4 + hr * 8);
 
     load_tile<DH>(Qs, q, D, q0, d.T);
     cp_async_commit();
@@ -147,7 +199,9 @@ __device__ void forward(const bf16* Q, const bf16* K, const bf16* V, bf16* O, fl
                 for (int e = 0; e < 2; ++e) {
                     const int key = k0 + nt * 8 + (lane % 4) * 2 + e;
                     float& x = s[nt][2 * hr + e];
-                    x = key < d.T ? x * sl2 : -INF_F;
+                    x = key >= d.T                        ? -INF_F
+                        : dropped<DROP>(d, row_hash[hr], key) ? DROPPED
+                                                        : x * sl2;
                     mx = fmaxf(mx, x);
                 }
             mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
@@ -191,7 +245,9 @@ __device__ void forward(const bf16* Q, const bf16* K, const bf16* V, bf16* O, fl
         for (int dt = 0; dt < DH / 8; ++dt)
             *reinterpret_cast<bf162*>(out + (size_t)row * D + dt * 8 + (lane % 4) * 2) =
                 __floats2bfloat162_rn(o[dt][2 * hr] * inv, o[dt][2 * hr + 1] * inv);
-        if (lane % 4 == 0) LSE[((size_t)gb * d.H + h) * d.T + row] = (m_run[hr] + log2f(l)) * LN2;
+        // Every key dropped: the row averaged V (each weight exp2f(0) = 1, over l = T).
+        const float lse = DROP && m_run[hr] == DROPPED ? -INF_F : (m_run[hr] + log2f(l)) * LN2;
+        if (lane % 4 == 0) LSE[((size_t)gb * d.H + h) * d.T + row] = lse;
     }
 }
 
@@ -199,7 +255,7 @@ __device__ void forward(const bf16* Q, const bf16* K, const bf16* V, bf16* O, fl
 // Backward, dQ (and DELTA). grid (ceil(T/64), H, G·B), block 128, dynamic smem Smem<DH>::DQ.
 //   DELTA_i = Σ_d dO_id·O_id;  dS = P∘(dO·Vᵀ − DELTA);  dQ = scale·dS·K
 // ---------------------------------------------------------------------------------------------
-template <int DH>
+template <int DH, bool DROP>
 __device__ void backward_dq(const bf16* dO, const bf16* Q, const bf16* K, const bf16* V,
                             const bf16* O, const float* LSE, float* DELTA, bf16* dQ, Dims d,
                             float scale) {
@@ -237,12 +293,15 @@ __device__ void backward_dq(const bf16* dO, const bf16* Q, const bf16* K, const 
         }
     }
     float lse2[2], delta[2];
+    unsigned row_hash[2];
+    const unsigned stream = drop_stream(d, g, b, h);
     __syncwarp();
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
         const int r = warp * 16 + lane / 4 + hr * 8, row = q0 + r;
         lse2[hr] = row < d.T ? LSE[stat + row] * LOG2E : 0.0f;
         delta[hr] = delta_s[r];
+        row_hash[hr] = drop_row(stream, row);
     }
 
     float dq[DH / 8][4];
@@ -263,7 +322,10 @@ __device__ void backward_dq(const bf16* dO, const bf16* Q, const bf16* K, const 
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int key = k0 + nt * 8 + (lane % 4) * 2 + (e & 1);
-                const float pr = key < d.T ? exp2f(p[nt][e] * sl2 - lse2[e / 2]) : 0.0f;
+                // A dropped score, or any score of a row with every key dropped, is a constant.
+                const bool live = key < d.T && !all_dropped<DROP>(lse2[e / 2]) &&
+                                  !dropped<DROP>(d, row_hash[e / 2], key);
+                const float pr = live ? exp2f(p[nt][e] * sl2 - lse2[e / 2]) : 0.0f;
                 p[nt][e] = pr * (dp[nt][e] - delta[e / 2]);  // dS, reusing p
             }
         probs_times_rows<DH>(dq, p, Ks, lane);
@@ -285,7 +347,7 @@ __device__ void backward_dq(const bf16* dO, const bf16* Q, const bf16* K, const 
 // Smem<DH>::DKV. Each warp owns 16 keys and works with transposed scores:
 //   Pᵀ = exp(K·Qᵀ − LSE),  dV = Pᵀ·dO,  dSᵀ = Pᵀ∘(V·dOᵀ − DELTA),  dK = scale·dSᵀ·Q
 // ---------------------------------------------------------------------------------------------
-template <int DH>
+template <int DH, bool DROP>
 __device__ void backward_dkv(const bf16* dO, const bf16* Q, const bf16* K, const bf16* V,
                              const float* LSE, const float* DELTA, bf16* dK, bf16* dV, Dims d,
                              float scale) {
@@ -296,6 +358,7 @@ __device__ void backward_dkv(const bf16* dO, const bf16* Q, const bf16* K, const
     bf16* dOs = Qs + TILE * ld<DH>();
     float* lse_s = reinterpret_cast<float*>(dOs + TILE * ld<DH>());
     float* delta_s = lse_s + TILE;
+    unsigned* row_hash_s = reinterpret_cast<unsigned*>(delta_s + TILE);  // per query
     const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
     const int k0 = blockIdx.x * TILE, h = blockIdx.y, gb = blockIdx.z;
     const int g = gb / d.B, b = gb % d.B, D = d.H * DH;
@@ -305,6 +368,7 @@ __device__ void backward_dkv(const bf16* dO, const bf16* Q, const bf16* K, const
     const size_t own = (size_t)gb * d.T * D + h * DH;
     const size_t stat = ((size_t)gb * d.H + h) * d.T;
     const float sl2 = scale * LOG2E;
+    const unsigned stream = drop_stream(d, g, b, h);
 
     load_tile<DH>(Ks, k, D, k0, d.T);
     load_tile<DH>(Vs, v, D, k0, d.T);
@@ -322,6 +386,7 @@ __device__ void backward_dkv(const bf16* dO, const bf16* Q, const bf16* K, const
             const int row = q0 + threadIdx.x;
             lse_s[threadIdx.x] = row < d.T ? LSE[stat + row] * LOG2E : 0.0f;
             delta_s[threadIdx.x] = row < d.T ? DELTA[stat + row] : 0.0f;
+            if (DROP) row_hash_s[threadIdx.x] = drop_row(stream, row);
         }
         cp_async_wait<0>();
         __syncthreads();
@@ -334,9 +399,15 @@ __device__ void backward_dkv(const bf16* dO, const bf16* Q, const bf16* K, const
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int c = nt * 8 + (lane % 4) * 2 + (e & 1);
-                const float pr = q0 + c < d.T ? exp2f(p[nt][e] * sl2 - lse_s[c]) : 0.0f;
+                const int key = k0 + warp * 16 + lane / 4 + (e / 2) * 8;
+                const bool query = q0 + c < d.T, none = all_dropped<DROP>(lse_s[c]);
+                const bool live = query && !none && !dropped<DROP>(d, row_hash_s[c], key);
+                // A row with every key dropped weighs each alike, and none has a gradient.
+                const float pr = live           ? exp2f(p[nt][e] * sl2 - lse_s[c])
+                                 : query && none ? 1.0f / d.T
+                                                 : 0.0f;
                 p[nt][e] = pr;
-                dp[nt][e] = pr * (dp[nt][e] - delta_s[c]);  // dSᵀ
+                dp[nt][e] = DROP && !live ? 0.0f : pr * (dp[nt][e] - delta_s[c]);  // dSᵀ
             }
         probs_times_rows<DH>(dv, p, dOs, lane);
         probs_times_rows<DH>(dk, dp, Qs, lane);
@@ -357,26 +428,38 @@ __device__ void backward_dkv(const bf16* dO, const bf16* Q, const bf16* K, const
 }
 }  // namespace attn
 
-#define ATTENTION_ENTRIES(DH)                                                                     \
+// NAME##_d##DH takes the plain arguments; with DROP, DropKey's threshold and seed follow them.
+#define ATTENTION_ENTRY_SET(DH, DROP, SUFFIX, EXTRA_PARAMS, EXTRA_DIMS)                             \
     extern "C" __global__ void __launch_bounds__(attn::THREADS)                                   \
-        attention_fwd_d##DH(const bf16* Q, const bf16* K, const bf16* V, bf16* O, float* LSE,     \
-                            int B, int T, int H, int gq, int gk, int gv, float scale) {           \
-        attn::forward<DH>(Q, K, V, O, LSE, attn::Dims{B, T, H, gq, gk, gv}, scale);               \
+        attention_fwd##SUFFIX##_d##DH(const bf16* Q, const bf16* K, const bf16* V, bf16* O,       \
+                                      float* LSE, int B, int T, int H, int gq, int gk, int gv,    \
+                                      float scale EXTRA_PARAMS) {                                 \
+        attn::forward<DH, DROP>(Q, K, V, O, LSE, attn::Dims{B, T, H, gq, gk, gv EXTRA_DIMS},      \
+                                scale);                                                           \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(attn::THREADS)                                   \
-        attention_bwd_dq_d##DH(const bf16* dO, const bf16* Q, const bf16* K, const bf16* V,       \
-                               const bf16* O, const float* LSE, float* DELTA, bf16* dQ, int B,    \
-                               int T, int H, int gq, int gk, int gv, float scale) {               \
-        attn::backward_dq<DH>(dO, Q, K, V, O, LSE, DELTA, dQ, attn::Dims{B, T, H, gq, gk, gv},    \
-                              scale);                                                             \
+        attention_bwd_dq##SUFFIX##_d##DH(const bf16* dO, const bf16* Q, const bf16* K,            \
+                                         const bf16* V, const bf16* O, const float* LSE,          \
+                                         float* DELTA, bf16* dQ, int B, int T, int H, int gq,     \
+                                         int gk, int gv, float scale EXTRA_PARAMS) {              \
+        attn::backward_dq<DH, DROP>(dO, Q, K, V, O, LSE, DELTA, dQ,                               \
+                                    attn::Dims{B, T, H, gq, gk, gv EXTRA_DIMS}, scale);           \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(attn::THREADS)                                   \
-        attention_bwd_dkv_d##DH(const bf16* dO, const bf16* Q, const bf16* K, const bf16* V,      \
-                                const float* LSE, const float* DELTA, bf16* dK, bf16* dV, int B,  \
-                                int T, int H, int gq, int gk, int gv, float scale) {              \
-        attn::backward_dkv<DH>(dO, Q, K, V, LSE, DELTA, dK, dV, attn::Dims{B, T, H, gq, gk, gv},  \
-                               scale);                                                            \
+        attention_bwd_dkv##SUFFIX##_d##DH(const bf16* dO, const bf16* Q, const bf16* K,           \
+                                          const bf16* V, const float* LSE, const float* DELTA,    \
+                                          bf16* dK, bf16* dV, int B, int T, int H, int gq,        \
+                                          int gk, int gv, float scale EXTRA_PARAMS) {             \
+        attn::backward_dkv<DH, DROP>(dO, Q, K, V, LSE, DELTA, dK, dV,                             \
+                                     attn::Dims{B, T, H, gq, gk, gv EXTRA_DIMS}, scale);          \
     }
+
+#define ATTN_COMMA ,
+#define ATTENTION_ENTRIES(DH)                                                                     \
+    ATTENTION_ENTRY_SET(DH, false, , , ATTN_COMMA 0u ATTN_COMMA 0ull)                             \
+    ATTENTION_ENTRY_SET(DH, true, _dropkey,                                                       \
+                        ATTN_COMMA unsigned drop_threshold ATTN_COMMA unsigned long long drop_seed, \
+                        ATTN_COMMA drop_threshold ATTN_COMMA drop_seed)
 
 ATTENTION_ENTRIES(16)
 ATTENTION_ENTRIES(32)
@@ -385,4 +468,4 @@ ATTENTION_ENTRIES(128)
 
 static_assert(attn::Smem<128>::FWD == 52224, "launch/attention.rs mirrors these sizes");
 static_assert(attn::Smem<128>::DQ == 69888, "launch/attention.rs mirrors these sizes");
-static_assert(attn::Smem<128>::DKV == 70144, "launch/attention.rs mirrors these sizes");
+static_assert(attn::Smem<128>::DKV == 70400, "launch/attention.rs mirrors these sizes");

@@ -93,6 +93,7 @@ pub fn pretrain(
     }
     let device = spec.device.open()?;
     let ens = EnsembleConfig {
+        drop_key: EnsembleConfig::DROP_KEY,
         method: Method::Single,
         members: 1,
         classes: data.pretrain.classes,

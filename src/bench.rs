@@ -676,6 +676,7 @@ pub fn ensemble_config(
     rank: usize,
 ) -> EnsembleConfig {
     EnsembleConfig {
+        drop_key: EnsembleConfig::DROP_KEY,
         method,
         members: if method.is_single() { 1 } else { members },
         classes,

@@ -78,6 +78,7 @@ pub fn method_title(method: Method, members: usize, rank: Option<usize>) -> Stri
         Method::Explicit => "Explicit ensemble",
         Method::Single => "Single network",
         Method::SingleLora => "Single network with LoRA",
+        Method::McDropout => "MC Dropout",
     };
     match rank {
         Some(rank) => format!("{name} (M={members}, rank {rank})"),

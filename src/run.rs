@@ -532,6 +532,7 @@ mod tests {
     fn spec(members: usize, activations: Activations) -> RunSpec {
         let vit = VitConfig::tiny();
         let ensemble = EnsembleConfig {
+            drop_key: EnsembleConfig::DROP_KEY,
             method: Method::Lora,
             members,
             classes: 10,

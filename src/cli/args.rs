@@ -65,7 +65,9 @@ pub struct ModelArgs {
 
 #[derive(Args, Clone)]
 pub struct EnsembleArgs {
-    /// lora (LoRA-Ensemble), explicit (M fully fine-tuned copies), single, or single-lora.
+    /// lora (LoRA-Ensemble), explicit (M fully fine-tuned copies), single, single-lora, or
+    /// mc-dropout (one fully fine-tuned network, DropKey on its attention, a head per member; each
+    /// member is one stochastic pass, in training and in prediction).
     #[arg(long, default_value = "lora")]
     pub method: String,
     /// Ensemble members (single and single-lora are one network) [default: 8].
@@ -83,6 +85,10 @@ pub struct EnsembleArgs {
     /// Gain of the Xavier-uniform start of A; large gains start the members far apart.
     #[arg(long, default_value_t = 10.0, allow_hyphen_values = true)]
     pub lora_gain: f32,
+    /// mc-dropout: the probability that an attention score is dropped (DropKey), the paper's
+    /// p_drop.
+    #[arg(long, default_value_t = EnsembleConfig::DROP_KEY, allow_hyphen_values = true)]
+    pub drop_key: f32,
 }
 
 impl EnsembleArgs {
@@ -101,6 +107,12 @@ impl EnsembleArgs {
         }
         if !(self.lora_gain.is_finite() && self.lora_gain > 0.0) {
             bail!("--lora-gain {}: must be finite and above 0", self.lora_gain);
+        }
+        if !(0.0..1.0).contains(&self.drop_key) {
+            bail!(
+                "--drop-key {}: a probability of dropping a score, at least 0 and below 1",
+                self.drop_key
+            );
         }
         check_targets(&self.lora_targets)
     }
@@ -354,6 +366,7 @@ pub fn eval_options(data: &DataArgs) -> EvalOptions {
 
 pub fn ensemble_config(e: &EnsembleArgs, method: Method, classes: usize) -> Result<EnsembleConfig> {
     Ok(EnsembleConfig {
+        drop_key: e.drop_key,
         method,
         members: if method.is_single() { 1 } else { e.members() },
         classes,

@@ -85,7 +85,7 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
     {
         bail!(
             "--members {m}: {} is one network; leave --members out, or train an ensemble \
-             (--method lora or explicit)",
+             (--method lora, explicit or mc-dropout)",
             method.name()
         );
     }
@@ -102,6 +102,10 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
                 method.name()
             )
         })
+        .chain(
+            (method != Method::McDropout && is_given("drop_key"))
+                .then(|| format!("--drop-key ({} has no dropout)", method.name())),
+        )
         .chain(
             (a.optim.optimizer == "adamw" && is_given("momentum"))
                 .then(|| "--momentum (adamw does not use it)".to_string()),
@@ -197,6 +201,9 @@ fn with_saved_settings(
     }
     if keep("lora_gain") {
         e.lora_gain = ens.lora.init_gain;
+    }
+    if keep("drop_key") {
+        e.drop_key = ens.drop_key;
     }
     if keep("epochs") {
         o.epochs = train.epochs;

@@ -380,6 +380,7 @@ impl Gpu {
         for a in args {
             match a {
                 Arg::U64(v) => builder.arg(v),
+                Arg::U32(v) => builder.arg(v),
                 Arg::I32(v) => builder.arg(v),
                 Arg::F32(v) => builder.arg(v),
                 Arg::F64(v) => builder.arg(v),
@@ -433,6 +434,7 @@ fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) enum Arg {
     U64(u64),
+    U32(u32),
     I32(i32),
     F32(f32),
     F64(f64),
@@ -442,7 +444,7 @@ impl Arg {
     fn kind(&self) -> ParamKind {
         match self {
             Arg::U64(_) => ParamKind::U64,
-            Arg::I32(_) => ParamKind::U32,
+            Arg::U32(_) | Arg::I32(_) => ParamKind::U32,
             Arg::F32(_) => ParamKind::F32,
             Arg::F64(_) => ParamKind::F64,
         }
@@ -454,6 +456,12 @@ impl From<u64> for Arg {
         Arg::U64(v)
     }
 }
+impl From<u32> for Arg {
+    fn from(v: u32) -> Arg {
+        Arg::U32(v)
+    }
+}
+
 impl From<i32> for Arg {
     fn from(v: i32) -> Arg {
         Arg::I32(v)

@@ -53,7 +53,7 @@ pub use compile::{
 pub use error::{KernelError, Result};
 pub use gpu::{Gpu, GpuMark};
 pub use launch::activation::{BiasGeluDims, bias_gelu_db_workspace_len};
-pub use launch::attention::AttentionDims;
+pub use launch::attention::{AttentionDims, AttentionDrop};
 pub use launch::blas::{Gemm, GemmOut};
 pub use launch::elementwise::{SumRowsDims, sum_rows_workspace_len, sum_squares_partials_len};
 pub use launch::embed::{EmbedDims, Images};

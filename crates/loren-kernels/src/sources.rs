@@ -102,6 +102,18 @@ sources! {
         AttentionBwdDkvD32 = "attention_bwd_dkv_d32",
         AttentionBwdDkvD64 = "attention_bwd_dkv_d64",
         AttentionBwdDkvD128 = "attention_bwd_dkv_d128",
+        AttentionFwdDropkeyD16 = "attention_fwd_dropkey_d16",
+        AttentionFwdDropkeyD32 = "attention_fwd_dropkey_d32",
+        AttentionFwdDropkeyD64 = "attention_fwd_dropkey_d64",
+        AttentionFwdDropkeyD128 = "attention_fwd_dropkey_d128",
+        AttentionBwdDqDropkeyD16 = "attention_bwd_dq_dropkey_d16",
+        AttentionBwdDqDropkeyD32 = "attention_bwd_dq_dropkey_d32",
+        AttentionBwdDqDropkeyD64 = "attention_bwd_dq_dropkey_d64",
+        AttentionBwdDqDropkeyD128 = "attention_bwd_dq_dropkey_d128",
+        AttentionBwdDkvDropkeyD16 = "attention_bwd_dkv_dropkey_d16",
+        AttentionBwdDkvDropkeyD32 = "attention_bwd_dkv_dropkey_d32",
+        AttentionBwdDkvDropkeyD64 = "attention_bwd_dkv_dropkey_d64",
+        AttentionBwdDkvDropkeyD128 = "attention_bwd_dkv_dropkey_d128",
     }
     "norm.cu" => "../../../kernels/norm.cu" {
         LayernormFwd = "layernorm_fwd",

@@ -609,6 +609,7 @@ fn attn(
         seq,
         heads,
         head_dim,
+        drop: None,
     }
 }
 

@@ -135,12 +135,17 @@ pub enum Method {
     Single,
     /// One network with LoRA adapters and a head trained, the backbone frozen.
     SingleLora,
+    /// MC Dropout, the paper's third baseline: one network, every weight trained, DropKey on
+    /// every attention score and a head per member. Each member is a pass with masks of its
+    /// own, in training and in prediction.
+    McDropout,
 }
 
 impl Method {
-    pub const ALL: [Method; 4] = [
+    pub const ALL: [Method; 5] = [
         Method::Single,
         Method::SingleLora,
+        Method::McDropout,
         Method::Explicit,
         Method::Lora,
     ];
@@ -151,7 +156,13 @@ impl Method {
             Method::Explicit => "explicit",
             Method::Single => "single",
             Method::SingleLora => "single-lora",
+            Method::McDropout => "mc-dropout",
         }
+    }
+
+    /// Whether every backbone weight is trained.
+    pub fn trains_backbone(self) -> bool {
+        matches!(self, Method::Explicit | Method::Single | Method::McDropout)
     }
 
     /// Whether the backbone is frozen and adapted by LoRA.
@@ -180,7 +191,7 @@ impl FromStr for Method {
             .find(|m| m.name() == s)
             .ok_or_else(|| {
                 NnError::Config(format!(
-                    "unknown method '{s}': expected lora, explicit, single or single-lora"
+                    "unknown method '{s}': expected lora, explicit, single, single-lora or mc-dropout"
                 ))
             })
     }
@@ -312,9 +323,19 @@ pub struct EnsembleConfig {
     pub members: usize,
     pub classes: usize,
     pub lora: LoraConfig,
+    /// MC Dropout's DropKey rate: the probability that an attention score drops.
+    #[serde(default = "EnsembleConfig::drop_key_default")]
+    pub drop_key: f32,
 }
 
 impl EnsembleConfig {
+    /// The paper's p_drop for MC Dropout.
+    pub const DROP_KEY: f32 = 0.2;
+
+    fn drop_key_default() -> f32 {
+        EnsembleConfig::DROP_KEY
+    }
+
     /// Check the ensemble against the model it adapts.
     pub fn validate(&self, model: &VitConfig) -> Result<()> {
         model.validate()?;
@@ -356,6 +377,12 @@ impl EnsembleConfig {
                     "LoRA scale and init gain must be finite, the gain positive".into(),
                 ));
             }
+        }
+        if self.method == Method::McDropout && !(0.0..1.0).contains(&self.drop_key) {
+            return Err(NnError::Config(format!(
+                "the DropKey rate must be at least 0 and below 1 (--drop-key), got {}",
+                self.drop_key
+            )));
         }
         Ok(())
     }

@@ -275,6 +275,7 @@ impl ParamCounts {
             Method::Lora | Method::SingleLora => (backbone, m * (adapters + head), adapters + head),
             Method::Explicit => (0, m * (backbone + head), backbone + head),
             Method::Single => (0, backbone + head, backbone + head),
+            Method::McDropout => (0, backbone + m * head, head),
         };
         ParamCounts {
             backbone,
@@ -726,8 +727,15 @@ fn lora_linear(
     )
 }
 
-fn attention(core: &Rc<Core>, tape: &Tape, q: &Var, k: &Var, v: &Var, heads: usize) -> Var {
+fn attention(
+    core: &Rc<Core>,
+    tape: &Tape,
+    [q, k, v]: [&Var; 3],
+    heads: usize,
+    drop_members: Option<usize>,
+) -> Var {
     let g = broadcast(&[groups(q.dims()), groups(k.dims()), groups(v.dims())]);
+    let g = drop_members.unwrap_or(g);
     let (b, t, d) = (q.dims()[1], q.dims()[2], q.dims()[3]);
     // Per (group, item, head): S = Q·Kᵀ and O = P·V, each 2·T²·dh.
     core.add_flops(4.0 * (g * b) as f64 * (t * t) as f64 * d as f64);
@@ -1195,6 +1203,8 @@ struct Block {
     norm2: Norm,
     fc1: Lin,
     fc2: Lin,
+    /// MC Dropout's members, each drawing its own attention masks.
+    drop_members: Option<usize>,
 }
 
 impl Block {
@@ -1286,7 +1296,7 @@ fn build(core: &Rc<Core>, vit: &VitConfig, ens: &EnsembleConfig) -> (Model, Weig
         core,
         groups: if explicit { m } else { 1 },
         members: m,
-        train: matches!(ens.method, Method::Explicit | Method::Single),
+        train: ens.method.trains_backbone(),
         all: Vec::new(),
         shadows: Vec::new(),
     };
@@ -1318,6 +1328,7 @@ fn build(core: &Rc<Core>, vit: &VitConfig, ens: &EnsembleConfig) -> (Model, Weig
             norm2,
             fc1,
             fc2,
+            drop_members: (ens.method == Method::McDropout).then_some(m),
         }));
     }
     let norm = b.norm(d);
@@ -1388,7 +1399,7 @@ fn forward(
 fn block_forward(core: &Rc<Core>, tape: &Tape, x: &Var, blk: &Block, heads: usize) -> Var {
     let h = norm(core, tape, x, &blk.norm1);
     let [q, k, v] = [0, 1, 2].map(|i| project(core, tape, &h, &blk.attn[i], None));
-    let a = attention(core, tape, &q, &k, &v, heads);
+    let a = attention(core, tape, [&q, &k, &v], heads, blk.drop_members);
     drop((q, k, v));
     let x = project(core, tape, &a, &blk.attn[3], Some(x));
     let h = norm(core, tape, &x, &blk.norm2);
@@ -1567,6 +1578,7 @@ mod tests {
 
     fn ensemble(method: Method, members: usize, targets: Targets) -> EnsembleConfig {
         EnsembleConfig {
+            drop_key: EnsembleConfig::DROP_KEY,
             method,
             members,
             classes: 10,

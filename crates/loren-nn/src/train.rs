@@ -15,10 +15,10 @@ use loren_tensor::{MemTag, Rng, ScalarReadback, Staged, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, Entry, TensorFile};
-use crate::config::{Activations, EnsembleConfig, VitConfig};
+use crate::config::{Activations, EnsembleConfig, Method, VitConfig};
 use crate::data::{Augment, Batch, Dataset, batches, epoch_order, num_batches};
 use crate::error::{NnError, Result};
-use crate::vit::Vit;
+use crate::vit::{Draw, Vit};
 
 /// How to train. Everything a resumed run must repeat to continue bit-exactly.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -318,9 +318,10 @@ impl<'m> Trainer<'m> {
                 Some(t) => Tape::new().timed(t.clone()),
                 None => Tape::new(),
             };
+            let draw = Draw::step(self.config.seed, self.step);
             let logits = self
                 .model
-                .forward(&tape, &images, self.config.activations)?;
+                .forward(&tape, &images, self.config.activations, draw)?;
             let loss = ops::softmax_cross_entropy(&tape, &logits, &batch.labels)?;
             drop(logits);
             self.loss.queue(loss.value())?;
@@ -686,16 +687,18 @@ pub fn check_resumable(
             saved_vit.name, vit.name
         )],
     };
-    // A method without adapters records LoRA settings it never used: they cannot differ.
+    // A method records settings it never uses (LoRA's without adapters, the DropKey rate
+    // without dropout): they cannot differ.
     let saved_ensemble: EnsembleConfig = file.meta_json("ensemble")?;
-    let ours = if ensemble.method.uses_lora() || saved_ensemble.method != ensemble.method {
-        ensemble.clone()
-    } else {
-        EnsembleConfig {
-            lora: saved_ensemble.lora,
-            ..ensemble.clone()
+    let mut ours = ensemble.clone();
+    if saved_ensemble.method == ensemble.method {
+        if !ensemble.method.uses_lora() {
+            ours.lora = saved_ensemble.lora;
         }
-    };
+        if ensemble.method != Method::McDropout {
+            ours.drop_key = saved_ensemble.drop_key;
+        }
+    }
     diffs.extend(differences(
         "ensemble",
         &json_value(&saved_ensemble),

@@ -4,9 +4,12 @@
 //! single) and M when each member owns a copy (explicit). Adapters and heads are always [M, ...].
 //! The ops broadcast a group of 1 against M, so under LoRA everything before the first adapted
 //! projection (patch and token embedding, the first LayerNorm) runs once on B·T rows, and the
-//! stream turns per-member where the first adapter's output joins it.
+//! stream turns per-member where the first adapter's output joins it. Under MC Dropout the
+//! backbone is shared and trained, and the stream turns per-member in the first attention, where
+//! each member draws DropKey masks of its own.
 
 use loren_autograd::{ParamId, Params, Tape, Var, ops};
+use loren_tensor::ops::dropkey::DropKey;
 use loren_tensor::ops::embed::patchify;
 use loren_tensor::ops::loss::softmax;
 use loren_tensor::{Device, MemTag, Rng, Tensor};
@@ -126,6 +129,29 @@ struct BlockShape {
     heads: usize,
     ln_eps: f32,
     lora_scale: f32,
+    /// MC Dropout's masks for this block's attention.
+    drop: Option<DropKey>,
+}
+
+/// Which DropKey masks an MC Dropout forward draws (other methods draw none): a training step's,
+/// fresh every step, or the one fixed draw every prediction uses, so that scoring a model twice
+/// gives the same figures. A member's masks differ from every other member's in both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Draw(u64);
+
+impl Draw {
+    pub const PREDICTION: Draw = Draw(0x5052_4544_4943_5400);
+
+    /// The draw of training step `step` of a run seeded `seed`.
+    pub fn step(seed: u64, step: u64) -> Draw {
+        const STEP: u64 = 0x5354_4550_0000_0000;
+        Draw(Rng::new(seed).fork(STEP).fork(step).next_u64())
+    }
+
+    /// The seed of block `block`'s masks.
+    fn block(self, block: usize) -> u64 {
+        Rng::new(self.0).fork(block as u64).next_u64()
+    }
 }
 
 /// A ViT with its parameters, laid out for one method and member count.
@@ -279,7 +305,7 @@ impl Vit {
             dev: device.clone(),
             groups: if explicit { m } else { 1 },
             members: m,
-            train_backbone: matches!(ensemble.method, Method::Explicit | Method::Single),
+            train_backbone: ensemble.method.trains_backbone(),
         };
         let patch_embed = bld.linear("patch_embed", d, config.patch_features(), true)?;
         let g = bld.groups;
@@ -435,19 +461,30 @@ impl Vit {
     }
 
     /// The members' logits [M, B, classes] for images [B, C, H, W]. On a recording tape,
-    /// `activations` says what the blocks keep for the backward.
-    pub fn forward(&self, tape: &Tape, images: &Tensor, activations: Activations) -> Result<Var> {
+    /// `activations` says what the blocks keep for the backward; `draw` picks MC Dropout's masks.
+    pub fn forward(
+        &self,
+        tape: &Tape,
+        images: &Tensor,
+        activations: Activations,
+        draw: Draw,
+    ) -> Result<Var> {
         self.check_images(images)?;
         let mut param = |id: &ParamId| tape.param(&self.params, *id);
         let patches = Var::constant(patchify(images, self.config.patch)?);
         let pe = linear(tape, &patches, &self.patch_embed.map(&mut param), None)?;
         let mut x = ops::embed_tokens(tape, &pe, &param(&self.cls), &param(&self.pos))?;
-        let shape = BlockShape {
-            heads: self.config.heads,
-            ln_eps: self.config.ln_eps,
-            lora_scale: self.ensemble.lora.scale,
-        };
-        for blk in &self.blocks {
+        let dropout = self.ensemble.method == Method::McDropout;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let drop = dropout
+                .then(|| DropKey::new(self.ensemble.drop_key, draw.block(i), self.members()))
+                .transpose()?;
+            let shape = BlockShape {
+                heads: self.config.heads,
+                ln_eps: self.config.ln_eps,
+                lora_scale: self.ensemble.lora.scale,
+                drop,
+            };
             let p = blk.map(&mut param);
             x = match activations {
                 Activations::Keep => block_forward(tape, &x, &p, shape)?,
@@ -472,7 +509,7 @@ impl Vit {
     /// Every member's class probabilities [M, B, classes], without recording anything.
     pub fn predict(&self, images: &Tensor) -> Result<Tensor> {
         let tape = Tape::inference();
-        let logits = self.forward(&tape, images, Activations::Keep)?;
+        let logits = self.forward(&tape, images, Activations::Keep, Draw::PREDICTION)?;
         Ok(softmax(logits.value())?)
     }
 }
@@ -481,7 +518,7 @@ impl Vit {
 fn block_forward(tape: &Tape, x: &Var, p: &Block<Var>, s: BlockShape) -> loren_tensor::Result<Var> {
     let h = layernorm(tape, x, &p.norm1, s.ln_eps)?;
     let [q, k, v] = [0, 1, 2].map(|i| project(tape, &h, &p.attn[i], s.lora_scale, None));
-    let a = ops::attention(tape, &q?, &k?, &v?, s.heads)?;
+    let a = ops::attention(tape, &q?, &k?, &v?, s.heads, s.drop)?;
     let x = project(tape, &a, &p.attn[3], s.lora_scale, Some(x))?;
     let h = layernorm(tape, &x, &p.norm2, s.ln_eps)?;
     let h = ops::linear(tape, &h, &p.fc1.weight, None, None)?;

@@ -72,6 +72,7 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
 fn step_matches(method: Method, members: usize) {
     let Some(gdev) = gpu() else { return };
     let ens = EnsembleConfig {
+        drop_key: EnsembleConfig::DROP_KEY,
         method,
         members,
         classes: 10,
@@ -216,6 +217,7 @@ fn single_network_step_matches_the_cpu() {
 /// bias correction tells a first step from a second). A batch of 4 keeps the emulated GPU quick.
 fn non_finite_step_changes_nothing(device: &Device) {
     let ens = EnsembleConfig {
+        drop_key: EnsembleConfig::DROP_KEY,
         method: Method::Lora,
         members: 2,
         classes: 10,

@@ -324,6 +324,7 @@ fn every_scheme_imports_to_exactly_the_written_weights() {
         assert_is_truth(&imported, &t);
         // And the model takes it: its backbone is then exactly the written one.
         let ens = EnsembleConfig {
+            drop_key: EnsembleConfig::DROP_KEY,
             method: Method::Lora,
             members: 2,
             classes: 3,

@@ -11,6 +11,7 @@ use loren_tensor::{Device, MemTag, MemoryReport, Rng};
 fn step_peak(method: Method, members: usize) -> (MemoryReport, usize) {
     let dev = Device::cpu();
     let ens = EnsembleConfig {
+        drop_key: EnsembleConfig::DROP_KEY,
         method,
         members,
         classes: 10,

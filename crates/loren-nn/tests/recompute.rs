@@ -22,6 +22,7 @@ fn bits(v: Vec<f32>) -> Vec<u32> {
 
 fn two_steps(dev: &Device, method: Method, activations: Activations) -> Run {
     let ens = EnsembleConfig {
+        drop_key: EnsembleConfig::DROP_KEY,
         method,
         members: if method.is_single() { 1 } else { 3 },
         classes: 10,

@@ -39,6 +39,7 @@ fn fixture(name: &str) -> TensorFile {
 /// The LoRA-Ensemble PyTorch started from.
 fn lora_start(dev: &Device) -> Vit {
     let ens = EnsembleConfig {
+        drop_key: EnsembleConfig::DROP_KEY,
         method: Method::Lora,
         members: MEMBERS,
         classes: 10,
@@ -177,6 +178,7 @@ fn explicit_ensemble_steps_match_pytorch() {
         ln_eps: 1e-6,
     };
     let ens = EnsembleConfig {
+        drop_key: EnsembleConfig::DROP_KEY,
         method: Method::Explicit,
         members: 2,
         classes: 10,

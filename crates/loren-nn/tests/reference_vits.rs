@@ -16,7 +16,7 @@ use loren_autograd::Tape;
 use loren_nn::checkpoint::{Entry, TensorFile};
 use loren_nn::config::{Activations, EnsembleConfig, LoraConfig, Method, VitConfig};
 use loren_nn::import::{Scheme, import_backbone};
-use loren_nn::vit::Vit;
+use loren_nn::vit::{Draw, Vit};
 use loren_tensor::{Device, MemTag, Tensor};
 
 /// The models the script builds: 16×16 RGB in 4×4 patches, width 32, depth 2, 2 heads, MLP 64,
@@ -60,6 +60,7 @@ fn loren_logits(weights: &str, io: &TensorFile, scheme: Scheme, image_size: usiz
         .ln_eps
         .expect("a library's scheme fixes its epsilon");
     let ens = EnsembleConfig {
+        drop_key: EnsembleConfig::DROP_KEY,
         method: Method::Single,
         members: 1,
         classes: CLASSES,
@@ -80,7 +81,7 @@ fn loren_logits(weights: &str, io: &TensorFile, scheme: Scheme, image_size: usiz
     )
     .unwrap();
     let logits = model
-        .forward(&Tape::inference(), &x, Activations::Keep)
+        .forward(&Tape::inference(), &x, Activations::Keep, Draw::PREDICTION)
         .unwrap();
     logits.value().to_vec().unwrap()
 }

@@ -39,6 +39,7 @@ fn config(epochs: usize) -> TrainConfig {
 
 fn model(method: Method) -> Vit {
     let ens = EnsembleConfig {
+        drop_key: EnsembleConfig::DROP_KEY,
         method,
         members: 2,
         classes: 10,

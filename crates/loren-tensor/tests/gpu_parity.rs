@@ -6,6 +6,7 @@
 //! Inputs are rounded to bf16 before both sides see them, so the comparison measures the
 //! kernels, not the rounding of their inputs. With no usable GPU every test says so and passes.
 
+use loren_tensor::ops::dropkey::DropKey;
 use loren_tensor::ops::{
     activation, attention, elementwise, embed, linear, lora, loss, norm, optim,
 };
@@ -238,28 +239,61 @@ fn lora_linear_every_rank_member_count_and_prefix() {
     }
 }
 
+/// LSE of rows with every key dropped is −∞ on both sides, in the same places; the rest as
+/// [`close`].
+fn close_lse(what: &str, on_gpu: &Tensor, on_cpu: &Tensor) {
+    let (g, c) = (on_gpu.to_vec().unwrap(), on_cpu.to_vec().unwrap());
+    let gone = |v: &[f32]| -> Vec<usize> {
+        (0..v.len())
+            .filter(|&i| v[i] == f32::NEG_INFINITY)
+            .collect()
+    };
+    let rows = gone(&c);
+    assert_eq!(gone(&g), rows, "{what}: rows with every key dropped");
+    let finite = |v: &[f32]| -> Tensor {
+        let kept: Vec<f32> = v.iter().copied().filter(|x| x.is_finite()).collect();
+        let n = kept.len();
+        Tensor::from_vec(kept, [n], MemTag::Workspace, &cpu()).unwrap()
+    };
+    if !rows.is_empty() {
+        println!("{what:<48} {} rows with every key dropped", rows.len());
+    }
+    close(what, &finite(&g), &finite(&c));
+}
+
 #[test]
 fn attention_every_length_head_dim_and_broadcast() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng::new(3);
     let bf = DType::BF16;
-    // (G, q, k, v groups, B, T, heads, head dim)
-    for &(gr, gq, gk, gv, b, t, h, dh) in &[
-        (3, 3, 3, 3, 2, 17, 4, 16),
-        (3, 3, 1, 1, 2, 17, 4, 16),
-        (16, 16, 16, 16, 1, 50, 2, 32),
-        (1, 1, 1, 1, 2, 197, 2, 64),
-        (3, 3, 3, 1, 1, 50, 1, 128),
-        (1, 1, 1, 1, 1, 1, 2, 64),
+    // (G, q, k, v groups, B, T, heads, head dim, DropKey rate). With a rate, G members draw
+    // masks of their own, from shared inputs too; 0.7 on 5 tokens leaves 17% of the rows with
+    // every key dropped, and 0.97 on 130 tokens leaves whole 64-key tiles dropped beside kept ones.
+    for &(gr, gq, gk, gv, b, t, h, dh, rate) in &[
+        (3, 3, 3, 3, 2, 17, 4, 16, None),
+        (3, 3, 1, 1, 2, 17, 4, 16, None),
+        (16, 16, 16, 16, 1, 50, 2, 32, None),
+        (1, 1, 1, 1, 2, 197, 2, 64, None),
+        (3, 3, 3, 1, 1, 50, 1, 128, None),
+        (1, 1, 1, 1, 1, 1, 2, 64, None),
+        (3, 1, 1, 1, 2, 17, 4, 16, Some(0.2)),
+        (2, 2, 2, 2, 1, 197, 2, 64, Some(0.2)),
+        (3, 1, 1, 1, 2, 5, 2, 32, Some(0.7)),
+        (2, 1, 1, 1, 1, 130, 1, 16, Some(0.97)),
     ] {
         let (qc, qg) = pair(&[gq, b, t, h * dh], bf, &mut rng, &g);
         let (kc, kg) = pair(&[gk, b, t, h * dh], bf, &mut rng, &g);
         let (vc, vg) = pair(&[gv, b, t, h * dh], bf, &mut rng, &g);
-        let tag = format!("attention G={gr} q{gq} k{gk} v{gv} B={b} T={t} H={h} dh={dh}");
-        let fc = attention::attention_forward(&qc, &kc, &vc, h).unwrap();
-        let fg = attention::attention_forward(&qg, &kg, &vg, h).unwrap();
+        let drop = rate.map(|r| DropKey::new(r, 0xD20 + t as u64, gr).unwrap());
+        let drop = drop.as_ref();
+        let tag = format!(
+            "attention G={gr} q{gq} k{gk} v{gv} B={b} T={t} H={h} dh={dh} drop {}",
+            rate.unwrap_or(0.0)
+        );
+        let fc = attention::attention_forward(&qc, &kc, &vc, h, drop).unwrap();
+        let fg = attention::attention_forward(&qg, &kg, &vg, h, drop).unwrap();
         close(&format!("{tag} O"), &fg.o, &fc.o);
-        close(&format!("{tag} LSE"), &fg.lse, &fc.lse);
+        close_lse(&format!("{tag} LSE"), &fg.lse, &fc.lse);
         let (doc, dog) = pair(&[gr, b, t, h * dh], bf, &mut rng, &g);
         // The backward of both reads the GPU's O (rounded to bf16), so Δ agrees.
         let o_cpu = Tensor::from_vec(
@@ -269,8 +303,10 @@ fn attention_every_length_head_dim_and_broadcast() {
             &cpu(),
         )
         .unwrap();
-        let c = attention::attention_backward(&doc, &qc, &kc, &vc, &o_cpu, &fc.lse, h).unwrap();
-        let gg = attention::attention_backward(&dog, &qg, &kg, &vg, &fg.o, &fg.lse, h).unwrap();
+        let c =
+            attention::attention_backward(&doc, &qc, &kc, &vc, &o_cpu, &fc.lse, h, drop).unwrap();
+        let gg =
+            attention::attention_backward(&dog, &qg, &kg, &vg, &fg.o, &fg.lse, h, drop).unwrap();
         let (dq, dk, dv) = (
             gg.dq.as_ref().unwrap(),
             gg.dk.as_ref().unwrap(),

@@ -1063,6 +1063,7 @@ fn attention_rows(gpu: &Gpu, a: &Args, sm: &SoftmaxKernels, t: usize) -> Result<
         seq: t,
         heads: h,
         head_dim: dh,
+        drop: None,
     };
     let mut al = Alloc {
         gpu,

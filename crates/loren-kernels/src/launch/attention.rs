@@ -2,6 +2,8 @@
 //!
 //! Q, K, V [gq|gk|gv, B, T, D] bf16 (each with 1 or G groups), heads side by side in D = H·dh;
 //! O, dO, dQ, dK, dV [G, B, T, D] bf16; LSE, DELTA [G, B, H, T] f32. Scale 1/sqrt(dh).
+//! With an [`AttentionDrop`], scores drop before the softmax (DropKey), drawn per output group:
+//! see `loren_tensor::ops::dropkey`, whose hashes the kernels compute bit for bit.
 
 use crate::bf16;
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
@@ -16,16 +18,36 @@ pub const HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 const TILE: usize = 64;
 const THREADS: u32 = 128;
 
-/// The kernels (forward, dQ, dK/dV) for head dim `dh`.
-pub(crate) fn kernels(dh: usize) -> Option<[Kernel; 3]> {
+/// The kernels (forward, dQ, dK/dV) for head dim `dh`, with DropKey or without.
+pub(crate) fn kernels(dh: usize, drop: bool) -> Option<[Kernel; 3]> {
     use Kernel::*;
-    match dh {
-        16 => Some([AttentionFwdD16, AttentionBwdDqD16, AttentionBwdDkvD16]),
-        32 => Some([AttentionFwdD32, AttentionBwdDqD32, AttentionBwdDkvD32]),
-        64 => Some([AttentionFwdD64, AttentionBwdDqD64, AttentionBwdDkvD64]),
-        128 => Some([AttentionFwdD128, AttentionBwdDqD128, AttentionBwdDkvD128]),
-        _ => None,
-    }
+    Some(match (dh, drop) {
+        (16, false) => [AttentionFwdD16, AttentionBwdDqD16, AttentionBwdDkvD16],
+        (32, false) => [AttentionFwdD32, AttentionBwdDqD32, AttentionBwdDkvD32],
+        (64, false) => [AttentionFwdD64, AttentionBwdDqD64, AttentionBwdDkvD64],
+        (128, false) => [AttentionFwdD128, AttentionBwdDqD128, AttentionBwdDkvD128],
+        (16, true) => [
+            AttentionFwdDropkeyD16,
+            AttentionBwdDqDropkeyD16,
+            AttentionBwdDkvDropkeyD16,
+        ],
+        (32, true) => [
+            AttentionFwdDropkeyD32,
+            AttentionBwdDqDropkeyD32,
+            AttentionBwdDkvDropkeyD32,
+        ],
+        (64, true) => [
+            AttentionFwdDropkeyD64,
+            AttentionBwdDqDropkeyD64,
+            AttentionBwdDkvDropkeyD64,
+        ],
+        (128, true) => [
+            AttentionFwdDropkeyD128,
+            AttentionBwdDqDropkeyD128,
+            AttentionBwdDkvDropkeyD128,
+        ],
+        _ => return None,
+    })
 }
 
 // Dynamic shared memory, mirroring attn::Smem<DH> in attention.cu: tiles of 64 rows with a row
@@ -37,13 +59,21 @@ pub(crate) const fn dq_smem(dh: usize) -> usize {
     4 * TILE * (dh + 8) * 2 + TILE * 4
 }
 pub(crate) const fn dkv_smem(dh: usize) -> usize {
-    4 * TILE * (dh + 8) * 2 + 2 * TILE * 4
+    4 * TILE * (dh + 8) * 2 + 3 * TILE * 4
+}
+
+/// DropKey's draw: a score drops when its hash is below `threshold` (0: none drops).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionDrop {
+    pub threshold: u32,
+    pub seed: u64,
 }
 
 /// The shapes of one attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionDims {
-    /// G, the output group count (members), the largest of the three below.
+    /// G, the output group count (members): the largest of the three below, or with `drop`,
+    /// the members drawing masks, whatever the inputs' groups.
     pub groups: usize,
     pub q_groups: usize,
     pub k_groups: usize,
@@ -54,6 +84,7 @@ pub struct AttentionDims {
     pub heads: usize,
     /// dh: 16, 32, 64 or 128.
     pub head_dim: usize,
+    pub drop: Option<AttentionDrop>,
 }
 
 impl AttentionDims {
@@ -65,7 +96,8 @@ impl AttentionDims {
         groups_ok(op, "Q", self.q_groups, self.groups)?;
         groups_ok(op, "K", self.k_groups, self.groups)?;
         groups_ok(op, "V", self.v_groups, self.groups)?;
-        if self.q_groups.max(self.k_groups).max(self.v_groups) != self.groups {
+        let inputs = self.q_groups.max(self.k_groups).max(self.v_groups);
+        if inputs != self.groups && !(self.drop.is_some() && inputs == 1) {
             return Err(KernelError::invalid(
                 op,
                 format!(
@@ -79,7 +111,7 @@ impl AttentionDims {
             "G·B·T·D",
             product(op, &[self.groups, self.batch, self.seq, self.width()])?,
         )?;
-        kernels(self.head_dim).ok_or_else(|| {
+        kernels(self.head_dim, self.drop.is_some()).ok_or_else(|| {
             KernelError::invalid(
                 op,
                 format!("head dim {} has no kernel (16, 32, 64, 128)", self.head_dim),
@@ -115,16 +147,22 @@ impl AttentionDims {
         })
     }
 
-    fn args(&self) -> (i32, i32, i32, i32, i32, i32, f32) {
-        (
-            self.batch as i32,
-            self.seq as i32,
-            self.heads as i32,
-            self.q_groups as i32,
-            self.k_groups as i32,
-            self.v_groups as i32,
-            (1.0 / (self.head_dim as f64).sqrt()) as f32,
-        )
+    /// The scalar arguments every attention kernel ends with: DropKey's two last, for its
+    /// kernels.
+    fn args(&self) -> Vec<Arg> {
+        let mut args = vec![
+            Arg::from(self.batch as i32),
+            Arg::from(self.seq as i32),
+            Arg::from(self.heads as i32),
+            Arg::from(self.q_groups as i32),
+            Arg::from(self.k_groups as i32),
+            Arg::from(self.v_groups as i32),
+            Arg::from((1.0 / (self.head_dim as f64).sqrt()) as f32),
+        ];
+        if let Some(drop) = self.drop {
+            args.extend([Arg::from(drop.threshold), Arg::from(drop.seed)]);
+        }
+        args
     }
 }
 
@@ -166,25 +204,8 @@ impl Gpu {
         )?;
         aligned(OP, o.aligned(4), "O", 4)?;
         let cfg = d.cfg(OP, fwd_smem(d.head_dim))?;
-        let (b, t, h, gq, gk, gv, scale) = d.args();
-        self.launch(
-            kernel,
-            cfg,
-            &[
-                q.arg(),
-                k.arg(),
-                v.arg(),
-                o.arg(),
-                lse.arg(),
-                Arg::from(b),
-                Arg::from(t),
-                Arg::from(h),
-                Arg::from(gq),
-                Arg::from(gk),
-                Arg::from(gv),
-                Arg::from(scale),
-            ],
-        )
+        let ptrs = [q.arg(), k.arg(), v.arg(), o.arg(), lse.arg()];
+        self.launch(kernel, cfg, &[&ptrs[..], &d.args()].concat())
     }
 
     /// The backward, two launches, deterministic: first dQ (which also writes
@@ -230,54 +251,33 @@ impl Gpu {
             "dQ, dK, dV",
             4,
         )?;
-        let (b, t, h, gq, gk, gv, scale) = d.args();
         {
             let delta = self.output(OP, "DELTA", delta, d.stats_len())?;
             let cfg = d.cfg(OP, dq_smem(d.head_dim))?;
-            self.launch(
-                k_dq,
-                cfg,
-                &[
-                    d_o.arg(),
-                    q.arg(),
-                    k.arg(),
-                    v.arg(),
-                    o.arg(),
-                    lse.arg(),
-                    delta.arg(),
-                    dq.arg(),
-                    Arg::from(b),
-                    Arg::from(t),
-                    Arg::from(h),
-                    Arg::from(gq),
-                    Arg::from(gk),
-                    Arg::from(gv),
-                    Arg::from(scale),
-                ],
-            )?;
-        }
-        let delta = self.input(OP, "DELTA", &*delta, d.stats_len())?;
-        let cfg = d.cfg(OP, dkv_smem(d.head_dim))?;
-        self.launch(
-            k_dkv,
-            cfg,
-            &[
+            let ptrs = [
                 d_o.arg(),
                 q.arg(),
                 k.arg(),
                 v.arg(),
+                o.arg(),
                 lse.arg(),
                 delta.arg(),
-                dk.arg(),
-                dv.arg(),
-                Arg::from(b),
-                Arg::from(t),
-                Arg::from(h),
-                Arg::from(gq),
-                Arg::from(gk),
-                Arg::from(gv),
-                Arg::from(scale),
-            ],
-        )
+                dq.arg(),
+            ];
+            self.launch(k_dq, cfg, &[&ptrs[..], &d.args()].concat())?;
+        }
+        let delta = self.input(OP, "DELTA", &*delta, d.stats_len())?;
+        let cfg = d.cfg(OP, dkv_smem(d.head_dim))?;
+        let ptrs = [
+            d_o.arg(),
+            q.arg(),
+            k.arg(),
+            v.arg(),
+            lse.arg(),
+            delta.arg(),
+            dk.arg(),
+            dv.arg(),
+        ];
+        self.launch(k_dkv, cfg, &[&ptrs[..], &d.args()].concat())
     }
 }

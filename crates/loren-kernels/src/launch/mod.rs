@@ -159,10 +159,12 @@ pub(crate) fn dynamic_smem() -> Vec<(Kernel, usize)> {
         v.push((k, lora::WGMMA_SMEM));
     }
     for dh in attention::HEAD_DIMS {
-        let [fwd, dq, dkv] = attention::kernels(dh).expect("a supported head dim");
-        v.push((fwd, attention::fwd_smem(dh)));
-        v.push((dq, attention::dq_smem(dh)));
-        v.push((dkv, attention::dkv_smem(dh)));
+        for drop in [false, true] {
+            let [fwd, dq, dkv] = attention::kernels(dh, drop).expect("a supported head dim");
+            v.push((fwd, attention::fwd_smem(dh)));
+            v.push((dq, attention::dq_smem(dh)));
+            v.push((dkv, attention::dkv_smem(dh)));
+        }
     }
     v
 }

@@ -391,6 +391,7 @@ mod tests {
         use crate::config::{EnsembleConfig, LoraConfig, Method};
         let vit = VitConfig::tiny();
         let ens = EnsembleConfig {
+            drop_key: EnsembleConfig::DROP_KEY,
             method: Method::Lora,
             members: 2,
             classes: 3,

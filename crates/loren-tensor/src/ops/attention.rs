@@ -3,9 +3,13 @@
 //!
 //! The forward keeps only the log-sum-exp of each score row; the backward recomputes the
 //! probabilities from it. The CUDA kernel does the same, so this is its exact twin.
+//!
+//! With a [`DropKey`], scores drop before the softmax (MC Dropout), and there are as many output
+//! groups as the DropKey has members, each with masks of its own.
 
 use rayon::prelude::*;
 
+use super::dropkey::{DROPPED_SCORE, DropKey};
 use super::math::exp;
 use super::{broadcast_groups, expect_rank, group_index, same_device};
 use crate::error::{Error, Result};
@@ -51,7 +55,7 @@ impl Dims {
     }
 }
 
-fn check(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Dims> {
+fn check(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, drop: Option<&DropKey>) -> Result<Dims> {
     expect_rank(OP, q, 4, "Q")?;
     for (t, name) in [(k, "K"), (v, "V")] {
         expect_rank(OP, t, 4, name)?;
@@ -60,7 +64,19 @@ fn check(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Dims> {
         }
     }
     same_device(OP, &[q, k, v])?;
-    let groups = broadcast_groups(OP, &[q.shape(), k.shape(), v.shape()])?;
+    let mut groups = broadcast_groups(OP, &[q.shape(), k.shape(), v.shape()])?;
+    if let Some(dk) = drop {
+        if groups != 1 && groups != dk.members {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "Q, K, V have {groups} groups, but DropKey draws for {} members",
+                    dk.members
+                ),
+            ));
+        }
+        groups = dk.members;
+    }
     let [_, batch, t, d] = [q.dims()[0], q.dims()[1], q.dims()[2], q.dims()[3]];
     if heads == 0 || d % heads != 0 {
         return Err(Error::invalid(
@@ -261,9 +277,14 @@ impl Head {
 }
 
 /// Turn scaled scores into probabilities in place (the padding becomes 0); returns the row's
-/// log-sum-exp.
+/// log-sum-exp, −∞ for a row whose every key was dropped (it attends to all alike).
 fn softmax_row(s: &mut [f32], t: usize) -> f32 {
     let mx = lanes(&s[..t], f32::NEG_INFINITY, f32::max);
+    if mx == DROPPED_SCORE {
+        s[..t].fill(1.0 / t as f32);
+        s[t..].fill(0.0);
+        return f32::NEG_INFINITY;
+    }
     s[..t].iter_mut().for_each(|x| *x = exp(*x - mx));
     s[t..].fill(0.0);
     let sum = lanes(s, 0.0, |a, b| a + b);
@@ -271,13 +292,38 @@ fn softmax_row(s: &mut [f32], t: usize) -> f32 {
     mx + sum.ln()
 }
 
+/// Overwrite the dropped scores of head `h` of (group g, batch b): `p` is [T, T'].
+fn drop_scores(
+    p: &mut [f32],
+    tp: usize,
+    t: usize,
+    drop: Option<&DropKey>,
+    g: usize,
+    b: usize,
+    h: usize,
+) {
+    let Some(dk) = drop.filter(|dk| dk.threshold > 0) else {
+        return;
+    };
+    let stream = dk.head_stream(g, b, h);
+    for (i, pi) in p.chunks_exact_mut(tp).enumerate() {
+        let row = DropKey::row(stream, i);
+        for (j, x) in pi[..t].iter_mut().enumerate() {
+            if dk.dropped(row, j) {
+                *x = DROPPED_SCORE;
+            }
+        }
+    }
+}
+
 pub fn attention_forward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: usize,
+    drop: Option<&DropKey>,
 ) -> Result<AttentionOutput> {
-    let dm = check(q, k, v, heads)?;
+    let dm = check(q, k, v, heads, drop)?;
     let (t, d, dh) = (dm.t, dm.d, dm.dh);
     let dev = q.device();
     if let Some(gpu) = dev.gpu() {
@@ -290,7 +336,7 @@ pub fn attention_forward(
         let mut lse = Tensor::empty([dm.groups, dm.batch, heads, t], MemTag::Activations, dev)?;
         let (qb, kb, vb) = (q.cu_bf16(OP)?, k.cu_bf16(OP)?, v.cu_bf16(OP)?);
         gpu.attention_forward(
-            &cuda_dims(&dm, heads),
+            &cuda_dims(&dm, heads, drop),
             qb,
             kb,
             vb,
@@ -320,6 +366,7 @@ pub fn attention_forward(
                 head.gather(&mut kt, kg, &dm, h);
                 let qh = Lhs::rows(&qg[h * dh..], t, dh, d);
                 mat_times_rows(&mut p, tp, tp, qh, &kt, tp, dm.scale());
+                drop_scores(&mut p, tp, t, drop, g, b, h);
                 for (i, pi) in p.chunks_exact_mut(tp).enumerate() {
                     lse[h * t + i] = softmax_row(pi, t);
                 }
@@ -342,8 +389,9 @@ pub fn attention_backward(
     o: &Tensor,
     lse: &Tensor,
     heads: usize,
+    drop: Option<&DropKey>,
 ) -> Result<AttentionGrads> {
-    let dm = check(q, k, v, heads)?;
+    let dm = check(q, k, v, heads, drop)?;
     let (t, d, dh) = (dm.t, dm.d, dm.dh);
     let full = [dm.groups, dm.batch, t, d];
     if d_o.dims() != full {
@@ -361,7 +409,7 @@ pub fn attention_backward(
     }
     let dev = q.device();
     if dev.gpu().is_some() {
-        return backward_cuda(&dm, heads, d_o, q, k, v, o, lse);
+        return backward_cuda(&dm, heads, drop, d_o, q, k, v, o, lse);
     }
     let mut dq = Tensor::empty(full, MemTag::Workspace, dev)?;
     let mut dk = Tensor::empty(full, MemTag::Workspace, dev)?;
@@ -404,15 +452,25 @@ pub fn attention_backward(
                 );
                 mat_times_rows(&mut p, tp, tp, qh, &kt, tp, scale);
                 mat_times_rows(&mut dp, tp, tp, doh, &vt, tp, 1.0);
+                drop_scores(&mut p, tp, t, drop, g, b, h);
                 for i in 0..t {
                     let l = lg[h * t + i];
                     let pi = &mut p[i * tp..][..tp];
+                    let dsi = &mut ds[i * tp..][..tp];
+                    if l == f32::NEG_INFINITY {
+                        // Every key dropped: the row averages V, and its scores are constants.
+                        pi[..t].fill(1.0 / t as f32);
+                        pi[t..].fill(0.0);
+                        dsi.fill(0.0);
+                        continue;
+                    }
+                    // A dropped score is a constant: no weight and no gradient (e^(−1e30 − l) = 0).
                     pi[..t].iter_mut().for_each(|x| *x = exp(*x - l));
                     pi[t..].fill(0.0);
                     let (doi, oi) = (&dog[i * d + h * dh..][..dh], &og[i * d + h * dh..][..dh]);
                     let delta: f32 = doi.iter().zip(oi).map(|(g, o)| g * o).sum();
                     let dpi = &dp[i * tp..][..tp];
-                    for ((s, &pj), &dpj) in ds[i * tp..][..tp].iter_mut().zip(&*pi).zip(dpi) {
+                    for ((s, &pj), &dpj) in dsi.iter_mut().zip(&*pi).zip(dpi) {
                         *s = pj * (dpj - delta) * scale;
                     }
                 }
@@ -433,8 +491,12 @@ pub fn attention_backward(
     })
 }
 
-fn cuda_dims(dm: &Dims, heads: usize) -> loren_kernels::AttentionDims {
+fn cuda_dims(dm: &Dims, heads: usize, drop: Option<&DropKey>) -> loren_kernels::AttentionDims {
     loren_kernels::AttentionDims {
+        drop: drop.map(|dk| loren_kernels::AttentionDrop {
+            threshold: dk.threshold,
+            seed: dk.seed,
+        }),
         groups: dm.groups,
         q_groups: dm.gq,
         k_groups: dm.gk,
@@ -452,6 +514,7 @@ fn cuda_dims(dm: &Dims, heads: usize) -> loren_kernels::AttentionDims {
 fn backward_cuda(
     dm: &Dims,
     heads: usize,
+    drop: Option<&DropKey>,
     d_o: &Tensor,
     q: &Tensor,
     k: &Tensor,
@@ -469,7 +532,7 @@ fn backward_cuda(
     let mut dv = Tensor::empty_as(full, bf, MemTag::Workspace, dev)?;
     let mut delta = Tensor::empty(lse.shape().clone(), MemTag::Workspace, dev)?;
     gpu.attention_backward(
-        &cuda_dims(dm, heads),
+        &cuda_dims(dm, heads, drop),
         d_o.cu_bf16(OP)?,
         q.cu_bf16(OP)?,
         k.cu_bf16(OP)?,
@@ -502,7 +565,9 @@ mod tests {
     }
 
     /// softmax(Q·Kᵀ/√dh)·V and its gradients, in f64 straight from the definitions, for one
-    /// group: returns O, lse, dQ, dK, dV.
+    /// group: returns O, lse, dQ, dK, dV. With `drop` (the DropKey and this output group), a
+    /// dropped score has no weight and no gradient, and a row with every key dropped averages V
+    /// with an LSE of −∞.
     #[allow(clippy::type_complexity)]
     fn naive(
         q: &[f32],
@@ -510,6 +575,7 @@ mod tests {
         v: &[f32],
         d_o: &[f32],
         (b, t, d, heads): (usize, usize, usize, usize),
+        drop: Option<(&DropKey, usize)>,
     ) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
         let dh = d / heads;
         let scale = 1.0 / (dh as f64).sqrt();
@@ -525,13 +591,36 @@ mod tests {
                         .sum()
                 };
                 let mut p = vec![vec![0.0f64; t]; t];
+                let mut kept = vec![vec![true; t]; t];
+                if let Some((dk, g)) = drop {
+                    let stream = dk.head_stream(g, bi, h);
+                    for (i, kept) in kept.iter_mut().enumerate() {
+                        let row = DropKey::row(stream, i);
+                        for (j, kept) in kept.iter_mut().enumerate() {
+                            *kept = !dk.dropped(row, j);
+                        }
+                    }
+                }
                 for i in 0..t {
                     let s: Vec<f64> = (0..t).map(|j| dot(q, i, k, j) * scale).collect();
-                    let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let sum: f64 = s.iter().map(|x| (x - mx).exp()).sum();
-                    lse[(bi * heads + h) * t + i] = mx + sum.ln();
+                    let live = |j: usize| kept[i][j];
+                    let mx = (0..t)
+                        .filter(|&j| live(j))
+                        .map(|j| s[j])
+                        .fold(f64::NEG_INFINITY, f64::max);
+                    let sum: f64 = (0..t).filter(|&j| live(j)).map(|j| (s[j] - mx).exp()).sum();
+                    let none = !(0..t).any(live);
+                    lse[(bi * heads + h) * t + i] = if none {
+                        f64::NEG_INFINITY
+                    } else {
+                        mx + sum.ln()
+                    };
                     for j in 0..t {
-                        p[i][j] = (s[j] - mx).exp() / sum;
+                        p[i][j] = match (none, live(j)) {
+                            (true, _) => 1.0 / t as f64,
+                            (false, true) => (s[j] - mx).exp() / sum,
+                            (false, false) => 0.0,
+                        };
                         for c in 0..dh {
                             o[at(bi, i, h, c)] += p[i][j] * v[at(bi, j, h, c)] as f64;
                         }
@@ -540,8 +629,12 @@ mod tests {
                 for i in 0..t {
                     let dp: Vec<f64> = (0..t).map(|j| dot(d_o, i, v, j)).collect();
                     let delta: f64 = (0..t).map(|j| p[i][j] * dp[j]).sum();
+                    let none = !kept[i].contains(&true);
                     for j in 0..t {
-                        let ds = p[i][j] * (dp[j] - delta) * scale;
+                        let ds = match none || !kept[i][j] {
+                            true => 0.0,
+                            false => p[i][j] * (dp[j] - delta) * scale,
+                        };
                         for c in 0..dh {
                             dq[at(bi, i, h, c)] += ds * k[at(bi, j, h, c)] as f64;
                             dk[at(bi, j, h, c)] += ds * q[at(bi, i, h, c)] as f64;
@@ -557,9 +650,21 @@ mod tests {
     fn assert_close(what: &str, got: &Tensor, want: &[f64]) {
         let got = got.to_vec().unwrap();
         assert_eq!(got.len(), want.len(), "{what}: length");
-        let err: f64 = got
+        // −∞ (an LSE with every key dropped) must be matched exactly; the rest by the norm.
+        let gone = |i: &usize| want[*i] == f64::NEG_INFINITY;
+        let rows: Vec<usize> = (0..want.len()).filter(gone).collect();
+        for &i in &rows {
+            assert_eq!(got[i], f32::NEG_INFINITY, "{what}: element {i}");
+        }
+        let (got, want): (Vec<f32>, Vec<f64>) = got
             .iter()
             .zip(want)
+            .filter(|(_, w)| w.is_finite())
+            .map(|(g, w)| (*g, *w))
+            .unzip();
+        let err: f64 = got
+            .iter()
+            .zip(&want)
             .map(|(&g, w)| (g as f64 - w).powi(2))
             .sum();
         let norm: f64 = want.iter().map(|w| w * w).sum();
@@ -593,15 +698,65 @@ mod tests {
             let (kv, k) = random(&mut rng, dims, &dev);
             let (vv, v) = random(&mut rng, dims, &dev);
             let (dov, d_o) = random(&mut rng, dims, &dev);
-            let (o, lse, dq, dk, dv) = naive(&qv, &kv, &vv, &dov, (b, t, d, heads));
+            let (o, lse, dq, dk, dv) = naive(&qv, &kv, &vv, &dov, (b, t, d, heads), None);
             let what = format!("B={b} T={t} D={d} heads={heads}");
-            let fwd = attention_forward(&q, &k, &v, heads).unwrap();
+            let fwd = attention_forward(&q, &k, &v, heads, None).unwrap();
             assert_close(&format!("{what} O"), &fwd.o, &o);
             assert_close(&format!("{what} lse"), &fwd.lse, &lse);
-            let g = attention_backward(&d_o, &q, &k, &v, &fwd.o, &fwd.lse, heads).unwrap();
+            let g = attention_backward(&d_o, &q, &k, &v, &fwd.o, &fwd.lse, heads, None).unwrap();
             assert_close(&format!("{what} dQ"), g.dq.as_ref().unwrap(), &dq);
             assert_close(&format!("{what} dK"), g.dk.as_ref().unwrap(), &dk);
             assert_close(&format!("{what} dV"), g.dv.as_ref().unwrap(), &dv);
         }
+    }
+
+    /// MC Dropout: 3 members drawing masks from shared Q, K, V (gradients summed over them), at
+    /// rates that leave rows with every key dropped and rates that drop little.
+    #[test]
+    fn dropkey_matches_the_definition_per_member() {
+        let (mut rng, dev) = (Rng::new(8), Device::cpu());
+        let members = 3;
+        let mut emptied = 0;
+        for &(b, t, d, heads, rate) in &[
+            (2, 6, 24, 2, 0.6),
+            (1, 17, 64, 4, 0.2),
+            (2, 9, 16, 1, 0.9),
+            (1, 33, 40, 2, 0.5),
+        ] {
+            let dims = [1, b, t, d];
+            let (qv, q) = random(&mut rng, dims, &dev);
+            let (kv, k) = random(&mut rng, dims, &dev);
+            let (vv, v) = random(&mut rng, dims, &dev);
+            let (dov, d_o) = random(&mut rng, [members, b, t, d], &dev);
+            let dk = DropKey::new(rate, 40 + t as u64, members).unwrap();
+            let n = b * t * d;
+            let (mut o, mut lse) = (Vec::new(), Vec::new());
+            let (mut dq, mut dkk, mut dv) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+            for g in 0..members {
+                let dog = &dov[g * n..][..n];
+                let r = naive(&qv, &kv, &vv, dog, (b, t, d, heads), Some((&dk, g)));
+                o.extend(r.0);
+                emptied += r.1.iter().filter(|x| x.is_infinite()).count();
+                lse.extend(r.1);
+                for (sum, part) in [(&mut dq, r.2), (&mut dkk, r.3), (&mut dv, r.4)] {
+                    sum.iter_mut().zip(part).for_each(|(s, p)| *s += p);
+                }
+            }
+            let what = format!("B={b} T={t} D={d} heads={heads} rate {rate}");
+            let fwd = attention_forward(&q, &k, &v, heads, Some(&dk)).unwrap();
+            assert_eq!(
+                fwd.o.dims(),
+                [members, b, t, d],
+                "{what}: a group per member"
+            );
+            assert_close(&format!("{what} O"), &fwd.o, &o);
+            assert_close(&format!("{what} lse"), &fwd.lse, &lse);
+            let g =
+                attention_backward(&d_o, &q, &k, &v, &fwd.o, &fwd.lse, heads, Some(&dk)).unwrap();
+            assert_close(&format!("{what} dQ"), g.dq.as_ref().unwrap(), &dq);
+            assert_close(&format!("{what} dK"), g.dk.as_ref().unwrap(), &dkk);
+            assert_close(&format!("{what} dV"), g.dv.as_ref().unwrap(), &dv);
+        }
+        assert!(emptied > 0, "some rows must lose every key");
     }
 }

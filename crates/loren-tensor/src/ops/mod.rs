@@ -7,6 +7,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod dropkey;
 pub mod elementwise;
 pub mod embed;
 pub mod gemm;
