@@ -3,7 +3,7 @@
 //! [`export`] (the `loren export` command) turns a training checkpoint and its backbone into a
 //! file another program can read without loren:
 //!
-//! - **Shared weights once.** For `lora`, `single-lora` and `single`, every backbone tensor is
+//! - **Shared weights once.** For `lora`, `single-lora`, `single` and `mc-dropout`, every backbone tensor is
 //!   stored once, without a member axis, under loren's names: `patch_embed.weight`
 //!   `[D, C·p·p]` (the patch convolution flattened in `(c, i, j)` order), `patch_embed.bias`,
 //!   `cls_token` `[D]`, `pos_embed` `[T, D]`, `blocks.N.norm1.{weight,bias}`,
@@ -14,7 +14,7 @@
 //!   `[M, D, r]` for each adapted projection P, so member m's projection is
 //!   `y = x·Wᵀ + b + s·(x·A_mᵀ)·B_mᵀ`; `head.weight` `[M, C, D]` and `head.bias` `[M, C]`.
 //! - **Metadata** (strings): `format` = `loren-ensemble-v1`; `vit` and `ensemble`, the configs as
-//!   JSON (width, depth, heads, LayerNorm eps; method, members, rank, scale, targets);
+//!   JSON (width, depth, heads, LayerNorm eps; method, members, rank, scale, targets, drop_key);
 //!   `layout` = `shared` or `stacked`; `norm_mean` and `norm_std`, JSON arrays, the per-channel
 //!   normalisation the inputs need; `class_names`, a JSON array; `data`, `holdout_classes` and
 //!   `backbone`, where they came from.
@@ -22,7 +22,10 @@
 //! The forward pass is a pre-norm ViT: tokens = [class token; patches·Wᵀ + b] + pos_embed, then
 //! per block `x += o(attn(norm1(x)))`, `x += fc2(gelu(fc1(norm2(x))))` (exact erf GELU), then
 //! `norm` on the class token and each member's head; the prediction is the mean of the
-//! members' softmax probabilities.
+//! members' softmax probabilities. Under `mc-dropout` each member is one pass of the shared
+//! network with DropKey masks of its own on every attention score (rate `drop_key` in the
+//! ensemble JSON): the masks are hashes, `loren_tensor::ops::dropkey`, drawn for predictions
+//! from one fixed seed, so a member's prediction for an image depends on its place in the batch.
 //!
 //! [`Ensemble`] reads such a file back and predicts with loren's own engine, giving the same
 //! probabilities, bit for bit, as `loren eval` computes from the checkpoint.

@@ -41,7 +41,7 @@ pub struct CompareArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "single,single-lora,explicit,lora"
+        default_value = "single,single-lora,mc-dropout,explicit,lora"
     )]
     pub methods: Vec<String>,
     /// Ensemble sizes to run explicit and lora at, in place of -m/--members (not with it; e.g.

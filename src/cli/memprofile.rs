@@ -20,7 +20,7 @@ pub struct MemprofileArgs {
     /// CPU; vit-b-32,vit-b-16 on a GPU.
     #[arg(long, value_delimiter = ',')]
     pub config: Vec<String>,
-    /// Methods, comma-separated: lora, explicit (single, single-lora also work).
+    /// Methods, comma-separated: lora, explicit (single, single-lora and mc-dropout also work).
     #[arg(long, value_delimiter = ',', default_value = "lora,explicit")]
     pub methods: Vec<String>,
     /// Ensemble sizes, comma-separated: every one gets the analytic prediction.

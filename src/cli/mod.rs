@@ -28,7 +28,8 @@ calibration report: `loren train` with its defaults (options go after `train`).
 Examples:
   loren                                   train the default LoRA-Ensemble (M=8, rank 8)
   loren train --members 16 --rank 4       a larger ensemble of smaller adapters
-  loren compare                           single, single-lora, explicit and lora side by side
+  loren compare                           single, single-lora, mc-dropout, explicit and lora
+                                          side by side
   loren compare --seeds 0,1,2,3           the same at four seeds, then each method's mean ± sd
   loren eval --checkpoint runs/train/checkpoint.safetensors
   loren eval --checkpoint DIR --ood-data cifar100:DIR
@@ -59,8 +60,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Evaluate a checkpoint written by `train`: calibration, shift and OOD detection.
     Eval(eval::EvalArgs),
-    /// Train single, single-lora, explicit and lora with the same backbone, data, seed and budget,
-    /// and print them side by side (also written to DIR/compare.json).
+    /// Train single, single-lora, mc-dropout, explicit and lora with the same backbone, data, seed
+    /// and budget, and print them side by side (also written to DIR/compare.json).
     Compare(compare::CompareArgs),
     /// Pretrain the backbone (a single ViT trained from scratch on the pretrain split).
     Pretrain(pretrain::PretrainArgs),

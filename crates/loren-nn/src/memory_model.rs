@@ -1656,6 +1656,7 @@ mod tests {
             (Method::Explicit, 3),
             (Method::Single, 1),
             (Method::SingleLora, 1),
+            (Method::McDropout, 3),
         ] {
             check_with(
                 &vit,
@@ -1689,6 +1690,7 @@ mod tests {
         check(&vit, &ensemble(Method::Lora, 3, "o".parse().unwrap()), 5);
         check(&vit, &ensemble(Method::Single, 1, Targets::ALL), 6);
         check(&vit, &ensemble(Method::SingleLora, 1, Targets::ALL), 6);
+        check(&vit, &ensemble(Method::McDropout, 4, Targets::ALL), 6);
     }
 
     #[test]

@@ -207,6 +207,11 @@ fn explicit_ensemble_step_matches_the_cpu() {
 }
 
 #[test]
+fn mc_dropout_step_matches_the_cpu() {
+    step_matches(Method::McDropout, 3);
+}
+
+#[test]
 fn single_network_step_matches_the_cpu() {
     step_matches(Method::Single, 1);
 }

@@ -10,7 +10,7 @@ use loren_nn::data::{Augment, Dataset, SplitOptions, bundled_digits, split_digit
 use loren_nn::error::NnError;
 use loren_nn::train::{CheckpointSpec, EpochVal, Observer, Quiet, TrainConfig, Trainer};
 use loren_nn::vit::Vit;
-use loren_tensor::Device;
+use loren_tensor::{Device, MemTag, Tensor};
 
 mod common;
 use common::param_bits;
@@ -441,4 +441,81 @@ fn a_stop_while_the_validation_part_is_scored_keeps_the_epoch_and_runs_no_more_s
         "the scored epoch's checkpoint was not written"
     );
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Each step draws fresh masks from (seed, step), so a resumed run draws the ones it would have.
+#[test]
+fn mc_dropout_resumes_bit_exactly() {
+    resume_is_bit_exact(Method::McDropout);
+}
+
+/// With one member and nothing dropped, MC Dropout is the single network: same start, same
+/// steps, bit for bit. So the dropout and the members are all it adds.
+#[test]
+fn mc_dropout_of_one_member_dropping_nothing_trains_as_the_single_network() {
+    let data = train_split();
+    let trained = |method: Method| {
+        let ens = EnsembleConfig {
+            drop_key: 0.0,
+            method,
+            members: 1,
+            classes: 10,
+            lora: LoraConfig::default(),
+        };
+        let mut vit = Vit::new(&VitConfig::tiny(), &ens, &Device::cpu(), 11).unwrap();
+        let path = temp(&format!("one-member-{method}"));
+        Trainer::new(&mut vit, &config(1), data.len())
+            .unwrap()
+            .fit(
+                &data,
+                &CheckpointSpec {
+                    path: Some(path.clone()),
+                    ..Default::default()
+                },
+                &mut Quiet,
+            )
+            .unwrap();
+        trained_tensors(&path)
+    };
+    let (single, mc) = (trained(Method::Single), trained(Method::McDropout));
+    assert_eq!(single.len(), mc.len());
+    for ((na, va), (nb, vb)) in single.iter().zip(&mc) {
+        assert_eq!(na, nb);
+        assert!(va == vb, "tensor {na} differs");
+    }
+}
+
+/// Members with the very same head still predict apart, each from masks of its own, and a
+/// prediction draws the same masks every time.
+#[test]
+fn mc_dropout_members_draw_their_own_masks_and_predictions_repeat() {
+    let mut vit = model(Method::McDropout);
+    let params = vit.params_mut();
+    let head: Vec<_> = params
+        .iter()
+        .filter(|(_, p)| p.name().starts_with("head."))
+        .map(|(id, _)| id)
+        .collect();
+    for id in head {
+        let v = params.get(id).to_vec().unwrap();
+        let half = v.len() / 2;
+        let same: Vec<f32> = v[..half].iter().chain(&v[..half]).copied().collect();
+        params.set(id, &same).unwrap();
+    }
+    let data = train_split();
+    let b = data.batch(&(0..8).collect::<Vec<_>>(), None);
+    let dims = [b.batch, b.channels, b.height, b.width];
+    let images = Tensor::from_vec(b.images, dims, MemTag::Workspace, vit.device()).unwrap();
+    let p = vit.predict(&images).unwrap().to_vec().unwrap();
+    let (m0, m1) = p.split_at(p.len() / 2);
+    let apart = m0
+        .iter()
+        .zip(m1)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        apart > 1e-3,
+        "members 0 and 1 predict alike (largest difference {apart})"
+    );
+    assert_eq!(vit.predict(&images).unwrap().to_vec().unwrap(), p);
 }
