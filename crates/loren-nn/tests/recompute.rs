@@ -89,11 +89,12 @@ fn same_step(open: impl Fn() -> Device, method: Method) {
     );
 }
 
-const METHODS: [Method; 4] = [
+const METHODS: [Method; 5] = [
     Method::Lora,
     Method::Explicit,
     Method::Single,
     Method::SingleLora,
+    Method::McDropout,
 ];
 
 #[test]
@@ -130,4 +131,9 @@ fn recomputed_blocks_train_bit_for_bit_as_kept_ones_on_a_gpu_single() {
 #[test]
 fn recomputed_blocks_train_bit_for_bit_as_kept_ones_on_a_gpu_single_lora() {
     on_a_gpu(Method::SingleLora);
+}
+
+#[test]
+fn recomputed_blocks_train_bit_for_bit_as_kept_ones_on_a_gpu_mc_dropout() {
+    on_a_gpu(Method::McDropout);
 }
