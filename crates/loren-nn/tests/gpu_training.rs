@@ -206,9 +206,11 @@ fn explicit_ensemble_step_matches_the_cpu() {
     step_matches(Method::Explicit, 3);
 }
 
+/// Two members: the emulated GPU in CI pays for every member's stream, and the kernels' DropKey
+/// parity at three members is in loren-tensor's suite.
 #[test]
 fn mc_dropout_step_matches_the_cpu() {
-    step_matches(Method::McDropout, 3);
+    step_matches(Method::McDropout, 2);
 }
 
 #[test]

@@ -69,22 +69,26 @@ fn trained_tensors(path: &Path) -> Vec<(String, Vec<u32>)> {
         .collect()
 }
 
-fn resume_is_bit_exact(method: Method) {
-    let data = train_split();
-    // Straight through two epochs.
-    let straight = temp(&format!("straight-{method}"));
-    let mut a = model(method);
-    Trainer::new(&mut a, &config(2), data.len())
+/// Train `model` for `epochs` on `data`, checkpointing to `path`.
+fn fit_into(model: &mut Vit, epochs: usize, data: &Dataset, path: &Path) {
+    Trainer::new(model, &config(epochs), data.len())
         .unwrap()
         .fit(
-            &data,
+            data,
             &CheckpointSpec {
-                path: Some(straight.clone()),
+                path: Some(path.to_path_buf()),
                 ..Default::default()
             },
             &mut Quiet,
         )
         .unwrap();
+}
+
+fn resume_is_bit_exact(method: Method) {
+    let data = train_split();
+    // Straight through two epochs.
+    let straight = temp(&format!("straight-{method}"));
+    fit_into(&mut model(method), 2, &data, &straight);
 
     // One epoch, a checkpoint, and a fresh process-alike picking up from it.
     let halfway = temp(&format!("halfway-{method}"));
@@ -203,17 +207,7 @@ fn a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint() {
     let data = train_split();
     let path = temp("nan");
     let mut a = model(Method::Lora);
-    Trainer::new(&mut a, &config(1), data.len())
-        .unwrap()
-        .fit(
-            &data,
-            &CheckpointSpec {
-                path: Some(path.clone()),
-                ..Default::default()
-            },
-            &mut Quiet,
-        )
-        .unwrap();
+    fit_into(&mut a, 1, &data, &path);
     let good = std::fs::read(&path).unwrap();
 
     // Resume for more epochs with a frozen weight (which the checkpoint does not hold) blown up
@@ -464,17 +458,7 @@ fn mc_dropout_of_one_member_dropping_nothing_trains_as_the_single_network() {
         };
         let mut vit = Vit::new(&VitConfig::tiny(), &ens, &Device::cpu(), 11).unwrap();
         let path = temp(&format!("one-member-{method}"));
-        Trainer::new(&mut vit, &config(1), data.len())
-            .unwrap()
-            .fit(
-                &data,
-                &CheckpointSpec {
-                    path: Some(path.clone()),
-                    ..Default::default()
-                },
-                &mut Quiet,
-            )
-            .unwrap();
+        fit_into(&mut vit, 1, &data, &path);
         trained_tensors(&path)
     };
     let (single, mc) = (trained(Method::Single), trained(Method::McDropout));

@@ -41,9 +41,9 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use loren_kernels::provenance::{git_commit, utc_now};
 use loren_kernels::{
-    AdapterGrads, AttentionDims, BiasGeluDims, Gemm, GemmOut, GemmPath, Gpu, KernelError,
-    KernelSource, LoraDims, NormDims, bf16, bias_gelu_db_workspace_len, compile, cuda_available,
-    gpu_required, lora_grads_workspace_len, nvrtc_version,
+    AdapterGrads, AttentionDims, AttentionDrop, BiasGeluDims, Gemm, GemmOut, GemmPath, Gpu,
+    KernelError, KernelSource, LoraDims, NormDims, bf16, bias_gelu_db_workspace_len, compile,
+    cuda_available, gpu_required, lora_grads_workspace_len, nvrtc_version,
 };
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -1110,6 +1110,18 @@ fn attention_rows(gpu: &Gpu, a: &Args, sm: &SoftmaxKernels, t: usize) -> Result<
         gpu.attention_forward(&dims, &q, &k, &v, &mut o, &mut lse)?;
         Ok(())
     })?;
+    // MC Dropout's variant: every score hashed, a fifth of them dropped (the paper's rate).
+    let dropping = AttentionDims {
+        drop: Some(AttentionDrop {
+            threshold: (0.2 * 4_294_967_296.0f64).round() as u32,
+            seed: 7,
+        }),
+        ..dims
+    };
+    let dropkey_f = time(gpu, a, || {
+        gpu.attention_forward(&dropping, &q, &k, &v, &mut o, &mut lse)?;
+        Ok(())
+    })?;
     let naive_f = time(gpu, a, || {
         gpu.gemm_bf16(&qk, &q, &k, GemmOut::F32(&mut s))?;
         let mut l = gpu.stream().launch_builder(&sm.fwd);
@@ -1134,9 +1146,16 @@ fn attention_rows(gpu: &Gpu, a: &Args, sm: &SoftmaxKernels, t: usize) -> Result<
         trans_a: true,
         ..batched(t, dh, t, t * t, t * dh, t * dh)
     };
+    // O and LSE are the DropKey forward's: the backward's time does not depend on their values.
     let fused_b = time(gpu, a, || {
         gpu.attention_backward(
             &dims, &d_o, &q, &k, &v, &o, &lse, &mut delta, &mut dq, &mut dk, &mut dv,
+        )?;
+        Ok(())
+    })?;
+    let dropkey_b = time(gpu, a, || {
+        gpu.attention_backward(
+            &dropping, &d_o, &q, &k, &v, &o, &lse, &mut delta, &mut dq, &mut dk, &mut dv,
         )?;
         Ok(())
     })?;
@@ -1162,6 +1181,7 @@ fn attention_rows(gpu: &Gpu, a: &Args, sm: &SoftmaxKernels, t: usize) -> Result<
             shape: shape.clone(),
             variants: vec![
                 ("fused".into(), fused_f),
+                ("fused, DropKey 0.2 (MC Dropout)".into(), dropkey_f),
                 ("naive: cuBLAS Q·Kᵀ, softmax, cuBLAS P·V".into(), naive_f),
             ],
             flops: fwd_flops,
@@ -1172,6 +1192,7 @@ fn attention_rows(gpu: &Gpu, a: &Args, sm: &SoftmaxKernels, t: usize) -> Result<
             shape,
             variants: vec![
                 ("fused".into(), fused_b),
+                ("fused, DropKey 0.2 (MC Dropout)".into(), dropkey_b),
                 ("naive: 4 cuBLAS GEMMs + softmax backward".into(), naive_b),
             ],
             flops: 2.0 * fwd_flops,
