@@ -636,18 +636,21 @@ pub fn table(r: &MemprofileReport) -> String {
         let _ = writeln!(s, "What one more member adds (trainable state, AdamW):");
     }
     for g in &r.growth {
-        let what = if g.method.uses_lora() {
-            format!(
+        let what = match g.method {
+            Method::Lora | Method::SingleLora => format!(
                 "adapters {} + head {} params",
                 count(g.params.adapters_per_member),
                 count(g.params.head_per_member)
-            )
-        } else {
-            format!(
+            ),
+            // The members share the one trained backbone.
+            Method::McDropout => {
+                format!("a head: {} params", count(g.params.head_per_member))
+            }
+            Method::Explicit | Method::Single => format!(
                 "a full model: backbone {} + head {} params",
                 count(g.params.backbone),
                 count(g.params.head_per_member)
-            )
+            ),
         };
         let measured = match (
             g.measured_trainable_bytes_per_member,
@@ -662,7 +665,7 @@ pub fn table(r: &MemprofileReport) -> String {
         };
         let _ = writeln!(
             s,
-            "  {:<9} {:<8} trainable +{}, gradients +{}, optimizer state +{} ({what}){measured}",
+            "  {:<9} {:<10} trainable +{}, gradients +{}, optimizer state +{} ({what}){measured}",
             g.config,
             g.method.to_string(),
             bytes(g.trainable_bytes_per_member),

@@ -284,7 +284,7 @@ pub fn growth_per_member(runs: &[RunResult]) -> String {
         let peak = (hi.memory.total_peak as f64 - lo.memory.total_peak as f64) / steps;
         let _ = writeln!(
             s,
-            "{:<9} one more member adds {} trainable parameters and {} of peak tensor memory (M={} to M={})",
+            "{:<10} one more member adds {} trainable parameters and {} of peak tensor memory (M={} to M={})",
             method.name(),
             count(params.round() as usize),
             bytes(peak.max(0.0).round() as u64),
