@@ -24,6 +24,7 @@ use loren_nn::train::Trainer;
 use loren_nn::vit::Vit;
 use loren_tensor::ops::activation::{bias_gelu_backward, bias_gelu_forward};
 use loren_tensor::ops::attention::attention_forward;
+use loren_tensor::ops::dropkey::DropKey;
 use loren_tensor::ops::linear::{Needs, linear_backward};
 use loren_tensor::ops::lora::{lora_backward, lora_forward};
 use loren_tensor::ops::norm::{layernorm_backward, layernorm_forward};
@@ -211,6 +212,11 @@ fn attention(c: &mut Criterion) {
         let id = format!("{label}-T{t}-D{d}-H{heads}");
         g.bench_function(format!("fwd/{id}"), |bch| {
             bch.iter(|| attention_forward(black_box(&q), &k, &v, heads, None).unwrap())
+        });
+        // MC Dropout's: every score hashed, a fifth dropped.
+        let drop = DropKey::new(0.2, 1, m).unwrap();
+        g.bench_function(format!("fwd-dropkey/{id}"), |bch| {
+            bch.iter(|| attention_forward(black_box(&q), &k, &v, heads, Some(&drop)).unwrap())
         });
         let out = attention_forward(&q, &k, &v, heads, None).unwrap();
         g.bench_function(format!("bwd/{id}"), |bch| {
