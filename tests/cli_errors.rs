@@ -523,6 +523,9 @@ fn bad_optimizer_and_adapter_flags_name_the_flag() {
         ("--lora-targets", "qq", "named twice"),
         ("--lora-targets", "qx", "'x' is not one of q, k, v, o"),
         ("--lora-targets", "", "name at least one"),
+        ("--drop-key", "1", "below 1"),
+        ("--drop-key", "-0.1", "at least 0"),
+        ("--drop-key", "NaN", "below 1"),
     ] {
         fails_with(&strs(&quick(&[flag, value])), &[flag, needle]);
     }

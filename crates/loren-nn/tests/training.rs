@@ -503,3 +503,32 @@ fn mc_dropout_members_draw_their_own_masks_and_predictions_repeat() {
     );
     assert_eq!(vit.predict(&images).unwrap().to_vec().unwrap(), p);
 }
+
+/// The DropKey rate is part of an MC Dropout run: resuming at another is refused, naming it. A
+/// method without dropout records the rate it never used, and another one passes.
+#[test]
+fn resuming_mc_dropout_at_another_rate_is_refused_and_other_methods_ignore_it() {
+    use loren_nn::train::check_resumable;
+    for (method, refused) in [(Method::McDropout, true), (Method::Lora, false)] {
+        let mut vit = model(method);
+        let path = temp(&format!("rate-{method}"));
+        let (vit_config, ensemble) = (vit.config.clone(), vit.ensemble.clone());
+        Trainer::new(&mut vit, &config(1), 1)
+            .unwrap()
+            .save(&path, &Default::default())
+            .unwrap();
+        let file = TensorFile::read(&path).unwrap();
+        let other = EnsembleConfig {
+            drop_key: 0.3,
+            ..ensemble
+        };
+        let got = check_resumable(&file, &vit_config, &other, &config(1));
+        match refused {
+            true => {
+                let e = got.unwrap_err().to_string();
+                assert!(e.contains("ensemble.drop_key: saved 0.2, now 0.3"), "{e}");
+            }
+            false => got.unwrap(),
+        }
+    }
+}
