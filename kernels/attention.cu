@@ -401,7 +401,8 @@ __device__ void backward_dkv(const bf16* dO, const bf16* Q, const bf16* K, const
                 const int c = nt * 8 + (lane % 4) * 2 + (e & 1);
                 const int key = k0 + warp * 16 + lane / 4 + (e / 2) * 8;
                 const bool query = q0 + c < d.T, none = all_dropped<DROP>(lse_s[c]);
-                const bool live = query && !none && !dropped<DROP>(d, row_hash_s[c], key);
+                // Short-circuited so the plain kernel never reads row_hash_s, which it leaves unset.
+                const bool live = query && !none && !(DROP && dropped<DROP>(d, row_hash_s[c], key));
                 // A row with every key dropped weighs each alike, and none has a gradient.
                 const float pr = live           ? exp2f(p[nt][e] * sl2 - lse_s[c])
                                  : query && none ? 1.0f / d.T
