@@ -20,7 +20,8 @@
 #   summary.md      one line per check (pass, FAIL, or TIMEOUT with the seconds it had)
 #   device.txt      nvidia-smi, nvcc, the driver, the date
 #   parity.log  train.log  bench.log  sanitizer.log
-#   results.tar.gz  kernel-bench/, bench/, bench-breakdown/, bench-wgmma/, memprofile/, memprofile-recompute/ (JSON, Markdown, SVG),
+#   results.tar.gz  kernel-bench/, bench/, bench-breakdown/, bench-wgmma/, memprofile/, memprofile-recompute/,
+#                   bench-mc-dropout/ (JSON, Markdown, SVG),
 #                   train-{cuda,cpu}/, profile/ncu.txt
 # scripts/gpu-results.sh turns that folder into benches/results/<date>-<gpu>/ here.
 # It exits non-zero when any check fails or runs out of time.
@@ -32,7 +33,7 @@ budget=540
 while [ $# -gt 0 ]; do
     case "$1" in
         --budget) budget=$2; shift 2 ;;
-        -h | --help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
         *) stages=$1; shift ;;
     esac
 done
@@ -108,6 +109,7 @@ bench() {
     check "loren bench, wgmma GEMMs" "$out/bench.log" 90 env LOREN_WGMMA=1 $bin/loren bench --device cuda --methods lora --config vit-b-32 --members 1,4,16 --out "$work/bench-wgmma"
     check "loren memprofile" "$out/bench.log" 120 $bin/loren memprofile --device cuda --out "$work/memprofile"
     check "loren memprofile --recompute" "$out/bench.log" 60 $bin/loren memprofile --device cuda --recompute --config vit-b-16 --members 1,16 --out "$work/memprofile-recompute"
+    check "loren bench, mc-dropout" "$out/bench.log" 45 $bin/loren bench --device cuda --methods mc-dropout --config vit-b-32 --members 1,4,16 --out "$work/bench-mc-dropout"
 }
 
 profile() {
