@@ -103,7 +103,7 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
             )
         })
         .chain(
-            (method != Method::McDropout && is_given("drop_key"))
+            (!method.drops_keys() && is_given("drop_key"))
                 .then(|| format!("--drop-key ({} has no dropout)", method.name())),
         )
         .chain(

@@ -165,6 +165,11 @@ impl Method {
         matches!(self, Method::Explicit | Method::Single | Method::McDropout)
     }
 
+    /// Whether attention scores drop (DropKey) in training and prediction.
+    pub fn drops_keys(self) -> bool {
+        self == Method::McDropout
+    }
+
     /// Whether the backbone is frozen and adapted by LoRA.
     pub fn uses_lora(self) -> bool {
         matches!(self, Method::Lora | Method::SingleLora)
@@ -378,7 +383,7 @@ impl EnsembleConfig {
                 ));
             }
         }
-        if self.method == Method::McDropout && !(0.0..1.0).contains(&self.drop_key) {
+        if self.method.drops_keys() && !(0.0..1.0).contains(&self.drop_key) {
             return Err(NnError::Config(format!(
                 "the DropKey rate must be at least 0 and below 1 (--drop-key), got {}",
                 self.drop_key

@@ -1328,7 +1328,7 @@ fn build(core: &Rc<Core>, vit: &VitConfig, ens: &EnsembleConfig) -> (Model, Weig
             norm2,
             fc1,
             fc2,
-            drop_members: (ens.method == Method::McDropout).then_some(m),
+            drop_members: ens.method.drops_keys().then_some(m),
         }));
     }
     let norm = b.norm(d);

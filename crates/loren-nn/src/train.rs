@@ -15,7 +15,7 @@ use loren_tensor::{MemTag, Rng, ScalarReadback, Staged, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, Entry, TensorFile};
-use crate::config::{Activations, EnsembleConfig, Method, VitConfig};
+use crate::config::{Activations, EnsembleConfig, VitConfig};
 use crate::data::{Augment, Batch, Dataset, batches, epoch_order, num_batches};
 use crate::error::{NnError, Result};
 use crate::vit::{Draw, Vit};
@@ -695,7 +695,7 @@ pub fn check_resumable(
         if !ensemble.method.uses_lora() {
             ours.lora = saved_ensemble.lora;
         }
-        if ensemble.method != Method::McDropout {
+        if !ensemble.method.drops_keys() {
             ours.drop_key = saved_ensemble.drop_key;
         }
     }

@@ -474,9 +474,11 @@ impl Vit {
         let patches = Var::constant(patchify(images, self.config.patch)?);
         let pe = linear(tape, &patches, &self.patch_embed.map(&mut param), None)?;
         let mut x = ops::embed_tokens(tape, &pe, &param(&self.cls), &param(&self.pos))?;
-        let dropout = self.ensemble.method == Method::McDropout;
         for (i, blk) in self.blocks.iter().enumerate() {
-            let drop = dropout
+            let drop = self
+                .ensemble
+                .method
+                .drops_keys()
                 .then(|| DropKey::new(self.ensemble.drop_key, draw.block(i), self.members()))
                 .transpose()?;
             let shape = BlockShape {
