@@ -148,7 +148,8 @@ pub struct OptimArgs {
     /// Training images per step (every member sees the same batch).
     #[arg(long, default_value_t = 32, allow_negative_numbers = true)]
     pub batch_size: usize,
-    /// Peak learning rate (default: 1e-3 for LoRA methods, 3e-4 for full fine-tuning).
+    /// Peak learning rate (default: 1e-3 for LoRA methods and mc-dropout, 3e-4 for single and
+    /// explicit).
     #[arg(long, allow_hyphen_values = true)]
     pub lr: Option<f32>,
     /// Learning rate at the end of the cosine decay.
@@ -388,7 +389,15 @@ pub fn train_config(o: &OptimArgs, method: Method, seed: u64) -> Result<TrainCon
         },
         other => anyhow::bail!("unknown optimizer '{other}': expected adamw or sgd"),
     };
-    let default_lr = if method.uses_lora() { 1e-3 } else { 3e-4 };
+    // Eight heads started at random on one shared backbone (mc-dropout) need the adapters' rate:
+    // at 3e-4 a head moves no further in the default budget than its random start spans, and the
+    // heads keep disagreeing parts that one backbone cannot serve (training loss 0.24 after 20
+    // epochs, against single's 0.010; benches/results/cpu-2026-12-05/lr-sweep).
+    let default_lr = if method.uses_lora() || method.drops_keys() {
+        1e-3
+    } else {
+        3e-4
+    };
     Ok(TrainConfig {
         epochs: o.epochs,
         batch_size: o.batch_size,
