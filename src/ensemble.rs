@@ -25,7 +25,8 @@
 //! members' softmax probabilities. Under `mc-dropout` each member is one pass of the shared
 //! network with DropKey masks of its own on every attention score (rate `drop_key` in the
 //! ensemble JSON): the masks are hashes, `loren_tensor::ops::dropkey`, drawn for predictions
-//! from one fixed seed, so a member's prediction for an image depends on its place in the batch.
+//! from one fixed seed and the image's place in the whole input of [`Ensemble::predict`] (not in
+//! the batch it is split into), so the same input gives the same prediction in chunks of any size.
 //!
 //! [`Ensemble`] reads such a file back and predicts with loren's own engine, giving the same
 //! probabilities, bit for bit, as `loren eval` computes from the checkpoint.
@@ -261,7 +262,7 @@ impl Ensemble {
             for (x, start) in staged.zip((0..n).step_by(self.batch_size)) {
                 let x = Tensor::from_staged(x?, MemTag::Workspace)?;
                 let b = x.dims()[0];
-                let p = self.model.predict(&x)?.to_vec()?;
+                let p = self.model.predict(&x, start as u64)?.to_vec()?;
                 for member in 0..m {
                     let src = &p[member * b * k..][..b * k];
                     probs[(member * n + start) * k..][..b * k].copy_from_slice(src);

@@ -39,7 +39,7 @@ pub fn predict(
         let mut done = 0;
         for (idx, images) in chunks.iter().zip(made) {
             let images = Tensor::from_staged(images?, MemTag::Workspace)?;
-            let p = model.predict(&images)?.to_vec()?;
+            let p = model.predict(&images, done as u64)?.to_vec()?;
             let b = idx.len();
             for member in 0..m {
                 let src = &p[member * b * c..][..b * c];

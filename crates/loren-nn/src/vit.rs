@@ -135,22 +135,38 @@ struct BlockShape {
 
 /// Which DropKey masks an MC Dropout forward draws (other methods draw none): a training step's,
 /// fresh every step, or the one fixed draw every prediction uses, so that scoring a model twice
-/// gives the same figures. A member's masks differ from every other member's in both.
+/// gives the same figures. A member's masks differ from every other member's in both. An image
+/// draws by its place in the whole prediction, so splitting a prediction into batches of any size
+/// changes nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Draw(u64);
+pub struct Draw {
+    seed: u64,
+    first_item: u64,
+}
 
 impl Draw {
-    pub const PREDICTION: Draw = Draw(0x5052_4544_4943_5400);
-
     /// The draw of training step `step` of a run seeded `seed`.
     pub fn step(seed: u64, step: u64) -> Draw {
         const STEP: u64 = 0x5354_4550_0000_0000;
-        Draw(Rng::new(seed).fork(STEP).fork(step).next_u64())
+        Draw {
+            seed: Rng::new(seed).fork(STEP).fork(step).next_u64(),
+            first_item: 0,
+        }
     }
 
-    /// The seed of block `block`'s masks.
-    fn block(self, block: usize) -> u64 {
-        Rng::new(self.0).fork(block as u64).next_u64()
+    /// The prediction's draw for a batch whose first image is image `first_item` of the whole
+    /// prediction.
+    pub fn prediction(first_item: u64) -> Draw {
+        Draw {
+            seed: 0x5052_4544_4943_5400,
+            first_item,
+        }
+    }
+
+    /// Block `block`'s masks at `rate` for `members` members.
+    fn block(self, block: usize, rate: f32, members: usize) -> loren_tensor::Result<DropKey> {
+        let seed = Rng::new(self.seed).fork(block as u64).next_u64();
+        Ok(DropKey::new(rate, seed, members)?.starting_at(self.first_item))
     }
 }
 
@@ -479,7 +495,7 @@ impl Vit {
                 .ensemble
                 .method
                 .drops_keys()
-                .then(|| DropKey::new(self.ensemble.drop_key, draw.block(i), self.members()))
+                .then(|| draw.block(i, self.ensemble.drop_key, self.members()))
                 .transpose()?;
             let shape = BlockShape {
                 heads: self.config.heads,
@@ -508,10 +524,14 @@ impl Vit {
         Ok(ops::logits(tape, &c, &head.weight, head.bias.as_ref())?)
     }
 
-    /// Every member's class probabilities [M, B, classes], without recording anything.
-    pub fn predict(&self, images: &Tensor) -> Result<Tensor> {
+    /// Every member's class probabilities [M, B, classes], without recording anything, for a
+    /// batch whose first image is image `first_item` of a larger prediction (0 when the batch is
+    /// all of it): MC Dropout draws an image's masks by that place, so a prediction made in
+    /// batches of any size is the same.
+    pub fn predict(&self, images: &Tensor, first_item: u64) -> Result<Tensor> {
         let tape = Tape::inference();
-        let logits = self.forward(&tape, images, Activations::Keep, Draw::PREDICTION)?;
+        let draw = Draw::prediction(first_item);
+        let logits = self.forward(&tape, images, Activations::Keep, draw)?;
         Ok(softmax(logits.value())?)
     }
 }

@@ -248,7 +248,7 @@ fn check_steps(model: &mut Vit, steps: &TensorFile, config: TrainConfig, dev: &D
         dev,
     )
     .unwrap();
-    let probs = model.predict(&images).unwrap().to_vec().unwrap();
+    let probs = model.predict(&images, 0).unwrap().to_vec().unwrap();
     let (diff, _) = max_diff(&probs, &steps.get("probs").unwrap().data);
     assert!(
         diff <= 1e-6,

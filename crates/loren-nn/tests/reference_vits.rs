@@ -81,7 +81,12 @@ fn loren_logits(weights: &str, io: &TensorFile, scheme: Scheme, image_size: usiz
     )
     .unwrap();
     let logits = model
-        .forward(&Tape::inference(), &x, Activations::Keep, Draw::PREDICTION)
+        .forward(
+            &Tape::inference(),
+            &x,
+            Activations::Keep,
+            Draw::prediction(0),
+        )
         .unwrap();
     logits.value().to_vec().unwrap()
 }

@@ -490,7 +490,7 @@ fn mc_dropout_members_draw_their_own_masks_and_predictions_repeat() {
     let b = data.batch(&(0..8).collect::<Vec<_>>(), None);
     let dims = [b.batch, b.channels, b.height, b.width];
     let images = Tensor::from_vec(b.images, dims, MemTag::Workspace, vit.device()).unwrap();
-    let p = vit.predict(&images).unwrap().to_vec().unwrap();
+    let p = vit.predict(&images, 0).unwrap().to_vec().unwrap();
     let (m0, m1) = p.split_at(p.len() / 2);
     let apart = m0
         .iter()
@@ -501,7 +501,7 @@ fn mc_dropout_members_draw_their_own_masks_and_predictions_repeat() {
         apart > 1e-3,
         "members 0 and 1 predict alike (largest difference {apart})"
     );
-    assert_eq!(vit.predict(&images).unwrap().to_vec().unwrap(), p);
+    assert_eq!(vit.predict(&images, 0).unwrap().to_vec().unwrap(), p);
 }
 
 /// The DropKey rate is part of an MC Dropout run: resuming at another is refused, naming it. A

@@ -267,8 +267,9 @@ fn attention_every_length_head_dim_and_broadcast() {
     let mut rng = Rng::new(3);
     let bf = DType::BF16;
     // (G, q, k, v groups, B, T, heads, head dim, DropKey rate). With a rate, G members draw
-    // masks of their own, from shared inputs too; 0.7 on 5 tokens leaves 17% of the rows with
-    // every key dropped, and 0.97 on 130 tokens leaves whole 64-key tiles dropped beside kept ones.
+    // masks of their own, from shared inputs too; 0.7 on 5 tokens leaves a fifth of the rows (12
+    // of 60) with every key dropped, and 0.97 on 130 tokens leaves whole 64-key tiles dropped
+    // beside kept ones.
     for &(gr, gq, gk, gv, b, t, h, dh, rate) in &[
         (3, 3, 3, 3, 2, 17, 4, 16, None),
         (3, 3, 1, 1, 2, 17, 4, 16, None),
@@ -284,7 +285,12 @@ fn attention_every_length_head_dim_and_broadcast() {
         let (qc, qg) = pair(&[gq, b, t, h * dh], bf, &mut rng, &g);
         let (kc, kg) = pair(&[gk, b, t, h * dh], bf, &mut rng, &g);
         let (vc, vg) = pair(&[gv, b, t, h * dh], bf, &mut rng, &g);
-        let drop = rate.map(|r| DropKey::new(r, 0xD20 + t as u64, gr).unwrap());
+        // Batches start past 2³² items, as a split prediction's later ones do (in 64 bits).
+        let drop = rate.map(|r| {
+            DropKey::new(r, 0xD20 + t as u64, gr)
+                .unwrap()
+                .starting_at((t as u64) << 33)
+        });
         let drop = drop.as_ref();
         let tag = format!(
             "attention G={gr} q{gq} k{gk} v{gv} B={b} T={t} H={h} dh={dh} drop {}",

@@ -1115,6 +1115,7 @@ fn attention_rows(gpu: &Gpu, a: &Args, sm: &SoftmaxKernels, t: usize) -> Result<
         drop: Some(AttentionDrop {
             threshold: (0.2 * 4_294_967_296.0f64).round() as u32,
             seed: 7,
+            first_item: 0,
         }),
         ..dims
     };

@@ -67,6 +67,8 @@ pub(crate) const fn dkv_smem(dh: usize) -> usize {
 pub struct AttentionDrop {
     pub threshold: u32,
     pub seed: u64,
+    /// The item batch row 0 is: row b draws item `first_item + b`'s masks.
+    pub first_item: u64,
 }
 
 /// The shapes of one attention call.
@@ -160,7 +162,11 @@ impl AttentionDims {
             Arg::from((1.0 / (self.head_dim as f64).sqrt()) as f32),
         ];
         if let Some(drop) = self.drop {
-            args.extend([Arg::from(drop.threshold), Arg::from(drop.seed)]);
+            args.extend([
+                Arg::from(drop.threshold),
+                Arg::from(drop.seed),
+                Arg::from(drop.first_item),
+            ]);
         }
         args
     }

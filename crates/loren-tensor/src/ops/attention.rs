@@ -496,6 +496,7 @@ fn cuda_dims(dm: &Dims, heads: usize, drop: Option<&DropKey>) -> loren_kernels::
         drop: drop.map(|dk| loren_kernels::AttentionDrop {
             threshold: dk.threshold,
             seed: dk.seed,
+            first_item: dk.first_item,
         }),
         groups: dm.groups,
         q_groups: dm.gq,
@@ -728,7 +729,9 @@ mod tests {
             let (kv, k) = random(&mut rng, dims, &dev);
             let (vv, v) = random(&mut rng, dims, &dev);
             let (dov, d_o) = random(&mut rng, [members, b, t, d], &dev);
-            let dk = DropKey::new(rate, 40 + t as u64, members).unwrap();
+            let dk = DropKey::new(rate, 40 + t as u64, members)
+                .unwrap()
+                .starting_at(3 * t as u64);
             let n = b * t * d;
             let (mut o, mut lse) = (Vec::new(), Vec::new());
             let (mut dq, mut dkk, mut dv) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
@@ -758,5 +761,51 @@ mod tests {
             assert_close(&format!("{what} dV"), g.dv.as_ref().unwrap(), &dv);
         }
         assert!(emptied > 0, "some rows must lose every key");
+    }
+
+    /// A prediction split into batches draws the masks the whole batch does: a batch row's masks
+    /// are its item's, wherever the batch starts.
+    #[test]
+    fn a_split_batch_draws_the_whole_batchs_masks() {
+        let (mut rng, dev) = (Rng::new(9), Device::cpu());
+        let (b, t, d, heads, members) = (5, 11, 32, 2, 2);
+        let inputs = [0; 3].map(|_| random(&mut rng, [1, b, t, d], &dev).0);
+        let dk = DropKey::new(0.5, 77, members).unwrap();
+        let rows_of = |x: &[f32], rows: std::ops::Range<usize>| {
+            let part = &x[rows.start * t * d..rows.end * t * d];
+            Tensor::from_vec(
+                part.to_vec(),
+                [1, rows.len(), t, d],
+                MemTag::Workspace,
+                &dev,
+            )
+            .unwrap()
+        };
+        let run = |rows: std::ops::Range<usize>, dk: DropKey| {
+            let [q, k, v] = [0, 1, 2].map(|i| rows_of(&inputs[i], rows.clone()));
+            attention_forward(&q, &k, &v, heads, Some(&dk))
+                .unwrap()
+                .o
+                .to_vec()
+                .unwrap()
+        };
+        let all = run(0..b, dk);
+        let (first, rest) = (run(0..2, dk), run(2..b, dk.starting_at(2)));
+        let n = t * d;
+        for g in 0..members {
+            let expect = &all[g * b * n..][..b * n];
+            assert_eq!(
+                &first[g * 2 * n..][..2 * n],
+                &expect[..2 * n],
+                "member {g}, rows 0..2"
+            );
+            assert_eq!(
+                &rest[g * 3 * n..][..3 * n],
+                &expect[2 * n..],
+                "member {g}, rows 2..5"
+            );
+        }
+        let shifted = run(2..b, dk);
+        assert_ne!(shifted, rest, "rows drawing other items' masks must differ");
     }
 }

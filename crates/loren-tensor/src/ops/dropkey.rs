@@ -4,9 +4,11 @@
 //! keys alike, as DropKey's additive −1e12 does in f32, and carries a log-sum-exp of −∞ so that
 //! the backward knows it (its scores then have no gradient).
 //!
-//! Which scores drop is a hash of (seed, member, batch item, head, query, key), not a stored
-//! mask: the backward and a recomputed block draw the same mask again for free, and the CUDA
-//! kernels (`kernels/attention.cu`, `drop_*`) compute the very same bits.
+//! Which scores drop is a hash of (seed, member, item, head, query, key), not a stored mask: the
+//! backward and a recomputed block draw the same mask again for free, and the CUDA kernels
+//! (`kernels/attention.cu`, `drop_*`) compute the very same bits. An item is an image's place in
+//! the whole prediction, not in its batch ([`DropKey::starting_at`]), so a prediction split into
+//! batches of any size draws the masks one batch would.
 
 use crate::error::{Error, Result};
 
@@ -23,6 +25,8 @@ pub struct DropKey {
     /// The output groups: members, each drawing masks of its own, even where Q, K and V are
     /// shared (group 1) and so would otherwise give one group.
     pub members: usize,
+    /// The item the batch's first row is: batch row b draws item `first_item + b`'s masks.
+    pub first_item: u64,
 }
 
 impl DropKey {
@@ -45,13 +49,20 @@ impl DropKey {
             threshold,
             seed,
             members,
+            first_item: 0,
         })
     }
 
-    /// The stream of one (member, batch item, head): every row's hash starts from it.
+    /// The same draw for a batch whose first row is item `first_item` of a larger prediction.
+    pub fn starting_at(self, first_item: u64) -> DropKey {
+        DropKey { first_item, ..self }
+    }
+
+    /// The stream of one (member, batch row, head): every row's hash starts from it.
     pub fn head_stream(&self, g: usize, b: usize, h: usize) -> u32 {
+        let item = self.first_item.wrapping_add(b as u64);
         let s = mix64(self.seed ^ mix64(g as u64 ^ 0x6D65_6D62_6572_0000));
-        let s = mix64(s ^ mix64(b as u64 ^ 0x6261_7463_6800_0000));
+        let s = mix64(s ^ mix64(item ^ 0x6261_7463_6800_0000));
         mix64(s ^ mix64(h as u64 ^ 0x6865_6164_0000_0000)) as u32
     }
 
@@ -116,6 +127,17 @@ mod tests {
         }
         let joint = both as f64 / n as f64;
         assert!((joint - 0.04).abs() < 0.005, "joint rate {joint}");
+    }
+
+    #[test]
+    fn a_batch_row_draws_the_masks_of_its_item() {
+        let whole = DropKey::new(0.3, 11, 2).unwrap();
+        let part = whole.starting_at(5);
+        for (g, h) in [(0, 0), (1, 3)] {
+            assert_eq!(part.head_stream(g, 0, h), whole.head_stream(g, 5, h));
+            assert_eq!(part.head_stream(g, 2, h), whole.head_stream(g, 7, h));
+        }
+        assert_ne!(part.head_stream(0, 0, 0), whole.head_stream(0, 0, 0));
     }
 
     #[test]
