@@ -4,8 +4,10 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
+use loren_autograd::optim::OptimizerKind;
 use loren_nn::eval::EvalReport;
 use loren_nn::metrics::{OodReport, ShiftRow, SizeRow};
+use loren_nn::train::TrainConfig;
 use loren_nn::{Activations, Method};
 
 use crate::run::RunResult;
@@ -224,8 +226,8 @@ fn ood_block(s: &mut String, title: &str, o: &OodReport) {
     }
 }
 
-/// The validation figures, when the run kept a validation part, then what training cost:
-/// parameters, memory and time.
+/// The validation figures, when the run kept a validation part, how it trained, then what
+/// training cost: parameters, memory and time.
 pub fn training_line(r: &RunResult) -> String {
     let val = match (r.val_accuracy, r.val_nll, r.val_ece) {
         (Some(acc), Some(nll), Some(ece)) => format!(
@@ -238,7 +240,7 @@ pub fn training_line(r: &RunResult) -> String {
         s if s > 0.0 => format!(", validation {s:.1}s"),
         _ => String::new(),
     };
-    val + &format!(
+    let cost = format!(
         "  trainable parameters {} of {}; peak tensor memory {} on {}{}; training {:.1}s{validating}, \
          evaluation {:.1}s\n",
         count(r.trainable_params),
@@ -251,6 +253,27 @@ pub fn training_line(r: &RunResult) -> String {
         },
         r.train_seconds,
         r.eval_seconds
+    );
+    val + &settings_line(&r.settings.train) + &cost
+}
+
+/// How the run trained: the learning rate (whose default depends on the method) and its
+/// schedule, the optimizer and the budget.
+fn settings_line(t: &TrainConfig) -> String {
+    let optimizer = match t.optimizer {
+        OptimizerKind::AdamW { weight_decay, .. } => format!("AdamW (weight decay {weight_decay})"),
+        OptimizerKind::Sgd {
+            momentum,
+            weight_decay,
+        } => format!("SGD (momentum {momentum}, weight decay {weight_decay})"),
+    };
+    let clip = t
+        .grad_clip
+        .map(|c| format!(", gradients clipped at norm {c}"))
+        .unwrap_or_default();
+    format!(
+        "  trained: lr {:e}, {} warmup steps, cosine to {:e}; {optimizer}{clip}; {} epochs of batch {}\n",
+        t.lr, t.warmup_steps, t.min_lr, t.epochs, t.batch_size
     )
 }
 
@@ -387,6 +410,15 @@ pub fn comparison_table(runs: &[RunResult]) -> String {
              the scaled prediction is nearly one-hot"
         );
     }
+    // The default learning rate depends on the method: say what each one trained at.
+    let mut rates: Vec<String> = Vec::new();
+    for r in runs {
+        let rate = format!("{} {:e}", r.method.name(), r.settings.train.lr);
+        if !rates.contains(&rate) {
+            rates.push(rate);
+        }
+    }
+    let _ = writeln!(s, "peak learning rates: {}", rates.join(", "));
     s
 }
 

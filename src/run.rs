@@ -69,6 +69,20 @@ impl From<MemoryReport> for MemoryBreakdown {
     }
 }
 
+/// The settings a run trained with, as its checkpoint keeps them, so that a report says how it
+/// was made: the model, the ensemble, the training (learning rate, schedule, optimizer,
+/// augmentation, ...) and the data.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunSettings {
+    pub vit: VitConfig,
+    pub ensemble: EnsembleConfig,
+    pub train: TrainConfig,
+    /// Where the data came from, as `eval` rebuilds it (`data`, `normalize`, ...).
+    pub data: BTreeMap<String, String>,
+    /// Seeds the adapters' and heads' start.
+    pub model_seed: u64,
+}
+
 /// What a run produced.
 #[derive(Clone, Debug, Serialize)]
 pub struct RunResult {
@@ -98,6 +112,7 @@ pub struct RunResult {
     pub validation_seconds: f64,
     /// Scoring the test, shifted and OOD sets.
     pub eval_seconds: f64,
+    pub settings: RunSettings,
 }
 
 /// What a run's first checkpoint replaces at `checkpoint`, removed when that checkpoint is
@@ -371,6 +386,13 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
         report,
         train_seconds,
         eval_seconds: t1.elapsed().as_secs_f64(),
+        settings: RunSettings {
+            vit: spec.vit.clone(),
+            ensemble: spec.ensemble.clone(),
+            train: spec.train.clone(),
+            data: spec.metadata.clone().into_iter().collect(),
+            model_seed: spec.model_seed,
+        },
     })
 }
 

@@ -38,6 +38,11 @@ fn compare_at_several_sizes_shows_lora_growing_slower_than_explicit() {
         stdout.lines().next().is_some_and(|l| l.contains(" ECE@T ")),
         "{stdout}"
     );
+    // Each method once, at its default rate.
+    assert!(
+        stdout.contains("peak learning rates: single 3e-4, explicit 3e-4, lora 1e-3\n"),
+        "{stdout}"
+    );
     // One single network, and each ensemble method at both sizes.
     let json: Value =
         serde_json::from_slice(&std::fs::read(out.join("compare.json")).unwrap()).unwrap();

@@ -71,6 +71,18 @@ fn round_trip(method: &str, normalize: Normalize) {
     let dir = temp_dir(&format!("{method}-{normalize}"));
     let flag = normalize.to_string();
     let (ckpt, exported) = train_eval_export(method, &dir, &["--normalize", &flag]);
+    // The report says how the run trained, at the method's default rate: 1e-3 for adapters and
+    // for MC Dropout's heads on one backbone, 3e-4 for full fine-tuning.
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap();
+    let lr = report["settings"]["train"]["lr"].as_f64().unwrap();
+    let want = if matches!(method, "single" | "explicit") {
+        3e-4
+    } else {
+        1e-3
+    };
+    assert!((lr / want - 1.0).abs() < 1e-6, "{method}: lr {lr}");
+    assert_eq!(report["settings"]["ensemble"]["method"], method);
     let mut ens = Ensemble::load(&exported, DeviceSpec::Cpu).unwrap();
     assert_eq!((ens.members(), ens.classes()), (3, 10));
     assert_eq!(ens.class_names()[7], "7");
