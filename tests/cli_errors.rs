@@ -271,6 +271,41 @@ fn compare_refuses_a_method_named_twice() {
 }
 
 #[test]
+fn compare_refuses_a_bad_rate_per_method() {
+    let dir = temp_dir("compare-method-lr");
+    let out = dir.to_str().unwrap();
+    for (value, needles) in [
+        ("lora", &["--method-lr lora", "METHOD=LR"][..]),
+        ("lora=fast", &["'fast' is not a number"]),
+        ("lora=-1e-3", &["positive and finite"]),
+        ("lora=0", &["positive and finite"]),
+        (
+            "bagging=1e-3",
+            &["--method-lr bagging=1e-3", "unknown method 'bagging'"],
+        ),
+        ("explicit=1e-3", &["explicit is not among --methods"]),
+        ("lora=1e-3,lora=2e-3", &["gives lora two rates"]),
+        ("lora=1e-6", &["method lora", "--min-lr"]),
+    ] {
+        fails_with(
+            &[
+                "compare",
+                "--methods",
+                "single,lora",
+                "--method-lr",
+                value,
+                "--epochs",
+                "1",
+                "-q",
+                "--out",
+                out,
+            ],
+            needles,
+        );
+    }
+}
+
+#[test]
 fn eval_of_a_file_that_is_not_a_checkpoint() {
     let b = bundled_backbone();
     fails_with(

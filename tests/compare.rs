@@ -18,6 +18,8 @@ fn compare_at_several_sizes_shows_lora_growing_slower_than_explicit() {
             "single,explicit,lora",
             "--sizes",
             "1,3",
+            "--method-lr",
+            "explicit=5e-4",
             "--epochs",
             "1",
             "--no-shift",
@@ -38,9 +40,9 @@ fn compare_at_several_sizes_shows_lora_growing_slower_than_explicit() {
         stdout.lines().next().is_some_and(|l| l.contains(" ECE@T ")),
         "{stdout}"
     );
-    // Each method once, at its default rate.
+    // Each method once, at its default rate or the one given for it.
     assert!(
-        stdout.contains("peak learning rates: single 3e-4, explicit 3e-4, lora 1e-3\n"),
+        stdout.contains("peak learning rates: single 3e-4, explicit 5e-4, lora 1e-3\n"),
         "{stdout}"
     );
     // One single network, and each ensemble method at both sizes.

@@ -54,6 +54,10 @@ pub struct CompareArgs {
     /// DIR/summary.json). The data split is the same for every seed.
     #[arg(long, value_delimiter = ',', conflicts_with = "seed")]
     pub seeds: Vec<u64>,
+    /// A peak learning rate for some of the methods, over --lr and their defaults (e.g.
+    /// explicit=1e-3,mc-dropout=2e-3): to compare each method at a rate tuned for it.
+    #[arg(long, value_delimiter = ',', value_name = "METHOD=LR")]
+    pub method_lr: Vec<String>,
     /// Output folder.
     #[arg(long, default_value = "runs/compare")]
     pub out: PathBuf,
@@ -88,6 +92,7 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
             twice.name()
         );
     }
+    let rates = method_rates(&a.method_lr, &methods)?;
     check_sizes(&a.sizes)?;
     if let Some(twice) = first_repeated(&a.seeds) {
         bail!("--seeds names {twice} twice: each seed is one run per method, into its own folder");
@@ -98,7 +103,7 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     loren::outputs::writable_dir(&a.out, "--out")?;
     let mut vit = VitConfig::by_name(&a.model.config)?;
     let data = splits(&a.data, &vit, a.optim.train_on_val)?;
-    let plan = plan(a, &methods, &data)?;
+    let plan = plan(a, &methods, &rates, &data)?;
     check_all_fit(&plan, &data)?;
     if a.common.verbosity() == Verbosity::Normal {
         note_earlier_reports(&a.out, &plan);
@@ -168,7 +173,12 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
 
 /// Every run, in order (seed by seed, each seed's methods in order), each one's settings
 /// validated.
-fn plan(a: &CompareArgs, methods: &[Method], data: &Splits) -> Result<Vec<Planned>> {
+fn plan(
+    a: &CompareArgs,
+    methods: &[Method],
+    rates: &[(Method, f32)],
+    data: &Splits,
+) -> Result<Vec<Planned>> {
     let sizes = if a.sizes.is_empty() {
         vec![a.ensemble.members()]
     } else {
@@ -188,17 +198,26 @@ fn plan(a: &CompareArgs, methods: &[Method], data: &Splits) -> Result<Vec<Planne
                     members: Some(m),
                     ..a.ensemble.clone()
                 };
+                let optim = OptimArgs {
+                    lr: rates
+                        .iter()
+                        .find(|r| r.0 == method)
+                        .map(|r| r.1)
+                        .or(a.optim.lr),
+                    ..a.optim.clone()
+                };
                 let spec = run_spec(
                     &a.common,
                     seed,
                     &a.model,
                     &ensemble,
-                    &a.optim,
+                    &optim,
                     &a.data,
                     method,
                     data.train.classes,
                     None,
-                )?;
+                )
+                .with_context(|| format!("method {method}"))?;
                 let mut dir = method.name().to_string();
                 if a.sizes.len() > 1 && !method.is_single() {
                     dir += &format!("-M{m}");
@@ -230,6 +249,36 @@ fn check_sizes(sizes: &[usize]) -> Result<()> {
 }
 
 /// The first item given more than once.
+/// `--method-lr`'s METHOD=LR entries: each of a method being compared, at most once.
+fn method_rates(entries: &[String], methods: &[Method]) -> Result<Vec<(Method, f32)>> {
+    let mut rates = Vec::new();
+    for entry in entries {
+        let Some((name, lr)) = entry.split_once('=') else {
+            bail!("--method-lr {entry}: expected METHOD=LR, e.g. explicit=1e-3");
+        };
+        let method: Method = name
+            .trim()
+            .parse()
+            .with_context(|| format!("--method-lr {entry}"))?;
+        if !methods.contains(&method) {
+            bail!("--method-lr {entry}: {method} is not among --methods");
+        }
+        let lr: f32 = lr
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--method-lr {entry}: '{lr}' is not a number"))?;
+        if !(lr.is_finite() && lr > 0.0) {
+            bail!("--method-lr {entry}: a learning rate must be positive and finite");
+        }
+        rates.push((method, lr));
+    }
+    let named: Vec<Method> = rates.iter().map(|r| r.0).collect();
+    if let Some(twice) = first_repeated(&named) {
+        bail!("--method-lr gives {} two rates", twice.name());
+    }
+    Ok(rates)
+}
+
 fn first_repeated<T: PartialEq>(items: &[T]) -> Option<&T> {
     items
         .iter()
