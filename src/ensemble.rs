@@ -26,7 +26,7 @@
 //! network with DropKey masks of its own on every attention score (rate `drop_key` in the
 //! ensemble JSON): the masks are hashes, `loren_tensor::ops::dropkey`, drawn for predictions
 //! from one fixed seed and the image's place in the whole input of [`Ensemble::predict`] (not in
-//! the batch it is split into), so the same input gives the same prediction in chunks of any size.
+//! the batch it is split into), so the same input draws the same masks in chunks of any size.
 //!
 //! [`Ensemble`] reads such a file back and predicts with loren's own engine, giving the same
 //! probabilities, bit for bit, as `loren eval` computes from the checkpoint.

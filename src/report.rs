@@ -272,9 +272,22 @@ fn settings_line(t: &TrainConfig) -> String {
         .map(|c| format!(", gradients clipped at norm {c}"))
         .unwrap_or_default();
     format!(
-        "  trained: lr {:e}, {} warmup steps, cosine to {:e}; {optimizer}{clip}; {} epochs of batch {}\n",
-        t.lr, t.warmup_steps, t.min_lr, t.epochs, t.batch_size
+        "  trained: lr {}, {} warmup steps, cosine to {}; {optimizer}{clip}; {} epochs of batch {}\n",
+        rate(t.lr),
+        t.warmup_steps,
+        rate(t.min_lr),
+        t.epochs,
+        t.batch_size
     )
+}
+
+/// A learning rate as one is written: 1e-3, 2.5e-4, 0.
+fn rate(lr: f32) -> String {
+    if lr == 0.0 {
+        "0".to_string()
+    } else {
+        format!("{lr:e}")
+    }
 }
 
 fn unique_kinds(rows: &[ShiftRow]) -> Vec<String> {
@@ -413,12 +426,14 @@ pub fn comparison_table(runs: &[RunResult]) -> String {
     // The default learning rate depends on the method: say what each one trained at.
     let mut rates: Vec<String> = Vec::new();
     for r in runs {
-        let rate = format!("{} {:e}", r.method.name(), r.settings.train.lr);
-        if !rates.contains(&rate) {
-            rates.push(rate);
+        let named = format!("{} {}", r.method.name(), rate(r.settings.train.lr));
+        if !rates.contains(&named) {
+            rates.push(named);
         }
     }
-    let _ = writeln!(s, "peak learning rates: {}", rates.join(", "));
+    if !rates.is_empty() {
+        let _ = writeln!(s, "peak learning rates: {}", rates.join(", "));
+    }
     s
 }
 

@@ -391,8 +391,8 @@ pub fn train_config(o: &OptimArgs, method: Method, seed: u64) -> Result<TrainCon
     };
     // Eight heads started at random on one shared backbone (mc-dropout) need the adapters' rate:
     // at 3e-4 a head moves no further in the default budget than its random start spans, and the
-    // heads keep disagreeing parts that one backbone cannot serve (training loss 0.24 after 20
-    // epochs, against single's 0.010; benches/results/cpu-2026-12-05/lr-sweep).
+    // heads keep disagreeing parts that one backbone cannot serve (training loss 0.25 after 20
+    // epochs, against single's 0.010, over two seeds; benches/results/cpu-2026-12-05/lr-sweep).
     let default_lr = if method.uses_lora() || method.drops_keys() {
         1e-3
     } else {

@@ -217,7 +217,10 @@ fn plan(
                     data.train.classes,
                     None,
                 )
-                .with_context(|| format!("method {method}"))?;
+                .with_context(|| match rates.iter().any(|r| r.0 == method) {
+                    true => format!("method {method} at its --method-lr rate"),
+                    false => format!("method {method}"),
+                })?;
                 let mut dir = method.name().to_string();
                 if a.sizes.len() > 1 && !method.is_single() {
                     dir += &format!("-M{m}");
@@ -248,7 +251,6 @@ fn check_sizes(sizes: &[usize]) -> Result<()> {
     Ok(())
 }
 
-/// The first item given more than once.
 /// `--method-lr`'s METHOD=LR entries: each of a method being compared, at most once.
 fn method_rates(entries: &[String], methods: &[Method]) -> Result<Vec<(Method, f32)>> {
     let mut rates = Vec::new();
@@ -279,6 +281,7 @@ fn method_rates(entries: &[String], methods: &[Method]) -> Result<Vec<(Method, f
     Ok(rates)
 }
 
+/// The first item given more than once.
 fn first_repeated<T: PartialEq>(items: &[T]) -> Option<&T> {
     items
         .iter()

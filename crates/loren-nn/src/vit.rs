@@ -136,8 +136,8 @@ struct BlockShape {
 /// Which DropKey masks an MC Dropout forward draws (other methods draw none): a training step's,
 /// fresh every step, or the one fixed draw every prediction uses, so that scoring a model twice
 /// gives the same figures. A member's masks differ from every other member's in both. An image
-/// draws by its place in the whole prediction, so splitting a prediction into batches of any size
-/// changes nothing.
+/// draws by its place in the whole prediction, so a prediction split into batches of any size
+/// draws the same masks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Draw {
     seed: u64,
@@ -527,7 +527,7 @@ impl Vit {
     /// Every member's class probabilities [M, B, classes], without recording anything, for a
     /// batch whose first image is image `first_item` of a larger prediction (0 when the batch is
     /// all of it): MC Dropout draws an image's masks by that place, so a prediction made in
-    /// batches of any size is the same.
+    /// batches of any size draws the same masks.
     pub fn predict(&self, images: &Tensor, first_item: u64) -> Result<Tensor> {
         let tape = Tape::inference();
         let draw = Draw::prediction(first_item);

@@ -149,7 +149,7 @@ impl AttentionDims {
         })
     }
 
-    /// The scalar arguments every attention kernel ends with: DropKey's two last, for its
+    /// The scalar arguments every attention kernel ends with: DropKey's three last, for its
     /// kernels.
     fn args(&self) -> Vec<Arg> {
         let mut args = vec![
