@@ -3,7 +3,7 @@
 # benches/results/<date>-<gpu>/, ready to commit:
 #   index.md        device, driver, date, the commit the bundle was built from, the command, and the summary of every check
 #   summary.md  device.txt  *.log            as they came back
-#   kernel-bench/ bench/ bench-breakdown/ bench-wgmma/ memprofile/ memprofile-recompute/ bench-mc-dropout/ train-*/ from results.tar.gz (JSON, Markdown, SVG)
+#   kernel-bench/ bench/ bench-breakdown/ bench-wgmma/ memprofile/ memprofile-recompute/ bench-mc-dropout/ train-*/ compare-cuda/ from results.tar.gz (JSON, Markdown, SVG)
 #
 #   scripts/gpu-results.sh FOLDER 'the command that ran there'
 set -euo pipefail

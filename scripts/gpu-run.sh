@@ -7,7 +7,8 @@
 #
 # STAGES, comma-separated, run in the order given (default: all):
 #   parity     kernel launcher tests, every op against its CPU twin, a whole training step
-#   train      `loren train` on cuda and on cpu, the same run, accuracy and ECE compared
+#   train      `loren train` on cuda and on cpu, the same run, accuracy and ECE compared; then
+#              `loren compare --device cuda`, every method for 3 epochs
 #   sanitizer  compute-sanitizer memcheck and racecheck over the parity suite
 #   bench      kernel-bench, `loren bench` and `loren memprofile` on cuda
 #   profile    Nsight Compute (ncu) over the fused lora_* and attention_* kernels at ViT-B shapes:
@@ -22,7 +23,7 @@
 #   parity.log  train.log  bench.log  sanitizer.log
 #   results.tar.gz  kernel-bench/, bench/, bench-breakdown/, bench-wgmma/, memprofile/, memprofile-recompute/,
 #                   bench-mc-dropout/ (JSON, Markdown, SVG),
-#                   train-{cuda,cpu}/, profile/ncu.txt
+#                   train-{cuda,cpu}/, compare-cuda/, profile/ncu.txt
 # scripts/gpu-results.sh turns that folder into benches/results/<date>-<gpu>/ here.
 # It exits non-zero when any check fails or runs out of time.
 set -uo pipefail
@@ -100,6 +101,8 @@ train() {
     check "train --device cuda" "$out/train.log" 90 $bin/loren train --device cuda -q --out "$work/train-cuda"
     check "train --device cpu" "$out/train.log" 120 $bin/loren train --device cpu -q --out "$work/train-cpu"
     compare_runs
+    # Every method end to end on the GPU (issue 3's `compare --device cuda`), on a short budget.
+    check "compare --device cuda" "$out/train.log" 90 $bin/loren compare --device cuda -q --epochs 3 --no-shift --no-ood --out "$work/compare-cuda"
 }
 
 bench() {
