@@ -217,9 +217,14 @@ fn plan(
                     data.train.classes,
                     None,
                 )
-                .with_context(|| match rates.iter().any(|r| r.0 == method) {
-                    true => format!("method {method} at its --method-lr rate"),
-                    false => format!("method {method}"),
+                .with_context(|| {
+                    let given = rates.iter().any(|r| r.0 == method);
+                    let at = if given {
+                        " at its --method-lr rate"
+                    } else {
+                        ""
+                    };
+                    format!("method {method}{at}")
                 })?;
                 let mut dir = method.name().to_string();
                 if a.sizes.len() > 1 && !method.is_single() {
