@@ -174,6 +174,49 @@ fn an_unnormalised_ensemble_round_trips_bit_for_bit() {
     round_trip("lora", Normalize::None);
 }
 
+/// A program serving predictions shares one loaded ensemble between threads: each thread's
+/// prediction is, bit for bit, the one it gets alone.
+#[test]
+fn one_ensemble_predicts_from_several_threads_at_once() {
+    let dir = temp_dir("threads");
+    let (_, exported) = train_eval_export("lora", &dir, &[]);
+    let mut ens = Ensemble::load(&exported, DeviceSpec::Cpu).unwrap();
+    // Several chunks per call, so each thread also stages batches in the background.
+    ens.set_batch_size(16);
+    let test = DataSource::Digits(None)
+        .splits(&[], ens.vit(), Normalize::Dataset, false)
+        .unwrap()
+        .test;
+    let parts: Vec<Vec<f32>> = (0..4)
+        .map(|i| {
+            let idx: Vec<usize> = (i * 40..(i + 1) * 40 + 7 * i).collect();
+            test.batch(&idx, None).images
+        })
+        .collect();
+    let alone: Vec<Vec<u32>> = parts
+        .iter()
+        .map(|p| bits(&ens.predict(p).unwrap().probs))
+        .collect();
+    let ens = &ens;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = parts
+            .iter()
+            .map(|p| {
+                s.spawn(move || {
+                    (0..3)
+                        .map(|_| bits(&ens.predict(p).unwrap().probs))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for (i, h) in handles.into_iter().enumerate() {
+            for (round, got) in h.join().unwrap().into_iter().enumerate() {
+                assert!(got == alone[i], "thread {i}, round {round}");
+            }
+        }
+    });
+}
+
 #[test]
 fn the_exported_file_holds_shared_weights_once_and_stacked_adapters() {
     let dir = temp_dir("layout");
