@@ -79,8 +79,22 @@ pub struct RunSettings {
     pub train: TrainConfig,
     /// Where the data came from, as `eval` rebuilds it (`data`, `normalize`, ...).
     pub data: BTreeMap<String, String>,
-    /// Seeds the adapters' and heads' start.
-    pub model_seed: u64,
+    /// Seeds the adapters' and heads' start; unknown (None) to `eval`, as the checkpoint holds
+    /// the trained weights rather than their start.
+    pub model_seed: Option<u64>,
+}
+
+impl RunSettings {
+    /// The settings a checkpoint was trained with, beside the data it is scored on.
+    pub fn of_checkpoint(file: &TensorFile, data: BTreeMap<String, String>) -> Result<RunSettings> {
+        Ok(RunSettings {
+            vit: file.meta_json("vit")?,
+            ensemble: file.meta_json("ensemble")?,
+            train: file.meta_json("train")?,
+            data,
+            model_seed: None,
+        })
+    }
 }
 
 /// What a run produced.
@@ -391,7 +405,7 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
             ensemble: spec.ensemble.clone(),
             train: spec.train.clone(),
             data: spec.metadata.clone().into_iter().collect(),
-            model_seed: spec.model_seed,
+            model_seed: Some(spec.model_seed),
         },
     })
 }

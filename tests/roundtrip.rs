@@ -137,6 +137,23 @@ fn round_trip(method: &str, normalize: Normalize) {
     // the last digit serde_json's float parsing keeps).
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("eval.json")).unwrap()).unwrap();
+    // It says what it scored and how: the checkpoint, its training settings, the data.
+    assert!(
+        report["checkpoint"]
+            .as_str()
+            .unwrap()
+            .ends_with("checkpoint.safetensors"),
+        "{}",
+        report["checkpoint"]
+    );
+    assert_eq!(report["batch_size"], 256);
+    assert_eq!(report["device"], "cpu");
+    assert_eq!(report["settings"]["ensemble"]["method"], method);
+    assert_eq!(report["settings"]["train"]["epochs"], 1);
+    assert_eq!(
+        report["settings"]["data"]["normalize"],
+        normalize.to_string()
+    );
     let ours = calibration(&want, &test.labels).unwrap();
     for (key, value) in [
         ("accuracy", ours.accuracy),

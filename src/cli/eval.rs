@@ -4,21 +4,24 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::Args;
+use serde::Serialize;
 
 use super::say;
 use loren::backbone::checkpoint_backbone;
 use loren::dataset::{Normalize, recorded_train_on_val};
 use loren::progress::{EvalBar, Verbosity};
 use loren::report::{calibration_report, method_title};
-use loren::run::read_checkpoint;
+use loren::run::{RunSettings, read_checkpoint};
 use loren_nn::checkpoint::write_atomic;
 use loren_nn::config::VitConfig;
-use loren_nn::eval::{eval_images, evaluate, predict};
+use loren_nn::eval::{EvalReport, eval_images, evaluate, predict};
 use loren_nn::metrics::fit_temperature;
 use loren_nn::reliability::reliability_svg;
 use loren_nn::train::load_trained;
 
-use super::args::{Common, DataArgs, checkpoint_arg, eval_options, saved_holdout_classes, splits};
+use super::args::{
+    Common, DataArgs, checkpoint_arg, data_metadata, eval_options, saved_holdout_classes, splits,
+};
 use loren::outputs::writable_dir;
 
 // The shared --data's default is train's; eval's is the checkpoint's own data.
@@ -40,6 +43,18 @@ pub struct EvalArgs {
     /// Output folder for eval.json and eval-reliability.svg (default: the checkpoint's folder).
     #[arg(long)]
     pub out: Option<PathBuf>,
+}
+
+/// eval.json: the report, then what was scored and how: the checkpoint, the device, the batch
+/// size, and the settings it was trained with beside the data it was scored on.
+#[derive(Serialize)]
+struct EvalFile<'a> {
+    #[serde(flatten)]
+    report: &'a EvalReport,
+    checkpoint: String,
+    device: String,
+    batch_size: usize,
+    settings: RunSettings,
 }
 
 pub fn eval(a: &EvalArgs) -> Result<()> {
@@ -99,7 +114,8 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     data_args.normalize = Some(trained.to_string());
     let vit: VitConfig = file.meta_json("vit")?;
     // The same cut either way: eval scores only the test part and the held-out classes.
-    let data = splits(&data_args, &vit, recorded_train_on_val(meta)?)?;
+    let train_on_val = recorded_train_on_val(meta)?;
+    let data = splits(&data_args, &vit, train_on_val)?;
     let backbone = checkpoint_backbone(&file, a.backbone.as_deref(), &vit)?;
     let device = a.common.device()?.open()?;
     let model = load_trained(&file, backbone.as_ref(), &device)?;
@@ -144,7 +160,19 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     );
     // Written before the report is printed: a reader that stops early (| head) loses nothing.
     let json = out.join("eval.json");
-    write_atomic(&json, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    let written = EvalFile {
+        report: &report,
+        checkpoint: a.checkpoint.display().to_string(),
+        device: device.to_string(),
+        batch_size: opts.batch_size,
+        settings: RunSettings::of_checkpoint(
+            &file,
+            data_metadata(&data_args, train_on_val)
+                .into_iter()
+                .collect(),
+        )?,
+    };
+    write_atomic(&json, serde_json::to_string_pretty(&written)?.as_bytes())?;
     let svg = out.join("eval-reliability.svg");
     write_atomic(&svg, reliability_svg(&report.test, &title).as_bytes())?;
     say(format_args!(
