@@ -147,7 +147,7 @@ pub fn calibration_report(title: &str, dataset: &str, report: &EvalReport) -> St
     }
     if !report.shift.is_empty() {
         let _ = writeln!(s, "  under shift, accuracy % / ECE by severity 1..5:");
-        for kind in unique_kinds(&report.shift) {
+        for kind in unique(report.shift.iter().map(|r| r.kind.clone())) {
             let cells: Vec<String> = report
                 .shift
                 .iter()
@@ -290,14 +290,15 @@ fn rate(lr: f32) -> String {
     }
 }
 
-fn unique_kinds(rows: &[ShiftRow]) -> Vec<String> {
-    let mut kinds: Vec<String> = Vec::new();
-    for r in rows {
-        if !kinds.contains(&r.kind) {
-            kinds.push(r.kind.clone());
+/// Each item once, in the order first seen.
+fn unique<T: PartialEq>(items: impl IntoIterator<Item = T>) -> Vec<T> {
+    let mut seen = Vec::new();
+    for item in items {
+        if !seen.contains(&item) {
+            seen.push(item);
         }
     }
-    kinds
+    seen
 }
 
 /// For each ensemble method run at two or more sizes, what one more member adds between the
@@ -424,13 +425,10 @@ pub fn comparison_table(runs: &[RunResult]) -> String {
         );
     }
     // The default learning rate depends on the method: say what each one trained at.
-    let mut rates: Vec<String> = Vec::new();
-    for r in runs {
-        let named = format!("{} {}", r.method.name(), rate(r.settings.train.lr));
-        if !rates.contains(&named) {
-            rates.push(named);
-        }
-    }
+    let rates = unique(
+        runs.iter()
+            .map(|r| format!("{} {}", r.method.name(), rate(r.settings.train.lr))),
+    );
     if !rates.is_empty() {
         let _ = writeln!(s, "peak learning rates: {}", rates.join(", "));
     }
