@@ -6,6 +6,7 @@
     benches/compare_tables.py seeds RUN/compare.json            (from `loren compare --seeds`)
     benches/compare_tables.py seeds SEED0/compare.json SEED1/compare.json ...
         single against lora per seed (test accuracy, ECE, NLL; validation ECE), mean ± sd
+    benches/compare_tables.py growth RUN/compare.json           (from `loren compare --sizes`)
     benches/compare_tables.py growth M1/compare.json M2/compare.json ...
         explicit against lora per M: parameters, trainable + gradients + optimizer state,
         peak tensor memory, validation ECE
@@ -97,8 +98,15 @@ def growth(paths):
           "| LoRA trainable+grads+optimizer MiB | explicit peak MiB | LoRA peak MiB "
           "| LoRA/explicit peak | explicit val ECE | LoRA val ECE |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    by_size = {}
     for path in paths:
-        rs = runs(path)
+        for r in load(path):
+            if r["method"] in by_size.setdefault(r["members"], {}):
+                sys.exit(f"{r['method']} at M = {r['members']} twice (a --seeds comparison?)")
+            by_size[r["members"]][r["method"]] = r
+    for members, rs in sorted(by_size.items()):
+        if "explicit" not in rs or "lora" not in rs:
+            sys.exit(f"M = {members} lacks explicit or lora: growth compares the two")
         e, l = rs["explicit"], rs["lora"]
 
         def state(r):
