@@ -10,6 +10,10 @@
     benches/compare_tables.py growth M1/compare.json M2/compare.json ...
         explicit against lora per M: parameters, trainable + gradients + optimizer state,
         peak tensor memory, validation ECE
+    benches/compare_tables.py rates RUN/compare.json            (from `loren compare --lrs`)
+        per method, size and rate: each seed's validation NLL (what picks the rate, rates.json
+        beside it marks the pick), then mean ± sd over seeds of the validation NLL and
+        accuracy, the last epoch's training loss, and the test accuracy, ECE and NLL
 """
 import json
 import statistics
@@ -119,8 +123,34 @@ def growth(paths):
               f"| {opt('{:.4f}', e['val_ece'])} | {opt('{:.4f}', l['val_ece'])} |")
 
 
+def rates(path):
+    import os
+    choices = load(os.path.join(os.path.dirname(path), "rates.json"))
+    runs_by = {}
+    for r in load(path):
+        key = (r["method"], r["members"], r["settings"]["train"]["lr"])
+        runs_by.setdefault(key, []).append(r)
+    print("| method | M | lr | val NLL by seed | val NLL | val acc % | train loss | test acc % "
+          "| test ECE | test NLL |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for c in choices:
+        for t in c["trials"]:
+            rs = runs_by[(c["method"], c["members"], t["lr"])]
+            col = lambda f, fmt: mean_sd([f(r) for r in rs], fmt)
+            lr = f"**{t['lr']:g}** picked" if t["picked"] else f"{t['lr']:g}"
+            by_seed = " / ".join(f"{v:.4f}" for v in t["val_nll"])
+            print(f"| {c['method']} | {c['members']} | {lr} | {by_seed} "
+                  f"| {col(lambda r: r['val_nll'], '{:.4f}')} "
+                  f"| {col(lambda r: 100 * r['val_accuracy'], '{:.2f}')} "
+                  f"| {col(lambda r: r['train']['epochs'][-1]['mean_loss'], '{:.4f}')} "
+                  f"| {col(lambda r: 100 * r['report']['test']['accuracy'], '{:.2f}')} "
+                  f"| {col(lambda r: r['report']['test']['ece'], '{:.4f}')} "
+                  f"| {col(lambda r: r['report']['test']['nll'], '{:.4f}')} |")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 3 or sys.argv[1] not in ("defaults", "seeds", "growth"):
+    modes = {"defaults": lambda p: defaults(p[0]), "seeds": seeds, "growth": growth,
+             "rates": lambda p: rates(p[0])}
+    if len(sys.argv) < 3 or sys.argv[1] not in modes:
         sys.exit(__doc__)
-    {"defaults": lambda p: defaults(p[0]), "seeds": seeds, "growth": growth}[sys.argv[1]](
-        sys.argv[2:])
+    modes[sys.argv[1]](sys.argv[2:])

@@ -31,6 +31,7 @@ pub mod memprofile;
 pub mod outputs;
 pub mod plot;
 pub mod progress;
+pub mod rates;
 pub mod report;
 pub mod run;
 

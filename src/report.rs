@@ -282,7 +282,7 @@ fn settings_line(t: &TrainConfig) -> String {
 }
 
 /// A learning rate as one is written: 1e-3, 2.5e-4, 0.
-fn rate(lr: f32) -> String {
+pub fn rate(lr: f32) -> String {
     if lr == 0.0 {
         "0".to_string()
     } else {

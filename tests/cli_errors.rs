@@ -821,3 +821,38 @@ fn ctrl_c_while_scoring_stops_and_names_the_checkpoint_to_score() {
     assert!(!dir.join("report.json").exists());
     assert!(ckpt.exists(), "the trained checkpoint went");
 }
+
+#[test]
+fn compare_refuses_bad_rates_to_choose_among() {
+    let dir = temp_dir("compare-lrs");
+    let out = dir.to_str().unwrap();
+    for (extra, needles) in [
+        (&["--lrs", "0"][..], &["--lrs 0", "positive and finite"][..]),
+        (
+            &["--lrs", "1e-3,nan"],
+            &["--lrs NaN", "positive and finite"],
+        ),
+        (&["--lrs", "1e-3,3e-4,1e-3"], &["--lrs names 1e-3 twice"]),
+        (&["--lrs", "1e-3", "--train-on-val"], &["--train-on-val"]),
+        (
+            &["--lrs", "1e-3,1e-6"],
+            &["method lora at --lrs 1e-6", "--min-lr"],
+        ),
+    ] {
+        let mut args = vec!["compare", "--methods", "lora", "-q", "--out", out];
+        args.extend(extra);
+        fails_before_work(&args, needles);
+    }
+    // One rate per method, or rates to choose among: not both. A usage error, which clap
+    // explains with the usage line.
+    for other in [["--lr", "1e-3"], ["--method-lr", "lora=1e-3"]] {
+        let mut args = vec!["compare", "--lrs", "1e-3,3e-3", "--out", out];
+        args.extend(other);
+        let (ok, _, err) = loren(&args);
+        assert!(!ok && !err.contains("panicked"), "{err}");
+        assert!(
+            err.starts_with("error: the argument '--lrs <LRS>' cannot be used with"),
+            "{err}"
+        );
+    }
+}

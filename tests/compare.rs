@@ -250,3 +250,121 @@ fn compare_over_seeds_summarises_each_method_over_the_runs() {
     compare("one-seed", &["--seed", "7"]);
     assert!(!one.join("summary.json").exists());
 }
+
+/// `loren compare --lrs` trains every method at every rate and seed, picks each method's rate
+/// by the rule on the runs' own validation NLL, and shows and summarises the picked runs alone.
+#[test]
+fn compare_over_rates_picks_each_methods_rate_on_validation() {
+    let out = std::env::temp_dir().join(format!("loren-compare-lrs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let run = Command::new(env!("CARGO_BIN_EXE_loren"))
+        .args(["compare", "--methods", "single-lora,lora", "-m", "2"])
+        .args(["--lrs", "3e-3,3e-4,1e-3", "--seeds", "4,7"])
+        .args(["--epochs", "2", "--no-shift", "--no-ood", "-q", "--out"])
+        .arg(&out)
+        .output()
+        .expect("the loren binary runs");
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let read = |name: &str| -> Value {
+        serde_json::from_slice(&std::fs::read(out.join(name)).unwrap()).unwrap()
+    };
+    // Every run is kept: 2 methods x 3 rates x 2 seeds, each in its own folder.
+    let runs = read("compare.json");
+    let runs = runs.as_array().unwrap();
+    assert_eq!(runs.len(), 12);
+    assert!(out.join("lora-lr3e-4-s7").join("report.json").exists());
+    assert!(
+        out.join("single-lora-lr3e-3-s4")
+            .join("report.json")
+            .exists()
+    );
+    let run_at = |method: &str, lr: f64, seed: u64| -> &Value {
+        let found: Vec<&Value> = runs
+            .iter()
+            .filter(|r| {
+                r["method"] == method
+                    && r["seed"] == seed
+                    && (r["settings"]["train"]["lr"].as_f64().unwrap() / lr - 1.0).abs() < 1e-6
+            })
+            .collect();
+        assert_eq!(found.len(), 1, "{method} at {lr}, seed {seed}");
+        found[0]
+    };
+    let val_nll =
+        |method: &str, lr: f64, seed: u64| run_at(method, lr, seed)["val_nll"].as_f64().unwrap();
+
+    let choices = read("rates.json");
+    let choices = choices.as_array().unwrap();
+    assert_eq!(choices.len(), 2);
+    let mut picked = Vec::new();
+    for (c, method) in choices.iter().zip(["single-lora", "lora"]) {
+        assert_eq!(c["method"], method);
+        assert_eq!(c["seeds"], serde_json::json!([4, 7]));
+        let rates = [3e-4, 1e-3, 3e-3];
+        let trials = c["trials"].as_array().unwrap();
+        for (t, lr) in trials.iter().zip(rates) {
+            assert!((t["lr"].as_f64().unwrap() / lr - 1.0).abs() < 1e-6, "{t}");
+            let want = [val_nll(method, lr, 4), val_nll(method, lr, 7)];
+            assert_eq!(t["val_nll"], serde_json::json!(want));
+        }
+        // The rule, worked again from compare.json: step up while both seeds agree.
+        let nll = |i: usize| [val_nll(method, rates[i], 4), val_nll(method, rates[i], 7)];
+        let mut want = 0;
+        while want + 1 < rates.len() && (0..2).all(|s| nll(want + 1)[s] < nll(want)[s]) {
+            want += 1;
+        }
+        let marks: Vec<bool> = trials
+            .iter()
+            .map(|t| t["picked"].as_bool().unwrap())
+            .collect();
+        let mut expected = [false; 3];
+        expected[want] = true;
+        assert_eq!(marks, expected, "{method}");
+        picked.push((method, rates[want]));
+    }
+
+    // The choice is printed first; the tables and the summary hold the picked runs alone.
+    assert!(
+        stdout.starts_with("peak learning rate by validation NLL"),
+        "{stdout}"
+    );
+    let rate = |lr: f64| format!("{:e}", lr as f32);
+    assert!(
+        stdout.contains(&format!(
+            "peak learning rates: single-lora {}, lora {}\n",
+            rate(picked[0].1),
+            rate(picked[1].1)
+        )),
+        "{stdout}"
+    );
+    let summary = read("summary.json");
+    assert_eq!(summary.as_array().unwrap().len(), 2);
+    let test_nll = |method: &str, lr: f64, seed: u64| {
+        run_at(method, lr, seed)["report"]["test"]["nll"]
+            .as_f64()
+            .unwrap()
+    };
+    for (s, (method, lr)) in summary.as_array().unwrap().iter().zip(&picked) {
+        let mean = (test_nll(method, *lr, 4) + test_nll(method, *lr, 7)) / 2.0;
+        let got = s["nll"]["mean"].as_f64().unwrap();
+        assert!(
+            (got - mean).abs() <= 1e-12,
+            "{method}: {got} against {mean}"
+        );
+    }
+
+    // A comparison without --lrs in the same folder takes away the choice it no longer makes.
+    let again = Command::new(env!("CARGO_BIN_EXE_loren"))
+        .args(["compare", "--methods", "single-lora", "--epochs", "1"])
+        .args(["--no-shift", "--no-ood", "-q", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert!(!out.join("rates.json").exists());
+}

@@ -150,7 +150,7 @@ pub struct OptimArgs {
     pub batch_size: usize,
     /// Peak learning rate (default: 3e-4 for the single networks, single and single-lora; 1e-3
     /// for the ensembles, explicit, lora and mc-dropout: each method's rate chosen on validation
-    /// by benches/lr_sweep.sh).
+    /// by `loren compare --lrs 3e-4,1e-3,3e-3 --seeds 0,1,2,3` on the bundled digits).
     #[arg(long, allow_hyphen_values = true)]
     pub lr: Option<f32>,
     /// Learning rate at the end of the cosine decay.
@@ -390,7 +390,7 @@ pub fn train_config(o: &OptimArgs, method: Method, seed: u64) -> Result<TrainCon
         },
         other => anyhow::bail!("unknown optimizer '{other}': expected adamw or sgd"),
     };
-    // Each method's rate is the one benches/lr_sweep.sh picks on validation NLL over four seeds
+    // Each method's rate is the one `loren compare --lrs` picks on validation NLL over four seeds
     // (benches/results/cpu-2026-12-05/lr-sweep): the ensembles fit best at 1e-3, the single
     // networks at 3e-4. At 3e-4 MC Dropout's eight heads on one backbone do not even fit the
     // training data in the default budget (training loss 0.26 against single's 0.011).

@@ -10,7 +10,10 @@ use loren::backbone;
 use loren::bench::budget_for;
 use loren::curves::comparison_curves_svg;
 use loren::progress::Verbosity;
-use loren::report::{comparison_table, growth_per_member, seed_summaries, seed_summary_table};
+use loren::rates::{choose_rates, rate_table};
+use loren::report::{
+    comparison_table, growth_per_member, rate, seed_summaries, seed_summary_table,
+};
 use loren::run::{RunSpec, check_fits_within, run};
 use loren_nn::checkpoint::write_atomic;
 use loren_nn::config::{Method, VitConfig};
@@ -58,6 +61,18 @@ pub struct CompareArgs {
     /// explicit=1e-3,mc-dropout=2e-3): to compare each method at a rate tuned for it.
     #[arg(long, value_delimiter = ',', value_name = "METHOD=LR")]
     pub method_lr: Vec<String>,
+    /// Peak learning rates to try every method at (e.g. 3e-4,1e-3,3e-3), in place of --lr and
+    /// --method-lr: each method trains at each rate, and the comparison shows it at the one its
+    /// validation NLL picks: the lowest, then the next while that one is lower at every seed
+    /// (--seeds). The choice is printed first and written to DIR/rates.json; compare.json keeps
+    /// every run.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        allow_hyphen_values = true,
+        conflicts_with_all = ["lr", "method_lr"]
+    )]
+    pub lrs: Vec<f32>,
     /// Output folder.
     #[arg(long, default_value = "runs/compare")]
     pub out: PathBuf,
@@ -93,6 +108,7 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
         );
     }
     let rates = method_rates(&a.method_lr, &methods)?;
+    check_lrs(&a.lrs, a.optim.train_on_val)?;
     check_sizes(&a.sizes)?;
     if let Some(twice) = first_repeated(&a.seeds) {
         bail!("--seeds names {twice} twice: each seed is one run per method, into its own folder");
@@ -103,6 +119,9 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     loren::outputs::writable_dir(&a.out, "--out")?;
     let mut vit = VitConfig::by_name(&a.model.config)?;
     let data = splits(&a.data, &vit, a.optim.train_on_val)?;
+    if !a.lrs.is_empty() && data.val.is_none() {
+        bail!("--lrs chooses on the validation part, and this data has none");
+    }
     let plan = plan(a, &methods, &rates, &data)?;
     check_all_fit(&plan, &data)?;
     if a.common.verbosity() == Verbosity::Normal {
@@ -132,9 +151,32 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     // Written before the tables are printed: a reader that stops early (| head) loses nothing.
     let json = a.out.join("compare.json");
     write_atomic(&json, serde_json::to_string_pretty(&results)?.as_bytes())?;
+    let mut written = vec![json];
+    let rates_json = a.out.join("rates.json");
+    let choices = if a.lrs.is_empty() {
+        remove_stale(&rates_json)?;
+        Vec::new()
+    } else {
+        let choices = choose_rates(&results)?;
+        write_atomic(
+            &rates_json,
+            serde_json::to_string_pretty(&choices)?.as_bytes(),
+        )?;
+        written.push(rates_json);
+        // From here on, each method at the rate picked for it.
+        results.retain(|r| {
+            choices.iter().any(|c| {
+                (c.method, c.members, c.picked()) == (r.method, r.members, r.settings.train.lr)
+            })
+        });
+        choices
+    };
     let curves = a.out.join("curves.svg");
     write_atomic(&curves, comparison_curves_svg(&results).as_bytes())?;
-    let mut written = vec![json, curves];
+    written.push(curves);
+    if !choices.is_empty() {
+        say(format_args!("{}\n", rate_table(&choices)))?;
+    }
     let summary = a.out.join("summary.json");
     if !a.seeds.is_empty() {
         let summaries = seed_summaries(&results);
@@ -154,11 +196,7 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
             seed_summary_table(&summaries)
         ))?;
     } else {
-        // An earlier comparison's summary would now sit beside another compare.json.
-        if summary.is_file() {
-            std::fs::remove_file(&summary)
-                .with_context(|| format!("removing {}", summary.display()))?;
-        }
+        remove_stale(&summary)?;
         say(format_args!("{}", comparison_table(&results)))?;
     }
     say(format_args!("{}", growth_per_member(&results)))?;
@@ -189,21 +227,31 @@ fn plan(
     } else {
         a.seeds.clone()
     };
+    let lrs: Vec<Option<f32>> = if a.lrs.is_empty() {
+        vec![None]
+    } else {
+        a.lrs.iter().copied().map(Some).collect()
+    };
     let mut plan = Vec::new();
     for &seed in &seeds {
         for &method in methods {
             let members: &[usize] = if method.is_single() { &[1] } else { &sizes };
-            for &m in members {
+            for (&m, lr) in members
+                .iter()
+                .flat_map(|m| lrs.iter().map(move |lr| (m, lr)))
+            {
                 let ensemble = EnsembleArgs {
                     members: Some(m),
                     ..a.ensemble.clone()
                 };
                 let optim = OptimArgs {
-                    lr: rates
-                        .iter()
-                        .find(|r| r.0 == method)
-                        .map(|r| r.1)
-                        .or(a.optim.lr),
+                    lr: lr.or_else(|| {
+                        rates
+                            .iter()
+                            .find(|r| r.0 == method)
+                            .map(|r| r.1)
+                            .or(a.optim.lr)
+                    }),
                     ..a.optim.clone()
                 };
                 let spec = run_spec(
@@ -218,17 +266,21 @@ fn plan(
                     None,
                 )
                 .with_context(|| {
-                    let given = rates.iter().any(|r| r.0 == method);
-                    let at = if given {
-                        " at its --method-lr rate"
-                    } else {
-                        ""
+                    let at = match lr {
+                        Some(lr) => format!(" at --lrs {}", rate(*lr)),
+                        None if rates.iter().any(|r| r.0 == method) => {
+                            " at its --method-lr rate".to_string()
+                        }
+                        None => String::new(),
                     };
                     format!("method {method}{at}")
                 })?;
                 let mut dir = method.name().to_string();
                 if a.sizes.len() > 1 && !method.is_single() {
                     dir += &format!("-M{m}");
+                }
+                if let (Some(lr), true) = (lr, lrs.len() > 1) {
+                    dir += &format!("-lr{}", rate(*lr));
                 }
                 if seeds.len() > 1 {
                     dir += &format!("-s{seed}");
@@ -243,6 +295,31 @@ fn plan(
         }
     }
     Ok(plan)
+}
+
+/// Rates to choose among: each positive and finite, once, and a validation part to choose by.
+fn check_lrs(lrs: &[f32], train_on_val: bool) -> Result<()> {
+    if let Some(bad) = lrs.iter().find(|lr| !(lr.is_finite() && **lr > 0.0)) {
+        bail!("--lrs {bad}: a learning rate must be positive and finite");
+    }
+    if let Some(twice) = first_repeated(lrs) {
+        bail!("--lrs names {} twice", rate(*twice));
+    }
+    if !lrs.is_empty() && train_on_val {
+        bail!(
+            "--lrs chooses each method's rate on the validation part, which --train-on-val \
+             trains on"
+        );
+    }
+    Ok(())
+}
+
+/// An earlier comparison's file that this one does not write would read as this one's.
+fn remove_stale(path: &std::path::Path) -> Result<()> {
+    if path.is_file() {
+        std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Each size once, and at least one member: every size is one run, into its own folder.

@@ -31,6 +31,8 @@ Examples:
   loren compare                           single, single-lora, mc-dropout, explicit and lora
                                           side by side
   loren compare --seeds 0,1,2,3           the same at four seeds, then each method's mean ± sd
+  loren compare --lrs 3e-4,1e-3,3e-3 --seeds 0,1,2,3
+                                          each method at the rate its validation NLL picks
   loren eval --checkpoint runs/train/checkpoint.safetensors
   loren eval --checkpoint DIR --ood-data cifar100:DIR
                                           OOD detection against another dataset too
