@@ -7,13 +7,36 @@ use serde_json::Value;
 
 mod svg_check;
 
+/// An empty folder of this test process's own.
+fn fresh_dir(name: &str) -> std::path::PathBuf {
+    let out = std::env::temp_dir().join(format!("loren-compare-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    out
+}
+
+/// `loren compare ARGS -q --out OUT`, which must succeed: what it printed.
+fn compare_into(out: &std::path::Path, args: &[&str]) -> String {
+    let run = Command::new(env!("CARGO_BIN_EXE_loren"))
+        .arg("compare")
+        .args(args)
+        .args(["-q", "--out"])
+        .arg(out)
+        .output()
+        .expect("the loren binary runs");
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    String::from_utf8_lossy(&run.stdout).into_owned()
+}
+
 #[test]
 fn compare_at_several_sizes_shows_lora_growing_slower_than_explicit() {
-    let out = std::env::temp_dir().join(format!("loren-compare-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
-    let run = Command::new(env!("CARGO_BIN_EXE_loren"))
-        .args([
-            "compare",
+    let out = fresh_dir("sizes");
+    let stdout = compare_into(
+        &out,
+        &[
             "--methods",
             "single,explicit,lora",
             "--sizes",
@@ -24,17 +47,8 @@ fn compare_at_several_sizes_shows_lora_growing_slower_than_explicit() {
             "1",
             "--no-shift",
             "--no-ood",
-            "-q",
-            "--out",
-        ])
-        .arg(&out)
-        .output()
-        .expect("the loren binary runs");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr),
+        ],
     );
-    assert!(run.status.success(), "{stderr}");
 
     assert!(
         stdout.lines().next().is_some_and(|l| l.contains(" ECE@T ")),
@@ -147,22 +161,15 @@ fn train_with_recompute_reports_the_same_ensemble_in_less_memory() {
 /// standard deviation of the runs' own figures.
 #[test]
 fn compare_over_seeds_summarises_each_method_over_the_runs() {
-    let compare = |name: &str, extra: &[&str]| {
-        let out = std::env::temp_dir().join(format!("loren-compare-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&out);
-        let run = Command::new(env!("CARGO_BIN_EXE_loren"))
-            .args(["compare", "--methods", "single-lora,lora", "-m", "2"])
-            .args(["--epochs", "1", "--no-shift", "--no-ood", "-q", "--out"])
-            .arg(&out)
-            .args(extra)
-            .output()
-            .expect("the loren binary runs");
-        let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
-        assert!(
-            run.status.success(),
-            "{}",
-            String::from_utf8_lossy(&run.stderr)
-        );
+    let args = |extra: &[&'static str]| -> Vec<&'static str> {
+        let mut args = vec!["--methods", "single-lora,lora", "-m", "2"];
+        args.extend(["--epochs", "1", "--no-shift", "--no-ood"]);
+        args.extend(extra);
+        args
+    };
+    let compare = |name: &str, extra: &[&'static str]| {
+        let out = fresh_dir(name);
+        let stdout = compare_into(&out, &args(extra));
         (out, stdout)
     };
     let read = |path: std::path::PathBuf| -> Value {
@@ -247,7 +254,7 @@ fn compare_over_seeds_summarises_each_method_over_the_runs() {
     let (one, stdout) = compare("one-seed", &["--seeds", "7"]);
     assert!(stdout.contains("over 1 seed: mean"), "{stdout}");
     assert_eq!(read(one.join("summary.json"))[1]["nll"]["sd"], 0.0);
-    compare("one-seed", &["--seed", "7"]);
+    compare_into(&one, &args(&["--seed", "7"]));
     assert!(!one.join("summary.json").exists());
 }
 
@@ -255,21 +262,18 @@ fn compare_over_seeds_summarises_each_method_over_the_runs() {
 /// by the rule on the runs' own validation NLL, and shows and summarises the picked runs alone.
 #[test]
 fn compare_over_rates_picks_each_methods_rate_on_validation() {
-    let out = std::env::temp_dir().join(format!("loren-compare-lrs-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
-    let run = Command::new(env!("CARGO_BIN_EXE_loren"))
-        .args(["compare", "--methods", "single-lora,lora", "-m", "2"])
-        .args(["--lrs", "3e-3,3e-4,1e-3", "--seeds", "4,7"])
-        .args(["--epochs", "2", "--no-shift", "--no-ood", "-q", "--out"])
-        .arg(&out)
-        .output()
-        .expect("the loren binary runs");
-    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    let out = fresh_dir("lrs");
+    let common = [
+        "--methods",
+        "single-lora,lora",
+        "-m",
+        "2",
+        "--no-shift",
+        "--no-ood",
+    ];
+    let mut args = common.to_vec();
+    args.extend(["--lrs", "3e-3,3e-4,1e-3", "--seeds", "4,7", "--epochs", "2"]);
+    let stdout = compare_into(&out, &args);
     let read = |name: &str| -> Value {
         serde_json::from_slice(&std::fs::read(out.join(name)).unwrap()).unwrap()
     };
@@ -359,12 +363,9 @@ fn compare_over_rates_picks_each_methods_rate_on_validation() {
     }
 
     // A comparison without --lrs in the same folder takes away the choice it no longer makes.
-    let again = Command::new(env!("CARGO_BIN_EXE_loren"))
-        .args(["compare", "--methods", "single-lora", "--epochs", "1"])
-        .args(["--no-shift", "--no-ood", "-q", "--out"])
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(again.status.success());
+    assert!(out.join("rates.json").exists());
+    let mut args = common.to_vec();
+    args.extend(["--epochs", "1"]);
+    compare_into(&out, &args);
     assert!(!out.join("rates.json").exists());
 }
