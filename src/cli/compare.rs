@@ -142,9 +142,9 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     } in plan
     {
         spec.vit = vit.clone();
-        let seed = spec.train.seed;
+        let (seed, lr) = (spec.train.seed, rate(spec.train.lr));
         let r = run(&spec, &data, &backbone)
-            .with_context(|| format!("method {method} with {m} members, seed {seed}"))?;
+            .with_context(|| format!("method {method} with {m} members, seed {seed}, lr {lr}"))?;
         write_outputs(&dir, &r, &data.test.name)?;
         results.push(r);
     }
