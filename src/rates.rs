@@ -7,11 +7,11 @@
 
 use std::fmt::Write;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use loren_nn::Method;
 use serde::Serialize;
 
-use crate::report::{aligned_columns, rate};
+use crate::report::{aligned_columns, by_method_and_size, rate, unique};
 use crate::run::RunResult;
 
 /// One rate tried for a method at one ensemble size.
@@ -46,61 +46,58 @@ impl RateChoice {
 /// picked by the rule. Refused when a run has no validation score (it trained on that part) or
 /// when the rates were not all run at the same seeds.
 pub fn choose_rates(runs: &[RunResult]) -> Result<Vec<RateChoice>> {
-    let mut choices: Vec<RateChoice> = Vec::new();
-    for r in runs {
-        let Some(nll) = r.val_nll else {
+    by_method_and_size(runs)
+        .iter()
+        .map(|group| choose(group))
+        .collect()
+}
+
+/// One method at one size: its runs at every rate and seed.
+fn choose(group: &[&RunResult]) -> Result<RateChoice> {
+    let (method, members) = (group[0].method, group[0].members);
+    let seeds = unique(group.iter().map(|r| r.seed));
+    let mut lrs = unique(group.iter().map(|r| r.settings.train.lr));
+    lrs.sort_by(f32::total_cmp);
+    let mut trials = Vec::new();
+    for lr in lrs {
+        let at: Vec<&RunResult> = group
+            .iter()
+            .copied()
+            .filter(|r| r.settings.train.lr == lr)
+            .collect();
+        let at_seeds: Vec<u64> = at.iter().map(|r| r.seed).collect();
+        if at_seeds != seeds {
             bail!(
-                "{} (M={}) has no validation score to choose its learning rate by: it trained on \
-                 the validation part (--train-on-val)",
-                r.method,
-                r.members
-            );
-        };
-        let choice = match choices
-            .iter_mut()
-            .position(|c| (c.method, c.members) == (r.method, r.members))
-        {
-            Some(i) => &mut choices[i],
-            None => {
-                choices.push(RateChoice {
-                    method: r.method,
-                    members: r.members,
-                    seeds: Vec::new(),
-                    trials: Vec::new(),
-                });
-                choices.last_mut().expect("just pushed")
-            }
-        };
-        if !choice.seeds.contains(&r.seed) {
-            choice.seeds.push(r.seed);
-        }
-        let lr = r.settings.train.lr;
-        match choice.trials.iter_mut().find(|t| t.lr == lr) {
-            Some(t) => t.val_nll.push(nll),
-            None => choice.trials.push(RateTrial {
-                lr,
-                val_nll: vec![nll],
-                picked: false,
-            }),
-        }
-    }
-    for c in &mut choices {
-        if let Some(t) = c.trials.iter().find(|t| t.val_nll.len() != c.seeds.len()) {
-            bail!(
-                "{} (M={}) ran at lr {} for {} of its {} seeds: the rule compares rates seed by \
-                 seed",
-                c.method,
-                c.members,
-                rate(t.lr),
-                t.val_nll.len(),
-                c.seeds.len()
+                "{method} (M={members}) ran at lr {} at seeds {at_seeds:?}, not once at each of \
+                 {seeds:?}: the rule compares rates seed by seed",
+                rate(lr)
             );
         }
-        c.trials.sort_by(|a, b| a.lr.total_cmp(&b.lr));
-        let pick = step_up(&c.trials);
-        c.trials[pick].picked = true;
+        let val_nll = at
+            .iter()
+            .map(|r| {
+                r.val_nll.with_context(|| {
+                    format!(
+                        "{method} (M={members}) has no validation score to choose its learning \
+                         rate by: it trained on the validation part (--train-on-val)"
+                    )
+                })
+            })
+            .collect::<Result<Vec<f64>>>()?;
+        trials.push(RateTrial {
+            lr,
+            val_nll,
+            picked: false,
+        });
     }
-    Ok(choices)
+    let pick = step_up(&trials);
+    trials[pick].picked = true;
+    Ok(RateChoice {
+        method,
+        members,
+        seeds,
+        trials,
+    })
 }
 
 /// The rule over trials sorted by rate: the index it stops at.

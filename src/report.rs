@@ -291,7 +291,7 @@ pub fn rate(lr: f32) -> String {
 }
 
 /// Each item once, in the order first seen.
-fn unique<T: PartialEq>(items: impl IntoIterator<Item = T>) -> Vec<T> {
+pub(crate) fn unique<T: PartialEq>(items: impl IntoIterator<Item = T>) -> Vec<T> {
     let mut seen = Vec::new();
     for item in items {
         if !seen.contains(&item) {
@@ -488,8 +488,8 @@ pub struct SeedSummary {
     pub ood_auroc_entropy: Option<MeanSd>,
 }
 
-/// A summary per method and size, in the order they first appear in `runs`.
-pub fn seed_summaries(runs: &[RunResult]) -> Vec<SeedSummary> {
+/// The runs grouped by method and ensemble size, the groups in the order they first appear.
+pub(crate) fn by_method_and_size(runs: &[RunResult]) -> Vec<Vec<&RunResult>> {
     let mut groups: Vec<Vec<&RunResult>> = Vec::new();
     for r in runs {
         match groups
@@ -500,7 +500,15 @@ pub fn seed_summaries(runs: &[RunResult]) -> Vec<SeedSummary> {
             None => groups.push(vec![r]),
         }
     }
-    groups.iter().map(|g| summarise(g)).collect()
+    groups
+}
+
+/// A summary per method and size, in the order they first appear in `runs`.
+pub fn seed_summaries(runs: &[RunResult]) -> Vec<SeedSummary> {
+    by_method_and_size(runs)
+        .iter()
+        .map(|g| summarise(g))
+        .collect()
 }
 
 fn summarise(runs: &[&RunResult]) -> SeedSummary {

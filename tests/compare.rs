@@ -16,8 +16,13 @@ fn fresh_dir(name: &str) -> std::path::PathBuf {
 
 /// `loren compare ARGS -q --out OUT`, which must succeed: what it printed.
 fn compare_into(out: &std::path::Path, args: &[&str]) -> String {
+    loren_into("compare", out, args)
+}
+
+/// `loren COMMAND ARGS -q --out OUT`, which must succeed: what it printed.
+fn loren_into(command: &str, out: &std::path::Path, args: &[&str]) -> String {
     let run = Command::new(env!("CARGO_BIN_EXE_loren"))
-        .arg("compare")
+        .arg(command)
         .args(args)
         .args(["-q", "--out"])
         .arg(out)
@@ -116,28 +121,14 @@ fn compare_at_several_sizes_shows_lora_growing_slower_than_explicit() {
 #[test]
 fn train_with_recompute_reports_the_same_ensemble_in_less_memory() {
     let run = |extra: &[&str]| {
-        let out = std::env::temp_dir().join(format!(
-            "loren-train-recompute-{}-{}",
-            std::process::id(),
-            extra.len()
-        ));
-        let _ = std::fs::remove_dir_all(&out);
-        let run = Command::new(env!("CARGO_BIN_EXE_loren"))
-            .args(["train", "--epochs", "2", "--no-shift", "--no-ood", "-q"])
-            .args(extra)
-            .arg("--out")
-            .arg(&out)
-            .output()
-            .expect("the loren binary runs");
-        assert!(
-            run.status.success(),
-            "{}",
-            String::from_utf8_lossy(&run.stderr)
-        );
+        let out = fresh_dir(&format!("train-recompute-{}", extra.len()));
+        let mut args = vec!["--epochs", "2", "--no-shift", "--no-ood"];
+        args.extend(extra);
+        let stdout = loren_into("train", &out, &args);
         let json: Value =
             serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
         let _ = std::fs::remove_dir_all(&out);
-        (String::from_utf8_lossy(&run.stdout).into_owned(), json)
+        (stdout, json)
     };
     let (kept_out, kept) = run(&[]);
     let (again_out, again) = run(&["--recompute"]);
