@@ -28,8 +28,9 @@
 //! from one fixed seed and the image's place in the whole input of [`Ensemble::predict`] (not in
 //! the batch it is split into), so the same input draws the same masks in chunks of any size.
 //!
-//! [`Ensemble`] reads such a file back and predicts with loren's own engine, giving the same
-//! probabilities, bit for bit, as `loren eval` computes from the checkpoint.
+//! [`Ensemble`] reads such a file back (or the training checkpoint itself, with its backbone)
+//! and predicts with loren's own engine, giving the same probabilities, bit for bit, as
+//! `loren eval` computes from the checkpoint. `loren predict` is that API on image files.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -39,7 +40,7 @@ use loren_nn::checkpoint::{self, TensorFile};
 use loren_nn::config::{EnsembleConfig, Method, VitConfig};
 use loren_nn::data::prefetch::{DEPTH, prefetch};
 use loren_nn::metrics::{Predictions, scores};
-use loren_nn::train::load_trained;
+use loren_nn::train::{check_format, load_trained};
 use loren_nn::vit::Vit;
 use loren_tensor::{DeviceSpec, MemTag, Tensor};
 
@@ -124,13 +125,26 @@ impl Prediction {
 }
 
 impl Ensemble {
-    /// Read a file written by [`export`] (`loren export`) onto `device`.
+    /// Read a file written by [`export`] (`loren export`), or a training checkpoint (the file
+    /// `loren train` writes, or the folder it wrote it into; with the backbone it recorded),
+    /// onto `device`.
     pub fn load(path: impl AsRef<Path>, device: DeviceSpec) -> Result<Ensemble> {
-        let path = path.as_ref();
+        Ensemble::open(path.as_ref(), None, device)
+    }
+
+    /// [`Ensemble::load`], with a training checkpoint's backbone read from `backbone` when
+    /// given (an exported file holds its own, so it takes none).
+    pub fn open(path: &Path, backbone: Option<&Path>, device: DeviceSpec) -> Result<Ensemble> {
+        let path = &crate::run::checkpoint_in(path);
         let file = TensorFile::read(path)?;
         if file.metadata().get("format").map(String::as_str) != Some(FORMAT) {
+            return Ensemble::from_checkpoint(&file, backbone, device);
+        }
+        if let Some(b) = backbone {
             bail!(
-                "{}: not an ensemble written by loren export (format {FORMAT})",
+                "--backbone {}: {} is an exported ensemble, which holds its own backbone; \
+                 leave --backbone out",
+                b.display(),
                 path.display()
             );
         }
@@ -143,13 +157,36 @@ impl Ensemble {
             other => bail!("{}: unknown layout '{other}'", path.display()),
         }
         model.load_tensors(&file, |name, _| !Vit::is_backbone(name))?;
+        Ensemble::assemble(model, file.metadata().clone(), path)
+    }
+
+    /// The ensemble a training checkpoint holds: the model [`export`] writes, without the file.
+    fn from_checkpoint(
+        file: &TensorFile,
+        backbone: Option<&Path>,
+        device: DeviceSpec,
+    ) -> Result<Ensemble> {
+        if check_format(file).is_err() {
+            bail!(
+                "{}: neither an ensemble written by loren export nor a training checkpoint",
+                file.path().display()
+            );
+        }
+        let vit: VitConfig = file.meta_json("vit")?;
+        let frozen = checkpoint_backbone(file, backbone, &vit)?;
+        let model = load_trained(file, frozen.as_ref(), &device.open()?)?;
+        let metadata = export_metadata(file, &model)?;
+        Ensemble::assemble(model, metadata, file.path())
+    }
+
+    fn assemble(model: Vit, metadata: HashMap<String, String>, path: &Path) -> Result<Ensemble> {
         let ensemble = Ensemble {
-            norm_mean: file.meta_json("norm_mean")?,
-            norm_std: file.meta_json("norm_std")?,
-            class_names: file.meta_json("class_names")?,
+            norm_mean: meta_json(&metadata, "norm_mean", path)?,
+            norm_std: meta_json(&metadata, "norm_std", path)?,
+            class_names: meta_json(&metadata, "class_names", path)?,
             model,
             batch_size: DEFAULT_BATCH,
-            metadata: file.metadata().clone(),
+            metadata,
         };
         ensemble.check_metadata(path)?;
         Ok(ensemble)
@@ -179,6 +216,11 @@ impl Ensemble {
     /// matrix kernels block small batches differently.
     pub fn set_batch_size(&mut self, n: usize) {
         self.batch_size = n.max(1);
+    }
+
+    /// Where it runs, as `cpu` or `cuda:N (name)`.
+    pub fn device_name(&self) -> String {
+        self.model.device().to_string()
     }
 
     pub fn vit(&self) -> &VitConfig {
@@ -240,6 +282,13 @@ impl Ensemble {
     /// image, for normalised images `[B, C, H, W]` (row-major; B is any positive number,
     /// inferred from the length). See [`Ensemble::normalize`] for raw pixels.
     pub fn predict(&self, images: &[f32]) -> Result<Prediction> {
+        self.predict_part(images, 0)
+    }
+
+    /// [`Ensemble::predict`] for images that are part of a larger input, the first of them its
+    /// image `first`: MC Dropout then draws the masks the whole input's prediction would, so an
+    /// input predicted part by part gives what it gives at once (other methods draw none).
+    pub fn predict_part(&self, images: &[f32], first: u64) -> Result<Prediction> {
         let [c, h, w] = self.image_shape();
         let per_image = c * h * w;
         ensure!(
@@ -262,7 +311,7 @@ impl Ensemble {
             for (x, start) in staged.zip((0..n).step_by(self.batch_size)) {
                 let x = Tensor::from_staged(x?, MemTag::Workspace)?;
                 let b = x.dims()[0];
-                let p = self.model.predict(&x, start as u64)?.to_vec()?;
+                let p = self.model.predict(&x, first + start as u64)?.to_vec()?;
                 for member in 0..m {
                     let src = &p[member * b * k..][..b * k];
                     probs[(member * n + start) * k..][..b * k].copy_from_slice(src);
@@ -308,7 +357,6 @@ pub fn export(checkpoint: &Path, backbone: Option<&Path>, out: &Path) -> Result<
         );
     }
     let file = crate::run::read_checkpoint(checkpoint, "--checkpoint")?;
-    let vit: VitConfig = file.meta_json("vit")?;
     let recorded = file.metadata().get("backbone").map(Path::new);
     if let Some(b) = backbone.or(recorded)
         && same_file(b, out)
@@ -318,17 +366,15 @@ pub fn export(checkpoint: &Path, backbone: Option<&Path>, out: &Path) -> Result<
             out.display()
         );
     }
-    let frozen = checkpoint_backbone(&file, backbone, &vit)?;
-    let model = load_trained(&file, frozen.as_ref(), &loren_tensor::Device::cpu())?;
-    let stacked = model.ensemble.method == Method::Explicit;
-    let mut tensors = if stacked {
+    let ens = Ensemble::from_checkpoint(&file, backbone, DeviceSpec::Cpu)?;
+    let model = &ens.model;
+    let mut tensors = if is_stacked(model) {
         model.tensors(|name, _| Vit::is_backbone(name))?
     } else {
         model.backbone_tensors()?
     };
     tensors.extend(model.tensors(|name, _| !Vit::is_backbone(name))?);
-    let meta = export_metadata(&file, &model, stacked)?;
-    checkpoint::write(out, &tensors, meta)?;
+    checkpoint::write(out, &tensors, ens.metadata.clone())?;
     Ok(ExportSummary {
         path: out.to_path_buf(),
         method: model.ensemble.method,
@@ -339,11 +385,14 @@ pub fn export(checkpoint: &Path, backbone: Option<&Path>, out: &Path) -> Result<
     })
 }
 
-fn export_metadata(
-    file: &TensorFile,
-    model: &Vit,
-    stacked: bool,
-) -> Result<HashMap<String, String>> {
+/// Whether the backbone is stored per member (`[M, ...]`): the explicit ensemble's, which
+/// fine-tunes one per member.
+fn is_stacked(model: &Vit) -> bool {
+    model.ensemble.method == Method::Explicit
+}
+
+fn export_metadata(file: &TensorFile, model: &Vit) -> Result<HashMap<String, String>> {
+    let stacked = is_stacked(model);
     let meta = file.metadata();
     let data = meta.get("data").map_or("digits", String::as_str);
     let source: DataSource = data.parse()?;
@@ -389,6 +438,19 @@ fn export_metadata(
             meta.get("backbone").cloned().unwrap_or_default(),
         ),
     ]))
+}
+
+/// A metadata value holding JSON, parsed.
+fn meta_json<T: serde::de::DeserializeOwned>(
+    metadata: &HashMap<String, String>,
+    key: &str,
+    path: &Path,
+) -> Result<T> {
+    let value = metadata
+        .get(key)
+        .with_context(|| format!("{}: metadata '{key}' is missing", path.display()))?;
+    serde_json::from_str(value)
+        .with_context(|| format!("{}: metadata '{key}' is unreadable", path.display()))
 }
 
 /// A config or list as JSON, for the metadata.

@@ -159,6 +159,15 @@ fn replaced_by(checkpoint: &Path, resumed: Option<&Path>) -> Vec<PathBuf> {
     .to_vec()
 }
 
+/// `path`, or the checkpoint in it when it is the folder `loren train --out` wrote one into.
+pub fn checkpoint_in(path: &Path) -> PathBuf {
+    let inside = path.join("checkpoint.safetensors");
+    match path.is_dir() && inside.is_file() {
+        true => inside,
+        false => path.to_path_buf(),
+    }
+}
+
 /// The training checkpoint `flag` names (by `--resume`, `--checkpoint`): a folder given for one
 /// is one without a checkpoint.safetensors, the file `loren train` writes.
 pub fn read_checkpoint(path: &Path, flag: &str) -> Result<TensorFile> {

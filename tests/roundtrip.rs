@@ -101,6 +101,14 @@ fn round_trip(method: &str, normalize: Normalize) {
         "{method}: probabilities differ from eval's"
     );
     assert_eq!(bits(&got.mean), bits(&want.mean()));
+    // The training checkpoint itself loads to the same ensemble.
+    let from_checkpoint = Ensemble::load(&ckpt, DeviceSpec::Cpu).unwrap();
+    assert_eq!(from_checkpoint.metadata(), ens.metadata());
+    let got_c = from_checkpoint.predict(&images).unwrap();
+    assert!(
+        bits(&got_c.probs) == bits(&want.probs),
+        "{method}: from the checkpoint"
+    );
     for batch in [1, 7, 100] {
         // Chunked alike (eval --eval-batch-size N), still bit for bit.
         ens.set_batch_size(batch);
@@ -119,6 +127,21 @@ fn round_trip(method: &str, normalize: Normalize) {
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f32::max);
         assert!(worst < 1e-5, "{method}, batch {batch}: off by {worst}");
+    }
+    // Predicted in two parts, each told where it starts, as at once: the chunks fall alike
+    // (100 images each), and MC Dropout draws the same masks.
+    ens.set_batch_size(100);
+    let whole = ens.predict(&images).unwrap();
+    let cut = 100 * images.len() / test.len();
+    let parts = [
+        ens.predict_part(&images[..cut], 0).unwrap(),
+        ens.predict_part(&images[cut..], 100).unwrap(),
+    ];
+    for m in 0..3 {
+        let of =
+            |p: &loren::ensemble::Prediction| bits(&p.probs[m * p.batch * 10..][..p.batch * 10]);
+        let joined = [of(&parts[0]), of(&parts[1])].concat();
+        assert!(joined == of(&whole), "{method}: member {m} in parts");
     }
     ens.set_batch_size(256);
     // Raw pixels through the normalising helper give the same bits.
@@ -281,7 +304,10 @@ fn export_and_load_refuse_the_wrong_files() {
         .err()
         .unwrap()
         .to_string();
-    assert!(e.contains("not an ensemble written by loren export"), "{e}");
+    assert!(
+        e.contains("neither an ensemble written by loren export") && e.contains("nor a training"),
+        "{e}"
+    );
     let e = Ensemble::load(dir.join("absent.safetensors"), DeviceSpec::Cpu)
         .err()
         .unwrap()

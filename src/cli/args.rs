@@ -497,11 +497,5 @@ pub fn memory_budget(arg: Option<&str>) -> Result<Option<u64>> {
 
 /// A checkpoint argument: the file, or the folder `loren train --out` wrote it into.
 pub fn checkpoint_arg(arg: &str) -> Result<PathBuf, String> {
-    let path = PathBuf::from(arg);
-    let inside = path.join("checkpoint.safetensors");
-    Ok(if path.is_dir() && inside.is_file() {
-        inside
-    } else {
-        path
-    })
+    Ok(loren::run::checkpoint_in(Path::new(arg)))
 }

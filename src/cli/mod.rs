@@ -6,6 +6,7 @@ mod compare;
 mod eval;
 mod export;
 mod memprofile;
+mod predict;
 mod pretrain;
 mod train;
 
@@ -36,6 +37,9 @@ Examples:
   loren eval --checkpoint runs/train/checkpoint.safetensors
   loren eval --checkpoint DIR --ood-data cifar100:DIR
                                           OOD detection against another dataset too
+  loren predict --model runs/train assets/examples
+                                          each image's class, probability and uncertainty
+                                          (--out FILE.csv or .json: every image, every member)
   loren pretrain --out FILE               pretrain a backbone like the bundled one (--force: replace it)
   loren train --config vit-b-32 --backbone vit_b_32.safetensors --data cifar100:DIR
                                           real weights and data (README: the paper's setup)
@@ -70,6 +74,9 @@ enum Command {
     /// Write a trained ensemble as one self-contained safetensors file: shared weights once,
     /// stacked adapters and heads, the configs in its metadata (read it with loren::Ensemble).
     Export(export::ExportArgs),
+    /// Predict images with a trained ensemble: each one's class, its probability, and the
+    /// ensemble's uncertainty (entropy, mutual information, the members' votes).
+    Predict(predict::PredictArgs),
     /// Time a training step and an inference pass, lora against explicit, per ensemble size.
     Bench(bench::BenchArgs),
     /// Memory per ensemble size by tag, measured beside the analytic model.
@@ -87,6 +94,7 @@ pub fn main() -> ExitCode {
         Some(Command::Train(a)) => train::train(&a, matches.subcommand_matches("train")),
         Some(Command::Eval(a)) => eval::eval(&a),
         Some(Command::Compare(a)) => compare::compare(&a),
+        Some(Command::Predict(a)) => predict::predict(&a),
         Some(Command::Pretrain(a)) => pretrain::pretrain(&a),
         Some(Command::Export(a)) => export::export(&a),
         Some(Command::Bench(a)) => bench::bench(&a),

@@ -78,32 +78,93 @@ fn decode_files(
     shape: [usize; 3],
     name: String,
 ) -> Result<Dataset, DataError> {
-    let [channels, height, width] = shape;
-    assert!(
-        matches!(channels, 1 | 3) && height > 0 && width > 0,
-        "load_folder: shape {shape:?} must have 1 or 3 channels and a positive size"
-    );
-    // Each image goes straight to its place: collecting them and concatenating would hold the
-    // whole set twice at the peak. Kept as bytes, a quarter of f32, each pixel rounded to the
-    // nearest 1/255 after the resize, as an 8-bit image resized (PIL's, say) holds it.
-    let mut bytes = vec![0u8; files.len() * channels * height * width];
-    bytes
-        .par_chunks_mut(channels * height * width)
-        .zip(files)
-        .try_for_each(|(out, (path, _))| -> Result<(), DataError> {
-            out.copy_from_slice(&Pixels::quantized(&load_image(path, shape)?, 255));
-            Ok(())
-        })?;
+    let paths: Vec<PathBuf> = files.iter().map(|(p, _)| p.clone()).collect();
+    let pixels = read_images(&paths, shape)?;
     let names = listing.classes.iter().map(|d| file_name(d)).collect();
-    let (mean, std) = imagenet_normalization(channels);
+    let (mean, std) = imagenet_normalization(shape[0]);
     Dataset::new(
         name,
         shape,
-        Pixels::Steps { bytes, levels: 255 },
+        pixels,
         files.iter().map(|(_, l)| *l).collect(),
         names,
     )?
     .with_normalization(mean, std)
+}
+
+/// Image files decoded and brought to `shape` (`[channels, height, width]`, channels 1 or 3),
+/// in order, as a folder dataset reads its images: the same pixels an image folder's test part
+/// holds.
+pub fn read_images(files: &[PathBuf], shape: [usize; 3]) -> Result<Pixels, DataError> {
+    let [channels, height, width] = shape;
+    assert!(
+        matches!(channels, 1 | 3) && height > 0 && width > 0,
+        "read_images: shape {shape:?} must have 1 or 3 channels and a positive size"
+    );
+    // Each image goes straight to its place: collecting them and concatenating would hold the
+    // whole set twice at the peak. Kept as bytes, a quarter of f32, each pixel rounded to the
+    // nearest 1/255 after the resize, as an 8-bit image resized (PIL's, say) holds it.
+    let per_image = channels * height * width;
+    let mut bytes = vec![0u8; files.len() * per_image];
+    bytes.par_chunks_mut(per_image).zip(files).try_for_each(
+        |(out, path)| -> Result<(), DataError> {
+            out.copy_from_slice(&Pixels::quantized(&load_image(path, shape)?, 255));
+            Ok(())
+        },
+    )?;
+    Ok(Pixels::Steps { bytes, levels: 255 })
+}
+
+/// The PNG and JPEG files `paths` name: a file as it is (an error when it is not an image), a
+/// folder as every image under it, subfolders included, in sorted order. Hidden entries and
+/// other files inside folders are skipped, and each folder is searched once however links
+/// reach it. An error when there are none.
+pub fn find_images(paths: &[PathBuf]) -> Result<Vec<PathBuf>, DataError> {
+    let mut found = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for path in paths {
+        if path.is_dir() {
+            images_under(path, &mut seen, &mut found)?;
+        } else if image_kind(&head(path)?).is_some() {
+            found.push(path.clone());
+        } else {
+            return Err(DataError::BadFile {
+                path: path.clone(),
+                msg: "not a PNG or JPEG image".into(),
+            });
+        }
+    }
+    if found.is_empty() {
+        let first = paths.first().cloned().unwrap_or_default();
+        return Err(DataError::BadFile {
+            path: first,
+            msg: "holds no PNG or JPEG images".into(),
+        });
+    }
+    Ok(found)
+}
+
+fn images_under(
+    dir: &Path,
+    seen: &mut std::collections::HashSet<PathBuf>,
+    found: &mut Vec<PathBuf>,
+) -> Result<(), DataError> {
+    let canonical = fs::canonicalize(dir).map_err(|reason| DataError::Io {
+        path: dir.to_path_buf(),
+        reason,
+    })?;
+    // A link back up the tree would otherwise be followed for ever.
+    if !seen.insert(canonical) {
+        return Ok(());
+    }
+    for path in sorted_entries(dir)? {
+        if path.is_dir() {
+            images_under(&path, seen, found)?;
+        } else if path.is_file() && image_kind(&head(&path)?).is_some() {
+            found.push(path);
+        }
+    }
+    Ok(())
 }
 
 /// The class names of the image folder at `dir`: its subfolders' names, sorted.

@@ -1,0 +1,338 @@
+//! `loren predict`: a trained ensemble's class and uncertainty for each image of a set.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+use clap::Args;
+use serde::Serialize;
+
+use super::args::{Common, checkpoint_arg};
+use super::say;
+use loren::Ensemble;
+use loren::ensemble::{DEFAULT_BATCH, Prediction};
+use loren::outputs::{same_file, writable_file};
+use loren::progress::{EvalBar, Verbosity};
+use loren::report::method_title;
+use loren_nn::checkpoint::write_atomic;
+use loren_nn::data::folder::{find_images, read_images};
+use loren_nn::data::prefetch::{DEPTH, prefetch};
+
+#[derive(Args, Clone)]
+pub struct PredictArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// The ensemble: a file written by `loren export`, or a training checkpoint (or the folder
+    /// `loren train --out` wrote it into).
+    #[arg(long, value_parser = checkpoint_arg)]
+    pub model: PathBuf,
+    /// The backbone a checkpoint was trained from (default: the path recorded in it; an
+    /// exported file holds its own).
+    #[arg(long)]
+    pub backbone: Option<PathBuf>,
+    /// PNG or JPEG files, or folders searched for them (subfolders too, in sorted order). Each
+    /// image is brought to the model's input as an image folder's are for training:
+    /// centre-cropped to a square, resized, and scaled as the model's training data was.
+    #[arg(required = true, value_name = "IMAGES")]
+    pub images: Vec<PathBuf>,
+    /// Write every image's prediction to FILE: .csv (a row per image: the class, its
+    /// probability, the entropy, the mutual information, the members' votes, then the mean
+    /// probability of every class) or .json (each member's probabilities too).
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// How many images to print a row for, in order (--out writes every one).
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub show: usize,
+    /// Images per forward pass: fewer need less memory.
+    #[arg(long, default_value_t = DEFAULT_BATCH, value_name = "N")]
+    pub batch_size: usize,
+}
+
+/// What --out gets: where to write, and how.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Csv,
+    Json,
+}
+
+fn out_format(out: &Path) -> Result<Format> {
+    match out.extension().and_then(|e| e.to_str()) {
+        Some(e) if e.eq_ignore_ascii_case("csv") => Ok(Format::Csv),
+        Some(e) if e.eq_ignore_ascii_case("json") => Ok(Format::Json),
+        _ => bail!(
+            "--out {}: name a .csv or a .json file (the format follows the extension)",
+            out.display()
+        ),
+    }
+}
+
+pub fn predict(a: &PredictArgs) -> Result<()> {
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let format = a.out.as_deref().map(out_format).transpose()?;
+    if let Some(out) = &a.out {
+        writable_file(out, "--out")?;
+        if same_file(out, &a.model) {
+            bail!("--out {}: is the model itself", out.display());
+        }
+    }
+    let files = find_images(&a.images)?;
+    if let Some(out) = &a.out
+        && let Some(f) = files.iter().find(|f| same_file(out, f))
+    {
+        bail!(
+            "--out {}: is one of the images ({}); write the predictions elsewhere",
+            out.display(),
+            f.display()
+        );
+    }
+    let mut ens = Ensemble::open(&a.model, a.backbone.as_deref(), a.common.device()?)?;
+    ens.set_batch_size(a.batch_size);
+    let shape = ens.image_shape();
+    if !matches!(shape[0], 1 | 3) {
+        bail!(
+            "--model {}: takes {}-channel images; images are read as grey or RGB",
+            a.model.display(),
+            shape[0]
+        );
+    }
+    let device = ens.device_name();
+    if a.common.verbosity() == Verbosity::Normal {
+        loren::note!(
+            "predict: {} on {device}, {} images",
+            a.model.display(),
+            files.len()
+        );
+    }
+    let parts = predict_files(&ens, &files, a.batch_size, a.common.verbosity())?;
+    let rows = rows(&ens, &files, parts, format == Some(Format::Json));
+    let config = ens.config();
+    let title = method_title(
+        config.method,
+        config.members,
+        config.method.uses_lora().then_some(config.lora.rank),
+    );
+    // Written before anything is printed: a reader that stops early (| head) loses nothing.
+    if let (Some(out), Some(format)) = (&a.out, format) {
+        let bytes = match format {
+            Format::Csv => csv(&ens, &rows).into_bytes(),
+            Format::Json => serde_json::to_vec(&PredictFile {
+                model: a.model.display().to_string(),
+                title: &title,
+                device: &device,
+                class_names: ens.class_names(),
+                images: &rows,
+            })?,
+        };
+        write_atomic(out, &bytes)?;
+    }
+    say(format_args!(
+        "{title} from {}, on {} images\n{}",
+        a.model.display(),
+        rows.len(),
+        table(&ens, &rows, a.show, a.out.is_some())
+    ))?;
+    if let Some(out) = &a.out {
+        say(format_args!("wrote {}\n", out.display()))?;
+    }
+    Ok(())
+}
+
+/// The images predicted a batch at a time, each batch decoded on a background thread while the
+/// one before it runs, and told where it starts, so the masks MC Dropout draws are those of the
+/// whole set predicted at once.
+fn predict_files(
+    ens: &Ensemble,
+    files: &[PathBuf],
+    batch: usize,
+    verbosity: Verbosity,
+) -> Result<Vec<Prediction>> {
+    let shape = ens.image_shape();
+    let chunks: Vec<&[PathBuf]> = files.chunks(batch).collect();
+    let mut bar = EvalBar::new("predict", files.len(), verbosity);
+    let _ctrl_c = loren::interrupt::Guard::install();
+    std::thread::scope(|scope| -> Result<Vec<Prediction>> {
+        let decode = |i: usize| read_images(chunks[i], shape).map(|p| ens.normalize(&p.to_f32()));
+        let decoded = prefetch(scope, chunks.len(), DEPTH, decode);
+        let mut parts = Vec::with_capacity(chunks.len());
+        for (images, first) in decoded.zip((0..files.len()).step_by(batch)) {
+            let p = ens.predict_part(&images?, first as u64)?;
+            bar.inc(p.batch);
+            parts.push(p);
+            loren::interrupt::scoring_stop("; nothing was written")?;
+        }
+        Ok(parts)
+    })
+}
+
+/// One image's prediction.
+#[derive(Serialize)]
+struct Row {
+    path: String,
+    /// The most probable class under the mean prediction, and its name.
+    class: usize,
+    name: String,
+    /// The mean probability of that class.
+    probability: f32,
+    /// Entropy of the mean prediction, and the mutual information between prediction and
+    /// member: the total uncertainty, and the part of it the members' disagreement makes (nats).
+    entropy: f64,
+    mutual_information: f64,
+    /// How many members' own most probable class is the ensemble's.
+    votes: usize,
+    mean: Vec<f32>,
+    /// Each member's probabilities, [M][C]: kept only for the JSON file, since M times the
+    /// mean's size over a large set of images is memory worth sparing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    members: Option<Vec<Vec<f32>>>,
+}
+
+/// Each batch's predictions as rows, each batch dropped once it is read.
+fn rows(ens: &Ensemble, files: &[PathBuf], parts: Vec<Prediction>, members: bool) -> Vec<Row> {
+    let mut out = Vec::with_capacity(files.len());
+    let mut files = files.iter();
+    for p in parts {
+        for b in 0..p.batch {
+            let class = p.predicted(b);
+            let votes = (0..p.members)
+                .filter(|&m| argmax(p.member(m, b)) == class)
+                .count();
+            out.push(Row {
+                path: files
+                    .next()
+                    .map(|f| f.display().to_string())
+                    .unwrap_or_default(),
+                class,
+                name: ens.class_names()[class].clone(),
+                probability: p.mean(b)[class],
+                entropy: p.entropy[b],
+                mutual_information: p.mutual_information[b],
+                votes,
+                mean: p.mean(b).to_vec(),
+                members: members.then(|| (0..p.members).map(|m| p.member(m, b).to_vec()).collect()),
+            });
+        }
+    }
+    out
+}
+
+/// The first of the largest, as [`Prediction::predicted`] picks.
+fn argmax(p: &[f32]) -> usize {
+    (0..p.len()).fold(0, |best, c| if p[c] > p[best] { c } else { best })
+}
+
+#[derive(Serialize)]
+struct PredictFile<'a> {
+    model: String,
+    title: &'a str,
+    device: &'a str,
+    class_names: &'a [String],
+    images: &'a [Row],
+}
+
+fn csv(ens: &Ensemble, rows: &[Row]) -> String {
+    let mut header: Vec<String> = [
+        "path",
+        "class",
+        "name",
+        "probability",
+        "entropy",
+        "mutual_information",
+        "votes",
+    ]
+    .map(String::from)
+    .into();
+    header.extend(ens.class_names().iter().map(|n| format!("p:{n}")));
+    let mut out = csv_line(&header);
+    for r in rows {
+        let mut fields = vec![
+            r.path.clone(),
+            r.class.to_string(),
+            r.name.clone(),
+            r.probability.to_string(),
+            r.entropy.to_string(),
+            r.mutual_information.to_string(),
+            r.votes.to_string(),
+        ];
+        fields.extend(r.mean.iter().map(f32::to_string));
+        out.push_str(&csv_line(&fields));
+    }
+    out
+}
+
+/// Fields joined by commas, each quoted (RFC 4180) where it holds a comma, a quote or a line
+/// break.
+fn csv_line(fields: &[String]) -> String {
+    let quoted: Vec<String> = fields
+        .iter()
+        .map(|f| match f.contains([',', '"', '\n', '\r']) {
+            true => format!("\"{}\"", f.replace('"', "\"\"")),
+            false => f.clone(),
+        })
+        .collect();
+    quoted.join(",") + "\n"
+}
+
+/// The first `show` rows, then the most uncertain images.
+fn table(ens: &Ensemble, rows: &[Row], show: usize, written: bool) -> String {
+    let shown = &rows[..show.min(rows.len())];
+    let width = shown
+        .iter()
+        .map(|r| r.path.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(5);
+    let name_width = shown
+        .iter()
+        .map(|r| r.name.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(5);
+    let m = ens.members();
+    let mut s = String::new();
+    if !shown.is_empty() {
+        s += &format!(
+            "  {:width$}  {:name_width$}  probability  entropy  mutual info  votes\n",
+            "image", "class"
+        );
+    }
+    for r in shown {
+        s += &format!(
+            "  {:width$}  {:name_width$}  {:>11.4}  {:>7.4}  {:>11.4}  {:>5}\n",
+            r.path,
+            r.name,
+            r.probability,
+            r.entropy,
+            r.mutual_information,
+            format!("{}/{m}", r.votes)
+        );
+    }
+    if !shown.is_empty() && rows.len() > shown.len() {
+        let more = rows.len() - shown.len();
+        s += &match written {
+            true => format!("  … {more} more (every one is in --out)\n"),
+            false => {
+                format!("  … {more} more (--show N prints more; --out FILE writes every one)\n")
+            }
+        };
+    }
+    if rows.len() > 1 {
+        let mut order: Vec<&Row> = rows.iter().collect();
+        order.sort_by(|a, b| b.entropy.total_cmp(&a.entropy));
+        let top = &order[..3.min(order.len())];
+        let width = top
+            .iter()
+            .map(|r| r.path.chars().count())
+            .max()
+            .unwrap_or(0);
+        s += "  most uncertain (highest entropy):
+";
+        for r in top {
+            s += &format!(
+                "    {:width$}  entropy {:.4}, {} at {:.4}, {}/{m} votes\n",
+                r.path, r.entropy, r.name, r.probability, r.votes
+            );
+        }
+    }
+    s
+}
