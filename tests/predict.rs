@@ -96,6 +96,24 @@ fn image_folder(dir: &Path, n: usize) -> (Vec<PathBuf>, Vec<u32>, Vec<Vec<u8>>) 
     (paths, labels, pixels)
 }
 
+/// `loren predict --model MODEL INPUTS... --out OUT -q EXTRA...`: what it printed.
+fn predict_into(model: &Path, inputs: &[PathBuf], out: &Path, extra: &[&str]) -> String {
+    let mut args = vec!["predict", "--model", model.to_str().unwrap()];
+    args.extend(inputs.iter().map(|p| p.to_str().unwrap()));
+    args.extend(["--out", out.to_str().unwrap(), "-q"]);
+    args.extend(extra);
+    run_ok(&args)
+}
+
+/// 8-bit pixels as the [0, 1] values they stand for.
+fn unit(pixels: &[Vec<u8>]) -> Vec<f32> {
+    pixels
+        .concat()
+        .iter()
+        .map(|&b| f32::from(b) / 255.0)
+        .collect()
+}
+
 fn json_file(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
@@ -119,15 +137,7 @@ fn predict_gives_the_librarys_numbers_for_image_files() {
     let n = 40;
     let (paths, labels, pixels) = image_folder(&dir.join("images"), n);
     let json = dir.join("p.json");
-    let printed = run_ok(&[
-        "predict",
-        "--model",
-        model.to_str().unwrap(),
-        dir.join("images").to_str().unwrap(),
-        "--out",
-        json.to_str().unwrap(),
-        "-q",
-    ]);
+    let printed = predict_into(model, &[dir.join("images")], &json, &[]);
     assert!(printed.contains("on 40 images"), "{printed}");
     assert!(printed.contains("20 more"), "{printed}");
     assert!(printed.contains("most uncertain"), "{printed}");
@@ -139,12 +149,7 @@ fn predict_gives_the_librarys_numbers_for_image_files() {
 
     // The library on the PNGs' own pixels, at predict's default batch: bit for bit.
     let ens = Ensemble::load(model, DeviceSpec::Cpu).unwrap();
-    let px: Vec<f32> = pixels
-        .concat()
-        .iter()
-        .map(|&b| f32::from(b) / 255.0)
-        .collect();
-    let lib = ens.predict_pixels(&px).unwrap();
+    let lib = ens.predict_pixels(&unit(&pixels)).unwrap();
     let mut correct = 0;
     for (b, row) in rows.iter().enumerate() {
         assert_eq!(bits(&floats(&row["mean"])), bits(lib.mean(b)), "image {b}");
@@ -188,15 +193,7 @@ fn predict_gives_the_librarys_numbers_for_image_files() {
 
     // The export predicts the same; the CSV holds the same numbers.
     let csv = dir.join("p.csv");
-    run_ok(&[
-        "predict",
-        "--model",
-        exported.to_str().unwrap(),
-        dir.join("images").to_str().unwrap(),
-        "--out",
-        csv.to_str().unwrap(),
-        "-q",
-    ]);
+    predict_into(exported, &[dir.join("images")], &csv, &[]);
     let text = std::fs::read_to_string(&csv).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), n + 1);
@@ -226,16 +223,8 @@ fn files_and_folders_mix_and_any_size_is_brought_to_the_model() {
     write_png(&dir.join("more/big.png"), &big, 32);
     write_png(&dir.join("more/small.png"), &pixels[1], 8);
     let json = dir.join("p.json");
-    run_ok(&[
-        "predict",
-        "--model",
-        model.to_str().unwrap(),
-        dir.join("more").to_str().unwrap(),
-        dir.join("one.png").to_str().unwrap(),
-        "--out",
-        json.to_str().unwrap(),
-        "-q",
-    ]);
+    let inputs = [dir.join("more"), dir.join("one.png")];
+    predict_into(model, &inputs, &json, &[]);
     let got = json_file(&json);
     let rows = got["images"].as_array().unwrap();
     let names: Vec<&str> = rows.iter().map(|r| r["path"].as_str().unwrap()).collect();
@@ -260,26 +249,11 @@ fn mc_dropout_predicted_in_batches_draws_the_masks_of_one_pass() {
     let dir = temp_dir("mcd");
     let (_, _, pixels) = image_folder(&dir.join("images"), 30);
     let json = dir.join("p.json");
-    run_ok(&[
-        "predict",
-        "--model",
-        model.to_str().unwrap(),
-        dir.join("images").to_str().unwrap(),
-        "--out",
-        json.to_str().unwrap(),
-        "--batch-size",
-        "7",
-        "-q",
-    ]);
+    predict_into(&model, &[dir.join("images")], &json, &["--batch-size", "7"]);
     let rows = json_file(&json)["images"].as_array().unwrap().clone();
     let mut ens = Ensemble::load(&model, DeviceSpec::Cpu).unwrap();
     ens.set_batch_size(7);
-    let px: Vec<f32> = pixels
-        .concat()
-        .iter()
-        .map(|&b| f32::from(b) / 255.0)
-        .collect();
-    let lib = ens.predict_pixels(&px).unwrap();
+    let lib = ens.predict_pixels(&unit(&pixels)).unwrap();
     for (b, row) in rows.iter().enumerate() {
         for (m, p) in row["members"].as_array().unwrap().iter().enumerate() {
             assert_eq!(

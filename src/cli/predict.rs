@@ -159,7 +159,7 @@ fn predict_files(
             let p = ens.predict_part(&images?, first as u64)?;
             bar.inc(p.batch);
             parts.push(p);
-            loren::interrupt::scoring_stop("; nothing was written")?;
+            loren::interrupt::scoring_stop("nothing was written")?;
         }
         Ok(parts)
     })
