@@ -1,4 +1,4 @@
-//! The commands the README and `loren --help` show still parse: each runnable one is run with
+//! The commands the README, `loren --help` and the GPU run's script show still parse: each runnable one is run with
 //! `--help` appended, which clap answers only when every flag and value before it is one loren
 //! takes (it does not check flags that conflict or are missing), so a renamed or removed flag
 //! fails here rather than in a reader's shell; and every flag of the README's synopses
@@ -168,4 +168,38 @@ fn a_flag_loren_does_not_take_is_caught() {
     assert!(e.contains("unexpected argument"), "{e}");
     let e = parses("loren bench --members lots").unwrap_err();
     assert!(e.contains("invalid"), "{e}");
+}
+
+/// The `loren` commands of the GPU run (`scripts/gpu-run.sh`, run where there is no cargo to
+/// catch a renamed flag), each a `$bin/loren ...` line, with its `"$work/..."` paths.
+fn commands_in_gpu_run(script: &str) -> Vec<String> {
+    script
+        .lines()
+        .filter_map(|l| l.split_once("$bin/loren "))
+        .map(|(_, rest)| {
+            let args: Vec<&str> = rest
+                .split_whitespace()
+                .map(|w| if w.starts_with("\"$") { "DIR" } else { w })
+                .collect();
+            format!("loren {}", args.join(" "))
+        })
+        .collect()
+}
+
+#[test]
+fn every_command_of_the_gpu_run_parses() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gpu-run.sh");
+    let commands = commands_in_gpu_run(&std::fs::read_to_string(script).expect("gpu-run.sh"));
+    for needle in [
+        "loren train --device cuda",
+        "loren compare",
+        "loren memprofile",
+    ] {
+        assert!(
+            commands.iter().any(|c| c.starts_with(needle)),
+            "'{needle}' not found among {commands:#?}"
+        );
+    }
+    let failed: Vec<String> = commands.iter().filter_map(|c| parses(c).err()).collect();
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
