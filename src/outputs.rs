@@ -74,6 +74,15 @@ pub fn writable_file(file: &Path, flag: &str) -> Result<()> {
     writable_dir(file.parent().unwrap_or(Path::new(".")), flag)
 }
 
+/// Remove an earlier run's output file that this run does not write, which would otherwise
+/// read as this run's.
+pub fn remove_stale(path: &Path) -> Result<()> {
+    if path.is_file() {
+        fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// Whether `a` and `b` name the same file (both existing), however they are spelled.
 pub fn same_file(a: &Path, b: &Path) -> bool {
     match (fs::canonicalize(a), fs::canonicalize(b)) {

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use loren_nn::checkpoint::TensorFile;
 use loren_nn::config::{Activations, EnsembleConfig, Method, VitConfig};
 use loren_nn::data::{Dataset, Splits};
-use loren_nn::eval::{EvalOptions, EvalReport, eval_images, evaluate, predict};
+use loren_nn::eval::{EvalOptions, EvalReport, ScoredSet, eval_images, evaluate, predict};
 use loren_nn::memory_model;
 use loren_nn::metrics::{Predictions, calibration, fit_temperature};
 use loren_nn::train::{
@@ -371,6 +371,15 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
             .transpose()?,
         ..spec.eval.clone()
     };
+    // The validation part's probabilities lead the kept ones: the temperature's fit set.
+    let val_set = val_report
+        .as_ref()
+        .filter(|_| eval.keep_predictions)
+        .map(|(_, probs, val)| ScoredSet {
+            name: "val".to_string(),
+            probs: probs.clone(),
+            labels: Some(val.labels.clone()),
+        });
     let val_report = val_report.map(|(scored, ..)| scored);
     let t1 = Instant::now();
     let mut bar = EvalBar::new(
@@ -378,7 +387,7 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
         eval_images(&data.test, held_out, &data.ood_sets, &eval),
         spec.verbosity,
     );
-    let report = evaluate(
+    let mut report = evaluate(
         &model,
         &data.test,
         held_out,
@@ -390,6 +399,7 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
         },
     )?;
     drop(bar);
+    report.predictions.splice(0..0, val_set);
 
     Ok(RunResult {
         method: ens.method,
@@ -598,6 +608,7 @@ mod tests {
                 shift: false,
                 ood: false,
                 temperature: None,
+                keep_predictions: false,
             },
             val_every: 0,
             verbosity: Verbosity::Quiet,

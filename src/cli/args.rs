@@ -7,14 +7,16 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use loren::curves::{curve, learning_curves_svg};
 use loren::dataset::{DataSource, Normalize, TRAIN_ON_VAL_KEY};
+use loren::outputs::remove_stale;
 use loren::progress::Verbosity;
 use loren::report::split_phrase;
 use loren::run::{RunResult, RunSpec};
 use loren_autograd::optim::OptimizerKind;
 use loren_nn::checkpoint::write_atomic;
 use loren_nn::config::{Activations, EnsembleConfig, LoraConfig, Method, Targets, VitConfig};
+use loren_nn::data::Dataset;
 use loren_nn::data::{Augment, Splits};
-use loren_nn::eval::EvalOptions;
+use loren_nn::eval::{EvalOptions, EvalReport, write_predictions};
 use loren_nn::reliability::reliability_svg;
 use loren_nn::train::TrainConfig;
 use loren_tensor::DeviceSpec;
@@ -269,6 +271,12 @@ pub struct DataArgs {
     /// Batch size for evaluation.
     #[arg(long, default_value_t = 256)]
     pub eval_batch_size: usize,
+    /// Also write every member's probabilities on every scored set (validation, test, each shift
+    /// and severity, OOD), with the labels, to predictions.safetensors in the output folder
+    /// (eval: eval-predictions.safetensors), for analysis elsewhere: tensors NAME/probs [M, N, C]
+    /// and NAME/labels [N] (safetensors.numpy.load_file reads them).
+    #[arg(long)]
+    pub save_predictions: bool,
     /// How images are scaled for the model: dataset ((x - mean) / std per channel with the
     /// dataset's statistics: see the README's table of datasets) or none (pixels in [0, 1], as
     /// the LoRA-Ensemble paper's code feeds them). Default: dataset; a resumed run and `eval`
@@ -363,6 +371,7 @@ pub fn eval_options(data: &DataArgs) -> EvalOptions {
         ood: !data.no_ood,
         // Fitted on the validation part when there is one, by the command.
         temperature: None,
+        keep_predictions: data.save_predictions,
     }
 }
 
@@ -462,8 +471,10 @@ pub fn run_spec(
     })
 }
 
-/// Write the report as JSON, and beside it its reliability diagram and learning curves.
-pub fn write_outputs(out: &Path, result: &RunResult, dataset: &str) -> Result<Vec<PathBuf>> {
+/// Write the report as JSON, and beside it its reliability diagram and learning curves, and the
+/// predictions when the run kept them (`--save-predictions`).
+pub fn write_outputs(out: &Path, result: &RunResult, test: &Dataset) -> Result<Vec<PathBuf>> {
+    let dataset = &test.name;
     let json = out.join("report.json");
     write_atomic(&json, serde_json::to_string_pretty(result)?.as_bytes())?;
     let svg = out.join("reliability.svg");
@@ -485,7 +496,33 @@ pub fn write_outputs(out: &Path, result: &RunResult, dataset: &str) -> Result<Ve
     let name = format!("{} M={}", result.method, result.members);
     let line = [curve(name, 0, false, &result.train.epochs)];
     write_atomic(&curves, learning_curves_svg(&title, &line).as_bytes())?;
-    Ok(vec![json, svg, curves])
+    let mut written = vec![json, svg, curves];
+    let file = out.join("predictions.safetensors");
+    if result.report.predictions.is_empty() {
+        remove_stale(&file)?;
+    } else {
+        let meta = predictions_metadata(&result.report, test);
+        write_predictions(&file, &result.report.predictions, meta)?;
+        written.push(file);
+    }
+    Ok(written)
+}
+
+/// What a predictions file says beside its tensors: the model, the classes and the temperature.
+pub fn predictions_metadata(report: &EvalReport, test: &Dataset) -> HashMap<String, String> {
+    let mut meta = HashMap::from([
+        ("method".to_string(), report.method.clone()),
+        ("members".to_string(), report.members.to_string()),
+        ("dataset".to_string(), test.name.clone()),
+        (
+            "class_names".to_string(),
+            serde_json::Value::from(test.class_names.clone()).to_string(),
+        ),
+    ]);
+    if let Some(t) = &report.tempered {
+        meta.insert("temperature".to_string(), t.temperature.to_string());
+    }
+    meta
 }
 
 /// `--memory-budget`, read as bytes (bench and memprofile).

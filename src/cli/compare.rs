@@ -9,6 +9,7 @@ use super::say;
 use loren::backbone;
 use loren::bench::budget_for;
 use loren::curves::comparison_curves_svg;
+use loren::outputs::remove_stale;
 use loren::progress::Verbosity;
 use loren::rates::{choose_rates, rate_table};
 use loren::report::{
@@ -143,9 +144,11 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     {
         spec.vit = vit.clone();
         let (seed, lr) = (spec.train.seed, rate(spec.train.lr));
-        let r = run(&spec, &data, &backbone)
+        let mut r = run(&spec, &data, &backbone)
             .with_context(|| format!("method {method} with {m} members, seed {seed}, lr {lr}"))?;
-        write_outputs(&dir, &r, &data.test.name)?;
+        write_outputs(&dir, &r, &data.test)?;
+        // Written with the run; the comparison needs only the report.
+        r.report.predictions = Vec::new();
         results.push(r);
     }
     // Written before the tables are printed: a reader that stops early (| head) loses nothing.
@@ -310,14 +313,6 @@ fn check_lrs(lrs: &[f32], train_on_val: bool) -> Result<()> {
             "--lrs chooses each method's rate on the validation part, which --train-on-val \
              trains on"
         );
-    }
-    Ok(())
-}
-
-/// An earlier comparison's file that this one does not write would read as this one's.
-fn remove_stale(path: &std::path::Path) -> Result<()> {
-    if path.is_file() {
-        std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
     }
     Ok(())
 }

@@ -14,15 +14,16 @@ use loren::report::{calibration_report, method_title};
 use loren::run::{RunSettings, read_checkpoint};
 use loren_nn::checkpoint::write_atomic;
 use loren_nn::config::VitConfig;
-use loren_nn::eval::{EvalReport, eval_images, evaluate, predict};
+use loren_nn::eval::{EvalReport, ScoredSet, eval_images, evaluate, predict, write_predictions};
 use loren_nn::metrics::fit_temperature;
 use loren_nn::reliability::reliability_svg;
 use loren_nn::train::load_trained;
 
 use super::args::{
-    Common, DataArgs, checkpoint_arg, data_metadata, eval_options, saved_holdout_classes, splits,
+    Common, DataArgs, checkpoint_arg, data_metadata, eval_options, predictions_metadata,
+    saved_holdout_classes, splits,
 };
-use loren::outputs::writable_dir;
+use loren::outputs::{remove_stale, writable_dir};
 
 // The shared --data's default is train's; eval's is the checkpoint's own data.
 #[derive(Args, Clone)]
@@ -132,6 +133,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     }
     let mut bar = EvalBar::new("eval", images, a.common.verbosity());
     let _ctrl_c = loren::interrupt::Guard::install();
+    let mut val_set = None;
     if let Some(val) = &data.val {
         // The temperature is fitted on the validation part, as after training.
         let probs = predict(&model, val, opts.batch_size, &mut |n| {
@@ -139,8 +141,15 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             loren::interrupt::scoring_stop("")
         })?;
         opts.temperature = Some(fit_temperature(&probs, &val.labels)?);
+        if opts.keep_predictions {
+            val_set = Some(ScoredSet {
+                name: "val".to_string(),
+                probs,
+                labels: Some(val.labels.clone()),
+            });
+        }
     }
-    let report = evaluate(
+    let mut report = evaluate(
         &model,
         &data.test,
         held_out,
@@ -152,6 +161,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         },
     )?;
     drop(bar);
+    report.predictions.splice(0..0, val_set);
     let ens = &model.ensemble;
     let title = method_title(
         ens.method,
@@ -175,15 +185,22 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     write_atomic(&json, serde_json::to_string_pretty(&written)?.as_bytes())?;
     let svg = out.join("eval-reliability.svg");
     write_atomic(&svg, reliability_svg(&report.test, &title).as_bytes())?;
+    let mut written = vec![json, svg];
+    let file = out.join("eval-predictions.safetensors");
+    if report.predictions.is_empty() {
+        remove_stale(&file)?;
+    } else {
+        let mut meta = predictions_metadata(&report, &data.test);
+        meta.insert("checkpoint".to_string(), a.checkpoint.display().to_string());
+        write_predictions(&file, &report.predictions, meta)?;
+        written.push(file);
+    }
     say(format_args!(
         "{}",
         calibration_report(&title, &data.test.name, &report)
     ))?;
-    say(format_args!(
-        "wrote {}, {}\n",
-        json.display(),
-        svg.display()
-    ))?;
+    let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+    say(format_args!("wrote {}\n", names.join(", ")))?;
     Ok(())
 }
 

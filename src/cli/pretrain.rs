@@ -69,6 +69,7 @@ pub fn pretrain(a: &PretrainArgs) -> Result<()> {
             no_ood: true,
             ood_data: vec![],
             eval_batch_size: 256,
+            save_predictions: false,
             normalize: None,
         },
         &VitConfig::tiny(),

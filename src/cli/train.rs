@@ -143,7 +143,7 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
     )?;
     let result = run(&spec, &data, &backbone)?;
     // Written before the report is printed: a reader that stops early (| head) loses nothing.
-    let written = write_outputs(&a.out, &result, &data.test.name)?;
+    let written = write_outputs(&a.out, &result, &data.test)?;
     let title = method_title(result.method, result.members, result.rank);
     say(format_args!(
         "{}{}",

@@ -9,7 +9,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+pub use safetensors::tensor::Dtype;
+use safetensors::tensor::{SafeTensors, TensorView};
 
 use crate::error::{NnError, Result};
 
@@ -187,38 +188,50 @@ pub fn write(
     tensors: &[(String, Entry)],
     metadata: HashMap<String, String>,
 ) -> Result<()> {
-    let bytes: Vec<Vec<u8>> = tensors
+    let raw = tensors
         .iter()
-        .map(|(_, e)| e.data.iter().flat_map(|x| x.to_le_bytes()).collect())
-        .collect();
+        .map(|(name, e)| RawTensor {
+            name: name.clone(),
+            dtype: Dtype::F32,
+            shape: e.shape.clone(),
+            bytes: e.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        })
+        .collect::<Vec<_>>();
+    write_raw(path, &raw, metadata)
+}
+
+/// One tensor as a file holds it: its values' little-endian bytes, of any safetensors dtype.
+pub struct RawTensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+/// Write tensors of any dtype and `metadata` to `path` atomically; a tensor whose bytes do not
+/// fill its shape is an error naming it.
+pub fn write_raw(
+    path: &Path,
+    tensors: &[RawTensor],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
     let views = tensors
         .iter()
-        .zip(&bytes)
-        .map(
-            |(
-                (
-                    name,
-                    Entry {
-                        shape,
-                        data: values,
-                    },
-                ),
-                b,
-            )| {
-                if shape.iter().product::<usize>() != values.len() {
-                    return Err(NnError::checkpoint(
-                        path,
-                        format!(
-                            "tensor '{name}': {} values for shape {shape:?}",
-                            values.len()
-                        ),
-                    ));
-                }
-                let view = TensorView::new(Dtype::F32, shape.clone(), b)
-                    .map_err(|e| NnError::checkpoint(path, format!("tensor '{name}': {e}")))?;
-                Ok((name.as_str(), view))
-            },
-        )
+        .map(|t| {
+            let values = t.bytes.len() * 8 / t.dtype.bitsize();
+            if t.shape.iter().product::<usize>() != values {
+                return Err(NnError::checkpoint(
+                    path,
+                    format!(
+                        "tensor '{}': {values} values for shape {:?}",
+                        t.name, t.shape
+                    ),
+                ));
+            }
+            let view = TensorView::new(t.dtype, t.shape.clone(), &t.bytes)
+                .map_err(|e| NnError::checkpoint(path, format!("tensor '{}': {e}", t.name)))?;
+            Ok((t.name.as_str(), view))
+        })
         .collect::<Result<Vec<_>>>()?;
     let buffer = safetensors::serialize(views, Some(metadata))
         .map_err(|e| NnError::checkpoint(path, e.to_string()))?;

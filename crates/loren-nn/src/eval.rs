@@ -4,6 +4,7 @@
 use loren_tensor::{MemTag, Tensor};
 use serde::Serialize;
 
+use crate::checkpoint::{Dtype, RawTensor, write_raw};
 use crate::data::prefetch::{DEPTH, prefetch};
 use crate::data::{Dataset, ShiftKind, batches, ood_set, shift_suite};
 use crate::error::{NnError, Result};
@@ -62,6 +63,8 @@ pub struct EvalOptions {
     /// Also score the test prediction scaled by this temperature (fitted on validation data by
     /// [`fit_temperature`](crate::metrics::fit_temperature)).
     pub temperature: Option<f64>,
+    /// Keep every scored set's probabilities in [`EvalReport::predictions`].
+    pub keep_predictions: bool,
 }
 
 /// The full report for one model.
@@ -80,6 +83,61 @@ pub struct EvalReport {
     pub ood: Option<OodReport>,
     /// Against each other dataset given (`--ood-data`), in order.
     pub ood_sets: Vec<DatasetOodReport>,
+    /// Every scored set's probabilities, in the order scored, when
+    /// [`EvalOptions::keep_predictions`] asks (else empty); see [`write_predictions`].
+    #[serde(skip)]
+    pub predictions: Vec<ScoredSet>,
+}
+
+/// One scored set's probabilities.
+#[derive(Clone, Debug)]
+pub struct ScoredSet {
+    /// `test`, `val`, `shift/KIND/SEVERITY` (`shift/rotation/3`), `ood` (the built-in OOD set:
+    /// the test images inverted, as many noise images, then the held-out classes' images) or
+    /// `ood/DATASET` for an `--ood-data` set (`ood/cifar100/test`).
+    pub name: String,
+    pub probs: Predictions,
+    /// The true classes, for the sets that have them (not the OOD sets).
+    pub labels: Option<Vec<u32>>,
+}
+
+/// Marks a file written by [`write_predictions`].
+pub const PREDICTIONS_FORMAT: &str = "loren-predictions-v1";
+
+/// Write `sets` to `path` as safetensors: for each set `NAME`, `NAME/probs` (f32, `[M, N, C]`,
+/// every member's softmax probabilities) and, where it has labels, `NAME/labels` (i64, `[N]`).
+/// `metadata` goes beside `format` = [`PREDICTIONS_FORMAT`] and `sets`, the names in order as a
+/// JSON array.
+pub fn write_predictions(
+    path: &std::path::Path,
+    sets: &[ScoredSet],
+    mut metadata: std::collections::HashMap<String, String>,
+) -> Result<()> {
+    let mut tensors = Vec::new();
+    for set in sets {
+        let p = &set.probs;
+        tensors.push(RawTensor {
+            name: format!("{}/probs", set.name),
+            dtype: Dtype::F32,
+            shape: vec![p.members, p.samples, p.classes],
+            bytes: p.probs.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        });
+        if let Some(labels) = &set.labels {
+            tensors.push(RawTensor {
+                name: format!("{}/labels", set.name),
+                dtype: Dtype::I64,
+                shape: vec![labels.len()],
+                bytes: labels
+                    .iter()
+                    .flat_map(|&l| i64::from(l).to_le_bytes())
+                    .collect(),
+            });
+        }
+    }
+    let names: Vec<&str> = sets.iter().map(|s| s.name.as_str()).collect();
+    metadata.insert("format".into(), PREDICTIONS_FORMAT.into());
+    metadata.insert("sets".into(), serde_json::Value::from(names).to_string());
+    write_raw(path, &tensors, metadata)
 }
 
 /// OOD detection against one whole dataset, named as its images are (`cifar100/test`).
@@ -136,7 +194,18 @@ pub fn evaluate(
             model.ensemble.classes, test.classes
         )));
     }
+    let mut kept = Vec::new();
+    let mut keep = |name: String, probs: &Predictions, labels: Option<&[u32]>| {
+        if opts.keep_predictions {
+            kept.push(ScoredSet {
+                name,
+                probs: probs.clone(),
+                labels: labels.map(<[u32]>::to_vec),
+            });
+        }
+    };
     let preds = predict(model, test, opts.batch_size, progress)?;
+    keep("test".into(), &preds, Some(&test.labels));
     let report = calibration(&preds, &test.labels)?;
     let by_size = by_ensemble_size(&preds, &test.labels)?;
     let tempered = opts
@@ -147,6 +216,11 @@ pub fn evaluate(
     if opts.shift {
         for (kind, severity, data) in shift_suite(test, EVAL_SEED) {
             let p = predict(model, &data, opts.batch_size, progress)?;
+            keep(
+                format!("shift/{}/{severity}", kind.name()),
+                &p,
+                Some(&data.labels),
+            );
             let mut row =
                 ShiftRow::from_report(kind.name(), severity, &calibration(&p, &data.labels)?);
             if let Some(t) = opts.temperature {
@@ -158,6 +232,7 @@ pub fn evaluate(
     let ood = if opts.ood {
         let data = ood_set(test, held_out, EVAL_SEED)?;
         let p = predict(model, &data, opts.batch_size, progress)?;
+        keep("ood".into(), &p, None);
         Some(ood_detection(&preds, &p)?)
     } else {
         None
@@ -165,6 +240,7 @@ pub fn evaluate(
     let mut against = Vec::new();
     for data in ood_sets {
         let p = predict(model, data, opts.batch_size, progress)?;
+        keep(format!("ood/{}", data.name), &p, None);
         against.push(DatasetOodReport {
             dataset: data.name.clone(),
             report: ood_detection(&preds, &p)?,
@@ -179,5 +255,6 @@ pub fn evaluate(
         shift,
         ood,
         ood_sets: against,
+        predictions: kept,
     })
 }
