@@ -166,7 +166,7 @@ fn compare_over_seeds_summarises_each_method_over_the_runs() {
     let read = |path: std::path::PathBuf| -> Value {
         serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
     };
-    let (out, stdout) = compare("seeds", &["--seeds", "4,7"]);
+    let (out, stdout) = compare("seeds", &["--seeds", "4,7", "--save-predictions"]);
     let runs = read(out.join("compare.json"));
     let seeds: Vec<(&str, u64)> = runs
         .as_array()
@@ -186,7 +186,13 @@ fn compare_over_seeds_summarises_each_method_over_the_runs() {
     for dir in ["single-lora-s4", "lora-s4", "single-lora-s7", "lora-s7"] {
         assert!(out.join(dir).join("report.json").exists(), "{dir}");
         assert!(out.join(dir).join("training.svg").exists(), "{dir}");
+        // Each run's predictions beside its report, and not in the comparison's JSON.
+        assert!(
+            out.join(dir).join("predictions.safetensors").exists(),
+            "{dir}"
+        );
     }
+    assert!(runs[0]["report"].get("predictions").is_none());
     // The learning curves of all four runs in one figure: a colour per method, its seeds named
     // once in each of the four panels' legends.
     let curves = std::fs::read_to_string(out.join("curves.svg")).unwrap();
