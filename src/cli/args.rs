@@ -498,18 +498,24 @@ pub fn write_outputs(out: &Path, result: &RunResult, test: &Dataset) -> Result<V
     write_atomic(&curves, learning_curves_svg(&title, &line).as_bytes())?;
     let mut written = vec![json, svg, curves];
     let file = out.join("predictions.safetensors");
-    if result.report.predictions.is_empty() {
-        remove_stale(&file)?;
-    } else {
-        let meta = predictions_metadata(&result.report, test);
-        write_predictions(&file, &result.report.predictions, meta)?;
-        written.push(file);
-    }
+    written.extend(save_predictions(&file, &result.report, test, None)?);
     Ok(written)
 }
 
-/// What a predictions file says beside its tensors: the model, the classes and the temperature.
-pub fn predictions_metadata(report: &EvalReport, test: &Dataset) -> HashMap<String, String> {
+/// Write the predictions `report` kept (`--save-predictions`) to `file`, with the model, the
+/// classes, the temperature and the `checkpoint` scored, when given, in its metadata; when it
+/// kept none, remove an earlier run's `file`, which would read as this run's. The file, when
+/// written.
+pub fn save_predictions(
+    file: &Path,
+    report: &EvalReport,
+    test: &Dataset,
+    checkpoint: Option<&Path>,
+) -> Result<Option<PathBuf>> {
+    if report.predictions.is_empty() {
+        remove_stale(file)?;
+        return Ok(None);
+    }
     let mut meta = HashMap::from([
         ("method".to_string(), report.method.clone()),
         ("members".to_string(), report.members.to_string()),
@@ -522,7 +528,11 @@ pub fn predictions_metadata(report: &EvalReport, test: &Dataset) -> HashMap<Stri
     if let Some(t) = &report.tempered {
         meta.insert("temperature".to_string(), t.temperature.to_string());
     }
-    meta
+    if let Some(c) = checkpoint {
+        meta.insert("checkpoint".to_string(), c.display().to_string());
+    }
+    write_predictions(file, &report.predictions, meta)?;
+    Ok(Some(file.to_path_buf()))
 }
 
 /// `--memory-budget`, read as bytes (bench and memprofile).

@@ -14,16 +14,16 @@ use loren::report::{calibration_report, method_title};
 use loren::run::{RunSettings, read_checkpoint};
 use loren_nn::checkpoint::write_atomic;
 use loren_nn::config::VitConfig;
-use loren_nn::eval::{EvalReport, ScoredSet, eval_images, evaluate, predict, write_predictions};
+use loren_nn::eval::{EvalReport, ScoredSet, eval_images, evaluate, predict};
 use loren_nn::metrics::fit_temperature;
 use loren_nn::reliability::reliability_svg;
 use loren_nn::train::load_trained;
 
 use super::args::{
-    Common, DataArgs, checkpoint_arg, data_metadata, eval_options, predictions_metadata,
+    Common, DataArgs, checkpoint_arg, data_metadata, eval_options, save_predictions,
     saved_holdout_classes, splits,
 };
-use loren::outputs::{remove_stale, writable_dir};
+use loren::outputs::writable_dir;
 
 // The shared --data's default is train's; eval's is the checkpoint's own data.
 #[derive(Args, Clone)]
@@ -187,14 +187,12 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     write_atomic(&svg, reliability_svg(&report.test, &title).as_bytes())?;
     let mut written = vec![json, svg];
     let file = out.join("eval-predictions.safetensors");
-    if report.predictions.is_empty() {
-        remove_stale(&file)?;
-    } else {
-        let mut meta = predictions_metadata(&report, &data.test);
-        meta.insert("checkpoint".to_string(), a.checkpoint.display().to_string());
-        write_predictions(&file, &report.predictions, meta)?;
-        written.push(file);
-    }
+    written.extend(save_predictions(
+        &file,
+        &report,
+        &data.test,
+        Some(&a.checkpoint),
+    )?);
     say(format_args!(
         "{}",
         calibration_report(&title, &data.test.name, &report)
