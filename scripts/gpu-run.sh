@@ -7,7 +7,8 @@
 #
 # STAGES, comma-separated, run in the order given (default: all):
 #   parity     kernel launcher tests, every op against its CPU twin, a whole training step
-#   train      `loren train` on cuda and on cpu, the same run, accuracy and ECE compared; then
+#   train      `loren train` on cuda and on cpu, the same run, accuracy and ECE compared; the
+#              cuda model's `loren predict` on assets/examples on both devices, compared; then
 #              `loren compare --device cuda`, every method for 3 epochs
 #   sanitizer  compute-sanitizer memcheck and racecheck over the parity suite
 #   bench      kernel-bench, `loren bench` and `loren memprofile` on cuda
@@ -23,7 +24,7 @@
 #   parity.log  train.log  bench.log  sanitizer.log
 #   results.tar.gz  kernel-bench/, bench/, bench-breakdown/, bench-wgmma/, memprofile/, memprofile-recompute/,
 #                   bench-mc-dropout/ (JSON, Markdown, SVG),
-#                   train-{cuda,cpu}/, compare-cuda/, profile/ncu.txt
+#                   train-{cuda,cpu}/, predict-{cuda,cpu}.csv, compare-cuda/, profile/ncu.txt
 # scripts/gpu-results.sh turns that folder into benches/results/<date>-<gpu>/ here.
 # It exits non-zero when any check fails or runs out of time.
 set -uo pipefail
@@ -34,7 +35,7 @@ budget=540
 while [ $# -gt 0 ]; do
     case "$1" in
         --budget) budget=$2; shift 2 ;;
-        -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,29p' "$0"; exit 0 ;;
         *) stages=$1; shift ;;
     esac
 done
@@ -101,6 +102,11 @@ train() {
     check "train --device cuda" "$out/train.log" 90 $bin/loren train --device cuda -q --out "$work/train-cuda"
     check "train --device cpu" "$out/train.log" 120 $bin/loren train --device cpu -q --out "$work/train-cpu"
     compare_runs
+    # The model trained on the GPU predicting image files on both devices: the path `loren
+    # predict` and `loren::Ensemble` take (a checkpoint loaded onto cuda).
+    check "predict --device cuda" "$out/train.log" 30 $bin/loren predict --device cuda -q --model "$work/train-cuda" assets/examples --out "$work/predict-cuda.csv"
+    check "predict --device cpu" "$out/train.log" 30 $bin/loren predict --device cpu -q --model "$work/train-cuda" assets/examples --out "$work/predict-cpu.csv"
+    compare_predictions
     # Every method end to end on the GPU (issue 3's `compare --device cuda`), on a short budget.
     check "compare --device cuda" "$out/train.log" 90 $bin/loren compare --device cuda -q --epochs 3 --no-shift --no-ood --out "$work/compare-cuda"
 }
@@ -146,6 +152,28 @@ da, de = abs(c["accuracy"] - p["accuracy"]) * 100, abs(c["ece"] - p["ece"])
 ok = da <= 1.0 and de <= 0.01
 say(f"- cuda vs cpu: accuracy {100*c['accuracy']:.2f}% vs {100*p['accuracy']:.2f}% (diff {da:.2f} points), "
     f"ECE {c['ece']:.4f} vs {p['ece']:.4f} (diff {de:.4f}): {'pass' if ok else 'FAIL'}")
+sys.exit(0 if ok else 1)
+PY
+}
+
+compare_predictions() {
+    python3 - "$summary" "$work" <<'PY' || failed=1
+import csv, sys
+summary, work = sys.argv[1], sys.argv[2]
+def say(line):
+    print(line)
+    open(summary, "a").write(line + "\n")
+try:
+    rows = [list(csv.DictReader(open(f"{work}/predict-{d}.csv"))) for d in ("cuda", "cpu")]
+except Exception as e:
+    say(f"- predict cuda vs cpu: no predictions ({e})")
+    sys.exit(1)
+worst = max(abs(float(a[k]) - float(b[k])) for a, b in zip(*rows) for k in a if k.startswith("p:"))
+digits = [(a["class"], b["class"]) for a, b in zip(*rows) if "digit-" in a["path"]]
+same = all(x == y for x, y in digits)
+ok = len(rows[0]) == len(rows[1]) == 12 and same and worst <= 0.05
+say(f"- predict cuda vs cpu: {len(digits)} digits, classes {'the same' if same else 'DIFFER'}; "
+    f"largest probability difference {worst:.2e} (at most 0.05): {'pass' if ok else 'FAIL'}")
 sys.exit(0 if ok else 1)
 PY
 }
