@@ -136,6 +136,13 @@ impl Ensemble {
     /// given (an exported file holds its own, so it takes none).
     pub fn open(path: &Path, backbone: Option<&Path>, device: DeviceSpec) -> Result<Ensemble> {
         let path = &crate::run::checkpoint_in(path);
+        if path.is_dir() {
+            bail!(
+                "{}: a folder with no checkpoint.safetensors in it (name the run's folder, its \
+                 checkpoint, or a file loren export wrote)",
+                path.display()
+            );
+        }
         let file = TensorFile::read(path)?;
         if file.metadata().get("format").map(String::as_str) != Some(FORMAT) {
             return Ensemble::from_checkpoint(&file, backbone, device);
@@ -299,7 +306,9 @@ impl Ensemble {
         let (m, n, k) = (self.members(), images.len() / per_image, self.classes());
         let mut probs = vec![0.0f32; m * n * k];
         let dev = self.model.device();
-        let chunks: Vec<&[f32]> = images.chunks(self.batch_size * per_image).collect();
+        // Saturating: a batch size past the whole input is one chunk of it all.
+        let chunk = self.batch_size.saturating_mul(per_image);
+        let chunks: Vec<&[f32]> = images.chunks(chunk).collect();
         std::thread::scope(|scope| -> Result<()> {
             // Each chunk is staged (copied where it goes to the device from) on a background
             // thread while the model runs on the one before.

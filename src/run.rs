@@ -152,8 +152,10 @@ fn replaced_by(checkpoint: &Path, resumed: Option<&Path>) -> Vec<PathBuf> {
         "report.json",
         "reliability.svg",
         "training.svg",
+        "predictions.safetensors",
         "eval.json",
         "eval-reliability.svg",
+        "eval-predictions.safetensors",
     ]
     .map(|name| dir.join(name))
     .to_vec()

@@ -409,6 +409,18 @@ fn ood_data_that_cannot_be_scored_is_refused_before_training() {
         &["train", "--ood-data", "svhn:x", "--out", out],
         &["--ood-data", "unknown dataset 'svhn:x'"],
     );
+    fails_before_work(
+        &[
+            "eval",
+            "--checkpoint",
+            out,
+            "--ood-data",
+            "digits",
+            "--ood-data",
+            "digits",
+        ],
+        &["--ood-data digits is given twice"],
+    );
     let missing = dir.join("missing");
     let arg = format!("folder:{}", missing.display());
     fails_before_work(

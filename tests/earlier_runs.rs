@@ -737,16 +737,25 @@ fn a_fresh_run_replaces_an_earlier_one_and_does_not_claim_its_checkpoint() {
     }
 }
 
-/// A copy of the trained run in a folder of its own, with an `eval.json` beside it as `loren eval`
-/// leaves one.
+/// A copy of the trained run in a folder of its own, with an `eval.json` and the predictions
+/// files beside it as `--save-predictions` and `loren eval` leave them.
 fn copy_of_the_trained_run(name: &str) -> PathBuf {
     let dir = temp_dir(name);
     for f in OUTPUTS {
         std::fs::copy(trained().join(f), dir.join(f)).unwrap();
     }
-    std::fs::write(dir.join("eval.json"), b"{}").unwrap();
+    for f in EARLIER_SCORES {
+        std::fs::write(dir.join(f), b"{}").unwrap();
+    }
     dir
 }
+
+/// What scored the earlier run's checkpoint: a run that replaces it removes them.
+const EARLIER_SCORES: [&str; 3] = [
+    "eval.json",
+    "eval-predictions.safetensors",
+    "predictions.safetensors",
+];
 
 fn epochs_in_report(dir: &Path) -> usize {
     report_json(dir)["train"]["epochs"]
@@ -773,10 +782,12 @@ fn resuming_without_out_continues_in_the_checkpoints_folder() {
     assert!(ok, "{err}");
     assert!(!err.contains("earlier run"), "resumed in place: {err}");
     assert_eq!(epochs_in_report(&run), 3, "the run's own report");
-    assert!(
-        !run.join("eval.json").exists(),
-        "an eval of the two-epoch checkpoint stayed beside the three-epoch one"
-    );
+    for f in EARLIER_SCORES {
+        assert!(
+            !run.join(f).exists(),
+            "{f} of the two-epoch checkpoint stayed beside the three-epoch one"
+        );
+    }
     assert_eq!(
         std::fs::read_dir(&cwd).unwrap().count(),
         0,
@@ -833,8 +844,7 @@ fn resuming_into_another_runs_folder_says_it_replaces_that_run() {
     assert!(ok, "{err}");
     assert!(err.contains("holds an earlier run"), "{err}");
     assert_eq!(epochs_in_report(&other), 3);
-    assert!(
-        !other.join("eval.json").exists(),
-        "the other run's eval stayed"
-    );
+    for f in EARLIER_SCORES {
+        assert!(!other.join(f).exists(), "the other run's {f} stayed");
+    }
 }

@@ -223,11 +223,19 @@ fn files_and_folders_mix_and_any_size_is_brought_to_the_model() {
     write_png(&dir.join("more/big.png"), &big, 32);
     write_png(&dir.join("more/small.png"), &pixels[1], 8);
     let json = dir.join("p.json");
-    let inputs = [dir.join("more"), dir.join("one.png")];
+    // Each image once, where it is first named, however often it is named again.
+    let inputs = [
+        dir.join("more"),
+        dir.join("one.png"),
+        dir.join("more/small.png"),
+        dir.join("more/../one.png"),
+        dir.join("more"),
+    ];
     predict_into(model, &inputs, &json, &[]);
     let got = json_file(&json);
     let rows = got["images"].as_array().unwrap();
     let names: Vec<&str> = rows.iter().map(|r| r["path"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), 3, "{names:?}");
     assert!(names[0].ends_with("more/big.png") && names[1].ends_with("more/small.png"));
     assert!(names[2].ends_with("one.png"), "{names:?}");
     // The large one is brought to the model's 8x8 as an image folder's images are for training.

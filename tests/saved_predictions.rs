@@ -143,6 +143,41 @@ fn saved_predictions_are_those_the_report_scored() {
     assert_eq!(again.tensors["test/probs"], file.tensors["test/probs"]);
     assert_eq!(again.tensors["ood/probs"], file.tensors["ood/probs"]);
 
+    // Two --ood-data folders of one name are two sets, the second named apart. (Their test
+    // parts are scored: a fifth of each class.)
+    for parent in ["a", "b"] {
+        for (class, i) in ["x", "y"].iter().flat_map(|c| (0..5).map(move |i| (c, i))) {
+            let path = dir
+                .join(parent)
+                .join("imgs")
+                .join(class)
+                .join(format!("{i}.png"));
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            let file = std::fs::File::create(&path).unwrap();
+            let mut enc = png::Encoder::new(std::io::BufWriter::new(file), 4, 4);
+            enc.set_color(png::ColorType::Grayscale);
+            enc.write_header()
+                .unwrap()
+                .write_image_data(&[90; 16])
+                .unwrap();
+        }
+    }
+    let [a, b] = ["a", "b"].map(|p| format!("folder:{}", dir.join(p).join("imgs").display()));
+    let extra = ["--no-shift", "--save-predictions", "-q", "--ood-data"];
+    run_ok(
+        &[
+            &["eval", "--checkpoint", out][..],
+            &extra,
+            &[&a, "--ood-data", &b],
+        ]
+        .concat(),
+    );
+    let sets = read(&dir.join("eval-predictions.safetensors")).sets();
+    assert_eq!(
+        sets,
+        ["val", "test", "ood", "ood/imgs/test", "ood/imgs/test#2"]
+    );
+
     // Without the flag, an earlier run's file is not left to pass for this run's.
     run_ok(&["eval", "--checkpoint", out, "--no-shift", "--no-ood", "-q"]);
     assert!(!dir.join("eval-predictions.safetensors").exists());

@@ -272,9 +272,9 @@ pub struct DataArgs {
     #[arg(long, default_value_t = 256)]
     pub eval_batch_size: usize,
     /// Also write every member's probabilities on every scored set (validation, test, each shift
-    /// and severity, OOD), with the labels, to predictions.safetensors in the output folder
-    /// (eval: eval-predictions.safetensors), for analysis elsewhere: tensors NAME/probs [M, N, C]
-    /// and NAME/labels [N] (safetensors.numpy.load_file reads them).
+    /// and severity, OOD), with the labels, to predictions.safetensors beside report.json (eval:
+    /// eval-predictions.safetensors beside eval.json), for analysis elsewhere: tensors
+    /// NAME/probs [M, N, C] and NAME/labels [N] (safetensors.numpy.load_file reads them).
     #[arg(long)]
     pub save_predictions: bool,
     /// How images are scaled for the model: dataset ((x - mean) / std per channel with the
@@ -293,8 +293,11 @@ impl DataArgs {
         if self.no_ood && !self.ood_data.is_empty() {
             bail!("--ood-data with --no-ood: --no-ood skips OOD detection; leave one of them out");
         }
-        for source in &self.ood_data {
+        for (i, source) in self.ood_data.iter().enumerate() {
             source.parse::<DataSource>().context("--ood-data")?;
+            if self.ood_data[..i].contains(source) {
+                bail!("--ood-data {source} is given twice: each set is scored once");
+            }
         }
         self.normalize()?;
         Ok(())

@@ -204,8 +204,12 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     }
     say(format_args!("{}", growth_per_member(&results)))?;
     let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+    let per_run = match a.data.save_predictions {
+        true => "report.json, reliability.svg, training.svg and predictions.safetensors",
+        false => "report.json, reliability.svg and training.svg",
+    };
     say(format_args!(
-        "wrote {} and a report.json, reliability.svg and training.svg per run under {}\n",
+        "wrote {} and a {per_run} per run under {}\n",
         names.join(", "),
         a.out.display()
     ))?;

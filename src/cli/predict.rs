@@ -29,9 +29,11 @@ pub struct PredictArgs {
     /// exported file holds its own).
     #[arg(long)]
     pub backbone: Option<PathBuf>,
-    /// PNG or JPEG files, or folders searched for them (subfolders too, in sorted order). Each
-    /// image is brought to the model's input as an image folder's are for training:
-    /// centre-cropped to a square, resized, and scaled as the model's training data was.
+    /// PNG or JPEG files, or folders searched for them (subfolders too, in sorted order; each
+    /// image once). Each image is brought to the model's input as an image folder's are for
+    /// training: centre-cropped to a square, resized, and scaled as the model's training data
+    /// was. Under mc-dropout an image's masks follow its place in this list, so the same image
+    /// elsewhere in it (or alone) is another draw.
     #[arg(required = true, value_name = "IMAGES")]
     pub images: Vec<PathBuf>,
     /// Write every image's prediction to FILE: .csv (a row per image: the class, its
@@ -99,9 +101,9 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
     let device = ens.device_name();
     if a.common.verbosity() == Verbosity::Normal {
         loren::note!(
-            "predict: {} on {device}, {} images",
+            "predict: {} on {device}, {}",
             a.model.display(),
-            files.len()
+            images(files.len())
         );
     }
     let parts = predict_files(&ens, &files, a.batch_size, a.common.verbosity())?;
@@ -127,15 +129,20 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
         write_atomic(out, &bytes)?;
     }
     say(format_args!(
-        "{title} from {}, on {} images\n{}",
+        "{title} from {}, on {}\n{}",
         a.model.display(),
-        rows.len(),
+        images(rows.len()),
         table(&ens, &rows, a.show, a.out.is_some())
     ))?;
     if let Some(out) = &a.out {
         say(format_args!("wrote {}\n", out.display()))?;
     }
     Ok(())
+}
+
+/// "1 image", "12 images".
+fn images(n: usize) -> String {
+    format!("{n} image{}", if n == 1 { "" } else { "s" })
 }
 
 /// The images predicted a batch at a time, each batch decoded on a background thread while the

@@ -215,6 +215,13 @@ pub fn write_raw(
     tensors: &[RawTensor],
     metadata: HashMap<String, String>,
 ) -> Result<()> {
+    let mut names = std::collections::HashSet::new();
+    if let Some(t) = tensors.iter().find(|t| !names.insert(t.name.as_str())) {
+        return Err(NnError::checkpoint(
+            path,
+            format!("tensor '{}' is named twice", t.name),
+        ));
+    }
     let views = tensors
         .iter()
         .map(|t| {

@@ -94,7 +94,8 @@ pub struct EvalReport {
 pub struct ScoredSet {
     /// `test`, `val`, `shift/KIND/SEVERITY` (`shift/rotation/3`), `ood` (the built-in OOD set:
     /// the test images inverted, as many noise images, then the held-out classes' images) or
-    /// `ood/DATASET` for an `--ood-data` set (`ood/cifar100/test`).
+    /// `ood/` and an `--ood-data` set's name (`ood/cifar100/test`), with `#2`, `#3`, … after a
+    /// name already taken.
     pub name: String,
     pub probs: Predictions,
     /// The true classes, for the sets that have them (not the OOD sets).
@@ -194,9 +195,18 @@ pub fn evaluate(
             model.ensemble.classes, test.classes
         )));
     }
-    let mut kept = Vec::new();
+    let mut kept: Vec<ScoredSet> = Vec::new();
     let mut keep = |name: String, probs: &Predictions, labels: Option<&[u32]>| {
         if opts.keep_predictions {
+            // Two --ood-data folders of one name (`a/imgs`, `b/imgs`) name their sets alike.
+            let taken = |n: &str| kept.iter().any(|s| s.name == n);
+            let name = (1..)
+                .map(|i| match i {
+                    1 => name.clone(),
+                    i => format!("{name}#{i}"),
+                })
+                .find(|n| !taken(n))
+                .unwrap_or(name);
             kept.push(ScoredSet {
                 name,
                 probs: probs.clone(),

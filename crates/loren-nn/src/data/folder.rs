@@ -117,8 +117,8 @@ pub fn read_images(files: &[PathBuf], shape: [usize; 3]) -> Result<Pixels, DataE
 
 /// The PNG and JPEG files `paths` name: a file as it is (an error when it is not an image), a
 /// folder as every image under it, subfolders included, in sorted order. Hidden entries and
-/// other files inside folders are skipped, and each folder is searched once however links
-/// reach it. An error when there are none.
+/// other files inside folders are skipped, and each folder and image is taken once, where it is
+/// first reached, however paths and links name it again. An error when there are none.
 pub fn find_images(paths: &[PathBuf]) -> Result<Vec<PathBuf>, DataError> {
     let mut found = Vec::new();
     let mut seen = std::collections::HashSet::new();
@@ -126,7 +126,9 @@ pub fn find_images(paths: &[PathBuf]) -> Result<Vec<PathBuf>, DataError> {
         if path.is_dir() {
             images_under(path, &mut seen, &mut found)?;
         } else if image_kind(&head(path)?).is_some() {
-            found.push(path.clone());
+            if seen.insert(canonical(path)?) {
+                found.push(path.clone());
+            }
         } else {
             return Err(DataError::BadFile {
                 path: path.clone(),
@@ -136,12 +138,24 @@ pub fn find_images(paths: &[PathBuf]) -> Result<Vec<PathBuf>, DataError> {
     }
     if found.is_empty() {
         let first = paths.first().cloned().unwrap_or_default();
+        let others = match paths.len() {
+            0 | 1 => String::new(),
+            2 => ", nor does the other path given".to_string(),
+            n => format!(", nor do the other {} paths given", n - 1),
+        };
         return Err(DataError::BadFile {
             path: first,
-            msg: "holds no PNG or JPEG images".into(),
+            msg: format!("holds no PNG or JPEG images{others}"),
         });
     }
     Ok(found)
+}
+
+fn canonical(path: &Path) -> Result<PathBuf, DataError> {
+    fs::canonicalize(path).map_err(|reason| DataError::Io {
+        path: path.to_path_buf(),
+        reason,
+    })
 }
 
 fn images_under(
@@ -149,18 +163,17 @@ fn images_under(
     seen: &mut std::collections::HashSet<PathBuf>,
     found: &mut Vec<PathBuf>,
 ) -> Result<(), DataError> {
-    let canonical = fs::canonicalize(dir).map_err(|reason| DataError::Io {
-        path: dir.to_path_buf(),
-        reason,
-    })?;
     // A link back up the tree would otherwise be followed for ever.
-    if !seen.insert(canonical) {
+    if !seen.insert(canonical(dir)?) {
         return Ok(());
     }
     for path in sorted_entries(dir)? {
         if path.is_dir() {
             images_under(&path, seen, found)?;
-        } else if path.is_file() && image_kind(&head(&path)?).is_some() {
+        } else if path.is_file()
+            && image_kind(&head(&path)?).is_some()
+            && seen.insert(canonical(&path)?)
+        {
             found.push(path);
         }
     }
@@ -333,14 +346,57 @@ fn decode_png(bytes: &[u8]) -> Result<Decoded, String> {
     })
 }
 
+/// Whether a JPEG's segments lead to its end-of-image marker: walked from the start, each
+/// segment skipped by its length and each scan's entropy-coded data to the next marker (a 0xFF
+/// there is followed by 0 or a restart marker). Whatever follows the marker (a motion photo's
+/// video, say) is not looked at; stray bytes between segments are passed over, as libjpeg does.
+fn reaches_end_of_image(bytes: &[u8]) -> bool {
+    let mut i = 2;
+    while i + 1 < bytes.len() {
+        if bytes[i] != 0xFF || bytes[i + 1] == 0xFF {
+            i += 1;
+            continue;
+        }
+        let marker = bytes[i + 1];
+        match marker {
+            0xD9 => return true,
+            0x01 | 0xD0..=0xD8 => i += 2,
+            _ => {
+                let Some(len) = bytes.get(i + 2..i + 4) else {
+                    return false;
+                };
+                i += 2 + usize::from(u16::from_be_bytes([len[0], len[1]]));
+                if marker == 0xDA {
+                    // The scan's data runs to the first marker that is not a stuffed 0xFF or a
+                    // restart.
+                    let ends_scan = |a: u8, b: u8| a == 0xFF && !matches!(b, 0x00 | 0xD0..=0xD7);
+                    while i + 1 < bytes.len() && !ends_scan(bytes[i], bytes[i + 1]) {
+                        i += 1;
+                    }
+                }
+            }
+        }
+    }
+    false
+}
+
 fn decode_jpeg(bytes: &[u8]) -> Result<Decoded, String> {
+    // The decoder fills what a cut-off file lacks with grey and says nothing; PIL refuses such a
+    // file ("image file is truncated"), and so does this.
+    if !reaches_end_of_image(bytes) {
+        return Err("the file is truncated: its image data stops before its end marker".into());
+    }
     let options = DecoderOptions::default().jpeg_set_out_colorspace(ColorSpace::RGB);
     let mut decoder = JpegDecoder::new_with_options(ZCursor::new(bytes), options);
-    decoder.decode_headers().map_err(|e| e.to_string())?;
+    decoder
+        .decode_headers()
+        .map_err(|e| e.to_string().trim().to_string())?;
     let info = decoder.info().ok_or("no JPEG header")?;
     let (width, height) = (usize::from(info.width), usize::from(info.height));
     check_pixels(width, height)?;
-    let samples = decoder.decode().map_err(|e| e.to_string())?;
+    let samples = decoder
+        .decode()
+        .map_err(|e| e.to_string().trim().to_string())?;
     if samples.len() != width * height * 3 {
         return Err(format!(
             "{} samples for a {width}x{height} RGB image",
@@ -630,6 +686,27 @@ mod tests {
         assert!(e.contains("16000x16000") && e.contains("pixels"), "{e}");
         // Ordinary sizes are untouched.
         assert_eq!(decode(&png_claiming(1, 1)).unwrap().samples, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn data_a_cut_off_jpeg_is_refused_and_what_follows_a_whole_one_is_ignored() {
+        let mut jpeg = Vec::new();
+        let samples: Vec<u8> = (0..32 * 24 * 3).map(|i| (i * 37 % 251) as u8).collect();
+        jpeg_encoder::Encoder::new(&mut jpeg, 90)
+            .encode(&samples, 32, 24, jpeg_encoder::ColorType::Rgb)
+            .unwrap();
+        let whole = decode(&jpeg).unwrap();
+        // Cut inside the scan, inside a header, and just before the end marker: the decoder
+        // would fill the rest with grey.
+        let scan = jpeg.windows(2).position(|m| m == [0xff, 0xda]).unwrap();
+        for cut in [jpeg.len() / 2, scan + 3, jpeg.len() - 2, 20] {
+            let e = decode(&jpeg[..cut]).unwrap_err();
+            assert!(e.contains("truncated"), "cut at {cut}: {e}");
+        }
+        // Bytes after the end marker (a motion photo's video), markers among them, change nothing.
+        let mut longer = jpeg.clone();
+        longer.extend([0xff, 0xda, 0x00, 0x08, 1, 2, 3, 0xff, 0xc4, 7]);
+        assert_eq!(decode(&longer).unwrap(), whole);
     }
 
     #[test]
