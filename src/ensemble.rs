@@ -39,7 +39,7 @@ use anyhow::{Context, Result, bail, ensure};
 use loren_nn::checkpoint::{self, TensorFile};
 use loren_nn::config::{EnsembleConfig, Method, VitConfig};
 use loren_nn::data::prefetch::{DEPTH, prefetch};
-use loren_nn::metrics::{Predictions, scores};
+use loren_nn::metrics::{Predictions, argmax, scores};
 use loren_nn::train::{check_format, load_trained};
 use loren_nn::vit::Vit;
 use loren_tensor::{DeviceSpec, MemTag, Tensor};
@@ -119,8 +119,7 @@ impl Prediction {
 
     /// The most probable class of image `b` under the mean (the lowest index on ties).
     pub fn predicted(&self, b: usize) -> usize {
-        let row = self.mean(b);
-        (0..row.len()).fold(0, |best, c| if row[c] > row[best] { c } else { best })
+        argmax(self.mean(b))
     }
 }
 

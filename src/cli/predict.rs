@@ -16,6 +16,7 @@ use loren::report::method_title;
 use loren_nn::checkpoint::write_atomic;
 use loren_nn::data::folder::{find_images, read_images};
 use loren_nn::data::prefetch::{DEPTH, prefetch};
+use loren_nn::metrics::argmax;
 
 #[derive(Args, Clone)]
 pub struct PredictArgs {
@@ -221,11 +222,6 @@ fn rows(ens: &Ensemble, files: &[PathBuf], parts: Vec<Prediction>, members: bool
         }
     }
     out
-}
-
-/// The first of the largest, as [`Prediction::predicted`] picks.
-fn argmax(p: &[f32]) -> usize {
-    (0..p.len()).fold(0, |best, c| if p[c] > p[best] { c } else { best })
 }
 
 #[derive(Serialize)]

@@ -235,7 +235,7 @@ fn validate_row(member: usize, sample: usize, row: &[f32]) -> Result<()> {
 
 /// Index of the largest value; ties go to the lowest index (the first maximum), as
 /// `torch.argmax`/`np.argmax` do.
-pub(crate) fn argmax<T: Copy + PartialOrd>(row: &[T]) -> usize {
+pub fn argmax<T: Copy + PartialOrd>(row: &[T]) -> usize {
     let mut best = 0;
     for (i, &v) in row.iter().enumerate().skip(1) {
         if v > row[best] {
