@@ -7,15 +7,17 @@
 #
 #   scripts/emulated-gpu.sh [SUITES] [-- CARGO TEST ARGS]
 #
-# SUITES, comma-separated (default: kernels,parity,training,recompute-lora, what scripts/test.sh
-# runs):
-#   kernels    loren-kernels tests/gpu.rs: every launcher against an f64 reference (~1 min)
-#   parity     loren-tensor tests/gpu_parity.rs: every op against its CPU twin (~1.5 min)
+# SUITES, comma-separated (default: kernels,parity,training,recompute,hopper, what
+# scripts/test.sh runs; times on 2 cores):
+#   kernels    loren-kernels tests/gpu.rs: every launcher against an f64 reference (~15 s)
+#   parity     loren-tensor tests/gpu_parity.rs: every op against its CPU twin (~10 s)
 #   training   loren-nn tests/gpu_training.rs: a whole AdamW step of the tiny ViT, LoRA, explicit
-#              and single, against the CPU (~5 min)
+#              and single, against the CPU (~30 s)
 #   recompute  loren-nn tests/recompute.rs on the GPU: two steps of every method, recomputed
-#              blocks against kept ones, bit for bit (~11 min)
-#   recompute-lora  the same for LoRA-Ensemble alone (~3 min; scripts/test.sh runs it)
+#              blocks against kept ones, bit for bit (~80 s)
+#   recompute-lora  the same for LoRA-Ensemble alone (~30 s)
+#   hopper     kernels, parity and training again on a Hopper (below): the wgmma kernels beside
+#              the mma.sync ones, and the training steps on them (~60 s)
 # LOREN_FAKE_CC=9.0 makes the device a Hopper (sm_90a build, wgmma kernels loaded; LOREN_WGMMA=1
 # then runs the fused GEMMs on them).
 # LOREN_FAKE_NO_COMPUTE=1 makes it issue everything and compute nothing: with the libraries it
@@ -24,7 +26,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-suites=kernels,parity,training,recompute-lora
+suites=kernels,parity,training,recompute,hopper
 if [ $# -gt 0 ] && [ "$1" != "--" ]; then
     suites=$1
     shift
@@ -63,6 +65,12 @@ for suite in ${suites//,/ }; do
         training) cargo test -p loren-nn --test gpu_training "$@" -- --test-threads=1 ;;
         recompute) cargo test -p loren-nn --test recompute "$@" -- --test-threads=1 on_a_gpu ;;
         recompute-lora) cargo test -p loren-nn --test recompute "$@" -- --test-threads=1 on_a_gpu_lora ;;
+        hopper)
+            for t in "loren-kernels gpu" "loren-tensor gpu_parity" "loren-nn gpu_training"; do
+                read -r crate test <<<"$t"
+                LOREN_FAKE_CC=9.0 LOREN_WGMMA=1 cargo test -p "$crate" --test "$test" "$@" -- --test-threads=1
+            done
+            ;;
         *) echo "emulated-gpu: unknown suite '$suite'" >&2; exit 2 ;;
     esac
 done

@@ -1,6 +1,7 @@
 // A CPU stand-in for kernels/common.cuh and the bits of CUDA the kernels use, so the real kernel
-// sources run on the host (tests/emulate.rs). One OS thread per CUDA thread, blocks one at a
-// time; __syncthreads, __syncwarp and the warp collectives are barriers.
+// sources run on the host (tests/emulate.rs, and scripts/emulated-gpu.sh through fake_cuda.cpp).
+// A fiber per CUDA thread, blocks shared out among the cores (below, "the emulated block");
+// __syncthreads, __syncwarp and the warp collectives are barriers.
 //
 // What it models, from the PTX ISA:
 // - mma.sync.m16n8k16 bf16 fragments (A: a0 (g,2q) a1 (g+8,2q) a2 (g,2q+8) a3 (g+8,2q+8);
@@ -10,8 +11,8 @@
 // - cp.async: the destination is poisoned (0xFFFF, bf16 NaN) when the copy is issued, since the
 //   hardware may land it any time from then on, and the copy itself happens at
 //   cp.async.wait_group; so a read of a stage before its wait sees poison, and a stage
-//   overwritten while other threads still read it is a write ThreadSanitizer sees
-//   (tests/emulate.rs builds the emulator with it);
+//   overwritten while other threads still read it is a race ThreadSanitizer reports
+//   (tests/emulate.rs builds the emulator with it, each fiber a thread to it);
 // - dynamic shared memory is poisoned with 0xFF bytes (bf16 NaN) before each block;
 // - Hopper's wgmma.mma_async m64n128k16 bf16 -> f32 with both operands in shared memory behind
 //   128-byte-swizzle K-major descriptors (start address, stride byte offset, swizzle mode
@@ -24,7 +25,7 @@
 // Not modelled: timing, bank conflicts, memory-model subtleties beyond barrier ordering; the
 // warp collectives order memory within a warp, which real shuffles and mma do not.
 #pragma once
-#include <barrier>
+#include <atomic>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
@@ -34,6 +35,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 struct dim3 {
@@ -49,7 +51,6 @@ inline dim3 blockDim, gridDim;
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
 #define __align__(n) alignas(n)
-#define __shared__ static
 
 struct __nv_bfloat16 {
     uint16_t x;
@@ -107,10 +108,15 @@ typedef unsigned long long u64;
 
 // ---- the emulated block -------------------------------------------------------------------------
 
-// Under ThreadSanitizer, a barrier with a mutex of its own, so that the happens-before edges it
-// sees are exactly this barrier's: libstdc++'s std::barrier waits through a process-wide pool of
-// mutexes, which links unrelated barriers and hides real races from it. Elsewhere std::barrier,
-// which is three times faster here (it does not wake every waiter through one mutex).
+// Two ways to run a block's CUDA threads, with the same results:
+// - fibers (x86-64): every CUDA thread is a fiber with a stack of its own, and waiting at a
+//   barrier is a switch to the next fiber, some nanoseconds, where an OS thread per CUDA thread
+//   pays the kernel's scheduler for every wait (ten times slower in all, and far more under
+//   ThreadSanitizer); blocks run in parallel, one OS thread per core, each with its own fibers
+//   and its own copy of static shared memory; a block whose threads wait at different barriers
+//   is reported as the hang it would be;
+// - OS threads, one per CUDA thread and blocks one at a time: elsewhere, under AddressSanitizer
+//   (which would take a fiber's stack for a stray pointer), or with -DEMU_OS_THREADS.
 #if defined(__SANITIZE_THREAD__)
 #define EMU_TSAN 1
 #elif defined(__has_feature)
@@ -118,9 +124,110 @@ typedef unsigned long long u64;
 #define EMU_TSAN 1
 #endif
 #endif
-#ifndef EMU_TSAN
-using EmuBarrier = std::barrier<>;
+#if defined(__SANITIZE_ADDRESS__)
+#define EMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define EMU_ASAN 1
+#endif
+#endif
+#if defined(__x86_64__) && !defined(EMU_ASAN) && !defined(EMU_OS_THREADS)
+#define EMU_FIBERS 1
+#endif
+
+// ThreadSanitizer sees each fiber as a thread of its own, and a switch between them as no
+// synchronisation at all: the happens-before edges it is given are the barriers' (release on
+// arrival, acquire on leaving), so that a shared buffer read and written without a barrier
+// between is a race it reports, as it would be on a GPU.
+#if defined(EMU_FIBERS) && defined(EMU_TSAN)
+#include <sanitizer/tsan_interface.h>
+inline void emu_tsan_release(void* a) { __tsan_release(a); }
+inline void emu_tsan_acquire(void* a) { __tsan_acquire(a); }
 #else
+inline void emu_tsan_release(void*) {}
+inline void emu_tsan_acquire(void*) {}
+#endif
+
+#ifdef EMU_FIBERS
+// Each OS thread runs its own blocks, so a block's static shared memory is per OS thread.
+#define __shared__ static thread_local
+#define EMU_PER_WORKER thread_local
+#else
+#define __shared__ static
+#define EMU_PER_WORKER
+#endif
+
+struct EmuCopy {
+    void* dst;
+    const void* src;
+    int bytes;
+};
+struct EmuWgmma {
+    float* d;
+    u64 da, db;
+    int scale_d;
+    bool b_mn;
+};
+// What a CUDA thread holds besides its registers (its stack): its cp.async and wgmma groups.
+struct EmuThread {
+    std::vector<EmuCopy> open;
+    std::vector<std::vector<EmuCopy>> groups;
+    std::vector<EmuWgmma> wg_open;
+    std::vector<std::vector<EmuWgmma>> wg_groups;
+    void clear() {
+        open.clear();
+        groups.clear();
+        wg_open.clear();
+        wg_groups.clear();
+    }
+};
+inline thread_local EmuThread* emu_self = nullptr;
+
+#ifdef EMU_FIBERS
+inline void emu_yield();
+inline void emu_progress();
+
+// A block's fibers all run on one OS thread, so its counts need no lock; they are atomics only
+// so that ThreadSanitizer does not report them, and relaxed, so that they order nothing.
+class EmuBarrier {
+  public:
+    explicit EmuBarrier(long n) : expected_(n) {}
+    void arrive_and_wait() {
+        const unsigned long phase = get(phase_);
+        emu_progress();
+        emu_tsan_release(&sync_[phase & 1]);
+        if (add(arrived_, 1) == get(expected_))
+            next_phase();
+        else
+            while (get(phase_) == phase) emu_yield();
+        emu_tsan_acquire(&sync_[phase & 1]);
+    }
+    // Leaves for good (a thread that has returned from the kernel).
+    void arrive_and_drop() {
+        emu_tsan_release(&sync_[get(phase_) & 1]);
+        if (add(expected_, -1) > 0 && get(arrived_) == get(expected_)) next_phase();
+    }
+
+  private:
+    template <class T> static T get(const std::atomic<T>& a) { return a.load(std::memory_order_relaxed); }
+    template <class T> static T add(std::atomic<T>& a, std::type_identity_t<T> d) {
+        a.store(get(a) + d, std::memory_order_relaxed);
+        return get(a);
+    }
+    void next_phase() {
+        arrived_.store(0, std::memory_order_relaxed);
+        add(phase_, 1);
+    }
+    std::atomic<long> expected_, arrived_{0};
+    std::atomic<unsigned long> phase_{0};
+    // One synchronisation address per phase parity: a fiber already at the next barrier cannot
+    // release into what the ones still leaving this one acquire.
+    char sync_[2];
+};
+#else
+// A mutex of its own, so that the happens-before edges ThreadSanitizer sees are exactly this
+// barrier's (libstdc++'s std::barrier waits through a process-wide pool of mutexes, which links
+// unrelated barriers and would hide real races from it).
 class EmuBarrier {
   public:
     explicit EmuBarrier(long n) : expected_(n) {}
@@ -160,8 +267,23 @@ struct EmuBlock {
     std::unique_ptr<EmuBarrier> bar;
     std::vector<EmuWarp> warps;
     std::vector<unsigned char> dyn;
+
+    // Fresh barriers and poisoned dynamic shared memory for a block of n threads.
+    void reset(unsigned n, size_t smem) {
+        bar = std::make_unique<EmuBarrier>(n);
+        warps.clear();
+        warps.resize((n + 31) / 32);
+        for (unsigned w = 0; w < warps.size(); ++w)
+            warps[w].bar = std::make_unique<EmuBarrier>(std::min(32u, n - 32 * w));
+        dyn.assign(smem + 16, 0xff);
+    }
+    // A thread that has returned from the kernel leaves its warp's and the block's barriers.
+    void leave(unsigned t) {
+        warps[t / 32].bar->arrive_and_drop();
+        bar->arrive_and_drop();
+    }
 };
-inline EmuBlock* emu_block = nullptr;
+inline EMU_PER_WORKER EmuBlock* emu_block = nullptr;
 
 inline unsigned char* emu_dynamic_smem() { return emu_block->dyn.data(); }
 inline EmuWarp& emu_warp() { return emu_block->warps[threadIdx.x / 32]; }
@@ -180,14 +302,257 @@ inline T __shfl_xor_sync(unsigned, T v, int mask) {
     return r;
 }
 
-struct EmuCopy {
-    void* dst;
-    const void* src;
-    int bytes;
-};
-inline thread_local std::vector<EmuCopy> emu_open;
-inline thread_local std::vector<std::vector<EmuCopy>> emu_groups;
+#ifdef EMU_FIBERS
+// Saves the callee-saved registers and the SSE and x87 control words on the current stack, stores
+// its pointer in *save, and resumes the stack at `load` (System V x86-64).
+extern "C" void emu_switch(void** save, void* load);
+asm(R"(
+    .text
+    .p2align 4
+    .globl emu_switch
+    .hidden emu_switch
+    .type emu_switch, @function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch, .-emu_switch
+)");
 
+#ifdef EMU_TSAN
+inline void* emu_tsan_new_fiber() { return __tsan_create_fiber(0); }
+inline void* emu_tsan_current() { return __tsan_get_current_fiber(); }
+inline void emu_tsan_switch(void* to) { __tsan_switch_to_fiber(to, __tsan_switch_to_fiber_no_sync); }
+extern "C" void AnnotateIgnoreWritesBegin(const char* file, int line);
+extern "C" void AnnotateIgnoreWritesEnd(const char* file, int line);
+inline void emu_tsan_ignore_writes(bool on) {
+    on ? AnnotateIgnoreWritesBegin(__FILE__, __LINE__) : AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
+}
+#else
+inline void* emu_tsan_new_fiber() { return nullptr; }
+inline void* emu_tsan_current() { return nullptr; }
+inline void emu_tsan_switch(void*) {}
+inline void emu_tsan_ignore_writes(bool) {}
+#endif
+
+[[noreturn]] inline void emu_fiber_main();
+
+// emu_switch, telling ThreadSanitizer first (everything read for it is read before).
+inline void emu_switch_to(void* tsan, void** save, void* load) {
+    emu_tsan_switch(tsan);
+    emu_switch(save, load);
+}
+
+// A CUDA thread as a fiber, made once and kept for every later block on its OS thread (never
+// moved to another: compiled code may keep a thread-local variable's address across a switch).
+struct EmuFiber {
+    static constexpr size_t STACK = size_t(256) << 10;
+    explicit EmuFiber(unsigned t) : t(t) {
+        // The stack as emu_switch leaves one, so that switching to it enters emu_fiber_main as if
+        // called, with this thread's floating-point control words.
+        auto* top = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(stack.get() + STACK) & ~uintptr_t(15));
+        uint32_t mxcsr;
+        uint16_t fpcw;
+        asm volatile("stmxcsr %0" : "=m"(mxcsr));
+        asm volatile("fnstcw %0" : "=m"(fpcw));
+        top[-1] = 0;  // emu_fiber_main's return address: it never returns
+        top[-2] = reinterpret_cast<uint64_t>(&emu_fiber_main);
+        for (int i = 3; i <= 8; ++i) top[-i] = 0;  // rbp, rbx, r12-r15
+        top[-9] = uint64_t(mxcsr) | (uint64_t(fpcw) << 32);
+        sp = top - 9;
+    }
+    std::unique_ptr<char[]> stack{new char[STACK]};
+    void* sp;
+    void* tsan = emu_tsan_new_fiber();
+    const unsigned t;
+    EmuThread state;
+    std::atomic<bool> done{false};
+};
+
+// One launch, as the OS threads running it share it.
+struct EmuGrid {
+    void (*body)(const void*);
+    const void* arg;
+    dim3 grid, block;
+    size_t smem;
+    unsigned long blocks;
+    std::atomic<unsigned long> next{0};
+};
+
+// An OS thread's part in a launch: the block it is running and a fiber per thread of it.
+struct EmuWorker {
+    void* main_sp = nullptr;
+    void* main_tsan = emu_tsan_current();
+    std::vector<std::unique_ptr<EmuFiber>> fibers;
+    EmuFiber* current = nullptr;
+    // Barrier arrivals and returns so far, to tell a hang from a wait.
+    std::atomic<unsigned long> progress{0};
+    const EmuGrid* grid = nullptr;
+    EmuBlock block;
+    // Released as a block starts, acquired by each fiber; released by each fiber as it returns,
+    // acquired as the block ends.
+    char started = 0, finished = 0;
+
+    void run(EmuGrid& g) {
+        grid = &g;
+        for (unsigned long i; (i = g.next.fetch_add(1)) < g.blocks;) run_block(i);
+        grid = nullptr;
+    }
+    void run_block(unsigned long i);
+    void resume(EmuFiber& f) {
+        // Every fiber reads these, with nothing ordering its read before the next resume's
+        // write (nothing orders fibers but barriers): writes ThreadSanitizer is not to see.
+        emu_tsan_ignore_writes(true);
+        current = &f;
+        threadIdx = {f.t, 0, 0};
+        emu_self = &f.state;
+        emu_tsan_ignore_writes(false);
+        emu_switch_to(f.tsan, &main_sp, f.sp);
+    }
+};
+inline thread_local EmuWorker* emu_worker = nullptr;
+
+inline void emu_progress() {
+    std::atomic<unsigned long>& p = emu_worker->progress;
+    p.store(p.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+}
+
+inline void emu_yield() {
+    EmuWorker& w = *emu_worker;
+    emu_switch_to(w.main_tsan, &w.current->sp, w.main_sp);
+}
+
+// A fiber's whole life: the kernel, once per block it is resumed for.
+[[noreturn]] inline void emu_fiber_main() {
+    for (;;) {
+        EmuWorker& w = *emu_worker;
+        EmuFiber& f = *w.current;
+        emu_tsan_acquire(&w.started);
+        w.grid->body(w.grid->arg);
+        w.block.leave(f.t);
+        f.done.store(true, std::memory_order_relaxed);
+        emu_progress();
+        emu_tsan_release(&w.finished);
+        emu_switch_to(w.main_tsan, &f.sp, w.main_sp);
+    }
+}
+
+// Runs the fibers in turn, each until it waits or returns, until all have returned; a full round
+// in which none of them reached a barrier or returned means they wait at different barriers,
+// which on a GPU would hang.
+inline void EmuWorker::run_block(unsigned long i) {
+    const dim3 g = grid->grid;
+    const unsigned n = grid->block.x * grid->block.y * grid->block.z;
+    blockIdx = {unsigned(i % g.x), unsigned(i / g.x % g.y), unsigned(i / g.x / g.y)};
+    block.reset(n, grid->smem);
+    emu_block = &block;
+    while (fibers.size() < n) fibers.push_back(std::make_unique<EmuFiber>(fibers.size()));
+    for (unsigned t = 0; t < n; ++t) {
+        fibers[t]->state.clear();
+        fibers[t]->done.store(false, std::memory_order_relaxed);
+    }
+    emu_tsan_release(&started);
+    for (unsigned live = n; live > 0;) {
+        const unsigned long before = progress.load(std::memory_order_relaxed);
+        live = 0;
+        for (unsigned t = 0; t < n; ++t) {
+            EmuFiber& f = *fibers[t];
+            if (f.done.load(std::memory_order_relaxed)) continue;
+            resume(f);
+            live += !f.done.load(std::memory_order_relaxed);
+        }
+        if (live > 0 && progress.load(std::memory_order_relaxed) == before) {
+            std::fprintf(stderr, "emulator: block (%u,%u,%u) hangs: its threads wait at different barriers\n",
+                         blockIdx.x, blockIdx.y, blockIdx.z);
+            std::abort();
+        }
+    }
+    emu_tsan_acquire(&finished);
+    emu_block = nullptr;
+    emu_self = nullptr;
+}
+
+// The OS threads that run blocks, one per core, started at the first launch and kept for the
+// process (never destroyed: they wait for work until it exits).
+class EmuPool {
+  public:
+    static EmuPool& get() {
+        static EmuPool* pool = new EmuPool;
+        return *pool;
+    }
+    void run(EmuGrid& g) {
+        std::lock_guard<std::mutex> serial(launch_);
+        std::unique_lock<std::mutex> lock(m_);
+        gridDim = g.grid;
+        blockDim = g.block;
+        grid_ = &g;
+        busy_ = size_;
+        ++generation_;
+        wake_.notify_all();
+        idle_.wait(lock, [&] { return busy_ == 0; });
+        grid_ = nullptr;
+    }
+
+  private:
+    EmuPool() : size_(std::max(1u, std::thread::hardware_concurrency())) {
+        for (unsigned k = 0; k < size_; ++k) std::thread([this] { serve(); }).detach();
+    }
+    [[noreturn]] void serve() {
+        EmuWorker w;
+        emu_worker = &w;
+        for (unsigned long seen = 0;;) {
+            EmuGrid* g;
+            {
+                std::unique_lock<std::mutex> lock(m_);
+                wake_.wait(lock, [&] { return generation_ != seen; });
+                seen = generation_;
+                g = grid_;
+            }
+            w.run(*g);
+            std::lock_guard<std::mutex> lock(m_);
+            if (--busy_ == 0) idle_.notify_all();
+        }
+    }
+    std::mutex launch_, m_;
+    std::condition_variable wake_, idle_;
+    EmuGrid* grid_ = nullptr;
+    const unsigned size_;
+    unsigned busy_ = 0;
+    unsigned long generation_ = 0;
+};
+
+// Launch `kernel(args...)` over `grid` blocks of `block` threads, shared out among the pool's
+// OS threads, each running its blocks one at a time.
+template <class F, class... A>
+void emu_launch(F kernel, dim3 grid, dim3 block, size_t smem, A... args) {
+    auto call = [&] { kernel(args...); };
+    EmuGrid g{[](const void* c) { (*static_cast<const decltype(call)*>(c))(); },
+              &call,
+              grid,
+              block,
+              smem,
+              (unsigned long)grid.x * grid.y * grid.z};
+    EmuPool::get().run(g);
+}
+#else
 // Launch `kernel(args...)` over `grid` blocks of `block` threads, one block at a time, on a pool
 // of block-size threads that stays up for the whole launch (fresh barriers for every block).
 template <class F, class... A>
@@ -203,28 +568,23 @@ void emu_launch(F kernel, dim3 grid, dim3 block, size_t smem, A... args) {
     threads.reserve(n);
     for (unsigned t = 0; t < n; ++t)
         threads.emplace_back([&, t] {
+            EmuThread state;
+            emu_self = &state;
             for (;;) {
                 control.arrive_and_wait();  // the block is set up
                 if (done) return;
                 threadIdx = {t, 0, 0};
                 blockIdx = current;
-                emu_open.clear();
-                emu_groups.clear();
+                state.clear();
                 kernel(args...);
-                b.warps[t / 32].bar->arrive_and_drop();
-                b.bar->arrive_and_drop();
+                b.leave(t);
                 control.arrive_and_wait();  // every thread is done with it
             }
         });
     for (unsigned z = 0; z < grid.z; ++z)
         for (unsigned y = 0; y < grid.y; ++y)
             for (unsigned x = 0; x < grid.x; ++x) {
-                b.bar = std::make_unique<EmuBarrier>(n);
-                b.warps.clear();
-                b.warps.resize((n + 31) / 32);
-                for (unsigned w = 0; w < b.warps.size(); ++w)
-                    b.warps[w].bar = std::make_unique<EmuBarrier>(std::min(32u, n - 32 * w));
-                b.dyn.assign(smem + 16, 0xff);
+                b.reset(n, smem);
                 emu_block = &b;
                 current = {x, y, z};
                 control.arrive_and_wait();
@@ -235,6 +595,7 @@ void emu_launch(F kernel, dim3 grid, dim3 block, size_t smem, A... args) {
     for (auto& t : threads) t.join();
     emu_block = nullptr;
 }
+#endif
 
 // ---- common.cuh's helpers -----------------------------------------------------------------------
 
@@ -328,19 +689,20 @@ inline void cp_async_16(void* dst, const void* src, int src_bytes) {
     // Volatile, so that the compiler keeps every store and ThreadSanitizer sees each one.
     volatile uint16_t* poison = static_cast<volatile uint16_t*>(dst);
     for (int i = 0; i < 8; ++i) poison[i] = 0xffff;
-    emu_open.push_back({dst, src, src_bytes});
+    emu_self->open.push_back({dst, src, src_bytes});
 }
 inline void cp_async_commit() {
-    emu_groups.push_back(std::move(emu_open));
-    emu_open.clear();
+    emu_self->groups.push_back(std::move(emu_self->open));
+    emu_self->open.clear();
 }
 template <int N> inline void cp_async_wait() {
-    while (emu_groups.size() > (size_t)N) {
-        for (const EmuCopy& c : emu_groups.front()) {
+    auto& groups = emu_self->groups;
+    while (groups.size() > (size_t)N) {
+        for (const EmuCopy& c : groups.front()) {
             if (c.bytes > 0) std::memcpy(c.dst, c.src, c.bytes);
             std::memset(static_cast<char*>(c.dst) + c.bytes, 0, 16 - c.bytes);
         }
-        emu_groups.erase(emu_groups.begin());
+        groups.erase(groups.begin());
     }
 }
 
@@ -458,14 +820,6 @@ inline double emu_desc_read(u64 desc, int mn, int k, bool mn_major) {
     return __bfloat162float({v});
 }
 
-struct EmuWgmma {
-    float* d;
-    u64 da, db;
-    int scale_d;
-    bool b_mn;
-};
-inline thread_local std::vector<EmuWgmma> emu_wg_open;
-inline thread_local std::vector<std::vector<EmuWgmma>> emu_wg_groups;
 
 template <bool B_MN = false>
 inline void wgmma_m64n128k16(float (&d)[64], u64 desc_a, u64 desc_b, int scale_d) {
@@ -473,12 +827,12 @@ inline void wgmma_m64n128k16(float (&d)[64], u64 desc_a, u64 desc_b, int scale_d
         std::fprintf(stderr, "wgmma in a block of %u threads: not whole warpgroups\n", blockDim.x);
         std::abort();
     }
-    emu_wg_open.push_back({d, desc_a, desc_b, scale_d, B_MN});
+    emu_self->wg_open.push_back({d, desc_a, desc_b, scale_d, B_MN});
 }
 
 inline void wgmma_commit() {
-    emu_wg_groups.push_back(std::move(emu_wg_open));
-    emu_wg_open.clear();
+    emu_self->wg_groups.push_back(std::move(emu_self->wg_open));
+    emu_self->wg_open.clear();
 }
 
 // This thread's 64 accumulators of D[64x128] = A[64x16]·B[16x128] (+ D).
@@ -495,8 +849,9 @@ inline void emu_wgmma_run(const EmuWgmma& op) {
 }
 
 template <int N> inline void wgmma_wait() {
-    while (emu_wg_groups.size() > (size_t)N) {
-        for (const EmuWgmma& op : emu_wg_groups.front()) emu_wgmma_run(op);
-        emu_wg_groups.erase(emu_wg_groups.begin());
+    auto& groups = emu_self->wg_groups;
+    while (groups.size() > (size_t)N) {
+        for (const EmuWgmma& op : groups.front()) emu_wgmma_run(op);
+        groups.erase(groups.begin());
     }
 }
