@@ -58,18 +58,28 @@ echo "emulated-gpu: built $build/libcuda.so and $build/libcublas.so ($(wc -l <"$
 export LD_LIBRARY_PATH="$PWD/$build${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # A test that finds no usable GPU fails instead of passing as skipped.
 export LOREN_REQUIRE_GPU=1
+# The crates' suites build with the package selection scripts/test.sh builds the workspace's
+# tests with (features are unified over it), so that they reuse that build instead of making
+# another.
+kernels() { cargo test -p loren-kernels --test gpu "$@" -- --test-threads=1; }
+others() {
+    local test=$1 filter=$2
+    shift 2
+    cargo test --workspace --exclude loren-kernels --test "$test" "$@" -- --test-threads=1 $filter
+}
 for suite in ${suites//,/ }; do
     case "$suite" in
-        kernels) cargo test -p loren-kernels --test gpu "$@" -- --test-threads=1 ;;
-        parity) cargo test -p loren-tensor --test gpu_parity "$@" -- --test-threads=1 ;;
-        training) cargo test -p loren-nn --test gpu_training "$@" -- --test-threads=1 ;;
-        recompute) cargo test -p loren-nn --test recompute "$@" -- --test-threads=1 on_a_gpu ;;
-        recompute-lora) cargo test -p loren-nn --test recompute "$@" -- --test-threads=1 on_a_gpu_lora ;;
+        kernels) kernels "$@" ;;
+        parity) others gpu_parity "" "$@" ;;
+        training) others gpu_training "" "$@" ;;
+        recompute) others recompute on_a_gpu "$@" ;;
+        recompute-lora) others recompute on_a_gpu_lora "$@" ;;
         hopper)
-            for t in "loren-kernels gpu" "loren-tensor gpu_parity" "loren-nn gpu_training"; do
-                read -r crate test <<<"$t"
-                LOREN_FAKE_CC=9.0 LOREN_WGMMA=1 cargo test -p "$crate" --test "$test" "$@" -- --test-threads=1
-            done
+            export LOREN_FAKE_CC=9.0 LOREN_WGMMA=1
+            kernels "$@"
+            others gpu_parity "" "$@"
+            others gpu_training "" "$@"
+            unset LOREN_FAKE_CC LOREN_WGMMA
             ;;
         *) echo "emulated-gpu: unknown suite '$suite'" >&2; exit 2 ;;
     esac

@@ -135,13 +135,19 @@ sanitizer() {
     check "racecheck" "$out/sanitizer.log" 150 compute-sanitizer --tool racecheck --error-exitcode 1 $bin/gpu_parity --test-threads=1
 }
 
+# The Python on stdin, after a preamble that gives it `summary` and `work` (the paths) and
+# say(line), which prints a line and adds it to the summary; its failure fails the run.
+py_check() {
+    {
+        printf '%s\n' 'import sys' 'summary, work = sys.argv[1], sys.argv[2]' 'def say(line):' \
+            '    print(line)' '    open(summary, "a").write(line + "\n")'
+        cat
+    } | python3 - "$summary" "$work" || failed=1
+}
+
 compare_runs() {
-    python3 - "$summary" "$work" <<'PY' || failed=1
-import json, sys
-summary, work = sys.argv[1], sys.argv[2]
-def say(line):
-    print(line)
-    open(summary, "a").write(line + "\n")
+    py_check <<'PY'
+import json
 try:
     c = json.load(open(f"{work}/train-cuda/report.json"))["report"]["test"]
     p = json.load(open(f"{work}/train-cpu/report.json"))["report"]["test"]
@@ -157,12 +163,8 @@ PY
 }
 
 compare_predictions() {
-    python3 - "$summary" "$work" <<'PY' || failed=1
-import csv, sys
-summary, work = sys.argv[1], sys.argv[2]
-def say(line):
-    print(line)
-    open(summary, "a").write(line + "\n")
+    py_check <<'PY'
+import csv
 try:
     rows = [list(csv.DictReader(open(f"{work}/predict-{d}.csv"))) for d in ("cuda", "cpu")]
 except Exception as e:

@@ -377,11 +377,7 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
     let val_set = val_report
         .as_ref()
         .filter(|_| eval.keep_predictions)
-        .map(|(_, probs, val)| ScoredSet {
-            name: "val".to_string(),
-            probs: probs.clone(),
-            labels: Some(val.labels.clone()),
-        });
+        .map(|(_, probs, val)| ScoredSet::validation(probs.clone(), &val.labels));
     let val_report = val_report.map(|(scored, ..)| scored);
     let t1 = Instant::now();
     let mut bar = EvalBar::new(

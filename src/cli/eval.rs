@@ -142,11 +142,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         })?;
         opts.temperature = Some(fit_temperature(&probs, &val.labels)?);
         if opts.keep_predictions {
-            val_set = Some(ScoredSet {
-                name: "val".to_string(),
-                probs,
-                labels: Some(val.labels.clone()),
-            });
+            val_set = Some(ScoredSet::validation(probs, &val.labels));
         }
     }
     let mut report = evaluate(

@@ -107,8 +107,8 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
             images(files.len())
         );
     }
-    let parts = predict_files(&ens, &files, a.batch_size, a.common.verbosity())?;
-    let rows = rows(&ens, &files, parts, format == Some(Format::Json));
+    let members = format == Some(Format::Json);
+    let rows = predict_files(&ens, &files, a.batch_size, members, a.common.verbosity())?;
     let config = ens.config();
     let title = method_title(
         config.method,
@@ -146,30 +146,33 @@ fn images(n: usize) -> String {
     format!("{n} image{}", if n == 1 { "" } else { "s" })
 }
 
-/// The images predicted a batch at a time, each batch decoded on a background thread while the
-/// one before it runs, and told where it starts, so the masks MC Dropout draws are those of the
-/// whole set predicted at once.
+/// Every image's row (with each member's probabilities when `members`), predicted a batch at a
+/// time, each batch decoded on a background thread while the one before it runs, and told where
+/// it starts, so the masks MC Dropout draws are those of the whole set predicted at once.
 fn predict_files(
     ens: &Ensemble,
     files: &[PathBuf],
     batch: usize,
+    members: bool,
     verbosity: Verbosity,
-) -> Result<Vec<Prediction>> {
+) -> Result<Vec<Row>> {
     let shape = ens.image_shape();
     let chunks: Vec<&[PathBuf]> = files.chunks(batch).collect();
     let mut bar = EvalBar::new("predict", files.len(), verbosity);
     let _ctrl_c = loren::interrupt::Guard::install();
-    std::thread::scope(|scope| -> Result<Vec<Prediction>> {
+    std::thread::scope(|scope| -> Result<Vec<Row>> {
         let decode = |i: usize| read_images(chunks[i], shape).map(|p| ens.normalize(&p.to_f32()));
         let decoded = prefetch(scope, chunks.len(), DEPTH, decode);
-        let mut parts = Vec::with_capacity(chunks.len());
-        for (images, first) in decoded.zip((0..files.len()).step_by(batch)) {
-            let p = ens.predict_part(&images?, first as u64)?;
+        let mut rows = Vec::with_capacity(files.len());
+        for (images, (chunk, first)) in decoded.zip(chunks.iter().zip((0..).step_by(batch))) {
+            let p = ens.predict_part(&images?, first)?;
             bar.inc(p.batch);
-            parts.push(p);
+            // Into rows at once: every member's probabilities over a large set would be M
+            // times the memory of the rows, and only the JSON file wants them.
+            rows.extend((0..p.batch).map(|b| row(ens, &chunk[b], &p, b, members)));
             loren::interrupt::scoring_stop("nothing was written")?;
         }
-        Ok(parts)
+        Ok(rows)
     })
 }
 
@@ -195,33 +198,22 @@ struct Row {
     members: Option<Vec<Vec<f32>>>,
 }
 
-/// Each batch's predictions as rows, each batch dropped once it is read.
-fn rows(ens: &Ensemble, files: &[PathBuf], parts: Vec<Prediction>, members: bool) -> Vec<Row> {
-    let mut out = Vec::with_capacity(files.len());
-    let mut files = files.iter();
-    for p in parts {
-        for b in 0..p.batch {
-            let class = p.predicted(b);
-            let votes = (0..p.members)
-                .filter(|&m| argmax(p.member(m, b)) == class)
-                .count();
-            out.push(Row {
-                path: files
-                    .next()
-                    .map(|f| f.display().to_string())
-                    .unwrap_or_default(),
-                class,
-                name: ens.class_names()[class].clone(),
-                probability: p.mean(b)[class],
-                entropy: p.entropy[b],
-                mutual_information: p.mutual_information[b],
-                votes,
-                mean: p.mean(b).to_vec(),
-                members: members.then(|| (0..p.members).map(|m| p.member(m, b).to_vec()).collect()),
-            });
-        }
+/// Image `b` of a batch's prediction as its row.
+fn row(ens: &Ensemble, path: &Path, p: &Prediction, b: usize, members: bool) -> Row {
+    let class = p.predicted(b);
+    Row {
+        path: path.display().to_string(),
+        class,
+        name: ens.class_names()[class].clone(),
+        probability: p.mean(b)[class],
+        entropy: p.entropy[b],
+        mutual_information: p.mutual_information[b],
+        votes: (0..p.members)
+            .filter(|&m| argmax(p.member(m, b)) == class)
+            .count(),
+        mean: p.mean(b).to_vec(),
+        members: members.then(|| (0..p.members).map(|m| p.member(m, b).to_vec()).collect()),
     }
-    out
 }
 
 #[derive(Serialize)]

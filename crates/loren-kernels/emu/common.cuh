@@ -34,6 +34,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <sys/mman.h>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -361,14 +362,35 @@ inline void emu_switch_to(void* tsan, void** save, void* load) {
     emu_switch(save, load);
 }
 
+// A fiber's stack, with an unmapped page below it so that overflowing it is a crash at once.
+class EmuStack {
+  public:
+    EmuStack() {
+        base_ = static_cast<char*>(mmap(nullptr, GUARD + BYTES, PROT_READ | PROT_WRITE,
+                                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
+        if (base_ == MAP_FAILED || mprotect(base_, GUARD, PROT_NONE) != 0) {
+            std::perror("emulator: a fiber's stack");
+            std::abort();
+        }
+    }
+    ~EmuStack() { munmap(base_, GUARD + BYTES); }
+    EmuStack(const EmuStack&) = delete;
+    EmuStack& operator=(const EmuStack&) = delete;
+    // 16-byte aligned, as the ABI wants a stack.
+    char* top() const { return base_ + GUARD + BYTES; }
+
+  private:
+    static constexpr size_t GUARD = 4096, BYTES = size_t(256) << 10;
+    char* base_;
+};
+
 // A CUDA thread as a fiber, made once and kept for every later block on its OS thread (never
 // moved to another: compiled code may keep a thread-local variable's address across a switch).
 struct EmuFiber {
-    static constexpr size_t STACK = size_t(256) << 10;
     explicit EmuFiber(unsigned t) : t(t) {
         // The stack as emu_switch leaves one, so that switching to it enters emu_fiber_main as if
         // called, with this thread's floating-point control words.
-        auto* top = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(stack.get() + STACK) & ~uintptr_t(15));
+        auto* top = reinterpret_cast<uint64_t*>(stack.top());
         uint32_t mxcsr;
         uint16_t fpcw;
         asm volatile("stmxcsr %0" : "=m"(mxcsr));
@@ -379,7 +401,7 @@ struct EmuFiber {
         top[-9] = uint64_t(mxcsr) | (uint64_t(fpcw) << 32);
         sp = top - 9;
     }
-    std::unique_ptr<char[]> stack{new char[STACK]};
+    EmuStack stack;
     void* sp;
     void* tsan = emu_tsan_new_fiber();
     const unsigned t;

@@ -102,6 +102,18 @@ pub struct ScoredSet {
     pub labels: Option<Vec<u32>>,
 }
 
+impl ScoredSet {
+    /// The validation part's probabilities, kept as `val`: the set the temperature is fitted on,
+    /// scored before the others and written first.
+    pub fn validation(probs: Predictions, labels: &[u32]) -> Self {
+        Self {
+            name: "val".to_string(),
+            probs,
+            labels: Some(labels.to_vec()),
+        }
+    }
+}
+
 /// Marks a file written by [`write_predictions`].
 pub const PREDICTIONS_FORMAT: &str = "loren-predictions-v1";
 

@@ -18,7 +18,7 @@ use zune_core::options::DecoderOptions;
 use zune_jpeg::JpegDecoder;
 
 use super::external::folder_test_indices;
-use super::resize::{Filter, convert_channels, resize};
+use super::resize::{Filter, Resampler, luma};
 use super::{DataError, Dataset, Pixels};
 
 /// ImageNet's per-channel mean and std, which ImageNet-trained backbones (torchvision's
@@ -125,7 +125,7 @@ pub fn find_images(paths: &[PathBuf]) -> Result<Vec<PathBuf>, DataError> {
     for path in paths {
         if path.is_dir() {
             images_under(path, &mut seen, &mut found)?;
-        } else if image_kind(&head(path)?).is_some() {
+        } else if is_image(path)? {
             if seen.insert(canonical(path)?) {
                 found.push(path.clone());
             }
@@ -170,10 +170,7 @@ fn images_under(
     for path in sorted_entries(dir)? {
         if path.is_dir() {
             images_under(&path, seen, found)?;
-        } else if path.is_file()
-            && image_kind(&head(&path)?).is_some()
-            && seen.insert(canonical(&path)?)
-        {
+        } else if path.is_file() && is_image(&path)? && seen.insert(canonical(&path)?) {
             found.push(path);
         }
     }
@@ -245,7 +242,7 @@ fn class_folders(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
 fn image_files(class_dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     let mut files = Vec::new();
     for path in sorted_entries(class_dir)? {
-        if path.is_file() && image_kind(&head(&path)?).is_some() {
+        if path.is_file() && is_image(&path)? {
             files.push(path);
         }
     }
@@ -256,6 +253,11 @@ fn image_files(class_dir: &Path) -> Result<Vec<PathBuf>, DataError> {
         });
     }
     Ok(files)
+}
+
+/// Whether the file is a PNG or JPEG, by its first bytes.
+fn is_image(path: &Path) -> Result<bool, DataError> {
+    Ok(image_kind(&head(path)?).is_some())
 }
 
 /// The first bytes of a file, enough to tell its format.
@@ -417,21 +419,30 @@ pub fn to_shape(img: &Decoded, shape: [usize; 3]) -> Vec<f32> {
     let [channels, height, width] = shape;
     let colour = if img.channels >= 3 { 3 } else { 1 };
     let [top, left, crop_h, crop_w] = centre_crop([img.height, img.width], [height, width]);
-    let mut planar = vec![0.0f32; colour * crop_h * crop_w];
-    for c in 0..colour {
-        for y in 0..crop_h {
-            for x in 0..crop_w {
-                let at = ((top + y) * img.width + left + x) * img.channels + c;
-                planar[(c * crop_h + y) * crop_w + x] = f32::from(img.samples[at]) / 255.0;
-            }
-        }
-    }
-    let converted = convert_channels(&planar, colour, channels);
-    let mut out = resize(
-        &converted,
-        [crop_h, crop_w],
-        [height, width],
-        Filter::Bilinear,
+    let sample = |c, y, x| {
+        f32::from(img.samples[((top + y) * img.width + left + x) * img.channels + c]) / 255.0
+    };
+    // Straight from the 8-bit samples, a row at a time: a photo of 10000x10000 pixels would
+    // otherwise be 1.2 GB of f32 before it is brought down to 224x224.
+    let mut out = vec![0.0f32; channels * height * width];
+    Resampler::new([crop_h, crop_w], [height, width], Filter::Bilinear).apply_rows(
+        channels,
+        |c, y, row| match (colour, channels) {
+            (3, 1) => row
+                .iter_mut()
+                .enumerate()
+                .for_each(|(x, v)| *v = luma(sample(0, y, x), sample(1, y, x), sample(2, y, x))),
+            // Grey repeated into each channel, or colour as it is.
+            (1, _) => row
+                .iter_mut()
+                .enumerate()
+                .for_each(|(x, v)| *v = sample(0, y, x)),
+            _ => row
+                .iter_mut()
+                .enumerate()
+                .for_each(|(x, v)| *v = sample(c, y, x)),
+        },
+        &mut out,
     );
     // Interpolation weights can round a hair past the ends; datasets promise [0, 1].
     out.iter_mut().for_each(|x| *x = x.clamp(0.0, 1.0));
@@ -455,6 +466,7 @@ fn centre_crop(size: [usize; 2], target: [usize; 2]) -> [usize; 4] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::resize::resize;
 
     fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("loren-folder-{}-{name}", std::process::id()));

@@ -102,15 +102,34 @@ impl Resampler {
 
     /// Resize `src` (`[C, H, W]`) into `dst` (`[C, out_h, out_w]`): columns first, then rows.
     pub fn apply(&self, src: &[f32], dst: &mut [f32]) {
-        let ([h, w], [oh, ow]) = (self.from, self.to);
+        let [h, w] = self.from;
         let channels = src.len() / (h * w);
         assert_eq!(src.len(), channels * h * w, "resize: source size");
+        self.apply_rows(
+            channels,
+            |c, y, row| row.copy_from_slice(&src[(c * h + y) * w..][..w]),
+            dst,
+        );
+    }
+
+    /// Resize `channels` planes of `[H, W]` pixels that `row(c, y, out)` writes one row at a
+    /// time, so that the source need never be held whole as f32 (a large photo is many times
+    /// the size of what it is resized to), into `dst` (`[channels, out_h, out_w]`).
+    pub fn apply_rows(
+        &self,
+        channels: usize,
+        mut row: impl FnMut(usize, usize, &mut [f32]),
+        dst: &mut [f32],
+    ) {
+        let ([h, w], [oh, ow]) = (self.from, self.to);
         assert_eq!(dst.len(), channels * oh * ow, "resize: destination size");
+        let mut src_row = vec![0.0f32; w];
         let mut wide = vec![0.0f32; h * ow];
-        for (plane, out) in src.chunks_exact(h * w).zip(dst.chunks_exact_mut(oh * ow)) {
-            for (row, wide_row) in plane.chunks_exact(w).zip(wide.chunks_exact_mut(ow)) {
+        for (c, out) in dst.chunks_exact_mut(oh * ow).enumerate() {
+            for (y, wide_row) in wide.chunks_exact_mut(ow).enumerate() {
+                row(c, y, &mut src_row);
                 for (o, taps) in wide_row.iter_mut().zip(&self.cols) {
-                    *o = dot(&row[taps.start..], &taps.weights);
+                    *o = dot(&src_row[taps.start..], &taps.weights);
                 }
             }
             for (y, taps) in self.rows.iter().enumerate() {
@@ -150,14 +169,15 @@ pub fn convert_channels(image: &[f32], from: usize, to: usize) -> Vec<f32> {
         (a, b) if a == b => image.to_vec(),
         (1, n) => image.repeat(n),
         (3, 1) => (0..plane)
-            .map(|p| {
-                let luma =
-                    0.299 * image[p] + 0.587 * image[plane + p] + 0.114 * image[2 * plane + p];
-                luma.clamp(0.0, 1.0)
-            })
+            .map(|p| luma(image[p], image[plane + p], image[2 * plane + p]))
             .collect(),
         _ => panic!("convert_channels: {from} to {to} channels is not supported"),
     }
+}
+
+/// The grey of a colour pixel, ITU-R BT.601 luma (PIL's `convert("L")`), within [0, 1].
+pub fn luma(r: f32, g: f32, b: f32) -> f32 {
+    (0.299 * r + 0.587 * g + 0.114 * b).clamp(0.0, 1.0)
 }
 
 impl Dataset {
