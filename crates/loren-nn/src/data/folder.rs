@@ -8,7 +8,7 @@
 //! with the antialiased bilinear filter of [`super::resize`].
 
 use std::fs;
-use std::io::Cursor;
+use std::io::{BufRead, Cursor, Seek};
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
@@ -291,15 +291,20 @@ fn image_kind(bytes: &[u8]) -> Option<ImageKind> {
 
 /// One image file, decoded and brought to `shape` with pixels in `[0, 1]`.
 pub fn load_image(path: &Path, shape: [usize; 3]) -> Result<Vec<f32>, DataError> {
-    let bytes = fs::read(path).map_err(|reason| DataError::Io {
+    let io = |reason| DataError::Io {
         path: path.to_path_buf(),
         reason,
-    })?;
-    let decoded = decode(&bytes).map_err(|msg| DataError::BadFile {
+    };
+    let bad = |msg: String| DataError::BadFile {
         path: path.to_path_buf(),
         msg: format!("cannot decode the image: {msg}"),
-    })?;
-    Ok(to_shape(&decoded, shape))
+    };
+    if image_kind(&head(path)?) == Some(ImageKind::Png) {
+        let file = fs::File::open(path).map_err(io)?;
+        return png_to_shape(std::io::BufReader::new(file), shape).map_err(bad);
+    }
+    let bytes = fs::read(path).map_err(io)?;
+    Ok(to_shape(&decode(&bytes).map_err(bad)?, shape))
 }
 
 /// Decode PNG or JPEG bytes into 8-bit samples.
@@ -328,12 +333,20 @@ fn check_pixels(width: usize, height: usize) -> Result<(), String> {
 }
 
 fn decode_png(bytes: &[u8]) -> Result<Decoded, String> {
-    let mut decoder = png::Decoder::new(Cursor::new(bytes));
+    png_frame(png_reader(Cursor::new(bytes))?)
+}
+
+fn png_reader<R: BufRead + Seek>(input: R) -> Result<png::Reader<R>, String> {
+    let mut decoder = png::Decoder::new(input);
     // Palettes and low bit depths expand to 8 bits, 16-bit samples keep their high byte.
     decoder.set_transformations(png::Transformations::normalize_to_color8());
-    let mut reader = decoder.read_info().map_err(|e| e.to_string())?;
+    let reader = decoder.read_info().map_err(|e| e.to_string())?;
     let info = reader.info();
     check_pixels(info.width as usize, info.height as usize)?;
+    Ok(reader)
+}
+
+fn png_frame<R: BufRead + Seek>(mut reader: png::Reader<R>) -> Result<Decoded, String> {
     let size = reader
         .output_buffer_size()
         .ok_or("the image is too large to decode")?;
@@ -346,6 +359,45 @@ fn decode_png(bytes: &[u8]) -> Result<Decoded, String> {
         channels: info.color_type.samples(),
         samples,
     })
+}
+
+/// A PNG brought to `shape` as [`to_shape`] brings a decoded image, but resized as it is
+/// decoded, a row at a time, so that only a row of samples is held whatever the image's size.
+/// Every row is decoded, those outside the crop too, so that a cut-off file fails as it does
+/// decoded whole. An interlaced PNG, whose rows come in seven passes, is decoded whole.
+fn png_to_shape<R: BufRead + Seek>(input: R, shape: [usize; 3]) -> Result<Vec<f32>, String> {
+    let mut reader = png_reader(input)?;
+    if reader.info().interlaced {
+        return Ok(to_shape(&png_frame(reader)?, shape));
+    }
+    let (width, height) = (reader.info().width as usize, reader.info().height as usize);
+    let depth = reader.output_color_type().0.samples();
+    let [channels, out_h, out_w] = shape;
+    let [top, left, crop_h, crop_w] = centre_crop([height, width], [out_h, out_w]);
+    let mut next_row = || -> Result<Vec<u8>, String> {
+        match reader.next_row() {
+            Ok(Some(row)) => Ok(row.data().to_vec()),
+            Ok(None) => Err("the image data ends before its last row".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    for _ in 0..top {
+        next_row()?;
+    }
+    let mut out = vec![0.0f32; channels * out_h * out_w];
+    Resampler::new([crop_h, crop_w], [out_h, out_w], Filter::Bilinear).apply_rows(
+        channels,
+        |_, row| {
+            fill_row(&next_row()?, depth, left, channels, row);
+            Ok::<(), String>(())
+        },
+        &mut out,
+    )?;
+    for _ in top + crop_h..height {
+        next_row()?;
+    }
+    out.iter_mut().for_each(|x| *x = x.clamp(0.0, 1.0));
+    Ok(out)
 }
 
 /// Whether a JPEG's segments lead to its end-of-image marker: walked from the start, each
@@ -417,36 +469,43 @@ fn decode_jpeg(bytes: &[u8]) -> Result<Decoded, String> {
 /// the centre crop of the target's aspect ratio resized to it.
 pub fn to_shape(img: &Decoded, shape: [usize; 3]) -> Vec<f32> {
     let [channels, height, width] = shape;
-    let colour = if img.channels >= 3 { 3 } else { 1 };
     let [top, left, crop_h, crop_w] = centre_crop([img.height, img.width], [height, width]);
-    let sample = |c, y, x| {
-        f32::from(img.samples[((top + y) * img.width + left + x) * img.channels + c]) / 255.0
-    };
-    // Straight from the 8-bit samples, a row at a time: a photo of 10000x10000 pixels would
-    // otherwise be 1.2 GB of f32 before it is brought down to 224x224.
+    let line = img.width * img.channels;
+    // A row at a time: a photo of 10000x10000 pixels would otherwise be 1.2 GB of f32 before it
+    // is brought down to 224x224.
     let mut out = vec![0.0f32; channels * height * width];
-    Resampler::new([crop_h, crop_w], [height, width], Filter::Bilinear).apply_rows(
-        channels,
-        |c, y, row| match (colour, channels) {
-            (3, 1) => row
-                .iter_mut()
-                .enumerate()
-                .for_each(|(x, v)| *v = luma(sample(0, y, x), sample(1, y, x), sample(2, y, x))),
-            // Grey repeated into each channel, or colour as it is.
-            (1, _) => row
-                .iter_mut()
-                .enumerate()
-                .for_each(|(x, v)| *v = sample(0, y, x)),
-            _ => row
-                .iter_mut()
-                .enumerate()
-                .for_each(|(x, v)| *v = sample(c, y, x)),
-        },
-        &mut out,
-    );
+    let row = |y: usize, row: &mut [f32]| {
+        fill_row(
+            &img.samples[(top + y) * line..][..line],
+            img.channels,
+            left,
+            channels,
+            row,
+        );
+        Ok::<(), std::convert::Infallible>(())
+    };
+    let Ok(()) = Resampler::new([crop_h, crop_w], [height, width], Filter::Bilinear)
+        .apply_rows(channels, row, &mut out);
     // Interpolation weights can round a hair past the ends; datasets promise [0, 1].
     out.iter_mut().for_each(|x| *x = x.clamp(0.0, 1.0));
     out
+}
+
+/// One row of the crop, `[channels, crop width]` values in [0, 1] into `out`, from a whole row
+/// of 8-bit samples with `depth` samples a pixel (alpha, the last of 2 or 4, is dropped): grey
+/// is repeated into each colour channel, and colour made grey by luma.
+fn fill_row(samples: &[u8], depth: usize, left: usize, channels: usize, out: &mut [f32]) {
+    let sample = |x: usize, c: usize| f32::from(samples[(left + x) * depth + c]) / 255.0;
+    let colour = depth >= 3;
+    for (c, plane) in out.chunks_exact_mut(out.len() / channels).enumerate() {
+        for (x, v) in plane.iter_mut().enumerate() {
+            *v = match (colour, channels) {
+                (true, 1) => luma(sample(x, 0), sample(x, 1), sample(x, 2)),
+                (true, _) => sample(x, c),
+                (false, _) => sample(x, 0),
+            };
+        }
+    }
 }
 
 /// `[top, left, height, width]` of the largest centred region of `size` with `target`'s
@@ -698,6 +757,64 @@ mod tests {
         assert!(e.contains("16000x16000") && e.contains("pixels"), "{e}");
         // Ordinary sizes are untouched.
         assert_eq!(decode(&png_claiming(1, 1)).unwrap().samples, vec![1, 2, 3]);
+    }
+
+    /// A PNG resized a row at a time as it is decoded gives exactly the pixels of the same PNG
+    /// decoded whole, for each colour type, both depths, and grey and colour targets cropped
+    /// either way; cut off inside its image data, in the crop or in the rows below it, it fails
+    /// as it does decoded whole.
+    #[test]
+    fn data_png_resized_as_decoded_matches_the_whole_image() {
+        use png::{BitDepth, ColorType};
+        let dir = temp_dir("png-rows");
+        // Taller than wide, so that a square crop leaves rows out above and below it.
+        let (w, h) = (23, 37);
+        let cases = [
+            (ColorType::Grayscale, BitDepth::Eight, 1),
+            (ColorType::GrayscaleAlpha, BitDepth::Eight, 2),
+            (ColorType::Rgb, BitDepth::Eight, 3),
+            (ColorType::Rgba, BitDepth::Eight, 4),
+            (ColorType::Rgb, BitDepth::Sixteen, 6),
+        ];
+        for (color, depth, bytes_per_pixel) in cases {
+            let samples: Vec<u8> = (0..w * h * bytes_per_pixel)
+                .map(|i| (i * 37 % 253) as u8)
+                .collect();
+            let mut bytes = Vec::new();
+            let mut enc = png::Encoder::new(&mut bytes, w as u32, h as u32);
+            enc.set_color(color);
+            enc.set_depth(depth);
+            // Stored, so that a cut's place in the file is its place among the rows.
+            enc.set_compression(png::Compression::NoCompression);
+            enc.write_header()
+                .unwrap()
+                .write_image_data(&samples)
+                .unwrap();
+            let path = dir.join("image.png");
+            fs::write(&path, &bytes).unwrap();
+            for shape in [[1, 8, 8], [3, 8, 8], [3, 16, 5], [1, 40, 60]] {
+                let whole = to_shape(&decode(&bytes).unwrap(), shape);
+                assert_eq!(
+                    load_image(&path, shape).unwrap(),
+                    whole,
+                    "{color:?} {depth:?} to {shape:?}"
+                );
+            }
+            // In the crop (rows 7 to 29), and in the rows below it.
+            for fraction in [0.6, 0.92] {
+                let cut = &bytes[..(bytes.len() as f64 * fraction) as usize];
+                assert!(
+                    decode(cut).is_err(),
+                    "{color:?} {depth:?}: cut, decoded whole"
+                );
+                fs::write(&path, cut).unwrap();
+                let e = load_image(&path, [3, 8, 8]).unwrap_err().to_string();
+                assert!(
+                    e.contains("image.png") && e.contains("cannot decode"),
+                    "{e}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -105,33 +105,40 @@ impl Resampler {
         let [h, w] = self.from;
         let channels = src.len() / (h * w);
         assert_eq!(src.len(), channels * h * w, "resize: source size");
-        self.apply_rows(
-            channels,
-            |c, y, row| row.copy_from_slice(&src[(c * h + y) * w..][..w]),
-            dst,
-        );
+        let copy = |y: usize, row: &mut [f32]| {
+            for (c, out) in row.chunks_exact_mut(w).enumerate() {
+                out.copy_from_slice(&src[(c * h + y) * w..][..w]);
+            }
+            Ok::<(), std::convert::Infallible>(())
+        };
+        let Ok(()) = self.apply_rows(channels, copy, dst);
     }
 
-    /// Resize `channels` planes of `[H, W]` pixels that `row(c, y, out)` writes one row at a
-    /// time, so that the source need never be held whole as f32 (a large photo is many times
-    /// the size of what it is resized to), into `dst` (`[channels, out_h, out_w]`).
-    pub fn apply_rows(
+    /// Resize `[channels, H, W]` pixels that `row(y, out)` writes a row at a time, in order
+    /// (`out` is `[channels, W]`), into `dst` (`[channels, out_h, out_w]`): the source need never
+    /// be held whole, so that a large photo can be read and resized as it is decoded. Stops at
+    /// the first error `row` returns.
+    pub fn apply_rows<E>(
         &self,
         channels: usize,
-        mut row: impl FnMut(usize, usize, &mut [f32]),
+        mut row: impl FnMut(usize, &mut [f32]) -> Result<(), E>,
         dst: &mut [f32],
-    ) {
+    ) -> Result<(), E> {
         let ([h, w], [oh, ow]) = (self.from, self.to);
         assert_eq!(dst.len(), channels * oh * ow, "resize: destination size");
-        let mut src_row = vec![0.0f32; w];
-        let mut wide = vec![0.0f32; h * ow];
-        for (c, out) in dst.chunks_exact_mut(oh * ow).enumerate() {
-            for (y, wide_row) in wide.chunks_exact_mut(ow).enumerate() {
-                row(c, y, &mut src_row);
+        let mut src_row = vec![0.0f32; channels * w];
+        // Every channel's rows, resized along x: [channels, h, ow].
+        let mut wide = vec![0.0f32; channels * h * ow];
+        for y in 0..h {
+            row(y, &mut src_row)?;
+            for (c, plane) in src_row.chunks_exact(w).enumerate() {
+                let wide_row = &mut wide[(c * h + y) * ow..][..ow];
                 for (o, taps) in wide_row.iter_mut().zip(&self.cols) {
-                    *o = dot(&src_row[taps.start..], &taps.weights);
+                    *o = dot(&plane[taps.start..], &taps.weights);
                 }
             }
+        }
+        for (wide, out) in wide.chunks_exact(h * ow).zip(dst.chunks_exact_mut(oh * ow)) {
             for (y, taps) in self.rows.iter().enumerate() {
                 let out_row = &mut out[y * ow..(y + 1) * ow];
                 out_row.fill(0.0);
@@ -144,6 +151,7 @@ impl Resampler {
                 }
             }
         }
+        Ok(())
     }
 }
 
