@@ -65,7 +65,7 @@ kernels() { cargo test -p loren-kernels --test gpu "$@" -- --test-threads=1; }
 others() {
     local test=$1 filter=$2
     shift 2
-    cargo test --workspace --exclude loren-kernels --test "$test" "$@" -- --test-threads=1 $filter
+    cargo test --workspace --exclude loren-kernels --test "$test" "$@" -- --test-threads=1 ${filter:+"$filter"}
 }
 for suite in ${suites//,/ }; do
     case "$suite" in

@@ -25,6 +25,7 @@
 // Not modelled: timing, bank conflicts, memory-model subtleties beyond barrier ordering; the
 // warp collectives order memory within a warp, which real shuffles and mma do not.
 #pragma once
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
@@ -34,6 +35,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <sched.h>
 #include <sys/mman.h>
 #include <thread>
 #include <type_traits>
@@ -117,7 +119,8 @@ typedef unsigned long long u64;
 //   and its own copy of static shared memory; a block whose threads wait at different barriers
 //   is reported as the hang it would be;
 // - OS threads, one per CUDA thread and blocks one at a time: elsewhere, under AddressSanitizer
-//   (which would take a fiber's stack for a stray pointer), or with -DEMU_OS_THREADS.
+//   (which would take a fiber's stack for a stray pointer), with CET shadow stacks, or with
+//   -DEMU_OS_THREADS.
 #if defined(__SANITIZE_THREAD__)
 #define EMU_TSAN 1
 #elif defined(__has_feature)
@@ -132,7 +135,13 @@ typedef unsigned long long u64;
 #define EMU_ASAN 1
 #endif
 #endif
-#if defined(__x86_64__) && !defined(EMU_ASAN) && !defined(EMU_OS_THREADS)
+// With CET shadow stacks (-fcf-protection), emu_switch's return onto another stack would fault.
+#if defined(__CET__)
+#define EMU_SHADOW_STACK (__CET__ & 2)
+#else
+#define EMU_SHADOW_STACK 0
+#endif
+#if defined(__x86_64__) && !defined(EMU_ASAN) && !defined(EMU_OS_THREADS) && !EMU_SHADOW_STACK
 #define EMU_FIBERS 1
 #endif
 
@@ -307,8 +316,9 @@ inline T __shfl_xor_sync(unsigned, T v, int mask) {
 // Saves the callee-saved registers and the SSE and x87 control words on the current stack, stores
 // its pointer in *save, and resumes the stack at `load` (System V x86-64).
 extern "C" void emu_switch(void** save, void* load);
+// In a COMDAT section of its own, so that two files that include this one link.
 asm(R"(
-    .text
+    .pushsection .text.emu_switch,"axG",@progbits,emu_switch,comdat
     .p2align 4
     .globl emu_switch
     .hidden emu_switch
@@ -336,6 +346,7 @@ emu_switch:
     popq %rbp
     ret
     .size emu_switch, .-emu_switch
+    .popsection
 )");
 
 #ifdef EMU_TSAN
@@ -435,7 +446,10 @@ struct EmuWorker {
 
     void run(EmuGrid& g) {
         grid = &g;
-        for (unsigned long i; (i = g.next.fetch_add(1)) < g.blocks;) run_block(i);
+        // Relaxed: the claim orders nothing, so that ThreadSanitizer still sees blocks on other
+        // workers as unordered (blocks on one worker run one after another, as all did before).
+        for (unsigned long i; (i = g.next.fetch_add(1, std::memory_order_relaxed)) < g.blocks;)
+            run_block(i);
         grid = nullptr;
     }
     void run_block(unsigned long i);
@@ -512,8 +526,10 @@ inline void EmuWorker::run_block(unsigned long i) {
     emu_self = nullptr;
 }
 
-// The OS threads that run blocks, one per core, started at the first launch and kept for the
-// process (never destroyed: they wait for work until it exits).
+// The OS threads that run blocks, one per core this process may use (at most 8: each keeps a
+// fiber, a stack and, under ThreadSanitizer, nearly a megabyte of its state, for every thread of
+// the largest block it has run), started at the first launch and kept for the process (never
+// destroyed: they wait for work until it exits).
 class EmuPool {
   public:
     static EmuPool& get() {
@@ -534,7 +550,12 @@ class EmuPool {
     }
 
   private:
-    EmuPool() : size_(std::max(1u, std::thread::hardware_concurrency())) {
+    static unsigned workers() {
+        cpu_set_t set;
+        const int cores = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 1;
+        return (unsigned)std::clamp(cores, 1, 8);
+    }
+    EmuPool() : size_(workers()) {
         for (unsigned k = 0; k < size_; ++k) std::thread([this] { serve(); }).detach();
     }
     [[noreturn]] void serve() {
