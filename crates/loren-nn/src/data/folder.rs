@@ -372,31 +372,26 @@ fn png_to_shape<R: BufRead + Seek>(input: R, shape: [usize; 3]) -> Result<Vec<f3
     }
     let (width, height) = (reader.info().width as usize, reader.info().height as usize);
     let depth = reader.output_color_type().0.samples();
-    let [channels, out_h, out_w] = shape;
-    let [top, left, crop_h, crop_w] = centre_crop([height, width], [out_h, out_w]);
-    let mut next_row = || -> Result<Vec<u8>, String> {
-        match reader.next_row() {
-            Ok(Some(row)) => Ok(row.data().to_vec()),
-            Ok(None) => Err("the image data ends before its last row".into()),
-            Err(e) => Err(e.to_string()),
+    let channels = shape[0];
+    let [top, left, crop_h, crop_w] = centre_crop([height, width], [shape[1], shape[2]]);
+    // The next row, into `out` when given one (else read and passed over).
+    let mut next_row = |out: Option<&mut [f32]>| -> Result<(), String> {
+        let row = reader
+            .next_row()
+            .map_err(|e| e.to_string())?
+            .ok_or("the image data ends before its last row")?;
+        if let Some(out) = out {
+            fill_row(row.data(), depth, left, channels, out);
         }
+        Ok(())
     };
     for _ in 0..top {
-        next_row()?;
+        next_row(None)?;
     }
-    let mut out = vec![0.0f32; channels * out_h * out_w];
-    Resampler::new([crop_h, crop_w], [out_h, out_w], Filter::Bilinear).apply_rows(
-        channels,
-        |_, row| {
-            fill_row(&next_row()?, depth, left, channels, row);
-            Ok::<(), String>(())
-        },
-        &mut out,
-    )?;
+    let out = resize_rows([crop_h, crop_w], shape, |_, row| next_row(Some(row)))?;
     for _ in top + crop_h..height {
-        next_row()?;
+        next_row(None)?;
     }
-    out.iter_mut().for_each(|x| *x = x.clamp(0.0, 1.0));
     Ok(out)
 }
 
@@ -468,27 +463,32 @@ fn decode_jpeg(bytes: &[u8]) -> Result<Decoded, String> {
 /// Planar `[C, H, W]` pixels in `[0, 1]` at `shape`: channels converted (alpha dropped), then
 /// the centre crop of the target's aspect ratio resized to it.
 pub fn to_shape(img: &Decoded, shape: [usize; 3]) -> Vec<f32> {
-    let [channels, height, width] = shape;
-    let [top, left, crop_h, crop_w] = centre_crop([img.height, img.width], [height, width]);
+    let [top, left, crop_h, crop_w] = centre_crop([img.height, img.width], [shape[1], shape[2]]);
     let line = img.width * img.channels;
-    // A row at a time: a photo of 10000x10000 pixels would otherwise be 1.2 GB of f32 before it
-    // is brought down to 224x224.
-    let mut out = vec![0.0f32; channels * height * width];
-    let row = |y: usize, row: &mut [f32]| {
-        fill_row(
-            &img.samples[(top + y) * line..][..line],
-            img.channels,
-            left,
-            channels,
-            row,
-        );
+    let row = |y: usize, out: &mut [f32]| {
+        let samples = &img.samples[(top + y) * line..][..line];
+        fill_row(samples, img.channels, left, shape[0], out);
         Ok::<(), std::convert::Infallible>(())
     };
-    let Ok(()) = Resampler::new([crop_h, crop_w], [height, width], Filter::Bilinear)
-        .apply_rows(channels, row, &mut out);
+    let Ok(out) = resize_rows([crop_h, crop_w], shape, row);
+    out
+}
+
+/// `shape`'s planar pixels, in [0, 1], resized from a crop of `crop`'s size whose rows
+/// `row(y, out)` gives one at a time, in order, as [`Resampler::apply_rows`] asks: never the
+/// whole image as f32 (a photo of 10000x10000 pixels would be 1.2 GB of it, brought down to
+/// 224x224).
+fn resize_rows<E>(
+    crop: [usize; 2],
+    shape: [usize; 3],
+    row: impl FnMut(usize, &mut [f32]) -> Result<(), E>,
+) -> Result<Vec<f32>, E> {
+    let [channels, height, width] = shape;
+    let mut out = vec![0.0f32; channels * height * width];
+    Resampler::new(crop, [height, width], Filter::Bilinear).apply_rows(channels, row, &mut out)?;
     // Interpolation weights can round a hair past the ends; datasets promise [0, 1].
     out.iter_mut().for_each(|x| *x = x.clamp(0.0, 1.0));
-    out
+    Ok(out)
 }
 
 /// One row of the crop, `[channels, crop width]` values in [0, 1] into `out`, from a whole row
