@@ -13,9 +13,10 @@
 // computes DELTA = rowsum(dO∘O), which the dK/dV kernel reads), then dK, dV over key tiles.
 // Scores are carried in log2 units (scale·log2 e folded in) so exponentials are exp2f.
 //
-// DropKey (MC Dropout), the *_dropkey_* entries: a score whose hash of (drop_seed, g,
-// drop_first_item + b, h, query, key) is below drop_threshold drops before the softmax (the item
-// is an image's place in a whole prediction, so batches split from it draw its masks). The hashes
+// DropKey (MC Dropout), the *_dropkey_* entries: a score whose hash of (drop_seed, g, item, h,
+// query, key) is below drop_threshold drops before the softmax. The item of batch row b is
+// drop_items[b] (a prediction keys each image by its content, so an image draws its masks in any
+// batch), or b itself where drop_items is null (a training step). The hashes
 // are those of loren_tensor::ops::dropkey bit for bit, so the backward draws the forward's mask
 // again. A row with every key dropped averages V and gets LSE = −inf, which tells the backward its
 // scores have no gradient. G may then exceed the inputs' groups: each output group is a member
@@ -40,7 +41,8 @@ template <int DH> __device__ __forceinline__ constexpr int ld() { return Smem<DH
 struct Dims {
     int B, T, H, gq, gk, gv;
     unsigned drop_threshold;
-    unsigned long long drop_seed, drop_first_item;
+    unsigned long long drop_seed;
+    const unsigned long long* drop_items;
 };
 
 // A dropped score in log2 units: exp2f of it minus any kept score's maximum is exactly 0.
@@ -66,7 +68,8 @@ __device__ __forceinline__ unsigned hash32(unsigned x) {
 // compiler removes the hashing: the plain entries are the kernels as they were without DropKey.
 __device__ __forceinline__ unsigned drop_stream(const Dims& d, int g, int b, int h) {
     unsigned long long s = mix64(d.drop_seed ^ mix64((unsigned long long)g ^ 0x6D656D6265720000ull));
-    s = mix64(s ^ mix64((d.drop_first_item + (unsigned long long)b) ^ 0x6261746368000000ull));
+    const unsigned long long item = d.drop_items ? d.drop_items[b] : (unsigned long long)b;
+    s = mix64(s ^ mix64(item ^ 0x6261746368000000ull));
     return (unsigned)mix64(s ^ mix64((unsigned long long)h ^ 0x6865616400000000ull));
 }
 __device__ __forceinline__ unsigned drop_row(unsigned stream, int i) {
@@ -458,11 +461,11 @@ __device__ void backward_dkv(const bf16* dO, const bf16* Q, const bf16* K, const
 
 #define ATTN_COMMA ,
 #define ATTENTION_ENTRIES(DH)                                                                     \
-    ATTENTION_ENTRY_SET(DH, false, , , ATTN_COMMA 0u ATTN_COMMA 0ull ATTN_COMMA 0ull)             \
+    ATTENTION_ENTRY_SET(DH, false, , , ATTN_COMMA 0u ATTN_COMMA 0ull ATTN_COMMA nullptr)          \
     ATTENTION_ENTRY_SET(DH, true, _dropkey,                                                       \
                         ATTN_COMMA unsigned drop_threshold ATTN_COMMA unsigned long long drop_seed \
-                            ATTN_COMMA unsigned long long drop_first_item,                        \
-                        ATTN_COMMA drop_threshold ATTN_COMMA drop_seed ATTN_COMMA drop_first_item)
+                            ATTN_COMMA const unsigned long long* drop_items,                      \
+                        ATTN_COMMA drop_threshold ATTN_COMMA drop_seed ATTN_COMMA drop_items)
 
 ATTENTION_ENTRIES(16)
 ATTENTION_ENTRIES(32)

@@ -776,14 +776,15 @@ fn measure(
     };
     // As `Ensemble::predict` takes them: staged as a batch for training is.
     let images = Tensor::from_staged(batch.stage(device)?, MemTag::Workspace)?;
+    let keys = model.image_keys(&batch.images);
     for _ in 0..o.warmup {
-        drop(model.predict(&images, 0)?);
+        drop(model.predict(&images, &keys)?);
     }
     device.synchronize()?;
     device.memory().reset_peaks();
     let mut samples = Vec::with_capacity(o.repeats);
     for _ in 0..o.repeats {
-        let (p, s) = time_on(device, || Ok(model.predict(&images, 0)?))?;
+        let (p, s) = time_on(device, || Ok(model.predict(&images, &keys)?))?;
         drop(p);
         samples.push(s);
     }

@@ -25,8 +25,8 @@
 //! members' softmax probabilities. Under `mc-dropout` each member is one pass of the shared
 //! network with DropKey masks of its own on every attention score (rate `drop_key` in the
 //! ensemble JSON): the masks are hashes, `loren_tensor::ops::dropkey`, drawn for predictions
-//! from one fixed seed and the image's place in the whole input of [`Ensemble::predict`] (not in
-//! the batch it is split into), so the same input draws the same masks in chunks of any size.
+//! from one fixed seed and a hash of the image's values, so an image draws the same masks in any
+//! input, at any place, in chunks of any size: its prediction is a function of the image.
 //!
 //! [`Ensemble`] reads such a file back (or the training checkpoint itself, with its backbone)
 //! and predicts with loren's own engine, giving the same probabilities, bit for bit, as
@@ -286,15 +286,10 @@ impl Ensemble {
 
     /// Every member's probabilities, their mean, and the entropy and mutual information of each
     /// image, for normalised images `[B, C, H, W]` (row-major; B is any positive number,
-    /// inferred from the length). See [`Ensemble::normalize`] for raw pixels.
+    /// inferred from the length). See [`Ensemble::normalize`] for raw pixels. An image's
+    /// prediction is its own: MC Dropout draws its masks by the image's values, so it gets the
+    /// same in any batch, at any place (other methods draw none).
     pub fn predict(&self, images: &[f32]) -> Result<Prediction> {
-        self.predict_part(images, 0)
-    }
-
-    /// [`Ensemble::predict`] for images that are part of a larger input, the first of them its
-    /// image `first`: MC Dropout then draws the masks the whole input's prediction would, so an
-    /// input predicted part by part gives what it gives at once (other methods draw none).
-    pub fn predict_part(&self, images: &[f32], first: u64) -> Result<Prediction> {
         let [c, h, w] = self.image_shape();
         let per_image = c * h * w;
         ensure!(
@@ -309,17 +304,20 @@ impl Ensemble {
         let chunk = self.batch_size.saturating_mul(per_image);
         let chunks: Vec<&[f32]> = images.chunks(chunk).collect();
         std::thread::scope(|scope| -> Result<()> {
-            // Each chunk is staged (copied where it goes to the device from) on a background
-            // thread while the model runs on the one before.
+            // Each chunk is keyed and staged (copied where it goes to the device from) on a
+            // background thread while the model runs on the one before.
             let stage = |i: usize| {
                 let chunk = chunks[i];
+                let keys = self.model.image_keys(chunk);
                 loren_nn::data::stage_images(chunk, [chunk.len() / per_image, c, h, w], dev)
+                    .map(|staged| (staged, keys))
             };
             let staged = prefetch(scope, chunks.len(), DEPTH, stage);
-            for (x, start) in staged.zip((0..n).step_by(self.batch_size)) {
-                let x = Tensor::from_staged(x?, MemTag::Workspace)?;
+            for (made, start) in staged.zip((0..n).step_by(self.batch_size)) {
+                let (x, keys) = made?;
+                let x = Tensor::from_staged(x, MemTag::Workspace)?;
                 let b = x.dims()[0];
-                let p = self.model.predict(&x, first + start as u64)?.to_vec()?;
+                let p = self.model.predict(&x, &keys)?.to_vec()?;
                 for member in 0..m {
                     let src = &p[member * b * k..][..b * k];
                     probs[(member * n + start) * k..][..b * k].copy_from_slice(src);

@@ -33,8 +33,8 @@ pub struct PredictArgs {
     /// PNG or JPEG files, or folders searched for them (subfolders too, in sorted order; each
     /// image once). Each image is brought to the model's input as an image folder's are for
     /// training: centre-cropped to a square, resized, and scaled as the model's training data
-    /// was. Under mc-dropout an image's masks follow its place in this list, so the same image
-    /// elsewhere in it (or alone) is another draw.
+    /// was. Under mc-dropout an image's masks are drawn from its values, so it gets the same
+    /// prediction wherever it is in this list, alone, or in `loren eval`.
     #[arg(required = true, value_name = "IMAGES")]
     pub images: Vec<PathBuf>,
     /// Write every image's prediction to FILE: .csv (a row per image: the class, its
@@ -147,8 +147,7 @@ fn images(n: usize) -> String {
 }
 
 /// Every image's row (with each member's probabilities when `members`), predicted a batch at a
-/// time, each batch decoded on a background thread while the one before it runs, and told where
-/// it starts, so the masks MC Dropout draws are those of the whole set predicted at once.
+/// time, each batch decoded on a background thread while the one before it runs.
 fn predict_files(
     ens: &Ensemble,
     files: &[PathBuf],
@@ -164,8 +163,8 @@ fn predict_files(
         let decode = |i: usize| read_images(chunks[i], shape).map(|p| ens.normalize(&p.to_f32()));
         let decoded = prefetch(scope, chunks.len(), DEPTH, decode);
         let mut rows = Vec::with_capacity(files.len());
-        for (images, (chunk, first)) in decoded.zip(chunks.iter().zip((0..).step_by(batch))) {
-            let p = ens.predict_part(&images?, first)?;
+        for (images, chunk) in decoded.zip(&chunks) {
+            let p = ens.predict(&images?)?;
             bar.inc(p.batch);
             // Into rows at once: every member's probabilities over a large set would be M
             // times the memory of the rows, and only the JSON file wants them.

@@ -252,7 +252,7 @@ fn attention_dropkey_members_from_shared_inputs() {
     let drop = DropKey::new(0.85, 9, M).unwrap();
     assert_gradients(
         ins,
-        |t, v| ops::attention(t, &v[0], &v[1], &v[2], 3, Some(drop)),
+        |t, v| ops::attention(t, &v[0], &v[1], &v[2], 3, Some(drop.clone())),
         &opts(),
     );
 }

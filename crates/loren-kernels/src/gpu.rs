@@ -478,11 +478,11 @@ impl From<f64> for Arg {
     }
 }
 
-/// A raw device pointer for a kernel argument, holding cudarc's borrow of the buffer until the
-/// launch is enqueued.
 /// A point on the stream's timeline ([`Gpu::mark`]).
 pub struct GpuMark(CudaEvent);
 
+/// A raw device pointer for a kernel argument, holding cudarc's borrow of the buffer until the
+/// launch is enqueued.
 pub(crate) struct Ptr<'a> {
     pub ptr: u64,
     _guard: Option<SyncOnDrop<'a>>,

@@ -599,7 +599,7 @@ fn attn(
     seq: usize,
     heads: usize,
     head_dim: usize,
-) -> AttentionDims {
+) -> AttentionDims<'static> {
     AttentionDims {
         groups,
         q_groups: gq,

@@ -33,14 +33,19 @@ pub fn predict(
     let order: Vec<usize> = (0..n).collect();
     let chunks: Vec<&[usize]> = batches(&order, batch_size)?.collect();
     std::thread::scope(|scope| -> Result<()> {
-        // Each chunk is made (resized, normalised) and staged on a background thread while the
-        // model runs on the one before, as in training.
-        let make = |i: usize| data.batch(chunks[i], None).stage(dev);
+        // Each chunk is made (resized, normalised), keyed and staged on a background thread while
+        // the model runs on the one before, as in training.
+        let make = |i: usize| {
+            let batch = data.batch(chunks[i], None);
+            let keys = model.image_keys(&batch.images);
+            batch.stage(dev).map(|staged| (staged, keys))
+        };
         let made = prefetch(scope, chunks.len(), DEPTH, make);
         let mut done = 0;
-        for (idx, images) in chunks.iter().zip(made) {
-            let images = Tensor::from_staged(images?, MemTag::Workspace)?;
-            let p = model.predict(&images, done as u64)?.to_vec()?;
+        for (idx, made) in chunks.iter().zip(made) {
+            let (images, keys) = made?;
+            let images = Tensor::from_staged(images, MemTag::Workspace)?;
+            let p = model.predict(&images, &keys)?.to_vec()?;
             let b = idx.len();
             for member in 0..m {
                 let src = &p[member * b * c..][..b * c];

@@ -1709,7 +1709,7 @@ mod tests {
             )
             .unwrap();
             dev.memory().reset_peaks();
-            drop(model.predict(&images, 0).unwrap());
+            drop(model.predict(&images, &[]).unwrap());
             let r = dev.memory().report();
             let p = predict(&vit, &ens, b, 2, Precision::CPU, Activations::Keep).unwrap();
             assert_eq!(p.inference.total_peak, r.total_peak, "{method}");

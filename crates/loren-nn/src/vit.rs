@@ -9,7 +9,7 @@
 //! each member draws DropKey masks of its own.
 
 use loren_autograd::{ParamId, Params, Tape, Var, ops};
-use loren_tensor::ops::dropkey::DropKey;
+use loren_tensor::ops::dropkey::{DropKey, ItemKeys, image_keys};
 use loren_tensor::ops::embed::patchify;
 use loren_tensor::ops::loss::softmax;
 use loren_tensor::{Device, MemTag, Rng, Tensor};
@@ -124,7 +124,7 @@ impl<T> Block<T> {
 }
 
 /// What a block's forward reads besides its input and parameters.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct BlockShape {
     heads: usize,
     ln_eps: f32,
@@ -135,38 +135,42 @@ struct BlockShape {
 
 /// Which DropKey masks an MC Dropout forward draws (other methods draw none): a training step's,
 /// fresh every step, or the one fixed draw every prediction uses, so that scoring a model twice
-/// gives the same figures. A member's masks differ from every other member's in both. An image
-/// draws by its place in the whole prediction, so a prediction split into batches of any size
-/// draws the same masks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// gives the same figures. A member's masks differ from every other member's in both. A
+/// prediction's batch rows draw the masks of the items its keys name: keyed by each image's
+/// content ([`Vit::image_keys`]), an image gets the same prediction in any batch and at any place.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Draw {
     seed: u64,
-    first_item: u64,
+    items: Option<ItemKeys>,
 }
 
 impl Draw {
-    /// The draw of training step `step` of a run seeded `seed`.
+    /// The draw of training step `step` of a run seeded `seed`: row b draws item b's masks.
     pub fn step(seed: u64, step: u64) -> Draw {
         const STEP: u64 = 0x5354_4550_0000_0000;
         Draw {
             seed: Rng::new(seed).fork(STEP).fork(step).next_u64(),
-            first_item: 0,
+            items: None,
         }
     }
 
-    /// The prediction's draw for a batch whose first image is image `first_item` of the whole
-    /// prediction.
-    pub fn prediction(first_item: u64) -> Draw {
+    /// The prediction's draw, row b drawing the masks of item `items[b]` (of item b without
+    /// keys).
+    pub fn prediction(items: Option<ItemKeys>) -> Draw {
         Draw {
             seed: 0x5052_4544_4943_5400,
-            first_item,
+            items,
         }
     }
 
     /// Block `block`'s masks at `rate` for `members` members.
-    fn block(self, block: usize, rate: f32, members: usize) -> loren_tensor::Result<DropKey> {
+    fn block(&self, block: usize, rate: f32, members: usize) -> loren_tensor::Result<DropKey> {
         let seed = Rng::new(self.seed).fork(block as u64).next_u64();
-        Ok(DropKey::new(rate, seed, members)?.starting_at(self.first_item))
+        let dk = DropKey::new(rate, seed, members)?;
+        Ok(match &self.items {
+            Some(items) => dk.with_items(items.clone()),
+            None => dk,
+        })
     }
 }
 
@@ -379,6 +383,23 @@ impl Vit {
         &mut self.params
     }
 
+    /// Whether a forward draws DropKey masks (MC Dropout), so that a prediction reads its
+    /// images' keys.
+    pub fn draws_masks(&self) -> bool {
+        self.ensemble.method.drops_keys()
+    }
+
+    /// The keys [`Vit::predict`] reads for images [B, C, H, W] on the host: each image's
+    /// [`image_key`](loren_tensor::ops::dropkey::image_key), or none where the model draws no
+    /// masks.
+    pub fn image_keys(&self, images: &[f32]) -> Vec<u64> {
+        let c = &self.config;
+        match self.draws_masks() {
+            true => image_keys(images, c.channels * c.image_size * c.image_size),
+            false => Vec::new(),
+        }
+    }
+
     pub fn members(&self) -> usize {
         self.ensemble.members
     }
@@ -505,7 +526,7 @@ impl Vit {
             };
             let p = blk.map(&mut param);
             x = match activations {
-                Activations::Keep => block_forward(tape, &x, &p, shape)?,
+                Activations::Keep => block_forward(tape, &x, &p, &shape)?,
                 Activations::Recompute => {
                     let template = blk.clone();
                     let inputs: Vec<Var> = std::iter::once(x)
@@ -513,7 +534,7 @@ impl Vit {
                         .collect();
                     ops::recompute(tape, &inputs, move |tape, vars| {
                         let p = template.with_values(&vars[1..])?;
-                        block_forward(tape, &vars[0], &p, shape)
+                        block_forward(tape, &vars[0], &p, &shape)
                     })?
                 }
             };
@@ -524,23 +545,47 @@ impl Vit {
         Ok(ops::logits(tape, &c, &head.weight, head.bias.as_ref())?)
     }
 
-    /// Every member's class probabilities [M, B, classes], without recording anything, for a
-    /// batch whose first image is image `first_item` of a larger prediction (0 when the batch is
-    /// all of it): MC Dropout draws an image's masks by that place, so a prediction made in
-    /// batches of any size draws the same masks.
-    pub fn predict(&self, images: &Tensor, first_item: u64) -> Result<Tensor> {
+    /// Every member's class probabilities [M, B, classes], without recording anything. `keys`
+    /// names each image for MC Dropout's masks:
+    /// [`Vit::image_keys`] of the images' values, so that an
+    /// image's prediction is the same in any batch and at any place. Only a model that
+    /// [draws masks](Vit::draws_masks) reads them; for the others `&[]` will do.
+    pub fn predict(&self, images: &Tensor, keys: &[u64]) -> Result<Tensor> {
+        self.check_images(images)?;
         let tape = Tape::inference();
-        let draw = Draw::prediction(first_item);
+        let items = match self.draws_masks() {
+            false => None,
+            true => {
+                let batch = images.dims()[0];
+                if keys.len() != batch {
+                    return Err(loren_tensor::Error::invalid(
+                        "predict",
+                        format!(
+                            "MC Dropout draws its masks by image: {} keys for {batch} images",
+                            keys.len()
+                        ),
+                    )
+                    .into());
+                }
+                Some(ItemKeys::new(keys.to_vec(), self.device())?)
+            }
+        };
+        let draw = Draw::prediction(items);
         let logits = self.forward(&tape, images, Activations::Keep, draw)?;
         Ok(softmax(logits.value())?)
     }
 }
 
 /// One encoder block: pre-norm attention and MLP, each added to the residual stream.
-fn block_forward(tape: &Tape, x: &Var, p: &Block<Var>, s: BlockShape) -> loren_tensor::Result<Var> {
+fn block_forward(
+    tape: &Tape,
+    x: &Var,
+    p: &Block<Var>,
+    s: &BlockShape,
+) -> loren_tensor::Result<Var> {
     let h = layernorm(tape, x, &p.norm1, s.ln_eps)?;
     let [q, k, v] = [0, 1, 2].map(|i| project(tape, &h, &p.attn[i], s.lora_scale, None));
-    let a = ops::attention(tape, &q?, &k?, &v?, s.heads, s.drop)?;
+    let a = ops::attention(tape, &q?, &k?, &v?, s.heads, s.drop.clone())?;
     let x = project(tape, &a, &p.attn[3], s.lora_scale, Some(x))?;
     let h = layernorm(tape, &x, &p.norm2, s.ln_eps)?;
     let h = ops::linear(tape, &h, &p.fc1.weight, None, None)?;

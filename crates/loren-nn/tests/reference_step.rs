@@ -248,7 +248,8 @@ fn check_steps(model: &mut Vit, steps: &TensorFile, config: TrainConfig, dev: &D
         dev,
     )
     .unwrap();
-    let probs = model.predict(&images, 0).unwrap().to_vec().unwrap();
+    let keys = model.image_keys(&x.images);
+    let probs = model.predict(&images, &keys).unwrap().to_vec().unwrap();
     let (diff, _) = max_diff(&probs, &steps.get("probs").unwrap().data);
     assert!(
         diff <= 1e-6,

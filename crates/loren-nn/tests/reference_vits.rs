@@ -85,7 +85,7 @@ fn loren_logits(weights: &str, io: &TensorFile, scheme: Scheme, image_size: usiz
             &Tape::inference(),
             &x,
             Activations::Keep,
-            Draw::prediction(0),
+            Draw::prediction(None),
         )
         .unwrap();
     logits.value().to_vec().unwrap()

@@ -489,8 +489,9 @@ fn mc_dropout_members_draw_their_own_masks_and_predictions_repeat() {
     let data = train_split();
     let b = data.batch(&(0..8).collect::<Vec<_>>(), None);
     let dims = [b.batch, b.channels, b.height, b.width];
+    let keys = vit.image_keys(&b.images);
     let images = Tensor::from_vec(b.images, dims, MemTag::Workspace, vit.device()).unwrap();
-    let p = vit.predict(&images, 0).unwrap().to_vec().unwrap();
+    let p = vit.predict(&images, &keys).unwrap().to_vec().unwrap();
     let (m0, m1) = p.split_at(p.len() / 2);
     let apart = m0
         .iter()
@@ -501,7 +502,7 @@ fn mc_dropout_members_draw_their_own_masks_and_predictions_repeat() {
         apart > 1e-3,
         "members 0 and 1 predict alike (largest difference {apart})"
     );
-    assert_eq!(vit.predict(&images, 0).unwrap().to_vec().unwrap(), p);
+    assert_eq!(vit.predict(&images, &keys).unwrap().to_vec().unwrap(), p);
 }
 
 /// The DropKey rate is part of an MC Dropout run: resuming at another is refused, naming it. A

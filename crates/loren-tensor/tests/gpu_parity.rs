@@ -6,7 +6,7 @@
 //! Inputs are rounded to bf16 before both sides see them, so the comparison measures the
 //! kernels, not the rounding of their inputs. With no usable GPU every test says so and passes.
 
-use loren_tensor::ops::dropkey::DropKey;
+use loren_tensor::ops::dropkey::{DropKey, ItemKeys};
 use loren_tensor::ops::{
     activation, attention, elementwise, embed, linear, lora, loss, norm, optim,
 };
@@ -285,19 +285,27 @@ fn attention_every_length_head_dim_and_broadcast() {
         let (qc, qg) = pair(&[gq, b, t, h * dh], bf, &mut rng, &g);
         let (kc, kg) = pair(&[gk, b, t, h * dh], bf, &mut rng, &g);
         let (vc, vg) = pair(&[gv, b, t, h * dh], bf, &mut rng, &g);
-        // Batches start past 2³² items, as a split prediction's later ones do (in 64 bits).
-        let drop = rate.map(|r| {
-            DropKey::new(r, 0xD20 + t as u64, gr)
-                .unwrap()
-                .starting_at((t as u64) << 33)
-        });
-        let drop = drop.as_ref();
+        // Two-row batches draw by item keys of all 64 bits, as a prediction's images do; the
+        // others by row, as a training step does. Each side's keys live on its own device.
+        let keys: Vec<u64> = (0..b as u64)
+            .map(|i| ((t as u64) << 33) ^ (i * 0x9E37_79B9_7F4A_7C15))
+            .collect();
+        let drop_on = |dev: &Device| {
+            rate.map(|r| {
+                let dk = DropKey::new(r, 0xD20 + t as u64, gr).unwrap();
+                match b {
+                    2 => dk.with_items(ItemKeys::new(keys.clone(), dev).unwrap()),
+                    _ => dk,
+                }
+            })
+        };
+        let (drop_c, drop_g) = (drop_on(&cpu()), drop_on(&g));
         let tag = format!(
             "attention G={gr} q{gq} k{gk} v{gv} B={b} T={t} H={h} dh={dh} drop {}",
             rate.unwrap_or(0.0)
         );
-        let fc = attention::attention_forward(&qc, &kc, &vc, h, drop).unwrap();
-        let fg = attention::attention_forward(&qg, &kg, &vg, h, drop).unwrap();
+        let fc = attention::attention_forward(&qc, &kc, &vc, h, drop_c.as_ref()).unwrap();
+        let fg = attention::attention_forward(&qg, &kg, &vg, h, drop_g.as_ref()).unwrap();
         close(&format!("{tag} O"), &fg.o, &fc.o);
         close_lse(&format!("{tag} LSE"), &fg.lse, &fc.lse);
         let (doc, dog) = pair(&[gr, b, t, h * dh], bf, &mut rng, &g);
@@ -310,9 +318,11 @@ fn attention_every_length_head_dim_and_broadcast() {
         )
         .unwrap();
         let c =
-            attention::attention_backward(&doc, &qc, &kc, &vc, &o_cpu, &fc.lse, h, drop).unwrap();
+            attention::attention_backward(&doc, &qc, &kc, &vc, &o_cpu, &fc.lse, h, drop_c.as_ref())
+                .unwrap();
         let gg =
-            attention::attention_backward(&dog, &qg, &kg, &vg, &fg.o, &fg.lse, h, drop).unwrap();
+            attention::attention_backward(&dog, &qg, &kg, &vg, &fg.o, &fg.lse, h, drop_g.as_ref())
+                .unwrap();
         let (dq, dk, dv) = (
             gg.dq.as_ref().unwrap(),
             gg.dk.as_ref().unwrap(),

@@ -1110,12 +1110,17 @@ fn attention_rows(gpu: &Gpu, a: &Args, sm: &SoftmaxKernels, t: usize) -> Result<
         gpu.attention_forward(&dims, &q, &k, &v, &mut o, &mut lse)?;
         Ok(())
     })?;
-    // MC Dropout's variant: every score hashed, a fifth of them dropped (the paper's rate).
+    // MC Dropout's variant: every score hashed, a fifth of them dropped (the paper's rate), each
+    // batch row by its image's key, as a prediction draws them.
+    let keys: Vec<u64> = (0..b as u64)
+        .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .collect();
+    let items = gpu.stream().clone_htod(&keys)?;
     let dropping = AttentionDims {
         drop: Some(AttentionDrop {
             threshold: (0.2 * 4_294_967_296.0f64).round() as u32,
             seed: 7,
-            first_item: 0,
+            items: Some(&items),
         }),
         ..dims
     };

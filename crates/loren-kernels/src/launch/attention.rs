@@ -6,11 +6,11 @@
 //! see `loren_tensor::ops::dropkey`, whose hashes the kernels compute bit for bit.
 
 use crate::bf16;
-use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::{GRID_X, GRID_YZ, grid_dim, groups_ok, int, positive, product};
 use crate::error::{KernelError, Result};
-use crate::gpu::{Arg, Gpu};
+use crate::gpu::{Arg, Gpu, Ptr};
 use crate::sources::Kernel;
 
 /// The head dims with a compiled kernel.
@@ -63,17 +63,18 @@ pub(crate) const fn dkv_smem(dh: usize) -> usize {
 }
 
 /// DropKey's draw: a score drops when its hash is below `threshold` (0: none drops).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AttentionDrop {
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionDrop<'a> {
     pub threshold: u32,
     pub seed: u64,
-    /// The item batch row 0 is: row b draws item `first_item + b`'s masks.
-    pub first_item: u64,
+    /// Each batch row's item, [B] (row b draws item `items[b]`'s masks); without them row b is
+    /// item b.
+    pub items: Option<&'a CudaSlice<u64>>,
 }
 
 /// The shapes of one attention call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AttentionDims {
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionDims<'a> {
     /// G, the output group count (members): the largest of the three below, or with `drop`,
     /// the members drawing masks, whatever the inputs' groups.
     pub groups: usize,
@@ -86,10 +87,10 @@ pub struct AttentionDims {
     pub heads: usize,
     /// dh: 16, 32, 64 or 128.
     pub head_dim: usize,
-    pub drop: Option<AttentionDrop>,
+    pub drop: Option<AttentionDrop<'a>>,
 }
 
-impl AttentionDims {
+impl AttentionDims<'_> {
     fn check(&self, op: &'static str) -> Result<[Kernel; 3]> {
         positive(op, "groups", self.groups)?;
         positive(op, "batch", self.batch)?;
@@ -149,9 +150,15 @@ impl AttentionDims {
         })
     }
 
-    /// The scalar arguments every attention kernel ends with: DropKey's three last, for its
-    /// kernels.
-    fn args(&self) -> Vec<Arg> {
+    /// The item keys' pointer for DropKey's kernels (null without keys), checked against B.
+    fn items<'s>(&'s self, gpu: &'s Gpu, op: &'static str) -> Result<Ptr<'s>> {
+        let items = self.drop.and_then(|d| d.items);
+        gpu.input_opt(op, "item keys", items.map(|k| k as _), self.batch)
+    }
+
+    /// The scalar arguments every attention kernel ends with: DropKey's threshold, seed and item
+    /// keys last, for its kernels.
+    fn args(&self, items: &Ptr) -> Vec<Arg> {
         let mut args = vec![
             Arg::from(self.batch as i32),
             Arg::from(self.seq as i32),
@@ -162,11 +169,7 @@ impl AttentionDims {
             Arg::from((1.0 / (self.head_dim as f64).sqrt()) as f32),
         ];
         if let Some(drop) = self.drop {
-            args.extend([
-                Arg::from(drop.threshold),
-                Arg::from(drop.seed),
-                Arg::from(drop.first_item),
-            ]);
+            args.extend([Arg::from(drop.threshold), Arg::from(drop.seed), items.arg()]);
         }
         args
     }
@@ -209,9 +212,10 @@ impl Gpu {
             16,
         )?;
         aligned(OP, o.aligned(4), "O", 4)?;
+        let items = d.items(self, OP)?;
         let cfg = d.cfg(OP, fwd_smem(d.head_dim))?;
         let ptrs = [q.arg(), k.arg(), v.arg(), o.arg(), lse.arg()];
-        self.launch(kernel, cfg, &[&ptrs[..], &d.args()].concat())
+        self.launch(kernel, cfg, &[&ptrs[..], &d.args(&items)].concat())
     }
 
     /// The backward, two launches, deterministic: first dQ (which also writes
@@ -257,6 +261,7 @@ impl Gpu {
             "dQ, dK, dV",
             4,
         )?;
+        let items = d.items(self, OP)?;
         {
             let delta = self.output(OP, "DELTA", delta, d.stats_len())?;
             let cfg = d.cfg(OP, dq_smem(d.head_dim))?;
@@ -270,7 +275,7 @@ impl Gpu {
                 delta.arg(),
                 dq.arg(),
             ];
-            self.launch(k_dq, cfg, &[&ptrs[..], &d.args()].concat())?;
+            self.launch(k_dq, cfg, &[&ptrs[..], &d.args(&items)].concat())?;
         }
         let delta = self.input(OP, "DELTA", &*delta, d.stats_len())?;
         let cfg = d.cfg(OP, dkv_smem(d.head_dim))?;
@@ -284,6 +289,6 @@ impl Gpu {
             dk.arg(),
             dv.arg(),
         ];
-        self.launch(k_dkv, cfg, &[&ptrs[..], &d.args()].concat())
+        self.launch(k_dkv, cfg, &[&ptrs[..], &d.args(&items)].concat())
     }
 }

@@ -78,6 +78,20 @@ fn check(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, drop: Option<&DropKey
         groups = dk.members;
     }
     let [_, batch, t, d] = [q.dims()[0], q.dims()[1], q.dims()[2], q.dims()[3]];
+    if let Some(items) = drop.and_then(|dk| dk.items.as_ref()) {
+        if items.keys().len() != batch {
+            return Err(Error::invalid(
+                OP,
+                format!("{} item keys for a batch of {batch}", items.keys().len()),
+            ));
+        }
+        if !items.device().same(q.device()) {
+            return Err(Error::invalid(
+                OP,
+                "the item keys are on another device than Q, K, V",
+            ));
+        }
+    }
     if heads == 0 || d % heads != 0 {
         return Err(Error::invalid(
             OP,
@@ -491,12 +505,16 @@ pub fn attention_backward(
     })
 }
 
-fn cuda_dims(dm: &Dims, heads: usize, drop: Option<&DropKey>) -> loren_kernels::AttentionDims {
+fn cuda_dims<'a>(
+    dm: &Dims,
+    heads: usize,
+    drop: Option<&'a DropKey>,
+) -> loren_kernels::AttentionDims<'a> {
     loren_kernels::AttentionDims {
         drop: drop.map(|dk| loren_kernels::AttentionDrop {
             threshold: dk.threshold,
             seed: dk.seed,
-            first_item: dk.first_item,
+            items: dk.items.as_ref().and_then(|k| k.cuda()),
         }),
         groups: dm.groups,
         q_groups: dm.gq,
@@ -556,6 +574,7 @@ fn backward_cuda(
 mod tests {
     use super::*;
     use crate::device::Device;
+    use crate::ops::dropkey::ItemKeys;
     use crate::rng::Rng;
 
     /// Row-major [G, B, T, D] values, and the same as a tensor.
@@ -729,9 +748,10 @@ mod tests {
             let (kv, k) = random(&mut rng, dims, &dev);
             let (vv, v) = random(&mut rng, dims, &dev);
             let (dov, d_o) = random(&mut rng, [members, b, t, d], &dev);
+            let keys = (0..b as u64).map(|i| 3 * t as u64 + i).collect();
             let dk = DropKey::new(rate, 40 + t as u64, members)
                 .unwrap()
-                .starting_at(3 * t as u64);
+                .with_items(ItemKeys::new(keys, &dev).unwrap());
             let n = b * t * d;
             let (mut o, mut lse) = (Vec::new(), Vec::new());
             let (mut dq, mut dkk, mut dv) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
@@ -763,49 +783,52 @@ mod tests {
         assert!(emptied > 0, "some rows must lose every key");
     }
 
-    /// A prediction split into batches draws the masks the whole batch does: a batch row's masks
-    /// are its item's, wherever the batch starts.
+    /// A row's masks are its item's: the rows of a batch, taken in another order into a smaller
+    /// batch with their keys, draw what they drew in the whole batch.
     #[test]
-    fn a_split_batch_draws_the_whole_batchs_masks() {
+    fn a_row_draws_its_items_masks_in_any_batch() {
         let (mut rng, dev) = (Rng::new(9), Device::cpu());
         let (b, t, d, heads, members) = (5, 11, 32, 2, 2);
         let inputs = [0; 3].map(|_| random(&mut rng, [1, b, t, d], &dev).0);
+        let keys: Vec<u64> = (0..b as u64).map(|i| 1000 + 17 * i).collect();
         let dk = DropKey::new(0.5, 77, members).unwrap();
-        let rows_of = |x: &[f32], rows: std::ops::Range<usize>| {
-            let part = &x[rows.start * t * d..rows.end * t * d];
-            Tensor::from_vec(
-                part.to_vec(),
-                [1, rows.len(), t, d],
-                MemTag::Workspace,
-                &dev,
-            )
-            .unwrap()
-        };
-        let run = |rows: std::ops::Range<usize>, dk: DropKey| {
-            let [q, k, v] = [0, 1, 2].map(|i| rows_of(&inputs[i], rows.clone()));
+        let run = |rows: &[usize], dk: DropKey| {
+            let [q, k, v] = [0, 1, 2].map(|i| {
+                let picked: Vec<f32> = rows
+                    .iter()
+                    .flat_map(|&r| &inputs[i][r * t * d..][..t * d])
+                    .copied()
+                    .collect();
+                Tensor::from_vec(picked, [1, rows.len(), t, d], MemTag::Workspace, &dev).unwrap()
+            });
             attention_forward(&q, &k, &v, heads, Some(&dk))
                 .unwrap()
                 .o
                 .to_vec()
                 .unwrap()
         };
-        let all = run(0..b, dk);
-        let (first, rest) = (run(0..2, dk), run(2..b, dk.starting_at(2)));
+        let keyed = |rows: &[usize]| {
+            let k = rows.iter().map(|&r| keys[r]).collect();
+            dk.clone().with_items(ItemKeys::new(k, &dev).unwrap())
+        };
+        let whole: Vec<usize> = (0..b).collect();
+        let all = run(&whole, keyed(&whole));
+        let part = [3, 0];
+        let got = run(&part, keyed(&part));
         let n = t * d;
         for g in 0..members {
-            let expect = &all[g * b * n..][..b * n];
-            assert_eq!(
-                &first[g * 2 * n..][..2 * n],
-                &expect[..2 * n],
-                "member {g}, rows 0..2"
-            );
-            assert_eq!(
-                &rest[g * 3 * n..][..3 * n],
-                &expect[2 * n..],
-                "member {g}, rows 2..5"
-            );
+            for (i, &r) in part.iter().enumerate() {
+                assert_eq!(
+                    &got[(g * part.len() + i) * n..][..n],
+                    &all[(g * b + r) * n..][..n],
+                    "member {g}, row {r}"
+                );
+            }
         }
-        let shifted = run(2..b, dk);
-        assert_ne!(shifted, rest, "rows drawing other items' masks must differ");
+        assert_ne!(
+            run(&part, dk),
+            got,
+            "rows drawing their row numbers' masks must differ"
+        );
     }
 }

@@ -6,17 +6,25 @@
 //!
 //! Which scores drop is a hash of (seed, member, item, head, query, key), not a stored mask: the
 //! backward and a recomputed block draw the same mask again for free, and the CUDA kernels
-//! (`kernels/attention.cu`, `drop_*`) compute the very same bits. An item is an image's place in
-//! the whole prediction, not in its batch ([`DropKey::starting_at`]), so a prediction split into
-//! batches of any size draws the masks one batch would.
+//! (`kernels/attention.cu`, `drop_*`) compute the very same bits. A batch row's item is its row
+//! number, or, with [`ItemKeys`], a key the caller gives it: a prediction keys each image by its
+//! content ([`image_key`]), so an image draws the same masks in any batch, at any place, in any
+//! order, and a prediction is a function of the image alone.
 
+use std::sync::Arc;
+
+use loren_kernels::CudaSlice;
+use rayon::prelude::*;
+
+use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::memory::MemTag;
 
 /// A scaled score that loses to every real one: e^(it − max) is exactly 0 beside any kept key.
 pub const DROPPED_SCORE: f32 = -1e30;
 
 /// Dropout on attention scores, drawn per output group.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DropKey {
     /// A score drops when its 32-bit hash is below this: round(rate · 2³²).
     pub threshold: u32,
@@ -25,8 +33,99 @@ pub struct DropKey {
     /// The output groups: members, each drawing masks of its own, even where Q, K and V are
     /// shared (group 1) and so would otherwise give one group.
     pub members: usize,
-    /// The item the batch's first row is: batch row b draws item `first_item + b`'s masks.
-    pub first_item: u64,
+    /// Each batch row's item; without them, row b is item b.
+    pub items: Option<ItemKeys>,
+}
+
+/// One u64 per batch row naming the item whose masks the row draws, on the host and, on a GPU,
+/// on the device, where it is copied once when made (with the batch, at the edge) and read by
+/// every attention kernel of the pass. Clones share the one copy; its device bytes are counted
+/// as workspace while any clone lives.
+#[derive(Clone)]
+pub struct ItemKeys(Arc<Keys>);
+
+struct Keys {
+    host: Vec<u64>,
+    cuda: Option<CudaSlice<u64>>,
+    device: Device,
+}
+
+impl ItemKeys {
+    pub fn new(keys: Vec<u64>, device: &Device) -> Result<ItemKeys> {
+        let cuda = match device.gpu() {
+            None => None,
+            Some(gpu) => {
+                let slice = gpu
+                    .stream()
+                    .clone_htod(&keys)
+                    .map_err(crate::tensor::cuda("item keys"))?;
+                device.memory().alloc(MemTag::Workspace, bytes(&keys));
+                Some(slice)
+            }
+        };
+        Ok(ItemKeys(Arc::new(Keys {
+            host: keys,
+            cuda,
+            device: device.clone(),
+        })))
+    }
+
+    pub fn keys(&self) -> &[u64] {
+        &self.0.host
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.0.device
+    }
+
+    /// The device copy (on a GPU).
+    pub(crate) fn cuda(&self) -> Option<&CudaSlice<u64>> {
+        self.0.cuda.as_ref()
+    }
+}
+
+fn bytes(keys: &[u64]) -> u64 {
+    std::mem::size_of_val(keys) as u64
+}
+
+impl Drop for Keys {
+    fn drop(&mut self) {
+        if self.cuda.is_some() {
+            self.device
+                .memory()
+                .free(MemTag::Workspace, bytes(&self.host));
+        }
+    }
+}
+
+impl PartialEq for ItemKeys {
+    fn eq(&self, other: &ItemKeys) -> bool {
+        self.keys() == other.keys()
+    }
+}
+impl Eq for ItemKeys {}
+
+impl std::fmt::Debug for ItemKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("ItemKeys").field(&self.keys()).finish()
+    }
+}
+
+/// The key of an image, from its values alone (a zero's sign aside, so equal values give equal
+/// keys): the item [`ItemKeys`] names for its masks.
+pub fn image_key(values: &[f32]) -> u64 {
+    let word = |x: f32| if x == 0.0 { 0 } else { x.to_bits() as u64 };
+    let mut h = mix64(values.len() as u64 ^ 0x696D_6167_6500_0000);
+    for pair in values.chunks(2) {
+        let w = word(pair[0]) | pair.get(1).map_or(0, |&x| word(x) << 32);
+        h = (h ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
+    }
+    mix64(h)
+}
+
+/// [`image_key`] of each image in `images`, `per_image` values each.
+pub fn image_keys(images: &[f32], per_image: usize) -> Vec<u64> {
+    images.par_chunks(per_image.max(1)).map(image_key).collect()
 }
 
 impl DropKey {
@@ -49,18 +148,26 @@ impl DropKey {
             threshold,
             seed,
             members,
-            first_item: 0,
+            items: None,
         })
     }
 
-    /// The same draw for a batch whose first row is item `first_item` of a larger prediction.
-    pub fn starting_at(self, first_item: u64) -> DropKey {
-        DropKey { first_item, ..self }
+    /// The same draw with batch row b drawing the masks of item `items[b]`.
+    pub fn with_items(self, items: ItemKeys) -> DropKey {
+        DropKey {
+            items: Some(items),
+            ..self
+        }
+    }
+
+    /// The item batch row `b` draws the masks of.
+    pub fn item(&self, b: usize) -> u64 {
+        self.items.as_ref().map_or(b as u64, |k| k.keys()[b])
     }
 
     /// The stream of one (member, batch row, head): every row's hash starts from it.
     pub fn head_stream(&self, g: usize, b: usize, h: usize) -> u32 {
-        let item = self.first_item.wrapping_add(b as u64);
+        let item = self.item(b);
         let s = mix64(self.seed ^ mix64(g as u64 ^ 0x6D65_6D62_6572_0000));
         let s = mix64(s ^ mix64(item ^ 0x6261_7463_6800_0000));
         mix64(s ^ mix64(h as u64 ^ 0x6865_6164_0000_0000)) as u32
@@ -131,13 +238,33 @@ mod tests {
 
     #[test]
     fn a_batch_row_draws_the_masks_of_its_item() {
-        let whole = DropKey::new(0.3, 11, 2).unwrap();
-        let part = whole.starting_at(5);
+        let rows = DropKey::new(0.3, 11, 2).unwrap();
+        let keys = ItemKeys::new(vec![5, 7, 5], &Device::cpu()).unwrap();
+        let keyed = rows.clone().with_items(keys);
         for (g, h) in [(0, 0), (1, 3)] {
-            assert_eq!(part.head_stream(g, 0, h), whole.head_stream(g, 5, h));
-            assert_eq!(part.head_stream(g, 2, h), whole.head_stream(g, 7, h));
+            assert_eq!(keyed.head_stream(g, 0, h), rows.head_stream(g, 5, h));
+            assert_eq!(keyed.head_stream(g, 1, h), rows.head_stream(g, 7, h));
+            assert_eq!(keyed.head_stream(g, 2, h), keyed.head_stream(g, 0, h));
         }
-        assert_ne!(part.head_stream(0, 0, 0), whole.head_stream(0, 0, 0));
+        assert_ne!(keyed.head_stream(0, 0, 0), rows.head_stream(0, 0, 0));
+    }
+
+    #[test]
+    fn an_image_key_follows_the_values_alone() {
+        let a: Vec<f32> = (0..3 * 7 * 5).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut b = a.clone();
+        assert_eq!(image_key(&a), image_key(&b));
+        b[100] = f32::from_bits(b[100].to_bits() + 1);
+        assert_ne!(image_key(&a), image_key(&b), "one ulp of one value");
+        let (zero, minus_zero) = (vec![0.0f32, 1.0, 0.0], vec![-0.0f32, 1.0, 0.0]);
+        assert_eq!(image_key(&zero), image_key(&minus_zero));
+        // The odd value pairs with a zero: only the length tells these apart.
+        assert_ne!(image_key(&[1.0]), image_key(&[1.0, 0.0]));
+        let two = [a.clone(), b].concat();
+        assert_eq!(
+            image_keys(&two, a.len()),
+            [image_key(&two[..a.len()]), image_key(&two[a.len()..])]
+        );
     }
 
     #[test]

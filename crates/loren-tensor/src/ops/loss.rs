@@ -15,7 +15,7 @@ const OP: &str = "softmax_cross_entropy";
 
 #[derive(Debug)]
 pub struct LossOutput {
-    /// The mean loss, [1].
+    /// The mean loss, `[1]`.
     pub loss: Tensor,
     /// d loss / d logits, [M, B, C].
     pub dlogits: Tensor,
