@@ -433,7 +433,7 @@ __device__ void backward_dkv(const bf16* dO, const bf16* Q, const bf16* K, const
 }
 }  // namespace attn
 
-// NAME##_d##DH takes the plain arguments; with DROP, DropKey's threshold and seed follow them.
+// NAME##_d##DH takes the plain arguments; with DROP, DropKey's threshold, seed and item keys follow.
 #define ATTENTION_ENTRY_SET(DH, DROP, SUFFIX, EXTRA_PARAMS, EXTRA_DIMS)                             \
     extern "C" __global__ void __launch_bounds__(attn::THREADS)                                   \
         attention_fwd##SUFFIX##_d##DH(const bf16* Q, const bf16* K, const bf16* V, bf16* O,       \
