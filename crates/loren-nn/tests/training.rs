@@ -503,6 +503,18 @@ fn mc_dropout_members_draw_their_own_masks_and_predictions_repeat() {
         "members 0 and 1 predict alike (largest difference {apart})"
     );
     assert_eq!(vit.predict(&images, &keys).unwrap().to_vec().unwrap(), p);
+    // The masks follow the keys: other keys, another draw; too few, a clear error.
+    let other: Vec<u64> = keys.iter().map(|k| k ^ 1).collect();
+    assert_ne!(vit.predict(&images, &other).unwrap().to_vec().unwrap(), p);
+    let e = vit.predict(&images, &keys[1..]).unwrap_err().to_string();
+    assert!(e.contains("7 keys for 8 images"), "{e}");
+    // A model that draws no masks reads none.
+    let lora = model(Method::Lora);
+    let one = data.batch(&[0], None);
+    assert!(lora.image_keys(&one.images).is_empty());
+    let shape = one.image_shape();
+    let one = Tensor::from_vec(one.images, shape, MemTag::Workspace, lora.device()).unwrap();
+    lora.predict(&one, &[]).unwrap();
 }
 
 /// The DropKey rate is part of an MC Dropout run: resuming at another is refused, naming it. A
