@@ -48,9 +48,10 @@
 //! intermediates in f32. On a GPU the ops' small temporaries differ a little from the CPU's
 //! (attention's Δ, column-sum workspaces, a bf16 copy of a bias; LayerNorm and bias+GELU write
 //! dx in the input's groups directly; a cuBLAS dX that accumulates onto its input's gradient
-//! needs no buffer of its own), and the optimizer keeps a few scalars more: the replay
-//! keeps the CPU's temporaries with the GPU's element sizes, a small difference against peaks
-//! of gigabytes that the GPU run's measured-vs-predicted column shows.
+//! needs no buffer of its own; an MC Dropout prediction's item keys, 8 bytes an image), and the
+//! optimizer keeps a few scalars more: the replay keeps the CPU's temporaries with the GPU's
+//! element sizes, a small difference against peaks of gigabytes that the GPU run's
+//! measured-vs-predicted column shows.
 //!
 //! # FLOPs
 //! Matrix products only, 2·m·n·k each, counted as the engine executes them (see [`Flops`]):
