@@ -373,6 +373,8 @@ __device__ void backward_dkv(const bf16* dO, const bf16* Q, const bf16* K, const
     const size_t stat = ((size_t)gb * d.H + h) * d.T;
     const float sl2 = scale * LOG2E;
     const unsigned stream = drop_stream(d, g, b, h);
+    // Out of the loop: IEEE division calls a slow-path routine whose call saves registers.
+    const float uniform = 1.0f / d.T;
 
     load_tile<DH>(Ks, k, D, k0, d.T);
     load_tile<DH>(Vs, v, D, k0, d.T);
@@ -409,7 +411,7 @@ __device__ void backward_dkv(const bf16* dO, const bf16* Q, const bf16* K, const
                 const bool live = query && !none && !(DROP && dropped<DROP>(d, row_hash_s[c], key));
                 // A row with every key dropped weighs each alike, and none has a gradient.
                 const float pr = live           ? exp2f(p[nt][e] * sl2 - lse_s[c])
-                                 : query && none ? 1.0f / d.T
+                                 : query && none ? uniform
                                                  : 0.0f;
                 p[nt][e] = pr;
                 dp[nt][e] = DROP && !live ? 0.0f : pr * (dp[nt][e] - delta_s[c]);  // dSᵀ
