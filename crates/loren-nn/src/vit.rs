@@ -546,9 +546,8 @@ impl Vit {
     }
 
     /// Every member's class probabilities [M, B, classes], without recording anything. `keys`
-    /// names each image for MC Dropout's masks:
-    /// [`Vit::image_keys`] of the images' values, so that an
-    /// image's prediction is the same in any batch and at any place. Only a model that
+    /// names each image for MC Dropout's masks: [`Vit::image_keys`] of the images' values, so
+    /// that an image's prediction is the same in any batch and at any place. Only a model that
     /// [draws masks](Vit::draws_masks) reads them; for the others `&[]` will do.
     pub fn predict(&self, images: &Tensor, keys: &[u64]) -> Result<Tensor> {
         self.check_images(images)?;
