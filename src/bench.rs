@@ -15,7 +15,7 @@
 use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -424,6 +424,27 @@ impl RunInfo {
             self.command,
             table.trim_end(),
         )
+    }
+
+    /// A result's three files under `dir` (made if missing), each written whole or not at all:
+    /// NAME.json (`report`), NAME.svg and NAME.md (the title, this run's provenance and
+    /// `table`). Returns their paths, in that order.
+    pub fn write_files(
+        &self,
+        dir: &Path,
+        name: &str,
+        report: &impl Serialize,
+        device: &str,
+        table: &str,
+        svg: &str,
+    ) -> Result<[PathBuf; 3]> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let [json, chart, md] = ["json", "svg", "md"].map(|ext| dir.join(format!("{name}.{ext}")));
+        write_atomic(&json, serde_json::to_string_pretty(report)?.as_bytes())?;
+        write_atomic(&chart, svg.as_bytes())?;
+        let title = format!("loren {name}");
+        write_atomic(&md, self.markdown(&title, device, table).as_bytes())?;
+        Ok([json, chart, md])
     }
 }
 
@@ -1273,17 +1294,10 @@ pub fn svg(r: &BenchReport) -> String {
     render("loren bench", &subtitle, &charts, 2)
 }
 
-/// Write bench.json, bench.svg and bench.md under `dir`.
-pub fn write(r: &BenchReport, dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    write_atomic(
-        &dir.join("bench.json"),
-        serde_json::to_string_pretty(r)?.as_bytes(),
-    )?;
-    write_atomic(&dir.join("bench.svg"), svg(r).as_bytes())?;
-    let md = r.info.markdown("loren bench", &r.device, &table(r));
-    write_atomic(&dir.join("bench.md"), md.as_bytes())?;
-    Ok(())
+/// Write bench.json, bench.svg and bench.md under `dir`; returns their paths.
+pub fn write(r: &BenchReport, dir: &Path) -> Result<[PathBuf; 3]> {
+    r.info
+        .write_files(dir, "bench", r, &r.device, &table(r), &svg(r))
 }
 
 #[cfg(test)]

@@ -7,10 +7,9 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, anyhow};
-use loren_nn::checkpoint::write_atomic;
+use anyhow::{Result, anyhow};
 use loren_nn::config::{Activations, EnsembleConfig, Method, VitConfig};
 use loren_nn::memory_model::{self, ParamCounts, Precision, StepModel, TagBytes};
 use loren_nn::train::Trainer;
@@ -767,15 +766,8 @@ pub fn svg(r: &MemprofileReport) -> String {
     render("loren memprofile", &subtitle, &charts, 2)
 }
 
-/// Write memprofile.json, memprofile.svg and memprofile.md under `dir`.
-pub fn write(r: &MemprofileReport, dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    write_atomic(
-        &dir.join("memprofile.json"),
-        serde_json::to_string_pretty(r)?.as_bytes(),
-    )?;
-    write_atomic(&dir.join("memprofile.svg"), svg(r).as_bytes())?;
-    let md = r.info.markdown("loren memprofile", &r.device, &table(r));
-    write_atomic(&dir.join("memprofile.md"), md.as_bytes())?;
-    Ok(())
+/// Write memprofile.json, memprofile.svg and memprofile.md under `dir`; returns their paths.
+pub fn write(r: &MemprofileReport, dir: &Path) -> Result<[PathBuf; 3]> {
+    r.info
+        .write_files(dir, "memprofile", r, &r.device, &table(r), &svg(r))
 }

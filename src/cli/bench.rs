@@ -109,13 +109,13 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         }
     })?;
     // Written before the table is printed: a reader that stops early (| head) loses nothing.
-    write(&report, &a.out)?;
+    let [json, svg, md] = write(&report, &a.out)?;
     say(format_args!("{}", table(&report)))?;
     say(format_args!(
         "wrote {}, {} and {}\n",
-        a.out.join("bench.json").display(),
-        a.out.join("bench.svg").display(),
-        a.out.join("bench.md").display()
+        json.display(),
+        svg.display(),
+        md.display()
     ))?;
     Ok(())
 }

@@ -105,13 +105,13 @@ pub fn memprofile(a: &MemprofileArgs) -> Result<()> {
         }
     })?;
     // Written before the table is printed: a reader that stops early (| head) loses nothing.
-    write(&report, &a.out)?;
+    let [json, svg, md] = write(&report, &a.out)?;
     say(format_args!("{}", table(&report)))?;
     say(format_args!(
         "wrote {}, {} and {}\n",
-        a.out.join("memprofile.json").display(),
-        a.out.join("memprofile.svg").display(),
-        a.out.join("memprofile.md").display()
+        json.display(),
+        svg.display(),
+        md.display()
     ))?;
     Ok(())
 }
