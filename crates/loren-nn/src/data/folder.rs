@@ -838,6 +838,64 @@ mod tests {
         assert_eq!(decode(&longer).unwrap(), whole);
     }
 
+    /// Damaged files (bytes changed, cut out or put in, at seeded places) are read or refused
+    /// with an error, never a panic, by both the row-by-row PNG path and the whole decode.
+    #[test]
+    fn data_damaged_files_are_read_or_refused_never_a_panic() {
+        let dir = temp_dir("damaged");
+        let (png, grey, jpg) = (dir.join("a.png"), dir.join("g.png"), dir.join("a.jpg"));
+        write_png(&png, 20, 13, png::ColorType::Rgb, &rgb(1, 20, 13));
+        write_png(
+            &grey,
+            9,
+            17,
+            png::ColorType::Grayscale,
+            &rgb(2, 9, 17)[..9 * 17],
+        );
+        write_jpeg(&jpg, 24, 16, &rgb(3, 24, 16));
+        let originals = [&png, &grey, &jpg].map(|p| fs::read(p).unwrap());
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = |n: usize| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((state >> 33) as usize) % n.max(1)
+        };
+        let (mut read, mut refused) = (0, 0);
+        let damaged = dir.join("damaged");
+        for i in 0..600 {
+            let mut b = originals[i % 3].clone();
+            for _ in 0..1 + next(6) {
+                let at = next(b.len());
+                match next(4) {
+                    0 => b[at] = next(256) as u8,
+                    1 => b[at] ^= 1 << next(8),
+                    2 => drop(b.drain(at..(at + 1 + next(32)).min(b.len()))),
+                    _ => b
+                        .splice(at..at, (0..1 + next(8)).map(|_| next(256) as u8))
+                        .for_each(drop),
+                }
+                if b.is_empty() {
+                    break;
+                }
+            }
+            fs::write(&damaged, &b).unwrap();
+            let loaded = std::panic::catch_unwind(|| load_image(&damaged, [3, 8, 8]));
+            let decoded = std::panic::catch_unwind(|| decode(&b));
+            assert!(
+                loaded.is_ok() && decoded.is_ok(),
+                "damaged file {i} panicked"
+            );
+            match loaded.unwrap() {
+                Ok(_) => read += 1,
+                Err(_) => refused += 1,
+            }
+        }
+        // Both outcomes happen, so both paths ran.
+        assert!(read > 20 && refused > 20, "{read} read, {refused} refused");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn data_folder_errors_name_the_file_or_folder() {
         let dir = temp_dir("errors");
