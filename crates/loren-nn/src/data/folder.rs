@@ -392,7 +392,12 @@ fn png_to_shape<R: BufRead + Seek>(input: R, shape: [usize; 3]) -> Result<Vec<f3
     for _ in top + crop_h..height {
         next_row(None)?;
     }
-    Ok(out)
+    // Asked for a row past the last, the decoder reads the rest of the image data as a whole
+    // decode does, so a damaged checksum or a file cut after the last row fails here too.
+    match reader.next_row().map_err(|e| e.to_string())? {
+        None => Ok(out),
+        Some(_) => Err("the image data has more rows than its header says".into()),
+    }
 }
 
 /// Whether a JPEG's segments lead to its end-of-image marker: walked from the start, each
@@ -839,7 +844,7 @@ mod tests {
     }
 
     /// Damaged files (bytes changed, cut out or put in, at seeded places) are read or refused
-    /// with an error, never a panic, by both the row-by-row PNG path and the whole decode.
+    /// with an error, never a panic, and alike by the row-by-row PNG path and the whole decode.
     #[test]
     fn data_damaged_files_are_read_or_refused_never_a_panic() {
         let dir = temp_dir("damaged");
@@ -861,7 +866,8 @@ mod tests {
                 .wrapping_add(1_442_695_040_888_963_407);
             ((state >> 33) as usize) % n.max(1)
         };
-        let (mut read, mut refused) = (0, 0);
+        // Per original: how many were read, and how many refused.
+        let mut outcomes = [[0usize; 2]; 3];
         let damaged = dir.join("damaged");
         for i in 0..600 {
             let mut b = originals[i % 3].clone();
@@ -886,13 +892,23 @@ mod tests {
                 loaded.is_ok() && decoded.is_ok(),
                 "damaged file {i} panicked"
             );
-            match loaded.unwrap() {
-                Ok(_) => read += 1,
-                Err(_) => refused += 1,
-            }
+            let (loaded, decoded) = (loaded.unwrap(), decoded.unwrap());
+            assert_eq!(
+                loaded.is_err(),
+                decoded.is_err(),
+                "damaged file {i}: read a row at a time {:?}, whole {:?}",
+                loaded.err(),
+                decoded.err()
+            );
+            outcomes[i % 3][loaded.is_err() as usize] += 1;
         }
-        // Both outcomes happen, so both paths ran.
-        assert!(read > 20 && refused > 20, "{read} read, {refused} refused");
+        // Each kind was both read and refused: the damage reached past the checks.
+        for (counts, name) in outcomes.iter().zip(["RGB PNG", "grey PNG", "JPEG"]) {
+            assert!(
+                counts.iter().all(|&n| n > 0),
+                "{name}: read, refused {counts:?}"
+            );
+        }
         let _ = fs::remove_dir_all(&dir);
     }
 
