@@ -16,11 +16,11 @@
 // DropKey (MC Dropout), the *_dropkey_* entries: a score whose hash of (drop_seed, g, item, h,
 // query, key) is below drop_threshold drops before the softmax. The item of batch row b is
 // drop_items[b] (a prediction keys each image by its content, so an image draws its masks in any
-// batch), or b itself where drop_items is null (a training step). The hashes
-// are those of loren_tensor::ops::dropkey bit for bit, so the backward draws the forward's mask
-// again. A row with every key dropped averages V and gets LSE = −inf, which tells the backward its
-// scores have no gradient. G may then exceed the inputs' groups: each output group is a member
-// with masks of its own.
+// batch), or b itself where drop_items is null (a training step). The hashes are those of
+// loren_tensor::ops::dropkey bit for bit, so the backward draws the forward's mask again. A row
+// with every key dropped averages V and gets LSE = −inf, which tells the backward its scores have
+// no gradient. G may then exceed the inputs' groups: each output group is a member with masks of
+// its own.
 #include "common.cuh"
 
 namespace attn {

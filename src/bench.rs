@@ -795,9 +795,9 @@ fn measure(
             .transpose()?;
         (Timing::new(samples), memory, used, breakdown)
     };
-    // As `Ensemble::predict` takes them: staged as a batch for training is.
-    let images = Tensor::from_staged(batch.stage(device)?, MemTag::Workspace)?;
-    let keys = model.image_keys(&batch.images);
+    // As `Ensemble::predict` stages them, with their keys.
+    let (images, keys) = model.stage_for_prediction(&batch.images, batch.image_shape())?;
+    let images = Tensor::from_staged(images, MemTag::Workspace)?;
     for _ in 0..o.warmup {
         drop(model.predict(&images, &keys)?);
     }

@@ -286,9 +286,10 @@ impl Ensemble {
 
     /// Every member's probabilities, their mean, and the entropy and mutual information of each
     /// image, for normalised images `[B, C, H, W]` (row-major; B is any positive number,
-    /// inferred from the length). See [`Ensemble::normalize`] for raw pixels. An image's
-    /// prediction is its own: MC Dropout draws its masks by the image's values, so it gets the
-    /// same in any batch, at any place (other methods draw none).
+    /// inferred from the length). See [`Ensemble::normalize`] for raw pixels. MC Dropout draws
+    /// an image's masks from its values, so it draws the same ones in any batch, at any place
+    /// (other methods draw none); the probabilities then move only in the last bits, as for
+    /// every method, with a row's place in the CPU's matrix kernels.
     pub fn predict(&self, images: &[f32]) -> Result<Prediction> {
         let [c, h, w] = self.image_shape();
         let per_image = c * h * w;
@@ -299,7 +300,6 @@ impl Ensemble {
         );
         let (m, n, k) = (self.members(), images.len() / per_image, self.classes());
         let mut probs = vec![0.0f32; m * n * k];
-        let dev = self.model.device();
         // Saturating: a batch size past the whole input is one chunk of it all.
         let chunk = self.batch_size.saturating_mul(per_image);
         let chunks: Vec<&[f32]> = images.chunks(chunk).collect();
@@ -308,9 +308,8 @@ impl Ensemble {
             // background thread while the model runs on the one before.
             let stage = |i: usize| {
                 let chunk = chunks[i];
-                let keys = self.model.image_keys(chunk);
-                loren_nn::data::stage_images(chunk, [chunk.len() / per_image, c, h, w], dev)
-                    .map(|staged| (staged, keys))
+                let shape = [chunk.len() / per_image, c, h, w];
+                self.model.stage_for_prediction(chunk, shape)
             };
             let staged = prefetch(scope, chunks.len(), DEPTH, stage);
             for (made, start) in staged.zip((0..n).step_by(self.batch_size)) {

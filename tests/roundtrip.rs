@@ -128,8 +128,7 @@ fn round_trip(method: &str, normalize: Normalize) {
             .fold(0.0, f32::max);
         assert!(worst < 1e-5, "{method}, batch {batch}: off by {worst}");
     }
-    // Predicted in two parts as at once: the chunks fall alike (100 images each), and MC
-    // Dropout draws each image's masks by its values, wherever it is.
+    // Predicted in two parts as at once, bit for bit: the chunks fall alike (100 images each).
     ens.set_batch_size(100);
     let whole = ens.predict(&images).unwrap();
     let per_image = images.len() / test.len();
@@ -148,8 +147,8 @@ fn round_trip(method: &str, normalize: Normalize) {
             "{method}: member {m} in parts"
         );
     }
-    // In another order and in other company: the first 100 images backwards, beside others.
-    // Each image keeps its prediction; only the last bits may move, as the CPU's matrix kernels
+    // In another order: the first 100 images backwards (a chunk of their own), then 20 others.
+    // Each image keeps its masks; only the last bits may move, as the CPU's matrix kernels
     // block rows at other places differently.
     let reordered: Vec<f32> = (0..100)
         .rev()

@@ -33,8 +33,8 @@ pub struct PredictArgs {
     /// PNG or JPEG files, or folders searched for them (subfolders too, in sorted order; each
     /// image once). Each image is brought to the model's input as an image folder's are for
     /// training: centre-cropped to a square, resized, and scaled as the model's training data
-    /// was. Under mc-dropout an image's masks are drawn from its values, so it gets the same
-    /// prediction wherever it is in this list, alone, or in `loren eval`.
+    /// was. Under mc-dropout an image's masks are drawn from its values, so it draws the same
+    /// ones wherever it is in this list, or alone.
     #[arg(required = true, value_name = "IMAGES")]
     pub images: Vec<PathBuf>,
     /// Write every image's prediction to FILE: .csv (a row per image: the class, its

@@ -28,7 +28,6 @@ pub fn predict(
     progress: &mut dyn FnMut(usize) -> Result<()>,
 ) -> Result<Predictions> {
     let (m, n, c) = (model.members(), data.len(), model.ensemble.classes);
-    let dev = model.device();
     let mut probs = vec![0.0f32; m * n * c];
     let order: Vec<usize> = (0..n).collect();
     let chunks: Vec<&[usize]> = batches(&order, batch_size)?.collect();
@@ -37,8 +36,7 @@ pub fn predict(
         // the model runs on the one before, as in training.
         let make = |i: usize| {
             let batch = data.batch(chunks[i], None);
-            let keys = model.image_keys(&batch.images);
-            batch.stage(dev).map(|staged| (staged, keys))
+            model.stage_for_prediction(&batch.images, batch.image_shape())
         };
         let made = prefetch(scope, chunks.len(), DEPTH, make);
         let mut done = 0;

@@ -12,10 +12,11 @@ use loren_autograd::{ParamId, Params, Tape, Var, ops};
 use loren_tensor::ops::dropkey::{DropKey, ItemKeys, image_keys};
 use loren_tensor::ops::embed::patchify;
 use loren_tensor::ops::loss::softmax;
-use loren_tensor::{Device, MemTag, Rng, Tensor};
+use loren_tensor::{Device, MemTag, Rng, Staged, Tensor};
 
 use crate::checkpoint::{Entry, TensorFile};
 use crate::config::{Activations, EnsembleConfig, Method, Proj, VitConfig};
+use crate::data::stage_images;
 use crate::error::{NnError, Result};
 
 /// `y = x·Wᵀ + b`.
@@ -137,7 +138,7 @@ struct BlockShape {
 /// fresh every step, or the one fixed draw every prediction uses, so that scoring a model twice
 /// gives the same figures. A member's masks differ from every other member's in both. A
 /// prediction's batch rows draw the masks of the items its keys name: keyed by each image's
-/// content ([`Vit::image_keys`]), an image gets the same prediction in any batch and at any place.
+/// content ([`Vit::image_keys`]), an image draws the same masks in any batch and at any place.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Draw {
     seed: u64,
@@ -394,10 +395,26 @@ impl Vit {
     /// masks.
     pub fn image_keys(&self, images: &[f32]) -> Vec<u64> {
         let c = &self.config;
+        self.keys_of(images, c.channels * c.image_size * c.image_size)
+    }
+
+    fn keys_of(&self, images: &[f32], per_image: usize) -> Vec<u64> {
         match self.draws_masks() {
-            true => image_keys(images, c.channels * c.image_size * c.image_size),
+            true => image_keys(images, per_image),
             false => Vec::new(),
         }
+    }
+
+    /// Images `shape` = [B, C, H, W] on the host, staged for this model's device
+    /// ([`Tensor::from_staged`] takes them up), with the keys [`Vit::predict`] reads for them:
+    /// what a prediction's background thread makes of each batch.
+    pub fn stage_for_prediction(
+        &self,
+        images: &[f32],
+        shape: [usize; 4],
+    ) -> Result<(Staged, Vec<u64>)> {
+        let staged = stage_images(images, shape, self.device())?;
+        Ok((staged, self.keys_of(images, shape[1..].iter().product())))
     }
 
     pub fn members(&self) -> usize {
@@ -513,9 +530,7 @@ impl Vit {
         let mut x = ops::embed_tokens(tape, &pe, &param(&self.cls), &param(&self.pos))?;
         for (i, blk) in self.blocks.iter().enumerate() {
             let drop = self
-                .ensemble
-                .method
-                .drops_keys()
+                .draws_masks()
                 .then(|| draw.block(i, self.ensemble.drop_key, self.members()))
                 .transpose()?;
             let shape = BlockShape {
@@ -547,31 +562,28 @@ impl Vit {
 
     /// Every member's class probabilities [M, B, classes], without recording anything. `keys`
     /// names each image for MC Dropout's masks: [`Vit::image_keys`] of the images' values, so
-    /// that an image's prediction is the same in any batch and at any place. Only a model that
+    /// that an image draws the same masks in any batch and at any place. Only a model that
     /// [draws masks](Vit::draws_masks) reads them; for the others `&[]` will do.
     pub fn predict(&self, images: &Tensor, keys: &[u64]) -> Result<Tensor> {
         self.check_images(images)?;
-        let tape = Tape::inference();
-        let items = match self.draws_masks() {
-            false => None,
-            true => {
-                let batch = images.dims()[0];
-                if keys.len() != batch {
-                    return Err(loren_tensor::Error::invalid(
-                        "predict",
-                        format!(
-                            "MC Dropout draws its masks by image: {} keys for {batch} images",
-                            keys.len()
-                        ),
-                    )
-                    .into());
-                }
-                Some(ItemKeys::new(keys.to_vec(), self.device())?)
-            }
-        };
-        let draw = Draw::prediction(items);
-        let logits = self.forward(&tape, images, Activations::Keep, draw)?;
+        let draw = Draw::prediction(self.items(images.dims()[0], keys)?);
+        let logits = self.forward(&Tape::inference(), images, Activations::Keep, draw)?;
         Ok(softmax(logits.value())?)
+    }
+
+    /// A prediction's item keys for `batch` images, on this model's device; none where it draws
+    /// no masks.
+    fn items(&self, batch: usize, keys: &[u64]) -> Result<Option<ItemKeys>> {
+        if !self.draws_masks() {
+            return Ok(None);
+        }
+        if keys.len() != batch {
+            return Err(NnError::Config(format!(
+                "MC Dropout draws its masks by image: {} keys for {batch} images",
+                keys.len()
+            )));
+        }
+        Ok(Some(ItemKeys::new(keys.to_vec(), self.device())?))
     }
 }
 

@@ -288,7 +288,7 @@ fn attention_every_length_head_dim_and_broadcast() {
         // Two-row batches draw by item keys of all 64 bits, as a prediction's images do; the
         // others by row, as a training step does. Each side's keys live on its own device.
         let keys: Vec<u64> = (0..b as u64)
-            .map(|i| ((t as u64) << 33) ^ (i * 0x9E37_79B9_7F4A_7C15))
+            .map(|i| ((t as u64) << 33) ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
             .collect();
         let drop_on = |dev: &Device| {
             rate.map(|r| {

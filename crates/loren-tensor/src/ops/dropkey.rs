@@ -8,8 +8,8 @@
 //! backward and a recomputed block draw the same mask again for free, and the CUDA kernels
 //! (`kernels/attention.cu`, `drop_*`) compute the very same bits. A batch row's item is its row
 //! number, or, with [`ItemKeys`], a key the caller gives it: a prediction keys each image by its
-//! content ([`image_key`]), so an image draws the same masks in any batch, at any place, in any
-//! order, and a prediction is a function of the image alone.
+//! content ([`image_key`]), so an image draws the same masks in any batch, at any place and in
+//! any order.
 
 use std::sync::Arc;
 
@@ -37,10 +37,67 @@ pub struct DropKey {
     pub items: Option<ItemKeys>,
 }
 
+impl DropKey {
+    /// Drop each score with probability `rate` (in [0, 1)).
+    pub fn new(rate: f32, seed: u64, members: usize) -> Result<DropKey> {
+        if !(0.0..1.0).contains(&rate) {
+            return Err(Error::invalid(
+                "attention",
+                format!("DropKey rate must be in [0, 1), got {rate}"),
+            ));
+        }
+        if members == 0 {
+            return Err(Error::invalid(
+                "attention",
+                "DropKey needs at least 1 member",
+            ));
+        }
+        let threshold = (rate as f64 * 4_294_967_296.0).round().min(u32::MAX as f64) as u32;
+        Ok(DropKey {
+            threshold,
+            seed,
+            members,
+            items: None,
+        })
+    }
+
+    /// The same draw with batch row b drawing the masks of item `items[b]`.
+    pub fn with_items(self, items: ItemKeys) -> DropKey {
+        DropKey {
+            items: Some(items),
+            ..self
+        }
+    }
+
+    /// The item batch row `b` draws the masks of.
+    pub fn item(&self, b: usize) -> u64 {
+        self.items.as_ref().map_or(b as u64, |k| k.keys()[b])
+    }
+
+    /// The stream of one (member, batch row, head): every row's hash starts from it.
+    pub fn head_stream(&self, g: usize, b: usize, h: usize) -> u32 {
+        let item = self.item(b);
+        let s = mix64(self.seed ^ mix64(g as u64 ^ 0x6D65_6D62_6572_0000));
+        let s = mix64(s ^ mix64(item ^ 0x6261_7463_6800_0000));
+        mix64(s ^ mix64(h as u64 ^ 0x6865_6164_0000_0000)) as u32
+    }
+
+    /// The hash of query row `i`, from its head's stream.
+    pub fn row(stream: u32, i: usize) -> u32 {
+        hash32(stream ^ (i as u32).wrapping_mul(0x9E37_79B9))
+    }
+
+    /// Whether key `j` is dropped from the row whose hash is `row`.
+    #[inline]
+    pub fn dropped(&self, row: u32, j: usize) -> bool {
+        hash32(row ^ j as u32) < self.threshold
+    }
+}
+
 /// One u64 per batch row naming the item whose masks the row draws, on the host and, on a GPU,
-/// on the device, where it is copied once when made (with the batch, at the edge) and read by
-/// every attention kernel of the pass. Clones share the one copy; its device bytes are counted
-/// as workspace while any clone lives.
+/// on the device: copied there once, when made at the start of a pass, and read by every
+/// attention kernel of the pass. Clones share the one copy; its device bytes are counted as
+/// workspace while any clone lives.
 #[derive(Clone)]
 pub struct ItemKeys(Arc<Keys>);
 
@@ -126,63 +183,6 @@ pub fn image_key(values: &[f32]) -> u64 {
 /// [`image_key`] of each image in `images`, `per_image` values each.
 pub fn image_keys(images: &[f32], per_image: usize) -> Vec<u64> {
     images.par_chunks(per_image.max(1)).map(image_key).collect()
-}
-
-impl DropKey {
-    /// Drop each score with probability `rate` (in [0, 1)).
-    pub fn new(rate: f32, seed: u64, members: usize) -> Result<DropKey> {
-        if !(0.0..1.0).contains(&rate) {
-            return Err(Error::invalid(
-                "attention",
-                format!("DropKey rate must be in [0, 1), got {rate}"),
-            ));
-        }
-        if members == 0 {
-            return Err(Error::invalid(
-                "attention",
-                "DropKey needs at least 1 member",
-            ));
-        }
-        let threshold = (rate as f64 * 4_294_967_296.0).round().min(u32::MAX as f64) as u32;
-        Ok(DropKey {
-            threshold,
-            seed,
-            members,
-            items: None,
-        })
-    }
-
-    /// The same draw with batch row b drawing the masks of item `items[b]`.
-    pub fn with_items(self, items: ItemKeys) -> DropKey {
-        DropKey {
-            items: Some(items),
-            ..self
-        }
-    }
-
-    /// The item batch row `b` draws the masks of.
-    pub fn item(&self, b: usize) -> u64 {
-        self.items.as_ref().map_or(b as u64, |k| k.keys()[b])
-    }
-
-    /// The stream of one (member, batch row, head): every row's hash starts from it.
-    pub fn head_stream(&self, g: usize, b: usize, h: usize) -> u32 {
-        let item = self.item(b);
-        let s = mix64(self.seed ^ mix64(g as u64 ^ 0x6D65_6D62_6572_0000));
-        let s = mix64(s ^ mix64(item ^ 0x6261_7463_6800_0000));
-        mix64(s ^ mix64(h as u64 ^ 0x6865_6164_0000_0000)) as u32
-    }
-
-    /// The hash of query row `i`, from its head's stream.
-    pub fn row(stream: u32, i: usize) -> u32 {
-        hash32(stream ^ (i as u32).wrapping_mul(0x9E37_79B9))
-    }
-
-    /// Whether key `j` is dropped from the row whose hash is `row`.
-    #[inline]
-    pub fn dropped(&self, row: u32, j: usize) -> bool {
-        hash32(row ^ j as u32) < self.threshold
-    }
 }
 
 /// splitmix64's finaliser.
