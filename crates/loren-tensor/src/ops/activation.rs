@@ -13,7 +13,7 @@ use crate::tensor::Tensor;
 
 const OP: &str = "bias_gelu";
 
-use super::math::{erf, exp};
+use super::math::{erf, exp, wide};
 
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// 1/√(2π).
@@ -97,9 +97,14 @@ pub fn bias_gelu_forward(x: &Tensor, b: &Tensor) -> Result<Tensor> {
         b.as_slice()?,
         &dm,
         |_, o, x, b| {
-            for ((o, &x), &b) in o.iter_mut().zip(x).zip(b) {
-                *o = gelu(x + b);
-            }
+            wide(
+                #[inline(always)]
+                || {
+                    for ((o, &x), &b) in o.iter_mut().zip(x).zip(b) {
+                        *o = gelu(x + b);
+                    }
+                },
+            )
         },
     );
     Ok(y)
@@ -173,9 +178,14 @@ pub fn bias_gelu_backward(
         &dm,
         |i, o, x, b| {
             let dy = &dys[i * n..][..n];
-            for (((o, &x), &b), &dy) in o.iter_mut().zip(x).zip(b).zip(dy) {
-                *o = dy * gelu_grad(x + b);
-            }
+            wide(
+                #[inline(always)]
+                || {
+                    for (((o, &x), &b), &dy) in o.iter_mut().zip(x).zip(b).zip(dy) {
+                        *o = dy * gelu_grad(x + b);
+                    }
+                },
+            )
         },
     );
     let db = need_b

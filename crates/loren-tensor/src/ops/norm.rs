@@ -61,12 +61,35 @@ fn check(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Dims> {
     })
 }
 
-/// Mean and 1/sqrt(var + eps) of one row, computed in f64 so the statistics are exact to f32.
-fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
-    let n = x.len() as f64;
-    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-    (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
+/// Rows whose statistics one task computes at once: their f64 sums run side by side, each row's
+/// in its own order exactly as alone, so the adds' latency overlaps instead of adding up.
+const LOCKSTEP: usize = 4;
+
+/// Mean and 1/sqrt(var + eps) of each of the R rows of `x` (d apart), computed in f64 so the
+/// statistics are exact to f32.
+#[inline(always)]
+fn row_stats<const R: usize>(x: &[f32], d: usize, eps: f32, mean: &mut [f32], rstd: &mut [f32]) {
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &x[r * d..][..d]);
+    let n = d as f64;
+    // −0.0 starts each sum, as `Iterator::sum` does for floats.
+    let mut sum = [-0.0f64; R];
+    for j in 0..d {
+        for (s, row) in sum.iter_mut().zip(&rows) {
+            *s += row[j] as f64;
+        }
+    }
+    let mu = sum.map(|s| s / n);
+    let mut sq = [-0.0f64; R];
+    for j in 0..d {
+        for ((s, row), m) in sq.iter_mut().zip(&rows).zip(&mu) {
+            let c = row[j] as f64 - m;
+            *s += c * c;
+        }
+    }
+    for r in 0..R {
+        mean[r] = mu[r] as f32;
+        rstd[r] = (1.0 / (sq[r] / n + eps as f64).sqrt()) as f32;
+    }
 }
 
 /// `y = (x − mean)·rstd·gamma + beta` per row.
@@ -102,10 +125,15 @@ pub fn layernorm_forward(
     }
     let xs = x.as_slice()?;
     mean.as_mut_slice()?
-        .par_iter_mut()
-        .zip(rstd.as_mut_slice()?.par_iter_mut())
-        .zip(xs.par_chunks(d))
-        .for_each(|((m, r), row)| (*m, *r) = row_stats(row, eps));
+        .par_chunks_mut(LOCKSTEP)
+        .zip(rstd.as_mut_slice()?.par_chunks_mut(LOCKSTEP))
+        .zip(xs.par_chunks(LOCKSTEP * d))
+        .for_each(|((m, r), x)| match m.len() {
+            1 => row_stats::<1>(x, d, eps, m, r),
+            2 => row_stats::<2>(x, d, eps, m, r),
+            3 => row_stats::<3>(x, d, eps, m, r),
+            _ => row_stats::<LOCKSTEP>(x, d, eps, m, r),
+        });
 
     let mut y = Tensor::empty(x.shape().with_groups(dm.groups), MemTag::Activations, dev)?;
     let (ms, rs, gs, bs) = (
@@ -313,4 +341,50 @@ fn backward_cuda(
         out.dbeta = Some(dbeta);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    /// One row alone, as the statistics were defined before rows ran in lockstep.
+    fn alone(x: &[f32], eps: f32) -> (f32, f32) {
+        let n = x.len() as f64;
+        let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
+    }
+
+    #[test]
+    fn rows_in_lockstep_have_the_statistics_of_each_row_alone_bit_for_bit() {
+        let d = 37;
+        let mut rng = Rng::new(11);
+        let mut x: Vec<f32> = (0..LOCKSTEP * d)
+            .map(|_| 3.0 * rng.normal() + 0.5)
+            .collect();
+        // A row of negative zeros (its mean keeps the sign) and a constant row (zero variance).
+        x[..d].fill(-0.0);
+        x[2 * d..3 * d].fill(7.25);
+        for rows in 1..=LOCKSTEP {
+            let (mut m, mut r) = (vec![f32::NAN; rows], vec![f32::NAN; rows]);
+            let x = &x[..rows * d];
+            match rows {
+                1 => row_stats::<1>(x, d, 1e-6, &mut m, &mut r),
+                2 => row_stats::<2>(x, d, 1e-6, &mut m, &mut r),
+                3 => row_stats::<3>(x, d, 1e-6, &mut m, &mut r),
+                _ => row_stats::<LOCKSTEP>(x, d, 1e-6, &mut m, &mut r),
+            }
+            for (i, row) in x.chunks_exact(d).enumerate() {
+                let (want_m, want_r) = alone(row, 1e-6);
+                assert_eq!(
+                    (m[i].to_bits(), r[i].to_bits()),
+                    (want_m.to_bits(), want_r.to_bits()),
+                    "row {i} of {rows}: got ({}, {}), alone ({want_m}, {want_r})",
+                    m[i],
+                    r[i]
+                );
+            }
+        }
+    }
 }
