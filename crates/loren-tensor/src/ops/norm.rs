@@ -65,10 +65,26 @@ fn check(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Dims> {
 /// in its own order exactly as alone, so the adds' latency overlaps instead of adding up.
 const LOCKSTEP: usize = 4;
 
-/// Mean and 1/sqrt(var + eps) of each of the R rows of `x` (d apart), computed in f64 so the
-/// statistics are exact to f32.
+/// Mean and 1/sqrt(var + eps) of each row of `x` (rows of d, at most [`LOCKSTEP`] of them),
+/// computed in f64 so the statistics are exact to f32.
+fn row_stats(x: &[f32], d: usize, eps: f32, mean: &mut [f32], rstd: &mut [f32]) {
+    match mean.len() {
+        1 => stats_in_lockstep::<1>(x, d, eps, mean, rstd),
+        2 => stats_in_lockstep::<2>(x, d, eps, mean, rstd),
+        3 => stats_in_lockstep::<3>(x, d, eps, mean, rstd),
+        _ => stats_in_lockstep::<LOCKSTEP>(x, d, eps, mean, rstd),
+    }
+}
+
+/// [`row_stats`] of R rows.
 #[inline(always)]
-fn row_stats<const R: usize>(x: &[f32], d: usize, eps: f32, mean: &mut [f32], rstd: &mut [f32]) {
+fn stats_in_lockstep<const R: usize>(
+    x: &[f32],
+    d: usize,
+    eps: f32,
+    mean: &mut [f32],
+    rstd: &mut [f32],
+) {
     let rows: [&[f32]; R] = std::array::from_fn(|r| &x[r * d..][..d]);
     let n = d as f64;
     // −0.0 starts each sum, as `Iterator::sum` does for floats.
@@ -128,12 +144,7 @@ pub fn layernorm_forward(
         .par_chunks_mut(LOCKSTEP)
         .zip(rstd.as_mut_slice()?.par_chunks_mut(LOCKSTEP))
         .zip(xs.par_chunks(LOCKSTEP * d))
-        .for_each(|((m, r), x)| match m.len() {
-            1 => row_stats::<1>(x, d, eps, m, r),
-            2 => row_stats::<2>(x, d, eps, m, r),
-            3 => row_stats::<3>(x, d, eps, m, r),
-            _ => row_stats::<LOCKSTEP>(x, d, eps, m, r),
-        });
+        .for_each(|((m, r), x)| row_stats(x, d, eps, m, r));
 
     let mut y = Tensor::empty(x.shape().with_groups(dm.groups), MemTag::Activations, dev)?;
     let (ms, rs, gs, bs) = (
@@ -369,12 +380,7 @@ mod tests {
         for rows in 1..=LOCKSTEP {
             let (mut m, mut r) = (vec![f32::NAN; rows], vec![f32::NAN; rows]);
             let x = &x[..rows * d];
-            match rows {
-                1 => row_stats::<1>(x, d, 1e-6, &mut m, &mut r),
-                2 => row_stats::<2>(x, d, 1e-6, &mut m, &mut r),
-                3 => row_stats::<3>(x, d, 1e-6, &mut m, &mut r),
-                _ => row_stats::<LOCKSTEP>(x, d, 1e-6, &mut m, &mut r),
-            }
+            row_stats(x, d, 1e-6, &mut m, &mut r);
             for (i, row) in x.chunks_exact(d).enumerate() {
                 let (want_m, want_r) = alone(row, 1e-6);
                 assert_eq!(
