@@ -79,6 +79,11 @@ def main():
     labels = [label for label, _ in binaries]
     if len(set(labels)) != len(labels):
         ap.error("give each --loren its own label: LABEL=BINARY")
+    for label, binary in binaries:
+        if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
+            ap.error(f"--loren {label}: {binary} is not an executable file (build it: cargo build --release)")
+    if subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode != 0:
+        ap.error(f"{sys.executable} cannot import torch: run this with a Python that has it")
 
     rounds, commands, torch_version = [], {}, None
     with tempfile.TemporaryDirectory() as tmp:
