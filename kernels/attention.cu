@@ -103,19 +103,20 @@ __device__ __forceinline__ void load_tile(bf16* dst, const bf16* src, int D, int
     }
 }
 
-// acc[16 × 64] = Xrows·Yᵀ over DH: X = this warp's 16 rows of `xs`, Y = all 64 rows of `ys`
-// (both [64][DH+8], DH contiguous). acc is 8 n-tiles of 8 columns.
-template <int DH>
-__device__ __forceinline__ void rows_dot_rows(float acc[8][4], const bf16* xs, const bf16* ys,
+// acc[16 × 8N] = Xrows·Yᵀ over DH: X = this warp's 16 rows of `xs`, Y = the first 8N rows of
+// `ys` (both [rows][DH+8], DH contiguous). acc is N n-tiles of 8 columns.
+template <int DH, int N>
+__device__ __forceinline__ void rows_dot_rows(float (&acc)[N][4], const bf16* xs, const bf16* ys,
                                               int warp, int lane) {
+    static_assert(N % 2 == 0, "n-tiles come in pairs, one ldmatrix_x4 each");
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+    for (int nt = 0; nt < N; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
 #pragma unroll
     for (int ks = 0; ks < DH / 16; ++ks) {
         unsigned a[4];
         ldmatrix_x4(a, xs + (warp * 16 + lane % 16) * ld<DH>() + ks * 16 + (lane / 16) * 8);
 #pragma unroll
-        for (int np = 0; np < 4; ++np) {
+        for (int np = 0; np < N / 2; ++np) {
             unsigned b[4];
             ldmatrix_x4(b, ys + (np * 16 + lane % 8 + (lane / 16) * 8) * ld<DH>() + ks * 16 +
                                ((lane / 8) % 2) * 8);
@@ -125,13 +126,13 @@ __device__ __forceinline__ void rows_dot_rows(float acc[8][4], const bf16* xs, c
     }
 }
 
-// out[16 × DH] += P·Z: P = 16 × 64 in the mma accumulator layout (f32, rounded to bf16 here),
-// Z = shared [64][DH+8] whose rows are P's columns (ldmatrix.trans gives the B operand).
-template <int DH>
-__device__ __forceinline__ void probs_times_rows(float out[DH / 8][4], const float p[8][4],
+// out[16 × DH] += P·Z: P = 16 × 8N in the mma accumulator layout (f32, rounded to bf16 here),
+// Z = shared [8N][DH+8] whose rows are P's columns (ldmatrix.trans gives the B operand).
+template <int DH, int N>
+__device__ __forceinline__ void probs_times_rows(float out[DH / 8][4], const float (&p)[N][4],
                                                  const bf16* zs, int lane) {
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
+    for (int kk = 0; kk < N / 2; ++kk) {
         // The accumulator layout of two 8-column tiles is the A layout of one 16-wide k step.
         const unsigned a[4] = {pack_bf16x2(p[2 * kk][0], p[2 * kk][1]),
                                pack_bf16x2(p[2 * kk][2], p[2 * kk][3]),
@@ -380,6 +381,11 @@ __device__ void backward_dkv(const bf16* dO, const bf16* Q, const bf16* K, const
     load_tile<DH>(Vs, v, D, k0, d.T);
     cp_async_commit();
 
+    // At DH = 128, dK and dV hold 128 accumulator registers; Pᵀ and dPᵀ over all 64 queries
+    // would take 64 more and spill. The query tile then goes in two parts of 32, 32 registers
+    // each. Each accumulator still takes its mma k steps in query order, so the sums are those
+    // of one pass, bit for bit.
+    constexpr int PARTS = DH >= 128 ? 2 : 1, NQ = 8 / PARTS;
     float dk[DH / 8][4], dv[DH / 8][4];
     zero<DH / 8>(dk);
     zero<DH / 8>(dv);
@@ -397,27 +403,34 @@ __device__ void backward_dkv(const bf16* dO, const bf16* Q, const bf16* K, const
         cp_async_wait<0>();
         __syncthreads();
 
-        float p[8][4], dp[8][4];
-        rows_dot_rows<DH>(p, Ks, Qs, warp, lane);   // Sᵀ: rows = keys, columns = queries
-        rows_dot_rows<DH>(dp, Vs, dOs, warp, lane);  // dPᵀ
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
+        for (int part = 0; part < PARTS; ++part) {
+            const int c0 = part * TILE / PARTS;  // this part's first query in the tile
+            const bf16 *Qp = Qs + c0 * ld<DH>(), *dOp = dOs + c0 * ld<DH>();
+            float p[NQ][4], dp[NQ][4];
+            rows_dot_rows<DH>(p, Ks, Qp, warp, lane);   // Sᵀ: rows = keys, columns = queries
+            rows_dot_rows<DH>(dp, Vs, dOp, warp, lane);  // dPᵀ
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int c = nt * 8 + (lane % 4) * 2 + (e & 1);
-                const int key = k0 + warp * 16 + lane / 4 + (e / 2) * 8;
-                const bool query = q0 + c < d.T, none = all_dropped<DROP>(lse_s[c]);
-                // Short-circuited so the plain kernel never reads row_hash_s, which it leaves unset.
-                const bool live = query && !none && !(DROP && dropped<DROP>(d, row_hash_s[c], key));
-                // A row with every key dropped weighs each alike, and none has a gradient.
-                const float pr = live           ? exp2f(p[nt][e] * sl2 - lse_s[c])
-                                 : query && none ? uniform
-                                                 : 0.0f;
-                p[nt][e] = pr;
-                dp[nt][e] = DROP && !live ? 0.0f : pr * (dp[nt][e] - delta_s[c]);  // dSᵀ
-            }
-        probs_times_rows<DH>(dv, p, dOs, lane);
-        probs_times_rows<DH>(dk, dp, Qs, lane);
+            for (int nt = 0; nt < NQ; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int c = c0 + nt * 8 + (lane % 4) * 2 + (e & 1);
+                    const int key = k0 + warp * 16 + lane / 4 + (e / 2) * 8;
+                    const bool query = q0 + c < d.T, none = all_dropped<DROP>(lse_s[c]);
+                    // Short-circuited so the plain kernel never reads row_hash_s, which it
+                    // leaves unset.
+                    const bool live =
+                        query && !none && !(DROP && dropped<DROP>(d, row_hash_s[c], key));
+                    // A row with every key dropped weighs each alike, and none has a gradient.
+                    const float pr = live           ? exp2f(p[nt][e] * sl2 - lse_s[c])
+                                     : query && none ? uniform
+                                                     : 0.0f;
+                    p[nt][e] = pr;
+                    dp[nt][e] = DROP && !live ? 0.0f : pr * (dp[nt][e] - delta_s[c]);  // dSᵀ
+                }
+            probs_times_rows<DH>(dv, p, dOp, lane);
+            probs_times_rows<DH>(dk, dp, Qp, lane);
+        }
     }
 
 #pragma unroll

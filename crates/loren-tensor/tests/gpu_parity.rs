@@ -269,7 +269,8 @@ fn attention_every_length_head_dim_and_broadcast() {
     // (G, q, k, v groups, B, T, heads, head dim, DropKey rate). With a rate, G members draw
     // masks of their own, from shared inputs too; 0.7 on 5 tokens leaves a fifth of the rows (12
     // of 60) with every key dropped, and 0.97 on 130 tokens leaves whole 64-key tiles dropped
-    // beside kept ones.
+    // beside kept ones. Head dim 128 with a rate runs the dK/dV kernel that takes its query
+    // tiles in two parts, over two tiles and a ragged third.
     for &(gr, gq, gk, gv, b, t, h, dh, rate) in &[
         (3, 3, 3, 3, 2, 17, 4, 16, None),
         (3, 3, 1, 1, 2, 17, 4, 16, None),
@@ -281,6 +282,7 @@ fn attention_every_length_head_dim_and_broadcast() {
         (2, 2, 2, 2, 1, 197, 2, 64, Some(0.2)),
         (3, 1, 1, 1, 2, 5, 2, 32, Some(0.7)),
         (2, 1, 1, 1, 1, 130, 1, 16, Some(0.97)),
+        (2, 2, 1, 2, 2, 150, 1, 128, Some(0.3)),
     ] {
         let (qc, qg) = pair(&[gq, b, t, h * dh], bf, &mut rng, &g);
         let (kc, kg) = pair(&[gk, b, t, h * dh], bf, &mut rng, &g);
