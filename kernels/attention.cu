@@ -383,8 +383,9 @@ __device__ void backward_dkv(const bf16* dO, const bf16* Q, const bf16* K, const
 
     // At DH = 128, dK and dV hold 128 accumulator registers; Pᵀ and dPᵀ over all 64 queries
     // would take 64 more and spill. The query tile then goes in two parts of 32, 32 registers
-    // each. Each accumulator still takes its mma k steps in query order, so the sums are those
-    // of one pass, bit for bit.
+    // each, one after the other: unrolled, ptxas overlaps them and takes every register again
+    // (255, at the edge of a spill; 236 to 250 rolled). Each accumulator still takes its mma k
+    // steps in query order, so the sums are those of one pass, bit for bit.
     constexpr int PARTS = DH >= 128 ? 2 : 1, NQ = 8 / PARTS;
     float dk[DH / 8][4], dv[DH / 8][4];
     zero<DH / 8>(dk);
@@ -403,7 +404,7 @@ __device__ void backward_dkv(const bf16* dO, const bf16* Q, const bf16* K, const
         cp_async_wait<0>();
         __syncthreads();
 
-#pragma unroll
+#pragma unroll 1
         for (int part = 0; part < PARTS; ++part) {
             const int c0 = part * TILE / PARTS;  // this part's first query in the tile
             const bf16 *Qp = Qs + c0 * ld<DH>(), *dOp = dOs + c0 * ld<DH>();
