@@ -131,6 +131,7 @@ __device__ __forceinline__ void rows_dot_rows(float (&acc)[N][4], const bf16* xs
 template <int DH, int N>
 __device__ __forceinline__ void probs_times_rows(float out[DH / 8][4], const float (&p)[N][4],
                                                  const bf16* zs, int lane) {
+    static_assert(N % 2 == 0, "a 16-wide k step takes two 8-column tiles");
 #pragma unroll
     for (int kk = 0; kk < N / 2; ++kk) {
         // The accumulator layout of two 8-column tiles is the A layout of one 16-wide k step.
@@ -386,7 +387,7 @@ __device__ void backward_dkv(const bf16* dO, const bf16* Q, const bf16* K, const
     // each, one after the other: unrolled, ptxas overlaps them and takes every register again
     // (255, at the edge of a spill; 236 to 250 rolled). Each accumulator still takes its mma k
     // steps in query order, so the sums are those of one pass, bit for bit.
-    constexpr int PARTS = DH >= 128 ? 2 : 1, NQ = 8 / PARTS;
+    constexpr int PARTS = DH >= 128 ? 2 : 1, NQ = TILE / 8 / PARTS;  // n-tiles of 8 per part
     float dk[DH / 8][4], dv[DH / 8][4];
     zero<DH / 8>(dk);
     zero<DH / 8>(dv);
