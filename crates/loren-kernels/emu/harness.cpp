@@ -494,6 +494,15 @@ static void sum_rows_case(int groups, int rows, int n, int ld, int out_groups, u
     char tag[96];
     std::snprintf(tag, sizeof tag, "groups=%d rows=%d n=%d ld=%d -> %d", groups, rows, n, ld, out_groups);
     check(std::string("sum_rows ") + tag, d(out), want, 1e-5);
+    // The f32 source (the f32 gradients' bias sums): the same values, so the same sums.
+    std::vector<float> src_f32(sf.begin(), sf.end());
+    std::fill(part.begin(), part.end(), NAN);
+    std::fill(out.begin(), out.end(), NAN);
+    emu_launch(sum_rows_partial_f32, dim3{(unsigned)((n + strip - 1) / strip), (unsigned)chunks, (unsigned)out_groups},
+               dim3{256, 1, 1}, 0, (const float*)src_f32.data(), part.data(), groups, rows, n, (u64)ld, out_groups,
+               256, vec);
+    reduce(part, 0, out, out_groups, chunks, n);
+    check(std::string("sum_rows f32 ") + tag, d(out), want, 1e-5);
 }
 
 // ---- Loss, optimizer ----------------------------------------------------------------------------------
@@ -716,6 +725,9 @@ static void elementwise_vec_case(u64 per, uint64_t seed) {
     std::snprintf(tag, sizeof tag, " per=%llu vec=%d", (unsigned long long)per, vec);
     check(std::string("add_bf16 broadcast") + tag, d(out), ow, 1e-2);
     check(std::string("sum_groups_bf16") + tag, d(sum), sw, 1e-2);
+    std::vector<float> b_f32(bf.begin(), bf.end()), sum_f32(per, NAN);
+    emu_launch(sum_groups_f32, flat, blk, 0, (const float*)b_f32.data(), sum_f32.data(), per, G, vec);
+    check(std::string("sum_groups_f32") + tag, d(sum_f32), sw, 1e-6);
 
     // dst += src (the add in place), then x *= alpha, f32 -> bf16 -> f32, fill; on f32 every step
     // is exact in double.

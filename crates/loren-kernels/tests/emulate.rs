@@ -3,7 +3,7 @@
 //! __syncthreads and the warp collectives, mma.sync/ldmatrix per the PTX fragment layouts,
 //! cp.async poisoning its destination at issue and copying at its wait_group), and
 //! `emu/harness.cpp` checks every kernel of lora.cu,
-//! attention.cu, norm.cu, activation.cu, loss.cu, optim.cu, embed.cu and most of elementwise.cu
+//! attention.cu, norm.cu, activation.cu, loss.cu, optim.cu, embed.cu and elementwise.cu
 //! against f64 references, with NaN-poisoned outputs and shared memory. Launch shapes in the
 //! harness mirror src/launch/*.rs; the launchers themselves run only in tests/gpu.rs.
 //!
