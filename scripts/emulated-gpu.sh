@@ -11,8 +11,8 @@
 # scripts/test.sh runs; times on 2 cores):
 #   kernels    loren-kernels tests/gpu.rs: every launcher against an f64 reference (~15 s)
 #   parity     loren-tensor tests/gpu_parity.rs: every op against its CPU twin (~10 s)
-#   training   loren-nn tests/gpu_training.rs: a whole AdamW step of the tiny ViT, LoRA, explicit
-#              and single, against the CPU (~30 s)
+#   training   loren-nn tests/gpu_training.rs: a whole AdamW step of the tiny ViT, LoRA, explicit,
+#              single and MC Dropout, against the CPU, and a NaN step that changes nothing (~30 s)
 #   recompute  loren-nn tests/recompute.rs on the GPU: two steps of every method, recomputed
 #              blocks against kept ones, bit for bit (~80 s)
 #   recompute-lora  the same for LoRA-Ensemble alone (~30 s)
