@@ -622,10 +622,23 @@ fn validate(o: &BenchOptions) -> Result<()> {
     if o.repeats == 0 {
         return Err(anyhow!("--repeats must be at least 1"));
     }
+    check_steps("--repeats", o.repeats)?;
+    check_steps("--warmup", o.warmup)?;
     if o.peak_size == Some(0) {
         return Err(anyhow!(
             "--peak-size 0: the peak GEMM needs a side of at least 1"
         ));
+    }
+    Ok(())
+}
+
+/// The most steps `--warmup` or `--repeats` may ask for: a million steps of the tiny config
+/// take hours, and the timings are held in memory.
+pub const MAX_STEPS: usize = 1_000_000;
+
+pub fn check_steps(flag: &str, n: usize) -> Result<()> {
+    if n > MAX_STEPS {
+        return Err(anyhow!("{flag} {n}: at most {MAX_STEPS} steps"));
     }
     Ok(())
 }
@@ -775,7 +788,8 @@ fn measure(
     let cfg = bench_train_config(o.batch, o.seed, o.activations);
     let steps = o.warmup + o.repeats;
     let (train, memory, device_used, breakdown) = {
-        let mut trainer = Trainer::new(&mut model, &cfg, steps * o.batch)?;
+        // Only the schedule's length: saturating keeps the rate constant past a huge batch.
+        let mut trainer = Trainer::new(&mut model, &cfg, steps.saturating_mul(o.batch))?;
         for _ in 0..o.warmup {
             trainer.step(&batch)?;
         }

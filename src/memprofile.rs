@@ -205,7 +205,7 @@ fn measure_step(
     let mut trainer = Trainer::new(
         &mut model,
         &bench_train_config(o.batch, o.seed, o.activations),
-        (warmup + 1) * o.batch,
+        (warmup + 1).saturating_mul(o.batch),
     )?;
     for _ in 0..warmup {
         trainer.step(&batch)?;
@@ -253,6 +253,9 @@ pub fn run_memprofile(
         return Err(anyhow!("the batch size must be at least 1 (--batch-size)"));
     }
     check_measure(o)?;
+    if let Some(w) = o.warmup {
+        crate::bench::check_steps("--warmup", w)?;
+    }
     let probe = o.device.open()?;
     let is_cpu = probe.is_cpu();
     let configs = o.configs.clone().unwrap_or_else(|| default_configs(&probe));

@@ -117,5 +117,5 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         svg.display(),
         md.display()
     ))?;
-    Ok(())
+    super::fail_on_errors(report.rows.iter().map(|r| r.status.as_str()))
 }

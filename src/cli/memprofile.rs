@@ -113,5 +113,5 @@ pub fn memprofile(a: &MemprofileArgs) -> Result<()> {
         svg.display(),
         md.display()
     ))?;
-    Ok(())
+    super::fail_on_errors(report.rows.iter().map(|r| r.status.as_str()))
 }

@@ -128,3 +128,19 @@ fn say(text: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
         r => r.context("writing to stdout"),
     }
 }
+
+/// A measuring command whose rows failed (not for want of memory: that is a finding) has
+/// written its files and printed them, and then exits with an error, so that a script notices.
+fn fail_on_errors<'a>(statuses: impl Iterator<Item = &'a str>) -> anyhow::Result<()> {
+    let (mut failed, mut rows) = (0, 0);
+    for s in statuses {
+        rows += 1;
+        failed += usize::from(s == "error");
+    }
+    match failed {
+        0 => Ok(()),
+        n => Err(anyhow::anyhow!(
+            "{n} of {rows} rows failed; their errors are in the table above and in the JSON"
+        )),
+    }
+}

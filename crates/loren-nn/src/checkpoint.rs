@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
@@ -13,6 +13,45 @@ pub use safetensors::tensor::Dtype;
 use safetensors::tensor::{SafeTensors, TensorView};
 
 use crate::error::{NnError, Result};
+
+/// The largest header safetensors reads (its own limit).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// Refuse what cannot be a safetensors file before reading it whole: a device such as /dev/zero
+/// would be read without end, and a large file of anything else would be read into memory only
+/// to be refused.
+fn check_header_length(path: &Path) -> Result<()> {
+    let io = |e| NnError::io(path, e);
+    let mut file = fs::File::open(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(NnError::checkpoint(
+            path,
+            "not a regular file (a safetensors file is read from disk)",
+        ));
+    }
+    let mut head = [0u8; 8];
+    if file.read_exact(&mut head).is_err() {
+        return Err(NnError::checkpoint(
+            path,
+            format!(
+                "not a valid safetensors file ({} bytes, shorter than the 8 that give its header's length)",
+                meta.len()
+            ),
+        ));
+    }
+    let n = u64::from_le_bytes(head);
+    if n == 0 || n > MAX_HEADER_BYTES || n > meta.len() - 8 {
+        return Err(NnError::checkpoint(
+            path,
+            format!(
+                "not a valid safetensors file (its first 8 bytes give a header of {n} bytes, in a file of {})",
+                meta.len()
+            ),
+        ));
+    }
+    Ok(())
+}
 
 /// One tensor read from a file.
 #[derive(Clone, Debug, PartialEq)]
@@ -31,6 +70,7 @@ pub struct TensorFile {
 
 impl TensorFile {
     pub fn read(path: &Path) -> Result<TensorFile> {
+        check_header_length(path)?;
         let bytes = fs::read(path).map_err(|e| NnError::io(path, e))?;
         TensorFile::parse(&bytes, path)
     }
@@ -359,6 +399,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("absent.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn what_cannot_be_a_safetensors_file_is_refused_before_it_is_read() {
+        // A large file of zeros: its header length is 0, seen in its first 8 bytes. The file is
+        // sparse, so this reads 8 bytes and allocates nothing of its size.
+        let zeros = temp("zeros");
+        fs::File::create(&zeros).unwrap().set_len(64 << 30).unwrap();
+        let e = TensorFile::read(&zeros).unwrap_err().to_string();
+        assert!(
+            e.contains("t.safetensors") && e.contains("header of 0 bytes"),
+            "{e}"
+        );
+        fs::remove_file(&zeros).unwrap();
+        // A header longer than the file.
+        let long = temp("long");
+        fs::write(&long, [&1000u64.to_le_bytes()[..], b"{}"].concat()).unwrap();
+        let e = TensorFile::read(&long).unwrap_err().to_string();
+        assert!(e.contains("header of 1000 bytes, in a file of 10"), "{e}");
+        let short = temp("short");
+        fs::write(&short, b"abc").unwrap();
+        let e = TensorFile::read(&short).unwrap_err().to_string();
+        assert!(e.contains("3 bytes, shorter than the 8"), "{e}");
+        // A device reads without end.
+        let e = TensorFile::read(Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let dir = temp("dir").with_file_name("folder.safetensors");
+        fs::create_dir_all(&dir).unwrap();
+        let e = TensorFile::read(&dir).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
     }
 
     #[test]

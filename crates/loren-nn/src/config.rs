@@ -6,6 +6,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{NnError, Result};
+use crate::memory_model::ParamCounts;
 
 /// The shape of a Vision Transformer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -107,6 +108,9 @@ impl VitConfig {
         if let Some((what, _)) = dims.iter().find(|(_, v)| *v == 0) {
             return bad(format!("{what} must be at least 1"));
         }
+        if let Some((what, v)) = dims.iter().find(|(_, v)| *v > MAX_SIDE) {
+            return bad(format!("{what} {v} is above {MAX_SIDE}"));
+        }
         if !self.image_size.is_multiple_of(self.patch) {
             return bad(format!(
                 "patch {} does not tile image size {}",
@@ -122,6 +126,14 @@ impl VitConfig {
         Ok(())
     }
 }
+
+/// The largest value of any one size in a [`VitConfig`]. Far above any ViT, and low enough that
+/// no count made from the sizes (tokens, parameters) overflows.
+pub const MAX_SIDE: usize = 1 << 20;
+
+/// The most parameters a model may have: 4 TiB in f32, more than any device holds. Beyond it a
+/// configuration is refused before anything is counted in integers or allocated.
+pub const MAX_PARAMS: f64 = (1u64 << 40) as f64;
 
 /// How the members are made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -382,6 +394,14 @@ impl EnsembleConfig {
                     "LoRA scale and init gain must be finite, the gain positive".into(),
                 ));
             }
+        }
+        let params = ParamCounts::estimate(model, self).total();
+        if params > MAX_PARAMS {
+            return Err(NnError::Config(format!(
+                "{} (M = {}, {} classes) on {} would have {params:.2e} parameters, more \
+                 than loren builds (at most {MAX_PARAMS:.2e}, 4 TiB of f32)",
+                self.method, self.members, self.classes, model.name
+            )));
         }
         if self.method.drops_keys() && !(0.0..1.0).contains(&self.drop_key) {
             return Err(NnError::Config(format!(

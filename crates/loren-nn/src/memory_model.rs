@@ -256,29 +256,64 @@ pub struct ParamCounts {
     pub trainable_per_member: usize,
 }
 
+/// [`ParamCounts`] as floating-point numbers, for any sizes at all: never overflowing, exact up
+/// to 2^53, so a configuration too large to count in integers can be refused from them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ParamEstimate {
+    pub backbone: f64,
+    pub adapters_per_member: f64,
+    pub head_per_member: f64,
+    pub frozen: f64,
+    pub trainable: f64,
+    pub trainable_per_member: f64,
+}
+
+impl ParamEstimate {
+    pub fn total(&self) -> f64 {
+        self.frozen + self.trainable
+    }
+}
+
 impl ParamCounts {
+    /// The counts of a configuration that passed [`EnsembleConfig::validate`] (at most
+    /// [`crate::config::MAX_PARAMS`] in all, so exact).
     pub fn new(vit: &VitConfig, ens: &EnsembleConfig) -> ParamCounts {
-        let (d, dm, l, t) = (vit.dim, vit.mlp_dim, vit.depth, vit.tokens());
-        let block = 2 * d + 4 * (d * d + d) + 2 * d + (dm * d + dm) + (d * dm + d);
-        let backbone = d * vit.patch_features() + d + d + t * d + l * block + 2 * d;
+        let e = ParamCounts::estimate(vit, ens);
+        ParamCounts {
+            backbone: e.backbone as usize,
+            adapters_per_member: e.adapters_per_member as usize,
+            head_per_member: e.head_per_member as usize,
+            frozen: e.frozen as usize,
+            trainable: e.trainable as usize,
+            trainable_per_member: e.trainable_per_member as usize,
+        }
+    }
+
+    pub fn estimate(vit: &VitConfig, ens: &EnsembleConfig) -> ParamEstimate {
+        let f = |n: usize| n as f64;
+        let (d, dm, l) = (f(vit.dim), f(vit.mlp_dim), f(vit.depth));
+        let t = f(vit.image_size / vit.patch.max(1)).powi(2) + 1.0;
+        let block = 2.0 * d + 4.0 * (d * d + d) + 2.0 * d + (dm * d + dm) + (d * dm + d);
+        let patch_features = f(vit.channels) * f(vit.patch).powi(2);
+        let backbone = d * patch_features + d + d + t * d + l * block + 2.0 * d;
         let targets = Proj::ALL
             .iter()
             .filter(|p| ens.lora.targets.contains(**p))
             .count();
         let adapters = if ens.method.uses_lora() {
-            l * targets * 2 * ens.lora.rank * d
+            l * f(targets) * 2.0 * f(ens.lora.rank) * d
         } else {
-            0
+            0.0
         };
-        let head = ens.classes * d + ens.classes;
-        let m = ens.members;
+        let head = f(ens.classes) * d + f(ens.classes);
+        let m = f(ens.members);
         let (frozen, trainable, per_member) = match ens.method {
             Method::Lora | Method::SingleLora => (backbone, m * (adapters + head), adapters + head),
-            Method::Explicit => (0, m * (backbone + head), backbone + head),
-            Method::Single => (0, backbone + head, backbone + head),
-            Method::McDropout => (0, backbone + m * head, head),
+            Method::Explicit => (0.0, m * (backbone + head), backbone + head),
+            Method::Single => (0.0, backbone + head, backbone + head),
+            Method::McDropout => (0.0, backbone + m * head, head),
         };
-        ParamCounts {
+        ParamEstimate {
             backbone,
             adapters_per_member: adapters,
             head_per_member: head,
@@ -308,6 +343,19 @@ pub struct StepModel {
     pub inference_flops: f64,
 }
 
+/// The most activation values [`predict`] counts in a step: 4 PiB of f32, beyond any device,
+/// and far enough below 2^64 that the byte counts of its tensors and their sums cannot overflow.
+pub const MAX_STEP_VALUES: f64 = (1u64 << 50) as f64;
+
+/// Roughly how many activation values a training step holds (a bound for refusing sizes, not
+/// the prediction): every member's rows through every block, with the attention's scores.
+fn step_values(vit: &VitConfig, ens: &EnsembleConfig, batch: usize) -> f64 {
+    let f = |n: usize| n as f64;
+    let t = f(vit.image_size / vit.patch).powi(2) + 1.0;
+    let per_token = 12.0 * f(vit.dim) + 2.0 * f(vit.mlp_dim) + f(vit.heads) * t;
+    f(ens.members) * f(batch) * t * f(vit.depth) * per_token
+}
+
 /// Predict a training step and an inference pass of `ens` on `vit` with batch `batch`.
 /// `moments` is the optimizer's state tensors per parameter: 2 for AdamW, 1 for SGD.
 pub fn predict(
@@ -321,6 +369,15 @@ pub fn predict(
     ens.validate(vit)?;
     if batch == 0 {
         return Err(NnError::Config("the batch size must be at least 1".into()));
+    }
+    let values = step_values(vit, ens, batch);
+    if values > MAX_STEP_VALUES {
+        return Err(NnError::Config(format!(
+            "{} (M = {}) on {} at batch {batch} would hold about {values:.2e} \
+             activation values in a training step, more than loren counts (at most \
+             {MAX_STEP_VALUES:.2e}): a smaller batch size or fewer members",
+            ens.method, ens.members, vit.name
+        )));
     }
     let params = ParamCounts::new(vit, ens);
     let (train, train_flops) = replay(vit, ens, batch, moments, precision, Some(activations));
@@ -1757,6 +1814,45 @@ mod tests {
         let vit = VitConfig::vit_b_32();
         let c = ParamCounts::new(&vit, &ensemble(Method::Lora, 1, Targets::ALL));
         assert_eq!(c.backbone + 1000 * 768 + 1000, 88_224_232);
+    }
+
+    #[test]
+    fn sizes_past_what_loren_counts_are_refused_before_any_integer_overflows() {
+        let vit = VitConfig::tiny();
+        let refused = |vit: &VitConfig, ens: &EnsembleConfig, batch: usize| {
+            predict(vit, ens, batch, 2, Precision::CPU, Activations::Keep)
+                .unwrap_err()
+                .to_string()
+        };
+        let e = refused(&vit, &ensemble(Method::Lora, usize::MAX, Targets::ALL), 1);
+        assert!(e.contains("parameters, more than loren builds"), "{e}");
+        let e = refused(&vit, &ensemble(Method::Explicit, 1 << 40, Targets::ALL), 1);
+        assert!(e.contains("M = 1099511627776"), "{e}");
+        let mut many_classes = ensemble(Method::Lora, 2, Targets::ALL);
+        many_classes.classes = usize::MAX;
+        let e = refused(&vit, &many_classes, 1);
+        assert!(e.contains("18446744073709551615 classes"), "{e}");
+        // Where every parameter count fits, the batch is what is too large.
+        let e = refused(&vit, &ensemble(Method::Lora, 8, Targets::ALL), usize::MAX);
+        assert!(e.contains("activation values in a training step"), "{e}");
+        // Tokens are (image / patch)^2: 2^32 pixels a side would overflow them.
+        let wide = VitConfig {
+            image_size: 1 << 32,
+            ..VitConfig::tiny()
+        };
+        let e = refused(&wide, &ensemble(Method::Lora, 1, Targets::ALL), 1);
+        assert!(e.contains("image_size 4294967296 is above 1048576"), "{e}");
+        // The bounds are far from real models: ViT-B/16's explicit ensemble of 64 at batch 256.
+        let b16 = VitConfig::vit_b_16();
+        predict(
+            &b16,
+            &ensemble(Method::Explicit, 64, Targets::ALL),
+            256,
+            2,
+            Precision::CPU,
+            Activations::Keep,
+        )
+        .unwrap();
     }
 
     #[test]

@@ -217,7 +217,14 @@ impl<'m> Trainer<'m> {
         if steps_per_epoch == 0 {
             return Err(NnError::Config("the training set is empty".into()));
         }
-        let total = steps_per_epoch * config.epochs as u64;
+        let total = steps_per_epoch
+            .checked_mul(config.epochs as u64)
+            .ok_or_else(|| {
+                NnError::Config(format!(
+                    "{} epochs of {steps_per_epoch} steps: more steps than loren counts (2^64)",
+                    config.epochs
+                ))
+            })?;
         let optimizer = Optimizer::new(config.optimizer, model.params())?;
         let grads = Grads::new(model.params())?;
         let loss = ScalarReadback::new(model.device())?;

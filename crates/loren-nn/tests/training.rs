@@ -157,6 +157,19 @@ fn an_unshuffled_epoch_takes_the_images_in_order_whatever_the_seed() {
 }
 
 #[test]
+fn more_steps_than_a_u64_counts_are_refused() {
+    let mut m = model(Method::Lora);
+    // 17 steps of 64 for 1080 images: 17·(2^64/17 + 1) wraps to a few steps if unchecked.
+    let epochs = (u64::MAX / 17 + 1) as usize;
+    let e = Trainer::new(&mut m, &config(epochs), 1080)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("more steps than loren counts"), "{e}");
+    assert!(Trainer::new(&mut m, &config(epochs - 1), 1080).is_ok());
+}
+
+#[test]
 fn resuming_a_different_model_is_refused() {
     let data = train_split();
     let path = temp("mismatch");
