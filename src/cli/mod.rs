@@ -144,3 +144,16 @@ fn fail_on_errors<'a>(statuses: impl Iterator<Item = &'a str>) -> anyhow::Result
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_failed_row_fails_the_command_and_an_oom_row_does_not() {
+        assert!(super::fail_on_errors(["ok", "oom", "predicted"].into_iter()).is_ok());
+        let e = super::fail_on_errors(["ok", "error", "oom", "error"].into_iter()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "2 of 4 rows failed; their errors are in the table above and in the JSON"
+        );
+    }
+}

@@ -5,6 +5,7 @@
 //! row), then the label `0..=9`. Pixels are scaled by 1/16 into `[0, 1]`.
 
 use std::io::Read;
+use std::num::IntErrorKind;
 use std::path::{Path, PathBuf};
 
 use flate2::read::GzDecoder;
@@ -123,39 +124,67 @@ fn parse_row(row: &str, line: usize, path: &Path, pixels: &mut Vec<u8>) -> Resul
         });
     }
     for (i, field) in fields[..PIXELS].iter().enumerate() {
-        let value = parse_integer(field, line, i + 1, path)?;
-        match u8::try_from(value) {
-            Ok(p) if value <= MAX_PIXEL => pixels.push(p),
+        match parse_integer(field, line, i + 1, path)? {
+            Some(value @ 0..=MAX_PIXEL) => pixels.push(value as u8),
             _ => {
                 return Err(DataError::PixelRange {
                     path: path.to_path_buf(),
                     line,
                     field: i + 1,
-                    value,
+                    value: shortened(field),
                 });
             }
         }
     }
-    let label = parse_integer(fields[PIXELS], line, PIXELS + 1, path)?;
-    match u32::try_from(label) {
-        Ok(l) if (l as usize) < CLASSES => Ok(l),
+    let label = fields[PIXELS];
+    match parse_integer(label, line, PIXELS + 1, path)? {
+        Some(l) if (0..CLASSES as i64).contains(&l) => Ok(l as u32),
         _ => Err(DataError::LabelRange {
             path: path.to_path_buf(),
             line,
-            value: label,
+            value: shortened(label),
         }),
     }
 }
 
-fn parse_integer(field: &str, line: usize, column: usize, path: &Path) -> Result<i64, DataError> {
+/// The whole number `field` holds, or `None` for one too large for an `i64` (out of any range
+/// the file allows, and not to be called "not a whole number").
+fn parse_integer(
+    field: &str,
+    line: usize,
+    column: usize,
+    path: &Path,
+) -> Result<Option<i64>, DataError> {
     let field = field.trim();
-    field.parse::<i64>().map_err(|_| DataError::NotNumeric {
-        path: path.to_path_buf(),
-        line,
-        field: column,
-        // A whole garbage line would drown the message; the start says enough.
-        value: field.chars().take(32).collect(),
-    })
+    match field.parse::<i64>() {
+        Ok(value) => Ok(Some(value)),
+        Err(e)
+            if matches!(
+                e.kind(),
+                IntErrorKind::PosOverflow | IntErrorKind::NegOverflow
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(_) => Err(DataError::NotNumeric {
+            path: path.to_path_buf(),
+            line,
+            field: column,
+            value: shortened(field),
+        }),
+    }
+}
+
+/// A field as an error shows it: a whole garbage line would drown the message, and its start
+/// says enough.
+fn shortened(field: &str) -> String {
+    const SHOWN: usize = 32;
+    let field = field.trim();
+    let mut out: String = field.chars().take(SHOWN).collect();
+    if field.chars().count() > SHOWN {
+        out.push('…');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -342,5 +371,32 @@ mod tests {
             enc.write_all(&text).unwrap();
             let _ = parse_digits_gz(&enc.finish().unwrap(), Path::new("mangled"));
         }
+    }
+
+    /// A label or pixel too large for an `i64` was called "not a whole number"; it is one, out
+    /// of range. Text stays "not a whole number".
+    #[test]
+    fn data_integers_too_large_are_out_of_range_not_text() {
+        let message = load_error("huge-label", &gzip(&good_row("18446744073709551615")));
+        assert!(
+            message.ends_with("line 1: label 18446744073709551615 is outside 0..=9"),
+            "{message}"
+        );
+        let long = "9".repeat(40);
+        let message = load_error("huge-pixel", &gzip(&good_row("1").replacen("0", &long, 1)));
+        assert!(
+            message.ends_with(&format!(
+                "line 1, field 1: pixel value {}… is outside 0..=16",
+                &long[..32]
+            )),
+            "{message}"
+        );
+        let message = load_error("negative", &gzip(&good_row("-99999999999999999999")));
+        assert!(
+            message.contains("label -99999999999999999999 is outside"),
+            "{message}"
+        );
+        let message = load_error("text", &gzip(&good_row("1e3")));
+        assert!(message.contains("`1e3` is not a whole number"), "{message}");
     }
 }

@@ -45,18 +45,20 @@ pub enum DataError {
         field: usize,
         value: String,
     },
+    /// `value` as the file writes it: it may be too large for any integer type.
     #[error("{}: line {line}, field {field}: pixel value {value} is outside 0..=16", path.display())]
     PixelRange {
         path: PathBuf,
         line: usize,
         field: usize,
-        value: i64,
+        value: String,
     },
+    /// `value` as the file writes it: it may be too large for any integer type.
     #[error("{}: line {line}: label {value} is outside 0..=9", path.display())]
     LabelRange {
         path: PathBuf,
         line: usize,
-        value: i64,
+        value: String,
     },
     /// A file of an external dataset (CIFAR binaries, an image folder) that cannot be used:
     /// truncated, an unknown label, an undecodable image, a folder with no images.
@@ -128,8 +130,13 @@ pub enum DataError {
     UnknownHoldoutClass { class: u32, classes: usize },
     #[error("holding out {held_out} of {classes} classes leaves fewer than 2 to classify")]
     TooFewClassesLeft { held_out: usize, classes: usize },
-    #[error("split part `{part}` of `{name}` would be empty: the dataset is too small to split")]
-    EmptySplit { name: String, part: &'static str },
+    /// `reason` says which classes are too small, and how large one must be.
+    #[error("split part `{part}` of `{name}` would be empty: {reason}")]
+    EmptySplit {
+        name: String,
+        part: &'static str,
+        reason: String,
+    },
 
     #[error("shift severity {severity} is outside 1..=5")]
     BadSeverity { severity: u8 },

@@ -36,6 +36,15 @@ pub fn split_official(
         val.map(|v| named(&v, "val")),
         test.clone(),
         holdout,
+        |part, held| match part {
+            TEST if held.is_empty() => "the test data holds no images".into(),
+            TEST => "the test data holds no images of the classes not held out".into(),
+            _ => too_few_per_class(
+                &split::class_sizes(train_all, held),
+                &[1.0 - VAL_FRACTION, VAL_FRACTION],
+                part,
+            ),
+        },
     )
 }
 
@@ -58,6 +67,7 @@ pub fn split_seeded(
         val.map(|v| named(&v, "val")),
         named(&test, "test"),
         holdout,
+        |part, held| too_few_per_class(&split::class_sizes(all, held), &FOLDER_FRACTIONS, part),
     )
 }
 
@@ -102,6 +112,47 @@ pub fn folder_test_indices(labels: &[u32], classes: usize) -> Vec<usize> {
     test
 }
 
+/// [`folder_test_indices`], or an error naming the dataset `name` when no class of the folder
+/// (its `class_names`) is large enough to give the test part an image.
+pub fn folder_test_part(
+    labels: &[u32],
+    class_names: &[String],
+    name: &str,
+) -> Result<Vec<usize>, DataError> {
+    let test = folder_test_indices(labels, class_names.len());
+    if !test.is_empty() {
+        return Ok(test);
+    }
+    let mut counts = vec![0; class_names.len()];
+    labels.iter().for_each(|&l| counts[l as usize] += 1);
+    let sizes: Vec<(&str, usize)> = class_names.iter().map(String::as_str).zip(counts).collect();
+    Err(DataError::EmptySplit {
+        name: name.into(),
+        part: "test",
+        reason: too_few_per_class(&sizes, &FOLDER_FRACTIONS, TEST),
+    })
+}
+
+/// Why part `part` of a cut by [`class_counts`] with `fractions` is empty: no class of
+/// `sizes` (each class's name and image count) is large enough to give it an image.
+fn too_few_per_class<const P: usize>(
+    sizes: &[(&str, usize)],
+    fractions: &[f64; P],
+    part: usize,
+) -> String {
+    // A later part's count is its rounded share, which only grows with the class, and the first
+    // part's is the rest, which a class of one has: the first size that gives it an image is
+    // the least that does. The fractions are positive, so one does.
+    let need = (1..)
+        .find(|&n| class_counts(n, fractions)[part] > 0)
+        .unwrap_or(usize::MAX);
+    let (name, most) = split::largest_class(sizes);
+    format!(
+        "every class is too small to give it an image: a class needs at least {need}, and the \
+         largest, `{name}`, has {most}"
+    )
+}
+
 /// `n` items cut by `fractions`: every part after the first gets its rounded share (so a
 /// class of 5 still gives validation one image), the first part the rest.
 fn class_counts<const P: usize>(n: usize, fractions: &[f64; P]) -> [usize; P] {
@@ -115,12 +166,17 @@ fn class_counts<const P: usize>(n: usize, fractions: &[f64; P]) -> [usize; P] {
     counts
 }
 
-/// The splits with `holdout` applied, after checking no part is empty.
+/// The place of the test part among a split's train, validation and test parts.
+const TEST: usize = 2;
+
+/// The splits with `holdout` applied, after checking no part is empty: `why_empty(part, held
+/// classes)` says why one is, the part counted as train 0, val 1, test 2.
 fn assemble(
     train: Dataset,
     val: Option<Dataset>,
     test: Dataset,
     holdout: &[u32],
+    why_empty: impl Fn(usize, &[u32]) -> String,
 ) -> Result<Splits, DataError> {
     let held = checked_holdout(holdout, train.classes)?;
     let held_out = (!held.is_empty()).then(|| {
@@ -141,15 +197,13 @@ fn assemble(
         held_out,
         ood_sets: Vec::new(),
     };
-    for (d, part) in [
-        (Some(&splits.train), "train"),
-        (splits.val.as_ref(), "val"),
-        (Some(&splits.test), "test"),
-    ] {
+    let parts = [Some(&splits.train), splits.val.as_ref(), Some(&splits.test)];
+    for (index, (d, part)) in parts.into_iter().zip(["train", "val", "test"]).enumerate() {
         if let Some(d) = d.filter(|d| d.is_empty()) {
             return Err(DataError::EmptySplit {
                 name: d.name.clone(),
                 part,
+                reason: why_empty(index, &held),
             });
         }
     }
@@ -305,5 +359,60 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("empty"), "{e}");
+    }
+
+    /// 200 classes of 3 images said "the dataset is too small to split"; the cause is the
+    /// size of each class, which the message now gives with the rule the cut follows.
+    #[test]
+    fn data_an_empty_part_says_how_large_a_class_must_be() {
+        let e = split_seeded(&dataset("many", 200, 3), &[], false)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "split part `val` of `many/val` would be empty: every class is too small to give it \
+             an image: a class needs at least 5, and the largest, `c0`, has 3"
+        );
+        // The stated least size is the true one: a class of that size gives the part an image.
+        let mut labels: Vec<u32> = (0..2 * 3).map(|i| i % 2).collect();
+        labels.extend([1, 1]);
+        let five = Dataset::new(
+            "five",
+            [1, 1, 1],
+            vec![0.5; labels.len()],
+            labels,
+            vec!["small".into(), "big".into()],
+        )
+        .unwrap();
+        assert_eq!(
+            split_seeded(&five, &[], false).unwrap().val.unwrap().len(),
+            1
+        );
+        // Without a validation part, the test part needs classes of 3; only kept classes count.
+        let e = split_seeded(&dataset("pairs", 3, 2), &[], true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("part `test`")
+                && e.ends_with("needs at least 3, and the largest, `c0`, has 2"),
+            "{e}"
+        );
+        let all = dataset("cifar10/train-all", 3, 4);
+        let test = dataset("cifar10/test", 3, 2);
+        let e = split_official(&all, &test, &[], false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.ends_with("a class needs at least 5, and the largest, `c0`, has 4"),
+            "{e}"
+        );
+        let e = folder_test_part(&[0, 1, 1], &["a".into(), "b".into()], "tiny")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("split part `test` of `tiny`"), "{e}");
+        assert!(
+            e.ends_with("needs at least 3, and the largest, `b`, has 2"),
+            "{e}"
+        );
     }
 }

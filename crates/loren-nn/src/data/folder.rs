@@ -3,7 +3,8 @@
 //! Classes are the subfolders' names in sorted (byte) order, so label `k` is the `k`-th name;
 //! images within a class are read in sorted file-name order. Files are recognised by their
 //! first bytes, PNG or JPEG, whatever their extension; other files and hidden entries are
-//! skipped. Every image is brought to the requested channels (grey repeated into RGB, or RGB
+//! skipped, except that a file named as an image (`.png`, `.jpg`, `.jpeg`) that is not one is
+//! an error rather than data quietly left out. Every image is brought to the requested channels (grey repeated into RGB, or RGB
 //! to grey by luma; alpha dropped), centre-cropped to the requested aspect ratio, and resized
 //! with the antialiased bilinear filter of [`super::resize`].
 
@@ -17,7 +18,7 @@ use zune_core::colorspace::ColorSpace;
 use zune_core::options::DecoderOptions;
 use zune_jpeg::JpegDecoder;
 
-use super::external::folder_test_indices;
+use super::external::folder_test_part;
 use super::resize::{Filter, Resampler, luma};
 use super::{DataError, Dataset, Pixels};
 
@@ -44,13 +45,14 @@ pub fn load_folder(dir: &Path, shape: [usize; 3]) -> Result<Dataset, DataError> 
 
 /// Only the images of the folder at `dir` that its split ([`split_seeded`]) puts in the test
 /// part, named `<folder>/test`, as that part of [`load_folder`] is: the others are never
-/// decoded.
+/// decoded. An error when the part would be empty, as an empty set cannot be scored.
 ///
 /// [`split_seeded`]: super::external::split_seeded
 pub fn load_folder_test(dir: &Path, shape: [usize; 3]) -> Result<Dataset, DataError> {
     let listing = list_folder(dir)?;
     let labels: Vec<u32> = listing.files.iter().map(|(_, l)| *l).collect();
-    let test = folder_test_indices(&labels, listing.classes.len());
+    let names: Vec<String> = listing.classes.iter().map(|d| file_name(d)).collect();
+    let test = folder_test_part(&labels, &names, &file_name(dir))?;
     let files: Vec<(PathBuf, u32)> = test.iter().map(|&i| listing.files[i].clone()).collect();
     decode_files(&listing, &files, shape, format!("{}/test", file_name(dir)))
 }
@@ -116,24 +118,21 @@ pub fn read_images(files: &[PathBuf], shape: [usize; 3]) -> Result<Pixels, DataE
 }
 
 /// The PNG and JPEG files `paths` name: a file as it is (an error when it is not an image), a
-/// folder as every image under it, subfolders included, in sorted order. Hidden entries and
-/// other files inside folders are skipped, and each folder and image is taken once, where it is
-/// first reached, however paths and links name it again. An error when there are none.
+/// folder as every image under it, subfolders included, in sorted order. Inside folders, hidden
+/// entries and other files are skipped as [`listed_image`] says, and each folder and image is
+/// taken once, where it is first reached, however paths and links name it again. An error when
+/// there are none.
 pub fn find_images(paths: &[PathBuf]) -> Result<Vec<PathBuf>, DataError> {
     let mut found = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for path in paths {
         if path.is_dir() {
             images_under(path, &mut seen, &mut found)?;
-        } else if is_image(path)? {
+        } else {
+            check_image(path)?;
             if seen.insert(canonical(path)?) {
                 found.push(path.clone());
             }
-        } else {
-            return Err(DataError::BadFile {
-                path: path.clone(),
-                msg: "not a PNG or JPEG image".into(),
-            });
         }
     }
     if found.is_empty() {
@@ -170,7 +169,7 @@ fn images_under(
     for path in sorted_entries(dir)? {
         if path.is_dir() {
             images_under(&path, seen, found)?;
-        } else if path.is_file() && is_image(&path)? && seen.insert(canonical(&path)?) {
+        } else if listed_image(&path)? && seen.insert(canonical(&path)?) {
             found.push(path);
         }
     }
@@ -238,11 +237,11 @@ fn class_folders(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     Ok(classes)
 }
 
-/// The PNG and JPEG files of one class folder, by their first bytes.
+/// The PNG and JPEG files of one class folder, as [`listed_image`] tells them.
 fn image_files(class_dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     let mut files = Vec::new();
     for path in sorted_entries(class_dir)? {
-        if path.is_file() && is_image(&path)? {
+        if listed_image(&path)? {
             files.push(path);
         }
     }
@@ -255,9 +254,87 @@ fn image_files(class_dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     Ok(files)
 }
 
-/// Whether the file is a PNG or JPEG, by its first bytes.
-fn is_image(path: &Path) -> Result<bool, DataError> {
-    Ok(image_kind(&head(path)?).is_some())
+/// Whether an entry met in a folder is an image to take. By its first bytes, whatever its name,
+/// but an entry named as an image that is not one is an error: a failed download or a broken
+/// link would otherwise leave the data smaller with no word. Folders are not images.
+fn listed_image(path: &Path) -> Result<bool, DataError> {
+    if path.is_dir() {
+        return Ok(false);
+    }
+    if named_as_image(path) {
+        check_image(path)?;
+        return Ok(true);
+    }
+    Ok(path.is_file() && image_kind(&head(path)?).is_some())
+}
+
+/// Whether the name ends in `.png`, `.jpg` or `.jpeg`, in any case.
+fn named_as_image(path: &Path) -> bool {
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+        ["png", "jpg", "jpeg"]
+            .iter()
+            .any(|x| e.eq_ignore_ascii_case(x))
+    })
+}
+
+/// An error saying what the file at `path` is when it is not a PNG or JPEG.
+fn check_image(path: &Path) -> Result<(), DataError> {
+    let not_image = |what: String| {
+        let named = if named_as_image(path) {
+            "named as an image but "
+        } else {
+            ""
+        };
+        Err(DataError::BadFile {
+            path: path.to_path_buf(),
+            msg: format!("{named}{what}"),
+        })
+    };
+    if let Some(target) = broken_link(path) {
+        return not_image(format!(
+            "it is a broken symbolic link (to {}, which does not exist)",
+            target.display()
+        ));
+    }
+    // Opening a FIFO or a device to read its first bytes could wait for ever.
+    if path.exists() && !path.is_file() {
+        return not_image("it is not a regular file".into());
+    }
+    let head = head(path)?;
+    if head.is_empty() {
+        return not_image("it is an empty file (0 bytes)".into());
+    }
+    match image_kind(&head) {
+        Some(_) => Ok(()),
+        None => not_image(format!(
+            "it is not a PNG or JPEG image ({})",
+            describe_start(&head)
+        )),
+    }
+}
+
+/// The target of the symbolic link at `path` when nothing is there.
+fn broken_link(path: &Path) -> Option<PathBuf> {
+    let is_link = fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    let dangling = fs::metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound);
+    if is_link && dangling {
+        fs::read_link(path).ok()
+    } else {
+        None
+    }
+}
+
+/// A file's first bytes as a reader can tell its kind from: as text when they are text (an
+/// HTML error page, a GIF's `GIF89a`), else in hex.
+fn describe_start(head: &[u8]) -> String {
+    if head
+        .iter()
+        .all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace())
+    {
+        return format!("it begins with `{}`", head.escape_ascii());
+    }
+    let hex: Vec<String> = head.iter().map(|b| format!("{b:02x}")).collect();
+    format!("its first bytes are {}", hex.join(" "))
 }
 
 /// The first bytes of a file, enough to tell its format.
@@ -332,6 +409,47 @@ fn check_pixels(width: usize, height: usize) -> Result<(), String> {
     }
 }
 
+/// The png crate's error in loren's words, its own message kept as the detail.
+fn png_error(e: png::DecodingError) -> String {
+    match e {
+        png::DecodingError::IoError(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            "not a valid PNG: the file ends before its image data does (truncated)".into()
+        }
+        png::DecodingError::IoError(e) => format!("cannot read: {e}"),
+        png::DecodingError::LimitsExceeded => {
+            "the PNG needs more memory to decode than the decoder's limit".into()
+        }
+        other => format!(
+            "not a valid PNG: its data is corrupt (png: {})",
+            plain_chunk_types(&other.to_string()).trim_end_matches('.')
+        ),
+    }
+}
+
+/// `msg` with the chunk types the png crate writes as Debug structs (`ChunkType { type: IDAT,
+/// critical: true, .. }`) written as their four-letter names.
+fn plain_chunk_types(msg: &str) -> String {
+    const START: &str = "ChunkType { type: ";
+    let mut out = String::new();
+    let mut rest = msg;
+    while let Some(at) = rest.find(START) {
+        let after = &rest[at + START.len()..];
+        // A type is four characters, so the first `, critical:` ends it; the other fields are
+        // booleans, so the first `}` after it ends the struct.
+        let Some(name_end) = after.find(", critical:") else {
+            break;
+        };
+        let Some(close) = after[name_end..].find('}') else {
+            break;
+        };
+        out.push_str(&rest[..at]);
+        out.push_str(&format!("`{}`", &after[..name_end]));
+        rest = &after[name_end + close + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
 fn decode_png(bytes: &[u8]) -> Result<Decoded, String> {
     png_frame(png_reader(Cursor::new(bytes))?)
 }
@@ -340,7 +458,7 @@ fn png_reader<R: BufRead + Seek>(input: R) -> Result<png::Reader<R>, String> {
     let mut decoder = png::Decoder::new(input);
     // Palettes and low bit depths expand to 8 bits, 16-bit samples keep their high byte.
     decoder.set_transformations(png::Transformations::normalize_to_color8());
-    let reader = decoder.read_info().map_err(|e| e.to_string())?;
+    let reader = decoder.read_info().map_err(png_error)?;
     let info = reader.info();
     check_pixels(info.width as usize, info.height as usize)?;
     Ok(reader)
@@ -351,7 +469,7 @@ fn png_frame<R: BufRead + Seek>(mut reader: png::Reader<R>) -> Result<Decoded, S
         .output_buffer_size()
         .ok_or("the image is too large to decode")?;
     let mut samples = vec![0; size];
-    let info = reader.next_frame(&mut samples).map_err(|e| e.to_string())?;
+    let info = reader.next_frame(&mut samples).map_err(png_error)?;
     samples.truncate(info.buffer_size());
     Ok(Decoded {
         width: info.width as usize,
@@ -378,7 +496,7 @@ fn png_to_shape<R: BufRead + Seek>(input: R, shape: [usize; 3]) -> Result<Vec<f3
     let mut next_row = |out: Option<&mut [f32]>| -> Result<(), String> {
         let row = reader
             .next_row()
-            .map_err(|e| e.to_string())?
+            .map_err(png_error)?
             .ok_or("the image data ends before its last row")?;
         if let Some(out) = out {
             fill_row(row.data(), depth, left, channels, out);
@@ -394,7 +512,7 @@ fn png_to_shape<R: BufRead + Seek>(input: R, shape: [usize; 3]) -> Result<Vec<f3
     }
     // Asked for a row past the last, the decoder reads the rest of the image data as a whole
     // decode does, so a damaged checksum or a file cut after the last row fails here too.
-    match reader.next_row().map_err(|e| e.to_string())? {
+    match reader.next_row().map_err(png_error)? {
         None => Ok(out),
         Some(_) => Err("the image data has more rows than its header says".into()),
     }
@@ -434,23 +552,57 @@ fn reaches_end_of_image(bytes: &[u8]) -> bool {
     false
 }
 
+/// The most pixels a side of a JPEG may have: zune-jpeg's default limit, kept so that the
+/// images read are those read before this check moved here.
+const MAX_JPEG_SIDE: usize = 1 << 14;
+
+/// Refuses a JPEG wider or taller than [`MAX_JPEG_SIDE`], or larger than [`check_pixels`]
+/// allows.
+fn check_jpeg_size(width: usize, height: usize) -> Result<(), String> {
+    if width.max(height) > MAX_JPEG_SIDE {
+        return Err(format!(
+            "{width}x{height} pixels, above the {MAX_JPEG_SIDE} px per side a JPEG may have here"
+        ));
+    }
+    check_pixels(width, height)
+}
+
+/// zune-jpeg's error in loren's words. Its messages are written by `Debug`, which quotes the
+/// free-text ones, so those are taken from the variant itself.
+fn jpeg_error(e: zune_jpeg::errors::DecodeErrors) -> String {
+    use zune_jpeg::errors::DecodeErrors as E;
+    let detail = match &e {
+        E::Format(msg) => msg.clone(),
+        E::FormatStatic(msg) => (*msg).to_string(),
+        E::Unsupported(_) => return format!("a kind of JPEG that cannot be read here ({e})"),
+        _ => e.to_string(),
+    };
+    format!(
+        "not a valid JPEG: its data is corrupt (jpeg: {})",
+        detail.trim().trim_end_matches('.')
+    )
+}
+
 fn decode_jpeg(bytes: &[u8]) -> Result<Decoded, String> {
     // The decoder fills what a cut-off file lacks with grey and says nothing; PIL refuses such a
     // file ("image file is truncated"), and so does this.
     if !reaches_end_of_image(bytes) {
         return Err("the file is truncated: its image data stops before its end marker".into());
     }
-    let options = DecoderOptions::default().jpeg_set_out_colorspace(ColorSpace::RGB);
+    // The decoder's own side limit is lifted to what a JPEG header can say, so that the size is
+    // checked here, in the words of [`check_jpeg_size`], rather than by the decoder.
+    let options = DecoderOptions::default()
+        .jpeg_set_out_colorspace(ColorSpace::RGB)
+        .set_max_width(usize::from(u16::MAX))
+        .set_max_height(usize::from(u16::MAX));
     let mut decoder = JpegDecoder::new_with_options(ZCursor::new(bytes), options);
-    decoder
-        .decode_headers()
-        .map_err(|e| e.to_string().trim().to_string())?;
-    let info = decoder.info().ok_or("no JPEG header")?;
+    decoder.decode_headers().map_err(jpeg_error)?;
+    let info = decoder
+        .info()
+        .ok_or("not a valid JPEG: it has no frame header")?;
     let (width, height) = (usize::from(info.width), usize::from(info.height));
-    check_pixels(width, height)?;
-    let samples = decoder
-        .decode()
-        .map_err(|e| e.to_string().trim().to_string())?;
+    check_jpeg_size(width, height)?;
+    let samples = decoder.decode().map_err(jpeg_error)?;
     if samples.len() != width * height * 3 {
         return Err(format!(
             "{} samples for a {width}x{height} RGB image",
@@ -584,7 +736,7 @@ mod tests {
         // A fifth of 7, 9 and 11 images, rounded.
         assert_eq!(want.len(), 1 + 2 + 2);
         let labels: Vec<u32> = whole.labels.clone();
-        let test = folder_test_indices(&labels, 3);
+        let test = super::super::external::folder_test_indices(&labels, 3);
         let outside = (0..whole.len()).find(|i| !test.contains(i)).unwrap();
         let listing = list_folder(&dir).unwrap();
         // A PNG by its first bytes, so it is still listed, that does not decode.
@@ -942,5 +1094,158 @@ mod tests {
         fs::write(dir.join("second/cut.jpg"), &bytes[..bytes.len() / 3]).unwrap();
         let e = err();
         assert!(e.contains("cut.jpg") && e.contains("cannot decode"), "{e}");
+    }
+
+    /// A folder of classes `a` and `b`, each holding one good PNG.
+    fn two_good_classes(name: &str) -> PathBuf {
+        let dir = temp_dir(name);
+        for class in ["a", "b"] {
+            fs::create_dir_all(dir.join(class)).unwrap();
+            write_png(
+                &dir.join(class).join("ok.png"),
+                2,
+                2,
+                png::ColorType::Rgb,
+                &rgb(1, 2, 2),
+            );
+        }
+        dir
+    }
+
+    /// A file named as an image that is not one (a failed download, an empty file, a broken
+    /// link) was left out of the data with no word; it is an error naming it and saying what
+    /// it is, in a training folder and in `predict`'s walk alike. Other files are passed over.
+    #[test]
+    fn data_files_named_as_images_that_are_not_are_errors() {
+        let dir = two_good_classes("named-as-image");
+        let shape = [3, 2, 2];
+        // Passed over as before: not named as images, or hidden.
+        fs::write(dir.join("b/notes.txt"), "not an image").unwrap();
+        fs::write(dir.join("b/Thumbs.db"), [0u8; 16]).unwrap();
+        fs::write(dir.join("b/.hidden.png"), "").unwrap();
+        assert_eq!(load_folder(&dir, shape).unwrap().len(), 2);
+        assert_eq!(find_images(std::slice::from_ref(&dir)).unwrap().len(), 2);
+
+        let bad = dir.join("b/html3.PNG");
+        let cases: [(&[u8], &str); 3] = [
+            (
+                b"<html>404 Not Found</html>\n",
+                "named as an image but it is not a PNG or JPEG image (it begins with `<html>40`)",
+            ),
+            (b"", "named as an image but it is an empty file (0 bytes)"),
+            (
+                b"\x00\x00\x00\x0cjP  \r\n",
+                "named as an image but it is not a PNG or JPEG image (its first bytes are 00 00 \
+                 00 0c 6a 50 20 20)",
+            ),
+        ];
+        for (bytes, says) in cases {
+            fs::write(&bad, bytes).unwrap();
+            let want = format!("{}: {says}", bad.display());
+            let e = load_folder(&dir, shape).unwrap_err().to_string();
+            assert_eq!(e, want);
+            let e = find_images(std::slice::from_ref(&dir))
+                .unwrap_err()
+                .to_string();
+            assert_eq!(e, want);
+        }
+        fs::remove_file(&bad).unwrap();
+
+        let link = dir.join("a/gone.jpeg");
+        std::os::unix::fs::symlink("/nonexistent/loren/0.png", &link).unwrap();
+        let e = load_folder(&dir, shape).unwrap_err().to_string();
+        assert!(
+            e.contains("gone.jpeg: named as an image but it is a broken symbolic link")
+                && e.contains("/nonexistent/loren/0.png"),
+            "{e}"
+        );
+        assert_eq!(
+            find_images(&[link.clone()]).unwrap_err().to_string(),
+            e,
+            "given by name"
+        );
+        fs::remove_file(&link).unwrap();
+
+        // A class folder of such files alone names the first, not "no images".
+        fs::remove_file(dir.join("b/ok.png")).unwrap();
+        fs::write(dir.join("b/x.jpg"), "").unwrap();
+        fs::write(dir.join("b/y.jpg"), "<html>").unwrap();
+        let e = load_folder(&dir, shape).unwrap_err().to_string();
+        assert!(
+            e.contains("x.jpg: named as an image but it is an empty file"),
+            "{e}"
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// A decoder's errors were passed on as they came: the png crate's Debug structs
+    /// (`ChunkType { type: …, critical: false, … }`) and zune-jpeg's quoted text with its
+    /// advice to call `set_limits`. They read as loren's words, the decoder's detail kept.
+    #[test]
+    fn data_decoder_errors_are_in_loren_words() {
+        // A PNG signature, then a chunk of made-up type where the header should be.
+        let mut png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x04xyzw\x01\x02\x03\x04".to_vec();
+        png.extend([0u8; 16]);
+        let e = decode(&png).unwrap_err();
+        assert_eq!(
+            e,
+            "not a valid PNG: its data is corrupt (png: `xyzw` chunk appeared before IHDR chunk)"
+        );
+        assert_eq!(
+            plain_chunk_types(
+                "CRC error: expected 0x1 have 0x2 while decoding ChunkType { type: I}A\u{9b}, \
+                 critical: true, private: false, reserved: false, safecopy: false } chunk."
+            ),
+            "CRC error: expected 0x1 have 0x2 while decoding `I}A\u{9b}` chunk."
+        );
+
+        let mut jpeg = Vec::new();
+        jpeg_encoder::Encoder::new(&mut jpeg, 90)
+            .encode(&rgb(0, 16, 16), 16, 16, jpeg_encoder::ColorType::Rgb)
+            .unwrap();
+        // SOF0: marker, length (2), precision (1), then height and width (2 each).
+        let sof = jpeg.windows(2).position(|m| m == [0xff, 0xc0]).unwrap();
+        let side = 65_000u16.to_be_bytes();
+        jpeg[sof + 5..sof + 9].copy_from_slice(&[side, side].concat());
+        assert_eq!(
+            decode(&jpeg).unwrap_err(),
+            "65000x65000 pixels, above the 16384 px per side a JPEG may have here"
+        );
+        // Still refused where the decoder refused it, and nowhere else.
+        jpeg[sof + 5..sof + 9].copy_from_slice(&[0x00, 0x10, 0x40, 0x01]);
+        let e = decode(&jpeg).unwrap_err();
+        assert!(e.starts_with("16385x16 pixels, above the 16384"), "{e}");
+        // A frame header cut short: zune-jpeg's free text, unquoted.
+        jpeg[sof + 2..sof + 4].copy_from_slice(&[0x00, 0x03]);
+        let e = decode(&jpeg).unwrap_err();
+        assert!(
+            e.starts_with("not a valid JPEG: its data is corrupt (jpeg: ") && !e.contains('"'),
+            "{e}"
+        );
+    }
+
+    /// A folder whose classes are too small for its split to give the test part an image gave
+    /// an empty set, which failed later, as an `--ood-data` set, with "samples must be at least
+    /// 1, got 0", naming neither the data nor the cause.
+    #[test]
+    fn data_a_folders_empty_test_part_is_an_error_naming_it() {
+        let dir = two_good_classes("empty-test");
+        write_png(
+            &dir.join("b/two.png"),
+            2,
+            2,
+            png::ColorType::Rgb,
+            &rgb(2, 2, 2),
+        );
+        let e = load_folder_test(&dir, [3, 2, 2]).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "split part `test` of `{}` would be empty: every class is too small to give it \
+                 an image: a class needs at least 3, and the largest, `b`, has 2",
+                file_name(&dir)
+            )
+        );
+        let _ = fs::remove_dir_all(&dir);
     }
 }

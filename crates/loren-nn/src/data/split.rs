@@ -140,7 +140,10 @@ pub fn split_digits(all: &Dataset, opts: &SplitOptions) -> Result<Splits, DataEr
         held_out,
         ood_sets: Vec::new(),
     };
-    reject_empty(&splits)?;
+    reject_empty(&splits, |part| {
+        let held = if part == 0 { &[][..] } else { &held[..] };
+        too_small_to_share(&class_sizes(all, held), fractions[part])
+    })?;
     Ok(splits)
 }
 
@@ -223,7 +226,42 @@ fn relabel_without(mut d: Dataset, held: &[u32]) -> Dataset {
     d
 }
 
-fn reject_empty(s: &Splits) -> Result<(), DataError> {
+/// The names and image counts of `d`'s classes, less those `held`, in label order.
+pub(super) fn class_sizes<'a>(d: &'a Dataset, held: &[u32]) -> Vec<(&'a str, usize)> {
+    let names = d.class_names.iter().map(String::as_str);
+    (0..d.classes as u32)
+        .zip(names.zip(d.class_counts()))
+        .filter(|(c, _)| held.binary_search(c).is_err())
+        .map(|(_, sized)| sized)
+        .collect()
+}
+
+/// The largest of `sizes` (a class's name and image count), the first of equals.
+pub(super) fn largest_class<'a>(sizes: &[(&'a str, usize)]) -> (&'a str, usize) {
+    let mut largest = ("", 0);
+    for &(name, n) in sizes {
+        if n > largest.1 || largest.0.is_empty() {
+            largest = (name, n);
+        }
+    }
+    largest
+}
+
+/// Why a part with `fraction` of each class is empty. Its count of a class is that share
+/// rounded by the largest remainder, which can fall as the class grows, so the true rule is
+/// told of the largest class rather than as a least size.
+fn too_small_to_share(sizes: &[(&str, usize)], fraction: f64) -> String {
+    let (name, most) = largest_class(sizes);
+    let percent = (fraction * 1e4).round() / 100.0;
+    format!(
+        "every class is too small to give it an image: the largest, `{name}`, has {most}, and \
+         {percent}% of {most} rounds to none"
+    )
+}
+
+/// The first part (in [`PARTS`] order) that is empty, as an error that `why(part index)`
+/// explains.
+fn reject_empty(s: &Splits, why: impl Fn(usize) -> String) -> Result<(), DataError> {
     let parts = [
         Some(&s.pretrain),
         Some(&s.train),
@@ -232,12 +270,13 @@ fn reject_empty(s: &Splits) -> Result<(), DataError> {
     ];
     let mut present = parts
         .into_iter()
-        .zip(PARTS)
-        .filter_map(|(d, p)| Some((d?, p)));
+        .enumerate()
+        .filter_map(|(p, d)| Some((d?, p)));
     match present.find(|(d, _)| d.is_empty()) {
         Some((d, part)) => Err(DataError::EmptySplit {
             name: d.name.clone(),
-            part,
+            part: PARTS[part],
+            reason: why(part),
         }),
         None => Ok(()),
     }
@@ -426,5 +465,31 @@ mod tests {
             }
         }
         assert_eq!(allocate(178, &f), [71, 53, 18, 36]);
+    }
+
+    /// An empty part said only "the dataset is too small to split"; it says why, of the
+    /// largest class, whose share of the part rounds to no image.
+    #[test]
+    fn data_an_empty_part_names_the_largest_class_and_its_share() {
+        let tiny = SplitOptions {
+            pretrain: 0.997,
+            train: 0.001,
+            val: 0.001,
+            test: 0.001,
+            ..SplitOptions::default()
+        };
+        let e = split_digits(&digits(), &tiny).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "split part `train` of `digits/train` would be empty: every class is too small to \
+             give it an image: the largest, `3`, has 183, and 0.1% of 183 rounds to none"
+        );
+        // Held-out classes are not counted among the part's.
+        let opts = SplitOptions {
+            holdout_classes: vec![3],
+            ..tiny
+        };
+        let e = split_digits(&digits(), &opts).unwrap_err().to_string();
+        assert!(e.contains("the largest, `1`, has 182"), "{e}");
     }
 }
