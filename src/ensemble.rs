@@ -361,6 +361,19 @@ pub fn export(checkpoint: &Path, backbone: Option<&Path>, out: &Path) -> Result<
             out.display()
         );
     }
+    // Nor another run's checkpoint, which its `train --resume` and `eval` read.
+    if out.is_file()
+        && loren_nn::checkpoint::read_metadata(out).is_ok_and(|m| {
+            m.get("format")
+                .is_some_and(|f| f == loren_nn::train::FORMAT)
+        })
+    {
+        bail!(
+            "{} is a training checkpoint (loren train --resume and eval read it): the export \
+             would replace it; write it elsewhere",
+            out.display()
+        );
+    }
     let file = crate::run::read_checkpoint(checkpoint, "--checkpoint")?;
     let recorded = file.metadata().get("backbone").map(Path::new);
     if let Some(b) = backbone.or(recorded)

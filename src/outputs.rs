@@ -2,7 +2,7 @@
 //! fails in its first second, not after its training.
 
 use std::fs::{self, OpenOptions};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
@@ -81,6 +81,26 @@ pub fn remove_stale(path: &Path) -> Result<()> {
         fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// `base` when it is free (missing, or an empty folder), else the first free `base-2`,
+/// `base-3`, ...: where a command's default output folder goes, so that running it again keeps
+/// what the last run wrote.
+pub fn free_dir(base: &Path) -> PathBuf {
+    let free = |d: &Path| fs::read_dir(d).map_or(!d.exists(), |mut e| e.next().is_none());
+    if free(base) {
+        return base.to_path_buf();
+    }
+    let mut name = base.as_os_str().to_os_string();
+    name.push("-");
+    (2u64..)
+        .map(|n| {
+            let mut d = name.clone();
+            d.push(n.to_string());
+            PathBuf::from(d)
+        })
+        .find(|d| free(d))
+        .expect("some numbered folder is free")
 }
 
 /// Whether `a` and `b` name the same file (both existing), however they are spelled.

@@ -668,7 +668,7 @@ fn eval_on_other_data_than_it_was_trained_on_says_so() {
 }
 
 #[test]
-fn export_onto_its_own_checkpoint_is_refused() {
+fn export_onto_a_training_checkpoint_is_refused() {
     let dir = temp_dir("export-self");
     let c = dir.join("checkpoint.safetensors");
     std::fs::copy(checkpoint(), &c).unwrap();
@@ -679,6 +679,30 @@ fn export_onto_its_own_checkpoint_is_refused() {
         &["is the checkpoint itself"],
     );
     assert_eq!(std::fs::read(c).unwrap(), before, "the checkpoint changed");
+    // Nor onto another run's checkpoint; any other file is replaced, as --out says.
+    let other = copy_of_the_trained_run("export-other").join("checkpoint.safetensors");
+    let other_before = std::fs::read(&other).unwrap();
+    refused(
+        &[
+            "export",
+            "--checkpoint",
+            c,
+            "--out",
+            other.to_str().unwrap(),
+        ],
+        &["is a training checkpoint", "write it elsewhere"],
+    );
+    assert_eq!(std::fs::read(&other).unwrap(), other_before);
+    let plain = dir.join("ensemble.safetensors");
+    std::fs::write(&plain, b"an earlier file").unwrap();
+    let (ok, _, err) = loren(&[
+        "export",
+        "--checkpoint",
+        c,
+        "--out",
+        plain.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
 }
 
 #[test]
@@ -762,6 +786,42 @@ fn epochs_in_report(dir: &Path) -> usize {
         .as_array()
         .unwrap()
         .len()
+}
+
+/// Without --out, a run never takes an earlier one's place: it goes to the first free
+/// `runs/train-N`, and the earlier run's files stay as they were.
+#[test]
+fn the_default_folder_moves_on_past_an_earlier_run() {
+    let cwd = temp_dir("default-out");
+    let first = cwd.join("runs/train");
+    std::fs::create_dir_all(&first).unwrap();
+    for f in OUTPUTS {
+        std::fs::copy(trained().join(f), first.join(f)).unwrap();
+    }
+    // An empty folder is free: the run after takes it.
+    std::fs::create_dir_all(cwd.join("runs/train-3")).unwrap();
+    for (n, expected) in [
+        (1, "runs/train-2"),
+        (2, "runs/train-3"),
+        (3, "runs/train-4"),
+    ] {
+        let mut args = vec!["train", "--epochs", "1"];
+        args.extend(RUN);
+        let (ok, printed, err) = loren_in(&cwd, &args);
+        assert!(ok, "run {n}: {err}");
+        assert!(
+            printed.contains(&format!("wrote {expected}/report.json")),
+            "run {n}: {printed}"
+        );
+        assert!(cwd.join(expected).join("checkpoint.safetensors").is_file());
+    }
+    for f in OUTPUTS {
+        assert_eq!(
+            std::fs::read(first.join(f)).unwrap(),
+            std::fs::read(trained().join(f)).unwrap(),
+            "{f}"
+        );
+    }
 }
 
 #[test]

@@ -38,8 +38,10 @@ pub struct TrainArgs {
     pub optim: OptimArgs,
     #[command(flatten)]
     pub data: DataArgs,
-    /// Output folder (with --resume: default, the resumed checkpoint's folder, so that the run
-    /// continues in place).
+    /// Output folder. Default: runs/train, or runs/train-2, runs/train-3, ... when it holds an
+    /// earlier run, so that no run takes another's place (a folder named here is used as it is,
+    /// replacing a run in it, which is said); with --resume, the resumed checkpoint's folder, so
+    /// that the run continues in place.
     #[arg(long, default_value = "runs/train")]
     pub out: PathBuf,
     /// Continue an earlier `train` from its checkpoint (the file, or the folder it is in), with
@@ -115,6 +117,26 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
         loren::note!("note: this run does not use {}", unused.join(", "));
     }
     let config = VitConfig::by_name(&a.model.config)?;
+    // The default folder never takes another run's place: a named --out does, and says so.
+    let moved;
+    let a = match resume.is_none() && !is_given("out") {
+        true => {
+            moved = TrainArgs {
+                out: loren::outputs::free_dir(&a.out),
+                ..a.clone()
+            };
+            if moved.out != a.out && a.common.verbosity() == Verbosity::Normal {
+                loren::note!(
+                    "note: {} holds an earlier run; this one goes to {} (--out DIR names the \
+                     folder, and replaces a run in it)",
+                    a.out.display(),
+                    moved.out.display()
+                );
+            }
+            &moved
+        }
+        false => a,
+    };
     // After the flags' own checks, so that a mistyped flag is named as such and not as a folder.
     writable_dir(&a.out, "--out")?;
     let data = splits(&a.data, &config, a.optim.train_on_val)?;

@@ -20,7 +20,8 @@ const MAX_HEADER_BYTES: u64 = 100_000_000;
 /// Refuse what cannot be a safetensors file before reading it whole: a device such as /dev/zero
 /// would be read without end, and a large file of anything else would be read into memory only
 /// to be refused.
-fn check_header_length(path: &Path) -> Result<()> {
+/// Returns the file, read up to its header, and the header's length.
+fn check_header_length(path: &Path) -> Result<(fs::File, u64)> {
     let io = |e| NnError::io(path, e);
     let mut file = fs::File::open(path).map_err(io)?;
     let meta = file.metadata().map_err(io)?;
@@ -50,7 +51,22 @@ fn check_header_length(path: &Path) -> Result<()> {
             ),
         ));
     }
-    Ok(())
+    Ok((file, n))
+}
+
+/// The metadata of a safetensors file, read from its header alone.
+pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    let (mut file, n) = check_header_length(path)?;
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| NnError::io(path, e))?;
+    let bad = |what: String| NnError::checkpoint(path, format!("unreadable header ({what})"));
+    let json: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
+    match json.get("__metadata__") {
+        None => Ok(HashMap::new()),
+        Some(m) => serde_json::from_value(m.clone()).map_err(|e| bad(e.to_string())),
+    }
 }
 
 /// One tensor read from a file.

@@ -205,7 +205,8 @@ pub struct Trainer<'m> {
     validation: Option<(usize, Validate<'m>)>,
 }
 
-const FORMAT: &str = "loren-train-v1";
+/// The metadata `format` of a training checkpoint.
+pub const FORMAT: &str = "loren-train-v1";
 /// The checkpoint's metadata key of the epochs trained so far.
 const HISTORY: &str = "epoch_history";
 
