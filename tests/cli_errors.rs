@@ -868,3 +868,27 @@ fn compare_refuses_bad_rates_to_choose_among() {
         );
     }
 }
+
+/// Paths are written into checkpoints and reports as text, so one that is not UTF-8 is refused
+/// as clap refuses any such value, before anything runs.
+#[test]
+fn paths_that_are_not_text_are_refused() {
+    use std::os::unix::ffi::OsStrExt;
+    let bad = std::ffi::OsStr::from_bytes(b"r\xffx");
+    for (cmd, flag) in [
+        ("train", "--out"),
+        ("train", "--backbone"),
+        ("export", "--out"),
+        ("predict", "--out"),
+        ("bench", "--out"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_loren"))
+            .args([cmd, flag])
+            .arg(bad)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{cmd} {flag}: {err}");
+        assert!(err.contains("invalid UTF-8"), "{cmd} {flag}: {err}");
+    }
+}

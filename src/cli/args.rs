@@ -61,7 +61,7 @@ pub struct ModelArgs {
     pub config: String,
     /// Pretrained backbone (safetensors). Default: the repository's assets/backbone-<config>.safetensors,
     /// pretrained first when missing.
-    #[arg(long)]
+    #[arg(long, value_parser = text_path)]
     pub backbone: Option<PathBuf>,
 }
 
@@ -543,6 +543,12 @@ pub fn memory_budget(arg: Option<&str>) -> Result<Option<u64>> {
     arg.map(loren::bench::parse_bytes)
         .transpose()
         .context("--memory-budget")
+}
+
+/// A path that is written down as text (in checkpoints, reports and notes), so must be text:
+/// clap refuses one that is not UTF-8 before this runs, as it refuses every flag's value.
+pub fn text_path(arg: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(arg))
 }
 
 /// A checkpoint argument: the file, or the folder `loren train --out` wrote it into.

@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
+use super::args::{memory_budget, text_path};
+
 use super::say;
 
-use super::args::memory_budget;
 use loren::bench::{BenchOptions, run_bench, table, write};
 use loren_nn::config::Method;
 
@@ -61,7 +62,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Output folder for bench.json, bench.svg and bench.md (the table with where and when it ran).
-    #[arg(long, default_value = "runs/bench")]
+    #[arg(long, value_parser = text_path, default_value = "runs/bench")]
     pub out: PathBuf,
     /// Time both methods with each block's activations recomputed in the backward (as
     /// `loren train --recompute`) instead of kept.

@@ -5,6 +5,11 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
+use super::args::{
+    Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, SeedArgs, run_spec, splits, text_path,
+    write_outputs,
+};
+
 use super::say;
 use loren::backbone;
 use loren::bench::budget_for;
@@ -19,10 +24,6 @@ use loren::run::{RunSpec, check_fits_within, run};
 use loren_nn::checkpoint::write_atomic;
 use loren_nn::config::{Method, VitConfig};
 use loren_nn::data::Splits;
-
-use super::args::{
-    Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, SeedArgs, run_spec, splits, write_outputs,
-};
 
 // The shared --method is train's: compare runs every one of --methods, so it is hidden here, and
 // an empty default tells a given one (even `--method lora`) from none.
@@ -75,7 +76,7 @@ pub struct CompareArgs {
     )]
     pub lrs: Vec<f32>,
     /// Output folder.
-    #[arg(long, default_value = "runs/compare")]
+    #[arg(long, value_parser = text_path, default_value = "runs/compare")]
     pub out: PathBuf,
 }
 

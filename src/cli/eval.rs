@@ -4,6 +4,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::Args;
+
+use super::args::{
+    Common, DataArgs, checkpoint_arg, data_metadata, eval_options, save_predictions,
+    saved_holdout_classes, splits, text_path,
+};
+
 use serde::Serialize;
 
 use super::say;
@@ -19,10 +25,6 @@ use loren_nn::metrics::fit_temperature;
 use loren_nn::reliability::reliability_svg;
 use loren_nn::train::load_trained;
 
-use super::args::{
-    Common, DataArgs, checkpoint_arg, data_metadata, eval_options, save_predictions,
-    saved_holdout_classes, splits,
-};
 use loren::outputs::writable_dir;
 
 // The shared --data's default is train's; eval's is the checkpoint's own data.
@@ -37,12 +39,12 @@ pub struct EvalArgs {
     #[arg(long, value_parser = checkpoint_arg)]
     pub checkpoint: PathBuf,
     /// The backbone the checkpoint was trained from (default: the path recorded in it).
-    #[arg(long)]
+    #[arg(long, value_parser = text_path)]
     pub backbone: Option<PathBuf>,
     #[command(flatten)]
     pub data: DataArgs,
     /// Output folder for eval.json and eval-reliability.svg (default: the checkpoint's folder).
-    #[arg(long)]
+    #[arg(long, value_parser = text_path)]
     pub out: Option<PathBuf>,
 }
 

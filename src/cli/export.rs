@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use super::args::checkpoint_arg;
+use super::args::{checkpoint_arg, text_path};
+
 use super::say;
 use loren::ensemble::export as write_export;
 
@@ -17,10 +18,10 @@ pub struct ExportArgs {
     #[arg(long, value_parser = checkpoint_arg)]
     pub checkpoint: PathBuf,
     /// Where to write the ensemble (safetensors).
-    #[arg(long)]
+    #[arg(long, value_parser = text_path)]
     pub out: PathBuf,
     /// The backbone the checkpoint was trained from (default: the path recorded in it).
-    #[arg(long)]
+    #[arg(long, value_parser = text_path)]
     pub backbone: Option<PathBuf>,
 }
 

@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
+use super::args::{memory_budget, text_path};
+
 use super::say;
 
-use super::args::memory_budget;
 use loren::memprofile::{MemprofileOptions, run_memprofile, table, write};
 use loren_nn::config::Method;
 
@@ -60,7 +61,7 @@ pub struct MemprofileArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Output folder for memprofile.json, memprofile.svg and memprofile.md (the table with where and when it ran).
-    #[arg(long, default_value = "runs/memprofile")]
+    #[arg(long, value_parser = text_path, default_value = "runs/memprofile")]
     pub out: PathBuf,
     /// Profile both methods with each block's activations recomputed in the backward (as
     /// `loren train --recompute`) instead of kept.

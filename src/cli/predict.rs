@@ -4,9 +4,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use clap::Args;
+
+use super::args::{Common, checkpoint_arg, text_path};
+
 use serde::Serialize;
 
-use super::args::{Common, checkpoint_arg};
 use super::say;
 use loren::Ensemble;
 use loren::ensemble::{DEFAULT_BATCH, Prediction};
@@ -28,7 +30,7 @@ pub struct PredictArgs {
     pub model: PathBuf,
     /// The backbone a checkpoint was trained from (default: the path recorded in it; an
     /// exported file holds its own).
-    #[arg(long)]
+    #[arg(long, value_parser = text_path)]
     pub backbone: Option<PathBuf>,
     /// PNG or JPEG files, or folders searched for them (subfolders too, in sorted order; each
     /// image once). Each image is brought to the model's input as an image folder's are for
@@ -40,7 +42,7 @@ pub struct PredictArgs {
     /// Write every image's prediction to FILE: .csv (a row per image: the class, its
     /// probability, the entropy, the mutual information, the members' votes, then the mean
     /// probability of every class) or .json (each member's probabilities too).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_parser = text_path, value_name = "FILE")]
     pub out: Option<PathBuf>,
     /// How many images to print a row for, in order (--out writes every one).
     #[arg(long, default_value_t = 20, value_name = "N")]

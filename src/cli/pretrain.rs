@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
+use super::args::{Common, DataArgs, SeedArgs, splits, text_path};
+
 use super::say;
 use loren::backbone::{self, PretrainSpec};
 use loren_nn::config::VitConfig;
-
-use super::args::{Common, DataArgs, SeedArgs, splits};
 
 // Common's help speaks of members and a report; pretrain trains one network and prints one line.
 #[derive(Args, Clone)]
@@ -23,7 +23,7 @@ pub struct PretrainArgs {
     #[command(flatten)]
     pub seed: SeedArgs,
     /// Where to write the backbone (default: the repository's assets/backbone-tiny.safetensors).
-    #[arg(long)]
+    #[arg(long, value_parser = text_path)]
     pub out: Option<PathBuf>,
     /// Passes over the pretrain split (the bundled backbone had 300).
     #[arg(long, default_value_t = 300)]

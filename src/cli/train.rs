@@ -20,7 +20,7 @@ use loren_nn::train::TrainConfig;
 
 use super::args::{
     Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, SeedArgs, checkpoint_arg, run_spec,
-    saved_holdout_classes, splits, write_outputs,
+    saved_holdout_classes, splits, text_path, write_outputs,
 };
 use loren::outputs::writable_dir;
 
@@ -42,7 +42,7 @@ pub struct TrainArgs {
     /// earlier run, so that no run takes another's place (a folder named here is used as it is,
     /// replacing a run in it, which is said); with --resume, the resumed checkpoint's folder, so
     /// that the run continues in place.
-    #[arg(long, default_value = "runs/train")]
+    #[arg(long, value_parser = text_path, default_value = "runs/train")]
     pub out: PathBuf,
     /// Continue an earlier `train` from its checkpoint (the file, or the folder it is in), with
     /// the settings saved there; a settings flag given must agree with them, but for --epochs
