@@ -315,6 +315,26 @@ fn an_image_folder_trains_through_the_cli() {
     let arg = format!("folder:{}", dir.display());
     let printed = run_ok(&strs(&quick_train(&out, &["--data", &arg])));
     assert!(printed.contains("accuracy"), "{printed}");
+    // Scored on data of other classes, it is refused by their counts, before any scoring.
+    let ckpt = out.join("checkpoint.safetensors");
+    let c = ckpt.to_str().unwrap();
+    fails_with(
+        &[
+            "eval",
+            "--checkpoint",
+            c,
+            "--data",
+            "digits",
+            "--no-shift",
+            "--no-ood",
+            "-q",
+        ],
+        &[
+            "has 2 classes",
+            "(digits/test) has 10",
+            "the classes it was trained on",
+        ],
+    );
 }
 
 /// `--ood-data` scores OOD detection against other datasets, each brought to the model: CIFAR's

@@ -122,6 +122,17 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     let backbone = checkpoint_backbone(&file, a.backbone.as_deref(), &vit)?;
     let device = a.common.device()?.open()?;
     let model = load_trained(&file, backbone.as_ref(), &device)?;
+    // Before the validation part is scored, whose labels would be the first to fall outside.
+    if data.test.classes != model.ensemble.classes {
+        anyhow::bail!(
+            "{} has {} classes, and the data it is scored on ({}) has {}: score it on data with \
+             the classes it was trained on",
+            a.checkpoint.display(),
+            model.ensemble.classes,
+            data.test.name,
+            data.test.classes
+        );
+    }
     let mut opts = eval_options(&data_args);
     let held_out = data.held_out.as_ref();
     let val_images = data.val.as_ref().map_or(0, |v| v.len());
