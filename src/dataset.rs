@@ -75,6 +75,25 @@ pub fn recorded_train_on_val(meta: &std::collections::HashMap<String, String>) -
     })
 }
 
+/// The checkpoint metadata key that records the training split's size and labels
+/// ([`training_images`]), so that a run resumed on data at another path trains on the same
+/// images. Checkpoints from before it lack the key, and resume on the source's word alone.
+pub const TRAINING_IMAGES_KEY: &str = "training_images";
+
+/// What [`TRAINING_IMAGES_KEY`] records: the number of training images and an FNV-1a hash of
+/// their labels in order. The pixels are left out: a JPEG decoder may round differently on
+/// another machine, and a resumed run must not be refused for that.
+pub fn training_images(train: &loren_nn::data::Dataset) -> String {
+    let hash = train
+        .labels
+        .iter()
+        .flat_map(|l| l.to_le_bytes())
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+    format!("{} images, labels {hash:016x}", train.len())
+}
+
 /// A dataset: `digits` (the bundled 8×8 digits), `digits:PATH` (the same format from a file),
 /// `cifar10:DIR` and `cifar100:DIR` (the official binary version), or `folder:DIR` (one
 /// subfolder of PNG or JPEG images per class).

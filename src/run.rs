@@ -23,7 +23,7 @@ use loren_tensor::{Device, DeviceSpec, MemTag, MemoryReport};
 use serde::Serialize;
 
 use crate::bench::{Budget, CPU_RSS_FACTOR, CPU_RSS_MARGIN, budget_for, need_for_peak, precision};
-use crate::dataset::{Normalize, TRAIN_ON_VAL_KEY, recorded_train_on_val};
+use crate::dataset::{Normalize, TRAIN_ON_VAL_KEY, TRAINING_IMAGES_KEY, recorded_train_on_val};
 use crate::progress::{EvalBar, TrainBar, Verbosity};
 use crate::report::bytes;
 
@@ -199,17 +199,23 @@ pub fn check_resume(spec: &RunSpec, file: &TensorFile) -> Result<()> {
 }
 
 /// A resumed run must train on the data the checkpoint was trained on: the metadata the run
-/// records of its data (`spec.metadata`: the source and the held-out classes) must match. The
-/// same kind of source at another path (a moved dataset, another machine) is taken with a note.
+/// records of its data (`spec.metadata`: the source, the held-out classes and the training
+/// images' count and labels) must match. The same kind of source at another path (a moved
+/// dataset, another machine) holding the same training images is taken with a note.
 fn check_same_data(
     file: &TensorFile,
     ours: &HashMap<String, String>,
     verbosity: Verbosity,
 ) -> Result<()> {
     let kind = |source: &str| source.split(':').next().unwrap_or_default().to_string();
+    let recorded_images = file.metadata().get(TRAINING_IMAGES_KEY);
+    let same_images = recorded_images.is_none_or(|r| ours.get(TRAINING_IMAGES_KEY) == Some(r));
     let mut keys: Vec<&String> = ours.keys().collect();
     keys.sort();
     for key in keys {
+        if key == TRAINING_IMAGES_KEY && recorded_images.is_none() {
+            continue;
+        }
         // A checkpoint from before these settings were recorded reads as their defaults.
         let saved = match key.as_str() {
             Normalize::KEY => Normalize::recorded(file.metadata())?.to_string(),
@@ -225,8 +231,9 @@ fn check_same_data(
         if saved == now {
             continue;
         }
+        // Other images at another path are refused by their own key, with their counts.
         if key == "data" && kind(saved) == kind(now) {
-            if verbosity == Verbosity::Normal {
+            if same_images && verbosity == Verbosity::Normal {
                 crate::note!(
                     "note: {} was trained on {saved}; resuming on {now}, taken to be the same data",
                     file.path().display()
@@ -241,6 +248,7 @@ fn check_same_data(
         };
         let trained = match key.as_str() {
             TRAIN_ON_VAL_KEY => format!("{}, not {}", with(saved), with(now)),
+            TRAINING_IMAGES_KEY => format!("on a training split of {saved}, not {now}"),
             _ => format!("with {key} '{saved}', not '{now}'"),
         };
         bail!(

@@ -337,6 +337,41 @@ fn an_image_folder_trains_through_the_cli() {
     );
 }
 
+/// A run resumes on its images at another path (a moved folder), and is refused on other
+/// images at that path: the checkpoint records the training split's count and labels.
+#[test]
+fn a_resumed_run_needs_the_same_training_images_wherever_they_are() {
+    let dir = temp_dir("resume-moved");
+    let (first, moved, other) = (dir.join("a"), dir.join("b"), dir.join("c"));
+    write_cats_and_dogs(&first);
+    write_cats_and_dogs(&moved);
+    write_cats_and_dogs(&other);
+    for i in 10..14 {
+        write_png(&other.join("dogs").join(format!("{i}.png")), 12, 10, 50 + i);
+    }
+    let out = dir.join("run");
+    let arg = |d: &Path| format!("folder:{}", d.display());
+    run_ok(&strs(&quick_train(&out, &["--data", &arg(&first)])));
+    let resume = |data: &Path, to: &str| {
+        let (o, d) = (dir.join(to), arg(data));
+        let o = o.to_str().unwrap().to_string();
+        let r = out.to_str().unwrap().to_string();
+        let args = [
+            "train", "--resume", &r, "--epochs", "2", "--data", &d, "--out", &o,
+        ];
+        args.map(String::from).to_vec()
+    };
+    let (ok, _, err) = loren(&strs(&resume(&moved, "moved")));
+    assert!(ok && err.contains("taken to be the same data"), "{err}");
+    fails_with(
+        &strs(&resume(&other, "other")),
+        &[
+            "trained on a training split of",
+            "resume with the same data",
+        ],
+    );
+}
+
 /// `--ood-data` scores OOD detection against other datasets, each brought to the model: CIFAR's
 /// 32×32 colour test images for the 8×8 grey digits model, and the digits' own test split,
 /// which no score can tell from itself (AUROC 0.5: every image ties with its copy). `eval`

@@ -18,6 +18,8 @@ use loren_nn::config::{Activations, EnsembleConfig, Method, VitConfig};
 use loren_nn::data::Augment;
 use loren_nn::train::TrainConfig;
 
+use loren::dataset::{TRAINING_IMAGES_KEY, training_images};
+
 use super::args::{
     Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, SeedArgs, checkpoint_arg, run_spec,
     saved_holdout_classes, splits, text_path, write_outputs,
@@ -152,6 +154,10 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
         data.train.classes,
         Some(ckpt.clone()),
     )?;
+    spec.metadata.insert(
+        TRAINING_IMAGES_KEY.to_string(),
+        training_images(&data.train),
+    );
     if let Some(file) = resume.as_deref() {
         // Before the backbone is read, so that another --config is named as such.
         check_resume(&spec, file)?;

@@ -388,7 +388,7 @@ mod tests {
             split_seeded(&five, &[], false).unwrap().val.unwrap().len(),
             1
         );
-        // Without a validation part, the test part needs classes of 3; only kept classes count.
+        // Without a validation part, the test part is the first empty one: it needs classes of 3.
         let e = split_seeded(&dataset("pairs", 3, 2), &[], true)
             .unwrap_err()
             .to_string();

@@ -4,9 +4,10 @@
 //! images within a class are read in sorted file-name order. Files are recognised by their
 //! first bytes, PNG or JPEG, whatever their extension; other files and hidden entries are
 //! skipped, except that a file named as an image (`.png`, `.jpg`, `.jpeg`) that is not one is
-//! an error rather than data quietly left out. Every image is brought to the requested channels (grey repeated into RGB, or RGB
-//! to grey by luma; alpha dropped), centre-cropped to the requested aspect ratio, and resized
-//! with the antialiased bilinear filter of [`super::resize`].
+//! an error rather than data quietly left out. Every image is brought to the requested
+//! channels (grey repeated into RGB, or RGB to grey by luma; alpha dropped), centre-cropped to
+//! the requested aspect ratio, and resized with the antialiased bilinear filter of
+//! [`super::resize`].
 
 use std::fs;
 use std::io::{BufRead, Cursor, Seek};
@@ -290,15 +291,19 @@ fn check_image(path: &Path) -> Result<(), DataError> {
             msg: format!("{named}{what}"),
         })
     };
-    if let Some(target) = broken_link(path) {
-        return not_image(format!(
-            "it is a broken symbolic link (to {}, which does not exist)",
-            target.display()
-        ));
-    }
-    // Opening a FIFO or a device to read its first bytes could wait for ever.
-    if path.exists() && !path.is_file() {
-        return not_image("it is not a regular file".into());
+    match fs::metadata(path) {
+        // Opening a FIFO or a device to read its first bytes could wait for ever.
+        Ok(meta) if !meta.is_file() => return not_image("it is not a regular file".into()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Ok(target) = fs::read_link(path) {
+                return not_image(format!(
+                    "it is a broken symbolic link (to {}, which does not exist)",
+                    target.display()
+                ));
+            }
+        }
+        // Anything else unreadable is told by the read below.
+        _ => {}
     }
     let head = head(path)?;
     if head.is_empty() {
@@ -310,17 +315,6 @@ fn check_image(path: &Path) -> Result<(), DataError> {
             "it is not a PNG or JPEG image ({})",
             describe_start(&head)
         )),
-    }
-}
-
-/// The target of the symbolic link at `path` when nothing is there.
-fn broken_link(path: &Path) -> Option<PathBuf> {
-    let is_link = fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
-    let dangling = fs::metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound);
-    if is_link && dangling {
-        fs::read_link(path).ok()
-    } else {
-        None
     }
 }
 
@@ -587,7 +581,9 @@ fn decode_jpeg(bytes: &[u8]) -> Result<Decoded, String> {
     // The decoder fills what a cut-off file lacks with grey and says nothing; PIL refuses such a
     // file ("image file is truncated"), and so does this.
     if !reaches_end_of_image(bytes) {
-        return Err("the file is truncated: its image data stops before its end marker".into());
+        let msg = "not a valid JPEG: its data stops before its end marker (the file is truncated \
+                   or corrupt)";
+        return Err(msg.into());
     }
     // The decoder's own side limit is lifted to what a JPEG header can say, so that the size is
     // checked here, in the words of [`check_jpeg_size`], rather than by the decoder.
@@ -1160,7 +1156,9 @@ mod tests {
             "{e}"
         );
         assert_eq!(
-            find_images(&[link.clone()]).unwrap_err().to_string(),
+            find_images(std::slice::from_ref(&link))
+                .unwrap_err()
+                .to_string(),
             e,
             "given by name"
         );
