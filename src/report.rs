@@ -272,11 +272,12 @@ fn settings_line(t: &TrainConfig) -> String {
         .map(|c| format!(", gradients clipped at norm {c}"))
         .unwrap_or_default();
     format!(
-        "  trained: lr {}, {} warmup steps, cosine to {}; {optimizer}{clip}; {} epochs of batch {}\n",
+        "  trained: lr {}, {} warmup steps, cosine to {}; {optimizer}{clip}; {} epoch{} of batch {}\n",
         rate(t.lr),
         t.warmup_steps,
         rate(t.min_lr),
         t.epochs,
+        if t.epochs == 1 { "" } else { "s" },
         t.batch_size
     )
 }
