@@ -586,6 +586,33 @@ fn bad_optimizer_and_adapter_flags_name_the_flag() {
     }
 }
 
+/// A value an f32 cannot hold is refused as written, not taken as 0 or infinity.
+#[test]
+fn values_past_f32_are_refused_as_written() {
+    for (args, needle) in [
+        (
+            vec!["train", "--lr", "1e-300"],
+            "1e-300 is too small for an f32",
+        ),
+        (
+            vec!["train", "--lora-scale", "1e39"],
+            "1e39 is too large for an f32",
+        ),
+        (
+            vec!["compare", "--lrs", "1e-3,1e-300"],
+            "1e-300 is too small",
+        ),
+        (
+            vec!["compare", "--method-lr", "lora=1e-300"],
+            "--method-lr lora=1e-300: 1e-300 is too small",
+        ),
+    ] {
+        let (ok, _, err) = loren(&args);
+        assert!(!ok && err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
 #[test]
 fn bench_refuses_a_peak_gemm_that_cannot_fit() {
     let out = temp_dir("bench-peak");

@@ -79,17 +79,17 @@ pub struct EnsembleArgs {
     #[arg(long, short = 'r', default_value_t = 8, allow_negative_numbers = true)]
     pub rank: usize,
     /// LoRA scale s in y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ.
-    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
+    #[arg(long, value_parser = f32_arg, default_value_t = 1.0, allow_hyphen_values = true)]
     pub lora_scale: f32,
     /// Which attention projections get adapters: q, k, v and o, each at most once (e.g. qv).
     #[arg(long, default_value = "qkvo")]
     pub lora_targets: String,
     /// Gain of the Xavier-uniform start of A; large gains start the members far apart.
-    #[arg(long, default_value_t = 10.0, allow_hyphen_values = true)]
+    #[arg(long, value_parser = f32_arg, default_value_t = 10.0, allow_hyphen_values = true)]
     pub lora_gain: f32,
     /// mc-dropout: the probability that an attention score is dropped (DropKey), the paper's
     /// p_drop.
-    #[arg(long, default_value_t = EnsembleConfig::DROP_KEY, allow_hyphen_values = true)]
+    #[arg(long, value_parser = f32_arg, default_value_t = EnsembleConfig::DROP_KEY, allow_hyphen_values = true)]
     pub drop_key: f32,
 }
 
@@ -153,10 +153,10 @@ pub struct OptimArgs {
     /// Peak learning rate (default: 3e-4 for the single networks, single and single-lora; 1e-3
     /// for the ensembles, explicit, lora and mc-dropout: each method's rate chosen on validation
     /// by `loren compare --lrs 3e-4,1e-3,3e-3 --seeds 0,1,2,3` on the bundled digits).
-    #[arg(long, allow_hyphen_values = true)]
+    #[arg(long, value_parser = f32_arg, allow_hyphen_values = true)]
     pub lr: Option<f32>,
     /// Learning rate at the end of the cosine decay.
-    #[arg(long, default_value_t = 1e-5, allow_hyphen_values = true)]
+    #[arg(long, value_parser = f32_arg, default_value_t = 1e-5, allow_hyphen_values = true)]
     pub min_lr: f32,
     /// Linear warmup steps before the cosine decay.
     #[arg(long, default_value_t = 50, allow_negative_numbers = true)]
@@ -174,13 +174,13 @@ pub struct OptimArgs {
     #[arg(long)]
     pub warmup_from_zero: bool,
     /// AdamW's decoupled weight decay (or SGD's L2 penalty), on weight matrices only.
-    #[arg(long, default_value_t = 0.01, allow_hyphen_values = true)]
+    #[arg(long, value_parser = f32_arg, default_value_t = 0.01, allow_hyphen_values = true)]
     pub weight_decay: f32,
     /// adamw or sgd (with --momentum).
     #[arg(long, default_value = "adamw")]
     pub optimizer: String,
     /// SGD's momentum, in [0, 1) (adamw does not use it).
-    #[arg(long, default_value_t = 0.9, allow_hyphen_values = true)]
+    #[arg(long, value_parser = f32_arg, default_value_t = 0.9, allow_hyphen_values = true)]
     pub momentum: f32,
     /// Clip the global gradient norm to this; 0 turns clipping off.
     #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
@@ -543,6 +543,27 @@ pub fn memory_budget(arg: Option<&str>) -> Result<Option<u64>> {
     arg.map(loren::bench::parse_bytes)
         .transpose()
         .context("--memory-budget")
+}
+
+/// An f32 flag, refused by clap when its value does not fit an f32: 1e-300 would otherwise be
+/// taken, and reported, as 0, and 1e39 as infinity. NaN and infinities written as such pass,
+/// for each flag's own check to name.
+pub fn f32_arg(arg: &str) -> Result<f32, String> {
+    let v: f64 = arg
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{arg}' is not a number"))?;
+    let x = v as f32;
+    if v != 0.0 && x == 0.0 {
+        return Err(format!("{arg} is too small for an f32: it would be 0"));
+    }
+    if v.is_finite() && x.is_infinite() {
+        return Err(format!(
+            "{arg} is too large for an f32 (at most {:e})",
+            f32::MAX
+        ));
+    }
+    Ok(x)
 }
 
 /// A path that is written down as text (in checkpoints, reports and notes), so must be text:

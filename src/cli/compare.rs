@@ -6,8 +6,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use super::args::{
-    Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, SeedArgs, run_spec, splits, text_path,
-    write_outputs,
+    Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, SeedArgs, f32_arg, run_spec, splits,
+    text_path, write_outputs,
 };
 
 use super::say;
@@ -72,6 +72,7 @@ pub struct CompareArgs {
         long,
         value_delimiter = ',',
         allow_hyphen_values = true,
+        value_parser = f32_arg,
         conflicts_with_all = ["lr", "method_lr"]
     )]
     pub lrs: Vec<f32>,
@@ -347,10 +348,7 @@ fn method_rates(entries: &[String], methods: &[Method]) -> Result<Vec<(Method, f
         if !methods.contains(&method) {
             bail!("--method-lr {entry}: {method} is not among --methods");
         }
-        let lr: f32 = lr
-            .trim()
-            .parse()
-            .map_err(|_| anyhow::anyhow!("--method-lr {entry}: '{lr}' is not a number"))?;
+        let lr = f32_arg(lr).map_err(|e| anyhow::anyhow!("--method-lr {entry}: {e}"))?;
         if !(lr.is_finite() && lr > 0.0) {
             bail!("--method-lr {entry}: a learning rate must be positive and finite");
         }
