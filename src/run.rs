@@ -147,18 +147,31 @@ fn replaced_by(checkpoint: &Path, resumed: Option<&Path>) -> Vec<PathBuf> {
             checkpoint.display()
         );
     }
-    // `loren eval`'s too: they scored the checkpoint being replaced.
-    [
-        "report.json",
-        "reliability.svg",
-        "training.svg",
-        "predictions.safetensors",
-        "eval.json",
-        "eval-reliability.svg",
-        "eval-predictions.safetensors",
-    ]
-    .map(|name| dir.join(name))
-    .to_vec()
+    RUN_FILES.map(|name| dir.join(name)).to_vec()
+}
+
+/// The files beside a run's checkpoint: `train`'s, and `loren eval`'s, which scored it.
+pub const RUN_FILES: [&str; 7] = [
+    "report.json",
+    "reliability.svg",
+    "training.svg",
+    "predictions.safetensors",
+    "eval.json",
+    "eval-reliability.svg",
+    "eval-predictions.safetensors",
+];
+
+/// A folder where a run will write one of its files fails it only once trained, so it is
+/// refused first.
+pub fn check_no_folder_in_the_way(out: &Path) -> Result<()> {
+    let names = RUN_FILES.iter().chain(&["checkpoint.safetensors"]);
+    match names.map(|n| out.join(n)).find(|p| p.is_dir()) {
+        Some(p) => bail!(
+            "{} is a folder, where the run writes a file of that name",
+            p.display()
+        ),
+        None => Ok(()),
+    }
 }
 
 /// `path`, or the checkpoint in it when it is the folder `loren train --out` wrote one into.

@@ -714,6 +714,12 @@ fn an_unwritable_out_folder_fails_before_training() {
     let mut args = vec!["train", "--out", under.to_str().unwrap(), "--epochs", "1"];
     args.extend(RUN);
     refused(&args, &["--out", "cannot write there"]);
+    // A folder where the run would write a file fails it before it trains, not after.
+    let blocked = dir.join("blocked");
+    std::fs::create_dir_all(blocked.join("predictions.safetensors")).unwrap();
+    let mut args = vec!["train", "--out", blocked.to_str().unwrap(), "--epochs", "1"];
+    args.extend(RUN);
+    refused(&args, &["predictions.safetensors is a folder"]);
 }
 
 /// A fresh run into a folder that holds another run's results says it replaces them, and leaves
