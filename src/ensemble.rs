@@ -156,6 +156,7 @@ impl Ensemble {
         }
         let vit: VitConfig = file.meta_json("vit")?;
         let ens: EnsembleConfig = file.meta_json("ensemble")?;
+        loren_nn::train::check_described_model(&vit, &ens, &file, file.values())?;
         let mut model = Vit::new(&vit, &ens, &device.open()?, 0)?;
         match file.meta("layout")? {
             "shared" => model.load_backbone(&file)?,

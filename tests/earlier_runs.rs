@@ -452,6 +452,41 @@ fn trained_run_without(key: &str, value: &str) -> PathBuf {
     copy
 }
 
+/// A checkpoint whose metadata describe a far larger model than its tensors (corrupt, or
+/// crafted) is refused by every command that reads it, before a model of that size is made:
+/// 2^25 members of the tiny ViT would be 2 TB, whose allocation aborts the process.
+#[test]
+fn metadata_describing_a_model_its_tensors_cannot_hold_are_refused() {
+    let copy = copy_of_the_trained_run("crafted");
+    let ckpt = copy.join("checkpoint.safetensors");
+    let file = TensorFile::read(&ckpt).unwrap();
+    let mut meta = file.metadata().clone();
+    let mut ens: serde_json::Value = serde_json::from_str(&meta["ensemble"]).unwrap();
+    ens["members"] = (1u64 << 25).into();
+    meta.insert("ensemble".into(), ens.to_string());
+    write(&ckpt, &all_tensors(&file), meta.clone()).unwrap();
+    let c = ckpt.to_str().unwrap();
+    let out = copy.join("export.safetensors");
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/examples");
+    for args in [
+        vec!["eval", "--checkpoint", c, "--no-shift", "--no-ood"],
+        vec!["predict", "--model", c, examples.to_str().unwrap()],
+        vec!["export", "--checkpoint", c, "--out", out.to_str().unwrap()],
+    ] {
+        refused(&args, &["33554432 members", "do not match the tensors"]);
+    }
+    // An image side of 2^16 pixels in patches of 2 is refused before the position embedding is
+    // resampled to it.
+    let mut vit: serde_json::Value = serde_json::from_str(&meta["vit"]).unwrap();
+    vit["image_size"] = (1u64 << 16).into();
+    meta.insert("vit".into(), vit.to_string());
+    write(&ckpt, &all_tensors(&file), meta).unwrap();
+    refused(
+        &["eval", "--checkpoint", c, "--no-shift", "--no-ood"],
+        &["32768 patches a side, above 1024"],
+    );
+}
+
 /// A checkpoint from before the augmentation recorded its sampling reads as bilinear, which
 /// `--augment paper` no longer is: resumed, it continues as it was trained; asked to go on as
 /// today's paper preset, it is refused by name.

@@ -154,6 +154,11 @@ impl TensorFile {
         })
     }
 
+    /// How many values its tensors hold, all together.
+    pub fn values(&self) -> usize {
+        self.tensors.values().map(|e| e.data.len()).sum()
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)
     }

@@ -111,6 +111,13 @@ impl VitConfig {
         if let Some((what, v)) = dims.iter().find(|(_, v)| *v > MAX_SIDE) {
             return bad(format!("{what} {v} is above {MAX_SIDE}"));
         }
+        let side = self.image_size / self.patch;
+        if side > MAX_GRID {
+            return bad(format!(
+                "image size {} in patches of {} is {side} patches a side, above {MAX_GRID}",
+                self.image_size, self.patch
+            ));
+        }
         if !self.image_size.is_multiple_of(self.patch) {
             return bad(format!(
                 "patch {} does not tile image size {}",
@@ -130,6 +137,11 @@ impl VitConfig {
 /// The largest value of any one size in a [`VitConfig`]. Far above any ViT, and low enough that
 /// no count made from the sizes (tokens, parameters) overflows.
 pub const MAX_SIDE: usize = 1 << 20;
+
+/// The most patches a side of the image may have: a million tokens, whose attention alone
+/// would take 2^40 scores an image and head. It bounds the position embedding an imported
+/// backbone is resampled to before anything else is checked.
+pub const MAX_GRID: usize = 1 << 10;
 
 /// The most parameters a model may have: 4 TiB in f32, more than any device holds. Beyond it a
 /// configuration is refused before anything is counted in integers or allocated.

@@ -785,6 +785,31 @@ fn differences(root: &str, saved: &serde_json::Value, now: &serde_json::Value) -
 
 /// Rebuild the model a training checkpoint holds. Its frozen backbone, when it has one, comes
 /// from `backbone`; the trainable tensors from the checkpoint.
+/// The configs in `file`'s metadata describe a model whose parameters the files it is read from
+/// hold (`held` values, `file`'s and its backbone's): corrupt or crafted metadata is refused
+/// before a model of its size is allocated (an allocation too large aborts the process).
+pub fn check_described_model(
+    vit: &VitConfig,
+    ens: &EnsembleConfig,
+    file: &TensorFile,
+    held: usize,
+) -> Result<()> {
+    ens.validate(vit)?;
+    let needed = crate::memory_model::ParamCounts::estimate(vit, ens).total();
+    if needed > held as f64 {
+        return Err(NnError::checkpoint(
+            file.path(),
+            format!(
+                "its metadata describe a model of {needed} parameters (a {} of {} members and {} \
+                 classes on {}), and its files hold {held} values: the metadata do not match the \
+                 tensors",
+                ens.method, ens.members, ens.classes, vit.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
 pub fn load_trained(
     file: &TensorFile,
     backbone: Option<&TensorFile>,
@@ -797,6 +822,12 @@ pub fn load_trained(
         ));
     }
     let (vit, ens) = (file.meta_json("vit")?, file.meta_json("ensemble")?);
+    check_described_model(
+        &vit,
+        &ens,
+        file,
+        file.values() + backbone.map_or(0, |b| b.values()),
+    )?;
     let mut model = Vit::new(&vit, &ens, device, 0)?;
     let frozen_backbone = model.params().iter().any(|(_, p)| !p.trainable());
     match backbone {
