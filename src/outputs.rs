@@ -83,24 +83,59 @@ pub fn remove_stale(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `base` when it is free (missing, or an empty folder), else the first free `base-2`,
-/// `base-3`, ...: where a command's default output folder goes, so that running it again keeps
-/// what the last run wrote.
-pub fn free_dir(base: &Path) -> PathBuf {
-    let free = |d: &Path| fs::read_dir(d).map_or(!d.exists(), |mut e| e.next().is_none());
-    if free(base) {
-        return base.to_path_buf();
+/// A default output folder held by one run: `base` when it is free (missing, or an empty
+/// folder), else the first free `base-2`, `base-3`, ...; so that running a command again keeps
+/// what the last run wrote. The folder is claimed with a marker file made only if none is
+/// there, so two runs started together cannot both take it; dropping the claim removes the
+/// marker, and the folder too when the run left nothing in it.
+pub struct ClaimedDir {
+    pub path: PathBuf,
+    marker: PathBuf,
+}
+
+const CLAIM: &str = ".loren-claim";
+
+impl ClaimedDir {
+    pub fn claim(base: &Path, flag: &str) -> Result<ClaimedDir> {
+        let mut tries = 1u64;
+        loop {
+            let dir = match tries {
+                1 => base.to_path_buf(),
+                n => {
+                    let mut name = base.as_os_str().to_os_string();
+                    name.push(format!("-{n}"));
+                    PathBuf::from(name)
+                }
+            };
+            tries += 1;
+            if fs::read_dir(&dir).is_ok_and(|mut e| e.next().is_some()) {
+                continue;
+            }
+            fs::create_dir_all(&dir)
+                .with_context(|| format!("{flag} {}: cannot make the folder", dir.display()))?;
+            let marker = dir.join(CLAIM);
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&marker)
+            {
+                Ok(_) => return Ok(ClaimedDir { path: dir, marker }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("{flag} {}: cannot write there", dir.display()));
+                }
+            }
+        }
     }
-    let mut name = base.as_os_str().to_os_string();
-    name.push("-");
-    (2u64..)
-        .map(|n| {
-            let mut d = name.clone();
-            d.push(n.to_string());
-            PathBuf::from(d)
-        })
-        .find(|d| free(d))
-        .expect("some numbered folder is free")
+}
+
+impl Drop for ClaimedDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.marker);
+        // Only when empty: a finished run's files keep it.
+        let _ = fs::remove_dir(&self.path);
+    }
 }
 
 /// Whether `a` and `b` name the same file (both existing), however they are spelled.
@@ -120,6 +155,32 @@ mod tests {
         let _ = fs::remove_dir_all(&d);
         fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn a_claimed_folder_is_one_runs_until_the_claim_ends() {
+        let root = temp("claim");
+        let base = root.join("train");
+        let first = ClaimedDir::claim(&base, "--out").unwrap();
+        assert_eq!(first.path, base);
+        // Empty but for the claim: another run started meanwhile goes on to the next.
+        let second = ClaimedDir::claim(&base, "--out").unwrap();
+        assert_eq!(second.path, root.join("train-2"));
+        fs::write(first.path.join("report.json"), b"{}").unwrap();
+        drop(first);
+        drop(second);
+        // The run that wrote keeps its folder, without the claim; the one that wrote nothing
+        // leaves none.
+        let left: Vec<_> = fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(left, [base.clone()]);
+        assert!(!base.join(CLAIM).exists());
+        assert_eq!(
+            ClaimedDir::claim(&base, "--out").unwrap().path,
+            root.join("train-2")
+        );
     }
 
     #[test]

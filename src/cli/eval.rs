@@ -19,7 +19,7 @@ use loren::progress::{EvalBar, Verbosity};
 use loren::report::{calibration_report, method_title};
 use loren::run::{RunSettings, read_checkpoint};
 use loren_nn::checkpoint::write_atomic;
-use loren_nn::config::VitConfig;
+use loren_nn::config::{EnsembleConfig, VitConfig};
 use loren_nn::eval::{EvalReport, ScoredSet, eval_images, evaluate, predict};
 use loren_nn::metrics::fit_temperature;
 use loren_nn::reliability::reliability_svg;
@@ -116,6 +116,10 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     }
     data_args.normalize = Some(trained.to_string());
     let vit: VitConfig = file.meta_json("vit")?;
+    // Checked before the data is brought to the model's image size: a corrupt size would be
+    // allocated for every image.
+    file.meta_json::<EnsembleConfig>("ensemble")?
+        .validate(&vit)?;
     // The same cut either way: eval scores only the test part and the held-out classes.
     let train_on_val = recorded_train_on_val(meta)?;
     let data = splits(&data_args, &vit, train_on_val)?;

@@ -120,21 +120,23 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
     }
     let config = VitConfig::by_name(&a.model.config)?;
     // The default folder never takes another run's place: a named --out does, and says so.
-    let moved;
+    let (moved, _claim);
     let a = match resume.is_none() && !is_given("out") {
         true => {
-            moved = TrainArgs {
-                out: loren::outputs::free_dir(&a.out),
-                ..a.clone()
-            };
-            if moved.out != a.out && a.common.verbosity() == Verbosity::Normal {
+            let claim = loren::outputs::ClaimedDir::claim(&a.out, "--out")?;
+            if claim.path != a.out && a.common.verbosity() == Verbosity::Normal {
                 loren::note!(
                     "note: {} holds an earlier run; this one goes to {} (--out DIR names the \
                      folder, and replaces a run in it)",
                     a.out.display(),
-                    moved.out.display()
+                    claim.path.display()
                 );
             }
+            moved = TrainArgs {
+                out: claim.path.clone(),
+                ..a.clone()
+            };
+            _claim = claim;
             &moved
         }
         false => a,

@@ -42,7 +42,8 @@ fn check_header_length(path: &Path) -> Result<(fs::File, u64)> {
         ));
     }
     let n = u64::from_le_bytes(head);
-    if n == 0 || n > MAX_HEADER_BYTES || n > meta.len() - 8 {
+    // A file's reported length may be 0 with content behind it (procfs).
+    if n == 0 || n > MAX_HEADER_BYTES || n > meta.len().saturating_sub(8) {
         return Err(NnError::checkpoint(
             path,
             format!(
@@ -443,6 +444,12 @@ mod tests {
         fs::write(&short, b"abc").unwrap();
         let e = TensorFile::read(&short).unwrap_err().to_string();
         assert!(e.contains("3 bytes, shorter than the 8"), "{e}");
+        // procfs reports a length of 0 for files with content.
+        let auxv = Path::new("/proc/self/auxv");
+        if auxv.exists() {
+            let e = TensorFile::read(auxv).unwrap_err().to_string();
+            assert!(e.contains("auxv"), "{e}");
+        }
         // A device reads without end.
         let e = TensorFile::read(Path::new("/dev/zero"))
             .unwrap_err()

@@ -348,12 +348,15 @@ pub struct StepModel {
 pub const MAX_STEP_VALUES: f64 = (1u64 << 50) as f64;
 
 /// Roughly how many activation values a training step holds (a bound for refusing sizes, not
-/// the prediction): every member's rows through every block, with the attention's scores.
+/// the prediction): the images, and every member's patches and rows through every block, with
+/// the attention's scores.
 fn step_values(vit: &VitConfig, ens: &EnsembleConfig, batch: usize) -> f64 {
     let f = |n: usize| n as f64;
     let t = f(vit.image_size / vit.patch).powi(2) + 1.0;
     let per_token = 12.0 * f(vit.dim) + 2.0 * f(vit.mlp_dim) + f(vit.heads) * t;
-    f(ens.members) * f(batch) * t * f(vit.depth) * per_token
+    // The images, and each member's patches of them (the explicit ensemble embeds its own).
+    let pixels = f(vit.channels) * f(vit.image_size).powi(2);
+    f(batch) * (f(ens.members) * (t * f(vit.depth) * per_token + pixels) + pixels)
 }
 
 /// Predict a training step and an inference pass of `ens` on `vit` with batch `batch`.
@@ -1842,6 +1845,23 @@ mod tests {
         };
         let e = refused(&wide, &ensemble(Method::Lora, 1, Targets::ALL), 1);
         assert!(e.contains("image_size 4294967296 is above 1048576"), "{e}");
+        // Few, large patches: the images and the patch inputs are the largest tensors.
+        let coarse = VitConfig {
+            image_size: 1 << 19,
+            patch: 1 << 19,
+            channels: 3,
+            dim: 1,
+            heads: 1,
+            mlp_dim: 1,
+            depth: 1,
+            ..VitConfig::tiny()
+        };
+        let e = refused(
+            &coarse,
+            &ensemble(Method::Explicit, 1, Targets::ALL),
+            1 << 23,
+        );
+        assert!(e.contains("activation values"), "{e}");
         // The bounds are far from real models: ViT-B/16's explicit ensemble of 64 at batch 256.
         let b16 = VitConfig::vit_b_16();
         predict(

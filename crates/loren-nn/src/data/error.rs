@@ -65,6 +65,10 @@ pub enum DataError {
     #[error("{}: {msg}", path.display())]
     BadFile { path: PathBuf, msg: String },
 
+    /// Images cannot be brought to this shape: a channel count other than 1 or 3, or more
+    /// pixels than memory holds.
+    #[error("images of {}x{}x{} (channels, height, width): {reason}", shape[0], shape[1], shape[2])]
+    ImageShape { shape: [usize; 3], reason: String },
     #[error("dataset `{name}`: channels, height and width must be positive, got {}x{}x{}", shape[0], shape[1], shape[2])]
     EmptyShape { name: String, shape: [usize; 3] },
     #[error(

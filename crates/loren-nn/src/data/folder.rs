@@ -100,15 +100,32 @@ fn decode_files(
 /// holds.
 pub fn read_images(files: &[PathBuf], shape: [usize; 3]) -> Result<Pixels, DataError> {
     let [channels, height, width] = shape;
-    assert!(
-        matches!(channels, 1 | 3) && height > 0 && width > 0,
-        "read_images: shape {shape:?} must have 1 or 3 channels and a positive size"
-    );
+    let bad = |reason: &str| DataError::ImageShape {
+        shape,
+        reason: reason.into(),
+    };
+    if !matches!(channels, 1 | 3) || height == 0 || width == 0 {
+        return Err(bad(
+            "an image folder gives 1 or 3 channels of a positive size",
+        ));
+    }
     // Each image goes straight to its place: collecting them and concatenating would hold the
     // whole set twice at the peak. Kept as bytes, a quarter of f32, each pixel rounded to the
     // nearest 1/255 after the resize, as an 8-bit image resized (PIL's, say) holds it.
-    let per_image = channels * height * width;
-    let mut bytes = vec![0u8; files.len() * per_image];
+    let too_many = || {
+        bad(&format!(
+            "{} of them take more memory than there is",
+            files.len()
+        ))
+    };
+    let per_image = channels
+        .checked_mul(height)
+        .and_then(|n| n.checked_mul(width))
+        .ok_or_else(too_many)?;
+    let total = per_image.checked_mul(files.len()).ok_or_else(too_many)?;
+    let mut bytes = Vec::new();
+    bytes.try_reserve_exact(total).map_err(|_| too_many())?;
+    bytes.resize(total, 0u8);
     bytes.par_chunks_mut(per_image).zip(files).try_for_each(
         |(out, path)| -> Result<(), DataError> {
             out.copy_from_slice(&Pixels::quantized(&load_image(path, shape)?, 255));
@@ -709,6 +726,22 @@ mod tests {
         let enc = jpeg_encoder::Encoder::new_file(path, 100).unwrap();
         enc.encode(samples, w as u16, h as u16, jpeg_encoder::ColorType::Rgb)
             .unwrap();
+    }
+
+    /// A shape no image folder gives, or more pixels than can be counted, is an error before
+    /// any allocation (the model's image size comes from a checkpoint's metadata).
+    #[test]
+    fn data_images_of_an_impossible_shape_are_refused() {
+        let files = [PathBuf::from("a.png"), PathBuf::from("b.png")];
+        let e = read_images(&files, [2, 8, 8]).unwrap_err().to_string();
+        assert!(
+            e.contains("images of 2x8x8") && e.contains("1 or 3 channels"),
+            "{e}"
+        );
+        let e = read_images(&files, [3, 1 << 32, 1 << 32])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("more memory than there is"), "{e}");
     }
 
     /// The test part decoded alone is the test part of the whole folder, split: the same
