@@ -175,7 +175,7 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().path())
             .collect();
-        assert_eq!(left, [base.clone()]);
+        assert_eq!(left, std::slice::from_ref(&base));
         assert!(!base.join(CLAIM).exists());
         assert_eq!(
             ClaimedDir::claim(&base, "--out").unwrap().path,
