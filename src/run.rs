@@ -291,11 +291,17 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
     device.memory().reset_peaks();
     // Training and the evaluation after it both stop at Ctrl-C, each after a whole step or batch.
     let _ctrl_c = crate::interrupt::Guard::install();
+    // What the run records of its data, its training images included for any caller.
+    let mut data_metadata = spec.metadata.clone();
+    data_metadata.insert(
+        TRAINING_IMAGES_KEY.to_string(),
+        crate::dataset::training_images(&data.train),
+    );
     let summary = {
         let mut trainer = Trainer::new(&mut model, &spec.train, data.train.len())?;
         if let Some(file) = spec.resume.as_deref() {
             // check_resume said so already (with its note); this keeps run() safe for any caller.
-            check_same_data(file, &spec.metadata, Verbosity::Quiet)?;
+            check_same_data(file, &data_metadata, Verbosity::Quiet)?;
             if frozen_backbone {
                 check_backbone(file, backbone)?;
             }
@@ -310,9 +316,9 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
                 );
             }
         }
-        // The data too (spec.metadata), so eval and export find what it was trained on, and
-        // the backbone's fingerprint, so they refuse other weights.
-        let mut metadata = spec.metadata.clone();
+        // The data too, so eval and export find what it was trained on, and the backbone's
+        // fingerprint, so they refuse other weights.
+        let mut metadata = data_metadata.clone();
         // Absolute, as the data is, so that resume, eval and export find it from any directory.
         let backbone_path =
             std::fs::canonicalize(backbone.path()).unwrap_or_else(|_| backbone.path().into());
@@ -442,7 +448,7 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
             vit: spec.vit.clone(),
             ensemble: spec.ensemble.clone(),
             train: spec.train.clone(),
-            data: spec.metadata.clone().into_iter().collect(),
+            data: data_metadata.into_iter().collect(),
             model_seed: Some(spec.model_seed),
         },
     })
