@@ -487,6 +487,28 @@ fn metadata_describing_a_model_its_tensors_cannot_hold_are_refused() {
     );
 }
 
+/// A LoRA checkpoint that names no backbone, and is given none, says that it needs one: its own
+/// tensors are not the model its metadata describe, and that is not the problem.
+#[test]
+fn a_lora_checkpoint_without_its_backbone_says_it_needs_one() {
+    let copy = copy_of_the_trained_run("no-backbone");
+    let ckpt = copy.join("checkpoint.safetensors");
+    let file = TensorFile::read(&ckpt).unwrap();
+    let mut meta = file.metadata().clone();
+    assert!(meta.remove("backbone").is_some());
+    write(&ckpt, &all_tensors(&file), meta).unwrap();
+    refused(
+        &[
+            "eval",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--no-shift",
+            "--no-ood",
+        ],
+        &["its frozen backbone is needed too"],
+    );
+}
+
 /// A checkpoint from before the augmentation recorded its sampling reads as bilinear, which
 /// `--augment paper` no longer is: resumed, it continues as it was trained; asked to go on as
 /// today's paper preset, it is refused by name.

@@ -821,7 +821,16 @@ pub fn load_trained(
             "not a loren training checkpoint",
         ));
     }
-    let (vit, ens) = (file.meta_json("vit")?, file.meta_json("ensemble")?);
+    let (vit, ens): (VitConfig, EnsembleConfig) =
+        (file.meta_json("vit")?, file.meta_json("ensemble")?);
+    // Named first: without its backbone the files could not hold the model the sizes describe.
+    let frozen_backbone = crate::memory_model::ParamCounts::estimate(&vit, &ens).frozen > 0.0;
+    if frozen_backbone && backbone.is_none() {
+        return Err(NnError::checkpoint(
+            file.path(),
+            "its frozen backbone is needed too",
+        ));
+    }
     check_described_model(
         &vit,
         &ens,
@@ -829,22 +838,12 @@ pub fn load_trained(
         file.values() + backbone.map_or(0, |b| b.values()),
     )?;
     let mut model = Vit::new(&vit, &ens, device, 0)?;
-    let frozen_backbone = model.params().iter().any(|(_, p)| !p.trainable());
-    match backbone {
-        // Without frozen weights the checkpoint holds every tensor: any backbone will do.
-        Some(b) => {
-            if frozen_backbone {
-                check_backbone(file, b)?;
-            }
-            model.load_backbone(b)?
+    // Without frozen weights the checkpoint holds every tensor: any backbone will do.
+    if let Some(b) = backbone {
+        if frozen_backbone {
+            check_backbone(file, b)?;
         }
-        None if frozen_backbone => {
-            return Err(NnError::checkpoint(
-                file.path(),
-                "its frozen backbone is needed too",
-            ));
-        }
-        None => {}
+        model.load_backbone(b)?
     }
     model.load_tensors(file, |_, trainable| trainable)?;
     Ok(model)
