@@ -2,6 +2,7 @@
 //! (settings, data, backbone), eval and export must use what the checkpoint was trained with, and
 //! nothing a run needs to write is found unwritable only after its training.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -440,16 +441,30 @@ fn the_prediction_is_scored_at_a_temperature_fitted_on_validation() {
     assert!(report_json(&dir)["report"]["tempered"].is_null());
 }
 
+/// A copy of the trained run whose checkpoint's metadata `edit` changed: that checkpoint.
+fn trained_run_edited(name: &str, edit: impl FnOnce(&mut HashMap<String, String>)) -> PathBuf {
+    let ckpt = copy_of_the_trained_run(name).join("checkpoint.safetensors");
+    let file = TensorFile::read(&ckpt).unwrap();
+    let mut meta = file.metadata().clone();
+    edit(&mut meta);
+    write(&ckpt, &all_tensors(&file), meta).unwrap();
+    ckpt
+}
+
+/// Set `field` of the JSON metadata `key` to `value`.
+fn set_json(meta: &mut HashMap<String, String>, key: &str, field: &str, value: u64) {
+    let mut json: serde_json::Value = serde_json::from_str(&meta[key]).unwrap();
+    json[field] = value.into();
+    meta.insert(key.into(), json.to_string());
+}
+
 /// A copy of the trained run whose checkpoint lacks the metadata `key` (which held `value`), as
 /// one written before the setting was recorded.
 fn trained_run_without(key: &str, value: &str) -> PathBuf {
-    let copy = copy_of_the_trained_run(&format!("before-{key}"));
-    let ckpt = copy.join("checkpoint.safetensors");
-    let file = TensorFile::read(&ckpt).unwrap();
-    let mut meta = file.metadata().clone();
-    assert_eq!(meta.remove(key).as_deref(), Some(value));
-    write(&ckpt, &all_tensors(&file), meta).unwrap();
-    copy
+    let ckpt = trained_run_edited(&format!("before-{key}"), |meta| {
+        assert_eq!(meta.remove(key).as_deref(), Some(value));
+    });
+    ckpt.parent().unwrap().to_path_buf()
 }
 
 /// A checkpoint whose metadata describe a far larger model than its tensors (corrupt, or
@@ -457,16 +472,9 @@ fn trained_run_without(key: &str, value: &str) -> PathBuf {
 /// 2^25 members of the tiny ViT would be 2 TB, whose allocation aborts the process.
 #[test]
 fn metadata_describing_a_model_its_tensors_cannot_hold_are_refused() {
-    let copy = copy_of_the_trained_run("crafted");
-    let ckpt = copy.join("checkpoint.safetensors");
-    let file = TensorFile::read(&ckpt).unwrap();
-    let mut meta = file.metadata().clone();
-    let mut ens: serde_json::Value = serde_json::from_str(&meta["ensemble"]).unwrap();
-    ens["members"] = (1u64 << 25).into();
-    meta.insert("ensemble".into(), ens.to_string());
-    write(&ckpt, &all_tensors(&file), meta.clone()).unwrap();
+    let ckpt = trained_run_edited("crafted", |m| set_json(m, "ensemble", "members", 1 << 25));
     let c = ckpt.to_str().unwrap();
-    let out = copy.join("export.safetensors");
+    let out = ckpt.with_file_name("export.safetensors");
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/examples");
     for args in [
         vec!["eval", "--checkpoint", c, "--no-shift", "--no-ood"],
@@ -477,12 +485,17 @@ fn metadata_describing_a_model_its_tensors_cannot_hold_are_refused() {
     }
     // An image side of 2^16 pixels in patches of 2 is refused before the position embedding is
     // resampled to it.
-    let mut vit: serde_json::Value = serde_json::from_str(&meta["vit"]).unwrap();
-    vit["image_size"] = (1u64 << 16).into();
-    meta.insert("vit".into(), vit.to_string());
-    write(&ckpt, &all_tensors(&file), meta).unwrap();
+    let ckpt = trained_run_edited("crafted-image", |m| {
+        set_json(m, "vit", "image_size", 1 << 16)
+    });
     refused(
-        &["eval", "--checkpoint", c, "--no-shift", "--no-ood"],
+        &[
+            "eval",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--no-shift",
+            "--no-ood",
+        ],
         &["32768 patches a side, above 1024"],
     );
 }
@@ -491,12 +504,9 @@ fn metadata_describing_a_model_its_tensors_cannot_hold_are_refused() {
 /// tensors are not the model its metadata describe, and that is not the problem.
 #[test]
 fn a_lora_checkpoint_without_its_backbone_says_it_needs_one() {
-    let copy = copy_of_the_trained_run("no-backbone");
-    let ckpt = copy.join("checkpoint.safetensors");
-    let file = TensorFile::read(&ckpt).unwrap();
-    let mut meta = file.metadata().clone();
-    assert!(meta.remove("backbone").is_some());
-    write(&ckpt, &all_tensors(&file), meta).unwrap();
+    let ckpt = trained_run_edited("no-backbone", |meta| {
+        assert!(meta.remove("backbone").is_some());
+    });
     refused(
         &[
             "eval",
