@@ -458,6 +458,15 @@ fn set_json(meta: &mut HashMap<String, String>, key: &str, field: &str, value: u
     meta.insert(key.into(), json.to_string());
 }
 
+/// `loren eval` of `ckpt` is refused, as [`refused`] says.
+fn eval_refused(ckpt: &Path, needles: &[&str]) {
+    let c = ckpt.to_str().unwrap();
+    refused(
+        &["eval", "--checkpoint", c, "--no-shift", "--no-ood"],
+        needles,
+    );
+}
+
 /// A copy of the trained run whose checkpoint lacks the metadata `key` (which held `value`), as
 /// one written before the setting was recorded.
 fn trained_run_without(key: &str, value: &str) -> PathBuf {
@@ -488,16 +497,7 @@ fn metadata_describing_a_model_its_tensors_cannot_hold_are_refused() {
     let ckpt = trained_run_edited("crafted-image", |m| {
         set_json(m, "vit", "image_size", 1 << 16)
     });
-    refused(
-        &[
-            "eval",
-            "--checkpoint",
-            ckpt.to_str().unwrap(),
-            "--no-shift",
-            "--no-ood",
-        ],
-        &["32768 patches a side, above 1024"],
-    );
+    eval_refused(&ckpt, &["32768 patches a side, above 1024"]);
 }
 
 /// A LoRA checkpoint that names no backbone, and is given none, says that it needs one: its own
@@ -507,16 +507,7 @@ fn a_lora_checkpoint_without_its_backbone_says_it_needs_one() {
     let ckpt = trained_run_edited("no-backbone", |meta| {
         assert!(meta.remove("backbone").is_some());
     });
-    refused(
-        &[
-            "eval",
-            "--checkpoint",
-            ckpt.to_str().unwrap(),
-            "--no-shift",
-            "--no-ood",
-        ],
-        &["its frozen backbone is needed too"],
-    );
+    eval_refused(&ckpt, &["its frozen backbone is needed too"]);
 }
 
 /// A checkpoint from before the augmentation recorded its sampling reads as bilinear, which
