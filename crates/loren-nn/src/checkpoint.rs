@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
@@ -19,8 +19,7 @@ const MAX_HEADER_BYTES: u64 = 100_000_000;
 
 /// Refuse what cannot be a safetensors file before reading it whole: a device such as /dev/zero
 /// would be read without end, and a large file of anything else would be read into memory only
-/// to be refused.
-/// Returns the file, read up to its header, and the header's length.
+/// to be refused. Returns the file, read up to its header, and the header's length.
 fn check_header_length(path: &Path) -> Result<(fs::File, u64)> {
     let io = |e| NnError::io(path, e);
     let mut file = fs::File::open(path).map_err(io)?;
@@ -87,8 +86,14 @@ pub struct TensorFile {
 
 impl TensorFile {
     pub fn read(path: &Path) -> Result<TensorFile> {
-        check_header_length(path)?;
-        let bytes = fs::read(path).map_err(|e| NnError::io(path, e))?;
+        // The file checked is the file read: opened once, and sized up front as fs::read
+        // sizes it, so a large file is not grown (and copied) in doublings.
+        let (mut file, _) = check_header_length(path)?;
+        let len = file.metadata().map_or(0, |m| m.len());
+        let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+        file.rewind()
+            .and_then(|()| file.read_to_end(&mut bytes))
+            .map_err(|e| NnError::io(path, e))?;
         TensorFile::parse(&bytes, path)
     }
 
