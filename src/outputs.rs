@@ -1,7 +1,8 @@
 //! Output paths, checked before the work that will fill them: a run that cannot save its results
 //! fails in its first second, not after its training.
 
-use std::fs::{self, OpenOptions};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -83,23 +84,28 @@ pub fn remove_stale(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A default output folder held by one run: `base` when it is free (missing, or an empty
-/// folder), else the first free `base-2`, `base-3`, ...; so that running a command again keeps
-/// what the last run wrote. The folder is claimed with a marker file made only if none is
-/// there, so two runs started together cannot both take it; dropping the claim removes the
-/// marker, and the folder too when the run left nothing in it.
+/// A default output folder held by one run: `base` when it is free, else the first free
+/// `base-2`, `base-3`, ...; so that running a command again keeps what the last run wrote.
+///
+/// Free means missing, empty, or holding only the claim of a run that ended without removing
+/// it (killed, or a second Ctrl-C). A claim is a marker file made only if none is there, so two
+/// runs started together cannot both take the folder, and locked for as long as its run lives:
+/// the operating system lets go of the lock however the process ends, so a marker nobody holds
+/// locked is one a dead run left. Dropping the claim removes the marker, and the folder too when
+/// the run left nothing in it.
 pub struct ClaimedDir {
     pub path: PathBuf,
     marker: PathBuf,
+    /// Open, and locked, for the claim's life.
+    _held: File,
 }
 
 const CLAIM: &str = ".loren-claim";
 
 impl ClaimedDir {
     pub fn claim(base: &Path, flag: &str) -> Result<ClaimedDir> {
-        let mut tries = 1u64;
-        loop {
-            let dir = match tries {
+        for n in 1u64.. {
+            let dir = match n {
                 1 => base.to_path_buf(),
                 n => {
                     let mut name = base.as_os_str().to_os_string();
@@ -107,31 +113,97 @@ impl ClaimedDir {
                     PathBuf::from(name)
                 }
             };
-            tries += 1;
-            if fs::read_dir(&dir).is_ok_and(|mut e| e.next().is_some()) {
-                continue;
-            }
-            fs::create_dir_all(&dir)
-                .with_context(|| format!("{flag} {}: cannot make the folder", dir.display()))?;
-            let marker = dir.join(CLAIM);
-            match OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&marker)
+            let claimed = match only_a_claim(&dir) {
+                Some(false) => claim_free(&dir),
+                Some(true) => Ok(claim_left(&dir)),
+                None => Ok(None),
+            };
+            match claimed
+                .with_context(|| format!("{flag} {}: cannot write there", dir.display()))?
             {
-                Ok(_) => return Ok(ClaimedDir { path: dir, marker }),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("{flag} {}: cannot write there", dir.display()));
-                }
+                Some(path) => return Ok(path),
+                None => continue,
             }
         }
+        unreachable!("a u64 of folder names runs out")
     }
+}
+
+/// `Some(false)` for a folder that is missing or empty, `Some(true)` for one holding a claim
+/// and nothing else, `None` for one that holds more (or is not a folder to claim).
+fn only_a_claim(dir: &Path) -> Option<bool> {
+    // Missing, or not a folder that can be read: making the folder and its claim says why.
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Some(false);
+    };
+    let mut names = entries.map(|e| e.map(|e| e.file_name()));
+    match (names.next(), names.next()) {
+        (None, _) => Some(false),
+        (Some(Ok(name)), None) if name == CLAIM => Some(true),
+        _ => None,
+    }
+}
+
+/// Claim a missing or empty folder; `None` when another run claimed it first.
+fn claim_free(dir: &Path) -> std::io::Result<Option<ClaimedDir>> {
+    fs::create_dir_all(dir)?;
+    let marker = dir.join(CLAIM);
+    let mut file = match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&marker)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    file.lock()?;
+    // Written once locked: a marker still empty may be one its run has not yet locked, so it
+    // is never taken as left behind.
+    writeln!(file, "{}", std::process::id())?;
+    Ok(Some(ClaimedDir {
+        path: dir.to_path_buf(),
+        marker,
+        _held: file,
+    }))
+}
+
+/// Take over a claim its run left behind; `None` when its run still holds it (or it changed
+/// meanwhile).
+fn claim_left(dir: &Path) -> Option<ClaimedDir> {
+    let marker = dir.join(CLAIM);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&marker)
+        .ok()?;
+    file.try_lock().ok()?;
+    // The lock may have come free because its run ended just now and removed the marker, or
+    // another run made a new one in its place: only a marker still at its path, written in
+    // full, is one a dead run left.
+    let (held, at_path) = (file.metadata().ok()?, fs::metadata(&marker).ok()?);
+    (held.len() > 0 && same_inode(&held, &at_path)).then(|| ClaimedDir {
+        path: dir.to_path_buf(),
+        marker,
+        _held: file,
+    })
+}
+
+#[cfg(unix)]
+fn same_inode(a: &fs::Metadata, b: &fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    (a.dev(), a.ino()) == (b.dev(), b.ino())
+}
+
+/// Where a file's identity cannot be read, a left claim is never taken over.
+#[cfg(not(unix))]
+fn same_inode(_: &fs::Metadata, _: &fs::Metadata) -> bool {
+    false
 }
 
 impl Drop for ClaimedDir {
     fn drop(&mut self) {
+        // Removed while still locked, so that no other run takes it for one left behind.
         let _ = fs::remove_file(&self.marker);
         // Only when empty: a finished run's files keep it.
         let _ = fs::remove_dir(&self.path);
@@ -180,6 +252,42 @@ mod tests {
         assert_eq!(
             ClaimedDir::claim(&base, "--out").unwrap().path,
             root.join("train-2")
+        );
+    }
+
+    #[test]
+    fn a_claim_whose_run_died_is_taken_over_and_a_live_one_is_not() {
+        let root = temp("left");
+        let base = root.join("train");
+        // What a killed run leaves: its written marker, locked by nobody.
+        fs::create_dir_all(&base).unwrap();
+        fs::write(base.join(CLAIM), b"4242\n").unwrap();
+        let taken = ClaimedDir::claim(&base, "--out").unwrap();
+        assert_eq!(taken.path, base, "a claim nobody holds was passed over");
+        // That claim is now held: the next run moves on.
+        assert_eq!(
+            ClaimedDir::claim(&base, "--out").unwrap().path,
+            root.join("train-2")
+        );
+        drop(taken);
+        assert!(!base.exists(), "the taken-over claim's empty folder stayed");
+
+        // A marker not yet written may be one its run is about to lock; one beside a dead run's
+        // files keeps them.
+        let (unwritten, with_files) = (root.join("a"), root.join("b"));
+        for d in [&unwritten, &with_files] {
+            fs::create_dir_all(d).unwrap();
+        }
+        fs::write(unwritten.join(CLAIM), b"").unwrap();
+        fs::write(with_files.join(CLAIM), b"4242\n").unwrap();
+        fs::write(with_files.join("report.json"), b"{}").unwrap();
+        assert_eq!(
+            ClaimedDir::claim(&unwritten, "--out").unwrap().path,
+            root.join("a-2")
+        );
+        assert_eq!(
+            ClaimedDir::claim(&with_files, "--out").unwrap().path,
+            root.join("b-2")
         );
     }
 

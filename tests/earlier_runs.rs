@@ -888,6 +888,102 @@ fn the_default_folder_moves_on_past_an_earlier_run() {
     }
 }
 
+/// compare, bench and memprofile keep an earlier run's files the same way.
+#[test]
+fn every_commands_default_folder_moves_on_past_an_earlier_run() {
+    let cwd = temp_dir("default-out-all");
+    let measure = [
+        "--device",
+        "cpu",
+        "--config",
+        "tiny",
+        "--members",
+        "1",
+        "--methods",
+        "lora",
+    ];
+    let commands: [(&str, &[&str], &str); 3] = [
+        (
+            "compare",
+            &[
+                "--methods",
+                "single",
+                "--epochs",
+                "1",
+                "--no-shift",
+                "--no-ood",
+            ],
+            "compare.json",
+        ),
+        (
+            "bench",
+            &[&measure[..], &["--warmup", "0", "--repeats", "1"]].concat(),
+            "bench.json",
+        ),
+        ("memprofile", &measure, "memprofile.json"),
+    ];
+    for (command, args, file) in commands {
+        let first = cwd.join("runs").join(command).join(file);
+        for (n, folder) in [(1, command.to_string()), (2, format!("{command}-2"))] {
+            let (ok, _, err) = loren_in(&cwd, &[&[command], args].concat());
+            assert!(ok, "{command} {n}: {err}");
+            assert!(
+                cwd.join("runs").join(&folder).join(file).is_file(),
+                "{command} {n}: {err}"
+            );
+            if n == 1 {
+                std::fs::write(&first, b"the earlier run's").unwrap();
+            } else {
+                assert!(err.contains("holds an earlier run"), "{err}");
+            }
+        }
+        assert_eq!(std::fs::read(&first).unwrap(), b"the earlier run's");
+    }
+}
+
+/// A run killed outright cannot remove its claim on the default folder, but the operating system
+/// lets go of the claim's lock: the next run takes the folder when the killed one wrote nothing
+/// else in it, and moves on past it when it did.
+#[test]
+fn a_killed_runs_claim_does_not_keep_the_default_folder() {
+    let cwd = temp_dir("killed-claim");
+    let mut killed = std::process::Command::new(env!("CARGO_BIN_EXE_loren"))
+        .args(["train", "-q"])
+        .current_dir(&cwd)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let claim = cwd.join("runs/train/.loren-claim");
+    // Written: a claim not yet locked is empty, and is rightly never taken over.
+    let started = std::time::Instant::now();
+    while !std::fs::metadata(&claim).is_ok_and(|m| m.len() > 0) {
+        assert!(
+            started.elapsed().as_secs() < 60 && killed.try_wait().unwrap().is_none(),
+            "the run made no claim"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    assert!(claim.is_file(), "a killed run removed its claim");
+    let left = std::fs::read_dir(cwd.join("runs/train")).unwrap().count();
+    let expected = if left == 1 {
+        "runs/train"
+    } else {
+        "runs/train-2"
+    };
+    let mut args = vec!["train", "--epochs", "1"];
+    args.extend(RUN);
+    let (ok, printed, err) = loren_in(&cwd, &args);
+    assert!(ok, "{err}");
+    assert!(
+        printed.contains(&format!("wrote {expected}/report.json")),
+        "{left} files left by the killed run: {printed}"
+    );
+    assert!(!cwd.join(expected).join(".loren-claim").exists());
+}
+
 #[test]
 fn resuming_without_out_continues_in_the_checkpoints_folder() {
     let run = copy_of_the_trained_run("in-place");

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use loren::curves::{curve, learning_curves_svg};
 use loren::dataset::{DataSource, Normalize, TRAIN_ON_VAL_KEY};
-use loren::outputs::remove_stale;
+use loren::outputs::{ClaimedDir, remove_stale};
 use loren::progress::Verbosity;
 use loren::report::split_phrase;
 use loren::run::{RunResult, RunSpec};
@@ -575,4 +575,35 @@ pub fn text_path(arg: &str) -> Result<PathBuf, String> {
 /// A checkpoint argument: the file, or the folder `loren train --out` wrote it into.
 pub fn checkpoint_arg(arg: &str) -> Result<PathBuf, String> {
     Ok(loren::run::checkpoint_in(Path::new(arg)))
+}
+
+/// The folder a command writes into, held for the command's life.
+pub struct OutDir {
+    pub path: PathBuf,
+    _claim: Option<ClaimedDir>,
+}
+
+/// A folder named with --out is used as it is, replacing what an earlier run of the command
+/// left there. The default one never takes an earlier run's place: the first free of `out`,
+/// `out-2`, `out-3`, ... is claimed, and a move is said unless `quiet`.
+pub fn out_dir(out: &Path, named: bool, quiet: bool) -> Result<OutDir> {
+    if named {
+        return Ok(OutDir {
+            path: out.to_path_buf(),
+            _claim: None,
+        });
+    }
+    let claim = ClaimedDir::claim(out, "--out")?;
+    if claim.path != out && !quiet {
+        loren::note!(
+            "note: {} holds an earlier run; this one goes to {} (--out DIR names the folder, \
+             and replaces a run in it)",
+            out.display(),
+            claim.path.display()
+        );
+    }
+    Ok(OutDir {
+        path: claim.path.clone(),
+        _claim: Some(claim),
+    })
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use super::args::{memory_budget, text_path};
+use super::args::{memory_budget, out_dir, text_path};
 
 use super::say;
 
@@ -61,7 +61,9 @@ pub struct BenchArgs {
     /// Seeds the random weights and batch.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Output folder for bench.json, bench.svg and bench.md (the table with where and when it ran).
+    /// Output folder for bench.json, bench.svg and bench.md (the table with where and when it
+    /// ran). Default: runs/bench, or runs/bench-2, runs/bench-3, ... when it holds an earlier
+    /// run; a folder named here is used as it is, replacing an earlier run's files.
     #[arg(long, value_parser = text_path, default_value = "runs/bench")]
     pub out: PathBuf,
     /// Time both methods with each block's activations recomputed in the backward (as
@@ -78,7 +80,8 @@ pub struct BenchArgs {
     pub quiet: bool,
 }
 
-pub fn bench(a: &BenchArgs) -> Result<()> {
+/// `loren bench`; `out_named`: whether --out was given (else the default folder moves on).
+pub fn bench(a: &BenchArgs, out_named: bool) -> Result<()> {
     let methods = a
         .methods
         .iter()
@@ -102,7 +105,8 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
     // Checked once the flags parse, before the measuring it would otherwise follow.
-    loren::outputs::writable_dir(&a.out, "--out")?;
+    let out = out_dir(&a.out, out_named, a.quiet)?;
+    loren::outputs::writable_dir(&out.path, "--out")?;
     let quiet = a.quiet;
     let report = run_bench(&opts, &mut |what| {
         if !quiet {
@@ -110,7 +114,7 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         }
     })?;
     // Written before the table is printed: a reader that stops early (| head) loses nothing.
-    let [json, svg, md] = write(&report, &a.out)?;
+    let [json, svg, md] = write(&report, &out.path)?;
     say(format_args!("{}", table(&report)))?;
     say(format_args!(
         "wrote {}, {} and {}\n",

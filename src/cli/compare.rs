@@ -6,8 +6,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use super::args::{
-    Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, SeedArgs, f32_arg, run_spec, splits,
-    text_path, write_outputs,
+    Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, SeedArgs, f32_arg, out_dir, run_spec,
+    splits, text_path, write_outputs,
 };
 
 use super::say;
@@ -76,7 +76,9 @@ pub struct CompareArgs {
         conflicts_with_all = ["lr", "method_lr"]
     )]
     pub lrs: Vec<f32>,
-    /// Output folder.
+    /// Output folder. Default: runs/compare, or runs/compare-2, runs/compare-3, ... when it holds
+    /// an earlier comparison, so that none takes another's place; a folder named here is used as
+    /// it is: the methods run again replace their reports in it, and the others stay.
     #[arg(long, value_parser = text_path, default_value = "runs/compare")]
     pub out: PathBuf,
 }
@@ -91,7 +93,8 @@ struct Planned {
     dir: PathBuf,
 }
 
-pub fn compare(a: &CompareArgs) -> Result<()> {
+/// `loren compare`; `out_named`: whether --out was given (else the default folder moves on).
+pub fn compare(a: &CompareArgs, out_named: bool) -> Result<()> {
     // Everything that can be refused is, before the data is read and the first method trains.
     if !a.ensemble.method.is_empty() {
         bail!(
@@ -119,6 +122,11 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     a.optim.check()?;
     a.ensemble.check()?;
     a.data.check()?;
+    let out = out_dir(&a.out, out_named, a.common.verbosity() == Verbosity::Quiet)?;
+    let a = &CompareArgs {
+        out: out.path.clone(),
+        ..a.clone()
+    };
     loren::outputs::writable_dir(&a.out, "--out")?;
     let mut vit = VitConfig::by_name(&a.model.config)?;
     let data = splits(&a.data, &vit, a.optim.train_on_val)?;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use super::args::{memory_budget, text_path};
+use super::args::{memory_budget, out_dir, text_path};
 
 use super::say;
 
@@ -60,7 +60,10 @@ pub struct MemprofileArgs {
     /// Seeds the random weights and batch of the measured steps.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Output folder for memprofile.json, memprofile.svg and memprofile.md (the table with where and when it ran).
+    /// Output folder for memprofile.json, memprofile.svg and memprofile.md (the table with where
+    /// and when it ran). Default: runs/memprofile, or runs/memprofile-2, runs/memprofile-3, ...
+    /// when it holds an earlier run; a folder named here is used as it is, replacing an earlier
+    /// run's files.
     #[arg(long, value_parser = text_path, default_value = "runs/memprofile")]
     pub out: PathBuf,
     /// Profile both methods with each block's activations recomputed in the backward (as
@@ -72,7 +75,8 @@ pub struct MemprofileArgs {
     pub quiet: bool,
 }
 
-pub fn memprofile(a: &MemprofileArgs) -> Result<()> {
+/// `loren memprofile`; `out_named`: whether --out was given (else the default folder moves on).
+pub fn memprofile(a: &MemprofileArgs, out_named: bool) -> Result<()> {
     let methods = a
         .methods
         .iter()
@@ -98,7 +102,8 @@ pub fn memprofile(a: &MemprofileArgs) -> Result<()> {
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
     // Checked once the flags parse, before the measuring it would otherwise follow.
-    loren::outputs::writable_dir(&a.out, "--out")?;
+    let out = out_dir(&a.out, out_named, a.quiet)?;
+    loren::outputs::writable_dir(&out.path, "--out")?;
     let quiet = a.quiet;
     let report = run_memprofile(&opts, &mut |what| {
         if !quiet {
@@ -106,7 +111,7 @@ pub fn memprofile(a: &MemprofileArgs) -> Result<()> {
         }
     })?;
     // Written before the table is printed: a reader that stops early (| head) loses nothing.
-    let [json, svg, md] = write(&report, &a.out)?;
+    let [json, svg, md] = write(&report, &out.path)?;
     say(format_args!("{}", table(&report)))?;
     say(format_args!(
         "wrote {}, {} and {}\n",

@@ -89,16 +89,21 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    let out_named = |command| {
+        matches
+            .subcommand_matches(command)
+            .is_some_and(|m| m.value_source("out") == Some(clap::parser::ValueSource::CommandLine))
+    };
     let result = match cli.command {
         None => train::train(&train::TrainArgs::parse_from(["train"]), None),
         Some(Command::Train(a)) => train::train(&a, matches.subcommand_matches("train")),
         Some(Command::Eval(a)) => eval::eval(&a),
-        Some(Command::Compare(a)) => compare::compare(&a),
+        Some(Command::Compare(a)) => compare::compare(&a, out_named("compare")),
         Some(Command::Predict(a)) => predict::predict(&a),
         Some(Command::Pretrain(a)) => pretrain::pretrain(&a),
         Some(Command::Export(a)) => export::export(&a),
-        Some(Command::Bench(a)) => bench::bench(&a),
-        Some(Command::Memprofile(a)) => memprofile::memprofile(&a),
+        Some(Command::Bench(a)) => bench::bench(&a, out_named("bench")),
+        Some(Command::Memprofile(a)) => memprofile::memprofile(&a, out_named("memprofile")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

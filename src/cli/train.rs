@@ -21,8 +21,8 @@ use loren_nn::train::TrainConfig;
 use loren::dataset::{TRAINING_IMAGES_KEY, training_images};
 
 use super::args::{
-    Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, SeedArgs, checkpoint_arg, run_spec,
-    saved_holdout_classes, splits, text_path, write_outputs,
+    Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, SeedArgs, checkpoint_arg, out_dir,
+    run_spec, saved_holdout_classes, splits, text_path, write_outputs,
 };
 use loren::outputs::writable_dir;
 
@@ -119,28 +119,17 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
         loren::note!("note: this run does not use {}", unused.join(", "));
     }
     let config = VitConfig::by_name(&a.model.config)?;
-    // The default folder never takes another run's place: a named --out does, and says so.
-    let (moved, _claim);
-    let a = match resume.is_none() && !is_given("out") {
-        true => {
-            let claim = loren::outputs::ClaimedDir::claim(&a.out, "--out")?;
-            if claim.path != a.out && a.common.verbosity() == Verbosity::Normal {
-                loren::note!(
-                    "note: {} holds an earlier run; this one goes to {} (--out DIR names the \
-                     folder, and replaces a run in it)",
-                    a.out.display(),
-                    claim.path.display()
-                );
-            }
-            moved = TrainArgs {
-                out: claim.path.clone(),
-                ..a.clone()
-            };
-            _claim = claim;
-            &moved
-        }
-        false => a,
+    // With --resume the run continues in its checkpoint's folder (or the one named).
+    let out = out_dir(
+        &a.out,
+        resume.is_some() || is_given("out"),
+        a.common.verbosity() == Verbosity::Quiet,
+    )?;
+    let moved = TrainArgs {
+        out: out.path.clone(),
+        ..a.clone()
     };
+    let a = &moved;
     // After the flags' own checks, so that a mistyped flag is named as such and not as a folder.
     writable_dir(&a.out, "--out")?;
     loren::run::check_no_folder_in_the_way(&a.out)?;
