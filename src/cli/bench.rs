@@ -1,16 +1,16 @@
 //! `loren bench`: time a training step and an inference pass, LoRA-Ensemble against the
 //! explicit ensemble, per config and ensemble size.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::Args;
 
-use super::args::{memory_budget, out_dir, text_path};
+use super::args::{memory_budget, text_path};
 
-use super::say;
+use super::{Measured, measure_into};
 
-use loren::bench::{BenchOptions, run_bench, table, write};
+use loren::bench::{BenchOptions, BenchReport, run_bench, table, write};
 use loren_nn::config::Method;
 
 #[derive(Args, Clone)]
@@ -104,23 +104,24 @@ pub fn bench(a: &BenchArgs, out_named: bool) -> Result<()> {
         breakdown: a.breakdown,
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
-    // Checked once the flags parse, before the measuring it would otherwise follow.
-    let out = out_dir(&a.out, out_named, a.quiet)?;
-    loren::outputs::writable_dir(&out.path, "--out")?;
-    let quiet = a.quiet;
-    let report = run_bench(&opts, &mut |what| {
-        if !quiet {
-            loren::note!("bench: {what}");
-        }
-    })?;
-    // Written before the table is printed: a reader that stops early (| head) loses nothing.
-    let [json, svg, md] = write(&report, &out.path)?;
-    say(format_args!("{}", table(&report)))?;
-    say(format_args!(
-        "wrote {}, {} and {}\n",
-        json.display(),
-        svg.display(),
-        md.display()
-    ))?;
-    super::fail_on_errors(report.rows.iter().map(|r| r.status.as_str()))
+    let progress = |what: &str| loren::note!("bench: {what}");
+    measure_into(
+        &a.out,
+        out_named,
+        a.quiet,
+        |p| run_bench(&opts, p),
+        progress,
+    )
+}
+
+impl Measured for BenchReport {
+    fn write(&self, dir: &Path) -> Result<[PathBuf; 3]> {
+        write(self, dir)
+    }
+    fn table(&self) -> String {
+        table(self)
+    }
+    fn statuses(&self) -> Vec<&str> {
+        self.rows.iter().map(|r| r.status.as_str()).collect()
+    }
 }

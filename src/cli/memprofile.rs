@@ -1,15 +1,15 @@
 //! `loren memprofile`: memory per ensemble size, measured by tag beside the analytic model.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::Args;
 
-use super::args::{memory_budget, out_dir, text_path};
+use super::args::{memory_budget, text_path};
 
-use super::say;
+use super::{Measured, measure_into};
 
-use loren::memprofile::{MemprofileOptions, run_memprofile, table, write};
+use loren::memprofile::{MemprofileOptions, MemprofileReport, run_memprofile, table, write};
 use loren_nn::config::Method;
 
 #[derive(Args, Clone)]
@@ -101,23 +101,24 @@ pub fn memprofile(a: &MemprofileArgs, out_named: bool) -> Result<()> {
         activations: crate::cli::args::activations(a.recompute),
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
-    // Checked once the flags parse, before the measuring it would otherwise follow.
-    let out = out_dir(&a.out, out_named, a.quiet)?;
-    loren::outputs::writable_dir(&out.path, "--out")?;
-    let quiet = a.quiet;
-    let report = run_memprofile(&opts, &mut |what| {
-        if !quiet {
-            loren::note!("memprofile: {what}");
-        }
-    })?;
-    // Written before the table is printed: a reader that stops early (| head) loses nothing.
-    let [json, svg, md] = write(&report, &out.path)?;
-    say(format_args!("{}", table(&report)))?;
-    say(format_args!(
-        "wrote {}, {} and {}\n",
-        json.display(),
-        svg.display(),
-        md.display()
-    ))?;
-    super::fail_on_errors(report.rows.iter().map(|r| r.status.as_str()))
+    let progress = |what: &str| loren::note!("memprofile: {what}");
+    measure_into(
+        &a.out,
+        out_named,
+        a.quiet,
+        |p| run_memprofile(&opts, p),
+        progress,
+    )
+}
+
+impl Measured for MemprofileReport {
+    fn write(&self, dir: &Path) -> Result<[PathBuf; 3]> {
+        write(self, dir)
+    }
+    fn table(&self) -> String {
+        table(self)
+    }
+    fn statuses(&self) -> Vec<&str> {
+        self.rows.iter().map(|r| r.status.as_str()).collect()
+    }
 }

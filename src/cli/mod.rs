@@ -134,6 +134,45 @@ fn say(text: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
     }
 }
 
+/// What a measuring command (bench, memprofile) reports, for [`measure_into`].
+trait Measured {
+    /// Its JSON, SVG and Markdown files in `dir`.
+    fn write(&self, dir: &std::path::Path) -> anyhow::Result<[std::path::PathBuf; 3]>;
+    fn table(&self) -> String;
+    /// Each row's status: ok, oom, predicted or error.
+    fn statuses(&self) -> Vec<&str>;
+}
+
+/// A measuring command's course once its flags are read: claim the output folder (`out`, or
+/// the default's first free one), measure, write the files, print the table, and fail when a
+/// row did. `progress` says what is about to be measured, unless `quiet`.
+fn measure_into<R: Measured>(
+    out: &std::path::Path,
+    out_named: bool,
+    quiet: bool,
+    measure: impl FnOnce(&mut dyn FnMut(&str)) -> anyhow::Result<R>,
+    mut progress: impl FnMut(&str),
+) -> anyhow::Result<()> {
+    // Checked before the measuring it would otherwise follow.
+    let out = args::out_dir(out, out_named, quiet)?;
+    loren::outputs::writable_dir(&out.path, "--out")?;
+    let report = measure(&mut |what| {
+        if !quiet {
+            progress(what);
+        }
+    })?;
+    // Written before the table is printed: a reader that stops early (| head) loses nothing.
+    let [json, svg, md] = report.write(&out.path)?;
+    say(format_args!("{}", report.table()))?;
+    say(format_args!(
+        "wrote {}, {} and {}\n",
+        json.display(),
+        svg.display(),
+        md.display()
+    ))?;
+    fail_on_errors(report.statuses().into_iter())
+}
+
 /// A measuring command whose rows failed (not for want of memory: that is a finding) has
 /// written its files and printed them, and then exits with an error, so that a script notices.
 fn fail_on_errors<'a>(statuses: impl Iterator<Item = &'a str>) -> anyhow::Result<()> {
