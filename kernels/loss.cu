@@ -4,7 +4,9 @@
 //   losses [M·B] f32 (per row), dlogits [M, B, C] f32 = (softmax − onehot)/(M·B), in one pass
 //   loss [1] f32 = mean of the row losses, summed in f64 in a fixed order (deterministic)
 //
-// expf/logf are the precise versions. A target >= C cannot be reported from the device, so its
+// expf is the precise version. Each row's sum of exponentials is in f64, as its CPU twin's is, and
+// its loss is (max − z[y]) + ln(sum): max + ln(sum) first would lose ln(sum) to the rounding of
+// logits of 1e4 and more. A target >= C cannot be reported from the device, so its
 // row's loss and gradient are NaN (training stops on a NaN loss); the host checks targets first.
 #include "common.cuh"
 
@@ -26,14 +28,15 @@ extern "C" __global__ void __launch_bounds__(256)
     float mx = -INF_F;
     for (int c = lane; c < C; c += WARP) mx = fmaxf(mx, z[c]);
     mx = warp_max(mx);
-    float sum = 0.0f;
-    for (int c = lane; c < C; c += WARP) sum += expf(z[c] - mx);
-    sum = warp_sum(sum);
+    double sum = 0.0;
+    for (int c = lane; c < C; c += WARP) sum += (double)expf(z[c] - mx);
+    sum = warp_sum_f64(sum);
+    const float s = (float)sum;
     for (int c = lane; c < C; c += WARP) {
-        const float p = expf(z[c] - mx) / sum;
+        const float p = expf(z[c] - mx) / s;
         g[c] = p * inv - (c == (int)y ? inv : 0.0f);
     }
-    if (lane == 0) losses[row] = mx + logf(sum) - z[y];
+    if (lane == 0) losses[row] = (mx - z[y]) + (float)log(sum);
 }
 
 // loss[0] = Σ losses / rows, in f64. One block of 256 threads: thread t sums rows t, t+256, ...
@@ -62,8 +65,8 @@ extern "C" __global__ void __launch_bounds__(256)
     float mx = -INF_F;
     for (int c = lane; c < C; c += WARP) mx = fmaxf(mx, z[c]);
     mx = warp_max(mx);
-    float sum = 0.0f;
-    for (int c = lane; c < C; c += WARP) sum += expf(z[c] - mx);
-    sum = warp_sum(sum);
-    for (int c = lane; c < C; c += WARP) probs[(size_t)row * C + c] = expf(z[c] - mx) / sum;
+    double sum = 0.0;
+    for (int c = lane; c < C; c += WARP) sum += (double)expf(z[c] - mx);
+    const float s = (float)warp_sum_f64(sum);
+    for (int c = lane; c < C; c += WARP) probs[(size_t)row * C + c] = expf(z[c] - mx) / s;
 }

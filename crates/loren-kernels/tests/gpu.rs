@@ -1090,49 +1090,68 @@ fn embed_tokens_and_class_token() {
 #[test]
 fn softmax_cross_entropy_and_softmax() {
     let Some(g) = gpu() else { return };
-    let (m, b, c) = (3, 17, 10);
-    let mut rng = Rng::new(51);
-    let logits = rng.f32s(m * b * c, 4.0);
-    let targets: Vec<u32> = (0..b).map(|_| (rng.next() % c as u64) as u32).collect();
-    let z = f64s_f32(&logits);
-    let inv = 1.0 / (m * b) as f64;
-    let mut grad_ref = vec![0.0; m * b * c];
-    let mut prob_ref = vec![0.0; m * b * c];
-    let mut loss_ref = 0.0;
-    for row in 0..m * b {
-        let zr = &z[row * c..][..c];
-        let mx = zr.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let sum: f64 = zr.iter().map(|v| (v - mx).exp()).sum();
-        let y = targets[row % b] as usize;
-        loss_ref += mx + sum.ln() - zr[y];
-        for k in 0..c {
-            let p = (zr[k] - mx).exp() / sum;
-            prob_ref[row * c + k] = p;
-            grad_ref[row * c + k] = (p - if k == y { 1.0 } else { 0.0 }) * inv;
+    // Odd sizes; 20000 classes, where an f32 sum one element at a time drifts; and logits of
+    // 1e6, where max + ln(sum) loses ln(sum) to the rounding.
+    for (m, b, c, offset) in [(3, 17, 10, 0.0), (1, 3, 20_000, 0.0), (2, 5, 7, 1e6)] {
+        let mut rng = Rng::new(51);
+        let logits: Vec<f32> = rng
+            .f32s(m * b * c, 4.0)
+            .iter()
+            .map(|v| v + offset)
+            .collect();
+        let targets: Vec<u32> = (0..b).map(|_| (rng.next() % c as u64) as u32).collect();
+        let z = f64s_f32(&logits);
+        let inv = 1.0 / (m * b) as f64;
+        let mut grad_ref = vec![0.0; m * b * c];
+        let mut prob_ref = vec![0.0; m * b * c];
+        let mut losses_ref = vec![0.0; m * b];
+        for row in 0..m * b {
+            let zr = &z[row * c..][..c];
+            let mx = zr.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = zr.iter().map(|v| (v - mx).exp()).sum();
+            let y = targets[row % b] as usize;
+            losses_ref[row] = mx - zr[y] + sum.ln();
+            for k in 0..c {
+                let p = (zr[k] - mx).exp() / sum;
+                prob_ref[row * c + k] = p;
+                grad_ref[row * c + k] = (p - if k == y { 1.0 } else { 0.0 }) * inv;
+            }
         }
+        let loss_ref = losses_ref.iter().sum::<f64>() * inv;
+        let (zd, td) = (up(g, &logits), up(g, &targets));
+        let mut losses = poisoned_f32(g, m * b);
+        let mut grad = poisoned_f32(g, m * b * c);
+        let mut loss = poisoned_f32(g, 1);
+        g.softmax_cross_entropy(m, b, c, &zd, &td, &mut losses, &mut grad, &mut loss)
+            .expect("xent");
+        let case = format!("M={m} B={b} C={c} offset {offset}");
+        check(
+            &format!("{case}: cross-entropy row losses"),
+            &down_f32(g, &losses),
+            &losses_ref,
+            F32_TOL,
+        );
+        check(
+            &format!("{case}: cross-entropy loss"),
+            &down_f32(g, &loss),
+            &[loss_ref],
+            F32_TOL,
+        );
+        check(
+            &format!("{case}: cross-entropy dlogits"),
+            &down_f32(g, &grad),
+            &grad_ref,
+            F32_TOL,
+        );
+        let mut probs = poisoned_f32(g, m * b * c);
+        g.softmax(m * b, c, &zd, &mut probs).expect("softmax");
+        check(
+            &format!("{case}: softmax"),
+            &down_f32(g, &probs),
+            &prob_ref,
+            F32_TOL,
+        );
     }
-    loss_ref *= inv;
-    let (zd, td) = (up(g, &logits), up(g, &targets));
-    let mut losses = poisoned_f32(g, m * b);
-    let mut grad = poisoned_f32(g, m * b * c);
-    let mut loss = poisoned_f32(g, 1);
-    g.softmax_cross_entropy(m, b, c, &zd, &td, &mut losses, &mut grad, &mut loss)
-        .expect("xent");
-    check(
-        "cross-entropy loss",
-        &down_f32(g, &loss),
-        &[loss_ref],
-        F32_TOL,
-    );
-    check(
-        "cross-entropy dlogits",
-        &down_f32(g, &grad),
-        &grad_ref,
-        F32_TOL,
-    );
-    let mut probs = poisoned_f32(g, m * b * c);
-    g.softmax(m * b, c, &zd, &mut probs).expect("softmax");
-    check("softmax", &down_f32(g, &probs), &prob_ref, F32_TOL);
 }
 
 #[test]
