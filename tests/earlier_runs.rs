@@ -452,7 +452,12 @@ fn trained_run_edited(name: &str, edit: impl FnOnce(&mut HashMap<String, String>
 }
 
 /// Set `field` of the JSON metadata `key` to `value`.
-fn set_json(meta: &mut HashMap<String, String>, key: &str, field: &str, value: u64) {
+fn set_json(
+    meta: &mut HashMap<String, String>,
+    key: &str,
+    field: &str,
+    value: impl Into<serde_json::Value>,
+) {
     let mut json: serde_json::Value = serde_json::from_str(&meta[key]).unwrap();
     json[field] = value.into();
     meta.insert(key.into(), json.to_string());
@@ -498,6 +503,9 @@ fn metadata_describing_a_model_its_tensors_cannot_hold_are_refused() {
         set_json(m, "vit", "image_size", 1 << 16)
     });
     eval_refused(&ckpt, &["32768 patches a side, above 1024"]);
+    // An epsilon of 0 would make a constant row NaN.
+    let ckpt = trained_run_edited("crafted-eps", |m| set_json(m, "vit", "ln_eps", 0.0));
+    eval_refused(&ckpt, &["layernorm epsilon 0 must be finite and above 0"]);
 }
 
 /// A LoRA checkpoint that names no backbone, and is given none, says that it needs one: its own

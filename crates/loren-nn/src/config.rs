@@ -130,6 +130,13 @@ impl VitConfig {
                 self.heads, self.dim
             ));
         }
+        // A constant row (a zero variance) would be divided by sqrt(eps).
+        if !(self.ln_eps > 0.0 && self.ln_eps.is_finite()) {
+            return bad(format!(
+                "layernorm epsilon {} must be finite and above 0",
+                self.ln_eps
+            ));
+        }
         Ok(())
     }
 }
