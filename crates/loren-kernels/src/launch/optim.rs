@@ -82,6 +82,16 @@ pub struct AdamW {
     pub step: u64,
 }
 
+impl AdamW {
+    /// 1 − β1^step and 1 − β2^step, in f64, for the CPU twin and the kernel alike. A step past
+    /// 2^31 counts as 2^31 − 1: the powers are 0 to f64 long before, for any β of use.
+    pub fn bias_corrections(&self) -> (f64, f64) {
+        let step = i32::try_from(self.step).unwrap_or(i32::MAX);
+        let c = |beta: f32| 1.0 - (beta as f64).powi(step);
+        (c(self.beta1), c(self.beta2))
+    }
+}
+
 /// SGD hyper-parameters (momentum, no dampening, no Nesterov; L2 weight decay).
 #[derive(Clone, Copy, Debug)]
 pub struct Sgd {
@@ -198,10 +208,7 @@ impl Gpu {
         }
         let scale = self.input_opt(OP, "grad_scale", grad_scale, 1)?;
         let guard = self.input_opt(OP, "guard", guard, 1)?;
-        // The bias corrections as the CPU twin computes them: in f64, then rounded.
-        let step = i32::try_from(h.step).unwrap_or(i32::MAX);
-        let c1 = 1.0 - (h.beta1 as f64).powi(step);
-        let c2 = 1.0 - (h.beta2 as f64).powi(step);
+        let (c1, c2) = h.bias_corrections();
         let step_size = (h.lr as f64 / c1) as f32;
         let sqrt_c2 = c2.sqrt() as f32;
         let n = table.count as i32;
@@ -316,5 +323,30 @@ impl Gpu {
             Self::table_cfg(table),
             &[slots.arg(), Arg::from(n), c.arg()],
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AdamW;
+
+    #[test]
+    fn bias_corrections_stay_right_past_two_to_the_31_steps() {
+        let at = |step| {
+            AdamW {
+                lr: 1e-3,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.0,
+                step,
+            }
+            .bias_corrections()
+        };
+        assert_eq!(at(1), (1.0 - 0.9f32 as f64, 1.0 - 0.999f32 as f64));
+        // 2^32 + 1 read as an i32 is step 1 again: a first step's tenfold update.
+        for step in [1 << 31, (1 << 32) + 1, u64::MAX] {
+            assert_eq!(at(step), (1.0, 1.0), "step {step}");
+        }
     }
 }

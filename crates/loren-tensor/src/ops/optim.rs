@@ -22,23 +22,8 @@ pub struct Slot<'a> {
     pub decay: bool,
 }
 
-#[derive(Clone, Copy, Debug)]
-pub struct AdamW {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
-    /// The 1-based step number, for bias correction.
-    pub step: u64,
-}
-
-#[derive(Clone, Copy, Debug)]
-pub struct Sgd {
-    pub lr: f32,
-    pub momentum: f32,
-    pub weight_decay: f32,
-}
+/// The hyper-parameters are the kernels' own: one definition for the CPU twin and the kernel.
+pub use loren_kernels::{AdamW, Sgd};
 
 /// Elements per parallel work item.
 const CHUNK: usize = 1 << 14;
@@ -99,8 +84,7 @@ pub fn adamw_step(slots: &mut [Slot<'_>], h: &AdamW) -> Result<()> {
     if h.step == 0 {
         return Err(Error::invalid("adamw_step", "steps count from 1"));
     }
-    let c1 = 1.0 - (h.beta1 as f64).powi(h.step as i32);
-    let c2 = 1.0 - (h.beta2 as f64).powi(h.step as i32);
+    let (c1, c2) = h.bias_corrections();
     let step_size = (h.lr as f64 / c1) as f32;
     let sqrt_c2 = c2.sqrt() as f32;
     chunks(slots)?
@@ -303,17 +287,9 @@ impl FusedTable {
     ) -> Result<()> {
         let clipped = self.clip(dev, max_norm)?;
         let gpu = dev.require_gpu("adamw_step")?;
-        let k = loren_kernels::AdamW {
-            lr: h.lr,
-            beta1: h.beta1,
-            beta2: h.beta2,
-            eps: h.eps,
-            weight_decay: h.weight_decay,
-            step: h.step,
-        };
         let scale = self.scale("adamw_step", clipped)?;
         let guard = guard_ptr("adamw_step", guard)?;
-        Ok(gpu.adamw_step(&self.table, &k, scale, guard)?)
+        Ok(gpu.adamw_step(&self.table, h, scale, guard)?)
     }
 
     /// One SGD step, clipping first when asked; `guard` as for [`FusedTable::step_adamw`].
@@ -326,14 +302,9 @@ impl FusedTable {
     ) -> Result<()> {
         let clipped = self.clip(dev, max_norm)?;
         let gpu = dev.require_gpu("sgd_step")?;
-        let k = loren_kernels::Sgd {
-            lr: h.lr,
-            momentum: h.momentum,
-            weight_decay: h.weight_decay,
-        };
         let scale = self.scale("sgd_step", clipped)?;
         let guard = guard_ptr("sgd_step", guard)?;
-        Ok(gpu.sgd_step(&self.table, &k, scale, guard)?)
+        Ok(gpu.sgd_step(&self.table, h, scale, guard)?)
     }
 }
 
