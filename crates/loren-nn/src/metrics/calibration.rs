@@ -11,7 +11,8 @@ use super::{MetricsError, Predictions, Result, argmax};
 pub const NUM_BINS: usize = 15;
 
 /// NLL clamps p̄_y below at this value, so a confident miss costs ln(1e12) ≈ 27.6 nats rather
-/// than infinity.
+/// than infinity; and above at 1, which a row may pass by its rounding (up to
+/// [`super::PROB_TOLERANCE`]), so that no sample's NLL is negative.
 pub const NLL_FLOOR: f64 = 1e-12;
 
 /// A confidence within this many bin widths below an edge counts as on the edge. f32(k/15) and
@@ -305,7 +306,7 @@ fn nll(mean: &[f64], labels: &[u32], classes: usize) -> f64 {
     let rows = mean.chunks_exact(classes);
     let losses = rows
         .zip(labels)
-        .map(|(row, &y)| -row[y as usize].max(NLL_FLOOR).ln());
+        .map(|(row, &y)| -row[y as usize].clamp(NLL_FLOOR, 1.0).ln());
     self::mean(losses)
 }
 
@@ -489,6 +490,9 @@ mod tests {
         let r = calibration(&preds(&[&[&[1.0, 0.0]]]), &[1]).unwrap();
         assert!(close(r.nll, -NLL_FLOOR.ln(), 1e-9), "{}", r.nll);
         assert_eq!(r.brier, 2.0);
+        // A hit whose rounding passes 1, within the tolerance: no sample's NLL is below 0.
+        let r = calibration(&preds(&[&[&[1.0005, 0.0]]]), &[0]).unwrap();
+        assert_eq!(r.nll, 0.0);
     }
 
     #[test]

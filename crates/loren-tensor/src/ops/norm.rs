@@ -67,6 +67,10 @@ const LOCKSTEP: usize = 4;
 
 /// Mean and 1/sqrt(var + eps) of each row of `x` (rows of d, at most [`LOCKSTEP`] of them),
 /// computed in f64 so the statistics are exact to f32.
+///
+/// The forward and backward then subtract the f32 mean in f32, as PyTorch does, so a row whose
+/// mean is far larger than its spread loses digits there: about |mean|/σ · 6e-8 of y (1.7e-3 at
+/// 1e3 + N(0, 0.01)). A ViT's residual stream is nowhere near that.
 fn row_stats(x: &[f32], d: usize, eps: f32, mean: &mut [f32], rstd: &mut [f32]) {
     match mean.len() {
         1 => stats_in_lockstep::<1>(x, d, eps, mean, rstd),
