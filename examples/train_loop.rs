@@ -21,9 +21,7 @@ use loren::nn::config::{EnsembleConfig, LoraConfig, Method, VitConfig};
 use loren::nn::data::{Augment, Dataset};
 use loren::nn::eval::predict;
 use loren::nn::metrics::{by_ensemble_size, calibration, fit_temperature, tempered_report};
-use loren::nn::train::{
-    BACKBONE_FINGERPRINT, CheckpointSpec, EpochInfo, EpochVal, Observer, TrainConfig, Trainer,
-};
+use loren::nn::train::{CheckpointSpec, EpochInfo, EpochVal, Observer, TrainConfig, Trainer};
 use loren::nn::vit::{Vit, fine_tune_seed};
 use loren::tensor::DeviceSpec;
 
@@ -117,14 +115,14 @@ fn main() -> Result<()> {
                 }))
             }),
         );
-        // What `loren eval` needs to know besides the weights: the data, its scaling, and the
-        // frozen backbone (by path, and by fingerprint, so that other weights are refused).
+        // What `loren eval` needs to know besides the weights, to find the test part: the data
+        // and its scaling. The checkpoint records the rest itself: the backbone the model was
+        // loaded from (by path, and by fingerprint, so that other weights are refused), and the
+        // normalisation and class names of the data it trained on.
         let metadata = [
             ("data", "digits".to_string()),
             (Normalize::KEY, Normalize::Dataset.to_string()),
             (TRAIN_ON_VAL_KEY, false.to_string()),
-            ("backbone", path.display().to_string()),
-            (BACKBONE_FINGERPRINT, backbone.fingerprint()),
         ];
         let checkpoint = CheckpointSpec {
             path: Some(out.join("checkpoint.safetensors")),

@@ -40,7 +40,7 @@ use loren_nn::checkpoint::{self, TensorFile};
 use loren_nn::config::{EnsembleConfig, Method, VitConfig};
 use loren_nn::data::prefetch::{DEPTH, prefetch};
 use loren_nn::metrics::{Predictions, argmax, scores};
-use loren_nn::train::{check_format, load_trained};
+use loren_nn::train::{INPUT_KEYS, check_format, load_trained};
 use loren_nn::vit::Vit;
 use loren_tensor::{DeviceSpec, MemTag, Tensor};
 
@@ -299,6 +299,18 @@ impl Ensemble {
             "images must be [B, {c}, {h}, {w}]: a positive multiple of {per_image} values, got {}",
             images.len()
         );
+        // Named here, by image and place: one NaN would otherwise show only as a NaN
+        // probability of its image, failing the whole call.
+        if let Some((i, v)) = images.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            let (image, at) = (i / per_image, i % per_image);
+            bail!(
+                "image {image}: its value at channel {}, row {}, column {} is {v}; inputs must be \
+                 finite",
+                at / (h * w),
+                at % (h * w) / w,
+                at % w
+            );
+        }
         let (m, n, k) = (self.members(), images.len() / per_image, self.classes());
         let mut probs = vec![0.0f32; m * n * k];
         // Saturating: a batch size past the whole input is one chunk of it all.
@@ -413,7 +425,62 @@ fn is_stacked(model: &Vit) -> bool {
 fn export_metadata(file: &TensorFile, model: &Vit) -> Result<HashMap<String, String>> {
     let stacked = is_stacked(model);
     let meta = file.metadata();
-    let data = meta.get("data").map_or("digits", String::as_str);
+    let normalize = Normalize::recorded(meta)?;
+    let (mean, std, names) = match INPUT_KEYS.map(|k| meta.get(k)) {
+        // What `Trainer::fit` recorded of the data it trained on.
+        [Some(_), Some(_), Some(_)] => (
+            meta_json(meta, "norm_mean", file.path())?,
+            meta_json(meta, "norm_std", file.path())?,
+            meta_json(meta, "class_names", file.path())?,
+        ),
+        _ => inputs_of_recorded_data(file, model, normalize)?,
+    };
+    let data = meta.get("data").cloned().unwrap_or_default();
+    Ok(HashMap::from([
+        ("format".to_string(), FORMAT.to_string()),
+        ("vit".to_string(), json(&model.config)),
+        ("ensemble".to_string(), json(&model.ensemble)),
+        (
+            "layout".to_string(),
+            if stacked { "stacked" } else { "shared" }.to_string(),
+        ),
+        ("norm_mean".to_string(), json(&mean)),
+        ("norm_std".to_string(), json(&std)),
+        ("class_names".to_string(), json(&names)),
+        ("data".to_string(), data),
+        (Normalize::KEY.to_string(), normalize.to_string()),
+        (
+            TRAIN_ON_VAL_KEY.to_string(),
+            recorded_train_on_val(meta)?.to_string(),
+        ),
+        (
+            "holdout_classes".to_string(),
+            meta.get("holdout_classes").cloned().unwrap_or_default(),
+        ),
+        (
+            "backbone".to_string(),
+            meta.get("backbone").cloned().unwrap_or_default(),
+        ),
+    ]))
+}
+
+/// The normalisation and class names of a checkpoint that predates their record (or was written
+/// by `Trainer::save` alone), from the `data` it names, as the CLI records it.
+fn inputs_of_recorded_data(
+    file: &TensorFile,
+    model: &Vit,
+    normalize: Normalize,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<String>)> {
+    let meta = file.metadata();
+    let Some(data) = meta.get("data") else {
+        bail!(
+            "{}: records neither the normalisation its inputs need nor the data it was trained \
+             on (metadata {} or data): Trainer::fit records them; to a checkpoint written by \
+             Trainer::save alone, add them to its metadata",
+            file.path().display(),
+            INPUT_KEYS.join(", ")
+        );
+    };
     let source: DataSource = data.parse()?;
     let holdout: Vec<u32> = meta
         .get("holdout_classes")
@@ -429,34 +496,8 @@ fn export_metadata(file: &TensorFile, model: &Vit) -> Result<HashMap<String, Str
         .ok()
         .filter(|n| n.len() == classes)
         .unwrap_or_else(|| (0..classes).map(|c| c.to_string()).collect());
-    let normalize = Normalize::recorded(meta)?;
     let (mean, std) = source.normalization(model.config.channels, normalize);
-    Ok(HashMap::from([
-        ("format".to_string(), FORMAT.to_string()),
-        ("vit".to_string(), json(&model.config)),
-        ("ensemble".to_string(), json(&model.ensemble)),
-        (
-            "layout".to_string(),
-            if stacked { "stacked" } else { "shared" }.to_string(),
-        ),
-        ("norm_mean".to_string(), json(&mean)),
-        ("norm_std".to_string(), json(&std)),
-        ("class_names".to_string(), json(&names)),
-        ("data".to_string(), data.to_string()),
-        (Normalize::KEY.to_string(), normalize.to_string()),
-        (
-            TRAIN_ON_VAL_KEY.to_string(),
-            recorded_train_on_val(meta)?.to_string(),
-        ),
-        (
-            "holdout_classes".to_string(),
-            meta.get("holdout_classes").cloned().unwrap_or_default(),
-        ),
-        (
-            "backbone".to_string(),
-            meta.get("backbone").cloned().unwrap_or_default(),
-        ),
-    ]))
+    Ok((mean, std, names))
 }
 
 /// A metadata value holding JSON, parsed.

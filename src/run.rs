@@ -15,8 +15,8 @@ use loren_nn::eval::{EvalOptions, EvalReport, ScoredSet, eval_images, evaluate, 
 use loren_nn::memory_model;
 use loren_nn::metrics::{Predictions, calibration, fit_temperature};
 use loren_nn::train::{
-    BACKBONE_FINGERPRINT, CheckpointSpec, EpochVal, TrainConfig, TrainSummary, Trainer,
-    check_backbone, check_format, check_resumable,
+    CheckpointSpec, EpochVal, TrainConfig, TrainSummary, Trainer, check_backbone, check_format,
+    check_resumable,
 };
 use loren_nn::vit::{Vit, fine_tune_seed};
 use loren_tensor::{Device, DeviceSpec, MemTag, MemoryReport};
@@ -316,14 +316,9 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
                 );
             }
         }
-        // The data too, so eval and export find what it was trained on, and the backbone's
-        // fingerprint, so they refuse other weights.
-        let mut metadata = data_metadata.clone();
-        // Absolute, as the data is, so that resume, eval and export find it from any directory.
-        let backbone_path =
-            std::fs::canonicalize(backbone.path()).unwrap_or_else(|_| backbone.path().into());
-        metadata.insert("backbone".to_string(), backbone_path.display().to_string());
-        metadata.insert(BACKBONE_FINGERPRINT.to_string(), backbone.fingerprint());
+        // The data too, so eval and export find what it was trained on (the checkpoint records
+        // the backbone the model was loaded from itself).
+        let metadata = data_metadata.clone();
         let replaces = spec.checkpoint.as_deref().map_or_else(Vec::new, |path| {
             replaced_by(path, spec.resume.as_deref().map(TensorFile::path))
         });

@@ -82,6 +82,8 @@ pub struct TensorFile {
     path: PathBuf,
     tensors: BTreeMap<String, Entry>,
     metadata: HashMap<String, String>,
+    /// [`TensorFile::fingerprint`], hashed once: a ViT-B backbone is 86M values.
+    fingerprint: std::sync::OnceLock<String>,
 }
 
 impl TensorFile {
@@ -120,6 +122,7 @@ impl TensorFile {
             path: path.to_path_buf(),
             tensors,
             metadata: meta.metadata().clone().unwrap_or_default(),
+            fingerprint: Default::default(),
         })
     }
 
@@ -134,6 +137,7 @@ impl TensorFile {
             path: path.to_path_buf(),
             tensors,
             metadata,
+            fingerprint: Default::default(),
         }
     }
 
@@ -208,6 +212,10 @@ impl TensorFile {
     /// evaluated or exported against other weights (a backbone pretrained again, another file)
     /// is refused rather than silently wrong.
     pub fn fingerprint(&self) -> String {
+        self.fingerprint.get_or_init(|| self.hash()).clone()
+    }
+
+    fn hash(&self) -> String {
         const PRIME: u64 = 0x0000_0100_0000_01b3;
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         let mut eat = |word: u64| h = (h ^ word).wrapping_mul(PRIME);
@@ -222,6 +230,7 @@ impl TensorFile {
 
     /// Take a tensor out, for importers that rearrange weights.
     pub fn take(&mut self, name: &str) -> Result<Entry> {
+        self.fingerprint = Default::default();
         self.tensors
             .remove(name)
             .ok_or_else(|| NnError::checkpoint(&self.path, format!("tensor '{name}' is missing")))

@@ -365,6 +365,7 @@ impl<'m> Trainer<'m> {
 
     /// Run one epoch over `data` in its seeded order.
     pub fn run_epoch(&mut self, data: &Dataset, observer: &mut dyn Observer) -> Result<EpochInfo> {
+        self.check_epoch_data(data)?;
         let start = Instant::now();
         let order = if self.config.shuffle {
             epoch_order(data.len(), self.config.seed, self.epoch as u64)
@@ -439,6 +440,30 @@ impl<'m> Trainer<'m> {
         Ok(info)
     }
 
+    /// `data` is what this trainer was made for: as many steps an epoch as the `train_len` it
+    /// was made with (its schedule's length comes from them), and the model's classes.
+    fn check_epoch_data(&self, data: &Dataset) -> Result<()> {
+        let steps = num_batches(data.len(), self.config.batch_size)? as u64;
+        if steps != self.steps_per_epoch {
+            return Err(NnError::Config(format!(
+                "{} images make {steps} steps an epoch at batch size {}, and the trainer was made \
+                 for {} (Trainer::new's train_len): its learning-rate schedule would end in the \
+                 wrong place",
+                data.len(),
+                self.config.batch_size,
+                self.steps_per_epoch
+            )));
+        }
+        let classes = self.model.ensemble.classes;
+        if data.classes != classes {
+            return Err(NnError::Config(format!(
+                "the data '{}' has {} classes, and the model's heads {classes}",
+                data.name, data.classes
+            )));
+        }
+        Ok(())
+    }
+
     pub fn total_steps(&self) -> u64 {
         self.steps_per_epoch * self.config.epochs as u64
     }
@@ -451,8 +476,14 @@ impl<'m> Trainer<'m> {
         ckpt: &CheckpointSpec,
         observer: &mut dyn Observer,
     ) -> Result<TrainSummary> {
+        // Its fields are public: checked again here, before the first step.
+        data.validate()?;
+        self.check_epoch_data(data)?;
         let start = Instant::now();
         let (first_step, first_epoch) = (self.step, self.history.len());
+        // What an ensemble needs to read its inputs and name its classes, as `data` has them.
+        let mut metadata = ckpt.metadata.clone();
+        metadata.extend(input_metadata(data));
         observer.start(self.total_steps(), first_step);
         // Only a checkpoint this run wrote is its last good one: the file at the path may be
         // another run's.
@@ -489,7 +520,7 @@ impl<'m> Trainer<'m> {
                 Err(e) => return Err(e),
             }
             if let Some(path) = &ckpt.path {
-                self.save(path, &ckpt.metadata)?;
+                self.save(path, &metadata)?;
                 if !saved {
                     remove_files(&ckpt.replaces)?;
                 }
@@ -540,6 +571,10 @@ impl<'m> Trainer<'m> {
                 self.optimizer.steps().to_string(),
             ),
         ]);
+        if let Some(b) = self.model.backbone_source() {
+            meta.insert("backbone".to_string(), b.path.display().to_string());
+            meta.insert(BACKBONE_FINGERPRINT.to_string(), b.fingerprint.clone());
+        }
         checkpoint::write(path, &tensors, meta)
     }
 
@@ -623,6 +658,19 @@ fn remove_files(files: &[PathBuf]) -> Result<()> {
         std::fs::remove_file(f).map_err(|e| NnError::io(f, e))?;
     }
     Ok(())
+}
+
+/// The checkpoint metadata of the inputs a model was trained on: the per-channel normalisation
+/// its images need and its classes' names, each as JSON, as an exported ensemble keeps them.
+pub const INPUT_KEYS: [&str; 3] = ["norm_mean", "norm_std", "class_names"];
+
+fn input_metadata(data: &Dataset) -> [(String, String); 3] {
+    let [mean, std, names] = INPUT_KEYS.map(String::from);
+    [
+        (mean, json(&data.norm_mean)),
+        (std, json(&data.norm_std)),
+        (names, json(&data.class_names)),
+    ]
 }
 
 /// The metadata key of the backbone's [`TensorFile::fingerprint`] in a training checkpoint.

@@ -186,6 +186,18 @@ pub struct Vit {
     blocks: Vec<Block>,
     norm: Norm,
     head: Linear,
+    /// Where [`Vit::load_backbone`] loaded the backbone from, if it did.
+    backbone: Option<BackboneSource>,
+}
+
+/// A backbone file a model was loaded from: what a training checkpoint records of it, so that
+/// eval and export find it and refuse other weights.
+#[derive(Clone, Debug)]
+pub struct BackboneSource {
+    /// Absolute where it could be made so, to be found from any directory.
+    pub path: std::path::PathBuf,
+    /// Its [`TensorFile::fingerprint`].
+    pub fingerprint: String,
 }
 
 /// Adds parameters in a fixed order from one seeded stream, so a model is reproducible.
@@ -373,7 +385,13 @@ impl Vit {
             blocks,
             norm,
             head,
+            backbone: None,
         })
+    }
+
+    /// Where the backbone was loaded from, by [`Vit::load_backbone`].
+    pub fn backbone_source(&self) -> Option<&BackboneSource> {
+        self.backbone.as_ref()
     }
 
     pub fn params(&self) -> &Params {
@@ -467,6 +485,11 @@ impl Vit {
             let tiled = one.repeat(dims[0]);
             self.params.set(id, &tiled)?;
         }
+        let path = file.path();
+        self.backbone = Some(BackboneSource {
+            path: std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
+            fingerprint: file.fingerprint(),
+        });
         Ok(())
     }
 

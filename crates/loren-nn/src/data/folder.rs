@@ -137,7 +137,8 @@ pub fn read_images(files: &[PathBuf], shape: [usize; 3]) -> Result<Pixels, DataE
 
 /// The PNG and JPEG files `paths` name: a file as it is (an error when it is not an image), a
 /// folder as every image under it, subfolders included, in sorted order. Inside folders, hidden
-/// entries and other files are skipped as [`listed_image`] says, and each folder and image is
+/// entries and files that are not images are skipped (by their first bytes, whatever their
+/// names; a file named as an image that is not one is an error), and each folder and image is
 /// taken once, where it is first reached, however paths and links name it again. An error when
 /// there are none.
 pub fn find_images(paths: &[PathBuf]) -> Result<Vec<PathBuf>, DataError> {

@@ -1,0 +1,145 @@
+//! loren as a library: an ensemble trained from a program's own arrays, through `Trainer::fit`,
+//! reads back as it was trained (its inputs' scaling, its class names, its backbone), and the
+//! trainer refuses data it was not made for.
+
+use std::path::{Path, PathBuf};
+
+use loren::Ensemble;
+use loren::backbone::read_backbone;
+use loren::nn::checkpoint::{self, TensorFile};
+use loren::nn::config::{EnsembleConfig, LoraConfig, Method, VitConfig};
+use loren::nn::data::Dataset;
+use loren::nn::eval::predict;
+use loren::nn::train::{CheckpointSpec, Quiet, TrainConfig, Trainer};
+use loren::nn::vit::Vit;
+use loren::tensor::{DeviceSpec, Rng};
+
+mod common;
+use common::temp_dir;
+
+const NAMES: [&str; 3] = ["cat", "dog", "eel"];
+
+/// `n` random 8×8 images of 3 classes with names and a scaling of their own, none of the
+/// bundled digits'.
+fn arrays(n: usize) -> Dataset {
+    let mut rng = Rng::new(7);
+    let pixels: Vec<f32> = (0..n * 64).map(|_| rng.uniform(0.0, 1.0)).collect();
+    let labels = (0..n as u32).map(|i| i % 3).collect();
+    let names = NAMES.map(String::from).to_vec();
+    Dataset::new("my-arrays", [1, 8, 8], pixels, labels, names)
+        .unwrap()
+        .with_normalization(vec![0.2], vec![0.4])
+        .unwrap()
+}
+
+fn backbone_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/backbone-tiny.safetensors")
+}
+
+fn model() -> Vit {
+    let vit = VitConfig::tiny();
+    let ensemble = EnsembleConfig {
+        drop_key: EnsembleConfig::DROP_KEY,
+        method: Method::Lora,
+        members: 2,
+        classes: 3,
+        lora: LoraConfig {
+            rank: 2,
+            ..LoraConfig::default()
+        },
+    };
+    let mut model = Vit::new(&vit, &ensemble, &DeviceSpec::Cpu.open().unwrap(), 1).unwrap();
+    let backbone = read_backbone(&backbone_path(), &vit).unwrap().file;
+    model.load_backbone(&backbone).unwrap();
+    model
+}
+
+fn config() -> TrainConfig {
+    TrainConfig {
+        epochs: 1,
+        ..TrainConfig::plain(8, 1e-3, Default::default())
+    }
+}
+
+#[test]
+fn an_ensemble_trained_from_arrays_reads_back_as_it_was_trained() {
+    let dir = temp_dir("from-arrays");
+    let data = arrays(24);
+    let mut model = model();
+    let ckpt = dir.join("checkpoint.safetensors");
+    let spec = CheckpointSpec {
+        path: Some(ckpt.clone()),
+        ..Default::default()
+    };
+    Trainer::new(&mut model, &config(), data.len())
+        .unwrap()
+        .fit(&data, &spec, &mut Quiet)
+        .unwrap();
+
+    // No backbone given: the checkpoint names the one the model was loaded from.
+    let ens = Ensemble::load(&ckpt, DeviceSpec::Cpu).unwrap();
+    assert_eq!(ens.normalization(), (&[0.2f32][..], &[0.4f32][..]));
+    assert_eq!(ens.class_names(), NAMES);
+    // The same probabilities as the model in memory gives the data scaled as it trained.
+    let pixels: Vec<f32> = (0..data.len())
+        .flat_map(|i| {
+            let mut image = vec![0.0; 64];
+            data.read_image(i, &mut image);
+            image
+        })
+        .collect();
+    let read_back = ens.predict_pixels(&pixels).unwrap();
+    let in_memory = predict(&model, &data, 8, &mut |_| Ok(())).unwrap().mean();
+    for (b, want) in in_memory.chunks(3).enumerate() {
+        for (got, want) in read_back.mean(b).iter().zip(want) {
+            assert!((got - want).abs() < 1e-5, "image {b}: {got} against {want}");
+        }
+    }
+
+    // Other weights under the backbone's name are refused.
+    let original = TensorFile::read(&backbone_path()).unwrap();
+    let mut tensors: Vec<_> = original
+        .names()
+        .map(|n| (n.to_string(), original.get(n).unwrap().clone()))
+        .collect();
+    tensors[0].1.data[0] += 0.5;
+    let other = dir.join("other-backbone.safetensors");
+    checkpoint::write(&other, &tensors, original.metadata().clone()).unwrap();
+    let Err(e) = Ensemble::open(&ckpt, Some(&other), DeviceSpec::Cpu) else {
+        panic!("a checkpoint was opened with other backbone weights");
+    };
+    assert!(format!("{e:#}").contains("fingerprint"), "{e:#}");
+
+    // A non-finite input is named by its image and place.
+    let mut bad = pixels[..2 * 64].to_vec();
+    bad[64 + 8 + 3] = f32::NAN;
+    let e = ens.predict_pixels(&bad).unwrap_err().to_string();
+    assert!(
+        e.contains("image 1") && e.contains("row 1, column 3") && e.contains("NaN"),
+        "{e}"
+    );
+}
+
+#[test]
+fn fit_refuses_data_its_trainer_was_not_made_for() {
+    let mut model = model();
+    let spec = CheckpointSpec::default();
+    let fails = |model: &mut Vit, train_len: usize, data: &Dataset| {
+        let mut trainer = Trainer::new(model, &config(), train_len).unwrap();
+        format!("{:#}", trainer.fit(data, &spec, &mut Quiet).unwrap_err())
+    };
+    // Made for 10 images (2 steps an epoch): its schedule would end after 2 of 3 steps.
+    let e = fails(&mut model, 10, &arrays(24));
+    assert!(e.contains("made for 2"), "{e}");
+    // Four classes for three heads.
+    let mut four = arrays(24);
+    four.classes = 4;
+    four.class_names.push("fox".into());
+    let e = fails(&mut model, 24, &four);
+    assert!(e.contains("4 classes") && e.contains("heads 3"), "{e}");
+    // A label taken out through the public fields: one image no longer has one.
+    let mut short = arrays(24);
+    short.labels.pop();
+    let e = fails(&mut model, 23, &short);
+    assert!(e.contains("23"), "{e}");
+}
