@@ -107,12 +107,13 @@ pub struct Prediction {
 }
 
 impl Prediction {
-    /// Member `m`'s probabilities for image `b`, `[C]`.
+    /// Member `m`'s probabilities for image `b`, `[C]`. Panics when `m` or `b` is out of range,
+    /// as a slice index does.
     pub fn member(&self, m: usize, b: usize) -> &[f32] {
         &self.probs[(m * self.batch + b) * self.classes..][..self.classes]
     }
 
-    /// The mean prediction for image `b`, `[C]`.
+    /// The mean prediction for image `b`, `[C]`. Panics when `b` is out of range.
     pub fn mean(&self, b: usize) -> &[f32] {
         &self.mean[b * self.classes..][..self.classes]
     }
@@ -128,13 +129,17 @@ impl Ensemble {
     /// `loren train` writes, or the folder it wrote it into; with the backbone it recorded),
     /// onto `device`.
     pub fn load(path: impl AsRef<Path>, device: DeviceSpec) -> Result<Ensemble> {
-        Ensemble::open(path.as_ref(), None, device)
+        Ensemble::open(path, None, device)
     }
 
     /// [`Ensemble::load`], with a training checkpoint's backbone read from `backbone` when
     /// given (an exported file holds its own, so it takes none).
-    pub fn open(path: &Path, backbone: Option<&Path>, device: DeviceSpec) -> Result<Ensemble> {
-        let path = &crate::run::checkpoint_in(path);
+    pub fn open(
+        path: impl AsRef<Path>,
+        backbone: Option<&Path>,
+        device: DeviceSpec,
+    ) -> Result<Ensemble> {
+        let path = &crate::run::checkpoint_in(path.as_ref());
         if path.is_dir() {
             bail!(
                 "{}: a folder with no checkpoint.safetensors in it (name the run's folder, its \
@@ -228,6 +233,18 @@ impl Ensemble {
     /// Where it runs, as `cpu` or `cuda:N (name)`.
     pub fn device_name(&self) -> String {
         self.model.device().to_string()
+    }
+
+    /// The device's live and peak bytes by tag (frozen weights, trainable parameters,
+    /// activations, workspace, ...): the ensemble's weights once loaded, and the most predicting
+    /// has used since it was loaded, or since [`Ensemble::reset_memory_peaks`].
+    pub fn memory(&self) -> loren_tensor::MemoryReport {
+        self.model.device().memory().report()
+    }
+
+    /// Start the peaks of [`Ensemble::memory`] again from what is live now.
+    pub fn reset_memory_peaks(&self) {
+        self.model.device().memory().reset_peaks();
     }
 
     pub fn vit(&self) -> &VitConfig {

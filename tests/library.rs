@@ -12,7 +12,7 @@ use loren::nn::data::Dataset;
 use loren::nn::eval::predict;
 use loren::nn::train::{CheckpointSpec, Quiet, TrainConfig, Trainer};
 use loren::nn::vit::Vit;
-use loren::tensor::{DeviceSpec, Rng};
+use loren::tensor::{DeviceSpec, MemTag, Rng};
 
 mod common;
 use common::temp_dir;
@@ -95,6 +95,14 @@ fn an_ensemble_trained_from_arrays_reads_back_as_it_was_trained() {
             assert!((got - want).abs() < 1e-5, "image {b}: {got} against {want}");
         }
     }
+
+    // What predicting used, beside the weights it keeps.
+    let after = ens.memory();
+    assert!(after.live(MemTag::FrozenWeights) > 0, "{after:?}");
+    assert!(after.peak(MemTag::Activations) > 0, "{after:?}");
+    assert_eq!(after.live(MemTag::Activations), 0, "{after:?}");
+    ens.reset_memory_peaks();
+    assert_eq!(ens.memory().total_peak, ens.memory().total_live);
 
     // Other weights under the backbone's name are refused.
     let original = TensorFile::read(&backbone_path()).unwrap();

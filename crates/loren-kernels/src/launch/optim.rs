@@ -71,6 +71,10 @@ impl OptimTable {
 }
 
 /// AdamW hyper-parameters (PyTorch semantics, as the CPU twin's `AdamW`).
+///
+/// As in PyTorch, a gradient element above about 6e20 overflows its second moment to infinity,
+/// after which that parameter never moves again; clipping the gradient's norm first (loren's
+/// default, at 1) keeps that from happening.
 #[derive(Clone, Copy, Debug)]
 pub struct AdamW {
     pub lr: f32,

@@ -24,6 +24,11 @@ where
     T: Send + 'scope,
     F: FnMut(usize) -> T + Send + 'scope,
 {
+    // One result has nothing to overlap with: made here, without a thread (a server's
+    // prediction of a few images would otherwise pay a thread's start on every call).
+    if count <= 1 {
+        return Prefetched::Made((count == 1).then(|| make(0)));
+    }
     let (tx, rx) = sync_channel(depth.max(1));
     scope.spawn(move || {
         for i in 0..count {
@@ -32,20 +37,25 @@ where
             }
         }
     });
-    Prefetched { rx }
+    Prefetched::Thread(rx)
 }
 
 /// The receiving end: an iterator over the results in order.
-pub struct Prefetched<T> {
-    rx: Receiver<T>,
+pub enum Prefetched<T> {
+    Thread(Receiver<T>),
+    /// The one result, made on the calling thread.
+    Made(Option<T>),
 }
 
 impl<T> Iterator for Prefetched<T> {
     type Item = T;
 
     fn next(&mut self) -> Option<T> {
-        // An error means the producer is done (or panicked, which the scope re-raises).
-        self.rx.recv().ok()
+        match self {
+            // An error means the producer is done (or panicked, which the scope re-raises).
+            Prefetched::Thread(rx) => rx.recv().ok(),
+            Prefetched::Made(one) => one.take(),
+        }
     }
 }
 
@@ -74,6 +84,17 @@ mod tests {
         assert_eq!(got, (0..7).map(batch).collect::<Vec<_>>());
         let none: Vec<Batch> = std::thread::scope(|s| prefetch(s, 0, 2, batch).collect());
         assert!(none.is_empty());
+    }
+
+    #[test]
+    fn data_prefetch_makes_a_lone_result_on_the_calling_thread() {
+        let caller = std::thread::current().id();
+        let made_on: Vec<_> =
+            std::thread::scope(|s| prefetch(s, 1, 2, |_| std::thread::current().id()).collect());
+        assert_eq!(made_on, [caller]);
+        let made_on: Vec<_> =
+            std::thread::scope(|s| prefetch(s, 2, 2, |_| std::thread::current().id()).collect());
+        assert!(made_on.iter().all(|t| *t != caller));
     }
 
     #[test]
