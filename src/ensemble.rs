@@ -164,7 +164,7 @@ impl Ensemble {
         loren_nn::train::check_described_model(&vit, &ens, &file, file.values())?;
         let mut model = Vit::new(&vit, &ens, &device.open()?, 0)?;
         match file.meta("layout")? {
-            "shared" => model.load_backbone(&file)?,
+            "shared" => model.load_shared_weights(&file)?,
             "stacked" => model.load_tensors(&file, |name, _| Vit::is_backbone(name))?,
             other => bail!("{}: unknown layout '{other}'", path.display()),
         }

@@ -2,7 +2,7 @@
 //! fails in its first second, not after its training.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -88,7 +88,8 @@ pub fn remove_stale(path: &Path) -> Result<()> {
 /// `base-2`, `base-3`, ...; so that running a command again keeps what the last run wrote.
 ///
 /// Free means missing, empty, or holding only the claim of a run that ended without removing
-/// it (killed, or a second Ctrl-C). A claim is a marker file made only if none is there, so two
+/// it (killed, or a second Ctrl-C; one killed in the instant between making its claim and
+/// locking it leaves an unwritten one, and that folder is passed over). A claim is a marker file made only if none is there, so two
 /// runs started together cannot both take the folder, and locked for as long as its run lives:
 /// the operating system lets go of the lock however the process ends, so a marker nobody holds
 /// locked is one a dead run left. Dropping the claim removes the marker, and the folder too when
@@ -146,21 +147,34 @@ fn only_a_claim(dir: &Path) -> Option<bool> {
 
 /// Claim a missing or empty folder; `None` when another run claimed it first.
 fn claim_free(dir: &Path) -> std::io::Result<Option<ClaimedDir>> {
-    fs::create_dir_all(dir)?;
-    let marker = dir.join(CLAIM);
-    let mut file = match OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&marker)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(None),
-        Err(e) => return Err(e),
+    // Another command's probe may remove a parent it made, or a run that wrote nothing its
+    // empty folder, between making the folder and the marker in it: then again from the top.
+    let mut tries = 0;
+    let (marker, mut file) = loop {
+        fs::create_dir_all(dir)?;
+        let marker = dir.join(CLAIM);
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&marker)
+        {
+            Ok(f) => break (marker, f),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 100 => tries += 1,
+            Err(e) => return Err(e),
+        }
     };
-    file.lock()?;
+    // A filesystem without locks (NFS with no lock daemon, some FUSE mounts) still gets the
+    // claim, unlocked: its run's folder is then passed over after a kill, as an unwritten claim
+    // is, and never taken while the run lives.
+    let _ = file.lock();
     // Written once locked: a marker still empty may be one its run has not yet locked, so it
     // is never taken as left behind.
-    writeln!(file, "{}", std::process::id())?;
+    if let Err(e) = writeln!(file, "{}", std::process::id()) {
+        let _ = fs::remove_file(&marker);
+        let _ = fs::remove_dir(dir);
+        return Err(e);
+    }
     Ok(Some(ClaimedDir {
         path: dir.to_path_buf(),
         marker,
@@ -172,7 +186,7 @@ fn claim_free(dir: &Path) -> std::io::Result<Option<ClaimedDir>> {
 /// meanwhile).
 fn claim_left(dir: &Path) -> Option<ClaimedDir> {
     let marker = dir.join(CLAIM);
-    let file = OpenOptions::new()
+    let mut file = OpenOptions::new()
         .read(true)
         .write(true)
         .open(&marker)
@@ -182,11 +196,30 @@ fn claim_left(dir: &Path) -> Option<ClaimedDir> {
     // another run made a new one in its place: only a marker still at its path, written in
     // full, is one a dead run left.
     let (held, at_path) = (file.metadata().ok()?, fs::metadata(&marker).ok()?);
-    (held.len() > 0 && same_inode(&held, &at_path)).then(|| ClaimedDir {
+    if held.len() == 0 || !same_inode(&held, &at_path) {
+        return None;
+    }
+    // Now this run's.
+    file.set_len(0).ok()?;
+    file.rewind().ok()?;
+    writeln!(file, "{}", std::process::id()).ok()?;
+    Some(ClaimedDir {
         path: dir.to_path_buf(),
         marker,
         _held: file,
     })
+}
+
+/// Remove a claim left in `dir` by a run that was killed (nobody holds it locked): a run named
+/// into the folder with --out, or resumed there, leaves none behind it.
+pub fn remove_left_claim(dir: &Path) {
+    let marker = dir.join(CLAIM);
+    let Ok(file) = OpenOptions::new().read(true).write(true).open(&marker) else {
+        return;
+    };
+    if file.try_lock().is_ok() && file.metadata().is_ok_and(|m| m.len() > 0) {
+        let _ = fs::remove_file(&marker);
+    }
 }
 
 #[cfg(unix)]
@@ -264,6 +297,11 @@ mod tests {
         fs::write(base.join(CLAIM), b"4242\n").unwrap();
         let taken = ClaimedDir::claim(&base, "--out").unwrap();
         assert_eq!(taken.path, base, "a claim nobody holds was passed over");
+        assert_eq!(
+            fs::read_to_string(base.join(CLAIM)).unwrap(),
+            format!("{}\n", std::process::id()),
+            "the claim taken over still names the dead run"
+        );
         // That claim is now held: the next run moves on.
         assert_eq!(
             ClaimedDir::claim(&base, "--out").unwrap().path,
@@ -289,6 +327,21 @@ mod tests {
             ClaimedDir::claim(&with_files, "--out").unwrap().path,
             root.join("b-2")
         );
+    }
+
+    /// A folder named with --out (or resumed in) loses a dead run's claim, not a live one's.
+    #[test]
+    fn a_named_folder_drops_only_a_claim_nobody_holds() {
+        let root = temp("named");
+        let (dead, live) = (root.join("dead"), root.join("live"));
+        fs::create_dir_all(&dead).unwrap();
+        fs::write(dead.join(CLAIM), b"4242\n").unwrap();
+        remove_left_claim(&dead);
+        assert!(!dead.join(CLAIM).exists(), "a dead run's claim stayed");
+        let held = ClaimedDir::claim(&live, "--out").unwrap();
+        remove_left_claim(&live);
+        assert!(live.join(CLAIM).exists(), "a live run's claim was removed");
+        drop(held);
     }
 
     #[test]

@@ -588,6 +588,7 @@ pub struct OutDir {
 /// `out-2`, `out-3`, ... is claimed, and a move is said unless `quiet`.
 pub fn out_dir(out: &Path, named: bool, quiet: bool) -> Result<OutDir> {
     if named {
+        loren::outputs::remove_left_claim(out);
         return Ok(OutDir {
             path: out.to_path_buf(),
             _claim: None,

@@ -478,18 +478,28 @@ impl Vit {
     }
 
     /// Replace the backbone with a pretrained one: tensors without the group axis, copied to
-    /// every group. A missing or misshapen tensor is an error naming it.
+    /// every group. A missing or misshapen tensor is an error naming it. The model keeps the
+    /// file's path and fingerprint ([`Vit::backbone_source`]), which a training checkpoint
+    /// records.
     pub fn load_backbone(&mut self, file: &TensorFile) -> Result<()> {
-        for (id, name, dims) in self.select(|name, _| Vit::is_backbone(name)) {
-            let one = file.get_shaped(&name, &dims[1..])?;
-            let tiled = one.repeat(dims[0]);
-            self.params.set(id, &tiled)?;
-        }
+        self.load_shared_weights(file)?;
         let path = file.path();
         self.backbone = Some(BackboneSource {
             path: std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
             fingerprint: file.fingerprint(),
         });
+        Ok(())
+    }
+
+    /// The backbone's tensors from `file`, as [`Vit::load_backbone`] loads them, without taking
+    /// `file` for the model's backbone: an exported ensemble's shared weights, say, whose
+    /// fingerprint would mean nothing (and cost a pass over the file).
+    pub fn load_shared_weights(&mut self, file: &TensorFile) -> Result<()> {
+        for (id, name, dims) in self.select(|name, _| Vit::is_backbone(name)) {
+            let one = file.get_shaped(&name, &dims[1..])?;
+            let tiled = one.repeat(dims[0]);
+            self.params.set(id, &tiled)?;
+        }
         Ok(())
     }
 

@@ -19,15 +19,17 @@ pub fn prefetch<'scope, T, F>(
     count: usize,
     depth: usize,
     mut make: F,
-) -> Prefetched<T>
+) -> Prefetched<'scope, T>
 where
     T: Send + 'scope,
     F: FnMut(usize) -> T + Send + 'scope,
 {
-    // One result has nothing to overlap with: made here, without a thread (a server's
-    // prediction of a few images would otherwise pay a thread's start on every call).
+    // One result has nothing to overlap with: made on the calling thread when it is asked for
+    // (a server's prediction of a few images would otherwise pay a thread's start each call).
     if count <= 1 {
-        return Prefetched::Made((count == 1).then(|| make(0)));
+        let one =
+            (count == 1).then(|| Box::new(move || make(0)) as Box<dyn FnOnce() -> T + 'scope>);
+        return Prefetched(Source::Here(one));
     }
     let (tx, rx) = sync_channel(depth.max(1));
     scope.spawn(move || {
@@ -37,24 +39,26 @@ where
             }
         }
     });
-    Prefetched::Thread(rx)
+    Prefetched(Source::Thread(rx))
 }
 
 /// The receiving end: an iterator over the results in order.
-pub enum Prefetched<T> {
+pub struct Prefetched<'scope, T>(Source<'scope, T>);
+
+enum Source<'scope, T> {
     Thread(Receiver<T>),
-    /// The one result, made on the calling thread.
-    Made(Option<T>),
+    /// The one result, still to be made.
+    Here(Option<Box<dyn FnOnce() -> T + 'scope>>),
 }
 
-impl<T> Iterator for Prefetched<T> {
+impl<T> Iterator for Prefetched<'_, T> {
     type Item = T;
 
     fn next(&mut self) -> Option<T> {
-        match self {
+        match &mut self.0 {
             // An error means the producer is done (or panicked, which the scope re-raises).
-            Prefetched::Thread(rx) => rx.recv().ok(),
-            Prefetched::Made(one) => one.take(),
+            Source::Thread(rx) => rx.recv().ok(),
+            Source::Here(one) => one.take().map(|make| make()),
         }
     }
 }
