@@ -89,11 +89,11 @@ pub fn remove_stale(path: &Path) -> Result<()> {
 ///
 /// Free means missing, empty, or holding only the claim of a run that ended without removing
 /// it (killed, or a second Ctrl-C; one killed in the instant between making its claim and
-/// locking it leaves an unwritten one, and that folder is passed over). A claim is a marker file made only if none is there, so two
-/// runs started together cannot both take the folder, and locked for as long as its run lives:
-/// the operating system lets go of the lock however the process ends, so a marker nobody holds
-/// locked is one a dead run left. Dropping the claim removes the marker, and the folder too when
-/// the run left nothing in it.
+/// locking it leaves an unwritten one, and that folder is passed over). A claim is a marker
+/// file made only if none is there, so two runs started together cannot both take the folder,
+/// and locked for as long as its run lives: the operating system lets go of the lock however
+/// the process ends, so a marker nobody holds locked is one a dead run left. Dropping the claim
+/// removes the marker, and the folder too when the run left nothing in it.
 pub struct ClaimedDir {
     pub path: PathBuf,
     marker: PathBuf,
