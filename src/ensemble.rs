@@ -124,6 +124,31 @@ impl Prediction {
     }
 }
 
+/// What is wrong with the images given to [`Ensemble::predict`] or
+/// [`Ensemble::predict_pixels`]: the caller's input, not the ensemble or the machine. Their
+/// errors hold one when the input is at fault (`error.downcast_ref::<InputError>()`), so that a
+/// server can answer a client's bad request as such.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum InputError {
+    /// Not a whole positive number of images of the model's `[C, H, W]`.
+    #[error(
+        "images must be [B, {}, {}, {}]: a positive multiple of {} values, got {len}",
+        shape[0], shape[1], shape[2], shape.iter().product::<usize>()
+    )]
+    Length { shape: [usize; 3], len: usize },
+    /// A value that is NaN or infinite, at `[channel, row, column]` of image `image`.
+    #[error(
+        "image {image}: its value at channel {}, row {}, column {} is {value}; inputs must be \
+         finite",
+        at[0], at[1], at[2]
+    )]
+    NotFinite {
+        image: usize,
+        at: [usize; 3],
+        value: f32,
+    },
+}
+
 impl Ensemble {
     /// Read a file written by [`export`] (`loren export`), or a training checkpoint (the file
     /// `loren train` writes, or the folder it wrote it into; with the backbone it recorded),
@@ -311,22 +336,21 @@ impl Ensemble {
     pub fn predict(&self, images: &[f32]) -> Result<Prediction> {
         let [c, h, w] = self.image_shape();
         let per_image = c * h * w;
-        ensure!(
-            !images.is_empty() && images.len().is_multiple_of(per_image),
-            "images must be [B, {c}, {h}, {w}]: a positive multiple of {per_image} values, got {}",
-            images.len()
-        );
+        if images.is_empty() || !images.len().is_multiple_of(per_image) {
+            let shape = [c, h, w];
+            return Err(InputError::Length {
+                shape,
+                len: images.len(),
+            }
+            .into());
+        }
         // Named here, by image and place: one NaN would otherwise show only as a NaN
         // probability of its image, failing the whole call.
-        if let Some((i, v)) = images.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        if let Some((i, &value)) = images.iter().enumerate().find(|(_, v)| !v.is_finite()) {
             let (image, at) = (i / per_image, i % per_image);
-            bail!(
-                "image {image}: its value at channel {}, row {}, column {} is {v}; inputs must be \
-                 finite",
-                at / (h * w),
-                at % (h * w) / w,
-                at % w
-            );
+            let (channel, row, column) = (at / (h * w), at % (h * w) / w, at % w);
+            let at = [channel, row, column];
+            return Err(InputError::NotFinite { image, at, value }.into());
         }
         let (m, n, k) = (self.members(), images.len() / per_image, self.classes());
         let mut probs = vec![0.0f32; m * n * k];

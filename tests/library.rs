@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 
-use loren::Ensemble;
 use loren::backbone::read_backbone;
 use loren::nn::checkpoint::{self, TensorFile};
 use loren::nn::config::{EnsembleConfig, LoraConfig, Method, VitConfig};
@@ -13,6 +12,7 @@ use loren::nn::eval::predict;
 use loren::nn::train::{CheckpointSpec, Quiet, TrainConfig, Trainer};
 use loren::nn::vit::Vit;
 use loren::tensor::{DeviceSpec, MemTag, Rng};
+use loren::{Ensemble, InputError};
 
 mod common;
 use common::temp_dir;
@@ -121,10 +121,27 @@ fn an_ensemble_trained_from_arrays_reads_back_as_it_was_trained() {
     // A non-finite input is named by its image and place.
     let mut bad = pixels[..2 * 64].to_vec();
     bad[64 + 8 + 3] = f32::NAN;
-    let e = ens.predict_pixels(&bad).unwrap_err().to_string();
+    let e = ens.predict_pixels(&bad).unwrap_err();
     assert!(
-        e.contains("image 1") && e.contains("row 1, column 3") && e.contains("NaN"),
-        "{e}"
+        matches!(
+            e.downcast_ref::<InputError>(),
+            Some(InputError::NotFinite { image: 1, at: [0, 1, 3], value }) if value.is_nan()
+        ),
+        "{e:#}"
+    );
+    assert!(
+        e.to_string()
+            .contains("image 1: its value at channel 0, row 1, column 3 is NaN")
+    );
+    // So is an input of a size no whole number of images has.
+    let e = ens.predict_pixels(&pixels[..100]).unwrap_err();
+    assert_eq!(
+        e.downcast_ref::<InputError>(),
+        Some(&InputError::Length {
+            shape: [1, 8, 8],
+            len: 100
+        }),
+        "{e:#}"
     );
 }
 
