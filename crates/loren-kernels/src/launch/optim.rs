@@ -87,12 +87,14 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    /// 1 − β1^step and 1 − β2^step, in f64, for the CPU twin and the kernel alike. A step past
-    /// 2^31 counts as 2^31 − 1: the powers are 0 to f64 long before, for any β of use.
-    pub fn bias_corrections(&self) -> (f64, f64) {
+    /// The step's bias-corrected scales, lr/(1 − β1^step) and √(1 − β2^step): computed in f64,
+    /// then rounded, for the CPU twin and the kernel alike. A step past 2^31 counts as 2^31 − 1:
+    /// the powers are 0 to f64 long before, for any β of use.
+    pub fn step_scales(&self) -> (f32, f32) {
         let step = i32::try_from(self.step).unwrap_or(i32::MAX);
         let c = |beta: f32| 1.0 - (beta as f64).powi(step);
-        (c(self.beta1), c(self.beta2))
+        let step_size = (self.lr as f64 / c(self.beta1)) as f32;
+        (step_size, c(self.beta2).sqrt() as f32)
     }
 }
 
@@ -212,9 +214,7 @@ impl Gpu {
         }
         let scale = self.input_opt(OP, "grad_scale", grad_scale, 1)?;
         let guard = self.input_opt(OP, "guard", guard, 1)?;
-        let (c1, c2) = h.bias_corrections();
-        let step_size = (h.lr as f64 / c1) as f32;
-        let sqrt_c2 = c2.sqrt() as f32;
+        let (step_size, sqrt_c2) = h.step_scales();
         let n = table.count as i32;
         let slots = self.input(OP, "table", &table.slots, table.count)?;
         self.launch(
@@ -335,7 +335,7 @@ mod tests {
     use super::AdamW;
 
     #[test]
-    fn bias_corrections_stay_right_past_two_to_the_31_steps() {
+    fn step_scales_stay_right_past_two_to_the_31_steps() {
         let at = |step| {
             AdamW {
                 lr: 1e-3,
@@ -345,12 +345,16 @@ mod tests {
                 weight_decay: 0.0,
                 step,
             }
-            .bias_corrections()
+            .step_scales()
         };
-        assert_eq!(at(1), (1.0 - 0.9f32 as f64, 1.0 - 0.999f32 as f64));
+        let first = (
+            (1e-3f32 as f64 / (1.0 - 0.9f32 as f64)) as f32,
+            (1.0 - 0.999f32 as f64).sqrt() as f32,
+        );
+        assert_eq!(at(1), first);
         // 2^32 + 1 read as an i32 is step 1 again: a first step's tenfold update.
         for step in [1 << 31, (1 << 32) + 1, u64::MAX] {
-            assert_eq!(at(step), (1.0, 1.0), "step {step}");
+            assert_eq!(at(step), (1e-3, 1.0), "step {step}");
         }
     }
 }

@@ -84,9 +84,7 @@ pub fn adamw_step(slots: &mut [Slot<'_>], h: &AdamW) -> Result<()> {
     if h.step == 0 {
         return Err(Error::invalid("adamw_step", "steps count from 1"));
     }
-    let (c1, c2) = h.bias_corrections();
-    let step_size = (h.lr as f64 / c1) as f32;
-    let sqrt_c2 = c2.sqrt() as f32;
+    let (step_size, sqrt_c2) = h.step_scales();
     chunks(slots)?
         .into_par_iter()
         .for_each(|(p, g, m, v, decay)| {
