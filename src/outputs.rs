@@ -186,19 +186,7 @@ fn claim_free(dir: &Path) -> std::io::Result<Option<ClaimedDir>> {
 /// meanwhile).
 fn claim_left(dir: &Path) -> Option<ClaimedDir> {
     let marker = dir.join(CLAIM);
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&marker)
-        .ok()?;
-    file.try_lock().ok()?;
-    // The lock may have come free because its run ended just now and removed the marker, or
-    // another run made a new one in its place: only a marker still at its path, written in
-    // full, is one a dead run left.
-    let (held, at_path) = (file.metadata().ok()?, fs::metadata(&marker).ok()?);
-    if held.len() == 0 || !same_inode(&held, &at_path) {
-        return None;
-    }
+    let mut file = left_claim(&marker)?;
     // Now this run's.
     file.set_len(0).ok()?;
     file.rewind().ok()?;
@@ -214,12 +202,25 @@ fn claim_left(dir: &Path) -> Option<ClaimedDir> {
 /// into the folder with --out, or resumed there, leaves none behind it.
 pub fn remove_left_claim(dir: &Path) {
     let marker = dir.join(CLAIM);
-    let Ok(file) = OpenOptions::new().read(true).write(true).open(&marker) else {
-        return;
-    };
-    if file.try_lock().is_ok() && file.metadata().is_ok_and(|m| m.len() > 0) {
+    // Removed while locked, as a run's own claim is.
+    if let Some(_held) = left_claim(&marker) {
         let _ = fs::remove_file(&marker);
     }
+}
+
+/// The claim `marker`, opened and locked, when a dead run left it; `None` when its run still
+/// holds it, or it changed meanwhile. The lock may have come free because its run ended just
+/// now and removed the marker, or another run made a new one in its place: only a marker still
+/// at its path, written in full, is one a dead run left.
+fn left_claim(marker: &Path) -> Option<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(marker)
+        .ok()?;
+    file.try_lock().ok()?;
+    let (held, at_path) = (file.metadata().ok()?, fs::metadata(marker).ok()?);
+    (held.len() > 0 && same_inode(&held, &at_path)).then_some(file)
 }
 
 #[cfg(unix)]
