@@ -334,10 +334,10 @@ impl Ensemble {
     /// (other methods draw none); the probabilities then move only in the last bits, as for
     /// every method, with a row's place in the CPU's matrix kernels.
     pub fn predict(&self, images: &[f32]) -> Result<Prediction> {
-        let [c, h, w] = self.image_shape();
+        let shape = self.image_shape();
+        let [c, h, w] = shape;
         let per_image = c * h * w;
         if images.is_empty() || !images.len().is_multiple_of(per_image) {
-            let shape = [c, h, w];
             return Err(InputError::Length {
                 shape,
                 len: images.len(),

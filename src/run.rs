@@ -316,15 +316,14 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
                 );
             }
         }
-        // The data too, so eval and export find what it was trained on (the checkpoint records
-        // the backbone the model was loaded from itself).
-        let metadata = data_metadata.clone();
         let replaces = spec.checkpoint.as_deref().map_or_else(Vec::new, |path| {
             replaced_by(path, spec.resume.as_deref().map(TensorFile::path))
         });
         let ckpt = CheckpointSpec {
             path: spec.checkpoint.clone(),
-            metadata,
+            // The data too, so eval and export find what it was trained on (the checkpoint
+            // records the backbone the model was loaded from itself).
+            metadata: data_metadata.clone(),
             replaces,
         };
         if spec.verbosity == Verbosity::Normal {

@@ -831,8 +831,6 @@ fn differences(root: &str, saved: &serde_json::Value, now: &serde_json::Value) -
     out
 }
 
-/// Rebuild the model a training checkpoint holds. Its frozen backbone, when it has one, comes
-/// from `backbone`; the trainable tensors from the checkpoint.
 /// The configs in `file`'s metadata describe a model whose parameters the files it is read from
 /// hold (`held` values, `file`'s and its backbone's): corrupt or crafted metadata is refused
 /// before a model of its size is allocated (an allocation too large aborts the process).
@@ -858,6 +856,8 @@ pub fn check_described_model(
     Ok(())
 }
 
+/// Rebuild the model a training checkpoint holds. Its frozen backbone, when it has one, comes
+/// from `backbone`; the trainable tensors from the checkpoint.
 pub fn load_trained(
     file: &TensorFile,
     backbone: Option<&TensorFile>,
