@@ -1,10 +1,8 @@
 //! One method trained and evaluated end to end, and the side-by-side comparison of methods.
 
-use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -277,7 +275,7 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
     let device = spec.device.open()?;
     check_fits(spec, data, &device)?;
     // The validation probabilities of the last epoch scored, for fitting the temperature.
-    let last_val_probs: Rc<RefCell<Option<Predictions>>> = Rc::default();
+    let last_val_probs: Mutex<Option<Predictions>> = Mutex::default();
     let ens = &spec.ensemble;
     let mut model = Vit::new(&spec.vit, ens, &device, fine_tune_seed(spec.model_seed))?;
     model
@@ -349,11 +347,11 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
         if let Some(val) = &data.val {
             // At the training batch size, so that scoring adds nothing to the training's peak.
             let batch = spec.train.batch_size;
-            let kept = Rc::clone(&last_val_probs);
+            let kept = &last_val_probs;
             let validate = move |model: &Vit| {
                 let scored = epoch_validation(model, val, batch)?;
                 Ok(scored.map(|(scores, probs)| {
-                    *kept.borrow_mut() = Some(probs);
+                    *kept.lock().unwrap_or_else(PoisonError::into_inner) = Some(probs);
                     scores
                 }))
             };
@@ -376,7 +374,13 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
     // The last epoch, when it was scored, was scored on the trained model.
     let last_scored = summary.epochs.last().and_then(|e| e.val);
     let mut validation_seconds = summary.validation_seconds;
-    let val_report = match (&data.val, last_scored, last_val_probs.borrow_mut().take()) {
+    let val_report = match (
+        &data.val,
+        last_scored,
+        last_val_probs
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner),
+    ) {
         (None, ..) => None,
         (Some(val), Some(scored), Some(probs)) => Some((scored, probs, val)),
         (Some(val), ..) => {

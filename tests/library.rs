@@ -3,6 +3,7 @@
 //! trainer refuses data it was not made for.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use loren::backbone::read_backbone;
 use loren::nn::checkpoint::{self, TensorFile};
@@ -167,4 +168,48 @@ fn fit_refuses_data_its_trainer_was_not_made_for() {
     short.labels.pop();
     let e = fails(&mut model, 23, &short);
     assert!(e.contains("23"), "{e}");
+}
+
+/// A server trains on a worker thread of its own: the `Trainer`, validation included, moves
+/// there and trains as it would have where it was made.
+#[test]
+fn a_trainer_trains_on_another_thread_as_it_would_here() {
+    let (data, val) = (arrays(24), arrays(8));
+    let scored = AtomicUsize::new(0);
+    fn trainer<'m>(
+        model: &'m mut Vit,
+        len: usize,
+        val: &'m Dataset,
+        scored: &'m AtomicUsize,
+    ) -> Trainer<'m> {
+        let mut trainer = Trainer::new(model, &config(), len).unwrap();
+        trainer.validate_every(
+            1,
+            Box::new(move |model: &Vit| {
+                scored.fetch_add(1, Ordering::Relaxed);
+                predict(model, val, 8, &mut |_| Ok(())).map(|_| None)
+            }),
+        );
+        trainer
+    }
+    let probs = |model: &Vit| predict(model, &val, 8, &mut |_| Ok(())).unwrap().mean();
+
+    let mut here = model();
+    let summary = trainer(&mut here, data.len(), &val, &scored)
+        .fit(&data, &CheckpointSpec::default(), &mut Quiet)
+        .unwrap();
+    let mut there = model();
+    let mut moved = trainer(&mut there, data.len(), &val, &scored);
+    let summary_there = std::thread::scope(|s| {
+        s.spawn(move || moved.fit(&data, &CheckpointSpec::default(), &mut Quiet))
+            .join()
+            .unwrap()
+            .unwrap()
+    });
+    assert_eq!(scored.into_inner(), 2, "each run scores its one epoch");
+    assert_eq!(
+        summary.epochs[0].mean_loss,
+        summary_there.epochs[0].mean_loss
+    );
+    assert_eq!(probs(&here), probs(&there));
 }

@@ -142,8 +142,9 @@ pub struct EpochVal {
 }
 
 /// Scores the model at an epoch's end; `None` when a stop was asked for meanwhile, so that the
-/// epoch still ends and is checkpointed.
-pub type Validate<'m> = Box<dyn FnMut(&Vit) -> Result<Option<EpochVal>> + 'm>;
+/// epoch still ends and is checkpointed. `Send`, so that a [`Trainer`] may move to a thread of its
+/// own.
+pub type Validate<'m> = Box<dyn FnMut(&Vit) -> Result<Option<EpochVal>> + Send + 'm>;
 
 /// Watches training: the CLI draws progress bars with it.
 pub trait Observer {

@@ -2,6 +2,7 @@
 //! and a loss that turns NaN stops training with the step, keeping the last good checkpoint.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use loren_autograd::optim::OptimizerKind;
 use loren_nn::checkpoint::TensorFile;
@@ -371,15 +372,15 @@ fn validation_runs_every_nth_epoch_and_after_the_last() {
         ..config(3)
     };
     cfg.batch_size = 256;
+    let calls = AtomicUsize::new(0);
     let mut m = model(Method::Lora);
     let mut t = Trainer::new(&mut m, &cfg, data.len()).unwrap();
-    let calls = std::rc::Rc::new(std::cell::Cell::new(0));
-    let counted = calls.clone();
+    let counted = &calls;
     t.validate_every(
         2,
         Box::new(move |_model: &Vit| {
-            counted.set(counted.get() + 1);
-            Ok((counted.get() == 1).then_some(EpochVal {
+            let call = counted.fetch_add(1, Ordering::Relaxed) + 1;
+            Ok((call == 1).then_some(EpochVal {
                 accuracy: 0.5,
                 nll: 1.0,
                 ece: 0.25,
@@ -396,7 +397,11 @@ fn validation_runs_every_nth_epoch_and_after_the_last() {
         .map(|e| e.val.map(|v| v.accuracy))
         .collect();
     assert_eq!(scored, [None, Some(0.5), None]);
-    assert_eq!(calls.get(), 2, "the last epoch was not scored");
+    assert_eq!(
+        calls.load(Ordering::Relaxed),
+        2,
+        "the last epoch was not scored"
+    );
     assert_eq!(summary.steps, 3 * 3);
 }
 
