@@ -22,6 +22,8 @@
 //   wgmma.wait_group, reading shared memory then, so a stage overwritten before the wait shows.
 //   Shared addresses start at EMU_SMEM_ORIGIN, off a 1024-byte boundary, so a kernel that does
 //   not align its swizzled tiles reads the wrong elements.
+// - a full-warp shuffle, mma.sync or ldmatrix after a lane of the warp has returned aborts, as
+//   the hardware leaves it undefined.
 // Not modelled: timing, bank conflicts, memory-model subtleties beyond barrier ordering; the
 // warp collectives order memory within a warp, which real shuffles and mma do not.
 #pragma once
@@ -201,7 +203,7 @@ inline void emu_progress();
 // so that ThreadSanitizer does not report them, and relaxed, so that they order nothing.
 class EmuBarrier {
   public:
-    explicit EmuBarrier(long n) : expected_(n) {}
+    explicit EmuBarrier(long n) : size_(n), expected_(n) {}
     void arrive_and_wait() {
         const unsigned long phase = get(phase_);
         emu_progress();
@@ -217,6 +219,8 @@ class EmuBarrier {
         emu_tsan_release(&sync_[get(phase_) & 1]);
         if (add(expected_, -1) > 0 && get(arrived_) == get(expected_)) next_phase();
     }
+    // How many have left for good.
+    long dropped() const { return size_ - get(expected_); }
 
   private:
     template <class T> static T get(const std::atomic<T>& a) { return a.load(std::memory_order_relaxed); }
@@ -228,6 +232,7 @@ class EmuBarrier {
         arrived_.store(0, std::memory_order_relaxed);
         add(phase_, 1);
     }
+    const long size_;
     std::atomic<long> expected_, arrived_{0};
     std::atomic<unsigned long> phase_{0};
     // One synchronisation address per phase parity: a fiber already at the next barrier cannot
@@ -240,7 +245,7 @@ class EmuBarrier {
 // unrelated barriers and would hide real races from it).
 class EmuBarrier {
   public:
-    explicit EmuBarrier(long n) : expected_(n) {}
+    explicit EmuBarrier(long n) : size_(n), expected_(n) {}
     void arrive_and_wait() {
         std::unique_lock<std::mutex> lock(m_);
         const unsigned long phase = phase_;
@@ -252,6 +257,11 @@ class EmuBarrier {
         std::unique_lock<std::mutex> lock(m_);
         if (--expected_ > 0 && arrived_ == expected_) next_phase();
     }
+    // How many have left for good.
+    long dropped() {
+        std::unique_lock<std::mutex> lock(m_);
+        return size_ - expected_;
+    }
 
   private:
     void next_phase() {
@@ -261,6 +271,7 @@ class EmuBarrier {
     }
     std::mutex m_;
     std::condition_variable cv_;
+    const long size_;
     long expected_, arrived_ = 0;
     unsigned long phase_ = 0;
 };
@@ -302,11 +313,25 @@ inline int emu_lane() { return threadIdx.x % 32; }
 inline void __syncthreads() { emu_block->bar->arrive_and_wait(); }
 inline void __syncwarp(unsigned = FULL_MASK) { emu_warp().bar->arrive_and_wait(); }
 
+// The first barrier of a full-warp shuffle, mma or ldmatrix, where each lane has published its
+// operands. The hardware leaves such a collective undefined once a lane of the warp has returned
+// (the barrier here would go on without it, reading what it left), so that aborts. Every lane
+// still running has arrived by the time the barrier opens, so the count of those gone is final.
+inline void emu_warp_exchange(const char* what) {
+    EmuWarp& w = emu_warp();
+    w.bar->arrive_and_wait();
+    if (long gone = w.bar->dropped()) {
+        std::fprintf(stderr, "emulator: %s in warp %u of block (%u,%u,%u) after %ld of its lanes returned\n",
+                     what, threadIdx.x / 32, blockIdx.x, blockIdx.y, blockIdx.z, gone);
+        std::abort();
+    }
+}
+
 template <class T>
 inline T __shfl_xor_sync(unsigned, T v, int mask) {
     EmuWarp& w = emu_warp();
     w.v[emu_lane()] = (double)v;
-    __syncwarp();
+    emu_warp_exchange("a full-warp shuffle");
     T r = (T)w.v[emu_lane() ^ mask];
     __syncwarp();
     return r;
@@ -671,7 +696,7 @@ inline void mma_bf16_16816(float d[4], const unsigned a[4], unsigned b0, unsigne
     for (int i = 0; i < 4; ++i) w.a[lane][i] = a[i];
     w.b[lane][0] = b0;
     w.b[lane][1] = b1;
-    __syncwarp();
+    emu_warp_exchange("mma.sync");
     double A[16][16], B[16][8];
     for (int t = 0; t < 32; ++t) {
         const int g = t / 4, q = t % 4;
@@ -703,7 +728,7 @@ inline void ldmatrix_x4(unsigned r[4], const void* p) {
     EmuWarp& w = emu_warp();
     const int lane = emu_lane();
     w.ptr[lane] = p;
-    __syncwarp();
+    emu_warp_exchange("ldmatrix");
     for (int i = 0; i < 4; ++i) {
         const uint16_t* row = static_cast<const uint16_t*>(w.ptr[8 * i + lane / 4]);
         r[i] = unsigned(row[2 * (lane % 4)]) | (unsigned(row[2 * (lane % 4) + 1]) << 16);
@@ -715,7 +740,7 @@ inline void ldmatrix_x4_trans(unsigned r[4], const void* p) {
     EmuWarp& w = emu_warp();
     const int lane = emu_lane();
     w.ptr[lane] = p;
-    __syncwarp();
+    emu_warp_exchange("ldmatrix.trans");
     for (int i = 0; i < 4; ++i) {
         const uint16_t* r0 = static_cast<const uint16_t*>(w.ptr[8 * i + 2 * (lane % 4)]);
         const uint16_t* r1 = static_cast<const uint16_t*>(w.ptr[8 * i + 2 * (lane % 4) + 1]);
