@@ -147,7 +147,25 @@ pub enum InputError {
         at: [usize; 3],
         value: f32,
     },
+    /// A raw pixel of [`Ensemble::predict_pixels`] well outside `[0, 1]` (past
+    /// [`PIXEL_RANGE`]), at `[channel, row, column]` of image `image`: most often pixels of
+    /// 0..=255 not divided by 255, or images already normalised.
+    #[error(
+        "image {image}: its pixel at channel {}, row {}, column {} is {value}, where raw pixels \
+         are in [0, 1] (values of 0..=255 are to be divided by 255 first; images already \
+         normalised go to Ensemble::predict)",
+        at[0], at[1], at[2]
+    )]
+    PixelRange {
+        image: usize,
+        at: [usize; 3],
+        value: f32,
+    },
 }
+
+/// What [`Ensemble::predict_pixels`] takes: `[0, 1]`, and a quarter past either end, as a
+/// sharpening resampling filter (bicubic, Lanczos) overshoots the range at edges.
+pub const PIXEL_RANGE: std::ops::RangeInclusive<f32> = -0.25..=1.25;
 
 impl Ensemble {
     /// Read a file written by [`export`] (`loren export`), or a training checkpoint (the file
@@ -322,8 +340,22 @@ impl Ensemble {
         out
     }
 
-    /// [`Ensemble::predict`] on raw pixels in `[0, 1]` at the model's size.
+    /// [`Ensemble::predict`] on raw pixels in `[0, 1]` at the model's size. A pixel past
+    /// [`PIXEL_RANGE`] is an [`InputError::PixelRange`].
     pub fn predict_pixels(&self, pixels: &[f32]) -> Result<Prediction> {
+        self.check_length(pixels)?;
+        if let Some((i, &value)) = pixels
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !PIXEL_RANGE.contains(v))
+        {
+            let (image, at) = self.place(i);
+            return Err(match value.is_finite() {
+                true => InputError::PixelRange { image, at, value },
+                false => InputError::NotFinite { image, at, value },
+            }
+            .into());
+        }
         self.predict(&self.normalize(pixels))
     }
 
@@ -334,24 +366,15 @@ impl Ensemble {
     /// (other methods draw none); the probabilities then move only in the last bits, as for
     /// every method, with a row's place in the CPU's matrix kernels.
     pub fn predict(&self, images: &[f32]) -> Result<Prediction> {
-        let shape = self.image_shape();
-        let [c, h, w] = shape;
-        let per_image = c * h * w;
-        if images.is_empty() || !images.len().is_multiple_of(per_image) {
-            return Err(InputError::Length {
-                shape,
-                len: images.len(),
-            }
-            .into());
-        }
+        self.check_length(images)?;
         // Named here, by image and place: one NaN would otherwise show only as a NaN
         // probability of its image, failing the whole call.
         if let Some((i, &value)) = images.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-            let (image, at) = (i / per_image, i % per_image);
-            let (channel, row, column) = (at / (h * w), at % (h * w) / w, at % w);
-            let at = [channel, row, column];
+            let (image, at) = self.place(i);
             return Err(InputError::NotFinite { image, at, value }.into());
         }
+        let [c, h, w] = self.image_shape();
+        let per_image = c * h * w;
         let (m, n, k) = (self.members(), images.len() / per_image, self.classes());
         let mut probs = vec![0.0f32; m * n * k];
         // Saturating: a batch size past the whole input is one chunk of it all.
@@ -389,6 +412,28 @@ impl Ensemble {
             entropy: s.entropy,
             mutual_information: s.mutual_information,
         })
+    }
+}
+
+impl Ensemble {
+    /// Whether `images` is a whole positive number of the model's images.
+    fn check_length(&self, images: &[f32]) -> Result<(), InputError> {
+        let shape = self.image_shape();
+        let per_image: usize = shape.iter().product();
+        match !images.is_empty() && images.len().is_multiple_of(per_image) {
+            true => Ok(()),
+            false => Err(InputError::Length {
+                shape,
+                len: images.len(),
+            }),
+        }
+    }
+
+    /// The image, and `[channel, row, column]` in it, of value `i` of a batch of images.
+    fn place(&self, i: usize) -> (usize, [usize; 3]) {
+        let [c, h, w] = self.image_shape();
+        let (image, at) = (i / (c * h * w), i % (c * h * w));
+        (image, [at / (h * w), at % (h * w) / w, at % w])
     }
 }
 

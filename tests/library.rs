@@ -13,7 +13,7 @@ use loren::nn::eval::predict;
 use loren::nn::train::{CheckpointSpec, Quiet, TrainConfig, Trainer};
 use loren::nn::vit::Vit;
 use loren::tensor::{DeviceSpec, MemTag, Rng};
-use loren::{Ensemble, InputError};
+use loren::{Ensemble, InputError, PIXEL_RANGE};
 
 mod common;
 use common::temp_dir;
@@ -134,6 +134,34 @@ fn an_ensemble_trained_from_arrays_reads_back_as_it_was_trained() {
         e.to_string()
             .contains("image 1: its value at channel 0, row 1, column 3 is NaN")
     );
+    // Pixels of 0..=255 not divided by 255 are named by the first one past the range...
+    let bytes: Vec<f32> = pixels[..2 * 64]
+        .iter()
+        .map(|p| (p * 255.0).round())
+        .collect();
+    let first = bytes.iter().position(|p| !PIXEL_RANGE.contains(p)).unwrap();
+    let e = ens.predict_pixels(&bytes).unwrap_err();
+    assert_eq!(
+        e.downcast_ref::<InputError>(),
+        Some(&InputError::PixelRange {
+            image: first / 64,
+            at: [0, first % 64 / 8, first % 8],
+            value: bytes[first]
+        }),
+        "{e:#}"
+    );
+    assert!(e.to_string().contains("divided by 255"), "{e}");
+    // ...as are images already normalised, while a resampling filter's overshoot passes.
+    let normalised = ens.normalize(&pixels[..2 * 64]);
+    assert!(ens.predict(&normalised).is_ok());
+    let e = ens.predict_pixels(&normalised).unwrap_err();
+    assert!(
+        matches!(e.downcast_ref(), Some(InputError::PixelRange { .. })),
+        "{e:#}"
+    );
+    let mut overshoot = pixels[..2 * 64].to_vec();
+    (overshoot[0], overshoot[1]) = (1.2, -0.2);
+    assert!(ens.predict_pixels(&overshoot).is_ok());
     // So is an input of a size no whole number of images has.
     let e = ens.predict_pixels(&pixels[..100]).unwrap_err();
     assert_eq!(
