@@ -350,9 +350,10 @@ impl Ensemble {
             .find(|(_, v)| !PIXEL_RANGE.contains(v))
         {
             let (image, at) = self.place(i);
-            return Err(match value.is_finite() {
-                true => InputError::PixelRange { image, at, value },
-                false => InputError::NotFinite { image, at, value },
+            return Err(if value.is_finite() {
+                InputError::PixelRange { image, at, value }
+            } else {
+                InputError::NotFinite { image, at, value }
             }
             .into());
         }
@@ -420,13 +421,13 @@ impl Ensemble {
     fn check_length(&self, images: &[f32]) -> Result<(), InputError> {
         let shape = self.image_shape();
         let per_image: usize = shape.iter().product();
-        match !images.is_empty() && images.len().is_multiple_of(per_image) {
-            true => Ok(()),
-            false => Err(InputError::Length {
-                shape,
-                len: images.len(),
-            }),
+        if !images.is_empty() && images.len().is_multiple_of(per_image) {
+            return Ok(());
         }
+        Err(InputError::Length {
+            shape,
+            len: images.len(),
+        })
     }
 
     /// The image, and `[channel, row, column]` in it, of value `i` of a batch of images.
