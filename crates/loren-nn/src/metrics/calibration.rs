@@ -522,6 +522,19 @@ mod tests {
     }
 
     #[test]
+    fn entropies_of_members_with_a_class_at_exactly_zero() {
+        let a: &[&[f32]] = &[&[0.5, 0.5, 0.0]];
+        let b: &[&[f32]] = &[&[1.0, 0.0, 0.0]];
+        let r = calibration(&preds(&[a, b]), &[0]).unwrap();
+        // The mean is [0.75, 0.25, 0]; the members' entropies are ln 2 and 0.
+        let predictive = -(0.75f64 * 0.75f64.ln() + 0.25 * 0.25f64.ln());
+        assert!(close(r.predictive_entropy, predictive, 1e-12), "{r:?}");
+        assert!(close(r.expected_entropy, 2f64.ln() / 2.0, 1e-12), "{r:?}");
+        let mi = predictive - 2f64.ln() / 2.0;
+        assert!(close(r.mutual_information, mi, 1e-12), "{r:?}");
+    }
+
+    #[test]
     fn single_member_has_no_disagreement() {
         let (p, y) = four_samples();
         let r = calibration(&p, &y).unwrap();

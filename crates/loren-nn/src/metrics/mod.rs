@@ -368,5 +368,8 @@ mod tests {
         assert_eq!(entropy([1.0, 0.0]), 0.0);
         assert!((entropy([0.5, 0.5]) - 2f64.ln()).abs() < 1e-15);
         assert!((entropy([0.25; 4]) - 4f64.ln()).abs() < 1e-15);
+        // An exact zero adds nothing, and leaves the rest of its row counted.
+        assert!((entropy([0.5, 0.5, 0.0]) - 2f64.ln()).abs() < 1e-15);
+        assert!((entropy([0.0, 0.25, 0.25, 0.5]) - 1.5 * 2f64.ln()).abs() < 1e-15);
     }
 }

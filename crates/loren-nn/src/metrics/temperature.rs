@@ -185,6 +185,16 @@ mod tests {
         assert!(!scaled.at_bound);
     }
 
+    /// Far overconfident, as a large ensemble trained long can be: a search stopping at 10
+    /// would end at its bound.
+    #[test]
+    fn the_search_reaches_large_temperatures() {
+        let (preds, labels) = overconfident(30.0, 5_000);
+        let t = fit_temperature(&preds, &labels).unwrap();
+        assert!((t - 30.0).abs() < 3.0, "fitted {t}");
+        assert!(!tempered_report(&preds, &labels, t).unwrap().at_bound);
+    }
+
     /// With no error on the fitting set, sharper is always better: the fit ends at the bound,
     /// and says so.
     #[test]
@@ -196,7 +206,8 @@ mod tests {
             .map(|row| (0..5).fold(0, |b, c| if row[c] > row[b] { c } else { b }) as u32)
             .collect();
         let t = fit_temperature(&preds, &argmax).unwrap();
-        assert!(close(t, 1.0 / RANGE, 1e-6), "{t}");
+        // The bound the docs give, written as itself.
+        assert!(close(t, 0.01, 1e-8), "{t}");
         assert!(tempered_report(&preds, &argmax, t).unwrap().at_bound);
     }
 
