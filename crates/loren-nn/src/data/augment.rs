@@ -166,6 +166,34 @@ mod tests {
         );
     }
 
+    /// Each image's shift is (tx, ty), drawn in that order, each uniform in the range: not one
+    /// draw for both, which would move every image along the diagonal.
+    #[test]
+    fn data_translation_draws_x_and_y_apart() {
+        let aug = Augment {
+            max_translate_px: 2.0,
+            sampling: Sampling::Nearest,
+            ..Augment::none()
+        };
+        let mut rng = Rng::new(3);
+        let mut apart = 0;
+        for _ in 0..50 {
+            let mut twin = rng.clone();
+            let (tx, ty) = (twin.uniform(-2.0, 2.0), twin.uniform(-2.0, 2.0));
+            let motion = Motion {
+                angle_deg: 0.0,
+                tx,
+                ty,
+            };
+            let mut want = vec![0.0; 64];
+            warp(&image(), [1, 8, 8], motion, Sampling::Nearest, &mut want);
+            assert_eq!(augmented(&aug, &mut rng), want);
+            assert_eq!(rng, twin, "one draw for each of tx and ty, and no other");
+            apart += usize::from((tx - ty).abs() > 0.5);
+        }
+        assert!(apart > 10, "{apart} of 50 shifts off the diagonal");
+    }
+
     #[test]
     fn data_augment_validation_rejects_bad_ranges() {
         assert!(Augment::digits().validate().is_ok());
