@@ -676,3 +676,80 @@ fn project(
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::LoraConfig;
+
+    /// A LoRA-Ensemble of 3 members of rank 4 on the tiny config, with gain `gain`.
+    fn lora(gain: f32) -> Vit {
+        let ensemble = EnsembleConfig {
+            drop_key: 0.0,
+            method: Method::Lora,
+            members: 3,
+            classes: 10,
+            lora: LoraConfig {
+                rank: 4,
+                init_gain: gain,
+                ..LoraConfig::default()
+            },
+        };
+        Vit::new(&VitConfig::tiny(), &ensemble, &Device::cpu(), 5).unwrap()
+    }
+
+    /// B starts at zero, A Xavier-uniform with the gain and apart across members: the method's
+    /// start.
+    #[test]
+    fn adapters_start_with_b_zero_and_a_xavier_uniform_apart_per_member() {
+        let gain = 10.0;
+        let model = lora(gain);
+        let (d, r) = (model.config.dim, 4);
+        let mut seen = (0, 0);
+        for (_, p) in model.params().iter() {
+            let v = p.value().to_vec().unwrap();
+            if p.name().ends_with(".lora_b") {
+                assert!(v.iter().all(|&x| x == 0.0), "{} is not zero", p.name());
+                seen.1 += 1;
+            }
+            if p.name().ends_with(".lora_a") {
+                // fan_in d, fan_out r; 3·4·64 draws come within 2% of the bound.
+                let bound = gain * (6.0 / (d + r) as f32).sqrt();
+                let max = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+                assert!(max <= bound && max > 0.98 * bound, "{}: {max}", p.name());
+                let per = v.len() / 3;
+                assert_ne!(v[..per], v[per..2 * per], "{}", p.name());
+                assert_ne!(v[per..2 * per], v[2 * per..], "{}", p.name());
+                seen.0 += 1;
+            }
+        }
+        let adapted = model.config.depth * 4;
+        assert_eq!(seen, (adapted, adapted), "every q, k, v and o adapted");
+    }
+
+    /// With B at zero, A moves nothing: every member starts as the network without adapters.
+    #[test]
+    fn a_fresh_lora_ensemble_predicts_as_its_backbone() {
+        let model = lora(10.0);
+        let mut plain = lora(10.0);
+        let ids: Vec<ParamId> = plain
+            .params()
+            .iter()
+            .filter(|(_, p)| p.name().ends_with(".lora_a"))
+            .map(|(id, _)| id)
+            .collect();
+        for id in ids {
+            let zeros = vec![0.0; plain.params().get(id).numel()];
+            plain.params_mut().set(id, &zeros).unwrap();
+        }
+        let mut rng = Rng::new(2);
+        let images: Vec<f32> = (0..2 * 64).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let probs = |model: &Vit| {
+            let shape = vec![2, 1, 8, 8];
+            let x = Tensor::from_vec(images.clone(), shape, MemTag::Workspace, model.device());
+            let keys = model.image_keys(&images);
+            model.predict(&x.unwrap(), &keys).unwrap().to_vec().unwrap()
+        };
+        assert_eq!(probs(&model), probs(&plain));
+    }
+}

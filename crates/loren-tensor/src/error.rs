@@ -11,7 +11,10 @@ pub enum Error {
     },
     #[error("{op}: {msg}")]
     Invalid { op: &'static str, msg: String },
-    #[error("{op}: tensors are on different devices ({lhs} and {rhs})")]
+    #[error(
+        "{op}: tensors are on different devices ({lhs} and {rhs}){}",
+        if lhs == rhs { TWO_OPENED } else { "" }
+    )]
     DeviceMismatch {
         op: &'static str,
         lhs: String,
@@ -44,3 +47,8 @@ impl Error {
         }
     }
 }
+
+/// Why two devices of one name differ: each `Device::cpu()` or `DeviceSpec::open()` is a device
+/// of its own, with its own memory accounting.
+const TWO_OPENED: &str = ": two devices opened apart, each keeping its own memory accounting; \
+                          make an op's tensors on one of them (a model's `device()`)";

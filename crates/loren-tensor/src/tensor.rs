@@ -619,6 +619,23 @@ impl fmt::Debug for Tensor {
 mod tests {
     use super::*;
 
+    /// Two CPU devices print alike, so the error says how two came to be.
+    #[test]
+    fn tensors_of_two_cpu_devices_are_refused_with_the_reason() {
+        let (one, two) = (Device::cpu(), Device::cpu());
+        let a = Tensor::zeros([2], MemTag::Activations, &one).unwrap();
+        let b = Tensor::zeros([2], MemTag::Activations, &two).unwrap();
+        let e = a.same_device(&b, "add").unwrap_err().to_string();
+        assert!(
+            e.starts_with(
+                "add: tensors are on different devices (cpu and cpu): two devices opened apart"
+            ),
+            "{e}"
+        );
+        let c = Tensor::zeros([2], MemTag::Activations, &one).unwrap();
+        assert!(a.same_device(&c, "add").is_ok());
+    }
+
     #[test]
     fn accounting_follows_tensor_lifetime_and_tags() {
         let dev = Device::cpu();
