@@ -38,6 +38,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail, ensure};
 use loren_nn::checkpoint::{self, TensorFile};
 use loren_nn::config::{EnsembleConfig, Method, VitConfig};
+use loren_nn::data::normalize_planes;
 use loren_nn::data::prefetch::{DEPTH, prefetch};
 use loren_nn::metrics::{Predictions, argmax, scores};
 use loren_nn::train::{INPUT_KEYS, check_format, load_trained};
@@ -330,13 +331,9 @@ impl Ensemble {
     /// Raw pixels in `[0, 1]`, `[B, C, H, W]`, normalised as the model expects:
     /// `(x - mean[c]) / std[c]`, exactly as training and `loren eval` normalise.
     pub fn normalize(&self, pixels: &[f32]) -> Vec<f32> {
-        let [c, h, w] = self.image_shape();
-        let plane = h * w;
+        let [_, h, w] = self.image_shape();
         let mut out = pixels.to_vec();
-        for (i, values) in out.chunks_mut(plane).enumerate() {
-            let (mean, std) = (self.norm_mean[i % c], self.norm_std[i % c]);
-            values.iter_mut().for_each(|x| *x = (*x - mean) / std);
-        }
+        normalize_planes(&mut out, h * w, &self.norm_mean, &self.norm_std);
         out
     }
 

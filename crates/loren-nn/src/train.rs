@@ -383,11 +383,7 @@ impl<'m> Trainer<'m> {
         std::thread::scope(|scope| -> Result<()> {
             let chunks = &chunks;
             let make = move |i: usize| {
-                // One augmentation stream per (seed, epoch, batch): resuming needs no saved state.
-                let mut rng = Rng::new(seed)
-                    .fork(AUGMENT_STREAM)
-                    .fork(epoch)
-                    .fork(i as u64);
+                let mut rng = augment_stream(seed, epoch, i);
                 let batch = data.batch(chunks[i], Some((&augment, &mut rng)));
                 // The host's pass over the images, here rather than on the thread that issues
                 // the step.
@@ -712,6 +708,15 @@ pub fn check_format(file: &TensorFile) -> Result<()> {
 /// Separates the augmentation stream from the data order's.
 const AUGMENT_STREAM: u64 = 0x4155_474D_0000_0004;
 
+/// Batch `batch` of epoch `epoch`'s augmentation draws: one stream for each, so that resuming
+/// needs no saved state, and an unshuffled run still augments each epoch afresh.
+fn augment_stream(seed: u64, epoch: u64, batch: usize) -> Rng {
+    Rng::new(seed)
+        .fork(AUGMENT_STREAM)
+        .fork(epoch)
+        .fork(batch as u64)
+}
+
 fn entry(t: &Tensor) -> Result<Entry> {
     Ok(Entry {
         shape: t.dims().to_vec(),
@@ -901,4 +906,24 @@ pub fn load_trained(
 /// A config as JSON, for checkpoint metadata.
 fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("configs are plain data and always serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_seed_epoch_and_batch_augments_from_a_stream_of_its_own() {
+        let first = |seed, epoch, batch| augment_stream(seed, epoch, batch).next_u64();
+        let draws = [
+            first(0, 0, 0),
+            first(0, 1, 0),
+            first(0, 0, 1),
+            first(1, 0, 0),
+        ];
+        for (i, a) in draws.iter().enumerate() {
+            assert!(draws[i + 1..].iter().all(|b| b != a), "{draws:x?}");
+        }
+        assert_eq!(first(2, 3, 4), first(2, 3, 4));
+    }
 }

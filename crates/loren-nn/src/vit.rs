@@ -682,11 +682,11 @@ mod tests {
     use super::*;
     use crate::config::LoraConfig;
 
-    /// A LoRA-Ensemble of 3 members of rank 4 on the tiny config, with gain `gain`.
-    fn lora(gain: f32) -> Vit {
+    /// An ensemble of 3 members (of rank 4, with gain `gain`, where LoRA) on the tiny config.
+    fn ensemble(method: Method, gain: f32) -> Vit {
         let ensemble = EnsembleConfig {
-            drop_key: 0.0,
-            method: Method::Lora,
+            drop_key: EnsembleConfig::DROP_KEY,
+            method,
             members: 3,
             classes: 10,
             lora: LoraConfig {
@@ -696,6 +696,39 @@ mod tests {
             },
         };
         Vit::new(&VitConfig::tiny(), &ensemble, &Device::cpu(), 5).unwrap()
+    }
+
+    fn lora(gain: f32) -> Vit {
+        ensemble(Method::Lora, gain)
+    }
+
+    /// Two random images on `model`'s device.
+    fn images(model: &Vit) -> (Tensor, Vec<f32>) {
+        let mut rng = Rng::new(2);
+        let images: Vec<f32> = (0..2 * 64).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let shape = vec![2, 1, 8, 8];
+        let x = Tensor::from_vec(images.clone(), shape, MemTag::Workspace, model.device());
+        (x.unwrap(), images)
+    }
+
+    /// MC Dropout trains a different sub-network at every step, and each block draws masks of
+    /// its own: one draw for all would be a fixed sub-network, not dropout.
+    #[test]
+    fn every_step_and_every_block_draws_masks_of_its_own() {
+        let model = ensemble(Method::McDropout, 1.0);
+        let (x, _) = images(&model);
+        let logits = |draw: Draw| {
+            let tape = Tape::inference();
+            let out = model.forward(&tape, &x, Activations::Keep, draw).unwrap();
+            out.value().to_vec().unwrap()
+        };
+        assert_ne!(logits(Draw::step(0, 0)), logits(Draw::step(0, 1)));
+        assert_ne!(logits(Draw::step(0, 4)), logits(Draw::step(1, 4)));
+        assert_eq!(logits(Draw::step(3, 9)), logits(Draw::step(3, 9)));
+        let draw = Draw::step(0, 0);
+        let block = |b| draw.block(b, EnsembleConfig::DROP_KEY, 3).unwrap();
+        assert_ne!(block(0), block(1));
+        assert_eq!(block(2), block(2));
     }
 
     /// B starts at zero, A Xavier-uniform with the gain and apart across members: the method's
@@ -742,13 +775,10 @@ mod tests {
             let zeros = vec![0.0; plain.params().get(id).numel()];
             plain.params_mut().set(id, &zeros).unwrap();
         }
-        let mut rng = Rng::new(2);
-        let images: Vec<f32> = (0..2 * 64).map(|_| rng.uniform(-1.0, 1.0)).collect();
         let probs = |model: &Vit| {
-            let shape = vec![2, 1, 8, 8];
-            let x = Tensor::from_vec(images.clone(), shape, MemTag::Workspace, model.device());
+            let (x, images) = images(model);
             let keys = model.image_keys(&images);
-            model.predict(&x.unwrap(), &keys).unwrap().to_vec().unwrap()
+            model.predict(&x, &keys).unwrap().to_vec().unwrap()
         };
         assert_eq!(probs(&model), probs(&plain));
     }

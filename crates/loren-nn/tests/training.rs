@@ -9,7 +9,7 @@ use loren_nn::checkpoint::TensorFile;
 use loren_nn::config::{EnsembleConfig, LoraConfig, Method, VitConfig};
 use loren_nn::data::{Augment, Dataset, SplitOptions, bundled_digits, split_digits};
 use loren_nn::error::NnError;
-use loren_nn::train::{CheckpointSpec, EpochVal, Observer, Quiet, TrainConfig, Trainer};
+use loren_nn::train::{CheckpointSpec, EpochVal, Observer, Quiet, StepInfo, TrainConfig, Trainer};
 use loren_nn::vit::Vit;
 use loren_tensor::{Device, MemTag, Tensor};
 
@@ -403,6 +403,37 @@ fn validation_runs_every_nth_epoch_and_after_the_last() {
         "the last epoch was not scored"
     );
     assert_eq!(summary.steps, 3 * 3);
+}
+
+/// Each step's loss and image count, as the progress bar sees them.
+struct Losses(Vec<(f32, usize)>);
+
+impl Observer for Losses {
+    fn step(&mut self, info: &StepInfo) {
+        self.0.push((info.loss, info.images));
+    }
+}
+
+/// The epoch's mean loss (report.json's learning curve) is over images: the last, partial
+/// batch weighs by the images it holds, not as a whole batch.
+#[test]
+fn an_epochs_mean_loss_weighs_each_step_by_its_images() {
+    let data = train_split();
+    let mut m = model(Method::Lora);
+    let mut t = Trainer::new(&mut m, &config(1), data.len()).unwrap();
+    let mut seen = Losses(Vec::new());
+    let info = t.run_epoch(&data, &mut seen).unwrap();
+    let last = seen.0.last().unwrap().1;
+    assert!(last < 64, "the test needs a partial last batch, got {last}");
+    let images: usize = seen.0.iter().map(|&(_, n)| n).sum();
+    assert_eq!(images, data.len());
+    let sum: f64 = seen.0.iter().map(|&(l, n)| l as f64 * n as f64).sum();
+    let want = sum / images as f64;
+    assert!(
+        (info.mean_loss - want).abs() < 1e-12,
+        "{} against {want}",
+        info.mean_loss
+    );
 }
 
 /// Asks to stop once the validation part is being scored, as a Ctrl-C then would.

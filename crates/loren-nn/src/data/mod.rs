@@ -298,11 +298,17 @@ impl Dataset {
 
     fn normalize_in_place(&self, image: &mut [f32]) {
         let plane = image.len() / self.channels;
-        for (c, values) in image.chunks_exact_mut(plane).enumerate() {
-            let (mean, std) = (self.norm_mean[c], self.norm_std[c]);
-            // Divide rather than multiply by 1/std, so the result is the exact quotient.
-            values.iter_mut().for_each(|x| *x = (*x - mean) / std);
-        }
+        normalize_planes(image, plane, &self.norm_mean, &self.norm_std);
+    }
+}
+
+/// `(x - mean[c]) / std[c]` over images `[B, C, H, W]` of planes of `plane` values, C being
+/// `mean.len()`: how training, evaluation and `loren::Ensemble` scale raw pixels.
+pub fn normalize_planes(images: &mut [f32], plane: usize, mean: &[f32], std: &[f32]) {
+    for (i, values) in images.chunks_mut(plane).enumerate() {
+        let (mean, std) = (mean[i % mean.len()], std[i % std.len()]);
+        // Divide rather than multiply by 1/std, so the result is the exact quotient.
+        values.iter_mut().for_each(|x| *x = (*x - mean) / std);
     }
 }
 
@@ -411,6 +417,19 @@ mod tests {
         assert!(e.contains("norm"), "{e}");
         let e = err(ok.with_normalization(vec![0.0, 0.0], vec![1.0, 1.0]));
         assert!(e.contains("norm"), "{e}");
+    }
+
+    /// Each plane by its own channel's figures, through every image of a batch.
+    #[test]
+    fn data_normalize_planes_cycles_the_channels_through_the_images() {
+        let (mean, std) = ([0.1f32, 0.2, 0.3], [0.5f32, 0.25, 2.0]);
+        let raw: Vec<f32> = (0..2 * 3 * 4).map(|i| i as f32 / 24.0).collect();
+        let mut got = raw.clone();
+        normalize_planes(&mut got, 4, &mean, &std);
+        for (i, (&x, &y)) in raw.iter().zip(&got).enumerate() {
+            let c = i / 4 % 3;
+            assert_eq!(y, (x - mean[c]) / std[c], "value {i}, channel {c}");
+        }
     }
 
     #[test]
