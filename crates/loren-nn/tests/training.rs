@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use loren_autograd::optim::OptimizerKind;
+use loren_autograd::schedule::WarmupCosine;
 use loren_nn::checkpoint::TensorFile;
 use loren_nn::config::{EnsembleConfig, LoraConfig, Method, VitConfig};
 use loren_nn::data::{Augment, Dataset, SplitOptions, bundled_digits, split_digits};
@@ -434,6 +435,57 @@ fn an_epochs_mean_loss_weighs_each_step_by_its_images() {
         "{} against {want}",
         info.mean_loss
     );
+}
+
+/// Each step's learning rate, as the progress bar sees it.
+struct Rates(Vec<(u64, f32)>);
+
+impl Observer for Rates {
+    fn step(&mut self, info: &StepInfo) {
+        self.0.push((info.step, info.lr));
+    }
+}
+
+/// One warm-up and cosine over the whole run, not over an epoch, with a warm-up longer than
+/// the run cut to it.
+#[test]
+fn the_learning_rate_follows_one_warmup_cosine_over_the_whole_run() {
+    let data = train_split();
+    for (epochs, warmup) in [(3, 5), (2, 10_000)] {
+        let cfg = TrainConfig {
+            warmup_steps: warmup,
+            ..config(epochs)
+        };
+        let mut m = model(Method::Lora);
+        let mut t = Trainer::new(&mut m, &cfg, data.len()).unwrap();
+        let total = t.total_steps();
+        assert_eq!(total, data.len().div_ceil(64) as u64 * epochs as u64);
+        let mut seen = Rates(Vec::new());
+        t.fit(&data, &CheckpointSpec::default(), &mut seen).unwrap();
+        let want = WarmupCosine {
+            base_lr: cfg.lr,
+            min_lr: cfg.min_lr,
+            warmup: warmup.min(total),
+            total,
+            from_zero: false,
+        };
+        assert_eq!(seen.0.len() as u64, total);
+        for &(step, lr) in &seen.0 {
+            assert_eq!(lr, want.lr(step), "step {step} of {total}");
+        }
+        let last = seen.0.last().unwrap().1;
+        if warmup < total {
+            assert!(
+                last < 0.05 * cfg.lr && last >= cfg.min_lr,
+                "the last rate {last}"
+            );
+        } else {
+            assert_eq!(
+                last, cfg.lr,
+                "a warm-up as long as the run peaks at its last step"
+            );
+        }
+    }
 }
 
 /// Asks to stop once the validation part is being scored, as a Ctrl-C then would.
