@@ -215,16 +215,34 @@ fn compare_over_seeds_summarises_each_method_over_the_runs() {
         (lora["method"].as_str(), lora["members"].as_u64()),
         (Some("lora"), Some(2))
     );
-    let nll = |r: &Value| r["report"]["test"]["nll"].as_f64().unwrap();
-    let (a, b) = (nll(&runs[1]), nll(lora7));
-    assert_ne!(a, b, "two seeds should train two ensembles");
     let close = |x: f64, y: f64| (x - y).abs() <= 1e-12 * y.abs().max(1.0);
-    assert!(close(lora["nll"]["mean"].as_f64().unwrap(), (a + b) / 2.0));
-    // Over two runs the sample standard deviation is |a - b| / √2.
-    assert!(close(
-        lora["nll"]["sd"].as_f64().unwrap(),
-        (a - b).abs() / 2f64.sqrt()
-    ));
+    // Each column from its own figure of the runs: the two ECEs, say, are not interchangeable.
+    let columns = [
+        ("accuracy", "/report/test/accuracy"),
+        ("ece", "/report/test/ece"),
+        ("ece_paper", "/report/test/ece_paper"),
+        ("nll", "/report/test/nll"),
+        ("brier", "/report/test/brier"),
+        ("ece_tempered", "/report/tempered/ece"),
+        ("val_ece", "/val_ece"),
+    ];
+    let figure = |r: &Value, at: &str| r.pointer(at).and_then(Value::as_f64).unwrap();
+    assert_ne!(
+        figure(lora7, "/report/test/ece"),
+        figure(lora7, "/report/test/ece_paper")
+    );
+    for (column, at) in columns {
+        let (a, b) = (figure(&runs[1], at), figure(lora7, at));
+        assert_ne!(a, b, "{column}: two seeds should train two ensembles");
+        let mean = lora[column]["mean"].as_f64().unwrap();
+        assert!(
+            close(mean, (a + b) / 2.0),
+            "{column}: {mean} from {a} and {b}"
+        );
+        // Over two runs the sample standard deviation is |a - b| / √2.
+        let sd = lora[column]["sd"].as_f64().unwrap();
+        assert!(close(sd, (a - b).abs() / 2f64.sqrt()), "{column}: {sd}");
+    }
     assert!(lora["shift_ece"].is_null() && lora["ood_auroc_entropy"].is_null());
     assert!(
         stdout.contains("seed 4\n") && stdout.contains("seed 7\n"),
