@@ -598,6 +598,68 @@ pub fn seed_summary_table(summaries: &[SeedSummary]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use loren_nn::metrics::{CalibrationReport, TemperedReport};
+
+    /// Every figure line shows its own field: each figure here is a different number.
+    #[test]
+    fn the_printed_report_shows_each_figure_in_its_place() {
+        let test = CalibrationReport {
+            samples: 359,
+            members: 2,
+            classes: 10,
+            accuracy: 0.9111,
+            mean_confidence: 0.8222,
+            ece: 0.0333,
+            adaptive_ece: 0.0444,
+            ece_paper: 0.0555,
+            nll: 0.3666,
+            brier: 0.1777,
+            member_accuracy: vec![0.8888, 0.8666],
+            mean_member_accuracy: 0.8777,
+            disagreement: 0.0999,
+            predictive_entropy: 0.5111,
+            expected_entropy: 0.4222,
+            mutual_information: 0.0889,
+            bins: Vec::new(),
+        };
+        let tempered = TemperedReport {
+            temperature: 1.234,
+            at_bound: false,
+            ece: 0.0123,
+            adaptive_ece: 0.0234,
+            nll: 0.3456,
+            brier: 0.1567,
+        };
+        let report = EvalReport {
+            method: "lora".into(),
+            members: 2,
+            test,
+            by_size: Vec::new(),
+            tempered: Some(tempered),
+            shift: Vec::new(),
+            ood: None,
+            ood_sets: Vec::new(),
+            predictions: Vec::new(),
+        };
+        let printed = calibration_report("LoRA-Ensemble", "digits", &report);
+        for line in [
+            "  accuracy               91.11%",
+            "  ECE (15 bins)          0.0333",
+            "  adaptive ECE           0.0444",
+            "  NLL                    0.3666",
+            "  Brier                  0.1777   (sum over classes, mean over samples)",
+            "  member accuracy        87.77%   (min 86.66%, max 88.88%)",
+            "  disagreement           0.0999",
+            "  predictive entropy     0.5111   mutual information 0.0889",
+            "  temperature-scaled   ECE 0.0123, NLL 0.3456, Brier 0.1567   (T = 1.234, fitted on \
+             validation)",
+        ] {
+            assert!(
+                printed.lines().any(|l| l == line),
+                "no line {line:?} in\n{printed}"
+            );
+        }
+    }
 
     #[test]
     fn columns_align_names_left_and_numbers_right() {
