@@ -283,3 +283,63 @@ pub fn evaluate(
         predictions: kept,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{EnsembleConfig, Method, VitConfig};
+    use crate::data::{SplitOptions, bundled_digits, split_digits};
+    use loren_tensor::Device;
+
+    /// Each figure of the report is its metric of the probabilities it kept: the test part's,
+    /// and every shifted set's, plain and at the temperature.
+    #[test]
+    fn every_figure_is_the_metric_of_the_probabilities_kept() {
+        let test = split_digits(&bundled_digits().unwrap(), &SplitOptions::default())
+            .unwrap()
+            .test;
+        let ensemble = EnsembleConfig {
+            drop_key: EnsembleConfig::DROP_KEY,
+            method: Method::Lora,
+            members: 2,
+            classes: 10,
+            lora: Default::default(),
+        };
+        let model = Vit::new(&VitConfig::tiny(), &ensemble, &Device::cpu(), 1).unwrap();
+        let t = 1.7;
+        let opts = EvalOptions {
+            batch_size: 128,
+            shift: true,
+            ood: false,
+            temperature: Some(t),
+            keep_predictions: true,
+        };
+        let report = evaluate(&model, &test, None, &[], &opts, &mut |_| Ok(())).unwrap();
+        let kept = |name: &str| {
+            let set = report.predictions.iter().find(|s| s.name == name);
+            let set = set.unwrap_or_else(|| panic!("no set {name} kept"));
+            (&set.probs, set.labels.as_deref().unwrap())
+        };
+        let (probs, labels) = kept("test");
+        assert_eq!(report.test, calibration(probs, labels).unwrap());
+        let tempered = tempered_report(probs, labels, t).unwrap();
+        assert_eq!(report.tempered, Some(tempered));
+        assert_eq!(report.shift.len(), 15);
+        for row in &report.shift {
+            let name = format!("shift/{}/{}", row.kind, row.severity);
+            let (probs, labels) = kept(&name);
+            let plain = calibration(probs, labels).unwrap();
+            assert_eq!(
+                (row.accuracy, row.ece),
+                (plain.accuracy, plain.ece),
+                "{name}"
+            );
+            let at_t = tempered_report(probs, labels, t).unwrap();
+            assert_ne!(
+                at_t.ece, at_t.adaptive_ece,
+                "{name}: the two ECEs must differ"
+            );
+            assert_eq!(row.ece_tempered, Some(at_t.ece), "{name}");
+        }
+    }
+}
