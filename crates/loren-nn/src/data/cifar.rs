@@ -215,6 +215,20 @@ fn read_records(
 pub(crate) mod tests {
     use super::*;
 
+    /// The statistics every CIFAR codebase quotes on the 0..=1 scale, per channel in RGB order:
+    /// a typo or a swap among the twelve constants shows.
+    #[test]
+    fn data_cifar_normalization_is_the_usual_per_channel_statistics() {
+        let near =
+            |got: &[f32], want: [f32; 3]| got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-4);
+        let (mean, std) = Cifar::Ten.normalization();
+        assert!(near(&mean, [0.4914, 0.4822, 0.4465]), "{mean:?}");
+        assert!(near(&std, [0.2470, 0.2435, 0.2616]), "{std:?}");
+        let (mean, std) = Cifar::Hundred.normalization();
+        assert!(near(&mean, [0.5071, 0.4865, 0.4409]), "{mean:?}");
+        assert!(near(&std, [0.2673, 0.2564, 0.2762]), "{std:?}");
+    }
+
     /// A record's pixels, distinct per (file, record, position) so any mix-up shows.
     pub fn pixels(seed: usize) -> Vec<u8> {
         (0..PIXELS)

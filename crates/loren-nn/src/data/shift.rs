@@ -165,6 +165,31 @@ mod tests {
             .test
     }
 
+    /// A dropped pixel is dropped in every channel: on colour images, not the red plane alone.
+    #[test]
+    fn data_dropout_drops_a_pixel_in_every_channel() {
+        let images: Vec<f32> = (0..2 * 3 * 16)
+            .map(|i| 0.1 + (i % 7) as f32 * 0.1)
+            .collect();
+        let names = vec!["a".to_string()];
+        let test = Dataset::new("rgb", [3, 4, 4], images, vec![0, 0], names).unwrap();
+        let d = shifted(&test, ShiftKind::PixelDropout, 5, 1).unwrap();
+        let mut dropped = 0;
+        for i in 0..d.len() {
+            let image = d.image(i);
+            for p in 0..16 {
+                let zeros = (0..3).filter(|&c| image[c * 16 + p] == 0.0).count();
+                assert!(
+                    zeros == 0 || zeros == 3,
+                    "image {i}, pixel {p}: {zeros} of 3"
+                );
+                dropped += usize::from(zeros == 3);
+            }
+        }
+        // Half of the 32 at severity 5.
+        assert!((8..=24).contains(&dropped), "{dropped} of 32 dropped");
+    }
+
     fn mean_abs_change(a: &Dataset, b: &Dataset) -> f64 {
         let total: f64 = a
             .images
