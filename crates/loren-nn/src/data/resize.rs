@@ -185,7 +185,12 @@ pub fn convert_channels(image: &[f32], from: usize, to: usize) -> Vec<f32> {
 
 /// The grey of a colour pixel, ITU-R BT.601 luma (PIL's `convert("L")`), within [0, 1].
 pub fn luma(r: f32, g: f32, b: f32) -> f32 {
-    (0.299 * r + 0.587 * g + 0.114 * b).clamp(0.0, 1.0)
+    luma_of(&[r, g, b]).clamp(0.0, 1.0)
+}
+
+/// BT.601's weighted sum of red, green and blue figures.
+fn luma_of(rgb: &[f32]) -> f32 {
+    0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
 }
 
 impl Dataset {
@@ -237,8 +242,13 @@ impl Dataset {
                 Pixels::F32(out)
             }
         };
-        let mean = self.norm_mean.iter().sum::<f32>() / self.channels as f32;
-        let std = self.norm_std.iter().sum::<f32>() / self.channels as f32;
+        // Grey is the luma of colour, so its mean is the luma of the channels' means, exactly;
+        // its std is the luma of their stds where the channels move together, as a natural
+        // image's nearly do (the bound it cannot pass). Colour from grey repeats its figures.
+        let (mean, std) = match self.channels {
+            3 => (luma_of(&self.norm_mean), luma_of(&self.norm_std)),
+            _ => (self.norm_mean[0], self.norm_std[0]),
+        };
         self.norm_mean = vec![mean; channels];
         self.norm_std = vec![std; channels];
         self.channels = channels;
@@ -249,6 +259,29 @@ impl Dataset {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Colour made grey scales by the grey's own figures; grey made colour repeats its own.
+    #[test]
+    fn data_channel_conversion_carries_the_normalisation() {
+        let names = vec!["a".to_string()];
+        let d = Dataset::new("t", [3, 1, 1], vec![0.5; 3], vec![0], names).unwrap();
+        let d = d
+            .with_normalization(vec![0.1, 0.4, 0.7], vec![0.2, 0.3, 0.6])
+            .unwrap();
+        let grey = d.with_channels(1);
+        let mean = 0.299 * 0.1 + 0.587 * 0.4 + 0.114 * 0.7;
+        let std = 0.299 * 0.2 + 0.587 * 0.3 + 0.114 * 0.6;
+        assert!(
+            (grey.norm_mean[0] - mean).abs() < 1e-6,
+            "{:?}",
+            grey.norm_mean
+        );
+        assert!((grey.norm_std[0] - std).abs() < 1e-6, "{:?}", grey.norm_std);
+        let colour = grey.with_channels(3);
+        assert_eq!(colour.norm_mean, [colour.norm_mean[0]; 3]);
+        assert!((colour.norm_mean[0] - mean).abs() < 1e-6);
+        assert!((colour.norm_std[0] - std).abs() < 1e-6);
+    }
 
     #[test]
     fn data_resize_to_the_same_size_is_exact() {
