@@ -272,6 +272,26 @@ mod tests {
         d.images.to_f32().iter().map(|x| x.to_bits()).collect()
     }
 
+    /// The official parts' validation split and a folder's test part, pinned as the digits'
+    /// split is: a change of stream would move every CIFAR and folder figure published.
+    #[test]
+    fn data_external_splits_are_pinned() {
+        let labels: Vec<u32> = (0..40).map(|i| i % 4).collect();
+        let [train, val] = stratified_labels(&labels, 4, &[1.0 - VAL_FRACTION, VAL_FRACTION]);
+        assert_eq!(train.len() + val.len(), 40);
+        assert_eq!(
+            val,
+            [13, 15, 16, 34],
+            "the official parts' validation split moved"
+        );
+        let test = folder_test_indices(&labels, 4);
+        assert_eq!(
+            test,
+            [10, 12, 13, 15, 16, 17, 31, 34],
+            "a folder's split moved"
+        );
+    }
+
     #[test]
     fn data_official_split_is_stratified_disjoint_and_fixed() {
         let all = dataset("cifar10/train-all", 4, 50);

@@ -877,6 +877,12 @@ mod tests {
         // One channel asked for: luma of the colour image, the grey image as it is.
         let d1 = load_folder(&dir, [1, 2, 2]).unwrap();
         assert_eq!(d1.image(0), g.as_slice());
+        let luma: Vec<f32> = centre
+            .chunks_exact(3)
+            .map(|p| (0.299 * p[0] as f32 + 0.587 * p[1] as f32 + 0.114 * p[2] as f32) / 255.0)
+            .collect();
+        assert_ne!(luma, stepped(luma.clone()));
+        assert_eq!(d1.image(1), stepped(luma).as_slice());
         assert_eq!(centre_crop([2, 6], [4, 4]), [0, 2, 2, 2]);
         assert_eq!(centre_crop([10, 4], [2, 2]), [3, 0, 4, 4]);
     }
