@@ -20,7 +20,7 @@ use zune_core::options::DecoderOptions;
 use zune_jpeg::JpegDecoder;
 
 use super::external::folder_test_part;
-use super::resize::{Filter, Resampler, luma};
+use super::resize::{Filter, Resampler, luma, luma_of};
 use super::{DataError, Dataset, Pixels};
 
 /// ImageNet's per-channel mean and std, which ImageNet-trained backbones (torchvision's
@@ -200,15 +200,15 @@ pub fn folder_class_names(dir: &Path) -> Result<Vec<String>, DataError> {
     Ok(class_folders(dir)?.iter().map(|d| file_name(d)).collect())
 }
 
-/// ImageNet's statistics for 3 channels, or their averages for 1.
+/// ImageNet's statistics for 3 channels, or for 1 their luma, as for any colour data made grey
+/// ([`Dataset::with_channels`]).
 pub fn imagenet_normalization(channels: usize) -> (Vec<f32>, Vec<f32>) {
     if channels == 3 {
         return (IMAGENET_MEAN.to_vec(), IMAGENET_STD.to_vec());
     }
-    let avg = |v: [f32; 3]| v.iter().sum::<f32>() / 3.0;
     (
-        vec![avg(IMAGENET_MEAN); channels],
-        vec![avg(IMAGENET_STD); channels],
+        vec![luma_of(&IMAGENET_MEAN); channels],
+        vec![luma_of(&IMAGENET_STD); channels],
     )
 }
 
@@ -836,6 +836,20 @@ mod tests {
             .fold(0.0, f32::max);
         assert!(worst < 4.0 / 255.0, "JPEG off by {worst}");
         assert_eq!(d.norm_mean, IMAGENET_MEAN.to_vec());
+    }
+
+    #[test]
+    fn data_grey_folders_scale_by_the_luma_of_imagenets_statistics() {
+        let rgb = Dataset::new("t", [3, 1, 1], vec![0.5; 3], vec![0], vec!["a".into()]).unwrap();
+        let (mean, std) = imagenet_normalization(3);
+        assert_eq!(
+            (&mean[..], &std[..]),
+            (&[0.485, 0.456, 0.406][..], &[0.229, 0.224, 0.225][..])
+        );
+        let grey = rgb.with_normalization(mean, std).unwrap().with_channels(1);
+        assert_eq!(imagenet_normalization(1), (grey.norm_mean, grey.norm_std));
+        let (mean, _) = imagenet_normalization(1);
+        assert!((mean[0] - (0.299 * 0.485 + 0.587 * 0.456 + 0.114 * 0.406)).abs() < 1e-6);
     }
 
     #[test]

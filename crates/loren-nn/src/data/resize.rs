@@ -189,7 +189,7 @@ pub fn luma(r: f32, g: f32, b: f32) -> f32 {
 }
 
 /// BT.601's weighted sum of red, green and blue figures.
-fn luma_of(rgb: &[f32]) -> f32 {
+pub(crate) fn luma_of(rgb: &[f32]) -> f32 {
     0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
 }
 
