@@ -310,6 +310,30 @@ fn the_exported_file_holds_shared_weights_once_and_stacked_adapters() {
     assert!(!f.names().any(|n| n.starts_with("optim.")));
 }
 
+/// The exported file records where its ensemble came from, as its checkpoint did: `predict`
+/// and the examples rebuild the data (held-out classes included) from these keys.
+#[test]
+fn the_exported_file_records_the_data_it_was_trained_on() {
+    let dir = temp_dir("provenance");
+    let (ckpt, exported) = train_eval_export("lora", &dir, &["--holdout-classes", "3,7"]);
+    let (trained, file) = (
+        TensorFile::read(&ckpt).unwrap(),
+        TensorFile::read(&exported).unwrap(),
+    );
+    for key in [
+        "data",
+        "holdout_classes",
+        "backbone",
+        "train_on_val",
+        "normalize",
+    ] {
+        assert_eq!(file.meta(key).unwrap(), trained.meta(key).unwrap(), "{key}");
+    }
+    assert_eq!(file.meta("holdout_classes").unwrap(), "3,7");
+    let names: Vec<String> = file.meta_json("class_names").unwrap();
+    assert_eq!(names, ["0", "1", "2", "4", "5", "6", "8", "9"]);
+}
+
 #[test]
 fn export_and_load_refuse_the_wrong_files() {
     let dir = temp_dir("wrong");
