@@ -44,6 +44,20 @@ fn bench_runs_end_to_end_on_tiny_with_two_members() {
         );
         assert!(row.train_mfu.unwrap() > 0.0);
         assert!(row.train_flops.backward > 0.0 && row.inference_flops > 0.0);
+        // Each rate is its own counted FLOPs over its own median, each MFU its own rate over
+        // the peak.
+        let peak = report.peak.as_ref().unwrap().flops_per_s;
+        let (tf, inf) = (
+            row.train_flops_per_s.unwrap(),
+            row.inference_flops_per_s.unwrap(),
+        );
+        assert_eq!(tf, row.train_flops.total() / t.median);
+        assert_eq!(
+            inf,
+            row.inference_flops / row.inference.as_ref().unwrap().median
+        );
+        assert_eq!(row.train_mfu.unwrap(), tf / peak);
+        assert_eq!(row.inference_mfu.unwrap(), inf / peak);
         // The analytic model is exact on the CPU's accounting.
         let measured = row.train_memory.as_ref().unwrap().total_peak;
         assert_eq!(measured, row.predicted_train_peak, "{}", row.method);

@@ -76,6 +76,15 @@ fn measured_peaks_match_the_analytic_model_and_lora_grows_by_adapters_and_heads(
             g.measured_trainable_bytes_per_member.unwrap(),
             g.trainable_bytes_per_member as f64
         );
+        assert_eq!(
+            g.measured_optimizer_bytes_per_member.unwrap(),
+            g.optimizer_bytes_per_member as f64,
+            "{method}"
+        );
+        // AdamW's two f32 moments, and one f32 gradient, per trainable value.
+        let trainable = g.trainable_bytes_per_member;
+        assert_eq!(g.optimizer_bytes_per_member, 2 * trainable, "{method}");
+        assert_eq!(g.gradient_bytes_per_member, trainable, "{method}");
     }
     assert!(lora.trainable_bytes_per_member * 5 < explicit.trainable_bytes_per_member);
 

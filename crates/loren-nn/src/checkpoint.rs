@@ -345,6 +345,41 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// The fingerprint tells apart names, shapes of one rank, and values, and describes what
+    /// is left after a `take`.
+    #[test]
+    fn the_fingerprint_covers_names_shapes_and_values_and_follows_take() {
+        let file = |tensors: &[(&str, Vec<usize>, Vec<f32>)]| {
+            let entries = tensors
+                .iter()
+                .map(|(name, shape, data)| {
+                    let entry = Entry {
+                        shape: shape.clone(),
+                        data: data.clone(),
+                    };
+                    (name.to_string(), entry)
+                })
+                .collect();
+            TensorFile::from_entries(Path::new("mem"), entries, HashMap::new())
+        };
+        let six: Vec<f32> = (0..6).map(|i| i as f32).collect();
+        let fp = file(&[("a", vec![2, 3], six.clone())]).fingerprint();
+        assert_ne!(fp, file(&[("a", vec![3, 2], six.clone())]).fingerprint());
+        assert_ne!(fp, file(&[("a", vec![6], six.clone())]).fingerprint());
+        assert_ne!(fp, file(&[("b", vec![2, 3], six.clone())]).fingerprint());
+        let other: Vec<f32> = (1..7).map(|i| i as f32).collect();
+        assert_ne!(fp, file(&[("a", vec![2, 3], other)]).fingerprint());
+
+        let mut two = file(&[("a", vec![1], vec![1.0]), ("b", vec![1], vec![2.0])]);
+        let before = two.fingerprint();
+        two.take("b").unwrap();
+        assert_ne!(two.fingerprint(), before);
+        assert_eq!(
+            two.fingerprint(),
+            file(&[("a", vec![1], vec![1.0])]).fingerprint()
+        );
+    }
+
     fn temp(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("loren-ckpt-{}-{name}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
