@@ -204,7 +204,22 @@ fn predict_gives_the_librarys_numbers_for_image_files() {
         let f: Vec<&str> = line.split(',').collect();
         assert_eq!(f.len(), 7 + 10, "{line}");
         assert_eq!(f[0], want[b]);
-        assert_eq!(f[1].parse::<usize>().unwrap(), lib.predicted(b));
+        let class = lib.predicted(b);
+        assert_eq!(f[1].parse::<usize>().unwrap(), class);
+        // Every column its own figure, to the bit: Rust writes the shortest exact decimal.
+        assert_eq!(f[2], class.to_string(), "{line}");
+        assert_eq!(f[3].parse::<f32>().unwrap(), lib.mean(b)[class], "{line}");
+        assert_eq!(f[4].parse::<f64>().unwrap(), lib.entropy[b], "{line}");
+        assert_eq!(
+            f[5].parse::<f64>().unwrap(),
+            lib.mutual_information[b],
+            "{line}"
+        );
+        assert_eq!(
+            f[6].parse::<u64>().ok(),
+            rows[b]["votes"].as_u64(),
+            "{line}"
+        );
         let mean: Vec<f32> = f[7..].iter().map(|x| x.parse().unwrap()).collect();
         assert_eq!(bits(&mean), bits(lib.mean(b)), "csv image {b}");
     }
