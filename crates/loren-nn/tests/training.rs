@@ -406,12 +406,13 @@ fn validation_runs_every_nth_epoch_and_after_the_last() {
     assert_eq!(summary.steps, 3 * 3);
 }
 
-/// Each step's loss and image count, as the progress bar sees them.
-struct Losses(Vec<(f32, usize)>);
+/// Every step's report, as the progress bar sees it.
+#[derive(Default)]
+struct Steps(Vec<StepInfo>);
 
-impl Observer for Losses {
+impl Observer for Steps {
     fn step(&mut self, info: &StepInfo) {
-        self.0.push((info.loss, info.images));
+        self.0.push(*info);
     }
 }
 
@@ -422,28 +423,19 @@ fn an_epochs_mean_loss_weighs_each_step_by_its_images() {
     let data = train_split();
     let mut m = model(Method::Lora);
     let mut t = Trainer::new(&mut m, &config(1), data.len()).unwrap();
-    let mut seen = Losses(Vec::new());
+    let mut seen = Steps::default();
     let info = t.run_epoch(&data, &mut seen).unwrap();
-    let last = seen.0.last().unwrap().1;
+    let last = seen.0.last().unwrap().images;
     assert!(last < 64, "the test needs a partial last batch, got {last}");
-    let images: usize = seen.0.iter().map(|&(_, n)| n).sum();
+    let images: usize = seen.0.iter().map(|s| s.images).sum();
     assert_eq!(images, data.len());
-    let sum: f64 = seen.0.iter().map(|&(l, n)| l as f64 * n as f64).sum();
+    let sum: f64 = seen.0.iter().map(|s| s.loss as f64 * s.images as f64).sum();
     let want = sum / images as f64;
     assert!(
         (info.mean_loss - want).abs() < 1e-12,
         "{} against {want}",
         info.mean_loss
     );
-}
-
-/// Each step's learning rate, as the progress bar sees it.
-struct Rates(Vec<(u64, f32)>);
-
-impl Observer for Rates {
-    fn step(&mut self, info: &StepInfo) {
-        self.0.push((info.step, info.lr));
-    }
 }
 
 /// One warm-up and cosine over the whole run, not over an epoch, with a warm-up longer than
@@ -460,7 +452,7 @@ fn the_learning_rate_follows_one_warmup_cosine_over_the_whole_run() {
         let mut t = Trainer::new(&mut m, &cfg, data.len()).unwrap();
         let total = t.total_steps();
         assert_eq!(total, data.len().div_ceil(64) as u64 * epochs as u64);
-        let mut seen = Rates(Vec::new());
+        let mut seen = Steps::default();
         t.fit(&data, &CheckpointSpec::default(), &mut seen).unwrap();
         let want = WarmupCosine {
             base_lr: cfg.lr,
@@ -470,10 +462,10 @@ fn the_learning_rate_follows_one_warmup_cosine_over_the_whole_run() {
             from_zero: false,
         };
         assert_eq!(seen.0.len() as u64, total);
-        for &(step, lr) in &seen.0 {
+        for &StepInfo { step, lr, .. } in &seen.0 {
             assert_eq!(lr, want.lr(step), "step {step} of {total}");
         }
-        let last = seen.0.last().unwrap().1;
+        let last = seen.0.last().unwrap().lr;
         if warmup < total {
             assert!(
                 last < 0.05 * cfg.lr && last >= cfg.min_lr,
