@@ -337,6 +337,26 @@ impl Ensemble {
         out
     }
 
+    /// Whether `images` is a whole positive number of the model's images.
+    fn check_length(&self, images: &[f32]) -> Result<(), InputError> {
+        let shape = self.image_shape();
+        let per_image: usize = shape.iter().product();
+        if !images.is_empty() && images.len().is_multiple_of(per_image) {
+            return Ok(());
+        }
+        Err(InputError::Length {
+            shape,
+            len: images.len(),
+        })
+    }
+
+    /// The image, and `[channel, row, column]` in it, of value `i` of a batch of images.
+    fn place(&self, i: usize) -> (usize, [usize; 3]) {
+        let [c, h, w] = self.image_shape();
+        let (image, at) = (i / (c * h * w), i % (c * h * w));
+        (image, [at / (h * w), at % (h * w) / w, at % w])
+    }
+
     /// [`Ensemble::predict`] on raw pixels in `[0, 1]` at the model's size. A pixel past
     /// [`PIXEL_RANGE`] is an [`InputError::PixelRange`].
     pub fn predict_pixels(&self, pixels: &[f32]) -> Result<Prediction> {
@@ -410,28 +430,6 @@ impl Ensemble {
             entropy: s.entropy,
             mutual_information: s.mutual_information,
         })
-    }
-}
-
-impl Ensemble {
-    /// Whether `images` is a whole positive number of the model's images.
-    fn check_length(&self, images: &[f32]) -> Result<(), InputError> {
-        let shape = self.image_shape();
-        let per_image: usize = shape.iter().product();
-        if !images.is_empty() && images.len().is_multiple_of(per_image) {
-            return Ok(());
-        }
-        Err(InputError::Length {
-            shape,
-            len: images.len(),
-        })
-    }
-
-    /// The image, and `[channel, row, column]` in it, of value `i` of a batch of images.
-    fn place(&self, i: usize) -> (usize, [usize; 3]) {
-        let [c, h, w] = self.image_shape();
-        let (image, at) = (i / (c * h * w), i % (c * h * w));
-        (image, [at / (h * w), at % (h * w) / w, at % w])
     }
 }
 
