@@ -35,7 +35,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, bail, ensure};
+use loren_nn::NnError;
 use loren_nn::checkpoint::{self, TensorFile};
 use loren_nn::config::{EnsembleConfig, Method, VitConfig};
 use loren_nn::data::normalize_planes;
@@ -43,7 +44,7 @@ use loren_nn::data::prefetch::{DEPTH, prefetch};
 use loren_nn::metrics::{Predictions, argmax, scores};
 use loren_nn::train::{INPUT_KEYS, check_format, load_trained};
 use loren_nn::vit::Vit;
-use loren_tensor::{DeviceSpec, MemTag, Tensor};
+use loren_tensor::{Device, DeviceSpec, MemTag, Tensor};
 
 use crate::backbone::checkpoint_backbone;
 use crate::dataset::{DataSource, Normalize, TRAIN_ON_VAL_KEY, recorded_train_on_val};
@@ -62,7 +63,7 @@ pub const DEFAULT_BATCH: usize = 256;
 /// use loren::Ensemble;
 /// use loren::tensor::DeviceSpec;
 ///
-/// # fn main() -> anyhow::Result<()> {
+/// # fn main() -> Result<(), loren::EnsembleError> {
 /// let ens = Ensemble::load("runs/train/ensemble.safetensors", DeviceSpec::Auto)?;
 /// let [c, h, w] = ens.image_shape();
 /// // Two images with pixels in [0, 1], [B, C, H, W] row-major.
@@ -88,6 +89,21 @@ pub struct Ensemble {
     class_names: Vec<String>,
     batch_size: usize,
     metadata: HashMap<String, String>,
+}
+
+/// What it is and where it runs; the weights are left out.
+impl std::fmt::Debug for Ensemble {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ensemble")
+            .field("vit", &self.model.config.name)
+            .field("method", &self.model.ensemble.method)
+            .field("members", &self.members())
+            .field("classes", &self.class_names)
+            .field("image_shape", &self.image_shape())
+            .field("device", &self.device_name())
+            .field("batch_size", &self.batch_size)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What an ensemble predicts for a batch of B images.
@@ -125,10 +141,79 @@ impl Prediction {
     }
 }
 
+/// What can go wrong loading an [`Ensemble`], predicting with it, or [`export`]ing one, by
+/// where the fault lies: a server answers [`EnsembleError::Input`] as its client's bad request,
+/// may fall back to the CPU on [`EnsembleError::Device`], and reports the rest as its own.
+#[derive(Debug, thiserror::Error)]
+pub enum EnsembleError {
+    /// The images given to [`Ensemble::predict`] or [`Ensemble::predict_pixels`].
+    #[error(transparent)]
+    Input(#[from] InputError),
+    /// The device asked for cannot be used: no GPU, no driver, or no GPU of that number.
+    #[error(transparent)]
+    Device(loren_tensor::Error),
+    /// A file that cannot be read, or holds no ensemble loren can use: the ensemble or
+    /// checkpoint named, or the backbone it records or was given. The message names the file.
+    #[error("{message}")]
+    File { path: PathBuf, message: String },
+    /// Where [`export`] was to write: a file it must not replace, or one it could not write.
+    #[error("{message}")]
+    Output { path: PathBuf, message: String },
+    /// The engine failed while computing or placing weights: device memory ran out, or a CUDA
+    /// call failed.
+    #[error(transparent)]
+    Engine(#[from] NnError),
+}
+
+impl EnsembleError {
+    /// A failure reading `path` into a model: the engine's own CUDA failures (device memory
+    /// running out as the weights are placed) as such, anything else as the file's.
+    fn loading(path: &Path, error: anyhow::Error) -> Self {
+        if error.chain().any(is_cuda_failure) {
+            return match error.downcast::<NnError>() {
+                Ok(e) => EnsembleError::Engine(e),
+                Err(error) => match error.downcast::<loren_tensor::Error>() {
+                    Ok(e) => EnsembleError::Engine(e.into()),
+                    Err(error) => EnsembleError::file(path, error),
+                },
+            };
+        }
+        EnsembleError::file(path, error)
+    }
+
+    /// `error` about `path`, its message naming the file where the chain does not already.
+    fn file(path: &Path, error: impl std::fmt::Display) -> Self {
+        let (shown, message) = (path.display().to_string(), format!("{error:#}"));
+        EnsembleError::File {
+            path: path.to_path_buf(),
+            message: match message.contains(&shown) {
+                true => message,
+                false => format!("{shown}: {message}"),
+            },
+        }
+    }
+
+    fn output(path: &Path, message: impl Into<String>) -> Self {
+        EnsembleError::Output {
+            path: path.to_path_buf(),
+            message: message.into(),
+        }
+    }
+}
+
+fn is_cuda_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    matches!(
+        e.downcast_ref::<loren_tensor::Error>(),
+        Some(loren_tensor::Error::Cuda(_))
+    ) || matches!(
+        e.downcast_ref::<NnError>(),
+        Some(NnError::Tensor(loren_tensor::Error::Cuda(_)))
+    )
+}
+
 /// What is wrong with the images given to [`Ensemble::predict`] or
-/// [`Ensemble::predict_pixels`]: the caller's input, not the ensemble or the machine. Their
-/// errors hold one when the input is at fault (`error.downcast_ref::<InputError>()`), so that a
-/// server can answer a client's bad request as such.
+/// [`Ensemble::predict_pixels`]: the caller's input, not the ensemble or the machine, held by
+/// [`EnsembleError::Input`].
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum InputError {
     /// Not a whole positive number of images of the model's `[C, H, W]`.
@@ -172,7 +257,7 @@ impl Ensemble {
     /// Read a file written by [`export`] (`loren export`), or a training checkpoint (the file
     /// `loren train` writes, or the folder it wrote it into; with the backbone it recorded),
     /// onto `device`.
-    pub fn load(path: impl AsRef<Path>, device: DeviceSpec) -> Result<Ensemble> {
+    pub fn load(path: impl AsRef<Path>, device: DeviceSpec) -> Result<Ensemble, EnsembleError> {
         Ensemble::open(path, None, device)
     }
 
@@ -182,37 +267,49 @@ impl Ensemble {
         path: impl AsRef<Path>,
         backbone: Option<&Path>,
         device: DeviceSpec,
-    ) -> Result<Ensemble> {
+    ) -> Result<Ensemble, EnsembleError> {
         let path = &crate::run::checkpoint_in(path.as_ref());
         if path.is_dir() {
-            bail!(
-                "{}: a folder with no checkpoint.safetensors in it (name the run's folder, its \
+            return Err(EnsembleError::file(
+                path,
+                "a folder with no checkpoint.safetensors in it (name the run's folder, its \
                  checkpoint, or a file loren export wrote)",
-                path.display()
-            );
+            ));
         }
-        let file = TensorFile::read(path)?;
-        if file.metadata().get("format").map(String::as_str) != Some(FORMAT) {
-            return Ensemble::from_checkpoint(&file, backbone, device);
-        }
+        let file = TensorFile::read(path).map_err(|e| EnsembleError::file(path, e))?;
+        let device = device.open().map_err(EnsembleError::Device)?;
+        let read = match file.metadata().get("format").map(String::as_str) {
+            Some(FORMAT) => Ensemble::from_export(&file, backbone, &device),
+            _ => Ensemble::from_checkpoint(&file, backbone, &device),
+        };
+        read.map_err(|e| EnsembleError::loading(path, e))
+    }
+
+    /// The ensemble a file written by [`export`] holds.
+    fn from_export(
+        file: &TensorFile,
+        backbone: Option<&Path>,
+        device: &Device,
+    ) -> anyhow::Result<Ensemble> {
+        let path = file.path();
         if let Some(b) = backbone {
             bail!(
-                "--backbone {}: {} is an exported ensemble, which holds its own backbone; \
-                 leave --backbone out",
-                b.display(),
-                path.display()
+                "{} is an exported ensemble, which holds its own backbone, but another was \
+                 given ({}): give none",
+                path.display(),
+                b.display()
             );
         }
         let vit: VitConfig = file.meta_json("vit")?;
         let ens: EnsembleConfig = file.meta_json("ensemble")?;
-        loren_nn::train::check_described_model(&vit, &ens, &file, file.values())?;
-        let mut model = Vit::new(&vit, &ens, &device.open()?, 0)?;
+        loren_nn::train::check_described_model(&vit, &ens, file, file.values())?;
+        let mut model = Vit::new(&vit, &ens, device, 0)?;
         match file.meta("layout")? {
-            "shared" => model.load_shared_weights(&file)?,
-            "stacked" => model.load_tensors(&file, |name, _| Vit::is_backbone(name))?,
+            "shared" => model.load_shared_weights(file)?,
+            "stacked" => model.load_tensors(file, |name, _| Vit::is_backbone(name))?,
             other => bail!("{}: unknown layout '{other}'", path.display()),
         }
-        model.load_tensors(&file, |name, _| !Vit::is_backbone(name))?;
+        model.load_tensors(file, |name, _| !Vit::is_backbone(name))?;
         Ensemble::assemble(model, file.metadata().clone(), path)
     }
 
@@ -220,8 +317,8 @@ impl Ensemble {
     fn from_checkpoint(
         file: &TensorFile,
         backbone: Option<&Path>,
-        device: DeviceSpec,
-    ) -> Result<Ensemble> {
+        device: &Device,
+    ) -> anyhow::Result<Ensemble> {
         if check_format(file).is_err() {
             bail!(
                 "{}: neither an ensemble written by loren export nor a training checkpoint",
@@ -230,12 +327,16 @@ impl Ensemble {
         }
         let vit: VitConfig = file.meta_json("vit")?;
         let frozen = checkpoint_backbone(file, backbone, &vit)?;
-        let model = load_trained(file, frozen.as_ref(), &device.open()?)?;
+        let model = load_trained(file, frozen.as_ref(), device)?;
         let metadata = export_metadata(file, &model)?;
         Ensemble::assemble(model, metadata, file.path())
     }
 
-    fn assemble(model: Vit, metadata: HashMap<String, String>, path: &Path) -> Result<Ensemble> {
+    fn assemble(
+        model: Vit,
+        metadata: HashMap<String, String>,
+        path: &Path,
+    ) -> anyhow::Result<Ensemble> {
         let ensemble = Ensemble {
             norm_mean: meta_json(&metadata, "norm_mean", path)?,
             norm_std: meta_json(&metadata, "norm_std", path)?,
@@ -248,7 +349,7 @@ impl Ensemble {
         Ok(ensemble)
     }
 
-    fn check_metadata(&self, path: &Path) -> Result<()> {
+    fn check_metadata(&self, path: &Path) -> anyhow::Result<()> {
         let (c, classes) = (self.model.config.channels, self.classes());
         ensure!(
             self.norm_mean.len() == c
@@ -359,7 +460,7 @@ impl Ensemble {
 
     /// [`Ensemble::predict`] on raw pixels in `[0, 1]` at the model's size. A pixel past
     /// [`PIXEL_RANGE`] is an [`InputError::PixelRange`].
-    pub fn predict_pixels(&self, pixels: &[f32]) -> Result<Prediction> {
+    pub fn predict_pixels(&self, pixels: &[f32]) -> Result<Prediction, EnsembleError> {
         self.check_length(pixels)?;
         if let Some((i, &value)) = pixels
             .iter()
@@ -383,7 +484,7 @@ impl Ensemble {
     /// an image's masks from its values, so it draws the same ones in any batch, at any place
     /// (other methods draw none); the probabilities then move only in the last bits, as for
     /// every method, with a row's place in the CPU's matrix kernels.
-    pub fn predict(&self, images: &[f32]) -> Result<Prediction> {
+    pub fn predict(&self, images: &[f32]) -> Result<Prediction, EnsembleError> {
         self.check_length(images)?;
         // Named here, by image and place: one NaN would otherwise show only as a NaN
         // probability of its image, failing the whole call.
@@ -398,7 +499,7 @@ impl Ensemble {
         // Saturating: a batch size past the whole input is one chunk of it all.
         let chunk = self.batch_size.saturating_mul(per_image);
         let chunks: Vec<&[f32]> = images.chunks(chunk).collect();
-        std::thread::scope(|scope| -> Result<()> {
+        std::thread::scope(|scope| -> Result<(), NnError> {
             // Each chunk is keyed and staged (copied where it goes to the device from) on a
             // background thread while the model runs on the one before.
             let stage = |i: usize| {
@@ -419,8 +520,8 @@ impl Ensemble {
             }
             Ok(())
         })?;
-        let preds = Predictions::new(m, n, k, probs)?;
-        let s = scores(&preds)?;
+        let preds = Predictions::new(m, n, k, probs).map_err(NnError::from)?;
+        let s = scores(&preds).map_err(NnError::from)?;
         Ok(Prediction {
             members: m,
             batch: n,
@@ -447,14 +548,21 @@ pub struct ExportSummary {
 /// Write the ensemble a training checkpoint holds as one self-contained file (see the module
 /// docs). Its backbone is `backbone`, or the path the checkpoint recorded; its class names and
 /// normalisation come from the data the checkpoint recorded.
-pub fn export(checkpoint: &Path, backbone: Option<&Path>, out: &Path) -> Result<ExportSummary> {
+pub fn export(
+    checkpoint: &Path,
+    backbone: Option<&Path>,
+    out: &Path,
+) -> Result<ExportSummary, EnsembleError> {
     // The export must not replace what it is made from.
     if same_file(checkpoint, out) {
-        bail!(
-            "{} is the checkpoint itself: the export would replace the training checkpoint it \
-             is made from; write it elsewhere",
-            out.display()
-        );
+        return Err(EnsembleError::output(
+            out,
+            format!(
+                "{} is the checkpoint itself: the export would replace the training checkpoint \
+                 it is made from; write it elsewhere",
+                out.display()
+            ),
+        ));
     }
     // Nor another run's checkpoint, which its `train --resume` and `eval` read.
     if out.is_file()
@@ -463,23 +571,31 @@ pub fn export(checkpoint: &Path, backbone: Option<&Path>, out: &Path) -> Result<
                 .is_some_and(|f| f == loren_nn::train::FORMAT)
         })
     {
-        bail!(
-            "{} is a training checkpoint (loren train --resume and eval read it): the export \
-             would replace it; write it elsewhere",
-            out.display()
-        );
+        return Err(EnsembleError::output(
+            out,
+            format!(
+                "{} is a training checkpoint (loren train --resume and eval read it): the \
+                 export would replace it; write it elsewhere",
+                out.display()
+            ),
+        ));
     }
-    let file = crate::run::read_checkpoint(checkpoint, "--checkpoint")?;
+    let file = crate::run::read_checkpoint(checkpoint, "--checkpoint")
+        .map_err(|e| EnsembleError::file(checkpoint, e))?;
     let recorded = file.metadata().get("backbone").map(Path::new);
     if let Some(b) = backbone.or(recorded)
         && same_file(b, out)
     {
-        bail!(
-            "{} is the backbone the export is made from; write it elsewhere",
-            out.display()
-        );
+        return Err(EnsembleError::output(
+            out,
+            format!(
+                "{} is the backbone the export is made from; write it elsewhere",
+                out.display()
+            ),
+        ));
     }
-    let ens = Ensemble::from_checkpoint(&file, backbone, DeviceSpec::Cpu)?;
+    let ens = Ensemble::from_checkpoint(&file, backbone, &Device::cpu())
+        .map_err(|e| EnsembleError::loading(checkpoint, e))?;
     let model = &ens.model;
     let mut tensors = if is_stacked(model) {
         model.tensors(|name, _| Vit::is_backbone(name))?
@@ -487,7 +603,8 @@ pub fn export(checkpoint: &Path, backbone: Option<&Path>, out: &Path) -> Result<
         model.backbone_tensors()?
     };
     tensors.extend(model.tensors(|name, _| !Vit::is_backbone(name))?);
-    checkpoint::write(out, &tensors, ens.metadata.clone())?;
+    checkpoint::write(out, &tensors, ens.metadata.clone())
+        .map_err(|e| EnsembleError::output(out, e.to_string()))?;
     Ok(ExportSummary {
         path: out.to_path_buf(),
         method: model.ensemble.method,
@@ -504,7 +621,7 @@ fn is_stacked(model: &Vit) -> bool {
     model.ensemble.method == Method::Explicit
 }
 
-fn export_metadata(file: &TensorFile, model: &Vit) -> Result<HashMap<String, String>> {
+fn export_metadata(file: &TensorFile, model: &Vit) -> anyhow::Result<HashMap<String, String>> {
     let stacked = is_stacked(model);
     let meta = file.metadata();
     let normalize = Normalize::recorded(meta)?;
@@ -552,7 +669,7 @@ fn inputs_of_recorded_data(
     file: &TensorFile,
     model: &Vit,
     normalize: Normalize,
-) -> Result<(Vec<f32>, Vec<f32>, Vec<String>)> {
+) -> anyhow::Result<(Vec<f32>, Vec<f32>, Vec<String>)> {
     let meta = file.metadata();
     let Some(data) = meta.get("data") else {
         bail!(
@@ -587,7 +704,7 @@ fn meta_json<T: serde::de::DeserializeOwned>(
     metadata: &HashMap<String, String>,
     key: &str,
     path: &Path,
-) -> Result<T> {
+) -> anyhow::Result<T> {
     let value = metadata
         .get(key)
         .with_context(|| format!("{}: metadata '{key}' is missing", path.display()))?;

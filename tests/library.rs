@@ -13,7 +13,7 @@ use loren::nn::eval::predict;
 use loren::nn::train::{CheckpointSpec, Quiet, TrainConfig, Trainer};
 use loren::nn::vit::Vit;
 use loren::tensor::{DeviceSpec, MemTag, Rng};
-use loren::{Ensemble, InputError, PIXEL_RANGE};
+use loren::{Ensemble, EnsembleError, InputError, PIXEL_RANGE};
 
 mod common;
 use common::temp_dir;
@@ -81,6 +81,11 @@ fn an_ensemble_trained_from_arrays_reads_back_as_it_was_trained() {
     let ens = Ensemble::load(&ckpt, DeviceSpec::Cpu).unwrap();
     assert_eq!(ens.normalization(), (&[0.2f32][..], &[0.4f32][..]));
     assert_eq!(ens.class_names(), NAMES);
+    let shown = format!("{ens:?}");
+    assert!(
+        shown.contains("method: Lora, members: 2") && shown.contains("device: \"cpu\""),
+        "{shown}"
+    );
     // The same probabilities as the model in memory gives the data scaled as it trained.
     let pixels: Vec<f32> = (0..data.len())
         .flat_map(|i| {
@@ -96,6 +101,13 @@ fn an_ensemble_trained_from_arrays_reads_back_as_it_was_trained() {
             assert!((got - want).abs() < 1e-5, "image {b}: {got} against {want}");
         }
     }
+
+    // An export onto the checkpoint it is made from is refused as the output's fault.
+    let e = loren::ensemble::export(&ckpt, None, &ckpt).unwrap_err();
+    assert!(
+        matches!(&e, EnsembleError::Output { path, .. } if path == &ckpt),
+        "{e:?}"
+    );
 
     // What predicting used, beside the weights it keeps.
     let after = ens.memory();
@@ -117,7 +129,12 @@ fn an_ensemble_trained_from_arrays_reads_back_as_it_was_trained() {
     let Err(e) = Ensemble::open(&ckpt, Some(&other), DeviceSpec::Cpu) else {
         panic!("a checkpoint was opened with other backbone weights");
     };
-    assert!(format!("{e:#}").contains("fingerprint"), "{e:#}");
+    assert!(
+        matches!(&e, EnsembleError::File { path, .. } if path == &ckpt),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("fingerprint"), "{e}");
+    assert!(e.to_string().contains(&*other.to_string_lossy()), "{e}");
 
     // A non-finite input is named by its image and place.
     let mut bad = pixels[..2 * 64].to_vec();
@@ -125,8 +142,9 @@ fn an_ensemble_trained_from_arrays_reads_back_as_it_was_trained() {
     let e = ens.predict_pixels(&bad).unwrap_err();
     assert!(
         matches!(
-            e.downcast_ref::<InputError>(),
-            Some(InputError::NotFinite { image: 1, at: [0, 1, 3], value }) if value.is_nan()
+            e,
+            EnsembleError::Input(InputError::NotFinite { image: 1, at: [0, 1, 3], value })
+                if value.is_nan()
         ),
         "{e:#}"
     );
@@ -141,14 +159,15 @@ fn an_ensemble_trained_from_arrays_reads_back_as_it_was_trained() {
         .collect();
     let first = bytes.iter().position(|p| !PIXEL_RANGE.contains(p)).unwrap();
     let e = ens.predict_pixels(&bytes).unwrap_err();
-    assert_eq!(
-        e.downcast_ref::<InputError>(),
-        Some(&InputError::PixelRange {
-            image: first / 64,
-            at: [0, first % 64 / 8, first % 8],
-            value: bytes[first]
-        }),
-        "{e:#}"
+    assert!(
+        matches!(
+            e,
+            EnsembleError::Input(InputError::PixelRange { image, at, value })
+                if image == first / 64
+                    && at == [0, first % 64 / 8, first % 8]
+                    && value == bytes[first]
+        ),
+        "{e:?}"
     );
     assert!(e.to_string().contains("divided by 255"), "{e}");
     // ...as are images already normalised, while a resampling filter's overshoot passes.
@@ -156,7 +175,7 @@ fn an_ensemble_trained_from_arrays_reads_back_as_it_was_trained() {
     assert!(ens.predict(&normalised).is_ok());
     let e = ens.predict_pixels(&normalised).unwrap_err();
     assert!(
-        matches!(e.downcast_ref(), Some(InputError::PixelRange { .. })),
+        matches!(e, EnsembleError::Input(InputError::PixelRange { .. })),
         "{e:#}"
     );
     let mut overshoot = pixels[..2 * 64].to_vec();
@@ -164,14 +183,37 @@ fn an_ensemble_trained_from_arrays_reads_back_as_it_was_trained() {
     assert!(ens.predict_pixels(&overshoot).is_ok());
     // So is an input of a size no whole number of images has.
     let e = ens.predict_pixels(&pixels[..100]).unwrap_err();
-    assert_eq!(
-        e.downcast_ref::<InputError>(),
-        Some(&InputError::Length {
-            shape: [1, 8, 8],
-            len: 100
-        }),
-        "{e:#}"
+    assert!(
+        matches!(
+            e,
+            EnsembleError::Input(InputError::Length {
+                shape: [1, 8, 8],
+                len: 100
+            })
+        ),
+        "{e:?}"
     );
+}
+
+#[test]
+fn load_errors_say_whose_fault_they_are() {
+    // A file not there, or not an ensemble, is the file's fault, and names it.
+    let missing = Path::new("no/such/ensemble.safetensors");
+    let e = Ensemble::load(missing, DeviceSpec::Cpu).unwrap_err();
+    assert!(
+        matches!(&e, EnsembleError::File { path, .. } if path == missing),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string().contains("no/such/ensemble.safetensors"),
+        "{e}"
+    );
+    let e = Ensemble::load(backbone_path(), DeviceSpec::Cpu).unwrap_err();
+    assert!(matches!(&e, EnsembleError::File { .. }), "{e:?}");
+    assert!(e.to_string().contains("neither an ensemble"), "{e}");
+    // A device that cannot be opened is the device's, so that a caller may fall back to the CPU.
+    let e = Ensemble::load(backbone_path(), DeviceSpec::Cuda(99)).unwrap_err();
+    assert!(matches!(&e, EnsembleError::Device(_)), "{e:?}");
 }
 
 #[test]

@@ -346,7 +346,7 @@ fn predict_refuses_bad_input_with_one_line_and_writes_nothing() {
             imgs,
             "-q",
         ],
-        &["exported ensemble", "leave --backbone out"],
+        &["exported ensemble", "holds its own backbone", "give none"],
     );
     // An image named like an output is an image still: predict will not write over it.
     let disguised = images.join("b/disguised.csv");
