@@ -118,6 +118,89 @@ fn renamed_backbone(scheme: &str, dir: &Path) -> PathBuf {
     path
 }
 
+/// The bundled tiny backbone as Hugging Face's `ViTModel` names it, under `vit.` as its
+/// `ViTForImageClassification` keeps it.
+fn hugging_face_backbone(dir: &Path) -> PathBuf {
+    let f = TensorFile::read(&bundled_backbone()).unwrap();
+    let vit = VitConfig::tiny();
+    let (d, t) = (vit.dim, vit.tokens());
+    let mut out: Vec<(String, Entry)> = Vec::new();
+    let mut put = |to: &str, from: &str, shape: &[usize]| {
+        let data = f.get(from).unwrap().data.clone();
+        let shape = shape.to_vec();
+        out.push((format!("vit.{to}"), Entry { shape, data }));
+    };
+    let patch = "embeddings.patch_embeddings.projection";
+    put(
+        &format!("{patch}.weight"),
+        "patch_embed.weight",
+        &[d, vit.channels, vit.patch, vit.patch],
+    );
+    put(&format!("{patch}.bias"), "patch_embed.bias", &[d]);
+    put("embeddings.cls_token", "cls_token", &[1, 1, d]);
+    put("embeddings.position_embeddings", "pos_embed", &[1, t, d]);
+    let linears = [
+        ("layernorm_before", "norm1"),
+        ("attention.attention.query", "attn.q"),
+        ("attention.attention.key", "attn.k"),
+        ("attention.attention.value", "attn.v"),
+        ("attention.output.dense", "attn.o"),
+        ("layernorm_after", "norm2"),
+        ("intermediate.dense", "mlp.fc1"),
+        ("output.dense", "mlp.fc2"),
+    ];
+    for i in 0..vit.depth {
+        for (to, from) in linears {
+            for wb in ["weight", "bias"] {
+                let from = format!("blocks.{i}.{from}.{wb}");
+                let shape = f.get(&from).unwrap().shape.clone();
+                put(&format!("encoder.layer.{i}.{to}.{wb}"), &from, &shape);
+            }
+        }
+    }
+    put("layernorm.weight", "norm.weight", &[d]);
+    put("layernorm.bias", "norm.bias", &[d]);
+    let path = dir.join("hf.safetensors");
+    checkpoint::write(&path, &out, Default::default()).unwrap();
+    path
+}
+
+/// The LayerNorm epsilon recorded in a run's checkpoint.
+fn recorded_ln_eps(run: &Path) -> f64 {
+    let f = TensorFile::read(&run.join("checkpoint.safetensors")).unwrap();
+    let vit: serde_json::Value = serde_json::from_str(&f.metadata()["vit"]).unwrap();
+    vit["ln_eps"].as_f64().unwrap()
+}
+
+/// Hugging Face trains its ViTs with a LayerNorm epsilon of 1e-12, where timm and torchvision
+/// use the 1e-6 of loren's configs: a run from its weights takes its epsilon, keeps it, and
+/// scores with it again.
+#[test]
+fn hugging_face_weights_train_with_hugging_faces_layer_norm_epsilon() {
+    let dir = temp_dir("hf-eps");
+    let reference = dir.join("loren");
+    run_ok(&strs(&quick_train(&reference, &[])));
+    let backbone = hugging_face_backbone(&dir);
+    let out = dir.join("hf");
+    run_ok(&strs(&quick_train(
+        &out,
+        &["--backbone", backbone.to_str().unwrap()],
+    )));
+    assert_eq!(recorded_ln_eps(&reference) as f32, 1e-6);
+    assert_eq!(recorded_ln_eps(&out) as f32, 1e-12);
+    // The epsilon reaches the model: the same weights train to other bits.
+    assert!(trained_bits(&out) != trained_bits(&reference));
+    let ckpt = out.join("checkpoint.safetensors");
+    run_ok(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--no-shift",
+        "--no-ood",
+        "-q",
+    ]);
+}
+
 fn trained_bits(dir: &Path) -> Vec<(String, Vec<u32>)> {
     let f = TensorFile::read(&dir.join("checkpoint.safetensors")).unwrap();
     f.names()
