@@ -838,6 +838,35 @@ mod tests {
         assert_eq!(d.norm_mean, IMAGENET_MEAN.to_vec());
     }
 
+    /// Sorted, not in the order the filesystem lists them: with 16 classes of 3 images, made in
+    /// a scrambled order, a listing that happens to come sorted is out of the question.
+    #[test]
+    fn data_folder_classes_and_images_are_in_byte_order_whatever_the_listing() {
+        let dir = temp_dir("order");
+        let (classes, images) = (16, 3);
+        let scrambled = |k: usize, n: usize| (k * 7 + 5) % n;
+        for made in 0..classes {
+            let class = scrambled(made, classes);
+            fs::create_dir_all(dir.join(format!("class-{class:02}"))).unwrap();
+            for j in (0..images).rev() {
+                let path = dir.join(format!("class-{class:02}/{j}.png"));
+                let seed = class * images + j;
+                write_png(&path, 1, 1, png::ColorType::Rgb, &rgb(seed, 1, 1));
+            }
+        }
+        let d = load_folder(&dir, [3, 1, 1]).unwrap();
+        let names: Vec<String> = (0..classes).map(|c| format!("class-{c:02}")).collect();
+        assert_eq!(d.class_names, names);
+        for i in 0..classes * images {
+            assert_eq!(d.labels[i] as usize, i / images, "image {i}");
+            assert_eq!(
+                d.image(i),
+                planar(&rgb(i, 1, 1), 1, 1).as_slice(),
+                "image {i}"
+            );
+        }
+    }
+
     #[test]
     fn data_grey_folders_scale_by_the_luma_of_imagenets_statistics() {
         let rgb = Dataset::new("t", [3, 1, 1], vec![0.5; 3], vec![0], vec!["a".into()]).unwrap();
