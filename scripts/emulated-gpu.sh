@@ -7,7 +7,7 @@
 #
 #   scripts/emulated-gpu.sh [SUITES] [-- CARGO TEST ARGS]
 #
-# SUITES, comma-separated (default: kernels,parity,training,recompute,hopper, what
+# SUITES, comma-separated (default: kernels,parity,training,recompute,memprofile,hopper, what
 # scripts/test.sh runs; times on 2 cores):
 #   kernels    loren-kernels tests/gpu.rs: every launcher against an f64 reference (~15 s)
 #   parity     loren-tensor tests/gpu_parity.rs: every op against its CPU twin (~10 s)
@@ -16,6 +16,8 @@
 #   recompute  loren-nn tests/recompute.rs on the GPU: two steps of every method, recomputed
 #              blocks against kept ones, bit for bit (~80 s)
 #   recompute-lora  the same for LoRA-Ensemble alone (~30 s)
+#   memprofile tests/memprofile.rs on the GPU: every tag's measured peak against the analytic
+#              model, tiny, LoRA and explicit at M = 1, 2 (~10 s)
 #   hopper     kernels, parity and training again on a Hopper (below): the wgmma kernels beside
 #              the mma.sync ones, and the training steps on them (~60 s)
 # LOREN_FAKE_CC=9.0 makes the device a Hopper (sm_90a build, wgmma kernels loaded; LOREN_WGMMA=1
@@ -26,7 +28,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-suites=kernels,parity,training,recompute,hopper
+suites=kernels,parity,training,recompute,memprofile,hopper
 if [ $# -gt 0 ] && [ "$1" != "--" ]; then
     suites=$1
     shift
@@ -74,6 +76,7 @@ for suite in ${suites//,/ }; do
         training) others gpu_training "" "$@" ;;
         recompute) others recompute on_a_gpu "$@" ;;
         recompute-lora) others recompute on_a_gpu_lora "$@" ;;
+        memprofile) others memprofile on_a_gpu "$@" ;;
         hopper)
             export LOREN_FAKE_CC=9.0 LOREN_WGMMA=1
             kernels "$@"

@@ -61,7 +61,7 @@ pub use launch::lora::{
     AdapterGrads, GemmPath, GradsSplit, LoraDims, lora_grads_split, lora_grads_workspace_len,
 };
 pub use launch::norm::{NormDims, layernorm_params_workspace_len};
-pub use launch::optim::{AdamW, OptimTable, Sgd, SlotSpec};
+pub use launch::optim::{AdamW, OptimTable, Sgd, SlotSpec, optim_table_bytes};
 pub use probe::{
     NvrtcInfo, cuda_available, cuda_include_dir, gpu_required, nvrtc, skip_without_gpu,
 };

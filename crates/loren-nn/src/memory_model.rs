@@ -48,10 +48,11 @@
 //! intermediates in f32. On a GPU the ops' small temporaries differ a little from the CPU's
 //! (attention's Δ, column-sum workspaces, a bf16 copy of a bias; LayerNorm and bias+GELU write
 //! dx in the input's groups directly; a cuBLAS dX that accumulates onto its input's gradient
-//! needs no buffer of its own; an MC Dropout prediction's item keys, 8 bytes an image), and the
-//! optimizer keeps a few scalars more: the replay keeps the CPU's temporaries with the GPU's
-//! element sizes, a small difference against peaks of gigabytes that the GPU run's
-//! measured-vs-predicted column shows.
+//! needs no buffer of its own; an MC Dropout prediction's item keys, 8 bytes an image): the
+//! replay keeps the CPU's temporaries with the GPU's element sizes, a small difference against
+//! peaks of gigabytes that the GPU run's measured-vs-predicted column shows. The GPU's optimizer
+//! keeps a device table of its tensors, with the gradient norm's scratch and the clipping factor
+//! ([`Precision::optimizer_table`]): the replay books those bytes exactly.
 //!
 //! # FLOPs
 //! Matrix products only, 2·m·n·k each, counted as the engine executes them (see [`Flops`]):
@@ -62,6 +63,7 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use loren_tensor::MemTag;
+use loren_tensor::ops::optim::fused_table_bytes;
 use serde::Serialize;
 
 use crate::config::{Activations, EnsembleConfig, Method, Proj, VitConfig};
@@ -107,6 +109,10 @@ pub struct Precision {
     pub act_grad: u64,
     pub param_grad: u64,
     pub input: u64,
+    /// Whether the optimizer keeps its tensors in a device table, with the gradient norm's f64
+    /// scratch and an f32 clipping factor ([`fused_table_bytes`]): the GPU's
+    /// one-launch optimizer. Optimizer state.
+    pub optimizer_table: bool,
 }
 
 impl Precision {
@@ -122,6 +128,7 @@ impl Precision {
         act_grad: 4,
         param_grad: 4,
         input: 4,
+        optimizer_table: false,
     };
 
     /// The GPU: bf16 weight matrices, activations and input images; f32 masters of trainable
@@ -138,6 +145,7 @@ impl Precision {
         act_grad: 2,
         param_grad: 4,
         input: 2,
+        optimizer_table: true,
     };
 
     pub fn bytes(&self, kind: Kind) -> u64 {
@@ -1521,11 +1529,22 @@ fn replay(
     // The gradient buffers and optimizer state a Trainer makes, one of each per trainable tensor.
     let mut state = Vec::new();
     if train.is_some() {
-        for (p, _) in params.0.iter().filter(|(_, trainable)| *trainable) {
+        let trainable: Vec<_> = params.0.iter().filter(|(_, t)| *t).collect();
+        for (p, _) in &trainable {
             state.push(core.tensor(p.dims.clone(), MemTag::Gradients, Kind::Param));
             for _ in 0..moments {
                 state.push(core.tensor(p.dims.clone(), MemTag::OptimizerState, Kind::Param));
             }
+        }
+        if precision.optimizer_table {
+            let numels: Vec<usize> = trainable
+                .iter()
+                .map(|(p, _)| p.dims.iter().product())
+                .collect();
+            let bytes = fused_table_bytes(&numels);
+            core.ledger
+                .borrow_mut()
+                .alloc(MemTag::OptimizerState, bytes);
         }
     }
     core.ledger.borrow_mut().reset_peaks();
@@ -2043,7 +2062,14 @@ mod tests {
             g.get(MemTag::Trainable) - c.get(MemTag::Trainable),
             2 * 4 * 10 * 768
         );
-        assert_eq!(g.get(MemTag::OptimizerState), c.get(MemTag::OptimizerState));
+        // The same moments, and the GPU optimizer's device table: a 56-byte slot per tensor (96
+        // adapters of 4·4·768 values, the heads' weight and bias), an f64 norm partial per block
+        // of 4096 values and their sum, and the f32 clipping factor.
+        let blocks = 96 * 3 + 8 + 1;
+        assert_eq!(
+            g.get(MemTag::OptimizerState) - c.get(MemTag::OptimizerState),
+            98 * 56 + 8 * (blocks + 1) + 4
+        );
         assert!(gpu.train.total_peak < cpu.train.total_peak);
         let e = ensemble(Method::Explicit, 2, Targets::ALL);
         let cpu = predict(&vit, &e, 32, 2, Precision::CPU, Activations::Keep).unwrap();

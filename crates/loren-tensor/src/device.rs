@@ -7,7 +7,7 @@ use loren_kernels::Gpu;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::memory::MemoryTracker;
+use crate::memory::{MemTag, MemoryTracker};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceKind {
@@ -312,6 +312,31 @@ impl fmt::Display for DeviceSpec {
             DeviceSpec::Cpu => f.write_str("cpu"),
             DeviceSpec::Cuda(i) => write!(f, "cuda:{i}"),
         }
+    }
+}
+
+/// Device bytes held outside a tensor (a kernel's table, its scratch, a copy of keys), booked
+/// under one tag from when they are made until this is dropped.
+pub(crate) struct Booked {
+    device: Device,
+    tag: MemTag,
+    bytes: u64,
+}
+
+impl Booked {
+    pub(crate) fn new(device: &Device, tag: MemTag, bytes: u64) -> Booked {
+        device.memory().alloc(tag, bytes);
+        Booked {
+            device: device.clone(),
+            tag,
+            bytes,
+        }
+    }
+}
+
+impl Drop for Booked {
+    fn drop(&mut self) {
+        self.device.memory().free(self.tag, self.bytes);
     }
 }
 

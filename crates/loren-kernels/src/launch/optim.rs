@@ -70,6 +70,14 @@ impl OptimTable {
     }
 }
 
+/// Device bytes of an [`OptimTable`] over tensors of `numels` elements (one slot each), with the
+/// f64 scratch of its gradient norm: one partial per block for [`Gpu::grad_sum_squares`], and
+/// their sum.
+pub fn optim_table_bytes(numels: &[usize]) -> u64 {
+    let blocks: usize = numels.iter().map(|n| n.div_ceil(CHUNK)).sum();
+    (numels.len() * std::mem::size_of::<TensorSlot>() + 8 * (blocks.max(1) + 1)) as u64
+}
+
 /// AdamW hyper-parameters (PyTorch semantics, as the CPU twin's `AdamW`).
 ///
 /// As in PyTorch, a gradient element above about 6e20 overflows its second moment to infinity,

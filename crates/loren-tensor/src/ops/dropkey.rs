@@ -16,7 +16,7 @@ use std::sync::Arc;
 use loren_kernels::CudaSlice;
 use rayon::prelude::*;
 
-use crate::device::Device;
+use crate::device::{Booked, Device};
 use crate::error::{Error, Result};
 use crate::memory::MemTag;
 
@@ -103,7 +103,8 @@ pub struct ItemKeys(Arc<Keys>);
 
 struct Keys {
     host: Vec<u64>,
-    cuda: Option<CudaSlice<u64>>,
+    /// The device copy, booked as workspace.
+    cuda: Option<(CudaSlice<u64>, Booked)>,
     device: Device,
 }
 
@@ -116,8 +117,8 @@ impl ItemKeys {
                     .stream()
                     .clone_htod(&keys)
                     .map_err(crate::tensor::cuda("item keys"))?;
-                device.memory().alloc(MemTag::Workspace, bytes(&keys));
-                Some(slice)
+                let booked = Booked::new(device, MemTag::Workspace, bytes(&keys));
+                Some((slice, booked))
             }
         };
         Ok(ItemKeys(Arc::new(Keys {
@@ -137,22 +138,12 @@ impl ItemKeys {
 
     /// The device copy (on a GPU).
     pub(crate) fn cuda(&self) -> Option<&CudaSlice<u64>> {
-        self.0.cuda.as_ref()
+        self.0.cuda.as_ref().map(|(slice, _)| slice)
     }
 }
 
 fn bytes(keys: &[u64]) -> u64 {
     std::mem::size_of_val(keys) as u64
-}
-
-impl Drop for Keys {
-    fn drop(&mut self) {
-        if self.cuda.is_some() {
-            self.device
-                .memory()
-                .free(MemTag::Workspace, bytes(&self.host));
-        }
-    }
 }
 
 impl PartialEq for ItemKeys {

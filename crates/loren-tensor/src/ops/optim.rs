@@ -3,9 +3,9 @@
 
 use rayon::prelude::*;
 
-use loren_kernels::{CudaSlice, OptimTable, SlotSpec};
+use loren_kernels::{CudaSlice, OptimTable, SlotSpec, optim_table_bytes};
 
-use crate::device::Device;
+use crate::device::{Booked, Device};
 use crate::error::{Error, Result};
 use crate::memory::MemTag;
 use crate::tensor::Tensor;
@@ -160,13 +160,14 @@ pub struct FusedTable {
     /// f64 scratch of the gradient norm: one partial per block, then the sum.
     scratch: F64Scratch,
     coef: Tensor,
+    /// The table and the scratch, accounted as optimizer state while they live.
+    _booked: Booked,
 }
 
-/// Device f64 buffers, accounted as optimizer state for as long as they live.
+/// Device f64 buffers of the gradient norm.
 struct F64Scratch {
     partials: CudaSlice<f64>,
     sumsq: CudaSlice<f64>,
-    device: Device,
 }
 
 impl F64Scratch {
@@ -178,27 +179,14 @@ impl F64Scratch {
         let sumsq = stream
             .alloc_zeros::<f64>(1)
             .map_err(crate::tensor::cuda("optimizer_step"))?;
-        dev.memory()
-            .alloc(MemTag::OptimizerState, F64Scratch::bytes(blocks));
-        Ok(F64Scratch {
-            partials,
-            sumsq,
-            device: dev.clone(),
-        })
-    }
-
-    fn bytes(blocks: usize) -> u64 {
-        (8 * (blocks.max(1) + 1)) as u64
+        Ok(F64Scratch { partials, sumsq })
     }
 }
 
-impl Drop for F64Scratch {
-    fn drop(&mut self) {
-        self.device.memory().free(
-            MemTag::OptimizerState,
-            F64Scratch::bytes(self.partials.len()),
-        );
-    }
+/// Device bytes a [`FusedTable`] over tensors of `numels` elements keeps beside them, all
+/// optimizer state: the table and the gradient norm's scratch, and the f32 clipping factor.
+pub fn fused_table_bytes(numels: &[usize]) -> u64 {
+    optim_table_bytes(numels) + std::mem::size_of::<f32>() as u64
 }
 
 impl FusedTable {
@@ -239,10 +227,12 @@ impl FusedTable {
         // and rebuild it when any of their addresses differ from the ones recorded here; every
         // launch is on the one stream of this device.
         let table = unsafe { gpu.optim_table(&mut specs)? };
+        let numels: Vec<usize> = slots.iter().map(|s| s.param.numel()).collect();
         Ok(FusedTable {
             addresses,
             scratch: F64Scratch::new(dev, table.blocks())?,
             coef: Tensor::zeros([1], MemTag::OptimizerState, dev)?,
+            _booked: Booked::new(dev, MemTag::OptimizerState, optim_table_bytes(&numels)),
             table,
         })
     }
