@@ -384,6 +384,42 @@ fn lora_ragged_unaligned() {
     lora_case(lora_dims(3, 3, 17, 50, 30, 1), 3);
 }
 
+/// The f32 adapters reach the tensor cores as three bf16 planes (hi + mid + lo), which together
+/// keep all 24 bits: here every sum is exact in f32, so U must be exactly right, where two planes
+/// would be off by 2^-18 of each weight.
+#[test]
+fn lora_u_keeps_every_bit_of_the_f32_adapter() {
+    let Some(g) = gpu() else { return };
+    let d = lora_dims(2, 1, 17, 24, 8, 4);
+    // hi = 1, mid = 2^-9 + 2^-16, lo = -2^-18.
+    let a = 1.0 + 2f32.powi(-9) + 1.5 * 2f32.powi(-17);
+    let x: Vec<bf16> = (0..d.rows * d.k)
+        .map(|i| bf16::from_f32(1.0 + (i % 2) as f32))
+        .collect();
+    let weights = vec![a; d.members * d.rank * d.k];
+    let mut u = poisoned_f32(g, d.members * d.rows * d.rank);
+    g.lora_project_u(&d, &up(g, &x), &up(g, &weights), &mut u)
+        .expect("lora_project_u");
+    let got = g.stream().clone_dtoh(&u).unwrap();
+    for (i, got) in got.iter().enumerate() {
+        let row = (i / d.rank) % d.rows;
+        let xs: f64 = (0..d.k).map(|c| x[row * d.k + c].to_f64()).sum();
+        let want = xs * a as f64;
+        let two_planes = xs * (1.0 + 2f64.powi(-9) + 2f64.powi(-16));
+        assert_ne!(want as f32, two_planes as f32);
+        assert_eq!(*got as f64, want, "U element {i}");
+    }
+}
+
+#[test]
+fn lora_one_width_aligned_the_other_not() {
+    // K a multiple of 8 and N not, then the reverse, then N odd: each operand takes the vector
+    // loads only where its own rows are 16-byte aligned.
+    lora_case(lora_dims(3, 3, 17, 64, 20, 8), 10);
+    lora_case(lora_dims(3, 3, 17, 20, 64, 8), 11);
+    lora_case(lora_dims(3, 3, 17, 64, 37, 8), 12);
+}
+
 #[test]
 fn lora_rank_16_single_member() {
     lora_case(lora_dims(1, 1, 2 * 17, 64, 72, 16), 4);
@@ -1263,24 +1299,41 @@ fn adamw_and_sgd_multi_tensor() {
         BF16_TOL,
     );
 
-    // SGD with momentum, one step, on fresh state.
+    // SGD with momentum, one step, on fresh state: one tensor that decays, one that does not
+    // (a bias) and keeps a bf16 copy.
     let h = Sgd {
         lr: 0.1,
         momentum: 0.9,
         weight_decay: 0.01,
     };
-    let mut p2 = up(g, &params[0]);
-    let mut g2 = up(g, &grads[0]);
-    let mut buf = up(g, &vec![0.5f32; sizes[0]]);
+    let sgd = [0usize, 1];
+    let mut p2: Vec<CudaSlice<f32>> = sgd.iter().map(|&t| up(g, &params[t])).collect();
+    let mut g2: Vec<CudaSlice<f32>> = sgd.iter().map(|&t| up(g, &grads[t])).collect();
+    let mut buf: Vec<CudaSlice<f32>> = sgd
+        .iter()
+        .map(|&t| up(g, &vec![0.5f32; sizes[t]]))
+        .collect();
+    let mut sgd_copy = poisoned_bf16(g, sizes[1]);
     {
-        let mut specs = vec![SlotSpec {
-            param: &mut p2,
-            grad: &mut g2,
-            m: &mut buf,
-            v: None,
-            param_bf16: None,
-            decay: true,
-        }];
+        let mut copy_slot = Some(&mut sgd_copy);
+        let mut specs: Vec<SlotSpec<'_>> = p2
+            .iter_mut()
+            .zip(g2.iter_mut())
+            .zip(buf.iter_mut())
+            .enumerate()
+            .map(|(i, ((param, grad), m))| SlotSpec {
+                param,
+                grad,
+                m,
+                v: None,
+                param_bf16: if i == 1 {
+                    copy_slot.take().map(|c| c as _)
+                } else {
+                    None
+                },
+                decay: i == 0,
+            })
+            .collect();
         // SAFETY: as above.
         let table = unsafe { g.optim_table(&mut specs) }.expect("optim_table");
         let nan = up(g, &[f32::NAN]);
@@ -1307,14 +1360,29 @@ fn adamw_and_sgd_multi_tensor() {
         );
         g.synchronize().expect("sync");
     }
-    let want: Vec<f64> = (0..sizes[0])
-        .map(|i| {
-            let d = grads[0][i] + h.weight_decay * params[0][i];
-            let b = h.momentum * 0.5 + d;
-            (params[0][i] - h.lr * b) as f64
-        })
-        .collect();
-    check("sgd param", &down_f32(g, &p2), &want, F32_TOL);
+    for (i, &t) in sgd.iter().enumerate() {
+        let wd = if i == 0 { h.weight_decay } else { 0.0 };
+        let want: Vec<f64> = (0..sizes[t])
+            .map(|e| {
+                let d = grads[t][e] + wd * params[t][e];
+                let b = h.momentum * 0.5 + d;
+                (params[t][e] - h.lr * b) as f64
+            })
+            .collect();
+        check(
+            &format!("sgd param {t}"),
+            &down_f32(g, &p2[i]),
+            &want,
+            F32_TOL,
+        );
+        if i == 1 {
+            let copy: Vec<f64> = want
+                .iter()
+                .map(|&v| bf16::from_f32(v as f32).to_f64())
+                .collect();
+            assert_eq!(down_bf16(g, &sgd_copy), copy, "sgd bf16 copy");
+        }
+    }
 }
 
 #[test]
@@ -1371,6 +1439,41 @@ fn grad_norm_and_clipping() {
             F32_TOL,
         );
     }
+
+    // A norm under max_norm: the factor is exactly 1 and the gradients keep every bit.
+    let small: Vec<f32> = grads[0].iter().map(|v| v * 1e-4).collect();
+    let mut p = up(g, &vec![0f32; sizes[0]]);
+    let mut gr = up(g, &small);
+    let mut m = up(g, &vec![0f32; sizes[0]]);
+    let mut coef_d = poisoned_f32(g, 1);
+    {
+        let mut specs = vec![SlotSpec {
+            param: &mut p,
+            grad: &mut gr,
+            m: &mut m,
+            v: None,
+            param_bf16: None,
+            decay: false,
+        }];
+        // SAFETY: every buffer outlives the table.
+        let table = unsafe { g.optim_table(&mut specs) }.expect("optim_table");
+        let mut partials = up(g, &vec![f64::NAN; table.blocks()]);
+        g.grad_sum_squares(&table, &mut partials, &mut sumsq)
+            .expect("grad_sum_squares");
+        g.clip_coef(&sumsq, max_norm, &mut coef_d, None)
+            .expect("clip_coef");
+        g.grad_scale(&table, &coef_d).expect("grad_scale");
+        g.synchronize().expect("sync");
+    }
+    assert_eq!(g.stream().clone_dtoh(&coef_d).unwrap(), [1.0f32]);
+    let kept: Vec<u32> = g
+        .stream()
+        .clone_dtoh(&gr)
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect();
+    assert_eq!(kept, small.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
 
     // The single-tensor sum of squares.
     let mut part = up(g, &vec![f64::NAN; sum_squares_partials_len(sizes[0])]);
@@ -1447,6 +1550,22 @@ fn elementwise_ops() {
             .expect("sum_rows_bf16");
         check(
             &format!("sum_rows to {out_groups} groups"),
+            &down_f32(g, &out),
+            &want,
+            F32_TOL,
+        );
+        // Accumulated onto sums already there.
+        let before = rng.f32s(out_groups * 37, 1.0);
+        let mut out = up(g, &before);
+        g.sum_rows_bf16(&d, &sd, &mut ws, &mut out, true)
+            .expect("sum_rows_bf16 accumulate");
+        let want: Vec<f64> = want
+            .iter()
+            .zip(&before)
+            .map(|(w, b)| w + *b as f64)
+            .collect();
+        check(
+            &format!("sum_rows accumulated to {out_groups} groups"),
             &down_f32(g, &out),
             &want,
             F32_TOL,
