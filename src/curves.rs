@@ -27,6 +27,19 @@ fn by_epoch(epochs: &[EpochInfo], y: impl Fn(&EpochInfo) -> Option<f64>) -> Vec<
 /// validation part's NLL, accuracy and ECE of the ensemble's mean probabilities, where epochs
 /// were scored.
 pub fn learning_curves_svg(title: &str, curves: &[Curve]) -> String {
+    let scored = curves
+        .iter()
+        .flat_map(|c| c.epochs)
+        .any(|e| e.val.is_some());
+    let subtitle = match scored {
+        true => "validation: the ensemble's mean probabilities, on the epochs scored (--val-every)",
+        false => "no epoch was scored on a validation part (--val-every, --train-on-val)",
+    };
+    render(title, subtitle, &learning_curves(curves), 2)
+}
+
+/// The four panels of [`learning_curves_svg`], every curve a line in each.
+fn learning_curves(curves: &[Curve]) -> Vec<Chart> {
     type Figure = fn(&EpochInfo) -> Option<f64>;
     let panels: [(&str, &str, Figure); 4] = [
         ("training loss (epoch mean)", "cross-entropy", |e| {
@@ -38,7 +51,7 @@ pub fn learning_curves_svg(title: &str, curves: &[Curve]) -> String {
         }),
         ("validation ECE (15 bins)", "ECE", |e| e.val.map(|v| v.ece)),
     ];
-    let charts: Vec<Chart> = panels
+    panels
         .iter()
         .map(|(name, y_label, y)| {
             let mut chart = Chart::new(*name, "epoch", *y_label);
@@ -53,16 +66,7 @@ pub fn learning_curves_svg(title: &str, curves: &[Curve]) -> String {
                 .collect();
             chart
         })
-        .collect();
-    let scored = curves
-        .iter()
-        .flat_map(|c| c.epochs)
-        .any(|e| e.val.is_some());
-    let subtitle = match scored {
-        true => "validation: the ensemble's mean probabilities, on the epochs scored (--val-every)",
-        false => "no epoch was scored on a validation part (--val-every, --train-on-val)",
-    };
-    render(title, subtitle, &charts, 2)
+        .collect()
 }
 
 /// A run's line, in the `i`th colour of the palette.
@@ -151,5 +155,20 @@ mod tests {
         assert!(svg.contains("on the epochs scored"));
         let none = learning_curves_svg("t", &[curve("x".into(), 0, false, &[epoch(1, 2.0, None)])]);
         assert!(none.contains("no epoch was scored"));
+    }
+
+    #[test]
+    fn each_panel_plots_its_own_figure() {
+        // Validation NLL 0.2, accuracy 0.8, ECE 0.1 at epoch 1; epoch 2 unscored.
+        let a = [epoch(1, 2.0, Some(0.2)), epoch(2, 1.0, None)];
+        let charts = learning_curves(&[curve("a".into(), 0, false, &a)]);
+        let got: Vec<Vec<(f64, f64)>> = charts.iter().map(|c| c.series[0].points.clone()).collect();
+        let want = [
+            vec![(1.0, 2.0), (2.0, 1.0)],
+            vec![(1.0, 0.2)],
+            vec![(1.0, 0.8)],
+            vec![(1.0, 0.1)],
+        ];
+        assert_eq!(got, want);
     }
 }

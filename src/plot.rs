@@ -474,6 +474,37 @@ mod tests {
         assert!(t.iter().all(|v| v.log2().fract() == 0.0), "{t:?}");
     }
 
+    /// Points land where they should: larger x to the right, larger y higher up the page (a
+    /// smaller SVG y), on linear and log axes alike.
+    #[test]
+    fn larger_values_are_drawn_right_and_up() {
+        for log in [false, true] {
+            let mut c = Chart::new("c", "x", "y");
+            (c.log_x, c.log_y) = (log, log);
+            c.series.push(Series {
+                name: "line".into(),
+                points: vec![(1.0, 1.0), (4.0, 9.0)],
+                color: palette(0),
+                dashed: false,
+            });
+            let svg = render("t", "", &[c], 1);
+            let centres: Vec<(f64, f64)> = svg
+                .lines()
+                .filter(|l| l.starts_with("<circle"))
+                .map(|l| {
+                    let attr = |name: &str| -> f64 {
+                        let at = l.find(&format!(r#" {name}=""#)).unwrap() + name.len() + 3;
+                        l[at..].split('"').next().unwrap().parse().unwrap()
+                    };
+                    (attr("cx"), attr("cy"))
+                })
+                .collect();
+            assert_eq!(centres.len(), 2, "{svg}");
+            let ((x0, y0), (x1, y1)) = (centres[0], centres[1]);
+            assert!(x1 > x0 && y1 < y0, "log {log}: {centres:?}");
+        }
+    }
+
     #[test]
     fn unnamed_lines_stay_out_of_the_legend_and_long_legends_get_room() {
         let mut c = Chart::new("c", "x", "y");

@@ -216,6 +216,8 @@ fn flags_the_method_or_optimizer_does_not_use_are_named() {
         "qv",
         "--momentum",
         "0.5",
+        "--drop-key",
+        "0.2",
         "--epochs",
         "1",
         "--no-shift",
@@ -228,10 +230,36 @@ fn flags_the_method_or_optimizer_does_not_use_are_named() {
     assert!(
         err.contains(
             "this run does not use --rank (explicit has no adapters), --lora-targets (explicit \
-             has no adapters), --momentum (adamw does not use it)"
+             has no adapters), --drop-key (explicit has no dropout), --momentum (adamw does not \
+             use it)"
         ),
         "{err}"
     );
+    // Quiet, the note is held back with the rest.
+    let quiet_out = dir.join("quiet");
+    let mut quiet = args.to_vec();
+    quiet.pop();
+    quiet.extend([quiet_out.to_str().unwrap(), "-q"]);
+    let (ok, _, err) = loren(&quiet);
+    assert!(ok && err.is_empty(), "{err}");
+    // MC Dropout drops keys.
+    let args = [
+        "train",
+        "--method",
+        "mc-dropout",
+        "-m",
+        "2",
+        "--drop-key",
+        "0.2",
+        "--epochs",
+        "1",
+        "--no-shift",
+        "--no-ood",
+        "--out",
+        out,
+    ];
+    let (ok, _, err) = loren(&args);
+    assert!(ok && !err.contains("does not use"), "{err}");
     // A LoRA run with SGD uses both.
     let args = [
         "train",
@@ -567,7 +595,9 @@ fn bad_optimizer_and_adapter_flags_name_the_flag() {
         ("--eval-batch-size", "0", "at least 1"),
         ("--lora-gain", "0", "above 0"),
         ("--lora-gain", "-2", "above 0"),
+        ("--lora-gain", "inf", "finite"),
         ("--lora-targets", "qq", "named twice"),
+        ("--lora-targets", "qvq", "named twice"),
         ("--lora-targets", "qx", "'x' is not one of q, k, v, o"),
         ("--lora-targets", "", "name at least one"),
         ("--drop-key", "1", "below 1"),
@@ -576,6 +606,15 @@ fn bad_optimizer_and_adapter_flags_name_the_flag() {
     ] {
         fails_with(&strs(&quick(&[flag, value])), &[flag, needle]);
     }
+    // Checked with every flag, whatever the method: before the output folder is.
+    fails_with(
+        &strs(&quick(&["--method", "explicit", "--lora-gain", "inf"])),
+        &["--lora-gain", "finite"],
+    );
+    fails_with(
+        &strs(&quick(&["--normalize", "bogus", "--out", "/proc/nope"])),
+        &["--normalize", "bogus"],
+    );
     // 0 is the documented "off" for clipping, and a negative LoRA scale is a scale: both pass,
     // and the run stops at the next check, the epochs, without training.
     for [flag, value] in [["--grad-clip", "0"], ["--lora-scale", "-1"]] {

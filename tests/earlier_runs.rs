@@ -178,6 +178,73 @@ fn resuming_from_the_folder_alone_takes_the_saved_settings() {
     assert_eq!(settings(&a), settings(&b));
 }
 
+/// As above, for a run whose every setting differs from its default: each is taken from the
+/// checkpoint, none from the defaults. Clipping off (`--grad-clip 0`) is a setting like the
+/// others, and `-q` prints nothing at all.
+#[test]
+fn a_run_of_other_settings_resumes_from_its_folder_with_them() {
+    let dir = temp_dir("resume-other-settings");
+    let first = dir.join("first");
+    let settings = [
+        "--warmup",
+        "5",
+        "--min-lr",
+        "2e-5",
+        "--weight-decay",
+        "0.02",
+        "--lora-targets",
+        "qv",
+        "--lora-gain",
+        "5",
+        "--lora-scale",
+        "2",
+        "--optimizer",
+        "sgd",
+        "--momentum",
+        "0.8",
+        "--grad-clip",
+        "0",
+        "--lr",
+        "0.01",
+        "--batch-size",
+        "16",
+    ];
+    let mut args = vec!["train", "--out", first.to_str().unwrap(), "--epochs", "1"];
+    args.extend(RUN);
+    args.extend(settings);
+    let (ok, _, err) = loren(&args);
+    assert!(ok && err.is_empty(), "a quiet run wrote to stderr: {err}");
+    assert!(report_json(&first)["settings"]["train"]["grad_clip"].is_null());
+    let resume = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--resume",
+            first.to_str().unwrap(),
+            "--epochs",
+            "2",
+        ];
+        args.extend(["--out", out.to_str().unwrap()]);
+        args.extend(extra);
+        let (ok, _, err) = loren(&args);
+        assert!(ok, "{err}");
+        TensorFile::read(&out.join("checkpoint.safetensors")).unwrap()
+    };
+    let mut given: Vec<&str> = RUN.to_vec();
+    given.extend(settings);
+    let (all, saved) = (
+        resume(&dir.join("all"), &given),
+        resume(&dir.join("saved"), &["--no-shift", "--no-ood", "-q"]),
+    );
+    assert_eq!(all.fingerprint(), saved.fingerprint());
+    assert_eq!(
+        report_json(&dir.join("saved"))["train"]["epochs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
 #[test]
 fn resuming_with_fewer_epochs_than_the_run_was_started_for_is_refused() {
     let out = temp_dir("fewer-epochs");
@@ -624,7 +691,7 @@ fn held_out_classes_are_the_same_in_any_order() {
         "--checkpoint",
         c.to_str().unwrap(),
         "--holdout-classes",
-        "8,9",
+        "9,8",
         "--no-shift",
         "-q",
         "--out",
@@ -731,6 +798,20 @@ fn eval_on_other_data_than_it_was_trained_on_says_so() {
         err.contains("was trained on digits") && err.contains(&format!("scoring it on {data}")),
         "{err}"
     );
+    // The data it was trained on, named: nothing to say.
+    let (ok, _, err) = loren(&[
+        "eval",
+        "--checkpoint",
+        &checkpoint(),
+        "--data",
+        "digits",
+        "--no-shift",
+        "--no-ood",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(!err.contains("scoring it on"), "{err}");
 }
 
 #[test]
@@ -786,6 +867,11 @@ fn an_unwritable_out_folder_fails_before_training() {
     let mut args = vec!["train", "--out", blocked.to_str().unwrap(), "--epochs", "1"];
     args.extend(RUN);
     refused(&args, &["predictions.safetensors is a folder"]);
+    let blocked = dir.join("blocked-checkpoint");
+    std::fs::create_dir_all(blocked.join("checkpoint.safetensors")).unwrap();
+    let mut args = vec!["train", "--out", blocked.to_str().unwrap(), "--epochs", "1"];
+    args.extend(RUN);
+    refused(&args, &["checkpoint.safetensors is a folder"]);
 }
 
 /// A fresh run into a folder that holds another run's results says it replaces them, and leaves

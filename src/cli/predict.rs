@@ -269,6 +269,14 @@ fn csv_line(fields: &[String]) -> String {
     quoted.join(",") + "\n"
 }
 
+/// The `n` rows of the highest entropy, highest first (in the rows' order among equals).
+fn most_uncertain(rows: &[Row], n: usize) -> Vec<&Row> {
+    let mut order: Vec<&Row> = rows.iter().collect();
+    order.sort_by(|a, b| b.entropy.total_cmp(&a.entropy));
+    order.truncate(n);
+    order
+}
+
 /// The first `show` rows, then the most uncertain images.
 fn table(ens: &Ensemble, rows: &[Row], show: usize, written: bool) -> String {
     let shown = &rows[..show.min(rows.len())];
@@ -313,9 +321,7 @@ fn table(ens: &Ensemble, rows: &[Row], show: usize, written: bool) -> String {
         };
     }
     if rows.len() > 1 {
-        let mut order: Vec<&Row> = rows.iter().collect();
-        order.sort_by(|a, b| b.entropy.total_cmp(&a.entropy));
-        let top = &order[..3.min(order.len())];
+        let top = most_uncertain(rows, 3);
         let width = top
             .iter()
             .map(|r| r.path.chars().count())
@@ -331,4 +337,39 @@ fn table(ens: &Ensemble, rows: &[Row], show: usize, written: bool) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_fields_with_a_comma_quote_or_line_break_are_quoted() {
+        let fields = ["a,b.png", "q\"x", "line\nbreak", "plain"].map(String::from);
+        assert_eq!(
+            csv_line(&fields),
+            "\"a,b.png\",\"q\"\"x\",\"line\nbreak\",plain\n"
+        );
+    }
+
+    #[test]
+    fn the_most_uncertain_are_the_highest_entropies_highest_first() {
+        let row = |path: &str, entropy: f64| Row {
+            path: path.into(),
+            class: 0,
+            name: "0".into(),
+            probability: 1.0,
+            entropy,
+            mutual_information: 0.0,
+            votes: 1,
+            mean: Vec::new(),
+            members: None,
+        };
+        let rows = [row("a", 0.1), row("b", 0.9), row("c", 0.5), row("d", 0.7)];
+        let top: Vec<&str> = most_uncertain(&rows, 3)
+            .iter()
+            .map(|r| r.path.as_str())
+            .collect();
+        assert_eq!(top, ["b", "d", "c"]);
+    }
 }

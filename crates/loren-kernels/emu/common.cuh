@@ -287,16 +287,36 @@ struct EmuWarp {
 struct EmuBlock {
     std::unique_ptr<EmuBarrier> bar;
     std::vector<EmuWarp> warps;
+    // The launch's dynamic shared memory, `smem` bytes, then a guard of GUARD bytes of CANARY
+    // that no store may change: on a GPU a store past the launch's size faults or lands in
+    // another block's memory, where here it would land in the slack unseen.
     std::vector<unsigned char> dyn;
+    size_t smem = 0;
+    static constexpr size_t GUARD = 4096;
+    static constexpr unsigned char CANARY = 0x5a;
 
     // Fresh barriers and poisoned dynamic shared memory for a block of n threads.
-    void reset(unsigned n, size_t smem) {
+    void reset(unsigned n, size_t bytes) {
         bar = std::make_unique<EmuBarrier>(n);
         warps.clear();
         warps.resize((n + 31) / 32);
         for (unsigned w = 0; w < warps.size(); ++w)
             warps[w].bar = std::make_unique<EmuBarrier>(std::min(32u, n - 32 * w));
-        dyn.assign(smem + 16, 0xff);
+        smem = bytes;
+        dyn.assign(smem + GUARD, 0xff);
+        std::fill(dyn.begin() + smem, dyn.end(), CANARY);
+    }
+    // Once the block's threads have all returned: stop, naming the block, if one of them
+    // stored past the dynamic shared memory its launch asked for.
+    void check_guard(dim3 at) const {
+        for (size_t i = smem; i < dyn.size(); ++i) {
+            if (dyn[i] == CANARY) continue;
+            std::fprintf(stderr,
+                         "emulator: block (%u,%u,%u) stored at byte %zu of dynamic shared memory, "
+                         "past the %zu bytes its launch asked for\n",
+                         at.x, at.y, at.z, i, smem);
+            std::abort();
+        }
     }
     // A thread that has returned from the kernel leaves its warp's and the block's barriers.
     void leave(unsigned t) {
@@ -547,6 +567,7 @@ inline void EmuWorker::run_block(unsigned long i) {
         }
     }
     emu_tsan_acquire(&finished);
+    block.check_guard(blockIdx);
     emu_block = nullptr;
     emu_self = nullptr;
 }
@@ -657,6 +678,7 @@ void emu_launch(F kernel, dim3 grid, dim3 block, size_t smem, A... args) {
                 current = {x, y, z};
                 control.arrive_and_wait();
                 control.arrive_and_wait();
+                b.check_guard(current);
             }
     done = true;
     control.arrive_and_wait();
@@ -842,7 +864,7 @@ constexpr unsigned EMU_SMEM_ORIGIN = 0x410;
 inline unsigned emu_smem_addr(const void* p) {
     const auto* c = static_cast<const unsigned char*>(p);
     const unsigned char* base = emu_block->dyn.data();
-    if (c < base || c >= base + emu_block->dyn.size()) {
+    if (c < base || c >= base + emu_block->smem) {
         std::fprintf(stderr, "a wgmma operand outside dynamic shared memory\n");
         std::abort();
     }
@@ -879,7 +901,7 @@ inline double emu_desc_read(u64 desc, int mn, int k, bool mn_major) {
         ? start + unsigned(mn / 64) * lbo + unsigned(mn % 64) * 2 + unsigned(k / 8) * sbo + unsigned(k % 8) * 128
         : start + unsigned(mn / 8) * sbo + unsigned(mn % 8) * 128 + unsigned(k) * 2;
     addr ^= ((addr >> 7) & 7) << 4;
-    if (addr < EMU_SMEM_ORIGIN || addr - EMU_SMEM_ORIGIN + 2 > emu_block->dyn.size()) {
+    if (addr < EMU_SMEM_ORIGIN || addr - EMU_SMEM_ORIGIN + 2 > emu_block->smem) {
         std::fprintf(stderr, "wgmma reads shared address %#x, outside dynamic shared memory\n", addr);
         std::abort();
     }

@@ -88,17 +88,30 @@ struct Pool {
 
 using Invoke = void (*)(dim3, dim3, size_t, void**);
 
+void check_guard(const char* kernel, const void* p);
+
+// A pointer argument, for the guard check after the launch; null for any other argument.
+template <class A>
+const void* pointer_arg(void** p, size_t i) {
+    if constexpr (std::is_pointer_v<std::remove_cv_t<A>>)
+        return *static_cast<std::remove_cv_t<A>*>(p[i]);
+    else
+        return nullptr;
+}
+
 template <class... A, size_t... I>
-void invoke_with(void (*k)(A...), dim3 g, dim3 b, size_t smem, void** p, std::index_sequence<I...>) {
+void invoke_with(const char* name, void (*k)(A...), dim3 g, dim3 b, size_t smem, void** p,
+                 std::index_sequence<I...>) {
     emu_launch(k, g, b, smem, *static_cast<std::remove_cv_t<A>*>(p[I])...);
+    (check_guard(name, pointer_arg<A>(p, I)), ...);
 }
 template <class... A>
-void invoke(void (*k)(A...), dim3 g, dim3 b, size_t smem, void** p) {
-    invoke_with(k, g, b, smem, p, std::index_sequence_for<A...>{});
+void invoke(const char* name, void (*k)(A...), dim3 g, dim3 b, size_t smem, void** p) {
+    invoke_with(name, k, g, b, smem, p, std::index_sequence_for<A...>{});
 }
 
 // Every kernel sources.rs registers: entries.inc is generated from it by scripts/emulated-gpu.sh.
-#define ENTRY(name) {#name, [](dim3 g, dim3 b, size_t s, void** p) { invoke(name, g, b, s, p); }},
+#define ENTRY(name) {#name, [](dim3 g, dim3 b, size_t s, void** p) { invoke(#name, name, g, b, s, p); }},
 const std::map<std::string, Invoke> kernels = {
 #include "entries.inc"
 };
@@ -112,7 +125,15 @@ struct Function {
 Context context;
 Pool pool;
 std::mutex lock;
-std::map<CUdeviceptr, size_t> live;  // allocation -> bytes
+// A device allocation: the bytes asked for, then a guard of CANARY bytes up to `rounded` (the
+// 256-byte granule) and GUARD more. No kernel may store there: a store past the end of a buffer
+// lands in another buffer on a GPU, whose allocator packs them, where here it would land in slack.
+struct Allocation {
+    size_t bytes, rounded;
+};
+constexpr size_t GUARD = 256;
+constexpr unsigned char CANARY = 0xa5;
+std::map<CUdeviceptr, Allocation> live;
 std::multimap<size_t, void*> reusable;  // freed blocks by size, kept under LOREN_FAKE_NO_COMPUTE
 size_t live_bytes = 0, cached_bytes = 0;
 unsigned long long release_threshold = 0;
@@ -198,31 +219,58 @@ CUresult alloc(CUdeviceptr* p, size_t bytes) {
         m = it->second;
         reusable.erase(it);
     } else {
-        m = std::aligned_alloc(256, rounded ? rounded : 256);
+        m = std::aligned_alloc(256, rounded + GUARD);
         // Nothing computed, memory holds only zeros and what was uploaded: a loss read back is
         // finite, so training's NaN guard does not stop a timed run on uninitialised bytes.
-        if (m && no_compute()) std::memset(m, 0, rounded ? rounded : 256);
+        if (m && no_compute()) std::memset(m, 0, rounded + GUARD);
     }
     if (!m) return OUT_OF_MEMORY;
+    if (!no_compute()) std::memset(static_cast<char*>(m) + bytes, CANARY, rounded + GUARD - bytes);
     *p = reinterpret_cast<CUdeviceptr>(m);
-    live[*p] = rounded;
+    live[*p] = {bytes, rounded};
     live_bytes += rounded;
     cached_bytes -= std::min(cached_bytes, rounded);  // reuse what the pool holds first
     return OK;
+}
+
+// Stop, naming `who`, if a store reached past the end of the allocation at `base`.
+void check_allocation(CUdeviceptr base, const Allocation& a, const char* who) {
+    if (no_compute()) return;
+    const auto* m = reinterpret_cast<const unsigned char*>(base);
+    for (size_t i = a.bytes; i < a.rounded + GUARD; ++i) {
+        if (m[i] == CANARY) continue;
+        std::fprintf(stderr, "emulator: %s stored at byte %zu of a device allocation of %zu bytes\n",
+                     who, i, a.bytes);
+        std::abort();
+    }
 }
 
 CUresult release(CUdeviceptr p) {
     std::lock_guard<std::mutex> g(lock);
     auto it = live.find(p);
     if (it == live.end()) return INVALID_VALUE;
-    live_bytes -= it->second;
-    cached_bytes += it->second;
+    check_allocation(it->first, it->second, "a kernel (one of those run before this free)");
+    live_bytes -= it->second.rounded;
+    cached_bytes += it->second.rounded;
     if (no_compute())
-        reusable.emplace(it->second, reinterpret_cast<void*>(p));
+        reusable.emplace(it->second.rounded, reinterpret_cast<void*>(p));
     else
         std::free(reinterpret_cast<void*>(p));
     live.erase(it);
     return OK;
+}
+
+// After a launch: the allocation a kernel's pointer argument points into, if it points into one,
+// checked for stores past its end. With `lock` held, as launches run under it.
+void check_guard(const char* kernel, const void* p) {
+    if (!p) return;
+    const auto at = reinterpret_cast<CUdeviceptr>(p);
+    auto it = live.upper_bound(at);
+    if (it == live.begin()) return;
+    --it;
+    if (at >= it->first + it->second.rounded + GUARD) return;
+    const std::string who = std::string("kernel ") + kernel;
+    check_allocation(it->first, it->second, who.c_str());
 }
 
 int compute_capability_major() {
