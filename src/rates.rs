@@ -188,6 +188,41 @@ mod tests {
     }
 
     #[test]
+    fn the_table_holds_each_seeds_nll_and_their_mean_under_its_header() {
+        let choice = |seeds: Vec<u64>, nlls: [&[f64]; 2]| RateChoice {
+            method: Method::Lora,
+            members: 4,
+            seeds,
+            trials: vec![
+                RateTrial {
+                    picked: true,
+                    ..trial(1e-3, nlls[0])
+                },
+                trial(3e-3, nlls[1]),
+            ],
+        };
+        let table = rate_table(&[choice(vec![1, 2], [&[0.5, 0.25], &[0.75, 0.5]])]);
+        let rows: Vec<Vec<&str>> = table
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            rows[0],
+            ["method", "M", "lr", "seed", "1", "seed", "2", "mean"]
+        );
+        assert_eq!(
+            rows[1],
+            ["lora", "4", "1e-3", "0.5000", "0.2500", "0.3750", "picked"]
+        );
+        assert_eq!(rows[2], ["lora", "4", "3e-3", "0.7500", "0.5000", "0.6250"]);
+        // One seed: no mean.
+        let table = rate_table(&[choice(vec![7], [&[0.5], &[0.75]])]);
+        let last: Vec<&str> = table.lines().last().unwrap().split_whitespace().collect();
+        assert_eq!(last, ["lora", "4", "3e-3", "0.7500"]);
+    }
+
+    #[test]
     fn a_lower_rate_past_a_worse_one_is_not_reached() {
         // The rule stops at the first rate that does not win; it does not look beyond it.
         let trials = [

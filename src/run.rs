@@ -697,6 +697,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("--members 5 fits"), "{err}");
+        // And for one, the least there is.
+        let one = Budget {
+            bytes: predicted(&spec(1, Activations::Keep), &device),
+            source: "test".into(),
+        };
+        let err = check_fits_within(&spec(8, Activations::Keep), &data, &device, &one)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--members 1 fits"), "{err}");
     }
 
     /// What a run of `spec` on the digits needs, from the model directly.

@@ -48,6 +48,8 @@ fn compare_at_several_sizes_shows_lora_growing_slower_than_explicit() {
             "1,3",
             "--method-lr",
             "explicit=5e-4",
+            "--lr",
+            "2e-3",
             "--epochs",
             "1",
             "--no-shift",
@@ -59,9 +61,9 @@ fn compare_at_several_sizes_shows_lora_growing_slower_than_explicit() {
         stdout.lines().next().is_some_and(|l| l.contains(" ECE@T ")),
         "{stdout}"
     );
-    // Each method once, at its default rate or the one given for it.
+    // Each method once, at the rate given for it, over --lr, over the defaults.
     assert!(
-        stdout.contains("peak learning rates: single 3e-4, explicit 5e-4, lora 1e-3\n"),
+        stdout.contains("peak learning rates: single 2e-3, explicit 5e-4, lora 2e-3\n"),
         "{stdout}"
     );
     // One single network, and each ensemble method at both sizes.

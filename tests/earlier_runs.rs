@@ -212,8 +212,15 @@ fn a_run_of_other_settings_resumes_from_its_folder_with_them() {
     let mut args = vec!["train", "--out", first.to_str().unwrap(), "--epochs", "1"];
     args.extend(RUN);
     args.extend(settings);
-    let (ok, _, err) = loren(&args);
+    let (ok, printed, err) = loren(&args);
     assert!(ok && err.is_empty(), "a quiet run wrote to stderr: {err}");
+    assert!(
+        printed.contains(
+            "  trained: lr 1e-2, 5 warmup steps, cosine to 2e-5; SGD (momentum 0.8, weight decay \
+             0.02); 1 epoch of batch 16\n"
+        ),
+        "{printed}"
+    );
     assert!(report_json(&first)["settings"]["train"]["grad_clip"].is_null());
     let resume = |out: &Path, extra: &[&str]| {
         let mut args = vec![

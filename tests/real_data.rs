@@ -190,15 +190,7 @@ fn hugging_face_weights_train_with_hugging_faces_layer_norm_epsilon() {
     assert_eq!(recorded_ln_eps(&out) as f32, 1e-12);
     // The epsilon reaches the model: the same weights train to other bits.
     assert!(trained_bits(&out) != trained_bits(&reference));
-    let ckpt = out.join("checkpoint.safetensors");
-    run_ok(&[
-        "eval",
-        "--checkpoint",
-        ckpt.to_str().unwrap(),
-        "--no-shift",
-        "--no-ood",
-        "-q",
-    ]);
+    eval_ok(&out.join("checkpoint.safetensors"), &["--no-ood"]);
 }
 
 fn trained_bits(dir: &Path) -> Vec<(String, Vec<u32>)> {
@@ -228,15 +220,7 @@ fn timm_and_torchvision_weights_train_exactly_as_the_same_weights_in_loren_names
             "{scheme}: training from the renamed weights differs"
         );
         // eval finds and re-imports the backbone the checkpoint names.
-        let ckpt = out.join("checkpoint.safetensors");
-        run_ok(&[
-            "eval",
-            "--checkpoint",
-            ckpt.to_str().unwrap(),
-            "--no-shift",
-            "--no-ood",
-            "-q",
-        ]);
+        eval_ok(&out.join("checkpoint.safetensors"), &["--no-ood"]);
     }
 }
 
