@@ -235,6 +235,11 @@ fn flags_the_method_or_optimizer_does_not_use_are_named() {
         ),
         "{err}"
     );
+    // Its 17 steps (539 images in batches of 32) end inside the default 50-step warm-up.
+    assert!(
+        err.contains("explicit: note: its 17 steps end inside the 50-step learning-rate warm-up"),
+        "{err}"
+    );
     // Quiet, the note is held back with the rest.
     let quiet_out = dir.join("quiet");
     let mut quiet = args.to_vec();
@@ -251,6 +256,8 @@ fn flags_the_method_or_optimizer_does_not_use_are_named() {
         "2",
         "--drop-key",
         "0.2",
+        "--warmup",
+        "5",
         "--epochs",
         "1",
         "--no-shift",
@@ -260,6 +267,10 @@ fn flags_the_method_or_optimizer_does_not_use_are_named() {
     ];
     let (ok, _, err) = loren(&args);
     assert!(ok && !err.contains("does not use"), "{err}");
+    assert!(
+        !err.contains("warm-up"),
+        "a 5-step warm-up ends inside the run: {err}"
+    );
     // A LoRA run with SGD uses both.
     let args = [
         "train",

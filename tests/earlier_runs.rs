@@ -366,6 +366,22 @@ fn training_on_the_validation_part_is_recorded_and_resumed() {
     assert!(ok, "{err}");
     assert_eq!(report(&dir)["train"]["steps"], 46);
     assert!(report(&dir)["val_accuracy"].is_null());
+    // Its evaluation records the data as it was trained.
+    let scored = dir.join("eval");
+    let (ok, _, err) = loren(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--no-shift",
+        "--no-ood",
+        "-q",
+        "--out",
+        scored.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let eval: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(scored.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(eval["settings"]["data"]["train_on_val"], "true", "{eval}");
 
     let ckpt = trained_run_without("train_on_val", "false").join("checkpoint.safetensors");
     let args = [
