@@ -611,6 +611,27 @@ fn a_lora_checkpoint_without_its_backbone_says_it_needs_one() {
 /// A checkpoint from before the augmentation recorded its sampling reads as bilinear, which
 /// `--augment paper` no longer is: resumed, it continues as it was trained; asked to go on as
 /// today's paper preset, it is refused by name.
+/// A checkpoint from before the training images were recorded resumes on the data it names.
+#[test]
+fn a_checkpoint_from_before_the_training_images_record_resumes() {
+    let ckpt = trained_run_edited("before-training-images", |m| {
+        assert!(m.remove("training_images").is_some());
+    });
+    let out = temp_dir("before-training-images-resumed");
+    let mut args = vec!["train", "--resume", ckpt.to_str().unwrap(), "--epochs", "3"];
+    args.extend(["--out", out.to_str().unwrap()]);
+    args.extend(RUN);
+    let (ok, _, err) = loren(&args);
+    assert!(ok, "{err}");
+    assert_eq!(
+        report_json(&out)["train"]["epochs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+}
+
 #[test]
 fn a_paper_augmentation_from_before_nearest_sampling_resumes_as_it_was() {
     let dir = temp_dir("old-paper-augment");
