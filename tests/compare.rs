@@ -386,3 +386,33 @@ fn compare_over_rates_picks_each_methods_rate_on_validation() {
     compare_into(&out, &args);
     assert!(!out.join("rates.json").exists());
 }
+
+/// One ensemble size given is the runs' only one: their folders are the methods' names alone. A
+/// later comparison into the same folder that does not rerun a method says its reports stay.
+#[test]
+fn one_size_names_the_folders_by_method_and_a_later_comparison_names_what_it_left() {
+    let out = fresh_dir("one-size");
+    let quick = ["--sizes", "2", "--epochs", "1", "--no-shift", "--no-ood"];
+    let mut args = vec!["--methods", "single,lora"];
+    args.extend(quick);
+    compare_into(&out, &args);
+    for dir in ["single", "lora"] {
+        assert!(out.join(dir).join("report.json").exists(), "{dir}");
+    }
+    assert!(!out.join("lora-M2").exists());
+    let run = Command::new(env!("CARGO_BIN_EXE_loren"))
+        .args(["compare", "--methods", "lora"])
+        .args(quick)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("the loren binary runs");
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{err}");
+    assert!(
+        err.contains(
+            "holds reports of an earlier comparison that this one does not rerun (single)"
+        ),
+        "{err}"
+    );
+}
