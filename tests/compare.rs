@@ -109,6 +109,30 @@ fn compare_at_several_sizes_shows_lora_growing_slower_than_explicit() {
         "trainable per member: lora {lp}, explicit {ep}"
     );
     assert!(lm < em, "peak bytes per member: lora {lm}, explicit {em}");
+    // The table's memory columns each show their own tag of compare.json.
+    for r in json.as_array().unwrap() {
+        let (method, members) = (
+            r["method"].as_str().unwrap(),
+            r["members"].as_u64().unwrap(),
+        );
+        let peak = |tag: &str| loren::report::bytes(r["memory"]["peak"][tag].as_u64().unwrap());
+        let cells = [
+            "frozen_weights",
+            "trainable",
+            "gradients",
+            "optimizer_state",
+        ]
+        .map(|tag| format!("{:>9}", peak(tag)))
+        .join(" ");
+        let row = stdout
+            .lines()
+            .find(|l| {
+                let mut words = l.split_whitespace();
+                words.next() == Some(method) && words.next() == Some(&members.to_string())
+            })
+            .unwrap_or_else(|| panic!("no row for {method} M={members}:\n{stdout}"));
+        assert!(row.contains(&format!("| {cells} ")), "{row}\nwants {cells}");
+    }
     for m in ["explicit", "lora"] {
         let line = stdout
             .lines()
