@@ -203,13 +203,26 @@ fn bench_refuses_a_bad_rank_or_class_count_before_measuring() {
 #[test]
 fn flags_the_method_or_optimizer_does_not_use_are_named() {
     let dir = temp_dir("unused-flags");
-    let out = dir.to_str().unwrap();
-    let args = [
-        "train",
+    // One epoch of two members into `out`, with `flags`: its stderr.
+    let train = |out: &Path, flags: &[&str]| {
+        let mut args = vec![
+            "train",
+            "-m",
+            "2",
+            "--epochs",
+            "1",
+            "--no-shift",
+            "--no-ood",
+        ];
+        args.extend(flags);
+        args.extend(["--out", out.to_str().unwrap()]);
+        let (ok, _, err) = loren(&args);
+        assert!(ok, "{err}");
+        err
+    };
+    let explicit = [
         "--method",
         "explicit",
-        "-m",
-        "2",
         "--rank",
         "4",
         "--lora-targets",
@@ -218,15 +231,8 @@ fn flags_the_method_or_optimizer_does_not_use_are_named() {
         "0.5",
         "--drop-key",
         "0.2",
-        "--epochs",
-        "1",
-        "--no-shift",
-        "--no-ood",
-        "--out",
-        out,
     ];
-    let (ok, _, err) = loren(&args);
-    assert!(ok, "{err}");
+    let err = train(&dir.join("explicit"), &explicit);
     assert!(
         err.contains(
             "this run does not use --rank (explicit has no adapters), --lora-targets (explicit \
@@ -241,56 +247,29 @@ fn flags_the_method_or_optimizer_does_not_use_are_named() {
         "{err}"
     );
     // Quiet, the note is held back with the rest.
-    let quiet_out = dir.join("quiet");
-    let mut quiet = args.to_vec();
-    quiet.pop();
-    quiet.extend([quiet_out.to_str().unwrap(), "-q"]);
-    let (ok, _, err) = loren(&quiet);
-    assert!(ok && err.is_empty(), "{err}");
-    // MC Dropout drops keys.
-    let args = [
-        "train",
-        "--method",
-        "mc-dropout",
-        "-m",
-        "2",
-        "--drop-key",
-        "0.2",
-        "--warmup",
-        "5",
-        "--epochs",
-        "1",
-        "--no-shift",
-        "--no-ood",
-        "--out",
-        out,
-    ];
-    let (ok, _, err) = loren(&args);
-    assert!(ok && !err.contains("does not use"), "{err}");
-    assert!(
-        !err.contains("warm-up"),
-        "a 5-step warm-up ends inside the run: {err}"
+    let quiet = [&explicit[..], &["-q"]].concat();
+    let err = train(&dir.join("quiet"), &quiet);
+    assert!(err.is_empty(), "{err}");
+    // MC Dropout drops keys; a 5-step warm-up ends inside the run, so it has no note either.
+    let err = train(
+        &dir.join("mc-dropout"),
+        &[
+            "--method",
+            "mc-dropout",
+            "--drop-key",
+            "0.2",
+            "--warmup",
+            "5",
+        ],
     );
+    assert!(!err.contains("does not use"), "{err}");
+    assert!(!err.contains("warm-up"), "{err}");
     // A LoRA run with SGD uses both.
-    let args = [
-        "train",
-        "-m",
-        "2",
-        "--rank",
-        "4",
-        "--optimizer",
-        "sgd",
-        "--momentum",
-        "0.5",
-        "--epochs",
-        "1",
-        "--no-shift",
-        "--no-ood",
-        "--out",
-        out,
-    ];
-    let (ok, _, err) = loren(&args);
-    assert!(ok && !err.contains("does not use"), "{err}");
+    let err = train(
+        &dir.join("lora-sgd"),
+        &["--rank", "4", "--optimizer", "sgd", "--momentum", "0.5"],
+    );
+    assert!(!err.contains("does not use"), "{err}");
 }
 
 #[test]
