@@ -688,24 +688,18 @@ mod tests {
         };
         check_fits_within(&spec(8, Activations::Keep), &data, &device, &enough).unwrap();
 
-        // Room for five members as they are set: the error says so.
-        let five = Budget {
-            bytes: predicted(&spec(5, Activations::Keep), &device),
-            source: "test".into(),
-        };
-        let err = check_fits_within(&spec(8, Activations::Keep), &data, &device, &five)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("--members 5 fits"), "{err}");
-        // And for one, the least there is.
-        let one = Budget {
-            bytes: predicted(&spec(1, Activations::Keep), &device),
-            source: "test".into(),
-        };
-        let err = check_fits_within(&spec(8, Activations::Keep), &data, &device, &one)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("--members 1 fits"), "{err}");
+        // Room for five members as they are set, or for one, the least there is: the error
+        // says so.
+        for fits in [5, 1] {
+            let budget = Budget {
+                bytes: predicted(&spec(fits, Activations::Keep), &device),
+                source: "test".into(),
+            };
+            let err = check_fits_within(&spec(8, Activations::Keep), &data, &device, &budget)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("--members {fits} fits")), "{err}");
+        }
     }
 
     /// What a run of `spec` on the digits needs, from the model directly.
