@@ -300,7 +300,12 @@ pub fn run_memprofile(
             let warmup = o
                 .warmup
                 .unwrap_or(if is_cpu && vit.name != "tiny" { 0 } else { 1 });
-            for &m in &members {
+            // A single network is one row, whatever sizes the ensembles are profiled at.
+            let sizes = match method.is_single() {
+                true => vec![1],
+                false => members.clone(),
+            };
+            for &m in &sizes {
                 let ens = ensemble_config(method, m, o.classes, o.rank);
                 let at = |precision, activations| {
                     memory_model::predict(vit, &ens, o.batch, 2, precision, activations)
@@ -336,6 +341,8 @@ pub fn run_memprofile(
                     predicted_recompute_gpu_total: recompute_total(Precision::GPU_BF16)?,
                 };
                 let want = match &o.measure {
+                    // The single network is the baseline of whichever sizes are measured.
+                    Some(list) if method.is_single() => !list.is_empty(),
                     Some(list) => list.contains(&m),
                     None => measured_by_default(is_cpu, &vit.name, m),
                 };

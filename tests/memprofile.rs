@@ -280,6 +280,29 @@ fn predict_only_and_oom_rows_need_no_measurement() {
 }
 
 #[test]
+fn a_single_network_is_one_row_measured_beside_whichever_sizes_are() {
+    let o = MemprofileOptions {
+        methods: vec![Method::Single, Method::SingleLora, Method::Lora],
+        measure: Some(vec![3]),
+        ..tiny(vec![2, 3])
+    };
+    let r = run_memprofile(&o, &mut |_| {}).unwrap();
+    let rows = |method| {
+        r.rows
+            .iter()
+            .filter(|x| x.method == method)
+            .map(|x| (x.members, x.status.as_str()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(rows(Method::Single), [(1, "measured")]);
+    assert_eq!(rows(Method::SingleLora), [(1, "measured")]);
+    assert_eq!(rows(Method::Lora), [(2, "predicted"), (3, "measured")]);
+    assert_eq!(r.growth.len(), 1, "only the ensemble grows by members");
+    let lines = table(&r);
+    assert_eq!(lines.matches("tiny    single ").count(), 1, "{lines}");
+}
+
+#[test]
 fn the_command_line_profiles_and_rejects_bad_input() {
     let dir =
         std::env::temp_dir().join(format!("loren-test-memprofile-cli-{}", std::process::id()));
