@@ -40,19 +40,23 @@
 //! backward ends (one trainable-sized set of workspace) and are then added into the gradient
 //! buffers. The replay finds the exact high-water marks of all of this.
 //!
-//! # Element sizes
+//! # Element sizes, and the GPU's ops
 //! [`Precision::CPU`] is f32 everywhere. [`Precision::GPU_BF16`] is the CUDA backend's layout:
 //! weight matrices (frozen ones, and a shadow copy beside the f32 master of each trainable
 //! one), activations and activation gradients in bf16; trainable parameters, frozen biases,
 //! norms and embeddings, gradients, optimizer state, statistics, logits and LoRA's rank-r
-//! intermediates in f32. On a GPU the ops' small temporaries differ a little from the CPU's
-//! (attention's Δ, column-sum workspaces, a bf16 copy of a bias; LayerNorm and bias+GELU write
-//! dx in the input's groups directly; a cuBLAS dX that accumulates onto its input's gradient
-//! needs no buffer of its own; an MC Dropout prediction's item keys, 8 bytes an image): the
-//! replay keeps the CPU's temporaries with the GPU's element sizes, a small difference against
-//! peaks of gigabytes that the GPU run's measured-vs-predicted column shows. The GPU's optimizer
-//! keeps a device table of its tensors, with the gradient norm's scratch and the clipping factor
-//! ([`Precision::optimizer_table`]): the replay books those bytes exactly.
+//! intermediates in f32. The GPU's ops also make temporaries of their own
+//! ([`Precision::gpu_ops`]), and the replay follows them there: the column-sum workspaces of
+//! bias, LayerNorm, class and position gradients (two-stage sums, deterministic), attention's Δ,
+//! dA and dB's partial sums where few members leave rows to split, a bf16 copy of the LoRA
+//! projection's bias and of the logits' gradient, the loss's targets and per-sample losses, and
+//! MC Dropout's item keys in a prediction (8 bytes an image); LayerNorm, bias+GELU and the
+//! patch embedding write a shared input's gradient in its own groups with no per-member buffer,
+//! a cuBLAS dX accumulates onto the gradient its input already has, and LoRA's dX sums the
+//! members' dY as it loads them. The optimizer keeps a device table of its tensors, with the
+//! gradient norm's scratch and the clipping factor. The replay is exact on either device: the
+//! tests hold each op's bytes by tag, forward and backward, against the device's (on the CPU,
+//! and on a GPU or its emulator), and whole steps' peaks by tag against measured ones.
 //!
 //! # FLOPs
 //! Matrix products only, 2·m·n·k each, counted as the engine executes them (see [`Flops`]):
@@ -62,6 +66,10 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
+use loren_kernels::{
+    BiasGeluDims, EmbedDims, LoraDims, NormDims, SumRowsDims, bias_gelu_db_workspace_len,
+    layernorm_params_workspace_len, lora_grads_workspace_len, sum_rows_workspace_len,
+};
 use loren_tensor::MemTag;
 use loren_tensor::ops::optim::fused_table_bytes;
 use serde::Serialize;
@@ -109,10 +117,11 @@ pub struct Precision {
     pub act_grad: u64,
     pub param_grad: u64,
     pub input: u64,
-    /// Whether the optimizer keeps its tensors in a device table, with the gradient norm's f64
-    /// scratch and an f32 clipping factor ([`fused_table_bytes`]): the GPU's
-    /// one-launch optimizer. Optimizer state.
-    pub optimizer_table: bool,
+    /// Whether the step runs the GPU's ops, whose temporaries are not the CPU's (see the module
+    /// documentation), and its one-launch optimizer, which keeps its tensors in a device table
+    /// with the gradient norm's f64 scratch and an f32 clipping factor ([`fused_table_bytes`],
+    /// optimizer state).
+    pub gpu_ops: bool,
 }
 
 impl Precision {
@@ -128,7 +137,7 @@ impl Precision {
         act_grad: 4,
         param_grad: 4,
         input: 4,
-        optimizer_table: false,
+        gpu_ops: false,
     };
 
     /// The GPU: bf16 weight matrices, activations and input images; f32 masters of trainable
@@ -145,7 +154,7 @@ impl Precision {
         act_grad: 2,
         param_grad: 4,
         input: 2,
-        optimizer_table: true,
+        gpu_ops: true,
     };
 
     pub fn bytes(&self, kind: Kind) -> u64 {
@@ -410,7 +419,7 @@ pub fn predict(
 // ---------------------------------------------------------------------------------------------
 // The replay: symbolic tensors that book their bytes while they live.
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Ledger {
     live: [u64; 6],
     peak: [u64; 6],
@@ -457,6 +466,30 @@ impl Core {
             kind,
             bytes,
             dims,
+        }
+    }
+
+    /// Whether the replay follows the GPU's ops ([`Precision::gpu_ops`]).
+    fn gpu(&self) -> bool {
+        self.precision.gpu_ops
+    }
+
+    /// A GPU op's f32 scratch of `elems` elements (a two-stage column sum's partial sums),
+    /// workspace until dropped.
+    fn scratch(self: &Rc<Self>, elems: usize) -> Buf {
+        self.tensor(vec![elems], MemTag::Workspace, Kind::Stat)
+    }
+
+    /// `bytes` of device memory that hold no tensor (a batch's targets, MC Dropout's item
+    /// keys), booked under `tag` until dropped.
+    fn raw(self: &Rc<Self>, tag: MemTag, bytes: u64) -> Buf {
+        self.ledger.borrow_mut().alloc(tag, bytes);
+        Buf {
+            core: Rc::clone(self),
+            tag: Cell::new(tag),
+            kind: Kind::Stat,
+            bytes,
+            dims: Vec::new(),
         }
     }
 
@@ -760,7 +793,7 @@ fn lora_linear(
     core: &Rc<Core>,
     tape: &Tape,
     x: &Var,
-    w: &Var,
+    (w, bias): (&Var, Option<&Var>),
     (a, b): (&Var, &Var),
     residual: Option<&Var>,
 ) -> Var {
@@ -781,6 +814,10 @@ fn lora_linear(
         MemTag::Activations,
         Kind::LowRank,
     );
+    if let Some(bias) = bias.filter(|_| core.gpu()) {
+        // The GPU kernel reads a bf16 copy of the f32 bias.
+        drop(core.tensor(bias.dims().to_vec(), MemTag::Workspace, Kind::Matrix));
+    }
     let needs = tape.needs_grad(&[Some(x), Some(a), Some(b), residual]);
     tape.record(
         y,
@@ -902,8 +939,17 @@ fn class_token(core: &Rc<Core>, tape: &Tape, x: &Var) -> Var {
 }
 
 fn cross_entropy(core: &Rc<Core>, tape: &Tape, logits: &Var) -> Var {
+    let [m, b] = [logits.dims()[0], logits.dims()[1]];
+    // On a GPU the targets come in as u32, and the kernel writes each loss before their mean.
+    let targets = core
+        .gpu()
+        .then(|| core.raw(MemTag::Workspace, 4 * b as u64));
     let dlogits = core.tensor(logits.dims().to_vec(), MemTag::Workspace, Kind::Stat);
+    let losses = core
+        .gpu()
+        .then(|| core.tensor(vec![m * b], MemTag::Workspace, Kind::Stat));
     let loss = core.tensor(vec![1], MemTag::Workspace, Kind::Stat);
+    drop((losses, targets));
     let needs = tape.needs_grad(&[Some(logits)]);
     tape.record(
         loss,
@@ -1012,8 +1058,12 @@ fn backward(core: &Rc<Core>, rec: Rec, dy: Rc<Buf>, sink: &mut Sink) {
                 add_operand_grad(core, sink, node, groups_to, &dy);
             }
             let (gw, n, k) = (w_dims[0], w_dims[1], w_dims[2]);
-            let g = broadcast(&[groups(&x_dims), gw]);
+            let gx = groups(&x_dims);
+            let g = broadcast(&[gx, gw]);
             let rows = rows_per_group(&x_dims);
+            // cuBLAS reads a bf16 copy of an f32 dY (the logits' gradient).
+            let cast = (core.gpu() && dy.kind == Kind::Stat)
+                .then(|| core.tensor(dy.dims.clone(), ws, Kind::ActGrad));
             // The gradient x already has (as `unshare`: a copy when something else holds it).
             let dx_plus = sink.take(x_node).map(|p| {
                 if Rc::strong_count(&p) == 1 {
@@ -1022,9 +1072,19 @@ fn backward(core: &Rc<Core>, rec: Rec, dy: Rc<Buf>, sink: &mut Sink) {
                     Rc::new(core.tensor(p.dims.clone(), p.tag.get(), p.kind))
                 }
             });
-            let mut dx = x_node.map(|_| {
+            let shared_input = gw != 1 && gx != g;
+            let mut dx = x_node.and_then(|_| {
                 core.gemm(g, rows, k, n);
-                core.tensor(x_dims.clone(), ws, Kind::ActGrad)
+                if core.gpu() && dx_plus.is_some() && !shared_input {
+                    // The GPU's GEMM accumulates onto it: no buffer of its own.
+                    return None;
+                }
+                let dx = core.tensor(x_dims.clone(), ws, Kind::ActGrad);
+                if core.gpu() && shared_input {
+                    // Each member's product, then their sum into dx.
+                    drop(core.tensor(with_groups(&x_dims, g), ws, Kind::ActGrad));
+                }
+                Some(dx)
             });
             if dx_plus.is_some() {
                 // Added into it and freed before dW and db are formed.
@@ -1034,9 +1094,20 @@ fn backward(core: &Rc<Core>, rec: Rec, dy: Rc<Buf>, sink: &mut Sink) {
                 core.gemm(g, n, k, rows);
                 core.tensor(w_dims.clone(), ws, Kind::ParamGrad)
             });
-            let db = (b_node.is_some() && has_bias)
-                .then(|| core.tensor(vec![gw, n], ws, Kind::ParamGrad));
-            drop(dy);
+            let db = (b_node.is_some() && has_bias).then(|| {
+                let db = core.tensor(vec![gw, n], ws, Kind::ParamGrad);
+                if core.gpu() {
+                    drop(core.scratch(sum_rows_workspace_len(&SumRowsDims {
+                        groups: g,
+                        rows,
+                        n,
+                        ld: n,
+                        out_groups: gw,
+                    })));
+                }
+                db
+            });
+            drop((cast, dy));
             match dx_plus {
                 Some(p) => sink.add_shared(x_node, p),
                 None => sink.add_opt(x_node, dx),
@@ -1064,7 +1135,8 @@ fn backward(core: &Rc<Core>, rec: Rec, dy: Rc<Buf>, sink: &mut Sink) {
             core.gemm(m, rows, r, n);
             let v = core.tensor(u.dims.clone(), ws, Kind::LowRank);
             let (mut da, mut db) = (None, None);
-            if a_node.is_some() || b_node.is_some() {
+            let adapters = a_node.is_some() || b_node.is_some();
+            if adapters {
                 core.gemm(m, n, r, rows);
                 db = Some(core.tensor(b_dims.clone(), ws, Kind::ParamGrad));
                 core.gemm(m, r, k, rows);
@@ -1075,14 +1147,27 @@ fn backward(core: &Rc<Core>, rec: Rec, dy: Rc<Buf>, sink: &mut Sink) {
                 if gx == m {
                     core.gemm(m, rows, k, n);
                 } else {
-                    // The members' dY summed first, so the big product runs once.
-                    drop(core.tensor(vec![rows, n], ws, Kind::ActGrad));
+                    // The members' dY summed first, so the big product runs once (on a GPU
+                    // while the GEMM loads its tiles).
+                    if !core.gpu() {
+                        drop(core.tensor(vec![rows, n], ws, Kind::ActGrad));
+                    }
                     core.gemm(1, rows, k, n);
                 }
                 core.gemm(m, rows, k, r);
                 dx
             });
-            drop(v);
+            // The GPU's partial sums of dA and dB where few members leave rows to split.
+            let partials = lora_grads_workspace_len(&LoraDims {
+                members: m,
+                x_groups: gx,
+                rows,
+                k,
+                n,
+                rank: r,
+            });
+            let partials = (core.gpu() && adapters && partials > 0).then(|| core.scratch(partials));
+            drop((v, partials));
             drop((dy, dx_plus));
             sink.add_opt(x_node, dx);
             sink.add_opt(a_node, da);
@@ -1105,10 +1190,14 @@ fn backward(core: &Rc<Core>, rec: Rec, dy: Rc<Buf>, sink: &mut Sink) {
             let dq = core.tensor(full.clone(), ws, Kind::ActGrad);
             let dk = core.tensor(full.clone(), ws, Kind::ActGrad);
             let dv = core.tensor(full, ws, Kind::ActGrad);
+            // The GPU's Δ = rowsum(dO∘O), one per score row, formed before dQ, dK and dV.
+            let delta = core
+                .gpu()
+                .then(|| core.tensor(lse.dims.clone(), ws, Kind::Stat));
             let dq = reduce(core, dq, q.groups());
             let dk = reduce(core, dk, k.groups());
             let dv = reduce(core, dv, v.groups());
-            drop(dy);
+            drop((delta, dy));
             sink.add(qn, dq);
             sink.add(kn, dk);
             sink.add(vn, dv);
@@ -1123,14 +1212,28 @@ fn backward(core: &Rc<Core>, rec: Rec, dy: Rc<Buf>, sink: &mut Sink) {
         } => {
             let want = dy.dims.clone();
             let dx_plus = sink.take(xn);
-            let dx = xn.map(|_| {
-                let all = core.tensor(want, ws, Kind::ActGrad);
-                reduce(core, all, x.groups())
+            let dx = xn.map(|_| match core.gpu() {
+                // One kernel sums over the groups of a shared input.
+                true => core.tensor(x.dims.clone(), ws, Kind::ActGrad),
+                false => {
+                    let all = core.tensor(want.clone(), ws, Kind::ActGrad);
+                    reduce(core, all, x.groups())
+                }
             });
             let (mut dg, mut dbeta) = (None, None);
             if gn.is_some() || bn.is_some() {
+                let dims = NormDims {
+                    groups: groups(&want),
+                    x_groups: x.groups(),
+                    w_groups: gamma_dims[0],
+                    rows: rows_per_group(&want),
+                    dim: gamma_dims[1],
+                };
                 dg = Some(core.tensor(gamma_dims.clone(), ws, Kind::ParamGrad));
                 dbeta = Some(core.tensor(gamma_dims, ws, Kind::ParamGrad));
+                if core.gpu() {
+                    drop(core.scratch(layernorm_params_workspace_len(&dims)));
+                }
             }
             drop((dy, dx_plus));
             sink.add_opt(xn, dx);
@@ -1143,14 +1246,33 @@ fn backward(core: &Rc<Core>, rec: Rec, dy: Rc<Buf>, sink: &mut Sink) {
             b_dims,
             nodes: [xn, bn],
         } => {
-            let dz = core.tensor(dy.dims.clone(), ws, Kind::ActGrad);
-            let db = bn.map(|_| core.tensor(b_dims, ws, Kind::ParamGrad));
-            let dx = match xn {
-                Some(_) => Some(reduce(core, dz, x.groups())),
-                None => {
-                    drop(dz);
-                    None
-                }
+            let dims = BiasGeluDims {
+                groups: dy.groups(),
+                x_groups: x.groups(),
+                b_groups: b_dims[0],
+                rows: rows_per_group(&dy.dims),
+                n: b_dims[1],
+            };
+            let (dx, db) = if core.gpu() {
+                // dx in x's groups directly, and db by a two-stage column sum.
+                let dx = xn.map(|_| core.tensor(x.dims.clone(), ws, Kind::ActGrad));
+                let db = bn.map(|_| {
+                    let db = core.tensor(b_dims, ws, Kind::ParamGrad);
+                    drop(core.scratch(bias_gelu_db_workspace_len(&dims)));
+                    db
+                });
+                (dx, db)
+            } else {
+                let dz = core.tensor(dy.dims.clone(), ws, Kind::ActGrad);
+                let db = bn.map(|_| core.tensor(b_dims, ws, Kind::ParamGrad));
+                let dx = match xn {
+                    Some(_) => Some(reduce(core, dz, x.groups())),
+                    None => {
+                        drop(dz);
+                        None
+                    }
+                };
+                (dx, db)
             };
             drop(dy);
             sink.add_opt(xn, dx);
@@ -1164,12 +1286,33 @@ fn backward(core: &Rc<Core>, rec: Rec, dy: Rc<Buf>, sink: &mut Sink) {
             nodes: [pn, cn, qn],
         } => {
             let d = &dy.dims;
-            let dpe = pn.map(|_| {
-                let t = core.tensor(vec![d[0], d[1], d[2] - 1, d[3]], ws, Kind::ActGrad);
-                reduce(core, t, pe.groups())
+            let dims = EmbedDims {
+                groups: d[0],
+                pe_groups: pe.groups(),
+                cls_groups: cls_dims[0],
+                pos_groups: pos_dims[0],
+                batch: d[1],
+                patches: d[2] - 1,
+                dim: d[3],
+            };
+            let dpe = pn.map(|_| match core.gpu() {
+                // One kernel sums over the groups of a shared pe.
+                true => core.tensor(pe.dims.clone(), ws, Kind::ActGrad),
+                false => {
+                    let t = core.tensor(vec![d[0], d[1], d[2] - 1, d[3]], ws, Kind::ActGrad);
+                    reduce(core, t, pe.groups())
+                }
             });
-            let dcls = cn.map(|_| core.tensor(cls_dims, ws, Kind::ParamGrad));
-            let dpos = qn.map(|_| core.tensor(pos_dims, ws, Kind::ParamGrad));
+            // On a GPU dcls and dpos are two-stage column sums of dx's rows.
+            let column_sums = |dims, rows| {
+                let sums = core.tensor(dims, ws, Kind::ParamGrad);
+                if core.gpu() {
+                    drop(core.scratch(sum_rows_workspace_len(&rows)));
+                }
+                sums
+            };
+            let dcls = cn.map(|_| column_sums(cls_dims, dims.dcls_rows()));
+            let dpos = qn.map(|_| column_sums(pos_dims, dims.dpos_rows()));
             drop(dy);
             sink.add_opt(pn, dpe);
             sink.add_opt(cn, dcls);
@@ -1430,9 +1573,9 @@ fn project(core: &Rc<Core>, tape: &Tape, x: &Var, p: &Projection, residual: Opti
         None => lin(core, tape, x, &p.lin, residual),
         Some((a, b)) => {
             let w = tape.param(&p.lin.w);
-            let _bias = p.lin.b.as_ref().map(|b| tape.param(b));
+            let bias = p.lin.b.as_ref().map(|b| tape.param(b));
             let ab = (&tape.param(a), &tape.param(b));
-            lora_linear(core, tape, x, &w, ab, residual)
+            lora_linear(core, tape, x, (&w, bias.as_ref()), ab, residual)
         }
     }
 }
@@ -1536,7 +1679,7 @@ fn replay(
                 state.push(core.tensor(p.dims.clone(), MemTag::OptimizerState, Kind::Param));
             }
         }
-        if precision.optimizer_table {
+        if precision.gpu_ops {
             let numels: Vec<usize> = trainable
                 .iter()
                 .map(|(p, _)| p.dims.iter().product())
@@ -1556,7 +1699,11 @@ fn replay(
         Kind::Input,
     );
     let tape = Tape::new(train.is_some());
+    // A GPU prediction of MC Dropout names each image by a u64 key, for its masks.
+    let keys = (train.is_none() && precision.gpu_ops && ens.method.drops_keys())
+        .then(|| core.raw(MemTag::Workspace, 8 * batch as u64));
     let logits = forward(&core, &tape, &model, vit, batch, train.unwrap_or_default());
+    drop(keys);
     let kept_activations = core.ledger.borrow().live[tag_index(MemTag::Activations)];
     let forward_flops = core.flops.get();
     if train.is_some() {
@@ -1645,6 +1792,9 @@ pub fn flops_closed_form(vit: &VitConfig, ens: &EnsembleConfig, batch: usize) ->
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod each_op;
 
 #[cfg(test)]
 mod tests {

@@ -3,6 +3,7 @@
 use rayon::prelude::*;
 
 use super::{broadcast_groups, same_device, same_dtype};
+use crate::device::Booked;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::memory::MemTag;
@@ -167,12 +168,14 @@ pub fn sum_squares(t: &Tensor) -> Result<f64> {
         let x = t.copy_as(DType::F32, MemTag::Workspace)?;
         let n = t.numel();
         let stream = gpu.stream();
+        let len = loren_kernels::sum_squares_partials_len(n);
         let mut partials = stream
-            .alloc_zeros::<f64>(loren_kernels::sum_squares_partials_len(n))
+            .alloc_zeros::<f64>(len)
             .map_err(crate::tensor::cuda(OP))?;
         let mut out = stream
             .alloc_zeros::<f64>(1)
             .map_err(crate::tensor::cuda(OP))?;
+        let _booked = Booked::new(t.device(), MemTag::Workspace, 8 * (len as u64 + 1));
         gpu.sum_squares_f32(n, x.cu_f32(OP)?, &mut partials, &mut out)?;
         return Ok(stream.clone_dtoh(&out).map_err(crate::tensor::cuda(OP))?[0]);
     }

@@ -7,6 +7,7 @@
 use rayon::prelude::*;
 
 use super::expect_rank;
+use crate::device::Booked;
 use crate::error::{Error, Result};
 use crate::memory::MemTag;
 use crate::tensor::Tensor;
@@ -76,6 +77,7 @@ pub fn softmax_cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<LossOut
             .stream()
             .clone_htod(targets)
             .map_err(crate::tensor::cuda(OP))?;
+        let _t_booked = Booked::new(dev, MemTag::Workspace, size_of_val(targets) as u64);
         let mut dlogits = Tensor::empty([m, b, c], MemTag::Workspace, dev)?;
         let mut losses = Tensor::empty([m * b], MemTag::Workspace, dev)?;
         let mut loss = Tensor::empty([1], MemTag::Workspace, dev)?;
