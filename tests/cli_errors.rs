@@ -289,6 +289,20 @@ fn compare_refuses_a_method_named_twice() {
 }
 
 #[test]
+fn bench_and_memprofile_refuse_a_method_or_config_named_twice() {
+    for command in ["bench", "memprofile"] {
+        fails_with(
+            &[command, "--device", "cpu", "--methods", "lora,explicit,lora"],
+            &["--methods names lora twice"],
+        );
+        fails_with(
+            &[command, "--device", "cpu", "--config", "tiny,tiny"],
+            &["--config names tiny twice"],
+        );
+    }
+}
+
+#[test]
 fn compare_refuses_a_bad_rate_per_method() {
     let dir = temp_dir("compare-method-lr");
     let out = dir.to_str().unwrap();

@@ -539,6 +539,33 @@ pub fn save_predictions(
 }
 
 /// `--memory-budget`, read as bytes (bench and memprofile).
+/// The first item given more than once.
+pub fn first_repeated<T: PartialEq>(items: &[T]) -> Option<&T> {
+    items
+        .iter()
+        .find(|x| items.iter().filter(|y| y == x).count() > 1)
+}
+
+/// `--methods`, each named once: `why` says what one method is to the command.
+pub fn methods(names: &[String], why: &str) -> Result<Vec<Method>> {
+    let methods = names
+        .iter()
+        .map(|m| m.parse::<Method>().map_err(anyhow::Error::from))
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(twice) = first_repeated(&methods) {
+        bail!("--methods names {} twice: {why}", twice.name());
+    }
+    Ok(methods)
+}
+
+/// `--config`, each named once: `why` says what one config is to the command.
+pub fn configs(names: &[String], why: &str) -> Result<Option<Vec<String>>> {
+    if let Some(twice) = first_repeated(names) {
+        bail!("--config names {twice} twice: {why}");
+    }
+    Ok((!names.is_empty()).then(|| names.to_vec()))
+}
+
 pub fn memory_budget(arg: Option<&str>) -> Result<Option<u64>> {
     arg.map(loren::bench::parse_bytes)
         .transpose()

@@ -6,12 +6,11 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use clap::Args;
 
-use super::args::{memory_budget, text_path};
+use super::args::{configs, memory_budget, methods, text_path};
 
 use super::{Measured, measure_into};
 
 use loren::bench::{BenchOptions, BenchReport, run_bench, table, write};
-use loren_nn::config::Method;
 
 #[derive(Args, Clone)]
 pub struct BenchArgs {
@@ -82,15 +81,10 @@ pub struct BenchArgs {
 
 /// `loren bench`; `out_named`: whether --out was given (else the default folder moves on).
 pub fn bench(a: &BenchArgs, out_named: bool) -> Result<()> {
-    let methods = a
-        .methods
-        .iter()
-        .map(|m| m.parse::<Method>().map_err(anyhow::Error::from))
-        .collect::<Result<Vec<_>>>()?;
     let opts = BenchOptions {
         device: a.device.parse()?,
-        configs: (!a.config.is_empty()).then(|| a.config.clone()),
-        methods,
+        configs: configs(&a.config, "each config is timed once")?,
+        methods: methods(&a.methods, "each method is timed once")?,
         members: a.members.clone(),
         batch: a.batch_size,
         rank: a.rank,

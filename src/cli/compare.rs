@@ -6,8 +6,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use super::args::{
-    Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, SeedArgs, f32_arg, out_dir, run_spec,
-    splits, text_path, write_outputs,
+    Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, SeedArgs, f32_arg, first_repeated,
+    methods, out_dir, run_spec, splits, text_path, write_outputs,
 };
 
 use super::say;
@@ -102,17 +102,7 @@ pub fn compare(a: &CompareArgs, out_named: bool) -> Result<()> {
             a.ensemble.method
         );
     }
-    let methods = a
-        .methods
-        .iter()
-        .map(|m| m.parse::<Method>().map_err(anyhow::Error::from))
-        .collect::<Result<Vec<_>>>()?;
-    if let Some(twice) = first_repeated(&methods) {
-        bail!(
-            "--methods names {} twice: each method is one run, into its own folder",
-            twice.name()
-        );
-    }
+    let methods = methods(&a.methods, "each method is one run, into its own folder")?;
     let rates = method_rates(&a.method_lr, &methods)?;
     check_lrs(&a.lrs, a.optim.train_on_val)?;
     check_sizes(&a.sizes)?;
@@ -367,13 +357,6 @@ fn method_rates(entries: &[String], methods: &[Method]) -> Result<Vec<(Method, f
         bail!("--method-lr gives {} two rates", twice.name());
     }
     Ok(rates)
-}
-
-/// The first item given more than once.
-fn first_repeated<T: PartialEq>(items: &[T]) -> Option<&T> {
-    items
-        .iter()
-        .find(|x| items.iter().filter(|y| y == x).count() > 1)
 }
 
 /// Reports an earlier comparison left in `out` that this one does not rerun stay as they were;

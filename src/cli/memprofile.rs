@@ -5,12 +5,11 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use clap::Args;
 
-use super::args::{memory_budget, text_path};
+use super::args::{configs, memory_budget, methods, text_path};
 
 use super::{Measured, measure_into};
 
 use loren::memprofile::{MemprofileOptions, MemprofileReport, run_memprofile, table, write};
-use loren_nn::config::Method;
 
 #[derive(Args, Clone)]
 pub struct MemprofileArgs {
@@ -77,15 +76,10 @@ pub struct MemprofileArgs {
 
 /// `loren memprofile`; `out_named`: whether --out was given (else the default folder moves on).
 pub fn memprofile(a: &MemprofileArgs, out_named: bool) -> Result<()> {
-    let methods = a
-        .methods
-        .iter()
-        .map(|m| m.parse::<Method>().map_err(anyhow::Error::from))
-        .collect::<Result<Vec<_>>>()?;
     let opts = MemprofileOptions {
         device: a.device.parse()?,
-        configs: (!a.config.is_empty()).then(|| a.config.clone()),
-        methods,
+        configs: configs(&a.config, "each config is profiled once")?,
+        methods: methods(&a.methods, "each method is profiled once")?,
         members: a.members.clone(),
         measure: if a.predict_only {
             Some(Vec::new())
