@@ -508,24 +508,40 @@ pub(crate) fn by_method_and_size(runs: &[RunResult]) -> Vec<Vec<&RunResult>> {
 pub fn seed_summaries(runs: &[RunResult]) -> Vec<SeedSummary> {
     by_method_and_size(runs)
         .iter()
-        .map(|g| summarise(g))
+        .map(|g| {
+            let scored: Vec<Scored> = g
+                .iter()
+                .map(|r| Scored {
+                    seed: r.seed,
+                    val_ece: r.val_ece,
+                    report: &r.report,
+                })
+                .collect();
+            summarise(g[0].method, g[0].members, &scored)
+        })
         .collect()
 }
 
-fn summarise(runs: &[&RunResult]) -> SeedSummary {
-    let over =
-        |f: &dyn Fn(&RunResult) -> f64| MeanSd::of(&runs.iter().map(|r| f(r)).collect::<Vec<_>>());
+/// What a seed summary reads of one run.
+struct Scored<'a> {
+    seed: u64,
+    val_ece: Option<f64>,
+    report: &'a EvalReport,
+}
+
+fn summarise(method: Method, members: usize, runs: &[Scored]) -> SeedSummary {
+    let over = |f: &dyn Fn(&Scored) -> f64| MeanSd::of(&runs.iter().map(f).collect::<Vec<_>>());
     // Present only when every run has it: a mean over some of the seeds would read as all.
-    let over_all = |f: &dyn Fn(&RunResult) -> Option<f64>| {
+    let over_all = |f: &dyn Fn(&Scored) -> Option<f64>| {
         runs.iter()
-            .map(|r| f(r))
+            .map(f)
             .collect::<Option<Vec<f64>>>()
             .map(|xs| MeanSd::of(&xs))
     };
-    let shift_mean = |r: &RunResult, f| shift_mean(&r.report.shift, f);
+    let shift_mean = |r: &Scored, f| shift_mean(&r.report.shift, f);
     SeedSummary {
-        method: runs[0].method,
-        members: runs[0].members,
+        method,
+        members,
         seeds: runs.iter().map(|r| r.seed).collect(),
         accuracy: over(&|r| r.report.test.accuracy),
         ece: over(&|r| r.report.test.ece),
@@ -600,9 +616,8 @@ mod tests {
     use super::*;
     use loren_nn::metrics::{CalibrationReport, TemperedReport};
 
-    /// Every figure line shows its own field: each figure here is a different number.
-    #[test]
-    fn the_printed_report_shows_each_figure_in_its_place() {
+    /// A report whose every figure is a different number.
+    fn distinct_report() -> EvalReport {
         let test = CalibrationReport {
             samples: 359,
             members: 2,
@@ -630,7 +645,7 @@ mod tests {
             nll: 0.3456,
             brier: 0.1567,
         };
-        let report = EvalReport {
+        EvalReport {
             method: "lora".into(),
             members: 2,
             test,
@@ -640,7 +655,13 @@ mod tests {
             ood: None,
             ood_sets: Vec::new(),
             predictions: Vec::new(),
-        };
+        }
+    }
+
+    /// Every figure line shows its own field: each figure here is a different number.
+    #[test]
+    fn the_printed_report_shows_each_figure_in_its_place() {
+        let report = distinct_report();
         let printed = calibration_report("LoRA-Ensemble", "digits", &report);
         for line in [
             "  accuracy               91.11%",
@@ -659,6 +680,96 @@ mod tests {
                 "no line {line:?} in\n{printed}"
             );
         }
+    }
+
+    /// Each summary column is the mean over the seeds of its own figure: the shifted sets' mean
+    /// accuracy, ECE and ECE at the fitted temperature, and the OOD AUROC by entropy, as well as
+    /// the test figures.
+    #[test]
+    fn each_seed_summary_column_averages_its_own_figure() {
+        use loren_nn::metrics::{DetectionMetrics, OodReport, ShiftRow};
+        let row = |severity, accuracy, ece, ece_tempered| ShiftRow {
+            kind: "rotation".into(),
+            severity,
+            accuracy,
+            ece,
+            ece_tempered: Some(ece_tempered),
+        };
+        let detection = |auroc| DetectionMetrics {
+            auroc,
+            aupr: auroc / 2.0,
+            fpr95: auroc / 3.0,
+        };
+        // Two runs, each figure of the second 0.01 above the first's.
+        let reports: Vec<EvalReport> = [0.0, 0.01]
+            .into_iter()
+            .map(|d| {
+                let mut r = distinct_report();
+                r.test.accuracy += d;
+                r.test.ece += d;
+                r.test.ece_paper += d;
+                r.test.nll += d;
+                r.test.brier += d;
+                r.tempered.as_mut().unwrap().ece += d;
+                r.shift = vec![
+                    row(1, 0.61 + d, 0.071 + d, 0.031 + d),
+                    row(2, 0.52 + d, 0.092 + d, 0.042 + d),
+                ];
+                r.ood = Some(OodReport {
+                    in_samples: 10,
+                    ood_samples: 20,
+                    max_prob: detection(0.71 + d),
+                    entropy: detection(0.83 + d),
+                    mutual_information: detection(0.64 + d),
+                });
+                r
+            })
+            .collect();
+        let runs: Vec<Scored> = reports
+            .iter()
+            .zip([(4, 0.0211), (7, 0.0311)])
+            .map(|(report, (seed, val_ece))| Scored {
+                seed,
+                val_ece: Some(val_ece),
+                report,
+            })
+            .collect();
+        let s = summarise(Method::Lora, 2, &runs);
+        assert_eq!(s.seeds, [4, 7]);
+        let mean = |m: Option<MeanSd>| m.map(|m| (m.mean * 1e6).round() / 1e6);
+        for (column, got, want) in [
+            ("accuracy", Some(s.accuracy), 0.9111 + 0.005),
+            ("ece", Some(s.ece), 0.0333 + 0.005),
+            ("ece_paper", Some(s.ece_paper), 0.0555 + 0.005),
+            ("nll", Some(s.nll), 0.3666 + 0.005),
+            ("brier", Some(s.brier), 0.1777 + 0.005),
+            ("ece_tempered", s.ece_tempered, 0.0123 + 0.005),
+            ("val_ece", s.val_ece, 0.0261),
+            ("shift_accuracy", s.shift_accuracy, 0.565 + 0.005),
+            ("shift_ece", s.shift_ece, 0.0815 + 0.005),
+            ("shift_ece_tempered", s.shift_ece_tempered, 0.0365 + 0.005),
+            ("ood_auroc_entropy", s.ood_auroc_entropy, 0.83 + 0.005),
+        ] {
+            assert_eq!(mean(got), Some((want * 1e6_f64).round() / 1e6), "{column}");
+        }
+        // A figure one run lacks is no figure: a mean over some seeds would read as over all.
+        let mut partial = reports[1].clone();
+        partial.shift[0].ece_tempered = None;
+        let runs = [
+            Scored {
+                seed: 4,
+                val_ece: None,
+                report: &reports[0],
+            },
+            Scored {
+                seed: 7,
+                val_ece: Some(0.0311),
+                report: &partial,
+            },
+        ];
+        let s = summarise(Method::Lora, 2, &runs);
+        assert!(s.shift_ece_tempered.is_none() && s.val_ece.is_none());
+        assert!(s.shift_ece.is_some());
     }
 
     #[test]

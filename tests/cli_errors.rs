@@ -292,7 +292,13 @@ fn compare_refuses_a_method_named_twice() {
 fn bench_and_memprofile_refuse_a_method_or_config_named_twice() {
     for command in ["bench", "memprofile"] {
         fails_with(
-            &[command, "--device", "cpu", "--methods", "lora,explicit,lora"],
+            &[
+                command,
+                "--device",
+                "cpu",
+                "--methods",
+                "lora,explicit,lora",
+            ],
             &["--methods names lora twice"],
         );
         fails_with(
