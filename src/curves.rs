@@ -69,7 +69,7 @@ fn learning_curves(curves: &[Curve]) -> Vec<Chart> {
         .collect()
 }
 
-/// A run's line, in the `i`th colour of the palette.
+/// A run's line, in the `i`th color of the palette.
 pub fn curve(name: String, i: usize, dashed: bool, epochs: &[EpochInfo]) -> Curve<'_> {
     Curve {
         name,
@@ -79,35 +79,55 @@ pub fn curve(name: String, i: usize, dashed: bool, epochs: &[EpochInfo]) -> Curv
     }
 }
 
-/// A comparison's runs in one figure: a colour per method and ensemble size, the seeds of one
+/// A comparison's runs in one figure: a color per method and ensemble size, the seeds of one
 /// alike and named once.
 pub fn comparison_curves_svg(runs: &[RunResult]) -> String {
-    let mut groups: Vec<(Method, usize)> = Vec::new();
+    let styles = group_styles(runs.iter().map(|r| (r.method, r.members)));
     let curves: Vec<Curve> = runs
         .iter()
-        .map(|r| {
-            let group = (r.method, r.members);
-            let (i, first) = match groups.iter().position(|g| *g == group) {
-                Some(i) => (i, false),
-                None => {
-                    groups.push(group);
-                    (groups.len() - 1, true)
-                }
-            };
-            let name = match first {
-                true => format!("{} M={}", r.method, r.members),
-                false => String::new(),
-            };
-            // Past the palette's eight colours, the lines are dashed.
-            curve(name, i, i >= 8, &r.train.epochs)
-        })
+        .zip(styles)
+        .map(|(r, s)| curve(s.name, s.color, s.dashed, &r.train.epochs))
         .collect();
-    let seeds = runs.len() / groups.len().max(1);
+    let groups = curves.iter().filter(|c| !c.name.is_empty()).count();
+    let seeds = runs.len() / groups.max(1);
     let title = match seeds {
         0 | 1 => "loren compare: training by epoch".to_string(),
         n => format!("loren compare: training by epoch, {n} seeds each"),
     };
     learning_curves_svg(&title, &curves)
+}
+
+/// How one run's line is drawn in a comparison.
+struct Style {
+    /// The group's name on its first run, empty on its other seeds (named once).
+    name: String,
+    color: usize,
+    dashed: bool,
+}
+
+/// A color per method and ensemble size, in the order they first appear; past the palette's
+/// eight colours the lines are dashed.
+fn group_styles(groups: impl Iterator<Item = (Method, usize)>) -> Vec<Style> {
+    let mut seen: Vec<(Method, usize)> = Vec::new();
+    groups
+        .map(|group| {
+            let (color, first) = match seen.iter().position(|g| *g == group) {
+                Some(i) => (i, false),
+                None => {
+                    seen.push(group);
+                    (seen.len() - 1, true)
+                }
+            };
+            Style {
+                name: match first {
+                    true => format!("{} M={}", group.0, group.1),
+                    false => String::new(),
+                },
+                color,
+                dashed: color >= 8,
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -127,6 +147,23 @@ mod tests {
                 ece: v / 2.0,
                 seconds: 0.1,
             }),
+        }
+    }
+
+    #[test]
+    fn a_comparison_colours_each_group_names_it_once_and_dashes_past_eight() {
+        // Ten sizes of LoRA at two seeds each, the seeds interleaved.
+        let runs = (0..2).flat_map(|_| (1..=10).map(|m| (Method::Lora, m)));
+        let styles = group_styles(runs);
+        assert_eq!(styles.len(), 20);
+        for (i, s) in styles.iter().enumerate() {
+            let (m, second_seed) = (i % 10, i >= 10);
+            assert_eq!(s.color, m, "run {i}");
+            assert_eq!(s.dashed, m >= 8, "run {i}");
+            match second_seed {
+                true => assert!(s.name.is_empty(), "run {i}: {}", s.name),
+                false => assert_eq!(s.name, format!("lora M={}", m + 1)),
+            }
         }
     }
 
