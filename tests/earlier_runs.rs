@@ -282,6 +282,23 @@ fn resuming_with_more_epochs_continues_and_says_the_schedule_stretches() {
     assert_eq!(epochs, [1, 2, 3]);
 }
 
+/// A run stopped before the epochs it was started for resumes to its own end: its schedule is
+/// the one it started with, so there is no note of one stretched.
+#[test]
+fn an_unfinished_run_resumes_to_its_end_without_stretching_its_schedule() {
+    // The shared two-epoch run, as if started for three and stopped after two.
+    let ckpt = trained_run_edited("unfinished", |m| set_json(m, "train", "epochs", 3));
+    let out = ckpt.parent().unwrap().to_str().unwrap();
+    let mut args = vec!["train", "--out", out, "--resume", ckpt.to_str().unwrap()];
+    args.extend(RUN.iter().filter(|a| **a != "-q"));
+    args.extend(["--epochs", "3"]);
+    let (ok, report, err) = loren(&args);
+    assert!(ok, "{err}");
+    assert!(report.contains("accuracy"), "{report}");
+    assert!(!err.contains("extending"), "{err}");
+    assert_eq!(epochs_in_report(ckpt.parent().unwrap()), 3);
+}
+
 #[test]
 fn resuming_on_other_data_is_refused() {
     let out = temp_dir("other-data");
