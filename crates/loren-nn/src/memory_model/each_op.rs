@@ -166,180 +166,61 @@ fn device_rise(start: &MemoryReport, end: &MemoryReport) -> Rise {
     )
 }
 
-/// The case's forward and backward on `dev`, through `loren_autograd`.
-fn on_device(case: Case, dev: &Device) -> [Rise; 2] {
-    let tape = RealTape::new();
-    let make = |dims: &[usize], dtype: DType, tag: MemTag, grad: bool| {
-        let t = Tensor::full_as(0.01, dims.to_vec(), dtype, tag, dev).unwrap();
-        match grad {
-            true => tape.input(Arc::new(t)),
-            false => RealVar::constant(t),
-        }
-    };
-    let act = |g: usize, last: usize| {
-        make(
-            &[g, BATCH, TOKENS, last],
-            dev.compute_dtype(),
-            MemTag::Activations,
-            true,
-        )
-    };
-    // Weight matrices as the GEMMs read them (bf16 on a GPU); everything else f32.
-    let matrix = |dims: &[usize], grad: bool| make(dims, DType::BF16, MemTag::FrozenWeights, grad);
-    let param = |dims: &[usize], grad: bool| make(dims, DType::F32, MemTag::Trainable, grad);
-    let mem = dev.memory();
-    let start = || {
-        mem.reset_peaks();
-        mem.report()
-    };
-    // Weights live as long as their model; activations only while something holds them.
-    let (y, begin, _weights) = match case {
-        Case::Linear {
-            gx,
-            gw,
-            train_w,
-            again,
-        } => {
-            let x = act(gx, DIM);
-            let ws = [0, 1].map(|_| matrix(&[gw, WIDE, DIM], train_w));
-            let bs = [0, 1].map(|_| param(&[gw, WIDE], train_w));
-            let begin = start();
-            let y = ops::linear(&tape, &x, &ws[0], Some(&bs[0]), None).unwrap();
-            let y = match again {
-                true => ops::linear(&tape, &x, &ws[1], Some(&bs[1]), Some(&y)).unwrap(),
-                false => y,
-            };
-            (y, begin, [ws, bs].concat())
-        }
-        Case::Logits => {
-            let x = make(
-                &[2, BATCH, DIM],
-                dev.compute_dtype(),
-                MemTag::Activations,
-                true,
-            );
-            let (w, b) = (matrix(&[2, CLASSES, DIM], true), param(&[2, CLASSES], true));
-            let begin = start();
-            (
-                ops::logits(&tape, &x, &w, Some(&b)).unwrap(),
-                begin,
-                vec![w, b],
-            )
-        }
-        Case::Lora { gx, again } => {
-            let x = act(gx, DIM);
-            let (w, bias) = (matrix(&[1, DIM, DIM], false), param(&[1, DIM], false));
-            let ab = [0, 1].map(|_| (param(&[2, RANK, DIM], true), param(&[2, DIM, RANK], true)));
-            let lora = |(a, b): &(RealVar, RealVar), residual| {
-                ops::lora_linear(&tape, &x, &w, Some(&bias), a, b, 2.0, residual).unwrap()
-            };
-            let begin = start();
-            let y = lora(&ab[0], None);
-            let y = match again {
-                true => lora(&ab[1], Some(&y)),
-                false => y,
-            };
-            let [(a0, b0), (a1, b1)] = ab;
-            (y, begin, vec![w, bias, a0, b0, a1, b1])
-        }
-        Case::Attention { gq, gkv } => {
-            let (q, k, v) = (act(gq, DIM), act(gkv, DIM), act(gkv, DIM));
-            let begin = start();
-            let y = ops::attention(&tape, &q, &k, &v, HEADS, None).unwrap();
-            (y, begin, vec![])
-        }
-        Case::LayerNorm { gx, gw, affine } => {
-            let x = act(gx, DIM);
-            let (g, b) = (param(&[gw, DIM], affine), param(&[gw, DIM], affine));
-            let begin = start();
-            (
-                ops::layernorm(&tape, &x, &g, &b, 1e-6).unwrap(),
-                begin,
-                vec![g, b],
-            )
-        }
-        Case::BiasGelu { gx, gb, train_b } => {
-            let x = act(gx, WIDE);
-            let b = param(&[gb, WIDE], train_b);
-            let begin = start();
-            (ops::bias_gelu(&tape, &x, &b).unwrap(), begin, vec![b])
-        }
-        Case::Embed {
-            ge,
-            gc,
-            train_tokens,
-        } => {
-            let pe = make(
-                &[ge, BATCH, TOKENS - 1, DIM],
-                dev.compute_dtype(),
-                MemTag::Activations,
-                true,
-            );
-            let cls = param(&[gc, DIM], train_tokens);
-            let pos = param(&[gc, TOKENS, DIM], train_tokens);
-            let begin = start();
-            let y = ops::embed_tokens(&tape, &pe, &cls, &pos).unwrap();
-            (y, begin, vec![cls, pos])
-        }
-        Case::CrossEntropy => {
-            let logits = make(&[2, BATCH, CLASSES], DType::F32, MemTag::Activations, true);
-            let targets: Vec<u32> = (0..BATCH as u32).collect();
-            let begin = start();
-            let y = ops::softmax_cross_entropy(&tape, &logits, &targets).unwrap();
-            (y, begin, vec![])
-        }
-    };
-    let fwd = device_rise(&begin, &mem.report());
-    let dy = Tensor::full_as(
-        0.01,
-        y.shape().clone(),
-        y.value().dtype(),
-        MemTag::Workspace,
-        dev,
+fn ledger_rise(start: &Ledger, end: &Ledger) -> Rise {
+    rise(
+        |t| t.map_or(start.total_live, |t| start.live[tag_index(t)]),
+        |t| t.map_or(end.total_peak, |t| end.peak[tag_index(t)]),
     )
-    .unwrap();
-    let begin = start();
-    let root = y.node().expect("the case's output needs a gradient");
-    drop(tape.gradients(root, Arc::new(dy), &[]).unwrap());
-    [fwd, device_rise(&begin, &mem.report())]
 }
 
-/// The same case replayed at `precision`.
-fn replayed(case: Case, precision: Precision) -> [Rise; 2] {
-    let core = Rc::new(Core {
-        ledger: RefCell::default(),
-        precision,
-        flops: Cell::new(0.0),
-        recomputed: Cell::new(0.0),
-    });
-    let tape = Tape::new(true);
-    let make = |dims: &[usize], tag: MemTag, kind: Kind, grad: bool| Var {
-        val: Rc::new(core.tensor(dims.to_vec(), tag, kind)),
-        node: grad.then(|| tape.new_node()),
-    };
-    let act = |g: usize, last: usize| {
-        make(
-            &[g, BATCH, TOKENS, last],
-            MemTag::Activations,
-            Kind::Activation,
-            true,
-        )
-    };
-    let matrix = |dims: &[usize], grad: bool| make(dims, MemTag::FrozenWeights, Kind::Matrix, grad);
-    let param = |dims: &[usize], grad: bool| make(dims, MemTag::Trainable, Kind::Param, grad);
-    let ledger_rise = |start: &Ledger| {
-        let l = core.ledger.borrow();
-        rise(
-            |t| t.map_or(start.total_live, |t| start.live[tag_index(t)]),
-            |t| t.map_or(l.total_peak, |t| l.peak[tag_index(t)]),
-        )
-    };
-    let start = || {
-        let mut l = core.ledger.borrow_mut();
-        l.reset_peaks();
-        l.clone()
-    };
-    let (y, begin, _weights) = match case {
+/// What an operand is, which sets its tag and element type.
+#[derive(Clone, Copy)]
+enum Operand {
+    Activation,
+    /// A weight matrix as the GEMMs read it (bf16 on a GPU).
+    Matrix,
+    /// Any other weight: f32.
+    Param,
+    /// The logits: an f32 activation.
+    Logits,
+}
+
+/// Where a case runs: a device through `loren_autograd`, or the replay. Each case is written once,
+/// against this, so both run the same operands and ops.
+trait World {
+    type V;
+    fn operand(&self, dims: &[usize], what: Operand, grad: bool) -> Self::V;
+    fn linear(&self, x: &Self::V, w: &Self::V, b: &Self::V, residual: Option<&Self::V>) -> Self::V;
+    fn logits(&self, x: &Self::V, w: &Self::V, b: &Self::V) -> Self::V;
+    fn lora(
+        &self,
+        x: &Self::V,
+        w: &Self::V,
+        bias: &Self::V,
+        a: &Self::V,
+        b: &Self::V,
+        residual: Option<&Self::V>,
+    ) -> Self::V;
+    fn attention(&self, q: &Self::V, k: &Self::V, v: &Self::V) -> Self::V;
+    fn layernorm(&self, x: &Self::V, g: &Self::V, b: &Self::V) -> Self::V;
+    fn bias_gelu(&self, x: &Self::V, b: &Self::V) -> Self::V;
+    fn embed(&self, pe: &Self::V, cls: &Self::V, pos: &Self::V) -> Self::V;
+    fn cross_entropy(&self, logits: &Self::V) -> Self::V;
+    /// Begin a window: what is live now is its floor.
+    fn start(&self);
+    /// What the window has risen to.
+    fn rise(&self) -> Rise;
+    /// The backward from `y`, seeded with a gradient of its own element type, in a window of
+    /// its own.
+    fn backward(self, y: Self::V) -> Rise;
+}
+
+/// The case's forward and backward in `w`: the rise of each.
+fn run_case<W: World>(w: W, case: Case) -> [Rise; 2] {
+    use Operand::*;
+    let act = |g: usize, last: usize| w.operand(&[g, BATCH, TOKENS, last], Activation, true);
+    // Weights live as long as their model; activations only while something holds them.
+    let (y, _weights) = match case {
         Case::Linear {
             gx,
             gw,
@@ -347,102 +228,277 @@ fn replayed(case: Case, precision: Precision) -> [Rise; 2] {
             again,
         } => {
             let x = act(gx, DIM);
-            let ws = [0, 1].map(|_| matrix(&[gw, WIDE, DIM], train_w));
-            let bs = [0, 1].map(|_| param(&[gw, WIDE], train_w));
-            let begin = start();
-            let y = linear(&core, &tape, &x, &ws[0], Some(&bs[0]), None);
+            let ws = [0, 1].map(|_| w.operand(&[gw, WIDE, DIM], Matrix, train_w));
+            let bs = [0, 1].map(|_| w.operand(&[gw, WIDE], Param, train_w));
+            w.start();
+            let y = w.linear(&x, &ws[0], &bs[0], None);
             let y = match again {
-                true => linear(&core, &tape, &x, &ws[1], Some(&bs[1]), Some(&y)),
+                true => w.linear(&x, &ws[1], &bs[1], Some(&y)),
                 false => y,
             };
-            (y, begin, [ws, bs].concat())
+            (y, [ws, bs].into_iter().flatten().collect())
         }
         Case::Logits => {
-            let x = make(
-                &[2, BATCH, DIM],
-                MemTag::Activations,
-                Kind::Activation,
-                true,
-            );
-            let (w, b) = (matrix(&[2, CLASSES, DIM], true), param(&[2, CLASSES], true));
-            let begin = start();
-            let y = product(&core, &tape, &x, &w, Some(&b), Kind::Stat, None);
-            (y, begin, vec![w, b])
+            let x = w.operand(&[2, BATCH, DIM], Activation, true);
+            let weight = w.operand(&[2, CLASSES, DIM], Matrix, true);
+            let b = w.operand(&[2, CLASSES], Param, true);
+            w.start();
+            (w.logits(&x, &weight, &b), vec![weight, b])
         }
         Case::Lora { gx, again } => {
             let x = act(gx, DIM);
-            let (w, bias) = (matrix(&[1, DIM, DIM], false), param(&[1, DIM], false));
-            let ab = [0, 1].map(|_| (param(&[2, RANK, DIM], true), param(&[2, DIM, RANK], true)));
-            let lora = |(a, b): &(Var, Var), residual| {
-                lora_linear(&core, &tape, &x, (&w, Some(&bias)), (a, b), residual)
-            };
-            let begin = start();
-            let y = lora(&ab[0], None);
+            let weight = w.operand(&[1, DIM, DIM], Matrix, false);
+            let bias = w.operand(&[1, DIM], Param, false);
+            let [(a0, b0), (a1, b1)] = [0, 1].map(|_| {
+                let a = w.operand(&[2, RANK, DIM], Param, true);
+                (a, w.operand(&[2, DIM, RANK], Param, true))
+            });
+            w.start();
+            let y = w.lora(&x, &weight, &bias, &a0, &b0, None);
             let y = match again {
-                true => lora(&ab[1], Some(&y)),
+                true => w.lora(&x, &weight, &bias, &a1, &b1, Some(&y)),
                 false => y,
             };
-            let [(a0, b0), (a1, b1)] = ab;
-            (y, begin, vec![w, bias, a0, b0, a1, b1])
+            (y, vec![weight, bias, a0, b0, a1, b1])
         }
         Case::Attention { gq, gkv } => {
             let (q, k, v) = (act(gq, DIM), act(gkv, DIM), act(gkv, DIM));
-            let begin = start();
-            let y = attention(&core, &tape, [&q, &k, &v], HEADS, None);
-            (y, begin, vec![])
+            w.start();
+            (w.attention(&q, &k, &v), vec![])
         }
         Case::LayerNorm { gx, gw, affine } => {
             let x = act(gx, DIM);
-            let (g, b) = (param(&[gw, DIM], affine), param(&[gw, DIM], affine));
-            let begin = start();
-            (layernorm(&core, &tape, &x, &g, &b), begin, vec![g, b])
+            let g = w.operand(&[gw, DIM], Param, affine);
+            let b = w.operand(&[gw, DIM], Param, affine);
+            w.start();
+            (w.layernorm(&x, &g, &b), vec![g, b])
         }
         Case::BiasGelu { gx, gb, train_b } => {
             let x = act(gx, WIDE);
-            let b = param(&[gb, WIDE], train_b);
-            let begin = start();
-            (bias_gelu(&core, &tape, &x, &b), begin, vec![b])
+            let b = w.operand(&[gb, WIDE], Param, train_b);
+            w.start();
+            (w.bias_gelu(&x, &b), vec![b])
         }
         Case::Embed {
             ge,
             gc,
             train_tokens,
         } => {
-            let pe = make(
-                &[ge, BATCH, TOKENS - 1, DIM],
-                MemTag::Activations,
-                Kind::Activation,
-                true,
-            );
-            let cls = param(&[gc, DIM], train_tokens);
-            let pos = param(&[gc, TOKENS, DIM], train_tokens);
-            let begin = start();
-            let y = embed_tokens(&core, &tape, &pe, &cls, &pos);
-            (y, begin, vec![cls, pos])
+            let pe = w.operand(&[ge, BATCH, TOKENS - 1, DIM], Activation, true);
+            let cls = w.operand(&[gc, DIM], Param, train_tokens);
+            let pos = w.operand(&[gc, TOKENS, DIM], Param, train_tokens);
+            w.start();
+            (w.embed(&pe, &cls, &pos), vec![cls, pos])
         }
         Case::CrossEntropy => {
-            let logits = make(&[2, BATCH, CLASSES], MemTag::Activations, Kind::Stat, true);
-            let begin = start();
-            (cross_entropy(&core, &tape, &logits), begin, vec![])
+            let logits = w.operand(&[2, BATCH, CLASSES], Logits, true);
+            w.start();
+            (w.cross_entropy(&logits), vec![])
         }
     };
-    let fwd = ledger_rise(&begin);
-    // The seed as the device's: the output's own element type.
-    let kind = match y.val.kind {
-        Kind::Activation => Kind::ActGrad,
-        other => other,
-    };
-    let seed = core.tensor(y.dims().to_vec(), MemTag::Workspace, kind);
-    let begin = start();
-    let root = y.node.expect("the case's output needs a gradient");
-    drop(run_records(&core, tape, root, Rc::new(seed)));
-    [fwd, ledger_rise(&begin)]
+    let forward = w.rise();
+    [forward, w.backward(y)]
+}
+
+/// A device, through `loren_autograd`.
+struct OnDevice<'a> {
+    dev: &'a Device,
+    tape: RealTape,
+    begin: Cell<MemoryReport>,
+}
+
+impl World for OnDevice<'_> {
+    type V = RealVar;
+
+    fn operand(&self, dims: &[usize], what: Operand, grad: bool) -> RealVar {
+        let (dtype, tag) = match what {
+            Operand::Activation => (self.dev.compute_dtype(), MemTag::Activations),
+            Operand::Matrix => (DType::BF16, MemTag::FrozenWeights),
+            Operand::Param => (DType::F32, MemTag::Trainable),
+            Operand::Logits => (DType::F32, MemTag::Activations),
+        };
+        let t = Tensor::full_as(0.01, dims.to_vec(), dtype, tag, self.dev).unwrap();
+        match grad {
+            true => self.tape.input(Arc::new(t)),
+            false => RealVar::constant(t),
+        }
+    }
+
+    fn linear(&self, x: &RealVar, w: &RealVar, b: &RealVar, r: Option<&RealVar>) -> RealVar {
+        ops::linear(&self.tape, x, w, Some(b), r).unwrap()
+    }
+
+    fn logits(&self, x: &RealVar, w: &RealVar, b: &RealVar) -> RealVar {
+        ops::logits(&self.tape, x, w, Some(b)).unwrap()
+    }
+
+    fn lora(
+        &self,
+        x: &RealVar,
+        w: &RealVar,
+        bias: &RealVar,
+        a: &RealVar,
+        b: &RealVar,
+        r: Option<&RealVar>,
+    ) -> RealVar {
+        ops::lora_linear(&self.tape, x, w, Some(bias), a, b, 2.0, r).unwrap()
+    }
+
+    fn attention(&self, q: &RealVar, k: &RealVar, v: &RealVar) -> RealVar {
+        ops::attention(&self.tape, q, k, v, HEADS, None).unwrap()
+    }
+
+    fn layernorm(&self, x: &RealVar, g: &RealVar, b: &RealVar) -> RealVar {
+        ops::layernorm(&self.tape, x, g, b, 1e-6).unwrap()
+    }
+
+    fn bias_gelu(&self, x: &RealVar, b: &RealVar) -> RealVar {
+        ops::bias_gelu(&self.tape, x, b).unwrap()
+    }
+
+    fn embed(&self, pe: &RealVar, cls: &RealVar, pos: &RealVar) -> RealVar {
+        ops::embed_tokens(&self.tape, pe, cls, pos).unwrap()
+    }
+
+    fn cross_entropy(&self, logits: &RealVar) -> RealVar {
+        let targets: Vec<u32> = (0..BATCH as u32).collect();
+        ops::softmax_cross_entropy(&self.tape, logits, &targets).unwrap()
+    }
+
+    fn start(&self) {
+        self.dev.memory().reset_peaks();
+        self.begin.set(self.dev.memory().report());
+    }
+
+    fn rise(&self) -> Rise {
+        device_rise(&self.begin.get(), &self.dev.memory().report())
+    }
+
+    fn backward(self, y: RealVar) -> Rise {
+        let dy = Tensor::full_as(
+            0.01,
+            y.shape().clone(),
+            y.value().dtype(),
+            MemTag::Workspace,
+            self.dev,
+        )
+        .unwrap();
+        let root = y.node().expect("the case's output needs a gradient");
+        self.start();
+        let OnDevice { dev, tape, begin } = self;
+        drop(tape.gradients(root, Arc::new(dy), &[]).unwrap());
+        device_rise(&begin.get(), &dev.memory().report())
+    }
+}
+
+/// The replay at a precision.
+struct Replayed {
+    core: Rc<Core>,
+    tape: Tape,
+    begin: RefCell<Ledger>,
+}
+
+impl Replayed {
+    fn new(precision: Precision) -> Replayed {
+        Replayed {
+            core: Rc::new(Core {
+                ledger: RefCell::default(),
+                precision,
+                flops: Cell::new(0.0),
+                recomputed: Cell::new(0.0),
+            }),
+            tape: Tape::new(true),
+            begin: RefCell::default(),
+        }
+    }
+}
+
+impl World for Replayed {
+    type V = Var;
+
+    fn operand(&self, dims: &[usize], what: Operand, grad: bool) -> Var {
+        let (tag, kind) = match what {
+            Operand::Activation => (MemTag::Activations, Kind::Activation),
+            Operand::Matrix => (MemTag::FrozenWeights, Kind::Matrix),
+            Operand::Param => (MemTag::Trainable, Kind::Param),
+            Operand::Logits => (MemTag::Activations, Kind::Stat),
+        };
+        Var {
+            val: Rc::new(self.core.tensor(dims.to_vec(), tag, kind)),
+            node: grad.then(|| self.tape.new_node()),
+        }
+    }
+
+    fn linear(&self, x: &Var, w: &Var, b: &Var, r: Option<&Var>) -> Var {
+        linear(&self.core, &self.tape, x, w, Some(b), r)
+    }
+
+    fn logits(&self, x: &Var, w: &Var, b: &Var) -> Var {
+        product(&self.core, &self.tape, x, w, Some(b), Kind::Stat, None)
+    }
+
+    fn lora(&self, x: &Var, w: &Var, bias: &Var, a: &Var, b: &Var, r: Option<&Var>) -> Var {
+        lora_linear(&self.core, &self.tape, x, (w, Some(bias)), (a, b), r)
+    }
+
+    fn attention(&self, q: &Var, k: &Var, v: &Var) -> Var {
+        attention(&self.core, &self.tape, [q, k, v], HEADS, None)
+    }
+
+    fn layernorm(&self, x: &Var, g: &Var, b: &Var) -> Var {
+        layernorm(&self.core, &self.tape, x, g, b)
+    }
+
+    fn bias_gelu(&self, x: &Var, b: &Var) -> Var {
+        bias_gelu(&self.core, &self.tape, x, b)
+    }
+
+    fn embed(&self, pe: &Var, cls: &Var, pos: &Var) -> Var {
+        embed_tokens(&self.core, &self.tape, pe, cls, pos)
+    }
+
+    fn cross_entropy(&self, logits: &Var) -> Var {
+        cross_entropy(&self.core, &self.tape, logits)
+    }
+
+    fn start(&self) {
+        let mut l = self.core.ledger.borrow_mut();
+        l.reset_peaks();
+        *self.begin.borrow_mut() = l.clone();
+    }
+
+    fn rise(&self) -> Rise {
+        ledger_rise(&self.begin.borrow(), &self.core.ledger.borrow())
+    }
+
+    fn backward(self, y: Var) -> Rise {
+        // The seed as the device's: the output's own element type.
+        let kind = match y.val.kind {
+            Kind::Activation => Kind::ActGrad,
+            other => other,
+        };
+        let seed = self.core.tensor(y.dims().to_vec(), MemTag::Workspace, kind);
+        let root = y.node.expect("the case's output needs a gradient");
+        self.start();
+        let Replayed { core, tape, begin } = self;
+        drop(run_records(&core, tape, root, Rc::new(seed)));
+        let end = core.ledger.borrow();
+        ledger_rise(&begin.borrow(), &end)
+    }
 }
 
 fn check_each_op(dev: &Device, precision: Precision) {
     let mut wrong = Vec::new();
     for case in CASES {
-        let (got, want) = (on_device(case, dev), replayed(case, precision));
+        let device = OnDevice {
+            dev,
+            tape: RealTape::new(),
+            begin: Cell::new(dev.memory().report()),
+        };
+        let (got, want) = (
+            run_case(device, case),
+            run_case(Replayed::new(precision), case),
+        );
         for (pass, (g, w)) in ["forward", "backward"].iter().zip(got.iter().zip(&want)) {
             if g != w {
                 wrong.push(format!(
