@@ -43,7 +43,7 @@ fn main() -> Result<()> {
     let idx: Vec<usize> = (0..n.min(test.len())).collect();
     // Normalised and at the model's size, exactly as `loren eval` feeds the model.
     let batch = test.batch(&idx, None);
-    let p = ens.predict(&batch.images)?;
+    let p = ens.predict(&batch.images, batch.batch)?;
     println!(
         "{} ({} members) on {} test images of {source}",
         ens.config().method,

@@ -68,7 +68,7 @@ pub const DEFAULT_BATCH: usize = 256;
 /// let [c, h, w] = ens.image_shape();
 /// // Two images with pixels in [0, 1], [B, C, H, W] row-major.
 /// let pixels = vec![0.5f32; 2 * c * h * w];
-/// let p = ens.predict_pixels(&pixels)?;
+/// let p = ens.predict_pixels(&pixels, 2)?;
 /// for b in 0..p.batch {
 ///     let class = p.predicted(b);
 ///     println!(
@@ -216,12 +216,20 @@ fn is_cuda_failure(e: &(dyn std::error::Error + 'static)) -> bool {
 /// [`EnsembleError::Input`].
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum InputError {
-    /// Not a whole positive number of images of the model's `[C, H, W]`.
+    /// Not the `batch` images of the model's `[C, H, W]` the caller said it gave.
     #[error(
-        "images must be [B, {}, {}, {}]: a positive multiple of {} values, got {len}",
-        shape[0], shape[1], shape[2], shape.iter().product::<usize>()
+        "{batch} images of [{}, {}, {}] are {} values, got {len}: the images must be [B, {0}, \
+         {1}, {2}] at the model's size",
+        shape[0], shape[1], shape[2], batch * shape.iter().product::<usize>()
     )]
-    Length { shape: [usize; 3], len: usize },
+    Length {
+        batch: usize,
+        shape: [usize; 3],
+        len: usize,
+    },
+    /// A batch of no images.
+    #[error("a batch of 0 images: give at least one")]
+    NoImages,
     /// A value that is NaN or infinite, at `[channel, row, column]` of image `image`.
     #[error(
         "image {image}: its value at channel {}, row {}, column {} is {value}; inputs must be \
@@ -438,14 +446,19 @@ impl Ensemble {
         out
     }
 
-    /// Whether `images` is a whole positive number of the model's images.
-    fn check_length(&self, images: &[f32]) -> Result<(), InputError> {
+    /// Whether `images` holds `batch` of the model's images, and some: a length alone cannot
+    /// tell images of another size, whose values may make a whole number of the model's.
+    fn check_length(&self, images: &[f32], batch: usize) -> Result<(), InputError> {
         let shape = self.image_shape();
         let per_image: usize = shape.iter().product();
-        if !images.is_empty() && images.len().is_multiple_of(per_image) {
+        if batch == 0 {
+            return Err(InputError::NoImages);
+        }
+        if batch.checked_mul(per_image) == Some(images.len()) {
             return Ok(());
         }
         Err(InputError::Length {
+            batch,
             shape,
             len: images.len(),
         })
@@ -458,10 +471,14 @@ impl Ensemble {
         (image, [at / (h * w), at % (h * w) / w, at % w])
     }
 
-    /// [`Ensemble::predict`] on raw pixels in `[0, 1]` at the model's size. A pixel past
-    /// [`PIXEL_RANGE`] is an [`InputError::PixelRange`].
-    pub fn predict_pixels(&self, pixels: &[f32]) -> Result<Prediction, EnsembleError> {
-        self.check_length(pixels)?;
+    /// [`Ensemble::predict`] on `batch` images of raw pixels in `[0, 1]` at the model's size. A
+    /// pixel past [`PIXEL_RANGE`] is an [`InputError::PixelRange`].
+    pub fn predict_pixels(
+        &self,
+        pixels: &[f32],
+        batch: usize,
+    ) -> Result<Prediction, EnsembleError> {
+        self.check_length(pixels, batch)?;
         if let Some((i, &value)) = pixels
             .iter()
             .enumerate()
@@ -475,17 +492,17 @@ impl Ensemble {
             }
             .into());
         }
-        self.predict(&self.normalize(pixels))
+        self.predict(&self.normalize(pixels), batch)
     }
 
     /// Every member's probabilities, their mean, and the entropy and mutual information of each
-    /// image, for normalised images `[B, C, H, W]` (row-major; B is any positive number,
-    /// inferred from the length). See [`Ensemble::normalize`] for raw pixels. MC Dropout draws
+    /// image, for `batch` normalised images `[B, C, H, W]` (row-major; B = `batch`, any positive
+    /// number, split into forward passes of [`Ensemble::set_batch_size`] images). See [`Ensemble::normalize`] for raw pixels. MC Dropout draws
     /// an image's masks from its values, so it draws the same ones in any batch, at any place
     /// (other methods draw none); the probabilities then move only in the last bits, as for
     /// every method, with a row's place in the CPU's matrix kernels.
-    pub fn predict(&self, images: &[f32]) -> Result<Prediction, EnsembleError> {
-        self.check_length(images)?;
+    pub fn predict(&self, images: &[f32], batch: usize) -> Result<Prediction, EnsembleError> {
+        self.check_length(images, batch)?;
         // Named here, by image and place: one NaN would otherwise show only as a NaN
         // probability of its image, failing the whole call.
         if let Some((i, &value)) = images.iter().enumerate().find(|(_, v)| !v.is_finite()) {
@@ -494,7 +511,7 @@ impl Ensemble {
         }
         let [c, h, w] = self.image_shape();
         let per_image = c * h * w;
-        let (m, n, k) = (self.members(), images.len() / per_image, self.classes());
+        let (m, n, k) = (self.members(), batch, self.classes());
         let mut probs = vec![0.0f32; m * n * k];
         // Saturating: a batch size past the whole input is one chunk of it all.
         let chunk = self.batch_size.saturating_mul(per_image);

@@ -94,7 +94,7 @@ fn an_ensemble_trained_from_arrays_reads_back_as_it_was_trained() {
             image
         })
         .collect();
-    let read_back = ens.predict_pixels(&pixels).unwrap();
+    let read_back = ens.predict_pixels(&pixels, data.len()).unwrap();
     let in_memory = predict(&model, &data, 8, &mut |_| Ok(())).unwrap().mean();
     for (b, want) in in_memory.chunks(3).enumerate() {
         for (got, want) in read_back.mean(b).iter().zip(want) {
@@ -139,7 +139,7 @@ fn an_ensemble_trained_from_arrays_reads_back_as_it_was_trained() {
     // A non-finite input is named by its image and place.
     let mut bad = pixels[..2 * 64].to_vec();
     bad[64 + 8 + 3] = f32::NAN;
-    let e = ens.predict_pixels(&bad).unwrap_err();
+    let e = ens.predict_pixels(&bad, 2).unwrap_err();
     assert!(
         matches!(
             e,
@@ -158,7 +158,7 @@ fn an_ensemble_trained_from_arrays_reads_back_as_it_was_trained() {
         .map(|p| (p * 255.0).round())
         .collect();
     let first = bytes.iter().position(|p| !PIXEL_RANGE.contains(p)).unwrap();
-    let e = ens.predict_pixels(&bytes).unwrap_err();
+    let e = ens.predict_pixels(&bytes, 2).unwrap_err();
     assert!(
         matches!(
             e,
@@ -172,25 +172,31 @@ fn an_ensemble_trained_from_arrays_reads_back_as_it_was_trained() {
     assert!(e.to_string().contains("divided by 255"), "{e}");
     // ...as are images already normalised, while a resampling filter's overshoot passes.
     let normalised = ens.normalize(&pixels[..2 * 64]);
-    assert!(ens.predict(&normalised).is_ok());
-    let e = ens.predict_pixels(&normalised).unwrap_err();
+    assert!(ens.predict(&normalised, 2).is_ok());
+    let e = ens.predict_pixels(&normalised, 2).unwrap_err();
     assert!(
         matches!(e, EnsembleError::Input(InputError::PixelRange { .. })),
         "{e:#}"
     );
     let mut overshoot = pixels[..2 * 64].to_vec();
     (overshoot[0], overshoot[1]) = (1.2, -0.2);
-    assert!(ens.predict_pixels(&overshoot).is_ok());
-    // So is an input of a size no whole number of images has.
-    let e = ens.predict_pixels(&pixels[..100]).unwrap_err();
+    assert!(ens.predict_pixels(&overshoot, 2).is_ok());
+    // So is an input of other than the images the caller says it holds.
+    let e = ens.predict_pixels(&pixels[..100], 2).unwrap_err();
     assert!(
         matches!(
             e,
             EnsembleError::Input(InputError::Length {
+                batch: 2,
                 shape: [1, 8, 8],
                 len: 100
             })
         ),
+        "{e:?}"
+    );
+    let e = ens.predict_pixels(&[], 0).unwrap_err();
+    assert!(
+        matches!(e, EnsembleError::Input(InputError::NoImages)),
         "{e:?}"
     );
 }

@@ -149,7 +149,7 @@ fn predict_gives_the_librarys_numbers_for_image_files() {
 
     // The library on the PNGs' own pixels, at predict's default batch: bit for bit.
     let ens = Ensemble::load(model, DeviceSpec::Cpu).unwrap();
-    let lib = ens.predict_pixels(&unit(&pixels)).unwrap();
+    let lib = ens.predict_pixels(&unit(&pixels), pixels.len()).unwrap();
     let mut correct = 0;
     for (b, row) in rows.iter().enumerate() {
         assert_eq!(bits(&floats(&row["mean"])), bits(lib.mean(b)), "image {b}");
@@ -258,7 +258,7 @@ fn files_and_folders_mix_and_any_size_is_brought_to_the_model() {
     let shape = ens.image_shape();
     let files = [dir.join("more/big.png"), dir.join("more/small.png")];
     let read = loren_nn::data::folder::read_images(&files, shape).unwrap();
-    let lib = ens.predict_pixels(&read.to_f32()).unwrap();
+    let lib = ens.predict_pixels(&read.to_f32(), files.len()).unwrap();
     for (b, row) in rows[..2].iter().enumerate() {
         assert_eq!(bits(&floats(&row["mean"])), bits(lib.mean(b)), "{b}");
     }
@@ -282,7 +282,9 @@ fn mc_dropout_masks_follow_the_image_not_its_row_or_place() {
     let mut worst = 0.0f32;
     for (c, chunk) in pixels.chunks(7).enumerate() {
         let backwards: Vec<Vec<u8>> = chunk.iter().rev().cloned().collect();
-        let lib = ens.predict_pixels(&unit(&backwards)).unwrap();
+        let lib = ens
+            .predict_pixels(&unit(&backwards), backwards.len())
+            .unwrap();
         for (i, row) in rows[c * 7..][..chunk.len()].iter().enumerate() {
             let b = chunk.len() - 1 - i;
             for (m, p) in row["members"].as_array().unwrap().iter().enumerate() {

@@ -94,7 +94,7 @@ fn round_trip(method: &str, normalize: Normalize) {
     let images = test.batch(&all, None).images;
     // The default chunking is eval's default, so the same images give the same bits.
     let want = eval_probabilities(&ckpt, &test, 256);
-    let got = ens.predict(&images).unwrap();
+    let got = ens.predict(&images, test.len()).unwrap();
     assert_eq!((got.members, got.batch, got.classes), (3, test.len(), 10));
     assert!(
         bits(&got.probs) == bits(&want.probs),
@@ -104,7 +104,7 @@ fn round_trip(method: &str, normalize: Normalize) {
     // The training checkpoint itself loads to the same ensemble.
     let from_checkpoint = Ensemble::load(&ckpt, DeviceSpec::Cpu).unwrap();
     assert_eq!(from_checkpoint.metadata(), ens.metadata());
-    let got_c = from_checkpoint.predict(&images).unwrap();
+    let got_c = from_checkpoint.predict(&images, test.len()).unwrap();
     assert!(
         bits(&got_c.probs) == bits(&want.probs),
         "{method}: from the checkpoint"
@@ -113,7 +113,7 @@ fn round_trip(method: &str, normalize: Normalize) {
         // Chunked alike (eval --eval-batch-size N), still bit for bit.
         ens.set_batch_size(batch);
         let want_b = eval_probabilities(&ckpt, &test, batch);
-        let got_b = ens.predict(&images).unwrap();
+        let got_b = ens.predict(&images, test.len()).unwrap();
         assert!(
             bits(&got_b.probs) == bits(&want_b.probs),
             "{method}, batch {batch}"
@@ -130,12 +130,12 @@ fn round_trip(method: &str, normalize: Normalize) {
     }
     // Predicted in two parts as at once, bit for bit: the chunks fall alike (100 images each).
     ens.set_batch_size(100);
-    let whole = ens.predict(&images).unwrap();
+    let whole = ens.predict(&images, test.len()).unwrap();
     let per_image = images.len() / test.len();
     let cut = 100 * per_image;
     let parts = [
-        ens.predict(&images[..cut]).unwrap(),
-        ens.predict(&images[cut..]).unwrap(),
+        ens.predict(&images[..cut], 100).unwrap(),
+        ens.predict(&images[cut..], test.len() - 100).unwrap(),
     ];
     let member = |p: &loren::ensemble::Prediction, m: usize| {
         p.probs[m * p.batch * 10..][..p.batch * 10].to_vec()
@@ -156,7 +156,7 @@ fn round_trip(method: &str, normalize: Normalize) {
         .flat_map(|i| &images[i * per_image..][..per_image])
         .copied()
         .collect();
-    let moved = ens.predict(&reordered).unwrap();
+    let moved = ens.predict(&reordered, 120).unwrap();
     for m in 0..3 {
         let (got, want) = (member(&moved, m), member(&whole, m));
         for (row, i) in (0..100).rev().chain(150..170).enumerate() {
@@ -171,7 +171,9 @@ fn round_trip(method: &str, normalize: Normalize) {
     }
     ens.set_batch_size(256);
     // Raw pixels through the normalising helper give the same bits.
-    let from_pixels = ens.predict_pixels(&test.images.to_f32()).unwrap();
+    let from_pixels = ens
+        .predict_pixels(&test.images.to_f32(), test.len())
+        .unwrap();
     assert!(
         bits(&from_pixels.probs) == bits(&want.probs),
         "{method}: predict_pixels"
@@ -253,24 +255,24 @@ fn one_ensemble_predicts_from_several_threads_at_once() {
         .splits(&[], ens.vit(), Normalize::Dataset, false)
         .unwrap()
         .test;
-    let parts: Vec<Vec<f32>> = (0..4)
+    let parts: Vec<(Vec<f32>, usize)> = (0..4)
         .map(|i| {
             let idx: Vec<usize> = (i * 40..(i + 1) * 40 + 7 * i).collect();
-            test.batch(&idx, None).images
+            (test.batch(&idx, None).images, idx.len())
         })
         .collect();
     let alone: Vec<Vec<u32>> = parts
         .iter()
-        .map(|p| bits(&ens.predict(p).unwrap().probs))
+        .map(|(p, n)| bits(&ens.predict(p, *n).unwrap().probs))
         .collect();
     let ens = &ens;
     std::thread::scope(|s| {
         let handles: Vec<_> = parts
             .iter()
-            .map(|p| {
+            .map(|(p, n)| {
                 s.spawn(move || {
                     (0..3)
-                        .map(|_| bits(&ens.predict(p).unwrap().probs))
+                        .map(|_| bits(&ens.predict(p, *n).unwrap().probs))
                         .collect::<Vec<_>>()
                 })
             })
@@ -371,7 +373,17 @@ fn predict_rejects_images_of_the_wrong_size() {
     let (_, exported) = train_eval_export("lora", &dir, &[]);
     let ens = Ensemble::load(&exported, DeviceSpec::Cpu).unwrap();
     for bad in [0, 63, 65] {
-        let e = ens.predict(&vec![0.0; bad]).unwrap_err().to_string();
+        let e = ens.predict(&vec![0.0; bad], 1).unwrap_err().to_string();
         assert!(e.contains("[B, 1, 8, 8]"), "{e}");
     }
+    // Images of another size whose values make a whole number of the model's: one 16x16 image
+    // is not four 8x8 ones.
+    let e = ens.predict(&[0.0; 256], 1).unwrap_err().to_string();
+    assert!(
+        e.contains("1 images of [1, 8, 8] are 64 values, got 256"),
+        "{e}"
+    );
+    assert!(ens.predict(&[0.0; 256], 4).is_ok());
+    let e = ens.predict(&[], 0).unwrap_err().to_string();
+    assert!(e.contains("0 images"), "{e}");
 }

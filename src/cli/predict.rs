@@ -166,7 +166,7 @@ fn predict_files(
         let decoded = prefetch(scope, chunks.len(), DEPTH, decode);
         let mut rows = Vec::with_capacity(files.len());
         for (images, chunk) in decoded.zip(&chunks) {
-            let p = ens.predict(&images?)?;
+            let p = ens.predict(&images?, chunk.len())?;
             bar.inc(p.batch);
             // Into rows at once: every member's probabilities over a large set would be M
             // times the memory of the rows, and only the JSON file wants them.
