@@ -9,6 +9,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use loren_autograd::{Tape as RealTape, Var as RealVar, ops};
+use loren_tensor::ops::dropkey::DropKey;
 use loren_tensor::{DType, Device, DeviceSpec, MemTag, MemoryReport, Tensor};
 
 use super::*;
@@ -41,9 +42,12 @@ enum Case {
         gx: usize,
         again: bool,
     },
+    /// `dropped`: MC Dropout's DropKey, a mask per member, so two output groups whatever the
+    /// inputs'.
     Attention {
         gq: usize,
         gkv: usize,
+        dropped: bool,
     },
     LayerNorm {
         gx: usize,
@@ -64,7 +68,7 @@ enum Case {
     CrossEntropy,
 }
 
-const CASES: [Case; 20] = [
+const CASES: [Case; 21] = [
     Case::Linear {
         gx: 1,
         gw: 1,
@@ -98,8 +102,21 @@ const CASES: [Case; 20] = [
     Case::Logits,
     Case::Lora { gx: 1, again: true },
     Case::Lora { gx: 2, again: true },
-    Case::Attention { gq: 2, gkv: 2 },
-    Case::Attention { gq: 1, gkv: 2 },
+    Case::Attention {
+        gq: 2,
+        gkv: 2,
+        dropped: false,
+    },
+    Case::Attention {
+        gq: 1,
+        gkv: 2,
+        dropped: false,
+    },
+    Case::Attention {
+        gq: 1,
+        gkv: 1,
+        dropped: true,
+    },
     Case::LayerNorm {
         gx: 2,
         gw: 2,
@@ -201,7 +218,8 @@ trait World {
         b: &Self::V,
         residual: Option<&Self::V>,
     ) -> Self::V;
-    fn attention(&self, q: &Self::V, k: &Self::V, v: &Self::V) -> Self::V;
+    /// With `dropped`, DropKey's masks for two members.
+    fn attention(&self, q: &Self::V, k: &Self::V, v: &Self::V, dropped: bool) -> Self::V;
     fn layernorm(&self, x: &Self::V, g: &Self::V, b: &Self::V) -> Self::V;
     fn bias_gelu(&self, x: &Self::V, b: &Self::V) -> Self::V;
     fn embed(&self, pe: &Self::V, cls: &Self::V, pos: &Self::V) -> Self::V;
@@ -261,10 +279,10 @@ fn run_case<W: World>(w: W, case: Case) -> [Rise; 2] {
             };
             (y, vec![weight, bias, a0, b0, a1, b1])
         }
-        Case::Attention { gq, gkv } => {
+        Case::Attention { gq, gkv, dropped } => {
             let (q, k, v) = (act(gq, DIM), act(gkv, DIM), act(gkv, DIM));
             w.start();
-            (w.attention(&q, &k, &v), vec![])
+            (w.attention(&q, &k, &v, dropped), vec![])
         }
         Case::LayerNorm { gx, gw, affine } => {
             let x = act(gx, DIM);
@@ -344,8 +362,9 @@ impl World for OnDevice<'_> {
         ops::lora_linear(&self.tape, x, w, Some(bias), a, b, 2.0, r).unwrap()
     }
 
-    fn attention(&self, q: &RealVar, k: &RealVar, v: &RealVar) -> RealVar {
-        ops::attention(&self.tape, q, k, v, HEADS, None).unwrap()
+    fn attention(&self, q: &RealVar, k: &RealVar, v: &RealVar, dropped: bool) -> RealVar {
+        let drop = dropped.then(|| DropKey::new(0.1, 7, 2).unwrap());
+        ops::attention(&self.tape, q, k, v, HEADS, drop).unwrap()
     }
 
     fn layernorm(&self, x: &RealVar, g: &RealVar, b: &RealVar) -> RealVar {
@@ -441,8 +460,14 @@ impl World for Replayed {
         lora_linear(&self.core, &self.tape, x, (w, Some(bias)), (a, b), r)
     }
 
-    fn attention(&self, q: &Var, k: &Var, v: &Var) -> Var {
-        attention(&self.core, &self.tape, [q, k, v], HEADS, None)
+    fn attention(&self, q: &Var, k: &Var, v: &Var, dropped: bool) -> Var {
+        attention(
+            &self.core,
+            &self.tape,
+            [q, k, v],
+            HEADS,
+            dropped.then_some(2),
+        )
     }
 
     fn layernorm(&self, x: &Var, g: &Var, b: &Var) -> Var {
