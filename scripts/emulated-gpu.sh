@@ -17,8 +17,8 @@
 #              blocks against kept ones, bit for bit (~80 s)
 #   recompute-lora  the same for LoRA-Ensemble alone (~30 s)
 #   memprofile tests/memprofile.rs on the GPU: every tag's measured peak against the analytic
-#              model, tiny, LoRA and explicit at M = 1, 2, to the byte; and loren-nn's unit test
-#              of each op's bytes against the model's replay of that op (~10 s)
+#              model, tiny, LoRA and explicit at M = 1, 2, to the byte; and loren-nn's unit tests
+#              of each op's bytes, and an inference pass's, against the model's replay (~10 s)
 #   hopper     kernels, parity and training again on a Hopper (below): the wgmma kernels beside
 #              the mma.sync ones, and the training steps on them (~60 s)
 # LOREN_FAKE_CC=9.0 makes the device a Hopper (sm_90a build, wgmma kernels loaded; LOREN_WGMMA=1
@@ -79,7 +79,7 @@ for suite in ${suites//,/ }; do
         recompute-lora) others recompute on_a_gpu_lora "$@" ;;
         memprofile)
             others memprofile on_a_gpu "$@"
-            cargo test --workspace --exclude loren-kernels --lib "$@" -- --test-threads=1 on_a_gpu_each_op
+            cargo test --workspace --exclude loren-kernels --lib "$@" -- --test-threads=1 memory_model::each_op::on_a_gpu
             ;;
         hopper)
             export LOREN_FAKE_CC=9.0 LOREN_WGMMA=1

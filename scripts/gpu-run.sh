@@ -95,7 +95,7 @@ parity() {
     check "training step against the CPU" "$out/parity.log" 90 $bin/gpu_training --nocapture --test-threads=1
     check "recomputed blocks, bit for bit" "$out/parity.log" 60 $bin/recompute --nocapture --test-threads=1 on_a_gpu
     check "memory by tag against the analytic model" "$out/parity.log" 60 $bin/memprofile_gpu --nocapture --test-threads=1 on_a_gpu
-    check "each op's memory against the analytic model" "$out/parity.log" 30 $bin/memory_ops_gpu --nocapture --test-threads=1 on_a_gpu_each_op
+    check "each op's memory, and an inference pass's, against the analytic model" "$out/parity.log" 30 $bin/memory_ops_gpu --nocapture --test-threads=1 memory_model::each_op::on_a_gpu
     # The same step with the wgmma GEMMs (sm_90a builds only; elsewhere it repeats the above).
     check "training step, wgmma GEMMs" "$out/parity.log" 90 env LOREN_WGMMA=1 $bin/gpu_training --nocapture --test-threads=1
 }

@@ -1923,32 +1923,38 @@ mod tests {
         check(&vit, &ensemble(Method::McDropout, 4, Targets::ALL), 6);
     }
 
-    #[test]
-    fn inference_prediction_matches_predict() {
+    /// An inference pass's peaks on `dev` against the replay at `precision`: LoRA, explicit, and
+    /// MC Dropout with its item keys.
+    pub(super) fn check_inference(dev: &Device, precision: Precision) {
         let vit = VitConfig::tiny();
-        for method in [Method::Lora, Method::Explicit] {
+        for method in [Method::Lora, Method::Explicit, Method::McDropout] {
             let ens = ensemble(method, 4, Targets::ALL);
-            let dev = Device::cpu();
-            let model = Vit::new(&vit, &ens, &dev, 0).unwrap();
+            let model = Vit::new(&vit, &ens, dev, 0).unwrap();
             let b = 8;
-            let images = loren_tensor::Tensor::from_vec(
-                random_batch(&vit, b).images,
+            let pixels = random_batch(&vit, b).images;
+            let keys = model.image_keys(&pixels);
+            let images = loren_tensor::Tensor::from_vec_as(
+                pixels,
                 [b, 1, 8, 8],
+                dev.compute_dtype(),
                 MemTag::Workspace,
-                &dev,
+                dev,
             )
             .unwrap();
             dev.memory().reset_peaks();
-            drop(model.predict(&images, &[]).unwrap());
+            drop(model.predict(&images, &keys).unwrap());
             let r = dev.memory().report();
-            let p = predict(&vit, &ens, b, 2, Precision::CPU, Activations::Keep).unwrap();
+            let p = predict(&vit, &ens, b, 2, precision, Activations::Keep).unwrap();
+            for tag in MemTag::ALL {
+                assert_eq!(p.inference.peak.get(tag), r.peak(tag), "{method} {tag}");
+            }
             assert_eq!(p.inference.total_peak, r.total_peak, "{method}");
-            assert_eq!(
-                p.inference.peak.get(MemTag::Activations),
-                r.peak(MemTag::Activations),
-                "{method}"
-            );
         }
+    }
+
+    #[test]
+    fn inference_prediction_matches_predict() {
+        check_inference(&Device::cpu(), Precision::CPU);
     }
 
     #[test]

@@ -555,3 +555,13 @@ fn on_a_gpu_each_op_books_what_the_replay_books() {
     let dev = DeviceSpec::Cuda(0).open().unwrap();
     check_each_op(&dev, Precision::GPU_BF16);
 }
+
+#[test]
+fn on_a_gpu_an_inference_pass_books_what_the_replay_books() {
+    if let Err(e) = loren_kernels::cuda_available() {
+        loren_kernels::skip_without_gpu(format!("no CUDA device ({e})"));
+        return;
+    }
+    let dev = DeviceSpec::Cuda(0).open().unwrap();
+    super::tests::check_inference(&dev, Precision::GPU_BF16);
+}
