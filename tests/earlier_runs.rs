@@ -604,6 +604,19 @@ fn metadata_describing_a_model_its_tensors_cannot_hold_are_refused() {
     ] {
         refused(&args, &["33554432 members", "do not match the tensors"]);
     }
+    // Past what loren builds at all, each command names the file whose metadata say so.
+    let ckpt = trained_run_edited("crafted-huge", |m| {
+        set_json(m, "ensemble", "members", 1u64 << 40)
+    });
+    let c = ckpt.to_str().unwrap();
+    for args in [
+        vec!["eval", "--checkpoint", c, "--no-shift", "--no-ood"],
+        vec!["predict", "--model", c, examples.to_str().unwrap()],
+        vec!["export", "--checkpoint", c, "--out", out.to_str().unwrap()],
+        vec!["train", "--resume", c, "--epochs", "3", "-q"],
+    ] {
+        refused(&args, &[c, "more than loren builds"]);
+    }
     // An image side of 2^16 pixels in patches of 2 is refused before the position embedding is
     // resampled to it.
     let ckpt = trained_run_edited("crafted-image", |m| {

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 
 use super::args::{
@@ -119,7 +119,13 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     // Checked before the data is brought to the model's image size: a corrupt size would be
     // allocated for every image.
     file.meta_json::<EnsembleConfig>("ensemble")?
-        .validate(&vit)?;
+        .validate(&vit)
+        .with_context(|| {
+            format!(
+                "{}: the ensemble its metadata describe",
+                file.path().display()
+            )
+        })?;
     // The same cut either way: eval scores only the test part and the held-out classes.
     let train_on_val = recorded_train_on_val(meta)?;
     let data = splits(&data_args, &vit, train_on_val)?;

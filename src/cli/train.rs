@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::{ArgMatches, Args, Parser};
 
 use super::say;
@@ -190,6 +190,13 @@ fn with_saved_settings(
 ) -> Result<TrainArgs> {
     let vit: VitConfig = file.meta_json("vit")?;
     let ens: EnsembleConfig = file.meta_json("ensemble")?;
+    // Corrupt or crafted metadata is the file's fault, and named so.
+    ens.validate(&vit).with_context(|| {
+        format!(
+            "{}: the ensemble its metadata describe",
+            file.path().display()
+        )
+    })?;
     let train: TrainConfig = file.meta_json("train")?;
     let meta = file.metadata();
     let mut r = a.clone();
