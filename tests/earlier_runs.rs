@@ -617,6 +617,17 @@ fn metadata_describing_a_model_its_tensors_cannot_hold_are_refused() {
     ] {
         refused(&args, &[c, "more than loren builds"]);
     }
+    // A resumed run's saved training settings likewise.
+    let ckpt = trained_run_edited("crafted-batch", |m| set_json(m, "train", "batch_size", 0));
+    let c = ckpt.to_str().unwrap();
+    refused(
+        &["train", "--resume", c, "--epochs", "3", "-q"],
+        &[
+            c,
+            "describe no run loren trains",
+            "batch size must be at least 1",
+        ],
+    );
     // An image side of 2^16 pixels in patches of 2 is refused before the position embedding is
     // resampled to it.
     let ckpt = trained_run_edited("crafted-image", |m| {

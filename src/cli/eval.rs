@@ -122,7 +122,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         .validate(&vit)
         .with_context(|| {
             format!(
-                "{}: the ensemble its metadata describe",
+                "{}: its metadata describe no model loren builds",
                 file.path().display()
             )
         })?;

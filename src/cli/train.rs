@@ -190,14 +190,16 @@ fn with_saved_settings(
 ) -> Result<TrainArgs> {
     let vit: VitConfig = file.meta_json("vit")?;
     let ens: EnsembleConfig = file.meta_json("ensemble")?;
+    let train: TrainConfig = file.meta_json("train")?;
     // Corrupt or crafted metadata is the file's fault, and named so.
-    ens.validate(&vit).with_context(|| {
+    let corrupt = || {
         format!(
-            "{}: the ensemble its metadata describe",
+            "{}: its metadata describe no run loren trains",
             file.path().display()
         )
-    })?;
-    let train: TrainConfig = file.meta_json("train")?;
+    };
+    ens.validate(&vit).with_context(corrupt)?;
+    train.validate().with_context(corrupt)?;
     let meta = file.metadata();
     let mut r = a.clone();
     let (m, e, o) = (&mut r.model, &mut r.ensemble, &mut r.optim);
