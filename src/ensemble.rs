@@ -362,9 +362,13 @@ impl Ensemble {
         ensure!(
             self.norm_mean.len() == c
                 && self.norm_std.len() == c
-                && self.norm_std.iter().all(|s| *s > 0.0),
-            "{}: norm_mean and norm_std need {c} values each, std positive",
-            path.display()
+                && self.norm_mean.iter().all(|m| m.is_finite())
+                && self.norm_std.iter().all(|s| s.is_finite() && *s > 0.0),
+            "{}: norm_mean and norm_std need {c} finite values each, std positive (got {:?} and \
+             {:?})",
+            path.display(),
+            self.norm_mean,
+            self.norm_std
         );
         ensure!(
             self.class_names.len() == classes,

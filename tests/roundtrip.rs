@@ -367,6 +367,36 @@ fn export_and_load_refuse_the_wrong_files() {
     assert!(e.contains("absent.safetensors"), "{e}");
 }
 
+/// An exported file whose normalisation is not finite (or whose std is not positive) is the
+/// file's fault, named when it is loaded, not an input that turned infinite in `predict`.
+#[test]
+fn an_exported_file_with_a_broken_normalisation_is_refused_on_loading() {
+    use loren_nn::checkpoint::write;
+    let dir = temp_dir("norm");
+    let (_, exported) = train_eval_export("lora", &dir, &[]);
+    let file = TensorFile::read(&exported).unwrap();
+    let tensors: Vec<_> = file
+        .names()
+        .map(|n| (n.to_string(), file.get(n).unwrap().clone()))
+        .collect();
+    for (key, value) in [
+        ("norm_mean", "[1e39]"),
+        ("norm_std", "[1e39]"),
+        ("norm_std", "[0.0]"),
+    ] {
+        let mut meta = file.metadata().clone();
+        meta.insert(key.into(), value.into());
+        let broken = dir.join("broken.safetensors");
+        write(&broken, &tensors, meta).unwrap();
+        let e = Ensemble::load(&broken, DeviceSpec::Cpu).unwrap_err();
+        assert!(
+            matches!(e, loren::EnsembleError::File { .. }),
+            "{key} {value}: {e:?}"
+        );
+        assert!(e.to_string().contains("finite values each"), "{e}");
+    }
+}
+
 #[test]
 fn predict_rejects_images_of_the_wrong_size() {
     let dir = temp_dir("size");
