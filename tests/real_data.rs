@@ -437,6 +437,43 @@ fn a_resumed_run_needs_the_same_training_images_wherever_they_are() {
             "resume with the same data",
         ],
     );
+    // A checkpoint from before the training images were recorded: the same kind of data at
+    // another path is still taken with a note, but another kind is refused by its name.
+    let old = dir.join("old");
+    std::fs::create_dir_all(&old).unwrap();
+    let file = TensorFile::read(&out.join("checkpoint.safetensors")).unwrap();
+    let tensors: Vec<(String, Entry)> = file
+        .names()
+        .map(|n| (n.to_string(), file.get(n).unwrap().clone()))
+        .collect();
+    let mut meta = file.metadata().clone();
+    assert!(meta.remove("training_images").is_some());
+    checkpoint::write(&old.join("checkpoint.safetensors"), &tensors, meta).unwrap();
+    let resume_old = |data: &str, to: &str| {
+        let (o, r) = (dir.join(to), old.to_str().unwrap().to_string());
+        let args = [
+            "train",
+            "--resume",
+            &r,
+            "--epochs",
+            "2",
+            "--data",
+            data,
+            "--out",
+            o.to_str().unwrap(),
+        ];
+        args.map(String::from).to_vec()
+    };
+    let (ok, _, err) = loren(&strs(&resume_old(&arg(&moved), "old-moved")));
+    assert!(ok && err.contains("taken to be the same data"), "{err}");
+    fails_with(
+        &strs(&resume_old("digits", "old-digits")),
+        &[
+            "with data 'folder:",
+            "not 'digits'",
+            "resume with the same data",
+        ],
+    );
 }
 
 /// `--ood-data` scores OOD detection against other datasets, each brought to the model: CIFAR's
