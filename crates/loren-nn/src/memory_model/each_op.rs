@@ -546,22 +546,25 @@ fn each_op_books_on_the_cpu_what_the_replay_books() {
     check_each_op(&Device::cpu(), Precision::CPU);
 }
 
-#[test]
-fn on_a_gpu_each_op_books_what_the_replay_books() {
+/// GPU 0, or none (said to be skipped) where there is no GPU.
+fn gpu() -> Option<Device> {
     if let Err(e) = loren_kernels::cuda_available() {
         loren_kernels::skip_without_gpu(format!("no CUDA device ({e})"));
-        return;
+        return None;
     }
-    let dev = DeviceSpec::Cuda(0).open().unwrap();
-    check_each_op(&dev, Precision::GPU_BF16);
+    Some(DeviceSpec::Cuda(0).open().unwrap())
+}
+
+#[test]
+fn on_a_gpu_each_op_books_what_the_replay_books() {
+    if let Some(dev) = gpu() {
+        check_each_op(&dev, Precision::GPU_BF16);
+    }
 }
 
 #[test]
 fn on_a_gpu_an_inference_pass_books_what_the_replay_books() {
-    if let Err(e) = loren_kernels::cuda_available() {
-        loren_kernels::skip_without_gpu(format!("no CUDA device ({e})"));
-        return;
+    if let Some(dev) = gpu() {
+        super::tests::check_inference(&dev, Precision::GPU_BF16);
     }
-    let dev = DeviceSpec::Cuda(0).open().unwrap();
-    super::tests::check_inference(&dev, Precision::GPU_BF16);
 }
