@@ -1158,15 +1158,19 @@ fn backward(core: &Rc<Core>, rec: Rec, dy: Rc<Buf>, sink: &mut Sink) {
                 dx
             });
             // The GPU's partial sums of dA and dB where few members leave rows to split.
-            let partials = lora_grads_workspace_len(&LoraDims {
-                members: m,
-                x_groups: gx,
-                rows,
-                k,
-                n,
-                rank: r,
-            });
-            let partials = (core.gpu() && adapters && partials > 0).then(|| core.scratch(partials));
+            let partials = (core.gpu() && adapters)
+                .then(|| {
+                    lora_grads_workspace_len(&LoraDims {
+                        members: m,
+                        x_groups: gx,
+                        rows,
+                        k,
+                        n,
+                        rank: r,
+                    })
+                })
+                .filter(|&len| len > 0)
+                .map(|len| core.scratch(len));
             drop((v, partials));
             drop((dy, dx_plus));
             sink.add_opt(x_node, dx);
