@@ -8,9 +8,9 @@ use std::sync::OnceLock;
 
 mod common;
 mod svg_check;
-use common::{fails_with, loren, loren_in, report_json, strs, temp_dir};
+use common::{all_tensors, fails_with, loren, loren_in, report_json, strs, temp_dir};
 
-use loren_nn::checkpoint::{Entry, TensorFile, write};
+use loren_nn::checkpoint::{TensorFile, write};
 
 /// The command fails with one error line holding every needle, having printed nothing else
 /// (with -q, a run that trained or evaluated first would have printed its report).
@@ -709,13 +709,6 @@ fn a_paper_augmentation_from_before_nearest_sampling_resumes_as_it_was() {
     assert_eq!(resumed["epochs"], 2);
     assert_eq!(resumed["augment"]["sampling"], "bilinear");
     assert_eq!(resumed["augment"]["max_rotation_deg"], 90.0);
-}
-
-/// Every tensor of `file`, to write again with a change.
-fn all_tensors(file: &TensorFile) -> Vec<(String, Entry)> {
-    file.names()
-        .map(|n| (n.to_string(), file.get(n).unwrap().clone()))
-        .collect()
 }
 
 /// The bundled backbone with one weight changed, as a backbone pretrained again would differ.

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{fails_with, loren, report_json, run_ok, run_ok_in, strs, temp_dir};
+use common::{all_tensors, fails_with, loren, report_json, run_ok, run_ok_in, strs, temp_dir};
 
 use loren_nn::checkpoint::{self, Entry, TensorFile};
 use loren_nn::config::VitConfig;
@@ -442,10 +442,7 @@ fn a_resumed_run_needs_the_same_training_images_wherever_they_are() {
     let old = dir.join("old");
     std::fs::create_dir_all(&old).unwrap();
     let file = TensorFile::read(&out.join("checkpoint.safetensors")).unwrap();
-    let tensors: Vec<(String, Entry)> = file
-        .names()
-        .map(|n| (n.to_string(), file.get(n).unwrap().clone()))
-        .collect();
+    let tensors = all_tensors(&file);
     let mut meta = file.metadata().clone();
     assert!(meta.remove("training_images").is_some());
     checkpoint::write(&old.join("checkpoint.safetensors"), &tensors, meta).unwrap();

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{loren, run_ok, temp_dir};
+use common::{all_tensors, loren, run_ok, temp_dir};
 
 use loren::Ensemble;
 use loren::backbone::read_backbone;
@@ -375,10 +375,7 @@ fn an_exported_file_with_a_broken_normalisation_is_refused_on_loading() {
     let dir = temp_dir("norm");
     let (_, exported) = train_eval_export("lora", &dir, &[]);
     let file = TensorFile::read(&exported).unwrap();
-    let tensors: Vec<_> = file
-        .names()
-        .map(|n| (n.to_string(), file.get(n).unwrap().clone()))
-        .collect();
+    let tensors = all_tensors(&file);
     for (key, value) in [
         ("norm_mean", "[1e39]"),
         ("norm_std", "[1e39]"),

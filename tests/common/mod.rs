@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use loren_nn::checkpoint::{Entry, TensorFile};
+
 /// `loren args` run from `cwd`: whether it succeeded, its stdout and its stderr.
 pub fn loren_in(cwd: &Path, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_loren"))
@@ -75,4 +77,11 @@ pub fn report_json(dir: &Path) -> serde_json::Value {
 
 pub fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
+}
+
+/// Every tensor of `file`, by name: to write it again with other metadata.
+pub fn all_tensors(file: &TensorFile) -> Vec<(String, Entry)> {
+    file.names()
+        .map(|n| (n.to_string(), file.get(n).unwrap().clone()))
+        .collect()
 }
