@@ -16,8 +16,10 @@
 //! - **Metadata** (strings): `format` = `loren-ensemble-v1`; `vit` and `ensemble`, the configs as
 //!   JSON (width, depth, heads, LayerNorm eps; method, members, rank, scale, targets, drop_key);
 //!   `layout` = `shared` or `stacked`; `norm_mean` and `norm_std`, JSON arrays, the per-channel
-//!   normalisation the inputs need; `class_names`, a JSON array; `data`, `holdout_classes` and
-//!   `backbone`, where they came from.
+//!   normalisation the inputs need; `class_names`, a JSON array; `data`, `holdout_classes`,
+//!   `normalize`, `train_on_val` and `backbone`, the data and weights it came from, as `loren
+//!   eval` rebuilds them; `train`, the training settings as JSON (from checkpoints that record
+//!   them).
 //!
 //! The forward pass is a pre-norm ViT: tokens = [class token; patches·Wᵀ + b] + pos_embed, then
 //! per block `x += o(attn(norm1(x)))`, `x += fc2(gelu(fc1(norm2(x))))` (exact erf GELU), then
@@ -286,58 +288,14 @@ impl Ensemble {
         }
         let file = TensorFile::read(path).map_err(|e| EnsembleError::file(path, e))?;
         let device = device.open().map_err(EnsembleError::Device)?;
-        let read = match file.metadata().get("format").map(String::as_str) {
-            Some(FORMAT) => Ensemble::from_export(&file, backbone, &device),
-            _ => Ensemble::from_checkpoint(&file, backbone, &device),
+        let model = load_network(&file, backbone, &device)?;
+        let metadata = match is_export(&file) {
+            true => Ok(file.metadata().clone()),
+            false => export_metadata(&file, &model),
         };
-        read.map_err(|e| EnsembleError::loading(path, e))
-    }
-
-    /// The ensemble a file written by [`export`] holds.
-    fn from_export(
-        file: &TensorFile,
-        backbone: Option<&Path>,
-        device: &Device,
-    ) -> anyhow::Result<Ensemble> {
-        let path = file.path();
-        if let Some(b) = backbone {
-            bail!(
-                "{} is an exported ensemble, which holds its own backbone, but another was \
-                 given ({}): give none",
-                path.display(),
-                b.display()
-            );
-        }
-        let vit: VitConfig = file.meta_json("vit")?;
-        let ens: EnsembleConfig = file.meta_json("ensemble")?;
-        loren_nn::train::check_described_model(&vit, &ens, file, file.values())?;
-        let mut model = Vit::new(&vit, &ens, device, 0)?;
-        match file.meta("layout")? {
-            "shared" => model.load_shared_weights(file)?,
-            "stacked" => model.load_tensors(file, |name, _| Vit::is_backbone(name))?,
-            other => bail!("{}: unknown layout '{other}'", path.display()),
-        }
-        model.load_tensors(file, |name, _| !Vit::is_backbone(name))?;
-        Ensemble::assemble(model, file.metadata().clone(), path)
-    }
-
-    /// The ensemble a training checkpoint holds: the model [`export`] writes, without the file.
-    fn from_checkpoint(
-        file: &TensorFile,
-        backbone: Option<&Path>,
-        device: &Device,
-    ) -> anyhow::Result<Ensemble> {
-        if check_format(file).is_err() {
-            bail!(
-                "{}: neither an ensemble written by loren export nor a training checkpoint",
-                file.path().display()
-            );
-        }
-        let vit: VitConfig = file.meta_json("vit")?;
-        let frozen = checkpoint_backbone(file, backbone, &vit)?;
-        let model = load_trained(file, frozen.as_ref(), device)?;
-        let metadata = export_metadata(file, &model)?;
-        Ensemble::assemble(model, metadata, file.path())
+        metadata
+            .and_then(|m| Ensemble::assemble(model, m, path))
+            .map_err(|e| EnsembleError::loading(path, e))
     }
 
     fn assemble(
@@ -555,6 +513,69 @@ impl Ensemble {
     }
 }
 
+/// Whether `file` is an ensemble [`export`] wrote (rather than a training checkpoint).
+pub fn is_export(file: &TensorFile) -> bool {
+    file.metadata().get("format").is_some_and(|f| f == FORMAT)
+}
+
+/// The network `file` holds, on `device`: an ensemble [`export`] wrote, or a training
+/// checkpoint with its backbone (`backbone`, or the path the checkpoint recorded). What
+/// [`Ensemble::open`] predicts with, and what `loren eval` scores.
+pub fn load_network(
+    file: &TensorFile,
+    backbone: Option<&Path>,
+    device: &Device,
+) -> Result<Vit, EnsembleError> {
+    let read = match is_export(file) {
+        true => network_of_export(file, backbone, device),
+        false => network_of_checkpoint(file, backbone, device),
+    };
+    read.map_err(|e| EnsembleError::loading(file.path(), e))
+}
+
+fn network_of_export(
+    file: &TensorFile,
+    backbone: Option<&Path>,
+    device: &Device,
+) -> anyhow::Result<Vit> {
+    let path = file.path();
+    if let Some(b) = backbone {
+        bail!(
+            "{} is an exported ensemble, which holds its own backbone, but another was given \
+             ({}): give none",
+            path.display(),
+            b.display()
+        );
+    }
+    let vit: VitConfig = file.meta_json("vit")?;
+    let ens: EnsembleConfig = file.meta_json("ensemble")?;
+    loren_nn::train::check_described_model(&vit, &ens, file, file.values())?;
+    let mut model = Vit::new(&vit, &ens, device, 0)?;
+    match file.meta("layout")? {
+        "shared" => model.load_shared_weights(file)?,
+        "stacked" => model.load_tensors(file, |name, _| Vit::is_backbone(name))?,
+        other => bail!("{}: unknown layout '{other}'", path.display()),
+    }
+    model.load_tensors(file, |name, _| !Vit::is_backbone(name))?;
+    Ok(model)
+}
+
+fn network_of_checkpoint(
+    file: &TensorFile,
+    backbone: Option<&Path>,
+    device: &Device,
+) -> anyhow::Result<Vit> {
+    if check_format(file).is_err() {
+        bail!(
+            "{}: neither an ensemble written by loren export nor a training checkpoint",
+            file.path().display()
+        );
+    }
+    let vit: VitConfig = file.meta_json("vit")?;
+    let frozen = checkpoint_backbone(file, backbone, &vit)?;
+    Ok(load_trained(file, frozen.as_ref(), device)?)
+}
+
 /// What [`export`] wrote.
 #[derive(Clone, Debug)]
 pub struct ExportSummary {
@@ -615,16 +636,16 @@ pub fn export(
             ),
         ));
     }
-    let ens = Ensemble::from_checkpoint(&file, backbone, &Device::cpu())
-        .map_err(|e| EnsembleError::loading(checkpoint, e))?;
-    let model = &ens.model;
+    let model = &load_network(&file, backbone, &Device::cpu())?;
+    let metadata =
+        export_metadata(&file, model).map_err(|e| EnsembleError::loading(checkpoint, e))?;
     let mut tensors = if is_stacked(model) {
         model.tensors(|name, _| Vit::is_backbone(name))?
     } else {
         model.backbone_tensors()?
     };
     tensors.extend(model.tensors(|name, _| !Vit::is_backbone(name))?);
-    checkpoint::write(out, &tensors, ens.metadata.clone())
+    checkpoint::write(out, &tensors, metadata)
         .map_err(|e| EnsembleError::output(out, e.to_string()))?;
     Ok(ExportSummary {
         path: out.to_path_buf(),
@@ -681,7 +702,11 @@ fn export_metadata(file: &TensorFile, model: &Vit) -> anyhow::Result<HashMap<Str
             "backbone".to_string(),
             meta.get("backbone").cloned().unwrap_or_default(),
         ),
-    ]))
+    ])
+    .into_iter()
+    // How it was trained, for `loren eval`'s record of what it scored.
+    .chain(meta.get("train").map(|t| ("train".to_string(), t.clone())))
+    .collect())
 }
 
 /// The normalisation and class names of a checkpoint that predates their record (or was written

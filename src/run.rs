@@ -184,6 +184,21 @@ pub fn checkpoint_in(path: &Path) -> PathBuf {
 /// The training checkpoint `flag` names (by `--resume`, `--checkpoint`): a folder given for one
 /// is one without a checkpoint.safetensors, the file `loren train` writes.
 pub fn read_checkpoint(path: &Path, flag: &str) -> Result<TensorFile> {
+    let file = read_model(path, flag)?;
+    if crate::ensemble::is_export(&file) {
+        bail!(
+            "{flag} {}: an ensemble loren export wrote, which keeps the trained weights but not \
+             the optimizer's state or the run's place: name the training checkpoint it was \
+             exported from",
+            path.display()
+        );
+    }
+    Ok(file)
+}
+
+/// A trained model `flag` names (`eval --checkpoint`): a training checkpoint, as
+/// [`read_checkpoint`] takes it, or an ensemble `loren export` wrote.
+pub fn read_model(path: &Path, flag: &str) -> Result<TensorFile> {
     if path.is_dir() {
         bail!(
             "{flag} {}: a folder with no checkpoint.safetensors in it",
@@ -191,7 +206,9 @@ pub fn read_checkpoint(path: &Path, flag: &str) -> Result<TensorFile> {
         );
     }
     let file = TensorFile::read(path).context(flag.to_string())?;
-    check_format(&file).context(flag.to_string())?;
+    if !crate::ensemble::is_export(&file) {
+        check_format(&file).context(flag.to_string())?;
+    }
     Ok(file)
 }
 

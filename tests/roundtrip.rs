@@ -218,6 +218,27 @@ fn round_trip(method: &str, normalize: Normalize) {
             "{key}"
         );
     }
+    // `loren eval` scores the exported file as it scored the checkpoint: the same figures to
+    // the last digit, and the same record of how it was trained and on what.
+    let again = dir.join("eval-of-export");
+    run_ok(&[
+        "eval",
+        "--checkpoint",
+        exported.to_str().unwrap(),
+        "--out",
+        again.to_str().unwrap(),
+        "--no-shift",
+        "--no-ood",
+        "-q",
+    ]);
+    let mut of_export: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(again.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(of_export["checkpoint"], exported.to_str().unwrap());
+    let mut of_checkpoint = report;
+    for r in [&mut of_export, &mut of_checkpoint] {
+        r.as_object_mut().unwrap().remove("checkpoint");
+    }
+    assert!(of_export == of_checkpoint, "{method}: eval of the export");
 }
 
 #[test]
@@ -328,6 +349,7 @@ fn the_exported_file_records_the_data_it_was_trained_on() {
         "backbone",
         "train_on_val",
         "normalize",
+        "train",
     ] {
         assert_eq!(file.meta(key).unwrap(), trained.meta(key).unwrap(), "{key}");
     }
@@ -352,6 +374,20 @@ fn export_and_load_refuse_the_wrong_files() {
         !ok && err.contains("not a loren training checkpoint"),
         "{err}"
     );
+    // An export keeps no optimizer state: resuming or exporting it names what it is.
+    let (_, exported) = train_eval_export("lora", &dir, &[]);
+    let e = exported.to_str().unwrap();
+    for args in [
+        vec!["train", "--resume", e, "--epochs", "2"],
+        vec!["export", "--checkpoint", e, "--out", out.to_str().unwrap()],
+    ] {
+        let (ok, _, err) = loren(&args);
+        assert!(
+            !ok && err.contains("an ensemble loren export wrote")
+                && err.contains("name the training checkpoint it was exported from"),
+            "{args:?}: {err}"
+        );
+    }
     let e = Ensemble::load(&backbone, DeviceSpec::Cpu)
         .err()
         .unwrap()

@@ -13,17 +13,16 @@ use super::args::{
 use serde::Serialize;
 
 use super::say;
-use loren::backbone::checkpoint_backbone;
 use loren::dataset::{Normalize, recorded_train_on_val};
+use loren::ensemble::load_network;
 use loren::progress::{EvalBar, Verbosity};
 use loren::report::{calibration_report, method_title};
-use loren::run::{RunSettings, read_checkpoint};
+use loren::run::{RunSettings, read_model};
 use loren_nn::checkpoint::write_atomic;
 use loren_nn::config::{EnsembleConfig, VitConfig};
 use loren_nn::eval::{EvalReport, ScoredSet, eval_images, evaluate, predict};
 use loren_nn::metrics::fit_temperature;
 use loren_nn::reliability::reliability_svg;
-use loren_nn::train::load_trained;
 
 use loren::outputs::writable_dir;
 
@@ -35,7 +34,8 @@ use loren::outputs::writable_dir;
 pub struct EvalArgs {
     #[command(flatten)]
     pub common: Common,
-    /// A checkpoint written by `loren train`, or the folder it is in.
+    /// A checkpoint written by `loren train` (or the folder it is in), or an ensemble written by
+    /// `loren export`.
     #[arg(long, value_parser = checkpoint_arg)]
     pub checkpoint: PathBuf,
     /// The backbone the checkpoint was trained from (default: the path recorded in it).
@@ -57,7 +57,8 @@ struct EvalFile<'a> {
     checkpoint: String,
     device: String,
     batch_size: usize,
-    settings: RunSettings,
+    /// None for an export written before exports recorded them.
+    settings: Option<RunSettings>,
 }
 
 pub fn eval(a: &EvalArgs) -> Result<()> {
@@ -71,12 +72,14 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     };
     a.data.check()?;
     // The checkpoint first: a file that is not one is named as such, and its folder left alone.
-    let file = read_checkpoint(&a.checkpoint, "--checkpoint")?;
+    let file = read_model(&a.checkpoint, "--checkpoint")?;
     writable_dir(&out, "--out")?;
     // The data it was trained on, unless the command line says otherwise.
     let meta = file.metadata();
     let mut data_args = a.data.clone();
-    if let (Some(given), Some(trained_on)) = (&a.data.data, meta.get("data")) {
+    // An export from a checkpoint that recorded no data records it as "".
+    let recorded_data = meta.get("data").filter(|d| !d.is_empty());
+    if let (Some(given), Some(trained_on)) = (&a.data.data, recorded_data) {
         // Other data is a fair question (a shifted copy of the same classes, say), asked aloud.
         if given != trained_on && a.common.verbosity() == Verbosity::Normal {
             loren::note!(
@@ -85,7 +88,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             );
         }
     }
-    data_args.data = data_args.data.or_else(|| meta.get("data").cloned());
+    data_args.data = data_args.data.or_else(|| recorded_data.cloned());
     let recorded = saved_holdout_classes(meta)?;
     // The heads know the classes left after the holdout, in order: other held-out classes would
     // score them against the wrong labels.
@@ -129,9 +132,8 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     // The same cut either way: eval scores only the test part and the held-out classes.
     let train_on_val = recorded_train_on_val(meta)?;
     let data = splits(&data_args, &vit, train_on_val)?;
-    let backbone = checkpoint_backbone(&file, a.backbone.as_deref(), &vit)?;
     let device = a.common.device()?.open()?;
-    let model = load_trained(&file, backbone.as_ref(), &device)?;
+    let model = load_network(&file, a.backbone.as_deref(), &device)?;
     // Before the validation part is scored, whose labels would be the first to fall outside.
     if data.test.classes != model.ensemble.classes {
         anyhow::bail!(
@@ -194,12 +196,19 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         checkpoint: a.checkpoint.display().to_string(),
         device: device.to_string(),
         batch_size: opts.batch_size,
-        settings: RunSettings::of_checkpoint(
-            &file,
-            data_metadata(&data_args, train_on_val)
-                .into_iter()
-                .collect(),
-        )?,
+        // An export records its training settings where its checkpoint did.
+        settings: file
+            .metadata()
+            .contains_key("train")
+            .then(|| {
+                RunSettings::of_checkpoint(
+                    &file,
+                    data_metadata(&data_args, train_on_val)
+                        .into_iter()
+                        .collect(),
+                )
+            })
+            .transpose()?,
     };
     write_atomic(&json, serde_json::to_string_pretty(&written)?.as_bytes())?;
     let svg = out.join("eval-reliability.svg");

@@ -64,7 +64,8 @@ enum Command {
     /// DIR/checkpoint.safetensors (trainable weights, optimizer state and position, for --resume
     /// and eval).
     Train(train::TrainArgs),
-    /// Evaluate a checkpoint written by `train`: calibration, shift and OOD detection.
+    /// Evaluate a checkpoint written by `train`, or an ensemble written by `export`: calibration,
+    /// shift and OOD detection.
     Eval(eval::EvalArgs),
     /// Train single, single-lora, mc-dropout, explicit and lora with the same backbone, data, seed
     /// and budget, and print them side by side (also written to DIR/compare.json).
