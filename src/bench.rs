@@ -835,10 +835,24 @@ fn measure(
 
 /// Run the bench. `progress` is told what is about to run.
 pub fn run_bench(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
+    plan_bench(o)?.run(progress)
+}
+
+/// A bench checked whole and ready to measure.
+pub struct BenchPlan<'a> {
+    o: &'a BenchOptions,
+    probe: Device,
+    configs: Vec<String>,
+    vits: Vec<VitConfig>,
+    members: Vec<usize>,
+}
+
+/// Everything a bench can refuse, refused before anything is measured: the options, the
+/// device, a bad rank or class count, and a size the engine does not build (for every row,
+/// so that no row measured is lost to a later one), and the peak GEMM's size.
+pub fn plan_bench(o: &BenchOptions) -> Result<BenchPlan<'_>> {
     validate(o)?;
     let probe = o.device.open()?;
-    let is_cpu = probe.is_cpu();
-    let defaulted = o.configs.is_none();
     let configs = o.configs.clone().unwrap_or_else(|| default_configs(&probe));
     let vits = configs
         .iter()
@@ -847,7 +861,7 @@ pub fn run_bench(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Ben
     let mut members = o.members.clone();
     members.sort_unstable();
     members.dedup();
-    // A bad rank or class count is refused now, not after the peak's measurement.
+    let prec = precision(&probe);
     for (vit, &method) in vits
         .iter()
         .flat_map(|v| o.methods.iter().map(move |m| (v, m)))
@@ -855,176 +869,213 @@ pub fn run_bench(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Ben
         ensemble(o, method, members[0])
             .validate(vit)
             .with_context(|| format!("{method} on {}", vit.name))?;
-    }
-
-    let note = if is_cpu {
-        let mut n =
-            "CPU figures: f32, accounted bytes, wall clock on a machine that may be shared."
-                .to_string();
-        if defaulted {
-            n.push_str(
-                " Config defaulted to tiny on the CPU (ViT-B takes seconds per member-step \
-                 here); pass --config vit-b-32 to time it.",
-            );
+        for &m in &members {
+            memory_model::predict(
+                vit,
+                &ensemble(o, method, m),
+                o.batch,
+                2,
+                prec,
+                o.activations,
+            )?;
         }
-        n
-    } else {
-        "GPU figures: bf16 weight matrices and activations, f32 trainable state; wall clock \
-         after device synchronisation."
-            .to_string()
-    };
-
-    let peak_size = o.peak_size.unwrap_or(if is_cpu { 2048 } else { 8192 });
+    }
     check_peak_size(
         &probe,
-        peak_size,
+        peak_size(o, &probe),
         budget_for(&probe, o.memory_budget).as_ref(),
     )?;
-    progress(&format!("measuring the peak: {0}x{0}x{0} GEMM", peak_size));
-    let (peak, peak_error) = match measure_peak(&probe, peak_size, 5) {
-        Ok(p) => (Some(p), None),
-        Err(e) => (None, Some(format!("{e:#}"))),
-    };
-    let budget = budget_for(&probe, o.memory_budget);
-    let prec = precision(&probe);
-    let device_name = probe.name();
-    drop(probe);
+    Ok(BenchPlan {
+        o,
+        probe,
+        configs,
+        vits,
+        members,
+    })
+}
 
-    let mut rows = Vec::new();
-    for vit in &vits {
-        for &method in &o.methods {
-            let mut failed_at: Option<usize> = None;
-            for &m in &members {
-                let ens = ensemble(o, method, m);
-                let model = memory_model::predict(vit, &ens, o.batch, 2, prec, o.activations)?;
-                let mut row = BenchRow {
-                    config: vit.name.clone(),
-                    method,
-                    members: m,
-                    batch: o.batch,
-                    rank: method.uses_lora().then_some(o.rank),
-                    status: "ok".into(),
-                    note: None,
-                    train: None,
-                    inference: None,
-                    images_per_s: None,
-                    member_images_per_s: None,
-                    inference_images_per_s: None,
-                    train_flops: model.train_flops,
-                    inference_flops: model.inference_flops,
-                    train_flops_per_s: None,
-                    train_mfu: None,
-                    inference_flops_per_s: None,
-                    inference_mfu: None,
-                    train_memory: None,
-                    inference_peak: None,
-                    predicted_train_peak: model.train.total_peak,
-                    predicted_inference_peak: model.inference.total_peak,
-                    predicted_need: 0,
-                    device_memory_used: None,
-                    trainable_params: model.params.trainable,
-                    breakdown: None,
-                };
-                if let Some(at) = failed_at {
-                    row.status = "oom".into();
-                    row.note = Some(format!("OOM at M={m}: M={at} did not fit already"));
-                    rows.push(row);
-                    continue;
-                }
-                let device = o.device.open()?;
-                let need = predicted_need(&model, &device);
-                row.predicted_need = need;
-                if let Some(b) = budget.as_ref().filter(|b| need > b.bytes) {
-                    row.status = "oom".into();
-                    row.note = Some(format!(
-                        "OOM at M={m}: predicted to need {} ({} accounted peak{}), {} available \
-                         ({}){}",
-                        bytes(need),
-                        bytes(model.train.total_peak.max(model.inference.total_peak)),
-                        if device.is_cpu() {
-                            " x2 for the buffer pool, +256 MiB"
-                        } else {
-                            ""
-                        },
-                        bytes(b.bytes),
-                        b.source,
-                        recompute_hint(vit, &ens, o.batch, o.activations, &device, b.bytes)
-                    ));
-                    failed_at = Some(m);
-                    rows.push(row);
-                    continue;
-                }
-                progress(&format!("{} {method} M={m}", vit.name));
-                let result = catch_unwind(AssertUnwindSafe(|| measure(o, vit, &ens, &device)))
-                    .unwrap_or_else(|p| {
-                        let msg = p
-                            .downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_else(|| "unknown panic".into());
-                        Err(anyhow!("panicked: {msg}"))
-                    });
-                match result {
-                    Ok(r) => fill(&mut row, r, peak.as_ref()),
-                    Err(e) if is_oom(&e) => {
+/// The peak GEMM's side: as given, else 2048 on the CPU and 8192 on a GPU.
+fn peak_size(o: &BenchOptions, probe: &Device) -> usize {
+    o.peak_size
+        .unwrap_or(if probe.is_cpu() { 2048 } else { 8192 })
+}
+
+impl BenchPlan<'_> {
+    /// Measure the peak, then every row. `progress` is told what is about to run.
+    pub fn run(self, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
+        let BenchPlan {
+            o,
+            probe,
+            configs,
+            vits,
+            members,
+        } = self;
+        let is_cpu = probe.is_cpu();
+        let defaulted = o.configs.is_none();
+        let note = if is_cpu {
+            let mut n =
+                "CPU figures: f32, accounted bytes, wall clock on a machine that may be shared."
+                    .to_string();
+            if defaulted {
+                n.push_str(
+                    " Config defaulted to tiny on the CPU (ViT-B takes seconds per member-step \
+                     here); pass --config vit-b-32 to time it.",
+                );
+            }
+            n
+        } else {
+            "GPU figures: bf16 weight matrices and activations, f32 trainable state; wall clock \
+             after device synchronisation."
+                .to_string()
+        };
+
+        let peak_size = peak_size(o, &probe);
+        progress(&format!("measuring the peak: {0}x{0}x{0} GEMM", peak_size));
+        let (peak, peak_error) = match measure_peak(&probe, peak_size, 5) {
+            Ok(p) => (Some(p), None),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        };
+        let budget = budget_for(&probe, o.memory_budget);
+        let prec = precision(&probe);
+        let device_name = probe.name();
+        drop(probe);
+
+        let mut rows = Vec::new();
+        for vit in &vits {
+            for &method in &o.methods {
+                let mut failed_at: Option<usize> = None;
+                for &m in &members {
+                    let ens = ensemble(o, method, m);
+                    let model = memory_model::predict(vit, &ens, o.batch, 2, prec, o.activations)?;
+                    let mut row = BenchRow {
+                        config: vit.name.clone(),
+                        method,
+                        members: m,
+                        batch: o.batch,
+                        rank: method.uses_lora().then_some(o.rank),
+                        status: "ok".into(),
+                        note: None,
+                        train: None,
+                        inference: None,
+                        images_per_s: None,
+                        member_images_per_s: None,
+                        inference_images_per_s: None,
+                        train_flops: model.train_flops,
+                        inference_flops: model.inference_flops,
+                        train_flops_per_s: None,
+                        train_mfu: None,
+                        inference_flops_per_s: None,
+                        inference_mfu: None,
+                        train_memory: None,
+                        inference_peak: None,
+                        predicted_train_peak: model.train.total_peak,
+                        predicted_inference_peak: model.inference.total_peak,
+                        predicted_need: 0,
+                        device_memory_used: None,
+                        trainable_params: model.params.trainable,
+                        breakdown: None,
+                    };
+                    if let Some(at) = failed_at {
                         row.status = "oom".into();
-                        row.note = Some(format!("OOM at M={m}: {e:#}"));
+                        row.note = Some(format!("OOM at M={m}: M={at} did not fit already"));
+                        rows.push(row);
+                        continue;
+                    }
+                    let device = o.device.open()?;
+                    let need = predicted_need(&model, &device);
+                    row.predicted_need = need;
+                    if let Some(b) = budget.as_ref().filter(|b| need > b.bytes) {
+                        row.status = "oom".into();
+                        row.note = Some(format!(
+                            "OOM at M={m}: predicted to need {} ({} accounted peak{}), {} available \
+                             ({}){}",
+                            bytes(need),
+                            bytes(model.train.total_peak.max(model.inference.total_peak)),
+                            if device.is_cpu() {
+                                " x2 for the buffer pool, +256 MiB"
+                            } else {
+                                ""
+                            },
+                            bytes(b.bytes),
+                            b.source,
+                            recompute_hint(vit, &ens, o.batch, o.activations, &device, b.bytes)
+                        ));
                         failed_at = Some(m);
+                        rows.push(row);
+                        continue;
                     }
-                    Err(e) => {
-                        row.status = "error".into();
-                        row.note = Some(format!("{e:#}"));
+                    progress(&format!("{} {method} M={m}", vit.name));
+                    let result = catch_unwind(AssertUnwindSafe(|| measure(o, vit, &ens, &device)))
+                        .unwrap_or_else(|p| {
+                            let msg = p
+                                .downcast_ref::<String>()
+                                .cloned()
+                                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                                .unwrap_or_else(|| "unknown panic".into());
+                            Err(anyhow!("panicked: {msg}"))
+                        });
+                    match result {
+                        Ok(r) => fill(&mut row, r, peak.as_ref()),
+                        Err(e) if is_oom(&e) => {
+                            row.status = "oom".into();
+                            row.note = Some(format!("OOM at M={m}: {e:#}"));
+                            failed_at = Some(m);
+                        }
+                        Err(e) => {
+                            row.status = "error".into();
+                            row.note = Some(format!("{e:#}"));
+                        }
                     }
+                    // Each row as it is done, so a run cut short still leaves its figures.
+                    progress(&match (&row.train, &row.train_memory) {
+                        (Some(t), Some(mem)) => format!(
+                            "{} {method} M={m}: step {:.2} ms, inference {:.2} ms, peak {}",
+                            vit.name,
+                            1e3 * t.median,
+                            1e3 * row.inference.as_ref().map_or(f64::NAN, |i| i.median),
+                            bytes(mem.total_peak)
+                        ),
+                        _ => format!(
+                            "{} {method} M={m}: {}",
+                            vit.name,
+                            row.note.as_deref().unwrap_or("no figures")
+                        ),
+                    });
+                    rows.push(row);
                 }
-                // Each row as it is done, so a run cut short still leaves its figures.
-                progress(&match (&row.train, &row.train_memory) {
-                    (Some(t), Some(mem)) => format!(
-                        "{} {method} M={m}: step {:.2} ms, inference {:.2} ms, peak {}",
-                        vit.name,
-                        1e3 * t.median,
-                        1e3 * row.inference.as_ref().map_or(f64::NAN, |i| i.median),
-                        bytes(mem.total_peak)
-                    ),
-                    _ => format!(
-                        "{} {method} M={m}: {}",
-                        vit.name,
-                        row.note.as_deref().unwrap_or("no figures")
-                    ),
-                });
-                rows.push(row);
             }
         }
+        let (_, unit) = rate_unit(is_cpu);
+        Ok(BenchReport {
+            device: if is_cpu {
+                "cpu".into()
+            } else {
+                format!("{} ({device_name})", o.device)
+            },
+            note,
+            info: RunInfo::collect(&o.command),
+            configs,
+            batch: o.batch,
+            rank: o.rank,
+            activations: o.activations,
+            warmup: o.warmup,
+            repeats: o.repeats,
+            timer: "Device::time around each call: CUDA events on the stream on a GPU, the wall clock on the CPU (bench::time_on)".into(),
+            flop_count: format!(
+                "matrix products only, 2mnk each, as executed (loren_nn::memory_model::Flops){}; \
+                 rates in {unit}",
+                match o.activations {
+                    Activations::Keep => "",
+                    Activations::Recompute =>
+                        ", without the blocks' forwards run again in the backward (model FLOPs)",
+                }
+            ),
+            peak,
+            peak_error,
+            budget,
+            rows,
+        })
     }
-    let (_, unit) = rate_unit(is_cpu);
-    Ok(BenchReport {
-        device: if is_cpu {
-            "cpu".into()
-        } else {
-            format!("{} ({device_name})", o.device)
-        },
-        note,
-        info: RunInfo::collect(&o.command),
-        configs,
-        batch: o.batch,
-        rank: o.rank,
-        activations: o.activations,
-        warmup: o.warmup,
-        repeats: o.repeats,
-        timer: "Device::time around each call: CUDA events on the stream on a GPU, the wall clock on the CPU (bench::time_on)".into(),
-        flop_count: format!(
-            "matrix products only, 2mnk each, as executed (loren_nn::memory_model::Flops){}; \
-             rates in {unit}",
-            match o.activations {
-                Activations::Keep => "",
-                Activations::Recompute =>
-                    ", without the blocks' forwards run again in the backward (model FLOPs)",
-            }
-        ),
-        peak,
-        peak_error,
-        budget,
-        rows,
-    })
 }
 
 fn fill(row: &mut BenchRow, r: Measured, peak: Option<&Peak>) {

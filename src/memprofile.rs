@@ -243,6 +243,22 @@ pub fn run_memprofile(
     o: &MemprofileOptions,
     progress: &mut dyn FnMut(&str),
 ) -> Result<MemprofileReport> {
+    plan_memprofile(o)?.run(progress)
+}
+
+/// A profile checked whole and ready to measure.
+pub struct MemprofilePlan<'a> {
+    o: &'a MemprofileOptions,
+    probe: Device,
+    configs: Vec<String>,
+    vits: Vec<VitConfig>,
+    members: Vec<usize>,
+}
+
+/// Everything a profile can refuse, refused before anything is measured: the options, the
+/// device, and every row the analytic model cannot describe (a bad rank or class count, a size
+/// the engine does not build), so that no row measured is lost to a later one.
+pub fn plan_memprofile(o: &MemprofileOptions) -> Result<MemprofilePlan<'_>> {
     if o.members.is_empty() || o.members.contains(&0) {
         return Err(anyhow!("--members needs ensemble sizes of at least 1"));
     }
@@ -257,250 +273,292 @@ pub fn run_memprofile(
         crate::bench::check_steps("--warmup", w)?;
     }
     let probe = o.device.open()?;
-    let is_cpu = probe.is_cpu();
     let configs = o.configs.clone().unwrap_or_else(|| default_configs(&probe));
     let vits = configs
         .iter()
         .map(|c| VitConfig::by_name(c).map_err(anyhow::Error::from))
         .collect::<Result<Vec<_>>>()?;
-    let prec = precision(&probe);
-    let budget = budget_for(&probe, o.memory_budget);
-    let device_name = probe.name();
     let mut members = o.members.clone();
     members.sort_unstable();
     members.dedup();
-    let note = if is_cpu {
-        let mut n = String::from(
-            "CPU: f32, figures are the device's accounted bytes (deterministic); the device \
-             column (cuMemGetInfo) is n/a on the CPU.",
-        );
-        if o.measure.is_none() && vits.iter().any(|v| v.name != "tiny") {
-            let _ = write!(
-                n,
-                " Measured: M <= {CPU_MEASURE_MAX_LARGE} for ViT-B (a ViT-B step takes seconds \
-                 per member here), without a warm-up step (the accounting is deterministic); the \
-                 analytic model covers every M."
-            );
-        }
-        n
-    } else {
-        "GPU: bf16 weight matrices and activations, f32 trainable state; the device column is \
-         cuMemGetInfo's used bytes after the step (context and other processes included), which \
-         with freed memory kept for reuse is the configuration's peak reserved memory."
-            .to_string()
-    };
-    drop(probe);
-
-    let mut rows = Vec::new();
-    let mut growth = Vec::new();
     for vit in &vits {
         for &method in &o.methods {
-            let mut first: Option<StepModel> = None;
-            let mut measured_pts: Vec<(usize, u64, u64)> = Vec::new();
-            let warmup = o
-                .warmup
-                .unwrap_or(if is_cpu && vit.name != "tiny" { 0 } else { 1 });
-            // A single network is one row, whatever sizes the ensembles are profiled at.
-            let sizes = match method.is_single() {
-                true => vec![1],
-                false => members.clone(),
-            };
-            for &m in &sizes {
+            for &m in row_sizes(method, &members) {
                 let ens = ensemble_config(method, m, o.classes, o.rank);
-                let at = |precision, activations| {
-                    memory_model::predict(vit, &ens, o.batch, 2, precision, activations)
-                };
-                let model = at(prec, o.activations)?;
-                let gpu = at(Precision::GPU_BF16, o.activations)?;
-                let recompute_total = |precision| -> Result<Option<u64>> {
-                    Ok(match o.activations {
-                        Activations::Keep => {
-                            Some(at(precision, Activations::Recompute)?.train.total_peak)
-                        }
-                        Activations::Recompute => None,
-                    })
-                };
-                let mut row = ProfileRow {
-                    config: vit.name.clone(),
-                    method,
-                    members: ens.members,
-                    status: "predicted".into(),
-                    note: None,
-                    predicted: Peaks {
-                        by_tag: model.train.peak,
-                        total: model.train.total_peak,
-                    },
-                    measured: None,
-                    rel_diff_total: None,
-                    rel_diff: BTreeMap::new(),
-                    device_used: None,
-                    trainable_params: model.params.trainable,
-                    warmup,
-                    predicted_gpu_total: gpu.train.total_peak,
-                    predicted_recompute_total: recompute_total(prec)?,
-                    predicted_recompute_gpu_total: recompute_total(Precision::GPU_BF16)?,
-                };
-                let want = match &o.measure {
-                    // The single network is the baseline of whichever sizes are measured.
-                    Some(list) if method.is_single() => !list.is_empty(),
-                    Some(list) => list.contains(&m),
-                    None => measured_by_default(is_cpu, &vit.name, m),
-                };
-                if want {
-                    let device = o.device.open()?;
-                    let need = predicted_need(&model, &device);
-                    match budget.as_ref().filter(|b| need > b.bytes) {
-                        Some(b) => {
-                            row.status = "oom".into();
-                            row.note = Some(format!(
-                                "OOM at M={m}: predicted to need {}, {} available ({}){}",
-                                bytes(need),
-                                bytes(b.bytes),
-                                b.source,
-                                recompute_hint(vit, &ens, o.batch, o.activations, &device, b.bytes)
-                            ));
-                        }
-                        None => {
-                            progress(&format!("measuring {} {method} M={m}", vit.name));
-                            match measure_step(o, vit, &ens, &device, warmup) {
-                                Ok((r, dev_used)) => {
-                                    let p = Peaks::from(&r);
-                                    row.rel_diff_total = rel(row.predicted.total, p.total);
-                                    for tag in MemTag::ALL {
-                                        if let Some(d) =
-                                            rel(row.predicted.by_tag.get(tag), p.by_tag.get(tag))
-                                        {
-                                            row.rel_diff.insert(tag.name().to_string(), d);
-                                        }
-                                    }
-                                    measured_pts.push((
-                                        m,
-                                        p.by_tag.get(MemTag::Trainable),
-                                        p.by_tag.get(MemTag::OptimizerState),
-                                    ));
-                                    row.measured = Some(p);
-                                    row.device_used = dev_used;
-                                    row.status = "measured".into();
-                                }
-                                Err(e) if crate::bench::is_oom(&e) => {
-                                    row.status = "oom".into();
-                                    row.note = Some(format!("OOM at M={m}: {e:#}"));
-                                }
-                                Err(e) => {
-                                    row.status = "error".into();
-                                    row.note = Some(format!("{e:#}"));
-                                }
+                for precision in [precision(&probe), Precision::GPU_BF16] {
+                    memory_model::predict(vit, &ens, o.batch, 2, precision, o.activations)?;
+                }
+            }
+        }
+    }
+    Ok(MemprofilePlan {
+        o,
+        probe,
+        configs,
+        vits,
+        members,
+    })
+}
+
+/// The sizes `method` is profiled at: a single network is one row, whatever sizes the
+/// ensembles are profiled at.
+fn row_sizes(method: Method, members: &[usize]) -> &[usize] {
+    match method.is_single() {
+        true => &[1],
+        false => members,
+    }
+}
+
+impl MemprofilePlan<'_> {
+    /// Measure and predict every row. `progress` is told what is about to be measured.
+    pub fn run(self, progress: &mut dyn FnMut(&str)) -> Result<MemprofileReport> {
+        let MemprofilePlan {
+            o,
+            probe,
+            configs,
+            vits,
+            members,
+        } = self;
+        let is_cpu = probe.is_cpu();
+        let prec = precision(&probe);
+        let budget = budget_for(&probe, o.memory_budget);
+        let device_name = probe.name();
+        let note = if is_cpu {
+            let mut n = String::from(
+                "CPU: f32, figures are the device's accounted bytes (deterministic); the device \
+                 column (cuMemGetInfo) is n/a on the CPU.",
+            );
+            if o.measure.is_none() && vits.iter().any(|v| v.name != "tiny") {
+                let _ = write!(
+                    n,
+                    " Measured: M <= {CPU_MEASURE_MAX_LARGE} for ViT-B (a ViT-B step takes seconds \
+                     per member here), without a warm-up step (the accounting is deterministic); the \
+                     analytic model covers every M."
+                );
+            }
+            n
+        } else {
+            "GPU: bf16 weight matrices and activations, f32 trainable state; the device column is \
+             cuMemGetInfo's used bytes after the step (context and other processes included), which \
+             with freed memory kept for reuse is the configuration's peak reserved memory."
+                .to_string()
+        };
+        drop(probe);
+
+        let mut rows = Vec::new();
+        let mut growth = Vec::new();
+        for vit in &vits {
+            for &method in &o.methods {
+                let mut first: Option<StepModel> = None;
+                let mut measured_pts: Vec<(usize, u64, u64)> = Vec::new();
+                let warmup = o
+                    .warmup
+                    .unwrap_or(if is_cpu && vit.name != "tiny" { 0 } else { 1 });
+                for &m in row_sizes(method, &members) {
+                    let ens = ensemble_config(method, m, o.classes, o.rank);
+                    let at = |precision, activations| {
+                        memory_model::predict(vit, &ens, o.batch, 2, precision, activations)
+                    };
+                    let model = at(prec, o.activations)?;
+                    let gpu = at(Precision::GPU_BF16, o.activations)?;
+                    let recompute_total = |precision| -> Result<Option<u64>> {
+                        Ok(match o.activations {
+                            Activations::Keep => {
+                                Some(at(precision, Activations::Recompute)?.train.total_peak)
                             }
-                            // Each row as it is done, so a run cut short still leaves it.
-                            progress(&match (&row.measured, row.rel_diff_total) {
-                                (Some(p), Some(d)) => format!(
-                                    "{} {method} M={m}: peak {}, predicted {} ({:+.2}%)",
-                                    vit.name,
-                                    bytes(p.total),
-                                    bytes(row.predicted.total),
-                                    100.0 * d
-                                ),
-                                _ => format!(
-                                    "{} {method} M={m}: {}",
-                                    vit.name,
-                                    row.note.as_deref().unwrap_or("no figures")
-                                ),
-                            });
+                            Activations::Recompute => None,
+                        })
+                    };
+                    let mut row = ProfileRow {
+                        config: vit.name.clone(),
+                        method,
+                        members: ens.members,
+                        status: "predicted".into(),
+                        note: None,
+                        predicted: Peaks {
+                            by_tag: model.train.peak,
+                            total: model.train.total_peak,
+                        },
+                        measured: None,
+                        rel_diff_total: None,
+                        rel_diff: BTreeMap::new(),
+                        device_used: None,
+                        trainable_params: model.params.trainable,
+                        warmup,
+                        predicted_gpu_total: gpu.train.total_peak,
+                        predicted_recompute_total: recompute_total(prec)?,
+                        predicted_recompute_gpu_total: recompute_total(Precision::GPU_BF16)?,
+                    };
+                    let want = match &o.measure {
+                        // The single network is the baseline of whichever sizes are measured.
+                        Some(list) if method.is_single() => !list.is_empty(),
+                        Some(list) => list.contains(&m),
+                        None => measured_by_default(is_cpu, &vit.name, m),
+                    };
+                    if want {
+                        let device = o.device.open()?;
+                        let need = predicted_need(&model, &device);
+                        match budget.as_ref().filter(|b| need > b.bytes) {
+                            Some(b) => {
+                                row.status = "oom".into();
+                                row.note = Some(format!(
+                                    "OOM at M={m}: predicted to need {}, {} available ({}){}",
+                                    bytes(need),
+                                    bytes(b.bytes),
+                                    b.source,
+                                    recompute_hint(
+                                        vit,
+                                        &ens,
+                                        o.batch,
+                                        o.activations,
+                                        &device,
+                                        b.bytes
+                                    )
+                                ));
+                            }
+                            None => {
+                                progress(&format!("measuring {} {method} M={m}", vit.name));
+                                match measure_step(o, vit, &ens, &device, warmup) {
+                                    Ok((r, dev_used)) => {
+                                        let p = Peaks::from(&r);
+                                        row.rel_diff_total = rel(row.predicted.total, p.total);
+                                        for tag in MemTag::ALL {
+                                            if let Some(d) = rel(
+                                                row.predicted.by_tag.get(tag),
+                                                p.by_tag.get(tag),
+                                            ) {
+                                                row.rel_diff.insert(tag.name().to_string(), d);
+                                            }
+                                        }
+                                        measured_pts.push((
+                                            m,
+                                            p.by_tag.get(MemTag::Trainable),
+                                            p.by_tag.get(MemTag::OptimizerState),
+                                        ));
+                                        row.measured = Some(p);
+                                        row.device_used = dev_used;
+                                        row.status = "measured".into();
+                                    }
+                                    Err(e) if crate::bench::is_oom(&e) => {
+                                        row.status = "oom".into();
+                                        row.note = Some(format!("OOM at M={m}: {e:#}"));
+                                    }
+                                    Err(e) => {
+                                        row.status = "error".into();
+                                        row.note = Some(format!("{e:#}"));
+                                    }
+                                }
+                                // Each row as it is done, so a run cut short still leaves it.
+                                progress(&match (&row.measured, row.rel_diff_total) {
+                                    (Some(p), Some(d)) => format!(
+                                        "{} {method} M={m}: peak {}, predicted {} ({:+.2}%)",
+                                        vit.name,
+                                        bytes(p.total),
+                                        bytes(row.predicted.total),
+                                        100.0 * d
+                                    ),
+                                    _ => format!(
+                                        "{} {method} M={m}: {}",
+                                        vit.name,
+                                        row.note.as_deref().unwrap_or("no figures")
+                                    ),
+                                });
+                            }
                         }
                     }
+                    if first.is_none() {
+                        first = Some(model);
+                    }
+                    rows.push(row);
                 }
-                if first.is_none() {
-                    first = Some(model);
+                // A single network has no members to add.
+                if let (Some(model), false) = (first, method.is_single()) {
+                    // One member more, from the model: the trainable tensors (with their bf16
+                    // shadows on a GPU), their gradients and the optimizer state.
+                    let at = |m| {
+                        let ens = ensemble_config(method, m, o.classes, o.rank);
+                        memory_model::predict(vit, &ens, o.batch, 2, prec, o.activations)
+                    };
+                    let (one, two) = (at(1)?, at(2)?);
+                    let step = |tag| two.train.start.get(tag) - one.train.start.get(tag);
+                    let slope = |i: usize| -> Option<f64> {
+                        let (a, b) = (measured_pts.first()?, measured_pts.last()?);
+                        let (va, vb) = if i == 0 { (a.1, b.1) } else { (a.2, b.2) };
+                        (b.0 > a.0).then(|| (vb as f64 - va as f64) / (b.0 - a.0) as f64)
+                    };
+                    growth.push(Growth {
+                        config: vit.name.clone(),
+                        method,
+                        params: model.params,
+                        trainable_bytes_per_member: step(MemTag::Trainable),
+                        gradient_bytes_per_member: step(MemTag::Gradients),
+                        optimizer_bytes_per_member: step(MemTag::OptimizerState),
+                        measured_trainable_bytes_per_member: slope(0),
+                        measured_optimizer_bytes_per_member: slope(1),
+                    });
                 }
-                rows.push(row);
             }
-            // A single network has no members to add.
-            if let (Some(model), false) = (first, method.is_single()) {
-                // One member more, from the model: the trainable tensors (with their bf16
-                // shadows on a GPU), their gradients and the optimizer state.
-                let at = |m| {
-                    let ens = ensemble_config(method, m, o.classes, o.rank);
-                    memory_model::predict(vit, &ens, o.batch, 2, prec, o.activations)
-                };
-                let (one, two) = (at(1)?, at(2)?);
-                let step = |tag| two.train.start.get(tag) - one.train.start.get(tag);
-                let slope = |i: usize| -> Option<f64> {
-                    let (a, b) = (measured_pts.first()?, measured_pts.last()?);
-                    let (va, vb) = if i == 0 { (a.1, b.1) } else { (a.2, b.2) };
-                    (b.0 > a.0).then(|| (vb as f64 - va as f64) / (b.0 - a.0) as f64)
-                };
-                growth.push(Growth {
-                    config: vit.name.clone(),
-                    method,
-                    params: model.params,
-                    trainable_bytes_per_member: step(MemTag::Trainable),
-                    gradient_bytes_per_member: step(MemTag::Gradients),
-                    optimizer_bytes_per_member: step(MemTag::OptimizerState),
-                    measured_trainable_bytes_per_member: slope(0),
-                    measured_optimizer_bytes_per_member: slope(1),
+        }
+        let mut ratios = Vec::new();
+        for config in &configs {
+            let at = |method: Method, m: usize| {
+                rows.iter()
+                    .find(|r| &r.config == config && r.method == method && r.members == m)
+            };
+            let m = members
+                .iter()
+                .copied()
+                .filter(|&m| m <= 16)
+                .max()
+                .unwrap_or(members[0]);
+            if let (Some(l), Some(e)) = (at(Method::Lora, m), at(Method::Explicit, m)) {
+                ratios.push(Ratio {
+                    config: config.clone(),
+                    members: m,
+                    measured: match (&l.measured, &e.measured) {
+                        (Some(a), Some(b)) => Some(a.total as f64 / b.total as f64),
+                        _ => None,
+                    },
+                    predicted: l.predicted.total as f64 / e.predicted.total as f64,
+                    predicted_gpu: l.predicted_gpu_total as f64 / e.predicted_gpu_total as f64,
+                    predicted_recompute: ratio(
+                        l.predicted_recompute_total,
+                        e.predicted_recompute_total,
+                    ),
+                    predicted_recompute_gpu: ratio(
+                        l.predicted_recompute_gpu_total,
+                        e.predicted_recompute_gpu_total,
+                    ),
                 });
             }
         }
-    }
-    let mut ratios = Vec::new();
-    for config in &configs {
-        let at = |method: Method, m: usize| {
-            rows.iter()
-                .find(|r| &r.config == config && r.method == method && r.members == m)
-        };
-        let m = members
+        let max_rel_diff_total = rows
             .iter()
-            .copied()
-            .filter(|&m| m <= 16)
-            .max()
-            .unwrap_or(members[0]);
-        if let (Some(l), Some(e)) = (at(Method::Lora, m), at(Method::Explicit, m)) {
-            ratios.push(Ratio {
-                config: config.clone(),
-                members: m,
-                measured: match (&l.measured, &e.measured) {
-                    (Some(a), Some(b)) => Some(a.total as f64 / b.total as f64),
-                    _ => None,
-                },
-                predicted: l.predicted.total as f64 / e.predicted.total as f64,
-                predicted_gpu: l.predicted_gpu_total as f64 / e.predicted_gpu_total as f64,
-                predicted_recompute: ratio(
-                    l.predicted_recompute_total,
-                    e.predicted_recompute_total,
-                ),
-                predicted_recompute_gpu: ratio(
-                    l.predicted_recompute_gpu_total,
-                    e.predicted_recompute_gpu_total,
-                ),
+            .filter_map(|r| r.rel_diff_total)
+            .map(f64::abs)
+            .fold(None, |acc: Option<f64>, v| {
+                Some(acc.map_or(v, |a| a.max(v)))
             });
-        }
+        Ok(MemprofileReport {
+            device: if is_cpu {
+                "cpu".into()
+            } else {
+                format!("{} ({device_name})", o.device)
+            },
+            note,
+            info: RunInfo::collect(&o.command),
+            configs,
+            batch: o.batch,
+            rank: o.rank,
+            activations: o.activations,
+            precision: prec,
+            budget,
+            rows,
+            growth,
+            ratios,
+            max_rel_diff_total,
+        })
     }
-    let max_rel_diff_total = rows
-        .iter()
-        .filter_map(|r| r.rel_diff_total)
-        .map(f64::abs)
-        .fold(None, |acc: Option<f64>, v| {
-            Some(acc.map_or(v, |a| a.max(v)))
-        });
-    Ok(MemprofileReport {
-        device: if is_cpu {
-            "cpu".into()
-        } else {
-            format!("{} ({device_name})", o.device)
-        },
-        note,
-        info: RunInfo::collect(&o.command),
-        configs,
-        batch: o.batch,
-        rank: o.rank,
-        activations: o.activations,
-        precision: prec,
-        budget,
-        rows,
-        growth,
-        ratios,
-        max_rel_diff_total,
-    })
 }
 
 fn pct(v: Option<f64>) -> String {

@@ -251,6 +251,21 @@ fn bad_options_are_errors() {
     }
 }
 
+/// A size the engine does not build is refused before the first row is measured: refused
+/// after it, the rows measured would be lost with the report.
+#[test]
+fn a_size_beyond_the_engine_is_refused_before_anything_is_measured() {
+    let e = run_bench(&quick(vec![1, 999_999_999]), &mut |what| {
+        panic!("measured {what} before refusing")
+    })
+    .unwrap_err();
+    assert!(
+        format!("{e:#}").contains("M = 999999999")
+            && format!("{e:#}").contains("more than loren builds"),
+        "{e:#}"
+    );
+}
+
 fn loren(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_loren"))
         .args(args)

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{fails_with, loren, strs, temp_dir};
+use common::{fails_with, fails_with_in, loren, strs, temp_dir};
 
 fn quick(extra: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = ["train", "--epochs", "1", "-q", "--no-shift", "--no-ood"]
@@ -197,6 +197,31 @@ fn bench_refuses_a_bad_rank_or_class_count_before_measuring() {
         ("--classes", "at least 2 classes"),
     ] {
         fails_with(&["bench", "--device", "cpu", flag, "0"], &[needle]);
+    }
+}
+
+/// Refused before the default folder is chosen: with an earlier run in runs/bench, no note that
+/// this one goes to runs/bench-2 comes before the error, and no runs/bench-2 is left.
+#[test]
+fn bench_and_memprofile_refuse_before_choosing_their_folder() {
+    let cwd = temp_dir("refused-before-the-folder");
+    for command in ["bench", "memprofile"] {
+        let earlier = cwd.join("runs").join(command);
+        std::fs::create_dir_all(&earlier).unwrap();
+        std::fs::write(earlier.join(format!("{command}.json")), "{}").unwrap();
+        for (args, needle) in [
+            (
+                vec![command, "--device", "cpu", "--rank", "0"],
+                "rank must be at least 1",
+            ),
+            (
+                vec![command, "--device", "cpu", "--members", "1,999999999"],
+                "more than loren builds",
+            ),
+        ] {
+            fails_with_in(&cwd, &args, &[needle]);
+        }
+        assert!(!cwd.join("runs").join(format!("{command}-2")).exists());
     }
 }
 

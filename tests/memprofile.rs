@@ -18,6 +18,21 @@ fn tiny(members: Vec<usize>) -> MemprofileOptions {
     }
 }
 
+/// A size the engine does not build is refused before the first row is measured, as bench
+/// refuses it: refused after, the rows measured would be lost with the report.
+#[test]
+fn a_size_beyond_the_engine_is_refused_before_anything_is_measured() {
+    let e = run_memprofile(&tiny(vec![1, 999_999_999]), &mut |what| {
+        panic!("measured {what} before refusing")
+    })
+    .unwrap_err();
+    assert!(
+        format!("{e:#}").contains("M = 999999999")
+            && format!("{e:#}").contains("more than loren builds"),
+        "{e:#}"
+    );
+}
+
 #[test]
 fn measured_peaks_match_the_analytic_model_and_lora_grows_by_adapters_and_heads() {
     let r = run_memprofile(&tiny(vec![1, 3, 6]), &mut |_| {}).unwrap();

@@ -10,7 +10,7 @@ use super::args::{configs, memory_budget, methods, text_path};
 
 use super::{Measured, measure_into};
 
-use loren::bench::{BenchOptions, BenchReport, run_bench, table, write};
+use loren::bench::{BenchOptions, BenchReport, plan_bench, table, write};
 
 #[derive(Args, Clone)]
 pub struct BenchArgs {
@@ -98,14 +98,10 @@ pub fn bench(a: &BenchArgs, out_named: bool) -> Result<()> {
         breakdown: a.breakdown,
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
+    // Refused before the output folder is chosen, and before anything is measured.
+    let plan = plan_bench(&opts)?;
     let progress = |what: &str| loren::note!("bench: {what}");
-    measure_into(
-        &a.out,
-        out_named,
-        a.quiet,
-        |p| run_bench(&opts, p),
-        progress,
-    )
+    measure_into(&a.out, out_named, a.quiet, |p| plan.run(p), progress)
 }
 
 impl Measured for BenchReport {

@@ -9,7 +9,7 @@ use super::args::{configs, memory_budget, methods, text_path};
 
 use super::{Measured, measure_into};
 
-use loren::memprofile::{MemprofileOptions, MemprofileReport, run_memprofile, table, write};
+use loren::memprofile::{MemprofileOptions, MemprofileReport, plan_memprofile, table, write};
 
 #[derive(Args, Clone)]
 pub struct MemprofileArgs {
@@ -95,14 +95,10 @@ pub fn memprofile(a: &MemprofileArgs, out_named: bool) -> Result<()> {
         activations: crate::cli::args::activations(a.recompute),
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
+    // Refused before the output folder is chosen, and before anything is measured.
+    let plan = plan_memprofile(&opts)?;
     let progress = |what: &str| loren::note!("memprofile: {what}");
-    measure_into(
-        &a.out,
-        out_named,
-        a.quiet,
-        |p| run_memprofile(&opts, p),
-        progress,
-    )
+    measure_into(&a.out, out_named, a.quiet, |p| plan.run(p), progress)
 }
 
 impl Measured for MemprofileReport {

@@ -40,7 +40,12 @@ pub fn run_ok(args: &[&str]) -> String {
 /// The run failed, without a panic, printing exactly one `error:` line that holds every one of
 /// `needles` on stderr; returns its stdout.
 pub fn fails_with(args: &[&str], needles: &[&str]) -> String {
-    let (ok, out, err) = loren(args);
+    fails_with_in(Path::new("."), args, needles)
+}
+
+/// [`fails_with`], run from `cwd`.
+pub fn fails_with_in(cwd: &Path, args: &[&str], needles: &[&str]) -> String {
+    let (ok, out, err) = loren_in(cwd, args);
     assert!(!ok, "{args:?} succeeded");
     assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
