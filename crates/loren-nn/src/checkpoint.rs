@@ -323,12 +323,7 @@ pub fn write_raw(
 
 /// Write `bytes` to `path` through a synced temporary file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir).map_err(|e| NnError::io(dir, e))?;
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
+    let tmp = make_folder_for(path)?;
     let result = (|| {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -339,6 +334,33 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = fs::remove_file(&tmp);
         NnError::io(path, e)
     })
+}
+
+/// Whether [`write_atomic`] can write `path`: it names no folder, and its temporary file can be
+/// made beside it (the folder is made, as `write_atomic` makes it). A run checks this before its
+/// first step, rather than learn at the end of its first epoch that it cannot keep its work.
+pub fn check_writable(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        return Err(NnError::checkpoint(
+            path,
+            "is a folder: name the file to write",
+        ));
+    }
+    let tmp = make_folder_for(path)?;
+    // A file of its own name, so that nothing at `path` is touched.
+    fs::File::create(&tmp).map_err(|e| NnError::io(path, e))?;
+    let _ = fs::remove_file(&tmp);
+    Ok(())
+}
+
+/// Make `path`'s folder; the temporary file [`write_atomic`] writes first.
+fn make_folder_for(path: &Path) -> Result<PathBuf> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(|e| NnError::io(dir, e))?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    Ok(PathBuf::from(tmp))
 }
 
 #[cfg(test)]

@@ -476,6 +476,9 @@ impl<'m> Trainer<'m> {
         // Its fields are public: checked again here, before the first step.
         data.validate()?;
         self.check_epoch_data(data)?;
+        if let Some(path) = &ckpt.path {
+            crate::checkpoint::check_writable(path)?;
+        }
         let start = Instant::now();
         let (first_step, first_epoch) = (self.step, self.history.len());
         // What an ensemble needs to read its inputs and name its classes, as `data` has them.

@@ -638,3 +638,42 @@ fn resuming_mc_dropout_at_another_rate_is_refused_and_other_methods_ignore_it() 
         }
     }
 }
+
+/// A checkpoint that cannot be written is named before the first step: found at the first
+/// epoch's end, it would cost the epoch.
+#[test]
+fn an_unwritable_checkpoint_is_refused_before_the_first_step() {
+    struct CountSteps(usize);
+    impl Observer for CountSteps {
+        fn step(&mut self, _: &StepInfo) {
+            self.0 += 1;
+        }
+    }
+    let data = train_split();
+    let folder = temp("unwritable");
+    let dir = folder.parent().unwrap();
+    // A file where its folder would be.
+    let blocked = dir.join("a-file");
+    std::fs::write(&blocked, b"not a folder").unwrap();
+    for (path, says) in [
+        (dir.to_path_buf(), "is a folder"),
+        (blocked.join("checkpoint.safetensors"), "a-file"),
+    ] {
+        let mut m = model(Method::Lora);
+        let mut steps = CountSteps(0);
+        let e = Trainer::new(&mut m, &config(1), data.len())
+            .unwrap()
+            .fit(
+                &data,
+                &CheckpointSpec {
+                    path: Some(path.clone()),
+                    ..Default::default()
+                },
+                &mut steps,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains(says), "{}: {e}", path.display());
+        assert_eq!(steps.0, 0, "{}: trained before refusing", path.display());
+    }
+    assert_eq!(std::fs::read(&blocked).unwrap(), b"not a folder");
+}
