@@ -605,19 +605,10 @@ pub fn default_configs(device: &Device) -> Vec<String> {
 }
 
 fn validate(o: &BenchOptions) -> Result<()> {
-    if o.members.is_empty() || o.members.contains(&0) {
-        return Err(anyhow!("--members needs ensemble sizes of at least 1"));
-    }
-    if o.methods.is_empty() {
-        return Err(anyhow!("--methods needs at least one method"));
-    }
     if let Some(m) = o.methods.iter().find(|m| m.is_single()) {
         return Err(anyhow!(
             "method {m} has one member; bench compares lora and explicit ensembles"
         ));
-    }
-    if o.batch == 0 {
-        return Err(anyhow!("the batch size must be at least 1 (--batch-size)"));
     }
     if o.repeats == 0 {
         return Err(anyhow!("--repeats must be at least 1"));
@@ -841,10 +832,7 @@ pub fn run_bench(o: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Ben
 /// A bench checked whole and ready to measure.
 pub struct BenchPlan<'a> {
     o: &'a BenchOptions,
-    probe: Device,
-    configs: Vec<String>,
-    vits: Vec<VitConfig>,
-    members: Vec<usize>,
+    sweep: Sweep,
 }
 
 /// Everything a bench can refuse, refused before anything is measured: the options, the
@@ -852,16 +840,21 @@ pub struct BenchPlan<'a> {
 /// so that no row measured is lost to a later one), and the peak GEMM's size.
 pub fn plan_bench(o: &BenchOptions) -> Result<BenchPlan<'_>> {
     validate(o)?;
-    let probe = o.device.open()?;
-    let configs = o.configs.clone().unwrap_or_else(|| default_configs(&probe));
-    let vits = configs
-        .iter()
-        .map(|c| VitConfig::by_name(c).map_err(anyhow::Error::from))
-        .collect::<Result<Vec<_>>>()?;
-    let mut members = o.members.clone();
-    members.sort_unstable();
-    members.dedup();
-    let prec = precision(&probe);
+    let sweep = Sweep::open(
+        &o.device,
+        o.configs.as_deref(),
+        default_configs,
+        &o.members,
+        &o.methods,
+        o.batch,
+    )?;
+    let Sweep {
+        probe,
+        vits,
+        members,
+        ..
+    } = &sweep;
+    let prec = precision(probe);
     for (vit, &method) in vits
         .iter()
         .flat_map(|v| o.methods.iter().map(move |m| (v, m)))
@@ -869,7 +862,7 @@ pub fn plan_bench(o: &BenchOptions) -> Result<BenchPlan<'_>> {
         ensemble(o, method, members[0])
             .validate(vit)
             .with_context(|| format!("{method} on {}", vit.name))?;
-        for &m in &members {
+        for &m in members {
             memory_model::predict(
                 vit,
                 &ensemble(o, method, m),
@@ -881,17 +874,68 @@ pub fn plan_bench(o: &BenchOptions) -> Result<BenchPlan<'_>> {
         }
     }
     check_peak_size(
-        &probe,
-        peak_size(o, &probe),
-        budget_for(&probe, o.memory_budget).as_ref(),
-    )?;
-    Ok(BenchPlan {
-        o,
         probe,
-        configs,
-        vits,
-        members,
-    })
+        peak_size(o, probe),
+        budget_for(probe, o.memory_budget).as_ref(),
+    )?;
+    Ok(BenchPlan { o, sweep })
+}
+
+/// What a measuring command (bench, memprofile) sweeps: the device, opened; the configs, as
+/// given or else the command's defaults for that device; and the ensemble sizes, in order, once
+/// each.
+pub struct Sweep {
+    pub probe: Device,
+    pub configs: Vec<String>,
+    pub vits: Vec<VitConfig>,
+    pub members: Vec<usize>,
+}
+
+impl Sweep {
+    /// The sweep asked for, refused if it holds no size or method, a size or batch of 0, or a
+    /// config loren does not know, or if the device cannot be opened.
+    pub fn open(
+        device: &DeviceSpec,
+        configs: Option<&[String]>,
+        defaults: fn(&Device) -> Vec<String>,
+        members: &[usize],
+        methods: &[Method],
+        batch: usize,
+    ) -> Result<Sweep> {
+        if members.is_empty() || members.contains(&0) {
+            return Err(anyhow!("--members needs ensemble sizes of at least 1"));
+        }
+        if methods.is_empty() {
+            return Err(anyhow!("--methods needs at least one method"));
+        }
+        if batch == 0 {
+            return Err(anyhow!("the batch size must be at least 1 (--batch-size)"));
+        }
+        let probe = device.open()?;
+        let configs = configs.map_or_else(|| defaults(&probe), <[String]>::to_vec);
+        let vits = configs
+            .iter()
+            .map(|c| VitConfig::by_name(c).map_err(anyhow::Error::from))
+            .collect::<Result<Vec<_>>>()?;
+        let mut members = members.to_vec();
+        members.sort_unstable();
+        members.dedup();
+        Ok(Sweep {
+            probe,
+            configs,
+            vits,
+            members,
+        })
+    }
+
+    /// The device as a report names it: `cpu`, or as asked with its name (`cuda:0 (NVIDIA
+    /// H100 ...)`).
+    pub fn device_label(&self, asked: &DeviceSpec) -> String {
+        match self.probe.is_cpu() {
+            true => "cpu".into(),
+            false => format!("{asked} ({})", self.probe.name()),
+        }
+    }
 }
 
 /// The peak GEMM's side: as given, else 2048 on the CPU and 8192 on a GPU.
@@ -903,13 +947,14 @@ fn peak_size(o: &BenchOptions, probe: &Device) -> usize {
 impl BenchPlan<'_> {
     /// Measure the peak, then every row. `progress` is told what is about to run.
     pub fn run(self, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
-        let BenchPlan {
-            o,
+        let BenchPlan { o, sweep } = self;
+        let device = sweep.device_label(&o.device);
+        let Sweep {
             probe,
             configs,
             vits,
             members,
-        } = self;
+        } = sweep;
         let is_cpu = probe.is_cpu();
         let defaulted = o.configs.is_none();
         let note = if is_cpu {
@@ -937,7 +982,6 @@ impl BenchPlan<'_> {
         };
         let budget = budget_for(&probe, o.memory_budget);
         let prec = precision(&probe);
-        let device_name = probe.name();
         drop(probe);
 
         let mut rows = Vec::new();
@@ -1047,11 +1091,7 @@ impl BenchPlan<'_> {
         }
         let (_, unit) = rate_unit(is_cpu);
         Ok(BenchReport {
-            device: if is_cpu {
-                "cpu".into()
-            } else {
-                format!("{} ({device_name})", o.device)
-            },
+            device,
             note,
             info: RunInfo::collect(&o.command),
             configs,

@@ -18,7 +18,7 @@ use loren_tensor::{Device, DeviceSpec, MemTag, MemoryReport};
 use serde::Serialize;
 
 use crate::bench::{
-    Budget, RunInfo, bench_train_config, budget_for, device_memory_used, ensemble_config,
+    Budget, RunInfo, Sweep, bench_train_config, budget_for, device_memory_used, ensemble_config,
     precision, predicted_need, random_batch, recompute_hint, recompute_phrase,
 };
 use crate::plot::{Chart, Series, Units, palette, render};
@@ -249,55 +249,36 @@ pub fn run_memprofile(
 /// A profile checked whole and ready to measure.
 pub struct MemprofilePlan<'a> {
     o: &'a MemprofileOptions,
-    probe: Device,
-    configs: Vec<String>,
-    vits: Vec<VitConfig>,
-    members: Vec<usize>,
+    sweep: Sweep,
 }
 
 /// Everything a profile can refuse, refused before anything is measured: the options, the
 /// device, and every row the analytic model cannot describe (a bad rank or class count, a size
 /// the engine does not build), so that no row measured is lost to a later one.
 pub fn plan_memprofile(o: &MemprofileOptions) -> Result<MemprofilePlan<'_>> {
-    if o.members.is_empty() || o.members.contains(&0) {
-        return Err(anyhow!("--members needs ensemble sizes of at least 1"));
-    }
-    if o.methods.is_empty() {
-        return Err(anyhow!("--methods needs at least one method"));
-    }
-    if o.batch == 0 {
-        return Err(anyhow!("the batch size must be at least 1 (--batch-size)"));
-    }
     check_measure(o)?;
     if let Some(w) = o.warmup {
         crate::bench::check_steps("--warmup", w)?;
     }
-    let probe = o.device.open()?;
-    let configs = o.configs.clone().unwrap_or_else(|| default_configs(&probe));
-    let vits = configs
-        .iter()
-        .map(|c| VitConfig::by_name(c).map_err(anyhow::Error::from))
-        .collect::<Result<Vec<_>>>()?;
-    let mut members = o.members.clone();
-    members.sort_unstable();
-    members.dedup();
-    for vit in &vits {
+    let sweep = Sweep::open(
+        &o.device,
+        o.configs.as_deref(),
+        default_configs,
+        &o.members,
+        &o.methods,
+        o.batch,
+    )?;
+    for vit in &sweep.vits {
         for &method in &o.methods {
-            for &m in row_sizes(method, &members) {
+            for &m in row_sizes(method, &sweep.members) {
                 let ens = ensemble_config(method, m, o.classes, o.rank);
-                for precision in [precision(&probe), Precision::GPU_BF16] {
+                for precision in [precision(&sweep.probe), Precision::GPU_BF16] {
                     memory_model::predict(vit, &ens, o.batch, 2, precision, o.activations)?;
                 }
             }
         }
     }
-    Ok(MemprofilePlan {
-        o,
-        probe,
-        configs,
-        vits,
-        members,
-    })
+    Ok(MemprofilePlan { o, sweep })
 }
 
 /// The sizes `method` is profiled at: a single network is one row, whatever sizes the
@@ -312,17 +293,17 @@ fn row_sizes(method: Method, members: &[usize]) -> &[usize] {
 impl MemprofilePlan<'_> {
     /// Measure and predict every row. `progress` is told what is about to be measured.
     pub fn run(self, progress: &mut dyn FnMut(&str)) -> Result<MemprofileReport> {
-        let MemprofilePlan {
-            o,
+        let MemprofilePlan { o, sweep } = self;
+        let device = sweep.device_label(&o.device);
+        let Sweep {
             probe,
             configs,
             vits,
             members,
-        } = self;
+        } = sweep;
         let is_cpu = probe.is_cpu();
         let prec = precision(&probe);
         let budget = budget_for(&probe, o.memory_budget);
-        let device_name = probe.name();
         let note = if is_cpu {
             let mut n = String::from(
                 "CPU: f32, figures are the device's accounted bytes (deterministic); the device \
@@ -540,11 +521,7 @@ impl MemprofilePlan<'_> {
                 Some(acc.map_or(v, |a| a.max(v)))
             });
         Ok(MemprofileReport {
-            device: if is_cpu {
-                "cpu".into()
-            } else {
-                format!("{} ({device_name})", o.device)
-            },
+            device,
             note,
             info: RunInfo::collect(&o.command),
             configs,
