@@ -200,25 +200,40 @@ fn bench_refuses_a_bad_rank_or_class_count_before_measuring() {
     }
 }
 
-/// Refused before the default folder is chosen: with an earlier run in runs/bench, no note that
-/// this one goes to runs/bench-2 comes before the error, and no runs/bench-2 is left.
+/// A refusal comes before the default folder is chosen: with an earlier run in runs/COMMAND, no
+/// note that this one goes to runs/COMMAND-2 comes before the error, and no runs/COMMAND-2 is
+/// left.
 #[test]
-fn bench_and_memprofile_refuse_before_choosing_their_folder() {
+fn refusals_come_before_the_folder_is_said() {
     let cwd = temp_dir("refused-before-the-folder");
-    for command in ["bench", "memprofile"] {
+    let missing = cwd.join("missing.safetensors");
+    let missing = missing.to_str().unwrap();
+    for (command, file) in [
+        ("train", "report.json"),
+        ("compare", "compare.json"),
+        ("bench", "bench.json"),
+        ("memprofile", "memprofile.json"),
+    ] {
         let earlier = cwd.join("runs").join(command);
         std::fs::create_dir_all(&earlier).unwrap();
-        std::fs::write(earlier.join(format!("{command}.json")), "{}").unwrap();
-        for (args, needle) in [
+        std::fs::write(earlier.join(file), "{}").unwrap();
+        let mut refusals = vec![
             (
                 vec![command, "--device", "cpu", "--rank", "0"],
                 "rank must be at least 1",
             ),
             (
-                vec![command, "--device", "cpu", "--members", "1,999999999"],
+                vec![command, "--device", "cpu", "--members", "999999999"],
                 "more than loren builds",
             ),
-        ] {
+        ];
+        if matches!(command, "train" | "compare") {
+            refusals.push((
+                vec![command, "--device", "cpu", "--backbone", missing],
+                "missing.safetensors",
+            ));
+        }
+        for (args, needle) in refusals {
             fails_with_in(&cwd, &args, &[needle]);
         }
         assert!(!cwd.join("runs").join(format!("{command}-2")).exists());

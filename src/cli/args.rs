@@ -607,31 +607,42 @@ pub fn checkpoint_arg(arg: &str) -> Result<PathBuf, String> {
 /// The folder a command writes into, held for the command's life.
 pub struct OutDir {
     pub path: PathBuf,
+    /// The default folder, when it held an earlier run and this one moved on, unless quiet.
+    moved_from: Option<PathBuf>,
     _claim: Option<ClaimedDir>,
+}
+
+impl OutDir {
+    /// Say where the run goes when it moved on from the default folder: once the command has
+    /// checked what it was given, so that a refusal is not preceded by it.
+    pub fn say_where(&self) {
+        if let Some(from) = &self.moved_from {
+            loren::note!(
+                "note: {} holds an earlier run; this one goes to {} (--out DIR names the \
+                 folder, and replaces a run in it)",
+                from.display(),
+                self.path.display()
+            );
+        }
+    }
 }
 
 /// A folder named with --out is used as it is, replacing what an earlier run of the command
 /// left there. The default one never takes an earlier run's place: the first free of `out`,
-/// `out-2`, `out-3`, ... is claimed, and a move is said unless `quiet`.
+/// `out-2`, `out-3`, ... is claimed, and a move is said ([`OutDir::say_where`]) unless `quiet`.
 pub fn out_dir(out: &Path, named: bool, quiet: bool) -> Result<OutDir> {
     if named {
         loren::outputs::remove_left_claim(out);
         return Ok(OutDir {
             path: out.to_path_buf(),
+            moved_from: None,
             _claim: None,
         });
     }
     let claim = ClaimedDir::claim(out, "--out")?;
-    if claim.path != out && !quiet {
-        loren::note!(
-            "note: {} holds an earlier run; this one goes to {} (--out DIR names the folder, \
-             and replaces a run in it)",
-            out.display(),
-            claim.path.display()
-        );
-    }
     Ok(OutDir {
         path: claim.path.clone(),
+        moved_from: (claim.path != out && !quiet).then(|| out.to_path_buf()),
         _claim: Some(claim),
     })
 }

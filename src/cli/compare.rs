@@ -125,15 +125,16 @@ pub fn compare(a: &CompareArgs, out_named: bool) -> Result<()> {
     }
     let plan = plan(a, &methods, &rates, &data)?;
     check_all_fit(&plan, &data)?;
-    if a.common.verbosity() == Verbosity::Normal {
-        note_earlier_reports(&a.out, &plan);
-    }
     let backbone = backbone::resolve(
         a.model.backbone.as_deref(),
         &mut vit,
         &data,
         a.common.verbosity(),
     )?;
+    out.say_where();
+    if a.common.verbosity() == Verbosity::Normal {
+        note_earlier_reports(&a.out, &plan);
+    }
     let mut results = Vec::new();
     for Planned {
         method,

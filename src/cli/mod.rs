@@ -157,6 +157,7 @@ fn measure_into<R: Measured>(
     // Checked before the measuring it would otherwise follow.
     let out = args::out_dir(out, out_named, quiet)?;
     loren::outputs::writable_dir(&out.path, "--out")?;
+    out.say_where();
     let report = measure(&mut |what| {
         if !quiet {
             progress(what);

@@ -161,6 +161,9 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
         &data,
         spec.verbosity,
     )?;
+    // The device too is refused before the run is said to begin (opened once, it is kept).
+    spec.device.open()?;
+    out.say_where();
     let result = run(&spec, &data, &backbone)?;
     // Written before the report is printed: a reader that stops early (| head) loses nothing.
     let written = write_outputs(&a.out, &result, &data.test)?;
