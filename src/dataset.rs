@@ -4,14 +4,44 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use anyhow::{Result, bail};
 use loren_nn::config::VitConfig;
 use loren_nn::data::cifar::{Cifar, cifar_class_names, load_cifar, load_cifar_test};
 use loren_nn::data::external::{split_official, split_seeded};
 use loren_nn::data::folder::{
     folder_class_names, imagenet_normalization, load_folder, load_folder_test,
 };
-use loren_nn::data::{Dataset, SplitOptions, Splits, bundled_digits, load_digits, split_digits};
+use loren_nn::data::{
+    DataError, Dataset, SplitOptions, Splits, bundled_digits, load_digits, split_digits,
+};
+
+/// What can go wrong naming or reading a run's data.
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    /// A dataset named in none of the forms [`DataSource`] reads.
+    #[error("unknown dataset '{given}': {}{EXPECTED}", if *.empty_path { "the path is empty; " } else { "" })]
+    UnknownSource { given: String, empty_path: bool },
+    /// A normalisation other than `dataset` or `none`.
+    #[error("unknown normalisation '{0}': expected dataset or none")]
+    UnknownNormalize(String),
+    /// A checkpoint's metadata holding a data setting that cannot be read.
+    #[error("checkpoint metadata {key} '{value}': {expected}")]
+    Metadata {
+        key: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    /// A model of a channel count the images cannot be brought to.
+    #[error(
+        "model '{model}' takes {channels} channels: the data is made as grey (1) or colour (3) \
+         images"
+    )]
+    Channels { model: String, channels: usize },
+    /// Reading, splitting or scaling the data.
+    #[error(transparent)]
+    Data(#[from] DataError),
+}
+
+type Result<T, E = DatasetError> = std::result::Result<T, E>;
 
 /// How the images are scaled on their way into the model, a setting of the trained model that
 /// its checkpoint records ([`Normalize::KEY`]) for `eval` and `export` to repeat.
@@ -34,20 +64,23 @@ impl Normalize {
     /// What `meta` (a checkpoint's metadata) recorded.
     pub fn recorded(meta: &std::collections::HashMap<String, String>) -> Result<Normalize> {
         meta.get(Self::KEY).map_or(Ok(Normalize::Dataset), |n| {
-            n.parse()
-                .map_err(|e| anyhow::anyhow!("checkpoint metadata {}: {e}", Self::KEY))
+            n.parse().map_err(|_| DatasetError::Metadata {
+                key: Self::KEY,
+                value: n.clone(),
+                expected: "expected dataset or none",
+            })
         })
     }
 }
 
 impl FromStr for Normalize {
-    type Err = anyhow::Error;
+    type Err = DatasetError;
 
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "dataset" => Ok(Normalize::Dataset),
             "none" => Ok(Normalize::None),
-            other => bail!("unknown normalisation '{other}': expected dataset or none"),
+            other => Err(DatasetError::UnknownNormalize(other.to_string())),
         }
     }
 }
@@ -69,8 +102,10 @@ pub const TRAIN_ON_VAL_KEY: &str = "train_on_val";
 /// Checkpoints from before the setting lack the key, and kept the part apart.
 pub fn recorded_train_on_val(meta: &std::collections::HashMap<String, String>) -> Result<bool> {
     meta.get(TRAIN_ON_VAL_KEY).map_or(Ok(false), |v| {
-        v.parse().map_err(|_| {
-            anyhow::anyhow!("checkpoint metadata {TRAIN_ON_VAL_KEY} '{v}': expected true or false")
+        v.parse().map_err(|_| DatasetError::Metadata {
+            key: TRAIN_ON_VAL_KEY,
+            value: v.clone(),
+            expected: "expected true or false",
         })
     })
 }
@@ -108,18 +143,22 @@ const EXPECTED: &str = "expected digits, digits:PATH (a gzipped CSV like the bun
     cifar10:DIR, cifar100:DIR (the binary version) or folder:DIR (a subfolder of images per class)";
 
 impl FromStr for DataSource {
-    type Err = anyhow::Error;
+    type Err = DatasetError;
 
     fn from_str(s: &str) -> Result<Self> {
         let path = |p: &str| PathBuf::from(p);
+        let unknown = |empty_path| DatasetError::UnknownSource {
+            given: s.to_string(),
+            empty_path,
+        };
         match s.split_once(':') {
             None if s == "digits" => Ok(DataSource::Digits(None)),
-            Some((_, "")) => bail!("unknown dataset '{s}': the path is empty; {EXPECTED}"),
+            Some((_, "")) => Err(unknown(true)),
             Some(("digits", p)) => Ok(DataSource::Digits(Some(path(p)))),
             Some(("cifar10", p)) => Ok(DataSource::Cifar(Cifar::Ten, path(p))),
             Some(("cifar100", p)) => Ok(DataSource::Cifar(Cifar::Hundred, path(p))),
             Some(("folder", p)) => Ok(DataSource::Folder(path(p))),
-            _ => bail!("unknown dataset '{s}': {EXPECTED}"),
+            _ => Err(unknown(false)),
         }
     }
 }
@@ -170,11 +209,10 @@ impl DataSource {
         // Images are made grey or colour (convert_channels); a model of other channels (from a
         // damaged checkpoint, say) is refused here rather than met there.
         if ![1, 3].contains(&vit.channels) {
-            anyhow::bail!(
-                "model '{}' takes {} channels: the data is made as grey (1) or colour (3) images",
-                vit.name,
-                vit.channels
-            );
+            return Err(DatasetError::Channels {
+                model: vit.name.clone(),
+                channels: vit.channels,
+            });
         }
         let splits = match self {
             DataSource::Digits(source) => {
@@ -339,6 +377,47 @@ mod tests {
         assert_eq!(Normalize::None.to_string(), "none");
         let e = "imagenet".parse::<Normalize>().unwrap_err().to_string();
         assert!(e.contains("expected dataset or none"), "{e}");
+    }
+
+    /// A program embedding loren tells its user's mistakes from a damaged checkpoint and from
+    /// missing data by the variant, not by the message.
+    #[test]
+    fn errors_say_what_went_wrong_by_their_variant() {
+        assert!(matches!(
+            "mnist:/x".parse::<DataSource>(),
+            Err(DatasetError::UnknownSource {
+                empty_path: false,
+                ..
+            })
+        ));
+        assert!(matches!(
+            "folder:".parse::<DataSource>(),
+            Err(DatasetError::UnknownSource {
+                empty_path: true,
+                ..
+            })
+        ));
+        assert!(matches!(
+            "z".parse::<Normalize>(),
+            Err(DatasetError::UnknownNormalize(n)) if n == "z"
+        ));
+        let meta = |k: &str, v: &str| std::collections::HashMap::from([(k.into(), v.into())]);
+        assert!(matches!(
+            recorded_train_on_val(&meta(TRAIN_ON_VAL_KEY, "yes")),
+            Err(DatasetError::Metadata { key: TRAIN_ON_VAL_KEY, value, .. }) if value == "yes"
+        ));
+        assert!(matches!(
+            Normalize::recorded(&meta(Normalize::KEY, "imagenet")),
+            Err(DatasetError::Metadata {
+                key: Normalize::KEY,
+                ..
+            })
+        ));
+        let missing = DataSource::Folder("/nonexistent/loren-dataset".into());
+        assert!(matches!(
+            missing.splits(&[], &VitConfig::tiny(), Normalize::Dataset, false),
+            Err(DatasetError::Data(_))
+        ));
     }
 
     #[test]
