@@ -203,8 +203,8 @@ pub fn checkpoint_backbone(
         (None, Some(p)) => Some(
             read_backbone(p, vit)
                 .context(
-                    "the backbone the checkpoint was trained from (pass --backbone to name \
-                     another)",
+                    "the backbone the checkpoint was trained from (name another with --backbone, \
+                     or with Ensemble::open's backbone)",
                 )?
                 .file,
         ),

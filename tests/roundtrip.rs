@@ -374,8 +374,21 @@ fn export_and_load_refuse_the_wrong_files() {
         !ok && err.contains("not a loren training checkpoint"),
         "{err}"
     );
+    // A checkpoint whose backbone has gone says how to name another, to the library's caller
+    // as to the command's.
+    let moved = dir.join("moved-backbone.safetensors");
+    std::fs::copy(&backbone, &moved).unwrap();
+    let (ckpt, exported) =
+        train_eval_export("lora", &dir, &["--backbone", moved.to_str().unwrap()]);
+    std::fs::remove_file(&moved).unwrap();
+    let e = Ensemble::load(&ckpt, DeviceSpec::Cpu).unwrap_err();
+    assert!(
+        matches!(e, loren::EnsembleError::File { .. })
+            && e.to_string().contains("moved-backbone.safetensors")
+            && e.to_string().contains("Ensemble::open's backbone"),
+        "{e}"
+    );
     // An export keeps no optimizer state: resuming or exporting it names what it is.
-    let (_, exported) = train_eval_export("lora", &dir, &[]);
     let e = exported.to_str().unwrap();
     for args in [
         vec!["train", "--resume", e, "--epochs", "2"],
