@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use loren_nn::NnError;
 use loren_nn::checkpoint::{self, TensorFile};
 use loren_nn::config::{Activations, EnsembleConfig, LoraConfig, Method, VitConfig};
 use loren_nn::data::Splits;
@@ -183,11 +184,25 @@ pub fn resolve(
     Ok(imported.file)
 }
 
+/// What can go wrong reading a backbone with [`read_backbone`].
+#[derive(Debug, thiserror::Error)]
+pub enum BackboneError {
+    /// The file cannot be read, or is no tensor file; the message names it.
+    #[error(transparent)]
+    Read(NnError),
+    /// Its tensors hold no ViT of the config asked for, in any naming scheme loren reads.
+    /// The reason is in the message, not a `source`: printed as a chain it would show twice.
+    #[error("importing the backbone for config '{config}': {reason}")]
+    Import { config: String, reason: NnError },
+}
+
 /// Read a backbone file in any naming scheme and convert it for `vit`.
-pub fn read_backbone(path: &Path, vit: &VitConfig) -> Result<Imported> {
-    let file = TensorFile::read(path)?;
-    import_backbone(file, vit)
-        .with_context(|| format!("importing the backbone for config '{}'", vit.name))
+pub fn read_backbone(path: &Path, vit: &VitConfig) -> Result<Imported, BackboneError> {
+    let file = TensorFile::read(path).map_err(BackboneError::Read)?;
+    import_backbone(file, vit).map_err(|reason| BackboneError::Import {
+        config: vit.name.clone(),
+        reason,
+    })
 }
 
 /// The frozen weights a training checkpoint is used with (by `eval` and `export`): `given`
@@ -251,6 +266,24 @@ fn bundled_or_pretrained(vit: &VitConfig, data: &Splits, verbosity: Verbosity) -
 mod tests {
     use super::*;
     use crate::dataset::{DataSource, Normalize};
+
+    /// A caller tells a file it cannot read from weights of another model by the variant.
+    #[test]
+    fn backbone_errors_say_whether_the_file_or_its_weights_are_wrong() {
+        let readme = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
+        assert!(matches!(
+            read_backbone(&readme, &VitConfig::tiny()),
+            Err(BackboneError::Read(_))
+        ));
+        let tiny = default_path(&VitConfig::tiny());
+        let e = read_backbone(&tiny, &VitConfig::by_name("vit-b-32").unwrap()).unwrap_err();
+        assert!(
+            matches!(&e, BackboneError::Import { config, .. } if config == "vit-b-32"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("patch_embed.weight"), "{e}");
+        assert!(read_backbone(&tiny, &VitConfig::tiny()).is_ok());
+    }
 
     /// A run that trains on the validation part can still pretrain a missing backbone: the
     /// backbone just has no validation score. Checked against the same run keeping the part.
