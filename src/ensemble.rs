@@ -288,14 +288,24 @@ impl Ensemble {
         }
         let file = TensorFile::read(path).map_err(|e| EnsembleError::file(path, e))?;
         let device = device.open().map_err(EnsembleError::Device)?;
-        let model = load_network(&file, backbone, &device)?;
-        let metadata = match is_export(&file) {
+        Ensemble::from_file(&file, backbone, &device)
+    }
+
+    /// The ensemble `file` holds, on `device`: an export as it is, or a training checkpoint
+    /// with its backbone and the metadata [`export`] would give it, checked alike.
+    fn from_file(
+        file: &TensorFile,
+        backbone: Option<&Path>,
+        device: &Device,
+    ) -> Result<Ensemble, EnsembleError> {
+        let model = load_network(file, backbone, device)?;
+        let metadata = match is_export(file) {
             true => Ok(file.metadata().clone()),
-            false => export_metadata(&file, &model),
+            false => export_metadata(file, &model),
         };
         metadata
-            .and_then(|m| Ensemble::assemble(model, m, path))
-            .map_err(|e| EnsembleError::loading(path, e))
+            .and_then(|m| Ensemble::assemble(model, m, file.path()))
+            .map_err(|e| EnsembleError::loading(file.path(), e))
     }
 
     fn assemble(
@@ -636,16 +646,15 @@ pub fn export(
             ),
         ));
     }
-    let model = &load_network(&file, backbone, &Device::cpu())?;
-    let metadata =
-        export_metadata(&file, model).map_err(|e| EnsembleError::loading(checkpoint, e))?;
+    let ens = Ensemble::from_file(&file, backbone, &Device::cpu())?;
+    let model = &ens.model;
     let mut tensors = if is_stacked(model) {
         model.tensors(|name, _| Vit::is_backbone(name))?
     } else {
         model.backbone_tensors()?
     };
     tensors.extend(model.tensors(|name, _| !Vit::is_backbone(name))?);
-    checkpoint::write(out, &tensors, metadata)
+    checkpoint::write(out, &tensors, ens.metadata.clone())
         .map_err(|e| EnsembleError::output(out, e.to_string()))?;
     Ok(ExportSummary {
         path: out.to_path_buf(),
@@ -667,14 +676,15 @@ fn export_metadata(file: &TensorFile, model: &Vit) -> anyhow::Result<HashMap<Str
     let stacked = is_stacked(model);
     let meta = file.metadata();
     let normalize = Normalize::recorded(meta)?;
-    let (mean, std, names) = match INPUT_KEYS.map(|k| meta.get(k)) {
-        // What `Trainer::fit` recorded of the data it trained on.
-        [Some(_), Some(_), Some(_)] => (
-            meta_json(meta, "norm_mean", file.path())?,
-            meta_json(meta, "norm_std", file.path())?,
-            meta_json(meta, "class_names", file.path())?,
-        ),
-        _ => inputs_of_recorded_data(file, model, normalize)?,
+    let [mean, std, names] = match INPUT_KEYS.map(|k| meta.get(k)) {
+        // What `Trainer::fit` recorded of the data it trained on, as it is: read back and
+        // checked as the export's own (JSON has no infinity, so a value read and written again
+        // would turn a broken one into a null).
+        [Some(mean), Some(std), Some(names)] => [mean.clone(), std.clone(), names.clone()],
+        _ => {
+            let (mean, std, names) = inputs_of_recorded_data(file, model, normalize)?;
+            [json(&mean), json(&std), json(&names)]
+        }
     };
     let data = meta.get("data").cloned().unwrap_or_default();
     Ok(HashMap::from([
@@ -685,9 +695,9 @@ fn export_metadata(file: &TensorFile, model: &Vit) -> anyhow::Result<HashMap<Str
             "layout".to_string(),
             if stacked { "stacked" } else { "shared" }.to_string(),
         ),
-        ("norm_mean".to_string(), json(&mean)),
-        ("norm_std".to_string(), json(&std)),
-        ("class_names".to_string(), json(&names)),
+        ("norm_mean".to_string(), mean),
+        ("norm_std".to_string(), std),
+        ("class_names".to_string(), names),
         ("data".to_string(), data),
         (Normalize::KEY.to_string(), normalize.to_string()),
         (

@@ -416,30 +416,40 @@ fn export_and_load_refuse_the_wrong_files() {
     assert!(e.contains("absent.safetensors"), "{e}");
 }
 
-/// An exported file whose normalisation is not finite (or whose std is not positive) is the
-/// file's fault, named when it is loaded, not an input that turned infinite in `predict`.
+/// A normalisation that is not finite (or a std that is not positive), in an exported file or a
+/// checkpoint, is the file's fault, named when it is loaded (not an input that turned infinite
+/// in `predict`) or exported.
 #[test]
-fn an_exported_file_with_a_broken_normalisation_is_refused_on_loading() {
+fn a_broken_normalisation_is_refused_on_loading_and_exporting() {
     use loren_nn::checkpoint::write;
     let dir = temp_dir("norm");
-    let (_, exported) = train_eval_export("lora", &dir, &[]);
-    let file = TensorFile::read(&exported).unwrap();
-    let tensors = all_tensors(&file);
-    for (key, value) in [
-        ("norm_mean", "[1e39]"),
-        ("norm_std", "[1e39]"),
-        ("norm_std", "[0.0]"),
-    ] {
-        let mut meta = file.metadata().clone();
-        meta.insert(key.into(), value.into());
-        let broken = dir.join("broken.safetensors");
-        write(&broken, &tensors, meta).unwrap();
-        let e = Ensemble::load(&broken, DeviceSpec::Cpu).unwrap_err();
-        assert!(
-            matches!(e, loren::EnsembleError::File { .. }),
-            "{key} {value}: {e:?}"
-        );
-        assert!(e.to_string().contains("finite values each"), "{e}");
+    let (ckpt, exported) = train_eval_export("lora", &dir, &[]);
+    for (source, is_export) in [(&exported, true), (&ckpt, false)] {
+        let file = TensorFile::read(source).unwrap();
+        let tensors = all_tensors(&file);
+        for (key, value) in [
+            ("norm_mean", "[1e39]"),
+            ("norm_std", "[1e39]"),
+            ("norm_std", "[0.0]"),
+        ] {
+            let mut meta = file.metadata().clone();
+            meta.insert(key.into(), value.into());
+            let broken = dir.join("broken.safetensors");
+            write(&broken, &tensors, meta).unwrap();
+            let e = Ensemble::load(&broken, DeviceSpec::Cpu).unwrap_err();
+            assert!(
+                matches!(e, loren::EnsembleError::File { .. }),
+                "{key} {value}: {e:?}"
+            );
+            assert!(e.to_string().contains("finite values each"), "{e}");
+            // Nor is a checkpoint recording it exported, to fail only when it is loaded.
+            if !is_export {
+                let out = dir.join("from-broken.safetensors");
+                let e = loren::ensemble::export(&broken, None, &out).unwrap_err();
+                assert!(e.to_string().contains("finite values each"), "{e}");
+                assert!(!out.exists());
+            }
+        }
     }
 }
 
