@@ -180,17 +180,26 @@ struct EmuWgmma {
     int scale_d;
     bool b_mn;
 };
-// What a CUDA thread holds besides its registers (its stack): its cp.async and wgmma groups.
+// What a CUDA thread holds besides its registers (its stack): its cp.async and wgmma groups, and
+// the fences the PTX ISA asks of a wgmma that the emulator would otherwise not miss:
+//   unfenced   its cp.async copies landed in shared memory (generic proxy) since its last
+//              fence.proxy.async, so the tensor cores (async proxy) may not see them yet;
+//   wg_fenced  a wgmma.fence since its last commit: the first wgmma of a batch, and any after
+//              the thread read or wrote the accumulators, needs one.
 struct EmuThread {
     std::vector<EmuCopy> open;
     std::vector<std::vector<EmuCopy>> groups;
     std::vector<EmuWgmma> wg_open;
     std::vector<std::vector<EmuWgmma>> wg_groups;
+    bool unfenced = false;
+    bool wg_fenced = false;
     void clear() {
         open.clear();
         groups.clear();
         wg_open.clear();
         wg_groups.clear();
+        unfenced = false;
+        wg_fenced = false;
     }
 };
 inline thread_local EmuThread* emu_self = nullptr;
@@ -292,6 +301,8 @@ struct EmuBlock {
     // another block's memory, where here it would land in the slack unseen.
     std::vector<unsigned char> dyn;
     size_t smem = 0;
+    // How many of its threads hold cp.async copies not yet fenced for the async proxy.
+    std::atomic<int> unfenced{0};
     static constexpr size_t GUARD = 4096;
     static constexpr unsigned char CANARY = 0x5a;
 
@@ -303,6 +314,7 @@ struct EmuBlock {
         for (unsigned w = 0; w < warps.size(); ++w)
             warps[w].bar = std::make_unique<EmuBarrier>(std::min(32u, n - 32 * w));
         smem = bytes;
+        unfenced.store(0, std::memory_order_relaxed);
         dyn.assign(smem + GUARD, 0xff);
         std::fill(dyn.begin() + smem, dyn.end(), CANARY);
     }
@@ -791,6 +803,10 @@ template <int N> inline void cp_async_wait() {
         for (const EmuCopy& c : groups.front()) {
             if (c.bytes > 0) std::memcpy(c.dst, c.src, c.bytes);
             std::memset(static_cast<char*>(c.dst) + c.bytes, 0, 16 - c.bytes);
+            if (!emu_self->unfenced) {
+                emu_self->unfenced = true;
+                emu_block->unfenced.fetch_add(1, std::memory_order_relaxed);
+            }
         }
         groups.erase(groups.begin());
     }
@@ -880,8 +896,13 @@ inline u64 sw128_desc(const void* tile, unsigned lbo = 16) {
            ((u64)(1024 >> 4) << 32) | (1ull << 62);
 }
 
-inline void fence_proxy_async() {}
-inline void wgmma_fence() {}
+inline void fence_proxy_async() {
+    if (emu_self->unfenced) {
+        emu_self->unfenced = false;
+        emu_block->unfenced.fetch_sub(1, std::memory_order_relaxed);
+    }
+}
+inline void wgmma_fence() { emu_self->wg_fenced = true; }
 inline void wgmma_fence_operands(float (&)[64]) {}
 
 // Element (mn, k) of a bf16 operand behind a 128-byte-swizzle descriptor, K-major or MN-major,
@@ -917,12 +938,25 @@ inline void wgmma_m64n128k16(float (&d)[64], u64 desc_a, u64 desc_b, int scale_d
         std::fprintf(stderr, "wgmma in a block of %u threads: not whole warpgroups\n", blockDim.x);
         std::abort();
     }
+    if (!emu_self->wg_fenced) {
+        std::fprintf(stderr, "wgmma.mma_async with no wgmma.fence since the last commit\n");
+        std::abort();
+    }
+    // Checked where the fibers of a block stand between two barriers: a thread that ran before
+    // this one and fenced is not caught, one that has not yet run its fence is.
+    if (emu_block->unfenced.load(std::memory_order_relaxed) > 0) {
+        std::fprintf(stderr,
+                     "wgmma.mma_async while cp.async copies are in shared memory with no "
+                     "fence.proxy.async after them: the tensor cores may read stale data\n");
+        std::abort();
+    }
     emu_self->wg_open.push_back({d, desc_a, desc_b, scale_d, B_MN});
 }
 
 inline void wgmma_commit() {
     emu_self->wg_groups.push_back(std::move(emu_self->wg_open));
     emu_self->wg_open.clear();
+    emu_self->wg_fenced = false;
 }
 
 // This thread's 64 accumulators of D[64x128] = A[64x16]·B[16x128] (+ D).
