@@ -758,7 +758,16 @@ inline void mma_bf16_16816(float d[4], const unsigned a[4], unsigned b0, unsigne
     }
 }
 
+// ldmatrix reads each row as one 16-byte line: the PTX ISA asks row addresses aligned to it.
+inline void emu_check_ldmatrix_row(const void* p) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
+        std::fprintf(stderr, "ldmatrix with a row address not aligned to 16 bytes\n");
+        std::abort();
+    }
+}
+
 inline void ldmatrix_x4(unsigned r[4], const void* p) {
+    emu_check_ldmatrix_row(p);
     EmuWarp& w = emu_warp();
     const int lane = emu_lane();
     w.ptr[lane] = p;
@@ -771,6 +780,7 @@ inline void ldmatrix_x4(unsigned r[4], const void* p) {
 }
 
 inline void ldmatrix_x4_trans(unsigned r[4], const void* p) {
+    emu_check_ldmatrix_row(p);
     EmuWarp& w = emu_warp();
     const int lane = emu_lane();
     w.ptr[lane] = p;
