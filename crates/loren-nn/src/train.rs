@@ -929,4 +929,36 @@ mod tests {
         }
         assert_eq!(first(2, 3, 4), first(2, 3, 4));
     }
+
+    /// The epoch history a checkpoint keeps as JSON comes back to the bit, so that a resumed
+    /// run's report holds the figures its first part printed.
+    #[test]
+    fn the_epoch_history_round_trips_through_the_checkpoint_bit_for_bit() {
+        let mut rng = Rng::new(7);
+        let mut draw = || f64::from(rng.next_f32()) * 3.0 + f64::from(rng.next_f32()) * 1e-8;
+        let history: Vec<EpochInfo> = (0..2000)
+            .map(|e| EpochInfo {
+                epoch: e + 1,
+                mean_loss: draw(),
+                seconds: draw(),
+                val: Some(EpochVal {
+                    accuracy: (e % 359) as f64 / 359.0,
+                    nll: draw(),
+                    ece: draw(),
+                    seconds: draw(),
+                }),
+            })
+            .collect();
+        let back: Vec<EpochInfo> = serde_json::from_str(&json(&history)).unwrap();
+        let bits = |h: &[EpochInfo]| -> Vec<u64> {
+            h.iter()
+                .flat_map(|e| {
+                    let v = e.val.unwrap();
+                    [e.mean_loss, e.seconds, v.accuracy, v.nll, v.ece, v.seconds]
+                })
+                .map(f64::to_bits)
+                .collect()
+        };
+        assert!(bits(&back) == bits(&history));
+    }
 }
