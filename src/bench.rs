@@ -607,7 +607,7 @@ pub fn default_configs(device: &Device) -> Vec<String> {
 fn validate(o: &BenchOptions) -> Result<()> {
     if let Some(m) = o.methods.iter().find(|m| m.is_single()) {
         return Err(anyhow!(
-            "method {m} has one member; bench compares lora and explicit ensembles"
+            "method {m} has one member; bench times the ensembles: lora, explicit or mc-dropout"
         ));
     }
     if o.repeats == 0 {

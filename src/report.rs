@@ -305,9 +305,30 @@ pub(crate) fn unique<T: PartialEq>(items: impl IntoIterator<Item = T>) -> Vec<T>
 /// For each ensemble method run at two or more sizes, what one more member adds between the
 /// smallest and the largest: trainable parameters and peak memory while training.
 pub fn growth_per_member(runs: &[RunResult]) -> String {
+    let sized: Vec<RunSize> = runs
+        .iter()
+        .map(|r| RunSize {
+            method: r.method,
+            members: r.members,
+            trainable_params: r.trainable_params,
+            peak: r.memory.total_peak,
+        })
+        .collect();
+    growth_lines(&sized)
+}
+
+/// What [`growth_per_member`] reads of a run.
+struct RunSize {
+    method: Method,
+    members: usize,
+    trainable_params: usize,
+    peak: u64,
+}
+
+fn growth_lines(runs: &[RunSize]) -> String {
     let mut s = String::new();
-    for method in [Method::Explicit, Method::Lora] {
-        let rows: Vec<&RunResult> = runs.iter().filter(|r| r.method == method).collect();
+    for method in unique(runs.iter().map(|r| r.method)) {
+        let rows: Vec<&RunSize> = runs.iter().filter(|r| r.method == method).collect();
         let (Some(lo), Some(hi)) = (
             rows.iter().min_by_key(|r| r.members),
             rows.iter().max_by_key(|r| r.members),
@@ -319,7 +340,7 @@ pub fn growth_per_member(runs: &[RunResult]) -> String {
         }
         let steps = (hi.members - lo.members) as f64;
         let params = (hi.trainable_params as f64 - lo.trainable_params as f64) / steps;
-        let peak = (hi.memory.total_peak as f64 - lo.memory.total_peak as f64) / steps;
+        let peak = (hi.peak as f64 - lo.peak as f64) / steps;
         let _ = writeln!(
             s,
             "{:<10} one more member adds {} trainable parameters and {} of peak tensor memory (M={} to M={})",
@@ -656,6 +677,34 @@ mod tests {
             ood_sets: Vec::new(),
             predictions: Vec::new(),
         }
+    }
+
+    /// Every ensemble method run at two sizes or more gets its line (MC Dropout's too), in the
+    /// order the methods ran; a method run at one size, or a single network, gets none.
+    #[test]
+    fn each_method_run_at_several_sizes_gets_a_growth_line() {
+        let run = |method, members: usize, per: usize| RunSize {
+            method,
+            members,
+            trainable_params: 1000 + per * members,
+            peak: 1 << 20,
+        };
+        let lines = growth_lines(&[
+            run(Method::McDropout, 1, 650),
+            run(Method::Lora, 1, 17_034),
+            run(Method::McDropout, 3, 650),
+            run(Method::Lora, 3, 17_034),
+            run(Method::Explicit, 2, 136_138),
+            run(Method::Single, 1, 0),
+        ]);
+        let lines: Vec<&str> = lines.lines().collect();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].starts_with("mc-dropout") && lines[0].contains("adds 650 "));
+        assert!(lines[1].starts_with("lora") && lines[1].contains("adds 17,034 "));
+        assert!(
+            lines.iter().all(|l| l.ends_with("(M=1 to M=3)")),
+            "{lines:?}"
+        );
     }
 
     /// Every figure line shows its own field: each figure here is a different number.

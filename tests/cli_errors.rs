@@ -304,12 +304,31 @@ fn flags_the_method_or_optimizer_does_not_use_are_named() {
     );
     assert!(!err.contains("does not use"), "{err}");
     assert!(!err.contains("warm-up"), "{err}");
-    // A LoRA run with SGD uses both.
+    // A LoRA run with SGD uses both; a warmup of 5 steps may start from zero.
     let err = train(
         &dir.join("lora-sgd"),
-        &["--rank", "4", "--optimizer", "sgd", "--momentum", "0.5"],
+        &[
+            "--rank",
+            "4",
+            "--optimizer",
+            "sgd",
+            "--momentum",
+            "0.5",
+            "--warmup",
+            "5",
+            "--warmup-from-zero",
+        ],
     );
     assert!(!err.contains("does not use"), "{err}");
+    // With no warmup there is nothing to start from zero.
+    let err = train(
+        &dir.join("no-warmup"),
+        &["--warmup", "0", "--warmup-from-zero"],
+    );
+    assert!(
+        err.contains("this run does not use --warmup-from-zero (there is no warmup: --warmup 0)"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -21,7 +21,8 @@ pub struct BenchArgs {
     /// GPU; tiny on the CPU (ViT-B takes seconds per member-step there).
     #[arg(long, value_delimiter = ',')]
     pub config: Vec<String>,
-    /// Methods to time, comma-separated: lora, explicit.
+    /// Methods to time, comma-separated: lora, explicit or mc-dropout (the ensembles; single
+    /// and single-lora are one network).
     #[arg(long, value_delimiter = ',', default_value = "lora,explicit")]
     pub methods: Vec<String>,
     /// Ensemble sizes, comma-separated.
@@ -65,7 +66,7 @@ pub struct BenchArgs {
     /// run; a folder named here is used as it is, replacing an earlier run's files.
     #[arg(long, value_parser = text_path, default_value = "runs/bench")]
     pub out: PathBuf,
-    /// Time both methods with each block's activations recomputed in the backward (as
+    /// Time every method with each block's activations recomputed in the backward (as
     /// `loren train --recompute`) instead of kept.
     #[arg(long)]
     pub recompute: bool,
@@ -74,7 +75,7 @@ pub struct BenchArgs {
     /// on a GPU, so idle gaps while the host launches show on the op after them).
     #[arg(long)]
     pub breakdown: bool,
-    /// Print only the table.
+    /// No progress lines on stderr: only the table, with its notes, and the files written.
     #[arg(long, short)]
     pub quiet: bool,
 }

@@ -49,7 +49,7 @@ pub struct CompareArgs {
         default_value = "single,single-lora,mc-dropout,explicit,lora"
     )]
     pub methods: Vec<String>,
-    /// Ensemble sizes to run explicit and lora at, in place of -m/--members (not with it; e.g.
+    /// Ensemble sizes to run each ensemble method at, in place of -m/--members (not with it; e.g.
     /// 1,4,16): one row per size, then what each method adds per member, to see how parameters
     /// and memory grow with M.
     #[arg(long, value_delimiter = ',', conflicts_with = "members")]

@@ -26,11 +26,18 @@ use loren_nn::reliability::reliability_svg;
 
 use loren::outputs::writable_dir;
 
-// The shared --data's default is train's; eval's is the checkpoint's own data.
+// The shared --data's default is train's; eval's is the checkpoint's own data, and the
+// normalisation and held-out classes are the checkpoint's.
 #[derive(Args, Clone)]
 #[command(mut_arg("data", |a| a.help("The dataset to score on, in train's --data forms \
     (digits, digits:PATH, cifar10:DIR, cifar100:DIR, folder:DIR). Default: the data the \
     checkpoint was trained on")))]
+#[command(mut_arg("normalize", |a| a.help("How images are scaled for the model: the \
+    checkpoint's own setting, which this flag may only repeat (another would feed the model \
+    inputs it never saw)")))]
+#[command(mut_arg("holdout_classes", |a| a.help("The classes the checkpoint held out of \
+    training, scored as out-of-distribution: its own, which this flag may only repeat (its \
+    heads know the other classes, in order)")))]
 pub struct EvalArgs {
     #[command(flatten)]
     pub common: Common,
@@ -38,7 +45,8 @@ pub struct EvalArgs {
     /// `loren export`.
     #[arg(long, value_parser = checkpoint_arg)]
     pub checkpoint: PathBuf,
-    /// The backbone the checkpoint was trained from (default: the path recorded in it).
+    /// The backbone the checkpoint was trained from (default: the path recorded in it; an
+    /// exported file holds its own).
     #[arg(long, value_parser = text_path)]
     pub backbone: Option<PathBuf>,
     #[command(flatten)]

@@ -65,11 +65,11 @@ pub struct MemprofileArgs {
     /// run's files.
     #[arg(long, value_parser = text_path, default_value = "runs/memprofile")]
     pub out: PathBuf,
-    /// Profile both methods with each block's activations recomputed in the backward (as
+    /// Profile every method with each block's activations recomputed in the backward (as
     /// `loren train --recompute`) instead of kept.
     #[arg(long)]
     pub recompute: bool,
-    /// Print only the table.
+    /// No progress lines on stderr: only the table, with its notes, and the files written.
     #[arg(long, short)]
     pub quiet: bool,
 }

@@ -44,6 +44,7 @@ Examples:
   loren train --config vit-b-32 --backbone vit_b_32.safetensors --data cifar100:DIR
                                           real weights and data (README: the paper's setup)
   loren bench --device cuda               step time, throughput and MFU, lora against explicit
+                                          (--methods lora,mc-dropout,explicit: MC Dropout too)
   loren memprofile                        memory per ensemble size by tag, beside the analytic model
   loren memprofile --recompute --config vit-b-16
                                           the same with each block recomputed in the backward
@@ -78,7 +79,8 @@ enum Command {
     /// Predict images with a trained ensemble: each one's class, its probability, and the
     /// ensemble's uncertainty (entropy, mutual information, the members' votes).
     Predict(predict::PredictArgs),
-    /// Time a training step and an inference pass, lora against explicit, per ensemble size.
+    /// Time a training step and an inference pass per ensemble size: lora against explicit, and
+    /// mc-dropout when asked.
     Bench(bench::BenchArgs),
     /// Memory per ensemble size by tag, measured beside the analytic model.
     Memprofile(memprofile::MemprofileArgs),

@@ -114,6 +114,10 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
             (a.optim.optimizer == "adamw" && is_given("momentum"))
                 .then(|| "--momentum (adamw does not use it)".to_string()),
         )
+        .chain(
+            (a.optim.warmup == 0 && is_given("warmup_from_zero"))
+                .then(|| "--warmup-from-zero (there is no warmup: --warmup 0)".to_string()),
+        )
         .collect::<Vec<_>>();
     if !unused.is_empty() && a.common.verbosity() == Verbosity::Normal {
         loren::note!("note: this run does not use {}", unused.join(", "));
