@@ -416,9 +416,9 @@ fn export_and_load_refuse_the_wrong_files() {
     assert!(e.contains("absent.safetensors"), "{e}");
 }
 
-/// A normalisation that is not finite (or a std that is not positive), in an exported file or a
-/// checkpoint, is the file's fault, named when it is loaded (not an input that turned infinite
-/// in `predict`) or exported.
+/// A normalisation that is no f32 (1e39 overflows one), or a std that is not positive, in an
+/// exported file or a checkpoint, is the file's fault, named when it is loaded (not an input
+/// that turned infinite in `predict`) or exported.
 #[test]
 fn a_broken_normalisation_is_refused_on_loading_and_exporting() {
     use loren_nn::checkpoint::write;
@@ -427,10 +427,11 @@ fn a_broken_normalisation_is_refused_on_loading_and_exporting() {
     for (source, is_export) in [(&exported, true), (&ckpt, false)] {
         let file = TensorFile::read(source).unwrap();
         let tensors = all_tensors(&file);
-        for (key, value) in [
-            ("norm_mean", "[1e39]"),
-            ("norm_std", "[1e39]"),
-            ("norm_std", "[0.0]"),
+        for (key, value, says) in [
+            ("norm_mean", "[1e39]", "metadata 'norm_mean' is unreadable"),
+            ("norm_std", "[1e39]", "metadata 'norm_std' is unreadable"),
+            ("norm_std", "[0.0]", "finite values each, std positive"),
+            ("norm_std", "[-0.5]", "finite values each, std positive"),
         ] {
             let mut meta = file.metadata().clone();
             meta.insert(key.into(), value.into());
@@ -441,12 +442,12 @@ fn a_broken_normalisation_is_refused_on_loading_and_exporting() {
                 matches!(e, loren::EnsembleError::File { .. }),
                 "{key} {value}: {e:?}"
             );
-            assert!(e.to_string().contains("finite values each"), "{e}");
+            assert!(e.to_string().contains(says), "{key} {value}: {e}");
             // Nor is a checkpoint recording it exported, to fail only when it is loaded.
             if !is_export {
                 let out = dir.join("from-broken.safetensors");
                 let e = loren::ensemble::export(&broken, None, &out).unwrap_err();
-                assert!(e.to_string().contains("finite values each"), "{e}");
+                assert!(e.to_string().contains(says), "{key} {value}: {e}");
                 assert!(!out.exists());
             }
         }
