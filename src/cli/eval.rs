@@ -205,8 +205,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         device: device.to_string(),
         batch_size: opts.batch_size,
         // An export records its training settings where its checkpoint did.
-        settings: file
-            .metadata()
+        settings: meta
             .contains_key("train")
             .then(|| {
                 RunSettings::of_checkpoint(
