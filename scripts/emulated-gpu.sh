@@ -7,7 +7,7 @@
 #
 #   scripts/emulated-gpu.sh [SUITES] [-- CARGO TEST ARGS]
 #
-# SUITES, comma-separated (default: kernels,parity,training,recompute,memprofile,hopper, what
+# SUITES, comma-separated (default: kernels,parity,training,recompute,memprofile,hopper,truncated, what
 # scripts/test.sh runs; times on 2 cores):
 #   kernels    loren-kernels tests/gpu.rs: every launcher against an f64 reference (~15 s)
 #   parity     loren-tensor tests/gpu_parity.rs: every op against its CPU twin (~10 s)
@@ -21,6 +21,9 @@
 #              of each op's bytes, and an inference pass's, against the model's replay (~10 s)
 #   hopper     kernels, parity and training again on a Hopper (below): the wgmma kernels beside
 #              the mma.sync ones, and the training steps on them (~60 s)
+#   truncated  kernels, parity and training again, and the Hopper's kernels, with the tensor cores
+#              adding as NVIDIA's are measured to (LOREN_EMU_TC=truncate, emu/common.cuh's
+#              emu_tc_add), so that no bound rests on the emulator's exact sums (~2.5 min)
 # LOREN_FAKE_CC=9.0 makes the device a Hopper (sm_90a build, wgmma kernels loaded; LOREN_WGMMA=1
 # then runs the fused GEMMs on them).
 # LOREN_FAKE_NO_COMPUTE=1 makes it issue everything and compute nothing: with the libraries it
@@ -29,7 +32,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-suites=kernels,parity,training,recompute,memprofile,hopper
+suites=kernels,parity,training,recompute,memprofile,hopper,truncated
 if [ $# -gt 0 ] && [ "$1" != "--" ]; then
     suites=$1
     shift
@@ -87,6 +90,14 @@ for suite in ${suites//,/ }; do
             others gpu_parity "" "$@"
             others gpu_training "" "$@"
             unset LOREN_FAKE_CC LOREN_WGMMA
+            ;;
+        truncated)
+            export LOREN_EMU_TC=truncate
+            kernels "$@"
+            others gpu_parity "" "$@"
+            others gpu_training "" "$@"
+            LOREN_FAKE_CC=9.0 LOREN_WGMMA=1 kernels "$@"
+            unset LOREN_EMU_TC
             ;;
         *) echo "emulated-gpu: unknown suite '$suite'" >&2; exit 2 ;;
     esac

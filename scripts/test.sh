@@ -8,7 +8,7 @@
 # of the GPU (needs a C++20 compiler), alone and under ThreadSanitizer, and, through a fake CUDA
 # driver and cuBLAS over it, under the GPU test suites of the launchers, of every op, of whole
 # training steps, of recomputed blocks and of memory by tag, then again as a Hopper with its
-# wgmma kernels (scripts/emulated-gpu.sh). Tests that need a real GPU say plainly when they are
+# wgmma kernels, and again with the tensor cores truncating as NVIDIA's do (scripts/emulated-gpu.sh). Tests that need a real GPU say plainly when they are
 # skipped.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -23,7 +23,7 @@ cargo test --workspace --exclude loren-kernels "$@"
 
 # The GPU suites through cudarc on the emulator (the fake libcuda needs a C++20 compiler).
 if command -v "${CXX:-c++}" >/dev/null; then
-    scripts/emulated-gpu.sh kernels,parity,training,recompute,memprofile,hopper "$@"
+    scripts/emulated-gpu.sh kernels,parity,training,recompute,memprofile,hopper,truncated "$@"
 elif [ -n "${LOREN_REQUIRE_EMULATOR:-}" ]; then
     echo "error: LOREN_REQUIRE_EMULATOR is set, but there is no C++20 compiler (\$CXX or c++) for the emulated GPU suites" >&2
     exit 1

@@ -562,6 +562,29 @@ void write(void* p, int type, size_t i, double v) {
     else
         static_cast<bf16*>(p)[i] = __float2bfloat16_rn((float)v);
 }
+
+// Four running sums, not one, for speed (an order cuBLAS does not fix either).
+double exact_dot(const double* a, const double* b, int k) {
+    double acc4[4] = {0, 0, 0, 0};
+    int l = 0;
+    for (; l + 4 <= k; l += 4)
+        for (int u = 0; u < 4; ++u) acc4[u] += a[l + u] * b[l + u];
+    for (; l < k; ++l) acc4[0] += a[l] * b[l];
+    return (acc4[0] + acc4[1]) + (acc4[2] + acc4[3]);
+}
+
+// A bf16 GEMM on the tensor cores as LOREN_EMU_TC=truncate models them: blocks of 8 products
+// added into an f32 accumulator, each with truncation (emu_tc_add).
+double tc_dot(const double* a, const double* b, int k) {
+    float acc = 0;
+    double p[8];
+    for (int l = 0; l < k; l += 8) {
+        const int n = std::min(8, k - l);
+        for (int u = 0; u < n; ++u) p[u] = a[l + u] * b[l + u];
+        acc = emu_tc_add(acc, p, n, true);
+    }
+    return acc;
+}
 }  // namespace fake
 
 API int cublasCreate_v2(void** h) {
@@ -584,6 +607,8 @@ API int cublasGemmStridedBatchedEx(void*, int transa, int transb, int m, int n, 
     fake::run_queued();
     if (fake::no_compute()) return 0;
     const double al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
+    // Both operands bf16 (CUDA_R_16BF): cuBLAS runs it on the tensor cores.
+    const bool tensor_cores = atype == 14 && btype == 14 && emu_tc_truncates();
     // Each operand's rows along k, widened once, so that the inner loop reads two contiguous rows.
     std::vector<double> a((size_t)m * k), b((size_t)n * k);
     for (int q = 0; q < batch; ++q) {
@@ -599,13 +624,7 @@ API int cublasGemmStridedBatchedEx(void*, int transa, int transb, int m, int n, 
                 for (int i = 0; i < m; ++i) {
                     const double* ar = &a[(size_t)i * k];
                     const double* br = &b[(size_t)j * k];
-                    // Four running sums, not one, for speed (an order cuBLAS does not fix either).
-                    double acc4[4] = {0, 0, 0, 0};
-                    int l = 0;
-                    for (; l + 4 <= k; l += 4)
-                        for (int u = 0; u < 4; ++u) acc4[u] += ar[l + u] * br[l + u];
-                    for (; l < k; ++l) acc4[0] += ar[l] * br[l];
-                    const double acc = (acc4[0] + acc4[1]) + (acc4[2] + acc4[3]);
+                    const double acc = tensor_cores ? fake::tc_dot(ar, br, k) : fake::exact_dot(ar, br, k);
                     const size_t ci = q * sc + (size_t)i + (size_t)j * ldc;
                     const double old = be == 0 ? 0 : be * fake::read(C, ctype, ci);
                     fake::write(C, ctype, ci, al * acc + old);

@@ -810,6 +810,33 @@ static void elementwise_case(uint64_t seed) {
     check("sum of squares", ss, {want}, 1e-12);
 }
 
+// The emulator's own tensor-core sums (emu_tc_add), exact and truncated, on sums whose two
+// results differ.
+static void tensor_core_sums_case() {
+    auto expect = [](const char* what, float got, float want) {
+        const bool ok = got == want;
+        std::printf("%-4s %-44s %.9g (want %.9g)\n", ok ? "ok" : "FAIL", what, got, want);
+        if (!ok) ++failures;
+    };
+    const double u = std::ldexp(1.0, -24);
+    // Eight products below the accumulator's last bit: the exact sum keeps them, the hardware's
+    // alignment drops each, whatever its sign.
+    const double small[8] = {0.75 * u, 0.75 * u, 0.75 * u, 0.75 * u, 0.75 * u, 0.75 * u, 0.75 * u, 0.75 * u};
+    const double neg[8] = {-0.75 * u, -0.75 * u, -0.75 * u, -0.75 * u, -0.75 * u, -0.75 * u, -0.75 * u, -0.75 * u};
+    expect("tensor-core sum, exact", emu_tc_add(1.0f, small, 8, false), float(1 + 6 * u));
+    expect("tensor-core sum, aligned and truncated", emu_tc_add(1.0f, small, 8, true), 1.0f);
+    expect("tensor-core sum, negative terms, exact", emu_tc_add(1.0f, neg, 8, false), float(1 - 6 * u));
+    expect("tensor-core sum, negative terms, truncated", emu_tc_add(1.0f, neg, 8, true), 1.0f);
+    // A carry past 2 leaves one bit more than f32 holds: round to even, or toward zero.
+    const double carry[1] = {1 - std::ldexp(1.0, -8)};
+    const float below_one = float(1 - u);
+    expect("tensor-core carry, exact", emu_tc_add(below_one, carry, 1, false), float(2 - std::ldexp(1.0, -8)));
+    expect("tensor-core carry, truncated", emu_tc_add(below_one, carry, 1, true),
+           float(2 - std::ldexp(1.0, -8) - 2 * u));
+    const double nan[1] = {NAN};
+    expect("tensor-core sum of a NaN is NaN", std::isnan(emu_tc_add(1.0f, nan, 1, true)), 1.0f);
+}
+
 int main(int argc, char** argv) {
     const std::string only = argc > 1 ? argv[1] : "";
     if (only.empty() || only == "lora") {
@@ -829,6 +856,7 @@ int main(int argc, char** argv) {
         attention_case<128>(1, 1, 1, 1, 1, 130, 1, 14);
     }
     if (only.empty() || only == "rest") {
+        tensor_core_sums_case();
         layernorm_case(3, 3, 1, 300, 192, 21);
         layernorm_case(3, 1, 3, 50, 37, 22);
         layernorm_case(2, 2, 2, 20, 264, 23);  // vectors: a second, partial pass over the row
