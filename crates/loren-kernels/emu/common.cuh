@@ -729,9 +729,10 @@ inline float emu_hi(unsigned r) { return __bfloat162float({uint16_t(r >> 16)}); 
 // How the tensor cores add: exactly (the default), or as NVIDIA's are measured to
 // (LOREN_EMU_TC=truncate): bf16 products exact, but each block of 8 products and the accumulator
 // aligned to the largest of their exponents, every bit below that term's 24-bit significand
-// dropped, and the sum truncated to f32 (Fasi, Higham, Mikaitis & Pranesh, "Numerical behavior of
-// NVIDIA tensor cores", PeerJ CS 2021, on V100, T4 and A100; the pessimistic end, with no extra
-// alignment bits). Parity bounds that hold here are not resting on the emulator's exact sums.
+// dropped, and the sum truncated to f32 (after Fasi, Higham, Mikaitis & Pranesh, "Numerical
+// behavior of NVIDIA tensor cores", PeerJ CS 2021; block size and extra alignment bits differ by
+// generation, so this is a model of the kind, not of one chip bit for bit). Parity bounds that
+// hold here do not rest on the emulator's exact sums.
 inline bool emu_tc_truncates() {
     static const bool t = [] {
         const char* v = std::getenv("LOREN_EMU_TC");
