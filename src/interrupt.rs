@@ -22,52 +22,71 @@ pub fn scoring_stop(kept: &str) -> loren_nn::Result<()> {
     }
 }
 
-/// While it lives, Ctrl-C asks training or scoring to stop (see [`requested`]); dropped, Ctrl-C
-/// ends the process again.
+/// While it lives, Ctrl-C asks training or scoring to stop (see [`requested`]); once pressed, or
+/// once the guard is dropped, Ctrl-C does again what it did before the guard: the default (ending
+/// the process) or the handler of a program that embeds loren, which it gets back untouched.
+/// Guards nest: the outermost one installs and restores.
 pub struct Guard(());
 
 impl Guard {
     pub fn install() -> Guard {
-        REQUESTED.store(false, Ordering::Relaxed);
-        sys::on_sigint(Some(sys::handler));
+        if DEPTH.fetch_add(1, Ordering::SeqCst) == 0 {
+            REQUESTED.store(false, Ordering::Relaxed);
+            sys::install();
+        }
         Guard(())
     }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        sys::on_sigint(None);
+        if DEPTH.fetch_sub(1, Ordering::SeqCst) == 1 {
+            sys::restore();
+        }
     }
 }
 
+static DEPTH: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 #[cfg(unix)]
 mod sys {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     const SIGINT: i32 = 2;
-    const SIG_DFL: usize = 0;
+    const SIG_ERR: usize = usize::MAX;
+
+    /// What Ctrl-C did before the guard: SIG_DFL (0), SIG_IGN, or a host program's handler.
+    static PREVIOUS: AtomicUsize = AtomicUsize::new(0);
 
     unsafe extern "C" {
         fn signal(signum: i32, handler: usize) -> usize;
     }
 
-    /// Only async-signal-safe work: an atomic store, and signal(2) to make the next Ctrl-C the
-    /// default one.
-    pub extern "C" fn handler(_: i32) {
-        super::REQUESTED.store(true, std::sync::atomic::Ordering::Relaxed);
-        on_sigint(None);
+    pub fn install() {
+        // SAFETY: signal(2) with a handler that only does async-signal-safe work.
+        let previous = unsafe { signal(SIGINT, handler as *const () as usize) };
+        if previous != SIG_ERR {
+            PREVIOUS.store(previous, Ordering::SeqCst);
+        }
     }
 
-    pub fn on_sigint(handler: Option<extern "C" fn(i32)>) {
-        let disposition = handler.map_or(SIG_DFL, |h| h as usize);
-        // SAFETY: signal(2) with the default disposition or a handler that only does
-        // async-signal-safe work.
+    pub fn restore() {
+        // SAFETY: signal(2) with the disposition signal(2) itself returned when the guard
+        // installed.
         unsafe {
-            signal(SIGINT, disposition);
+            signal(SIGINT, PREVIOUS.load(Ordering::SeqCst));
         }
+    }
+
+    /// Only async-signal-safe work: atomics, and signal(2) to hand the next Ctrl-C back.
+    extern "C" fn handler(_: i32) {
+        super::REQUESTED.store(true, std::sync::atomic::Ordering::Relaxed);
+        restore();
     }
 }
 
 #[cfg(not(unix))]
 mod sys {
-    pub extern "C" fn handler(_: i32) {}
-    pub fn on_sigint(_: Option<extern "C" fn(i32)>) {}
+    pub fn install() {}
+    pub fn restore() {}
 }

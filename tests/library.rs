@@ -289,3 +289,51 @@ fn a_trainer_trains_on_another_thread_as_it_would_here() {
     );
     assert_eq!(probs(&here), probs(&there));
 }
+
+/// A program that embeds loren keeps its own Ctrl-C handler: a run's guard takes Ctrl-C only
+/// while it lives, hands it back after the first press, and restores it when dropped.
+#[cfg(unix)]
+#[test]
+fn a_host_programs_ctrl_c_handler_is_handed_back() {
+    use loren::interrupt::{Guard, requested};
+
+    const SIGINT: i32 = 2;
+    static HOST_SAW: AtomicUsize = AtomicUsize::new(0);
+    extern "C" fn host(_: i32) {
+        HOST_SAW.fetch_add(1, Ordering::SeqCst);
+    }
+    unsafe extern "C" {
+        fn signal(signum: i32, handler: usize) -> usize;
+        fn raise(sig: i32) -> i32;
+    }
+    let host_handler = host as *const () as usize;
+    // SAFETY: the handler only touches an atomic; raise(3) runs handlers on this thread.
+    let current = || unsafe {
+        let h = signal(SIGINT, host_handler);
+        signal(SIGINT, h);
+        h
+    };
+    unsafe { signal(SIGINT, host_handler) };
+
+    let guard = Guard::install();
+    assert_ne!(current(), host_handler, "the guard takes Ctrl-C");
+    assert!(!requested());
+    unsafe { raise(SIGINT) };
+    assert!(requested(), "the first Ctrl-C asks the run to stop");
+    assert_eq!(HOST_SAW.load(Ordering::SeqCst), 0);
+    assert_eq!(current(), host_handler, "the next Ctrl-C is the host's");
+    unsafe { raise(SIGINT) };
+    assert_eq!(HOST_SAW.load(Ordering::SeqCst), 1);
+    drop(guard);
+    assert_eq!(current(), host_handler);
+
+    // Dropped without a press, nested or not, it restores the host's too.
+    let outer = Guard::install();
+    let inner = Guard::install();
+    drop(inner);
+    assert_ne!(current(), host_handler, "an inner guard leaves the outer one's in place");
+    drop(outer);
+    assert_eq!(current(), host_handler);
+    unsafe { raise(SIGINT) };
+    assert_eq!(HOST_SAW.load(Ordering::SeqCst), 2);
+}

@@ -22,7 +22,9 @@
 //   (+8), columns 8j + 2(t%4) (+1)); and its asynchrony: the products are formed at
 //   wgmma.wait_group, reading shared memory then, so a stage overwritten before the wait shows.
 //   Shared addresses start at EMU_SMEM_ORIGIN, off a 1024-byte boundary, so a kernel that does
-//   not align its swizzled tiles reads the wrong elements.
+//   not align its swizzled tiles reads the wrong elements. The proxies: a wgmma reads through the
+//   async proxy, so one with no wgmma.fence, or reading shared memory stored (cp.async or a plain
+//   store) since the last fence.proxy.async and block barrier, aborts;
 // - a full-warp shuffle, mma.sync or ldmatrix after a lane of the warp has returned aborts, as
 //   the hardware leaves it undefined.
 // Not modelled: timing, bank conflicts, memory-model subtleties beyond barrier ordering; the
@@ -37,6 +39,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <sched.h>
@@ -215,6 +218,8 @@ inline void emu_progress();
 class EmuBarrier {
   public:
     explicit EmuBarrier(long n) : size_(n), expected_(n) {}
+    // Run by the last thread to arrive, before any leaves.
+    std::function<void()> on_open;
     void arrive_and_wait() {
         const unsigned long phase = get(phase_);
         emu_progress();
@@ -240,6 +245,14 @@ class EmuBarrier {
         return get(a);
     }
     void next_phase() {
+        if (on_open) {
+            // It reads what every thread wrote before arriving, and those leaving after it may
+            // overwrite what it read.
+            char* sync = &sync_[get(phase_) & 1];
+            emu_tsan_acquire(sync);
+            on_open();
+            emu_tsan_release(sync);
+        }
         arrived_.store(0, std::memory_order_relaxed);
         add(phase_, 1);
     }
@@ -257,6 +270,8 @@ class EmuBarrier {
 class EmuBarrier {
   public:
     explicit EmuBarrier(long n) : size_(n), expected_(n) {}
+    // Run by the last thread to arrive, before any leaves.
+    std::function<void()> on_open;
     void arrive_and_wait() {
         std::unique_lock<std::mutex> lock(m_);
         const unsigned long phase = phase_;
@@ -276,6 +291,7 @@ class EmuBarrier {
 
   private:
     void next_phase() {
+        if (on_open) on_open();
         arrived_ = 0;
         ++phase_;
         cv_.notify_all();
@@ -305,6 +321,12 @@ struct EmuBlock {
     size_t smem = 0;
     // How many of its threads hold cp.async copies not yet fenced for the async proxy.
     std::atomic<int> unfenced{0};
+    // Dynamic shared memory as the async proxy (wgmma's operand reads) may see it: copied from
+    // `dyn` as a block barrier opens after any thread ran fence.proxy.async, so that a wgmma
+    // reading a byte stored since (a plain store or a landed cp.async, with no fence between the
+    // store and the barrier) finds the two differ.
+    std::vector<unsigned char> async_view;
+    std::atomic<bool> proxy_fenced{false};
     static constexpr size_t GUARD = 4096;
     static constexpr unsigned char CANARY = 0x5a;
 
@@ -319,6 +341,12 @@ struct EmuBlock {
         unfenced.store(0, std::memory_order_relaxed);
         dyn.assign(smem + GUARD, 0xff);
         std::fill(dyn.begin() + smem, dyn.end(), CANARY);
+        async_view.assign(smem, 0xff);
+        proxy_fenced.store(false, std::memory_order_relaxed);
+        bar->on_open = [this] {
+            if (proxy_fenced.exchange(false, std::memory_order_relaxed))
+                std::memcpy(async_view.data(), dyn.data(), smem);
+        };
     }
     // Once the block's threads have all returned: stop, naming the block, if one of them
     // stored past the dynamic shared memory its launch asked for.
@@ -955,6 +983,7 @@ inline u64 sw128_desc(const void* tile, unsigned lbo = 16) {
 }
 
 inline void fence_proxy_async() {
+    emu_block->proxy_fenced.store(true, std::memory_order_relaxed);
     if (emu_self->unfenced) {
         emu_self->unfenced = false;
         emu_block->unfenced.fetch_sub(1, std::memory_order_relaxed);
@@ -984,8 +1013,16 @@ inline double emu_desc_read(u64 desc, int mn, int k, bool mn_major) {
         std::fprintf(stderr, "wgmma reads shared address %#x, outside dynamic shared memory\n", addr);
         std::abort();
     }
-    uint16_t v;
+    uint16_t v, seen;
     std::memcpy(&v, emu_block->dyn.data() + (addr - EMU_SMEM_ORIGIN), 2);
+    std::memcpy(&seen, emu_block->async_view.data() + (addr - EMU_SMEM_ORIGIN), 2);
+    if (v != seen) {
+        std::fprintf(stderr,
+                     "wgmma reads shared address %#x, stored since the last fence.proxy.async "
+                     "before a barrier: the tensor cores may read stale data\n",
+                     addr);
+        std::abort();
+    }
     return __bfloat162float({v});
 }
 
