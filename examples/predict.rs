@@ -25,7 +25,12 @@ fn main() -> Result<()> {
     };
     let ens = Ensemble::load(&path, DeviceSpec::Auto)?;
     let meta = ens.metadata();
-    let source: DataSource = meta.get("data").map_or("digits", String::as_str).parse()?;
+    // Empty when the ensemble was trained on a program's own arrays.
+    let source: DataSource = meta
+        .get("data")
+        .filter(|d| !d.is_empty())
+        .map_or("digits", String::as_str)
+        .parse()?;
     let holdout: Vec<u32> = meta
         .get("holdout_classes")
         .filter(|h| !h.is_empty())

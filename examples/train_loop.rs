@@ -60,7 +60,7 @@ fn from_arrays(name: &str, like: &Dataset) -> Result<Dataset> {
 }
 
 fn main() -> Result<()> {
-    let vit = VitConfig::tiny();
+    let mut vit = VitConfig::tiny();
     let splits = "digits"
         .parse::<DataSource>()?
         .splits(&[], &vit, Normalize::Dataset, false)?;
@@ -79,11 +79,15 @@ fn main() -> Result<()> {
             ..LoraConfig::default()
         },
     };
-    let mut model = Vit::new(&vit, &ensemble, &device, fine_tune_seed(0))?;
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/backbone-tiny.safetensors");
-    // Read as the command reads one: timm, torchvision or Hugging Face names are converted.
-    let backbone = read_backbone(&path, &vit)?.file;
-    model.load_backbone(&backbone)?;
+    // Read as the command reads one: timm, torchvision or Hugging Face names are converted, and
+    // the model runs with the LayerNorm epsilon their library trained with.
+    let backbone = read_backbone(&path, &vit)?;
+    if let Some(eps) = backbone.ln_eps {
+        vit.ln_eps = eps;
+    }
+    let mut model = Vit::new(&vit, &ensemble, &device, fine_tune_seed(0))?;
+    model.load_backbone(&backbone.file)?;
     println!(
         "{} members of rank 4 on {device}: {} trainable parameters of {}",
         ensemble.members,

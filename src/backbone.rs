@@ -196,7 +196,10 @@ pub enum BackboneError {
     Import { config: String, reason: NnError },
 }
 
-/// Read a backbone file in any naming scheme and convert it for `vit`.
+/// Read a backbone file in any naming scheme and convert it for `vit`. A scheme whose library
+/// trains with another LayerNorm epsilon says so in [`Imported::ln_eps`] (Hugging Face's 1e-12):
+/// set `vit.ln_eps` from it before building the model, or the imported weights run with loren's
+/// 1e-6.
 pub fn read_backbone(path: &Path, vit: &VitConfig) -> Result<Imported, BackboneError> {
     let file = TensorFile::read(path).map_err(BackboneError::Read)?;
     import_backbone(file, vit).map_err(|reason| BackboneError::Import {
@@ -214,7 +217,11 @@ pub fn checkpoint_backbone(
 ) -> Result<Option<TensorFile>> {
     let recorded = file.metadata().get("backbone").map(Path::new);
     Ok(match (given, recorded) {
-        (Some(p), _) => Some(read_backbone(p, vit).context("--backbone")?.file),
+        (Some(p), _) => Some(
+            read_backbone(p, vit)
+                .context("the backbone given (--backbone, or Ensemble::open's backbone)")?
+                .file,
+        ),
         (None, Some(p)) => Some(
             read_backbone(p, vit)
                 .context(

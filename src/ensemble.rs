@@ -222,7 +222,7 @@ pub enum InputError {
     #[error(
         "{batch} images of [{}, {}, {}] are {} values, got {len}: the images must be [B, {0}, \
          {1}, {2}] at the model's size",
-        shape[0], shape[1], shape[2], batch * shape.iter().product::<usize>()
+        shape[0], shape[1], shape[2], *batch as u128 * shape.iter().product::<usize>() as u128
     )]
     Length {
         batch: usize,
@@ -232,6 +232,7 @@ pub enum InputError {
     /// A batch of no images.
     #[error("a batch of 0 images: give at least one")]
     NoImages,
+
     /// A value that is NaN or infinite, at `[channel, row, column]` of image `image`.
     #[error(
         "image {image}: its value at channel {}, row {}, column {} is {value}; inputs must be \
@@ -355,7 +356,7 @@ impl Ensemble {
         self.batch_size = n.max(1);
     }
 
-    /// Where it runs, as `cpu` or `cuda:N (name)`.
+    /// Where it runs, as `cpu` or `cuda:N`.
     pub fn device_name(&self) -> String {
         self.model.device().to_string()
     }
@@ -393,7 +394,8 @@ impl Ensemble {
     }
 
     /// The file's metadata: the keys the module docs list, e.g. `data` (the `--data` it was
-    /// trained on) and `holdout_classes`.
+    /// trained on; empty when its trainer recorded none, as `Trainer::fit` on a program's own
+    /// arrays does) and `holdout_classes`.
     pub fn metadata(&self) -> &HashMap<String, String> {
         &self.metadata
     }
@@ -598,13 +600,15 @@ pub struct ExportSummary {
 }
 
 /// Write the ensemble a training checkpoint holds as one self-contained file (see the module
-/// docs). Its backbone is `backbone`, or the path the checkpoint recorded; its class names and
+/// docs). `checkpoint` is the file or the run's folder holding it, as for [`Ensemble::open`].
+/// Its backbone is `backbone`, or the path the checkpoint recorded; its class names and
 /// normalisation come from the data the checkpoint recorded.
 pub fn export(
     checkpoint: &Path,
     backbone: Option<&Path>,
     out: &Path,
 ) -> Result<ExportSummary, EnsembleError> {
+    let checkpoint = &crate::run::checkpoint_in(checkpoint);
     // The export must not replace what it is made from.
     if same_file(checkpoint, out) {
         return Err(EnsembleError::output(
@@ -632,7 +636,7 @@ pub fn export(
             ),
         ));
     }
-    let file = crate::run::read_checkpoint(checkpoint, "--checkpoint")
+    let file = crate::run::read_checkpoint(checkpoint, "checkpoint")
         .map_err(|e| EnsembleError::file(checkpoint, e))?;
     let recorded = file.metadata().get("backbone").map(Path::new);
     if let Some(b) = backbone.or(recorded)

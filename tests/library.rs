@@ -135,6 +135,7 @@ fn an_ensemble_trained_from_arrays_reads_back_as_it_was_trained() {
     );
     assert!(e.to_string().contains("fingerprint"), "{e}");
     assert!(e.to_string().contains(&*other.to_string_lossy()), "{e}");
+    assert!(e.to_string().contains("Ensemble::open's backbone"), "{e}");
 
     // A non-finite input is named by its image and place.
     let mut bad = pixels[..2 * 64].to_vec();
@@ -194,6 +195,20 @@ fn an_ensemble_trained_from_arrays_reads_back_as_it_was_trained() {
         ),
         "{e:?}"
     );
+    // Any finite values, up to f32's largest, give probabilities: the patch embedding's sums and
+    // the LayerNorms' squares do not overflow.
+    let mut huge = ens.normalize(&pixels[..3 * 64]);
+    huge[64..128]
+        .iter_mut()
+        .for_each(|v| *v = v.signum() * 3e38);
+    let p = ens.predict(&huge, 3).unwrap();
+    assert!(p.probs.iter().all(|v| v.is_finite()), "{p:?}");
+    // A batch whose values would overflow a usize is said in full, not wrapped.
+    let e = ens
+        .predict_pixels(&pixels[..100], usize::MAX / 2)
+        .unwrap_err();
+    let want = (usize::MAX / 2) as u128 * 64;
+    assert!(e.to_string().contains(&format!("are {want} values")), "{e}");
     let e = ens.predict_pixels(&[], 0).unwrap_err();
     assert!(
         matches!(e, EnsembleError::Input(InputError::NoImages)),
@@ -244,6 +259,20 @@ fn fit_refuses_data_its_trainer_was_not_made_for() {
     short.labels.pop();
     let e = fails(&mut model, 23, &short);
     assert!(e.contains("23"), "{e}");
+    // An epoch or a prediction on its own checks them too: no normalisation is an error, not
+    // a division by zero.
+    let mut unnormalised = arrays(24);
+    unnormalised.norm_mean.clear();
+    let e = Trainer::new(&mut model, &config(), 24)
+        .unwrap()
+        .run_epoch(&unnormalised, &mut Quiet)
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("norm"), "{e:#}");
+    let e = format!(
+        "{:#}",
+        predict(&model, &unnormalised, 8, &mut |_| Ok(())).unwrap_err()
+    );
+    assert!(e.contains("norm"), "{e}");
 }
 
 /// A server trains on a worker thread of its own: the `Trainer`, validation included, moves
@@ -331,7 +360,11 @@ fn a_host_programs_ctrl_c_handler_is_handed_back() {
     let outer = Guard::install();
     let inner = Guard::install();
     drop(inner);
-    assert_ne!(current(), host_handler, "an inner guard leaves the outer one's in place");
+    assert_ne!(
+        current(),
+        host_handler,
+        "an inner guard leaves the outer one's in place"
+    );
     drop(outer);
     assert_eq!(current(), host_handler);
     unsafe { raise(SIGINT) };

@@ -356,6 +356,19 @@ fn the_exported_file_records_the_data_it_was_trained_on() {
     assert_eq!(file.meta("holdout_classes").unwrap(), "3,7");
     let names: Vec<String> = file.meta_json("class_names").unwrap();
     assert_eq!(names, ["0", "1", "2", "4", "5", "6", "8", "9"]);
+    // The library's export takes the run's folder for its checkpoint, as the command and
+    // `Ensemble::open` do, and writes the same file.
+    let again = dir.join("from-the-folder.safetensors");
+    loren::ensemble::export(&dir, None, &again).unwrap();
+    let again = TensorFile::read(&again).unwrap();
+    assert_eq!(again.metadata(), file.metadata());
+    assert!(file.names().eq(again.names()));
+    for name in file.names() {
+        assert!(
+            again.get(name).unwrap() == file.get(name).unwrap(),
+            "{name}"
+        );
+    }
 }
 
 #[test]

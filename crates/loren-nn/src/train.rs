@@ -440,6 +440,8 @@ impl<'m> Trainer<'m> {
     /// `data` is what this trainer was made for: as many steps an epoch as the `train_len` it
     /// was made with (its schedule's length comes from them), and the model's classes.
     fn check_epoch_data(&self, data: &Dataset) -> Result<()> {
+        // Its fields are public: checked again before any step.
+        data.validate()?;
         let steps = num_batches(data.len(), self.config.batch_size)? as u64;
         if steps != self.steps_per_epoch {
             return Err(NnError::Config(format!(
@@ -473,8 +475,6 @@ impl<'m> Trainer<'m> {
         ckpt: &CheckpointSpec,
         observer: &mut dyn Observer,
     ) -> Result<TrainSummary> {
-        // Its fields are public: checked again here, before the first step.
-        data.validate()?;
         self.check_epoch_data(data)?;
         if let Some(path) = &ckpt.path {
             crate::checkpoint::check_writable(path)?;
@@ -689,7 +689,8 @@ pub fn check_backbone(file: &TensorFile, backbone: &TensorFile) -> Result<()> {
             file.path(),
             format!(
                 "it was trained from a backbone with fingerprint {recorded}, and {} has {found}: \
-                 pass --backbone with the weights it was trained from",
+                 give it the weights it was trained from (--backbone, or Ensemble::open's \
+                 backbone)",
                 backbone.path().display()
             ),
         ));

@@ -229,7 +229,9 @@ impl Dataset {
 
     /// The images at `indices`, in that order, keeping classes and normalisation.
     ///
-    /// Panics if an index is out of range: indices come from the engine, never from a user.
+    /// Panics if an index is out of range, or if the public fields disagree (see
+    /// [`Dataset::validate`], which [`Trainer`](crate::train::Trainer) and
+    /// [`predict`](crate::eval::predict) run first): a caller of its own checks its indices.
     pub fn subset(&self, indices: &[usize]) -> Dataset {
         let n = self.image_len();
         Dataset {
