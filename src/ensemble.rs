@@ -636,7 +636,7 @@ pub fn export(
             ),
         ));
     }
-    let file = crate::run::read_checkpoint(checkpoint, "checkpoint")
+    let file = crate::run::read_checkpoint(checkpoint, "--checkpoint")
         .map_err(|e| EnsembleError::file(checkpoint, e))?;
     let recorded = file.metadata().get("backbone").map(Path::new);
     if let Some(b) = backbone.or(recorded)

@@ -377,7 +377,8 @@ impl EnsembleConfig {
         model.validate()?;
         if self.members == 0 {
             return Err(NnError::Config(
-                "the ensemble needs at least 1 member (--members)".into(),
+                "the ensemble needs at least 1 member (--members, or EnsembleConfig::members)"
+                    .into(),
             ));
         }
         if self.method.is_single() && self.members != 1 {
@@ -396,12 +397,12 @@ impl EnsembleConfig {
             let r = self.lora.rank;
             if r == 0 {
                 return Err(NnError::Config(
-                    "LoRA rank must be at least 1 (--rank)".into(),
+                    "LoRA rank must be at least 1 (--rank, or LoraConfig::rank)".into(),
                 ));
             }
             if r > model.dim {
                 return Err(NnError::Config(format!(
-                    "LoRA rank {r} is above the model width {} (--rank must be at most {})",
+                    "LoRA rank {r} is above the model width {} (--rank, or LoraConfig::rank, must be at most {})",
                     model.dim, model.dim
                 )));
             }
@@ -424,7 +425,7 @@ impl EnsembleConfig {
         }
         if self.method.drops_keys() && !(0.0..1.0).contains(&self.drop_key) {
             return Err(NnError::Config(format!(
-                "the DropKey rate must be at least 0 and below 1 (--drop-key), got {}",
+                "the DropKey rate must be at least 0 and below 1 (--drop-key, or EnsembleConfig::drop_key), got {}",
                 self.drop_key
             )));
         }

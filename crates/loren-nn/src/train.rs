@@ -74,26 +74,32 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(NnError::Config(m.to_string()));
         if self.epochs == 0 {
-            return bad("train for at least 1 epoch (--epochs)");
+            return bad("train for at least 1 epoch (--epochs, or TrainConfig::epochs)");
         }
         if self.batch_size == 0 {
-            return bad("the batch size must be at least 1 (--batch-size)");
+            return bad(
+                "the batch size must be at least 1 (--batch-size, or TrainConfig::batch_size)",
+            );
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
-            return bad("the learning rate must be positive and finite (--lr)");
+            return bad("the learning rate must be positive and finite (--lr, or TrainConfig::lr)");
         }
         if !(self.min_lr.is_finite() && self.min_lr >= 0.0) {
-            return bad("the final learning rate must be finite and not negative (--min-lr)");
+            return bad(
+                "the final learning rate must be finite and not negative (--min-lr, or TrainConfig::min_lr)",
+            );
         }
         if self.min_lr > self.lr {
             return Err(NnError::Config(format!(
                 "the final learning rate (--min-lr {}) is above the peak (--lr {}): the schedule \
-                 would rise as it decays",
+                 would rise as it decays (TrainConfig::min_lr and lr)",
                 self.min_lr, self.lr
             )));
         }
         if self.grad_clip.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
-            return bad("the gradient clip must be positive and finite (--grad-clip)");
+            return bad(
+                "the gradient clip must be positive and finite (--grad-clip, or TrainConfig::grad_clip)",
+            );
         }
         self.augment.validate()?;
         Ok(())
