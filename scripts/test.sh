@@ -8,8 +8,8 @@
 # of the GPU (needs a C++20 compiler), alone and under ThreadSanitizer, and, through a fake CUDA
 # driver and cuBLAS over it, under the GPU test suites of the launchers, of every op, of whole
 # training steps, of recomputed blocks and of memory by tag, then again as a Hopper with its
-# wgmma kernels, and again with the tensor cores truncating as NVIDIA's do (scripts/emulated-gpu.sh). Tests that need a real GPU say plainly when they are
-# skipped.
+# wgmma kernels, and again with tensor cores that truncate as NVIDIA's do
+# (scripts/emulated-gpu.sh). Tests that need a real GPU say plainly when they are skipped.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
