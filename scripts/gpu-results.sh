@@ -25,13 +25,18 @@ else
     built="$(git rev-parse --short HEAD)? (not recorded by the run; HEAD now)"
 fi
 slug=$(echo "$gpu" | tr 'A-Z' 'a-z' | sed 's/nvidia //; s/[^a-z0-9]\+/-/g; s/^-//; s/-$//')
-date=$(date -u +%Y-%m-%d)
+# The day of the run, from the `date -u` line run.sh wrote, else today.
+ran=$(grep -m1 -E '^[A-Z][a-z]{2} [A-Z][a-z]{2} +[0-9]+ [0-9:]+ UTC [0-9]{4}$' "$src/device.txt" || true)
+date=$(date -u -d "${ran:-now}" +%Y-%m-%d 2>/dev/null || date -u +%Y-%m-%d)
 dest=benches/results/gpu-$date-$slug
 mkdir -p "$dest"
 
 cp "$src"/summary.md "$src"/device.txt "$dest"/
 for f in "$src"/*.log; do [ -f "$f" ] && cp "$f" "$dest"/; done
-[ -f "$src/results.tar.gz" ] && tar -xzf "$src/results.tar.gz" -C "$dest"
+# A run cut short may bring back an archive cut short too: take what it holds, and say so.
+if [ -f "$src/results.tar.gz" ] && ! tar -xzf "$src/results.tar.gz" -C "$dest"; then
+    echo "gpu-results: $src/results.tar.gz is damaged; kept what it gave" >&2
+fi
 
 {
     echo "# GPU run of $date on $gpu"
@@ -48,7 +53,7 @@ for f in "$src"/*.log; do [ -f "$f" ] && cp "$f" "$dest"/; done
     echo
     cat "$src/summary.md"
     for f in kernel-bench/kernel-bench.md bench/bench.md bench-breakdown/bench.md bench-wgmma/bench.md memprofile/memprofile.md \
-        memprofile-recompute/memprofile.md; do
+        memprofile-recompute/memprofile.md bench-mc-dropout/bench.md; do
         if [ -f "$dest/$f" ]; then
             echo
             echo "## $(dirname "$f")"

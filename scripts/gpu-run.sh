@@ -10,15 +10,20 @@
 #   train      `loren train` on cuda and on cpu, the same run, accuracy and ECE compared; the
 #              cuda model's `loren predict` on assets/examples on both devices, compared; then
 #              `loren compare --device cuda`, every method for 3 epochs
-#   sanitizer  compute-sanitizer memcheck and racecheck over the parity suite
+#   memcheck   compute-sanitizer memcheck over the launchers' tests (the wgmma GEMMs on a
+#              Hopper included) and over every op's
+#   racecheck  compute-sanitizer racecheck over the same
+#   sanitizer  memcheck,racecheck
 #   bench      kernel-bench, `loren bench` and `loren memprofile` on cuda
 #   profile    Nsight Compute (ncu) over the fused lora_* and attention_* kernels at ViT-B shapes:
 #              speed of light, occupancy, launch statistics (not in all; for tuning)
-#   all        parity,train,bench,sanitizer: the telling checks first, the slow sanitizer last
+#   all        parity,train,memcheck,bench,racecheck: what issue 3 needs to resolve first (parity,
+#              the train comparison, memcheck), then the benchmarks, the slow racecheck last
 #
 # Every check runs under `timeout`, cut to what is left of --budget (default 540 s, under the
-# device tool's 600 s), so the script always ends by itself and packs what it has. In $OUT (or
-# .gpu/out) it leaves:
+# device tool's 600 s; pass less when the tool's limit_s will be less), so the script always ends
+# by itself. What it has is packed after every stage, so a run cut short still brings back the
+# stages it finished. In $OUT (or .gpu/out) it leaves:
 #   summary.md      one line per check (pass, FAIL, or TIMEOUT with the seconds it had)
 #   device.txt      nvidia-smi, nvcc, the driver, the date
 #   parity.log  train.log  bench.log  sanitizer.log
@@ -35,12 +40,16 @@ budget=540
 while [ $# -gt 0 ]; do
     case "$1" in
         --budget) budget=$2; shift 2 ;;
-        -h | --help) sed -n '2,29p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,/^set /{/^set /!p}' "$0"; exit 0 ;;
         *) stages=$1; shift ;;
     esac
 done
-[ "$stages" = all ] && stages=parity,train,bench,sanitizer
-[ "$stages" = validate ] && stages=parity,train,sanitizer
+[ "$stages" = all ] && stages=parity,train,memcheck,bench,racecheck
+[ "$stages" = validate ] && stages=parity,train,memcheck,racecheck
+stages=${stages//sanitizer/memcheck,racecheck}
+# A carried file may come without its execute bit.
+chmod +x $bin/* 2>/dev/null
+export RUST_BACKTRACE=1
 
 mkdir -p "$out"
 work=$(mktemp -d)
@@ -52,6 +61,11 @@ if [ -z "${LOREN_NVRTC_LIB:-}" ] && ! ldconfig -p 2>/dev/null | grep -q 'libnvrt
     nvrtc=$(find /usr /opt -name 'libnvrtc.so.13' 2>/dev/null | head -n 1)
     [ -n "$nvrtc" ] && export LOREN_NVRTC_LIB=$nvrtc
 fi
+# cuBLAS, which cudarc opens by name: the toolkit's, else the first libcublas.so.13 on the machine.
+if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so\.13' && [ ! -e /usr/local/cuda/lib64/libcublas.so.13 ]; then
+    cublas=$(find /usr /opt -name 'libcublas.so.13' 2>/dev/null | head -n 1)
+    [ -n "$cublas" ] && export LD_LIBRARY_PATH=$(dirname "$cublas"):$LD_LIBRARY_PATH
+fi
 export LOREN_CACHE_DIR=${LOREN_CACHE_DIR:-/tmp/loren-ptx}
 # On the GPU machine a test that finds no usable GPU fails instead of passing as skipped.
 export LOREN_REQUIRE_GPU=1
@@ -61,7 +75,8 @@ failed=0
 start=$SECONDS
 
 { echo "bundle built from commit: $(cat .gpu/commit 2>/dev/null || echo unknown)"; nvidia-smi; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; nvcc --version; date -u
-  echo "NVRTC: ${LOREN_NVRTC_LIB:-not named: the loader search, then the wheels}"; ldconfig -p | grep nvrtc; ls -l /usr/local/cuda/lib64/libnvrtc* /usr/local/cuda/include/cuda_bf16.h; } >"$out/device.txt" 2>&1
+  echo "NVRTC: ${LOREN_NVRTC_LIB:-not named: the loader search, then the wheels}"; ldconfig -p | grep -E 'nvrtc|cublas'
+  echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"; ls -l /usr/local/cuda/lib64/libnvrtc* /usr/local/cuda/lib64/libcublas.so* /usr/local/cuda/include/cuda_bf16.h; } >"$out/device.txt" 2>&1
 
 # check NAME LOG CAP COMMAND...: run COMMAND into LOG for at most CAP seconds, or what is left of
 # the budget (less 15 s for packing), and write its line in the summary.
@@ -113,7 +128,12 @@ train() {
     check "compare --device cuda" "$out/train.log" 90 $bin/loren compare --device cuda -q --epochs 3 --no-shift --no-ood --out "$work/compare-cuda"
 }
 
+clocks() {
+    { echo "== clocks ($1)"; nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv; } >>"$out/bench.log" 2>&1
+}
+
 bench() {
+    clocks "before"
     check "kernel-bench" "$out/bench.log" 120 $bin/kernel-bench --out "$work/kernel-bench"
     check "loren bench" "$out/bench.log" 180 $bin/loren bench --device cuda --members 1,2,4,8,16,32 --out "$work/bench"
     check "loren bench --breakdown" "$out/bench.log" 60 $bin/loren bench --device cuda --config vit-b-32 --members 16 --breakdown --out "$work/bench-breakdown"
@@ -121,6 +141,7 @@ bench() {
     check "loren memprofile" "$out/bench.log" 120 $bin/loren memprofile --device cuda --out "$work/memprofile"
     check "loren memprofile --recompute" "$out/bench.log" 60 $bin/loren memprofile --device cuda --recompute --config vit-b-16 --members 1,16 --out "$work/memprofile-recompute"
     check "loren bench, mc-dropout" "$out/bench.log" 45 $bin/loren bench --device cuda --methods mc-dropout --config vit-b-32 --members 1,4,16 --out "$work/bench-mc-dropout"
+    clocks "after"
 }
 
 profile() {
@@ -132,9 +153,14 @@ profile() {
         $bin/kernel-bench --warmup 0 --repeats 1 --ranks 8
 }
 
-sanitizer() {
-    check "memcheck" "$out/sanitizer.log" 180 compute-sanitizer --tool memcheck --error-exitcode 1 $bin/gpu_parity --test-threads=1
-    check "racecheck" "$out/sanitizer.log" 150 compute-sanitizer --tool racecheck --error-exitcode 1 $bin/gpu_parity --test-threads=1
+memcheck() {
+    check "memcheck, launchers" "$out/sanitizer.log" 120 compute-sanitizer --tool memcheck --error-exitcode 1 $bin/kernels_gpu --test-threads=1
+    check "memcheck, ops" "$out/sanitizer.log" 120 compute-sanitizer --tool memcheck --error-exitcode 1 $bin/gpu_parity --test-threads=1
+}
+
+racecheck() {
+    check "racecheck, launchers" "$out/sanitizer.log" 120 compute-sanitizer --tool racecheck --error-exitcode 1 $bin/kernels_gpu --test-threads=1
+    check "racecheck, ops" "$out/sanitizer.log" 120 compute-sanitizer --tool racecheck --error-exitcode 1 $bin/gpu_parity --test-threads=1
 }
 
 # The Python on stdin, after a preamble that gives it `summary` and `work` (the paths) and
@@ -182,14 +208,20 @@ sys.exit(0 if ok else 1)
 PY
 }
 
+# One archive for everything with folders, so what comes back stays within the tool's limits;
+# written anew after each stage, so that a run cut short keeps what its finished stages made.
+pack() {
+    tar -czf "$out/results.tar.gz.part" --exclude='*.safetensors' -C "$work" . &&
+        mv "$out/results.tar.gz.part" "$out/results.tar.gz"
+}
+
 for stage in ${stages//,/ }; do
     case "$stage" in
-        parity | train | sanitizer | bench | profile) "$stage" ;;
-        *) echo "gpu-run: unknown stage '$stage' (parity, train, sanitizer, bench, profile, all)" >&2; exit 2 ;;
+        parity | train | memcheck | racecheck | bench | profile) "$stage" ;;
+        *) echo "gpu-run: unknown stage '$stage' (parity, train, memcheck, racecheck, sanitizer, bench, profile, all)" >&2; exit 2 ;;
     esac
+    pack
 done
-
-# One archive for everything with folders, so what comes back stays within the tool's limits.
-tar -czf "$out/results.tar.gz" --exclude='*.safetensors' -C "$work" . && rm -rf "$work"
+rm -rf "$work"
 echo "- total: $((SECONDS - start)) s of a ${budget} s budget" | tee -a "$summary"
 exit $failed
