@@ -232,7 +232,6 @@ pub enum InputError {
     /// A batch of no images.
     #[error("a batch of 0 images: give at least one")]
     NoImages,
-
     /// A value that is NaN or infinite, at `[channel, row, column]` of image `image`.
     #[error(
         "image {image}: its value at channel {}, row {}, column {} is {value}; inputs must be \

@@ -229,9 +229,7 @@ impl Dataset {
 
     /// The images at `indices`, in that order, keeping classes and normalisation.
     ///
-    /// Panics if an index is out of range, or if the public fields disagree (see
-    /// [`Dataset::validate`], which [`Trainer`](crate::train::Trainer) and
-    /// [`predict`](crate::eval::predict) run first): a caller of its own checks its indices.
+    /// Panics if an index is out of range: indices come from the engine, never from a user.
     pub fn subset(&self, indices: &[usize]) -> Dataset {
         let n = self.image_len();
         Dataset {
@@ -261,7 +259,9 @@ impl Dataset {
     /// The images at `indices`, each augmented when `aug` is given (drawing from its `Rng` in
     /// index order), resized when [`Dataset::resize_to`] is set, then normalised per channel.
     ///
-    /// Panics if an index is out of range: indices come from the engine, never from a user.
+    /// Panics if an index is out of range, or if the public fields disagree (see
+    /// [`Dataset::validate`], which [`Trainer`](crate::train::Trainer) and
+    /// [`predict`](crate::eval::predict) run first): a caller of its own checks its indices.
     pub fn batch(&self, indices: &[usize], mut aug: Option<(&Augment, &mut Rng)>) -> Batch {
         let [channels, height, width] = self.batch_shape();
         let (n, resampler) = (channels * height * width, self.batch_resampler());
