@@ -1,10 +1,12 @@
 //! Ctrl-C while training or scoring: the first asks the run to stop after its current step or
-//! batch, with a line saying which checkpoint resumes (or scores) it; a second ends the process at
-//! once, as usual.
+//! batch, with a line saying which checkpoint resumes (or scores) it; a second does what Ctrl-C
+//! did before (by default, ends the process at once).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 static REQUESTED: AtomicBool = AtomicBool::new(false);
+/// How many [`Guard`]s live.
+static DEPTH: AtomicUsize = AtomicUsize::new(0);
 
 /// Whether Ctrl-C was pressed since the [`Guard`] was installed.
 pub fn requested() -> bool {
@@ -46,8 +48,6 @@ impl Drop for Guard {
     }
 }
 
-static DEPTH: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
 #[cfg(unix)]
 mod sys {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -80,7 +80,7 @@ mod sys {
 
     /// Only async-signal-safe work: atomics, and signal(2) to hand the next Ctrl-C back.
     extern "C" fn handler(_: i32) {
-        super::REQUESTED.store(true, std::sync::atomic::Ordering::Relaxed);
+        super::REQUESTED.store(true, Ordering::Relaxed);
         restore();
     }
 }
