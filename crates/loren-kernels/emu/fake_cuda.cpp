@@ -11,7 +11,7 @@
 // The stream-ordered pool is modelled by its byte counts: freed memory stays reserved until the
 // release threshold lets it go at a synchronisation, or cuMemPoolTrimTo, and cuMemGetInfo's free
 // figure counts what is reserved as used. cublasGemmStridedBatchedEx computes in double from
-// bf16 inputs. A copy out of page-locked host memory (cuMemHostAlloc) is queued, as the
+// bf16 inputs, or, both bf16 under LOREN_EMU_TC=truncate, as the emulated tensor cores add. A copy out of page-locked host memory (cuMemHostAlloc) is queued, as the
 // hardware's DMA is, and carried out only when the stream next does anything else or is waited
 // for, so a host that refills its staging buffer before waiting for the copy out of it sends the
 // new contents, as it would on a GPU. Nothing else of either library is there: a call to
