@@ -139,7 +139,7 @@ fn resuming_with_no_epochs_left_says_so() {
     let args = resume_args(&out, &["--epochs", "2"]);
     refused(
         &strs(&args),
-        &["already trained 2 of 2 epochs", "--epochs 2"],
+        &["already trained 2 of 2 epochs", "--epochs 2", "TrainConfig::epochs"],
     );
 }
 
@@ -258,7 +258,12 @@ fn resuming_with_fewer_epochs_than_the_run_was_started_for_is_refused() {
     let args = resume_args(&out, &["--epochs", "1"]);
     refused(
         &strs(&args),
-        &["started for 2 epochs", "--epochs 1 would cut", "--epochs 2"],
+        &[
+            "started for 2 epochs",
+            "--epochs 1 would cut",
+            "--epochs 2",
+            "TrainConfig::epochs",
+        ],
     );
 }
 

@@ -640,7 +640,8 @@ impl Trainer<'_> {
                 file.path(),
                 format!(
                     "it was started for {} epochs, and --epochs {} would cut its learning-rate \
-                     schedule short; resume with --epochs {} (or more, to extend it)",
+                     schedule short; resume with --epochs {} (or more, to extend it; \
+                     TrainConfig::epochs from a program)",
                     theirs.epochs, self.config.epochs, theirs.epochs
                 ),
             ));
@@ -650,7 +651,7 @@ impl Trainer<'_> {
                 file.path(),
                 format!(
                     "it has already trained {done} of {} epochs, so --epochs {} leaves none to \
-                     run; give more epochs to train on",
+                     run; give more epochs to train on (--epochs, or TrainConfig::epochs)",
                     theirs.epochs, self.config.epochs
                 ),
             ));
