@@ -10,11 +10,13 @@
 //! of the bundled digits' splits), trains 4 members of rank 4 on the bundled backbone for 5
 //! epochs, scoring the validation part at each epoch's end, and keeps a checkpoint that
 //! `loren eval --checkpoint runs/train-loop` scores. Then it scores the test part: accuracy, ECE
-//! and NLL, the same after temperature scaling fitted on validation, and by ensemble size.
+//! and NLL, the same after temperature scaling fitted on validation, and by ensemble size; and
+//! predicts three test images from their pixels through `loren::Ensemble`, with no file between.
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use loren::Ensemble;
 use loren::backbone::read_backbone;
 use loren::dataset::{DataSource, Normalize, TRAIN_ON_VAL_KEY};
 use loren::nn::config::{EnsembleConfig, LoraConfig, Method, VitConfig};
@@ -163,6 +165,24 @@ fn main() -> Result<()> {
             100.0 * row.accuracy,
             row.ece,
             row.nll
+        );
+    }
+
+    // The trained model, served as it is: raw pixels in, each image's class and how much the
+    // members disagree on it.
+    let ensemble = Ensemble::from_trained(model, &train)?;
+    let pixels = test.images.to_f32();
+    let shown = 3;
+    let per_image = pixels.len() / test.len();
+    let p = ensemble.predict_pixels(&pixels[..shown * per_image], shown)?;
+    for b in 0..p.batch {
+        let class = p.predicted(b);
+        println!(
+            "test image {b}: {} ({:.1}%; label {}), mutual information {:.4}",
+            ensemble.class_names()[class],
+            100.0 * p.mean(b)[class],
+            test.class_names[test.labels[b] as usize],
+            p.mutual_information[b]
         );
     }
     Ok(())

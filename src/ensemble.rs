@@ -41,8 +41,8 @@ use anyhow::{Context, bail, ensure};
 use loren_nn::NnError;
 use loren_nn::checkpoint::{self, TensorFile};
 use loren_nn::config::{EnsembleConfig, Method, VitConfig};
-use loren_nn::data::normalize_planes;
 use loren_nn::data::prefetch::{DEPTH, prefetch};
+use loren_nn::data::{Dataset, normalize_planes};
 use loren_nn::metrics::{Predictions, argmax, scores};
 use loren_nn::train::{INPUT_KEYS, check_format, load_trained};
 use loren_nn::vit::Vit;
@@ -165,6 +165,10 @@ pub enum EnsembleError {
     /// call failed.
     #[error(transparent)]
     Engine(#[from] NnError),
+    /// A model and the data given with it to [`Ensemble::from_trained`] that do not go
+    /// together: another class or channel count, or data that breaks its own invariants.
+    #[error("{0}")]
+    Mismatch(String),
 }
 
 impl EnsembleError {
@@ -201,6 +205,71 @@ impl EnsembleError {
             message: message.into(),
         }
     }
+}
+
+/// What [`Ensemble::from_trained`] returns for data that does not go with the model: the
+/// [`EnsembleError::Mismatch`], and the model it was given, back.
+pub struct FromTrainedError {
+    error: EnsembleError,
+    model: Box<Vit>,
+}
+
+impl FromTrainedError {
+    pub fn error(&self) -> &EnsembleError {
+        &self.error
+    }
+
+    /// The model [`Ensemble::from_trained`] was given, as it was.
+    pub fn into_model(self) -> Vit {
+        *self.model
+    }
+}
+
+/// The error alone: the model is not shown.
+impl std::fmt::Debug for FromTrainedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FromTrainedError")
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Display for FromTrainedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for FromTrainedError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
+    }
+}
+
+impl From<FromTrainedError> for EnsembleError {
+    fn from(e: FromTrainedError) -> Self {
+        e.error
+    }
+}
+
+/// Whether `data` is what `model` takes: its own invariants, the model's channels and classes.
+/// The error names the data.
+fn fits(model: &Vit, data: &Dataset) -> Result<(), String> {
+    data.validate().map_err(|e| e.to_string())?;
+    let (channels, classes) = (model.config.channels, model.ensemble.classes);
+    if data.channels != channels {
+        return Err(format!(
+            "dataset `{}`: images of {} channels, and the model takes {channels}",
+            data.name, data.channels
+        ));
+    }
+    if data.classes != classes {
+        return Err(format!(
+            "dataset `{}`: {} classes, and the model's heads have {classes}",
+            data.name, data.classes
+        ));
+    }
+    Ok(())
 }
 
 fn is_cuda_failure(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -289,6 +358,44 @@ impl Ensemble {
         let file = TensorFile::read(path).map_err(|e| EnsembleError::file(path, e))?;
         let device = device.open().map_err(EnsembleError::Device)?;
         Ensemble::from_file(&file, backbone, &device)
+    }
+
+    /// The ensemble a program trained itself, predicting as it is, with no file between: `model`
+    /// as its `Trainer` left it, and `data`, what it trained on, for the per-channel scaling and
+    /// class names its inputs have ([`Ensemble::predict_pixels`] scales them alike). It predicts
+    /// what [`Ensemble::load`] of the checkpoint `Trainer::fit` writes would, bit for bit. Its
+    /// [`Ensemble::metadata`] holds the model's keys alone (`format`, `vit`, `ensemble`, `layout`,
+    /// `norm_mean`, `norm_std`, `class_names`): nothing recorded the run's.
+    ///
+    /// Data that does not go with the model is an error that hands the model back
+    /// ([`FromTrainedError::into_model`]), so a refusal loses no training.
+    pub fn from_trained(model: Vit, data: &Dataset) -> Result<Ensemble, FromTrainedError> {
+        if let Err(message) = fits(&model, data) {
+            let error = EnsembleError::Mismatch(message);
+            return Err(FromTrainedError {
+                error,
+                model: Box::new(model),
+            });
+        }
+        let inputs = [
+            json(&data.norm_mean),
+            json(&data.norm_std),
+            json(&data.class_names),
+        ];
+        let metadata = model_metadata(&model, inputs);
+        Ok(Ensemble {
+            model,
+            norm_mean: data.norm_mean.clone(),
+            norm_std: data.norm_std.clone(),
+            class_names: data.class_names.clone(),
+            batch_size: DEFAULT_BATCH,
+            metadata,
+        })
+    }
+
+    /// The model it predicts with, to train on or to keep as a program's own.
+    pub fn into_model(self) -> Vit {
+        self.model
     }
 
     /// The ensemble `file` holds, on `device`: an export as it is, or a training checkpoint
@@ -676,7 +783,6 @@ fn is_stacked(model: &Vit) -> bool {
 }
 
 fn export_metadata(file: &TensorFile, model: &Vit) -> anyhow::Result<HashMap<String, String>> {
-    let stacked = is_stacked(model);
     let meta = file.metadata();
     let normalize = Normalize::recorded(meta)?;
     let [mean, std, names] = match INPUT_KEYS.map(|k| meta.get(k)) {
@@ -689,37 +795,42 @@ fn export_metadata(file: &TensorFile, model: &Vit) -> anyhow::Result<HashMap<Str
             [json(&mean), json(&std), json(&names)]
         }
     };
-    let data = meta.get("data").cloned().unwrap_or_default();
-    Ok(HashMap::from([
-        ("format".to_string(), FORMAT.to_string()),
-        ("vit".to_string(), json(&model.config)),
-        ("ensemble".to_string(), json(&model.ensemble)),
-        (
-            "layout".to_string(),
-            if stacked { "stacked" } else { "shared" }.to_string(),
-        ),
-        ("norm_mean".to_string(), mean),
-        ("norm_std".to_string(), std),
-        ("class_names".to_string(), names),
-        ("data".to_string(), data),
+    let recorded = |key: &str| meta.get(key).cloned().unwrap_or_default();
+    let mut metadata = model_metadata(model, [mean, std, names]);
+    metadata.extend([
+        ("data".to_string(), recorded("data")),
         (Normalize::KEY.to_string(), normalize.to_string()),
         (
             TRAIN_ON_VAL_KEY.to_string(),
             recorded_train_on_val(meta)?.to_string(),
         ),
-        (
-            "holdout_classes".to_string(),
-            meta.get("holdout_classes").cloned().unwrap_or_default(),
-        ),
-        (
-            "backbone".to_string(),
-            meta.get("backbone").cloned().unwrap_or_default(),
-        ),
-    ])
-    .into_iter()
+        ("holdout_classes".to_string(), recorded("holdout_classes")),
+        ("backbone".to_string(), recorded("backbone")),
+    ]);
     // How it was trained, for `loren eval`'s record of what it scored.
-    .chain(meta.get("train").map(|t| ("train".to_string(), t.clone())))
-    .collect())
+    if let Some(train) = meta.get("train") {
+        metadata.insert("train".to_string(), train.clone());
+    }
+    Ok(metadata)
+}
+
+/// The keys that describe the model and its inputs, as JSON where not plain strings: an
+/// export's, and all an ensemble trained in memory has.
+fn model_metadata(model: &Vit, [mean, std, names]: [String; 3]) -> HashMap<String, String> {
+    let layout = if is_stacked(model) {
+        "stacked"
+    } else {
+        "shared"
+    };
+    HashMap::from([
+        ("format".to_string(), FORMAT.to_string()),
+        ("vit".to_string(), json(&model.config)),
+        ("ensemble".to_string(), json(&model.ensemble)),
+        ("layout".to_string(), layout.to_string()),
+        ("norm_mean".to_string(), mean),
+        ("norm_std".to_string(), std),
+        ("class_names".to_string(), names),
+    ])
 }
 
 /// The normalisation and class names of a checkpoint that predates their record (or was written

@@ -35,7 +35,9 @@ pub mod rates;
 pub mod report;
 pub mod run;
 
-pub use ensemble::{Ensemble, EnsembleError, InputError, PIXEL_RANGE, Prediction};
+pub use ensemble::{
+    Ensemble, EnsembleError, FromTrainedError, InputError, PIXEL_RANGE, Prediction,
+};
 pub use loren_autograd as autograd;
 pub use loren_nn as nn;
 pub use loren_tensor as tensor;

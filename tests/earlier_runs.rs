@@ -139,7 +139,11 @@ fn resuming_with_no_epochs_left_says_so() {
     let args = resume_args(&out, &["--epochs", "2"]);
     refused(
         &strs(&args),
-        &["already trained 2 of 2 epochs", "--epochs 2", "TrainConfig::epochs"],
+        &[
+            "already trained 2 of 2 epochs",
+            "--epochs 2",
+            "TrainConfig::epochs",
+        ],
     );
 }
 

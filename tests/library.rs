@@ -275,6 +275,76 @@ fn fit_refuses_data_its_trainer_was_not_made_for() {
     assert!(e.contains("norm"), "{e}");
 }
 
+/// A program that trained an ensemble predicts with it as it is, with no file between, as the
+/// checkpoint its training wrote would; and is told when the data it gives is not the model's.
+#[test]
+fn an_ensemble_trained_here_predicts_as_its_checkpoint_does() {
+    let dir = temp_dir("from-trained");
+    let data = arrays(24);
+    let mut model = model();
+    let ckpt = dir.join("checkpoint.safetensors");
+    let spec = CheckpointSpec {
+        path: Some(ckpt.clone()),
+        ..Default::default()
+    };
+    Trainer::new(&mut model, &config(), data.len())
+        .unwrap()
+        .fit(&data, &spec, &mut Quiet)
+        .unwrap();
+    let pixels = arrays(5).images.to_f32().into_owned();
+    let loaded = Ensemble::load(&ckpt, DeviceSpec::Cpu).unwrap();
+
+    // Data that is not the model's is refused by what is wrong with it, the model kept.
+    let mut four = arrays(24);
+    four.classes = 4;
+    four.class_names.push("fox".into());
+    let mut three_channels = arrays(8);
+    three_channels.channels = 3;
+    three_channels.images = arrays(24).images;
+    three_channels.norm_mean = vec![0.2; 3];
+    three_channels.norm_std = vec![0.4; 3];
+    let mut unnormalised = arrays(24);
+    unnormalised.norm_std.clear();
+    for (bad, says) in [
+        (four, "4 classes, and the model's heads have 3"),
+        (
+            three_channels,
+            "images of 3 channels, and the model takes 1",
+        ),
+        (unnormalised, "norm_mean and norm_std need 1 finite values"),
+    ] {
+        let e = Ensemble::from_trained(model, &bad).unwrap_err();
+        assert!(matches!(e.error(), EnsembleError::Mismatch(_)), "{e:?}");
+        assert!(e.to_string().starts_with("dataset `my-arrays`: "), "{e}");
+        assert!(e.to_string().contains(says), "{e}");
+        // The model comes back as it was.
+        model = e.into_model();
+    }
+
+    let here = Ensemble::from_trained(model, &data).unwrap();
+    let want = loaded.predict_pixels(&pixels, 5).unwrap();
+    assert_eq!(here.predict_pixels(&pixels, 5).unwrap(), want);
+    assert_eq!(here.normalization(), loaded.normalization());
+    assert_eq!(here.class_names(), NAMES);
+    let keys = [
+        "format",
+        "vit",
+        "ensemble",
+        "layout",
+        "norm_mean",
+        "norm_std",
+        "class_names",
+    ];
+    let mut held: Vec<_> = here.metadata().keys().map(String::as_str).collect();
+    held.sort_unstable();
+    let mut want = keys.to_vec();
+    want.sort_unstable();
+    assert_eq!(held, want);
+    for key in keys {
+        assert_eq!(here.metadata()[key], loaded.metadata()[key], "{key}");
+    }
+}
+
 /// A server trains on a worker thread of its own: the `Trainer`, validation included, moves
 /// there and trains as it would have where it was made.
 #[test]
