@@ -25,8 +25,9 @@
 //   not align its swizzled tiles reads the wrong elements. The proxies: a wgmma reads through the
 //   async proxy, so one with no wgmma.fence, or reading shared memory stored (cp.async or a plain
 //   store) since the last fence.proxy.async and block barrier, aborts;
-// - a full-warp shuffle, mma.sync or ldmatrix after a lane of the warp has returned aborts, as
-//   the hardware leaves it undefined.
+// - a full-warp shuffle, mma.sync or ldmatrix after a lane of the warp has returned, or reached
+//   by its lanes from different call sites (std::source_location, default arguments the kernels
+//   never pass), aborts, as the hardware leaves both undefined.
 // Not modelled: timing, bank conflicts, memory-model subtleties beyond barrier ordering; the
 // warp collectives order memory within a warp, which real shuffles and mma do not.
 #pragma once
@@ -40,6 +41,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <source_location>
 #include <memory>
 #include <mutex>
 #include <sched.h>
@@ -310,6 +312,8 @@ struct EmuWarp {
     unsigned a[32][4];
     unsigned b[32][2];
     double v[32];
+    // Where each lane called the collective it is in.
+    std::source_location site[32];
 };
 struct EmuBlock {
     std::unique_ptr<EmuBarrier> bar;
@@ -377,23 +381,40 @@ inline void __syncwarp(unsigned = FULL_MASK) { emu_warp().bar->arrive_and_wait()
 
 // The first barrier of a full-warp shuffle, mma or ldmatrix, where each lane has published its
 // operands. The hardware leaves such a collective undefined once a lane of the warp has returned
-// (the barrier here would go on without it, reading what it left), so that aborts. Every lane
-// still running has arrived by the time the barrier opens, so the count of those gone is final.
-inline void emu_warp_exchange(const char* what) {
+// (the barrier here would go on without it, reading what it left), or when the lanes reach it
+// from different places in the kernel (mma.sync and ldmatrix are .aligned: every lane must run
+// the same instruction; a full-mask shuffle asks every lane to run the same one), so each aborts.
+// Every lane still running has arrived by the time the barrier opens, so the count of those gone
+// is final.
+inline void emu_warp_exchange(const char* what, const std::source_location& at) {
     EmuWarp& w = emu_warp();
+    const int lane = emu_lane();
+    w.site[lane] = at;
     w.bar->arrive_and_wait();
     if (long gone = w.bar->dropped()) {
         std::fprintf(stderr, "emulator: %s in warp %u of block (%u,%u,%u) after %ld of its lanes returned\n",
                      what, threadIdx.x / 32, blockIdx.x, blockIdx.y, blockIdx.z, gone);
         std::abort();
     }
+    const std::source_location& first = w.site[0];
+    if (at.line() != first.line() || at.column() != first.column() ||
+        std::strcmp(at.file_name(), first.file_name()) != 0) {
+        std::fprintf(stderr,
+                     "emulator: %s in warp %u of block (%u,%u,%u): lane %d reached it at %s:%u:%u, "
+                     "lane 0 at %s:%u:%u (the warp has diverged)\n",
+                     what, threadIdx.x / 32, blockIdx.x, blockIdx.y, blockIdx.z, lane,
+                     at.file_name(), (unsigned)at.line(), (unsigned)at.column(), first.file_name(),
+                     (unsigned)first.line(), (unsigned)first.column());
+        std::abort();
+    }
 }
 
 template <class T>
-inline T __shfl_xor_sync(unsigned, T v, int mask) {
+inline T __shfl_xor_sync(unsigned, T v, int mask,
+                         std::source_location at = std::source_location::current()) {
     EmuWarp& w = emu_warp();
     w.v[emu_lane()] = (double)v;
-    emu_warp_exchange("a full-warp shuffle");
+    emu_warp_exchange("a full-warp shuffle", at);
     T r = (T)w.v[emu_lane() ^ mask];
     __syncwarp();
     return r;
@@ -802,13 +823,14 @@ inline float emu_tc_dot16(float d, const double* a, int a_step, const double* b,
     return emu_tc_add(emu_tc_add(d, p, 8, true), p + 8, 8, true);
 }
 
-inline void mma_bf16_16816(float d[4], const unsigned a[4], unsigned b0, unsigned b1) {
+inline void mma_bf16_16816(float d[4], const unsigned a[4], unsigned b0, unsigned b1,
+                           std::source_location at = std::source_location::current()) {
     EmuWarp& w = emu_warp();
     const int lane = emu_lane();
     for (int i = 0; i < 4; ++i) w.a[lane][i] = a[i];
     w.b[lane][0] = b0;
     w.b[lane][1] = b1;
-    emu_warp_exchange("mma.sync");
+    emu_warp_exchange("mma.sync", at);
     double A[16][16], B[16][8];
     for (int t = 0; t < 32; ++t) {
         const int g = t / 4, q = t % 4;
@@ -842,12 +864,13 @@ inline void emu_check_ldmatrix_row(const void* p) {
     }
 }
 
-inline void ldmatrix_x4(unsigned r[4], const void* p) {
+inline void ldmatrix_x4(unsigned r[4], const void* p,
+                        std::source_location at = std::source_location::current()) {
     emu_check_ldmatrix_row(p);
     EmuWarp& w = emu_warp();
     const int lane = emu_lane();
     w.ptr[lane] = p;
-    emu_warp_exchange("ldmatrix");
+    emu_warp_exchange("ldmatrix", at);
     for (int i = 0; i < 4; ++i) {
         const uint16_t* row = static_cast<const uint16_t*>(w.ptr[8 * i + lane / 4]);
         r[i] = unsigned(row[2 * (lane % 4)]) | (unsigned(row[2 * (lane % 4) + 1]) << 16);
@@ -855,12 +878,13 @@ inline void ldmatrix_x4(unsigned r[4], const void* p) {
     __syncwarp();
 }
 
-inline void ldmatrix_x4_trans(unsigned r[4], const void* p) {
+inline void ldmatrix_x4_trans(unsigned r[4], const void* p,
+                              std::source_location at = std::source_location::current()) {
     emu_check_ldmatrix_row(p);
     EmuWarp& w = emu_warp();
     const int lane = emu_lane();
     w.ptr[lane] = p;
-    emu_warp_exchange("ldmatrix.trans");
+    emu_warp_exchange("ldmatrix.trans", at);
     for (int i = 0; i < 4; ++i) {
         const uint16_t* r0 = static_cast<const uint16_t*>(w.ptr[8 * i + 2 * (lane % 4)]);
         const uint16_t* r1 = static_cast<const uint16_t*>(w.ptr[8 * i + 2 * (lane % 4) + 1]);
