@@ -30,8 +30,9 @@
 //! from one fixed seed and a hash of the image's values, so an image draws the same masks in any
 //! input, at any place, in chunks of any size: its prediction is a function of the image.
 //!
-//! [`Ensemble`] reads such a file back (or the training checkpoint itself, with its backbone)
-//! and predicts with loren's own engine, giving the same probabilities, bit for bit, as
+//! [`Ensemble`] reads such a file back (or the training checkpoint itself, with its backbone;
+//! or takes a model trained in the same program, [`Ensemble::from_trained`]) and predicts with
+//! loren's own engine, giving the same probabilities, bit for bit, as
 //! `loren eval` computes from the checkpoint. `loren predict` is that API on image files.
 
 use std::collections::HashMap;
@@ -215,6 +216,7 @@ pub struct FromTrainedError {
 }
 
 impl FromTrainedError {
+    /// The [`EnsembleError::Mismatch`] that says what does not fit.
     pub fn error(&self) -> &EnsembleError {
         &self.error
     }
@@ -499,7 +501,8 @@ impl Ensemble {
         &self.class_names
     }
 
-    /// The file's metadata: the keys the module docs list, e.g. `data` (the `--data` it was
+    /// The file's metadata (of an ensemble [`Ensemble::from_trained`] made, the model's keys
+    /// alone): the keys the module docs list, e.g. `data` (the `--data` it was
     /// trained on; empty when its trainer recorded none, as `Trainer::fit` on a program's own
     /// arrays does) and `holdout_classes`.
     pub fn metadata(&self) -> &HashMap<String, String> {
