@@ -22,8 +22,9 @@
 #   hopper     kernels, parity and training again on a Hopper (below): the wgmma kernels beside
 #              the mma.sync ones, and the training steps on them (~60 s)
 #   truncated  kernels, parity and training again, and the Hopper's kernels, with the tensor cores
-#              adding as NVIDIA's are measured to (LOREN_EMU_TC=truncate, emu/common.cuh's
-#              emu_tc_add), so that no bound rests on the emulator's exact sums (~2.5 min)
+#              adding as the A100's and the H100's do, bit for bit (LOREN_EMU_TC=truncate,
+#              emu/common.cuh's emu_tc_mode), so that no bound rests on the emulator's exact sums
+#              (~2.5 min)
 # LOREN_FAKE_CC=9.0 makes the device a Hopper (sm_90a build, wgmma kernels loaded; LOREN_WGMMA=1
 # then runs the fused GEMMs on them).
 # LOREN_FAKE_NO_COMPUTE=1 makes it issue everything and compute nothing: with the libraries it

@@ -6,8 +6,8 @@
 // What it models, from the PTX ISA:
 // - mma.sync.m16n8k16 bf16 fragments (A: a0 (g,2q) a1 (g+8,2q) a2 (g,2q+8) a3 (g+8,2q+8);
 //   B: b0 (k=2q..2q+1, n=g) b1 (k=2q+8.., n=g); C/D: (g, 2q..) and (g+8, 2q..)), products exact,
-//   sums in double and rounded once, or, with LOREN_EMU_TC=truncate, truncated as NVIDIA's
-//   tensor cores are measured to (emu_tc_add);
+//   sums in double and rounded once, or, with LOREN_EMU_TC=truncate, added as the A100's or the
+//   H100's tensor cores add, bit for bit (emu_tc_mode);
 // - ldmatrix .x4 and .x4.trans (lanes 8i..8i+7 address the rows of matrix i);
 // - cp.async: the destination is poisoned (0xFFFF, bf16 NaN) when the copy is issued, since the
 //   hardware may land it any time from then on, and the copy itself happens at
@@ -775,52 +775,82 @@ inline unsigned pack_bf16x2(float lo, float hi) {
 inline float emu_lo(unsigned r) { return __bfloat162float({uint16_t(r & 0xffff)}); }
 inline float emu_hi(unsigned r) { return __bfloat162float({uint16_t(r >> 16)}); }
 
-// How the tensor cores add: exactly (the default), or as NVIDIA's are measured to
-// (LOREN_EMU_TC=truncate): bf16 products exact, but each block of 8 products and the accumulator
-// aligned to the largest of their exponents, every bit below that term's 24-bit significand
-// dropped, and the sum truncated to f32 (after Fasi, Higham, Mikaitis & Pranesh, "Numerical
-// behavior of NVIDIA tensor cores", PeerJ CS 2021; block size and extra alignment bits differ by
-// generation, so this is a model of the kind, not of one chip bit for bit). Parity bounds that
-// hold here do not rest on the emulator's exact sums.
-inline bool emu_tc_truncates() {
-    static const bool t = [] {
+// How the tensor cores add (LOREN_EMU_TC): `exact`, the default, every dot product rounded once
+// to f32; or as one generation's bf16 multipliers are measured to, bit for bit (Xie, Wang, Yang &
+// Yang, "MMA-Sim: Bit-Accurate Reference Model of Tensor Cores and Matrix Cores", 2025, validated
+// against the hardware; the kind first measured by Fasi, Higham, Mikaitis & Pranesh, PeerJ CS
+// 2021). Each fused dot-add takes the accumulator and a block of products (a bf16 product is
+// exact: its significand, up to 4, at the sum of its factors' exponents), aligns every term to
+// the largest exponent among them, cuts each toward zero `bits` fractional bits below it, adds
+// them exactly and cuts the sum toward zero to f32 (for finite sums; a NaN or an infinity is
+// passed on as the exact sum has it, an overflow of finite terms is not modelled):
+//   `ampere` (sm_80): m16n8k16 as two blocks of 8, 24 bits;
+//   `hopper` (sm_90): mma.sync and wgmma over all 16 products at once, 25 bits;
+//   `truncate`: the fake device's own (`hopper` under LOREN_FAKE_CC=9.0, else `ampere`).
+// Parity bounds that hold under both do not rest on the emulator's exact sums.
+enum class EmuTc { Exact, Ampere, Hopper };
+
+inline EmuTc emu_tc_mode() {
+    static const EmuTc mode = [] {
         const char* v = std::getenv("LOREN_EMU_TC");
-        if (!v || !*v || std::strcmp(v, "exact") == 0) return false;
-        if (std::strcmp(v, "truncate") == 0) return true;
-        std::fprintf(stderr, "LOREN_EMU_TC=%s: expected exact or truncate\n", v);
+        const char* cc = std::getenv("LOREN_FAKE_CC");
+        const bool hopper_device = cc && std::strcmp(cc, "9.0") == 0;
+        if (!v || !*v || std::strcmp(v, "exact") == 0) return EmuTc::Exact;
+        if (std::strcmp(v, "ampere") == 0) return EmuTc::Ampere;
+        if (std::strcmp(v, "hopper") == 0) return EmuTc::Hopper;
+        if (std::strcmp(v, "truncate") == 0) return hopper_device ? EmuTc::Hopper : EmuTc::Ampere;
+        std::fprintf(stderr, "LOREN_EMU_TC=%s: expected exact, ampere, hopper or truncate\n", v);
         std::abort();
     }();
-    return t;
+    return mode;
 }
 
-// c + Σ p[0..n), each p[i] an exact product of two bf16 values (16 significant bits), rounded
-// once to f32, or truncated.
-inline float emu_tc_add(float c, const double* p, int n, bool truncate) {
+// The exponent the multipliers align a bf16 or f32 value by: subnormals sit at -126.
+inline int emu_tc_exponent(double v) { return std::max(std::ilogb(v), -126); }
+
+// c + Σ a[k]·b[k] over k < n, as one fused dot-add keeping `bits` fractional bits (above).
+inline float emu_tc_fused(float c, const double* a, int a_step, const double* b, int b_step, int n,
+                          int bits) {
     double exact = c;
-    for (int i = 0; i < n; ++i) exact += p[i];
-    if (!truncate || !std::isfinite(exact)) return (float)exact;
+    for (int k = 0; k < n; ++k) exact += a[k * a_step] * b[k * b_step];
+    if (!std::isfinite(exact)) return (float)exact;
     int emax = INT_MIN;
-    auto widest = [&](double v) {
-        if (v != 0) emax = std::max(emax, std::ilogb(v) + 1);
-    };
-    widest(c);
-    for (int i = 0; i < n; ++i) widest(p[i]);
+    if (c != 0) emax = emu_tc_exponent(c);
+    for (int k = 0; k < n; ++k)
+        if (a[k * a_step] != 0 && b[k * b_step] != 0)
+            emax = std::max(emax, emu_tc_exponent(a[k * a_step]) + emu_tc_exponent(b[k * b_step]));
     if (emax == INT_MIN) return (float)exact;
-    // Every term a whole number of `unit`s below 2^24 of them: the sum of nine is exact in double.
-    const double unit = std::ldexp(1.0, emax - 24);
+    // Each term a whole number of units under 2^27 of them, so the sum of 17 is exact in double.
+    const double unit = std::ldexp(1.0, emax - bits);
     double s = std::trunc(c / unit) * unit;
-    for (int i = 0; i < n; ++i) s += std::trunc(p[i] / unit) * unit;
+    for (int k = 0; k < n; ++k) s += std::trunc(a[k * a_step] * b[k * b_step] / unit) * unit;
     float f = (float)s;
     if (std::fabs((double)f) > std::fabs(s)) f = std::nextafter(f, 0.0f);
     return f;
 }
 
-// d += Σ_k a[k]·b[k] over k in [0, 16): two blocks of 8 as the hardware adds them, or exactly.
+// d + Σ a[k]·b[k] over k < n (at most 16: one mma's or wgmma's K) as `mode` adds it.
+inline float emu_tc_dot(EmuTc mode, float d, const double* a, int a_step, const double* b,
+                        int b_step, int n) {
+    switch (mode) {
+    case EmuTc::Hopper:
+        return emu_tc_fused(d, a, a_step, b, b_step, n, 25);
+    case EmuTc::Ampere: {
+        const int first = std::min(n, 8);
+        d = emu_tc_fused(d, a, a_step, b, b_step, first, 24);
+        if (n == first) return d;
+        return emu_tc_fused(d, a + first * a_step, a_step, b + first * b_step, b_step, n - first, 24);
+    }
+    case EmuTc::Exact:
+        break;
+    }
+    double exact = d;
+    for (int k = 0; k < n; ++k) exact += a[k * a_step] * b[k * b_step];
+    return (float)exact;
+}
+
 inline float emu_tc_dot16(float d, const double* a, int a_step, const double* b, int b_step) {
-    double p[16];
-    for (int k = 0; k < 16; ++k) p[k] = a[k * a_step] * b[k * b_step];
-    if (!emu_tc_truncates()) return emu_tc_add(d, p, 16, false);
-    return emu_tc_add(emu_tc_add(d, p, 8, true), p + 8, 8, true);
+    return emu_tc_dot(emu_tc_mode(), d, a, a_step, b, b_step, 16);
 }
 
 inline void mma_bf16_16816(float d[4], const unsigned a[4], unsigned b0, unsigned b1,

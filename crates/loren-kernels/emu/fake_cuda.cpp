@@ -573,16 +573,12 @@ double exact_dot(const double* a, const double* b, int k) {
     return (acc4[0] + acc4[1]) + (acc4[2] + acc4[3]);
 }
 
-// A bf16 GEMM on the tensor cores as LOREN_EMU_TC=truncate models them: blocks of 8 products
-// added into an f32 accumulator, each with truncation (emu_tc_add).
+// A bf16 GEMM on the tensor cores as LOREN_EMU_TC models them (emu_tc_mode): K in steps of 16,
+// each added into an f32 accumulator as one mma or wgmma would (the order a real cuBLAS takes is
+// its own; this is one it could).
 double tc_dot(const double* a, const double* b, int k) {
     float acc = 0;
-    double p[8];
-    for (int l = 0; l < k; l += 8) {
-        const int n = std::min(8, k - l);
-        for (int u = 0; u < n; ++u) p[u] = a[l + u] * b[l + u];
-        acc = emu_tc_add(acc, p, n, true);
-    }
+    for (int l = 0; l < k; l += 16) acc = emu_tc_dot(emu_tc_mode(), acc, a + l, 1, b + l, 1, std::min(16, k - l));
     return acc;
 }
 }  // namespace fake
@@ -608,7 +604,7 @@ API int cublasGemmStridedBatchedEx(void*, int transa, int transb, int m, int n, 
     if (fake::no_compute()) return 0;
     const double al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
     // Both operands bf16 (CUDA_R_16BF): cuBLAS runs it on the tensor cores.
-    const bool tensor_cores = atype == 14 && btype == 14 && emu_tc_truncates();
+    const bool tensor_cores = atype == 14 && btype == 14 && emu_tc_mode() != EmuTc::Exact;
     // Each operand's rows along k, widened once, so that the inner loop reads two contiguous rows.
     std::vector<double> a((size_t)m * k), b((size_t)n * k);
     for (int q = 0; q < batch; ++q) {

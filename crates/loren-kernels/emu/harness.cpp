@@ -810,31 +810,56 @@ static void elementwise_case(uint64_t seed) {
     check("sum of squares", ss, {want}, 1e-12);
 }
 
-// The emulator's own tensor-core sums (emu_tc_add), exact and truncated, on sums whose two
-// results differ.
+// The emulator's own tensor-core sums (emu_tc_dot) in each mode, on dot products of 16 whose
+// results tell the modes apart. The answers come from a model written apart from this one, in
+// exact rationals (scripts/reference-tensor-cores.py prints them), not from this code.
 static void tensor_core_sums_case() {
-    auto expect = [](const char* what, float got, float want) {
+    struct Sum {
+        const char* what;
+        float c;
+        double a[16], b[16];
+        float exact, ampere, hopper;
+    };
+    const double t = 1.5 * std::ldexp(1.0, -13), s = std::ldexp(1.0, -12);
+    const Sum sums[] = {
+        // 16 products of 0.75·2^-24 under an accumulator of 1: the A100 drops each (24 bits);
+        // the H100 keeps 2^-25 of each (25 bits) and cuts the rest.
+        {"products under the last bit", 1.0f,
+         {t, t, t, t, t, t, t, t, t, t, t, t, t, t, t, t},
+         {s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s},
+         0x1.00000cp+0f, 0x1p+0f, 0x1.000008p+0f},
+        {"negative products under the last bit", 1.0f,
+         {-t, -t, -t, -t, -t, -t, -t, -t, -t, -t, -t, -t, -t, -t, -t, -t},
+         {s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s},
+         0x1.ffffe8p-1f, 0x1p+0f, 0x1.fffffp-1f},
+        // 1.5·1.5 aligns at exponent 0 with its significand of 2.25, so on the A100 the first
+        // block's 2^-24 terms keep their bit (an alignment at the product's own exponent, 1,
+        // would drop them), and each block's sum is cut toward zero.
+        {"a product of significand past 2", 0.0f,
+         {1.5, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s},
+         {1.5, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s},
+         0x1.200008p+1f, 0x1.200002p+1f, 0x1.200006p+1f},
+        // A carry past 2 leaves a bit more than f32 holds: to even, or toward zero.
+        {"a carry past 2", 0x1.fffffep-1f, {1 - std::ldexp(1.0, -8)}, {1.0},
+         0x1.ffp+0f, 0x1.fefffep+0f, 0x1.fefffep+0f},
+        // A subnormal accumulator aligns at -126 with a significand under 1.
+        {"a subnormal accumulator", std::ldexp(1.0f, -130), {std::ldexp(1.0, -60)}, {std::ldexp(1.0, -66)},
+         0x1.1p-126f, 0x1.1p-126f, 0x1.1p-126f},
+    };
+    auto expect = [](const char* mode, const char* what, float got, float want) {
         const bool ok = got == want;
-        std::printf("%-4s %-44s %.9g (want %.9g)\n", ok ? "ok" : "FAIL", what, got, want);
+        std::printf("%-4s tensor-core sum, %-7s %-38s %a (want %a)\n", ok ? "ok" : "FAIL", mode, what,
+                    got, want);
         if (!ok) ++failures;
     };
-    const double u = std::ldexp(1.0, -24);
-    // Eight products below the accumulator's last bit: the exact sum keeps them, the hardware's
-    // alignment drops each, whatever its sign.
-    const double small[8] = {0.75 * u, 0.75 * u, 0.75 * u, 0.75 * u, 0.75 * u, 0.75 * u, 0.75 * u, 0.75 * u};
-    const double neg[8] = {-0.75 * u, -0.75 * u, -0.75 * u, -0.75 * u, -0.75 * u, -0.75 * u, -0.75 * u, -0.75 * u};
-    expect("tensor-core sum, exact", emu_tc_add(1.0f, small, 8, false), float(1 + 6 * u));
-    expect("tensor-core sum, aligned and truncated", emu_tc_add(1.0f, small, 8, true), 1.0f);
-    expect("tensor-core sum, negative terms, exact", emu_tc_add(1.0f, neg, 8, false), float(1 - 6 * u));
-    expect("tensor-core sum, negative terms, truncated", emu_tc_add(1.0f, neg, 8, true), 1.0f);
-    // A carry past 2 leaves one bit more than f32 holds: round to even, or toward zero.
-    const double carry[1] = {1 - std::ldexp(1.0, -8)};
-    const float below_one = float(1 - u);
-    expect("tensor-core carry, exact", emu_tc_add(below_one, carry, 1, false), float(2 - std::ldexp(1.0, -8)));
-    expect("tensor-core carry, truncated", emu_tc_add(below_one, carry, 1, true),
-           float(2 - std::ldexp(1.0, -8) - 2 * u));
-    const double nan[1] = {NAN};
-    expect("tensor-core sum of a NaN is NaN", std::isnan(emu_tc_add(1.0f, nan, 1, true)), 1.0f);
+    for (const Sum& x : sums) {
+        expect("exact", x.what, emu_tc_dot(EmuTc::Exact, x.c, x.a, 1, x.b, 1, 16), x.exact);
+        expect("ampere", x.what, emu_tc_dot(EmuTc::Ampere, x.c, x.a, 1, x.b, 1, 16), x.ampere);
+        expect("hopper", x.what, emu_tc_dot(EmuTc::Hopper, x.c, x.a, 1, x.b, 1, 16), x.hopper);
+    }
+    const double nan[1] = {NAN}, one[1] = {1.0};
+    for (EmuTc mode : {EmuTc::Exact, EmuTc::Ampere, EmuTc::Hopper})
+        expect("any", "with a NaN product is NaN", std::isnan(emu_tc_dot(mode, 1.0f, nan, 1, one, 1, 1)), 1.0f);
 }
 
 int main(int argc, char** argv) {
