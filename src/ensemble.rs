@@ -148,6 +148,7 @@ impl Prediction {
 /// where the fault lies: a server answers [`EnsembleError::Input`] as its client's bad request,
 /// may fall back to the CPU on [`EnsembleError::Device`], and reports the rest as its own.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum EnsembleError {
     /// The images given to [`Ensemble::predict`] or [`Ensemble::predict_pixels`].
     #[error(transparent)]
@@ -364,13 +365,17 @@ impl Ensemble {
 
     /// The ensemble a program trained itself, predicting as it is, with no file between: `model`
     /// as its `Trainer` left it, and `data`, what it trained on, for the per-channel scaling and
-    /// class names its inputs have ([`Ensemble::predict_pixels`] scales them alike). It predicts
-    /// what [`Ensemble::load`] of the checkpoint `Trainer::fit` writes would, bit for bit. Its
+    /// class names its inputs have ([`Ensemble::predict_pixels`] scales them alike). After `fit`
+    /// returned, it predicts what [`Ensemble::load`] of the checkpoint `fit` wrote would on the
+    /// same device, bit for bit (a fit cut short by Ctrl-C or a non-finite loss leaves the model
+    /// part of an epoch past its checkpoint). Its
     /// [`Ensemble::metadata`] holds the model's keys alone (`format`, `vit`, `ensemble`, `layout`,
     /// `norm_mean`, `norm_std`, `class_names`): nothing recorded the run's.
     ///
     /// Data that does not go with the model is an error that hands the model back
-    /// ([`FromTrainedError::into_model`]), so a refusal loses no training.
+    /// ([`FromTrainedError::into_model`]), so a refusal loses no training. The error holds the
+    /// model, device memory and all, until it is dropped or the model taken back; `?` into an
+    /// [`EnsembleError`] drops it.
     pub fn from_trained(model: Vit, data: &Dataset) -> Result<Ensemble, FromTrainedError> {
         if let Err(message) = fits(&model, data) {
             let error = EnsembleError::Mismatch(message);

@@ -324,6 +324,10 @@ fn an_ensemble_trained_here_predicts_as_its_checkpoint_does() {
     let here = Ensemble::from_trained(model, &data).unwrap();
     let want = loaded.predict_pixels(&pixels, 5).unwrap();
     assert_eq!(here.predict_pixels(&pixels, 5).unwrap(), want);
+    // And the model it took comes back out, to train on or to serve again.
+    let again = Ensemble::from_trained(here.into_model(), &data).unwrap();
+    assert_eq!(again.predict_pixels(&pixels, 5).unwrap(), want);
+    let here = again;
     assert_eq!(here.normalization(), loaded.normalization());
     assert_eq!(here.class_names(), NAMES);
     let keys = [
@@ -343,6 +347,16 @@ fn an_ensemble_trained_here_predicts_as_its_checkpoint_does() {
     for key in keys {
         assert_eq!(here.metadata()[key], loaded.metadata()[key], "{key}");
     }
+}
+
+/// What a server hands between threads, or returns through `?` into `anyhow`, must be `Send` and
+/// `Sync`: a compile-time check.
+#[test]
+fn the_ensemble_and_its_errors_cross_threads() {
+    fn send_sync<T: Send + Sync + 'static>() {}
+    send_sync::<Ensemble>();
+    send_sync::<EnsembleError>();
+    send_sync::<loren::FromTrainedError>();
 }
 
 /// A server trains on a worker thread of its own: the `Trainer`, validation included, moves

@@ -6,7 +6,7 @@
 // What it models, from the PTX ISA:
 // - mma.sync.m16n8k16 bf16 fragments (A: a0 (g,2q) a1 (g+8,2q) a2 (g,2q+8) a3 (g+8,2q+8);
 //   B: b0 (k=2q..2q+1, n=g) b1 (k=2q+8.., n=g); C/D: (g, 2q..) and (g+8, 2q..)), products exact,
-//   sums in double and rounded once, or, with LOREN_EMU_TC=truncate, added as the A100's or the
+//   sums in double, in order, rounded to f32, or, with LOREN_EMU_TC=truncate, as the A100's or the
 //   H100's tensor cores add, bit for bit (emu_tc_mode);
 // - ldmatrix .x4 and .x4.trans (lanes 8i..8i+7 address the rows of matrix i);
 // - cp.async: the destination is poisoned (0xFFFF, bf16 NaN) when the copy is issued, since the
@@ -26,8 +26,9 @@
 //   async proxy, so one with no wgmma.fence, or reading shared memory stored (cp.async or a plain
 //   store) since the last fence.proxy.async and block barrier, aborts;
 // - a full-warp shuffle, mma.sync or ldmatrix after a lane of the warp has returned, or reached
-//   by its lanes from different call sites (std::source_location, default arguments the kernels
-//   never pass), aborts, as the hardware leaves both undefined.
+//   by its lanes from different call sites (EmuSite, default arguments the kernels never pass),
+//   aborts: the hardware leaves the first undefined, and the second for the .aligned mma.sync and
+//   ldmatrix; the shuffles are held to the same rule, which the kernels keep.
 // Not modelled: timing, bank conflicts, memory-model subtleties beyond barrier ordering; the
 // warp collectives order memory within a warp, which real shuffles and mma do not.
 #pragma once
@@ -41,7 +42,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <source_location>
 #include <memory>
 #include <mutex>
 #include <sched.h>
@@ -306,6 +306,29 @@ class EmuBarrier {
 };
 #endif
 
+// Where a lane called a warp collective: a default argument of the emulator's collectives and of
+// the helpers that call them, so it names the kernel's line (builtins, where <source_location>
+// would need a newer compiler; GCC has no column).
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_COLUMN)
+#define EMU_COLUMN() __builtin_COLUMN()
+#endif
+#endif
+#ifndef EMU_COLUMN
+#define EMU_COLUMN() 0u
+#endif
+struct EmuSite {
+    const char* file = "";
+    unsigned line = 0, column = 0;
+    static EmuSite here(const char* file = __builtin_FILE(), unsigned line = __builtin_LINE(),
+                        unsigned column = EMU_COLUMN()) {
+        return {file, line, column};
+    }
+    bool operator==(const EmuSite& o) const {
+        return line == o.line && column == o.column && std::strcmp(file, o.file) == 0;
+    }
+};
+
 struct EmuWarp {
     std::unique_ptr<EmuBarrier> bar;
     const void* ptr[32];
@@ -313,7 +336,7 @@ struct EmuWarp {
     unsigned b[32][2];
     double v[32];
     // Where each lane called the collective it is in.
-    std::source_location site[32];
+    EmuSite site[32];
 };
 struct EmuBlock {
     std::unique_ptr<EmuBarrier> bar;
@@ -377,16 +400,23 @@ inline EmuWarp& emu_warp() { return emu_block->warps[threadIdx.x / 32]; }
 inline int emu_lane() { return threadIdx.x % 32; }
 
 inline void __syncthreads() { emu_block->bar->arrive_and_wait(); }
-inline void __syncwarp(unsigned = FULL_MASK) { emu_warp().bar->arrive_and_wait(); }
+// A lane at a kernel's __syncwarp is at no collective: a lane that meets it at one sees the
+// difference. The collectives' own closing barrier (emu_warp_done) leaves the sites alone, as a
+// lane through it early would otherwise overwrite a site its warp is still comparing.
+inline void __syncwarp(unsigned = FULL_MASK) {
+    emu_warp().site[threadIdx.x % 32] = {"__syncwarp", 0, 0};
+    emu_warp().bar->arrive_and_wait();
+}
+inline void emu_warp_done() { emu_warp().bar->arrive_and_wait(); }
 
 // The first barrier of a full-warp shuffle, mma or ldmatrix, where each lane has published its
 // operands. The hardware leaves such a collective undefined once a lane of the warp has returned
-// (the barrier here would go on without it, reading what it left), or when the lanes reach it
-// from different places in the kernel (mma.sync and ldmatrix are .aligned: every lane must run
-// the same instruction; a full-mask shuffle asks every lane to run the same one), so each aborts.
+// (the barrier here would go on without it, reading what it left), and mma.sync and ldmatrix
+// (.aligned) when the lanes reach them from different places in the kernel, so each aborts; a
+// shuffle is held to the same rule, stricter than sm_70's shfl.sync, which the kernels keep.
 // Every lane still running has arrived by the time the barrier opens, so the count of those gone
 // is final.
-inline void emu_warp_exchange(const char* what, const std::source_location& at) {
+inline void emu_warp_exchange(const char* what, const EmuSite& at) {
     EmuWarp& w = emu_warp();
     const int lane = emu_lane();
     w.site[lane] = at;
@@ -396,27 +426,25 @@ inline void emu_warp_exchange(const char* what, const std::source_location& at) 
                      what, threadIdx.x / 32, blockIdx.x, blockIdx.y, blockIdx.z, gone);
         std::abort();
     }
-    const std::source_location& first = w.site[0];
-    if (at.line() != first.line() || at.column() != first.column() ||
-        std::strcmp(at.file_name(), first.file_name()) != 0) {
+    const EmuSite& first = w.site[0];
+    if (!(at == first)) {
         std::fprintf(stderr,
                      "emulator: %s in warp %u of block (%u,%u,%u): lane %d reached it at %s:%u:%u, "
                      "lane 0 at %s:%u:%u (the warp has diverged)\n",
                      what, threadIdx.x / 32, blockIdx.x, blockIdx.y, blockIdx.z, lane,
-                     at.file_name(), (unsigned)at.line(), (unsigned)at.column(), first.file_name(),
-                     (unsigned)first.line(), (unsigned)first.column());
+                     at.file, at.line, at.column, first.file, first.line, first.column);
         std::abort();
     }
 }
 
 template <class T>
 inline T __shfl_xor_sync(unsigned, T v, int mask,
-                         std::source_location at = std::source_location::current()) {
+                         EmuSite at = EmuSite::here()) {
     EmuWarp& w = emu_warp();
     w.v[emu_lane()] = (double)v;
     emu_warp_exchange("a full-warp shuffle", at);
     T r = (T)w.v[emu_lane() ^ mask];
-    __syncwarp();
+    emu_warp_done();
     return r;
 }
 
@@ -756,16 +784,17 @@ inline float to_f32(bf16 x) { return __bfloat162float(x); }
 inline float to_f32(float x) { return x; }
 inline bf16 to_bf16(float x) { return __float2bfloat16_rn(x); }
 
-inline float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+// Each takes its caller's site, so a lane's shuffles inside are named by the kernel's line.
+inline float warp_sum(float v, EmuSite at = EmuSite::here()) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o, at);
     return v;
 }
-inline double warp_sum_f64(double v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+inline double warp_sum_f64(double v, EmuSite at = EmuSite::here()) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o, at);
     return v;
 }
-inline float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+inline float warp_max(float v, EmuSite at = EmuSite::here()) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o, at));
     return v;
 }
 inline unsigned pack_bf16x2(float lo, float hi) {
@@ -775,15 +804,16 @@ inline unsigned pack_bf16x2(float lo, float hi) {
 inline float emu_lo(unsigned r) { return __bfloat162float({uint16_t(r & 0xffff)}); }
 inline float emu_hi(unsigned r) { return __bfloat162float({uint16_t(r >> 16)}); }
 
-// How the tensor cores add (LOREN_EMU_TC): `exact`, the default, every dot product rounded once
-// to f32; or as one generation's bf16 multipliers are measured to, bit for bit (Xie, Wang, Yang &
+// How the tensor cores add (LOREN_EMU_TC): `exact`, the default, each dot product summed in
+// double, in order, and rounded to f32; or as one generation's bf16 multipliers are measured to, bit for bit (Xie, Wang, Yang &
 // Yang, "MMA-Sim: Bit-Accurate Reference Model of Tensor Cores and Matrix Cores", 2025, validated
 // against the hardware; the kind first measured by Fasi, Higham, Mikaitis & Pranesh, PeerJ CS
 // 2021). Each fused dot-add takes the accumulator and a block of products (a bf16 product is
 // exact: its significand, up to 4, at the sum of its factors' exponents), aligns every term to
 // the largest exponent among them, cuts each toward zero `bits` fractional bits below it, adds
-// them exactly and cuts the sum toward zero to f32 (for finite sums; a NaN or an infinity is
-// passed on as the exact sum has it, an overflow of finite terms is not modelled):
+// them exactly and cuts the sum toward zero to f32, past its largest finite value to an infinity
+// (a NaN or an infinity among the terms is passed on as the exact sum has it; a zero is +0, as
+// MMA-Sim gives it):
 //   `ampere` (sm_80): m16n8k16 as two blocks of 8, 24 bits;
 //   `hopper` (sm_90): mma.sync and wgmma over all 16 products at once, 25 bits;
 //   `truncate`: the fake device's own (`hopper` under LOREN_FAKE_CC=9.0, else `ampere`).
@@ -819,14 +849,15 @@ inline float emu_tc_fused(float c, const double* a, int a_step, const double* b,
     for (int k = 0; k < n; ++k)
         if (a[k * a_step] != 0 && b[k * b_step] != 0)
             emax = std::max(emax, emu_tc_exponent(a[k * a_step]) + emu_tc_exponent(b[k * b_step]));
-    if (emax == INT_MIN) return (float)exact;
+    if (emax == INT_MIN) return 0.0f;
     // Each term a whole number of units under 2^27 of them, so the sum of 17 is exact in double.
     const double unit = std::ldexp(1.0, emax - bits);
     double s = std::trunc(c / unit) * unit;
     for (int k = 0; k < n; ++k) s += std::trunc(a[k * a_step] * b[k * b_step] / unit) * unit;
+    if (std::fabs(s) >= 0x1p128) return std::copysign(INFINITY, s);
     float f = (float)s;
     if (std::fabs((double)f) > std::fabs(s)) f = std::nextafter(f, 0.0f);
-    return f;
+    return f == 0 ? 0.0f : f;
 }
 
 // d + Σ a[k]·b[k] over k < n (at most 16: one mma's or wgmma's K) as `mode` adds it.
@@ -854,7 +885,7 @@ inline float emu_tc_dot16(float d, const double* a, int a_step, const double* b,
 }
 
 inline void mma_bf16_16816(float d[4], const unsigned a[4], unsigned b0, unsigned b1,
-                           std::source_location at = std::source_location::current()) {
+                           EmuSite at = EmuSite::here()) {
     EmuWarp& w = emu_warp();
     const int lane = emu_lane();
     for (int i = 0; i < 4; ++i) w.a[lane][i] = a[i];
@@ -878,7 +909,7 @@ inline void mma_bf16_16816(float d[4], const unsigned a[4], unsigned b0, unsigne
         B[2 * q + 8][g] = emu_lo(w.b[t][1]);
         B[2 * q + 9][g] = emu_hi(w.b[t][1]);
     }
-    __syncwarp();
+    emu_warp_done();
     const int g = lane / 4, q = lane % 4;
     for (int e = 0; e < 4; ++e) {
         const int row = g + (e >= 2 ? 8 : 0), col = 2 * q + (e & 1);
@@ -895,7 +926,7 @@ inline void emu_check_ldmatrix_row(const void* p) {
 }
 
 inline void ldmatrix_x4(unsigned r[4], const void* p,
-                        std::source_location at = std::source_location::current()) {
+                        EmuSite at = EmuSite::here()) {
     emu_check_ldmatrix_row(p);
     EmuWarp& w = emu_warp();
     const int lane = emu_lane();
@@ -905,11 +936,11 @@ inline void ldmatrix_x4(unsigned r[4], const void* p,
         const uint16_t* row = static_cast<const uint16_t*>(w.ptr[8 * i + lane / 4]);
         r[i] = unsigned(row[2 * (lane % 4)]) | (unsigned(row[2 * (lane % 4) + 1]) << 16);
     }
-    __syncwarp();
+    emu_warp_done();
 }
 
 inline void ldmatrix_x4_trans(unsigned r[4], const void* p,
-                              std::source_location at = std::source_location::current()) {
+                              EmuSite at = EmuSite::here()) {
     emu_check_ldmatrix_row(p);
     EmuWarp& w = emu_warp();
     const int lane = emu_lane();
@@ -920,7 +951,7 @@ inline void ldmatrix_x4_trans(unsigned r[4], const void* p,
         const uint16_t* r1 = static_cast<const uint16_t*>(w.ptr[8 * i + 2 * (lane % 4) + 1]);
         r[i] = unsigned(r0[lane / 4]) | (unsigned(r1[lane / 4]) << 16);
     }
-    __syncwarp();
+    emu_warp_done();
 }
 
 inline void cp_async_16(void* dst, const void* src, int src_bytes) {

@@ -821,6 +821,7 @@ static void tensor_core_sums_case() {
         float exact, ampere, hopper;
     };
     const double t = 1.5 * std::ldexp(1.0, -13), s = std::ldexp(1.0, -12);
+    const double u = 1.5 * std::ldexp(1.0, -76), v = std::ldexp(1.0, -75);
     const Sum sums[] = {
         // 16 products of 0.75·2^-24 under an accumulator of 1: the A100 drops each (24 bits);
         // the H100 keeps 2^-25 of each (25 bits) and cuts the rest.
@@ -842,12 +843,28 @@ static void tensor_core_sums_case() {
         // A carry past 2 leaves a bit more than f32 holds: to even, or toward zero.
         {"a carry past 2", 0x1.fffffep-1f, {1 - std::ldexp(1.0, -8)}, {1.0},
          0x1.ffp+0f, 0x1.fefffep+0f, 0x1.fefffep+0f},
-        // A subnormal accumulator aligns at -126 with a significand under 1.
+        // A subnormal accumulator aligns at -126 with a significand under 1, as do the tiny
+        // products' factors: the last case's products are cut at -126 - bits.
         {"a subnormal accumulator", std::ldexp(1.0f, -130), {std::ldexp(1.0, -60)}, {std::ldexp(1.0, -66)},
          0x1.1p-126f, 0x1.1p-126f, 0x1.1p-126f},
+        {"a subnormal accumulator, tiny products", std::ldexp(1.0f, -130),
+         {u, u, u, u, u, u, u, u, u, u, u, u, u, u, u, u},
+         {v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v},
+         0x1.0000cp-130f, 0x1p-130f, 0x1.00008p-130f},
+        // Past f32's largest finite value is an infinity, not the largest value.
+        {"a sum past the largest f32", -0x1.fffffep127f, {-0x1p127}, {1.0}, -INFINITY, -INFINITY, -INFINITY},
+        // Zeros: the fused adds give +0 (as MMA-Sim does); the exact sum -0, as IEEE adds -0s.
+        {"zeros of sign -", -0.0f,
+         {-0.0, -0.0, -0.0, -0.0, -0.0, -0.0, -0.0, -0.0, -0.0, -0.0, -0.0, -0.0, -0.0, -0.0, -0.0, -0.0},
+         {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1},
+         -0.0f, 0.0f, 0.0f},
     };
+    // Bit for bit: a -0 is not a +0.
     auto expect = [](const char* mode, const char* what, float got, float want) {
-        const bool ok = got == want;
+        uint32_t g, w;
+        std::memcpy(&g, &got, 4);
+        std::memcpy(&w, &want, 4);
+        const bool ok = g == w;
         std::printf("%-4s tensor-core sum, %-7s %-38s %a (want %a)\n", ok ? "ok" : "FAIL", mode, what,
                     got, want);
         if (!ok) ++failures;
