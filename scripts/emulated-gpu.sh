@@ -21,10 +21,10 @@
 #              of each op's bytes, and an inference pass's, against the model's replay (~10 s)
 #   hopper     kernels, parity and training again on a Hopper (below): the wgmma kernels beside
 #              the mma.sync ones, and the training steps on them (~60 s)
-#   truncated  kernels, parity and training again, and the Hopper's kernels, with the tensor cores
-#              adding as the A100's and the H100's do, bit for bit (LOREN_EMU_TC=truncate,
-#              emu/common.cuh's emu_tc_mode), so that no bound rests on the emulator's exact sums
-#              (~2.5 min)
+#   truncated  kernels, parity and training again, and the Hopper's kernels and training, with
+#              the tensor cores adding as the A100's and the H100's do, bit for bit
+#              (LOREN_EMU_TC=truncate, emu/common.cuh's emu_tc_mode), so that no bound rests on
+#              the emulator's exact sums (~3 min)
 # LOREN_FAKE_CC=9.0 makes the device a Hopper (sm_90a build, wgmma kernels loaded; LOREN_WGMMA=1
 # then runs the fused GEMMs on them).
 # LOREN_FAKE_NO_COMPUTE=1 makes it issue everything and compute nothing: with the libraries it
@@ -97,8 +97,10 @@ for suite in ${suites//,/ }; do
             kernels "$@"
             others gpu_parity "" "$@"
             others gpu_training "" "$@"
-            LOREN_FAKE_CC=9.0 LOREN_WGMMA=1 kernels "$@"
-            unset LOREN_EMU_TC
+            export LOREN_FAKE_CC=9.0 LOREN_WGMMA=1
+            kernels "$@"
+            others gpu_training "" "$@"
+            unset LOREN_EMU_TC LOREN_FAKE_CC LOREN_WGMMA
             ;;
         *) echo "emulated-gpu: unknown suite '$suite'" >&2; exit 2 ;;
     esac

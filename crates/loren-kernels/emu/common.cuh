@@ -24,7 +24,8 @@
 //   Shared addresses start at EMU_SMEM_ORIGIN, off a 1024-byte boundary, so a kernel that does
 //   not align its swizzled tiles reads the wrong elements. The proxies: a wgmma reads through the
 //   async proxy, so one with no wgmma.fence, or reading shared memory stored (cp.async or a plain
-//   store) since the last fence.proxy.async and block barrier, aborts;
+//   store) since the last fence.proxy.async and block barrier, aborts; so do the threads of a
+//   warpgroup issuing other wgmmas (descriptors, scale-d, B's major) between two block barriers;
 // - a full-warp shuffle, mma.sync or ldmatrix after a lane of the warp has returned, or reached
 //   by its lanes from different call sites (EmuSite, default arguments the kernels never pass),
 //   aborts: the hardware leaves the first undefined, and the second for the .aligned mma.sync and
@@ -186,6 +187,12 @@ struct EmuWgmma {
     u64 da, db;
     int scale_d;
     bool b_mn;
+};
+// What a wgmma.mma_async asks of the warpgroup, which its four warps must ask alike.
+struct EmuWgmmaIssue {
+    u64 da, db;
+    bool scale_d, b_mn;
+    bool operator==(const EmuWgmmaIssue&) const = default;
 };
 // What a CUDA thread holds besides its registers (its stack): its cp.async and wgmma groups, and
 // the fences the PTX ISA asks of a wgmma that the emulator would otherwise not miss:
@@ -354,6 +361,9 @@ struct EmuBlock {
     // store and the barrier) finds the two differ.
     std::vector<unsigned char> async_view;
     std::atomic<bool> proxy_fenced{false};
+    // Each thread's wgmma issues since the last block barrier: wgmma.mma_async is .sync.aligned
+    // over the warpgroup, so its 128 threads must issue the same ones.
+    std::vector<std::vector<EmuWgmmaIssue>> wg_issued;
     static constexpr size_t GUARD = 4096;
     static constexpr unsigned char CANARY = 0x5a;
 
@@ -370,14 +380,40 @@ struct EmuBlock {
         std::fill(dyn.begin() + smem, dyn.end(), CANARY);
         async_view.assign(smem, 0xff);
         proxy_fenced.store(false, std::memory_order_relaxed);
+        wg_issued.assign(n, {});
         bar->on_open = [this] {
             if (proxy_fenced.exchange(false, std::memory_order_relaxed))
                 std::memcpy(async_view.data(), dyn.data(), smem);
+            check_warpgroups();
         };
     }
+    // Stop, naming the threads, where a thread of a warpgroup issued other wgmmas (descriptors,
+    // scale-d, B's major) than the warpgroup's first thread since the last block barrier.
+    void check_warpgroups() {
+        for (size_t t = 0; t < wg_issued.size(); ++t) {
+            const size_t lead = t - t % 128;
+            const auto &mine = wg_issued[t], &theirs = wg_issued[lead];
+            if (mine == theirs) continue;
+            size_t i = 0;
+            while (i < mine.size() && i < theirs.size() && mine[i] == theirs[i]) ++i;
+            std::fprintf(stderr,
+                         "emulator: since the last block barrier thread %zu issued %zu wgmmas and "
+                         "thread %zu of its warpgroup %zu; the first to differ is number %zu",
+                         t, mine.size(), lead, theirs.size(), i + 1);
+            if (i < mine.size() && i < theirs.size())
+                std::fprintf(stderr, " (descriptors %#llx, %#llx against %#llx, %#llx)",
+                             (unsigned long long)mine[i].da, (unsigned long long)mine[i].db,
+                             (unsigned long long)theirs[i].da, (unsigned long long)theirs[i].db);
+            std::fprintf(stderr, ": a warpgroup issues each wgmma.mma_async together\n");
+            std::abort();
+        }
+        for (auto& issued : wg_issued) issued.clear();
+    }
     // Once the block's threads have all returned: stop, naming the block, if one of them
-    // stored past the dynamic shared memory its launch asked for.
-    void check_guard(dim3 at) const {
+    // stored past the dynamic shared memory its launch asked for, or a warpgroup's threads issued
+    // different wgmmas since the last barrier.
+    void check_end(dim3 at) {
+        check_warpgroups();
         for (size_t i = smem; i < dyn.size(); ++i) {
             if (dyn[i] == CANARY) continue;
             std::fprintf(stderr,
@@ -658,7 +694,7 @@ inline void EmuWorker::run_block(unsigned long i) {
         }
     }
     emu_tsan_acquire(&finished);
-    block.check_guard(blockIdx);
+    block.check_end(blockIdx);
     emu_block = nullptr;
     emu_self = nullptr;
 }
@@ -769,7 +805,7 @@ void emu_launch(F kernel, dim3 grid, dim3 block, size_t smem, A... args) {
                 current = {x, y, z};
                 control.arrive_and_wait();
                 control.arrive_and_wait();
-                b.check_guard(current);
+                b.check_end(current);
             }
     done = true;
     control.arrive_and_wait();
@@ -835,25 +871,34 @@ inline EmuTc emu_tc_mode() {
     return mode;
 }
 
-// The exponent the multipliers align a bf16 or f32 value by: subnormals sit at -126.
-inline int emu_tc_exponent(double v) { return std::max(std::ilogb(v), -126); }
+// The exponent the multipliers align a nonzero bf16 or f32 value by (normal as a double, so its
+// exponent field is the value's): subnormals sit at -126.
+inline int emu_tc_exponent(double v) {
+    uint64_t bits;
+    std::memcpy(&bits, &v, 8);
+    return std::max(int((bits >> 52) & 0x7ff) - 1023, -126);
+}
 
-// c + Σ a[k]·b[k] over k < n, as one fused dot-add keeping `bits` fractional bits (above).
+// c + Σ a[k]·b[k] over k < n ≤ 16, as one fused dot-add keeping `bits` fractional bits (above).
+// Every term is a whole number of units under 2^27 of them, so their sum is exact in double.
 inline float emu_tc_fused(float c, const double* a, int a_step, const double* b, int b_step, int n,
                           int bits) {
+    double p[16];
     double exact = c;
-    for (int k = 0; k < n; ++k) exact += a[k * a_step] * b[k * b_step];
+    int emax = c != 0 ? emu_tc_exponent(c) : INT_MIN;
+    for (int k = 0; k < n; ++k) {
+        const double x = a[k * a_step], y = b[k * b_step];
+        p[k] = x * y;
+        exact += p[k];
+        if (p[k] != 0) emax = std::max(emax, emu_tc_exponent(x) + emu_tc_exponent(y));
+    }
     if (!std::isfinite(exact)) return (float)exact;
-    int emax = INT_MIN;
-    if (c != 0) emax = emu_tc_exponent(c);
-    for (int k = 0; k < n; ++k)
-        if (a[k * a_step] != 0 && b[k * b_step] != 0)
-            emax = std::max(emax, emu_tc_exponent(a[k * a_step]) + emu_tc_exponent(b[k * b_step]));
     if (emax == INT_MIN) return 0.0f;
-    // Each term a whole number of units under 2^27 of them, so the sum of 17 is exact in double.
-    const double unit = std::ldexp(1.0, emax - bits);
-    double s = std::trunc(c / unit) * unit;
-    for (int k = 0; k < n; ++k) s += std::trunc(a[k * a_step] * b[k * b_step] / unit) * unit;
+    // Powers of two: scaling by them is exact.
+    const double per_unit = std::ldexp(1.0, bits - emax), unit = std::ldexp(1.0, emax - bits);
+    double units = std::trunc(c * per_unit);
+    for (int k = 0; k < n; ++k) units += std::trunc(p[k] * per_unit);
+    const double s = units * unit;
     if (std::fabs(s) >= 0x1p128) return std::copysign(INFINITY, s);
     float f = (float)s;
     if (std::fabs((double)f) > std::fabs(s)) f = std::nextafter(f, 0.0f);
@@ -1131,6 +1176,7 @@ inline void wgmma_m64n128k16(float (&d)[64], u64 desc_a, u64 desc_b, int scale_d
         std::abort();
     }
     emu_self->wg_open.push_back({d, desc_a, desc_b, scale_d, B_MN});
+    emu_block->wg_issued[threadIdx.x].push_back({desc_a, desc_b, scale_d != 0, B_MN});
 }
 
 inline void wgmma_commit() {
