@@ -62,9 +62,9 @@ fn config() -> TrainConfig {
     }
 }
 
-#[test]
-fn an_ensemble_trained_from_arrays_reads_back_as_it_was_trained() {
-    let dir = temp_dir("from-arrays");
+/// The 24 images of [`arrays`], a [`model`] fitted to them for one epoch, and the checkpoint
+/// `fit` wrote into `dir`.
+fn trained_into(dir: &Path) -> (Dataset, Vit, PathBuf) {
     let data = arrays(24);
     let mut model = model();
     let ckpt = dir.join("checkpoint.safetensors");
@@ -76,6 +76,13 @@ fn an_ensemble_trained_from_arrays_reads_back_as_it_was_trained() {
         .unwrap()
         .fit(&data, &spec, &mut Quiet)
         .unwrap();
+    (data, model, ckpt)
+}
+
+#[test]
+fn an_ensemble_trained_from_arrays_reads_back_as_it_was_trained() {
+    let dir = temp_dir("from-arrays");
+    let (data, model, ckpt) = trained_into(&dir);
 
     // No backbone given: the checkpoint names the one the model was loaded from.
     let ens = Ensemble::load(&ckpt, DeviceSpec::Cpu).unwrap();
@@ -279,18 +286,7 @@ fn fit_refuses_data_its_trainer_was_not_made_for() {
 /// checkpoint its training wrote would; and is told when the data it gives is not the model's.
 #[test]
 fn an_ensemble_trained_here_predicts_as_its_checkpoint_does() {
-    let dir = temp_dir("from-trained");
-    let data = arrays(24);
-    let mut model = model();
-    let ckpt = dir.join("checkpoint.safetensors");
-    let spec = CheckpointSpec {
-        path: Some(ckpt.clone()),
-        ..Default::default()
-    };
-    Trainer::new(&mut model, &config(), data.len())
-        .unwrap()
-        .fit(&data, &spec, &mut Quiet)
-        .unwrap();
+    let (data, mut model, ckpt) = trained_into(&temp_dir("from-trained"));
     let pixels = arrays(5).images.to_f32().into_owned();
     let loaded = Ensemble::load(&ckpt, DeviceSpec::Cpu).unwrap();
 
