@@ -841,10 +841,10 @@ inline float emu_lo(unsigned r) { return __bfloat162float({uint16_t(r & 0xffff)}
 inline float emu_hi(unsigned r) { return __bfloat162float({uint16_t(r >> 16)}); }
 
 // How the tensor cores add (LOREN_EMU_TC): `exact`, the default, each dot product summed in
-// double, in order, and rounded to f32; or as one generation's bf16 multipliers are measured to, bit for bit (Xie, Wang, Yang &
-// Yang, "MMA-Sim: Bit-Accurate Reference Model of Tensor Cores and Matrix Cores", 2025, validated
-// against the hardware; the kind first measured by Fasi, Higham, Mikaitis & Pranesh, PeerJ CS
-// 2021). Each fused dot-add takes the accumulator and a block of products (a bf16 product is
+// double, in order, and rounded to f32; or as one generation's bf16 multipliers are measured to,
+// bit for bit (Xie, Wang, Yang & Yang, "MMA-Sim: Bit-Accurate Reference Model of Tensor Cores and
+// Matrix Cores", 2025, validated against the hardware; the kind first measured by Fasi, Higham,
+// Mikaitis & Pranesh, PeerJ CS 2021). Each fused dot-add takes the accumulator and a block of products (a bf16 product is
 // exact: its significand, up to 4, at the sum of its factors' exponents), aligns every term to
 // the largest exponent among them, cuts each toward zero `bits` fractional bits below it, adds
 // them exactly and cuts the sum toward zero to f32, past its largest finite value to an infinity
@@ -883,6 +883,10 @@ inline int emu_tc_exponent(double v) {
 // Every term is a whole number of units under 2^27 of them, so their sum is exact in double.
 inline float emu_tc_fused(float c, const double* a, int a_step, const double* b, int b_step, int n,
                           int bits) {
+    if (n > 16) {
+        std::fprintf(stderr, "emu_tc_fused: %d products, where one mma or wgmma adds at most 16\n", n);
+        std::abort();
+    }
     double p[16];
     double exact = c;
     int emax = c != 0 ? emu_tc_exponent(c) : INT_MIN;

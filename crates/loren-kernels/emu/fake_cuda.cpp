@@ -578,7 +578,8 @@ double exact_dot(const double* a, const double* b, int k) {
 // its own; this is one it could).
 double tc_dot(const double* a, const double* b, int k) {
     float acc = 0;
-    for (int l = 0; l < k; l += 16) acc = emu_tc_dot(emu_tc_mode(), acc, a + l, 1, b + l, 1, std::min(16, k - l));
+    for (int l = 0; l < k; l += 16)
+        acc = emu_tc_dot(emu_tc_mode(), acc, a + l, 1, b + l, 1, std::min(16, k - l));
     return acc;
 }
 }  // namespace fake
