@@ -43,7 +43,7 @@ use loren_nn::NnError;
 use loren_nn::checkpoint::{self, TensorFile};
 use loren_nn::config::{EnsembleConfig, Method, VitConfig};
 use loren_nn::data::prefetch::{DEPTH, prefetch};
-use loren_nn::data::{Dataset, normalize_planes};
+use loren_nn::data::{DataError, Dataset, normalize_planes};
 use loren_nn::metrics::{Predictions, argmax, scores};
 use loren_nn::train::{INPUT_KEYS, check_format, load_trained};
 use loren_nn::vit::Vit;
@@ -168,9 +168,10 @@ pub enum EnsembleError {
     #[error(transparent)]
     Engine(#[from] NnError),
     /// A model and the data given with it to [`Ensemble::from_trained`] that do not go
-    /// together: another class or channel count, or data that breaks its own invariants.
-    #[error("{0}")]
-    Mismatch(String),
+    /// together, as [`Vit::check_data`] finds: other channels, image size or classes, or data
+    /// that breaks its own invariants.
+    #[error(transparent)]
+    Mismatch(DataError),
 }
 
 impl EnsembleError {
@@ -253,26 +254,6 @@ impl From<FromTrainedError> for EnsembleError {
     fn from(e: FromTrainedError) -> Self {
         e.error
     }
-}
-
-/// Whether `data` is what `model` takes: its own invariants, the model's channels and classes.
-/// The error names the data.
-fn fits(model: &Vit, data: &Dataset) -> Result<(), String> {
-    data.validate().map_err(|e| e.to_string())?;
-    let (channels, classes) = (model.config.channels, model.ensemble.classes);
-    if data.channels != channels {
-        return Err(format!(
-            "dataset `{}`: images of {} channels, and the model takes {channels}",
-            data.name, data.channels
-        ));
-    }
-    if data.classes != classes {
-        return Err(format!(
-            "dataset `{}`: {} classes, and the model's heads have {classes}",
-            data.name, data.classes
-        ));
-    }
-    Ok(())
 }
 
 fn is_cuda_failure(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -377,10 +358,9 @@ impl Ensemble {
     /// model, device memory and all, until it is dropped or the model taken back; `?` into an
     /// [`EnsembleError`] drops it.
     pub fn from_trained(model: Vit, data: &Dataset) -> Result<Ensemble, FromTrainedError> {
-        if let Err(message) = fits(&model, data) {
-            let error = EnsembleError::Mismatch(message);
+        if let Err(e) = model.check_data(data) {
             return Err(FromTrainedError {
-                error,
+                error: EnsembleError::Mismatch(e),
                 model: Box::new(model),
             });
         }

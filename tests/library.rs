@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use loren::backbone::read_backbone;
 use loren::nn::checkpoint::{self, TensorFile};
 use loren::nn::config::{EnsembleConfig, LoraConfig, Method, VitConfig};
-use loren::nn::data::Dataset;
+use loren::nn::data::{DataError, Dataset};
 use loren::nn::eval::predict;
 use loren::nn::train::{CheckpointSpec, Quiet, TrainConfig, Trainer};
 use loren::nn::vit::Vit;
@@ -31,6 +31,16 @@ fn arrays(n: usize) -> Dataset {
         .unwrap()
         .with_normalization(vec![0.2], vec![0.4])
         .unwrap()
+}
+
+/// `n` images of 3 channels, made of the pixels of `3 n` of [`arrays`]' one-channel images.
+fn three_channels(n: usize) -> Dataset {
+    let mut data = arrays(3 * n);
+    data.channels = 3;
+    data.labels.truncate(n);
+    data.norm_mean = vec![0.2; 3];
+    data.norm_std = vec![0.4; 3];
+    data
 }
 
 fn backbone_path() -> PathBuf {
@@ -260,7 +270,18 @@ fn fit_refuses_data_its_trainer_was_not_made_for() {
     four.classes = 4;
     four.class_names.push("fox".into());
     let e = fails(&mut model, 24, &four);
-    assert!(e.contains("4 classes") && e.contains("heads 3"), "{e}");
+    assert!(
+        e.contains("4 classes, and the heads of model 'tiny' have 3"),
+        "{e}"
+    );
+    // Images the model does not take: checked before the first step, not found by it.
+    let e = fails(&mut model, 24, &three_channels(24));
+    assert!(e.contains("3 channels, and model 'tiny' takes 1"), "{e}");
+    let e = fails(&mut model, 24, &arrays(24).resized_on_batch(16, 16));
+    assert!(
+        e.contains("16x16 images, and model 'tiny' takes 8x8"),
+        "{e}"
+    );
     // A label taken out through the public fields: one image no longer has one.
     let mut short = arrays(24);
     short.labels.pop();
@@ -280,6 +301,8 @@ fn fit_refuses_data_its_trainer_was_not_made_for() {
         predict(&model, &unnormalised, 8, &mut |_| Ok(())).unwrap_err()
     );
     assert!(e.contains("norm"), "{e}");
+    let e = predict(&model, &three_channels(8), 8, &mut |_| Ok(())).unwrap_err();
+    assert!(format!("{e:#}").contains("takes 1"), "{e:#}");
 }
 
 /// A program that trained an ensemble predicts with it as it is, with no file between, as the
@@ -294,23 +317,32 @@ fn an_ensemble_trained_here_predicts_as_its_checkpoint_does() {
     let mut four = arrays(24);
     four.classes = 4;
     four.class_names.push("fox".into());
-    let mut three_channels = arrays(8);
-    three_channels.channels = 3;
-    three_channels.images = arrays(24).images;
-    three_channels.norm_mean = vec![0.2; 3];
-    three_channels.norm_std = vec![0.4; 3];
     let mut unnormalised = arrays(24);
     unnormalised.norm_std.clear();
     for (bad, says) in [
-        (four, "4 classes, and the model's heads have 3"),
+        (four, "4 classes, and the heads of model 'tiny' have 3"),
         (
-            three_channels,
-            "images of 3 channels, and the model takes 1",
+            three_channels(8),
+            "images of 3 channels, and model 'tiny' takes 1",
+        ),
+        (
+            arrays(24).resized_on_batch(4, 4),
+            "batches of 4x4 images, and model 'tiny' takes 8x8",
         ),
         (unnormalised, "norm_mean and norm_std need 1 finite values"),
     ] {
         let e = Ensemble::from_trained(model, &bad).unwrap_err();
         assert!(matches!(e.error(), EnsembleError::Mismatch(_)), "{e:?}");
+        // Typed, for a caller to act on.
+        let classes = matches!(
+            e.error(),
+            EnsembleError::Mismatch(DataError::ModelClasses {
+                expected: 3,
+                found: 4,
+                ..
+            })
+        );
+        assert_eq!(classes, says.starts_with("4 classes"), "{e:?}");
         assert!(e.to_string().starts_with("dataset `my-arrays`: "), "{e}");
         assert!(e.to_string().contains(says), "{e}");
         // The model comes back as it was.

@@ -27,8 +27,7 @@ pub fn predict(
     batch_size: usize,
     progress: &mut dyn FnMut(usize) -> Result<()>,
 ) -> Result<Predictions> {
-    // Its fields are public: a hand-built or edited one is checked before any batch is made.
-    data.validate()?;
+    model.check_data(data)?;
     let (m, n, c) = (model.members(), data.len(), model.ensemble.classes);
     let mut probs = vec![0.0f32; m * n * c];
     let order: Vec<usize> = (0..n).collect();

@@ -443,11 +443,10 @@ impl<'m> Trainer<'m> {
         Ok(info)
     }
 
-    /// `data` is what this trainer was made for: as many steps an epoch as the `train_len` it
-    /// was made with (its schedule's length comes from them), and the model's classes.
+    /// `data` is what this trainer was made for: what its model takes, and as many steps an
+    /// epoch as the `train_len` it was made with (its schedule's length comes from them).
     fn check_epoch_data(&self, data: &Dataset) -> Result<()> {
-        // Its fields are public: checked again before any step.
-        data.validate()?;
+        self.model.check_data(data)?;
         let steps = num_batches(data.len(), self.config.batch_size)? as u64;
         if steps != self.steps_per_epoch {
             return Err(NnError::Config(format!(
@@ -457,13 +456,6 @@ impl<'m> Trainer<'m> {
                 data.len(),
                 self.config.batch_size,
                 self.steps_per_epoch
-            )));
-        }
-        let classes = self.model.ensemble.classes;
-        if data.classes != classes {
-            return Err(NnError::Config(format!(
-                "the data '{}' has {} classes, and the model's heads {classes}",
-                data.name, data.classes
             )));
         }
         Ok(())

@@ -16,7 +16,7 @@ use loren_tensor::{Device, MemTag, Rng, Staged, Tensor};
 
 use crate::checkpoint::{Entry, TensorFile};
 use crate::config::{Activations, EnsembleConfig, Method, Proj, VitConfig};
-use crate::data::stage_images;
+use crate::data::{DataError, Dataset, stage_images};
 use crate::error::{NnError, Result};
 
 /// `y = x·Wᵀ + b`.
@@ -523,6 +523,41 @@ impl Vit {
             .filter(|(_, p)| keep(p.name(), p.trainable()))
             .map(|(id, p)| (id, p.name().to_string(), p.value().dims().to_vec()))
             .collect()
+    }
+
+    /// Whether `data` is what this model takes, before any batch of it is made: its own
+    /// invariants (its fields are public), then the model's channels, image size (as
+    /// [`Dataset::batch`] makes them) and classes. Training, scoring and serving check alike.
+    pub fn check_data(&self, data: &Dataset) -> Result<(), DataError> {
+        data.validate()?;
+        let (c, name) = (&self.config, || data.name.clone());
+        let model = || c.name.clone();
+        let [channels, h, w] = data.batch_shape();
+        if channels != c.channels {
+            return Err(DataError::ModelChannels {
+                name: name(),
+                model: model(),
+                expected: c.channels,
+                found: channels,
+            });
+        }
+        if [h, w] != [c.image_size; 2] {
+            return Err(DataError::ModelImageSize {
+                name: name(),
+                model: model(),
+                expected: [c.image_size; 2],
+                found: [h, w],
+            });
+        }
+        if data.classes != self.ensemble.classes {
+            return Err(DataError::ModelClasses {
+                name: name(),
+                model: model(),
+                expected: self.ensemble.classes,
+                found: data.classes,
+            });
+        }
+        Ok(())
     }
 
     /// Check that `images` is a batch this model takes: [B, C, H, W].

@@ -114,6 +114,39 @@ pub enum DataError {
         mean: Vec<f32>,
         std: Vec<f32>,
     },
+    /// Data given to a model that takes other images: [`Dataset::with_channels`](super::Dataset::with_channels)
+    /// converts them.
+    #[error(
+        "dataset `{name}`: images of {found} channels, and model '{model}' takes {expected} \
+         (Dataset::with_channels converts them)"
+    )]
+    ModelChannels {
+        name: String,
+        model: String,
+        expected: usize,
+        found: usize,
+    },
+    /// Data whose batches are not the model's image size:
+    /// [`Dataset::resized_on_batch`](super::Dataset::resized_on_batch) makes them so.
+    #[error(
+        "dataset `{name}`: batches of {}x{} images, and model '{model}' takes {}x{} \
+         (Dataset::resized_on_batch resizes them)",
+        found[0], found[1], expected[0], expected[1]
+    )]
+    ModelImageSize {
+        name: String,
+        model: String,
+        expected: [usize; 2],
+        found: [usize; 2],
+    },
+    /// Data of other classes than the model's heads give.
+    #[error("dataset `{name}`: {found} classes, and the heads of model '{model}' have {expected}")]
+    ModelClasses {
+        name: String,
+        model: String,
+        expected: usize,
+        found: usize,
+    },
     #[error("{op}: image shapes differ: expected {expected:?}, found {found:?} (in `{name}`)")]
     ShapeMismatch {
         op: &'static str,
