@@ -89,6 +89,52 @@ fn trained_into(dir: &Path) -> (Dataset, Vit, PathBuf) {
     (data, model, ckpt)
 }
 
+/// Adapters trained on one frozen backbone resume on that backbone only: on any other weights
+/// they would train on as if nothing had changed, and the next save would record the new ones.
+#[test]
+fn a_run_resumes_on_the_backbone_it_trained_on() {
+    let (data, _, ckpt) = trained_into(&temp_dir("resume-backbone"));
+    let file = TensorFile::read(&ckpt).unwrap();
+    let two = TrainConfig {
+        epochs: 2,
+        ..config()
+    };
+    let refusal = |model: &mut Vit| {
+        let mut trainer = Trainer::new(model, &two, data.len()).unwrap();
+        trainer.resume(&file).unwrap_err().to_string()
+    };
+    // Random weights.
+    let ours = model();
+    let mut random = Vit::new(&ours.config, &ours.ensemble, ours.device(), 1).unwrap();
+    let e = refusal(&mut random);
+    assert!(e.contains("this model's was not loaded from a file"), "{e}");
+    // The backbone with one weight changed.
+    let mut changed = model();
+    let ours = read_backbone(&backbone_path(), &changed.config)
+        .unwrap()
+        .file;
+    let mut tensors: std::collections::BTreeMap<_, _> = ours
+        .names()
+        .map(|n| (n.to_string(), ours.get(n).unwrap().clone()))
+        .collect();
+    tensors.values_mut().next().unwrap().data[0] += 1.0;
+    let path = Path::new("other/backbone.safetensors");
+    let other = TensorFile::from_entries(path, tensors, ours.metadata().clone());
+    changed.load_backbone(&other).unwrap();
+    let e = refusal(&mut changed);
+    assert!(
+        e.contains("trained on a frozen backbone with fingerprint"),
+        "{e}"
+    );
+    assert!(e.contains("backbone.safetensors, has "), "{e}");
+    // The weights it names, loaded: it resumes.
+    let mut model = model();
+    Trainer::new(&mut model, &two, data.len())
+        .unwrap()
+        .resume(&file)
+        .unwrap();
+}
+
 #[test]
 fn an_ensemble_trained_from_arrays_reads_back_as_it_was_trained() {
     let dir = temp_dir("from-arrays");

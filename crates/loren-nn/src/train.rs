@@ -596,6 +596,7 @@ impl<'m> Trainer<'m> {
             number("optimizer_steps")?,
         );
         self.check_same_training(file, epoch as usize)?;
+        self.check_same_backbone(file)?;
         self.model.load_tensors(file, |_, trainable| trainable)?;
         let names: HashMap<_, _> = self
             .model
@@ -622,6 +623,31 @@ impl<'m> Trainer<'m> {
 }
 
 impl Trainer<'_> {
+    /// A frozen backbone is the one the saved run trained on, where it recorded one: its
+    /// adapters mean nothing on other weights, and the next save would record these.
+    fn check_same_backbone(&self, file: &TensorFile) -> Result<()> {
+        let frozen = self.model.params().iter().any(|(_, p)| !p.trainable());
+        let Some(recorded) = file.metadata().get(BACKBONE_FINGERPRINT).filter(|_| frozen) else {
+            return Ok(());
+        };
+        let ours = match self.model.backbone_source() {
+            Some(b) if &b.fingerprint == recorded => return Ok(()),
+            Some(b) => format!(
+                "this model's, from {}, has {}",
+                b.path.display(),
+                b.fingerprint
+            ),
+            None => "this model's was not loaded from a file".to_string(),
+        };
+        Err(NnError::checkpoint(
+            file.path(),
+            format!(
+                "it was trained on a frozen backbone with fingerprint {recorded}, and {ours}: \
+                 load the weights it was trained on (Vit::load_backbone) before resuming"
+            ),
+        ))
+    }
+
     /// The epochs of a resumed run ([`check_resumable`] checks the rest): no fewer than the saved
     /// run was started for (its schedule would be cut short), and some left after the `done` it
     /// has trained.
