@@ -130,12 +130,30 @@ impl Prediction {
     /// Member `m`'s probabilities for image `b`, `[C]`. Panics when `m` or `b` is out of range,
     /// as a slice index does.
     pub fn member(&self, m: usize, b: usize) -> &[f32] {
+        // A `b` past the batch would index another member's row, not past the slice.
+        assert!(
+            m < self.members && b < self.batch,
+            "member {m}, image {b} of a prediction of {} members and {} images",
+            self.members,
+            self.batch
+        );
         &self.probs[(m * self.batch + b) * self.classes..][..self.classes]
     }
 
     /// The mean prediction for image `b`, `[C]`. Panics when `b` is out of range.
     pub fn mean(&self, b: usize) -> &[f32] {
         &self.mean[b * self.classes..][..self.classes]
+    }
+
+    /// The members' probabilities as `loren::nn::metrics` scores them (its images are the
+    /// samples): calibration, NLL, OOD detection or accuracy by ensemble size, given labels.
+    pub fn predictions(&self) -> Predictions {
+        Predictions {
+            members: self.members,
+            samples: self.batch,
+            classes: self.classes,
+            probs: self.probs.clone(),
+        }
     }
 
     /// The most probable class of image `b` under the mean (the lowest index on ties).
@@ -378,6 +396,12 @@ impl Ensemble {
             batch_size: DEFAULT_BATCH,
             metadata,
         })
+    }
+
+    /// The model it predicts with: for `loren::nn::eval` on a whole `Dataset`, or
+    /// [`Vit::predict`] on images already on its device.
+    pub fn model(&self) -> &Vit {
+        &self.model
     }
 
     /// The model it predicts with, to train on or to keep as a program's own.

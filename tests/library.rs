@@ -135,6 +135,23 @@ fn a_run_resumes_on_the_backbone_it_trained_on() {
         .unwrap();
 }
 
+/// Throughput counts the images trained on: a batch larger than the data is the data, once.
+#[test]
+fn a_fit_counts_the_images_it_trained_on() {
+    let data = arrays(24);
+    let mut model = model();
+    let big = TrainConfig {
+        epochs: 2,
+        ..TrainConfig::plain(100, 1e-3, Default::default())
+    };
+    let summary = Trainer::new(&mut model, &big, data.len())
+        .unwrap()
+        .fit(&data, &CheckpointSpec::default(), &mut Quiet)
+        .unwrap();
+    let images = summary.images_per_second * summary.seconds;
+    assert!((images - 48.0).abs() < 1e-6 * 48.0, "{images}");
+}
+
 #[test]
 fn an_ensemble_trained_from_arrays_reads_back_as_it_was_trained() {
     let dir = temp_dir("from-arrays");
@@ -398,6 +415,11 @@ fn an_ensemble_trained_here_predicts_as_its_checkpoint_does() {
     let here = Ensemble::from_trained(model, &data).unwrap();
     let want = loaded.predict_pixels(&pixels, 5).unwrap();
     assert_eq!(here.predict_pixels(&pixels, 5).unwrap(), want);
+    // Its model, borrowed, scores a whole `Dataset` of those pixels as it predicts them.
+    let scored = predict(here.model(), &arrays(5), 5, &mut |_| Ok(())).unwrap();
+    assert_eq!(scored, want.predictions());
+    // Image 5 of 5 is past the batch, not member 1's image 0.
+    assert!(std::panic::catch_unwind(|| want.member(0, 5).to_vec()).is_err());
     // And the model it took comes back out, to train on or to serve again.
     let again = Ensemble::from_trained(here.into_model(), &data).unwrap();
     assert_eq!(again.predict_pixels(&pixels, 5).unwrap(), want);

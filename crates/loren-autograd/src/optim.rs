@@ -34,6 +34,42 @@ impl OptimizerKind {
         }
     }
 
+    /// What makes these settings unusable, if anything: a moment's or momentum's decay outside
+    /// [0, 1) (β₂ = 1 divides by zero in Adam's bias correction), an eps that is not positive, a
+    /// weight decay negative or not finite. NaN fails every comparison, hence the positive forms.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let unit = |name: &str, x: f32| match (0.0..1.0).contains(&x) {
+            true => Ok(()),
+            false => Err(format!("{name} {x} must be in [0, 1)")),
+        };
+        let decay = |x: f32| match x.is_finite() && x >= 0.0 {
+            true => Ok(()),
+            false => Err(format!("weight decay {x} must be finite and not negative")),
+        };
+        match *self {
+            OptimizerKind::AdamW {
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            } => {
+                unit("beta1", beta1)?;
+                unit("beta2", beta2)?;
+                if !(eps.is_finite() && eps > 0.0) {
+                    return Err(format!("eps {eps} must be positive and finite"));
+                }
+                decay(weight_decay)
+            }
+            OptimizerKind::Sgd {
+                momentum,
+                weight_decay,
+            } => {
+                unit("momentum", momentum)?;
+                decay(weight_decay)
+            }
+        }
+    }
+
     /// The state tensors kept per trainable tensor: Adam's two moments, SGD's momentum buffer.
     pub fn state_tensors(&self) -> u64 {
         match self {

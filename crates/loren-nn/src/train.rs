@@ -101,6 +101,11 @@ impl TrainConfig {
                 "the gradient clip must be positive and finite (--grad-clip, or TrainConfig::grad_clip)",
             );
         }
+        self.optimizer.check().map_err(|m| {
+            NnError::Config(format!(
+                "the optimizer's {m} (--weight-decay and --momentum, or TrainConfig::optimizer)"
+            ))
+        })?;
         self.augment.validate()?;
         Ok(())
     }
@@ -535,7 +540,8 @@ impl<'m> Trainer<'m> {
             .filter_map(|e| e.val.map(|v| v.seconds))
             .sum();
         let seconds = start.elapsed().as_secs_f64() - validation_seconds;
-        let images = (self.step - first_step) as f64 * self.config.batch_size as f64;
+        // Whole epochs, each of every image: a last batch may be short, or the one batch all.
+        let images = ((self.history.len() - first_epoch) * data.len()) as f64;
         Ok(TrainSummary {
             epochs: self.history.clone(),
             steps: self.step,
@@ -954,6 +960,42 @@ mod tests {
             assert!(draws[i + 1..].iter().all(|b| b != a), "{draws:x?}");
         }
         assert_eq!(first(2, 3, 4), first(2, 3, 4));
+    }
+
+    /// Settings no step can use are refused before training, whoever made them.
+    #[test]
+    fn the_optimizer_settings_are_checked_with_the_rest() {
+        let adamw = |beta2, eps, weight_decay| OptimizerKind::AdamW {
+            beta1: 0.9,
+            beta2,
+            eps,
+            weight_decay,
+        };
+        let sgd = |momentum, weight_decay| OptimizerKind::Sgd {
+            momentum,
+            weight_decay,
+        };
+        let with = |optimizer| TrainConfig {
+            optimizer,
+            ..TrainConfig::plain(8, 1e-3, Activations::default())
+        };
+        for (optimizer, says) in [
+            (adamw(1.0, 1e-8, 0.0), "beta2 1 must be in [0, 1)"),
+            (adamw(0.999, 0.0, 0.0), "eps 0 must be positive"),
+            (adamw(0.999, 1e-8, -1.0), "weight decay -1 must be"),
+            (adamw(0.999, 1e-8, f32::NAN), "weight decay NaN must be"),
+            (sgd(1.5, 0.0), "momentum 1.5 must be in [0, 1)"),
+            (sgd(f32::NAN, 0.0), "momentum NaN must be"),
+        ] {
+            let e = with(optimizer).validate().unwrap_err().to_string();
+            assert!(
+                e.contains(says) && e.contains("TrainConfig::optimizer"),
+                "{e}"
+            );
+        }
+        for fine in [adamw(0.999, 1e-8, 0.05), sgd(0.0, 0.0), sgd(0.9, 1e-4)] {
+            with(fine).validate().unwrap();
+        }
     }
 
     /// The epoch history a checkpoint keeps as JSON comes back to the bit, so that a resumed

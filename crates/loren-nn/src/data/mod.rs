@@ -218,7 +218,8 @@ impl Dataset {
         self.images.read(i * self.image_len(), out);
     }
 
-    /// Number of images of each class, indexed by label.
+    /// Number of images of each class, indexed by label. Panics on a label not below
+    /// `classes`, which [`Dataset::validate`] refuses.
     pub fn class_counts(&self) -> Vec<usize> {
         let mut counts = vec![0; self.classes];
         for &l in &self.labels {
@@ -305,8 +306,16 @@ impl Dataset {
 }
 
 /// `(x - mean[c]) / std[c]` over images `[B, C, H, W]` of planes of `plane` values, C being
-/// `mean.len()`: how training, evaluation and `loren::Ensemble` scale raw pixels.
+/// `mean.len()`: how training, evaluation and `loren::Ensemble` scale raw pixels. Panics
+/// when `plane` is 0 or `mean` and `std` are not one value per channel, as
+/// [`Dataset::validate`] and an ensemble's loading require them to be.
 pub fn normalize_planes(images: &mut [f32], plane: usize, mean: &[f32], std: &[f32]) {
+    assert!(
+        plane > 0 && !mean.is_empty() && mean.len() == std.len(),
+        "normalize_planes: planes of {plane} values, {} means and {} stds",
+        mean.len(),
+        std.len()
+    );
     for (i, values) in images.chunks_mut(plane).enumerate() {
         let (mean, std) = (mean[i % mean.len()], std[i % std.len()]);
         // Divide rather than multiply by 1/std, so the result is the exact quotient.
