@@ -92,7 +92,7 @@ pub fn pretrain(
             data.train.name
         );
     }
-    let device = spec.device.open()?;
+    let device = crate::open_device(spec.device)?;
     let ens = EnsembleConfig {
         drop_key: EnsembleConfig::DROP_KEY,
         method: Method::Single,

@@ -911,7 +911,7 @@ impl Sweep {
         if batch == 0 {
             return Err(anyhow!("the batch size must be at least 1 (--batch-size)"));
         }
-        let probe = device.open()?;
+        let probe = crate::open_device(*device)?;
         let configs = configs.map_or_else(|| defaults(&probe), <[String]>::to_vec);
         let vits = configs
             .iter()
@@ -1025,7 +1025,7 @@ impl BenchPlan<'_> {
                         rows.push(row);
                         continue;
                     }
-                    let device = o.device.open()?;
+                    let device = crate::open_device(o.device)?;
                     let need = predicted_need(&model, &device);
                     row.predicted_need = need;
                     if let Some(b) = budget.as_ref().filter(|b| need > b.bytes) {

@@ -35,6 +35,19 @@ pub mod rates;
 pub mod report;
 pub mod run;
 
+/// `spec` opened as the `loren` commands open it: where `auto` takes the CPU beside a GPU it
+/// cannot use, a note says why, once a process (a comparison opens its device for every run).
+pub fn open_device(spec: tensor::DeviceSpec) -> tensor::Result<tensor::Device> {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    let (device, why) = spec.open_explained()?;
+    if let Some(why) = why {
+        SAID.call_once(|| {
+            note!("--device auto: running on the CPU, as the GPU here cannot be used: {why}")
+        });
+    }
+    Ok(device)
+}
+
 pub use ensemble::{
     Ensemble, EnsembleError, FromTrainedError, InputError, PIXEL_RANGE, Prediction,
 };

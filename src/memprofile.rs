@@ -377,7 +377,7 @@ impl MemprofilePlan<'_> {
                         None => measured_by_default(is_cpu, &vit.name, m),
                     };
                     if want {
-                        let device = o.device.open()?;
+                        let device = crate::open_device(o.device)?;
                         let need = predicted_need(&model, &device);
                         match budget.as_ref().filter(|b| need > b.bytes) {
                             Some(b) => {

@@ -289,7 +289,7 @@ fn check_same_data(
 
 /// Train `spec.ensemble` from `backbone` on the train split, then evaluate it.
 pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunResult> {
-    let device = spec.device.open()?;
+    let device = crate::open_device(spec.device)?;
     check_fits(spec, data, &device)?;
     // The validation probabilities of the last epoch scored, for fitting the temperature.
     let last_val_probs: Mutex<Option<Predictions>> = Mutex::default();

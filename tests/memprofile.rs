@@ -136,6 +136,31 @@ fn measured_peaks_match_the_analytic_model_and_lora_grows_by_adapters_and_heads(
 /// On a GPU, where weight matrices and activations are bf16, the ops make temporaries of their
 /// own and the optimizer keeps a table of its tensors, the model predicts every tag's measured
 /// peak to the byte, for both methods.
+/// `--device auto` beside a GPU it cannot use profiles on the CPU and says why: here the
+/// emulated GPU (`scripts/emulated-gpu.sh memprofile`) made one of compute capability 7.0.
+#[test]
+fn on_a_gpu_too_old_auto_says_why_it_took_the_cpu() {
+    if !loren_kernels::gpu_present() {
+        loren_kernels::skip_without_gpu("no CUDA device");
+        return;
+    }
+    let out = std::env::temp_dir().join(format!("loren-auto-cpu-{}", std::process::id()));
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_loren"))
+        .args(["memprofile", "--config", "tiny", "--members", "1"])
+        .args(["--methods", "lora", "--device", "auto", "-q", "--out"])
+        .arg(&out)
+        .env("LOREN_FAKE_CC", "7.0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{err}");
+    let said = "--device auto: running on the CPU, as the GPU here cannot be used: ";
+    assert_eq!(err.matches(said).count(), 1, "{err}");
+    assert!(err.contains("compute capability 7.0"), "{err}");
+    let table = std::fs::read_to_string(out.join("memprofile.md")).unwrap();
+    assert!(table.contains("cpu"), "{table}");
+}
+
 #[test]
 fn on_a_gpu_measured_peaks_match_the_analytic_model_by_tag() {
     if let Err(e) = loren_kernels::cuda_available() {

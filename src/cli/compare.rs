@@ -389,7 +389,7 @@ fn check_all_fit(plan: &[Planned], data: &Splits) -> Result<()> {
     let Some(first) = plan.first() else {
         return Ok(());
     };
-    let device = first.spec.device.open()?;
+    let device = loren::open_device(first.spec.device)?;
     let Some(budget) = budget_for(&device, None) else {
         return Ok(());
     };

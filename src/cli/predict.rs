@@ -15,6 +15,7 @@ use loren::ensemble::{DEFAULT_BATCH, Prediction};
 use loren::outputs::{same_file, writable_file};
 use loren::progress::{EvalBar, Verbosity};
 use loren::report::method_title;
+use loren::tensor::DeviceSpec;
 use loren_nn::checkpoint::write_atomic;
 use loren_nn::data::folder::{find_images, read_images};
 use loren_nn::data::prefetch::{DEPTH, prefetch};
@@ -91,7 +92,13 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
             f.display()
         );
     }
-    let mut ens = Ensemble::open(&a.model, a.backbone.as_deref(), a.common.device()?)?;
+    // Opened here for the note on an `auto` that took the CPU; the ensemble opens it again (a
+    // GPU once a process), on the CPU where `auto` chose it.
+    let spec = match loren::open_device(a.common.device()?)?.is_cpu() {
+        true => DeviceSpec::Cpu,
+        false => a.common.device()?,
+    };
+    let mut ens = Ensemble::open(&a.model, a.backbone.as_deref(), spec)?;
     ens.set_batch_size(a.batch_size);
     let shape = ens.image_shape();
     if !matches!(shape[0], 1 | 3) {

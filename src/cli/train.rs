@@ -166,7 +166,7 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
         spec.verbosity,
     )?;
     // The device too is refused before the run is said to begin (opened once, it is kept).
-    spec.device.open()?;
+    loren::open_device(spec.device)?;
     out.say_where();
     let result = run(&spec, &data, &backbone)?;
     // Written before the report is printed: a reader that stops early (| head) loses nothing.

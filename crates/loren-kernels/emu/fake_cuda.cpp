@@ -5,7 +5,7 @@
 // LD_LIBRARY_PATH; NVRTC is NVIDIA's own (its PTX is read only for the kernel names).
 //
 // What it models: one device ("loren CPU emulator", compute capability from LOREN_FAKE_CC, default
-// 8.0, or 9.0 for the sm_90a build with the wgmma kernels); device memory is host memory, so device
+// 8.0, or 9.0 for the sm_90a build with the wgmma kernels, or 7.0 for a GPU loren refuses); device memory is host memory, so device
 // pointers are host pointers; the stream runs every call at once, in order (launches are
 // serialised by one lock, as the emulator keeps per-launch globals); events read the host clock.
 // The stream-ordered pool is modelled by its byte counts: freed memory stays reserved until the
@@ -273,9 +273,10 @@ void check_guard(const char* kernel, const void* p) {
     check_allocation(it->first, it->second, who.c_str());
 }
 
+// "9.0" a Hopper; "7.0" a Volta, which loren refuses, to check what `--device auto` says of it.
 int compute_capability_major() {
     const char* cc = std::getenv("LOREN_FAKE_CC");
-    return cc && std::string(cc) == "9.0" ? 9 : 8;
+    return cc && *cc ? std::atoi(cc) : 8;
 }
 }  // namespace fake
 

@@ -63,7 +63,7 @@ pub use launch::lora::{
 pub use launch::norm::{NormDims, layernorm_params_workspace_len};
 pub use launch::optim::{AdamW, OptimTable, Sgd, SlotSpec, optim_table_bytes};
 pub use probe::{
-    NvrtcInfo, cuda_available, cuda_include_dir, gpu_required, nvrtc, skip_without_gpu,
+    NvrtcInfo, cuda_available, cuda_include_dir, gpu_present, gpu_required, nvrtc, skip_without_gpu,
 };
 pub use sources::{COMMON_HEADER, Kernel, KernelSource, SOURCES, source};
 pub use staging::{STAGING_MAX_BYTES, STAGING_MIN_BYTES, Staged};

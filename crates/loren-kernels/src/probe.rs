@@ -267,6 +267,12 @@ pub(crate) fn cublas() -> Result<()> {
     ))
 }
 
+/// Whether this machine has a CUDA device the driver sees, usable by loren or not: where it
+/// has one, `--device auto` falling back to the CPU is worth a word.
+pub fn gpu_present() -> bool {
+    driver().is_ok()
+}
+
 /// Whether this process can run loren's kernels: a driver library, a device, NVRTC and cuBLAS.
 /// The error carries a one-line reason, e.g. "CUDA is not available: no CUDA device".
 pub fn cuda_available() -> Result<()> {

@@ -341,16 +341,30 @@ impl Drop for Booked {
 }
 
 impl DeviceSpec {
-    /// Open the device. `auto` takes GPU 0 when one can be used and the CPU otherwise.
+    /// Open the device. `auto` takes GPU 0 when one can be used and the CPU otherwise
+    /// ([`DeviceSpec::open_explained`] says why not, where a GPU is there).
     pub fn open(self) -> Result<Device> {
-        match self {
-            DeviceSpec::Cpu => Ok(Device::cpu()),
-            DeviceSpec::Cuda(i) => Device::cuda(i),
-            DeviceSpec::Auto => match loren_kernels::cuda_available() {
-                Ok(()) => Device::cuda(0).or_else(|_| Ok(Device::cpu())),
-                Err(_) => Ok(Device::cpu()),
-            },
-        }
+        Ok(self.open_explained()?.0)
+    }
+
+    /// [`DeviceSpec::open`], and, where `auto` took the CPU on a machine whose driver sees a
+    /// CUDA device, why that device could not be used (no NVRTC or cuBLAS, an arch older than
+    /// sm_80, a kernel that failed to build): a run many times slower than its user expects
+    /// should say so. None on a machine with no GPU, where the CPU is no surprise.
+    pub fn open_explained(self) -> Result<(Device, Option<String>)> {
+        let device = match self {
+            DeviceSpec::Cpu => Device::cpu(),
+            DeviceSpec::Cuda(i) => Device::cuda(i)?,
+            DeviceSpec::Auto if !loren_kernels::gpu_present() => Device::cpu(),
+            DeviceSpec::Auto => {
+                let gpu = loren_kernels::cuda_available().map_err(Error::from);
+                return Ok(match gpu.and_then(|()| Device::cuda(0)) {
+                    Ok(gpu) => (gpu, None),
+                    Err(e) => (Device::cpu(), Some(e.to_string())),
+                });
+            }
+        };
+        Ok((device, None))
     }
 }
 
