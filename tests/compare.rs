@@ -440,3 +440,43 @@ fn one_size_names_the_folders_by_method_and_a_later_comparison_names_what_it_lef
         "{err}"
     );
 }
+
+/// A comparison that stops part way leaves the runs it finished, says where, and no summary of an
+/// earlier comparison in the folder that no longer describes the runs beside it.
+#[test]
+fn a_comparison_stopped_part_way_leaves_no_summary_that_disagrees_with_its_runs() {
+    let out = fresh_dir("stopped");
+    let quick = ["--epochs", "1", "--no-shift", "--no-ood"];
+    let mut args = vec!["--methods", "single"];
+    args.extend(quick);
+    compare_into(&out, &args);
+    assert!(out.join("compare.json").exists());
+    // The second rate's loss is not a number within its first epoch: the run fails after the
+    // first rate's run replaced part of the folder.
+    let run = Command::new(env!("CARGO_BIN_EXE_loren"))
+        .args(["compare", "--methods", "single", "--lrs", "1e-3,1e4"])
+        .args(["--grad-clip", "0"])
+        .args(quick)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("the loren binary runs");
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{err}");
+    assert!(
+        err.contains("lr 1e4: training stopped: the loss is"),
+        "{err}"
+    );
+    let first = out.join("single-lr1e-3");
+    let said = format!(
+        "the comparison stopped after 1 of its 2 runs, each written to its folder ({})",
+        first.display()
+    );
+    assert!(err.contains(&said), "{err}");
+    assert!(first.join("report.json").exists());
+    for summary in ["compare.json", "curves.svg"] {
+        assert!(!out.join(summary).exists(), "{summary}");
+    }
+    // The earlier comparison's own run, not rerun, stays.
+    assert!(out.join("single").join("report.json").exists());
+}

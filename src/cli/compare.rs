@@ -136,6 +136,7 @@ pub fn compare(a: &CompareArgs, out_named: bool) -> Result<()> {
         note_earlier_reports(&a.out, &plan);
     }
     let mut results = Vec::new();
+    let (runs, mut finished) = (plan.len(), Vec::new());
     for Planned {
         method,
         members: m,
@@ -145,9 +146,24 @@ pub fn compare(a: &CompareArgs, out_named: bool) -> Result<()> {
     {
         spec.vit = vit.clone();
         let (seed, lr) = (spec.train.seed, rate(spec.train.lr));
-        let mut r = run(&spec, &data, &backbone)
-            .with_context(|| format!("method {method} with {m} members, seed {seed}, lr {lr}"))?;
+        let mut r = match run(&spec, &data, &backbone) {
+            Ok(r) => r,
+            Err(e) => {
+                note_stopped(&finished, runs, a.common.verbosity());
+                let what = format!("method {method} with {m} members, seed {seed}, lr {lr}");
+                return Err(e.context(what));
+            }
+        };
+        // An earlier comparison's summaries stop describing the folder once one of its runs is
+        // replaced: they go with the first (a run stopped after it leaves no summary that
+        // disagrees with the runs beside it).
+        if finished.is_empty() {
+            SUMMARIES
+                .iter()
+                .try_for_each(|f| remove_stale(&a.out.join(f)))?;
+        }
         write_outputs(&dir, &r, &data.test)?;
+        finished.push(dir);
         // Written with the run; the comparison needs only the report.
         r.report.predictions = Vec::new();
         results.push(r);
@@ -362,6 +378,24 @@ fn method_rates(entries: &[String], methods: &[Method]) -> Result<Vec<(Method, f
 
 /// Reports an earlier comparison left in `out` that this one does not rerun stay as they were;
 /// say so, so that the folder is not read as one comparison.
+/// What a comparison writes beside its runs' folders, each file describing all of them.
+const SUMMARIES: [&str; 4] = ["compare.json", "rates.json", "curves.svg", "summary.json"];
+
+/// Where a comparison that stopped before its summaries left the runs it finished.
+fn note_stopped(finished: &[PathBuf], runs: usize, verbosity: Verbosity) {
+    if finished.is_empty() || verbosity == Verbosity::Quiet {
+        return;
+    }
+    let dirs: Vec<String> = finished.iter().map(|d| d.display().to_string()).collect();
+    loren::note!(
+        "note: the comparison stopped after {} of its {runs} runs, each written to its folder ({}); \
+         it wrote no {}",
+        finished.len(),
+        dirs.join(", "),
+        SUMMARIES.join(", ")
+    );
+}
+
 fn note_earlier_reports(out: &std::path::Path, plan: &[Planned]) {
     let Ok(entries) = std::fs::read_dir(out) else {
         return;
