@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 
 use super::args::{Common, DataArgs, SeedArgs, splits, text_path};
@@ -80,7 +80,15 @@ pub fn pretrain(a: &PretrainArgs) -> Result<()> {
     spec.seed = a.seed.seed;
     spec.train.seed = a.seed.seed;
     spec.device = a.common.device()?;
-    let r = backbone::pretrain(&spec, &data, a.common.verbosity())?;
+    let earlier = spec.out.exists();
+    let r = backbone::pretrain(&spec, &data, a.common.verbosity()).with_context(|| {
+        // The file is written whole at the end, or not at all.
+        let out = spec.out.display();
+        match earlier {
+            true => format!("pretraining into {out} (which is as it was)"),
+            false => format!("pretraining into {out} (which was not written)"),
+        }
+    })?;
     // Its own split always keeps the validation part.
     let val = r.val_accuracy.map_or_else(
         || "no validation part".to_string(),
