@@ -81,7 +81,11 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     a.data.check()?;
     // The checkpoint first: a file that is not one is named as such, and its folder left alone.
     let file = read_model(&a.checkpoint, "--checkpoint")?;
-    writable_dir(&out, "--out")?;
+    match a.out {
+        Some(_) => writable_dir(&out, "--out")?,
+        None => writable_dir(&out, "the checkpoint's folder")
+            .context("eval writes beside the checkpoint unless given --out DIR")?,
+    }
     // The data it was trained on, unless the command line says otherwise.
     let meta = file.metadata();
     let mut data_args = a.data.clone();
