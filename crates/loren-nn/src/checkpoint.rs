@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 pub use safetensors::tensor::Dtype;
-use safetensors::tensor::{SafeTensors, TensorView};
+use safetensors::tensor::{SafeTensorError, SafeTensors, TensorView};
 
 use crate::error::{NnError, Result};
 
@@ -102,7 +102,13 @@ impl TensorFile {
     /// Parse file contents; `path` only names the file in errors.
     pub fn parse(bytes: &[u8], path: &Path) -> Result<TensorFile> {
         let st = SafeTensors::deserialize(bytes).map_err(|e| {
-            NnError::checkpoint(path, format!("not a valid safetensors file ({e})"))
+            let why = match (&e, described_bytes(bytes)) {
+                (SafeTensorError::MetadataIncompleteBuffer, Some(want)) => {
+                    cut_or_grown(bytes.len(), want)
+                }
+                _ => format!("not a valid safetensors file ({e})"),
+            };
+            NnError::checkpoint(path, why)
         })?;
         let (_, meta) = SafeTensors::read_metadata(bytes)
             .map_err(|e| NnError::checkpoint(path, format!("unreadable header ({e})")))?;
@@ -234,6 +240,37 @@ impl TensorFile {
         self.tensors
             .remove(name)
             .ok_or_else(|| NnError::checkpoint(&self.path, format!("tensor '{name}' is missing")))
+    }
+}
+
+/// The length of a file whose header parses: the 8 bytes of its length, the header, and the
+/// tensors' bytes up to the last one's end.
+fn described_bytes(bytes: &[u8]) -> Option<usize> {
+    let n = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
+    let header: HashMap<String, serde_json::Value> =
+        serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
+    let end = header
+        .iter()
+        .filter(|(name, _)| name.as_str() != "__metadata__")
+        .map(|(_, t)| t.get("data_offsets")?.get(1)?.as_u64())
+        .try_fold(0u64, |most, e| Some(most.max(e?)))?;
+    8usize
+        .checked_add(n)?
+        .checked_add(usize::try_from(end).ok()?)
+}
+
+/// What a file of `have` bytes whose header describes `want` is: cut short (a copy or a write
+/// that did not finish), or followed by bytes no tensor holds.
+fn cut_or_grown(have: usize, want: usize) -> String {
+    match have < want {
+        true => format!(
+            "truncated: its header describes {want} bytes, and the file holds {have} (a copy or \
+             a write that did not finish?)"
+        ),
+        false => format!(
+            "not a valid safetensors file: its header describes {want} bytes, and {} more follow",
+            have - want
+        ),
     }
 }
 
@@ -428,6 +465,32 @@ mod tests {
         );
         assert_eq!(f.meta("step").unwrap(), "7");
         assert!(!p.with_extension("safetensors.tmp").exists());
+    }
+
+    /// A file cut short after its header says so, with both lengths; one with bytes past its
+    /// last tensor says that.
+    #[test]
+    fn a_truncated_file_is_called_truncated() {
+        let p = temp("cut");
+        let a = Entry {
+            shape: vec![4],
+            data: vec![1.0, 2.0, 3.0, 4.0],
+        };
+        write(&p, &[("a".into(), a)], HashMap::new()).unwrap();
+        let whole = fs::read(&p).unwrap();
+        let cut = &whole[..whole.len() - 3];
+        let e = TensorFile::parse(cut, &p).unwrap_err().to_string();
+        let (want, have) = (whole.len(), whole.len() - 3);
+        let says =
+            format!("truncated: its header describes {want} bytes, and the file holds {have}");
+        assert!(e.contains(&says), "{e}");
+        let mut grown = whole.clone();
+        grown.extend([0; 5]);
+        let e = TensorFile::parse(&grown, &p).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("describes {want} bytes, and 5 more follow")),
+            "{e}"
+        );
     }
 
     #[test]
