@@ -640,6 +640,10 @@ pub const CPU_PEAK_SIZE_MAX: usize = 8192;
 /// The same on a GPU: 32768 is 70 TFLOP a product, far past where the rate levels off.
 pub const GPU_PEAK_SIZE_MAX: usize = 32768;
 
+/// The smallest peak GEMM side that reaches a device's rate: below it the GEMM measures its own
+/// overheads, and MFU over that peak overstates (smaller ones still serve quick checks).
+pub const PEAK_SIZE_FULL: usize = 1024;
+
 /// Refuse a peak GEMM side the device cannot hold or would take minutes on, before allocating:
 /// on the CPU a failed allocation aborts the process with no error to report.
 fn check_peak_size(device: &Device, n: usize, budget: Option<&Budget>) -> Result<()> {
@@ -660,7 +664,10 @@ fn check_peak_size(device: &Device, n: usize, budget: Option<&Budget>) -> Result
             // A suggestion only where one fits: a budget under one element's buffers has none.
             let fits = (b.bytes as f64 / elem).sqrt() as usize;
             let advice = match fits {
-                0 => "raise --memory-budget".to_string(),
+                n if n < PEAK_SIZE_FULL => format!(
+                    "raise --memory-budget (a peak GEMM needs a side of {PEAK_SIZE_FULL} to \
+                     reach the device's rate)"
+                ),
                 n => format!("pass --peak-size {n} or less"),
             };
             Err(anyhow!(
@@ -975,6 +982,13 @@ impl BenchPlan<'_> {
         };
 
         let peak_size = peak_size(o, &probe);
+        let note = match peak_size < PEAK_SIZE_FULL {
+            true => format!(
+                "{note} The peak was measured on a {peak_size}x{peak_size}x{peak_size} GEMM, \
+                 below the {PEAK_SIZE_FULL} that reaches the device's rate: MFU over it overstates."
+            ),
+            false => note,
+        };
         progress(&format!("measuring the peak: {0}x{0}x{0} GEMM", peak_size));
         let (peak, peak_error) = match measure_peak(&probe, peak_size, 5) {
             Ok(p) => (Some(p), None),
@@ -1460,14 +1474,23 @@ mod tests {
             bytes,
             source: "--memory-budget".into(),
         };
-        // 12 bytes per element on the CPU: 1200 bytes hold a 10x10 GEMM.
-        let e = check_peak_size(&cpu, 64, Some(&budget(1200))).unwrap_err();
-        assert!(e.to_string().contains("pass --peak-size 10 or less"), "{e}");
-        assert!(check_peak_size(&cpu, 10, Some(&budget(1200))).is_ok());
-        let e = check_peak_size(&cpu, 64, Some(&budget(0))).unwrap_err();
+        // 12 bytes per element on the CPU: 48 MB hold a 2000x2000 GEMM.
+        let e = check_peak_size(&cpu, 4096, Some(&budget(48_000_000))).unwrap_err();
         assert!(
-            e.to_string().contains("raise --memory-budget") && !e.to_string().contains("size 0"),
+            e.to_string().contains("pass --peak-size 2000 or less"),
             "{e}"
         );
+        assert!(check_peak_size(&cpu, 2000, Some(&budget(48_000_000))).is_ok());
+        // None that fits reaches the device's rate (1200 bytes hold a 10x10 one): no size to
+        // suggest.
+        for none in [0, 1200] {
+            let e = check_peak_size(&cpu, 4096, Some(&budget(none)))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("raise --memory-budget") && !e.contains("or less"),
+                "{e}"
+            );
+        }
     }
 }
