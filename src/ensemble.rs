@@ -738,21 +738,32 @@ pub fn export(
             ),
         ));
     }
-    // Nor another run's checkpoint, which its `train --resume` and `eval` read.
-    if out.is_file()
-        && loren_nn::checkpoint::read_metadata(out).is_ok_and(|m| {
-            m.get("format")
-                .is_some_and(|f| f == loren_nn::train::FORMAT)
-        })
-    {
-        return Err(EnsembleError::output(
-            out,
-            format!(
-                "{} is a training checkpoint (loren train --resume and eval read it): the \
-                 export would replace it; write it elsewhere",
-                out.display()
-            ),
-        ));
+    // Nor any file but an earlier export: another run's checkpoint (which its `train --resume`
+    // and `eval` read), a backbone (which checkpoints name by fingerprint), a report.
+    if out.exists() {
+        let format = loren_nn::checkpoint::read_metadata(out)
+            .ok()
+            .and_then(|mut m| m.remove("format"));
+        let what = match format.as_deref() {
+            Some(FORMAT) => None,
+            Some(loren_nn::train::FORMAT) => {
+                Some("a training checkpoint (loren train --resume and eval read it)")
+            }
+            Some(crate::backbone::FORMAT) => {
+                Some("a backbone (training checkpoints name it by fingerprint)")
+            }
+            _ => Some("not an ensemble loren exported"),
+        };
+        if let Some(what) = what {
+            return Err(EnsembleError::output(
+                out,
+                format!(
+                    "{} is {what}: the export would replace it; write it elsewhere (an earlier \
+                     export is replaced)",
+                    out.display()
+                ),
+            ));
+        }
     }
     let file = crate::run::read_checkpoint(checkpoint, "--checkpoint")
         .map_err(|e| EnsembleError::file(checkpoint, e))?;

@@ -138,11 +138,19 @@ fn replaced_by(checkpoint: &Path, resumed: Option<&Path>) -> Vec<PathBuf> {
     };
     let in_place = resumed.is_some_and(|r| crate::outputs::same_file(r, checkpoint));
     if !in_place {
+        // Resuming is offered for what --resume takes: not an export, not a file of another kind.
+        let resumable = loren_nn::checkpoint::read_metadata(checkpoint).is_ok_and(|m| {
+            m.get("format")
+                .is_some_and(|f| f == loren_nn::train::FORMAT)
+        });
+        let resume = match resumable {
+            true => format!("; --resume {} continues it", checkpoint.display()),
+            false => String::new(),
+        };
         crate::note!(
             "{} holds an earlier run: this one replaces it when its first epoch ends (--out DIR \
-             keeps both; --resume {} continues it)",
+             keeps both{resume})",
             dir.display(),
-            checkpoint.display()
         );
     }
     RUN_FILES.map(|name| dir.join(name)).to_vec()

@@ -902,7 +902,7 @@ fn eval_on_other_data_than_it_was_trained_on_says_so() {
 }
 
 #[test]
-fn export_onto_a_training_checkpoint_is_refused() {
+fn export_replaces_an_earlier_export_and_nothing_else() {
     let dir = temp_dir("export-self");
     let c = dir.join("checkpoint.safetensors");
     std::fs::copy(checkpoint(), &c).unwrap();
@@ -913,7 +913,7 @@ fn export_onto_a_training_checkpoint_is_refused() {
         &["is the checkpoint itself"],
     );
     assert_eq!(std::fs::read(c).unwrap(), before, "the checkpoint changed");
-    // Nor onto another run's checkpoint; any other file is replaced, as --out says.
+    // Nor onto another run's checkpoint, a backbone or any file but an earlier export.
     let other = copy_of_the_trained_run("export-other").join("checkpoint.safetensors");
     let other_before = std::fs::read(&other).unwrap();
     refused(
@@ -927,16 +927,30 @@ fn export_onto_a_training_checkpoint_is_refused() {
         &["is a training checkpoint", "write it elsewhere"],
     );
     assert_eq!(std::fs::read(&other).unwrap(), other_before);
+    let backbone = dir.join("backbone.safetensors");
+    let bundled = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/backbone-tiny.safetensors");
+    std::fs::copy(bundled, &backbone).unwrap();
     let plain = dir.join("ensemble.safetensors");
     std::fs::write(&plain, b"an earlier file").unwrap();
-    let (ok, _, err) = loren(&[
+    for (out, is) in [(&backbone, "is a backbone"), (&plain, "is not an ensemble")] {
+        let before = std::fs::read(out).unwrap();
+        let export = ["export", "--checkpoint", c, "--out", out.to_str().unwrap()];
+        refused(&export, &[is, "write it elsewhere"]);
+        assert_eq!(std::fs::read(out).unwrap(), before);
+    }
+    // An earlier export is replaced.
+    std::fs::remove_file(&plain).unwrap();
+    let export = [
         "export",
         "--checkpoint",
         c,
         "--out",
         plain.to_str().unwrap(),
-    ]);
-    assert!(ok, "{err}");
+    ];
+    for _ in 0..2 {
+        let (ok, _, err) = loren(&export);
+        assert!(ok, "{err}");
+    }
 }
 
 #[test]
@@ -991,6 +1005,7 @@ fn a_fresh_run_replaces_an_earlier_one_and_does_not_claim_its_checkpoint() {
     let (ok, _, err) = loren(&args);
     assert!(!ok, "a learning rate of 1e30 trained");
     assert!(err.contains("holds an earlier run"), "{err}");
+    assert!(err.contains("checkpoint.safetensors continues it"), "{err}");
     assert!(
         err.contains("no checkpoint had been written yet")
             && err.contains("checkpoint.safetensors is still the earlier run's"),
@@ -1248,4 +1263,18 @@ fn resuming_into_another_runs_folder_says_it_replaces_that_run() {
     for f in EARLIER_SCORES {
         assert!(!other.join(f).exists(), "the other run's {f} stayed");
     }
+}
+
+/// A file at the checkpoint's place that --resume would refuse is replaced without offering to
+/// resume it.
+#[test]
+fn a_file_that_is_no_checkpoint_is_replaced_without_an_offer_to_resume_it() {
+    let dir = temp_dir("not-a-checkpoint");
+    std::fs::write(dir.join("checkpoint.safetensors"), b"not a checkpoint").unwrap();
+    let mut args = vec!["train", "--out", dir.to_str().unwrap(), "--epochs", "1"];
+    args.extend(RUN);
+    let (ok, _, err) = loren(&args);
+    assert!(ok, "{err}");
+    assert!(err.contains("holds an earlier run"), "{err}");
+    assert!(!err.contains("--resume"), "{err}");
 }

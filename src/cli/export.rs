@@ -17,8 +17,8 @@ pub struct ExportArgs {
     /// A checkpoint written by `loren train`, or the folder it is in.
     #[arg(long, value_parser = checkpoint_arg)]
     pub checkpoint: PathBuf,
-    /// Where to write the ensemble (safetensors). An existing file there is replaced, unless it
-    /// is a training checkpoint (that of this run, or of another), which is refused.
+    /// Where to write the ensemble (safetensors). An earlier export there is replaced; any other
+    /// file (a training checkpoint, a backbone, a report) is refused.
     #[arg(long, value_parser = text_path)]
     pub out: PathBuf,
     /// The backbone the checkpoint was trained from (default: the path recorded in it).
