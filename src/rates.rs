@@ -11,15 +11,16 @@ use anyhow::{Context, Result, bail};
 use loren_nn::Method;
 use serde::Serialize;
 
-use crate::report::{aligned_columns, by_method_and_size, rate, unique};
+use crate::report::{aligned_columns, rate, unique};
 use crate::run::RunResult;
 
 /// One rate tried for a method at one ensemble size.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct RateTrial {
     pub lr: f32,
-    /// The validation NLL at each seed, in the order of [`RateChoice::seeds`].
-    pub val_nll: Vec<f64>,
+    /// The validation NLL at each seed, in the order of [`RateChoice::seeds`]; `null` where the
+    /// run diverged (its loss stopped being a number), which any rate that did not beats.
+    pub val_nll: Vec<Option<f64>>,
     pub picked: bool,
 }
 
@@ -42,48 +43,82 @@ impl RateChoice {
     }
 }
 
-/// The runs grouped by method and size, in the order they first appear, each group's rate
-/// picked by the rule. Refused when a run has no validation score (it trained on that part) or
-/// when the rates were not all run at the same seeds.
-pub fn choose_rates(runs: &[RunResult]) -> Result<Vec<RateChoice>> {
-    by_method_and_size(runs)
+/// A run of a rate sweep whose loss stopped being a number: a rate too high is an outcome of
+/// the sweep, not the end of it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Diverged {
+    pub method: Method,
+    pub members: usize,
+    pub seed: u64,
+    pub lr: f32,
+}
+
+/// The runs, and those that diverged, grouped by method and size (in the order they first
+/// appear, the finished runs' first), each group's rate picked by the rule. Refused when a run
+/// has no validation score (it trained on that part), when a rate was not run at every seed,
+/// or when the rate picked diverged (the lowest, none above it better at every seed).
+pub fn choose_rates(runs: &[RunResult], diverged: &[Diverged]) -> Result<Vec<RateChoice>> {
+    let tried = runs
         .iter()
-        .map(|group| choose(group))
+        .map(|r| (r.method, r.members))
+        .chain(diverged.iter().map(|d| (d.method, d.members)));
+    unique(tried)
+        .into_iter()
+        .map(|(method, members)| {
+            let runs: Vec<&RunResult> = runs
+                .iter()
+                .filter(|r| (r.method, r.members) == (method, members))
+                .collect();
+            let diverged: Vec<&Diverged> = diverged
+                .iter()
+                .filter(|d| (d.method, d.members) == (method, members))
+                .collect();
+            choose(method, members, &runs, &diverged)
+        })
         .collect()
 }
 
 /// One method at one size: its runs at every rate and seed.
-fn choose(group: &[&RunResult]) -> Result<RateChoice> {
-    let (method, members) = (group[0].method, group[0].members);
-    let seeds = unique(group.iter().map(|r| r.seed));
-    let mut lrs = unique(group.iter().map(|r| r.settings.train.lr));
+fn choose(
+    method: Method,
+    members: usize,
+    runs: &[&RunResult],
+    diverged: &[&Diverged],
+) -> Result<RateChoice> {
+    let tried = || {
+        let ran = runs.iter().map(|r| (r.seed, r.settings.train.lr));
+        ran.chain(diverged.iter().map(|d| (d.seed, d.lr)))
+    };
+    let seeds = unique(tried().map(|(seed, _)| seed));
+    let mut lrs = unique(tried().map(|(_, lr)| lr));
     lrs.sort_by(f32::total_cmp);
     let mut trials = Vec::new();
     for lr in lrs {
-        let at: Vec<&RunResult> = group
+        let val_nll = seeds
             .iter()
-            .copied()
-            .filter(|r| r.settings.train.lr == lr)
-            .collect();
-        let at_seeds: Vec<u64> = at.iter().map(|r| r.seed).collect();
-        if at_seeds != seeds {
-            bail!(
-                "{method} (M={members}) ran at lr {} at seeds {at_seeds:?}, not once at each of \
-                 {seeds:?}: the rule compares rates seed by seed",
-                rate(lr)
-            );
-        }
-        let val_nll = at
-            .iter()
-            .map(|r| {
-                r.val_nll.with_context(|| {
-                    format!(
-                        "{method} (M={members}) has no validation score to choose its learning \
-                         rate by: it trained on the validation part (--train-on-val)"
-                    )
-                })
+            .map(|&seed| {
+                if let Some(r) = runs
+                    .iter()
+                    .find(|r| (r.seed, r.settings.train.lr) == (seed, lr))
+                {
+                    let nll = r.val_nll.with_context(|| {
+                        format!(
+                            "{method} (M={members}) has no validation score to choose its \
+                             learning rate by: it trained on the validation part (--train-on-val)"
+                        )
+                    })?;
+                    return Ok(Some(nll));
+                }
+                match diverged.iter().any(|d| (d.seed, d.lr) == (seed, lr)) {
+                    true => Ok(None),
+                    false => bail!(
+                        "{method} (M={members}) did not run at lr {} at seed {seed}, and ran at \
+                         seeds {seeds:?}: the rule compares rates seed by seed",
+                        rate(lr)
+                    ),
+                }
             })
-            .collect::<Result<Vec<f64>>>()?;
+            .collect::<Result<Vec<Option<f64>>>>()?;
         trials.push(RateTrial {
             lr,
             val_nll,
@@ -91,6 +126,14 @@ fn choose(group: &[&RunResult]) -> Result<RateChoice> {
         });
     }
     let pick = step_up(&trials);
+    if let Some(at) = trials[pick].val_nll.iter().position(Option::is_none) {
+        bail!(
+            "{method} (M={members}) diverged at its lowest rate, lr {} (seed {}), and no rate \
+             above it did better at every seed: give --lrs lower rates",
+            rate(trials[pick].lr),
+            seeds[at]
+        );
+    }
     trials[pick].picked = true;
     Ok(RateChoice {
         method,
@@ -100,12 +143,18 @@ fn choose(group: &[&RunResult]) -> Result<RateChoice> {
     })
 }
 
-/// The rule over trials sorted by rate: the index it stops at.
+/// The rule over trials sorted by rate: the index it stops at. A diverged run is worse than
+/// any that did not.
 fn step_up(trials: &[RateTrial]) -> usize {
+    let lower = |next: &Option<f64>, here: &Option<f64>| match (next, here) {
+        (Some(n), Some(h)) => n < h,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
     let mut pick = 0;
     while pick + 1 < trials.len() {
         let (here, next) = (&trials[pick].val_nll, &trials[pick + 1].val_nll);
-        if next.iter().zip(here).all(|(n, h)| n < h) {
+        if next.iter().zip(here).all(|(n, h)| lower(n, h)) {
             pick += 1;
         } else {
             break;
@@ -140,10 +189,11 @@ pub fn rate_table(choices: &[RateChoice]) -> String {
                 c.members.to_string(),
                 rate(t.lr),
             ];
-            row.extend(t.val_nll.iter().map(|v| format!("{v:.4}")));
+            let nll = |v: Option<f64>| v.map_or("diverged".to_string(), |v| format!("{v:.4}"));
+            row.extend(t.val_nll.iter().map(|&v| nll(v)));
             if c.seeds.len() > 1 {
-                let mean = t.val_nll.iter().sum::<f64>() / t.val_nll.len() as f64;
-                row.push(format!("{mean:.4}"));
+                let sum: Option<f64> = t.val_nll.iter().copied().sum();
+                row.push(nll(sum.map(|s| s / t.val_nll.len() as f64)));
             }
             if t.picked {
                 row.push("picked".to_string());
@@ -162,7 +212,11 @@ mod tests {
     fn trial(lr: f32, val_nll: &[f64]) -> RateTrial {
         RateTrial {
             lr,
-            val_nll: val_nll.to_vec(),
+            // Infinity stands for a diverged run.
+            val_nll: val_nll
+                .iter()
+                .map(|&v| v.is_finite().then_some(v))
+                .collect(),
             picked: false,
         }
     }
@@ -220,6 +274,32 @@ mod tests {
         let table = rate_table(&[choice(vec![7], [&[0.5], &[0.75]])]);
         let last: Vec<&str> = table.lines().last().unwrap().split_whitespace().collect();
         assert_eq!(last, ["lora", "4", "3e-3", "0.7500"]);
+    }
+
+    #[test]
+    fn a_diverged_run_loses_to_any_that_did_not() {
+        let inf = f64::INFINITY;
+        // Diverged at one seed of the next rate: no step.
+        let trials = [trial(3e-4, &[0.5, 0.5]), trial(1e-3, &[0.1, inf])];
+        assert_eq!(step_up(&trials), 0);
+        // The lowest diverged: any finite next rate is a step, a diverged one is not.
+        let trials = [
+            trial(3e-4, &[inf, 0.5]),
+            trial(1e-3, &[0.9, 0.4]),
+            trial(3e-3, &[inf, inf]),
+        ];
+        assert_eq!(step_up(&trials), 1);
+        assert_eq!(step_up(&[trial(1e-3, &[inf]), trial(3e-3, &[inf])]), 0);
+        // The table says so, and the mean over a diverged seed is no number.
+        let choice = RateChoice {
+            method: Method::Lora,
+            members: 2,
+            seeds: vec![1, 2],
+            trials: vec![trial(1e-3, &[0.5, inf])],
+        };
+        let row = rate_table(&[choice]).lines().last().unwrap().to_string();
+        let row: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(row, ["lora", "2", "1e-3", "0.5000", "diverged", "diverged"]);
     }
 
     #[test]

@@ -447,14 +447,27 @@ fn one_size_names_the_folders_by_method_and_a_later_comparison_names_what_it_lef
 fn a_comparison_stopped_part_way_leaves_no_summary_that_disagrees_with_its_runs() {
     let out = fresh_dir("stopped");
     let quick = ["--epochs", "1", "--no-shift", "--no-ood"];
-    let mut args = vec!["--methods", "single"];
-    args.extend(quick);
+    let mut args = vec![
+        "--methods",
+        "single",
+        "--epochs",
+        "2",
+        "--no-shift",
+        "--no-ood",
+    ];
     compare_into(&out, &args);
     assert!(out.join("compare.json").exists());
-    // The second rate's loss is not a number within its first epoch: the run fails after the
-    // first rate's run replaced part of the folder.
+    // The second method's loss is not a number within its first epoch: the comparison fails
+    // after the first method's run replaced part of the folder.
+    args = vec![
+        "compare",
+        "--methods",
+        "single,lora",
+        "--method-lr",
+        "lora=1e4",
+    ];
     let run = Command::new(env!("CARGO_BIN_EXE_loren"))
-        .args(["compare", "--methods", "single", "--lrs", "1e-3,1e4"])
+        .args(args)
         .args(["--grad-clip", "0"])
         .args(quick)
         .arg("--out")
@@ -467,16 +480,75 @@ fn a_comparison_stopped_part_way_leaves_no_summary_that_disagrees_with_its_runs(
         err.contains("lr 1e4: training stopped: the loss is"),
         "{err}"
     );
-    let first = out.join("single-lr1e-3");
+    let first = out.join("single");
     let said = format!(
         "the comparison stopped after 1 of its 2 runs, each written to its folder ({})",
         first.display()
     );
     assert!(err.contains(&said), "{err}");
-    assert!(first.join("report.json").exists());
     for summary in ["compare.json", "curves.svg"] {
         assert!(!out.join(summary).exists(), "{summary}");
     }
-    // The earlier comparison's own run, not rerun, stays.
-    assert!(out.join("single").join("report.json").exists());
+    // Its first run replaced the earlier comparison's: one epoch where that one trained two.
+    let report = std::fs::read_to_string(first.join("report.json")).unwrap();
+    let report: Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(report["train"]["epochs"].as_array().unwrap().len(), 1);
+}
+
+/// In a rate sweep a rate too high is an outcome: the sweep goes on, records it, and picks
+/// among the rest.
+#[test]
+fn a_rate_that_diverges_is_recorded_and_never_picked() {
+    let out = fresh_dir("diverged");
+    let run = Command::new(env!("CARGO_BIN_EXE_loren"))
+        .args(["compare", "--methods", "single", "--lrs", "1e-3,1e4"])
+        .args([
+            "--grad-clip",
+            "0",
+            "--epochs",
+            "1",
+            "--no-shift",
+            "--no-ood",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("the loren binary runs");
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{err}");
+    assert!(
+        err.contains("single (M=1) at lr 1e4, seed 0: the loss is"),
+        "{err}"
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.contains("diverged"), "{stdout}");
+    let rates: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("rates.json")).unwrap()).unwrap();
+    let trials = &rates[0]["trials"];
+    assert_eq!(trials[1]["val_nll"][0], Value::Null, "{rates}");
+    assert!(trials[0]["val_nll"][0].as_f64().unwrap() > 0.0, "{rates}");
+    assert_eq!(trials[0]["picked"], Value::Bool(true), "{rates}");
+    assert!(out.join("single-lr1e-3").join("report.json").exists());
+    assert!(!out.join("single-lr1e4").exists());
+    // A sweep whose lowest rate diverged, and nothing above it did better, is refused.
+    let run = Command::new(env!("CARGO_BIN_EXE_loren"))
+        .args(["compare", "--methods", "single", "--lrs", "1e4,1e5"])
+        .args([
+            "--grad-clip",
+            "0",
+            "--epochs",
+            "1",
+            "--no-shift",
+            "--no-ood",
+        ])
+        .arg("--out")
+        .arg(fresh_dir("all-diverged"))
+        .output()
+        .expect("the loren binary runs");
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{err}");
+    assert!(
+        err.contains("diverged at its lowest rate, lr 1e4 (seed 0)"),
+        "{err}"
+    );
 }

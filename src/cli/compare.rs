@@ -16,7 +16,7 @@ use loren::bench::budget_for;
 use loren::curves::comparison_curves_svg;
 use loren::outputs::remove_stale;
 use loren::progress::Verbosity;
-use loren::rates::{choose_rates, rate_table};
+use loren::rates::{Diverged, choose_rates, rate_table};
 use loren::report::{
     comparison_table, growth_per_member, rate, seed_summaries, seed_summary_table,
 };
@@ -66,8 +66,9 @@ pub struct CompareArgs {
     /// Peak learning rates to try every method at (e.g. 3e-4,1e-3,3e-3), in place of --lr and
     /// --method-lr: each method trains at each rate, and the comparison shows it at the one its
     /// validation NLL picks: the lowest, then the next while that one is lower at every seed
-    /// (--seeds). The choice is printed first and written to DIR/rates.json; compare.json keeps
-    /// every run.
+    /// (--seeds). A rate whose loss stops being a number is recorded as diverged, below any
+    /// that did not. The choice is printed first and written to DIR/rates.json; compare.json
+    /// keeps every run that finished.
     #[arg(
         long,
         value_delimiter = ',',
@@ -137,6 +138,8 @@ pub fn compare(a: &CompareArgs, out_named: bool) -> Result<()> {
     }
     let mut results = Vec::new();
     let (runs, mut finished) = (plan.len(), Vec::new());
+    // In a rate sweep, a rate too high is an outcome: the rule ranks it below the rest.
+    let (sweep, mut diverged) = (!a.lrs.is_empty(), Vec::new());
     for Planned {
         method,
         members: m,
@@ -148,6 +151,22 @@ pub fn compare(a: &CompareArgs, out_named: bool) -> Result<()> {
         let (seed, lr) = (spec.train.seed, rate(spec.train.lr));
         let mut r = match run(&spec, &data, &backbone) {
             Ok(r) => r,
+            Err(e) if sweep && diverged_at(&e).is_some() => {
+                if a.common.verbosity() == Verbosity::Normal {
+                    loren::note!(
+                        "note: {method} (M={m}) at lr {lr}, seed {seed}: {}; the sweep counts it \
+                         worse than any rate that did not diverge",
+                        diverged_at(&e).unwrap_or_default()
+                    );
+                }
+                diverged.push(Diverged {
+                    method,
+                    members: m,
+                    seed,
+                    lr: spec.train.lr,
+                });
+                continue;
+            }
             Err(e) => {
                 note_stopped(&finished, runs, a.common.verbosity());
                 let what = format!("method {method} with {m} members, seed {seed}, lr {lr}");
@@ -177,7 +196,7 @@ pub fn compare(a: &CompareArgs, out_named: bool) -> Result<()> {
         remove_stale(&rates_json)?;
         Vec::new()
     } else {
-        let choices = choose_rates(&results)?;
+        let choices = choose_rates(&results, &diverged)?;
         write_atomic(
             &rates_json,
             serde_json::to_string_pretty(&choices)?.as_bytes(),
@@ -378,6 +397,17 @@ fn method_rates(entries: &[String], methods: &[Method]) -> Result<Vec<(Method, f
 
 /// Reports an earlier comparison left in `out` that this one does not rerun stay as they were;
 /// say so, so that the folder is not read as one comparison.
+/// What a run that diverged says of it ("training stopped: the loss is NaN at step 4"), or
+/// None for any other failure.
+fn diverged_at(e: &anyhow::Error) -> Option<String> {
+    match e.downcast_ref::<loren_nn::NnError>()? {
+        loren_nn::NnError::NonFinite { step, loss, .. } => {
+            Some(format!("the loss is {loss} at step {step}"))
+        }
+        _ => None,
+    }
+}
+
 /// What a comparison writes beside its runs' folders, each file describing all of them.
 const SUMMARIES: [&str; 4] = ["compare.json", "rates.json", "curves.svg", "summary.json"];
 
