@@ -254,12 +254,25 @@ pub fn training_line(r: &RunResult) -> String {
         r.train_seconds,
         r.eval_seconds
     );
-    val + &settings_line(&r.settings.train) + &cost
+    val + &settings_line(&r.settings.train, r.train.steps) + &cost
 }
 
-/// How the run trained: the learning rate (whose default depends on the method) and its
-/// schedule, the optimizer and the budget.
-fn settings_line(t: &TrainConfig) -> String {
+/// How the run trained, over its `steps`: the learning rate (whose default depends on the
+/// method) and its schedule as it ran, the optimizer and the budget.
+fn settings_line(t: &TrainConfig, steps: u64) -> String {
+    let warmup = t.warmup_steps;
+    let schedule = match warmup > steps {
+        // The schedule as asked would mislead: the rate never reached its peak or decayed.
+        true => {
+            let reached = steps.saturating_sub(u64::from(t.warmup_from_zero));
+            format!(
+                "{warmup} warmup steps cut short by the run's {steps} (the rate rose to {:.0}% \
+                 of it, no decay)",
+                100.0 * reached as f64 / warmup as f64
+            )
+        }
+        false => format!("{warmup} warmup steps, cosine to {}", rate(t.min_lr)),
+    };
     let optimizer = match t.optimizer {
         OptimizerKind::AdamW { weight_decay, .. } => format!("AdamW (weight decay {weight_decay})"),
         OptimizerKind::Sgd {
@@ -272,10 +285,8 @@ fn settings_line(t: &TrainConfig) -> String {
         .map(|c| format!(", gradients clipped at norm {c}"))
         .unwrap_or_default();
     format!(
-        "  trained: lr {}, {} warmup steps, cosine to {}; {optimizer}{clip}; {} epoch{} of batch {}\n",
+        "  trained: lr {}, {schedule}; {optimizer}{clip}; {} epoch{} of batch {}\n",
         rate(t.lr),
-        t.warmup_steps,
-        rate(t.min_lr),
         t.epochs,
         if t.epochs == 1 { "" } else { "s" },
         t.batch_size
@@ -636,6 +647,28 @@ pub fn seed_summary_table(summaries: &[SeedSummary]) -> String {
 mod tests {
     use super::*;
     use loren_nn::metrics::{CalibrationReport, TemperedReport};
+
+    /// The schedule is said as it ran: a run shorter than its warm-up never decayed, and its
+    /// rate rose only part of the way.
+    #[test]
+    fn the_settings_line_says_the_schedule_as_it_ran() {
+        let t = TrainConfig {
+            warmup_steps: 50,
+            min_lr: 1e-5,
+            epochs: 2,
+            ..TrainConfig::plain(32, 1e-3, Activations::Keep)
+        };
+        let whole = settings_line(&t, 500);
+        assert!(
+            whole.contains("lr 1e-3, 50 warmup steps, cosine to 1e-5;"),
+            "{whole}"
+        );
+        let short = settings_line(&t, 34);
+        let says = "lr 1e-3, 50 warmup steps cut short by the run's 34 (the rate rose to 68% of \
+                    it, no decay);";
+        assert!(short.contains(says), "{short}");
+        assert!(!short.contains("cosine"), "{short}");
+    }
 
     /// A report whose every figure is a different number.
     fn distinct_report() -> EvalReport {
