@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use loren::backbone::read_backbone;
+use loren::nn::NnError;
 use loren::nn::checkpoint::{self, TensorFile};
 use loren::nn::config::{EnsembleConfig, LoraConfig, Method, VitConfig};
 use loren::nn::data::{DataError, Dataset};
 use loren::nn::eval::predict;
-use loren::nn::train::{CheckpointSpec, Quiet, TrainConfig, Trainer};
+use loren::nn::train::{CheckpointSpec, EpochInfo, Observer, Quiet, TrainConfig, Trainer};
 use loren::nn::vit::Vit;
 use loren::tensor::{DeviceSpec, MemTag, Rng};
 use loren::{Ensemble, EnsembleError, InputError, PIXEL_RANGE};
@@ -133,6 +134,48 @@ fn a_run_resumes_on_the_backbone_it_trained_on() {
         .unwrap()
         .resume(&file)
         .unwrap();
+}
+
+/// A checkpoint that cannot be written at an epoch's end (a full disk, here a folder where its
+/// temporary file goes) stops training with the error and what was kept: the last good
+/// checkpoint, whole, which resumes.
+#[test]
+fn a_checkpoint_that_cannot_be_written_says_what_was_kept() {
+    struct BlockSecond(PathBuf);
+    impl Observer for BlockSecond {
+        fn epoch(&mut self, info: &EpochInfo) {
+            if info.epoch == 2 {
+                std::fs::create_dir_all(&self.0).unwrap();
+            }
+        }
+    }
+    let dir = temp_dir("not-saved");
+    let ckpt = dir.join("checkpoint.safetensors");
+    let data = arrays(24);
+    let three = TrainConfig {
+        epochs: 3,
+        ..config()
+    };
+    let spec = CheckpointSpec {
+        path: Some(ckpt.clone()),
+        ..Default::default()
+    };
+    let mut model = model();
+    let mut block = BlockSecond(dir.join("checkpoint.safetensors.tmp"));
+    let e = Trainer::new(&mut model, &three, data.len())
+        .unwrap()
+        .fit(&data, &spec, &mut block)
+        .unwrap_err();
+    assert!(matches!(e, NnError::NotSaved { .. }), "{e:?}");
+    let kept = format!("; the last good checkpoint is kept at {}", ckpt.display());
+    assert!(e.to_string().ends_with(&kept), "{e}");
+    let file = TensorFile::read(&ckpt).unwrap();
+    assert_eq!(file.meta("epoch").unwrap(), "1");
+    std::fs::remove_dir(dir.join("checkpoint.safetensors.tmp")).unwrap();
+    let mut model = self::model();
+    let mut trainer = Trainer::new(&mut model, &three, data.len()).unwrap();
+    trainer.resume(&file).unwrap();
+    trainer.fit(&data, &spec, &mut Quiet).unwrap();
 }
 
 /// Throughput counts the images trained on: a batch larger than the data is the data, once.

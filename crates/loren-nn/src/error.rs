@@ -26,6 +26,10 @@ pub enum NnError {
     /// The loss stopped being a number.
     #[error("training stopped: the loss is {loss} at step {step}{}", and_kept(.kept))]
     NonFinite { step: u64, loss: f32, kept: String },
+    /// The checkpoint at an epoch's end could not be written (a full disk): training stopped,
+    /// the file at its path left as it was.
+    #[error("{error}{}", and_kept(.kept))]
+    NotSaved { error: Box<NnError>, kept: String },
     /// The observer asked training to stop (Ctrl-C): it stopped after a whole step.
     #[error("training interrupted after step {step}{}", and_kept(.kept))]
     Interrupted { step: u64, kept: String },

@@ -525,7 +525,10 @@ impl<'m> Trainer<'m> {
                 Err(e) => return Err(e),
             }
             if let Some(path) = &ckpt.path {
-                self.save(path, &metadata)?;
+                self.save(path, &metadata).map_err(|e| NnError::NotSaved {
+                    error: Box::new(e),
+                    kept: kept(saved),
+                })?;
                 if !saved {
                     remove_files(&ckpt.replaces)?;
                 }
