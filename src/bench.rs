@@ -516,7 +516,7 @@ pub struct BenchRow {
     pub members: usize,
     pub batch: usize,
     pub rank: Option<usize>,
-    /// "ok", "oom" or "error".
+    /// "ok", "oom", "error" or "stopped" (not measured: Ctrl-C stopped the run before it).
     pub status: String,
     /// Why a row is oom or error.
     pub note: Option<String>,
@@ -1039,6 +1039,11 @@ impl BenchPlan<'_> {
                         rows.push(row);
                         continue;
                     }
+                    if crate::interrupt::requested() {
+                        row.status = "stopped".into();
+                        rows.push(row);
+                        continue;
+                    }
                     let device = crate::open_device(o.device)?;
                     let need = predicted_need(&model, &device);
                     row.predicted_need = need;
@@ -1255,10 +1260,10 @@ pub fn table(r: &BenchReport) -> String {
                 l.push(bytes(row.predicted_train_peak));
             }
             _ => {
-                let what = if row.status == "oom" {
-                    format!("OOM at M={}", row.members)
-                } else {
-                    "error".to_string()
+                let what = match row.status.as_str() {
+                    "oom" => format!("OOM at M={}", row.members),
+                    "stopped" => "stopped".to_string(),
+                    _ => "error".to_string(),
                 };
                 l.push(what);
                 l.extend(std::iter::repeat_n("-".to_string(), 3));

@@ -1,6 +1,6 @@
-//! Ctrl-C while training or scoring: the first asks the run to stop after its current step or
-//! batch, with a line saying which checkpoint resumes (or scores) it; a second does what Ctrl-C
-//! did before (by default, ends the process at once).
+//! Ctrl-C while training, scoring or measuring: the first asks the run to stop after its current
+//! step, batch or row, with a line saying which checkpoint resumes (or scores) it, or writing the
+//! rows measured; a second does what Ctrl-C did before (by default, ends the process at once).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -23,6 +23,12 @@ pub fn scoring_stop(kept: &str) -> loren_nn::Result<()> {
         false => Ok(()),
     }
 }
+
+/// A measuring command (bench, memprofile) that Ctrl-C stopped between rows, after writing and
+/// printing the rows it had: what the rest of its rows say.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped by Ctrl-C: the rows measured before it are written; the rest say `stopped`")]
+pub struct Stopped;
 
 /// While it lives, Ctrl-C asks training or scoring to stop (see [`requested`]); once pressed, or
 /// once the guard is dropped, Ctrl-C does again what it did before the guard: the default (ending

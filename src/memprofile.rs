@@ -99,7 +99,8 @@ pub struct ProfileRow {
     pub config: String,
     pub method: Method,
     pub members: usize,
-    /// "measured", "predicted" (not measured by choice), "oom" (predicted not to fit) or "error".
+    /// "measured", "predicted" (not measured by choice), "oom" (predicted not to fit), "error" or
+    /// "stopped" (not measured: Ctrl-C stopped the run before it).
     pub status: String,
     pub note: Option<String>,
     pub predicted: Peaks,
@@ -376,7 +377,9 @@ impl MemprofilePlan<'_> {
                         Some(list) => list.contains(&m),
                         None => measured_by_default(is_cpu, &vit.name, m),
                     };
-                    if want {
+                    if want && crate::interrupt::requested() {
+                        row.status = "stopped".into();
+                    } else if want {
                         let device = crate::open_device(o.device)?;
                         let need = predicted_need(&model, &device);
                         match budget.as_ref().filter(|b| need > b.bytes) {
@@ -627,6 +630,7 @@ pub fn table(r: &MemprofileReport) -> String {
             Some(m) => bytes(m.total),
             None if row.status == "oom" => format!("OOM at M={}", row.members),
             None if row.status == "error" => "error".into(),
+            None if row.status == "stopped" => "stopped".into(),
             None => "-".into(),
         });
         l.push(bytes(row.predicted.total));

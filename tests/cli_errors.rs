@@ -948,6 +948,70 @@ fn ctrl_c_stops_training_after_a_step_and_says_how_to_resume() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// Ctrl-C in `loren bench` stops it between rows: the rows measured are written and printed,
+/// the rest say `stopped`, and it exits as Ctrl-C ends a command.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_stops_a_bench_between_rows_and_keeps_the_rows_measured() {
+    use std::io::{BufRead, BufReader};
+    let dir = temp_dir("ctrl-c-bench");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_loren"))
+        .args(["bench", "--config", "tiny", "--members", "1,2,4,8,16,32"])
+        .args([
+            "--repeats",
+            "100",
+            "--warmup",
+            "0",
+            "--peak-size",
+            "128",
+            "--out",
+        ])
+        .arg(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the first row's figures are said, the second row is being measured.
+    let mut said = String::new();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        said += &line;
+        said.push('\n');
+        if line.contains("tiny lora M=1: step") {
+            break;
+        }
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    for line in lines {
+        said += &line.unwrap();
+        said.push('\n');
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{said}");
+    assert!(
+        said.contains("error: stopped by Ctrl-C: the rows measured"),
+        "{said}"
+    );
+    assert!(!said.contains("panicked"), "{said}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("bench.json")).unwrap()).unwrap();
+    let statuses: Vec<&str> = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses[0], "ok", "{statuses:?}");
+    assert_eq!(statuses.last(), Some(&"stopped"), "{statuses:?}");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("stopped"), "{table}");
+}
+
 #[cfg(unix)]
 #[test]
 fn ctrl_c_while_scoring_stops_and_names_the_checkpoint_to_score() {

@@ -112,12 +112,14 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             loren::note!("error: {e:#}");
+            let stopped = e.downcast_ref::<loren::interrupt::Stopped>().is_some();
             match e.downcast_ref::<loren_nn::NnError>() {
                 // 128 + SIGINT, as a shell reports a command Ctrl-C ended.
                 Some(
                     loren_nn::NnError::Interrupted { .. }
                     | loren_nn::NnError::EvalInterrupted { .. },
                 ) => ExitCode::from(130),
+                _ if stopped => ExitCode::from(130),
                 _ => ExitCode::FAILURE,
             }
         }
@@ -142,7 +144,7 @@ trait Measured {
     /// Its JSON, SVG and Markdown files in `dir`.
     fn write(&self, dir: &std::path::Path) -> anyhow::Result<[std::path::PathBuf; 3]>;
     fn table(&self) -> String;
-    /// Each row's status: ok, oom, predicted or error.
+    /// Each row's status: ok, measured, oom, predicted, error or stopped.
     fn statuses(&self) -> Vec<&str>;
 }
 
@@ -160,11 +162,14 @@ fn measure_into<R: Measured>(
     let out = args::out_dir(out, out_named, quiet)?;
     loren::outputs::writable_dir(&out.path, "--out")?;
     out.say_where();
+    // Ctrl-C stops the measuring between rows; what was measured is written and printed.
+    let ctrl_c = loren::interrupt::Guard::install();
     let report = measure(&mut |what| {
         if !quiet {
             progress(what);
         }
     })?;
+    drop(ctrl_c);
     // Written before the table is printed: a reader that stops early (| head) loses nothing.
     let [json, svg, md] = report.write(&out.path)?;
     say(format_args!("{}", report.table()))?;
@@ -174,6 +179,9 @@ fn measure_into<R: Measured>(
         svg.display(),
         md.display()
     ))?;
+    if report.statuses().contains(&"stopped") {
+        return Err(loren::interrupt::Stopped.into());
+    }
     fail_on_errors(report.statuses().into_iter())
 }
 
