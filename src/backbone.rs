@@ -194,6 +194,14 @@ pub enum BackboneError {
     /// The reason is in the message, not a `source`: printed as a chain it would show twice.
     #[error("importing the backbone for config '{config}': {reason}")]
     Import { config: String, reason: NnError },
+    /// A file of loren's own that is not a backbone: an exported ensemble or a training
+    /// checkpoint, given where the frozen weights go.
+    #[error("{}: {what}, not a backbone: {advice}", path.display())]
+    NotABackbone {
+        path: PathBuf,
+        what: &'static str,
+        advice: &'static str,
+    },
 }
 
 /// Read a backbone file in any naming scheme and convert it for `vit`. A scheme whose library
@@ -202,6 +210,25 @@ pub enum BackboneError {
 /// 1e-6.
 pub fn read_backbone(path: &Path, vit: &VitConfig) -> Result<Imported, BackboneError> {
     let file = TensorFile::read(path).map_err(BackboneError::Read)?;
+    let not_one = match file.metadata().get("format").map(String::as_str) {
+        Some(crate::ensemble::FORMAT) => Some((
+            "an exported ensemble",
+            "it holds its own backbone (loren predict --model and loren eval --checkpoint read \
+             it); give the backbone it was trained from",
+        )),
+        Some(loren_nn::train::FORMAT) => Some((
+            "a training checkpoint",
+            "give the backbone it was trained from (its `backbone` metadata names it)",
+        )),
+        _ => None,
+    };
+    if let Some((what, advice)) = not_one {
+        return Err(BackboneError::NotABackbone {
+            path: path.to_path_buf(),
+            what,
+            advice,
+        });
+    }
     import_backbone(file, vit).map_err(|reason| BackboneError::Import {
         config: vit.name.clone(),
         reason,
@@ -273,6 +300,33 @@ fn bundled_or_pretrained(vit: &VitConfig, data: &Splits, verbosity: Verbosity) -
 mod tests {
     use super::*;
     use crate::dataset::{DataSource, Normalize};
+
+    /// loren's own files that are not backbones are named as what they are, with what to give.
+    #[test]
+    fn an_export_or_a_checkpoint_given_as_a_backbone_is_named_as_such() {
+        let dir = std::env::temp_dir().join(format!("loren-not-backbone-{}", std::process::id()));
+        let entry = loren_nn::checkpoint::Entry {
+            shape: vec![1],
+            data: vec![0.0],
+        };
+        for (format, is) in [
+            (
+                crate::ensemble::FORMAT,
+                "an exported ensemble, not a backbone",
+            ),
+            (
+                loren_nn::train::FORMAT,
+                "a training checkpoint, not a backbone",
+            ),
+        ] {
+            let path = dir.join(format!("{format}.safetensors"));
+            let meta = HashMap::from([("format".to_string(), format.to_string())]);
+            loren_nn::checkpoint::write(&path, &[("w".into(), entry.clone())], meta).unwrap();
+            let e = read_backbone(&path, &VitConfig::tiny()).unwrap_err();
+            assert!(matches!(e, BackboneError::NotABackbone { .. }), "{e:?}");
+            assert!(e.to_string().contains(is), "{e}");
+        }
+    }
 
     /// A caller tells a file it cannot read from weights of another model by the variant.
     #[test]
