@@ -351,13 +351,15 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
         };
         if spec.verbosity == Verbosity::Normal {
             // The first line of a log, and what a slow first step is slow at.
+            let steps = trainer.total_steps() / spec.train.epochs.max(1) as u64;
             crate::note!(
-                "{label}: M={} on {device}, {} training images, {} epoch{} of {} steps (batch {})",
+                "{label}: M={} on {device}, {} training images, {} epoch{} of {steps} step{} \
+                 (batch {})",
                 ens.members,
                 data.train.len(),
                 spec.train.epochs,
                 if spec.train.epochs == 1 { "" } else { "s" },
-                trainer.total_steps() / spec.train.epochs.max(1) as u64,
+                if steps == 1 { "" } else { "s" },
                 spec.train.batch_size
             );
             if spec.train.warmup_steps > trainer.total_steps() {

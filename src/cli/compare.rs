@@ -169,7 +169,7 @@ pub fn compare(a: &CompareArgs, out_named: bool) -> Result<()> {
             }
             Err(e) => {
                 note_stopped(&finished, runs, a.common.verbosity());
-                let what = format!("method {method} with {m} members, seed {seed}, lr {lr}");
+                let what = format!("method {method} (M={m}), seed {seed}, lr {lr}");
                 return Err(e.context(what));
             }
         };

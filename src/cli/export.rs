@@ -30,7 +30,7 @@ pub fn export(a: &ExportArgs) -> Result<()> {
     writable_file(&a.out, "--out")?;
     let s = write_export(&a.checkpoint, a.backbone.as_deref(), &a.out)?;
     say(format_args!(
-        "wrote {}: {} ensemble of {} members, {} classes; {} tensors, {:.1} MB \
+        "wrote {}: {} ensemble of M={}, {} classes; {} tensors, {:.1} MB \
          (read it with loren::Ensemble::load)\n",
         s.path.display(),
         s.method,

@@ -248,8 +248,9 @@ fn class_folders(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
         return Err(DataError::BadFile {
             path: dir.to_path_buf(),
             msg: format!(
-                "{} class subfolders; an image folder needs at least 2 (DIR/CLASS/IMAGE.png or .jpg)",
-                classes.len()
+                "{} class subfolder{}; an image folder needs at least 2 (DIR/CLASS/IMAGE.png or .jpg)",
+                classes.len(),
+                if classes.len() == 1 { "" } else { "s" }
             ),
         });
     }
@@ -1152,7 +1153,7 @@ mod tests {
         assert!(e.contains("absent") && e.contains("cannot read"), "{e}");
         fs::create_dir_all(dir.join("only")).unwrap();
         let e = err();
-        assert!(e.contains("1 class subfolders"), "{e}");
+        assert!(e.contains("1 class subfolder;"), "{e}");
         fs::create_dir_all(dir.join("second")).unwrap();
         write_png(
             &dir.join("only/a.png"),
