@@ -11,7 +11,9 @@ use loren::nn::checkpoint::{self, TensorFile};
 use loren::nn::config::{EnsembleConfig, LoraConfig, Method, VitConfig};
 use loren::nn::data::{DataError, Dataset};
 use loren::nn::eval::predict;
-use loren::nn::train::{CheckpointSpec, EpochInfo, Observer, Quiet, TrainConfig, Trainer};
+use loren::nn::train::{
+    CheckpointSpec, EpochInfo, Observer, Quiet, StepInfo, TrainConfig, Trainer,
+};
 use loren::nn::vit::Vit;
 use loren::tensor::{DeviceSpec, MemTag, Rng};
 use loren::{Ensemble, EnsembleError, InputError, PIXEL_RANGE};
@@ -176,6 +178,67 @@ fn a_checkpoint_that_cannot_be_written_says_what_was_kept() {
     let mut trainer = Trainer::new(&mut model, &three, data.len()).unwrap();
     trainer.resume(&file).unwrap();
     trainer.fit(&data, &spec, &mut Quiet).unwrap();
+}
+
+/// A trainer runs and saves epochs whole: one stopped inside an epoch, or stepped by hand, is
+/// told to resume from its checkpoint; a stop asked for in an epoch's last step keeps the epoch.
+#[test]
+fn a_trainer_runs_and_saves_whole_epochs_only() {
+    struct StopAt(u64);
+    impl Observer for StopAt {
+        fn step(&mut self, _: &StepInfo) {
+            self.0 = self.0.saturating_sub(1);
+        }
+        fn stop_requested(&self) -> bool {
+            self.0 == 0
+        }
+    }
+    let dir = temp_dir("whole-epochs");
+    let ckpt = dir.join("checkpoint.safetensors");
+    let data = arrays(24);
+    let three = TrainConfig {
+        epochs: 3,
+        ..config()
+    };
+    let spec = CheckpointSpec {
+        path: Some(ckpt.clone()),
+        ..Default::default()
+    };
+    // 3 steps an epoch: stopped after the 2nd, inside the first epoch.
+    let mut model = model();
+    let mut trainer = Trainer::new(&mut model, &three, data.len()).unwrap();
+    let e = trainer.fit(&data, &spec, &mut StopAt(2)).unwrap_err();
+    assert!(matches!(e, NnError::Interrupted { step: 2, .. }), "{e:?}");
+    let e = trainer
+        .fit(&data, &spec, &mut Quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("at step 2, inside epoch 1 (which began at step 0)"),
+        "{e}"
+    );
+    assert!(e.contains("resume it from its last checkpoint"), "{e}");
+    let e = trainer.save(&ckpt, &Default::default()).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("a checkpoint is written at an epoch's end"),
+        "{e}"
+    );
+    // Stepped by hand: the same.
+    let mut model = self::model();
+    let mut trainer = Trainer::new(&mut model, &three, data.len()).unwrap();
+    trainer.step(&data.batch(&[0, 1, 2, 3], None)).unwrap();
+    let e = trainer
+        .run_epoch(&data, &mut Quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("at step 1, inside epoch 1"), "{e}");
+    // A stop in the 3rd step, the first epoch's last: the epoch ends and is saved first.
+    let mut model = self::model();
+    let mut trainer = Trainer::new(&mut model, &three, data.len()).unwrap();
+    let e = trainer.fit(&data, &spec, &mut StopAt(3)).unwrap_err();
+    assert!(matches!(e, NnError::Interrupted { step: 3, .. }), "{e:?}");
+    assert_eq!(TensorFile::read(&ckpt).unwrap().meta("epoch").unwrap(), "1");
 }
 
 /// Throughput counts the images trained on: a batch larger than the data is the data, once.

@@ -375,8 +375,10 @@ impl<'m> Trainer<'m> {
         }
     }
 
-    /// Run one epoch over `data` in its seeded order.
+    /// Run one epoch over `data` in its seeded order. A stop the observer asks for during the
+    /// epoch's last step lets the epoch end: it is whole, and its checkpoint worth writing.
     pub fn run_epoch(&mut self, data: &Dataset, observer: &mut dyn Observer) -> Result<EpochInfo> {
+        self.check_at_epoch_end("an epoch runs from its start")?;
         self.check_epoch_data(data)?;
         let start = Instant::now();
         let order = if self.config.shuffle {
@@ -403,7 +405,8 @@ impl<'m> Trainer<'m> {
             };
             let depth = crate::data::prefetch::DEPTH;
             let mut made = crate::data::prefetch::prefetch(scope, chunks.len(), depth, make);
-            for idx in chunks {
+            let last = chunks.len().saturating_sub(1);
+            for (i, idx) in chunks.iter().enumerate() {
                 // The step's time includes any wait for its batch.
                 let t0 = Instant::now();
                 let (batch, images) = made.next().expect("one batch per chunk");
@@ -420,7 +423,7 @@ impl<'m> Trainer<'m> {
                     images: idx.len(),
                     seconds: t0.elapsed().as_secs_f64(),
                 });
-                if observer.stop_requested() {
+                if observer.stop_requested() && i < last {
                     return Err(NnError::Interrupted {
                         step: self.step,
                         kept: String::new(),
@@ -556,8 +559,12 @@ impl<'m> Trainer<'m> {
         })
     }
 
-    /// Write the trainable tensors, the optimizer state and the position in training.
+    /// Write the trainable tensors, the optimizer state and the position in training: an
+    /// epoch's end, where a resumed run starts.
     pub fn save(&self, path: &Path, extra: &HashMap<String, String>) -> Result<()> {
+        self.check_at_epoch_end(
+            "a checkpoint is written at an epoch's end, where a resumed run starts",
+        )?;
         let mut tensors = self.model.tensors(|_, trainable| trainable)?;
         for (id, st) in self.optimizer.state() {
             let name = self.model.params().param(*id).name().to_string();
@@ -634,6 +641,24 @@ impl<'m> Trainer<'m> {
 }
 
 impl Trainer<'_> {
+    /// This trainer is at an epoch's end: an epoch's order, augmentation and schedule are the
+    /// epoch's own, so an epoch begun again from inside, or a checkpoint of no epoch's end, would
+    /// train otherwise than the run did.
+    fn check_at_epoch_end(&self, what: &str) -> Result<()> {
+        let began = self.epoch as u64 * self.steps_per_epoch;
+        if self.step == began {
+            return Ok(());
+        }
+        Err(NnError::Config(format!(
+            "{what}, and this trainer is at step {}, inside epoch {} (which began at step \
+             {began}): stopped inside an epoch (Ctrl-C, a loss that was not finite) or stepped by \
+             hand (Trainer::step), it is at no epoch's end; make a new Trainer and resume it from \
+             its last checkpoint (Trainer::resume)",
+            self.step,
+            self.epoch + 1
+        )))
+    }
+
     /// A frozen backbone is the one the saved run trained on, where it recorded one: its
     /// adapters mean nothing on other weights, and the next save would record these.
     fn check_same_backbone(&self, file: &TensorFile) -> Result<()> {
