@@ -12,7 +12,7 @@ use loren::nn::config::{EnsembleConfig, LoraConfig, Method, VitConfig};
 use loren::nn::data::{DataError, Dataset};
 use loren::nn::eval::predict;
 use loren::nn::train::{
-    CheckpointSpec, EpochInfo, Observer, Quiet, StepInfo, TrainConfig, Trainer,
+    CheckpointSpec, EpochInfo, Observer, Quiet, StepInfo, TrainConfig, Trainer, input_metadata,
 };
 use loren::nn::vit::Vit;
 use loren::tensor::{DeviceSpec, MemTag, Rng};
@@ -239,6 +239,29 @@ fn a_trainer_runs_and_saves_whole_epochs_only() {
     let e = trainer.fit(&data, &spec, &mut StopAt(3)).unwrap_err();
     assert!(matches!(e, NnError::Interrupted { step: 3, .. }), "{e:?}");
     assert_eq!(TensorFile::read(&ckpt).unwrap().meta("epoch").unwrap(), "1");
+}
+
+/// A program that runs its epochs itself and saves with `input_metadata` writes a checkpoint
+/// `Ensemble::load` reads, predicting as the model it saved.
+#[test]
+fn a_checkpoint_saved_by_hand_with_its_input_metadata_loads_as_an_ensemble() {
+    let data = arrays(24);
+    let mut model = model();
+    let path = temp_dir("saved-by-hand").join("checkpoint.safetensors");
+    {
+        let mut trainer = Trainer::new(&mut model, &config(), data.len()).unwrap();
+        trainer.run_epoch(&data, &mut Quiet).unwrap();
+        let extra = input_metadata(&data).into_iter().collect();
+        trainer.save(&path, &extra).unwrap();
+    }
+    let loaded = Ensemble::load(&path, DeviceSpec::Cpu).unwrap();
+    assert_eq!(loaded.class_names(), NAMES);
+    let here = Ensemble::from_trained(model, &data).unwrap();
+    let pixels = arrays(5).images.to_f32().into_owned();
+    assert_eq!(
+        loaded.predict_pixels(&pixels, 5).unwrap(),
+        here.predict_pixels(&pixels, 5).unwrap()
+    );
 }
 
 /// Throughput counts the images trained on: a batch larger than the data is the data, once.
@@ -472,6 +495,14 @@ fn fit_refuses_data_its_trainer_was_not_made_for() {
     assert!(e.contains("norm"), "{e}");
     let e = predict(&model, &three_channels(8), 8, &mut |_| Ok(())).unwrap_err();
     assert!(format!("{e:#}").contains("takes 1"), "{e:#}");
+    // Images of other classes are predicted: an out-of-distribution set's labels are its own.
+    let mut four = arrays(8);
+    four.classes = 4;
+    four.class_names.push("fox".into());
+    assert_eq!(
+        predict(&model, &four, 8, &mut |_| Ok(())).unwrap().classes,
+        3
+    );
 }
 
 /// A program that trained an ensemble predicts with it as it is, with no file between, as the

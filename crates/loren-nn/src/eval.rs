@@ -27,7 +27,7 @@ pub fn predict(
     batch_size: usize,
     progress: &mut dyn FnMut(usize) -> Result<()>,
 ) -> Result<Predictions> {
-    model.check_data(data)?;
+    model.check_data_images(data)?;
     let (m, n, c) = (model.members(), data.len(), model.ensemble.classes);
     let mut probs = vec![0.0f32; m * n * c];
     let order: Vec<usize> = (0..n).collect();

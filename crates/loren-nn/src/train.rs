@@ -560,7 +560,8 @@ impl<'m> Trainer<'m> {
     }
 
     /// Write the trainable tensors, the optimizer state and the position in training: an
-    /// epoch's end, where a resumed run starts.
+    /// epoch's end, where a resumed run starts. `extra` is added to the metadata; with
+    /// [`input_metadata`] of the training data in it, `loren::Ensemble::load` reads the file.
     pub fn save(&self, path: &Path, extra: &HashMap<String, String>) -> Result<()> {
         self.check_at_epoch_end(
             "a checkpoint is written at an epoch's end, where a resumed run starts",
@@ -725,7 +726,10 @@ fn remove_files(files: &[PathBuf]) -> Result<()> {
 /// its images need and its classes' names, each as JSON, as an exported ensemble keeps them.
 pub const INPUT_KEYS: [&str; 3] = ["norm_mean", "norm_std", "class_names"];
 
-fn input_metadata(data: &Dataset) -> [(String, String); 3] {
+/// [`INPUT_KEYS`] for `data`: what [`Trainer::fit`] adds to its checkpoints' metadata, for a
+/// program that calls [`Trainer::save`] itself (`extra`) to give `loren::Ensemble::load` what it
+/// needs to scale inputs and name classes.
+pub fn input_metadata(data: &Dataset) -> [(String, String); 3] {
     let [mean, std, names] = INPUT_KEYS.map(String::from);
     [
         (mean, json(&data.norm_mean)),

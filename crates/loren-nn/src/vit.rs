@@ -525,10 +525,26 @@ impl Vit {
             .collect()
     }
 
-    /// Whether `data` is what this model takes, before any batch of it is made: its own
-    /// invariants (its fields are public), then the model's channels, image size (as
-    /// [`Dataset::batch`] makes them) and classes. Training, scoring and serving check alike.
+    /// Whether `data` is what this model trains on or is scored against, before any batch of it
+    /// is made: [`Vit::check_data_images`], and the model's classes. Training and serving check
+    /// alike.
     pub fn check_data(&self, data: &Dataset) -> Result<(), DataError> {
+        self.check_data_images(data)?;
+        if data.classes != self.ensemble.classes {
+            return Err(DataError::ModelClasses {
+                name: data.name.clone(),
+                model: self.config.name.clone(),
+                expected: self.ensemble.classes,
+                found: data.classes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether this model can predict on `data`'s images: the data's own invariants (its fields
+    /// are public), then the model's channels and image size (as [`Dataset::batch`] makes them).
+    /// Its classes may be others: an out-of-distribution set is scored for detection alone.
+    pub fn check_data_images(&self, data: &Dataset) -> Result<(), DataError> {
         data.validate()?;
         let (c, name) = (&self.config, || data.name.clone());
         let model = || c.name.clone();
@@ -547,14 +563,6 @@ impl Vit {
                 model: model(),
                 expected: [c.image_size; 2],
                 found: [h, w],
-            });
-        }
-        if data.classes != self.ensemble.classes {
-            return Err(DataError::ModelClasses {
-                name: name(),
-                model: model(),
-                expected: self.ensemble.classes,
-                found: data.classes,
             });
         }
         Ok(())
