@@ -63,8 +63,9 @@ flags=(-std=c++20 -O2 -fPIC -shared -pthread -w -D__CUDA_ARCH_FEAT_SM90_ALL)
 echo "emulated-gpu: built $build/libcuda.so and $build/libcublas.so ($(wc -l <"$build/entries.inc") kernels)"
 
 export LD_LIBRARY_PATH="$PWD/$build${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-# A test that finds no usable GPU fails instead of passing as skipped.
-export LOREN_REQUIRE_GPU=1
+# A test that finds no usable GPU fails instead of passing as skipped; one that needs the
+# emulator itself (its compute capability set by LOREN_FAKE_CC) knows it is there.
+export LOREN_REQUIRE_GPU=1 LOREN_EMULATED_GPU=1
 # The crates' suites build with the package selection scripts/test.sh builds the workspace's
 # tests with (features are unified over it), so that they reuse that build instead of making
 # another.
@@ -83,6 +84,7 @@ for suite in ${suites//,/ }; do
         recompute-lora) others recompute on_a_gpu_lora "$@" ;;
         memprofile)
             others memprofile on_a_gpu "$@"
+            others memprofile on_the_emulated_gpu "$@"
             cargo test --workspace --exclude loren-kernels --lib "$@" -- --test-threads=1 memory_model::each_op::on_a_gpu
             ;;
         hopper)

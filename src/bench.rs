@@ -664,9 +664,11 @@ fn check_peak_size(device: &Device, n: usize, budget: Option<&Budget>) -> Result
             // A suggestion only where one fits: a budget under one element's buffers has none.
             let fits = (b.bytes as f64 / elem).sqrt() as usize;
             let advice = match fits {
+                0 => "raise --memory-budget".to_string(),
                 n if n < PEAK_SIZE_FULL => format!(
                     "raise --memory-budget (a peak GEMM needs a side of {PEAK_SIZE_FULL} to \
-                     reach the device's rate)"
+                     reach the device's rate), or pass --peak-size {n} or less for a quick check \
+                     whose MFU overstates"
                 ),
                 n => format!("pass --peak-size {n} or less"),
             };
@@ -1486,16 +1488,22 @@ mod tests {
             "{e}"
         );
         assert!(check_peak_size(&cpu, 2000, Some(&budget(48_000_000))).is_ok());
-        // None that fits reaches the device's rate (1200 bytes hold a 10x10 one): no size to
-        // suggest.
-        for none in [0, 1200] {
-            let e = check_peak_size(&cpu, 4096, Some(&budget(none)))
-                .unwrap_err()
-                .to_string();
-            assert!(
-                e.contains("raise --memory-budget") && !e.contains("or less"),
-                "{e}"
-            );
-        }
+        // None that fits reaches the device's rate (1200 bytes hold a 10x10 one): more budget
+        // first, the size that fits for a quick check; with no budget, no size.
+        let e = check_peak_size(&cpu, 4096, Some(&budget(1200)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("raise --memory-budget (a peak GEMM needs a side of 1024"),
+            "{e}"
+        );
+        assert!(
+            e.contains("or pass --peak-size 10 or less for a quick check"),
+            "{e}"
+        );
+        let e = check_peak_size(&cpu, 4096, Some(&budget(0)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.ends_with("raise --memory-budget"), "{e}");
     }
 }

@@ -177,7 +177,13 @@ pub enum EnsembleError {
     /// A file that cannot be read, or holds no ensemble loren can use: the ensemble or
     /// checkpoint named, or the backbone it records or was given. The message names the file.
     #[error("{message}")]
-    File { path: PathBuf, message: String },
+    File {
+        path: PathBuf,
+        message: String,
+        /// Where the file could not be read, the I/O error's kind (`NotFound`, say, for a
+        /// server to answer as a missing model); None where it was read and is not usable.
+        io: Option<std::io::ErrorKind>,
+    },
     /// Where [`export`] was to write: a file it must not replace, or one it could not write.
     #[error("{message}")]
     Output { path: PathBuf, message: String },
@@ -209,9 +215,11 @@ impl EnsembleError {
     }
 
     /// `error` about `path`, its message naming the file where the chain does not already.
-    fn file(path: &Path, error: impl std::fmt::Display) -> Self {
+    fn file(path: &Path, error: impl Into<anyhow::Error>) -> Self {
+        let error: anyhow::Error = error.into();
         let (shown, message) = (path.display().to_string(), format!("{error:#}"));
         EnsembleError::File {
+            io: error.chain().find_map(io_kind),
             path: path.to_path_buf(),
             message: match message.contains(&shown) {
                 true => message,
@@ -271,6 +279,18 @@ impl std::error::Error for FromTrainedError {
 impl From<FromTrainedError> for EnsembleError {
     fn from(e: FromTrainedError) -> Self {
         e.error
+    }
+}
+
+/// The kind of the I/O error `e` is or holds, as loren's errors keep it.
+fn io_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    match (
+        e.downcast_ref::<std::io::Error>(),
+        e.downcast_ref::<NnError>(),
+    ) {
+        (Some(io), _) => Some(io.kind()),
+        (_, Some(NnError::Io { reason, .. })) => Some(reason.kind()),
+        _ => None,
     }
 }
 
@@ -353,8 +373,10 @@ impl Ensemble {
         if path.is_dir() {
             return Err(EnsembleError::file(
                 path,
-                "a folder with no checkpoint.safetensors in it (name the run's folder, its \
-                 checkpoint, or a file loren export wrote)",
+                anyhow::anyhow!(
+                    "a folder with no checkpoint.safetensors in it (name the run's folder, its \
+                     checkpoint, or a file loren export wrote)"
+                ),
             ));
         }
         let file = TensorFile::read(path).map_err(|e| EnsembleError::file(path, e))?;

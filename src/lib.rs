@@ -36,13 +36,16 @@ pub mod report;
 pub mod run;
 
 /// `spec` opened as the `loren` commands open it: where `auto` takes the CPU beside a GPU it
-/// cannot use, a note says why, once a process (a comparison opens its device for every run).
+/// cannot use, a warning says why, once a process (a comparison opens its device for every run),
+/// even under --quiet: the run is many times slower than its user expects.
 pub fn open_device(spec: tensor::DeviceSpec) -> tensor::Result<tensor::Device> {
     static SAID: std::sync::Once = std::sync::Once::new();
     let (device, why) = spec.open_explained()?;
     if let Some(why) = why {
         SAID.call_once(|| {
-            note!("--device auto: running on the CPU, as the GPU here cannot be used: {why}")
+            note!(
+                "warning: --device auto: running on the CPU, as the GPU here cannot be used: {why}"
+            )
         });
     }
     Ok(device)

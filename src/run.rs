@@ -13,8 +13,7 @@ use loren_nn::eval::{EvalOptions, EvalReport, ScoredSet, eval_images, evaluate, 
 use loren_nn::memory_model;
 use loren_nn::metrics::{Predictions, calibration, fit_temperature};
 use loren_nn::train::{
-    CheckpointSpec, EpochVal, TrainConfig, TrainSummary, Trainer, check_backbone, check_format,
-    check_resumable,
+    CheckpointSpec, EpochVal, TrainConfig, TrainSummary, Trainer, check_format, check_resumable,
 };
 use loren_nn::vit::{Vit, fine_tune_seed};
 use loren_tensor::{Device, DeviceSpec, MemTag, MemoryReport};
@@ -143,17 +142,32 @@ fn replaced_by(checkpoint: &Path, resumed: Option<&Path>) -> Vec<PathBuf> {
             m.get("format")
                 .is_some_and(|f| f == loren_nn::train::FORMAT)
         });
-        let resume = match resumable {
-            true => format!("; --resume {} continues it", checkpoint.display()),
-            false => String::new(),
+        let (what, resume) = match resumable {
+            true => (
+                "an earlier run",
+                format!("; --resume {} continues it", checkpoint.display()),
+            ),
+            false => (
+                "a file at its checkpoint's place that is no training checkpoint",
+                String::new(),
+            ),
         };
         crate::note!(
-            "{} holds an earlier run: this one replaces it when its first epoch ends (--out DIR \
-             keeps both{resume})",
+            "{} holds {what}: this run replaces it when its first epoch ends (--out DIR keeps \
+             both{resume})",
             dir.display(),
         );
     }
     RUN_FILES.map(|name| dir.join(name)).to_vec()
+}
+
+/// What a run stopped after training keeps: its checkpoint, whole, and the command that scores
+/// it.
+pub fn scored_again(checkpoint: &Path) -> String {
+    format!(
+        "the trained checkpoint {0} is whole, and `loren eval --checkpoint {0}` scores it",
+        checkpoint.display()
+    )
 }
 
 /// The files beside a run's checkpoint: `train`'s, and `loren eval`'s, which scored it.
@@ -308,8 +322,6 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
         .context("loading the backbone")?;
     let label = ens.method.name();
 
-    // Only frozen weights come from the backbone after a resume: the others are the checkpoint's.
-    let frozen_backbone = model.params().iter().any(|(_, p)| !p.trainable());
     let t0 = Instant::now();
     device.memory().reset_peaks();
     // Training and the evaluation after it both stop at Ctrl-C, each after a whole step or batch.
@@ -323,11 +335,9 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
     let summary = {
         let mut trainer = Trainer::new(&mut model, &spec.train, data.train.len())?;
         if let Some(file) = spec.resume.as_deref() {
-            // check_resume said so already (with its note); this keeps run() safe for any caller.
+            // check_resume said so already (with its note); this keeps run() safe for any caller
+            // (resume checks the backbone itself).
             check_same_data(file, &data_metadata, Verbosity::Quiet)?;
-            if frozen_backbone {
-                check_backbone(file, backbone)?;
-            }
             trainer.resume(file)?;
             let saved: TrainConfig = file.meta_json("train")?;
             if saved.epochs < spec.train.epochs && spec.verbosity == Verbosity::Normal {
@@ -391,13 +401,10 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
     let train_seconds = t0.elapsed().as_secs_f64() - summary.validation_seconds;
 
     let held_out = data.held_out.as_ref();
-    let kept = spec.checkpoint.as_deref().map_or_else(String::new, |c| {
-        format!(
-            "the trained checkpoint {} is whole, and `loren eval --checkpoint {}` scores it",
-            c.display(),
-            c.display()
-        )
-    });
+    let kept = spec
+        .checkpoint
+        .as_deref()
+        .map_or_else(String::new, scored_again);
     // The last epoch, when it was scored, was scored on the trained model.
     let last_scored = summary.epochs.last().and_then(|e| e.val);
     let mut validation_seconds = summary.validation_seconds;

@@ -500,20 +500,28 @@ fn a_comparison_stopped_part_way_leaves_no_summary_that_disagrees_with_its_runs(
 #[test]
 fn a_rate_that_diverges_is_recorded_and_never_picked() {
     let out = fresh_dir("diverged");
-    let run = Command::new(env!("CARGO_BIN_EXE_loren"))
-        .args(["compare", "--methods", "single", "--lrs", "1e-3,1e4"])
-        .args([
-            "--grad-clip",
-            "0",
-            "--epochs",
-            "1",
-            "--no-shift",
-            "--no-ood",
-        ])
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .expect("the loren binary runs");
+    // An earlier run's report where the diverged one would write: it no longer stands for it.
+    let stale = out.join("single-lr1e4");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("report.json"), b"{}").unwrap();
+    let quick = [
+        "--grad-clip",
+        "0",
+        "--epochs",
+        "1",
+        "--no-shift",
+        "--no-ood",
+    ];
+    let sweep = |lrs: &str, out: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_loren"))
+            .args(["compare", "--methods", "single", "--lrs", lrs])
+            .args(quick)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .expect("the loren binary runs")
+    };
+    let run = sweep("1e-3,1e4", &out);
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{err}");
     assert!(
@@ -529,26 +537,18 @@ fn a_rate_that_diverges_is_recorded_and_never_picked() {
     assert!(trials[0]["val_nll"][0].as_f64().unwrap() > 0.0, "{rates}");
     assert_eq!(trials[0]["picked"], Value::Bool(true), "{rates}");
     assert!(out.join("single-lr1e-3").join("report.json").exists());
-    assert!(!out.join("single-lr1e4").exists());
-    // A sweep whose lowest rate diverged, and nothing above it did better, is refused.
-    let run = Command::new(env!("CARGO_BIN_EXE_loren"))
-        .args(["compare", "--methods", "single", "--lrs", "1e4,1e5"])
-        .args([
-            "--grad-clip",
-            "0",
-            "--epochs",
-            "1",
-            "--no-shift",
-            "--no-ood",
-        ])
-        .arg("--out")
-        .arg(fresh_dir("all-diverged"))
-        .output()
-        .expect("the loren binary runs");
+    assert!(!stale.join("report.json").exists());
+    // A sweep whose lowest rate diverged, and nothing above it did better, is refused, and
+    // writes no summary.
+    let refused = fresh_dir("all-diverged");
+    let run = sweep("1e4,1e5", &refused);
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success(), "{err}");
     assert!(
         err.contains("diverged at its lowest rate, lr 1e4 (seed 0)"),
         "{err}"
     );
+    for summary in ["compare.json", "rates.json", "curves.svg"] {
+        assert!(!refused.join(summary).exists(), "{summary}");
+    }
 }

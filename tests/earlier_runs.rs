@@ -1275,6 +1275,9 @@ fn a_file_that_is_no_checkpoint_is_replaced_without_an_offer_to_resume_it() {
     args.extend(RUN);
     let (ok, _, err) = loren(&args);
     assert!(ok, "{err}");
-    assert!(err.contains("holds an earlier run"), "{err}");
+    assert!(
+        err.contains("holds a file at its checkpoint's place that is no training checkpoint"),
+        "{err}"
+    );
     assert!(!err.contains("--resume"), "{err}");
 }

@@ -110,7 +110,7 @@ fn a_run_resumes_on_the_backbone_it_trained_on() {
     let ours = model();
     let mut random = Vit::new(&ours.config, &ours.ensemble, ours.device(), 1).unwrap();
     let e = refusal(&mut random);
-    assert!(e.contains("this model's was not loaded from a file"), "{e}");
+    assert!(e.contains("the model's was not loaded from a file"), "{e}");
     // The backbone with one weight changed.
     let mut changed = model();
     let ours = read_backbone(&backbone_path(), &changed.config)
@@ -126,10 +126,21 @@ fn a_run_resumes_on_the_backbone_it_trained_on() {
     changed.load_backbone(&other).unwrap();
     let e = refusal(&mut changed);
     assert!(
-        e.contains("trained on a frozen backbone with fingerprint"),
+        e.contains("trained from a backbone with fingerprint"),
         "{e}"
     );
-    assert!(e.contains("backbone.safetensors, has "), "{e}");
+    assert!(e.contains("other/backbone.safetensors has "), "{e}");
+    // Epochs of another length than it saved: its step is no epoch's end here.
+    let mut ours = model();
+    let e = Trainer::new(&mut ours, &two, 16)
+        .unwrap()
+        .resume(&file)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("saved at step 3, the end of epoch 1, and this trainer's epochs are 2 steps"),
+        "{e}"
+    );
     // The weights it names, loaded: it resumes.
     let mut model = model();
     Trainer::new(&mut model, &two, data.len())
@@ -438,8 +449,19 @@ fn load_errors_say_whose_fault_they_are() {
         e.to_string().contains("no/such/ensemble.safetensors"),
         "{e}"
     );
+    // A server tells a missing model from an unusable one by the I/O error's kind.
+    assert!(
+        matches!(
+            &e,
+            EnsembleError::File {
+                io: Some(std::io::ErrorKind::NotFound),
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     let e = Ensemble::load(backbone_path(), DeviceSpec::Cpu).unwrap_err();
-    assert!(matches!(&e, EnsembleError::File { .. }), "{e:?}");
+    assert!(matches!(&e, EnsembleError::File { io: None, .. }), "{e:?}");
     assert!(e.to_string().contains("neither an ensemble"), "{e}");
     // A device that cannot be opened is the device's, so that a caller may fall back to the CPU.
     let e = Ensemble::load(backbone_path(), DeviceSpec::Cuda(99)).unwrap_err();

@@ -53,7 +53,7 @@ fn train_eval_export(method: &str, dir: &Path, extra: &[&str]) -> (PathBuf, Path
     run_ok(&["eval", "--checkpoint", c, "--no-shift", "--no-ood", "-q"]);
     let file = dir.join("ensemble.safetensors");
     let printed = run_ok(&["export", "--checkpoint", c, "--out", file.to_str().unwrap()]);
-    assert!(printed.contains("3 members"), "{printed}");
+    assert!(printed.contains("ensemble of M=3"), "{printed}");
     (ckpt, file)
 }
 

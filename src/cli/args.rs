@@ -26,7 +26,8 @@ pub struct Common {
     /// Where to run: auto (a GPU when one can be used, else the CPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Print only the report: no progress bars, progress lines or notes.
+    /// Print only the report: no progress bars, progress lines or notes (warnings still show:
+    /// an earlier run this one replaces, a GPU --device auto cannot use).
     #[arg(long, short)]
     pub quiet: bool,
 }

@@ -20,7 +20,7 @@ use loren::rates::{Diverged, choose_rates, rate_table};
 use loren::report::{
     comparison_table, growth_per_member, rate, seed_summaries, seed_summary_table,
 };
-use loren::run::{RunSpec, check_fits_within, run};
+use loren::run::{RUN_FILES, RunSpec, check_fits_within, run};
 use loren_nn::checkpoint::write_atomic;
 use loren_nn::config::{Method, VitConfig};
 use loren_nn::data::Splits;
@@ -149,54 +149,63 @@ pub fn compare(a: &CompareArgs, out_named: bool) -> Result<()> {
     {
         spec.vit = vit.clone();
         let (seed, lr) = (spec.train.seed, rate(spec.train.lr));
-        let mut r = match run(&spec, &data, &backbone) {
-            Ok(r) => r,
-            Err(e) if sweep && diverged_at(&e).is_some() => {
-                if a.common.verbosity() == Verbosity::Normal {
-                    loren::note!(
-                        "note: {method} (M={m}) at lr {lr}, seed {seed}: {}; the sweep counts it \
-                         worse than any rate that did not diverge",
-                        diverged_at(&e).unwrap_or_default()
-                    );
+        let r = match run(&spec, &data, &backbone) {
+            Ok(r) => Some(r),
+            Err(e) => match diverged_at(&e).filter(|_| sweep) {
+                Some(why) => {
+                    if a.common.verbosity() == Verbosity::Normal {
+                        loren::note!(
+                            "note: {method} (M={m}) at lr {lr}, seed {seed}: {why}; the sweep \
+                             counts it worse than any rate that did not diverge"
+                        );
+                    }
+                    None
                 }
-                diverged.push(Diverged {
-                    method,
-                    members: m,
-                    seed,
-                    lr: spec.train.lr,
-                });
-                continue;
-            }
-            Err(e) => {
-                note_stopped(&finished, runs, a.common.verbosity());
-                let what = format!("method {method} (M={m}), seed {seed}, lr {lr}");
-                return Err(e.context(what));
-            }
+                None => {
+                    note_stopped(&finished, diverged.len(), runs, a.common.verbosity());
+                    let what = format!("method {method} (M={m}), seed {seed}, lr {lr}");
+                    return Err(e.context(what));
+                }
+            },
         };
         // An earlier comparison's summaries stop describing the folder once one of its runs is
         // replaced: they go with the first (a run stopped after it leaves no summary that
         // disagrees with the runs beside it).
-        if finished.is_empty() {
+        if finished.is_empty() && diverged.is_empty() {
             SUMMARIES
                 .iter()
                 .try_for_each(|f| remove_stale(&a.out.join(f)))?;
         }
+        let Some(mut r) = r else {
+            // An earlier run's files in its folder would stand for it: they go.
+            RUN_FILES
+                .iter()
+                .try_for_each(|f| remove_stale(&dir.join(f)))?;
+            diverged.push(Diverged {
+                method,
+                members: m,
+                seed,
+                lr: spec.train.lr,
+            });
+            continue;
+        };
         write_outputs(&dir, &r, &data.test)?;
         finished.push(dir);
         // Written with the run; the comparison needs only the report.
         r.report.predictions = Vec::new();
         results.push(r);
     }
+    // Chosen before anything is written: a sweep refused writes no summary.
+    let choices = match sweep {
+        true => choose_rates(&results, &diverged)?,
+        false => Vec::new(),
+    };
     // Written before the tables are printed: a reader that stops early (| head) loses nothing.
     let json = a.out.join("compare.json");
     write_atomic(&json, serde_json::to_string_pretty(&results)?.as_bytes())?;
     let mut written = vec![json];
     let rates_json = a.out.join("rates.json");
-    let choices = if a.lrs.is_empty() {
-        remove_stale(&rates_json)?;
-        Vec::new()
-    } else {
-        let choices = choose_rates(&results, &diverged)?;
+    if sweep {
         write_atomic(
             &rates_json,
             serde_json::to_string_pretty(&choices)?.as_bytes(),
@@ -208,8 +217,9 @@ pub fn compare(a: &CompareArgs, out_named: bool) -> Result<()> {
                 (c.method, c.members, c.picked()) == (r.method, r.members, r.settings.train.lr)
             })
         });
-        choices
-    };
+    } else {
+        remove_stale(&rates_json)?;
+    }
     let curves = a.out.join("curves.svg");
     write_atomic(&curves, comparison_curves_svg(&results).as_bytes())?;
     written.push(curves);
@@ -395,10 +405,8 @@ fn method_rates(entries: &[String], methods: &[Method]) -> Result<Vec<(Method, f
     Ok(rates)
 }
 
-/// Reports an earlier comparison left in `out` that this one does not rerun stay as they were;
-/// say so, so that the folder is not read as one comparison.
-/// What a run that diverged says of it ("training stopped: the loss is NaN at step 4"), or
-/// None for any other failure.
+/// What a run of a sweep that diverged says of it ("the loss is NaN at step 4"), or None for
+/// any other failure.
 fn diverged_at(e: &anyhow::Error) -> Option<String> {
     match e.downcast_ref::<loren_nn::NnError>()? {
         loren_nn::NnError::NonFinite { step, loss, .. } => {
@@ -411,21 +419,28 @@ fn diverged_at(e: &anyhow::Error) -> Option<String> {
 /// What a comparison writes beside its runs' folders, each file describing all of them.
 const SUMMARIES: [&str; 4] = ["compare.json", "rates.json", "curves.svg", "summary.json"];
 
-/// Where a comparison that stopped before its summaries left the runs it finished.
-fn note_stopped(finished: &[PathBuf], runs: usize, verbosity: Verbosity) {
-    if finished.is_empty() || verbosity == Verbosity::Quiet {
+/// Where a comparison that stopped before its summaries left the runs it finished (and how many
+/// it had found to diverge, which wrote nothing).
+fn note_stopped(finished: &[PathBuf], diverged: usize, runs: usize, verbosity: Verbosity) {
+    if finished.is_empty() && diverged == 0 || verbosity == Verbosity::Quiet {
         return;
     }
     let dirs: Vec<String> = finished.iter().map(|d| d.display().to_string()).collect();
+    let and_diverged = match diverged {
+        0 => String::new(),
+        n => format!(" and {n} that diverged"),
+    };
     loren::note!(
-        "note: the comparison stopped after {} of its {runs} runs, each written to its folder ({}); \
-         it wrote no {}",
-        finished.len(),
+        "note: the comparison stopped after {} of its {runs} runs, each written to its folder \
+         ({}){and_diverged}; it wrote no {}",
+        finished.len() + diverged,
         dirs.join(", "),
         SUMMARIES.join(", ")
     );
 }
 
+/// Reports an earlier comparison left in `out` that this one does not rerun stay as they were;
+/// say so, so that the folder is not read as one comparison.
 fn note_earlier_reports(out: &std::path::Path, plan: &[Planned]) {
     let Ok(entries) = std::fs::read_dir(out) else {
         return;

@@ -170,14 +170,8 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
     out.say_where();
     let result = run(&spec, &data, &backbone)?;
     // Written before the report is printed: a reader that stops early (| head) loses nothing.
-    let written = write_outputs(&a.out, &result, &data.test).with_context(|| {
-        format!(
-            "writing the report of {} (which is whole: `loren eval --checkpoint {}` scores it \
-             again)",
-            ckpt.display(),
-            a.out.display()
-        )
-    })?;
+    let written = write_outputs(&a.out, &result, &data.test)
+        .with_context(|| format!("writing the report ({})", loren::run::scored_again(&ckpt)))?;
     let title = method_title(result.method, result.members, result.rank);
     say(format_args!(
         "{}{}",

@@ -102,9 +102,7 @@ impl TrainConfig {
             );
         }
         self.optimizer.check().map_err(|m| {
-            NnError::Config(format!(
-                "the optimizer's {m} (--weight-decay and --momentum, or TrainConfig::optimizer)"
-            ))
+            NnError::Config(format!("the optimizer's {m} (TrainConfig::optimizer)"))
         })?;
         self.augment.validate()?;
         Ok(())
@@ -271,6 +269,11 @@ impl<'m> Trainer<'m> {
 
     pub fn model(&self) -> &Vit {
         self.model
+    }
+
+    /// The optimizer: its state (AdamW's moments) and its step count.
+    pub fn optimizer(&self) -> &Optimizer {
+        &self.optimizer
     }
 
     /// The gradients of the last step (before the optimizer used them).
@@ -615,6 +618,17 @@ impl<'m> Trainer<'m> {
             number("optimizer_steps")?,
         );
         self.check_same_training(file, epoch as usize)?;
+        if Some(step) != epoch.checked_mul(self.steps_per_epoch) {
+            return Err(NnError::checkpoint(
+                file.path(),
+                format!(
+                    "it was saved at step {step}, the end of epoch {epoch}, and this trainer's \
+                     epochs are {} steps (Trainer::new's train_len at batch size {}): resume it \
+                     with the data it trained on",
+                    self.steps_per_epoch, self.config.batch_size
+                ),
+            ));
+        }
         self.check_same_backbone(file)?;
         self.model.load_tensors(file, |_, trainable| trainable)?;
         let names: HashMap<_, _> = self
@@ -664,25 +678,14 @@ impl Trainer<'_> {
     /// adapters mean nothing on other weights, and the next save would record these.
     fn check_same_backbone(&self, file: &TensorFile) -> Result<()> {
         let frozen = self.model.params().iter().any(|(_, p)| !p.trainable());
-        let Some(recorded) = file.metadata().get(BACKBONE_FINGERPRINT).filter(|_| frozen) else {
-            return Ok(());
-        };
-        let ours = match self.model.backbone_source() {
-            Some(b) if &b.fingerprint == recorded => return Ok(()),
-            Some(b) => format!(
-                "this model's, from {}, has {}",
-                b.path.display(),
-                b.fingerprint
+        let ours = self.model.backbone_source();
+        match frozen {
+            true => same_fingerprint(
+                file,
+                ours.map(|b| (b.fingerprint.as_str(), b.path.as_path())),
             ),
-            None => "this model's was not loaded from a file".to_string(),
-        };
-        Err(NnError::checkpoint(
-            file.path(),
-            format!(
-                "it was trained on a frozen backbone with fingerprint {recorded}, and {ours}: \
-                 load the weights it was trained on (Vit::load_backbone) before resuming"
-            ),
-        ))
+            false => Ok(()),
+        }
     }
 
     /// The epochs of a resumed run ([`check_resumable`] checks the rest): no fewer than the saved
@@ -745,22 +748,28 @@ pub const BACKBONE_FINGERPRINT: &str = "backbone_fingerprint";
 /// with those weights, where the model keeps them frozen (LoRA methods); one that predates the
 /// record is taken as it is.
 pub fn check_backbone(file: &TensorFile, backbone: &TensorFile) -> Result<()> {
+    same_fingerprint(file, Some((&backbone.fingerprint(), backbone.path())))
+}
+
+/// The backbone `file` recorded is the one `found` (its fingerprint and file; None for weights
+/// not loaded from one), where it recorded one.
+fn same_fingerprint(file: &TensorFile, found: Option<(&str, &Path)>) -> Result<()> {
     let Some(recorded) = file.metadata().get(BACKBONE_FINGERPRINT) else {
         return Ok(());
     };
-    let found = backbone.fingerprint();
-    if recorded != &found {
-        return Err(NnError::checkpoint(
-            file.path(),
-            format!(
-                "it was trained from a backbone with fingerprint {recorded}, and {} has {found}: \
-                 give it the weights it was trained from (--backbone, or Ensemble::open's \
-                 backbone)",
-                backbone.path().display()
-            ),
-        ));
-    }
-    Ok(())
+    let found = match found {
+        Some((fingerprint, _)) if fingerprint == recorded => return Ok(()),
+        Some((fingerprint, path)) => format!("{} has {fingerprint}", path.display()),
+        None => "the model's was not loaded from a file".to_string(),
+    };
+    Err(NnError::checkpoint(
+        file.path(),
+        format!(
+            "it was trained from a backbone with fingerprint {recorded}, and {found}: give it the \
+             weights it was trained from (--backbone, Ensemble::open's backbone, or \
+             Vit::load_backbone before Trainer::resume)"
+        ),
+    ))
 }
 
 /// Require a training checkpoint written by [`Trainer::save`].
