@@ -17,6 +17,7 @@ use loren_nn::vit::Vit;
 use loren_tensor::DeviceSpec;
 use serde::Serialize;
 
+use crate::files::FileKind;
 use crate::outputs::writable_file;
 use crate::progress::{TrainBar, Verbosity};
 
@@ -210,17 +211,17 @@ pub enum BackboneError {
 /// 1e-6.
 pub fn read_backbone(path: &Path, vit: &VitConfig) -> Result<Imported, BackboneError> {
     let file = TensorFile::read(path).map_err(BackboneError::Read)?;
-    let not_one = match file.metadata().get("format").map(String::as_str) {
-        Some(crate::ensemble::FORMAT) => Some((
+    let not_one = match FileKind::of(file.metadata()) {
+        FileKind::Export => Some((
             "an exported ensemble",
             "it holds its own backbone (loren predict --model and loren eval --checkpoint read \
              it); give the backbone it was trained from",
         )),
-        Some(loren_nn::train::FORMAT) => Some((
+        FileKind::Checkpoint => Some((
             "a training checkpoint",
             "give the backbone it was trained from (its `backbone` metadata names it)",
         )),
-        _ => None,
+        FileKind::Backbone | FileKind::Other => None,
     };
     if let Some((what, advice)) = not_one {
         return Err(BackboneError::NotABackbone {

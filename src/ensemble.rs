@@ -51,6 +51,7 @@ use loren_tensor::{Device, DeviceSpec, MemTag, Tensor};
 
 use crate::backbone::checkpoint_backbone;
 use crate::dataset::{DataSource, Normalize, TRAIN_ON_VAL_KEY, recorded_train_on_val};
+use crate::files::FileKind;
 use crate::outputs::same_file;
 
 /// Marks a file written by [`export`].
@@ -667,7 +668,7 @@ impl Ensemble {
 
 /// Whether `file` is an ensemble [`export`] wrote (rather than a training checkpoint).
 pub fn is_export(file: &TensorFile) -> bool {
-    file.metadata().get("format").is_some_and(|f| f == FORMAT)
+    FileKind::of(file.metadata()) == FileKind::Export
 }
 
 /// The network `file` holds, on `device`: an ensemble [`export`] wrote, or a training
@@ -763,18 +764,13 @@ pub fn export(
     // Nor any file but an earlier export: another run's checkpoint (which its `train --resume`
     // and `eval` read), a backbone (which checkpoints name by fingerprint), a report.
     if out.exists() {
-        let format = loren_nn::checkpoint::read_metadata(out)
-            .ok()
-            .and_then(|mut m| m.remove("format"));
-        let what = match format.as_deref() {
-            Some(FORMAT) => None,
-            Some(loren_nn::train::FORMAT) => {
+        let what = match FileKind::at(out) {
+            FileKind::Export => None,
+            FileKind::Checkpoint => {
                 Some("a training checkpoint (loren train --resume and eval read it)")
             }
-            Some(crate::backbone::FORMAT) => {
-                Some("a backbone (training checkpoints name it by fingerprint)")
-            }
-            _ => Some("not an ensemble loren exported"),
+            FileKind::Backbone => Some("a backbone (training checkpoints name it by fingerprint)"),
+            FileKind::Other => Some("not an ensemble loren exported"),
         };
         if let Some(what) = what {
             return Err(EnsembleError::output(

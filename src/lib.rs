@@ -26,6 +26,7 @@ pub mod bench;
 pub mod curves;
 pub mod dataset;
 pub mod ensemble;
+pub mod files;
 pub mod interrupt;
 pub mod memprofile;
 pub mod outputs;

@@ -138,10 +138,8 @@ fn replaced_by(checkpoint: &Path, resumed: Option<&Path>) -> Vec<PathBuf> {
     let in_place = resumed.is_some_and(|r| crate::outputs::same_file(r, checkpoint));
     if !in_place {
         // Resuming is offered for what --resume takes: not an export, not a file of another kind.
-        let resumable = loren_nn::checkpoint::read_metadata(checkpoint).is_ok_and(|m| {
-            m.get("format")
-                .is_some_and(|f| f == loren_nn::train::FORMAT)
-        });
+        let resumable =
+            crate::files::FileKind::at(checkpoint) == crate::files::FileKind::Checkpoint;
         let (what, resume) = match resumable {
             true => (
                 "an earlier run",
