@@ -11,7 +11,8 @@ pub enum FileKind {
     Export,
     /// A training checkpoint, which `--resume` and `eval` read (`loren_nn::train::FORMAT`).
     Checkpoint,
-    /// A backbone `loren pretrain` wrote ([`crate::backbone::FORMAT`]).
+    /// A backbone `loren pretrain` wrote, or one imported from another library's weights
+    /// ([`crate::backbone::FORMAT`]).
     Backbone,
     /// Anything else: another library's weights, a file of no format, one that cannot be read.
     Other,

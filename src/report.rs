@@ -261,14 +261,14 @@ pub fn training_line(r: &RunResult) -> String {
 /// method) and its schedule as it ran, the optimizer and the budget.
 fn settings_line(t: &TrainConfig, steps: u64) -> String {
     let warmup = t.warmup_steps;
-    let schedule = match warmup > steps {
+    let schedule = match warmup >= steps {
         // The schedule as asked would mislead: the warm-up was cut to the run (as the Trainer
         // cuts it), which ends as the rate reaches its peak, with no decay.
         true => {
             let reached = steps.saturating_sub(u64::from(t.warmup_from_zero));
             format!(
-                "{warmup} warmup steps cut to the run's {steps} (the rate rising to {:.0}% of it \
-                 at the last, no decay)",
+                "{warmup} warmup steps, the run's {steps} all warm-up (the rate rising to {:.0}% \
+                 of it at the last, no decay)",
                 100.0 * reached as f64 / steps.max(1) as f64
             )
         }
@@ -665,17 +665,20 @@ mod tests {
             "{whole}"
         );
         let short = settings_line(&t, 34);
-        let says = "lr 1e-3, 50 warmup steps cut to the run's 34 (the rate rising to 100% of it \
-                    at the last, no decay);";
+        let says = "lr 1e-3, 50 warmup steps, the run's 34 all warm-up (the rate rising to 100% \
+                    of it at the last, no decay);";
         assert!(short.contains(says), "{short}");
         assert!(!short.contains("cosine"), "{short}");
         // From zero, the last step is at 33/34 of the peak.
         let from_zero = TrainConfig {
             warmup_from_zero: true,
-            ..t
+            ..t.clone()
         };
         let short = settings_line(&from_zero, 34);
         assert!(short.contains("rising to 97% of it at the last"), "{short}");
+        // A warm-up as long as the run is all of it too.
+        let exact = settings_line(&t, 50);
+        assert!(exact.contains("the run's 50 all warm-up"), "{exact}");
     }
 
     /// A report whose every figure is a different number.

@@ -168,7 +168,8 @@ pub fn scored_again(checkpoint: &Path) -> String {
     )
 }
 
-/// The files beside a run's checkpoint: `train`'s, and `loren eval`'s, which scored it.
+/// The files beside a run's checkpoint: `train`'s (the first [`REPORT_FILES`], which `compare`
+/// writes too), and `loren eval`'s, which scored it.
 pub const RUN_FILES: [&str; 7] = [
     "report.json",
     "reliability.svg",
@@ -178,6 +179,9 @@ pub const RUN_FILES: [&str; 7] = [
     "eval-reliability.svg",
     "eval-predictions.safetensors",
 ];
+
+/// How many of [`RUN_FILES`] a run's report is.
+pub const REPORT_FILES: usize = 4;
 
 /// A folder where a run will write one of its files fails it only once trained, so it is
 /// refused first.
@@ -370,10 +374,10 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
                 if steps == 1 { "" } else { "s" },
                 spec.train.batch_size
             );
-            if spec.train.warmup_steps > trainer.total_steps() {
+            if spec.train.warmup_steps >= trainer.total_steps() {
                 crate::note!(
-                    "{label}: note: its {} steps end inside the {}-step learning-rate warm-up \
-                     (--warmup), which then rises toward the peak over the whole run, with no decay",
+                    "{label}: note: its {} steps are all learning-rate warm-up (--warmup {}), \
+                     which rises to the peak over the whole run, with no decay",
                     trainer.total_steps(),
                     spec.train.warmup_steps
                 );

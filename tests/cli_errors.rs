@@ -283,7 +283,7 @@ fn flags_the_method_or_optimizer_does_not_use_are_named() {
     );
     // Its 17 steps (539 images in batches of 32) end inside the default 50-step warm-up.
     assert!(
-        err.contains("explicit: note: its 17 steps end inside the 50-step learning-rate warm-up"),
+        err.contains("explicit: note: its 17 steps are all learning-rate warm-up (--warmup 50)"),
         "{err}"
     );
     // Quiet, the note is held back with the rest.

@@ -19,6 +19,17 @@ fn compare_into(out: &std::path::Path, args: &[&str]) -> String {
     loren_into("compare", out, args)
 }
 
+/// `loren compare ARGS --out OUT`, succeeding or not.
+fn compare_in(out: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_loren"))
+        .arg("compare")
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .expect("the loren binary runs")
+}
+
 /// `loren COMMAND ARGS -q --out OUT`, which must succeed: what it printed.
 fn loren_into(command: &str, out: &std::path::Path, args: &[&str]) -> String {
     let run = Command::new(env!("CARGO_BIN_EXE_loren"))
@@ -424,13 +435,9 @@ fn one_size_names_the_folders_by_method_and_a_later_comparison_names_what_it_lef
         assert!(out.join(dir).join("report.json").exists(), "{dir}");
     }
     assert!(!out.join("lora-M2").exists());
-    let run = Command::new(env!("CARGO_BIN_EXE_loren"))
-        .args(["compare", "--methods", "lora"])
-        .args(quick)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .expect("the loren binary runs");
+    let mut args = vec!["--methods", "lora"];
+    args.extend(quick);
+    let run = compare_in(&out, &args);
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{err}");
     assert!(
@@ -460,20 +467,15 @@ fn a_comparison_stopped_part_way_leaves_no_summary_that_disagrees_with_its_runs(
     // The second method's loss is not a number within its first epoch: the comparison fails
     // after the first method's run replaced part of the folder.
     args = vec![
-        "compare",
         "--methods",
         "single,lora",
         "--method-lr",
         "lora=1e4",
+        "--grad-clip",
+        "0",
     ];
-    let run = Command::new(env!("CARGO_BIN_EXE_loren"))
-        .args(args)
-        .args(["--grad-clip", "0"])
-        .args(quick)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .expect("the loren binary runs");
+    args.extend(quick);
+    let run = compare_in(&out, &args);
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success(), "{err}");
     assert!(
@@ -482,7 +484,7 @@ fn a_comparison_stopped_part_way_leaves_no_summary_that_disagrees_with_its_runs(
     );
     let first = out.join("single");
     let said = format!(
-        "the comparison stopped after 1 of its 2 runs, each written to its folder ({})",
+        "the comparison stopped after 1 of its 2 runs (1 written to its folder, {}); it wrote no",
         first.display()
     );
     assert!(err.contains(&said), "{err}");
@@ -504,6 +506,8 @@ fn a_rate_that_diverges_is_recorded_and_never_picked() {
     let stale = out.join("single-lr1e4");
     std::fs::create_dir_all(&stale).unwrap();
     std::fs::write(stale.join("report.json"), b"{}").unwrap();
+    // And `loren eval`'s, which compare never writes: not its to remove.
+    std::fs::write(stale.join("eval.json"), b"{}").unwrap();
     let quick = [
         "--grad-clip",
         "0",
@@ -513,13 +517,9 @@ fn a_rate_that_diverges_is_recorded_and_never_picked() {
         "--no-ood",
     ];
     let sweep = |lrs: &str, out: &std::path::Path| {
-        Command::new(env!("CARGO_BIN_EXE_loren"))
-            .args(["compare", "--methods", "single", "--lrs", lrs])
-            .args(quick)
-            .arg("--out")
-            .arg(out)
-            .output()
-            .expect("the loren binary runs")
+        let mut args = vec!["--methods", "single", "--lrs", lrs];
+        args.extend(quick);
+        compare_in(out, &args)
     };
     let run = sweep("1e-3,1e4", &out);
     let err = String::from_utf8_lossy(&run.stderr);
@@ -538,14 +538,22 @@ fn a_rate_that_diverges_is_recorded_and_never_picked() {
     assert_eq!(trials[0]["picked"], Value::Bool(true), "{rates}");
     assert!(out.join("single-lr1e-3").join("report.json").exists());
     assert!(!stale.join("report.json").exists());
+    assert!(stale.join("eval.json").exists());
     // A sweep whose lowest rate diverged, and nothing above it did better, is refused, and
     // writes no summary.
+    // An earlier comparison's summary goes with the first run, though it diverged.
     let refused = fresh_dir("all-diverged");
+    std::fs::create_dir_all(&refused).unwrap();
+    std::fs::write(refused.join("compare.json"), b"[]").unwrap();
     let run = sweep("1e4,1e5", &refused);
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success(), "{err}");
     assert!(
         err.contains("diverged at its lowest rate, lr 1e4 (seed 0)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("the comparison stopped after 2 of its 2 runs (2 that diverged); it wrote no"),
         "{err}"
     );
     for summary in ["compare.json", "rates.json", "curves.svg"] {

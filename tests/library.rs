@@ -138,7 +138,7 @@ fn a_run_resumes_on_the_backbone_it_trained_on() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("saved at step 3, the end of epoch 1, and this trainer's epochs are 2 steps"),
+        e.contains("saved at step 3 after 1 epoch, which is no epoch's end at this trainer's 2"),
         "{e}"
     );
     // The weights it names, loaded: it resumes.
@@ -147,6 +147,19 @@ fn a_run_resumes_on_the_backbone_it_trained_on() {
         .unwrap()
         .resume(&file)
         .unwrap();
+}
+
+/// The 24 images of [`arrays`], three epochs of [`config`], checkpointed in `dir`.
+fn three_epochs_into(dir: &Path) -> (Dataset, TrainConfig, CheckpointSpec) {
+    let three = TrainConfig {
+        epochs: 3,
+        ..config()
+    };
+    let spec = CheckpointSpec {
+        path: Some(dir.join("checkpoint.safetensors")),
+        ..Default::default()
+    };
+    (arrays(24), three, spec)
 }
 
 /// A checkpoint that cannot be written at an epoch's end (a full disk, here a folder where its
@@ -163,16 +176,8 @@ fn a_checkpoint_that_cannot_be_written_says_what_was_kept() {
         }
     }
     let dir = temp_dir("not-saved");
+    let (data, three, spec) = three_epochs_into(&dir);
     let ckpt = dir.join("checkpoint.safetensors");
-    let data = arrays(24);
-    let three = TrainConfig {
-        epochs: 3,
-        ..config()
-    };
-    let spec = CheckpointSpec {
-        path: Some(ckpt.clone()),
-        ..Default::default()
-    };
     let mut model = model();
     let mut block = BlockSecond(dir.join("checkpoint.safetensors.tmp"));
     let e = Trainer::new(&mut model, &three, data.len())
@@ -204,17 +209,8 @@ fn a_trainer_runs_and_saves_whole_epochs_only() {
             self.0 == 0
         }
     }
-    let dir = temp_dir("whole-epochs");
-    let ckpt = dir.join("checkpoint.safetensors");
-    let data = arrays(24);
-    let three = TrainConfig {
-        epochs: 3,
-        ..config()
-    };
-    let spec = CheckpointSpec {
-        path: Some(ckpt.clone()),
-        ..Default::default()
-    };
+    let (data, three, spec) = three_epochs_into(&temp_dir("whole-epochs"));
+    let ckpt = spec.path.clone().unwrap();
     // 3 steps an epoch: stopped after the 2nd, inside the first epoch.
     let mut model = model();
     let mut trainer = Trainer::new(&mut model, &three, data.len()).unwrap();

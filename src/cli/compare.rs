@@ -20,7 +20,7 @@ use loren::rates::{Diverged, choose_rates, rate_table};
 use loren::report::{
     comparison_table, growth_per_member, rate, seed_summaries, seed_summary_table,
 };
-use loren::run::{RUN_FILES, RunSpec, check_fits_within, run};
+use loren::run::{REPORT_FILES, RUN_FILES, RunSpec, check_fits_within, run};
 use loren_nn::checkpoint::write_atomic;
 use loren_nn::config::{Method, VitConfig};
 use loren_nn::data::Splits;
@@ -178,7 +178,7 @@ pub fn compare(a: &CompareArgs, out_named: bool) -> Result<()> {
         }
         let Some(mut r) = r else {
             // An earlier run's files in its folder would stand for it: they go.
-            RUN_FILES
+            RUN_FILES[..REPORT_FILES]
                 .iter()
                 .try_for_each(|f| remove_stale(&dir.join(f)))?;
             diverged.push(Diverged {
@@ -197,7 +197,9 @@ pub fn compare(a: &CompareArgs, out_named: bool) -> Result<()> {
     }
     // Chosen before anything is written: a sweep refused writes no summary.
     let choices = match sweep {
-        true => choose_rates(&results, &diverged)?,
+        true => choose_rates(&results, &diverged).inspect_err(|_| {
+            note_stopped(&finished, diverged.len(), runs, a.common.verbosity());
+        })?,
         false => Vec::new(),
     };
     // Written before the tables are printed: a reader that stops early (| head) loses nothing.
@@ -426,15 +428,21 @@ fn note_stopped(finished: &[PathBuf], diverged: usize, runs: usize, verbosity: V
         return;
     }
     let dirs: Vec<String> = finished.iter().map(|d| d.display().to_string()).collect();
-    let and_diverged = match diverged {
-        0 => String::new(),
-        n => format!(" and {n} that diverged"),
-    };
+    let mut done = Vec::new();
+    if !dirs.is_empty() {
+        done.push(format!(
+            "{} written to its folder, {}",
+            dirs.len(),
+            dirs.join(", ")
+        ));
+    }
+    if diverged > 0 {
+        done.push(format!("{diverged} that diverged"));
+    }
     loren::note!(
-        "note: the comparison stopped after {} of its {runs} runs, each written to its folder \
-         ({}){and_diverged}; it wrote no {}",
+        "note: the comparison stopped after {} of its {runs} runs ({}); it wrote no {}",
         finished.len() + diverged,
-        dirs.join(", "),
+        done.join("; "),
         SUMMARIES.join(", ")
     );
 }

@@ -622,10 +622,12 @@ impl<'m> Trainer<'m> {
             return Err(NnError::checkpoint(
                 file.path(),
                 format!(
-                    "it was saved at step {step}, the end of epoch {epoch}, and this trainer's \
-                     epochs are {} steps (Trainer::new's train_len at batch size {}): resume it \
-                     with the data it trained on",
-                    self.steps_per_epoch, self.config.batch_size
+                    "it was saved at step {step} after {epoch} epoch{}, which is no epoch's end \
+                     at this trainer's {} steps an epoch (Trainer::new's train_len at batch size \
+                     {}): saved inside an epoch, or made for other data",
+                    if epoch == 1 { "" } else { "s" },
+                    self.steps_per_epoch,
+                    self.config.batch_size
                 ),
             ));
         }
