@@ -104,6 +104,18 @@ pub fn pretrain(
     let mut model = Vit::new(&spec.vit, &ens, &device, spec.seed)?;
     let summary = {
         let mut trainer = Trainer::new(&mut model, &spec.train, data.pretrain.len())?;
+        if verbosity == Verbosity::Normal {
+            // The first line of a log, terminal or not: how long the work ahead is.
+            let epochs = spec.train.epochs;
+            crate::note!(
+                "pretrain: {} on {device}, {} images, {epochs} epoch{} of {} steps (batch {})",
+                spec.vit.name,
+                data.pretrain.len(),
+                if epochs == 1 { "" } else { "s" },
+                trainer.total_steps() / epochs.max(1) as u64,
+                spec.train.batch_size
+            );
+        }
         let mut bar = TrainBar::new("pretrain", verbosity);
         let _ctrl_c = crate::interrupt::Guard::install();
         trainer.fit(&data.pretrain, &CheckpointSpec::default(), &mut bar)?
@@ -286,13 +298,15 @@ fn bundled_or_pretrained(vit: &VitConfig, data: &Splits, verbosity: Verbosity) -
         "no bundled backbone to start from, and none can be pretrained into its place: \
          pass --backbone FILE (make one with loren pretrain --out FILE)",
     )?;
+    let spec = PretrainSpec::bundled(path.clone());
     if verbosity == Verbosity::Normal {
         crate::note!(
-            "no backbone at {}: pretraining one first (loren pretrain)",
-            path.display()
+            "no backbone at {}: pretraining one first (loren pretrain; {} epochs, minutes on a \
+             CPU), once",
+            path.display(),
+            spec.train.epochs
         );
     }
-    let spec = PretrainSpec::bundled(path.clone());
     pretrain(&spec, data, verbosity).context("pretraining the backbone")?;
     Ok(path)
 }

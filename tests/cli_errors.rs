@@ -1091,3 +1091,17 @@ fn paths_that_are_not_text_are_refused() {
         assert!(err.contains("invalid UTF-8"), "{cmd} {flag}: {err}");
     }
 }
+
+/// `loren pretrain` says how long the work ahead is in its first line, terminal or not.
+#[test]
+fn pretrain_says_what_it_will_train_first() {
+    let dir = temp_dir("pretrain-header");
+    let out = dir.join("backbone.safetensors");
+    let (ok, _, err) = loren(&["pretrain", "--epochs", "2", "--out", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let first = err.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("pretrain: tiny on cpu, ") && first.contains(" images, 2 epochs of "),
+        "{err}"
+    );
+}
