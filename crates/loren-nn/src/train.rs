@@ -618,7 +618,8 @@ impl<'m> Trainer<'m> {
             number("optimizer_steps")?,
         );
         self.check_same_training(file, epoch as usize)?;
-        if Some(step) != epoch.checked_mul(self.steps_per_epoch) {
+        // check_same_training held the epoch under this run's, whose steps Trainer::new counted.
+        if step != epoch * self.steps_per_epoch {
             return Err(NnError::checkpoint(
                 file.path(),
                 format!(

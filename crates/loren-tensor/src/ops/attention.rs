@@ -294,7 +294,9 @@ impl Head {
 /// log-sum-exp, −∞ for a row whose every key was dropped (it attends to all alike).
 fn softmax_row(s: &mut [f32], t: usize) -> f32 {
     let mx = lanes(&s[..t], f32::NEG_INFINITY, f32::max);
-    if mx == DROPPED_SCORE {
+    // f32::max passes over NaN, so a row whose kept scores are NaN has the dropped keys' maximum
+    // too: it goes on, to NaN, as the GPU's does, and is not averaged into a finite output.
+    if mx == DROPPED_SCORE && s[..t].iter().all(|&x| x == DROPPED_SCORE) {
         s[..t].fill(1.0 / t as f32);
         s[t..].fill(0.0);
         return f32::NEG_INFINITY;
@@ -781,6 +783,49 @@ mod tests {
             assert_close(&format!("{what} dV"), g.dv.as_ref().unwrap(), &dv);
         }
         assert!(emptied > 0, "some rows must lose every key");
+    }
+
+    /// A query gone NaN, with keys dropped: every row that keeps a key gives NaN (it once
+    /// averaged V, finite, since its maximum was the dropped keys' score), and only the rows
+    /// whose every key was dropped average V.
+    #[test]
+    fn dropkey_lets_a_nan_score_through() {
+        let (mut rng, dev) = (Rng::new(11), Device::cpu());
+        let (b, t, d, heads, members) = (2, 9, 16, 2, 2);
+        let dims = [1, b, t, d];
+        let q = Tensor::from_vec(vec![f32::NAN; b * t * d], dims, MemTag::Workspace, &dev);
+        let (k, v) = (
+            random(&mut rng, dims, &dev).1,
+            random(&mut rng, dims, &dev).1,
+        );
+        let keys = (0..b as u64).map(|i| 5 + i).collect();
+        let dk = DropKey::new(0.6, 21, members)
+            .unwrap()
+            .with_items(ItemKeys::new(keys, &dev).unwrap());
+        let fwd = attention_forward(&q.unwrap(), &k, &v, heads, Some(&dk)).unwrap();
+        let o = fwd.o.to_vec().unwrap();
+        let (dh, mut partly_dropped, mut emptied) = (d / heads, 0, 0);
+        for (g, bi, h) in (0..members)
+            .flat_map(|g| (0..b).flat_map(move |bi| (0..heads).map(move |h| (g, bi, h))))
+        {
+            let stream = dk.head_stream(g, bi, h);
+            for i in 0..t {
+                let row = DropKey::row(stream, i);
+                let kept = (0..t).filter(|&j| !dk.dropped(row, j)).count();
+                let out = &o[((g * b + bi) * t + i) * d + h * dh..][..dh];
+                let at = format!("member {g}, item {bi}, head {h}, row {i}, {kept} keys kept");
+                match kept {
+                    0 => assert!(out.iter().all(|x| x.is_finite()), "{at}: {out:?}"),
+                    _ => assert!(out.iter().all(|x| x.is_nan()), "{at}: {out:?}"),
+                }
+                emptied += usize::from(kept == 0);
+                partly_dropped += usize::from(kept > 0 && kept < t);
+            }
+        }
+        assert!(
+            emptied > 0 && partly_dropped > 0,
+            "{emptied} {partly_dropped}"
+        );
     }
 
     /// A row's masks are its item's: the rows of a batch, taken in another order into a smaller
