@@ -402,6 +402,28 @@ fn an_image_folder_trains_through_the_cli() {
             "the classes it was trained on",
         ],
     );
+    // The same images with a class folder renamed: the count is the same, and `Dogs` sorts
+    // before `cats`, so every label would be scored against the other class's output.
+    let renamed = temp_dir("folder-renamed");
+    write_cats_and_dogs(&renamed);
+    std::fs::rename(renamed.join("dogs"), renamed.join("Dogs")).unwrap();
+    let arg = format!("folder:{}", renamed.display());
+    let args = [
+        "eval",
+        "--checkpoint",
+        c,
+        "--data",
+        &arg,
+        "--no-shift",
+        "-q",
+    ];
+    fails_with(
+        &args,
+        &[
+            "was trained on other classes than",
+            "class 0 is `cats` there and `Dogs` here (and 1 more)",
+        ],
+    );
 }
 
 /// A run resumes on its images at another path (a moved folder), and is refused on other

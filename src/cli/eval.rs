@@ -18,8 +18,9 @@ use loren::ensemble::load_network;
 use loren::progress::{EvalBar, Verbosity};
 use loren::report::{calibration_report, method_title};
 use loren::run::{RunSettings, read_model};
-use loren_nn::checkpoint::write_atomic;
+use loren_nn::checkpoint::{TensorFile, write_atomic};
 use loren_nn::config::{EnsembleConfig, VitConfig};
+use loren_nn::data::Dataset;
 use loren_nn::eval::{EvalReport, ScoredSet, eval_images, evaluate, predict};
 use loren_nn::metrics::fit_temperature;
 use loren_nn::reliability::reliability_svg;
@@ -54,6 +55,38 @@ pub struct EvalArgs {
     /// Output folder for eval.json and eval-reliability.svg (default: the checkpoint's folder).
     #[arg(long, value_parser = text_path)]
     pub out: Option<PathBuf>,
+}
+
+/// The data's classes are the ones the checkpoint's heads were trained on, by name and in order:
+/// a folder whose class subfolders are named otherwise (`Cats` for `cats`) sorts otherwise, and
+/// would score every image against another class's output. A checkpoint from before the names
+/// were recorded is taken on its class count alone.
+fn check_class_names(file: &TensorFile, checkpoint: &Path, test: &Dataset) -> Result<()> {
+    if !file.metadata().contains_key("class_names") {
+        return Ok(());
+    }
+    let trained: Vec<String> = file.meta_json("class_names")?;
+    let differing: Vec<String> = trained
+        .iter()
+        .zip(&test.class_names)
+        .enumerate()
+        .filter(|(_, (t, d))| t != d)
+        .map(|(i, (t, d))| format!("class {i} is `{t}` there and `{d}` here"))
+        .collect();
+    if let Some(first) = differing.first() {
+        let more = match differing.len() {
+            1 => String::new(),
+            n => format!(" (and {} more)", n - 1),
+        };
+        anyhow::bail!(
+            "{} was trained on other classes than {} has: {first}{more}; score it on data whose \
+             classes are named as in training (a folder's class subfolders are taken in byte \
+             order, so the names must match exactly)",
+            checkpoint.display(),
+            test.name
+        );
+    }
+    Ok(())
 }
 
 /// eval.json: the report, then what was scored and how: the checkpoint, the device, the batch
@@ -157,6 +190,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             data.test.classes
         );
     }
+    check_class_names(&file, &a.checkpoint, &data.test)?;
     let mut opts = eval_options(&data_args);
     let held_out = data.held_out.as_ref();
     let val_images = data.val.as_ref().map_or(0, |v| v.len());
