@@ -125,7 +125,8 @@ fn round_trip(method: &str, normalize: Normalize) {
             .iter()
             .zip(&want.probs)
             .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+            .max_by(f32::total_cmp)
+            .unwrap_or(0.0);
         assert!(worst < 1e-5, "{method}, batch {batch}: off by {worst}");
     }
     // Predicted in two parts as at once, bit for bit: the chunks fall alike (100 images each).
@@ -162,7 +163,8 @@ fn round_trip(method: &str, normalize: Normalize) {
         for (row, i) in (0..100).rev().chain(150..170).enumerate() {
             let worst = (0..10)
                 .map(|c| (got[row * 10 + c] - want[i * 10 + c]).abs())
-                .fold(0.0, f32::max);
+                .max_by(f32::total_cmp)
+                .unwrap_or(0.0);
             assert!(
                 worst < 1e-5,
                 "{method}: member {m}, image {i} at row {row}: off by {worst}"

@@ -118,7 +118,9 @@ fn max_diff(ours: &[f32], theirs: &[f32]) -> (f32, f32) {
     let diff = ours
         .iter()
         .zip(theirs)
-        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        .map(|(a, b)| (a - b).abs())
+        .max_by(f32::total_cmp)
+        .unwrap_or(0.0);
     (diff, theirs.iter().fold(0.0f32, |m, v| m.max(v.abs())))
 }
 

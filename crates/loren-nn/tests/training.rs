@@ -346,7 +346,7 @@ fn a_warmup_from_zero_moves_nothing_on_its_first_step_but_feeds_the_moments() {
     for ((a, b), s) in after_two.iter().zip(&after_one).zip(&start) {
         for ((&a, &b), &s) in a.iter().zip(b).zip(s) {
             let (a, b, s) = (f32::from_bits(a), f32::from_bits(b), f32::from_bits(s));
-            largest = largest.max((a - b).abs());
+            largest = std::cmp::max_by(largest, (a - b).abs(), f32::total_cmp);
             moved |= a != s;
         }
     }
