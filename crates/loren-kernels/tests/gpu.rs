@@ -1299,8 +1299,10 @@ fn adamw_and_sgd_multi_tensor() {
         BF16_TOL,
     );
 
-    // SGD with momentum, one step, on fresh state: one tensor that decays, one that does not
-    // (a bias) and keeps a bf16 copy.
+    // SGD with momentum, two steps from a momentum buffer of 0.5, the second with its gradients
+    // scaled (a clipping coefficient): one tensor that decays, one that does not (a bias) and
+    // keeps a bf16 copy. The buffer is checked too: a kernel that never wrote it back would
+    // still give the first step's parameters.
     let h = Sgd {
         lr: 0.1,
         momentum: 0.9,
@@ -1339,6 +1341,9 @@ fn adamw_and_sgd_multi_tensor() {
         let nan = up(g, &[f32::NAN]);
         g.sgd_step(&table, &h, None, Some(&nan)).expect("sgd_step");
         g.sgd_step(&table, &h, None, None).expect("sgd_step");
+        let quarter = up(g, &[SGD_SCALE]);
+        g.sgd_step(&table, &h, Some(&quarter), None)
+            .expect("sgd_step");
         assert!(
             g.adamw_step(
                 &table,
@@ -1362,21 +1367,27 @@ fn adamw_and_sgd_multi_tensor() {
     }
     for (i, &t) in sgd.iter().enumerate() {
         let wd = if i == 0 { h.weight_decay } else { 0.0 };
-        let want: Vec<f64> = (0..sizes[t])
+        let (want_p, want_buf): (Vec<f64>, Vec<f64>) = (0..sizes[t])
             .map(|e| {
-                let d = grads[t][e] + wd * params[t][e];
-                let b = h.momentum * 0.5 + d;
-                (params[t][e] - h.lr * b) as f64
+                let (mut p, mut b) = (params[t][e], 0.5f32);
+                for scale in [1.0, SGD_SCALE] {
+                    b = h.momentum * b + grads[t][e] * scale + wd * p;
+                    p -= h.lr * b;
+                }
+                (p as f64, b as f64)
             })
-            .collect();
+            .unzip();
+        let got = down_f32(g, &p2[i]);
+        check(&format!("sgd param {t}"), &got, &want_p, F32_TOL);
         check(
-            &format!("sgd param {t}"),
-            &down_f32(g, &p2[i]),
-            &want,
+            &format!("sgd momentum {t}"),
+            &down_f32(g, &buf[i]),
+            &want_buf,
             F32_TOL,
         );
         if i == 1 {
-            let copy: Vec<f64> = want
+            // The copy is the parameter the kernel wrote, rounded to nearest even.
+            let copy: Vec<f64> = got
                 .iter()
                 .map(|&v| bf16::from_f32(v as f32).to_f64())
                 .collect();
@@ -1384,6 +1395,9 @@ fn adamw_and_sgd_multi_tensor() {
         }
     }
 }
+
+/// The second SGD step's gradient scale, as a clipping coefficient would give it.
+const SGD_SCALE: f32 = 0.25;
 
 #[test]
 fn grad_norm_and_clipping() {
