@@ -13,8 +13,10 @@
 //! - The first AdamW step moves every element by ±lr by the sign of its gradient alone (m̂/√v̂ =
 //!   g/|g|), so an element whose gradient is within rounding of zero may move either way on the
 //!   two sides. The parameters are therefore checked against the CPU's AdamW replayed on the
-//!   GPU's own gradients (to 1e-5, f32 arithmetic on both sides): with the gradient check, that
-//!   covers the whole step, the optimizer and its clipping included.
+//!   GPU's own gradients (to 1e-5, f32 arithmetic on both sides), and so is the optimizer's
+//!   state (the moments, or SGD's momentum buffer), which holds the clipping factor that sign
+//!   hides: with the gradient check, that covers the whole step, the optimizer and its clipping
+//!   included.
 //!
 //! The clipping itself differs in one visible way: the CPU scales the gradients in place (as
 //! torch's clip_grad_norm_ does), the GPU applies the factor inside the update and leaves them as
@@ -23,7 +25,7 @@
 //! A step whose loss is not finite must change nothing on either device: on the GPU the update is
 //! queued before the host reads the loss, and the kernel skips it (checked here on both).
 
-use loren_autograd::optim::Optimizer;
+use loren_autograd::optim::{Optimizer, OptimizerKind};
 use loren_autograd::params::Grads;
 use loren_nn::config::{EnsembleConfig, LoraConfig, Method, VitConfig};
 use loren_nn::data::{SplitOptions, bundled_digits, split_digits};
@@ -69,7 +71,10 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
     (d / n.max(1e-30)).sqrt()
 }
 
-fn step_matches(method: Method, members: usize) {
+/// One step of `method` with `optimizer` on both devices. AdamW's weight decay is 0.5, so that
+/// its placement moves each parameter by 5e-4 of itself, 50 times the bound; the optimizer's
+/// state is compared too, which the first AdamW step's sign-only update would not show.
+fn step_matches(method: Method, members: usize, optimizer: OptimizerKind) {
     let Some(gdev) = gpu() else { return };
     let ens = EnsembleConfig {
         drop_key: EnsembleConfig::DROP_KEY,
@@ -108,7 +113,10 @@ fn step_matches(method: Method, members: usize) {
         .unwrap()
         .train;
     let batch = data.batch(&(0..32).collect::<Vec<_>>(), None);
-    let cfg = TrainConfig::plain(32, 1e-3, loren_nn::config::Activations::Keep);
+    let cfg = TrainConfig {
+        optimizer,
+        ..TrainConfig::plain(32, 1e-3, loren_nn::config::Activations::Keep)
+    };
     let start: Vec<Vec<f32>> = on_gpu
         .params()
         .iter()
@@ -193,29 +201,64 @@ fn step_matches(method: Method, members: usize) {
             ));
         }
     }
+    // The state (the clipped gradients' moments, or SGD's momentum buffer) holds what the
+    // parameters' first step hides.
+    let names = tg.model().params();
+    for ((id, theirs), (_, ours)) in tg.optimizer().state().iter().zip(opt.state()) {
+        let pairs = [
+            ("m", Some(&theirs.m), Some(&ours.m)),
+            ("v", theirs.v.as_ref(), ours.v.as_ref()),
+        ];
+        for (which, g, c) in pairs {
+            let (Some(g), Some(c)) = (g, c) else { continue };
+            let e = rel(&g.to_vec().unwrap(), &c.to_vec().unwrap());
+            let name = names.param(*id).name();
+            println!("  state {which} of {name:<27} relative error {e:.3e} (replayed on the CPU)");
+            if !within(e, 1e-5) {
+                failures.push(format!(
+                    "optimizer state {which} of {name} differs by {e:e}"
+                ));
+            }
+        }
+    }
     assert!(failures.is_empty(), "{method}:\n{}", failures.join("\n"));
+}
+
+fn adamw() -> OptimizerKind {
+    OptimizerKind::adamw(0.5)
 }
 
 #[test]
 fn lora_ensemble_step_matches_the_cpu() {
-    step_matches(Method::Lora, 3);
+    step_matches(Method::Lora, 3, adamw());
+}
+
+/// SGD with momentum through the trainer: the fused SGD update, its clipping factor and its
+/// momentum buffer (in the state compared).
+#[test]
+fn lora_ensemble_sgd_step_matches_the_cpu() {
+    let sgd = OptimizerKind::Sgd {
+        momentum: 0.9,
+        weight_decay: 0.01,
+    };
+    step_matches(Method::Lora, 2, sgd);
 }
 
 #[test]
 fn explicit_ensemble_step_matches_the_cpu() {
-    step_matches(Method::Explicit, 3);
+    step_matches(Method::Explicit, 3, adamw());
 }
 
 /// Two members: the emulated GPU in CI pays for every member's stream, and the kernels' DropKey
 /// parity at three members is in loren-tensor's suite.
 #[test]
 fn mc_dropout_step_matches_the_cpu() {
-    step_matches(Method::McDropout, 2);
+    step_matches(Method::McDropout, 2, adamw());
 }
 
 #[test]
 fn single_network_step_matches_the_cpu() {
-    step_matches(Method::Single, 1);
+    step_matches(Method::Single, 1, adamw());
 }
 
 /// A batch with one NaN pixel: its step is [`NnError::NonFinite`] and leaves every parameter as
