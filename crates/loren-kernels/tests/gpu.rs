@@ -367,6 +367,31 @@ fn lora_dims(
     }
 }
 
+/// A Hopper (compute capability 9.0) builds for sm_90a, so that the wgmma kernels are there, and
+/// takes them where `LOREN_WGMMA=1` asks: otherwise the cases here would skip every wgmma path,
+/// and the hopper suites would test mma.sync twice and pass.
+#[test]
+fn a_hopper_builds_and_takes_wgmma() {
+    let Some(g) = gpu() else { return };
+    if g.compute_capability() != (9, 0) {
+        println!("skipped: {} is no Hopper ({})", g.name(), g.arch());
+        return;
+    }
+    assert!(
+        g.has_wgmma(),
+        "{} builds for {}, without wgmma",
+        g.name(),
+        g.arch()
+    );
+    let asked = std::env::var("LOREN_WGMMA").is_ok_and(|v| v == "1");
+    let want = if asked {
+        GemmPath::Wgmma
+    } else {
+        GemmPath::MmaSync
+    };
+    assert_eq!(g.gemm_path(), want, "LOREN_WGMMA={asked}");
+}
+
 #[test]
 fn lora_per_member_aligned() {
     // 2 row tiles per member, 2 column tiles, 6 K steps: the pipeline and the tile edges.
