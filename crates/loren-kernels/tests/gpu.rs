@@ -690,8 +690,10 @@ fn attention_t197_dh64() {
 }
 
 #[test]
-fn attention_t1_and_t256_dh128() {
+fn attention_t1_t130_and_t256_dh128() {
     attention_case(attn(2, 2, 2, 2, 1, 1, 1, 128), 14);
+    // A last tile of 2 rows and 2 keys.
+    attention_case(attn(1, 1, 1, 1, 1, 130, 1, 128), 16);
     attention_case(attn(1, 1, 1, 1, 1, 256, 1, 128), 15);
 }
 
