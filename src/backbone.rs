@@ -167,10 +167,16 @@ pub fn resolve(
     // Only the digits have a pretraining split: other data met the digits' backbone.
     if given.is_none() && data.pretrain.is_empty() && verbosity == Verbosity::Normal {
         crate::note!(
-            "note: {} starts from {}, pretrained on the 8x8 digits (images are resized to the \
+            "note: {} starts from {}, pretrained on the 8x8 digits (images are {}resized to the \
              config's {}x{}); pass --config vit-b-32 --backbone FILE for real pretrained weights",
             data.train.name,
             path.display(),
+            // Colour is lost on the way: the one channel is the luma.
+            if vit.channels == 1 {
+                "made grey and "
+            } else {
+                ""
+            },
             vit.image_size,
             vit.image_size
         );

@@ -426,6 +426,36 @@ fn an_image_folder_trains_through_the_cli() {
     );
 }
 
+/// A held-out class is named as the run starts: the number counts in the folder's byte order,
+/// where `10` comes before `2`, and a grey model says colour is lost.
+#[test]
+fn a_held_out_class_is_named_by_its_folder() {
+    let dir = temp_dir("holdout-named");
+    for (c, class) in ["0", "1", "10", "2"].iter().enumerate() {
+        std::fs::create_dir_all(dir.join(class)).unwrap();
+        for i in 0..10 {
+            write_png(
+                &dir.join(class).join(format!("{i}.png")),
+                12,
+                10,
+                c * 10 + i,
+            );
+        }
+    }
+    let out = dir.join("run");
+    let arg = format!("folder:{}", dir.display());
+    let mut args = quick_train(&out, &["--data", &arg, "--holdout-classes", "2"]);
+    args.retain(|a| a != "-q");
+    let (ok, _, stderr) = loren(&strs(&args));
+    assert!(ok, "{stderr}");
+    for needle in [
+        "holding out class 2 (`10`) of 4, never trained on",
+        "images are made grey and resized to the config's 8x8",
+    ] {
+        assert!(stderr.contains(needle), "no `{needle}` in:\n{stderr}");
+    }
+}
+
 /// A run resumes on its images at another path (a moved folder), and is refused on other
 /// images at that path: the checkpoint records the training split's count and labels.
 #[test]

@@ -253,9 +253,11 @@ pub struct DataArgs {
     /// Default: digits.
     #[arg(long)]
     pub data: Option<String>,
-    /// Classes to hold out of fine-tuning and test, and score as out-of-distribution (e.g. 8,9).
-    /// Fine-tuning never sees them; the backbone may have: the bundled digits backbone was
-    /// pretrained on all ten classes, as an ImageNet-pretrained ViT may have seen a CIFAR class.
+    /// Classes to hold out of fine-tuning and test, and score as out-of-distribution (e.g. 8,9),
+    /// by number from 0 in the data's class order (a folder's subfolders sort byte-wise: 0, 1,
+    /// 10, 2, ...; the run's first lines name them). Fine-tuning never sees them; the backbone
+    /// may have: the bundled digits backbone was pretrained on all ten classes, as an
+    /// ImageNet-pretrained ViT may have seen a CIFAR class.
     #[arg(long, value_delimiter = ',')]
     pub holdout_classes: Vec<u32>,
     /// Skip the shifted test sets.
