@@ -456,6 +456,45 @@ fn a_held_out_class_is_named_by_its_folder() {
     }
 }
 
+/// A folder changed since training is scored with a warning: its split moved images between
+/// the parts, so its test part may hold images the model trained on.
+#[test]
+fn eval_warns_when_the_data_changed_since_training() {
+    let dir = temp_dir("eval-changed");
+    let data = dir.join("data");
+    write_cats_and_dogs(&data);
+    let out = dir.join("run");
+    let arg = format!("folder:{}", data.display());
+    run_ok(&strs(&quick_train(&out, &["--data", &arg])));
+    let eval = |to: &str| {
+        let scored = dir.join(to);
+        let run = out.to_str().unwrap();
+        let args = [
+            "eval",
+            "--checkpoint",
+            run,
+            "--out",
+            scored.to_str().unwrap(),
+            "-q",
+        ];
+        let (ok, _, stderr) = loren(&args);
+        assert!(ok, "{stderr}");
+        stderr
+    };
+    let unchanged = eval("first");
+    assert!(!unchanged.contains("warning"), "{unchanged}");
+    write_png(&data.join("dogs").join("10.png"), 12, 10, 99);
+    let changed = eval("second");
+    for needle in [
+        "has changed since",
+        "held 14 images",
+        "now holds 15 images",
+        "may hold images the model trained on",
+    ] {
+        assert!(changed.contains(needle), "no `{needle}` in:\n{changed}");
+    }
+}
+
 /// A run resumes on its images at another path (a moved folder), and is refused on other
 /// images at that path: the checkpoint records the training split's count and labels.
 #[test]

@@ -13,7 +13,9 @@ use super::args::{
 use serde::Serialize;
 
 use super::say;
-use loren::dataset::{Normalize, recorded_train_on_val};
+use loren::dataset::{
+    DataSource, Normalize, TRAINING_IMAGES_KEY, recorded_train_on_val, training_images,
+};
 use loren::ensemble::load_network;
 use loren::progress::{EvalBar, Verbosity};
 use loren::report::{calibration_report, method_title};
@@ -191,6 +193,28 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         );
     }
     check_class_names(&file, &a.checkpoint, &data.test)?;
+    let recorded_images = meta.get(TRAINING_IMAGES_KEY);
+    // Named as given or as recorded (absolute), the data it trained on.
+    let given = a.data.data.as_deref().map(str::parse::<DataSource>);
+    let on_its_own_data = match given {
+        None => true,
+        Some(Ok(source)) => Some(&source.absolute().to_string()) == recorded_data,
+        Some(Err(_)) => false,
+    };
+    if let Some(recorded) = recorded_images.filter(|_| on_its_own_data) {
+        let now = training_images(&data.train);
+        // The split shuffles each class by a fixed seed, so one image added or removed moves
+        // others between the parts: some now in test were trained on.
+        if *recorded != now {
+            loren::note!(
+                "warning: {} has changed since {} was trained on it: its training split held \
+                 {recorded}, and now holds {now}, so the test split scored here may hold images \
+                 the model trained on; its figures are no clean test",
+                data_args.data.as_deref().unwrap_or("digits"),
+                a.checkpoint.display()
+            );
+        }
+    }
     let mut opts = eval_options(&data_args);
     let held_out = data.held_out.as_ref();
     let val_images = data.val.as_ref().map_or(0, |v| v.len());
