@@ -427,7 +427,8 @@ fn an_image_folder_trains_through_the_cli() {
 }
 
 /// A held-out class is named as the run starts: the number counts in the folder's byte order,
-/// where `10` comes before `2`, and a grey model says colour is lost.
+/// where `10` comes before `2`; a grey model says colour is lost, and a file the data leaves
+/// out is named.
 #[test]
 fn a_held_out_class_is_named_by_its_folder() {
     let dir = temp_dir("holdout-named");
@@ -442,6 +443,7 @@ fn a_held_out_class_is_named_by_its_folder() {
             );
         }
     }
+    std::fs::write(dir.join("1").join("x.gif"), b"GIF89a\x01\x00\x01\x00").unwrap();
     let out = dir.join("run");
     let arg = format!("folder:{}", dir.display());
     let mut args = quick_train(&out, &["--data", &arg, "--holdout-classes", "2"]);
@@ -451,6 +453,7 @@ fn a_held_out_class_is_named_by_its_folder() {
     for needle in [
         "holding out class 2 (`10`) of 4, never trained on",
         "images are made grey and resized to the config's 8x8",
+        "passed over 1 file that it does not read: 1/x.gif (a GIF image)",
     ] {
         assert!(stderr.contains(needle), "no `{needle}` in:\n{stderr}");
     }

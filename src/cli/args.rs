@@ -15,6 +15,7 @@ use loren_autograd::optim::OptimizerKind;
 use loren_nn::checkpoint::write_atomic;
 use loren_nn::config::{Activations, EnsembleConfig, LoraConfig, Method, Targets, VitConfig};
 use loren_nn::data::Dataset;
+use loren_nn::data::folder::{PassedOver, passed_over};
 use loren_nn::data::{Augment, Splits};
 use loren_nn::eval::{EvalOptions, EvalReport, write_predictions};
 use loren_nn::reliability::reliability_svg;
@@ -318,9 +319,17 @@ impl DataArgs {
 /// The data for a model of config `vit` (its channels and image size), with the validation
 /// part trained on when `train_on_val`.
 /// The `--ood-data` sets come with them, in order.
-pub fn splits(data: &DataArgs, vit: &VitConfig, train_on_val: bool) -> Result<Splits> {
+pub fn splits(
+    data: &DataArgs,
+    vit: &VitConfig,
+    train_on_val: bool,
+    verbosity: Verbosity,
+) -> Result<Splits> {
     let source: DataSource = data.data.as_deref().unwrap_or("digits").parse()?;
     let mut splits = source.splits(&data.holdout_classes, vit, data.normalize()?, train_on_val)?;
+    if let (DataSource::Folder(dir), Verbosity::Normal) = (&source, verbosity) {
+        note_passed_over(&source, &passed_over(dir)?);
+    }
     for ood in &data.ood_data {
         let set = ood
             .parse::<DataSource>()
@@ -329,6 +338,46 @@ pub fn splits(data: &DataArgs, vit: &VitConfig, train_on_val: bool) -> Result<Sp
         splits.ood_sets.push(set);
     }
     Ok(splits)
+}
+
+/// What an image folder holds that its dataset leaves out, said once, so that no file is
+/// dropped without a word.
+fn note_passed_over(source: &DataSource, left: &PassedOver) {
+    if left.is_empty() {
+        return;
+    }
+    let folders = left.folders.iter().map(|f| {
+        format!(
+            "{}{} (a folder: a class's images go directly in its class folder)",
+            f.display(),
+            std::path::MAIN_SEPARATOR
+        )
+    });
+    let files = left
+        .files
+        .iter()
+        .map(|(f, what)| format!("{} ({what})", f.display()));
+    let all: Vec<String> = files.chain(folders).collect();
+    const SHOWN: usize = 5;
+    let more = match all.len().saturating_sub(SHOWN) {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    loren::note!(
+        "note: {source}: passed over {} that it does not read: {}{more}",
+        counted(left.files.len(), left.folders.len()),
+        all[..all.len().min(SHOWN)].join(", ")
+    );
+}
+
+/// "2 files and 1 folder", "1 file", "3 folders".
+fn counted(files: usize, folders: usize) -> String {
+    let of = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+    match (files, folders) {
+        (f, 0) => of(f, "file"),
+        (0, d) => of(d, "folder"),
+        (f, d) => format!("{} and {}", of(f, "file"), of(d, "folder")),
+    }
 }
 
 /// What `eval` needs to rebuild the same data, and a resumed run to train on it: the source,

@@ -120,7 +120,7 @@ pub fn compare(a: &CompareArgs, out_named: bool) -> Result<()> {
     };
     loren::outputs::writable_dir(&a.out, "--out")?;
     let mut vit = VitConfig::by_name(&a.model.config)?;
-    let data = splits(&a.data, &vit, a.optim.train_on_val)?;
+    let data = splits(&a.data, &vit, a.optim.train_on_val, a.common.verbosity())?;
     if !a.lrs.is_empty() && data.val.is_none() {
         bail!("--lrs chooses on the validation part, and this data has none");
     }

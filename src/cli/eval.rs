@@ -178,7 +178,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         })?;
     // The same cut either way: eval scores only the test part and the held-out classes.
     let train_on_val = recorded_train_on_val(meta)?;
-    let data = splits(&data_args, &vit, train_on_val)?;
+    let data = splits(&data_args, &vit, train_on_val, a.common.verbosity())?;
     let device = loren::open_device(a.common.device()?)?;
     let model = load_network(&file, a.backbone.as_deref(), &device)?;
     // Before the validation part is scored, whose labels would be the first to fall outside.

@@ -74,6 +74,7 @@ pub fn pretrain(a: &PretrainArgs) -> Result<()> {
         },
         &VitConfig::tiny(),
         false,
+        a.common.verbosity(),
     )?;
     let mut spec = PretrainSpec::bundled(out);
     spec.train.epochs = a.epochs;

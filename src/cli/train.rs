@@ -137,7 +137,7 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
     // After the flags' own checks, so that a mistyped flag is named as such and not as a folder.
     writable_dir(&a.out, "--out")?;
     loren::run::check_no_folder_in_the_way(&a.out)?;
-    let data = splits(&a.data, &config, a.optim.train_on_val)?;
+    let data = splits(&a.data, &config, a.optim.train_on_val, a.common.verbosity())?;
     let ckpt = a.out.join("checkpoint.safetensors");
     let mut spec = run_spec(
         &a.common,

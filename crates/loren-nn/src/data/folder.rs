@@ -266,12 +266,66 @@ fn image_files(class_dir: &Path) -> Result<Vec<PathBuf>, DataError> {
         }
     }
     if files.is_empty() {
+        let nested = sorted_entries(class_dir)?.iter().any(|p| p.is_dir());
         return Err(DataError::BadFile {
             path: class_dir.to_path_buf(),
-            msg: "the class folder holds no PNG or JPEG images".into(),
+            msg: format!(
+                "the class folder holds no PNG or JPEG images{}",
+                match nested {
+                    true =>
+                        " (its subfolders are not read: a class's images go directly in \
+                             DIR/CLASS/)",
+                    false => "",
+                }
+            ),
         });
     }
     Ok(files)
+}
+
+/// What an image folder holds that [`load_folder`] leaves out, for a caller to say: files in the
+/// class folders that are not PNG or JPEG (with their format, where known), folders inside
+/// them (a class's images are read from the class folder alone), and images beside the class
+/// folders. Hidden entries are left out of this too.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PassedOver {
+    /// Each file, relative to the image folder, with what it is.
+    pub files: Vec<(PathBuf, String)>,
+    /// Relative to the image folder.
+    pub folders: Vec<PathBuf>,
+}
+
+impl PassedOver {
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty() && self.folders.is_empty()
+    }
+}
+
+/// What the folder at `dir` holds that [`load_folder`] leaves out ([`PassedOver`]).
+pub fn passed_over(dir: &Path) -> Result<PassedOver, DataError> {
+    let relative = |p: &Path| p.strip_prefix(dir).unwrap_or(p).to_path_buf();
+    let mut out = PassedOver::default();
+    for entry in sorted_entries(dir)?.into_iter().filter(|p| p.is_file()) {
+        if image_kind(&head(&entry)?).is_some() {
+            let what = "an image beside the class folders, in none of them".to_string();
+            out.files.push((relative(&entry), what));
+        }
+    }
+    for class_dir in class_folders(dir)? {
+        for entry in sorted_entries(&class_dir)? {
+            if entry.is_dir() {
+                out.folders.push(relative(&entry));
+            } else if !listed_image(&entry)? {
+                let what = match entry.is_file() {
+                    true => other_image_format(&head(&entry)?)
+                        .map_or_else(|| "not an image".to_string(), |f| format!("a {f} image")),
+                    false => "not a regular file".to_string(),
+                };
+                out.files.push((relative(&entry), what));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Whether an entry met in a folder is an image to take. By its first bytes, whatever its name,
@@ -337,9 +391,12 @@ fn check_image(path: &Path) -> Result<(), DataError> {
     }
 }
 
-/// A file's first bytes as a reader can tell its kind from: as text when they are text (an
-/// HTML error page, a GIF's `GIF89a`), else in hex.
+/// A file's first bytes as a reader can tell its kind from: an image format loren does not read
+/// by its name, else as text when they are text (an HTML error page), else in hex.
 fn describe_start(head: &[u8]) -> String {
+    if let Some(format) = other_image_format(head) {
+        return format!("it is a {format} image");
+    }
     if head
         .iter()
         .all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace())
@@ -350,12 +407,34 @@ fn describe_start(head: &[u8]) -> String {
     format!("its first bytes are {}", hex.join(" "))
 }
 
+/// The image formats a folder may hold that loren does not read, by their first bytes.
+fn other_image_format(head: &[u8]) -> Option<&'static str> {
+    let at = |from: usize, bytes: &[u8]| head.get(from..from + bytes.len()) == Some(bytes);
+    if at(0, b"GIF87a") || at(0, b"GIF89a") {
+        Some("GIF")
+    } else if at(0, b"RIFF") && at(8, b"WEBP") {
+        Some("WebP")
+    } else if at(0, b"II*\0") || at(0, b"MM\0*") {
+        Some("TIFF")
+    } else if at(0, b"\0\0\0\x0cjP  ") || at(0, b"\xff\x4f\xff\x51") {
+        Some("JPEG 2000")
+    } else if at(4, b"ftypavif") {
+        Some("AVIF")
+    } else if at(4, b"ftypheic") || at(4, b"ftypheix") || at(4, b"ftypmif1") {
+        Some("HEIF")
+    } else if at(0, b"BM") && at(6, b"\0\0\0\0") {
+        Some("BMP")
+    } else {
+        None
+    }
+}
+
 /// The first bytes of a file, enough to tell its format.
 fn head(path: &Path) -> Result<Vec<u8>, DataError> {
     use std::io::Read;
-    let mut buf = Vec::with_capacity(8);
+    let mut buf = Vec::with_capacity(12);
     fs::File::open(path)
-        .and_then(|f| f.take(8).read_to_end(&mut buf))
+        .and_then(|f| f.take(12).read_to_end(&mut buf))
         .map_err(|reason| DataError::Io {
             path: path.to_path_buf(),
             reason,
@@ -728,6 +807,72 @@ mod tests {
         let enc = jpeg_encoder::Encoder::new_file(path, 100).unwrap();
         enc.encode(samples, w as u16, h as u16, jpeg_encoder::ColorType::Rgb)
             .unwrap();
+    }
+
+    /// What a folder's dataset leaves out is listed, each entry with what it is, and the
+    /// dataset is the same for it: images beside the class folders, folders inside a class
+    /// folder, files of formats loren does not read (named) and other files. Hidden ones are
+    /// left out of both.
+    #[test]
+    fn data_what_a_folder_passes_over_is_listed() {
+        let dir = temp_dir("passed-over");
+        for class in ["a", "b"] {
+            fs::create_dir_all(dir.join(class)).unwrap();
+            write_png(
+                &dir.join(class).join("0.png"),
+                2,
+                2,
+                png::ColorType::Rgb,
+                &rgb(1, 2, 2),
+            );
+        }
+        let clean = load_folder(&dir, [3, 2, 2]).unwrap();
+        assert_eq!(passed_over(&dir).unwrap(), PassedOver::default());
+        fs::create_dir_all(dir.join("a/more")).unwrap();
+        write_png(
+            &dir.join("a/more/1.png"),
+            2,
+            2,
+            png::ColorType::Rgb,
+            &rgb(2, 2, 2),
+        );
+        write_png(
+            &dir.join("stray.png"),
+            2,
+            2,
+            png::ColorType::Rgb,
+            &rgb(3, 2, 2),
+        );
+        fs::write(dir.join("a/x.gif"), b"GIF89a\x01\x00\x01\x00\x00\x00").unwrap();
+        fs::write(dir.join("b/y.webp"), b"RIFF\x10\x00\x00\x00WEBPVP8 ").unwrap();
+        fs::write(dir.join("b/notes.txt"), b"some notes").unwrap();
+        fs::write(dir.join("b/.DS_Store"), b"\x00\x00\x00\x01Bud1").unwrap();
+        let left = passed_over(&dir).unwrap();
+        let files: Vec<(String, &str)> = left
+            .files
+            .iter()
+            .map(|(p, what)| (p.display().to_string(), what.as_str()))
+            .collect();
+        let sep = std::path::MAIN_SEPARATOR;
+        assert_eq!(
+            files,
+            [
+                (
+                    "stray.png".to_string(),
+                    "an image beside the class folders, in none of them"
+                ),
+                (format!("a{sep}x.gif"), "a GIF image"),
+                (format!("b{sep}notes.txt"), "not an image"),
+                (format!("b{sep}y.webp"), "a WebP image"),
+            ]
+        );
+        assert_eq!(left.folders, [PathBuf::from("a").join("more")]);
+        assert_eq!(load_folder(&dir, [3, 2, 2]).unwrap(), clean);
+        // A class folder with its images in a subfolder alone says why it is empty.
+        fs::remove_file(dir.join("a/0.png")).unwrap();
+        let e = load_folder(&dir, [3, 2, 2]).unwrap_err().to_string();
+        assert!(e.contains("its subfolders are not read"), "{e}");
+        let _ = fs::remove_dir_all(&dir);
     }
 
     /// A shape no image folder gives, or more pixels than can be counted, is an error before
@@ -1208,16 +1353,20 @@ mod tests {
         assert_eq!(find_images(std::slice::from_ref(&dir)).unwrap().len(), 2);
 
         let bad = dir.join("b/html3.PNG");
-        let cases: [(&[u8], &str); 3] = [
+        let cases: [(&[u8], &str); 4] = [
             (
                 b"<html>404 Not Found</html>\n",
-                "named as an image but it is not a PNG or JPEG image (it begins with `<html>40`)",
+                "named as an image but it is not a PNG or JPEG image (it begins with `<html>404 No`)",
             ),
             (b"", "named as an image but it is an empty file (0 bytes)"),
             (
+                b"\x00\x01\x02\x03",
+                "named as an image but it is not a PNG or JPEG image (its first bytes are 00 01 \
+                 02 03)",
+            ),
+            (
                 b"\x00\x00\x00\x0cjP  \r\n",
-                "named as an image but it is not a PNG or JPEG image (its first bytes are 00 00 \
-                 00 0c 6a 50 20 20)",
+                "named as an image but it is not a PNG or JPEG image (it is a JPEG 2000 image)",
             ),
         ];
         for (bytes, says) in cases {
