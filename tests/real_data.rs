@@ -459,6 +459,26 @@ fn a_held_out_class_is_named_by_its_folder() {
     }
 }
 
+/// A class too small for the split to put any image in the test or validation part is named:
+/// it goes unmeasured there.
+#[test]
+fn a_class_too_small_to_score_is_named() {
+    let dir = temp_dir("thin-class");
+    write_cats_and_dogs(&dir);
+    for i in 3..10 {
+        std::fs::remove_file(dir.join("dogs").join(format!("{i}.png"))).unwrap();
+    }
+    let out = dir.join("run");
+    let arg = format!("folder:{}", dir.display());
+    let mut args = quick_train(&out, &["--data", &arg]);
+    args.retain(|a| a != "-q");
+    let (ok, _, stderr) = loren(&strs(&args));
+    assert!(ok, "{stderr}");
+    let needle = "class `dogs` has too few images (3) to have any in the validation part";
+    assert!(stderr.contains(needle), "no `{needle}` in:\n{stderr}");
+    assert!(!stderr.contains("class `cats`"), "{stderr}");
+}
+
 /// A folder changed since training is scored with a warning: its split moved images between
 /// the parts, so its test part may hold images the model trained on.
 #[test]

@@ -330,6 +330,9 @@ pub fn splits(
     if let (DataSource::Folder(dir), Verbosity::Normal) = (&source, verbosity) {
         note_passed_over(&source, &passed_over(dir)?);
     }
+    if verbosity == Verbosity::Normal {
+        note_unscored_classes(&source, &splits);
+    }
     for ood in &data.ood_data {
         let set = ood
             .parse::<DataSource>()
@@ -368,6 +371,32 @@ fn note_passed_over(source: &DataSource, left: &PassedOver) {
         counted(left.files.len(), left.folders.len()),
         all[..all.len().min(SHOWN)].join(", ")
     );
+}
+
+/// Classes with too few images for the split to give the test part (or validation) any: their
+/// accuracy and calibration go unmeasured, and a class missing from validation is missing
+/// from the temperature's fit.
+fn note_unscored_classes(source: &DataSource, splits: &Splits) {
+    let count = |d: &Dataset, c: usize| d.labels.iter().filter(|&&l| l as usize == c).count();
+    let parts = [Some(&splits.test), splits.val.as_ref()];
+    for (c, name) in splits.test.class_names.iter().enumerate() {
+        let missing: Vec<&str> = parts
+            .iter()
+            .zip(["test", "validation"])
+            .filter(|(d, _)| d.is_some_and(|d| count(d, c) == 0))
+            .map(|(_, part)| part)
+            .collect();
+        if !missing.is_empty() {
+            let images = count(&splits.train, c)
+                + parts.iter().flatten().map(|d| count(d, c)).sum::<usize>();
+            loren::note!(
+                "note: {source}: class `{name}` has too few images ({images}) to have any in the \
+                 {} part{}: it goes unscored there",
+                missing.join(" or "),
+                if missing.len() == 1 { "" } else { "s" }
+            );
+        }
+    }
 }
 
 /// "2 files and 1 folder", "1 file", "3 folders".
