@@ -885,6 +885,12 @@ fn eval_on_other_data_than_it_was_trained_on_says_so() {
         err.contains("was trained on digits") && err.contains(&format!("scoring it on {data}")),
         "{err}"
     );
+    // A digits file is split as the bundled one is, its pretraining part unused by the run.
+    let said = format!(
+        "{data} is split as the bundled digits are: 720 of its images (40%) are the pretraining \
+         part"
+    );
+    assert!(err.contains(&said), "{err}");
     // The data it was trained on, named: nothing to say.
     let (ok, _, err) = loren(&[
         "eval",

@@ -474,7 +474,8 @@ fn a_class_too_small_to_score_is_named() {
     args.retain(|a| a != "-q");
     let (ok, _, stderr) = loren(&strs(&args));
     assert!(ok, "{stderr}");
-    let needle = "class `dogs` has too few images (3) to have any in the validation part";
+    let needle = "too few images to have any in the validation part, so unscored there: class \
+        `dogs` (3)";
     assert!(stderr.contains(needle), "no `{needle}` in:\n{stderr}");
     assert!(!stderr.contains("class `cats`"), "{stderr}");
 }

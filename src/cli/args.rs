@@ -332,6 +332,13 @@ pub fn splits(
     }
     if verbosity == Verbosity::Normal {
         note_unscored_classes(&source, &splits);
+        if let DataSource::Digits(Some(_)) = source {
+            loren::note!(
+                "note: {source} is split as the bundled digits are: {} of its images (40%) are \
+                 the pretraining part, which a run from a backbone does not train on",
+                splits.pretrain.len()
+            );
+        }
     }
     for ood in &data.ood_data {
         let set = ood
@@ -379,6 +386,8 @@ fn note_passed_over(source: &DataSource, left: &PassedOver) {
 fn note_unscored_classes(source: &DataSource, splits: &Splits) {
     let count = |d: &Dataset, c: usize| d.labels.iter().filter(|&&l| l as usize == c).count();
     let parts = [Some(&splits.test), splits.val.as_ref()];
+    // Classes grouped by the parts they miss, each with its count of images: one line a group.
+    let mut groups: Vec<(Vec<&str>, Vec<String>)> = Vec::new();
     for (c, name) in splits.test.class_names.iter().enumerate() {
         let missing: Vec<&str> = parts
             .iter()
@@ -386,16 +395,26 @@ fn note_unscored_classes(source: &DataSource, splits: &Splits) {
             .filter(|(d, _)| d.is_some_and(|d| count(d, c) == 0))
             .map(|(_, part)| part)
             .collect();
-        if !missing.is_empty() {
-            let images = count(&splits.train, c)
-                + parts.iter().flatten().map(|d| count(d, c)).sum::<usize>();
-            loren::note!(
-                "note: {source}: class `{name}` has too few images ({images}) to have any in the \
-                 {} part{}: it goes unscored there",
-                missing.join(" or "),
-                if missing.len() == 1 { "" } else { "s" }
-            );
+        if missing.is_empty() {
+            continue;
         }
+        let images: usize =
+            count(&splits.train, c) + parts.iter().flatten().map(|d| count(d, c)).sum::<usize>();
+        let class = format!("`{name}` ({images})");
+        match groups.iter_mut().find(|(m, _)| *m == missing) {
+            Some((_, classes)) => classes.push(class),
+            None => groups.push((missing, vec![class])),
+        }
+    }
+    for (missing, classes) in groups {
+        loren::note!(
+            "note: {source}: too few images to have any in the {} part{}, so unscored there: \
+             class{} {}",
+            missing.join(" or "),
+            if missing.len() == 1 { "" } else { "s" },
+            if classes.len() == 1 { "" } else { "es" },
+            classes.join(", ")
+        );
     }
 }
 
