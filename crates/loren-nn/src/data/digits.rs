@@ -93,6 +93,8 @@ fn gunzip(bytes: &[u8], path: &Path) -> Result<Vec<u8>, DataError> {
 /// Pixels (`0..=16`, 64 per row) and labels of every non-blank line.
 fn parse_rows(text: &[u8], path: &Path) -> Result<(Vec<u8>, Vec<u32>), DataError> {
     let (mut pixels, mut labels) = (Vec::new(), Vec::new());
+    // The byte-order mark a spreadsheet writes at the start of its CSV.
+    let text = text.strip_prefix(b"\xef\xbb\xbf").unwrap_or(text);
     for (index, raw) in text.split(|&b| b == b'\n').enumerate() {
         let line = index + 1;
         let row = std::str::from_utf8(raw).map_err(|_| DataError::NotText {
@@ -102,7 +104,20 @@ fn parse_rows(text: &[u8], path: &Path) -> Result<(Vec<u8>, Vec<u32>), DataError
         if row.trim().is_empty() {
             continue;
         }
-        labels.push(parse_row(row, line, path, &mut pixels)?);
+        let label = parse_row(row, line, path, &mut pixels).map_err(|e| match e {
+            // Column names where the first row's numbers should be.
+            DataError::NotNumeric {
+                value, field: 1, ..
+            } if labels.is_empty() && value.chars().any(|c| c.is_ascii_alphabetic()) => {
+                DataError::HeaderLine {
+                    path: path.to_path_buf(),
+                    line,
+                    value,
+                }
+            }
+            e => e,
+        })?;
+        labels.push(label);
     }
     if labels.is_empty() {
         return Err(DataError::NoRows {
@@ -280,7 +295,23 @@ mod tests {
         let valid = gzip(&format!("{}\n{}\n", good_row("3"), good_row("9")));
         let cases: Vec<(&str, Vec<u8>, &[&str])> = vec![
             ("empty", vec![], &["empty"]),
-            ("plain.csv", good_row("1").into_bytes(), &["not a gzip"]),
+            (
+                "plain.csv",
+                good_row("1").into_bytes(),
+                &["not a gzip", "`gzip -k FILE`"],
+            ),
+            (
+                "header",
+                gzip(&format!(
+                    "{},label\n{}\n",
+                    (0..64)
+                        .map(|i| format!("p{i}"))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    good_row("1")
+                )),
+                &["line 1 is a header", "`p0`", "remove the line"],
+            ),
             (
                 "truncated",
                 valid[..valid.len() / 2].to_vec(),
@@ -342,7 +373,8 @@ mod tests {
 
     #[test]
     fn data_good_rows_with_blank_lines_and_crlf_parse() {
-        let text = format!("{}\r\n\n{}\r\n", good_row("3"), good_row(" 9 "));
+        // With a spreadsheet's byte-order mark before the first row.
+        let text = format!("\u{feff}{}\r\n\n{}\r\n", good_row("3"), good_row(" 9 "));
         let path = temp_file("crlf", &gzip(&text));
         let d = load_digits(&path).unwrap();
         std::fs::remove_file(&path).unwrap();

@@ -15,7 +15,11 @@ pub enum DataError {
     },
     #[error("{}: the file is empty", path.display())]
     EmptyFile { path: PathBuf },
-    #[error("{}: not a gzip file (it does not start with the gzip magic bytes 1f 8b)", path.display())]
+    #[error(
+        "{}: not a gzip file (it does not start with the gzip magic bytes 1f 8b); the digits \
+         format is gzipped CSV, and `gzip -k FILE` compresses a plain one",
+        path.display()
+    )]
     NotGzip { path: PathBuf },
     #[error("{}: corrupt gzip data: {reason}", path.display())]
     CorruptGzip {
@@ -37,6 +41,16 @@ pub enum DataError {
         line: usize,
         expected: usize,
         found: usize,
+    },
+    #[error(
+        "{}: line {line} is a header (its first field is `{value}`): the digits format has none, \
+         its first line is an image's; remove the line",
+        path.display()
+    )]
+    HeaderLine {
+        path: PathBuf,
+        line: usize,
+        value: String,
     },
     #[error("{}: line {line}, field {field}: `{value}` is not a whole number", path.display())]
     NotNumeric {
