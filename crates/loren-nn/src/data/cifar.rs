@@ -170,9 +170,29 @@ fn read_records(
     pixels: &mut Vec<u8>,
     labels: &mut Vec<u32>,
 ) -> Result<(), DataError> {
-    let bytes = fs::read(path).map_err(|reason| DataError::Io {
-        path: path.to_path_buf(),
-        reason,
+    let bytes = fs::read(path).map_err(|reason| {
+        let other = match kind {
+            Cifar::Ten => Cifar::Hundred,
+            Cifar::Hundred => Cifar::Ten,
+        };
+        // The other CIFAR's folder, named with the wrong prefix: none of this one's files there.
+        let first = path.file_name() == Some(kind.train_files()[0].as_ref());
+        let theirs = path.with_file_name(&other.train_files()[0]);
+        match reason.kind() == std::io::ErrorKind::NotFound && first && theirs.exists() {
+            true => DataError::BadFile {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "not found, and the folder holds {} ({}): pass it as {}:DIR",
+                    other.name(),
+                    other.train_files()[0],
+                    other.name()
+                ),
+            },
+            false => DataError::Io {
+                path: path.to_path_buf(),
+                reason,
+            },
+        }
     })?;
     let (label_bytes, which) = kind.label_layout();
     let record = label_bytes + PIXELS;
@@ -319,6 +339,17 @@ pub(crate) mod tests {
         let err = |kind| load_cifar(&dir, kind).unwrap_err().to_string();
         let e = err(Cifar::Hundred);
         assert!(e.contains("train.bin") && e.contains("cannot read"), "{e}");
+        // A CIFAR-10 folder passed as CIFAR-100 is named as the other.
+        write_records(&dir.join("data_batch_1.bin"), Cifar::Ten, &[0], 1);
+        let e = err(Cifar::Hundred);
+        assert!(
+            e.contains(
+                "train.bin: not found, and the folder holds cifar10 (data_batch_1.bin): \
+                 pass it as cifar10:DIR"
+            ),
+            "{e}"
+        );
+        fs::remove_file(dir.join("data_batch_1.bin")).unwrap();
 
         write_records(&dir.join("train.bin"), Cifar::Hundred, &[1, 2], 1);
         write_records(&dir.join("test.bin"), Cifar::Hundred, &[1], 1);
