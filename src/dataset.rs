@@ -1,7 +1,7 @@
 //! Which data a run uses, as the user names it on the command line.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use loren_nn::config::VitConfig;
@@ -18,8 +18,17 @@ use loren_nn::data::{
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {
     /// A dataset named in none of the forms [`DataSource`] reads.
-    #[error("unknown dataset '{given}': {}{EXPECTED}", if *.empty_path { "the path is empty; " } else { "" })]
-    UnknownSource { given: String, empty_path: bool },
+    #[error(
+        "unknown dataset '{given}': {}{EXPECTED}{}",
+        if *.empty_path { "the path is empty; " } else { "" },
+        .guess.as_ref().map_or(String::new(), |g| format!("; did you mean {g}?"))
+    )]
+    UnknownSource {
+        given: String,
+        empty_path: bool,
+        /// The form that reads what is at `given`'s path, when there is something there.
+        guess: Option<String>,
+    },
     /// A normalisation other than `dataset` or `none`.
     #[error("unknown normalisation '{0}': expected dataset or none")]
     UnknownNormalize(String),
@@ -150,6 +159,7 @@ impl FromStr for DataSource {
         let unknown = |empty_path| DatasetError::UnknownSource {
             given: s.to_string(),
             empty_path,
+            guess: guess_source(Path::new(s)),
         };
         match s.split_once(':') {
             None if s == "digits" => Ok(DataSource::Digits(None)),
@@ -161,6 +171,27 @@ impl FromStr for DataSource {
             _ => Err(unknown(false)),
         }
     }
+}
+
+/// The `--data` form that reads what is at `path`, given without one: a CIFAR folder by its
+/// first training file, any other folder as an image folder, a `.gz` file as digits.
+fn guess_source(path: &Path) -> Option<String> {
+    let shown = path.display();
+    if path.is_dir() {
+        let holds = |kind: Cifar| {
+            let first = &kind.train_files()[0];
+            path.join(first).exists() || path.join(kind.archive_folder()).join(first).exists()
+        };
+        return Some(match (holds(Cifar::Ten), holds(Cifar::Hundred)) {
+            (true, _) => format!("cifar10:{shown}"),
+            (_, true) => format!("cifar100:{shown}"),
+            _ => format!("folder:{shown}"),
+        });
+    }
+    let gz = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gz"));
+    (path.is_file() && gz).then(|| format!("digits:{shown}"))
 }
 
 impl fmt::Display for DataSource {
@@ -377,6 +408,38 @@ mod tests {
         assert_eq!(Normalize::None.to_string(), "none");
         let e = "imagenet".parse::<Normalize>().unwrap_err().to_string();
         assert!(e.contains("expected dataset or none"), "{e}");
+    }
+
+    /// A path given without its form is answered with the form that reads it.
+    #[test]
+    fn a_bare_path_is_answered_with_its_form() {
+        let dir = std::env::temp_dir().join(format!("loren-guess-{}", std::process::id()));
+        let cifar = dir.join("c10");
+        std::fs::create_dir_all(cifar.join("cifar-10-batches-bin")).unwrap();
+        std::fs::write(cifar.join("cifar-10-batches-bin/data_batch_1.bin"), b"").unwrap();
+        std::fs::create_dir_all(dir.join("c100")).unwrap();
+        std::fs::write(dir.join("c100/train.bin"), b"").unwrap();
+        std::fs::write(dir.join("d.csv.gz"), b"").unwrap();
+        let guess = |p: &str| match dir.join(p).to_str().unwrap().parse::<DataSource>() {
+            Err(DatasetError::UnknownSource { guess, .. }) => guess,
+            other => panic!("{p}: {other:?}"),
+        };
+        let at = |form: &str, p: &str| Some(format!("{form}:{}", dir.join(p).display()));
+        assert_eq!(guess("c10"), at("cifar10", "c10"));
+        assert_eq!(guess("c100"), at("cifar100", "c100"));
+        assert_eq!(guess(""), at("folder", ""));
+        assert_eq!(guess("d.csv.gz"), at("digits", "d.csv.gz"));
+        assert_eq!(guess("nothing"), None);
+        let e = dir.join("c100").to_str().unwrap().parse::<DataSource>();
+        let e = e.unwrap_err().to_string();
+        assert!(
+            e.ends_with(&format!(
+                "; did you mean cifar100:{}?",
+                dir.join("c100").display()
+            )),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A program embedding loren tells its user's mistakes from a damaged checkpoint and from

@@ -66,7 +66,7 @@ impl Cifar {
     }
 
     /// The folder the official archive unpacks to.
-    fn archive_folder(self) -> &'static str {
+    pub fn archive_folder(self) -> &'static str {
         match self {
             Cifar::Ten => "cifar-10-batches-bin",
             Cifar::Hundred => "cifar-100-binary",
