@@ -43,15 +43,41 @@ fn check_header_length(path: &Path) -> Result<(fs::File, u64)> {
     let n = u64::from_le_bytes(head);
     // A file's reported length may be 0 with content behind it (procfs).
     if n == 0 || n > MAX_HEADER_BYTES || n > meta.len().saturating_sub(8) {
-        return Err(NnError::checkpoint(
-            path,
-            format!(
-                "not a valid safetensors file (its first 8 bytes give a header of {n} bytes, in a file of {})",
+        let why = match other_file_kind(&head) {
+            Some(kind) => format!("it is {kind}"),
+            None => format!(
+                "its first 8 bytes give a header of {n} bytes, in a file of {}",
                 meta.len()
             ),
+        };
+        return Err(NnError::checkpoint(
+            path,
+            format!("not a valid safetensors file ({why})"),
         ));
     }
     Ok((file, n))
+}
+
+/// What a file given for a safetensors one is, by its first bytes, where that is commonly
+/// mistaken for one: an image, or PyTorch's own formats.
+fn other_file_kind(head: &[u8; 8]) -> Option<&'static str> {
+    let starts = |bytes: &[u8]| head.starts_with(bytes);
+    if starts(b"\x89PNG") {
+        Some("a PNG image")
+    } else if starts(&[0xff, 0xd8, 0xff]) {
+        Some("a JPEG image")
+    } else if starts(b"PK\x03\x04") {
+        Some(
+            "a zip archive, as torch.save writes a .pt, .pth or .bin file: the README's \
+             one-liner converts one to safetensors",
+        )
+    } else if head[0] == 0x80 && (2..=5).contains(&head[1]) {
+        Some("a Python pickle, as older torch.save writes: the README's one-liner converts it")
+    } else if starts(&[0x1f, 0x8b]) {
+        Some("a gzip file")
+    } else {
+        None
+    }
 }
 
 /// The metadata of a safetensors file, read from its header alone.
@@ -574,6 +600,19 @@ mod tests {
         fs::write(&long, [&1000u64.to_le_bytes()[..], b"{}"].concat()).unwrap();
         let e = TensorFile::read(&long).unwrap_err().to_string();
         assert!(e.contains("header of 1000 bytes, in a file of 10"), "{e}");
+        // Files commonly given for one are named.
+        for (bytes, kind) in [
+            (&b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"[..], "it is a PNG image"),
+            (
+                b"PK\x03\x04\x14\0\0\0\0\0",
+                "it is a zip archive, as torch.save writes",
+            ),
+            (b"\x80\x02\x8a\x0al\xfc\x9cF\xf9", "it is a Python pickle"),
+        ] {
+            fs::write(&long, bytes).unwrap();
+            let e = TensorFile::read(&long).unwrap_err().to_string();
+            assert!(e.contains(kind), "{e}");
+        }
         let short = temp("short");
         fs::write(&short, b"abc").unwrap();
         let e = TensorFile::read(&short).unwrap_err().to_string();
