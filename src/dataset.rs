@@ -329,6 +329,24 @@ impl DataSource {
     }
 }
 
+/// Every image of the folder at `dir`, as one test set for a model of config `vit`, scaled as
+/// `normalize` says: a test set held apart from training, scored whole.
+pub fn every_image(dir: &Path, vit: &VitConfig, normalize: Normalize) -> Result<Dataset> {
+    let shape = [vit.channels, vit.image_size, vit.image_size];
+    let mut all = load_folder(dir, shape)?;
+    all.name = format!("every image of {}", all.name);
+    let all = fit_dataset(all, vit);
+    // The loader normalises with the folder's statistics already.
+    match normalize {
+        Normalize::Dataset => Ok(all),
+        Normalize::None => {
+            let source = DataSource::Folder(dir.to_path_buf());
+            let (mean, std) = source.normalization(vit.channels, normalize);
+            Ok(all.with_normalization(mean, std)?)
+        }
+    }
+}
+
 /// Every part with the model's channels, resized to its image size as batches are made, and
 /// normalised by `normalization` (mean, std) when given rather than by the loader's statistics.
 fn fit_to_model(

@@ -480,6 +480,66 @@ fn a_class_too_small_to_score_is_named() {
     assert!(!stderr.contains("class `cats`"), "{stderr}");
 }
 
+/// `eval --all-images` scores every image of a folder held apart from training, with the
+/// temperature fitted on the training data's validation part; the training folder itself, or
+/// data other than a folder, is refused.
+#[test]
+fn eval_scores_every_image_of_a_held_apart_folder() {
+    let dir = temp_dir("all-images");
+    let (data, held) = (dir.join("data"), dir.join("held"));
+    write_cats_and_dogs(&data);
+    for (c, class) in ["cats", "dogs"].iter().enumerate() {
+        std::fs::create_dir_all(held.join(class)).unwrap();
+        for i in 0..6 {
+            write_png(
+                &held.join(class).join(format!("{i}.png")),
+                9,
+                11,
+                40 + c * 10 + i,
+            );
+        }
+    }
+    let out = dir.join("run");
+    let folder = |d: &Path| format!("folder:{}", d.display());
+    run_ok(&strs(&quick_train(&out, &["--data", &folder(&data)])));
+    let (run, scored) = (out.to_str().unwrap(), dir.join("scored"));
+    let eval = |data: &str| {
+        let to = scored.to_str().unwrap();
+        let args = [
+            "eval",
+            "--checkpoint",
+            run,
+            "--data",
+            data,
+            "--all-images",
+            "--out",
+            to,
+        ];
+        loren(&[&args[..], &["--no-shift", "--no-ood"]].concat())
+    };
+    let (ok, stdout, stderr) = eval(&folder(&held));
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("on every image of held (12 images)"),
+        "{stdout}"
+    );
+    let written = std::fs::read_to_string(scored.join("eval.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&written).unwrap();
+    assert_eq!(json["test_set"], "every image of held");
+    assert_eq!(json["test"]["samples"], 12);
+    assert!(json["tempered"].is_object(), "no temperature: {written}");
+    let (ok, _, stderr) = eval(&folder(&data));
+    assert!(
+        !ok && stderr.contains("every image of it holds those it trained on"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = eval("digits");
+    assert!(
+        !ok && stderr.contains("--all-images scores an image folder"),
+        "{stderr}"
+    );
+}
+
 /// A folder changed since training is scored with a warning: its split moved images between
 /// the parts, so its test part may hold images the model trained on.
 #[test]

@@ -352,7 +352,7 @@ pub fn splits(
 
 /// What an image folder holds that its dataset leaves out, said once, so that no file is
 /// dropped without a word.
-fn note_passed_over(source: &DataSource, left: &PassedOver) {
+pub fn note_passed_over(source: &DataSource, left: &PassedOver) {
     if left.is_empty() {
         return;
     }

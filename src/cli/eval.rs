@@ -6,15 +6,15 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use super::args::{
-    Common, DataArgs, checkpoint_arg, data_metadata, eval_options, save_predictions,
-    saved_holdout_classes, splits, text_path,
+    Common, DataArgs, checkpoint_arg, data_metadata, eval_options, note_passed_over,
+    save_predictions, saved_holdout_classes, splits, text_path,
 };
 
 use serde::Serialize;
 
 use super::say;
 use loren::dataset::{
-    DataSource, Normalize, TRAINING_IMAGES_KEY, recorded_train_on_val, training_images,
+    DataSource, Normalize, TRAINING_IMAGES_KEY, every_image, recorded_train_on_val, training_images,
 };
 use loren::ensemble::load_network;
 use loren::progress::{EvalBar, Verbosity};
@@ -22,7 +22,8 @@ use loren::report::{calibration_report, method_title};
 use loren::run::{RunSettings, read_model};
 use loren_nn::checkpoint::{TensorFile, write_atomic};
 use loren_nn::config::{EnsembleConfig, VitConfig};
-use loren_nn::data::Dataset;
+use loren_nn::data::folder::passed_over;
+use loren_nn::data::{Dataset, Splits};
 use loren_nn::eval::{EvalReport, ScoredSet, eval_images, evaluate, predict};
 use loren_nn::metrics::fit_temperature;
 use loren_nn::reliability::reliability_svg;
@@ -57,6 +58,61 @@ pub struct EvalArgs {
     /// Output folder for eval.json and eval-reliability.svg (default: the checkpoint's folder).
     #[arg(long, value_parser = text_path)]
     pub out: Option<PathBuf>,
+    /// Score every image of --data folder:DIR, a test set of the checkpoint's classes held apart
+    /// from training, instead of its split's test part (a fifth of it). The temperature is then
+    /// fitted on the validation part of the data the checkpoint trained on.
+    #[arg(long, requires = "data")]
+    pub all_images: bool,
+}
+
+/// `--all-images`: the data the checkpoint trained on, for its validation part (the
+/// temperature's), with every image of the given folder as its test part.
+fn every_image_of(
+    a: &EvalArgs,
+    data_args: &DataArgs,
+    vit: &VitConfig,
+    recorded: Option<&String>,
+    train_on_val: bool,
+) -> Result<Splits> {
+    let ckpt = a.checkpoint.display();
+    let given: DataSource = a.data.data.as_deref().unwrap_or_default().parse()?;
+    let DataSource::Folder(dir) = &given else {
+        anyhow::bail!(
+            "--all-images scores an image folder held apart from training (--data folder:DIR); \
+             {given} has a test part of its own, which eval scores without the flag"
+        );
+    };
+    if recorded.is_some_and(|r| *r == given.absolute().to_string()) {
+        anyhow::bail!(
+            "--all-images: {ckpt} was trained on {given}, and every image of it holds those it \
+             trained on; the flag scores a folder held apart from training"
+        );
+    }
+    if !data_args.holdout_classes.is_empty() {
+        anyhow::bail!(
+            "--all-images: {ckpt} held classes out of training (--holdout-classes), which a whole \
+             folder of its classes has no part for; score it without the flag"
+        );
+    }
+    let Some(recorded) = recorded else {
+        anyhow::bail!(
+            "--all-images: {ckpt} records no data it trained on, whose validation part would fit \
+             the temperature; score it without the flag"
+        );
+    };
+    // Its notes would be about the training data, not the folder scored.
+    let trained_on = DataArgs {
+        data: Some(recorded.clone()),
+        ..data_args.clone()
+    };
+    let mut data = splits(&trained_on, vit, train_on_val, Verbosity::Quiet).with_context(|| {
+        format!("--all-images fits the temperature on the validation part of {recorded}")
+    })?;
+    if a.common.verbosity() == Verbosity::Normal {
+        note_passed_over(&given, &passed_over(dir)?);
+    }
+    data.test = every_image(dir, vit, data_args.normalize()?)?;
+    Ok(data)
 }
 
 /// The data's classes are the ones the checkpoint's heads were trained on, by name and in order:
@@ -98,6 +154,9 @@ struct EvalFile<'a> {
     #[serde(flatten)]
     report: &'a EvalReport,
     checkpoint: String,
+    /// The set scored as test: a split's test part (`digits/test`), or with `--all-images`
+    /// every image of a folder.
+    test_set: String,
     device: String,
     batch_size: usize,
     /// None for an export written before exports recorded them.
@@ -178,7 +237,10 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         })?;
     // The same cut either way: eval scores only the test part and the held-out classes.
     let train_on_val = recorded_train_on_val(meta)?;
-    let data = splits(&data_args, &vit, train_on_val, a.common.verbosity())?;
+    let data = match a.all_images {
+        false => splits(&data_args, &vit, train_on_val, a.common.verbosity())?,
+        true => every_image_of(a, &data_args, &vit, recorded_data, train_on_val)?,
+    };
     let device = loren::open_device(a.common.device()?)?;
     let model = load_network(&file, a.backbone.as_deref(), &device)?;
     // Before the validation part is scored, whose labels would be the first to fall outside.
@@ -264,6 +326,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     let written = EvalFile {
         report: &report,
         checkpoint: a.checkpoint.display().to_string(),
+        test_set: data.test.name.clone(),
         device: device.to_string(),
         batch_size: opts.batch_size,
         // An export records its training settings where its checkpoint did.
