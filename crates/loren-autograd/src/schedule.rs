@@ -49,7 +49,11 @@ mod tests {
         assert!((s.lr(9) - 0.55).abs() < 1e-6, "midpoint {}", s.lr(9));
         // Off the midpoint, where a linear decay would agree: 0.1 + 0.9·(1 + cos(π·t))/2.
         assert!((s.lr(6) - 0.914_057_6).abs() < 1e-6, "t = 0.2: {}", s.lr(6));
-        assert!((s.lr(11) - 0.285_496_6).abs() < 1e-6, "t = 0.7: {}", s.lr(11));
+        assert!(
+            (s.lr(11) - 0.285_496_6).abs() < 1e-6,
+            "t = 0.7: {}",
+            s.lr(11)
+        );
         assert!((s.lr(14) - 0.1).abs() < 1e-6);
         assert!((s.lr(100) - 0.1).abs() < 1e-6);
         let lrs: Vec<f32> = (4..=14).map(|i| s.lr(i)).collect();
