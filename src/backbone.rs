@@ -171,9 +171,9 @@ pub fn resolve(
              config's {}x{}); pass --config vit-b-32 --backbone FILE for real pretrained weights",
             data.train.name,
             path.display(),
-            // Colour is lost on the way: the one channel is the luma.
+            // Colour, where there is any, is lost on the way: the one channel is the luma.
             if vit.channels == 1 {
-                "made grey and "
+                "read in grey and "
             } else {
                 ""
             },

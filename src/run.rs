@@ -159,25 +159,6 @@ fn replaced_by(checkpoint: &Path, resumed: Option<&Path>) -> Vec<PathBuf> {
     RUN_FILES.map(|name| dir.join(name)).to_vec()
 }
 
-/// The classes a run holds out, by number and name: `--holdout-classes` counts in the data's
-/// class order, which for a folder is its subfolders' byte order (0, 1, 10, 2, ...), so the
-/// name is what says which class it is.
-fn held_out_classes(held: &loren_nn::data::Dataset) -> String {
-    let mut classes = held.labels.clone();
-    classes.sort_unstable();
-    classes.dedup();
-    let named: Vec<String> = classes
-        .iter()
-        .map(|&c| format!("{c} (`{}`)", held.class_names[c as usize]))
-        .collect();
-    format!(
-        "holding out class{} {} of {}, never trained on and scored as out-of-distribution",
-        if named.len() == 1 { "" } else { "es" },
-        named.join(", "),
-        held.class_names.len()
-    )
-}
-
 /// What a run stopped after training keeps: its checkpoint, whole, and the command that scores
 /// it.
 pub fn scored_again(checkpoint: &Path) -> String {
@@ -393,9 +374,6 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
                 if steps == 1 { "" } else { "s" },
                 spec.train.batch_size
             );
-            if let Some(held) = &data.held_out {
-                crate::note!("{label}: {}", held_out_classes(held));
-            }
             if spec.train.warmup_steps >= trainer.total_steps() {
                 crate::note!(
                     "{label}: note: its {} steps are all learning-rate warm-up (--warmup {}), \

@@ -271,6 +271,13 @@ fn cifar10_trains_and_evaluates_through_the_cli() {
     assert_eq!(meta["data"], format!("cifar10:{}", absolute.display()));
     eval_ok(&ckpt, &[]);
     assert!(out.join("eval.json").exists());
+    // The same records with the class names file, at another path: the names differ only
+    // where one side numbered its classes for want of the file, and the labels are the data's.
+    let named = temp_dir("cifar-named");
+    write_cifar10(&named);
+    let names = "airplane\nautomobile\nbird\ncat\ndeer\ndog\nfrog\nhorse\nship\ntruck\n";
+    std::fs::write(named.join("batches.meta.txt"), names).unwrap();
+    eval_ok(&ckpt, &["--data", &format!("cifar10:{}", named.display())]);
 }
 
 /// The paper's data flags: every official training image (100 here, 90 without
@@ -343,6 +350,15 @@ fn a_relative_data_path_is_found_again_from_another_directory() {
         ],
     );
     assert!(printed.contains("accuracy"), "{printed}");
+    // The same data named by the relative path it was trained with: nothing to say of it.
+    let (ok, _, stderr) = common::loren_in(
+        &dir,
+        &["eval", "--checkpoint", ckpt.to_str().unwrap(), "--no-shift"]
+            .into_iter()
+            .chain(["--data", "cifar10:cifar-10-batches-bin"])
+            .collect::<Vec<_>>(),
+    );
+    assert!(ok && !stderr.contains("was trained on"), "{stderr}");
 }
 
 fn write_png(path: &Path, w: u32, h: u32, seed: usize) {
@@ -443,16 +459,19 @@ fn a_held_out_class_is_named_by_its_folder() {
             );
         }
     }
+    // A class of one image, none of it in the test part: held out all the same.
+    std::fs::create_dir_all(dir.join("3")).unwrap();
+    write_png(&dir.join("3").join("0.png"), 12, 10, 77);
     std::fs::write(dir.join("1").join("x.gif"), b"GIF89a\x01\x00\x01\x00").unwrap();
     let out = dir.join("run");
     let arg = format!("folder:{}", dir.display());
-    let mut args = quick_train(&out, &["--data", &arg, "--holdout-classes", "2"]);
+    let mut args = quick_train(&out, &["--data", &arg, "--holdout-classes", "4,2"]);
     args.retain(|a| a != "-q");
     let (ok, _, stderr) = loren(&strs(&args));
     assert!(ok, "{stderr}");
     for needle in [
-        "holding out class 2 (`10`) of 4, never trained on",
-        "images are made grey and resized to the config's 8x8",
+        ": holding out classes 2 (`10`), 4 (`3`) of 5, never trained on",
+        "images are read in grey and resized to the config's 8x8",
         "passed over 1 file that it does not read: 1/x.gif (a GIF image)",
     ] {
         assert!(stderr.contains(needle), "no `{needle}` in:\n{stderr}");
@@ -550,13 +569,16 @@ fn eval_warns_when_the_data_changed_since_training() {
     let out = dir.join("run");
     let arg = format!("folder:{}", data.display());
     run_ok(&strs(&quick_train(&out, &["--data", &arg])));
-    let eval = |to: &str| {
+    // An export keeps the record of the images it trained on.
+    let export = dir.join("export.safetensors");
+    let (run, exported) = (out.to_str().unwrap(), export.to_str().unwrap());
+    run_ok(&["export", "--checkpoint", run, "--out", exported]);
+    let eval = |model: &str, to: &str| {
         let scored = dir.join(to);
-        let run = out.to_str().unwrap();
         let args = [
             "eval",
             "--checkpoint",
-            run,
+            model,
             "--out",
             scored.to_str().unwrap(),
             "-q",
@@ -565,18 +587,32 @@ fn eval_warns_when_the_data_changed_since_training() {
         assert!(ok, "{stderr}");
         stderr
     };
-    let unchanged = eval("first");
+    let unchanged = eval(run, "first");
     assert!(!unchanged.contains("warning"), "{unchanged}");
     write_png(&data.join("dogs").join("10.png"), 12, 10, 99);
-    let changed = eval("second");
-    for needle in [
-        "has changed since",
-        "held 14 images",
-        "now holds 15 images",
-        "may hold images the model trained on",
-    ] {
-        assert!(changed.contains(needle), "no `{needle}` in:\n{changed}");
+    for changed in [eval(run, "second"), eval(exported, "third")] {
+        for needle in [
+            "eval: warning: folder:",
+            "has changed since",
+            "its training split held 14 images and now holds 15",
+            "may hold images the model trained on",
+        ] {
+            assert!(changed.contains(needle), "no `{needle}` in:\n{changed}");
+        }
     }
+    // As many images, another labelled otherwise: told as such.
+    std::fs::remove_file(data.join("dogs").join("10.png")).unwrap();
+    std::fs::rename(
+        data.join("dogs").join("9.png"),
+        data.join("cats").join("10.png"),
+    )
+    .unwrap();
+    let relabelled = eval(run, "fourth");
+    let needle = "its training split holds as many images (14), labelled otherwise";
+    assert!(
+        relabelled.contains(needle),
+        "no `{needle}` in:\n{relabelled}"
+    );
 }
 
 /// A run resumes on its images at another path (a moved folder), and is refused on other

@@ -328,9 +328,12 @@ pub fn splits(
     let source: DataSource = data.data.as_deref().unwrap_or("digits").parse()?;
     let mut splits = source.splits(&data.holdout_classes, vit, data.normalize()?, train_on_val)?;
     if let (DataSource::Folder(dir), Verbosity::Normal) = (&source, verbosity) {
-        note_passed_over(&source, &passed_over(dir)?);
+        note_passed_over(&source, &passed_over(dir));
     }
     if verbosity == Verbosity::Normal {
+        if let Some(held) = &splits.held_out {
+            note_held_out(&source, &data.holdout_classes, &held.class_names);
+        }
         note_unscored_classes(&source, &splits);
         if let DataSource::Digits(Some(_)) = source {
             loren::note!(
@@ -367,7 +370,8 @@ pub fn note_passed_over(source: &DataSource, left: &PassedOver) {
         .files
         .iter()
         .map(|(f, what)| format!("{} ({what})", f.display()));
-    let all: Vec<String> = files.chain(folders).collect();
+    // Folders first: a class's images in a subfolder are the likeliest of these to matter.
+    let all: Vec<String> = folders.chain(files).collect();
     const SHOWN: usize = 5;
     let more = match all.len().saturating_sub(SHOWN) {
         0 => String::new(),
@@ -377,6 +381,26 @@ pub fn note_passed_over(source: &DataSource, left: &PassedOver) {
         "note: {source}: passed over {} that it does not read: {}{more}",
         counted(left.files.len(), left.folders.len()),
         all[..all.len().min(SHOWN)].join(", ")
+    );
+}
+
+/// The classes held out, by number and name (`names`: all the data's classes):
+/// `--holdout-classes` counts in the data's class order, which for a folder is its subfolders'
+/// byte order (0, 1, 10, 2, ...), so the name is what says which class it is.
+fn note_held_out(source: &DataSource, holdout: &[u32], names: &[String]) {
+    let mut classes = holdout.to_vec();
+    classes.sort_unstable();
+    classes.dedup();
+    let named: Vec<String> = classes
+        .iter()
+        .map(|&c| format!("{c} (`{}`)", names[c as usize]))
+        .collect();
+    loren::note!(
+        "note: {source}: holding out class{} {} of {}, never trained on and scored as \
+         out-of-distribution",
+        if named.len() == 1 { "" } else { "es" },
+        named.join(", "),
+        names.len()
     );
 }
 

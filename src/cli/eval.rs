@@ -65,6 +65,17 @@ pub struct EvalArgs {
     pub all_images: bool,
 }
 
+/// Whether `given` (`--data`, or none) names the data the checkpoint `recorded` it trained on:
+/// by its absolute path, as the checkpoint records it, so that a relative path to the same data
+/// is the same data.
+fn is_recorded(given: Option<&str>, recorded: Option<&String>) -> bool {
+    match given.map(str::parse::<DataSource>) {
+        None => true,
+        Some(Ok(source)) => Some(&source.absolute().to_string()) == recorded,
+        Some(Err(_)) => false,
+    }
+}
+
 /// `--all-images`: the data the checkpoint trained on, for its validation part (the
 /// temperature's), with every image of the given folder as its test part.
 fn every_image_of(
@@ -82,7 +93,7 @@ fn every_image_of(
              {given} has a test part of its own, which eval scores without the flag"
         );
     };
-    if recorded.is_some_and(|r| *r == given.absolute().to_string()) {
+    if recorded.is_some() && is_recorded(a.data.data.as_deref(), recorded) {
         anyhow::bail!(
             "--all-images: {ckpt} was trained on {given}, and every image of it holds those it \
              trained on; the flag scores a folder held apart from training"
@@ -109,7 +120,7 @@ fn every_image_of(
         format!("--all-images fits the temperature on the validation part of {recorded}")
     })?;
     if a.common.verbosity() == Verbosity::Normal {
-        note_passed_over(&given, &passed_over(dir)?);
+        note_passed_over(&given, &passed_over(dir));
     }
     data.test = every_image(dir, vit, data_args.normalize()?)?;
     Ok(data)
@@ -118,12 +129,18 @@ fn every_image_of(
 /// The data's classes are the ones the checkpoint's heads were trained on, by name and in order:
 /// a folder whose class subfolders are named otherwise (`Cats` for `cats`) sorts otherwise, and
 /// would score every image against another class's output. A checkpoint from before the names
-/// were recorded is taken on its class count alone.
+/// were recorded, or names that are only the labels' numbers, are taken on the class count.
 fn check_class_names(file: &TensorFile, checkpoint: &Path, test: &Dataset) -> Result<()> {
     if !file.metadata().contains_key("class_names") {
         return Ok(());
     }
     let trained: Vec<String> = file.meta_json("class_names")?;
+    // Names a loader made up from the labels (the digits', a CIFAR copy without its names
+    // file) say nothing of which class is which: the labels are the data's own.
+    let numbered = |names: &[String]| names.iter().enumerate().all(|(i, n)| *n == i.to_string());
+    if numbered(&trained) || numbered(&test.class_names) {
+        return Ok(());
+    }
     let differing: Vec<String> = trained
         .iter()
         .zip(&test.class_names)
@@ -185,9 +202,10 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     let mut data_args = a.data.clone();
     // An export from a checkpoint that recorded no data records it as "".
     let recorded_data = meta.get("data").filter(|d| !d.is_empty());
+    let on_its_own_data = is_recorded(a.data.data.as_deref(), recorded_data);
     if let (Some(given), Some(trained_on)) = (&a.data.data, recorded_data) {
         // Other data is a fair question (a shifted copy of the same classes, say), asked aloud.
-        if given != trained_on && a.common.verbosity() == Verbosity::Normal {
+        if !on_its_own_data && a.common.verbosity() == Verbosity::Normal {
             loren::note!(
                 "eval: note: {} was trained on {trained_on}; scoring it on {given}",
                 a.checkpoint.display()
@@ -256,22 +274,22 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     }
     check_class_names(&file, &a.checkpoint, &data.test)?;
     let recorded_images = meta.get(TRAINING_IMAGES_KEY);
-    // Named as given or as recorded (absolute), the data it trained on.
-    let given = a.data.data.as_deref().map(str::parse::<DataSource>);
-    let on_its_own_data = match given {
-        None => true,
-        Some(Ok(source)) => Some(&source.absolute().to_string()) == recorded_data,
-        Some(Err(_)) => false,
-    };
     if let Some(recorded) = recorded_images.filter(|_| on_its_own_data) {
         let now = training_images(&data.train);
         // The split shuffles each class by a fixed seed, so one image added or removed moves
         // others between the parts: some now in test were trained on.
         if *recorded != now {
+            let count = |record: &str| record.split(' ').next().unwrap_or_default().to_string();
+            let change = match (count(recorded), count(&now)) {
+                (then, now) if then == now => {
+                    format!("its training split holds as many images ({now}), labelled otherwise")
+                }
+                (then, now) => format!("its training split held {then} images and now holds {now}"),
+            };
             loren::note!(
-                "warning: {} has changed since {} was trained on it: its training split held \
-                 {recorded}, and now holds {now}, so the test split scored here may hold images \
-                 the model trained on; its figures are no clean test",
+                "eval: warning: {} has changed since {} was trained on it ({change}), so the test \
+                 split scored here may hold images the model trained on: its figures are no clean \
+                 test",
                 data_args.data.as_deref().unwrap_or("digits"),
                 a.checkpoint.display()
             );

@@ -301,31 +301,37 @@ impl PassedOver {
     }
 }
 
-/// What the folder at `dir` holds that [`load_folder`] leaves out ([`PassedOver`]).
-pub fn passed_over(dir: &Path) -> Result<PassedOver, DataError> {
+/// What the folder at `dir` holds that [`load_folder`] leaves out ([`PassedOver`]). Best
+/// effort, and cheap beside the loading: files named as images are not opened again (the
+/// dataset takes them, or fails on them itself), and an entry that cannot be read is left out
+/// of the list, as the dataset never opens it.
+pub fn passed_over(dir: &Path) -> PassedOver {
     let relative = |p: &Path| p.strip_prefix(dir).unwrap_or(p).to_path_buf();
+    let entries = |d: &Path| sorted_entries(d).unwrap_or_default();
     let mut out = PassedOver::default();
-    for entry in sorted_entries(dir)?.into_iter().filter(|p| p.is_file()) {
-        if image_kind(&head(&entry)?).is_some() {
+    for entry in entries(dir) {
+        if entry.is_dir() {
+            for inner in entries(&entry) {
+                if inner.is_dir() {
+                    out.folders.push(relative(&inner));
+                } else if !named_as_image(&inner) {
+                    let what = match (inner.is_file(), head(&inner)) {
+                        (false, _) => Some("not a regular file".to_string()),
+                        (true, Ok(h)) if image_kind(&h).is_none() => Some(
+                            other_image_format(&h)
+                                .map_or_else(|| "not an image".into(), |f| format!("a {f} image")),
+                        ),
+                        _ => None,
+                    };
+                    out.files.extend(what.map(|w| (relative(&inner), w)));
+                }
+            }
+        } else if head(&entry).is_ok_and(|h| image_kind(&h).is_some()) {
             let what = "an image beside the class folders, in none of them".to_string();
             out.files.push((relative(&entry), what));
         }
     }
-    for class_dir in class_folders(dir)? {
-        for entry in sorted_entries(&class_dir)? {
-            if entry.is_dir() {
-                out.folders.push(relative(&entry));
-            } else if !listed_image(&entry)? {
-                let what = match entry.is_file() {
-                    true => other_image_format(&head(&entry)?)
-                        .map_or_else(|| "not an image".to_string(), |f| format!("a {f} image")),
-                    false => "not a regular file".to_string(),
-                };
-                out.files.push((relative(&entry), what));
-            }
-        }
-    }
-    Ok(out)
+    out
 }
 
 /// Whether an entry met in a folder is an image to take. By its first bytes, whatever its name,
@@ -827,7 +833,7 @@ mod tests {
             );
         }
         let clean = load_folder(&dir, [3, 2, 2]).unwrap();
-        assert_eq!(passed_over(&dir).unwrap(), PassedOver::default());
+        assert_eq!(passed_over(&dir), PassedOver::default());
         fs::create_dir_all(dir.join("a/more")).unwrap();
         write_png(
             &dir.join("a/more/1.png"),
@@ -847,7 +853,10 @@ mod tests {
         fs::write(dir.join("b/y.webp"), b"RIFF\x10\x00\x00\x00WEBPVP8 ").unwrap();
         fs::write(dir.join("b/notes.txt"), b"some notes").unwrap();
         fs::write(dir.join("b/.DS_Store"), b"\x00\x00\x00\x01Bud1").unwrap();
-        let left = passed_over(&dir).unwrap();
+        // A link that cannot be read beside the class folders: passed over without a word, as
+        // the dataset never opens it.
+        std::os::unix::fs::symlink("/proc/self/mem", dir.join("unreadable")).unwrap();
+        let left = passed_over(&dir);
         let files: Vec<(String, &str)> = left
             .files
             .iter()
@@ -857,13 +866,13 @@ mod tests {
         assert_eq!(
             files,
             [
+                (format!("a{sep}x.gif"), "a GIF image"),
+                (format!("b{sep}notes.txt"), "not an image"),
+                (format!("b{sep}y.webp"), "a WebP image"),
                 (
                     "stray.png".to_string(),
                     "an image beside the class folders, in none of them"
                 ),
-                (format!("a{sep}x.gif"), "a GIF image"),
-                (format!("b{sep}notes.txt"), "not an image"),
-                (format!("b{sep}y.webp"), "a WebP image"),
             ]
         );
         assert_eq!(left.folders, [PathBuf::from("a").join("more")]);
