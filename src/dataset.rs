@@ -178,15 +178,8 @@ impl FromStr for DataSource {
 fn guess_source(path: &Path) -> Option<String> {
     let shown = path.display();
     if path.is_dir() {
-        let holds = |kind: Cifar| {
-            let first = &kind.train_files()[0];
-            path.join(first).exists() || path.join(kind.archive_folder()).join(first).exists()
-        };
-        return Some(match (holds(Cifar::Ten), holds(Cifar::Hundred)) {
-            (true, _) => format!("cifar10:{shown}"),
-            (_, true) => format!("cifar100:{shown}"),
-            _ => format!("folder:{shown}"),
-        });
+        let form = Cifar::detect(path).map_or("folder", Cifar::name);
+        return Some(format!("{form}:{shown}"));
     }
     let gz = path
         .extension()

@@ -494,7 +494,7 @@ fn a_class_too_small_to_score_is_named() {
     let (ok, _, stderr) = loren(&strs(&args));
     assert!(ok, "{stderr}");
     let needle = "too few images to have any in the validation part, so unscored there: class \
-        `dogs` (3)";
+        `dogs` (3 images)";
     assert!(stderr.contains(needle), "no `{needle}` in:\n{stderr}");
     assert!(!stderr.contains("class `cats`"), "{stderr}");
 }

@@ -406,25 +406,30 @@ fn note_held_out(source: &DataSource, holdout: &[u32], names: &[String]) {
 
 /// Classes with too few images for the split to give the test part (or validation) any: their
 /// accuracy and calibration go unmeasured, and a class missing from validation is missing
-/// from the temperature's fit.
+/// from the temperature's fit. The images counted are those split for fine-tuning (the
+/// digits' pretraining part is said apart).
 fn note_unscored_classes(source: &DataSource, splits: &Splits) {
-    let count = |d: &Dataset, c: usize| d.labels.iter().filter(|&&l| l as usize == c).count();
     let parts = [Some(&splits.test), splits.val.as_ref()];
+    let counts: Vec<Option<Vec<usize>>> =
+        parts.iter().map(|d| d.map(Dataset::class_counts)).collect();
+    let trained = splits.train.class_counts();
     // Classes grouped by the parts they miss, each with its count of images: one line a group.
     let mut groups: Vec<(Vec<&str>, Vec<String>)> = Vec::new();
     for (c, name) in splits.test.class_names.iter().enumerate() {
-        let missing: Vec<&str> = parts
+        let missing: Vec<&str> = counts
             .iter()
             .zip(["test", "validation"])
-            .filter(|(d, _)| d.is_some_and(|d| count(d, c) == 0))
+            .filter(|(n, _)| n.as_ref().is_some_and(|n| n[c] == 0))
             .map(|(_, part)| part)
             .collect();
         if missing.is_empty() {
             continue;
         }
-        let images: usize =
-            count(&splits.train, c) + parts.iter().flatten().map(|d| count(d, c)).sum::<usize>();
-        let class = format!("`{name}` ({images})");
+        let images = trained[c] + counts.iter().flatten().map(|n| n[c]).sum::<usize>();
+        let class = format!(
+            "`{name}` ({images} image{})",
+            if images == 1 { "" } else { "s" }
+        );
         match groups.iter_mut().find(|(m, _)| *m == missing) {
             Some((_, classes)) => classes.push(class),
             None => groups.push((missing, vec![class])),

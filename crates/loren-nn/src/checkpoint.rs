@@ -43,7 +43,11 @@ fn check_header_length(path: &Path) -> Result<(fs::File, u64)> {
     let n = u64::from_le_bytes(head);
     // A file's reported length may be 0 with content behind it (procfs).
     if n == 0 || n > MAX_HEADER_BYTES || n > meta.len().saturating_sub(8) {
-        let why = match other_file_kind(&head) {
+        // A safetensors header is JSON: a file whose header begins is one cut short, however its
+        // length bytes read.
+        let mut next = [0u8; 1];
+        let json = file.read_exact(&mut next).is_ok() && next[0] == b'{';
+        let why = match other_file_kind(&head).filter(|_| !json) {
             Some(kind) => format!("it is {kind}"),
             None => format!(
                 "its first 8 bytes give a header of {n} bytes, in a file of {}",
@@ -600,6 +604,18 @@ mod tests {
         fs::write(&long, [&1000u64.to_le_bytes()[..], b"{}"].concat()).unwrap();
         let e = TensorFile::read(&long).unwrap_err().to_string();
         assert!(e.contains("header of 1000 bytes, in a file of 10"), "{e}");
+        // A safetensors file cut short is not taken for a pickle, whatever its length bytes.
+        let pickle_length = u64::from_le_bytes(*b"\x80\x04\0\0\0\0\0\0");
+        fs::write(
+            &long,
+            [&pickle_length.to_le_bytes()[..], b"{\"a\":"].concat(),
+        )
+        .unwrap();
+        let e = TensorFile::read(&long).unwrap_err().to_string();
+        assert!(
+            e.contains("its first 8 bytes give a header of 1152 bytes"),
+            "{e}"
+        );
         // Files commonly given for one are named.
         for (bytes, kind) in [
             (&b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"[..], "it is a PNG image"),

@@ -66,7 +66,7 @@ impl Cifar {
     }
 
     /// The folder the official archive unpacks to.
-    pub fn archive_folder(self) -> &'static str {
+    fn archive_folder(self) -> &'static str {
         match self {
             Cifar::Ten => "cifar-10-batches-bin",
             Cifar::Hundred => "cifar-100-binary",
@@ -132,6 +132,16 @@ pub fn cifar_class_names(dir: &Path, kind: Cifar) -> Result<Vec<String>, DataErr
     class_names(&locate(dir, kind), kind)
 }
 
+impl Cifar {
+    /// Which CIFAR the folder at `dir` holds, by its first training file, there or in the
+    /// archive's folder inside it ([`locate`]).
+    pub fn detect(dir: &Path) -> Option<Cifar> {
+        [Cifar::Ten, Cifar::Hundred]
+            .into_iter()
+            .find(|&kind| locate(dir, kind).join(&kind.train_files()[0]).exists())
+    }
+}
+
 /// `dir` itself when it holds the first training file, else the archive's folder inside it.
 fn locate(dir: &Path, kind: Cifar) -> PathBuf {
     let inner = dir.join(kind.archive_folder());
@@ -171,24 +181,22 @@ fn read_records(
     labels: &mut Vec<u32>,
 ) -> Result<(), DataError> {
     let bytes = fs::read(path).map_err(|reason| {
-        let other = match kind {
-            Cifar::Ten => Cifar::Hundred,
-            Cifar::Hundred => Cifar::Ten,
-        };
         // The other CIFAR's folder, named with the wrong prefix: none of this one's files there.
         let first = path.file_name() == Some(kind.train_files()[0].as_ref());
-        let theirs = path.with_file_name(&other.train_files()[0]);
-        match reason.kind() == std::io::ErrorKind::NotFound && first && theirs.exists() {
-            true => DataError::BadFile {
+        let dir = path.parent().unwrap_or(Path::new(""));
+        let not_found = reason.kind() == std::io::ErrorKind::NotFound;
+        match Cifar::detect(dir).filter(|&other| first && not_found && other != kind) {
+            Some(other) => DataError::BadFile {
                 path: path.to_path_buf(),
                 msg: format!(
-                    "not found, and the folder holds {} ({}): pass it as {}:DIR",
+                    "not found, and the folder holds {} ({}): pass it as {}:{}",
                     other.name(),
                     other.train_files()[0],
-                    other.name()
+                    other.name(),
+                    dir.display()
                 ),
             },
-            false => DataError::Io {
+            None => DataError::Io {
                 path: path.to_path_buf(),
                 reason,
             },
@@ -343,10 +351,11 @@ pub(crate) mod tests {
         write_records(&dir.join("data_batch_1.bin"), Cifar::Ten, &[0], 1);
         let e = err(Cifar::Hundred);
         assert!(
-            e.contains(
-                "train.bin: not found, and the folder holds cifar10 (data_batch_1.bin): \
-                 pass it as cifar10:DIR"
-            ),
+            e.contains(&format!(
+                "train.bin: not found, and the folder holds cifar10 (data_batch_1.bin): pass it \
+                 as cifar10:{}",
+                dir.display()
+            )),
             "{e}"
         );
         fs::remove_file(dir.join("data_batch_1.bin")).unwrap();

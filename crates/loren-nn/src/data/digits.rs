@@ -104,17 +104,24 @@ fn parse_rows(text: &[u8], path: &Path) -> Result<(Vec<u8>, Vec<u32>), DataError
         if row.trim().is_empty() {
             continue;
         }
+        let header = DataError::HeaderLine {
+            path: path.to_path_buf(),
+            line,
+            value: shortened(row),
+        };
+        // Column numbers, as pandas writes an array's: 0 to 64, which would read as an image.
+        let numbered = row
+            .split(',')
+            .map(str::trim)
+            .eq((0..=PIXELS).map(|i| i.to_string()));
+        if labels.is_empty() && numbered {
+            return Err(header);
+        }
         let label = parse_row(row, line, path, &mut pixels).map_err(|e| match e {
             // Column names where the first row's numbers should be.
             DataError::NotNumeric {
                 value, field: 1, ..
-            } if labels.is_empty() && value.chars().any(|c| c.is_ascii_alphabetic()) => {
-                DataError::HeaderLine {
-                    path: path.to_path_buf(),
-                    line,
-                    value,
-                }
-            }
+            } if labels.is_empty() && value.chars().any(|c| c.is_ascii_alphabetic()) => header,
             e => e,
         })?;
         labels.push(label);
@@ -310,7 +317,19 @@ mod tests {
                         .join(","),
                     good_row("1")
                 )),
-                &["line 1 is a header", "`p0`", "remove the line"],
+                &["line 1 is a header (`p0,p1,p2,", "remove the line"],
+            ),
+            (
+                "numbered-header",
+                gzip(&format!(
+                    "{}\n{}\n",
+                    (0..=64)
+                        .map(|i| i.to_string())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    good_row("1")
+                )),
+                &["line 1 is a header (`0,1,2,3,", "remove the line"],
             ),
             (
                 "truncated",

@@ -43,8 +43,8 @@ pub enum DataError {
         found: usize,
     },
     #[error(
-        "{}: line {line} is a header (its first field is `{value}`): the digits format has none, \
-         its first line is an image's; remove the line",
+        "{}: line {line} is a header (`{value}`): the digits format has none, its first line is \
+         an image's; remove the line",
         path.display()
     )]
     HeaderLine {
