@@ -8,7 +8,8 @@ use loren_nn::config::VitConfig;
 use loren_nn::data::cifar::{Cifar, cifar_class_names, load_cifar, load_cifar_test};
 use loren_nn::data::external::{split_official, split_seeded};
 use loren_nn::data::folder::{
-    folder_class_names, imagenet_normalization, load_folder, load_folder_test,
+    folder_class_names, has_classes, imagenet_normalization, load_folder, load_folder_test,
+    load_unlabelled,
 };
 use loren_nn::data::{
     DataError, Dataset, SplitOptions, Splits, bundled_digits, load_digits, split_digits,
@@ -266,16 +267,21 @@ impl DataSource {
         fit_to_model(splits, vit, unit)
     }
 
-    /// This source's test part (digits and folders: their seeded test part; CIFAR: the
-    /// official test file), for scoring a model trained on other data at telling it apart:
+    /// This source's test part (digits and folders of classes: their seeded test part; CIFAR:
+    /// the official test file; a folder of images without classes: all of them), for scoring a model trained on other data at telling it apart:
     /// brought to the model's channels and size, and scaled as `like` (the model's own data) is,
     /// since the model is fed every image the one way. Its labels mean nothing to that model.
     pub fn ood_set(&self, vit: &VitConfig, like: &Dataset) -> Result<Dataset> {
         // The test part alone: the other parts would be read only to be dropped.
         let test = match self {
             DataSource::Cifar(kind, dir) => load_cifar_test(dir, *kind)?,
+            // A folder of classes, by its test part; one of images alone, every one of them.
             DataSource::Folder(dir) => {
-                load_folder_test(dir, [vit.channels, vit.image_size, vit.image_size])?
+                let shape = [vit.channels, vit.image_size, vit.image_size];
+                match has_classes(dir) {
+                    true => load_folder_test(dir, shape)?,
+                    false => load_unlabelled(dir, shape)?,
+                }
             }
             // The digits are small and compiled in: split as always.
             DataSource::Digits(_) => self.splits(&[], vit, Normalize::None, true)?.test,

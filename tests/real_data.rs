@@ -701,6 +701,13 @@ fn ood_data_scores_detection_against_other_datasets() {
     let photos = dir.join("photos");
     write_cats_and_dogs(&photos);
     let folder = format!("folder:{}", photos.display());
+    // A folder of images without classes: every one of them.
+    let loose = dir.join("loose");
+    std::fs::create_dir_all(&loose).unwrap();
+    for i in 0..7 {
+        write_png(&loose.join(format!("{i}.png")), 12, 10, 60 + i);
+    }
+    let unlabelled = format!("folder:{}", loose.display());
     let out = dir.join("run");
     let args = [
         "--ood-data",
@@ -709,6 +716,8 @@ fn ood_data_scores_detection_against_other_datasets() {
         "digits",
         "--ood-data",
         &folder,
+        "--ood-data",
+        &unlabelled,
     ];
     let mut train = quick_train(&out, &args);
     train.retain(|a| a != "--no-ood");
@@ -723,8 +732,12 @@ fn ood_data_scores_detection_against_other_datasets() {
         .iter()
         .map(|s| s["dataset"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["cifar10/test", "digits/test", "photos/test"]);
+    assert_eq!(
+        names,
+        ["cifar10/test", "digits/test", "photos/test", "loose"]
+    );
     assert_eq!(sets[2]["ood_samples"], 4);
+    assert_eq!(sets[3]["ood_samples"], 7);
     for score in ["max_prob", "entropy", "mutual_information"] {
         assert_eq!(sets[1][score]["auroc"], 0.5, "{score}");
         let auroc = sets[0][score]["auroc"].as_f64().unwrap();

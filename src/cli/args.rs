@@ -268,8 +268,9 @@ pub struct DataArgs {
     #[arg(long)]
     pub no_ood: bool,
     /// Also score OOD detection against this dataset's test images, as --data names one (e.g.
-    /// a CIFAR-10 model against cifar100:DIR, or an image folder): brought to the model's size
-    /// and scaled as the training data is. Repeat the flag for several; each is reported apart.
+    /// a CIFAR-10 model against cifar100:DIR, or an image folder: of classes, its test part;
+    /// without class subfolders, every image in it): brought to the model's size and scaled as
+    /// the training data is. Repeat the flag for several; each is reported apart.
     #[arg(long, value_name = "DATA")]
     pub ood_data: Vec<String>,
     /// Batch size for evaluation.

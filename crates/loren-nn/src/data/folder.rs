@@ -95,6 +95,30 @@ fn decode_files(
     .with_normalization(mean, std)
 }
 
+/// Whether the folder at `dir` is an image folder of classes (two or more class subfolders),
+/// as [`load_folder`] reads one.
+pub fn has_classes(dir: &Path) -> bool {
+    class_folders(dir).is_ok()
+}
+
+/// Every image under the folder at `dir` ([`find_images`]), as one set of a single class named
+/// after the folder: images with no classes, such as out-of-distribution ones, whose labels
+/// mean nothing. Normalised with ImageNet's statistics, as [`load_folder`]'s.
+pub fn load_unlabelled(dir: &Path, shape: [usize; 3]) -> Result<Dataset, DataError> {
+    let files = find_images(&[dir.to_path_buf()])?;
+    let pixels = read_images(&files, shape)?;
+    let (mean, std) = imagenet_normalization(shape[0]);
+    let name = file_name(dir);
+    Dataset::new(
+        name.clone(),
+        shape,
+        pixels,
+        vec![0; files.len()],
+        vec![name],
+    )?
+    .with_normalization(mean, std)
+}
+
 /// Image files decoded and brought to `shape` (`[channels, height, width]`, channels 1 or 3),
 /// in order, as a folder dataset reads its images: the same pixels an image folder's test part
 /// holds.
