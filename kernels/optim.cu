@@ -22,11 +22,18 @@ namespace optim {
 constexpr int THREADS = 256;
 constexpr int CHUNK = 4096;  // elements per block (launch/optim.rs uses the same)
 
-// Whether the step may update: the guard (device, nullable; the step's loss) is finite. A step
-// whose loss is NaN or infinite leaves every parameter and moment as it was, with nothing read
-// back in the middle of the step to find out. The comparison is false for NaN as for ±inf.
-__device__ __forceinline__ bool guard_open(const float* guard) {
-    return guard == nullptr || fabsf(*guard) <= 3.402823466e38f;
+// Whether a device value (nullable: absent) lets the step update: it is finite. The comparison
+// is false for NaN as for ±inf.
+__device__ __forceinline__ bool finite_or_null(const float* x) {
+    return x == nullptr || fabsf(*x) <= 3.402823466e38f;
+}
+
+// Whether the step may update. The guard (the step's loss) and the clipping factor (clip_coef's,
+// NaN where the gradients' norm is not finite) are read on the device, so that a step whose loss
+// or gradients hold a NaN or an infinity leaves every parameter and moment as it was, with nothing
+// read back in the middle of the step to find out.
+__device__ __forceinline__ bool step_open(const float* guard, const float* grad_scale) {
+    return finite_or_null(guard) && finite_or_null(grad_scale);
 }
 
 // The slot that block `b` belongs to (binary search over block_start).
@@ -52,13 +59,13 @@ __device__ __forceinline__ void block_range(const TensorSlot& s, unsigned b, u64
 // PyTorch AdamW: p ← p·(1 − lr·wd·decay) − step_size·m / (sqrt(v)/sqrt_c2 + eps), with
 // step_size = lr / (1 − β1^t) and sqrt_c2 = sqrt(1 − β2^t) computed on the host in f64, exactly
 // as the CPU does. `grad_scale` (device, nullable) multiplies every gradient: the clipping
-// coefficient from clip_coef, applied without a separate pass. Nothing changes unless `guard` is
-// finite (optim::guard_open). grid = total blocks, block 256.
+// coefficient from clip_coef, applied without a separate pass. Nothing changes unless `guard` and
+// `grad_scale` are finite (optim::step_open). grid = total blocks, block 256.
 extern "C" __global__ void __launch_bounds__(256)
     adamw_multi(const TensorSlot* slots, int nslots, const float* grad_scale, const float* guard,
                 float lr, float beta1, float beta2, float eps, float weight_decay, float step_size,
                 float sqrt_c2) {
-    if (!optim::guard_open(guard)) return;
+    if (!optim::step_open(guard, grad_scale)) return;
     const TensorSlot s = slots[optim::find_slot(slots, nslots, blockIdx.x)];
     u64 begin, end;
     optim::block_range(s, blockIdx.x, &begin, &end);
@@ -83,7 +90,7 @@ extern "C" __global__ void __launch_bounds__(256)
 extern "C" __global__ void __launch_bounds__(256)
     sgd_multi(const TensorSlot* slots, int nslots, const float* grad_scale, const float* guard,
               float lr, float momentum, float weight_decay) {
-    if (!optim::guard_open(guard)) return;
+    if (!optim::step_open(guard, grad_scale)) return;
     const TensorSlot s = slots[optim::find_slot(slots, nslots, blockIdx.x)];
     u64 begin, end;
     optim::block_range(s, blockIdx.x, &begin, &end);
@@ -122,23 +129,36 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // torch.nn.utils.clip_grad_norm_: coef = max_norm / (‖g‖ + 1e-6), used only when below 1.
-// Writes coef[0] = min(that, 1) and, when norm is not null, norm[0] = ‖g‖. grid 1, block 1.
+// Writes coef[0] = min(that, 1) and, when norm is not null, norm[0] = ‖g‖. Where ‖g‖ is not
+// finite (a gradient holds a NaN or an infinity) coef[0] is NaN, which the update kernels and
+// grad_scale_multi take as "change nothing": torch's rule would scale by 1 (NaN norm) or 0 (inf·0
+// = NaN) and write NaN into every parameter and moment. Such a step adds 1 to skipped[0] (nullable)
+// when its guard (nullable, the step's loss) is finite: a step the loss already stops is not the
+// gradients' to count. The sum of squares is f64, so it overflows only where a gradient does.
+// grid 1, block 1: the one thread owns the counter, so the increment needs no atomic.
 extern "C" __global__ void clip_coef(const double* sumsq, double max_norm, float* coef,
-                                     double* norm) {
+                                     double* norm, const float* guard, u64* skipped) {
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
     const double n = sqrt(sumsq[0]);
-    const double c = max_norm / (n + 1e-6);
-    coef[0] = c < 1.0 ? (float)c : 1.0f;
+    if (fabs(n) <= 1.7976931348623157e308) {
+        const double c = max_norm / (n + 1e-6);
+        coef[0] = c < 1.0 ? (float)c : 1.0f;
+    } else {
+        coef[0] = __int_as_float(0x7fc00000);
+        if (skipped && optim::finite_or_null(guard)) skipped[0] += 1;
+    }
     if (norm) norm[0] = n;
 }
 
-// grad *= coef[0] for every slot (clipping in place, as the CPU does). grid = total blocks.
+// grad *= coef[0] for every slot (clipping in place, as the CPU does); a NaN coef (clip_coef's
+// non-finite norm) leaves the gradients as they are, as the CPU's clip_grad_norm does. grid =
+// total blocks.
 extern "C" __global__ void __launch_bounds__(256)
     grad_scale_multi(const TensorSlot* slots, int nslots, const float* coef) {
     const TensorSlot s = slots[optim::find_slot(slots, nslots, blockIdx.x)];
     u64 begin, end;
     optim::block_range(s, blockIdx.x, &begin, &end);
     const float c = coef[0];
-    if (c == 1.0f) return;
+    if (c == 1.0f || !optim::finite_or_null(coef)) return;
     for (u64 i = begin + threadIdx.x; i < end; i += blockDim.x) s.grad[i] *= c;
 }

@@ -89,6 +89,9 @@ pub struct Optimizer {
     kind: OptimizerKind,
     state: Vec<(ParamId, State)>,
     step: u64,
+    /// The CPU's count of steps skipped for gradients that were not finite (the GPU's is on the
+    /// device, in `fused`).
+    skipped: u64,
     /// The GPU's device table of every trainable tensor, built at the first step.
     fused: Option<FusedTable>,
 }
@@ -116,6 +119,7 @@ impl Optimizer {
             kind,
             state,
             step: 0,
+            skipped: 0,
             fused: None,
         })
     }
@@ -124,9 +128,22 @@ impl Optimizer {
         self.kind
     }
 
-    /// Steps taken so far.
+    /// Steps taken so far, those skipped for gradients that were not finite included (see
+    /// [`Optimizer::step`]).
     pub fn steps(&self) -> u64 {
         self.step
+    }
+
+    /// Steps since this optimizer was made (a [`Optimizer::restore`] does not bring back an
+    /// earlier run's) that changed nothing because, with clipping, the gradients' global norm was
+    /// not finite while the guard was. On a GPU the count is kept on the device, so this waits for
+    /// the steps queued so far: ask once in a while (the trainer asks at an epoch's end), not
+    /// every step.
+    pub fn skipped_steps(&self) -> Result<u64> {
+        match &self.fused {
+            Some(fused) => fused.skipped_steps(),
+            None => Ok(self.skipped),
+        }
     }
 
     /// Update every trainable parameter from its gradient with learning rate `lr`, after
@@ -138,6 +155,16 @@ impl Optimizer {
     /// finite. On a GPU the kernel reads it, so the update can be queued before the host knows the
     /// loss; the step is counted either way, and a caller that then finds the loss was not finite
     /// calls [`Optimizer::uncount_skipped_step`].
+    ///
+    /// With `max_norm`, a step whose gradients' global norm is not finite (a gradient holds a NaN
+    /// or an infinity while the loss is finite: a diverging run) changes nothing either: no
+    /// parameter, bf16 copy, moment or momentum buffer, and on the CPU no gradient. Clipping would
+    /// otherwise scale by 1 (a NaN norm) or by 0 (inf · 0 = NaN) and write NaN everywhere. On a GPU
+    /// the kernels decide it on the device, with nothing read back. Such a step is counted in
+    /// [`Optimizer::steps`] all the same, on both devices, since the GPU's host cannot know at
+    /// queue time (AdamW's next bias correction then counts one step more than it made, which
+    /// only matters in the first few steps), and in [`Optimizer::skipped_steps`]. Without
+    /// `max_norm` no norm is computed, and such gradients are applied as they are.
     pub fn step(
         &mut self,
         params: &mut Params,
@@ -154,8 +181,11 @@ impl Optimizer {
             {
                 return Ok(());
             }
-            if let Some(max) = max_norm {
-                clip_grad_norm(grads, max)?;
+            if let Some(max) = max_norm
+                && !clip_grad_norm(grads, max)?.is_finite()
+            {
+                self.skipped += 1;
+                return Ok(());
             }
             return self.step_cpu(params, grads, lr);
         }
@@ -309,8 +339,15 @@ fn changed() -> Error {
 }
 
 /// Scale all gradients so their global L2 norm is at most `max_norm`; returns the norm before.
+///
+/// A norm that is not finite leaves the gradients as they are (torch's rule would make them all
+/// NaN or leave the NaN in), for the caller to skip the step on: [`Optimizer::step`] does, as the
+/// GPU's clip_coef kernel does.
 pub fn clip_grad_norm(grads: &mut Grads, max_norm: f64) -> Result<f64> {
     let norm = grads.global_norm()?;
+    if !norm.is_finite() {
+        return Ok(norm);
+    }
     // The same rule as torch.nn.utils.clip_grad_norm_.
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
@@ -319,4 +356,34 @@ pub fn clip_grad_norm(grads: &mut Grads, max_norm: f64) -> Result<f64> {
         }
     }
     Ok(norm)
+}
+
+#[cfg(test)]
+mod tests {
+    use loren_tensor::{Device, MemTag, Tensor};
+
+    use super::*;
+
+    /// Gradients holding an infinity or a NaN: clip_grad_norm reports the norm and leaves every
+    /// gradient as it was (torch's rule would scale by 1 or by 0 and make them NaN), for the
+    /// optimizer to skip the step on.
+    #[test]
+    fn clipping_leaves_gradients_that_are_not_finite_alone() {
+        let dev = Device::cpu();
+        let mut params = Params::new(&dev);
+        let shape = [2, 3];
+        let t = Tensor::from_vec(vec![0.5; 6], shape, MemTag::Trainable, &dev).unwrap();
+        params.add("w", t, true, true).unwrap();
+        let mut grads = Grads::new(&params).unwrap();
+        for bad in [f32::INFINITY, f32::NAN] {
+            let g = [3.0, -4.0, bad, 1.0, 2.0, 0.25];
+            let (_, buf) = grads.iter_mut().next().unwrap();
+            buf.copy_from_host(&g).unwrap();
+            let norm = clip_grad_norm(&mut grads, 1.0).unwrap();
+            assert!(!norm.is_finite(), "{bad}: norm {norm}");
+            let (_, buf) = grads.iter().next().unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&buf.to_vec().unwrap()), bits(&g), "{bad}");
+        }
+    }
 }

@@ -612,7 +612,8 @@ static void sgd_and_clip_case(uint64_t seed) {
     const dim3 grid{start, 1, 1}, blk{256, 1, 1};
     emu_launch(grad_sumsq_multi, grid, blk, 0, (const TensorSlot*)slots.data(), (int)slots.size(), partials.data());
     emu_launch(sumsq_finish, dim3{1, 1, 1}, blk, 0, (const double*)partials.data(), (int)start, sumsq.data());
-    emu_launch(clip_coef, dim3{1, 1, 1}, dim3{1, 1, 1}, 0, (const double*)sumsq.data(), 1.0, coef.data(), norm.data());
+    emu_launch(clip_coef, dim3{1, 1, 1}, dim3{1, 1, 1}, 0, (const double*)sumsq.data(), 1.0, coef.data(), norm.data(),
+               (const float*)nullptr, (u64*)nullptr);
     emu_launch(grad_scale_multi, grid, blk, 0, (const TensorSlot*)slots.data(), (int)slots.size(), (const float*)coef.data());
     const double c = std::min(1.0, 1.0 / (std::sqrt(ss) + 1e-6));
     check("grad sum of squares", {sumsq[0]}, {ss}, 1e-12);
@@ -635,6 +636,24 @@ static void sgd_and_clip_case(uint64_t seed) {
             pg.push_back(p[t][i]);
         }
     check("sgd parameters", pg, pw, 1e-6);
+
+    // An infinite gradient under a finite guard: the factor is NaN, the step counted once, and
+    // neither grad_scale nor the update changes a bit.
+    g[0][4096] = INFINITY;
+    const auto p1 = p, g1 = g, m1 = m;
+    const float open = 0.5f;
+    u64 skipped = 0;
+    emu_launch(grad_sumsq_multi, grid, blk, 0, (const TensorSlot*)slots.data(), (int)slots.size(), partials.data());
+    emu_launch(sumsq_finish, dim3{1, 1, 1}, blk, 0, (const double*)partials.data(), (int)start, sumsq.data());
+    emu_launch(clip_coef, dim3{1, 1, 1}, dim3{1, 1, 1}, 0, (const double*)sumsq.data(), 1.0, coef.data(),
+               (double*)nullptr, &open, &skipped);
+    emu_launch(grad_scale_multi, grid, blk, 0, (const TensorSlot*)slots.data(), (int)slots.size(), (const float*)coef.data());
+    emu_launch(sgd_multi, grid, blk, 0, (const TensorSlot*)slots.data(), (int)slots.size(), (const float*)coef.data(),
+               &open, lr, mom, wd);
+    const bool ok = std::isnan(coef[0]) && skipped == 1 && p == p1 && g == g1 && m == m1;
+    std::printf("%-4s %-44s factor %g, %llu step(s) counted\n", ok ? "ok" : "FAIL",
+                "an infinite gradient changes nothing", coef[0], skipped);
+    if (!ok) ++failures;
 }
 
 static void embed_case(uint64_t seed) {

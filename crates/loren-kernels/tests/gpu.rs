@@ -1460,7 +1460,7 @@ fn grad_norm_and_clipping() {
         let mut partials = up(g, &vec![f64::NAN; table.blocks()]);
         g.grad_sum_squares(&table, &mut partials, &mut sumsq)
             .expect("grad_sum_squares");
-        g.clip_coef(&sumsq, max_norm, &mut coef_d, Some(&mut norm))
+        g.clip_coef(&sumsq, max_norm, &mut coef_d, Some(&mut norm), None, None)
             .expect("clip_coef");
         g.grad_scale(&table, &coef_d).expect("grad_scale");
         g.synchronize().expect("sync");
@@ -1501,7 +1501,7 @@ fn grad_norm_and_clipping() {
         let mut partials = up(g, &vec![f64::NAN; table.blocks()]);
         g.grad_sum_squares(&table, &mut partials, &mut sumsq)
             .expect("grad_sum_squares");
-        g.clip_coef(&sumsq, max_norm, &mut coef_d, None)
+        g.clip_coef(&sumsq, max_norm, &mut coef_d, None, None, None)
             .expect("clip_coef");
         g.grad_scale(&table, &coef_d).expect("grad_scale");
         g.synchronize().expect("sync");
@@ -1525,6 +1525,206 @@ fn grad_norm_and_clipping() {
     let want: f64 = grads[0].iter().map(|&v| (v as f64).powi(2)).sum();
     let got = g.stream().clone_dtoh(&out).unwrap()[0];
     assert!((got - want).abs() <= 1e-12 * want, "{got} vs {want}");
+}
+
+/// Bit patterns, where "unchanged" means every bit.
+fn bits_f32(g: &Gpu, s: &CudaSlice<f32>) -> Vec<u32> {
+    let v = g.stream().clone_dtoh(s).expect("download");
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Gradients holding an infinity or a NaN while the step's loss (the guard) is finite: clip_coef
+/// makes the factor NaN and counts the step once, and then neither update (AdamW, SGD) nor
+/// grad_scale changes a bit of the parameters, the bf16 copy, the moments or the gradients. torch's
+/// rule would scale by 1 (NaN norm) or 0 (inf · 0 = NaN) and write NaN everywhere. A step whose
+/// guard is not finite is not counted (the loss stops it), a finite one is not either, and it
+/// updates as before.
+#[test]
+fn non_finite_gradients_change_nothing() {
+    let Some(g) = gpu() else { return };
+    // Two blocks and a partial one: the bad element sits in the second block of the first tensor.
+    let sizes = [4097usize, 3];
+    let mut rng = Rng::new(63);
+    let h = AdamW {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.05,
+        step: 3,
+    };
+    let sgd = Sgd {
+        lr: 0.1,
+        momentum: 0.9,
+        weight_decay: 0.01,
+    };
+    for bad in [f32::INFINITY, f32::NAN] {
+        let mut grads: Vec<Vec<f32>> = sizes.iter().map(|&n| rng.f32s(n, 1.0)).collect();
+        grads[0][4096] = bad;
+        let mut pd: Vec<CudaSlice<f32>> = sizes.iter().map(|&n| up(g, &rng.f32s(n, 1.0))).collect();
+        let mut gd: Vec<CudaSlice<f32>> = grads.iter().map(|v| up(g, v)).collect();
+        // Moments as after some steps: a kernel that wrote them back unchanged in value but not
+        // in bits, or decayed them, would show.
+        let mut md: Vec<CudaSlice<f32>> = sizes.iter().map(|&n| up(g, &rng.f32s(n, 0.1))).collect();
+        let mut vd: Vec<CudaSlice<f32>> = sizes
+            .iter()
+            .map(|&n| {
+                up(
+                    g,
+                    &rng.f32s(n, 0.01)
+                        .iter()
+                        .map(|v| v.abs())
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        let mut copy = up(g, &rng.bf16s(sizes[0], 1.0));
+        let bits = |pd: &[CudaSlice<f32>],
+                    gd: &[CudaSlice<f32>],
+                    md: &[CudaSlice<f32>],
+                    vd: &[CudaSlice<f32>]| {
+            [pd, gd, md, vd]
+                .iter()
+                .flat_map(|set| set.iter().map(|s| bits_f32(g, s)))
+                .collect::<Vec<_>>()
+        };
+        let before = bits(&pd, &gd, &md, &vd);
+        let copy_before = down_bf16(g, &copy);
+        let (open, closed) = (up(g, &[0.75f32]), up(g, &[f32::NAN]));
+        let mut skipped = up(g, &[0u64]);
+        let mut sumsq = up(g, &[f64::NAN]);
+        let mut norm = up(g, &[f64::NAN]);
+        let mut coef = poisoned_f32(g, 1);
+        {
+            let mut copy_slot = Some(&mut copy);
+            let mut specs: Vec<SlotSpec<'_>> = pd
+                .iter_mut()
+                .zip(gd.iter_mut())
+                .zip(md.iter_mut())
+                .zip(vd.iter_mut())
+                .enumerate()
+                .map(|(i, (((param, grad), m), v))| SlotSpec {
+                    param,
+                    grad,
+                    m,
+                    v: Some(v),
+                    param_bf16: if i == 0 {
+                        copy_slot.take().map(|c| c as _)
+                    } else {
+                        None
+                    },
+                    decay: i == 0,
+                })
+                .collect();
+            // SAFETY: every buffer outlives the table, which is dropped at the end of this block.
+            let table = unsafe { g.optim_table(&mut specs) }.expect("optim_table");
+            let mut partials = up(g, &vec![f64::NAN; table.blocks()]);
+            g.grad_sum_squares(&table, &mut partials, &mut sumsq)
+                .expect("grad_sum_squares");
+            // The loss stops this one: not the gradients' to count.
+            g.clip_coef(
+                &sumsq,
+                1.0,
+                &mut coef,
+                None,
+                Some(&closed),
+                Some(&mut skipped),
+            )
+            .expect("clip_coef");
+            g.clip_coef(
+                &sumsq,
+                1.0,
+                &mut coef,
+                Some(&mut norm),
+                Some(&open),
+                Some(&mut skipped),
+            )
+            .expect("clip_coef");
+            g.adamw_step(&table, &h, Some(&coef), Some(&open))
+                .expect("adamw_step");
+            g.adamw_step(&table, &h, Some(&coef), None)
+                .expect("adamw_step");
+            g.sgd_step(&table, &sgd, Some(&coef), Some(&open))
+                .expect("sgd_step");
+            g.grad_scale(&table, &coef).expect("grad_scale");
+            g.synchronize().expect("sync");
+        }
+        let what = format!("gradients holding {bad}");
+        assert!(
+            g.stream().clone_dtoh(&coef).unwrap()[0].is_nan(),
+            "{what}: the factor is NaN"
+        );
+        let n = g.stream().clone_dtoh(&norm).unwrap()[0];
+        assert!(!n.is_finite(), "{what}: norm {n}");
+        assert_eq!(
+            g.stream().clone_dtoh(&skipped).unwrap(),
+            [1u64],
+            "{what}: one step counted"
+        );
+        assert!(
+            bits(&pd, &gd, &md, &vd) == before,
+            "{what}: a parameter, gradient or moment changed"
+        );
+        let copy_after = down_bf16(g, &copy);
+        assert!(
+            copy_after
+                .iter()
+                .zip(&copy_before)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{what}: the bf16 copy changed"
+        );
+
+        // Finite gradients again: not counted, a finite factor, and the update moves the
+        // parameters.
+        gd[0] = up(g, &rng.f32s(sizes[0], 1.0));
+        {
+            let mut specs: Vec<SlotSpec<'_>> = pd
+                .iter_mut()
+                .zip(gd.iter_mut())
+                .zip(md.iter_mut())
+                .zip(vd.iter_mut())
+                .map(|(((param, grad), m), v)| SlotSpec {
+                    param,
+                    grad,
+                    m,
+                    v: Some(v),
+                    param_bf16: None,
+                    decay: false,
+                })
+                .collect();
+            // SAFETY: as above.
+            let table = unsafe { g.optim_table(&mut specs) }.expect("optim_table");
+            let mut partials = up(g, &vec![f64::NAN; table.blocks()]);
+            g.grad_sum_squares(&table, &mut partials, &mut sumsq)
+                .expect("grad_sum_squares");
+            g.clip_coef(
+                &sumsq,
+                1.0,
+                &mut coef,
+                None,
+                Some(&open),
+                Some(&mut skipped),
+            )
+            .expect("clip_coef");
+            g.adamw_step(&table, &h, Some(&coef), Some(&open))
+                .expect("adamw_step");
+            g.synchronize().expect("sync");
+        }
+        let c = g.stream().clone_dtoh(&coef).unwrap()[0];
+        assert!(
+            c.is_finite() && c > 0.0 && c < 1.0,
+            "{what}, then finite: factor {c}"
+        );
+        assert_eq!(g.stream().clone_dtoh(&skipped).unwrap(), [1u64]);
+        for (t, p) in pd.iter().enumerate() {
+            let after = bits_f32(g, p);
+            assert!(
+                after != before[t],
+                "{what}, then finite: tensor {t} did not move"
+            );
+            assert!(down_f32(g, p).iter().all(|v| v.is_finite()));
+        }
+    }
 }
 
 #[test]

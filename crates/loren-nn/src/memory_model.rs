@@ -54,7 +54,7 @@
 //! patch embedding write a shared input's gradient in its own groups with no per-member buffer,
 //! a cuBLAS dX accumulates onto the gradient its input already has, and LoRA's dX sums the
 //! members' dY as it loads them. The optimizer keeps a device table of its tensors, with the
-//! gradient norm's scratch and the clipping factor. The replay is exact on either device: the
+//! gradient norm's scratch, the clipping factor and the count of skipped steps. The replay is exact on either device: the
 //! tests hold each op's bytes by tag, forward and backward, against the device's (on the CPU,
 //! and on a GPU or its emulator), and whole steps' peaks by tag against measured ones.
 //!
@@ -119,8 +119,8 @@ pub struct Precision {
     pub input: u64,
     /// Whether the step runs the GPU's ops, whose temporaries are not the CPU's (see the module
     /// documentation), and its one-launch optimizer, which keeps its tensors in a device table
-    /// with the gradient norm's f64 scratch and an f32 clipping factor ([`fused_table_bytes`],
-    /// optimizer state).
+    /// with the gradient norm's f64 scratch, an f32 clipping factor and a u64 count of skipped
+    /// steps ([`fused_table_bytes`], optimizer state).
     pub gpu_ops: bool,
 }
 
@@ -2224,11 +2224,12 @@ mod tests {
         );
         // The same moments, and the GPU optimizer's device table: a 56-byte slot per tensor (96
         // adapters of 4·4·768 values, the heads' weight and bias), an f64 norm partial per block
-        // of 4096 values and their sum, and the f32 clipping factor.
+        // of 4096 values and their sum, the f32 clipping factor and the u64 count of skipped
+        // steps.
         let blocks = 96 * 3 + 8 + 1;
         assert_eq!(
             g.get(MemTag::OptimizerState) - c.get(MemTag::OptimizerState),
-            98 * 56 + 8 * (blocks + 1) + 4
+            98 * 56 + 8 * (blocks + 1) + 4 + 8
         );
         assert!(gpu.train.total_peak < cpu.train.total_peak);
         let e = ensemble(Method::Explicit, 2, Targets::ALL);

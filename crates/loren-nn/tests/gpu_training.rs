@@ -23,10 +23,13 @@
 //! they were, so the GPU's gradients are compared after scaling them by the same rule.
 //!
 //! A step whose loss is not finite must change nothing on either device: on the GPU the update is
-//! queued before the host reads the loss, and the kernel skips it (checked here on both).
+//! queued before the host reads the loss, and the kernel skips it (checked here on both). Nor may
+//! a step whose loss is finite and whose gradients are not (a diverging run), where clipping
+//! computes their norm: the GPU's kernels decide it on the device, the optimizer counts it (checked
+//! here on both, through the optimizer and the GPU's one-launch table).
 
 use loren_autograd::optim::{Optimizer, OptimizerKind};
-use loren_autograd::params::Grads;
+use loren_autograd::params::{Grads, Params};
 use loren_nn::config::{EnsembleConfig, LoraConfig, Method, VitConfig};
 use loren_nn::data::{SplitOptions, bundled_digits, split_digits};
 use loren_nn::error::NnError;
@@ -318,4 +321,127 @@ fn a_non_finite_step_changes_nothing_on_the_cpu() {
 fn a_non_finite_step_changes_nothing_on_a_gpu() {
     let Some(gdev) = gpu() else { return };
     non_finite_step_changes_nothing(&gdev);
+}
+
+/// Every bit the optimizer owns or writes: the parameters, their bf16 copies (on a GPU) and the
+/// state (moments, momentum buffer).
+fn optimizer_bits(params: &mut Params, opt: &Optimizer) -> Vec<Vec<u32>> {
+    let bits =
+        |t: &Tensor| -> Vec<u32> { t.to_vec().unwrap().iter().map(|v| v.to_bits()).collect() };
+    let mut out = Vec::new();
+    for t in params.trainable_mut().unwrap() {
+        out.push(bits(t.value));
+        out.extend(t.shadow.map(|s| bits(s)));
+    }
+    for (_, st) in opt.state() {
+        out.push(bits(&st.m));
+        out.extend(st.v.as_ref().map(bits));
+    }
+    out
+}
+
+/// The optimizer alone, clipping at norm 1: a step whose gradients hold an infinity or a NaN while
+/// its loss is finite changes no bit of the parameters, their bf16 copies or the state, and is
+/// counted once ([`Optimizer::skipped_steps`]); the same gradients under a NaN loss are the loss's
+/// to stop, and not counted. The skipped step still counts in [`Optimizer::steps`], on both
+/// devices: the next good step makes, bit for bit, what a twin makes that never saw the bad one
+/// and was restored to the same step count. AdamW and SGD, over a GEMM weight (a bf16 copy on a
+/// GPU) of two blocks and a bit, the bad element in the second, and a bias.
+fn non_finite_gradients_change_nothing(device: &Device) {
+    let sizes = [4097usize, 3];
+    let mut rng = loren_tensor::Rng::new(11);
+    let sgd = OptimizerKind::Sgd {
+        momentum: 0.9,
+        weight_decay: 0.01,
+    };
+    for kind in [adamw(), sgd] {
+        for bad in [f32::INFINITY, f32::NAN] {
+            let what = format!("{device}, {kind:?}, a gradient of {bad}");
+            let mut draw = |scale: f32| -> Vec<Vec<f32>> {
+                sizes
+                    .iter()
+                    .map(|&n| (0..n).map(|_| scale * rng.normal()).collect())
+                    .collect()
+            };
+            let start = draw(1.0);
+            let build = || {
+                let mut p = Params::new(device);
+                let tensor = |v: &Vec<f32>, dims: &[usize]| {
+                    Tensor::from_vec(v.clone(), dims, MemTag::Trainable, device).unwrap()
+                };
+                p.add_gemm_weight("w", tensor(&start[0], &[17, 241]), true, true)
+                    .unwrap();
+                p.add("b", tensor(&start[1], &[3]), true, false).unwrap();
+                p
+            };
+            let (mut pa, mut pb) = (build(), build());
+            let (mut ga, mut gb) = (Grads::new(&pa).unwrap(), Grads::new(&pb).unwrap());
+            let mut oa = Optimizer::new(kind, &pa).unwrap();
+            let mut ob = Optimizer::new(kind, &pb).unwrap();
+            let one = |v: f32| Tensor::from_vec(vec![v], [1], MemTag::Workspace, device).unwrap();
+            let (loss, nan_loss) = (one(0.7), one(f32::NAN));
+            let set = |grads: &mut Grads, values: &[Vec<f32>]| {
+                for ((_, g), v) in grads.iter_mut().zip(values) {
+                    g.copy_from_host(v).unwrap();
+                }
+            };
+            // A good step on both first, so that the state the bad one must keep is not zero.
+            // Gradients of norm about 200: clipping scales every step.
+            let good = draw(3.0);
+            for (p, g, o) in [(&mut pa, &mut ga, &mut oa), (&mut pb, &mut gb, &mut ob)] {
+                set(g, &good);
+                o.step(p, g, 1e-2, Some(1.0), Some(&loss)).unwrap();
+            }
+            let before = optimizer_bits(&mut pa, &oa);
+
+            let mut worse = draw(3.0);
+            worse[0][4096] = bad;
+            set(&mut ga, &worse);
+            oa.step(&mut pa, &mut ga, 1e-2, Some(1.0), Some(&nan_loss))
+                .unwrap();
+            oa.uncount_skipped_step();
+            assert_eq!(oa.skipped_steps().unwrap(), 0, "{what}: a NaN loss's step");
+            oa.step(&mut pa, &mut ga, 1e-2, Some(1.0), Some(&loss))
+                .unwrap();
+            assert!(
+                optimizer_bits(&mut pa, &oa) == before,
+                "{what}: a parameter, bf16 copy or state changed"
+            );
+            assert_eq!(oa.skipped_steps().unwrap(), 1, "{what}: steps skipped");
+            assert_eq!(oa.steps(), 2, "{what}: steps counted");
+
+            let next = draw(3.0);
+            ob.restore(2, |_, _, _| Ok(())).unwrap();
+            for (p, g, o) in [(&mut pa, &mut ga, &mut oa), (&mut pb, &mut gb, &mut ob)] {
+                set(g, &next);
+                o.step(p, g, 1e-2, Some(1.0), Some(&loss)).unwrap();
+            }
+            let after = optimizer_bits(&mut pa, &oa);
+            assert!(
+                after != before,
+                "{what}: the good step after it moved nothing"
+            );
+            assert!(
+                after == optimizer_bits(&mut pb, &ob),
+                "{what}: the good step after it differs from the twin's"
+            );
+            assert_eq!(oa.skipped_steps().unwrap(), 1, "{what}: steps skipped");
+            assert_eq!(
+                ob.skipped_steps().unwrap(),
+                0,
+                "{what}: the twin's steps skipped"
+            );
+        }
+    }
+}
+
+#[test]
+fn non_finite_gradients_change_nothing_on_the_cpu() {
+    non_finite_gradients_change_nothing(&Device::cpu());
+}
+
+#[test]
+fn non_finite_gradients_change_nothing_on_a_gpu() {
+    let Some(gdev) = gpu() else { return };
+    non_finite_gradients_change_nothing(&gdev);
 }

@@ -202,7 +202,8 @@ impl Gpu {
     /// bias correction), refreshing the bf16 copies. `grad_scale` ([1] f32 on the device, e.g.
     /// from [`Gpu::clip_coef`]) multiplies every gradient when given. With `guard` ([1] f32 on the
     /// device, e.g. the step's loss) the kernel changes nothing unless that value is finite, so
-    /// the host can queue the update before it knows the loss.
+    /// the host can queue the update before it knows the loss; a `grad_scale` that is not finite
+    /// ([`Gpu::clip_coef`]'s over gradients that were not) changes nothing either.
     pub fn adamw_step(
         &self,
         table: &OptimTable,
@@ -298,12 +299,21 @@ impl Gpu {
     /// torch.nn.utils.clip_grad_norm_'s factor: `coef[0] = min(1, max_norm / (sqrt(sumsq) + 1e-6))`
     /// f32, and `norm[0] = sqrt(sumsq)` f64 when given. Feed `coef` to the step's `grad_scale`,
     /// or to [`Gpu::grad_scale`] to scale the gradients in place as the CPU does.
+    ///
+    /// Where the norm is not finite (a gradient holds a NaN or an infinity), `coef[0]` is NaN:
+    /// [`Gpu::adamw_step`] and [`Gpu::sgd_step`] then change nothing, and [`Gpu::grad_scale`]
+    /// leaves the gradients as they are. Such a step adds 1 to `skipped[0]` (a device counter, when
+    /// given) unless `guard` ([1] f32, the step's loss, as the update takes it) is given and not
+    /// finite: that step is the loss's to stop, not the gradients' to count. Nothing comes back to
+    /// the host; read `skipped` when the count is wanted.
     pub fn clip_coef(
         &self,
         sumsq: &dyn DevicePtr<f64>,
         max_norm: f64,
         coef: &mut dyn DevicePtrMut<f32>,
         norm: Option<&mut dyn DevicePtrMut<f64>>,
+        guard: Option<&dyn DevicePtr<f32>>,
+        skipped: Option<&mut dyn DevicePtrMut<u64>>,
     ) -> Result<()> {
         const OP: &str = "clip_coef";
         let s = self.input(OP, "sumsq", sumsq, 1)?;
@@ -312,6 +322,12 @@ impl Gpu {
             Some(n) => self.output(OP, "norm", n, 1)?,
             None => crate::gpu::Ptr::null(),
         };
+        let guard = self.input_opt(OP, "guard", guard, 1)?;
+        let skipped = match skipped {
+            Some(k) => self.output(OP, "skipped", k, 1)?,
+            None => crate::gpu::Ptr::null(),
+        };
+        // One thread: it alone reads the sum and owns the counter's increment.
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (1, 1, 1),
@@ -320,11 +336,19 @@ impl Gpu {
         self.launch(
             Kernel::ClipCoef,
             cfg,
-            &[s.arg(), Arg::from(max_norm), c.arg(), n.arg()],
+            &[
+                s.arg(),
+                Arg::from(max_norm),
+                c.arg(),
+                n.arg(),
+                guard.arg(),
+                skipped.arg(),
+            ],
         )
     }
 
-    /// `grad *= coef[0]` for every tensor of `table` (skipped on the device when coef is 1).
+    /// `grad *= coef[0]` for every tensor of `table` (skipped on the device when coef is 1, or
+    /// not finite: [`Gpu::clip_coef`]'s mark of a norm that was not).
     pub fn grad_scale(&self, table: &OptimTable, coef: &dyn DevicePtr<f32>) -> Result<()> {
         const OP: &str = "grad_scale";
         let c = self.input(OP, "coef", coef, 1)?;

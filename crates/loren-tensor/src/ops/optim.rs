@@ -159,10 +159,36 @@ pub struct FusedTable {
     addresses: Vec<u64>,
     /// f64 scratch of the gradient norm: one partial per block, then the sum.
     scratch: F64Scratch,
+    /// The clipping factor; NaN where the gradients' norm was not finite.
     coef: Tensor,
+    skipped: SkipCounter,
     /// The table and the scratch, accounted as optimizer state while they live.
     _booked: Booked,
 }
+
+/// The device's count of steps whose gradients were not finite, which the one-thread clip_coef
+/// kernel adds to. It outlives a rebuilt table: the count is the optimizer's, not the table's.
+struct SkipCounter {
+    count: CudaSlice<u64>,
+    _booked: Booked,
+}
+
+impl SkipCounter {
+    fn new(dev: &Device) -> Result<SkipCounter> {
+        const OP: &str = "optimizer_step";
+        let count = dev
+            .require_gpu(OP)?
+            .stream()
+            .alloc_zeros::<u64>(1)
+            .map_err(crate::tensor::cuda(OP))?;
+        Ok(SkipCounter {
+            count,
+            _booked: Booked::new(dev, MemTag::OptimizerState, SKIP_COUNTER_BYTES),
+        })
+    }
+}
+
+const SKIP_COUNTER_BYTES: u64 = std::mem::size_of::<u64>() as u64;
 
 /// Device f64 buffers of the gradient norm.
 struct F64Scratch {
@@ -184,9 +210,10 @@ impl F64Scratch {
 }
 
 /// Device bytes a [`FusedTable`] over tensors of `numels` elements keeps beside them, all
-/// optimizer state: the table and the gradient norm's scratch, and the f32 clipping factor.
+/// optimizer state: the table and the gradient norm's scratch, the f32 clipping factor and the
+/// u64 count of skipped steps.
 pub fn fused_table_bytes(numels: &[usize]) -> u64 {
-    optim_table_bytes(numels) + std::mem::size_of::<f32>() as u64
+    optim_table_bytes(numels) + std::mem::size_of::<f32>() as u64 + SKIP_COUNTER_BYTES
 }
 
 impl FusedTable {
@@ -202,9 +229,12 @@ impl FusedTable {
     ) -> Result<FusedTable> {
         const OP: &str = "optimizer_step";
         let addresses = FusedTable::addresses(slots);
-        if let Some(t) = current.filter(|t| t.addresses == addresses) {
-            return Ok(t);
-        }
+        let skipped = match current {
+            Some(t) if t.addresses == addresses => return Ok(t),
+            // The old table goes (its bytes with it) before the new one is made, as before.
+            Some(t) => t.skipped,
+            None => SkipCounter::new(dev)?,
+        };
         let gpu = dev.require_gpu(OP)?;
         let mut specs = Vec::with_capacity(slots.len());
         for s in slots.iter_mut() {
@@ -232,14 +262,22 @@ impl FusedTable {
             addresses,
             scratch: F64Scratch::new(dev, table.blocks())?,
             coef: Tensor::zeros([1], MemTag::OptimizerState, dev)?,
+            skipped,
             _booked: Booked::new(dev, MemTag::OptimizerState, optim_table_bytes(&numels)),
             table,
         })
     }
 
     /// The clipping factor on the device, when clipping: Σ grad² over every tensor, then
-    /// min(1, max_norm / (norm + 1e-6)), torch.nn.utils.clip_grad_norm_'s rule.
-    fn clip(&mut self, dev: &Device, max_norm: Option<f64>) -> Result<bool> {
+    /// min(1, max_norm / (norm + 1e-6)), torch.nn.utils.clip_grad_norm_'s rule; NaN where the
+    /// norm is not finite, which makes the update change nothing, and adds the step to the skip
+    /// count unless `guard` (the loss) is not finite either.
+    fn clip(
+        &mut self,
+        dev: &Device,
+        max_norm: Option<f64>,
+        guard: Option<&dyn loren_kernels::DevicePtr<f32>>,
+    ) -> Result<bool> {
         const OP: &str = "clip_grad_norm";
         let Some(max_norm) = max_norm else {
             return Ok(false);
@@ -247,7 +285,14 @@ impl FusedTable {
         let gpu = dev.require_gpu(OP)?;
         let s = &mut self.scratch;
         gpu.grad_sum_squares(&self.table, &mut s.partials, &mut s.sumsq)?;
-        gpu.clip_coef(&s.sumsq, max_norm, self.coef.cu_f32_mut(OP)?, None)?;
+        gpu.clip_coef(
+            &s.sumsq,
+            max_norm,
+            self.coef.cu_f32_mut(OP)?,
+            None,
+            guard,
+            Some(&mut self.skipped.count),
+        )?;
         Ok(true)
     }
 
@@ -265,7 +310,10 @@ impl FusedTable {
 
     /// One AdamW step over every slot, clipping the global gradient norm first when asked. No
     /// value comes back to the host. With `guard` (a one-element f32 tensor on this device: the
-    /// step's loss) nothing changes unless its value is finite, which the kernel reads.
+    /// step's loss) nothing changes unless its value is finite, which the kernel reads. When
+    /// clipping, nothing changes either where the gradients' norm is not finite, and the step is
+    /// counted ([`FusedTable::skipped_steps`]); without clipping no norm is computed, and such
+    /// gradients go into the update.
     pub fn step_adamw(
         &mut self,
         dev: &Device,
@@ -273,10 +321,10 @@ impl FusedTable {
         max_norm: Option<f64>,
         guard: Option<&Tensor>,
     ) -> Result<()> {
-        let clipped = self.clip(dev, max_norm)?;
+        let guard = guard_ptr("adamw_step", guard)?;
+        let clipped = self.clip(dev, max_norm, guard)?;
         let gpu = dev.require_gpu("adamw_step")?;
         let scale = self.scale("adamw_step", clipped)?;
-        let guard = guard_ptr("adamw_step", guard)?;
         Ok(gpu.adamw_step(&self.table, h, scale, guard)?)
     }
 
@@ -288,11 +336,22 @@ impl FusedTable {
         max_norm: Option<f64>,
         guard: Option<&Tensor>,
     ) -> Result<()> {
-        let clipped = self.clip(dev, max_norm)?;
+        let guard = guard_ptr("sgd_step", guard)?;
+        let clipped = self.clip(dev, max_norm, guard)?;
         let gpu = dev.require_gpu("sgd_step")?;
         let scale = self.scale("sgd_step", clipped)?;
-        let guard = guard_ptr("sgd_step", guard)?;
         Ok(gpu.sgd_step(&self.table, h, scale, guard)?)
+    }
+
+    /// Steps this table (and any it replaced) left alone because, with clipping, their
+    /// gradients' norm was not finite while their guard was. Waits for the steps queued so far.
+    pub fn skipped_steps(&self) -> Result<u64> {
+        let on_device = &self.skipped.count;
+        let host = on_device
+            .stream()
+            .clone_dtoh(on_device)
+            .map_err(crate::tensor::cuda("skipped_steps"))?;
+        Ok(host[0])
     }
 }
 
