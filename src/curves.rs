@@ -147,6 +147,7 @@ mod tests {
                 ece: v / 2.0,
                 seconds: 0.1,
             }),
+            skipped_steps: 0,
         }
     }
 

@@ -68,6 +68,8 @@ pub struct TrainBar {
     /// Exponential moving averages of the loss and of images per second.
     loss: Option<f64>,
     rate: Option<f64>,
+    /// The flag that sets this run's learning rate, for the warning about skipped steps.
+    lr_flag: Option<&'static str>,
 }
 
 impl TrainBar {
@@ -79,6 +81,41 @@ impl TrainBar {
             heartbeat: Heartbeat::new(),
             loss: None,
             rate: None,
+            lr_flag: None,
+        }
+    }
+
+    /// Name `flag` (e.g. `--lr`) where the warning about skipped steps suggests a lower rate.
+    pub fn lr_flag(mut self, flag: &'static str) -> TrainBar {
+        self.lr_flag = Some(flag);
+        self
+    }
+
+    /// The warning for an epoch some of whose steps changed nothing, for gradients that were not
+    /// finite: training goes on, and the run's user should know it is diverging.
+    fn skipped_warning(&self, e: &EpochInfo) -> Option<String> {
+        let n = e.skipped_steps;
+        let lr = match self.lr_flag {
+            Some(flag) => format!("a lower {flag}"),
+            None => "a lower learning rate".to_string(),
+        };
+        (n > 0).then(|| {
+            format!(
+                "{}: warning: epoch {}: {n} step{} left the parameters as they were: {} gradients \
+                 were not finite (a diverging run; {lr} may help)",
+                self.label,
+                e.epoch,
+                if n == 1 { "" } else { "s" },
+                if n == 1 { "its" } else { "their" },
+            )
+        })
+    }
+
+    /// A line above the bar on a terminal, else on stderr.
+    fn line(&self, line: &str) {
+        match self.bar.is_hidden() {
+            true => crate::note!("{line}"),
+            false => self.bar.println(line),
         }
     }
 }
@@ -132,6 +169,11 @@ impl Observer for TrainBar {
     }
 
     fn epoch(&mut self, e: &EpochInfo) {
+        // Even under --quiet: a run that goes on after steps it could not take is one its user
+        // would otherwise trust.
+        if let Some(warning) = self.skipped_warning(e) {
+            self.line(&warning);
+        }
         if self.verbosity == Verbosity::Quiet {
             return;
         }
@@ -149,10 +191,7 @@ impl Observer for TrainBar {
             );
         }
         // A line per epoch: above the bar on a terminal, so the loss's history stays on screen.
-        match self.bar.is_hidden() {
-            true => crate::note!("{line}"),
-            false => self.bar.println(line),
-        }
+        self.line(&line);
     }
 }
 
@@ -213,5 +252,33 @@ mod tests {
         assert!(!now.due(&hidden, Verbosity::Quiet));
         let mut later = Heartbeat::every(Duration::from_secs(3600));
         assert!(!later.due(&hidden, Verbosity::Normal));
+    }
+
+    #[test]
+    fn an_epoch_with_skipped_steps_warns_and_one_without_does_not() {
+        let epoch = |skipped_steps| EpochInfo {
+            epoch: 3,
+            mean_loss: 1.0,
+            seconds: 1.0,
+            val: None,
+            skipped_steps,
+        };
+        let bar = TrainBar::new("train", Verbosity::Quiet).lr_flag("--lr");
+        assert_eq!(bar.skipped_warning(&epoch(0)), None);
+        assert_eq!(
+            bar.skipped_warning(&epoch(2)).as_deref(),
+            Some(
+                "train: warning: epoch 3: 2 steps left the parameters as they were: their \
+                 gradients were not finite (a diverging run; a lower --lr may help)"
+            )
+        );
+        let pretrain = TrainBar::new("pretrain", Verbosity::Quiet);
+        assert_eq!(
+            pretrain.skipped_warning(&epoch(1)).as_deref(),
+            Some(
+                "pretrain: warning: epoch 3: 1 step left the parameters as they were: its \
+                 gradients were not finite (a diverging run; a lower learning rate may help)"
+            )
+        );
     }
 }

@@ -396,7 +396,7 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
             };
             trainer.validate_every(spec.val_every, Box::new(validate));
         }
-        let mut bar = TrainBar::new(label, spec.verbosity);
+        let mut bar = TrainBar::new(label, spec.verbosity).lr_flag("--lr");
         trainer.fit(&data.train, &ckpt, &mut bar)?
     };
     let memory = device.memory().report().into();

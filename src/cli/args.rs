@@ -28,7 +28,8 @@ pub struct Common {
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Print only the report: no progress bars, progress lines or notes (warnings still show:
-    /// an earlier run this one replaces, a GPU --device auto cannot use).
+    /// an earlier run this one replaces, a GPU --device auto cannot use, an epoch with steps
+    /// skipped for gradients that were not finite).
     #[arg(long, short)]
     pub quiet: bool,
 }

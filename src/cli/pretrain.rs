@@ -15,7 +15,7 @@ use loren_nn::config::VitConfig;
 #[derive(Args, Clone)]
 #[command(
     mut_arg("seed", |a| a.help("Seeds the backbone's random start, the data order and augmentation")),
-    mut_arg("quiet", |a| a.help("No progress bars or epoch lines: print only the closing line")),
+    mut_arg("quiet", |a| a.help("No progress bars or epoch lines: print only the closing line (and warnings)")),
 )]
 pub struct PretrainArgs {
     #[command(flatten)]

@@ -139,6 +139,11 @@ pub struct EpochInfo {
     /// [`Trainer::validate_every`]).
     #[serde(default)]
     pub val: Option<EpochVal>,
+    /// The epoch's steps that changed nothing because their gradients were not finite while their
+    /// loss was: a diverging run ([`Optimizer::step`]; counted only with clipping on, as
+    /// [`TrainConfig::grad_clip`] is by default). Their losses are in the mean all the same.
+    #[serde(default)]
+    pub skipped_steps: u64,
 }
 
 /// The validation part's figures at an epoch's end.
@@ -211,6 +216,8 @@ pub struct Trainer<'m> {
     steps_per_epoch: u64,
     /// The epochs trained so far, from the start of the run (kept in the checkpoint).
     history: Vec<EpochInfo>,
+    /// The optimizer's skip count at the last epoch's end, from which the next epoch's is told.
+    skipped_before: u64,
     /// Every how many epochs, and how, to score the validation part.
     validation: Option<(usize, Validate<'m>)>,
 }
@@ -256,6 +263,7 @@ impl<'m> Trainer<'m> {
             epoch: 0,
             steps_per_epoch,
             history: Vec::new(),
+            skipped_before: 0,
             validation: None,
         })
     }
@@ -436,12 +444,17 @@ impl<'m> Trainer<'m> {
             Ok(())
         })?;
         // --- end prefetch
+        // The one read of the GPU's skip count an epoch. It waits for the last step's backward and
+        // update, which the loss's wait does not, and the checkpoint that follows would anyway.
+        let skipped = self.optimizer.skipped_steps()?;
         let mut info = EpochInfo {
             epoch: self.epoch + 1,
             mean_loss: sum / count.max(1) as f64,
             seconds: start.elapsed().as_secs_f64(),
             val: None,
+            skipped_steps: skipped.saturating_sub(self.skipped_before),
         };
+        self.skipped_before = skipped;
         self.epoch += 1;
         if let Some((every, validate)) = &mut self.validation
             && (self.epoch.is_multiple_of(*every) || self.epoch == self.config.epochs)
@@ -1061,6 +1074,7 @@ mod tests {
                     ece: draw(),
                     seconds: draw(),
                 }),
+                skipped_steps: e as u64 % 3,
             })
             .collect();
         let back: Vec<EpochInfo> = serde_json::from_str(&json(&history)).unwrap();
@@ -1074,5 +1088,7 @@ mod tests {
                 .collect()
         };
         assert!(bits(&back) == bits(&history));
+        let skipped = |h: &[EpochInfo]| h.iter().map(|e| e.skipped_steps).collect::<Vec<_>>();
+        assert_eq!(skipped(&back), skipped(&history));
     }
 }

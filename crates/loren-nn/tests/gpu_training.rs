@@ -445,3 +445,42 @@ fn non_finite_gradients_change_nothing_on_a_gpu() {
     let Some(gdev) = gpu() else { return };
     non_finite_gradients_change_nothing(&gdev);
 }
+
+/// A healthy epoch of two steps reports no skipped step: on a GPU through the device count, which
+/// the trainer reads once, at the epoch's end.
+fn an_epoch_reports_its_skipped_steps(device: &Device) {
+    let ens = EnsembleConfig {
+        drop_key: EnsembleConfig::DROP_KEY,
+        method: Method::Lora,
+        members: 2,
+        classes: 10,
+        lora: LoraConfig {
+            rank: 4,
+            ..LoraConfig::default()
+        },
+    };
+    let mut model = Vit::new(&VitConfig::tiny(), &ens, device, 5).unwrap();
+    let data = split_digits(&bundled_digits().unwrap(), &SplitOptions::default())
+        .unwrap()
+        .train
+        .subset(&(0..8).collect::<Vec<_>>());
+    let cfg = TrainConfig::plain(4, 1e-3, loren_nn::config::Activations::Keep);
+    let mut t = Trainer::new(&mut model, &cfg, data.len()).unwrap();
+    let info = t.run_epoch(&data, &mut loren_nn::train::Quiet).unwrap();
+    assert_eq!(
+        info.skipped_steps, 0,
+        "{device}: a healthy epoch's skipped steps"
+    );
+    assert_eq!(t.optimizer().skipped_steps().unwrap(), 0, "{device}");
+}
+
+#[test]
+fn an_epoch_reports_its_skipped_steps_on_the_cpu() {
+    an_epoch_reports_its_skipped_steps(&Device::cpu());
+}
+
+#[test]
+fn an_epoch_reports_its_skipped_steps_on_a_gpu() {
+    let Some(gdev) = gpu() else { return };
+    an_epoch_reports_its_skipped_steps(&gdev);
+}
