@@ -134,7 +134,7 @@ pub fn cifar_class_names(dir: &Path, kind: Cifar) -> Result<Vec<String>, DataErr
 
 impl Cifar {
     /// Which CIFAR the folder at `dir` holds, by its first training file, there or in the
-    /// archive's folder inside it ([`locate`]).
+    /// archive's folder inside it.
     pub fn detect(dir: &Path) -> Option<Cifar> {
         [Cifar::Ten, Cifar::Hundred]
             .into_iter()
