@@ -125,6 +125,35 @@ pub fn recorded_train_on_val(meta: &std::collections::HashMap<String, String>) -
 /// images. Checkpoints from before it lack the key, and resume on the source's word alone.
 pub const TRAINING_IMAGES_KEY: &str = "training_images";
 
+/// The checkpoint metadata key that records every part of the split ([`split_images`]), so that
+/// `eval` can tell data changed since training: one image added to a class shuffles the class's
+/// split anew, and may move images between parts while the training part's count and labels
+/// stay as they were. Checkpoints from before it lack the key.
+pub const SPLIT_IMAGES_KEY: &str = "split_images";
+
+/// What [`SPLIT_IMAGES_KEY`] records: the number of images in all parts, and an FNV-1a hash of
+/// each part's length and labels in order (pretraining, training, validation, test, held out).
+pub fn split_images(s: &Splits) -> String {
+    let parts = [
+        Some(&s.pretrain),
+        Some(&s.train),
+        s.val.as_ref(),
+        Some(&s.test),
+        s.held_out.as_ref(),
+    ];
+    let words = parts.iter().flat_map(|p| {
+        let labels = p.map_or(&[][..], |d| &d.labels[..]);
+        std::iter::once(labels.len() as u64).chain(labels.iter().map(|&l| u64::from(l)))
+    });
+    let hash = words
+        .flat_map(u64::to_le_bytes)
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+    let total: usize = parts.iter().flatten().map(|d| d.len()).sum();
+    format!("{total} images, parts {hash:016x}")
+}
+
 /// What [`TRAINING_IMAGES_KEY`] records: the number of training images and an FNV-1a hash of
 /// their labels in order. The pixels are left out: a JPEG decoder may round differently on
 /// another machine, and a resumed run must not be refused for that.
@@ -286,8 +315,7 @@ impl DataSource {
             // The digits are small and compiled in: split as always.
             DataSource::Digits(_) => self.splits(&[], vit, Normalize::None, true)?.test,
         };
-        let test = fit_dataset(test, vit);
-        Ok(test.with_normalization(like.norm_mean.clone(), like.norm_std.clone())?)
+        fed_as(test, vit, like)
     }
 
     /// The names of the classes a model trained on this data predicts, in label order: the
@@ -329,21 +357,19 @@ impl DataSource {
 }
 
 /// Every image of the folder at `dir`, as one test set for a model of config `vit`, scaled as
-/// `normalize` says: a test set held apart from training, scored whole.
-pub fn every_image(dir: &Path, vit: &VitConfig, normalize: Normalize) -> Result<Dataset> {
+/// `like` (the model's own data) is: a test set held apart from training, scored whole.
+pub fn every_image(dir: &Path, vit: &VitConfig, like: &Dataset) -> Result<Dataset> {
     let shape = [vit.channels, vit.image_size, vit.image_size];
     let mut all = load_folder(dir, shape)?;
     all.name = format!("every image of {}", all.name);
-    let all = fit_dataset(all, vit);
-    // The loader normalises with the folder's statistics already.
-    match normalize {
-        Normalize::Dataset => Ok(all),
-        Normalize::None => {
-            let source = DataSource::Folder(dir.to_path_buf());
-            let (mean, std) = source.normalization(vit.channels, normalize);
-            Ok(all.with_normalization(mean, std)?)
-        }
-    }
+    fed_as(all, vit, like)
+}
+
+/// `d` with the model's channels, resized to its image size as batches are made, and scaled as
+/// `like` (the model's own data) is, since the model is fed every image the one way.
+fn fed_as(d: Dataset, vit: &VitConfig, like: &Dataset) -> Result<Dataset> {
+    let d = fit_dataset(d, vit);
+    Ok(d.with_normalization(like.norm_mean.clone(), like.norm_std.clone())?)
 }
 
 /// Every part with the model's channels, resized to its image size as batches are made, and

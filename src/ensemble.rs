@@ -18,8 +18,9 @@
 //!   `layout` = `shared` or `stacked`; `norm_mean` and `norm_std`, JSON arrays, the per-channel
 //!   normalisation the inputs need; `class_names`, a JSON array; `data`, `holdout_classes`,
 //!   `normalize`, `train_on_val` and `backbone`, the data and weights it came from, as `loren
-//!   eval` rebuilds them; `train`, the training settings as JSON, and `training_images`, the
-//!   training split's count and labels (from checkpoints that record them).
+//!   eval` rebuilds them; `train`, the training settings as JSON, and `training_images` and
+//!   `split_images`, the training part's and every part's count and labels (from checkpoints
+//!   that record them).
 //!
 //! The forward pass is a pre-norm ViT: tokens = [class token; patches·Wᵀ + b] + pos_embed, then
 //! per block `x += o(attn(norm1(x)))`, `x += fc2(gelu(fc1(norm2(x))))` (exact erf GELU), then
@@ -51,7 +52,8 @@ use loren_tensor::{Device, DeviceSpec, MemTag, Tensor};
 
 use crate::backbone::checkpoint_backbone;
 use crate::dataset::{
-    DataSource, Normalize, TRAIN_ON_VAL_KEY, TRAINING_IMAGES_KEY, recorded_train_on_val,
+    DataSource, Normalize, SPLIT_IMAGES_KEY, TRAIN_ON_VAL_KEY, TRAINING_IMAGES_KEY,
+    recorded_train_on_val,
 };
 use crate::files::FileKind;
 use crate::outputs::same_file;
@@ -852,7 +854,7 @@ fn export_metadata(file: &TensorFile, model: &Vit) -> anyhow::Result<HashMap<Str
     ]);
     // How it was trained, for `loren eval`'s record of what it scored, and on which images,
     // for its warning when the data has changed since.
-    for key in ["train", TRAINING_IMAGES_KEY] {
+    for key in ["train", TRAINING_IMAGES_KEY, SPLIT_IMAGES_KEY] {
         if let Some(value) = meta.get(key) {
             metadata.insert(key.to_string(), value.clone());
         }

@@ -20,7 +20,10 @@ use loren_tensor::{Device, DeviceSpec, MemTag, MemoryReport};
 use serde::Serialize;
 
 use crate::bench::{Budget, CPU_RSS_FACTOR, CPU_RSS_MARGIN, budget_for, need_for_peak, precision};
-use crate::dataset::{Normalize, TRAIN_ON_VAL_KEY, TRAINING_IMAGES_KEY, recorded_train_on_val};
+use crate::dataset::{
+    Normalize, SPLIT_IMAGES_KEY, TRAIN_ON_VAL_KEY, TRAINING_IMAGES_KEY, recorded_train_on_val,
+    split_images,
+};
 use crate::progress::{EvalBar, TrainBar, Verbosity};
 use crate::report::bytes;
 
@@ -358,7 +361,12 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
             path: spec.checkpoint.clone(),
             // The data too, so eval and export find what it was trained on (the checkpoint
             // records the backbone the model was loaded from itself).
-            metadata: data_metadata.clone(),
+            metadata: {
+                // Recorded after the resume's check, which a checkpoint from before it passes.
+                let mut m = data_metadata.clone();
+                m.insert(SPLIT_IMAGES_KEY.to_string(), split_images(data));
+                m
+            },
             replaces,
         };
         if spec.verbosity == Verbosity::Normal {
@@ -396,7 +404,12 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
             };
             trainer.validate_every(spec.val_every, Box::new(validate));
         }
-        let mut bar = TrainBar::new(label, spec.verbosity).lr_flag("--lr");
+        let mut bar = TrainBar::new(label, spec.verbosity);
+        // train's runs, which write a checkpoint, take their rate from --lr alone; a comparison's
+        // may take it from --lrs or --method-lr, and its warning names no flag.
+        if spec.checkpoint.is_some() {
+            bar = bar.lr_flag("--lr");
+        }
         trainer.fit(&data.train, &ckpt, &mut bar)?
     };
     let memory = device.memory().report().into();

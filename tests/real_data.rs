@@ -559,6 +559,59 @@ fn eval_scores_every_image_of_a_held_apart_folder() {
     );
 }
 
+/// `--all-images` feeds the folder's images as the checkpoint's data was fed: the digits' test
+/// split written as 8-bit grey PNGs scores as the digits' own test split does (it was scaled by
+/// ImageNet's statistics, not the digits' 0.5 and 0.5, and lost a third of its accuracy).
+#[test]
+fn every_image_of_a_folder_is_scaled_as_the_training_data() {
+    use loren_nn::data::{SplitOptions, bundled_digits, split_digits};
+    let dir = temp_dir("all-images-scaled");
+    let test = split_digits(&bundled_digits().unwrap(), &SplitOptions::default())
+        .unwrap()
+        .test;
+    for (i, &label) in test.labels.iter().enumerate() {
+        let class = dir.join("pngs").join(label.to_string());
+        std::fs::create_dir_all(&class).unwrap();
+        let grey: Vec<u8> = test
+            .image(i)
+            .iter()
+            .map(|v| (v * 255.0).round() as u8)
+            .collect();
+        let file = std::fs::File::create(class.join(format!("{i}.png"))).unwrap();
+        let mut enc = png::Encoder::new(std::io::BufWriter::new(file), 8, 8);
+        enc.set_color(png::ColorType::Grayscale);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.write_header().unwrap().write_image_data(&grey).unwrap();
+    }
+    let out = dir.join("run");
+    run_ok(&strs(&quick_train(&out, &[])));
+    let run = out.to_str().unwrap();
+    let accuracy = |extra: &[&str], to: &str| {
+        let to = dir.join(to);
+        let args = [
+            "eval",
+            "--checkpoint",
+            run,
+            "--no-shift",
+            "--no-ood",
+            "-q",
+            "--out",
+        ];
+        run_ok(&[&args[..], &[to.to_str().unwrap()], extra].concat());
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(to.join("eval.json")).unwrap()).unwrap();
+        json["test"]["accuracy"].as_f64().unwrap()
+    };
+    let own = accuracy(&[], "own");
+    let pngs = format!("folder:{}", dir.join("pngs").display());
+    let folder = accuracy(&["--data", &pngs, "--all-images"], "folder");
+    // The bytes round each sixteenth of a level to the nearest 255th: an image may tip.
+    assert!(
+        (own - folder).abs() <= 2.0 / 359.0,
+        "own {own}, folder {folder}"
+    );
+}
+
 /// A folder changed since training is scored with a warning: its split moved images between
 /// the parts, so its test part may hold images the model trained on.
 #[test]
@@ -594,7 +647,7 @@ fn eval_warns_when_the_data_changed_since_training() {
         for needle in [
             "eval: warning: folder:",
             "has changed since",
-            "its training split held 14 images and now holds 15",
+            "its split held 20 images and now holds 21",
             "may hold images the model trained on",
         ] {
             assert!(changed.contains(needle), "no `{needle}` in:\n{changed}");
@@ -608,11 +661,51 @@ fn eval_warns_when_the_data_changed_since_training() {
     )
     .unwrap();
     let relabelled = eval(run, "fourth");
-    let needle = "its training split holds as many images (14), labelled otherwise";
+    let needle = "its split holds as many images (20), in other parts";
     assert!(
         relabelled.contains(needle),
         "no `{needle}` in:\n{relabelled}"
     );
+}
+
+/// Class folders named by numbers are names too: a folder of classes 1 and 2 is refused for a
+/// checkpoint of classes 0 and 1 (numbered names were once taken for made-up ones, unchecked).
+#[test]
+fn numbered_class_folders_are_checked_by_name() {
+    let dir = temp_dir("numbered-classes");
+    let (trained, other) = (dir.join("a"), dir.join("b"));
+    for (root, names) in [(&trained, ["0", "1"]), (&other, ["1", "2"])] {
+        for (c, class) in names.iter().enumerate() {
+            std::fs::create_dir_all(root.join(class)).unwrap();
+            for i in 0..10 {
+                write_png(
+                    &root.join(class).join(format!("{i}.png")),
+                    12,
+                    10,
+                    c * 10 + i,
+                );
+            }
+        }
+    }
+    let out = dir.join("run");
+    run_ok(&strs(&quick_train(
+        &out,
+        &["--data", &format!("folder:{}", trained.display())],
+    )));
+    let scored = dir.join("scored");
+    let data = format!("folder:{}", other.display());
+    let run = out.to_str().unwrap();
+    let args = [
+        "eval",
+        "--checkpoint",
+        run,
+        "--data",
+        &data,
+        "--out",
+        scored.to_str().unwrap(),
+        "-q",
+    ];
+    fails_with(&args, &["class 0 is `0` there and `1` here (and 1 more)"]);
 }
 
 /// A run resumes on its images at another path (a moved folder), and is refused on other

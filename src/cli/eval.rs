@@ -14,7 +14,8 @@ use serde::Serialize;
 
 use super::say;
 use loren::dataset::{
-    DataSource, Normalize, TRAINING_IMAGES_KEY, every_image, recorded_train_on_val, training_images,
+    DataSource, Normalize, SPLIT_IMAGES_KEY, TRAINING_IMAGES_KEY, every_image,
+    recorded_train_on_val, split_images, training_images,
 };
 use loren::ensemble::load_network;
 use loren::progress::{EvalBar, Verbosity};
@@ -60,7 +61,8 @@ pub struct EvalArgs {
     pub out: Option<PathBuf>,
     /// Score every image of --data folder:DIR, a test set of the checkpoint's classes held apart
     /// from training, instead of its split's test part (a fifth of it). The temperature is then
-    /// fitted on the validation part of the data the checkpoint trained on.
+    /// fitted on the validation part of the data the checkpoint trained on (none where it
+    /// trained on that part too, --train-on-val).
     #[arg(long, requires = "data")]
     pub all_images: bool,
 }
@@ -122,25 +124,26 @@ fn every_image_of(
     if a.common.verbosity() == Verbosity::Normal {
         note_passed_over(&given, &passed_over(dir));
     }
-    data.test = every_image(dir, vit, data_args.normalize()?)?;
+    data.test = every_image(dir, vit, &data.test)?;
     Ok(data)
 }
 
-/// The data's classes are the ones the checkpoint's heads were trained on, by name and in order:
-/// a folder whose class subfolders are named otherwise (`Cats` for `cats`) sorts otherwise, and
-/// would score every image against another class's output. A checkpoint from before the names
-/// were recorded, or names that are only the labels' numbers, are taken on the class count.
-fn check_class_names(file: &TensorFile, checkpoint: &Path, test: &Dataset) -> Result<()> {
-    if !file.metadata().contains_key("class_names") {
+/// An image folder's classes are the ones the checkpoint's heads were trained on, by name and in
+/// order: one whose class subfolders are named otherwise (`Cats` for `cats`) sorts otherwise,
+/// and would score every image against another class's output. The other sources' labels are
+/// their format's own, and their names may be made up where a file is missing (a CIFAR copy
+/// without its names file), so they are taken on the class count, as is a checkpoint from before
+/// the names were recorded.
+fn check_class_names(
+    file: &TensorFile,
+    checkpoint: &Path,
+    scored: &DataSource,
+    test: &Dataset,
+) -> Result<()> {
+    if !matches!(scored, DataSource::Folder(_)) || !file.metadata().contains_key("class_names") {
         return Ok(());
     }
     let trained: Vec<String> = file.meta_json("class_names")?;
-    // Names a loader made up from the labels (the digits', a CIFAR copy without its names
-    // file) say nothing of which class is which: the labels are the data's own.
-    let numbered = |names: &[String]| names.iter().enumerate().all(|(i, n)| *n == i.to_string());
-    if numbered(&trained) || numbered(&test.class_names) {
-        return Ok(());
-    }
     let differing: Vec<String> = trained
         .iter()
         .zip(&test.class_names)
@@ -272,28 +275,45 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             data.test.classes
         );
     }
-    check_class_names(&file, &a.checkpoint, &data.test)?;
-    let recorded_images = meta.get(TRAINING_IMAGES_KEY);
-    if let Some(recorded) = recorded_images.filter(|_| on_its_own_data) {
-        let now = training_images(&data.train);
-        // The split shuffles each class by a fixed seed, so one image added or removed moves
-        // others between the parts: some now in test were trained on.
-        if *recorded != now {
-            let count = |record: &str| record.split(' ').next().unwrap_or_default().to_string();
-            let change = match (count(recorded), count(&now)) {
-                (then, now) if then == now => {
-                    format!("its training split holds as many images ({now}), labelled otherwise")
-                }
-                (then, now) => format!("its training split held {then} images and now holds {now}"),
-            };
-            loren::note!(
-                "eval: warning: {} has changed since {} was trained on it ({change}), so the test \
-                 split scored here may hold images the model trained on: its figures are no clean \
-                 test",
-                data_args.data.as_deref().unwrap_or("digits"),
-                a.checkpoint.display()
-            );
-        }
+    let scored: DataSource = data_args.data.as_deref().unwrap_or("digits").parse()?;
+    check_class_names(&file, &a.checkpoint, &scored, &data.test)?;
+    // The split shuffles each class by a fixed seed, so one image added or removed moves others
+    // between the parts: some now in test were trained on. Every part's record where the
+    // checkpoint has one, else the training part's.
+    let records = [
+        (
+            SPLIT_IMAGES_KEY,
+            split_images(&data),
+            "split",
+            "in other parts",
+        ),
+        (
+            TRAINING_IMAGES_KEY,
+            training_images(&data.train),
+            "training split",
+            "labelled otherwise",
+        ),
+    ];
+    let record = records
+        .into_iter()
+        .find_map(|(key, now, what, moved)| meta.get(key).map(|r| (r, now, what, moved)));
+    if let Some((recorded, now, what, moved)) = record.filter(|_| on_its_own_data)
+        && *recorded != now
+    {
+        let count = |record: &str| record.split(' ').next().unwrap_or_default().to_string();
+        let change = match (count(recorded), count(&now)) {
+            (then, now) if then == now => {
+                format!("its {what} holds as many images ({now}), {moved}")
+            }
+            (then, now) => format!("its {what} held {then} images and now holds {now}"),
+        };
+        loren::note!(
+            "eval: warning: {} has changed since {} was trained on it ({change}), so the test \
+             split scored here may hold images the model trained on: its figures are no clean \
+             test",
+            data_args.data.as_deref().unwrap_or("digits"),
+            a.checkpoint.display()
+        );
     }
     let mut opts = eval_options(&data_args);
     let held_out = data.held_out.as_ref();

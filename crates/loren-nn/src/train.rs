@@ -444,8 +444,9 @@ impl<'m> Trainer<'m> {
             Ok(())
         })?;
         // --- end prefetch
-        // The one read of the GPU's skip count an epoch. It waits for the last step's backward and
-        // update, which the loss's wait does not, and the checkpoint that follows would anyway.
+        // The one read of the GPU's skip count an epoch, outside any step: it waits for the last
+        // step's backward and update, which the loss's wait does not (an epoch's checkpoint, where
+        // one is written, would wait for them too).
         let skipped = self.optimizer.skipped_steps()?;
         let mut info = EpochInfo {
             epoch: self.epoch + 1,

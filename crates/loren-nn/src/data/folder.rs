@@ -339,18 +339,23 @@ pub fn passed_over(dir: &Path) -> PassedOver {
                 if inner.is_dir() {
                     out.folders.push(relative(&inner));
                 } else if !named_as_image(&inner) {
-                    let what = match (inner.is_file(), head(&inner)) {
-                        (false, _) => Some("not a regular file".to_string()),
-                        (true, Ok(h)) if image_kind(&h).is_none() => Some(
-                            other_image_format(&h)
-                                .map_or_else(|| "not an image".into(), |f| format!("a {f} image")),
-                        ),
-                        _ => None,
+                    // Only a regular file is opened: a pipe's read would wait for ever.
+                    let what = match inner.is_file() {
+                        false => Some("not a regular file".to_string()),
+                        true => head(&inner)
+                            .ok()
+                            .filter(|h| image_kind(h).is_none())
+                            .map(|h| {
+                                other_image_format(&h).map_or_else(
+                                    || "not an image".into(),
+                                    |f| format!("a {f} image"),
+                                )
+                            }),
                     };
                     out.files.extend(what.map(|w| (relative(&inner), w)));
                 }
             }
-        } else if head(&entry).is_ok_and(|h| image_kind(&h).is_some()) {
+        } else if entry.is_file() && head(&entry).is_ok_and(|h| image_kind(&h).is_some()) {
             let what = "an image beside the class folders, in none of them".to_string();
             out.files.push((relative(&entry), what));
         }
@@ -880,6 +885,11 @@ mod tests {
         // A link that cannot be read beside the class folders: passed over without a word, as
         // the dataset never opens it.
         std::os::unix::fs::symlink("/proc/self/mem", dir.join("unreadable")).unwrap();
+        // Pipes, which a read would wait on for ever: beside the classes, and in one.
+        for pipe in [dir.join("pipe"), dir.join("b/pipe")] {
+            let made = std::process::Command::new("mkfifo").arg(&pipe).status();
+            assert!(made.is_ok_and(|s| s.success()), "mkfifo {}", pipe.display());
+        }
         let left = passed_over(&dir);
         let files: Vec<(String, &str)> = left
             .files
@@ -892,6 +902,7 @@ mod tests {
             [
                 (format!("a{sep}x.gif"), "a GIF image"),
                 (format!("b{sep}notes.txt"), "not an image"),
+                (format!("b{sep}pipe"), "not a regular file"),
                 (format!("b{sep}y.webp"), "a WebP image"),
                 (
                     "stray.png".to_string(),
