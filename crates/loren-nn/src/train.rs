@@ -538,7 +538,23 @@ impl<'m> Trainer<'m> {
             match self.run_epoch(data, observer) {
                 Ok(_) => {}
                 Err(NnError::NonFinite { step, loss, .. }) => {
-                    let kept = kept(saved);
+                    // The epoch's steps skipped for their gradients, on the way to this loss,
+                    // which no epoch's end reported.
+                    let skipped = self.optimizer.skipped_steps()?;
+                    let before = match skipped.saturating_sub(self.skipped_before) {
+                        0 => String::new(),
+                        n => format!(
+                            "{n} step{} of this epoch before it left the parameters as they were, \
+                             {} gradients not finite",
+                            if n == 1 { "" } else { "s" },
+                            if n == 1 { "its" } else { "their" }
+                        ),
+                    };
+                    let kept = [before, kept(saved)]
+                        .into_iter()
+                        .filter(|part| !part.is_empty())
+                        .collect::<Vec<_>>()
+                        .join("; ");
                     return Err(NnError::NonFinite { step, loss, kept });
                 }
                 Err(NnError::Interrupted { step, .. }) => return Err(interrupted(step, saved)),
