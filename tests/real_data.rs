@@ -377,15 +377,17 @@ fn write_png(path: &Path, w: u32, h: u32, seed: usize) {
 
 /// An image folder in `dir`: classes cats and dogs, 10 distinct 12×10 PNGs each.
 fn write_cats_and_dogs(dir: &Path) {
-    for (c, class) in ["cats", "dogs"].iter().enumerate() {
+    write_classes(dir, &["cats", "dogs"], 10, 0);
+}
+
+/// An image folder in `dir` of `classes`, `per_class` distinct 12×10 PNGs each, drawn from
+/// `seed` on.
+fn write_classes(dir: &Path, classes: &[&str], per_class: usize, seed: usize) {
+    for (c, class) in classes.iter().enumerate() {
         std::fs::create_dir_all(dir.join(class)).unwrap();
-        for i in 0..10 {
-            write_png(
-                &dir.join(class).join(format!("{i}.png")),
-                12,
-                10,
-                c * 10 + i,
-            );
+        for i in 0..per_class {
+            let file = dir.join(class).join(format!("{i}.png"));
+            write_png(&file, 12, 10, seed + c * per_class + i);
         }
     }
 }
@@ -448,17 +450,7 @@ fn an_image_folder_trains_through_the_cli() {
 #[test]
 fn a_held_out_class_is_named_by_its_folder() {
     let dir = temp_dir("holdout-named");
-    for (c, class) in ["0", "1", "10", "2"].iter().enumerate() {
-        std::fs::create_dir_all(dir.join(class)).unwrap();
-        for i in 0..10 {
-            write_png(
-                &dir.join(class).join(format!("{i}.png")),
-                12,
-                10,
-                c * 10 + i,
-            );
-        }
-    }
+    write_classes(&dir, &["0", "1", "10", "2"], 10, 0);
     // A class of one image, none of it in the test part: held out all the same.
     std::fs::create_dir_all(dir.join("3")).unwrap();
     write_png(&dir.join("3").join("0.png"), 12, 10, 77);
@@ -507,17 +499,7 @@ fn eval_scores_every_image_of_a_held_apart_folder() {
     let dir = temp_dir("all-images");
     let (data, held) = (dir.join("data"), dir.join("held"));
     write_cats_and_dogs(&data);
-    for (c, class) in ["cats", "dogs"].iter().enumerate() {
-        std::fs::create_dir_all(held.join(class)).unwrap();
-        for i in 0..6 {
-            write_png(
-                &held.join(class).join(format!("{i}.png")),
-                9,
-                11,
-                40 + c * 10 + i,
-            );
-        }
-    }
+    write_classes(&held, &["cats", "dogs"], 6, 40);
     let out = dir.join("run");
     let folder = |d: &Path| format!("folder:{}", d.display());
     run_ok(&strs(&quick_train(&out, &["--data", &folder(&data)])));
@@ -674,19 +656,8 @@ fn eval_warns_when_the_data_changed_since_training() {
 fn numbered_class_folders_are_checked_by_name() {
     let dir = temp_dir("numbered-classes");
     let (trained, other) = (dir.join("a"), dir.join("b"));
-    for (root, names) in [(&trained, ["0", "1"]), (&other, ["1", "2"])] {
-        for (c, class) in names.iter().enumerate() {
-            std::fs::create_dir_all(root.join(class)).unwrap();
-            for i in 0..10 {
-                write_png(
-                    &root.join(class).join(format!("{i}.png")),
-                    12,
-                    10,
-                    c * 10 + i,
-                );
-            }
-        }
-    }
+    write_classes(&trained, &["0", "1"], 10, 0);
+    write_classes(&other, &["1", "2"], 10, 0);
     let out = dir.join("run");
     run_ok(&strs(&quick_train(
         &out,
