@@ -145,11 +145,7 @@ pub fn split_images(s: &Splits) -> String {
         let labels = p.map_or(&[][..], |d| &d.labels[..]);
         std::iter::once(labels.len() as u64).chain(labels.iter().map(|&l| u64::from(l)))
     });
-    let hash = words
-        .flat_map(u64::to_le_bytes)
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        });
+    let hash = fnv1a(words.flat_map(u64::to_le_bytes));
     let total: usize = parts.iter().flatten().map(|d| d.len()).sum();
     format!("{total} images, parts {hash:016x}")
 }
@@ -158,14 +154,15 @@ pub fn split_images(s: &Splits) -> String {
 /// their labels in order. The pixels are left out: a JPEG decoder may round differently on
 /// another machine, and a resumed run must not be refused for that.
 pub fn training_images(train: &loren_nn::data::Dataset) -> String {
-    let hash = train
-        .labels
-        .iter()
-        .flat_map(|l| l.to_le_bytes())
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        });
+    let hash = fnv1a(train.labels.iter().flat_map(|l| l.to_le_bytes()));
     format!("{} images, labels {hash:016x}", train.len())
+}
+
+/// The 64-bit FNV-1a hash of `bytes`: the data's records need no more than telling a change.
+fn fnv1a(bytes: impl Iterator<Item = u8>) -> u64 {
+    bytes.fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// A dataset: `digits` (the bundled 8×8 digits), `digits:PATH` (the same format from a file),

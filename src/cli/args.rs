@@ -334,7 +334,7 @@ pub fn splits(
     }
     if verbosity == Verbosity::Normal {
         if let Some(held) = &splits.held_out {
-            note_held_out(&source, &data.holdout_classes, &held.class_names);
+            note_held_out(&source, &held_out_classes(data), &held.class_names);
         }
         note_unscored_classes(&source, &splits);
         if let DataSource::Digits(Some(_)) = source {
@@ -386,14 +386,20 @@ pub fn note_passed_over(source: &DataSource, left: &PassedOver) {
     );
 }
 
-/// The classes held out, by number and name (`names`: all the data's classes):
+/// `--holdout-classes` as the splits take them: sorted, once each (8,9 and 9,8 are the same
+/// data).
+fn held_out_classes(data: &DataArgs) -> Vec<u32> {
+    let mut classes = data.holdout_classes.clone();
+    classes.sort_unstable();
+    classes.dedup();
+    classes
+}
+
+/// The classes held out (`holdout`, sorted), by number and name (`names`: all the data's classes):
 /// `--holdout-classes` counts in the data's class order, which for a folder is its subfolders'
 /// byte order (0, 1, 10, 2, ...), so the name is what says which class it is.
 fn note_held_out(source: &DataSource, holdout: &[u32], names: &[String]) {
-    let mut classes = holdout.to_vec();
-    classes.sort_unstable();
-    classes.dedup();
-    let named: Vec<String> = classes
+    let named: Vec<String> = holdout
         .iter()
         .map(|&c| format!("{c} (`{}`)", names[c as usize]))
         .collect();
@@ -462,11 +468,7 @@ fn counted(files: usize, folders: usize) -> String {
 /// What `eval` needs to rebuild the same data, and a resumed run to train on it: the source,
 /// the held-out classes, the normalisation and whether the validation part trained.
 pub fn data_metadata(data: &DataArgs, train_on_val: bool) -> HashMap<String, String> {
-    // As the splits take them: sorted, once each (8,9 and 9,8 are the same data).
-    let mut classes = data.holdout_classes.clone();
-    classes.sort_unstable();
-    classes.dedup();
-    let holdout: Vec<String> = classes.iter().map(u32::to_string).collect();
+    let holdout: Vec<String> = held_out_classes(data).iter().map(u32::to_string).collect();
     HashMap::from([
         (
             "data".to_string(),
