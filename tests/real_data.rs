@@ -470,6 +470,51 @@ fn a_held_out_class_is_named_by_its_folder() {
     }
 }
 
+/// `--holdout-classes` takes a class by name too; the checkpoint records it by number, and
+/// `eval` holds a name to the same class.
+#[test]
+fn a_held_out_class_can_be_given_by_name() {
+    let dir = temp_dir("holdout-by-name");
+    write_classes(&dir, &["cat", "dog", "emu", "fox"], 10, 0);
+    let out = temp_dir("holdout-by-name-run");
+    let arg = format!("folder:{}", dir.display());
+    let mut args = quick_train(&out, &["--data", &arg, "--holdout-classes", "emu,0"]);
+    args.retain(|a| a != "-q");
+    let (ok, _, stderr) = loren(&strs(&args));
+    assert!(ok, "{stderr}");
+    let needle = ": holding out classes 0 (`cat`), 2 (`emu`) of 4";
+    assert!(stderr.contains(needle), "no `{needle}` in:\n{stderr}");
+    let ckpt = out.join("checkpoint.safetensors");
+    eval_ok(&ckpt, &["--holdout-classes", "cat,emu"]);
+    let c = ckpt.to_str().unwrap();
+    let eval = |classes| {
+        [
+            "eval",
+            "--checkpoint",
+            c,
+            "--holdout-classes",
+            classes,
+            "-q",
+        ]
+    };
+    fails_with(
+        &eval("dog,emu"),
+        &[
+            "--holdout-classes dog,emu: ",
+            "was trained holding out classes 0,2",
+        ],
+    );
+    fails_with(
+        &eval("yak"),
+        &[
+            "--holdout-classes yak: ",
+            "has no class of that name; its classes are cat, dog, emu, fox",
+        ],
+    );
+    let (ok, _, stderr) = loren(&eval("cat,,emu"));
+    assert!(!ok && stderr.contains("an empty class"), "{stderr}");
+}
+
 /// A class too small for the split to put any image in the test or validation part is named:
 /// it goes unmeasured there.
 #[test]

@@ -255,13 +255,14 @@ pub struct DataArgs {
     /// Default: digits.
     #[arg(long)]
     pub data: Option<String>,
-    /// Classes to hold out of fine-tuning and test, and score as out-of-distribution (e.g. 8,9),
-    /// by number from 0 in the data's class order (a folder's subfolders sort byte-wise: 0, 1,
-    /// 10, 2, ...; the run's first lines name them). Fine-tuning never sees them; the backbone
-    /// may have: the bundled digits backbone was pretrained on all ten classes, as an
-    /// ImageNet-pretrained ViT may have seen a CIFAR class.
-    #[arg(long, value_delimiter = ',')]
-    pub holdout_classes: Vec<u32>,
+    /// Classes to hold out of fine-tuning and test, and score as out-of-distribution: by name
+    /// (cat,dog: a folder's subfolder names, CIFAR's class names) or by number from 0 in the
+    /// data's class order (8,9; a folder's subfolders sort byte-wise: 0, 1, 10, 2, ...), a
+    /// number always counting. The run's first lines name them. Fine-tuning never sees them;
+    /// the backbone may have: the bundled digits backbone was pretrained on all ten classes, as
+    /// an ImageNet-pretrained ViT may have seen a CIFAR class.
+    #[arg(long, value_delimiter = ',', value_name = "CLASS")]
+    pub holdout_classes: Vec<ClassRef>,
     /// Skip the shifted test sets.
     #[arg(long)]
     pub no_shift: bool,
@@ -309,6 +310,44 @@ impl DataArgs {
         Ok(())
     }
 
+    /// The data `--data` names, or the default.
+    pub fn source(&self) -> Result<DataSource> {
+        Ok(self.data.as_deref().unwrap_or("digits").parse()?)
+    }
+
+    /// `--holdout-classes` as numbers in the data's class order, sorted, once each (8,9 and 9,8
+    /// are the same data). A name is looked up among the data's classes, which reads only
+    /// names; a number is checked when the data is split.
+    pub fn held_out_classes(&self) -> Result<Vec<u32>> {
+        let needs_names = self
+            .holdout_classes
+            .iter()
+            .any(|c| matches!(c, ClassRef::Name(_)));
+        let source = self.source()?;
+        let names = match needs_names {
+            true => source.class_names(&[])?,
+            false => Vec::new(),
+        };
+        let mut classes = self
+            .holdout_classes
+            .iter()
+            .map(|class| match class {
+                ClassRef::Number(n) => Ok(*n),
+                ClassRef::Name(name) => match names.iter().position(|n| n == name) {
+                    Some(c) => Ok(c as u32),
+                    None => bail!(
+                        "--holdout-classes {name}: {source} has no class of that name; its \
+                         classes are {}",
+                        listed(&names)
+                    ),
+                },
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        classes.sort_unstable();
+        classes.dedup();
+        Ok(classes)
+    }
+
     /// `--normalize`, or the default.
     pub fn normalize(&self) -> Result<Normalize> {
         match &self.normalize {
@@ -327,14 +366,15 @@ pub fn splits(
     train_on_val: bool,
     verbosity: Verbosity,
 ) -> Result<Splits> {
-    let source: DataSource = data.data.as_deref().unwrap_or("digits").parse()?;
-    let mut splits = source.splits(&data.holdout_classes, vit, data.normalize()?, train_on_val)?;
+    let source = data.source()?;
+    let held_out = data.held_out_classes()?;
+    let mut splits = source.splits(&held_out, vit, data.normalize()?, train_on_val)?;
     if let (DataSource::Folder(dir), Verbosity::Normal) = (&source, verbosity) {
         note_passed_over(&source, &passed_over(dir));
     }
     if verbosity == Verbosity::Normal {
         if let Some(held) = &splits.held_out {
-            note_held_out(&source, &held_out_classes(data), &held.class_names);
+            note_held_out(&source, &held_out, &held.class_names);
         }
         note_unscored_classes(&source, &splits);
         if let DataSource::Digits(Some(_)) = source {
@@ -386,13 +426,43 @@ pub fn note_passed_over(source: &DataSource, left: &PassedOver) {
     );
 }
 
-/// `--holdout-classes` as the splits take them: sorted, once each (8,9 and 9,8 are the same
-/// data).
-fn held_out_classes(data: &DataArgs) -> Vec<u32> {
-    let mut classes = data.holdout_classes.clone();
-    classes.sort_unstable();
-    classes.dedup();
-    classes
+/// A class as `--holdout-classes` gives it: a number counts in the data's class order, anything
+/// else is a class's name.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ClassRef {
+    Number(u32),
+    Name(String),
+}
+
+impl std::str::FromStr for ClassRef {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<ClassRef, String> {
+        match s.parse::<u32>() {
+            Ok(n) => Ok(ClassRef::Number(n)),
+            Err(_) if s.is_empty() => Err("an empty class (two commas, or one at an end)".into()),
+            Err(_) => Ok(ClassRef::Name(s.to_string())),
+        }
+    }
+}
+
+impl std::fmt::Display for ClassRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            ClassRef::Number(n) => write!(f, "{n}"),
+            ClassRef::Name(name) => write!(f, "{name}"),
+        }
+    }
+}
+
+/// Up to 20 names, then how many more.
+fn listed(names: &[String]) -> String {
+    const SHOWN: usize = 20;
+    let shown = names[..names.len().min(SHOWN)].join(", ");
+    match names.len().saturating_sub(SHOWN) {
+        0 => shown,
+        n => format!("{shown} and {n} more"),
+    }
 }
 
 /// The classes held out (`holdout`, sorted), by number and name (`names`: all the data's classes):
@@ -467,9 +537,13 @@ fn counted(files: usize, folders: usize) -> String {
 
 /// What `eval` needs to rebuild the same data, and a resumed run to train on it: the source,
 /// the held-out classes, the normalisation and whether the validation part trained.
-pub fn data_metadata(data: &DataArgs, train_on_val: bool) -> HashMap<String, String> {
-    let holdout: Vec<String> = held_out_classes(data).iter().map(u32::to_string).collect();
-    HashMap::from([
+pub fn data_metadata(data: &DataArgs, train_on_val: bool) -> Result<HashMap<String, String>> {
+    let holdout: Vec<String> = data
+        .held_out_classes()?
+        .iter()
+        .map(u32::to_string)
+        .collect();
+    Ok(HashMap::from([
         (
             "data".to_string(),
             // Recorded absolute, so `eval` finds it from any directory.
@@ -485,19 +559,22 @@ pub fn data_metadata(data: &DataArgs, train_on_val: bool) -> HashMap<String, Str
             data.normalize().unwrap_or_default().to_string(),
         ),
         (TRAIN_ON_VAL_KEY.to_string(), train_on_val.to_string()),
-    ])
+    ]))
 }
 
-/// The held-out classes a checkpoint recorded ([`data_metadata`]).
+/// The held-out classes a checkpoint recorded ([`data_metadata`]), sorted, once each.
 pub fn saved_holdout_classes(meta: &HashMap<String, String>) -> Result<Vec<u32>> {
-    match meta.get("holdout_classes").filter(|h| !h.is_empty()) {
+    let mut classes: Vec<u32> = match meta.get("holdout_classes").filter(|h| !h.is_empty()) {
         Some(h) => h
             .split(',')
             .map(|c| c.parse::<u32>())
             .collect::<Result<_, _>>()
-            .with_context(|| format!("checkpoint metadata holdout_classes '{h}'")),
-        None => Ok(Vec::new()),
-    }
+            .with_context(|| format!("checkpoint metadata holdout_classes '{h}'"))?,
+        None => Vec::new(),
+    };
+    classes.sort_unstable();
+    classes.dedup();
+    Ok(classes)
 }
 
 pub fn eval_options(data: &DataArgs) -> EvalOptions {
@@ -603,7 +680,7 @@ pub fn run_spec(
         eval: eval_options(data),
         val_every: optim.val_every,
         verbosity: common.verbosity(),
-        metadata: data_metadata(data, optim.train_on_val),
+        metadata: data_metadata(data, optim.train_on_val)?,
     })
 }
 

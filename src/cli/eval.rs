@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use super::args::{
-    Common, DataArgs, checkpoint_arg, data_metadata, eval_options, note_passed_over,
+    ClassRef, Common, DataArgs, checkpoint_arg, data_metadata, eval_options, note_passed_over,
     save_predictions, saved_holdout_classes, splits, text_path,
 };
 
@@ -219,8 +219,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     let recorded = saved_holdout_classes(meta)?;
     // The heads know the classes left after the holdout, in order: other held-out classes would
     // score them against the wrong labels.
-    let set = |c: &[u32]| std::collections::BTreeSet::from_iter(c.iter().copied());
-    if !data_args.holdout_classes.is_empty() && set(&data_args.holdout_classes) != set(&recorded) {
+    if !data_args.holdout_classes.is_empty() && data_args.held_out_classes()? != recorded {
         anyhow::bail!(
             "--holdout-classes {}: {} was trained holding out {}; leave the flag out to use that",
             join(&data_args.holdout_classes),
@@ -232,7 +231,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             }
         );
     }
-    data_args.holdout_classes = recorded;
+    data_args.holdout_classes = recorded.into_iter().map(ClassRef::Number).collect();
     // The scaling the model was trained with is part of the model: another would score it on
     // inputs it never saw.
     let trained = Normalize::recorded(meta)?;
@@ -371,12 +370,8 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         settings: meta
             .contains_key("train")
             .then(|| {
-                RunSettings::of_checkpoint(
-                    &file,
-                    data_metadata(&data_args, train_on_val)
-                        .into_iter()
-                        .collect(),
-                )
+                let data = data_metadata(&data_args, train_on_val)?;
+                RunSettings::of_checkpoint(&file, data.into_iter().collect())
             })
             .transpose()?,
     };
@@ -400,10 +395,10 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn join(classes: &[u32]) -> String {
+fn join<T: ToString>(classes: &[T]) -> String {
     classes
         .iter()
-        .map(u32::to_string)
+        .map(T::to_string)
         .collect::<Vec<_>>()
         .join(",")
 }

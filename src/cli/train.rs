@@ -21,8 +21,8 @@ use loren_nn::train::TrainConfig;
 use loren::dataset::{TRAINING_IMAGES_KEY, training_images};
 
 use super::args::{
-    Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, SeedArgs, checkpoint_arg, out_dir,
-    run_spec, saved_holdout_classes, splits, text_path, write_outputs,
+    ClassRef, Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, SeedArgs, checkpoint_arg,
+    out_dir, run_spec, saved_holdout_classes, splits, text_path, write_outputs,
 };
 use loren::outputs::writable_dir;
 
@@ -310,7 +310,10 @@ fn with_saved_settings(
         r.data.data = meta.get("data").cloned().or(r.data.data.take());
     }
     if keep("holdout_classes") {
-        r.data.holdout_classes = saved_holdout_classes(meta)?;
+        r.data.holdout_classes = saved_holdout_classes(meta)?
+            .into_iter()
+            .map(ClassRef::Number)
+            .collect();
     }
     if keep("normalize") {
         r.data.normalize = Some(Normalize::recorded(meta)?.to_string());

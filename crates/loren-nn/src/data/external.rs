@@ -178,7 +178,7 @@ fn assemble(
     holdout: &[u32],
     why_empty: impl Fn(usize, &[u32]) -> String,
 ) -> Result<Splits, DataError> {
-    let held = checked_holdout(holdout, train.classes)?;
+    let held = split::checked_holdout(holdout, train.classes)?;
     let held_out = (!held.is_empty()).then(|| {
         let idx = indices_where(&test, |l| held.binary_search(&l).is_ok());
         let mut d = test.subset(&idx);
@@ -208,23 +208,6 @@ fn assemble(
         }
     }
     Ok(splits)
-}
-
-/// The held-out classes sorted and deduplicated, each existing, at least two classes left.
-fn checked_holdout(holdout: &[u32], classes: usize) -> Result<Vec<u32>, DataError> {
-    let mut held = holdout.to_vec();
-    held.sort_unstable();
-    held.dedup();
-    if let Some(&class) = held.iter().find(|&&c| c as usize >= classes) {
-        return Err(DataError::UnknownHoldoutClass { class, classes });
-    }
-    if classes - held.len() < 2 {
-        return Err(DataError::TooFewClassesLeft {
-            held_out: held.len(),
-            classes,
-        });
-    }
-    Ok(held)
 }
 
 fn indices_where(d: &Dataset, keep: impl Fn(u32) -> bool) -> Vec<usize> {

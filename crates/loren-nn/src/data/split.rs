@@ -56,24 +56,24 @@ impl SplitOptions {
         }
         Ok(fractions)
     }
+}
 
-    /// The held-out classes, sorted and deduplicated, after checking each exists and at least
-    /// two classes remain.
-    fn validate_holdout(&self, classes: usize) -> Result<Vec<u32>, DataError> {
-        let mut held = self.holdout_classes.clone();
-        held.sort_unstable();
-        held.dedup();
-        if let Some(&class) = held.iter().find(|&&c| c as usize >= classes) {
-            return Err(DataError::UnknownHoldoutClass { class, classes });
-        }
-        if classes - held.len() < 2 {
-            return Err(DataError::TooFewClassesLeft {
-                held_out: held.len(),
-                classes,
-            });
-        }
-        Ok(held)
+/// The held-out classes sorted and deduplicated, after checking each exists and at least two
+/// of the `classes` remain.
+pub(super) fn checked_holdout(holdout: &[u32], classes: usize) -> Result<Vec<u32>, DataError> {
+    let mut held = holdout.to_vec();
+    held.sort_unstable();
+    held.dedup();
+    if let Some(&class) = held.iter().find(|&&c| c as usize >= classes) {
+        return Err(DataError::UnknownHoldoutClass { class, classes });
     }
+    if classes - held.len() < 2 {
+        return Err(DataError::TooFewClassesLeft {
+            held_out: held.len(),
+            classes,
+        });
+    }
+    Ok(held)
 }
 
 /// The four parts of a split. Train, val and test hold only the kept classes, relabelled
@@ -102,7 +102,7 @@ const PARTS: [&str; 4] = ["pretrain", "train", "val", "test"];
 /// holding classes out leaves the other classes' images where they were.
 pub fn split_digits(all: &Dataset, opts: &SplitOptions) -> Result<Splits, DataError> {
     let fractions = opts.validate_fractions()?;
-    let held = opts.validate_holdout(all.classes)?;
+    let held = checked_holdout(&opts.holdout_classes, all.classes)?;
     let mut parts = stratified_indices(all, &fractions);
     if opts.train_on_val {
         let val = std::mem::take(&mut parts[2]);
