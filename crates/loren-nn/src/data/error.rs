@@ -78,6 +78,10 @@ pub enum DataError {
     /// truncated, an unknown label, an undecodable image, a folder with no images.
     #[error("{}: {msg}", path.display())]
     BadFile { path: PathBuf, msg: String },
+    /// Bytes given to [`decode`](super::folder::decode) that are not a PNG or JPEG image it
+    /// reads.
+    #[error("cannot decode the image: {reason}")]
+    Undecodable { reason: String },
 
     /// Images cannot be brought to this shape: a channel count other than 1 or 3, or more
     /// pixels than memory holds.
@@ -119,6 +123,12 @@ pub enum DataError {
         index: usize,
         value: f32,
     },
+    /// [`Pixels::Steps`](super::Pixels::Steps) with `levels: 0`, whose every byte would read
+    /// as 0/0.
+    #[error(
+        "dataset `{name}`: pixel bytes of 0 levels (byte b is b / levels: 255 for 8-bit images)"
+    )]
+    ZeroLevels { name: String },
     #[error(
         "dataset `{name}`: norm_mean and norm_std need {channels} finite values each (one per channel), std > 0; got mean {mean:?}, std {std:?}"
     )]

@@ -128,11 +128,7 @@ pub fn read_images(files: &[PathBuf], shape: [usize; 3]) -> Result<Pixels, DataE
         shape,
         reason: reason.into(),
     };
-    if !matches!(channels, 1 | 3) || height == 0 || width == 0 {
-        return Err(bad(
-            "an image folder gives 1 or 3 channels of a positive size",
-        ));
-    }
+    check_image_shape(shape)?;
     // Each image goes straight to its place: collecting them and concatenating would hold the
     // whole set twice at the peak. Kept as bytes, a quarter of f32, each pixel rounded to the
     // nearest 1/255 after the resize, as an 8-bit image resized (PIL's, say) holds it.
@@ -493,8 +489,21 @@ fn image_kind(bytes: &[u8]) -> Option<ImageKind> {
     }
 }
 
+/// Whether images can be brought to `shape`: 1 or 3 channels of a positive size.
+fn check_image_shape(shape: [usize; 3]) -> Result<(), DataError> {
+    let [channels, height, width] = shape;
+    match matches!(channels, 1 | 3) && height > 0 && width > 0 {
+        true => Ok(()),
+        false => Err(DataError::ImageShape {
+            shape,
+            reason: "images are read into 1 or 3 channels of a positive size".into(),
+        }),
+    }
+}
+
 /// One image file, decoded and brought to `shape` with pixels in `[0, 1]`.
 pub fn load_image(path: &Path, shape: [usize; 3]) -> Result<Vec<f32>, DataError> {
+    check_image_shape(shape)?;
     let io = |reason| DataError::Io {
         path: path.to_path_buf(),
         reason,
@@ -508,11 +517,16 @@ pub fn load_image(path: &Path, shape: [usize; 3]) -> Result<Vec<f32>, DataError>
         return png_to_shape(std::io::BufReader::new(file), shape).map_err(bad);
     }
     let bytes = fs::read(path).map_err(io)?;
-    Ok(to_shape(&decode(&bytes).map_err(bad)?, shape))
+    to_shape(&decode_samples(&bytes).map_err(bad)?, shape)
 }
 
-/// Decode PNG or JPEG bytes into 8-bit samples.
-pub fn decode(bytes: &[u8]) -> Result<Decoded, String> {
+/// Decode PNG or JPEG bytes into 8-bit samples ([`DataError::Undecodable`] when they are not
+/// an image it reads).
+pub fn decode(bytes: &[u8]) -> Result<Decoded, DataError> {
+    decode_samples(bytes).map_err(|reason| DataError::Undecodable { reason })
+}
+
+fn decode_samples(bytes: &[u8]) -> Result<Decoded, String> {
     match image_kind(bytes) {
         Some(ImageKind::Png) => decode_png(bytes),
         Some(ImageKind::Jpeg) => decode_jpeg(bytes),
@@ -613,7 +627,7 @@ fn png_frame<R: BufRead + Seek>(mut reader: png::Reader<R>) -> Result<Decoded, S
 fn png_to_shape<R: BufRead + Seek>(input: R, shape: [usize; 3]) -> Result<Vec<f32>, String> {
     let mut reader = png_reader(input)?;
     if reader.info().interlaced {
-        return Ok(to_shape(&png_frame(reader)?, shape));
+        return to_shape(&png_frame(reader)?, shape).map_err(|e| e.to_string());
     }
     let (width, height) = (reader.info().width as usize, reader.info().height as usize);
     let depth = reader.output_color_type().0.samples();
@@ -746,9 +760,26 @@ fn decode_jpeg(bytes: &[u8]) -> Result<Decoded, String> {
     })
 }
 
-/// Planar `[C, H, W]` pixels in `[0, 1]` at `shape`: channels converted (alpha dropped), then
-/// the centre crop of the target's aspect ratio resized to it.
-pub fn to_shape(img: &Decoded, shape: [usize; 3]) -> Vec<f32> {
+/// Planar `[C, H, W]` pixels in `[0, 1]` at `shape` (channels 1 or 3): channels converted
+/// (alpha dropped), then the centre crop of the target's aspect ratio resized to it.
+/// [`DataError::ImageShape`] for another `shape`, or an image whose samples are not its
+/// width × height × channels (1 to 4).
+pub fn to_shape(img: &Decoded, shape: [usize; 3]) -> Result<Vec<f32>, DataError> {
+    check_image_shape(shape)?;
+    let whole = img
+        .width
+        .checked_mul(img.height)
+        .and_then(|n| n.checked_mul(img.channels));
+    if !(1..=4).contains(&img.channels) || img.width == 0 || whole != Some(img.samples.len()) {
+        return Err(DataError::ImageShape {
+            shape: [img.channels, img.height, img.width],
+            reason: format!(
+                "a decoded image of 1 to 4 channels, of a positive size, and {} samples, one \
+                 per channel of each pixel",
+                img.samples.len()
+            ),
+        });
+    }
     let [top, left, crop_h, crop_w] = centre_crop([img.height, img.width], [shape[1], shape[2]]);
     let line = img.width * img.channels;
     let row = |y: usize, out: &mut [f32]| {
@@ -757,7 +788,7 @@ pub fn to_shape(img: &Decoded, shape: [usize; 3]) -> Vec<f32> {
         Ok::<(), std::convert::Infallible>(())
     };
     let Ok(out) = resize_rows([crop_h, crop_w], shape, row);
-    out
+    Ok(out)
 }
 
 /// `shape`'s planar pixels, in [0, 1], resized from a crop of `crop`'s size whose rows
@@ -933,6 +964,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("more memory than there is"), "{e}");
+        // One image, from a file or decoded, is refused the same shapes, not a panic.
+        let dir = temp_dir("impossible-shape");
+        let path = dir.join("a.png");
+        write_png(&path, 3, 2, png::ColorType::Rgb, &rgb(0, 3, 2));
+        let img = decode(&fs::read(&path).unwrap()).unwrap();
+        for shape in [[0, 8, 8], [1, 0, 0], [2, 8, 8]] {
+            let e = load_image(&path, shape).unwrap_err().to_string();
+            assert!(e.contains("1 or 3 channels"), "{shape:?}: {e}");
+            let e = to_shape(&img, shape).unwrap_err().to_string();
+            assert!(e.contains("1 or 3 channels"), "{shape:?}: {e}");
+        }
+        // A decoded image whose fields disagree with its samples.
+        for (width, height, channels) in [(3, 3, 3), (3, 2, 5), (0, 2, 3), (usize::MAX, 2, 3)] {
+            let wrong = Decoded {
+                width,
+                height,
+                channels,
+                ..img.clone()
+            };
+            let e = to_shape(&wrong, [3, 4, 4]).unwrap_err().to_string();
+            assert!(e.contains("18 samples"), "{width}x{height}x{channels}: {e}");
+        }
+        assert_eq!(to_shape(&img, [3, 4, 4]).unwrap().len(), 48);
+        let e = decode(b"GIF89a").unwrap_err().to_string();
+        assert_eq!(e, "cannot decode the image: not a PNG or JPEG file");
     }
 
     /// The test part decoded alone is the test part of the whole folder, split: the same
@@ -1166,7 +1222,7 @@ mod tests {
         // the header, and 100000 × 100000 RGB (30 GB) aborted the whole process ("memory
         // allocation of 30000000000 bytes failed") where it could not be had.
         for (w, h) in [(100_000, 100_000), (1 << 20, 1 << 20), (20_000, 20_000)] {
-            let e = decode(&png_claiming(w, h)).unwrap_err();
+            let e = decode_samples(&png_claiming(w, h)).unwrap_err();
             assert!(
                 e.contains(&format!("{w}x{h}")) && e.contains("pixels"),
                 "{e}"
@@ -1180,7 +1236,7 @@ mod tests {
         // SOF0: marker, length (2), precision (1), then height and width (2 each).
         let sof = jpeg.windows(2).position(|m| m == [0xff, 0xc0]).unwrap();
         jpeg[sof + 5..sof + 9].copy_from_slice(&[0x3e, 0x80, 0x3e, 0x80]);
-        let e = decode(&jpeg).unwrap_err();
+        let e = decode_samples(&jpeg).unwrap_err();
         assert!(e.contains("16000x16000") && e.contains("pixels"), "{e}");
         // Ordinary sizes are untouched.
         assert_eq!(decode(&png_claiming(1, 1)).unwrap().samples, vec![1, 2, 3]);
@@ -1220,7 +1276,7 @@ mod tests {
             let path = dir.join("image.png");
             fs::write(&path, &bytes).unwrap();
             for shape in [[1, 8, 8], [3, 8, 8], [3, 16, 5], [1, 40, 60]] {
-                let whole = to_shape(&decode(&bytes).unwrap(), shape);
+                let whole = to_shape(&decode(&bytes).unwrap(), shape).unwrap();
                 assert_eq!(
                     load_image(&path, shape).unwrap(),
                     whole,
@@ -1256,7 +1312,7 @@ mod tests {
         // would fill the rest with grey.
         let scan = jpeg.windows(2).position(|m| m == [0xff, 0xda]).unwrap();
         for cut in [jpeg.len() / 2, scan + 3, jpeg.len() - 2, 20] {
-            let e = decode(&jpeg[..cut]).unwrap_err();
+            let e = decode_samples(&jpeg[..cut]).unwrap_err();
             assert!(e.contains("truncated"), "cut at {cut}: {e}");
         }
         // Bytes after the end marker (a motion photo's video), markers among them, change nothing.
@@ -1462,7 +1518,7 @@ mod tests {
         // A PNG signature, then a chunk of made-up type where the header should be.
         let mut png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x04xyzw\x01\x02\x03\x04".to_vec();
         png.extend([0u8; 16]);
-        let e = decode(&png).unwrap_err();
+        let e = decode_samples(&png).unwrap_err();
         assert_eq!(
             e,
             "not a valid PNG: its data is corrupt (png: `xyzw` chunk appeared before IHDR chunk)"
@@ -1484,16 +1540,16 @@ mod tests {
         let side = 65_000u16.to_be_bytes();
         jpeg[sof + 5..sof + 9].copy_from_slice(&[side, side].concat());
         assert_eq!(
-            decode(&jpeg).unwrap_err(),
+            decode_samples(&jpeg).unwrap_err(),
             "65000x65000 pixels, above the 16384 px per side a JPEG may have here"
         );
         // Still refused where the decoder refused it, and nowhere else.
         jpeg[sof + 5..sof + 9].copy_from_slice(&[0x00, 0x10, 0x40, 0x01]);
-        let e = decode(&jpeg).unwrap_err();
+        let e = decode_samples(&jpeg).unwrap_err();
         assert!(e.starts_with("16385x16 pixels, above the 16384"), "{e}");
         // A frame header cut short: zune-jpeg's free text, unquoted.
         jpeg[sof + 2..sof + 4].copy_from_slice(&[0x00, 0x03]);
-        let e = decode(&jpeg).unwrap_err();
+        let e = decode_samples(&jpeg).unwrap_err();
         assert!(
             e.starts_with("not a valid JPEG: its data is corrupt (jpeg: ") && !e.contains('"'),
             "{e}"

@@ -163,6 +163,9 @@ impl Dataset {
                 classes: self.classes,
             });
         }
+        if let Pixels::Steps { levels: 0, .. } = self.images {
+            return Err(DataError::ZeroLevels { name: name() });
+        }
         if let Some((index, value)) = self.images.first_out_of_range() {
             return Err(DataError::PixelOutOfRange {
                 name: name(),
@@ -423,6 +426,12 @@ mod tests {
             names(),
         ));
         assert!(e.contains("NaN"), "{e}");
+        let zero_levels = Pixels::Steps {
+            bytes: vec![0],
+            levels: 0,
+        };
+        let e = err(Dataset::new("x", [1, 1, 1], zero_levels, vec![0], names()));
+        assert!(e.contains("0 levels"), "{e}");
         let ok = Dataset::new("x", [1, 1, 1], vec![0.5], vec![0], names()).unwrap();
         let e = err(ok.clone().with_normalization(vec![0.0], vec![0.0]));
         assert!(e.contains("norm"), "{e}");
