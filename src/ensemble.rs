@@ -43,6 +43,7 @@ use anyhow::{Context, bail, ensure};
 use loren_nn::NnError;
 use loren_nn::checkpoint::{self, TensorFile};
 use loren_nn::config::{EnsembleConfig, Method, VitConfig};
+use loren_nn::data::folder::{decode, to_shape};
 use loren_nn::data::prefetch::{DEPTH, prefetch};
 use loren_nn::data::{DataError, Dataset, normalize_planes};
 use loren_nn::metrics::{Predictions, argmax, scores};
@@ -173,7 +174,8 @@ impl Prediction {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum EnsembleError {
-    /// The images given to [`Ensemble::predict`] or [`Ensemble::predict_pixels`].
+    /// The images given to [`Ensemble::predict`], [`Ensemble::predict_pixels`] or
+    /// [`Ensemble::predict_encoded`].
     #[error(transparent)]
     Input(#[from] InputError),
     /// The device asked for cannot be used: no GPU, no driver, or no GPU of that number.
@@ -309,9 +311,9 @@ fn is_cuda_failure(e: &(dyn std::error::Error + 'static)) -> bool {
     )
 }
 
-/// What is wrong with the images given to [`Ensemble::predict`] or
-/// [`Ensemble::predict_pixels`]: the caller's input, not the ensemble or the machine, held by
-/// [`EnsembleError::Input`].
+/// What is wrong with the images given to [`Ensemble::predict`],
+/// [`Ensemble::predict_pixels`] or [`Ensemble::predict_encoded`]: the caller's input, not the
+/// ensemble or the machine, held by [`EnsembleError::Input`].
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum InputError {
     /// Not the `batch` images of the model's `[C, H, W]` the caller said it gave.
@@ -353,6 +355,10 @@ pub enum InputError {
         at: [usize; 3],
         value: f32,
     },
+    /// Bytes given to [`Ensemble::predict_encoded`] as image `image` that are not a PNG or
+    /// JPEG image loren reads.
+    #[error("image {image}: {reason}")]
+    Undecodable { image: usize, reason: String },
 }
 
 /// What [`Ensemble::predict_pixels`] takes: `[0, 1]`, and a quarter past either end, as a
@@ -374,6 +380,18 @@ impl Ensemble {
         backbone: Option<&Path>,
         device: DeviceSpec,
     ) -> Result<Ensemble, EnsembleError> {
+        let device = device.open().map_err(EnsembleError::Device)?;
+        Ensemble::open_on(path, backbone, &device)
+    }
+
+    /// [`Ensemble::open`] onto a device the program already has open: one whose failure to
+    /// open it has told apart itself ([`DeviceSpec::open_explained`]), or whose memory it
+    /// shares with its own models (the same accounting by tag).
+    pub fn open_on(
+        path: impl AsRef<Path>,
+        backbone: Option<&Path>,
+        device: &Device,
+    ) -> Result<Ensemble, EnsembleError> {
         let path = &crate::run::checkpoint_in(path.as_ref());
         if path.is_dir() {
             return Err(EnsembleError::file(
@@ -385,8 +403,7 @@ impl Ensemble {
             ));
         }
         let file = TensorFile::read(path).map_err(|e| EnsembleError::file(path, e))?;
-        let device = device.open().map_err(EnsembleError::Device)?;
-        Ensemble::from_file(&file, backbone, &device)
+        Ensemble::from_file(&file, backbone, device)
     }
 
     /// The ensemble a program trained itself, predicting as it is, with no file between: `model`
@@ -556,13 +573,37 @@ impl Ensemble {
         (&self.norm_mean, &self.norm_std)
     }
 
-    /// Raw pixels in `[0, 1]`, `[B, C, H, W]`, normalised as the model expects:
-    /// `(x - mean[c]) / std[c]`, exactly as training and `loren eval` normalise.
-    pub fn normalize(&self, pixels: &[f32]) -> Vec<f32> {
+    /// `batch` images of raw pixels in `[0, 1]`, `[B, C, H, W]` at the model's size,
+    /// normalised as the model expects: `(x - mean[c]) / std[c]`, exactly as training and
+    /// `loren eval` normalise.
+    pub fn normalize(&self, pixels: &[f32], batch: usize) -> Result<Vec<f32>, InputError> {
+        self.check_length(pixels, batch)?;
         let [_, h, w] = self.image_shape();
         let mut out = pixels.to_vec();
         normalize_planes(&mut out, h * w, &self.norm_mean, &self.norm_std);
-        out
+        Ok(out)
+    }
+
+    /// Image files' bytes (PNG or JPEG, as a server receives them), each decoded and brought to
+    /// the model's size as `loren predict` and an image folder bring a file (the centre crop of
+    /// the model's aspect ratio, resized; colour made grey or grey repeated as the model's
+    /// channels ask), then [`Ensemble::predict_pixels`]. Bytes that do not decode are an
+    /// [`InputError::Undecodable`] naming the image.
+    pub fn predict_encoded<B: AsRef<[u8]>>(
+        &self,
+        images: &[B],
+    ) -> Result<Prediction, EnsembleError> {
+        let shape = self.image_shape();
+        let mut pixels = Vec::with_capacity(images.len() * shape.iter().product::<usize>());
+        for (image, bytes) in images.iter().enumerate() {
+            let undecodable = |e: DataError| InputError::Undecodable {
+                image,
+                reason: e.to_string(),
+            };
+            let decoded = decode(bytes.as_ref()).map_err(undecodable)?;
+            pixels.extend(to_shape(&decoded, shape).map_err(undecodable)?);
+        }
+        self.predict_pixels(&pixels, images.len())
     }
 
     /// Whether `images` holds `batch` of the model's images, and some: a length alone cannot
@@ -611,7 +652,7 @@ impl Ensemble {
             }
             .into());
         }
-        self.predict(&self.normalize(pixels), batch)
+        self.predict(&self.normalize(pixels, batch)?, batch)
     }
 
     /// Every member's probabilities, their mean, and the entropy and mutual information of each

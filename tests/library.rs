@@ -9,6 +9,7 @@ use loren::backbone::read_backbone;
 use loren::nn::NnError;
 use loren::nn::checkpoint::{self, TensorFile};
 use loren::nn::config::{EnsembleConfig, LoraConfig, Method, VitConfig};
+use loren::nn::data::folder::load_image;
 use loren::nn::data::{DataError, Dataset};
 use loren::nn::eval::predict;
 use loren::nn::train::{
@@ -388,7 +389,7 @@ fn an_ensemble_trained_from_arrays_reads_back_as_it_was_trained() {
     );
     assert!(e.to_string().contains("divided by 255"), "{e}");
     // ...as are images already normalised, while a resampling filter's overshoot passes.
-    let normalised = ens.normalize(&pixels[..2 * 64]);
+    let normalised = ens.normalize(&pixels[..2 * 64], 2).unwrap();
     assert!(ens.predict(&normalised, 2).is_ok());
     let e = ens.predict_pixels(&normalised, 2).unwrap_err();
     assert!(
@@ -413,7 +414,7 @@ fn an_ensemble_trained_from_arrays_reads_back_as_it_was_trained() {
     );
     // Any finite values, up to f32's largest, give probabilities: the patch embedding's sums and
     // the LayerNorms' squares do not overflow.
-    let mut huge = ens.normalize(&pixels[..3 * 64]);
+    let mut huge = ens.normalize(&pixels[..3 * 64], 3).unwrap();
     huge[64..128]
         .iter_mut()
         .for_each(|v| *v = v.signum() * 3e38);
@@ -430,6 +431,72 @@ fn an_ensemble_trained_from_arrays_reads_back_as_it_was_trained() {
         matches!(e, EnsembleError::Input(InputError::NoImages)),
         "{e:?}"
     );
+}
+
+/// A PNG's bytes, `w`×`h` of `color`, its samples drawn from `seed`.
+fn png_bytes(w: u32, h: u32, color: png::ColorType, seed: usize) -> Vec<u8> {
+    let n = (w * h) as usize * color.samples();
+    let samples: Vec<u8> = (0..n)
+        .map(|i| ((i * 37 + seed * 101) % 256) as u8)
+        .collect();
+    let mut bytes = Vec::new();
+    let mut enc = png::Encoder::new(&mut bytes, w, h);
+    enc.set_color(color);
+    enc.write_header()
+        .unwrap()
+        .write_image_data(&samples)
+        .unwrap();
+    bytes
+}
+
+/// Image files' bytes predict as the same files do through the loader `loren predict` uses,
+/// bit for bit, on a device the program opened itself; bytes that are not an image are the
+/// caller's fault, by image.
+#[test]
+fn encoded_images_predict_as_their_files_do() {
+    let dir = temp_dir("encoded");
+    let (_, _, ckpt) = trained_into(&dir);
+    let device = DeviceSpec::Cpu.open().unwrap();
+    let ens = Ensemble::open_on(&ckpt, None, &device).unwrap();
+    let images = [
+        png_bytes(12, 10, png::ColorType::Rgb, 1),
+        png_bytes(8, 8, png::ColorType::Grayscale, 2),
+        png_bytes(5, 9, png::ColorType::Rgba, 3),
+    ];
+    let mut pixels = Vec::new();
+    for (i, bytes) in images.iter().enumerate() {
+        let file = dir.join(format!("{i}.png"));
+        std::fs::write(&file, bytes).unwrap();
+        pixels.extend(load_image(&file, ens.image_shape()).unwrap());
+    }
+    let want = ens.predict_pixels(&pixels, 3).unwrap();
+    let got = ens.predict_encoded(&images).unwrap();
+    assert_eq!(got.probs, want.probs);
+
+    let e = ens
+        .predict_encoded(&[&images[0][..], b"GIF89a\x01\x00\x01\x00"])
+        .unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            EnsembleError::Input(InputError::Undecodable { image: 1, .. })
+        ),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string()
+            .contains("image 1: cannot decode the image: not a PNG"),
+        "{e}"
+    );
+    let none: [&[u8]; 0] = [];
+    let e = ens.predict_encoded(&none).unwrap_err();
+    assert!(
+        matches!(e, EnsembleError::Input(InputError::NoImages)),
+        "{e:?}"
+    );
+    // Scaling alone checks the images' length as predicting does.
+    let e = ens.normalize(&pixels[..7], 1).unwrap_err();
+    assert!(matches!(e, InputError::Length { len: 7, .. }), "{e:?}");
 }
 
 #[test]

@@ -169,7 +169,10 @@ fn predict_files(
     let mut bar = EvalBar::new("predict", files.len(), verbosity);
     let _ctrl_c = loren::interrupt::Guard::install();
     std::thread::scope(|scope| -> Result<Vec<Row>> {
-        let decode = |i: usize| read_images(chunks[i], shape).map(|p| ens.normalize(&p.to_f32()));
+        let decode = |i: usize| -> Result<Vec<f32>> {
+            let pixels = read_images(chunks[i], shape)?;
+            Ok(ens.normalize(&pixels.to_f32(), chunks[i].len())?)
+        };
         let decoded = prefetch(scope, chunks.len(), DEPTH, decode);
         let mut rows = Vec::with_capacity(files.len());
         for (images, chunk) in decoded.zip(&chunks) {
