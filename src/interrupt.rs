@@ -1,16 +1,27 @@
 //! Ctrl-C while training, scoring or measuring: the first asks the run to stop after its current
 //! step, batch or row, with a line saying which checkpoint resumes (or scores) it, or writing the
 //! rows measured; a second does what Ctrl-C did before (by default, ends the process at once).
+//! SIGTERM, which a batch scheduler or container runtime sends before it kills, does the same.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 
-static REQUESTED: AtomicBool = AtomicBool::new(false);
+/// The signal that asked the run to stop (SIGINT or SIGTERM), 0 while none has.
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
 /// How many [`Guard`]s live.
 static DEPTH: AtomicUsize = AtomicUsize::new(0);
 
-/// Whether Ctrl-C was pressed since the [`Guard`] was installed.
+/// Whether Ctrl-C was pressed (or SIGTERM came) since the [`Guard`] was installed.
 pub fn requested() -> bool {
-    REQUESTED.load(Ordering::Relaxed)
+    SIGNAL.load(Ordering::Relaxed) != 0
+}
+
+/// The exit status of a run the signal stopped: 128 + its number, as a shell reports a command
+/// that signal ended (130 for Ctrl-C, 143 for SIGTERM).
+pub fn exit_status() -> u8 {
+    match SIGNAL.load(Ordering::Relaxed) {
+        0 => 130,
+        signal => 128u8.saturating_add(signal as u8),
+    }
 }
 
 /// For scoring's progress callbacks: an error once Ctrl-C was pressed, which ends the scoring after
@@ -30,16 +41,18 @@ pub fn scoring_stop(kept: &str) -> loren_nn::Result<()> {
 #[error("stopped by Ctrl-C: the rows measured before it are written; the rest say `stopped`")]
 pub struct Stopped;
 
-/// While it lives, Ctrl-C asks training or scoring to stop (see [`requested`]); once pressed, or
-/// once the guard is dropped, Ctrl-C does again what it did before the guard: the default (ending
-/// the process) or the handler of a program that embeds loren, which it gets back untouched.
+/// While it lives, Ctrl-C or SIGTERM asks training or scoring to stop (see [`requested`]); once
+/// one came, or once the guard is dropped, that signal does again what it did before the guard:
+/// the default (ending the process) or the handler of a program that embeds loren, which it gets
+/// back untouched (its flags and mask too). The request is the process's: every run under a
+/// guard stops.
 /// Guards nest: the outermost one installs and restores.
 pub struct Guard(());
 
 impl Guard {
     pub fn install() -> Guard {
         if DEPTH.fetch_add(1, Ordering::SeqCst) == 0 {
-            REQUESTED.store(false, Ordering::Relaxed);
+            SIGNAL.store(0, Ordering::Relaxed);
             sys::install();
         }
         Guard(())
@@ -56,38 +69,63 @@ impl Drop for Guard {
 
 #[cfg(unix)]
 mod sys {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::cell::UnsafeCell;
+    use std::mem::MaybeUninit;
+    use std::sync::atomic::Ordering;
 
-    const SIGINT: i32 = 2;
-    const SIG_ERR: usize = usize::MAX;
+    /// The signals a run stops on: Ctrl-C, and what a batch scheduler or container runtime
+    /// sends before it kills (SLURM, Docker, Kubernetes).
+    const SIGNALS: [libc::c_int; 2] = [libc::SIGINT, libc::SIGTERM];
 
-    /// What Ctrl-C did before the guard: SIG_DFL (0), SIG_IGN, or a host program's handler.
-    static PREVIOUS: AtomicUsize = AtomicUsize::new(0);
-
-    unsafe extern "C" {
-        fn signal(signum: i32, handler: usize) -> usize;
-    }
+    /// What each of [`SIGNALS`] did before the guard, whole (handler, flags and mask), so that
+    /// a host's `SA_SIGINFO` handler comes back as it was. Written only while none of ours is
+    /// installed, read by `restore` and the handler after.
+    struct Previous(UnsafeCell<[MaybeUninit<libc::sigaction>; 2]>);
+    // SAFETY: see the field's access rule above; the DEPTH count orders install before use.
+    unsafe impl Sync for Previous {}
+    static PREVIOUS: Previous = Previous(UnsafeCell::new([MaybeUninit::uninit(); 2]));
+    static SAVED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
     pub fn install() {
-        // SAFETY: signal(2) with a handler that only does async-signal-safe work.
-        let previous = unsafe { signal(SIGINT, handler as *const () as usize) };
-        if previous != SIG_ERR {
-            PREVIOUS.store(previous, Ordering::SeqCst);
+        let previous = PREVIOUS.0.get();
+        for (i, &signal) in SIGNALS.iter().enumerate() {
+            // SAFETY: a zeroed sigaction is a valid value to fill in; the handler does only
+            // async-signal-safe work; `previous` is not read until SAVED is set below.
+            unsafe {
+                let mut ours: libc::sigaction = std::mem::zeroed();
+                ours.sa_sigaction = handler as *const () as libc::sighandler_t;
+                libc::sigemptyset(&mut ours.sa_mask);
+                libc::sigaction(signal, &ours, (*previous)[i].as_mut_ptr());
+            }
+            // Each entry is written before its signal can reach the handler that reads it.
+            SAVED.store(true, Ordering::SeqCst);
         }
     }
 
     pub fn restore() {
-        // SAFETY: signal(2) with the disposition signal(2) itself returned when the guard
-        // installed.
-        unsafe {
-            signal(SIGINT, PREVIOUS.load(Ordering::SeqCst));
+        for &signal in &SIGNALS {
+            restore_one(signal);
         }
     }
 
-    /// Only async-signal-safe work: atomics, and signal(2) to hand the next Ctrl-C back.
-    extern "C" fn handler(_: i32) {
-        super::REQUESTED.store(true, Ordering::Relaxed);
-        restore();
+    /// `signal`'s disposition from before the guard, whole. sigaction(2) is async-signal-safe.
+    fn restore_one(signal: libc::c_int) {
+        if !SAVED.load(Ordering::SeqCst) {
+            return;
+        }
+        let i = SIGNALS.iter().position(|&s| s == signal).unwrap_or(0);
+        // SAFETY: SAVED says install filled this entry.
+        unsafe {
+            let previous = (*PREVIOUS.0.get())[i].as_ptr();
+            libc::sigaction(signal, previous, std::ptr::null_mut());
+        }
+    }
+
+    /// Only async-signal-safe work: an atomic, and sigaction(2) to hand the next such signal
+    /// back.
+    extern "C" fn handler(signal: libc::c_int) {
+        let _ = super::SIGNAL.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst);
+        restore_one(signal);
     }
 }
 

@@ -913,6 +913,16 @@ fn a_closed_stderr_does_not_stop_a_run() {
 /// Ctrl-C to `child` once `file` exists, and what it then printed.
 #[cfg(unix)]
 fn ctrl_c_once_written(child: std::process::Child, file: &Path) -> std::process::Output {
+    signal_once_written(child, file, "-INT")
+}
+
+/// `signal` (as kill(1) takes it) to `child` once `file` exists, and what it then printed.
+#[cfg(unix)]
+fn signal_once_written(
+    child: std::process::Child,
+    file: &Path,
+    signal: &str,
+) -> std::process::Output {
     let start = std::time::Instant::now();
     while !file.exists() {
         assert!(
@@ -923,7 +933,7 @@ fn ctrl_c_once_written(child: std::process::Child, file: &Path) -> std::process:
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let kill = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args([signal, &child.id().to_string()])
         .status()
         .unwrap();
     assert!(kill.success());
@@ -933,13 +943,26 @@ fn ctrl_c_once_written(child: std::process::Child, file: &Path) -> std::process:
 #[cfg(unix)]
 #[test]
 fn ctrl_c_stops_training_after_a_step_and_says_how_to_resume() {
-    let dir = temp_dir("ctrl-c");
+    stops_training_after_a_step_and_says_how_to_resume("ctrl-c", "-INT", 130);
+}
+
+/// SIGTERM, which SLURM, Docker and Kubernetes send before they kill, stops a run as Ctrl-C
+/// does, and ends it with 128 + 15.
+#[cfg(unix)]
+#[test]
+fn sigterm_stops_training_as_ctrl_c_does() {
+    stops_training_after_a_step_and_says_how_to_resume("sigterm", "-TERM", 143);
+}
+
+#[cfg(unix)]
+fn stops_training_after_a_step_and_says_how_to_resume(name: &str, signal: &str, status: i32) {
+    let dir = temp_dir(name);
     let ckpt = dir.join("checkpoint.safetensors");
     let child = spawn_train(&dir, "50");
     // Once the first epoch's checkpoint is there, the run is inside its second epoch.
-    let out = ctrl_c_once_written(child, &ckpt);
+    let out = signal_once_written(child, &ckpt, signal);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert_eq!(out.status.code(), Some(status), "{err}");
     let resume = format!("--resume {}", ckpt.display());
     assert!(
         err.contains("training interrupted after step") && err.contains(&resume),

@@ -721,12 +721,76 @@ fn a_trainer_trains_on_another_thread_as_it_would_here() {
     assert_eq!(probs(&here), probs(&there));
 }
 
+/// The signal handlers are the process's: one test at a time changes them.
+#[cfg(unix)]
+static SIGNAL_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A host's handler installed with sigaction(2) comes back whole, `SA_SIGINFO` and all (a
+/// handler that takes three arguments, as signal-hook's and tokio's do, called with one would
+/// read garbage); SIGTERM asks a run to stop as Ctrl-C does, and is handed back alike.
+#[cfg(unix)]
+#[test]
+fn a_host_programs_sigaction_handlers_come_back_whole() {
+    use loren::interrupt::{Guard, exit_status, requested};
+    let _alone = SIGNAL_TESTS.lock();
+
+    static HOST_SAW: AtomicUsize = AtomicUsize::new(0);
+    extern "C" fn host(_: i32, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        HOST_SAW.fetch_add(1, Ordering::SeqCst);
+    }
+    let host_handler = host as *const () as libc::sighandler_t;
+    let flags = libc::SA_SIGINFO | libc::SA_RESTART;
+    // SAFETY: zeroed sigactions are valid to fill in; the handler only touches an atomic, and
+    // raise(3) runs it on this thread.
+    let current = |signal| unsafe {
+        let mut now: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(signal, std::ptr::null(), &mut now);
+        (now.sa_sigaction, now.sa_flags & flags)
+    };
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        unsafe {
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = host_handler;
+            act.sa_flags = flags;
+            libc::sigemptyset(&mut act.sa_mask);
+            libc::sigaction(signal, &act, std::ptr::null_mut());
+        }
+    }
+    let guard = Guard::install();
+    assert_ne!(
+        current(libc::SIGTERM).0,
+        host_handler,
+        "the guard takes SIGTERM"
+    );
+    unsafe { libc::raise(libc::SIGTERM) };
+    assert!(requested(), "SIGTERM asks the run to stop");
+    assert_eq!(exit_status(), 143);
+    assert_eq!(HOST_SAW.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        current(libc::SIGTERM),
+        (host_handler, flags),
+        "the next is the host's"
+    );
+    unsafe { libc::raise(libc::SIGTERM) };
+    assert_eq!(HOST_SAW.load(Ordering::SeqCst), 1);
+    assert_ne!(
+        current(libc::SIGINT).0,
+        host_handler,
+        "Ctrl-C is still the guard's"
+    );
+    drop(guard);
+    assert_eq!(current(libc::SIGINT), (host_handler, flags));
+    unsafe { libc::raise(libc::SIGINT) };
+    assert_eq!(HOST_SAW.load(Ordering::SeqCst), 2);
+}
+
 /// A program that embeds loren keeps its own Ctrl-C handler: a run's guard takes Ctrl-C only
 /// while it lives, hands it back after the first press, and restores it when dropped.
 #[cfg(unix)]
 #[test]
 fn a_host_programs_ctrl_c_handler_is_handed_back() {
     use loren::interrupt::{Guard, requested};
+    let _alone = SIGNAL_TESTS.lock();
 
     const SIGINT: i32 = 2;
     static HOST_SAW: AtomicUsize = AtomicUsize::new(0);

@@ -114,12 +114,12 @@ pub fn main() -> ExitCode {
             loren::note!("error: {e:#}");
             let stopped = e.downcast_ref::<loren::interrupt::Stopped>().is_some();
             match e.downcast_ref::<loren_nn::NnError>() {
-                // 128 + SIGINT, as a shell reports a command Ctrl-C ended.
+                // 128 + the signal, as a shell reports a command Ctrl-C or SIGTERM ended.
                 Some(
                     loren_nn::NnError::Interrupted { .. }
                     | loren_nn::NnError::EvalInterrupted { .. },
-                ) => ExitCode::from(130),
-                _ if stopped => ExitCode::from(130),
+                ) => ExitCode::from(loren::interrupt::exit_status()),
+                _ if stopped => ExitCode::from(loren::interrupt::exit_status()),
                 _ => ExitCode::FAILURE,
             }
         }
