@@ -2,10 +2,10 @@
 //! fails in its first second, not after its training.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Seek, Write};
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 /// Prove a file can be written in `dir`: make it (with its parents), write and remove a probe
 /// file, and remove again the folders it made, so that nothing is left behind for a run that
@@ -94,6 +94,7 @@ pub fn remove_stale(path: &Path) -> Result<()> {
 /// and locked for as long as its run lives: the operating system lets go of the lock however
 /// the process ends, so a marker nobody holds locked is one a dead run left. Dropping the claim
 /// removes the marker, and the folder too when the run left nothing in it.
+#[derive(Debug)]
 pub struct ClaimedDir {
     pub path: PathBuf,
     marker: PathBuf,
@@ -127,6 +128,66 @@ impl ClaimedDir {
             }
         }
         unreachable!("a u64 of folder names runs out")
+    }
+}
+
+impl ClaimedDir {
+    /// A folder named by the user (`--out`, a resumed run's own), held by this run alone while
+    /// it lives, whatever the folder holds: an error names the run that holds it already, where
+    /// two runs writing one folder would leave one's checkpoint beside the other's report. A
+    /// claim a dead run left is taken over. Dropping it removes the marker, and the folder when
+    /// the run left nothing in it.
+    pub fn hold(dir: &Path, flag: &str) -> Result<ClaimedDir> {
+        let cannot = || format!("{flag} {}: cannot write there", dir.display());
+        fs::create_dir_all(dir).with_context(cannot)?;
+        let marker = dir.join(CLAIM);
+        loop {
+            let mut file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&marker)
+                .with_context(cannot)?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    let mut holder = String::new();
+                    let _ = file.read_to_string(&mut holder);
+                    let process = match holder.trim() {
+                        "" => String::new(),
+                        pid => format!(" (process {pid})"),
+                    };
+                    bail!(
+                        "{flag} {}: another loren run{process} is writing there; wait for it to \
+                         end, or name another folder",
+                        dir.display()
+                    );
+                }
+                // A filesystem without locks holds it unlocked, as `claim_free` does.
+                Err(std::fs::TryLockError::Error(_)) => {}
+            }
+            // A run ending just now removes its marker while it holds it: the marker locked
+            // must be the one still at the path, else another run may lock a new one.
+            if !still_at(&file, &marker) {
+                continue;
+            }
+            file.set_len(0).with_context(cannot)?;
+            writeln!(file, "{}", std::process::id()).with_context(cannot)?;
+            return Ok(ClaimedDir {
+                path: dir.to_path_buf(),
+                marker,
+                _held: file,
+            });
+        }
+    }
+}
+
+/// Whether `file` is the file at `path` (where a file's identity cannot be read, taken to be).
+fn still_at(file: &File, path: &Path) -> bool {
+    match (file.metadata(), fs::metadata(path)) {
+        (Ok(held), Ok(at_path)) => same_inode(&held, &at_path) || cfg!(not(unix)),
+        _ => false,
     }
 }
 
@@ -196,16 +257,6 @@ fn claim_left(dir: &Path) -> Option<ClaimedDir> {
         marker,
         _held: file,
     })
-}
-
-/// Remove a claim left in `dir` by a run that was killed (nobody holds it locked): a run named
-/// into the folder with --out, or resumed there, leaves none behind it.
-pub fn remove_left_claim(dir: &Path) {
-    let marker = dir.join(CLAIM);
-    // Removed while locked, as a run's own claim is.
-    if let Some(_held) = left_claim(&marker) {
-        let _ = fs::remove_file(&marker);
-    }
 }
 
 /// The claim `marker`, opened and locked, when a dead run left it; `None` when its run still
@@ -330,19 +381,38 @@ mod tests {
         );
     }
 
-    /// A folder named with --out (or resumed in) loses a dead run's claim, not a live one's.
+    /// A folder named with --out (or resumed in) is held by one run: a dead run's claim is
+    /// taken over, a live one's (a named run's or a default folder's) refused by its process.
     #[test]
-    fn a_named_folder_drops_only_a_claim_nobody_holds() {
+    fn a_named_folder_is_held_by_one_run_at_a_time() {
         let root = temp("named");
         let (dead, live) = (root.join("dead"), root.join("live"));
         fs::create_dir_all(&dead).unwrap();
         fs::write(dead.join(CLAIM), b"4242\n").unwrap();
-        remove_left_claim(&dead);
-        assert!(!dead.join(CLAIM).exists(), "a dead run's claim stayed");
-        let held = ClaimedDir::claim(&live, "--out").unwrap();
-        remove_left_claim(&live);
-        assert!(live.join(CLAIM).exists(), "a live run's claim was removed");
-        drop(held);
+        fs::write(dead.join("report.json"), b"{}").unwrap();
+        let taken = ClaimedDir::hold(&dead, "--out").unwrap();
+        let pid = format!("{}\n", std::process::id());
+        assert_eq!(fs::read_to_string(dead.join(CLAIM)).unwrap(), pid);
+        let e = ClaimedDir::hold(&dead, "--out").unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "another loren run (process {}) is writing there",
+                pid.trim()
+            )),
+            "{e}"
+        );
+        drop(taken);
+        assert!(!dead.join(CLAIM).exists(), "the claim stayed");
+        assert!(dead.join("report.json").exists(), "the folder's files went");
+        let claimed = ClaimedDir::claim(&live, "--out").unwrap();
+        assert!(
+            ClaimedDir::hold(&live, "--out").is_err(),
+            "a default folder's claim was taken"
+        );
+        drop(claimed);
+        // Free again, and left as found: an empty folder it made goes with the claim.
+        drop(ClaimedDir::hold(&live, "--out").unwrap());
+        assert!(!live.exists());
     }
 
     #[test]

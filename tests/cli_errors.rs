@@ -910,6 +910,31 @@ fn a_closed_stderr_does_not_stop_a_run() {
     }
 }
 
+/// Two runs named into one folder: the second is refused while the first lives (the one's
+/// checkpoint would sit beside the other's report), and the first leaves no claim behind.
+#[cfg(unix)]
+#[test]
+fn a_folder_another_run_is_writing_is_refused() {
+    let dir = temp_dir("held");
+    let ckpt = dir.join("checkpoint.safetensors");
+    let child = spawn_train(&dir, "50");
+    let start = std::time::Instant::now();
+    while !ckpt.exists() {
+        assert!(
+            start.elapsed().as_secs() < 120,
+            "no checkpoint after two minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (pid, out) = (child.id(), dir.to_str().unwrap());
+    let second = ["train", "--epochs", "1", "-q", "--out", out];
+    let holder = format!("--out {out}: another loren run (process {pid}) is writing there");
+    fails_with(&second, &[&holder]);
+    let first = ctrl_c_once_written(child, &ckpt);
+    assert_eq!(first.status.code(), Some(130));
+    assert!(!dir.join(".loren-claim").exists(), "the claim stayed");
+}
+
 /// Ctrl-C to `child` once `file` exists, and what it then printed.
 #[cfg(unix)]
 fn ctrl_c_once_written(child: std::process::Child, file: &Path) -> std::process::Output {

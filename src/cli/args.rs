@@ -819,10 +819,21 @@ pub struct OutDir {
     pub path: PathBuf,
     /// The default folder, when it held an earlier run and this one moved on, unless quiet.
     moved_from: Option<PathBuf>,
-    _claim: Option<ClaimedDir>,
+    /// None for a named folder until [`OutDir::hold`].
+    claim: Option<ClaimedDir>,
 }
 
 impl OutDir {
+    /// Hold a named folder for this run alone (a default one is held from the start): once the
+    /// command has read its data, which the folder made for the claim would otherwise join
+    /// when it is named inside an image folder.
+    pub fn hold(&mut self) -> Result<()> {
+        if self.claim.is_none() {
+            self.claim = Some(ClaimedDir::hold(&self.path, "--out")?);
+        }
+        Ok(())
+    }
+
     /// Say where the run goes when it moved on from the default folder: once the command has
     /// checked what it was given, so that a refusal is not preceded by it.
     pub fn say_where(&self) {
@@ -838,21 +849,20 @@ impl OutDir {
 }
 
 /// A folder named with --out is used as it is, replacing what an earlier run of the command
-/// left there. The default one never takes an earlier run's place: the first free of `out`,
+/// left there, and held from [`OutDir::hold`] on. The default one never takes an earlier run's place: the first free of `out`,
 /// `out-2`, `out-3`, ... is claimed, and a move is said ([`OutDir::say_where`]) unless `quiet`.
 pub fn out_dir(out: &Path, named: bool, quiet: bool) -> Result<OutDir> {
     if named {
-        loren::outputs::remove_left_claim(out);
         return Ok(OutDir {
             path: out.to_path_buf(),
             moved_from: None,
-            _claim: None,
+            claim: None,
         });
     }
     let claim = ClaimedDir::claim(out, "--out")?;
     Ok(OutDir {
         path: claim.path.clone(),
         moved_from: (claim.path != out && !quiet).then(|| out.to_path_buf()),
-        _claim: Some(claim),
+        claim: Some(claim),
     })
 }

@@ -113,7 +113,7 @@ pub fn compare(a: &CompareArgs, out_named: bool) -> Result<()> {
     a.optim.check()?;
     a.ensemble.check()?;
     a.data.check()?;
-    let out = out_dir(&a.out, out_named, a.common.verbosity() == Verbosity::Quiet)?;
+    let mut out = out_dir(&a.out, out_named, a.common.verbosity() == Verbosity::Quiet)?;
     let a = &CompareArgs {
         out: out.path.clone(),
         ..a.clone()
@@ -121,6 +121,7 @@ pub fn compare(a: &CompareArgs, out_named: bool) -> Result<()> {
     loren::outputs::writable_dir(&a.out, "--out")?;
     let mut vit = VitConfig::by_name(&a.model.config)?;
     let data = splits(&a.data, &vit, a.optim.train_on_val, a.common.verbosity())?;
+    out.hold()?;
     if !a.lrs.is_empty() && data.val.is_none() {
         bail!("--lrs chooses on the validation part, and this data has none");
     }

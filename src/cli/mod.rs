@@ -159,8 +159,9 @@ fn measure_into<R: Measured>(
     mut progress: impl FnMut(&str),
 ) -> anyhow::Result<()> {
     // Checked before the measuring it would otherwise follow.
-    let out = args::out_dir(out, out_named, quiet)?;
+    let mut out = args::out_dir(out, out_named, quiet)?;
     loren::outputs::writable_dir(&out.path, "--out")?;
+    out.hold()?;
     out.say_where();
     // Ctrl-C stops the measuring between rows; what was measured is written and printed.
     let ctrl_c = loren::interrupt::Guard::install();

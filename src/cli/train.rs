@@ -124,7 +124,7 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
     }
     let config = VitConfig::by_name(&a.model.config)?;
     // With --resume the run continues in its checkpoint's folder (or the one named).
-    let out = out_dir(
+    let mut out = out_dir(
         &a.out,
         resume.is_some() || is_given("out"),
         a.common.verbosity() == Verbosity::Quiet,
@@ -138,6 +138,7 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
     writable_dir(&a.out, "--out")?;
     loren::run::check_no_folder_in_the_way(&a.out)?;
     let data = splits(&a.data, &config, a.optim.train_on_val, a.common.verbosity())?;
+    out.hold()?;
     let ckpt = a.out.join("checkpoint.safetensors");
     let mut spec = run_spec(
         &a.common,

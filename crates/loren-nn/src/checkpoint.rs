@@ -395,12 +395,31 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        fs::rename(&tmp, path)
+        fs::rename(&tmp, path)?;
+        sync_folder(path);
+        Ok(())
     })();
     result.map_err(|e| {
         let _ = fs::remove_file(&tmp);
         NnError::io(path, e)
     })
+}
+
+/// The rename into `path` made durable: until its folder is synced, a power cut may lose the
+/// rename, leaving the old file (each is whole either way). Best effort, and Unix only, where a
+/// folder opens as a file.
+fn sync_folder(path: &Path) {
+    #[cfg(unix)]
+    if let Some(dir) = path.parent() {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
 }
 
 /// Whether [`write_atomic`] can write `path`: it names no folder, and its temporary file can be

@@ -2,9 +2,6 @@
 //! file renders the same anywhere and can be diffed as text.
 
 use std::fmt::Write as _;
-use std::fs;
-use std::io::{self, Write as _};
-use std::path::{Path, PathBuf};
 
 use crate::metrics::CalibrationReport;
 
@@ -42,39 +39,6 @@ pub fn reliability_svg(report: &CalibrationReport, title: &str) -> String {
     histogram_panel(&mut svg, report);
     svg.raw("</svg>\n");
     svg.out
-}
-
-/// Writes `svg` to `path` atomically: first to `path.tmp` beside it, then renamed over `path`,
-/// so a reader never sees half a file.
-///
-/// # Errors
-/// [`io::ErrorKind::InvalidInput`] when `path` names no file (`/`, `..`); otherwise whatever
-/// creating, writing, syncing or renaming reports. The temporary is removed on failure.
-pub fn write_svg(path: impl AsRef<Path>, svg: &str) -> io::Result<()> {
-    let path = path.as_ref();
-    let tmp = temporary_path(path)?;
-    let written = fs::File::create(&tmp).and_then(|mut f| {
-        f.write_all(svg.as_bytes())?;
-        f.sync_all()
-    });
-    let result = written.and_then(|()| fs::rename(&tmp, path));
-    if result.is_err() {
-        // Best effort: do not leave the partial temporary behind.
-        let _ = fs::remove_file(&tmp);
-    }
-    result
-}
-
-fn temporary_path(path: &Path) -> io::Result<PathBuf> {
-    let name = path.file_name().ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{} does not name a file", path.display()),
-        )
-    })?;
-    let mut tmp = name.to_os_string();
-    tmp.push(".tmp");
-    Ok(path.with_file_name(tmp))
 }
 
 /// Escapes the five XML special characters, for text and attribute values alike.
@@ -421,23 +385,5 @@ mod tests {
             check_xml(&reliability_svg(&r, "\u{0}\u{7}")).unwrap(),
             "svg"
         );
-    }
-
-    #[test]
-    fn write_svg_replaces_the_file_and_leaves_no_temporary() {
-        let dir = std::env::temp_dir().join(format!("loren-reliability-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("diagram.svg");
-        write_svg(&path, "old").unwrap();
-        write_svg(&path, "<svg/>").unwrap();
-        assert_eq!(fs::read_to_string(&path).unwrap(), "<svg/>");
-        assert!(!dir.join("diagram.svg.tmp").exists());
-        assert!(write_svg(dir.join("missing/d.svg"), "x").is_err());
-        assert!(!dir.join("missing").exists());
-        assert_eq!(
-            write_svg(Path::new("/"), "x").unwrap_err().kind(),
-            io::ErrorKind::InvalidInput
-        );
-        fs::remove_dir_all(&dir).unwrap();
     }
 }
