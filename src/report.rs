@@ -17,7 +17,9 @@ pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
+    // Compared as printed: 1023.96 KiB would otherwise read "1024.0 KiB".
+    let shown = |v: f64| format!("{v:.1}").parse::<f64>().unwrap_or(v);
+    while u + 1 < UNITS.len() && shown(v) >= 1024.0 {
         v /= 1024.0;
         u += 1;
     }
@@ -648,6 +650,18 @@ pub fn seed_summary_table(summaries: &[SeedSummary]) -> String {
 mod tests {
     use super::*;
     use loren_nn::metrics::{CalibrationReport, TemperedReport};
+
+    /// A value that rounds up to 1024 of its unit is written in the next: 1,048,575 bytes are
+    /// 1023.999 KiB, which one decimal would make "1024.0 KiB".
+    #[test]
+    fn bytes_roll_over_to_the_next_unit_when_rounding_reaches_it() {
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(1024), "1.0 KiB");
+        assert_eq!(bytes(1_048_575), "1.0 MiB");
+        assert_eq!(bytes(1_048_524), "1023.9 KiB");
+        assert_eq!(bytes((1 << 30) - 1), "1.0 GiB");
+        assert_eq!(bytes(u64::MAX), "16777216.0 TiB");
+    }
 
     /// The schedule is said as it ran: a run shorter than its warm-up never decayed, and its
     /// rate rose only part of the way.
