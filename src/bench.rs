@@ -1165,6 +1165,19 @@ fn fill(row: &mut BenchRow, r: Measured, peak: Option<&Peak>) {
 // ---------------------------------------------------------------------------------------------
 // Output.
 
+/// `v` to three significant figures, from 1000 up whole: 1.97, 15.2, 152, 1520. Whole numbers
+/// hid a difference where rates are small (1.97 and 1.52 img/s both read 2).
+fn three_figures(v: f64) -> String {
+    // The decimals are those of v rounded to three figures, so that a carry counts: 9.996 is
+    // 10.0, not 10.00.
+    let rounded: f64 = format!("{v:.2e}").parse().unwrap_or(v);
+    if rounded == 0.0 || !rounded.is_finite() {
+        return format!("{rounded}");
+    }
+    let decimals = (2 - rounded.abs().log10().floor() as i32).max(0) as usize;
+    format!("{v:.decimals$}")
+}
+
 fn ms(s: f64) -> String {
     if s >= 10.0 {
         format!("{s:.1} s")
@@ -1246,13 +1259,13 @@ pub fn table(r: &BenchReport) -> String {
             (Some(t), Some(i)) => {
                 l.push(ms(t.median));
                 l.push(format!("({}-{})", ms(t.min), ms(t.max)));
-                l.push(opt(row.images_per_s, &|v| format!("{v:.0}")));
-                l.push(opt(row.member_images_per_s, &|v| format!("{v:.0}")));
+                l.push(opt(row.images_per_s, &three_figures));
+                l.push(opt(row.member_images_per_s, &three_figures));
                 l.push(format!("{:.2}", row.train_flops.total() / 1e9));
                 l.push(opt(row.train_flops_per_s, &|v| format!("{:.1}", v / scale)));
                 l.push(opt(row.train_mfu, &|v| format!("{:.1}%", 100.0 * v)));
                 l.push(ms(i.median));
-                l.push(opt(row.inference_images_per_s, &|v| format!("{v:.0}")));
+                l.push(opt(row.inference_images_per_s, &three_figures));
                 l.push(
                     row.train_memory
                         .as_ref()
@@ -1429,6 +1442,25 @@ pub fn write(r: &BenchReport, dir: &Path) -> Result<[PathBuf; 3]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates_keep_three_significant_figures() {
+        let cases = [
+            (1.97, "1.97"),
+            (1.52, "1.52"),
+            (15.24, "15.2"),
+            (152.4, "152"),
+            (1520.4, "1520"),
+            (2732.4, "2732"),
+            (0.5, "0.500"),
+            (9.996, "10.0"),
+            (99.96, "100"),
+            (0.0, "0"),
+        ];
+        for (v, shown) in cases {
+            assert_eq!(three_figures(v), shown, "{v}");
+        }
+    }
 
     #[test]
     fn sizes_parse() {
