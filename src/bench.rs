@@ -1094,10 +1094,12 @@ impl BenchPlan<'_> {
                     // Each row as it is done, so a run cut short still leaves its figures.
                     progress(&match (&row.train, &row.train_memory) {
                         (Some(t), Some(mem)) => format!(
-                            "{} {method} M={m}: step {:.2} ms, inference {:.2} ms, peak {}",
+                            "{} {method} M={m}: step {}, inference {}, peak {}",
                             vit.name,
-                            1e3 * t.median,
-                            1e3 * row.inference.as_ref().map_or(f64::NAN, |i| i.median),
+                            duration(t.median),
+                            row.inference
+                                .as_ref()
+                                .map_or("-".into(), |i| duration(i.median)),
                             bytes(mem.total_peak)
                         ),
                         _ => format!(
@@ -1178,14 +1180,20 @@ fn three_figures(v: f64) -> String {
     format!("{v:.decimals$}")
 }
 
-fn ms(s: f64) -> String {
-    if s >= 10.0 {
-        format!("{s:.1} s")
-    } else if s >= 1.0 {
-        format!("{:.0} ms", s * 1e3)
+/// A time to three significant figures in the unit that puts it between 1 and 1000 (from 1000 s
+/// up whole): 523 µs, 11.7 ms, 6.25 s, 17.3 s. One rule for every column and progress line: a
+/// column had read "6246 ms" above "17.3 s".
+pub fn duration(s: f64) -> String {
+    // The unit is picked after rounding, so that 0.9996 s reads 1.00 s and not 1000 ms.
+    let rounded: f64 = format!("{s:.2e}").parse().unwrap_or(s);
+    let (scale, unit) = if rounded >= 1.0 || rounded <= 0.0 || !rounded.is_finite() {
+        (1.0, "s")
+    } else if rounded >= 1e-3 {
+        (1e3, "ms")
     } else {
-        format!("{:.1} ms", s * 1e3)
-    }
+        (1e6, "µs")
+    };
+    format!("{} {unit}", three_figures(s * scale))
 }
 
 /// The bench as a table for people.
@@ -1257,14 +1265,14 @@ pub fn table(r: &BenchReport) -> String {
         ];
         match (&row.train, &row.inference) {
             (Some(t), Some(i)) => {
-                l.push(ms(t.median));
-                l.push(format!("({}-{})", ms(t.min), ms(t.max)));
+                l.push(duration(t.median));
+                l.push(format!("({}-{})", duration(t.min), duration(t.max)));
                 l.push(opt(row.images_per_s, &three_figures));
                 l.push(opt(row.member_images_per_s, &three_figures));
                 l.push(format!("{:.2}", row.train_flops.total() / 1e9));
                 l.push(opt(row.train_flops_per_s, &|v| format!("{:.1}", v / scale)));
                 l.push(opt(row.train_mfu, &|v| format!("{:.1}%", 100.0 * v)));
-                l.push(ms(i.median));
+                l.push(duration(i.median));
                 l.push(opt(row.inference_images_per_s, &three_figures));
                 l.push(
                     row.train_memory
@@ -1322,8 +1330,8 @@ fn breakdown_table(row: &BenchRow, ops: &[OpTime], step: f64, repeats: usize) ->
         row.method,
         row.members,
         if repeats == 1 { "" } else { "s" },
-        ms(total),
-        ms(step)
+        duration(total),
+        duration(step)
     );
     let mut lines = vec![
         ["phase", "op", "calls", "per step", "share"]
@@ -1335,7 +1343,7 @@ fn breakdown_table(row: &BenchRow, ops: &[OpTime], step: f64, repeats: usize) ->
             phase.to_string(),
             op.to_string(),
             calls,
-            ms(secs),
+            duration(secs),
             format!("{:.1}%", 100.0 * secs / total.max(f64::MIN_POSITIVE)),
         ]
     };
@@ -1459,6 +1467,24 @@ mod tests {
         ];
         for (v, shown) in cases {
             assert_eq!(three_figures(v), shown, "{v}");
+        }
+    }
+
+    #[test]
+    fn times_take_one_unit_each_to_three_significant_figures() {
+        let cases = [
+            (6.246, "6.25 s"),
+            (17.31, "17.3 s"),
+            (1520.4, "1520 s"),
+            (0.0117123, "11.7 ms"),
+            (0.1160, "116 ms"),
+            (0.9996, "1.00 s"),
+            (0.000523, "523 µs"),
+            (0.00099996, "1.00 ms"),
+            (0.0, "0 s"),
+        ];
+        for (s, shown) in cases {
+            assert_eq!(duration(s), shown, "{s}");
         }
     }
 

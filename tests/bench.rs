@@ -6,7 +6,7 @@ mod svg_check;
 use std::path::PathBuf;
 use std::process::Command;
 
-use loren::bench::{BenchOptions, run_bench, svg, table, write};
+use loren::bench::{BenchOptions, duration, run_bench, svg, table, write};
 use loren_nn::config::{Method, VitConfig};
 use loren_tensor::DeviceSpec;
 
@@ -30,8 +30,22 @@ fn temp_dir(name: &str) -> PathBuf {
 
 #[test]
 fn bench_runs_end_to_end_on_tiny_with_two_members() {
-    let report = run_bench(&quick(vec![2]), &mut |_| {}).unwrap();
+    let mut said = Vec::new();
+    let report = run_bench(&quick(vec![2]), &mut |l| said.push(l.to_string())).unwrap();
     assert_eq!(report.rows.len(), 2);
+    // Each row's progress line gives its times as the table does.
+    for row in &report.rows {
+        let times = format!(
+            "tiny {} M=2: step {}, inference {},",
+            row.method,
+            duration(row.train.as_ref().unwrap().median),
+            duration(row.inference.as_ref().unwrap().median)
+        );
+        assert!(
+            said.iter().any(|l| l.contains(&times)),
+            "{times}\n{said:#?}"
+        );
+    }
     // A 128-wide peak GEMM is said to be too small for MFU to mean much.
     assert!(
         report.note.contains("MFU over it overstates"),
