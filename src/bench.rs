@@ -1366,7 +1366,7 @@ pub fn svg(r: &BenchReport) -> String {
         let mut time = Chart::new(
             format!("{config}: time per call (median)"),
             "ensemble size M",
-            "seconds",
+            "time",
         );
         time.log_x = true;
         time.log_y = true;
