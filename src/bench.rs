@@ -1125,12 +1125,15 @@ impl BenchPlan<'_> {
             repeats: o.repeats,
             timer: "Device::time around each call: CUDA events on the stream on a GPU, the wall clock on the CPU (bench::time_on)".into(),
             flop_count: format!(
-                "matrix products only, 2mnk each, as executed (loren_nn::memory_model::Flops){}; \
-                 rates in {unit}",
+                "matrix products only, 2mnk each, {}; attention's backward counts the scores it \
+                 computes again (10·B·T²·D per block and member, FlashAttention's convention); \
+                 rates in {unit} (loren_nn::memory_model::Flops)",
                 match o.activations {
-                    Activations::Keep => "",
+                    Activations::Keep => "as executed",
+                    // MFU divides the model's FLOPs: recomputing costs time, not work done.
                     Activations::Recompute =>
-                        ", without the blocks' forwards run again in the backward (model FLOPs)",
+                        "model FLOPs: the blocks' forwards that --recompute runs a second time in \
+                         the backward are left out",
                 }
             ),
             peak,

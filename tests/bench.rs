@@ -103,6 +103,14 @@ fn bench_runs_end_to_end_on_tiny_with_two_members() {
         t.contains("GFLOP/s") && t.contains("lora") && t.contains("explicit"),
         "{t}"
     );
+    assert!(
+        t.contains(
+            "FLOPs: matrix products only, 2mnk each, as executed; attention's backward counts \
+             the scores it computes again (10·B·T²·D per block and member, FlashAttention's \
+             convention);"
+        ),
+        "{t}"
+    );
     let drawn = svg(&report);
     svg_check::check_svg(&drawn).unwrap();
     // Its ticks are in µs, ms or s: the axis is titled for what it measures, not one unit.
@@ -375,6 +383,15 @@ fn the_command_line_runs_and_writes_its_outputs() {
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("bench.json")).unwrap()).unwrap();
     assert_eq!(json["activations"], "recompute");
+    // Said plainly: what is left out, and how attention's backward is counted.
+    assert!(
+        stdout.contains(
+            "FLOPs: matrix products only, 2mnk each, model FLOPs: the blocks' forwards that \
+             --recompute runs a second time in the backward are left out; attention's backward \
+             counts the scores it computes again"
+        ),
+        "{stdout}"
+    );
     let flops = &json["rows"][0]["train_flops"];
     assert!(flops["recomputed"].as_f64().unwrap() > 0.0, "{flops}");
 
