@@ -584,8 +584,10 @@ pub fn table(r: &MemprofileReport) -> String {
     let with_recompute = r.rows.iter().any(|x| x.predicted_recompute_total.is_some());
     let _ = writeln!(
         s,
-        "tag columns: measured peak, or the prediction marked * where not measured; diff = \
-         (predicted - measured) / measured of the total peak{}",
+        "tag columns: each tag's own peak, reached at different moments of the step; total: the \
+         peak of all tags together, so the tag columns can add up to more than it; measured, or \
+         the prediction marked * where not measured; diff = (predicted - measured) / measured of \
+         the total peak{}",
         if with_recompute {
             "; with --recompute = the predicted total peak if the blocks were recomputed"
         } else {

@@ -107,6 +107,14 @@ fn measured_peaks_match_the_analytic_model_and_lora_grows_by_adapters_and_heads(
     assert!(t.contains(" n/a") && t.contains("+0.00%"), "{t}");
     assert!(t.contains("after 1 warm-up step for tiny"), "{t}");
     assert!(t.contains("adapters") && t.contains("a full model"), "{t}");
+    // Each tag peaks at its own moment: the note says why the columns add up to more than total.
+    assert!(
+        t.contains(
+            "tag columns: each tag's own peak, reached at different moments of the step; total: \
+             the peak of all tags together, so the tag columns can add up to more than it;"
+        ),
+        "{t}"
+    );
     svg_check::check_svg(&svg(&r)).unwrap();
     let dir = std::env::temp_dir().join(format!("loren-test-memprofile-{}", std::process::id()));
     write(&r, &dir).unwrap();
