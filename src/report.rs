@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use loren_autograd::optim::OptimizerKind;
 use loren_nn::eval::EvalReport;
-use loren_nn::metrics::{OodReport, ShiftRow, SizeRow};
+use loren_nn::metrics::{NUM_BINS, OodReport, ShiftRow, SizeRow};
 use loren_nn::train::TrainConfig;
 use loren_nn::{Activations, Method};
 
@@ -471,6 +471,39 @@ pub fn comparison_table(runs: &[RunResult]) -> String {
     s
 }
 
+/// The legend printed once under `loren compare`'s tables: what each ECE bins and what AUROC
+/// separates, said here rather than in headers as wide as the figures. `summaries` are those of
+/// the seed summary printed (none without --seeds): its paper ECE and AUROC columns get a line.
+pub fn compare_legend(summaries: &[SeedSummary]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "ECE: top-label, {NUM_BINS} equal-width bins, on the mean of the members' probabilities; \
+         {}: the same after temperature scaling fitted on validation",
+        if summaries.is_empty() {
+            "ECE@T"
+        } else {
+            "ECE@T, ECE at T"
+        }
+    );
+    if !summaries.is_empty() {
+        let _ = writeln!(
+            s,
+            "paper ECE: as the LoRA-Ensemble paper's code computes it, 10 equal-width bins \
+             (k/10, (k+1)/10] on the softmax of the members' mean logits"
+        );
+    }
+    if summaries.iter().any(|x| x.ood_auroc_entropy.is_some()) {
+        let _ = writeln!(
+            s,
+            "AUROC (entropy): predictive entropy separating the test images from the built-in OOD \
+             set (every test image inverted, as many noise images, and the --holdout-classes \
+             images if any)"
+        );
+    }
+    s
+}
+
 /// A figure over seeds: their mean and sample standard deviation (0 for one seed).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct MeanSd {
@@ -661,6 +694,36 @@ mod tests {
         assert_eq!(bytes(1_048_524), "1023.9 KiB");
         assert_eq!(bytes((1 << 30) - 1), "1.0 GiB");
         assert_eq!(bytes(u64::MAX), "16777216.0 TiB");
+    }
+
+    /// The legend names AUROC's OOD set where the summary has an AUROC column, and says paper
+    /// ECE's binning only where a summary shows it.
+    #[test]
+    fn the_compare_legend_says_what_each_column_measures_once() {
+        let report = distinct_report();
+        let scored = Scored {
+            seed: 3,
+            val_ece: None,
+            report: &report,
+        };
+        let mut summary = summarise(Method::Lora, 2, &[scored]);
+        assert_eq!(compare_legend(&[]).lines().count(), 1);
+        let legend = compare_legend(std::slice::from_ref(&summary));
+        assert!(legend.contains("ECE@T, ECE at T: the same"), "{legend}");
+        assert!(
+            legend.contains("paper ECE: as the LoRA-Ensemble paper's code"),
+            "{legend}"
+        );
+        assert!(!legend.contains("AUROC"), "{legend}");
+        summary.ood_auroc_entropy = Some(MeanSd { mean: 0.9, sd: 0.0 });
+        let legend = compare_legend(&[summary]);
+        assert!(
+            legend.contains(
+                "AUROC (entropy): predictive entropy separating the test images from the \
+                 built-in OOD set (every test image inverted, as many noise images,"
+            ),
+            "{legend}"
+        );
     }
 
     /// The schedule is said as it ran: a run shorter than its warm-up never decayed, and its

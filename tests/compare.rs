@@ -72,6 +72,11 @@ fn compare_at_several_sizes_shows_lora_growing_slower_than_explicit() {
         stdout.lines().next().is_some_and(|l| l.contains(" ECE@T ")),
         "{stdout}"
     );
+    // The ECE's bins said once, under the table; no paper ECE without a seed summary.
+    let legend = "ECE: top-label, 15 equal-width bins, on the mean of the members' probabilities; \
+                  ECE@T: the same after temperature scaling fitted on validation\n";
+    assert_eq!(stdout.matches(legend).count(), 1, "{stdout}");
+    assert!(!stdout.contains("paper ECE"), "{stdout}");
     // Each method once, at the rate given for it, over --lr, over the defaults.
     assert!(
         stdout.contains("peak learning rates: single 2e-3, explicit 5e-4, lora 2e-3\n"),
@@ -294,6 +299,17 @@ fn compare_over_seeds_summarises_each_method_over_the_runs() {
         "{table}"
     );
     assert!(!table.contains("shift"), "{table}");
+    // Under the summary, once: which bins each ECE has (no AUROC: no OOD set was scored).
+    for line in [
+        "ECE: top-label, 15 equal-width bins, on the mean of the members' probabilities; ECE@T, \
+         ECE at T: the same after temperature scaling fitted on validation\n",
+        "paper ECE: as the LoRA-Ensemble paper's code computes it, 10 equal-width bins \
+         (k/10, (k+1)/10] on the softmax of the members' mean logits\n",
+    ] {
+        assert_eq!(table.matches(line).count(), 1, "{table}");
+        assert_eq!(stdout.matches(line).count(), 1, "{stdout}");
+    }
+    assert!(!table.contains("AUROC"), "{table}");
     assert!(
         table
             .lines()

@@ -18,7 +18,7 @@ use loren::outputs::remove_stale;
 use loren::progress::Verbosity;
 use loren::rates::{Diverged, choose_rates, rate_table};
 use loren::report::{
-    comparison_table, growth_per_member, rate, seed_summaries, seed_summary_table,
+    compare_legend, comparison_table, growth_per_member, rate, seed_summaries, seed_summary_table,
 };
 use loren::run::{REPORT_FILES, RUN_FILES, RunSpec, check_fits_within, run};
 use loren_nn::checkpoint::write_atomic;
@@ -243,13 +243,18 @@ pub fn compare(a: &CompareArgs, out_named: bool) -> Result<()> {
         }
         let n = a.seeds.len();
         say(format_args!(
-            "over {n} seed{}: mean ± standard deviation\n{}",
+            "over {n} seed{}: mean ± standard deviation\n{}{}",
             if n == 1 { "" } else { "s" },
-            seed_summary_table(&summaries)
+            seed_summary_table(&summaries),
+            compare_legend(&summaries)
         ))?;
     } else {
         remove_stale(&summary)?;
-        say(format_args!("{}", comparison_table(&results)))?;
+        say(format_args!(
+            "{}{}",
+            comparison_table(&results),
+            compare_legend(&[])
+        ))?;
     }
     say(format_args!("{}", growth_per_member(&results)))?;
     let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
