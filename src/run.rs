@@ -345,7 +345,16 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
             check_same_data(file, &data_metadata, Verbosity::Quiet)?;
             trainer.resume(file)?;
             let saved: TrainConfig = file.meta_json("train")?;
-            if saved.epochs < spec.train.epochs && spec.verbosity == Verbosity::Normal {
+            if trainer.epoch() == spec.train.epochs {
+                // Said even under -q: the run trains nothing, which the flags alone do not say.
+                crate::note!(
+                    "{label}: {} has trained all {} of its epochs: nothing is left to train, so \
+                     it is scored and its report written (--epochs, more than {1}, trains it \
+                     further)",
+                    file.path().display(),
+                    spec.train.epochs
+                );
+            } else if saved.epochs < spec.train.epochs && spec.verbosity == Verbosity::Normal {
                 crate::note!(
                     "{label}: extending the run from {} to {} epochs: its learning-rate schedule \
                      stretches from here on",

@@ -133,18 +133,39 @@ fn resuming_with_another_model_ensemble_and_schedule_names_all_three_before_read
     );
 }
 
+/// A run killed after its last checkpoint, while it was scored (so its last epoch's scoring, cut
+/// short by Ctrl-C, is missing too), is finished by resuming it: nothing is trained, the last
+/// epoch is scored, and the report, the history and the checkpoint are the unstopped run's.
 #[test]
-fn resuming_with_no_epochs_left_says_so() {
-    let out = temp_dir("no-epochs-left");
-    let args = resume_args(&out, &["--epochs", "2"]);
-    refused(
-        &strs(&args),
-        &[
-            "already trained 2 of 2 epochs",
-            "--epochs 2",
-            "TrainConfig::epochs",
-        ],
+fn a_finished_run_resumed_is_scored_and_written_as_it_was() {
+    let ckpt = trained_run_edited("finished", |m| {
+        let mut history: serde_json::Value = serde_json::from_str(&m["epoch_history"]).unwrap();
+        history[1]["val"] = serde_json::Value::Null;
+        m.insert("epoch_history".into(), history.to_string());
+    });
+    let dir = ckpt.parent().unwrap();
+    std::fs::remove_file(dir.join("report.json")).unwrap();
+    let out = temp_dir("finished-elsewhere");
+    let mut args = resume_args(&out, &[]);
+    args[4] = ckpt.to_str().unwrap().to_string();
+    let (ok, _, err) = loren(&strs(&args));
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("has trained all 2 of its epochs: nothing is left to train"),
+        "{err}"
     );
+    let (ours, theirs) = (report_json(&out), report_json(trained()));
+    for part in [
+        "/report/test",
+        "/report/val",
+        "/train/epochs/1/val/accuracy",
+    ] {
+        assert_eq!(ours.pointer(part), theirs.pointer(part), "{part}");
+    }
+    assert!(ours.pointer("/train/epochs/1/val/nll").unwrap().is_f64());
+    let written = TensorFile::read(&out.join("checkpoint.safetensors")).unwrap();
+    let original = TensorFile::read(&trained().join("checkpoint.safetensors")).unwrap();
+    assert_eq!(all_tensors(&written), all_tensors(&original));
 }
 
 #[test]

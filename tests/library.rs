@@ -186,7 +186,10 @@ fn a_checkpoint_that_cannot_be_written_says_what_was_kept() {
         .fit(&data, &spec, &mut block)
         .unwrap_err();
     assert!(matches!(e, NnError::NotSaved { .. }), "{e:?}");
-    let kept = format!("; the last good checkpoint is kept at {}", ckpt.display());
+    let kept = format!(
+        "; the last good checkpoint is kept at {0} (--resume {0} continues from its epoch's end)",
+        ckpt.display()
+    );
     assert!(e.to_string().ends_with(&kept), "{e}");
     let file = TensorFile::read(&ckpt).unwrap();
     assert_eq!(file.meta("epoch").unwrap(), "1");

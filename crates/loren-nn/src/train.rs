@@ -457,8 +457,8 @@ impl<'m> Trainer<'m> {
         };
         self.skipped_before = skipped;
         self.epoch += 1;
-        if let Some((every, validate)) = &mut self.validation
-            && (self.epoch.is_multiple_of(*every) || self.epoch == self.config.epochs)
+        if self.scores(self.epoch)
+            && let Some((_, validate)) = &mut self.validation
         {
             observer.validating(self.epoch);
             info.val = validate(self.model)?;
@@ -486,12 +486,41 @@ impl<'m> Trainer<'m> {
         Ok(())
     }
 
+    /// Whether the validation part is scored at the end of (1-based) `epoch`: every
+    /// [`Trainer::validate_every`] epochs, and at the last.
+    fn scores(&self, epoch: usize) -> bool {
+        match &self.validation {
+            Some((every, _)) => epoch.is_multiple_of(*every) || epoch == self.config.epochs,
+            None => false,
+        }
+    }
+
+    /// A resumed run's last epoch whose scoring a stop cut short (Ctrl-C while the validation
+    /// part was scored keeps the epoch, unscored), scored now from the weights that epoch ended
+    /// with, so that the history is the one the run would have had unstopped. Its seconds.
+    fn score_unscored_last_epoch(&mut self, observer: &mut dyn Observer) -> Result<f64> {
+        let epoch = self.epoch;
+        let unscored = self.history.last().is_some_and(|e| e.val.is_none());
+        if !(unscored && self.scores(epoch)) {
+            return Ok(0.0);
+        }
+        let Some((_, validate)) = &mut self.validation else {
+            return Ok(0.0);
+        };
+        observer.validating(epoch);
+        let val = validate(self.model)?;
+        let last = self.history.len() - 1;
+        self.history[last].val = val;
+        Ok(val.map_or(0.0, |v| v.seconds))
+    }
+
     pub fn total_steps(&self) -> u64 {
         self.steps_per_epoch * self.config.epochs as u64
     }
 
-    /// Train the remaining epochs, checkpointing after each. On a NaN loss the error names the
-    /// step and the checkpoint of the last good epoch, which is left as it was.
+    /// Train the remaining epochs, checkpointing after each (none remain for a resumed run that
+    /// had trained them all: its history is returned as it was). On a NaN loss the error names
+    /// the step and the checkpoint of the last good epoch, which is left as it was.
     pub fn fit(
         &mut self,
         data: &Dataset,
@@ -508,6 +537,7 @@ impl<'m> Trainer<'m> {
         let mut metadata = ckpt.metadata.clone();
         metadata.extend(input_metadata(data));
         observer.start(self.total_steps(), first_step);
+        let rescored_seconds = self.score_unscored_last_epoch(observer)?;
         // Only a checkpoint this run wrote is its last good one: the file at the path may be
         // another run's.
         let earlier = ckpt.path.as_ref().filter(|p| first_step == 0 && p.exists());
@@ -526,12 +556,17 @@ impl<'m> Trainer<'m> {
             // A fit that writes none (a comparison's run, pretraining) has none to speak of.
             (None, None) => String::new(),
         };
-        let interrupted = |step: u64, saved: bool| {
+        // What a stop that is no fault of the training keeps, and how to go on from it.
+        let resumable = |saved: bool| {
             let mut kept = kept(saved);
             if let (Some(p), true) = (&ckpt.path, saved) {
                 kept += &format!(" (--resume {} continues from its epoch's end)", p.display());
             }
-            NnError::Interrupted { step, kept }
+            kept
+        };
+        let interrupted = |step: u64, saved: bool| NnError::Interrupted {
+            step,
+            kept: resumable(saved),
         };
         let mut saved = false;
         while self.epoch < self.config.epochs {
@@ -563,7 +598,7 @@ impl<'m> Trainer<'m> {
             if let Some(path) = &ckpt.path {
                 self.save(path, &metadata).map_err(|e| NnError::NotSaved {
                     error: Box::new(e),
-                    kept: kept(saved),
+                    kept: resumable(saved),
                 })?;
                 if !saved {
                     remove_files(&ckpt.replaces)?;
@@ -576,10 +611,20 @@ impl<'m> Trainer<'m> {
                 return Err(interrupted(self.step, saved));
             }
         }
-        let validation_seconds: f64 = self.history[first_epoch..]
-            .iter()
-            .filter_map(|e| e.val.map(|v| v.seconds))
-            .sum();
+        // A run resumed with no epoch left still writes its checkpoint where this one writes
+        // (elsewhere, or in place with an epoch scored since).
+        if let (Some(path), true) = (&ckpt.path, self.history.len() == first_epoch) {
+            self.save(path, &metadata).map_err(|e| NnError::NotSaved {
+                error: Box::new(e),
+                kept: kept(false),
+            })?;
+            remove_files(&ckpt.replaces)?;
+        }
+        let validation_seconds: f64 = rescored_seconds
+            + self.history[first_epoch..]
+                .iter()
+                .filter_map(|e| e.val.map(|v| v.seconds))
+                .sum::<f64>();
         let seconds = start.elapsed().as_secs_f64() - validation_seconds;
         // Whole epochs, each of every image: a last batch may be short, or the one batch all.
         let images = ((self.history.len() - first_epoch) * data.len()) as f64;
@@ -722,8 +767,9 @@ impl Trainer<'_> {
     }
 
     /// The epochs of a resumed run ([`check_resumable`] checks the rest): no fewer than the saved
-    /// run was started for (its schedule would be cut short), and some left after the `done` it
-    /// has trained.
+    /// run was started for (its schedule would be cut short). None may be left after the `done`
+    /// it has trained: a run stopped after its last checkpoint (killed while it was scored) is
+    /// then finished.
     fn check_same_training(&self, file: &TensorFile, done: usize) -> Result<()> {
         let theirs: TrainConfig = file.meta_json("train")?;
         if self.config.epochs < theirs.epochs {
@@ -737,13 +783,13 @@ impl Trainer<'_> {
                 ),
             ));
         }
-        if done >= self.config.epochs {
+        if done > theirs.epochs {
             return Err(NnError::checkpoint(
                 file.path(),
                 format!(
-                    "it has already trained {done} of {} epochs, so --epochs {} leaves none to \
-                     run; give more epochs to train on (--epochs, or TrainConfig::epochs)",
-                    theirs.epochs, self.config.epochs
+                    "it records {done} epochs trained, past the {} it was started for: a \
+                     damaged or hand-made checkpoint",
+                    theirs.epochs
                 ),
             ));
         }
