@@ -186,11 +186,10 @@ pub const RUN_FILES: [&str; 7] = [
 /// How many of [`RUN_FILES`] a run's report is.
 pub const REPORT_FILES: usize = 4;
 
-/// A folder where a run will write one of its files fails it only once trained, so it is
-/// refused first.
-pub fn check_no_folder_in_the_way(out: &Path) -> Result<()> {
-    let names = RUN_FILES.iter().chain(&["checkpoint.safetensors"]);
-    match names.map(|n| out.join(n)).find(|p| p.is_dir()) {
+/// A folder in `out` named as one of the files a command will write there (`names`) fails it
+/// only once its work is done, so it is refused first.
+pub fn check_no_folder_in_the_way(out: &Path, names: &[&str]) -> Result<()> {
+    match names.iter().map(|n| out.join(n)).find(|p| p.is_dir()) {
         Some(p) => bail!(
             "{} is a folder, where the run writes a file of that name",
             p.display()

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{fails_with, fails_with_in, loren, strs, temp_dir};
+use common::{fails_with, fails_with_in, loren, run_ok, strs, temp_dir};
 
 fn quick(extra: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = ["train", "--epochs", "1", "-q", "--no-shift", "--no-ood"]
@@ -460,6 +460,78 @@ fn pretrain_to_a_folder_asks_for_a_file_with_or_without_force() {
         let mut args = vec!["pretrain", "--epochs", "30", "--out", out];
         args.extend(force);
         fails_before_work(&args, &["is a folder", "backbone.safetensors"]);
+    }
+}
+
+/// --force replaces a backbone, not a run's checkpoint or an export in its place.
+#[test]
+fn pretrain_force_leaves_a_checkpoint_and_an_export_alone() {
+    let dir = temp_dir("pretrain-over-a-run");
+    let run = dir.to_str().unwrap();
+    run_ok(&[
+        "train",
+        "--epochs",
+        "1",
+        "-m",
+        "2",
+        "--no-shift",
+        "--no-ood",
+        "-q",
+        "--out",
+        run,
+    ]);
+    let ckpt = dir.join("checkpoint.safetensors");
+    let export = dir.join("ensemble.safetensors");
+    run_ok(&[
+        "export",
+        "--checkpoint",
+        run,
+        "--out",
+        export.to_str().unwrap(),
+    ]);
+    for (file, what) in [(&ckpt, "a training checkpoint"), (&export, "an ensemble")] {
+        let before = std::fs::read(file).unwrap();
+        let args = [
+            "pretrain",
+            "--epochs",
+            "30",
+            "--force",
+            "--out",
+            file.to_str().unwrap(),
+        ];
+        fails_before_work(&args, &[what, "which --force does not replace"]);
+        assert_eq!(std::fs::read(file).unwrap(), before);
+    }
+}
+
+/// A folder where eval writes one of its files is refused before the scoring, as train's are.
+#[test]
+fn eval_with_a_folder_in_the_way_fails_before_scoring() {
+    let dir = temp_dir("eval-folder-in-the-way");
+    let run = dir.to_str().unwrap();
+    run_ok(&[
+        "train",
+        "--epochs",
+        "1",
+        "-m",
+        "2",
+        "--no-shift",
+        "--no-ood",
+        "-q",
+        "--out",
+        run,
+    ]);
+    for name in ["eval.json", "eval-reliability.svg"] {
+        std::fs::create_dir(dir.join(name)).unwrap();
+        let folder = format!("{} is a folder", dir.join(name).display());
+        fails_before_work(
+            &["eval", "--checkpoint", run],
+            &[
+                &folder,
+                "is a folder, where the run writes a file of that name",
+            ],
+        );
+        std::fs::remove_dir(dir.join(name)).unwrap();
     }
 }
 

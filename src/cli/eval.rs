@@ -20,7 +20,7 @@ use loren::dataset::{
 use loren::ensemble::load_network;
 use loren::progress::{EvalBar, Verbosity};
 use loren::report::{calibration_report, method_title};
-use loren::run::{RunSettings, read_model};
+use loren::run::{REPORT_FILES, RUN_FILES, RunSettings, check_no_folder_in_the_way, read_model};
 use loren_nn::checkpoint::{TensorFile, write_atomic};
 use loren_nn::config::{EnsembleConfig, VitConfig};
 use loren_nn::data::folder::passed_over;
@@ -200,6 +200,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         None => writable_dir(&out, "the checkpoint's folder")
             .context("eval writes beside the checkpoint unless given --out DIR")?,
     }
+    check_no_folder_in_the_way(&out, &RUN_FILES[REPORT_FILES..])?;
     // The data it was trained on, unless the command line says otherwise.
     let meta = file.metadata();
     let mut data_args = a.data.clone();

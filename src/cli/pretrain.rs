@@ -60,6 +60,20 @@ pub fn pretrain(a: &PretrainArgs) -> Result<()> {
             ),
         }
     }
+    // --force is for backbones: a run's checkpoint or an export is another command's work,
+    // which a backbone in its place would leave its folder's reports describing.
+    let other = match loren::files::FileKind::at(&out) {
+        loren::files::FileKind::Checkpoint => Some("a training checkpoint"),
+        loren::files::FileKind::Export => Some("an ensemble loren export wrote"),
+        _ => None,
+    };
+    if let Some(what) = other {
+        anyhow::bail!(
+            "--out {} is {what}, which --force does not replace (it replaces a backbone); name \
+             another file",
+            out.display()
+        );
+    }
     loren::outputs::writable_file(&out, "--out")?;
     let data = splits(
         &DataArgs {

@@ -136,7 +136,9 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
     let a = &moved;
     // After the flags' own checks, so that a mistyped flag is named as such and not as a folder.
     writable_dir(&a.out, "--out")?;
-    loren::run::check_no_folder_in_the_way(&a.out)?;
+    // Its own files, and eval's, which replacing a run removes.
+    let files = [&loren::run::RUN_FILES[..], &["checkpoint.safetensors"]].concat();
+    loren::run::check_no_folder_in_the_way(&a.out, &files)?;
     let data = splits(&a.data, &config, a.optim.train_on_val, a.common.verbosity())?;
     out.hold()?;
     let ckpt = a.out.join("checkpoint.safetensors");
