@@ -183,6 +183,10 @@ pub const RUN_FILES: [&str; 7] = [
     "eval-predictions.safetensors",
 ];
 
+/// The metadata key of how a run scores itself (the command line's flags for it, as JSON), which
+/// a resumed run takes unless given others, and which its data check passes over.
+pub const SCORING_KEY: &str = "scoring";
+
 /// How many of [`RUN_FILES`] a run's report is.
 pub const REPORT_FILES: usize = 4;
 
@@ -264,7 +268,8 @@ fn check_same_data(
     let kind = |source: &str| source.split(':').next().unwrap_or_default().to_string();
     let recorded_images = file.metadata().get(TRAINING_IMAGES_KEY);
     let same_images = recorded_images.is_none_or(|r| ours.get(TRAINING_IMAGES_KEY) == Some(r));
-    let mut keys: Vec<&String> = ours.keys().collect();
+    // How the run scores itself may change on resume: it trains the same.
+    let mut keys: Vec<&String> = ours.keys().filter(|k| *k != SCORING_KEY).collect();
     keys.sort();
     for key in keys {
         if key == TRAINING_IMAGES_KEY && recorded_images.is_none() {

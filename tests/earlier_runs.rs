@@ -180,13 +180,15 @@ fn resuming_from_the_folder_alone_takes_the_saved_settings() {
         trained().to_str().unwrap(),
         "--epochs",
         "3",
-        "--no-shift",
-        "--no-ood",
         "-q",
         "--out",
         saved.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
+    // Scored as the run was, without the shifted sets and OOD detection.
+    let report = report_json(&saved);
+    assert_eq!(report.pointer("/report/shift"), Some(&serde_json::json!([])));
+    assert_eq!(report.pointer("/report/ood"), Some(&serde_json::Value::Null));
     let read = |d: &Path| TensorFile::read(&d.join("checkpoint.safetensors")).unwrap();
     let (a, b) = (read(&all), read(&saved));
     assert_eq!(

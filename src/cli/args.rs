@@ -10,7 +10,7 @@ use loren::dataset::{DataSource, Normalize, TRAIN_ON_VAL_KEY};
 use loren::outputs::{ClaimedDir, remove_stale};
 use loren::progress::Verbosity;
 use loren::report::split_phrase;
-use loren::run::{RunResult, RunSpec};
+use loren::run::{RunResult, RunSpec, SCORING_KEY};
 use loren_autograd::optim::OptimizerKind;
 use loren_nn::checkpoint::write_atomic;
 use loren_nn::config::{Activations, EnsembleConfig, LoraConfig, Method, Targets, VitConfig};
@@ -562,6 +562,43 @@ pub fn data_metadata(data: &DataArgs, train_on_val: bool) -> Result<HashMap<Stri
     ]))
 }
 
+/// How a run scores itself, as its checkpoint records it ([`SCORING_KEY`]): the flags a resumed
+/// run takes from it unless given again, so that it reports what the run would have unstopped.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct Scoring {
+    pub no_shift: bool,
+    pub no_ood: bool,
+    /// Absolute, as `data` is recorded, so that a run resumed from elsewhere finds them.
+    pub ood_data: Vec<String>,
+    pub save_predictions: bool,
+    pub eval_batch_size: usize,
+    pub val_every: usize,
+}
+
+impl Scoring {
+    fn of(data: &DataArgs, optim: &OptimArgs) -> Scoring {
+        let absolute = |s: &String| match s.parse::<DataSource>() {
+            Ok(source) => source.absolute().to_string(),
+            Err(_) => s.clone(),
+        };
+        Scoring {
+            no_shift: data.no_shift,
+            no_ood: data.no_ood,
+            ood_data: data.ood_data.iter().map(absolute).collect(),
+            save_predictions: data.save_predictions,
+            eval_batch_size: data.eval_batch_size,
+            val_every: optim.val_every,
+        }
+    }
+
+    /// What a checkpoint recorded; None for one from before it was recorded.
+    pub fn recorded(meta: &HashMap<String, String>) -> Result<Option<Scoring>> {
+        meta.get(SCORING_KEY)
+            .map(|s| serde_json::from_str(s).context("checkpoint metadata scoring"))
+            .transpose()
+    }
+}
+
 /// The held-out classes a checkpoint recorded ([`data_metadata`]), sorted, once each.
 pub fn saved_holdout_classes(meta: &HashMap<String, String>) -> Result<Vec<u32>> {
     let mut classes: Vec<u32> = match meta.get("holdout_classes").filter(|h| !h.is_empty()) {
@@ -680,7 +717,12 @@ pub fn run_spec(
         eval: eval_options(data),
         val_every: optim.val_every,
         verbosity: common.verbosity(),
-        metadata: data_metadata(data, optim.train_on_val)?,
+        metadata: {
+            let mut m = data_metadata(data, optim.train_on_val)?;
+            let scoring = Scoring::of(data, optim);
+            m.insert(SCORING_KEY.to_string(), serde_json::to_string(&scoring)?);
+            m
+        },
     })
 }
 

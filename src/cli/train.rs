@@ -21,7 +21,7 @@ use loren_nn::train::TrainConfig;
 use loren::dataset::{TRAINING_IMAGES_KEY, training_images};
 
 use super::args::{
-    ClassRef, Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, SeedArgs, checkpoint_arg,
+    ClassRef, Common, DataArgs, Scoring, EnsembleArgs, ModelArgs, OptimArgs, SeedArgs, checkpoint_arg,
     out_dir, run_spec, saved_holdout_classes, splits, text_path, write_outputs,
 };
 use loren::outputs::writable_dir;
@@ -320,6 +320,27 @@ fn with_saved_settings(
     }
     if keep("normalize") {
         r.data.normalize = Some(Normalize::recorded(meta)?.to_string());
+    }
+    if let Some(s) = Scoring::recorded(meta)? {
+        if keep("no_shift") {
+            r.data.no_shift = s.no_shift;
+        }
+        if keep("no_ood") {
+            r.data.no_ood = s.no_ood;
+        }
+        // Not into a run told to score no OOD detection.
+        if keep("ood_data") && !r.data.no_ood {
+            r.data.ood_data = s.ood_data;
+        }
+        if keep("save_predictions") {
+            r.data.save_predictions = s.save_predictions;
+        }
+        if keep("eval_batch_size") {
+            r.data.eval_batch_size = s.eval_batch_size;
+        }
+        if keep("val_every") {
+            r.optim.val_every = s.val_every;
+        }
     }
     Ok(r)
 }
