@@ -481,7 +481,8 @@ fn a_comparison_stopped_part_way_leaves_no_summary_that_disagrees_with_its_runs(
     compare_into(&out, &args);
     assert!(out.join("compare.json").exists());
     // The second method's loss is not a number within its first epoch: the comparison fails
-    // after the first method's run replaced part of the folder.
+    // after the first method's run replaced part of the folder, and says what it kept, under -q
+    // too.
     args = vec![
         "--methods",
         "single,lora",
@@ -489,6 +490,7 @@ fn a_comparison_stopped_part_way_leaves_no_summary_that_disagrees_with_its_runs(
         "lora=1e4",
         "--grad-clip",
         "0",
+        "-q",
     ];
     args.extend(quick);
     let run = compare_in(&out, &args);

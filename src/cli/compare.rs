@@ -163,7 +163,7 @@ pub fn compare(a: &CompareArgs, out_named: bool) -> Result<()> {
                     None
                 }
                 None => {
-                    note_stopped(&finished, diverged.len(), runs, a.common.verbosity());
+                    note_stopped(&finished, diverged.len(), runs);
                     let what = format!("method {method} (M={m}), seed {seed}, lr {lr}");
                     return Err(e.context(what));
                 }
@@ -199,7 +199,7 @@ pub fn compare(a: &CompareArgs, out_named: bool) -> Result<()> {
     // Chosen before anything is written: a sweep refused writes no summary.
     let choices = match sweep {
         true => choose_rates(&results, &diverged).inspect_err(|_| {
-            note_stopped(&finished, diverged.len(), runs, a.common.verbosity());
+            note_stopped(&finished, diverged.len(), runs);
         })?,
         false => Vec::new(),
     };
@@ -428,9 +428,9 @@ fn diverged_at(e: &anyhow::Error) -> Option<String> {
 const SUMMARIES: [&str; 4] = ["compare.json", "rates.json", "curves.svg", "summary.json"];
 
 /// Where a comparison that stopped before its summaries left the runs it finished (and how many
-/// it had found to diverge, which wrote nothing).
-fn note_stopped(finished: &[PathBuf], diverged: usize, runs: usize, verbosity: Verbosity) {
-    if finished.is_empty() && diverged == 0 || verbosity == Verbosity::Quiet {
+/// it had found to diverge, which wrote nothing): said under -q too, as the error it comes with.
+fn note_stopped(finished: &[PathBuf], diverged: usize, runs: usize) {
+    if finished.is_empty() && diverged == 0 {
         return;
     }
     let dirs: Vec<String> = finished.iter().map(|d| d.display().to_string()).collect();
