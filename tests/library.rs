@@ -436,6 +436,29 @@ fn an_ensemble_trained_from_arrays_reads_back_as_it_was_trained() {
     );
 }
 
+/// A run knows before its first step how large its checkpoints are, to hold them against the
+/// room on the disk: the tensors exactly, and at most a MiB for the header.
+#[test]
+fn a_trainer_knows_the_size_of_its_checkpoint() {
+    let dir = temp_dir("checkpoint-bytes");
+    let (data, _, ckpt) = trained_into(&dir);
+    let mut model = model();
+    let trainer = Trainer::new(&mut model, &config(), data.len()).unwrap();
+    let (estimate, written) = (
+        trainer.checkpoint_bytes(),
+        std::fs::metadata(&ckpt).unwrap().len(),
+    );
+    assert!(
+        written <= estimate && estimate - written <= 1 << 20,
+        "{estimate} for {written}"
+    );
+    let e = loren::nn::checkpoint::check_room(&ckpt, u64::MAX)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("MiB free: free some space"), "{e}");
+    loren::nn::checkpoint::check_room(&ckpt, written).unwrap();
+}
+
 /// A PNG's bytes, `w`×`h` of `color`, its samples drawn from `seed`.
 fn png_bytes(w: u32, h: u32, color: png::ColorType, seed: usize) -> Vec<u8> {
     let n = (w * h) as usize * color.samples();

@@ -439,6 +439,50 @@ pub fn check_writable(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Whether the disk `path` goes on has room for a file of about `bytes` (written beside the one
+/// it replaces, which keeps its room until the rename). A run checks this before its first step:
+/// an empty file can be made on a full disk, so [`check_writable`] alone would let it train an
+/// epoch it cannot keep. Where the free space cannot be read, it is taken to be enough.
+pub fn check_room(path: &Path, bytes: u64) -> Result<()> {
+    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(d) => d,
+        None => Path::new("."),
+    };
+    match free_bytes(dir) {
+        Some(free) if free < bytes => {
+            let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+            Err(NnError::checkpoint(
+                path,
+                format!(
+                    "each checkpoint takes about {:.1} MiB, and its disk has {:.1} MiB free: \
+                     free some space, or write it elsewhere",
+                    mib(bytes),
+                    mib(free)
+                ),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The bytes an unprivileged process may still write on the disk holding `dir`.
+#[cfg(unix)]
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let name = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: a zeroed statvfs is a valid value for statvfs(3) to fill; `name` is a C string.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(name.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    (stat.f_bavail as u64).checked_mul(stat.f_frsize as u64)
+}
+
+#[cfg(not(unix))]
+fn free_bytes(_: &Path) -> Option<u64> {
+    None
+}
+
 /// Make `path`'s folder; the temporary file [`write_atomic`] writes first.
 fn make_folder_for(path: &Path) -> Result<PathBuf> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

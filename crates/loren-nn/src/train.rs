@@ -530,6 +530,7 @@ impl<'m> Trainer<'m> {
         self.check_epoch_data(data)?;
         if let Some(path) = &ckpt.path {
             crate::checkpoint::check_writable(path)?;
+            crate::checkpoint::check_room(path, self.checkpoint_bytes())?;
         }
         let start = Instant::now();
         let (first_step, first_epoch) = (self.step, self.history.len());
@@ -635,6 +636,17 @@ impl<'m> Trainer<'m> {
             images_per_second: images / seconds.max(1e-9),
             validation_seconds,
         })
+    }
+
+    /// About the bytes of a checkpoint [`Trainer::save`] writes: the trainable tensors and their
+    /// optimizer state, in f32, and room for the header (names, settings, the epochs' history).
+    pub fn checkpoint_bytes(&self) -> u64 {
+        const HEADER_ROOM: u64 = 1 << 20;
+        let values: u64 = (self.model.params().iter())
+            .filter(|(_, p)| p.trainable())
+            .map(|(_, p)| p.value().numel() as u64)
+            .sum();
+        values * 4 * (1 + self.config.optimizer.state_tensors()) + HEADER_ROOM
     }
 
     /// Write the trainable tensors, the optimizer state and the position in training: an
