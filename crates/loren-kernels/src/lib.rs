@@ -14,7 +14,7 @@
 //! # Finding CUDA (see [`probe`])
 //! - NVRTC: `LOREN_NVRTC_LIB` (path of a `libnvrtc.so*`), else the loader's search path
 //!   (`LD_LIBRARY_PATH`, ld.so cache), else the pip wheels `scripts/cuda-wheels.sh` installs in
-//!   `<repo>/.cache/cuda-wheels` (or `$LOREN_CUDA_WHEELS`, or `./.cache/cuda-wheels`). A library
+//!   `<repo>/.cache/cuda-wheels` (or `$LOREN_CUDA_WHEELS`; never the working directory's). A library
 //!   found by path is preloaded with its `libnvrtc-builtins`, so no `LD_LIBRARY_PATH` is needed.
 //! - Headers (`cuda_bf16.h`): `LOREN_CUDA_INCLUDE`, else the `include` folder beside that NVRTC,
 //!   `$CUDA_HOME/include`, `$CUDA_PATH/include`, `/usr/local/cuda/include`, `/opt/cuda/include`,

@@ -7,7 +7,8 @@
 //! 1. `LOREN_NVRTC_LIB`, the path of a `libnvrtc.so*` file (nothing else is tried when it is set);
 //! 2. the loader's own search (`LD_LIBRARY_PATH`, the ld.so cache), under the names cudarc tries;
 //! 3. the pip wheels from `scripts/cuda-wheels.sh`: `<dir>/nvidia/cu13/lib/libnvrtc.so.13` for
-//!    `<dir>` in `LOREN_CUDA_WHEELS`, `<repo>/.cache/cuda-wheels`, `./.cache/cuda-wheels`.
+//!    `<dir>` in `LOREN_CUDA_WHEELS` and `<repo>/.cache/cuda-wheels` (the checkout it was built
+//!    in; never the working directory's).
 //!
 //! A library found by path (1 and 3) is preloaded with `RTLD_GLOBAL`, together with the
 //! `libnvrtc-builtins` beside it. The dynamic loader matches later `dlopen("libnvrtc.so.13")` calls
@@ -58,9 +59,8 @@ pub(crate) fn wheel_dirs() -> Vec<PathBuf> {
             .unwrap_or(repo)
             .join(".cache/cuda-wheels"),
     );
-    if let Ok(cwd) = std::env::current_dir() {
-        dirs.push(cwd.join(".cache/cuda-wheels"));
-    }
+    // Never the working directory's: a service started in a folder others can write would load
+    // whatever library they left there.
     dirs.dedup();
     dirs
 }
