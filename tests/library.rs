@@ -436,6 +436,42 @@ fn an_ensemble_trained_from_arrays_reads_back_as_it_was_trained() {
     );
 }
 
+/// A resumed run stopped before its first checkpoint names the one it resumed from, and the
+/// --epochs that goes on extending it.
+#[test]
+fn a_resumed_run_stopped_early_says_how_to_go_on() {
+    struct StopAtOnce;
+    impl Observer for StopAtOnce {
+        fn stop_requested(&self) -> bool {
+            true
+        }
+    }
+    let dir = temp_dir("resumed-stopped");
+    let (data, _, ckpt) = trained_into(&dir);
+    let file = TensorFile::read(&ckpt).unwrap();
+    let three = TrainConfig {
+        epochs: 3,
+        ..config()
+    };
+    let mut model = model();
+    let mut trainer = Trainer::new(&mut model, &three, data.len()).unwrap();
+    trainer.resume(&file).unwrap();
+    let spec = CheckpointSpec {
+        path: Some(ckpt.clone()),
+        ..Default::default()
+    };
+    let e = trainer.fit(&data, &spec, &mut StopAtOnce).unwrap_err();
+    let go_on = format!(
+        "the checkpoint it resumed from, {0}, is the last good one (--resume {0} --epochs 3 \
+         continues from it)",
+        ckpt.display()
+    );
+    assert!(
+        matches!(&e, NnError::Interrupted { kept, .. } if *kept == go_on),
+        "{e:?}"
+    );
+}
+
 /// A run knows before its first step how large its checkpoints are, to hold them against the
 /// room on the disk: the tensors exactly, and at most a MiB for the header.
 #[test]

@@ -218,6 +218,9 @@ pub struct Trainer<'m> {
     history: Vec<EpochInfo>,
     /// The optimizer's skip count at the last epoch's end, from which the next epoch's is told.
     skipped_before: u64,
+    /// The checkpoint [`Trainer::resume`] read, and the epochs its run was started for: what a
+    /// stop before this run's first checkpoint tells to resume again.
+    resumed_from: Option<(PathBuf, usize)>,
     /// Every how many epochs, and how, to score the validation part.
     validation: Option<(usize, Validate<'m>)>,
 }
@@ -264,6 +267,7 @@ impl<'m> Trainer<'m> {
             steps_per_epoch,
             history: Vec::new(),
             skipped_before: 0,
+            resumed_from: None,
             validation: None,
         })
     }
@@ -542,13 +546,26 @@ impl<'m> Trainer<'m> {
         // Only a checkpoint this run wrote is its last good one: the file at the path may be
         // another run's.
         let earlier = ckpt.path.as_ref().filter(|p| first_step == 0 && p.exists());
+        // A resumed run stopped before its first checkpoint: how to go on, extending as it did.
+        let resumed_kept = match &self.resumed_from {
+            Some((p, epochs)) => {
+                let extend = match *epochs < self.config.epochs {
+                    true => format!(" --epochs {}", self.config.epochs),
+                    false => String::new(),
+                };
+                format!(
+                    "the checkpoint it resumed from, {0}, is the last good one (--resume \
+                     {0}{extend} continues from it)",
+                    p.display()
+                )
+            }
+            None => "the checkpoint it resumed from is the last good one".to_string(),
+        };
         let kept = |saved: bool| match (&ckpt.path, earlier) {
             (Some(p), _) if saved => {
                 format!("the last good checkpoint is kept at {}", p.display())
             }
-            _ if first_step > 0 => {
-                "the checkpoint it resumed from is the last good one".to_string()
-            }
+            _ if first_step > 0 => resumed_kept.clone(),
             (_, Some(p)) => format!(
                 "no checkpoint had been written yet, and {} is still the earlier run's",
                 p.display()
@@ -736,6 +753,8 @@ impl<'m> Trainer<'m> {
         })?;
         self.epoch = epoch as usize;
         self.step = step;
+        let started_for: TrainConfig = file.meta_json("train")?;
+        self.resumed_from = Some((file.path().to_path_buf(), started_for.epochs));
         // Checkpoints from before the history was kept resume without it.
         self.history = match file.metadata().get(HISTORY) {
             Some(_) => file.meta_json(HISTORY)?,
