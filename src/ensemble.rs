@@ -369,12 +369,20 @@ impl Ensemble {
     /// Read a file written by [`export`] (`loren export`), or a training checkpoint (the file
     /// `loren train` writes, or the folder it wrote it into; with the backbone it recorded),
     /// onto `device`.
+    ///
+    /// Opening the device is part of the call: the first GPU a process opens compiles every
+    /// kernel (seconds, then cached on disk), and [`DeviceSpec::Auto`] takes the CPU without a
+    /// word where no GPU can be used; [`Ensemble::device_name`] says which it took. See
+    /// [`DeviceSpec`] for this and the environment variables it reads, and for bounding the CPU
+    /// threads. A device that cannot be opened is [`EnsembleError::Device`]; a file that cannot
+    /// be read or holds no usable ensemble, [`EnsembleError::File`].
     pub fn load(path: impl AsRef<Path>, device: DeviceSpec) -> Result<Ensemble, EnsembleError> {
         Ensemble::open(path, None, device)
     }
 
     /// [`Ensemble::load`], with a training checkpoint's backbone read from `backbone` when
-    /// given (an exported file holds its own, so it takes none).
+    /// given (an exported file holds its own, so it takes none). Opens `device` as
+    /// [`Ensemble::load`] does (see [`DeviceSpec`] for what that costs a process).
     pub fn open(
         path: impl AsRef<Path>,
         backbone: Option<&Path>,

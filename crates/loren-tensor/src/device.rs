@@ -278,11 +278,56 @@ impl fmt::Debug for Device {
     }
 }
 
-/// What the user asked for on the command line: `auto`, `cpu`, `cuda` or `cuda:N`.
+/// Which device to open: `auto`, `cpu`, `cuda` (GPU 0) or `cuda:N`, as the command line spells
+/// it (parsed by [`FromStr`], which also takes `gpu` for GPU 0).
+///
+/// # What opening a device does to the process
+///
+/// - **The first GPU open compiles every kernel.** The first open of a GPU in a process (by
+///   [`DeviceSpec::Cuda`], or [`DeviceSpec::Auto`] where a GPU can be used) loads the CUDA driver,
+///   NVRTC and cuBLAS, compiles every kernel file with NVRTC for the device's arch (in parallel;
+///   seconds when nothing is cached) and loads the modules. A device of compute capability below
+///   8.0 is refused. The GPU (context, stream, modules) then stays open until the process ends,
+///   shared by every later [`Device`] on it (each with accounting of its own). An open that
+///   failed is tried again by the next, but with what the first search for NVRTC, the headers
+///   and cuBLAS found, or failed to find: each is searched for once a process. Device memory
+///   the process frees stays with it for reuse ([`Device::release_cached_memory`] hands it
+///   back).
+/// - **PTX is cached on disk**, in `$LOREN_CACHE_DIR` (that folder itself), else
+///   `$XDG_CACHE_HOME/loren/ptx`, else `$HOME/.cache/loren/ptx`, and nowhere when none of these
+///   is set. Files are keyed by a hash of the source, arch, NVRTC version and options, so later
+///   processes skip NVRTC. A cache that cannot be read or written is skipped without an error.
+/// - **Where CUDA is looked for** (see [`loren_kernels::probe`]): NVRTC from
+///   `$LOREN_NVRTC_LIB` (the path of a `libnvrtc.so*`; nothing else is tried when it is set),
+///   else the loader's search path (`LD_LIBRARY_PATH`, the ld.so cache), else the pip wheels of
+///   `scripts/cuda-wheels.sh` under `$LOREN_CUDA_WHEELS`, `.cache/cuda-wheels` in the source tree
+///   loren was built from, or `./.cache/cuda-wheels`. The headers (`cuda_bf16.h`) from
+///   `$LOREN_CUDA_INCLUDE` alone when it is set, else beside that NVRTC, `$CUDA_HOME/include`,
+///   `$CUDA_PATH/include`, `/usr/local/cuda/include`, `/opt/cuda/include`, `/usr/include`, the
+///   wheels. The driver (`libcuda`) and cuBLAS from the loader's search path.
+/// - **Other environment variables.** `LOREN_WGMMA=1` makes the fused LoRA products take
+///   Hopper's wgmma kernels on an sm_90a build (read when a GPU is opened; mma.sync otherwise).
+///   `LOREN_REQUIRE_GPU` concerns loren's own GPU tests and benchmarks only.
+/// - **`Auto` falls back to the CPU silently.** It takes GPU 0 where the driver sees a device
+///   and the driver, NVRTC, cuBLAS and the kernels all work, and the CPU otherwise, with no error
+///   and no message. [`DeviceSpec::open_explained`] says why, where a GPU was there but could
+///   not be used; [`Device::kind`] (or `loren::Ensemble::device_name`) says which was taken.
+///   `Cuda(n)` fails instead of falling back.
+/// - **CPU ops run on rayon's current thread pool**: the matrix products
+///   ([`crate::ops::gemm`]) and the other ops alike. Called from inside
+///   [`rayon::ThreadPool::install`], they use that pool, so
+///   `pool.install(|| ens.predict(&images, b))` bounds the computation's threads; elsewhere,
+///   rayon's global pool (`RAYON_NUM_THREADS`, by default one thread per logical CPU). A
+///   prediction or training epoch of more than one batch also makes the next batch on one
+///   background thread of its own, whose parallel parts (MC Dropout's image hashes, a GPU's
+///   staging copy) run on rayon's global pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceSpec {
+    /// GPU 0 where one can be used, else the CPU (see above).
     Auto,
+    /// The CPU, in f32.
     Cpu,
+    /// CUDA device `N` (0-based), or an error where it cannot be used.
     Cuda(usize),
 }
 
