@@ -118,8 +118,11 @@ impl std::fmt::Debug for Ensemble {
 /// What an ensemble predicts for a batch of B images.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Prediction {
+    /// M, the members that predicted (1 for the single-network methods).
     pub members: usize,
+    /// B, the images predicted, in the order given.
     pub batch: usize,
+    /// C, the classes each probability vector has.
     pub classes: usize,
     /// Every member's softmax probabilities, `[M, B, C]`, member-major.
     pub probs: Vec<f32>,
@@ -542,22 +545,28 @@ impl Ensemble {
         self.model.device().memory().reset_peaks();
     }
 
+    /// The network's shape: image size, channels, patch, width, depth, heads, MLP width.
     pub fn vit(&self) -> &VitConfig {
         &self.model.config
     }
 
+    /// The ensemble: its method, members, classes and adapters.
     pub fn config(&self) -> &EnsembleConfig {
         &self.model.ensemble
     }
 
+    /// M, the members each prediction has ([`Prediction::members`]).
     pub fn members(&self) -> usize {
         self.model.members()
     }
 
+    /// C, the classes each prediction scores ([`Prediction::classes`]).
     pub fn classes(&self) -> usize {
         self.model.ensemble.classes
     }
 
+    /// The classes' names, one per class, in the order of a prediction's probabilities
+    /// (index `c` names class `c`).
     pub fn class_names(&self) -> &[String] {
         &self.class_names
     }
@@ -785,11 +794,17 @@ fn network_of_checkpoint(
 /// What [`export`] wrote.
 #[derive(Clone, Debug)]
 pub struct ExportSummary {
+    /// The file written: `out`, as [`export`] was given it.
     pub path: PathBuf,
+    /// The method of the ensemble exported.
     pub method: Method,
+    /// Its members, M.
     pub members: usize,
+    /// Its classes, C.
     pub classes: usize,
+    /// How many tensors the file holds: the backbone's, adapters and heads.
     pub tensors: usize,
+    /// The file's size on disk, in bytes (0 where it could not be read back after writing).
     pub bytes: u64,
 }
 

@@ -9,9 +9,13 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::memory::{MemTag, MemoryTracker};
 
+/// Which hardware a [`Device`] is ([`Device::kind`]): what its `Display` writes as `cpu` or
+/// `cuda:N`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceKind {
+    /// The host, computing in f32 on rayon's current thread pool (see [`DeviceSpec`]).
     Cpu,
+    /// CUDA device `N` (0-based); [`Device::compute_dtype`] says what it stores in bf16.
     Cuda(usize),
 }
 
@@ -82,6 +86,7 @@ impl BufferPool {
 const POOL_FLOOR: u64 = 64 << 20;
 
 impl Device {
+    /// The CPU, with accounting of its own (see [`Device`]). Cannot fail and opens nothing.
     pub fn cpu() -> Device {
         Device {
             inner: Arc::new(DeviceInner {
