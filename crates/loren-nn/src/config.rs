@@ -9,16 +9,36 @@ use crate::error::{NnError, Result};
 use crate::memory_model::ParamCounts;
 
 /// The shape of a Vision Transformer.
+///
+/// [`VitConfig::validate`] checks the sizes before anything is built; each is at least 1 and at
+/// most [`MAX_SIDE`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VitConfig {
+    /// A label (`tiny`, `vit-b-32`, ...): in messages, in the bundled backbone's file name, and
+    /// recorded in checkpoints, where a resume checks it is the same. The computation does not
+    /// read it.
     pub name: String,
+    /// The side of the square input image, in pixels: inputs are `image_size × image_size`. A
+    /// multiple of `patch`.
     pub image_size: usize,
+    /// Input channels (1 for grey images, 3 for RGB).
     pub channels: usize,
+    /// The side of a square patch, in pixels: the image is `(image_size / patch)²` patches (at
+    /// most [`MAX_GRID`] a side), each one token.
     pub patch: usize,
+    /// D, the token width (embedding dimension) throughout the network. A multiple of `heads`.
     pub dim: usize,
+    /// The number of transformer blocks.
     pub depth: usize,
+    /// Attention heads per block, each `dim / heads` wide ([`VitConfig::head_dim`]). On a GPU
+    /// the attention kernels exist for head widths 16, 32, 64 and 128 only: another is an error
+    /// there.
     pub heads: usize,
+    /// The hidden width of each block's MLP (`fc1` is `[mlp_dim, dim]`).
     pub mlp_dim: usize,
+    /// The LayerNorms' epsilon, added to the variance; finite and above 0. Weights trained
+    /// elsewhere need their library's: 1e-6 for timm and torchvision, 1e-12 for Hugging Face
+    /// ([`crate::import`] says which, as `loren::backbone::read_backbone` does).
     pub ln_eps: f32,
 }
 
@@ -63,8 +83,11 @@ impl VitConfig {
         }
     }
 
+    /// The names [`VitConfig::by_name`] knows.
     pub const NAMES: [&'static str; 3] = ["tiny", "vit-b-32", "vit-b-16"];
 
+    /// The built-in config of that name (one of [`VitConfig::NAMES`]); another name is an
+    /// [`NnError::Config`] listing them.
     pub fn by_name(name: &str) -> Result<Self> {
         match name {
             "tiny" => Ok(VitConfig::tiny()),
@@ -77,6 +100,7 @@ impl VitConfig {
         }
     }
 
+    /// The patches of an image: `(image_size / patch)²`.
     pub fn patches(&self) -> usize {
         (self.image_size / self.patch).pow(2)
     }
@@ -86,14 +110,19 @@ impl VitConfig {
         self.patches() + 1
     }
 
+    /// The values of one patch, the patch embedding's input width: `channels · patch²`.
     pub fn patch_features(&self) -> usize {
         self.channels * self.patch * self.patch
     }
 
+    /// The width of one attention head: `dim / heads`.
     pub fn head_dim(&self) -> usize {
         self.dim / self.heads
     }
 
+    /// Check the shape: every size at least 1 and at most [`MAX_SIDE`], at most [`MAX_GRID`]
+    /// patches a side, `patch` tiling `image_size`, `heads` dividing `dim`, `ln_eps` finite and
+    /// above 0. Otherwise an [`NnError::Config`] naming the model and what is wrong.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(NnError::Config(format!("model '{}': {msg}", self.name)));
         let dims = [
@@ -331,10 +360,20 @@ impl Proj {
 }
 
 /// The adapters: `y = x·Wᵀ + scale·(x·Aᵀ)·Bᵀ`.
+///
+/// Read by the methods that adapt a frozen backbone ([`Method::uses_lora`]); the others ignore
+/// it. [`EnsembleConfig::validate`] checks it for them.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LoraConfig {
+    /// r, the adapters' rank: A is `[r, d_in]` and B `[d_out, r]` per member and projection.
+    /// From 1 to the model's `dim`.
     pub rank: usize,
+    /// s, the raw factor the adapter's product is multiplied by, as written above. It is not
+    /// divided by the rank: for PEFT's `lora_alpha`, set `scale` to `alpha / rank`. Finite; the
+    /// reference setup's is 1.
     pub scale: f32,
+    /// Which of the attention projections q, k, v and o carry adapters; the others stay the
+    /// frozen projection alone.
     pub targets: Targets,
     /// Gain of A's Xavier-uniform start; large, so the members start apart.
     pub init_gain: f32,
@@ -355,9 +394,14 @@ impl Default for LoraConfig {
 /// What to build: a method, its member count and its adapters, for a number of classes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EnsembleConfig {
+    /// How the members are made.
     pub method: Method,
+    /// M, the members: at least 1, and exactly 1 for the single-network methods
+    /// ([`Method::is_single`]). Under MC Dropout, the passes with masks of their own.
     pub members: usize,
+    /// C, the classes every member's head scores: at least 2, and the training data's.
     pub classes: usize,
+    /// The adapters, for the methods that have them ([`Method::uses_lora`]).
     pub lora: LoraConfig,
     /// MC Dropout's DropKey rate: the probability that an attention score drops.
     #[serde(default = "EnsembleConfig::drop_key_default")]

@@ -23,20 +23,31 @@ use crate::vit::{Draw, Vit};
 /// How to train. Everything a resumed run must repeat to continue bit-exactly.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
+    /// Whole passes over the training images; at least 1. A resumed run may ask for more than
+    /// the checkpoint's run did.
     pub epochs: usize,
+    /// Images per optimizer step, every member seeing all of them; at least 1. An epoch is
+    /// `ceil(images / batch_size)` steps, its last batch keeping the remainder.
     pub batch_size: usize,
     /// Peak learning rate, reached after the warmup.
     pub lr: f32,
     /// Where the cosine decay ends.
     pub min_lr: f32,
+    /// Optimizer steps (not epochs) of linear warmup up to [`TrainConfig::lr`], from the run's
+    /// first step; capped at the run's total steps, 0 for none. The cosine decay to
+    /// [`TrainConfig::min_lr`] takes the steps after it.
     pub warmup_steps: u64,
     /// The warmup's first step at learning rate 0, as the LoRA-Ensemble paper's code has it
     /// (see [`WarmupCosine::from_zero`]).
     #[serde(default)]
     pub warmup_from_zero: bool,
+    /// The update rule and its settings (AdamW or SGD, weight decay, ...), applied to the
+    /// trainable parameters alone; the learning rate comes from the schedule each step.
     pub optimizer: OptimizerKind,
     /// Clip the global gradient norm to this, when set.
     pub grad_clip: Option<f64>,
+    /// The random augmentation of each training batch (drawn from [`TrainConfig::seed`], the
+    /// epoch and the batch); [`Augment::none`] for none. Only training batches are augmented.
     pub augment: Augment,
     /// A fresh seeded order of the training images every epoch; false keeps the dataset's own
     /// order, as the LoRA-Ensemble paper's code does (`shuffle: false`).
@@ -71,6 +82,11 @@ impl TrainConfig {
         }
     }
 
+    /// Check the settings before anything is built: epochs and batch size at least 1, `lr`
+    /// positive and finite, `min_lr` finite, not negative and not above `lr`, `grad_clip`
+    /// positive and finite where set, and the optimizer's and augmentation's own settings.
+    /// Otherwise an [`NnError::Config`] naming the field (an [`NnError::Data`] for the
+    /// augmentation). [`Trainer::new`] calls it.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(NnError::Config(m.to_string()));
         if self.epochs == 0 {
@@ -117,13 +133,23 @@ fn shuffled() -> bool {
 /// What a step reports to an [`Observer`].
 #[derive(Clone, Copy, Debug)]
 pub struct StepInfo {
+    /// The epoch the step belongs to, 0-based (unlike [`EpochInfo::epoch`], counted from 1).
     pub epoch: usize,
     /// Global 0-based step.
     pub step: u64,
+    /// The run's steps in all, [`Trainer::total_steps`].
     pub total_steps: u64,
+    /// The batch's loss: softmax cross-entropy in nats, the mean over members and images.
+    /// Always finite: a step whose loss is not ends the epoch with [`NnError::NonFinite`]
+    /// before it is reported.
     pub loss: f32,
+    /// The learning rate the step's update used.
     pub lr: f32,
+    /// Images in the batch: the batch size, or fewer in an epoch's last.
     pub images: usize,
+    /// Wall-clock seconds from waiting for the batch to reading its loss back. On a GPU the
+    /// loss is read while the step's backward and update may still run, so their time can
+    /// fall in a later step's figure.
     pub seconds: f64,
 }
 
@@ -147,11 +173,20 @@ pub struct EpochInfo {
 }
 
 /// The validation part's figures at an epoch's end.
+///
+/// The [`Validate`] closure given to [`Trainer::validate_every`] makes them, so they mean what
+/// it computed; the `loren` command fills them from [`crate::metrics::calibration`] of the
+/// validation part's predictions, as the units below say.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EpochVal {
+    /// Accuracy of the mean prediction, a fraction in [0, 1].
     pub accuracy: f64,
+    /// Mean negative log-likelihood of the mean prediction, in nats.
     pub nll: f64,
+    /// Expected calibration error over [`crate::metrics::NUM_BINS`] equal-width bins, in [0, 1].
     pub ece: f64,
+    /// Wall-clock seconds the scoring took: [`Trainer::fit`] adds them to
+    /// [`TrainSummary::validation_seconds`], not to its training time.
     pub seconds: f64,
 }
 
@@ -182,7 +217,15 @@ impl Observer for Quiet {}
 /// Where training keeps its checkpoint, and what to put in its metadata besides its own.
 #[derive(Clone, Debug, Default)]
 pub struct CheckpointSpec {
+    /// Where [`Trainer::fit`] writes its checkpoint at every epoch's end, replacing the last
+    /// (written to a temporary file and renamed); checked writable before the first step. None
+    /// writes no checkpoint.
     pub path: Option<PathBuf>,
+    /// Keys added to the checkpoint's metadata, such as what `loren eval` needs to find the
+    /// data (`data`, `normalize`, ...). The keys the trainer writes itself replace any of the
+    /// same name: `format`, `vit`, `ensemble`, `train`, `epoch`, `step`, `epoch_history`,
+    /// `optimizer_steps`, the backbone's `backbone` and `backbone_fingerprint` (where the model
+    /// loaded one), and the data's `norm_mean`, `norm_std` and `class_names`.
     pub metadata: HashMap<String, String>,
     /// An earlier run's files beside `path` (its report, say), removed when this run's first
     /// checkpoint replaces that run's: until then the earlier run stays whole.
@@ -279,6 +322,7 @@ impl<'m> Trainer<'m> {
         self.validation = (epochs > 0).then_some((epochs, validate));
     }
 
+    /// The model being trained, as the last step left it.
     pub fn model(&self) -> &Vit {
         self.model
     }
@@ -518,6 +562,9 @@ impl<'m> Trainer<'m> {
         Ok(val.map_or(0.0, |v| v.seconds))
     }
 
+    /// The steps of the whole run, the length of its learning-rate schedule:
+    /// `ceil(train_len / batch_size)` an epoch, times [`TrainConfig::epochs`] (a resumed run's
+    /// earlier steps included).
     pub fn total_steps(&self) -> u64 {
         self.steps_per_epoch * self.config.epochs as u64
     }
