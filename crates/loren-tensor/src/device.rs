@@ -289,9 +289,10 @@ impl fmt::Debug for Device {
 /// # What opening a device does to the process
 ///
 /// - **The first GPU open compiles every kernel.** The first open of a GPU in a process (by
-///   [`DeviceSpec::Cuda`], or [`DeviceSpec::Auto`] where a GPU can be used) loads the CUDA driver,
-///   NVRTC and cuBLAS, compiles every kernel file with NVRTC for the device's arch (in parallel;
-///   seconds when nothing is cached) and loads the modules. A device of compute capability below
+///   [`DeviceSpec::Cuda`], or [`DeviceSpec::Auto`] where a GPU can be used) loads the CUDA driver
+///   and NVRTC, checks that cuBLAS is there (its handle is made at the first product that uses it),
+///   compiles every kernel file with NVRTC for the device's arch (in parallel; seconds when
+///   nothing is cached) and loads the modules. A device of compute capability below
 ///   8.0 is refused. The GPU (context, stream, modules) then stays open until the process ends,
 ///   shared by every later [`Device`] on it (each with accounting of its own). An open that
 ///   failed is tried again by the next, but with what the first search for NVRTC, the headers
