@@ -306,8 +306,8 @@ impl fmt::Debug for Device {
 /// - **Where CUDA is looked for** (see [`loren_kernels::probe`]): NVRTC from
 ///   `$LOREN_NVRTC_LIB` (the path of a `libnvrtc.so*`; nothing else is tried when it is set),
 ///   else the loader's search path (`LD_LIBRARY_PATH`, the ld.so cache), else the pip wheels of
-///   `scripts/cuda-wheels.sh` under `$LOREN_CUDA_WHEELS`, `.cache/cuda-wheels` in the source tree
-///   loren was built from, or `./.cache/cuda-wheels`. The headers (`cuda_bf16.h`) from
+///   `scripts/cuda-wheels.sh` under `$LOREN_CUDA_WHEELS` or `.cache/cuda-wheels` in the source
+///   tree loren was built from (never the working directory's). The headers (`cuda_bf16.h`) from
 ///   `$LOREN_CUDA_INCLUDE` alone when it is set, else beside that NVRTC, `$CUDA_HOME/include`,
 ///   `$CUDA_PATH/include`, `/usr/local/cuda/include`, `/opt/cuda/include`, `/usr/include`, the
 ///   wheels. The driver (`libcuda`) and cuBLAS from the loader's search path.
