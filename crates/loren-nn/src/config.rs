@@ -369,8 +369,8 @@ pub struct LoraConfig {
     /// From 1 to the model's `dim`.
     pub rank: usize,
     /// s, the raw factor the adapter's product is multiplied by, as written above. It is not
-    /// divided by the rank: for PEFT's `lora_alpha`, set `scale` to `alpha / rank`. Finite; the
-    /// reference setup's is 1.
+    /// divided by the rank: for PEFT's `lora_alpha`, set `scale` to `alpha / rank`. Finite and not
+    /// 0 (where the adapters would change nothing); the reference setup's is 1.
     pub scale: f32,
     /// Which of the attention projections q, k, v and o carry adapters; the others stay the
     /// frozen projection alone.
@@ -450,12 +450,15 @@ impl EnsembleConfig {
                     model.dim, model.dim
                 )));
             }
+            // At scale 0 the adapters change nothing, and their gradients are all 0.
             if !self.lora.scale.is_finite()
+                || self.lora.scale == 0.0
                 || !self.lora.init_gain.is_finite()
                 || self.lora.init_gain <= 0.0
             {
                 return Err(NnError::Config(
-                    "LoRA scale and init gain must be finite, the gain positive".into(),
+                    "LoRA scale must be finite and not 0, and the init gain finite and positive"
+                        .into(),
                 ));
             }
         }
@@ -496,6 +499,44 @@ impl Activations {
         match self {
             Activations::Keep => "keep",
             Activations::Recompute => "recompute",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The adapters' factor and initial gain, as a program sets them: at scale 0 the adapters
+    /// would train nothing, which the command line refuses too.
+    #[test]
+    fn lora_scale_and_gain_out_of_range_are_refused() {
+        let vit = VitConfig::tiny();
+        let with = |scale: f32, init_gain: f32| EnsembleConfig {
+            lora: LoraConfig {
+                scale,
+                init_gain,
+                ..LoraConfig::default()
+            },
+            drop_key: EnsembleConfig::DROP_KEY,
+            method: Method::Lora,
+            members: 4,
+            classes: 10,
+        };
+        assert!(with(1.0, 10.0).validate(&vit).is_ok());
+        assert!(with(-0.5, 10.0).validate(&vit).is_ok());
+        for (scale, gain) in [
+            (0.0, 10.0),
+            (-0.0, 10.0),
+            (f32::NAN, 10.0),
+            (1.0, 0.0),
+            (1.0, f32::INFINITY),
+        ] {
+            let e = with(scale, gain).validate(&vit).unwrap_err().to_string();
+            assert!(
+                e.contains("LoRA scale must be finite and not 0"),
+                "{scale}, {gain}: {e}"
+            );
         }
     }
 }
