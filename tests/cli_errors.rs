@@ -768,7 +768,7 @@ fn bad_optimizer_and_adapter_flags_name_the_flag() {
 
 /// A value an f32 cannot hold is refused as written, not taken as 0 or infinity.
 #[test]
-fn values_past_f32_are_refused_as_written() {
+fn values_past_f32_and_empty_paths_are_refused_as_written() {
     for (args, needle) in [
         (
             vec!["train", "--lr", "1e-300"],
@@ -777,6 +777,18 @@ fn values_past_f32_are_refused_as_written() {
         (
             vec!["train", "--lora-scale", "1e39"],
             "1e39 is too large for an f32",
+        ),
+        (
+            vec!["train", "--lr", "1e999"],
+            "1e999 is too large for an f32",
+        ),
+        (
+            vec!["train", "--out", ""],
+            "'' for '--out <OUT>': an empty path",
+        ),
+        (
+            vec!["eval", "--checkpoint", ""],
+            "an empty path (a shell variable that is not set?)",
         ),
         (
             vec!["compare", "--lrs", "1e-3,1e-300"],

@@ -836,7 +836,12 @@ pub fn f32_arg(arg: &str) -> Result<f32, String> {
     if v != 0.0 && x == 0.0 {
         return Err(format!("{arg} is too small for an f32: it would be 0"));
     }
-    if v.is_finite() && x.is_infinite() {
+    // Past f32's range, "1e999" (an infinite f64) too; "inf" itself is said as it was typed.
+    let word = arg
+        .trim()
+        .trim_start_matches(['+', '-'])
+        .to_ascii_lowercase();
+    if x.is_infinite() && !matches!(word.as_str(), "inf" | "infinity") {
         return Err(format!(
             "{arg} is too large for an f32 (at most {:e})",
             f32::MAX
@@ -847,13 +852,20 @@ pub fn f32_arg(arg: &str) -> Result<f32, String> {
 
 /// A path that is written down as text (in checkpoints, reports and notes), so must be text:
 /// clap refuses one that is not UTF-8 before this runs, as it refuses every flag's value.
+/// An empty one, most often a shell variable that was not set, is refused: it would write into
+/// the working folder.
 pub fn text_path(arg: &str) -> Result<PathBuf, String> {
-    Ok(PathBuf::from(arg))
+    match arg.is_empty() {
+        true => {
+            Err("an empty path (a shell variable that is not set?): name a file or folder".into())
+        }
+        false => Ok(PathBuf::from(arg)),
+    }
 }
 
 /// A checkpoint argument: the file, or the folder `loren train --out` wrote it into.
 pub fn checkpoint_arg(arg: &str) -> Result<PathBuf, String> {
-    Ok(loren::run::checkpoint_in(Path::new(arg)))
+    Ok(loren::run::checkpoint_in(&text_path(arg)?))
 }
 
 /// The folder a command writes into, held for the command's life.
