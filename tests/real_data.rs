@@ -396,10 +396,19 @@ fn write_classes(dir: &Path, classes: &[&str], per_class: usize, seed: usize) {
 fn an_image_folder_trains_through_the_cli() {
     let dir = temp_dir("folder");
     write_cats_and_dogs(&dir);
-    let out = dir.join("run");
+    let out = temp_dir("folder-run");
     let arg = format!("folder:{}", dir.display());
     let printed = run_ok(&strs(&quick_train(&out, &["--data", &arg])));
     assert!(printed.contains("accuracy"), "{printed}");
+    // A run's folder inside the image folder would read as a class of no images there, from
+    // then on; refused before anything is written.
+    let inside = dir.join("run");
+    let args = quick_train(&inside, &["--data", &arg]);
+    fails_with(
+        &strs(&args),
+        &["inside --data folder:", "would read as a class of images"],
+    );
+    assert!(!inside.exists());
     // Scored on data of other classes, it is refused by their counts, before any scoring.
     let ckpt = out.join("checkpoint.safetensors");
     let c = ckpt.to_str().unwrap();
@@ -455,7 +464,7 @@ fn a_held_out_class_is_named_by_its_folder() {
     std::fs::create_dir_all(dir.join("3")).unwrap();
     write_png(&dir.join("3").join("0.png"), 12, 10, 77);
     std::fs::write(dir.join("1").join("x.gif"), b"GIF89a\x01\x00\x01\x00").unwrap();
-    let out = dir.join("run");
+    let out = temp_dir("holdout-named-run");
     let arg = format!("folder:{}", dir.display());
     let mut args = quick_train(&out, &["--data", &arg, "--holdout-classes", "4,2"]);
     args.retain(|a| a != "-q");
@@ -524,7 +533,7 @@ fn a_class_too_small_to_score_is_named() {
     for i in 3..10 {
         std::fs::remove_file(dir.join("dogs").join(format!("{i}.png"))).unwrap();
     }
-    let out = dir.join("run");
+    let out = temp_dir("thin-class-run");
     let arg = format!("folder:{}", dir.display());
     let mut args = quick_train(&out, &["--data", &arg]);
     args.retain(|a| a != "-q");

@@ -395,6 +395,47 @@ pub fn splits(
     Ok(splits)
 }
 
+/// An output folder inside an image folder the run reads (`--data` or `--ood-data`) is refused:
+/// it would read as a class of no images there (or change a folder of images into one of
+/// classes), and every later run on that data would fail.
+pub fn check_out_outside_data(out: &Path, data: &DataArgs) -> Result<()> {
+    let sources = data.data.iter().chain(&data.ood_data);
+    for (flag, given) in std::iter::once("--data")
+        .chain(std::iter::repeat("--ood-data"))
+        .zip(sources)
+    {
+        let Ok(DataSource::Folder(dir)) = given.parse::<DataSource>() else {
+            continue;
+        };
+        let (Ok(dir), Some(out)) = (dir.canonicalize(), resolved(out)) else {
+            continue;
+        };
+        if out.starts_with(&dir) {
+            bail!(
+                "--out {}: it is inside {flag} {given}, where its folder would read as a class of \
+                 images; name a folder outside it",
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `path` with its symbolic links and `..` resolved, as far as it exists (what does not is
+/// joined on unchanged).
+fn resolved(path: &Path) -> Option<PathBuf> {
+    let absolute = std::path::absolute(path).ok()?;
+    let mut rest = Vec::new();
+    let mut at = absolute.as_path();
+    loop {
+        if let Ok(real) = at.canonicalize() {
+            return Some(rest.iter().rev().fold(real, |p, part| p.join(part)));
+        }
+        rest.push(at.file_name()?.to_os_string());
+        at = at.parent()?;
+    }
+}
+
 /// What an image folder holds that its dataset leaves out, said once, so that no file is
 /// dropped without a word.
 pub fn note_passed_over(source: &DataSource, left: &PassedOver) {

@@ -6,8 +6,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use super::args::{
-    Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, SeedArgs, f32_arg, first_repeated,
-    methods, out_dir, run_spec, splits, text_path, write_outputs,
+    Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, SeedArgs, check_out_outside_data,
+    f32_arg, first_repeated, methods, out_dir, run_spec, splits, text_path, write_outputs,
 };
 
 use super::say;
@@ -120,6 +120,7 @@ pub fn compare(a: &CompareArgs, out_named: bool) -> Result<()> {
     };
     loren::outputs::writable_dir(&a.out, "--out")?;
     let mut vit = VitConfig::by_name(&a.model.config)?;
+    check_out_outside_data(&a.out, &a.data)?;
     let data = splits(&a.data, &vit, a.optim.train_on_val, a.common.verbosity())?;
     out.hold()?;
     if !a.lrs.is_empty() && data.val.is_none() {

@@ -6,8 +6,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use super::args::{
-    ClassRef, Common, DataArgs, checkpoint_arg, data_metadata, eval_options, note_passed_over,
-    save_predictions, saved_holdout_classes, splits, text_path,
+    ClassRef, Common, DataArgs, check_out_outside_data, checkpoint_arg, data_metadata,
+    eval_options, note_passed_over, save_predictions, saved_holdout_classes, splits, text_path,
 };
 
 use serde::Serialize;
@@ -217,6 +217,9 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         }
     }
     data_args.data = data_args.data.or_else(|| recorded_data.cloned());
+    if a.out.is_some() {
+        check_out_outside_data(&out, &data_args)?;
+    }
     let recorded = saved_holdout_classes(meta)?;
     // The heads know the classes left after the holdout, in order: other held-out classes would
     // score them against the wrong labels.

@@ -21,8 +21,9 @@ use loren_nn::train::TrainConfig;
 use loren::dataset::{TRAINING_IMAGES_KEY, training_images};
 
 use super::args::{
-    ClassRef, Common, DataArgs, Scoring, EnsembleArgs, ModelArgs, OptimArgs, SeedArgs, checkpoint_arg,
-    out_dir, run_spec, saved_holdout_classes, splits, text_path, write_outputs,
+    ClassRef, Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, Scoring, SeedArgs,
+    check_out_outside_data, checkpoint_arg, out_dir, run_spec, saved_holdout_classes, splits,
+    text_path, write_outputs,
 };
 use loren::outputs::writable_dir;
 
@@ -139,6 +140,7 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
     // Its own files, and eval's, which replacing a run removes.
     let files = [&loren::run::RUN_FILES[..], &["checkpoint.safetensors"]].concat();
     loren::run::check_no_folder_in_the_way(&a.out, &files)?;
+    check_out_outside_data(&a.out, &a.data)?;
     let data = splits(&a.data, &config, a.optim.train_on_val, a.common.verbosity())?;
     out.hold()?;
     let ckpt = a.out.join("checkpoint.safetensors");
