@@ -368,6 +368,26 @@ fn predict_refuses_bad_input_with_one_line_and_writes_nothing() {
         &["is one of the images"],
     );
     assert_eq!(std::fs::read(&disguised).unwrap(), before);
+    // A file predict did not write is not replaced (a run's report here); its own, CSV or
+    // JSON, are.
+    let report = dir.join("report.json");
+    std::fs::write(&report, b"{\"report\": {}}").unwrap();
+    let args = [
+        "predict",
+        "--model",
+        m,
+        imgs,
+        "--out",
+        report.to_str().unwrap(),
+        "-q",
+    ];
+    fails_with(&args, &["is a file loren predict did not write"]);
+    assert_eq!(std::fs::read(&report).unwrap(), b"{\"report\": {}}");
+    for name in ["p.csv", "p.json"] {
+        let out = dir.join(name);
+        predict_into(model, std::slice::from_ref(&images), &out, &[]);
+        predict_into(model, std::slice::from_ref(&images), &out, &[]);
+    }
     // No images at all is clap's usage error, which names what is missing.
     let (ok, _, err) = loren(&["predict", "--model", m]);
     assert!(!ok && err.contains("<IMAGES>"), "{err}");

@@ -92,6 +92,16 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
             f.display()
         );
     }
+    if let Some(out) = &a.out
+        && out.is_file()
+        && !written_by_predict(out)
+    {
+        bail!(
+            "--out {}: is a file loren predict did not write (a run's report, say), which the \
+             predictions would replace; name another file",
+            out.display()
+        );
+    }
     // Opened here for the note on an `auto` that took the CPU; the ensemble opens it again (a
     // GPU once a process), on the CPU where `auto` chose it.
     let spec = match loren::open_device(a.common.device()?)?.is_cpu() {
@@ -225,6 +235,20 @@ fn row(ens: &Ensemble, path: &Path, p: &Prediction, b: usize, members: bool) -> 
         mean: p.mean(b).to_vec(),
         members: members.then(|| (0..p.members).map(|m| p.member(m, b).to_vec()).collect()),
     }
+}
+
+/// Whether the file at `path` is predictions this command wrote, which a new run may replace:
+/// a CSV under its header, or JSON with its keys.
+fn written_by_predict(path: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return false;
+    };
+    if text.starts_with("path,class,name,probability,") {
+        return true;
+    }
+    let keys = ["model", "title", "device", "class_names", "images"];
+    serde_json::from_str::<serde_json::Value>(&text)
+        .is_ok_and(|v| keys.iter().all(|k| v.get(k).is_some()))
 }
 
 #[derive(Serialize)]
