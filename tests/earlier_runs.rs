@@ -187,8 +187,34 @@ fn resuming_from_the_folder_alone_takes_the_saved_settings() {
     assert!(ok, "{err}");
     // Scored as the run was, without the shifted sets and OOD detection.
     let report = report_json(&saved);
-    assert_eq!(report.pointer("/report/shift"), Some(&serde_json::json!([])));
-    assert_eq!(report.pointer("/report/ood"), Some(&serde_json::Value::Null));
+    assert_eq!(
+        report.pointer("/report/shift"),
+        Some(&serde_json::json!([]))
+    );
+    assert_eq!(
+        report.pointer("/report/ood"),
+        Some(&serde_json::Value::Null)
+    );
+    // An OOD set asked for anew turns the saved --no-ood off.
+    let asked = temp_dir("resume-ood-asked");
+    let (ok, _, err) = loren(&[
+        "train",
+        "--resume",
+        trained().to_str().unwrap(),
+        "--epochs",
+        "3",
+        "--ood-data",
+        "digits",
+        "-q",
+        "--out",
+        asked.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let sets = report_json(&asked)["report"]["ood_sets"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(sets, 1);
     let read = |d: &Path| TensorFile::read(&d.join("checkpoint.safetensors")).unwrap();
     let (a, b) = (read(&all), read(&saved));
     assert_eq!(

@@ -471,7 +471,7 @@ fn a_held_out_class_is_named_by_its_folder() {
     let (ok, _, stderr) = loren(&strs(&args));
     assert!(ok, "{stderr}");
     for needle in [
-        ": holding out classes 2 (`10`), 4 (`3`) of 5, never trained on",
+        ": holding out classes 2 (`10`), 4 (`3`) of 5, never trained on and not scored (--no-ood)",
         "images are read in grey and resized to the config's 8x8",
         "passed over 1 file that it does not read: 1/x.gif (a GIF image)",
     ] {

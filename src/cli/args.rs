@@ -374,7 +374,7 @@ pub fn splits(
     }
     if verbosity == Verbosity::Normal {
         if let Some(held) = &splits.held_out {
-            note_held_out(&source, &held_out, &held.class_names);
+            note_held_out(&source, &held_out, &held.class_names, !data.no_ood);
         }
         note_unscored_classes(&source, &splits);
         if let DataSource::Digits(Some(_)) = source {
@@ -509,14 +509,17 @@ fn listed(names: &[String]) -> String {
 /// The classes held out (`holdout`, sorted), by number and name (`names`: all the data's classes):
 /// `--holdout-classes` counts in the data's class order, which for a folder is its subfolders'
 /// byte order (0, 1, 10, 2, ...), so the name is what says which class it is.
-fn note_held_out(source: &DataSource, holdout: &[u32], names: &[String]) {
+fn note_held_out(source: &DataSource, holdout: &[u32], names: &[String], ood: bool) {
     let named: Vec<String> = holdout
         .iter()
         .map(|&c| format!("{c} (`{}`)", names[c as usize]))
         .collect();
+    let scored = match ood {
+        true => "scored as out-of-distribution",
+        false => "not scored (--no-ood)",
+    };
     loren::note!(
-        "note: {source}: holding out class{} {} of {}, never trained on and scored as \
-         out-of-distribution",
+        "note: {source}: holding out class{} {} of {}, never trained on and {scored}",
         if named.len() == 1 { "" } else { "es" },
         named.join(", "),
         names.len()

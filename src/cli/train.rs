@@ -49,7 +49,10 @@ pub struct TrainArgs {
     pub out: PathBuf,
     /// Continue an earlier `train` from its checkpoint (the file, or the folder it is in), with
     /// the settings saved there; a settings flag given must agree with them, but for --epochs
-    /// (more, to extend the run) and --recompute.
+    /// (more, to extend the run) and --recompute. How the run scores itself (--no-shift,
+    /// --no-ood, --ood-data, --save-predictions, --eval-batch-size, --val-every) is taken from
+    /// there too unless given anew (--ood-data turns a saved --no-ood off; `loren eval` scores
+    /// the checkpoint with shift and OOD whatever the run chose).
     #[arg(long, value_parser = checkpoint_arg)]
     pub resume: Option<PathBuf>,
 }
@@ -327,7 +330,8 @@ fn with_saved_settings(
         if keep("no_shift") {
             r.data.no_shift = s.no_shift;
         }
-        if keep("no_ood") {
+        // OOD sets asked for anew ask for OOD detection, whatever the run chose.
+        if keep("no_ood") && keep("ood_data") {
             r.data.no_ood = s.no_ood;
         }
         // Not into a run told to score no OOD detection.
