@@ -928,7 +928,13 @@ impl Sweep {
             .collect::<Result<Vec<_>>>()?;
         let mut members = members.to_vec();
         members.sort_unstable();
-        members.dedup();
+        // Refused as compare refuses a size twice: a typo, most likely, and one row either way.
+        if let Some(twice) = members.windows(2).find(|w| w[0] == w[1]) {
+            return Err(anyhow!(
+                "--members names {} twice: each ensemble size is one row",
+                twice[0]
+            ));
+        }
         Ok(Sweep {
             probe,
             configs,

@@ -190,13 +190,20 @@ fn a_missing_backbone_or_checkpoint_names_its_flag() {
 }
 
 #[test]
-fn bench_refuses_a_bad_rank_or_class_count_before_measuring() {
+fn bench_refuses_a_bad_rank_class_count_or_size_before_measuring() {
     // Not quiet: a "measuring the peak" line before the error would fail the one-line check.
     for (flag, needle) in [
         ("--rank", "rank must be at least 1"),
         ("--classes", "at least 2 classes"),
     ] {
         fails_with(&["bench", "--device", "cpu", flag, "0"], &[needle]);
+    }
+    // A size twice, as compare refuses one.
+    for command in ["bench", "memprofile"] {
+        fails_with(
+            &[command, "--device", "cpu", "-m", "2,1,2"],
+            &["--members names 2 twice"],
+        );
     }
 }
 

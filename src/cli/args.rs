@@ -62,8 +62,9 @@ pub struct ModelArgs {
     /// The ViT: tiny (the bundled digits: 8x8 images, 17 tokens, width 64, depth 4), vit-b-32 or vit-b-16.
     #[arg(long, default_value = "tiny")]
     pub config: String,
-    /// Pretrained backbone (safetensors). Default: the repository's assets/backbone-<config>.safetensors,
-    /// pretrained first when missing.
+    /// Pretrained backbone (safetensors). Default: the repository's assets/backbone-<config>.safetensors
+    /// (for tiny, pretrained first when missing; vit-b-32 and vit-b-16 need real weights: see the
+    /// README).
     #[arg(long, value_parser = text_path)]
     pub backbone: Option<PathBuf>,
 }
@@ -161,7 +162,8 @@ pub struct OptimArgs {
     /// Learning rate at the end of the cosine decay.
     #[arg(long, value_parser = f32_arg, default_value_t = 1e-5, allow_hyphen_values = true)]
     pub min_lr: f32,
-    /// Linear warmup steps before the cosine decay.
+    /// Linear warmup steps before the cosine decay (a warmup past the run's steps is cut to
+    /// them, which the run says: the rate then rises over the whole run).
     #[arg(long, default_value_t = 50, allow_negative_numbers = true)]
     pub warmup: u64,
     /// Score the validation part after every N epochs and after the last: accuracy, NLL and
@@ -263,10 +265,12 @@ pub struct DataArgs {
     /// an ImageNet-pretrained ViT may have seen a CIFAR class.
     #[arg(long, value_delimiter = ',', value_name = "CLASS")]
     pub holdout_classes: Vec<ClassRef>,
-    /// Skip the shifted test sets.
+    /// Skip the shifted test sets: the test images under gaussian noise, rotation and pixel
+    /// dropout at 5 severities each, scored for accuracy and ECE.
     #[arg(long)]
     pub no_shift: bool,
-    /// Skip out-of-distribution detection.
+    /// Skip out-of-distribution detection: the test images against every test image inverted, as
+    /// many noise images and any held-out classes, scored by AUROC, AUPR and FPR at 95% TPR.
     #[arg(long)]
     pub no_ood: bool,
     /// Also score OOD detection against this dataset's test images, as --data names one (e.g.

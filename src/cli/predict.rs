@@ -40,9 +40,10 @@ pub struct PredictArgs {
     /// ones wherever it is in this list, or alone.
     #[arg(required = true, value_name = "IMAGES")]
     pub images: Vec<PathBuf>,
-    /// Write every image's prediction to FILE: .csv (a row per image: the class, its
-    /// probability, the entropy, the mutual information, the members' votes, then the mean
-    /// probability of every class) or .json (each member's probabilities too).
+    /// Write every image's prediction to FILE: .csv (a row per image: its path, the class and its
+    /// name, its probability, the entropy, the mutual information, the members' votes, then the
+    /// mean probability of every class) or .json (each member's probabilities too). Replaces
+    /// predictions written before, and no other file.
     #[arg(long, value_parser = text_path, value_name = "FILE")]
     pub out: Option<PathBuf>,
     /// How many images to print a row for, in order (--out writes every one).
