@@ -385,15 +385,20 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
         if spec.verbosity == Verbosity::Normal {
             // The first line of a log, and what a slow first step is slow at.
             let steps = trainer.total_steps() / spec.train.epochs.max(1) as u64;
+            // A batch past the data is the data, one step an epoch: said, not left to be read
+            // off a batch size no step had.
+            let batch = match spec.train.batch_size > data.train.len() {
+                true => format!("batch {}: all the images", spec.train.batch_size),
+                false => format!("batch {}", spec.train.batch_size),
+            };
             crate::note!(
                 "{label}: M={} on {device}, {} training images, {} epoch{} of {steps} step{} \
-                 (batch {})",
+                 ({batch})",
                 ens.members,
                 data.train.len(),
                 spec.train.epochs,
                 if spec.train.epochs == 1 { "" } else { "s" },
                 if steps == 1 { "" } else { "s" },
-                spec.train.batch_size
             );
             if spec.train.warmup_steps >= trainer.total_steps() {
                 crate::note!(

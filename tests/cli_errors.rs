@@ -19,6 +19,31 @@ fn zero_members() {
     fails_with(&strs(&quick(&["--members", "0"])), &["at least 1 member"]);
 }
 
+/// A batch larger than the training data is the data, one step an epoch, and the run's first
+/// line says so.
+#[test]
+fn a_batch_past_the_data_is_said_to_be_all_of_it() {
+    let out = temp_dir("batch-past-the-data");
+    let (ok, _, err) = loren(&[
+        "train",
+        "--epochs",
+        "1",
+        "-m",
+        "2",
+        "--no-shift",
+        "--no-ood",
+        "--batch-size",
+        "1000",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("1 epoch of 1 step (batch 1000: all the images)"),
+        "{err}"
+    );
+}
+
 #[test]
 fn zero_rank() {
     fails_with(
