@@ -504,32 +504,29 @@ pub fn compare_legend(summaries: &[SeedSummary]) -> String {
     s
 }
 
-/// A figure over seeds: their mean and sample standard deviation (0 for one seed).
+/// A figure over seeds: their mean and sample standard deviation (none for one seed, where a 0
+/// would read as no spread; null in JSON).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct MeanSd {
     pub mean: f64,
-    pub sd: f64,
+    pub sd: Option<f64>,
 }
 
 impl MeanSd {
     pub fn of(xs: &[f64]) -> MeanSd {
         let n = xs.len() as f64;
         let mean = xs.iter().sum::<f64>() / n;
-        let sd = if xs.len() > 1 {
-            (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
-        } else {
-            0.0
-        };
+        let sd = (xs.len() > 1)
+            .then(|| (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt());
         MeanSd { mean, sd }
     }
 
-    /// "98.47 ± 0.16": `scale` times each, to `digits` places.
+    /// "98.47 ± 0.16": `scale` times each, to `digits` places; the mean alone without a spread.
     fn cell(self, scale: f64, digits: usize) -> String {
-        format!(
-            "{:.digits$} ± {:.digits$}",
-            scale * self.mean,
-            scale * self.sd
-        )
+        match self.sd {
+            Some(sd) => format!("{:.digits$} ± {:.digits$}", scale * self.mean, scale * sd),
+            None => format!("{:.digits$}", scale * self.mean),
+        }
     }
 }
 
@@ -715,7 +712,10 @@ mod tests {
             "{legend}"
         );
         assert!(!legend.contains("AUROC"), "{legend}");
-        summary.ood_auroc_entropy = Some(MeanSd { mean: 0.9, sd: 0.0 });
+        summary.ood_auroc_entropy = Some(MeanSd {
+            mean: 0.9,
+            sd: Some(0.0),
+        });
         let legend = compare_legend(&[summary]);
         assert!(
             legend.contains(
@@ -969,15 +969,17 @@ mod tests {
         let m = MeanSd::of(&[98.61, 98.33, 98.61, 98.33]);
         assert!((m.mean - 98.47).abs() < 1e-12);
         // Divided by n - 1: 0.14 would be the population's.
-        assert!((m.sd - (4.0 * 0.14f64.powi(2) / 3.0).sqrt()).abs() < 1e-12);
+        assert!((m.sd.unwrap() - (4.0 * 0.14f64.powi(2) / 3.0).sqrt()).abs() < 1e-12);
         assert_eq!(m.cell(1.0, 2), "98.47 ± 0.16");
+        let one = MeanSd::of(&[0.25]);
         assert_eq!(
-            MeanSd::of(&[0.25]),
+            one,
             MeanSd {
                 mean: 0.25,
-                sd: 0.0
+                sd: None
             }
         );
+        assert_eq!(one.cell(100.0, 2), "25.00");
     }
 
     #[test]

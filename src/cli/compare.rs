@@ -244,8 +244,11 @@ pub fn compare(a: &CompareArgs, out_named: bool) -> Result<()> {
         }
         let n = a.seeds.len();
         say(format_args!(
-            "over {n} seed{}: mean ± standard deviation\n{}{}",
-            if n == 1 { "" } else { "s" },
+            "over {n} seed{}\n{}{}",
+            match n {
+                1 => ": its figures (a standard deviation needs two or more --seeds)",
+                _ => "s: mean ± standard deviation",
+            },
             seed_summary_table(&summaries),
             compare_legend(&summaries)
         ))?;
