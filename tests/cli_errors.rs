@@ -361,6 +361,39 @@ fn flags_the_method_or_optimizer_does_not_use_are_named() {
         err.contains("this run does not use --warmup-from-zero (there is no warmup: --warmup 0)"),
         "{err}"
     );
+    // A comparison says the same of the flags none of its methods uses, before its data is read
+    // (here data that is not there, to stop it there).
+    let (ok, _, err) = loren(&[
+        "compare",
+        "--methods",
+        "single,explicit",
+        "-r",
+        "4",
+        "--drop-key",
+        "0.3",
+        "--sizes",
+        "1,2",
+        "--data",
+        "folder:/no/such/images",
+        "--out",
+        dir.join("cmp").to_str().unwrap(),
+    ]);
+    let said = "this comparison does not use --rank (none of single, explicit has adapters), \
+                --drop-key (none of single, explicit has dropout)";
+    assert!(!ok && err.contains(said), "{err}");
+    let (ok, _, err) = loren(&[
+        "compare",
+        "--methods",
+        "single,single-lora",
+        "--sizes",
+        "1,2",
+        "--data",
+        "folder:/no/such/images",
+        "--out",
+        dir.join("cmp").to_str().unwrap(),
+    ]);
+    let said = "this comparison does not use --sizes (each method is one network)";
+    assert!(!ok && err.contains(said), "{err}");
 }
 
 #[test]

@@ -399,6 +399,50 @@ pub fn splits(
     Ok(splits)
 }
 
+/// The flags given (`is_given`, by clap id) that change nothing for any of `methods`: said, not
+/// silently ignored, and not refused either, so that one command line loops over the methods.
+pub fn unused_flags(
+    methods: &[Method],
+    optim: &OptimArgs,
+    is_given: &dyn Fn(&str) -> bool,
+) -> Vec<String> {
+    // "explicit has no adapters", "none of single, explicit has adapters".
+    let lacks = |what: &str| match methods {
+        [m] => format!("{} has no {what}", m.name()),
+        _ => {
+            let names: Vec<&str> = methods.iter().map(|m| m.name()).collect();
+            format!("none of {} has {what}", names.join(", "))
+        }
+    };
+    let lora_flags = ["rank", "lora_scale", "lora_targets", "lora_gain"];
+    let no_lora = !methods.iter().any(|m| m.uses_lora());
+    let no_dropout = !methods.iter().any(|m| m.drops_keys());
+    lora_flags
+        .iter()
+        .filter(|f| no_lora && is_given(f))
+        .map(|f| format!("--{} ({})", f.replace('_', "-"), lacks("adapters")))
+        .chain(
+            (no_dropout && is_given("drop_key"))
+                .then(|| format!("--drop-key ({})", lacks("dropout"))),
+        )
+        .chain(
+            (optim.optimizer == "adamw" && is_given("momentum"))
+                .then(|| "--momentum (adamw does not use it)".to_string()),
+        )
+        .chain(
+            (optim.warmup == 0 && is_given("warmup_from_zero"))
+                .then(|| "--warmup-from-zero (there is no warmup: --warmup 0)".to_string()),
+        )
+        .collect()
+}
+
+/// Say the flags [`unused_flags`] found, for a `what` (run, comparison).
+pub fn note_unused(unused: &[String], what: &str) {
+    if !unused.is_empty() {
+        loren::note!("note: this {what} does not use {}", unused.join(", "));
+    }
+}
+
 /// An output folder inside an image folder the run reads (`--data` or `--ood-data`) is refused:
 /// it would read as a class of no images there (or change a folder of images into one of
 /// classes), and every later run on that data would fail.

@@ -7,7 +7,8 @@ use clap::Args;
 
 use super::args::{
     Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, SeedArgs, check_out_outside_data,
-    f32_arg, first_repeated, methods, out_dir, run_spec, splits, text_path, write_outputs,
+    f32_arg, first_repeated, methods, note_unused, out_dir, run_spec, splits, text_path,
+    unused_flags, write_outputs,
 };
 
 use super::say;
@@ -95,7 +96,12 @@ struct Planned {
 }
 
 /// `loren compare`; `out_named`: whether --out was given (else the default folder moves on).
-pub fn compare(a: &CompareArgs, out_named: bool) -> Result<()> {
+/// `loren compare`; `given` holds the command line's own flags.
+pub fn compare(a: &CompareArgs, given: Option<&clap::ArgMatches>) -> Result<()> {
+    let is_given = |id: &str| {
+        given.is_some_and(|m| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+    };
+    let out_named = is_given("out");
     // Everything that can be refused is, before the data is read and the first method trains.
     if !a.ensemble.method.is_empty() {
         bail!(
@@ -113,6 +119,13 @@ pub fn compare(a: &CompareArgs, out_named: bool) -> Result<()> {
     a.optim.check()?;
     a.ensemble.check()?;
     a.data.check()?;
+    if a.common.verbosity() == Verbosity::Normal {
+        let mut unused = unused_flags(&methods, &a.optim, &is_given);
+        if methods.iter().all(|m| m.is_single()) && !a.sizes.is_empty() {
+            unused.push("--sizes (each method is one network)".to_string());
+        }
+        note_unused(&unused, "comparison");
+    }
     let mut out = out_dir(&a.out, out_named, a.common.verbosity() == Verbosity::Quiet)?;
     let a = &CompareArgs {
         out: out.path.clone(),

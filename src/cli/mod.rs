@@ -101,7 +101,7 @@ pub fn main() -> ExitCode {
         None => train::train(&train::TrainArgs::parse_from(["train"]), None),
         Some(Command::Train(a)) => train::train(&a, matches.subcommand_matches("train")),
         Some(Command::Eval(a)) => eval::eval(&a),
-        Some(Command::Compare(a)) => compare::compare(&a, out_named("compare")),
+        Some(Command::Compare(a)) => compare::compare(&a, matches.subcommand_matches("compare")),
         Some(Command::Predict(a)) => predict::predict(&a),
         Some(Command::Pretrain(a)) => pretrain::pretrain(&a),
         Some(Command::Export(a)) => export::export(&a),

@@ -22,8 +22,8 @@ use loren::dataset::{TRAINING_IMAGES_KEY, training_images};
 
 use super::args::{
     ClassRef, Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, Scoring, SeedArgs,
-    check_out_outside_data, checkpoint_arg, out_dir, run_spec, saved_holdout_classes, splits,
-    text_path, write_outputs,
+    check_out_outside_data, checkpoint_arg, note_unused, out_dir, run_spec, saved_holdout_classes,
+    splits, text_path, unused_flags, write_outputs,
 };
 use loren::outputs::writable_dir;
 
@@ -97,34 +97,8 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
             method.name()
         );
     }
-    // A flag that changes nothing is said to, not silently ignored; not refused either, so that
-    // one command line loops over the methods.
-    let lora_flags = ["rank", "lora_scale", "lora_targets", "lora_gain"];
-    let unused = lora_flags
-        .iter()
-        .filter(|f| !method.uses_lora() && is_given(f))
-        .map(|f| {
-            format!(
-                "--{} ({} has no adapters)",
-                f.replace('_', "-"),
-                method.name()
-            )
-        })
-        .chain(
-            (!method.drops_keys() && is_given("drop_key"))
-                .then(|| format!("--drop-key ({} has no dropout)", method.name())),
-        )
-        .chain(
-            (a.optim.optimizer == "adamw" && is_given("momentum"))
-                .then(|| "--momentum (adamw does not use it)".to_string()),
-        )
-        .chain(
-            (a.optim.warmup == 0 && is_given("warmup_from_zero"))
-                .then(|| "--warmup-from-zero (there is no warmup: --warmup 0)".to_string()),
-        )
-        .collect::<Vec<_>>();
-    if !unused.is_empty() && a.common.verbosity() == Verbosity::Normal {
-        loren::note!("note: this run does not use {}", unused.join(", "));
+    if a.common.verbosity() == Verbosity::Normal {
+        note_unused(&unused_flags(&[method], &a.optim, &is_given), "run");
     }
     let config = VitConfig::by_name(&a.model.config)?;
     // With --resume the run continues in its checkpoint's folder (or the one named).
