@@ -19,6 +19,17 @@ fn zero_members() {
     fails_with(&strs(&quick(&["--members", "0"])), &["at least 1 member"]);
 }
 
+/// The default run's options given before any command are shown where they go.
+#[test]
+fn options_before_a_command_are_shown_after_train() {
+    let (ok, _, err) = loren(&["--members", "4", "--rank", "2"]);
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("tip: options go after a command: loren train --members 4 --rank 2"),
+        "{err}"
+    );
+}
+
 /// A batch larger than the training data is the data, one step an epoch, and the run's first
 /// line says so.
 #[test]

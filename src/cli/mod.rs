@@ -87,7 +87,23 @@ enum Command {
 }
 
 pub fn main() -> ExitCode {
-    let matches = Cli::command().get_matches();
+    let matches = match Cli::command().try_get_matches() {
+        Ok(m) => m,
+        Err(e) => {
+            // `loren --members 4`: the default run's options, given before any command.
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            let no_command = args.first().is_some_and(|a| a.starts_with("--"));
+            if e.kind() == clap::error::ErrorKind::UnknownArgument && no_command {
+                let _ = e.print();
+                loren::note!(
+                    "tip: options go after a command: loren train {}",
+                    args.join(" ")
+                );
+                return ExitCode::from(2);
+            }
+            e.exit()
+        }
+    };
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
