@@ -27,9 +27,9 @@ pub struct Common {
     /// Where to run: auto (a GPU when one can be used, else the CPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Print only the report: no progress bars, progress lines or notes (warnings still show:
-    /// an earlier run this one replaces, a GPU --device auto cannot use, an epoch with steps
-    /// skipped for gradients that were not finite).
+    /// Print only the report: no progress bars, progress lines or notes. Warnings still show
+    /// (a GPU --device auto cannot use; in training, an earlier run this one replaces and an
+    /// epoch with steps skipped for gradients that were not finite).
     #[arg(long, short)]
     pub quiet: bool,
 }
