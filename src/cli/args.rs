@@ -39,7 +39,7 @@ pub struct Common {
 pub struct SeedArgs {
     /// Seeds training: the members' start, the data order and augmentation. The data split is
     /// fixed.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
 }
 
@@ -169,8 +169,13 @@ pub struct OptimArgs {
     /// Score the validation part after every N epochs and after the last: accuracy, NLL and
     /// ECE on each epoch's line, in report.json's train.epochs and in DIR/training.svg, the
     /// learning curves. 0 scores it only once trained. It changes nothing in the training, so a
-    /// resumed run takes it as given here (the epochs scored before are kept).
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    /// resumed run may take another (the epochs scored before are kept); left out, the run's own.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        allow_negative_numbers = true
+    )]
     pub val_every: usize,
     /// Start the warmup (--warmup N, N > 0) at learning rate 0, as the LoRA-Ensemble paper's
     /// code does: step k of the warmup at k/N of the peak, so its first step moves no weight

@@ -59,7 +59,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub peak_size: Option<usize>,
     /// Seeds the random weights and batch.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
     /// Output folder for bench.json, bench.svg and bench.md (the table with where and when it
     /// ran). Default: runs/bench, or runs/bench-2, runs/bench-3, ... when it holds an earlier

@@ -58,7 +58,12 @@ pub struct CompareArgs {
     /// Seeds to train every run with, in place of --seed (not with it; e.g. 0,1,2,3): a table
     /// per seed, then each method's mean ± standard deviation over them (also written to
     /// DIR/summary.json). The data split is the same for every seed.
-    #[arg(long, value_delimiter = ',', conflicts_with = "seed")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        conflicts_with = "seed",
+        allow_negative_numbers = true
+    )]
     pub seeds: Vec<u64>,
     /// A peak learning rate for some of the methods, over --lr and their defaults (e.g.
     /// explicit=1e-3,mc-dropout=2e-3): to compare each method at a rate tuned for it.

@@ -57,7 +57,7 @@ pub struct MemprofileArgs {
     #[arg(long)]
     pub memory_budget: Option<String>,
     /// Seeds the random weights and batch of the measured steps.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
     /// Output folder for memprofile.json, memprofile.svg and memprofile.md (the table with where
     /// and when it ran). Default: runs/memprofile, or runs/memprofile-2, runs/memprofile-3, ...

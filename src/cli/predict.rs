@@ -47,7 +47,12 @@ pub struct PredictArgs {
     #[arg(long, value_parser = text_path, value_name = "FILE")]
     pub out: Option<PathBuf>,
     /// How many images to print a row for, in order (--out writes every one).
-    #[arg(long, default_value_t = 20, value_name = "N")]
+    #[arg(
+        long,
+        default_value_t = 20,
+        value_name = "N",
+        allow_negative_numbers = true
+    )]
     pub show: usize,
     /// Images per forward pass: fewer need less memory.
     #[arg(long, default_value_t = DEFAULT_BATCH, value_name = "N")]
