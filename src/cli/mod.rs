@@ -91,7 +91,11 @@ pub fn main() -> ExitCode {
         Ok(m) => m,
         Err(e) => {
             // `loren --members 4`: the default run's options, given before any command.
-            let args: Vec<String> = std::env::args().skip(1).collect();
+            // args_os: a flag's value need not be text, and env::args panics on one that is not.
+            let args: Vec<String> = std::env::args_os()
+                .skip(1)
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
             let no_command = args.first().is_some_and(|a| a.starts_with("--"));
             if e.kind() == clap::error::ErrorKind::UnknownArgument && no_command {
                 let _ = e.print();
