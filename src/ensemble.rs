@@ -45,7 +45,7 @@ use loren_nn::checkpoint::{self, TensorFile};
 use loren_nn::config::{EnsembleConfig, Method, VitConfig};
 use loren_nn::data::folder::{decode, to_shape};
 use loren_nn::data::prefetch::{DEPTH, prefetch};
-use loren_nn::data::{DataError, Dataset, normalize_planes};
+use loren_nn::data::{DataError, Dataset, Pixels, normalize_planes};
 use loren_nn::metrics::{Predictions, argmax, scores};
 use loren_nn::train::{INPUT_KEYS, check_format, load_trained};
 use loren_nn::vit::Vit;
@@ -603,8 +603,8 @@ impl Ensemble {
 
     /// Image files' bytes (PNG or JPEG, as a server receives them), each decoded and brought to
     /// the model's size as `loren predict` and an image folder bring a file (the centre crop of
-    /// the model's aspect ratio, resized; colour made grey or grey repeated as the model's
-    /// channels ask), then [`Ensemble::predict_pixels`]. Bytes that do not decode are an
+    /// the model's aspect ratio, resized, each pixel rounded to 8 bits; colour made grey or grey
+    /// repeated as the model's channels ask), then [`Ensemble::predict_pixels`]. Bytes that do not decode are an
     /// [`InputError::Undecodable`] naming the image.
     pub fn predict_encoded<B: AsRef<[u8]>>(
         &self,
@@ -618,7 +618,13 @@ impl Ensemble {
                 reason: e.to_string(),
             };
             let decoded = decode(bytes.as_ref()).map_err(undecodable)?;
-            pixels.extend(to_shape(&decoded, shape).map_err(undecodable)?);
+            let resized = to_shape(&decoded, shape).map_err(undecodable)?;
+            // Rounded to 8 bits as an image folder keeps a resized image (read_images).
+            let steps = Pixels::Steps {
+                bytes: Pixels::quantized(&resized, 255),
+                levels: 255,
+            };
+            pixels.extend_from_slice(&steps.to_f32());
         }
         self.predict_pixels(&pixels, images.len())
     }

@@ -9,7 +9,7 @@ use loren::backbone::read_backbone;
 use loren::nn::NnError;
 use loren::nn::checkpoint::{self, TensorFile};
 use loren::nn::config::{EnsembleConfig, LoraConfig, Method, VitConfig};
-use loren::nn::data::folder::load_image;
+use loren::nn::data::folder::read_images;
 use loren::nn::data::{DataError, Dataset};
 use loren::nn::eval::predict;
 use loren::nn::train::{
@@ -511,9 +511,9 @@ fn png_bytes(w: u32, h: u32, color: png::ColorType, seed: usize) -> Vec<u8> {
     bytes
 }
 
-/// Image files' bytes predict as the same files do through the loader `loren predict` uses,
-/// bit for bit, on a device the program opened itself; bytes that are not an image are the
-/// caller's fault, by image.
+/// Image files' bytes predict as the same files do through the loader `loren predict` uses
+/// (read_images, which rounds each resized pixel to 8 bits), bit for bit, on a device the program
+/// opened itself; bytes that are not an image are the caller's fault, by image.
 #[test]
 fn encoded_images_predict_as_their_files_do() {
     let dir = temp_dir("encoded");
@@ -525,12 +525,16 @@ fn encoded_images_predict_as_their_files_do() {
         png_bytes(8, 8, png::ColorType::Grayscale, 2),
         png_bytes(5, 9, png::ColorType::Rgba, 3),
     ];
-    let mut pixels = Vec::new();
-    for (i, bytes) in images.iter().enumerate() {
-        let file = dir.join(format!("{i}.png"));
-        std::fs::write(&file, bytes).unwrap();
-        pixels.extend(load_image(&file, ens.image_shape()).unwrap());
+    let files: Vec<PathBuf> = (0..images.len())
+        .map(|i| dir.join(format!("{i}.png")))
+        .collect();
+    for (file, bytes) in files.iter().zip(&images) {
+        std::fs::write(file, bytes).unwrap();
     }
+    let pixels = read_images(&files, ens.image_shape())
+        .unwrap()
+        .to_f32()
+        .into_owned();
     let want = ens.predict_pixels(&pixels, 3).unwrap();
     let got = ens.predict_encoded(&images).unwrap();
     assert_eq!(got.probs, want.probs);

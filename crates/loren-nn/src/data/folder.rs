@@ -770,7 +770,8 @@ pub fn to_shape(img: &Decoded, shape: [usize; 3]) -> Result<Vec<f32>, DataError>
         .width
         .checked_mul(img.height)
         .and_then(|n| n.checked_mul(img.channels));
-    if !(1..=4).contains(&img.channels) || img.width == 0 || whole != Some(img.samples.len()) {
+    let empty = img.width == 0 || img.height == 0;
+    if !(1..=4).contains(&img.channels) || empty || whole != Some(img.samples.len()) {
         return Err(DataError::ImageShape {
             shape: [img.channels, img.height, img.width],
             reason: format!(
@@ -976,7 +977,14 @@ mod tests {
             assert!(e.contains("1 or 3 channels"), "{shape:?}: {e}");
         }
         // A decoded image whose fields disagree with its samples.
-        for (width, height, channels) in [(3, 3, 3), (3, 2, 5), (0, 2, 3), (usize::MAX, 2, 3)] {
+        let wrong = [
+            (3, 3, 3),
+            (3, 2, 5),
+            (0, 2, 3),
+            (3, 0, 3),
+            (usize::MAX, 2, 3),
+        ];
+        for (width, height, channels) in wrong {
             let wrong = Decoded {
                 width,
                 height,
