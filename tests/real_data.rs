@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{all_tensors, fails_with, loren, report_json, run_ok, run_ok_in, strs, temp_dir};
+use common::{
+    all_tensors, fails_with, fails_with_in, loren, report_json, run_ok, run_ok_in, strs, temp_dir,
+};
 
 use loren_nn::checkpoint::{self, Entry, TensorFile};
 use loren_nn::config::VitConfig;
@@ -402,13 +404,24 @@ fn an_image_folder_trains_through_the_cli() {
     assert!(printed.contains("accuracy"), "{printed}");
     // A run's folder inside the image folder would read as a class of no images there, from
     // then on; refused before anything is written.
-    let inside = dir.join("run");
-    let args = quick_train(&inside, &["--data", &arg]);
-    fails_with(
-        &strs(&args),
-        &["inside --data folder:", "would read as a class of images"],
-    );
-    assert!(!inside.exists());
+    let said = [
+        "an output folder inside --data folder:",
+        "would read as a class of images",
+    ];
+    // Named there, through a folder that is not there and back out, or the default folder of a
+    // run started in the image folder: nothing is made.
+    for inside in [dir.join("run"), dir.join("missing/../run")] {
+        let args = quick_train(&inside, &["--data", &arg]);
+        fails_with(&strs(&args), &said);
+    }
+    let mut args = quick_train(&out, &[]);
+    args.truncate(args.len() - 2);
+    assert_eq!(args.last().unwrap(), "3", "{args:?}");
+    args.extend(["--data".to_string(), "folder:.".to_string()]);
+    fails_with_in(&dir, &strs(&args), &said);
+    for made in ["run", "missing", "runs"] {
+        assert!(!dir.join(made).exists(), "{made} was made");
+    }
     // Scored on data of other classes, it is refused by their counts, before any scoring.
     let ckpt = out.join("checkpoint.safetensors");
     let c = ckpt.to_str().unwrap();

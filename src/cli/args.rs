@@ -465,8 +465,8 @@ pub fn check_out_outside_data(out: &Path, data: &DataArgs) -> Result<()> {
         };
         if out.starts_with(&dir) {
             bail!(
-                "--out {}: it is inside {flag} {given}, where its folder would read as a class of \
-                 images; name a folder outside it",
+                "{}: an output folder inside {flag} {given} would read as a class of images \
+                 there; name one outside it (--out DIR)",
                 out.display()
             );
         }
@@ -474,19 +474,37 @@ pub fn check_out_outside_data(out: &Path, data: &DataArgs) -> Result<()> {
     Ok(())
 }
 
-/// `path` with its symbolic links and `..` resolved, as far as it exists (what does not is
-/// joined on unchanged).
+/// `path` with its symbolic links and `..` resolved: the part that exists by the filesystem,
+/// the rest (which has no links yet) by its words, `..` taking one back.
 fn resolved(path: &Path) -> Option<PathBuf> {
+    use std::path::Component;
+    // A bare file's folder (a resumed checkpoint named alone) is the working one.
+    let path = match path.as_os_str().is_empty() {
+        true => Path::new("."),
+        false => path,
+    };
     let absolute = std::path::absolute(path).ok()?;
-    let mut rest = Vec::new();
-    let mut at = absolute.as_path();
-    loop {
-        if let Ok(real) = at.canonicalize() {
-            return Some(rest.iter().rev().fold(real, |p, part| p.join(part)));
+    let mut real = PathBuf::from("/");
+    let mut exists = true;
+    for part in absolute.components() {
+        match part {
+            Component::ParentDir => {
+                real.pop();
+            }
+            Component::CurDir => {}
+            Component::Prefix(_) | Component::RootDir => real.push(part),
+            Component::Normal(name) => {
+                real.push(name);
+                if exists {
+                    match real.canonicalize() {
+                        Ok(r) => real = r,
+                        Err(_) => exists = false,
+                    }
+                }
+            }
         }
-        rest.push(at.file_name()?.to_os_string());
-        at = at.parent()?;
     }
+    Some(real)
 }
 
 /// What an image folder holds that its dataset leaves out, said once, so that no file is

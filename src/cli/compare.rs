@@ -131,6 +131,8 @@ pub fn compare(a: &CompareArgs, given: Option<&clap::ArgMatches>) -> Result<()> 
         }
         note_unused(&unused, "comparison");
     }
+    // Before any folder is made for it, default or named.
+    check_out_outside_data(&a.out, &a.data)?;
     let mut out = out_dir(&a.out, out_named, a.common.verbosity() == Verbosity::Quiet)?;
     let a = &CompareArgs {
         out: out.path.clone(),
@@ -138,7 +140,6 @@ pub fn compare(a: &CompareArgs, given: Option<&clap::ArgMatches>) -> Result<()> 
     };
     loren::outputs::writable_dir(&a.out, "--out")?;
     let mut vit = VitConfig::by_name(&a.model.config)?;
-    check_out_outside_data(&a.out, &a.data)?;
     let data = splits(&a.data, &vit, a.optim.train_on_val, a.common.verbosity())?;
     out.hold()?;
     if !a.lrs.is_empty() && data.val.is_none() {

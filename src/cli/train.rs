@@ -101,6 +101,8 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
         note_unused(&unused_flags(&[method], &a.optim, &is_given), "run");
     }
     let config = VitConfig::by_name(&a.model.config)?;
+    // Before any folder is made for it, default or named.
+    check_out_outside_data(&a.out, &a.data)?;
     // With --resume the run continues in its checkpoint's folder (or the one named).
     let mut out = out_dir(
         &a.out,
@@ -117,7 +119,6 @@ pub fn train(a: &TrainArgs, given: Option<&ArgMatches>) -> Result<()> {
     // Its own files, and eval's, which replacing a run removes.
     let files = [&loren::run::RUN_FILES[..], &["checkpoint.safetensors"]].concat();
     loren::run::check_no_folder_in_the_way(&a.out, &files)?;
-    check_out_outside_data(&a.out, &a.data)?;
     let data = splits(&a.data, &config, a.optim.train_on_val, a.common.verbosity())?;
     out.hold()?;
     let ckpt = a.out.join("checkpoint.safetensors");
