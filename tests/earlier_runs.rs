@@ -166,6 +166,23 @@ fn a_finished_run_resumed_is_scored_and_written_as_it_was() {
     let written = TensorFile::read(&out.join("checkpoint.safetensors")).unwrap();
     let original = TensorFile::read(&trained().join("checkpoint.safetensors")).unwrap();
     assert_eq!(all_tensors(&written), all_tensors(&original));
+    // In place, what scored the same weights stays (eval's), and the report is written again.
+    let (ok, _, err) = loren(&["train", "--resume", ckpt.to_str().unwrap(), "-q"]);
+    assert!(ok, "{err}");
+    assert!(dir.join("eval.json").exists(), "eval's report went");
+    assert_eq!(
+        report_json(dir).pointer("/report/test"),
+        theirs.pointer("/report/test")
+    );
+    let history = TensorFile::read(&ckpt)
+        .unwrap()
+        .meta("epoch_history")
+        .unwrap()
+        .to_string();
+    assert!(
+        !history.contains("null"),
+        "the rescored epoch was not saved: {history}"
+    );
 }
 
 #[test]

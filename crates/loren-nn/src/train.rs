@@ -545,21 +545,22 @@ impl<'m> Trainer<'m> {
 
     /// A resumed run's last epoch whose scoring a stop cut short (Ctrl-C while the validation
     /// part was scored keeps the epoch, unscored), scored now from the weights that epoch ended
-    /// with, so that the history is the one the run would have had unstopped. Its seconds.
-    fn score_unscored_last_epoch(&mut self, observer: &mut dyn Observer) -> Result<f64> {
+    /// with, so that the history is the one the run would have had unstopped. Its seconds, when
+    /// it was scored.
+    fn score_unscored_last_epoch(&mut self, observer: &mut dyn Observer) -> Result<Option<f64>> {
         let epoch = self.epoch;
         let unscored = self.history.last().is_some_and(|e| e.val.is_none());
         if !(unscored && self.scores(epoch)) {
-            return Ok(0.0);
+            return Ok(None);
         }
         let Some((_, validate)) = &mut self.validation else {
-            return Ok(0.0);
+            return Ok(None);
         };
         observer.validating(epoch);
         let val = validate(self.model)?;
         let last = self.history.len() - 1;
         self.history[last].val = val;
-        Ok(val.map_or(0.0, |v| v.seconds))
+        Ok(val.map(|v| v.seconds))
     }
 
     /// The steps of the whole run, the length of its learning-rate schedule:
@@ -589,7 +590,7 @@ impl<'m> Trainer<'m> {
         let mut metadata = ckpt.metadata.clone();
         metadata.extend(input_metadata(data));
         observer.start(self.total_steps(), first_step);
-        let rescored_seconds = self.score_unscored_last_epoch(observer)?;
+        let rescored = self.score_unscored_last_epoch(observer)?;
         // Only a checkpoint this run wrote is its last good one: the file at the path may be
         // another run's.
         let earlier = ckpt.path.as_ref().filter(|p| first_step == 0 && p.exists());
@@ -676,16 +677,22 @@ impl<'m> Trainer<'m> {
                 return Err(interrupted(self.step, saved));
             }
         }
-        // A run resumed with no epoch left still writes its checkpoint where this one writes
-        // (elsewhere, or in place with an epoch scored since).
+        // A run resumed with no epoch left writes its checkpoint where this one writes, when
+        // that is elsewhere (replacing what is there as any run does) or an epoch was scored
+        // since; in place, its own reports and eval's stay, for the same weights.
         if let (Some(path), true) = (&ckpt.path, self.history.len() == first_epoch) {
-            self.save(path, &metadata).map_err(|e| NnError::NotSaved {
-                error: Box::new(e),
-                kept: kept(false),
-            })?;
-            remove_files(&ckpt.replaces)?;
+            let in_place = (self.resumed_from.as_ref()).is_some_and(|(p, _)| same_path(p, path));
+            if !in_place || rescored.is_some() {
+                self.save(path, &metadata).map_err(|e| NnError::NotSaved {
+                    error: Box::new(e),
+                    kept: kept(false),
+                })?;
+            }
+            if !in_place {
+                remove_files(&ckpt.replaces)?;
+            }
         }
-        let validation_seconds: f64 = rescored_seconds
+        let validation_seconds: f64 = rescored.unwrap_or(0.0)
             + self.history[first_epoch..]
                 .iter()
                 .filter_map(|e| e.val.map(|v| v.seconds))
@@ -872,6 +879,14 @@ impl Trainer<'_> {
             ));
         }
         Ok(())
+    }
+}
+
+/// Whether `a` and `b` name the same file, however spelled.
+fn same_path(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
     }
 }
 
