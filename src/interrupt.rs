@@ -38,7 +38,9 @@ pub fn scoring_stop(kept: &str) -> loren_nn::Result<()> {
 /// A measuring command (bench, memprofile) that Ctrl-C stopped between rows, after writing and
 /// printing the rows it had: what the rest of its rows say.
 #[derive(Debug, thiserror::Error)]
-#[error("stopped by Ctrl-C: the rows measured before it are written; the rest say `stopped`")]
+#[error(
+    "stopped (Ctrl-C or SIGTERM): the rows measured before it are written; the rest say `stopped`"
+)]
 pub struct Stopped;
 
 /// While it lives, Ctrl-C or SIGTERM asks training or scoring to stop (see [`requested`]); once

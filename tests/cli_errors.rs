@@ -565,7 +565,12 @@ fn pretrain_force_leaves_a_checkpoint_and_an_export_alone() {
         "--out",
         export.to_str().unwrap(),
     ]);
-    for (file, what) in [(&ckpt, "a training checkpoint"), (&export, "an ensemble")] {
+    let report = dir.join("report.json");
+    for (file, what) in [
+        (&ckpt, "a training checkpoint"),
+        (&export, "an ensemble"),
+        (&report, "not a backbone"),
+    ] {
         let before = std::fs::read(file).unwrap();
         let args = [
             "pretrain",
@@ -1202,7 +1207,7 @@ fn ctrl_c_stops_a_bench_between_rows_and_keeps_the_rows_measured() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{said}");
     assert!(
-        said.contains("error: stopped by Ctrl-C: the rows measured"),
+        said.contains("error: stopped (Ctrl-C or SIGTERM): the rows measured"),
         "{said}"
     );
     assert!(!said.contains("panicked"), "{said}");

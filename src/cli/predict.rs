@@ -244,17 +244,14 @@ fn row(ens: &Ensemble, path: &Path, p: &Prediction, b: usize, members: bool) -> 
 }
 
 /// Whether the file at `path` is predictions this command wrote, which a new run may replace:
-/// a CSV under its header, or JSON with its keys.
+/// a CSV under its header, or JSON under its first key (`{"model":`, as serde writes it).
 fn written_by_predict(path: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return false;
-    };
-    if text.starts_with("path,class,name,probability,") {
-        return true;
-    }
-    let keys = ["model", "title", "device", "class_names", "images"];
-    serde_json::from_str::<serde_json::Value>(&text)
-        .is_ok_and(|v| keys.iter().all(|k| v.get(k).is_some()))
+    use std::io::Read;
+    // The start alone: the file may be far larger than memory.
+    let mut head = Vec::new();
+    let read = std::fs::File::open(path).and_then(|f| f.take(4096).read_to_end(&mut head));
+    read.is_ok()
+        && (head.starts_with(b"path,class,name,probability,") || head.starts_with(b"{\"model\":"))
 }
 
 #[derive(Serialize)]

@@ -60,12 +60,14 @@ pub fn pretrain(a: &PretrainArgs) -> Result<()> {
             ),
         }
     }
-    // --force is for backbones: a run's checkpoint or an export is another command's work,
-    // which a backbone in its place would leave its folder's reports describing.
+    // --force is for backbones: a run's checkpoint, an export or a report is another
+    // command's work, which a backbone in its place would leave its folder describing.
     let other = match loren::files::FileKind::at(&out) {
+        _ if !out.exists() => None,
+        loren::files::FileKind::Backbone => None,
         loren::files::FileKind::Checkpoint => Some("a training checkpoint"),
         loren::files::FileKind::Export => Some("an ensemble loren export wrote"),
-        _ => None,
+        loren::files::FileKind::Other => Some("not a backbone"),
     };
     if let Some(what) = other {
         anyhow::bail!(
