@@ -3,12 +3,13 @@
 //! rows measured; a second does what Ctrl-C did before (by default, ends the process at once).
 //! SIGTERM, which a batch scheduler or container runtime sends before it kills, does the same.
 
-use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 /// The signal that asked the run to stop (SIGINT or SIGTERM), 0 while none has.
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
 /// How many [`Guard`]s live.
-static DEPTH: AtomicUsize = AtomicUsize::new(0);
+static DEPTH: Mutex<usize> = Mutex::new(0);
 
 /// Whether Ctrl-C was pressed (or SIGTERM came) since the [`Guard`] was installed.
 pub fn requested() -> bool {
@@ -53,17 +54,23 @@ pub struct Guard(());
 
 impl Guard {
     pub fn install() -> Guard {
-        if DEPTH.fetch_add(1, Ordering::SeqCst) == 0 {
+        // Under the lock with the count: one thread's restore must not interleave with another's
+        // install, which would save loren's handler as the one to give back.
+        let mut depth = DEPTH.lock().unwrap_or_else(PoisonError::into_inner);
+        if *depth == 0 {
             SIGNAL.store(0, Ordering::Relaxed);
             sys::install();
         }
+        *depth += 1;
         Guard(())
     }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        if DEPTH.fetch_sub(1, Ordering::SeqCst) == 1 {
+        let mut depth = DEPTH.lock().unwrap_or_else(PoisonError::into_inner);
+        *depth -= 1;
+        if *depth == 0 {
             sys::restore();
         }
     }
@@ -73,61 +80,67 @@ impl Drop for Guard {
 mod sys {
     use std::cell::UnsafeCell;
     use std::mem::MaybeUninit;
-    use std::sync::atomic::Ordering;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     /// The signals a run stops on: Ctrl-C, and what a batch scheduler or container runtime
     /// sends before it kills (SLURM, Docker, Kubernetes).
     const SIGNALS: [libc::c_int; 2] = [libc::SIGINT, libc::SIGTERM];
 
     /// What each of [`SIGNALS`] did before the guard, whole (handler, flags and mask), so that
-    /// a host's `SA_SIGINFO` handler comes back as it was. Written only while none of ours is
-    /// installed, read by `restore` and the handler after.
+    /// a host's `SA_SIGINFO` handler comes back as it was.
     struct Previous(UnsafeCell<[MaybeUninit<libc::sigaction>; 2]>);
-    // SAFETY: see the field's access rule above; the DEPTH count orders install before use.
+    // SAFETY: entry i is written only by `install`, under the guards' lock, while SAVED[i] is
+    // false and loren's handler is not installed for that signal; it is read only by whoever
+    // swaps SAVED[i] from true to false, which the write's SeqCst store happened before.
     unsafe impl Sync for Previous {}
     static PREVIOUS: Previous = Previous(UnsafeCell::new([MaybeUninit::uninit(); 2]));
-    static SAVED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    /// Whether PREVIOUS[i] holds a disposition to give back.
+    static SAVED: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
 
     pub fn install() {
         let previous = PREVIOUS.0.get();
         for (i, &signal) in SIGNALS.iter().enumerate() {
-            // SAFETY: a zeroed sigaction is a valid value to fill in; the handler does only
-            // async-signal-safe work; `previous` is not read until SAVED is set below.
+            // SAFETY: zeroed sigactions are valid values to fill in; the old disposition is read
+            // and saved before loren's goes in, so the handler never finds an entry unwritten;
+            // the handler does only async-signal-safe work.
             unsafe {
+                libc::sigaction(signal, std::ptr::null(), (*previous)[i].as_mut_ptr());
+                SAVED[i].store(true, Ordering::SeqCst);
                 let mut ours: libc::sigaction = std::mem::zeroed();
                 ours.sa_sigaction = handler as *const () as libc::sighandler_t;
+                // As signal(2) gave: a call the signal interrupts goes on rather than fail EINTR.
+                ours.sa_flags = libc::SA_RESTART;
                 libc::sigemptyset(&mut ours.sa_mask);
-                libc::sigaction(signal, &ours, (*previous)[i].as_mut_ptr());
+                libc::sigaction(signal, &ours, std::ptr::null_mut());
             }
-            // Each entry is written before its signal can reach the handler that reads it.
-            SAVED.store(true, Ordering::SeqCst);
         }
     }
 
     pub fn restore() {
-        for &signal in &SIGNALS {
-            restore_one(signal);
+        for i in 0..SIGNALS.len() {
+            restore_one(i);
         }
     }
 
-    /// `signal`'s disposition from before the guard, whole. sigaction(2) is async-signal-safe.
-    fn restore_one(signal: libc::c_int) {
-        if !SAVED.load(Ordering::SeqCst) {
-            return;
-        }
-        let i = SIGNALS.iter().position(|&s| s == signal).unwrap_or(0);
-        // SAFETY: SAVED says install filled this entry.
-        unsafe {
-            let previous = (*PREVIOUS.0.get())[i].as_ptr();
-            libc::sigaction(signal, previous, std::ptr::null_mut());
+    /// SIGNALS[i]'s disposition from before the guard, whole, once: the first of the handler and
+    /// `restore` to get here gives it back. sigaction(2) is async-signal-safe.
+    fn restore_one(i: usize) {
+        if SAVED[i].swap(false, Ordering::SeqCst) {
+            // SAFETY: SAVED[i] was true, so install wrote the entry (see Previous).
+            unsafe {
+                let previous = (*PREVIOUS.0.get())[i].as_ptr();
+                libc::sigaction(SIGNALS[i], previous, std::ptr::null_mut());
+            }
         }
     }
 
-    /// Only async-signal-safe work: an atomic, and sigaction(2) to hand the next such signal
+    /// Only async-signal-safe work: atomics, and sigaction(2) to hand the next such signal
     /// back.
     extern "C" fn handler(signal: libc::c_int) {
         let _ = super::SIGNAL.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst);
-        restore_one(signal);
+        if let Some(i) = SIGNALS.iter().position(|&s| s == signal) {
+            restore_one(i);
+        }
     }
 }
 

@@ -828,6 +828,8 @@ fn a_host_programs_sigaction_handlers_come_back_whole() {
         host_handler,
         "the guard takes SIGTERM"
     );
+    // Restarting what it interrupts, as signal(2) did: CUDA's calls need not retry on EINTR.
+    assert_eq!(current(libc::SIGTERM).1, libc::SA_RESTART);
     unsafe { libc::raise(libc::SIGTERM) };
     assert!(requested(), "SIGTERM asks the run to stop");
     assert_eq!(exit_status(), 143);
