@@ -98,6 +98,8 @@ pub fn remove_stale(path: &Path) -> Result<()> {
 pub struct ClaimedDir {
     pub path: PathBuf,
     marker: PathBuf,
+    /// The folders removed with the claim when the run left them empty, innermost first.
+    made: Vec<PathBuf>,
     /// Open, and locked, for the claim's life.
     _held: File,
 }
@@ -139,6 +141,11 @@ impl ClaimedDir {
     /// the run left nothing in it.
     pub fn hold(dir: &Path, flag: &str) -> Result<ClaimedDir> {
         let cannot = || format!("{flag} {}: cannot write there", dir.display());
+        // Only the folders it makes go with the claim: an empty one the user made stays.
+        let made: Vec<PathBuf> = (dir.ancestors())
+            .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+            .map(Path::to_path_buf)
+            .collect();
         fs::create_dir_all(dir).with_context(cannot)?;
         let marker = dir.join(CLAIM);
         loop {
@@ -177,6 +184,7 @@ impl ClaimedDir {
             return Ok(ClaimedDir {
                 path: dir.to_path_buf(),
                 marker,
+                made,
                 _held: file,
             });
         }
@@ -227,8 +235,11 @@ fn claim_free(dir: &Path) -> std::io::Result<Option<ClaimedDir>> {
     };
     // A filesystem without locks (NFS with no lock daemon, some FUSE mounts) still gets the
     // claim, unlocked: its run's folder is then passed over after a kill, as an unwritten claim
-    // is, and never taken while the run lives.
-    let _ = file.lock();
+    // is, and never taken while the run lives. A run named into this folder that locked the new
+    // marker first holds it (ClaimedDir::hold): the folder is taken.
+    if let Err(std::fs::TryLockError::WouldBlock) = file.try_lock() {
+        return Ok(None);
+    }
     // Written once locked: a marker still empty may be one its run has not yet locked, so it
     // is never taken as left behind.
     if let Err(e) = writeln!(file, "{}", std::process::id()) {
@@ -239,6 +250,7 @@ fn claim_free(dir: &Path) -> std::io::Result<Option<ClaimedDir>> {
     Ok(Some(ClaimedDir {
         path: dir.to_path_buf(),
         marker,
+        made: vec![dir.to_path_buf()],
         _held: file,
     }))
 }
@@ -255,6 +267,7 @@ fn claim_left(dir: &Path) -> Option<ClaimedDir> {
     Some(ClaimedDir {
         path: dir.to_path_buf(),
         marker,
+        made: vec![dir.to_path_buf()],
         _held: file,
     })
 }
@@ -290,8 +303,12 @@ impl Drop for ClaimedDir {
     fn drop(&mut self) {
         // Removed while still locked, so that no other run takes it for one left behind.
         let _ = fs::remove_file(&self.marker);
-        // Only when empty: a finished run's files keep it.
-        let _ = fs::remove_dir(&self.path);
+        // Only when empty: a finished run's files keep it, and its parents.
+        for dir in &self.made {
+            if fs::remove_dir(dir).is_err() {
+                break;
+            }
+        }
     }
 }
 
@@ -410,9 +427,14 @@ mod tests {
             "a default folder's claim was taken"
         );
         drop(claimed);
-        // Free again, and left as found: an empty folder it made goes with the claim.
+        // Free again, and left as found: the empty folders it made go with the claim, parents
+        // too, and an empty one that was there stays.
+        let deep = root.join("new/deeper");
+        drop(ClaimedDir::hold(&deep, "--out").unwrap());
+        assert!(!root.join("new").exists(), "the folders it made stay");
+        fs::create_dir_all(&live).unwrap();
         drop(ClaimedDir::hold(&live, "--out").unwrap());
-        assert!(!live.exists());
+        assert!(live.is_dir(), "a folder that was there went");
     }
 
     #[test]
