@@ -539,23 +539,19 @@ fn pretrain_to_a_folder_asks_for_a_file_with_or_without_force() {
     }
 }
 
+/// A one-epoch run of two members into a new folder named for `name`: the folder.
+fn quick_run(name: &str) -> std::path::PathBuf {
+    let dir = temp_dir(name);
+    let args = quick(&["-m", "2", "--out", dir.to_str().unwrap()]);
+    run_ok(&strs(&args));
+    dir
+}
+
 /// --force replaces a backbone, not a run's checkpoint or an export in its place.
 #[test]
 fn pretrain_force_leaves_a_checkpoint_and_an_export_alone() {
-    let dir = temp_dir("pretrain-over-a-run");
+    let dir = quick_run("pretrain-over-a-run");
     let run = dir.to_str().unwrap();
-    run_ok(&[
-        "train",
-        "--epochs",
-        "1",
-        "-m",
-        "2",
-        "--no-shift",
-        "--no-ood",
-        "-q",
-        "--out",
-        run,
-    ]);
     let ckpt = dir.join("checkpoint.safetensors");
     let export = dir.join("ensemble.safetensors");
     run_ok(&[
@@ -588,20 +584,8 @@ fn pretrain_force_leaves_a_checkpoint_and_an_export_alone() {
 /// A folder where eval writes one of its files is refused before the scoring, as train's are.
 #[test]
 fn eval_with_a_folder_in_the_way_fails_before_scoring() {
-    let dir = temp_dir("eval-folder-in-the-way");
+    let dir = quick_run("eval-folder-in-the-way");
     let run = dir.to_str().unwrap();
-    run_ok(&[
-        "train",
-        "--epochs",
-        "1",
-        "-m",
-        "2",
-        "--no-shift",
-        "--no-ood",
-        "-q",
-        "--out",
-        run,
-    ]);
     for name in ["eval.json", "eval-reliability.svg"] {
         std::fs::create_dir(dir.join(name)).unwrap();
         let folder = format!("{} is a folder", dir.join(name).display());
