@@ -474,8 +474,8 @@ pub fn check_out_outside_data(out: &Path, data: &DataArgs) -> Result<()> {
     Ok(())
 }
 
-/// `path` with its symbolic links and `..` resolved: the part that exists by the filesystem,
-/// the rest (which has no links yet) by its words, `..` taking one back.
+/// `path` with its symbolic links and `..` resolved: what exists by the filesystem, what does
+/// not (which has no links yet) by its words, `..` taking one back.
 fn resolved(path: &Path) -> Option<PathBuf> {
     use std::path::Component;
     // A bare file's folder (a resumed checkpoint named alone) is the working one.
@@ -488,8 +488,10 @@ fn resolved(path: &Path) -> Option<PathBuf> {
     let mut exists = true;
     for part in absolute.components() {
         match part {
+            // Back out of a folder that is not there, into one that is: by the filesystem again.
             Component::ParentDir => {
                 real.pop();
+                exists = real.exists();
             }
             Component::CurDir => {}
             Component::Prefix(_) | Component::RootDir => real.push(part),
