@@ -662,10 +662,7 @@ impl<'m> Trainer<'m> {
                 Err(e) => return Err(e),
             }
             if let Some(path) = &ckpt.path {
-                self.save(path, &metadata).map_err(|e| NnError::NotSaved {
-                    error: Box::new(e),
-                    kept: resumable(saved),
-                })?;
+                self.save_keeping(path, &metadata, resumable(saved))?;
                 if !saved {
                     remove_files(&ckpt.replaces)?;
                 }
@@ -683,10 +680,7 @@ impl<'m> Trainer<'m> {
         if let (Some(path), true) = (&ckpt.path, self.history.len() == first_epoch) {
             let in_place = (self.resumed_from.as_ref()).is_some_and(|(p, _)| same_path(p, path));
             if !in_place || rescored.is_some() {
-                self.save(path, &metadata).map_err(|e| NnError::NotSaved {
-                    error: Box::new(e),
-                    kept: kept(false),
-                })?;
+                self.save_keeping(path, &metadata, kept(false))?;
             }
             if !in_place {
                 remove_files(&ckpt.replaces)?;
@@ -706,6 +700,19 @@ impl<'m> Trainer<'m> {
             seconds,
             images_per_second: images / seconds.max(1e-9),
             validation_seconds,
+        })
+    }
+
+    /// [`Trainer::save`] within `fit`: a failure says what was `kept`.
+    fn save_keeping(
+        &self,
+        path: &Path,
+        meta: &HashMap<String, String>,
+        kept: String,
+    ) -> Result<()> {
+        self.save(path, meta).map_err(|e| NnError::NotSaved {
+            error: Box::new(e),
+            kept,
         })
     }
 
