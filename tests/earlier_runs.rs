@@ -191,17 +191,16 @@ fn resuming_from_the_folder_alone_takes_the_saved_settings() {
     let (all, saved) = (temp_dir("resume-all-flags"), temp_dir("resume-saved-flags"));
     let (ok, _, err) = loren(&strs(&resume_args(&all, &["--epochs", "3"])));
     assert!(ok, "{err}");
-    let (ok, _, err) = loren(&[
-        "train",
-        "--resume",
-        trained().to_str().unwrap(),
-        "--epochs",
-        "3",
-        "-q",
-        "--out",
-        saved.to_str().unwrap(),
-    ]);
-    assert!(ok, "{err}");
+    // The trained run resumed for a third epoch into `out` with `extra` alone, which succeeds.
+    let resume_saved = |out: &Path, extra: &[&str]| {
+        let ckpt = trained().to_str().unwrap();
+        let mut args = vec!["train", "--resume", ckpt, "--epochs", "3", "-q"];
+        args.extend(extra);
+        args.extend(["--out", out.to_str().unwrap()]);
+        let (ok, _, err) = loren(&args);
+        assert!(ok, "{err}");
+    };
+    resume_saved(&saved, &[]);
     // Scored as the run was, without the shifted sets and OOD detection.
     let report = report_json(&saved);
     assert_eq!(
@@ -214,19 +213,7 @@ fn resuming_from_the_folder_alone_takes_the_saved_settings() {
     );
     // An OOD set asked for anew turns the saved --no-ood off.
     let asked = temp_dir("resume-ood-asked");
-    let (ok, _, err) = loren(&[
-        "train",
-        "--resume",
-        trained().to_str().unwrap(),
-        "--epochs",
-        "3",
-        "--ood-data",
-        "digits",
-        "-q",
-        "--out",
-        asked.to_str().unwrap(),
-    ]);
-    assert!(ok, "{err}");
+    resume_saved(&asked, &["--ood-data", "digits"]);
     let sets = report_json(&asked)["report"]["ood_sets"]
         .as_array()
         .unwrap()
