@@ -772,6 +772,23 @@ fn a_resumed_run_needs_the_same_training_images_wherever_they_are() {
     };
     let (ok, _, err) = loren(&strs(&resume(&moved, "moved")));
     assert!(ok && err.contains("taken to be the same data"), "{err}");
+    // Gone from where the checkpoint saw it: the error names the checkpoint the path came from,
+    // and the flag that points at the new place, not a flag this command line never gave.
+    let gone = dir.join("gone");
+    std::fs::rename(&first, &gone).unwrap();
+    let ckpt = out.join("checkpoint.safetensors");
+    let said = format!(
+        "--data {}, as {} saved it (if it moved, give --data with its new place): ",
+        arg(&first),
+        ckpt.display()
+    );
+    let (r, to) = (out.to_str().unwrap(), dir.join("gone-run"));
+    let to = to.to_str().unwrap();
+    let args = ["train", "--resume", r, "--epochs", "2", "--out", to];
+    fails_with(&args, &[&said, "cannot read"]);
+    let args = ["eval", "--checkpoint", r, "--no-shift", "--no-ood", "-q"];
+    fails_with(&args, &[&said, "cannot read"]);
+    std::fs::rename(&gone, &first).unwrap();
     fails_with(
         &strs(&resume(&other, "other")),
         &[
@@ -879,6 +896,23 @@ fn ood_data_scores_detection_against_other_datasets() {
         printed.contains("against the cifar10 test split"),
         "{printed}"
     );
+    // A resume takes the sets from the checkpoint; one gone since is named as saved there.
+    std::fs::rename(&loose, dir.join("loose-moved")).unwrap();
+    let ckpt = out.join("checkpoint.safetensors");
+    let (r, to) = (ckpt.to_str().unwrap(), dir.join("resumed"));
+    let args = [
+        "train",
+        "--resume",
+        r,
+        "--epochs",
+        "2",
+        "--out",
+        to.to_str().unwrap(),
+    ];
+    let said = format!(
+        "--ood-data {unlabelled}, as {r} saved it (if it moved, give --ood-data with its new place)"
+    );
+    fails_with(&args, &[&said, "cannot read"]);
 }
 
 #[test]

@@ -299,9 +299,35 @@ pub struct DataArgs {
     /// take the checkpoint's.
     #[arg(long)]
     pub normalize: Option<String>,
+    /// The checkpoint `--data` and `--ood-data` were taken from, where they were (a resumed run,
+    /// `eval`): reading them may fail long after, and the error then names where they came from
+    /// instead of a flag the user never gave.
+    #[arg(skip)]
+    pub taken_from: Option<TakenFrom>,
+}
+
+/// Which of [`DataArgs`]'s data flags a checkpoint gave, and which checkpoint.
+#[derive(Clone, Debug)]
+pub struct TakenFrom {
+    pub checkpoint: PathBuf,
+    pub data: bool,
+    pub ood_data: bool,
 }
 
 impl DataArgs {
+    /// What an error reading `--data` (`ood` false) or an `--ood-data` `given` says first: the
+    /// checkpoint it came from, if one did.
+    fn taken(&self, ood: bool, given: &str) -> Option<String> {
+        let flag = if ood { "--ood-data" } else { "--data" };
+        let t = self.taken_from.as_ref()?;
+        (if ood { t.ood_data } else { t.data }).then(|| {
+            format!(
+                "{flag} {given}, as {} saved it (if it moved, give {flag} with its new place)",
+                t.checkpoint.display()
+            )
+        })
+    }
+
     pub fn check(&self) -> Result<()> {
         if self.eval_batch_size == 0 {
             bail!("--eval-batch-size 0: must be at least 1");
@@ -377,7 +403,12 @@ pub fn splits(
 ) -> Result<Splits> {
     let source = data.source()?;
     let held_out = data.held_out_classes()?;
-    let mut splits = source.splits(&held_out, vit, data.normalize()?, train_on_val)?;
+    let mut splits = source
+        .splits(&held_out, vit, data.normalize()?, train_on_val)
+        .map_err(|e| match data.taken(false, &source.to_string()) {
+            Some(taken) => anyhow::Error::from(e).context(taken),
+            None => e.into(),
+        })?;
     if let (DataSource::Folder(dir), Verbosity::Normal) = (&source, verbosity) {
         note_passed_over(&source, &passed_over(dir));
     }
@@ -398,7 +429,10 @@ pub fn splits(
         let set = ood
             .parse::<DataSource>()
             .and_then(|s| s.ood_set(vit, &splits.test))
-            .with_context(|| format!("--ood-data {ood}"))?;
+            .with_context(|| {
+                data.taken(true, ood)
+                    .unwrap_or_else(|| format!("--ood-data {ood}"))
+            })?;
         splits.ood_sets.push(set);
     }
     Ok(splits)

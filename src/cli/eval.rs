@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use super::args::{
-    ClassRef, Common, DataArgs, check_out_outside_data, checkpoint_arg, data_metadata,
+    ClassRef, Common, DataArgs, TakenFrom, check_out_outside_data, checkpoint_arg, data_metadata,
     eval_options, note_passed_over, save_predictions, saved_holdout_classes, splits, text_path,
 };
 
@@ -216,7 +216,14 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             );
         }
     }
-    data_args.data = data_args.data.or_else(|| recorded_data.cloned());
+    if data_args.data.is_none() && recorded_data.is_some() {
+        data_args.data = recorded_data.cloned();
+        data_args.taken_from = Some(TakenFrom {
+            checkpoint: file.path().to_path_buf(),
+            data: true,
+            ood_data: false,
+        });
+    }
     if a.out.is_some() {
         check_out_outside_data(&out, &data_args)?;
     }

@@ -87,6 +87,7 @@ pub fn pretrain(a: &PretrainArgs) -> Result<()> {
             eval_batch_size: 256,
             save_predictions: false,
             normalize: None,
+            taken_from: None,
         },
         &VitConfig::tiny(),
         false,

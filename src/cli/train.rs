@@ -21,7 +21,7 @@ use loren_nn::train::TrainConfig;
 use loren::dataset::{TRAINING_IMAGES_KEY, training_images};
 
 use super::args::{
-    ClassRef, Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, Scoring, SeedArgs,
+    ClassRef, Common, DataArgs, EnsembleArgs, ModelArgs, OptimArgs, Scoring, SeedArgs, TakenFrom,
     check_out_outside_data, checkpoint_arg, note_unused, out_dir, run_spec, saved_holdout_classes,
     splits, text_path, unused_flags, write_outputs,
 };
@@ -289,7 +289,13 @@ fn with_saved_settings(
     if keep("out") {
         r.out = file.path().parent().map(PathBuf::from).unwrap_or_default();
     }
+    let mut taken = TakenFrom {
+        checkpoint: file.path().to_path_buf(),
+        data: false,
+        ood_data: false,
+    };
     if keep("data") {
+        taken.data = meta.contains_key("data");
         r.data.data = meta.get("data").cloned().or(r.data.data.take());
     }
     if keep("holdout_classes") {
@@ -311,6 +317,7 @@ fn with_saved_settings(
         }
         // Not into a run told to score no OOD detection.
         if keep("ood_data") && !r.data.no_ood {
+            taken.ood_data = !s.ood_data.is_empty();
             r.data.ood_data = s.ood_data;
         }
         if keep("save_predictions") {
@@ -323,5 +330,6 @@ fn with_saved_settings(
             r.optim.val_every = s.val_every;
         }
     }
+    r.data.taken_from = Some(taken);
     Ok(r)
 }
