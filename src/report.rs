@@ -8,7 +8,7 @@ use loren_autograd::optim::OptimizerKind;
 use loren_nn::eval::EvalReport;
 use loren_nn::metrics::{NUM_BINS, OodReport, ShiftRow, SizeRow};
 use loren_nn::train::TrainConfig;
-use loren_nn::{Activations, Method};
+use loren_nn::{Activations, EnsembleConfig, Method};
 
 use crate::run::RunResult;
 
@@ -256,12 +256,12 @@ pub fn training_line(r: &RunResult) -> String {
         r.train_seconds,
         r.eval_seconds
     );
-    val + &settings_line(&r.settings.train, r.train.steps) + &cost
+    val + &settings_line(&r.settings.train, &r.settings.ensemble, r.train.steps) + &cost
 }
 
 /// How the run trained, over its `steps`: the learning rate (whose default depends on the
 /// method) and its schedule as it ran, the optimizer and the budget.
-fn settings_line(t: &TrainConfig, steps: u64) -> String {
+fn settings_line(t: &TrainConfig, ens: &EnsembleConfig, steps: u64) -> String {
     let warmup = t.warmup_steps;
     let schedule = match warmup >= steps {
         // The schedule as asked would mislead: the warm-up was cut to the run (as the Trainer
@@ -283,16 +283,25 @@ fn settings_line(t: &TrainConfig, steps: u64) -> String {
             weight_decay,
         } => format!("SGD (momentum {momentum}, weight decay {weight_decay})"),
     };
+    // Members of their own weights are clipped as one, as the paper's code does: the norm is
+    // over every member's gradients, which couples the members, said so that no one reads it
+    // as M networks each clipped alone.
+    let together = match ens.members {
+        m if m > 1 && ens.method != Method::McDropout => format!(" (the {m} members' as one)"),
+        _ => String::new(),
+    };
     let clip = t
         .grad_clip
-        .map(|c| format!(", gradients clipped at norm {c}"))
+        .map(|c| format!(", gradients clipped at norm {c}{together}"))
         .unwrap_or_default();
+    let order = if t.shuffle { "" } else { " in file order" };
     format!(
-        "  trained: lr {}, {schedule}; {optimizer}{clip}; {} epoch{} of batch {}\n",
+        "  trained: lr {}, {schedule}; {optimizer}{clip}; {} epoch{} of batch {}{order}, {}\n",
         rate(t.lr),
         t.epochs,
         if t.epochs == 1 { "" } else { "s" },
-        t.batch_size
+        t.batch_size,
+        t.augment
     )
 }
 
@@ -736,12 +745,19 @@ mod tests {
             epochs: 2,
             ..TrainConfig::plain(32, 1e-3, Activations::Keep)
         };
-        let whole = settings_line(&t, 500);
+        let ens = EnsembleConfig {
+            method: Method::Single,
+            members: 1,
+            classes: 10,
+            lora: Default::default(),
+            drop_key: 0.0,
+        };
+        let whole = settings_line(&t, &ens, 500);
         assert!(
             whole.contains("lr 1e-3, 50 warmup steps, cosine to 1e-5;"),
             "{whole}"
         );
-        let short = settings_line(&t, 34);
+        let short = settings_line(&t, &ens, 34);
         let says = "lr 1e-3, 50 warmup steps, the run's 34 all warm-up (the rate rising to 100% \
                     of it at the last, no decay);";
         assert!(short.contains(says), "{short}");
@@ -751,11 +767,34 @@ mod tests {
             warmup_from_zero: true,
             ..t.clone()
         };
-        let short = settings_line(&from_zero, 34);
+        let short = settings_line(&from_zero, &ens, 34);
         assert!(short.contains("rising to 97% of it at the last"), "{short}");
         // A warm-up as long as the run is all of it too.
-        let exact = settings_line(&t, 50);
+        let exact = settings_line(&t, &ens, 50);
         assert!(exact.contains("the run's 50 all warm-up"), "{exact}");
+        // Members of their own weights are clipped as one; MC Dropout's passes are one network.
+        let t = TrainConfig {
+            grad_clip: Some(1.0),
+            ..t
+        };
+        let alone = settings_line(&t, &ens, 500);
+        assert!(alone.contains("clipped at norm 1;"), "{alone}");
+        for (method, said) in [
+            (Method::Lora, "clipped at norm 1 (the 8 members' as one);"),
+            (
+                Method::Explicit,
+                "clipped at norm 1 (the 8 members' as one);",
+            ),
+            (Method::McDropout, "clipped at norm 1;"),
+        ] {
+            let ens = EnsembleConfig {
+                method,
+                members: 8,
+                ..ens.clone()
+            };
+            let line = settings_line(&t, &ens, 500);
+            assert!(line.contains(said), "{method}: {line}");
+        }
     }
 
     /// A report whose every figure is a different number.

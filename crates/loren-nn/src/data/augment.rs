@@ -102,6 +102,39 @@ impl Augment {
     }
 }
 
+/// What a run's summary says of it: `no augmentation`, or the parts drawn (`rotation ±10°,
+/// translation ±1 px`; `flips, rotation ±90° (nearest pixel)`).
+impl std::fmt::Display for Augment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        match (self.hflip, self.vflip) {
+            (true, true) => parts.push("flips".to_string()),
+            (true, false) => parts.push("horizontal flips".to_string()),
+            (false, true) => parts.push("vertical flips".to_string()),
+            (false, false) => {}
+        }
+        let (rotation, translation) = (self.max_rotation_deg, self.max_translate_px);
+        if rotation > 0.0 {
+            parts.push(format!("rotation ±{rotation}°"));
+        }
+        if translation > 0.0 {
+            parts.push(format!("translation ±{translation} px"));
+        }
+        if parts.is_empty() {
+            return f.write_str("no augmentation");
+        }
+        // Only what moves pixels samples: flips alone copy them.
+        let sampled = rotation > 0.0 || translation > 0.0;
+        let nearest = sampled && self.sampling == Sampling::Nearest;
+        write!(
+            f,
+            "{}{}",
+            parts.join(", "),
+            if nearest { " (nearest pixel)" } else { "" }
+        )
+    }
+}
+
 impl Default for Augment {
     fn default() -> Augment {
         Augment::none()
@@ -111,6 +144,25 @@ impl Default for Augment {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_preset_says_what_it_draws() {
+        let said = [Augment::none(), Augment::digits(), Augment::paper()].map(|a| a.to_string());
+        assert_eq!(
+            said,
+            [
+                "no augmentation",
+                "rotation ±10°, translation ±1 px",
+                "flips, rotation ±90° (nearest pixel)",
+            ]
+        );
+        let flips = Augment {
+            hflip: true,
+            sampling: Sampling::Nearest,
+            ..Augment::none()
+        };
+        assert_eq!(flips.to_string(), "horizontal flips");
+    }
 
     fn image() -> Vec<f32> {
         (0..64).map(|i| i as f32 / 64.0).collect()
