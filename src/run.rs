@@ -410,8 +410,9 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
             }
         }
         if let Some(val) = &data.val {
-            // At the training batch size, so that scoring adds nothing to the training's peak.
-            let batch = spec.train.batch_size;
+            // At the training batch size, so that scoring adds nothing to the training's peak
+            // (and so on every path that scores it: see `validation_batch`).
+            let batch = validation_batch(&spec.train);
             let kept = &last_val_probs;
             let validate = move |model: &Vit| {
                 let scored = epoch_validation(model, val, batch)?;
@@ -451,7 +452,8 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
         (None, ..) => None,
         (Some(val), Some(scored), Some(probs)) => Some((scored, probs, val)),
         (Some(val), ..) => {
-            let (scored, probs) = score_validation(&model, val, spec.eval.batch_size, &mut |_| {
+            let batch = validation_batch(&spec.train);
+            let (scored, probs) = score_validation(&model, val, batch, &mut |_| {
                 crate::interrupt::scoring_stop(&kept)
             })?;
             validation_seconds += scored.seconds;
@@ -517,6 +519,15 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
             model_seed: Some(spec.model_seed),
         },
     })
+}
+
+/// The batch the validation part is predicted in, wherever it is scored: an epoch's end, a run
+/// that scored no epoch, a resumed one, `eval`. A prediction moves in its last bits with the
+/// batch it is in (the CPU's matrix kernels block the batch differently), and one batch makes
+/// the validation figures, the temperature fitted on them and every figure at that temperature
+/// the same bits on every path.
+pub fn validation_batch(train: &TrainConfig) -> usize {
+    train.batch_size
 }
 
 /// The validation part's accuracy, NLL and ECE, and the probabilities behind them, predicted in

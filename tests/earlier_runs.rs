@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 mod common;
 mod svg_check;
-use common::{all_tensors, fails_with, loren, loren_in, report_json, strs, temp_dir};
+use common::{all_tensors, fails_with, loren, loren_in, report_json, run_ok, strs, temp_dir};
 
 use loren_nn::checkpoint::{TensorFile, write};
 
@@ -502,8 +502,29 @@ fn every_epoch_is_scored_on_the_validation_part_without_changing_the_training() 
     train_ok(&dir, "2", &["--val-every", "0"]);
     let unscored = report_json(&dir);
     assert!(scored(&unscored, 0).is_null() && scored(&unscored, 1).is_null());
-    assert_eq!(unscored["val_accuracy"], report["val_accuracy"]);
-    assert_eq!(unscored["memory"], report["memory"]);
+    // The validation part is scored as at an epoch's end, so its figures, the temperature fitted
+    // on it and the figures at that temperature are the same to the last bit.
+    for key in ["val_accuracy", "val_nll", "val_ece", "memory"] {
+        assert_eq!(unscored[key], report[key], "{key}");
+    }
+    assert_eq!(unscored["report"]["tempered"], report["report"]["tempered"]);
+    // And so are `eval`'s, scoring the checkpoint again.
+    let again = temp_dir("val-every-eval");
+    let ckpt = trained().join("checkpoint.safetensors");
+    run_ok(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--out",
+        again.to_str().unwrap(),
+        "--no-shift",
+        "--no-ood",
+        "-q",
+    ]);
+    let eval: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(again.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(eval["tempered"], report["report"]["tempered"]);
+    assert_eq!(eval["test"], report["report"]["test"]);
     let tensors = |d: &Path| {
         all_tensors(&TensorFile::read(&d.join("checkpoint.safetensors")).unwrap())
             .into_iter()

@@ -20,7 +20,9 @@ use loren::dataset::{
 use loren::ensemble::load_network;
 use loren::progress::{EvalBar, Verbosity};
 use loren::report::{calibration_report, method_title};
-use loren::run::{REPORT_FILES, RUN_FILES, RunSettings, check_no_folder_in_the_way, read_model};
+use loren::run::{
+    REPORT_FILES, RUN_FILES, RunSettings, check_no_folder_in_the_way, read_model, validation_batch,
+};
 use loren_nn::checkpoint::{TensorFile, write_atomic};
 use loren_nn::config::{EnsembleConfig, VitConfig};
 use loren_nn::data::folder::passed_over;
@@ -340,8 +342,13 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     let _ctrl_c = loren::interrupt::Guard::install();
     let mut val_set = None;
     if let Some(val) = &data.val {
-        // The temperature is fitted on the validation part, as after training.
-        let probs = predict(&model, val, opts.batch_size, &mut |n| {
+        // The temperature is fitted on the validation part, as after training, and in its
+        // batches (an export that recorded no training settings: in --eval-batch-size's).
+        let batch = match meta.contains_key("train") {
+            true => validation_batch(&file.meta_json("train")?),
+            false => opts.batch_size,
+        };
+        let probs = predict(&model, val, batch, &mut |n| {
             bar.inc(n);
             loren::interrupt::scoring_stop("")
         })?;
