@@ -385,7 +385,31 @@ pub fn write_raw(
         .collect::<Result<Vec<_>>>()?;
     let buffer = safetensors::serialize(views, Some(metadata))
         .map_err(|e| NnError::checkpoint(path, e.to_string()))?;
-    write_atomic(path, &buffer)
+    write_atomic(path, &in_key_order(buffer))
+}
+
+/// `file` (a safetensors buffer) with its header's keys in sorted order: safetensors writes the
+/// metadata in a `HashMap`'s order, which changes from run to run, so that the same run wrote
+/// other bytes each time and no checksum could tell two runs' files alike.
+fn in_key_order(file: Vec<u8>) -> Vec<u8> {
+    let header_len = |f: &[u8]| Some(u64::from_le_bytes(f.get(..8)?.try_into().ok()?) as usize);
+    let Some(n) = header_len(&file) else {
+        return file;
+    };
+    let Some(Ok(header)) = file
+        .get(8..8 + n)
+        .map(serde_json::from_slice::<serde_json::Value>)
+    else {
+        return file;
+    };
+    // serde_json's maps are BTreeMaps: serializing sorts every level's keys.
+    let mut sorted = header.to_string().into_bytes();
+    sorted.resize(sorted.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + sorted.len() + file.len() - 8 - n);
+    out.extend((sorted.len() as u64).to_le_bytes());
+    out.extend(sorted);
+    out.extend(&file[8 + n..]);
+    out
 }
 
 /// Write `bytes` to `path` through a synced temporary file and a rename.
@@ -530,6 +554,33 @@ mod tests {
             two.fingerprint(),
             file(&[("a", vec![1], vec![1.0])]).fingerprint()
         );
+    }
+
+    /// The same tensors and metadata make the same bytes, whatever order the metadata's map
+    /// iterates in, and the file reads back whole.
+    #[test]
+    fn the_same_contents_write_the_same_bytes() {
+        let dir = temp("same-bytes");
+        let tensors = [
+            ("w", vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]),
+            ("b", vec![3], vec![5.0, 6.0, 7.0]),
+        ]
+        .map(|(name, shape, data)| (name.to_string(), Entry { shape, data }));
+        let metadata = || -> HashMap<String, String> {
+            (0..40)
+                .map(|i| (format!("key{i}"), format!("value {i}")))
+                .collect()
+        };
+        let files = ["one", "two"].map(|name| {
+            let path = dir.join(format!("{name}.safetensors"));
+            write(&path, &tensors, metadata()).unwrap();
+            path
+        });
+        let bytes = files.each_ref().map(|f| fs::read(f).unwrap());
+        assert!(bytes[0] == bytes[1], "two writes differ");
+        let back = TensorFile::read(&files[0]).unwrap();
+        assert_eq!(back.metadata(), &metadata());
+        assert_eq!(back.get("b").unwrap().data, [5.0, 6.0, 7.0]);
     }
 
     fn temp(name: &str) -> PathBuf {
