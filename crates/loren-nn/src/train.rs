@@ -618,7 +618,9 @@ impl<'m> Trainer<'m> {
                 "no checkpoint had been written yet, and {} is still the earlier run's",
                 p.display()
             ),
-            (Some(_), None) => "no checkpoint had been written yet".to_string(),
+            (Some(_), None) => {
+                "no checkpoint had been written yet, so there is nothing to resume".to_string()
+            }
             // A fit that writes none (a comparison's run, pretraining) has none to speak of.
             (None, None) => String::new(),
         };
