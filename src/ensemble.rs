@@ -772,6 +772,7 @@ fn network_of_export(
     let ens: EnsembleConfig = file.meta_json("ensemble")?;
     loren_nn::train::check_described_model(&vit, &ens, file, file.values())?;
     let mut model = Vit::new(&vit, &ens, device, 0)?;
+    model.set_prediction_seed(loren_nn::train::recorded_seed(file)?);
     match file.meta("layout")? {
         "shared" => model.load_shared_weights(file)?,
         "stacked" => model.load_tensors(file, |name, _| Vit::is_backbone(name))?,

@@ -83,6 +83,11 @@ fn round_trip(method: &str, normalize: Normalize) {
     };
     assert!((lr / want - 1.0).abs() < 1e-6, "{method}: lr {lr}");
     assert_eq!(report["settings"]["ensemble"]["method"], method);
+    // `loren eval` scored the checkpoint as the run did, to the last bit: MC Dropout's masks
+    // among all else, which follow the run's seed (5).
+    let eval: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(eval["test"], report["report"]["test"], "{method}: eval");
     let mut ens = Ensemble::load(&exported, DeviceSpec::Cpu).unwrap();
     assert_eq!((ens.members(), ens.classes()), (3, 10));
     assert_eq!(ens.class_names()[7], "7");

@@ -292,6 +292,7 @@ impl<'m> Trainer<'m> {
         let optimizer = Optimizer::new(config.optimizer, model.params())?;
         let grads = Grads::new(model.params())?;
         let loss = ScalarReadback::new(model.device())?;
+        model.set_prediction_seed(config.seed);
         Ok(Trainer {
             model,
             optimizer,
@@ -1121,6 +1122,15 @@ pub fn check_described_model(
     Ok(())
 }
 
+/// The seed of the run that trained the model `file` holds (a checkpoint, an export), which its
+/// predictions follow ([`Vit::set_prediction_seed`]); 0 for a file that records none.
+pub fn recorded_seed(file: &TensorFile) -> Result<u64> {
+    match file.metadata().contains_key("train") {
+        true => Ok(file.meta_json::<TrainConfig>("train")?.seed),
+        false => Ok(0),
+    }
+}
+
 /// Rebuild the model a training checkpoint holds. Its frozen backbone, when it has one, comes
 /// from `backbone`; the trainable tensors from the checkpoint.
 pub fn load_trained(
@@ -1151,6 +1161,7 @@ pub fn load_trained(
         file.values() + backbone.map_or(0, |b| b.values()),
     )?;
     let mut model = Vit::new(&vit, &ens, device, 0)?;
+    model.set_prediction_seed(recorded_seed(file)?);
     // Without frozen weights the checkpoint holds every tensor: any backbone will do.
     if let Some(b) = backbone {
         if frozen_backbone {

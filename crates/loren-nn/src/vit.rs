@@ -155,13 +155,18 @@ impl Draw {
         }
     }
 
-    /// The prediction's draw, row b drawing the masks of item `items[b]` (of item b without
-    /// keys).
-    pub fn prediction(items: Option<ItemKeys>) -> Draw {
-        Draw {
-            seed: 0x5052_4544_4943_5400,
-            items,
-        }
+    /// The prediction's draw of a model trained by a run seeded `seed`, row b drawing the masks
+    /// of item `items[b]` (of item b without keys): fixed for the model, and another for each
+    /// seed, so that a spread over seeds holds the masks' share too.
+    pub fn prediction(seed: u64, items: Option<ItemKeys>) -> Draw {
+        const PREDICTION: u64 = 0x5052_4544_4943_5400;
+        // Seed 0's is the one draw every model predicted with before the draw followed the
+        // seed: its figures (the README's, earlier runs') stay as they were.
+        let seed = match seed {
+            0 => PREDICTION,
+            s => Rng::new(s).fork(PREDICTION).next_u64(),
+        };
+        Draw { seed, items }
     }
 
     /// Block `block`'s masks at `rate` for `members` members.
@@ -188,6 +193,9 @@ pub struct Vit {
     head: Linear,
     /// Where [`Vit::load_backbone`] loaded the backbone from, if it did.
     backbone: Option<BackboneSource>,
+    /// The seed of the run that trained it, which MC Dropout's prediction masks follow
+    /// ([`Draw::prediction`]).
+    prediction_seed: u64,
 }
 
 /// A backbone file a model was loaded from: what a training checkpoint records of it, so that
@@ -386,7 +394,18 @@ impl Vit {
             norm,
             head,
             backbone: None,
+            prediction_seed: 0,
         })
+    }
+
+    /// Predict as a model trained by a run seeded `seed` (its [`TrainConfig::seed`]): MC
+    /// Dropout's prediction masks follow it. A [`Trainer`] sets it, and a trained model's
+    /// loader from what its file records; a model of neither draws seed 0's.
+    ///
+    /// [`TrainConfig::seed`]: crate::train::TrainConfig::seed
+    /// [`Trainer`]: crate::train::Trainer
+    pub fn set_prediction_seed(&mut self, seed: u64) {
+        self.prediction_seed = seed;
     }
 
     /// Where the backbone was loaded from, by [`Vit::load_backbone`].
@@ -642,7 +661,8 @@ impl Vit {
     /// [draws masks](Vit::draws_masks) reads them; for the others `&[]` will do.
     pub fn predict(&self, images: &Tensor, keys: &[u64]) -> Result<Tensor> {
         self.check_images(images)?;
-        let draw = Draw::prediction(self.items(images.dims()[0], keys)?);
+        let items = self.items(images.dims()[0], keys)?;
+        let draw = Draw::prediction(self.prediction_seed, items);
         let logits = self.forward(&Tape::inference(), images, Activations::Keep, draw)?;
         Ok(softmax(logits.value())?)
     }
@@ -772,6 +792,31 @@ mod tests {
         let block = |b| draw.block(b, EnsembleConfig::DROP_KEY, 3).unwrap();
         assert_ne!(block(0), block(1));
         assert_eq!(block(2), block(2));
+    }
+
+    /// A prediction draws one fixed set of masks for a model, and another for a model of
+    /// another run's seed: a spread over seeds then holds the masks' share too.
+    #[test]
+    fn prediction_masks_are_fixed_per_seed_and_apart_across_seeds() {
+        let mut model = ensemble(Method::McDropout, 1.0);
+        let (x, host) = images(&model);
+        let keys = model.image_keys(&host);
+        let mut predicted = |seed| {
+            model.set_prediction_seed(seed);
+            model.predict(&x, &keys).unwrap().to_vec().unwrap()
+        };
+        let (zero, one) = (predicted(0), predicted(1));
+        assert_ne!(zero, one);
+        assert_eq!(predicted(1), one);
+        assert_ne!(predicted(2), one);
+        // Seed 0's are the draw every model made before it followed the seed.
+        let old = Draw {
+            seed: 0x5052_4544_4943_5400,
+            items: model.items(2, &keys).unwrap(),
+        };
+        let logits = model.forward(&Tape::inference(), &x, Activations::Keep, old);
+        let old = softmax(logits.unwrap().value()).unwrap().to_vec().unwrap();
+        assert_eq!(zero, old);
     }
 
     /// B starts at zero, A Xavier-uniform with the gain and apart across members: the method's

@@ -85,7 +85,7 @@ fn loren_logits(weights: &str, io: &TensorFile, scheme: Scheme, image_size: usiz
             &Tape::inference(),
             &x,
             Activations::Keep,
-            Draw::prediction(None),
+            Draw::prediction(0, None),
         )
         .unwrap();
     logits.value().to_vec().unwrap()
