@@ -31,7 +31,7 @@ use loren_nn::eval::{EvalReport, ScoredSet, eval_images, evaluate, predict};
 use loren_nn::metrics::fit_temperature;
 use loren_nn::reliability::reliability_svg;
 
-use loren::outputs::writable_dir;
+use loren::outputs::{ClaimedDir, writable_dir};
 
 // The shared --data's default is train's; eval's is the checkpoint's own data, and the
 // normalisation and held-out classes are the checkpoint's.
@@ -339,6 +339,21 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         );
     }
     let mut bar = EvalBar::new("eval", images, a.common.verbosity());
+    // Held while it scores, as a run's folder is: a run writing there would take an eval.json
+    // beside its checkpoint for its own, or remove it as an earlier run's.
+    let flag = match a.out {
+        Some(_) => "--out",
+        None => "the checkpoint's folder",
+    };
+    let here = Path::new(".");
+    let _held = ClaimedDir::hold(
+        if out.as_os_str().is_empty() {
+            here
+        } else {
+            &out
+        },
+        flag,
+    )?;
     let _ctrl_c = loren::interrupt::Guard::install();
     let mut val_set = None;
     if let Some(val) = &data.val {
