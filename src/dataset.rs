@@ -297,6 +297,18 @@ impl DataSource {
     /// the official test file; a folder of images without classes: all of them), for scoring a model trained on other data at telling it apart:
     /// brought to the model's channels and size, and scaled as `like` (the model's own data) is,
     /// since the model is fed every image the one way. Its labels mean nothing to that model.
+    /// Whether `other` names the same data: the same kind at the same place, however the path
+    /// is written.
+    pub fn same_as(&self, other: &DataSource) -> bool {
+        let place = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        match (self, other) {
+            (DataSource::Digits(Some(a)), DataSource::Digits(Some(b)))
+            | (DataSource::Folder(a), DataSource::Folder(b)) => place(a) == place(b),
+            (DataSource::Cifar(x, a), DataSource::Cifar(y, b)) => x == y && place(a) == place(b),
+            (a, b) => a == b,
+        }
+    }
+
     pub fn ood_set(&self, vit: &VitConfig, like: &Dataset) -> Result<Dataset> {
         // The test part alone: the other parts would be read only to be dropped.
         let test = match self {

@@ -401,10 +401,13 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
                 if steps == 1 { "" } else { "s" },
             );
             if spec.train.warmup_steps >= trainer.total_steps() {
+                let steps = match trainer.total_steps() {
+                    1 => "its 1 step is".to_string(),
+                    n => format!("its {n} steps are all"),
+                };
                 crate::note!(
-                    "{label}: note: its {} steps are all learning-rate warm-up (--warmup {}), \
-                     which rises to the peak over the whole run, with no decay",
-                    trainer.total_steps(),
+                    "{label}: note: {steps} learning-rate warm-up (--warmup {}), which rises to \
+                     the peak over the whole run, with no decay",
                     spec.train.warmup_steps
                 );
             }

@@ -283,6 +283,41 @@ fn refusals_come_before_the_folder_is_said() {
     }
 }
 
+/// OOD sets that are the data scored in distribution (however the path is written) are said to
+/// be: no score tells an image from itself, and an AUROC of 0.5 could be read as a failure.
+#[test]
+fn an_ood_set_that_is_the_data_itself_is_noted() {
+    let dir = temp_dir("ood-itself");
+    let out = dir.join("run");
+    let o = out.to_str().unwrap();
+    let noted = "note: --ood-data digits is the data scored in distribution";
+    let args = [
+        "train",
+        "-m",
+        "2",
+        "--epochs",
+        "1",
+        "--no-shift",
+        "--out",
+        o,
+        "--ood-data",
+        "digits",
+    ];
+    let (ok, _, err) = loren(&args);
+    assert!(ok && err.contains(noted), "{err}");
+    let ckpt = out.join("checkpoint.safetensors");
+    let c = ckpt.to_str().unwrap();
+    let (ok, _, err) = loren(&[
+        "eval",
+        "--checkpoint",
+        c,
+        "--no-shift",
+        "--ood-data",
+        "digits",
+    ]);
+    assert!(ok && err.contains(noted), "{err}");
+}
+
 #[test]
 fn flags_the_method_or_optimizer_does_not_use_are_named() {
     let dir = temp_dir("unused-flags");

@@ -426,8 +426,16 @@ pub fn splits(
         }
     }
     for ood in &data.ood_data {
-        let set = ood
-            .parse::<DataSource>()
+        let parsed = ood.parse::<DataSource>();
+        if let (Ok(same), Verbosity::Normal) = (&parsed, verbosity)
+            && same.same_as(&source)
+        {
+            loren::note!(
+                "note: --ood-data {ood} is the data scored in distribution: its test images are \
+                 scored against themselves, which no score tells apart (AUROC 0.5)"
+            );
+        }
+        let set = parsed
             .and_then(|s| s.ood_set(vit, &splits.test))
             .with_context(|| {
                 data.taken(true, ood)
