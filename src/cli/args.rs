@@ -24,7 +24,8 @@ use loren_tensor::DeviceSpec;
 
 #[derive(Args, Clone)]
 pub struct Common {
-    /// Where to run: auto (a GPU when one can be used, else the CPU), cpu, cuda or cuda:N.
+    /// Where to run: auto (a GPU when one can be used, else the CPU), cpu, cuda (GPU 0; gpu
+    /// says the same) or cuda:N (GPU N, from 0).
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Print only the report: no progress bars, progress lines or notes. Warnings still show

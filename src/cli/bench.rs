@@ -14,7 +14,8 @@ use loren::bench::{BenchOptions, BenchReport, plan_bench, table, write};
 
 #[derive(Args, Clone)]
 pub struct BenchArgs {
-    /// Where to run: auto (a GPU when one can be used, else the CPU), cpu, cuda or cuda:N.
+    /// Where to run: auto (a GPU when one can be used, else the CPU), cpu, cuda (GPU 0; gpu
+    /// says the same) or cuda:N (GPU N, from 0).
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Model configs, comma-separated: tiny, vit-b-32, vit-b-16. Default: vit-b-32,vit-b-16 on a

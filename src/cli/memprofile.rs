@@ -13,7 +13,8 @@ use loren::memprofile::{MemprofileOptions, MemprofileReport, plan_memprofile, ta
 
 #[derive(Args, Clone)]
 pub struct MemprofileArgs {
-    /// Where to run: auto (a GPU when one can be used, else the CPU), cpu, cuda or cuda:N.
+    /// Where to run: auto (a GPU when one can be used, else the CPU), cpu, cuda (GPU 0; gpu
+    /// says the same) or cuda:N (GPU N, from 0).
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Model configs, comma-separated: tiny, vit-b-32, vit-b-16. Default: tiny,vit-b-32 on the

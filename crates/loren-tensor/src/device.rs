@@ -337,6 +337,7 @@ pub enum DeviceSpec {
     Cuda(usize),
 }
 
+/// `auto`, `cpu`, `cuda` (or `gpu`) or `cuda:N`, in any case, spaces around ignored.
 impl FromStr for DeviceSpec {
     type Err = Error;
 
