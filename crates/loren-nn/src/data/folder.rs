@@ -20,6 +20,7 @@ use zune_core::options::DecoderOptions;
 use zune_jpeg::JpegDecoder;
 
 use super::external::folder_test_part;
+use super::orientation::{exif_orientation, upright};
 use super::resize::{Filter, Resampler, luma, luma_of};
 use super::{DataError, Dataset, Pixels};
 
@@ -693,21 +694,6 @@ fn reaches_end_of_image(bytes: &[u8]) -> bool {
     false
 }
 
-/// The most pixels a side of a JPEG may have: zune-jpeg's default limit, kept so that the
-/// images read are those read before this check moved here.
-const MAX_JPEG_SIDE: usize = 1 << 14;
-
-/// Refuses a JPEG wider or taller than [`MAX_JPEG_SIDE`], or larger than [`check_pixels`]
-/// allows.
-fn check_jpeg_size(width: usize, height: usize) -> Result<(), String> {
-    if width.max(height) > MAX_JPEG_SIDE {
-        return Err(format!(
-            "{width}x{height} pixels, above the {MAX_JPEG_SIDE} px per side a JPEG may have here"
-        ));
-    }
-    check_pixels(width, height)
-}
-
 /// zune-jpeg's error in loren's words. Its messages are written by `Debug`, which quotes the
 /// free-text ones, so those are taken from the variant itself.
 fn jpeg_error(e: zune_jpeg::errors::DecodeErrors) -> String {
@@ -732,8 +718,8 @@ fn decode_jpeg(bytes: &[u8]) -> Result<Decoded, String> {
                    or corrupt)";
         return Err(msg.into());
     }
-    // The decoder's own side limit is lifted to what a JPEG header can say, so that the size is
-    // checked here, in the words of [`check_jpeg_size`], rather than by the decoder.
+    // The decoder's own side limit (16384) is lifted to what a JPEG header can say: a phone's
+    // panorama is wider, and PIL reads it. The size is checked here, by its pixels, as a PNG's.
     let options = DecoderOptions::default()
         .jpeg_set_out_colorspace(ColorSpace::RGB)
         .set_max_width(usize::from(u16::MAX))
@@ -744,7 +730,7 @@ fn decode_jpeg(bytes: &[u8]) -> Result<Decoded, String> {
         .info()
         .ok_or("not a valid JPEG: it has no frame header")?;
     let (width, height) = (usize::from(info.width), usize::from(info.height));
-    check_jpeg_size(width, height)?;
+    check_pixels(width, height)?;
     let samples = decoder.decode().map_err(jpeg_error)?;
     if samples.len() != width * height * 3 {
         return Err(format!(
@@ -752,11 +738,15 @@ fn decode_jpeg(bytes: &[u8]) -> Result<Decoded, String> {
             samples.len()
         ));
     }
-    Ok(Decoded {
+    let stored = Decoded {
         width,
         height,
         channels: 3,
         samples,
+    };
+    Ok(match decoder.exif().and_then(|e| exif_orientation(e)) {
+        Some(orientation) => upright(stored, orientation),
+        None => stored,
     })
 }
 
@@ -1549,12 +1539,8 @@ mod tests {
         jpeg[sof + 5..sof + 9].copy_from_slice(&[side, side].concat());
         assert_eq!(
             decode_samples(&jpeg).unwrap_err(),
-            "65000x65000 pixels, above the 16384 px per side a JPEG may have here"
+            "the header says 65000x65000, more than the 178956970 pixels an image may have"
         );
-        // Still refused where the decoder refused it, and nowhere else.
-        jpeg[sof + 5..sof + 9].copy_from_slice(&[0x00, 0x10, 0x40, 0x01]);
-        let e = decode_samples(&jpeg).unwrap_err();
-        assert!(e.starts_with("16385x16 pixels, above the 16384"), "{e}");
         // A frame header cut short: zune-jpeg's free text, unquoted.
         jpeg[sof + 2..sof + 4].copy_from_slice(&[0x00, 0x03]);
         let e = decode_samples(&jpeg).unwrap_err();
@@ -1562,6 +1548,49 @@ mod tests {
             e.starts_with("not a valid JPEG: its data is corrupt (jpeg: ") && !e.contains('"'),
             "{e}"
         );
+    }
+
+    /// A phone's photo is stored as the sensor read it, with an EXIF tag saying how it was held;
+    /// it is read upright, as every viewer shows it (it was read lying on its side). A panorama
+    /// wider than the decoder's own 16384 px reads too, as in PIL.
+    #[test]
+    fn data_a_jpeg_is_read_upright_and_a_panorama_whole() {
+        let (w, h) = (6, 4);
+        let stored = rgb(3, w, h);
+        let encode = |exif: Option<Vec<u8>>| {
+            let mut jpeg = Vec::new();
+            let mut enc = jpeg_encoder::Encoder::new(&mut jpeg, 100);
+            enc.set_sampling_factor(jpeg_encoder::SamplingFactor::R_4_4_4);
+            if let Some(tiff) = exif {
+                enc.add_app_segment(1, [b"Exif\0\0".to_vec(), tiff].concat())
+                    .unwrap();
+            }
+            enc.encode(&stored, w as u16, h as u16, jpeg_encoder::ColorType::Rgb)
+                .unwrap();
+            jpeg
+        };
+        let plain = decode_samples(&encode(None)).unwrap();
+        // A little-endian TIFF header, one entry: orientation 6, a quarter turn clockwise.
+        let mut tiff = b"II\x2a\x00\x08\x00\x00\x00\x01\x00".to_vec();
+        tiff.extend([0x12, 0x01, 3, 0, 1, 0, 0, 0, 6, 0, 0, 0, 0, 0, 0, 0]);
+        let turned = decode_samples(&encode(Some(tiff))).unwrap();
+        assert_eq!([turned.width, turned.height], [h, w]);
+        // The stored image's bottom-left pixel is the upright one's top-left.
+        assert_eq!(turned.samples[..3], plain.samples[(h - 1) * w * 3..][..3]);
+        assert_eq!(turned, upright(plain, 6));
+
+        let (w, h) = (17_000, 8);
+        let mut jpeg = Vec::new();
+        jpeg_encoder::Encoder::new(&mut jpeg, 50)
+            .encode(
+                &rgb(1, w, h),
+                w as u16,
+                h as u16,
+                jpeg_encoder::ColorType::Rgb,
+            )
+            .unwrap();
+        let wide = decode_samples(&jpeg).unwrap();
+        assert_eq!([wide.width, wide.height], [w, h]);
     }
 
     /// A folder whose classes are too small for its split to give the test part an image gave

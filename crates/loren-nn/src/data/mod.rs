@@ -12,6 +12,7 @@ pub mod error;
 pub mod external;
 pub mod folder;
 pub mod ood;
+pub mod orientation;
 pub mod pixels;
 pub mod prefetch;
 pub mod resize;
