@@ -87,9 +87,19 @@ mod tests {
 
     /// EXIF data of one directory entry: the orientation, in either byte order.
     fn exif(orientation: u16, big: bool) -> Vec<u8> {
-        let (u16b, u32b): (fn(u16) -> [u8; 2], fn(u32) -> [u8; 4]) = match big {
-            true => (u16::to_be_bytes, u32::to_be_bytes),
-            false => (u16::to_le_bytes, u32::to_le_bytes),
+        let u16b = |v: u16| {
+            if big {
+                v.to_be_bytes()
+            } else {
+                v.to_le_bytes()
+            }
+        };
+        let u32b = |v: u32| {
+            if big {
+                v.to_be_bytes()
+            } else {
+                v.to_le_bytes()
+            }
         };
         let mut t = if big { b"MM".to_vec() } else { b"II".to_vec() };
         t.extend(u16b(42));
