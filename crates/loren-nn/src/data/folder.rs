@@ -66,7 +66,7 @@ struct Listing {
 }
 
 fn list_folder(dir: &Path) -> Result<Listing, DataError> {
-    let classes = class_folders(dir)?;
+    let classes = named_classes(dir)?;
     let mut files = Vec::new();
     for (label, class_dir) in classes.iter().enumerate() {
         let images = image_files(class_dir)?;
@@ -218,7 +218,26 @@ fn images_under(
 
 /// The class names of the image folder at `dir`: its subfolders' names, sorted.
 pub fn folder_class_names(dir: &Path) -> Result<Vec<String>, DataError> {
-    Ok(class_folders(dir)?.iter().map(|d| file_name(d)).collect())
+    Ok(named_classes(dir)?.iter().map(|d| file_name(d)).collect())
+}
+
+/// [`class_folders`], each named in text: a class is known by its name (in the checkpoint, in
+/// predictions, to `--holdout-classes`), and a name that is not UTF-8 would be written with
+/// `�` in place of its bytes, so that two classes could read as one.
+fn named_classes(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
+    let classes = class_folders(dir)?;
+    match classes
+        .iter()
+        .find(|c| c.file_name().and_then(|n| n.to_str()).is_none())
+    {
+        Some(c) => Err(DataError::BadFile {
+            path: c.clone(),
+            msg: "a class folder's name must be text (UTF-8), as the class is known by it: \
+                  rename the folder"
+                .into(),
+        }),
+        None => Ok(classes),
+    }
 }
 
 /// ImageNet's statistics for 3 channels, or for 1 their luma, as for any colour data made grey
@@ -1591,6 +1610,32 @@ mod tests {
             .unwrap();
         let wide = decode_samples(&jpeg).unwrap();
         assert_eq!([wide.width, wide.height], [w, h]);
+    }
+
+    /// Two class folders whose names are not text read as one name (`caf\u{fffd}`): refused, by
+    /// the list of classes and by the data.
+    #[cfg(unix)]
+    #[test]
+    fn data_a_class_folder_named_in_other_than_text_is_refused() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = temp_dir("not-text");
+        for (name, seed) in [(&b"caf\xe9"[..], 1), (&b"caf\xe8"[..], 2)] {
+            let class = dir.join(std::ffi::OsStr::from_bytes(name));
+            fs::create_dir_all(&class).unwrap();
+            write_png(
+                &class.join("0.png"),
+                2,
+                2,
+                png::ColorType::Rgb,
+                &rgb(seed, 2, 2),
+            );
+        }
+        let said = "a class folder's name must be text (UTF-8)";
+        let e = folder_class_names(&dir).unwrap_err().to_string();
+        assert!(e.contains(said) && e.contains("caf"), "{e}");
+        let e = load_folder(&dir, [3, 2, 2]).unwrap_err().to_string();
+        assert!(e.contains(said), "{e}");
+        let _ = fs::remove_dir_all(&dir);
     }
 
     /// A folder whose classes are too small for its split to give the test part an image gave
