@@ -302,6 +302,72 @@ fn mc_dropout_masks_follow_the_image_not_its_row_or_place() {
     println!("largest difference {worst:e}");
 }
 
+/// Images that cannot be read, among many that can, lose none of the others' predictions:
+/// every readable image has its row, as it would alone, and the bad ones are named together,
+/// the command failing for them.
+#[test]
+fn an_unreadable_image_loses_none_of_the_others() {
+    let (model, _) = lora();
+    let dir = temp_dir("unreadable");
+    let images = dir.join("images");
+    let (paths, _, _) = image_folder(&images, 12);
+    let whole = dir.join("whole.csv");
+    predict_into(
+        model,
+        std::slice::from_ref(&images),
+        &whole,
+        &["--batch-size", "5"],
+    );
+    // Two files cut short, in separate batches of 5.
+    let good = std::fs::read(&paths[0]).unwrap();
+    for bad in ["a/001x.png", "b/009x.png"] {
+        std::fs::write(images.join(bad), &good[..good.len() / 2]).unwrap();
+    }
+    let out = dir.join("some.csv");
+    let (m, imgs, o) = (
+        model.to_str().unwrap(),
+        images.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let args = [
+        "predict",
+        "--model",
+        m,
+        imgs,
+        "--out",
+        o,
+        "-q",
+        "--batch-size",
+        "5",
+    ];
+    let (ok, _, err) = loren(&args);
+    assert!(!ok, "it succeeded");
+    let said = [
+        "2 of 14 images have no row: 2 image files cannot be read:",
+        "001x.png: cannot decode the image",
+        "009x.png: cannot decode the image",
+    ];
+    for s in said {
+        assert!(err.contains(s), "{s}: {err}");
+    }
+    // The same rows, but for the last bits a row's place in its batch moves.
+    let rows = |f: &Path| -> Vec<Vec<String>> {
+        let text = std::fs::read_to_string(f).unwrap();
+        text.lines()
+            .map(|l| l.split(',').map(String::from).collect())
+            .collect()
+    };
+    let (some, all) = (rows(&out), rows(&whole));
+    assert_eq!(some.len(), all.len());
+    for (got, want) in some.iter().zip(&all).skip(1) {
+        assert_eq!(got[..3], want[..3], "path, class and name");
+        for (g, w) in got.iter().zip(want).skip(3) {
+            let (g, w): (f64, f64) = (g.parse().unwrap(), w.parse().unwrap());
+            assert!((g - w).abs() < 1e-5, "{}: {g} against {w}", got[0]);
+        }
+    }
+}
+
 #[test]
 fn predict_refuses_bad_input_with_one_line_and_writes_nothing() {
     let (model, exported) = lora();

@@ -908,6 +908,7 @@ fn ood_data_scores_detection_against_other_datasets() {
         "2",
         "--out",
         to.to_str().unwrap(),
+        "-q",
     ];
     let said = format!(
         "--ood-data {unlabelled}, as {r} saved it (if it moved, give --ood-data with its new place)"

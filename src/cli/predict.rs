@@ -17,7 +17,8 @@ use loren::progress::{EvalBar, Verbosity};
 use loren::report::method_title;
 use loren::tensor::DeviceSpec;
 use loren_nn::checkpoint::write_atomic;
-use loren_nn::data::folder::{find_images, read_images};
+use loren_nn::data::DataError;
+use loren_nn::data::folder::{find_images, read_readable};
 use loren_nn::data::prefetch::{DEPTH, prefetch};
 use loren_nn::metrics::argmax;
 
@@ -133,7 +134,8 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
         );
     }
     let members = format == Some(Format::Json);
-    let rows = predict_files(&ens, &files, a.batch_size, members, a.common.verbosity())?;
+    let (rows, mut unread) =
+        predict_files(&ens, &files, a.batch_size, members, a.common.verbosity())?;
     let config = ens.config();
     let title = method_title(
         config.method,
@@ -163,7 +165,20 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
     if let Some(out) = &a.out {
         say(format_args!("wrote {}\n", out.display()))?;
     }
-    Ok(())
+    // Every image that could be read has its row, written and shown; the others are named
+    // together, and the command fails for them.
+    match unread.len() {
+        0 => Ok(()),
+        n => Err(anyhow::Error::from(match n {
+            1 => unread.remove(0),
+            _ => DataError::Unreadable(unread),
+        })
+        .context(format!(
+            "{n} of {} {} no row",
+            images(files.len()),
+            if n == 1 { "has" } else { "have" }
+        ))),
+    }
 }
 
 /// "1 image", "12 images".
@@ -171,35 +186,54 @@ fn images(n: usize) -> String {
     format!("{n} image{}", if n == 1 { "" } else { "s" })
 }
 
-/// Every image's row (with each member's probabilities when `members`), predicted a batch at a
-/// time, each batch decoded on a background thread while the one before it runs.
+/// A chunk of images as the background thread reads it: the readable ones' normalised pixels,
+/// and each other's place in the chunk with its error.
+type ReadChunk = (Vec<f32>, Vec<(usize, DataError)>);
+
+/// Every readable image's row (with each member's probabilities when `members`), predicted a
+/// batch at a time, each batch decoded on a background thread while the one before it runs;
+/// and the error of each image that could not be read, in order: one bad file among many loses
+/// none of the others' predictions.
 fn predict_files(
     ens: &Ensemble,
     files: &[PathBuf],
     batch: usize,
     members: bool,
     verbosity: Verbosity,
-) -> Result<Vec<Row>> {
+) -> Result<(Vec<Row>, Vec<DataError>)> {
     let shape = ens.image_shape();
     let chunks: Vec<&[PathBuf]> = files.chunks(batch).collect();
     let mut bar = EvalBar::new("predict", files.len(), verbosity);
     let _ctrl_c = loren::interrupt::Guard::install();
-    std::thread::scope(|scope| -> Result<Vec<Row>> {
-        let decode = |i: usize| -> Result<Vec<f32>> {
-            let pixels = read_images(chunks[i], shape)?;
-            Ok(ens.normalize(&pixels.to_f32(), chunks[i].len())?)
+    std::thread::scope(|scope| -> Result<(Vec<Row>, Vec<DataError>)> {
+        let decode = |i: usize| -> Result<ReadChunk> {
+            let (pixels, failed) = read_readable(chunks[i], shape)?;
+            match chunks[i].len() - failed.len() {
+                0 => Ok((Vec::new(), failed)),
+                read => Ok((ens.normalize(&pixels.to_f32(), read)?, failed)),
+            }
         };
         let decoded = prefetch(scope, chunks.len(), DEPTH, decode);
         let mut rows = Vec::with_capacity(files.len());
-        for (images, chunk) in decoded.zip(&chunks) {
-            let p = ens.predict(&images?, chunk.len())?;
-            bar.inc(p.batch);
+        let mut unread = Vec::new();
+        for (decoded, chunk) in decoded.zip(&chunks) {
+            let (images, failed) = decoded?;
+            let read: Vec<&PathBuf> = (chunk.iter().enumerate())
+                .filter(|(i, _)| failed.iter().all(|(f, _)| f != i))
+                .map(|(_, path)| path)
+                .collect();
+            unread.extend(failed.into_iter().map(|(_, e)| e));
+            bar.inc(chunk.len());
+            if read.is_empty() {
+                continue;
+            }
+            let p = ens.predict(&images, read.len())?;
             // Into rows at once: every member's probabilities over a large set would be M
             // times the memory of the rows, and only the JSON file wants them.
-            rows.extend((0..p.batch).map(|b| row(ens, &chunk[b], &p, b, members)));
+            rows.extend((0..p.batch).map(|b| row(ens, read[b], &p, b, members)));
             loren::interrupt::scoring_stop("nothing was written")?;
         }
-        Ok(rows)
+        Ok((rows, unread))
     })
 }
 

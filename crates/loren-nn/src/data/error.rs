@@ -78,6 +78,10 @@ pub enum DataError {
     /// truncated, an unknown label, an undecodable image, a folder with no images.
     #[error("{}: {msg}", path.display())]
     BadFile { path: PathBuf, msg: String },
+    /// Image files that cannot be read, two or more, each named with its reason: a folder's
+    /// every bad file in one error, not one a run.
+    #[error("{} image files cannot be read:{}", .0.len(), listed(.0))]
+    Unreadable(Vec<DataError>),
     /// Bytes given to [`decode`](super::folder::decode) that are not a PNG or JPEG image it
     /// reads.
     #[error("cannot decode the image: {reason}")]
@@ -208,6 +212,22 @@ pub enum DataError {
 }
 
 /// `n · C · H · W`, or `None` if it overflows.
+/// Each error on a line of its own, the first [`LISTED`], then how many more.
+fn listed(errors: &[DataError]) -> String {
+    let mut out: String = errors
+        .iter()
+        .take(LISTED)
+        .map(|e| format!("\n  {e}"))
+        .collect();
+    if errors.len() > LISTED {
+        out += &format!("\n  and {} more", errors.len() - LISTED);
+    }
+    out
+}
+
+/// How many unreadable files an error lists.
+const LISTED: usize = 20;
+
 pub(crate) fn pixel_count(n: usize, shape: [usize; 3]) -> Option<usize> {
     shape.iter().try_fold(n, |acc, &d| acc.checked_mul(d))
 }

@@ -122,8 +122,25 @@ pub fn load_unlabelled(dir: &Path, shape: [usize; 3]) -> Result<Dataset, DataErr
 
 /// Image files decoded and brought to `shape` (`[channels, height, width]`, channels 1 or 3),
 /// in order, as a folder dataset reads its images: the same pixels an image folder's test part
-/// holds.
+/// holds. Every file is read before an error: one that cannot be is named with every other
+/// ([`DataError::Unreadable`] where there are two or more).
 pub fn read_images(files: &[PathBuf], shape: [usize; 3]) -> Result<Pixels, DataError> {
+    let (pixels, mut failed) = read_readable(files, shape)?;
+    match failed.len() {
+        0 => Ok(pixels),
+        1 => Err(failed.remove(0).1),
+        _ => Err(DataError::Unreadable(
+            failed.into_iter().map(|(_, e)| e).collect(),
+        )),
+    }
+}
+
+/// [`read_images`] of the files that can be read, in order, and each other's index in `files`
+/// with its error: what a prediction over many files makes of the readable ones.
+pub fn read_readable(
+    files: &[PathBuf],
+    shape: [usize; 3],
+) -> Result<(Pixels, Vec<(usize, DataError)>), DataError> {
     let [channels, height, width] = shape;
     let bad = |reason: &str| DataError::ImageShape {
         shape,
@@ -147,13 +164,30 @@ pub fn read_images(files: &[PathBuf], shape: [usize; 3]) -> Result<Pixels, DataE
     let mut bytes = Vec::new();
     bytes.try_reserve_exact(total).map_err(|_| too_many())?;
     bytes.resize(total, 0u8);
-    bytes.par_chunks_mut(per_image).zip(files).try_for_each(
-        |(out, path)| -> Result<(), DataError> {
-            out.copy_from_slice(&Pixels::quantized(&load_image(path, shape)?, 255));
-            Ok(())
-        },
-    )?;
-    Ok(Pixels::Steps { bytes, levels: 255 })
+    let failed: Vec<(usize, DataError)> = bytes
+        .par_chunks_mut(per_image)
+        .zip(files)
+        .enumerate()
+        .filter_map(|(i, (out, path))| match load_image(path, shape) {
+            Ok(image) => {
+                out.copy_from_slice(&Pixels::quantized(&image, 255));
+                None
+            }
+            Err(e) => Some((i, e)),
+        })
+        .collect();
+    // The readable ones close up over the others' places, in order.
+    let mut unread = vec![false; files.len()];
+    for (i, _) in &failed {
+        unread[*i] = true;
+    }
+    let mut kept = 0;
+    for i in (0..files.len()).filter(|&i| !unread[i]) {
+        bytes.copy_within(i * per_image..(i + 1) * per_image, kept * per_image);
+        kept += 1;
+    }
+    bytes.truncate(kept * per_image);
+    Ok((Pixels::Steps { bytes, levels: 255 }, failed))
 }
 
 /// The PNG and JPEG files `paths` name: a file as it is (an error when it is not an image), a
@@ -1610,6 +1644,50 @@ mod tests {
             .unwrap();
         let wide = decode_samples(&jpeg).unwrap();
         assert_eq!([wide.width, wide.height], [w, h]);
+    }
+
+    /// Every file that cannot be read is named in one error (one a run took as many runs as
+    /// files to find them), and the readable ones are what they are alone.
+    #[test]
+    fn data_every_unreadable_image_is_named_at_once() {
+        let dir = temp_dir("unreadable");
+        fs::create_dir_all(&dir).unwrap();
+        let mut files = Vec::new();
+        for i in 0..6 {
+            let path = dir.join(format!("{i}.png"));
+            write_png(&path, 3, 3, png::ColorType::Rgb, &rgb(i, 3, 3));
+            files.push(path);
+        }
+        let whole = read_images(&files, [3, 3, 3]).unwrap();
+        for i in [1, 4] {
+            let bytes = fs::read(&files[i]).unwrap();
+            fs::write(&files[i], &bytes[..bytes.len() / 2]).unwrap();
+        }
+        let e = read_images(&files, [3, 3, 3]).unwrap_err().to_string();
+        assert!(e.starts_with("2 image files cannot be read:\n  "), "{e}");
+        assert!(
+            e.contains("1.png: cannot decode") && e.contains("4.png: cannot decode"),
+            "{e}"
+        );
+        let (read, failed) = read_readable(&files, [3, 3, 3]).unwrap();
+        assert_eq!(failed.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [1, 4]);
+        let per = 27;
+        let kept: Vec<f32> = [0, 2, 3, 5]
+            .iter()
+            .flat_map(|&i| whole.to_f32()[i * per..][..per].to_vec())
+            .collect();
+        assert_eq!(read.to_f32(), kept);
+        // One alone is its own error, as it was.
+        let e = read_images(&files[..2], [3, 3, 3]).unwrap_err().to_string();
+        assert!(
+            e.contains("1.png: cannot decode") && !e.contains("image files"),
+            "{e}"
+        );
+        // Past twenty, the rest are counted.
+        let many: Vec<PathBuf> = std::iter::repeat_n(files[1].clone(), 23).collect();
+        let e = read_images(&many, [3, 3, 3]).unwrap_err().to_string();
+        assert!(e.ends_with("\n  and 3 more"), "{e}");
+        let _ = fs::remove_dir_all(&dir);
     }
 
     /// Two class folders whose names are not text read as one name (`caf\u{fffd}`): refused, by
