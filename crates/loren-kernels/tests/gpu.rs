@@ -1872,6 +1872,23 @@ fn cublas_strided_batched_gemm() {
     g.gemm_bf16(&gemm, &ad, &wd, GemmOut::Bf16(&mut c16))
         .expect("gemm_bf16");
     check("cublas bf16 out", &down_bf16(g, &c16), &want, BF16_TOL);
+    // Outputs closer than a matrix apart would be written by several products at once, in an
+    // order cuBLAS leaves open: refused, where one product alone may take stride 0.
+    for stride_c in [0, m * n - 1] {
+        let overlapping = Gemm { stride_c, ..gemm };
+        let err = g
+            .gemm_bf16(&overlapping, &ad, &wd, GemmOut::F32(&mut c))
+            .expect_err("overlapping C accepted");
+        assert!(err.to_string().contains("overlap"), "{err}");
+    }
+    let one = Gemm {
+        batch: 1,
+        stride_a: 0,
+        stride_c: 0,
+        ..gemm
+    };
+    g.gemm_bf16(&one, &ad, &wd, GemmOut::F32(&mut c))
+        .expect("one product, stride 0");
 }
 
 /// Freed device memory stays with the process until `release_cached_memory`: a training step

@@ -15,7 +15,8 @@ use crate::gpu::Gpu;
 /// A batch of row-major products `C[i] = alpha·op(A[i])·op(B[i]) + beta·C[i]`, i < batch, with
 /// op(A) [m, k] and op(B) [k, n]: A is stored [m, k] (or [k, m] when `trans_a`), B is stored
 /// [k, n] (or [n, k] when `trans_b`, the `x·Wᵀ` case with W [n, k]), C [m, n]. Consecutive
-/// matrices are `stride_*` elements apart (0 broadcasts one matrix over the batch).
+/// matrices are `stride_*` elements apart (0 broadcasts one A or B over the batch; the C matrices
+/// of a batch may not overlap).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Gemm {
     pub m: usize,
@@ -59,6 +60,17 @@ impl Gpu {
             i32::try_from(v)
                 .map_err(|_| KernelError::invalid(OP, format!("{what} = {v} exceeds i32")))
         };
+        // A and B may be read by several products (stride 0 broadcasts one); C may not be
+        // written by several, which cuBLAS runs in no set order.
+        if g.batch > 1 && g.stride_c < g.m * g.n {
+            return Err(KernelError::invalid(
+                OP,
+                format!(
+                    "C matrices of {}×{} a stride of {} apart overlap",
+                    g.m, g.n, g.stride_c
+                ),
+            ));
+        }
         let (m, n, k) = (small("m", g.m)?, small("n", g.n)?, small("k", g.k)?);
         let batch = small("batch", g.batch)?;
         let a = self.input(OP, "A", a, need(g.batch, g.stride_a, g.m * g.k))?;
