@@ -39,7 +39,8 @@ template <int DH> struct Smem {
 template <int DH> __device__ __forceinline__ constexpr int ld() { return Smem<DH>::LD; }
 
 struct Dims {
-    int B, T, H, gq, gk, gv;
+    // gb0: the launch's first sequence (g·B + b), as G·B may pass the 65535 of grid z.
+    int B, T, H, gq, gk, gv, gb0;
     unsigned drop_threshold;
     unsigned long long drop_seed;
     const unsigned long long* drop_items;
@@ -157,7 +158,7 @@ __device__ __forceinline__ void zero(float a[N][4]) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward. grid (ceil(T/64), H, G·B), block 128, dynamic smem Smem<DH>::FWD.
+// Forward. grid (ceil(T/64), H, sequences from gb0), block 128, dynamic smem Smem<DH>::FWD.
 // ---------------------------------------------------------------------------------------------
 template <int DH, bool DROP>
 __device__ void forward(const bf16* Q, const bf16* K, const bf16* V, bf16* O, float* LSE, Dims d,
@@ -167,7 +168,7 @@ __device__ void forward(const bf16* Q, const bf16* K, const bf16* V, bf16* O, fl
     bf16* Ks = Qs + TILE * ld<DH>();
     bf16* Vs = Ks + TILE * ld<DH>();
     const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    const int q0 = blockIdx.x * TILE, h = blockIdx.y, gb = blockIdx.z;
+    const int q0 = blockIdx.x * TILE, h = blockIdx.y, gb = d.gb0 + blockIdx.z;
     const int g = gb / d.B, b = gb % d.B, D = d.H * DH;
     const bf16* q = Q + seq_offset(g, d.gq, b, d, D) + h * DH;
     const bf16* k = K + seq_offset(g, d.gk, b, d, D) + h * DH;
@@ -258,7 +259,7 @@ __device__ void forward(const bf16* Q, const bf16* K, const bf16* V, bf16* O, fl
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward, dQ (and DELTA). grid (ceil(T/64), H, G·B), block 128, dynamic smem Smem<DH>::DQ.
+// Backward, dQ (and DELTA). grid (ceil(T/64), H, sequences from gb0), block 128, dynamic smem Smem<DH>::DQ.
 //   DELTA_i = Σ_d dO_id·O_id;  dS = P∘(dO·Vᵀ − DELTA);  dQ = scale·dS·K
 // ---------------------------------------------------------------------------------------------
 template <int DH, bool DROP>
@@ -272,7 +273,7 @@ __device__ void backward_dq(const bf16* dO, const bf16* Q, const bf16* K, const 
     bf16* Vs = Ks + TILE * ld<DH>();
     float* delta_s = reinterpret_cast<float*>(Vs + TILE * ld<DH>());
     const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    const int q0 = blockIdx.x * TILE, h = blockIdx.y, gb = blockIdx.z;
+    const int q0 = blockIdx.x * TILE, h = blockIdx.y, gb = d.gb0 + blockIdx.z;
     const int g = gb / d.B, b = gb % d.B, D = d.H * DH;
     const bf16* q = Q + seq_offset(g, d.gq, b, d, D) + h * DH;
     const bf16* k = K + seq_offset(g, d.gk, b, d, D) + h * DH;
@@ -349,7 +350,7 @@ __device__ void backward_dq(const bf16* dO, const bf16* Q, const bf16* K, const 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward, dK and dV. grid (ceil(T/64) key tiles, H, G·B), block 128, dynamic smem
+// Backward, dK and dV. grid (ceil(T/64) key tiles, H, sequences from gb0), block 128, dynamic smem
 // Smem<DH>::DKV. Each warp owns 16 keys and works with transposed scores:
 //   Pᵀ = exp(K·Qᵀ − LSE),  dV = Pᵀ·dO,  dSᵀ = Pᵀ∘(V·dOᵀ − DELTA),  dK = scale·dSᵀ·Q
 // ---------------------------------------------------------------------------------------------
@@ -366,7 +367,7 @@ __device__ void backward_dkv(const bf16* dO, const bf16* Q, const bf16* K, const
     float* delta_s = lse_s + TILE;
     unsigned* row_hash_s = reinterpret_cast<unsigned*>(delta_s + TILE);  // per query
     const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    const int k0 = blockIdx.x * TILE, h = blockIdx.y, gb = blockIdx.z;
+    const int k0 = blockIdx.x * TILE, h = blockIdx.y, gb = d.gb0 + blockIdx.z;
     const int g = gb / d.B, b = gb % d.B, D = d.H * DH;
     const bf16* q = Q + seq_offset(g, d.gq, b, d, D) + h * DH;
     const bf16* k = K + seq_offset(g, d.gk, b, d, D) + h * DH;
@@ -455,25 +456,25 @@ __device__ void backward_dkv(const bf16* dO, const bf16* Q, const bf16* K, const
     extern "C" __global__ void __launch_bounds__(attn::THREADS)                                   \
         attention_fwd##SUFFIX##_d##DH(const bf16* Q, const bf16* K, const bf16* V, bf16* O,       \
                                       float* LSE, int B, int T, int H, int gq, int gk, int gv,    \
-                                      float scale EXTRA_PARAMS) {                                 \
-        attn::forward<DH, DROP>(Q, K, V, O, LSE, attn::Dims{B, T, H, gq, gk, gv EXTRA_DIMS},      \
-                                scale);                                                           \
+                                      int gb0, float scale EXTRA_PARAMS) {                        \
+        attn::forward<DH, DROP>(Q, K, V, O, LSE,                                                  \
+                                attn::Dims{B, T, H, gq, gk, gv, gb0 EXTRA_DIMS}, scale);          \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(attn::THREADS)                                   \
         attention_bwd_dq##SUFFIX##_d##DH(const bf16* dO, const bf16* Q, const bf16* K,            \
                                          const bf16* V, const bf16* O, const float* LSE,          \
                                          float* DELTA, bf16* dQ, int B, int T, int H, int gq,     \
-                                         int gk, int gv, float scale EXTRA_PARAMS) {              \
+                                         int gk, int gv, int gb0, float scale EXTRA_PARAMS) {     \
         attn::backward_dq<DH, DROP>(dO, Q, K, V, O, LSE, DELTA, dQ,                               \
-                                    attn::Dims{B, T, H, gq, gk, gv EXTRA_DIMS}, scale);           \
+                                    attn::Dims{B, T, H, gq, gk, gv, gb0 EXTRA_DIMS}, scale);      \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(attn::THREADS)                                   \
         attention_bwd_dkv##SUFFIX##_d##DH(const bf16* dO, const bf16* Q, const bf16* K,           \
                                           const bf16* V, const float* LSE, const float* DELTA,    \
                                           bf16* dK, bf16* dV, int B, int T, int H, int gq,        \
-                                          int gk, int gv, float scale EXTRA_PARAMS) {             \
+                                          int gk, int gv, int gb0, float scale EXTRA_PARAMS) {    \
         attn::backward_dkv<DH, DROP>(dO, Q, K, V, LSE, DELTA, dK, dV,                             \
-                                     attn::Dims{B, T, H, gq, gk, gv EXTRA_DIMS}, scale);          \
+                                     attn::Dims{B, T, H, gq, gk, gv, gb0 EXTRA_DIMS}, scale);     \
     }
 
 #define ATTN_COMMA ,

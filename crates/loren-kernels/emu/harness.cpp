@@ -303,14 +303,20 @@ static void attention_case(int G, int gq, int gk, int gv, int B, int T, int H, u
     std::vector<bf16> o(len(G), to_bf16(NAN)), dq(len(G), to_bf16(NAN)), dk(len(G), to_bf16(NAN)),
         dv(len(G), to_bf16(NAN));
     std::vector<float> lse((size_t)G * B * H * T, NAN), delta((size_t)G * B * H * T, NAN);
-    const dim3 grid{(unsigned)((T + 63) / 64), (unsigned)H, (unsigned)(G * B)}, blk{128, 1, 1};
+    // The sequences in two launches where there are several, the second from gb0 > 0, as the
+    // launcher splits G·B past the 65535 of grid z.
+    const int seqs = G * B, part = (seqs + 1) / 2;
+    auto grid = [&](int gb0) {
+        return dim3{(unsigned)((T + 63) / 64), (unsigned)H, (unsigned)std::min(part, seqs - gb0)};
+    };
+    const dim3 blk{128, 1, 1};
     const float sc = (float)scale;
     using S = attn::Smem<DH>;
-    void (*fwd)(const bf16*, const bf16*, const bf16*, bf16*, float*, int, int, int, int, int, int, float);
+    void (*fwd)(const bf16*, const bf16*, const bf16*, bf16*, float*, int, int, int, int, int, int, int, float);
     void (*bdq)(const bf16*, const bf16*, const bf16*, const bf16*, const bf16*, const float*, float*, bf16*, int, int,
-                int, int, int, int, float);
+                int, int, int, int, int, float);
     void (*bdkv)(const bf16*, const bf16*, const bf16*, const bf16*, const float*, const float*, bf16*, bf16*, int,
-                 int, int, int, int, int, float);
+                 int, int, int, int, int, int, float);
     if (DH == 16) {
         fwd = attention_fwd_d16, bdq = attention_bwd_dq_d16, bdkv = attention_bwd_dkv_d16;
     } else if (DH == 32) {
@@ -320,14 +326,17 @@ static void attention_case(int G, int gq, int gk, int gv, int B, int T, int H, u
     } else {
         fwd = attention_fwd_d128, bdq = attention_bwd_dq_d128, bdkv = attention_bwd_dkv_d128;
     }
-    emu_launch(fwd, grid, blk, S::FWD, (const bf16*)q.data(), (const bf16*)k.data(), (const bf16*)v.data(), o.data(),
-               lse.data(), B, T, H, gq, gk, gv, sc);
-    emu_launch(bdq, grid, blk, S::DQ, (const bf16*)dO.data(), (const bf16*)q.data(), (const bf16*)k.data(),
-               (const bf16*)v.data(), (const bf16*)o.data(), (const float*)lse.data(), delta.data(), dq.data(), B, T, H,
-               gq, gk, gv, sc);
-    emu_launch(bdkv, grid, blk, S::DKV, (const bf16*)dO.data(), (const bf16*)q.data(), (const bf16*)k.data(),
-               (const bf16*)v.data(), (const float*)lse.data(), (const float*)delta.data(), dk.data(), dv.data(), B, T,
-               H, gq, gk, gv, sc);
+    for (int gb0 = 0; gb0 < seqs; gb0 += part)
+        emu_launch(fwd, grid(gb0), blk, S::FWD, (const bf16*)q.data(), (const bf16*)k.data(), (const bf16*)v.data(),
+                   o.data(), lse.data(), B, T, H, gq, gk, gv, gb0, sc);
+    for (int gb0 = 0; gb0 < seqs; gb0 += part)
+        emu_launch(bdq, grid(gb0), blk, S::DQ, (const bf16*)dO.data(), (const bf16*)q.data(), (const bf16*)k.data(),
+                   (const bf16*)v.data(), (const bf16*)o.data(), (const float*)lse.data(), delta.data(), dq.data(), B,
+                   T, H, gq, gk, gv, gb0, sc);
+    for (int gb0 = 0; gb0 < seqs; gb0 += part)
+        emu_launch(bdkv, grid(gb0), blk, S::DKV, (const bf16*)dO.data(), (const bf16*)q.data(), (const bf16*)k.data(),
+                   (const bf16*)v.data(), (const float*)lse.data(), (const float*)delta.data(), dk.data(), dv.data(),
+                   B, T, H, gq, gk, gv, gb0, sc);
     char tag[128];
     std::snprintf(tag, sizeof tag, "G=%d q%d k%d v%d B=%d T=%d H=%d dh=%d", G, gq, gk, gv, B, T, H, DH);
     check(std::string("attention O ") + tag, d(o), o_ref, 1e-2);

@@ -132,22 +132,26 @@ impl AttentionDims<'_> {
         self.groups * self.batch * self.heads * self.seq
     }
 
-    /// grid (row tiles of 64, heads, G·B), block 128.
-    fn cfg(&self, op: &'static str, smem: usize) -> Result<LaunchConfig> {
-        Ok(LaunchConfig {
-            grid_dim: (
-                grid_dim(op, "row tiles", self.seq.div_ceil(TILE), GRID_X)?,
-                grid_dim(op, "heads", self.heads, GRID_YZ)?,
-                grid_dim(
-                    op,
-                    "groups·batch",
-                    product(op, &[self.groups, self.batch])?,
-                    GRID_YZ,
-                )?,
-            ),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: smem as u32,
-        })
+    /// The launches of one kernel, each with the first sequence (g·B + b) it takes: grid (row
+    /// tiles of 64, heads, sequences), block 128. G·B may pass the 65535 sequences grid z holds
+    /// (256 members scoring a batch of 256), so they go 65535 to a launch.
+    fn launches(&self, op: &'static str, smem: usize) -> Result<Vec<(LaunchConfig, i32)>> {
+        let (tiles, heads) = (
+            grid_dim(op, "row tiles", self.seq.div_ceil(TILE), GRID_X)?,
+            grid_dim(op, "heads", self.heads, GRID_YZ)?,
+        );
+        let sequences = product(op, &[self.groups, self.batch])?;
+        Ok((0..sequences)
+            .step_by(GRID_YZ)
+            .map(|gb0| {
+                let cfg = LaunchConfig {
+                    grid_dim: (tiles, heads, (sequences - gb0).min(GRID_YZ) as u32),
+                    block_dim: (THREADS, 1, 1),
+                    shared_mem_bytes: smem as u32,
+                };
+                (cfg, gb0 as i32)
+            })
+            .collect())
     }
 
     /// The item keys' pointer for DropKey's kernels (null without keys), checked against B.
@@ -156,9 +160,9 @@ impl AttentionDims<'_> {
         gpu.input_opt(op, "item keys", items.map(|k| k as _), self.batch)
     }
 
-    /// The scalar arguments every attention kernel ends with: DropKey's threshold, seed and item
-    /// keys last, for its kernels.
-    fn args(&self, items: &Ptr) -> Vec<Arg> {
+    /// The scalar arguments every attention kernel ends with, for the launch whose first sequence
+    /// is `gb0`: DropKey's threshold, seed and item keys last, for its kernels.
+    fn args(&self, items: &Ptr, gb0: i32) -> Vec<Arg> {
         let mut args = vec![
             Arg::from(self.batch as i32),
             Arg::from(self.seq as i32),
@@ -166,6 +170,7 @@ impl AttentionDims<'_> {
             Arg::from(self.q_groups as i32),
             Arg::from(self.k_groups as i32),
             Arg::from(self.v_groups as i32),
+            Arg::from(gb0),
             Arg::from((1.0 / (self.head_dim as f64).sqrt()) as f32),
         ];
         if let Some(drop) = self.drop {
@@ -213,12 +218,14 @@ impl Gpu {
         )?;
         aligned(OP, o.aligned(4), "O", 4)?;
         let items = d.items(self, OP)?;
-        let cfg = d.cfg(OP, fwd_smem(d.head_dim))?;
         let ptrs = [q.arg(), k.arg(), v.arg(), o.arg(), lse.arg()];
-        self.launch(kernel, cfg, &[&ptrs[..], &d.args(&items)].concat())
+        for (cfg, gb0) in d.launches(OP, fwd_smem(d.head_dim))? {
+            self.launch(kernel, cfg, &[&ptrs[..], &d.args(&items, gb0)].concat())?;
+        }
+        Ok(())
     }
 
-    /// The backward, two launches, deterministic: first dQ (which also writes
+    /// The backward, two kernels, deterministic: first dQ (which also writes
     /// DELTA = rowsum(dO∘O) into the workspace `delta`, [G, B, H, T] f32), then dK and dV, each
     /// recomputing P from LSE. dQ, dK, dV are written per output group ([G, B, T, D] bf16); for a
     /// broadcast input, reduce them with [`Gpu::sum_groups_bf16`].
@@ -264,7 +271,6 @@ impl Gpu {
         let items = d.items(self, OP)?;
         {
             let delta = self.output(OP, "DELTA", delta, d.stats_len())?;
-            let cfg = d.cfg(OP, dq_smem(d.head_dim))?;
             let ptrs = [
                 d_o.arg(),
                 q.arg(),
@@ -275,10 +281,11 @@ impl Gpu {
                 delta.arg(),
                 dq.arg(),
             ];
-            self.launch(k_dq, cfg, &[&ptrs[..], &d.args(&items)].concat())?;
+            for (cfg, gb0) in d.launches(OP, dq_smem(d.head_dim))? {
+                self.launch(k_dq, cfg, &[&ptrs[..], &d.args(&items, gb0)].concat())?;
+            }
         }
         let delta = self.input(OP, "DELTA", &*delta, d.stats_len())?;
-        let cfg = d.cfg(OP, dkv_smem(d.head_dim))?;
         let ptrs = [
             d_o.arg(),
             q.arg(),
@@ -289,6 +296,52 @@ impl Gpu {
             dk.arg(),
             dv.arg(),
         ];
-        self.launch(k_dkv, cfg, &[&ptrs[..], &d.args(&items)].concat())
+        for (cfg, gb0) in d.launches(OP, dkv_smem(d.head_dim))? {
+            self.launch(k_dkv, cfg, &[&ptrs[..], &d.args(&items, gb0)].concat())?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dims(groups: usize, batch: usize, seq: usize, heads: usize) -> AttentionDims<'static> {
+        AttentionDims {
+            groups,
+            q_groups: groups,
+            k_groups: groups,
+            v_groups: groups,
+            batch,
+            seq,
+            heads,
+            head_dim: 16,
+            drop: None,
+        }
+    }
+
+    fn grids(d: &AttentionDims) -> Vec<((u32, u32, u32), i32)> {
+        let launches = d.launches("test", 0).expect("launches");
+        launches.iter().map(|(c, gb0)| (c.grid_dim, *gb0)).collect()
+    }
+
+    /// 256 members scoring a batch of 256 (the default --eval-batch-size) are 65536 sequences,
+    /// one past what grid z holds: two launches, the second from sequence 65535.
+    #[test]
+    fn sequences_past_65535_take_a_second_launch() {
+        assert_eq!(grids(&dims(3, 2, 130, 5)), [((3, 5, 6), 0)]);
+        assert_eq!(
+            grids(&dims(256, 256, 17, 4)),
+            [((1, 4, 65535), 0), ((1, 4, 1), 65535)]
+        );
+        assert_eq!(
+            grids(&dims(3, 65535, 197, 2)),
+            [
+                ((4, 2, 65535), 0),
+                ((4, 2, 65535), 65535),
+                ((4, 2, 65535), 131070)
+            ]
+        );
     }
 }
