@@ -476,6 +476,16 @@ fn lora_vit_b_16_batch_reduction() {
 }
 
 #[test]
+fn lora_rank_above_the_widths() {
+    // A rank past K and N: the adapter products' reduction (K) is shorter than their output
+    // width (r); one row, alone and shared by two members; a rank of 65, one past a 64-wide
+    // low-rank slab, over K = 7 and N = 3.
+    lora_case(lora_dims(1, 1, 1, 12, 12, 16), 20);
+    lora_case(lora_dims(2, 1, 1, 12, 12, 16), 21);
+    lora_case(lora_dims(1, 1, 129, 7, 3, 65), 22);
+}
+
+#[test]
 fn lora_grads_in_ragged_row_ranges() {
     // dA and dB cut into row ranges whose last is short, summed apart and added in order; a
     // shared input, unaligned widths (the scalar loads) and two rank tiles.
@@ -864,6 +874,45 @@ fn layernorm_shared_input_member_affine() {
     );
 }
 
+/// Widths no other case has: one column (every lane but the first idle), 4096 (a warp walks 16
+/// vectors a row), and a shared input read by 64 member affines, the most the backward's per-warp
+/// scratch holds; one more is refused.
+#[test]
+fn layernorm_one_wide_long_rows_and_64_groups() {
+    for (i, (groups, x_groups, w_groups, rows, dim)) in
+        [(1, 1, 1, 257, 1), (2, 2, 1, 3, 4096), (64, 1, 64, 2, 40)]
+            .into_iter()
+            .enumerate()
+    {
+        let d = NormDims {
+            groups,
+            x_groups,
+            w_groups,
+            rows,
+            dim,
+        };
+        layernorm_case(d, 23 + i as u64);
+    }
+    let Some(g) = gpu() else { return };
+    let d = NormDims {
+        groups: 65,
+        x_groups: 1,
+        w_groups: 65,
+        rows: 1,
+        dim: 8,
+    };
+    let (x, gamma, stats) = (
+        up(g, &[bf16::ZERO; 8]),
+        up(g, &[0f32; 65 * 8]),
+        up(g, &[0f32; 1]),
+    );
+    let (dy, mut dx) = (up(g, &[bf16::ZERO; 65 * 8]), poisoned_bf16(g, 8));
+    let err = g
+        .layernorm_backward_dx(&d, &dy, &x, &gamma, &stats, &stats, None, &mut dx)
+        .unwrap_err();
+    assert!(err.to_string().contains("at most 64"), "{err}");
+}
+
 fn gelu(z: f64) -> f64 {
     0.5 * z * (1.0 + libm_erf(z / std::f64::consts::SQRT_2))
 }
@@ -1168,14 +1217,28 @@ fn softmax_cross_entropy_and_softmax() {
     let Some(g) = gpu() else { return };
     // Odd sizes; 20000 classes, where an f32 sum one element at a time drifts; and logits of
     // 1e6, where max + ln(sum) loses ln(sum) to the rounding.
-    for (m, b, c, offset) in [(3, 17, 10, 0.0), (1, 3, 20_000, 0.0), (2, 5, 7, 1e6)] {
+    // One class (loss and gradient exactly 0) and two; 1001, and logits of −∞ (masked classes,
+    // every third but the target's), which must weigh exactly 0 and leave the rest finite.
+    for (m, b, c, offset, masked) in [
+        (3, 17, 10, 0.0, false),
+        (1, 3, 20_000, 0.0, false),
+        (2, 5, 7, 1e6, false),
+        (1, 1, 1, 0.0, false),
+        (2, 1, 2, 0.0, false),
+        (2, 3, 1001, 0.0, true),
+    ] {
         let mut rng = Rng::new(51);
-        let logits: Vec<f32> = rng
+        let mut logits: Vec<f32> = rng
             .f32s(m * b * c, 4.0)
             .iter()
             .map(|v| v + offset)
             .collect();
         let targets: Vec<u32> = (0..b).map(|_| (rng.next() % c as u64) as u32).collect();
+        for row in (0..m * b).filter(|_| masked) {
+            for k in (0..c).step_by(3).filter(|&k| k as u32 != targets[row % b]) {
+                logits[row * c + k] = f32::NEG_INFINITY;
+            }
+        }
         let z = f64s_f32(&logits);
         let inv = 1.0 / (m * b) as f64;
         let mut grad_ref = vec![0.0; m * b * c];
@@ -1200,7 +1263,7 @@ fn softmax_cross_entropy_and_softmax() {
         let mut loss = poisoned_f32(g, 1);
         g.softmax_cross_entropy(m, b, c, &zd, &td, &mut losses, &mut grad, &mut loss)
             .expect("xent");
-        let case = format!("M={m} B={b} C={c} offset {offset}");
+        let case = format!("M={m} B={b} C={c} offset {offset} masked {masked}");
         check(
             &format!("{case}: cross-entropy row losses"),
             &down_f32(g, &losses),
@@ -1835,6 +1898,30 @@ fn elementwise_ops() {
     let mut back = poisoned_f32(g, 777);
     g.bf16_to_f32(777, &h, &mut back).expect("bf16_to_f32");
     assert_eq!(down_f32(g, &back), want);
+    // Views one element in: widths of 8s, but pointers off the 16-byte grid, which must take the
+    // scalar path (the emulator stops on a misaligned vector access).
+    let (wide, pair) = (rng.f32s(65, 1.0), rng.bf16s(2 * 65, 1.0));
+    let (wide_d, pair_d) = (up(g, &wide), up(g, &pair));
+    let mut h = poisoned_bf16(g, 64);
+    g.f32_to_bf16(64, &wide_d.slice(1..), &mut h)
+        .expect("f32_to_bf16 from a view");
+    let want: Vec<f64> = wide[1..]
+        .iter()
+        .map(|&v| bf16::from_f32(v).to_f64())
+        .collect();
+    assert_eq!(down_bf16(g, &h), want);
+    let mut out = poisoned_bf16(g, 65);
+    let (a_view, b_view) = (pair_d.slice(1..65), pair_d.slice(66..));
+    g.add_bf16(64, 1, 1, 1, &a_view, &b_view, &mut out.slice_mut(1..))
+        .expect("add_bf16 on views");
+    let pf = f64s_bf16(&pair);
+    let want: Vec<f64> = (0..64).map(|i| pf[1 + i] + pf[66 + i]).collect();
+    check(
+        "add_bf16 on views",
+        &down_bf16(g, &out)[1..],
+        &want,
+        BF16_TOL,
+    );
     let mut f = poisoned_f32(g, 10);
     g.fill_f32(10, &mut f, 2.5).expect("fill_f32");
     assert_eq!(down_f32(g, &f), vec![2.5; 10]);
