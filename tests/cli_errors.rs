@@ -316,6 +316,22 @@ fn an_ood_set_that_is_the_data_itself_is_noted() {
         "digits",
     ]);
     assert!(ok && err.contains(noted), "{err}");
+    // A folder of images passes over what it does not read, and says so, as --data does.
+    let loose = dir.join("loose");
+    std::fs::create_dir_all(loose.join("inner")).unwrap();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/examples");
+    for (from, to) in [("digit-1.png", "1.png"), ("digit-2.png", "inner/2.png")] {
+        std::fs::copy(examples.join(from), loose.join(to)).unwrap();
+    }
+    std::fs::write(loose.join("inner/notes.txt"), "not an image").unwrap();
+    std::fs::write(loose.join("old.gif"), b"GIF89a\x01\x00\x01\x00").unwrap();
+    let ood = format!("folder:{}", loose.display());
+    let (ok, _, err) = loren(&["eval", "--checkpoint", c, "--no-shift", "--ood-data", &ood]);
+    let said = format!(
+        "note: --ood-data {ood}: passed over 2 files that it does not read: inner/notes.txt (not \
+         an image), old.gif (a GIF image)"
+    );
+    assert!(ok && err.contains(&said), "{err}");
 }
 
 #[test]

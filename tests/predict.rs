@@ -368,6 +368,32 @@ fn an_unreadable_image_loses_none_of_the_others() {
     }
 }
 
+/// What a folder held that predict does not read is said, and so is a path that names an image
+/// given already, whose row is not repeated.
+#[test]
+fn predict_says_what_it_passed_over_and_what_repeats() {
+    let (model, _) = lora();
+    let dir = temp_dir("passed-over");
+    let images = dir.join("images");
+    let (paths, _, _) = image_folder(&images, 4);
+    let again = paths[1].to_str().unwrap();
+    let (m, imgs) = (model.to_str().unwrap(), images.to_str().unwrap());
+    let (ok, printed, err) = loren(&["predict", "--model", m, imgs, again]);
+    assert!(ok, "{err}");
+    let notes = images.join("a").join("notes.txt");
+    let said = [
+        format!(
+            "passed over 1 file that it does not read: {} (not an image)",
+            notes.display()
+        ),
+        "predict: note: 1 path named an image given already; each image has one row".into(),
+    ];
+    for s in said {
+        assert!(err.contains(&s), "{s}: {err}");
+    }
+    assert!(printed.contains("on 4 images"), "{printed}");
+}
+
 #[test]
 fn predict_refuses_bad_input_with_one_line_and_writes_nothing() {
     let (model, exported) = lora();

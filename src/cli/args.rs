@@ -15,7 +15,7 @@ use loren_autograd::optim::OptimizerKind;
 use loren_nn::checkpoint::write_atomic;
 use loren_nn::config::{Activations, EnsembleConfig, LoraConfig, Method, Targets, VitConfig};
 use loren_nn::data::Dataset;
-use loren_nn::data::folder::{PassedOver, passed_over};
+use loren_nn::data::folder::{PassedOver, passed_over, passed_over_set};
 use loren_nn::data::{Augment, Splits};
 use loren_nn::eval::{EvalOptions, EvalReport, write_predictions};
 use loren_nn::reliability::reliability_svg;
@@ -436,6 +436,9 @@ pub fn splits(
                  scored against themselves, which no score tells apart (AUROC 0.5)"
             );
         }
+        if let (Ok(DataSource::Folder(dir)), Verbosity::Normal) = (&parsed, verbosity) {
+            note_passed_over(&format!("--ood-data {ood}"), &passed_over_set(dir));
+        }
         let set = parsed
             .and_then(|s| s.ood_set(vit, &splits.test))
             .with_context(|| {
@@ -554,7 +557,7 @@ fn resolved(path: &Path) -> Option<PathBuf> {
 
 /// What an image folder holds that its dataset leaves out, said once, so that no file is
 /// dropped without a word.
-pub fn note_passed_over(source: &DataSource, left: &PassedOver) {
+pub fn note_passed_over(source: &dyn std::fmt::Display, left: &PassedOver) {
     if left.is_empty() {
         return;
     }

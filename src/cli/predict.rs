@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Result, bail};
 use clap::Args;
 
-use super::args::{Common, checkpoint_arg, text_path};
+use super::args::{Common, checkpoint_arg, note_passed_over, text_path};
 
 use serde::Serialize;
 
@@ -18,7 +18,7 @@ use loren::report::method_title;
 use loren::tensor::DeviceSpec;
 use loren_nn::checkpoint::write_atomic;
 use loren_nn::data::DataError;
-use loren_nn::data::folder::{find_images, read_readable};
+use loren_nn::data::folder::{find_images_noting, read_readable};
 use loren_nn::data::prefetch::{DEPTH, prefetch};
 use loren_nn::metrics::argmax;
 
@@ -89,7 +89,8 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
             bail!("--out {}: is the model itself", out.display());
         }
     }
-    let files = find_images(&a.images)?;
+    let found = find_images_noting(&a.images)?;
+    let files = found.images;
     if let Some(out) = &a.out
         && let Some(f) = files.iter().find(|f| same_file(out, f))
     {
@@ -132,6 +133,18 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
             a.model.display(),
             images(files.len())
         );
+    }
+    if a.common.verbosity() == Verbosity::Normal {
+        note_passed_over(&"predict", &found.passed_over);
+        if found.repeats > 0 {
+            loren::note!(
+                "predict: note: {} named an image given already; each image has one row",
+                match found.repeats {
+                    1 => "1 path".to_string(),
+                    n => format!("{n} paths"),
+                }
+            );
+        }
     }
     let members = format == Some(Format::Json);
     let (rows, mut unread) =

@@ -197,19 +197,37 @@ pub fn read_readable(
 /// taken once, where it is first reached, however paths and links name it again. An error when
 /// there are none.
 pub fn find_images(paths: &[PathBuf]) -> Result<Vec<PathBuf>, DataError> {
-    let mut found = Vec::new();
+    Ok(find_images_noting(paths)?.images)
+}
+
+/// What [`find_images_noting`] found under some paths, and what it left out.
+#[derive(Debug, Default)]
+pub struct Found {
+    pub images: Vec<PathBuf>,
+    /// The files inside folders that are not images it reads, with what each is (hidden ones
+    /// are not listed).
+    pub passed_over: PassedOver,
+    /// Paths that named an image found already (the same file twice, or through a link).
+    pub repeats: usize,
+}
+
+/// [`find_images`], with what it passed over: so that a user is told what a folder held that
+/// was not read.
+pub fn find_images_noting(paths: &[PathBuf]) -> Result<Found, DataError> {
+    let mut found = Found::default();
     let mut seen = std::collections::HashSet::new();
     for path in paths {
         if path.is_dir() {
             images_under(path, &mut seen, &mut found)?;
         } else {
             check_image(path)?;
-            if seen.insert(canonical(path)?) {
-                found.push(path.clone());
+            match seen.insert(canonical(path)?) {
+                true => found.images.push(path.clone()),
+                false => found.repeats += 1,
             }
         }
     }
-    if found.is_empty() {
+    if found.images.is_empty() {
         let first = paths.first().cloned().unwrap_or_default();
         let others = match paths.len() {
             0 | 1 => String::new(),
@@ -224,6 +242,21 @@ pub fn find_images(paths: &[PathBuf]) -> Result<Vec<PathBuf>, DataError> {
     Ok(found)
 }
 
+/// What reading the folder at `dir` as a set of images passes over: as [`passed_over`] says
+/// for a folder of classes, else every file under it that is not an image it reads.
+pub fn passed_over_set(dir: &Path) -> PassedOver {
+    if has_classes(dir) {
+        return passed_over(dir);
+    }
+    let mut left = find_images_noting(&[dir.to_path_buf()])
+        .map(|f| f.passed_over)
+        .unwrap_or_default();
+    for (file, _) in &mut left.files {
+        *file = file.strip_prefix(dir).unwrap_or(file).to_path_buf();
+    }
+    left
+}
+
 fn canonical(path: &Path) -> Result<PathBuf, DataError> {
     fs::canonicalize(path).map_err(|reason| DataError::Io {
         path: path.to_path_buf(),
@@ -234,7 +267,7 @@ fn canonical(path: &Path) -> Result<PathBuf, DataError> {
 fn images_under(
     dir: &Path,
     seen: &mut std::collections::HashSet<PathBuf>,
-    found: &mut Vec<PathBuf>,
+    found: &mut Found,
 ) -> Result<(), DataError> {
     // A link back up the tree would otherwise be followed for ever.
     if !seen.insert(canonical(dir)?) {
@@ -243,11 +276,28 @@ fn images_under(
     for path in sorted_entries(dir)? {
         if path.is_dir() {
             images_under(&path, seen, found)?;
-        } else if listed_image(&path)? && seen.insert(canonical(&path)?) {
-            found.push(path);
+        } else if !listed_image(&path)? {
+            let what = what_it_is(&path);
+            found.passed_over.files.push((path, what));
+        } else if seen.insert(canonical(&path)?) {
+            found.images.push(path);
+        } else {
+            found.repeats += 1;
         }
     }
     Ok(())
+}
+
+/// What a file that is not an image loren reads is, as a note names it.
+fn what_it_is(path: &Path) -> String {
+    // Only a regular file is opened: a pipe's read would wait for ever.
+    if !path.is_file() {
+        return "not a regular file".into();
+    }
+    match head(path).ok().as_deref().and_then(other_image_format) {
+        Some(format) => format!("a {format} image"),
+        None => "not an image".into(),
+    }
 }
 
 /// The class names of the image folder at `dir`: its subfolders' names, sorted.
@@ -389,20 +439,11 @@ pub fn passed_over(dir: &Path) -> PassedOver {
                 if inner.is_dir() {
                     out.folders.push(relative(&inner));
                 } else if !named_as_image(&inner) {
-                    // Only a regular file is opened: a pipe's read would wait for ever.
-                    let what = match inner.is_file() {
-                        false => Some("not a regular file".to_string()),
-                        true => head(&inner)
-                            .ok()
-                            .filter(|h| image_kind(h).is_none())
-                            .map(|h| {
-                                other_image_format(&h).map_or_else(
-                                    || "not an image".into(),
-                                    |f| format!("a {f} image"),
-                                )
-                            }),
-                    };
-                    out.files.extend(what.map(|w| (relative(&inner), w)));
+                    let image =
+                        inner.is_file() && head(&inner).is_ok_and(|h| image_kind(&h).is_some());
+                    if !image {
+                        out.files.push((relative(&inner), what_it_is(&inner)));
+                    }
                 }
             }
         } else if entry.is_file() && head(&entry).is_ok_and(|h| image_kind(&h).is_some()) {
