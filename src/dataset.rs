@@ -293,10 +293,6 @@ impl DataSource {
         fit_to_model(splits, vit, unit)
     }
 
-    /// This source's test part (digits and folders of classes: their seeded test part; CIFAR:
-    /// the official test file; a folder of images without classes: all of them), for scoring a model trained on other data at telling it apart:
-    /// brought to the model's channels and size, and scaled as `like` (the model's own data) is,
-    /// since the model is fed every image the one way. Its labels mean nothing to that model.
     /// Whether `other` names the same data: the same kind at the same place, however the path
     /// is written.
     pub fn same_as(&self, other: &DataSource) -> bool {
@@ -309,6 +305,10 @@ impl DataSource {
         }
     }
 
+    /// This source's test part (digits and folders of classes: their seeded test part; CIFAR:
+    /// the official test file; a folder of images without classes: all of them), for scoring a model trained on other data at telling it apart:
+    /// brought to the model's channels and size, and scaled as `like` (the model's own data) is,
+    /// since the model is fed every image the one way. Its labels mean nothing to that model.
     pub fn ood_set(&self, vit: &VitConfig, like: &Dataset) -> Result<Dataset> {
         // The test part alone: the other parts would be read only to be dropped.
         let test = match self {

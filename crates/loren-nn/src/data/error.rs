@@ -211,7 +211,6 @@ pub enum DataError {
     ZeroBatchSize,
 }
 
-/// `n · C · H · W`, or `None` if it overflows.
 /// Each error on a line of its own, the first [`LISTED`], then how many more.
 fn listed(errors: &[DataError]) -> String {
     let mut out: String = errors
@@ -228,6 +227,7 @@ fn listed(errors: &[DataError]) -> String {
 /// How many unreadable files an error lists.
 const LISTED: usize = 20;
 
+/// `n · C · H · W`, or `None` if it overflows.
 pub(crate) fn pixel_count(n: usize, shape: [usize; 3]) -> Option<usize> {
     shape.iter().try_fold(n, |acc, &d| acc.checked_mul(d))
 }
