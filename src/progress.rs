@@ -240,6 +240,40 @@ impl Drop for EvalBar {
     }
 }
 
+/// `work`, which reads image files (a folder dataset), with a counter of the files read beside
+/// it: reading a folder of photos takes minutes, which would otherwise pass in silence. In a
+/// log, a line every half minute.
+pub fn reading_images<T>(label: &str, verbosity: Verbosity, work: impl FnOnce() -> T) -> T {
+    let template = "{prefix:>11} {spinner} {pos} images read, {rate}, {elapsed}";
+    let bar = bar(0, template, verbosity).with_prefix(label.to_string());
+    let start = loren_nn::data::folder::images_tried();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let result = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut heartbeat = Heartbeat::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                // Drawn from the first image on: data that is no folder of images (the digits,
+                // CIFAR) reads none, and shows nothing.
+                let read = loren_nn::data::folder::images_tried() - start;
+                if read == 0 {
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+                bar.set_position(read as u64);
+                if heartbeat.due(&bar, verbosity) {
+                    crate::note!("{label}: {read} images read ({:.0}/s)", bar.per_sec());
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let result = work();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        result
+    });
+    bar.finish_and_clear();
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@ use clap::Args;
 use loren::curves::{curve, learning_curves_svg};
 use loren::dataset::{DataSource, Normalize, TRAIN_ON_VAL_KEY};
 use loren::outputs::{ClaimedDir, remove_stale};
-use loren::progress::Verbosity;
+use loren::progress::{Verbosity, reading_images};
 use loren::report::split_phrase;
 use loren::run::{RunResult, RunSpec, SCORING_KEY};
 use loren_autograd::optim::OptimizerKind;
@@ -404,12 +404,14 @@ pub fn splits(
 ) -> Result<Splits> {
     let source = data.source()?;
     let held_out = data.held_out_classes()?;
-    let mut splits = source
-        .splits(&held_out, vit, data.normalize()?, train_on_val)
-        .map_err(|e| match data.taken(false, &source.to_string()) {
-            Some(taken) => anyhow::Error::from(e).context(taken),
-            None => e.into(),
-        })?;
+    let normalize = data.normalize()?;
+    let mut splits = reading_images("reading", verbosity, || {
+        source.splits(&held_out, vit, normalize, train_on_val)
+    })
+    .map_err(|e| match data.taken(false, &source.to_string()) {
+        Some(taken) => anyhow::Error::from(e).context(taken),
+        None => e.into(),
+    })?;
     if let (DataSource::Folder(dir), Verbosity::Normal) = (&source, verbosity) {
         note_passed_over(&source, &passed_over(dir));
     }
@@ -440,7 +442,7 @@ pub fn splits(
             note_passed_over(&format!("--ood-data {ood}"), &passed_over_set(dir));
         }
         let set = parsed
-            .and_then(|s| s.ood_set(vit, &splits.test))
+            .and_then(|s| reading_images("reading", verbosity, || s.ood_set(vit, &splits.test)))
             .with_context(|| {
                 data.taken(true, ood)
                     .unwrap_or_else(|| format!("--ood-data {ood}"))

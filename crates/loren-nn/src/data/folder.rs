@@ -12,6 +12,7 @@
 use std::fs;
 use std::io::{BufRead, Cursor, Seek};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 use zune_core::bytestream::ZCursor;
@@ -135,6 +136,16 @@ pub fn read_images(files: &[PathBuf], shape: [usize; 3]) -> Result<Pixels, DataE
     }
 }
 
+/// Image files [`read_readable`] has tried in this process so far, read or not: what a progress
+/// display counts while a folder is read (on rayon's threads, which report to no one).
+static IMAGES_TRIED: AtomicUsize = AtomicUsize::new(0);
+
+/// How many image files this process has tried to read so far: a display polls it while a
+/// dataset loads.
+pub fn images_tried() -> usize {
+    IMAGES_TRIED.load(Ordering::Relaxed)
+}
+
 /// [`read_images`] of the files that can be read, in order, and each other's index in `files`
 /// with its error: what a prediction over many files makes of the readable ones.
 pub fn read_readable(
@@ -168,12 +179,16 @@ pub fn read_readable(
         .par_chunks_mut(per_image)
         .zip(files)
         .enumerate()
-        .filter_map(|(i, (out, path))| match load_image(path, shape) {
-            Ok(image) => {
-                out.copy_from_slice(&Pixels::quantized(&image, 255));
-                None
+        .filter_map(|(i, (out, path))| {
+            let image = load_image(path, shape);
+            IMAGES_TRIED.fetch_add(1, Ordering::Relaxed);
+            match image {
+                Ok(image) => {
+                    out.copy_from_slice(&Pixels::quantized(&image, 255));
+                    None
+                }
+                Err(e) => Some((i, e)),
             }
-            Err(e) => Some((i, e)),
         })
         .collect();
     // The readable ones close up over the others' places, in order.
@@ -1704,7 +1719,11 @@ mod tests {
             let bytes = fs::read(&files[i]).unwrap();
             fs::write(&files[i], &bytes[..bytes.len() / 2]).unwrap();
         }
+        let before = images_tried();
         let e = read_images(&files, [3, 3, 3]).unwrap_err().to_string();
+        // Each file tried counts, read or not, for a display of the reading (tests beside this
+        // one may read too).
+        assert!(images_tried() - before >= files.len());
         assert!(e.starts_with("2 image files cannot be read:\n  "), "{e}");
         assert!(
             e.contains("1.png: cannot decode") && e.contains("4.png: cannot decode"),
