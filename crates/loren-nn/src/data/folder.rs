@@ -358,8 +358,11 @@ fn file_name(p: &Path) -> String {
     )
 }
 
+/// Hidden, or the `__MACOSX` folder a zip made on a Mac unpacks beside its files (copies of
+/// their metadata, not images), which would read as a class of no images.
 fn is_hidden(p: &Path) -> bool {
-    file_name(p).starts_with('.')
+    let name = file_name(p);
+    name.starts_with('.') || name == "__MACOSX"
 }
 
 /// The entries of `dir`, sorted, hidden ones left out.
@@ -1013,6 +1016,9 @@ mod tests {
         fs::write(dir.join("b/y.webp"), b"RIFF\x10\x00\x00\x00WEBPVP8 ").unwrap();
         fs::write(dir.join("b/notes.txt"), b"some notes").unwrap();
         fs::write(dir.join("b/.DS_Store"), b"\x00\x00\x00\x01Bud1").unwrap();
+        // What a zip made on a Mac unpacks beside the classes: no class, and nothing said.
+        fs::create_dir_all(dir.join("__MACOSX/a")).unwrap();
+        fs::write(dir.join("__MACOSX/a/._0.png"), b"\x00\x05\x16\x07").unwrap();
         // A link that cannot be read beside the class folders: passed over without a word, as
         // the dataset never opens it.
         std::os::unix::fs::symlink("/proc/self/mem", dir.join("unreadable")).unwrap();
