@@ -196,7 +196,7 @@ pub enum DataError {
     #[error("holding out {held_out} of {classes} classes leaves fewer than 2 to classify")]
     TooFewClassesLeft { held_out: usize, classes: usize },
     /// `reason` says which classes are too small, and how large one must be.
-    #[error("split part `{part}` of `{name}` would be empty: {reason}")]
+    #[error("the {part} part of the split would be empty (`{name}`): {reason}")]
     EmptySplit {
         name: String,
         part: &'static str,

@@ -373,7 +373,7 @@ mod tests {
             .to_string();
         assert_eq!(
             e,
-            "split part `val` of `many/val` would be empty: every class is too small to give it \
+            "the val part of the split would be empty (`many/val`): every class is too small to give it \
              an image: a class needs at least 5, and the largest, `c0`, has 3"
         );
         // The stated least size is the true one: a class of that size gives the part an image.
@@ -396,7 +396,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("part `test`")
+            e.contains("the test part of the split")
                 && e.ends_with("needs at least 3, and the largest, `c0`, has 2"),
             "{e}"
         );
@@ -412,7 +412,10 @@ mod tests {
         let e = folder_test_part(&[0, 1, 1], &["a".into(), "b".into()], "tiny")
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("split part `test` of `tiny`"), "{e}");
+        assert!(
+            e.starts_with("the test part of the split would be empty (`tiny`)"),
+            "{e}"
+        );
         assert!(
             e.ends_with("needs at least 3, and the largest, `b`, has 2"),
             "{e}"

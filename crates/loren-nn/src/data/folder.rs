@@ -1799,7 +1799,7 @@ mod tests {
         assert_eq!(
             e,
             format!(
-                "split part `test` of `{}` would be empty: every class is too small to give it \
+                "the test part of the split would be empty (`{}`): every class is too small to give it \
                  an image: a class needs at least 3, and the largest, `b`, has 2",
                 file_name(&dir)
             )

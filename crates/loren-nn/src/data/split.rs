@@ -481,7 +481,7 @@ mod tests {
         let e = split_digits(&digits(), &tiny).unwrap_err().to_string();
         assert_eq!(
             e,
-            "split part `train` of `digits/train` would be empty: every class is too small to \
+            "the train part of the split would be empty (`digits/train`): every class is too small to \
              give it an image: the largest, `3`, has 183, and 0.1% of 183 rounds to none"
         );
         // Held-out classes are not counted among the part's.
