@@ -293,6 +293,14 @@ impl DataSource {
         fit_to_model(splits, vit, unit)
     }
 
+    /// The file or folder it is read from; none for the bundled digits.
+    pub fn place(&self) -> Option<&Path> {
+        match self {
+            DataSource::Digits(p) => p.as_deref(),
+            DataSource::Cifar(_, p) | DataSource::Folder(p) => Some(p),
+        }
+    }
+
     /// Whether `other` names the same data: the same kind at the same place, however the path
     /// is written.
     pub fn same_as(&self, other: &DataSource) -> bool {

@@ -316,6 +316,23 @@ fn an_ood_set_that_is_the_data_itself_is_noted() {
         "digits",
     ]);
     assert!(ok && err.contains(noted), "{err}");
+    // With classes held out, the set holds images the scored test part lacks: no such note.
+    let held = dir.join("held").to_str().unwrap().to_string();
+    let (ok, _, err) = loren(&[
+        "train",
+        "-m",
+        "2",
+        "--epochs",
+        "1",
+        "--no-shift",
+        "--out",
+        &held,
+        "--ood-data",
+        "digits",
+        "--holdout-classes",
+        "8,9",
+    ]);
+    assert!(ok && !err.contains("scored in distribution"), "{err}");
     // A folder of images passes over what it does not read, and says so, as --data does.
     let loose = dir.join("loose");
     std::fs::create_dir_all(loose.join("inner")).unwrap();

@@ -789,6 +789,21 @@ fn a_resumed_run_needs_the_same_training_images_wherever_they_are() {
     let args = ["eval", "--checkpoint", r, "--no-shift", "--no-ood", "-q"];
     fails_with(&args, &[&said, "cannot read"]);
     std::fs::rename(&gone, &first).unwrap();
+    // There, with a file in it that cannot be read: that file is the error, with no word of
+    // moving the data.
+    let cats = first.join("cats");
+    let png = std::fs::read_dir(&cats)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let whole = std::fs::read(&png).unwrap();
+    std::fs::write(&png, &whole[..whole.len() / 2]).unwrap();
+    let (ok, _, err) = loren(&args);
+    assert!(!ok && err.contains("cannot decode the image"), "{err}");
+    assert!(!err.contains("if it moved"), "{err}");
+    std::fs::write(&png, whole).unwrap();
     fails_with(
         &strs(&resume(&other, "other")),
         &[

@@ -317,11 +317,13 @@ pub struct TakenFrom {
 
 impl DataArgs {
     /// What an error reading `--data` (`ood` false) or an `--ood-data` `given` says first: the
-    /// checkpoint it came from, if one did.
+    /// checkpoint it came from, where one did and its place is gone (a file there that cannot
+    /// be read is another matter, which the error names).
     fn taken(&self, ood: bool, given: &str) -> Option<String> {
         let flag = if ood { "--ood-data" } else { "--data" };
         let t = self.taken_from.as_ref()?;
-        (if ood { t.ood_data } else { t.data }).then(|| {
+        let gone = given.parse::<DataSource>().ok()?.place()?.try_exists().ok() == Some(false);
+        (gone && if ood { t.ood_data } else { t.data }).then(|| {
             format!(
                 "{flag} {given}, as {} saved it (if it moved, give {flag} with its new place)",
                 t.checkpoint.display()
@@ -430,8 +432,10 @@ pub fn splits(
     }
     for ood in &data.ood_data {
         let parsed = ood.parse::<DataSource>();
+        // With classes held out, the in-distribution test part lacks them and the set does not.
         if let (Ok(same), Verbosity::Normal) = (&parsed, verbosity)
             && same.same_as(&source)
+            && held_out.is_empty()
         {
             loren::note!(
                 "note: --ood-data {ood} is the data scored in distribution: its test images are \
