@@ -1150,7 +1150,10 @@ fn a_folder_another_run_is_writing_is_refused() {
     // Nor is an eval written there: the run would take it for its own, or remove it.
     let c = ckpt.to_str().unwrap();
     let eval = ["eval", "--checkpoint", c, "-q", "--no-shift", "--no-ood"];
-    let beside = format!("the checkpoint's folder {out}: another loren run (process {pid})");
+    let beside = format!(
+        "the checkpoint's folder (--out DIR writes elsewhere) {out}: another loren run (process \
+         {pid})"
+    );
     fails_with(&eval, &[&beside]);
     let first = ctrl_c_once_written(child, &ckpt);
     assert_eq!(first.status.code(), Some(130));

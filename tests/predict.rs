@@ -343,7 +343,7 @@ fn an_unreadable_image_loses_none_of_the_others() {
     let (ok, _, err) = loren(&args);
     assert!(!ok, "it succeeded");
     let said = [
-        "2 of 14 images have no row: 2 image files cannot be read:",
+        "only 12 of the 14 images have a row: 2 image files cannot be read:",
         "001x.png: cannot decode the image",
         "009x.png: cannot decode the image",
     ];
@@ -366,6 +366,22 @@ fn an_unreadable_image_loses_none_of_the_others() {
             assert!((g - w).abs() < 1e-5, "{}: {g} against {w}", got[0]);
         }
     }
+    // None readable: no file is written over the earlier one.
+    let bad = images.join("a/001x.png");
+    let args = [
+        "predict",
+        "--model",
+        m,
+        bad.to_str().unwrap(),
+        "--out",
+        o,
+        "-q",
+    ];
+    fails_with(
+        &args,
+        &["none of the 1 image has a row: ", "001x.png: cannot decode"],
+    );
+    assert_eq!(rows(&out), some);
 }
 
 /// What a folder held that predict does not read is said, and so is a path that names an image
@@ -378,7 +394,8 @@ fn predict_says_what_it_passed_over_and_what_repeats() {
     let (paths, _, _) = image_folder(&images, 4);
     let again = paths[1].to_str().unwrap();
     let (m, imgs) = (model.to_str().unwrap(), images.to_str().unwrap());
-    let (ok, printed, err) = loren(&["predict", "--model", m, imgs, again]);
+    let b = images.join("b");
+    let (ok, printed, err) = loren(&["predict", "--model", m, imgs, again, b.to_str().unwrap()]);
     assert!(ok, "{err}");
     let notes = images.join("a").join("notes.txt");
     let said = [
@@ -386,7 +403,7 @@ fn predict_says_what_it_passed_over_and_what_repeats() {
             "passed over 1 file that it does not read: {} (not an image)",
             notes.display()
         ),
-        "predict: note: 1 path named an image given already; each image has one row".into(),
+        "note: predict: 2 paths named images given already; each image has one row".into(),
     ];
     for s in said {
         assert!(err.contains(&s), "{s}: {err}");

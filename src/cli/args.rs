@@ -285,7 +285,9 @@ pub struct DataArgs {
     /// the training data is. Repeat the flag for several; each is reported apart.
     #[arg(long, value_name = "DATA")]
     pub ood_data: Vec<String>,
-    /// Batch size for evaluation.
+    /// Batch size for evaluation: the test part, shifted and OOD sets. The validation part,
+    /// which fits the temperature, is predicted at the run's training batch size on every path,
+    /// so that its figures are the same bits wherever they are scored.
     #[arg(long, default_value_t = 256)]
     pub eval_batch_size: usize,
     /// Also write every member's probabilities on every scored set (validation, test, each shift

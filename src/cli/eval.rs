@@ -203,6 +203,19 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             .context("eval writes beside the checkpoint unless given --out DIR")?,
     }
     check_no_folder_in_the_way(&out, &RUN_FILES[REPORT_FILES..])?;
+    // Held while it scores, as a run's folder is (and before the data is read, which may take
+    // long): a run writing there would take an eval.json beside its checkpoint for its own, or
+    // remove it as an earlier run's.
+    let flag = match a.out {
+        Some(_) => "--out",
+        None => "the checkpoint's folder (--out DIR writes elsewhere)",
+    };
+    let held = if out.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        &out
+    };
+    let _held = ClaimedDir::hold(held, flag)?;
     // The data it was trained on, unless the command line says otherwise.
     let meta = file.metadata();
     let mut data_args = a.data.clone();
@@ -339,21 +352,6 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         );
     }
     let mut bar = EvalBar::new("eval", images, a.common.verbosity());
-    // Held while it scores, as a run's folder is: a run writing there would take an eval.json
-    // beside its checkpoint for its own, or remove it as an earlier run's.
-    let flag = match a.out {
-        Some(_) => "--out",
-        None => "the checkpoint's folder",
-    };
-    let here = Path::new(".");
-    let _held = ClaimedDir::hold(
-        if out.as_os_str().is_empty() {
-            here
-        } else {
-            &out
-        },
-        flag,
-    )?;
     let _ctrl_c = loren::interrupt::Guard::install();
     let mut val_set = None;
     if let Some(val) = &data.val {

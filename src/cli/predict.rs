@@ -138,7 +138,7 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
         note_passed_over(&"predict", &found.passed_over);
         if found.repeats > 0 {
             loren::note!(
-                "predict: note: {} named an image given already; each image has one row",
+                "note: predict: {} named images given already; each image has one row",
                 match found.repeats {
                     1 => "1 path".to_string(),
                     n => format!("{n} paths"),
@@ -147,8 +147,11 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
         }
     }
     let members = format == Some(Format::Json);
-    let (rows, mut unread) =
-        predict_files(&ens, &files, a.batch_size, members, a.common.verbosity())?;
+    let (rows, unread) = predict_files(&ens, &files, a.batch_size, members, a.common.verbosity())?;
+    // Not one row: nothing to show, and no file to write over an earlier one.
+    if rows.is_empty() {
+        return Err(unreadable(unread, files.len()));
+    }
     let config = ens.config();
     let title = method_title(
         config.method,
@@ -180,18 +183,24 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
     }
     // Every image that could be read has its row, written and shown; the others are named
     // together, and the command fails for them.
-    match unread.len() {
-        0 => Ok(()),
-        n => Err(anyhow::Error::from(match n {
-            1 => unread.remove(0),
-            _ => DataError::Unreadable(unread),
-        })
-        .context(format!(
-            "{n} of {} {} no row",
-            images(files.len()),
-            if n == 1 { "has" } else { "have" }
-        ))),
+    match unread.is_empty() {
+        true => Ok(()),
+        false => Err(unreadable(unread, files.len())),
     }
+}
+
+/// The error of the `unread` images of `total`, which have no row.
+fn unreadable(mut unread: Vec<DataError>, total: usize) -> anyhow::Error {
+    let rows = total - unread.len();
+    let error = match unread.len() {
+        1 => unread.remove(0),
+        _ => DataError::Unreadable(unread),
+    };
+    let have = match rows {
+        0 => format!("none of the {} has a row", images(total)),
+        _ => format!("only {rows} of the {} have a row", images(total)),
+    };
+    anyhow::Error::from(error).context(have)
 }
 
 /// "1 image", "12 images".
@@ -238,6 +247,7 @@ fn predict_files(
             unread.extend(failed.into_iter().map(|(_, e)| e));
             bar.inc(chunk.len());
             if read.is_empty() {
+                loren::interrupt::scoring_stop("nothing was written")?;
                 continue;
             }
             let p = ens.predict(&images, read.len())?;

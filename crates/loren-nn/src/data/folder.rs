@@ -42,6 +42,7 @@ pub struct Decoded {
 /// Read the folder at `dir` into images of `shape` (`[channels, height, width]`, channels 1
 /// or 3), normalised with ImageNet's statistics (their average, for one channel).
 pub fn load_folder(dir: &Path, shape: [usize; 3]) -> Result<Dataset, DataError> {
+    named_classes(dir)?;
     let listing = list_folder(dir)?;
     decode_files(&listing, &listing.files, shape, file_name(dir))
 }
@@ -67,7 +68,7 @@ struct Listing {
 }
 
 fn list_folder(dir: &Path) -> Result<Listing, DataError> {
-    let classes = named_classes(dir)?;
+    let classes = class_folders(dir)?;
     let mut files = Vec::new();
     for (label, class_dir) in classes.iter().enumerate() {
         let images = image_files(class_dir)?;
@@ -222,7 +223,8 @@ pub struct Found {
     /// The files inside folders that are not images it reads, with what each is (hidden ones
     /// are not listed).
     pub passed_over: PassedOver,
-    /// Paths that named an image found already (the same file twice, or through a link).
+    /// Paths that named images found already (the same file or folder twice, or through a
+    /// link).
     pub repeats: usize,
 }
 
@@ -233,6 +235,11 @@ pub fn find_images_noting(paths: &[PathBuf]) -> Result<Found, DataError> {
     let mut seen = std::collections::HashSet::new();
     for path in paths {
         if path.is_dir() {
+            // A folder given again (or one inside a folder given) adds nothing: said as a repeat.
+            if seen.contains(&canonical(path)?) {
+                found.repeats += 1;
+                continue;
+            }
             images_under(path, &mut seen, &mut found)?;
         } else {
             check_image(path)?;
@@ -292,8 +299,10 @@ fn images_under(
         if path.is_dir() {
             images_under(&path, seen, found)?;
         } else if !listed_image(&path)? {
-            let what = what_it_is(&path);
-            found.passed_over.files.push((path, what));
+            found
+                .passed_over
+                .files
+                .extend(what_it_is(&path).map(|w| (path, w)));
         } else if seen.insert(canonical(&path)?) {
             found.images.push(path);
         } else {
@@ -303,16 +312,18 @@ fn images_under(
     Ok(())
 }
 
-/// What a file that is not an image loren reads is, as a note names it.
-fn what_it_is(path: &Path) -> String {
+/// What a file that is not an image loren reads is, as a note names it; none for one whose
+/// first bytes cannot be read, which the reading names if it reads it.
+fn what_it_is(path: &Path) -> Option<String> {
     // Only a regular file is opened: a pipe's read would wait for ever.
     if !path.is_file() {
-        return "not a regular file".into();
+        return Some("not a regular file".into());
     }
-    match head(path).ok().as_deref().and_then(other_image_format) {
+    let head = head(path).ok()?;
+    Some(match other_image_format(&head) {
         Some(format) => format!("a {format} image"),
         None => "not an image".into(),
-    }
+    })
 }
 
 /// The class names of the image folder at `dir`: its subfolders' names, sorted.
@@ -460,7 +471,8 @@ pub fn passed_over(dir: &Path) -> PassedOver {
                     let image =
                         inner.is_file() && head(&inner).is_ok_and(|h| image_kind(&h).is_some());
                     if !image {
-                        out.files.push((relative(&inner), what_it_is(&inner)));
+                        out.files
+                            .extend(what_it_is(&inner).map(|w| (relative(&inner), w)));
                     }
                 }
             }
@@ -1766,19 +1778,18 @@ mod tests {
         for (name, seed) in [(&b"caf\xe9"[..], 1), (&b"caf\xe8"[..], 2)] {
             let class = dir.join(std::ffi::OsStr::from_bytes(name));
             fs::create_dir_all(&class).unwrap();
-            write_png(
-                &class.join("0.png"),
-                2,
-                2,
-                png::ColorType::Rgb,
-                &rgb(seed, 2, 2),
-            );
+            for i in 0..3 {
+                let path = class.join(format!("{i}.png"));
+                write_png(&path, 2, 2, png::ColorType::Rgb, &rgb(seed + i, 2, 2));
+            }
         }
         let said = "a class folder's name must be text (UTF-8)";
         let e = folder_class_names(&dir).unwrap_err().to_string();
         assert!(e.contains(said) && e.contains("caf"), "{e}");
         let e = load_folder(&dir, [3, 2, 2]).unwrap_err().to_string();
         assert!(e.contains(said), "{e}");
+        // As OOD images, whose classes are never named, they read.
+        assert_eq!(load_folder_test(&dir, [3, 2, 2]).unwrap().len(), 2);
         let _ = fs::remove_dir_all(&dir);
     }
 
