@@ -183,6 +183,21 @@ fn a_finished_run_resumed_is_scored_and_written_as_it_was() {
         !history.contains("null"),
         "the rescored epoch was not saved: {history}"
     );
+    // Killed once its last epoch was scored, while the test part was: the validation part is
+    // predicted again, in the training's batches as at the epoch's end, so its figures and the
+    // temperature fitted on it are the unstopped run's to the last bit.
+    let scored = copy_of_the_trained_run("scored-then-killed");
+    std::fs::remove_file(scored.join("report.json")).unwrap();
+    let out = temp_dir("scored-then-killed-elsewhere");
+    let mut args = resume_args(&out, &[]);
+    args[4] = scored.to_str().unwrap().to_string();
+    let (ok, _, err) = loren(&strs(&args));
+    assert!(ok, "{err}");
+    let ours = report_json(&out);
+    for part in ["/val_nll", "/val_ece", "/report/tempered", "/report/test"] {
+        assert!(ours.pointer(part).is_some(), "{part}");
+        assert_eq!(ours.pointer(part), theirs.pointer(part), "{part}");
+    }
 }
 
 #[test]
