@@ -244,31 +244,36 @@ impl Drop for EvalBar {
 /// it: reading a folder of photos takes minutes, which would otherwise pass in silence. In a
 /// log, a line every half minute.
 pub fn reading_images<T>(label: &str, verbosity: Verbosity, work: impl FnOnce() -> T) -> T {
+    use std::sync::atomic::{AtomicBool, Ordering};
     let template = "{prefix:>11} {spinner} {pos} images read, {rate}, {elapsed}";
     let bar = bar(0, template, verbosity).with_prefix(label.to_string());
     let start = loren_nn::data::folder::images_tried();
-    let done = std::sync::atomic::AtomicBool::new(false);
+    let done = AtomicBool::new(false);
+    // Set however `work` ends, a panic included: the scope waits for the counter's thread.
+    struct Done<'a>(&'a AtomicBool);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
     let result = std::thread::scope(|scope| {
         scope.spawn(|| {
             let mut heartbeat = Heartbeat::new();
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
                 // Drawn from the first image on: data that is no folder of images (the digits,
                 // CIFAR) reads none, and shows nothing.
                 let read = loren_nn::data::folder::images_tried() - start;
-                if read == 0 {
-                    std::thread::sleep(Duration::from_millis(100));
-                    continue;
+                if read > 0 {
+                    bar.set_position(read as u64);
+                    if heartbeat.due(&bar, verbosity) {
+                        crate::note!("{label}: {read} images read ({:.0}/s)", bar.per_sec());
+                    }
                 }
-                bar.set_position(read as u64);
-                if heartbeat.due(&bar, verbosity) {
-                    crate::note!("{label}: {read} images read ({:.0}/s)", bar.per_sec());
-                }
-                std::thread::sleep(Duration::from_millis(100));
             }
         });
-        let result = work();
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        result
+        let _done = Done(&done);
+        work()
     });
     bar.finish_and_clear();
     result
@@ -277,6 +282,19 @@ pub fn reading_images<T>(label: &str, verbosity: Verbosity, work: impl FnOnce() 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reading's result comes back, and a panic in it ends the counter's thread rather than
+    /// leaving the scope waiting on it for ever.
+    #[test]
+    fn reading_images_gives_back_its_work_and_ends_with_it() {
+        assert_eq!(reading_images("reading", Verbosity::Quiet, || 7), 7);
+        let panicked = std::panic::catch_unwind(|| {
+            reading_images("reading", Verbosity::Quiet, || {
+                panic!("a bug in the reading")
+            })
+        });
+        assert!(panicked.is_err());
+    }
 
     #[test]
     fn a_log_gets_progress_lines_a_terminal_and_a_quiet_run_do_not() {

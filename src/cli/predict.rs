@@ -246,14 +246,12 @@ fn predict_files(
                 .collect();
             unread.extend(failed.into_iter().map(|(_, e)| e));
             bar.inc(chunk.len());
-            if read.is_empty() {
-                loren::interrupt::scoring_stop("nothing was written")?;
-                continue;
+            if !read.is_empty() {
+                let p = ens.predict(&images, read.len())?;
+                // Into rows at once: every member's probabilities over a large set would be M
+                // times the memory of the rows, and only the JSON file wants them.
+                rows.extend((0..p.batch).map(|b| row(ens, read[b], &p, b, members)));
             }
-            let p = ens.predict(&images, read.len())?;
-            // Into rows at once: every member's probabilities over a large set would be M
-            // times the memory of the rows, and only the JSON file wants them.
-            rows.extend((0..p.batch).map(|b| row(ens, read[b], &p, b, members)));
             loren::interrupt::scoring_stop("nothing was written")?;
         }
         Ok((rows, unread))

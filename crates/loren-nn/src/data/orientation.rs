@@ -24,12 +24,13 @@ pub fn exif_orientation(tiff: &[u8]) -> Option<u16> {
             u16::from_le_bytes(b)
         })
     };
+    // Two SHORTs, the more significant first where the order is big-endian.
     let u32_at = |at: usize| -> Option<u32> {
-        let b: [u8; 4] = tiff.get(at..at.checked_add(4)?)?.try_into().ok()?;
+        let (first, second) = (u32::from(u16_at(at)?), u32::from(u16_at(at + 2)?));
         Some(if big {
-            u32::from_be_bytes(b)
+            first << 16 | second
         } else {
-            u32::from_le_bytes(b)
+            second << 16 | first
         })
     };
     if u16_at(2)? != 42 {
