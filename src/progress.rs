@@ -245,7 +245,7 @@ impl Drop for EvalBar {
 /// log, a line every half minute.
 pub fn reading_images<T>(label: &str, verbosity: Verbosity, work: impl FnOnce() -> T) -> T {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let template = "{prefix:>11} {spinner} {pos} images read, {rate}, {elapsed}";
+    let template = "{prefix:>11} {spinner} images read: {pos}, {rate}, {elapsed}";
     let bar = bar(0, template, verbosity).with_prefix(label.to_string());
     let start = loren_nn::data::folder::images_tried();
     let done = AtomicBool::new(false);
