@@ -369,12 +369,24 @@ fn most_uncertain(rows: &[Row], n: usize) -> Vec<&Row> {
     order
 }
 
+/// A path as the table shows it: a line break or other control character in a file's name
+/// escaped (`\n`), which printed as it is would break the table's rows (the CSV and JSON
+/// quote it).
+fn printable(path: &str) -> String {
+    path.chars()
+        .map(|c| match c.is_control() {
+            true => c.escape_debug().to_string(),
+            false => c.to_string(),
+        })
+        .collect()
+}
+
 /// The first `show` rows, then the most uncertain images.
 fn table(ens: &Ensemble, rows: &[Row], show: usize, written: bool) -> String {
     let shown = &rows[..show.min(rows.len())];
     let width = shown
         .iter()
-        .map(|r| r.path.chars().count())
+        .map(|r| printable(&r.path).chars().count())
         .max()
         .unwrap_or(0)
         .max(5);
@@ -395,7 +407,7 @@ fn table(ens: &Ensemble, rows: &[Row], show: usize, written: bool) -> String {
     for r in shown {
         s += &format!(
             "  {:width$}  {:name_width$}  {:>11.4}  {:>7.4}  {:>11.4}  {:>5}\n",
-            r.path,
+            printable(&r.path),
             r.name,
             r.probability,
             r.entropy,
@@ -416,7 +428,7 @@ fn table(ens: &Ensemble, rows: &[Row], show: usize, written: bool) -> String {
         let top = most_uncertain(rows, 3);
         let width = top
             .iter()
-            .map(|r| r.path.chars().count())
+            .map(|r| printable(&r.path).chars().count())
             .max()
             .unwrap_or(0);
         s += "  most uncertain (highest entropy):
@@ -424,7 +436,11 @@ fn table(ens: &Ensemble, rows: &[Row], show: usize, written: bool) -> String {
         for r in top {
             s += &format!(
                 "    {:width$}  entropy {:.4}, {} at {:.4}, {}/{m} votes\n",
-                r.path, r.entropy, r.name, r.probability, r.votes
+                printable(&r.path),
+                r.entropy,
+                r.name,
+                r.probability,
+                r.votes
             );
         }
     }
@@ -434,6 +450,12 @@ fn table(ens: &Ensemble, rows: &[Row], show: usize, written: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_control_character_in_a_name_is_shown_escaped() {
+        assert_eq!(printable("a\nb\tc.png"), "a\\nb\\tc.png");
+        assert_eq!(printable("ünïcode é.png"), "ünïcode é.png");
+    }
 
     #[test]
     fn csv_fields_with_a_comma_quote_or_line_break_are_quoted() {

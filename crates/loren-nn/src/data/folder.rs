@@ -318,7 +318,11 @@ fn images_under(
 fn what_it_is(path: &Path) -> Option<String> {
     // Only a regular file is opened: a pipe's read would wait for ever.
     if !path.is_file() {
-        return Some("not a regular file".into());
+        let link = fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+        return Some(match (link, fs::metadata(path)) {
+            (true, Err(_)) => "a symbolic link that leads to no file".into(),
+            _ => "not a regular file".into(),
+        });
     }
     let head = head(path).ok()?;
     Some(match other_image_format(&head) {
@@ -1035,6 +1039,9 @@ mod tests {
         // A link that cannot be read beside the class folders: passed over without a word, as
         // the dataset never opens it.
         std::os::unix::fs::symlink("/proc/self/mem", dir.join("unreadable")).unwrap();
+        // Links that lead to no file, one through a loop of itself.
+        std::os::unix::fs::symlink("nowhere", dir.join("b/gone")).unwrap();
+        std::os::unix::fs::symlink("self", dir.join("b/self")).unwrap();
         // Pipes, which a read would wait on for ever: beside the classes, and in one.
         for pipe in [dir.join("pipe"), dir.join("b/pipe")] {
             let made = std::process::Command::new("mkfifo").arg(&pipe).status();
@@ -1051,8 +1058,16 @@ mod tests {
             files,
             [
                 (format!("a{sep}x.gif"), "a GIF image"),
+                (
+                    format!("b{sep}gone"),
+                    "a symbolic link that leads to no file"
+                ),
                 (format!("b{sep}notes.txt"), "not an image"),
                 (format!("b{sep}pipe"), "not a regular file"),
+                (
+                    format!("b{sep}self"),
+                    "a symbolic link that leads to no file"
+                ),
                 (format!("b{sep}y.webp"), "a WebP image"),
                 (
                     "stray.png".to_string(),
