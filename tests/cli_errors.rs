@@ -14,6 +14,16 @@ fn quick(extra: &[&str]) -> Vec<String> {
     v
 }
 
+/// One epoch of two members into `out`, with `flags`, which must succeed: its stderr.
+fn two_members_one_epoch(out: &Path, flags: &[&str]) -> String {
+    let mut args = vec!["train", "-m", "2", "--epochs", "1", "--no-shift"];
+    args.extend(flags);
+    args.extend(["--out", out.to_str().unwrap()]);
+    let (ok, _, err) = loren(&args);
+    assert!(ok, "{err}");
+    err
+}
+
 #[test]
 fn zero_members() {
     fails_with(&strs(&quick(&["--members", "0"])), &["at least 1 member"]);
@@ -289,27 +299,11 @@ fn refusals_come_before_the_folder_is_said() {
 fn an_ood_set_that_is_the_data_itself_is_noted() {
     let dir = temp_dir("ood-itself");
     let out = dir.join("run");
-    let o = out.to_str().unwrap();
     let noted = "note: --ood-data digits is the data scored in distribution";
-    // A run into `out` with --ood-data digits and `extra`, which succeeds: its stderr.
-    let train = |out: &str, extra: &[&str]| {
-        let mut args = vec![
-            "train",
-            "-m",
-            "2",
-            "--epochs",
-            "1",
-            "--no-shift",
-            "--out",
-            out,
-        ];
-        args.extend(["--ood-data", "digits"]);
-        args.extend(extra);
-        let (ok, _, err) = loren(&args);
-        assert!(ok, "{err}");
-        err
+    let train = |out: &Path, extra: &[&str]| {
+        two_members_one_epoch(out, &[&["--ood-data", "digits"], extra].concat())
     };
-    let err = train(o, &[]);
+    let err = train(&out, &[]);
     assert!(err.contains(noted), "{err}");
     let ckpt = out.join("checkpoint.safetensors");
     let c = ckpt.to_str().unwrap();
@@ -324,7 +318,7 @@ fn an_ood_set_that_is_the_data_itself_is_noted() {
     assert!(ok && err.contains(noted), "{err}");
     // With classes held out, the set holds images the scored test part lacks: no such note.
     let held = dir.join("held");
-    let err = train(held.to_str().unwrap(), &["--holdout-classes", "8,9"]);
+    let err = train(&held, &["--holdout-classes", "8,9"]);
     assert!(!err.contains("scored in distribution"), "{err}");
     // A folder of images passes over what it does not read, and says so, as --data does.
     let loose = dir.join("loose");
@@ -347,23 +341,8 @@ fn an_ood_set_that_is_the_data_itself_is_noted() {
 #[test]
 fn flags_the_method_or_optimizer_does_not_use_are_named() {
     let dir = temp_dir("unused-flags");
-    // One epoch of two members into `out`, with `flags`: its stderr.
-    let train = |out: &Path, flags: &[&str]| {
-        let mut args = vec![
-            "train",
-            "-m",
-            "2",
-            "--epochs",
-            "1",
-            "--no-shift",
-            "--no-ood",
-        ];
-        args.extend(flags);
-        args.extend(["--out", out.to_str().unwrap()]);
-        let (ok, _, err) = loren(&args);
-        assert!(ok, "{err}");
-        err
-    };
+    let train =
+        |out: &Path, flags: &[&str]| two_members_one_epoch(out, &[&["--no-ood"], flags].concat());
     let explicit = [
         "--method",
         "explicit",
