@@ -196,8 +196,10 @@ fn unreadable(mut unread: Vec<DataError>, total: usize) -> anyhow::Error {
         1 => unread.remove(0),
         _ => DataError::Unreadable(unread),
     };
-    let have = match rows {
-        0 => format!("none of the {} has a row", images(total)),
+    let have = match (rows, total) {
+        // One image alone: its own error says it all.
+        (_, 1) => return error.into(),
+        (0, _) => format!("none of the {} has a row", images(total)),
         _ => format!("only {rows} of the {} have a row", images(total)),
     };
     anyhow::Error::from(error).context(have)
