@@ -713,6 +713,7 @@ impl Ensemble {
                 let x = Tensor::from_staged(x, MemTag::Workspace)?;
                 let b = x.dims()[0];
                 let p = self.model.predict(&x, &keys)?.to_vec()?;
+                loren_nn::eval::check_numbers(&p, b, k, start)?;
                 for member in 0..m {
                     let src = &p[member * b * k..][..b * k];
                     probs[(member * n + start) * k..][..b * k].copy_from_slice(src);

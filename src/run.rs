@@ -442,6 +442,17 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
         .checkpoint
         .as_deref()
         .map_or_else(String::new, scored_again);
+    // A prediction that is not a number, once trained, is the weights': said with where they are.
+    let once_trained = |e: loren_nn::NnError| -> anyhow::Error {
+        if !matches!(e, loren_nn::NnError::NotANumber { .. }) {
+            return e.into();
+        }
+        let holds = match spec.checkpoint.as_deref() {
+            Some(p) => format!(" (its checkpoint {} holds those weights)", p.display()),
+            None => String::new(),
+        };
+        anyhow::Error::from(e).context(format!("scoring the trained ensemble{holds}"))
+    };
     // The last epoch, when it was scored, was scored on the trained model.
     let last_scored = summary.epochs.last().and_then(|e| e.val);
     let mut validation_seconds = summary.validation_seconds;
@@ -458,7 +469,8 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
             let batch = validation_batch(&spec.train);
             let (scored, probs) = score_validation(&model, val, batch, &mut |_| {
                 crate::interrupt::scoring_stop(&kept)
-            })?;
+            })
+            .map_err(once_trained)?;
             validation_seconds += scored.seconds;
             Some((scored, probs, val))
         }
@@ -492,7 +504,8 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
             bar.inc(n);
             crate::interrupt::scoring_stop(&kept)
         },
-    )?;
+    )
+    .map_err(once_trained)?;
     drop(bar);
     report.predictions.splice(0..0, val_set);
 

@@ -584,4 +584,27 @@ fn a_rate_that_diverges_is_recorded_and_never_picked() {
     for summary in ["compare.json", "rates.json", "curves.svg"] {
         assert!(!refused.join(summary).exists(), "{summary}");
     }
+    // A rate whose weights predict NaN at an epoch's end, the loss still a number, diverged too
+    // (batch 10000: one step an epoch).
+    let late = fresh_dir("diverged-late");
+    let args = [
+        "--methods",
+        "single",
+        "--lrs",
+        "1e-3,1e30",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "10000",
+        "--warmup",
+        "0",
+        "--no-shift",
+        "--no-ood",
+    ];
+    let run = compare_in(&late, &args);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{err}");
+    let said = "single (M=1) at lr 1e30, seed 0: after epoch 1 (step 1), member 0's probabilities \
+                for validation image 0 are NaN";
+    assert!(err.contains(said), "{err}");
 }

@@ -1379,3 +1379,94 @@ fn a_file_that_is_no_checkpoint_is_replaced_without_an_offer_to_resume_it() {
     );
     assert!(!err.contains("--resume"), "{err}");
 }
+
+/// A run that diverges stops at the first sign, and what it keeps is a checkpoint of numbers
+/// from before it, or said not to be one: never a file of NaN called good, and never a
+/// metrics error about probabilities for a model whose weights blew up. (Batch 10000 is all
+/// the images: one step an epoch.)
+#[test]
+fn a_run_that_diverges_keeps_only_a_checkpoint_of_numbers() {
+    let dir = temp_dir("diverges");
+    // `train` into `dir/name` with `flags`, which fails: its one-line error.
+    let diverge = |name: &str, flags: &[&str]| {
+        let out = dir.join(name);
+        let mut args = vec!["train", "-m", "2", "--no-shift", "--no-ood", "-q"];
+        args.extend(["--batch-size", "10000", "--warmup", "0"]);
+        args.extend(flags);
+        args.extend(["--out", out.to_str().unwrap()]);
+        let (ok, _, err) = loren(&args);
+        assert!(!ok && err.lines().count() == 1, "{err}");
+        (out.join("checkpoint.safetensors"), err)
+    };
+    let epoch_of = |ckpt: &Path| {
+        TensorFile::read(ckpt)
+            .unwrap()
+            .meta("epoch")
+            .unwrap()
+            .to_string()
+    };
+    // Weights that turn NaN at the second epoch's step (no clipping to skip it), not scored at
+    // its end: that epoch's checkpoint is not written, and the first epoch's stays, whole.
+    let nan = [
+        "--lr",
+        "1e6",
+        "--grad-clip",
+        "0",
+        "--epochs",
+        "3",
+        "--val-every",
+        "0",
+    ];
+    let (ckpt, err) = diverge("nan", &nan);
+    let said = "error: training stopped: after epoch 2 (step 2), tensor 'blocks.";
+    assert!(err.starts_with(said) && err.contains("holds NaN"), "{err}");
+    let kept = format!("the last good checkpoint is kept at {}", ckpt.display());
+    assert!(err.contains(&kept), "{err}");
+    assert_eq!(epoch_of(&ckpt), "1");
+    run_ok(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "-q",
+        "--no-shift",
+        "--no-ood",
+    ]);
+    // Finite weights that predict NaN: the validation part at the first epoch's end says so, before
+    // any checkpoint.
+    let (ckpt, err) = diverge("huge", &["--lr", "1e30", "--epochs", "2"]);
+    let said = "error: training stopped: after epoch 1 (step 1), member 0's probabilities for \
+                validation image 0 are NaN: the weights have diverged; no checkpoint had been \
+                written yet";
+    assert!(err.starts_with(said), "{err}");
+    assert!(!ckpt.exists());
+    // Not scored at epochs' ends, the next epoch's loss says it, and the checkpoint it began
+    // from is said to hold those weights, not to be a good one.
+    let (ckpt, err) = diverge(
+        "unscored",
+        &["--lr", "1e30", "--epochs", "2", "--val-every", "0"],
+    );
+    let said = format!(
+        "error: training stopped: the loss is NaN at step 2, in epoch 2; the last checkpoint \
+         written, {}, holds the weights that step began from (epoch 1's end), so they may have \
+         diverged already",
+        ckpt.display()
+    );
+    assert_eq!(err.trim_end(), said);
+    // Scored only once trained, they are said to be the trained weights, and where they are;
+    // `eval` says the same of them.
+    let (ckpt, err) = diverge(
+        "once",
+        &["--lr", "1e30", "--epochs", "1", "--val-every", "0"],
+    );
+    let said = format!(
+        "error: scoring the trained ensemble (its checkpoint {} holds those weights): member 0's \
+         probabilities for image 0 are not numbers (NaN): its weights have diverged",
+        ckpt.display()
+    );
+    assert_eq!(err.trim_end(), said);
+    let c = ckpt.to_str().unwrap();
+    let (ok, _, err) = loren(&["eval", "--checkpoint", c, "-q", "--no-shift", "--no-ood"]);
+    let said = "error: member 0's probabilities for image 0 are not numbers (NaN): its weights have \
+                diverged";
+    assert!(!ok && err.trim_end() == said, "{err}");
+}

@@ -441,8 +441,13 @@ fn method_rates(entries: &[String], methods: &[Method]) -> Result<Vec<(Method, f
 fn diverged_at(e: &anyhow::Error) -> Option<String> {
     match e.downcast_ref::<loren_nn::NnError>()? {
         loren_nn::NnError::NonFinite { step, loss, .. } => {
-            Some(format!("the loss is {loss} at step {step}"))
+            Some(format!("the loss is {loss} at step {}", step + 1))
         }
+        loren_nn::NnError::Diverged {
+            epoch, step, what, ..
+        } => Some(format!("after epoch {epoch} (step {step}), {what}")),
+        // Scored once trained: the weights it ended with.
+        e @ loren_nn::NnError::NotANumber { .. } => Some(format!("once trained, {e}")),
         _ => None,
     }
 }

@@ -23,9 +23,43 @@ pub enum NnError {
         file: String,
         reason: std::io::Error,
     },
-    /// The loss stopped being a number.
-    #[error("training stopped: the loss is {loss} at step {step}{}", and_kept(.kept))]
-    NonFinite { step: u64, loss: f32, kept: String },
+    /// The loss stopped being a number. `step` counts from 0, as the trainer's steps do; the
+    /// message counts from 1, as the progress lines do.
+    #[error(
+        "training stopped: the loss is {loss} at step {}, in epoch {epoch}{}",
+        .step + 1,
+        and_kept(.kept)
+    )]
+    NonFinite {
+        step: u64,
+        /// From 1.
+        epoch: usize,
+        loss: f32,
+        kept: String,
+    },
+    /// At an epoch's end, the weights, the optimizer's state or the predictions on the
+    /// validation part held a value that is not a number (`what` says which): training stopped
+    /// before that epoch's checkpoint was written.
+    #[error("training stopped: after epoch {epoch} (step {step}), {what}{}", and_kept(.kept))]
+    Diverged {
+        epoch: usize,
+        /// Steps taken, from 1.
+        step: u64,
+        what: String,
+        kept: String,
+    },
+    /// A member's prediction is not a number: its weights have diverged (in training at too high
+    /// a learning rate, say), though each is finite, or the run would have stopped.
+    #[error(
+        "member {member}'s probabilities for image {image} are not numbers ({value}): its \
+         weights have diverged"
+    )]
+    NotANumber {
+        member: usize,
+        /// From 0, in the order the images were given.
+        image: usize,
+        value: f32,
+    },
     /// The checkpoint at an epoch's end could not be written (a full disk): training stopped,
     /// the file at its path left as it was.
     #[error("{error}{}", and_kept(.kept))]
@@ -54,6 +88,21 @@ impl NnError {
         NnError::Checkpoint {
             file: file.display().to_string(),
             msg: msg.into(),
+        }
+    }
+
+    /// [`NnError::Diverged`] saying what the stopped run `kept`; any other error as it is.
+    pub(crate) fn keeping(self, kept: String) -> Self {
+        match self {
+            NnError::Diverged {
+                epoch, step, what, ..
+            } => NnError::Diverged {
+                epoch,
+                step,
+                what,
+                kept,
+            },
+            e => e,
         }
     }
 

@@ -46,6 +46,7 @@ pub fn predict(
             let images = Tensor::from_staged(images, MemTag::Workspace)?;
             let p = model.predict(&images, &keys)?.to_vec()?;
             let b = idx.len();
+            check_numbers(&p, b, c, done)?;
             for member in 0..m {
                 let src = &p[member * b * c..][..b * c];
                 probs[(member * n + done) * c..][..b * c].copy_from_slice(src);
@@ -56,6 +57,20 @@ pub fn predict(
         Ok(())
     })?;
     Ok(Predictions::new(m, n, c, probs)?)
+}
+
+/// That every probability of a chunk of `batch` images, [M, batch, `classes`], the first of them
+/// image `first`, is a number: a model whose weights diverged in training predicts NaN, which
+/// the metrics would otherwise report as a malformed probability.
+pub fn check_numbers(probs: &[f32], batch: usize, classes: usize, first: usize) -> Result<()> {
+    match probs.iter().position(|p| !p.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(NnError::NotANumber {
+            member: i / (batch * classes),
+            image: first + i % (batch * classes) / classes,
+            value: probs[i],
+        }),
+    }
 }
 
 /// How much to evaluate.

@@ -430,6 +430,7 @@ impl<'m> Trainer<'m> {
     fn non_finite(&self, value: f32) -> NnError {
         NnError::NonFinite {
             step: self.step,
+            epoch: self.epoch + 1,
             loss: value,
             kept: String::new(),
         }
@@ -510,7 +511,22 @@ impl<'m> Trainer<'m> {
             && let Some((_, validate)) = &mut self.validation
         {
             observer.validating(self.epoch);
-            info.val = validate(self.model)?;
+            info.val = validate(self.model).map_err(|e| match e {
+                NnError::NotANumber {
+                    member,
+                    image,
+                    value,
+                } => NnError::Diverged {
+                    epoch: self.epoch,
+                    step: self.step,
+                    what: format!(
+                        "member {member}'s probabilities for validation image {image} are {value}: \
+                         the weights have diverged"
+                    ),
+                    kept: String::new(),
+                },
+                e => e,
+            })?;
         }
         self.history.push(info);
         observer.epoch(&info);
@@ -639,9 +655,12 @@ impl<'m> Trainer<'m> {
         };
         let mut saved = false;
         while self.epoch < self.config.epochs {
+            let epoch_start = self.step;
             match self.run_epoch(data, observer) {
                 Ok(_) => {}
-                Err(NnError::NonFinite { step, loss, .. }) => {
+                Err(NnError::NonFinite {
+                    step, epoch, loss, ..
+                }) => {
                     // The epoch's steps skipped for their gradients, on the way to this loss,
                     // which no epoch's end reported.
                     let skipped = self.optimizer.skipped_steps()?;
@@ -654,18 +673,36 @@ impl<'m> Trainer<'m> {
                             if n == 1 { "its" } else { "their" }
                         ),
                     };
-                    let kept = [before, kept(saved)]
+                    // An epoch's first step starts from the weights its checkpoint was just
+                    // written from: that loss may be theirs.
+                    let last = match (&ckpt.path, saved && step == epoch_start) {
+                        (Some(p), true) => format!(
+                            "the last checkpoint written, {}, holds the weights that step began \
+                             from (epoch {}'s end), so they may have diverged already",
+                            p.display(),
+                            epoch - 1
+                        ),
+                        _ => kept(saved),
+                    };
+                    let kept = [before, last]
                         .into_iter()
                         .filter(|part| !part.is_empty())
                         .collect::<Vec<_>>()
                         .join("; ");
-                    return Err(NnError::NonFinite { step, loss, kept });
+                    return Err(NnError::NonFinite {
+                        step,
+                        epoch,
+                        loss,
+                        kept,
+                    });
                 }
+                Err(e @ NnError::Diverged { .. }) => return Err(e.keeping(kept(saved))),
                 Err(NnError::Interrupted { step, .. }) => return Err(interrupted(step, saved)),
                 Err(e) => return Err(e),
             }
             if let Some(path) = &ckpt.path {
-                self.save_keeping(path, &metadata, resumable(saved))?;
+                self.save_keeping(path, &metadata, resumable(saved))
+                    .map_err(|e| e.keeping(kept(saved)))?;
                 if !saved {
                     remove_files(&ckpt.replaces)?;
                 }
@@ -713,9 +750,13 @@ impl<'m> Trainer<'m> {
         meta: &HashMap<String, String>,
         kept: String,
     ) -> Result<()> {
-        self.save(path, meta).map_err(|e| NnError::NotSaved {
-            error: Box::new(e),
-            kept,
+        self.save(path, meta).map_err(|e| match e {
+            // Not a write that failed: the caller says what is kept.
+            NnError::Diverged { .. } => e,
+            e => NnError::NotSaved {
+                error: Box::new(e),
+                kept,
+            },
         })
     }
 
@@ -743,6 +784,22 @@ impl<'m> Trainer<'m> {
             tensors.push((format!("optim.m.{name}"), entry(&st.m)?));
             if let Some(v) = &st.v {
                 tensors.push((format!("optim.v.{name}"), entry(v)?));
+            }
+        }
+        // A checkpoint is a place to go on from, which one that is not all numbers is not (and
+        // every reader refuses it).
+        for (name, e) in &tensors {
+            if let Some(i) = e.data.iter().position(|v| !v.is_finite()) {
+                let what = match name.starts_with("optim.") {
+                    true => "the optimizer's state has diverged",
+                    false => "the weights have diverged",
+                };
+                return Err(NnError::Diverged {
+                    epoch: self.epoch,
+                    step: self.step,
+                    what: format!("tensor '{name}' holds {} at element {i}: {what}", e.data[i]),
+                    kept: String::new(),
+                });
             }
         }
         let mut meta = extra.clone();

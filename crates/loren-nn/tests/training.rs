@@ -257,7 +257,7 @@ fn a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint() {
     );
     let msg = err.to_string();
     assert!(
-        msg.contains(&format!("step {step}")) && kept.contains("resumed from"),
+        msg.contains(&format!("step {}, in epoch 2", step + 1)) && kept.contains("resumed from"),
         "{msg}"
     );
     assert_eq!(
