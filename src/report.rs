@@ -438,7 +438,8 @@ pub fn comparison_table(runs: &[RunResult]) -> String {
             t.ece,
             t.nll,
             t.brier,
-            // A fit stopped at its bound is marked: the figure is of a nearly one-hot prediction.
+            // A fit stopped at its bound is marked: the figure is of a nearly one-hot (or uniform)
+            // prediction.
             r.report
                 .tempered
                 .as_ref()
@@ -465,8 +466,9 @@ pub fn comparison_table(runs: &[RunResult]) -> String {
     {
         let _ = writeln!(
             s,
-            "* its temperature fit stopped at the search's bound (no validation error to fit): \
-             the scaled prediction is nearly one-hot"
+            "* its temperature fit stopped at the search's bound, the validation NLL still \
+             falling: at T = 0.01 (no validation error to fit) the scaled prediction is nearly \
+             one-hot, at T = 100 nearly uniform"
         );
     }
     // The default learning rate depends on the method: say what each one trained at.

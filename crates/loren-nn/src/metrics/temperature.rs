@@ -22,7 +22,8 @@ pub struct TemperedReport {
     pub temperature: f64,
     /// Whether the fit stopped at the search's bound (1/100 or 100) rather than at a minimum:
     /// on a validation part classified without an error the NLL keeps falling as T does, and
-    /// the scaled test prediction is then close to one-hot.
+    /// the scaled test prediction is then close to one-hot; on one of a model that has learnt
+    /// nothing it may keep falling as T rises, to a prediction close to uniform.
     #[serde(default)]
     pub at_bound: bool,
     pub ece: f64,
