@@ -7,7 +7,7 @@ use serde::Serialize;
 use loren_autograd::optim::OptimizerKind;
 use loren_nn::eval::EvalReport;
 use loren_nn::metrics::{NUM_BINS, OodReport, ShiftRow, SizeRow};
-use loren_nn::train::TrainConfig;
+use loren_nn::train::{TrainConfig, TrainSummary};
 use loren_nn::{Activations, EnsembleConfig, Method};
 
 use crate::run::RunResult;
@@ -256,7 +256,23 @@ pub fn training_line(r: &RunResult) -> String {
         r.train_seconds,
         r.eval_seconds
     );
-    val + &settings_line(&r.settings.train, &r.settings.ensemble, r.train.steps) + &cost
+    val + &settings_line(&r.settings.train, &r.settings.ensemble, r.train.steps)
+        + &skipped_line(&r.train)
+        + &cost
+}
+
+/// The steps that changed nothing, their gradients not finite, when any did: each epoch's
+/// warning said so as it ended, and a report read later says it too.
+fn skipped_line(t: &TrainSummary) -> String {
+    let skipped: u64 = t.epochs.iter().map(|e| e.skipped_steps).sum();
+    match skipped {
+        0 => String::new(),
+        n => format!(
+            "  skipped: {n} of the run's {} steps left the parameters as they were, their \
+             gradients not finite (a diverging run)\n",
+            t.steps
+        ),
+    }
 }
 
 /// How the run trained, over its `steps`: the learning rate (whose default depends on the
@@ -797,6 +813,32 @@ mod tests {
             let line = settings_line(&t, &ens, 500);
             assert!(line.contains(said), "{method}: {line}");
         }
+    }
+
+    /// Steps skipped in any epoch are summed into the report's line; none, no line.
+    #[test]
+    fn steps_skipped_for_their_gradients_are_said_in_the_report() {
+        let epoch = |epoch, skipped_steps| loren_nn::train::EpochInfo {
+            epoch,
+            mean_loss: 1.0,
+            seconds: 1.0,
+            val: None,
+            skipped_steps,
+        };
+        let mut summary = TrainSummary {
+            epochs: vec![epoch(1, 0), epoch(2, 0)],
+            steps: 34,
+            seconds: 1.0,
+            images_per_second: 1.0,
+            validation_seconds: 0.0,
+        };
+        assert_eq!(skipped_line(&summary), "");
+        summary.epochs = vec![epoch(1, 2), epoch(2, 17)];
+        assert_eq!(
+            skipped_line(&summary),
+            "  skipped: 19 of the run's 34 steps left the parameters as they were, their \
+             gradients not finite (a diverging run)\n"
+        );
     }
 
     /// A report whose every figure is a different number.

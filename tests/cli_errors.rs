@@ -832,6 +832,9 @@ fn bad_optimizer_and_adapter_flags_name_the_flag() {
         ("--grad-clip", "-1", "not negative"),
         ("--weight-decay", "-0.01", "not negative"),
         ("--weight-decay", "NaN", "not negative"),
+        // At the default --lr 1e-3: each step would scale the weights by 1 - lr·wd.
+        ("--weight-decay", "1000", "by 1 − 1, zeroing them"),
+        ("--weight-decay", "2000", "by 1 − 2, flipping them"),
         ("--momentum", "1", "[0, 1)"),
         ("--momentum", "-0.5", "[0, 1)"),
         ("--momentum", "NaN", "[0, 1)"),

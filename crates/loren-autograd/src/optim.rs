@@ -34,6 +34,15 @@ impl OptimizerKind {
         }
     }
 
+    /// The weight decay: AdamW's decoupled one, SGD's L2 penalty.
+    pub fn weight_decay(&self) -> f32 {
+        match *self {
+            OptimizerKind::AdamW { weight_decay, .. } | OptimizerKind::Sgd { weight_decay, .. } => {
+                weight_decay
+            }
+        }
+    }
+
     /// What makes these settings unusable, if anything: a moment's or momentum's decay outside
     /// [0, 1) (β₂ = 1 divides by zero in Adam's bias correction), an eps that is not positive, a
     /// weight decay negative or not finite. NaN fails every comparison, hence the positive forms.

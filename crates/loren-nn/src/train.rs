@@ -84,7 +84,8 @@ impl TrainConfig {
 
     /// Check the settings before anything is built: epochs and batch size at least 1, `lr`
     /// positive and finite, `min_lr` finite, not negative and not above `lr`, `grad_clip`
-    /// positive and finite where set, and the optimizer's and augmentation's own settings.
+    /// positive and finite where set, `lr` times the weight decay below 1, and the optimizer's
+    /// and augmentation's own settings.
     /// Otherwise an [`NnError::Config`] naming the field (an [`NnError::Data`] for the
     /// augmentation). [`Trainer::new`] calls it.
     pub fn validate(&self) -> Result<()> {
@@ -120,6 +121,24 @@ impl TrainConfig {
         self.optimizer.check().map_err(|m| {
             NnError::Config(format!("the optimizer's {m} (TrainConfig::optimizer)"))
         })?;
+        // Each step scales a weight by 1 - lr·wd (AdamW's decay; SGD's penalty without
+        // momentum): at 1 or more that zeroes or flips it, and the run diverges in steps that
+        // the gradients' check then skips, one by one.
+        let wd = self.optimizer.weight_decay();
+        let product = self.lr * wd;
+        if product >= 1.0 {
+            return Err(NnError::Config(format!(
+                "the peak learning rate times the weight decay is {product} (--lr {} × \
+                 --weight-decay {wd}): each step would scale the weights by 1 − {product}, \
+                 {} them; keep the product below 1 (TrainConfig::lr and optimizer)",
+                self.lr,
+                if product == 1.0 {
+                    "zeroing"
+                } else {
+                    "flipping"
+                }
+            )));
+        }
         self.augment.validate()?;
         Ok(())
     }
