@@ -325,22 +325,22 @@ fn to_f32(view: &TensorView<'_>) -> std::result::Result<Vec<f32>, String> {
     })
 }
 
-/// Write named tensors and `metadata` to `path` atomically.
+/// Write named tensors and `metadata` to `path` atomically, in f32.
 pub fn write(
     path: &Path,
     tensors: &[(String, Entry)],
     metadata: HashMap<String, String>,
 ) -> Result<()> {
-    let raw = tensors
+    let out = tensors
         .iter()
-        .map(|(name, e)| RawTensor {
-            name: name.clone(),
+        .map(|(name, e)| Out {
+            name,
             dtype: Dtype::F32,
-            shape: e.shape.clone(),
-            bytes: e.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            shape: &e.shape,
+            values: Values::F32(&e.data),
         })
-        .collect::<Vec<_>>();
-    write_raw(path, &raw, metadata)
+        .collect();
+    write_out(path, out, metadata)
 }
 
 /// One tensor as a file holds it: its values' little-endian bytes, of any safetensors dtype.
@@ -358,66 +358,119 @@ pub fn write_raw(
     tensors: &[RawTensor],
     metadata: HashMap<String, String>,
 ) -> Result<()> {
+    let out = tensors
+        .iter()
+        .map(|t| Out {
+            name: &t.name,
+            dtype: t.dtype,
+            shape: &t.shape,
+            values: Values::Bytes(&t.bytes),
+        })
+        .collect();
+    write_out(path, out, metadata)
+}
+
+/// A tensor's values as [`write_out`] takes them.
+enum Values<'a> {
+    /// Written as little-endian f32, a piece at a time: never a second copy of them all.
+    F32(&'a [f32]),
+    Bytes(&'a [u8]),
+}
+
+impl Values<'_> {
+    fn byte_len(&self) -> usize {
+        match self {
+            Values::F32(v) => v.len() * 4,
+            Values::Bytes(b) => b.len(),
+        }
+    }
+
+    fn write_to(&self, w: &mut impl Write) -> std::io::Result<()> {
+        match self {
+            Values::Bytes(b) => w.write_all(b),
+            Values::F32(v) => v.chunks(1 << 14).try_for_each(|chunk| {
+                let bytes: Vec<u8> = chunk.iter().flat_map(|x| x.to_le_bytes()).collect();
+                w.write_all(&bytes)
+            }),
+        }
+    }
+}
+
+/// One tensor to write.
+struct Out<'a> {
+    name: &'a str,
+    dtype: Dtype,
+    shape: &'a [usize],
+    values: Values<'a>,
+}
+
+/// Write `tensors` and `metadata` to `path` atomically as safetensors, streamed: the header,
+/// then each tensor's bytes straight from its values, so that writing holds no copy of them
+/// all (a checkpoint of an explicit ViT-B ensemble's weights and moments is tens of GiB). The
+/// header's keys are sorted and the data ordered as the safetensors crate orders it (by
+/// alignment, then name): the same contents make the same bytes.
+fn write_out(path: &Path, mut tensors: Vec<Out>, metadata: HashMap<String, String>) -> Result<()> {
     let mut names = std::collections::HashSet::new();
-    if let Some(t) = tensors.iter().find(|t| !names.insert(t.name.as_str())) {
+    if let Some(t) = tensors.iter().find(|t| !names.insert(t.name)) {
         return Err(NnError::checkpoint(
             path,
             format!("tensor '{}' is named twice", t.name),
         ));
     }
-    let views = tensors
-        .iter()
-        .map(|t| {
-            let values = t.bytes.len() * 8 / t.dtype.bitsize();
-            if t.shape.iter().product::<usize>() != values {
-                return Err(NnError::checkpoint(
-                    path,
-                    format!(
-                        "tensor '{}': {values} values for shape {:?}",
-                        t.name, t.shape
-                    ),
-                ));
-            }
-            let view = TensorView::new(t.dtype, t.shape.clone(), &t.bytes)
-                .map_err(|e| NnError::checkpoint(path, format!("tensor '{}': {e}", t.name)))?;
-            Ok((t.name.as_str(), view))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let buffer = safetensors::serialize(views, Some(metadata))
-        .map_err(|e| NnError::checkpoint(path, e.to_string()))?;
-    write_atomic(path, &in_key_order(buffer))
-}
-
-/// `file` (a safetensors buffer) with its header's keys in sorted order: safetensors writes the
-/// metadata in a `HashMap`'s order, which changes from run to run, so that the same run wrote
-/// other bytes each time and no checksum could tell two runs' files alike.
-fn in_key_order(file: Vec<u8>) -> Vec<u8> {
-    let header_len = |f: &[u8]| Some(u64::from_le_bytes(f.get(..8)?.try_into().ok()?) as usize);
-    let Some(n) = header_len(&file) else {
-        return file;
-    };
-    let Some(Ok(header)) = file
-        .get(8..8 + n)
-        .map(serde_json::from_slice::<serde_json::Value>)
-    else {
-        return file;
-    };
-    // serde_json's maps are BTreeMaps: serializing sorts every level's keys.
-    let mut sorted = header.to_string().into_bytes();
-    sorted.resize(sorted.len().next_multiple_of(8), b' ');
-    let mut out = Vec::with_capacity(8 + sorted.len() + file.len() - 8 - n);
-    out.extend((sorted.len() as u64).to_le_bytes());
-    out.extend(sorted);
-    out.extend(&file[8 + n..]);
-    out
+    for t in &tensors {
+        let bits = t.values.byte_len() * 8;
+        if t.shape.iter().product::<usize>() * t.dtype.bitsize() != bits {
+            return Err(NnError::checkpoint(
+                path,
+                format!(
+                    "tensor '{}': {} values for shape {:?}",
+                    t.name,
+                    bits / t.dtype.bitsize(),
+                    t.shape
+                ),
+            ));
+        }
+    }
+    tensors.sort_by(|a, b| b.dtype.cmp(&a.dtype).then(a.name.cmp(b.name)));
+    // serde_json's maps are BTreeMaps: the header's keys come out sorted at every level.
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!(metadata));
+    let mut offset = 0;
+    for t in &tensors {
+        let end = offset + t.values.byte_len();
+        let info = serde_json::json!({
+            "dtype": t.dtype,
+            "shape": t.shape,
+            "data_offsets": [offset, end],
+        });
+        header.insert(t.name.to_string(), info);
+        offset = end;
+    }
+    let mut header = serde_json::Value::Object(header).to_string().into_bytes();
+    // The data starts 8-byte aligned, as the format asks.
+    header.resize(header.len().next_multiple_of(8), b' ');
+    write_atomic_with(path, |w| {
+        w.write_all(&(header.len() as u64).to_le_bytes())?;
+        w.write_all(&header)?;
+        tensors.iter().try_for_each(|t| t.values.write_to(w))
+    })
 }
 
 /// Write `bytes` to `path` through a synced temporary file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |w| w.write_all(bytes))
+}
+
+/// [`write_atomic`] of what `write` writes, through a buffer.
+fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<fs::File>) -> std::io::Result<()>,
+) -> Result<()> {
     let tmp = make_folder_for(path)?;
     let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+        let mut f = std::io::BufWriter::new(fs::File::create(&tmp)?);
+        write(&mut f)?;
+        let f = f.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
         sync_folder(path);
@@ -581,6 +634,48 @@ mod tests {
         let back = TensorFile::read(&files[0]).unwrap();
         assert_eq!(back.metadata(), &metadata());
         assert_eq!(back.get("b").unwrap().data, [5.0, 6.0, 7.0]);
+    }
+
+    /// Streamed tensors of mixed dtypes read back through the safetensors crate itself, each in
+    /// its place, the wider dtype first so that every tensor stays aligned.
+    #[test]
+    fn mixed_dtypes_stream_into_a_file_safetensors_reads() {
+        let path = temp("mixed");
+        let halves: Vec<u8> = [1.5f32, -2.0, 3.25]
+            .iter()
+            .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
+            .collect();
+        let floats: Vec<u8> = [7.0f32, 8.5].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let tensors = [
+            ("a/halves", Dtype::BF16, vec![3], halves.clone()),
+            ("b/floats", Dtype::F32, vec![2], floats.clone()),
+        ]
+        .map(|(name, dtype, shape, bytes)| RawTensor {
+            name: name.into(),
+            dtype,
+            shape,
+            bytes,
+        });
+        let meta = HashMap::from([("k".to_string(), "v".to_string())]);
+        write_raw(&path, &tensors, meta.clone()).unwrap();
+        let bytes = fs::read(&path).unwrap();
+        let (_, read) = SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(read.metadata().as_ref(), Some(&meta));
+        let file = SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(file.tensor("a/halves").unwrap().data(), &halves[..]);
+        assert_eq!(file.tensor("b/floats").unwrap().data(), &floats[..]);
+        assert_eq!(read.info("b/floats").unwrap().data_offsets, (0, 8));
+        // And a tensor whose bytes do not fill its shape is refused, naming it.
+        let short = [RawTensor {
+            name: "w".into(),
+            dtype: Dtype::F32,
+            shape: vec![3],
+            bytes: floats,
+        }];
+        let e = write_raw(&path, &short, HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tensor 'w': 2 values for shape [3]"), "{e}");
     }
 
     fn temp(name: &str) -> PathBuf {
