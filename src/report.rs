@@ -243,11 +243,12 @@ pub fn training_line(r: &RunResult) -> String {
         _ => String::new(),
     };
     let cost = format!(
-        "  trainable parameters {} of {}; peak tensor memory {} on {}{}; training {:.1}s{validating}, \
-         evaluation {:.1}s\n",
+        "  trainable parameters {} of {}; peak tensor memory {} training, {} scoring, on {}{}; \
+         training {:.1}s{validating}, evaluation {:.1}s\n",
         count(r.trainable_params),
         count(r.total_params),
         bytes(r.memory.total_peak),
+        bytes(r.scoring_peak),
         r.device,
         match r.activations {
             Activations::Keep => "",

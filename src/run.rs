@@ -108,8 +108,11 @@ pub struct RunResult {
     pub device: String,
     pub trainable_params: usize,
     pub total_params: usize,
-    /// Peak memory while training, by tag.
+    /// Peak memory while training, by tag (the validation part scored at epoch ends included).
     pub memory: MemoryBreakdown,
+    /// Peak tensor bytes while the trained ensemble scored the test, shifted and OOD sets, at
+    /// `--eval-batch-size`: more than training's at the default sizes.
+    pub scoring_peak: u64,
     /// What the training forward kept for the backward.
     pub activations: Activations,
     pub train: TrainSummary,
@@ -489,6 +492,7 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
         .map(|(_, probs, val)| ScoredSet::validation(probs.clone(), &val.labels));
     let val_report = val_report.map(|(scored, ..)| scored);
     let t1 = Instant::now();
+    device.memory().reset_peaks();
     let mut bar = EvalBar::new(
         label,
         eval_images(&data.test, held_out, &data.ood_sets, &eval),
@@ -507,6 +511,7 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
     )
     .map_err(once_trained)?;
     drop(bar);
+    let scoring_peak = device.memory().report().total_peak;
     report.predictions.splice(0..0, val_set);
 
     Ok(RunResult {
@@ -518,6 +523,7 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
         trainable_params: model.params().num_trainable(),
         total_params: model.params().num_total(),
         memory,
+        scoring_peak,
         activations: spec.train.activations,
         train: summary,
         val_accuracy: val_report.map(|r| r.accuracy),

@@ -1470,3 +1470,35 @@ fn a_run_that_diverges_keeps_only_a_checkpoint_of_numbers() {
                 diverged";
     assert!(!ok && err.trim_end() == said, "{err}");
 }
+
+/// The report keeps scoring's peak apart from training's: it grows with --eval-batch-size, which
+/// training's does not see, and the printed line shows both.
+#[test]
+fn the_report_says_the_peak_of_scoring_apart_from_training() {
+    let dir = temp_dir("scoring-peak");
+    let run = |name: &str, batch: &str| {
+        let out = dir.join(name);
+        let printed = train_ok(&out, "1", &["--eval-batch-size", batch]);
+        let report = report_json(&out);
+        let peak = |key: &str| report.pointer(key).and_then(|v| v.as_u64()).unwrap();
+        (printed, peak("/memory/total_peak"), peak("/scoring_peak"))
+    };
+    let (_, train_small, score_small) = run("small", "1");
+    let (printed, train_large, score_large) = run("large", "300");
+    assert_eq!(train_small, train_large);
+    assert!(
+        score_large > 10 * score_small,
+        "{score_small} {score_large}"
+    );
+    let line = printed
+        .lines()
+        .find(|l| l.contains("peak tensor memory"))
+        .unwrap();
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
+    let said = format!(
+        "peak tensor memory {} training, {} scoring, on cpu;",
+        mib(train_large),
+        mib(score_large)
+    );
+    assert!(line.contains(&said), "{line}");
+}
