@@ -497,6 +497,8 @@ fn a_comparison_stopped_part_way_leaves_no_summary_that_disagrees_with_its_runs(
         "lora=1e4",
         "--grad-clip",
         "0",
+        "--weight-decay",
+        "0",
         "-q",
     ];
     args.extend(quick);
@@ -533,8 +535,11 @@ fn a_rate_that_diverges_is_recorded_and_never_picked() {
     std::fs::write(stale.join("report.json"), b"{}").unwrap();
     // And `loren eval`'s, which compare never writes: not its to remove.
     std::fs::write(stale.join("eval.json"), b"{}").unwrap();
+    // No weight decay: at these rates it would be refused before training.
     let quick = [
         "--grad-clip",
+        "0",
+        "--weight-decay",
         "0",
         "--epochs",
         "1",
@@ -592,6 +597,8 @@ fn a_rate_that_diverges_is_recorded_and_never_picked() {
         "single",
         "--lrs",
         "1e-3,1e30",
+        "--weight-decay",
+        "0",
         "--epochs",
         "2",
         "--batch-size",

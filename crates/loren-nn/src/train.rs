@@ -127,16 +127,22 @@ impl TrainConfig {
         let wd = self.optimizer.weight_decay();
         let product = self.lr * wd;
         if product >= 1.0 {
+            let short = |x: f32| match (1e-3..1e4).contains(&x) {
+                true => format!("{x}"),
+                false => format!("{x:e}"),
+            };
+            let what = if product == 1.0 {
+                "zeroing"
+            } else {
+                "flipping"
+            };
             return Err(NnError::Config(format!(
-                "the peak learning rate times the weight decay is {product} (--lr {} × \
-                 --weight-decay {wd}): each step would scale the weights by 1 − {product}, \
-                 {} them; keep the product below 1 (TrainConfig::lr and optimizer)",
-                self.lr,
-                if product == 1.0 {
-                    "zeroing"
-                } else {
-                    "flipping"
-                }
+                "the peak learning rate times the weight decay is {} (--lr {} × --weight-decay \
+                 {}): each step would scale the weights by 1 − {0}, {what} them; keep the \
+                 product below 1 (TrainConfig::lr and optimizer)",
+                short(product),
+                short(self.lr),
+                short(wd),
             )));
         }
         self.augment.validate()?;
