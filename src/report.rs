@@ -172,11 +172,11 @@ pub fn calibration_report(title: &str, dataset: &str, report: &EvalReport) -> St
         );
     }
     if let Some(o) = &report.ood {
-        ood_block(&mut s, "OOD detection", o);
+        ood_block(&mut s, "OOD detection", o, report.members);
     }
     for set in &report.ood_sets {
         let title = format!("OOD detection against {}", split_phrase(&set.dataset));
-        ood_block(&mut s, &title, &set.report);
+        ood_block(&mut s, &title, &set.report, report.members);
     }
     s
 }
@@ -208,8 +208,8 @@ fn shift_mean(rows: &[ShiftRow], f: fn(&ShiftRow) -> Option<f64>) -> Option<f64>
         .map(|v| v.iter().sum::<f64>() / v.len() as f64)
 }
 
-/// One OOD report: its three scores' AUROC, AUPR and FPR at 95% TPR.
-fn ood_block(s: &mut String, title: &str, o: &OodReport) {
+/// One OOD report of an ensemble of `members`: its three scores' AUROC, AUPR and FPR at 95% TPR.
+fn ood_block(s: &mut String, title: &str, o: &OodReport, members: usize) {
     let _ = writeln!(
         s,
         "  {title} ({} in, {} out; OOD positive): AUROC / AUPR / FPR@95%TPR",
@@ -220,9 +220,15 @@ fn ood_block(s: &mut String, title: &str, o: &OodReport) {
         ("entropy", &o.entropy),
         ("mutual info", &o.mutual_information),
     ] {
+        // One member's mutual information is 0 for every image: its figures are those of a
+        // score that tells nothing, which the line says rather than leave them to be read.
+        let note = match (name, members) {
+            ("mutual info", 1) => "   (one member: 0 for every image, no score)",
+            _ => "",
+        };
         let _ = writeln!(
             s,
-            "    {name:<15} {:.4} / {:.4} / {:.4}",
+            "    {name:<15} {:.4} / {:.4} / {:.4}{note}",
             d.auroc, d.aupr, d.fpr95
         );
     }
@@ -933,6 +939,37 @@ mod tests {
                 printed.lines().any(|l| l == line),
                 "no line {line:?} in\n{printed}"
             );
+        }
+    }
+
+    /// One member's mutual-information line says it scores nothing; an ensemble's says nothing
+    /// more.
+    #[test]
+    fn one_members_mutual_information_is_said_to_score_nothing() {
+        use loren_nn::metrics::{DetectionMetrics, OodReport};
+        let d = DetectionMetrics {
+            auroc: 0.5,
+            aupr: 0.6667,
+            fpr95: 1.0,
+        };
+        let ood = OodReport {
+            in_samples: 359,
+            ood_samples: 718,
+            max_prob: d.clone(),
+            entropy: d.clone(),
+            mutual_information: d,
+        };
+        let said = "(one member: 0 for every image, no score)";
+        for (members, noted) in [(1, true), (2, false)] {
+            let report = EvalReport {
+                members,
+                ood: Some(ood.clone()),
+                ..distinct_report()
+            };
+            let printed = calibration_report("single", "digits", &report);
+            let line = printed.lines().find(|l| l.contains("mutual info ")).unwrap();
+            assert_eq!(line.ends_with(said), noted, "{line}");
+            assert_eq!(printed.matches(said).count(), noted as usize, "{printed}");
         }
     }
 
