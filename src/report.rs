@@ -285,19 +285,22 @@ fn skipped_line(t: &TrainSummary) -> String {
 /// How the run trained, over its `steps`: the learning rate (whose default depends on the
 /// method) and its schedule as it ran, the optimizer and the budget.
 fn settings_line(t: &TrainConfig, ens: &EnsembleConfig, steps: u64) -> String {
-    let warmup = t.warmup_steps;
-    let schedule = match warmup >= steps {
+    let warmup = match t.warmup_steps {
+        1 => "1 warmup step".to_string(),
+        n => format!("{n} warmup steps"),
+    };
+    let schedule = match t.warmup_steps >= steps {
         // The schedule as asked would mislead: the warm-up was cut to the run (as the Trainer
         // cuts it), which ends as the rate reaches its peak, with no decay.
         true => {
             let reached = steps.saturating_sub(u64::from(t.warmup_from_zero));
             format!(
-                "{warmup} warmup steps, the run's {steps} all warm-up (the rate rising to {:.0}% \
+                "{warmup}, the run's {steps} all warm-up (the rate rising to {:.0}% \
                  of it at the last, no decay)",
                 100.0 * reached as f64 / steps.max(1) as f64
             )
         }
-        false => format!("{warmup} warmup steps, cosine to {}", rate(t.min_lr)),
+        false => format!("{warmup}, cosine to {}", rate(t.min_lr)),
     };
     let optimizer = match t.optimizer {
         OptimizerKind::AdamW { weight_decay, .. } => format!("AdamW (weight decay {weight_decay})"),
@@ -967,7 +970,10 @@ mod tests {
                 ..distinct_report()
             };
             let printed = calibration_report("single", "digits", &report);
-            let line = printed.lines().find(|l| l.contains("mutual info ")).unwrap();
+            let line = printed
+                .lines()
+                .find(|l| l.contains("mutual info "))
+                .unwrap();
             assert_eq!(line.ends_with(said), noted, "{line}");
             assert_eq!(printed.matches(said).count(), noted as usize, "{printed}");
         }

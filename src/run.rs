@@ -403,17 +403,35 @@ pub fn run(spec: &RunSpec, data: &Splits, backbone: &TensorFile) -> Result<RunRe
                 if spec.train.epochs == 1 { "" } else { "s" },
                 if steps == 1 { "" } else { "s" },
             );
-            if spec.train.warmup_steps >= trainer.total_steps() {
-                let steps = match trainer.total_steps() {
+            let total = trainer.total_steps();
+            // (A warm-up from zero of one step is warned of below.)
+            if spec.train.warmup_steps >= total && !(spec.train.warmup_from_zero && total == 1) {
+                let steps = match total {
                     1 => "its 1 step is".to_string(),
                     n => format!("its {n} steps are all"),
                 };
+                // From zero, the warm-up cut to the run ends a step short of the peak.
+                let to = match spec.train.warmup_from_zero {
+                    false => "to the peak".to_string(),
+                    true => format!(
+                        "from 0 to {:.0}% of the peak",
+                        100.0 * (total - 1) as f64 / total as f64
+                    ),
+                };
                 crate::note!(
-                    "{label}: note: {steps} learning-rate warm-up (--warmup {}), which rises to \
-                     the peak over the whole run, with no decay",
+                    "{label}: note: {steps} learning-rate warm-up (--warmup {}), which rises \
+                     {to} over the whole run, with no decay",
                     spec.train.warmup_steps
                 );
             }
+        }
+        // Said even under -q: the run would train nothing, which its flags do not say.
+        if spec.train.warmup_from_zero && spec.train.warmup_steps > 0 && trainer.total_steps() == 1
+        {
+            crate::note!(
+                "{label}: warning: the run's one step is the first of its warm-up from zero \
+                 (--warmup-from-zero), at learning rate 0: it trains nothing"
+            );
         }
         if let Some(val) = &data.val {
             // At the training batch size, so that scoring adds nothing to the training's peak

@@ -412,6 +412,27 @@ fn flags_the_method_or_optimizer_does_not_use_are_named() {
         err.contains("this run does not use --warmup-from-zero (there is no warmup: --warmup 0)"),
         "{err}"
     );
+    // A warm-up from zero cut to the run ends short of the peak; one of one step trains nothing,
+    // which is warned of under -q too (batch 10000: one step an epoch).
+    let err = train(
+        &dir.join("short"),
+        &["--warmup", "100", "--warmup-from-zero"],
+    );
+    let said = "note: its 17 steps are all learning-rate warm-up (--warmup 100), which rises from \
+                0 to 94% of the peak over the whole run";
+    assert!(err.contains(said), "{err}");
+    let one = [
+        "--warmup",
+        "1",
+        "--warmup-from-zero",
+        "--batch-size",
+        "10000",
+        "-q",
+    ];
+    let err = train(&dir.join("one"), &one);
+    let said = "lora: warning: the run's one step is the first of its warm-up from zero \
+                (--warmup-from-zero), at learning rate 0: it trains nothing";
+    assert_eq!(err.trim_end(), said);
     // A comparison says the same of the flags none of its methods uses, before its data is read
     // (here data that is not there, to stop it there).
     let (ok, _, err) = loren(&[
