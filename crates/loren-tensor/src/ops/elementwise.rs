@@ -210,17 +210,36 @@ pub(crate) fn sum_rows(
     n: usize,
     out_groups: usize,
 ) -> Vec<f32> {
+    sum_rows_by(groups, rows, n, out_groups, |i, acc| {
+        acc.iter_mut()
+            .zip(&src[i * n..][..n])
+            .for_each(|(a, v)| *a += v)
+    })
+}
+
+/// [`sum_rows`] of rows that are made as they are summed: `add_row(i, acc)` adds row `i` (of
+/// all `groups · rows`) into `acc`, element by element. The additions come in `sum_rows`'s
+/// order, so a row made as `add_row` adds it sums to the same bits as one read from memory,
+/// without a buffer of them all.
+pub(crate) fn sum_rows_by(
+    groups: usize,
+    rows: usize,
+    n: usize,
+    out_groups: usize,
+    add_row: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
     debug_assert!(out_groups == groups || out_groups == 1);
     let per_out = if out_groups == 1 { groups * rows } else { rows };
     let mut out = vec![0.0f32; out_groups * n];
     for (og, o) in out.chunks_mut(n).enumerate() {
-        let block = &src[og * per_out * n..][..per_out * n];
-        let partials: Vec<Vec<f32>> = block
-            .par_chunks(ROW_BLOCK * n)
-            .map(|rows| {
+        let first = og * per_out;
+        let blocks: Vec<usize> = (first..first + per_out).step_by(ROW_BLOCK).collect();
+        let partials: Vec<Vec<f32>> = blocks
+            .par_iter()
+            .map(|&start| {
                 let mut acc = vec![0.0f32; n];
-                for row in rows.chunks(n) {
-                    acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+                for i in start..(start + ROW_BLOCK).min(first + per_out) {
+                    add_row(i, &mut acc);
                 }
                 acc
             })

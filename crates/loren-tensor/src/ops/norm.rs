@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::elementwise::{add_assign, reduce_to_groups, sum_rows};
+use super::elementwise::{add_assign, reduce_to_groups, sum_rows, sum_rows_by};
 use super::{broadcast_groups, check_dx_plus, expect_rank, group_index, same_device};
 use crate::error::{Error, Result};
 use crate::memory::MemTag;
@@ -255,19 +255,18 @@ pub fn layernorm_backward(
     }
 
     if need_affine {
-        // dgamma sums dy·x̂ over the rows that used each affine row; dbeta sums dy.
-        let mut dy_xhat = vec![0.0f32; dys.len()];
-        dy_xhat.par_chunks_mut(d).enumerate().for_each(|(i, out)| {
+        // dgamma sums dy·x̂ over the rows that used each affine row, each row made as it is
+        // added (a buffer of them all would be as large as dy, and no tensor); dbeta sums dy.
+        let dgamma = sum_rows_by(groups, rows, d, dm.gw, |i, acc| {
             let (g, row) = (i / rows, i % rows);
             let src = group_index(g, dm.gx) * rows + row;
             let (m, r) = (ms[src], rs[src]);
             let xr = &xs[src * d..][..d];
             let dyr = &dys[i * d..][..d];
             for j in 0..d {
-                out[j] = dyr[j] * (xr[j] - m) * r;
+                acc[j] += dyr[j] * (xr[j] - m) * r;
             }
         });
-        let dgamma = sum_rows(&dy_xhat, groups, rows, d, dm.gw);
         let dbeta = sum_rows(dys, groups, rows, d, dm.gw);
         out.dgamma = Some(Tensor::from_vec(
             dgamma,
@@ -362,6 +361,7 @@ fn backward_cuda(
 mod tests {
     use super::*;
     use crate::rng::Rng;
+    use crate::{Device, Shape};
 
     /// One row alone, as the statistics were defined before rows ran in lockstep.
     fn alone(x: &[f32], eps: f32) -> (f32, f32) {
@@ -369,6 +369,47 @@ mod tests {
         let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
         let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
         (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
+    }
+
+    /// dgamma, whose rows dy·x̂ are made as they are summed, is the sum of those rows written
+    /// out first, bit for bit: per member and shared, with a shared input, over more rows than
+    /// one block of the sum.
+    #[test]
+    fn dgamma_made_row_by_row_is_the_sum_of_the_rows_written_out() {
+        let dev = Device::cpu();
+        let mut rng = Rng::new(5);
+        let mut normal = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.normal()).collect() };
+        for (gx, gw, rows, d) in [
+            (3, 3, 300, 24),
+            (1, 3, 300, 24),
+            (3, 1, 200, 40),
+            (1, 1, 513, 8),
+        ] {
+            let groups = gx.max(gw);
+            let tensor = |v: Vec<f32>, dims: &[usize]| {
+                Tensor::from_vec(v, Shape::new(dims), MemTag::Workspace, &dev).unwrap()
+            };
+            let x = tensor(normal(gx * rows * d), &[gx, rows, d]);
+            let gamma = tensor(normal(gw * d), &[gw, d]);
+            let beta = tensor(normal(gw * d), &[gw, d]);
+            let dy = tensor(normal(groups * rows * d), &[groups, rows, d]);
+            let f = layernorm_forward(&x, &gamma, &beta, 1e-6).unwrap();
+            let b = layernorm_backward(&dy, &x, &gamma, &beta, &f.mean, &f.rstd, false, true, None)
+                .unwrap();
+            let (xs, dys) = (x.as_slice().unwrap(), dy.as_slice().unwrap());
+            let (ms, rs) = (f.mean.as_slice().unwrap(), f.rstd.as_slice().unwrap());
+            let mut rows_out = vec![0.0f32; dys.len()];
+            for (i, out) in rows_out.chunks_mut(d).enumerate() {
+                let src = group_index(i / rows, gx) * rows + i % rows;
+                for j in 0..d {
+                    out[j] = dys[i * d + j] * (xs[src * d + j] - ms[src]) * rs[src];
+                }
+            }
+            let want = sum_rows(&rows_out, groups, rows, d, gw);
+            let got = b.dgamma.unwrap().to_vec().unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "gx={gx} gw={gw} rows={rows}");
+        }
     }
 
     #[test]
