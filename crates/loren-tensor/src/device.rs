@@ -323,10 +323,14 @@ impl fmt::Debug for Device {
 ///   ([`crate::ops::gemm`]) and the other ops alike. Called from inside
 ///   [`rayon::ThreadPool::install`], they use that pool, so
 ///   `pool.install(|| ens.predict(&images, b))` bounds the computation's threads; elsewhere,
-///   rayon's global pool (`RAYON_NUM_THREADS`, by default one thread per logical CPU). A
-///   prediction or training epoch of more than one batch also makes the next batch on one
-///   background thread of its own, whose parallel parts (MC Dropout's image hashes, a GPU's
-///   staging copy) run on rayon's global pool.
+///   rayon's global pool (`RAYON_NUM_THREADS`, by default one thread per logical CPU). Called
+///   from a thread outside the pool, each op's parallel section wakes the pool's workers and
+///   sleeps until they finish: a small model's training step makes hundreds of them, so a
+///   caller that trains or predicts on the CPU does best to call from inside the pool
+///   (`rayon::scope(|_| ...)` or `pool.install(...)`), as the `loren` binary runs its
+///   commands. A prediction or training epoch of more than one batch also makes the next batch
+///   on one background thread of its own, whose parallel parts (MC Dropout's image hashes, a
+///   GPU's staging copy) run on rayon's global pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceSpec {
     /// GPU 0 where one can be used, else the CPU (see above).
