@@ -1483,6 +1483,15 @@ fn a_run_that_diverges_keeps_only_a_checkpoint_of_numbers() {
     let said = "error: member 0's probabilities for image 0 are not numbers (NaN): its weights have \
                 diverged";
     assert!(!ok && err.trim_end() == said, "{err}");
+    // `predict` names the image by its file.
+    let image = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/examples/digit-3.png");
+    let (ok, _, err) = loren(&["predict", "--model", c, image.to_str().unwrap(), "-q"]);
+    let said = format!(
+        "error: {}: member 0's probabilities are not numbers (NaN): the model's weights have \
+         diverged",
+        image.display()
+    );
+    assert!(!ok && err.trim_end() == said, "{err}");
 }
 
 /// The report keeps scoring's peak apart from training's: it grows with --eval-batch-size, which

@@ -11,11 +11,12 @@ use serde::Serialize;
 
 use super::say;
 use loren::Ensemble;
-use loren::ensemble::{DEFAULT_BATCH, Prediction};
+use loren::ensemble::{DEFAULT_BATCH, EnsembleError, Prediction};
 use loren::outputs::{same_file, writable_file};
 use loren::progress::{EvalBar, Verbosity};
 use loren::report::method_title;
 use loren::tensor::DeviceSpec;
+use loren_nn::NnError;
 use loren_nn::checkpoint::write_atomic;
 use loren_nn::data::DataError;
 use loren_nn::data::folder::{find_images_noting, read_readable};
@@ -249,7 +250,19 @@ fn predict_files(
             unread.extend(failed.into_iter().map(|(_, e)| e));
             bar.inc(chunk.len());
             if !read.is_empty() {
-                let p = ens.predict(&images, read.len())?;
+                let p = ens.predict(&images, read.len()).map_err(|e| match e {
+                    // Named by its file: the image's place is within this chunk.
+                    EnsembleError::Engine(NnError::NotANumber {
+                        member,
+                        image,
+                        value,
+                    }) => anyhow::anyhow!(
+                        "{}: member {member}'s probabilities are not numbers ({value}): the \
+                         model's weights have diverged",
+                        read[image].display()
+                    ),
+                    e => e.into(),
+                })?;
                 // Into rows at once: every member's probabilities over a large set would be M
                 // times the memory of the rows, and only the JSON file wants them.
                 rows.extend((0..p.batch).map(|b| row(ens, read[b], &p, b, members)));
