@@ -280,11 +280,15 @@ impl Head {
         }
     }
 
-    /// Transpose head `h`'s slice of `src` ([T, D]) into `dst` ([dh, T']).
+    /// Transpose head `h`'s slice of `src` ([T, D]) into `dst` ([dh, T']). Each row of `dst`
+    /// is written in one contiguous run from a strided column of `src`: strided loads are
+    /// cheaper than strided stores, and the iterators need no bounds checks.
     fn gather(&self, dst: &mut [f32], src: &[f32], dm: &Dims, h: usize) {
-        for (j, row) in src.chunks_exact(dm.d).enumerate() {
-            for (d, &v) in row[h * dm.dh..][..dm.dh].iter().enumerate() {
-                dst[d * self.tp + j] = v;
+        let head = &src[h * dm.dh..];
+        for (d, row) in dst.chunks_exact_mut(self.tp).take(dm.dh).enumerate() {
+            let column = head[d..].iter().step_by(dm.d);
+            for (x, &v) in row[..dm.t].iter_mut().zip(column) {
+                *x = v;
             }
         }
     }
