@@ -1076,6 +1076,9 @@ mod tests {
             ]
         );
         assert_eq!(left.folders, [PathBuf::from("a").join("more")]);
+        // Read as a set of images (--ood-data), a folder of classes is its test part: what it
+        // passes over is the same, the subfolder's image and the stray one among it.
+        assert_eq!(passed_over_set(&dir), left);
         assert_eq!(load_folder(&dir, [3, 2, 2]).unwrap(), clean);
         // A class folder with its images in a subfolder alone says why it is empty.
         fs::remove_file(dir.join("a/0.png")).unwrap();
@@ -1806,6 +1809,54 @@ mod tests {
         assert!(e.contains(said), "{e}");
         // As OOD images, whose classes are never named, they read.
         assert_eq!(load_folder_test(&dir, [3, 2, 2]).unwrap().len(), 2);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// Links in a folder of images (a photo library's albums, say) take each image once, where
+    /// it is first reached: an image linked again is a repeat, counted for predict's note; a
+    /// folder linked again, or a link back up the tree, adds nothing and is not followed for
+    /// ever. What such a folder holds that is not read is said relative to it.
+    #[cfg(unix)]
+    #[test]
+    fn data_images_reached_again_through_links_are_taken_once() {
+        use std::os::unix::fs::symlink;
+        let dir = temp_dir("links");
+        // One folder at the top: not a folder of classes.
+        let lib = dir.join("library");
+        fs::create_dir_all(lib.join("a")).unwrap();
+        fs::create_dir_all(lib.join("b")).unwrap();
+        for i in 0..2 {
+            let path = lib.join(format!("a/{i}.png"));
+            write_png(&path, 2, 2, png::ColorType::Rgb, &rgb(i, 2, 2));
+        }
+        symlink("../a", lib.join("b/album")).unwrap();
+        symlink("../a/0.png", lib.join("b/favourite.png")).unwrap();
+        symlink("..", lib.join("b/up")).unwrap();
+        fs::write(lib.join("b/notes.txt"), "not an image").unwrap();
+        let found = find_images_noting(std::slice::from_ref(&dir)).unwrap();
+        assert_eq!(found.images, [lib.join("a/0.png"), lib.join("a/1.png")]);
+        assert_eq!(found.repeats, 1, "the linked image");
+        let notes = ["library", "b", "notes.txt"].iter().collect::<PathBuf>();
+        assert_eq!(
+            passed_over_set(&dir).files,
+            [(notes, "not an image".into())]
+        );
+        // Given again, by a link or by itself: each a repeat.
+        let again = [dir.clone(), lib.join("b/album"), lib.join("a/1.png")];
+        let found = find_images_noting(&again).unwrap();
+        assert_eq!((found.images.len(), found.repeats), (2, 3));
+        // None anywhere: the first path is named, and how many others hold none.
+        let empty: Vec<PathBuf> = ["x", "y", "z"].iter().map(|n| dir.join(n)).collect();
+        for e in &empty {
+            fs::create_dir_all(e).unwrap();
+        }
+        let e = find_images_noting(&empty).unwrap_err().to_string();
+        assert!(
+            e.ends_with("x: holds no PNG or JPEG images, nor do the other 2 paths given"),
+            "{e}"
+        );
+        let e = find_images_noting(&empty[..2]).unwrap_err().to_string();
+        assert!(e.ends_with("nor does the other path given"), "{e}");
         let _ = fs::remove_dir_all(&dir);
     }
 
