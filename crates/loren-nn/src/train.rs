@@ -1315,6 +1315,38 @@ mod tests {
         }
     }
 
+    /// A trained model predicts with its run's seed (MC Dropout's masks follow it), read from
+    /// the file; a file that records no training settings predicts with seed 0's masks, the one
+    /// set every model drew before they followed the seed.
+    #[test]
+    fn a_files_predictions_follow_the_seed_it_records_or_seed_0() {
+        let dir = std::env::temp_dir().join(format!("loren-train-seed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.safetensors");
+        let tensors = [(
+            "w".to_string(),
+            Entry {
+                shape: vec![1],
+                data: vec![1.0],
+            },
+        )];
+        let seeded = TrainConfig {
+            seed: 7,
+            ..TrainConfig::plain(8, 1e-3, Activations::default())
+        };
+        let train = serde_json::to_string(&seeded).unwrap();
+        for (metadata, seed) in [(vec![("train", train)], 7), (vec![], 0)] {
+            let metadata = metadata
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+            checkpoint::write(&path, &tensors, metadata).unwrap();
+            let file = TensorFile::read(&path).unwrap();
+            assert_eq!(recorded_seed(&file).unwrap(), seed);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// The epoch history a checkpoint keeps as JSON comes back to the bit, so that a resumed
     /// run's report holds the figures its first part printed.
     #[test]
