@@ -440,6 +440,42 @@ mod tests {
         );
     }
 
+    /// Two sources are the same data (an --ood-data set that is the data scored in
+    /// distribution, noted as such) when they are of one kind at one place, however the path is
+    /// written: through a link or a `..`; CIFAR-10 and CIFAR-100 unpacked into one folder are
+    /// two sets.
+    #[cfg(unix)]
+    #[test]
+    fn the_same_data_is_the_same_kind_at_the_same_place() {
+        let dir = std::env::temp_dir().join(format!("loren-same-as-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("photos/cats")).unwrap();
+        std::os::unix::fs::symlink("photos", dir.join("alias")).unwrap();
+        let d = dir.display();
+        let source = |s: String| s.parse::<DataSource>().unwrap();
+        let photos = source(format!("folder:{d}/photos"));
+        for same in [
+            format!("folder:{d}/alias"),
+            format!("folder:{d}/photos/cats/.."),
+            format!("folder:{d}/photos"),
+        ] {
+            assert!(photos.same_as(&source(same.clone())), "{same}");
+        }
+        for other in [
+            format!("folder:{d}/photos/cats"),
+            format!("cifar10:{d}/photos"),
+            format!("digits:{d}/photos"),
+            "digits".to_string(),
+        ] {
+            assert!(!photos.same_as(&source(other.clone())), "{other}");
+        }
+        let cifar = |kind: &str| source(format!("{kind}:{d}/alias"));
+        assert!(cifar("cifar10").same_as(&source(format!("cifar10:{d}/photos"))));
+        assert!(!cifar("cifar10").same_as(&cifar("cifar100")));
+        assert!(source("digits".into()).same_as(&source("digits".into())));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn unnormalised_splits_batch_pixels_on_the_unit_scale() {
         let vit = VitConfig::tiny();
