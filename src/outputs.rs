@@ -361,9 +361,10 @@ mod tests {
     fn a_claim_whose_run_died_is_taken_over_and_a_live_one_is_not() {
         let root = temp("left");
         let base = root.join("train");
-        // What a killed run leaves: its written marker, locked by nobody.
+        // What a killed run leaves: its written marker, locked by nobody (of a process id longer
+        // than this one's, which must not show past it).
         fs::create_dir_all(&base).unwrap();
-        fs::write(base.join(CLAIM), b"4242\n").unwrap();
+        fs::write(base.join(CLAIM), b"4242424242424242424242\n").unwrap();
         let taken = ClaimedDir::claim(&base, "--out").unwrap();
         assert_eq!(taken.path, base, "a claim nobody holds was passed over");
         assert_eq!(
@@ -405,7 +406,9 @@ mod tests {
         let root = temp("named");
         let (dead, live) = (root.join("dead"), root.join("live"));
         fs::create_dir_all(&dead).unwrap();
-        fs::write(dead.join(CLAIM), b"4242\n").unwrap();
+        // Longer than any process id: the claim taken over is rewritten whole, not over its
+        // start (the refusal below would name a process "<pid>\n4242...").
+        fs::write(dead.join(CLAIM), b"4242424242424242424242\n").unwrap();
         fs::write(dead.join("report.json"), b"{}").unwrap();
         let taken = ClaimedDir::hold(&dead, "--out").unwrap();
         let pid = format!("{}\n", std::process::id());
