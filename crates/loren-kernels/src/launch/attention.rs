@@ -344,4 +344,55 @@ mod tests {
             ]
         );
     }
+
+    /// Each launch's kernels are told the first sequence it takes (`gb0`, after gv, before the
+    /// scale, as attention.cu's entries take it), else the second launch would redo the
+    /// first's sequences and leave the rest unwritten; only a GPU test at 65536 sequences would
+    /// see it, and the emulator skips that one.
+    #[test]
+    fn each_launch_passes_its_first_sequence_to_the_kernels() {
+        let d = dims(256, 256, 17, 4);
+        let (b, t, h, g) = (Arg::I32(256), Arg::I32(17), Arg::I32(4), Arg::I32(256));
+        let scale = Arg::F32(0.25);
+        let null = Ptr::null();
+        let args: Vec<Vec<Arg>> = d
+            .launches("test", 0)
+            .unwrap()
+            .iter()
+            .map(|&(_, gb0)| d.args(&null, gb0))
+            .collect();
+        assert_eq!(
+            args,
+            [
+                [b, t, h, g, g, g, Arg::I32(0), scale],
+                [b, t, h, g, g, g, Arg::I32(65535), scale]
+            ]
+        );
+        // DropKey's threshold, seed and item keys follow.
+        let drop = AttentionDims {
+            q_groups: 1,
+            drop: Some(AttentionDrop {
+                threshold: 9,
+                seed: 5,
+                items: None,
+            }),
+            ..d
+        };
+        assert_eq!(
+            drop.args(&null, 65535),
+            [
+                b,
+                t,
+                h,
+                Arg::I32(1),
+                g,
+                g,
+                Arg::I32(65535),
+                scale,
+                Arg::U32(9),
+                Arg::U64(5),
+                Arg::U64(0)
+            ]
+        );
+    }
 }
