@@ -340,8 +340,9 @@ fn an_unreadable_image_loses_none_of_the_others() {
         "--batch-size",
         "5",
     ];
-    let (ok, _, err) = loren(&args);
+    let (ok, printed, err) = loren(&args);
     assert!(!ok, "it succeeded");
+    assert!(printed.contains(", on 12 images\n"), "{printed}");
     let said = [
         "only 12 of the 14 images have a row: 2 image files cannot be read:",
         "001x.png: cannot decode the image",
@@ -385,6 +386,37 @@ fn an_unreadable_image_loses_none_of_the_others() {
         "{err}"
     );
     assert_eq!(rows(&out), some);
+}
+
+/// A line break in a file's name is shown escaped in the table, rows and most uncertain alike
+/// (printed as it is, it broke the row in two), and the columns stay aligned around it.
+#[test]
+fn a_line_break_in_a_name_is_shown_escaped_in_the_table() {
+    let (model, _) = lora();
+    let dir = temp_dir("line-break");
+    let (pixels, _) = test_images(3);
+    for (name, px) in ["two\nlines.png", "a.png", "b.png"].iter().zip(&pixels) {
+        write_png(&dir.join(name), px, 8);
+    }
+    let (m, d) = (model.to_str().unwrap(), dir.to_str().unwrap());
+    let printed = run_ok(&["predict", "--model", m, d, "-q"]);
+    assert_eq!(printed.matches("two\\nlines.png").count(), 2, "{printed}");
+    assert!(!printed.contains("\nlines.png"), "{printed}");
+    // The header and a row per image, each as wide as the others.
+    let lines: Vec<&str> = printed.lines().collect();
+    let table = &lines[1..5];
+    assert!(table[0].trim_start().starts_with("image"), "{printed}");
+    let widths: Vec<usize> = table.iter().map(|l| l.chars().count()).collect();
+    assert!(
+        widths.iter().all(|&w| w == widths[0]),
+        "{widths:?}\n{printed}"
+    );
+    // The most uncertain three, their entropies in one column.
+    assert!(lines[5].contains("most uncertain"), "{printed}");
+    let at: Vec<Option<usize>> = (lines[6..9].iter())
+        .map(|l| l.split("  entropy ").next().map(|p| p.chars().count()))
+        .collect();
+    assert!(at.iter().all(|&a| a == at[0]), "{at:?}\n{printed}");
 }
 
 /// What a folder held that predict does not read is said, and so is a path that names an image
