@@ -414,6 +414,13 @@ fn an_image_folder_trains_through_the_cli() {
         let args = quick_train(&inside, &["--data", &arg]);
         fails_with(&strs(&args), &said);
     }
+    // Or through a link to it, met after a folder that is not there and back out too.
+    let links = temp_dir("folder-links");
+    std::os::unix::fs::symlink(&dir, links.join("data")).unwrap();
+    for inside in [links.join("data/run"), links.join("missing/../data/run")] {
+        let args = quick_train(&inside, &["--data", &arg]);
+        fails_with(&strs(&args), &said);
+    }
     let mut args = quick_train(&out, &[]);
     args.truncate(args.len() - 2);
     assert_eq!(args.last().unwrap(), "3", "{args:?}");
@@ -788,6 +795,16 @@ fn a_resumed_run_needs_the_same_training_images_wherever_they_are() {
     fails_with(&args, &[&said, "cannot read"]);
     let args = ["eval", "--checkpoint", r, "--no-shift", "--no-ood", "-q"];
     fails_with(&args, &[&said, "cannot read"]);
+    // Named on the command line, it is the user's --data, not the checkpoint's.
+    let given = ["--data", &arg(&first)];
+    for args in [
+        strs(&resume(&first, "given")),
+        [&args[..], &given[..]].concat(),
+    ] {
+        let (ok, _, err) = loren(&args);
+        assert!(!ok && err.contains("cannot read"), "{err}");
+        assert!(!err.contains("saved it"), "{err}");
+    }
     std::fs::rename(&gone, &first).unwrap();
     // There, with a file in it that cannot be read: that file is the error, with no word of
     // moving the data.
