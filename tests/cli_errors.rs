@@ -1156,6 +1156,43 @@ fn a_folder_another_run_is_writing_is_refused() {
     assert!(!dir.join(".loren-claim").exists(), "the claim stayed");
 }
 
+/// A named --out that a live run holds is refused by every command that writes a folder, before
+/// it trains or measures anything, naming the run's process: compare, bench and memprofile
+/// as train and eval are (their hold was unguarded).
+#[test]
+fn a_folder_another_run_holds_is_refused_by_every_command() {
+    let dir = temp_dir("held-by-this");
+    let held = loren::outputs::ClaimedDir::hold(&dir, "--out").unwrap();
+    let out = dir.to_str().unwrap();
+    let holder = format!(
+        "--out {out}: another loren run (process {}) is writing there",
+        std::process::id()
+    );
+    let measure = [
+        "--device",
+        "cpu",
+        "--methods",
+        "lora",
+        "--members",
+        "1",
+        "-q",
+    ];
+    let train = quick(&["--out", out]);
+    let mut compare = train.clone();
+    compare[0] = "compare".into();
+    compare.extend(["--methods", "single"].map(String::from));
+    for args in [strs(&train), strs(&compare)] {
+        fails_with(&args, &[&holder]);
+    }
+    for command in ["bench", "memprofile"] {
+        let args = [&[command][..], &measure[..], &["--out", out][..]].concat();
+        fails_with(&args, &[&holder]);
+    }
+    drop(held);
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert!(left.is_empty(), "the refused commands left {left:?}");
+}
+
 /// Ctrl-C to `child` once `file` exists, and what it then printed.
 #[cfg(unix)]
 fn ctrl_c_once_written(child: std::process::Child, file: &Path) -> std::process::Output {
