@@ -371,7 +371,7 @@ pub fn write_raw(
 }
 
 /// A tensor's values as [`write_out`] takes them.
-enum Values<'a> {
+pub(crate) enum Values<'a> {
     /// Written as little-endian f32, a piece at a time: never a second copy of them all.
     F32(&'a [f32]),
     Bytes(&'a [u8]),
@@ -397,11 +397,11 @@ impl Values<'_> {
 }
 
 /// One tensor to write.
-struct Out<'a> {
-    name: &'a str,
-    dtype: Dtype,
-    shape: &'a [usize],
-    values: Values<'a>,
+pub(crate) struct Out<'a> {
+    pub name: &'a str,
+    pub dtype: Dtype,
+    pub shape: &'a [usize],
+    pub values: Values<'a>,
 }
 
 /// Write `tensors` and `metadata` to `path` atomically as safetensors, streamed: the header,
@@ -409,7 +409,11 @@ struct Out<'a> {
 /// all (a checkpoint of an explicit ViT-B ensemble's weights and moments is tens of GiB). The
 /// header's keys are sorted and the data ordered as the safetensors crate orders it (by
 /// alignment, then name): the same contents make the same bytes.
-fn write_out(path: &Path, mut tensors: Vec<Out>, metadata: HashMap<String, String>) -> Result<()> {
+pub(crate) fn write_out(
+    path: &Path,
+    mut tensors: Vec<Out>,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
     let mut names = std::collections::HashSet::new();
     if let Some(t) = tensors.iter().find(|t| !names.insert(t.name)) {
         return Err(NnError::checkpoint(

@@ -4,7 +4,7 @@
 use loren_tensor::{MemTag, Tensor};
 use serde::Serialize;
 
-use crate::checkpoint::{Dtype, RawTensor, write_raw};
+use crate::checkpoint::{Dtype, Out, Values, write_out};
 use crate::data::prefetch::{DEPTH, prefetch};
 use crate::data::{Dataset, ShiftKind, batches, ood_set, shift_suite};
 use crate::error::{NnError, Result};
@@ -145,31 +145,47 @@ pub fn write_predictions(
     sets: &[ScoredSet],
     mut metadata: std::collections::HashMap<String, String>,
 ) -> Result<()> {
+    // What the tensors borrow; the probabilities, the bulk, are written from where they are.
+    let names: Vec<[String; 2]> = sets
+        .iter()
+        .map(|s| [format!("{}/probs", s.name), format!("{}/labels", s.name)])
+        .collect();
+    let shapes: Vec<[usize; 3]> = sets
+        .iter()
+        .map(|s| [s.probs.members, s.probs.samples, s.probs.classes])
+        .collect();
+    let labels: Vec<Option<(Vec<u8>, [usize; 1])>> = sets
+        .iter()
+        .map(|s| {
+            let labels = s.labels.as_ref()?;
+            let bytes = labels.iter().flat_map(|&l| i64::from(l).to_le_bytes());
+            Some((bytes.collect(), [labels.len()]))
+        })
+        .collect();
     let mut tensors = Vec::new();
-    for set in sets {
-        let p = &set.probs;
-        tensors.push(RawTensor {
-            name: format!("{}/probs", set.name),
+    for (i, set) in sets.iter().enumerate() {
+        tensors.push(Out {
+            name: &names[i][0],
             dtype: Dtype::F32,
-            shape: vec![p.members, p.samples, p.classes],
-            bytes: p.probs.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            shape: &shapes[i],
+            values: Values::F32(&set.probs.probs),
         });
-        if let Some(labels) = &set.labels {
-            tensors.push(RawTensor {
-                name: format!("{}/labels", set.name),
+        if let Some((bytes, shape)) = &labels[i] {
+            tensors.push(Out {
+                name: &names[i][1],
                 dtype: Dtype::I64,
-                shape: vec![labels.len()],
-                bytes: labels
-                    .iter()
-                    .flat_map(|&l| i64::from(l).to_le_bytes())
-                    .collect(),
+                shape,
+                values: Values::Bytes(bytes),
             });
         }
     }
-    let names: Vec<&str> = sets.iter().map(|s| s.name.as_str()).collect();
+    let sets_json: Vec<&str> = sets.iter().map(|s| s.name.as_str()).collect();
     metadata.insert("format".into(), PREDICTIONS_FORMAT.into());
-    metadata.insert("sets".into(), serde_json::Value::from(names).to_string());
-    write_raw(path, &tensors, metadata)
+    metadata.insert(
+        "sets".into(),
+        serde_json::Value::from(sets_json).to_string(),
+    );
+    write_out(path, tensors, metadata)
 }
 
 /// OOD detection against one whole dataset, named as its images are (`cifar100/test`).
